@@ -1,0 +1,28 @@
+# One-command set-up on a fresh machine: a virtual environment with torch (CPU) and rlhfkit.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+# torch is pinned: on these machines pip finds a local CPU wheel for exactly this version.
+TORCH  := torch==2.13.0
+
+.PHONY: demo test lint bench clean
+
+$(BIN)/rlhfkit: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $(BIN)/rlhfkit
+
+demo: $(BIN)/rlhfkit
+	HF_HUB_OFFLINE=1 $(BIN)/rlhfkit demo --out demo_out
+
+test: $(BIN)/rlhfkit
+	$(BIN)/ruff check src tests benchmarks
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+
+bench: $(BIN)/rlhfkit
+	for m in ceiling sft; do HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/run.py $$m; done
+
+clean:
+	rm -rf $(VENV) demo_out runs

@@ -1,0 +1,138 @@
+"""The ``rlhfkit`` command: one sub-command per method, plus tiny, eval and demo.
+
+    rlhfkit sft --config FILE.yaml [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from importlib import resources
+from pathlib import Path
+
+
+def _methods() -> dict:
+    # Imported lazily so `rlhfkit --help` stays fast.
+    from ..methods.sft import SFTConfig, run_sft
+
+    return {"sft": (SFTConfig, run_sft, "supervised fine-tuning on prompt/completion or chat rows")}
+
+
+METHOD_HELP = {
+    "sft": "supervised fine-tuning on prompt/completion or chat rows",
+}
+
+
+def resolve_config(name: str) -> Path:
+    """A path, or the name of a config shipped with rlhfkit (``sft_tiny``)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = resources.files("rlhfkit") / "configs" / f"{name.removesuffix('.yaml')}.yaml"
+    if shipped.is_file():
+        return Path(str(shipped))
+    available = sorted(p.name for p in (resources.files("rlhfkit") / "configs").iterdir())
+    raise SystemExit(f"config not found: {name} (shipped configs: {', '.join(available)})")
+
+
+def cmd_method(args) -> int:
+    from ..train.config import load_config
+
+    config_cls, run, _ = _methods()[args.command]
+    cfg = load_config(config_cls, resolve_config(args.config) if args.config else None, args.overrides)
+    summary = run(cfg)
+    print(json.dumps({k: v for k, v in summary.items() if k != "evals"}, indent=1))
+    return 0
+
+
+def cmd_tiny(args) -> int:
+    from ..models.tiny import TinySpec, write_tiny_default
+
+    spec = TinySpec(hidden_size=args.hidden, num_layers=args.layers, intermediate_size=4 * args.hidden)
+    paths = write_tiny_default(args.out, spec, seed=args.seed)
+    for name, path in paths.items():
+        print(f"{name:10s} {path}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from ..data.rows import read_rows
+    from ..methods.common import load_policy
+    from ..rollout.evaluate import exact_match
+
+    model, tokenizer = load_policy(args.model, args.tokenizer)
+    rows = read_rows(args.data)
+    if args.limit:
+        rows = rows[: args.limit]
+    result = {"model": args.model, "data": args.data, **exact_match(model, tokenizer, rows, args.max_new_tokens)}
+    out = Path(args.out or args.model)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, quick=args.quick, seed=args.seed)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhfkit", description="Align language models with human feedback.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text in METHOD_HELP.items():
+        p = sub.add_parser(name, help=help_text, description=f"{help_text}. Overrides: key=value, nested with dots "
+                           "(train.lr=1e-3).")
+        p.add_argument("--config", help=f"a YAML file or a shipped config name (e.g. {name}_tiny)")
+        p.add_argument("overrides", nargs="*", help="key=value overrides")
+        p.set_defaults(func=cmd_method)
+    p = sub.add_parser("tiny", help="build the embedded tiny default: tokenizer, base model, data files")
+    p.add_argument("--out", default="tiny")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2)
+    p.set_defaults(func=cmd_tiny)
+    p = sub.add_parser("eval", help="greedy exact-match accuracy of a model on held-out rows -> eval.json")
+    p.add_argument("--model", required=True)
+    p.add_argument("--tokenizer")
+    p.add_argument("--data", required=True, help="jsonl/parquet rows with prompt and answer (or a completion)")
+    p.add_argument("--out", help="folder for eval.json (default: the model folder)")
+    p.add_argument("--limit", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("demo", help="the whole pipeline on the tiny default, on a CPU, in minutes")
+    p.add_argument("--out", default="demo_out")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="a shorter run (for smoke tests)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    from ..data.rows import DataError
+    from ..models.load import ModelLoadError
+    from ..train.checkpoint import CheckpointError
+    from ..train.config import ConfigError
+    from ..train.optim import NonFiniteError
+
+    try:
+        return args.func(args)
+    except (DataError, ModelLoadError, CheckpointError, ConfigError, NonFiniteError) as e:
+        print(f"rlhfkit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""The embedded synthetic task: two-digit arithmetic with checkable answers.
+
+Two variants:
+  * ``simple``:    "What is 82-27?"   -> " 55"
+  * ``multistep``: "What is 12+34-5?" -> " 12+34=46, 46-5=41. Answer: 41"
+
+The multi-step completion writes each step out, so a process reward can judge every step
+(``verify_steps``) and say at which character each step ends. Everything is made from a seed,
+deterministically; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+_PROMPT_RE = re.compile(r"What is (\d+)([+-])(\d+)(?:([+-])(\d+))?\?")
+_STEP_RE = re.compile(r"(-?\d+)([+-])(\d+)=(-?\d+)")
+_ANSWER_RE = re.compile(r"Answer:\s*(-?\d+)")
+
+
+@dataclass(frozen=True)
+class Problem:
+    prompt: str
+    answer: int
+    completion: str  # the reference (demonstration) completion
+
+
+def _apply(a: int, op: str, b: int) -> int:
+    return a + b if op == "+" else a - b
+
+
+def simple_problem(a: int, op: str, b: int) -> Problem:
+    return Problem(f"What is {a}{op}{b}?", _apply(a, op, b), f" {_apply(a, op, b)}")
+
+
+def multistep_problem(a: int, op1: str, b: int, op2: str, c: int) -> Problem:
+    mid = _apply(a, op1, b)
+    final = _apply(mid, op2, c)
+    completion = f" {a}{op1}{b}={mid}, {mid}{op2}{c}={final}. Answer: {final}"
+    return Problem(f"What is {a}{op1}{b}{op2}{c}?", final, completion)
+
+
+def all_simple_problems() -> list[Problem]:
+    """Every two-digit problem: a+b for all a, b in 10..99, and a-b for a >= b (answers >= 0)."""
+    out = []
+    for a in range(10, 100):
+        for b in range(10, 100):
+            out.append(simple_problem(a, "+", b))
+            if a >= b:
+                out.append(simple_problem(a, "-", b))
+    return out
+
+
+def split_simple(seed: int = 0, n_eval: int = 500) -> tuple[list[Problem], list[Problem]]:
+    """Disjoint train and held-out splits of the two-digit problems."""
+    problems = all_simple_problems()
+    random.Random(seed).shuffle(problems)
+    return problems[n_eval:], problems[:n_eval]
+
+
+def split_multistep(seed: int = 0, n_train: int = 4000, n_eval: int = 300) -> tuple[list[Problem], list[Problem]]:
+    """Random three-number problems (two-digit, two-digit, one-digit), all intermediate values >= 0."""
+    rng = random.Random(seed + 1)
+    seen: set[str] = set()
+    problems: list[Problem] = []
+    while len(problems) < n_train + n_eval:
+        a, b, c = rng.randint(10, 99), rng.randint(10, 99), rng.randint(1, 9)
+        op1, op2 = rng.choice("+-"), rng.choice("+-")
+        if op1 == "-" and a < b:
+            a, b = b, a
+        p = multistep_problem(a, op1, b, op2, c)
+        if p.answer < 0 or p.prompt in seen:
+            continue
+        seen.add(p.prompt)
+        problems.append(p)
+    return problems[n_eval:], problems[:n_eval]
+
+
+def solve(prompt: str) -> int:
+    """The exact answer of a task prompt; ValueError if the prompt is not one of ours."""
+    m = _PROMPT_RE.search(prompt)
+    if m is None:
+        raise ValueError(f"not an arithmetic prompt: {prompt!r}")
+    a, op1, b, op2, c = m.groups()
+    value = _apply(int(a), op1, int(b))
+    return _apply(value, op2, int(c)) if op2 else value
+
+
+def extract_answer(completion: str) -> int | None:
+    """The number a completion answers with: after "Answer:" if present, else the whole text."""
+    m = _ANSWER_RE.search(completion)
+    text = m.group(1) if m else completion.strip()
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def verify(prompt: str, completion: str) -> float:
+    """Outcome reward: 1.0 if the completion's answer is exactly right, else 0.0."""
+    return 1.0 if extract_answer(completion) == solve(prompt) else 0.0
+
+
+@dataclass(frozen=True)
+class Step:
+    char_end: int  # index in the completion just past the step's last character
+    correct: bool
+
+
+def verify_steps(prompt: str, completion: str) -> list[Step]:
+    """Process supervision for the multi-step variant: one entry per written step.
+
+    A step "x op y = z" is correct when its operands continue the prompt's chain (the first
+    step uses the prompt's first two numbers, the next starts from the previous step's
+    result) and z is the right value; the closing "Answer: N" is a step of its own.
+    """
+    m = _PROMPT_RE.search(prompt)
+    if m is None:
+        raise ValueError(f"not an arithmetic prompt: {prompt!r}")
+    a, op1, b, op2, c = m.groups()
+    chain = [(int(a), op1, int(b))] + ([(None, op2, int(c))] if op2 else [])
+    steps, previous = [], None
+    for i, sm in enumerate(_STEP_RE.finditer(completion)):
+        x, op, y, z = int(sm.group(1)), sm.group(2), int(sm.group(3)), int(sm.group(4))
+        ok = i < len(chain) and z == _apply(x, op, y)
+        if ok:
+            want_x, want_op, want_y = chain[i]
+            ok = (x == (want_x if want_x is not None else previous)) and op == want_op and y == want_y
+        previous = z
+        steps.append(Step(sm.end(), ok))
+    am = _ANSWER_RE.search(completion)
+    if am is not None:
+        steps.append(Step(am.end(), int(am.group(1)) == solve(prompt)))
+    return steps

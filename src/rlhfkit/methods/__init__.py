@@ -1,0 +1,1 @@
+"""One file per method, each reading top to bottom: sft, rm, dpo, grpo, ppo."""

@@ -1,0 +1,67 @@
+"""Load any Hugging Face causal-LM folder (and its tokenizer), save so plain transformers loads it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+class ModelLoadError(ValueError):
+    pass
+
+
+def load_tokenizer(model_path: str | Path, tokenizer_path: str | Path | None = None):
+    """The tokenizer from ``tokenizer_path``, else from the model folder; pad falls back to eos."""
+    from transformers import AutoTokenizer
+
+    source = Path(tokenizer_path or model_path)
+    if not source.is_dir():
+        raise ModelLoadError(f"folder not found: {source}")
+    if not any((source / name).is_file() for name in TOKENIZER_FILES):
+        hint = "" if tokenizer_path else " (a model folder without a tokenizer: pass tokenizer=PATH)"
+        raise ModelLoadError(f"no tokenizer files in {source}{hint}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(source))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load a tokenizer from {source}: {e}") from e
+    if tokenizer.eos_token_id is None:
+        raise ModelLoadError(f"tokenizer at {source} has no eos token")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def check_vocab(model, tokenizer, where: str) -> None:
+    """Refuse a tokenizer whose ids do not fit the model's embedding table."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ModelLoadError(
+            f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's embedding table has "
+            f"only {rows} rows; ids >= {rows} would index out of range"
+        )
+
+
+def load_causal_lm(path: str | Path, tokenizer=None, dtype: str = "fp32"):
+    """A causal LM from an HF folder, in ``dtype``; checks the tokenizer fits when given."""
+    from transformers import AutoModelForCausalLM
+
+    if not Path(path).is_dir():
+        raise ModelLoadError(f"model folder not found: {path}")
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype])
+    if tokenizer is not None:
+        check_vocab(model, tokenizer, str(path))
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def save_model(model, tokenizer, out_dir: str | Path) -> None:
+    """``save_pretrained`` (safetensors) plus the tokenizer, so the folder stands on its own."""
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out_dir))

@@ -1,0 +1,69 @@
+"""The embedded tiny default: a small Qwen2 causal LM from a config, random init, from a seed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    # ~100k non-embedding parameters: on 2 CPU cores SFT reaches ~0.9 held-out exact match
+    # in about a minute (wider models learn this task more slowly per second).
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 256
+    max_positions: int = 256
+    tie_embeddings: bool = True
+
+
+def tiny_config(tokenizer, spec: TinySpec = TinySpec()):
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_heads,
+        max_position_embeddings=spec.max_positions,
+        tie_word_embeddings=spec.tie_embeddings,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        use_cache=True,
+        torch_dtype="float32",
+    )
+
+
+def build_tiny_model(tokenizer, spec: TinySpec = TinySpec(), seed: int = 0):
+    """A freshly initialised Qwen2ForCausalLM; the same seed gives the same weights."""
+    from transformers import Qwen2ForCausalLM
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(tiny_config(tokenizer, spec))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def write_tiny_default(out_dir: str | Path, spec: TinySpec = TinySpec(), seed: int = 0) -> dict[str, Path]:
+    """Build the tiny default's tokenizer, base model and data files under ``out_dir``.
+
+    Layout: ``tokenizer/``, ``base/`` (model and a copy of the tokenizer), ``data/*.jsonl``.
+    """
+    from ..data.synthetic import write_task_files
+    from .tokenizer import save_char_tokenizer
+
+    out = Path(out_dir)
+    tokenizer = save_char_tokenizer(out / "tokenizer")
+    model = build_tiny_model(tokenizer, spec, seed)
+    model.save_pretrained(str(out / "base"))
+    tokenizer.save_pretrained(str(out / "base"))
+    write_task_files(out / "data", seed)
+    return {"tokenizer": out / "tokenizer", "base": out / "base", "data": out / "data"}

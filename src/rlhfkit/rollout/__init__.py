@@ -1,0 +1,1 @@
+"""Sampling from a policy, scoring samples, and the evaluations built on them."""

@@ -1,0 +1,126 @@
+"""Batched sampling from a causal LM with a KV cache.
+
+Prompts are left-padded (right padding breaks batched generation), position ids come from
+the attention mask, and a prompt shared by a group of ``num_samples`` completions is
+prefilled once and its cache copied, which is where most of the saving over a generic
+``generate`` comes from on short answers. Each sequence stops at EOS (which is kept and
+masked in) or at ``max_new_tokens``; everything after EOS is padding with mask 0.
+
+The returned log-probs are those of the sampling distribution (logits / temperature, before
+top-k / top-p truncation); with temperature 1 they equal a fresh forward pass's log-probs.
+A backend with the same ``sample`` signature (vLLM on a GPU) can replace this one without
+touching the trainers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..models.forward import forward_with_cache, position_ids_from_mask
+
+
+@dataclass
+class Samples:
+    prompt_ids: torch.Tensor  # (N, P) left-padded, N = prompts * num_samples
+    prompt_mask: torch.Tensor  # (N, P)
+    completion_ids: torch.Tensor  # (N, C) right-padded
+    completion_mask: torch.Tensor  # (N, C) 1 on generated tokens, EOS included
+    logprobs: torch.Tensor  # (N, C) sampling log-probs of the generated tokens, 0 on padding
+    finished: torch.Tensor  # (N,) True where the sequence emitted EOS
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)  # (N, P + C)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)  # (N, P + C)
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(s)
+            mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest set reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+@torch.no_grad()
+def sample(model, prompts: list[list[int]], *, eos_id: int, pad_id: int, max_new_tokens: int,
+           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, num_samples: int = 1,
+           stop_at_eos: bool = True, generator: torch.Generator | None = None) -> Samples:
+    """Sample ``num_samples`` completions for each prompt (token id lists); temperature 0 = greedy."""
+    was_training = model.training
+    model.eval()
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id)
+    logits, cache = forward_with_cache(model, prompt_ids, prompt_mask, position_ids_from_mask(prompt_mask))  # (B, V)
+    if num_samples > 1:
+        cache.batch_repeat_interleave(num_samples)
+        logits = logits.repeat_interleave(num_samples, 0)
+        prompt_ids = prompt_ids.repeat_interleave(num_samples, 0)
+        prompt_mask = prompt_mask.repeat_interleave(num_samples, 0)
+    n = prompt_ids.shape[0]
+    mask = prompt_mask
+    position = prompt_mask.sum(-1, keepdim=True)  # (N, 1) next position id
+    tokens, logps = [], []
+    alive = torch.ones(n, dtype=torch.bool)
+    for t in range(max_new_tokens):
+        scaled = logits / temperature if temperature > 0 else logits
+        logp = scaled.log_softmax(-1)
+        if temperature > 0:
+            probs = _filter_logits(scaled, top_k, top_p).softmax(-1)
+            token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        else:
+            token = logits.argmax(-1)
+        token = torch.where(alive, token, torch.full_like(token, pad_id))
+        tokens.append(token)
+        logps.append(torch.where(alive, logp.gather(-1, token[:, None]).squeeze(-1), torch.zeros(())))
+        step_alive = alive.clone()
+        if stop_at_eos:
+            alive = alive & (token != eos_id)
+        if not alive.any() or t == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, step_alive[:, None].long()], dim=1)
+        logits, cache = forward_with_cache(model, token[:, None], mask, position, cache)
+        position = position + 1
+    completion_ids = torch.stack(tokens, 1)
+    completion_mask = _mask_through_eos(completion_ids, pad_id, eos_id, stop_at_eos)
+    model.train(was_training)
+    return Samples(prompt_ids, prompt_mask, completion_ids, completion_mask, torch.stack(logps, 1) * completion_mask,
+                   (completion_ids == eos_id).any(-1) if stop_at_eos else torch.zeros(n, dtype=torch.bool))
+
+
+def _mask_through_eos(ids: torch.Tensor, pad_id: int, eos_id: int, stop_at_eos: bool) -> torch.Tensor:
+    """1 up to and including the first EOS, 0 after it."""
+    if not stop_at_eos:
+        return torch.ones_like(ids)
+    is_eos = (ids == eos_id).long()
+    before_or_at = (is_eos.cumsum(-1) - is_eos) == 0  # no EOS strictly before this position
+    return before_or_at.long()
+
+
+def decode(tokenizer, samples: Samples) -> list[str]:
+    """Completion texts, cut at EOS, special tokens dropped."""
+    texts = []
+    for ids, mask in zip(samples.completion_ids.tolist(), samples.completion_mask.tolist()):
+        kept = [i for i, m in zip(ids, mask) if m and i != tokenizer.eos_token_id]
+        texts.append(tokenizer.decode(kept, skip_special_tokens=True))
+    return texts

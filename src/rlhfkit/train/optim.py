@@ -1,0 +1,63 @@
+"""AdamW, a warm-up + decay schedule, and the optimizer step every method calls."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .dist import DistInfo, all_reduce_grads
+
+
+class NonFiniteError(RuntimeError):
+    """A loss or gradient norm that is NaN or infinite; raised before the optimizer step."""
+
+
+def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
+    # Decay only matrices, never norms or biases (the usual practice for transformers).
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, foreach=True)
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float = 0.0) -> float:
+    """Multiplier of the base lr at ``step`` (0-based): linear warm-up, then the schedule."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return min_ratio + (1 - min_ratio) * (1 - progress)
+    if schedule == "cosine":
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    raise ValueError(f"schedule must be cosine, linear or constant, got {schedule!r}")
+
+
+def build_scheduler(optimizer, total: int, warmup: int, schedule: str, min_ratio: float = 0.0):
+    lr_factor(0, total, warmup, schedule, min_ratio)  # validate the name now
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total, warmup, schedule, min_ratio))
+
+
+def check_finite(value: float, what: str, step: int) -> None:
+    if not math.isfinite(value):
+        raise NonFiniteError(
+            f"step {step}: the {what} is {value}; stopped before the optimizer step, "
+            "the last good checkpoint is untouched (lower the lr, check the data, or use fp32)")
+
+
+def optimizer_step(model, optimizer, scheduler, max_grad_norm: float, info: DistInfo, step: int) -> float:
+    """All-reduce gradients, clip, refuse non-finite norms, step, zero. Returns the grad norm."""
+    all_reduce_grads(model, info)
+    params = [p for p in model.parameters() if p.grad is not None]
+    limit = max_grad_norm if max_grad_norm > 0 else float("inf")
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, limit))
+    check_finite(grad_norm, "gradient norm", step)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm

@@ -1,0 +1,81 @@
+import json
+
+import datasets
+import pytest
+
+from rlhfkit.data.encode import collate_sft, encode_sft
+from rlhfkit.data.rows import DataError, read_rows
+from rlhfkit.models.tokenizer import build_char_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_char_tokenizer()
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_missing_field_names_line_and_field(tmp_path, tok):
+    path = _jsonl(tmp_path / "sft.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": "c"}])
+    with pytest.raises(DataError) as e:
+        encode_sft(read_rows(path), tok, 64)
+    assert f"{path}:2" in str(e.value) and "'completion'" in str(e.value)
+
+
+def test_empty_completion_and_wrong_type(tmp_path, tok):
+    path = _jsonl(tmp_path / "a.jsonl", [{"prompt": "a", "completion": "  "}])
+    with pytest.raises(DataError, match=r"a.jsonl:1: field 'completion' is empty"):
+        encode_sft(read_rows(path), tok, 64)
+    path = _jsonl(tmp_path / "b.jsonl", [{"prompt": 3, "completion": "x"}])
+    with pytest.raises(DataError, match=r"b.jsonl:1: field 'prompt' must be a string, got int"):
+        encode_sft(read_rows(path), tok, 64)
+
+
+def test_empty_file_and_bad_json(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match="holds no rows"):
+        read_rows(tmp_path / "empty.jsonl")
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": \n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: not valid JSON"):
+        read_rows(tmp_path / "bad.jsonl")
+
+
+def test_overlong_policies(tmp_path, tok):
+    rows = [{"prompt": "What is 1+1?", "completion": " 2"}, {"prompt": "What is 1+1?", "completion": " " + "9" * 40}]
+    path = _jsonl(tmp_path / "long.jsonl", rows)
+    with pytest.raises(DataError, match=r"long.jsonl:2: 54 tokens .* exceed max_length=20"):
+        encode_sft(read_rows(path), tok, 20)
+    examples, report = encode_sft(read_rows(path), tok, 20, overlong="skip")
+    assert len(examples) == 1 and report.skipped == [f"{path}:2"]
+    examples, report = encode_sft(read_rows(path), tok, 20, overlong="truncate")
+    assert [len(e.input_ids) for e in examples] == [12 + 3, 20] and report.truncated == 1
+
+
+def test_parquet_dataset_and_chat_rows(tmp_path, tok):
+    ds = datasets.Dataset.from_list([{"prompt": "What is 2+2?", "completion": " 4"}])
+    ds.to_parquet(str(tmp_path / "d.parquet"))
+    from_parquet, _ = encode_sft(read_rows(tmp_path / "d.parquet"), tok, 64)
+    from_dataset, _ = encode_sft(read_rows(ds), tok, 64)
+    assert from_parquet == from_dataset
+    chat = [{"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": " 4"}]}]
+    (example,), _ = encode_sft(read_rows(chat), tok, 64)
+    text = tok.decode(example.input_ids)
+    assert text == "<|user|>What is 2+2?<|assistant|> 4<eos>"
+    assert tok.decode(example.input_ids[example.prompt_len:]) == " 4<eos>"
+
+
+def test_chat_row_must_end_with_assistant(tok):
+    bad = [{"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}]}]
+    with pytest.raises(DataError, match=r"row 0: field 'messages\[1\].role' must be 'assistant'"):
+        encode_sft(read_rows(bad), tok, 64)
+
+
+def test_collate_masks_only_completion_and_eos(tok):
+    examples, _ = encode_sft(read_rows([{"prompt": "ab", "completion": "c"}, {"prompt": "a", "completion": "bcd"}]), tok, 64)
+    batch = collate_sft(examples, tok.pad_token_id)
+    assert batch.completion_mask.tolist() == [[0, 0, 1, 1, 0], [0, 1, 1, 1, 1]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+    assert batch.input_ids[0, 3].item() == tok.eos_token_id

@@ -1,0 +1,119 @@
+"""The command line as a user runs it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from rlhfkit.train.logging import read_metrics
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def rlhfkit(*args, timeout=300, env=ENV):
+    return subprocess.run([sys.executable, "-m", "rlhfkit.cli.main", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def test_help_lists_the_commands():
+    out = rlhfkit("--help")
+    assert out.returncode == 0
+    for command in ("sft", "eval", "demo", "tiny"):
+        assert command in out.stdout
+
+
+def test_sft_then_eval_then_plain_transformers(tiny, tmp_path):
+    data = tiny["data"]
+    run = tmp_path / "run"
+    out = rlhfkit("sft", "--config", "sft_tiny", f"model={tiny['base']}", f"train_data={data / 'sft_train.jsonl'}",
+                  f"eval_data={data / 'sft_eval.jsonl'}", "eval_limit=50", f"train.out_dir={run}",
+                  "train.max_steps=30", "train.batch_size=32", "train.eval_every=0", "train.progress=false",
+                  "train.log_every=1")
+    assert out.returncode == 0, out.stderr
+    losses = [m["train/loss"] for m in read_metrics(run) if "train/loss" in m]
+    assert len(losses) == 30 and losses[-1] < losses[0] - 0.5  # it learns the format quickly
+    assert (run / "checkpoints" / "step-0000030" / "COMPLETE").is_file()
+    assert json.loads((run / "result.json").read_text())["steps"] == 30
+
+    ev = rlhfkit("eval", "--model", run / "model", "--data", data / "prompts_eval.jsonl", "--limit", 20)
+    assert ev.returncode == 0, ev.stderr
+    result = json.loads((run / "model" / "eval.json").read_text())
+    assert result["n"] == 20 and 0.0 <= result["accuracy"] <= 1.0
+
+    # The output folder is an ordinary transformers folder.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(run / "model"))
+    tok = AutoTokenizer.from_pretrained(str(run / "model"))
+    ids = torch.tensor([tok("What is 12+34?")["input_ids"]])
+    from rlhfkit.methods.common import load_policy
+
+    ours, _ = load_policy(str(run / "model"), None)
+    assert torch.allclose(model(ids).logits, ours(ids).logits, atol=1e-6)
+
+
+def test_model_without_tokenizer_and_separate_tokenizer(tiny, tmp_path):
+    from rlhfkit.methods.common import load_policy
+
+    bare = tmp_path / "bare"
+    model, _ = load_policy(str(tiny["base"]), None)
+    model.save_pretrained(str(bare))  # weights and config only
+    out = rlhfkit("eval", "--model", bare, "--data", tiny["data"] / "prompts_eval.jsonl", "--limit", 4)
+    assert out.returncode == 2 and "without a tokenizer: pass tokenizer=PATH" in out.stderr
+    out = rlhfkit("eval", "--model", bare, "--tokenizer", tiny["tokenizer"], "--data",
+                  tiny["data"] / "prompts_eval.jsonl", "--limit", 4, "--out", tmp_path / "ev")
+    assert out.returncode == 0, out.stderr
+
+
+def test_bad_data_fails_clearly(tiny, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "What is 1+1?", "completion": " 2"}\n{"prompt": "What is 2+2?"}\n')
+    out = rlhfkit("sft", f"model={tiny['base']}", f"train_data={bad}", f"train.out_dir={tmp_path / 'o'}")
+    assert out.returncode == 2
+    assert f"{bad}:2: missing field 'completion'" in out.stderr
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    out = rlhfkit("sft", f"model={tiny['base']}", f"train_data={empty}", f"train.out_dir={tmp_path / 'o'}")
+    assert out.returncode == 2 and "holds no rows" in out.stderr
+    out = rlhfkit("sft", f"model={tiny['base']}", f"train_data={empty}", "train.lr=fast")
+    assert out.returncode == 2 and "train.lr" in out.stderr
+
+
+def test_tokenizer_too_big_for_the_embedding_is_refused(tiny, tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    small = Qwen2ForCausalLM(Qwen2Config(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    small.save_pretrained(str(tmp_path / "small"))
+    out = rlhfkit("eval", "--model", tmp_path / "small", "--tokenizer", tiny["tokenizer"], "--data",
+                  tiny["data"] / "prompts_eval.jsonl")
+    assert out.returncode == 2 and "embedding table has only 50 rows" in out.stderr
+
+
+def test_torchrun_two_ranks_match_one_process(tiny, tmp_path):
+    """DDP-style gloo run on 2 CPU ranks gives the same losses as 1 process, same global batch."""
+    common = [f"model={tiny['base']}", f"train_data={tiny['data'] / 'sft_train.jsonl'}", "max_length=64",
+              "train.max_steps=4", "train.batch_size=16", "train.lr=3e-3", "train.progress=false",
+              "train.tensorboard=false", "train.log_every=1"]
+    single = rlhfkit("sft", *common, f"train.out_dir={tmp_path / 'one'}")
+    assert single.returncode == 0, single.stderr
+    one = [m["train/loss"] for m in read_metrics(tmp_path / "one")]
+
+    def two_ranks(out):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "rlhfkit.cli.main", "sft", *common, "train.micro_batch_size=4", f"train.out_dir={out}"]
+        try:
+            subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=ENV)
+        except subprocess.TimeoutExpired:
+            pass  # gloo sometimes hangs at teardown on 2 cores; the metrics were written before it
+        path = out / "metrics.jsonl"
+        return [m["train/loss"] for m in read_metrics(out)] if path.exists() else []
+
+    two = two_ranks(tmp_path / "two")
+    if len(two) != 4:  # one retry, as multi-process gloo runs here sometimes abort
+        two = two_ranks(tmp_path / "two-retry")
+    assert len(two) == 4
+    assert torch.allclose(torch.tensor(one), torch.tensor(two), atol=1e-5), (one, two)
+    assert one[-1] < one[0]
