@@ -21,3 +21,23 @@ from rlhfkit.models.tiny import write_tiny_default  # noqa: E402
 def tiny(tmp_path_factory):
     """{tokenizer, base, data} paths of a width-64 tiny default."""
     return write_tiny_default(tmp_path_factory.mktemp("tiny"), SMALL, seed=0)
+
+
+@pytest.fixture(scope="session")
+def sft_run(tiny, tmp_path_factory):
+    """SFT on the tiny default until 0.9 held-out accuracy (or 1600 steps); later stages start here.
+
+    Returns run_sft's summary; ``<out>/model`` is the final model and ``<out>/snapshot`` the first
+    one that reached 0.5 (a demonstration-budget model with error left for RL to remove).
+    """
+    from helpers import quiet_train
+
+    from rlhfkit.methods.sft import SFTConfig, run_sft
+
+    out = tmp_path_factory.mktemp("sft")
+    cfg = SFTConfig(model=str(tiny["base"]), train_data=str(tiny["data"] / "sft_train.jsonl"),
+                    eval_data=str(tiny["data"] / "sft_eval.jsonl"), max_length=64, eval_limit=300,
+                    eval_max_new_tokens=8, stop_at_accuracy=0.9, snapshot_at_accuracy=0.5,
+                    train=quiet_train(out, max_steps=1600, batch_size=128, lr=3e-3, warmup_steps=50,
+                                      eval_every=100, log_every=10))
+    return {**run_sft(cfg), "out": out}

@@ -39,8 +39,8 @@ def _stage_sft(ctx: dict) -> dict:
     # did, they need error left to remove), else from the final SFT model.
     snapshot = result.get("snapshot")
     ctx["start_model"] = snapshot["path"] if snapshot else ctx["sft_model"]
-    ctx["start_note"] = (f"SFT snapshot at step with accuracy {snapshot['accuracy']:.2f}" if snapshot
-                         else "final SFT model")
+    ctx["start_note"] = (f"the first SFT snapshot with held-out accuracy >= 0.5 ({snapshot['accuracy']:.2f})"
+                         if snapshot else "the final SFT model")
     return {"accuracy": result["accuracy"], "steps": result["steps"],
             "snapshot_accuracy": snapshot["accuracy"] if snapshot else None}
 

@@ -60,4 +60,4 @@ def progress(total: int, initial: int = 0, desc: str = "", enabled: bool = True)
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, file=sys.stderr,
-                dynamic_ncols=True, smoothing=0.1)
+                dynamic_ncols=True, smoothing=0.1, mininterval=0.1 if sys.stderr.isatty() else 5.0)
