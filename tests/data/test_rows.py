@@ -79,3 +79,20 @@ def test_collate_masks_only_completion_and_eos(tok):
     assert batch.completion_mask.tolist() == [[0, 0, 1, 1, 0], [0, 1, 1, 1, 1]]
     assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
     assert batch.input_ids[0, 3].item() == tok.eos_token_id
+
+
+def test_ranking_rows_are_validated(tok):
+    from rlhfkit.data.prefs import encode_rankings
+
+    cases = [
+        ({"prompt": "p", "completions": ["a"]}, "field 'completions' needs at least 2 entries, got 1"),
+        ({"prompt": "p", "completions": ["a", "b", "a"]}, "field 'completions' lists 'a' more than once"),
+        ({"prompt": "p", "completions": ["a", 5]}, r"field 'completions\[1\]' must be a string, got int"),
+        ({"prompt": "p", "chosen": "a", "rejected": "a"}, "'chosen' and 'rejected' are the same text"),
+        ({"prompt": "p", "chosen": "a"}, "missing field 'rejected'"),
+    ]
+    for row, message in cases:
+        with pytest.raises(DataError, match=message):
+            encode_rankings(read_rows([{"prompt": "ok", "chosen": "x", "rejected": "y"}, row]), tok, 64)
+    (ex,), _ = encode_rankings(read_rows([{"prompt": "p", "completions": ["a", "b", "c"], "ranks": [0, 1, 1]}]), tok, 64)
+    assert ex.ranks == [0, 1, 1] and len(ex.completion_ids) == 3

@@ -117,3 +117,17 @@ def test_torchrun_two_ranks_match_one_process(tiny, tmp_path):
     assert len(two) == 4
     assert torch.allclose(torch.tensor(one), torch.tensor(two), atol=1e-5), (one, two)
     assert one[-1] < one[0]
+
+
+def test_rm_cli_then_eval_reports_pairwise_accuracy(tiny, tmp_path):
+    data = tiny["data"]
+    out = rlhfkit("rm", "--config", "rm_tiny", f"model={tiny['base']}", f"train_data={data / 'rankings_train.jsonl'}",
+                  f"eval_data={data / 'rankings_eval.jsonl'}", "eval_limit=50", f"train.out_dir={tmp_path / 'rm'}",
+                  "train.max_steps=20", "train.batch_size=8", "train.progress=false")
+    assert out.returncode == 0, out.stderr
+    config = json.loads((tmp_path / "rm" / "model" / "config.json").read_text())
+    assert config["architectures"] == ["Qwen2ForSequenceClassification"] and config["num_labels"] == 1
+    ev = rlhfkit("eval", "--model", tmp_path / "rm" / "model", "--data", data / "rankings_eval.jsonl", "--limit", 40)
+    assert ev.returncode == 0, ev.stderr
+    result = json.loads((tmp_path / "rm" / "model" / "eval.json").read_text())
+    assert result["pairs"] > 40 * 6 and 0.0 <= result["pairwise_accuracy"] <= 1.0 and -1 <= result["kendall_tau"] <= 1

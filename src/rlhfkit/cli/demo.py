@@ -14,6 +14,7 @@ import torch
 
 from ..data.rows import read_rows
 from ..methods.common import load_policy
+from ..methods.rm import RMConfig, run_rm
 from ..methods.sft import SFTConfig, run_sft
 from ..models.tiny import write_tiny_default
 from ..rollout.evaluate import exact_match
@@ -45,7 +46,20 @@ def _stage_sft(ctx: dict) -> dict:
             "snapshot_accuracy": snapshot["accuracy"] if snapshot else None}
 
 
-STAGES = {"base": _stage_base, "sft": _stage_sft}
+def _stage_rm(ctx: dict) -> dict:
+    data = ctx["assets"]["data"]
+    cfg = RMConfig(model=ctx["sft_model"], train_data=str(data / "rankings_train.jsonl"),
+                   eval_data=str(data / "rankings_eval.jsonl"), max_length=64, eval_limit=500,
+                   train=TrainConfig(out_dir=str(ctx["out"] / "rm"), max_steps=200 if ctx["quick"] else 600,
+                                     batch_size=32, lr=2e-3, warmup_steps=20, eval_every=100, log_every=10,
+                                     seed=ctx["seed"], tensorboard=False))
+    result = run_rm(cfg)
+    ctx["rm_model"] = str(ctx["out"] / "rm" / "model")
+    return {"pairwise_accuracy": result["pairwise_accuracy"], "kendall_tau": result["kendall_tau"],
+            "steps": result["steps"]}
+
+
+STAGES = {"base": _stage_base, "sft": _stage_sft, "rm": _stage_rm}
 
 
 def run_demo(out_dir: str | Path = "demo_out", quick: bool = False, seed: int = 0,

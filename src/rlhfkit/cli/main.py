@@ -15,13 +15,15 @@ from pathlib import Path
 
 def _methods() -> dict:
     # Imported lazily so `rlhfkit --help` stays fast.
+    from ..methods.rm import RMConfig, run_rm
     from ..methods.sft import SFTConfig, run_sft
 
-    return {"sft": (SFTConfig, run_sft, "supervised fine-tuning on prompt/completion or chat rows")}
+    return {"sft": (SFTConfig, run_sft), "rm": (RMConfig, run_rm)}
 
 
 METHOD_HELP = {
     "sft": "supervised fine-tuning on prompt/completion or chat rows",
+    "rm": "reward model on K-way rankings (or pairs), saved as a ...ForSequenceClassification folder",
 }
 
 
@@ -40,7 +42,7 @@ def resolve_config(name: str) -> Path:
 def cmd_method(args) -> int:
     from ..train.config import load_config
 
-    config_cls, run, _ = _methods()[args.command]
+    config_cls, run = _methods()[args.command]
     cfg = load_config(config_cls, resolve_config(args.config) if args.config else None, args.overrides)
     summary = run(cfg)
     print(json.dumps({k: v for k, v in summary.items() if k != "evals"}, indent=1))
@@ -59,14 +61,27 @@ def cmd_tiny(args) -> int:
 
 def cmd_eval(args) -> int:
     from ..data.rows import read_rows
-    from ..methods.common import load_policy
-    from ..rollout.evaluate import exact_match
+    from ..models.reward import is_sequence_classifier
 
-    model, tokenizer = load_policy(args.model, args.tokenizer)
     rows = read_rows(args.data)
     if args.limit:
         rows = rows[: args.limit]
-    result = {"model": args.model, "data": args.data, **exact_match(model, tokenizer, rows, args.max_new_tokens)}
+    if is_sequence_classifier(args.model):  # a reward model: pairwise accuracy on rankings or pairs
+        from ..data.prefs import encode_rankings
+        from ..methods.rm import ranking_metrics
+        from ..models.load import load_tokenizer
+        from ..models.reward import load_reward_model
+
+        tokenizer = load_tokenizer(args.model, args.tokenizer)
+        examples, _ = encode_rankings(rows, tokenizer, args.max_length, "error")
+        metrics = ranking_metrics(load_reward_model(args.model, tokenizer), examples, tokenizer.pad_token_id)
+    else:  # a policy: greedy exact-match accuracy
+        from ..methods.common import load_policy
+        from ..rollout.evaluate import exact_match
+
+        model, tokenizer = load_policy(args.model, args.tokenizer)
+        metrics = exact_match(model, tokenizer, rows, args.max_new_tokens)
+    result = {"model": str(args.model), "data": str(args.data), **metrics}
     out = Path(args.out or args.model)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(result, indent=1))
@@ -96,13 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.set_defaults(func=cmd_tiny)
-    p = sub.add_parser("eval", help="greedy exact-match accuracy of a model on held-out rows -> eval.json")
+    p = sub.add_parser("eval", help="held-out metrics -> eval.json: exact-match accuracy of a policy, or "
+                       "pairwise accuracy and Kendall tau of a reward model")
     p.add_argument("--model", required=True)
     p.add_argument("--tokenizer")
     p.add_argument("--data", required=True, help="jsonl/parquet rows with prompt and answer (or a completion)")
     p.add_argument("--out", help="folder for eval.json (default: the model folder)")
     p.add_argument("--limit", type=int, default=0)
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=512, help="for reward models: longest prompt+completion")
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("demo", help="the whole pipeline on the tiny default, on a CPU, in minutes")
     p.add_argument("--out", default="demo_out")

@@ -1,0 +1,104 @@
+"""Preference data: pairs (prompt, chosen, rejected) and rankings (prompt, completions best first).
+
+A pair is a ranking of two. Each output of a ranking is tokenised once and carries its rank
+(lower is better; equal ranks are ties, only where the row's optional ``ranks`` field says so).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .encode import LengthReport, encode_completion, encode_prompt, fit_length, prompt_text
+from .rows import DataError, Row, get_str, get_str_list
+
+
+@dataclass(frozen=True)
+class RankingExample:
+    prompt_ids: list[int]
+    completion_ids: list[list[int]]  # best first
+    ranks: list[int]
+
+
+@dataclass
+class RankingBatch:
+    input_ids: torch.Tensor  # (N, T) right-padded prompt+completion, N = total outputs of the batch
+    attention_mask: torch.Tensor  # (N, T)
+    completion_mask: torch.Tensor  # (N, T) 1 on completion tokens
+    slot: torch.Tensor  # (N,) flat index into the (P, K) grid: prompt * K + position
+    ranks: torch.Tensor  # (P, K) rank of each output; padding slots hold K
+    mask: torch.Tensor  # (P, K) 1 where a slot holds an output
+
+    @property
+    def num_prompts(self) -> int:
+        return self.mask.shape[0]
+
+    def grid(self, values: torch.Tensor) -> torch.Tensor:
+        """(N,) per-output values -> (P, K) grid (zeros on padding slots)."""
+        out = values.new_zeros(self.mask.numel())
+        return out.index_put((self.slot,), values).view_as(self.mask)
+
+
+def ranking_completions(row: Row) -> tuple[list[str], list[int]]:
+    """The completions of a ranking or pair row, best first, and their ranks."""
+    if "completions" in row.data:
+        completions = get_str_list(row, "completions", min_len=2)
+        if len(completions) > 9:
+            raise DataError(f"{row.where}: field 'completions' has {len(completions)} entries; at most 9")
+        ranks = row.data.get("ranks", list(range(len(completions))))
+        if (not isinstance(ranks, list) or len(ranks) != len(completions)
+                or not all(isinstance(r, int) for r in ranks) or ranks != sorted(ranks)):
+            raise DataError(f"{row.where}: field 'ranks' must be non-decreasing integers, one per completion")
+        if ranks[0] == ranks[-1]:
+            raise DataError(f"{row.where}: field 'ranks' ranks every completion equal: no preference to learn")
+        return completions, ranks
+    chosen, rejected = get_str(row, "chosen"), get_str(row, "rejected")
+    if chosen == rejected:
+        raise DataError(f"{row.where}: fields 'chosen' and 'rejected' are the same text")
+    return [chosen, rejected], [0, 1]
+
+
+def encode_rankings(rows: list[Row], tokenizer, max_length: int, overlong: str = "error"):
+    report, examples = LengthReport(rows=len(rows)), []
+    for row in rows:
+        completions, ranks = ranking_completions(row)
+        prompt_ids = encode_prompt(tokenizer, prompt_text(row, tokenizer), chat="messages" in row.data)
+        fitted = [fit_length(prompt_ids, encode_completion(tokenizer, c), max_length, overlong, row.where, report)
+                  for c in completions]
+        if any(f is None for f in fitted):
+            continue  # skipped (and counted) as a whole: a ranking with a hole would change its pairs
+        examples.append(RankingExample(prompt_ids, [c for _, c in fitted], ranks))
+    if not examples:
+        raise DataError(f"no usable rows left after the length policy ({report.summary()})")
+    return examples, report
+
+
+def collate_rankings(examples: list[RankingExample], pad_id: int) -> RankingBatch:
+    k = max(len(e.completion_ids) for e in examples)
+    seqs = [(e.prompt_ids, c) for e in examples for c in e.completion_ids]
+    width = max(len(p) + len(c) for p, c in seqs)
+    n = len(seqs)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    attention = torch.zeros((n, width), dtype=torch.long)
+    completion = torch.zeros((n, width), dtype=torch.long)
+    slot = torch.zeros(n, dtype=torch.long)
+    ranks = torch.full((len(examples), k), k, dtype=torch.long)
+    mask = torch.zeros((len(examples), k), dtype=torch.long)
+    i = 0
+    for p, e in enumerate(examples):
+        for j, c in enumerate(e.completion_ids):
+            ids = e.prompt_ids + c
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            attention[i, : len(ids)] = 1
+            completion[i, len(e.prompt_ids): len(ids)] = 1
+            slot[i] = p * k + j
+            i += 1
+        ranks[p, : len(e.ranks)] = torch.tensor(e.ranks)
+        mask[p, : len(e.ranks)] = 1
+    return RankingBatch(input_ids, attention, completion, slot, ranks, mask)
+
+
+def count_pairs(batch: RankingBatch) -> int:
+    r, m = batch.ranks, batch.mask.bool()
+    return int(((r[:, :, None] < r[:, None, :]) & m[:, :, None] & m[:, None, :]).sum())

@@ -1,0 +1,37 @@
+"""Reward-model ranking loss (InstructGPT stage 2, Ouyang et al. 2022, eq. 1).
+
+    loss(theta) = - 1/C(K,2) * E_{(x, y_w, y_l)} [ log sigma( r_theta(x, y_w) - r_theta(x, y_l) ) ]
+
+For each prompt all C(K,2) ordered pairs of its K ranked outputs enter together, each output
+scored once; the pair losses are averaged per prompt, then over prompts. Plain (chosen,
+rejected) rows are the K = 2 case. Equal ranks (ties) form no pair.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def ranking_loss(rewards: torch.Tensor, mask: torch.Tensor, ranks: torch.Tensor | None = None,
+                 num_prompts: float | None = None):
+    """rewards, mask, ranks: (P, K), outputs of each prompt in a row (rank 0 = best, lower is better).
+
+    Returns (loss, sums) where ``sums`` holds detached totals (pairs, correct pairs, margin) for
+    the caller to divide by global counts. ``num_prompts`` is the global prompt count.
+    """
+    if ranks is None:
+        ranks = torch.arange(rewards.shape[1], device=rewards.device).expand_as(rewards)
+    valid = mask.bool()
+    better = (ranks[:, :, None] < ranks[:, None, :]) & valid[:, :, None] & valid[:, None, :]  # (P, K, K): i beats j
+    margin = rewards[:, :, None] - rewards[:, None, :]  # (P, K, K) r_i - r_j
+    pairs = better.sum((1, 2))  # (P,)
+    per_prompt = -(F.logsigmoid(margin) * better).sum((1, 2)) / pairs.clamp(min=1)  # (P,)
+    denom = rewards.shape[0] if num_prompts is None else max(float(num_prompts), 1.0)
+    loss = per_prompt.sum() / denom
+    sums = {
+        "pairs": pairs.sum().detach().float(),
+        "correct": ((margin > 0) & better).sum().detach().float(),
+        "margin": (margin * better).sum().detach(),
+    }
+    return loss, sums

@@ -1,0 +1,89 @@
+"""Reward model on K-way rankings (InstructGPT stage 2).
+
+All C(K,2) pairs of a prompt are in the same batch and each of its K outputs is forwarded
+once (K sequences, not 2*C(K,2)); the loss is losses/rm.py's. Reads top to bottom: config ->
+load -> objective -> the shared loop -> save a ``...ForSequenceClassification`` folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..data.prefs import collate_rankings, count_pairs, encode_rankings
+from ..data.rows import read_rows
+from ..losses.rm import ranking_loss
+from ..models.load import load_tokenizer
+from ..models.reward import load_reward_model, reward_scores
+from ..train.config import TrainConfig, to_dict
+from ..train.loop import Objective, train_offline
+from .common import finish, say
+
+
+@dataclass(frozen=True)
+class RMConfig:
+    model: str = ""  # the SFT causal-LM folder, or a sequence-classifier folder
+    tokenizer: str | None = None
+    train_data: str = ""  # rankings (prompt, completions best first) or pairs (prompt, chosen, rejected)
+    eval_data: str | None = None
+    max_length: int = 128
+    overlong: str = "error"
+    eval_limit: int = 500
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def rm_objective() -> Objective:
+    def counts(batch) -> dict:
+        return {"prompts": batch.num_prompts, "pairs": count_pairs(batch), "outputs": batch.input_ids.shape[0]}
+
+    def loss(model, batch, totals):
+        rewards = batch.grid(reward_scores(model, batch.input_ids, batch.attention_mask))  # (P, K)
+        value, sums = ranking_loss(rewards, batch.mask, batch.ranks, totals["prompts"])
+        pairs = max(totals["pairs"], 1.0)
+        return value, {"pairwise_accuracy": sums["correct"] / pairs, "margin": sums["margin"] / pairs,
+                       "reward_mean": (rewards * batch.mask).sum().detach() / totals["outputs"]}
+
+    return Objective(counts, loss)
+
+
+@torch.no_grad()
+def ranking_metrics(model, examples, pad_id: int, batch_size: int = 64) -> dict:
+    """Held-out pairwise accuracy over all pairs, and mean Kendall tau per ranking."""
+    was_training = model.training
+    model.eval()
+    correct = pairs = 0
+    taus = []
+    for i in range(0, len(examples), batch_size):
+        batch = collate_rankings(examples[i: i + batch_size], pad_id)
+        rewards = batch.grid(reward_scores(model, batch.input_ids, batch.attention_mask))
+        r, m = batch.ranks, batch.mask.bool()
+        better = (r[:, :, None] < r[:, None, :]) & m[:, :, None] & m[:, None, :]
+        diff = rewards[:, :, None] - rewards[:, None, :]
+        n = better.sum((1, 2)).float()
+        concordant = ((diff > 0) & better).sum((1, 2)).float()
+        discordant = ((diff < 0) & better).sum((1, 2)).float()
+        correct += int(concordant.sum())
+        pairs += int(n.sum())
+        taus.extend(((concordant - discordant) / n.clamp(min=1)).tolist())
+    model.train(was_training)
+    return {"pairwise_accuracy": correct / max(pairs, 1), "kendall_tau": sum(taus) / len(taus), "pairs": pairs}
+
+
+def run_rm(cfg: RMConfig) -> dict:
+    tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
+    model = load_reward_model(cfg.model, tokenizer, seed=cfg.train.seed)
+    examples, report = encode_rankings(read_rows(cfg.train_data), tokenizer, cfg.max_length, cfg.overlong)
+    say(f"rm: {cfg.train_data}: {report.summary()}")
+    eval_fn = None
+    if cfg.eval_data:
+        held_out, _ = encode_rankings(read_rows(cfg.eval_data), tokenizer, cfg.max_length, "skip")
+        held_out = held_out[: cfg.eval_limit] if cfg.eval_limit > 0 else held_out
+        eval_fn = lambda m: ranking_metrics(m, held_out, tokenizer.pad_token_id)  # noqa: E731
+    collate = lambda rows: collate_rankings(rows, tokenizer.pad_token_id)  # noqa: E731
+    result = train_offline(model, examples, collate, rm_objective(), cfg.train, to_dict(cfg), eval_fn)
+    summary = {"steps": result.steps, "loss": result.metrics.get("loss"), "length_report": report.summary(),
+               "evals": result.evals}
+    if result.evals:
+        summary.update({k: result.evals[-1][k] for k in ("pairwise_accuracy", "kendall_tau")})
+    return finish(model, tokenizer, cfg, cfg.train.out_dir, summary)

@@ -1,0 +1,65 @@
+"""Scalar-head models: the reward model (one score per sequence) and the critic (one per token).
+
+Both are Hugging Face ``...ForSequenceClassification`` models with ``num_labels=1``: made from a
+causal-LM folder (the SFT model; the score head starts fresh) or loaded from such a folder made
+here or elsewhere, and saved so that plain transformers loads them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .forward import hidden_states
+from .load import DTYPES, ModelLoadError, check_vocab
+
+
+def is_sequence_classifier(path: str | Path) -> bool:
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    archs = json.loads(config.read_text()).get("architectures") or []
+    return any(a.endswith("ForSequenceClassification") for a in archs)
+
+
+def load_reward_model(path: str | Path, tokenizer, dtype: str = "fp32", seed: int = 0):
+    """A ``num_labels=1`` sequence classifier from ``path`` (a classifier folder or a causal LM)."""
+    from transformers import AutoModelForSequenceClassification
+
+    if not Path(path).is_dir():
+        raise ModelLoadError(f"model folder not found: {path}")
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)  # the fresh score head of a causal-LM start is seeded
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(path), num_labels=1, dtype=DTYPES[dtype], pad_token_id=tokenizer.pad_token_id)
+    if model.config.num_labels != 1:
+        raise ModelLoadError(f"{path}: a reward model needs num_labels=1, the folder has {model.config.num_labels}")
+    check_vocab(model, tokenizer, str(path))
+    return model
+
+
+def score_head(model) -> torch.nn.Module:
+    for name in ("score", "classifier", "v_head"):
+        if hasattr(model, name):
+            return getattr(model, name)
+    raise ModelLoadError(f"{type(model).__name__} has no score head")
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token of each row, for left or right padding. (B,)"""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask.long() * positions).argmax(-1)
+
+
+def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """r(x, y): the score head read at the last non-pad token. (B,)"""
+    hidden = hidden_states(model, input_ids, attention_mask)  # (B, T, H)
+    last = hidden[torch.arange(hidden.shape[0]), last_token_index(attention_mask)]  # (B, H)
+    return score_head(model)(last).squeeze(-1).float()
+
+
+def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """V(s_t) for every position: the score head on every hidden state (the PPO critic). (B, T)"""
+    return score_head(model)(hidden_states(model, input_ids, attention_mask)).squeeze(-1).float()

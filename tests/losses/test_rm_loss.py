@@ -1,0 +1,53 @@
+import math
+
+import torch
+import torch.nn.functional as F
+
+from rlhfkit.losses.rm import ranking_loss
+
+
+def _log_sigmoid(x: float) -> float:
+    return -math.log(1 + math.exp(-x))
+
+
+def test_k4_matches_hand_computation():
+    r = [2.0, 0.5, 1.0, -1.0]  # best first; the pair (y2, y3) is ranked wrong by the scores
+    loss, sums = ranking_loss(torch.tensor([r]), torch.ones(1, 4))
+    pairs = [(i, j) for i in range(4) for j in range(i + 1, 4)]
+    expected = -sum(_log_sigmoid(r[i] - r[j]) for i, j in pairs) / 6  # 1/C(4,2) * sum over the 6 pairs
+    assert abs(loss.item() - expected) < 1e-6
+    assert sums["pairs"].item() == 6 and sums["correct"].item() == 5
+
+
+def test_k2_is_the_pairwise_loss_and_prompts_average():
+    rewards = torch.tensor([[1.5, 0.25], [0.0, 2.0]])
+    loss, _ = ranking_loss(rewards, torch.ones(2, 2))
+    expected = -(_log_sigmoid(1.25) + _log_sigmoid(-2.0)) / 2
+    assert abs(loss.item() - expected) < 1e-6
+
+
+def test_padding_slots_and_ties_form_no_pairs():
+    # Prompt 0 has K=3 (slot 3 is padding); prompt 1 has a tie between its last two outputs.
+    rewards = torch.tensor([[1.0, 0.0, -1.0, 9.0], [0.5, 0.2, 0.1, 0.3]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    ranks = torch.tensor([[0, 1, 2, 4], [0, 1, 2, 2]])
+    loss, sums = ranking_loss(rewards, mask, ranks)
+    p0 = -(_log_sigmoid(1.0) + _log_sigmoid(2.0) + _log_sigmoid(1.0)) / 3
+    p1 = -(_log_sigmoid(0.3) + _log_sigmoid(0.4) + _log_sigmoid(0.2) + _log_sigmoid(0.1) + _log_sigmoid(-0.1)) / 5
+    assert abs(loss.item() - (p0 + p1) / 2) < 1e-6
+    assert sums["pairs"].item() == 8
+
+
+def test_gradient_matches_the_written_out_formula():
+    r = torch.tensor([[0.3, -0.2, 0.9, 0.1, -1.0]], requires_grad=True)
+    loss, _ = ranking_loss(r, torch.ones(1, 5))
+    loss.backward()
+    r2 = r.detach().clone().requires_grad_(True)
+    written = sum(-F.logsigmoid(r2[0, i] - r2[0, j]) for i in range(5) for j in range(i + 1, 5)) / 10
+    written.backward()
+    assert torch.allclose(r.grad, r2.grad, atol=1e-7)
+    # closed form: d/dr_k = 1/C * ( -sum_{j worse} sigma(r_j - r_k) + sum_{i better} sigma(r_k - r_i) )
+    k = 2
+    s = torch.sigmoid
+    closed = (-sum(s(r2[0, j] - r2[0, k]) for j in range(k + 1, 5)) + sum(s(r2[0, k] - r2[0, i]) for i in range(k))) / 10
+    assert abs(r.grad[0, k].item() - closed.item()) < 1e-6
