@@ -126,7 +126,7 @@ def test_rm_cli_then_eval_reports_pairwise_accuracy(tiny, tmp_path):
                   "train.max_steps=20", "train.batch_size=8", "train.progress=false")
     assert out.returncode == 0, out.stderr
     config = json.loads((tmp_path / "rm" / "model" / "config.json").read_text())
-    assert config["architectures"] == ["Qwen2ForSequenceClassification"] and config["num_labels"] == 1
+    assert config["architectures"] == ["Qwen2ForSequenceClassification"] and len(config["id2label"]) == 1
     ev = rlhfkit("eval", "--model", tmp_path / "rm" / "model", "--data", data / "rankings_eval.jsonl", "--limit", 40)
     assert ev.returncode == 0, ev.stderr
     result = json.loads((tmp_path / "rm" / "model" / "eval.json").read_text())
