@@ -131,3 +131,18 @@ def test_rm_cli_then_eval_reports_pairwise_accuracy(tiny, tmp_path):
     assert ev.returncode == 0, ev.stderr
     result = json.loads((tmp_path / "rm" / "model" / "eval.json").read_text())
     assert result["pairs"] > 40 * 6 and 0.0 <= result["pairwise_accuracy"] <= 1.0 and -1 <= result["kendall_tau"] <= 1
+
+
+def test_dpo_cli_then_eval_reports_preference_accuracy(tiny, tmp_path):
+    data = tiny["data"]
+    out = rlhfkit("dpo", "--config", "dpo_tiny", f"model={tiny['base']}", f"train_data={data / 'prefs_train.jsonl'}",
+                  "eval_data=null", "eval_prompts=null", f"train.out_dir={tmp_path / 'dpo'}", "train.max_steps=5",
+                  "train.batch_size=8", "train.lr=1e-3", "train.progress=false", "train.log_every=1")
+    assert out.returncode == 0, out.stderr
+    losses = [m["train/loss"] for m in read_metrics(tmp_path / "dpo")]
+    assert abs(losses[0] - 0.693147) < 1e-4  # policy == reference at step 1
+    ev = rlhfkit("eval", "--model", tmp_path / "dpo" / "model", "--ref", tiny["base"], "--data",
+                 data / "prefs_eval.jsonl", "--limit", 30)
+    assert ev.returncode == 0, ev.stderr
+    result = json.loads((tmp_path / "dpo" / "model" / "eval.json").read_text())
+    assert result["n"] == 30 and 0.0 <= result["preference_accuracy"] <= 1.0

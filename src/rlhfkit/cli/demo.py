@@ -14,6 +14,7 @@ import torch
 
 from ..data.rows import read_rows
 from ..methods.common import load_policy
+from ..methods.dpo import DPOConfig, run_dpo
 from ..methods.rm import RMConfig, run_rm
 from ..methods.sft import SFTConfig, run_sft
 from ..models.tiny import write_tiny_default
@@ -59,7 +60,20 @@ def _stage_rm(ctx: dict) -> dict:
             "steps": result["steps"]}
 
 
-STAGES = {"base": _stage_base, "sft": _stage_sft, "rm": _stage_rm}
+def _stage_dpo(ctx: dict) -> dict:
+    data = ctx["assets"]["data"]
+    cfg = DPOConfig(model=ctx["start_model"], train_data=str(data / "prefs_train.jsonl"),
+                    eval_data=str(data / "prefs_eval.jsonl"), eval_prompts=str(data / "sft_eval.jsonl"),
+                    max_length=64, eval_limit=500, beta=0.5,
+                    train=TrainConfig(out_dir=str(ctx["out"] / "dpo"), max_steps=100 if ctx["quick"] else 200,
+                                      batch_size=32, lr=3e-4, warmup_steps=10, eval_every=50, log_every=10,
+                                      seed=ctx["seed"], tensorboard=False))
+    result = run_dpo(cfg)
+    return {k: result[k] for k in ("preference_accuracy", "preference_accuracy_before", "accuracy",
+                                   "accuracy_before", "reference", "steps")}
+
+
+STAGES = {"base": _stage_base, "sft": _stage_sft, "rm": _stage_rm, "dpo": _stage_dpo}
 
 
 def run_demo(out_dir: str | Path = "demo_out", quick: bool = False, seed: int = 0,

@@ -15,15 +15,17 @@ from pathlib import Path
 
 def _methods() -> dict:
     # Imported lazily so `rlhfkit --help` stays fast.
+    from ..methods.dpo import DPOConfig, run_dpo
     from ..methods.rm import RMConfig, run_rm
     from ..methods.sft import SFTConfig, run_sft
 
-    return {"sft": (SFTConfig, run_sft), "rm": (RMConfig, run_rm)}
+    return {"sft": (SFTConfig, run_sft), "rm": (RMConfig, run_rm), "dpo": (DPOConfig, run_dpo)}
 
 
 METHOD_HELP = {
     "sft": "supervised fine-tuning on prompt/completion or chat rows",
     "rm": "reward model on K-way rankings (or pairs), saved as a ...ForSequenceClassification folder",
+    "dpo": "direct preference optimization on pairs, Plackett-Luce on rankings",
 }
 
 
@@ -75,6 +77,17 @@ def cmd_eval(args) -> int:
         tokenizer = load_tokenizer(args.model, args.tokenizer)
         examples, _ = encode_rankings(rows, tokenizer, args.max_length, "error")
         metrics = ranking_metrics(load_reward_model(args.model, tokenizer), examples, tokenizer.pad_token_id)
+    elif args.ref:  # a DPO policy against its reference: held-out preference accuracy
+        from ..data.prefs import encode_rankings
+        from ..methods.common import load_policy
+        from ..methods.dpo import precompute_reference, preference_accuracy
+
+        model, tokenizer = load_policy(args.model, args.tokenizer)
+        reference, _ = load_policy(args.ref, args.tokenizer or args.model)
+        examples, _ = encode_rankings(rows, tokenizer, args.max_length, "error")
+        examples = precompute_reference(reference, examples, tokenizer.pad_token_id)
+        metrics = {"preference_accuracy": preference_accuracy(model, examples, tokenizer.pad_token_id),
+                   "n": len(examples)}
     else:  # a policy: greedy exact-match accuracy
         from ..methods.common import load_policy
         from ..rollout.evaluate import exact_match
@@ -119,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for eval.json (default: the model folder)")
     p.add_argument("--limit", type=int, default=0)
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--max-length", type=int, default=512, help="for reward models: longest prompt+completion")
+    p.add_argument("--max-length", type=int, default=512, help="for preference data: longest prompt+completion")
+    p.add_argument("--ref", help="reference model folder: report a DPO policy's preference accuracy on pairs/rankings")
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("demo", help="the whole pipeline on the tiny default, on a CPU, in minutes")
     p.add_argument("--out", default="demo_out")

@@ -19,6 +19,7 @@ class RankingExample:
     prompt_ids: list[int]
     completion_ids: list[list[int]]  # best first
     ranks: list[int]
+    ref_logps: tuple[float, ...] | None = None  # precomputed reference log-probs (DPO), one per completion
 
 
 @dataclass
@@ -29,6 +30,7 @@ class RankingBatch:
     slot: torch.Tensor  # (N,) flat index into the (P, K) grid: prompt * K + position
     ranks: torch.Tensor  # (P, K) rank of each output; padding slots hold K
     mask: torch.Tensor  # (P, K) 1 where a slot holds an output
+    ref_logps: torch.Tensor | None = None  # (P, K) precomputed reference log-probs, when the examples carry them
 
     @property
     def num_prompts(self) -> int:
@@ -96,7 +98,12 @@ def collate_rankings(examples: list[RankingExample], pad_id: int) -> RankingBatc
             i += 1
         ranks[p, : len(e.ranks)] = torch.tensor(e.ranks)
         mask[p, : len(e.ranks)] = 1
-    return RankingBatch(input_ids, attention, completion, slot, ranks, mask)
+    ref = None
+    if all(e.ref_logps is not None for e in examples):
+        ref = torch.zeros((len(examples), k))
+        for p, e in enumerate(examples):
+            ref[p, : len(e.ref_logps)] = torch.tensor(e.ref_logps)
+    return RankingBatch(input_ids, attention, completion, slot, ranks, mask, ref)
 
 
 def count_pairs(batch: RankingBatch) -> int:

@@ -1,0 +1,64 @@
+"""Direct Preference Optimization (Rafailov et al. 2023), pairwise and Plackett-Luce.
+
+Pairwise (eq. 7 of the paper), with r_hat(x, y) = beta * log(pi_theta(y|x) / pi_ref(y|x)):
+
+    L_DPO = - log sigma( r_hat(x, y_w) - r_hat(x, y_l) )
+
+Rankings of n answers tau (best first), the Plackett-Luce model (paper, appendix A.3):
+
+    L_PL = - sum_{i=1..n} [ r_hat(x, y_tau(i)) - log sum_{j=i..n} exp r_hat(x, y_tau(j)) ]
+
+For n = 2 the two are equal. Log-probabilities are sums over completion tokens only. The
+gradient w.r.t. log pi(y_w) is -beta * sigma(r_hat_l - r_hat_w), the opposite on log pi(y_l).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
+             ref_rejected_logps: torch.Tensor, beta: float, num_pairs: float | None = None):
+    """All inputs (B,) sequence log-probs. Returns (loss, metrics of detached sums over the B pairs)."""
+    chosen_rewards = beta * (chosen_logps - ref_chosen_logps)  # (B,)
+    rejected_rewards = beta * (rejected_logps - ref_rejected_logps)  # (B,)
+    losses = -F.logsigmoid(chosen_rewards - rejected_rewards)
+    denom = chosen_logps.shape[0] if num_pairs is None else max(float(num_pairs), 1.0)
+    return losses.sum() / denom, _sums(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps)
+
+
+def plackett_luce_loss(logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor, beta: float,
+                       num_rankings: float | None = None):
+    """logps, ref_logps, mask: (P, K), each row's answers best first, padding slots at the end."""
+    valid = mask.bool()
+    rewards = beta * (logps - ref_logps)  # (P, K)
+    masked = rewards.masked_fill(~valid, float("-inf"))
+    tail_lse = torch.logcumsumexp(masked.flip(-1), dim=-1).flip(-1)  # (P, K): log sum_{j >= i} exp r_j
+    terms = torch.where(valid, rewards - tail_lse, torch.zeros_like(rewards))
+    denom = logps.shape[0] if num_rankings is None else max(float(num_rankings), 1.0)
+    loss = -terms.sum() / denom
+    others = valid.clone()
+    others[:, 0] = False
+    n_others = others.sum(-1).clamp(min=1)
+    rejected = (rewards * others).sum(-1) / n_others  # (P,) mean implicit reward of the non-best answers
+    rejected_logps = (logps * others).sum(-1) / n_others
+    sums = _sums(rewards[:, 0], rejected, logps[:, 0], rejected_logps)
+    # Preference accuracy over all ordered pairs of each ranking.
+    better = torch.triu(torch.ones(valid.shape[1], valid.shape[1], dtype=torch.bool, device=valid.device), 1)
+    pair_ok = better & valid[:, :, None] & valid[:, None, :]  # (P, K, K)
+    sums["correct"] = ((rewards[:, :, None] > rewards[:, None, :]) & pair_ok).sum().float().detach()
+    sums["pairs"] = pair_ok.sum().float().detach()
+    return loss, sums
+
+
+def _sums(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps) -> dict:
+    return {
+        "rewards_chosen": chosen_rewards.sum().detach(),
+        "rewards_rejected": rejected_rewards.sum().detach(),
+        "margin": (chosen_rewards - rejected_rewards).sum().detach(),
+        "correct": (chosen_rewards > rejected_rewards).sum().float().detach(),
+        "pairs": torch.tensor(float(chosen_rewards.shape[0])),
+        "logps_chosen": chosen_logps.sum().detach(),
+        "logps_rejected": rejected_logps.sum().detach(),
+    }

@@ -1,0 +1,54 @@
+import math
+
+import torch
+
+from rlhfkit.losses.dpo import dpo_loss, plackett_luce_loss
+
+
+def test_loss_is_ln2_when_policy_equals_reference():
+    logps = torch.tensor([-3.0, -7.5, -1.25])
+    loss, sums = dpo_loss(logps, logps - 2.0, logps, logps - 2.0, beta=0.1)
+    assert abs(loss.item() - math.log(2)) < 1e-7
+    assert sums["margin"].item() == 0.0
+
+
+def test_pairwise_loss_by_hand():
+    # beta 0.5; chosen log ratio = -1 - (-2) = 1, rejected = -3 - (-2.5) = -0.5; margin = 0.5 * 1.5 = 0.75
+    loss, sums = dpo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.5]), 0.5)
+    assert abs(loss.item() - math.log(1 + math.exp(-0.75))) < 1e-7
+    assert abs(sums["rewards_chosen"].item() - 0.5) < 1e-7 and abs(sums["rewards_rejected"].item() + 0.25) < 1e-7
+    assert sums["correct"].item() == 1
+
+
+def test_plackett_luce_n2_equals_pairwise():
+    logps = torch.tensor([[-1.0, -3.0], [-4.0, -2.0]])
+    ref = torch.tensor([[-2.0, -2.5], [-3.0, -3.5]])
+    pl, _ = plackett_luce_loss(logps, ref, torch.ones(2, 2), beta=0.3)
+    pw, _ = dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta=0.3)
+    assert torch.allclose(pl, pw, atol=1e-7)
+
+
+def test_plackett_luce_n3_by_hand_with_padding():
+    # r_hat = beta * (logp - ref) = [1.0, 0.0, 0.5] (beta 1); slot 4 is padding.
+    logps = torch.tensor([[1.0, 0.0, 0.5, 99.0]])
+    ref = torch.zeros(1, 4)
+    mask = torch.tensor([[1, 1, 1, 0]])
+    loss, sums = plackett_luce_loss(logps, ref, mask, beta=1.0)
+    e = math.exp
+    expected = -((1.0 - math.log(e(1.0) + e(0.0) + e(0.5))) + (0.0 - math.log(e(0.0) + e(0.5))) + 0.0)
+    assert abs(loss.item() - expected) < 1e-6
+    assert sums["pairs"].item() == 3 and sums["correct"].item() == 2  # (1 > 0), (1 > 0.5) right; (0 > 0.5) wrong
+
+
+def test_gradient_is_the_closed_form():
+    beta = 0.2
+    pc = torch.tensor([-1.0, -2.0], requires_grad=True)
+    pr = torch.tensor([-1.5, -0.5], requires_grad=True)
+    rc, rr = torch.tensor([-1.2, -2.2]), torch.tensor([-1.0, -1.0])
+    loss, _ = dpo_loss(pc, pr, rc, rr, beta)
+    loss.backward()
+    r_w, r_l = beta * (pc - rc), beta * (pr - rr)
+    weight = torch.sigmoid(r_l - r_w).detach()
+    n = 2  # the loss is a mean over pairs
+    assert torch.allclose(pc.grad, -beta * weight / n, atol=1e-7)
+    assert torch.allclose(pr.grad, beta * weight / n, atol=1e-7)

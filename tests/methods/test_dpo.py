@@ -1,0 +1,58 @@
+import copy
+
+import torch
+from helpers import quiet_train
+
+from rlhfkit.data.prefs import collate_rankings, encode_rankings
+from rlhfkit.data.rows import read_rows
+from rlhfkit.methods.common import load_policy
+from rlhfkit.methods.dpo import DPOConfig, dpo_objective, precompute_reference, run_dpo
+
+
+def test_precomputed_and_per_step_reference_agree(tiny, sft_run):
+    model, tok = load_policy(str(sft_run["out"] / "snapshot"), None)
+    reference = copy.deepcopy(model).eval().requires_grad_(False)
+    for data in ("prefs_train", "rankings_train"):  # pairs and Plackett-Luce rankings
+        examples, _ = encode_rankings(read_rows(tiny["data"] / f"{data}.jsonl")[:6], tok, 64)
+        with_ref = precompute_reference(reference, examples, tok.pad_token_id, batch_size=4)
+        # Move the policy away from the reference so the losses are not trivially ln 2.
+        policy = copy.deepcopy(model)
+        with torch.no_grad():
+            for p in policy.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        pre, fwd = dpo_objective(0.5), dpo_objective(0.5, reference)
+        a, b = collate_rankings(with_ref, tok.pad_token_id), collate_rankings(examples, tok.pad_token_id)
+        loss_pre, m_pre = pre.loss(policy, a, pre.counts(a))
+        loss_fwd, m_fwd = fwd.loss(policy, b, fwd.counts(b))
+        assert torch.allclose(loss_pre, loss_fwd, atol=1e-5), data
+        assert torch.allclose(m_pre["margin"], m_fwd["margin"], atol=1e-5)
+        assert abs(loss_pre.item() - 0.6931) > 1e-3
+
+
+def test_dpo_raises_preference_accuracy_without_collapse(tiny, sft_run, tmp_path):
+    data = tiny["data"]
+    cfg = DPOConfig(model=str(sft_run["out"] / "snapshot"), train_data=str(data / "prefs_train.jsonl"),
+                    eval_data=str(data / "prefs_eval.jsonl"), eval_prompts=str(data / "prompts_eval.jsonl"),
+                    max_length=64, eval_limit=300, beta=0.5,
+                    train=quiet_train(tmp_path / "dpo", max_steps=150, batch_size=32, lr=3e-4, warmup_steps=10))
+    summary = run_dpo(cfg)
+    assert summary["preference_accuracy_before"] == 0.5  # policy == reference: every implicit reward is 0
+    # Stated bar: +0.25 held-out preference accuracy in 150 steps (measured ~0.9 with the demo's settings).
+    assert summary["preference_accuracy"] >= 0.75
+    assert summary["accuracy"] >= summary["accuracy_before"] - 0.1  # exact match does not collapse
+    assert summary["reference"] == "precompute"
+
+
+def test_sft_on_chosen_first_when_there_is_no_sft_model(tiny, tmp_path):
+    data = tiny["data"]
+    cfg = DPOConfig(model=str(tiny["base"]), train_data=str(data / "prefs_train.jsonl"), max_length=64, beta=0.5,
+                    sft_first_steps=30, reference="forward",
+                    train=quiet_train(tmp_path / "dpo", max_steps=3, batch_size=16, lr=3e-3))
+    summary = run_dpo(cfg)
+    from rlhfkit.train.logging import read_metrics
+
+    sft_losses = [m["train/loss"] for m in read_metrics(tmp_path / "dpo" / "sft_chosen")]
+    assert len(sft_losses) == 30 and sft_losses[-1] < sft_losses[0] - 1.0  # likelihood of y_w maximised first
+    first_dpo = read_metrics(tmp_path / "dpo")[0]["train/loss"]
+    assert abs(first_dpo - 0.6931) < 1e-3  # then DPO starts with reference == the SFT-on-chosen policy
+    assert summary["steps"] == 3
