@@ -1,0 +1,101 @@
+"""GRPO (Shao et al. 2024, DeepSeekMath, section 4.1), with Dr. GRPO and DAPO as options beside it.
+
+Objective (maximised; the loss is its negative):
+
+    J = E[ 1/G sum_i 1/|o_i| sum_t { min( rho_it A_it, clip(rho_it, 1-eps, 1+eps) A_it ) - beta KL_it } ]
+    rho_it = pi_theta(o_it | q, o_i,<t) / pi_old(o_it | q, o_i,<t)
+    KL_it  = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1          (k3: unbiased, always >= 0)
+
+Advantages, outcome supervision (ORM): A_it = (r_i - mean(r)) / std(r) within the group.
+Process supervision (PRM): normalise all step rewards of the group together, then
+A_it = sum of the normalised step rewards of output i whose step ends at or after t.
+
+Options, never replacing the paper's form: ``token_mean`` (DAPO: one mean over all tokens of
+the batch), ``seq_mean_token_sum_norm`` (Dr. GRPO: constant per-length normaliser), no std
+scaling (Dr. GRPO), and clip-higher (DAPO: eps_high > eps_low).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .reduce import seq_mean_token_mean, seq_mean_token_sum_norm, token_mean
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale_std: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """ORM: (B,) rewards, B = groups * G in group order -> (B,) advantages. Equal rewards give 0."""
+    grouped = rewards.view(-1, group_size)  # (groups, G)
+    centred = grouped - grouped.mean(-1, keepdim=True)
+    if scale_std:
+        centred = centred / (grouped.std(-1, keepdim=True) + eps)
+    return centred.reshape(-1)
+
+
+def process_advantages(step_ends: list[list[int]], step_rewards: list[list[float]], group_size: int,
+                       length: int, scale_std: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """PRM: per output, its steps' end token indices and rewards -> (B, length) advantages.
+
+    All step rewards of a group are normalised together (mean and std over the group's
+    steps); a token's advantage is the sum of its output's normalised rewards of the steps
+    ending at or after it.
+    """
+    advantages = torch.zeros(len(step_ends), length)
+    for g in range(0, len(step_ends), group_size):
+        flat = torch.tensor([r for rs in step_rewards[g: g + group_size] for r in rs], dtype=torch.float32)
+        if flat.numel() == 0:
+            continue
+        mean = flat.mean()
+        std = flat.std() if flat.numel() > 1 else torch.tensor(0.0)
+        for i in range(g, min(g + group_size, len(step_ends))):
+            for end, reward in zip(step_ends[i], step_rewards[i]):
+                normed = (reward - mean) / (std + eps) if scale_std else reward - mean
+                advantages[i, : min(end, length - 1) + 1] += normed  # every token t <= index(j)
+    return advantages
+
+
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """pi_ref/pi - log(pi_ref/pi) - 1 per token (Schulman's k3); >= 0, and 0 where pi == pi_ref."""
+    log_ratio = ref_logprobs - logprobs
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
+REDUCTIONS = {"grpo": "seq_mean_token_mean", "dapo": "token_mean", "dr_grpo": "seq_mean_token_sum_norm"}
+
+
+def reduce_loss(per_token: torch.Tensor, mask: torch.Tensor, reduction: str, num_sequences: float | None,
+                num_tokens: float | None, max_tokens: int) -> torch.Tensor:
+    if reduction == "seq_mean_token_mean":
+        return seq_mean_token_mean(per_token, mask, num_sequences)
+    if reduction == "token_mean":
+        return token_mean(per_token, mask, num_tokens)
+    if reduction == "seq_mean_token_sum_norm":
+        return seq_mean_token_sum_norm(per_token, mask, max_tokens, num_sequences)
+    raise ValueError(f"unknown reduction {reduction!r}; one of {sorted(set(REDUCTIONS.values()))}")
+
+
+def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+              ref_logprobs: torch.Tensor | None = None, beta: float = 0.0, eps_low: float = 0.2,
+              eps_high: float | None = None, reduction: str = "seq_mean_token_mean",
+              num_sequences: float | None = None, num_tokens: float | None = None, max_tokens: int | None = None):
+    """All tensors (B, T) over completion tokens; ``mask`` 1 on real completion tokens.
+
+    Returns (loss, metrics). The metrics are detached batch means (kl, clip fractions, ratio).
+    """
+    mask = mask.to(logprobs.dtype)
+    eps_high = eps_low if eps_high is None else eps_high
+    ratio = torch.exp(logprobs - old_logprobs)  # (B, T)
+    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+    surrogate = torch.min(ratio * advantages, clipped * advantages)  # (B, T)
+    per_token = -surrogate
+    kl = torch.zeros_like(logprobs)
+    if ref_logprobs is not None and beta != 0.0:
+        kl = k3_kl(logprobs, ref_logprobs)
+        per_token = per_token + beta * kl
+    loss = reduce_loss(per_token, mask, reduction, num_sequences, num_tokens, max_tokens or logprobs.shape[1])
+    n = mask.sum().clamp(min=1)
+    with torch.no_grad():
+        low = ((ratio < 1 - eps_low) & (advantages < 0)).to(mask.dtype)
+        high = ((ratio > 1 + eps_high) & (advantages > 0)).to(mask.dtype)
+        metrics = {"kl": (kl * mask).sum() / n, "clip_frac_low": (low * mask).sum() / n,
+                   "clip_frac_high": (high * mask).sum() / n, "ratio_mean": (ratio * mask).sum() / n}
+    return loss, metrics
