@@ -38,6 +38,6 @@ def sft_run(tiny, tmp_path_factory):
     cfg = SFTConfig(model=str(tiny["base"]), train_data=str(tiny["data"] / "sft_train.jsonl"),
                     eval_data=str(tiny["data"] / "sft_eval.jsonl"), max_length=64, eval_limit=300,
                     eval_max_new_tokens=8, stop_at_accuracy=0.9, snapshot_at_accuracy=0.5,
-                    train=quiet_train(out, max_steps=2000, batch_size=128, lr=3e-3, warmup_steps=50,
+                    train=quiet_train(out, max_steps=2000, batch_size=128, lr=5e-3, warmup_steps=50,
                                       eval_every=100, log_every=10))
     return {**run_sft(cfg), "out": out}

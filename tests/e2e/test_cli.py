@@ -82,9 +82,9 @@ def test_bad_data_fails_clearly(tiny, tmp_path):
 
 
 def test_tokenizer_too_big_for_the_embedding_is_refused(tiny, tmp_path):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    small = Qwen2ForCausalLM(Qwen2Config(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+    small = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=2))
     small.save_pretrained(str(tmp_path / "small"))
     out = rlhfkit("eval", "--model", tmp_path / "small", "--tokenizer", tiny["tokenizer"], "--data",
@@ -126,7 +126,7 @@ def test_rm_cli_then_eval_reports_pairwise_accuracy(tiny, tmp_path):
                   "train.max_steps=20", "train.batch_size=8", "train.progress=false")
     assert out.returncode == 0, out.stderr
     config = json.loads((tmp_path / "rm" / "model" / "config.json").read_text())
-    assert config["architectures"] == ["Qwen2ForSequenceClassification"] and len(config["id2label"]) == 1
+    assert config["architectures"] == ["LlamaForSequenceClassification"] and len(config["id2label"]) == 1
     ev = rlhfkit("eval", "--model", tmp_path / "rm" / "model", "--data", data / "rankings_eval.jsonl", "--limit", 40)
     assert ev.returncode == 0, ev.stderr
     result = json.loads((tmp_path / "rm" / "model" / "eval.json").read_text())

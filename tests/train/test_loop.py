@@ -109,8 +109,14 @@ def test_nan_loss_stops_before_the_optimizer_step(setup, tmp_path):
         train_offline(model, examples, lambda r: collate_sft(r, tok.pad_token_id), Objective(inner.counts, poisoned), cfg, {})
     assert latest_checkpoint(tmp_path / "nan").name == "step-0000002"
     # The weights in memory are those after step 2: the poisoned step never reached the optimizer.
-    from safetensors.torch import load_file
+    import copy
 
-    saved = load_file(str(latest_checkpoint(tmp_path / "nan") / "model.safetensors"))
-    for name, p in model.named_parameters():
-        assert torch.equal(p.detach(), saved[name]), name
+    from safetensors.torch import load_model
+
+    saved = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in saved.parameters():
+            p.zero_()
+    load_model(saved, str(latest_checkpoint(tmp_path / "nan") / "model.safetensors"), strict=False)
+    for (name, p), q in zip(model.named_parameters(), saved.parameters()):
+        assert torch.equal(p.detach(), q.detach()), name

@@ -34,7 +34,7 @@ def _stage_sft(ctx: dict) -> dict:
         eval_data=str(data / "sft_eval.jsonl"), max_length=64, eval_limit=len(ctx["eval_rows"]),
         eval_max_new_tokens=8, stop_at_accuracy=0.97, snapshot_at_accuracy=0.5,
         train=TrainConfig(out_dir=str(ctx["out"] / "sft"), max_steps=400 if ctx["quick"] else 2000, batch_size=128,
-                          lr=3e-3, warmup_steps=50, eval_every=100, log_every=10, seed=ctx["seed"], tensorboard=False))
+                          lr=5e-3, warmup_steps=50, eval_every=100, log_every=10, seed=ctx["seed"], tensorboard=False))
     result = run_sft(cfg)
     ctx["sft_model"] = str(ctx["out"] / "sft" / "model")
     # Later stages start from the demonstration-budget snapshot when there is one (as InstructGPT

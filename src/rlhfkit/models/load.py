@@ -27,7 +27,14 @@ def load_tokenizer(model_path: str | Path, tokenizer_path: str | Path | None = N
         hint = "" if tokenizer_path else " (a model folder without a tokenizer: pass tokenizer=PATH)"
         raise ModelLoadError(f"no tokenizer files in {source}{hint}")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(source))
+        if _declares_plain_fast_tokenizer(source):
+            # Load exactly the tokenizer.json the folder ships: AutoTokenizer would let some
+            # model types (qwen2) substitute their own tokenizer class and pipeline.
+            from transformers import PreTrainedTokenizerFast
+
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(str(source))
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(str(source))
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load a tokenizer from {source}: {e}") from e
     if tokenizer.eos_token_id is None:
@@ -35,6 +42,16 @@ def load_tokenizer(model_path: str | Path, tokenizer_path: str | Path | None = N
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _declares_plain_fast_tokenizer(folder: Path) -> bool:
+    import json
+
+    config = folder / "tokenizer_config.json"
+    if not (config.is_file() and (folder / "tokenizer.json").is_file()):
+        return False
+    declared = json.loads(config.read_text()).get("tokenizer_class")
+    return declared in ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
 def check_vocab(model, tokenizer, where: str) -> None:

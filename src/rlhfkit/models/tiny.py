@@ -1,4 +1,10 @@
-"""The embedded tiny default: a small Qwen2 causal LM from a config, random init, from a seed."""
+"""The embedded tiny default: a small Llama causal LM from a config, random init, from a seed.
+
+Llama rather than Qwen2: transformers 5 maps a ``qwen2`` folder to ``Qwen2Tokenizer`` whatever
+the folder's tokenizer says, which would rebuild our character tokenizer as a byte-level one
+(dropping spaces); a Llama folder keeps the tokenizer it ships. Biases on the attention
+projections, as Qwen2 has, help this task learn quickly.
+"""
 
 from __future__ import annotations
 
@@ -21,9 +27,9 @@ class TinySpec:
 
 
 def tiny_config(tokenizer, spec: TinySpec = TinySpec()):
-    from transformers import Qwen2Config
+    from transformers import LlamaConfig
 
-    return Qwen2Config(
+    return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
@@ -32,6 +38,8 @@ def tiny_config(tokenizer, spec: TinySpec = TinySpec()):
         num_key_value_heads=spec.num_heads,
         max_position_embeddings=spec.max_positions,
         tie_word_embeddings=spec.tie_embeddings,
+        attention_bias=True,
+        rope_theta=10000.0,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
@@ -41,12 +49,12 @@ def tiny_config(tokenizer, spec: TinySpec = TinySpec()):
 
 
 def build_tiny_model(tokenizer, spec: TinySpec = TinySpec(), seed: int = 0):
-    """A freshly initialised Qwen2ForCausalLM; the same seed gives the same weights."""
-    from transformers import Qwen2ForCausalLM
+    """A freshly initialised LlamaForCausalLM; the same seed gives the same weights."""
+    from transformers import LlamaForCausalLM
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(tiny_config(tokenizer, spec))
+        model = LlamaForCausalLM(tiny_config(tokenizer, spec))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model

@@ -1,0 +1,93 @@
+import math
+
+import pytest
+import torch
+
+from rlhfkit.losses.grpo import group_advantages, grpo_loss, k3_kl, process_advantages
+
+
+def test_orm_advantages_by_hand_including_an_equal_group():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5])  # two groups of G = 4
+    adv = group_advantages(rewards, 4, eps=0.0 + 1e-12)
+    std = math.sqrt(((0.5**2) * 4) / 3)  # unbiased std of [1, 0, 0, 1] around mean 0.5
+    assert torch.allclose(adv[:4], torch.tensor([0.5, -0.5, -0.5, 0.5]) / std, atol=1e-6)
+    assert torch.all(adv[4:] == 0)  # all rewards equal: no signal, no NaN
+    no_std = group_advantages(rewards, 4, scale_std=False)  # Dr. GRPO
+    assert torch.allclose(no_std[:4], torch.tensor([0.5, -0.5, -0.5, 0.5]))
+
+
+def test_prm_advantages_by_hand():
+    # Group of G = 2 with 5 completion tokens each. Output 0: steps end at tokens 1 and 3 with
+    # rewards 1, 0; output 1: one step ending at token 2 with reward 1.
+    adv = process_advantages([[1, 3], [2]], [[1.0, 0.0], [1.0]], group_size=2, length=5, eps=0.0)
+    rewards = torch.tensor([1.0, 0.0, 1.0])
+    mean, std = rewards.mean(), rewards.std()  # 2/3, sqrt(1/3)
+    n = (rewards - mean) / std  # normalised together over the group's steps
+    expected = torch.tensor([
+        [n[0] + n[1], n[0] + n[1], n[1], n[1], 0.0],  # t <= 1 sees both steps, 2..3 only the second
+        [n[2], n[2], n[2], 0.0, 0.0],
+    ])
+    assert torch.allclose(adv, expected, atol=1e-6)
+
+
+def test_k3_is_nonnegative_and_zero_at_equality():
+    lp = torch.randn(1000) * 3
+    ref = torch.randn(1000) * 3
+    assert torch.all(k3_kl(lp, ref) >= 0)
+    assert torch.all(k3_kl(lp, lp) == 0)
+    # by hand: log pi = -1, log pi_ref = -2 -> ratio e^-1: e^-1 + 1 - 1
+    assert abs(k3_kl(torch.tensor(-1.0), torch.tensor(-2.0)).item() - math.exp(-1)) < 1e-7
+
+
+def _hand_loss(lp, old, adv, ref, mask, beta, eps):
+    """The paper's objective written out with Python floats: 1/G sum_i 1/|o_i| sum_t (...)."""
+    total = 0.0
+    for i in range(len(lp)):
+        n = sum(mask[i])
+        acc = 0.0
+        for t in range(len(lp[i])):
+            if not mask[i][t]:
+                continue
+            rho = math.exp(lp[i][t] - old[i][t])
+            clipped = min(max(rho, 1 - eps), 1 + eps)
+            kl = math.exp(ref[i][t] - lp[i][t]) - (ref[i][t] - lp[i][t]) - 1
+            acc += min(rho * adv[i][t], clipped * adv[i][t]) - beta * kl
+        total += acc / n
+    return -total / len(lp)
+
+
+def test_full_loss_by_hand_with_clipping_active():
+    # Second of mu = 2 updates: the policy has moved from pi_old, so some ratios leave [0.8, 1.2].
+    lp = [[-0.5, -1.0, -0.2], [-2.0, -0.1, -3.0]]
+    old = [[-0.9, -1.0, -0.1], [-1.5, -0.1, -3.0]]  # ratios e^0.4 = 1.49 (clipped above), e^-0.5 = 0.61 (below)
+    adv = [[1.0, 1.0, 1.0], [-0.5, -0.5, -0.5]]
+    ref = [[-0.7, -1.1, -0.3], [-1.8, -0.2, -2.9]]
+    mask = [[1, 1, 1], [1, 1, 0]]
+    beta, eps = 0.04, 0.2
+    t = lambda x: torch.tensor(x)  # noqa: E731
+    loss, metrics = grpo_loss(t(lp), t(old), t(adv), t(mask), t(ref), beta, eps)
+    assert abs(loss.item() - _hand_loss(lp, old, adv, ref, mask, beta, eps)) < 1e-6
+    assert metrics["clip_frac_high"].item() == pytest.approx(1 / 5)  # token (0, 0)
+    assert metrics["clip_frac_low"].item() == pytest.approx(1 / 5)  # token (1, 0)
+
+
+def test_mu1_ratio_is_one_in_value_not_in_gradient():
+    lp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    adv = torch.tensor([[2.0, 2.0]])
+    loss, metrics = grpo_loss(lp, lp.detach(), adv, torch.ones(1, 2))
+    assert loss.item() == pytest.approx(-2.0) and metrics["ratio_mean"].item() == 1.0
+    loss.backward()
+    assert torch.allclose(lp.grad, torch.tensor([[-1.0, -1.0]]))  # -A / |o| per token
+
+
+def test_reductions_differ_as_documented():
+    per = torch.tensor([[1.0, 1.0, 1.0, 1.0], [2.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0]])
+    zeros = torch.zeros(2, 4)
+    adv = -per  # so that -min(rho*A, ...) with rho = 1 gives back `per`
+    paper, _ = grpo_loss(zeros, zeros, adv, mask, reduction="seq_mean_token_mean")
+    dapo, _ = grpo_loss(zeros, zeros, adv, mask, reduction="token_mean")
+    dr, _ = grpo_loss(zeros, zeros, adv, mask, reduction="seq_mean_token_sum_norm", max_tokens=4)
+    assert paper.item() == pytest.approx((1.0 + 2.0) / 2)
+    assert dapo.item() == pytest.approx(6.0 / 5)
+    assert dr.item() == pytest.approx(6.0 / (2 * 4))

@@ -1,0 +1,106 @@
+import math
+
+import pytest
+import torch
+
+from rlhfkit.methods.common import load_policy
+from rlhfkit.methods.grpo import completion_logprobs
+from rlhfkit.rollout.rewards import (
+    RewardError,
+    arithmetic_steps,
+    contains_answer,
+    exact_answer,
+    score_outcomes,
+)
+from rlhfkit.rollout.sampler import sample
+
+
+@pytest.fixture(scope="module")
+def policy(sft_run):
+    return load_policy(str(sft_run["out"] / "snapshot"), None)
+
+
+def _prompts(tok, texts):
+    return [tok(t)["input_ids"] for t in texts]
+
+
+def test_sampler_logprobs_equal_a_fresh_forward(policy):
+    model, tok = policy
+    prompts = _prompts(tok, ["What is 12+34?", "What is 99-9?", "What is 10+10?"])  # different lengths: left padding
+    torch.manual_seed(0)
+    samples = sample(model, prompts, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=12,
+                     temperature=1.0, num_samples=4)
+    with torch.no_grad():
+        fresh = completion_logprobs(model, samples)
+    assert samples.completion_ids.shape[0] == 12
+    assert torch.allclose(samples.logprobs, fresh * samples.completion_mask, atol=1e-4)
+    assert samples.logprobs[samples.completion_mask.bool()].abs().sum() > 0
+
+
+def test_temperature_zero_is_greedy_decoding(policy):
+    model, tok = policy
+    texts = ["What is 12+34?", "What is 99-9?"]
+    samples = sample(model, _prompts(tok, texts), eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                     max_new_tokens=8, temperature=0.0)
+    for i, text in enumerate(texts):
+        ids = torch.tensor([tok(text)["input_ids"]])
+        ref = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id)[0, ids.shape[1]:]
+        ours = samples.completion_ids[i][samples.completion_mask[i].bool()]
+        assert ours.tolist() == ref.tolist()[: len(ours)] and len(ours) == len(ref)
+
+
+def test_sequences_stop_at_eos_and_are_masked_after(policy):
+    model, tok = policy
+    torch.manual_seed(1)
+    s = sample(model, _prompts(tok, ["What is 40+41?"] * 2), eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+               max_new_tokens=20, temperature=1.0, num_samples=8)
+    for ids, mask in zip(s.completion_ids.tolist(), s.completion_mask.tolist()):
+        if tok.eos_token_id in ids:
+            k = ids.index(tok.eos_token_id)
+            assert mask[: k + 1] == [1] * (k + 1) and sum(mask[k + 1:]) == 0
+            assert all(t == tok.pad_token_id for t in ids[k + 1:])
+    assert s.finished.float().mean() > 0.5  # the SFT model has learnt to stop
+
+
+def test_reward_errors_name_the_function_and_sample():
+    def broken(prompts, completions, **_):
+        raise ValueError("boom")
+
+    def short(prompts, completions, **_):
+        return [1.0]
+
+    def nan_at_1(prompts, completions, **_):
+        return [0.0, float("nan")]
+
+    prompts, completions = ["What is 1+1?", "What is 2+2?"], [" 2", " 5"]
+    with pytest.raises(RewardError, match="'broken' failed"):
+        score_outcomes([broken], [1.0], prompts, completions, {})
+    with pytest.raises(RewardError, match="'short' returned 1 values for 2 completions"):
+        score_outcomes([short], [1.0], prompts, completions, {})
+    with pytest.raises(RewardError, match=r"'nan_at_1' returned nan for sample 1 \(prompt 'What is 2\+2\?'"):
+        score_outcomes([nan_at_1], [1.0], prompts, completions, {})
+    scores = score_outcomes([nan_at_1, broken], [1.0, 1.0], prompts, completions, {}, on_error="zero")
+    assert scores.rewards.tolist() == [0.0, 0.0] and scores.errors == {"nan_at_1": 1, "broken": 2}
+
+
+def test_outcome_rewards_combine_with_weights_and_abstain():
+    def abstain_on_first(prompts, completions, **_):
+        return [None, 1.0]
+
+    scores = score_outcomes([exact_answer, abstain_on_first], [2.0, 0.5], ["What is 1+1?", "What is 2+2?"],
+                            [" 2", " 5"], {"answer": [2, 4]})
+    assert scores.rewards.tolist() == [2.0, 0.5]
+    assert math.isnan(scores.per_function["abstain_on_first"][0].item())
+    assert contains_answer(["q"], [" 12+34=46. Answer: 46"], answer=[46]) == [1.0]
+    assert contains_answer(["q"], [" 146"], answer=[46]) == [0.0]
+
+
+def test_process_reward_marks_each_step_at_its_last_token(tiny):
+    from rlhfkit.models.load import load_tokenizer
+
+    tok = load_tokenizer(tiny["base"])
+    text = " 12+34=46, 46-5=40. Answer: 40"  # second step wrong, answer wrong
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    (steps,) = arithmetic_steps(["What is 12+34-5?"], [text], completion_ids=[ids], tokenizer=tok)
+    assert steps == [(text.index("=46") + 2, 1.0), (text.index("=40") + 2, 0.0), (len(text) - 1, 0.0)]
