@@ -2,7 +2,7 @@
 
     python benchmarks/run.py METHOD [--model DIR] [--tokenizer DIR] [--rm DIR] [--data DIR] [--steps N] [--warmup N]
 
-METHOD: ceiling, sft (later issues add rm, dpo, grpo, ppo, generate). Without --model/--data the
+METHOD: ceiling, sft, rm, dpo, grpo, generate (ppo comes with its issue). Without --model/--data the
 embedded tiny default is built at the reference shape (Qwen2, hidden 256, 4 layers, 4 heads,
 intermediate 1024, untied embeddings; our character tokenizer, vocab 103 instead of 1024).
 """
@@ -108,6 +108,147 @@ def bench_sft(args) -> dict:
                   {"batch_sequences": batch_size, "max_length": 128})
 
 
+def _pairs(paths, tokenizer):
+    from rlhfkit.data.prefs import encode_rankings
+
+    examples, _ = encode_rankings(read_rows(paths["data"] / "prefs.jsonl"), tokenizer, 128, overlong="skip")
+    return examples
+
+
+def bench_rm(args) -> dict:
+    from rlhfkit.data.prefs import collate_rankings
+    from rlhfkit.methods.rm import rm_objective
+    from rlhfkit.models.load import load_tokenizer
+    from rlhfkit.models.reward import load_reward_model
+
+    paths = assets(args)
+    tokenizer = load_tokenizer(paths["model"], paths["tokenizer"])
+    model = load_reward_model(args.rm or paths["model"], tokenizer)
+    examples, objective = _pairs(paths, tokenizer), rm_objective()
+    optimizer = build_optimizer(model, SETTINGS["lr"])
+    scheduler = build_scheduler(optimizer, 10**9, 0, "constant")
+    tokens = []
+
+    def step(i: int) -> float:
+        batch = collate_rankings(examples[(i * 16) % len(examples):][:16], tokenizer.pad_token_id)
+        loss, _ = objective.loss(model, batch, objective.counts(batch))
+        loss.backward()
+        optimizer_step(model, optimizer, scheduler, SETTINGS["max_grad_norm"], DistInfo(), i)
+        tokens.append(int(batch.attention_mask.sum()))
+        return loss.item()
+
+    times, losses = timed_steps(step, args.warmup, args.steps)
+    return report("rm", times, losses, statistics.mean(tokens[args.warmup:]), 0, model, {"pairs_per_step": 16})
+
+
+def bench_dpo(args) -> dict:
+    from rlhfkit.data.prefs import collate_rankings
+    from rlhfkit.methods.dpo import dpo_objective, precompute_reference
+
+    paths = assets(args)
+    model, tokenizer = load_policy(paths["model"], paths["tokenizer"])
+    examples = _pairs(paths, tokenizer)[: 16 * (args.steps + args.warmup)]
+    start = time.perf_counter()
+    examples = precompute_reference(model, examples, tokenizer.pad_token_id)  # the policy at step 0 = the reference
+    precompute_s = time.perf_counter() - start
+    objective = dpo_objective(0.1)
+    optimizer = build_optimizer(model, SETTINGS["lr"])
+    scheduler = build_scheduler(optimizer, 10**9, 0, "constant")
+    tokens = []
+
+    def step(i: int) -> float:
+        batch = collate_rankings(examples[i * 16:][:16], tokenizer.pad_token_id)
+        loss, _ = objective.loss(model, batch, objective.counts(batch))
+        loss.backward()
+        optimizer_step(model, optimizer, scheduler, SETTINGS["max_grad_norm"], DistInfo(), i)
+        tokens.append(int(batch.attention_mask.sum()))
+        return loss.item()
+
+    times, losses = timed_steps(step, args.warmup, args.steps)
+    per_step_ref = precompute_s / (args.steps + args.warmup)
+    return report("dpo", times, losses, statistics.mean(tokens[args.warmup:]), 0, model,
+                  {"pairs_per_step": 16, "beta": 0.1, "reference": "precomputed once before training",
+                   "reference_precompute_s": round(precompute_s, 3),
+                   "sec_per_step_including_reference": round(statistics.median(times) + per_step_ref, 5)})
+
+
+def _prompts(paths, tokenizer) -> tuple[list, list]:
+    from rlhfkit.data.encode import encode_prompt
+
+    rows = read_rows(paths["data"] / "prompts.jsonl")
+    return rows, [encode_prompt(tokenizer, r.data["prompt"]) for r in rows]
+
+
+def bench_generate(args) -> dict:
+    from rlhfkit.rollout.sampler import left_pad, sample
+
+    paths = assets(args)
+    model, tokenizer = load_policy(paths["model"], paths["tokenizer"])
+    model.eval()
+    _, prompts = _prompts(paths, tokenizer)
+    kw = dict(eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, max_new_tokens=16, temperature=1.0,
+              num_samples=4, stop_at_eos=False)
+
+    def ours(i: int) -> int:
+        s = sample(model, prompts[i * 8:][:8], **kw)
+        return int(s.completion_mask.sum())
+
+    def theirs(i: int) -> int:
+        ids, mask = left_pad(prompts[i * 8:][:8], tokenizer.pad_token_id)
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
+                                 top_p=1.0, max_new_tokens=16, min_new_tokens=16, num_return_sequences=4,
+                                 pad_token_id=tokenizer.pad_token_id)
+        return int((out.shape[1] - ids.shape[1]) * out.shape[0])
+
+    t_theirs, n_theirs = timed_steps(theirs, args.warmup, args.steps)
+    t_ours, n_ours = timed_steps(ours, args.warmup, args.steps)
+    ours_s, theirs_s = statistics.median(t_ours), statistics.median(t_theirs)
+    params = sum(p.numel() for p in model.parameters())
+    return {"method": "generate", "library": "rlhfkit", "sec_per_step": round(ours_s, 5),
+            "sec_per_step_min": round(min(t_ours), 5), "sec_per_step_max": round(max(t_ours), 5),
+            "hf_generate_sec_per_step": round(theirs_s, 5), "speedup_vs_hf_generate": round(theirs_s / ours_s, 2),
+            "gen_tokens_per_s": round(n_ours[0] / ours_s, 1), "hf_gen_tokens_per_s": round(n_theirs[0] / theirs_s, 1),
+            "model_gflops_per_s": round(2 * params * n_ours[0] / ours_s / 1e9, 2),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "sequences": 32, "new_tokens": 16, "settings": SETTINGS}
+
+
+def bench_grpo(args) -> dict:
+    from rlhfkit.losses.grpo import group_advantages
+    from rlhfkit.methods.grpo import GRPOConfig, update
+    from rlhfkit.rollout.rewards import contains_answer, score_outcomes
+    from rlhfkit.rollout.sampler import decode, sample
+
+    paths = assets(args)
+    model, tokenizer = load_policy(paths["model"], paths["tokenizer"])
+    rows, prompts = _prompts(paths, tokenizer)
+    cfg = GRPOConfig(group_size=4, prompts_per_step=8, max_new_tokens=16, beta=0.0, mu=1)
+    optimizer = build_optimizer(model, SETTINGS["lr"])
+    scheduler = build_scheduler(optimizer, 10**9, 0, "constant")
+    sampled, trained = [], []
+
+    def step(i: int) -> float:
+        chunk = list(range(i * 8, i * 8 + 8))
+        samples = sample(model, [prompts[j % len(prompts)] for j in chunk], eos_id=tokenizer.eos_token_id,
+                         pad_id=tokenizer.pad_token_id, max_new_tokens=16, temperature=1.0, num_samples=4)
+        texts = decode(tokenizer, samples)
+        answers = [rows[j % len(rows)].data["answer"] for j in chunk for _ in range(4)]
+        scores = score_outcomes([contains_answer], [1.0], [""] * len(texts), texts, {"answer": answers})
+        adv = group_advantages(scores.rewards, 4)[:, None].expand(-1, samples.completion_ids.shape[1])
+        metrics = update(model, None, optimizer, scheduler, samples, adv, cfg, DistInfo(), i)
+        sampled.append(int(samples.completion_mask.sum()))
+        trained.append(int(samples.attention_mask.sum()))
+        return metrics["loss"]
+
+    times, losses = timed_steps(step, args.warmup, args.steps)
+    gen = statistics.mean(sampled[args.warmup:])
+    result = report("grpo", times, losses, statistics.mean(trained[args.warmup:]), gen, model,
+                    {"prompts": 8, "group_size": 4, "max_new_tokens": 16, "beta": 0.0})
+    result["gen_tokens_per_s"] = round(gen / result["sec_per_step"], 1)
+    return result
+
+
 def bench_ceiling(args) -> dict:
     """fp32 matmul rate on 2 threads for the reference model's shapes (2048 tokens of a step)."""
     h, inter, tokens = REFERENCE.hidden_size, REFERENCE.intermediate_size, 2048
@@ -133,7 +274,8 @@ def _has_cpu_flag(flag: str) -> bool:
         return False
 
 
-BENCHES = {"sft": bench_sft, "ceiling": bench_ceiling}
+BENCHES = {"sft": bench_sft, "rm": bench_rm, "dpo": bench_dpo, "grpo": bench_grpo, "generate": bench_generate,
+           "ceiling": bench_ceiling}
 
 
 def main() -> None:

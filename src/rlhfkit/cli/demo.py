@@ -15,6 +15,7 @@ import torch
 from ..data.rows import read_rows
 from ..methods.common import load_policy
 from ..methods.dpo import DPOConfig, run_dpo
+from ..methods.grpo import GRPOConfig, run_grpo
 from ..methods.rm import RMConfig, run_rm
 from ..methods.sft import SFTConfig, run_sft
 from ..models.tiny import write_tiny_default
@@ -73,7 +74,45 @@ def _stage_dpo(ctx: dict) -> dict:
                                    "accuracy_before", "reference", "steps")}
 
 
-STAGES = {"base": _stage_base, "sft": _stage_sft, "rm": _stage_rm, "dpo": _stage_dpo}
+def _grpo(ctx: dict, name: str, model: str, prefix: str, steps: int, **options) -> dict:
+    data = ctx["assets"]["data"]
+    cfg = GRPOConfig(model=model, train_data=str(data / f"{prefix}prompts_train.jsonl"),
+                     eval_data=str(data / f"{prefix}prompts_eval.jsonl"), eval_limit=500, group_size=8,
+                     prompts_per_step=16, beta=0.04,
+                     train=TrainConfig(out_dir=str(ctx["out"] / name), max_steps=steps // 3 if ctx["quick"] else steps,
+                                       lr=1e-4, schedule="constant", eval_every=100, log_every=10, seed=ctx["seed"],
+                                       tensorboard=False), **options)
+    result = run_grpo(cfg)
+    return {"accuracy": result["accuracy"], "accuracy_before": result["accuracy_before"], "steps": result["steps"]}
+
+
+def _stage_grpo(ctx: dict) -> dict:
+    """ORM on the two-digit task, from the demonstration-budget SFT model."""
+    return _grpo(ctx, "grpo", ctx["start_model"], "", 600, max_new_tokens=16, eval_max_new_tokens=16)
+
+
+def _stage_sft_multistep(ctx: dict) -> dict:
+    """SFT on the multi-step task, stopped at a demonstration budget for the PRM stage."""
+    data = ctx["assets"]["data"]
+    cfg = SFTConfig(
+        model=str(ctx["assets"]["base"]), train_data=str(data / "multistep_sft_train.jsonl"),
+        eval_data=str(data / "multistep_sft_eval.jsonl"), max_length=64, eval_limit=300, eval_max_new_tokens=40,
+        stop_at_accuracy=0.5,
+        train=TrainConfig(out_dir=str(ctx["out"] / "sft_multistep"), max_steps=3000, batch_size=64, lr=5e-3,
+                          warmup_steps=50, eval_every=100, log_every=10, seed=ctx["seed"], tensorboard=False))
+    result = run_sft(cfg)
+    ctx["multistep_model"] = str(ctx["out"] / "sft_multistep" / "model")
+    return {"accuracy": result["accuracy"], "steps": result["steps"]}
+
+
+def _stage_grpo_prm(ctx: dict) -> dict:
+    """PRM (per-step correctness) on the multi-step task."""
+    return _grpo(ctx, "grpo_prm", ctx["multistep_model"], "multistep_", 300, process_reward="arithmetic_steps",
+                 max_new_tokens=40, eval_max_new_tokens=40)
+
+
+STAGES = {"base": _stage_base, "sft": _stage_sft, "rm": _stage_rm, "dpo": _stage_dpo, "grpo": _stage_grpo,
+          "sft_multistep": _stage_sft_multistep, "grpo_prm": _stage_grpo_prm}
 
 
 def run_demo(out_dir: str | Path = "demo_out", quick: bool = False, seed: int = 0,
@@ -102,12 +141,12 @@ def format_table(summary: dict) -> str:
     keys = ["accuracy", "accuracy_before", "pairwise_accuracy", "preference_accuracy", "rm_score",
             "rm_score_before", "kl", "seconds"]
     shown = [k for k in keys if any(k in v for s, v in summary.items() if not s.startswith("_"))]
-    lines = ["stage      " + "".join(f"{k:>20s}" for k in shown)]
+    lines = ["stage          " + "".join(f"{k:>20s}" for k in shown)]
     for stage, values in summary.items():
         if stage.startswith("_"):
             continue
         cells = "".join(f"{_fmt(values.get(k)):>20s}" for k in shown)
-        lines.append(f"{stage:10s} {cells}")
+        lines.append(f"{stage:14s} {cells}")
     note = summary.get("_notes", {}).get("later_stages_start_from")
     if note:
         lines.append(f"(stages after sft start from: {note})")

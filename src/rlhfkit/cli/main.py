@@ -16,16 +16,19 @@ from pathlib import Path
 def _methods() -> dict:
     # Imported lazily so `rlhfkit --help` stays fast.
     from ..methods.dpo import DPOConfig, run_dpo
+    from ..methods.grpo import GRPOConfig, run_grpo
     from ..methods.rm import RMConfig, run_rm
     from ..methods.sft import SFTConfig, run_sft
 
-    return {"sft": (SFTConfig, run_sft), "rm": (RMConfig, run_rm), "dpo": (DPOConfig, run_dpo)}
+    return {"sft": (SFTConfig, run_sft), "rm": (RMConfig, run_rm), "dpo": (DPOConfig, run_dpo),
+            "grpo": (GRPOConfig, run_grpo)}
 
 
 METHOD_HELP = {
     "sft": "supervised fine-tuning on prompt/completion or chat rows",
     "rm": "reward model on K-way rankings (or pairs), saved as a ...ForSequenceClassification folder",
     "dpo": "direct preference optimization on pairs, Plackett-Luce on rankings",
+    "grpo": "group relative policy optimization with outcome or process rewards",
 }
 
 
@@ -149,13 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from ..data.rows import DataError
     from ..models.load import ModelLoadError
+    from ..rollout.rewards import RewardError
     from ..train.checkpoint import CheckpointError
     from ..train.config import ConfigError
     from ..train.optim import NonFiniteError
 
     try:
         return args.func(args)
-    except (DataError, ModelLoadError, CheckpointError, ConfigError, NonFiniteError) as e:
+    except (DataError, ModelLoadError, CheckpointError, ConfigError, NonFiniteError, RewardError) as e:
         print(f"rlhfkit {args.command}: error: {e}", file=sys.stderr)
         return 2
     finally:
