@@ -22,7 +22,7 @@ test: $(BIN)/rlhfkit
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
 
 bench: $(BIN)/rlhfkit
-	for m in ceiling sft rm dpo grpo generate; do HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/run.py $$m; done
+	for m in ceiling sft rm dpo grpo ppo generate; do HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/run.py $$m; done
 
 clean:
 	rm -rf $(VENV) demo_out runs

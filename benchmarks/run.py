@@ -2,7 +2,7 @@
 
     python benchmarks/run.py METHOD [--model DIR] [--tokenizer DIR] [--rm DIR] [--data DIR] [--steps N] [--warmup N]
 
-METHOD: ceiling, sft, rm, dpo, grpo, generate (ppo comes with its issue). Without --model/--data the
+METHOD: ceiling, sft, rm, dpo, grpo, ppo, generate. Without --model/--data the
 embedded tiny default is built at the reference shape (Qwen2, hidden 256, 4 layers, 4 heads,
 intermediate 1024, untied embeddings; our character tokenizer, vocab 103 instead of 1024).
 """
@@ -249,6 +249,51 @@ def bench_grpo(args) -> dict:
     return result
 
 
+def bench_ppo(args) -> dict:
+    from rlhfkit.methods.ppo import PPOConfig, load_models, make_experience, minibatch_loss
+    from rlhfkit.models.load import load_tokenizer
+    from rlhfkit.models.reward import load_reward_model
+
+    paths = assets(args)
+    rm = paths["rm"]
+    if not rm:  # a sequence classifier made from the base model (random score head)
+        rm = str(Path(tempfile.mkdtemp(prefix="rlhfkit-bench-rm-")))
+        load_reward_model(paths["model"], load_tokenizer(paths["model"], paths["tokenizer"])).save_pretrained(rm)
+    cfg = PPOConfig(model=paths["model"], tokenizer=paths["tokenizer"], reward_model=rm, critic=rm,
+                    prompts_per_step=32, minibatch_size=32, ppo_epochs=1, max_new_tokens=16, kl_coef=0.05)
+    models, tokenizer = load_models(cfg)
+    rows, prompts = _prompts(paths, tokenizer)
+    trained = torch.nn.ModuleDict({"actor": models["actor"], "critic": models["critic"]})
+    optimizer = build_optimizer(trained, SETTINGS["lr"], 0.0, {"actor": SETTINGS["lr"], "critic": SETTINGS["lr"]})
+    scheduler = build_scheduler(optimizer, 10**9, 0, "constant")
+    gen, trained_tokens, split = [], [], []
+
+    def step(i: int) -> float:
+        start = time.perf_counter()
+        exp, times = make_experience(models, tokenizer, [prompts[(i * 32 + j) % len(prompts)] for j in range(32)], cfg,
+                                     cfg.kl_coef)
+        trained.train()
+        loss, _ = minibatch_loss(models["actor"], models["critic"], exp, torch.arange(32), cfg)
+        loss.backward()
+        optimizer_step(trained, optimizer, scheduler, SETTINGS["max_grad_norm"], DistInfo(), i,
+                       clip_apart=[models["actor"], models["critic"]])
+        gen.append(int(exp.mask.sum()))
+        trained_tokens.append(int(exp.samples.attention_mask.sum()))
+        split.append({**times, "time_update_s": time.perf_counter() - start - sum(times.values())})
+        return loss.item()
+
+    times, losses = timed_steps(step, args.warmup, args.steps)
+    g = statistics.mean(gen[args.warmup:])
+    t = statistics.mean(trained_tokens[args.warmup:])
+    # actor and critic train on every token (2 trained forwards); sampling, the reward model,
+    # the reference and the critic's old values are no-grad passes
+    result = report("ppo", times, losses, 2 * t, g + 3 * t, models["actor"],
+                    {"prompts": 32, "new_tokens": 16, "ppo_epochs": 1, "minibatches": 1, "kl_coef": 0.05})
+    result["gen_tokens_per_s"] = round(g / result["sec_per_step"], 1)
+    result["time_split_s"] = {k: round(statistics.median(s[k] for s in split[args.warmup:]), 4) for k in split[0]}
+    return result
+
+
 def bench_ceiling(args) -> dict:
     """fp32 matmul rate on 2 threads for the reference model's shapes (2048 tokens of a step)."""
     h, inter, tokens = REFERENCE.hidden_size, REFERENCE.intermediate_size, 2048
@@ -274,8 +319,8 @@ def _has_cpu_flag(flag: str) -> bool:
         return False
 
 
-BENCHES = {"sft": bench_sft, "rm": bench_rm, "dpo": bench_dpo, "grpo": bench_grpo, "generate": bench_generate,
-           "ceiling": bench_ceiling}
+BENCHES = {"sft": bench_sft, "rm": bench_rm, "dpo": bench_dpo, "grpo": bench_grpo, "ppo": bench_ppo,
+           "generate": bench_generate, "ceiling": bench_ceiling}
 
 
 def main() -> None:

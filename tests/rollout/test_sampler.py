@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from rlhfkit.methods.common import load_policy
-from rlhfkit.methods.grpo import completion_logprobs
 from rlhfkit.rollout.rewards import (
     RewardError,
     arithmetic_steps,
@@ -12,7 +11,7 @@ from rlhfkit.rollout.rewards import (
     exact_answer,
     score_outcomes,
 )
-from rlhfkit.rollout.sampler import sample
+from rlhfkit.rollout.sampler import completion_logprobs, sample
 
 
 @pytest.fixture(scope="module")

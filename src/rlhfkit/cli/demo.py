@@ -16,6 +16,7 @@ from ..data.rows import read_rows
 from ..methods.common import load_policy
 from ..methods.dpo import DPOConfig, run_dpo
 from ..methods.grpo import GRPOConfig, run_grpo
+from ..methods.ppo import PPOConfig, run_ppo
 from ..methods.rm import RMConfig, run_rm
 from ..methods.sft import SFTConfig, run_sft
 from ..models.tiny import write_tiny_default
@@ -52,8 +53,9 @@ def _stage_rm(ctx: dict) -> dict:
     data = ctx["assets"]["data"]
     cfg = RMConfig(model=ctx["sft_model"], train_data=str(data / "rankings_train.jsonl"),
                    eval_data=str(data / "rankings_eval.jsonl"), max_length=64, eval_limit=500,
-                   train=TrainConfig(out_dir=str(ctx["out"] / "rm"), max_steps=200 if ctx["quick"] else 600,
-                                     batch_size=32, lr=2e-3, warmup_steps=20, eval_every=100, log_every=10,
+                   center_coef=0.01,  # scores comparable across prompts, for the PPO stage
+                   train=TrainConfig(out_dir=str(ctx["out"] / "rm"), max_steps=300 if ctx["quick"] else 1200,
+                                     batch_size=32, lr=2e-3, warmup_steps=20, eval_every=200, log_every=10,
                                      seed=ctx["seed"], tensorboard=False))
     result = run_rm(cfg)
     ctx["rm_model"] = str(ctx["out"] / "rm" / "model")
@@ -111,8 +113,22 @@ def _stage_grpo_prm(ctx: dict) -> dict:
                  max_new_tokens=40, eval_max_new_tokens=40)
 
 
+def _stage_ppo(ctx: dict) -> dict:
+    """PPO against the stage-2 reward model, from the demonstration-budget SFT model."""
+    data = ctx["assets"]["data"]
+    cfg = PPOConfig(model=ctx["start_model"], reward_model=ctx["rm_model"], critic=ctx["start_model"],
+                    train_data=str(data / "prompts_train.jsonl"), eval_data=str(data / "prompts_eval.jsonl"),
+                    eval_limit=500, prompts_per_step=32, minibatch_size=16, ppo_epochs=2, kl_coef=0.05, lam=1.0,
+                    critic_lr=1e-3,
+                    train=TrainConfig(out_dir=str(ctx["out"] / "ppo"), max_steps=200 if ctx["quick"] else 600,
+                                      lr=1e-4, schedule="constant", eval_every=100, log_every=10, seed=ctx["seed"],
+                                      tensorboard=False))
+    result = run_ppo(cfg)
+    return {k: result[k] for k in ("rm_score", "rm_score_before", "accuracy", "accuracy_before", "kl", "steps")}
+
+
 STAGES = {"base": _stage_base, "sft": _stage_sft, "rm": _stage_rm, "dpo": _stage_dpo, "grpo": _stage_grpo,
-          "sft_multistep": _stage_sft_multistep, "grpo_prm": _stage_grpo_prm}
+          "ppo": _stage_ppo, "sft_multistep": _stage_sft_multistep, "grpo_prm": _stage_grpo_prm}
 
 
 def run_demo(out_dir: str | Path = "demo_out", quick: bool = False, seed: int = 0,

@@ -17,11 +17,12 @@ def _methods() -> dict:
     # Imported lazily so `rlhfkit --help` stays fast.
     from ..methods.dpo import DPOConfig, run_dpo
     from ..methods.grpo import GRPOConfig, run_grpo
+    from ..methods.ppo import PPOConfig, run_ppo
     from ..methods.rm import RMConfig, run_rm
     from ..methods.sft import SFTConfig, run_sft
 
     return {"sft": (SFTConfig, run_sft), "rm": (RMConfig, run_rm), "dpo": (DPOConfig, run_dpo),
-            "grpo": (GRPOConfig, run_grpo)}
+            "grpo": (GRPOConfig, run_grpo), "ppo": (PPOConfig, run_ppo)}
 
 
 METHOD_HELP = {
@@ -29,6 +30,7 @@ METHOD_HELP = {
     "rm": "reward model on K-way rankings (or pairs), saved as a ...ForSequenceClassification folder",
     "dpo": "direct preference optimization on pairs, Plackett-Luce on rankings",
     "grpo": "group relative policy optimization with outcome or process rewards",
+    "ppo": "PPO with actor, critic, frozen reward and reference models (InstructGPT stage 3)",
 }
 
 

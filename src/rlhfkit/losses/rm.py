@@ -5,6 +5,11 @@
 For each prompt all C(K,2) ordered pairs of its K ranked outputs enter together, each output
 scored once; the pair losses are averaged per prompt, then over prompts. Plain (chosen,
 rejected) rows are the K = 2 case. Equal ranks (ties) form no pair.
+
+Option beside the paper's form: ``center_coef`` adds center_coef * (mean_k r(x, y_k))^2 per
+prompt (Eisenstein et al. 2023, "Helping or Herding"; TRL's center_rewards_coefficient), which
+keeps each prompt's scores centred on 0 so that scores are comparable across prompts, which
+is what a PPO critic needs. 0 (the default) is the paper's loss.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import torch.nn.functional as F
 
 
 def ranking_loss(rewards: torch.Tensor, mask: torch.Tensor, ranks: torch.Tensor | None = None,
-                 num_prompts: float | None = None):
+                 num_prompts: float | None = None, center_coef: float = 0.0):
     """rewards, mask, ranks: (P, K), outputs of each prompt in a row (rank 0 = best, lower is better).
 
     Returns (loss, sums) where ``sums`` holds detached totals (pairs, correct pairs, margin) for
@@ -27,6 +32,9 @@ def ranking_loss(rewards: torch.Tensor, mask: torch.Tensor, ranks: torch.Tensor 
     margin = rewards[:, :, None] - rewards[:, None, :]  # (P, K, K) r_i - r_j
     pairs = better.sum((1, 2))  # (P,)
     per_prompt = -(F.logsigmoid(margin) * better).sum((1, 2)) / pairs.clamp(min=1)  # (P,)
+    if center_coef:
+        prompt_mean = (rewards * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # (P,)
+        per_prompt = per_prompt + center_coef * prompt_mean**2
     denom = rewards.shape[0] if num_prompts is None else max(float(num_prompts), 1.0)
     loss = per_prompt.sum() / denom
     sums = {

@@ -18,10 +18,9 @@ import torch
 from ..data.encode import encode_prompt, prompt_text
 from ..data.rows import read_rows
 from ..losses.grpo import REDUCTIONS, group_advantages, grpo_loss, process_advantages
-from ..models.forward import token_logprobs
 from ..rollout.evaluate import exact_match
 from ..rollout.rewards import OUTCOME_REWARDS, PROCESS_REWARDS, score_outcomes
-from ..rollout.sampler import Samples, decode, sample
+from ..rollout.sampler import Samples, completion_logprobs, decode, sample
 from ..train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ..train.config import TrainConfig, to_dict
 from ..train.dist import all_reduce_sum, broadcast_params, init_distributed
@@ -67,22 +66,6 @@ def parse_rewards(spec: str) -> tuple[list, list[float]]:
         functions.append(OUTCOME_REWARDS[name])
         weights.append(float(weight) if weight else 1.0)
     return functions, weights
-
-
-def completion_view(samples: Samples) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask, target mask over the whole sequence) for a scoring forward."""
-    prompt_zeros = torch.zeros_like(samples.prompt_mask)
-    return samples.input_ids, samples.attention_mask, torch.cat([prompt_zeros, samples.completion_mask], 1)
-
-
-def completion_logprobs(model, samples: Samples, with_entropy: bool = False):
-    """Per-token log-probs (and entropy) of the completion tokens. (B, C)"""
-    ids, attn, target = completion_view(samples)
-    out = token_logprobs(model, ids, attn, target, with_entropy=with_entropy)
-    width = samples.prompt_ids.shape[1]
-    if with_entropy:
-        return out[0][:, width:], out[1][:, width:]
-    return out[:, width:]
 
 
 def advantages_for(cfg: GRPOConfig, samples: Samples, texts, prompts, fields, tokenizer, process_fn, outcome):

@@ -30,16 +30,17 @@ class RMConfig:
     max_length: int = 128
     overlong: str = "error"
     eval_limit: int = 500
+    center_coef: float = 0.0  # > 0: keep each prompt's mean score near 0 (comparable across prompts)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-def rm_objective() -> Objective:
+def rm_objective(center_coef: float = 0.0) -> Objective:
     def counts(batch) -> dict:
         return {"prompts": batch.num_prompts, "pairs": count_pairs(batch), "outputs": batch.input_ids.shape[0]}
 
     def loss(model, batch, totals):
         rewards = batch.grid(reward_scores(model, batch.input_ids, batch.attention_mask))  # (P, K)
-        value, sums = ranking_loss(rewards, batch.mask, batch.ranks, totals["prompts"])
+        value, sums = ranking_loss(rewards, batch.mask, batch.ranks, totals["prompts"], center_coef)
         pairs = max(totals["pairs"], 1.0)
         return value, {"pairwise_accuracy": sums["correct"] / pairs, "margin": sums["margin"] / pairs,
                        "reward_mean": (rewards * batch.mask).sum().detach() / totals["outputs"]}
@@ -81,7 +82,7 @@ def run_rm(cfg: RMConfig) -> dict:
         held_out = held_out[: cfg.eval_limit] if cfg.eval_limit > 0 else held_out
         eval_fn = lambda m: ranking_metrics(m, held_out, tokenizer.pad_token_id)  # noqa: E731
     collate = lambda rows: collate_rankings(rows, tokenizer.pad_token_id)  # noqa: E731
-    result = train_offline(model, examples, collate, rm_objective(), cfg.train, to_dict(cfg), eval_fn)
+    result = train_offline(model, examples, collate, rm_objective(cfg.center_coef), cfg.train, to_dict(cfg), eval_fn)
     summary = {"steps": result.steps, "loss": result.metrics.get("loss"), "length_report": report.summary(),
                "evals": result.evals}
     if result.evals:

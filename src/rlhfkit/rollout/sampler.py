@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models.forward import forward_with_cache, position_ids_from_mask
+from ..models.forward import forward_with_cache, position_ids_from_mask, token_logprobs
 
 
 @dataclass
@@ -124,3 +124,19 @@ def decode(tokenizer, samples: Samples) -> list[str]:
         kept = [i for i, m in zip(ids, mask) if m and i != tokenizer.eos_token_id]
         texts.append(tokenizer.decode(kept, skip_special_tokens=True))
     return texts
+
+
+def completion_view(samples: Samples) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, target mask over the whole sequence) for a scoring forward."""
+    prompt_zeros = torch.zeros_like(samples.prompt_mask)
+    return samples.input_ids, samples.attention_mask, torch.cat([prompt_zeros, samples.completion_mask], 1)
+
+
+def completion_logprobs(model, samples: Samples, with_entropy: bool = False):
+    """Per-token log-probs (and entropy) of the completion tokens. (B, C)"""
+    ids, attn, target = completion_view(samples)
+    out = token_logprobs(model, ids, attn, target, with_entropy=with_entropy)
+    width = samples.prompt_ids.shape[1]
+    if with_entropy:
+        return out[0][:, width:], out[1][:, width:]
+    return out[:, width:]

@@ -13,13 +13,16 @@ class NonFiniteError(RuntimeError):
     """A loss or gradient norm that is NaN or infinite; raised before the optimizer step."""
 
 
-def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
-    # Decay only matrices, never norms or biases (the usual practice for transformers).
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
+def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0,
+                    lr_by_child: dict[str, float] | None = None) -> torch.optim.AdamW:
+    """AdamW; ``lr_by_child`` gives named children (a ModuleDict's actor and critic) their own lr."""
+    parts = [(getattr(model, name), child_lr) for name, child_lr in lr_by_child.items()] if lr_by_child else [(model, lr)]
+    groups = []
+    for module, group_lr in parts:
+        params = [p for p in module.parameters() if p.requires_grad]
+        # Decay only matrices, never norms or biases (the usual practice for transformers).
+        groups.append({"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay, "lr": group_lr})
+        groups.append({"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr": group_lr})
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, foreach=True)
 
 
@@ -50,13 +53,20 @@ def check_finite(value: float, what: str, step: int) -> None:
             "the last good checkpoint is untouched (lower the lr, check the data, or use fp32)")
 
 
-def optimizer_step(model, optimizer, scheduler, max_grad_norm: float, info: DistInfo, step: int) -> float:
-    """All-reduce gradients, clip, refuse non-finite norms, step, zero. Returns the grad norm."""
+def optimizer_step(model, optimizer, scheduler, max_grad_norm: float, info: DistInfo, step: int,
+                   clip_apart: list[torch.nn.Module] | None = None) -> float:
+    """All-reduce gradients, clip, refuse non-finite norms, step, zero. Returns the grad norm.
+
+    ``clip_apart``: clip each of these modules on its own (PPO's actor and critic); the
+    returned norm is then the first one's.
+    """
     all_reduce_grads(model, info)
-    params = [p for p in model.parameters() if p.grad is not None]
     limit = max_grad_norm if max_grad_norm > 0 else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, limit))
-    check_finite(grad_norm, "gradient norm", step)
+    norms = [float(torch.nn.utils.clip_grad_norm_([p for p in m.parameters() if p.grad is not None], limit))
+             for m in (clip_apart or [model])]
+    for norm in norms:
+        check_finite(norm, "gradient norm", step)
+    grad_norm = norms[0]
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,104 @@
+"""PPO for language models (InstructGPT stage 3; Ouyang et al. 2022, Ziegler et al. 2019).
+
+Reward of a sampled completion y, per token (SPEC.md stage 3):
+
+    r_t = -beta * (log pi_theta(y_t|.) - log pi_ref(y_t|.))      for every completion token t
+    r_T += r_phi(x, y)                                          on the last token
+
+GAE (Schulman et al. 2016) over the critic's values, with V = 0 past the last token:
+
+    delta_t = r_t + gamma V_{t+1} - V_t,   A_t = delta_t + gamma lambda A_{t+1},   R_t = A_t + V_t
+
+Policy loss: -min(rho A, clip(rho, 1-eps, 1+eps) A), rho = pi_theta / pi_old per token.
+Value loss:  0.5 * max((V - R)^2, (clip(V, V_old - eps_v, V_old + eps_v) - R)^2).
+Both are token means over the batch's completion tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .reduce import masked_mean
+
+
+def kl_penalty_rewards(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor,
+                       beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) per-token rewards: -beta * KL on every completion token, plus the score on the last one.
+
+    ``mask`` marks each completion as a prefix of its row (right padding). Returns (rewards, kl)
+    where kl = logprobs - ref_logprobs on completion tokens (0 elsewhere).
+    """
+    mask = mask.to(logprobs.dtype)
+    kl = (logprobs - ref_logprobs) * mask  # (B, T)
+    last = (mask.sum(-1).long() - 1).clamp(min=0)  # (B,) index of each completion's last token
+    rewards = (-beta * kl).scatter_add(1, last[:, None], scores[:, None].to(kl.dtype))
+    return rewards, kl
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95):
+    """(B, T) advantages and returns; values and rewards at masked positions are ignored."""
+    mask = mask.to(values.dtype)
+    values = values * mask
+    rewards = rewards * mask
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    next_value = torch.zeros_like(values[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * running
+        advantages[:, t] = running * mask[:, t]
+        next_value = values[:, t]
+    return advantages, (advantages + values) * mask
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                eps: float = 0.2):
+    """Clipped surrogate, token mean. Returns (loss, metrics)."""
+    mask = mask.to(logprobs.dtype)
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    surrogate = torch.min(ratio * advantages, torch.clamp(ratio, 1 - eps, 1 + eps) * advantages)
+    loss = masked_mean(-surrogate, mask)
+    with torch.no_grad():
+        clipped = ((ratio - 1).abs() > eps) & ((ratio - 1) * advantages > 0)  # the clip changed the gradient
+        metrics = {"policy_clip_frac": masked_mean(clipped.to(mask.dtype), mask),
+                   "approx_kl": masked_mean((ratio - 1) - log_ratio, mask)}
+    return loss, metrics
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               eps_value: float = 0.2):
+    """Clipped value loss, token mean. Returns (loss, metrics)."""
+    mask = mask.to(values.dtype)
+    clipped_values = old_values + torch.clamp(values - old_values, -eps_value, eps_value)
+    unclipped_error = (values - returns) ** 2
+    clipped_error = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(unclipped_error, clipped_error), mask)
+    with torch.no_grad():
+        metrics = {"value_clip_frac": masked_mean((clipped_error > unclipped_error).to(mask.dtype), mask)}
+    return loss, metrics
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 - Var(R - V) / Var(R) over the masked tokens: 1 is a perfect critic, <= 0 a useless one."""
+    mask = mask.to(values.dtype)
+    var_r = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    residual = returns - values
+    var_res = masked_mean((residual - masked_mean(residual, mask)) ** 2, mask)
+    return 1 - var_res / var_r.clamp(min=1e-8)
+
+
+@dataclass
+class AdaptiveKL:
+    """Ziegler et al. (2019): beta *= 1 + clip(KL / target - 1, -0.2, 0.2) * n_steps / horizon."""
+
+    beta: float
+    target: float
+    horizon: int
+
+    def update(self, kl: float, n_steps: int) -> float:
+        error = min(max(kl / self.target - 1, -0.2), 0.2)
+        self.beta *= 1 + error * n_steps / self.horizon
+        return self.beta

@@ -1,0 +1,256 @@
+"""PPO with actor, critic, reward and reference models (InstructGPT stage 3).
+
+One step reads top to bottom: sample completions from the actor -> score them with the
+frozen reward model -> per-token KL rewards against the frozen reference -> GAE over the
+critic's values -> several epochs of clipped policy and value updates on minibatches, plus
+the PPO-ptx likelihood term when configured -> adapt the KL coefficient.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..data.encode import collate_sft, encode_prompt, encode_sft, prompt_text
+from ..data.rows import read_rows
+from ..losses.ppo import AdaptiveKL, explained_variance, gae, kl_penalty_rewards, policy_loss, value_loss
+from ..losses.reduce import masked_mean, masked_whiten
+from ..losses.sft import sft_loss
+from ..models.forward import token_logprobs
+from ..models.load import load_tokenizer
+from ..models.reward import load_reward_model, reward_scores, token_values
+from ..rollout.evaluate import exact_match, greedy_completions
+from ..rollout.sampler import Samples, completion_logprobs, sample
+from ..train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ..train.config import TrainConfig, to_dict
+from ..train.dist import broadcast_params, init_distributed
+from ..train.logging import MetricsLogger, progress
+from ..train.loop import BatchOrder, prepare_out_dir, seed_everything
+from ..train.optim import build_optimizer, build_scheduler, optimizer_step
+from .common import finish, load_policy, say
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    model: str = ""  # the actor's start: the SFT model (the reference is a frozen copy)
+    tokenizer: str | None = None
+    reward_model: str = ""  # a ...ForSequenceClassification folder (rlhfkit rm, or made elsewhere)
+    critic: str | None = None  # the value model's start: default the reward model; or the SFT model
+    train_data: str = ""  # prompts
+    eval_data: str | None = None  # held-out prompts with answers
+    ptx_data: str | None = None  # PPO-ptx: SFT rows whose likelihood is kept up
+    ptx_coef: float = 0.0
+    prompts_per_step: int = 32
+    minibatch_size: int = 16
+    ppo_epochs: int = 2
+    max_new_tokens: int = 16
+    kl_coef: float = 0.05  # beta; the starting value when target_kl is set
+    target_kl: float | None = None  # adaptive KL controller (Ziegler et al.) when set
+    kl_horizon: int = 10000
+    gamma: float = 1.0
+    lam: float = 0.95
+    eps_clip: float = 0.2
+    eps_value: float = 0.2
+    score_scale: float = 1.0
+    whiten_scores: bool = False
+    score_clip: float | None = None
+    missing_eos_penalty: float | None = None  # subtracted from the score of completions with no EOS
+    critic_lr: float = 1e-4
+    frozen_dtype: str = "fp32"  # fp32 | bf16 for the reward and reference models
+    eval_limit: int = 500
+    eval_max_new_tokens: int = 16
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class Experience:
+    """One rollout batch, everything the updates need. Completion-aligned tensors are (B, C)."""
+
+    samples: Samples
+    old_logprobs: torch.Tensor
+    old_values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    mask: torch.Tensor
+    scores: torch.Tensor  # (B,) after scaling, penalty, whitening and clipping
+    raw_scores: torch.Tensor  # (B,) the reward model's
+    kl: torch.Tensor  # (B, C) log pi_old - log pi_ref
+
+
+def completion_values(critic, samples: Samples) -> torch.Tensor:
+    """V(s) before each completion token: the critic read at the preceding position. (B, C)"""
+    values = token_values(critic, samples.input_ids, samples.attention_mask)  # (B, P + C)
+    width = samples.prompt_ids.shape[1]
+    return values[:, width - 1: -1]
+
+
+def shape_scores(raw: torch.Tensor, finished: torch.Tensor, cfg: PPOConfig) -> torch.Tensor:
+    scores = raw * cfg.score_scale
+    if cfg.missing_eos_penalty is not None:
+        scores = scores - cfg.missing_eos_penalty * (~finished).to(scores.dtype)
+    if cfg.whiten_scores and scores.numel() > 1:
+        scores = (scores - scores.mean()) / (scores.std() + 1e-8)
+    if cfg.score_clip is not None:
+        scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
+    return scores
+
+
+@torch.no_grad()
+def make_experience(models: dict, tokenizer, prompt_ids: list, cfg: PPOConfig, beta: float) -> tuple[Experience, dict]:
+    actor, critic, reward, reference = models["actor"], models["critic"], models["reward"], models["reference"]
+    t0 = time.time()
+    samples = sample(actor, prompt_ids, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                     max_new_tokens=cfg.max_new_tokens, temperature=1.0)
+    t1 = time.time()
+    raw = reward_scores(reward, samples.input_ids, samples.attention_mask)  # (B,)
+    ref_logprobs = completion_logprobs(reference, samples).float()
+    old_values = completion_values(critic, samples)
+    t2 = time.time()
+    mask = samples.completion_mask
+    old_logprobs = samples.logprobs  # temperature 1: equal to a fresh forward's (tested)
+    scores = shape_scores(raw, samples.finished, cfg)
+    rewards, kl = kl_penalty_rewards(old_logprobs, ref_logprobs, scores, mask, beta)
+    advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+    advantages = masked_whiten(advantages, mask) * mask
+    exp = Experience(samples, old_logprobs, old_values, advantages, returns, mask, scores, raw, kl)
+    return exp, {"time_generation_s": t1 - t0, "time_scoring_s": t2 - t1}
+
+
+def minibatch_loss(actor, critic, exp: Experience, index: torch.Tensor, cfg: PPOConfig, ptx_batch=None):
+    """policy loss + value loss (+ ptx_coef * SFT loss on ``ptx_batch``) for the rows ``index``."""
+    s = exp.samples
+    part = Samples(s.prompt_ids[index], s.prompt_mask[index], s.completion_ids[index], s.completion_mask[index],
+                   s.logprobs[index], s.finished[index])
+    mask = exp.mask[index]
+    logprobs, entropy = completion_logprobs(actor, part, with_entropy=True)
+    pol, pol_stats = policy_loss(logprobs, exp.old_logprobs[index], exp.advantages[index], mask, cfg.eps_clip)
+    values = completion_values(critic, part)
+    val, val_stats = value_loss(values, exp.old_values[index], exp.returns[index], mask, cfg.eps_value)
+    loss = pol + val
+    stats = {"policy_loss": pol.detach(), "value_loss": val.detach(), "entropy": masked_mean(entropy.detach(), mask),
+             **pol_stats, **val_stats}
+    if ptx_batch is not None and cfg.ptx_coef > 0:
+        ptx_lp = token_logprobs(actor, ptx_batch.input_ids, ptx_batch.attention_mask, ptx_batch.completion_mask)
+        ptx, _ = sft_loss(ptx_lp, ptx_batch.completion_mask)
+        loss = loss + cfg.ptx_coef * ptx
+        stats["ptx_loss"] = ptx.detach()
+    return loss, stats
+
+
+def load_models(cfg: PPOConfig):
+    actor, tokenizer = load_policy(cfg.model, cfg.tokenizer)
+    reward_tok = load_tokenizer(cfg.reward_model, cfg.tokenizer or cfg.model)
+    if reward_tok.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"the reward model at {cfg.reward_model} uses another tokenizer than the actor; "
+                         "rlhfkit's PPO needs one shared tokenizer")
+    reward = load_reward_model(cfg.reward_model, tokenizer, cfg.frozen_dtype).eval().requires_grad_(False)
+    critic = load_reward_model(cfg.critic or cfg.reward_model, tokenizer, seed=cfg.train.seed)
+    reference = load_policy(cfg.model, cfg.tokenizer)[0].to(reward.dtype).eval().requires_grad_(False)
+    return {"actor": actor, "critic": critic, "reward": reward, "reference": reference}, tokenizer
+
+
+def model_memory_mb(models: dict) -> dict:
+    return {f"memory_mb/{k}": round(sum(p.numel() * p.element_size() for p in m.parameters()) / 2**20, 2)
+            for k, m in models.items()}
+
+
+@torch.no_grad()
+def evaluate(models: dict, tokenizer, rows, cfg: PPOConfig) -> dict:
+    """Greedy exact-match accuracy and mean reward-model score on held-out prompts."""
+    actor = models["actor"]
+    out = exact_match(actor, tokenizer, rows, cfg.eval_max_new_tokens)
+    texts = greedy_completions(actor, tokenizer, rows, cfg.eval_max_new_tokens)
+    ids = [encode_prompt(tokenizer, prompt_text(r, tokenizer)) + tokenizer(t, add_special_tokens=False)["input_ids"]
+           + [tokenizer.eos_token_id] for r, t in zip(rows, texts)]
+    width = max(map(len, ids))
+    input_ids = torch.tensor([x + [tokenizer.pad_token_id] * (width - len(x)) for x in ids])
+    attention = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
+    out["rm_score"] = reward_scores(models["reward"], input_ids, attention).mean().item()
+    return out
+
+
+def run_ppo(cfg: PPOConfig) -> dict:
+    info = init_distributed()
+    tc = cfg.train
+    prepare_out_dir(tc, info)
+    seed_everything(tc.seed + info.rank)
+    models, tokenizer = load_models(cfg)
+    trained = torch.nn.ModuleDict({"actor": models["actor"], "critic": models["critic"]})
+    broadcast_params(trained, info)
+    say("ppo: parameter memory " + ", ".join(f"{k.split('/')[1]} {v} MB" for k, v in model_memory_mb(models).items()))
+    rows = read_rows(cfg.train_data)
+    ptx = encode_sft(read_rows(cfg.ptx_data), tokenizer, 128, "truncate")[0] if cfg.ptx_data and cfg.ptx_coef > 0 else None
+    eval_rows = read_rows(cfg.eval_data)[: cfg.eval_limit] if cfg.eval_data else None
+    minibatches = cfg.prompts_per_step // cfg.minibatch_size
+    optimizer = build_optimizer(trained, tc.lr, tc.weight_decay, {"actor": tc.lr, "critic": cfg.critic_lr})
+    scheduler = build_scheduler(optimizer, tc.max_steps * cfg.ppo_epochs * minibatches, tc.warmup_steps, tc.schedule,
+                                tc.min_lr_ratio)
+    kl_ctl = AdaptiveKL(cfg.kl_coef, cfg.target_kl or 1.0, cfg.kl_horizon)
+    start = 0
+    if tc.resume:
+        state = load_checkpoint(latest_checkpoint(tc.out_dir), trained, optimizer, scheduler)
+        start, kl_ctl.beta = state["step"], state["kl_coef"]
+        say(f"ppo: resuming from step {start}")
+    before = evaluate(models, tokenizer, eval_rows, cfg) if eval_rows else {}
+    order = BatchOrder(len(rows), cfg.prompts_per_step, tc.seed)
+    ptx_order = BatchOrder(len(ptx), cfg.minibatch_size, tc.seed + 1) if ptx else None
+    logger = MetricsLogger(tc.out_dir, enabled=info.is_main, tensorboard=tc.tensorboard)
+    bar = progress(tc.max_steps, start, desc="ppo", enabled=info.is_main and tc.progress)
+    evals, kls = [], []
+    for step in range(start, tc.max_steps):
+        batch_rows = [rows[i] for i in order.indices(step)[info.rank::info.world_size]]
+        prompt_ids = [encode_prompt(tokenizer, prompt_text(r, tokenizer), chat="messages" in r.data) for r in batch_rows]
+        models["actor"].eval()
+        exp, metrics = make_experience(models, tokenizer, prompt_ids, cfg, kl_ctl.beta)
+        t0 = time.time()
+        trained.train()
+        stats_sum: dict = {}
+        for epoch in range(cfg.ppo_epochs):
+            perm = torch.randperm(len(prompt_ids))
+            for k in range(minibatches):
+                index = perm[k * cfg.minibatch_size: (k + 1) * cfg.minibatch_size]
+                ptx_batch = None
+                if ptx_order is not None:
+                    n = (step * cfg.ppo_epochs + epoch) * minibatches + k
+                    ptx_batch = collate_sft([ptx[i] for i in ptx_order.indices(n)], tokenizer.pad_token_id)
+                loss, stats = minibatch_loss(models["actor"], models["critic"], exp, index, cfg, ptx_batch)
+                loss.backward()
+                optimizer_step(trained, optimizer, scheduler, tc.max_grad_norm, info, step + 1,
+                               clip_apart=[models["actor"], models["critic"]])
+                for key, v in stats.items():
+                    stats_sum[key] = stats_sum.get(key, 0.0) + v.item() / (cfg.ppo_epochs * minibatches)
+        kl_seq = exp.kl.sum(-1).mean().item()  # KL(pi || pi_ref) per completion, sampled estimate
+        kls.append(kl_seq)
+        if cfg.target_kl is not None:
+            kl_ctl.update(kl_seq, len(prompt_ids))
+        lengths = exp.mask.sum(-1).float()
+        metrics.update(stats_sum, time_update_s=time.time() - t0, rm_score=exp.raw_scores.mean().item(),
+                       score=exp.scores.mean().item(), kl=kl_seq, kl_coef=kl_ctl.beta,
+                       explained_variance=explained_variance(exp.old_values, exp.returns, exp.mask).item(),
+                       completion_len_mean=lengths.mean().item(), eos_frac=exp.samples.finished.float().mean().item())
+        done = step + 1
+        bar.update(1)
+        bar.set_postfix(rm=f"{metrics['rm_score']:.3f}", kl=f"{kl_seq:.3f}")
+        if done % tc.log_every == 0 or done == tc.max_steps:
+            logger.log(done, metrics)
+        if eval_rows and ((tc.eval_every and done % tc.eval_every == 0) or done == tc.max_steps):
+            evals.append({"step": done, **evaluate(models, tokenizer, eval_rows, cfg)})
+            logger.log(done, evals[-1], prefix="eval")
+            bar.write(f"step {done}: accuracy={evals[-1]['accuracy']:.4f} rm_score={evals[-1]['rm_score']:.4f}")
+        if info.is_main and ((tc.save_every and done % tc.save_every == 0) or done == tc.max_steps):
+            save_checkpoint(tc.out_dir, done, trained, optimizer, scheduler, to_dict(cfg),
+                            extra={"kl_coef": kl_ctl.beta, "prompts_seen": done * cfg.prompts_per_step},
+                            keep=tc.keep_checkpoints)
+    bar.close()
+    logger.close()
+    tail = kls[-max(1, len(kls) // 10):]
+    summary = {"steps": tc.max_steps, "kl": sum(tail) / len(tail) if tail else None, "kl_coef": kl_ctl.beta,
+               "accuracy_before": before.get("accuracy"), "rm_score_before": before.get("rm_score"), "evals": evals,
+               **model_memory_mb(models)}
+    if evals:
+        summary.update(accuracy=evals[-1]["accuracy"], rm_score=evals[-1]["rm_score"])
+    if info.is_main:
+        models["critic"].save_pretrained(f"{tc.out_dir}/critic")
+    return finish(models["actor"], tokenizer, cfg, tc.out_dir, summary)
