@@ -2,9 +2,10 @@
 
     python benchmarks/run.py METHOD [--model DIR] [--tokenizer DIR] [--rm DIR] [--data DIR] [--steps N] [--warmup N]
 
-METHOD: ceiling, sft, rm, dpo, grpo, ppo, generate. Without --model/--data the
-embedded tiny default is built at the reference shape (Qwen2, hidden 256, 4 layers, 4 heads,
-intermediate 1024, untied embeddings; our character tokenizer, vocab 103 instead of 1024).
+METHOD: ceiling, sft, rm, dpo, grpo, ppo, generate. Without --model/--data the benchmark builds
+assets like the reference ones of BENCHMARK.md: the tiny default's arithmetic data, a byte-level
+BPE tokenizer of vocab 1024 trained on it, and a Qwen2 model of hidden 256, 4 layers, 4 heads,
+intermediate 1024, untied embeddings (a model folder without a tokenizer, as the contract allows).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from rlhfkit.data.encode import collate_sft, encode_sft  # noqa: E402
 from rlhfkit.data.rows import read_rows  # noqa: E402
 from rlhfkit.methods.common import load_policy  # noqa: E402
 from rlhfkit.methods.sft import sft_objective  # noqa: E402
-from rlhfkit.models.tiny import TinySpec, write_tiny_default  # noqa: E402
+from rlhfkit.models.tiny import TinySpec  # noqa: E402
 from rlhfkit.train.dist import DistInfo  # noqa: E402
 from rlhfkit.train.optim import build_optimizer, build_scheduler, optimizer_step  # noqa: E402
 
@@ -43,17 +44,42 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def bpe_tokenizer(texts: list[str], vocab_size: int = 1024):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<eos>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+
+
 def assets(args) -> dict:
-    """Paths of model, tokenizer and data: the flags, or the tiny default built in a temp folder."""
+    """Paths of model, tokenizer and data: the flags, or reference-like assets built in a temp folder."""
     if args.model and args.data:
         return {"model": args.model, "tokenizer": args.tokenizer, "data": Path(args.data), "rm": args.rm}
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from rlhfkit.data.synthetic import write_task_files
+
     root = Path(tempfile.mkdtemp(prefix="rlhfkit-bench-"))
-    paths = write_tiny_default(root, REFERENCE, seed=0)
-    data = paths["data"]
+    files = write_task_files(root / "data", seed=0)
     for src, dst in (("sft_train", "sft"), ("prefs_train", "prefs"), ("prompts_train", "prompts")):
-        (data / f"{dst}.jsonl").write_text((data / f"{src}.jsonl").read_text())
-    return {"model": str(paths["base"]), "tokenizer": args.tokenizer or str(paths["tokenizer"]),
-            "data": data, "rm": args.rm}
+        (root / "data" / f"{dst}.jsonl").write_text(files[src].read_text())
+    rows = [r.data for r in read_rows(files["sft_train"])]
+    tokenizer = bpe_tokenizer([r["prompt"] + r["completion"] for r in rows])
+    tokenizer.save_pretrained(str(root / "tokenizer"))
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False,
+                         max_position_embeddings=512, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(str(root / "base"))
+    return {"model": str(root / "base"), "tokenizer": args.tokenizer or str(root / "tokenizer"),
+            "data": root / "data", "rm": args.rm}
 
 
 def non_embedding_params(model) -> int:
