@@ -52,7 +52,7 @@ def bpe_tokenizer(texts: list[str], vocab_size: int = 1024):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<eos>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
 
@@ -112,17 +112,14 @@ def report(method: str, times: list[float], losses: list[float], train_tokens: f
             "settings": SETTINGS}
 
 
-def bench_sft(args) -> dict:
-    paths = assets(args)
-    model, tokenizer = load_policy(paths["model"], paths["tokenizer"])
-    examples, _ = encode_sft(read_rows(paths["data"] / "sft.jsonl"), tokenizer, 128, overlong="truncate")
-    objective = sft_objective()
+def offline_bench(method: str, args, model, examples, collate, objective, rows_per_step: int, extra: dict) -> dict:
+    """The offline methods' step as the shared loop runs it: loss, backward, clip, AdamW step."""
     optimizer = build_optimizer(model, SETTINGS["lr"])
     scheduler = build_scheduler(optimizer, 10**9, 0, "constant")
-    batch_size, tokens = 16, []
+    tokens = []
 
     def step(i: int) -> float:
-        batch = collate_sft(examples[(i * batch_size) % len(examples):][:batch_size], tokenizer.pad_token_id)
+        batch = collate(examples[(i * rows_per_step) % len(examples):][:rows_per_step])
         loss, _ = objective.loss(model, batch, objective.counts(batch))
         loss.backward()
         optimizer_step(model, optimizer, scheduler, SETTINGS["max_grad_norm"], DistInfo(), i)
@@ -130,8 +127,15 @@ def bench_sft(args) -> dict:
         return loss.item()
 
     times, losses = timed_steps(step, args.warmup, args.steps)
-    return report("sft", times, losses, statistics.mean(tokens[args.warmup:]), 0, model,
-                  {"batch_sequences": batch_size, "max_length": 128})
+    return report(method, times, losses, statistics.mean(tokens[args.warmup:]), 0, model, extra)
+
+
+def bench_sft(args) -> dict:
+    paths = assets(args)
+    model, tokenizer = load_policy(paths["model"], paths["tokenizer"])
+    examples, _ = encode_sft(read_rows(paths["data"] / "sft.jsonl"), tokenizer, 128, overlong="truncate")
+    return offline_bench("sft", args, model, examples, lambda rows: collate_sft(rows, tokenizer.pad_token_id),
+                         sft_objective(), 16, {"batch_sequences": 16, "max_length": 128})
 
 
 def _pairs(paths, tokenizer):
@@ -150,21 +154,9 @@ def bench_rm(args) -> dict:
     paths = assets(args)
     tokenizer = load_tokenizer(paths["model"], paths["tokenizer"])
     model = load_reward_model(args.rm or paths["model"], tokenizer)
-    examples, objective = _pairs(paths, tokenizer), rm_objective()
-    optimizer = build_optimizer(model, SETTINGS["lr"])
-    scheduler = build_scheduler(optimizer, 10**9, 0, "constant")
-    tokens = []
-
-    def step(i: int) -> float:
-        batch = collate_rankings(examples[(i * 16) % len(examples):][:16], tokenizer.pad_token_id)
-        loss, _ = objective.loss(model, batch, objective.counts(batch))
-        loss.backward()
-        optimizer_step(model, optimizer, scheduler, SETTINGS["max_grad_norm"], DistInfo(), i)
-        tokens.append(int(batch.attention_mask.sum()))
-        return loss.item()
-
-    times, losses = timed_steps(step, args.warmup, args.steps)
-    return report("rm", times, losses, statistics.mean(tokens[args.warmup:]), 0, model, {"pairs_per_step": 16})
+    return offline_bench("rm", args, model, _pairs(paths, tokenizer),
+                         lambda rows: collate_rankings(rows, tokenizer.pad_token_id), rm_objective(), 16,
+                         {"pairs_per_step": 16})
 
 
 def bench_dpo(args) -> dict:
@@ -177,25 +169,13 @@ def bench_dpo(args) -> dict:
     start = time.perf_counter()
     examples = precompute_reference(model, examples, tokenizer.pad_token_id)  # the policy at step 0 = the reference
     precompute_s = time.perf_counter() - start
-    objective = dpo_objective(0.1)
-    optimizer = build_optimizer(model, SETTINGS["lr"])
-    scheduler = build_scheduler(optimizer, 10**9, 0, "constant")
-    tokens = []
-
-    def step(i: int) -> float:
-        batch = collate_rankings(examples[i * 16:][:16], tokenizer.pad_token_id)
-        loss, _ = objective.loss(model, batch, objective.counts(batch))
-        loss.backward()
-        optimizer_step(model, optimizer, scheduler, SETTINGS["max_grad_norm"], DistInfo(), i)
-        tokens.append(int(batch.attention_mask.sum()))
-        return loss.item()
-
-    times, losses = timed_steps(step, args.warmup, args.steps)
+    result = offline_bench("dpo", args, model, examples, lambda rows: collate_rankings(rows, tokenizer.pad_token_id),
+                           dpo_objective(0.1), 16, {"pairs_per_step": 16, "beta": 0.1,
+                                                    "reference": "precomputed once before training",
+                                                    "reference_precompute_s": round(precompute_s, 3)})
     per_step_ref = precompute_s / (args.steps + args.warmup)
-    return report("dpo", times, losses, statistics.mean(tokens[args.warmup:]), 0, model,
-                  {"pairs_per_step": 16, "beta": 0.1, "reference": "precomputed once before training",
-                   "reference_precompute_s": round(precompute_s, 3),
-                   "sec_per_step_including_reference": round(statistics.median(times) + per_step_ref, 5)})
+    result["sec_per_step_including_reference"] = round(result["sec_per_step"] + per_step_ref, 5)
+    return result
 
 
 def _prompts(paths, tokenizer) -> tuple[list, list]:

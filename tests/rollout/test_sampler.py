@@ -103,3 +103,13 @@ def test_process_reward_marks_each_step_at_its_last_token(tiny):
     ids = tok(text, add_special_tokens=False)["input_ids"]
     (steps,) = arithmetic_steps(["What is 12+34-5?"], [text], completion_ids=[ids], tokenizer=tok)
     assert steps == [(text.index("=46") + 2, 1.0), (text.index("=40") + 2, 0.0), (len(text) - 1, 0.0)]
+
+
+def test_inverse_cdf_draws_follow_the_distribution():
+    from rlhfkit.rollout.sampler import _draw
+
+    probs = torch.tensor([[0.0, 0.2, 0.5, 0.0, 0.3]]).expand(20000, -1)
+    g = torch.Generator().manual_seed(0)
+    counts = torch.bincount(_draw(probs, g), minlength=5).float() / 20000
+    assert counts[0] == 0 and counts[3] == 0  # zero-probability tokens are never drawn
+    assert torch.allclose(counts, probs[0], atol=0.015)  # 4 standard errors at n = 20000

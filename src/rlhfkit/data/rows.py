@@ -70,12 +70,16 @@ def _read_parquet(path: Path) -> list[Row]:
     return [Row(f"{path}:row {i}", dict(r)) for i, r in enumerate(ds)]
 
 
-def get_str(row: Row, field: str, allow_empty: bool = False) -> str:
-    """``row.data[field]`` as a string, or a DataError naming the place and the field."""
+def _require(row: Row, field: str):
     if field not in row.data:
         have = ", ".join(sorted(row.data)) or "none"
         raise DataError(f"{row.where}: missing field '{field}' (fields present: {have})")
-    value = row.data[field]
+    return row.data[field]
+
+
+def get_str(row: Row, field: str, allow_empty: bool = False) -> str:
+    """``row.data[field]`` as a string, or a DataError naming the place and the field."""
+    value = _require(row, field)
     if not isinstance(value, str):
         raise DataError(f"{row.where}: field '{field}' must be a string, got {type(value).__name__}")
     if not allow_empty and not value.strip():
@@ -85,10 +89,7 @@ def get_str(row: Row, field: str, allow_empty: bool = False) -> str:
 
 def get_str_list(row: Row, field: str, min_len: int = 2) -> list[str]:
     """A list of distinct non-empty strings (for rankings), with the same kind of errors."""
-    if field not in row.data:
-        have = ", ".join(sorted(row.data)) or "none"
-        raise DataError(f"{row.where}: missing field '{field}' (fields present: {have})")
-    value = row.data[field]
+    value = _require(row, field)
     if not isinstance(value, list):
         raise DataError(f"{row.where}: field '{field}' must be a list of strings, got {type(value).__name__}")
     if len(value) < min_len:

@@ -7,6 +7,8 @@ come from the attention mask, so left- and right-padded rows give the same numbe
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -49,16 +51,17 @@ def _unselect(values: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
     return F.pad(shifted, (1, 0))
 
 
-def _cache_kwarg(model) -> str:
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg(model_class: type) -> str:
     """transformers 5 renamed ``past_key_values`` to ``cache``; support both."""
     import inspect
 
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def forward_with_cache(model, input_ids, attention_mask, position_ids, cache=None, logits_to_keep: int = 1):
     """One cached forward step: returns (last-position logits (B, V) in fp32, the updated cache)."""
-    kwargs = {_cache_kwarg(model): cache} if cache is not None else {}
+    kwargs = {_cache_kwarg(type(model)): cache} if cache is not None else {}
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 use_cache=True, logits_to_keep=logits_to_keep, **kwargs)
     new_cache = out.cache if hasattr(out, "cache") else out.past_key_values
