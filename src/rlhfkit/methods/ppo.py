@@ -139,6 +139,27 @@ def minibatch_loss(actor, critic, exp: Experience, index: torch.Tensor, cfg: PPO
     return loss, stats
 
 
+def ppo_update(models: dict, trained, optimizer, scheduler, exp: Experience, cfg: PPOConfig, info, step: int,
+               ptx_batches: list | None) -> dict:
+    """``ppo_epochs`` passes of shuffled minibatches over one rollout batch; returns mean stats."""
+    trained.train()
+    n_rows = exp.mask.shape[0]
+    minibatches = n_rows // cfg.minibatch_size
+    stats_sum: dict = {}
+    for epoch in range(cfg.ppo_epochs):
+        perm = torch.randperm(n_rows)
+        for k in range(minibatches):
+            index = perm[k * cfg.minibatch_size: (k + 1) * cfg.minibatch_size]
+            ptx_batch = ptx_batches[epoch * minibatches + k] if ptx_batches else None
+            loss, stats = minibatch_loss(models["actor"], models["critic"], exp, index, cfg, ptx_batch)
+            loss.backward()
+            optimizer_step(trained, optimizer, scheduler, cfg.train.max_grad_norm, info, step + 1,
+                           clip_apart=[models["actor"], models["critic"]])
+            for key, v in stats.items():
+                stats_sum[key] = stats_sum.get(key, 0.0) + v.item() / (cfg.ppo_epochs * minibatches)
+    return stats_sum
+
+
 def load_models(cfg: PPOConfig):
     actor, tokenizer = load_policy(cfg.model, cfg.tokenizer)
     reward_tok = load_tokenizer(cfg.reward_model, cfg.tokenizer or cfg.model)
@@ -205,22 +226,12 @@ def run_ppo(cfg: PPOConfig) -> dict:
         models["actor"].eval()
         exp, metrics = make_experience(models, tokenizer, prompt_ids, cfg, kl_ctl.beta)
         t0 = time.time()
-        trained.train()
-        stats_sum: dict = {}
-        for epoch in range(cfg.ppo_epochs):
-            perm = torch.randperm(len(prompt_ids))
-            for k in range(minibatches):
-                index = perm[k * cfg.minibatch_size: (k + 1) * cfg.minibatch_size]
-                ptx_batch = None
-                if ptx_order is not None:
-                    n = (step * cfg.ppo_epochs + epoch) * minibatches + k
-                    ptx_batch = collate_sft([ptx[i] for i in ptx_order.indices(n)], tokenizer.pad_token_id)
-                loss, stats = minibatch_loss(models["actor"], models["critic"], exp, index, cfg, ptx_batch)
-                loss.backward()
-                optimizer_step(trained, optimizer, scheduler, tc.max_grad_norm, info, step + 1,
-                               clip_apart=[models["actor"], models["critic"]])
-                for key, v in stats.items():
-                    stats_sum[key] = stats_sum.get(key, 0.0) + v.item() / (cfg.ppo_epochs * minibatches)
+        ptx_batches = None
+        if ptx_order is not None:
+            first = step * cfg.ppo_epochs * minibatches
+            ptx_batches = [collate_sft([ptx[i] for i in ptx_order.indices(first + n)], tokenizer.pad_token_id)
+                           for n in range(cfg.ppo_epochs * minibatches)]
+        stats_sum = ppo_update(models, trained, optimizer, scheduler, exp, cfg, info, step, ptx_batches)
         kl_seq = exp.kl.sum(-1).mean().item()  # KL(pi || pi_ref) per completion, sampled estimate
         kls.append(kl_seq)
         if cfg.target_kl is not None:
