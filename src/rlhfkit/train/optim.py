@@ -23,7 +23,7 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0
         # Decay only matrices, never norms or biases (the usual practice for transformers).
         groups.append({"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay, "lr": group_lr})
         groups.append({"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr": group_lr})
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, foreach=True)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float = 0.0) -> float:
