@@ -52,8 +52,9 @@ def test_ppo_raises_rm_score_and_accuracy_with_bounded_kl(tiny, sft_run, reward_
     summary = run_ppo(_cfg(tiny, sft_run, reward_model, tmp_path / "ppo", steps=600))
     # Stated bars (600 steps of 32 prompts, ~45 s): the held-out RM score (what PPO optimises)
     # rises by >= 0.3, the sampled KL to the reference stays under 2 nats, and exact-match accuracy
-    # does not fall by more than 0.05. Measured here: RM score 5.52 -> 6.31, accuracy 0.63 -> 0.63;
-    # a rise in accuracy is not reliable at this budget (see the demo and the issue note).
+    # does not fall by more than 0.05. Measured here: RM score 6.34 -> 7.13, accuracy 0.707 -> 0.803,
+    # KL 0.60; with foreach instead of fused AdamW the same test gave 5.52 -> 6.33 and 0.63 -> 0.64,
+    # so a rise in accuracy is not asserted (see the issue note).
     assert summary["rm_score"] > summary["rm_score_before"] + 0.3, summary
     assert summary["accuracy"] >= summary["accuracy_before"] - 0.05, summary
     assert 0.0 <= summary["kl"] < 2.0
