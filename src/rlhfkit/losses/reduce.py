@@ -17,7 +17,8 @@ def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tens
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     """Mean over masked entries; 0 (still connected to the graph) where the mask is empty."""
-    return masked_sum(values, mask, dim) / mask.sum(dim if dim is not None else None).clamp(min=1)
+    count = mask.sum() if dim is None else mask.sum(dim)
+    return masked_sum(values, mask, dim) / count.clamp(min=1)
 
 
 def token_mean(values: torch.Tensor, mask: torch.Tensor, num_tokens: float | None = None) -> torch.Tensor:

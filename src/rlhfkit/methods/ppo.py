@@ -21,7 +21,7 @@ from ..losses.sft import sft_loss
 from ..models.forward import token_logprobs
 from ..models.load import load_tokenizer
 from ..models.reward import load_reward_model, reward_scores, token_values
-from ..rollout.evaluate import exact_match, greedy_completions
+from ..rollout.evaluate import accuracy_of, greedy_completions
 from ..rollout.sampler import Samples, completion_logprobs, sample
 from ..train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ..train.config import TrainConfig, to_dict
@@ -180,9 +180,8 @@ def model_memory_mb(models: dict) -> dict:
 @torch.no_grad()
 def evaluate(models: dict, tokenizer, rows, cfg: PPOConfig) -> dict:
     """Greedy exact-match accuracy and mean reward-model score on held-out prompts."""
-    actor = models["actor"]
-    out = exact_match(actor, tokenizer, rows, cfg.eval_max_new_tokens)
-    texts = greedy_completions(actor, tokenizer, rows, cfg.eval_max_new_tokens)
+    texts = greedy_completions(models["actor"], tokenizer, rows, cfg.eval_max_new_tokens)
+    out = accuracy_of(texts, rows)
     ids = [encode_prompt(tokenizer, prompt_text(r, tokenizer)) + tokenizer(t, add_special_tokens=False)["input_ids"]
            + [tokenizer.eos_token_id] for r, t in zip(rows, texts)]
     width = max(map(len, ids))
@@ -223,7 +222,6 @@ def run_ppo(cfg: PPOConfig) -> dict:
     for step in range(start, tc.max_steps):
         batch_rows = [rows[i] for i in order.indices(step)[info.rank::info.world_size]]
         prompt_ids = [encode_prompt(tokenizer, prompt_text(r, tokenizer), chat="messages" in r.data) for r in batch_rows]
-        models["actor"].eval()
         exp, metrics = make_experience(models, tokenizer, prompt_ids, cfg, kl_ctl.beta)
         t0 = time.time()
         ptx_batches = None

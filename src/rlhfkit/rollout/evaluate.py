@@ -34,8 +34,12 @@ def greedy_completions(model, tokenizer, rows: list[Row], max_new_tokens: int = 
     return texts
 
 
-def exact_match(model, tokenizer, rows: list[Row], max_new_tokens: int = 32) -> dict:
-    """{"accuracy": fraction of rows whose greedy answer is exactly right, "n": rows}."""
-    completions = greedy_completions(model, tokenizer, rows, max_new_tokens)
+def accuracy_of(completions: list[str], rows: list[Row]) -> dict:
+    """{"accuracy": fraction of completions whose answer is exactly the row's, "n": rows}."""
     right = sum(extract_answer(c) == reference_answer(r) for c, r in zip(completions, rows))
     return {"accuracy": right / len(rows), "n": len(rows)}
+
+
+def exact_match(model, tokenizer, rows: list[Row], max_new_tokens: int = 32) -> dict:
+    """Accuracy of the model's greedy answers on ``rows``."""
+    return accuracy_of(greedy_completions(model, tokenizer, rows, max_new_tokens), rows)
