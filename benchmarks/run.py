@@ -276,10 +276,11 @@ def bench_ppo(args) -> dict:
 
     def step(i: int) -> float:
         start = time.perf_counter()
+        rows = torch.arange(32)  # one minibatch: the critic's values of the update's forward are V_old
         exp, times = make_experience(models, tokenizer, [prompts[(i * 32 + j) % len(prompts)] for j in range(32)], cfg,
-                                     cfg.kl_coef)
+                                     cfg.kl_coef, live_rows=rows)
         trained.train()
-        loss, _ = minibatch_loss(models["actor"], models["critic"], exp, torch.arange(32), cfg)
+        loss, _ = minibatch_loss(models["actor"], models["critic"], exp, rows, cfg, values=exp.live_values)
         loss.backward()
         optimizer_step(trained, optimizer, scheduler, SETTINGS["max_grad_norm"], DistInfo(), i,
                        clip_apart=[models["actor"], models["critic"]])
@@ -291,9 +292,9 @@ def bench_ppo(args) -> dict:
     times, losses = timed_steps(step, args.warmup, args.steps)
     g = statistics.mean(gen[args.warmup:])
     t = statistics.mean(trained_tokens[args.warmup:])
-    # actor and critic train on every token (2 trained forwards); sampling, the reward model,
-    # the reference and the critic's old values are no-grad passes
-    result = report("ppo", times, losses, 2 * t, g + 3 * t, models["actor"],
+    # actor and critic train on every token (2 trained forwards; the critic's doubles as V_old);
+    # sampling, the reward model and the reference are no-grad passes
+    result = report("ppo", times, losses, 2 * t, g + 2 * t, models["actor"],
                     {"prompts": 32, "new_tokens": 16, "ppo_epochs": 1, "minibatches": 1, "kl_coef": 0.05})
     result["gen_tokens_per_s"] = round(g / result["sec_per_step"], 1)
     result["time_split_s"] = {k: round(statistics.median(s[k] for s in split[args.warmup:]), 4) for k in split[0]}

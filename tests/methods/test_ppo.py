@@ -66,3 +66,29 @@ def test_adaptive_kl_runs_and_moves_beta(tiny, sft_run, reward_model, tmp_path):
                            kl_horizon=100, whiten_scores=True, score_clip=3.0, missing_eos_penalty=1.0))
     # The sampled KL (< 1 nat) is far below the target: each step lowers beta by the capped 20% * 32/100.
     assert summary["kl_coef"] == pytest.approx(0.05 * (1 - 0.2 * 32 / 100) ** 3)
+
+
+def test_first_minibatch_reuses_the_critic_forward_exactly(tiny, sft_run, reward_model, tmp_path):
+    """V_old from the update's own critic forward: same advantages, loss and gradients as two forwards."""
+    cfg = _cfg(tiny, sft_run, reward_model, tmp_path / "r", 1)
+    models, tok = load_models(cfg)
+    prompts = [tok(r.data["prompt"])["input_ids"] for r in read_rows(tiny["data"] / "prompts_train.jsonl")[:8]]
+    live_rows = torch.tensor([5, 1, 6, 2])
+    runs = []
+    for rows in (None, live_rows):
+        torch.manual_seed(0)
+        exp, _ = make_experience(models, tok, prompts, cfg, beta=0.05, live_rows=rows)
+        values = exp.live_values
+        loss, _ = minibatch_loss(models["actor"], models["critic"], exp, live_rows, cfg, values=values)
+        models["critic"].zero_grad()
+        loss.backward()
+        grads = [p.grad.clone() for p in models["critic"].parameters() if p.grad is not None]
+        runs.append((exp, loss.item(), grads))
+    (plain, loss_a, grads_a), (reused, loss_b, grads_b) = runs
+    assert plain.live_values is None and reused.live_values.requires_grad
+    torch.testing.assert_close(reused.old_values, plain.old_values, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(reused.advantages, plain.advantages, atol=1e-5, rtol=1e-5)
+    assert loss_b == pytest.approx(loss_a, abs=1e-5)
+    assert len(grads_a) == len(grads_b) > 0
+    for g, h in zip(grads_a, grads_b):
+        torch.testing.assert_close(g, h, atol=1e-5, rtol=1e-4)

@@ -77,6 +77,8 @@ class Experience:
     scores: torch.Tensor  # (B,) after scaling, penalty, whitening and clipping
     raw_scores: torch.Tensor  # (B,) the reward model's
     kl: torch.Tensor  # (B, C) log pi_old - log pi_ref
+    live_rows: torch.Tensor | None = None  # the first minibatch's rows ...
+    live_values: torch.Tensor | None = None  # ... and their critic values with the graph (see make_experience)
 
 
 def completion_values(critic, samples: Samples) -> torch.Tensor:
@@ -98,7 +100,15 @@ def shape_scores(raw: torch.Tensor, finished: torch.Tensor, cfg: PPOConfig) -> t
 
 
 @torch.no_grad()
-def make_experience(models: dict, tokenizer, prompt_ids: list, cfg: PPOConfig, beta: float) -> tuple[Experience, dict]:
+def make_experience(models: dict, tokenizer, prompt_ids: list, cfg: PPOConfig, beta: float,
+                    live_rows: torch.Tensor | None = None) -> tuple[Experience, dict]:
+    """Sample, score, and turn the scores into per-token advantages and returns.
+
+    ``live_rows``: the rows of the first minibatch the update will train on. Their critic forward
+    runs with gradients here and its values serve twice: detached as V_old for GAE, and with
+    their graph as the first minibatch's V (the critic has not changed yet, so both are the same
+    numbers); one no-grad critic forward fewer per step (with one minibatch, none at all).
+    """
     actor, critic, reward, reference = models["actor"], models["critic"], models["reward"], models["reference"]
     t0 = time.time()
     samples = sample(actor, prompt_ids, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
@@ -106,7 +116,7 @@ def make_experience(models: dict, tokenizer, prompt_ids: list, cfg: PPOConfig, b
     t1 = time.time()
     raw = reward_scores(reward, samples.input_ids, samples.attention_mask)  # (B,)
     ref_logprobs = completion_logprobs(reference, samples).float()
-    old_values = completion_values(critic, samples)
+    old_values, live_values = critic_values(critic, samples, live_rows)
     t2 = time.time()
     mask = samples.completion_mask
     old_logprobs = samples.logprobs  # temperature 1: equal to a fresh forward's (tested)
@@ -114,19 +124,39 @@ def make_experience(models: dict, tokenizer, prompt_ids: list, cfg: PPOConfig, b
     rewards, kl = kl_penalty_rewards(old_logprobs, ref_logprobs, scores, mask, beta)
     advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
     advantages = masked_whiten(advantages, mask) * mask
-    exp = Experience(samples, old_logprobs, old_values, advantages, returns, mask, scores, raw, kl)
+    exp = Experience(samples, old_logprobs, old_values, advantages, returns, mask, scores, raw, kl, live_rows,
+                     live_values)
     return exp, {"time_generation_s": t1 - t0, "time_scoring_s": t2 - t1}
 
 
-def minibatch_loss(actor, critic, exp: Experience, index: torch.Tensor, cfg: PPOConfig, ptx_batch=None):
-    """policy loss + value loss (+ ptx_coef * SFT loss on ``ptx_batch``) for the rows ``index``."""
-    s = exp.samples
-    part = Samples(s.prompt_ids[index], s.prompt_mask[index], s.completion_ids[index], s.completion_mask[index],
-                   s.logprobs[index], s.finished[index])
+def critic_values(critic, samples: Samples, live_rows: torch.Tensor | None):
+    """V_old for every row (B, C), and the ``live_rows``' values with their graph (or None)."""
+    if live_rows is None:
+        return completion_values(critic, samples), None
+    critic.train()
+    with torch.enable_grad():
+        live = completion_values(critic, samples.rows(live_rows))
+    values = torch.empty(samples.completion_ids.shape, dtype=live.dtype)
+    values[live_rows] = live.detach()
+    rest = torch.ones(values.shape[0], dtype=torch.bool)
+    rest[live_rows] = False
+    if rest.any():
+        values[rest] = completion_values(critic, samples.rows(rest.nonzero().squeeze(-1)))
+    return values, live
+
+
+def minibatch_loss(actor, critic, exp: Experience, index: torch.Tensor, cfg: PPOConfig, ptx_batch=None,
+                   values: torch.Tensor | None = None):
+    """policy loss + value loss (+ ptx_coef * SFT loss on ``ptx_batch``) for the rows ``index``.
+
+    ``values``: the critic's values for these rows when already computed with their graph.
+    """
+    part = exp.samples.rows(index)
     mask = exp.mask[index]
     logprobs, entropy = completion_logprobs(actor, part, with_entropy=True)
     pol, pol_stats = policy_loss(logprobs, exp.old_logprobs[index], exp.advantages[index], mask, cfg.eps_clip)
-    values = completion_values(critic, part)
+    if values is None:
+        values = completion_values(critic, part)
     val, val_stats = value_loss(values, exp.old_values[index], exp.returns[index], mask, cfg.eps_value)
     loss = pol + val
     stats = {"policy_loss": pol.detach(), "value_loss": val.detach(), "entropy": masked_mean(entropy.detach(), mask),
@@ -140,18 +170,21 @@ def minibatch_loss(actor, critic, exp: Experience, index: torch.Tensor, cfg: PPO
 
 
 def ppo_update(models: dict, trained, optimizer, scheduler, exp: Experience, cfg: PPOConfig, info, step: int,
-               ptx_batches: list | None) -> dict:
-    """``ppo_epochs`` passes of shuffled minibatches over one rollout batch; returns mean stats."""
+               ptx_batches: list | None, first_perm: torch.Tensor) -> dict:
+    """``ppo_epochs`` passes of shuffled minibatches over one rollout batch; returns mean stats.
+
+    ``first_perm``: the first epoch's row order (it starts with ``exp.live_rows``)."""
     trained.train()
     n_rows = exp.mask.shape[0]
     minibatches = n_rows // cfg.minibatch_size
     stats_sum: dict = {}
     for epoch in range(cfg.ppo_epochs):
-        perm = torch.randperm(n_rows)
+        perm = first_perm if epoch == 0 else torch.randperm(n_rows)
         for k in range(minibatches):
             index = perm[k * cfg.minibatch_size: (k + 1) * cfg.minibatch_size]
             ptx_batch = ptx_batches[epoch * minibatches + k] if ptx_batches else None
-            loss, stats = minibatch_loss(models["actor"], models["critic"], exp, index, cfg, ptx_batch)
+            live = exp.live_values if epoch == 0 and k == 0 else None  # the same rows: perm starts with live_rows
+            loss, stats = minibatch_loss(models["actor"], models["critic"], exp, index, cfg, ptx_batch, live)
             loss.backward()
             optimizer_step(trained, optimizer, scheduler, cfg.train.max_grad_norm, info, step + 1,
                            clip_apart=[models["actor"], models["critic"]])
@@ -222,14 +255,16 @@ def run_ppo(cfg: PPOConfig) -> dict:
     for step in range(start, tc.max_steps):
         batch_rows = [rows[i] for i in order.indices(step)[info.rank::info.world_size]]
         prompt_ids = [encode_prompt(tokenizer, prompt_text(r, tokenizer), chat="messages" in r.data) for r in batch_rows]
-        exp, metrics = make_experience(models, tokenizer, prompt_ids, cfg, kl_ctl.beta)
+        first_perm = torch.randperm(len(prompt_ids))
+        exp, metrics = make_experience(models, tokenizer, prompt_ids, cfg, kl_ctl.beta,
+                                       live_rows=first_perm[: cfg.minibatch_size])
         t0 = time.time()
         ptx_batches = None
         if ptx_order is not None:
             first = step * cfg.ppo_epochs * minibatches
             ptx_batches = [collate_sft([ptx[i] for i in ptx_order.indices(first + n)], tokenizer.pad_token_id)
                            for n in range(cfg.ppo_epochs * minibatches)]
-        stats_sum = ppo_update(models, trained, optimizer, scheduler, exp, cfg, info, step, ptx_batches)
+        stats_sum = ppo_update(models, trained, optimizer, scheduler, exp, cfg, info, step, ptx_batches, first_perm)
         kl_seq = exp.kl.sum(-1).mean().item()  # KL(pi || pi_ref) per completion, sampled estimate
         kls.append(kl_seq)
         if cfg.target_kl is not None:

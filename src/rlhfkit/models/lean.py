@@ -14,6 +14,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from .kernels import linear
+
 SUPPORTED = {"llama", "qwen2", "mistral"}
 
 
@@ -60,7 +62,7 @@ class LeanDecoder:
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         for i, layer in enumerate(self.base.layers):
             h = layer.input_layernorm(x)
-            qkv = F.linear(h, *self.qkv[i])
+            qkv = linear(h, *self.qkv[i])
             q = qkv[..., :q_size].view(n, t, self.heads, self.head_dim).transpose(1, 2)
             k = qkv[..., q_size: q_size + kv_size].view(n, t, self.kv_heads, self.head_dim).transpose(1, 2)
             v = qkv[..., q_size + kv_size:].view(n, t, self.kv_heads, self.head_dim).transpose(1, 2)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from .kernels import use_fast_linear
+
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
 
@@ -74,6 +76,7 @@ def load_causal_lm(path: str | Path, tokenizer=None, dtype: str = "fp32"):
     if tokenizer is not None:
         check_vocab(model, tokenizer, str(path))
         model.generation_config.pad_token_id = tokenizer.pad_token_id
+    use_fast_linear(model)
     return model
 
 

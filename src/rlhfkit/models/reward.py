@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .forward import hidden_states
+from .kernels import use_fast_linear
 from .load import DTYPES, ModelLoadError, check_vocab
 
 
@@ -37,6 +38,7 @@ def load_reward_model(path: str | Path, tokenizer, dtype: str = "fp32", seed: in
     if model.config.num_labels != 1:
         raise ModelLoadError(f"{path}: a reward model needs num_labels=1, the folder has {model.config.num_labels}")
     check_vocab(model, tokenizer, str(path))
+    use_fast_linear(model)
     return model
 
 

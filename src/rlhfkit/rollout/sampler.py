@@ -39,6 +39,11 @@ class Samples:
     def attention_mask(self) -> torch.Tensor:
         return torch.cat([self.prompt_mask, self.completion_mask], dim=1)  # (N, P + C)
 
+    def rows(self, index: torch.Tensor) -> "Samples":
+        """The samples at ``index`` (a minibatch), every field sliced alike."""
+        return Samples(self.prompt_ids[index], self.prompt_mask[index], self.completion_ids[index],
+                       self.completion_mask[index], self.logprobs[index], self.finished[index])
+
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in sequences)

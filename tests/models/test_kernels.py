@@ -1,0 +1,67 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rlhfkit.models.kernels import FastLinear, linear, onednn_linear_available, use_fast_linear
+
+needs_onednn = pytest.mark.skipif(not onednn_linear_available(), reason="no oneDNN in this PyTorch build")
+
+
+@needs_onednn
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(7, 16), (3, 5, 16), (2, 3, 4, 16)])
+def test_fast_linear_matches_f_linear_forward_and_all_gradients(shape, bias):
+    torch.manual_seed(0)
+    x = torch.randn(shape, requires_grad=True)
+    w = torch.randn(24, 16, requires_grad=True)
+    b = torch.randn(24, requires_grad=True) if bias else None
+    grad_out = torch.randn(*shape[:-1], 24)
+    ours = linear(x, w, b)
+    (ours * grad_out).sum().backward()
+    got = [x.grad.clone(), w.grad.clone()] + ([b.grad.clone()] if bias else [])
+    for t in (x, w, b):
+        if t is not None:
+            t.grad = None
+    theirs = F.linear(x, w, b)
+    (theirs * grad_out).sum().backward()
+    want = [x.grad, w.grad] + ([b.grad] if bias else [])
+    assert ours.shape == theirs.shape
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    for g, h in zip(got, want):
+        torch.testing.assert_close(g, h, atol=1e-4, rtol=1e-5)
+    # dL/dW = g^T x and dL/db = sum g, written out
+    torch.testing.assert_close(got[1], grad_out.reshape(-1, 24).T @ x.detach().reshape(-1, 16), atol=1e-4, rtol=1e-5)
+
+
+@needs_onednn
+def test_non_contiguous_input_and_frozen_weight():
+    torch.manual_seed(1)
+    x = torch.randn(16, 6, requires_grad=True)
+    w = torch.randn(5, 6)  # frozen: no weight gradient asked for
+    ours = linear(x.t().t()[:, :6], w)
+    ours.sum().backward()
+    torch.testing.assert_close(ours, F.linear(x, w), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad, torch.ones(16, 5) @ w, atol=1e-5, rtol=1e-5)
+    x_t = torch.randn(6, 16).t()  # non-contiguous rows
+    torch.testing.assert_close(linear(x_t, w), F.linear(x_t, w), atol=1e-5, rtol=1e-5)
+
+
+def test_other_dtypes_and_autocast_go_through_f_linear():
+    x, w = torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(3, 8, dtype=torch.bfloat16)
+    assert torch.equal(linear(x, w), F.linear(x, w))
+    xf, wf = torch.randn(4, 8), torch.randn(3, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert linear(xf, wf).dtype == torch.bfloat16  # autocast still applies
+
+
+@needs_onednn
+def test_use_fast_linear_switches_layers_in_place_and_keeps_outputs():
+    torch.manual_seed(2)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    x = torch.randn(10, 8)
+    before = net(x)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    assert use_fast_linear(net) == 2
+    assert isinstance(net[0], FastLinear) and isinstance(net[0], torch.nn.Linear)
+    torch.testing.assert_close(net(x), before, atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
