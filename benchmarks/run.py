@@ -191,6 +191,9 @@ def bench_generate(args) -> dict:
     paths = assets(args)
     model, tokenizer = load_policy(paths["model"], paths["tokenizer"])
     model.eval()
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(paths["model"]).eval()  # as TRL would have it: no rlhfkit kernels
     _, prompts = _prompts(paths, tokenizer)
     kw = dict(eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, max_new_tokens=16, temperature=1.0,
               num_samples=4, stop_at_eos=False)
@@ -202,7 +205,7 @@ def bench_generate(args) -> dict:
     def theirs(i: int) -> int:
         ids, mask = left_pad(prompts[i * 8:][:8], tokenizer.pad_token_id)
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
+            out = plain.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
                                  top_p=1.0, max_new_tokens=16, min_new_tokens=16, num_return_sequences=4,
                                  pad_token_id=tokenizer.pad_token_id)
         return int((out.shape[1] - ids.shape[1]) * out.shape[0])

@@ -16,7 +16,7 @@ def reward_model(tiny, sft_run, tmp_path_factory):
     data = tiny["data"]
     run_rm(RMConfig(model=str(sft_run["out"] / "model"), train_data=str(data / "rankings_train.jsonl"),
                     max_length=64, center_coef=0.01,
-                    train=quiet_train(out, max_steps=1200, batch_size=32, lr=2e-3, warmup_steps=20, log_every=50)))
+                    train=quiet_train(out, max_steps=3000, batch_size=32, lr=2e-3, warmup_steps=20, log_every=50)))
     return out / "model"
 
 
@@ -26,7 +26,7 @@ def _cfg(tiny, sft_run, reward_model, out, steps, **kw):
                 train_data=str(data / "prompts_train.jsonl"), eval_data=str(data / "prompts_eval.jsonl"),
                 critic=str(sft_run["out"] / "snapshot"), critic_lr=1e-3, lam=1.0,
                 eval_limit=300, prompts_per_step=32, minibatch_size=16, ppo_epochs=2, kl_coef=0.05,
-                train=quiet_train(out, max_steps=steps, lr=1e-4, schedule="constant", log_every=10))
+                train=quiet_train(out, max_steps=steps, lr=1e-5, schedule="constant", log_every=10))
     base.update(kw)
     return PPOConfig(**base)
 
@@ -50,14 +50,15 @@ def test_ptx_adds_exactly_coef_times_the_sft_loss(tiny, sft_run, reward_model, t
 
 def test_ppo_raises_rm_score_and_accuracy_with_bounded_kl(tiny, sft_run, reward_model, tmp_path):
     summary = run_ppo(_cfg(tiny, sft_run, reward_model, tmp_path / "ppo", steps=600))
-    # Stated bars (600 steps of 32 prompts, ~45 s): the held-out RM score (what PPO optimises)
-    # rises by >= 0.3, the sampled KL to the reference stays under 2 nats, and exact-match accuracy
-    # does not fall by more than 0.05. Measured here: RM score 6.34 -> 7.13, accuracy 0.707 -> 0.803,
-    # KL 0.60; with foreach instead of fused AdamW the same test gave 5.52 -> 6.33 and 0.63 -> 0.64,
-    # so a rise in accuracy is not asserted (see the issue note).
-    assert summary["rm_score"] > summary["rm_score_before"] + 0.3, summary
-    assert summary["accuracy"] >= summary["accuracy_before"] - 0.05, summary
-    assert 0.0 <= summary["kl"] < 2.0
+    # Stated bars (600 steps of 32 prompts, ~45 s): the held-out RM score rises by >= 0.15,
+    # held-out exact match by >= 0.05, the sampled KL to the reference stays under 1 nat.
+    # Measured on two SFT/RM seeds outside the suite: accuracy 0.547 -> 0.830 and 0.537 -> 0.657,
+    # RM score 7.92 -> 8.28 and 7.58 -> 8.19, KL 0.24 and 0.22. Two things made it reliable: an
+    # RM trained to 3000 steps (at 1200 its top-1 on the policy's own samples was ~0.75 and
+    # PPO had nothing to climb) and lr 1e-5 (1e-4 with 4 Adam steps a batch drifted at random).
+    assert summary["rm_score"] > summary["rm_score_before"] + 0.15, summary
+    assert summary["accuracy"] > summary["accuracy_before"] + 0.05, summary
+    assert 0.0 <= summary["kl"] < 1.0
     assert (tmp_path / "ppo" / "critic" / "config.json").is_file()
 
 

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from helpers import quiet_train
 
@@ -46,14 +47,14 @@ def test_rm_learns_rankings_and_saves_a_plain_classifier(tiny, sft_run, tmp_path
     data = tiny["data"]
     cfg = RMConfig(model=str(sft_run["out"] / "model"), train_data=str(data / "rankings_train.jsonl"),
                    eval_data=str(data / "rankings_eval.jsonl"), max_length=64, eval_limit=300,
-                   train=quiet_train(tmp_path / "rm", max_steps=300, batch_size=32, lr=1e-3, warmup_steps=20,
+                   train=quiet_train(tmp_path / "rm", max_steps=500, batch_size=32, lr=2e-3, warmup_steps=20,
                                      log_every=10))
     tok = load_tokenizer(cfg.model)
     held_out, _ = encode_rankings(read_rows(data / "rankings_eval.jsonl")[:300], tok, 64)
     before = ranking_metrics(load_reward_model(cfg.model, tok), held_out, tok.pad_token_id)
     summary = run_rm(cfg)
-    # Stated bar for the suite (300 steps, ~15 s): >= 0.85 held-out pairwise accuracy; the demo
-    # trains 600 steps and shows >= 0.90.
+    # Stated bar for the suite (500 steps, ~20 s): >= 0.85 held-out pairwise accuracy (300 steps at
+    # lr 1e-3 gave 0.83-0.9 depending on the SFT model's numerics); the demo trains 3000 steps.
     assert summary["pairwise_accuracy"] >= 0.85 > before["pairwise_accuracy"] + 0.2
     assert summary["kendall_tau"] > 0.6
 
@@ -67,3 +68,16 @@ def test_rm_learns_rankings_and_saves_a_plain_classifier(tiny, sft_run, tmp_path
         mine = reward_scores(ours, batch.input_ids, batch.attention_mask)
     assert torch.allclose(theirs, mine, atol=1e-5)
     assert ranking_metrics(ours, held_out, tok.pad_token_id)["pairwise_accuracy"] == summary["pairwise_accuracy"]
+
+
+def test_ranking_stats_by_hand():
+    from rlhfkit.methods.rm import ranking_stats
+
+    # row 0: ranks 0,1,2 scored 3,1,2 -> pairs (0>1 ok, 0>2 ok, 1>2 wrong): 2 of 3, tau 1/3, top-1 hit
+    # row 1: K=2 (third slot padding), ranks 0,1 scored 0,5 -> 0 of 1, tau -1, top-1 miss
+    rewards = torch.tensor([[3.0, 1.0, 2.0], [0.0, 5.0, 9.0]])
+    ranks = torch.tensor([[0, 1, 2], [0, 1, 2]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    stats = ranking_stats(rewards, ranks, mask)
+    assert (stats["correct"], stats["pairs"], stats["top1"]) == (2, 4, 1)
+    assert stats["taus"] == pytest.approx([1 / 3, -1.0])

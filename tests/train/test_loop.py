@@ -46,11 +46,18 @@ def _run(setup, out, crash_at_step=None, **kw):
 def test_accumulation_2x8_equals_batch_16(setup, tmp_path):
     a, _ = _run(setup, tmp_path / "a", max_steps=1, batch_size=16, lr=1e-3, schedule="constant")
     b, _ = _run(setup, tmp_path / "b", max_steps=1, batch_size=16, micro_batch_size=8, lr=1e-3, schedule="constant")
+    (ma,), (mb,) = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert mb["train/loss"] == pytest.approx(ma["train/loss"], rel=1e-6)
+    assert mb["train/grad_norm"] == pytest.approx(ma["train/grad_norm"], rel=1e-5)
     base, _ = load_policy(str(setup[0]["base"]), None)
-    moved = 0.0
-    for (name, pa), pb, p0 in zip(a.named_parameters(), b.parameters(), base.parameters()):
-        assert torch.allclose(pa, pb, atol=1e-6, rtol=0), name
+    moved, differ, total = 0.0, 0, 0
+    for pa, pb, p0 in zip(a.parameters(), b.parameters(), base.parameters()):
+        # Adam's first step moves each weight by lr * g / (|g| + eps): the same in both runs except
+        # where |g| is near eps, where summation order alone can flip it.
+        differ += int(((pa - pb).abs() > 1e-6).sum())
+        total += pa.numel()
         moved = max(moved, (pa - p0).abs().max().item())
+    assert differ <= total * 1e-3, (differ, total)
     assert moved > 1e-4  # the step really changed the weights (Adam moves each by ~lr)
 
 

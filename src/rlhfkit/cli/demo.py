@@ -54,13 +54,13 @@ def _stage_rm(ctx: dict) -> dict:
     cfg = RMConfig(model=ctx["sft_model"], train_data=str(data / "rankings_train.jsonl"),
                    eval_data=str(data / "rankings_eval.jsonl"), max_length=64, eval_limit=500,
                    center_coef=0.01,  # scores comparable across prompts, for the PPO stage
-                   train=TrainConfig(out_dir=str(ctx["out"] / "rm"), max_steps=300 if ctx["quick"] else 1200,
+                   train=TrainConfig(out_dir=str(ctx["out"] / "rm"), max_steps=1000 if ctx["quick"] else 3000,
                                      batch_size=32, lr=2e-3, warmup_steps=20, eval_every=200, log_every=10,
                                      seed=ctx["seed"], tensorboard=False))
     result = run_rm(cfg)
     ctx["rm_model"] = str(ctx["out"] / "rm" / "model")
     return {"pairwise_accuracy": result["pairwise_accuracy"], "kendall_tau": result["kendall_tau"],
-            "steps": result["steps"]}
+            "top1_accuracy": result["top1_accuracy"], "steps": result["steps"]}
 
 
 def _stage_dpo(ctx: dict) -> dict:
@@ -121,7 +121,7 @@ def _stage_ppo(ctx: dict) -> dict:
                     eval_limit=500, prompts_per_step=32, minibatch_size=16, ppo_epochs=2, kl_coef=0.05, lam=1.0,
                     critic_lr=1e-3,
                     train=TrainConfig(out_dir=str(ctx["out"] / "ppo"), max_steps=200 if ctx["quick"] else 600,
-                                      lr=1e-4, schedule="constant", eval_every=100, log_every=10, seed=ctx["seed"],
+                                      lr=1e-5, schedule="constant", eval_every=100, log_every=10, seed=ctx["seed"],
                                       tensorboard=False))
     result = run_ppo(cfg)
     return {k: result[k] for k in ("rm_score", "rm_score_before", "accuracy", "accuracy_before", "kl", "steps")}

@@ -48,27 +48,42 @@ def rm_objective(center_coef: float = 0.0) -> Objective:
     return Objective(counts, loss)
 
 
+def ranking_stats(rewards: torch.Tensor, ranks: torch.Tensor, mask: torch.Tensor) -> dict:
+    """Sums over a batch of (P, K) scored rankings: concordant pairs, pairs, per-row Kendall tau, top-1 hits."""
+    m = mask.bool()
+    better = (ranks[:, :, None] < ranks[:, None, :]) & m[:, :, None] & m[:, None, :]
+    diff = rewards[:, :, None] - rewards[:, None, :]
+    n = better.sum((1, 2)).float()
+    concordant = ((diff > 0) & better).sum((1, 2)).float()
+    discordant = ((diff < 0) & better).sum((1, 2)).float()
+    top = rewards.masked_fill(~m, float("-inf")).argmax(-1)  # (P,)
+    best = ranks.masked_fill(~m, torch.iinfo(ranks.dtype).max).min(-1).values
+    return {"correct": int(concordant.sum()), "pairs": int(n.sum()),
+            "taus": ((concordant - discordant) / n.clamp(min=1)).tolist(),
+            "top1": int((ranks.gather(1, top[:, None]).squeeze(1) == best).sum())}
+
+
 @torch.no_grad()
 def ranking_metrics(model, examples, pad_id: int, batch_size: int = 64) -> dict:
-    """Held-out pairwise accuracy over all pairs, and mean Kendall tau per ranking."""
+    """Held-out pairwise accuracy over all pairs, mean Kendall tau per ranking, and top-1 accuracy.
+
+    Top-1: how often a best-ranked output gets the ranking's highest score. Far-off outputs make
+    most pairs easy; top-1 shows whether the model also tells the best from the near misses,
+    which is what a policy optimised against it will exploit.
+    """
     was_training = model.training
     model.eval()
-    correct = pairs = 0
+    correct = pairs = top1 = 0
     taus = []
     for i in range(0, len(examples), batch_size):
         batch = collate_rankings(examples[i: i + batch_size], pad_id)
         rewards = batch.grid(reward_scores(model, batch.input_ids, batch.attention_mask))
-        r, m = batch.ranks, batch.mask.bool()
-        better = (r[:, :, None] < r[:, None, :]) & m[:, :, None] & m[:, None, :]
-        diff = rewards[:, :, None] - rewards[:, None, :]
-        n = better.sum((1, 2)).float()
-        concordant = ((diff > 0) & better).sum((1, 2)).float()
-        discordant = ((diff < 0) & better).sum((1, 2)).float()
-        correct += int(concordant.sum())
-        pairs += int(n.sum())
-        taus.extend(((concordant - discordant) / n.clamp(min=1)).tolist())
+        stats = ranking_stats(rewards, batch.ranks, batch.mask)
+        correct, pairs, top1 = correct + stats["correct"], pairs + stats["pairs"], top1 + stats["top1"]
+        taus.extend(stats["taus"])
     model.train(was_training)
-    return {"pairwise_accuracy": correct / max(pairs, 1), "kendall_tau": sum(taus) / len(taus), "pairs": pairs}
+    return {"pairwise_accuracy": correct / max(pairs, 1), "kendall_tau": sum(taus) / len(taus),
+            "top1_accuracy": top1 / max(len(taus), 1), "pairs": pairs}
 
 
 def run_rm(cfg: RMConfig) -> dict:
@@ -86,5 +101,5 @@ def run_rm(cfg: RMConfig) -> dict:
     summary = {"steps": result.steps, "loss": result.metrics.get("loss"), "length_report": report.summary(),
                "evals": result.evals}
     if result.evals:
-        summary.update({k: result.evals[-1][k] for k in ("pairwise_accuracy", "kendall_tau")})
+        summary.update({k: result.evals[-1][k] for k in ("pairwise_accuracy", "kendall_tau", "top1_accuracy")})
     return finish(model, tokenizer, cfg, cfg.train.out_dir, summary)

@@ -31,7 +31,7 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
     Skipping the prompt positions' logits is the main saving for short answers after long
     prompts. With ``with_entropy`` also returns the (B, T) entropy of the next-token
-    distribution at the same positions.
+    distribution at the same positions (a metric: computed without gradient).
     """
     hidden = hidden_states(model, input_ids, attention_mask)[:, :-1]  # (B, T-1, H)
     targets = input_ids[:, 1:]  # (B, T-1)
@@ -42,7 +42,9 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     logprobs = _unselect(picked, select)
     if not with_entropy:
         return logprobs
-    return logprobs, _unselect(-(logp_all.exp() * logp_all).sum(-1), select)
+    with torch.no_grad():
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logprobs, _unselect(entropy, select)
 
 
 def _unselect(values: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
