@@ -10,12 +10,13 @@ needs_onednn = pytest.mark.skipif(not onednn_linear_available(), reason="no oneD
 @needs_onednn
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(7, 16), (3, 5, 16), (2, 3, 4, 16)])
-def test_fast_linear_matches_f_linear_forward_and_all_gradients(shape, bias):
+@pytest.mark.parametrize("out_features", [24, 40])  # 40 >= 2 x 16: the transposed weight-gradient path
+def test_fast_linear_matches_f_linear_forward_and_all_gradients(shape, bias, out_features):
     torch.manual_seed(0)
     x = torch.randn(shape, requires_grad=True)
-    w = torch.randn(24, 16, requires_grad=True)
-    b = torch.randn(24, requires_grad=True) if bias else None
-    grad_out = torch.randn(*shape[:-1], 24)
+    w = torch.randn(out_features, 16, requires_grad=True)
+    b = torch.randn(out_features, requires_grad=True) if bias else None
+    grad_out = torch.randn(*shape[:-1], out_features)
     ours = linear(x, w, b)
     (ours * grad_out).sum().backward()
     got = [x.grad.clone(), w.grad.clone()] + ([b.grad.clone()] if bias else [])
@@ -30,7 +31,8 @@ def test_fast_linear_matches_f_linear_forward_and_all_gradients(shape, bias):
     for g, h in zip(got, want):
         torch.testing.assert_close(g, h, atol=1e-4, rtol=1e-5)
     # dL/dW = g^T x and dL/db = sum g, written out
-    torch.testing.assert_close(got[1], grad_out.reshape(-1, 24).T @ x.detach().reshape(-1, 16), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(got[1], grad_out.reshape(-1, out_features).T @ x.detach().reshape(-1, 16), atol=1e-4,
+                               rtol=1e-5)
 
 
 @needs_onednn

@@ -61,7 +61,11 @@ class _OneDNNLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = _onednn(g2d, weight.t(), None).view(*grad.shape[:-1], weight.shape[1])
         if ctx.needs_input_grad[1]:
-            grad_w = _onednn(g2d.t(), x2d.t(), None)  # (out, in) = g^T x
+            # oneDNN copies its first operand to a contiguous one: transpose the narrower of g and x
+            if g2d.shape[1] >= 2 * x2d.shape[1]:
+                grad_w = _onednn(x2d.t(), g2d.t(), None).t().contiguous()  # ((in, out) = x^T g)^T
+            else:
+                grad_w = _onednn(g2d.t(), x2d.t(), None)  # (out, in) = g^T x
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g2d.sum(0)
         return grad_x, grad_w, grad_b
