@@ -25,7 +25,7 @@ from ..rollout.evaluate import accuracy_of, greedy_completions
 from ..rollout.sampler import Samples, completion_logprobs, sample
 from ..train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ..train.config import TrainConfig, to_dict
-from ..train.dist import broadcast_params, init_distributed
+from ..train.dist import DistInfo, all_reduce_sum, broadcast_params, init_distributed
 from ..train.logging import MetricsLogger, progress
 from ..train.loop import BatchOrder, prepare_out_dir, seed_everything
 from ..train.optim import build_optimizer, build_scheduler, optimizer_step
@@ -101,13 +101,15 @@ def shape_scores(raw: torch.Tensor, finished: torch.Tensor, cfg: PPOConfig) -> t
 
 @torch.no_grad()
 def make_experience(models: dict, tokenizer, prompt_ids: list, cfg: PPOConfig, beta: float,
-                    live_rows: torch.Tensor | None = None) -> tuple[Experience, dict]:
+                    live_rows: torch.Tensor | None = None, info: DistInfo | None = None) -> tuple[Experience, dict]:
     """Sample, score, and turn the scores into per-token advantages and returns.
 
     ``live_rows``: the rows of the first minibatch the update will train on. Their critic forward
     runs with gradients here and its values serve twice: detached as V_old for GAE, and with
     their graph as the first minibatch's V (the critic has not changed yet, so both are the same
     numbers); one no-grad critic forward fewer per step (with one minibatch, none at all).
+    Under torchrun each rank holds its share of the prompts; advantages are whitened with the
+    statistics of all ranks' tokens, as one process holding the whole batch would.
     """
     actor, critic, reward, reference = models["actor"], models["critic"], models["reward"], models["reference"]
     t0 = time.time()
@@ -123,10 +125,23 @@ def make_experience(models: dict, tokenizer, prompt_ids: list, cfg: PPOConfig, b
     scores = shape_scores(raw, samples.finished, cfg)
     rewards, kl = kl_penalty_rewards(old_logprobs, ref_logprobs, scores, mask, beta)
     advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
-    advantages = masked_whiten(advantages, mask) * mask
+    advantages = whiten_across_ranks(advantages, mask, info) * mask
     exp = Experience(samples, old_logprobs, old_values, advantages, returns, mask, scores, raw, kl, live_rows,
                      live_values)
     return exp, {"time_generation_s": t1 - t0, "time_scoring_s": t2 - t1}
+
+
+def whiten_across_ranks(values: torch.Tensor, mask: torch.Tensor, info: DistInfo | None) -> torch.Tensor:
+    """``masked_whiten`` over the masked entries of every rank (one all-reduce of three sums)."""
+    if info is None or not info.enabled:
+        return masked_whiten(values, mask)
+    m = mask.to(torch.float64)
+    v = values.to(torch.float64)
+    sums = all_reduce_sum(torch.stack([(v * m).sum(), (v * v * m).sum(), m.sum()]), info)
+    n = sums[2].clamp(min=2)
+    mean = sums[0] / n
+    var = (sums[1] - n * mean * mean) / (n - 1)
+    return ((v - mean) * torch.rsqrt(var + 1e-8)).to(values.dtype)
 
 
 def critic_values(critic, samples: Samples, live_rows: torch.Tensor | None):
@@ -146,10 +161,12 @@ def critic_values(critic, samples: Samples, live_rows: torch.Tensor | None):
 
 
 def minibatch_loss(actor, critic, exp: Experience, index: torch.Tensor, cfg: PPOConfig, ptx_batch=None,
-                   values: torch.Tensor | None = None):
+                   values: torch.Tensor | None = None, info: DistInfo | None = None):
     """policy loss + value loss (+ ptx_coef * SFT loss on ``ptx_batch``) for the rows ``index``.
 
     ``values``: the critic's values for these rows when already computed with their graph.
+    Under torchrun each token mean is taken over the minibatch's tokens on all ranks, so that the
+    gradients the ranks sum are those of one process holding the whole minibatch.
     """
     part = exp.samples.rows(index)
     mask = exp.mask[index]
@@ -158,15 +175,23 @@ def minibatch_loss(actor, critic, exp: Experience, index: torch.Tensor, cfg: PPO
     if values is None:
         values = completion_values(critic, part)
     val, val_stats = value_loss(values, exp.old_values[index], exp.returns[index], mask, cfg.eps_value)
-    loss = pol + val
+    loss = (pol + val) * rank_share(mask.sum(), info)
     stats = {"policy_loss": pol.detach(), "value_loss": val.detach(), "entropy": masked_mean(entropy.detach(), mask),
              **pol_stats, **val_stats}
     if ptx_batch is not None and cfg.ptx_coef > 0:
         ptx_lp = token_logprobs(actor, ptx_batch.input_ids, ptx_batch.attention_mask, ptx_batch.completion_mask)
         ptx, _ = sft_loss(ptx_lp, ptx_batch.completion_mask)
-        loss = loss + cfg.ptx_coef * ptx
+        loss = loss + cfg.ptx_coef * ptx * rank_share(ptx_batch.completion_mask.sum(), info)
         stats["ptx_loss"] = ptx.detach()
     return loss, stats
+
+
+def rank_share(local_count: torch.Tensor, info: DistInfo | None) -> torch.Tensor | float:
+    """This rank's share of a count summed over ranks (1.0 in a single process)."""
+    if info is None or not info.enabled:
+        return 1.0
+    local = local_count.detach().to(torch.float64)
+    return (local / all_reduce_sum(local.clone(), info).clamp(min=1)).float()
 
 
 def ppo_update(models: dict, trained, optimizer, scheduler, exp: Experience, cfg: PPOConfig, info, step: int,
@@ -176,15 +201,16 @@ def ppo_update(models: dict, trained, optimizer, scheduler, exp: Experience, cfg
     ``first_perm``: the first epoch's row order (it starts with ``exp.live_rows``)."""
     trained.train()
     n_rows = exp.mask.shape[0]
-    minibatches = n_rows // cfg.minibatch_size
+    size = cfg.minibatch_size // info.world_size  # this rank's part of each minibatch
+    minibatches = n_rows // size
     stats_sum: dict = {}
     for epoch in range(cfg.ppo_epochs):
         perm = first_perm if epoch == 0 else torch.randperm(n_rows)
         for k in range(minibatches):
-            index = perm[k * cfg.minibatch_size: (k + 1) * cfg.minibatch_size]
+            index = perm[k * size: (k + 1) * size]
             ptx_batch = ptx_batches[epoch * minibatches + k] if ptx_batches else None
             live = exp.live_values if epoch == 0 and k == 0 else None  # the same rows: perm starts with live_rows
-            loss, stats = minibatch_loss(models["actor"], models["critic"], exp, index, cfg, ptx_batch, live)
+            loss, stats = minibatch_loss(models["actor"], models["critic"], exp, index, cfg, ptx_batch, live, info)
             loss.backward()
             optimizer_step(trained, optimizer, scheduler, cfg.train.max_grad_norm, info, step + 1,
                            clip_apart=[models["actor"], models["critic"]])
@@ -224,8 +250,15 @@ def evaluate(models: dict, tokenizer, rows, cfg: PPOConfig) -> dict:
     return out
 
 
+def check_batch_sizes(cfg: PPOConfig, world_size: int) -> None:
+    if cfg.prompts_per_step % cfg.minibatch_size or cfg.minibatch_size % world_size:
+        raise ValueError(f"ppo: prompts_per_step ({cfg.prompts_per_step}) must be a multiple of minibatch_size "
+                         f"({cfg.minibatch_size}), and minibatch_size a multiple of the number of ranks ({world_size})")
+
+
 def run_ppo(cfg: PPOConfig) -> dict:
     info = init_distributed()
+    check_batch_sizes(cfg, info.world_size)
     tc = cfg.train
     prepare_out_dir(tc, info)
     seed_everything(tc.seed + info.rank)
@@ -257,18 +290,22 @@ def run_ppo(cfg: PPOConfig) -> dict:
         prompt_ids = [encode_prompt(tokenizer, prompt_text(r, tokenizer), chat="messages" in r.data) for r in batch_rows]
         first_perm = torch.randperm(len(prompt_ids))
         exp, metrics = make_experience(models, tokenizer, prompt_ids, cfg, kl_ctl.beta,
-                                       live_rows=first_perm[: cfg.minibatch_size])
+                                       live_rows=first_perm[: cfg.minibatch_size // info.world_size], info=info)
         t0 = time.time()
         ptx_batches = None
         if ptx_order is not None:
             first = step * cfg.ppo_epochs * minibatches
-            ptx_batches = [collate_sft([ptx[i] for i in ptx_order.indices(first + n)], tokenizer.pad_token_id)
+            ptx_batches = [collate_sft([ptx[i] for i in ptx_order.indices(first + n)[info.rank::info.world_size]],
+                                       tokenizer.pad_token_id)
                            for n in range(cfg.ppo_epochs * minibatches)]
         stats_sum = ppo_update(models, trained, optimizer, scheduler, exp, cfg, info, step, ptx_batches, first_perm)
-        kl_seq = exp.kl.sum(-1).mean().item()  # KL(pi || pi_ref) per completion, sampled estimate
+        # KL(pi || pi_ref) per completion, sampled estimate, over all ranks' completions
+        kl_sum, n_seq = all_reduce_sum(torch.tensor([exp.kl.sum().item(), exp.kl.shape[0]], dtype=torch.float64),
+                                       info).tolist()
+        kl_seq = kl_sum / n_seq
         kls.append(kl_seq)
         if cfg.target_kl is not None:
-            kl_ctl.update(kl_seq, len(prompt_ids))
+            kl_ctl.update(kl_seq, int(n_seq))
         lengths = exp.mask.sum(-1).float()
         metrics.update(stats_sum, time_update_s=time.time() - t0, rm_score=exp.raw_scores.mean().item(),
                        score=exp.scores.mean().item(), kl=kl_seq, kl_coef=kl_ctl.beta,
