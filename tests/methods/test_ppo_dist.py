@@ -12,8 +12,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from rlhfkit.data.rows import read_rows
-from rlhfkit.methods.ppo import PPOConfig, load_models, make_experience, minibatch_loss, whiten_across_ranks
-from rlhfkit.train.dist import DistInfo, all_reduce_grads
+from rlhfkit.losses.reduce import masked_whiten
+from rlhfkit.methods.ppo import PPOConfig, load_models, make_experience, minibatch_loss
+from rlhfkit.train.dist import DistInfo, all_reduce_grads, all_reduce_sum
 
 
 def _experience(base: str, data: str):
@@ -41,7 +42,7 @@ def _rank(rank: int, base: str, data: str, out: str, init: str) -> None:
     all_reduce_grads(torch.nn.ModuleDict({"a": models["actor"], "c": models["critic"]}), info)
     torch.manual_seed(1)
     values, mask = torch.randn(16, 5), (torch.rand(16, 5) > 0.3).float()
-    mine = whiten_across_ranks(values[rank::2], mask[rank::2], info)
+    mine = masked_whiten(values[rank::2], mask[rank::2], total=lambda sums: all_reduce_sum(sums, info))
     torch.save({"grads": _grads(models), "whitened": mine}, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -61,6 +62,6 @@ def test_two_ranks_give_the_one_process_gradients_and_whitening(tiny, tmp_path):
 
     torch.manual_seed(1)
     values, mask = torch.randn(16, 5), (torch.rand(16, 5) > 0.3).float()
-    whole = whiten_across_ranks(values, mask, None)
+    whole = masked_whiten(values, mask)
     for rank, r in enumerate(ranks):
         torch.testing.assert_close(r["whitened"] * mask[rank::2], whole[rank::2] * mask[rank::2], atol=1e-5, rtol=1e-5)

@@ -41,11 +41,18 @@ def seq_mean_token_sum_norm(values: torch.Tensor, mask: torch.Tensor, max_tokens
     return masked_sum(values, mask) / (denom * max_tokens)
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / std over the masked entries only (unbiased variance, as in PPO implementations)."""
-    mean = masked_mean(values, mask)
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  total=None) -> torch.Tensor:
+    """(x - mean) / std over the masked entries only (unbiased variance, as in PPO implementations).
+
+    ``total``: how a tensor of partial sums becomes the whole's (default: as is); e.g. an
+    all-reduce, so that several ranks whiten with the statistics of all their entries.
+    """
+    total = total or (lambda sums: sums)
+    mask = mask.to(values.dtype)
+    sum_x, count = total(torch.stack([masked_sum(values, mask), mask.sum()]))
+    mean = sum_x / count.clamp(min=1)
     centred = values - mean
-    n = mask.sum().clamp(min=2)
-    var = masked_sum(centred**2, mask) / (n - 1)
+    var = total(masked_sum(centred**2, mask)) / (count.clamp(min=2) - 1)
     out = centred * torch.rsqrt(var + eps)
     return out if shift_mean else out + mean

@@ -77,8 +77,7 @@ class Experience:
     scores: torch.Tensor  # (B,) after scaling, penalty, whitening and clipping
     raw_scores: torch.Tensor  # (B,) the reward model's
     kl: torch.Tensor  # (B, C) log pi_old - log pi_ref
-    live_rows: torch.Tensor | None = None  # the first minibatch's rows ...
-    live_values: torch.Tensor | None = None  # ... and their critic values with the graph (see make_experience)
+    live_values: torch.Tensor | None = None  # the first minibatch's critic values, with the graph (make_experience)
 
 
 def completion_values(critic, samples: Samples) -> torch.Tensor:
@@ -125,23 +124,9 @@ def make_experience(models: dict, tokenizer, prompt_ids: list, cfg: PPOConfig, b
     scores = shape_scores(raw, samples.finished, cfg)
     rewards, kl = kl_penalty_rewards(old_logprobs, ref_logprobs, scores, mask, beta)
     advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
-    advantages = whiten_across_ranks(advantages, mask, info) * mask
-    exp = Experience(samples, old_logprobs, old_values, advantages, returns, mask, scores, raw, kl, live_rows,
-                     live_values)
+    advantages = masked_whiten(advantages, mask, total=lambda sums: all_reduce_sum(sums, info or DistInfo())) * mask
+    exp = Experience(samples, old_logprobs, old_values, advantages, returns, mask, scores, raw, kl, live_values)
     return exp, {"time_generation_s": t1 - t0, "time_scoring_s": t2 - t1}
-
-
-def whiten_across_ranks(values: torch.Tensor, mask: torch.Tensor, info: DistInfo | None) -> torch.Tensor:
-    """``masked_whiten`` over the masked entries of every rank (one all-reduce of three sums)."""
-    if info is None or not info.enabled:
-        return masked_whiten(values, mask)
-    m = mask.to(torch.float64)
-    v = values.to(torch.float64)
-    sums = all_reduce_sum(torch.stack([(v * m).sum(), (v * v * m).sum(), m.sum()]), info)
-    n = sums[2].clamp(min=2)
-    mean = sums[0] / n
-    var = (sums[1] - n * mean * mean) / (n - 1)
-    return ((v - mean) * torch.rsqrt(var + 1e-8)).to(values.dtype)
 
 
 def critic_values(critic, samples: Samples, live_rows: torch.Tensor | None):
@@ -198,7 +183,7 @@ def ppo_update(models: dict, trained, optimizer, scheduler, exp: Experience, cfg
                ptx_batches: list | None, first_perm: torch.Tensor) -> dict:
     """``ppo_epochs`` passes of shuffled minibatches over one rollout batch; returns mean stats.
 
-    ``first_perm``: the first epoch's row order (it starts with ``exp.live_rows``)."""
+    ``first_perm``: the first epoch's row order (it starts with make_experience's ``live_rows``)."""
     trained.train()
     n_rows = exp.mask.shape[0]
     size = cfg.minibatch_size // info.world_size  # this rank's part of each minibatch

@@ -45,13 +45,17 @@ def _applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and not torch.is_autocast_enabled("cpu") and onednn_linear_available())
 
 
+def _onednn_nd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``_onednn`` for inputs of any rank: (..., in) -> (..., out)."""
+    return _onednn(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+
 class _OneDNNLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
-        x2d = x.reshape(-1, x.shape[-1])
-        ctx.save_for_backward(x2d, weight)
+        ctx.save_for_backward(x.reshape(-1, x.shape[-1]), weight)
         ctx.has_bias = bias is not None
-        return _onednn(x2d, weight, bias).view(*x.shape[:-1], weight.shape[0])
+        return _onednn_nd(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
@@ -77,7 +81,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.linear(x, weight, bias)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
         return _OneDNNLinear.apply(x, weight, bias)
-    return _onednn(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
+    return _onednn_nd(x, weight, bias)
 
 
 class FastLinear(torch.nn.Linear):
