@@ -63,7 +63,7 @@ def assets(args) -> dict:
         return {"model": args.model, "tokenizer": args.tokenizer, "data": Path(args.data), "rm": args.rm}
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from rlhfkit.data.synthetic import write_task_files
+    from rlhfkit.tasks.arithmetic_files import write_task_files
 
     root = Path(tempfile.mkdtemp(prefix="rlhfkit-bench-"))
     files = write_task_files(root / "data", seed=0)
@@ -225,9 +225,12 @@ def bench_generate(args) -> dict:
 
 def bench_grpo(args) -> dict:
     from rlhfkit.losses.grpo import group_advantages
-    from rlhfkit.methods.grpo import GRPOConfig, update
-    from rlhfkit.rollout.rewards import contains_answer, score_outcomes
+    from rlhfkit.methods.grpo import GRPOConfig, Rollout, update
+    from rlhfkit.rollout.rewards import score_outcomes
     from rlhfkit.rollout.sampler import decode, sample
+    from rlhfkit.tasks.arithmetic import contains_answer
+    from rlhfkit.train.config import TrainConfig
+    from rlhfkit.train.run import Run
 
     paths = assets(args)
     model, tokenizer = load_policy(paths["model"], paths["tokenizer"])
@@ -235,6 +238,8 @@ def bench_grpo(args) -> dict:
     cfg = GRPOConfig(group_size=4, prompts_per_step=8, max_new_tokens=16, beta=0.0, mu=1)
     optimizer = build_optimizer(model, SETTINGS["lr"])
     scheduler = build_scheduler(optimizer, 10**9, 0, "constant")
+    run = Run(TrainConfig(max_grad_norm=SETTINGS["max_grad_norm"]), {}, DistInfo(), "bench", "rollout step",
+              modules=(model, optimizer, scheduler))
     sampled, trained = [], []
 
     def step(i: int) -> float:
@@ -245,7 +250,7 @@ def bench_grpo(args) -> dict:
         answers = [rows[j % len(rows)].data["answer"] for j in chunk for _ in range(4)]
         scores = score_outcomes([contains_answer], [1.0], [""] * len(texts), texts, {"answer": answers})
         adv = group_advantages(scores.rewards, 4)[:, None].expand(-1, samples.completion_ids.shape[1])
-        metrics = update(model, None, optimizer, scheduler, samples, adv, cfg, DistInfo(), i)
+        metrics = update(run, model, None, Rollout(samples, scores, adv, 0.0), cfg, exact=True)
         sampled.append(int(samples.completion_mask.sum()))
         trained.append(int(samples.attention_mask.sum()))
         return metrics["loss"]
@@ -262,6 +267,7 @@ def bench_ppo(args) -> dict:
     from rlhfkit.methods.ppo import PPOConfig, load_models, make_experience, minibatch_loss
     from rlhfkit.models.load import load_tokenizer
     from rlhfkit.models.reward import load_reward_model
+    from rlhfkit.rollout.backend import SamplerBackend
 
     paths = assets(args)
     rm = paths["rm"]
@@ -279,11 +285,12 @@ def bench_ppo(args) -> dict:
 
     def step(i: int) -> float:
         start = time.perf_counter()
-        rows = torch.arange(32)  # one minibatch: the critic's values of the update's forward are V_old
-        exp, times = make_experience(models, tokenizer, [prompts[(i * 32 + j) % len(prompts)] for j in range(32)], cfg,
-                                     cfg.kl_coef, live_rows=rows)
+        # one minibatch: the critic's values of the update's forward are V_old
+        exp, times = make_experience(models, SamplerBackend(tokenizer, models["actor"]),
+                                     [prompts[(i * 32 + j) % len(prompts)] for j in range(32)], cfg, cfg.kl_coef)
         trained.train()
-        loss, _ = minibatch_loss(models["actor"], models["critic"], exp, rows, cfg, values=exp.live_values)
+        loss, _ = minibatch_loss(models["actor"], models["critic"], exp, exp.first_order, cfg,
+                                 {"tokens": exp.mask.sum().item()}, values=exp.take_first_values())
         loss.backward()
         optimizer_step(trained, optimizer, scheduler, SETTINGS["max_grad_norm"], DistInfo(), i,
                        clip_apart=[models["actor"], models["critic"]])

@@ -91,3 +91,36 @@ def test_reductions_differ_as_documented():
     assert paper.item() == pytest.approx((1.0 + 2.0) / 2)
     assert dapo.item() == pytest.approx(6.0 / 5)
     assert dr.item() == pytest.approx(6.0 / (2 * 4))
+
+
+def test_a_group_of_equal_rewards_gets_exactly_zero():
+    # In fp32 the mean of eight 0.7s is not 0.7: before the fix (0.7 - mean) / (std + 1e-4) was ~6e-4,
+    # which DAPO's dynamic sampling read as signal.
+    rewards = torch.full((8,), 0.7)
+    assert torch.all(group_advantages(rewards, 8) == 0)
+    assert torch.all(group_advantages(rewards, 8, scale_std=False) == 0)
+    steps = process_advantages([[1, 2], [0]], [[0.7, 0.7], [0.7]], group_size=2, length=3)
+    assert torch.all(steps == 0)
+
+
+def test_group_size_one_is_refused():
+    with pytest.raises(ValueError, match="group_size must be at least 2"):
+        group_advantages(torch.tensor([1.0, 0.0]), 1)
+    from rlhfkit.methods.grpo import GRPOConfig
+    from rlhfkit.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="'group_size' must be >= 2"):
+        GRPOConfig(group_size=1)
+
+
+def test_clip_higher_by_hand():
+    # eps_low 0.2, eps_high 0.28: a ratio of 1.25 with A > 0 is inside [0.8, 1.28], so not clipped
+    # (it would be with the symmetric 0.2); 1.35 is clipped to 1.28; 0.7 with A < 0 is clipped to 0.8.
+    old = torch.zeros(1, 3)
+    lp = torch.log(torch.tensor([[1.25, 1.35, 0.7]]))
+    adv = torch.tensor([[1.0, 1.0, -1.0]])
+    loss, m = grpo_loss(lp, old, adv, torch.ones(1, 3), eps_low=0.2, eps_high=0.28)
+    assert loss.item() == pytest.approx(-(1.25 + 1.28 - 0.8) / 3, abs=1e-6)
+    assert m["clip_frac_high"].item() == pytest.approx(1 / 3) and m["clip_frac_low"].item() == pytest.approx(1 / 3)
+    symmetric, _ = grpo_loss(lp, old, adv, torch.ones(1, 3), eps_low=0.2)
+    assert symmetric.item() == pytest.approx(-(1.2 + 1.2 - 0.8) / 3, abs=1e-6)

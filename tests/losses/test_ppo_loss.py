@@ -99,3 +99,28 @@ def test_explained_variance():
     assert explained_variance(returns, returns, mask).item() == pytest.approx(1.0)
     assert explained_variance(torch.full_like(returns, 2.0), returns, mask).item() == pytest.approx(0.0, abs=1e-6)
     assert not math.isnan(explained_variance(torch.zeros(1, 4), torch.zeros(1, 4), mask).item())
+
+
+def test_gae_skips_an_interior_masked_position():
+    # Real tokens at t = 0 and t = 2 (t = 1 masked), gamma 1, lambda 0.75, V = [0.5, (9), 0.2], r = [0, (5), 1].
+    # Over the real tokens alone: A_2 = 1 - 0.2 = 0.8; A_0 = 0 + 0.2 - 0.5 + 0.75 * 0.8 = 0.3.
+    # (Treating t = 1 as a zero-reward step, as before the fix, gave A_0 = -0.5 + 0.75 * 0.75 * 0.8 = -0.05.)
+    rewards = torch.tensor([[0.0, 5.0, 1.0]])
+    values = torch.tensor([[0.5, 9.0, 0.2]])
+    mask = torch.tensor([[1, 0, 1]])
+    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=0.75)
+    assert torch.allclose(adv, torch.tensor([[0.3, 0.0, 0.8]]), atol=1e-6)
+    assert torch.allclose(ret, torch.tensor([[0.8, 0.0, 1.0]]), atol=1e-6)
+
+
+def test_token_means_over_a_global_count_split_like_one_batch():
+    torch.manual_seed(0)
+    lp, old, adv = torch.randn(4, 5), torch.randn(4, 5), torch.randn(4, 5)
+    mask = (torch.rand(4, 5) > 0.3).float()
+    whole, _ = policy_loss(lp, old, adv, mask)
+    n = mask.sum().item()
+    halves = [policy_loss(lp[i::2], old[i::2], adv[i::2], mask[i::2], num_tokens=n)[0] for i in range(2)]
+    assert (halves[0] + halves[1]).item() == pytest.approx(whole.item(), abs=1e-6)
+    v_whole, _ = value_loss(lp, old, adv, mask)
+    v_halves = [value_loss(lp[i::2], old[i::2], adv[i::2], mask[i::2], num_tokens=n)[0] for i in range(2)]
+    assert (v_halves[0] + v_halves[1]).item() == pytest.approx(v_whole.item(), abs=1e-6)

@@ -51,3 +51,20 @@ def test_gradient_matches_the_written_out_formula():
     s = torch.sigmoid
     closed = (-sum(s(r2[0, j] - r2[0, k]) for j in range(k + 1, 5)) + sum(s(r2[0, k] - r2[0, i]) for i in range(k))) / 10
     assert abs(r.grad[0, k].item() - closed.item()) < 1e-6
+
+
+def test_center_coef_means_what_trl_center_rewards_coefficient_means_at_k2():
+    # TRL adds coef * (r_chosen + r_rejected)^2 per pair; at K = 2 ours is coef * (2 * mean)^2: the same.
+    rewards = torch.tensor([[1.5, -0.25], [0.5, 2.0]])
+    mask = torch.ones(2, 2)
+    plain, _ = ranking_loss(rewards, mask)
+    centred, _ = ranking_loss(rewards, mask, center_coef=0.01)
+    trl_term = 0.01 * ((1.5 - 0.25) ** 2 + (0.5 + 2.0) ** 2) / 2  # mean over the two pairs
+    assert abs((centred - plain).item() - trl_term) < 1e-7
+
+
+def test_center_coef_at_k3_uses_the_prompt_mean():
+    rewards = torch.tensor([[3.0, 0.0, 0.0]])
+    plain, _ = ranking_loss(rewards, torch.ones(1, 3))
+    centred, _ = ranking_loss(rewards, torch.ones(1, 3), center_coef=0.5)
+    assert abs((centred - plain).item() - 0.5 * (2 * 1.0) ** 2) < 1e-6  # mean 1.0

@@ -1,5 +1,6 @@
 import copy
 
+import pytest
 import torch
 from helpers import quiet_train
 
@@ -29,6 +30,7 @@ def test_precomputed_and_per_step_reference_agree(tiny, sft_run):
         assert abs(loss_pre.item() - 0.6931) > 1e-3
 
 
+@pytest.mark.slow
 def test_dpo_raises_preference_accuracy_without_collapse(tiny, sft_run, tmp_path):
     data = tiny["data"]
     cfg = DPOConfig(model=str(sft_run["out"] / "snapshot"), train_data=str(data / "prefs_train.jsonl"),

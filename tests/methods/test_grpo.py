@@ -17,6 +17,7 @@ def _cfg(tiny, model, out, prefix="", steps=300, **kw):
     return GRPOConfig(**base)
 
 
+@pytest.mark.slow
 def test_grpo_orm_raises_accuracy(tiny, sft_run, tmp_path):
     from rlhfkit.train.config import replace
 
@@ -46,6 +47,7 @@ def multistep_sft(tiny, tmp_path_factory):
     return out / "model"
 
 
+@pytest.mark.slow
 def test_grpo_prm_improves_the_multistep_task(tiny, multistep_sft, tmp_path):
     cfg = _cfg(tiny, multistep_sft, tmp_path / "prm", prefix="multistep_", steps=150,
                process_reward="arithmetic_steps", max_new_tokens=40, eval_max_new_tokens=40, eval_limit=200)

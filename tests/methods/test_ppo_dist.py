@@ -14,7 +14,9 @@ import torch.multiprocessing as mp
 from rlhfkit.data.rows import read_rows
 from rlhfkit.losses.reduce import masked_whiten
 from rlhfkit.methods.ppo import PPOConfig, load_models, make_experience, minibatch_loss
+from rlhfkit.rollout.backend import SamplerBackend
 from rlhfkit.train.dist import DistInfo, all_reduce_grads, all_reduce_sum
+from rlhfkit.train.loop import reduce_dict
 
 
 def _experience(base: str, data: str):
@@ -23,7 +25,7 @@ def _experience(base: str, data: str):
     models, tok = load_models(cfg)
     prompts = [tok(r.data["prompt"])["input_ids"] for r in read_rows(data)[:16]]
     torch.manual_seed(0)  # the same samples in every process
-    exp, _ = make_experience(models, tok, prompts, cfg, beta=0.05)
+    exp, _ = make_experience(models, SamplerBackend(tok, models["actor"]), prompts, cfg, beta=0.05)
     return models, exp, cfg
 
 
@@ -37,7 +39,8 @@ def _rank(rank: int, base: str, data: str, out: str, init: str) -> None:
     info = DistInfo(rank, 2)
     models, exp, cfg = _experience(base, data)
     index = torch.arange(16)[rank::2]  # this rank's half of the minibatch (unequal token counts)
-    loss, _ = minibatch_loss(models["actor"], models["critic"], exp, index, cfg, info=info)
+    counts = reduce_dict({"tokens": exp.mask[index].sum().item()}, info)
+    loss, _ = minibatch_loss(models["actor"], models["critic"], exp, index, cfg, counts)
     loss.backward()
     all_reduce_grads(torch.nn.ModuleDict({"a": models["actor"], "c": models["critic"]}), info)
     torch.manual_seed(1)
@@ -53,7 +56,8 @@ def test_two_ranks_give_the_one_process_gradients_and_whitening(tiny, tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
     models, exp, cfg = _experience(base, data)
-    loss, _ = minibatch_loss(models["actor"], models["critic"], exp, torch.arange(16), cfg)
+    loss, _ = minibatch_loss(models["actor"], models["critic"], exp, torch.arange(16), cfg,
+                             {"tokens": exp.mask.sum().item()})
     loss.backward()
     one = _grads(models)
     assert one.abs().max() > 0

@@ -43,6 +43,7 @@ def test_score_is_read_at_the_last_real_token_left_or_right_padded(tiny):
     assert (alone[0] - alone[1]).abs() > 1e-4  # the two scores differ, so the test can tell them apart
 
 
+@pytest.mark.slow
 def test_rm_learns_rankings_and_saves_a_plain_classifier(tiny, sft_run, tmp_path):
     data = tiny["data"]
     cfg = RMConfig(model=str(sft_run["out"] / "model"), train_data=str(data / "rankings_train.jsonl"),

@@ -1,9 +1,12 @@
+import pytest
+
 from rlhfkit.data.rows import read_rows
 from rlhfkit.methods.common import load_policy
 from rlhfkit.rollout.evaluate import exact_match
 from rlhfkit.train.logging import read_metrics
 
 
+@pytest.mark.slow
 def test_sft_learns_the_task(tiny, sft_run):
     base, tok = load_policy(str(tiny["base"]), None)
     rows = read_rows(tiny["data"] / "sft_eval.jsonl")[:300]

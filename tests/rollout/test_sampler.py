@@ -4,14 +4,9 @@ import pytest
 import torch
 
 from rlhfkit.methods.common import load_policy
-from rlhfkit.rollout.rewards import (
-    RewardError,
-    arithmetic_steps,
-    contains_answer,
-    exact_answer,
-    score_outcomes,
-)
+from rlhfkit.rollout.rewards import RewardError, score_outcomes
 from rlhfkit.rollout.sampler import completion_logprobs, sample
+from rlhfkit.tasks.arithmetic import arithmetic_steps, contains_answer, exact_answer
 
 
 @pytest.fixture(scope="module")

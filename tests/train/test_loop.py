@@ -14,6 +14,7 @@ from rlhfkit.train.checkpoint import CheckpointError, complete_checkpoints, late
 from rlhfkit.train.logging import read_metrics
 from rlhfkit.train.loop import Objective, train_offline
 from rlhfkit.train.optim import NonFiniteError
+from rlhfkit.train.run import start_run
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +40,10 @@ def _run(setup, out, crash_at_step=None, **kw):
 
         objective = Objective(objective.counts, crashing)
     cfg = quiet_train(out, **kw)
-    result = train_offline(model, examples, lambda r: collate_sft(r, tok.pad_token_id), objective, cfg, {})
-    return model, result
+    run = train_offline(start_run(cfg, {}, "sft"), model, examples, lambda r: collate_sft(r, tok.pad_token_id),
+                        objective)
+    run.close()
+    return model, run
 
 
 def test_accumulation_2x8_equals_batch_16(setup, tmp_path):
@@ -71,7 +74,7 @@ def test_resume_gives_the_same_losses(setup, tmp_path):
     assert latest_checkpoint(tmp_path / "cut").name == "step-0000010"
     _, result = _run(setup, tmp_path / "cut", **{**kw, "resume": True})
     cut = [m["train/loss"] for m in read_metrics(tmp_path / "cut")]
-    assert result.steps == 20 and len(full) == 20 and len(cut) == 20
+    assert result.done == 20 and len(full) == 20 and len(cut) == 20
     # Bit-identical on CPU: same weights, optimizer moments, lr schedule, data order and RNG.
     assert cut[10:] == full[10:]
     assert complete_checkpoints(tmp_path / "cut")[-1].name == "step-0000020"
@@ -113,7 +116,8 @@ def test_nan_loss_stops_before_the_optimizer_step(setup, tmp_path):
 
     cfg = quiet_train(tmp_path / "nan", max_steps=5, batch_size=8, lr=3e-3, save_every=1, keep_checkpoints=10)
     with pytest.raises(NonFiniteError, match="step 3: the loss is nan"):
-        train_offline(model, examples, lambda r: collate_sft(r, tok.pad_token_id), Objective(inner.counts, poisoned), cfg, {})
+        train_offline(start_run(cfg, {}, "sft"), model, examples, lambda r: collate_sft(r, tok.pad_token_id),
+                      Objective(inner.counts, poisoned))
     assert latest_checkpoint(tmp_path / "nan").name == "step-0000002"
     # The weights in memory are those after step 2: the poisoned step never reached the optimizer.
     import copy

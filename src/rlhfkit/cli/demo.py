@@ -53,7 +53,7 @@ def _stage_rm(ctx: dict) -> dict:
     data = ctx["assets"]["data"]
     cfg = RMConfig(model=ctx["sft_model"], train_data=str(data / "rankings_train.jsonl"),
                    eval_data=str(data / "rankings_eval.jsonl"), max_length=64, eval_limit=500,
-                   center_coef=0.01,  # scores comparable across prompts, for the PPO stage
+                   center_coef=0.0025,  # scores comparable across prompts, for the PPO stage
                    train=TrainConfig(out_dir=str(ctx["out"] / "rm"), max_steps=1000 if ctx["quick"] else 3000,
                                      batch_size=32, lr=2e-3, warmup_steps=20, eval_every=200, log_every=10,
                                      seed=ctx["seed"], tensorboard=False))

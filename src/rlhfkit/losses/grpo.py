@@ -19,16 +19,24 @@ from __future__ import annotations
 
 import torch
 
+from .policy import clipped_surrogate
 from .reduce import seq_mean_token_mean, seq_mean_token_sum_norm, token_mean
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale_std: bool = True, eps: float = 1e-4) -> torch.Tensor:
-    """ORM: (B,) rewards, B = groups * G in group order -> (B,) advantages. Equal rewards give 0."""
+    """ORM: (B,) rewards, B = groups * G in group order -> (B,) advantages.
+
+    A group whose rewards are all equal carries no signal and gets exactly 0 (in fp32 the mean
+    of seven 0.7s is not 0.7, and the tiny difference divided by std + eps would not be 0).
+    """
+    if group_size < 2:
+        raise ValueError(f"group_size must be at least 2 (a group of one has no baseline), got {group_size}")
     grouped = rewards.view(-1, group_size)  # (groups, G)
     centred = grouped - grouped.mean(-1, keepdim=True)
     if scale_std:
         centred = centred / (grouped.std(-1, keepdim=True) + eps)
-    return centred.reshape(-1)
+    equal = grouped.amax(-1, keepdim=True) == grouped.amin(-1, keepdim=True)  # (groups, 1)
+    return centred.masked_fill(equal, 0.0).reshape(-1)
 
 
 def process_advantages(step_ends: list[list[int]], step_rewards: list[list[float]], group_size: int,
@@ -42,8 +50,8 @@ def process_advantages(step_ends: list[list[int]], step_rewards: list[list[float
     advantages = torch.zeros(len(step_ends), length)
     for g in range(0, len(step_ends), group_size):
         flat = torch.tensor([r for rs in step_rewards[g: g + group_size] for r in rs], dtype=torch.float32)
-        if flat.numel() == 0:
-            continue
+        if flat.numel() == 0 or bool((flat == flat[0]).all()):
+            continue  # no steps, or all step rewards equal: no signal, exactly 0
         mean = flat.mean()
         std = flat.std() if flat.numel() > 1 else torch.tensor(0.0)
         for i in range(g, min(g + group_size, len(step_ends))):
@@ -61,16 +69,19 @@ def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
 
 REDUCTIONS = {"grpo": "seq_mean_token_mean", "dapo": "token_mean", "dr_grpo": "seq_mean_token_sum_norm"}
 
+# reduction name -> f(per_token, mask, num_sequences, num_tokens, max_tokens)
+_REDUCE = {
+    "seq_mean_token_mean": lambda v, m, seqs, toks, max_t: seq_mean_token_mean(v, m, seqs),
+    "token_mean": lambda v, m, seqs, toks, max_t: token_mean(v, m, toks),
+    "seq_mean_token_sum_norm": lambda v, m, seqs, toks, max_t: seq_mean_token_sum_norm(v, m, max_t, seqs),
+}
+
 
 def reduce_loss(per_token: torch.Tensor, mask: torch.Tensor, reduction: str, num_sequences: float | None,
                 num_tokens: float | None, max_tokens: int) -> torch.Tensor:
-    if reduction == "seq_mean_token_mean":
-        return seq_mean_token_mean(per_token, mask, num_sequences)
-    if reduction == "token_mean":
-        return token_mean(per_token, mask, num_tokens)
-    if reduction == "seq_mean_token_sum_norm":
-        return seq_mean_token_sum_norm(per_token, mask, max_tokens, num_sequences)
-    raise ValueError(f"unknown reduction {reduction!r}; one of {sorted(set(REDUCTIONS.values()))}")
+    if reduction not in _REDUCE:
+        raise ValueError(f"unknown reduction {reduction!r}; one of {sorted(_REDUCE)}")
+    return _REDUCE[reduction](per_token, mask, num_sequences, num_tokens, max_tokens)
 
 
 def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
@@ -82,11 +93,8 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
     Returns (loss, metrics). The metrics are detached batch means (kl, clip fractions, ratio).
     """
     mask = mask.to(logprobs.dtype)
-    eps_high = eps_low if eps_high is None else eps_high
-    ratio = torch.exp(logprobs - old_logprobs)  # (B, T)
-    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
-    surrogate = torch.min(ratio * advantages, clipped * advantages)  # (B, T)
-    per_token = -surrogate
+    surrogate = clipped_surrogate(logprobs, old_logprobs, advantages, eps_low, eps_high)
+    per_token = surrogate.loss  # (B, T)
     kl = torch.zeros_like(logprobs)
     if ref_logprobs is not None and beta != 0.0:
         kl = k3_kl(logprobs, ref_logprobs)
@@ -94,8 +102,7 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
     loss = reduce_loss(per_token, mask, reduction, num_sequences, num_tokens, max_tokens or logprobs.shape[1])
     n = mask.sum().clamp(min=1)
     with torch.no_grad():
-        low = ((ratio < 1 - eps_low) & (advantages < 0)).to(mask.dtype)
-        high = ((ratio > 1 + eps_high) & (advantages > 0)).to(mask.dtype)
-        metrics = {"kl": (kl * mask).sum() / n, "clip_frac_low": (low * mask).sum() / n,
-                   "clip_frac_high": (high * mask).sum() / n, "ratio_mean": (ratio * mask).sum() / n}
+        metrics = {"kl": (kl * mask).sum() / n, "clip_frac_low": (surrogate.clipped_low * mask).sum() / n,
+                   "clip_frac_high": (surrogate.clipped_high * mask).sum() / n,
+                   "ratio_mean": (surrogate.ratio * mask).sum() / n}
     return loss, metrics

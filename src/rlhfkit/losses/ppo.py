@@ -9,9 +9,13 @@ GAE (Schulman et al. 2016) over the critic's values, with V = 0 past the last to
 
     delta_t = r_t + gamma V_{t+1} - V_t,   A_t = delta_t + gamma lambda A_{t+1},   R_t = A_t + V_t
 
+where t+1 is the next *real* token: a masked position inside a row (a gap, not only right
+padding) is skipped, as if the row's real tokens were written next to each other.
+
 Policy loss: -min(rho A, clip(rho, 1-eps, 1+eps) A), rho = pi_theta / pi_old per token.
 Value loss:  0.5 * max((V - R)^2, (clip(V, V_old - eps_v, V_old + eps_v) - R)^2).
-Both are token means over the batch's completion tokens.
+Both are token means over the batch's completion tokens; pass the global token count
+(``num_tokens``) when a batch is split over micro-batches or ranks.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .reduce import masked_mean
+from .policy import clipped_surrogate
+from .reduce import masked_mean, token_mean
 
 
 def kl_penalty_rewards(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor,
@@ -38,7 +43,11 @@ def kl_penalty_rewards(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, score
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95):
-    """(B, T) advantages and returns; values and rewards at masked positions are ignored."""
+    """(B, T) advantages and returns; rewards and values at masked positions are ignored.
+
+    Masked positions are skipped wherever they are (the recursion carries over them), so a
+    row with a gap gives what a loop over its real tokens alone gives; they get advantage 0.
+    """
     mask = mask.to(values.dtype)
     values = values * mask
     rewards = rewards * mask
@@ -46,36 +55,35 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     running = torch.zeros_like(rewards[:, 0])
     next_value = torch.zeros_like(values[:, 0])
     for t in reversed(range(rewards.shape[1])):
+        real = mask[:, t]
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        running = delta + gamma * lam * running
-        advantages[:, t] = running * mask[:, t]
-        next_value = values[:, t]
+        running = real * (delta + gamma * lam * running) + (1 - real) * running
+        advantages[:, t] = running * real
+        next_value = real * values[:, t] + (1 - real) * next_value
     return advantages, (advantages + values) * mask
 
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                eps: float = 0.2):
-    """Clipped surrogate, token mean. Returns (loss, metrics)."""
+                eps: float = 0.2, num_tokens: float | None = None):
+    """Clipped surrogate (losses/policy.py), token mean. Returns (loss, metrics)."""
     mask = mask.to(logprobs.dtype)
-    log_ratio = logprobs - old_logprobs
-    ratio = torch.exp(log_ratio)
-    surrogate = torch.min(ratio * advantages, torch.clamp(ratio, 1 - eps, 1 + eps) * advantages)
-    loss = masked_mean(-surrogate, mask)
+    surrogate = clipped_surrogate(logprobs, old_logprobs, advantages, eps)
+    loss = token_mean(surrogate.loss, mask, num_tokens)
     with torch.no_grad():
-        clipped = ((ratio - 1).abs() > eps) & ((ratio - 1) * advantages > 0)  # the clip changed the gradient
-        metrics = {"policy_clip_frac": masked_mean(clipped.to(mask.dtype), mask),
-                   "approx_kl": masked_mean((ratio - 1) - log_ratio, mask)}
+        clipped = (surrogate.clipped_low | surrogate.clipped_high).to(mask.dtype)  # the clip changed the gradient
+        metrics = {"policy_clip_frac": masked_mean(clipped, mask),
+                   "approx_kl": masked_mean((surrogate.ratio - 1) - surrogate.log_ratio, mask)}
     return loss, metrics
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               eps_value: float = 0.2):
+               eps_value: float = 0.2, num_tokens: float | None = None):
     """Clipped value loss, token mean. Returns (loss, metrics)."""
     mask = mask.to(values.dtype)
     clipped_values = old_values + torch.clamp(values - old_values, -eps_value, eps_value)
     unclipped_error = (values - returns) ** 2
     clipped_error = (clipped_values - returns) ** 2
-    loss = 0.5 * masked_mean(torch.max(unclipped_error, clipped_error), mask)
+    loss = 0.5 * token_mean(torch.max(unclipped_error, clipped_error), mask, num_tokens)
     with torch.no_grad():
         metrics = {"value_clip_frac": masked_mean((clipped_error > unclipped_error).to(mask.dtype), mask)}
     return loss, metrics

@@ -6,10 +6,12 @@ For each prompt all C(K,2) ordered pairs of its K ranked outputs enter together,
 scored once; the pair losses are averaged per prompt, then over prompts. Plain (chosen,
 rejected) rows are the K = 2 case. Equal ranks (ties) form no pair.
 
-Option beside the paper's form: ``center_coef`` adds center_coef * (mean_k r(x, y_k))^2 per
-prompt (Eisenstein et al. 2023, "Helping or Herding"; TRL's center_rewards_coefficient), which
-keeps each prompt's scores centred on 0 so that scores are comparable across prompts, which
-is what a PPO critic needs. 0 (the default) is the paper's loss.
+Option beside the paper's form: ``center_coef`` adds center_coef * (2 * mean_k r(x, y_k))^2 per
+prompt (Eisenstein et al. 2023, "Helping or Herding"), which keeps each prompt's scores centred
+on 0 so that scores are comparable across prompts, which is what a PPO critic needs. The 2 is
+there so that a value copied from TRL means the same: TRL's ``center_rewards_coefficient`` adds
+coef * (r_chosen + r_rejected)^2 per pair, which at K = 2 is exactly this term. 0 (the default)
+is the paper's loss.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def ranking_loss(rewards: torch.Tensor, mask: torch.Tensor, ranks: torch.Tensor 
     per_prompt = -(F.logsigmoid(margin) * better).sum((1, 2)) / pairs.clamp(min=1)  # (P,)
     if center_coef:
         prompt_mean = (rewards * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # (P,)
-        per_prompt = per_prompt + center_coef * prompt_mean**2
+        per_prompt = per_prompt + center_coef * (2 * prompt_mean) ** 2
     denom = rewards.shape[0] if num_prompts is None else max(float(num_prompts), 1.0)
     loss = per_prompt.sum() / denom
     sums = {

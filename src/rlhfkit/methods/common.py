@@ -1,18 +1,11 @@
-"""Small helpers the method files share: loading the policy, writing results."""
+"""Small helpers the method files share: loading the policy, held-out evaluation, checks."""
 
 from __future__ import annotations
 
-import json
-import sys
-from pathlib import Path
-
-import yaml
-
 from ..data.rows import read_rows
-from ..models.load import load_causal_lm, load_tokenizer, save_model
-from ..rollout.evaluate import exact_match
-from ..train.config import to_dict
-from ..train.dist import init_distributed
+from ..models.load import load_causal_lm, load_tokenizer
+from ..rollout.evaluate import HeldOut
+from ..train.config import ConfigError, TrainConfig
 
 
 def load_policy(model_path: str, tokenizer_path: str | None):
@@ -20,17 +13,26 @@ def load_policy(model_path: str, tokenizer_path: str | None):
     return load_causal_lm(model_path, tokenizer), tokenizer
 
 
-def accuracy_eval(tokenizer, eval_data: str | None, limit: int, max_new_tokens: int, stop_at: float | None = None,
-                  on_accuracy=None):
-    """An ``eval_fn`` for the loop: exact-match accuracy on the first ``limit`` held-out rows."""
-    if not eval_data:
-        return None
-    rows = read_rows(eval_data)[:limit] if limit > 0 else read_rows(eval_data)
+def head(rows: list, limit: int) -> list:
+    """The first ``limit`` rows; ``limit=0`` means all of them (in every method)."""
+    return rows[:limit] if limit > 0 else rows
 
-    def evaluate(model) -> dict:
-        result = exact_match(model, tokenizer, rows, max_new_tokens)
+
+def held_out(path, limit: int, task: str) -> HeldOut | None:
+    """Held-out prompts and their checker, read and validated now (None without a path)."""
+    return HeldOut(head(read_rows(path), limit), task) if path else None
+
+
+def accuracy_eval(backend, tokenizer, rows: HeldOut | None, max_new_tokens: int, stop_at: float | None = None,
+                  on_accuracy=None):
+    """An ``evaluate() -> dict`` for the run skeleton: the task's accuracy on greedy answers."""
+    if rows is None:
+        return None
+
+    def evaluate() -> dict:
+        result, _ = rows.accuracy(backend, tokenizer, max_new_tokens)
         if on_accuracy is not None:
-            on_accuracy(model, result["accuracy"])
+            on_accuracy(result["accuracy"])
         if stop_at is not None and result["accuracy"] >= stop_at:
             result["stop"] = True
         return result
@@ -38,16 +40,8 @@ def accuracy_eval(tokenizer, eval_data: str | None, limit: int, max_new_tokens: 
     return evaluate
 
 
-def finish(model, tokenizer, config, out_dir: str, summary: dict) -> dict:
-    """Save the trained model to ``<out>/model`` and the summary to ``<out>/result.json`` (rank 0)."""
-    if init_distributed().is_main:
-        out = Path(out_dir)
-        save_model(model, tokenizer, out / "model")
-        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-        (out / "result.json").write_text(json.dumps(summary, indent=1))
-    return summary
-
-
-def say(message: str) -> None:
-    if init_distributed().is_main:
-        print(message, file=sys.stderr)
+def refuse_offline_batch_fields(method: str, train: TrainConfig) -> None:
+    """GRPO and PPO size their batches in prompts; ``train.batch_size`` would be silently unused."""
+    if train.batch_size != TrainConfig.batch_size:
+        raise ConfigError(f"{method}: train.batch_size does not apply (it counts rows of offline data); "
+                          "set prompts_per_step (and for PPO minibatch_size) instead")

@@ -1,28 +1,33 @@
 """DPO on pairs, and its Plackett-Luce form on n-way rankings (Rafailov et al. 2023).
 
-Reads top to bottom: config -> policy (optionally SFT on the chosen answers first) ->
+Reads top to bottom: config -> data -> policy (optionally SFT on the chosen answers first) ->
 reference log-probs (precomputed once, the default, or a frozen copy forwarded every step)
 -> objective -> the shared loop -> save. All answers of a prompt go through the policy in
-one concatenated forward.
+one concatenated forward. Rankings must be strict (no tied ranks): the Plackett-Luce model
+has no ties, so a tied ranking is refused (the reward model accepts ties).
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from ..data.encode import SFTExample, collate_sft
+from ..data.encode import OVERLONG_POLICIES, SFTExample, collate_sft
 from ..data.prefs import RankingBatch, collate_rankings, count_pairs, encode_rankings
-from ..data.rows import read_rows
+from ..data.rows import DataError, Row, read_rows
 from ..losses.dpo import dpo_loss, plackett_luce_loss
 from ..models.forward import token_logprobs
-from ..rollout.evaluate import exact_match
-from ..train.config import TrainConfig, replace, to_dict
+from ..models.load import load_causal_lm, load_tokenizer
+from ..rollout.backend import SamplerBackend
+from ..tasks import TASK_CHOICES
+from ..train.checkpoint import CheckpointError
+from ..train.config import ConfigError, TrainConfig, at_least, choice, replace
 from ..train.loop import Objective, train_offline
-from .common import finish, load_policy, say
+from ..train.run import start_run
+from .common import accuracy_eval, head, held_out
 from .sft import sft_objective
 
 REFERENCE_MODES = ("precompute", "forward")
@@ -34,14 +39,25 @@ class DPOConfig:
     tokenizer: str | None = None
     train_data: str = ""  # pairs (prompt, chosen, rejected) or rankings (prompt, completions best first)
     eval_data: str | None = None  # held-out pairs or rankings: preference accuracy
-    eval_prompts: str | None = None  # held-out prompts with answers: exact-match accuracy
+    eval_prompts: str | None = None  # held-out prompts: accuracy of greedy answers (checked by eval_task)
+    eval_task: str = "auto"  # auto | arithmetic | reference (tasks/)
+    eval_max_new_tokens: int = 16
     max_length: int = 128
     overlong: str = "error"
     beta: float = 0.1
     reference: str = "precompute"  # precompute (once, then no reference model) | forward (every step)
     sft_first_steps: int = 0  # > 0: no SFT model yet, first maximise the likelihood of the chosen answers
-    eval_limit: int = 500
-    train: TrainConfig = field(default_factory=TrainConfig)
+    eval_limit: int = 500  # held-out rows used, for both evals; 0 = all
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/dpo"))
+
+    def __post_init__(self):
+        choice("reference", self.reference, REFERENCE_MODES)
+        choice("overlong", self.overlong, OVERLONG_POLICIES)
+        choice("eval_task", self.eval_task, TASK_CHOICES)
+        at_least("sft_first_steps", self.sft_first_steps, 0)
+        at_least("eval_max_new_tokens", self.eval_max_new_tokens, 1)
+        if not self.beta > 0:
+            raise ConfigError(f"config key 'beta' must be > 0; got {self.beta!r}")
 
 
 def sequence_logps(model, batch: RankingBatch) -> torch.Tensor:
@@ -109,48 +125,60 @@ def preference_accuracy(model, examples: list, pad_id: int, batch_size: int = 64
     return correct / max(pairs, 1)
 
 
-def sft_on_chosen(model, tokenizer, examples, cfg: DPOConfig) -> None:
-    """SPEC.md: with no SFT model, first maximise the likelihood of the preferred answers."""
+def refuse_ties(rows: list[Row]) -> list[Row]:
+    for row in rows:
+        ranks = row.data.get("ranks")
+        if isinstance(ranks, list) and len(set(map(str, ranks))) != len(ranks):
+            raise DataError(f"{row.where}: field 'ranks' has ties; DPO's Plackett-Luce loss needs a strict order "
+                            "(the reward model, `rlhfkit rm`, accepts ties)")
+    return rows
+
+
+def sft_on_chosen(model, tokenizer, examples, cfg: DPOConfig) -> str:
+    """SPEC.md: with no SFT model, first maximise the likelihood of the preferred answers.
+
+    The tuned model is saved to ``<out>/sft_chosen/model``: it is DPO's reference, and a resumed
+    run reloads it from there rather than rebuilding it from the untuned model."""
+    folder = f"{cfg.train.out_dir}/sft_chosen"
+    if cfg.train.resume:
+        if not (Path(folder) / "model" / "config.json").is_file():
+            raise CheckpointError(f"resume=true with sft_first_steps > 0 but {folder}/model is missing")
+        return f"{folder}/model"
+    sft_cfg = replace(cfg.train, out_dir=folder, max_steps=cfg.sft_first_steps, eval_every=0, save_every=0)
+    run = start_run(sft_cfg, cfg, "dpo-sft")
     chosen = [SFTExample(e.prompt_ids + e.completion_ids[0], len(e.prompt_ids)) for e in examples]
-    sft_cfg = replace(cfg.train, out_dir=f"{cfg.train.out_dir}/sft_chosen", max_steps=cfg.sft_first_steps,
-                      eval_every=0, resume=False)
-    train_offline(model, chosen, lambda rows: collate_sft(rows, tokenizer.pad_token_id), sft_objective(), sft_cfg,
-                  to_dict(cfg))
+    train_offline(run, model, chosen, lambda rows: collate_sft(rows, tokenizer.pad_token_id), sft_objective())
+    run.finish(model, tokenizer, {})
+    return f"{folder}/model"
 
 
 def run_dpo(cfg: DPOConfig) -> dict:
-    if cfg.reference not in REFERENCE_MODES:
-        raise ValueError(f"reference must be one of {REFERENCE_MODES}, got {cfg.reference!r}")
-    model, tokenizer = load_policy(cfg.model, cfg.tokenizer)
+    run = start_run(cfg.train, cfg, "dpo")
+    tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
     pad = tokenizer.pad_token_id
-    examples, report = encode_rankings(read_rows(cfg.train_data), tokenizer, cfg.max_length, cfg.overlong)
-    say(f"dpo: {cfg.train_data}: {report.summary()}")
-    if cfg.sft_first_steps > 0 and not cfg.train.resume:
-        sft_on_chosen(model, tokenizer, examples, cfg)
-    reference = copy.deepcopy(model).eval().requires_grad_(False)  # the frozen starting policy
-    held_out = []
-    if cfg.eval_data:
-        held_out, _ = encode_rankings(read_rows(cfg.eval_data), tokenizer, cfg.max_length, "skip")
-        held_out = precompute_reference(reference, held_out[: cfg.eval_limit] if cfg.eval_limit > 0 else held_out, pad)
-    prompts = read_rows(cfg.eval_prompts)[: cfg.eval_limit] if cfg.eval_prompts else None
-    accuracy_before = exact_match(model, tokenizer, prompts, 16)["accuracy"] if prompts else None
-    before = preference_accuracy(model, held_out, pad) if held_out else None  # 0.5: policy == reference
+    examples, report = encode_rankings(refuse_ties(read_rows(cfg.train_data)), tokenizer, cfg.max_length, cfg.overlong)
+    run.say(f"{cfg.train_data}: {report.summary()}")
+    pref_rows = refuse_ties(head(read_rows(cfg.eval_data), cfg.eval_limit)) if cfg.eval_data else []
+    prompts = held_out(cfg.eval_prompts, cfg.eval_limit, cfg.eval_task)
+    model = load_causal_lm(cfg.model, tokenizer)
+    start = sft_on_chosen(model, tokenizer, examples, cfg) if cfg.sft_first_steps > 0 else cfg.model
+    reference = load_causal_lm(start, tokenizer).eval().requires_grad_(False)  # the frozen starting policy
+    pref_eval = precompute_reference(reference, encode_rankings(pref_rows, tokenizer, cfg.max_length, "skip")[0],
+                                     pad) if pref_rows else []
+    accuracy = accuracy_eval(SamplerBackend(tokenizer, model), tokenizer, prompts, cfg.eval_max_new_tokens)
+    before = {"accuracy_before": accuracy()["accuracy"] if prompts else None,  # 0.5 below: policy == reference
+              "preference_accuracy_before": preference_accuracy(model, pref_eval, pad) if pref_eval else None}
     if cfg.reference == "precompute":
-        examples = precompute_reference(reference, examples, pad)
-        reference = None  # no reference model in memory during training
-        say("dpo: reference log-probs precomputed once; the reference model is released")
+        examples, reference = precompute_reference(reference, examples, pad), None  # no reference model in memory
+        run.say("reference log-probs precomputed once; the reference model is released")
 
     def evaluate(model) -> dict:
-        out = {"preference_accuracy": preference_accuracy(model, held_out, pad)} if held_out else {}
-        if prompts:
-            out["accuracy"] = exact_match(model, tokenizer, prompts, 16)["accuracy"]
-        return out
+        out = {"preference_accuracy": preference_accuracy(model, pref_eval, pad)} if pref_eval else {}
+        return {**out, **(accuracy() if prompts else {})}
 
-    result = train_offline(model, examples, lambda rows: collate_rankings(rows, pad), dpo_objective(cfg.beta, reference),
-                           cfg.train, to_dict(cfg), evaluate if (held_out or prompts) else None)
-    summary = {"steps": result.steps, "loss": result.metrics.get("loss"), "reference": cfg.reference,
-               "length_report": report.summary(), "evals": result.evals, "accuracy_before": accuracy_before}
-    summary["preference_accuracy_before"] = before
-    if result.evals:
-        summary.update({k: v for k, v in result.evals[-1].items() if k != "step"})
-    return finish(model, tokenizer, cfg, cfg.train.out_dir, summary)
+    train_offline(run, model, examples, lambda rows: collate_rankings(rows, pad), dpo_objective(cfg.beta, reference),
+                  evaluate if (pref_eval or prompts) else None)
+    summary = {"loss": run.metrics.get("loss"), "reference": cfg.reference, "length_report": report.summary(), **before}
+    if run.evals:
+        summary.update({k: v for k, v in run.evals[-1].items() if k != "step"})
+    return run.finish(model, tokenizer, summary)

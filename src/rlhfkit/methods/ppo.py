@@ -1,9 +1,10 @@
 """PPO with actor, critic, reward and reference models (InstructGPT stage 3).
 
-One step reads top to bottom: sample completions from the actor -> score them with the
-frozen reward model -> per-token KL rewards against the frozen reference -> GAE over the
-critic's values -> several epochs of clipped policy and value updates on minibatches, plus
-the PPO-ptx likelihood term when configured -> adapt the KL coefficient.
+One step reads top to bottom: the rollout backend samples completions from the actor ->
+the frozen reward model scores them -> per-token KL rewards against the frozen reference ->
+GAE over the critic's values -> several epochs of clipped policy and value updates on
+minibatches, plus the PPO-ptx likelihood term when configured -> adapt the KL coefficient.
+pi_old is the backend's log-probs when they are exact for the actor, else a forward pass.
 """
 
 from __future__ import annotations
@@ -13,23 +14,24 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..data.encode import collate_sft, encode_prompt, encode_sft, prompt_text
+from ..data.encode import collate_sft, encode_sft
 from ..data.rows import read_rows
 from ..losses.ppo import AdaptiveKL, explained_variance, gae, kl_penalty_rewards, policy_loss, value_loss
 from ..losses.reduce import masked_mean, masked_whiten
 from ..losses.sft import sft_loss
 from ..models.forward import token_logprobs
-from ..models.load import load_tokenizer
+from ..models.load import DTYPES, load_causal_lm, load_tokenizer
 from ..models.reward import load_reward_model, reward_scores, token_values
-from ..rollout.evaluate import accuracy_of, greedy_completions
-from ..rollout.sampler import Samples, completion_logprobs, sample
-from ..train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from ..train.config import TrainConfig, to_dict
-from ..train.dist import DistInfo, all_reduce_sum, broadcast_params, init_distributed
-from ..train.logging import MetricsLogger, progress
-from ..train.loop import BatchOrder, prepare_out_dir, seed_everything
-from ..train.optim import build_optimizer, build_scheduler, optimizer_step
-from .common import finish, load_policy, say
+from ..rollout.backend import BACKENDS, SamplingParams, make_backend
+from ..rollout.evaluate import HeldOut, row_prompt_ids
+from ..rollout.sampler import Samples, completion_logprobs
+from ..tasks import TASK_CHOICES
+from ..train.config import ConfigError, TrainConfig, at_least, choice
+from ..train.dist import DistInfo, all_reduce_sum
+from ..train.loop import BatchOrder, autocast, reduce_dict, row_chunks
+from ..train.optim import build_optimizer, build_scheduler
+from ..train.run import Run, start_run
+from .common import held_out, refuse_offline_batch_fields
 
 
 @dataclass(frozen=True)
@@ -39,13 +41,17 @@ class PPOConfig:
     reward_model: str = ""  # a ...ForSequenceClassification folder (rlhfkit rm, or made elsewhere)
     critic: str | None = None  # the value model's start: default the reward model; or the SFT model
     train_data: str = ""  # prompts
-    eval_data: str | None = None  # held-out prompts with answers
+    eval_data: str | None = None  # held-out prompts: greedy accuracy (checked by eval_task) and RM score
+    eval_task: str = "auto"  # auto | arithmetic | reference (tasks/)
+    rollout_backend: str = "sampler"  # sampler | generate (rollout/backend.py)
     ptx_data: str | None = None  # PPO-ptx: SFT rows whose likelihood is kept up
     ptx_coef: float = 0.0
-    prompts_per_step: int = 32
-    minibatch_size: int = 16
+    ptx_max_length: int = 128  # longer ptx rows are truncated (and counted)
+    prompts_per_step: int = 32  # over all ranks
+    minibatch_size: int = 16  # rows per optimizer step, over all ranks
     ppo_epochs: int = 2
     max_new_tokens: int = 16
+    temperature: float = 1.0  # != 1: pi_old is recomputed with a forward pass
     kl_coef: float = 0.05  # beta; the starting value when target_kl is set
     target_kl: float | None = None  # adaptive KL controller (Ziegler et al.) when set
     kl_horizon: int = 10000
@@ -59,14 +65,35 @@ class PPOConfig:
     missing_eos_penalty: float | None = None  # subtracted from the score of completions with no EOS
     critic_lr: float = 1e-4
     frozen_dtype: str = "fp32"  # fp32 | bf16 for the reward and reference models
-    eval_limit: int = 500
+    eval_limit: int = 500  # held-out prompts used; 0 = all
     eval_max_new_tokens: int = 16
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/ppo"))
+
+    def __post_init__(self):
+        choice("frozen_dtype", self.frozen_dtype, ("fp32", "bf16"))
+        choice("rollout_backend", self.rollout_backend, tuple(BACKENDS))
+        choice("eval_task", self.eval_task, TASK_CHOICES)
+        for key in ("prompts_per_step", "minibatch_size", "ppo_epochs", "max_new_tokens", "kl_horizon",
+                    "eval_max_new_tokens", "ptx_max_length"):
+            at_least(key, getattr(self, key), 1)
+        for key in ("ptx_coef", "kl_coef", "temperature", "eps_value", "critic_lr"):
+            at_least(key, getattr(self, key), 0)
+        if self.target_kl is not None and not self.target_kl > 0:
+            raise ConfigError(f"config key 'target_kl' must be > 0 (or unset for a fixed kl_coef); got {self.target_kl}")
+        if self.prompts_per_step % self.minibatch_size:
+            raise ConfigError(f"prompts_per_step ({self.prompts_per_step}) must be a multiple of minibatch_size "
+                              f"({self.minibatch_size})")
 
 
 @dataclass
 class Experience:
-    """One rollout batch, everything the updates need. Completion-aligned tensors are (B, C)."""
+    """One rollout batch, everything the updates need. Completion-aligned tensors are (B, C).
+
+    The first epoch visits rows in ``first_order``; the critic forward of its first micro-batch
+    ran with gradients during scoring (``first_values``) and serves twice: detached as V_old for
+    GAE, and with its graph as that micro-batch's V (the critic has not changed yet, so both are
+    the same numbers): one critic forward fewer per step.
+    """
 
     samples: Samples
     old_logprobs: torch.Tensor
@@ -77,7 +104,14 @@ class Experience:
     scores: torch.Tensor  # (B,) after scaling, penalty, whitening and clipping
     raw_scores: torch.Tensor  # (B,) the reward model's
     kl: torch.Tensor  # (B, C) log pi_old - log pi_ref
-    live_values: torch.Tensor | None = None  # the first minibatch's critic values, with the graph (make_experience)
+    first_order: torch.Tensor  # (B,) the first epoch's row order
+    first_values: torch.Tensor | None = None  # critic values of first_order[:micro], with their graph
+    logprob_gap: float = 0.0  # mean |backend log-prob - forward log-prob| when pi_old was recomputed
+
+    def take_first_values(self) -> torch.Tensor | None:
+        """The first micro-batch's values with their graph, once (stale after an optimizer step)."""
+        values, self.first_values = self.first_values, None
+        return values
 
 
 def completion_values(critic, samples: Samples) -> torch.Tensor:
@@ -98,121 +132,128 @@ def shape_scores(raw: torch.Tensor, finished: torch.Tensor, cfg: PPOConfig) -> t
     return scores
 
 
+def critic_values(critic, samples: Samples, first_rows: torch.Tensor):
+    """V_old for every row (B, C), and the ``first_rows``' values with their graph."""
+    critic.train()
+    with torch.enable_grad():
+        first = completion_values(critic, samples.rows(first_rows))
+    values = torch.empty(samples.completion_ids.shape, dtype=first.dtype)
+    values[first_rows] = first.detach()
+    rest = torch.ones(values.shape[0], dtype=torch.bool)
+    rest[first_rows] = False
+    if rest.any():
+        values[rest] = completion_values(critic, samples.rows(rest.nonzero().squeeze(-1)))
+    return values, first
+
+
 @torch.no_grad()
-def make_experience(models: dict, tokenizer, prompt_ids: list, cfg: PPOConfig, beta: float,
-                    live_rows: torch.Tensor | None = None, info: DistInfo | None = None) -> tuple[Experience, dict]:
+def make_experience(models: dict, backend, prompt_ids: list, cfg: PPOConfig, beta: float, exact: bool = True,
+                    info: DistInfo | None = None) -> tuple[Experience, dict]:
     """Sample, score, and turn the scores into per-token advantages and returns.
 
-    ``live_rows``: the rows of the first minibatch the update will train on. Their critic forward
-    runs with gradients here and its values serve twice: detached as V_old for GAE, and with
-    their graph as the first minibatch's V (the critic has not changed yet, so both are the same
-    numbers); one no-grad critic forward fewer per step (with one minibatch, none at all).
     Under torchrun each rank holds its share of the prompts; advantages are whitened with the
     statistics of all ranks' tokens, as one process holding the whole batch would.
     """
-    actor, critic, reward, reference = models["actor"], models["critic"], models["reward"], models["reference"]
+    info = info or DistInfo()
+    first_order = torch.randperm(len(prompt_ids))
     t0 = time.time()
-    samples = sample(actor, prompt_ids, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-                     max_new_tokens=cfg.max_new_tokens, temperature=1.0)
+    samples = backend.generate(prompt_ids, SamplingParams(cfg.max_new_tokens, cfg.temperature))
     t1 = time.time()
-    raw = reward_scores(reward, samples.input_ids, samples.attention_mask)  # (B,)
-    ref_logprobs = completion_logprobs(reference, samples).float()
-    old_values, live_values = critic_values(critic, samples, live_rows)
-    t2 = time.time()
+    raw = reward_scores(models["reward"], samples.input_ids, samples.attention_mask)  # (B,)
+    ref_logprobs = completion_logprobs(models["reference"], samples).float()
+    size = cfg.minibatch_size // info.world_size  # this rank's rows of a minibatch
+    micro = min(cfg.train.micro_batch_size or size, size)
+    old_values, first_values = critic_values(models["critic"], samples, first_order[:micro])
     mask = samples.completion_mask
-    old_logprobs = samples.logprobs  # temperature 1: equal to a fresh forward's (tested)
+    old_logprobs, gap = samples.logprobs, 0.0
+    if not exact:  # the backend's log-probs are not the actor's: pi_old from a forward pass
+        old_logprobs = completion_logprobs(models["actor"].eval(), samples).float()
+        gap = float(((samples.logprobs - old_logprobs).abs() * mask).sum() / mask.sum().clamp(min=1))
+    t2 = time.time()
     scores = shape_scores(raw, samples.finished, cfg)
     rewards, kl = kl_penalty_rewards(old_logprobs, ref_logprobs, scores, mask, beta)
     advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
-    advantages = masked_whiten(advantages, mask, total=lambda sums: all_reduce_sum(sums, info or DistInfo())) * mask
-    exp = Experience(samples, old_logprobs, old_values, advantages, returns, mask, scores, raw, kl, live_values)
+    advantages = masked_whiten(advantages, mask, total=lambda sums: all_reduce_sum(sums, info)) * mask
+    exp = Experience(samples, old_logprobs, old_values, advantages, returns, mask, scores, raw, kl, first_order,
+                     first_values, gap)
     return exp, {"time_generation_s": t1 - t0, "time_scoring_s": t2 - t1}
 
 
-def critic_values(critic, samples: Samples, live_rows: torch.Tensor | None):
-    """V_old for every row (B, C), and the ``live_rows``' values with their graph (or None)."""
-    if live_rows is None:
-        return completion_values(critic, samples), None
-    critic.train()
-    with torch.enable_grad():
-        live = completion_values(critic, samples.rows(live_rows))
-    values = torch.empty(samples.completion_ids.shape, dtype=live.dtype)
-    values[live_rows] = live.detach()
-    rest = torch.ones(values.shape[0], dtype=torch.bool)
-    rest[live_rows] = False
-    if rest.any():
-        values[rest] = completion_values(critic, samples.rows(rest.nonzero().squeeze(-1)))
-    return values, live
-
-
-def minibatch_loss(actor, critic, exp: Experience, index: torch.Tensor, cfg: PPOConfig, ptx_batch=None,
-                   values: torch.Tensor | None = None, info: DistInfo | None = None):
-    """policy loss + value loss (+ ptx_coef * SFT loss on ``ptx_batch``) for the rows ``index``.
-
-    ``values``: the critic's values for these rows when already computed with their graph.
-    Under torchrun each token mean is taken over the minibatch's tokens on all ranks, so that the
-    gradients the ranks sum are those of one process holding the whole minibatch.
-    """
+def minibatch_loss(actor, critic, exp: Experience, index: torch.Tensor, cfg: PPOConfig, counts: dict,
+                   values: torch.Tensor | None = None):
+    """policy loss + value loss for the rows ``index``, token means over ``counts["tokens"]``
+    (the minibatch's completion tokens on all ranks, so that the ranks' summed gradients are
+    those of one process holding the whole minibatch). ``values``: these rows' critic values
+    when already computed with their graph."""
     part = exp.samples.rows(index)
     mask = exp.mask[index]
-    logprobs, entropy = completion_logprobs(actor, part, with_entropy=True)
-    pol, pol_stats = policy_loss(logprobs, exp.old_logprobs[index], exp.advantages[index], mask, cfg.eps_clip)
-    if values is None:
-        values = completion_values(critic, part)
-    val, val_stats = value_loss(values, exp.old_values[index], exp.returns[index], mask, cfg.eps_value)
-    loss = (pol + val) * rank_share(mask.sum(), info)
+    with autocast(cfg.train.dtype):
+        logprobs, entropy = completion_logprobs(actor, part, with_entropy=True)
+        values = completion_values(critic, part) if values is None else values
+    pol, pol_stats = policy_loss(logprobs, exp.old_logprobs[index], exp.advantages[index], mask, cfg.eps_clip,
+                                 counts["tokens"])
+    val, val_stats = value_loss(values, exp.old_values[index], exp.returns[index], mask, cfg.eps_value,
+                                counts["tokens"])
     stats = {"policy_loss": pol.detach(), "value_loss": val.detach(), "entropy": masked_mean(entropy.detach(), mask),
              **pol_stats, **val_stats}
-    if ptx_batch is not None and cfg.ptx_coef > 0:
-        ptx_lp = token_logprobs(actor, ptx_batch.input_ids, ptx_batch.attention_mask, ptx_batch.completion_mask)
-        ptx, _ = sft_loss(ptx_lp, ptx_batch.completion_mask)
-        loss = loss + cfg.ptx_coef * ptx * rank_share(ptx_batch.completion_mask.sum(), info)
-        stats["ptx_loss"] = ptx.detach()
-    return loss, stats
+    return pol + val, stats
 
 
-def rank_share(local_count: torch.Tensor, info: DistInfo | None) -> torch.Tensor | float:
-    """This rank's share of a count summed over ranks (1.0 in a single process)."""
-    if info is None or not info.enabled:
-        return 1.0
-    local = local_count.detach().to(torch.float64)
-    return (local / all_reduce_sum(local.clone(), info).clamp(min=1)).float()
+def ptx_loss(actor, batch, cfg: PPOConfig, num_tokens: float):
+    """PPO-ptx: ptx_coef times the SFT loss on ``batch`` (a token mean over all ranks' tokens)."""
+    with autocast(cfg.train.dtype):
+        logprobs = token_logprobs(actor, batch.input_ids, batch.attention_mask, batch.completion_mask)
+    loss, _ = sft_loss(logprobs, batch.completion_mask, num_tokens)
+    return cfg.ptx_coef * loss, loss.detach()
 
 
-def ppo_update(models: dict, trained, optimizer, scheduler, exp: Experience, cfg: PPOConfig, info, step: int,
-               ptx_batches: list | None, first_perm: torch.Tensor) -> dict:
-    """``ppo_epochs`` passes of shuffled minibatches over one rollout batch; returns mean stats.
-
-    ``first_perm``: the first epoch's row order (it starts with make_experience's ``live_rows``)."""
-    trained.train()
+def ppo_update(run: Run, models: dict, exp: Experience, cfg: PPOConfig, ptx_batches: list | None) -> dict:
+    """``ppo_epochs`` passes of shuffled minibatches over one rollout batch; returns mean stats."""
+    models["actor"].train()
+    models["critic"].train()
     n_rows = exp.mask.shape[0]
-    size = cfg.minibatch_size // info.world_size  # this rank's part of each minibatch
-    minibatches = n_rows // size
+    size = cfg.minibatch_size // run.info.world_size  # this rank's part of each minibatch
+    per_epoch = n_rows // size
     stats_sum: dict = {}
     for epoch in range(cfg.ppo_epochs):
-        perm = first_perm if epoch == 0 else torch.randperm(n_rows)
-        for k in range(minibatches):
-            index = perm[k * size: (k + 1) * size]
-            ptx_batch = ptx_batches[epoch * minibatches + k] if ptx_batches else None
-            live = exp.live_values if epoch == 0 and k == 0 else None  # the same rows: perm starts with live_rows
-            loss, stats = minibatch_loss(models["actor"], models["critic"], exp, index, cfg, ptx_batch, live, info)
-            loss.backward()
-            optimizer_step(trained, optimizer, scheduler, cfg.train.max_grad_norm, info, step + 1,
-                           clip_apart=[models["actor"], models["critic"]])
+        order = exp.first_order if epoch == 0 else torch.randperm(n_rows)
+        for k in range(per_epoch):
+            n = epoch * per_epoch + k
+            stats = minibatch_step(run, models, exp, order[k * size: (k + 1) * size], cfg,
+                                   ptx_batches[n] if ptx_batches else None)
             for key, v in stats.items():
-                stats_sum[key] = stats_sum.get(key, 0.0) + v.item() / (cfg.ppo_epochs * minibatches)
+                stats_sum[key] = stats_sum.get(key, 0.0) + float(v) / (cfg.ppo_epochs * per_epoch)
     return stats_sum
 
 
+def minibatch_step(run: Run, models: dict, exp: Experience, rows: torch.Tensor, cfg: PPOConfig, ptx=None) -> dict:
+    """One optimizer step on this rank's ``rows`` of a minibatch, micro-batched, plus PPO-ptx."""
+    counts = reduce_dict({"tokens": exp.mask[rows].sum().item(),
+                          "ptx_tokens": ptx.completion_mask[:, 1:].sum().item() if ptx is not None else 0.0}, run.info)
+    loss = torch.zeros(())
+    for index in row_chunks(len(rows), cfg.train.micro_batch_size):
+        values = exp.take_first_values()  # the first micro-batch of the first minibatch only; else None
+        part, stats = minibatch_loss(models["actor"], models["critic"], exp, rows[index], cfg, counts, values)
+        part.backward()
+        loss = loss + part.detach()
+    if ptx is not None and cfg.ptx_coef > 0:
+        part, stats["ptx_loss"] = ptx_loss(models["actor"], ptx, cfg, counts["ptx_tokens"])
+        part.backward()
+        loss = loss + part.detach()
+    stats["loss"], stats["grad_norm"] = run.optimizer_step(loss, clip_apart=[models["actor"], models["critic"]])
+    return stats
+
+
 def load_models(cfg: PPOConfig):
-    actor, tokenizer = load_policy(cfg.model, cfg.tokenizer)
+    tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
+    actor = load_causal_lm(cfg.model, tokenizer)
     reward_tok = load_tokenizer(cfg.reward_model, cfg.tokenizer or cfg.model)
     if reward_tok.get_vocab() != tokenizer.get_vocab():
         raise ValueError(f"the reward model at {cfg.reward_model} uses another tokenizer than the actor; "
                          "rlhfkit's PPO needs one shared tokenizer")
     reward = load_reward_model(cfg.reward_model, tokenizer, cfg.frozen_dtype).eval().requires_grad_(False)
     critic = load_reward_model(cfg.critic or cfg.reward_model, tokenizer, seed=cfg.train.seed)
-    reference = load_policy(cfg.model, cfg.tokenizer)[0].to(reward.dtype).eval().requires_grad_(False)
+    reference = load_causal_lm(cfg.model, tokenizer).to(DTYPES[cfg.frozen_dtype]).eval().requires_grad_(False)
     return {"actor": actor, "critic": critic, "reward": reward, "reference": reference}, tokenizer
 
 
@@ -222,101 +263,70 @@ def model_memory_mb(models: dict) -> dict:
 
 
 @torch.no_grad()
-def evaluate(models: dict, tokenizer, rows, cfg: PPOConfig) -> dict:
-    """Greedy exact-match accuracy and mean reward-model score on held-out prompts."""
-    texts = greedy_completions(models["actor"], tokenizer, rows, cfg.eval_max_new_tokens)
-    out = accuracy_of(texts, rows)
-    ids = [encode_prompt(tokenizer, prompt_text(r, tokenizer)) + tokenizer(t, add_special_tokens=False)["input_ids"]
-           + [tokenizer.eos_token_id] for r, t in zip(rows, texts)]
-    width = max(map(len, ids))
-    input_ids = torch.tensor([x + [tokenizer.pad_token_id] * (width - len(x)) for x in ids])
-    attention = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
-    out["rm_score"] = reward_scores(models["reward"], input_ids, attention).mean().item()
-    return out
+def evaluate(models: dict, backend, tokenizer, rows: HeldOut, cfg: PPOConfig) -> dict:
+    """Greedy accuracy and the reward model's mean score of those same greedy samples."""
+    out, samples = rows.accuracy(backend, tokenizer, cfg.eval_max_new_tokens)
+    scores = [reward_scores(models["reward"], s.input_ids, s.attention_mask) for s in samples]
+    return {**out, "rm_score": torch.cat(scores).mean().item()}
 
 
-def check_batch_sizes(cfg: PPOConfig, world_size: int) -> None:
-    if cfg.prompts_per_step % cfg.minibatch_size or cfg.minibatch_size % world_size:
-        raise ValueError(f"ppo: prompts_per_step ({cfg.prompts_per_step}) must be a multiple of minibatch_size "
-                         f"({cfg.minibatch_size}), and minibatch_size a multiple of the number of ranks ({world_size})")
+def ptx_batches_for(ptx, order, step: int, count: int, info: DistInfo, pad_id: int) -> list | None:
+    """This rank's ptx rows for each optimizer step of rollout step ``step``."""
+    if ptx is None:
+        return None
+    return [collate_sft([ptx[i] for i in order.indices(step * count + n)[info.rank::info.world_size]], pad_id)
+            for n in range(count)]
 
 
 def run_ppo(cfg: PPOConfig) -> dict:
-    info = init_distributed()
-    check_batch_sizes(cfg, info.world_size)
+    refuse_offline_batch_fields("ppo", cfg.train)
     tc = cfg.train
-    prepare_out_dir(tc, info)
-    seed_everything(tc.seed + info.rank)
+    run = start_run(tc, cfg, "ppo", unit="rollout step", show=("rm_score", "kl"))
+    if cfg.minibatch_size % run.info.world_size:
+        raise ConfigError(f"minibatch_size={cfg.minibatch_size} must divide over {run.info.world_size} ranks")
+    rows, eval_rows = read_rows(cfg.train_data), held_out(cfg.eval_data, cfg.eval_limit, cfg.eval_task)
     models, tokenizer = load_models(cfg)
+    ptx = (encode_sft(read_rows(cfg.ptx_data), tokenizer, cfg.ptx_max_length, "truncate")[0]
+           if cfg.ptx_data and cfg.ptx_coef > 0 else None)
     trained = torch.nn.ModuleDict({"actor": models["actor"], "critic": models["critic"]})
-    broadcast_params(trained, info)
-    say("ppo: parameter memory " + ", ".join(f"{k.split('/')[1]} {v} MB" for k, v in model_memory_mb(models).items()))
-    rows = read_rows(cfg.train_data)
-    ptx = encode_sft(read_rows(cfg.ptx_data), tokenizer, 128, "truncate")[0] if cfg.ptx_data and cfg.ptx_coef > 0 else None
-    eval_rows = read_rows(cfg.eval_data)[: cfg.eval_limit] if cfg.eval_data else None
-    minibatches = cfg.prompts_per_step // cfg.minibatch_size
+    run.say("parameter memory " + ", ".join(f"{k.split('/')[1]} {v} MB" for k, v in model_memory_mb(models).items()))
+    backend = make_backend(cfg.rollout_backend, tokenizer, models["actor"])
+    exact = backend.logprobs_exact(SamplingParams(cfg.max_new_tokens, cfg.temperature))
+    updates = cfg.ppo_epochs * (cfg.prompts_per_step // cfg.minibatch_size)  # optimizer steps per rollout step
     optimizer = build_optimizer(trained, tc.lr, tc.weight_decay, {"actor": tc.lr, "critic": cfg.critic_lr})
-    scheduler = build_scheduler(optimizer, tc.max_steps * cfg.ppo_epochs * minibatches, tc.warmup_steps, tc.schedule,
-                                tc.min_lr_ratio)
-    kl_ctl = AdaptiveKL(cfg.kl_coef, cfg.target_kl or 1.0, cfg.kl_horizon)
-    start = 0
-    if tc.resume:
-        state = load_checkpoint(latest_checkpoint(tc.out_dir), trained, optimizer, scheduler)
-        start, kl_ctl.beta = state["step"], state["kl_coef"]
-        say(f"ppo: resuming from step {start}")
-    before = evaluate(models, tokenizer, eval_rows, cfg) if eval_rows else {}
+    before = evaluate(models, backend, tokenizer, eval_rows, cfg) if eval_rows else {}  # the start model's
+    run.attach(trained, optimizer, build_scheduler(optimizer, tc.max_steps * updates, tc.warmup_steps, tc.schedule,
+                                                   tc.min_lr_ratio))
+    kl_ctl = AdaptiveKL(run.state.get("kl_coef", cfg.kl_coef), cfg.target_kl or 1.0, cfg.kl_horizon)
     order = BatchOrder(len(rows), cfg.prompts_per_step, tc.seed)
     ptx_order = BatchOrder(len(ptx), cfg.minibatch_size, tc.seed + 1) if ptx else None
-    logger = MetricsLogger(tc.out_dir, enabled=info.is_main, tensorboard=tc.tensorboard)
-    bar = progress(tc.max_steps, start, desc="ppo", enabled=info.is_main and tc.progress)
-    evals, kls = [], []
-    for step in range(start, tc.max_steps):
-        batch_rows = [rows[i] for i in order.indices(step)[info.rank::info.world_size]]
-        prompt_ids = [encode_prompt(tokenizer, prompt_text(r, tokenizer), chat="messages" in r.data) for r in batch_rows]
-        first_perm = torch.randperm(len(prompt_ids))
-        exp, metrics = make_experience(models, tokenizer, prompt_ids, cfg, kl_ctl.beta,
-                                       live_rows=first_perm[: cfg.minibatch_size // info.world_size], info=info)
+    kls = []
+    for step in run.steps():
+        backend.load_weights(models["actor"])
+        prompt_ids = row_prompt_ids(tokenizer, [rows[i] for i in order.indices(step)[run.info.rank::run.info.world_size]])
+        exp, metrics = make_experience(models, backend, prompt_ids, cfg, kl_ctl.beta, exact, run.info)
         t0 = time.time()
-        ptx_batches = None
-        if ptx_order is not None:
-            first = step * cfg.ppo_epochs * minibatches
-            ptx_batches = [collate_sft([ptx[i] for i in ptx_order.indices(first + n)[info.rank::info.world_size]],
-                                       tokenizer.pad_token_id)
-                           for n in range(cfg.ppo_epochs * minibatches)]
-        stats_sum = ppo_update(models, trained, optimizer, scheduler, exp, cfg, info, step, ptx_batches, first_perm)
-        # KL(pi || pi_ref) per completion, sampled estimate, over all ranks' completions
-        kl_sum, n_seq = all_reduce_sum(torch.tensor([exp.kl.sum().item(), exp.kl.shape[0]], dtype=torch.float64),
-                                       info).tolist()
-        kl_seq = kl_sum / n_seq
-        kls.append(kl_seq)
+        metrics.update(ppo_update(run, models, exp, cfg, ptx_batches_for(ptx, ptx_order, step, updates, run.info,
+                                                                         tokenizer.pad_token_id)))
+        kls.append(reduce_dict({"kl": exp.kl.sum().item() / exp.kl.shape[0]}, run.info)["kl"] / run.info.world_size)
         if cfg.target_kl is not None:
-            kl_ctl.update(kl_seq, int(n_seq))
-        lengths = exp.mask.sum(-1).float()
-        metrics.update(stats_sum, time_update_s=time.time() - t0, rm_score=exp.raw_scores.mean().item(),
-                       score=exp.scores.mean().item(), kl=kl_seq, kl_coef=kl_ctl.beta,
-                       explained_variance=explained_variance(exp.old_values, exp.returns, exp.mask).item(),
-                       completion_len_mean=lengths.mean().item(), eos_frac=exp.samples.finished.float().mean().item())
-        done = step + 1
-        bar.update(1)
-        bar.set_postfix(rm=f"{metrics['rm_score']:.3f}", kl=f"{kl_seq:.3f}")
-        if done % tc.log_every == 0 or done == tc.max_steps:
-            logger.log(done, metrics)
-        if eval_rows and ((tc.eval_every and done % tc.eval_every == 0) or done == tc.max_steps):
-            evals.append({"step": done, **evaluate(models, tokenizer, eval_rows, cfg)})
-            logger.log(done, evals[-1], prefix="eval")
-            bar.write(f"step {done}: accuracy={evals[-1]['accuracy']:.4f} rm_score={evals[-1]['rm_score']:.4f}")
-        if info.is_main and ((tc.save_every and done % tc.save_every == 0) or done == tc.max_steps):
-            save_checkpoint(tc.out_dir, done, trained, optimizer, scheduler, to_dict(cfg),
-                            extra={"kl_coef": kl_ctl.beta, "prompts_seen": done * cfg.prompts_per_step},
-                            keep=tc.keep_checkpoints)
-    bar.close()
-    logger.close()
+            kl_ctl.update(kls[-1], cfg.prompts_per_step)
+        metrics.update(experience_metrics(exp), time_update_s=time.time() - t0, kl_coef=kl_ctl.beta)
+        run.step_done(means=metrics, state={"kl_coef": kl_ctl.beta},
+                      evaluate=(lambda: evaluate(models, backend, tokenizer, eval_rows, cfg)) if eval_rows else None)
     tail = kls[-max(1, len(kls) // 10):]
-    summary = {"steps": tc.max_steps, "kl": sum(tail) / len(tail) if tail else None, "kl_coef": kl_ctl.beta,
-               "accuracy_before": before.get("accuracy"), "rm_score_before": before.get("rm_score"), "evals": evals,
-               **model_memory_mb(models)}
-    if evals:
-        summary.update(accuracy=evals[-1]["accuracy"], rm_score=evals[-1]["rm_score"])
-    if info.is_main:
+    summary = {"kl": sum(tail) / len(tail) if tail else None, "kl_coef": kl_ctl.beta, **model_memory_mb(models),
+               "accuracy_before": before.get("accuracy"), "rm_score_before": before.get("rm_score")}
+    if run.evals:
+        summary.update(accuracy=run.evals[-1]["accuracy"], rm_score=run.evals[-1]["rm_score"])
+    if run.info.is_main:
         models["critic"].save_pretrained(f"{tc.out_dir}/critic")
-    return finish(models["actor"], tokenizer, cfg, tc.out_dir, summary)
+    return run.finish(models["actor"], tokenizer, summary)
+
+
+def experience_metrics(exp: Experience) -> dict:
+    lengths = exp.mask.sum(-1).float()
+    return {"rm_score": exp.raw_scores.mean().item(), "score": exp.scores.mean().item(),
+            "kl": (exp.kl.sum() / exp.kl.shape[0]).item(), "logprob_gap": exp.logprob_gap,
+            "explained_variance": explained_variance(exp.old_values, exp.returns, exp.mask).item(),
+            "completion_len_mean": lengths.mean().item(), "eos_frac": exp.samples.finished.float().mean().item()}

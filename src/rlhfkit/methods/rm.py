@@ -11,14 +11,16 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..data.encode import OVERLONG_POLICIES
 from ..data.prefs import collate_rankings, count_pairs, encode_rankings
 from ..data.rows import read_rows
 from ..losses.rm import ranking_loss
 from ..models.load import load_tokenizer
 from ..models.reward import load_reward_model, reward_scores
-from ..train.config import TrainConfig, to_dict
+from ..train.config import TrainConfig, at_least, choice
 from ..train.loop import Objective, train_offline
-from .common import finish, say
+from ..train.run import start_run
+from .common import head
 
 
 @dataclass(frozen=True)
@@ -29,9 +31,13 @@ class RMConfig:
     eval_data: str | None = None
     max_length: int = 128
     overlong: str = "error"
-    eval_limit: int = 500
-    center_coef: float = 0.0  # > 0: keep each prompt's mean score near 0 (comparable across prompts)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    eval_limit: int = 500  # held-out rankings used; 0 = all
+    center_coef: float = 0.0  # > 0: keep each prompt's mean score near 0; same scale as TRL's center_rewards_coefficient
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/rm"))
+
+    def __post_init__(self):
+        choice("overlong", self.overlong, OVERLONG_POLICIES)
+        at_least("center_coef", self.center_coef, 0.0)
 
 
 def rm_objective(center_coef: float = 0.0) -> Objective:
@@ -87,19 +93,18 @@ def ranking_metrics(model, examples, pad_id: int, batch_size: int = 64) -> dict:
 
 
 def run_rm(cfg: RMConfig) -> dict:
+    run = start_run(cfg.train, cfg, "rm")
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
-    model = load_reward_model(cfg.model, tokenizer, seed=cfg.train.seed)
     examples, report = encode_rankings(read_rows(cfg.train_data), tokenizer, cfg.max_length, cfg.overlong)
-    say(f"rm: {cfg.train_data}: {report.summary()}")
-    eval_fn = None
+    run.say(f"{cfg.train_data}: {report.summary()}")
+    held_out = []
     if cfg.eval_data:
-        held_out, _ = encode_rankings(read_rows(cfg.eval_data), tokenizer, cfg.max_length, "skip")
-        held_out = held_out[: cfg.eval_limit] if cfg.eval_limit > 0 else held_out
-        eval_fn = lambda m: ranking_metrics(m, held_out, tokenizer.pad_token_id)  # noqa: E731
+        held_out, _ = encode_rankings(head(read_rows(cfg.eval_data), cfg.eval_limit), tokenizer, cfg.max_length, "skip")
+    model = load_reward_model(cfg.model, tokenizer, seed=cfg.train.seed)
+    evaluate = (lambda m: ranking_metrics(m, held_out, tokenizer.pad_token_id)) if held_out else None
     collate = lambda rows: collate_rankings(rows, tokenizer.pad_token_id)  # noqa: E731
-    result = train_offline(model, examples, collate, rm_objective(cfg.center_coef), cfg.train, to_dict(cfg), eval_fn)
-    summary = {"steps": result.steps, "loss": result.metrics.get("loss"), "length_report": report.summary(),
-               "evals": result.evals}
-    if result.evals:
-        summary.update({k: result.evals[-1][k] for k in ("pairwise_accuracy", "kendall_tau", "top1_accuracy")})
-    return finish(model, tokenizer, cfg, cfg.train.out_dir, summary)
+    train_offline(run, model, examples, collate, rm_objective(cfg.center_coef), evaluate)
+    summary = {"loss": run.metrics.get("loss"), "length_report": report.summary()}
+    if run.evals:
+        summary.update({k: run.evals[-1][k] for k in ("pairwise_accuracy", "kendall_tau", "top1_accuracy")})
+    return run.finish(model, tokenizer, summary)

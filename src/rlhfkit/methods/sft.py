@@ -1,6 +1,8 @@
 """Supervised fine-tuning (InstructGPT stage 1): cross-entropy on completion tokens only.
 
-Reads top to bottom: config -> load model and data -> objective -> the shared loop -> save.
+Reads top to bottom: config -> data and held-out checks -> model -> objective -> the shared
+loop -> save. Held-out evaluation reports the loss on the eval rows' completions and the
+accuracy of greedy answers as the eval data's task checks them (tasks/).
 """
 
 from __future__ import annotations
@@ -9,14 +11,19 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..data.encode import collate_sft, encode_sft
+import torch
+
+from ..data.encode import OVERLONG_POLICIES, collate_sft, encode_sft
 from ..data.rows import read_rows
 from ..losses.sft import sft_loss
 from ..models.forward import token_logprobs
-from ..models.load import save_model
-from ..train.config import TrainConfig, to_dict
+from ..models.load import load_causal_lm, load_tokenizer, save_model
+from ..rollout.backend import SamplerBackend
+from ..tasks import TASK_CHOICES
+from ..train.config import TrainConfig, at_least, choice
 from ..train.loop import Objective, train_offline
-from .common import accuracy_eval, finish, load_policy, say
+from ..train.run import start_run
+from .common import accuracy_eval, held_out
 
 
 @dataclass(frozen=True)
@@ -24,14 +31,21 @@ class SFTConfig:
     model: str = ""  # a causal-LM folder
     tokenizer: str | None = None  # default: the model folder's
     train_data: str = ""  # jsonl / parquet: prompt + completion, or messages
-    eval_data: str | None = None  # held-out rows with an answer, for exact-match accuracy
+    eval_data: str | None = None  # held-out rows: loss on their completions, accuracy of greedy answers
+    eval_task: str = "auto"  # how greedy answers are checked: auto | arithmetic | reference (tasks/)
     max_length: int = 128
     overlong: str = "error"  # error | truncate | skip
-    eval_limit: int = 500
+    eval_limit: int = 500  # held-out rows used; 0 = all
     eval_max_new_tokens: int = 16
     stop_at_accuracy: float | None = None  # end training once held-out accuracy reaches this
     snapshot_at_accuracy: float | None = None  # also save <out>/snapshot the first time it reaches this
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/sft"))
+
+    def __post_init__(self):
+        choice("overlong", self.overlong, OVERLONG_POLICIES)
+        choice("eval_task", self.eval_task, TASK_CHOICES)
+        at_least("max_length", self.max_length, 2)
+        at_least("eval_max_new_tokens", self.eval_max_new_tokens, 1)
 
 
 def sft_objective() -> Objective:
@@ -46,27 +60,53 @@ def sft_objective() -> Objective:
     return Objective(counts, loss)
 
 
+@torch.no_grad()
+def heldout_loss(model, examples: list, pad_id: int, batch_size: int = 64) -> float:
+    """Mean negative log-likelihood per completion token over the held-out examples."""
+    was_training = model.training
+    model.eval()
+    nll = tokens = 0.0
+    for i in range(0, len(examples), batch_size):
+        batch = collate_sft(examples[i: i + batch_size], pad_id)
+        logprobs = token_logprobs(model, batch.input_ids, batch.attention_mask, batch.completion_mask)
+        nll -= float((logprobs * batch.completion_mask).sum())
+        tokens += float(batch.completion_mask[:, 1:].sum())
+    model.train(was_training)
+    return nll / max(tokens, 1.0)
+
+
 def run_sft(cfg: SFTConfig) -> dict:
-    model, tokenizer = load_policy(cfg.model, cfg.tokenizer)
+    run = start_run(cfg.train, cfg, "sft")
+    tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
     examples, report = encode_sft(read_rows(cfg.train_data), tokenizer, cfg.max_length, cfg.overlong)
-    say(f"sft: {cfg.train_data}: {report.summary()}")
-    snapshot = {}
+    run.say(f"{cfg.train_data}: {report.summary()}")
+    rows = held_out(cfg.eval_data, cfg.eval_limit, cfg.eval_task)  # checked now, not after training
+    with_completions = rows is not None and all("completion" in r.data or "messages" in r.data for r in rows.rows)
+    eval_examples = encode_sft(rows.rows, tokenizer, cfg.max_length, cfg.overlong)[0] if with_completions else []
+    model = load_causal_lm(cfg.model, tokenizer)
+    marker = Path(cfg.train.out_dir) / "snapshot" / "snapshot.json"
+    snapshot: dict = json.loads(marker.read_text()) if cfg.train.resume and marker.is_file() else {}
 
-    def on_accuracy(model, accuracy: float) -> None:
+    def on_accuracy(accuracy: float) -> None:
         # InstructGPT's later stages start from a model with error left to remove: keep the
-        # first checkpoint that reaches a modest accuracy.
-        if cfg.snapshot_at_accuracy is not None and not snapshot and accuracy >= cfg.snapshot_at_accuracy:
-            path = Path(cfg.train.out_dir) / "snapshot"
-            save_model(model, tokenizer, path)
-            snapshot.update(path=str(path), accuracy=accuracy)
-            (path / "snapshot.json").write_text(json.dumps(snapshot))
+        # first model that reaches a modest accuracy (kept on resume: it is never overwritten).
+        if cfg.snapshot_at_accuracy is None or snapshot or accuracy < cfg.snapshot_at_accuracy:
+            return
+        snapshot.update(path=str(marker.parent), accuracy=accuracy)
+        if run.info.is_main:
+            save_model(model, tokenizer, marker.parent)
+            marker.write_text(json.dumps(snapshot))
 
-    eval_fn = accuracy_eval(tokenizer, cfg.eval_data, cfg.eval_limit, cfg.eval_max_new_tokens,
-                            cfg.stop_at_accuracy, on_accuracy)
-    collate = lambda rows: collate_sft(rows, tokenizer.pad_token_id)  # noqa: E731
-    result = train_offline(model, examples, collate, sft_objective(), cfg.train, to_dict(cfg), eval_fn)
-    summary = {"steps": result.steps, "loss": result.metrics.get("loss"), "length_report": report.summary(),
-               "evals": result.evals, "snapshot": snapshot or None}
-    if result.evals:
-        summary["accuracy"] = result.evals[-1]["accuracy"]
-    return finish(model, tokenizer, cfg, cfg.train.out_dir, summary)
+    accuracy = accuracy_eval(SamplerBackend(tokenizer, model), tokenizer, rows, cfg.eval_max_new_tokens,
+                             cfg.stop_at_accuracy, on_accuracy)
+
+    def evaluate(model) -> dict:
+        loss = {"loss": heldout_loss(model, eval_examples, tokenizer.pad_token_id)} if eval_examples else {}
+        return {**loss, **accuracy()}
+
+    train_offline(run, model, examples, lambda b: collate_sft(b, tokenizer.pad_token_id), sft_objective(),
+                  evaluate if rows else None)
+    summary = {"loss": run.metrics.get("loss"), "length_report": report.summary(), "snapshot": snapshot or None}
+    if run.evals:
+        summary.update(accuracy=run.evals[-1]["accuracy"], eval_loss=run.evals[-1].get("loss"))
+    return run.finish(model, tokenizer, summary)

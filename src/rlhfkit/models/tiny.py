@@ -65,7 +65,7 @@ def write_tiny_default(out_dir: str | Path, spec: TinySpec = TinySpec(), seed: i
 
     Layout: ``tokenizer/``, ``base/`` (model and a copy of the tokenizer), ``data/*.jsonl``.
     """
-    from ..data.synthetic import write_task_files
+    from ..tasks.arithmetic_files import write_task_files
     from .tokenizer import save_char_tokenizer
 
     out = Path(out_dir)

@@ -1,45 +1,42 @@
-"""Held-out exact-match accuracy from greedy answers."""
+"""Held-out evaluation: greedy answers from a rollout backend, checked by a task (tasks/)."""
 
 from __future__ import annotations
 
 from ..data.encode import encode_prompt, prompt_text
-from ..data.rows import DataError, Row
-from ..data.task import extract_answer
-from .sampler import decode, sample
+from ..data.rows import Row
+from ..tasks import resolve_task
+from .backend import SamplerBackend, SamplingParams
+from .sampler import Samples, decode
 
 
-def reference_answer(row: Row) -> int:
-    """The expected answer: the row's ``answer`` field, else the one its reference completion gives."""
-    if "answer" in row.data:
-        try:
-            return int(row.data["answer"])
-        except (TypeError, ValueError):
-            raise DataError(f"{row.where}: field 'answer' must be an integer, got {row.data['answer']!r}") from None
-    for field in ("completion", "chosen"):
-        if isinstance(row.data.get(field), str):
-            value = extract_answer(row.data[field])
-            if value is not None:
-                return value
-    raise DataError(f"{row.where}: no 'answer' field and no reference completion to read one from")
+def row_prompt_ids(tokenizer, rows: list[Row]) -> list[list[int]]:
+    """Token ids of each row's prompt, plain or chat, as the model sees it."""
+    return [encode_prompt(tokenizer, prompt_text(r, tokenizer), chat="messages" in r.data) for r in rows]
 
 
-def greedy_completions(model, tokenizer, rows: list[Row], max_new_tokens: int = 32, batch_size: int = 256) -> list[str]:
-    texts = []
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i: i + batch_size]
-        prompts = [encode_prompt(tokenizer, prompt_text(r, tokenizer), chat="messages" in r.data) for r in chunk]
-        samples = sample(model, prompts, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-                         max_new_tokens=max_new_tokens, temperature=0.0)
-        texts.extend(decode(tokenizer, samples))
-    return texts
+def greedy_samples(backend, tokenizer, rows: list[Row], max_new_tokens: int, batch_size: int = 256) -> list[Samples]:
+    params = SamplingParams(max_new_tokens, temperature=0.0)
+    return [backend.generate(row_prompt_ids(tokenizer, rows[i: i + batch_size]), params)
+            for i in range(0, len(rows), batch_size)]
 
 
-def accuracy_of(completions: list[str], rows: list[Row]) -> dict:
-    """{"accuracy": fraction of completions whose answer is exactly the row's, "n": rows}."""
-    right = sum(extract_answer(c) == reference_answer(r) for c, r in zip(completions, rows))
-    return {"accuracy": right / len(rows), "n": len(rows)}
+class HeldOut:
+    """Held-out prompts and what their answers are checked against, resolved (and validated) up front."""
+
+    def __init__(self, rows: list[Row], task: str = "auto"):
+        self.rows = rows
+        self.task, self.targets = resolve_task(task, rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def accuracy(self, backend, tokenizer, max_new_tokens: int) -> tuple[dict, list[Samples]]:
+        """The task's metrics on greedy answers, and the samples (for scoring them further)."""
+        samples = greedy_samples(backend, tokenizer, self.rows, max_new_tokens)
+        texts = [t for s in samples for t in decode(tokenizer, s)]
+        return self.task.score(texts, self.targets), samples
 
 
-def exact_match(model, tokenizer, rows: list[Row], max_new_tokens: int = 32) -> dict:
-    """Accuracy of the model's greedy answers on ``rows``."""
-    return accuracy_of(greedy_completions(model, tokenizer, rows, max_new_tokens), rows)
+def exact_match(model, tokenizer, rows: list[Row], max_new_tokens: int = 32, task: str = "auto") -> dict:
+    """Accuracy of ``model``'s greedy answers on ``rows`` (the sampler backend on the model itself)."""
+    return HeldOut(rows, task).accuracy(SamplerBackend(tokenizer, model), tokenizer, max_new_tokens)[0]

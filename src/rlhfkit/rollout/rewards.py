@@ -1,4 +1,4 @@
-"""Rewards as plain Python callables, and the tiny default's outcome and process rewards.
+"""Rewards as plain Python callables: scoring samples with a weighted set of them.
 
 Outcome reward: ``f(prompts, completions, **row_fields) -> list[float | None]``, one value per
 completion (``None``: the function abstains for that sample). Several combine with weights.
@@ -13,13 +13,10 @@ scores 0 for that function and the error is counted in the metrics.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-
-from ..data.task import extract_answer, verify_steps
 
 
 class RewardError(RuntimeError):
@@ -67,42 +64,3 @@ def score_outcomes(functions: list[Callable], weights: list[float], prompts: lis
         per_function[name] = column
         total += weight * torch.nan_to_num(column, nan=0.0)
     return OutcomeScores(total, per_function, errors)
-
-
-# --- the tiny default's rewards -------------------------------------------------------------
-
-def exact_answer(prompts, completions, answer=None, **_) -> list[float]:
-    """1.0 when the completion's answer is exactly the row's ``answer``, else 0.0."""
-    return [1.0 if extract_answer(c) == int(a) else 0.0 for c, a in zip(completions, answer)]
-
-
-def contains_answer(prompts, completions, answer=None, **_) -> list[float]:
-    """1.0 if the right answer appears as a whole number anywhere in the completion (BENCHMARK.md)."""
-    return [1.0 if re.search(rf"(?<![\d-]){int(a)}(?!\d)", c) else 0.0 for c, a in zip(completions, answer)]
-
-
-def char_to_token_index(tokenizer, ids: list[int], char_end: int) -> int:
-    """Index of the token that holds character ``char_end - 1`` of ``decode(ids)``."""
-    length = 0
-    for k in range(len(ids)):
-        length = len(tokenizer.decode(ids[: k + 1], skip_special_tokens=True))
-        if length >= char_end:
-            return k
-    return max(len(ids) - 1, 0)
-
-
-def arithmetic_steps(prompts, completions, completion_ids=None, tokenizer=None, **_) -> list[list[tuple[int, float]]]:
-    """Process reward of the multi-step task: 1.0 per correct step, 0.0 per wrong one.
-
-    A completion with no recognisable step gets one 0.0 step on its last token.
-    """
-    out = []
-    for prompt, text, ids in zip(prompts, completions, completion_ids):
-        steps = [(char_to_token_index(tokenizer, ids, s.char_end), 1.0 if s.correct else 0.0)
-                 for s in verify_steps(prompt, text)]
-        out.append(steps or [(max(len(ids) - 1, 0), 0.0)])
-    return out
-
-
-OUTCOME_REWARDS = {"exact_answer": exact_answer, "contains_answer": contains_answer}
-PROCESS_REWARDS = {"arithmetic_steps": arithmetic_steps}

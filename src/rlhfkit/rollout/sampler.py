@@ -8,8 +8,8 @@ masked in) or at ``max_new_tokens``; everything after EOS is padding with mask 0
 
 The returned log-probs are those of the sampling distribution (logits / temperature, before
 top-k / top-p truncation); with temperature 1 they equal a fresh forward pass's log-probs.
-A backend with the same ``sample`` signature (vLLM on a GPU) can replace this one without
-touching the trainers.
+This is the first rollout backend (rollout/backend.py wraps it); the trainers call the
+backend, never this function by name.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest set reaching top_p
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest set reaching top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return logits

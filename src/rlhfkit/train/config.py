@@ -11,55 +11,91 @@ from pathlib import Path
 import yaml
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """The optimisation loop every method shares."""
-
-    out_dir: str = "runs/out"
-    max_steps: int = 100
-    batch_size: int = 32  # rows per optimizer step, over all ranks
-    micro_batch_size: int = 0  # rows per forward on one rank; 0 = the whole per-rank batch
-    lr: float = 1e-4
-    schedule: str = "cosine"  # cosine | constant | linear
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    dtype: str = "fp32"  # fp32 | bf16 (autocast; master weights stay fp32)
-    seed: int = 0
-    log_every: int = 10
-    eval_every: int = 0  # 0 = never during training
-    save_every: int = 0  # 0 = only at the end
-    keep_checkpoints: int = 2
-    resume: bool = False
-    progress: bool = True
-    tensorboard: bool = True
-
-
 class ConfigError(ValueError):
     pass
 
 
-def _convert(value, typ, key: str):
+def choice(key: str, value, choices) -> None:
+    """Refuse a value outside ``choices`` with a one-line error that lists them."""
+    if value not in choices:
+        raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+def at_least(key: str, value, low, what: str = "") -> None:
+    if value is not None and value < low:
+        raise ConfigError(f"config key '{key}' must be >= {low}{what}; got {value!r}")
+
+
+SCHEDULES = ("cosine", "constant", "linear")
+TRAIN_DTYPES = ("fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The optimisation loop every method shares."""
+
+    out_dir: str = "runs/out"  # each method's config gives its own default (runs/sft, runs/dpo, ...)
+    # SFT, RM, DPO: optimizer steps. GRPO, PPO: rollout steps (each gives mu, or ppo_epochs x
+    # minibatches, optimizer steps); the progress bar, the logs and result.json name the unit.
+    max_steps: int = 100
+    batch_size: int = 32  # rows per optimizer step, over all ranks (SFT, RM, DPO; GRPO/PPO: prompts_per_step)
+    micro_batch_size: int = 0  # rows per forward on one rank; 0 = the whole per-rank batch
+    lr: float = 1e-4
+    schedule: str = "cosine"  # cosine | constant | linear
+    warmup_steps: int = 0  # always counts optimizer steps
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    dtype: str = "fp32"  # fp32 | bf16 (autocast for the trained forwards; master weights stay fp32)
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # 0 = only at the end
+    save_every: int = 0  # 0 = only at the end
+    keep_checkpoints: int = 2  # 0 = keep all
+    resume: bool = False
+    progress: bool = True
+    tensorboard: bool = True
+
+    def __post_init__(self):
+        choice("train.schedule", self.schedule, SCHEDULES)
+        choice("train.dtype", self.dtype, TRAIN_DTYPES)
+        for key in ("batch_size", "log_every"):
+            at_least(f"train.{key}", getattr(self, key), 1)
+        for key in ("max_steps", "micro_batch_size", "warmup_steps", "eval_every", "save_every", "keep_checkpoints",
+                    "weight_decay", "max_grad_norm", "min_lr_ratio"):
+            at_least(f"train.{key}", getattr(self, key), 0)
+        if not self.lr > 0:
+            raise ConfigError(f"config key 'train.lr' must be > 0; got {self.lr!r}")
+
+
+def _convert(value, typ, key: str, default=None):
     origin = typing.get_origin(typ)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(typ) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
-        return _convert(value, args[0], key)
+        return _convert(value, args[0], key, default)
     if dataclasses.is_dataclass(typ):
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' must be a mapping")
-        return build(typ, value, prefix=f"{key}.")
+        base = dataclasses.asdict(default) if dataclasses.is_dataclass(default) else {}
+        return build(typ, {**base, **value}, prefix=f"{key}.")
     try:
         if typ is bool and isinstance(value, str):
             if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
                 raise ValueError(value)
             return value.lower() in ("true", "1", "yes")
         if typ in (int, float) and isinstance(value, str):
-            return typ(float(value)) if typ is int and "e" in value.lower() else typ(value)
+            if typ is int and "e" in value.lower():
+                number = float(value)
+                if not number.is_integer():
+                    raise ValueError(value)
+                return int(number)
+            return typ(value)
         if typ is float and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
+        if typ in (int, float) and isinstance(value, bool):
+            raise ValueError(value)
         if typ in (int, float, str, bool) and not isinstance(value, typ):
             raise ValueError(value)
         return value
@@ -75,7 +111,14 @@ def build(cls, values: dict, prefix: str = ""):
     if unknown:
         raise ConfigError(f"unknown config key(s): {', '.join(prefix + k for k in unknown)}; "
                           f"known: {', '.join(sorted(names))}")
-    return cls(**{k: _convert(v, hints[k], prefix + k) for k, v in values.items()})
+    defaults = {f.name: _default(f) for f in dataclasses.fields(cls)}
+    return cls(**{k: _convert(v, hints[k], prefix + k, defaults[k]) for k, v in values.items()})
+
+
+def _default(f: dataclasses.Field):
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
 
 
 def parse_overrides(overrides: list[str]) -> dict:
@@ -114,6 +157,25 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | dict
 
 def to_dict(config) -> dict:
     return dataclasses.asdict(config)
+
+
+def plain_dict(config) -> dict:
+    """The config as YAML-safe values; an object in a field (a ``datasets.Dataset`` passed as
+    ``train_data``) is written as a short description instead of failing at the first save."""
+    return _plain(config)
+
+
+def _plain(value):
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    size = f", {len(value)} rows" if hasattr(value, "__len__") else ""
+    return f"<{type(value).__module__}.{type(value).__name__}{size}>"
 
 
 def replace(config, **changes):

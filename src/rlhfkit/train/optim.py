@@ -41,7 +41,8 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: floa
 
 
 def build_scheduler(optimizer, total: int, warmup: int, schedule: str, min_ratio: float = 0.0):
-    lr_factor(0, total, warmup, schedule, min_ratio)  # validate the name now
+    if schedule not in ("cosine", "linear", "constant"):  # validate the name now, not when warm-up ends
+        raise ValueError(f"schedule must be cosine, linear or constant, got {schedule!r}")
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total, warmup, schedule, min_ratio))
 

@@ -15,6 +15,8 @@ import random
 import re
 from dataclasses import dataclass
 
+from ..data.rows import DataError, Row
+
 _PROMPT_RE = re.compile(r"What is (\d+)([+-])(\d+)(?:([+-])(\d+))?\?")
 _STEP_RE = re.compile(r"(-?\d+)([+-])(\d+)=(-?\d+)")
 _ANSWER_RE = re.compile(r"Answer:\s*(-?\d+)")
@@ -134,3 +136,68 @@ def verify_steps(prompt: str, completion: str) -> list[Step]:
     if am is not None:
         steps.append(Step(am.end(), int(am.group(1)) == solve(prompt)))
     return steps
+
+
+# --- rewards (the signatures of rollout/rewards.py) -------------------------------------------
+
+def exact_answer(prompts, completions, answer=None, **_) -> list[float]:
+    """1.0 when the completion's answer is exactly the row's ``answer``, else 0.0."""
+    return [1.0 if extract_answer(c) == int(a) else 0.0 for c, a in zip(completions, answer)]
+
+
+def contains_answer(prompts, completions, answer=None, **_) -> list[float]:
+    """1.0 if the right answer appears as a whole number anywhere in the completion (BENCHMARK.md)."""
+    return [1.0 if re.search(rf"(?<![\d-]){int(a)}(?!\d)", c) else 0.0 for c, a in zip(completions, answer)]
+
+
+def char_to_token_index(tokenizer, ids: list[int], char_end: int) -> int:
+    """Index of the token that holds character ``char_end - 1`` of ``decode(ids)``."""
+    length = 0
+    for k in range(len(ids)):
+        length = len(tokenizer.decode(ids[: k + 1], skip_special_tokens=True))
+        if length >= char_end:
+            return k
+    return max(len(ids) - 1, 0)
+
+
+def arithmetic_steps(prompts, completions, completion_ids=None, tokenizer=None, **_) -> list[list[tuple[int, float]]]:
+    """Process reward of the multi-step task: 1.0 per correct step, 0.0 per wrong one.
+
+    A completion with no recognisable step gets one 0.0 step on its last token.
+    """
+    out = []
+    for prompt, text, ids in zip(prompts, completions, completion_ids):
+        steps = [(char_to_token_index(tokenizer, ids, s.char_end), 1.0 if s.correct else 0.0)
+                 for s in verify_steps(prompt, text)]
+        out.append(steps or [(max(len(ids) - 1, 0), 0.0)])
+    return out
+
+
+# --- held-out checking ------------------------------------------------------------------------
+
+def reference_answer(row: Row) -> int:
+    """The expected answer: the row's ``answer`` field, else the one its reference completion gives."""
+    if "answer" in row.data:
+        try:
+            return int(row.data["answer"])
+        except (TypeError, ValueError):
+            raise DataError(f"{row.where}: field 'answer' must be an integer, got {row.data['answer']!r}") from None
+    for field in ("completion", "chosen"):
+        if isinstance(row.data.get(field), str):
+            value = extract_answer(row.data[field])
+            if value is not None:
+                return value
+    raise DataError(f"{row.where}: no integer 'answer' field and no reference completion that ends in a number")
+
+
+class ArithmeticTask:
+    """Exact match of the completion's final number against the row's integer answer."""
+
+    name = "arithmetic"
+
+    def targets(self, rows: list[Row]) -> list[int]:
+        return [reference_answer(r) for r in rows]
+
+    def score(self, completions: list[str], targets: list[int]) -> dict:
+        right = sum(extract_answer(c) == t for c, t in zip(completions, targets))
+        return {"accuracy": right / max(len(targets), 1), "n": len(targets)}

@@ -1,4 +1,4 @@
-"""Data files for every method, generated from the synthetic task (``task.py``).
+"""Data files for every method, generated from the arithmetic task (``arithmetic.py``).
 
 ``write_task_files(out_dir, seed)`` writes jsonl files, train and held-out:
 
@@ -18,7 +18,7 @@ import json
 import random
 from pathlib import Path
 
-from .task import Problem, split_multistep, split_simple
+from .arithmetic import Problem, split_multistep, split_simple
 
 # How far a wrong answer is from the truth; K-1 distinct ones are drawn per ranking.
 _ERRORS = (1, 2, 3, 5, 8, 10, 13, 20, 30, 40, 50)

@@ -1,0 +1,38 @@
+"""The clipped surrogate of PPO (Schulman et al. 2017, eq. 7), shared by PPO and GRPO.
+
+    L_t = -min( rho_t A_t, clip(rho_t, 1 - eps_low, 1 + eps_high) A_t ),   rho_t = pi_theta / pi_old
+
+With eps_high = eps_low it is the paper's symmetric clip; eps_high > eps_low is DAPO's
+clip-higher. The clip changes the gradient of a token only where the ratio has left the band
+in the direction the advantage pushes it: below 1 - eps_low with A < 0, above 1 + eps_high
+with A > 0; those are the clip fractions reported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Surrogate:
+    loss: torch.Tensor  # (B, T) per-token -min(rho A, clip(rho) A), not yet reduced
+    ratio: torch.Tensor  # (B, T) rho, detached
+    log_ratio: torch.Tensor  # (B, T) log rho, detached
+    clipped_low: torch.Tensor  # (B, T) bool: rho < 1 - eps_low and A < 0
+    clipped_high: torch.Tensor  # (B, T) bool: rho > 1 + eps_high and A > 0
+
+
+def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                      eps_low: float = 0.2, eps_high: float | None = None) -> Surrogate:
+    """Per-token clipped surrogate loss and what the clip did; all tensors (B, T)."""
+    eps_high = eps_low if eps_high is None else eps_high
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+    loss = -torch.min(ratio * advantages, clipped * advantages)
+    with torch.no_grad():
+        low = (ratio < 1 - eps_low) & (advantages < 0)
+        high = (ratio > 1 + eps_high) & (advantages > 0)
+    return Surrogate(loss, ratio.detach(), log_ratio.detach(), low, high)

@@ -1,0 +1,111 @@
+"""The rollout-backend seam: what GRPO, PPO and evaluation call to generate.
+
+A backend is a small object with three methods:
+
+    load_weights(model)            take the policy's current weights (once per rollout step)
+    generate(prompts, params)      token-id prompts -> ``Samples`` (completions, masks, log-probs)
+    logprobs_exact(params) -> bool whether ``Samples.logprobs`` are the policy's own log-probs
+                                   (temperature 1, no truncation of the distribution) to
+                                   rounding; when not, the trainers recompute pi_old with a
+                                   forward pass and log the gap
+
+Two ship: ``sampler`` (rlhfkit's KV-cache sampler on the live policy: nothing to copy, exact at
+temperature 1) and ``generate`` (transformers' ``model.generate`` on the backend's own copy of
+the policy, into which ``load_weights`` copies the current weights: the hand-over a sharded
+policy or an inference engine needs). Adding one: a class with these three methods, an entry
+in ``BACKENDS``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from .sampler import Samples, _mask_through_eos, left_pad, sample
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0
+    top_p: float = 1.0
+    num_samples: int = 1  # completions per prompt, consecutive in the returned rows
+
+
+GREEDY = dict(temperature=0.0)
+
+
+class SamplerBackend:
+    """rlhfkit's sampler (rollout/sampler.py) running on the policy module itself."""
+
+    name = "sampler"
+
+    def __init__(self, tokenizer, model=None):
+        self.tokenizer, self.model = tokenizer, model
+
+    def load_weights(self, model) -> None:
+        self.model = model  # the live module: its weights are always the current ones
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> Samples:
+        return sample(self.model, prompts, eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id,
+                      max_new_tokens=params.max_new_tokens, temperature=params.temperature, top_k=params.top_k,
+                      top_p=params.top_p, num_samples=params.num_samples)
+
+    def logprobs_exact(self, params: SamplingParams) -> bool:
+        return params.temperature == 1.0  # the sampler returns log-probs before top-k / top-p
+
+
+class GenerateBackend:
+    """``transformers``' ``generate`` on a copy of the policy that ``load_weights`` refreshes.
+
+    Its log-probs come from the processed scores ``generate`` returns (after temperature and
+    top-k / top-p), so they are not treated as exact.
+    """
+
+    name = "generate"
+
+    def __init__(self, tokenizer, model=None):
+        self.tokenizer, self.model = tokenizer, None
+        if model is not None:
+            self.load_weights(model)
+
+    @torch.no_grad()
+    def load_weights(self, model) -> None:
+        if self.model is None:
+            self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        else:
+            self.model.load_state_dict(model.state_dict())
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> Samples:
+        tok = self.tokenizer
+        prompt_ids, prompt_mask = left_pad(prompts, tok.pad_token_id)
+        greedy = params.temperature == 0
+        sampling = {} if greedy else dict(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
+        out = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=not greedy,
+                                  max_new_tokens=params.max_new_tokens, num_return_sequences=params.num_samples,
+                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                  output_scores=True, return_dict_in_generate=True, **sampling)
+        width = prompt_ids.shape[1]
+        completion_ids = out.sequences[:, width:]
+        mask = _mask_through_eos(completion_ids, tok.pad_token_id, tok.eos_token_id, True)
+        scores = torch.stack(out.scores, 1).float().log_softmax(-1)  # (N, C, V)
+        logprobs = scores.gather(-1, completion_ids[..., None]).squeeze(-1).nan_to_num(0.0, neginf=0.0) * mask
+        n = params.num_samples
+        return Samples(prompt_ids.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0), completion_ids,
+                       mask, logprobs, (completion_ids == tok.eos_token_id).any(-1))
+
+    def logprobs_exact(self, params: SamplingParams) -> bool:
+        return False
+
+
+BACKENDS = {"sampler": SamplerBackend, "generate": GenerateBackend}
+
+
+def make_backend(name: str, tokenizer, model):
+    if name not in BACKENDS:
+        raise ValueError(f"unknown rollout backend {name!r}; one of {', '.join(BACKENDS)}")
+    return BACKENDS[name](tokenizer, model)

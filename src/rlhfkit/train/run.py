@@ -1,0 +1,196 @@
+"""The run skeleton every method calls: set-up, the optimizer step, the log / eval / save cadence.
+
+A method's loop reads::
+
+    run = start_run(cfg.train, cfg, "grpo", unit="rollout step")   # before any model loads
+    ... load models, build the optimizer ...
+    run.attach(trained, optimizer, scheduler)                     # broadcast, seed, resume
+    for step in run.steps():
+        ... loss.backward() ...
+        loss_value, grad_norm = run.optimizer_step(loss)          # NaN/inf checks, then the step
+        run.step_done(means={...}, shares={...}, evaluate=eval_fn)
+    return run.finish(model, tokenizer, summary)
+
+so that every method behaves the same: the out-dir check, seeding, exact resume, the NaN/inf
+check on the loss (summed over ranks, so every rank stops together) and on the gradient norm
+before the optimizer step, metrics reduced over ranks before rank 0 logs them, checkpoints
+written by rank 0 followed by a barrier, and a progress bar that names its unit.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import yaml
+
+from ..models.load import save_model
+from .checkpoint import (
+    CheckpointError,
+    complete_checkpoints,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from .config import TrainConfig, plain_dict
+from .dist import DistInfo, all_reduce_sum, barrier, broadcast_params, init_distributed
+from .logging import MetricsLogger, progress
+from .optim import check_finite, optimizer_step
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare_out_dir(cfg: TrainConfig, info: DistInfo) -> None:
+    """Refuse to write a new run over an old one; ``resume`` needs a complete checkpoint."""
+    out = Path(cfg.out_dir)
+    if cfg.resume:
+        if latest_checkpoint(out) is None:
+            raise CheckpointError(f"resume=true but {out}/checkpoints holds no complete checkpoint")
+    elif complete_checkpoints(out) or (out / "metrics.jsonl").exists():
+        raise CheckpointError(f"{out} already holds a run; pass resume=true to continue it or pick another out_dir")
+    barrier(info)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+
+
+def reduce_metrics(means: dict, shares: dict, info: DistInfo) -> dict[str, float]:
+    """One collective: ``means`` (each rank's own estimate) averaged over ranks, ``shares`` (each
+    rank's part of a global quantity, already divided by global counts) summed over ranks."""
+    keys = sorted(means) + sorted(shares)
+    flat = torch.tensor([float(means[k]) for k in sorted(means)] + [float(shares[k]) for k in sorted(shares)],
+                        dtype=torch.float64)
+    all_reduce_sum(flat, info)
+    flat[: len(means)] /= info.world_size
+    return dict(zip(keys, flat.tolist()))
+
+
+@dataclass
+class Run:
+    cfg: TrainConfig
+    config: dict  # the resolved config, as plain values (what config.yaml holds)
+    info: DistInfo
+    name: str
+    unit: str  # what one of max_steps counts: "optimizer step" or "rollout step"
+    show: tuple[str, ...] = ("loss",)  # metrics shown on the progress bar
+    start: int = 0
+    done: int = 0
+    optimizer_steps: int = 0
+    state: dict = field(default_factory=dict)  # the trainer state of the checkpoint resumed from
+    evals: list[dict] = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)  # the last step's, reduced over ranks
+    stopped_early: bool = False
+    modules: tuple = ()  # (trained module, optimizer, scheduler) once attached
+    logger: MetricsLogger | None = None
+    bar: object = None
+
+    def say(self, message: str) -> None:
+        if self.info.is_main:
+            print(f"{self.name}: {message}", file=sys.stderr)
+
+    def attach(self, trained: torch.nn.Module, optimizer, scheduler) -> None:
+        """Start every rank from rank 0's weights, seed, and restore the last checkpoint on resume."""
+        self.modules = (trained, optimizer, scheduler)
+        broadcast_params(trained, self.info)
+        seed_everything(self.cfg.seed + self.info.rank)  # ranks sample (and drop out) differently
+        if self.cfg.resume:
+            path = latest_checkpoint(self.cfg.out_dir)
+            self.state = load_checkpoint(path, trained, optimizer, scheduler)
+            self.start = self.done = self.state["step"]
+            self.optimizer_steps = self.state.get("optimizer_steps", 0)
+            self.say(f"resuming from {path} ({self.unit} {self.start} of {self.cfg.max_steps})")
+        self.logger = MetricsLogger(self.cfg.out_dir, enabled=self.info.is_main, tensorboard=self.cfg.tensorboard)
+        self.bar = progress(self.cfg.max_steps, self.start, desc=f"{self.name} ({self.unit}s)",
+                            enabled=self.info.is_main and self.cfg.progress)
+
+    def steps(self):
+        """The step indices still to run (0-based); stops early when an eval asks to."""
+        for step in range(self.start, self.cfg.max_steps):
+            yield step
+            if self.stopped_early:
+                break
+
+    def optimizer_step(self, loss: torch.Tensor, clip_apart: list | None = None) -> tuple[float, float]:
+        """``loss``: this rank's share of the loss whose gradients were accumulated. Checks the
+        summed loss, then all-reduces gradients, clips, checks the norm and steps. Returns
+        (loss summed over ranks, gradient norm)."""
+        trained, optimizer, scheduler = self.modules
+        total = all_reduce_sum(loss.detach().double().reshape(1).clone(), self.info).item()
+        check_finite(total, "loss", self.done + 1)
+        grad_norm = optimizer_step(trained, optimizer, scheduler, self.cfg.max_grad_norm, self.info, self.done + 1,
+                                   clip_apart)
+        self.optimizer_steps += 1
+        return total, grad_norm
+
+    def step_done(self, means: dict | None = None, shares: dict | None = None, evaluate: Callable | None = None,
+                  state: dict | None = None) -> None:
+        """End of one step: log (metrics reduced over ranks), evaluate, checkpoint on cadence."""
+        cfg, done = self.cfg, self.done + 1
+        self.done = done
+        last = done == cfg.max_steps
+        trained, optimizer, scheduler = self.modules
+        self.metrics = reduce_metrics(means or {}, shares or {}, self.info)
+        self.metrics.update(lr=scheduler.get_last_lr()[0], optimizer_steps=self.optimizer_steps)
+        self.bar.update(1)
+        self.bar.set_postfix({k: f"{self.metrics[k]:.4f}" for k in self.show if k in self.metrics})
+        if done % cfg.log_every == 0 or last:
+            self.logger.log(done, self.metrics)
+        evaluated = None
+        if evaluate is not None and ((cfg.eval_every and done % cfg.eval_every == 0) or last):
+            evaluated = self.evaluate(evaluate, done)
+        self.stopped_early = bool(evaluated and evaluated.get("stop"))
+        if (cfg.save_every and done % cfg.save_every == 0) or last or self.stopped_early:
+            if self.info.is_main:
+                extra = {"optimizer_steps": self.optimizer_steps, **(state or {})}
+                save_checkpoint(cfg.out_dir, done, trained, optimizer, scheduler, self.config, extra=extra,
+                                keep=cfg.keep_checkpoints)
+            barrier(self.info)
+
+    def evaluate(self, evaluate: Callable, done: int) -> dict:
+        evaluated = evaluate()
+        self.evals.append({"step": done, **{k: v for k, v in evaluated.items() if k != "stop"}})
+        self.logger.log(done, self.evals[-1], prefix="eval")
+        self.bar.write(f"step {done}: " + ", ".join(f"{k}={v:.4f}" for k, v in evaluated.items()
+                                                    if isinstance(v, float)))
+        return evaluated
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.logger is not None:
+            self.logger.close()
+
+    def finish(self, model, tokenizer, summary: dict) -> dict:
+        """Save the trained model to ``<out>/model`` and the summary to ``<out>/result.json`` (rank 0)."""
+        self.close()
+        summary = {"steps": self.done, "steps_unit": self.unit, "optimizer_steps": self.optimizer_steps,
+                   "evals": self.evals, **summary}
+        if self.info.is_main:
+            out = Path(self.cfg.out_dir)
+            save_model(model, tokenizer, out / "model")
+            write_config(out, self.config)
+            (out / "result.json").write_text(json.dumps(summary, indent=1))
+        barrier(self.info)
+        return summary
+
+
+def write_config(out: Path, config: dict) -> None:
+    (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def start_run(cfg: TrainConfig, config, name: str, unit: str = "optimizer step",
+              show: tuple[str, ...] = ("loss",)) -> Run:
+    """Distributed set-up and the out-dir check, before any model loads; writes config.yaml."""
+    info = init_distributed()
+    prepare_out_dir(cfg, info)
+    resolved = plain_dict(config)
+    if info.is_main:
+        write_config(Path(cfg.out_dir), resolved)  # a config that cannot be written fails here, not at the end
+    return Run(cfg, resolved, info, name, unit, show)

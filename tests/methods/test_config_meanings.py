@@ -1,0 +1,50 @@
+"""One meaning per config field, checked when the config is read (before any model loads)."""
+
+import pytest
+
+from rlhfkit.methods.common import head
+from rlhfkit.methods.dpo import DPOConfig
+from rlhfkit.methods.grpo import GRPOConfig, run_grpo
+from rlhfkit.methods.ppo import PPOConfig, run_ppo
+from rlhfkit.methods.rm import RMConfig
+from rlhfkit.methods.sft import SFTConfig
+from rlhfkit.train.config import ConfigError, load_config
+
+
+def test_each_method_has_its_own_default_out_dir_even_with_train_overrides():
+    for cls, name in ((SFTConfig, "sft"), (RMConfig, "rm"), (DPOConfig, "dpo"), (GRPOConfig, "grpo"),
+                      (PPOConfig, "ppo")):
+        assert cls().train.out_dir == f"runs/{name}"
+        assert load_config(cls, None, ["train.lr=1e-3"]).train.out_dir == f"runs/{name}"  # nested keys merge
+
+
+def test_eval_limit_zero_means_all_rows():
+    rows = list(range(7))
+    assert head(rows, 0) == rows and head(rows, 3) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("cls, override, message", [
+    (GRPOConfig, "loss_type=grpoo", "'loss_type' must be one of grpo, dapo, dr_grpo; got 'grpoo'"),
+    (SFTConfig, "train.schedule=cosin", "'train.schedule' must be one of cosine, constant, linear; got 'cosin'"),
+    (SFTConfig, "overlong=cut", "'overlong' must be one of error, truncate, skip; got 'cut'"),
+    (GRPOConfig, "rewards=exact", "'rewards' must be one of exact_answer, contains_answer; got 'exact'"),
+    (GRPOConfig, "process_reward=steps", "'process_reward' must be one of arithmetic_steps; got 'steps'"),
+    (PPOConfig, "frozen_dtype=fp8", "'frozen_dtype' must be one of fp32, bf16; got 'fp8'"),
+    (DPOConfig, "reference=none", "'reference' must be one of precompute, forward; got 'none'"),
+    (SFTConfig, "train.dtype=fp8", "'train.dtype' must be one of fp32, bf16; got 'fp8'"),
+    (GRPOConfig, "rollout_backend=vllm2", "'rollout_backend' must be one of sampler, generate; got 'vllm2'"),
+    (SFTConfig, "eval_task=math", "'eval_task' must be one of auto, arithmetic, reference; got 'math'"),
+    (SFTConfig, "train.batch_size=0", "'train.batch_size' must be >= 1; got 0"),
+])
+def test_enumerated_and_ranged_values_fail_in_one_line_when_read(cls, override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(cls, None, [override])
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_fields_grpo_and_ppo_would_ignore_are_refused(tmp_path):
+    # train.batch_size counts offline rows; GRPO and PPO size their batches in prompts.
+    for run, cfg in ((run_grpo, GRPOConfig(train=load_config(SFTConfig, None, ["train.batch_size=64"]).train)),
+                     (run_ppo, PPOConfig(train=load_config(SFTConfig, None, ["train.batch_size=64"]).train))):
+        with pytest.raises(ConfigError, match="train.batch_size does not apply"):
+            run(cfg)

@@ -1,0 +1,50 @@
+"""Each method's config for a few steps on the *untrained* tiny default (importable by tests)."""
+
+from helpers import quiet_train
+
+from rlhfkit.methods.dpo import DPOConfig, run_dpo
+from rlhfkit.methods.grpo import GRPOConfig, run_grpo
+from rlhfkit.methods.ppo import PPOConfig, run_ppo
+from rlhfkit.methods.rm import RMConfig, run_rm
+from rlhfkit.methods.sft import SFTConfig, run_sft
+
+
+def digits(prompts, completions, **_):
+    """A reward that an untrained model's samples vary on: the share of digits in the completion."""
+    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+
+
+RUNS = {"sft": run_sft, "rm": run_rm, "dpo": run_dpo, "grpo": lambda cfg: run_grpo(cfg, reward_fns=[digits]),
+        "ppo": run_ppo}
+METHODS = tuple(RUNS)
+
+
+def small(tiny, name: str, rows: int = 64) -> str:
+    """The first ``rows`` rows of a tiny-default data file (encoding all 11k costs seconds per run)."""
+    path = tiny["data"] / f"small_{name}"
+    if not path.exists():
+        lines = (tiny["data"] / name).read_text().splitlines()[:rows]
+        path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def method_config(name: str, tiny, out, steps: int, **train):
+    base = str(tiny["base"])
+    offline = dict(batch_size=8, lr=1e-3, schedule="constant", **train)
+    online = dict(lr=1e-4, schedule="constant", **train)
+    if name == "sft":
+        return SFTConfig(model=base, train_data=small(tiny, "sft_train.jsonl"), max_length=64,
+                         train=quiet_train(out, max_steps=steps, **offline))
+    if name == "rm":
+        return RMConfig(model=base, train_data=small(tiny, "rankings_train.jsonl"), max_length=64,
+                        train=quiet_train(out, max_steps=steps, **{**offline, "batch_size": 4}))
+    if name == "dpo":
+        return DPOConfig(model=base, train_data=small(tiny, "prefs_train.jsonl"), max_length=64, beta=0.5,
+                         train=quiet_train(out, max_steps=steps, **offline))
+    if name == "grpo":
+        return GRPOConfig(model=base, train_data=small(tiny, "prompts_train.jsonl"), group_size=4,
+                          prompts_per_step=4, max_new_tokens=6, rewards="contains_answer", mu=2,
+                          train=quiet_train(out, max_steps=steps, **online))
+    return PPOConfig(model=base, reward_model=base, critic=base, train_data=small(tiny, "prompts_train.jsonl"),
+                     prompts_per_step=8, minibatch_size=4, ppo_epochs=1, max_new_tokens=6,
+                     train=quiet_train(out, max_steps=steps, **online))

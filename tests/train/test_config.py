@@ -1,0 +1,73 @@
+"""Value tests of the config layer: overrides, YAML + override merging, type checks, replace."""
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from rlhfkit.train.config import ConfigError, TrainConfig, load_config, parse_overrides, replace
+
+
+@dataclass(frozen=True)
+class Cfg:
+    name: str = "base"
+    steps: int = 3
+    ratio: float = 0.5
+    flag: bool = False
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def test_parse_overrides_values_and_types():
+    out = parse_overrides(["a.b=1", "c=x", "d=1e-3", "e=true", "f.g.h=2.5", "a.k=", "m=a=b"])
+    assert out == {"a": {"b": 1, "k": ""}, "c": "x", "d": "1e-3", "e": True, "f": {"g": {"h": 2.5}}, "m": "a=b"}
+    assert type(out["a"]["b"]) is int and type(out["e"]) is bool and type(out["f"]["g"]["h"]) is float
+    # PyYAML reads YAML 1.1: "1e-3" (no dot) stays a string; the typed conversion below makes it a float
+    assert load_config(Cfg, overrides=["ratio=1e-3"]).ratio == 0.001
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["noequals"])
+
+
+def test_load_config_merges_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: from_yaml\nsteps: 7\ntrain:\n  lr: 0.01\n  max_steps: 20\n")
+    cfg = load_config(Cfg, path, ["train.lr=2e-3", "flag=yes"])
+    assert cfg.name == "from_yaml" and cfg.steps == 7 and cfg.flag is True  # yaml, yaml, override
+    assert cfg.train.lr == 0.002 and type(cfg.train.lr) is float  # override wins over the yaml 0.01
+    assert cfg.train.max_steps == 20  # the yaml's other train key survives the nested override
+    assert cfg.train.schedule == "cosine" and cfg.ratio == 0.5  # untouched defaults
+    assert load_config(Cfg, path, {"train": {"seed": 4}}).train == TrainConfig(lr=0.01, max_steps=20, seed=4)
+
+
+def test_unknown_key_is_named_with_its_prefix():
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\): train\.lrr;"):
+        load_config(Cfg, overrides=["train.lrr=1"])
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\): bogus;"):
+        load_config(Cfg, overrides=["bogus=1"])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.lr=fast", "train.lr"), ("steps=1.5", "steps"), ("flag=maybe", "flag"), ("name=3", "name"),
+    ("train=5", "train"),
+])
+def test_wrong_type_is_named(override, key):
+    with pytest.raises(ConfigError, match=f"config key '{key}'"):
+        load_config(Cfg, overrides=[override])
+
+
+def test_numbers_are_converted():
+    cfg = load_config(Cfg, overrides=["steps=1e3", "train.max_steps=2E2", "ratio=2", "train.warmup_steps=5"])
+    assert cfg.steps == 1000 and type(cfg.steps) is int  # int(float("1e3"))
+    assert cfg.train.max_steps == 200 and cfg.train.warmup_steps == 5
+    assert cfg.ratio == 2.0 and type(cfg.ratio) is float  # an int given for a float is widened
+
+
+def test_non_integral_exponent_for_an_int_is_refused():
+    with pytest.raises(ConfigError, match="config key 'steps'"):
+        load_config(Cfg, overrides=["steps=2.5e0"])
+
+
+def test_nested_replace():
+    cfg = load_config(Cfg, overrides=["train.seed=3"])
+    new = replace(cfg, train__lr=0.5, steps=9)
+    assert new.train.lr == 0.5 and new.steps == 9
+    assert new.train.seed == 3 and new.train.max_steps == 100  # other nested fields kept
+    assert cfg.train.lr == 1e-4 and cfg.steps == 3  # the original is untouched

@@ -1,0 +1,74 @@
+"""The run skeleton's behaviours, the same in all five methods: exact resume, the NaN stop,
+metrics and the unit of max_steps in the logs."""
+
+import pytest
+from methods_setup import METHODS, RUNS, method_config
+
+import rlhfkit.train.run as run_module
+from rlhfkit.train.checkpoint import latest_checkpoint
+from rlhfkit.train.config import replace
+from rlhfkit.train.logging import read_metrics
+from rlhfkit.train.optim import NonFiniteError
+
+
+class Killed(BaseException):
+    pass
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_resume_after_a_crash_gives_the_uninterrupted_losses(method, tiny, tmp_path, monkeypatch):
+    kw = dict(save_every=2, keep_checkpoints=5)
+    RUNS[method](method_config(method, tiny, tmp_path / "full", 4, **kw))
+    full = [m["train/loss"] for m in read_metrics(tmp_path / "full") if "train/loss" in m]
+
+    original = run_module.Run.step_done
+
+    def dies_in_step_3(self, *args, **kwargs):
+        if self.done == 2:
+            raise Killed  # as if the process died in step 3, after its optimizer step(s)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(run_module.Run, "step_done", dies_in_step_3)
+    with pytest.raises(Killed):
+        RUNS[method](method_config(method, tiny, tmp_path / "cut", 4, **kw))
+    monkeypatch.setattr(run_module.Run, "step_done", original)
+    assert latest_checkpoint(tmp_path / "cut").name == "step-0000002"
+    cfg = method_config(method, tiny, tmp_path / "cut", 4, **kw)
+    summary = RUNS[method](replace(cfg, train__resume=True))
+    cut = [m["train/loss"] for m in read_metrics(tmp_path / "cut") if "train/loss" in m]
+    assert len(full) == 4 and cut[2:] == full[2:]  # bit for bit: weights, optimizer, data order, RNG
+    assert full[3] != full[2]  # the losses move, so equality is not trivial
+    assert summary["steps"] == 4
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_nan_loss_stops_every_method_before_its_optimizer_step(method, tiny, tmp_path, monkeypatch):
+    poisoned = {"on": False}
+    original_step = run_module.Run.optimizer_step
+
+    def optimizer_step(self, loss, clip_apart=None):
+        return original_step(self, loss * float("nan") if poisoned["on"] else loss, clip_apart)
+
+    original_done = run_module.Run.step_done
+
+    def step_done(self, *args, **kwargs):
+        original_done(self, *args, **kwargs)
+        poisoned["on"] = True  # every loss after the first step is NaN
+
+    monkeypatch.setattr(run_module.Run, "optimizer_step", optimizer_step)
+    monkeypatch.setattr(run_module.Run, "step_done", step_done)
+    with pytest.raises(NonFiniteError, match="step 2: the loss is nan"):
+        RUNS[method](method_config(method, tiny, tmp_path / "n", 3, save_every=1))
+    assert latest_checkpoint(tmp_path / "n").name == "step-0000001"
+    assert not (tmp_path / "n" / "model").exists()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_logs_name_the_unit_of_max_steps(method, tiny, tmp_path):
+    summary = RUNS[method](method_config(method, tiny, tmp_path / "u", 2))
+    online = method in ("grpo", "ppo")
+    assert summary["steps_unit"] == ("rollout step" if online else "optimizer step")
+    per_step = {"grpo": 2, "ppo": 2}.get(method, 1)  # GRPO: mu = 2; PPO: 1 epoch x 8 / 4 minibatches
+    assert summary["optimizer_steps"] == 2 * per_step
+    logged = [m["train/optimizer_steps"] for m in read_metrics(tmp_path / "u") if "train/loss" in m]
+    assert logged == [per_step, 2 * per_step]
