@@ -55,22 +55,39 @@ def test_grpo_prm_improves_the_multistep_task(tiny, multistep_sft, tmp_path):
     assert summary["accuracy"] > summary["accuracy_before"] + 0.03, summary
 
 
-def test_options_mu2_dapo_dynamic_sampling_and_resume(tiny, sft_run, tmp_path):
-    kw = dict(mu=2, loss_type="dapo", eps_high=0.28, dynamic_sampling=True, scale_std=False, eval_data=None)
-    run_grpo(_cfg(tiny, sft_run["out"] / "snapshot", tmp_path / "g", steps=2, **kw))
-    cfg = _cfg(tiny, sft_run["out"] / "snapshot", tmp_path / "g", steps=4, **kw)
+def test_options_mu2_dapo_dynamic_sampling(tiny, tmp_path):
+    from methods_setup import digits
+
+    kw = dict(mu=2, loss_type="dapo", eps_high=0.28, dynamic_sampling=True, scale_std=False, eval_data=None,
+              group_size=4, prompts_per_step=4, max_new_tokens=6)
     from rlhfkit.train.config import replace
 
-    run_grpo(replace(cfg, train__resume=True, train__log_every=1))
-    steps = [m["step"] for m in read_metrics(tmp_path / "g") if "train/loss" in m]
-    assert steps[-2:] == [3, 4] and steps.count(1) == 0  # resumed at step 3, step 1 not redone
-    last = [m for m in read_metrics(tmp_path / "g") if "train/loss" in m][-1]
-    assert last["train/ratio_mean"] != 1.0  # the second of mu = 2 updates sees a moved policy
+    cfg = replace(_cfg(tiny, tiny["base"], tmp_path / "g", steps=2, **kw), train__log_every=1)
+    summary = run_grpo(cfg, reward_fns=[digits])
+    logged = [m for m in read_metrics(tmp_path / "g") if "train/loss" in m]
+    assert summary["optimizer_steps"] == 4 and [m["train/optimizer_steps"] for m in logged] == [2, 4]
+    # pi_old is fixed across the mu = 2 updates: the second sees a moved policy, so its ratio is not 1
+    assert logged[-1]["train/ratio_mean"] != 1.0 and logged[-1]["train/update_skipped"] == 0.0
 
 
-def test_a_failing_reward_stops_the_run_with_its_name(tiny, sft_run, tmp_path):
+def test_a_failing_reward_stops_the_run_with_its_name(tiny, tmp_path):
     def flaky(prompts, completions, **_):
         return [float("nan")] * len(completions)
 
     with pytest.raises(RewardError, match="'flaky' returned nan for sample 0"):
-        run_grpo(_cfg(tiny, sft_run["out"] / "snapshot", tmp_path / "f", steps=1, eval_data=None), reward_fns=[flaky])
+        run_grpo(_cfg(tiny, tiny["base"], tmp_path / "f", steps=1, eval_data=None), reward_fns=[flaky])
+
+
+def test_zero_advantage_groups_counts_groups_not_samples(tiny):
+    import torch
+
+    from rlhfkit.methods.grpo import Rollout, step_metrics
+    from rlhfkit.rollout.rewards import OutcomeScores
+    from rlhfkit.rollout.sampler import Samples
+
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.5, 0.0, 0.0])  # groups of 2: one with signal, two without
+    adv = torch.tensor([[1.0], [-1.0], [0.0], [0.0], [0.0], [0.0]])
+    ones = torch.ones(6, 1, dtype=torch.long)
+    samples = Samples(ones, ones, ones, ones, torch.zeros(6, 1), torch.ones(6, dtype=torch.bool))
+    metrics = step_metrics(Rollout(samples, OutcomeScores(rewards, {}), adv, 1.0), group_size=2)
+    assert metrics["zero_advantage_groups"] == pytest.approx(2 / 3)

@@ -10,8 +10,8 @@ from rlhfkit.tasks.arithmetic import arithmetic_steps, contains_answer, exact_an
 
 
 @pytest.fixture(scope="module")
-def policy(sft_run):
-    return load_policy(str(sft_run["out"] / "snapshot"), None)
+def policy(tiny):
+    return load_policy(str(tiny["base"]), None)  # exactness needs no trained model
 
 
 def _prompts(tok, texts):
@@ -46,15 +46,26 @@ def test_temperature_zero_is_greedy_decoding(policy):
 
 def test_sequences_stop_at_eos_and_are_masked_after(policy):
     model, tok = policy
+    prompt = _prompts(tok, ["What is 40+41?"])
+    greedy = sample(model, prompt, eos_id=-1, pad_id=tok.pad_token_id, max_new_tokens=6, temperature=0.0)
+    stop = greedy.completion_ids[0, 2].item()  # the untrained model never emits EOS: call its 3rd token "EOS"
+    first = greedy.completion_ids[0].tolist().index(stop)
+    s = sample(model, prompt, eos_id=stop, pad_id=tok.pad_token_id, max_new_tokens=6, temperature=0.0)
+    assert s.completion_ids[0].tolist() == greedy.completion_ids[0, : first + 1].tolist()  # ends at the "EOS"
+    assert s.completion_mask[0].tolist() == [1] * (first + 1) and bool(s.finished[0])
     torch.manual_seed(1)
-    s = sample(model, _prompts(tok, ["What is 40+41?"] * 2), eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-               max_new_tokens=20, temperature=1.0, num_samples=8)
-    for ids, mask in zip(s.completion_ids.tolist(), s.completion_mask.tolist()):
-        if tok.eos_token_id in ids:
-            k = ids.index(tok.eos_token_id)
+    s = sample(model, prompt * 2, eos_id=stop, pad_id=tok.pad_token_id, max_new_tokens=20, temperature=1.0,
+               num_samples=8)
+    ended = 0
+    for ids, mask, finished in zip(s.completion_ids.tolist(), s.completion_mask.tolist(), s.finished.tolist()):
+        assert finished == (stop in ids)
+        if stop in ids:
+            k, ended = ids.index(stop), ended + 1
             assert mask[: k + 1] == [1] * (k + 1) and sum(mask[k + 1:]) == 0
             assert all(t == tok.pad_token_id for t in ids[k + 1:])
-    assert s.finished.float().mean() > 0.5  # the SFT model has learnt to stop
+        else:
+            assert sum(mask) == len(ids)
+    assert 0 < ended < 16  # both branches were exercised
 
 
 def test_reward_errors_name_the_function_and_sample():

@@ -196,16 +196,16 @@ def update(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: 
     return {**sums, "loss": loss_value, "grad_norm": grad_norm, "update_skipped": 0.0}
 
 
-def step_metrics(batch: Rollout) -> dict:
+def step_metrics(batch: Rollout, group_size: int) -> dict:
     outcome, lengths = batch.outcome, batch.samples.completion_mask.sum(-1).float()
-    zero_groups = (batch.advantages.abs().sum(-1) == 0).view(-1, lengths.shape[0] // outcome.rewards.shape[0] or 1)
+    zero_groups = (batch.advantages.abs().sum(-1) == 0).view(-1, group_size).all(-1)  # (groups,) no signal
     out = {"reward_mean": outcome.rewards.mean().item(), "reward_std": outcome.rewards.std().item(),
            "completion_len_mean": lengths.mean().item(), "completion_len_max": lengths.max().item(),
            "tokens_sampled_per_s": lengths.sum().item() / max(batch.generation_s, 1e-9),
            "time_generation_s": batch.generation_s, "zero_advantage_groups": zero_groups.float().mean().item()}
     for name, column in outcome.per_function.items():
         present = column[~column.isnan()]
-        out[f"reward/{name}_mean"] = present.mean().item() if present.numel() else 0.0
+        out[f"reward/{name}_mean"] = present.mean().item() if present.numel() else float("nan")  # all abstained
         out[f"reward/{name}_std"] = present.std().item() if present.numel() > 1 else 0.0
     for name, count in outcome.errors.items():
         out[f"reward/{name}_errors"] = count
@@ -239,7 +239,7 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
                         cfg, rewards)
         metrics = update(run, policy, reference, batch, cfg, exact)
         backend.load_weights(policy)
-        run.step_done(means={**step_metrics(batch), **metrics}, evaluate=evaluate)
+        run.step_done(means={**step_metrics(batch, cfg.group_size), **metrics}, evaluate=evaluate)
     summary = {"accuracy_before": before.get("accuracy"), "reward_mean": run.metrics.get("reward_mean")}
     if run.evals:
         summary["accuracy"] = run.evals[-1]["accuracy"]

@@ -270,11 +270,20 @@ def evaluate(models: dict, backend, tokenizer, rows: HeldOut, cfg: PPOConfig) ->
     return {**out, "rm_score": torch.cat(scores).mean().item()}
 
 
-def ptx_batches_for(ptx, order, step: int, count: int, info: DistInfo, pad_id: int) -> list | None:
-    """This rank's ptx rows for each optimizer step of rollout step ``step``."""
+def load_ptx(cfg: PPOConfig, tokenizer):
+    """PPO-ptx rows and the order they are drawn in, one minibatch per optimizer step (None when off)."""
+    if not (cfg.ptx_data and cfg.ptx_coef > 0):
+        return None
+    examples, report = encode_sft(read_rows(cfg.ptx_data), tokenizer, cfg.ptx_max_length, "truncate")
+    return examples, BatchOrder(len(examples), cfg.minibatch_size, cfg.train.seed + 1), report
+
+
+def ptx_batches_for(ptx, step: int, count: int, info: DistInfo, pad_id: int) -> list | None:
+    """This rank's ptx rows for each of the ``count`` optimizer steps of rollout step ``step``."""
     if ptx is None:
         return None
-    return [collate_sft([ptx[i] for i in order.indices(step * count + n)[info.rank::info.world_size]], pad_id)
+    examples, order, _ = ptx
+    return [collate_sft([examples[i] for i in order.indices(step * count + n)[info.rank::info.world_size]], pad_id)
             for n in range(count)]
 
 
@@ -286,42 +295,43 @@ def run_ppo(cfg: PPOConfig) -> dict:
         raise ConfigError(f"minibatch_size={cfg.minibatch_size} must divide over {run.info.world_size} ranks")
     rows, eval_rows = read_rows(cfg.train_data), held_out(cfg.eval_data, cfg.eval_limit, cfg.eval_task)
     models, tokenizer = load_models(cfg)
-    ptx = (encode_sft(read_rows(cfg.ptx_data), tokenizer, cfg.ptx_max_length, "truncate")[0]
-           if cfg.ptx_data and cfg.ptx_coef > 0 else None)
-    trained = torch.nn.ModuleDict({"actor": models["actor"], "critic": models["critic"]})
+    ptx = load_ptx(cfg, tokenizer)
     run.say("parameter memory " + ", ".join(f"{k.split('/')[1]} {v} MB" for k, v in model_memory_mb(models).items()))
     backend = make_backend(cfg.rollout_backend, tokenizer, models["actor"])
     exact = backend.logprobs_exact(SamplingParams(cfg.max_new_tokens, cfg.temperature))
     updates = cfg.ppo_epochs * (cfg.prompts_per_step // cfg.minibatch_size)  # optimizer steps per rollout step
+    trained = torch.nn.ModuleDict({"actor": models["actor"], "critic": models["critic"]})
     optimizer = build_optimizer(trained, tc.lr, tc.weight_decay, {"actor": tc.lr, "critic": cfg.critic_lr})
     before = evaluate(models, backend, tokenizer, eval_rows, cfg) if eval_rows else {}  # the start model's
     run.attach(trained, optimizer, build_scheduler(optimizer, tc.max_steps * updates, tc.warmup_steps, tc.schedule,
                                                    tc.min_lr_ratio))
     kl_ctl = AdaptiveKL(run.state.get("kl_coef", cfg.kl_coef), cfg.target_kl or 1.0, cfg.kl_horizon)
-    order = BatchOrder(len(rows), cfg.prompts_per_step, tc.seed)
-    ptx_order = BatchOrder(len(ptx), cfg.minibatch_size, tc.seed + 1) if ptx else None
-    kls = []
+    order, kls = BatchOrder(len(rows), cfg.prompts_per_step, tc.seed), []
     for step in run.steps():
         backend.load_weights(models["actor"])
         prompt_ids = row_prompt_ids(tokenizer, [rows[i] for i in order.indices(step)[run.info.rank::run.info.world_size]])
         exp, metrics = make_experience(models, backend, prompt_ids, cfg, kl_ctl.beta, exact, run.info)
         t0 = time.time()
-        metrics.update(ppo_update(run, models, exp, cfg, ptx_batches_for(ptx, ptx_order, step, updates, run.info,
+        metrics.update(ppo_update(run, models, exp, cfg, ptx_batches_for(ptx, step, updates, run.info,
                                                                          tokenizer.pad_token_id)))
         kls.append(reduce_dict({"kl": exp.kl.sum().item() / exp.kl.shape[0]}, run.info)["kl"] / run.info.world_size)
-        if cfg.target_kl is not None:
+        if cfg.target_kl is not None:  # KL(pi || pi_ref) per completion, over all ranks
             kl_ctl.update(kls[-1], cfg.prompts_per_step)
         metrics.update(experience_metrics(exp), time_update_s=time.time() - t0, kl_coef=kl_ctl.beta)
         run.step_done(means=metrics, state={"kl_coef": kl_ctl.beta},
                       evaluate=(lambda: evaluate(models, backend, tokenizer, eval_rows, cfg)) if eval_rows else None)
-    tail = kls[-max(1, len(kls) // 10):]
-    summary = {"kl": sum(tail) / len(tail) if tail else None, "kl_coef": kl_ctl.beta, **model_memory_mb(models),
+    if run.info.is_main:
+        models["critic"].save_pretrained(f"{tc.out_dir}/critic")
+    return run.finish(models["actor"], tokenizer, ppo_summary(run, kls, kl_ctl.beta, before, models))
+
+
+def ppo_summary(run: Run, kls: list[float], kl_coef: float, before: dict, models: dict) -> dict:
+    tail = kls[-max(1, len(kls) // 10):]  # the last tenth of the run's steps
+    summary = {"kl": sum(tail) / len(tail) if tail else None, "kl_coef": kl_coef, **model_memory_mb(models),
                "accuracy_before": before.get("accuracy"), "rm_score_before": before.get("rm_score")}
     if run.evals:
         summary.update(accuracy=run.evals[-1]["accuracy"], rm_score=run.evals[-1]["rm_score"])
-    if run.info.is_main:
-        models["critic"].save_pretrained(f"{tc.out_dir}/critic")
-    return run.finish(models["actor"], tokenizer, summary)
+    return summary
 
 
 def experience_metrics(exp: Experience) -> dict:

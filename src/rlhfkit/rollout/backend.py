@@ -83,10 +83,12 @@ class GenerateBackend:
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> Samples:
         tok = self.tokenizer
         prompt_ids, prompt_mask = left_pad(prompts, tok.pad_token_id)
+        n = params.num_samples  # each prompt repeated (greedy generate refuses num_return_sequences > 1)
+        prompt_ids, prompt_mask = prompt_ids.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0)
         greedy = params.temperature == 0
         sampling = {} if greedy else dict(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
         out = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=not greedy,
-                                  max_new_tokens=params.max_new_tokens, num_return_sequences=params.num_samples,
+                                  max_new_tokens=params.max_new_tokens,
                                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                                   output_scores=True, return_dict_in_generate=True, **sampling)
         width = prompt_ids.shape[1]
@@ -94,9 +96,8 @@ class GenerateBackend:
         mask = _mask_through_eos(completion_ids, tok.pad_token_id, tok.eos_token_id, True)
         scores = torch.stack(out.scores, 1).float().log_softmax(-1)  # (N, C, V)
         logprobs = scores.gather(-1, completion_ids[..., None]).squeeze(-1).nan_to_num(0.0, neginf=0.0) * mask
-        n = params.num_samples
-        return Samples(prompt_ids.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0), completion_ids,
-                       mask, logprobs, (completion_ids == tok.eos_token_id).any(-1))
+        return Samples(prompt_ids, prompt_mask, completion_ids, mask, logprobs,
+                       (completion_ids == tok.eos_token_id).any(-1))
 
     def logprobs_exact(self, params: SamplingParams) -> bool:
         return False
