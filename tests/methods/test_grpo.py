@@ -91,3 +91,26 @@ def test_zero_advantage_groups_counts_groups_not_samples(tiny):
     samples = Samples(ones, ones, ones, ones, torch.zeros(6, 1), torch.ones(6, dtype=torch.bool))
     metrics = step_metrics(Rollout(samples, OutcomeScores(rewards, {}), adv, 1.0), group_size=2)
     assert metrics["zero_advantage_groups"] == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+def test_dynamic_sampling_masks_groups_to_the_loss_of_dropping_them(loss_type):
+    import torch
+
+    from rlhfkit.losses.grpo import REDUCTIONS, grpo_loss
+    from rlhfkit.methods.grpo import keep_informative_groups
+    from rlhfkit.rollout.sampler import Samples
+
+    torch.manual_seed(0)
+    adv = torch.tensor([[1.0] * 3, [-1.0] * 3, [0.0] * 3, [0.0] * 3])  # group 2 (rows 2, 3) has no signal
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]])
+    lp, old = torch.randn(4, 3), torch.randn(4, 3)
+    ids = torch.zeros(4, 3, dtype=torch.long)
+    samples = Samples(ids, torch.ones_like(ids), ids, mask, lp, torch.ones(4, dtype=torch.bool))
+    kept = keep_informative_groups(samples, adv, group_size=2)
+    assert kept.completion_mask.tolist() == [[1, 1, 0], [1, 1, 1], [0, 0, 0], [0, 0, 0]]
+    reduction = REDUCTIONS[loss_type]
+    masked, _ = grpo_loss(lp, old, adv, kept.completion_mask, reduction=reduction, num_sequences=2,
+                          num_tokens=5, max_tokens=3)
+    dropped, _ = grpo_loss(lp[:2], old[:2], adv[:2], mask[:2], reduction=reduction, max_tokens=3)
+    assert masked.item() == pytest.approx(dropped.item(), abs=1e-7)

@@ -142,11 +142,16 @@ def rollout(backend, tokenizer, rows, cfg: GRPOConfig, rewards: Rewards) -> Roll
     return Rollout(samples, outcome, advantages, generation_s)
 
 
-def keep_informative_groups(samples: Samples, advantages: torch.Tensor, group_size: int):
-    """DAPO's dynamic sampling (filter form): drop groups whose advantages are all zero."""
+def keep_informative_groups(samples: Samples, advantages: torch.Tensor, group_size: int) -> Samples:
+    """DAPO's dynamic sampling (filter form): groups whose advantages are all zero leave the loss.
+
+    They are masked out rather than removed, so that every rank keeps its rows and runs the same
+    forwards (a rank left with no rows while the others run a sharded forward would hang them)."""
     per_group = (advantages.abs().sum(-1) > 0).view(-1, group_size).any(-1)  # (groups,)
-    keep = per_group.repeat_interleave(group_size)
-    return samples.rows(keep.nonzero().squeeze(-1)), advantages[keep]
+    keep = per_group.repeat_interleave(group_size)[:, None]  # (B, 1)
+    masked = samples.rows(torch.arange(advantages.shape[0]))
+    masked.completion_mask = samples.completion_mask * keep
+    return masked
 
 
 @torch.no_grad()
@@ -164,20 +169,20 @@ def update(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: 
     """
     samples, advantages = batch.samples, batch.advantages
     if cfg.dynamic_sampling:
-        samples, advantages = keep_informative_groups(samples, advantages, cfg.group_size)
+        samples = keep_informative_groups(samples, advantages, cfg.group_size)
     mask = samples.completion_mask
-    counts = reduce_dict({"sequences": mask.shape[0], "tokens": mask.sum().item()}, run.info)
+    counts = reduce_dict({"sequences": (mask.sum(-1) > 0).sum().item(), "tokens": mask.sum().item()}, run.info)
     if counts["sequences"] == 0:  # every group of every rank dropped: no update, on every rank alike
         return {"update_skipped": 1.0}
-    chunks = row_chunks(mask.shape[0], cfg.train.micro_batch_size)  # empty on a rank left with no rows
-    ref_logprobs = chunked_logprobs(reference, samples, chunks) if reference is not None and chunks else None
+    chunks = row_chunks(mask.shape[0], cfg.train.micro_batch_size)
+    ref_logprobs = chunked_logprobs(reference, samples, chunks) if reference is not None else None
     old_logprobs = None
-    if cfg.mu > 1 and chunks:
+    if cfg.mu > 1:
         old_logprobs = samples.logprobs if exact else chunked_logprobs(policy, samples, chunks)
     for _ in range(cfg.mu):
         policy.train()
         loss, sums = torch.zeros(()), {}
-        for index in chunks:  # no forward on a rank with no rows; it still joins the gradient sum
+        for index in chunks:
             with autocast(cfg.train.dtype):
                 logprobs, entropy = completion_logprobs(policy, samples.rows(index), with_entropy=True)
             old = old_logprobs[index] if old_logprobs is not None else logprobs.detach()
