@@ -23,13 +23,14 @@ def held_out(path, limit: int, task: str) -> HeldOut | None:
     return HeldOut(head(read_rows(path), limit), task) if path else None
 
 
-def accuracy_eval(backend, tokenizer, rows: HeldOut | None, max_new_tokens: int, stop_at: float | None = None,
-                  on_accuracy=None):
-    """An ``evaluate() -> dict`` for the run skeleton: the task's accuracy on greedy answers."""
+def accuracy_eval(backend, policy, tokenizer, rows: HeldOut | None, max_new_tokens: int,
+                  stop_at: float | None = None, on_accuracy=None):
+    """An ``evaluate() -> dict`` for the run skeleton: the task's accuracy on ``policy``'s greedy answers."""
     if rows is None:
         return None
 
     def evaluate() -> dict:
+        backend.load_weights(policy)
         result, _ = rows.accuracy(backend, tokenizer, max_new_tokens)
         if on_accuracy is not None:
             on_accuracy(result["accuracy"])

@@ -161,11 +161,13 @@ def run_dpo(cfg: DPOConfig) -> dict:
     pref_rows = refuse_ties(head(read_rows(cfg.eval_data), cfg.eval_limit)) if cfg.eval_data else []
     prompts = held_out(cfg.eval_prompts, cfg.eval_limit, cfg.eval_task)
     model = load_causal_lm(cfg.model, tokenizer)
+    backend = SamplerBackend(tokenizer, model, copy=run.shards_models)  # a copy is made before sharding
+    run.shard(model)
     start = sft_on_chosen(model, tokenizer, examples, cfg) if cfg.sft_first_steps > 0 else cfg.model
-    reference = load_causal_lm(start, tokenizer).eval().requires_grad_(False)  # the frozen starting policy
+    reference = run.shard(load_causal_lm(start, tokenizer).eval().requires_grad_(False))  # the frozen start
     pref_eval = precompute_reference(reference, encode_rankings(pref_rows, tokenizer, cfg.max_length, "skip")[0],
                                      pad) if pref_rows else []
-    accuracy = accuracy_eval(SamplerBackend(tokenizer, model), tokenizer, prompts, cfg.eval_max_new_tokens)
+    accuracy = accuracy_eval(backend, model, tokenizer, prompts, cfg.eval_max_new_tokens)
     before = {"accuracy_before": accuracy()["accuracy"] if prompts else None,  # 0.5 below: policy == reference
               "preference_accuracy_before": preference_accuracy(model, pref_eval, pad) if pref_eval else None}
     if cfg.reference == "precompute":

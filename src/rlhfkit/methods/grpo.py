@@ -230,9 +230,11 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
     rows, eval_rows = read_rows(cfg.train_data), held_out(cfg.eval_data, cfg.eval_limit, cfg.eval_task)
     policy = load_causal_lm(cfg.model, tokenizer)
     reference = load_causal_lm(cfg.model, tokenizer).eval().requires_grad_(False) if cfg.beta != 0 else None
-    backend = make_backend(cfg.rollout_backend, tokenizer, policy)
+    backend = make_backend(cfg.rollout_backend, tokenizer, policy, copy=run.shards_models)  # before sharding
+    for model in filter(None, (policy, reference)):
+        run.shard(model)
     exact = backend.logprobs_exact(SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p))
-    evaluate = accuracy_eval(backend, tokenizer, eval_rows, cfg.eval_max_new_tokens)
+    evaluate = accuracy_eval(backend, policy, tokenizer, eval_rows, cfg.eval_max_new_tokens)
     before = evaluate() if evaluate else {}  # the start model's, also on resume
     optimizer = build_optimizer(policy, tc.lr, tc.weight_decay)
     run.attach(policy, optimizer, build_scheduler(optimizer, tc.max_steps * cfg.mu, tc.warmup_steps, tc.schedule,
@@ -243,7 +245,6 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
         batch = rollout(backend, tokenizer, [rows[i] for i in order.indices(step)[run.info.rank::run.info.world_size]],
                         cfg, rewards)
         metrics = update(run, policy, reference, batch, cfg, exact)
-        backend.load_weights(policy)
         run.step_done(means={**step_metrics(batch, cfg.group_size), **metrics}, evaluate=evaluate)
     summary = {"accuracy_before": before.get("accuracy"), "reward_mean": run.metrics.get("reward_mean")}
     if run.evals:

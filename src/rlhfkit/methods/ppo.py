@@ -31,6 +31,7 @@ from ..train.dist import DistInfo, all_reduce_sum
 from ..train.loop import BatchOrder, autocast, reduce_dict, row_chunks
 from ..train.optim import build_optimizer, build_scheduler
 from ..train.run import Run, start_run
+from ..train.shard import save_everywhere
 from .common import held_out, refuse_offline_batch_fields
 
 
@@ -265,6 +266,7 @@ def model_memory_mb(models: dict) -> dict:
 @torch.no_grad()
 def evaluate(models: dict, backend, tokenizer, rows: HeldOut, cfg: PPOConfig) -> dict:
     """Greedy accuracy and the reward model's mean score of those same greedy samples."""
+    backend.load_weights(models["actor"])
     out, samples = rows.accuracy(backend, tokenizer, cfg.eval_max_new_tokens)
     scores = [reward_scores(models["reward"], s.input_ids, s.attention_mask) for s in samples]
     return {**out, "rm_score": torch.cat(scores).mean().item()}
@@ -297,7 +299,9 @@ def run_ppo(cfg: PPOConfig) -> dict:
     models, tokenizer = load_models(cfg)
     ptx = load_ptx(cfg, tokenizer)
     run.say("parameter memory " + ", ".join(f"{k.split('/')[1]} {v} MB" for k, v in model_memory_mb(models).items()))
-    backend = make_backend(cfg.rollout_backend, tokenizer, models["actor"])
+    backend = make_backend(cfg.rollout_backend, tokenizer, models["actor"], copy=run.shards_models)  # before sharding
+    for model in models.values():
+        run.shard(model)
     exact = backend.logprobs_exact(SamplingParams(cfg.max_new_tokens, cfg.temperature))
     updates = cfg.ppo_epochs * (cfg.prompts_per_step // cfg.minibatch_size)  # optimizer steps per rollout step
     trained = torch.nn.ModuleDict({"actor": models["actor"], "critic": models["critic"]})
@@ -320,8 +324,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
         metrics.update(experience_metrics(exp), time_update_s=time.time() - t0, kl_coef=kl_ctl.beta)
         run.step_done(means=metrics, state={"kl_coef": kl_ctl.beta},
                       evaluate=(lambda: evaluate(models, backend, tokenizer, eval_rows, cfg)) if eval_rows else None)
-    if run.info.is_main:
-        models["critic"].save_pretrained(f"{tc.out_dir}/critic")
+    save_everywhere(models["critic"], None, f"{tc.out_dir}/critic", run.info)
     return run.finish(models["actor"], tokenizer, ppo_summary(run, kls, kl_ctl.beta, before, models))
 
 

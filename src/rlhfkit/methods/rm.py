@@ -100,7 +100,7 @@ def run_rm(cfg: RMConfig) -> dict:
     held_out = []
     if cfg.eval_data:
         held_out, _ = encode_rankings(head(read_rows(cfg.eval_data), cfg.eval_limit), tokenizer, cfg.max_length, "skip")
-    model = load_reward_model(cfg.model, tokenizer, seed=cfg.train.seed)
+    model = run.shard(load_reward_model(cfg.model, tokenizer, seed=cfg.train.seed))
     evaluate = (lambda m: ranking_metrics(m, held_out, tokenizer.pad_token_id)) if held_out else None
     collate = lambda rows: collate_rankings(rows, tokenizer.pad_token_id)  # noqa: E731
     train_offline(run, model, examples, collate, rm_objective(cfg.center_coef), evaluate)

@@ -17,12 +17,13 @@ from ..data.encode import OVERLONG_POLICIES, collate_sft, encode_sft
 from ..data.rows import read_rows
 from ..losses.sft import sft_loss
 from ..models.forward import token_logprobs
-from ..models.load import load_causal_lm, load_tokenizer, save_model
+from ..models.load import load_causal_lm, load_tokenizer
 from ..rollout.backend import SamplerBackend
 from ..tasks import TASK_CHOICES
 from ..train.config import TrainConfig, at_least, choice
 from ..train.loop import Objective, train_offline
 from ..train.run import start_run
+from ..train.shard import save_everywhere
 from .common import accuracy_eval, held_out
 
 
@@ -84,6 +85,8 @@ def run_sft(cfg: SFTConfig) -> dict:
     with_completions = rows is not None and all("completion" in r.data or "messages" in r.data for r in rows.rows)
     eval_examples = encode_sft(rows.rows, tokenizer, cfg.max_length, cfg.overlong)[0] if with_completions else []
     model = load_causal_lm(cfg.model, tokenizer)
+    backend = SamplerBackend(tokenizer, model, copy=run.shards_models)  # a copy is made before sharding
+    run.shard(model)
     marker = Path(cfg.train.out_dir) / "snapshot" / "snapshot.json"
     snapshot: dict = json.loads(marker.read_text()) if cfg.train.resume and marker.is_file() else {}
 
@@ -93,11 +96,11 @@ def run_sft(cfg: SFTConfig) -> dict:
         if cfg.snapshot_at_accuracy is None or snapshot or accuracy < cfg.snapshot_at_accuracy:
             return
         snapshot.update(path=str(marker.parent), accuracy=accuracy)
+        save_everywhere(model, tokenizer, marker.parent, run.info)
         if run.info.is_main:
-            save_model(model, tokenizer, marker.parent)
             marker.write_text(json.dumps(snapshot))
 
-    accuracy = accuracy_eval(SamplerBackend(tokenizer, model), tokenizer, rows, cfg.eval_max_new_tokens,
+    accuracy = accuracy_eval(backend, model, tokenizer, rows, cfg.eval_max_new_tokens,
                              cfg.stop_at_accuracy, on_accuracy)
 
     def evaluate(model) -> dict:

@@ -3,14 +3,36 @@
 Conventions: ``logprobs[:, t] = log pi(input_ids[:, t] | input_ids[:, <t])`` so a token mask
 applies to log-probs unshifted; position 0 has no prediction and gets 0. Position ids always
 come from the attention mask, so left- and right-padded rows give the same numbers.
+
+These functions call the backbone and the head themselves (to skip logits nobody reads), so
+each runs through ``as_forward``: on a model sharded with FSDP2 the root module's own parameters
+(embeddings, final norm, head) are gathered only around a registered forward method, and
+``as_forward`` is that method (train/shard.py registers it); on any other model it is a call.
 """
 
 from __future__ import annotations
 
 import functools
+import types
 
 import torch
 import torch.nn.functional as F
+
+ENTRY = "rlhfkit_forward"
+
+
+def install_entry(model) -> None:
+    """Give ``model`` the method ``as_forward`` calls (FSDP2 then registers it as a forward)."""
+    def entry(self, fn, *args, **kwargs):
+        return fn(self, *args, **kwargs)
+
+    setattr(model, ENTRY, types.MethodType(entry, model))
+
+
+def as_forward(model, fn, *args, **kwargs):
+    """``fn(model, *args)`` as the model's forward (see the module docstring)."""
+    entry = getattr(model, ENTRY, None)
+    return entry(fn, *args, **kwargs) if entry is not None else fn(model, *args, **kwargs)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -27,6 +49,11 @@ def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) 
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    target_mask: torch.Tensor | None = None, with_entropy: bool = False):
+    return as_forward(model, _token_logprobs, input_ids, attention_mask, target_mask, with_entropy)
+
+
+def _token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    target_mask: torch.Tensor | None = None, with_entropy: bool = False):
     """(B, T) log-probs of each token given its prefix; logits only where ``target_mask`` is set.
 
     Skipping the prompt positions' logits is the main saving for short answers after long

@@ -80,8 +80,39 @@ def load_causal_lm(path: str | Path, tokenizer=None, dtype: str = "fp32"):
     return model
 
 
-def save_model(model, tokenizer, out_dir: str | Path) -> None:
-    """``save_pretrained`` (safetensors) plus the tokenizer, so the folder stands on its own."""
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def full_state_dict(model: torch.nn.Module) -> dict:
+    """The whole state dict. On an FSDP2-sharded model it is all-gathered: every rank must call it."""
+    if not is_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+
+
+def unsharded_class(model: torch.nn.Module) -> type:
+    """The model's own class (FSDP2 swaps in a subclass named FSDP<Class>)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+
+
+def save_model(model, tokenizer, out_dir: str | Path, state_dict: dict | None = None) -> None:
+    """``save_pretrained`` (safetensors) plus the tokenizer, so the folder stands on its own.
+
+    ``state_dict``: the full weights of a sharded model (``full_state_dict``), written through a
+    fresh, unsharded instance of the model's own class so that the folder names that class."""
+    if state_dict is not None:
+        with torch.device("meta"):
+            plain = unsharded_class(model)._from_config(model.config)
+        plain.load_state_dict(state_dict, assign=True, strict=False)
+        plain.tie_weights()
+        model = plain
     model.save_pretrained(str(out_dir), safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out_dir))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .forward import hidden_states
+from .forward import as_forward, hidden_states
 from .kernels import use_fast_linear
 from .load import DTYPES, ModelLoadError, check_vocab
 
@@ -57,6 +57,10 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """r(x, y): the score head read at the last non-pad token. (B,)"""
+    return as_forward(model, _reward_scores, input_ids, attention_mask)
+
+
+def _reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     hidden = hidden_states(model, input_ids, attention_mask)  # (B, T, H)
     last = hidden[torch.arange(hidden.shape[0]), last_token_index(attention_mask)]  # (B, H)
     return score_head(model)(last).squeeze(-1).float()
@@ -64,4 +68,5 @@ def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) 
 
 def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """V(s_t) for every position: the score head on every hidden state (the PPO critic). (B, T)"""
-    return score_head(model)(hidden_states(model, input_ids, attention_mask)).squeeze(-1).float()
+    return as_forward(model, lambda m, ids, mask: score_head(m)(hidden_states(m, ids, mask)).squeeze(-1).float(),
+                      input_ids, attention_mask)

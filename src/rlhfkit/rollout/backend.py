@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..models.load import full_state_dict
 from .sampler import Samples, _mask_through_eos, left_pad, sample
 
 
@@ -39,15 +40,26 @@ GREEDY = dict(temperature=0.0)
 
 
 class SamplerBackend:
-    """rlhfkit's sampler (rollout/sampler.py) running on the policy module itself."""
+    """rlhfkit's sampler (rollout/sampler.py), on the policy module itself or, with ``copy=True``
+    (a sharded policy), on its own unsharded copy that ``load_weights`` refreshes with the
+    gathered full weights: no collective runs inside the sampling loop, so ranks that stop
+    sampling at different steps cannot hang each other."""
 
     name = "sampler"
 
-    def __init__(self, tokenizer, model=None):
-        self.tokenizer, self.model = tokenizer, model
+    def __init__(self, tokenizer, model=None, copy: bool = False):
+        self.tokenizer, self.copy, self.model = tokenizer, copy, None
+        if model is not None:
+            self.load_weights(model)
 
+    @torch.no_grad()
     def load_weights(self, model) -> None:
-        self.model = model  # the live module: its weights are always the current ones
+        if not self.copy:
+            self.model = model  # the live module: its weights are always the current ones
+        elif self.model is None:
+            self.model = copy.deepcopy(model).eval().requires_grad_(False)  # before the policy is sharded
+        else:
+            self.model.load_state_dict(full_state_dict(model))
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> Samples:
         return sample(self.model, prompts, eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id,
@@ -67,7 +79,7 @@ class GenerateBackend:
 
     name = "generate"
 
-    def __init__(self, tokenizer, model=None):
+    def __init__(self, tokenizer, model=None, copy: bool = True):  # it always keeps a copy
         self.tokenizer, self.model = tokenizer, None
         if model is not None:
             self.load_weights(model)
@@ -75,9 +87,9 @@ class GenerateBackend:
     @torch.no_grad()
     def load_weights(self, model) -> None:
         if self.model is None:
-            self.model = copy.deepcopy(model).eval().requires_grad_(False)
+            self.model = copy.deepcopy(model).eval().requires_grad_(False)  # before the policy is sharded
         else:
-            self.model.load_state_dict(model.state_dict())
+            self.model.load_state_dict(full_state_dict(model))
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> Samples:
@@ -106,7 +118,8 @@ class GenerateBackend:
 BACKENDS = {"sampler": SamplerBackend, "generate": GenerateBackend}
 
 
-def make_backend(name: str, tokenizer, model):
+def make_backend(name: str, tokenizer, model, copy: bool = False):
+    """``copy``: the policy will be sharded, so the backend keeps its own copy (make it before sharding)."""
     if name not in BACKENDS:
         raise ValueError(f"unknown rollout backend {name!r}; one of {', '.join(BACKENDS)}")
-    return BACKENDS[name](tokenizer, model)
+    return BACKENDS[name](tokenizer, model, copy=copy)

@@ -20,6 +20,8 @@ import torch
 import yaml
 from safetensors.torch import load_model, save_model
 
+from .dist import DistInfo, barrier
+
 MARKER = "COMPLETE"
 
 
@@ -56,19 +58,36 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(out_dir: str | Path, step: int, model, optimizer, scheduler, config: dict,
-                    extra: dict | None = None, keep: int = 2) -> Path:
+                    extra: dict | None = None, keep: int = 2, info: DistInfo | None = None,
+                    sharded: bool = False) -> Path:
+    """Every rank calls this. Rank 0 prepares the temporary folder; every rank writes its RNG
+    state (and, ``sharded``, its shards of the model and optimizer via torch.distributed.checkpoint);
+    after a barrier rank 0 writes the rest, the ``COMPLETE`` marker last, and renames."""
+    info = info or DistInfo()
     root = checkpoint_dir(out_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:07d}"
-    tmp = root / f"step-{step:07d}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    final, tmp = root / f"step-{step:07d}", root / f"step-{step:07d}.tmp"
+    if info.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    barrier(info)
+    torch.save(rng_state(), tmp / f"rng-{info.rank}.pt")
+    if sharded:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        dcp.save({"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)},
+                 checkpoint_id=str(tmp / "dcp"), no_dist=not info.enabled)
+    barrier(info)
+    if not info.is_main:
+        return final
+    if not sharded:
+        save_model(model, str(tmp / "model.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(rng_state(), tmp / "rng.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=1))
+    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "world_size": info.world_size, **(extra or {})},
+                                                       indent=1))
     (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     _fsync_dir(tmp)
     (tmp / MARKER).write_text("ok\n")
@@ -80,17 +99,40 @@ def save_checkpoint(out_dir: str | Path, step: int, model, optimizer, scheduler,
     return final
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, scheduler and RNG from a complete checkpoint; returns trainer state."""
+def load_checkpoint(path: Path, model, optimizer, scheduler, info: DistInfo | None = None) -> dict:
+    """Restore weights, optimizer, scheduler and this rank's RNG from a complete checkpoint;
+    returns the trainer state. A sharded (DCP) checkpoint loads on any number of ranks."""
+    info = info or DistInfo()
     if not (path / MARKER).is_file():
         raise CheckpointError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
-    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
-    if unexpected or [k for k in missing if k not in _tied_keys(model)]:
-        raise CheckpointError(f"{path}: weights do not match the model (missing {missing}, unexpected {unexpected})")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    if (path / "dcp").is_dir():
+        _load_sharded(path / "dcp", model, optimizer, info)
+    elif (path / "model.safetensors").is_file():
+        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+        if unexpected or [k for k in missing if k not in _tied_keys(model)]:
+            raise CheckpointError(f"{path}: weights do not match the model (missing {missing}, unexpected {unexpected})")
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    else:
+        raise CheckpointError(f"{path} holds neither model.safetensors nor a dcp/ folder")
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    rng = path / f"rng-{info.rank}.pt"  # a rank the checkpoint did not have takes rank 0's state
+    set_rng_state(torch.load(rng if rng.is_file() else path / "rng-0.pt", weights_only=True))
     return json.loads((path / "trainer_state.json").read_text())
+
+
+def _load_sharded(folder: Path, model, optimizer, info: DistInfo) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(state, checkpoint_id=str(folder), no_dist=not info.enabled)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
 
 def _tied_keys(model) -> set[str]:
@@ -101,6 +143,6 @@ def _tied_keys(model) -> set[str]:
 
 
 def _fsync_dir(path: Path) -> None:
-    for f in path.iterdir():
+    for f in (p for p in path.rglob("*") if p.is_file()):
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())

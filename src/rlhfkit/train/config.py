@@ -47,6 +47,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # 0 = no clipping
     dtype: str = "fp32"  # fp32 | bf16 (autocast for the trained forwards; master weights stay fp32)
+    strategy: str = "replicate"  # replicate (whole model on every rank) | fsdp (FSDP2 sharding, train/shard.py)
     seed: int = 0
     log_every: int = 10
     eval_every: int = 0  # 0 = only at the end
@@ -59,6 +60,7 @@ class TrainConfig:
     def __post_init__(self):
         choice("train.schedule", self.schedule, SCHEDULES)
         choice("train.dtype", self.dtype, TRAIN_DTYPES)
+        choice("train.strategy", self.strategy, ("replicate", "fsdp"))
         for key in ("batch_size", "log_every"):
             at_least(f"train.{key}", getattr(self, key), 1)
         for key in ("max_steps", "micro_batch_size", "warmup_steps", "eval_every", "save_every", "keep_checkpoints",

@@ -55,15 +55,17 @@ def check_finite(value: float, what: str, step: int) -> None:
 
 
 def optimizer_step(model, optimizer, scheduler, max_grad_norm: float, info: DistInfo, step: int,
-                   clip_apart: list[torch.nn.Module] | None = None) -> float:
-    """All-reduce gradients, clip, refuse non-finite norms, step, zero. Returns the grad norm.
+                   clip_apart: list[torch.nn.Module] | None = None, sharded: bool = False) -> float:
+    """All-reduce gradients (FSDP2 has already reduce-scattered them when ``sharded``), clip,
+    refuse non-finite norms, step, zero. Returns the grad norm.
 
     ``clip_apart``: clip each of these modules on its own (PPO's actor and critic); the
     returned norm is then the first one's.
     """
-    all_reduce_grads(model, info)
+    if not sharded:
+        all_reduce_grads(model, info)
     limit = max_grad_norm if max_grad_norm > 0 else float("inf")
-    norms = [float(torch.nn.utils.clip_grad_norm_([p for p in m.parameters() if p.grad is not None], limit))
+    norms = [_norm_value(torch.nn.utils.clip_grad_norm_([p for p in m.parameters() if p.grad is not None], limit))
              for m in (clip_apart or [model])]
     for norm in norms:
         check_finite(norm, "gradient norm", step)
@@ -72,3 +74,9 @@ def optimizer_step(model, optimizer, scheduler, max_grad_norm: float, info: Dist
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
+
+
+def _norm_value(norm) -> float:
+    """``clip_grad_norm_``'s result as a float (a DTensor under FSDP2: the norm over all shards)."""
+    full = getattr(norm, "full_tensor", None)
+    return float(full() if full is not None else norm)

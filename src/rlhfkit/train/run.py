@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +30,10 @@ from typing import Callable
 import torch
 import yaml
 
-from ..models.load import save_model
+from ..models.load import is_sharded
 from .checkpoint import (
     CheckpointError,
+    checkpoint_dir,
     complete_checkpoints,
     latest_checkpoint,
     load_checkpoint,
@@ -41,6 +43,7 @@ from .config import TrainConfig, plain_dict
 from .dist import DistInfo, all_reduce_sum, barrier, broadcast_params, init_distributed
 from .logging import MetricsLogger, progress
 from .optim import check_finite, optimizer_step
+from .shard import save_everywhere, shard
 
 
 def seed_everything(seed: int) -> None:
@@ -59,6 +62,10 @@ def prepare_out_dir(cfg: TrainConfig, info: DistInfo) -> None:
     barrier(info)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        for stale in sorted(checkpoint_dir(out).glob("step-*.tmp*")):  # a save that never completed
+            print(f"removing {stale}: an incomplete checkpoint of an earlier run", file=sys.stderr)
+            shutil.rmtree(stale, ignore_errors=True)
+    barrier(info)
 
 
 def reduce_metrics(means: dict, shares: dict, info: DistInfo) -> dict[str, float]:
@@ -95,14 +102,29 @@ class Run:
         if self.info.is_main:
             print(f"{self.name}: {message}", file=sys.stderr)
 
+    @property
+    def sharded(self) -> bool:
+        """Checkpoints in the sharded (DCP) format: ``train.strategy=fsdp``, on any number of ranks."""
+        return self.cfg.strategy == "fsdp"
+
+    @property
+    def shards_models(self) -> bool:
+        """Models are really split: ``fsdp`` on more than one rank (copies must be made first)."""
+        return self.sharded and self.info.enabled
+
+    def shard(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Spread ``model`` over the ranks as ``train.strategy`` says (train/shard.py); copy it first."""
+        return shard(model, self.info, self.cfg.strategy, self.cfg.dtype)
+
     def attach(self, trained: torch.nn.Module, optimizer, scheduler) -> None:
         """Start every rank from rank 0's weights, seed, and restore the last checkpoint on resume."""
         self.modules = (trained, optimizer, scheduler)
-        broadcast_params(trained, self.info)
+        if not is_sharded(trained):  # sharded weights were loaded alike on every rank before sharding
+            broadcast_params(trained, self.info)
         seed_everything(self.cfg.seed + self.info.rank)  # ranks sample (and drop out) differently
         if self.cfg.resume:
             path = latest_checkpoint(self.cfg.out_dir)
-            self.state = load_checkpoint(path, trained, optimizer, scheduler)
+            self.state = load_checkpoint(path, trained, optimizer, scheduler, self.info)
             self.start = self.done = self.state["step"]
             self.optimizer_steps = self.state.get("optimizer_steps", 0)
             self.say(f"resuming from {path} ({self.unit} {self.start} of {self.cfg.max_steps})")
@@ -125,7 +147,7 @@ class Run:
         total = all_reduce_sum(loss.detach().double().reshape(1).clone(), self.info).item()
         check_finite(total, "loss", self.done + 1)
         grad_norm = optimizer_step(trained, optimizer, scheduler, self.cfg.max_grad_norm, self.info, self.done + 1,
-                                   clip_apart)
+                                   clip_apart, sharded=is_sharded(trained))
         self.optimizer_steps += 1
         return total, grad_norm
 
@@ -147,10 +169,9 @@ class Run:
             evaluated = self.evaluate(evaluate, done)
         self.stopped_early = bool(evaluated and evaluated.get("stop"))
         if (cfg.save_every and done % cfg.save_every == 0) or last or self.stopped_early:
-            if self.info.is_main:
-                extra = {"optimizer_steps": self.optimizer_steps, **(state or {})}
-                save_checkpoint(cfg.out_dir, done, trained, optimizer, scheduler, self.config, extra=extra,
-                                keep=cfg.keep_checkpoints)
+            extra = {"optimizer_steps": self.optimizer_steps, **(state or {})}
+            save_checkpoint(cfg.out_dir, done, trained, optimizer, scheduler, self.config, extra=extra,
+                            keep=cfg.keep_checkpoints, info=self.info, sharded=self.sharded)
             barrier(self.info)
 
     def evaluate(self, evaluate: Callable, done: int) -> dict:
@@ -172,9 +193,9 @@ class Run:
         self.close()
         summary = {"steps": self.done, "steps_unit": self.unit, "optimizer_steps": self.optimizer_steps,
                    "evals": self.evals, **summary}
+        out = Path(self.cfg.out_dir)
+        save_everywhere(model, tokenizer, out / "model", self.info)
         if self.info.is_main:
-            out = Path(self.cfg.out_dir)
-            save_model(model, tokenizer, out / "model")
             write_config(out, self.config)
             (out / "result.json").write_text(json.dumps(summary, indent=1))
         barrier(self.info)

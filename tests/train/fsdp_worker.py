@@ -1,0 +1,93 @@
+"""Jobs on 2 gloo ranks under train.strategy (run by test_fsdp.py in a subprocess).
+
+    python fsdp_worker.py OUT TINY_DIR QWEN_DIR
+Every job writes its metrics through the run itself; what a rank measures besides goes to
+OUT/rank{R}.json, written before teardown (gloo can abort at exit).
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from methods_setup import RUNS, method_config  # noqa: E402
+
+import rlhfkit.train.run as run_module  # noqa: E402
+from rlhfkit.train.config import replace  # noqa: E402
+
+JOBS = [(m, "tiny", "fsdp") for m in ("sft", "rm", "dpo", "grpo", "ppo")] + \
+       [(m, "qwen", "fsdp") for m in ("sft", "dpo")] + [(m, "tiny", "replicate") for m in ("grpo", "ppo")]
+
+
+class Killed(BaseException):
+    pass
+
+
+def resident_bytes(run) -> int:
+    """Parameters + gradients' room + optimizer state this rank holds (local shards under FSDP2)."""
+    trained, optimizer, _ = run.modules
+
+    def local(t):
+        t = getattr(t, "_local_tensor", t)
+        return t.numel() * t.element_size()
+
+    state = sum(local(v) for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim())
+    return 2 * sum(local(p) for p in trained.parameters()) + state  # weights and their gradients
+
+
+def _jobs(rank: int, out: Path, assets: dict) -> dict:
+    seen = {}
+    original = run_module.Run.step_done
+
+    def measuring(self, *args, **kwargs):
+        seen.setdefault(self.cfg.out_dir, resident_bytes(self))
+        return original(self, *args, **kwargs)
+
+    run_module.Run.step_done = measuring
+    for method, model, strategy in JOBS:
+        cfg = method_config(method, assets[model], out / f"{method}-{model}-{strategy}", 3, log_every=1,
+                            strategy=strategy)
+        RUNS[method](cfg)
+    # DCP resume: an uninterrupted 4-step run; one killed in step 3 (after the step-2 checkpoint)
+    # and resumed here (2 -> 2); one killed alike and left for the test to resume in 1 process.
+    def cfg(name):
+        return method_config("sft", assets["tiny"], out / name, 4, log_every=1, strategy="fsdp", save_every=2)
+
+    RUNS["sft"](cfg("full"))
+
+    def dies(self, *args, **kwargs):
+        if self.done == 2:
+            raise Killed
+        return measuring(self, *args, **kwargs)
+
+    for name in ("cut22", "cut21"):
+        run_module.Run.step_done = dies
+        try:
+            RUNS["sft"](cfg(name))
+        except Killed:
+            pass
+    run_module.Run.step_done = measuring
+    RUNS["sft"](replace(cfg("cut22"), train__resume=True))
+    return {"bytes": seen}
+
+
+def _rank(rank: int, out: str, tiny: str, qwen: str) -> None:
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", init_method=f"file://{out}/pg", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    assets = {"tiny": {"base": Path(tiny) / "base", "data": Path(tiny) / "data"},
+              "qwen": {"base": Path(qwen), "data": Path(tiny) / "data"}}
+    result = _jobs(rank, Path(out), assets)
+    with open(f"{out}/rank{rank}.json", "w") as f:
+        json.dump(result, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    mp.spawn(_rank, args=tuple(sys.argv[1:4]), nprocs=2, join=True)

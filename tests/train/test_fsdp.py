@@ -1,0 +1,143 @@
+"""train.strategy=fsdp (FSDP2) on 2 spawned gloo ranks against one process: the same losses at
+every step and the same final weights for all five methods, tied (Llama) and untied (Qwen2)
+embeddings; sharded checkpoints that resume 2 -> 2 exactly and 2 -> 1; a plain saved folder;
+per-rank memory about halved."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from methods_setup import METHODS, RUNS, method_config
+
+from rlhfkit.methods.common import load_policy
+from rlhfkit.models.load import load_tokenizer
+from rlhfkit.train.config import replace
+from rlhfkit.train.logging import read_metrics
+
+WORKER = Path(__file__).with_name("fsdp_worker.py")
+
+
+@pytest.fixture(scope="module")
+def qwen(tiny, tmp_path_factory):
+    """An untied Qwen2 of the tiny default's size and tokenizer."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tok = load_tokenizer(tiny["base"])
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("qwen")
+    Qwen2ForCausalLM(cfg).save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return {"base": out, "data": tiny["data"]}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tiny, qwen, tmp_path_factory):
+    for method in METHODS:  # write the small data files once, before the ranks read them
+        method_config(method, tiny, "unused", 1)
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    for attempt in range(2):  # gloo can abort at exit; the results are written before teardown
+        out = tmp_path_factory.mktemp(f"fsdp{attempt}")
+        proc = subprocess.run([sys.executable, str(WORKER), str(out), str(Path(tiny["base"]).parent), str(qwen["base"])],
+                              env=env, timeout=420, capture_output=True, text=True)
+        if all((out / f"rank{r}.json").is_file() for r in range(2)):
+            return out, [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    raise AssertionError(f"the 2-rank worker wrote no results: {proc.stderr[-3000:]}")
+
+
+def _losses(folder, key="train/loss") -> list[float]:
+    return [m[key] for m in read_metrics(folder) if key in m]
+
+
+def _assert_same_weights(a, b, atol=1e-5):
+    ma, _ = load_policy(str(Path(a) / "model"), None) if (Path(a) / "model").exists() else (a, None)
+    mb, _ = load_policy(str(Path(b) / "model"), None)
+    moved = False
+    for (name, p), q in zip(ma.state_dict().items(), mb.state_dict().values()):
+        torch.testing.assert_close(p, q, atol=atol, rtol=0, msg=name)
+        moved = moved or p.dtype.is_floating_point
+    assert moved
+
+
+@pytest.mark.parametrize("method, model", [(m, "tiny") for m in ("sft", "rm", "dpo")] + [("sft", "qwen"),
+                                                                                         ("dpo", "qwen")])
+def test_offline_methods_on_two_sharded_ranks_equal_one_process(method, model, two_ranks, tiny, qwen, tmp_path):
+    out, _ = two_ranks
+    assets = {"tiny": tiny, "qwen": qwen}[model]
+    RUNS[method](method_config(method, assets, tmp_path / "one", 3, log_every=1))
+    sharded = out / f"{method}-{model}-fsdp"
+    assert _losses(sharded) == pytest.approx(_losses(tmp_path / "one"), abs=1e-5)
+    assert len(_losses(sharded)) == 3
+    # gradients summed, not averaged, over ranks (Adam and clipping would hide a 0.5x scale)
+    norms = _losses(sharded, "train/grad_norm")
+    assert norms == pytest.approx(_losses(tmp_path / "one", "train/grad_norm"), rel=1e-5) and norms[0] > 0
+    if method != "rm":  # the RM's folder is a sequence classifier
+        _assert_same_weights(sharded, tmp_path / "one")
+
+
+@pytest.mark.parametrize("method", ["grpo", "ppo"])
+def test_online_methods_sharded_equal_replicated_on_the_same_samples(method, two_ranks):
+    # Each rank samples with its own seed, so 2 ranks cannot draw one process's samples; with the
+    # same ranks and seeds, fsdp and replicate (tested equal to one process) sample alike.
+    out, _ = two_ranks
+    for key in ("train/loss", "train/grad_norm"):
+        assert _losses(out / f"{method}-tiny-fsdp", key) == pytest.approx(_losses(out / f"{method}-tiny-replicate", key),
+                                                                           rel=1e-5, abs=1e-6)
+    _assert_same_weights(out / f"{method}-tiny-fsdp", out / f"{method}-tiny-replicate")
+
+
+def test_sharded_checkpoints_resume_2_to_2_exactly_and_2_to_1(two_ranks, tiny, tmp_path):
+    out, _ = two_ranks
+    full = _losses(out / "full")
+    assert len(full) == 4 and _losses(out / "cut22")[2:] == full[2:]  # bit for bit
+    assert (out / "cut21" / "checkpoints" / "step-0000002" / "dcp").is_dir()
+    one = tmp_path / "cut21"
+    shutil.copytree(out / "cut21", one)
+    cfg = method_config("sft", tiny, one, 4, log_every=1, strategy="fsdp", save_every=2)
+    RUNS["sft"](replace(cfg, train__resume=True))  # one process, the 2-rank shards
+    assert _losses(one)[2:] == pytest.approx(full[2:], abs=1e-6)
+
+
+def test_the_saved_folder_of_a_sharded_run_is_plain_and_holds_the_trained_weights(two_ranks, tiny):
+    from transformers import AutoModelForCausalLM
+
+    from rlhfkit.train.checkpoint import latest_checkpoint, load_checkpoint
+    from rlhfkit.train.optim import build_optimizer, build_scheduler
+
+    out, _ = two_ranks
+    plain = AutoModelForCausalLM.from_pretrained(str(out / "sft-tiny-fsdp" / "model"))
+    assert type(plain).__name__ == "LlamaForCausalLM"
+    model, _ = load_policy(str(tiny["base"]), None)
+    optimizer = build_optimizer(model, 1e-3)
+    load_checkpoint(latest_checkpoint(out / "sft-tiny-fsdp"), model, optimizer, build_scheduler(optimizer, 3, 0,
+                                                                                                 "constant"))
+    for (name, p), q in zip(model.state_dict().items(), plain.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
+def test_per_rank_parameter_and_optimizer_bytes_about_halve(two_ranks, tiny, tmp_path, monkeypatch):
+    from fsdp_worker import resident_bytes
+
+    import rlhfkit.train.run as run_module
+
+    out, ranks = two_ranks
+    seen = {}
+    original = run_module.Run.step_done
+
+    def measuring(self, *args, **kwargs):
+        seen.setdefault("one", resident_bytes(self))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(run_module.Run, "step_done", measuring)
+    RUNS["sft"](method_config("sft", tiny, tmp_path / "one", 1))
+    for r in ranks:
+        sharded = r["bytes"][str(out / "sft-tiny-fsdp")]
+        print(json.dumps({"per_rank_bytes": sharded, "one_process_bytes": seen["one"]}))
+        assert sharded <= 0.55 * seen["one"], (sharded, seen["one"])
