@@ -29,24 +29,12 @@ class Killed(BaseException):
     pass
 
 
-def resident_bytes(run) -> int:
-    """Parameters + gradients' room + optimizer state this rank holds (local shards under FSDP2)."""
-    trained, optimizer, _ = run.modules
-
-    def local(t):
-        t = getattr(t, "_local_tensor", t)
-        return t.numel() * t.element_size()
-
-    state = sum(local(v) for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim())
-    return 2 * sum(local(p) for p in trained.parameters()) + state  # weights and their gradients
-
-
 def _jobs(rank: int, out: Path, assets: dict) -> dict:
     seen = {}
     original = run_module.Run.step_done
 
     def measuring(self, *args, **kwargs):
-        seen.setdefault(self.cfg.out_dir, resident_bytes(self))
+        seen.setdefault(self.cfg.out_dir, self.resident_bytes())
         return original(self, *args, **kwargs)
 
     run_module.Run.step_done = measuring

@@ -123,8 +123,6 @@ def test_the_saved_folder_of_a_sharded_run_is_plain_and_holds_the_trained_weight
 
 
 def test_per_rank_parameter_and_optimizer_bytes_about_halve(two_ranks, tiny, tmp_path, monkeypatch):
-    from fsdp_worker import resident_bytes
-
     import rlhfkit.train.run as run_module
 
     out, ranks = two_ranks
@@ -132,7 +130,7 @@ def test_per_rank_parameter_and_optimizer_bytes_about_halve(two_ranks, tiny, tmp
     original = run_module.Run.step_done
 
     def measuring(self, *args, **kwargs):
-        seen.setdefault("one", resident_bytes(self))
+        seen.setdefault("one", self.resident_bytes())
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(run_module.Run, "step_done", measuring)

@@ -72,3 +72,36 @@ def test_logs_name_the_unit_of_max_steps(method, tiny, tmp_path):
     assert summary["optimizer_steps"] == 2 * per_step
     logged = [m["train/optimizer_steps"] for m in read_metrics(tmp_path / "u") if "train/loss" in m]
     assert logged == [per_step, 2 * per_step]
+
+
+def test_resume_auto_starts_afresh_then_continues(tiny, tmp_path):
+    cfg = method_config("sft", tiny, tmp_path / "a", 2, save_every=1, log_every=1)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "metrics.jsonl").write_text('{"step": 1}\n')  # killed before its first checkpoint
+    RUNS["sft"](replace(cfg, train__resume="auto"))  # no complete checkpoint: a fresh start
+    assert [m["step"] for m in read_metrics(tmp_path / "a")] == [1, 2]
+    summary = RUNS["sft"](replace(cfg, train__max_steps=3, train__resume="auto"))  # resumes at step 2
+    assert summary["steps"] == 3 and [m["step"] for m in read_metrics(tmp_path / "a")] == [1, 2, 3]
+
+
+def test_a_device_that_is_not_there_fails_before_any_model_loads(tiny, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(RuntimeError, match="train.device=cuda but PyTorch sees no GPU"):
+        RUNS["sft"](method_config("sft", tiny, tmp_path / "c", 1, device="cuda"))
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("method", ["sft", "rm", "dpo"])  # GRPO/PPO sample from CUDA's generator
+def test_on_a_gpu_the_offline_methods_give_the_cpu_losses(method, tiny, tmp_path):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    RUNS[method](method_config(method, tiny, tmp_path / "cpu", 2, device="cpu", log_every=1))
+    RUNS[method](method_config(method, tiny, tmp_path / "gpu", 2, device="cuda", log_every=1))
+    cpu = [m["train/loss"] for m in read_metrics(tmp_path / "cpu")]
+    gpu = [m["train/loss"] for m in read_metrics(tmp_path / "gpu")]
+    assert gpu == pytest.approx(cpu, abs=1e-3)

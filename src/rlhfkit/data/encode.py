@@ -7,6 +7,7 @@ Completions always end with the EOS id, so the model learns to stop.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -116,6 +117,15 @@ def encode_sft(rows: list[Row], tokenizer, max_length: int, overlong: str = "err
     if not examples:
         raise DataError(f"no usable rows left after the length policy ({report.summary()})")
     return examples, report
+
+
+def to_device(batch, device):
+    """``batch`` (a dataclass) with every tensor field on ``device``; the same object on the CPU."""
+    if str(device) == "cpu":
+        return batch
+    moved = {f.name: getattr(batch, f.name).to(device) for f in dataclasses.fields(batch)
+             if torch.is_tensor(getattr(batch, f.name))}
+    return dataclasses.replace(batch, **moved)
 
 
 def collate_sft(examples: list[SFTExample], pad_id: int) -> SFTBatch:

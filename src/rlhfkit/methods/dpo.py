@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.encode import OVERLONG_POLICIES, SFTExample, collate_sft
+from ..data.encode import OVERLONG_POLICIES, SFTExample, collate_sft, to_device
 from ..data.prefs import RankingBatch, collate_rankings, count_pairs, encode_rankings
 from ..data.rows import DataError, Row, read_rows
 from ..losses.dpo import dpo_loss, plackett_luce_loss
@@ -74,7 +74,7 @@ def precompute_reference(reference, examples: list, pad_id: int, batch_size: int
     out = []
     for i in range(0, len(examples), batch_size):
         chunk = examples[i: i + batch_size]
-        batch = collate_rankings(chunk, pad_id)
+        batch = to_device(collate_rankings(chunk, pad_id), next(reference.parameters()).device)
         grid = batch.grid(sequence_logps(reference, batch))
         out.extend(dataclasses.replace(e, ref_logps=tuple(grid[p, : len(e.ranks)].tolist())) for p, e in enumerate(chunk))
     reference.train(was_training)
@@ -114,7 +114,7 @@ def preference_accuracy(model, examples: list, pad_id: int, batch_size: int = 64
     model.eval()
     correct = pairs = 0
     for i in range(0, len(examples), batch_size):
-        batch = collate_rankings(examples[i: i + batch_size], pad_id)
+        batch = to_device(collate_rankings(examples[i: i + batch_size], pad_id), next(model.parameters()).device)
         reward = batch.grid(sequence_logps(model, batch)) - batch.ref_logps  # (P, K)
         r, m = batch.ranks, batch.mask.bool()
         better = (r[:, :, None] < r[:, None, :]) & m[:, :, None] & m[:, None, :]
@@ -134,17 +134,17 @@ def refuse_ties(rows: list[Row]) -> list[Row]:
     return rows
 
 
-def sft_on_chosen(model, tokenizer, examples, cfg: DPOConfig) -> str:
+def sft_on_chosen(model, tokenizer, examples, cfg: DPOConfig, resuming: bool) -> str:
     """SPEC.md: with no SFT model, first maximise the likelihood of the preferred answers.
 
     The tuned model is saved to ``<out>/sft_chosen/model``: it is DPO's reference, and a resumed
     run reloads it from there rather than rebuilding it from the untuned model."""
     folder = f"{cfg.train.out_dir}/sft_chosen"
-    if cfg.train.resume:
+    if resuming:
         if not (Path(folder) / "model" / "config.json").is_file():
             raise CheckpointError(f"resume=true with sft_first_steps > 0 but {folder}/model is missing")
         return f"{folder}/model"
-    sft_cfg = replace(cfg.train, out_dir=folder, max_steps=cfg.sft_first_steps, eval_every=0, save_every=0)
+    sft_cfg = replace(cfg.train, out_dir=folder, max_steps=cfg.sft_first_steps, eval_every=0, save_every=0, resume=False)
     run = start_run(sft_cfg, cfg, "dpo-sft")
     chosen = [SFTExample(e.prompt_ids + e.completion_ids[0], len(e.prompt_ids)) for e in examples]
     train_offline(run, model, chosen, lambda rows: collate_sft(rows, tokenizer.pad_token_id), sft_objective())
@@ -160,11 +160,11 @@ def run_dpo(cfg: DPOConfig) -> dict:
     run.say(f"{cfg.train_data}: {report.summary()}")
     pref_rows = refuse_ties(head(read_rows(cfg.eval_data), cfg.eval_limit)) if cfg.eval_data else []
     prompts = held_out(cfg.eval_prompts, cfg.eval_limit, cfg.eval_task)
-    model = load_causal_lm(cfg.model, tokenizer)
+    model = load_causal_lm(cfg.model, tokenizer, device=run.device)
     backend = SamplerBackend(tokenizer, model, copy=run.shards_models)  # a copy is made before sharding
     run.shard(model)
-    start = sft_on_chosen(model, tokenizer, examples, cfg) if cfg.sft_first_steps > 0 else cfg.model
-    reference = run.shard(load_causal_lm(start, tokenizer).eval().requires_grad_(False))  # the frozen start
+    start = sft_on_chosen(model, tokenizer, examples, cfg, run.resuming) if cfg.sft_first_steps > 0 else cfg.model
+    reference = run.shard(load_causal_lm(start, tokenizer, device=run.device).eval().requires_grad_(False))  # the frozen start
     pref_eval = precompute_reference(reference, encode_rankings(pref_rows, tokenizer, cfg.max_length, "skip")[0],
                                      pad) if pref_rows else []
     accuracy = accuracy_eval(backend, model, tokenizer, prompts, cfg.eval_max_new_tokens)

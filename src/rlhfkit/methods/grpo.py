@@ -139,6 +139,7 @@ def rollout(backend, tokenizer, rows, cfg: GRPOConfig, rewards: Rewards) -> Roll
     fields = {k: [r.data.get(k) for r in rows for _ in range(cfg.group_size)] for k in keys}
     outcome = score_outcomes(rewards.functions, rewards.weights, prompts, texts, fields, cfg.reward_errors)
     advantages = advantages_for(cfg, samples, texts, prompts, fields, tokenizer, rewards.process, outcome)
+    advantages = advantages.to(samples.completion_ids.device)
     return Rollout(samples, outcome, advantages, generation_s)
 
 
@@ -183,7 +184,7 @@ def update(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: 
         policy.train()
         loss, sums = torch.zeros(()), {}
         for index in chunks:
-            with autocast(cfg.train.dtype):
+            with autocast(cfg.train.dtype, run.device):
                 logprobs, entropy = completion_logprobs(policy, samples.rows(index), with_entropy=True)
             old = old_logprobs[index] if old_logprobs is not None else logprobs.detach()
             part, stats = grpo_loss(logprobs, old, advantages[index], mask[index],
@@ -228,8 +229,8 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
         raise ConfigError(f"prompts_per_step={cfg.prompts_per_step} must divide over {run.info.world_size} ranks")
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
     rows, eval_rows = read_rows(cfg.train_data), held_out(cfg.eval_data, cfg.eval_limit, cfg.eval_task)
-    policy = load_causal_lm(cfg.model, tokenizer)
-    reference = load_causal_lm(cfg.model, tokenizer).eval().requires_grad_(False) if cfg.beta != 0 else None
+    policy = load_causal_lm(cfg.model, tokenizer, device=run.device)
+    reference = load_causal_lm(cfg.model, tokenizer, device=run.device).eval().requires_grad_(False) if cfg.beta != 0 else None
     backend = make_backend(cfg.rollout_backend, tokenizer, policy, copy=run.shards_models)  # before sharding
     for model in filter(None, (policy, reference)):
         run.shard(model)

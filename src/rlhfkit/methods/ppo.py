@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..data.encode import collate_sft, encode_sft
+from ..data.encode import collate_sft, encode_sft, to_device
 from ..data.rows import read_rows
 from ..losses.ppo import AdaptiveKL, explained_variance, gae, kl_penalty_rewards, policy_loss, value_loss
 from ..losses.reduce import masked_mean, masked_whiten
@@ -138,9 +138,9 @@ def critic_values(critic, samples: Samples, first_rows: torch.Tensor):
     critic.train()
     with torch.enable_grad():
         first = completion_values(critic, samples.rows(first_rows))
-    values = torch.empty(samples.completion_ids.shape, dtype=first.dtype)
+    values = first.new_empty(samples.completion_ids.shape)
     values[first_rows] = first.detach()
-    rest = torch.ones(values.shape[0], dtype=torch.bool)
+    rest = torch.ones(values.shape[0], dtype=torch.bool, device=values.device)
     rest[first_rows] = False
     if rest.any():
         values[rest] = completion_values(critic, samples.rows(rest.nonzero().squeeze(-1)))
@@ -188,7 +188,7 @@ def minibatch_loss(actor, critic, exp: Experience, index: torch.Tensor, cfg: PPO
     when already computed with their graph."""
     part = exp.samples.rows(index)
     mask = exp.mask[index]
-    with autocast(cfg.train.dtype):
+    with autocast(cfg.train.dtype, str(exp.mask.device)):
         logprobs, entropy = completion_logprobs(actor, part, with_entropy=True)
         values = completion_values(critic, part) if values is None else values
     pol, pol_stats = policy_loss(logprobs, exp.old_logprobs[index], exp.advantages[index], mask, cfg.eps_clip,
@@ -202,7 +202,7 @@ def minibatch_loss(actor, critic, exp: Experience, index: torch.Tensor, cfg: PPO
 
 def ptx_loss(actor, batch, cfg: PPOConfig, num_tokens: float):
     """PPO-ptx: ptx_coef times the SFT loss on ``batch`` (a token mean over all ranks' tokens)."""
-    with autocast(cfg.train.dtype):
+    with autocast(cfg.train.dtype, str(batch.input_ids.device)):
         logprobs = token_logprobs(actor, batch.input_ids, batch.attention_mask, batch.completion_mask)
     loss, _ = sft_loss(logprobs, batch.completion_mask, num_tokens)
     return cfg.ptx_coef * loss, loss.detach()
@@ -245,16 +245,17 @@ def minibatch_step(run: Run, models: dict, exp: Experience, rows: torch.Tensor, 
     return stats
 
 
-def load_models(cfg: PPOConfig):
+def load_models(cfg: PPOConfig, device: str = "cpu"):
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
-    actor = load_causal_lm(cfg.model, tokenizer)
+    actor = load_causal_lm(cfg.model, tokenizer, device=device)
     reward_tok = load_tokenizer(cfg.reward_model, cfg.tokenizer or cfg.model)
     if reward_tok.get_vocab() != tokenizer.get_vocab():
         raise ValueError(f"the reward model at {cfg.reward_model} uses another tokenizer than the actor; "
                          "rlhfkit's PPO needs one shared tokenizer")
-    reward = load_reward_model(cfg.reward_model, tokenizer, cfg.frozen_dtype).eval().requires_grad_(False)
-    critic = load_reward_model(cfg.critic or cfg.reward_model, tokenizer, seed=cfg.train.seed)
-    reference = load_causal_lm(cfg.model, tokenizer).to(DTYPES[cfg.frozen_dtype]).eval().requires_grad_(False)
+    reward = load_reward_model(cfg.reward_model, tokenizer, cfg.frozen_dtype, device=device).eval().requires_grad_(False)
+    critic = load_reward_model(cfg.critic or cfg.reward_model, tokenizer, seed=cfg.train.seed, device=device)
+    reference = load_causal_lm(cfg.model, tokenizer, device=device).to(DTYPES[cfg.frozen_dtype])
+    reference.eval().requires_grad_(False)
     return {"actor": actor, "critic": critic, "reward": reward, "reference": reference}, tokenizer
 
 
@@ -285,8 +286,8 @@ def ptx_batches_for(ptx, step: int, count: int, info: DistInfo, pad_id: int) -> 
     if ptx is None:
         return None
     examples, order, _ = ptx
-    return [collate_sft([examples[i] for i in order.indices(step * count + n)[info.rank::info.world_size]], pad_id)
-            for n in range(count)]
+    return [to_device(collate_sft([examples[i] for i in order.indices(step * count + n)[info.rank::info.world_size]],
+                                  pad_id), info.device) for n in range(count)]
 
 
 def run_ppo(cfg: PPOConfig) -> dict:
@@ -296,7 +297,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
     if cfg.minibatch_size % run.info.world_size:
         raise ConfigError(f"minibatch_size={cfg.minibatch_size} must divide over {run.info.world_size} ranks")
     rows, eval_rows = read_rows(cfg.train_data), held_out(cfg.eval_data, cfg.eval_limit, cfg.eval_task)
-    models, tokenizer = load_models(cfg)
+    models, tokenizer = load_models(cfg, run.device)
     ptx = load_ptx(cfg, tokenizer)
     run.say("parameter memory " + ", ".join(f"{k.split('/')[1]} {v} MB" for k, v in model_memory_mb(models).items()))
     backend = make_backend(cfg.rollout_backend, tokenizer, models["actor"], copy=run.shards_models)  # before sharding

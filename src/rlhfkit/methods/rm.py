@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..data.encode import OVERLONG_POLICIES
+from ..data.encode import OVERLONG_POLICIES, to_device
 from ..data.prefs import collate_rankings, count_pairs, encode_rankings
 from ..data.rows import read_rows
 from ..losses.rm import ranking_loss
@@ -82,7 +82,7 @@ def ranking_metrics(model, examples, pad_id: int, batch_size: int = 64) -> dict:
     correct = pairs = top1 = 0
     taus = []
     for i in range(0, len(examples), batch_size):
-        batch = collate_rankings(examples[i: i + batch_size], pad_id)
+        batch = to_device(collate_rankings(examples[i: i + batch_size], pad_id), next(model.parameters()).device)
         rewards = batch.grid(reward_scores(model, batch.input_ids, batch.attention_mask))
         stats = ranking_stats(rewards, batch.ranks, batch.mask)
         correct, pairs, top1 = correct + stats["correct"], pairs + stats["pairs"], top1 + stats["top1"]
@@ -100,7 +100,7 @@ def run_rm(cfg: RMConfig) -> dict:
     held_out = []
     if cfg.eval_data:
         held_out, _ = encode_rankings(head(read_rows(cfg.eval_data), cfg.eval_limit), tokenizer, cfg.max_length, "skip")
-    model = run.shard(load_reward_model(cfg.model, tokenizer, seed=cfg.train.seed))
+    model = run.shard(load_reward_model(cfg.model, tokenizer, seed=cfg.train.seed, device=run.device))
     evaluate = (lambda m: ranking_metrics(m, held_out, tokenizer.pad_token_id)) if held_out else None
     collate = lambda rows: collate_rankings(rows, tokenizer.pad_token_id)  # noqa: E731
     train_offline(run, model, examples, collate, rm_objective(cfg.center_coef), evaluate)

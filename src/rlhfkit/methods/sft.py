@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.encode import OVERLONG_POLICIES, collate_sft, encode_sft
+from ..data.encode import OVERLONG_POLICIES, collate_sft, encode_sft, to_device
 from ..data.rows import read_rows
 from ..losses.sft import sft_loss
 from ..models.forward import token_logprobs
@@ -68,7 +68,7 @@ def heldout_loss(model, examples: list, pad_id: int, batch_size: int = 64) -> fl
     model.eval()
     nll = tokens = 0.0
     for i in range(0, len(examples), batch_size):
-        batch = collate_sft(examples[i: i + batch_size], pad_id)
+        batch = to_device(collate_sft(examples[i: i + batch_size], pad_id), next(model.parameters()).device)
         logprobs = token_logprobs(model, batch.input_ids, batch.attention_mask, batch.completion_mask)
         nll -= float((logprobs * batch.completion_mask).sum())
         tokens += float(batch.completion_mask[:, 1:].sum())
@@ -84,11 +84,11 @@ def run_sft(cfg: SFTConfig) -> dict:
     rows = held_out(cfg.eval_data, cfg.eval_limit, cfg.eval_task)  # checked now, not after training
     with_completions = rows is not None and all("completion" in r.data or "messages" in r.data for r in rows.rows)
     eval_examples = encode_sft(rows.rows, tokenizer, cfg.max_length, cfg.overlong)[0] if with_completions else []
-    model = load_causal_lm(cfg.model, tokenizer)
+    model = load_causal_lm(cfg.model, tokenizer, device=run.device)
     backend = SamplerBackend(tokenizer, model, copy=run.shards_models)  # a copy is made before sharding
     run.shard(model)
     marker = Path(cfg.train.out_dir) / "snapshot" / "snapshot.json"
-    snapshot: dict = json.loads(marker.read_text()) if cfg.train.resume and marker.is_file() else {}
+    snapshot: dict = json.loads(marker.read_text()) if run.resuming and marker.is_file() else {}
 
     def on_accuracy(accuracy: float) -> None:
         # InstructGPT's later stages start from a model with error left to remove: keep the

@@ -66,8 +66,8 @@ def check_vocab(model, tokenizer, where: str) -> None:
         )
 
 
-def load_causal_lm(path: str | Path, tokenizer=None, dtype: str = "fp32"):
-    """A causal LM from an HF folder, in ``dtype``; checks the tokenizer fits when given."""
+def load_causal_lm(path: str | Path, tokenizer=None, dtype: str = "fp32", device: str = "cpu"):
+    """A causal LM from an HF folder, in ``dtype`` on ``device``; checks the tokenizer fits when given."""
     from transformers import AutoModelForCausalLM
 
     if not Path(path).is_dir():
@@ -76,8 +76,8 @@ def load_causal_lm(path: str | Path, tokenizer=None, dtype: str = "fp32"):
     if tokenizer is not None:
         check_vocab(model, tokenizer, str(path))
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    use_fast_linear(model)
-    return model
+    use_fast_linear(model)  # CPU fp32 only; elsewhere the layers run F.linear unchanged
+    return model.to(device)
 
 
 def is_sharded(model: torch.nn.Module) -> bool:

@@ -25,7 +25,7 @@ def is_sequence_classifier(path: str | Path) -> bool:
     return any(a.endswith("ForSequenceClassification") for a in archs)
 
 
-def load_reward_model(path: str | Path, tokenizer, dtype: str = "fp32", seed: int = 0):
+def load_reward_model(path: str | Path, tokenizer, dtype: str = "fp32", seed: int = 0, device: str = "cpu"):
     """A ``num_labels=1`` sequence classifier from ``path`` (a classifier folder or a causal LM)."""
     from transformers import AutoModelForSequenceClassification
 
@@ -39,7 +39,7 @@ def load_reward_model(path: str | Path, tokenizer, dtype: str = "fp32", seed: in
         raise ModelLoadError(f"{path}: a reward model needs num_labels=1, the folder has {model.config.num_labels}")
     check_vocab(model, tokenizer, str(path))
     use_fast_linear(model)
-    return model
+    return model.to(device)
 
 
 def score_head(model) -> torch.nn.Module:
@@ -62,7 +62,7 @@ def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) 
 
 def _reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     hidden = hidden_states(model, input_ids, attention_mask)  # (B, T, H)
-    last = hidden[torch.arange(hidden.shape[0]), last_token_index(attention_mask)]  # (B, H)
+    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]  # (B, H)
     return score_head(model)(last).squeeze(-1).float()
 
 

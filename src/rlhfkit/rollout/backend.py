@@ -94,7 +94,8 @@ class GenerateBackend:
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> Samples:
         tok = self.tokenizer
-        prompt_ids, prompt_mask = left_pad(prompts, tok.pad_token_id)
+        device = next(self.model.parameters()).device
+        prompt_ids, prompt_mask = (t.to(device) for t in left_pad(prompts, tok.pad_token_id))
         n = params.num_samples  # each prompt repeated (greedy generate refuses num_return_sequences > 1)
         prompt_ids, prompt_mask = prompt_ids.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0)
         greedy = params.temperature == 0

@@ -87,7 +87,8 @@ def sample(model, prompts: list[list[int]], *, eos_id: int, pad_id: int, max_new
     """Sample ``num_samples`` completions for each prompt (token id lists); temperature 0 = greedy."""
     was_training = model.training
     model.eval()
-    prompt_ids, prompt_mask = left_pad(prompts, pad_id)
+    device = next(model.parameters()).device
+    prompt_ids, prompt_mask = (t.to(device) for t in left_pad(prompts, pad_id))
     lean = LeanDecoder(model, prompt_ids.shape[0], prompt_ids.shape[1] + max_new_tokens) if LeanDecoder.applies(model) else None
     if lean is not None:
         width = prompt_ids.shape[1]
@@ -106,10 +107,10 @@ def sample(model, prompts: list[list[int]], *, eos_id: int, pad_id: int, max_new
         prompt_ids = prompt_ids.repeat_interleave(num_samples, 0)
         prompt_mask = prompt_mask.repeat_interleave(num_samples, 0)
     n, width = prompt_ids.shape
-    mask = torch.cat([prompt_mask, torch.zeros(n, max_new_tokens, dtype=prompt_mask.dtype)], 1)  # filled as we go
+    mask = torch.cat([prompt_mask, prompt_mask.new_zeros(n, max_new_tokens)], 1)  # filled as we go
     position = prompt_mask.sum(-1, keepdim=True)  # (N, 1) next position id
     tokens, logps = [], []
-    alive = torch.ones(n, dtype=torch.bool)
+    alive = torch.ones(n, dtype=torch.bool, device=device)
     for t in range(max_new_tokens):
         scaled = logits / temperature if temperature > 0 else logits
         logp = scaled.log_softmax(-1)
@@ -119,7 +120,7 @@ def sample(model, prompts: list[list[int]], *, eos_id: int, pad_id: int, max_new
             token = logits.argmax(-1)
         token = torch.where(alive, token, torch.full_like(token, pad_id))
         tokens.append(token)
-        logps.append(torch.where(alive, logp.gather(-1, token[:, None]).squeeze(-1), torch.zeros(())))
+        logps.append(torch.where(alive, logp.gather(-1, token[:, None]).squeeze(-1), 0.0))
         step_alive = alive.clone()
         if stop_at_eos:
             alive = alive & (token != eos_id)
@@ -135,7 +136,7 @@ def sample(model, prompts: list[list[int]], *, eos_id: int, pad_id: int, max_new
     completion_mask = _mask_through_eos(completion_ids, pad_id, eos_id, stop_at_eos)
     model.train(was_training)
     return Samples(prompt_ids, prompt_mask, completion_ids, completion_mask, torch.stack(logps, 1) * completion_mask,
-                   (completion_ids == eos_id).any(-1) if stop_at_eos else torch.zeros(n, dtype=torch.bool))
+                   (completion_ids == eos_id).any(-1) if stop_at_eos else torch.zeros(n, dtype=torch.bool, device=device))
 
 
 def _mask_through_eos(ids: torch.Tensor, pad_id: int, eos_id: int, stop_at_eos: bool) -> torch.Tensor:

@@ -48,12 +48,13 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # 0 = no clipping
     dtype: str = "fp32"  # fp32 | bf16 (autocast for the trained forwards; master weights stay fp32)
     strategy: str = "replicate"  # replicate (whole model on every rank) | fsdp (FSDP2 sharding, train/shard.py)
+    device: str = "auto"  # auto (CUDA when present, else CPU) | cpu | cuda
     seed: int = 0
     log_every: int = 10
     eval_every: int = 0  # 0 = only at the end
     save_every: int = 0  # 0 = only at the end
     keep_checkpoints: int = 2  # 0 = keep all
-    resume: bool = False
+    resume: bool | str = False  # true | false | auto (resume when a complete checkpoint exists)
     progress: bool = True
     tensorboard: bool = True
 
@@ -61,6 +62,8 @@ class TrainConfig:
         choice("train.schedule", self.schedule, SCHEDULES)
         choice("train.dtype", self.dtype, TRAIN_DTYPES)
         choice("train.strategy", self.strategy, ("replicate", "fsdp"))
+        choice("train.device", self.device, ("auto", "cpu", "cuda"))
+        choice("train.resume", self.resume, (False, True, "auto"))
         for key in ("batch_size", "log_every"):
             at_least(f"train.{key}", getattr(self, key), 1)
         for key in ("max_steps", "micro_batch_size", "warmup_steps", "eval_every", "save_every", "keep_checkpoints",
@@ -76,7 +79,12 @@ def _convert(value, typ, key: str, default=None):
         args = [a for a in typing.get_args(typ) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
-        return _convert(value, args[0], key, default)
+        for arg in args[:-1]:  # the first type that takes the value (bool | str: true, false, auto)
+            try:
+                return _convert(value, arg, key, default)
+            except ConfigError:
+                pass
+        return _convert(value, args[-1], key, default)
     if dataclasses.is_dataclass(typ):
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' must be a mapping")

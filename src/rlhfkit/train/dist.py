@@ -13,12 +13,15 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+DEVICES = ("auto", "cpu", "cuda")
+
 
 @dataclass(frozen=True)
 class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    device: str = "cpu"  # where this rank's models and batches live ("cpu", "cuda:0", ...)
 
     @property
     def is_main(self) -> bool:
@@ -29,19 +32,39 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed() -> DistInfo:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+def resolve_device(name: str, local_rank: int = 0) -> str:
+    """``auto``: CUDA when PyTorch sees a GPU, else the CPU. Under torchrun each rank takes its
+    ``LOCAL_RANK``'s GPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device=cuda but PyTorch sees no GPU (use train.device=auto or cpu)")
+        torch.cuda.set_device(local_rank)
+        return f"cuda:{local_rank}"
+    return "cpu"
+
+
+def init_distributed(device: str = "cpu") -> DistInfo:
+    """This process's rank and device; the process group (NCCL on GPUs, gloo on CPUs) under torchrun."""
+    world, local_rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
+    where = resolve_device(device, local_rank)
     if world <= 1:
-        return DistInfo()
+        return DistInfo(device=where)
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
-    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend="nccl" if where.startswith("cuda") else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, where)
 
 
 def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum over ranks in place (NCCL reduces device tensors: a CPU tensor makes the round trip)."""
     if info.enabled:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        if info.device != "cpu" and tensor.device.type == "cpu":
+            moved = tensor.to(info.device)
+            dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+            tensor.copy_(moved.cpu())
+        else:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..data.encode import to_device
 from .config import TrainConfig
 from .dist import DistInfo, all_reduce_sum
 from .optim import build_optimizer, build_scheduler
@@ -50,10 +51,10 @@ class BatchOrder:
         return [self._perm(p // self.n)[p % self.n] for p in range(start, start + self.batch_size)]
 
 
-def autocast(dtype: str):
+def autocast(dtype: str, device: str = "cpu"):
     """bf16 autocast for a trained forward (master weights and the optimizer stay fp32)."""
     if dtype == "bf16":
-        return torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16)
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -76,12 +77,13 @@ def reduce_dict(values: dict[str, float | torch.Tensor], info: DistInfo) -> dict
     return dict(zip(keys, flat.tolist()))
 
 
-def accumulate(model, batches: list, objective: Objective, totals: dict, dtype: str) -> tuple[torch.Tensor, dict]:
+def accumulate(model, batches: list, objective: Objective, totals: dict, dtype: str,
+               device: str = "cpu") -> tuple[torch.Tensor, dict]:
     """Forward and backward every micro-batch; returns the summed loss and metric shares (detached)."""
     model.train()
     loss_sum, sums = torch.zeros(()), {}
     for batch in batches:
-        with autocast(dtype):
+        with autocast(dtype, device):
             loss, metrics = objective.loss(model, batch, totals)
         loss.backward()
         loss_sum = loss_sum + loss.detach().float()
@@ -106,9 +108,10 @@ def train_offline(run: Run, model, examples: list, collate: Callable, objective:
     evaluate = (lambda: eval_fn(model)) if eval_fn is not None else None
     for step in run.steps():
         rows = order.indices(step)[info.rank::info.world_size]
-        batches = [collate([examples[i] for i in rows[j: j + micro]]) for j in range(0, per_rank, micro)]
+        batches = [to_device(collate([examples[i] for i in rows[j: j + micro]]), run.device)
+                   for j in range(0, per_rank, micro)]
         totals = reduce_dict(_sum_dicts(objective.counts(b) for b in batches), info)
-        loss, shares = accumulate(model, batches, objective, totals, cfg.dtype)
+        loss, shares = accumulate(model, batches, objective, totals, cfg.dtype, run.device)
         _, grad_norm = run.optimizer_step(loss)
         run.step_done(means={"grad_norm": grad_norm}, shares={"loss": loss, **shares}, evaluate=evaluate,
                       state={"samples_seen": run.done * cfg.batch_size + cfg.batch_size})

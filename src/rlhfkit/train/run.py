@@ -51,21 +51,28 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare_out_dir(cfg: TrainConfig, info: DistInfo) -> None:
-    """Refuse to write a new run over an old one; ``resume`` needs a complete checkpoint."""
+def prepare_out_dir(cfg: TrainConfig, info: DistInfo) -> bool:
+    """Refuse to write a new run over an old one; ``resume=true`` needs a complete checkpoint,
+    ``resume=auto`` resumes when there is one and starts afresh otherwise. Returns whether it resumes."""
     out = Path(cfg.out_dir)
-    if cfg.resume:
-        if latest_checkpoint(out) is None:
-            raise CheckpointError(f"resume=true but {out}/checkpoints holds no complete checkpoint")
-    elif complete_checkpoints(out) or (out / "metrics.jsonl").exists():
+    found = latest_checkpoint(out) is not None
+    resuming = cfg.resume is True or (cfg.resume == "auto" and found)
+    if cfg.resume is True and not found:
+        raise CheckpointError(f"resume=true but {out}/checkpoints holds no complete checkpoint "
+                              "(train.resume=auto starts afresh then)")
+    if cfg.resume is False and (complete_checkpoints(out) or (out / "metrics.jsonl").exists()):
         raise CheckpointError(f"{out} already holds a run; pass resume=true to continue it or pick another out_dir")
     barrier(info)
+    if info.is_main and cfg.resume == "auto" and not found and (out / "metrics.jsonl").exists():
+        print(f"{out}: no complete checkpoint to resume from; starting afresh (resume=auto)", file=sys.stderr)
+        (out / "metrics.jsonl").unlink()
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         for stale in sorted(checkpoint_dir(out).glob("step-*.tmp*")):  # a save that never completed
             print(f"removing {stale}: an incomplete checkpoint of an earlier run", file=sys.stderr)
             shutil.rmtree(stale, ignore_errors=True)
     barrier(info)
+    return resuming
 
 
 def reduce_metrics(means: dict, shares: dict, info: DistInfo) -> dict[str, float]:
@@ -86,6 +93,7 @@ class Run:
     info: DistInfo
     name: str
     unit: str  # what one of max_steps counts: "optimizer step" or "rollout step"
+    resuming: bool = False  # train.resume resolved (auto: a complete checkpoint was there)
     show: tuple[str, ...] = ("loss",)  # metrics shown on the progress bar
     start: int = 0
     done: int = 0
@@ -112,9 +120,25 @@ class Run:
         """Models are really split: ``fsdp`` on more than one rank (copies must be made first)."""
         return self.sharded and self.info.enabled
 
+    @property
+    def device(self) -> str:
+        return self.info.device
+
     def shard(self, model: torch.nn.Module) -> torch.nn.Module:
         """Spread ``model`` over the ranks as ``train.strategy`` says (train/shard.py); copy it first."""
         return shard(model, self.info, self.cfg.strategy, self.cfg.dtype)
+
+    def resident_bytes(self) -> int:
+        """Bytes of the trained parameters, room for their gradients, and optimizer state on this
+        rank (the local shards under FSDP2)."""
+        trained, optimizer, _ = self.modules
+
+        def local(t) -> int:
+            t = getattr(t, "_local_tensor", t)
+            return t.numel() * t.element_size()
+
+        state = sum(local(v) for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim())
+        return 2 * sum(local(p) for p in trained.parameters() if p.requires_grad) + state
 
     def attach(self, trained: torch.nn.Module, optimizer, scheduler) -> None:
         """Start every rank from rank 0's weights, seed, and restore the last checkpoint on resume."""
@@ -122,7 +146,7 @@ class Run:
         if not is_sharded(trained):  # sharded weights were loaded alike on every rank before sharding
             broadcast_params(trained, self.info)
         seed_everything(self.cfg.seed + self.info.rank)  # ranks sample (and drop out) differently
-        if self.cfg.resume:
+        if self.resuming:
             path = latest_checkpoint(self.cfg.out_dir)
             self.state = load_checkpoint(path, trained, optimizer, scheduler, self.info)
             self.start = self.done = self.state["step"]
@@ -209,9 +233,9 @@ def write_config(out: Path, config: dict) -> None:
 def start_run(cfg: TrainConfig, config, name: str, unit: str = "optimizer step",
               show: tuple[str, ...] = ("loss",)) -> Run:
     """Distributed set-up and the out-dir check, before any model loads; writes config.yaml."""
-    info = init_distributed()
-    prepare_out_dir(cfg, info)
+    info = init_distributed(cfg.device)
+    resuming = prepare_out_dir(cfg, info)
     resolved = plain_dict(config)
     if info.is_main:
         write_config(Path(cfg.out_dir), resolved)  # a config that cannot be written fails here, not at the end
-    return Run(cfg, resolved, info, name, unit, show)
+    return Run(cfg, resolved, info, name, unit, resuming, show)
