@@ -21,8 +21,9 @@ from methods_setup import RUNS, method_config  # noqa: E402
 import rlhfkit.train.run as run_module  # noqa: E402
 from rlhfkit.train.config import replace  # noqa: E402
 
-JOBS = [(m, "tiny", "fsdp") for m in ("sft", "rm", "dpo", "grpo", "ppo")] + \
-       [(m, "qwen", "fsdp") for m in ("sft", "dpo")] + [(m, "tiny", "replicate") for m in ("grpo", "ppo")]
+METHODS = ("sft", "rm", "dpo", "grpo", "ppo")
+JOBS = [(m, model, "fsdp") for model in ("tiny", "qwen") for m in METHODS] + \
+       [(m, model, "replicate") for model in ("tiny", "qwen") for m in ("grpo", "ppo")]
 
 
 class Killed(BaseException):
@@ -62,6 +63,17 @@ def _jobs(rank: int, out: Path, assets: dict) -> dict:
             pass
     run_module.Run.step_done = measuring
     RUNS["sft"](replace(cfg("cut22"), train__resume=True))
+    RUNS["sft"](replace(cfg("cut12"), train__resume=True))  # cut in one process by the test: 1 -> 2
+    # GRPO on 2 replicated ranks: each rank's sampling RNG must come back on resume
+    grpo = lambda name: method_config("grpo", assets["tiny"], out / name, 4, log_every=1, save_every=2)  # noqa: E731
+    RUNS["grpo"](grpo("grpo-full"))
+    run_module.Run.step_done = dies
+    try:
+        RUNS["grpo"](grpo("grpo-cut"))
+    except Killed:
+        pass
+    run_module.Run.step_done = measuring
+    RUNS["grpo"](replace(grpo("grpo-cut"), train__resume=True))
     return {"bytes": seen}
 
 

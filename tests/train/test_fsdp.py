@@ -38,6 +38,30 @@ def qwen(tiny, tmp_path_factory):
     return {"base": out, "data": tiny["data"]}
 
 
+class Killed(BaseException):
+    pass
+
+
+def _cut_in_one_process(tiny, out: Path) -> None:
+    """An fsdp run of one process killed in step 3, for the 2 ranks to resume (1 -> 2)."""
+    import rlhfkit.train.run as run_module
+
+    original = run_module.Run.step_done
+
+    def dies(self, *args, **kwargs):
+        if self.done == 2:
+            raise Killed
+        return original(self, *args, **kwargs)
+
+    run_module.Run.step_done = dies
+    try:
+        RUNS["sft"](method_config("sft", tiny, out / "cut12", 4, log_every=1, strategy="fsdp", save_every=2))
+    except Killed:
+        pass
+    finally:
+        run_module.Run.step_done = original
+
+
 @pytest.fixture(scope="module")
 def two_ranks(tiny, qwen, tmp_path_factory):
     for method in METHODS:  # write the small data files once, before the ranks read them
@@ -45,6 +69,7 @@ def two_ranks(tiny, qwen, tmp_path_factory):
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
     for attempt in range(2):  # gloo can abort at exit; the results are written before teardown
         out = tmp_path_factory.mktemp(f"fsdp{attempt}")
+        _cut_in_one_process(tiny, out)
         proc = subprocess.run([sys.executable, str(WORKER), str(out), str(Path(tiny["base"]).parent), str(qwen["base"])],
                               env=env, timeout=420, capture_output=True, text=True)
         if all((out / f"rank{r}.json").is_file() for r in range(2)):
@@ -66,8 +91,8 @@ def _assert_same_weights(a, b, atol=1e-5):
     assert moved
 
 
-@pytest.mark.parametrize("method, model", [(m, "tiny") for m in ("sft", "rm", "dpo")] + [("sft", "qwen"),
-                                                                                         ("dpo", "qwen")])
+@pytest.mark.parametrize("model", ["tiny", "qwen"])  # tied (Llama) and untied (Qwen2) embeddings
+@pytest.mark.parametrize("method", ["sft", "rm", "dpo"])
 def test_offline_methods_on_two_sharded_ranks_equal_one_process(method, model, two_ranks, tiny, qwen, tmp_path):
     out, _ = two_ranks
     assets = {"tiny": tiny, "qwen": qwen}[model]
@@ -82,21 +107,25 @@ def test_offline_methods_on_two_sharded_ranks_equal_one_process(method, model, t
         _assert_same_weights(sharded, tmp_path / "one")
 
 
+@pytest.mark.parametrize("model", ["tiny", "qwen"])
 @pytest.mark.parametrize("method", ["grpo", "ppo"])
-def test_online_methods_sharded_equal_replicated_on_the_same_samples(method, two_ranks):
+def test_online_methods_sharded_equal_replicated_on_the_same_samples(method, model, two_ranks):
     # Each rank samples with its own seed, so 2 ranks cannot draw one process's samples; with the
     # same ranks and seeds, fsdp and replicate (tested equal to one process) sample alike.
     out, _ = two_ranks
+    sharded, replicated = out / f"{method}-{model}-fsdp", out / f"{method}-{model}-replicate"
     for key in ("train/loss", "train/grad_norm"):
-        assert _losses(out / f"{method}-tiny-fsdp", key) == pytest.approx(_losses(out / f"{method}-tiny-replicate", key),
-                                                                           rel=1e-5, abs=1e-6)
-    _assert_same_weights(out / f"{method}-tiny-fsdp", out / f"{method}-tiny-replicate")
+        assert _losses(sharded, key) == pytest.approx(_losses(replicated, key), rel=1e-5, abs=1e-6)
+    _assert_same_weights(sharded, replicated)
 
 
-def test_sharded_checkpoints_resume_2_to_2_exactly_and_2_to_1(two_ranks, tiny, tmp_path):
+def test_sharded_checkpoints_resume_2_to_2_exactly_and_2_to_1_and_1_to_2(two_ranks, tiny, tmp_path):
     out, _ = two_ranks
     full = _losses(out / "full")
     assert len(full) == 4 and _losses(out / "cut22")[2:] == full[2:]  # bit for bit
+    assert _losses(out / "cut12")[2:] == pytest.approx(full[2:], abs=1e-6)  # one process's shards on 2 ranks
+    grpo = _losses(out / "grpo-full")
+    assert len(grpo) == 4 and _losses(out / "grpo-cut")[2:] == grpo[2:] and grpo[3] != grpo[2]
     assert (out / "cut21" / "checkpoints" / "step-0000002" / "dcp").is_dir()
     one = tmp_path / "cut21"
     shutil.copytree(out / "cut21", one)

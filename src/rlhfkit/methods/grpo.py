@@ -213,8 +213,7 @@ def step_metrics(batch: Rollout, group_size: int) -> dict:
         present = column[~column.isnan()]
         out[f"reward/{name}_mean"] = present.mean().item() if present.numel() else float("nan")  # all abstained
         out[f"reward/{name}_std"] = present.std().item() if present.numel() > 1 else 0.0
-    for name, count in outcome.errors.items():
-        out[f"reward/{name}_errors"] = count
+        out[f"reward/{name}_errors"] = outcome.errors.get(name, 0)  # every rank logs the same keys
     return out
 
 
@@ -242,11 +241,14 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
                                                   tc.min_lr_ratio))
     order = BatchOrder(len(rows), cfg.prompts_per_step, tc.seed)
     for step in run.steps():
-        backend.load_weights(policy)
+        sync = time.time()
+        backend.load_weights(policy)  # a sharded policy: the gathered full weights into the backend's copy
+        sync = time.time() - sync
         batch = rollout(backend, tokenizer, [rows[i] for i in order.indices(step)[run.info.rank::run.info.world_size]],
                         cfg, rewards)
         metrics = update(run, policy, reference, batch, cfg, exact)
-        run.step_done(means={**step_metrics(batch, cfg.group_size), **metrics}, evaluate=evaluate)
+        run.step_done(means={**step_metrics(batch, cfg.group_size), **metrics, "time_weight_sync_s": sync},
+                      evaluate=evaluate)
     summary = {"accuracy_before": before.get("accuracy"), "reward_mean": run.metrics.get("reward_mean")}
     if run.evals:
         summary["accuracy"] = run.evals[-1]["accuracy"]

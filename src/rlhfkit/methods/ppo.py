@@ -313,7 +313,9 @@ def run_ppo(cfg: PPOConfig) -> dict:
     kl_ctl = AdaptiveKL(run.state.get("kl_coef", cfg.kl_coef), cfg.target_kl or 1.0, cfg.kl_horizon)
     order, kls = BatchOrder(len(rows), cfg.prompts_per_step, tc.seed), []
     for step in run.steps():
-        backend.load_weights(models["actor"])
+        sync = time.time()
+        backend.load_weights(models["actor"])  # a sharded actor: the gathered full weights into the backend's copy
+        sync = time.time() - sync
         prompt_ids = row_prompt_ids(tokenizer, [rows[i] for i in order.indices(step)[run.info.rank::run.info.world_size]])
         exp, metrics = make_experience(models, backend, prompt_ids, cfg, kl_ctl.beta, exact, run.info)
         t0 = time.time()
@@ -322,7 +324,8 @@ def run_ppo(cfg: PPOConfig) -> dict:
         kls.append(reduce_dict({"kl": exp.kl.sum().item() / exp.kl.shape[0]}, run.info)["kl"] / run.info.world_size)
         if cfg.target_kl is not None:  # KL(pi || pi_ref) per completion, over all ranks
             kl_ctl.update(kls[-1], cfg.prompts_per_step)
-        metrics.update(experience_metrics(exp), time_update_s=time.time() - t0, kl_coef=kl_ctl.beta)
+        metrics.update(experience_metrics(exp), time_update_s=time.time() - t0, kl_coef=kl_ctl.beta,
+                       time_weight_sync_s=sync)
         run.step_done(means=metrics, state={"kl_coef": kl_ctl.beta},
                       evaluate=(lambda: evaluate(models, backend, tokenizer, eval_rows, cfg)) if eval_rows else None)
     save_everywhere(models["critic"], None, f"{tc.out_dir}/critic", run.info)

@@ -185,7 +185,7 @@ class Run:
         self.metrics = reduce_metrics(means or {}, shares or {}, self.info)
         self.metrics.update(lr=scheduler.get_last_lr()[0], optimizer_steps=self.optimizer_steps)
         self.bar.update(1)
-        self.bar.set_postfix({k: f"{self.metrics[k]:.4f}" for k in self.show if k in self.metrics})
+        self.bar.set_postfix({k: f"{self.metrics[k]:.4f}" for k in self.show if k in self.metrics}, refresh=False)
         if done % cfg.log_every == 0 or last:
             self.logger.log(done, self.metrics)
         evaluated = None
