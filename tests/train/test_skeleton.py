@@ -89,7 +89,9 @@ def test_a_device_that_is_not_there_fails_before_any_model_loads(tiny, tmp_path)
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    with pytest.raises(RuntimeError, match="train.device=cuda but PyTorch sees no GPU"):
+    from rlhfkit.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.device=cuda but PyTorch sees no GPU"):
         RUNS["sft"](method_config("sft", tiny, tmp_path / "c", 1, device="cuda"))
     assert not (tmp_path / "c").exists()
 

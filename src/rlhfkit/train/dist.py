@@ -39,7 +39,9 @@ def resolve_device(name: str, local_rank: int = 0) -> str:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but PyTorch sees no GPU (use train.device=auto or cpu)")
+            from .config import ConfigError
+
+            raise ConfigError("train.device=cuda but PyTorch sees no GPU (use train.device=auto or cpu)")
         torch.cuda.set_device(local_rank)
         return f"cuda:{local_rank}"
     return "cpu"
