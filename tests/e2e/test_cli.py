@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from rlhfkit.train.logging import read_metrics
@@ -163,3 +164,24 @@ def test_dpo_cli_then_eval_reports_preference_accuracy(tiny, tmp_path):
     assert ev.returncode == 0, ev.stderr
     result = json.loads((tmp_path / "dpo" / "model" / "eval.json").read_text())
     assert result["n"] == 30 and result["preference_accuracy"] != 0.5  # 5 steps moved the policy off its reference
+
+
+def test_grpo_rewards_from_a_module_and_a_file_on_the_command_line(tiny, tmp_path):
+    (tmp_path / "mods").mkdir()
+    (tmp_path / "mods" / "myrewards.py").write_text(
+        "def digits(prompts, completions, **_):\n    return [sum(c.isdigit() for c in t) / max(len(t), 1) for t in completions]\n")
+    (tmp_path / "short.py").write_text("def short(prompts, completions, **_):\n    return [-len(c) / 10 for c in completions]\n")
+    env = {**ENV, "PYTHONPATH": str(tmp_path / "mods")}
+    out = tmp_path / "g"
+    run = rlhfkit("grpo", f"model={tiny['base']}", f"train_data={tiny['data'] / 'prompts_train.jsonl'}",
+                  f"rewards=myrewards:digits:2.0,{tmp_path / 'short.py'}:short", "group_size=2", "prompts_per_step=2",
+                  "max_new_tokens=4", f"train.out_dir={out}", "train.max_steps=1", "train.progress=false", env=env)
+    assert run.returncode == 0, run.stderr
+    (logged,) = [m for m in read_metrics(out) if "train/reward_mean" in m]
+    # reward_mean = 2.0 * digits + 1.0 * short, over the same samples
+    assert logged["train/reward_mean"] == pytest.approx(2.0 * logged["train/reward/digits_mean"]
+                                                       + logged["train/reward/short_mean"], abs=1e-6)
+    bad = rlhfkit("grpo", f"model={tiny['base']}", "rewards=myrewards:nope", f"train.out_dir={tmp_path / 'b'}", env=env)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "reward 'myrewards:nope' cannot be loaded: AttributeError" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "b").exists()  # before any model loads

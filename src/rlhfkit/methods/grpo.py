@@ -18,7 +18,7 @@ from ..losses.grpo import REDUCTIONS, group_advantages, grpo_loss, process_advan
 from ..models.load import load_causal_lm, load_tokenizer
 from ..rollout.backend import BACKENDS, SamplingParams, make_backend
 from ..rollout.evaluate import row_prompt_ids
-from ..rollout.rewards import score_outcomes
+from ..rollout.rewards import load_callable, score_outcomes
 from ..rollout.sampler import Samples, completion_logprobs, decode
 from ..tasks import OUTCOME_REWARDS, PROCESS_REWARDS, TASK_CHOICES
 from ..train.config import ConfigError, TrainConfig, at_least, choice
@@ -35,7 +35,7 @@ class GRPOConfig:
     train_data: str = ""  # prompts (prompt + fields the rewards read, e.g. answer)
     eval_data: str | None = None  # held-out prompts: accuracy of greedy answers (checked by eval_task)
     eval_task: str = "auto"  # auto | arithmetic | reference (tasks/)
-    rewards: str = "exact_answer"  # outcome rewards "name[:weight],..." (tasks/__init__.py)
+    rewards: str = "exact_answer"  # "name[:weight],...": shipped (tasks/), module:function or file.py:function
     process_reward: str | None = None  # a process reward name: PRM advantages instead of ORM
     rollout_backend: str = "sampler"  # sampler | generate (rollout/backend.py)
     group_size: int = 8  # G
@@ -74,15 +74,24 @@ class GRPOConfig:
 
 
 def parse_rewards(spec: str) -> tuple[list, list[float]]:
+    """``name[:weight],...``: a shipped reward (tasks/), ``package.module:function[:weight]`` or
+    ``path/file.py:function[:weight]`` (signature in rollout/rewards.py)."""
     functions, weights = [], []
     for item in filter(None, (s.strip() for s in spec.split(","))):
-        name, _, weight = item.partition(":")
-        choice("rewards", name, tuple(OUTCOME_REWARDS))
+        parts = item.split(":")
+        if parts[0] in OUTCOME_REWARDS or len(parts) == 1:
+            choice("rewards", parts[0], tuple(OUTCOME_REWARDS))
+            fn, weight = OUTCOME_REWARDS[parts[0]], parts[1:]
+        else:
+            fn, weight = load_callable(":".join(parts[:2])), parts[2:]
         try:
-            weights.append(float(weight) if weight else 1.0)
+            weights.append(float(weight[0]) if weight else 1.0)
+            if len(weight) > 1:
+                raise ValueError
         except ValueError:
-            raise ConfigError(f"config key 'rewards': weight of {name!r} must be a number, got {weight!r}") from None
-        functions.append(OUTCOME_REWARDS[name])
+            raise ConfigError(f"config key 'rewards': {item!r} must be name[:weight], module:function[:weight] "
+                              "or file.py:function[:weight] with a numeric weight") from None
+        functions.append(fn)
     return functions, weights
 
 

@@ -64,3 +64,29 @@ def score_outcomes(functions: list[Callable], weights: list[float], prompts: lis
         per_function[name] = column
         total += weight * torch.nan_to_num(column, nan=0.0)
     return OutcomeScores(total, per_function, errors)
+
+
+def load_callable(spec: str) -> Callable:
+    """``package.module:function`` or ``path/to/file.py:function`` -> the function, or a RewardError
+    that names the spec (raised when the config is read, before any model loads)."""
+    import importlib
+    import importlib.util
+    from pathlib import Path
+
+    target, _, name = spec.rpartition(":")
+    try:
+        if target.endswith(".py"):
+            path = Path(target)
+            if not path.is_file():
+                raise FileNotFoundError(f"no file {path}")
+            module_spec = importlib.util.spec_from_file_location(f"rlhfkit_user_{path.stem}", path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+        fn = getattr(module, name)
+    except Exception as e:  # the user's module may raise anything while importing
+        raise RewardError(f"reward {spec!r} cannot be loaded: {type(e).__name__}: {e}") from None
+    if not callable(fn):
+        raise RewardError(f"reward {spec!r} is not callable")
+    return fn
