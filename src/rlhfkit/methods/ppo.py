@@ -195,8 +195,9 @@ def minibatch_loss(actor, critic, exp: Experience, index: torch.Tensor, cfg: PPO
                                  counts["tokens"])
     val, val_stats = value_loss(values, exp.old_values[index], exp.returns[index], mask, cfg.eps_value,
                                 counts["tokens"])
-    stats = {"policy_loss": pol.detach(), "value_loss": val.detach(), "entropy": masked_mean(entropy.detach(), mask),
-             **pol_stats, **val_stats}
+    local = counts["tokens"] / mask.sum().clamp(min=1)  # the losses are shares of the global mean: local means
+    stats = {"policy_loss": pol.detach() * local, "value_loss": val.detach() * local,
+             "entropy": masked_mean(entropy.detach(), mask), **pol_stats, **val_stats}
     return pol + val, stats
 
 
@@ -231,16 +232,21 @@ def minibatch_step(run: Run, models: dict, exp: Experience, rows: torch.Tensor, 
     """One optimizer step on this rank's ``rows`` of a minibatch, micro-batched, plus PPO-ptx."""
     counts = reduce_dict({"tokens": exp.mask[rows].sum().item(),
                           "ptx_tokens": ptx.completion_mask[:, 1:].sum().item() if ptx is not None else 0.0}, run.info)
-    loss = torch.zeros(())
+    loss, stats = torch.zeros(()), {}
+    tokens = exp.mask[rows].sum().clamp(min=1)
     for index in row_chunks(len(rows), cfg.train.micro_batch_size):
         values = exp.take_first_values()  # the first micro-batch of the first minibatch only; else None
-        part, stats = minibatch_loss(models["actor"], models["critic"], exp, rows[index], cfg, counts, values)
+        part, micro = minibatch_loss(models["actor"], models["critic"], exp, rows[index], cfg, counts, values)
         part.backward()
         loss = loss + part.detach()
+        share = exp.mask[rows[index]].sum() / tokens  # micro-batch stats weighted by their tokens
+        for key, v in micro.items():
+            stats[key] = stats.get(key, 0.0) + float(v * share)
     if ptx is not None and cfg.ptx_coef > 0:
-        part, stats["ptx_loss"] = ptx_loss(models["actor"], ptx, cfg, counts["ptx_tokens"])
+        part, ptx_share = ptx_loss(models["actor"], ptx, cfg, counts["ptx_tokens"])
         part.backward()
         loss = loss + part.detach()
+        stats["ptx_loss"] = float(ptx_share) * counts["ptx_tokens"] / max(float(ptx.completion_mask[:, 1:].sum()), 1.0)
     stats["loss"], stats["grad_norm"] = run.optimizer_step(loss, clip_apart=[models["actor"], models["critic"]])
     return stats
 

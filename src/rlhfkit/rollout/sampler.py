@@ -76,7 +76,7 @@ def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tenso
     faster than torch.multinomial for a (32, 1024) batch on a CPU.
     """
     cdf = probs.cumsum(-1)  # (N, V)
-    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=cdf.dtype) * cdf[:, -1:]
+    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).clamp(max=probs.shape[-1] - 1).squeeze(-1)
 
 

@@ -4,8 +4,9 @@ A checkpoint is a folder ``step-000010`` holding the model weights (safetensors)
 and scheduler state, every RNG state, the trainer state (step, data position, extras) and the
 resolved config. It is written into a temporary folder, the ``COMPLETE`` marker is written
 last, and only then is the folder renamed into place; resume only ever picks a folder with
-the marker, and old checkpoints are removed only after the new one is complete. Everything is
-read back with ``weights_only=True``: no arbitrary unpickling.
+the marker, and old checkpoints are removed only after the new one is complete. The plain
+format is read back with ``weights_only=True`` (no arbitrary unpickling); a sharded (DCP)
+checkpoint's metadata is a pickle that torch.distributed.checkpoint reads.
 """
 
 from __future__ import annotations
@@ -48,11 +49,16 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # this rank's device
+    return state
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
 

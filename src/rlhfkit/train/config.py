@@ -63,7 +63,8 @@ class TrainConfig:
         choice("train.dtype", self.dtype, TRAIN_DTYPES)
         choice("train.strategy", self.strategy, ("replicate", "fsdp"))
         choice("train.device", self.device, ("auto", "cpu", "cuda"))
-        choice("train.resume", self.resume, (False, True, "auto"))
+        if not (isinstance(self.resume, bool) or self.resume == "auto"):
+            raise ConfigError(f"config key 'train.resume' must be one of true, false, auto; got {self.resume!r}")
         for key in ("batch_size", "log_every"):
             at_least(f"train.{key}", getattr(self, key), 1)
         for key in ("max_steps", "micro_batch_size", "warmup_steps", "eval_every", "save_every", "keep_checkpoints",

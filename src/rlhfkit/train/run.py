@@ -14,7 +14,7 @@ A method's loop reads::
 so that every method behaves the same: the out-dir check, seeding, exact resume, the NaN/inf
 check on the loss (summed over ranks, so every rank stops together) and on the gradient norm
 before the optimizer step, metrics reduced over ranks before rank 0 logs them, checkpoints
-written by rank 0 followed by a barrier, and a progress bar that names its unit.
+written by every rank and completed by rank 0, followed by a barrier, and a progress bar that names its unit.
 """
 
 from __future__ import annotations
@@ -191,7 +191,8 @@ class Run:
         evaluated = None
         if evaluate is not None and ((cfg.eval_every and done % cfg.eval_every == 0) or last):
             evaluated = self.evaluate(evaluate, done)
-        self.stopped_early = bool(evaluated and evaluated.get("stop"))
+        stop = torch.tensor([float(bool(evaluated and evaluated.get("stop")))], dtype=torch.float64)
+        self.stopped_early = all_reduce_sum(stop, self.info).item() > 0  # every rank stops together
         if (cfg.save_every and done % cfg.save_every == 0) or last or self.stopped_early:
             extra = {"optimizer_steps": self.optimizer_steps, **(state or {})}
             save_checkpoint(cfg.out_dir, done, trained, optimizer, scheduler, self.config, extra=extra,
@@ -202,8 +203,9 @@ class Run:
         evaluated = evaluate()
         self.evals.append({"step": done, **{k: v for k, v in evaluated.items() if k != "stop"}})
         self.logger.log(done, self.evals[-1], prefix="eval")
-        self.bar.write(f"step {done}: " + ", ".join(f"{k}={v:.4f}" for k, v in evaluated.items()
-                                                    if isinstance(v, float)))
+        if self.info.is_main:  # tqdm.write prints even on a disabled bar
+            self.bar.write(f"step {done}: " + ", ".join(f"{k}={v:.4f}" for k, v in evaluated.items()
+                                                        if isinstance(v, float)))
         return evaluated
 
     def close(self) -> None:
