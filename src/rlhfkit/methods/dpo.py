@@ -19,7 +19,7 @@ from ..data.encode import OVERLONG_POLICIES, SFTExample, collate_sft, to_device
 from ..data.prefs import RankingBatch, collate_rankings, count_pairs, encode_rankings
 from ..data.rows import DataError, Row, read_rows
 from ..losses.dpo import dpo_loss, plackett_luce_loss
-from ..models.forward import token_logprobs
+from ..models.forward import eval_mode, token_logprobs
 from ..models.load import load_causal_lm, load_tokenizer
 from ..rollout.backend import SamplerBackend
 from ..tasks import TASK_CHOICES
@@ -66,18 +66,15 @@ def sequence_logps(model, batch: RankingBatch) -> torch.Tensor:
     return (logprobs * batch.completion_mask).sum(-1)
 
 
-@torch.no_grad()
 def precompute_reference(reference, examples: list, pad_id: int, batch_size: int = 64) -> list:
     """The examples with ``ref_logps`` filled in by one pass of the reference model."""
-    was_training = reference.training
-    reference.eval()
-    out = []
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i: i + batch_size]
-        batch = to_device(collate_rankings(chunk, pad_id), next(reference.parameters()).device)
-        grid = batch.grid(sequence_logps(reference, batch))
-        out.extend(dataclasses.replace(e, ref_logps=tuple(grid[p, : len(e.ranks)].tolist())) for p, e in enumerate(chunk))
-    reference.train(was_training)
+    with eval_mode(reference):
+        out = []
+        for i in range(0, len(examples), batch_size):
+            chunk = examples[i: i + batch_size]
+            batch = to_device(collate_rankings(chunk, pad_id), next(reference.parameters()).device)
+            grid = batch.grid(sequence_logps(reference, batch))
+            out.extend(dataclasses.replace(e, ref_logps=tuple(grid[p, : len(e.ranks)].tolist())) for p, e in enumerate(chunk))
     return out
 
 
@@ -107,21 +104,18 @@ def dpo_objective(beta: float, reference=None) -> Objective:
     return Objective(counts, loss)
 
 
-@torch.no_grad()
 def preference_accuracy(model, examples: list, pad_id: int, batch_size: int = 64) -> float:
     """Fraction of ordered pairs whose implicit reward log(pi/pi_ref) ranks them right (ties count half)."""
-    was_training = model.training
-    model.eval()
-    correct = pairs = 0
-    for i in range(0, len(examples), batch_size):
-        batch = to_device(collate_rankings(examples[i: i + batch_size], pad_id), next(model.parameters()).device)
-        reward = batch.grid(sequence_logps(model, batch)) - batch.ref_logps  # (P, K)
-        r, m = batch.ranks, batch.mask.bool()
-        better = (r[:, :, None] < r[:, None, :]) & m[:, :, None] & m[:, None, :]
-        diff = reward[:, :, None] - reward[:, None, :]
-        correct += float(((diff > 0) & better).sum()) + 0.5 * float(((diff == 0) & better).sum())
-        pairs += int(better.sum())
-    model.train(was_training)
+    with eval_mode(model):
+        correct = pairs = 0
+        for i in range(0, len(examples), batch_size):
+            batch = to_device(collate_rankings(examples[i: i + batch_size], pad_id), next(model.parameters()).device)
+            reward = batch.grid(sequence_logps(model, batch)) - batch.ref_logps  # (P, K)
+            r, m = batch.ranks, batch.mask.bool()
+            better = (r[:, :, None] < r[:, None, :]) & m[:, :, None] & m[:, None, :]
+            diff = reward[:, :, None] - reward[:, None, :]
+            correct += float(((diff > 0) & better).sum()) + 0.5 * float(((diff == 0) & better).sum())
+            pairs += int(better.sum())
     return correct / max(pairs, 1)
 
 

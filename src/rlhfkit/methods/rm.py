@@ -15,6 +15,7 @@ from ..data.encode import OVERLONG_POLICIES, to_device
 from ..data.prefs import collate_rankings, count_pairs, encode_rankings
 from ..data.rows import read_rows
 from ..losses.rm import ranking_loss
+from ..models.forward import eval_mode
 from ..models.load import load_tokenizer
 from ..models.reward import load_reward_model, reward_scores
 from ..train.config import TrainConfig, at_least, choice
@@ -69,7 +70,6 @@ def ranking_stats(rewards: torch.Tensor, ranks: torch.Tensor, mask: torch.Tensor
             "top1": int((ranks.gather(1, top[:, None]).squeeze(1) == best).sum())}
 
 
-@torch.no_grad()
 def ranking_metrics(model, examples, pad_id: int, batch_size: int = 64) -> dict:
     """Held-out pairwise accuracy over all pairs, mean Kendall tau per ranking, and top-1 accuracy.
 
@@ -77,17 +77,15 @@ def ranking_metrics(model, examples, pad_id: int, batch_size: int = 64) -> dict:
     most pairs easy; top-1 shows whether the model also tells the best from the near misses,
     which is what a policy optimised against it will exploit.
     """
-    was_training = model.training
-    model.eval()
-    correct = pairs = top1 = 0
-    taus = []
-    for i in range(0, len(examples), batch_size):
-        batch = to_device(collate_rankings(examples[i: i + batch_size], pad_id), next(model.parameters()).device)
-        rewards = batch.grid(reward_scores(model, batch.input_ids, batch.attention_mask))
-        stats = ranking_stats(rewards, batch.ranks, batch.mask)
-        correct, pairs, top1 = correct + stats["correct"], pairs + stats["pairs"], top1 + stats["top1"]
-        taus.extend(stats["taus"])
-    model.train(was_training)
+    with eval_mode(model):
+        correct = pairs = top1 = 0
+        taus = []
+        for i in range(0, len(examples), batch_size):
+            batch = to_device(collate_rankings(examples[i: i + batch_size], pad_id), next(model.parameters()).device)
+            rewards = batch.grid(reward_scores(model, batch.input_ids, batch.attention_mask))
+            stats = ranking_stats(rewards, batch.ranks, batch.mask)
+            correct, pairs, top1 = correct + stats["correct"], pairs + stats["pairs"], top1 + stats["top1"]
+            taus.extend(stats["taus"])
     return {"pairwise_accuracy": correct / max(pairs, 1), "kendall_tau": sum(taus) / len(taus),
             "top1_accuracy": top1 / max(len(taus), 1), "pairs": pairs}
 

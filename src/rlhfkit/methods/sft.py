@@ -11,12 +11,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from ..data.encode import OVERLONG_POLICIES, collate_sft, encode_sft, to_device
 from ..data.rows import read_rows
 from ..losses.sft import sft_loss
-from ..models.forward import token_logprobs
+from ..models.forward import eval_mode, token_logprobs
 from ..models.load import load_causal_lm, load_tokenizer
 from ..rollout.backend import SamplerBackend
 from ..tasks import TASK_CHOICES
@@ -61,18 +59,15 @@ def sft_objective() -> Objective:
     return Objective(counts, loss)
 
 
-@torch.no_grad()
 def heldout_loss(model, examples: list, pad_id: int, batch_size: int = 64) -> float:
     """Mean negative log-likelihood per completion token over the held-out examples."""
-    was_training = model.training
-    model.eval()
-    nll = tokens = 0.0
-    for i in range(0, len(examples), batch_size):
-        batch = to_device(collate_sft(examples[i: i + batch_size], pad_id), next(model.parameters()).device)
-        logprobs = token_logprobs(model, batch.input_ids, batch.attention_mask, batch.completion_mask)
-        nll -= float((logprobs * batch.completion_mask).sum())
-        tokens += float(batch.completion_mask[:, 1:].sum())
-    model.train(was_training)
+    with eval_mode(model):
+        nll = tokens = 0.0
+        for i in range(0, len(examples), batch_size):
+            batch = to_device(collate_sft(examples[i: i + batch_size], pad_id), next(model.parameters()).device)
+            logprobs = token_logprobs(model, batch.input_ids, batch.attention_mask, batch.completion_mask)
+            nll -= float((logprobs * batch.completion_mask).sum())
+            tokens += float(batch.completion_mask[:, 1:].sum())
     return nll / max(tokens, 1.0)
 
 

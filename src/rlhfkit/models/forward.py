@@ -12,6 +12,7 @@ each runs through ``as_forward``: on a model sharded with FSDP2 the root module'
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
 
@@ -19,6 +20,18 @@ import torch
 import torch.nn.functional as F
 
 ENTRY = "rlhfkit_forward"
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """``model`` in eval mode, without gradients, restored to its training flag afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
 
 
 def install_entry(model) -> None:
