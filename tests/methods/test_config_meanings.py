@@ -32,7 +32,7 @@ def test_eval_limit_zero_means_all_rows():
     (PPOConfig, "frozen_dtype=fp8", "'frozen_dtype' must be one of fp32, bf16; got 'fp8'"),
     (DPOConfig, "reference=none", "'reference' must be one of precompute, forward; got 'none'"),
     (SFTConfig, "train.dtype=fp8", "'train.dtype' must be one of fp32, bf16; got 'fp8'"),
-    (GRPOConfig, "rollout_backend=vllm2", "'rollout_backend' must be one of sampler, generate; got 'vllm2'"),
+    (GRPOConfig, "rollout.backend=vllm2", "'rollout.backend' must be one of sampler, generate, vllm; got 'vllm2'"),
     (SFTConfig, "eval_task=math", "'eval_task' must be one of auto, arithmetic, reference; got 'math'"),
     (SFTConfig, "train.batch_size=0", "'train.batch_size' must be >= 1; got 0"),
 ])

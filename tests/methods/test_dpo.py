@@ -8,6 +8,7 @@ from rlhfkit.data.prefs import collate_rankings, encode_rankings
 from rlhfkit.data.rows import read_rows
 from rlhfkit.methods.common import load_policy
 from rlhfkit.methods.dpo import DPOConfig, dpo_objective, precompute_reference, run_dpo
+from rlhfkit.models.lora import Reference
 
 
 def test_precomputed_and_per_step_reference_agree(tiny):
@@ -21,7 +22,7 @@ def test_precomputed_and_per_step_reference_agree(tiny):
         with torch.no_grad():
             for p in policy.parameters():
                 p.add_(0.01 * torch.randn_like(p))
-        pre, fwd = dpo_objective(0.5), dpo_objective(0.5, reference)
+        pre, fwd = dpo_objective(0.5), dpo_objective(0.5, Reference(module=reference))
         a, b = collate_rankings(with_ref, tok.pad_token_id), collate_rankings(examples, tok.pad_token_id)
         loss_pre, m_pre = pre.loss(policy, a, pre.counts(a))
         loss_fwd, m_fwd = fwd.loss(policy, b, fwd.counts(b))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..data.rows import read_rows
 from ..models.load import load_causal_lm, load_tokenizer
+from ..models.lora import Reference
 from ..rollout.evaluate import HeldOut
 from ..train.config import ConfigError, TrainConfig
 
@@ -11,6 +12,16 @@ from ..train.config import ConfigError, TrainConfig
 def load_policy(model_path: str, tokenizer_path: str | None):
     tokenizer = load_tokenizer(model_path, tokenizer_path)
     return load_causal_lm(model_path, tokenizer), tokenizer
+
+
+def frozen_reference(run, policy, source, tokenizer, from_adapters: bool, dtype: str = "fp32") -> Reference:
+    """The frozen start model the KL or DPO terms compare with. With LoRA (``from_adapters``)
+    it is the policy with its adapters switched off, the start model without a second copy;
+    otherwise a frozen copy of ``source`` loaded now, sharded like the policy."""
+    if from_adapters:
+        return Reference(adapted=policy)
+    module = load_causal_lm(source, tokenizer, dtype, device=run.device, copy=True).eval().requires_grad_(False)
+    return Reference(module=run.shard(module))
 
 
 def head(rows: list, limit: int) -> list:

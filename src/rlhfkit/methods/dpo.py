@@ -21,13 +21,14 @@ from ..data.rows import DataError, Row, read_rows
 from ..losses.dpo import dpo_loss, plackett_luce_loss
 from ..models.forward import eval_mode, token_logprobs
 from ..models.load import load_causal_lm, load_tokenizer
+from ..models.lora import Reference, is_adapter_folder
 from ..rollout.backend import SamplerBackend
 from ..tasks import TASK_CHOICES
 from ..train.checkpoint import CheckpointError
-from ..train.config import ConfigError, TrainConfig, at_least, choice, replace
+from ..train.config import ConfigError, LoraConfig, TrainConfig, at_least, choice, replace
 from ..train.loop import Objective, train_offline
 from ..train.run import start_run
-from .common import accuracy_eval, head, held_out
+from .common import accuracy_eval, frozen_reference, head, held_out
 from .sft import sft_objective
 
 REFERENCE_MODES = ("precompute", "forward")
@@ -48,6 +49,7 @@ class DPOConfig:
     reference: str = "precompute"  # precompute (once, then no reference model) | forward (every step)
     sft_first_steps: int = 0  # > 0: no SFT model yet, first maximise the likelihood of the chosen answers
     eval_limit: int = 500  # held-out rows used, for both evals; 0 = all
+    lora: LoraConfig = field(default_factory=LoraConfig)  # with adapters the reference is the base (adapters off)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/dpo"))
 
     def __post_init__(self):
@@ -78,8 +80,9 @@ def precompute_reference(reference, examples: list, pad_id: int, batch_size: int
     return out
 
 
-def dpo_objective(beta: float, reference=None) -> Objective:
-    """``reference=None``: the batch carries precomputed reference log-probs."""
+def dpo_objective(beta: float, reference: Reference | None = None) -> Objective:
+    """``reference=None``: the batch carries precomputed reference log-probs; else the frozen
+    reference (models/lora.py ``Reference``) is forwarded on every batch."""
 
     def counts(batch) -> dict:
         return {"prompts": batch.num_prompts, "pairs": count_pairs(batch)}
@@ -89,8 +92,8 @@ def dpo_objective(beta: float, reference=None) -> Objective:
         if reference is None:
             ref = batch.ref_logps
         else:
-            with torch.no_grad():
-                ref = batch.grid(sequence_logps(reference, batch))
+            with torch.no_grad(), reference() as ref_model:
+                ref = batch.grid(sequence_logps(ref_model, batch))
         if batch.mask.shape[1] == 2:  # plain pairs: the paper's pairwise loss
             value, sums = dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta, totals["prompts"])
         else:
@@ -135,7 +138,7 @@ def sft_on_chosen(model, tokenizer, examples, cfg: DPOConfig, resuming: bool) ->
     run reloads it from there rather than rebuilding it from the untuned model."""
     folder = f"{cfg.train.out_dir}/sft_chosen"
     if resuming:
-        if not (Path(folder) / "model" / "config.json").is_file():
+        if not ((Path(folder) / "model" / "config.json").is_file() or is_adapter_folder(f"{folder}/model")):
             raise CheckpointError(f"resume=true with sft_first_steps > 0 but {folder}/model is missing")
         return f"{folder}/model"
     sft_cfg = replace(cfg.train, out_dir=folder, max_steps=cfg.sft_first_steps, eval_every=0, save_every=0, resume=False)
@@ -154,18 +157,22 @@ def run_dpo(cfg: DPOConfig) -> dict:
     run.say(f"{cfg.train_data}: {report.summary()}")
     pref_rows = refuse_ties(head(read_rows(cfg.eval_data), cfg.eval_limit)) if cfg.eval_data else []
     prompts = held_out(cfg.eval_prompts, cfg.eval_limit, cfg.eval_task)
-    model = load_causal_lm(cfg.model, tokenizer, device=run.device)
+    model = run.prepare(load_causal_lm(cfg.model, tokenizer, device=run.device), cfg.lora, base=cfg.model)
     backend = SamplerBackend(tokenizer, model, copy=run.shards_models)  # a copy is made before sharding
     run.shard(model)
     start = sft_on_chosen(model, tokenizer, examples, cfg, run.resuming) if cfg.sft_first_steps > 0 else cfg.model
-    reference = run.shard(load_causal_lm(start, tokenizer, device=run.device).eval().requires_grad_(False))  # the frozen start
-    pref_eval = precompute_reference(reference, encode_rankings(pref_rows, tokenizer, cfg.max_length, "skip")[0],
-                                     pad) if pref_rows else []
+    # the frozen start: the policy with adapters off (LoRA, no SFT phase that moved them), else a copy
+    reference = frozen_reference(run, model, start, tokenizer, cfg.lora.enabled and cfg.sft_first_steps == 0)
+    with reference() as ref_model:
+        pref_eval = precompute_reference(ref_model, encode_rankings(pref_rows, tokenizer, cfg.max_length, "skip")[0],
+                                         pad) if pref_rows else []
     accuracy = accuracy_eval(backend, model, tokenizer, prompts, cfg.eval_max_new_tokens)
     before = {"accuracy_before": accuracy()["accuracy"] if prompts else None,  # 0.5 below: policy == reference
               "preference_accuracy_before": preference_accuracy(model, pref_eval, pad) if pref_eval else None}
     if cfg.reference == "precompute":
-        examples, reference = precompute_reference(reference, examples, pad), None  # no reference model in memory
+        with reference() as ref_model:
+            examples = precompute_reference(ref_model, examples, pad)
+        reference = None  # no reference model in memory
         run.say("reference log-probs precomputed once; the reference model is released")
 
     def evaluate(model) -> dict:

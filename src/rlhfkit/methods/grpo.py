@@ -16,16 +16,16 @@ import torch
 from ..data.rows import read_rows
 from ..losses.grpo import REDUCTIONS, group_advantages, grpo_loss, process_advantages
 from ..models.load import load_causal_lm, load_tokenizer
-from ..rollout.backend import BACKENDS, SamplingParams, make_backend
+from ..rollout.backend import SamplingParams, make_backend
 from ..rollout.evaluate import row_prompt_ids
 from ..rollout.rewards import load_callable, score_outcomes
 from ..rollout.sampler import Samples, completion_logprobs, decode
 from ..tasks import OUTCOME_REWARDS, PROCESS_REWARDS, TASK_CHOICES
-from ..train.config import ConfigError, TrainConfig, at_least, choice
+from ..train.config import ConfigError, LoraConfig, RolloutConfig, TrainConfig, at_least, choice
 from ..train.loop import BatchOrder, autocast, reduce_dict, row_chunks
 from ..train.optim import build_optimizer, build_scheduler
 from ..train.run import Run, start_run
-from .common import accuracy_eval, held_out, refuse_offline_batch_fields
+from .common import accuracy_eval, frozen_reference, held_out, refuse_offline_batch_fields
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,6 @@ class GRPOConfig:
     eval_task: str = "auto"  # auto | arithmetic | reference (tasks/)
     rewards: str = "exact_answer"  # "name[:weight],...": shipped (tasks/), module:function or file.py:function
     process_reward: str | None = None  # a process reward name: PRM advantages instead of ORM
-    rollout_backend: str = "sampler"  # sampler | generate (rollout/backend.py)
     group_size: int = 8  # G
     prompts_per_step: int = 16  # over all ranks
     max_new_tokens: int = 16
@@ -54,12 +53,13 @@ class GRPOConfig:
     reward_errors: str = "raise"  # raise | zero (score 0 and count)
     eval_limit: int = 500  # held-out prompts used; 0 = all
     eval_max_new_tokens: int = 32
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)  # rollout.backend: sampler | generate | vllm
+    lora: LoraConfig = field(default_factory=LoraConfig)  # with adapters the KL reference is the base (adapters off)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/grpo"))
 
     def __post_init__(self):
         choice("loss_type", self.loss_type, tuple(REDUCTIONS))
         choice("reward_errors", self.reward_errors, ("raise", "zero"))
-        choice("rollout_backend", self.rollout_backend, tuple(BACKENDS))
         choice("eval_task", self.eval_task, TASK_CHOICES)
         if self.process_reward is not None:
             choice("process_reward", self.process_reward, tuple(PROCESS_REWARDS))
@@ -185,7 +185,10 @@ def update(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: 
     if counts["sequences"] == 0:  # every group of every rank dropped: no update, on every rank alike
         return {"update_skipped": 1.0}
     chunks = row_chunks(mask.shape[0], cfg.train.micro_batch_size)
-    ref_logprobs = chunked_logprobs(reference, samples, chunks) if reference is not None else None
+    ref_logprobs = None
+    if reference is not None:
+        with reference() as ref_model:
+            ref_logprobs = chunked_logprobs(ref_model, samples, chunks)
     old_logprobs = None
     if cfg.mu > 1:
         old_logprobs = samples.logprobs if exact else chunked_logprobs(policy, samples, chunks)
@@ -227,8 +230,9 @@ def step_metrics(batch: Rollout, group_size: int) -> dict:
 
 
 def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[float] | None = None,
-             process_fn=None) -> dict:
-    """Train with GRPO. Python callers may pass their own reward callables."""
+             process_fn=None, backend=None) -> dict:
+    """Train with GRPO. Python callers may pass their own reward callables, and a rollout
+    backend object of their own (rollout/backend.py) in place of ``rollout.backend``'s."""
     rewards = resolve_rewards(cfg, reward_fns, weights, process_fn)
     refuse_offline_batch_fields("grpo", cfg.train)
     tc = cfg.train
@@ -237,11 +241,11 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
         raise ConfigError(f"prompts_per_step={cfg.prompts_per_step} must divide over {run.info.world_size} ranks")
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
     rows, eval_rows = read_rows(cfg.train_data), held_out(cfg.eval_data, cfg.eval_limit, cfg.eval_task)
-    policy = load_causal_lm(cfg.model, tokenizer, device=run.device)
-    reference = load_causal_lm(cfg.model, tokenizer, device=run.device).eval().requires_grad_(False) if cfg.beta != 0 else None
-    backend = make_backend(cfg.rollout_backend, tokenizer, policy, copy=run.shards_models)  # before sharding
-    for model in filter(None, (policy, reference)):
-        run.shard(model)
+    policy = run.prepare(load_causal_lm(cfg.model, tokenizer, device=run.device), cfg.lora, base=cfg.model)
+    reference = frozen_reference(run, policy, cfg.model, tokenizer, cfg.lora.enabled) if cfg.beta != 0 else None
+    backend = backend or make_backend(cfg.rollout, tokenizer, policy, copy=run.shards_models,  # before sharding
+                                      out_dir=tc.out_dir)
+    run.shard(policy)
     exact = backend.logprobs_exact(SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p))
     evaluate = accuracy_eval(backend, policy, tokenizer, eval_rows, cfg.eval_max_new_tokens)
     before = evaluate() if evaluate else {}  # the start model's, also on resume

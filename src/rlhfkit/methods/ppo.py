@@ -20,18 +20,18 @@ from ..losses.ppo import AdaptiveKL, explained_variance, gae, kl_penalty_rewards
 from ..losses.reduce import masked_mean, masked_whiten
 from ..losses.sft import sft_loss
 from ..models.forward import token_logprobs
-from ..models.load import DTYPES, load_causal_lm, load_tokenizer
-from ..models.reward import load_reward_model, reward_scores, token_values
-from ..rollout.backend import BACKENDS, SamplingParams, make_backend
+from ..models.load import load_causal_lm, load_tokenizer
+from ..models.lora import Reference
+from ..models.reward import load_reward_model, reward_scores, score_name, token_values
+from ..rollout.backend import SamplingParams, make_backend
 from ..rollout.evaluate import HeldOut, row_prompt_ids
 from ..rollout.sampler import Samples, completion_logprobs
 from ..tasks import TASK_CHOICES
-from ..train.config import ConfigError, TrainConfig, at_least, choice
+from ..train.config import ConfigError, LoraConfig, RolloutConfig, TrainConfig, at_least, choice
 from ..train.dist import DistInfo, all_reduce_sum
 from ..train.loop import BatchOrder, autocast, reduce_dict, row_chunks
 from ..train.optim import build_optimizer, build_scheduler
 from ..train.run import Run, start_run
-from ..train.shard import save_everywhere
 from .common import held_out, refuse_offline_batch_fields
 
 
@@ -44,7 +44,6 @@ class PPOConfig:
     train_data: str = ""  # prompts
     eval_data: str | None = None  # held-out prompts: greedy accuracy (checked by eval_task) and RM score
     eval_task: str = "auto"  # auto | arithmetic | reference (tasks/)
-    rollout_backend: str = "sampler"  # sampler | generate (rollout/backend.py)
     ptx_data: str | None = None  # PPO-ptx: SFT rows whose likelihood is kept up
     ptx_coef: float = 0.0
     ptx_max_length: int = 128  # longer ptx rows are truncated (and counted)
@@ -68,11 +67,12 @@ class PPOConfig:
     frozen_dtype: str = "fp32"  # fp32 | bf16 for the reward and reference models
     eval_limit: int = 500  # held-out prompts used; 0 = all
     eval_max_new_tokens: int = 16
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)  # rollout.backend: sampler | generate | vllm
+    lora: LoraConfig = field(default_factory=LoraConfig)  # actor and critic adapters; the reference is the base
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/ppo"))
 
     def __post_init__(self):
         choice("frozen_dtype", self.frozen_dtype, ("fp32", "bf16"))
-        choice("rollout_backend", self.rollout_backend, tuple(BACKENDS))
         choice("eval_task", self.eval_task, TASK_CHOICES)
         for key in ("prompts_per_step", "minibatch_size", "ppo_epochs", "max_new_tokens", "kl_horizon",
                     "eval_max_new_tokens", "ptx_max_length"):
@@ -161,7 +161,8 @@ def make_experience(models: dict, backend, prompt_ids: list, cfg: PPOConfig, bet
     samples = backend.generate(prompt_ids, SamplingParams(cfg.max_new_tokens, cfg.temperature))
     t1 = time.time()
     raw = reward_scores(models["reward"], samples.input_ids, samples.attention_mask)  # (B,)
-    ref_logprobs = completion_logprobs(models["reference"], samples).float()
+    with models["reference"]() as reference:  # a frozen copy, or the actor with its adapters off
+        ref_logprobs = completion_logprobs(reference, samples).float()
     size = cfg.minibatch_size // info.world_size  # this rank's rows of a minibatch
     micro = min(cfg.train.micro_batch_size or size, size)
     old_values, first_values = critic_values(models["critic"], samples, first_order[:micro])
@@ -251,7 +252,9 @@ def minibatch_step(run: Run, models: dict, exp: Experience, rows: torch.Tensor, 
     return stats
 
 
-def load_models(cfg: PPOConfig, device: str = "cpu"):
+def load_models(cfg: PPOConfig, device: str = "cpu", run: Run | None = None):
+    """Actor, critic, reward model and the reference (a ``Reference``); ``run`` prepares the
+    trained ones (LoRA adapters, activation checkpointing) and shards the frozen copy."""
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
     actor = load_causal_lm(cfg.model, tokenizer, device=device)
     reward_tok = load_tokenizer(cfg.reward_model, cfg.tokenizer or cfg.model)
@@ -260,14 +263,28 @@ def load_models(cfg: PPOConfig, device: str = "cpu"):
                          "rlhfkit's PPO needs one shared tokenizer")
     reward = load_reward_model(cfg.reward_model, tokenizer, cfg.frozen_dtype, device=device).eval().requires_grad_(False)
     critic = load_reward_model(cfg.critic or cfg.reward_model, tokenizer, seed=cfg.train.seed, device=device)
-    reference = load_causal_lm(cfg.model, tokenizer, device=device).to(DTYPES[cfg.frozen_dtype])
-    reference.eval().requires_grad_(False)
+    if run is not None:
+        actor = run.prepare(actor, cfg.lora, base=cfg.model)
+        critic = run.prepare(critic, cfg.lora, head=score_name(critic), base=cfg.critic or cfg.reward_model)
+    if cfg.lora.enabled and run is not None:
+        reference = Reference(adapted=actor)
+    else:
+        frozen = load_causal_lm(cfg.model, tokenizer, cfg.frozen_dtype, device=device, copy=True)
+        reference = Reference(module=frozen.eval().requires_grad_(False))
     return {"actor": actor, "critic": critic, "reward": reward, "reference": reference}, tokenizer
+
+
+def modules(models: dict) -> dict:
+    """The models that are modules of their own (the reference only when it is a copy)."""
+    out = {k: m for k, m in models.items() if k != "reference"}
+    if models["reference"].module is not None:
+        out["reference"] = models["reference"].module
+    return out
 
 
 def model_memory_mb(models: dict) -> dict:
     return {f"memory_mb/{k}": round(sum(p.numel() * p.element_size() for p in m.parameters()) / 2**20, 2)
-            for k, m in models.items()}
+            for k, m in modules(models).items()}
 
 
 @torch.no_grad()
@@ -296,18 +313,20 @@ def ptx_batches_for(ptx, step: int, count: int, info: DistInfo, pad_id: int) -> 
                                   pad_id), info.device) for n in range(count)]
 
 
-def run_ppo(cfg: PPOConfig) -> dict:
+def run_ppo(cfg: PPOConfig, backend=None) -> dict:
+    """Train with PPO; ``backend``: a rollout backend object of the caller's instead of ``rollout.backend``'s."""
     refuse_offline_batch_fields("ppo", cfg.train)
     tc = cfg.train
     run = start_run(tc, cfg, "ppo", unit="rollout step", show=("rm_score", "kl"))
     if cfg.minibatch_size % run.info.world_size:
         raise ConfigError(f"minibatch_size={cfg.minibatch_size} must divide over {run.info.world_size} ranks")
     rows, eval_rows = read_rows(cfg.train_data), held_out(cfg.eval_data, cfg.eval_limit, cfg.eval_task)
-    models, tokenizer = load_models(cfg, run.device)
+    models, tokenizer = load_models(cfg, run.device, run)
     ptx = load_ptx(cfg, tokenizer)
     run.say("parameter memory " + ", ".join(f"{k.split('/')[1]} {v} MB" for k, v in model_memory_mb(models).items()))
-    backend = make_backend(cfg.rollout_backend, tokenizer, models["actor"], copy=run.shards_models)  # before sharding
-    for model in models.values():
+    backend = backend or make_backend(cfg.rollout, tokenizer, models["actor"], copy=run.shards_models,  # before sharding
+                                      out_dir=tc.out_dir)
+    for model in modules(models).values():
         run.shard(model)
     exact = backend.logprobs_exact(SamplingParams(cfg.max_new_tokens, cfg.temperature))
     updates = cfg.ppo_epochs * (cfg.prompts_per_step // cfg.minibatch_size)  # optimizer steps per rollout step
@@ -334,7 +353,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
                        time_weight_sync_s=sync)
         run.step_done(means=metrics, state={"kl_coef": kl_ctl.beta},
                       evaluate=(lambda: evaluate(models, backend, tokenizer, eval_rows, cfg)) if eval_rows else None)
-    save_everywhere(models["critic"], None, f"{tc.out_dir}/critic", run.info)
+    run.save_model(models["critic"], None, f"{tc.out_dir}/critic")
     return run.finish(models["actor"], tokenizer, ppo_summary(run, kls, kl_ctl.beta, before, models))
 
 

@@ -17,8 +17,8 @@ from ..data.rows import read_rows
 from ..losses.rm import ranking_loss
 from ..models.forward import eval_mode
 from ..models.load import load_tokenizer
-from ..models.reward import load_reward_model, reward_scores
-from ..train.config import TrainConfig, at_least, choice
+from ..models.reward import load_reward_model, reward_scores, score_name
+from ..train.config import LoraConfig, TrainConfig, at_least, choice
 from ..train.loop import Objective, train_offline
 from ..train.run import start_run
 from .common import head
@@ -34,6 +34,7 @@ class RMConfig:
     overlong: str = "error"
     eval_limit: int = 500  # held-out rankings used; 0 = all
     center_coef: float = 0.0  # > 0: keep each prompt's mean score near 0; same scale as TRL's center_rewards_coefficient
+    lora: LoraConfig = field(default_factory=LoraConfig)  # adapters on the backbone; the score head trains in full
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/rm"))
 
     def __post_init__(self):
@@ -98,7 +99,8 @@ def run_rm(cfg: RMConfig) -> dict:
     held_out = []
     if cfg.eval_data:
         held_out, _ = encode_rankings(head(read_rows(cfg.eval_data), cfg.eval_limit), tokenizer, cfg.max_length, "skip")
-    model = run.shard(load_reward_model(cfg.model, tokenizer, seed=cfg.train.seed, device=run.device))
+    model = load_reward_model(cfg.model, tokenizer, seed=cfg.train.seed, device=run.device)
+    model = run.shard(run.prepare(model, cfg.lora, head=score_name(model), base=cfg.model))
     evaluate = (lambda m: ranking_metrics(m, held_out, tokenizer.pad_token_id)) if held_out else None
     collate = lambda rows: collate_rankings(rows, tokenizer.pad_token_id)  # noqa: E731
     train_offline(run, model, examples, collate, rm_objective(cfg.center_coef), evaluate)

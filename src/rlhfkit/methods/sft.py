@@ -18,17 +18,16 @@ from ..models.forward import eval_mode, token_logprobs
 from ..models.load import load_causal_lm, load_tokenizer
 from ..rollout.backend import SamplerBackend
 from ..tasks import TASK_CHOICES
-from ..train.config import TrainConfig, at_least, choice
+from ..train.config import LoraConfig, TrainConfig, at_least, choice
 from ..train.loop import Objective, train_offline
 from ..train.run import start_run
-from ..train.shard import save_everywhere
 from .common import accuracy_eval, held_out
 
 
 @dataclass(frozen=True)
 class SFTConfig:
-    model: str = ""  # a causal-LM folder
-    tokenizer: str | None = None  # default: the model folder's
+    model: str = ""  # a causal-LM folder (Python API: or a model object, trained in place)
+    tokenizer: str | None = None  # default: the model folder's (Python API: or a tokenizer object)
     train_data: str = ""  # jsonl / parquet: prompt + completion, or messages
     eval_data: str | None = None  # held-out rows: loss on their completions, accuracy of greedy answers
     eval_task: str = "auto"  # how greedy answers are checked: auto | arithmetic | reference (tasks/)
@@ -38,6 +37,7 @@ class SFTConfig:
     eval_max_new_tokens: int = 16
     stop_at_accuracy: float | None = None  # end training once held-out accuracy reaches this
     snapshot_at_accuracy: float | None = None  # also save <out>/snapshot the first time it reaches this
+    lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/sft"))
 
     def __post_init__(self):
@@ -79,7 +79,7 @@ def run_sft(cfg: SFTConfig) -> dict:
     rows = held_out(cfg.eval_data, cfg.eval_limit, cfg.eval_task)  # checked now, not after training
     with_completions = rows is not None and all("completion" in r.data or "messages" in r.data for r in rows.rows)
     eval_examples = encode_sft(rows.rows, tokenizer, cfg.max_length, cfg.overlong)[0] if with_completions else []
-    model = load_causal_lm(cfg.model, tokenizer, device=run.device)
+    model = run.prepare(load_causal_lm(cfg.model, tokenizer, device=run.device), cfg.lora, base=cfg.model)
     backend = SamplerBackend(tokenizer, model, copy=run.shards_models)  # a copy is made before sharding
     run.shard(model)
     marker = Path(cfg.train.out_dir) / "snapshot" / "snapshot.json"
@@ -91,7 +91,7 @@ def run_sft(cfg: SFTConfig) -> dict:
         if cfg.snapshot_at_accuracy is None or snapshot or accuracy < cfg.snapshot_at_accuracy:
             return
         snapshot.update(path=str(marker.parent), accuracy=accuracy)
-        save_everywhere(model, tokenizer, marker.parent, run.info)
+        run.save_model(model, tokenizer, marker.parent)
         if run.info.is_main:
             marker.write_text(json.dumps(snapshot))
 

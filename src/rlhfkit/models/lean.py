@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .kernels import linear
+from .lora import has_adapters
 
 SUPPORTED = {"llama", "qwen2", "mistral"}
 
@@ -46,7 +47,8 @@ class LeanDecoder:
         cfg = model.config
         return (cfg.model_type in SUPPORTED and not getattr(cfg, "sliding_window", None)
                 and not getattr(cfg, "use_sliding_window", False) and model.device.type == "cpu"
-                and hasattr(getattr(model, model.base_model_prefix, None), "layers"))
+                and hasattr(getattr(model, model.base_model_prefix, None), "layers")
+                and not has_adapters(model))  # it reads q/k/v weights directly: LoRA layers go the generic way
 
     def repeat_rows(self, n: int) -> None:
         """Share a prefilled prompt across n samples: row i becomes rows i*n .. i*n+n-1."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy as _copy
 from pathlib import Path
 
 import torch
@@ -18,8 +19,15 @@ class ModelLoadError(ValueError):
     pass
 
 
-def load_tokenizer(model_path: str | Path, tokenizer_path: str | Path | None = None):
-    """The tokenizer from ``tokenizer_path``, else from the model folder; pad falls back to eos."""
+def load_tokenizer(model_path, tokenizer_path=None):
+    """The tokenizer from ``tokenizer_path``, else from the model folder; pad falls back to eos.
+
+    Python callers may pass a tokenizer object as ``tokenizer_path`` (it is used as it is); a
+    model object as ``model_path`` needs one, since a model object carries no tokenizer."""
+    if tokenizer_path is not None and not isinstance(tokenizer_path, (str, Path)):
+        return _checked(tokenizer_path, type(tokenizer_path).__name__)
+    if tokenizer_path is None and isinstance(model_path, torch.nn.Module):
+        raise ModelLoadError("a model object was given without a tokenizer: pass tokenizer= (an object or a folder)")
     from transformers import AutoTokenizer
 
     source = Path(tokenizer_path or model_path)
@@ -39,8 +47,12 @@ def load_tokenizer(model_path: str | Path, tokenizer_path: str | Path | None = N
             tokenizer = AutoTokenizer.from_pretrained(str(source))
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load a tokenizer from {source}: {e}") from e
+    return _checked(tokenizer, str(source))
+
+
+def _checked(tokenizer, where: str):
     if tokenizer.eos_token_id is None:
-        raise ModelLoadError(f"tokenizer at {source} has no eos token")
+        raise ModelLoadError(f"tokenizer at {where} has no eos token")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -66,18 +78,38 @@ def check_vocab(model, tokenizer, where: str) -> None:
         )
 
 
-def load_causal_lm(path: str | Path, tokenizer=None, dtype: str = "fp32", device: str = "cpu"):
-    """A causal LM from an HF folder, in ``dtype`` on ``device``; checks the tokenizer fits when given."""
+def load_causal_lm(path, tokenizer=None, dtype: str = "fp32", device: str = "cpu", copy: bool = False):
+    """A causal LM from an HF folder (a LoRA adapter folder loads its base with the adapter
+    merged in), in ``dtype`` on ``device``; checks the tokenizer fits when given.
+
+    ``path`` may also be a model object (Python API): it is used as it is, or deep-copied with
+    ``copy=True`` (a frozen reference made from the same object)."""
     from transformers import AutoModelForCausalLM
 
-    if not Path(path).is_dir():
-        raise ModelLoadError(f"model folder not found: {path}")
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype])
+    if isinstance(path, torch.nn.Module):
+        model = (_copy.deepcopy(path) if copy else path).to(DTYPES[dtype])
+    else:
+        model = from_folder(AutoModelForCausalLM, path, dtype=DTYPES[dtype])
     if tokenizer is not None:
-        check_vocab(model, tokenizer, str(path))
+        check_vocab(model, tokenizer, str(path) if isinstance(path, (str, Path)) else type(path).__name__)
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     use_fast_linear(model)  # CPU fp32 only; elsewhere the layers run F.linear unchanged
     return model.to(device)
+
+
+def from_folder(auto_class, path, **kwargs):
+    """``auto_class.from_pretrained(path)``; an adapter folder: its base with the adapter merged in."""
+    from .lora import adapter_base, is_adapter_folder, load_merged
+
+    if not Path(path).is_dir():
+        raise ModelLoadError(f"model folder not found: {path}")
+    if is_adapter_folder(path):
+        try:
+            base = adapter_base(path)
+        except FileNotFoundError as e:
+            raise ModelLoadError(str(e)) from None
+        return load_merged(auto_class.from_pretrained(base, **kwargs), path)
+    return auto_class.from_pretrained(str(path), **kwargs)
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -102,17 +134,44 @@ def unsharded_class(model: torch.nn.Module) -> type:
     return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
 
 
-def save_model(model, tokenizer, out_dir: str | Path, state_dict: dict | None = None) -> None:
+def save_model(model, tokenizer, out_dir: str | Path, state_dict: dict | None = None, merge: bool = False) -> None:
     """``save_pretrained`` (safetensors) plus the tokenizer, so the folder stands on its own.
 
     ``state_dict``: the full weights of a sharded model (``full_state_dict``), written through a
-    fresh, unsharded instance of the model's own class so that the folder names that class."""
+    fresh, unsharded instance of the model's own class so that the folder names that class.
+    A model with LoRA adapters (models/lora.py) is saved as an adapter folder that
+    ``PeftModel.from_pretrained`` loads; with ``merge`` the folder holds the merged model instead,
+    and the adapter goes to ``out_dir/adapter``."""
+    from .lora import has_adapters, merged_state
+
+    out_dir = Path(out_dir)
+    if has_adapters(model):
+        state = state_dict if state_dict is not None else model.state_dict()
+        _save_adapter(model, tokenizer, out_dir / "adapter" if merge else out_dir, state)
+        if not merge:
+            return
+        state_dict = merged_state(model, state)
     if state_dict is not None:
         with torch.device("meta"):
             plain = unsharded_class(model)._from_config(model.config)
         plain.load_state_dict(state_dict, assign=True, strict=False)
         plain.tie_weights()
+        plain.generation_config = model.generation_config
         model = plain
     model.save_pretrained(str(out_dir), safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out_dir))
+
+
+def _save_adapter(model, tokenizer, out_dir: Path, state: dict) -> None:
+    import json
+
+    from safetensors.torch import save_file
+
+    from .lora import ADAPTER_CONFIG, adapter_config, adapter_state
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(adapter_state(model, state), str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (out_dir / ADAPTER_CONFIG).write_text(json.dumps(adapter_config(model), indent=2))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out_dir))

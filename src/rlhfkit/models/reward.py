@@ -14,7 +14,7 @@ import torch
 
 from .forward import as_forward, hidden_states
 from .kernels import use_fast_linear
-from .load import DTYPES, ModelLoadError, check_vocab
+from .load import DTYPES, ModelLoadError, check_vocab, from_folder
 
 
 def is_sequence_classifier(path: str | Path) -> bool:
@@ -29,12 +29,10 @@ def load_reward_model(path: str | Path, tokenizer, dtype: str = "fp32", seed: in
     """A ``num_labels=1`` sequence classifier from ``path`` (a classifier folder or a causal LM)."""
     from transformers import AutoModelForSequenceClassification
 
-    if not Path(path).is_dir():
-        raise ModelLoadError(f"model folder not found: {path}")
     with torch.random.fork_rng():
         torch.manual_seed(seed)  # the fresh score head of a causal-LM start is seeded
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(path), num_labels=1, dtype=DTYPES[dtype], pad_token_id=tokenizer.pad_token_id)
+        model = from_folder(AutoModelForSequenceClassification, path, num_labels=1, dtype=DTYPES[dtype],
+                             pad_token_id=tokenizer.pad_token_id)
     if model.config.num_labels != 1:
         raise ModelLoadError(f"{path}: a reward model needs num_labels=1, the folder has {model.config.num_labels}")
     check_vocab(model, tokenizer, str(path))
@@ -42,11 +40,16 @@ def load_reward_model(path: str | Path, tokenizer, dtype: str = "fp32", seed: in
     return model.to(device)
 
 
-def score_head(model) -> torch.nn.Module:
+def score_name(model) -> str:
+    """The attribute that holds the scalar head (``score`` for transformers' decoder classifiers)."""
     for name in ("score", "classifier", "v_head"):
         if hasattr(model, name):
-            return getattr(model, name)
+            return name
     raise ModelLoadError(f"{type(model).__name__} has no score head")
+
+
+def score_head(model) -> torch.nn.Module:
+    return getattr(model, score_name(model))
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:

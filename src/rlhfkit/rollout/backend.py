@@ -9,10 +9,11 @@ A backend is a small object with three methods:
                                    rounding; when not, the trainers recompute pi_old with a
                                    forward pass and log the gap
 
-Two ship: ``sampler`` (rlhfkit's KV-cache sampler on the live policy: nothing to copy, exact at
+Three ship: ``sampler`` (rlhfkit's KV-cache sampler on the live policy: nothing to copy, exact at
 temperature 1) and ``generate`` (transformers' ``model.generate`` on the backend's own copy of
 the policy, into which ``load_weights`` copies the current weights: the hand-over a sharded
-policy or an inference engine needs). Adding one: a class with these three methods, an entry
+policy or an inference engine needs), and ``vllm`` (rollout/vllm.py: a colocated vLLM engine on
+the GPU, its weights refreshed from the policy). Adding one: a class with these three methods, an entry
 in ``BACKENDS``.
 """
 
@@ -119,8 +120,16 @@ class GenerateBackend:
 BACKENDS = {"sampler": SamplerBackend, "generate": GenerateBackend}
 
 
-def make_backend(name: str, tokenizer, model, copy: bool = False):
-    """``copy``: the policy will be sharded, so the backend keeps its own copy (make it before sharding)."""
+def make_backend(rollout, tokenizer, model, copy: bool = False, out_dir: str = "runs/out"):
+    """The backend ``rollout.backend`` names (``rollout``: a RolloutConfig, or just the name).
+
+    ``copy``: the policy will be sharded, so the backend keeps its own copy (make it before
+    sharding). ``vllm`` (rollout/vllm.py) is imported only when chosen."""
+    name = getattr(rollout, "backend", rollout)
+    if name == "vllm":
+        from .vllm import VLLMBackend
+
+        return VLLMBackend(tokenizer, model, copy=copy, rollout=rollout, out_dir=out_dir)
     if name not in BACKENDS:
-        raise ValueError(f"unknown rollout backend {name!r}; one of {', '.join(BACKENDS)}")
+        raise ValueError(f"unknown rollout backend {name!r}; one of {', '.join(BACKENDS)}, vllm")
     return BACKENDS[name](tokenizer, model, copy=copy)

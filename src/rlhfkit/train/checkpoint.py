@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file, save_model
 
 from .dist import DistInfo, barrier
 
@@ -89,7 +89,7 @@ def save_checkpoint(out_dir: str | Path, step: int, model, optimizer, scheduler,
     if not info.is_main:
         return final
     if not sharded:
-        save_model(model, str(tmp / "model.safetensors"))
+        _save_weights(model, tmp / "model.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "world_size": info.world_size, **(extra or {})},
@@ -115,7 +115,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, info: DistInfo | No
         _load_sharded(path / "dcp", model, optimizer, info)
     elif (path / "model.safetensors").is_file():
         missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
-        if unexpected or [k for k in missing if k not in _tied_keys(model)]:
+        if unexpected or [k for k in missing if k not in _tied_keys(model) and k not in _frozen(model)]:
             raise CheckpointError(f"{path}: weights do not match the model (missing {missing}, unexpected {unexpected})")
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     else:
@@ -139,6 +139,20 @@ def _load_sharded(folder: Path, model, optimizer, info: DistInfo) -> None:
     dcp.load(state, checkpoint_id=str(folder), no_dist=not info.enabled)
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+def _frozen(model) -> set[str]:
+    return {name for name, p in model.named_parameters() if not p.requires_grad}
+
+
+def _save_weights(model, path: Path) -> None:
+    """The model's weights. A model with frozen parameters (LoRA's base) stores only the trained
+    ones: the frozen ones are those of the folder it was loaded from, as they are on resume."""
+    frozen = _frozen(model)
+    if not frozen:
+        save_model(model, str(path))
+        return
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in frozen}, str(path))
 
 
 def _tied_keys(model) -> set[str]:

@@ -57,6 +57,7 @@ class TrainConfig:
     resume: bool | str = False  # true | false | auto (resume when a complete checkpoint exists)
     progress: bool = True
     tensorboard: bool = True
+    activation_checkpointing: bool = False  # recompute the trained models' layer activations in the backward
 
     def __post_init__(self):
         choice("train.schedule", self.schedule, SCHEDULES)
@@ -72,6 +73,56 @@ class TrainConfig:
             at_least(f"train.{key}", getattr(self, key), 0)
         if not self.lr > 0:
             raise ConfigError(f"config key 'train.lr' must be > 0; got {self.lr!r}")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters on the trained models (models/lora.py); ``r=0`` trains every weight."""
+
+    r: int = 0  # adapter rank; 0 = no adapters (full fine-tuning)
+    alpha: float = 16.0  # the update is scaled by alpha / r
+    dropout: float = 0.0
+    target_modules: str = "all-linear"  # every linear layer of the decoder (not the output head), or "q_proj,v_proj"
+    merge: bool = False  # also save the merged model: <out>/model merged, the adapter in <out>/model/adapter
+
+    def __post_init__(self):
+        at_least("lora.r", self.r, 0)
+        if not self.alpha > 0:
+            raise ConfigError(f"config key 'lora.alpha' must be > 0; got {self.alpha!r}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"config key 'lora.dropout' must be in [0, 1); got {self.dropout!r}")
+        if not self.target_modules.strip():
+            raise ConfigError("config key 'lora.target_modules' is empty; use all-linear or a comma-separated list")
+
+    @property
+    def enabled(self) -> bool:
+        return self.r > 0
+
+
+ROLLOUT_BACKENDS = ("sampler", "generate", "vllm")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """Where GRPO and PPO generate (rollout/backend.py)."""
+
+    backend: str = "sampler"  # sampler | generate (transformers) | vllm (a colocated vLLM engine, GPU)
+    gpu_memory_utilization: float = 0.3  # vllm: the share of the GPU its engine may take (weights + KV cache)
+    tensor_parallel_size: int = 1  # vllm: GPUs one engine spans
+    sleep: bool = True  # vllm: release its memory while the trainer runs (when the installed vLLM can)
+
+    def __post_init__(self):
+        choice("rollout.backend", self.backend, ROLLOUT_BACKENDS)
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"config key 'rollout.gpu_memory_utilization' must be in (0, 1]; "
+                              f"got {self.gpu_memory_utilization!r}")
+        at_least("rollout.tensor_parallel_size", self.tensor_parallel_size, 1)
+        if self.backend == "vllm":
+            from ..rollout.vllm import vllm_unavailable
+
+            reason = vllm_unavailable()
+            if reason:
+                raise ConfigError(f"config key 'rollout.backend' is vllm but {reason}; use sampler or generate")
 
 
 def _convert(value, typ, key: str, default=None):

@@ -30,7 +30,9 @@ from typing import Callable
 import torch
 import yaml
 
+from ..models.kernels import use_fast_linear
 from ..models.load import is_sharded
+from ..models.lora import LoraSettings, apply_lora, enable_activation_checkpointing
 from .checkpoint import (
     CheckpointError,
     checkpoint_dir,
@@ -39,7 +41,7 @@ from .checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from .config import TrainConfig, plain_dict
+from .config import LoraConfig, TrainConfig, plain_dict
 from .dist import DistInfo, all_reduce_sum, barrier, broadcast_params, init_distributed
 from .logging import MetricsLogger, progress
 from .optim import check_finite, optimizer_step
@@ -105,6 +107,7 @@ class Run:
     modules: tuple = ()  # (trained module, optimizer, scheduler) once attached
     logger: MetricsLogger | None = None
     bar: object = None
+    merge: bool = False  # LoRA: save the merged model beside the adapter (lora.merge)
 
     def say(self, message: str) -> None:
         if self.info.is_main:
@@ -123,6 +126,25 @@ class Run:
     @property
     def device(self) -> str:
         return self.info.device
+
+    def prepare(self, model: torch.nn.Module, lora: LoraConfig | None = None, head: str | None = None,
+                base=None) -> torch.nn.Module:
+        """A model to train, made ready before it is copied or sharded: LoRA adapters when
+        ``lora.r > 0`` (``head``: a scalar head trained in full; ``base``: the folder it came from)
+        and activation checkpointing when ``train.activation_checkpointing``."""
+        if lora is not None and lora.enabled:
+            settings = LoraSettings(lora.r, lora.alpha, lora.dropout, lora.target_modules)
+            base = str(base) if isinstance(base, (str, Path)) else getattr(model, "name_or_path", None)
+            model = apply_lora(model, settings, base, head)
+            use_fast_linear(model)  # the adapters' own linear layers
+            self.merge = lora.merge
+        if self.cfg.activation_checkpointing:
+            enable_activation_checkpointing(model)
+        return model
+
+    def save_model(self, model, tokenizer, out_dir) -> None:
+        """A ``save_pretrained`` folder (LoRA: the adapter, and the merged model with ``lora.merge``)."""
+        save_everywhere(model, tokenizer, out_dir, self.info, merge=self.merge)
 
     def shard(self, model: torch.nn.Module) -> torch.nn.Module:
         """Spread ``model`` over the ranks as ``train.strategy`` says (train/shard.py); copy it first."""
@@ -220,7 +242,7 @@ class Run:
         summary = {"steps": self.done, "steps_unit": self.unit, "optimizer_steps": self.optimizer_steps,
                    "evals": self.evals, **summary}
         out = Path(self.cfg.out_dir)
-        save_everywhere(model, tokenizer, out / "model", self.info)
+        self.save_model(model, tokenizer, out / "model")
         if self.info.is_main:
             write_config(out, self.config)
             (out / "result.json").write_text(json.dumps(summary, indent=1))

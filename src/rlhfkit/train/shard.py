@@ -62,9 +62,10 @@ def shard(model: torch.nn.Module, info: DistInfo, strategy: str, dtype: str = "f
     return model
 
 
-def save_everywhere(model, tokenizer, out_dir, info: DistInfo) -> None:
-    """Save a ``save_pretrained`` folder from rank 0; every rank joins the gather of a sharded model."""
+def save_everywhere(model, tokenizer, out_dir, info: DistInfo, merge: bool = False) -> None:
+    """Save a ``save_pretrained`` folder from rank 0 (models/load.py ``save_model``: a LoRA model
+    as its adapter, and merged with ``merge``); every rank joins the gather of a sharded model."""
     state = full_state_dict(model) if is_sharded(model) else None
     if info.is_main:
-        save_model(model, tokenizer, out_dir, state)
+        save_model(model, tokenizer, out_dir, state, merge)
     barrier(info)

@@ -1,0 +1,167 @@
+"""LoRA adapters (Hu et al. 2021, arXiv:2106.09685) through ``peft``, and activation checkpointing.
+
+A LoRA layer computes ``h = W0 x + (alpha / r) B A x`` with ``A`` (r, in) and ``B`` (out, r):
+``W0`` stays frozen and ``B`` starts at zero, so the adapted model starts equal to its base.
+rlhfkit injects peft's LoRA layers into the Hugging Face model itself
+(``peft.inject_adapter_in_model``) instead of wrapping it in a ``PeftModel``: every forward, the
+FSDP2 sharding and the checkpoints see the model's own module tree, only with adapters in it.
+
+- ``apply_lora``: inject adapters, freeze everything else except a scalar head (the reward
+  model's or the critic's ``score``), which is trained in full.
+- ``adapter_disabled`` / ``Reference``: the base model's outputs, so that a method's frozen
+  reference needs no second copy of the weights.
+- ``adapter_state`` / ``merged_state``: the two folders a LoRA run saves (models/load.py
+  ``save_model``): the adapter, keyed as ``PeftModel.save_pretrained`` keys it, and the merged
+  weights ``W0 + (alpha / r) B A`` under the un-adapted model's own names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ADAPTER = "default"  # peft's name for the one adapter rlhfkit trains
+ADAPTER_CONFIG = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."  # what PeftModel.save_pretrained puts before the model's own names
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int
+    alpha: float
+    dropout: float
+    target_modules: str  # "all-linear" (every linear layer but the output head) or "q_proj,v_proj,..."
+
+
+def has_adapters(model: torch.nn.Module) -> bool:
+    return getattr(model, "peft_config", None) is not None and ADAPTER in model.peft_config
+
+
+def apply_lora(model: torch.nn.Module, settings: LoraSettings, base: str | None, head: str | None = None):
+    """Inject LoRA adapters into ``model`` in place and freeze all but them (and ``head``, trained in full).
+
+    ``base``: the folder the model came from, written into the adapter's config so that
+    ``PeftModel.from_pretrained`` and rlhfkit's loaders find it again."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    targets = settings.target_modules
+    targets = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                        target_modules=targets, exclude_modules=[head] if head else None,
+                        task_type="SEQ_CLS" if head else "CAUSAL_LM", base_model_name_or_path=base)
+    model.requires_grad_(False)
+    try:
+        model = inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    except ValueError as e:  # e.g. target modules that match nothing
+        raise ValueError(f"lora.target_modules={settings.target_modules!r}: {e}") from None
+    if head:  # trained in full, as a plain module; saved beside the adapter as peft's modules_to_save
+        getattr(model, head).requires_grad_(True)
+        model.peft_config[ADAPTER].modules_to_save = [head]
+    return model
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each decoder layer's activations in the backward instead of keeping them
+    (non-reentrant checkpointing: the same gradients, less memory, one more forward)."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
+
+
+def _adapter_layers(model):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+@contextlib.contextmanager
+def adapter_disabled(model: torch.nn.Module):
+    """``model`` computing its base model's outputs: every adapter switched off, then back on."""
+    layers = _adapter_layers(model)
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+
+
+class Reference:
+    """The frozen reference a method reads log-probs from: a module of its own, or (LoRA) the
+    trained model with its adapters switched off, which is the start model without a copy.
+
+    ``with reference() as model: ...``"""
+
+    def __init__(self, module: torch.nn.Module | None = None, adapted: torch.nn.Module | None = None):
+        self.module, self.adapted = module, adapted
+
+    @contextlib.contextmanager
+    def __call__(self):
+        if self.module is not None:
+            yield self.module
+            return
+        model = self.adapted
+        was_training = model.training
+        model.eval()  # no adapter dropout, as a frozen copy would be
+        try:
+            with adapter_disabled(model):
+                yield model
+        finally:
+            model.train(was_training)
+
+
+def adapter_state(model: torch.nn.Module, state: dict) -> dict:
+    """The adapter's tensors (and a fully trained head's), keyed as ``PeftModel.save_pretrained`` keys them."""
+    from peft import get_peft_model_state_dict
+
+    out = {PEFT_PREFIX + k: v for k, v in get_peft_model_state_dict(model, state_dict=state, adapter_name=ADAPTER).items()}
+    for head in model.peft_config[ADAPTER].modules_to_save or ():
+        out.update({PEFT_PREFIX + k: v for k, v in state.items() if k.startswith(head + ".")})
+    return {k: v.detach().contiguous() for k, v in out.items()}
+
+
+def adapter_config(model: torch.nn.Module) -> dict:
+    config = model.peft_config[ADAPTER].to_dict()
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+
+
+def merged_state(model: torch.nn.Module, state: dict) -> dict:
+    """The full weights with every adapter folded in, ``W = W0 + scaling * B @ A``, under the
+    names of the model without adapters (``q_proj.base_layer.weight`` -> ``q_proj.weight``)."""
+    out = {}
+    for name, value in state.items():
+        if ".lora_A." in name or ".lora_B." in name:
+            continue
+        if ".base_layer." not in name:
+            out[name] = value
+            continue
+        owner, param = name.split(".base_layer.")
+        if param == "weight":
+            layer = model.get_submodule(owner)
+            a, b = state[f"{owner}.lora_A.{ADAPTER}.weight"], state[f"{owner}.lora_B.{ADAPTER}.weight"]
+            value = value + layer.scaling[ADAPTER] * (b.float() @ a.float()).to(value.dtype)
+        out[f"{owner}.{param}"] = value
+    return out
+
+
+def is_adapter_folder(path) -> bool:
+    return isinstance(path, (str, Path)) and (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def adapter_base(path) -> str:
+    """The base model folder an adapter folder names."""
+    base = json.loads((Path(path) / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if not base or not Path(base).is_dir():
+        raise FileNotFoundError(f"{path}: the adapter's base model folder {base!r} is not there")
+    return base
+
+
+def load_merged(model: torch.nn.Module, path) -> torch.nn.Module:
+    """``model`` (the base) with the adapter folder ``path`` loaded and merged: a plain model."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(path)).merge_and_unload()

@@ -1,0 +1,134 @@
+"""The ``vllm`` rollout backend: a colocated ``vllm.LLM`` engine on the trainer's own GPU(s).
+
+- ``load_weights(model)``, once per rollout step: the policy's current full weights (a sharded
+  policy's gathered ones; a LoRA policy's merged ones, ``W0 + (alpha / r) B A``) are handed to
+  the engine's model by their Hugging Face names, in place. The engine itself is created on the
+  first call, from a ``save_pretrained`` folder of the policy written under the run's out_dir.
+- ``generate(prompts, params)``: token-id prompts in; token ids and the engine's log-probs of
+  the sampled tokens out, as ``Samples``.
+- ``logprobs_exact`` is always False: another engine's numerics (and vLLM's log-probs come
+  before temperature and top-k / top-p), so GRPO and PPO recompute pi_old with a forward pass
+  of the policy and log the mean absolute gap (``logprob_gap``).
+- ``rollout.sleep``: when the installed vLLM has sleep mode, the engine releases its GPU memory
+  (weights offloaded, KV cache dropped) after generating and takes it back before the next
+  ``load_weights``, so that training has the memory while it runs.
+
+The engine is made by ``engine_factory(folder, rollout_config)``; the product's is
+``make_engine`` (vLLM itself). Tests hand in a recording fake: no fake is used here.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..models.load import full_state_dict, is_sharded, save_model
+from ..models.lora import has_adapters, merged_state
+from .backend import SamplingParams
+from .sampler import Samples, _mask_through_eos, left_pad
+
+
+def vllm_unavailable() -> str | None:
+    """Why the vllm backend cannot run here, or None when it can (checked when the config is read)."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return "vLLM is not installed (pip install 'rlhfkit[vllm]', on a machine with a GPU)"
+    if not torch.cuda.is_available():
+        return "no GPU is visible to PyTorch (vLLM generates on GPUs)"
+    return None
+
+
+def make_engine(folder: str, rollout) -> object:
+    """A colocated ``vllm.LLM`` on ``folder``, in this process (so its model can take weights in place)."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    import vllm
+
+    return vllm.LLM(model=folder, tensor_parallel_size=rollout.tensor_parallel_size,
+                    gpu_memory_utilization=rollout.gpu_memory_utilization, enable_sleep_mode=rollout.sleep,
+                    dtype="auto", seed=0)
+
+
+def engine_sampling_params(params: SamplingParams):
+    import vllm
+
+    return vllm.SamplingParams(n=params.num_samples, temperature=params.temperature, top_k=params.top_k or -1,
+                               top_p=params.top_p, max_tokens=params.max_new_tokens, logprobs=0, detokenize=False)
+
+
+class VLLMBackend:
+    name = "vllm"
+
+    def __init__(self, tokenizer, model=None, copy: bool = False, rollout=None, out_dir: str = "runs/out",
+                 engine_factory=make_engine, sampling_params=engine_sampling_params):
+        self.tokenizer, self.rollout, self.folder = tokenizer, rollout, Path(out_dir) / "rollout_engine"
+        self.engine_factory, self.sampling_params = engine_factory, sampling_params
+        self.engine, self.asleep, self.weight_loads = None, False, 0
+        if model is not None:
+            self.load_weights(model)
+
+    def load_weights(self, model) -> None:
+        state = full_state_dict(model)  # every rank of a sharded policy gathers
+        if self.engine is None:  # the engine starts from a folder holding the current weights
+            folder = self.folder / f"rank-{os.environ.get('RANK', '0')}"
+            save_model(model, self.tokenizer, folder, state if is_sharded(model) else None, merge=True)
+            self.engine = self.engine_factory(str(folder), self.rollout)
+            return
+        weights = merged_state(model, state) if has_adapters(model) else state
+        self._wake()
+        _apply(self.engine, lambda engine_model: engine_model.load_weights(weights.items()))
+        self.weight_loads += 1
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> Samples:
+        self._wake()
+        outputs = self.engine.generate([{"prompt_token_ids": list(p)} for p in prompts], self.sampling_params(params),
+                                       use_tqdm=False)
+        samples = self._samples(prompts, outputs, params.num_samples)
+        self._sleep()
+        return samples
+
+    def logprobs_exact(self, params: SamplingParams) -> bool:
+        return False
+
+    def _samples(self, prompts, outputs, n: int) -> Samples:
+        tok = self.tokenizer
+        completions = [o for out in outputs for o in out.outputs]  # prompt-major, n per prompt
+        if len(completions) != len(prompts) * n:
+            raise RuntimeError(f"vLLM returned {len(completions)} completions for {len(prompts)} prompts x {n}")
+        prompt_ids, prompt_mask = left_pad([p for p in prompts for _ in range(n)], tok.pad_token_id)
+        width = max(1, max(len(c.token_ids) for c in completions))
+        ids = torch.full((len(completions), width), tok.pad_token_id, dtype=torch.long)
+        logprobs = torch.zeros((len(completions), width))
+        for i, c in enumerate(completions):
+            ids[i, : len(c.token_ids)] = torch.tensor(list(c.token_ids), dtype=torch.long)
+            for t, (token, per_token) in enumerate(zip(c.token_ids, c.logprobs or [])):
+                logprobs[i, t] = float(per_token[token].logprob)
+        lengths = torch.tensor([len(c.token_ids) for c in completions])
+        mask = _mask_through_eos(ids, tok.pad_token_id, tok.eos_token_id, True)
+        mask = mask * (torch.arange(width)[None, :] < lengths[:, None]).long()
+        finished = ((ids == tok.eos_token_id) & mask.bool()).any(-1)
+        return Samples(prompt_ids, prompt_mask, ids, mask, logprobs * mask, finished)
+
+    def _sleep(self) -> None:
+        if self.rollout is not None and self.rollout.sleep and hasattr(self.engine, "sleep"):
+            self.engine.sleep(level=1)  # weights to CPU memory, KV cache freed
+            self.asleep = True
+
+    def _wake(self) -> None:
+        if self.asleep:
+            self.engine.wake_up()
+            self.asleep = False
+
+
+def _apply(engine, fn) -> None:
+    """Run ``fn`` on the engine's model: ``LLM.apply_model`` where the installed vLLM has it,
+    else the in-process worker's model (VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
+    if hasattr(engine, "apply_model"):
+        engine.apply_model(fn)
+        return
+    executor = engine.llm_engine.model_executor
+    worker = executor.driver_worker
+    runner = getattr(worker, "worker", worker).model_runner
+    fn(runner.model)
