@@ -185,3 +185,19 @@ def test_grpo_rewards_from_a_module_and_a_file_on_the_command_line(tiny, tmp_pat
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "reward 'myrewards:nope' cannot be loaded: AttributeError" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "b").exists()  # before any model loads
+
+
+def test_lora_from_the_command_line_and_vllm_refused_without_a_gpu(tiny, tmp_path):
+    data, run = tiny["data"], tmp_path / "lora"
+    out = rlhfkit("sft", "--config", "sft_tiny", f"model={tiny['base']}", f"train_data={data / 'sft_train.jsonl'}",
+                  "eval_data=null", f"train.out_dir={run}", "train.max_steps=5", "train.batch_size=16",
+                  "train.progress=false", "lora.r=4", "lora.alpha=8", "lora.merge=true",
+                  "train.activation_checkpointing=true")
+    assert out.returncode == 0, out.stderr
+    assert (run / "model" / "model.safetensors").is_file() and (run / "model" / "adapter" / "adapter_config.json").is_file()
+    if torch.cuda.is_available():
+        return
+    out = rlhfkit("grpo", "--config", "grpo_tiny", f"model={tiny['base']}", "rollout.backend=vllm",
+                  f"train.out_dir={tmp_path / 'g'}")
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "rollout.backend' is vllm but" in out.stderr and not (tmp_path / "g").exists()  # before anything runs

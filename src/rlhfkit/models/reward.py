@@ -29,13 +29,17 @@ def load_reward_model(path: str | Path, tokenizer, dtype: str = "fp32", seed: in
     """A ``num_labels=1`` sequence classifier from ``path`` (a classifier folder or a causal LM)."""
     from transformers import AutoModelForSequenceClassification
 
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)  # the fresh score head of a causal-LM start is seeded
-        model = from_folder(AutoModelForSequenceClassification, path, num_labels=1, dtype=DTYPES[dtype],
-                             pad_token_id=tokenizer.pad_token_id)
+    if isinstance(path, torch.nn.Module):  # Python API: a classifier object, trained in place
+        model = path
+    else:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)  # the fresh score head of a causal-LM start is seeded
+            model = from_folder(AutoModelForSequenceClassification, path, num_labels=1, dtype=DTYPES[dtype],
+                                pad_token_id=tokenizer.pad_token_id)
+    where = str(path) if isinstance(path, (str, Path)) else type(path).__name__
     if model.config.num_labels != 1:
-        raise ModelLoadError(f"{path}: a reward model needs num_labels=1, the folder has {model.config.num_labels}")
-    check_vocab(model, tokenizer, str(path))
+        raise ModelLoadError(f"{where}: a reward model needs num_labels=1, the model has {model.config.num_labels}")
+    check_vocab(model, tokenizer, where)
     use_fast_linear(model)
     return model.to(device)
 

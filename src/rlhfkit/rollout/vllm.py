@@ -51,20 +51,20 @@ def make_engine(folder: str, rollout) -> object:
                     dtype="auto", seed=0)
 
 
-def engine_sampling_params(params: SamplingParams):
-    import vllm
-
-    return vllm.SamplingParams(n=params.num_samples, temperature=params.temperature, top_k=params.top_k or -1,
-                               top_p=params.top_p, max_tokens=params.max_new_tokens, logprobs=0, detokenize=False)
+def sampling_kwargs(params: SamplingParams) -> dict:
+    """rlhfkit's sampling parameters as ``vllm.SamplingParams`` arguments (``logprobs=0``: the
+    sampled token's own log-prob; top_k -1 = no top-k)."""
+    return dict(n=params.num_samples, temperature=params.temperature, top_k=params.top_k or -1, top_p=params.top_p,
+                max_tokens=params.max_new_tokens, logprobs=0, detokenize=False)
 
 
 class VLLMBackend:
     name = "vllm"
 
     def __init__(self, tokenizer, model=None, copy: bool = False, rollout=None, out_dir: str = "runs/out",
-                 engine_factory=make_engine, sampling_params=engine_sampling_params):
+                 engine_factory=make_engine, params_class=None):
         self.tokenizer, self.rollout, self.folder = tokenizer, rollout, Path(out_dir) / "rollout_engine"
-        self.engine_factory, self.sampling_params = engine_factory, sampling_params
+        self.engine_factory, self.params_class = engine_factory, params_class
         self.engine, self.asleep, self.weight_loads = None, False, 0
         if model is not None:
             self.load_weights(model)
@@ -83,8 +83,12 @@ class VLLMBackend:
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> Samples:
         self._wake()
-        outputs = self.engine.generate([{"prompt_token_ids": list(p)} for p in prompts], self.sampling_params(params),
-                                       use_tqdm=False)
+        if self.params_class is None:
+            import vllm
+
+            self.params_class = vllm.SamplingParams
+        outputs = self.engine.generate([{"prompt_token_ids": list(p)} for p in prompts],
+                                       self.params_class(**sampling_kwargs(params)), use_tqdm=False)
         samples = self._samples(prompts, outputs, params.num_samples)
         self._sleep()
         return samples

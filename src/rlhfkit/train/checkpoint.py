@@ -142,7 +142,9 @@ def _load_sharded(folder: Path, model, optimizer, info: DistInfo) -> None:
 
 
 def _frozen(model) -> set[str]:
-    return {name for name, p in model.named_parameters() if not p.requires_grad}
+    """State-dict names of frozen parameters (each name of a tied one)."""
+    return {name for name, t in model.state_dict(keep_vars=True).items()
+            if isinstance(t, torch.nn.Parameter) and not t.requires_grad}
 
 
 def _save_weights(model, path: Path) -> None:

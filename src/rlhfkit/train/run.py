@@ -135,7 +135,9 @@ class Run:
         if lora is not None and lora.enabled:
             settings = LoraSettings(lora.r, lora.alpha, lora.dropout, lora.target_modules)
             base = str(base) if isinstance(base, (str, Path)) else getattr(model, "name_or_path", None)
-            model = apply_lora(model, settings, base, head)
+            with torch.random.fork_rng():
+                torch.manual_seed(self.cfg.seed)  # the adapters' random start (A) is the same in every run
+                model = apply_lora(model, settings, base, head)
             use_fast_linear(model)  # the adapters' own linear layers
             self.merge = lora.merge
         if self.cfg.activation_checkpointing:

@@ -1,0 +1,155 @@
+"""LoRA in every method: only adapters (and a scalar head) train, resume is exact, the
+adapters-off reference is the frozen copy, and the saved adapter and merged folders reload to
+the trained model's numbers in peft and plain transformers."""
+
+import copy
+
+import pytest
+import torch
+from helpers import quiet_train
+from methods_setup import METHODS, RUNS, method_config
+from safetensors.torch import load_file
+
+import rlhfkit.train.run as run_module
+from rlhfkit.data.encode import collate_sft, encode_sft
+from rlhfkit.data.rows import read_rows
+from rlhfkit.methods.common import load_policy
+from rlhfkit.methods.rm import RMConfig, run_rm
+from rlhfkit.methods.sft import SFTConfig, run_sft
+from rlhfkit.models.forward import token_logprobs
+from rlhfkit.models.load import load_causal_lm, load_tokenizer
+from rlhfkit.models.lora import LoraSettings, Reference, apply_lora
+from rlhfkit.models.reward import load_reward_model, reward_scores
+from rlhfkit.train.checkpoint import latest_checkpoint
+from rlhfkit.train.config import LoraConfig, replace
+from rlhfkit.train.logging import read_metrics
+
+LORA = LoraConfig(r=4, alpha=8)
+
+
+class Killed(BaseException):
+    pass
+
+
+def _batch(tiny, tok, n=6):
+    examples, _ = encode_sft(read_rows(tiny["data"] / "sft_eval.jsonl")[:n], tok, 64)
+    return collate_sft(examples, tok.pad_token_id)
+
+
+def _logprobs(model, batch):
+    model.eval()
+    with torch.no_grad():
+        return token_logprobs(model, batch.input_ids, batch.attention_mask, batch.completion_mask)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_lora_trains_only_adapters_and_resumes_exactly(method, tiny, tmp_path, monkeypatch):
+    kw = dict(save_every=2, keep_checkpoints=5)
+
+    def cfg(out):
+        return replace(method_config(method, tiny, out, 4, **kw), lora=LORA)
+
+    RUNS[method](cfg(tmp_path / "full"))
+    full = [m["train/loss"] for m in read_metrics(tmp_path / "full") if "train/loss" in m]
+    original = run_module.Run.step_done
+
+    def dies_in_step_3(self, *args, **kwargs):
+        if self.done == 2:
+            raise Killed
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(run_module.Run, "step_done", dies_in_step_3)
+    with pytest.raises(Killed):
+        RUNS[method](cfg(tmp_path / "cut"))
+    monkeypatch.setattr(run_module.Run, "step_done", original)
+    RUNS[method](replace(cfg(tmp_path / "cut"), train__resume=True))
+    cut = [m["train/loss"] for m in read_metrics(tmp_path / "cut") if "train/loss" in m]
+    assert len(full) == 4 and cut[2:] == full[2:] and full[3] != full[2]
+    # the checkpoint holds the trained tensors only: adapters, and the reward model's / critic's head
+    keys = load_file(latest_checkpoint(tmp_path / "full") / "model.safetensors")
+    assert keys and all(".lora_A." in k or ".lora_B." in k or k.endswith("score.weight") for k in keys)
+    assert (tmp_path / "full" / "model" / "adapter_config.json").is_file()
+    assert not (tmp_path / "full" / "model" / "model.safetensors").exists()
+
+
+def test_the_adapters_off_reference_gives_the_frozen_copys_logprobs(tiny):
+    model, tok = load_policy(str(tiny["base"]), None)
+    frozen = copy.deepcopy(model).eval()
+    adapted = apply_lora(model, LoraSettings(4, 8.0, 0.1, "all-linear"), str(tiny["base"]))
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # B starts at zero: move it so the adapters change the outputs
+    adapted.train()  # the reference must not apply adapter dropout either
+    batch = _batch(tiny, tok)
+    expected = _logprobs(frozen, batch)
+    with Reference(adapted=adapted)() as reference:
+        got = token_logprobs(reference, batch.input_ids, batch.attention_mask, batch.completion_mask)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    assert adapted.training  # restored
+    assert (_logprobs(adapted, batch) - expected).abs().max() > 1e-2  # adapters back on
+    assert all(p.requires_grad for n, p in adapted.named_parameters() if "lora_" in n)
+
+
+def test_adapter_and_merged_folders_reload_to_the_trained_models_logprobs(tiny, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(str(tiny["base"]))
+    model = load_causal_lm(str(tiny["base"]), tok)  # the Python API trains this object in place
+    base_params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = SFTConfig(model=model, tokenizer=tok, train_data=str(tiny["data"] / "sft_train.jsonl"), max_length=64,
+                    lora=replace(LORA, merge=True),
+                    train=quiet_train(tmp_path / "sft", max_steps=3, batch_size=16, lr=1e-2))
+    summary = run_sft(cfg)
+    assert summary["steps"] == 3
+    batch = _batch(tiny, tok)
+    trained = _logprobs(model, batch)
+    for name, p in model.named_parameters():  # the base weights did not move, the adapters did
+        if "lora_" not in name:
+            assert torch.equal(p.detach(), base_params[name.replace(".base_layer", "")])
+    base = AutoModelForCausalLM.from_pretrained(str(tiny["base"]))
+    assert (_logprobs(base, batch) - trained).abs().max() > 1e-3
+    out = tmp_path / "sft" / "model"
+    in_peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny["base"])), str(out / "adapter"))
+    merged = AutoModelForCausalLM.from_pretrained(str(out))  # plain transformers, no peft involved
+    ours = load_causal_lm(str(out / "adapter"), tok)  # rlhfkit loads an adapter folder merged
+    for reloaded in (in_peft.get_base_model(), merged, ours):
+        torch.testing.assert_close(_logprobs(reloaded, batch), trained, atol=1e-5, rtol=0)
+
+
+def test_reward_model_lora_trains_its_head_in_full_and_reloads(tiny, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    tok = load_tokenizer(str(tiny["base"]))
+    model = load_reward_model(str(tiny["base"]), tok)
+    head_before = model.score.weight.detach().clone()
+    cfg = RMConfig(model=model, tokenizer=tok, train_data=str(tiny["data"] / "rankings_train.jsonl"), max_length=64,
+                   lora=LORA, train=quiet_train(tmp_path / "rm", max_steps=3, batch_size=4, lr=1e-2))
+    run_rm(cfg)
+    assert not torch.equal(model.score.weight, head_before) and model.score.weight.requires_grad
+    batch = _batch(tiny, tok)
+    model.eval()
+    with torch.no_grad():
+        trained = reward_scores(model, batch.input_ids, batch.attention_mask)
+        start = AutoModelForSequenceClassification.from_pretrained(str(tiny["base"]), num_labels=1,
+                                                                   pad_token_id=tok.pad_token_id)
+        in_peft = PeftModel.from_pretrained(start, str(tmp_path / "rm" / "model")).eval()
+        torch.testing.assert_close(reward_scores(in_peft.get_base_model(), batch.input_ids, batch.attention_mask),
+                                   trained, atol=1e-5, rtol=0)
+        ours = load_reward_model(str(tmp_path / "rm" / "model"), tok).eval()
+        torch.testing.assert_close(reward_scores(ours, batch.input_ids, batch.attention_mask), trained,
+                                   atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_activation_checkpointing_gives_the_plain_losses(method, tiny, tmp_path):
+    losses = {}
+    for flag in (False, True):
+        cfg = method_config(method, tiny, tmp_path / str(flag), 2, activation_checkpointing=flag)
+        RUNS[method](cfg)
+        losses[flag] = [m["train/loss"] for m in read_metrics(tmp_path / str(flag)) if "train/loss" in m]
+    assert len(losses[True]) == 2
+    for a, b in zip(losses[False], losses[True]):
+        assert abs(a - b) < 1e-6, (losses, method)

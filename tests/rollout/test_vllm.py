@@ -1,0 +1,125 @@
+"""The vllm backend's weight sync, sleep/wake and recompute logic, against a recording fake
+engine (it stands in for ``vllm.LLM`` in this file only; the product never uses a fake)."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from methods_setup import digits, method_config
+
+from rlhfkit.methods.grpo import GRPOConfig, run_grpo
+from rlhfkit.methods.ppo import run_ppo
+from rlhfkit.models.load import load_causal_lm, load_tokenizer
+from rlhfkit.rollout.sampler import sample
+from rlhfkit.rollout.vllm import VLLMBackend, sampling_kwargs
+from rlhfkit.train.config import ConfigError, LoraConfig, RolloutConfig, replace
+from rlhfkit.train.logging import read_metrics
+
+OFFSET = 0.5  # the fake engine's log-probs are off by this much: another engine's numerics
+
+
+class FakeLLM:
+    """Generates with rlhfkit's sampler on its own model, loaded from the folder it was started
+    on and then updated only through ``load_weights``; answers in vLLM's output shapes and
+    records every call."""
+
+    def __init__(self, folder, rollout):
+        self.tok = load_tokenizer(folder)
+        self.model = load_causal_lm(folder, self.tok).eval()
+        self.folder, self.rollout, self.calls, self.loads = folder, rollout, ["start"], []
+
+    def apply_model(self, fn):
+        fn(self)
+
+    def load_weights(self, weights):  # what vLLM's model.load_weights takes: (HF name, tensor) pairs
+        weights = dict(weights)
+        self.loads.append(weights)
+        self.calls.append("load")
+        missing, unexpected = self.model.load_state_dict(weights, strict=False)
+        assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+
+    def generate(self, prompts, params, use_tqdm=False):
+        self.calls.append("generate")
+        ids = [p["prompt_token_ids"] for p in prompts]
+        s = sample(self.model, ids, eos_id=self.tok.eos_token_id, pad_id=self.tok.pad_token_id,
+                   max_new_tokens=params.max_tokens, temperature=params.temperature, top_k=max(params.top_k, 0),
+                   top_p=params.top_p, num_samples=params.n)
+        outs = []
+        for i in range(len(ids)):
+            completions = []
+            for j in range(params.n):
+                row = i * params.n + j
+                n = int(s.completion_mask[row].sum())
+                tokens = s.completion_ids[row, :n].tolist()
+                logprobs = [{t: SimpleNamespace(logprob=float(lp) + OFFSET)} for t, lp in zip(tokens, s.logprobs[row])]
+                completions.append(SimpleNamespace(token_ids=tokens, logprobs=logprobs))
+            outs.append(SimpleNamespace(outputs=completions))
+        return outs
+
+    def sleep(self, level):
+        self.calls.append(f"sleep{level}")
+
+    def wake_up(self):
+        self.calls.append("wake")
+
+
+def _backend(tmp_path, rollout=RolloutConfig()):
+    engines = []
+
+    def factory(folder, rollout):
+        engines.append(FakeLLM(folder, rollout))
+        return engines[-1]
+
+    return engines, lambda tok: VLLMBackend(tok, rollout=rollout, out_dir=str(tmp_path / "engine"),
+                                            engine_factory=factory, params_class=SimpleNamespace)
+
+
+def test_sampling_parameters_as_vllm_takes_them():
+    from rlhfkit.rollout.backend import SamplingParams
+
+    kw = sampling_kwargs(SamplingParams(max_new_tokens=7, temperature=0.8, top_k=0, top_p=0.9, num_samples=4))
+    assert kw == dict(n=4, temperature=0.8, top_k=-1, top_p=0.9, max_tokens=7, logprobs=0, detokenize=False)
+
+
+def test_grpo_on_vllm_syncs_merged_lora_weights_and_trains_as_the_exact_sampler(tiny, tmp_path):
+    """With mu = 2 the sampler's log-probs serve as pi_old; the engine's are not exact, so pi_old
+    is recomputed with a forward pass: the losses agree, and the gap is the engine's offset."""
+    losses = {}
+    engines, make = _backend(tmp_path, RolloutConfig(sleep=True))
+    for name in ("sampler", "vllm"):
+        cfg = replace(method_config("grpo", tiny, tmp_path / name, 3), lora=LoraConfig(r=4, alpha=8),
+                      train__lr=1e-2)
+        tok = load_tokenizer(str(tiny["base"]))
+        run_grpo(cfg, reward_fns=[digits], backend=make(tok) if name == "vllm" else None)
+        logs = [m for m in read_metrics(tmp_path / name) if "train/loss" in m]
+        losses[name] = [m["train/loss"] for m in logs]
+        gaps = [m["train/logprob_gap"] for m in logs]
+    engine = engines[0]
+    assert len(losses["vllm"]) == 3 and losses["sampler"][0] != losses["sampler"][2]
+    for a, b in zip(losses["sampler"], losses["vllm"]):
+        assert abs(a - b) < 1e-4, losses  # the engine followed every update, merged adapters included
+    assert all(abs(g - OFFSET) < 0.05 for g in gaps), gaps
+    # started once from a plain (merged) folder; one load per later rollout step, woken before, asleep after
+    assert len(engines) == 1 and len(engine.loads) == 2
+    assert engine.calls == ["start", "generate", "sleep1", "wake", "load", "generate", "sleep1",
+                            "wake", "load", "generate", "sleep1"]
+    assert not any("lora_" in k or "base_layer" in k for k in engine.loads[-1])
+    assert (tmp_path / "engine" / "rollout_engine" / "rank-0" / "config.json").is_file()
+
+
+def test_ppo_on_vllm_recomputes_pi_old_and_logs_the_gap(tiny, tmp_path):
+    engines, make = _backend(tmp_path, RolloutConfig(sleep=False))
+    cfg = method_config("ppo", tiny, tmp_path / "ppo", 2)
+    summary = run_ppo(cfg, backend=make(load_tokenizer(str(tiny["base"]))))
+    logs = [m for m in read_metrics(tmp_path / "ppo") if "train/logprob_gap" in m]
+    assert summary["steps"] == 2 and len(logs) == 2
+    assert all(abs(m["train/logprob_gap"] - OFFSET) < 1e-4 for m in logs), logs  # pi_old from the actor's forward
+    assert "sleep1" not in engines[0].calls and len(engines[0].loads) == 1
+
+
+def test_choosing_vllm_without_it_or_a_gpu_is_a_config_error():
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="rollout.backend' is vllm but (vLLM is not installed|no GPU)"):
+            GRPOConfig(model="m", train_data="p.jsonl", rollout=RolloutConfig(backend="vllm"))
+    with pytest.raises(ConfigError, match="gpu_memory_utilization"):
+        RolloutConfig(gpu_memory_utilization=1.5)
