@@ -1,11 +1,18 @@
 """rlhfkit benchmarks, as ../shared/docs/BENCHMARK.md fixes them. Prints one JSON line on stdout.
 
     python benchmarks/run.py METHOD [--model DIR] [--tokenizer DIR] [--rm DIR] [--data DIR] [--steps N] [--warmup N]
+                                   [--lora R] [--activation-checkpointing] [--reference-copy]
 
 METHOD: ceiling, sft, rm, dpo, grpo, ppo, generate. Without --model/--data the benchmark builds
 assets like the reference ones of BENCHMARK.md: the tiny default's arithmetic data, a byte-level
 BPE tokenizer of vocab 1024 trained on it, and a Qwen2 model of hidden 256, 4 layers, 4 heads,
 intermediate 1024, untied embeddings (a model folder without a tokenizer, as the contract allows).
+
+``--lora R`` trains LoRA adapters of rank R (alpha 2R, every linear layer) instead of every
+weight, ``--activation-checkpointing`` recomputes layer activations in the backward; every line
+reports the trainable parameters and the peak RSS beside s/step. With ``--lora`` PPO's reference
+is the actor with its adapters off; ``--reference-copy`` loads a frozen copy instead, to measure
+what that saves.
 """
 
 from __future__ import annotations
@@ -33,8 +40,10 @@ from rlhfkit.data.rows import read_rows  # noqa: E402
 from rlhfkit.methods.common import load_policy  # noqa: E402
 from rlhfkit.methods.sft import sft_objective  # noqa: E402
 from rlhfkit.models.tiny import TinySpec  # noqa: E402
+from rlhfkit.train.config import LoraConfig, TrainConfig  # noqa: E402
 from rlhfkit.train.dist import DistInfo  # noqa: E402
 from rlhfkit.train.optim import build_optimizer, build_scheduler, optimizer_step  # noqa: E402
+from rlhfkit.train.run import Run  # noqa: E402
 
 REFERENCE = TinySpec(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024, tie_embeddings=False)
 SETTINGS = {"dtype": "fp32", "threads": 2, "lr": 1e-5, "weight_decay": 0.0, "max_grad_norm": 1.0, "seed": 0}
@@ -100,6 +109,27 @@ def timed_steps(step_fn, warmup: int, steps: int) -> tuple[list[float], list]:
     return times, outputs
 
 
+def bench_run(args) -> Run:
+    """A run skeleton outside a real run: it prepares trained models as ``--lora`` and
+    ``--activation-checkpointing`` say, and does the optimizer step for GRPO."""
+    cfg = TrainConfig(max_grad_norm=SETTINGS["max_grad_norm"], activation_checkpointing=args.activation_checkpointing)
+    return Run(cfg, {}, DistInfo(), "bench", "step")
+
+
+def lora_config(args) -> LoraConfig:
+    return LoraConfig(r=args.lora, alpha=2.0 * args.lora) if args.lora else LoraConfig()
+
+
+def prepared(model, args, head: str | None = None, base=None):
+    return bench_run(args).prepare(model, lora_config(args), head=head, base=base)
+
+
+def memory_extra(args, *trained) -> dict:
+    return {"trainable_params": sum(p.numel() for m in trained for p in m.parameters() if p.requires_grad),
+            "params": sum(p.numel() for m in trained for p in m.parameters()), "lora_r": args.lora,
+            "activation_checkpointing": args.activation_checkpointing}
+
+
 def report(method: str, times: list[float], losses: list[float], train_tokens: float, nograd_tokens: float,
            model, extra: dict) -> dict:
     sec = statistics.median(times)
@@ -133,9 +163,10 @@ def offline_bench(method: str, args, model, examples, collate, objective, rows_p
 def bench_sft(args) -> dict:
     paths = assets(args)
     model, tokenizer = load_policy(paths["model"], paths["tokenizer"])
+    model = prepared(model, args, base=paths["model"])
     examples, _ = encode_sft(read_rows(paths["data"] / "sft.jsonl"), tokenizer, 128, overlong="truncate")
     return offline_bench("sft", args, model, examples, lambda rows: collate_sft(rows, tokenizer.pad_token_id),
-                         sft_objective(), 16, {"batch_sequences": 16, "max_length": 128})
+                         sft_objective(), 16, {"batch_sequences": 16, "max_length": 128, **memory_extra(args, model)})
 
 
 def _pairs(paths, tokenizer):
@@ -153,10 +184,10 @@ def bench_rm(args) -> dict:
 
     paths = assets(args)
     tokenizer = load_tokenizer(paths["model"], paths["tokenizer"])
-    model = load_reward_model(args.rm or paths["model"], tokenizer)
+    model = prepared(load_reward_model(args.rm or paths["model"], tokenizer), args, head="score")
     return offline_bench("rm", args, model, _pairs(paths, tokenizer),
                          lambda rows: collate_rankings(rows, tokenizer.pad_token_id), rm_objective(), 16,
-                         {"pairs_per_step": 16})
+                         {"pairs_per_step": 16, **memory_extra(args, model)})
 
 
 def bench_dpo(args) -> dict:
@@ -165,6 +196,7 @@ def bench_dpo(args) -> dict:
 
     paths = assets(args)
     model, tokenizer = load_policy(paths["model"], paths["tokenizer"])
+    model = prepared(model, args, base=paths["model"])  # adapters start at B = 0: the policy is its reference
     examples = _pairs(paths, tokenizer)[: 16 * (args.steps + args.warmup)]
     start = time.perf_counter()
     examples = precompute_reference(model, examples, tokenizer.pad_token_id)  # the policy at step 0 = the reference
@@ -172,7 +204,8 @@ def bench_dpo(args) -> dict:
     result = offline_bench("dpo", args, model, examples, lambda rows: collate_rankings(rows, tokenizer.pad_token_id),
                            dpo_objective(0.1), 16, {"pairs_per_step": 16, "beta": 0.1,
                                                     "reference": "precomputed once before training",
-                                                    "reference_precompute_s": round(precompute_s, 3)})
+                                                    "reference_precompute_s": round(precompute_s, 3),
+                                                    **memory_extra(args, model)})
     per_step_ref = precompute_s / (args.steps + args.warmup)
     result["sec_per_step_including_reference"] = round(result["sec_per_step"] + per_step_ref, 5)
     return result
@@ -229,17 +262,15 @@ def bench_grpo(args) -> dict:
     from rlhfkit.rollout.rewards import score_outcomes
     from rlhfkit.rollout.sampler import decode, sample
     from rlhfkit.tasks.arithmetic import contains_answer
-    from rlhfkit.train.config import TrainConfig
-    from rlhfkit.train.run import Run
-
     paths = assets(args)
     model, tokenizer = load_policy(paths["model"], paths["tokenizer"])
+    run = bench_run(args)
+    model = run.prepare(model, lora_config(args), base=paths["model"])
     rows, prompts = _prompts(paths, tokenizer)
     cfg = GRPOConfig(group_size=4, prompts_per_step=8, max_new_tokens=16, beta=0.0, mu=1)
     optimizer = build_optimizer(model, SETTINGS["lr"])
     scheduler = build_scheduler(optimizer, 10**9, 0, "constant")
-    run = Run(TrainConfig(max_grad_norm=SETTINGS["max_grad_norm"]), {}, DistInfo(), "bench", "rollout step",
-              modules=(model, optimizer, scheduler))
+    run.modules = (model, optimizer, scheduler)
     sampled, trained = [], []
 
     def step(i: int) -> float:
@@ -258,7 +289,7 @@ def bench_grpo(args) -> dict:
     times, losses = timed_steps(step, args.warmup, args.steps)
     gen = statistics.mean(sampled[args.warmup:])
     result = report("grpo", times, losses, statistics.mean(trained[args.warmup:]), gen, model,
-                    {"prompts": 8, "group_size": 4, "max_new_tokens": 16, "beta": 0.0})
+                    {"prompts": 8, "group_size": 4, "max_new_tokens": 16, "beta": 0.0, **memory_extra(args, model)})
     result["gen_tokens_per_s"] = round(gen / result["sec_per_step"], 1)
     return result
 
@@ -275,8 +306,14 @@ def bench_ppo(args) -> dict:
         rm = str(Path(tempfile.mkdtemp(prefix="rlhfkit-bench-rm-")))
         load_reward_model(paths["model"], load_tokenizer(paths["model"], paths["tokenizer"])).save_pretrained(rm)
     cfg = PPOConfig(model=paths["model"], tokenizer=paths["tokenizer"], reward_model=rm, critic=rm,
-                    prompts_per_step=32, minibatch_size=32, ppo_epochs=1, max_new_tokens=16, kl_coef=0.05)
-    models, tokenizer = load_models(cfg)
+                    prompts_per_step=32, minibatch_size=32, ppo_epochs=1, max_new_tokens=16, kl_coef=0.05,
+                    lora=lora_config(args))
+    models, tokenizer = load_models(cfg, run=bench_run(args))
+    if args.reference_copy and models["reference"].module is None:  # LoRA, but a frozen copy as the reference
+        from rlhfkit.models.load import load_causal_lm
+        from rlhfkit.models.lora import Reference
+
+        models["reference"] = Reference(load_causal_lm(paths["model"], tokenizer).eval().requires_grad_(False))
     rows, prompts = _prompts(paths, tokenizer)
     trained = torch.nn.ModuleDict({"actor": models["actor"], "critic": models["critic"]})
     optimizer = build_optimizer(trained, SETTINGS["lr"], 0.0, {"actor": SETTINGS["lr"], "critic": SETTINGS["lr"]})
@@ -305,7 +342,9 @@ def bench_ppo(args) -> dict:
     # actor and critic train on every token (2 trained forwards; the critic's doubles as V_old);
     # sampling, the reward model and the reference are no-grad passes
     result = report("ppo", times, losses, 2 * t, g + 2 * t, models["actor"],
-                    {"prompts": 32, "new_tokens": 16, "ppo_epochs": 1, "minibatches": 1, "kl_coef": 0.05})
+                    {"prompts": 32, "new_tokens": 16, "ppo_epochs": 1, "minibatches": 1, "kl_coef": 0.05,
+                     "reference": "frozen copy" if models["reference"].module is not None else "actor, adapters off",
+                     **memory_extra(args, models["actor"], models["critic"])})
     result["gen_tokens_per_s"] = round(g / result["sec_per_step"], 1)
     result["time_split_s"] = {k: round(statistics.median(s[k] for s in split[args.warmup:]), 4) for k in split[0]}
     return result
@@ -349,6 +388,9 @@ def main() -> None:
     parser.add_argument("--data")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--lora", type=int, default=0, help="LoRA rank (0: train every weight)")
+    parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--reference-copy", action="store_true", help="ppo --lora: a frozen reference copy")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(json.dumps(BENCHES[args.method](args)), flush=True)
