@@ -153,3 +153,33 @@ def test_activation_checkpointing_gives_the_plain_losses(method, tiny, tmp_path)
     assert len(losses[True]) == 2
     for a, b in zip(losses[False], losses[True]):
         assert abs(a - b) < 1e-6, (losses, method)
+
+
+@pytest.mark.slow
+def test_lora_sft_reaches_the_full_sft_bar_from_the_snapshot(tiny, sft_run, tmp_path):
+    """Full SFT took the tiny default from its 0.5 snapshot to 0.9 in about 400 steps of 128 rows
+    (sft_run: snapshot at ~1400, 0.9 at ~1800); LoRA (r 16, only the adapters train) got there in
+    700 steps of 64 in the measurements behind this test; the stated bar is 1200."""
+    data = tiny["data"]
+    cfg = SFTConfig(model=str(sft_run["out"] / "snapshot"), train_data=str(data / "sft_train.jsonl"),
+                    eval_data=str(data / "sft_eval.jsonl"), max_length=64, eval_limit=300, eval_max_new_tokens=8,
+                    stop_at_accuracy=0.9, lora=LoraConfig(r=16, alpha=32),
+                    train=quiet_train(tmp_path / "sft", max_steps=1200, batch_size=64, lr=1e-2, warmup_steps=20,
+                                      eval_every=50, log_every=50))
+    summary = run_sft(cfg)
+    assert summary["accuracy"] >= 0.9, summary["evals"]
+    assert summary["steps"] < 1200
+
+
+@pytest.mark.slow
+def test_grpo_with_lora_raises_exact_match(tiny, sft_run, tmp_path):
+    from rlhfkit.methods.grpo import GRPOConfig, run_grpo
+
+    data = tiny["data"]
+    cfg = GRPOConfig(model=str(sft_run["out"] / "snapshot"), train_data=str(data / "prompts_train.jsonl"),
+                     eval_data=str(data / "prompts_eval.jsonl"), eval_limit=300, group_size=8, prompts_per_step=16,
+                     max_new_tokens=8, eval_max_new_tokens=8, lora=LoraConfig(r=16, alpha=32),
+                     train=quiet_train(tmp_path / "grpo", max_steps=150, lr=1e-3, schedule="constant", log_every=10))
+    summary = run_grpo(cfg)
+    # measured: 0.547 -> 0.643 after 100 steps, 0.75 after 200 (lr 3e-3 collapsed)
+    assert summary["accuracy"] >= summary["accuracy_before"] + 0.08, summary
