@@ -250,8 +250,8 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
     evaluate = accuracy_eval(backend, policy, tokenizer, eval_rows, cfg.eval_max_new_tokens)
     before = evaluate() if evaluate else {}  # the start model's, also on resume
     optimizer = build_optimizer(policy, tc.lr, tc.weight_decay)
-    run.attach(policy, optimizer, build_scheduler(optimizer, tc.max_steps * cfg.mu, tc.warmup_steps, tc.schedule,
-                                                  tc.min_lr_ratio))
+    total = run.plan(len(rows), cfg.prompts_per_step) * cfg.mu  # optimizer steps
+    run.attach(policy, optimizer, build_scheduler(optimizer, total, tc.warmup_steps, tc.schedule, tc.min_lr_ratio))
     order = BatchOrder(len(rows), cfg.prompts_per_step, tc.seed)
     for step in run.steps():
         sync = time.time()
