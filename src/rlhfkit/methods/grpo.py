@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..data.formats import user_prompt
 from ..data.rows import read_rows
 from ..losses.grpo import REDUCTIONS, group_advantages, grpo_loss, process_advantages
 from ..models.load import load_causal_lm, load_tokenizer
@@ -143,7 +144,7 @@ def rollout(backend, tokenizer, rows, cfg: GRPOConfig, rewards: Rewards) -> Roll
     samples = backend.generate(row_prompt_ids(tokenizer, rows), params)
     generation_s = time.time() - start
     texts = decode(tokenizer, samples)
-    prompts = [r.data.get("prompt", "") for r in rows for _ in range(cfg.group_size)]
+    prompts = [user_prompt(r) for r in rows for _ in range(cfg.group_size)]  # text, or chat messages
     keys = sorted({k for r in rows for k in r.data} - {"prompt", "messages"})
     fields = {k: [r.data.get(k) for r in rows for _ in range(cfg.group_size)] for k in keys}
     outcome = score_outcomes(rewards.functions, rewards.weights, prompts, texts, fields, cfg.reward_errors)
