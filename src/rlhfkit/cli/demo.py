@@ -68,6 +68,7 @@ def _stage_dpo(ctx: dict) -> dict:
     cfg = DPOConfig(model=ctx["start_model"], train_data=str(data / "prefs_train.jsonl"),
                     eval_data=str(data / "prefs_eval.jsonl"), eval_prompts=str(data / "sft_eval.jsonl"),
                     max_length=64, eval_limit=500, beta=0.5,
+                    rpo_alpha=1.0,  # RPO's NLL on the chosen answers: without it exact match fell (0.532 -> 0.462)
                     train=TrainConfig(out_dir=str(ctx["out"] / "dpo"), max_steps=100 if ctx["quick"] else 200,
                                       batch_size=32, lr=3e-4, warmup_steps=10, eval_every=50, log_every=10,
                                       seed=ctx["seed"], report_to="none"))
@@ -150,7 +151,20 @@ def run_demo(out_dir: str | Path = "demo_out", quick: bool = False, seed: int = 
     summary["_notes"] = {"later_stages_start_from": ctx.get("start_note")}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(format_table(summary))
+    write_report(out, summary)
     return summary
+
+
+def write_report(out: Path, summary: dict) -> Path:
+    """``out/report.md``: the stage table and, per stage, the figures its run wrote in plots/."""
+    lines = ["# rlhfkit demo", "", "```", format_table(summary), "```", ""]
+    for stage in summary:
+        plots = sorted((out / stage / "plots").glob("*.png")) if not stage.startswith("_") else []
+        if plots:
+            lines += [f"## {stage}", ""] + [f"![{stage} {p.stem}]({p.relative_to(out)})" for p in plots] + [""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
 
 
 def format_table(summary: dict) -> str:

@@ -76,20 +76,30 @@ def ranking_completions(row: Row, method: str = "rm and dpo") -> tuple[list, lis
 
 
 def encode_rankings(rows: list[Row], tokenizer, max_length: int, overlong: str = "error", method: str = "rm and dpo"):
-    report, examples = LengthReport(rows=len(rows)), []
+    report, examples, encoded = LengthReport(rows=len(rows)), [], {}
     for row in rows:
         completions, ranks = ranking_completions(row, method)
         prompt_ids = encode_prompt(tokenizer, prompt_text(row, tokenizer), chat=is_chat_row(row))
         names = ["chosen", "rejected"] if len(completions) == 2 and "completions" not in row.data else \
             [f"completions[{i}]" for i in range(len(completions))]
-        fitted = [fit_length(prompt_ids, completion_ids(tokenizer, row, name, c), max_length, overlong,
-                             row.where, report) for name, c in zip(names, completions)]
+        fitted = [fit_length(prompt_ids, _cached(encoded, c, lambda: completion_ids(tokenizer, row, name, c)),
+                             max_length, overlong, row.where, report) for name, c in zip(names, completions)]
         if any(f is None for f in fitted):
             continue  # skipped (and counted) as a whole: a ranking with a hole would change its pairs
         examples.append(RankingExample(prompt_ids, [c for _, c in fitted], ranks))
     if not examples:
         raise DataError(f"no usable rows left after the length policy ({report.summary()})")
     return examples, report
+
+
+def _cached(encoded: dict, completion, encode):
+    """Plain-text answers repeat across rows (the same " 55" in many rankings): tokenise each once.
+    Chat answers depend on their prompt and are always encoded."""
+    if not isinstance(completion, str):
+        return encode()
+    if completion not in encoded:
+        encoded[completion] = encode()
+    return list(encoded[completion])
 
 
 def collate_rankings(examples: list[RankingExample], pad_id: int) -> RankingBatch:
