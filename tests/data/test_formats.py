@@ -115,7 +115,7 @@ REFUSED = [
     ("sft", {"prompt": "p", "chosen": "a", "rejected": "b"},
      "d.jsonl:1: a preference (prompt, chosen, rejected) row is not sft data; that format is for rm and dpo"),
     ("sft", {"prompt": "p", "answer": 4},
-     "a prompt-only (a 'prompt' without 'completion') row is not sft data; that format is for grpo and ppo"),
+     "d.jsonl:1: missing field 'completion' (fields present: answer, prompt); a prompt-only row is grpo and ppo data"),
     ("rm", {"prompt": "p", "completions": ["a", "b"], "labels": [True, False]},
      "a stepwise-supervision (prompt, completions, labels) row is not rm data; that format is for a process "
      "reward model"),

@@ -104,8 +104,11 @@ SFT_FORMATS = ("language_modeling", "prompt_completion")
 def sft_pieces(row: Row, tokenizer) -> tuple[list[int], list[tuple[list[int], bool]]]:
     """(prompt ids, [(ids, trained), ...]) of an SFT row. In multi-turn ``messages`` every
     assistant turn is trained (assistant-only loss) and the other turns are context."""
-    fmt = require_format(row, "sft", SFT_FORMATS)
     d = row.data
+    if row_format(row) == "prompt_only":  # most often a prompt-completion row missing its answer
+        raise DataError(f"{row.where}: missing field 'completion' (fields present: {', '.join(sorted(d))}); "
+                        "a prompt-only row is grpo and ppo data")
+    fmt = require_format(row, "sft", SFT_FORMATS)
     if fmt == "prompt_completion":
         prompt = encode_prompt(tokenizer, prompt_text(row, tokenizer), chat=is_chat_row(row))
         return prompt, [(completion_ids(tokenizer, row, "completion", d["completion"]), True)]
