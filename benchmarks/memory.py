@@ -39,7 +39,7 @@ def method_config(method: str, paths: dict, out: str, device: str, strategy: str
 
     data, model, tok = Path(paths["data"]), paths["model"], paths["tokenizer"]
     common = dict(out_dir=out, max_steps=3, strategy=strategy, device=device, dtype=dtype, progress=False,
-                  tensorboard=False, log_every=1, lr=1e-5, schedule="constant")
+                  report_to="none", log_every=1, lr=1e-5, schedule="constant")
     offline = TrainConfig(batch_size=32, **common)
     online = TrainConfig(**common)
     configs = {

@@ -60,7 +60,7 @@ def one_run(model: str, prompts: str, backend: str, lora: bool, steps: int, out:
                      max_new_tokens=64, beta=0.04, mu=2, rollout=RolloutConfig(backend=backend),
                      lora=LoraConfig(r=16, alpha=32) if lora else LoraConfig(),
                      train=TrainConfig(out_dir=str(out), max_steps=steps, lr=1e-5, log_every=1, progress=False,
-                                       tensorboard=False, dtype="bf16" if device == "cuda" else "fp32"))
+                                       report_to="none", dtype="bf16" if device == "cuda" else "fp32"))
     start = time.time()
     run_grpo(cfg)
     wall = time.time() - start

@@ -8,6 +8,6 @@ SMALL = TinySpec(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=25
 
 
 def quiet_train(out_dir, **kw) -> TrainConfig:
-    base = dict(out_dir=str(out_dir), progress=False, tensorboard=False, log_every=1)
+    base = dict(out_dir=str(out_dir), progress=False, report_to="none", plots=False, log_every=1)
     base.update(kw)
     return TrainConfig(**base)

@@ -103,7 +103,7 @@ def test_torchrun_two_ranks_match_one_process(tiny, tmp_path):
     """DDP-style gloo run on 2 CPU ranks gives the same losses as 1 process, same global batch."""
     common = [f"model={tiny['base']}", f"train_data={tiny['data'] / 'sft_train.jsonl'}", "max_length=64",
               "train.max_steps=4", "train.batch_size=16", "train.lr=3e-3", "train.progress=false",
-              "train.tensorboard=false", "train.log_every=1"]
+              "train.report_to=none", "train.log_every=1"]
     single = rlhfkit("sft", *common, f"train.out_dir={tmp_path / 'one'}")
     assert single.returncode == 0, single.stderr
     one = [m["train/loss"] for m in read_metrics(tmp_path / "one")]

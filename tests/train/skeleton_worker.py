@@ -19,7 +19,7 @@ from rlhfkit.train.run import start_run
 
 
 def _run(rank: int, out: str, nan_at: int | None) -> dict:
-    cfg = TrainConfig(out_dir=out, max_steps=3, save_every=1, log_every=1, progress=False, tensorboard=False,
+    cfg = TrainConfig(out_dir=out, max_steps=3, save_every=1, log_every=1, progress=False, report_to="none",
                       lr=0.1, schedule="constant")
     run = start_run(cfg, {"test": True}, "t")
     torch.manual_seed(rank)  # different weights per rank: attach must broadcast rank 0's

@@ -1,6 +1,7 @@
-"""The ``rlhfkit`` command: one sub-command per method, plus tiny, eval and demo.
+"""The ``rlhfkit`` command: one sub-command per method, plus tiny, eval, plot, configs and demo.
 
     rlhfkit sft --config FILE.yaml [key=value ...]
+    rlhfkit sft --help          # every config field: type, default, description
 """
 
 from __future__ import annotations
@@ -53,6 +54,40 @@ def cmd_method(args) -> int:
     cfg = load_config(config_cls, resolve_config(args.config) if args.config else None, args.overrides)
     summary = run(cfg)
     print(json.dumps({k: v for k, v in summary.items() if k != "evals"}, indent=1))
+    return 0
+
+
+class FieldsHelp(argparse.Action):
+    """``-h/--help`` of a method: the usage, then every config field (imports the method only now,
+    so that ``rlhfkit --help`` stays fast)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help="show the usage and "
+                         "every config field with its type, default and description, then exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .help import fields_help
+
+        parser.print_help()
+        print("\n" + fields_help(_methods()[parser.prog.split()[-1]][0]))
+        parser.exit()
+
+
+def cmd_configs(args) -> int:
+    from .help import shipped_configs
+
+    rows = shipped_configs()
+    width = max(len(r[0]) for r in rows)
+    for name, method, line in rows:
+        print(f"{name:<{width}}  rlhfkit {method} --config {name}   # {line}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from ..train.plots import plot_runs
+
+    for path in plot_runs(args.runs, args.out):
+        print(path)
     return 0
 
 
@@ -118,8 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhfkit", description="Align language models with human feedback.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in METHOD_HELP.items():
-        p = sub.add_parser(name, help=help_text, description=f"{help_text}. Overrides: key=value, nested with dots "
-                           "(train.lr=1e-3).")
+        p = sub.add_parser(name, help=help_text, add_help=False, description=f"{help_text}. Overrides: key=value, "
+                           "nested with dots (train.lr=1e-3).")
+        p.add_argument("-h", "--help", action=FieldsHelp)
         p.add_argument("--config", help=f"a YAML file or a shipped config name (e.g. {name}_tiny)")
         p.add_argument("overrides", nargs="*", help="key=value overrides")
         p.set_defaults(func=cmd_method)
@@ -140,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=512, help="for preference data: longest prompt+completion")
     p.add_argument("--ref", help="reference model folder: report a DPO policy's preference accuracy on pairs/rankings")
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("configs", help="list the configs shipped with rlhfkit (for --config NAME)")
+    p.set_defaults(func=cmd_configs)
+    p = sub.add_parser("plot", help="PNG curves of one or more runs' metrics.jsonl, overlaid")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="folders holding metrics.jsonl (a method's train.out_dir)")
+    p.add_argument("--out", default="plots", help="folder for the PNGs (default: plots)")
+    p.set_defaults(func=cmd_plot)
     p = sub.add_parser("demo", help="the whole pipeline on the tiny default, on a CPU, in minutes")
     p.add_argument("--out", default="demo_out")
     p.add_argument("--seed", type=int, default=0)

@@ -1,8 +1,9 @@
 """Turning validated rows into token ids: prompts, completions, length policy, SFT batches.
 
-A row is either plain text (``prompt`` + ``completion``) or chat (``messages``, the last one
-the assistant's answer), in which case the tokenizer's chat template renders the prompt.
-Completions always end with the EOS id, so the model learns to stop.
+Rows come in TRL's formats (data/formats.py), plain text or chat. A chat field is rendered by
+the tokenizer's chat template: the prompt with the template's generation prompt, an answer as
+the template writes the assistant turn (ending with its own end token, ``<|im_end|>``, ...).
+Plain completions end with the EOS id, so the model learns to stop.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .formats import check_messages, is_chat, require_format, row_format, shared_prefix
 from .rows import DataError, Row, get_str
 
 OVERLONG_POLICIES = ("error", "truncate", "skip")
@@ -29,34 +31,109 @@ class LengthReport:
         return f"{self.rows} rows, {self.truncated} truncated, {len(self.skipped)} skipped"
 
 
+def render_chat(tokenizer, messages: list[dict], row: Row, field: str, generation_prompt: bool) -> str:
+    """``messages`` as the tokenizer's chat template writes them; a one-line error without one."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{row.where}: field '{field}' holds chat messages but the tokenizer has no chat template; "
+                        "pass a tokenizer that has one (tokenizer=PATH) or plain-text rows")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def assistant_text(tokenizer, context: list[dict], turn: list[dict], row: Row, field: str) -> tuple[str, bool]:
+    """What the chat template renders for ``turn`` after ``context``, and whether an EOS id must
+    follow it. The turn's trained end is the template's own (``<|im_end|>``, ...): the text is
+    cut just after the tokenizer's EOS token where the template writes it; a template that
+    writes none gets the EOS id appended, so that the model still learns to stop."""
+    before = render_chat(tokenizer, context, row, field, generation_prompt=True)
+    full = render_chat(tokenizer, context + turn, row, field, generation_prompt=False)
+    if not full.startswith(before):
+        raise DataError(f"{row.where}: field '{field}': the chat template does not render the conversation as its "
+                        "prompt followed by the answer, so the answer's tokens cannot be told apart")
+    text, eos = full[len(before):], tokenizer.eos_token
+    end = text.rfind(eos) if eos else -1
+    return (text[: end + len(eos)], False) if end >= 0 else (text.rstrip(), True)
+
+
+def _conversation(row: Row) -> list[dict]:
+    return check_messages(row, "messages", row.data["messages"], min_len=1)
+
+
+def chat_prompt(row: Row) -> list[dict] | None:
+    """The messages a chat row's answer follows (None for plain text rows)."""
+    d = row.data
+    if row_format(row) == "implicit_preference" and is_chat(d.get("chosen")):
+        return shared_prefix(d["chosen"], d["rejected"])[0]
+    if is_chat(d.get("prompt")):
+        return check_messages(row, "prompt", d["prompt"])
+    if "messages" in d and "prompt" not in d:
+        messages = _conversation(row)
+        return messages[:-1] if messages[-1]["role"] == "assistant" and len(messages) > 1 else messages
+    return None
+
+
 def prompt_text(row: Row, tokenizer) -> str:
-    """The prompt of a plain or chat row, as the model sees it."""
-    if "messages" in row.data:
-        messages = _messages(row)
-        return tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-    return get_str(row, "prompt")
+    """The prompt of a plain or chat row, as the model sees it (a chat prompt ends with the
+    template's generation prompt, so it needs no empty assistant turn)."""
+    messages = chat_prompt(row)
+    if messages is not None:
+        return render_chat(tokenizer, messages, row, "prompt" if "prompt" in row.data else "messages", True)
+    if row_format(row) == "implicit_preference":
+        return shared_prefix(get_str(row, "chosen"), get_str(row, "rejected"))[0]
+    return get_str(row, "prompt", allow_empty=row_format(row) == "language_modeling")
 
 
-def sft_texts(row: Row, tokenizer) -> tuple[str, str]:
-    """(prompt, completion) of an SFT row."""
-    if "messages" in row.data:
-        messages = _messages(row)
-        return prompt_text(row, tokenizer), messages[-1]["content"]
-    return get_str(row, "prompt"), get_str(row, "completion")
+def is_chat_row(row: Row) -> bool:
+    return chat_prompt(row) is not None
 
 
-def _messages(row: Row) -> list[dict]:
-    messages = row.data["messages"]
-    if not isinstance(messages, list) or len(messages) < 2:
-        raise DataError(f"{row.where}: field 'messages' must be a list of at least 2 messages")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise DataError(f"{row.where}: field 'messages[{i}]' must have string 'role' and 'content'")
-    if messages[-1]["role"] != "assistant":
-        raise DataError(f"{row.where}: field 'messages[{len(messages) - 1}].role' must be 'assistant'")
-    if not messages[-1]["content"].strip():
-        raise DataError(f"{row.where}: field 'messages[{len(messages) - 1}].content' is empty")
-    return messages
+def completion_ids(tokenizer, row: Row, field: str, completion) -> list[int]:
+    """Token ids of one answer (``completion``, ``chosen``, ...): plain text + EOS, or a chat
+    turn as the template renders it after the row's prompt."""
+    if isinstance(completion, str):
+        if not completion.strip():
+            raise DataError(f"{row.where}: field '{field}' is empty")
+        return encode_completion(tokenizer, completion)
+    turn = check_messages(row, field, completion)
+    text, eos = assistant_text(tokenizer, chat_prompt(row) or [], turn, row, field)
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + ([tokenizer.eos_token_id] if eos else [])
+
+
+SFT_FORMATS = ("language_modeling", "prompt_completion")
+
+
+def sft_pieces(row: Row, tokenizer) -> tuple[list[int], list[tuple[list[int], bool]]]:
+    """(prompt ids, [(ids, trained), ...]) of an SFT row. In multi-turn ``messages`` every
+    assistant turn is trained (assistant-only loss) and the other turns are context."""
+    d = row.data
+    if row_format(row) == "prompt_only":  # most often a prompt-completion row missing its answer
+        raise DataError(f"{row.where}: missing field 'completion' (fields present: {', '.join(sorted(d))}); "
+                        "a prompt-only row is grpo and ppo data")
+    fmt = require_format(row, "sft", SFT_FORMATS)
+    if fmt == "prompt_completion":
+        prompt = encode_prompt(tokenizer, prompt_text(row, tokenizer), chat=is_chat_row(row))
+        return prompt, [(completion_ids(tokenizer, row, "completion", d["completion"]), True)]
+    if "text" in d:
+        return encode_prompt(tokenizer, ""), [(completion_ids(tokenizer, row, "text", d["text"]), True)]
+    messages = _conversation(row)
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i > 0]
+    if not turns:
+        raise DataError(f"{row.where}: field 'messages' has no assistant turn after the first message to train on")
+    first = render_chat(tokenizer, messages[: turns[0]], row, "messages", True)
+    pieces, done = [], first  # done: the text encoded so far
+    for i in turns:
+        context = render_chat(tokenizer, messages[:i], row, "messages", True)
+        if not context.startswith(done):
+            raise DataError(f"{row.where}: field 'messages': the chat template rewrites earlier turns, "
+                            "so the assistant turns cannot be told apart")
+        if len(context) > len(done):  # the turns between two assistant turns: context, not trained
+            pieces.append((tokenizer(context[len(done):], add_special_tokens=False)["input_ids"], False))
+        if not messages[i]["content"].strip():
+            raise DataError(f"{row.where}: field 'messages[{i}].content' is empty")
+        text, eos = assistant_text(tokenizer, messages[:i], [messages[i]], row, "messages")
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        pieces.append((ids + ([tokenizer.eos_token_id] if eos else []), True))
+        done = context + text
+    return encode_prompt(tokenizer, first, chat=True), pieces
 
 
 def encode_prompt(tokenizer, text: str, chat: bool = False) -> list[int]:
@@ -90,6 +167,7 @@ def fit_length(prompt_ids: list[int], completion_ids: list[int], max_length: int
 class SFTExample:
     input_ids: list[int]
     prompt_len: int
+    loss_mask: tuple[int, ...] | None = None  # 1 on trained tokens (multi-turn chat); None = all after the prompt
 
 
 @dataclass
@@ -108,12 +186,15 @@ def encode_sft(rows: list[Row], tokenizer, max_length: int, overlong: str = "err
         raise ValueError(f"overlong must be one of {OVERLONG_POLICIES}, got {overlong!r}")
     report, examples = LengthReport(rows=len(rows)), []
     for row in rows:
-        prompt, completion = sft_texts(row, tokenizer)
-        fitted = fit_length(encode_prompt(tokenizer, prompt, chat="messages" in row.data),
-                            encode_completion(tokenizer, completion), max_length, overlong, row.where, report)
+        prompt, pieces = sft_pieces(row, tokenizer)
+        rest = [t for ids, _ in pieces for t in ids]
+        fitted = fit_length(prompt, rest, max_length, overlong, row.where, report)
         if fitted is not None:
             p, c = fitted
-            examples.append(SFTExample(p + c, len(p)))
+            mask = None
+            if not all(trained for _, trained in pieces):  # multi-turn: only the assistant turns
+                mask = tuple([0] * len(p) + [int(trained) for ids, trained in pieces for _ in ids][: len(c)])
+            examples.append(SFTExample(p + c, len(p), mask))
     if not examples:
         raise DataError(f"no usable rows left after the length policy ({report.summary()})")
     return examples, report
@@ -137,5 +218,8 @@ def collate_sft(examples: list[SFTExample], pad_id: int) -> SFTBatch:
         n = len(e.input_ids)
         input_ids[i, :n] = torch.tensor(e.input_ids)
         attention[i, :n] = 1
-        completion[i, e.prompt_len:n] = 1
+        if e.loss_mask is None:
+            completion[i, e.prompt_len:n] = 1
+        else:
+            completion[i, :n] = torch.tensor(e.loss_mask)
     return SFTBatch(input_ids, attention, completion)

@@ -1,4 +1,5 @@
-"""Preference data: pairs (prompt, chosen, rejected) and rankings (prompt, completions best first).
+"""Preference data: pairs (prompt, chosen, rejected; or implicit: chosen, rejected sharing the
+prompt as their prefix), plain or chat, and rankings (prompt, completions best first).
 
 A pair is a ranking of two. Each output of a ranking is tokenised once and carries its rank
 (lower is better; equal ranks are ties, only where the row's optional ``ranks`` field says so).
@@ -10,8 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .encode import LengthReport, encode_completion, encode_prompt, fit_length, prompt_text
-from .rows import DataError, Row, get_str, get_str_list
+from .encode import LengthReport, completion_ids, encode_prompt, fit_length, is_chat_row, prompt_text
+from .formats import is_chat, require_format, shared_prefix
+from .rows import DataError, Row, get_str_list
 
 
 @dataclass(frozen=True)
@@ -42,9 +44,14 @@ class RankingBatch:
         return out.index_put((self.slot,), values).view_as(self.mask)
 
 
-def ranking_completions(row: Row) -> tuple[list[str], list[int]]:
-    """The completions of a ranking or pair row, best first, and their ranks."""
-    if "completions" in row.data:
+PREFERENCE_FORMATS = ("preference", "implicit_preference", "ranking")
+
+
+def ranking_completions(row: Row, method: str = "rm and dpo") -> tuple[list, list[int]]:
+    """The answers of a ranking or pair row, best first (text, or chat turns), and their ranks.
+    An implicit-preference pair's answers are what follows the shared prefix of chosen and rejected."""
+    fmt = require_format(row, method, PREFERENCE_FORMATS)
+    if fmt == "ranking":
         completions = get_str_list(row, "completions", min_len=2)
         if len(completions) > 9:
             raise DataError(f"{row.where}: field 'completions' has {len(completions)} entries; at most 9")
@@ -55,25 +62,44 @@ def ranking_completions(row: Row) -> tuple[list[str], list[int]]:
         if ranks[0] == ranks[-1]:
             raise DataError(f"{row.where}: field 'ranks' ranks every completion equal: no preference to learn")
         return completions, ranks
-    chosen, rejected = get_str(row, "chosen"), get_str(row, "rejected")
+    for name in ("chosen", "rejected"):
+        if name not in row.data:
+            raise DataError(f"{row.where}: missing field '{name}' (fields present: {', '.join(sorted(row.data))})")
+        if not (isinstance(row.data[name], str) or is_chat(row.data[name])):
+            raise DataError(f"{row.where}: field '{name}' must be a string or a list of chat messages")
+    chosen, rejected = row.data["chosen"], row.data["rejected"]
+    if fmt == "implicit_preference":
+        _, chosen, rejected = shared_prefix(chosen, rejected)
     if chosen == rejected:
         raise DataError(f"{row.where}: fields 'chosen' and 'rejected' are the same text")
     return [chosen, rejected], [0, 1]
 
 
-def encode_rankings(rows: list[Row], tokenizer, max_length: int, overlong: str = "error"):
-    report, examples = LengthReport(rows=len(rows)), []
+def encode_rankings(rows: list[Row], tokenizer, max_length: int, overlong: str = "error", method: str = "rm and dpo"):
+    report, examples, encoded = LengthReport(rows=len(rows)), [], {}
     for row in rows:
-        completions, ranks = ranking_completions(row)
-        prompt_ids = encode_prompt(tokenizer, prompt_text(row, tokenizer), chat="messages" in row.data)
-        fitted = [fit_length(prompt_ids, encode_completion(tokenizer, c), max_length, overlong, row.where, report)
-                  for c in completions]
+        completions, ranks = ranking_completions(row, method)
+        prompt_ids = encode_prompt(tokenizer, prompt_text(row, tokenizer), chat=is_chat_row(row))
+        names = ["chosen", "rejected"] if len(completions) == 2 and "completions" not in row.data else \
+            [f"completions[{i}]" for i in range(len(completions))]
+        fitted = [fit_length(prompt_ids, _cached(encoded, c, lambda: completion_ids(tokenizer, row, name, c)),
+                             max_length, overlong, row.where, report) for name, c in zip(names, completions)]
         if any(f is None for f in fitted):
             continue  # skipped (and counted) as a whole: a ranking with a hole would change its pairs
         examples.append(RankingExample(prompt_ids, [c for _, c in fitted], ranks))
     if not examples:
         raise DataError(f"no usable rows left after the length policy ({report.summary()})")
     return examples, report
+
+
+def _cached(encoded: dict, completion, encode):
+    """Plain-text answers repeat across rows (the same " 55" in many rankings): tokenise each once.
+    Chat answers depend on their prompt and are always encoded."""
+    if not isinstance(completion, str):
+        return encode()
+    if completion not in encoded:
+        encoded[completion] = encode()
+    return list(encoded[completion])
 
 
 def collate_rankings(examples: list[RankingExample], pad_id: int) -> RankingBatch:

@@ -1,4 +1,5 @@
-"""Reading rows from jsonl, parquet or a ``datasets.Dataset``, with errors that name the place.
+"""Reading rows from jsonl, parquet, a saved dataset folder or a ``datasets.Dataset``, with
+errors that name the place.
 
 Every row carries ``where`` ("path:line" for jsonl, "path:row N" otherwise) so a validation
 error can say exactly which line and which field is wrong. Nothing is skipped silently.
@@ -22,16 +23,29 @@ class Row:
     data: dict[str, Any]
 
 
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
 def read_rows(source) -> list[Row]:
-    """Rows from a ``.jsonl``/``.json`` path, a ``.parquet`` path, a ``datasets.Dataset`` or a list of dicts."""
+    """Rows from a ``.jsonl``/``.json`` path, a ``.parquet`` path, a folder written by
+    ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` (``FOLDER:split`` picks a split), a
+    ``datasets.Dataset``, a ``DatasetDict`` of one split, or a list of dicts."""
     if isinstance(source, (str, Path)):
         path = Path(source)
+        folder, _, split = str(source).rpartition(":") if ":" in str(source) else (str(source), "", "")
+        if path.is_dir() or (split and Path(folder).is_dir()):
+            return _read_saved(Path(folder if split else path), split or None)
         if not path.is_file():
+            if _looks_like_hub_name(str(source)):
+                raise DataError(f"{source}: a Hub dataset name needs the network; pass a local file or a saved "
+                                "dataset folder (datasets.load_dataset(...).save_to_disk(FOLDER) where there is one)")
             raise DataError(f"{path}: file not found")
         rows = _read_parquet(path) if path.suffix == ".parquet" else _read_jsonl(path)
         if not rows:
             raise DataError(f"{path}: the file holds no rows")
         return rows
+    if _is_dataset_dict(source):
+        return _one_split(source, None, "<DatasetDict>")
     if isinstance(source, list):
         rows = [Row(f"<list>:row {i}", _as_dict(r, f"<list>:row {i}")) for i, r in enumerate(source)]
     else:  # a datasets.Dataset, or anything iterable of dicts
@@ -39,6 +53,48 @@ def read_rows(source) -> list[Row]:
         rows = [Row(f"{name}:row {i}", _as_dict(r, f"{name}:row {i}")) for i, r in enumerate(source)]
     if not rows:
         raise DataError("the dataset holds no rows")
+    return rows
+
+
+def _looks_like_hub_name(text: str) -> bool:
+    parts = text.split("/")
+    return (len(parts) == 2 and all(parts) and not text.startswith((".", "~"))
+            and not text.endswith(DATA_SUFFIXES) and not Path(parts[0]).exists())
+
+
+def _is_dataset_dict(obj) -> bool:
+    return type(obj).__name__ in ("DatasetDict", "IterableDatasetDict") and hasattr(obj, "keys")
+
+
+def _one_split(dataset_dict, split: str | None, where: str) -> list[Row]:
+    splits = sorted(dataset_dict.keys())
+    if split is None and len(splits) != 1:
+        raise DataError(f"{where}: a DatasetDict with splits {', '.join(splits)}; name one "
+                        f"({where}:{splits[0]}, or dataset['{splits[0]}'] in Python)")
+    split = split if split is not None else splits[0]
+    if split not in splits:
+        raise DataError(f"{where}: no split {split!r}; the splits are {', '.join(splits)}")
+    return _from_dataset(dataset_dict[split], f"{where}:{split}")
+
+
+def _read_saved(folder: Path, split: str | None) -> list[Row]:
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(folder))
+    except (FileNotFoundError, ValueError) as e:
+        raise DataError(f"{folder}: not a dataset folder written by save_to_disk ({e})") from None
+    if _is_dataset_dict(loaded):
+        return _one_split(loaded, split, str(folder))
+    if split:
+        raise DataError(f"{folder}: a single Dataset has no split {split!r}; pass the folder alone")
+    return _from_dataset(loaded, str(folder))
+
+
+def _from_dataset(ds, name: str) -> list[Row]:
+    rows = [Row(f"{name}:row {i}", _as_dict(r, f"{name}:row {i}")) for i, r in enumerate(ds)]
+    if not rows:
+        raise DataError(f"{name}: the dataset holds no rows")
     return rows
 
 

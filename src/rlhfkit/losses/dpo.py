@@ -10,6 +10,15 @@ Rankings of n answers tau (best first), the Plackett-Luce model (paper, appendix
 
 For n = 2 the two are equal. Log-probabilities are sums over completion tokens only. The
 gradient w.r.t. log pi(y_w) is -beta * sigma(r_hat_l - r_hat_w), the opposite on log pi(y_l).
+
+DPO can raise the margin while the chosen answers' own likelihood falls (likelihood
+displacement). RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization", eq. 2;
+TRL's ``rpo_alpha``) adds the chosen answers' negative log-likelihood:
+
+    L_RPO = L_DPO + alpha * NLL(y_w | x)
+
+with the NLL here a mean over all chosen tokens of the global batch (as SFT's loss; the paper
+divides each answer by its own length).
 """
 
 from __future__ import annotations
@@ -26,6 +35,11 @@ def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chose
     losses = -F.logsigmoid(chosen_rewards - rejected_rewards)
     denom = chosen_logps.shape[0] if num_pairs is None else max(float(num_pairs), 1.0)
     return losses.sum() / denom, _sums(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps)
+
+
+def chosen_nll(chosen_logps: torch.Tensor, num_tokens: float):
+    """RPO's term: -(sum of the chosen answers' (B,) log-probs) / the chosen tokens of the global batch."""
+    return -chosen_logps.sum() / max(float(num_tokens), 1.0)
 
 
 def plackett_luce_loss(logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor, beta: float,

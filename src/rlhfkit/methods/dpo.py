@@ -18,7 +18,7 @@ import torch
 from ..data.encode import OVERLONG_POLICIES, SFTExample, collate_sft, to_device
 from ..data.prefs import RankingBatch, collate_rankings, count_pairs, encode_rankings
 from ..data.rows import DataError, Row, read_rows
-from ..losses.dpo import dpo_loss, plackett_luce_loss
+from ..losses.dpo import chosen_nll, dpo_loss, plackett_luce_loss
 from ..models.forward import eval_mode, token_logprobs
 from ..models.load import load_causal_lm, load_tokenizer
 from ..models.lora import Reference, is_adapter_folder
@@ -46,6 +46,7 @@ class DPOConfig:
     max_length: int = 128
     overlong: str = "error"
     beta: float = 0.1
+    rpo_alpha: float = 0.0  # > 0: add rpo_alpha x the chosen answers' NLL per token (RPO; TRL's rpo_alpha)
     reference: str = "precompute"  # precompute (once, then no reference model) | forward (every step)
     sft_first_steps: int = 0  # > 0: no SFT model yet, first maximise the likelihood of the chosen answers
     eval_limit: int = 500  # held-out rows used, for both evals; 0 = all
@@ -57,6 +58,7 @@ class DPOConfig:
         choice("overlong", self.overlong, OVERLONG_POLICIES)
         choice("eval_task", self.eval_task, TASK_CHOICES)
         at_least("sft_first_steps", self.sft_first_steps, 0)
+        at_least("rpo_alpha", self.rpo_alpha, 0.0)
         at_least("eval_max_new_tokens", self.eval_max_new_tokens, 1)
         if not self.beta > 0:
             raise ConfigError(f"config key 'beta' must be > 0; got {self.beta!r}")
@@ -80,12 +82,15 @@ def precompute_reference(reference, examples: list, pad_id: int, batch_size: int
     return out
 
 
-def dpo_objective(beta: float, reference: Reference | None = None) -> Objective:
+def dpo_objective(beta: float, reference: Reference | None = None, rpo_alpha: float = 0.0) -> Objective:
     """``reference=None``: the batch carries precomputed reference log-probs; else the frozen
-    reference (models/lora.py ``Reference``) is forwarded on every batch."""
+    reference (models/lora.py ``Reference``) is forwarded on every batch. ``rpo_alpha > 0``
+    adds RPO's NLL of the best answers (losses/dpo.py ``chosen_nll``)."""
 
     def counts(batch) -> dict:
-        return {"prompts": batch.num_prompts, "pairs": count_pairs(batch)}
+        best = batch.slot % batch.mask.shape[1] == 0  # (N,) the chosen / best-ranked outputs
+        return {"prompts": batch.num_prompts, "pairs": count_pairs(batch),
+                "chosen_tokens": batch.completion_mask[best].sum().item()}
 
     def loss(model, batch, totals):
         logps = batch.grid(sequence_logps(model, batch))  # (P, K)
@@ -102,6 +107,10 @@ def dpo_objective(beta: float, reference: Reference | None = None) -> Objective:
         metrics = {k: sums[k] / prompts for k in ("rewards_chosen", "rewards_rejected", "margin",
                                                     "logps_chosen", "logps_rejected")}
         metrics["preference_accuracy"] = sums["correct"] / max(totals["pairs"], 1.0)
+        if rpo_alpha > 0:
+            nll = chosen_nll(logps[:, 0], totals["chosen_tokens"])
+            value = value + rpo_alpha * nll
+            metrics["nll_chosen"] = nll.detach()
         return value, metrics
 
     return Objective(counts, loss)
@@ -141,7 +150,7 @@ def sft_on_chosen(model, tokenizer, examples, cfg: DPOConfig, resuming: bool) ->
         if not ((Path(folder) / "model" / "config.json").is_file() or is_adapter_folder(f"{folder}/model")):
             raise CheckpointError(f"resume=true with sft_first_steps > 0 but {folder}/model is missing")
         return f"{folder}/model"
-    sft_cfg = replace(cfg.train, out_dir=folder, max_steps=cfg.sft_first_steps, eval_every=0, save_every=0, resume=False)
+    sft_cfg = replace(cfg.train, out_dir=folder, max_steps=cfg.sft_first_steps, epochs=0, eval_every=0, save_every=0, resume=False)
     run = start_run(sft_cfg, cfg, "dpo-sft")
     chosen = [SFTExample(e.prompt_ids + e.completion_ids[0], len(e.prompt_ids)) for e in examples]
     train_offline(run, model, chosen, lambda rows: collate_sft(rows, tokenizer.pad_token_id), sft_objective())
@@ -153,7 +162,8 @@ def run_dpo(cfg: DPOConfig) -> dict:
     run = start_run(cfg.train, cfg, "dpo")
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
     pad = tokenizer.pad_token_id
-    examples, report = encode_rankings(refuse_ties(read_rows(cfg.train_data)), tokenizer, cfg.max_length, cfg.overlong)
+    examples, report = encode_rankings(refuse_ties(read_rows(cfg.train_data)), tokenizer, cfg.max_length, cfg.overlong,
+                                       method="dpo")
     run.say(f"{cfg.train_data}: {report.summary()}")
     pref_rows = refuse_ties(head(read_rows(cfg.eval_data), cfg.eval_limit)) if cfg.eval_data else []
     prompts = held_out(cfg.eval_prompts, cfg.eval_limit, cfg.eval_task)
@@ -179,7 +189,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
         out = {"preference_accuracy": preference_accuracy(model, pref_eval, pad)} if pref_eval else {}
         return {**out, **(accuracy() if prompts else {})}
 
-    train_offline(run, model, examples, lambda rows: collate_rankings(rows, pad), dpo_objective(cfg.beta, reference),
+    train_offline(run, model, examples, lambda rows: collate_rankings(rows, pad), dpo_objective(cfg.beta, reference, cfg.rpo_alpha),
                   evaluate if (pref_eval or prompts) else None)
     summary = {"loss": run.metrics.get("loss"), "reference": cfg.reference, "length_report": report.summary(), **before}
     if run.evals:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..data.formats import user_prompt
 from ..data.rows import read_rows
 from ..losses.grpo import REDUCTIONS, group_advantages, grpo_loss, process_advantages
 from ..models.load import load_causal_lm, load_tokenizer
@@ -143,7 +144,7 @@ def rollout(backend, tokenizer, rows, cfg: GRPOConfig, rewards: Rewards) -> Roll
     samples = backend.generate(row_prompt_ids(tokenizer, rows), params)
     generation_s = time.time() - start
     texts = decode(tokenizer, samples)
-    prompts = [r.data.get("prompt", "") for r in rows for _ in range(cfg.group_size)]
+    prompts = [user_prompt(r) for r in rows for _ in range(cfg.group_size)]  # text, or chat messages
     keys = sorted({k for r in rows for k in r.data} - {"prompt", "messages"})
     fields = {k: [r.data.get(k) for r in rows for _ in range(cfg.group_size)] for k in keys}
     outcome = score_outcomes(rewards.functions, rewards.weights, prompts, texts, fields, cfg.reward_errors)
@@ -250,8 +251,8 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
     evaluate = accuracy_eval(backend, policy, tokenizer, eval_rows, cfg.eval_max_new_tokens)
     before = evaluate() if evaluate else {}  # the start model's, also on resume
     optimizer = build_optimizer(policy, tc.lr, tc.weight_decay)
-    run.attach(policy, optimizer, build_scheduler(optimizer, tc.max_steps * cfg.mu, tc.warmup_steps, tc.schedule,
-                                                  tc.min_lr_ratio))
+    total = run.plan(len(rows), cfg.prompts_per_step) * cfg.mu  # optimizer steps
+    run.attach(policy, optimizer, build_scheduler(optimizer, total, tc.warmup_steps, tc.schedule, tc.min_lr_ratio))
     order = BatchOrder(len(rows), cfg.prompts_per_step, tc.seed)
     for step in run.steps():
         sync = time.time()

@@ -333,8 +333,8 @@ def run_ppo(cfg: PPOConfig, backend=None) -> dict:
     trained = torch.nn.ModuleDict({"actor": models["actor"], "critic": models["critic"]})
     optimizer = build_optimizer(trained, tc.lr, tc.weight_decay, {"actor": tc.lr, "critic": cfg.critic_lr})
     before = evaluate(models, backend, tokenizer, eval_rows, cfg) if eval_rows else {}  # the start model's
-    run.attach(trained, optimizer, build_scheduler(optimizer, tc.max_steps * updates, tc.warmup_steps, tc.schedule,
-                                                   tc.min_lr_ratio))
+    total = run.plan(len(rows), cfg.prompts_per_step) * updates  # optimizer steps
+    run.attach(trained, optimizer, build_scheduler(optimizer, total, tc.warmup_steps, tc.schedule, tc.min_lr_ratio))
     kl_ctl = AdaptiveKL(run.state.get("kl_coef", cfg.kl_coef), cfg.target_kl or 1.0, cfg.kl_horizon)
     order, kls = BatchOrder(len(rows), cfg.prompts_per_step, tc.seed), []
     for step in run.steps():
@@ -353,7 +353,7 @@ def run_ppo(cfg: PPOConfig, backend=None) -> dict:
                        time_weight_sync_s=sync)
         run.step_done(means=metrics, state={"kl_coef": kl_ctl.beta},
                       evaluate=(lambda: evaluate(models, backend, tokenizer, eval_rows, cfg)) if eval_rows else None)
-    run.save_model(models["critic"], None, f"{tc.out_dir}/critic")
+    run.save_model(models["critic"], None, f"{tc.out_dir}/critic", what="critic")
     return run.finish(models["actor"], tokenizer, ppo_summary(run, kls, kl_ctl.beta, before, models))
 
 

@@ -94,7 +94,7 @@ def ranking_metrics(model, examples, pad_id: int, batch_size: int = 64) -> dict:
 def run_rm(cfg: RMConfig) -> dict:
     run = start_run(cfg.train, cfg, "rm")
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
-    examples, report = encode_rankings(read_rows(cfg.train_data), tokenizer, cfg.max_length, cfg.overlong)
+    examples, report = encode_rankings(read_rows(cfg.train_data), tokenizer, cfg.max_length, cfg.overlong, method="rm")
     run.say(f"{cfg.train_data}: {report.summary()}")
     held_out = []
     if cfg.eval_data:

@@ -4,8 +4,11 @@ Conventions: ``logprobs[:, t] = log pi(input_ids[:, t] | input_ids[:, <t])`` so 
 applies to log-probs unshifted; position 0 has no prediction and gets 0. Position ids always
 come from the attention mask, so left- and right-padded rows give the same numbers.
 
-These functions call the backbone and the head themselves (to skip logits nobody reads), so
-each runs through ``as_forward``: on a model sharded with FSDP2 the root module's own parameters
+These functions call the backbone and the head themselves (to skip logits nobody reads) and then
+apply the model's own final processing of the logits (``lm_logits``: Gemma-2's soft-capping,
+Granite's and Cohere's scaling), so the numbers are the model's own forward's; ``head_gap``
+measures it once per loaded model and load.py refuses an architecture whose head does more.
+Each runs through ``as_forward``: on a model sharded with FSDP2 the root module's own parameters
 (embeddings, final norm, head) are gathered only around a registered forward method, and
 ``as_forward`` is that method (train/shard.py registers it); on any other model it is a call.
 """
@@ -60,6 +63,40 @@ def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) 
     return out.last_hidden_state
 
 
+# The final processing some causal LMs apply after the head, keyed by the config field that
+# turns it on (transformers' modeling files: Gemma2/3ForCausalLM, GraniteForCausalLM,
+# CohereForCausalLM). Without it a Gemma-2 log-prob is off by tens of nats.
+LOGIT_PROCESSING = {
+    "final_logit_softcapping": lambda logits, cap: torch.tanh(logits / cap) * cap,  # Gemma-2, Gemma-3
+    "logits_scaling": lambda logits, scale: logits / scale,  # Granite
+    "logit_scale": lambda logits, scale: logits * scale,  # Cohere
+}
+
+
+def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's logits for ``hidden`` (..., H) states: the head, then its final processing."""
+    logits = model.get_output_embeddings()(hidden)
+    config = model.config
+    for field, apply in LOGIT_PROCESSING.items():
+        value = getattr(config, field, None)
+        if value is not None and not isinstance(value, bool):
+            logits = apply(logits, value)
+    return logits
+
+
+def head_gap(model) -> float:
+    """Largest relative gap between the model's own forward's logits and ``lm_logits`` on its
+    hidden states, over five tokens. load.py refuses a model where it is not ~0: an architecture
+    with a final step this module does not know would otherwise give wrong log-probs silently."""
+    ids = torch.arange(1, 6, device=model.device).remainder(model.get_input_embeddings().num_embeddings)[None]
+    mask = torch.ones_like(ids)
+    with eval_mode(model):
+        ours = as_forward(model, lambda m: lm_logits(m, hidden_states(m, ids, mask))).float()
+        theirs = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                       use_cache=False).logits.float()
+    return ((ours - theirs).abs().max() / theirs.abs().max().clamp(min=1.0)).item()
+
+
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    target_mask: torch.Tensor | None = None, with_entropy: bool = False):
     return as_forward(model, _token_logprobs, input_ids, attention_mask, target_mask, with_entropy)
@@ -76,7 +113,7 @@ def _token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     hidden = hidden_states(model, input_ids, attention_mask)[:, :-1]  # (B, T-1, H)
     targets = input_ids[:, 1:]  # (B, T-1)
     select = (target_mask[:, 1:] if target_mask is not None else attention_mask[:, 1:]).bool()
-    logits = model.get_output_embeddings()(hidden[select]).float()  # (N, V)
+    logits = lm_logits(model, hidden[select]).float()  # (N, V)
     logp_all = logits.log_softmax(-1)
     picked = logp_all.gather(-1, targets[select].unsqueeze(-1)).squeeze(-1)  # (N,)
     logprobs = _unselect(picked, select)

@@ -14,6 +14,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from .forward import lm_logits
 from .kernels import linear
 from .lora import has_adapters
 
@@ -77,4 +78,4 @@ class LeanDecoder:
             h = layer.post_attention_layernorm(x)
             x = x + layer.mlp(h)
         self.length = end
-        return self.model.get_output_embeddings()(self.base.norm(x[:, -1])).float()
+        return lm_logits(self.model, self.base.norm(x[:, -1])).float()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from .forward import head_gap
 from .kernels import use_fast_linear
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -78,6 +79,15 @@ def check_vocab(model, tokenizer, where: str) -> None:
         )
 
 
+def check_head(model, where: str) -> None:
+    """Refuse a causal LM whose logits rlhfkit's forwards would not reproduce (models/forward.py)."""
+    gap = head_gap(model)
+    if not gap <= 1e-3:
+        raise ModelLoadError(f"{where}: rlhfkit's logits differ from the model's own forward by {gap:.3g} "
+                             f"({type(model).__name__} applies a final step that models/forward.py "
+                             "LOGIT_PROCESSING does not know)")
+
+
 def load_causal_lm(path, tokenizer=None, dtype: str = "fp32", device: str = "cpu", copy: bool = False):
     """A causal LM from an HF folder (a LoRA adapter folder loads its base with the adapter
     merged in), in ``dtype`` on ``device``; checks the tokenizer fits when given.
@@ -93,6 +103,7 @@ def load_causal_lm(path, tokenizer=None, dtype: str = "fp32", device: str = "cpu
     if tokenizer is not None:
         check_vocab(model, tokenizer, str(path) if isinstance(path, (str, Path)) else type(path).__name__)
         model.generation_config.pad_token_id = tokenizer.pad_token_id
+    check_head(model, str(path) if isinstance(path, (str, Path)) else type(path).__name__)
     use_fast_linear(model)  # CPU fp32 only; elsewhere the layers run F.linear unchanged
     return model.to(device)
 

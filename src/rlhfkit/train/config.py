@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import types
 import typing
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ def at_least(key: str, value, low, what: str = "") -> None:
 
 SCHEDULES = ("cosine", "constant", "linear")
 TRAIN_DTYPES = ("fp32", "bf16")
+REPORT_TO = ("tensorboard", "wandb", "none")
 
 
 @dataclass(frozen=True)
@@ -38,25 +40,27 @@ class TrainConfig:
     # SFT, RM, DPO: optimizer steps. GRPO, PPO: rollout steps (each gives mu, or ppo_epochs x
     # minibatches, optimizer steps); the progress bar, the logs and result.json name the unit.
     max_steps: int = 100
+    epochs: float = 0  # > 0: passes over the training data instead of max_steps (steps = ceil(epochs x rows / batch))
     batch_size: int = 32  # rows per optimizer step, over all ranks (SFT, RM, DPO; GRPO/PPO: prompts_per_step)
     micro_batch_size: int = 0  # rows per forward on one rank; 0 = the whole per-rank batch
-    lr: float = 1e-4
+    lr: float = 1e-4  # peak learning rate (AdamW)
     schedule: str = "cosine"  # cosine | constant | linear
     warmup_steps: int = 0  # always counts optimizer steps
-    min_lr_ratio: float = 0.0
-    weight_decay: float = 0.0
+    min_lr_ratio: float = 0.0  # the schedule's floor, as a fraction of lr
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay
     max_grad_norm: float = 1.0  # 0 = no clipping
     dtype: str = "fp32"  # fp32 | bf16 (autocast for the trained forwards; master weights stay fp32)
     strategy: str = "replicate"  # replicate (whole model on every rank) | fsdp (FSDP2 sharding, train/shard.py)
     device: str = "auto"  # auto (CUDA when present, else CPU) | cpu | cuda
-    seed: int = 0
-    log_every: int = 10
+    seed: int = 0  # weights' fresh parts, data order, sampling (each rank adds its rank)
+    log_every: int = 10  # steps between lines of metrics.jsonl
     eval_every: int = 0  # 0 = only at the end
     save_every: int = 0  # 0 = only at the end
     keep_checkpoints: int = 2  # 0 = keep all
     resume: bool | str = False  # true | false | auto (resume when a complete checkpoint exists)
-    progress: bool = True
-    tensorboard: bool = True
+    progress: bool = True  # a progress bar with ETA on stderr
+    report_to: str = "tensorboard"  # tensorboard | wandb (WANDB_MODE=offline works) | none; metrics.jsonl always
+    plots: bool = True  # PNG curves of metrics.jsonl in <out>/plots at the end (train/plots.py)
     activation_checkpointing: bool = False  # recompute the trained models' layer activations in the backward
 
     def __post_init__(self):
@@ -64,11 +68,15 @@ class TrainConfig:
         choice("train.dtype", self.dtype, TRAIN_DTYPES)
         choice("train.strategy", self.strategy, ("replicate", "fsdp"))
         choice("train.device", self.device, ("auto", "cpu", "cuda"))
+        choice("train.report_to", self.report_to, REPORT_TO)
+        if self.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
+            raise ConfigError("config key 'train.report_to' is wandb but wandb is not installed (pip install wandb); "
+                              "use tensorboard or none")
         if not (isinstance(self.resume, bool) or self.resume == "auto"):
             raise ConfigError(f"config key 'train.resume' must be one of true, false, auto; got {self.resume!r}")
         for key in ("batch_size", "log_every"):
             at_least(f"train.{key}", getattr(self, key), 1)
-        for key in ("max_steps", "micro_batch_size", "warmup_steps", "eval_every", "save_every", "keep_checkpoints",
+        for key in ("max_steps", "epochs", "micro_batch_size", "warmup_steps", "eval_every", "save_every", "keep_checkpoints",
                     "weight_decay", "max_grad_norm", "min_lr_ratio"):
             at_least(f"train.{key}", getattr(self, key), 0)
         if not self.lr > 0:
@@ -81,7 +89,7 @@ class LoraConfig:
 
     r: int = 0  # adapter rank; 0 = no adapters (full fine-tuning)
     alpha: float = 16.0  # the update is scaled by alpha / r
-    dropout: float = 0.0
+    dropout: float = 0.0  # dropout on the adapters' input
     target_modules: str = "all-linear"  # every linear layer of the decoder (not the output head), or "q_proj,v_proj"
     merge: bool = False  # also save the merged model: <out>/model merged, the adapter in <out>/model/adapter
 

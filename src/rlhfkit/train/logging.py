@@ -1,9 +1,11 @@
-"""Metrics to ``<out>/metrics.jsonl`` (and TensorBoard when installed), a progress bar with ETA."""
+"""Metrics to ``<out>/metrics.jsonl`` and to a tracker (``train.report_to``: TensorBoard when
+installed, Weights & Biases, or none), a progress bar with ETA."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -12,21 +14,27 @@ from pathlib import Path
 class MetricsLogger:
     """Append-only jsonl of metric dicts; rank 0 only (pass ``enabled=False`` elsewhere)."""
 
-    def __init__(self, out_dir: str | Path, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, out_dir: str | Path, enabled: bool = True, report_to: str = "tensorboard",
+                 name: str = "", config: dict | None = None):
         self.enabled = enabled
         self.path = Path(out_dir) / "metrics.jsonl"
-        self.writer = None
+        self.writer = self.wandb = None
         self.start = time.time()
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if tensorboard:
+        if report_to == "tensorboard":
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.writer = SummaryWriter(str(Path(out_dir) / "tensorboard"))
             except ImportError:
                 self.writer = None
+        elif report_to == "wandb":  # WANDB_MODE=offline writes <out>/wandb/offline-run-* for `wandb sync`
+            import wandb
+
+            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "rlhfkit"), name=name or None,
+                                    dir=str(Path(out_dir)), config=config or {}, reinit="finish_previous")
 
     def log(self, step: int, metrics: dict, prefix: str = "train") -> None:
         if not self.enabled:
@@ -39,10 +47,15 @@ class MetricsLogger:
             for k, v in record.items():
                 if k not in ("step", "time_s") and isinstance(v, (int, float)):
                     self.writer.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}, step=step)
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
 
 
 def _plain(value):

@@ -102,7 +102,7 @@ def train_offline(run: Run, model, examples: list, collate: Callable, objective:
     cfg, info = run.cfg, run.info
     per_rank, micro = split_batch(cfg, info)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
-    scheduler = build_scheduler(optimizer, cfg.max_steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio)
+    scheduler = build_scheduler(optimizer, run.plan(len(examples), cfg.batch_size), cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio)
     run.attach(model, optimizer, scheduler)
     order = BatchOrder(len(examples), cfg.batch_size, cfg.seed)
     evaluate = (lambda: eval_fn(model)) if eval_fn is not None else None

@@ -20,6 +20,7 @@ written by every rank and completed by rank 0, followed by a barrier, and a prog
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 import sys
@@ -30,6 +31,7 @@ from typing import Callable
 import torch
 import yaml
 
+from ..models.card import write_model_card
 from ..models.kernels import use_fast_linear
 from ..models.load import is_sharded
 from ..models.lora import LoraSettings, apply_lora, enable_activation_checkpointing
@@ -45,6 +47,7 @@ from .config import LoraConfig, TrainConfig, plain_dict
 from .dist import DistInfo, all_reduce_sum, barrier, broadcast_params, init_distributed
 from .logging import MetricsLogger, progress
 from .optim import check_finite, optimizer_step
+from .plots import plot_runs
 from .shard import save_everywhere, shard
 
 
@@ -97,6 +100,7 @@ class Run:
     unit: str  # what one of max_steps counts: "optimizer step" or "rollout step"
     resuming: bool = False  # train.resume resolved (auto: a complete checkpoint was there)
     show: tuple[str, ...] = ("loss",)  # metrics shown on the progress bar
+    max_steps: int = 0  # train.max_steps, or the steps train.epochs makes (``plan``)
     start: int = 0
     done: int = 0
     optimizer_steps: int = 0
@@ -144,9 +148,15 @@ class Run:
             enable_activation_checkpointing(model)
         return model
 
-    def save_model(self, model, tokenizer, out_dir) -> None:
-        """A ``save_pretrained`` folder (LoRA: the adapter, and the merged model with ``lora.merge``)."""
+    def save_model(self, model, tokenizer, out_dir, metrics: dict | None = None, what: str = "model") -> None:
+        """A ``save_pretrained`` folder (LoRA: the adapter, and the merged model with ``lora.merge``)
+        with a ``README.md`` model card: ``metrics``, by default the last eval's and step's."""
         save_everywhere(model, tokenizer, out_dir, self.info, merge=self.merge)
+        if self.info.is_main:
+            if metrics is None:
+                metrics = {"step": self.done, **{f"train/{k}": v for k, v in self.metrics.items()},
+                           **{f"eval/{k}": v for k, v in (self.evals[-1] if self.evals else {}).items() if k != "step"}}
+            write_model_card(out_dir, self.name, self.config, metrics, what)
 
     def shard(self, model: torch.nn.Module) -> torch.nn.Module:
         """Spread ``model`` over the ranks as ``train.strategy`` says (train/shard.py); copy it first."""
@@ -164,6 +174,14 @@ class Run:
         state = sum(local(v) for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim())
         return 2 * sum(local(p) for p in trained.parameters() if p.requires_grad) + state
 
+    def plan(self, rows: int, per_step: int) -> int:
+        """The number of steps to run: ``train.epochs`` passes over ``rows`` training rows,
+        ``per_step`` of them a step, when epochs is set; else ``train.max_steps``."""
+        if self.cfg.epochs > 0:
+            self.max_steps = max(1, math.ceil(self.cfg.epochs * rows / per_step))
+            self.say(f"epochs={self.cfg.epochs:g} over {rows} rows, {per_step} a step: {self.max_steps} {self.unit}s")
+        return self.max_steps
+
     def attach(self, trained: torch.nn.Module, optimizer, scheduler) -> None:
         """Start every rank from rank 0's weights, seed, and restore the last checkpoint on resume."""
         self.modules = (trained, optimizer, scheduler)
@@ -175,14 +193,15 @@ class Run:
             self.state = load_checkpoint(path, trained, optimizer, scheduler, self.info)
             self.start = self.done = self.state["step"]
             self.optimizer_steps = self.state.get("optimizer_steps", 0)
-            self.say(f"resuming from {path} ({self.unit} {self.start} of {self.cfg.max_steps})")
-        self.logger = MetricsLogger(self.cfg.out_dir, enabled=self.info.is_main, tensorboard=self.cfg.tensorboard)
-        self.bar = progress(self.cfg.max_steps, self.start, desc=f"{self.name} ({self.unit}s)",
+            self.say(f"resuming from {path} ({self.unit} {self.start} of {self.max_steps})")
+        self.logger = MetricsLogger(self.cfg.out_dir, enabled=self.info.is_main, report_to=self.cfg.report_to,
+                                    name=f"{self.name} {Path(self.cfg.out_dir).name}", config=self.config)
+        self.bar = progress(self.max_steps, self.start, desc=f"{self.name} ({self.unit}s)",
                             enabled=self.info.is_main and self.cfg.progress)
 
     def steps(self):
         """The step indices still to run (0-based); stops early when an eval asks to."""
-        for step in range(self.start, self.cfg.max_steps):
+        for step in range(self.start, self.max_steps):
             yield step
             if self.stopped_early:
                 break
@@ -204,7 +223,7 @@ class Run:
         """End of one step: log (metrics reduced over ranks), evaluate, checkpoint on cadence."""
         cfg, done = self.cfg, self.done + 1
         self.done = done
-        last = done == cfg.max_steps
+        last = done == self.max_steps
         trained, optimizer, scheduler = self.modules
         self.metrics = reduce_metrics(means or {}, shares or {}, self.info)
         self.metrics.update(lr=scheduler.get_last_lr()[0], optimizer_steps=self.optimizer_steps)
@@ -244,10 +263,16 @@ class Run:
         summary = {"steps": self.done, "steps_unit": self.unit, "optimizer_steps": self.optimizer_steps,
                    "evals": self.evals, **summary}
         out = Path(self.cfg.out_dir)
-        self.save_model(model, tokenizer, out / "model")
+        last = {f"train/{k}": v for k, v in self.metrics.items() if k in ("loss", "reward_mean", "rm_score", "kl")}
+        final = {**{k: v for k, v in summary.items() if k != "evals"}, **last,
+                 **{f"eval/{k}": v for k, v in (self.evals[-1] if self.evals else {}).items() if k != "step"}}
+        self.save_model(model, tokenizer, out / "model", metrics=final,
+                        what="reward model" if self.name == "rm" else "model")
         if self.info.is_main:
             write_config(out, self.config)
             (out / "result.json").write_text(json.dumps(summary, indent=1))
+            if self.cfg.plots:
+                plot_runs([out], out / "plots")
         barrier(self.info)
         return summary
 
@@ -264,4 +289,4 @@ def start_run(cfg: TrainConfig, config, name: str, unit: str = "optimizer step",
     resolved = plain_dict(config)
     if info.is_main:
         write_config(Path(cfg.out_dir), resolved)  # a config that cannot be written fails here, not at the end
-    return Run(cfg, resolved, info, name, unit, resuming, show)
+    return Run(cfg, resolved, info, name, unit, resuming, show, max_steps=cfg.max_steps)

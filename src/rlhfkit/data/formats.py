@@ -1,0 +1,105 @@
+"""TRL's dataset formats (https://huggingface.co/docs/trl/dataset_formats), read as they are.
+
+Each row is one of these, told apart by its fields; any text field may instead be a list of
+``{"role", "content"}`` messages (the conversational form), rendered by the tokenizer's chat
+template:
+
+    language modeling     text  |  messages                         SFT
+    prompt-only           prompt (+ fields rewards read)            GRPO, PPO
+    prompt-completion     prompt, completion                        SFT
+    preference            prompt, chosen, rejected                  RM, DPO
+    implicit preference   chosen, rejected (shared prefix = prompt) RM, DPO
+    ranking (rlhfkit)     prompt, completions best first [, ranks]  RM, DPO
+    unpaired preference   prompt, completion, label                 none here (TRL's KTO)
+    stepwise supervision  prompt, completions, labels               a process reward model (PRM)
+
+A method given a format it does not take refuses it, naming the method that does: an unpaired
+row's ``label`` would otherwise be ignored and a false-labelled answer trained on, and stepwise
+rows would be read as a ranking.
+"""
+
+from __future__ import annotations
+
+from .rows import DataError, Row
+
+FORMAT_NAMES = {
+    "language_modeling": "language-modeling (text / messages)",
+    "prompt_only": "prompt-only (a 'prompt' without 'completion')",
+    "prompt_completion": "prompt-completion",
+    "preference": "preference (prompt, chosen, rejected)",
+    "implicit_preference": "implicit-preference (chosen, rejected)",
+    "ranking": "ranking (prompt, completions)",
+    "unpaired_preference": "unpaired-preference (prompt, completion, label)",
+    "stepwise": "stepwise-supervision (prompt, completions, labels)",
+}
+TAKEN_BY = {
+    "language_modeling": "sft", "prompt_completion": "sft", "prompt_only": "grpo and ppo",
+    "preference": "rm and dpo", "implicit_preference": "rm and dpo", "ranking": "rm and dpo",
+    "unpaired_preference": "KTO (TRL's KTOTrainer), which rlhfkit does not have; for sft keep the rows whose "
+                           "label is true and drop 'label'",
+    "stepwise": "a process reward model (PRM); for rm or dpo give rankings or pairs",
+}
+
+
+def row_format(row: Row) -> str:
+    """Which of the formats above ``row`` is, from its fields."""
+    d = row.data
+    if "labels" in d and "completions" in d:
+        return "stepwise"
+    if "label" in d and "completion" in d:
+        return "unpaired_preference"
+    if "chosen" in d or "rejected" in d:
+        return "preference" if "prompt" in d else "implicit_preference"
+    if "completions" in d:
+        return "ranking"
+    if "completion" in d:
+        return "prompt_completion"
+    if "text" in d or ("messages" in d and "prompt" not in d):
+        return "language_modeling"
+    return "prompt_only"
+
+
+def require_format(row: Row, method: str, accepted: tuple[str, ...]) -> str:
+    """``row``'s format, or a DataError saying which method takes it."""
+    fmt = row_format(row)
+    if fmt not in accepted:
+        raise DataError(f"{row.where}: a {FORMAT_NAMES[fmt]} row is not {method} data; "
+                        f"that format is for {TAKEN_BY[fmt]}")
+    return fmt
+
+
+def is_chat(value) -> bool:
+    """A list of ``{"role", "content"}`` messages (the conversational form of a field)."""
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m for m in value)
+
+
+def check_messages(row: Row, field: str, messages, min_len: int = 1) -> list[dict]:
+    if not isinstance(messages, list) or len(messages) < min_len:
+        raise DataError(f"{row.where}: field '{field}' must be a list of at least {min_len} message(s)")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DataError(f"{row.where}: field '{field}[{i}]' must have string 'role' and 'content'")
+    return messages
+
+
+def user_prompt(row: Row):
+    """The prompt as the user wrote it, for reward functions: the ``prompt`` field (text or
+    messages), or a ``messages`` conversation without its final assistant answer."""
+    if "prompt" in row.data:
+        return row.data["prompt"]
+    messages = row.data.get("messages")
+    if is_chat(messages):
+        return messages[:-1] if messages[-1].get("role") == "assistant" and len(messages) > 1 else messages
+    return ""
+
+
+def shared_prefix(chosen, rejected):
+    """(prompt, chosen rest, rejected rest) of an implicit-preference pair: the longest common
+    prefix (of characters, or of whole messages) is the prompt. For text, a space just before
+    the split stays with the answers, as TRL's ``extract_prompt`` does."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if isinstance(chosen, str) and 0 < n and chosen[n - 1] == " ":
+        n -= 1
+    return chosen[:n], chosen[n:], rejected[n:]

@@ -1,0 +1,50 @@
+"""A ``README.md`` model card in every saved model folder, as TRL and the Hub write one.
+
+It says what the folder is and how it was made: the method, the model it started from, the
+data files, the final metrics and the whole resolved config, under Hub-style YAML front matter
+(``base_model``, ``library_name``, ``tags``) so that a Hub upload shows it as a model page.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+METHOD_NAMES = {"sft": "supervised fine-tuning (SFT)", "rm": "a reward model (Bradley-Terry / K-way rankings)",
+                "dpo": "DPO (direct preference optimization)", "grpo": "GRPO (group relative policy optimization)",
+                "ppo": "PPO (InstructGPT stage 3)"}
+
+
+def _data_files(config: dict) -> dict[str, str]:
+    return {k: v for k, v in config.items() if (k.endswith("_data") or k == "eval_prompts") and v}
+
+
+def model_card(method: str, config: dict, metrics: dict, what: str = "model") -> str:
+    """The card's text: front matter, a summary, the final metrics and the resolved config."""
+    base = config.get("model") or "?"
+    front = {"library_name": "transformers", "tags": ["rlhfkit", method], "base_model": str(base)}
+    loader = "AutoModelForSequenceClassification" if what in ("reward model", "critic") else "AutoModelForCausalLM"
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
+             f"# {Path(str(config.get('train', {}).get('out_dir', what))).name}: {what} trained with rlhfkit", "",
+             f"- method: {METHOD_NAMES.get(method, method)}",
+             f"- base model: `{base}`"]
+    lines += [f"- {k}: `{v}`" for k, v in _data_files(config).items()]
+    lines += ["", "## Final metrics", "", "| metric | value |", "| --- | --- |"]
+    lines += [f"| {k} | {_number(v)} |" for k, v in metrics.items() if isinstance(v, (int, float, str)) and v != ""]
+    lines += ["", "## Use", "", "```python", f"from transformers import AutoTokenizer, {loader}", "",
+              f'model = {loader}.from_pretrained("PATH_TO_THIS_FOLDER")',
+              'tokenizer = AutoTokenizer.from_pretrained("PATH_TO_THIS_FOLDER")', "```", "",
+              "## Resolved config", "", "```yaml", yaml.safe_dump(config, sort_keys=False).strip(), "```", ""]
+    return "\n".join(lines)
+
+
+def _number(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else json.dumps(value) if not isinstance(value, str) else value
+
+
+def write_model_card(folder: str | Path, method: str, config: dict, metrics: dict, what: str = "model") -> Path:
+    path = Path(folder) / "README.md"
+    path.write_text(model_card(method, config, metrics, what))
+    return path

@@ -1,0 +1,177 @@
+"""TRL's dataset formats, standard and conversational, per method; refused formats name the method
+that takes them; datasets objects, saved folders and Hub names as inputs (issue #15, items 2-4)."""
+
+import datasets
+import pytest
+
+from rlhfkit.data.encode import collate_sft, encode_sft, prompt_text
+from rlhfkit.data.formats import user_prompt
+from rlhfkit.data.prefs import encode_rankings
+from rlhfkit.data.rows import DataError, Row, read_rows
+from rlhfkit.models.tokenizer import build_char_tokenizer
+from rlhfkit.rollout.evaluate import row_prompt_ids
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+USER, ASSISTANT = ({"role": "user", "content": "What is 1+2?"}, {"role": "assistant", "content": " 3"})
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_char_tokenizer()  # template: <|user|>...<|assistant|>...<eos>
+
+
+@pytest.fixture(scope="module")
+def chatml():
+    """A Qwen-instruct-like tokenizer: turns end with <|im_end|>, which is its EOS."""
+    t = build_char_tokenizer()
+    t.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    t.eos_token, t.chat_template = "<|im_end|>", CHATML
+    return t
+
+
+def _rows(*dicts):
+    return [Row(f"d.jsonl:{i + 1}", d) for i, d in enumerate(dicts)]
+
+
+def _trained(tok, example) -> str:
+    batch = collate_sft([example], tok.pad_token_id)
+    return tok.decode([t for t, m in zip(batch.input_ids[0].tolist(), batch.completion_mask[0].tolist()) if m])
+
+
+# --- SFT: language modeling, prompt-completion, and their conversational forms -----------------
+
+def test_sft_language_modeling_text_trains_the_whole_text(tok):
+    (e,), _ = encode_sft(_rows({"text": "What is 1+2? 3"}), tok, 64)
+    assert tok.decode(e.input_ids) == "What is 1+2? 3<eos>" and e.prompt_len == 0
+
+
+def test_sft_multi_turn_messages_train_every_assistant_turn_to_the_templates_end(chatml):
+    messages = [{"role": "system", "content": "Be brief."}, USER, ASSISTANT,
+                {"role": "user", "content": "And 2+2?"}, {"role": "assistant", "content": " 4"}]
+    (e,), _ = encode_sft(_rows({"messages": messages}), chatml, 256)
+    assert chatml.decode(e.input_ids) == chatml.apply_chat_template(messages, tokenize=False).rstrip("\n")
+    # both answers, each through its <|im_end|>; no bare EOS appended, no "\n" or user turn trained
+    assert _trained(chatml, e) == " 3<|im_end|> 4<|im_end|>"
+
+
+def test_sft_prompt_completion_standard_and_conversational(tok, chatml):
+    (plain,), _ = encode_sft(_rows({"prompt": "What is 1+2?", "completion": " 3"}), tok, 64)
+    assert _trained(tok, plain) == " 3<eos>"
+    (chat,), _ = encode_sft(_rows({"prompt": [USER], "completion": [ASSISTANT]}), chatml, 128)
+    prompt = chatml.apply_chat_template([USER], tokenize=False, add_generation_prompt=True)
+    assert chatml.decode(chat.input_ids[: chat.prompt_len]) == prompt  # no dummy assistant turn
+    assert _trained(chatml, chat) == " 3<|im_end|>"
+
+
+def test_a_template_that_writes_no_end_token_gets_eos(tok):
+    t = build_char_tokenizer()
+    t.chat_template = "{% for m in messages %}{{ m['role'] + ':' + m['content'] + '\n' }}{% endfor %}" \
+                      "{% if add_generation_prompt %}{{ 'assistant:' }}{% endif %}"
+    (e,), _ = encode_sft(_rows({"messages": [USER, ASSISTANT]}), t, 64)
+    assert _trained(t, e) == " 3<eos>"
+
+
+# --- RM and DPO: preference (explicit, implicit), rankings, conversational -----------------------
+
+PREFERENCE_ROWS = {
+    "preference": ({"prompt": "What is 1+2?", "chosen": " 3", "rejected": " 4"}, "What is 1+2?", [" 3", " 4"]),
+    "implicit_preference": ({"chosen": "What is 1+2? 3", "rejected": "What is 1+2? 4"}, "What is 1+2?", [" 3", " 4"]),
+    "ranking": ({"prompt": "What is 1+2?", "completions": [" 3", " 4", " 5"]}, "What is 1+2?", [" 3", " 4", " 5"]),
+    "conversational_preference": ({"prompt": [USER], "chosen": [ASSISTANT],
+                                   "rejected": [{"role": "assistant", "content": " 4"}]},
+                                  "<|user|>What is 1+2?<|assistant|>", [" 3<eos>", " 4<eos>"]),
+    "conversational_implicit_preference": ({"chosen": [USER, ASSISTANT],
+                                            "rejected": [USER, {"role": "assistant", "content": " 4"}]},
+                                           "<|user|>What is 1+2?<|assistant|>", [" 3<eos>", " 4<eos>"]),
+}
+
+
+@pytest.mark.parametrize("method", ["rm", "dpo"])
+@pytest.mark.parametrize("fmt", list(PREFERENCE_ROWS))
+def test_preference_formats_for_rm_and_dpo(tok, method, fmt):
+    row, prompt, answers = PREFERENCE_ROWS[fmt]
+    (e,), _ = encode_rankings(_rows(row), tok, 64, method=method)
+    assert tok.decode(e.prompt_ids) == prompt
+    assert [tok.decode(c) for c in e.completion_ids] == [a if a.endswith("<eos>") else a + "<eos>" for a in answers]
+    assert e.ranks == list(range(len(answers)))
+
+
+# --- GRPO and PPO: prompt-only, standard and conversational ---------------------------------------
+
+def test_prompt_only_standard_and_conversational(tok):
+    rows = _rows({"prompt": "What is 1+2?", "answer": 3}, {"prompt": [USER], "answer": 3})
+    ids = row_prompt_ids(tok, rows)
+    assert [tok.decode(i) for i in ids] == ["What is 1+2?", "<|user|>What is 1+2?<|assistant|>"]
+    assert user_prompt(rows[0]) == "What is 1+2?" and user_prompt(rows[1]) == [USER]  # as the user wrote it
+    assert user_prompt(_rows({"messages": [USER, ASSISTANT]})[0]) == [USER]
+
+
+# --- refused formats ------------------------------------------------------------------------------
+
+REFUSED = [
+    ("sft", {"prompt": "p", "completion": " 4", "label": False},
+     "d.jsonl:1: a unpaired-preference (prompt, completion, label) row is not sft data; that format is for KTO"),
+    ("sft", {"prompt": "p", "chosen": "a", "rejected": "b"},
+     "d.jsonl:1: a preference (prompt, chosen, rejected) row is not sft data; that format is for rm and dpo"),
+    ("sft", {"prompt": "p", "answer": 4},
+     "d.jsonl:1: missing field 'completion' (fields present: answer, prompt); a prompt-only row is grpo and ppo data"),
+    ("rm", {"prompt": "p", "completions": ["a", "b"], "labels": [True, False]},
+     "a stepwise-supervision (prompt, completions, labels) row is not rm data; that format is for a process "
+     "reward model"),
+    ("dpo", {"prompt": "p", "completions": ["a", "b"], "labels": [True, False]},
+     "a stepwise-supervision (prompt, completions, labels) row is not dpo data; that format is for a process "
+     "reward model"),
+    ("dpo", {"prompt": "p", "completion": "a", "label": True},
+     "a unpaired-preference (prompt, completion, label) row is not dpo data; that format is for KTO"),
+]
+
+
+@pytest.mark.parametrize("method,row,message", REFUSED)
+def test_refused_formats_name_the_method_that_takes_them(tok, method, row, message):
+    with pytest.raises(DataError) as err:
+        if method == "sft":
+            encode_sft(_rows(row), tok, 64)
+        else:
+            encode_rankings(_rows(row), tok, 64, method=method)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_chat_data_without_a_chat_template_is_one_line_naming_the_field(tok):
+    t = build_char_tokenizer()
+    t.chat_template = None
+    for row, field in (({"prompt": [USER], "completion": [ASSISTANT]}, "prompt"), ({"messages": [USER, ASSISTANT]},
+                                                                                     "messages")):
+        with pytest.raises(DataError, match=f"d.jsonl:1: field '{field}' holds chat messages but the tokenizer "
+                                            "has no chat template"):
+            encode_sft(_rows(row), t, 64)
+    with pytest.raises(DataError, match="field 'prompt' holds chat messages"):
+        prompt_text(_rows({"prompt": [USER]})[0], t)
+
+
+# --- inputs: datasets objects, saved folders, Hub names -------------------------------------------
+
+def test_datasets_objects_and_saved_folders(tmp_path, tok):
+    train = datasets.Dataset.from_list([{"prompt": "What is 1+2?", "completion": " 3"}] * 3)
+    test = datasets.Dataset.from_list([{"prompt": "What is 2+2?", "completion": " 4"}])
+    both = datasets.DatasetDict({"train": train, "test": test})
+    assert len(read_rows(train)) == 3 and len(read_rows(datasets.DatasetDict({"train": train}))) == 3
+    with pytest.raises(DataError, match=r"a DatasetDict with splits test, train; name one"):
+        read_rows(both)
+    train.save_to_disk(str(tmp_path / "one"))
+    both.save_to_disk(str(tmp_path / "both"))
+    assert [r.data for r in read_rows(tmp_path / "one")] == list(train)
+    rows = read_rows(f"{tmp_path / 'both'}:test")
+    assert [r.data for r in rows] == list(test) and rows[0].where == f"{tmp_path / 'both'}:test:row 0"
+    with pytest.raises(DataError, match="no split 'dev'; the splits are test, train"):
+        read_rows(f"{tmp_path / 'both'}:dev")
+    with pytest.raises(DataError, match="splits test, train; name one"):
+        read_rows(tmp_path / "both")
+
+
+def test_a_hub_name_says_it_needs_the_network(tmp_path):
+    with pytest.raises(DataError, match="^trl-lib/ultrafeedback: a Hub dataset name needs the network; pass a "
+                                        "local file or a saved dataset folder"):
+        read_rows("trl-lib/ultrafeedback")
+    with pytest.raises(DataError, match="file not found"):
+        read_rows(tmp_path / "missing.jsonl")

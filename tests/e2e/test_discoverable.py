@@ -1,0 +1,112 @@
+"""A discoverable CLI and API, plots, tracking and model cards (issue #15, items 5-7)."""
+
+import json
+import os
+
+import pytest
+from helpers import quiet_train
+from test_cli import ENV, rlhfkit
+
+import rlhfkit as api
+from rlhfkit.cli.help import field_rows
+from rlhfkit.train.config import ConfigError, TrainConfig
+
+
+def test_sft_help_lists_every_config_field_with_type_default_and_description():
+    out = rlhfkit("sft", "--help")
+    assert out.returncode == 0, out.stderr
+    rows = field_rows(api.SFTConfig)
+    assert len(rows) >= 35  # the method's own fields, lora.* and train.*
+    lines = {line.split()[0]: line for line in out.stdout.splitlines()[1:] if line.startswith("  ") and
+             line.split() and (line.split()[0].startswith(("train.", "lora.")) or line.split()[0] in
+                               {r[0] for r in rows})}
+    for name, kind, default, description in rows:
+        line = lines[name]
+        assert kind in line and f"= {default}" in line and description in line
+    assert "train.epochs" in lines and "float" in lines["train.epochs"] and "= 0" in lines["train.epochs"]
+
+
+@pytest.mark.parametrize("method", ["sft", "rm", "dpo", "grpo", "ppo"])
+def test_every_config_field_of_every_method_has_a_description(method):
+    cls = {"sft": api.SFTConfig, "rm": api.RMConfig, "dpo": api.DPOConfig, "grpo": api.GRPOConfig,
+           "ppo": api.PPOConfig}[method]
+    missing = [name for name, _, _, description in field_rows(cls) if not description]
+    assert missing == []
+
+
+def test_configs_command_lists_the_shipped_configs():
+    out = rlhfkit("configs")
+    assert out.returncode == 0
+    for name in ("sft_tiny", "rm_tiny", "dpo_tiny", "grpo_tiny", "ppo_tiny"):
+        assert f"rlhfkit {name.split('_')[0]} --config {name}" in out.stdout
+
+
+def test_the_package_exports_every_method_config_and_the_loss_helpers():
+    for name in ("SFTConfig", "RMConfig", "DPOConfig", "GRPOConfig", "PPOConfig", "TrainConfig", "LoraConfig",
+                 "run_sft", "run_rm", "run_dpo", "run_grpo", "run_ppo", "dpo_loss", "grpo_loss", "gae",
+                 "ranking_loss", "sft_loss", "exact_answer", "plot_runs", "write_tiny_default"):
+        assert name in api.__all__ and callable(getattr(api, name))
+    from rlhfkit.methods.sft import run_sft
+
+    assert api.run_sft is run_sft
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        api.nope
+
+
+def test_epochs_replaces_max_steps(tiny, tmp_path):
+    from rlhfkit.data.rows import read_rows
+
+    rows = [r.data for r in read_rows(tiny["data"] / "sft_eval.jsonl")[:40]]
+    summary = api.run_sft(api.SFTConfig(model=str(tiny["base"]), train_data=rows, max_length=64,
+                                        train=quiet_train(tmp_path / "run", epochs=1.5, max_steps=1000, batch_size=16)))
+    assert summary["steps"] == 4  # ceil(1.5 x 40 / 16)
+    with pytest.raises(ConfigError, match="train.epochs"):
+        TrainConfig(epochs=-1)
+
+
+def test_short_cli_run_writes_plots_and_a_model_card(tiny, tmp_path):
+    data, run = tiny["data"], tmp_path / "run"
+    out = rlhfkit("sft", "--config", "sft_tiny", f"model={tiny['base']}", f"train_data={data / 'sft_train.jsonl'}",
+                  f"eval_data={data / 'sft_eval.jsonl'}", "eval_limit=20", f"train.out_dir={run}",
+                  "train.max_steps=6", "train.batch_size=16", "train.eval_every=3", "train.progress=false",
+                  "train.log_every=1", "train.report_to=none")
+    assert out.returncode == 0, out.stderr
+    for name in ("loss", "eval"):
+        png = (run / "plots" / f"{name}.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert not (run / "plots" / "kl.png").exists()  # SFT logs no KL
+    card = (run / "model" / "README.md").read_text()
+    final_loss = json.loads((run / "result.json").read_text())["loss"]
+    assert f"base_model: {tiny['base']}" in card and f"| loss | {final_loss:.4g} |" in card
+    assert "supervised fine-tuning" in card and "sft_train.jsonl" in card and "max_steps: 6" in card
+    assert not (run / "tensorboard").exists()
+
+    second = tmp_path / "run2"  # `rlhfkit plot` overlays two runs
+    out = rlhfkit("sft", f"model={tiny['base']}", f"train_data={data / 'sft_train.jsonl'}", "max_length=64",
+                  f"train.out_dir={second}", "train.max_steps=3", "train.batch_size=8", "train.progress=false",
+                  "train.log_every=1", "train.report_to=none", "train.plots=false", "train.lr=1e-3")
+    assert out.returncode == 0 and not (second / "plots").exists()
+    out = rlhfkit("plot", run, second, "--out", tmp_path / "both")
+    assert out.returncode == 0, out.stderr
+    assert sorted(p.name for p in (tmp_path / "both").iterdir()) == ["eval.png", "loss.png"]
+    from rlhfkit.train.plots import read_curves
+
+    assert len(read_curves(second)["train/loss"][0]) == 3
+
+
+def test_report_to_wandb_offline(tiny, tmp_path):
+    pytest.importorskip("wandb")
+    run = tmp_path / "run"
+    env = {**ENV, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(tmp_path)}
+    out = rlhfkit("sft", f"model={tiny['base']}", f"train_data={tiny['data'] / 'sft_train.jsonl'}", "max_length=64",
+                  f"train.out_dir={run}", "train.max_steps=2", "train.batch_size=8", "train.progress=false",
+                  "train.log_every=1", "train.report_to=wandb", "train.plots=false", env=env)
+    assert out.returncode == 0, out.stderr
+    offline = list((run / "wandb").glob("offline-run-*/*.wandb"))
+    assert len(offline) == 1 and offline[0].stat().st_size > 0
+
+
+def test_report_to_is_checked_when_the_config_is_read():
+    with pytest.raises(ConfigError, match="train.report_to' must be one of tensorboard, wandb, none; got 'mlflow'"):
+        TrainConfig(report_to="mlflow")
+    assert os.environ.get("WANDB_MODE") != "online"  # the suite never reaches the network

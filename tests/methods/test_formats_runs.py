@@ -1,0 +1,89 @@
+"""Each method runs on TRL's conversational formats end to end, from the inputs a user has:
+a saved DatasetDict folder (CLI), datasets.Dataset objects (API); RPO's NLL term in DPO."""
+
+import os
+import subprocess
+import sys
+
+import datasets
+import torch
+from helpers import quiet_train
+
+from rlhfkit.data.prefs import collate_rankings, encode_rankings
+from rlhfkit.data.rows import read_rows
+from rlhfkit.methods.common import load_policy
+from rlhfkit.methods.dpo import DPOConfig, dpo_objective, precompute_reference, run_dpo
+from rlhfkit.methods.grpo import GRPOConfig, run_grpo
+from rlhfkit.methods.rm import RMConfig, run_rm
+
+
+def rlhfkit(*args):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "rlhfkit.cli.main", *map(str, args)], capture_output=True,
+                          text=True, timeout=300, env=env)
+
+
+def _chat(q, a=None):
+    user = {"role": "user", "content": f"What is {q}?"}
+    return [user] if a is None else [user, {"role": "assistant", "content": f" {a}"}]
+
+
+def test_sft_cli_on_multi_turn_messages_from_a_saved_dataset_dict(tiny, tmp_path):
+    rows = [{"messages": _chat("1+2", 3) + _chat("2+2", 4)}, {"messages": _chat("5-1", 4)}] * 8
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows),
+                          "test": datasets.Dataset.from_list(rows[:2])}).save_to_disk(str(tmp_path / "chat"))
+    out = rlhfkit("sft", f"model={tiny['base']}", f"train_data={tmp_path / 'chat'}:train", "max_length=64",
+                  f"train.out_dir={tmp_path / 'run'}", "train.max_steps=2", "train.batch_size=4",
+                  "train.progress=false", "train.report_to=none", "train.plots=false")
+    assert out.returncode == 0, out.stderr
+    out = rlhfkit("sft", f"model={tiny['base']}", "train_data=trl-lib/Capybara", f"train.out_dir={tmp_path / 'x'}")
+    assert out.returncode == 2 and "trl-lib/Capybara: a Hub dataset name needs the network" in out.stderr
+
+
+def test_rm_on_conversational_implicit_preference_dataset(tiny, tmp_path):
+    rows = [{"chosen": _chat(f"{a}+1", a + 1), "rejected": _chat(f"{a}+1", a + 2)} for a in range(16)]
+    summary = run_rm(RMConfig(model=str(tiny["base"]), train_data=datasets.Dataset.from_list(rows), max_length=64,
+                              eval_data=datasets.Dataset.from_list(rows[:4]),
+                              train=quiet_train(tmp_path / "rm", max_steps=2, batch_size=8)))
+    assert summary["steps"] == 2 and 0 <= summary["pairwise_accuracy"] <= 1
+
+
+def test_dpo_on_conversational_pairs_with_rpo_alpha(tiny, tmp_path):
+    rows = [{"prompt": _chat(f"{a}+1"), "chosen": _chat("", a + 1)[1:], "rejected": _chat("", a + 2)[1:]}
+            for a in range(16)]
+    summary = run_dpo(DPOConfig(model=str(tiny["base"]), train_data=datasets.Dataset.from_list(rows), max_length=64,
+                                rpo_alpha=1.0, train=quiet_train(tmp_path / "dpo", max_steps=2, batch_size=8)))
+    assert summary["steps"] == 2
+
+
+def test_rpo_adds_alpha_times_the_chosen_tokens_nll(tiny):
+    model, tok = load_policy(str(tiny["base"]), None)
+    examples, _ = encode_rankings(read_rows(tiny["data"] / "prefs_train.jsonl")[:4], tok, 64)
+    batch = collate_rankings(precompute_reference(model, examples, tok.pad_token_id), tok.pad_token_id)
+    plain, rpo = dpo_objective(0.5), dpo_objective(0.5, rpo_alpha=0.3)
+    with torch.no_grad():
+        base, _ = plain.loss(model, batch, plain.counts(batch))
+        totals = rpo.counts(batch)
+        value, metrics = rpo.loss(model, batch, totals)
+    chosen_tokens = sum(len(e.completion_ids[0]) for e in examples)
+    assert totals["chosen_tokens"] == chosen_tokens
+    # the NLL by hand: -sum of the chosen answers' summed log-probs / their token count
+    nll = -sum(r[0] for r in (e.ref_logps for e in precompute_reference(model, examples, tok.pad_token_id))) \
+        / chosen_tokens
+    assert abs(metrics["nll_chosen"].item() - nll) < 1e-5
+    assert abs(value.item() - (base.item() + 0.3 * nll)) < 1e-5 and abs(base.item() - 0.693147) < 1e-5
+
+
+def test_grpo_on_conversational_prompts_rewards_see_the_prompt_as_written(tiny, tmp_path):
+    rows = [{"prompt": _chat(f"{a}+1"), "answer": a + 1} for a in range(8)]
+    seen = []
+
+    def record(prompts, completions, answer=None, **_):
+        seen.extend(prompts)
+        return [float(len(c) < 4) for c in completions]
+
+    run_grpo(GRPOConfig(model=str(tiny["base"]), train_data=datasets.Dataset.from_list(rows), group_size=2,
+                        prompts_per_step=4, max_new_tokens=4, beta=0.0,
+                        train=quiet_train(tmp_path / "grpo", max_steps=1)), reward_fns=[record])
+    assert len(seen) == 8 and all(p in [r["prompt"] for r in rows] for p in seen)
+    assert seen[0] == [{"role": "user", "content": seen[0][0]["content"]}]

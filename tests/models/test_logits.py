@@ -1,0 +1,112 @@
+"""Every log-prob path equals the model's own forward, for heads that post-process their logits.
+
+Gemma-2 soft-caps its logits (tanh(l / cap) * cap), Granite divides them by ``logits_scaling``
+and Cohere multiplies them by ``logit_scale``; a forward that applies only the output embedding
+gets them wrong (on Gemma-2 by tens of nats per sequence). Tiny random configs, nothing downloaded.
+"""
+
+import pytest
+import torch
+import transformers as tf
+
+from rlhfkit.models import forward
+from rlhfkit.models.forward import head_gap, token_logprobs
+from rlhfkit.models.load import ModelLoadError, load_causal_lm
+from rlhfkit.models.reward import reward_scores, token_values
+from rlhfkit.rollout.sampler import completion_logprobs, sample
+
+V = 96
+SMALL = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=64, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+CONFIGS = {
+    # a cap of 2 bites on every logit of a random model, as Gemma-2's 30 does on a trained one
+    "gemma2": lambda: tf.Gemma2Config(**SMALL, head_dim=8, final_logit_softcapping=2.0, sliding_window=4),
+    "granite": lambda: tf.GraniteConfig(**SMALL, logits_scaling=4.0, embedding_multiplier=3.0,
+                                        residual_multiplier=0.5, attention_multiplier=0.2),
+    "cohere": lambda: tf.CohereConfig(**SMALL, logit_scale=0.25),
+    "llama": lambda: tf.LlamaConfig(**SMALL),
+    "qwen2": lambda: tf.Qwen2Config(**SMALL),
+    "gpt2": lambda: tf.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, pad_token_id=0, eos_token_id=1),
+}
+
+
+def _model(name, head=tf.AutoModelForCausalLM):
+    torch.manual_seed(0)
+    config = CONFIGS[name]()
+    if head is not tf.AutoModelForCausalLM:
+        config.num_labels = 1
+    model = head.from_config(config)
+    with torch.no_grad():  # a random init's logits are near 0; make them large enough to be capped
+        model.get_input_embeddings().weight.mul_(8.0)
+        head = model.get_output_embeddings()
+        if head is not None and head.weight is not model.get_input_embeddings().weight:
+            head.weight.mul_(8.0)
+    return model.eval()
+
+
+def _batch():
+    """Right-padded rows of different lengths, targets on the last few real tokens."""
+    ids = torch.randint(3, V, (3, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.tensor([[1] * 9, [1] * 7 + [0] * 2, [1] * 5 + [0] * 4])
+    target = mask.clone()
+    target[:, :3] = 0
+    return ids.masked_fill(mask == 0, 0), mask, target
+
+
+def _reference_logprobs(model, ids, mask):
+    """log pi(ids[t] | ids[<t]) from the model's own forward (HF's logits), 0 at position 0."""
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=forward.position_ids_from_mask(mask)).logits
+    picked = logits[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return torch.nn.functional.pad(picked, (1, 0))
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_token_logprobs_equal_the_models_own_forward(name):
+    model = _model(name)
+    ids, mask, target = _batch()
+    with torch.no_grad():
+        ours = token_logprobs(model, ids, mask, target)
+        theirs = _reference_logprobs(model, ids, mask) * target
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
+    assert head_gap(model) < 1e-6
+    assert theirs.sum() < -10  # the sums compared are real, not zeros
+
+
+@pytest.mark.parametrize("name", ["gemma2", "granite", "cohere"])
+def test_without_the_final_processing_the_sum_is_wrong_and_loading_refuses(name, monkeypatch):
+    model = _model(name)
+    ids, mask, target = _batch()
+    with torch.no_grad():
+        right = token_logprobs(model, ids, mask, target).sum()
+        monkeypatch.setattr(forward, "LOGIT_PROCESSING", {})
+        wrong = token_logprobs(model, ids, mask, target).sum()
+    assert abs(right - wrong) > 1.0  # the bug this guards against: tens of nats on Gemma-2
+    with pytest.raises(ModelLoadError, match="differ from the model's own forward by .* LOGIT_PROCESSING"):
+        load_causal_lm(model)
+
+
+@pytest.mark.parametrize("name", ["gemma2", "granite", "cohere", "llama", "gpt2"])
+def test_sampler_logprobs_equal_the_models_own_forward(name):
+    model = _model(name)
+    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]  # different lengths: left padding
+    samples = sample(model, prompts, eos_id=1, pad_id=0, max_new_tokens=6, temperature=1.0, num_samples=2,
+                     generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = completion_logprobs(model, samples)
+        theirs = _reference_logprobs(model, samples.input_ids, samples.attention_mask)[:, samples.prompt_ids.shape[1]:]
+    keep = samples.completion_mask
+    assert torch.allclose(samples.logprobs, theirs * keep, atol=1e-4)
+    assert torch.allclose(ours * keep, theirs * keep, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gemma2", "llama", "qwen2", "gpt2"])
+def test_reward_and_critic_read_the_classifiers_own_scores(name):
+    model = _model(name, tf.AutoModelForSequenceClassification)
+    ids, mask, _ = _batch()
+    with torch.no_grad():
+        own = model(input_ids=ids, attention_mask=mask, position_ids=forward.position_ids_from_mask(mask)).logits
+        assert torch.allclose(reward_scores(model, ids, mask), own.squeeze(-1), atol=1e-5)
+        backbone = getattr(model, model.base_model_prefix)(input_ids=ids, attention_mask=mask,
+                                                           position_ids=forward.position_ids_from_mask(mask))
+        values = model.score(backbone.last_hidden_state).squeeze(-1)
+    assert torch.allclose(token_values(model, ids, mask), values, atol=1e-5)
