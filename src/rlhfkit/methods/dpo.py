@@ -169,10 +169,13 @@ def run_dpo(cfg: DPOConfig) -> dict:
     prompts = held_out(cfg.eval_prompts, cfg.eval_limit, cfg.eval_task)
     model = run.prepare(load_causal_lm(cfg.model, tokenizer, device=run.device), cfg.lora, base=cfg.model)
     backend = SamplerBackend(tokenizer, model, copy=run.shards_models)  # a copy is made before sharding
+    # The frozen start: the policy with its adapters off (LoRA), else a copy made before sharding; after
+    # an SFT phase on the chosen answers, the tuned model saved by that phase.
+    reference = frozen_reference(run, model, cfg.model, tokenizer, cfg.lora.enabled) if not cfg.sft_first_steps else None
     run.shard(model)
-    start = sft_on_chosen(model, tokenizer, examples, cfg, run.resuming) if cfg.sft_first_steps > 0 else cfg.model
-    # the frozen start: the policy with adapters off (LoRA, no SFT phase that moved them), else a copy
-    reference = frozen_reference(run, model, start, tokenizer, cfg.lora.enabled and cfg.sft_first_steps == 0)
+    if cfg.sft_first_steps > 0:
+        start = sft_on_chosen(model, tokenizer, examples, cfg, run.resuming)
+        reference = frozen_reference(run, model, start, tokenizer, from_adapters=False)
     with reference() as ref_model:
         pref_eval = precompute_reference(ref_model, encode_rankings(pref_rows, tokenizer, cfg.max_length, "skip")[0],
                                          pad) if pref_rows else []
