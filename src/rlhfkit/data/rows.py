@@ -25,7 +25,11 @@ class Row:
 def read_rows(source) -> list[Row]:
     """Rows from a ``.jsonl``/``.json`` path, a ``.parquet`` path, a ``datasets.Dataset`` or a list of dicts."""
     if isinstance(source, (str, Path)):
+        if not str(source).strip():
+            raise DataError("no data file given (the data path is empty)")
         path = Path(source)
+        if path.is_dir():
+            raise DataError(f"{path}: is a directory, not a data file (give a .jsonl or .parquet file)")
         if not path.is_file():
             raise DataError(f"{path}: file not found")
         rows = _read_parquet(path) if path.suffix == ".parquet" else _read_jsonl(path)
@@ -50,11 +54,15 @@ def _as_dict(obj, where: str) -> dict:
 
 def _read_jsonl(path: Path) -> list[Row]:
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
@@ -103,3 +111,33 @@ def get_str_list(row: Row, field: str, min_len: int = 2) -> list[str]:
         dup = next(v for v in value if value.count(v) > 1)
         raise DataError(f"{row.where}: field '{field}' lists {dup!r} more than once")
     return value
+
+
+def reads(*fields: str):
+    """Declare the row fields a reward function reads (``@reads("answer")``): every prompt row is
+    checked for them before any model loads, instead of the reward failing mid-run."""
+
+    def mark(fn):
+        fn.row_fields = tuple(fields)
+        return fn
+
+    return mark
+
+
+def missing_fields(row: Row, fields) -> list[str]:
+    """The names among ``fields`` that ``row`` lacks (absent or null)."""
+    return [f for f in fields if row.data.get(f) is None]
+
+
+def check_fields(rows: list[Row], required=(), reserved=(), why: str = "") -> None:
+    """Every row has each ``required`` field (not null) and no field named as one of ``reserved``;
+    otherwise a DataError naming the first bad row's place and the field."""
+    for row in rows:
+        missing = missing_fields(row, required)
+        if missing:
+            have = ", ".join(sorted(row.data)) or "none"
+            raise DataError(f"{row.where}: missing field '{missing[0]}'{why} (fields present: {have})")
+        clash = sorted(set(row.data) & set(reserved))
+        if clash:
+            raise DataError(f"{row.where}: field '{clash[0]}' has the name of an argument every reward takes "
+                            f"({', '.join(reserved)}); rename or drop it")

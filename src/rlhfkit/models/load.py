@@ -22,6 +22,8 @@ def load_tokenizer(model_path: str | Path, tokenizer_path: str | Path | None = N
     """The tokenizer from ``tokenizer_path``, else from the model folder; pad falls back to eos."""
     from transformers import AutoTokenizer
 
+    if not str(tokenizer_path or model_path).strip():
+        raise ModelLoadError("no model folder given (the model path is empty)")
     source = Path(tokenizer_path or model_path)
     if not source.is_dir():
         raise ModelLoadError(f"folder not found: {source}")
@@ -37,8 +39,9 @@ def load_tokenizer(model_path: str | Path, tokenizer_path: str | Path | None = N
             tokenizer = PreTrainedTokenizerFast.from_pretrained(str(source))
         else:
             tokenizer = AutoTokenizer.from_pretrained(str(source))
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot load a tokenizer from {source}: {e}") from e
+    except Exception as e:  # tokenizers raises its own Exception on a broken tokenizer.json
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ModelLoadError(f"cannot load a tokenizer from {source}: {type(e).__name__}: {first}") from None
     if tokenizer.eos_token_id is None:
         raise ModelLoadError(f"tokenizer at {source} has no eos token")
     if tokenizer.pad_token_id is None:
@@ -66,13 +69,48 @@ def check_vocab(model, tokenizer, where: str) -> None:
         )
 
 
+def architectures(path: str | Path) -> list[str]:
+    """The ``architectures`` a model folder's config.json names; a one-line ModelLoadError when the
+    folder is not a model folder (missing, no config.json, a config that does not parse)."""
+    import json
+
+    folder = Path(path)
+    if not str(path).strip():
+        raise ModelLoadError("no model folder given (the model path is empty)")
+    if not folder.is_dir():
+        raise ModelLoadError(f"model folder not found: {path}")
+    config = folder / "config.json"
+    if not config.is_file():
+        raise ModelLoadError(f"{path} is not a model folder: it has no config.json")
+    try:
+        values = json.loads(config.read_text())
+    except (ValueError, OSError) as e:
+        raise ModelLoadError(f"{config}: not a readable model config ({e})") from None
+    if not isinstance(values, dict) or "model_type" not in values:
+        raise ModelLoadError(f"{config}: not a model config (no 'model_type')")
+    return list(values.get("architectures") or [])
+
+
+def from_pretrained(auto_class, path: str | Path, **kwargs):
+    """``auto_class.from_pretrained`` with a one-line ModelLoadError for a folder that does not
+    load (truncated weights, a config transformers refuses)."""
+    try:
+        return auto_class.from_pretrained(str(path), **kwargs)
+    except Exception as e:  # safetensors, json, OSError and ValueError all occur here
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ModelLoadError(f"cannot load the model in {path}: {type(e).__name__}: {first}") from None
+
+
 def load_causal_lm(path: str | Path, tokenizer=None, dtype: str = "fp32", device: str = "cpu"):
-    """A causal LM from an HF folder, in ``dtype`` on ``device``; checks the tokenizer fits when given."""
+    """A causal LM from an HF folder, in ``dtype`` on ``device``; checks the tokenizer fits when given.
+    A reward-model folder (``...ForSequenceClassification``) is refused by name."""
     from transformers import AutoModelForCausalLM
 
-    if not Path(path).is_dir():
-        raise ModelLoadError(f"model folder not found: {path}")
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype])
+    heads = [a for a in architectures(path) if a.endswith(("ForSequenceClassification", "ForTokenClassification"))]
+    if heads:
+        raise ModelLoadError(f"{path} is a reward or value model ({heads[0]}), not a causal LM; a policy needs a "
+                             "...ForCausalLM folder (the SFT model)")
+    model = from_pretrained(AutoModelForCausalLM, path, dtype=DTYPES[dtype])
     if tokenizer is not None:
         check_vocab(model, tokenizer, str(path))
         model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -14,7 +14,7 @@ import torch
 
 from .forward import as_forward, hidden_states
 from .kernels import use_fast_linear
-from .load import DTYPES, ModelLoadError, check_vocab
+from .load import DTYPES, ModelLoadError, architectures, check_vocab, from_pretrained
 
 
 def is_sequence_classifier(path: str | Path) -> bool:
@@ -25,16 +25,25 @@ def is_sequence_classifier(path: str | Path) -> bool:
     return any(a.endswith("ForSequenceClassification") for a in archs)
 
 
+def require_reward_model(path: str | Path, key: str = "reward_model") -> None:
+    """Refuse a folder that is not a trained reward model: a causal LM would get a randomly
+    initialised score head (transformers only notes it), and its scores would be noise."""
+    archs = architectures(path)
+    if not any(a.endswith("ForSequenceClassification") for a in archs):
+        raise ModelLoadError(f"{key}: {path} is not a reward model ({', '.join(archs) or 'no architecture named'}); "
+                             "it needs a ...ForSequenceClassification folder with a trained score head "
+                             "(`rlhfkit rm` writes one)")
+
+
 def load_reward_model(path: str | Path, tokenizer, dtype: str = "fp32", seed: int = 0, device: str = "cpu"):
     """A ``num_labels=1`` sequence classifier from ``path`` (a classifier folder or a causal LM)."""
     from transformers import AutoModelForSequenceClassification
 
-    if not Path(path).is_dir():
-        raise ModelLoadError(f"model folder not found: {path}")
+    architectures(path)  # a folder that is not a model: one line
     with torch.random.fork_rng():
         torch.manual_seed(seed)  # the fresh score head of a causal-LM start is seeded
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(path), num_labels=1, dtype=DTYPES[dtype], pad_token_id=tokenizer.pad_token_id)
+        model = from_pretrained(AutoModelForSequenceClassification, path, num_labels=1, dtype=DTYPES[dtype],
+                                pad_token_id=tokenizer.pad_token_id)
     if model.config.num_labels != 1:
         raise ModelLoadError(f"{path}: a reward model needs num_labels=1, the folder has {model.config.num_labels}")
     check_vocab(model, tokenizer, str(path))
