@@ -133,11 +133,11 @@ def check_fields(rows: list[Row], required=(), reserved=(), why: str = "") -> No
     """Every row has each ``required`` field (not null) and no field named as one of ``reserved``;
     otherwise a DataError naming the first bad row's place and the field."""
     for row in rows:
-        missing = missing_fields(row, required)
-        if missing:
-            have = ", ".join(sorted(row.data)) or "none"
-            raise DataError(f"{row.where}: missing field '{missing[0]}'{why} (fields present: {have})")
         clash = sorted(set(row.data) & set(reserved))
         if clash:
             raise DataError(f"{row.where}: field '{clash[0]}' has the name of an argument every reward takes "
                             f"({', '.join(reserved)}); rename or drop it")
+        missing = missing_fields(row, required)
+        if missing:
+            have = ", ".join(sorted(row.data)) or "none"
+            raise DataError(f"{row.where}: missing field '{missing[0]}'{why} (fields present: {have})")

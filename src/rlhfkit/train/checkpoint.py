@@ -110,9 +110,9 @@ def save_checkpoint(out_dir: str | Path, step: int, model, optimizer, scheduler,
     for part, everyone in ((prepare, False), (rank_parts, True), (main_parts, False)):
         failure = _attempt(part) if everyone or info.is_main else None
         if _any_rank(failure is not None, info):
+            cause = _cause(failure, root) if failure is not None else "it failed on another rank"  # before freeing
             if info.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
-            cause = _cause(failure, root) if failure is not None else "it failed on another rank"
             kept = f"the last complete checkpoint {previous} is kept" if previous else "no earlier checkpoint"
             raise CheckpointError(f"cannot write checkpoint {final}: {cause}; the partial folder was removed, {kept}")
     if info.is_main:
@@ -125,6 +125,7 @@ def _attempt(part) -> Exception | None:
     try:
         part()
     except Exception as e:  # a full disk shows as OSError, or as torch's RuntimeError from its writer
+        e.__traceback__ = None  # its frames hold the half-written files open
         return e
     return None
 

@@ -297,9 +297,10 @@ class Run:
                 write_config(out, self.config)
                 (out / "result.json").write_text(json.dumps(summary, indent=1))
         except Exception as e:  # a full disk, no permission: one line, and no half-written model left
+            cause = write_failure(e, out)
             if self.info.is_main:
                 shutil.rmtree(out / "model", ignore_errors=True)
-            raise CheckpointError(f"cannot write the final model {out / 'model'}: {write_failure(e, out)}; the partial "
+            raise CheckpointError(f"cannot write the final model {out / 'model'}: {cause}; the partial "
                                   f"folder was removed, the last complete checkpoint {latest_checkpoint(out)} is "
                                   "kept: rerun with train.resume=true to write it") from None
         barrier(self.info)
