@@ -51,11 +51,23 @@ def method_config(method: str, paths: dict, out: str, device: str, strategy: str
                                  reference="forward", train=offline),
         "grpo": lambda: GRPOConfig(model=model, tokenizer=tok, train_data=str(data / "prompts.jsonl"), group_size=4,
                                    prompts_per_step=8, rewards="contains_answer", train=online),
-        "ppo": lambda: PPOConfig(model=model, tokenizer=tok, reward_model=model, critic=model, prompts_per_step=32,
+        "ppo": lambda: PPOConfig(model=model, tokenizer=tok, reward_model=_reward_folder(model, tok), critic=model,
+                                 prompts_per_step=32,
                                  minibatch_size=32, ppo_epochs=1, train_data=str(data / "prompts.jsonl"),
                                  train=online),
     }
     return configs[method]()
+
+
+def _reward_folder(model: str, tok: str) -> str:
+    """A reward-model folder made from ``model`` (a seeded, untrained score head): PPO refuses a causal LM."""
+    from rlhfkit.models.load import load_tokenizer
+    from rlhfkit.models.reward import load_reward_model
+
+    folder = Path(f"{model}-reward")
+    if not (folder / "config.json").is_file():
+        load_reward_model(model, load_tokenizer(model, tok)).save_pretrained(str(folder))
+    return str(folder)
 
 
 def _small_data(paths: dict) -> None:
@@ -118,6 +130,8 @@ def main() -> None:
     paths = assets(args)
     if not args.data:
         _small_data(paths)
+    if "ppo" in args.methods:
+        _reward_folder(str(paths["model"]), paths["tokenizer"] and str(paths["tokenizer"]))  # once, before the ranks
     paths = {k: (str(v) if v is not None else None) for k, v in paths.items()}
     for method in args.methods:
         for world in args.ranks:

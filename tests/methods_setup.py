@@ -19,6 +19,23 @@ RUNS = {"sft": run_sft, "rm": run_rm, "dpo": run_dpo, "grpo": lambda cfg: run_gr
 METHODS = tuple(RUNS)
 
 
+def reward_folder(assets) -> str:
+    """A reward-model folder made from the base model (its score head seeded with 0, as
+    ``load_reward_model`` does), beside it: PPO refuses a causal LM as its reward model."""
+    from pathlib import Path
+
+    from rlhfkit.models.load import load_tokenizer
+    from rlhfkit.models.reward import load_reward_model
+
+    base = Path(assets["base"])
+    folder = base.parent / f"{base.name}-reward"
+    if not (folder / "config.json").is_file():
+        tokenizer = load_tokenizer(base)
+        load_reward_model(base, tokenizer).save_pretrained(str(folder))
+        tokenizer.save_pretrained(str(folder))
+    return str(folder)
+
+
 def small(tiny, name: str, rows: int = 64) -> str:
     """The first ``rows`` rows of a tiny-default data file (encoding all 11k costs seconds per run)."""
     path = tiny["data"] / f"small_{name}"
@@ -45,6 +62,6 @@ def method_config(name: str, tiny, out, steps: int, **train):
         return GRPOConfig(model=base, train_data=small(tiny, "prompts_train.jsonl"), group_size=4,
                           prompts_per_step=4, max_new_tokens=6, rewards="contains_answer", mu=2,
                           train=quiet_train(out, max_steps=steps, **online))
-    return PPOConfig(model=base, reward_model=base, critic=base, train_data=small(tiny, "prompts_train.jsonl"),
+    return PPOConfig(model=base, reward_model=reward_folder(tiny), critic=base, train_data=small(tiny, "prompts_train.jsonl"),
                      prompts_per_step=8, minibatch_size=4, ppo_epochs=1, max_new_tokens=6,
                      train=quiet_train(out, max_steps=steps, **online))

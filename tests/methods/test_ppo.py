@@ -1,6 +1,7 @@
 import pytest
 import torch
 from helpers import quiet_train
+from methods_setup import reward_folder
 
 from rlhfkit.data.encode import collate_sft, encode_sft
 from rlhfkit.data.rows import read_rows
@@ -35,7 +36,7 @@ def _cfg(tiny, sft_run, reward_model, out, steps, **kw):
 def _untrained(tiny, **kw):
     """Exactness needs no trained model: the tiny default's base serves as actor, critic and RM."""
     base = str(tiny["base"])
-    cfg = PPOConfig(model=base, reward_model=base, critic=base, minibatch_size=8, prompts_per_step=8, **kw)
+    cfg = PPOConfig(model=base, reward_model=reward_folder(tiny), critic=base, minibatch_size=8, prompts_per_step=8, **kw)
     models, tok = load_models(cfg)
     prompts = [tok(r.data["prompt"])["input_ids"] for r in read_rows(tiny["data"] / "prompts_train.jsonl")[:8]]
     return cfg, models, tok, prompts
@@ -123,7 +124,7 @@ def test_ppo_raises_rm_score_and_accuracy_with_bounded_kl(tiny, sft_run, reward_
 
 def test_adaptive_kl_moves_beta(tiny, tmp_path):
     base = str(tiny["base"])
-    cfg = PPOConfig(model=base, reward_model=base, critic=base, train_data=str(tiny["data"] / "prompts_train.jsonl"),
+    cfg = PPOConfig(model=base, reward_model=reward_folder(tiny), critic=base, train_data=str(tiny["data"] / "prompts_train.jsonl"),
                     prompts_per_step=32, minibatch_size=16, ppo_epochs=1, max_new_tokens=4, target_kl=100.0,
                     kl_horizon=100, whiten_scores=True, score_clip=3.0, missing_eos_penalty=1.0,
                     train=quiet_train(tmp_path / "a", max_steps=3, lr=1e-5, schedule="constant"))

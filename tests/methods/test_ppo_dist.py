@@ -10,6 +10,7 @@ import os
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from methods_setup import reward_folder
 
 from rlhfkit.data.rows import read_rows
 from rlhfkit.losses.reduce import masked_whiten
@@ -21,7 +22,7 @@ from rlhfkit.train.loop import reduce_dict
 
 def _experience(base: str, data: str):
     torch.set_num_threads(1)
-    cfg = PPOConfig(model=base, reward_model=base, critic=base, minibatch_size=16)
+    cfg = PPOConfig(model=base, reward_model=base + "-reward", critic=base, minibatch_size=16)
     models, tok = load_models(cfg)
     prompts = [tok(r.data["prompt"])["input_ids"] for r in read_rows(data)[:16]]
     torch.manual_seed(0)  # the same samples in every process
@@ -52,6 +53,7 @@ def _rank(rank: int, base: str, data: str, out: str, init: str) -> None:
 
 def test_two_ranks_give_the_one_process_gradients_and_whitening(tiny, tmp_path):
     base, data = str(tiny["base"]), str(tiny["data"] / "prompts_train.jsonl")
+    reward_folder(tiny)  # base + "-reward", made before the ranks start
     mp.spawn(_rank, args=(base, data, str(tmp_path), f"file://{tmp_path / 'pg'}"), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 

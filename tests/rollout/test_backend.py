@@ -2,6 +2,7 @@
 
 import torch
 from helpers import quiet_train
+from methods_setup import reward_folder
 
 from rlhfkit.data.rows import read_rows
 from rlhfkit.methods.common import load_policy
@@ -40,7 +41,8 @@ def test_ppo_trains_the_same_on_either_backend_when_both_sample_greedily(tiny, t
     base = str(tiny["base"])
     losses = {}
     for backend in ("sampler", "generate"):
-        cfg = PPOConfig(model=base, reward_model=base, critic=base, rollout=RolloutConfig(backend=backend), temperature=0.0,
+        cfg = PPOConfig(model=base, reward_model=reward_folder(tiny), critic=base, rollout=RolloutConfig(backend=backend),
+                        temperature=0.0,
                         train_data=str(tiny["data"] / "prompts_train.jsonl"), prompts_per_step=8, minibatch_size=4,
                         ppo_epochs=1, max_new_tokens=6,
                         train=quiet_train(tmp_path / backend, max_steps=3, lr=1e-2, schedule="constant"))

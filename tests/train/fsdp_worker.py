@@ -64,16 +64,17 @@ def _jobs(rank: int, out: Path, assets: dict) -> dict:
     run_module.Run.step_done = measuring
     RUNS["sft"](replace(cfg("cut22"), train__resume=True))
     RUNS["sft"](replace(cfg("cut12"), train__resume=True))  # cut in one process by the test: 1 -> 2
-    # GRPO on 2 replicated ranks: each rank's sampling RNG must come back on resume
-    grpo = lambda name: method_config("grpo", assets["tiny"], out / name, 4, log_every=1, save_every=2)  # noqa: E731
-    RUNS["grpo"](grpo("grpo-full"))
-    run_module.Run.step_done = dies
-    try:
-        RUNS["grpo"](grpo("grpo-cut"))
-    except Killed:
-        pass
-    run_module.Run.step_done = measuring
-    RUNS["grpo"](replace(grpo("grpo-cut"), train__resume=True))
+    # GRPO and PPO on 2 replicated ranks: each rank's sampling RNG must come back on resume
+    for method in ("grpo", "ppo"):
+        online = lambda name: method_config(method, assets["tiny"], out / name, 4, log_every=1, save_every=2)  # noqa: E731
+        RUNS[method](online(f"{method}-full"))
+        run_module.Run.step_done = dies
+        try:
+            RUNS[method](online(f"{method}-cut"))
+        except Killed:
+            pass
+        run_module.Run.step_done = measuring
+        RUNS[method](replace(online(f"{method}-cut"), train__resume=True))
     return {"bytes": seen}
 
 

@@ -124,8 +124,10 @@ def test_sharded_checkpoints_resume_2_to_2_exactly_and_2_to_1_and_1_to_2(two_ran
     full = _losses(out / "full")
     assert len(full) == 4 and _losses(out / "cut22")[2:] == full[2:]  # bit for bit
     assert _losses(out / "cut12")[2:] == pytest.approx(full[2:], abs=1e-6)  # one process's shards on 2 ranks
-    grpo = _losses(out / "grpo-full")
-    assert len(grpo) == 4 and _losses(out / "grpo-cut")[2:] == grpo[2:] and grpo[3] != grpo[2]
+    for method in ("grpo", "ppo"):  # 2 replicated ranks, each with its own sampling RNG (#17)
+        online = _losses(out / f"{method}-full")
+        assert len(online) == 4 and _losses(out / f"{method}-cut")[2:] == online[2:] and online[3] != online[2]
+        _assert_same_weights(out / f"{method}-full", out / f"{method}-cut", atol=0)
     assert (out / "cut21" / "checkpoints" / "step-0000002" / "dcp").is_dir()
     one = tmp_path / "cut21"
     shutil.copytree(out / "cut21", one)

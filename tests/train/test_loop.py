@@ -88,8 +88,9 @@ def test_resume_option_is_not_ignored(setup, tmp_path):
     assert losses == [1, 2, 3, 4]  # steps 3 and 4 appended; 1 and 2 not redone
     with pytest.raises(CheckpointError, match="already holds a run"):
         _run(setup, tmp_path / "r", **kw)  # a fresh start over an old run is refused
-    with pytest.raises(CheckpointError, match="no complete checkpoint"):
-        _run(setup, tmp_path / "empty", **{**kw, "resume": True})
+    # resume=true where there is no complete checkpoint: a fresh start (said in one line), not an error
+    _, result = _run(setup, tmp_path / "empty", **{**kw, "resume": True})
+    assert result.done == 4 and [m["step"] for m in read_metrics(tmp_path / "empty")] == [1, 2, 3, 4]
 
 
 def test_checkpoint_without_marker_is_skipped(setup, tmp_path):

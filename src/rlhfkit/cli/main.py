@@ -200,10 +200,21 @@ def main(argv: list[str] | None = None) -> int:
     from ..train.checkpoint import CheckpointError
     from ..train.config import ConfigError
     from ..train.optim import NonFiniteError
+    from ..train.run import Preempted
 
     try:
         return args.func(args)
     except (DataError, ModelLoadError, CheckpointError, ConfigError, NonFiniteError, RewardError) as e:
+        print(f"rlhfkit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except Preempted as e:
+        print(f"rlhfkit {args.command}: {e}", file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt:  # SIGINT outside the training steps (loading, evaluating, saving the model)
+        print(f"rlhfkit {args.command}: interrupted; the last complete checkpoint, if any, is kept "
+              "(train.resume=true continues from it)", file=sys.stderr)
+        return 130
+    except OSError as e:  # a folder that cannot be written, a file that cannot be read
         print(f"rlhfkit {args.command}: error: {e}", file=sys.stderr)
         return 2
     finally:

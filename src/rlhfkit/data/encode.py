@@ -24,11 +24,24 @@ class LengthReport:
     """What the length policy did; printed and logged, never silent."""
 
     rows: int = 0
-    truncated: int = 0
-    skipped: list[str] = field(default_factory=list)
+    truncated: int = 0  # rows, not completions: a ranking with three cut answers counts once
+    skipped: list[str] = field(default_factory=list)  # where of each skipped row
+    unknown: list[str] = field(default_factory=list)  # where of each row with text the tokenizer maps to <unk>
+    identical: int = 0  # of the skipped: rows whose answers truncation made identical
 
     def summary(self) -> str:
-        return f"{self.rows} rows, {self.truncated} truncated, {len(self.skipped)} skipped"
+        text = f"{self.rows} rows, {self.truncated} truncated, {len(self.skipped)} skipped"
+        if self.identical:
+            text += f" ({self.identical} because truncation left two of their answers identical)"
+        if self.unknown:
+            text += (f"; warning: {len(self.unknown)} rows hold text the tokenizer maps to its unknown token "
+                     f"(first: {self.unknown[0]})")
+        return text
+
+    def note_unknown(self, tokenizer, ids: list[int], where: str) -> None:
+        unk = tokenizer.unk_token_id
+        if unk is not None and unk in ids and (not self.unknown or self.unknown[-1] != where):
+            self.unknown.append(where)
 
 
 def render_chat(tokenizer, messages: list[dict], row: Row, field: str, generation_prompt: bool) -> str:
@@ -157,7 +170,8 @@ def fit_length(prompt_ids: list[int], completion_ids: list[int], max_length: int
             f"exceed max_length={max_length}; raise max_length or set overlong=truncate or overlong=skip"
         )
     if policy == "skip" or len(prompt_ids) >= max_length:
-        report.skipped.append(where)
+        if not report.skipped or report.skipped[-1] != where:  # one count per row
+            report.skipped.append(where)
         return None
     report.truncated += 1
     return prompt_ids, completion_ids[: max_length - len(prompt_ids)]
@@ -188,6 +202,7 @@ def encode_sft(rows: list[Row], tokenizer, max_length: int, overlong: str = "err
     for row in rows:
         prompt, pieces = sft_pieces(row, tokenizer)
         rest = [t for ids, _ in pieces for t in ids]
+        report.note_unknown(tokenizer, prompt + rest, row.where)
         fitted = fit_length(prompt, rest, max_length, overlong, row.where, report)
         if fitted is not None:
             p, c = fitted
@@ -198,6 +213,32 @@ def encode_sft(rows: list[Row], tokenizer, max_length: int, overlong: str = "err
     if not examples:
         raise DataError(f"no usable rows left after the length policy ({report.summary()})")
     return examples, report
+
+
+def check_prompt_row(row: Row) -> None:
+    """A prompt row has a non-empty plain ``prompt``, or well-formed chat messages in ``prompt``
+    or ``messages`` (TRL's conversational prompt-only form)."""
+    field = "prompt" if "prompt" in row.data else "messages"
+    value = row.data.get(field)
+    if field == "messages" or isinstance(value, list):
+        check_messages(row, field, value)
+    else:
+        get_str(row, "prompt")
+
+
+def check_prompts(rows: list[Row], tokenizer, required=(), reserved=()) -> LengthReport:
+    """Validate prompt rows (GRPO, PPO) before any model loads: a ``prompt`` or ``messages`` each,
+    every field the rewards read (``required``) and none named like a reward argument (``reserved``)."""
+    from .rows import check_fields
+
+    check_fields(rows, required, reserved, why=" (a reward reads it)")
+    for row in rows:
+        check_prompt_row(row)
+    report = LengthReport(rows=len(rows))
+    texts = [prompt_text(r, tokenizer) for r in rows]
+    for row, ids in zip(rows, tokenizer(texts, add_special_tokens=False)["input_ids"]):
+        report.note_unknown(tokenizer, ids, row.where)
+    return report
 
 
 def to_device(batch, device):

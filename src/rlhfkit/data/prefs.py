@@ -82,11 +82,22 @@ def encode_rankings(rows: list[Row], tokenizer, max_length: int, overlong: str =
         prompt_ids = encode_prompt(tokenizer, prompt_text(row, tokenizer), chat=is_chat_row(row))
         names = ["chosen", "rejected"] if len(completions) == 2 and "completions" not in row.data else \
             [f"completions[{i}]" for i in range(len(completions))]
-        fitted = [fit_length(prompt_ids, _cached(encoded, c, lambda: completion_ids(tokenizer, row, name, c)),
-                             max_length, overlong, row.where, report) for name, c in zip(names, completions)]
+        ids = [_cached(encoded, c, lambda: completion_ids(tokenizer, row, name, c)) for name, c in zip(names, completions)]
+        report.note_unknown(tokenizer, prompt_ids + [t for c in ids for t in c], row.where)
+        row_report = LengthReport()
+        fitted = [fit_length(prompt_ids, c, max_length, overlong, row.where, row_report) for c in ids]
         if any(f is None for f in fitted):
+            report.skipped.append(row.where)
             continue  # skipped (and counted) as a whole: a ranking with a hole would change its pairs
-        examples.append(RankingExample(prompt_ids, [c for _, c in fitted], ranks))
+        kept = [c for _, c in fitted]
+        if len({tuple(c) for c in kept}) < len(kept):
+            # Truncation cut two answers to the same tokens: the validator refuses such rows on
+            # input (no preference to learn between them), so they are skipped and counted.
+            report.skipped.append(row.where)
+            report.identical += 1
+            continue
+        report.truncated += row_report.truncated > 0  # counts are per row, not per completion
+        examples.append(RankingExample(prompt_ids, kept, ranks))
     if not examples:
         raise DataError(f"no usable rows left after the length policy ({report.summary()})")
     return examples, report

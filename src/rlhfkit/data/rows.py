@@ -31,10 +31,16 @@ def read_rows(source) -> list[Row]:
     ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` (``FOLDER:split`` picks a split), a
     ``datasets.Dataset``, a ``DatasetDict`` of one split, or a list of dicts."""
     if isinstance(source, (str, Path)):
+        if not str(source).strip():
+            raise DataError("no data file given (the data path is empty)")
         path = Path(source)
         folder, _, split = str(source).rpartition(":") if ":" in str(source) else (str(source), "", "")
         if path.is_dir() or (split and Path(folder).is_dir()):
-            return _read_saved(Path(folder if split else path), split or None)
+            saved = Path(folder if split else path)
+            if not any((saved / name).is_file() for name in ("dataset_info.json", "dataset_dict.json", "state.json")):
+                raise DataError(f"{saved}: is a directory, not a data file (give a .jsonl or .parquet file, "
+                                "or a folder written by save_to_disk)")
+            return _read_saved(saved, split or None)
         if not path.is_file():
             if _looks_like_hub_name(str(source)):
                 raise DataError(f"{source}: a Hub dataset name needs the network; pass a local file or a saved "
@@ -106,11 +112,15 @@ def _as_dict(obj, where: str) -> dict:
 
 def _read_jsonl(path: Path) -> list[Row]:
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
@@ -159,3 +169,33 @@ def get_str_list(row: Row, field: str, min_len: int = 2) -> list[str]:
         dup = next(v for v in value if value.count(v) > 1)
         raise DataError(f"{row.where}: field '{field}' lists {dup!r} more than once")
     return value
+
+
+def reads(*fields: str):
+    """Declare the row fields a reward function reads (``@reads("answer")``): every prompt row is
+    checked for them before any model loads, instead of the reward failing mid-run."""
+
+    def mark(fn):
+        fn.row_fields = tuple(fields)
+        return fn
+
+    return mark
+
+
+def missing_fields(row: Row, fields) -> list[str]:
+    """The names among ``fields`` that ``row`` lacks (absent or null)."""
+    return [f for f in fields if row.data.get(f) is None]
+
+
+def check_fields(rows: list[Row], required=(), reserved=(), why: str = "") -> None:
+    """Every row has each ``required`` field (not null) and no field named as one of ``reserved``;
+    otherwise a DataError naming the first bad row's place and the field."""
+    for row in rows:
+        clash = sorted(set(row.data) & set(reserved))
+        if clash:
+            raise DataError(f"{row.where}: field '{clash[0]}' has the name of an argument every reward takes "
+                            f"({', '.join(reserved)}); rename or drop it")
+        missing = missing_fields(row, required)
+        if missing:
+            have = ", ".join(sorted(row.data)) or "none"
+            raise DataError(f"{row.where}: missing field '{missing[0]}'{why} (fields present: {have})")

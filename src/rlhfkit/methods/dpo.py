@@ -25,7 +25,7 @@ from ..models.lora import Reference, is_adapter_folder
 from ..rollout.backend import SamplerBackend
 from ..tasks import TASK_CHOICES
 from ..train.checkpoint import CheckpointError
-from ..train.config import ConfigError, LoraConfig, TrainConfig, at_least, choice, replace
+from ..train.config import LoraConfig, TrainConfig, at_least, choice, positive, replace
 from ..train.loop import Objective, train_offline
 from ..train.run import start_run
 from .common import accuracy_eval, frozen_reference, head, held_out
@@ -60,8 +60,9 @@ class DPOConfig:
         at_least("sft_first_steps", self.sft_first_steps, 0)
         at_least("rpo_alpha", self.rpo_alpha, 0.0)
         at_least("eval_max_new_tokens", self.eval_max_new_tokens, 1)
-        if not self.beta > 0:
-            raise ConfigError(f"config key 'beta' must be > 0; got {self.beta!r}")
+        at_least("max_length", self.max_length, 2)
+        at_least("eval_limit", self.eval_limit, 0)
+        positive("beta", self.beta)
 
 
 def sequence_logps(model, batch: RankingBatch) -> torch.Tensor:
@@ -144,13 +145,16 @@ def sft_on_chosen(model, tokenizer, examples, cfg: DPOConfig, resuming: bool) ->
     """SPEC.md: with no SFT model, first maximise the likelihood of the preferred answers.
 
     The tuned model is saved to ``<out>/sft_chosen/model``: it is DPO's reference, and a resumed
-    run reloads it from there rather than rebuilding it from the untuned model."""
+    run reloads it from there rather than rebuilding it from the untuned model. The phase is a
+    run of its own in that folder, with checkpoints on DPO's cadence: killed inside it, a run
+    with ``resume=true`` or ``auto`` continues it from its last complete checkpoint."""
     folder = f"{cfg.train.out_dir}/sft_chosen"
     if resuming:
         if not ((Path(folder) / "model" / "config.json").is_file() or is_adapter_folder(f"{folder}/model")):
             raise CheckpointError(f"resume=true with sft_first_steps > 0 but {folder}/model is missing")
         return f"{folder}/model"
-    sft_cfg = replace(cfg.train, out_dir=folder, max_steps=cfg.sft_first_steps, epochs=0, eval_every=0, save_every=0, resume=False)
+    sft_cfg = replace(cfg.train, out_dir=folder, max_steps=cfg.sft_first_steps, epochs=0, eval_every=0,
+                      resume="auto" if cfg.train.resume else False)
     run = start_run(sft_cfg, cfg, "dpo-sft")
     chosen = [SFTExample(e.prompt_ids + e.completion_ids[0], len(e.prompt_ids)) for e in examples]
     train_offline(run, model, chosen, lambda rows: collate_sft(rows, tokenizer.pad_token_id), sft_objective())
@@ -166,6 +170,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
                                        method="dpo")
     run.say(f"{cfg.train_data}: {report.summary()}")
     pref_rows = refuse_ties(head(read_rows(cfg.eval_data), cfg.eval_limit)) if cfg.eval_data else []
+    pref_examples = encode_rankings(pref_rows, tokenizer, cfg.max_length, "skip")[0] if pref_rows else []
     prompts = held_out(cfg.eval_prompts, cfg.eval_limit, cfg.eval_task)
     model = run.prepare(load_causal_lm(cfg.model, tokenizer, device=run.device), cfg.lora, base=cfg.model)
     backend = SamplerBackend(tokenizer, model, copy=run.shards_models)  # a copy is made before sharding
@@ -177,8 +182,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
         start = sft_on_chosen(model, tokenizer, examples, cfg, run.resuming)
         reference = frozen_reference(run, model, start, tokenizer, from_adapters=False)
     with reference() as ref_model:
-        pref_eval = precompute_reference(ref_model, encode_rankings(pref_rows, tokenizer, cfg.max_length, "skip")[0],
-                                         pad) if pref_rows else []
+        pref_eval = precompute_reference(ref_model, pref_examples, pad) if pref_examples else []
     accuracy = accuracy_eval(backend, model, tokenizer, prompts, cfg.eval_max_new_tokens)
     before = {"accuracy_before": accuracy()["accuracy"] if prompts else None,  # 0.5 below: policy == reference
               "preference_accuracy_before": preference_accuracy(model, pref_eval, pad) if pref_eval else None}

@@ -13,13 +13,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..data.encode import check_prompts
 from ..data.formats import user_prompt
 from ..data.rows import read_rows
 from ..losses.grpo import REDUCTIONS, group_advantages, grpo_loss, process_advantages
 from ..models.load import load_causal_lm, load_tokenizer
 from ..rollout.backend import SamplingParams, make_backend
 from ..rollout.evaluate import row_prompt_ids
-from ..rollout.rewards import load_callable, score_outcomes
+from ..rollout.rewards import RESERVED, call_with_timeout, load_callable, reward_fields, score_outcomes
 from ..rollout.sampler import Samples, completion_logprobs, decode
 from ..tasks import OUTCOME_REWARDS, PROCESS_REWARDS, TASK_CHOICES
 from ..train.config import ConfigError, LoraConfig, RolloutConfig, TrainConfig, at_least, choice
@@ -52,6 +53,7 @@ class GRPOConfig:
     scale_std: bool = True  # divide advantages by the group std (Dr. GRPO: false)
     dynamic_sampling: bool = False  # DAPO: drop groups whose advantages are all zero
     reward_errors: str = "raise"  # raise | zero (score 0 and count)
+    reward_timeout_s: float = 0.0  # > 0: a reward call that takes longer is an error (named); 0 = no limit
     eval_limit: int = 500  # held-out prompts used; 0 = all
     eval_max_new_tokens: int = 32
     rollout: RolloutConfig = field(default_factory=RolloutConfig)  # rollout.backend: sampler | generate | vllm
@@ -68,7 +70,7 @@ class GRPOConfig:
         at_least("group_size", self.group_size, 2, " (a group of one has no baseline)")
         for key in ("prompts_per_step", "max_new_tokens", "mu", "eval_max_new_tokens"):
             at_least(key, getattr(self, key), 1)
-        for key in ("temperature", "beta", "top_k"):
+        for key in ("temperature", "beta", "top_k", "eval_limit", "reward_timeout_s"):
             at_least(key, getattr(self, key), 0)
         if not 0 < self.top_p <= 1 or not self.eps_low > 0 or (self.eps_high is not None and self.eps_high < self.eps_low):
             raise ConfigError("config keys: top_p must be in (0, 1], eps_low > 0 and eps_high >= eps_low")
@@ -129,7 +131,8 @@ def advantages_for(cfg: GRPOConfig, samples: Samples, texts, prompts, fields, to
     if process_fn is not None:
         ids = [[t for t, m in zip(row, mask) if m and t != tokenizer.eos_token_id]
                for row, mask in zip(samples.completion_ids.tolist(), samples.completion_mask.tolist())]
-        steps = process_fn(prompts, texts, completion_ids=ids, tokenizer=tokenizer, **fields)
+        steps = call_with_timeout(process_fn, cfg.reward_timeout_s, prompts, texts, completion_ids=ids,
+                                  tokenizer=tokenizer, **fields)
         ends = [[e for e, _ in s] for s in steps]
         values = [[float(r) for _, r in s] for s in steps]
         return process_advantages(ends, values, cfg.group_size, length, cfg.scale_std)
@@ -147,7 +150,8 @@ def rollout(backend, tokenizer, rows, cfg: GRPOConfig, rewards: Rewards) -> Roll
     prompts = [user_prompt(r) for r in rows for _ in range(cfg.group_size)]  # text, or chat messages
     keys = sorted({k for r in rows for k in r.data} - {"prompt", "messages"})
     fields = {k: [r.data.get(k) for r in rows for _ in range(cfg.group_size)] for k in keys}
-    outcome = score_outcomes(rewards.functions, rewards.weights, prompts, texts, fields, cfg.reward_errors)
+    outcome = score_outcomes(rewards.functions, rewards.weights, prompts, texts, fields, cfg.reward_errors,
+                             cfg.reward_timeout_s)
     advantages = advantages_for(cfg, samples, texts, prompts, fields, tokenizer, rewards.process, outcome)
     advantages = advantages.to(samples.completion_ids.device)
     return Rollout(samples, outcome, advantages, generation_s)
@@ -242,6 +246,9 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
         raise ConfigError(f"prompts_per_step={cfg.prompts_per_step} must divide over {run.info.world_size} ranks")
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
     rows, eval_rows = read_rows(cfg.train_data), held_out(cfg.eval_data, cfg.eval_limit, cfg.eval_task)
+    needed = sorted({f for fn in [*rewards.functions, rewards.process] if fn is not None for f in reward_fields(fn)})
+    report = check_prompts(rows, tokenizer, needed, RESERVED)  # every row, before any model loads
+    run.say(f"{cfg.train_data}: {report.summary()}")
     policy = run.prepare(load_causal_lm(cfg.model, tokenizer, device=run.device), cfg.lora, base=cfg.model)
     reference = frozen_reference(run, policy, cfg.model, tokenizer, cfg.lora.enabled) if cfg.beta != 0 else None
     backend = backend or make_backend(cfg.rollout, tokenizer, policy, copy=run.shards_models,  # before sharding

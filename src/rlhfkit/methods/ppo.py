@@ -14,20 +14,29 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..data.encode import collate_sft, encode_sft, to_device
+from ..data.encode import check_prompts, collate_sft, encode_sft, to_device
 from ..data.rows import read_rows
 from ..losses.ppo import AdaptiveKL, explained_variance, gae, kl_penalty_rewards, policy_loss, value_loss
 from ..losses.reduce import masked_mean, masked_whiten
 from ..losses.sft import sft_loss
 from ..models.forward import token_logprobs
-from ..models.load import load_causal_lm, load_tokenizer
+from ..models.load import ModelLoadError, load_causal_lm, load_tokenizer
 from ..models.lora import Reference
-from ..models.reward import load_reward_model, reward_scores, score_name, token_values
+from ..models.reward import load_reward_model, require_reward_model, reward_scores, score_name, token_values
 from ..rollout.backend import SamplingParams, make_backend
 from ..rollout.evaluate import HeldOut, row_prompt_ids
 from ..rollout.sampler import Samples, completion_logprobs
 from ..tasks import TASK_CHOICES
-from ..train.config import ConfigError, LoraConfig, RolloutConfig, TrainConfig, at_least, choice
+from ..train.config import (
+    ConfigError,
+    LoraConfig,
+    RolloutConfig,
+    TrainConfig,
+    at_least,
+    choice,
+    positive,
+    within,
+)
 from ..train.dist import DistInfo, all_reduce_sum
 from ..train.loop import BatchOrder, autocast, reduce_dict, row_chunks
 from ..train.optim import build_optimizer, build_scheduler
@@ -77,8 +86,12 @@ class PPOConfig:
         for key in ("prompts_per_step", "minibatch_size", "ppo_epochs", "max_new_tokens", "kl_horizon",
                     "eval_max_new_tokens", "ptx_max_length"):
             at_least(key, getattr(self, key), 1)
-        for key in ("ptx_coef", "kl_coef", "temperature", "eps_value", "critic_lr"):
+        for key in ("ptx_coef", "kl_coef", "temperature", "eps_value", "critic_lr", "eval_limit", "missing_eos_penalty"):
             at_least(key, getattr(self, key), 0)
+        for key in ("gamma", "lam"):
+            within(key, getattr(self, key), 0, 1)
+        for key in ("eps_clip", "score_scale", "score_clip"):
+            positive(key, getattr(self, key))
         if self.target_kl is not None and not self.target_kl > 0:
             raise ConfigError(f"config key 'target_kl' must be > 0 (or unset for a fixed kl_coef); got {self.target_kl}")
         if self.prompts_per_step % self.minibatch_size:
@@ -255,11 +268,12 @@ def minibatch_step(run: Run, models: dict, exp: Experience, rows: torch.Tensor, 
 def load_models(cfg: PPOConfig, device: str = "cpu", run: Run | None = None):
     """Actor, critic, reward model and the reference (a ``Reference``); ``run`` prepares the
     trained ones (LoRA adapters, activation checkpointing) and shards the frozen copy."""
+    require_reward_model(cfg.reward_model)  # before anything loads: a causal LM would score with a random head
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
     actor = load_causal_lm(cfg.model, tokenizer, device=device)
     reward_tok = load_tokenizer(cfg.reward_model, cfg.tokenizer or cfg.model)
     if reward_tok.get_vocab() != tokenizer.get_vocab():
-        raise ValueError(f"the reward model at {cfg.reward_model} uses another tokenizer than the actor; "
+        raise ModelLoadError(f"the reward model at {cfg.reward_model} uses another tokenizer than the actor; "
                          "rlhfkit's PPO needs one shared tokenizer")
     reward = load_reward_model(cfg.reward_model, tokenizer, cfg.frozen_dtype, device=device).eval().requires_grad_(False)
     critic = load_reward_model(cfg.critic or cfg.reward_model, tokenizer, seed=cfg.train.seed, device=device)
@@ -321,8 +335,10 @@ def run_ppo(cfg: PPOConfig, backend=None) -> dict:
     if cfg.minibatch_size % run.info.world_size:
         raise ConfigError(f"minibatch_size={cfg.minibatch_size} must divide over {run.info.world_size} ranks")
     rows, eval_rows = read_rows(cfg.train_data), held_out(cfg.eval_data, cfg.eval_limit, cfg.eval_task)
-    models, tokenizer = load_models(cfg, run.device, run)
+    tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
+    run.say(f"{cfg.train_data}: {check_prompts(rows, tokenizer).summary()}")  # every row, before any model loads
     ptx = load_ptx(cfg, tokenizer)
+    models, tokenizer = load_models(cfg, run.device, run)
     run.say("parameter memory " + ", ".join(f"{k.split('/')[1]} {v} MB" for k, v in model_memory_mb(models).items()))
     backend = backend or make_backend(cfg.rollout, tokenizer, models["actor"], copy=run.shards_models,  # before sharding
                                       out_dir=tc.out_dir)

@@ -40,6 +40,8 @@ class RMConfig:
     def __post_init__(self):
         choice("overlong", self.overlong, OVERLONG_POLICIES)
         at_least("center_coef", self.center_coef, 0.0)
+        at_least("max_length", self.max_length, 2)
+        at_least("eval_limit", self.eval_limit, 0)
 
 
 def rm_objective(center_coef: float = 0.0) -> Objective:

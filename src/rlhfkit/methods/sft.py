@@ -18,7 +18,7 @@ from ..models.forward import eval_mode, token_logprobs
 from ..models.load import load_causal_lm, load_tokenizer
 from ..rollout.backend import SamplerBackend
 from ..tasks import TASK_CHOICES
-from ..train.config import LoraConfig, TrainConfig, at_least, choice
+from ..train.config import LoraConfig, TrainConfig, at_least, choice, within
 from ..train.loop import Objective, train_offline
 from ..train.run import start_run
 from .common import accuracy_eval, held_out
@@ -45,6 +45,9 @@ class SFTConfig:
         choice("eval_task", self.eval_task, TASK_CHOICES)
         at_least("max_length", self.max_length, 2)
         at_least("eval_max_new_tokens", self.eval_max_new_tokens, 1)
+        at_least("eval_limit", self.eval_limit, 0)
+        within("stop_at_accuracy", self.stop_at_accuracy, 0, 1)
+        within("snapshot_at_accuracy", self.snapshot_at_accuracy, 0, 1)
 
 
 def sft_objective() -> Objective:

@@ -31,6 +31,8 @@ def load_tokenizer(model_path, tokenizer_path=None):
         raise ModelLoadError("a model object was given without a tokenizer: pass tokenizer= (an object or a folder)")
     from transformers import AutoTokenizer
 
+    if not str(tokenizer_path or model_path).strip():
+        raise ModelLoadError("no model folder given (the model path is empty)")
     source = Path(tokenizer_path or model_path)
     if not source.is_dir():
         raise ModelLoadError(f"folder not found: {source}")
@@ -46,8 +48,9 @@ def load_tokenizer(model_path, tokenizer_path=None):
             tokenizer = PreTrainedTokenizerFast.from_pretrained(str(source))
         else:
             tokenizer = AutoTokenizer.from_pretrained(str(source))
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot load a tokenizer from {source}: {e}") from e
+    except Exception as e:  # tokenizers raises its own Exception on a broken tokenizer.json
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ModelLoadError(f"cannot load a tokenizer from {source}: {type(e).__name__}: {first}") from None
     return _checked(tokenizer, str(source))
 
 
@@ -88,9 +91,42 @@ def check_head(model, where: str) -> None:
                              "LOGIT_PROCESSING does not know)")
 
 
+def architectures(path: str | Path) -> list[str]:
+    """The ``architectures`` a model folder's config.json names; a one-line ModelLoadError when the
+    folder is not a model folder (missing, no config.json, a config that does not parse)."""
+    import json
+
+    folder = Path(path)
+    if not str(path).strip():
+        raise ModelLoadError("no model folder given (the model path is empty)")
+    if not folder.is_dir():
+        raise ModelLoadError(f"model folder not found: {path}")
+    config = folder / "config.json"
+    if not config.is_file():
+        raise ModelLoadError(f"{path} is not a model folder: it has no config.json")
+    try:
+        values = json.loads(config.read_text())
+    except (ValueError, OSError) as e:
+        raise ModelLoadError(f"{config}: not a readable model config ({e})") from None
+    if not isinstance(values, dict) or "model_type" not in values:
+        raise ModelLoadError(f"{config}: not a model config (no 'model_type')")
+    return list(values.get("architectures") or [])
+
+
+def from_pretrained(auto_class, path: str | Path, **kwargs):
+    """``auto_class.from_pretrained`` with a one-line ModelLoadError for a folder that does not
+    load (truncated weights, a config transformers refuses)."""
+    try:
+        return auto_class.from_pretrained(str(path), **kwargs)
+    except Exception as e:  # safetensors, json, OSError and ValueError all occur here
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ModelLoadError(f"cannot load the model in {path}: {type(e).__name__}: {first}") from None
+
+
 def load_causal_lm(path, tokenizer=None, dtype: str = "fp32", device: str = "cpu", copy: bool = False):
     """A causal LM from an HF folder (a LoRA adapter folder loads its base with the adapter
-    merged in), in ``dtype`` on ``device``; checks the tokenizer fits when given.
+    merged in), in ``dtype`` on ``device``; checks the tokenizer fits when given. A reward-model
+    folder (``...ForSequenceClassification``) is refused by name.
 
     ``path`` may also be a model object (Python API): it is used as it is, or deep-copied with
     ``copy=True`` (a frozen reference made from the same object)."""
@@ -100,27 +136,32 @@ def load_causal_lm(path, tokenizer=None, dtype: str = "fp32", device: str = "cpu
         model = (_copy.deepcopy(path) if copy else path).to(DTYPES[dtype])
     else:
         model = from_folder(AutoModelForCausalLM, path, dtype=DTYPES[dtype])
+    where = str(path) if isinstance(path, (str, Path)) else type(path).__name__
     if tokenizer is not None:
-        check_vocab(model, tokenizer, str(path) if isinstance(path, (str, Path)) else type(path).__name__)
+        check_vocab(model, tokenizer, where)
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    check_head(model, str(path) if isinstance(path, (str, Path)) else type(path).__name__)
+    check_head(model, where)
     use_fast_linear(model)  # CPU fp32 only; elsewhere the layers run F.linear unchanged
     return model.to(device)
 
 
 def from_folder(auto_class, path, **kwargs):
-    """``auto_class.from_pretrained(path)``; an adapter folder: its base with the adapter merged in."""
+    """``auto_class`` from a model folder, with one-line errors; a LoRA adapter folder loads its
+    base with the adapter merged in. A reward or value model given as a causal LM is refused."""
     from .lora import adapter_base, is_adapter_folder, load_merged
 
-    if not Path(path).is_dir():
-        raise ModelLoadError(f"model folder not found: {path}")
     if is_adapter_folder(path):
         try:
             base = adapter_base(path)
         except FileNotFoundError as e:
             raise ModelLoadError(str(e)) from None
-        return load_merged(auto_class.from_pretrained(base, **kwargs), path)
-    return auto_class.from_pretrained(str(path), **kwargs)
+        return load_merged(from_folder(auto_class, base, **kwargs), path)
+    archs = architectures(path)
+    heads = [a for a in archs if a.endswith(("ForSequenceClassification", "ForTokenClassification"))]
+    if heads and auto_class.__name__ == "AutoModelForCausalLM":
+        raise ModelLoadError(f"{path} is a reward or value model ({heads[0]}), not a causal LM; a policy needs a "
+                             "...ForCausalLM folder (the SFT model)")
+    return from_pretrained(auto_class, path, **kwargs)
 
 
 def is_sharded(model: torch.nn.Module) -> bool:

@@ -152,6 +152,10 @@ def is_adapter_folder(path) -> bool:
     return isinstance(path, (str, Path)) and (Path(path) / ADAPTER_CONFIG).is_file()
 
 
+def adapter_task(path) -> str | None:
+    return json.loads((Path(path) / ADAPTER_CONFIG).read_text()).get("task_type")
+
+
 def adapter_base(path) -> str:
     """The base model folder an adapter folder names."""
     base = json.loads((Path(path) / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")

@@ -14,7 +14,7 @@ import torch
 
 from .forward import as_forward, hidden_states
 from .kernels import use_fast_linear
-from .load import DTYPES, ModelLoadError, check_vocab, from_folder
+from .load import DTYPES, ModelLoadError, architectures, check_vocab, from_folder
 
 
 def is_sequence_classifier(path: str | Path) -> bool:
@@ -23,6 +23,20 @@ def is_sequence_classifier(path: str | Path) -> bool:
         return False
     archs = json.loads(config.read_text()).get("architectures") or []
     return any(a.endswith("ForSequenceClassification") for a in archs)
+
+
+def require_reward_model(path: str | Path, key: str = "reward_model") -> None:
+    """Refuse a folder that is not a trained reward model: a causal LM would get a randomly
+    initialised score head (transformers only notes it), and its scores would be noise."""
+    from .lora import adapter_task, is_adapter_folder
+
+    if is_adapter_folder(path) and adapter_task(path) == "SEQ_CLS":
+        return  # a reward model's LoRA adapter (`rlhfkit rm lora.r=...`): its score head is in the adapter
+    archs = architectures(path)
+    if not any(a.endswith("ForSequenceClassification") for a in archs):
+        raise ModelLoadError(f"{key}: {path} is not a reward model ({', '.join(archs) or 'no architecture named'}); "
+                             "it needs a ...ForSequenceClassification folder with a trained score head "
+                             "(`rlhfkit rm` writes one)")
 
 
 def load_reward_model(path: str | Path, tokenizer, dtype: str = "fp32", seed: int = 0, device: str = "cpu"):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..data.encode import encode_prompt, prompt_text
+from ..data.encode import check_prompt_row, encode_prompt, prompt_text
 from ..data.rows import Row
 from ..tasks import resolve_task
 from .backend import SamplerBackend, SamplingParams
@@ -24,6 +24,8 @@ class HeldOut:
     """Held-out prompts and what their answers are checked against, resolved (and validated) up front."""
 
     def __init__(self, rows: list[Row], task: str = "auto"):
+        for row in rows:
+            check_prompt_row(row)
         self.rows = rows
         self.task, self.targets = resolve_task(task, rows)
 

@@ -15,7 +15,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from ..data.rows import DataError, Row
+from ..data.rows import DataError, Row, reads
 
 _PROMPT_RE = re.compile(r"What is (\d+)([+-])(\d+)(?:([+-])(\d+))?\?")
 _STEP_RE = re.compile(r"(-?\d+)([+-])(\d+)=(-?\d+)")
@@ -140,11 +140,13 @@ def verify_steps(prompt: str, completion: str) -> list[Step]:
 
 # --- rewards (the signatures of rollout/rewards.py) -------------------------------------------
 
+@reads("answer")
 def exact_answer(prompts, completions, answer=None, **_) -> list[float]:
     """1.0 when the completion's answer is exactly the row's ``answer``, else 0.0."""
     return [1.0 if extract_answer(c) == int(a) else 0.0 for c, a in zip(completions, answer)]
 
 
+@reads("answer")
 def contains_answer(prompts, completions, answer=None, **_) -> list[float]:
     """1.0 if the right answer appears as a whole number anywhere in the completion (BENCHMARK.md)."""
     return [1.0 if re.search(rf"(?<![\d-]){int(a)}(?!\d)", c) else 0.0 for c, a in zip(completions, answer)]

@@ -21,7 +21,7 @@ import torch
 import yaml
 from safetensors.torch import load_model, save_file, save_model
 
-from .dist import DistInfo, barrier
+from .dist import DistInfo
 
 MARKER = "COMPLETE"
 
@@ -68,41 +68,93 @@ def save_checkpoint(out_dir: str | Path, step: int, model, optimizer, scheduler,
                     sharded: bool = False) -> Path:
     """Every rank calls this. Rank 0 prepares the temporary folder; every rank writes its RNG
     state (and, ``sharded``, its shards of the model and optimizer via torch.distributed.checkpoint);
-    after a barrier rank 0 writes the rest, the ``COMPLETE`` marker last, and renames."""
+    then rank 0 writes the rest, the ``COMPLETE`` marker last, and renames.
+
+    A write that fails on any rank (a full disk, no permission) fails on every rank alike: the
+    partial folder is removed, the last complete checkpoint is kept, and a one-line
+    CheckpointError names the folder and the cause."""
     info = info or DistInfo()
     root = checkpoint_dir(out_dir)
     final, tmp = root / f"step-{step:07d}", root / f"step-{step:07d}.tmp"
-    if info.is_main:
+    previous = latest_checkpoint(out_dir)
+
+    def prepare():
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-    barrier(info)
-    torch.save(rng_state(), tmp / f"rng-{info.rank}.pt")
-    if sharded:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-        dcp.save({"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)},
-                 checkpoint_id=str(tmp / "dcp"), no_dist=not info.enabled)
-    barrier(info)
-    if not info.is_main:
-        return final
-    if not sharded:
-        _save_weights(model, tmp / "model.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "world_size": info.world_size, **(extra or {})},
-                                                       indent=1))
-    (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    _fsync_dir(tmp)
-    (tmp / MARKER).write_text("ok\n")
-    if final.exists():  # a complete checkpoint of the same step from an earlier attempt
-        shutil.rmtree(final)
-    tmp.rename(final)
-    for old in complete_checkpoints(out_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    def rank_parts():
+        torch.save(rng_state(), tmp / f"rng-{info.rank}.pt")
+        if sharded:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+            dcp.save({"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)},
+                     checkpoint_id=str(tmp / "dcp"), no_dist=not info.enabled)
+
+    def main_parts():
+        if not sharded:
+            _save_weights(model, tmp / "model.safetensors")
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "world_size": info.world_size,
+                                                            **(extra or {})}, indent=1))
+        (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        _fsync_dir(tmp)
+        (tmp / MARKER).write_text("ok\n")
+        if final.exists():  # a complete checkpoint of the same step from an earlier attempt
+            shutil.rmtree(final)
+        tmp.rename(final)
+
+    for part, everyone in ((prepare, False), (rank_parts, True), (main_parts, False)):
+        failure = _attempt(part) if everyone or info.is_main else None
+        if _any_rank(failure is not None, info):
+            cause = _cause(failure, root) if failure is not None else "it failed on another rank"  # before freeing
+            if info.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            kept = f"the last complete checkpoint {previous} is kept" if previous else "no earlier checkpoint"
+            raise CheckpointError(f"cannot write checkpoint {final}: {cause}; the partial folder was removed, {kept}")
+    if info.is_main:
+        for old in complete_checkpoints(out_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _attempt(part) -> Exception | None:
+    try:
+        part()
+    except Exception as e:  # a full disk shows as OSError, or as torch's RuntimeError from its writer
+        e.__traceback__ = None  # its frames hold the half-written files open
+        return e
+    return None
+
+
+def _any_rank(flag: bool, info: DistInfo) -> bool:
+    """Whether ``flag`` holds on any rank (one all-reduce; doubles as the barrier between parts)."""
+    if not info.enabled:
+        return flag
+    from .dist import all_reduce_sum
+
+    return all_reduce_sum(torch.tensor([float(flag)], dtype=torch.float64), info).item() > 0
+
+
+def write_failure(error: Exception, folder: Path) -> str:
+    """What went wrong with a write, in a few words: the OS's reason, or no space left."""
+    return _cause(error, folder)
+
+
+def _cause(error: Exception, folder: Path) -> str:
+    if isinstance(error, OSError) and error.errno:
+        return f"{os.strerror(error.errno)} ({type(error).__name__})"
+    try:  # torch's writer reports a full disk as "[enforce fail at inline_container.cc:...]"
+        free = shutil.disk_usage(next(p for p in (folder, *folder.parents) if p.exists())).free
+    except (OSError, StopIteration):
+        free = None
+    if free is not None and free < 1 << 20:
+        return f"no space left on device ({free} bytes free; {type(error).__name__})"
+    first = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, info: DistInfo | None = None) -> dict:

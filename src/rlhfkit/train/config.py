@@ -23,8 +23,22 @@ def choice(key: str, value, choices) -> None:
 
 
 def at_least(key: str, value, low, what: str = "") -> None:
-    if value is not None and value < low:
+    if value is not None and not value >= low:  # NaN fails too
         raise ConfigError(f"config key '{key}' must be >= {low}{what}; got {value!r}")
+
+
+def within(key: str, value, low, high, open_low: bool = False) -> None:
+    """``low <= value <= high`` (``low < value`` when ``open_low``); None passes (an unset option)."""
+    if value is None:
+        return
+    if not ((value > low if open_low else value >= low) and value <= high):
+        bracket = "(" if open_low else "["
+        raise ConfigError(f"config key '{key}' must be in {bracket}{low}, {high}]; got {value!r}")
+
+
+def positive(key: str, value) -> None:
+    if value is not None and not value > 0:
+        raise ConfigError(f"config key '{key}' must be > 0; got {value!r}")
 
 
 SCHEDULES = ("cosine", "constant", "linear")
@@ -74,13 +88,15 @@ class TrainConfig:
                               "use tensorboard or none")
         if not (isinstance(self.resume, bool) or self.resume == "auto"):
             raise ConfigError(f"config key 'train.resume' must be one of true, false, auto; got {self.resume!r}")
-        for key in ("batch_size", "log_every"):
+        for key in ("max_steps", "batch_size", "log_every"):  # max_steps=0 would save a copy of the start model
             at_least(f"train.{key}", getattr(self, key), 1)
-        for key in ("max_steps", "epochs", "micro_batch_size", "warmup_steps", "eval_every", "save_every", "keep_checkpoints",
-                    "weight_decay", "max_grad_norm", "min_lr_ratio"):
+        for key in ("epochs", "micro_batch_size", "warmup_steps", "eval_every", "save_every", "keep_checkpoints",
+                    "weight_decay", "max_grad_norm", "seed"):
             at_least(f"train.{key}", getattr(self, key), 0)
-        if not self.lr > 0:
-            raise ConfigError(f"config key 'train.lr' must be > 0; got {self.lr!r}")
+        within("train.min_lr_ratio", self.min_lr_ratio, 0, 1)
+        positive("train.lr", self.lr)
+        if self.out_dir == "":
+            raise ConfigError("config key 'train.out_dir' is empty")
 
 
 @dataclass(frozen=True)
@@ -198,11 +214,16 @@ def parse_overrides(overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw else ""
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw  # not a YAML scalar: kept as text, for the typed conversion to judge
         node = out
         parts = key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: '{part}' was given a value and cannot also have keys")
         node[parts[-1]] = value
     return out
 
@@ -217,8 +238,15 @@ def _merge(base: dict, extra: dict) -> dict:
 def load_config(cls, path: str | Path | None = None, overrides: list[str] | dict | None = None):
     values: dict = {}
     if path is not None:
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
+        try:
+            with open(path) as f:
+                values = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            place = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}{place}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: cannot read the config ({e})") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: the config must be a YAML mapping")
     extra = parse_overrides(overrides) if isinstance(overrides, list) else (overrides or {})

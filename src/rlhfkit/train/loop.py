@@ -17,10 +17,9 @@ from typing import Any, Callable
 import torch
 
 from ..data.encode import to_device
-from .config import TrainConfig
 from .dist import DistInfo, all_reduce_sum
 from .optim import build_optimizer, build_scheduler
-from .run import Run
+from .run import Run, split_batch
 
 
 @dataclass(frozen=True)
@@ -56,17 +55,6 @@ def autocast(dtype: str, device: str = "cpu"):
     if dtype == "bf16":
         return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def split_batch(cfg: TrainConfig, info: DistInfo) -> tuple[int, int]:
-    """(rows per rank, rows per micro-batch), checking that the global batch divides evenly."""
-    if cfg.batch_size % info.world_size:
-        raise ValueError(f"batch_size={cfg.batch_size} must divide evenly over {info.world_size} ranks")
-    per_rank = cfg.batch_size // info.world_size
-    micro = cfg.micro_batch_size or per_rank
-    if per_rank % micro:
-        raise ValueError(f"per-rank batch {per_rank} must be a multiple of micro_batch_size={micro}")
-    return per_rank, micro
 
 
 def reduce_dict(values: dict[str, float | torch.Tensor], info: DistInfo) -> dict[str, float]:

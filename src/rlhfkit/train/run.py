@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
+import signal
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -38,12 +41,12 @@ from ..models.lora import LoraSettings, apply_lora, enable_activation_checkpoint
 from .checkpoint import (
     CheckpointError,
     checkpoint_dir,
-    complete_checkpoints,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
+    write_failure,
 )
-from .config import LoraConfig, TrainConfig, plain_dict
+from .config import ConfigError, LoraConfig, TrainConfig, plain_dict
 from .dist import DistInfo, all_reduce_sum, barrier, broadcast_params, init_distributed
 from .logging import MetricsLogger, progress
 from .optim import check_finite, optimizer_step
@@ -57,27 +60,39 @@ def seed_everything(seed: int) -> None:
 
 
 def prepare_out_dir(cfg: TrainConfig, info: DistInfo) -> bool:
-    """Refuse to write a new run over an old one; ``resume=true`` needs a complete checkpoint,
-    ``resume=auto`` resumes when there is one and starts afresh otherwise. Returns whether it resumes."""
+    """Refuse to write a new run over one that has a complete checkpoint (or finished);
+    ``resume=true`` and ``resume=auto`` resume from the last complete checkpoint. A folder with
+    no complete checkpoint (a run killed before its first save) holds nothing to keep or resume:
+    every setting starts afresh there, and says so. Returns whether it resumes."""
     out = Path(cfg.out_dir)
     found = latest_checkpoint(out) is not None
-    resuming = cfg.resume is True or (cfg.resume == "auto" and found)
-    if cfg.resume is True and not found:
-        raise CheckpointError(f"resume=true but {out}/checkpoints holds no complete checkpoint "
-                              "(train.resume=auto starts afresh then)")
-    if cfg.resume is False and (complete_checkpoints(out) or (out / "metrics.jsonl").exists()):
-        raise CheckpointError(f"{out} already holds a run; pass resume=true to continue it or pick another out_dir")
+    if cfg.resume is False and (found or (out / "result.json").exists()):
+        raise CheckpointError(f"{out} already holds a run; pass train.resume=true to continue it or pick another "
+                              "out_dir")
     barrier(info)
-    if info.is_main and cfg.resume == "auto" and not found and (out / "metrics.jsonl").exists():
-        print(f"{out}: no complete checkpoint to resume from; starting afresh (resume=auto)", file=sys.stderr)
-        (out / "metrics.jsonl").unlink()
+    if info.is_main and not found and (cfg.resume or (out / "metrics.jsonl").exists()):
+        print(f"{out}: no complete checkpoint to resume from; starting afresh", file=sys.stderr)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         for stale in sorted(checkpoint_dir(out).glob("step-*.tmp*")):  # a save that never completed
             print(f"removing {stale}: an incomplete checkpoint of an earlier run", file=sys.stderr)
             shutil.rmtree(stale, ignore_errors=True)
     barrier(info)
-    return resuming
+    return bool(cfg.resume) and found
+
+
+def split_batch(cfg: TrainConfig, info: DistInfo) -> tuple[int, int]:
+    """(rows per rank, rows per micro-batch), checking that the global batch divides evenly."""
+    if cfg.batch_size % info.world_size:
+        raise ConfigError(f"config key 'train.batch_size' ({cfg.batch_size}) must divide evenly over "
+                          f"{info.world_size} ranks")
+    per_rank = cfg.batch_size // info.world_size
+    micro = cfg.micro_batch_size or per_rank
+    if per_rank % micro:
+        raise ConfigError(f"config key 'train.micro_batch_size': the per-rank batch {per_rank} must be a multiple "
+                          f"of it; got {micro}")
+    return per_rank, micro
 
 
 def reduce_metrics(means: dict, shares: dict, info: DistInfo) -> dict[str, float]:
@@ -89,6 +104,30 @@ def reduce_metrics(means: dict, shares: dict, info: DistInfo) -> dict[str, float
     all_reduce_sum(flat, info)
     flat[: len(means)] /= info.world_size
     return dict(zip(keys, flat.tolist()))
+
+
+@dataclass
+class Preempted(RuntimeError):
+    """SIGTERM or SIGINT arrived: the step was finished and a complete checkpoint written."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+def truncate_metrics(out_dir: str | Path, step: int) -> None:
+    """Drop the metrics a killed run logged after the checkpoint it resumes from (and a line cut short)."""
+    path = Path(out_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    path.write_text("".join(line + "\n" for line in kept))
 
 
 @dataclass
@@ -112,6 +151,8 @@ class Run:
     logger: MetricsLogger | None = None
     bar: object = None
     merge: bool = False  # LoRA: save the merged model beside the adapter (lora.merge)
+    signal: int | None = None  # SIGTERM / SIGINT received during the steps: stop after this step
+    held: dict = field(default_factory=dict)  # the signal handlers steps() replaced
 
     def say(self, message: str) -> None:
         if self.info.is_main:
@@ -194,17 +235,39 @@ class Run:
             self.start = self.done = self.state["step"]
             self.optimizer_steps = self.state.get("optimizer_steps", 0)
             self.say(f"resuming from {path} ({self.unit} {self.start} of {self.max_steps})")
+            if self.info.is_main:
+                truncate_metrics(self.cfg.out_dir, self.start)
         self.logger = MetricsLogger(self.cfg.out_dir, enabled=self.info.is_main, report_to=self.cfg.report_to,
                                     name=f"{self.name} {Path(self.cfg.out_dir).name}", config=self.config)
         self.bar = progress(self.max_steps, self.start, desc=f"{self.name} ({self.unit}s)",
                             enabled=self.info.is_main and self.cfg.progress)
 
     def steps(self):
-        """The step indices still to run (0-based); stops early when an eval asks to."""
-        for step in range(self.start, self.max_steps):
-            yield step
-            if self.stopped_early:
-                break
+        """The step indices still to run (0-based); stops early when an eval asks to.
+
+        While they run, SIGTERM and SIGINT are held: the step finishes, a complete checkpoint is
+        written and ``Preempted`` is raised (a second signal exits at once)."""
+        self.held = hold_signals(self._on_signal)
+        try:
+            for step in range(self.start, self.max_steps):
+                yield step
+                if self.stopped_early:
+                    break
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """Give SIGTERM and SIGINT back their previous handlers."""
+        release_signals(self.held)
+        self.held = {}
+
+    def _on_signal(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.signal is not None:  # the second one: at once (a half-written checkpoint is never picked)
+            print(f"{self.name}: {name} again: exiting now; the last complete checkpoint is kept", file=sys.stderr)
+            os._exit(128 + signum)
+        self.signal = signum
+        self.say(f"{name}: finishing {self.unit} {self.done + 1}, then writing a checkpoint ({name} again exits at once)")
 
     def optimizer_step(self, loss: torch.Tensor, clip_apart: list | None = None) -> tuple[float, float]:
         """``loss``: this rank's share of the loss whose gradients were accumulated. Checks the
@@ -234,13 +297,20 @@ class Run:
         evaluated = None
         if evaluate is not None and ((cfg.eval_every and done % cfg.eval_every == 0) or last):
             evaluated = self.evaluate(evaluate, done)
-        stop = torch.tensor([float(bool(evaluated and evaluated.get("stop")))], dtype=torch.float64)
-        self.stopped_early = all_reduce_sum(stop, self.info).item() > 0  # every rank stops together
-        if (cfg.save_every and done % cfg.save_every == 0) or last or self.stopped_early:
+        flags = torch.tensor([float(bool(evaluated and evaluated.get("stop"))), float(self.signal is not None)],
+                             dtype=torch.float64)
+        stop, preempted = (all_reduce_sum(flags, self.info) > 0).tolist()  # every rank stops together
+        self.stopped_early = stop
+        if (cfg.save_every and done % cfg.save_every == 0) or last or stop or preempted:
             extra = {"optimizer_steps": self.optimizer_steps, **(state or {})}
-            save_checkpoint(cfg.out_dir, done, trained, optimizer, scheduler, self.config, extra=extra,
-                            keep=cfg.keep_checkpoints, info=self.info, sharded=self.sharded)
+            path = save_checkpoint(cfg.out_dir, done, trained, optimizer, scheduler, self.config, extra=extra,
+                                   keep=cfg.keep_checkpoints, info=self.info, sharded=self.sharded)
             barrier(self.info)
+            if preempted and not (last or stop):
+                self.close()
+                signum = self.signal or signal.SIGTERM  # a rank that got none stops with the others
+                raise Preempted(f"stopped by {signal.Signals(signum).name} after {self.unit} {done} of {self.max_steps}; "
+                                f"checkpoint {path} is complete: rerun with train.resume=true to continue", signum)
 
     def evaluate(self, evaluate: Callable, done: int) -> dict:
         evaluated = evaluate()
@@ -252,6 +322,7 @@ class Run:
         return evaluated
 
     def close(self) -> None:
+        self.release()
         if self.bar is not None:
             self.bar.close()
         if self.logger is not None:
@@ -263,18 +334,38 @@ class Run:
         summary = {"steps": self.done, "steps_unit": self.unit, "optimizer_steps": self.optimizer_steps,
                    "evals": self.evals, **summary}
         out = Path(self.cfg.out_dir)
-        last = {f"train/{k}": v for k, v in self.metrics.items() if k in ("loss", "reward_mean", "rm_score", "kl")}
-        final = {**{k: v for k, v in summary.items() if k != "evals"}, **last,
-                 **{f"eval/{k}": v for k, v in (self.evals[-1] if self.evals else {}).items() if k != "step"}}
-        self.save_model(model, tokenizer, out / "model", metrics=final,
-                        what="reward model" if self.name == "rm" else "model")
-        if self.info.is_main:
-            write_config(out, self.config)
-            (out / "result.json").write_text(json.dumps(summary, indent=1))
-            if self.cfg.plots:
-                plot_runs([out], out / "plots")
+        try:
+            last = {f"train/{k}": v for k, v in self.metrics.items() if k in ("loss", "reward_mean", "rm_score", "kl")}
+            final = {**{k: v for k, v in summary.items() if k != "evals"}, **last,
+                     **{f"eval/{k}": v for k, v in (self.evals[-1] if self.evals else {}).items() if k != "step"}}
+            self.save_model(model, tokenizer, out / "model", metrics=final,
+                            what="reward model" if self.name == "rm" else "model")
+            if self.info.is_main:
+                write_config(out, self.config)
+                (out / "result.json").write_text(json.dumps(summary, indent=1))
+        except Exception as e:  # a full disk, no permission: one line, and no half-written model left
+            cause = write_failure(e, out)
+            if self.info.is_main:
+                shutil.rmtree(out / "model", ignore_errors=True)
+            raise CheckpointError(f"cannot write the final model {out / 'model'}: {cause}; the partial "
+                                  f"folder was removed, the last complete checkpoint {latest_checkpoint(out)} is "
+                                  "kept: rerun with train.resume=true to write it") from None
+        if self.info.is_main and self.cfg.plots:
+            plot_runs([out], out / "plots")
         barrier(self.info)
         return summary
+
+
+def hold_signals(handler) -> dict:
+    """Route SIGTERM and SIGINT to ``handler``; returns the previous handlers (none off the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+
+
+def release_signals(held: dict) -> None:
+    for signum, previous in held.items():
+        signal.signal(signum, previous)
 
 
 def write_config(out: Path, config: dict) -> None:
@@ -285,6 +376,8 @@ def start_run(cfg: TrainConfig, config, name: str, unit: str = "optimizer step",
               show: tuple[str, ...] = ("loss",)) -> Run:
     """Distributed set-up and the out-dir check, before any model loads; writes config.yaml."""
     info = init_distributed(cfg.device)
+    if unit == "optimizer step":  # the offline methods split train.batch_size over ranks and micro-batches
+        split_batch(cfg, info)
     resuming = prepare_out_dir(cfg, info)
     resolved = plain_dict(config)
     if info.is_main:

@@ -1,0 +1,98 @@
+"""Rows are validated where they are read: file:line messages for every kind of bad input, prompt
+rows against the fields their rewards read, the length policy counted per row (issue #17)."""
+
+import json
+
+import pytest
+
+from rlhfkit.data.encode import check_prompts, encode_sft
+from rlhfkit.data.prefs import encode_rankings
+from rlhfkit.data.rows import DataError, Row, read_rows, reads
+from rlhfkit.models.load import load_tokenizer
+from rlhfkit.rollout.rewards import RESERVED, reward_fields
+from rlhfkit.tasks import OUTCOME_REWARDS
+
+
+@pytest.fixture(scope="module")
+def tok(tiny):
+    return load_tokenizer(tiny["base"])
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_invalid_utf8_names_the_line_and_a_directory_is_named_as_one(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"prompt": "a", "completion": "b"}\n{"prompt": "a\xff", "completion": "b"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: not valid UTF-8 \(byte 0xff at column 14\)"):
+        read_rows(bad)
+    with pytest.raises(DataError, match=r": is a directory, not a data file"):
+        read_rows(tmp_path)
+
+
+def test_reward_fields_are_declared_or_read_from_the_signature():
+    assert reward_fields(OUTCOME_REWARDS["exact_answer"]) == ("answer",)  # @reads("answer")
+
+    def by_signature(prompts, completions, answer, *, unit, scale=1.0, **_):
+        return [0.0] * len(completions)
+
+    assert reward_fields(by_signature) == ("answer", "unit")  # no default: required
+
+    @reads("source")
+    def declared(prompts, completions, **row_fields):
+        return [0.0] * len(completions)
+
+    assert reward_fields(declared) == ("source",)
+    assert reward_fields(lambda prompts, completions, **_: []) == ()
+
+
+def test_a_prompt_row_without_a_field_a_reward_reads_fails_with_file_line_field(tmp_path, tok):
+    rows = read_rows(_jsonl(tmp_path / "p.jsonl", [{"prompt": "What is 1+1?", "answer": 2}] * 300
+                            + [{"prompt": "What is 2+2?"}, {"prompt": "What is 3+3?", "answer": None}]))
+    check_prompts(rows[:300], tok, ("answer",), RESERVED)
+    with pytest.raises(DataError, match=r"p.jsonl:301: missing field 'answer' \(a reward reads it\)"):
+        check_prompts(rows, tok, ("answer",), RESERVED)
+    with pytest.raises(DataError, match=r"p.jsonl:302: missing field 'answer'"):  # null counts as missing
+        check_prompts(rows[:300] + rows[301:], tok, ("answer",), RESERVED)
+    with pytest.raises(DataError, match=r"<list>:row 0: missing field 'prompt'"):
+        check_prompts(read_rows([{"answer": 1}]), tok)
+
+
+def test_row_fields_named_like_reward_arguments_are_refused_by_name(tiny, tok):
+    rankings = read_rows(tiny["data"] / "rankings_train.jsonl")[:3]  # a rankings file given as prompts
+    with pytest.raises(DataError, match=r"rankings_train.jsonl:1: field 'completions' has the name of an argument "
+                                        r"every reward takes"):
+        check_prompts(rankings, tok, (), RESERVED)
+    for name in RESERVED:
+        with pytest.raises(DataError, match=f"field '{name}'"):
+            check_prompts([Row("x:1", {"prompt": "p", name: 1})], tok, (), RESERVED)
+
+
+def test_truncated_pairs_that_became_identical_are_skipped_and_counted_per_row(tok):
+    rows = [Row("r:1", {"prompt": "What is 1+1?", "chosen": " 22222", "rejected": " 22223"}),  # same first tokens
+            Row("r:2", {"prompt": "What is 1+1?", "chosen": " 2", "rejected": " 3"}),
+            Row("r:3", {"prompt": "What is 1+1?", "completions": [" 2000", " 2001", " 2002", " 3"]}),
+            Row("r:4", {"prompt": "What is 1+1?", "completions": [" 40000", " 5", " 6"]})]
+    width = len(tok("What is 1+1?")["input_ids"])
+    examples, report = encode_rankings(rows, tok, width + 3, "truncate")
+    # r:1 and r:3 would hold identical (truncated) answers; r:4 is truncated and kept, r:2 fits.
+    assert len(examples) == 2 and report.skipped == ["r:1", "r:3"] and report.identical == 2
+    assert report.truncated == 1 and "2 skipped (2 because truncation left two of their answers identical)" in \
+        report.summary()
+    for example in examples:
+        assert len({tuple(c) for c in example.completion_ids}) == len(example.completion_ids)
+    examples, report = encode_rankings(rows, tok, width + 3, "skip")
+    assert report.skipped == ["r:1", "r:3", "r:4"] and len(examples) == 1  # rows, not completions
+
+
+def test_text_the_tokenizer_cannot_encode_is_counted_with_a_warning(tok):
+    rows = [Row("s:1", {"prompt": "What is 1+1?", "completion": " 2"}),
+            Row("s:2", {"prompt": "Wie viel ist 1+1? ✓", "completion": " zwei ✓"}),
+            Row("s:3", {"prompt": "What is 2+2?", "completion": " 4 — vier"})]
+    _, report = encode_sft(rows, tok, 64)
+    assert report.unknown == ["s:2", "s:3"]
+    assert "warning: 2 rows hold text the tokenizer maps to its unknown token (first: s:2)" in report.summary()
+    assert "warning" not in encode_sft(rows[:1], tok, 64)[1].summary()
+    assert check_prompts(rows, tok).unknown == ["s:2"]

@@ -1,0 +1,79 @@
+"""Reward functions under faults: weights that do not match, numpy and torch scalars, hung calls,
+and prompt rows checked against what the rewards read before any model loads (issue #17)."""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from methods_setup import method_config
+
+import rlhfkit.methods.grpo as grpo_module
+from rlhfkit.data.rows import DataError
+from rlhfkit.methods.grpo import run_grpo
+from rlhfkit.rollout.rewards import RewardError, score_outcomes
+from rlhfkit.train.config import ConfigError, replace
+
+
+def test_weights_that_do_not_match_the_reward_functions_are_an_error(tiny, tmp_path):
+    cfg = method_config("grpo", tiny, tmp_path / "w", 1)
+
+    def one(prompts, completions, **_):
+        return [1.0] * len(completions)
+
+    def two(prompts, completions, **_):
+        return [2.0] * len(completions)
+
+    with pytest.raises(ConfigError, match="2 reward functions but 1 weights"):
+        run_grpo(cfg, reward_fns=[one, two], weights=[1.0])
+    assert not (tmp_path / "w").exists()
+
+
+def test_numpy_and_zero_dim_torch_scalars_are_numbers():
+    values = [np.float32(0.5), np.int64(2), np.float64(0.25), torch.tensor(1.5), np.array(3.0), None]
+    scores = score_outcomes([lambda p, c, **_: values], [2.0], ["p"] * 6, ["c"] * 6, {})
+    assert scores.rewards.tolist() == [1.0, 4.0, 0.5, 3.0, 6.0, 0.0]  # 2 x each; None abstains
+    with pytest.raises(RewardError, match=r"returned tensor\(\[1., 2.\]\) for sample 0"):
+        score_outcomes([lambda p, c, **_: [torch.tensor([1.0, 2.0])]], [1.0], ["p"], ["c"], {})
+    with pytest.raises(RewardError, match="returned 'high' for sample 0"):
+        score_outcomes([lambda p, c, **_: ["high"]], [1.0], ["p"], ["c"], {})
+
+
+def test_a_hung_reward_becomes_a_named_error_after_reward_timeout_s():
+    def hangs(prompts, completions, **_):
+        time.sleep(30)
+        return [0.0] * len(completions)
+
+    start = time.time()
+    with pytest.raises(RewardError, match=r"reward function 'hangs' failed .*no result within reward_timeout_s=0.2 s"):
+        score_outcomes([hangs], [1.0], ["p"], ["c"], {}, timeout_s=0.2)
+    assert time.time() - start < 5
+    zero = score_outcomes([hangs], [1.0], ["p", "q"], ["c", "d"], {}, on_error="zero", timeout_s=0.2)
+    assert zero.rewards.tolist() == [0.0, 0.0] and zero.errors == {"hangs": 2}
+    fast = score_outcomes([lambda p, c, **_: [1.0]], [1.0], ["p"], ["c"], {}, timeout_s=5)
+    assert fast.rewards.tolist() == [1.0]
+
+
+def _no_model_loads(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the data was checked")
+
+    monkeypatch.setattr(grpo_module, "load_causal_lm", refuse)
+
+
+def test_grpo_checks_every_prompt_row_for_the_rewards_fields_before_any_model_loads(tiny, tmp_path, monkeypatch):
+    rows = (tiny["data"] / "prompts_train.jsonl").read_text().splitlines()[:300]
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text("\n".join(rows + ['{"prompt": "What is 1+1?"}']) + "\n")
+    _no_model_loads(monkeypatch)
+    cfg = replace(method_config("grpo", tiny, tmp_path / "g", 100), train_data=str(bad), rewards="exact_answer")
+    with pytest.raises(DataError, match=r"prompts.jsonl:301: missing field 'answer' \(a reward reads it\)"):
+        run_grpo(cfg)  # before the fix: 63 steps of training, then int(None) inside the reward
+    assert not (tmp_path / "g" / "metrics.jsonl").exists()
+
+
+def test_grpo_refuses_a_rankings_file_whose_fields_collide_with_reward_arguments(tiny, tmp_path, monkeypatch):
+    _no_model_loads(monkeypatch)
+    cfg = replace(method_config("grpo", tiny, tmp_path / "g", 1), train_data=str(tiny["data"] / "rankings_train.jsonl"))
+    with pytest.raises(DataError, match=r"rankings_train.jsonl:1: field 'completions' has the name of an argument"):
+        run_grpo(cfg)  # before: "got multiple values for argument 'completions'" in every reward call

@@ -1,0 +1,304 @@
+"""Faults a run must survive (issue #17): resume that is exact in every set-up, no debris left,
+no stuck folders, failed saves that clean up, nonsense config values and wrong models refused
+before any model loads, each in one line."""
+
+import errno
+import json
+import math
+import subprocess
+
+import pytest
+import torch
+from methods_setup import RUNS, method_config, reward_folder, small
+
+import rlhfkit.train.checkpoint as checkpoint_module
+import rlhfkit.train.run as run_module
+from rlhfkit.methods.dpo import DPOConfig, run_dpo
+from rlhfkit.methods.grpo import GRPOConfig, run_grpo
+from rlhfkit.methods.ppo import PPOConfig, run_ppo
+from rlhfkit.methods.rm import RMConfig
+from rlhfkit.methods.sft import SFTConfig, run_sft
+from rlhfkit.models.load import ModelLoadError, load_tokenizer
+from rlhfkit.rollout.backend import SamplerBackend
+from rlhfkit.rollout.evaluate import greedy_samples
+from rlhfkit.rollout.sampler import decode
+from rlhfkit.train.checkpoint import CheckpointError, complete_checkpoints, latest_checkpoint
+from rlhfkit.train.config import ConfigError, load_config, replace
+from rlhfkit.train.logging import MetricsLogger, read_metrics
+
+
+class Killed(BaseException):
+    pass
+
+
+def _kill_when(monkeypatch, name: str, done: int, after: bool = False):
+    """Make ``Run.step_done`` of the run called ``name`` die when ``done`` steps are done
+    (``after``: once the step is logged and checkpointed on cadence)."""
+    original = run_module.Run.step_done
+
+    def dies(self, *args, **kwargs):
+        if self.name == name and self.done == (done - 1 if after else done):
+            if after:
+                original(self, *args, **kwargs)
+            raise Killed
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(run_module.Run, "step_done", dies)
+    return original
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def _same_weights(a, b) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+# --- 3. resume is exact in every set-up --------------------------------------------------------
+
+def test_sft_snapshot_is_not_overwritten_by_a_later_model_after_resume(tiny, tmp_path, monkeypatch):
+    def cfg(out):  # the snapshot is taken at step 1's eval; the checkpoint is step 2's
+        return SFTConfig(model=str(tiny["base"]), train_data=small(tiny, "sft_train.jsonl"), max_length=64,
+                         eval_data=small(tiny, "sft_eval.jsonl", 8), eval_max_new_tokens=4, snapshot_at_accuracy=0.0,
+                         train=method_config("sft", tiny, out, 4, eval_every=1, save_every=2).train)
+
+    straight = run_sft(cfg(tmp_path / "full"))
+    original = _kill_when(monkeypatch, "sft", 2)
+    with pytest.raises(Killed):
+        run_sft(cfg(tmp_path / "cut"))
+    monkeypatch.setattr(run_module.Run, "step_done", original)
+    resumed = run_sft(replace(cfg(tmp_path / "cut"), train__resume=True))
+    _same_weights(tmp_path / "full" / "snapshot", tmp_path / "cut" / "snapshot")  # step 1's model, not step 3's
+    _same_weights(tmp_path / "full" / "model", tmp_path / "cut" / "model")
+    assert resumed["snapshot"]["accuracy"] == straight["snapshot"]["accuracy"]
+
+
+def test_grpo_accuracy_before_is_the_start_models_after_resume(tiny, tmp_path, monkeypatch):
+    # Held-out rows whose reference is the start model's own greedy answer: accuracy 1.0 before
+    # training, less once the weights move (lr 1e-2), so a checkpoint's accuracy would differ.
+    tok = load_tokenizer(tiny["base"])
+    from rlhfkit.methods.common import load_policy
+
+    model, _ = load_policy(str(tiny["base"]), None)
+    prompts = [json.loads(line) for line in (tiny["data"] / "prompts_eval.jsonl").read_text().splitlines()[:40]]
+    from rlhfkit.data.rows import read_rows
+
+    (sample,) = greedy_samples(SamplerBackend(tok, model), tok, read_rows(prompts), 6)
+    rows = [{"prompt": p["prompt"], "completion": c} for p, c in zip(prompts, decode(tok, sample)) if c.strip()]
+    eval_file = tmp_path / "own.jsonl"
+    eval_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def cfg(out):
+        return replace(method_config("grpo", tiny, out, 4, save_every=2), eval_data=str(eval_file), train__lr=1e-2,
+                       eval_task="reference", eval_max_new_tokens=6)
+
+    straight = run_grpo(cfg(tmp_path / "full"), reward_fns=[RUNS_DIGITS])
+    original = _kill_when(monkeypatch, "grpo", 2)
+    with pytest.raises(Killed):
+        run_grpo(cfg(tmp_path / "cut"), reward_fns=[RUNS_DIGITS])
+    monkeypatch.setattr(run_module.Run, "step_done", original)
+    resumed = run_grpo(replace(cfg(tmp_path / "cut"), train__resume=True), reward_fns=[RUNS_DIGITS])
+    assert straight["accuracy_before"] == resumed["accuracy_before"] == 1.0
+    assert straight["accuracy"] < 1.0 and resumed["accuracy"] == straight["accuracy"]
+
+
+def RUNS_DIGITS(prompts, completions, **_):
+    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+
+
+# --- 4. no debris, no stuck folders ------------------------------------------------------------
+
+def test_resume_truncates_the_metrics_log_and_removes_stale_temporary_folders(tiny, tmp_path, monkeypatch):
+    RUNS["sft"](method_config("sft", tiny, tmp_path / "full", 5, save_every=2))
+    original = _kill_when(monkeypatch, "sft", 3, after=True)  # step 3 logged, the last checkpoint is step 2's
+    with pytest.raises(Killed):
+        RUNS["sft"](method_config("sft", tiny, tmp_path / "cut", 5, save_every=2))
+    monkeypatch.setattr(run_module.Run, "step_done", original)
+    assert [m["step"] for m in read_metrics(tmp_path / "cut")] == [1, 2, 3]
+    stale = tmp_path / "cut" / "checkpoints" / "step-0000004.tmp"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")  # a save killed half-way
+    RUNS["sft"](replace(method_config("sft", tiny, tmp_path / "cut", 5, save_every=2), train__resume=True))
+    assert not stale.exists()
+    logged = read_metrics(tmp_path / "cut")
+    assert [m["step"] for m in logged] == [1, 2, 3, 4, 5]  # step 3 once, not twice
+    assert [m["train/loss"] for m in logged] == [m["train/loss"] for m in read_metrics(tmp_path / "full")]
+
+
+@pytest.mark.parametrize("resume", [True, False, "auto"])
+def test_a_run_killed_before_its_first_checkpoint_starts_afresh(resume, tiny, tmp_path, monkeypatch, capfd):
+    original = _kill_when(monkeypatch, "sft", 1, after=True)
+    with pytest.raises(Killed):
+        RUNS["sft"](method_config("sft", tiny, tmp_path / "k", 3))  # saves only at the end
+    monkeypatch.setattr(run_module.Run, "step_done", original)
+    assert latest_checkpoint(tmp_path / "k") is None and (tmp_path / "k" / "metrics.jsonl").exists()
+    capfd.readouterr()
+    summary = RUNS["sft"](replace(method_config("sft", tiny, tmp_path / "k", 3), train__resume=resume))
+    assert summary["steps"] == 3 and [m["step"] for m in read_metrics(tmp_path / "k")] == [1, 2, 3]
+    said = [line for line in capfd.readouterr().err.splitlines() if "afresh" in line]
+    assert said == [f"{tmp_path / 'k'}: no complete checkpoint to resume from; starting afresh"]
+    with pytest.raises(CheckpointError, match="already holds a run"):  # now it has one: not overwritten
+        RUNS["sft"](method_config("sft", tiny, tmp_path / "k", 3))
+
+
+def test_dpo_killed_in_its_sft_phase_resumes_that_phase_and_matches_the_straight_run(tiny, tmp_path, monkeypatch):
+    def cfg(out):
+        return replace(method_config("dpo", tiny, out, 3, save_every=2), sft_first_steps=4)
+
+    run_dpo(cfg(tmp_path / "full"))
+    original = _kill_when(monkeypatch, "dpo-sft", 3)  # inside the SFT phase, after its step-2 checkpoint
+    with pytest.raises(Killed):
+        run_dpo(cfg(tmp_path / "cut"))
+    monkeypatch.setattr(run_module.Run, "step_done", original)
+    run_dpo(replace(cfg(tmp_path / "cut"), train__resume=True))  # before: "no complete checkpoint", stuck
+    for sub in ("sft_chosen", ""):
+        full, cut = (read_metrics(tmp_path / p / sub) for p in ("full", "cut"))
+        assert [m["train/loss"] for m in cut] == [m["train/loss"] for m in full] and len(full) in (3, 4)
+    _same_weights(tmp_path / "full" / "model", tmp_path / "cut" / "model")
+
+
+# --- 6. a save that fails --------------------------------------------------------------------
+
+def test_a_failed_save_removes_its_folder_keeps_the_last_checkpoint_and_says_why(tiny, tmp_path, monkeypatch):
+    original, calls = checkpoint_module.save_model, {"n": 0}
+
+    def full_disk(model, path):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            original(model, path)  # half a file, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(model, path)
+
+    monkeypatch.setattr(checkpoint_module, "save_model", full_disk)
+    out = tmp_path / "d"
+    with pytest.raises(CheckpointError) as e:
+        RUNS["sft"](method_config("sft", tiny, out, 3, save_every=1))
+    assert str(e.value) == (f"cannot write checkpoint {out}/checkpoints/step-0000002: No space left on device "
+                            f"(OSError); the partial folder was removed, the last complete checkpoint "
+                            f"{out}/checkpoints/step-0000001 is kept")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000001"]
+    monkeypatch.setattr(checkpoint_module, "save_model", original)
+    assert RUNS["sft"](replace(method_config("sft", tiny, out, 3, save_every=1), train__resume=True))["steps"] == 3
+
+
+def test_a_full_tmpfs_stops_the_run_in_one_line_and_leaves_no_partial_folder(tiny, tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        with pytest.raises(CheckpointError) as e:
+            RUNS["sft"](method_config("sft", tiny, disk / "run", 30, save_every=1, keep_checkpoints=0))
+        message = str(e.value)
+        assert "\n" not in message and "no space left on device" in message.lower(), message
+        assert message.startswith(f"cannot write checkpoint {disk}/run/checkpoints/step-") or \
+            message.startswith(f"cannot write the final model {disk}/run/model")
+        assert not [p for p in (disk / "run" / "checkpoints").iterdir() if ".tmp" in p.name]
+        assert complete_checkpoints(disk / "run")  # the earlier ones are whole
+    finally:
+        import gc
+
+        gc.collect()
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+# --- 8. config values --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cls, override, message", [
+    (SFTConfig, "train.max_steps=0", "'train.max_steps' must be >= 1; got 0"),
+    (SFTConfig, "train.log_every=0", "'train.log_every' must be >= 1; got 0"),
+    (SFTConfig, "train.lr=-1e-3", "'train.lr' must be > 0; got -0.001"),
+    (SFTConfig, "train.lr=.nan", "'train.lr' must be > 0; got nan"),
+    (SFTConfig, "train.warmup_steps=-1", "'train.warmup_steps' must be >= 0; got -1"),
+    (SFTConfig, "train.min_lr_ratio=2", "'train.min_lr_ratio' must be in [0, 1]; got 2.0"),
+    (SFTConfig, "train.seed=-1", "'train.seed' must be >= 0; got -1"),
+    (SFTConfig, "eval_limit=-1", "'eval_limit' must be >= 0; got -1"),
+    (SFTConfig, "stop_at_accuracy=1.5", "'stop_at_accuracy' must be in [0, 1]; got 1.5"),
+    (RMConfig, "max_length=1", "'max_length' must be >= 2; got 1"),
+    (DPOConfig, "beta=-0.1", "'beta' must be > 0; got -0.1"),
+    (GRPOConfig, "beta=-0.1", "'beta' must be >= 0; got -0.1"),
+    (GRPOConfig, "mu=0", "'mu' must be >= 1; got 0"),
+    (GRPOConfig, "max_new_tokens=0", "'max_new_tokens' must be >= 1; got 0"),
+    (GRPOConfig, "temperature=-1", "'temperature' must be >= 0; got -1.0"),
+    (GRPOConfig, "reward_errors=ignore", "'reward_errors' must be one of raise, zero; got 'ignore'"),
+    (GRPOConfig, "reward_timeout_s=-1", "'reward_timeout_s' must be >= 0; got -1.0"),
+    (GRPOConfig, "eps_low=0", "eps_low > 0"),
+    (PPOConfig, "minibatch_size=0", "'minibatch_size' must be >= 1; got 0"),
+    (PPOConfig, "kl_coef=-0.1", "'kl_coef' must be >= 0; got -0.1"),
+    (PPOConfig, "target_kl=0", "'target_kl' must be > 0"),
+    (PPOConfig, "gamma=1.5", "'gamma' must be in [0, 1]; got 1.5"),
+    (PPOConfig, "eps_clip=0", "'eps_clip' must be > 0; got 0.0"),
+    (PPOConfig, "score_clip=0", "'score_clip' must be > 0; got 0.0"),
+    (PPOConfig, "missing_eos_penalty=-1", "'missing_eos_penalty' must be >= 0; got -1.0"),
+])
+def test_nonsense_values_fail_in_one_line_when_read(cls, override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(cls, None, [override])
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_yaml_file_that_does_not_parse_is_one_line_with_its_place(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: x\ntrain:\n  lr: [1,\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:4:1: not valid YAML") as e:
+        load_config(SFTConfig, bad)
+    assert "\n" not in str(e.value)
+
+
+def test_a_micro_batch_that_does_not_divide_the_batch_fails_before_any_model_loads(tiny, tmp_path):
+    with pytest.raises(ConfigError, match="'train.micro_batch_size': the per-rank batch 8 must be a multiple"):
+        RUNS["sft"](method_config("sft", tiny, tmp_path / "m", 2, micro_batch_size=3))
+    assert not (tmp_path / "m").exists()
+
+
+def test_nan_metrics_are_written_as_json_null(tmp_path):
+    MetricsLogger(tmp_path, report_to="none").log(1, {"loss": float("nan"), "kl": torch.tensor(float("inf")), "x": 1.0})
+    line = (tmp_path / "metrics.jsonl").read_text()
+    assert "NaN" not in line and "Infinity" not in line
+    record = json.loads(line)
+    assert record["train/loss"] is None and record["train/kl"] is None and record["train/x"] == 1.0
+    assert not math.isnan(record["step"])
+
+
+# --- 9. wrong models ---------------------------------------------------------------------------
+
+def test_ppo_refuses_a_causal_lm_as_its_reward_model(tiny, tmp_path):
+    cfg = replace(method_config("ppo", tiny, tmp_path / "p", 1), reward_model=str(tiny["base"]))
+    with pytest.raises(ModelLoadError, match=r"reward_model: .*base is not a reward model \(LlamaForCausalLM\)"):
+        run_ppo(cfg)  # before: trained against a randomly initialised score head
+
+
+def test_a_reward_model_folder_is_refused_as_a_policy(tiny, tmp_path):
+    cfg = replace(method_config("sft", tiny, tmp_path / "s", 1), model=reward_folder(tiny))
+    with pytest.raises(ModelLoadError, match=r"is a reward or value model \(LlamaForSequenceClassification\), "
+                                             r"not a causal LM"):
+        run_sft(cfg)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("tokenizer only", "is not a model folder: it has no config.json"),
+    ("truncated weights", "cannot load the model in .*: "),
+    ("broken config", r"config.json: not a readable model config"),
+])
+def test_a_folder_that_is_not_a_model_is_one_line(damage, message, tiny, tmp_path):
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny["base"], folder)
+    if damage == "tokenizer only":
+        (folder / "config.json").unlink()
+        (folder / "model.safetensors").unlink()
+    elif damage == "truncated weights":
+        weights = folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:5000])
+    else:
+        (folder / "config.json").write_text('{"model_type": "llama", ')
+    with pytest.raises(ModelLoadError, match=message) as e:
+        run_sft(replace(method_config("sft", tiny, tmp_path / "s", 1), model=str(folder)))
+    assert "\n" not in str(e.value)
