@@ -21,7 +21,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 def _args(tiny, out, *extra):
     return [sys.executable, "-m", "rlhfkit.cli.main", "sft", f"model={tiny['base']}",
             f"train_data={small(tiny, 'sft_train.jsonl')}", "max_length=64", "train.max_steps=30",
-            "train.batch_size=8", "train.lr=1e-3", "train.progress=false", "train.tensorboard=false",
+            "train.batch_size=8", "train.lr=1e-3", "train.progress=false", "train.report_to=none",
             "train.log_every=1", f"train.out_dir={out}", *extra]
 
 

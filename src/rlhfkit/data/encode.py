@@ -218,12 +218,13 @@ def encode_sft(rows: list[Row], tokenizer, max_length: int, overlong: str = "err
 def check_prompt_row(row: Row) -> None:
     """A prompt row has a non-empty plain ``prompt``, or well-formed chat messages in ``prompt``
     or ``messages`` (TRL's conversational prompt-only form)."""
-    field = "prompt" if "prompt" in row.data else "messages"
+    field = "messages" if "prompt" not in row.data and "messages" in row.data else "prompt"
     value = row.data.get(field)
     if field == "messages" or isinstance(value, list):
         check_messages(row, field, value)
     else:
-        get_str(row, "prompt")
+        get_str(row, "prompt")  # also: missing field 'prompt'
+
 
 
 def check_prompts(rows: list[Row], tokenizer, required=(), reserved=()) -> LengthReport:

@@ -208,7 +208,8 @@ def save_model(model, tokenizer, out_dir: str | Path, state_dict: dict | None = 
             plain = unsharded_class(model)._from_config(model.config)
         plain.load_state_dict(state_dict, assign=True, strict=False)
         plain.tie_weights()
-        plain.generation_config = model.generation_config
+        if getattr(model, "generation_config", None) is not None:  # causal LMs have one, classifiers not
+            plain.generation_config = model.generation_config
         model = plain
     model.save_pretrained(str(out_dir), safe_serialization=True)
     if tokenizer is not None:
