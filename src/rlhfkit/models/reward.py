@@ -55,14 +55,29 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long() * positions).argmax(-1)
 
 
+def score_index(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
+    """Where transformers' ``...ForSequenceClassification`` reads its score: the rightmost token
+    that is not the pad id (transformers 5, left or right padding). (B,)
+
+    With pad = eos (GPT-2's tokenizer, or any tokenizer whose pad falls back to eos) that is the
+    token before the final EOS, not the EOS itself; reading there keeps a saved reward model's
+    score the same in rlhfkit and in plain transformers. Without a pad id transformers reads the
+    last position (one row only); here the last attended token, which is that for one row.
+    """
+    if pad_token_id is None:
+        return last_token_index(attention_mask)
+    return last_token_index(input_ids != pad_token_id)
+
+
 def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """r(x, y): the score head read at the last non-pad token. (B,)"""
+    """r(x, y): the score head read where transformers reads it (``score_index``). (B,)"""
     return as_forward(model, _reward_scores, input_ids, attention_mask)
 
 
 def _reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     hidden = hidden_states(model, input_ids, attention_mask)  # (B, T, H)
-    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]  # (B, H)
+    index = score_index(input_ids, attention_mask, model.config.get_text_config().pad_token_id)
+    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), index]  # (B, H)
     return score_head(model)(last).squeeze(-1).float()
 
 
