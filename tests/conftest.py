@@ -41,3 +41,20 @@ def sft_run(tiny, tmp_path_factory):
                     train=quiet_train(out, max_steps=2000, batch_size=128, lr=5e-3, warmup_steps=50,
                                       eval_every=100, log_every=10))
     return {**run_sft(cfg), "out": out}
+
+
+@pytest.fixture(scope="session")
+def multistep_sft(tiny, tmp_path_factory):
+    """SFT on the multi-step task stopped at 0.5 held-out exact match (the PRM and GRPO-PRM start here)."""
+    from helpers import quiet_train
+
+    from rlhfkit.methods.sft import SFTConfig, run_sft
+
+    out = tmp_path_factory.mktemp("sft_multistep")
+    data = tiny["data"]
+    run_sft(SFTConfig(model=str(tiny["base"]), train_data=str(data / "multistep_sft_train.jsonl"),
+                      eval_data=str(data / "multistep_sft_eval.jsonl"), max_length=64, eval_limit=200,
+                      eval_max_new_tokens=40, stop_at_accuracy=0.5,
+                      train=quiet_train(out, max_steps=3000, batch_size=64, lr=5e-3, warmup_steps=50,
+                                        eval_every=100, log_every=50)))
+    return out / "model"

@@ -185,3 +185,24 @@ def test_grpo_rewards_from_a_module_and_a_file_on_the_command_line(tiny, tmp_pat
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "reward 'myrewards:nope' cannot be loaded: AttributeError" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "b").exists()  # before any model loads
+
+
+def test_grpo_with_a_reward_model_and_a_rule_weighted_on_the_command_line(tiny, tmp_path):
+    from rlhfkit.models.load import load_tokenizer
+    from rlhfkit.models.reward import load_reward_model
+
+    tok = load_tokenizer(tiny["base"])
+    load_reward_model(tiny["base"], tok).save_pretrained(str(tmp_path / "rm"))  # an untrained RM scores too
+    tok.save_pretrained(str(tmp_path / "rm"))
+    out = tmp_path / "g"
+    run = rlhfkit("grpo", f"model={tiny['base']}", f"train_data={tiny['data'] / 'prompts_train.jsonl'}",
+                  f"rewards=rm:{tmp_path / 'rm'}:1.0,exact_answer:0.5", "group_size=2", "prompts_per_step=2",
+                  "max_new_tokens=4", f"train.out_dir={out}", "train.max_steps=1", "train.progress=false")
+    assert run.returncode == 0, run.stderr
+    (logged,) = [m for m in read_metrics(out) if "train/reward_mean" in m]
+    assert logged["train/reward_mean"] == pytest.approx(logged["train/reward/rm_mean"]
+                                                       + 0.5 * logged["train/reward/exact_answer_mean"], abs=1e-6)
+    assert logged["train/reward/rm_retokenised"] == 0.0 and logged["train/reward/rm_std"] > 0
+    bad = rlhfkit("grpo", f"model={tiny['base']}", f"rewards=rm:{tiny['base']}", f"train.out_dir={tmp_path / 'b'}")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1  # a causal LM is no reward model
+    assert "is not a ...ForSequenceClassification model folder" in bad.stderr and not (tmp_path / "b").exists()

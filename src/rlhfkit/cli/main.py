@@ -18,18 +18,20 @@ def _methods() -> dict:
     from ..methods.dpo import DPOConfig, run_dpo
     from ..methods.grpo import GRPOConfig, run_grpo
     from ..methods.ppo import PPOConfig, run_ppo
+    from ..methods.prm import PRMConfig, run_prm
     from ..methods.rm import RMConfig, run_rm
     from ..methods.sft import SFTConfig, run_sft
 
     return {"sft": (SFTConfig, run_sft), "rm": (RMConfig, run_rm), "dpo": (DPOConfig, run_dpo),
-            "grpo": (GRPOConfig, run_grpo), "ppo": (PPOConfig, run_ppo)}
+            "grpo": (GRPOConfig, run_grpo), "ppo": (PPOConfig, run_ppo), "prm": (PRMConfig, run_prm)}
 
 
 METHOD_HELP = {
     "sft": "supervised fine-tuning on prompt/completion or chat rows",
     "rm": "reward model on K-way rankings (or pairs), saved as a ...ForSequenceClassification folder",
     "dpo": "direct preference optimization on pairs, Plackett-Luce on rankings",
-    "grpo": "group relative policy optimization with outcome or process rewards",
+    "prm": "process reward model on step-labelled rows, saved as a ...ForTokenClassification folder",
+    "grpo": "group relative policy optimization with outcome or process rewards (rules or learned models)",
     "ppo": "PPO with actor, critic, frozen reward and reference models (InstructGPT stage 3)",
 }
 
@@ -110,7 +112,8 @@ def cmd_eval(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, quick=args.quick, seed=args.seed)
+    run_demo(args.out, quick=args.quick, seed=args.seed,
+             stages=[s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None)
     return 0
 
 
@@ -144,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo_out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a shorter run (for smoke tests)")
+    p.add_argument("--stages", help="comma-separated stages to run, in order (default: all); a stage needs the "
+                   "ones it starts from, e.g. sft_multistep,prm,grpo_prm_learned")
     p.set_defaults(func=cmd_demo)
     return parser
 

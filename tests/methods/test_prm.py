@@ -1,0 +1,65 @@
+import json
+
+import pytest
+import torch
+from helpers import quiet_train
+
+from rlhfkit.data.rows import read_rows
+from rlhfkit.data.steps import collate_steps, encode_step_rows
+from rlhfkit.methods.prm import PRMConfig, run_prm, step_stats
+from rlhfkit.models.load import load_tokenizer
+from rlhfkit.models.reward import load_process_reward_model, step_logits
+
+
+@pytest.mark.parametrize("num_labels", [1, 2])
+def test_scores_are_read_at_the_separators_as_plain_transformers_gives_them(tiny, tmp_path, num_labels):
+    from transformers import AutoModelForTokenClassification
+
+    tok = load_tokenizer(tiny["base"])
+    load_process_reward_model(tiny["base"], tok, num_labels).save_pretrained(str(tmp_path / "prm"))
+    model = load_process_reward_model(tmp_path / "prm", tok).eval()  # the folder's own number of labels
+    plain = AutoModelForTokenClassification.from_pretrained(str(tmp_path / "prm")).eval()
+    rows = read_rows([{"prompt": "What is 12+34-5?", "completions": [" 12+34=46", "46-5=40", "Answer: 40"],
+                       "labels": [True, False, False]},
+                      {"prompt": "What is 9+9+1?", "completions": [" 9+9=18"], "labels": [True]}])
+    examples, _ = encode_step_rows(rows, tok, "\n", 64)
+    newline = tok.convert_tokens_to_ids("\n")
+    # by hand: "What is 12+34-5?" is 16 characters, then " 12+34=46" (9) and "\n" at 25; "46-5=40" (7) and
+    # "\n" at 33; "Answer: 40" (10) and "\n" at 44
+    assert examples[0].positions == [25, 33, 44] and examples[1].positions == [14 + 7]
+    assert all(examples[0].input_ids[p] == newline for p in examples[0].positions)
+    batch = collate_steps(examples, tok.pad_token_id)
+    with torch.no_grad():
+        ours = step_logits(model, batch.input_ids, batch.attention_mask, batch.step_rows, batch.step_cols)
+        logits = plain(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, T, L)
+    theirs = logits[batch.step_rows, batch.step_cols]
+    theirs = theirs[:, 0] if num_labels == 1 else theirs[:, 1] - theirs[:, 0]
+    assert model.config.num_labels == num_labels and torch.allclose(ours, theirs, atol=1e-5)
+    assert (logits[0, 24, -1] - logits[0, 25, -1]).abs() > 1e-4  # the next position would give another score
+
+
+def test_step_stats_by_hand():
+    judged = [[True, False, False], [True, True, True], [False, True], [True, True]]
+    labels = [(True, False, False), (True, True, False), (True, True), (True, True)]
+    stats = step_stats(judged, labels)
+    # 10 steps, 8 judged as labelled (misses: row 1's last, row 2's first) -> 0.8
+    # wrong steps: 3 (row 0 x2, row 1 x1); flagged: 3 (row 0 x2, row 2 x1); caught 2 -> P = R = F1 = 2/3
+    # first error judged/true: row 0 1/1 yes, row 1 3/2 no, row 2 0/2 no, row 3 2/2 (none) yes -> 0.5
+    assert stats["step_accuracy"] == pytest.approx(0.8, abs=1e-9)
+    assert stats["wrong_step_precision"] == pytest.approx(2 / 3) and stats["wrong_step_recall"] == pytest.approx(2 / 3)
+    assert stats["wrong_step_f1"] == pytest.approx(2 / 3, abs=1e-9)
+    assert stats["first_error_accuracy"] == 0.5 and stats["steps"] == 10
+
+
+@pytest.mark.slow
+def test_prm_learns_the_multistep_steps_and_saves_a_token_classifier(tiny, multistep_sft, tmp_path):
+    data = tiny["data"]
+    cfg = PRMConfig(model=str(multistep_sft), train_data=str(data / "prm_train.jsonl"),
+                    eval_data=str(data / "prm_eval.jsonl"), max_length=64, eval_limit=300,
+                    train=quiet_train(tmp_path / "prm", max_steps=400, batch_size=32, lr=2e-3, warmup_steps=20,
+                                      eval_every=0, log_every=10))
+    summary = run_prm(cfg)
+    assert summary["step_accuracy"] >= 0.9, summary
+    assert summary["wrong_step_f1"] >= 0.85 and summary["first_error_accuracy"] >= 0.75, summary
+    config = json.loads((tmp_path / "prm" / "model" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForTokenClassification"] and config["step_separator"] == "\n"
