@@ -58,3 +58,18 @@ def multistep_sft(tiny, tmp_path_factory):
                       train=quiet_train(out, max_steps=3000, batch_size=64, lr=5e-3, warmup_steps=50,
                                         eval_every=100, log_every=50)))
     return out / "model"
+
+
+@pytest.fixture(scope="session")
+def reward_model(tiny, sft_run, tmp_path_factory):
+    """The PPO stage's reward model: 3000 steps on the K-way rankings from the final SFT model."""
+    from helpers import quiet_train
+
+    from rlhfkit.methods.rm import RMConfig, run_rm
+
+    out = tmp_path_factory.mktemp("rm")
+    data = tiny["data"]
+    run_rm(RMConfig(model=str(sft_run["out"] / "model"), train_data=str(data / "rankings_train.jsonl"),
+                    max_length=64, center_coef=0.0025,
+                    train=quiet_train(out, max_steps=3000, batch_size=32, lr=2e-3, warmup_steps=20, log_every=50)))
+    return out / "model"

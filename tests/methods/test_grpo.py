@@ -35,6 +35,16 @@ def test_grpo_orm_raises_accuracy(tiny, sft_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_grpo_with_the_ppo_reward_model_raises_accuracy(tiny, sft_run, reward_model, tmp_path):
+    """``rewards=rm:PATH``: the reward model PPO uses, as GRPO's outcome reward."""
+    summary = run_grpo(_cfg(tiny, sft_run["out"] / "snapshot", tmp_path / "grpo_rm", steps=200,
+                            rewards=f"rm:{reward_model}"))
+    assert summary["accuracy"] >= summary["accuracy_before"] + 0.1, summary
+    logged = [m for m in read_metrics(tmp_path / "grpo_rm") if "train/reward/rm_mean" in m]
+    assert logged[-1]["train/reward/rm_retokenised"] == 0.0
+
+
+@pytest.mark.slow
 def test_grpo_prm_improves_the_multistep_task(tiny, multistep_sft, tmp_path):
     cfg = _cfg(tiny, multistep_sft, tmp_path / "prm", prefix="multistep_", steps=150,
                process_reward="arithmetic_steps", max_new_tokens=40, eval_max_new_tokens=40, eval_limit=200)

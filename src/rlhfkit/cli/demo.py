@@ -119,7 +119,7 @@ def _stage_prm(ctx: dict) -> dict:
     data = ctx["assets"]["data"]
     cfg = PRMConfig(model=ctx["multistep_model"], train_data=str(data / "prm_train.jsonl"),
                     eval_data=str(data / "prm_eval.jsonl"), max_length=64, eval_limit=300,
-                    train=TrainConfig(out_dir=str(ctx["out"] / "prm"), max_steps=200 if ctx["quick"] else 600,
+                    train=TrainConfig(out_dir=str(ctx["out"] / "prm"), max_steps=300 if ctx["quick"] else 1000,
                                       batch_size=32, lr=2e-3, warmup_steps=20, eval_every=100, log_every=10,
                                       seed=ctx["seed"], tensorboard=False))
     result = run_prm(cfg)

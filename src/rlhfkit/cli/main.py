@@ -70,12 +70,23 @@ def cmd_tiny(args) -> int:
 
 def cmd_eval(args) -> int:
     from ..data.rows import read_rows
-    from ..models.reward import is_sequence_classifier
+    from ..models.reward import is_sequence_classifier, is_token_classifier
 
     rows = read_rows(args.data)
     if args.limit:
         rows = rows[: args.limit]
-    if is_sequence_classifier(args.model):  # a reward model: pairwise accuracy on rankings or pairs
+    if is_token_classifier(args.model):  # a process reward model: step accuracy, F1 on wrong steps, first error
+        from ..data.steps import encode_step_rows
+        from ..methods.prm import step_metrics
+        from ..models.load import load_tokenizer
+        from ..models.reward import load_process_reward_model
+
+        tokenizer = load_tokenizer(args.model, args.tokenizer)
+        model = load_process_reward_model(args.model, tokenizer)
+        separator = getattr(model.config, "step_separator", None) or "\n"
+        examples, _ = encode_step_rows(rows, tokenizer, separator, args.max_length, "error")
+        metrics = step_metrics(model, examples, tokenizer.pad_token_id)
+    elif is_sequence_classifier(args.model):  # a reward model: pairwise accuracy on rankings or pairs
         from ..data.prefs import encode_rankings
         from ..methods.rm import ranking_metrics
         from ..models.load import load_tokenizer
@@ -132,8 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.set_defaults(func=cmd_tiny)
-    p = sub.add_parser("eval", help="held-out metrics -> eval.json: exact-match accuracy of a policy, or "
-                       "pairwise accuracy and Kendall tau of a reward model")
+    p = sub.add_parser("eval", help="held-out metrics -> eval.json: exact-match accuracy of a policy, "
+                       "pairwise accuracy and Kendall tau of a reward model, or step accuracy of a PRM")
     p.add_argument("--model", required=True)
     p.add_argument("--tokenizer")
     p.add_argument("--data", required=True, help="jsonl/parquet rows with prompt and answer (or a completion)")

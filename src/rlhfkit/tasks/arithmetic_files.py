@@ -8,7 +8,8 @@
   prompts_{train,eval}.jsonl      prompt, answer
   multistep_sft_{train,eval}.jsonl, multistep_prompts_{train,eval}.jsonl
   prm_{train,eval}.jsonl          prompt, completions (the steps), labels (one bool per step):
-                                  TRL's stepwise supervision, from the multi-step task
+                                  TRL's stepwise supervision, from the multi-step task, with
+                                  wrong steps at known places
 
 A labeller ranks answers by how wrong they are: the right answer first, then wrong answers
 by growing distance from the truth. Distances are distinct, so a ranking has no ties.
@@ -55,12 +56,14 @@ def pair_row(p: Problem, rng: random.Random) -> dict:
     return {"prompt": p.prompt, "chosen": p.completion, "rejected": f" {wrong}"}
 
 
-def step_row(p: Problem, rng: random.Random) -> dict:
-    """A worked multi-step solution with a wrong step at a known place (or none, one row in four),
-    each step labelled by the task's own checker (``verify_steps``)."""
-    steps = worked_steps(*multistep_operands(p.prompt), wrong_at=rng.choice((None, 0, 1, 2)), rng=rng)
+def step_row(p: Problem, wrong_at: int | None, rng: random.Random) -> dict:
+    """A worked multi-step solution with a wrong step at ``wrong_at`` (or none), each step labelled by
+    the task's own checker (``verify_steps``) up to and including the first wrong one, as PRM800K
+    labels them (Lightman et al. 2023): every labelled step is judged on a correct prefix."""
+    steps = worked_steps(*multistep_operands(p.prompt), wrong_at=wrong_at, rng=rng)
     labels = [s.correct for s in verify_steps(p.prompt, STEP_SEPARATOR.join(steps))]
-    return {"prompt": p.prompt, "completions": steps, "labels": labels}
+    end = labels.index(False) + 1 if False in labels else len(labels)
+    return {"prompt": p.prompt, "completions": steps[:end], "labels": labels[:end]}
 
 
 def _write(path: Path, rows: list[dict]) -> None:
@@ -87,7 +90,10 @@ def write_task_files(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
         files[f"prompts_{split}"] = [{"prompt": p.prompt, "answer": p.answer} for p in problems]
         files[f"multistep_sft_{split}"] = [{"prompt": p.prompt, "completion": p.completion} for p in m_problems]
         files[f"multistep_prompts_{split}"] = [{"prompt": p.prompt, "answer": p.answer} for p in m_problems]
-        files[f"prm_{split}"] = [step_row(p, step_rng) for p in m_problems]
+        # train: every problem once right and once wrong at each step; held out: one of the four at random
+        files[f"prm_{split}"] = ([step_row(p, w, step_rng) for p in m_problems for w in (None, 0, 1, 2)]
+                                 if split == "train" else
+                                 [step_row(p, step_rng.choice((None, 0, 1, 2)), step_rng) for p in m_problems])
     paths = {}
     for name, rows in files.items():
         paths[name] = out / f"{name}.jsonl"
