@@ -51,6 +51,20 @@ def test_step_stats_by_hand():
     assert stats["first_error_accuracy"] == 0.5 and stats["steps"] == 10
 
 
+def test_micro_batches_give_the_whole_batch_loss(tiny, tmp_path):
+    """The step count is global: 2 micro-batches of 4 rows give the loss of one batch of 8."""
+    from methods_setup import method_config
+
+    from rlhfkit.train.logging import read_metrics
+
+    losses = {}
+    for micro in (0, 4):
+        run_prm(method_config("prm", tiny, tmp_path / f"m{micro}", 3, micro_batch_size=micro))
+        losses[micro] = [m["train/loss"] for m in read_metrics(tmp_path / f"m{micro}") if "train/loss" in m]
+    assert len(losses[0]) == 3 and losses[4] == pytest.approx(losses[0], abs=1e-6)
+    assert losses[0][-1] < losses[0][0]  # it trains
+
+
 @pytest.mark.slow
 def test_prm_learns_beyond_the_step_position_and_saves_a_token_classifier(tiny, multistep_sft, tmp_path):
     """A stated, modest bar: on the tiny default a 2-layer PRM learns to verify arithmetic slowly (see
