@@ -36,10 +36,13 @@ def test_grpo_orm_raises_accuracy(tiny, sft_run, tmp_path):
 
 @pytest.mark.slow
 def test_grpo_with_the_ppo_reward_model_raises_accuracy(tiny, sft_run, reward_model, tmp_path):
-    """``rewards=rm:PATH``: the reward model PPO uses, as GRPO's outcome reward."""
-    summary = run_grpo(_cfg(tiny, sft_run["out"] / "snapshot", tmp_path / "grpo_rm", steps=200,
+    """``rewards=rm:PATH``: the reward model PPO uses, as GRPO's outcome reward.
+
+    Stated bar (300 steps, ~60 s): +0.08 exact match. Measured 0.547 -> 0.677; learning against the
+    RM is noisier than against exact_answer (every 50 steps: 0.62, 0.60, 0.69, 0.62, 0.68, 0.68)."""
+    summary = run_grpo(_cfg(tiny, sft_run["out"] / "snapshot", tmp_path / "grpo_rm", steps=300,
                             rewards=f"rm:{reward_model}"))
-    assert summary["accuracy"] >= summary["accuracy_before"] + 0.1, summary
+    assert summary["accuracy"] >= summary["accuracy_before"] + 0.08, summary
     logged = [m for m in read_metrics(tmp_path / "grpo_rm") if "train/reward/rm_mean" in m]
     assert logged[-1]["train/reward/rm_retokenised"] == 0.0
 
