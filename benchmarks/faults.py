@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-COMMON = ["train.log_every=1", "train.progress=false", "train.tensorboard=false", "train.save_every=2",
+COMMON = ["train.log_every=1", "train.progress=false", "train.report_to=none", "train.save_every=2",
           "train.schedule=constant"]
 
 

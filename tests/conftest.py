@@ -41,3 +41,35 @@ def sft_run(tiny, tmp_path_factory):
                     train=quiet_train(out, max_steps=2000, batch_size=128, lr=5e-3, warmup_steps=50,
                                       eval_every=100, log_every=10))
     return {**run_sft(cfg), "out": out}
+
+
+@pytest.fixture(scope="session")
+def multistep_sft(tiny, tmp_path_factory):
+    """SFT on the multi-step task stopped at 0.5 held-out exact match (the PRM and GRPO-PRM start here)."""
+    from helpers import quiet_train
+
+    from rlhfkit.methods.sft import SFTConfig, run_sft
+
+    out = tmp_path_factory.mktemp("sft_multistep")
+    data = tiny["data"]
+    run_sft(SFTConfig(model=str(tiny["base"]), train_data=str(data / "multistep_sft_train.jsonl"),
+                      eval_data=str(data / "multistep_sft_eval.jsonl"), max_length=64, eval_limit=200,
+                      eval_max_new_tokens=40, stop_at_accuracy=0.5,
+                      train=quiet_train(out, max_steps=3000, batch_size=64, lr=5e-3, warmup_steps=50,
+                                        eval_every=100, log_every=50)))
+    return out / "model"
+
+
+@pytest.fixture(scope="session")
+def reward_model(tiny, sft_run, tmp_path_factory):
+    """The PPO stage's reward model: 3000 steps on the K-way rankings from the final SFT model."""
+    from helpers import quiet_train
+
+    from rlhfkit.methods.rm import RMConfig, run_rm
+
+    out = tmp_path_factory.mktemp("rm")
+    data = tiny["data"]
+    run_rm(RMConfig(model=str(sft_run["out"] / "model"), train_data=str(data / "rankings_train.jsonl"),
+                    max_length=64, center_coef=0.0025,
+                    train=quiet_train(out, max_steps=3000, batch_size=32, lr=2e-3, warmup_steps=20, log_every=50)))
+    return out / "model"

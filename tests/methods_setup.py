@@ -5,6 +5,7 @@ from helpers import quiet_train
 from rlhfkit.methods.dpo import DPOConfig, run_dpo
 from rlhfkit.methods.grpo import GRPOConfig, run_grpo
 from rlhfkit.methods.ppo import PPOConfig, run_ppo
+from rlhfkit.methods.prm import PRMConfig, run_prm
 from rlhfkit.methods.rm import RMConfig, run_rm
 from rlhfkit.methods.sft import SFTConfig, run_sft
 
@@ -15,7 +16,7 @@ def digits(prompts, completions, **_):
 
 
 RUNS = {"sft": run_sft, "rm": run_rm, "dpo": run_dpo, "grpo": lambda cfg: run_grpo(cfg, reward_fns=[digits]),
-        "ppo": run_ppo}
+        "ppo": run_ppo, "prm": run_prm}
 METHODS = tuple(RUNS)
 
 
@@ -57,6 +58,9 @@ def method_config(name: str, tiny, out, steps: int, **train):
                         train=quiet_train(out, max_steps=steps, **{**offline, "batch_size": 4}))
     if name == "dpo":
         return DPOConfig(model=base, train_data=small(tiny, "prefs_train.jsonl"), max_length=64, beta=0.5,
+                         train=quiet_train(out, max_steps=steps, **offline))
+    if name == "prm":
+        return PRMConfig(model=base, train_data=small(tiny, "prm_train.jsonl"), max_length=64,
                          train=quiet_train(out, max_steps=steps, **offline))
     if name == "grpo":
         return GRPOConfig(model=base, train_data=small(tiny, "prompts_train.jsonl"), group_size=4,

@@ -201,3 +201,51 @@ def test_lora_from_the_command_line_and_vllm_refused_without_a_gpu(tiny, tmp_pat
                   f"train.out_dir={tmp_path / 'g'}")
     assert out.returncode != 0 and "Traceback" not in out.stderr
     assert "rollout.backend' is vllm but" in out.stderr and not (tmp_path / "g").exists()  # before anything runs
+
+
+def test_grpo_with_a_reward_model_and_a_rule_weighted_on_the_command_line(tiny, tmp_path):
+    from rlhfkit.models.load import load_tokenizer
+    from rlhfkit.models.reward import load_reward_model
+
+    tok = load_tokenizer(tiny["base"])
+    load_reward_model(tiny["base"], tok).save_pretrained(str(tmp_path / "rm"))  # an untrained RM scores too
+    tok.save_pretrained(str(tmp_path / "rm"))
+    out = tmp_path / "g"
+    run = rlhfkit("grpo", f"model={tiny['base']}", f"train_data={tiny['data'] / 'prompts_train.jsonl'}",
+                  f"rewards=rm:{tmp_path / 'rm'}:1.0,exact_answer:0.5", "group_size=2", "prompts_per_step=2",
+                  "max_new_tokens=4", f"train.out_dir={out}", "train.max_steps=1", "train.progress=false")
+    assert run.returncode == 0, run.stderr
+    (logged,) = [m for m in read_metrics(out) if "train/reward_mean" in m]
+    assert logged["train/reward_mean"] == pytest.approx(logged["train/reward/rm_mean"]
+                                                       + 0.5 * logged["train/reward/exact_answer_mean"], abs=1e-6)
+    assert logged["train/reward/rm_retokenised"] == 0.0 and logged["train/reward/rm_std"] > 0
+    bad = rlhfkit("grpo", f"model={tiny['base']}", f"rewards=rm:{tiny['base']}", f"train.out_dir={tmp_path / 'b'}")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1  # a causal LM is no reward model
+    assert "is not a ...ForSequenceClassification model folder" in bad.stderr and not (tmp_path / "b").exists()
+
+
+def test_prm_cli_then_eval_reports_step_metrics(tiny, tmp_path):
+    data = tiny["data"]
+    rows = tmp_path / "prm_rows.jsonl"  # a few rows: encoding all 16000 costs seconds
+    rows.write_text("".join((data / "prm_train.jsonl").read_text().splitlines(keepends=True)[:64]))
+    out = rlhfkit("prm", "--config", "prm_tiny", f"model={tiny['base']}", f"train_data={rows}",
+                  "eval_data=null", f"train.out_dir={tmp_path / 'prm'}", "train.max_steps=3", "train.batch_size=8",
+                  "train.progress=false")
+    assert out.returncode == 0, out.stderr
+    config = json.loads((tmp_path / "prm" / "model" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForTokenClassification"] and config["step_separator"] == "\n"
+    ev = rlhfkit("eval", "--model", tmp_path / "prm" / "model", "--data", data / "prm_eval.jsonl", "--limit", 30)
+    assert ev.returncode == 0, ev.stderr
+    result = json.loads((tmp_path / "prm" / "model" / "eval.json").read_text())
+    from rlhfkit.data.rows import read_rows
+    from rlhfkit.data.steps import encode_step_rows
+    from rlhfkit.methods.prm import step_metrics
+    from rlhfkit.models.load import load_tokenizer
+    from rlhfkit.models.reward import load_process_reward_model
+
+    tok = load_tokenizer(tmp_path / "prm" / "model")
+    examples, _ = encode_step_rows(read_rows(data / "prm_eval.jsonl")[:30], tok, "\n", 512)
+    in_process = step_metrics(load_process_reward_model(tmp_path / "prm" / "model", tok), examples, tok.pad_token_id)
+    assert result["steps"] == in_process["steps"] > 30
+    assert (result["step_accuracy"], result["wrong_step_f1"]) == (in_process["step_accuracy"],
+                                                                  in_process["wrong_step_f1"])

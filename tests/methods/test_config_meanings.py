@@ -6,6 +6,7 @@ from rlhfkit.methods.common import head
 from rlhfkit.methods.dpo import DPOConfig
 from rlhfkit.methods.grpo import GRPOConfig, run_grpo
 from rlhfkit.methods.ppo import PPOConfig, run_ppo
+from rlhfkit.methods.prm import PRMConfig
 from rlhfkit.methods.rm import RMConfig
 from rlhfkit.methods.sft import SFTConfig
 from rlhfkit.train.config import ConfigError, load_config
@@ -13,7 +14,7 @@ from rlhfkit.train.config import ConfigError, load_config
 
 def test_each_method_has_its_own_default_out_dir_even_with_train_overrides():
     for cls, name in ((SFTConfig, "sft"), (RMConfig, "rm"), (DPOConfig, "dpo"), (GRPOConfig, "grpo"),
-                      (PPOConfig, "ppo")):
+                      (PPOConfig, "ppo"), (PRMConfig, "prm")):
         assert cls().train.out_dir == f"runs/{name}"
         assert load_config(cls, None, ["train.lr=1e-3"]).train.out_dir == f"runs/{name}"  # nested keys merge
 
@@ -28,7 +29,10 @@ def test_eval_limit_zero_means_all_rows():
     (SFTConfig, "train.schedule=cosin", "'train.schedule' must be one of cosine, constant, linear; got 'cosin'"),
     (SFTConfig, "overlong=cut", "'overlong' must be one of error, truncate, skip; got 'cut'"),
     (GRPOConfig, "rewards=exact", "'rewards' must be one of exact_answer, contains_answer; got 'exact'"),
-    (GRPOConfig, "process_reward=steps", "'process_reward' must be one of arithmetic_steps; got 'steps'"),
+    (GRPOConfig, "process_reward=steps", "'process_reward' must be one of arithmetic_steps, prm:PATH; got 'steps'"),
+    (GRPOConfig, "process_reward=prm:no/such", "'process_reward': 'no/such' is not a ...ForTokenClassification model"),
+    (GRPOConfig, "rewards=exact_answer,rm:no/such:0.5", "'rewards': 'no/such' is not a ...ForSequenceClassification"),
+    (PRMConfig, "num_labels=3", "'num_labels' must be one of 1, 2; got 3"),
     (PPOConfig, "frozen_dtype=fp8", "'frozen_dtype' must be one of fp32, bf16; got 'fp8'"),
     (DPOConfig, "reference=none", "'reference' must be one of precompute, forward; got 'none'"),
     (SFTConfig, "train.dtype=fp8", "'train.dtype' must be one of fp32, bf16; got 'fp8'"),

@@ -7,19 +7,8 @@ from rlhfkit.data.encode import collate_sft, encode_sft
 from rlhfkit.data.rows import read_rows
 from rlhfkit.losses.sft import sft_loss
 from rlhfkit.methods.ppo import PPOConfig, load_models, make_experience, minibatch_loss, ptx_loss, run_ppo
-from rlhfkit.methods.rm import RMConfig, run_rm
 from rlhfkit.models.forward import token_logprobs
 from rlhfkit.rollout.backend import SamplerBackend
-
-
-@pytest.fixture(scope="module")
-def reward_model(tiny, sft_run, tmp_path_factory):
-    out = tmp_path_factory.mktemp("rm")
-    data = tiny["data"]
-    run_rm(RMConfig(model=str(sft_run["out"] / "model"), train_data=str(data / "rankings_train.jsonl"),
-                    max_length=64, center_coef=0.0025,
-                    train=quiet_train(out, max_steps=3000, batch_size=32, lr=2e-3, warmup_steps=20, log_every=50)))
-    return out / "model"
 
 
 def _cfg(tiny, sft_run, reward_model, out, steps, **kw):

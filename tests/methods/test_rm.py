@@ -43,6 +43,35 @@ def test_score_is_read_at_the_last_real_token_left_or_right_padded(tiny):
     assert (alone[0] - alone[1]).abs() > 1e-4  # the two scores differ, so the test can tell them apart
 
 
+def test_score_is_read_where_plain_transformers_reads_it_when_pad_is_eos(tiny, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    tok = load_tokenizer(tiny["base"])
+    tok.pad_token = tok.eos_token  # as GPT-2's tokenizer is usually set up
+    load_reward_model(tiny["base"], tok).save_pretrained(str(tmp_path / "rm"))  # config.pad_token_id = eos
+    ours = load_reward_model(tmp_path / "rm", tok).eval()
+    plain = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "rm")).eval()
+    eos = tok.eos_token_id
+    seqs = [tok("What is 1+2? 3")["input_ids"] + [eos], tok("What is 10+20? 30")["input_ids"] + [eos]]
+    width = max(map(len, seqs))
+    ids = torch.tensor([s + [eos] * (width - len(s)) for s in seqs])  # right-padded with eos = pad
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])  # the final EOS attended
+    with torch.no_grad():
+        theirs = plain(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
+        mine = reward_scores(ours, ids, mask)
+        before_eos = torch.stack([reward_scores(ours, torch.tensor([s[:-1]]), torch.ones(1, len(s) - 1))[0]
+                                  for s in seqs])
+    assert torch.allclose(mine, theirs, atol=1e-5)
+    assert torch.allclose(mine, before_eos, atol=1e-5)  # read at the token before the EOS, as transformers does
+    from rlhfkit.models.forward import hidden_states
+    from rlhfkit.models.reward import last_token_index, score_head
+
+    with torch.no_grad():
+        hidden = hidden_states(ours, ids, mask)
+        at_eos = score_head(ours)(hidden[torch.arange(2), last_token_index(mask)]).squeeze(-1)
+    assert (mine - at_eos).abs().min() > 1e-4  # the old rule (the last attended token, the EOS) read elsewhere
+
+
 @pytest.mark.slow
 def test_rm_learns_rankings_and_saves_a_plain_classifier(tiny, sft_run, tmp_path):
     data = tiny["data"]

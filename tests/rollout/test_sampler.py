@@ -105,7 +105,7 @@ def test_process_reward_marks_each_step_at_its_last_token(tiny):
     from rlhfkit.models.load import load_tokenizer
 
     tok = load_tokenizer(tiny["base"])
-    text = " 12+34=46, 46-5=40. Answer: 40"  # second step wrong, answer wrong
+    text = " 12+34=46\n46-5=40\nAnswer: 40"  # second step wrong, answer wrong
     ids = tok(text, add_special_tokens=False)["input_ids"]
     (steps,) = arithmetic_steps(["What is 12+34-5?"], [text], completion_ids=[ids], tokenizer=tok)
     assert steps == [(text.index("=46") + 2, 1.0), (text.index("=40") + 2, 0.0), (len(text) - 1, 0.0)]

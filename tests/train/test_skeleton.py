@@ -1,4 +1,4 @@
-"""The run skeleton's behaviours, the same in all five methods: exact resume, the NaN stop,
+"""The run skeleton's behaviours, the same in all six methods: exact resume, the NaN stop,
 metrics and the unit of max_steps in the logs."""
 
 import pytest

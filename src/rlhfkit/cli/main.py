@@ -19,18 +19,20 @@ def _methods() -> dict:
     from ..methods.dpo import DPOConfig, run_dpo
     from ..methods.grpo import GRPOConfig, run_grpo
     from ..methods.ppo import PPOConfig, run_ppo
+    from ..methods.prm import PRMConfig, run_prm
     from ..methods.rm import RMConfig, run_rm
     from ..methods.sft import SFTConfig, run_sft
 
     return {"sft": (SFTConfig, run_sft), "rm": (RMConfig, run_rm), "dpo": (DPOConfig, run_dpo),
-            "grpo": (GRPOConfig, run_grpo), "ppo": (PPOConfig, run_ppo)}
+            "grpo": (GRPOConfig, run_grpo), "ppo": (PPOConfig, run_ppo), "prm": (PRMConfig, run_prm)}
 
 
 METHOD_HELP = {
     "sft": "supervised fine-tuning on prompt/completion or chat rows",
     "rm": "reward model on K-way rankings (or pairs), saved as a ...ForSequenceClassification folder",
     "dpo": "direct preference optimization on pairs, Plackett-Luce on rankings",
-    "grpo": "group relative policy optimization with outcome or process rewards",
+    "prm": "process reward model on step-labelled rows, saved as a ...ForTokenClassification folder",
+    "grpo": "group relative policy optimization with outcome or process rewards (rules or learned models)",
     "ppo": "PPO with actor, critic, frozen reward and reference models (InstructGPT stage 3)",
 }
 
@@ -103,12 +105,23 @@ def cmd_tiny(args) -> int:
 
 def cmd_eval(args) -> int:
     from ..data.rows import read_rows
-    from ..models.reward import is_sequence_classifier
+    from ..models.reward import is_sequence_classifier, is_token_classifier
 
     rows = read_rows(args.data)
     if args.limit:
         rows = rows[: args.limit]
-    if is_sequence_classifier(args.model):  # a reward model: pairwise accuracy on rankings or pairs
+    if is_token_classifier(args.model):  # a process reward model: step accuracy, F1 on wrong steps, first error
+        from ..data.steps import encode_step_rows
+        from ..methods.prm import step_metrics
+        from ..models.load import load_tokenizer
+        from ..models.reward import load_process_reward_model
+
+        tokenizer = load_tokenizer(args.model, args.tokenizer)
+        model = load_process_reward_model(args.model, tokenizer)
+        separator = getattr(model.config, "step_separator", None) or "\n"
+        examples, _ = encode_step_rows(rows, tokenizer, separator, args.max_length, "error")
+        metrics = step_metrics(model, examples, tokenizer.pad_token_id)
+    elif is_sequence_classifier(args.model):  # a reward model: pairwise accuracy on rankings or pairs
         from ..data.prefs import encode_rankings
         from ..methods.rm import ranking_metrics
         from ..models.load import load_tokenizer
@@ -145,7 +158,8 @@ def cmd_eval(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, quick=args.quick, seed=args.seed)
+    run_demo(args.out, quick=args.quick, seed=args.seed,
+             stages=[s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None)
     return 0
 
 
@@ -165,8 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.set_defaults(func=cmd_tiny)
-    p = sub.add_parser("eval", help="held-out metrics -> eval.json: exact-match accuracy of a policy, or "
-                       "pairwise accuracy and Kendall tau of a reward model")
+    p = sub.add_parser("eval", help="held-out metrics -> eval.json: exact-match accuracy of a policy, "
+                       "pairwise accuracy and Kendall tau of a reward model, or step accuracy of a PRM")
     p.add_argument("--model", required=True)
     p.add_argument("--tokenizer")
     p.add_argument("--data", required=True, help="jsonl/parquet rows with prompt and answer (or a completion)")
@@ -186,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo_out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a shorter run (for smoke tests)")
+    p.add_argument("--stages", help="comma-separated stages to run, in order (default: all); a stage needs the "
+                   "ones it starts from, e.g. sft_multistep,prm,grpo_prm_learned")
     p.set_defaults(func=cmd_demo)
     return parser
 

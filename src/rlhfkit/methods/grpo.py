@@ -18,8 +18,10 @@ from ..data.formats import user_prompt
 from ..data.rows import read_rows
 from ..losses.grpo import REDUCTIONS, group_advantages, grpo_loss, process_advantages
 from ..models.load import load_causal_lm, load_tokenizer
+from ..models.reward import is_sequence_classifier, is_token_classifier
 from ..rollout.backend import SamplingParams, make_backend
 from ..rollout.evaluate import row_prompt_ids
+from ..rollout.reward_models import ProcessRewardModelReward, RewardModelReward
 from ..rollout.rewards import RESERVED, call_with_timeout, load_callable, reward_fields, score_outcomes
 from ..rollout.sampler import Samples, completion_logprobs, decode
 from ..tasks import OUTCOME_REWARDS, PROCESS_REWARDS, TASK_CHOICES
@@ -37,8 +39,8 @@ class GRPOConfig:
     train_data: str = ""  # prompts (prompt + fields the rewards read, e.g. answer)
     eval_data: str | None = None  # held-out prompts: accuracy of greedy answers (checked by eval_task)
     eval_task: str = "auto"  # auto | arithmetic | reference (tasks/)
-    rewards: str = "exact_answer"  # "name[:weight],...": shipped (tasks/), module:function or file.py:function
-    process_reward: str | None = None  # a process reward name: PRM advantages instead of ORM
+    rewards: str = "exact_answer"  # "name[:weight],...": shipped (tasks/), rm:PATH, module:function or file.py:function
+    process_reward: str | None = None  # a shipped process reward or prm:PATH: PRM advantages instead of ORM
     group_size: int = 8  # G
     prompts_per_step: int = 16  # over all ranks
     max_new_tokens: int = 16
@@ -64,8 +66,10 @@ class GRPOConfig:
         choice("loss_type", self.loss_type, tuple(REDUCTIONS))
         choice("reward_errors", self.reward_errors, ("raise", "zero"))
         choice("eval_task", self.eval_task, TASK_CHOICES)
-        if self.process_reward is not None:
-            choice("process_reward", self.process_reward, tuple(PROCESS_REWARDS))
+        if self.process_reward is not None and not self.process_reward.startswith("prm:"):
+            choice("process_reward", self.process_reward, (*PROCESS_REWARDS, "prm:PATH"))
+        if self.process_reward is not None and self.process_reward.startswith("prm:"):
+            model_folder("process_reward", self.process_reward[4:], is_token_classifier, "ForTokenClassification")
         parse_rewards(self.rewards)
         at_least("group_size", self.group_size, 2, " (a group of one has no baseline)")
         for key in ("prompts_per_step", "max_new_tokens", "mu", "eval_max_new_tokens"):
@@ -76,13 +80,34 @@ class GRPOConfig:
             raise ConfigError("config keys: top_p must be in (0, 1], eps_low > 0 and eps_high >= eps_low")
 
 
+def model_folder(key: str, path: str, is_kind, kind: str) -> str:
+    """A learned reward's folder, checked when the config is read (before any model loads)."""
+    if not is_kind(path):
+        raise ConfigError(f"config key '{key}': {path!r} is not a ...{kind} model folder")
+    return path
+
+
+@dataclass(frozen=True)
+class ModelReward:
+    """``rm:PATH`` in ``rewards``: a reward model, loaded once the policy's tokenizer and device are known."""
+
+    path: str
+    name: str
+
+
 def parse_rewards(spec: str) -> tuple[list, list[float]]:
-    """``name[:weight],...``: a shipped reward (tasks/), ``package.module:function[:weight]`` or
-    ``path/file.py:function[:weight]`` (signature in rollout/rewards.py)."""
+    """``name[:weight],...``: a shipped reward (tasks/), ``rm:PATH[:weight]`` (a sequence-classifier
+    folder), ``package.module:function[:weight]`` or ``path/file.py:function[:weight]`` (signature
+    in rollout/rewards.py)."""
     functions, weights = [], []
     for item in filter(None, (s.strip() for s in spec.split(","))):
         parts = item.split(":")
-        if parts[0] in OUTCOME_REWARDS or len(parts) == 1:
+        if parts[0] == "rm" and len(parts) > 1:
+            names = sum(isinstance(f, ModelReward) for f in functions)
+            fn = ModelReward(model_folder("rewards", parts[1], is_sequence_classifier, "ForSequenceClassification"),
+                             f"rm_{names + 1}" if names else "rm")
+            weight = parts[2:]
+        elif parts[0] in OUTCOME_REWARDS or len(parts) == 1:
             choice("rewards", parts[0], tuple(OUTCOME_REWARDS))
             fn, weight = OUTCOME_REWARDS[parts[0]], parts[1:]
         else:
@@ -110,9 +135,19 @@ def resolve_rewards(cfg: GRPOConfig, functions=None, weights=None, process=None)
     weights = weights if weights is not None else parsed or [1.0] * len(functions)
     if len(weights) != len(functions):
         raise ConfigError(f"{len(functions)} reward functions but {len(weights)} weights")
-    if process is None and cfg.process_reward:
+    if process is None and cfg.process_reward and not cfg.process_reward.startswith("prm:"):
         process = PROCESS_REWARDS[cfg.process_reward]
     return Rewards(list(functions), list(weights), process)
+
+
+def load_model_rewards(cfg: GRPOConfig, rewards: Rewards, tokenizer, device: str) -> Rewards:
+    """The learned rewards' models loaded (frozen, on the policy's device); rule functions unchanged."""
+    functions = [RewardModelReward(f.path, tokenizer, device, f.name) if isinstance(f, ModelReward) else f
+                 for f in rewards.functions]
+    process = rewards.process
+    if process is None and cfg.process_reward and cfg.process_reward.startswith("prm:"):
+        process = ProcessRewardModelReward(cfg.process_reward[4:], tokenizer, device)
+    return Rewards(functions, rewards.weights, process)
 
 
 @dataclass
@@ -140,6 +175,11 @@ def advantages_for(cfg: GRPOConfig, samples: Samples, texts, prompts, fields, to
     return adv[:, None].expand(-1, length).clone()
 
 
+def bind(fn, samples: Samples, rows: list):
+    """A learned reward (rollout/reward_models.py) bound to this step's samples; a function as it is."""
+    return fn.bind(samples, rows) if hasattr(fn, "bind") else fn
+
+
 def rollout(backend, tokenizer, rows, cfg: GRPOConfig, rewards: Rewards) -> Rollout:
     """Sample, score and compute advantages for one batch of prompt rows."""
     start = time.time()
@@ -150,9 +190,12 @@ def rollout(backend, tokenizer, rows, cfg: GRPOConfig, rewards: Rewards) -> Roll
     prompts = [user_prompt(r) for r in rows for _ in range(cfg.group_size)]  # text, or chat messages
     keys = sorted({k for r in rows for k in r.data} - {"prompt", "messages"})
     fields = {k: [r.data.get(k) for r in rows for _ in range(cfg.group_size)] for k in keys}
-    outcome = score_outcomes(rewards.functions, rewards.weights, prompts, texts, fields, cfg.reward_errors,
+    per_sample = [r for r in rows for _ in range(cfg.group_size)]
+    functions = [bind(f, samples, per_sample) for f in rewards.functions]  # learned rewards see the samples
+    outcome = score_outcomes(functions, rewards.weights, prompts, texts, fields, cfg.reward_errors,
                              cfg.reward_timeout_s)
-    advantages = advantages_for(cfg, samples, texts, prompts, fields, tokenizer, rewards.process, outcome)
+    advantages = advantages_for(cfg, samples, texts, prompts, fields, tokenizer,
+                                bind(rewards.process, samples, per_sample), outcome)
     advantages = advantages.to(samples.completion_ids.device)
     return Rollout(samples, outcome, advantages, generation_s)
 
@@ -250,6 +293,11 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
     report = check_prompts(rows, tokenizer, needed, RESERVED)  # every row, before any model loads
     run.say(f"{cfg.train_data}: {report.summary()}")
     policy = run.prepare(load_causal_lm(cfg.model, tokenizer, device=run.device), cfg.lora, base=cfg.model)
+    rewards = load_model_rewards(cfg, rewards, tokenizer, run.device)
+    learned = [f for f in rewards.functions if isinstance(f, RewardModelReward)]
+    retokenised = {f"reward/{f.__name__}_retokenised": float(f.retokenise) for f in learned}
+    for f in filter(lambda f: f.retokenise, learned):
+        run.say(f"reward {f.__name__}: its tokenizer differs from the policy's; prompts and completions are re-tokenised")
     reference = frozen_reference(run, policy, cfg.model, tokenizer, cfg.lora.enabled) if cfg.beta != 0 else None
     backend = backend or make_backend(cfg.rollout, tokenizer, policy, copy=run.shards_models,  # before sharding
                                       out_dir=tc.out_dir)
@@ -268,7 +316,8 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
         batch = rollout(backend, tokenizer, [rows[i] for i in order.indices(step)[run.info.rank::run.info.world_size]],
                         cfg, rewards)
         metrics = update(run, policy, reference, batch, cfg, exact)
-        run.step_done(means={**step_metrics(batch, cfg.group_size), **metrics, "time_weight_sync_s": sync},
+        run.step_done(means={**step_metrics(batch, cfg.group_size), **metrics, **retokenised,
+                             "time_weight_sync_s": sync},
                       evaluate=evaluate)
     summary = {"accuracy_before": before.get("accuracy"), "reward_mean": run.metrics.get("reward_mean")}
     if run.evals:

@@ -1,8 +1,10 @@
-"""Scalar-head models: the reward model (one score per sequence) and the critic (one per token).
+"""Score-head models: the reward model (one score per sequence), the critic (one per token) and
+the process reward model (one per step).
 
-Both are Hugging Face ``...ForSequenceClassification`` models with ``num_labels=1``: made from a
-causal-LM folder (the SFT model; the score head starts fresh) or loaded from such a folder made
-here or elsewhere, and saved so that plain transformers loads them.
+The first two are Hugging Face ``...ForSequenceClassification`` models with ``num_labels=1``, the
+PRM a ``...ForTokenClassification`` (1 or 2 labels): made from a causal-LM folder (the SFT
+model; the head starts fresh) or loaded from such a folder made here or elsewhere, and saved so
+that plain transformers loads them.
 """
 
 from __future__ import annotations
@@ -12,17 +14,26 @@ from pathlib import Path
 
 import torch
 
+from ..losses.prm import step_logit
 from .forward import as_forward, hidden_states
 from .kernels import use_fast_linear
 from .load import DTYPES, ModelLoadError, architectures, check_vocab, from_folder
 
 
 def is_sequence_classifier(path: str | Path) -> bool:
+    return _has_architecture(path, "ForSequenceClassification")
+
+
+def is_token_classifier(path: str | Path) -> bool:
+    return _has_architecture(path, "ForTokenClassification")
+
+
+def _has_architecture(path: str | Path, suffix: str) -> bool:
     config = Path(path) / "config.json"
     if not config.is_file():
         return False
     archs = json.loads(config.read_text()).get("architectures") or []
-    return any(a.endswith("ForSequenceClassification") for a in archs)
+    return any(a.endswith(suffix) for a in archs)
 
 
 def require_reward_model(path: str | Path, key: str = "reward_model") -> None:
@@ -58,6 +69,28 @@ def load_reward_model(path: str | Path, tokenizer, dtype: str = "fp32", seed: in
     return model.to(device)
 
 
+def load_process_reward_model(path: str | Path, tokenizer, num_labels: int = 1, dtype: str = "fp32", seed: int = 0,
+                              device: str = "cpu"):
+    """A ``...ForTokenClassification`` from ``path``: a PRM folder (its own number of labels) or a
+    causal LM (a fresh head with ``num_labels`` outputs, seeded). The head's dropout is set to 0
+    (transformers' default is 0.1), so a forward in plain transformers is the one trained here."""
+    from transformers import AutoConfig, AutoModelForTokenClassification
+
+    if not Path(path).is_dir():
+        raise ModelLoadError(f"model folder not found: {path}")
+    labels = {} if is_token_classifier(path) else {"num_labels": num_labels}
+    config = AutoConfig.from_pretrained(str(path), pad_token_id=tokenizer.pad_token_id, **labels)
+    config.classifier_dropout = 0.0
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = AutoModelForTokenClassification.from_pretrained(str(path), config=config, dtype=DTYPES[dtype])
+    if model.config.num_labels not in (1, 2):
+        raise ModelLoadError(f"{path}: a process reward model has 1 or 2 labels, the folder has {model.config.num_labels}")
+    check_vocab(model, tokenizer, str(path))
+    use_fast_linear(model)
+    return model.to(device)
+
+
 def score_name(model) -> str:
     """The attribute that holds the scalar head (``score`` for transformers' decoder classifiers)."""
     for name in ("score", "classifier", "v_head"):
@@ -76,14 +109,29 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long() * positions).argmax(-1)
 
 
+def score_index(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
+    """Where transformers' ``...ForSequenceClassification`` reads its score: the rightmost token
+    that is not the pad id (transformers 5, left or right padding). (B,)
+
+    With pad = eos (GPT-2's tokenizer, or any tokenizer whose pad falls back to eos) that is the
+    token before the final EOS, not the EOS itself; reading there keeps a saved reward model's
+    score the same in rlhfkit and in plain transformers. Without a pad id transformers reads the
+    last position (one row only); here the last attended token, which is that for one row.
+    """
+    if pad_token_id is None:
+        return last_token_index(attention_mask)
+    return last_token_index(input_ids != pad_token_id)
+
+
 def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """r(x, y): the score head read at the last non-pad token. (B,)"""
+    """r(x, y): the score head read where transformers reads it (``score_index``). (B,)"""
     return as_forward(model, _reward_scores, input_ids, attention_mask)
 
 
 def _reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     hidden = hidden_states(model, input_ids, attention_mask)  # (B, T, H)
-    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]  # (B, H)
+    index = score_index(input_ids, attention_mask, model.config.get_text_config().pad_token_id)
+    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), index]  # (B, H)
     return score_head(model)(last).squeeze(-1).float()
 
 
@@ -91,3 +139,14 @@ def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -
     """V(s_t) for every position: the score head on every hidden state (the PPO critic). (B, T)"""
     return as_forward(model, lambda m, ids, mask: score_head(m)(hidden_states(m, ids, mask)).squeeze(-1).float(),
                       input_ids, attention_mask)
+
+
+def step_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, step_rows: torch.Tensor,
+                step_cols: torch.Tensor) -> torch.Tensor:
+    """The PRM's logit that each step is right, read at (step_rows, step_cols). (N,)"""
+    return as_forward(model, _step_logits, input_ids, attention_mask, step_rows, step_cols)
+
+
+def _step_logits(model, input_ids, attention_mask, step_rows, step_cols) -> torch.Tensor:
+    hidden = hidden_states(model, input_ids, attention_mask)[step_rows, step_cols]  # (N, H)
+    return step_logit(score_head(model)(hidden).float())

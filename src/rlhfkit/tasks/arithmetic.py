@@ -2,9 +2,10 @@
 
 Two variants:
   * ``simple``:    "What is 82-27?"   -> " 55"
-  * ``multistep``: "What is 12+34-5?" -> " 12+34=46, 46-5=41. Answer: 41"
+  * ``multistep``: "What is 12+34-5?" -> " 12+34=46\n46-5=41\nAnswer: 41"
 
-The multi-step completion writes each step out, so a process reward can judge every step
+The multi-step completion writes each step out, one per line (``STEP_SEPARATOR``, the separator
+a learned process reward model reads steps at), so a process reward can judge every step
 (``verify_steps``) and say at which character each step ends. Everything is made from a seed,
 deterministically; nothing is downloaded.
 """
@@ -16,10 +17,12 @@ import re
 from dataclasses import dataclass
 
 from ..data.rows import DataError, Row, reads
+from ..data.steps import char_to_token_index
 
 _PROMPT_RE = re.compile(r"What is (\d+)([+-])(\d+)(?:([+-])(\d+))?\?")
 _STEP_RE = re.compile(r"(-?\d+)([+-])(\d+)=(-?\d+)")
 _ANSWER_RE = re.compile(r"Answer:\s*(-?\d+)")
+STEP_SEPARATOR = "\n"  # between the steps of a multi-step completion
 
 
 @dataclass(frozen=True)
@@ -40,8 +43,38 @@ def simple_problem(a: int, op: str, b: int) -> Problem:
 def multistep_problem(a: int, op1: str, b: int, op2: str, c: int) -> Problem:
     mid = _apply(a, op1, b)
     final = _apply(mid, op2, c)
-    completion = f" {a}{op1}{b}={mid}, {mid}{op2}{c}={final}. Answer: {final}"
-    return Problem(f"What is {a}{op1}{b}{op2}{c}?", final, completion)
+    return Problem(f"What is {a}{op1}{b}{op2}{c}?", final, STEP_SEPARATOR.join(worked_steps(a, op1, b, op2, c)))
+
+
+def worked_steps(a: int, op1: str, b: int, op2: str, c: int, wrong_at: int | None = None,
+                 rng: random.Random | None = None) -> list[str]:
+    """The three steps of a multi-step solution: two equations, then "Answer: N".
+
+    With ``wrong_at`` (0, 1 or 2) that step is wrong, as a policy's slips are: a result off by a
+    little, or a miscopied operand (computed right for the wrong number); the steps after it
+    continue from what it wrote. ``verify_steps`` labels them (a later step that continues
+    correctly from a wrong value is itself correct; the final answer is then wrong).
+    """
+    rng = rng or random.Random(0)
+
+    def slip(value: int) -> int:  # off by a little, never below 0
+        step = rng.choice((1, 2, 3, 10))
+        return value + step if value < 10 or rng.random() < 0.5 else value - step
+
+    steps, x = [], a
+    for i, (op, y) in enumerate(((op1, b), (op2, c))):
+        z = _apply(x, op, y)
+        if wrong_at == i:
+            copied = (x, slip(y)) if rng.random() < 0.5 else (slip(x), y)
+            if rng.random() < 0.5 and _apply(copied[0], op, copied[1]) >= 0:  # a miscopied operand
+                x, y = copied
+                z = _apply(x, op, y)
+            else:  # a slip in the result
+                z = slip(z)
+        steps.append(f"{' ' if i == 0 else ''}{x}{op}{y}={z}")
+        x = z
+    steps.append(f"Answer: {slip(x) if wrong_at == 2 else x}")
+    return steps
 
 
 def all_simple_problems() -> list[Problem]:
@@ -78,6 +111,15 @@ def split_multistep(seed: int = 0, n_train: int = 4000, n_eval: int = 300) -> tu
         seen.add(p.prompt)
         problems.append(p)
     return problems[n_eval:], problems[:n_eval]
+
+
+def multistep_operands(prompt: str) -> tuple[int, str, int, str, int]:
+    """(a, op1, b, op2, c) of a multi-step prompt "What is a op1 b op2 c?"."""
+    m = _PROMPT_RE.search(prompt)
+    if m is None or m.group(4) is None:
+        raise ValueError(f"not a multi-step arithmetic prompt: {prompt!r}")
+    a, op1, b, op2, c = m.groups()
+    return int(a), op1, int(b), op2, int(c)
 
 
 def solve(prompt: str) -> int:
@@ -150,16 +192,6 @@ def exact_answer(prompts, completions, answer=None, **_) -> list[float]:
 def contains_answer(prompts, completions, answer=None, **_) -> list[float]:
     """1.0 if the right answer appears as a whole number anywhere in the completion (BENCHMARK.md)."""
     return [1.0 if re.search(rf"(?<![\d-]){int(a)}(?!\d)", c) else 0.0 for c, a in zip(completions, answer)]
-
-
-def char_to_token_index(tokenizer, ids: list[int], char_end: int) -> int:
-    """Index of the token that holds character ``char_end - 1`` of ``decode(ids)``."""
-    length = 0
-    for k in range(len(ids)):
-        length = len(tokenizer.decode(ids[: k + 1], skip_special_tokens=True))
-        if length >= char_end:
-            return k
-    return max(len(ids) - 1, 0)
 
 
 def arithmetic_steps(prompts, completions, completion_ids=None, tokenizer=None, **_) -> list[list[tuple[int, float]]]:

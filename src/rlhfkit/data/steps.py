@@ -1,0 +1,151 @@
+"""Step-labelled rows for process reward models (TRL's stepwise-supervision format).
+
+A row is ``prompt``, ``completions`` (the steps of one solution, in order) and ``labels`` (one
+bool per step: is this step right). In the conversational form ``prompt`` is a list of chat
+messages (rendered by the tokenizer's chat template, ending in an assistant turn's opening)
+and a step may be an assistant message ``{"role": "assistant", "content": ...}``.
+
+The model reads ``prompt, step_1, sep, step_2, sep, ..., step_n, sep``: each step is followed
+by the separator, and step j's score is read at the last token of the separator after it.
+GRPO builds the same sequence from a policy's completion by splitting it at the separator
+(``split_steps``), so a score means the same in training and in use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .encode import LengthReport, encode_prompt
+from .rows import DataError, Row, get_str
+
+
+@dataclass(frozen=True)
+class StepExample:
+    input_ids: list[int]
+    positions: list[int]  # index of the last separator token after each step
+    labels: tuple[bool, ...]  # one per step (empty when scoring unlabelled steps)
+
+
+@dataclass
+class StepBatch:
+    input_ids: torch.Tensor  # (B, T) right-padded
+    attention_mask: torch.Tensor  # (B, T)
+    step_rows: torch.Tensor  # (N,) the row of each step, N = steps of the batch
+    step_cols: torch.Tensor  # (N,) the position its score is read at
+    labels: torch.Tensor  # (N,) 1.0 for a right step, 0.0 for a wrong one
+
+
+def step_prompt(row: Row, tokenizer) -> list[int]:
+    """Token ids of a row's prompt: plain text, or chat messages through the chat template."""
+    prompt = row.data.get("prompt")
+    if isinstance(prompt, list):
+        for i, m in enumerate(prompt):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise DataError(f"{row.where}: field 'prompt[{i}]' must have string 'role' and 'content'")
+        if not prompt:
+            raise DataError(f"{row.where}: field 'prompt' is an empty list of messages")
+        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        return encode_prompt(tokenizer, text, chat=True)
+    return encode_prompt(tokenizer, get_str(row, "prompt"))
+
+
+def read_steps(row: Row) -> tuple[list[str], tuple[bool, ...]]:
+    """(steps, labels) of a row, or a DataError naming the place and the field."""
+    steps, labels = row.data.get("completions"), row.data.get("labels")
+    for name, value in (("completions", steps), ("labels", labels)):
+        if not isinstance(value, list):
+            got = "missing" if value is None else f"a {type(value).__name__}"
+            raise DataError(f"{row.where}: field '{name}' must be a list (one entry per step), got {got}")
+    if not steps:
+        raise DataError(f"{row.where}: field 'completions' holds no steps")
+    if len(labels) != len(steps):
+        raise DataError(f"{row.where}: {len(steps)} steps in 'completions' but {len(labels)} 'labels'")
+    texts = []
+    for i, (step, label) in enumerate(zip(steps, labels)):
+        if isinstance(step, dict) and step.get("role") == "assistant":
+            step = step.get("content")
+        if not isinstance(step, str) or not step.strip():
+            raise DataError(f"{row.where}: field 'completions[{i}]' must be a non-empty step (a string or an "
+                            f"assistant message), got {step!r}")
+        if not isinstance(label, bool):
+            raise DataError(f"{row.where}: field 'labels[{i}]' must be true or false, got {label!r}")
+        texts.append(step)
+    return texts, tuple(labels)
+
+
+def separator_ids(tokenizer, separator: str) -> list[int]:
+    ids = tokenizer(separator, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise DataError(f"the step separator {separator!r} is no token at all for this tokenizer")
+    return ids
+
+
+def encode_steps(tokenizer, prompt_ids: list[int], steps: list[str], sep_ids: list[int]) -> tuple[list[int], list[int]]:
+    """``prompt, step_1, sep, ..., step_n, sep`` as ids, and the index of each step's last separator token."""
+    ids, positions = list(prompt_ids), []
+    for step in steps:
+        ids += tokenizer(step, add_special_tokens=False)["input_ids"] + sep_ids
+        positions.append(len(ids) - 1)
+    return ids, positions
+
+
+def encode_step_rows(rows: list[Row], tokenizer, separator: str, max_length: int,
+                     overlong: str = "error") -> tuple[list[StepExample], LengthReport]:
+    """Every row checked and encoded. Over-long rows: an error, skipped, or (``truncate``) cut
+    after the last whole step that fits."""
+    sep_ids, report, examples = separator_ids(tokenizer, separator), LengthReport(rows=len(rows)), []
+    for row in rows:
+        steps, labels = read_steps(row)
+        ids, positions = encode_steps(tokenizer, step_prompt(row, tokenizer), steps, sep_ids)
+        if len(ids) > max_length:
+            if overlong == "error":
+                raise DataError(f"{row.where}: {len(ids)} tokens exceed max_length={max_length}; raise max_length "
+                                "or set overlong=truncate or overlong=skip")
+            fits = sum(p < max_length for p in positions) if overlong == "truncate" else 0
+            if fits == 0:
+                report.skipped.append(row.where)
+                continue
+            report.truncated += 1
+            ids, positions, labels = ids[: positions[fits - 1] + 1], positions[:fits], labels[:fits]
+        examples.append(StepExample(ids, positions, labels))
+    if not examples:
+        raise DataError(f"no usable rows left after the length policy ({report.summary()})")
+    return examples, report
+
+
+def collate_steps(examples: list[StepExample], pad_id: int) -> StepBatch:
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    rows, cols, labels = [], [], []
+    for i, e in enumerate(examples):
+        input_ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        attention[i, : len(e.input_ids)] = 1
+        rows += [i] * len(e.positions)
+        cols += e.positions
+        labels += [float(x) for x in e.labels]
+    return StepBatch(input_ids, attention, torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long),
+                     torch.tensor(labels, dtype=torch.float32))
+
+
+def split_steps(text: str, separator: str) -> list[tuple[str, int]]:
+    """The steps of a completion as a policy wrote them, split at ``separator``, each with the
+    index just past its last character; blank pieces (a trailing separator) are no steps."""
+    out, start = [], 0
+    for piece in text.split(separator):
+        if piece.strip():
+            out.append((piece, start + len(piece)))
+        start += len(piece) + len(separator)
+    return out
+
+
+def char_to_token_index(tokenizer, ids: list[int], char_end: int) -> int:
+    """Index of the token that holds character ``char_end - 1`` of ``decode(ids)``."""
+    length = 0
+    for k in range(len(ids)):
+        length = len(tokenizer.decode(ids[: k + 1], skip_special_tokens=True))
+        if length >= char_end:
+            return k
+    return max(len(ids) - 1, 0)

@@ -1,0 +1,114 @@
+"""Learned rewards: a reward model as an outcome reward (``rm:PATH``), a process reward model as
+a process reward (``prm:PATH``).
+
+Each holds a frozen model and, once per rollout step, is bound to the step's samples and prompt
+rows (``bind(samples, rows)``, one row per sample), which gives a callable with the signature of
+rollout/rewards.py: the models need what the policy saw (the rendered prompt) and the reward
+model the sampled tokens themselves.
+
+Tokenizers: a model folder's own tokenizer is used (the policy's when the folder has none).
+When it is the policy's, the reward model scores the sampled ids as they are; when it differs,
+the prompt is rendered and the completion text re-tokenised for it (``retokenise``, logged as
+``reward/<name>_retokenised``). The PRM always reads text: it splits each completion at its
+separator and builds ``prompt, step_1, sep, ..., step_n, sep`` exactly as it was trained.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..data.encode import encode_prompt, prompt_text, to_device
+from ..data.rows import Row
+from ..data.steps import (
+    StepExample,
+    char_to_token_index,
+    collate_steps,
+    encode_steps,
+    separator_ids,
+    split_steps,
+)
+from ..models.load import TOKENIZER_FILES, load_tokenizer
+from ..models.reward import load_process_reward_model, load_reward_model, reward_scores, step_logits
+from .sampler import Samples, left_pad
+
+
+def own_tokenizer(path: str, policy_tokenizer):
+    """The tokenizer in the model folder, else the policy's."""
+    if any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+        return load_tokenizer(path)
+    return policy_tokenizer
+
+
+def _prompt_ids(tokenizer, row: Row) -> list[int]:
+    return encode_prompt(tokenizer, prompt_text(row, tokenizer), chat="messages" in row.data)
+
+
+class RewardModelReward:
+    """An outcome reward: r(x, y) of a ``...ForSequenceClassification`` folder (e.g. ``rlhfkit rm``)."""
+
+    def __init__(self, path: str, policy_tokenizer, device: str = "cpu", name: str = "rm"):
+        self.tokenizer = own_tokenizer(path, policy_tokenizer)
+        self.retokenise = self.tokenizer.get_vocab() != policy_tokenizer.get_vocab()
+        self.model = load_reward_model(path, self.tokenizer, device=device).eval().requires_grad_(False)
+        self.__name__ = name
+
+    def bind(self, samples: Samples, rows: list[Row]):
+        def score(prompts, completions, **_) -> list[float]:
+            return self.score(samples, rows, completions)
+
+        score.__name__ = self.__name__
+        return score
+
+    @torch.no_grad()
+    def score(self, samples: Samples, rows: list[Row], completions: list[str]) -> list[float]:
+        if not self.retokenise:
+            return reward_scores(self.model, samples.input_ids, samples.attention_mask).tolist()
+        tok = self.tokenizer
+        seqs = [_prompt_ids(tok, row) + tok(text, add_special_tokens=False)["input_ids"]
+                + ([tok.eos_token_id] if finished else [])
+                for row, text, finished in zip(rows, completions, samples.finished.tolist())]
+        ids, mask = left_pad(seqs, tok.pad_token_id)
+        device = next(self.model.parameters()).device
+        return reward_scores(self.model, ids.to(device), mask.to(device)).tolist()
+
+
+class ProcessRewardModelReward:
+    """A process reward: the probability a ``...ForTokenClassification`` PRM (``rlhfkit prm``) gives
+    that each step is right, read at the separator after the step. Steps are the completion split
+    at the separator stored in the folder's config (``step_separator``; "\\n", TRL's default,
+    for a PRM trained elsewhere); each step ends, for the policy's advantages, at the token that
+    holds its last character."""
+
+    def __init__(self, path: str, policy_tokenizer, device: str = "cpu"):
+        self.tokenizer = own_tokenizer(path, policy_tokenizer)
+        self.model = load_process_reward_model(path, self.tokenizer, device=device).eval().requires_grad_(False)
+        self.separator = getattr(self.model.config, "step_separator", None) or "\n"
+        self.sep_ids = separator_ids(self.tokenizer, self.separator)
+        self.__name__ = "prm"
+
+    def bind(self, samples: Samples, rows: list[Row]):
+        def prm(prompts, completions, completion_ids=None, tokenizer=None, **_) -> list[list[tuple[int, float]]]:
+            return self.score(rows, completions, completion_ids, tokenizer)
+
+        return prm
+
+    @torch.no_grad()
+    def score(self, rows: list[Row], completions: list[str], completion_ids: list[list[int]],
+              policy_tokenizer) -> list[list[tuple[int, float]]]:
+        examples, ends = [], []
+        for row, text, ids in zip(rows, completions, completion_ids):
+            steps = split_steps(text, self.separator) or [(text, len(text))]  # no step written: one, scored
+            input_ids, positions = encode_steps(self.tokenizer, _prompt_ids(self.tokenizer, row),
+                                                [s for s, _ in steps], self.sep_ids)
+            examples.append(StepExample(input_ids, positions, ()))
+            ends.append([char_to_token_index(policy_tokenizer, ids, end) for _, end in steps])
+        batch = to_device(collate_steps(examples, self.tokenizer.pad_token_id), next(self.model.parameters()).device)
+        probs = torch.sigmoid(step_logits(self.model, batch.input_ids, batch.attention_mask, batch.step_rows,
+                                          batch.step_cols)).tolist()
+        out = []
+        for step_ends in ends:
+            out.append(list(zip(step_ends, probs[: len(step_ends)])))
+            probs = probs[len(step_ends):]
+        return out

@@ -1,0 +1,72 @@
+import json
+
+import pytest
+
+from rlhfkit.data.rows import DataError, read_rows
+from rlhfkit.data.steps import collate_steps, encode_step_rows, split_steps
+from rlhfkit.models.tokenizer import build_char_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_char_tokenizer()
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_steps_are_read_at_the_separator_after_each_step(tok):
+    rows = read_rows([{"prompt": "Q?", "completions": ["a1", "b"], "labels": [True, False]}])
+    (example,), _ = encode_step_rows(rows, tok, "\n", 64)
+    # one token per character: Q ? a 1 \n b \n -> the separators sit at 4 and 6
+    assert tok.convert_ids_to_tokens(example.input_ids) == ["Q", "?", "a", "1", "\n", "b", "\n"]
+    assert example.positions == [4, 6] and example.labels == (True, False)
+    (sep_example,), _ = encode_step_rows(rows, tok, " ;; ", 64)
+    assert sep_example.positions == [7, 12]  # the last token of a multi-token separator: Q ? a 1 _ ; ; _ b _ ; ; _
+    batch = collate_steps([example, sep_example], tok.pad_token_id)
+    assert batch.step_rows.tolist() == [0, 0, 1, 1] and batch.step_cols.tolist() == [4, 6, 7, 12]
+    assert batch.labels.tolist() == [1.0, 0.0, 1.0, 0.0] and batch.attention_mask.sum(-1).tolist() == [7, 13]
+
+
+def test_conversational_form_uses_the_chat_template(tok):
+    plain = read_rows([{"prompt": "<|user|>Q?<|assistant|>", "completions": ["a", "b"], "labels": [True, True]}])
+    chat = read_rows([{"prompt": [{"role": "user", "content": "Q?"}],
+                       "completions": [{"role": "assistant", "content": "a"}, "b"], "labels": [True, True]}])
+    (p,), _ = encode_step_rows(plain, tok, "\n", 64)
+    (c,), _ = encode_step_rows(chat, tok, "\n", 64)
+    assert c.input_ids == p.input_ids and c.positions == p.positions
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "Q", "completions": ["a", "b"], "labels": [True]}, "2 steps in 'completions' but 1 'labels'"),
+    ({"prompt": "Q", "completions": ["a", "b"], "labels": [True, 1]}, "field 'labels[1]' must be true or false, got 1"),
+    ({"prompt": "Q", "completions": ["a", " "], "labels": [True, True]}, "field 'completions[1]' must be a non-empty"),
+    ({"prompt": "Q", "completions": [], "labels": []}, "field 'completions' holds no steps"),
+    ({"prompt": "Q", "completions": "a", "labels": [True]}, "field 'completions' must be a list"),
+    ({"prompt": "Q", "completions": ["a"]}, "field 'labels' must be a list (one entry per step), got missing"),
+    ({"completions": ["a"], "labels": [True]}, "missing field 'prompt'"),
+])
+def test_bad_rows_name_file_line_and_field(tmp_path, tok, row, message):
+    path = _jsonl(tmp_path / "prm.jsonl", [{"prompt": "Q", "completions": ["a"], "labels": [True]}, row])
+    with pytest.raises(DataError) as e:
+        encode_step_rows(read_rows(path), tok, "\n", 64)
+    assert str(e.value).startswith(f"{path}:2: ") and message in str(e.value)
+
+
+def test_overlong_rows_keep_whole_steps_or_fail(tok):
+    rows = read_rows([{"prompt": "Q?", "completions": ["aaa", "bbb"], "labels": [True, False]}])  # 2 + 4 + 4 tokens
+    with pytest.raises(DataError, match="10 tokens exceed max_length=8"):
+        encode_step_rows(rows, tok, "\n", 8)
+    (cut,), report = encode_step_rows(rows, tok, "\n", 8, "truncate")
+    assert cut.positions == [5] and cut.labels == (True,) and len(cut.input_ids) == 6 and report.truncated == 1
+    with pytest.raises(DataError, match="no usable rows"):
+        encode_step_rows(rows, tok, "\n", 8, "skip")
+
+
+def test_split_steps_gives_each_step_and_where_it_ends():
+    text = " 12+34=46\n46-5=41\nAnswer: 41\n"
+    assert split_steps(text, "\n") == [(" 12+34=46", 9), ("46-5=41", 17), ("Answer: 41", 28)]
+    assert text[:9].endswith("46") and text[:17].endswith("41") and text[:28].endswith("41")
+    assert split_steps("no separator", "\n") == [("no separator", 12)] and split_steps("", "\n") == []

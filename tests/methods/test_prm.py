@@ -1,0 +1,87 @@
+import json
+
+import pytest
+import torch
+from helpers import quiet_train
+
+from rlhfkit.data.rows import read_rows
+from rlhfkit.data.steps import collate_steps, encode_step_rows
+from rlhfkit.methods.prm import PRMConfig, run_prm, step_stats
+from rlhfkit.models.load import load_tokenizer
+from rlhfkit.models.reward import load_process_reward_model, step_logits
+
+
+@pytest.mark.parametrize("num_labels", [1, 2])
+def test_scores_are_read_at_the_separators_as_plain_transformers_gives_them(tiny, tmp_path, num_labels):
+    from transformers import AutoModelForTokenClassification
+
+    tok = load_tokenizer(tiny["base"])
+    load_process_reward_model(tiny["base"], tok, num_labels).save_pretrained(str(tmp_path / "prm"))
+    model = load_process_reward_model(tmp_path / "prm", tok).eval()  # the folder's own number of labels
+    plain = AutoModelForTokenClassification.from_pretrained(str(tmp_path / "prm")).eval()
+    rows = read_rows([{"prompt": "What is 12+34-5?", "completions": [" 12+34=46", "46-5=40", "Answer: 40"],
+                       "labels": [True, False, False]},
+                      {"prompt": "What is 9+9+1?", "completions": [" 9+9=18"], "labels": [True]}])
+    examples, _ = encode_step_rows(rows, tok, "\n", 64)
+    newline = tok.convert_tokens_to_ids("\n")
+    # by hand: "What is 12+34-5?" is 16 characters, then " 12+34=46" (9) and "\n" at 25; "46-5=40" (7) and
+    # "\n" at 33; "Answer: 40" (10) and "\n" at 44
+    assert examples[0].positions == [25, 33, 44] and examples[1].positions == [14 + 7]
+    assert all(examples[0].input_ids[p] == newline for p in examples[0].positions)
+    batch = collate_steps(examples, tok.pad_token_id)
+    with torch.no_grad():
+        ours = step_logits(model, batch.input_ids, batch.attention_mask, batch.step_rows, batch.step_cols)
+        logits = plain(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, T, L)
+    theirs = logits[batch.step_rows, batch.step_cols]
+    theirs = theirs[:, 0] if num_labels == 1 else theirs[:, 1] - theirs[:, 0]
+    assert model.config.num_labels == num_labels and torch.allclose(ours, theirs, atol=1e-5)
+    assert (logits[0, 24, -1] - logits[0, 25, -1]).abs() > 1e-4  # the next position would give another score
+
+
+def test_step_stats_by_hand():
+    judged = [[True, False, False], [True, True, True], [False, True], [True, True]]
+    labels = [(True, False, False), (True, True, False), (True, True), (True, True)]
+    stats = step_stats(judged, labels)
+    # 10 steps, 8 judged as labelled (misses: row 1's last, row 2's first) -> 0.8
+    # wrong steps: 3 (row 0 x2, row 1 x1); flagged: 3 (row 0 x2, row 2 x1); caught 2 -> P = R = F1 = 2/3
+    # first error judged/true: row 0 1/1 yes, row 1 3/2 no, row 2 0/2 no, row 3 2/2 (none) yes -> 0.5
+    assert stats["step_accuracy"] == pytest.approx(0.8, abs=1e-9)
+    assert stats["wrong_step_precision"] == pytest.approx(2 / 3) and stats["wrong_step_recall"] == pytest.approx(2 / 3)
+    assert stats["wrong_step_f1"] == pytest.approx(2 / 3, abs=1e-9)
+    assert stats["first_error_accuracy"] == 0.5 and stats["steps"] == 10
+
+
+def test_micro_batches_give_the_whole_batch_loss(tiny, tmp_path):
+    """The step count is global: 2 micro-batches of 4 rows give the loss of one batch of 8."""
+    from methods_setup import method_config
+
+    from rlhfkit.train.logging import read_metrics
+
+    losses = {}
+    for micro in (0, 4):
+        run_prm(method_config("prm", tiny, tmp_path / f"m{micro}", 3, micro_batch_size=micro))
+        losses[micro] = [m["train/loss"] for m in read_metrics(tmp_path / f"m{micro}") if "train/loss" in m]
+    assert len(losses[0]) == 3 and losses[4] == pytest.approx(losses[0], abs=1e-6)
+    assert losses[0][-1] < losses[0][0]  # it trains
+
+
+@pytest.mark.slow
+def test_prm_learns_beyond_the_step_position_and_saves_a_token_classifier(tiny, multistep_sft, tmp_path):
+    """A stated, modest bar: on the tiny default a 2-layer PRM learns to verify arithmetic slowly (see
+    README: 0.70 held-out step accuracy after 1000 steps in the demo, short of the 0.9 aimed at)."""
+    data = tiny["data"]
+    cfg = PRMConfig(model=str(multistep_sft), train_data=str(data / "prm_train.jsonl"),
+                    eval_data=str(data / "prm_eval.jsonl"), max_length=64, eval_limit=300,
+                    train=quiet_train(tmp_path / "prm", max_steps=500, batch_size=32, lr=2e-3, warmup_steps=20,
+                                      eval_every=0, log_every=10))
+    summary = run_prm(cfg)
+    labels = [r.data["labels"] for r in read_rows(data / "prm_eval.jsonl")[:300]]
+    by_position = [[ls[i] for ls in labels if len(ls) > i] for i in range(3)]
+    # the best judge that sees only a step's position: the majority label at each position
+    baseline = sum(max(sum(c), len(c) - sum(c)) for c in by_position) / sum(map(len, by_position))
+    assert summary["step_accuracy"] > baseline, (summary, baseline)
+    final = summary["evals"][-1]
+    wrong_rate = 1 - sum(map(sum, by_position)) / sum(map(len, by_position))
+    assert final["wrong_step_precision"] >= wrong_rate + 0.15, (final, wrong_rate)  # flags wrong steps, not noise
+    config = json.loads((tmp_path / "prm" / "model" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForTokenClassification"] and config["step_separator"] == "\n"

@@ -1,0 +1,77 @@
+"""Learned rewards in GRPO: what they read, and where a step ends."""
+
+import pytest
+import torch
+
+from rlhfkit.data.rows import read_rows
+from rlhfkit.data.steps import collate_steps, encode_step_rows
+from rlhfkit.models.load import load_tokenizer
+from rlhfkit.models.reward import load_process_reward_model, load_reward_model, reward_scores, step_logits
+from rlhfkit.rollout.reward_models import ProcessRewardModelReward, RewardModelReward
+from rlhfkit.rollout.sampler import Samples, left_pad
+from rlhfkit.tasks.arithmetic import arithmetic_steps
+
+
+def test_learned_prm_scores_what_training_reads_and_ends_steps_where_the_rule_does(tiny, tmp_path):
+    tok = load_tokenizer(tiny["base"])
+    prm = load_process_reward_model(tiny["base"], tok)
+    prm.config.step_separator = "\n"
+    prm.save_pretrained(str(tmp_path / "prm"))  # no tokenizer in the folder: the policy's serves
+    reward = ProcessRewardModelReward(str(tmp_path / "prm"), tok)
+    prompt, text = "What is 12+34-5?", " 12+34=46\n46-5=40\nAnswer: 40"  # second step wrong, answer wrong
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    rows = read_rows([{"prompt": prompt, "answer": 41}])
+    (learned,) = reward.bind(None, rows)([prompt], [text], completion_ids=[ids], tokenizer=tok)
+    (rule,) = arithmetic_steps([prompt], [text], completion_ids=[ids], tokenizer=tok)
+    # " 12+34=46" ends at character 8, "46-5=40" at 16, "Answer: 40" at 27 (one token per character)
+    assert [end for end, _ in learned] == [end for end, _ in rule] == [8, 16, 27]
+    training = read_rows([{"prompt": prompt, "completions": text.split("\n"), "labels": [True, False, False]}])
+    batch = collate_steps(encode_step_rows(training, tok, "\n", 64)[0], tok.pad_token_id)
+    with torch.no_grad():
+        probs = torch.sigmoid(step_logits(reward.model, batch.input_ids, batch.attention_mask, batch.step_rows,
+                                          batch.step_cols))
+    assert [p for _, p in learned] == pytest.approx(probs.tolist(), abs=1e-6)
+
+
+def _samples(tok, prompts, completions):
+    prompt_ids, prompt_mask = left_pad([tok(p)["input_ids"] for p in prompts], tok.pad_token_id)
+    width = max(len(c) for c in completions) + 1
+    ids = [tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for c in completions]
+    completion_ids = torch.tensor([i + [tok.pad_token_id] * (width - len(i)) for i in ids])
+    completion_mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids])
+    return Samples(prompt_ids, prompt_mask, completion_ids, completion_mask, torch.zeros(completion_ids.shape),
+                   torch.ones(len(ids), dtype=torch.bool))
+
+
+def test_reward_model_scores_the_sampled_tokens_or_the_text_for_its_own_tokenizer(tiny, tmp_path):
+    from rlhfkit.models.tiny import build_tiny_model
+    from rlhfkit.models.tokenizer import build_char_tokenizer
+
+    tok = load_tokenizer(tiny["base"])
+    load_reward_model(tiny["base"], tok).save_pretrained(str(tmp_path / "rm"))
+    prompts, texts = ["What is 1+2?", "What is 10+20?"], [" 3", " 31"]
+    rows = read_rows([{"prompt": p} for p in prompts])
+    samples = _samples(tok, prompts, texts)
+    same = RewardModelReward(str(tmp_path / "rm"), tok)
+    scores = same.bind(samples, rows)(prompts, texts)
+    assert not same.retokenise and same.bind(samples, rows).__name__ == "rm"
+    assert scores == pytest.approx(reward_scores(same.model, samples.input_ids, samples.attention_mask).tolist(),
+                                   abs=1e-6)
+    same.retokenise = True  # the text path builds the same sequences for this tokenizer
+    assert same.bind(samples, rows)(prompts, texts) == pytest.approx(scores, abs=1e-5)
+
+    other = build_char_tokenizer()  # a tokenizer of its own: one more token, so not the policy's
+    other.add_special_tokens({"additional_special_tokens": ["<|step|>"]})
+    build_tiny_model(other).save_pretrained(str(tmp_path / "lm2"))
+    other.save_pretrained(str(tmp_path / "lm2"))
+    rm2 = load_reward_model(tmp_path / "lm2", other)
+    rm2.save_pretrained(str(tmp_path / "rm2"))
+    other.save_pretrained(str(tmp_path / "rm2"))
+    retok = RewardModelReward(str(tmp_path / "rm2"), tok, name="rm_2")
+    assert retok.retokenise and len(retok.tokenizer) == len(tok) + 1
+    by_hand = [other(p)["input_ids"] + other(t, add_special_tokens=False)["input_ids"] + [other.eos_token_id]
+               for p, t in zip(prompts, texts)]
+    ids, mask = left_pad(by_hand, other.pad_token_id)
+    with torch.no_grad():
+        expected = reward_scores(retok.model, ids, mask).tolist()
+    assert retok.bind(samples, rows)(prompts, texts) == pytest.approx(expected, abs=1e-6)
