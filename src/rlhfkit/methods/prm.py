@@ -22,8 +22,8 @@ from ..data.steps import collate_steps, encode_step_rows
 from ..losses.prm import step_bce_loss
 from ..models.forward import eval_mode
 from ..models.load import load_tokenizer
-from ..models.reward import load_process_reward_model, step_logits
-from ..train.config import ConfigError, TrainConfig, at_least, choice
+from ..models.reward import load_process_reward_model, score_name, step_logits
+from ..train.config import ConfigError, LoraConfig, TrainConfig, at_least, choice
 from ..train.loop import Objective, train_offline
 from ..train.run import start_run
 from .common import head
@@ -40,6 +40,7 @@ class PRMConfig:
     max_length: int = 128
     overlong: str = "error"  # error | truncate (after the last whole step that fits) | skip
     eval_limit: int = 500  # held-out rows used; 0 = all
+    lora: LoraConfig = field(default_factory=LoraConfig)  # adapters on the backbone; the step head trains in full
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/prm"))
 
     def __post_init__(self):
@@ -112,7 +113,7 @@ def run_prm(cfg: PRMConfig) -> dict:
                                        cfg.max_length, "skip")
     model = load_process_reward_model(cfg.model, tokenizer, cfg.num_labels, seed=cfg.train.seed, device=run.device)
     model.config.step_separator = cfg.step_separator  # saved in config.json: where GRPO reads the steps
-    run.shard(model)
+    run.shard(run.prepare(model, cfg.lora, head=score_name(model), base=cfg.model))
     evaluate = (lambda m: step_metrics(m, held_out, tokenizer.pad_token_id)) if held_out else None
     train_offline(run, model, examples, lambda rows: collate_steps(rows, tokenizer.pad_token_id), prm_objective(),
                   evaluate)

@@ -52,7 +52,7 @@ def apply_lora(model: torch.nn.Module, settings: LoraSettings, base: str | None,
     targets = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=targets, exclude_modules=[head] if head else None,
-                        task_type="SEQ_CLS" if head else "CAUSAL_LM", base_model_name_or_path=base)
+                        task_type=_task_type(model, head), base_model_name_or_path=base)
     model.requires_grad_(False)
     try:
         model = inject_adapter_in_model(config, model, adapter_name=ADAPTER)
@@ -62,6 +62,13 @@ def apply_lora(model: torch.nn.Module, settings: LoraSettings, base: str | None,
         getattr(model, head).requires_grad_(True)
         model.peft_config[ADAPTER].modules_to_save = [head]
     return model
+
+
+def _task_type(model, head: str | None) -> str:
+    """peft's name for what the model is (PeftModel.from_pretrained picks its wrapper by it)."""
+    if not head:
+        return "CAUSAL_LM"
+    return "TOKEN_CLS" if type(model).__name__.endswith("ForTokenClassification") else "SEQ_CLS"
 
 
 def enable_activation_checkpointing(model: torch.nn.Module) -> None:
