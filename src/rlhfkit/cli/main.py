@@ -145,7 +145,7 @@ def cmd_eval(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, quick=args.quick, seed=args.seed)
+    run_demo(args.out, quick=args.quick, seed=args.seed, jobs=args.jobs)
     return 0
 
 
@@ -186,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo_out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a shorter run (for smoke tests)")
+    p.add_argument("--jobs", type=int, default=2, help="stages run side by side, each with cpus/jobs threads "
+                   "(default 2; 1: one after another in this process)")
     p.set_defaults(func=cmd_demo)
     return parser
 
