@@ -195,11 +195,19 @@ def collate_shared_prompt(examples: list[RankingExample], pad_id: int) -> Shared
         segment[p, : len(ids)] = torch.tensor(seg)
         ranks[p, : len(e.ranks)] = torch.tensor(e.ranks)
         mask[p, : len(e.ranks)] = 1
-    query, key = segment[:, :, None], segment[:, None, :]  # (P, W, 1), (P, 1, W)
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    return SharedPromptBatch(input_ids, positions, block_causal_mask(segment)[:, None], torch.tensor(last),
+                             torch.tensor(slot), ranks, mask)
+
+
+def block_causal_mask(segment: torch.Tensor) -> torch.Tensor:
+    """(B, W, W) bool, query i may attend to key j, for rows of segments (B, W): 0 a shared prompt,
+    k > 0 the k-th continuation of it, -1 padding. Causal; a continuation sees the prompt and
+    itself, not the other continuations; a padding position sees itself only (no empty row: NaN)."""
+    width = segment.shape[1]
+    query, key = segment[:, :, None], segment[:, None, :]  # (B, W, 1), (B, 1, W)
+    causal = torch.ones(width, width, dtype=torch.bool, device=segment.device).tril()
     attend = causal & (query >= 0) & ((key == 0) | (key == query))
-    attend |= torch.eye(width, dtype=torch.bool)  # a padding position attends to itself: no empty row (NaN)
-    return SharedPromptBatch(input_ids, positions, attend[:, None], torch.tensor(last), torch.tensor(slot), ranks, mask)
+    return attend | torch.eye(width, dtype=torch.bool, device=segment.device)
 
 
 def count_pairs(batch: RankingBatch | SharedPromptBatch) -> int:
