@@ -146,12 +146,15 @@ NEEDS = {"rm": ("sft",), "dpo": ("sft",), "grpo": ("sft",), "ppo": ("sft", "rm")
 
 
 def _run_stage(name: str, ctx: dict, threads: int) -> tuple[dict, dict]:
-    """One stage: (its metrics with ``seconds``, the ctx keys it set for later stages)."""
+    """One stage: (its metrics with ``seconds`` and ``cpu_seconds``, the ctx keys it set for later stages)."""
     torch.set_num_threads(threads)
     before = dict(ctx)
-    start = time.time()
+    start, cpu = time.time(), time.process_time()
     print(f"== demo stage: {name}", flush=True)
-    metrics = {**STAGES[name](ctx), "seconds": round(time.time() - start, 1)}
+    metrics = STAGES[name](ctx)
+    # cpu_seconds: this process's CPU time, what the stage takes on a core of its own (wall
+    # seconds grow with whatever else runs on the machine).
+    metrics.update(seconds=round(time.time() - start, 1), cpu_seconds=round(time.process_time() - cpu, 1))
     print(f"== demo stage: {name} done in {metrics['seconds']} s", flush=True)
     return metrics, {k: v for k, v in ctx.items() if k not in before or before[k] is not v}
 
@@ -228,7 +231,7 @@ def write_report(out: Path, summary: dict) -> Path:
 
 def format_table(summary: dict) -> str:
     keys = ["accuracy", "accuracy_before", "pairwise_accuracy", "preference_accuracy", "rm_score",
-            "rm_score_before", "kl", "seconds"]
+            "rm_score_before", "kl", "seconds", "cpu_seconds"]
     shown = [k for k in keys if any(k in v for s, v in summary.items() if not s.startswith("_"))]
     lines = ["stage          " + "".join(f"{k:>20s}" for k in shown)]
     for stage, values in summary.items():
