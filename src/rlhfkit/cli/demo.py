@@ -51,7 +51,7 @@ def _stage_sft(ctx: dict) -> dict:
         model=str(ctx["assets"]["base"]), train_data=str(data / "sft_train.jsonl"),
         eval_data=str(data / "sft_eval.jsonl"), max_length=64, eval_limit=len(ctx["eval_rows"]),
         eval_max_new_tokens=8, stop_at_accuracy=0.97, snapshot_at_accuracy=0.5,
-        train=_train(ctx, "sft", max_steps=400 if ctx["quick"] else 2000, batch_size=128, lr=5e-3, warmup_steps=50,
+        train=_train(ctx, "sft", max_steps=400 if ctx["quick"] else 1400, batch_size=128, lr=8e-3, warmup_steps=50,
                      eval_every=100))
     result = run_sft(cfg)
     ctx["sft_model"] = str(ctx["out"] / "sft" / "model")
@@ -70,8 +70,8 @@ def _stage_rm(ctx: dict) -> dict:
     cfg = RMConfig(model=ctx["sft_model"], train_data=str(data / "rankings_train.jsonl"),
                    eval_data=str(data / "rankings_eval.jsonl"), max_length=64, eval_limit=500,
                    center_coef=0.0025,  # scores comparable across prompts, for the PPO stage
-                   train=_train(ctx, "rm", max_steps=1000 if ctx["quick"] else 3000, batch_size=32, lr=2e-3,
-                                warmup_steps=20, eval_every=200))
+                   train=_train(ctx, "rm", max_steps=500 if ctx["quick"] else 1500, batch_size=32, lr=2e-3,
+                                warmup_steps=20, eval_every=250))
     result = run_rm(cfg)
     ctx["rm_model"] = str(ctx["out"] / "rm" / "model")
     return {"pairwise_accuracy": result["pairwise_accuracy"], "kendall_tau": result["kendall_tau"],
@@ -97,14 +97,14 @@ def _grpo(ctx: dict, name: str, model: str, prefix: str, steps: int, **options) 
                      eval_data=str(data / f"{prefix}prompts_eval.jsonl"), eval_limit=500, group_size=8,
                      prompts_per_step=16, beta=0.04,
                      train=_train(ctx, name, max_steps=steps // 3 if ctx["quick"] else steps, lr=1e-4,
-                                  schedule="constant", eval_every=100), **options)
+                                  schedule="constant", eval_every=50), **options)
     result = run_grpo(cfg)
     return {"accuracy": result["accuracy"], "accuracy_before": result["accuracy_before"], "steps": result["steps"]}
 
 
 def _stage_grpo(ctx: dict) -> dict:
     """ORM on the two-digit task, from the demonstration-budget SFT model."""
-    return _grpo(ctx, "grpo", ctx["start_model"], "", 600, max_new_tokens=16, eval_max_new_tokens=16)
+    return _grpo(ctx, "grpo", ctx["start_model"], "", 200, max_new_tokens=16, eval_max_new_tokens=16)
 
 
 def _stage_sft_multistep(ctx: dict) -> dict:
@@ -122,7 +122,7 @@ def _stage_sft_multistep(ctx: dict) -> dict:
 
 def _stage_grpo_prm(ctx: dict) -> dict:
     """PRM (per-step correctness) on the multi-step task."""
-    return _grpo(ctx, "grpo_prm", ctx["multistep_model"], "multistep_", 300, process_reward="arithmetic_steps",
+    return _grpo(ctx, "grpo_prm", ctx["multistep_model"], "multistep_", 200, process_reward="arithmetic_steps",
                  max_new_tokens=40, eval_max_new_tokens=40)
 
 
@@ -133,8 +133,8 @@ def _stage_ppo(ctx: dict) -> dict:
                     train_data=str(data / "prompts_train.jsonl"), eval_data=str(data / "prompts_eval.jsonl"),
                     eval_limit=500, prompts_per_step=32, minibatch_size=16, ppo_epochs=2, kl_coef=0.05, lam=1.0,
                     critic_lr=1e-3,
-                    train=_train(ctx, "ppo", max_steps=200 if ctx["quick"] else 600, lr=1e-5, schedule="constant",
-                                 eval_every=100))
+                    train=_train(ctx, "ppo", max_steps=100 if ctx["quick"] else 200, lr=1e-5, schedule="constant",
+                                 eval_every=50))
     result = run_ppo(cfg)
     return {k: result[k] for k in ("rm_score", "rm_score_before", "accuracy", "accuracy_before", "kl", "steps")}
 
