@@ -51,7 +51,7 @@ def _stage_sft(ctx: dict) -> dict:
         model=str(ctx["assets"]["base"]), train_data=str(data / "sft_train.jsonl"),
         eval_data=str(data / "sft_eval.jsonl"), max_length=64, eval_limit=len(ctx["eval_rows"]),
         eval_max_new_tokens=8, stop_at_accuracy=0.97, snapshot_at_accuracy=0.5,
-        train=_train(ctx, "sft", max_steps=400 if ctx["quick"] else 1400, batch_size=128, lr=8e-3, warmup_steps=50,
+        train=_train(ctx, "sft", max_steps=400 if ctx["quick"] else 2000, batch_size=128, lr=5e-3, warmup_steps=50,
                      eval_every=100))
     result = run_sft(cfg)
     ctx["sft_model"] = str(ctx["out"] / "sft" / "model")
