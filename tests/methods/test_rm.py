@@ -2,9 +2,9 @@ import pytest
 import torch
 from helpers import quiet_train
 
-from rlhfkit.data.prefs import collate_rankings, encode_rankings
+from rlhfkit.data.prefs import SharedPromptBatch, collate_rankings, collate_shared_prompt, encode_rankings
 from rlhfkit.data.rows import read_rows
-from rlhfkit.methods.rm import RMConfig, ranking_metrics, rm_objective, run_rm
+from rlhfkit.methods.rm import RMConfig, batch_scores, ranking_collate, ranking_metrics, rm_objective, run_rm
 from rlhfkit.models.load import load_tokenizer
 from rlhfkit.models.reward import load_reward_model, reward_scores
 
@@ -24,6 +24,42 @@ def test_each_output_is_forwarded_once(tiny):
     loss.backward()
     assert seen == [sum(ks)]  # K sequences per prompt in one forward, not 2*C(K,2)
     assert sum(ks) < sum(k * (k - 1) for k in ks)
+
+
+def test_shared_prompt_layout_gives_the_plain_scores_loss_and_gradients(tiny):
+    tok = load_tokenizer(tiny["base"])
+    model = load_reward_model(tiny["base"], tok)
+    torch.nn.init.normal_(model.score.weight, std=1.0)  # scores that differ by output (a fresh head is small)
+    examples, _ = encode_rankings(read_rows(tiny["data"] / "rankings_train.jsonl")[:7], tok, 64)
+    assert len({len(e.completion_ids) for e in examples}) > 1  # K differs: padded slots and padded rows
+    plain, shared = collate_rankings(examples, tok.pad_token_id), collate_shared_prompt(examples, tok.pad_token_id)
+    # Each prompt's tokens pass once: sum(P) + sum(C) positions (plus padding) instead of sum(K * P + C).
+    assert shared.input_ids.shape[0] == len(examples) and shared.input_ids.numel() < 0.6 * plain.input_ids.numel()
+    objective = rm_objective(center_coef=0.01)
+    results = []
+    for batch in (plain, shared):
+        model.zero_grad()
+        loss, metrics = objective.loss(model, batch, objective.counts(batch))
+        loss.backward()
+        results.append((batch_scores(model, batch).detach(), loss.detach(), metrics,
+                        {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (scores_a, loss_a, metrics_a, grads_a), (scores_b, loss_b, metrics_b, grads_b) = results
+    assert scores_a.std() > 0.1  # the scores are not all alike, so the comparison can fail
+    assert torch.allclose(scores_a, scores_b, atol=1e-5)
+    assert abs(loss_a.item() - loss_b.item()) < 1e-5 and loss_a.item() > 0.1
+    assert metrics_a["pairwise_accuracy"] == metrics_b["pairwise_accuracy"]
+    for name, grad in grads_a.items():
+        assert torch.allclose(grad, grads_b[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_shared_prompt_layout_only_where_the_attention_reads_block_masks(tiny):
+    tok = load_tokenizer(tiny["base"])
+    model = load_reward_model(tiny["base"], tok)
+    examples, _ = encode_rankings(read_rows(tiny["data"] / "rankings_train.jsonl")[:2], tok, 64)
+    assert isinstance(ranking_collate(model, tok.pad_token_id)(examples), SharedPromptBatch)
+    assert not isinstance(ranking_collate(model, tok.pad_token_id, share_prompt=False)(examples), SharedPromptBatch)
+    model.config._attn_implementation = "eager"  # would add the booleans to its scores: the plain layout
+    assert not isinstance(ranking_collate(model, tok.pad_token_id)(examples), SharedPromptBatch)
 
 
 def test_score_is_read_at_the_last_real_token_left_or_right_padded(tiny):

@@ -119,3 +119,36 @@ def test_inverse_cdf_draws_follow_the_distribution():
     counts = torch.bincount(_draw(probs, g), minlength=5).float() / 20000
     assert counts[0] == 0 and counts[3] == 0  # zero-probability tokens are never drawn
     assert torch.allclose(counts, probs[0], atol=0.015)  # 4 standard errors at n = 20000
+
+
+def test_shared_prompt_forward_gives_the_plain_logprobs_entropy_loss_and_gradients(policy):
+    from rlhfkit.losses.grpo import REDUCTIONS, group_advantages, grpo_loss
+    from rlhfkit.rollout.sampler import _groups_share_prompts, shared_prompt_view
+
+    model, tok = policy
+    prompts = _prompts(tok, ["What is 12+34?", "What is 99-9?", "What is 10+10?"])  # left padding
+    torch.manual_seed(0)
+    samples = sample(model, prompts, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=10,
+                     temperature=1.0, num_samples=4)
+    for row, end in ((0, 3), (5, 1), (6, 7)):  # completions that ended (EOS) at different lengths
+        samples.completion_mask[row, end:] = 0
+    mask = samples.completion_mask.float()
+    advantages = group_advantages(torch.tensor([1.0, 0, 0, 1, 0, 1, 1, 1, 0, 0, 0, 1]), 4)[:, None].expand(-1, 10)
+    results = []
+    for group in (1, 4):
+        model.zero_grad()
+        logprobs, entropy = completion_logprobs(model, samples, with_entropy=True, group_size=group)
+        old = logprobs.detach() + 0.3 * torch.linspace(-1, 1, 120).view(12, 10) * mask  # ratios on both sides of 1
+        loss, _ = grpo_loss(logprobs, old, advantages, mask, None, 0.0, 0.2, None,
+                            REDUCTIONS["grpo"], 12, mask.sum(), 10)
+        loss.backward()
+        results.append((logprobs.detach(), entropy, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (lp_a, ent_a, loss_a, grads_a), (lp_b, ent_b, loss_b, grads_b) = results
+    assert torch.allclose(lp_a, lp_b, atol=1e-5) and torch.allclose(ent_a, ent_b, atol=1e-5)
+    assert (lp_b * (1 - mask)).abs().sum() == 0 and lp_b.abs().sum() > 1.0  # 0 after EOS, non-trivial before
+    assert abs(loss_a.item() - loss_b.item()) < 1e-5 and abs(loss_a.item()) > 1e-3
+    for name, grad in grads_a.items():
+        assert torch.allclose(grad, grads_b[name], atol=1e-5, rtol=1e-4), name
+    # Each prompt's tokens pass once for its 4 samples: fewer positions than 12 full rows.
+    assert shared_prompt_view(samples, 4).input_ids.numel() < 0.7 * samples.input_ids.numel()
+    assert not _groups_share_prompts(samples, 3)  # groups of 3 would mix prompts: the plain forward

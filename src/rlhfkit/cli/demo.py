@@ -2,12 +2,21 @@
 
 Each stage is a small function returning its held-out metrics; the demo times it, prints a
 table and writes ``<out>/summary.json`` (one object per stage, keyed by stage name).
+
+Stages whose inputs are ready run side by side in ``jobs`` worker processes, each with
+``cpus / jobs`` threads. The tiny model's ops are small: a second thread speeds a step up by
+far less than 2x, and when another process holds a core, two OpenMP threads wait on each other
+at every op (an SFT step measured 5-8x slower with 2 threads than with 1 on a busy 2-core
+machine). Two one-thread processes keep both cores busy either way.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 import torch
@@ -25,6 +34,13 @@ from ..rollout.evaluate import exact_match
 from ..train.config import TrainConfig
 
 
+def _train(ctx: dict, name: str, **fields) -> TrainConfig:
+    """A stage's TrainConfig: its own folder under the demo's, the demo's seed, no tracker; no
+    progress bar when stages run side by side (their bars would overwrite each other)."""
+    return TrainConfig(out_dir=str(ctx["out"] / name), seed=ctx["seed"], report_to="none", log_every=10,
+                       progress=ctx.get("progress", True), **fields)
+
+
 def _stage_base(ctx: dict) -> dict:
     model, tokenizer = load_policy(str(ctx["assets"]["base"]), None)
     return exact_match(model, tokenizer, ctx["eval_rows"], max_new_tokens=8)
@@ -36,8 +52,8 @@ def _stage_sft(ctx: dict) -> dict:
         model=str(ctx["assets"]["base"]), train_data=str(data / "sft_train.jsonl"),
         eval_data=str(data / "sft_eval.jsonl"), max_length=64, eval_limit=len(ctx["eval_rows"]),
         eval_max_new_tokens=8, stop_at_accuracy=0.97, snapshot_at_accuracy=0.5,
-        train=TrainConfig(out_dir=str(ctx["out"] / "sft"), max_steps=400 if ctx["quick"] else 2000, batch_size=128,
-                          lr=5e-3, warmup_steps=50, eval_every=100, log_every=10, seed=ctx["seed"], report_to="none"))
+        train=_train(ctx, "sft", max_steps=400 if ctx["quick"] else 2000, batch_size=128, lr=5e-3, warmup_steps=50,
+                     eval_every=100))
     result = run_sft(cfg)
     ctx["sft_model"] = str(ctx["out"] / "sft" / "model")
     # Later stages start from the demonstration-budget snapshot when there is one (as InstructGPT
@@ -55,9 +71,8 @@ def _stage_rm(ctx: dict) -> dict:
     cfg = RMConfig(model=ctx["sft_model"], train_data=str(data / "rankings_train.jsonl"),
                    eval_data=str(data / "rankings_eval.jsonl"), max_length=64, eval_limit=500,
                    center_coef=0.0025,  # scores comparable across prompts, for the PPO stage
-                   train=TrainConfig(out_dir=str(ctx["out"] / "rm"), max_steps=1000 if ctx["quick"] else 3000,
-                                     batch_size=32, lr=2e-3, warmup_steps=20, eval_every=200, log_every=10,
-                                     seed=ctx["seed"], report_to="none"))
+                   train=_train(ctx, "rm", max_steps=500 if ctx["quick"] else 1500, batch_size=32, lr=2e-3,
+                                warmup_steps=20, eval_every=250))
     result = run_rm(cfg)
     ctx["rm_model"] = str(ctx["out"] / "rm" / "model")
     return {"pairwise_accuracy": result["pairwise_accuracy"], "kendall_tau": result["kendall_tau"],
@@ -70,9 +85,8 @@ def _stage_dpo(ctx: dict) -> dict:
                     eval_data=str(data / "prefs_eval.jsonl"), eval_prompts=str(data / "sft_eval.jsonl"),
                     max_length=64, eval_limit=500, beta=0.5,
                     rpo_alpha=1.0,  # RPO's NLL on the chosen answers: without it exact match fell (0.532 -> 0.462)
-                    train=TrainConfig(out_dir=str(ctx["out"] / "dpo"), max_steps=100 if ctx["quick"] else 200,
-                                      batch_size=32, lr=3e-4, warmup_steps=10, eval_every=50, log_every=10,
-                                      seed=ctx["seed"], report_to="none"))
+                    train=_train(ctx, "dpo", max_steps=100 if ctx["quick"] else 200, batch_size=32, lr=3e-4,
+                                 warmup_steps=10, eval_every=50))
     result = run_dpo(cfg)
     return {k: result[k] for k in ("preference_accuracy", "preference_accuracy_before", "accuracy",
                                    "accuracy_before", "reference", "steps")}
@@ -83,16 +97,15 @@ def _grpo(ctx: dict, name: str, model: str, prefix: str, steps: int, **options) 
     cfg = GRPOConfig(model=model, train_data=str(data / f"{prefix}prompts_train.jsonl"),
                      eval_data=str(data / f"{prefix}prompts_eval.jsonl"), eval_limit=500, group_size=8,
                      prompts_per_step=16, beta=0.04,
-                     train=TrainConfig(out_dir=str(ctx["out"] / name), max_steps=steps // 3 if ctx["quick"] else steps,
-                                       lr=1e-4, schedule="constant", eval_every=100, log_every=10, seed=ctx["seed"],
-                                       report_to="none"), **options)
+                     train=_train(ctx, name, max_steps=steps // 3 if ctx["quick"] else steps, lr=1e-4,
+                                  schedule="constant", eval_every=50), **options)
     result = run_grpo(cfg)
     return {"accuracy": result["accuracy"], "accuracy_before": result["accuracy_before"], "steps": result["steps"]}
 
 
 def _stage_grpo(ctx: dict) -> dict:
     """ORM on the two-digit task, from the demonstration-budget SFT model."""
-    return _grpo(ctx, "grpo", ctx["start_model"], "", 600, max_new_tokens=16, eval_max_new_tokens=16)
+    return _grpo(ctx, "grpo", ctx["start_model"], "", 200, max_new_tokens=16, eval_max_new_tokens=16)
 
 
 def _stage_sft_multistep(ctx: dict) -> dict:
@@ -102,8 +115,7 @@ def _stage_sft_multistep(ctx: dict) -> dict:
         model=str(ctx["assets"]["base"]), train_data=str(data / "multistep_sft_train.jsonl"),
         eval_data=str(data / "multistep_sft_eval.jsonl"), max_length=64, eval_limit=300, eval_max_new_tokens=40,
         stop_at_accuracy=0.5,
-        train=TrainConfig(out_dir=str(ctx["out"] / "sft_multistep"), max_steps=3000, batch_size=64, lr=5e-3,
-                          warmup_steps=50, eval_every=100, log_every=10, seed=ctx["seed"], report_to="none"))
+        train=_train(ctx, "sft_multistep", max_steps=3000, batch_size=64, lr=5e-3, warmup_steps=50, eval_every=100))
     result = run_sft(cfg)
     ctx["multistep_model"] = str(ctx["out"] / "sft_multistep" / "model")
     return {"accuracy": result["accuracy"], "steps": result["steps"]}
@@ -111,7 +123,7 @@ def _stage_sft_multistep(ctx: dict) -> dict:
 
 def _stage_grpo_prm(ctx: dict) -> dict:
     """PRM (per-step correctness by the task's rule) on the multi-step task."""
-    return _grpo(ctx, "grpo_prm", ctx["multistep_model"], "multistep_", 300, process_reward="arithmetic_steps",
+    return _grpo(ctx, "grpo_prm", ctx["multistep_model"], "multistep_", 200, process_reward="arithmetic_steps",
                  max_new_tokens=40, eval_max_new_tokens=40)
 
 
@@ -141,9 +153,8 @@ def _stage_ppo(ctx: dict) -> dict:
                     train_data=str(data / "prompts_train.jsonl"), eval_data=str(data / "prompts_eval.jsonl"),
                     eval_limit=500, prompts_per_step=32, minibatch_size=16, ppo_epochs=2, kl_coef=0.05, lam=1.0,
                     critic_lr=1e-3,
-                    train=TrainConfig(out_dir=str(ctx["out"] / "ppo"), max_steps=200 if ctx["quick"] else 600,
-                                      lr=1e-5, schedule="constant", eval_every=100, log_every=10, seed=ctx["seed"],
-                                      report_to="none"))
+                    train=_train(ctx, "ppo", max_steps=100 if ctx["quick"] else 200, lr=1e-5, schedule="constant",
+                                 eval_every=50))
     result = run_ppo(cfg)
     return {k: result[k] for k in ("rm_score", "rm_score_before", "accuracy", "accuracy_before", "kl", "steps")}
 
@@ -154,28 +165,80 @@ STAGES = {"base": _stage_base, "sft": _stage_sft, "rm": _stage_rm, "dpo": _stage
 # Run only when named (--stages): on the tiny task the learned PRM is still too weak to help GRPO
 # (README, "Process reward models"), and the default demo shows stages that help.
 OPTIONAL = ("prm", "grpo_prm_learned")
+# The stages whose outputs (the ctx keys they set) each stage reads.
+NEEDS = {"rm": ("sft",), "dpo": ("sft",), "grpo": ("sft",), "ppo": ("sft", "rm"), "grpo_prm": ("sft_multistep",),
+         "prm": ("sft_multistep",), "grpo_prm_learned": ("sft_multistep", "prm")}
+
+
+def _run_stage(name: str, ctx: dict, threads: int) -> tuple[dict, dict]:
+    """One stage: (its metrics with ``seconds`` and ``cpu_seconds``, the ctx keys it set for later stages)."""
+    torch.set_num_threads(threads)
+    before = dict(ctx)
+    start, cpu = time.time(), time.process_time()
+    print(f"== demo stage: {name}", flush=True)
+    metrics = STAGES[name](ctx)
+    # cpu_seconds: this process's CPU time, what the stage takes on a core of its own (wall
+    # seconds grow with whatever else runs on the machine).
+    metrics.update(seconds=round(time.time() - start, 1), cpu_seconds=round(time.process_time() - cpu, 1))
+    print(f"== demo stage: {name} done in {metrics['seconds']} s", flush=True)
+    return metrics, {k: v for k, v in ctx.items() if k not in before or before[k] is not v}
+
+
+def _schedule(names: list[str], ctx: dict, jobs: int, threads: int, on_done) -> None:
+    """Run ``names`` as their inputs become ready, at most ``jobs`` at a time in worker processes,
+    the earliest listed first; ``on_done(name, metrics)`` as each ends. ``jobs=1``: in order, here."""
+    if jobs == 1:
+        for name in names:
+            metrics, updates = _run_stage(name, ctx, threads)
+            ctx.update(updates)
+            on_done(name, metrics)
+        return
+    pending, done, running = list(names), set(), {}
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        while pending or running:
+            for name in [n for n in pending if all(d in done or d not in names for d in NEEDS.get(n, ()))]:
+                if len(running) < jobs:
+                    pending.remove(name)
+                    running[pool.submit(_run_stage, name, dict(ctx), threads)] = name
+            if not running:
+                raise RuntimeError(f"demo stages {pending} wait on stages that never run")
+            for future in wait(running, return_when=FIRST_COMPLETED).done:
+                name = running.pop(future)
+                metrics, updates = future.result()
+                ctx.update(updates)
+                done.add(name)
+                on_done(name, metrics)
 
 
 def run_demo(out_dir: str | Path = "demo_out", quick: bool = False, seed: int = 0,
-             stages: list[str] | None = None) -> dict:
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
+             stages: list[str] | None = None, jobs: int = 2) -> dict:
+    """Run ``stages`` (default: all but OPTIONAL) on the tiny default into ``out_dir``, ``jobs`` at a
+    time (each with cpus / jobs threads, at most 4); ``jobs=1`` runs them in order in this process."""
     unknown = [name for name in stages or [] if name not in STAGES]
     if unknown:
         raise SystemExit(f"unknown demo stage(s) {', '.join(unknown)}; the stages: {', '.join(STAGES)}")
+    jobs = max(1, jobs)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, min(cpus // jobs, 4))
     out = Path(out_dir)
     if (out / "summary.json").exists():
         raise SystemExit(f"{out} already holds a demo run; remove it or pass --out elsewhere")
     out.mkdir(parents=True, exist_ok=True)
     assets = write_tiny_default(out / "assets", seed=seed)
-    ctx = {"out": out, "assets": assets, "quick": quick, "seed": seed,
+    names = stages or [s for s in STAGES if s not in OPTIONAL]
+    ctx = {"out": out, "assets": assets, "quick": quick, "seed": seed, "progress": jobs == 1,
            "eval_rows": read_rows(assets["data"] / "sft_eval.jsonl")}
-    summary: dict = {}
-    for name in stages or [s for s in STAGES if s not in OPTIONAL]:
-        start = time.time()
-        print(f"== demo stage: {name}", flush=True)
-        summary[name] = {**STAGES[name](ctx), "seconds": round(time.time() - start, 1)}
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    summary["_notes"] = {"later_stages_start_from": ctx.get("start_note")}
+    results: dict = {}
+    start = time.time()
+
+    def on_done(name: str, metrics: dict) -> None:
+        results[name] = metrics
+        (out / "summary.json").write_text(json.dumps({n: results[n] for n in names if n in results}, indent=1))
+
+    _schedule(names, ctx, jobs, threads, on_done)
+    summary: dict = {n: results[n] for n in names}
+    summary["_notes"] = {"later_stages_start_from": ctx.get("start_note"), "jobs": jobs, "threads_per_job": threads,
+                         "wall_seconds": round(time.time() - start, 1)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(format_table(summary))
     write_report(out, summary)
@@ -196,7 +259,7 @@ def write_report(out: Path, summary: dict) -> Path:
 
 def format_table(summary: dict) -> str:
     keys = ["accuracy", "accuracy_before", "pairwise_accuracy", "preference_accuracy", "step_accuracy",
-            "rm_score", "rm_score_before", "kl", "seconds"]
+            "rm_score", "rm_score_before", "kl", "seconds", "cpu_seconds"]
     shown = [k for k in keys if any(k in v for s, v in summary.items() if not s.startswith("_"))]
     lines = ["stage          " + "".join(f"{k:>20s}" for k in shown)]
     for stage, values in summary.items():
@@ -204,9 +267,12 @@ def format_table(summary: dict) -> str:
             continue
         cells = "".join(f"{_fmt(values.get(k)):>20s}" for k in shown)
         lines.append(f"{stage:14s} {cells}")
-    note = summary.get("_notes", {}).get("later_stages_start_from")
-    if note:
-        lines.append(f"(stages after sft start from: {note})")
+    notes = summary.get("_notes", {})
+    if notes.get("later_stages_start_from"):
+        lines.append(f"(stages after sft start from: {notes['later_stages_start_from']})")
+    if notes.get("wall_seconds") is not None:
+        lines.append(f"(wall time {notes['wall_seconds']} s: {notes['jobs']} stages at a time, "
+                     f"{notes['threads_per_job']} thread(s) each)")
     return "\n".join(lines)
 
 

@@ -158,7 +158,7 @@ def cmd_eval(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, quick=args.quick, seed=args.seed,
+    run_demo(args.out, quick=args.quick, seed=args.seed, jobs=args.jobs,
              stages=[s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None)
     return 0
 
@@ -202,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a shorter run (for smoke tests)")
     p.add_argument("--stages", help="comma-separated stages to run, in order (default: all); a stage needs the "
                    "ones it starts from, e.g. sft_multistep,prm,grpo_prm_learned")
+    p.add_argument("--jobs", type=int, default=2, help="stages run side by side, each with cpus/jobs threads "
+                   "(default 2; 1: one after another in this process)")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -38,10 +38,48 @@ class RankingBatch:
     def num_prompts(self) -> int:
         return self.mask.shape[0]
 
+    @property
+    def num_outputs(self) -> int:
+        return self.slot.shape[0]
+
     def grid(self, values: torch.Tensor) -> torch.Tensor:
         """(N,) per-output values -> (P, K) grid (zeros on padding slots)."""
-        out = values.new_zeros(self.mask.numel())
-        return out.index_put((self.slot,), values).view_as(self.mask)
+        return _grid(values, self.slot, self.mask)
+
+
+@dataclass
+class SharedPromptBatch:
+    """Rankings laid out one row each: the prompt once, then every output after it.
+
+    An output's tokens attend to the prompt and to their own earlier tokens only (``attend``, a
+    block-causal mask) and their positions continue from the prompt's end, so each output is
+    computed as it is alone after its prompt, while the prompt's tokens pass through the model
+    once instead of K times: for short answers after a longer prompt, most of the tokens.
+    """
+
+    input_ids: torch.Tensor  # (P, W) prompt, outputs, right padding
+    position_ids: torch.Tensor  # (P, W) each output's positions continue from the prompt's end
+    attend: torch.Tensor  # (P, 1, W, W) bool: query i may attend to key j
+    last: torch.Tensor  # (N,) flat index into (P * W) of each output's last token, in slot order
+    slot: torch.Tensor  # (N,) as RankingBatch's
+    ranks: torch.Tensor  # (P, K)
+    mask: torch.Tensor  # (P, K)
+
+    @property
+    def num_prompts(self) -> int:
+        return self.mask.shape[0]
+
+    @property
+    def num_outputs(self) -> int:
+        return self.slot.shape[0]
+
+    def grid(self, values: torch.Tensor) -> torch.Tensor:
+        return _grid(values, self.slot, self.mask)
+
+
+def _grid(values: torch.Tensor, slot: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    out = values.new_zeros(mask.numel())
+    return out.index_put((slot,), values).view_as(mask)
 
 
 PREFERENCE_FORMATS = ("preference", "implicit_preference", "ranking")
@@ -143,6 +181,46 @@ def collate_rankings(examples: list[RankingExample], pad_id: int) -> RankingBatc
     return RankingBatch(input_ids, attention, completion, slot, ranks, mask, ref)
 
 
-def count_pairs(batch: RankingBatch) -> int:
+def collate_shared_prompt(examples: list[RankingExample], pad_id: int) -> SharedPromptBatch:
+    """The ``SharedPromptBatch`` layout of ``examples`` (outputs in the same order as ``collate_rankings``)."""
+    k = max(len(e.completion_ids) for e in examples)
+    width = max(len(e.prompt_ids) + sum(map(len, e.completion_ids)) for e in examples)
+    n_rows = len(examples)
+    input_ids = torch.full((n_rows, width), pad_id, dtype=torch.long)
+    positions = torch.zeros((n_rows, width), dtype=torch.long)
+    segment = torch.full((n_rows, width), -1, dtype=torch.long)  # 0 prompt, j + 1 output j, -1 padding
+    ranks = torch.full((n_rows, k), k, dtype=torch.long)
+    mask = torch.zeros((n_rows, k), dtype=torch.long)
+    last, slot = [], []
+    for p, e in enumerate(examples):
+        n_prompt = len(e.prompt_ids)
+        ids, pos, seg = list(e.prompt_ids), list(range(n_prompt)), [0] * n_prompt
+        for j, c in enumerate(e.completion_ids):
+            ids += c
+            pos += range(n_prompt, n_prompt + len(c))
+            seg += [j + 1] * len(c)
+            last.append(p * width + len(ids) - 1)
+            slot.append(p * k + j)
+        input_ids[p, : len(ids)] = torch.tensor(ids)
+        positions[p, : len(ids)] = torch.tensor(pos)
+        segment[p, : len(ids)] = torch.tensor(seg)
+        ranks[p, : len(e.ranks)] = torch.tensor(e.ranks)
+        mask[p, : len(e.ranks)] = 1
+    return SharedPromptBatch(input_ids, positions, block_causal_mask(segment)[:, None], torch.tensor(last),
+                             torch.tensor(slot), ranks, mask)
+
+
+def block_causal_mask(segment: torch.Tensor) -> torch.Tensor:
+    """(B, W, W) bool, query i may attend to key j, for rows of segments (B, W): 0 a shared prompt,
+    k > 0 the k-th continuation of it, -1 padding. Causal; a continuation sees the prompt and
+    itself, not the other continuations; a padding position sees itself only (no empty row: NaN)."""
+    width = segment.shape[1]
+    query, key = segment[:, :, None], segment[:, None, :]  # (B, W, 1), (B, 1, W)
+    causal = torch.ones(width, width, dtype=torch.bool, device=segment.device).tril()
+    attend = causal & (query >= 0) & ((key == 0) | (key == query))
+    return attend | torch.eye(width, dtype=torch.bool, device=segment.device)
+
+
+def count_pairs(batch: RankingBatch | SharedPromptBatch) -> int:
     r, m = batch.ranks, batch.mask.bool()
     return int(((r[:, :, None] < r[:, None, :]) & m[:, :, None] & m[:, None, :]).sum())

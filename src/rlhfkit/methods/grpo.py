@@ -51,6 +51,7 @@ class GRPOConfig:
     eps_low: float = 0.2
     eps_high: float | None = None  # DAPO clip-higher; None = eps_low
     mu: int = 1  # policy updates (optimizer steps) per batch of samples
+    share_prompt: bool = True  # forward each prompt once for its G samples (block mask; SDPA attention only)
     loss_type: str = "grpo"  # grpo (paper) | dapo (token mean) | dr_grpo (constant normaliser)
     scale_std: bool = True  # divide advantages by the group std (Dr. GRPO: false)
     dynamic_sampling: bool = False  # DAPO: drop groups whose advantages are all zero
@@ -213,10 +214,10 @@ def keep_informative_groups(samples: Samples, advantages: torch.Tensor, group_si
 
 
 @torch.no_grad()
-def chunked_logprobs(model, samples: Samples, chunks: list[torch.Tensor]) -> torch.Tensor:
+def chunked_logprobs(model, samples: Samples, chunks: list[torch.Tensor], group: int = 1) -> torch.Tensor:
     """Completion log-probs (B, C) of ``model``, one forward per micro-batch."""
     model.eval()
-    return torch.cat([completion_logprobs(model, samples.rows(i)) for i in chunks])
+    return torch.cat([completion_logprobs(model, samples.rows(i), group_size=group) for i in chunks])
 
 
 def update(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: bool) -> dict:
@@ -233,19 +234,21 @@ def update(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: 
     if counts["sequences"] == 0:  # every group of every rank dropped: no update, on every rank alike
         return {"update_skipped": 1.0}
     chunks = row_chunks(mask.shape[0], cfg.train.micro_batch_size)
+    # a micro-batch of whole groups forwards each prompt once for its G samples
+    group = cfg.group_size if cfg.share_prompt and all(len(i) % cfg.group_size == 0 for i in chunks) else 1
     ref_logprobs = None
     if reference is not None:
         with reference() as ref_model:
-            ref_logprobs = chunked_logprobs(ref_model, samples, chunks)
+            ref_logprobs = chunked_logprobs(ref_model, samples, chunks, group)
     old_logprobs = None
     if cfg.mu > 1:
-        old_logprobs = samples.logprobs if exact else chunked_logprobs(policy, samples, chunks)
+        old_logprobs = samples.logprobs if exact else chunked_logprobs(policy, samples, chunks, group)
     for _ in range(cfg.mu):
         policy.train()
         loss, sums = torch.zeros(()), {}
         for index in chunks:
             with autocast(cfg.train.dtype, run.device):
-                logprobs, entropy = completion_logprobs(policy, samples.rows(index), with_entropy=True)
+                logprobs, entropy = completion_logprobs(policy, samples.rows(index), with_entropy=True, group_size=group)
             old = old_logprobs[index] if old_logprobs is not None else logprobs.detach()
             part, stats = grpo_loss(logprobs, old, advantages[index], mask[index],
                                     None if ref_logprobs is None else ref_logprobs[index], cfg.beta, cfg.eps_low,

@@ -1,7 +1,8 @@
 """Reward model on K-way rankings (InstructGPT stage 2).
 
 All C(K,2) pairs of a prompt are in the same batch and each of its K outputs is forwarded
-once (K sequences, not 2*C(K,2)); the loss is losses/rm.py's. Reads top to bottom: config ->
+once (K sequences, not 2*C(K,2)); with ``share_prompt`` (the default) the prompt too, once for
+its K outputs (data/prefs.py ``SharedPromptBatch``). The loss is losses/rm.py's. Reads top to bottom: config ->
 load -> objective -> the shared loop -> save a ``...ForSequenceClassification`` folder.
 """
 
@@ -12,12 +13,18 @@ from dataclasses import dataclass, field
 import torch
 
 from ..data.encode import OVERLONG_POLICIES, to_device
-from ..data.prefs import collate_rankings, count_pairs, encode_rankings
+from ..data.prefs import (
+    SharedPromptBatch,
+    collate_rankings,
+    collate_shared_prompt,
+    count_pairs,
+    encode_rankings,
+)
 from ..data.rows import read_rows
 from ..losses.rm import ranking_loss
-from ..models.forward import eval_mode
+from ..models.forward import eval_mode, reads_block_masks
 from ..models.load import load_tokenizer
-from ..models.reward import load_reward_model, reward_scores, score_name
+from ..models.reward import load_reward_model, reward_scores, score_name, shared_prompt_scores
 from ..train.config import LoraConfig, TrainConfig, at_least, choice
 from ..train.loop import Objective, train_offline
 from ..train.run import start_run
@@ -34,6 +41,7 @@ class RMConfig:
     overlong: str = "error"
     eval_limit: int = 500  # held-out rankings used; 0 = all
     center_coef: float = 0.0  # > 0: keep each prompt's mean score near 0; same scale as TRL's center_rewards_coefficient
+    share_prompt: bool = True  # forward each prompt once for all its outputs (block mask; SDPA attention only)
     lora: LoraConfig = field(default_factory=LoraConfig)  # adapters on the backbone; the score head trains in full
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/rm"))
 
@@ -44,12 +52,26 @@ class RMConfig:
         at_least("eval_limit", self.eval_limit, 0)
 
 
+def batch_scores(model, batch) -> torch.Tensor:
+    """r(x, y) of every output of a ``RankingBatch`` or ``SharedPromptBatch``, as a (P, K) grid."""
+    if isinstance(batch, SharedPromptBatch):
+        return batch.grid(shared_prompt_scores(model, batch))
+    return batch.grid(reward_scores(model, batch.input_ids, batch.attention_mask))
+
+
+def ranking_collate(model, pad_id: int, share_prompt: bool = True):
+    """rows -> a batch: the shared-prompt layout when asked for and the model's attention reads it."""
+    if share_prompt and reads_block_masks(model):
+        return lambda rows: collate_shared_prompt(rows, pad_id)
+    return lambda rows: collate_rankings(rows, pad_id)
+
+
 def rm_objective(center_coef: float = 0.0) -> Objective:
     def counts(batch) -> dict:
-        return {"prompts": batch.num_prompts, "pairs": count_pairs(batch), "outputs": batch.input_ids.shape[0]}
+        return {"prompts": batch.num_prompts, "pairs": count_pairs(batch), "outputs": batch.num_outputs}
 
     def loss(model, batch, totals):
-        rewards = batch.grid(reward_scores(model, batch.input_ids, batch.attention_mask))  # (P, K)
+        rewards = batch_scores(model, batch)  # (P, K)
         value, sums = ranking_loss(rewards, batch.mask, batch.ranks, totals["prompts"], center_coef)
         pairs = max(totals["pairs"], 1.0)
         return value, {"pairwise_accuracy": sums["correct"] / pairs, "margin": sums["margin"] / pairs,
@@ -73,19 +95,20 @@ def ranking_stats(rewards: torch.Tensor, ranks: torch.Tensor, mask: torch.Tensor
             "top1": int((ranks.gather(1, top[:, None]).squeeze(1) == best).sum())}
 
 
-def ranking_metrics(model, examples, pad_id: int, batch_size: int = 64) -> dict:
+def ranking_metrics(model, examples, pad_id: int, batch_size: int = 64, share_prompt: bool = True) -> dict:
     """Held-out pairwise accuracy over all pairs, mean Kendall tau per ranking, and top-1 accuracy.
 
     Top-1: how often a best-ranked output gets the ranking's highest score. Far-off outputs make
     most pairs easy; top-1 shows whether the model also tells the best from the near misses,
     which is what a policy optimised against it will exploit.
     """
+    collate = ranking_collate(model, pad_id, share_prompt)
     with eval_mode(model):
         correct = pairs = top1 = 0
         taus = []
         for i in range(0, len(examples), batch_size):
-            batch = to_device(collate_rankings(examples[i: i + batch_size], pad_id), next(model.parameters()).device)
-            rewards = batch.grid(reward_scores(model, batch.input_ids, batch.attention_mask))
+            batch = to_device(collate(examples[i: i + batch_size]), next(model.parameters()).device)
+            rewards = batch_scores(model, batch)
             stats = ranking_stats(rewards, batch.ranks, batch.mask)
             correct, pairs, top1 = correct + stats["correct"], pairs + stats["pairs"], top1 + stats["top1"]
             taus.extend(stats["taus"])
@@ -103,8 +126,9 @@ def run_rm(cfg: RMConfig) -> dict:
         held_out, _ = encode_rankings(head(read_rows(cfg.eval_data), cfg.eval_limit), tokenizer, cfg.max_length, "skip")
     model = load_reward_model(cfg.model, tokenizer, seed=cfg.train.seed, device=run.device)
     model = run.shard(run.prepare(model, cfg.lora, head=score_name(model), base=cfg.model))
-    evaluate = (lambda m: ranking_metrics(m, held_out, tokenizer.pad_token_id)) if held_out else None
-    collate = lambda rows: collate_rankings(rows, tokenizer.pad_token_id)  # noqa: E731
+    evaluate = (lambda m: ranking_metrics(m, held_out, tokenizer.pad_token_id, share_prompt=cfg.share_prompt)) \
+        if held_out else None
+    collate = ranking_collate(model, tokenizer.pad_token_id, cfg.share_prompt)
     train_offline(run, model, examples, collate, rm_objective(cfg.center_coef), evaluate)
     summary = {"loss": run.metrics.get("loss"), "length_report": report.summary()}
     if run.evals:

@@ -55,11 +55,15 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
 
 
-def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The backbone's last hidden states (B, T, H), without computing any vocabulary logits."""
+def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The backbone's last hidden states (B, T, H), without computing any vocabulary logits.
+    ``attention_mask``: (B, T) padding, or a (B, 1, T, T) boolean mask of what each query attends
+    to (with its ``position_ids``), which only the SDPA attention reads as such."""
     backbone = getattr(model, model.base_model_prefix)
-    out = backbone(input_ids=input_ids, attention_mask=attention_mask,
-                   position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    if position_ids is None:
+        position_ids = position_ids_from_mask(attention_mask)
+    out = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     return out.last_hidden_state
 
 
@@ -82,6 +86,12 @@ def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
         if value is not None and not isinstance(value, bool):
             logits = apply(logits, value)
     return logits
+
+
+def reads_block_masks(model) -> bool:
+    """Whether ``model`` takes a 4D boolean attention mask as given: transformers' SDPA attention
+    does; eager attention would add the booleans to its scores."""
+    return getattr(model.config, "_attn_implementation", None) == "sdpa"
 
 
 def head_gap(model) -> float:

@@ -135,6 +135,16 @@ def _reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor)
     return score_head(model)(last).squeeze(-1).float()
 
 
+def shared_prompt_scores(model, batch) -> torch.Tensor:
+    """r(x, y) for every output of a ``SharedPromptBatch`` (data/prefs.py), in slot order. (N,)"""
+    return as_forward(model, _shared_prompt_scores, batch.input_ids, batch.position_ids, batch.attend, batch.last)
+
+
+def _shared_prompt_scores(model, input_ids, position_ids, attend, last) -> torch.Tensor:
+    hidden = hidden_states(model, input_ids, attend, position_ids)  # (P, W, H)
+    return score_head(model)(hidden.flatten(0, 1)[last]).squeeze(-1).float()
+
+
 def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """V(s_t) for every position: the score head on every hidden state (the PPO critic). (B, T)"""
     return as_forward(model, lambda m, ids, mask: score_head(m)(hidden_states(m, ids, mask)).squeeze(-1).float(),

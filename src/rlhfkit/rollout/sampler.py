@@ -18,7 +18,16 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models.forward import forward_with_cache, position_ids_from_mask, token_logprobs
+from ..data.prefs import block_causal_mask
+from ..models.forward import (
+    as_forward,
+    forward_with_cache,
+    hidden_states,
+    lm_logits,
+    position_ids_from_mask,
+    reads_block_masks,
+    token_logprobs,
+)
 from ..models.lean import LeanDecoder
 
 
@@ -163,11 +172,86 @@ def completion_view(samples: Samples) -> tuple[torch.Tensor, torch.Tensor, torch
     return samples.input_ids, samples.attention_mask, torch.cat([prompt_zeros, samples.completion_mask], 1)
 
 
-def completion_logprobs(model, samples: Samples, with_entropy: bool = False):
-    """Per-token log-probs (and entropy) of the completion tokens. (B, C)"""
+def completion_logprobs(model, samples: Samples, with_entropy: bool = False, group_size: int = 1):
+    """Per-token log-probs (and entropy) of the completion tokens. (B, C)
+
+    ``group_size`` > 1: consecutive rows in groups of that size were sampled from one prompt
+    (GRPO's G samples); where they do and the model's attention reads block masks, each prompt
+    is forwarded once for its group (``SharedPromptView``), the same numbers with fewer tokens.
+    """
+    if group_size > 1 and reads_block_masks(model) and _groups_share_prompts(samples, group_size):
+        view = shared_prompt_view(samples, group_size)
+        return as_forward(model, _shared_logprobs, view, samples.completion_ids.shape, with_entropy)
     ids, attn, target = completion_view(samples)
     out = token_logprobs(model, ids, attn, target, with_entropy=with_entropy)
     width = samples.prompt_ids.shape[1]
     if with_entropy:
         return out[0][:, width:], out[1][:, width:]
     return out[:, width:]
+
+
+@dataclass
+class SharedPromptView:
+    """A group's prompt once, then each sample's completion tokens (through EOS) after it; each
+    completion attends to the prompt and to its own earlier tokens, positions continuing from the
+    prompt's end, so every token is computed as in its own row."""
+
+    input_ids: torch.Tensor  # (R, W) R = groups
+    position_ids: torch.Tensor  # (R, W)
+    attend: torch.Tensor  # (R, 1, W, W) bool
+    predecessor: torch.Tensor  # (M,) flat index into (R * W) of the position predicting each completion token
+    targets: torch.Tensor  # (M,) the completion tokens
+    rows: torch.Tensor  # (M,) where each goes in the (B, C) completion grid
+    cols: torch.Tensor  # (M,)
+
+
+def _groups_share_prompts(samples: Samples, group_size: int) -> bool:
+    n, width = samples.prompt_ids.shape
+    if n % group_size or not bool(samples.prompt_mask[:, -1].all()):  # left-padded: every prompt non-empty
+        return False
+    ids = samples.prompt_ids.view(n // group_size, group_size, width)
+    mask = samples.prompt_mask.view(n // group_size, group_size, width)
+    return bool((ids == ids[:, :1]).all() and (mask == mask[:, :1]).all())
+
+
+def shared_prompt_view(samples: Samples, group_size: int) -> SharedPromptView:
+    prompts, prompt_mask = samples.prompt_ids.tolist(), samples.prompt_mask.tolist()
+    completions, completion_mask = samples.completion_ids.tolist(), samples.completion_mask.tolist()
+    rows_ids, rows_pos, rows_seg, places = [], [], [], []  # places: (group, position, target, row, col)
+    for g in range(0, len(prompts), group_size):
+        ids = [t for t, m in zip(prompts[g], prompt_mask[g]) if m]
+        n_prompt = len(ids)
+        pos, seg = list(range(n_prompt)), [0] * n_prompt
+        for j in range(g, g + group_size):
+            before = n_prompt - 1  # the first completion token is predicted at the prompt's last position
+            for col, (t, m) in enumerate(zip(completions[j], completion_mask[j])):
+                if not m:
+                    continue
+                places.append((g // group_size, before, t, j, col))
+                before = len(ids)
+                ids.append(t)
+                pos.append(n_prompt + col)
+                seg.append(j - g + 1)
+        rows_ids.append(ids), rows_pos.append(pos), rows_seg.append(seg)
+    width = max(map(len, rows_ids))
+    device = samples.prompt_ids.device
+
+    def padded(rows: list[list[int]], fill: int) -> torch.Tensor:
+        return torch.tensor([r + [fill] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
+
+    group, before, targets, rows, cols = (torch.tensor(c, dtype=torch.long, device=device) for c in zip(*places)) \
+        if places else (torch.zeros(0, dtype=torch.long, device=device),) * 5
+    return SharedPromptView(padded(rows_ids, 0), padded(rows_pos, 0), block_causal_mask(padded(rows_seg, -1))[:, None],
+                            group * width + before, targets, rows, cols)
+
+
+def _shared_logprobs(model, view: SharedPromptView, shape, with_entropy: bool):
+    hidden = hidden_states(model, view.input_ids, view.attend, view.position_ids)  # (R, W, H)
+    logp_all = lm_logits(model, hidden.flatten(0, 1)[view.predecessor]).float().log_softmax(-1)  # (M, V)
+    picked = logp_all.gather(-1, view.targets[:, None]).squeeze(-1)  # (M,)
+    logprobs = picked.new_zeros(shape).index_put((view.rows, view.cols), picked)
+    if not with_entropy:
+        return logprobs
+    with torch.no_grad():
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logprobs, entropy.new_zeros(shape).index_put((view.rows, view.cols), entropy)

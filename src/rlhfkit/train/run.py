@@ -49,6 +49,7 @@ from .checkpoint import (
 from .config import ConfigError, LoraConfig, TrainConfig, plain_dict
 from .dist import DistInfo, all_reduce_sum, barrier, broadcast_params, init_distributed
 from .logging import MetricsLogger, progress
+from .memory import keep_freed_memory
 from .optim import check_finite, optimizer_step
 from .plots import plot_runs
 from .shard import save_everywhere, shard
@@ -375,6 +376,7 @@ def write_config(out: Path, config: dict) -> None:
 def start_run(cfg: TrainConfig, config, name: str, unit: str = "optimizer step",
               show: tuple[str, ...] = ("loss",)) -> Run:
     """Distributed set-up and the out-dir check, before any model loads; writes config.yaml."""
+    keep_freed_memory()  # steps reuse their activations' memory instead of page-faulting it in (memory.py)
     info = init_distributed(cfg.device)
     if unit == "optimizer step":  # the offline methods split train.batch_size over ranks and micro-batches
         split_batch(cfg, info)
