@@ -33,7 +33,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+THREADS = int(os.environ["OMP_NUM_THREADS"])  # 2, as BENCHMARK.md fixes; OMP_NUM_THREADS=1 for a quick check
+torch.set_num_threads(THREADS)
 
 from rlhfkit.data.encode import collate_sft, encode_sft  # noqa: E402
 from rlhfkit.data.rows import read_rows  # noqa: E402
@@ -46,7 +47,7 @@ from rlhfkit.train.optim import build_optimizer, build_scheduler, optimizer_step
 from rlhfkit.train.run import Run  # noqa: E402
 
 REFERENCE = TinySpec(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024, tie_embeddings=False)
-SETTINGS = {"dtype": "fp32", "threads": 2, "lr": 1e-5, "weight_decay": 0.0, "max_grad_norm": 1.0, "seed": 0}
+SETTINGS = {"dtype": "fp32", "threads": THREADS, "lr": 1e-5, "weight_decay": 0.0, "max_grad_norm": 1.0, "seed": 0}
 
 
 def log(msg: str) -> None:
@@ -66,35 +67,71 @@ def bpe_tokenizer(texts: list[str], vocab_size: int = 1024):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
 
 
+# The scaling shapes of BENCHMARK.md: the same family (Qwen2, untied, vocab 1024) at three sizes
+SHAPES = {"reference": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4),
+          "30m": dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8),
+          "120m": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=8, num_attention_heads=16)}
+LONG_PROMPT_TOKENS = 240  # --seq long: a few-shot prompt of about this many tokens before the question
+
+
+def few_shot(rows: list[dict], tokenizer, target: int) -> list[dict]:
+    """The rows with a few-shot prefix of other rows' solved problems ("What is 12+34? 46.") before
+    each prompt, grown until the prompt has about ``target`` tokens: the same task at ~256 tokens
+    per sequence, for the long-sequence shapes. Deterministic: row i takes its shots from rows i+1...
+    """
+    shots = [f"{r['prompt']}{r.get('completion', ' ' + str(r.get('answer', '')))}." for r in rows]
+    lengths = [len(tokenizer(s + " ")["input_ids"]) for s in shots]
+    out = []
+    for i, row in enumerate(rows):
+        prefix, n, j = [], len(tokenizer(row["prompt"])["input_ids"]), i + 1
+        while n < target:
+            prefix.append(shots[j % len(rows)])
+            n += lengths[j % len(rows)]
+            j += 1
+        out.append({**row, "prompt": " ".join(prefix) + " " + row["prompt"]})
+    return out
+
+
 def assets(args) -> dict:
-    """Paths of model, tokenizer and data: the flags, or reference-like assets built in a temp folder."""
+    """Paths of model, tokenizer and data: the flags, or reference-like assets built in a folder
+    (``--assets DIR``: built there once and reused; else a fresh temp folder) at ``--shape`` and ``--seq``."""
     if args.model and args.data:
         return {"model": args.model, "tokenizer": args.tokenizer, "data": Path(args.data), "rm": args.rm}
+    shape, seq = getattr(args, "shape", "reference"), getattr(args, "seq", "short")
+    root = Path(args.assets) if getattr(args, "assets", None) else Path(tempfile.mkdtemp(prefix="rlhfkit-bench-"))
+    paths = {"model": str(root / "base"), "tokenizer": args.tokenizer or str(root / "tokenizer"), "data": root / "data",
+             "rm": args.rm}
+    if (root / "done").exists():
+        return paths
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from rlhfkit.tasks.arithmetic_files import write_task_files
 
-    root = Path(tempfile.mkdtemp(prefix="rlhfkit-bench-"))
     files = write_task_files(root / "data", seed=0)
-    for src, dst in (("sft_train", "sft"), ("prefs_train", "prefs"), ("prompts_train", "prompts")):
-        (root / "data" / f"{dst}.jsonl").write_text(files[src].read_text())
     rows = [r.data for r in read_rows(files["sft_train"])]
     tokenizer = bpe_tokenizer([r["prompt"] + r["completion"] for r in rows])
     tokenizer.save_pretrained(str(root / "tokenizer"))
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False,
-                         max_position_embeddings=512, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+    for src, dst in (("sft_train", "sft"), ("prefs_train", "prefs"), ("prompts_train", "prompts")):
+        data = [r.data for r in read_rows(files[src])]
+        if seq == "long":
+            data = few_shot(data, tokenizer, LONG_PROMPT_TOKENS)
+        (root / "data" / f"{dst}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
+    config = Qwen2Config(vocab_size=len(tokenizer), num_key_value_heads=SHAPES[shape]["num_attention_heads"],
+                         tie_word_embeddings=False, max_position_embeddings=512, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, **SHAPES[shape])
     torch.manual_seed(0)
     Qwen2ForCausalLM(config).save_pretrained(str(root / "base"))
-    return {"model": str(root / "base"), "tokenizer": args.tokenizer or str(root / "tokenizer"),
-            "data": root / "data", "rm": args.rm}
+    (root / "done").write_text(json.dumps({"shape": shape, "seq": seq}))
+    return paths
 
 
 def non_embedding_params(model) -> int:
     emb = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
            for p in m.parameters()}
     return sum(p.numel() for p in model.parameters() if id(p) not in emb)
+
+
+PROFILE = {"steps": 0, "result": None}  # --profile N: N more steps under torch.profiler
 
 
 def timed_steps(step_fn, warmup: int, steps: int) -> tuple[list[float], list]:
@@ -106,7 +143,44 @@ def timed_steps(step_fn, warmup: int, steps: int) -> tuple[list[float], list]:
         if i >= warmup:
             times.append(elapsed)
             outputs.append(out)
+    if PROFILE["steps"]:
+        PROFILE["result"] = profile_steps(step_fn, warmup + steps, PROFILE["steps"])
     return times, outputs
+
+
+# Where a step's time goes: each profiled op's own (self) CPU time, by kind
+OP_KINDS = (("matmul", ("linear_pointwise", "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")),
+            ("attention", ("scaled_dot_product",)),
+            ("optimizer", ("_fused_adam", "_foreach_", "linalg_vector_norm")),
+            ("elementwise_and_other_ops", ("aten::",)))
+
+
+def profile_steps(step_fn, first: int, n: int) -> dict:
+    """Milliseconds per step by kind of work, over ``n`` steps under torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for i in range(first, first + n):
+            step_fn(i)
+        wall = time.perf_counter() - start
+    return by_kind(prof, n, wall)
+
+
+def by_kind(prof, n: int, wall: float) -> dict:
+    """A profile's self CPU time per step by kind: matmul, attention, the optimizer and clipping
+    kernels, every other tensor op (elementwise, reductions, copies, indexing), and what is left of
+    the wall time (Python, autograd bookkeeping, dispatch: ``overhead``)."""
+    out = {kind: 0.0 for kind, _ in OP_KINDS}
+    for event in prof.key_averages():
+        for kind, keys in OP_KINDS:
+            if any(k in event.key for k in keys):
+                out[kind] += event.self_cpu_time_total / 1e3 / n
+                break
+    out = {k: round(v, 2) for k, v in out.items()}
+    out["overhead"] = round(wall * 1e3 / n - sum(out.values()), 2)
+    out["wall"] = round(wall * 1e3 / n, 2)
+    return out
 
 
 def bench_run(args) -> Run:
@@ -139,11 +213,13 @@ def report(method: str, times: list[float], losses: list[float], train_tokens: f
             "tokens_per_s": round(train_tokens / sec, 1), "model_gflops_per_s": round(flops / sec / 1e9, 2),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "first_loss": losses[0], "last_loss": losses[-1], "steps": len(times), **extra,
-            "settings": SETTINGS}
+            "settings": SETTINGS, **({"profile_ms_per_step": PROFILE["result"]} if PROFILE["result"] else {})}
 
 
-def offline_bench(method: str, args, model, examples, collate, objective, rows_per_step: int, extra: dict) -> dict:
-    """The offline methods' step as the shared loop runs it: loss, backward, clip, AdamW step."""
+def offline_bench(method: str, args, model, examples, collate, objective, rows_per_step: int, extra: dict,
+                  nograd_passes: int = 0) -> dict:
+    """The offline methods' step as the shared loop runs it: loss, backward, clip, AdamW step
+    (``nograd_passes``: no-grad forwards of the same tokens per step, e.g. DPO's reference)."""
     optimizer = build_optimizer(model, SETTINGS["lr"])
     scheduler = build_scheduler(optimizer, 10**9, 0, "constant")
     tokens = []
@@ -157,22 +233,24 @@ def offline_bench(method: str, args, model, examples, collate, objective, rows_p
         return loss.item()
 
     times, losses = timed_steps(step, args.warmup, args.steps)
-    return report(method, times, losses, statistics.mean(tokens[args.warmup:]), 0, model, extra)
+    n = statistics.mean(tokens[args.warmup:])
+    return report(method, times, losses, n, nograd_passes * n, model, extra)
 
 
 def bench_sft(args) -> dict:
     paths = assets(args)
     model, tokenizer = load_policy(paths["model"], paths["tokenizer"])
     model = prepared(model, args, base=paths["model"])
-    examples, _ = encode_sft(read_rows(paths["data"] / "sft.jsonl"), tokenizer, 128, overlong="truncate")
+    examples, _ = encode_sft(read_rows(paths["data"] / "sft.jsonl"), tokenizer, args.max_length, overlong="truncate")
     return offline_bench("sft", args, model, examples, lambda rows: collate_sft(rows, tokenizer.pad_token_id),
-                         sft_objective(), 16, {"batch_sequences": 16, "max_length": 128, **memory_extra(args, model)})
+                         sft_objective(), 16, {"batch_sequences": 16, "max_length": args.max_length,
+                                                  **memory_extra(args, model)})
 
 
-def _pairs(paths, tokenizer):
+def _pairs(paths, tokenizer, max_length: int):
     from rlhfkit.data.prefs import encode_rankings
 
-    examples, _ = encode_rankings(read_rows(paths["data"] / "prefs.jsonl"), tokenizer, 128, overlong="skip")
+    examples, _ = encode_rankings(read_rows(paths["data"] / "prefs.jsonl"), tokenizer, max_length, overlong="skip")
     return examples
 
 
@@ -185,7 +263,7 @@ def bench_rm(args) -> dict:
     paths = assets(args)
     tokenizer = load_tokenizer(paths["model"], paths["tokenizer"])
     model = prepared(load_reward_model(args.rm or paths["model"], tokenizer), args, head="score")
-    return offline_bench("rm", args, model, _pairs(paths, tokenizer),
+    return offline_bench("rm", args, model, _pairs(paths, tokenizer, args.max_length),
                          lambda rows: collate_rankings(rows, tokenizer.pad_token_id), rm_objective(), 16,
                          {"pairs_per_step": 16, **memory_extra(args, model)})
 
@@ -197,15 +275,21 @@ def bench_dpo(args) -> dict:
     paths = assets(args)
     model, tokenizer = load_policy(paths["model"], paths["tokenizer"])
     model = prepared(model, args, base=paths["model"])  # adapters start at B = 0: the policy is its reference
-    examples = _pairs(paths, tokenizer)[: 16 * (args.steps + args.warmup)]
+    examples = _pairs(paths, tokenizer, args.max_length)[: 16 * (args.steps + args.warmup)]
+    collate = lambda rows: collate_rankings(rows, tokenizer.pad_token_id)  # noqa: E731
+    extra = {"pairs_per_step": 16, "beta": 0.1, **memory_extra(args, model)}
+    if args.dpo_reference == "forward":  # like for like with TRL: a frozen copy forwarded on every batch
+        from rlhfkit.methods.common import frozen_reference
+
+        reference = frozen_reference(bench_run(args), model, paths["model"], tokenizer, bool(args.lora))
+        return offline_bench("dpo", args, model, examples, collate, dpo_objective(0.1, reference), 16,
+                             {**extra, "reference": "forwarded every step"}, nograd_passes=1)
     start = time.perf_counter()
     examples = precompute_reference(model, examples, tokenizer.pad_token_id)  # the policy at step 0 = the reference
     precompute_s = time.perf_counter() - start
-    result = offline_bench("dpo", args, model, examples, lambda rows: collate_rankings(rows, tokenizer.pad_token_id),
-                           dpo_objective(0.1), 16, {"pairs_per_step": 16, "beta": 0.1,
-                                                    "reference": "precomputed once before training",
-                                                    "reference_precompute_s": round(precompute_s, 3),
-                                                    **memory_extra(args, model)})
+    result = offline_bench("dpo", args, model, examples, collate, dpo_objective(0.1), 16,
+                           {**extra, "reference": "precomputed once before training",
+                            "reference_precompute_s": round(precompute_s, 3)})
     per_step_ref = precompute_s / (args.steps + args.warmup)
     result["sec_per_step_including_reference"] = round(result["sec_per_step"] + per_step_ref, 5)
     return result
@@ -351,19 +435,31 @@ def bench_ppo(args) -> dict:
 
 
 def bench_ceiling(args) -> dict:
-    """fp32 matmul rate on 2 threads for the reference model's shapes (2048 tokens of a step)."""
+    """fp32 matmul rate on the benchmark's threads for the reference model's shapes (2048 tokens of a
+    step): plain ``torch.mm`` (``mm_gflops_per_s``, the best shape) and the oneDNN kernel rlhfkit's
+    linear layers use (``onednn_gflops_per_s``), the ceilings the methods' model GFLOP/s compare with."""
+    from rlhfkit.models.kernels import _onednn, onednn_linear_available
+
     h, inter, tokens = REFERENCE.hidden_size, REFERENCE.intermediate_size, 2048
     shapes = {"qkvo": (tokens, h, h), "mlp_up": (tokens, h, inter), "mlp_down": (tokens, inter, h)}
     result = {"method": "ceiling", "threads": torch.get_num_threads()}
-    for name, (m, k, n) in shapes.items():
-        a, b = torch.randn(m, k), torch.randn(k, n)
+
+    def rate(fn, m, k, n, reps=20) -> float:
         for _ in range(3):
-            torch.mm(a, b)
-        reps, start = 20, time.perf_counter()
+            fn()
+        start = time.perf_counter()
         for _ in range(reps):
-            torch.mm(a, b)
-        result[f"{name}_gflops_per_s"] = round(2 * m * k * n * reps / (time.perf_counter() - start) / 1e9, 1)
-    result["mm_gflops_per_s"] = max(v for k, v in result.items() if k.endswith("_gflops_per_s"))
+            fn()
+        return round(2 * m * k * n * reps / (time.perf_counter() - start) / 1e9, 1)
+
+    for name, (m, k, n) in shapes.items():
+        a, b, w = torch.randn(m, k), torch.randn(k, n), torch.randn(n, k)
+        result[f"{name}_gflops_per_s"] = rate(lambda: torch.mm(a, b), m, k, n)
+        if onednn_linear_available():
+            result[f"{name}_onednn_gflops_per_s"] = rate(lambda: _onednn(a, w, None), m, k, n)
+    result["mm_gflops_per_s"] = max(v for k, v in result.items() if k.endswith("_gflops_per_s") and "onednn" not in k)
+    onednn = [v for k, v in result.items() if k.endswith("_onednn_gflops_per_s")]
+    result["onednn_gflops_per_s"] = max(onednn) if onednn else None
     result["cpu_flags"] = sorted(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if _has_cpu_flag(f))
     return result
 
@@ -379,19 +475,37 @@ BENCHES = {"sft": bench_sft, "rm": bench_rm, "dpo": bench_dpo, "grpo": bench_grp
            "generate": bench_generate, "ceiling": bench_ceiling}
 
 
+def parser() -> argparse.ArgumentParser:
+    """The flags of run.py, which the TRL scripts take too (same assets, same work)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model")
+    p.add_argument("--tokenizer")
+    p.add_argument("--rm")
+    p.add_argument("--data")
+    p.add_argument("--assets", help="build the reference-like assets in this folder once and reuse them")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="reference", help="model size of the built assets")
+    p.add_argument("--seq", choices=("short", "long"), default="short",
+                   help="long: a few-shot prompt of ~240 tokens before each question (~256 per sequence)")
+    p.add_argument("--max-length", type=int, default=128, help="sft/rm/dpo sequence length limit (320 for --seq long)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after the timed steps, profile N more: ms per step by matmul, attention, optimizer, "
+                        "other ops and overhead")
+    return p
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("method", choices=sorted(BENCHES))
-    parser.add_argument("--model")
-    parser.add_argument("--tokenizer")
-    parser.add_argument("--rm")
-    parser.add_argument("--data")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--lora", type=int, default=0, help="LoRA rank (0: train every weight)")
-    parser.add_argument("--activation-checkpointing", action="store_true")
-    parser.add_argument("--reference-copy", action="store_true", help="ppo --lora: a frozen reference copy")
-    args = parser.parse_args()
+    p = parser()
+    p.add_argument("method", choices=sorted(BENCHES))
+    p.add_argument("--lora", type=int, default=0, help="LoRA rank (0: train every weight)")
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--reference-copy", action="store_true", help="ppo --lora: a frozen reference copy")
+    p.add_argument("--dpo-reference", choices=("precompute", "forward"), default="precompute",
+                   help="dpo: reference log-probs precomputed once (rlhfkit's default) or a frozen copy "
+                        "forwarded every step (as TRL does)")
+    args = p.parse_args()
+    PROFILE["steps"] = args.profile
     torch.manual_seed(0)
     print(json.dumps(BENCHES[args.method](args)), flush=True)
 

@@ -1,0 +1,154 @@
+"""rlhfkit and TRL side by side, interleaved, on the work of ../shared/docs/BENCHMARK.md.
+
+    python benchmarks/compare.py METHOD [METHOD ...] [--rounds 3] [--trl-python PY] [--trl-ppo-python PY]
+                                 [--shape reference|30m|120m] [--seq short|long] [--steps N] [--warmup N]
+
+METHOD: sft rm dpo grpo ppo generate. Each round runs `run.py METHOD` (this environment) and
+`trl_METHOD.py` (TRL's environment: --trl-python, default .venv-trl/bin/python, made by
+`make trl-env`; PPO needs TRL 1.12, --trl-ppo-python, default .venv-trl112/bin/python), each in a
+fresh process, alternating which goes first. DPO runs rlhfkit twice per round: like for like
+(`--dpo-reference forward`, the reference forwarded every step as TRL does) and its default
+(reference log-probs precomputed once, the one-off cost printed). `generate` compares with plain
+transformers `generate` inside one process (run.py does both). `run.py ceiling` runs before and
+after, so that the host can be told apart.
+
+Prints one JSON line per process run and one summary line per method: the median ratio
+TRL / rlhfkit of seconds per step, its min and max over the rounds, both libraries' median
+s/step, tokens/s and model GFLOP/s (TRL's from the same work per step), and peak RSS.
+A table for the README goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+def run_json(cmd: list[str], timeout: float) -> dict:
+    """The last JSON line a benchmark process prints; its stderr's tail if it fails."""
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    lines = [line for line in out.stdout.splitlines() if line.startswith('{"')]
+    if out.returncode != 0 or not lines:
+        tail = "\n".join(out.stderr.splitlines()[-15:])
+        raise SystemExit(f"benchmark failed (rc {out.returncode}): {' '.join(cmd)}\n{tail}")
+    return json.loads(lines[-1])
+
+
+def flags(args) -> list[str]:
+    out = ["--assets", args.assets, "--shape", args.shape, "--seq", args.seq, "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--max-length", str(args.max_length)]
+    return out
+
+
+def spread(values: list[float]) -> dict:
+    return {"median": round(statistics.median(values), 3), "min": round(min(values), 3), "max": round(max(values), 3)}
+
+
+def compare(method: str, args) -> dict:
+    ours_cmd = [sys.executable, str(HERE / "run.py"), method, *flags(args)]
+    trl_python = args.trl_ppo_python if method == "ppo" else args.trl_python
+    theirs_cmd = [trl_python, str(HERE / f"trl_{method}.py"), *flags(args)]
+    variants = {"rlhfkit": ours_cmd + (["--dpo-reference", "forward"] if method == "dpo" else [])}
+    if method == "dpo":
+        variants["rlhfkit_precompute"] = ours_cmd
+    if method != "generate":
+        variants["trl"] = theirs_cmd
+    results: dict[str, list[dict]] = {k: [] for k in variants}
+    for r in range(args.rounds):
+        order = list(variants) if r % 2 == 0 else list(reversed(variants))
+        for name in order:
+            line = run_json(variants[name], args.timeout)
+            results[name].append(line)
+            print(json.dumps({"round": r, "variant": name, **line}), flush=True)
+    return summarise(method, results)
+
+
+def summarise(method: str, results: dict[str, list[dict]]) -> dict:
+    ours = results["rlhfkit"]
+    s_ours = [x["sec_per_step"] for x in ours]
+    out = {"method": method, "summary": True, "rounds": len(ours), "rlhfkit_sec_per_step": spread(s_ours),
+           "rlhfkit_tokens_per_s": round(statistics.median(x.get("tokens_per_s", 0) for x in ours), 1),
+           "rlhfkit_gflops_per_s": round(statistics.median(x["model_gflops_per_s"] for x in ours), 1),
+           "rlhfkit_peak_rss_mb": max(x["peak_rss_mb"] for x in ours)}
+    if method == "generate":
+        out["ratio"] = spread([x["speedup_vs_hf_generate"] for x in ours])
+        out["hf_generate_sec_per_step"] = spread([x["hf_generate_sec_per_step"] for x in ours])
+        return out
+    theirs = results["trl"]
+    s_theirs = [x["sec_per_step"] for x in theirs]
+    # each round's ratio pairs the two runs of that round
+    out["ratio"] = spread([t / o for t, o in zip(s_theirs, s_ours)])
+    out["trl_sec_per_step"] = spread(s_theirs)
+    scale = statistics.median(s_ours) / statistics.median(s_theirs)  # same work per step
+    out["trl_tokens_per_s"] = round(out["rlhfkit_tokens_per_s"] * scale, 1)
+    out["trl_gflops_per_s"] = round(out["rlhfkit_gflops_per_s"] * scale, 1)
+    out["trl_peak_rss_mb"] = max(x["peak_rss_mb"] for x in theirs)
+    out["trl_version"] = theirs[0]["library"]
+    if "rlhfkit_precompute" in results:
+        pre = results["rlhfkit_precompute"]
+        s_pre = [x["sec_per_step"] for x in pre]
+        out["precompute_sec_per_step"] = spread(s_pre)
+        out["precompute_ratio"] = spread([t / o for t, o in zip(s_theirs, s_pre)])
+        out["precompute_one_off_s"] = round(statistics.median(x["reference_precompute_s"] for x in pre), 3)
+    return out
+
+
+def table_row(s: dict) -> str:
+    if s["method"] == "generate":
+        return (f"| generate | {s['rlhfkit_sec_per_step']['median']} | {s['hf_generate_sec_per_step']['median']} (HF) "
+                f"| **{s['ratio']['median']}x** ({s['ratio']['min']}-{s['ratio']['max']}) | - | "
+                f"{s['rlhfkit_gflops_per_s']} / - | {s['rlhfkit_peak_rss_mb']} / - |")
+    row = (f"| {s['method']} | {s['rlhfkit_sec_per_step']['median']} | {s['trl_sec_per_step']['median']} "
+           f"| **{s['ratio']['median']}x** ({s['ratio']['min']}-{s['ratio']['max']}) "
+           f"| {s['rlhfkit_tokens_per_s']} / {s['trl_tokens_per_s']} | {s['rlhfkit_gflops_per_s']} / "
+           f"{s['trl_gflops_per_s']} | {s['rlhfkit_peak_rss_mb']} / {s['trl_peak_rss_mb']} |")
+    if "precompute_ratio" in s:
+        row += (f"\n| dpo (precomputed reference) | {s['precompute_sec_per_step']['median']} | "
+                f"{s['trl_sec_per_step']['median']} | **{s['precompute_ratio']['median']}x** "
+                f"({s['precompute_ratio']['min']}-{s['precompute_ratio']['max']}) | | | one-off "
+                f"{s['precompute_one_off_s']} s |")
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("methods", nargs="+", choices=("sft", "rm", "dpo", "grpo", "ppo", "generate"))
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--trl-python", default=str(ROOT / ".venv-trl" / "bin" / "python"))
+    p.add_argument("--trl-ppo-python", default=str(ROOT / ".venv-trl112" / "bin" / "python"))
+    p.add_argument("--assets", help="asset folder (built once, reused); default .bench/<shape>-<seq>")
+    p.add_argument("--shape", default="reference", choices=("reference", "30m", "120m"))
+    p.add_argument("--seq", default="short", choices=("short", "long"))
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--max-length", type=int, help="default 128, or 320 with --seq long")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per benchmark process")
+    args = p.parse_args()
+    args.assets = args.assets or str(ROOT / ".bench" / f"{args.shape}-{args.seq}")
+    args.max_length = args.max_length or (320 if args.seq == "long" else 128)
+    ceiling = [run_json([sys.executable, str(HERE / "run.py"), "ceiling"], args.timeout)]
+    print(json.dumps(ceiling[0]), flush=True)
+    summaries = [compare(m, args) for m in args.methods]
+    ceiling.append(run_json([sys.executable, str(HERE / "run.py"), "ceiling"], args.timeout))
+    print(json.dumps(ceiling[1]), flush=True)
+    for s in summaries:
+        print(json.dumps(s), flush=True)
+    print(f"\n{args.shape} model, {args.seq} sequences, {args.rounds} rounds of {args.steps} timed steps; ceiling "
+          f"{ceiling[0]['mm_gflops_per_s']} / {ceiling[1]['mm_gflops_per_s']} GFLOP/s before / after",
+          file=sys.stderr)
+    print("| method | rlhfkit s/step | TRL s/step | TRL / rlhfkit (min-max) | tokens/s (rlhfkit / TRL) "
+          "| model GFLOP/s (rlhfkit / TRL) | peak RSS MB (rlhfkit / TRL) |\n| --- | --- | --- | --- | --- | --- | --- |",
+          file=sys.stderr)
+    for s in summaries:
+        print(table_row(s), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
