@@ -56,7 +56,7 @@ def compare(method: str, args) -> dict:
     trl_python = args.trl_ppo_python if method == "ppo" else args.trl_python
     theirs_cmd = [trl_python, str(HERE / f"trl_{method}.py"), *flags(args)]
     variants = {"rlhfkit": ours_cmd + (["--dpo-reference", "forward"] if method == "dpo" else [])}
-    if method == "dpo":
+    if method == "dpo" and getattr(args, "dpo_precompute", True):
         variants["rlhfkit_precompute"] = ours_cmd
     if method != "generate":
         variants["trl"] = theirs_cmd

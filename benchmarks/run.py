@@ -74,17 +74,23 @@ SHAPES = {"reference": dict(hidden_size=256, intermediate_size=1024, num_hidden_
 LONG_PROMPT_TOKENS = 240  # --seq long: a few-shot prompt of about this many tokens before the question
 
 
-def few_shot(rows: list[dict], tokenizer, target: int) -> list[dict]:
+def few_shot(rows: list[dict], tokenizer, target: int, mixed: bool = False) -> list[dict]:
     """The rows with a few-shot prefix of other rows' solved problems ("What is 12+34? 46.") before
     each prompt, grown until the prompt has about ``target`` tokens: the same task at ~256 tokens
-    per sequence, for the long-sequence shapes. Deterministic: row i takes its shots from rows i+1...
+    per sequence, for the long-sequence shapes. ``mixed``: each row's target drawn from 0..target
+    (lengths that vary as real data's do, for padding-free batches). Deterministic: row i takes its
+    shots from rows i+1...
     """
+    import random
+
+    rng = random.Random(0)
     shots = [f"{r['prompt']}{r.get('completion', ' ' + str(r.get('answer', '')))}." for r in rows]
     lengths = [len(tokenizer(s + " ")["input_ids"]) for s in shots]
     out = []
     for i, row in enumerate(rows):
         prefix, n, j = [], len(tokenizer(row["prompt"])["input_ids"]), i + 1
-        while n < target:
+        goal = rng.randint(0, target) if mixed else target
+        while n < goal:
             prefix.append(shots[j % len(rows)])
             n += lengths[j % len(rows)]
             j += 1
@@ -113,8 +119,8 @@ def assets(args) -> dict:
     tokenizer.save_pretrained(str(root / "tokenizer"))
     for src, dst in (("sft_train", "sft"), ("prefs_train", "prefs"), ("prompts_train", "prompts")):
         data = [r.data for r in read_rows(files[src])]
-        if seq == "long":
-            data = few_shot(data, tokenizer, LONG_PROMPT_TOKENS)
+        if seq in ("long", "mixed"):
+            data = few_shot(data, tokenizer, LONG_PROMPT_TOKENS, mixed=seq == "mixed")
         (root / "data" / f"{dst}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
     config = Qwen2Config(vocab_size=len(tokenizer), num_key_value_heads=SHAPES[shape]["num_attention_heads"],
                          tie_word_embeddings=False, max_position_embeddings=512, eos_token_id=tokenizer.eos_token_id,
@@ -225,11 +231,13 @@ def offline_bench(method: str, args, model, examples, collate, objective, rows_p
     tokens = []
 
     def step(i: int) -> float:
-        batch = collate(examples[(i * rows_per_step) % len(examples):][:rows_per_step])
+        rows = examples[(i * rows_per_step) % len(examples):][:rows_per_step]
+        batch = collate(rows)
         loss, _ = objective.loss(model, batch, objective.counts(batch))
         loss.backward()
         optimizer_step(model, optimizer, scheduler, SETTINGS["max_grad_norm"], DistInfo(), i)
-        tokens.append(int(batch.attention_mask.sum()))
+        packed = batch.attention_mask.dim() == 4  # a padding-free batch: its tokens are its rows' lengths
+        tokens.append(sum(len(r.input_ids) for r in rows) if packed else int(batch.attention_mask.sum()))
         return loss.item()
 
     times, losses = timed_steps(step, args.warmup, args.steps)
@@ -238,13 +246,18 @@ def offline_bench(method: str, args, model, examples, collate, objective, rows_p
 
 
 def bench_sft(args) -> dict:
+    from rlhfkit.data.encode import collate_sft_packed
+
     paths = assets(args)
     model, tokenizer = load_policy(paths["model"], paths["tokenizer"])
     model = prepared(model, args, base=paths["model"])
     examples, _ = encode_sft(read_rows(paths["data"] / "sft.jsonl"), tokenizer, args.max_length, overlong="truncate")
-    return offline_bench("sft", args, model, examples, lambda rows: collate_sft(rows, tokenizer.pad_token_id),
-                         sft_objective(), 16, {"batch_sequences": 16, "max_length": args.max_length,
-                                                  **memory_extra(args, model)})
+    pad = tokenizer.pad_token_id
+    collate = ((lambda rows: collate_sft_packed(rows, pad, args.max_length)) if args.packing else
+               (lambda rows: collate_sft(rows, pad)))
+    return offline_bench("sft", args, model, examples, collate, sft_objective(), 16,
+                         {"batch_sequences": 16, "max_length": args.max_length, "packing": args.packing,
+                          **memory_extra(args, model)})
 
 
 def _pairs(paths, tokenizer, max_length: int):
@@ -484,8 +497,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data")
     p.add_argument("--assets", help="build the reference-like assets in this folder once and reuse them")
     p.add_argument("--shape", choices=sorted(SHAPES), default="reference", help="model size of the built assets")
-    p.add_argument("--seq", choices=("short", "long"), default="short",
-                   help="long: a few-shot prompt of ~240 tokens before each question (~256 per sequence)")
+    p.add_argument("--seq", choices=("short", "long", "mixed"), default="short",
+                   help="long: a few-shot prompt of ~240 tokens before each question (~256 per sequence); "
+                        "mixed: 0-240 such tokens, drawn per row")
     p.add_argument("--max-length", type=int, default=128, help="sft/rm/dpo sequence length limit (320 for --seq long)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=2)
@@ -499,6 +513,7 @@ def main() -> None:
     p = parser()
     p.add_argument("method", choices=sorted(BENCHES))
     p.add_argument("--lora", type=int, default=0, help="LoRA rank (0: train every weight)")
+    p.add_argument("--packing", action="store_true", help="sft: padding-free batches (SFTConfig.packing)")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--reference-copy", action="store_true", help="ppo --lora: a frozen reference copy")
     p.add_argument("--dpo-reference", choices=("precompute", "forward"), default="precompute",

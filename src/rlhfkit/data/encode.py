@@ -187,12 +187,54 @@ class SFTExample:
 @dataclass
 class SFTBatch:
     input_ids: torch.Tensor  # (B, T) right-padded
-    attention_mask: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T); packed: (B, 1, T, T) bool, what each position attends to
     completion_mask: torch.Tensor  # (B, T) 1 on completion tokens (the loss targets)
+    position_ids: torch.Tensor | None = None  # packed: (B, T), restarting at 0 for every sequence
 
     @property
     def num_tokens(self) -> int:
         return int(self.completion_mask.sum())
+
+
+def collate_sft_packed(examples: list[SFTExample], pad_id: int, width: int) -> SFTBatch:
+    """Padding-free ``collate_sft``: the sequences laid end to end in rows of at most ``width``
+    tokens (first fit, longest first), each attending only to itself (a block-diagonal causal
+    mask) with its own position ids, so every log-prob equals the padded batch's. A sequence's
+    first token is never a target (it has no prediction in its own sequence)."""
+    rows: list[list[SFTExample]] = []
+    room: list[int] = []
+    for e in sorted(examples, key=lambda e: -len(e.input_ids)):
+        n = len(e.input_ids)
+        fit = next((i for i, r in enumerate(room) if r >= n), None)
+        if fit is None:
+            rows.append([])
+            room.append(max(width, n))
+            fit = len(rows) - 1
+        rows[fit].append(e)
+        room[fit] -= n
+    used = max(sum(len(e.input_ids) for e in row) for row in rows)
+    input_ids = torch.full((len(rows), used), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(rows), used), dtype=torch.long)
+    segment = torch.full((len(rows), used), -1, dtype=torch.long)
+    completion = torch.zeros((len(rows), used), dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for k, e in enumerate(row):
+            n = len(e.input_ids)
+            span = slice(start, start + n)
+            input_ids[r, span] = torch.tensor(e.input_ids)
+            positions[r, span] = torch.arange(n)
+            segment[r, span] = k
+            if e.loss_mask is None:
+                completion[r, start + e.prompt_len: start + n] = 1
+            else:
+                completion[r, span] = torch.tensor(e.loss_mask)
+            completion[r, start] = 0
+            start += n
+    causal = torch.ones(used, used, dtype=torch.bool).tril()
+    attend = causal & (segment[:, :, None] == segment[:, None, :]) & (segment[:, :, None] >= 0)
+    attend |= torch.eye(used, dtype=torch.bool)  # padding sees itself (no empty row)
+    return SFTBatch(input_ids, attend[:, None], completion, positions)
 
 
 def encode_sft(rows: list[Row], tokenizer, max_length: int, overlong: str = "error") -> tuple[list[SFTExample], LengthReport]:

@@ -11,14 +11,14 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..data.encode import OVERLONG_POLICIES, collate_sft, encode_sft, to_device
+from ..data.encode import OVERLONG_POLICIES, collate_sft, collate_sft_packed, encode_sft, to_device
 from ..data.rows import read_rows
 from ..losses.sft import sft_loss
-from ..models.forward import eval_mode, token_logprobs
+from ..models.forward import eval_mode, reads_block_masks, token_logprobs
 from ..models.load import load_causal_lm, load_tokenizer
 from ..rollout.backend import SamplerBackend
 from ..tasks import TASK_CHOICES
-from ..train.config import LoraConfig, TrainConfig, at_least, choice, within
+from ..train.config import ConfigError, LoraConfig, TrainConfig, at_least, choice, within
 from ..train.loop import Objective, train_offline
 from ..train.run import start_run
 from .common import accuracy_eval, held_out
@@ -33,6 +33,7 @@ class SFTConfig:
     eval_task: str = "auto"  # how greedy answers are checked: auto | arithmetic | reference (tasks/)
     max_length: int = 128
     overlong: str = "error"  # error | truncate | skip
+    packing: bool = False  # padding-free: a micro-batch's sequences end to end in rows of max_length (SDPA only)
     eval_limit: int = 500  # held-out rows used; 0 = all
     eval_max_new_tokens: int = 16
     stop_at_accuracy: float | None = None  # end training once held-out accuracy reaches this
@@ -55,7 +56,8 @@ def sft_objective() -> Objective:
         return {"tokens": batch.completion_mask[:, 1:].sum().item()}
 
     def loss(model, batch, totals):
-        logprobs = token_logprobs(model, batch.input_ids, batch.attention_mask, batch.completion_mask)  # (B, T)
+        logprobs = token_logprobs(model, batch.input_ids, batch.attention_mask, batch.completion_mask,
+                                  position_ids=batch.position_ids)  # (B, T)
         value, metrics = sft_loss(logprobs, batch.completion_mask, totals["tokens"])
         return value, {"tokens": metrics["tokens"]}
 
@@ -105,8 +107,12 @@ def run_sft(cfg: SFTConfig) -> dict:
         loss = {"loss": heldout_loss(model, eval_examples, tokenizer.pad_token_id)} if eval_examples else {}
         return {**loss, **accuracy()}
 
-    train_offline(run, model, examples, lambda b: collate_sft(b, tokenizer.pad_token_id), sft_objective(),
-                  evaluate if rows else None)
+    if cfg.packing and not reads_block_masks(model):
+        raise ConfigError(f"packing=true needs SDPA attention (a block-diagonal mask); this model uses "
+                          f"{getattr(model.config, '_attn_implementation', None)!r}: set packing=false")
+    collate = ((lambda b: collate_sft_packed(b, tokenizer.pad_token_id, cfg.max_length)) if cfg.packing else
+               (lambda b: collate_sft(b, tokenizer.pad_token_id)))
+    train_offline(run, model, examples, collate, sft_objective(), evaluate if rows else None)
     summary = {"loss": run.metrics.get("loss"), "length_report": report.summary(), "snapshot": snapshot or None}
     if run.evals:
         summary.update(accuracy=run.evals[-1]["accuracy"], eval_loss=run.evals[-1].get("loss"))

@@ -108,19 +108,22 @@ def head_gap(model) -> float:
 
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   target_mask: torch.Tensor | None = None, with_entropy: bool = False):
-    return as_forward(model, _token_logprobs, input_ids, attention_mask, target_mask, with_entropy)
+                   target_mask: torch.Tensor | None = None, with_entropy: bool = False,
+                   position_ids: torch.Tensor | None = None):
+    return as_forward(model, _token_logprobs, input_ids, attention_mask, target_mask, with_entropy, position_ids)
 
 
 def _token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    target_mask: torch.Tensor | None = None, with_entropy: bool = False):
+                    target_mask: torch.Tensor | None = None, with_entropy: bool = False,
+                    position_ids: torch.Tensor | None = None):
     """(B, T) log-probs of each token given its prefix; logits only where ``target_mask`` is set.
 
     Skipping the prompt positions' logits is the main saving for short answers after long
     prompts. With ``with_entropy`` also returns the (B, T) entropy of the next-token
-    distribution at the same positions (a metric: computed without gradient).
+    distribution at the same positions (a metric: computed without gradient). A packed batch
+    passes its 4D mask, its ``position_ids`` and a ``target_mask``.
     """
-    hidden = hidden_states(model, input_ids, attention_mask)[:, :-1]  # (B, T-1, H)
+    hidden = hidden_states(model, input_ids, attention_mask, position_ids)[:, :-1]  # (B, T-1, H)
     targets = input_ids[:, 1:]  # (B, T-1)
     select = (target_mask[:, 1:] if target_mask is not None else attention_mask[:, 1:]).bool()
     logits = lm_logits(model, hidden[select]).float()  # (N, V)
