@@ -87,7 +87,9 @@ def summarise(method: str, results: dict[str, list[dict]]) -> dict:
     out["ratio"] = spread([t / o for t, o in zip(s_theirs, s_ours)])
     out["trl_sec_per_step"] = spread(s_theirs)
     scale = statistics.median(s_ours) / statistics.median(s_theirs)  # same work per step
-    out["trl_tokens_per_s"] = round(out["rlhfkit_tokens_per_s"] * scale, 1)
+    # TRL forwards every sequence whole: its tokens/s from rlhfkit's count of the plain layout
+    plain = statistics.median(x.get("sequence_tokens_per_s", x.get("tokens_per_s", 0)) for x in ours)
+    out["trl_tokens_per_s"] = round(plain * scale, 1)
     out["trl_gflops_per_s"] = round(out["rlhfkit_gflops_per_s"] * scale, 1)
     out["trl_peak_rss_mb"] = max(x["peak_rss_mb"] for x in theirs)
     out["trl_version"] = theirs[0]["library"]

@@ -222,13 +222,28 @@ def report(method: str, times: list[float], losses: list[float], train_tokens: f
             "settings": SETTINGS, **({"profile_ms_per_step": PROFILE["result"]} if PROFILE["result"] else {})}
 
 
+def example_tokens(example, shared: bool = False) -> tuple[int, int]:
+    """(tokens through the forward, tokens of the plain one-row-per-sequence layout) of one example:
+    an SFT sequence, or a ranking whose prompt a shared-prompt batch forwards once."""
+    if hasattr(example, "input_ids"):
+        return len(example.input_ids), len(example.input_ids)
+    plain = sum(len(example.prompt_ids) + len(c) for c in example.completion_ids)
+    return (len(example.prompt_ids) + sum(map(len, example.completion_ids)) if shared else plain), plain
+
+
 def offline_bench(method: str, args, model, examples, collate, objective, rows_per_step: int, extra: dict,
                   nograd_passes: int = 0) -> dict:
     """The offline methods' step as the shared loop runs it: loss, backward, clip, AdamW step
-    (``nograd_passes``: no-grad forwards of the same tokens per step, e.g. DPO's reference)."""
+    (``nograd_passes``: no-grad forwards of the same tokens per step, e.g. DPO's reference).
+
+    ``tokens_per_s`` counts the non-pad tokens through the forward (a shared prompt once);
+    ``sequence_tokens_per_s`` every sequence's tokens as the plain layout holds them (the same
+    work, counted as TRL's forward sees it)."""
+    from rlhfkit.data.prefs import SharedPromptBatch
+
     optimizer = build_optimizer(model, SETTINGS["lr"])
     scheduler = build_scheduler(optimizer, 10**9, 0, "constant")
-    tokens = []
+    tokens, plain = [], []
 
     def step(i: int) -> float:
         rows = examples[(i * rows_per_step) % len(examples):][:rows_per_step]
@@ -236,13 +251,16 @@ def offline_bench(method: str, args, model, examples, collate, objective, rows_p
         loss, _ = objective.loss(model, batch, objective.counts(batch))
         loss.backward()
         optimizer_step(model, optimizer, scheduler, SETTINGS["max_grad_norm"], DistInfo(), i)
-        packed = batch.attention_mask.dim() == 4  # a padding-free batch: its tokens are its rows' lengths
-        tokens.append(sum(len(r.input_ids) for r in rows) if packed else int(batch.attention_mask.sum()))
+        counts = [example_tokens(r, isinstance(batch, SharedPromptBatch)) for r in rows]
+        tokens.append(sum(c[0] for c in counts))
+        plain.append(sum(c[1] for c in counts))
         return loss.item()
 
     times, losses = timed_steps(step, args.warmup, args.steps)
     n = statistics.mean(tokens[args.warmup:])
-    return report(method, times, losses, n, nograd_passes * n, model, extra)
+    result = report(method, times, losses, n, nograd_passes * n, model, extra)
+    result["sequence_tokens_per_s"] = round(statistics.mean(plain[args.warmup:]) / result["sec_per_step"], 1)
+    return result
 
 
 def bench_sft(args) -> dict:
@@ -268,7 +286,7 @@ def _pairs(paths, tokenizer, max_length: int):
 
 
 def bench_rm(args) -> dict:
-    from rlhfkit.data.prefs import collate_rankings
+    from rlhfkit.methods.common import ranking_collate
     from rlhfkit.methods.rm import rm_objective
     from rlhfkit.models.load import load_tokenizer
     from rlhfkit.models.reward import load_reward_model
@@ -276,21 +294,22 @@ def bench_rm(args) -> dict:
     paths = assets(args)
     tokenizer = load_tokenizer(paths["model"], paths["tokenizer"])
     model = prepared(load_reward_model(args.rm or paths["model"], tokenizer), args, head="score")
+    share = not args.no_share_prompt
     return offline_bench("rm", args, model, _pairs(paths, tokenizer, args.max_length),
-                         lambda rows: collate_rankings(rows, tokenizer.pad_token_id), rm_objective(), 16,
-                         {"pairs_per_step": 16, **memory_extra(args, model)})
+                         ranking_collate(model, tokenizer.pad_token_id, share), rm_objective(), 16,
+                         {"pairs_per_step": 16, "share_prompt": share, **memory_extra(args, model)})
 
 
 def bench_dpo(args) -> dict:
-    from rlhfkit.data.prefs import collate_rankings
+    from rlhfkit.methods.common import ranking_collate
     from rlhfkit.methods.dpo import dpo_objective, precompute_reference
 
     paths = assets(args)
     model, tokenizer = load_policy(paths["model"], paths["tokenizer"])
     model = prepared(model, args, base=paths["model"])  # adapters start at B = 0: the policy is its reference
     examples = _pairs(paths, tokenizer, args.max_length)[: 16 * (args.steps + args.warmup)]
-    collate = lambda rows: collate_rankings(rows, tokenizer.pad_token_id)  # noqa: E731
-    extra = {"pairs_per_step": 16, "beta": 0.1, **memory_extra(args, model)}
+    collate = ranking_collate(model, tokenizer.pad_token_id, share_prompt=not args.no_share_prompt)
+    extra = {"pairs_per_step": 16, "beta": 0.1, "share_prompt": not args.no_share_prompt, **memory_extra(args, model)}
     if args.dpo_reference == "forward":  # like for like with TRL: a frozen copy forwarded on every batch
         from rlhfkit.methods.common import frozen_reference
 
@@ -514,6 +533,8 @@ def main() -> None:
     p.add_argument("method", choices=sorted(BENCHES))
     p.add_argument("--lora", type=int, default=0, help="LoRA rank (0: train every weight)")
     p.add_argument("--packing", action="store_true", help="sft: padding-free batches (SFTConfig.packing)")
+    p.add_argument("--no-share-prompt", action="store_true",
+                   help="rm/dpo: one row per answer instead of each prompt once for its answers")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--reference-copy", action="store_true", help="ppo --lora: a frozen reference copy")
     p.add_argument("--dpo-reference", choices=("precompute", "forward"), default="precompute",

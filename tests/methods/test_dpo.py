@@ -59,3 +59,34 @@ def test_sft_on_chosen_first_when_there_is_no_sft_model(tiny, tmp_path):
     first_dpo = read_metrics(tmp_path / "dpo")[0]["train/loss"]
     assert abs(first_dpo - 0.6931) < 1e-3  # then DPO starts with reference == the SFT-on-chosen policy
     assert summary["steps"] == 3
+
+
+def test_shared_prompt_layout_gives_the_plain_loss_and_gradients(tiny):
+    """Each prompt forwarded once for all its answers (share_prompt, the default): the same DPO and
+    Plackett-Luce losses, RPO term and gradients as one row per answer, with fewer positions."""
+    from rlhfkit.data.prefs import collate_shared_prompt
+
+    model, tok = load_policy(str(tiny["base"]), None)
+    reference = Reference(copy.deepcopy(model).eval().requires_grad_(False))
+    with torch.no_grad():
+        for p in model.parameters():  # a policy away from its reference, so the loss is not ln 2
+            p.add_(0.02 * torch.randn_like(p))
+    for data in ("prefs_train", "rankings_train"):
+        examples, _ = encode_rankings(read_rows(tiny["data"] / f"{data}.jsonl")[:7], tok, 64)
+        plain, shared = collate_rankings(examples, tok.pad_token_id), collate_shared_prompt(examples, tok.pad_token_id)
+        assert shared.input_ids.numel() < 0.8 * plain.input_ids.numel()
+        objective = dpo_objective(0.5, reference, rpo_alpha=1.0)
+        results = []
+        for batch in (plain, shared):
+            model.zero_grad()
+            totals = objective.counts(batch)
+            loss, metrics = objective.loss(model, batch, totals)
+            loss.backward()
+            results.append((loss.item(), totals, metrics, {n: p.grad.clone() for n, p in model.named_parameters()}))
+        (loss_a, totals_a, metrics_a, grads_a), (loss_b, totals_b, metrics_b, grads_b) = results
+        assert totals_a == totals_b
+        assert abs(loss_a - loss_b) < 1e-5 and abs(loss_a - 0.6931) > 1e-3, data
+        for key in ("logps_chosen", "logps_rejected", "nll_chosen"):
+            assert abs(float(metrics_a[key]) - float(metrics_b[key])) < 1e-4, key
+        for name, grad in grads_a.items():
+            assert torch.allclose(grad, grads_b[name], atol=1e-5, rtol=1e-4), (data, name)

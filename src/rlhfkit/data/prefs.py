@@ -46,6 +46,10 @@ class RankingBatch:
         """(N,) per-output values -> (P, K) grid (zeros on padding slots)."""
         return _grid(values, self.slot, self.mask)
 
+    def output_lengths(self) -> torch.Tensor:
+        """(N,) completion tokens per output."""
+        return self.completion_mask.sum(-1)
+
 
 @dataclass
 class SharedPromptBatch:
@@ -64,6 +68,12 @@ class SharedPromptBatch:
     slot: torch.Tensor  # (N,) as RankingBatch's
     ranks: torch.Tensor  # (P, K)
     mask: torch.Tensor  # (P, K)
+    # for log-probs (DPO): every output token after a non-empty prompt, M in all
+    predecessor: torch.Tensor | None = None  # (M,) flat index into (P * W) of the position predicting it
+    targets: torch.Tensor | None = None  # (M,) the token
+    owner: torch.Tensor | None = None  # (M,) its output, 0..N-1 in slot order
+    lengths: torch.Tensor | None = None  # (N,) tokens per output
+    ref_logps: torch.Tensor | None = None  # (P, K) precomputed reference log-probs, when the examples carry them
 
     @property
     def num_prompts(self) -> int:
@@ -75,6 +85,9 @@ class SharedPromptBatch:
 
     def grid(self, values: torch.Tensor) -> torch.Tensor:
         return _grid(values, self.slot, self.mask)
+
+    def output_lengths(self) -> torch.Tensor:
+        return self.lengths
 
 
 def _grid(values: torch.Tensor, slot: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -191,23 +204,36 @@ def collate_shared_prompt(examples: list[RankingExample], pad_id: int) -> Shared
     segment = torch.full((n_rows, width), -1, dtype=torch.long)  # 0 prompt, j + 1 output j, -1 padding
     ranks = torch.full((n_rows, k), k, dtype=torch.long)
     mask = torch.zeros((n_rows, k), dtype=torch.long)
-    last, slot = [], []
+    last, slot, lengths, places = [], [], [], []  # places: (predecessor, target, owner)
     for p, e in enumerate(examples):
         n_prompt = len(e.prompt_ids)
         ids, pos, seg = list(e.prompt_ids), list(range(n_prompt)), [0] * n_prompt
         for j, c in enumerate(e.completion_ids):
-            ids += c
+            before = n_prompt - 1  # an output's first token is predicted at the prompt's last position
+            for t in c:
+                if before >= 0:  # after an empty prompt the first token has no prediction (as in a row of its own)
+                    places.append((p * width + before, t, len(slot)))
+                before = len(ids)
+                ids.append(t)
             pos += range(n_prompt, n_prompt + len(c))
             seg += [j + 1] * len(c)
             last.append(p * width + len(ids) - 1)
             slot.append(p * k + j)
+            lengths.append(len(c))
         input_ids[p, : len(ids)] = torch.tensor(ids)
         positions[p, : len(ids)] = torch.tensor(pos)
         segment[p, : len(ids)] = torch.tensor(seg)
         ranks[p, : len(e.ranks)] = torch.tensor(e.ranks)
         mask[p, : len(e.ranks)] = 1
+    predecessor, targets, owner = (torch.tensor(c, dtype=torch.long) for c in zip(*places)) if places else \
+        (torch.zeros(0, dtype=torch.long),) * 3
+    ref = None
+    if all(e.ref_logps is not None for e in examples):
+        ref = torch.zeros((n_rows, k))
+        for p, e in enumerate(examples):
+            ref[p, : len(e.ref_logps)] = torch.tensor(e.ref_logps)
     return SharedPromptBatch(input_ids, positions, block_causal_mask(segment)[:, None], torch.tensor(last),
-                             torch.tensor(slot), ranks, mask)
+                             torch.tensor(slot), ranks, mask, predecessor, targets, owner, torch.tensor(lengths), ref)
 
 
 def block_causal_mask(segment: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from ..data.prefs import collate_rankings, collate_shared_prompt
 from ..data.rows import read_rows
+from ..models.forward import reads_block_masks
 from ..models.load import load_causal_lm, load_tokenizer
 from ..models.lora import Reference
 from ..rollout.evaluate import HeldOut
@@ -57,3 +59,10 @@ def refuse_offline_batch_fields(method: str, train: TrainConfig) -> None:
     if train.batch_size != TrainConfig.batch_size:
         raise ConfigError(f"{method}: train.batch_size does not apply (it counts rows of offline data); "
                           "set prompts_per_step (and for PPO minibatch_size) instead")
+
+
+def ranking_collate(model, pad_id: int, share_prompt: bool = True):
+    """rows -> a batch: the shared-prompt layout when asked for and the model's attention reads it."""
+    if share_prompt and reads_block_masks(model):
+        return lambda rows: collate_shared_prompt(rows, pad_id)
+    return lambda rows: collate_rankings(rows, pad_id)

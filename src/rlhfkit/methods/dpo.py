@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 
 from ..data.encode import OVERLONG_POLICIES, SFTExample, collate_sft, to_device
-from ..data.prefs import RankingBatch, collate_rankings, count_pairs, encode_rankings
+from ..data.prefs import RankingBatch, SharedPromptBatch, collate_rankings, count_pairs, encode_rankings
 from ..data.rows import DataError, Row, read_rows
 from ..losses.dpo import chosen_nll, dpo_loss, plackett_luce_loss
-from ..models.forward import eval_mode, token_logprobs
+from ..models.forward import as_forward, eval_mode, predecessor_logprobs, token_logprobs
 from ..models.load import load_causal_lm, load_tokenizer
 from ..models.lora import Reference, is_adapter_folder
 from ..rollout.backend import SamplerBackend
@@ -28,7 +28,7 @@ from ..train.checkpoint import CheckpointError
 from ..train.config import LoraConfig, TrainConfig, at_least, choice, positive, replace
 from ..train.loop import Objective, train_offline
 from ..train.run import start_run
-from .common import accuracy_eval, frozen_reference, head, held_out
+from .common import accuracy_eval, frozen_reference, head, held_out, ranking_collate
 from .sft import sft_objective
 
 REFERENCE_MODES = ("precompute", "forward")
@@ -50,6 +50,7 @@ class DPOConfig:
     reference: str = "precompute"  # precompute (once, then no reference model) | forward (every step)
     sft_first_steps: int = 0  # > 0: no SFT model yet, first maximise the likelihood of the chosen answers
     eval_limit: int = 500  # held-out rows used, for both evals; 0 = all
+    share_prompt: bool = True  # forward each prompt once for all its answers (block mask; SDPA attention only)
     lora: LoraConfig = field(default_factory=LoraConfig)  # with adapters the reference is the base (adapters off)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/dpo"))
 
@@ -65,8 +66,15 @@ class DPOConfig:
         positive("beta", self.beta)
 
 
-def sequence_logps(model, batch: RankingBatch) -> torch.Tensor:
-    """log pi(y|x) summed over completion tokens, one per sequence of the batch. (N,)"""
+def sequence_logps(model, batch: RankingBatch | SharedPromptBatch) -> torch.Tensor:
+    """log pi(y|x) summed over completion tokens, one per output of the batch, in slot order. (N,)
+
+    A ``SharedPromptBatch`` forwards each prompt once for all its answers: the same sums with
+    the prompt's tokens computed once instead of K times (data/prefs.py)."""
+    if isinstance(batch, SharedPromptBatch):
+        picked, _ = as_forward(model, predecessor_logprobs, batch.input_ids, batch.attend, batch.position_ids,
+                               batch.predecessor, batch.targets)  # (M,)
+        return picked.new_zeros(batch.num_outputs).index_add(0, batch.owner, picked)
     logprobs = token_logprobs(model, batch.input_ids, batch.attention_mask, batch.completion_mask)  # (N, T)
     return (logprobs * batch.completion_mask).sum(-1)
 
@@ -91,7 +99,7 @@ def dpo_objective(beta: float, reference: Reference | None = None, rpo_alpha: fl
     def counts(batch) -> dict:
         best = batch.slot % batch.mask.shape[1] == 0  # (N,) the chosen / best-ranked outputs
         return {"prompts": batch.num_prompts, "pairs": count_pairs(batch),
-                "chosen_tokens": batch.completion_mask[best].sum().item()}
+                "chosen_tokens": batch.output_lengths()[best].sum().item()}
 
     def loss(model, batch, totals):
         logps = batch.grid(sequence_logps(model, batch))  # (P, K)
@@ -196,8 +204,8 @@ def run_dpo(cfg: DPOConfig) -> dict:
         out = {"preference_accuracy": preference_accuracy(model, pref_eval, pad)} if pref_eval else {}
         return {**out, **(accuracy() if prompts else {})}
 
-    train_offline(run, model, examples, lambda rows: collate_rankings(rows, pad), dpo_objective(cfg.beta, reference, cfg.rpo_alpha),
-                  evaluate if (pref_eval or prompts) else None)
+    train_offline(run, model, examples, ranking_collate(model, pad, cfg.share_prompt),
+                  dpo_objective(cfg.beta, reference, cfg.rpo_alpha), evaluate if (pref_eval or prompts) else None)
     summary = {"loss": run.metrics.get("loss"), "reference": cfg.reference, "length_report": report.summary(), **before}
     if run.evals:
         summary.update({k: v for k, v in run.evals[-1].items() if k != "step"})

@@ -15,20 +15,18 @@ import torch
 from ..data.encode import OVERLONG_POLICIES, to_device
 from ..data.prefs import (
     SharedPromptBatch,
-    collate_rankings,
-    collate_shared_prompt,
     count_pairs,
     encode_rankings,
 )
 from ..data.rows import read_rows
 from ..losses.rm import ranking_loss
-from ..models.forward import eval_mode, reads_block_masks
+from ..models.forward import eval_mode
 from ..models.load import load_tokenizer
 from ..models.reward import load_reward_model, reward_scores, score_name, shared_prompt_scores
 from ..train.config import LoraConfig, TrainConfig, at_least, choice
 from ..train.loop import Objective, train_offline
 from ..train.run import start_run
-from .common import head
+from .common import head, ranking_collate
 
 
 @dataclass(frozen=True)
@@ -57,13 +55,6 @@ def batch_scores(model, batch) -> torch.Tensor:
     if isinstance(batch, SharedPromptBatch):
         return batch.grid(shared_prompt_scores(model, batch))
     return batch.grid(reward_scores(model, batch.input_ids, batch.attention_mask))
-
-
-def ranking_collate(model, pad_id: int, share_prompt: bool = True):
-    """rows -> a batch: the shared-prompt layout when asked for and the model's attention reads it."""
-    if share_prompt and reads_block_masks(model):
-        return lambda rows: collate_shared_prompt(rows, pad_id)
-    return lambda rows: collate_rankings(rows, pad_id)
 
 
 def rm_objective(center_coef: float = 0.0) -> Objective:

@@ -137,6 +137,21 @@ def _token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     return logprobs, _unselect(entropy, select)
 
 
+def predecessor_logprobs(model, input_ids: torch.Tensor, attend: torch.Tensor, position_ids: torch.Tensor,
+                         predecessor: torch.Tensor, targets: torch.Tensor, with_entropy: bool = False):
+    """(M,) log-probs of ``targets``, each predicted at the flat position ``predecessor`` of a
+    shared-prompt layout (rows of a prompt once, then its continuations, under a block mask
+    ``attend``): the logits of exactly those M positions. With ``with_entropy`` also their (M,)
+    next-token entropy (no gradient). Called inside ``as_forward``."""
+    hidden = hidden_states(model, input_ids, attend, position_ids)  # (R, W, H)
+    logp_all = lm_logits(model, hidden.flatten(0, 1)[predecessor]).float().log_softmax(-1)  # (M, V)
+    picked = logp_all.gather(-1, targets[:, None]).squeeze(-1)  # (M,)
+    if not with_entropy:
+        return picked, None
+    with torch.no_grad():
+        return picked, -(logp_all.exp() * logp_all).sum(-1)
+
+
 def _unselect(values: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
     """Put (N,) values back at the (B, T-1) selected places, zeros elsewhere, shifted to (B, T)."""
     shifted = torch.zeros(select.shape, dtype=values.dtype, device=values.device).masked_scatter(select, values)

@@ -22,9 +22,8 @@ from ..data.prefs import block_causal_mask
 from ..models.forward import (
     as_forward,
     forward_with_cache,
-    hidden_states,
-    lm_logits,
     position_ids_from_mask,
+    predecessor_logprobs,
     reads_block_masks,
     token_logprobs,
 )
@@ -246,12 +245,9 @@ def shared_prompt_view(samples: Samples, group_size: int) -> SharedPromptView:
 
 
 def _shared_logprobs(model, view: SharedPromptView, shape, with_entropy: bool):
-    hidden = hidden_states(model, view.input_ids, view.attend, view.position_ids)  # (R, W, H)
-    logp_all = lm_logits(model, hidden.flatten(0, 1)[view.predecessor]).float().log_softmax(-1)  # (M, V)
-    picked = logp_all.gather(-1, view.targets[:, None]).squeeze(-1)  # (M,)
+    picked, entropy = predecessor_logprobs(model, view.input_ids, view.attend, view.position_ids, view.predecessor,
+                                           view.targets, with_entropy)
     logprobs = picked.new_zeros(shape).index_put((view.rows, view.cols), picked)
     if not with_entropy:
         return logprobs
-    with torch.no_grad():
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
     return logprobs, entropy.new_zeros(shape).index_put((view.rows, view.cols), entropy)
