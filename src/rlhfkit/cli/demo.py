@@ -137,7 +137,8 @@ def _stage_prm(ctx: dict) -> dict:
                                       seed=ctx["seed"], report_to="none"))
     result = run_prm(cfg)
     ctx["prm_model"] = str(ctx["out"] / "prm" / "model")
-    return {k: result[k] for k in ("step_accuracy", "wrong_step_f1", "first_error_accuracy", "steps")}
+    return {k: result[k] for k in ("step_accuracy", "position_only_accuracy", "wrong_step_f1", "first_error_accuracy",
+                                   "steps")}
 
 
 def _stage_grpo_prm_learned(ctx: dict) -> dict:
