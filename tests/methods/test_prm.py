@@ -49,6 +49,8 @@ def test_step_stats_by_hand():
     assert stats["wrong_step_precision"] == pytest.approx(2 / 3) and stats["wrong_step_recall"] == pytest.approx(2 / 3)
     assert stats["wrong_step_f1"] == pytest.approx(2 / 3, abs=1e-9)
     assert stats["first_error_accuracy"] == 0.5 and stats["steps"] == 10
+    # by index: 0 -> 4 right of 4; 1 -> 3 right, 1 wrong; 2 -> 2 wrong of 2: (4 + 3 + 2) / 10
+    assert stats["position_only_accuracy"] == pytest.approx(0.9, abs=1e-9)
 
 
 def test_micro_batches_give_the_whole_batch_loss(tiny, tmp_path):
@@ -85,3 +87,65 @@ def test_prm_learns_beyond_the_step_position_and_saves_a_token_classifier(tiny, 
     assert final["wrong_step_precision"] >= wrong_rate + 0.15, (final, wrong_rate)  # flags wrong steps, not noise
     config = json.loads((tmp_path / "prm" / "model" / "config.json").read_text())
     assert config["architectures"] == ["LlamaForTokenClassification"] and config["step_separator"] == "\n"
+
+
+def test_likelihood_readout_is_the_lowest_token_logprob_of_each_step(tiny, tmp_path):
+    """``readout=likelihood``: step j's logit is min over its own tokens (not the separator) of
+    log p(x_t | x_<t) from the causal LM, minus the floor; checked against a loop over the LM's logits."""
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(tiny["base"])
+    model = load_process_reward_model(tiny["base"], tok, readout="likelihood").eval()
+    model.config.step_readout, model.config.step_logprob_floor = "likelihood", -3.0
+    plain = AutoModelForCausalLM.from_pretrained(str(tiny["base"])).eval()
+    rows = read_rows([{"prompt": "What is 12+34-5?", "completions": [" 12+34=46", "46-5=40", "Answer: 40"],
+                       "labels": [True, False, False]},
+                      {"prompt": "What is 9+9+1?", "completions": [" 9+9=18"], "labels": [True]}])
+    examples, _ = encode_step_rows(rows, tok, "\n", 64)
+    # by hand: the prompt is 16 tokens, " 12+34=46" tokens 16..24, "\n" 25, "46-5=40" 26..32, "\n" 33, ...
+    assert examples[0].spans == ((16, 25), (26, 33), (34, 44)) and examples[1].spans == ((14, 21),)
+    batch = collate_steps(examples, tok.pad_token_id)
+    with torch.no_grad():
+        ours = step_logits(model, batch.input_ids, batch.attention_mask, batch.step_rows, batch.step_cols,
+                           batch.step_spans)
+        expected = []
+        for e in examples:
+            logp = torch.log_softmax(plain(input_ids=torch.tensor([e.input_ids])).logits[0], -1)
+            for start, end in e.spans:
+                expected.append(min(logp[t - 1, e.input_ids[t]].item() for t in range(start, end)) + 3.0)
+    assert ours.tolist() == pytest.approx(expected, abs=1e-4)
+
+
+def test_likelihood_prm_trains_saves_and_scores_in_grpo(tiny, tmp_path):
+    from methods_setup import method_config
+
+    from rlhfkit.methods.grpo import GRPOConfig
+    from rlhfkit.rollout.reward_models import ProcessRewardModelReward
+
+    base = method_config("prm", tiny, tmp_path / "prm", 3)
+    run_prm(PRMConfig(**{**base.__dict__, "readout": "likelihood"}))
+    folder = tmp_path / "prm" / "model"
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["step_readout"] == "likelihood"
+    GRPOConfig(process_reward=f"prm:{folder}")  # accepted as a process reward model
+    tok = load_tokenizer(tiny["base"])
+    prompt, text = "What is 12+34-5?", " 12+34=46\n46-5=40\nAnswer: 40"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    (scored,) = ProcessRewardModelReward(str(folder), tok).bind(None, read_rows([{"prompt": prompt}]))(
+        [prompt], [text], completion_ids=[ids], tokenizer=tok)
+    assert [end for end, _ in scored] == [8, 16, 27] and all(0 < p < 1 for _, p in scored)
+
+
+@pytest.mark.slow
+def test_likelihood_prm_reaches_the_step_accuracy_bar(tiny, multistep_sft, tmp_path):
+    """Issue #14's bar, >= 0.9 held-out step accuracy, with the likelihood read-out from the multi-step
+    SFT model (measured 0.985 after 1000 steps, 0.976 before any: the demo's SFT model already
+    expects the right token where a wrong step departs from it)."""
+    data = tiny["data"]
+    cfg = PRMConfig(model=str(multistep_sft), train_data=str(data / "prm_train.jsonl"),
+                    eval_data=str(data / "prm_eval.jsonl"), max_length=64, eval_limit=300, readout="likelihood",
+                    train=quiet_train(tmp_path / "prm", max_steps=200, batch_size=32, lr=3e-4, warmup_steps=20,
+                                      eval_every=0, log_every=10))
+    summary = run_prm(cfg)
+    assert summary["step_accuracy"] >= 0.9 and summary["position_only_accuracy"] < 0.75, summary
+    assert summary["wrong_step_f1"] >= 0.85, summary

@@ -105,12 +105,12 @@ def cmd_tiny(args) -> int:
 
 def cmd_eval(args) -> int:
     from ..data.rows import read_rows
-    from ..models.reward import is_sequence_classifier, is_token_classifier
+    from ..models.reward import is_likelihood_prm, is_sequence_classifier, is_token_classifier
 
     rows = read_rows(args.data)
     if args.limit:
         rows = rows[: args.limit]
-    if is_token_classifier(args.model):  # a process reward model: step accuracy, F1 on wrong steps, first error
+    if is_token_classifier(args.model) or is_likelihood_prm(args.model):  # a PRM: step accuracy, F1, first error
         from ..data.steps import encode_step_rows
         from ..methods.prm import step_metrics
         from ..models.load import load_tokenizer

@@ -26,6 +26,7 @@ class StepExample:
     input_ids: list[int]
     positions: list[int]  # index of the last separator token after each step
     labels: tuple[bool, ...]  # one per step (empty when scoring unlabelled steps)
+    spans: tuple[tuple[int, int], ...] = ()  # each step's own tokens [start, end), the separator excluded
 
 
 @dataclass
@@ -35,6 +36,7 @@ class StepBatch:
     step_rows: torch.Tensor  # (N,) the row of each step, N = steps of the batch
     step_cols: torch.Tensor  # (N,) the position its score is read at
     labels: torch.Tensor  # (N,) 1.0 for a right step, 0.0 for a wrong one
+    step_spans: torch.Tensor  # (N, 2) each step's own tokens [start, end) (the likelihood read-out's)
 
 
 def step_prompt(row: Row, tokenizer) -> list[int]:
@@ -82,13 +84,18 @@ def separator_ids(tokenizer, separator: str) -> list[int]:
     return ids
 
 
-def encode_steps(tokenizer, prompt_ids: list[int], steps: list[str], sep_ids: list[int]) -> tuple[list[int], list[int]]:
-    """``prompt, step_1, sep, ..., step_n, sep`` as ids, and the index of each step's last separator token."""
-    ids, positions = list(prompt_ids), []
+def encode_steps(tokenizer, prompt_ids: list[int], steps: list[str],
+                 sep_ids: list[int]) -> tuple[list[int], list[int], tuple[tuple[int, int], ...]]:
+    """``prompt, step_1, sep, ..., step_n, sep`` as ids, the index of each step's last separator
+    token, and each step's own tokens as [start, end) spans."""
+    ids, positions, spans = list(prompt_ids), [], []
     for step in steps:
-        ids += tokenizer(step, add_special_tokens=False)["input_ids"] + sep_ids
+        start = len(ids)
+        ids += tokenizer(step, add_special_tokens=False)["input_ids"]
+        spans.append((start, len(ids)))
+        ids += sep_ids
         positions.append(len(ids) - 1)
-    return ids, positions
+    return ids, positions, tuple(spans)
 
 
 def encode_step_rows(rows: list[Row], tokenizer, separator: str, max_length: int,
@@ -98,7 +105,7 @@ def encode_step_rows(rows: list[Row], tokenizer, separator: str, max_length: int
     sep_ids, report, examples = separator_ids(tokenizer, separator), LengthReport(rows=len(rows)), []
     for row in rows:
         steps, labels = read_steps(row)
-        ids, positions = encode_steps(tokenizer, step_prompt(row, tokenizer), steps, sep_ids)
+        ids, positions, spans = encode_steps(tokenizer, step_prompt(row, tokenizer), steps, sep_ids)
         if len(ids) > max_length:
             if overlong == "error":
                 raise DataError(f"{row.where}: {len(ids)} tokens exceed max_length={max_length}; raise max_length "
@@ -108,8 +115,8 @@ def encode_step_rows(rows: list[Row], tokenizer, separator: str, max_length: int
                 report.skipped.append(row.where)
                 continue
             report.truncated += 1
-            ids, positions, labels = ids[: positions[fits - 1] + 1], positions[:fits], labels[:fits]
-        examples.append(StepExample(ids, positions, labels))
+            ids, positions, labels, spans = ids[: positions[fits - 1] + 1], positions[:fits], labels[:fits], spans[:fits]
+        examples.append(StepExample(ids, positions, labels, spans))
     if not examples:
         raise DataError(f"no usable rows left after the length policy ({report.summary()})")
     return examples, report
@@ -119,15 +126,16 @@ def collate_steps(examples: list[StepExample], pad_id: int) -> StepBatch:
     width = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(examples), width), dtype=torch.long)
-    rows, cols, labels = [], [], []
+    rows, cols, labels, spans = [], [], [], []
     for i, e in enumerate(examples):
         input_ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
         attention[i, : len(e.input_ids)] = 1
         rows += [i] * len(e.positions)
         cols += e.positions
         labels += [float(x) for x in e.labels]
+        spans += list(e.spans) or [(p, p) for p in e.positions]  # no spans given: empty ones
     return StepBatch(input_ids, attention, torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long),
-                     torch.tensor(labels, dtype=torch.float32))
+                     torch.tensor(labels, dtype=torch.float32), torch.tensor(spans, dtype=torch.long).view(-1, 2))
 
 
 def split_steps(text: str, separator: str) -> list[tuple[str, int]]:

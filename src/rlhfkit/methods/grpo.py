@@ -18,7 +18,7 @@ from ..data.formats import user_prompt
 from ..data.rows import read_rows
 from ..losses.grpo import REDUCTIONS, group_advantages, grpo_loss, process_advantages
 from ..models.load import load_causal_lm, load_tokenizer
-from ..models.reward import is_sequence_classifier, is_token_classifier
+from ..models.reward import is_likelihood_prm, is_sequence_classifier, is_token_classifier
 from ..rollout.backend import SamplingParams, make_backend
 from ..rollout.evaluate import row_prompt_ids
 from ..rollout.reward_models import ProcessRewardModelReward, RewardModelReward
@@ -70,7 +70,9 @@ class GRPOConfig:
         if self.process_reward is not None and not self.process_reward.startswith("prm:"):
             choice("process_reward", self.process_reward, (*PROCESS_REWARDS, "prm:PATH"))
         if self.process_reward is not None and self.process_reward.startswith("prm:"):
-            model_folder("process_reward", self.process_reward[4:], is_token_classifier, "ForTokenClassification")
+            model_folder("process_reward", self.process_reward[4:],
+                         lambda p: is_token_classifier(p) or is_likelihood_prm(p),
+                         "ForTokenClassification (or likelihood-read PRM)")
         parse_rewards(self.rewards)
         at_least("group_size", self.group_size, 2, " (a group of one has no baseline)")
         for key in ("prompts_per_step", "max_new_tokens", "mu", "eval_max_new_tokens"):

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..losses.prm import step_logit
-from .forward import as_forward, hidden_states
+from .forward import as_forward, hidden_states, lm_logits
 from .kernels import use_fast_linear
 from .load import DTYPES, ModelLoadError, architectures, check_vocab, from_folder
 
@@ -69,15 +69,29 @@ def load_reward_model(path: str | Path, tokenizer, dtype: str = "fp32", seed: in
     return model.to(device)
 
 
+def is_likelihood_prm(path: str | Path) -> bool:
+    """A causal-LM folder saved as a PRM with the likelihood read-out (``step_readout``)."""
+    config = Path(path) / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("step_readout") == "likelihood"
+
+
 def load_process_reward_model(path: str | Path, tokenizer, num_labels: int = 1, dtype: str = "fp32", seed: int = 0,
-                              device: str = "cpu"):
+                              device: str = "cpu", readout: str = "head"):
     """A ``...ForTokenClassification`` from ``path``: a PRM folder (its own number of labels) or a
     causal LM (a fresh head with ``num_labels`` outputs, seeded). The head's dropout is set to 0
-    (transformers' default is 0.1), so a forward in plain transformers is the one trained here."""
-    from transformers import AutoConfig, AutoModelForTokenClassification
+    (transformers' default is 0.1), so a forward in plain transformers is the one trained here.
+    With ``readout="likelihood"``, or a folder saved with it, the causal LM itself (no head)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification
 
     if not Path(path).is_dir():
         raise ModelLoadError(f"model folder not found: {path}")
+    if readout == "likelihood" or is_likelihood_prm(path):
+        if is_token_classifier(path):
+            raise ModelLoadError(f"{path}: the likelihood read-out needs a causal LM, not a token classifier")
+        model = from_folder(AutoModelForCausalLM, path, dtype=DTYPES[dtype], pad_token_id=tokenizer.pad_token_id)
+        check_vocab(model, tokenizer, str(path))
+        use_fast_linear(model)
+        return model.to(device)
     labels = {} if is_token_classifier(path) else {"num_labels": num_labels}
     config = AutoConfig.from_pretrained(str(path), pad_token_id=tokenizer.pad_token_id, **labels)
     config.classifier_dropout = 0.0
@@ -151,12 +165,38 @@ def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -
                       input_ids, attention_mask)
 
 
+STEP_READOUTS = ("head", "likelihood")
+
+
+def step_readout(model) -> str:
+    """How a PRM gives step scores (config ``step_readout``): ``head``, a score head read at the
+    separator (a token classifier); ``likelihood``, its own next-token log-probabilities (a causal LM)."""
+    return getattr(model.config, "step_readout", None) or "head"
+
+
 def step_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, step_rows: torch.Tensor,
-                step_cols: torch.Tensor) -> torch.Tensor:
-    """The PRM's logit that each step is right, read at (step_rows, step_cols). (N,)"""
+                step_cols: torch.Tensor, step_spans: torch.Tensor | None = None) -> torch.Tensor:
+    """The PRM's logit that each step is right. (N,)
+
+    ``head``: the score head read at (step_rows, step_cols). ``likelihood``: the lowest log p the
+    model gives a token of the step (the tokens of ``step_spans``, (N, 2) [start, end)) above the
+    config's ``step_logprob_floor``: a step is judged wrong once one of its tokens is one the
+    model did not expect, which is where a causal LM already holds the check (issue #14)."""
+    if step_readout(model) == "likelihood":
+        return as_forward(model, _likelihood_step_logits, input_ids, attention_mask, step_rows, step_spans)
     return as_forward(model, _step_logits, input_ids, attention_mask, step_rows, step_cols)
 
 
 def _step_logits(model, input_ids, attention_mask, step_rows, step_cols) -> torch.Tensor:
     hidden = hidden_states(model, input_ids, attention_mask)[step_rows, step_cols]  # (N, H)
     return step_logit(score_head(model)(hidden).float())
+
+
+def _likelihood_step_logits(model, input_ids, attention_mask, step_rows, step_spans) -> torch.Tensor:
+    hidden = hidden_states(model, input_ids, attention_mask)[:, :-1]  # (B, T-1): position t-1 predicts token t
+    logprobs = torch.log_softmax(lm_logits(model, hidden).float(), -1)
+    token_logprobs = logprobs.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
+    tokens = torch.arange(1, input_ids.shape[1], device=input_ids.device)  # the token each column scores
+    inside = (tokens >= step_spans[:, :1]) & (tokens < step_spans[:, 1:])  # (N, T-1)
+    lowest = token_logprobs[step_rows].masked_fill(~inside, float("inf")).amin(-1)  # (N,)
+    return lowest - float(model.config.step_logprob_floor)

@@ -100,13 +100,13 @@ class ProcessRewardModelReward:
         examples, ends = [], []
         for row, text, ids in zip(rows, completions, completion_ids):
             steps = split_steps(text, self.separator) or [(text, len(text))]  # no step written: one, scored
-            input_ids, positions = encode_steps(self.tokenizer, _prompt_ids(self.tokenizer, row),
+            input_ids, positions, spans = encode_steps(self.tokenizer, _prompt_ids(self.tokenizer, row),
                                                 [s for s, _ in steps], self.sep_ids)
-            examples.append(StepExample(input_ids, positions, ()))
+            examples.append(StepExample(input_ids, positions, (), spans))
             ends.append([char_to_token_index(policy_tokenizer, ids, end) for _, end in steps])
         batch = to_device(collate_steps(examples, self.tokenizer.pad_token_id), next(self.model.parameters()).device)
         probs = torch.sigmoid(step_logits(self.model, batch.input_ids, batch.attention_mask, batch.step_rows,
-                                          batch.step_cols)).tolist()
+                                          batch.step_cols, batch.step_spans)).tolist()
         out = []
         for step_ends in ends:
             out.append(list(zip(step_ends, probs[: len(step_ends)])))
