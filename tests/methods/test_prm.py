@@ -9,6 +9,7 @@ from rlhfkit.data.steps import collate_steps, encode_step_rows
 from rlhfkit.methods.prm import PRMConfig, run_prm, step_stats
 from rlhfkit.models.load import load_tokenizer
 from rlhfkit.models.reward import load_process_reward_model, step_logits
+from rlhfkit.tasks.arithmetic import STEP_SEPARATOR
 
 
 @pytest.mark.parametrize("num_labels", [1, 2])
@@ -73,7 +74,7 @@ def test_prm_learns_beyond_the_step_position_and_saves_a_token_classifier(tiny, 
     README: 0.70 held-out step accuracy after 1000 steps in the demo, short of the 0.9 aimed at)."""
     data = tiny["data"]
     cfg = PRMConfig(model=str(multistep_sft), train_data=str(data / "prm_train.jsonl"),
-                    eval_data=str(data / "prm_eval.jsonl"), max_length=64, eval_limit=300,
+                    eval_data=str(data / "prm_eval.jsonl"), max_length=64, eval_limit=300, step_separator=STEP_SEPARATOR,
                     train=quiet_train(tmp_path / "prm", max_steps=500, batch_size=32, lr=2e-3, warmup_steps=20,
                                       eval_every=0, log_every=10))
     summary = run_prm(cfg)
@@ -86,7 +87,7 @@ def test_prm_learns_beyond_the_step_position_and_saves_a_token_classifier(tiny, 
     wrong_rate = 1 - sum(map(sum, by_position)) / sum(map(len, by_position))
     assert final["wrong_step_precision"] >= wrong_rate + 0.15, (final, wrong_rate)  # flags wrong steps, not noise
     config = json.loads((tmp_path / "prm" / "model" / "config.json").read_text())
-    assert config["architectures"] == ["LlamaForTokenClassification"] and config["step_separator"] == "\n"
+    assert config["architectures"] == ["LlamaForTokenClassification"] and config["step_separator"] == STEP_SEPARATOR
 
 
 def test_likelihood_readout_is_the_lowest_token_logprob_of_each_step(tiny, tmp_path):
@@ -144,6 +145,7 @@ def test_likelihood_prm_reaches_the_step_accuracy_bar(tiny, multistep_sft, tmp_p
     data = tiny["data"]
     cfg = PRMConfig(model=str(multistep_sft), train_data=str(data / "prm_train.jsonl"),
                     eval_data=str(data / "prm_eval.jsonl"), max_length=64, eval_limit=300, readout="likelihood",
+                    step_separator=STEP_SEPARATOR,
                     train=quiet_train(tmp_path / "prm", max_steps=200, batch_size=32, lr=3e-4, warmup_steps=20,
                                       eval_every=0, log_every=10))
     summary = run_prm(cfg)

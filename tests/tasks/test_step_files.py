@@ -8,7 +8,7 @@ def test_worked_steps_put_the_wrong_step_where_asked():
     rng = random.Random(0)
     right = worked_steps(12, "+", 34, "-", 5)
     assert right == [" 12+34=46", "46-5=41", "Answer: 41"]
-    assert "\n".join(right) == multistep_problem(12, "+", 34, "-", 5).completion
+    assert "; ".join(right) == multistep_problem(12, "+", 34, "-", 5).completion == " 12+34=46; 46-5=41; Answer: 41"
     for wrong_at in (0, 1, 2):
         for _ in range(20):
             steps = worked_steps(12, "+", 34, "-", 5, wrong_at, rng)

@@ -31,6 +31,7 @@ from ..methods.rm import RMConfig, run_rm
 from ..methods.sft import SFTConfig, run_sft
 from ..models.tiny import write_tiny_default
 from ..rollout.evaluate import exact_match
+from ..tasks.arithmetic import STEP_SEPARATOR
 from ..train.config import TrainConfig
 
 
@@ -136,6 +137,7 @@ def _stage_prm(ctx: dict) -> dict:
     data = ctx["assets"]["data"]
     cfg = PRMConfig(model=ctx["multistep_model"], train_data=str(data / "prm_train.jsonl"),
                     eval_data=str(data / "prm_eval.jsonl"), max_length=64, eval_limit=300, readout="likelihood",
+                    step_separator=STEP_SEPARATOR,
                     train=TrainConfig(out_dir=str(ctx["out"] / "prm"), max_steps=100 if ctx["quick"] else 500,
                                       batch_size=32, lr=3e-4, warmup_steps=20, eval_every=100, log_every=10,
                                       seed=ctx["seed"], report_to="none", progress=ctx.get("progress", True)))
@@ -147,7 +149,7 @@ def _stage_prm(ctx: dict) -> dict:
 
 def _stage_grpo_prm_learned(ctx: dict) -> dict:
     """PRM advantages from the learned process reward model's step scores, from the same SFT model as grpo_prm."""
-    return _grpo(ctx, "grpo_prm_learned", ctx["multistep_model"], "multistep_", 300,
+    return _grpo(ctx, "grpo_prm_learned", ctx["multistep_model"], "multistep_", 150,
                  process_reward=f"prm:{ctx['prm_model']}", max_new_tokens=40, eval_max_new_tokens=40)
 
 
@@ -167,10 +169,8 @@ def _stage_ppo(ctx: dict) -> dict:
 STAGES = {"base": _stage_base, "sft": _stage_sft, "rm": _stage_rm, "dpo": _stage_dpo, "grpo": _stage_grpo,
           "ppo": _stage_ppo, "sft_multistep": _stage_sft_multistep, "grpo_prm": _stage_grpo_prm, "prm": _stage_prm,
           "grpo_prm_learned": _stage_grpo_prm_learned}
-# Run only when named (--stages): the likelihood-read PRM judges held-out steps well (issue #14),
-# but GRPO against it gains little on the tiny task (README, "Process reward models"), and the
-# default demo shows stages that help.
-OPTIONAL = ("prm", "grpo_prm_learned")
+# Run only when named (--stages); none today: every stage, the learned PRM's included, helps.
+OPTIONAL: tuple[str, ...] = ()
 # The stages whose outputs (the ctx keys they set) each stage reads.
 NEEDS = {"rm": ("sft",), "dpo": ("sft",), "grpo": ("sft",), "ppo": ("sft", "rm"), "grpo_prm": ("sft_multistep",),
          "prm": ("sft_multistep",), "grpo_prm_learned": ("sft_multistep", "prm")}

@@ -2,10 +2,10 @@
 
 Two variants:
   * ``simple``:    "What is 82-27?"   -> " 55"
-  * ``multistep``: "What is 12+34-5?" -> " 12+34=46\n46-5=41\nAnswer: 41"
+  * ``multistep``: "What is 12+34-5?" -> " 12+34=46; 46-5=41; Answer: 41"
 
-The multi-step completion writes each step out, one per line (``STEP_SEPARATOR``, the separator
-a learned process reward model reads steps at), so a process reward can judge every step
+The multi-step completion writes each step out, separated by "; " (``STEP_SEPARATOR``, the
+separator a learned process reward model reads steps at), so a process reward can judge every step
 (``verify_steps``) and say at which character each step ends. Everything is made from a seed,
 deterministically; nothing is downloaded.
 """
@@ -22,7 +22,10 @@ from ..data.steps import char_to_token_index
 _PROMPT_RE = re.compile(r"What is (\d+)([+-])(\d+)(?:([+-])(\d+))?\?")
 _STEP_RE = re.compile(r"(-?\d+)([+-])(\d+)=(-?\d+)")
 _ANSWER_RE = re.compile(r"Answer:\s*(-?\d+)")
-STEP_SEPARATOR = "\n"  # between the steps of a multi-step completion
+# Between the steps of a multi-step completion. "; " rather than a newline: on 2026-12-02 (seed 0,
+# one thread) GRPO from the multi-step SFT snapshot gained +0.23 exact match with the rule PRM and
+# +0.22 with the learned one after "; ", against +0.07 and +0.04 after "\n" (", ": +0.21, +0.14).
+STEP_SEPARATOR = "; "
 
 
 @dataclass(frozen=True)
