@@ -233,7 +233,9 @@ def test_prm_cli_then_eval_reports_step_metrics(tiny, tmp_path):
                   "train.progress=false")
     assert out.returncode == 0, out.stderr
     config = json.loads((tmp_path / "prm" / "model" / "config.json").read_text())
-    assert config["architectures"] == ["LlamaForTokenClassification"] and config["step_separator"] == "\n"
+    # prm_tiny reads steps from the causal LM's own likelihoods at the tiny default's "; " separator
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["step_separator"] == "; "
+    assert config["step_readout"] == "likelihood"
     ev = rlhfkit("eval", "--model", tmp_path / "prm" / "model", "--data", data / "prm_eval.jsonl", "--limit", 30)
     assert ev.returncode == 0, ev.stderr
     result = json.loads((tmp_path / "prm" / "model" / "eval.json").read_text())
@@ -244,7 +246,7 @@ def test_prm_cli_then_eval_reports_step_metrics(tiny, tmp_path):
     from rlhfkit.models.reward import load_process_reward_model
 
     tok = load_tokenizer(tmp_path / "prm" / "model")
-    examples, _ = encode_step_rows(read_rows(data / "prm_eval.jsonl")[:30], tok, "\n", 512)
+    examples, _ = encode_step_rows(read_rows(data / "prm_eval.jsonl")[:30], tok, "; ", 512)
     in_process = step_metrics(load_process_reward_model(tmp_path / "prm" / "model", tok), examples, tok.pad_token_id)
     assert result["steps"] == in_process["steps"] > 30
     assert (result["step_accuracy"], result["wrong_step_f1"]) == (in_process["step_accuracy"],

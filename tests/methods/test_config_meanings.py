@@ -30,7 +30,7 @@ def test_eval_limit_zero_means_all_rows():
     (SFTConfig, "overlong=cut", "'overlong' must be one of error, truncate, skip; got 'cut'"),
     (GRPOConfig, "rewards=exact", "'rewards' must be one of exact_answer, contains_answer; got 'exact'"),
     (GRPOConfig, "process_reward=steps", "'process_reward' must be one of arithmetic_steps, prm:PATH; got 'steps'"),
-    (GRPOConfig, "process_reward=prm:no/such", "'process_reward': 'no/such' is not a ...ForTokenClassification model"),
+    (GRPOConfig, "process_reward=prm:no/such", "'process_reward': 'no/such' is not a ...ForTokenClassification (or likelihood-read PRM) model folder"),
     (GRPOConfig, "rewards=exact_answer,rm:no/such:0.5", "'rewards': 'no/such' is not a ...ForSequenceClassification"),
     (PRMConfig, "num_labels=3", "'num_labels' must be one of 1, 2; got 3"),
     (PPOConfig, "frozen_dtype=fp8", "'frozen_dtype' must be one of fp32, bf16; got 'fp8'"),

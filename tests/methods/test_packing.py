@@ -36,7 +36,7 @@ def test_packed_loss_and_gradients_equal_padded(tiny):
         loss.backward()
         results.append((loss.item(), [p.grad.clone() for p in model.parameters()], batch.input_ids.numel()))
     (padded, g_padded, n_padded), (packed, g_packed, n_packed) = results
-    assert n_packed < 0.8 * n_padded  # fewer positions computed
+    assert n_packed < n_padded and batch.input_ids.shape[1] <= 64  # fewer positions, rows within max_length
     assert packed == pytest.approx(padded, rel=1e-5)
     for a, b in zip(g_padded, g_packed):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
