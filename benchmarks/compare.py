@@ -42,9 +42,8 @@ def run_json(cmd: list[str], timeout: float) -> dict:
 
 
 def flags(args) -> list[str]:
-    out = ["--assets", args.assets, "--shape", args.shape, "--seq", args.seq, "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--max-length", str(args.max_length)]
-    return out
+    return ["--assets", args.assets, "--shape", args.shape, "--seq", args.seq, "--steps", str(args.steps),
+            "--warmup", str(args.warmup), "--max-length", str(args.max_length)]
 
 
 def spread(values: list[float]) -> dict:

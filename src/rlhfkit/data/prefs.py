@@ -186,12 +186,7 @@ def collate_rankings(examples: list[RankingExample], pad_id: int) -> RankingBatc
             i += 1
         ranks[p, : len(e.ranks)] = torch.tensor(e.ranks)
         mask[p, : len(e.ranks)] = 1
-    ref = None
-    if all(e.ref_logps is not None for e in examples):
-        ref = torch.zeros((len(examples), k))
-        for p, e in enumerate(examples):
-            ref[p, : len(e.ref_logps)] = torch.tensor(e.ref_logps)
-    return RankingBatch(input_ids, attention, completion, slot, ranks, mask, ref)
+    return RankingBatch(input_ids, attention, completion, slot, ranks, mask, _reference_grid(examples, k))
 
 
 def collate_shared_prompt(examples: list[RankingExample], pad_id: int) -> SharedPromptBatch:
@@ -227,13 +222,19 @@ def collate_shared_prompt(examples: list[RankingExample], pad_id: int) -> Shared
         mask[p, : len(e.ranks)] = 1
     predecessor, targets, owner = (torch.tensor(c, dtype=torch.long) for c in zip(*places)) if places else \
         (torch.zeros(0, dtype=torch.long),) * 3
-    ref = None
-    if all(e.ref_logps is not None for e in examples):
-        ref = torch.zeros((n_rows, k))
-        for p, e in enumerate(examples):
-            ref[p, : len(e.ref_logps)] = torch.tensor(e.ref_logps)
     return SharedPromptBatch(input_ids, positions, block_causal_mask(segment)[:, None], torch.tensor(last),
-                             torch.tensor(slot), ranks, mask, predecessor, targets, owner, torch.tensor(lengths), ref)
+                             torch.tensor(slot), ranks, mask, predecessor, targets, owner, torch.tensor(lengths),
+                             _reference_grid(examples, k))
+
+
+def _reference_grid(examples: list[RankingExample], k: int) -> torch.Tensor | None:
+    """(P, K) precomputed reference log-probs when every example carries them, else None."""
+    if not all(e.ref_logps is not None for e in examples):
+        return None
+    ref = torch.zeros((len(examples), k))
+    for p, e in enumerate(examples):
+        ref[p, : len(e.ref_logps)] = torch.tensor(e.ref_logps)
+    return ref
 
 
 def block_causal_mask(segment: torch.Tensor) -> torch.Tensor:
