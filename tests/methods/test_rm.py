@@ -16,8 +16,8 @@ def test_each_output_is_forwarded_once(tiny):
     examples, _ = encode_rankings(rows, tok, 64)
     ks = [len(e.completion_ids) for e in examples]
     seen = []
-    model.model.register_forward_hook(lambda mod, args, kwargs, out: seen.append(kwargs["input_ids"].shape[0]),
-                                      with_kwargs=True)
+    # every backbone forward (the model's own or models/fused.py's) starts at the embedding
+    model.model.embed_tokens.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[0]))
     batch = collate_rankings(examples, tok.pad_token_id)
     objective = rm_objective()
     loss, _ = objective.loss(model, batch, objective.counts(batch))

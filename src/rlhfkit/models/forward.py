@@ -22,6 +22,8 @@ import types
 import torch
 import torch.nn.functional as F
 
+from . import fused
+
 ENTRY = "rlhfkit_forward"
 
 
@@ -60,9 +62,11 @@ def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     """The backbone's last hidden states (B, T, H), without computing any vocabulary logits.
     ``attention_mask``: (B, T) padding, or a (B, 1, T, T) boolean mask of what each query attends
     to (with its ``position_ids``), which only the SDPA attention reads as such."""
-    backbone = getattr(model, model.base_model_prefix)
     if position_ids is None:
         position_ids = position_ids_from_mask(attention_mask)
+    if fused.applies(model):
+        return fused.backbone(model, input_ids, attention_mask, position_ids)
+    backbone = getattr(model, model.base_model_prefix)
     out = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     return out.last_hidden_state
 

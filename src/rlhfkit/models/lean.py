@@ -1,20 +1,20 @@
 """A lean KV-cache decoder for Llama-family models (llama, qwen2, mistral) used by the sampler.
 
-It runs the model's own modules (norms, projections, rotary embedding, MLP) but skips the
-generic forward's per-step work: no cache objects, no mask building from scratch, q/k/v
-computed by one fused matmul, and a preallocated KV cache written in place. The numbers are
+It runs the model's own weights and rotary embedding but skips the generic forward's per-step
+work: no cache objects, no mask building from scratch, q/k/v and gate/up each computed by one
+fused matmul, the norms and the rotation as fused.py computes them (fewer operations, same
+numbers), and a preallocated KV cache written in place. The numbers are
 those of the Hugging Face forward (tests compare log-probs and greedy tokens); any other model
 type, sliding-window attention or unusual config falls back to the generic path.
 """
 
 from __future__ import annotations
 
-import sys
-
 import torch
 import torch.nn.functional as F
 
 from .forward import lm_logits
+from .fused import rms_norm, rope
 from .kernels import linear
 from .lora import has_adapters
 
@@ -30,13 +30,12 @@ class LeanDecoder:
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         layers = self.base.layers
-        self.rope = sys.modules[type(layers[0].self_attn).__module__].apply_rotary_pos_emb
-        self.qkv = []
-        for layer in layers:  # one fused projection per layer: [q; k; v]
-            a = layer.self_attn
-            weight = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
-            bias = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]) if a.q_proj.bias is not None else None
-            self.qkv.append((weight, bias))
+        self.qkv, self.gate_up = [], []
+        for layer in layers:  # one fused projection per layer for [q; k; v] and for [gate; up]
+            a, m = layer.self_attn, layer.mlp
+            self.qkv.append(_fused(a.q_proj, a.k_proj, a.v_proj))
+            self.gate_up.append(_fused(m.gate_proj, m.up_proj))
+        self.intermediate = layers[0].mlp.gate_proj.weight.shape[0]
         shape = (batch, self.kv_heads, max_len, self.head_dim)
         dtype = layers[0].self_attn.q_proj.weight.dtype
         self.keys = [torch.zeros(shape, dtype=dtype) for _ in layers]
@@ -49,6 +48,7 @@ class LeanDecoder:
         return (cfg.model_type in SUPPORTED and not getattr(cfg, "sliding_window", None)
                 and not getattr(cfg, "use_sliding_window", False) and model.device.type == "cpu"
                 and hasattr(getattr(model, model.base_model_prefix, None), "layers")
+                and getattr(cfg, "hidden_act", None) == "silu"
                 and not has_adapters(model))  # it reads q/k/v weights directly: LoRA layers go the generic way
 
     def repeat_rows(self, n: int) -> None:
@@ -59,23 +59,33 @@ class LeanDecoder:
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
         """Append ``input_ids`` (N, T) at the cache's end; returns the last position's logits (N, V)."""
         x = self.base.embed_tokens(input_ids)  # (N, T, H)
-        cos, sin = self.base.rotary_emb(x, position_ids)
+        cos, sin = (c.unsqueeze(1) for c in self.base.rotary_emb(x, position_ids))  # (N, 1, T, D)
         n, t = input_ids.shape
         start, end = self.length, self.length + t
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         for i, layer in enumerate(self.base.layers):
-            h = layer.input_layernorm(x)
+            h = rms_norm(layer.input_layernorm, x)
             qkv = linear(h, *self.qkv[i])
             q = qkv[..., :q_size].view(n, t, self.heads, self.head_dim).transpose(1, 2)
             k = qkv[..., q_size: q_size + kv_size].view(n, t, self.kv_heads, self.head_dim).transpose(1, 2)
             v = qkv[..., q_size + kv_size:].view(n, t, self.kv_heads, self.head_dim).transpose(1, 2)
-            q, k = self.rope(q, k, cos, sin)
+            q, k = rope(q, k, cos, sin)
             self.keys[i][:n, :, start:end] = k
             self.values[i][:n, :, start:end] = v
             out = F.scaled_dot_product_attention(q, self.keys[i][:n, :, :end], self.values[i][:n, :, :end],
                                                  attn_mask=attn_mask, enable_gqa=self.kv_heads != self.heads)
-            x = x + layer.self_attn.o_proj(out.transpose(1, 2).reshape(n, t, q_size))
-            h = layer.post_attention_layernorm(x)
-            x = x + layer.mlp(h)
+            x.add_(layer.self_attn.o_proj(out.transpose(1, 2).reshape(n, t, q_size)))
+            h = rms_norm(layer.post_attention_layernorm, x)
+            gate, up = linear(h, *self.gate_up[i]).split(self.intermediate, -1)
+            x.add_(linear(F.silu(gate).mul_(up), layer.mlp.down_proj.weight, layer.mlp.down_proj.bias))
         self.length = end
-        return lm_logits(self.model, self.base.norm(x[:, -1])).float()
+        return lm_logits(self.model, rms_norm(self.base.norm, x[:, -1])).float()
+
+
+def _fused(*projections) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weights (and biases) of linear layers that read the same input, stacked: one matmul."""
+    weight = torch.cat([p.weight for p in projections])
+    if all(p.bias is None for p in projections):
+        return weight, None
+    return weight, torch.cat([p.bias if p.bias is not None else p.weight.new_zeros(p.weight.shape[0])
+                              for p in projections])

@@ -1,0 +1,116 @@
+"""The lean backbone (models/fused.py) against the model's own forward: hidden states and every
+parameter's gradient to 1e-5, for the three architectures it takes, padded, unpadded and block-masked."""
+
+import pytest
+import torch
+
+from rlhfkit.models import fused
+from rlhfkit.models.forward import position_ids_from_mask
+
+ARCHES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {"attention_bias": True, "mlp_bias": True}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),  # q/k/v biases, grouped-query attention below
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
+}
+
+
+def tiny(arch: str, kv_heads: int = 2, seed: int = 0):
+    import transformers
+
+    config_name, model_name, extra = ARCHES[arch]
+    config = getattr(transformers, config_name)(
+        vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=kv_heads, max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        attn_implementation="sdpa", **extra)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(config).float()
+    with torch.no_grad():  # biases and norm weights away from their init, so that their gradients are tested
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def own_forward(model, ids, mask, positions):
+    return model.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
+
+
+def both(model, ids, mask, positions, read):
+    """(ours, theirs) for ``read`` of the hidden states, and both sets of parameter gradients."""
+    results = []
+    for forward in (fused.backbone, own_forward):
+        model.zero_grad(set_to_none=True)
+        hidden = forward(model, ids, mask, positions)
+        weights = torch.linspace(-1, 1, hidden.shape[-1])
+        (read(hidden) * weights).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((read(hidden).detach(), grads))
+    return results
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHES))
+@pytest.mark.parametrize("padding", ["none", "left", "right"])
+def test_lean_backbone_matches_the_models_forward_and_gradients(arch, padding):
+    model = tiny(arch)
+    assert fused.applies(model)
+    torch.manual_seed(1)
+    ids = torch.randint(0, 97, (3, 9))
+    mask = torch.ones_like(ids)
+    if padding == "left":
+        mask[0, :4], mask[2, :1] = 0, 0
+    elif padding == "right":
+        mask[1, 6:], mask[2, 8:] = 0, 0
+    positions = position_ids_from_mask(mask)
+    # every position, padding included (a query that sees no key gets zeros in both)
+    (ours, our_grads), (theirs, their_grads) = both(model, ids, mask, positions, lambda h: h)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    assert our_grads.keys() == their_grads.keys() and len(our_grads) == len(list(model.parameters())) - 1  # not lm_head
+    for name, want in their_grads.items():  # to 1e-5 of each gradient's scale (fp32 sums in another order)
+        gap = (our_grads[name] - want).abs().max() / want.abs().max().clamp(min=1.0)
+        assert gap < 1e-5, (name, gap.item())
+
+
+def test_block_mask_of_two_packed_sequences_equals_each_alone():
+    """A (B, 1, T, T) mask of two sequences in one row with their own positions: each gives the
+    hidden states it has alone (the packing and shared-prompt layouts rely on this)."""
+    model = tiny("qwen2")
+    torch.manual_seed(2)
+    a, b = torch.randint(0, 97, (1, 5)), torch.randint(0, 97, (1, 4))
+    ids = torch.cat([a, b], 1)
+    seq = torch.tensor([0] * 5 + [1] * 4)
+    block = (seq[:, None] == seq[None, :]) & torch.ones(9, 9, dtype=torch.bool).tril()
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3]])
+    with torch.no_grad():
+        packed = fused.backbone(model, ids, block[None, None], positions)
+        alone = [fused.backbone(model, x, torch.ones_like(x), position_ids_from_mask(torch.ones_like(x))) for x in (a, b)]
+    torch.testing.assert_close(packed[0], torch.cat([alone[0][0], alone[1][0]]), atol=1e-5, rtol=1e-5)
+
+
+def test_rope_backward_is_the_transpose_of_its_forward():
+    """<rope(x), g> = <x, rope^T(g)>: the written-out backward against autograd's gradcheck."""
+    torch.manual_seed(3)
+    q = torch.randn(2, 3, 2, 4, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 3, 1, 4, dtype=torch.float64, requires_grad=True)
+    angles = torch.randn(2, 3, 1, 2, dtype=torch.float64)
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    assert torch.autograd.gradcheck(lambda q, k: fused._Rope.apply(q, k, cos, sin), (q, k))
+    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: fused._RMSNorm.apply(x, w, 1e-5), (x, w))
+    a, b = (torch.randn(4, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(fused._SwiGLU.apply, (a, b))
+
+
+def test_refuses_what_it_does_not_compute(monkeypatch):
+    model = tiny("llama")
+    model.gradient_checkpointing_enable()
+    assert not fused.applies(model)  # activation checkpointing: the model's forward does it
+    model = tiny("mistral")
+    model.config.sliding_window = 4
+    assert not fused.applies(model)
+    model = tiny("qwen2")
+    model.config._attn_implementation = "eager"
+    assert not fused.applies(model)
+    model = tiny("llama")
+    monkeypatch.setenv("RLHFKIT_LEAN_FORWARD", "0")
+    assert not fused.applies(model)
