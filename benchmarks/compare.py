@@ -8,7 +8,8 @@ METHOD: sft rm dpo grpo ppo generate. Each round runs `run.py METHOD` (this envi
 `make trl-env`; PPO needs TRL 1.12, --trl-ppo-python, default .venv-trl112/bin/python), each in a
 fresh process, alternating which goes first. DPO runs rlhfkit twice per round: like for like
 (`--dpo-reference forward`, the reference forwarded every step as TRL does) and its default
-(reference log-probs precomputed once, the one-off cost printed). `generate` compares with plain
+(reference log-probs precomputed once, the one-off cost printed); SFT too: padded rows as TRL's,
+and padding-free (`--packing`). `--no-variants`: the like-for-like runs only. `generate` compares with plain
 transformers `generate` inside one process (run.py does both). `run.py ceiling` runs before and
 after, so that the host can be told apart.
 
@@ -50,13 +51,24 @@ def spread(values: list[float]) -> dict:
     return {"median": round(statistics.median(values), 3), "min": round(min(values), 3), "max": round(max(values), 3)}
 
 
+# rlhfkit's runs of a method: the like-for-like one first ("rlhfkit"), then any other way it
+# can do the same work, each reported beside it with its own ratio to TRL
+VARIANTS = {
+    "dpo": {"rlhfkit": ["--dpo-reference", "forward"], "rlhfkit_precompute": []},  # the default: precomputed
+    "sft": {"rlhfkit": [], "rlhfkit_packing": ["--packing"]},  # padding-free rows (SFTConfig.packing)
+}
+LABELS = {"rlhfkit_precompute": "dpo, rlhfkit's default (reference log-probs precomputed once)",
+          "rlhfkit_packing": "sft, padding-free batches (`packing=true`)"}
+
+
 def compare(method: str, args) -> dict:
     ours_cmd = [sys.executable, str(HERE / "run.py"), method, *flags(args)]
     trl_python = args.trl_ppo_python if method == "ppo" else args.trl_python
     theirs_cmd = [trl_python, str(HERE / f"trl_{method}.py"), *flags(args)]
-    variants = {"rlhfkit": ours_cmd + (["--dpo-reference", "forward"] if method == "dpo" else [])}
-    if method == "dpo" and getattr(args, "dpo_precompute", True):
-        variants["rlhfkit_precompute"] = ours_cmd
+    own = VARIANTS.get(method, {"rlhfkit": []})
+    if not getattr(args, "variants", True):
+        own = {"rlhfkit": own["rlhfkit"]}
+    variants = {name: ours_cmd + extra for name, extra in own.items()}
     if method != "generate":
         variants["trl"] = theirs_cmd
     results: dict[str, list[dict]] = {k: [] for k in variants}
@@ -92,12 +104,12 @@ def summarise(method: str, results: dict[str, list[dict]]) -> dict:
     out["trl_gflops_per_s"] = round(out["rlhfkit_gflops_per_s"] * scale, 1)
     out["trl_peak_rss_mb"] = max(x["peak_rss_mb"] for x in theirs)
     out["trl_version"] = theirs[0]["library"]
-    if "rlhfkit_precompute" in results:
-        pre = results["rlhfkit_precompute"]
-        s_pre = [x["sec_per_step"] for x in pre]
-        out["precompute_sec_per_step"] = spread(s_pre)
-        out["precompute_ratio"] = spread([t / o for t, o in zip(s_theirs, s_pre)])
-        out["precompute_one_off_s"] = round(statistics.median(x["reference_precompute_s"] for x in pre), 3)
+    for name in set(results) - {"rlhfkit", "trl"}:
+        times = [x["sec_per_step"] for x in results[name]]
+        out[name] = {"sec_per_step": spread(times), "ratio": spread([t / o for t, o in zip(s_theirs, times)]),
+                     "gflops_per_s": round(statistics.median(x["model_gflops_per_s"] for x in results[name]), 1)}
+        if name == "rlhfkit_precompute":
+            out[name]["one_off_s"] = round(statistics.median(x["reference_precompute_s"] for x in results[name]), 3)
     return out
 
 
@@ -110,11 +122,11 @@ def table_row(s: dict) -> str:
            f"| **{s['ratio']['median']}x** ({s['ratio']['min']}-{s['ratio']['max']}) "
            f"| {s['rlhfkit_tokens_per_s']} / {s['trl_tokens_per_s']} | {s['rlhfkit_gflops_per_s']} / "
            f"{s['trl_gflops_per_s']} | {s['rlhfkit_peak_rss_mb']} / {s['trl_peak_rss_mb']} |")
-    if "precompute_ratio" in s:
-        row += (f"\n| dpo (precomputed reference) | {s['precompute_sec_per_step']['median']} | "
-                f"{s['trl_sec_per_step']['median']} | **{s['precompute_ratio']['median']}x** "
-                f"({s['precompute_ratio']['min']}-{s['precompute_ratio']['max']}) | | | one-off "
-                f"{s['precompute_one_off_s']} s |")
+    for name in sorted(set(s) & set(LABELS)):
+        v = s[name]
+        one_off = f"one-off {v['one_off_s']} s" if "one_off_s" in v else ""
+        row += (f"\n| {LABELS[name]} | {v['sec_per_step']['median']} | {s['trl_sec_per_step']['median']} | "
+                f"**{v['ratio']['median']}x** ({v['ratio']['min']}-{v['ratio']['max']}) | | {v['gflops_per_s']} / | {one_off} |")
     return row
 
 
@@ -130,6 +142,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--max-length", type=int, help="default 128, or 320 with --seq long")
+    p.add_argument("--no-variants", dest="variants", action="store_false",
+                   help="only the like-for-like rlhfkit run (no precomputed DPO reference, no padding-free SFT)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per benchmark process")
     args = p.parse_args()
     args.assets = args.assets or str(ROOT / ".bench" / f"{args.shape}-{args.seq}")

@@ -33,7 +33,7 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--out", help="append the summary lines to this JSONL file")
     args = p.parse_args()
-    args.trl_ppo_python, args.dpo_precompute = None, False  # DPO like for like only
+    args.trl_ppo_python, args.variants = None, False  # like for like only
     rows = []
     for shape in args.shapes:
         for seq in args.seqs:

@@ -67,3 +67,30 @@ def test_use_fast_linear_switches_layers_in_place_and_keeps_outputs():
     assert isinstance(net[0], FastLinear) and isinstance(net[0], torch.nn.Linear)
     torch.testing.assert_close(net(x), before, atol=1e-5, rtol=1e-5)
     assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
+
+
+def test_row_buckets_add_at_most_an_eighth_and_are_few():
+    from rlhfkit.models.kernels import bucket
+
+    sizes = {bucket(m) for m in range(1, 4097)}
+    for m in range(1, 4097):
+        assert m <= bucket(m) <= m + max(7, m // 8) and bucket(bucket(m)) == bucket(m)
+    assert len(sizes) <= 8 * 12 + 8  # 8 per power of two (and the multiples of 8 below 128)
+
+
+@needs_onednn
+def test_padded_rows_change_no_result_and_no_gradient():
+    """201 rows go through oneDNN as 208: the same outputs and gradients as F.linear."""
+    torch.manual_seed(4)
+    x = torch.randn(201, 24, requires_grad=True)
+    w = torch.randn(56, 24, requires_grad=True)
+    b = torch.randn(56, requires_grad=True)
+    g = torch.randn(201, 56)
+    ours = linear(x, w, b)
+    grads = torch.autograd.grad((ours * g).sum(), (x, w, b))
+    theirs = F.linear(x, w, b)
+    want = torch.autograd.grad((theirs * g).sum(), (x, w, b))
+    assert ours.shape == (201, 56)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    for got, exp in zip(grads, want):
+        torch.testing.assert_close(got, exp, atol=1e-4, rtol=1e-5)
