@@ -102,12 +102,17 @@ def test_rope_backward_is_the_transpose_of_its_forward():
 
 
 def test_refuses_what_it_does_not_compute(monkeypatch):
+    from rlhfkit.models.lean import LeanDecoder
+
+    model = tiny("qwen2")
+    model.config.sliding_window, model.config.use_sliding_window = 4096, False  # as Qwen2.5's configs ship
+    assert fused.applies(model) and LeanDecoder.applies(model)
     model = tiny("llama")
     model.gradient_checkpointing_enable()
     assert not fused.applies(model)  # activation checkpointing: the model's forward does it
     model = tiny("mistral")
     model.config.sliding_window = 4
-    assert not fused.applies(model)
+    assert not fused.applies(model) and not LeanDecoder.applies(model)
     model = tiny("qwen2")
     model.config._attn_implementation = "eager"
     assert not fused.applies(model)

@@ -15,11 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from .forward import lm_logits
-from .fused import rms_norm, rope
+from .fused import llama_like, rms_norm, rope
 from .kernels import linear, onednn_linear_available
 from .lora import has_adapters
-
-SUPPORTED = {"llama", "qwen2", "mistral"}
 
 
 class LeanDecoder:
@@ -48,11 +46,8 @@ class LeanDecoder:
 
     @staticmethod
     def applies(model) -> bool:
-        cfg = model.config
-        return (cfg.model_type in SUPPORTED and not getattr(cfg, "sliding_window", None)
-                and not getattr(cfg, "use_sliding_window", False) and model.device.type == "cpu"
+        return (llama_like(model.config) and model.device.type == "cpu"
                 and hasattr(getattr(model, model.base_model_prefix, None), "layers")
-                and getattr(cfg, "hidden_act", None) == "silu"
                 and not has_adapters(model))  # it reads q/k/v weights directly: LoRA layers go the generic way
 
     def repeat_rows(self, n: int) -> None:
