@@ -149,7 +149,7 @@ def _stage_prm(ctx: dict) -> dict:
 
 def _stage_grpo_prm_learned(ctx: dict) -> dict:
     """PRM advantages from the learned process reward model's step scores, from the same SFT model as grpo_prm."""
-    return _grpo(ctx, "grpo_prm_learned", ctx["multistep_model"], "multistep_", 150,
+    return _grpo(ctx, "grpo_prm_learned", ctx["multistep_model"], "multistep_", 200,
                  process_reward=f"prm:{ctx['prm_model']}", max_new_tokens=40, eval_max_new_tokens=40)
 
 
