@@ -179,7 +179,8 @@ def test_grpo_with_lora_raises_exact_match(tiny, sft_run, tmp_path):
     cfg = GRPOConfig(model=str(sft_run["out"] / "snapshot"), train_data=str(data / "prompts_train.jsonl"),
                      eval_data=str(data / "prompts_eval.jsonl"), eval_limit=300, group_size=8, prompts_per_step=16,
                      max_new_tokens=8, eval_max_new_tokens=8, lora=LoraConfig(r=16, alpha=32),
-                     train=quiet_train(tmp_path / "grpo", max_steps=150, lr=1e-3, schedule="constant", log_every=10))
+                     train=quiet_train(tmp_path / "grpo", max_steps=200, lr=1e-3, schedule="constant", log_every=10))
     summary = run_grpo(cfg)
-    # measured: 0.547 -> 0.643 after 100 steps, 0.75 after 200 (lr 3e-3 collapsed)
+    # measured: 0.547 -> 0.643 after 100 steps, 0.75 after 200 (lr 3e-3 collapsed); from the snapshot
+    # of the lean forward's SFT run (0.613): 0.673 after 150 steps
     assert summary["accuracy"] >= summary["accuracy_before"] + 0.08, summary
