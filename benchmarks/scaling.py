@@ -5,7 +5,8 @@
 
 Each (shape, seq) runs `compare.py`'s interleaved comparison (BENCHMARK.md's scaling shapes: the
 same Qwen2 family, untied, vocab 1024, at hidden 256/4 layers, 512/8, 1024/8; ~13 and ~256 tokens
-per sequence). Prints one JSON line per configuration and a table for the README on stderr:
+per sequence). `run.py ceiling` runs before and after. Prints one JSON line per configuration
+and a table for the README on stderr:
 s/step, tokens/s and model GFLOP/s for both, and the ratio TRL / rlhfkit.
 """
 
@@ -35,6 +36,8 @@ def main() -> None:
     args = p.parse_args()
     args.trl_ppo_python, args.variants = None, False  # like for like only
     rows = []
+    ceiling = [compare.run_json([sys.executable, str(compare.HERE / "run.py"), "ceiling"], args.timeout)]
+    print(json.dumps(ceiling[0]), flush=True)
     for shape in args.shapes:
         for seq in args.seqs:
             args.shape, args.seq = shape, seq
@@ -47,6 +50,10 @@ def main() -> None:
                     with Path(args.out).open("a") as f:
                         f.write(json.dumps(summary) + "\n")
                 rows.append(summary)
+    ceiling.append(compare.run_json([sys.executable, str(compare.HERE / "run.py"), "ceiling"], args.timeout))
+    print(json.dumps(ceiling[1]), flush=True)
+    print(f"ceiling before / after: torch.mm {ceiling[0]['mm_gflops_per_s']} / {ceiling[1]['mm_gflops_per_s']}, oneDNN "
+          f"{ceiling[0]['onednn_gflops_per_s']} / {ceiling[1]['onednn_gflops_per_s']} GFLOP/s", file=sys.stderr)
     print("| method | model | tokens/seq | rlhfkit s/step | TRL s/step | TRL / rlhfkit | tokens/s (rlhfkit / TRL) "
           "| model GFLOP/s (rlhfkit / TRL) |\n| --- | --- | --- | --- | --- | --- | --- | --- |", file=sys.stderr)
     for s in rows:

@@ -72,13 +72,18 @@ def _sharded(*modules) -> bool:
     return any(isinstance(m, FSDPModule) for m in modules)
 
 
+def _inv_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``1 / sqrt(mean(x^2) + eps)`` over the last dimension, kept for broadcasting."""
+    return x.square().mean(-1, keepdim=True).add_(eps).rsqrt_()
+
+
 class _RMSNorm(torch.autograd.Function):
     """``y = w * x r`` with ``r = 1 / sqrt(mean(x^2) + eps)``; backward
     ``dx = r (g w - x_hat mean(g w x_hat))``, ``dw = sum_rows(g x_hat)``."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
-        r = x.square().mean(-1, keepdim=True).add_(eps).rsqrt_()
+        r = _inv_rms(x, eps)
         x_hat = x * r
         ctx.save_for_backward(x_hat, r, weight)
         return weight * x_hat
@@ -141,7 +146,7 @@ def rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     if x.dtype != torch.float32 or norm.weight.dtype != torch.float32:
         return norm(x)  # the module's own casts
     if not (torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad)):
-        return norm.weight * (x * x.square().mean(-1, keepdim=True).add_(eps).rsqrt_())
+        return norm.weight * (x * _inv_rms(x, eps))
     return _RMSNorm.apply(x, norm.weight, eps)
 
 
