@@ -155,6 +155,9 @@ class Run:
     signal: int | None = None  # SIGTERM / SIGINT received during the steps: stop after this step
     held: dict = field(default_factory=dict)  # the signal handlers steps() replaced
 
+    def __post_init__(self):
+        keep_freed_memory()  # steps reuse their activations' memory instead of page-faulting it in (memory.py)
+
     def say(self, message: str) -> None:
         if self.info.is_main:
             print(f"{self.name}: {message}", file=sys.stderr)
@@ -376,7 +379,6 @@ def write_config(out: Path, config: dict) -> None:
 def start_run(cfg: TrainConfig, config, name: str, unit: str = "optimizer step",
               show: tuple[str, ...] = ("loss",)) -> Run:
     """Distributed set-up and the out-dir check, before any model loads; writes config.yaml."""
-    keep_freed_memory()  # steps reuse their activations' memory instead of page-faulting it in (memory.py)
     info = init_distributed(cfg.device)
     if unit == "optimizer step":  # the offline methods split train.batch_size over ranks and micro-batches
         split_batch(cfg, info)
