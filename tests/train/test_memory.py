@@ -22,3 +22,16 @@ def test_a_steps_freed_tensors_are_reused_without_page_faults():
         _step()
     faults_per_step = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10
     assert faults_per_step < 300, faults_per_step
+
+
+def test_every_run_keeps_freed_memory(monkeypatch):
+    # The benchmarks build their Run directly, not through start_run: the setting must come with
+    # the Run itself, or a measured step is not the step a user's run takes.
+    import rlhfkit.train.run as run_module
+    from rlhfkit.train.config import TrainConfig
+    from rlhfkit.train.dist import DistInfo
+
+    calls = []
+    monkeypatch.setattr(run_module, "keep_freed_memory", lambda: calls.append(1))
+    run_module.Run(TrainConfig(), {}, DistInfo(), "bench", "optimizer step")
+    assert calls == [1]
