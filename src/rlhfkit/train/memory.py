@@ -8,6 +8,7 @@ about a sixth of the step's CPU time. Raising both thresholds (what the environm
 ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` do, or an allocator like jemalloc)
 keeps that memory for the next step: about 380 faults, the step 15-20% faster. The cost is
 that the process keeps its peak heap instead of shrinking between steps.
+Every ``Run`` applies it when it is made (train/run.py), a benchmark's included.
 ``RLHFKIT_KEEP_FREED_MEMORY=0`` leaves malloc as it is.
 """
 
