@@ -337,6 +337,7 @@ def _prompts(paths, tokenizer) -> tuple[list, list]:
 def bench_generate(args) -> dict:
     from rlhfkit.rollout.sampler import left_pad, sample
     from rlhfkit.train.memory import keep_freed_memory
+
     paths = assets(args)
     model, tokenizer = load_policy(paths["model"], paths["tokenizer"])
     model.eval()
