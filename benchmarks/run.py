@@ -170,6 +170,8 @@ def profile_steps(step_fn, first: int, n: int) -> dict:
         for i in range(first, first + n):
             step_fn(i)
         wall = time.perf_counter() - start
+    if os.environ.get("RLHFKIT_PROFILE_TABLE"):
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40), file=sys.stderr)
     return by_kind(prof, n, wall)
 
 

@@ -1,0 +1,71 @@
+"""The sampler's lean KV-cache decoder (models/lean.py) against the generic cached forward: the same
+tokens and log-probs to 1e-5 for the three architectures it takes (grouped-query attention, biases,
+left padding, several samples per prompt), and it always samples from the model's current weights."""
+
+import pytest
+import torch
+from test_fused import ARCHES, tiny
+
+from rlhfkit.models import lean
+from rlhfkit.rollout import sampler
+
+PROMPTS = [[5, 17, 3, 44, 9, 12], [8, 2], [60, 61, 62, 1]]  # different lengths: left padding
+
+
+def sharp(arch: str):
+    """A tiny model whose attention is far from uniform, so that the scores' details show in the log-probs."""
+    model = tiny(arch, kv_heads=2)  # 4 query heads over 2 key/value heads
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(6.0)
+            layer.self_attn.k_proj.weight.mul_(6.0)
+    return model
+
+
+def run(model, monkeypatch, use_lean: bool, temperature: float, num_samples: int):
+    monkeypatch.setattr(sampler.LeanDecoder, "applies", staticmethod(lambda m: use_lean))
+    generator = torch.Generator().manual_seed(3)
+    return sampler.sample(model, PROMPTS, eos_id=-1, pad_id=0, max_new_tokens=7, temperature=temperature,
+                          num_samples=num_samples, generator=generator)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHES))
+@pytest.mark.parametrize("temperature,num_samples", [(0.0, 1), (1.0, 3)])
+def test_lean_decoder_matches_the_generic_cached_forward(arch, temperature, num_samples, monkeypatch):
+    model = sharp(arch)
+    ours = run(model, monkeypatch, True, temperature, num_samples)
+    theirs = run(model, monkeypatch, False, temperature, num_samples)
+    assert ours.completion_ids.shape == (3 * num_samples, 7)
+    assert torch.equal(ours.completion_ids, theirs.completion_ids)
+    assert torch.allclose(ours.logprobs, theirs.logprobs, atol=1e-5)
+    assert ours.logprobs.abs().sum() > 1  # not all zero: the comparison means something
+
+
+def test_rotation_pairing_leaves_attention_scores_unchanged():
+    d, heads = 8, 3
+    torch.manual_seed(0)
+    w = torch.randn(heads * d, 16)
+    paired, _ = lean._paired(w, None, d)
+    x = torch.randn(5, 16)
+    q, k = (x @ w.T).view(5, heads, d), (x.flip(0) @ w.T).view(5, heads, d)
+    qp, kp = (x @ paired.T).view(5, heads, d), (x.flip(0) @ paired.T).view(5, heads, d)
+    assert torch.allclose((q * k).sum(-1), (qp * kp).sum(-1), atol=1e-5)  # q.k per head is unchanged
+    assert torch.equal(qp[..., 0::2], q[..., : d // 2]) and torch.equal(qp[..., 1::2], q[..., d // 2:])
+
+
+def test_sampling_after_an_optimizer_step_sees_the_new_weights(monkeypatch):
+    # fused AdamW changes weights in place without bumping their version counters: a decoder that
+    # kept its prepared weights across calls keyed on them would sample from the old model
+    from rlhfkit.train.optim import build_optimizer
+
+    model = sharp("qwen2")
+    optimizer = build_optimizer(model, lr=0.05)
+    run(model, monkeypatch, True, 0.0, 1), run(model, monkeypatch, True, 0.0, 1)  # twice with unchanged weights
+    before = run(model, monkeypatch, True, 0.0, 1)
+    versions = [p._version for p in model.parameters()]
+    model(torch.tensor(PROMPTS[0])[None]).logits.square().mean().backward()
+    optimizer.step()
+    assert [p._version for p in model.parameters()] == versions  # the step left no trace there
+    after, generic = run(model, monkeypatch, True, 0.0, 1), run(model, monkeypatch, False, 0.0, 1)
+    assert torch.allclose(after.logprobs, generic.logprobs, atol=1e-5)  # the step was seen
+    assert not torch.allclose(after.logprobs, before.logprobs, atol=1e-3)
