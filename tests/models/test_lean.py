@@ -6,7 +6,6 @@ import pytest
 import torch
 from test_fused import ARCHES, tiny
 
-from rlhfkit.models import lean
 from rlhfkit.rollout import sampler
 
 PROMPTS = [[5, 17, 3, 44, 9, 12], [8, 2], [60, 61, 62, 1]]  # different lengths: left padding
@@ -39,18 +38,6 @@ def test_lean_decoder_matches_the_generic_cached_forward(arch, temperature, num_
     assert torch.equal(ours.completion_ids, theirs.completion_ids)
     assert torch.allclose(ours.logprobs, theirs.logprobs, atol=1e-5)
     assert ours.logprobs.abs().sum() > 1  # not all zero: the comparison means something
-
-
-def test_rotation_pairing_leaves_attention_scores_unchanged():
-    d, heads = 8, 3
-    torch.manual_seed(0)
-    w = torch.randn(heads * d, 16)
-    paired, _ = lean._paired(w, None, d)
-    x = torch.randn(5, 16)
-    q, k = (x @ w.T).view(5, heads, d), (x.flip(0) @ w.T).view(5, heads, d)
-    qp, kp = (x @ paired.T).view(5, heads, d), (x.flip(0) @ paired.T).view(5, heads, d)
-    assert torch.allclose((q * k).sum(-1), (qp * kp).sum(-1), atol=1e-5)  # q.k per head is unchanged
-    assert torch.equal(qp[..., 0::2], q[..., : d // 2]) and torch.equal(qp[..., 1::2], q[..., d // 2:])
 
 
 def test_sampling_after_an_optimizer_step_sees_the_new_weights(monkeypatch):
