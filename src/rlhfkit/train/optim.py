@@ -65,36 +65,15 @@ def optimizer_step(model, optimizer, scheduler, max_grad_norm: float, info: Dist
     if not sharded:
         all_reduce_grads(model, info)
     limit = max_grad_norm if max_grad_norm > 0 else float("inf")
-    if sharded or clip_apart or not optimizer.defaults.get("fused"):
-        norms = [_norm_value(torch.nn.utils.clip_grad_norm_([p for p in m.parameters() if p.grad is not None], limit))
-                 for m in (clip_apart or [model])]
-        for norm in norms:
-            check_finite(norm, "gradient norm", step)
-        optimizer.step()
-    else:
-        norms = [_clipped_in_the_step(model, optimizer, limit, step)]
+    norms = [_norm_value(torch.nn.utils.clip_grad_norm_([p for p in m.parameters() if p.grad is not None], limit))
+             for m in (clip_apart or [model])]
+    for norm in norms:
+        check_finite(norm, "gradient norm", step)
+    grad_norm = norms[0]
+    optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return norms[0]
-
-
-def _clipped_in_the_step(model, optimizer, limit: float, step: int) -> float:
-    """Clipping folded into the fused AdamW step: the gradients are read once for their norm and
-    once by the step, which divides them by ``grad_scale`` = 1 / clip coefficient as it reads them,
-    instead of a pass that multiplies every gradient in place between the two (the clip coefficient
-    is ``clip_grad_norm_``'s, max_norm / (norm + 1e-6), so the update is the same to rounding).
-    Returns the norm before clipping."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    norm = _norm_value(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-    check_finite(norm, "gradient norm", step)
-    coefficient = limit / (norm + 1e-6)
-    if coefficient < 1.0:
-        optimizer.grad_scale = torch.tensor(1.0 / coefficient)
-    try:
-        optimizer.step()
-    finally:
-        optimizer.grad_scale = None
-    return norm
+    return grad_norm
 
 
 def _norm_value(norm) -> float:
