@@ -47,7 +47,8 @@ def test_sampling_after_an_optimizer_step_sees_the_new_weights(monkeypatch):
 
     model = sharp("qwen2")
     optimizer = build_optimizer(model, lr=0.05)
-    run(model, monkeypatch, True, 0.0, 1), run(model, monkeypatch, True, 0.0, 1)  # twice with unchanged weights
+    for _ in range(2):  # sampled twice with unchanged weights, as evaluation would
+        run(model, monkeypatch, True, 0.0, 1)
     before = run(model, monkeypatch, True, 0.0, 1)
     versions = [p._version for p in model.parameters()]
     model(torch.tensor(PROMPTS[0])[None]).logits.square().mean().backward()

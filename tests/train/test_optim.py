@@ -13,7 +13,7 @@ def _model(seed: int = 0):
     return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
 
 
-def test_adamw_reads_the_clipped_gradients():
+def test_adamw_reads_the_clipped_gradients(monkeypatch):
     # the gradients as the fused AdamW kernel reads them have the clipped norm; the returned norm is the unclipped one
     model = _model()
     optimizer = build_optimizer(model, lr=1e-3)
@@ -25,12 +25,9 @@ def test_adamw_reads_the_clipped_gradients():
         seen.append(sum(float(g.square().sum()) for g in grads) / scale ** 2)
         return original(params, grads, *args, grad_scale=grad_scale, **kw)
 
-    torch._fused_adamw_ = spy
-    try:
-        ((model(torch.randn(8, 6)) * 5) ** 2).mean().backward()
-        norm = optimizer_step(model, optimizer, build_scheduler(optimizer, 1, 0, "constant"), 0.05, DistInfo(), 0)
-    finally:
-        torch._fused_adamw_ = original
+    monkeypatch.setattr(torch, "_fused_adamw_", spy)
+    ((model(torch.randn(8, 6)) * 5) ** 2).mean().backward()
+    norm = optimizer_step(model, optimizer, build_scheduler(optimizer, 1, 0, "constant"), 0.05, DistInfo(), 0)
     assert norm > 0.05 and len(seen) == 2 and sum(seen) ** 0.5 == pytest.approx(0.05, rel=1e-4)
 
 
