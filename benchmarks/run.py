@@ -408,7 +408,10 @@ def bench_generate(args) -> dict:
                                  pad_token_id=tokenizer.pad_token_id)
         return int((out.shape[1] - ids.shape[1]) * out.shape[0])
 
+    extra = PROFILE["steps"], SPLIT["steps"]
+    PROFILE["steps"] = SPLIT["steps"] = 0  # --profile and --split are about rlhfkit's sampler: not run for theirs
     t_theirs, n_theirs = timed_steps(theirs, args.warmup, args.steps)
+    PROFILE["steps"], SPLIT["steps"] = extra
     # each under its library's own malloc settings: transformers' generate under glibc's defaults,
     # then rlhfkit's sampler as it runs inside an rlhfkit run, which keeps freed memory (train/memory.py)
     keep_freed_memory()
