@@ -1,11 +1,16 @@
 """The sampler's lean KV-cache decoder (models/lean.py) against the generic cached forward: the same
 tokens and log-probs to 1e-5 for the three architectures it takes (grouped-query attention, biases,
-left padding, several samples per prompt), and it always samples from the model's current weights."""
+left padding, several samples per prompt), with and without the weights laid out for oneDNN; its
+TorchScript layers give the same numbers bit for bit as the same function run by Python; bf16
+models sample too; and it always samples from the model's current weights."""
 
 import pytest
 import torch
 from test_fused import ARCHES, tiny
 
+from rlhfkit.models import lean
+from rlhfkit.models.kernels import onednn_linear_available
+from rlhfkit.models.script import scripted
 from rlhfkit.rollout import sampler
 
 PROMPTS = [[5, 17, 3, 44, 9, 12], [8, 2], [60, 61, 62, 1]]  # different lengths: left padding
@@ -30,7 +35,12 @@ def run(model, monkeypatch, use_lean: bool, temperature: float, num_samples: int
 
 @pytest.mark.parametrize("arch", sorted(ARCHES))
 @pytest.mark.parametrize("temperature,num_samples", [(0.0, 1), (1.0, 3)])
-def test_lean_decoder_matches_the_generic_cached_forward(arch, temperature, num_samples, monkeypatch):
+@pytest.mark.parametrize("layout", [False, True])
+def test_lean_decoder_matches_the_generic_cached_forward(arch, temperature, num_samples, layout, monkeypatch):
+    if layout and not onednn_linear_available():
+        pytest.skip("no oneDNN linear in this build: nothing is laid out")
+    # 7 new tokens: the weights stay as they are unless every call lays them out
+    monkeypatch.setattr(lean, "LAYOUT_MIN_NEW_TOKENS", 0 if layout else 10**6)
     model = sharp(arch)
     ours = run(model, monkeypatch, True, temperature, num_samples)
     theirs = run(model, monkeypatch, False, temperature, num_samples)
@@ -57,3 +67,25 @@ def test_sampling_after_an_optimizer_step_sees_the_new_weights(monkeypatch):
     after, generic = run(model, monkeypatch, True, 0.0, 1), run(model, monkeypatch, False, 0.0, 1)
     assert torch.allclose(after.logprobs, generic.logprobs, atol=1e-5)  # the step was seen
     assert not torch.allclose(after.logprobs, before.logprobs, atol=1e-3)
+
+
+def test_torchscript_layers_give_the_numbers_python_gives(monkeypatch):
+    assert isinstance(scripted(lean._step), torch.jit.ScriptFunction)  # compiled, not the fallback
+    assert isinstance(scripted(sampler._pick), torch.jit.ScriptFunction)
+    model = sharp("qwen2")
+    by_torchscript = run(model, monkeypatch, True, 1.0, 3)
+    for module in (lean, sampler):
+        monkeypatch.setattr(module, "scripted", lambda function: function)
+    python = run(model, monkeypatch, True, 1.0, 3)
+    assert torch.equal(by_torchscript.completion_ids, python.completion_ids)
+    assert torch.equal(by_torchscript.logprobs, python.logprobs)
+
+
+def test_bf16_model_samples_as_the_generic_forward_does(monkeypatch):
+    # its weights must not be laid out for the fp32 oneDNN product (that once failed in the first matmul)
+    monkeypatch.setattr(lean, "LAYOUT_MIN_NEW_TOKENS", 0)
+    model = sharp("llama").to(torch.bfloat16)
+    ours, theirs = run(model, monkeypatch, True, 0.0, 1), run(model, monkeypatch, False, 0.0, 1)
+    assert torch.equal(ours.completion_ids, theirs.completion_ids)
+    assert torch.allclose(ours.logprobs, theirs.logprobs, atol=2e-2)
+    assert ours.logprobs.abs().sum() > 1

@@ -81,14 +81,22 @@ LOGIT_PROCESSING = {
 }
 
 
+def _logit_processing(config) -> list:
+    """The (function, value) pairs of LOGIT_PROCESSING that ``config`` turns on."""
+    on = [(apply, getattr(config, field, None)) for field, apply in LOGIT_PROCESSING.items()]
+    return [(apply, value) for apply, value in on if value is not None and not isinstance(value, bool)]
+
+
+def processes_logits(config) -> bool:
+    """Whether the model applies any final processing to its head's output (LOGIT_PROCESSING)."""
+    return bool(_logit_processing(config))
+
+
 def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     """The model's logits for ``hidden`` (..., H) states: the head, then its final processing."""
     logits = model.get_output_embeddings()(hidden)
-    config = model.config
-    for field, apply in LOGIT_PROCESSING.items():
-        value = getattr(config, field, None)
-        if value is not None and not isinstance(value, bool):
-            logits = apply(logits, value)
+    for apply, value in _logit_processing(model.config):
+        logits = apply(logits, value)
     return logits
 
 

@@ -2,52 +2,75 @@
 
 It runs the model's own weights and rotary embedding but skips the generic forward's per-step
 work: no cache objects, no mask building from scratch, q/k/v and gate/up each computed by one
-fused matmul with its weights laid out once per call in oneDNN's own format, the norms and the
-rotation as fused.py computes them (fewer operations, same numbers), and a preallocated KV
-cache written in place. The numbers are
-those of the Hugging Face forward (tests compare log-probs and greedy tokens); any other model
-type, sliding-window attention or unusual config falls back to the generic path.
+fused matmul (their weights laid out in oneDNN's own format when the call decodes enough tokens
+to repay it), the norms and the rotation as fused.py computes them (fewer operations, same
+numbers), a preallocated KV cache written in place, and the layers run as one TorchScript
+function, so that the operations of a step are called from C++ rather than one by one from
+Python. The numbers are those of the Hugging Face forward (tests compare log-probs and greedy
+tokens); any other model type, sliding-window attention or unusual config falls back to the
+generic path.
 """
 
-from __future__ import annotations
+from typing import List, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
-from .forward import lm_logits
-from .fused import llama_like, rms_norm, rope
-from .kernels import linear, onednn_linear_available
+from .forward import processes_logits
+from .fused import llama_like
+from .kernels import bucket, onednn_linear_available
 from .lora import has_adapters
+from .script import scripted
+
+
+# the fewest new tokens for which a call lays its weights out for oneDNN (see _packer)
+LAYOUT_MIN_NEW_TOKENS = 32
 
 
 class LeanDecoder:
-    """Prefill once, then one token per ``step``; attention masks are boolean (N, 1, 1 or T, L)."""
+    """Prefill once, then one token per ``forward``; attention masks are boolean (N, 1, 1 or T, L).
 
-    def __init__(self, model, batch: int, max_len: int):
+    ``new_tokens``: how many tokens the call will decode; the weights are laid out for oneDNN only
+    where that many products repay the layout's cost (see ``_packer``).
+    """
+
+    def __init__(self, model, batch: int, max_len: int, new_tokens: int = LAYOUT_MIN_NEW_TOKENS):
         self.model, self.base = model, getattr(model, model.base_model_prefix)
         cfg = model.config
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         layers = self.base.layers
-        self.qkv, self.o, self.gate_up, self.down = [], [], [], []
-        pack = _packer(batch)
+        dtype = layers[0].self_attn.q_proj.weight.dtype
+        pack = _packer(batch, dtype, new_tokens)
+        self.weights, self.biases = [], []  # per layer: see _layers
         for layer in layers:  # one fused projection per layer for [q; k; v] and for [gate; up]
             a, m = layer.self_attn, layer.mlp
-            self.qkv.append(pack(*_fused(a.q_proj, a.k_proj, a.v_proj)))
-            self.o.append(pack(a.o_proj.weight, a.o_proj.bias))
-            self.gate_up.append(pack(*_fused(m.gate_proj, m.up_proj)))
-            self.down.append(pack(m.down_proj.weight, m.down_proj.bias))
+            (qkv, qkv_b), (o, o_b) = pack(*_fused(a.q_proj, a.k_proj, a.v_proj)), pack(a.o_proj.weight, a.o_proj.bias)
+            (gate_up, gate_up_b), (down, down_b) = pack(*_fused(m.gate_proj, m.up_proj)), pack(m.down_proj.weight, m.down_proj.bias)
+            self.weights.append([layer.input_layernorm.weight, qkv, o, layer.post_attention_layernorm.weight, gate_up, down])
+            self.biases.append([qkv_b, o_b, gate_up_b, down_b])
         self.intermediate = layers[0].mlp.gate_proj.weight.shape[0]
+        norm = layers[0].input_layernorm
+        self.eps = float(getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6))
+        self.onednn = _onednn_applies(dtype)
+        self.embed, self.final_norm = self.base.embed_tokens.weight, self.base.norm.weight
+        head = model.get_output_embeddings()
+        self.head, self.head_bias = head.weight, head.bias
+        # the rotary embedding of every position the call can reach, computed once (applies() admits
+        # only rotary types whose values at a position do not depend on the sequence's length)
+        cos, sin = self.base.rotary_emb(self.embed[:1], torch.arange(max_len)[None])
+        self.cos, self.sin = cos[0], sin[0]  # (L, D)
         shape = (batch, self.kv_heads, max_len, self.head_dim)
-        dtype = layers[0].self_attn.q_proj.weight.dtype
         self.keys = [torch.zeros(shape, dtype=dtype) for _ in layers]
         self.values = [torch.zeros(shape, dtype=dtype) for _ in layers]
         self.length = 0
 
     @staticmethod
     def applies(model) -> bool:
-        return (llama_like(model.config) and model.device.type == "cpu"
-                and hasattr(getattr(model, model.base_model_prefix, None), "layers")
+        base = getattr(model, model.base_model_prefix, None)
+        return (llama_like(model.config) and model.device.type == "cpu" and hasattr(base, "layers")
+                and getattr(getattr(base, "rotary_emb", None), "rope_type", None) not in LENGTH_DEPENDENT_ROPE
+                and isinstance(model.get_output_embeddings(), torch.nn.Linear) and not processes_logits(model.config)
                 and not has_adapters(model))  # it reads q/k/v weights directly: LoRA layers go the generic way
 
     def repeat_rows(self, n: int) -> None:
@@ -56,38 +79,113 @@ class LeanDecoder:
         self.values = [v.repeat_interleave(n, 0) for v in self.values]
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
-        """Append ``input_ids`` (N, T) at the cache's end; returns the last position's logits (N, V)."""
-        x = self.base.embed_tokens(input_ids)  # (N, T, H)
-        cos, sin = (c.unsqueeze(1) for c in self.base.rotary_emb(x, position_ids))  # (N, 1, T, D)
+        """Append ``input_ids`` (N, T) at the cache's end; returns the last position's logits (N, V), fp32."""
         n, t = input_ids.shape
-        start, end = self.length, self.length + t
-        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        for i, layer in enumerate(self.base.layers):
-            h = rms_norm(layer.input_layernorm, x)
-            qkv = linear(h, *self.qkv[i])
-            q = qkv[..., :q_size].view(n, t, self.heads, self.head_dim).transpose(1, 2)
-            k = qkv[..., q_size: q_size + kv_size].view(n, t, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = qkv[..., q_size + kv_size:].view(n, t, self.kv_heads, self.head_dim).transpose(1, 2)
-            q, k = rope(q, k, cos, sin)
-            self.keys[i][:n, :, start:end] = k
-            self.values[i][:n, :, start:end] = v
-            out = F.scaled_dot_product_attention(q, self.keys[i][:n, :, :end], self.values[i][:n, :, :end],
-                                                 attn_mask=attn_mask, enable_gqa=self.kv_heads != self.heads)
-            x.add_(linear(out.transpose(1, 2).reshape(n, t, q_size), *self.o[i]))
-            h = rms_norm(layer.post_attention_layernorm, x)
-            gate, up = linear(h, *self.gate_up[i]).split(self.intermediate, -1)
-            x.add_(linear(F.silu(gate).mul_(up), *self.down[i]))
-        self.length = end
-        return lm_logits(self.model, rms_norm(self.base.norm, x[:, -1])).float()
+        logits = scripted(_step)(
+            input_ids, position_ids, attn_mask, self.length, bucket(n * t), bucket(n), self.onednn, self.embed,
+            self.cos, self.sin, self.weights, self.biases, self.keys, self.values, self.final_norm, self.head,
+            self.head_bias, self.heads, self.kv_heads, self.head_dim, self.intermediate, self.eps)
+        self.length += t
+        return logits
 
 
-def _packer(rows: int):
+# rotary types whose frequencies change with the length of the sequence (transformers'
+# dynamic_rope_update): their values cannot be tabled once per call
+LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+# The decoder's step as one TorchScript function: a sampling call runs it once per token on a
+# few dozen rows, where the cost of calling each of some 300 small operations from Python was
+# most of the time outside the products; TorchScript calls the same operations (the same numbers)
+# from C++. It is compiled on first use (under a second), not at import.
+
+def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as fused.rms_norm computes it in fp32, and in fp32 then cast back as the model's module does otherwise."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return weight * (x * x.square().mean(-1, keepdim=True).add_(eps).rsqrt_())
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x cos + rot(x) sin``, rot([x1, x2]) = [-x2, x1], as fused.py computes it."""
+    half = x.size(-1) // 2
+    out = x * cos
+    out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1.0)
+    out[..., half:].addcmul_(x[..., :half], sin[..., half:])
+    return out
+
+
+def _product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], rows: int, onednn: bool) -> torch.Tensor:
+    """kernels.linear's no-grad path: oneDNN on the rows padded to ``rows`` (the weight laid out by _packer), or F.linear."""
+    x2d = x.reshape(-1, x.size(-1))
+    m = x2d.size(0)
+    if onednn:
+        if rows > m:
+            x2d = torch.cat([x2d, x2d.new_zeros(rows - m, x2d.size(1))])
+        scalars: List[Optional[Union[int, float, complex]]] = []
+        y = torch.ops.mkldnn._linear_pointwise(x2d, weight, bias, "none", scalars, "")[:m]
+    else:
+        y = F.linear(x2d, weight, bias)
+    return y.view(x.size(0), x.size(1), y.size(1))
+
+
+def _layers(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_mask: torch.Tensor, start: int, rows: int,
+            onednn: bool, weights: List[List[torch.Tensor]], biases: List[List[Optional[torch.Tensor]]],
+            keys: List[torch.Tensor], values: List[torch.Tensor], heads: int, kv_heads: int, head_dim: int,
+            intermediate: int, eps: float) -> torch.Tensor:
+    """Every layer on x (N, T, H) at cache positions start .. start + T - 1; weights per layer:
+    input norm, [q; k; v], o, post-attention norm, [gate; up], down; biases: [q; k; v], o, [gate; up], down."""
+    n, t = x.size(0), x.size(1)
+    end = start + t
+    q_size, kv_size = heads * head_dim, kv_heads * head_dim
+    for i in range(len(weights)):
+        w, b = weights[i], biases[i]
+        qkv = _product(_norm(x, w[0], eps), w[1], b[0], rows, onednn)
+        q = qkv[:, :, :q_size].view(n, t, heads, head_dim).transpose(1, 2)
+        k = qkv[:, :, q_size: q_size + kv_size].view(n, t, kv_heads, head_dim).transpose(1, 2)
+        v = qkv[:, :, q_size + kv_size:].view(n, t, kv_heads, head_dim).transpose(1, 2)
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        keys[i][:n, :, start:end] = k
+        values[i][:n, :, start:end] = v
+        out = F.scaled_dot_product_attention(q, keys[i][:n, :, :end], values[i][:n, :, :end], attn_mask=attn_mask,
+                                             enable_gqa=kv_heads != heads)
+        x.add_(_product(out.transpose(1, 2).reshape(n, t, q_size), w[2], b[1], rows, onednn))
+        gate_up = _product(_norm(x, w[3], eps), w[4], b[2], rows, onednn)
+        x.add_(_product(F.silu(gate_up[:, :, :intermediate]).mul_(gate_up[:, :, intermediate:]), w[5], b[3], rows, onednn))
+    return x
+
+
+def _step(input_ids: torch.Tensor, position_ids: torch.Tensor, attn_mask: torch.Tensor, start: int, rows: int,
+          head_rows: int, onednn: bool, embed: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor,
+          weights: List[List[torch.Tensor]], biases: List[List[Optional[torch.Tensor]]], keys: List[torch.Tensor],
+          values: List[torch.Tensor], final_norm: torch.Tensor, head: torch.Tensor, head_bias: Optional[torch.Tensor],
+          heads: int, kv_heads: int, head_dim: int, intermediate: int, eps: float) -> torch.Tensor:
+    """The logits (N, V) after the last of ``input_ids`` (N, T) at ``position_ids``, appended to the cache at ``start``."""
+    x = F.embedding(input_ids, embed)
+    cos, sin = cos_table[position_ids].unsqueeze(1), sin_table[position_ids].unsqueeze(1)  # (N, 1, T, D)
+    x = _layers(x, cos, sin, attn_mask, start, rows, onednn, weights, biases, keys, values, heads, kv_heads, head_dim,
+                intermediate, eps)
+    h = _norm(x[:, -1:], final_norm, eps)
+    return _product(h, head, head_bias, head_rows, onednn)[:, 0].float()
+
+
+def _onednn_applies(dtype: torch.dtype) -> bool:
+    return dtype == torch.float32 and onednn_linear_available()
+
+
+def _packer(rows: int, dtype: torch.dtype, new_tokens: int):
     """(weight, bias) -> the weight in oneDNN's own blocked layout for about ``rows`` rows, where
-    oneDNN runs the products: a weight in that layout made 32-row products 1.1-1.9x faster, and a
-    sampling call uses each weight once per token (generation 1.06-1.12x faster on the reference
-    model, the same tokens and log-probs bit for bit; laying out a 2048 x 256 matrix takes about
-    0.8 ms, once per call)."""
-    if not onednn_linear_available():
+    oneDNN runs the products and the call decodes at least ``LAYOUT_MIN_NEW_TOKENS`` tokens.
+
+    The layout makes each 32-row product 1.1-1.3x faster (the reference model's four shapes, 2
+    threads: 3-24 us less per product), but laying out a matrix costs 150-330 us, once per call.
+    Whole sampling calls of 32 rows, in one process, alternating (same tokens and log-probs bit for
+    bit): with the layout 1.09x slower at 16 new tokens, 1.13x faster at 64; the break-even is near
+    24 tokens.
+    """
+    if not _onednn_applies(dtype) or new_tokens < LAYOUT_MIN_NEW_TOKENS:
         return lambda w, b: (w, b)
     return lambda w, b: (torch.ops.mkldnn._reorder_linear_weight(w.detach(), rows), b)
 
