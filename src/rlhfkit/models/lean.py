@@ -59,7 +59,8 @@ class LeanDecoder:
         # the rotary embedding of every position the call can reach, computed once (applies() admits
         # only rotary types whose values at a position do not depend on the sequence's length)
         cos, sin = self.base.rotary_emb(self.embed[:1], torch.arange(max_len)[None])
-        self.cos, self.sin = cos[0], sin[0]  # (L, D)
+        half = sin.shape[-1] // 2
+        self.cos, self.signed_sin = cos[0], torch.cat([-sin[0, :, :half], sin[0, :, half:]], -1)  # (L, D); see _rotate
         shape = (batch, self.kv_heads, max_len, self.head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype) for _ in layers]
         self.values = [torch.zeros(shape, dtype=dtype) for _ in layers]
@@ -83,7 +84,7 @@ class LeanDecoder:
         n, t = input_ids.shape
         logits = scripted(_step)(
             input_ids, position_ids, attn_mask, self.length, bucket(n * t), bucket(n), self.onednn, self.embed,
-            self.cos, self.sin, self.weights, self.biases, self.keys, self.values, self.final_norm, self.head,
+            self.cos, self.signed_sin, self.weights, self.biases, self.keys, self.values, self.final_norm, self.head,
             self.head_bias, self.heads, self.kv_heads, self.head_dim, self.intermediate, self.eps)
         self.length += t
         return logits
@@ -108,67 +109,65 @@ def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(x.dtype)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``x cos + rot(x) sin``, rot([x1, x2]) = [-x2, x1], as fused.py computes it."""
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """``x cos + rot(x) sin`` over the last dimension, rot([x1, x2]) = [-x2, x1], written as
+    ``x cos + [x2, x1] [-sin1, sin2]``: the products fused.py computes, with the sign in the table
+    (the same numbers bit for bit), in three operations on q and k together."""
     half = x.size(-1) // 2
-    out = x * cos
-    out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1.0)
-    out[..., half:].addcmul_(x[..., :half], sin[..., half:])
-    return out
+    swapped = x.unflatten(-1, [2, half]).flip(-2).flatten(-2)
+    return (x * cos).addcmul_(swapped, signed_sin)
 
 
 def _product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], rows: int, onednn: bool) -> torch.Tensor:
-    """kernels.linear's no-grad path: oneDNN on the rows padded to ``rows`` (the weight laid out by _packer), or F.linear."""
-    x2d = x.reshape(-1, x.size(-1))
-    m = x2d.size(0)
-    if onednn:
-        if rows > m:
-            x2d = torch.cat([x2d, x2d.new_zeros(rows - m, x2d.size(1))])
-        scalars: List[Optional[Union[int, float, complex]]] = []
-        y = torch.ops.mkldnn._linear_pointwise(x2d, weight, bias, "none", scalars, "")[:m]
-    else:
-        y = F.linear(x2d, weight, bias)
-    return y.view(x.size(0), x.size(1), y.size(1))
+    """kernels.linear's no-grad path on x (M, in): oneDNN on the rows padded to ``rows`` (the
+    weight laid out by _packer or not), or F.linear."""
+    if not onednn:
+        return F.linear(x, weight, bias)
+    scalars: List[Optional[Union[int, float, complex]]] = []
+    m = x.size(0)
+    if rows == m:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", scalars, "")
+    padded = torch.cat([x, x.new_zeros(rows - m, x.size(1))])
+    return torch.ops.mkldnn._linear_pointwise(padded, weight, bias, "none", scalars, "")[:m]
 
 
-def _layers(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_mask: torch.Tensor, start: int, rows: int,
-            onednn: bool, weights: List[List[torch.Tensor]], biases: List[List[Optional[torch.Tensor]]],
+def _layers(x: torch.Tensor, n: int, cos: torch.Tensor, signed_sin: torch.Tensor, attn_mask: torch.Tensor, start: int,
+            rows: int, onednn: bool, weights: List[List[torch.Tensor]], biases: List[List[Optional[torch.Tensor]]],
             keys: List[torch.Tensor], values: List[torch.Tensor], heads: int, kv_heads: int, head_dim: int,
             intermediate: int, eps: float) -> torch.Tensor:
-    """Every layer on x (N, T, H) at cache positions start .. start + T - 1; weights per layer:
-    input norm, [q; k; v], o, post-attention norm, [gate; up], down; biases: [q; k; v], o, [gate; up], down."""
-    n, t = x.size(0), x.size(1)
+    """Every layer on x (N * T, H), N rows of T tokens, at cache positions start .. start + T - 1.
+    Weights per layer: input norm, [q; k; v], o, post-attention norm, [gate; up], down; biases:
+    [q; k; v], o, [gate; up], down. The residual stream stays 2D, so that a product is one call."""
+    t = x.size(0) // n
     end = start + t
-    q_size, kv_size = heads * head_dim, kv_heads * head_dim
+    qk_size = (heads + kv_heads) * head_dim
     for i in range(len(weights)):
         w, b = weights[i], biases[i]
         qkv = _product(_norm(x, w[0], eps), w[1], b[0], rows, onednn)
-        q = qkv[:, :, :q_size].view(n, t, heads, head_dim).transpose(1, 2)
-        k = qkv[:, :, q_size: q_size + kv_size].view(n, t, kv_heads, head_dim).transpose(1, 2)
-        v = qkv[:, :, q_size + kv_size:].view(n, t, kv_heads, head_dim).transpose(1, 2)
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        keys[i][:n, :, start:end] = k
-        values[i][:n, :, start:end] = v
-        out = F.scaled_dot_product_attention(q, keys[i][:n, :, :end], values[i][:n, :, :end], attn_mask=attn_mask,
-                                             enable_gqa=kv_heads != heads)
-        x.add_(_product(out.transpose(1, 2).reshape(n, t, q_size), w[2], b[1], rows, onednn))
+        qk = _rotate(qkv[:, :qk_size].view(n, t, heads + kv_heads, head_dim), cos, signed_sin).transpose(1, 2)
+        keys[i][:, :, start:end] = qk[:, heads:]
+        values[i][:, :, start:end] = qkv[:, qk_size:].view(n, t, kv_heads, head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(qk[:, :heads], keys[i][:, :, :end], values[i][:, :, :end],
+                                             attn_mask=attn_mask, enable_gqa=kv_heads != heads)
+        x.add_(_product(out.transpose(1, 2).reshape(n * t, heads * head_dim), w[2], b[1], rows, onednn))
         gate_up = _product(_norm(x, w[3], eps), w[4], b[2], rows, onednn)
-        x.add_(_product(F.silu(gate_up[:, :, :intermediate]).mul_(gate_up[:, :, intermediate:]), w[5], b[3], rows, onednn))
+        x.add_(_product(F.silu(gate_up[:, :intermediate]).mul_(gate_up[:, intermediate:]), w[5], b[3], rows, onednn))
     return x
 
 
 def _step(input_ids: torch.Tensor, position_ids: torch.Tensor, attn_mask: torch.Tensor, start: int, rows: int,
-          head_rows: int, onednn: bool, embed: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor,
+          head_rows: int, onednn: bool, embed: torch.Tensor, cos_table: torch.Tensor, signed_sin_table: torch.Tensor,
           weights: List[List[torch.Tensor]], biases: List[List[Optional[torch.Tensor]]], keys: List[torch.Tensor],
           values: List[torch.Tensor], final_norm: torch.Tensor, head: torch.Tensor, head_bias: Optional[torch.Tensor],
           heads: int, kv_heads: int, head_dim: int, intermediate: int, eps: float) -> torch.Tensor:
     """The logits (N, V) after the last of ``input_ids`` (N, T) at ``position_ids``, appended to the cache at ``start``."""
-    x = F.embedding(input_ids, embed)
-    cos, sin = cos_table[position_ids].unsqueeze(1), sin_table[position_ids].unsqueeze(1)  # (N, 1, T, D)
-    x = _layers(x, cos, sin, attn_mask, start, rows, onednn, weights, biases, keys, values, heads, kv_heads, head_dim,
-                intermediate, eps)
-    h = _norm(x[:, -1:], final_norm, eps)
-    return _product(h, head, head_bias, head_rows, onednn)[:, 0].float()
+    n, t = input_ids.size(0), input_ids.size(1)
+    x = F.embedding(input_ids.reshape(-1), embed)  # (N * T, H)
+    cos, signed_sin = cos_table[position_ids].unsqueeze(2), signed_sin_table[position_ids].unsqueeze(2)  # (N, T, 1, D)
+    x = _layers(x, n, cos, signed_sin, attn_mask, start, rows, onednn, weights, biases, keys, values, heads, kv_heads,
+                head_dim, intermediate, eps)
+    h = _norm(x.view(n, t, -1)[:, -1], final_norm, eps)
+    return _product(h, head, head_bias, head_rows, onednn).float()
 
 
 def _onednn_applies(dtype: torch.dtype) -> bool:
