@@ -52,21 +52,39 @@ def test_lean_decoder_matches_the_generic_cached_forward(arch, temperature, num_
 
 def test_sampling_after_an_optimizer_step_sees_the_new_weights(monkeypatch):
     # fused AdamW changes weights in place without bumping their version counters: a decoder that
-    # kept its prepared weights across calls keyed on them would sample from the old model
+    # kept its prepared weights across calls keyed on them alone would sample from the old model
     from rlhfkit.train.optim import build_optimizer
 
     model = sharp("qwen2")
     optimizer = build_optimizer(model, lr=0.05)
-    for _ in range(2):  # sampled twice with unchanged weights, as evaluation would
+    assert optimizer.defaults["fused"]
+    for _ in range(2):  # unchanged weights: the second call keeps them laid out, the third reuses them
         run(model, monkeypatch, True, 0.0, 1)
+    assert lean._KEPT[model][1] is not None
     before = run(model, monkeypatch, True, 0.0, 1)
     versions = [p._version for p in model.parameters()]
     model(torch.tensor(PROMPTS[0])[None]).logits.square().mean().backward()
     optimizer.step()
-    assert [p._version for p in model.parameters()] == versions  # the step left no trace there
+    assert [p._version for p in model.parameters()] != versions  # the step hook marked the change
     after, generic = run(model, monkeypatch, True, 0.0, 1), run(model, monkeypatch, False, 0.0, 1)
     assert torch.allclose(after.logprobs, generic.logprobs, atol=1e-5)  # the step was seen
     assert not torch.allclose(after.logprobs, before.logprobs, atol=1e-3)
+
+
+def test_kept_weights_follow_loaded_weights_and_an_rl_loop_keeps_none(monkeypatch):
+    model, other = sharp("llama"), tiny("llama", kv_heads=2, seed=1)
+    for _ in range(3):
+        kept = run(model, monkeypatch, True, 0.0, 1)
+    assert torch.allclose(kept.logprobs, run(model, monkeypatch, False, 0.0, 1).logprobs, atol=1e-5)
+    model.load_state_dict(other.state_dict())
+    loaded = run(model, monkeypatch, True, 0.0, 1)
+    assert torch.allclose(loaded.logprobs, run(other, monkeypatch, False, 0.0, 1).logprobs, atol=1e-5)
+    assert not torch.allclose(loaded.logprobs, kept.logprobs, atol=1e-3)
+    for _ in range(3):  # weights changed before every call, as in RL: no prepared copy is held
+        with torch.no_grad():
+            model.model.layers[0].mlp.down_proj.weight.mul_(1.01)
+        run(model, monkeypatch, True, 0.0, 1)
+        assert lean._KEPT[model][1] is None
 
 
 def test_torchscript_layers_give_the_numbers_python_gives(monkeypatch):

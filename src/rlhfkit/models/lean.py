@@ -11,6 +11,8 @@ tokens); any other model type, sliding-window attention or unusual config falls 
 generic path.
 """
 
+import functools
+import weakref
 from typing import List, Optional, Union
 
 import torch
@@ -41,14 +43,7 @@ class LeanDecoder:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         layers = self.base.layers
         dtype = layers[0].self_attn.q_proj.weight.dtype
-        pack = _packer(batch, dtype, new_tokens)
-        self.weights, self.biases = [], []  # per layer: see _layers
-        for layer in layers:  # one fused projection per layer for [q; k; v] and for [gate; up]
-            a, m = layer.self_attn, layer.mlp
-            (qkv, qkv_b), (o, o_b) = pack(*_fused(a.q_proj, a.k_proj, a.v_proj)), pack(a.o_proj.weight, a.o_proj.bias)
-            (gate_up, gate_up_b), (down, down_b) = pack(*_fused(m.gate_proj, m.up_proj)), pack(m.down_proj.weight, m.down_proj.bias)
-            self.weights.append([layer.input_layernorm.weight, qkv, o, layer.post_attention_layernorm.weight, gate_up, down])
-            self.biases.append([qkv_b, o_b, gate_up_b, down_b])
+        self.weights, self.biases = _prepared_weights(model, layers, batch, dtype, new_tokens)  # per layer: see _layers
         self.intermediate = layers[0].mlp.gate_proj.weight.shape[0]
         norm = layers[0].input_layernorm
         self.eps = float(getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6))
@@ -174,17 +169,70 @@ def _onednn_applies(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 and onednn_linear_available()
 
 
-def _packer(rows: int, dtype: torch.dtype, new_tokens: int):
+def _prepared_weights(model, layers, rows: int, dtype: torch.dtype, new_tokens: int):
+    """Each layer's projection weights as ``_layers`` reads them: [q; k; v] and [gate; up] stacked,
+    and laid out in oneDNN's blocked format where that pays (see ``_packer``).
+
+    The layout costs 150-330 us a matrix, so it pays within one call only from
+    ``LAYOUT_MIN_NEW_TOKENS`` new tokens. Across calls it pays whenever the weights have not changed
+    since the previous call (evaluation, or any loop that samples repeatedly between updates):
+    then the weights are laid out once and kept for the model until they change. An RL loop changes
+    them before every call, so it never keeps a copy (no memory held during its updates).
+
+    A change is seen in the parameters' storage and version counters. Every in-place change through
+    PyTorch bumps a tensor's version except the fused optimizer kernels (AdamW(fused=True) among
+    them), so an optimizer step hook bumps the versions of every torch.optim optimizer's parameters
+    after its step (``_bump_versions``, registered with the first kept layout).
+    """
+    sources = [p for layer in layers for module in (layer.self_attn, layer.mlp) for p in module.parameters()]
+    fingerprint = tuple((p.data_ptr(), p._version) for p in sources)
+    kept = _KEPT.get(model)
+    if kept is not None and kept[0] == fingerprint and kept[1] is not None:
+        return kept[1]
+    unchanged = kept is not None and kept[0] == fingerprint  # the same weights as the previous call's
+    layout = unchanged or new_tokens >= LAYOUT_MIN_NEW_TOKENS
+    pack = _packer(rows, dtype, layout)
+    weights, biases = [], []
+    for layer in layers:
+        a, m = layer.self_attn, layer.mlp
+        (qkv, qkv_b), (o, o_b) = pack(*_fused(a.q_proj, a.k_proj, a.v_proj)), pack(a.o_proj.weight, a.o_proj.bias)
+        (gate_up, gate_up_b), (down, down_b) = pack(*_fused(m.gate_proj, m.up_proj)), pack(m.down_proj.weight, m.down_proj.bias)
+        weights.append([layer.input_layernorm.weight, qkv, o, layer.post_attention_layernorm.weight, gate_up, down])
+        biases.append([qkv_b, o_b, gate_up_b, down_b])
+    if unchanged:
+        _watch_optimizers()
+    _KEPT[model] = (fingerprint, (weights, biases) if unchanged else None)
+    return weights, biases
+
+
+# model -> (fingerprint of its projection weights at its last sampling call, the prepared weights
+# kept for it, or None until a call finds the weights unchanged)
+_KEPT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+@functools.lru_cache(maxsize=None)
+def _watch_optimizers() -> None:
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    register_optimizer_step_post_hook(_bump_versions)
+
+
+def _bump_versions(optimizer, args, kwargs) -> None:
+    """After any torch.optim step: mark its parameters changed in place, as a non-fused step would."""
+    torch.autograd.graph.increment_version([p for group in optimizer.param_groups for p in group["params"]])
+
+
+def _packer(rows: int, dtype: torch.dtype, layout: bool):
     """(weight, bias) -> the weight in oneDNN's own blocked layout for about ``rows`` rows, where
-    oneDNN runs the products and the call decodes at least ``LAYOUT_MIN_NEW_TOKENS`` tokens.
+    oneDNN runs the products and ``layout`` asks for it; else as it is.
 
     The layout makes each 32-row product 1.1-1.3x faster (the reference model's four shapes, 2
-    threads: 3-24 us less per product), but laying out a matrix costs 150-330 us, once per call.
-    Whole sampling calls of 32 rows, in one process, alternating (same tokens and log-probs bit for
-    bit): with the layout 1.09x slower at 16 new tokens, 1.13x faster at 64; the break-even is near
-    24 tokens.
+    threads: 3-24 us less per product), but laying out a matrix costs 150-330 us. Whole sampling
+    calls of 32 rows, each laying its weights out, in one process, alternating (same tokens and
+    log-probs bit for bit): with the layout 1.09x slower at 16 new tokens, 1.13x faster at 64; the
+    break-even is near 24 tokens.
     """
-    if not _onednn_applies(dtype) or new_tokens < LAYOUT_MIN_NEW_TOKENS:
+    if not _onednn_applies(dtype) or not layout:
         return lambda w, b: (w, b)
     return lambda w, b: (torch.ops.mkldnn._reorder_linear_weight(w.detach(), rows), b)
 
