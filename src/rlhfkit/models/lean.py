@@ -24,7 +24,6 @@ from .kernels import bucket, onednn_linear_available
 from .lora import has_adapters
 from .script import scripted
 
-
 # the fewest new tokens for which a call lays its weights out for oneDNN (see _packer)
 LAYOUT_MIN_NEW_TOKENS = 32
 
