@@ -24,7 +24,7 @@ from .kernels import bucket, onednn_linear_available
 from .lora import has_adapters
 from .script import scripted
 
-# the fewest new tokens for which a call lays its weights out for oneDNN (see _packer)
+# the fewest new tokens for which a call lays its weights out for oneDNN (see _prepared_weights)
 LAYOUT_MIN_NEW_TOKENS = 32
 
 
@@ -32,7 +32,8 @@ class LeanDecoder:
     """Prefill once, then one token per ``forward``; attention masks are boolean (N, 1, 1 or T, L).
 
     ``new_tokens``: how many tokens the call will decode; the weights are laid out for oneDNN only
-    where that many products repay the layout's cost (see ``_packer``).
+    where that many products repay the layout's cost, or where they are kept from an earlier call
+    with the same weights (see ``_prepared_weights``).
     """
 
     def __init__(self, model, batch: int, max_len: int, new_tokens: int = LAYOUT_MIN_NEW_TOKENS):
