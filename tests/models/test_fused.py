@@ -119,3 +119,60 @@ def test_refuses_what_it_does_not_compute(monkeypatch):
     model = tiny("llama")
     monkeypatch.setenv("RLHFKIT_LEAN_FORWARD", "0")
     assert not fused.applies(model)
+
+
+def _grads_both_ways(model, ids, mask, positions, monkeypatch):
+    """(hidden, gradients) with the decoder layers as one node and as one node per operation."""
+    results = []
+    for node in ("1", "0"):
+        monkeypatch.setenv("RLHFKIT_LAYERS_NODE", node)
+        model.zero_grad(set_to_none=True)
+        hidden = fused.backbone(model, ids, mask, positions)
+        (hidden * torch.linspace(-1, 1, hidden.shape[-1])).sum().backward()
+        results.append((hidden.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    return results
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["F.linear", "oneDNN"])
+def test_layers_as_one_node_match_the_per_operation_graph(fast, monkeypatch):
+    """The whole-layers node (``_Layers``, written-out backward) against the graph autograd records
+    op by op, on a shared-prompt block mask whose first query sees no key; grouped-query attention,
+    biases, and the products as FastLinear runs them."""
+    from rlhfkit.models import kernels
+
+    model = tiny("qwen2")
+    if fast:
+        if not kernels.onednn_linear_available():
+            pytest.skip("no oneDNN in this PyTorch build")
+        kernels.use_fast_linear(model)
+    seq = torch.tensor([-1, 0, 0, 0, 1, 1, 2, 2])  # a pad, a prompt of 3, two answers of 2 that read it
+    sees = (seq[None, :] == seq[:, None]) | ((seq[None, :] == 0) & (seq[:, None] > 0))
+    block = (sees & (seq[None, :] >= 0) & torch.ones(8, 8, dtype=torch.bool).tril())[None, None].repeat(2, 1, 1, 1)
+    positions = torch.tensor([[0, 0, 1, 2, 3, 4, 3, 4]]).repeat(2, 1)
+    ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(4))
+    (ours, our_grads), (theirs, their_grads) = _grads_both_ways(model, ids, block, positions, monkeypatch)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    assert our_grads.keys() == their_grads.keys()
+    for name, want in their_grads.items():
+        gap = (our_grads[name] - want).abs().max() / want.abs().max().clamp(min=1.0)
+        assert gap < 1e-5, (name, gap.item())
+
+
+def test_layers_node_backward_passes_gradcheck():
+    """``_Layers``' written-out backward against finite differences in float64: two layers,
+    grouped-query attention, biases, a padding mask."""
+    torch.manual_seed(5)
+    b, t, heads, kv, d, hidden, inner = 2, 4, 4, 2, 4, 16, 12
+    shapes = [(hidden,), (hidden,), (heads * d, hidden), (heads * d,), (kv * d, hidden), (kv * d,),
+              (kv * d, hidden), (kv * d,), (hidden, heads * d), (hidden,), (inner, hidden), (inner,),
+              (inner, hidden), (inner,), (hidden, inner), (hidden,)]
+    params = [(0.3 * torch.randn(*s, dtype=torch.float64)).requires_grad_() for _ in range(2) for s in shapes]
+    x = torch.randn(b * t, hidden, dtype=torch.float64, requires_grad=True)
+    angles = torch.randn(b, t, 1, d // 2, dtype=torch.float64)
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    keep = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]], dtype=torch.bool)
+    allowed = torch.ones(t, t, dtype=torch.bool).tril()[None, None] & keep[:, None, None, :]
+    allowed[1, 0, 0, 0] = True  # no query without a key: finite differences need finite outputs
+    mask = torch.zeros(allowed.shape, dtype=torch.float64).masked_fill_(~allowed, float("-inf"))
+    shape = (b, t, heads, kv, d, d ** -0.5, (1e-5,) * 4, False)
+    assert torch.autograd.gradcheck(lambda x, *p: fused._Layers.apply(x, cos, sin, mask, shape, *p), (x, *params))

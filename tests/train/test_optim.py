@@ -40,3 +40,25 @@ def test_a_non_finite_gradient_stops_before_the_step():
     with pytest.raises(NonFiniteError, match="gradient norm"):
         optimizer_step(model, optimizer, build_scheduler(optimizer, 1, 0, "constant"), 1.0, DistInfo(), 3)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("limit", [0.05, 1e3])  # clipped every step, and never
+@pytest.mark.parametrize("apart", [False, True])
+def test_steps_match_torchs_clip_then_step(limit, apart):
+    # clipping folded into the fused step (or skipped where the factor is 1) gives torch's parameters
+    ours, theirs = _model(), _model()
+    opt_ours, opt_theirs = build_optimizer(ours, lr=1e-2), build_optimizer(theirs, lr=1e-2)
+    schedule = build_scheduler(opt_ours, 3, 0, "constant")
+    for step in range(3):
+        x = torch.randn(8, 6)
+        for model in (ours, theirs):
+            ((model(x) * 5) ** 2).mean().backward()
+        parts = [ours[0], ours[2]] if apart else None
+        norm = optimizer_step(ours, opt_ours, schedule, limit, DistInfo(), step, clip_apart=parts)
+        groups = [theirs[0], theirs[2]] if apart else [theirs]
+        want = [float(torch.nn.utils.clip_grad_norm_(g.parameters(), limit)) for g in groups][0]
+        opt_theirs.step()
+        opt_theirs.zero_grad(set_to_none=True)
+        assert norm == pytest.approx(want, rel=1e-6)
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)

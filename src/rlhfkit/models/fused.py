@@ -25,6 +25,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from . import kernels
+
 SUPPORTED = {"llama", "qwen2", "mistral"}
 
 
@@ -140,9 +142,13 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) 
     return out
 
 
+def _eps(norm: torch.nn.Module) -> float:
+    return getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
+
+
 def rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The model's RMSNorm module ``norm`` applied to ``x`` (fp32 models: same numbers)."""
-    eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
+    eps = _eps(norm)
     if x.dtype != torch.float32 or norm.weight.dtype != torch.float32:
         return norm(x)  # the module's own casts
     if not (torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad)):
@@ -176,6 +182,17 @@ def _sdpa_mask(attention_mask: torch.Tensor, t: int) -> torch.Tensor | None:
     return causal[None, None] & attention_mask.bool()[:, None, None, :]
 
 
+def _one_node(x: torch.Tensor, params: list) -> bool:
+    """Whether ``_Layers`` computes this forward: CPU fp32 weights and inputs, autocast off, and
+    gradients wanted (without them there is no graph to save)."""
+    if os.environ.get("RLHFKIT_LAYERS_NODE", "1") == "0":
+        return False
+    weights = [p for p in params if p is not None]
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu") and all(p.dtype == torch.float32 for p in weights)
+            and (x.requires_grad or any(p.requires_grad for p in weights)))
+
+
 def backbone(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
     """The backbone's last hidden states (B, T, H): the model's forward, computed leanly."""
     base = getattr(model, model.base_model_prefix)
@@ -187,6 +204,16 @@ def backbone(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, posit
     cos, sin = base.rotary_emb(x, position_ids)  # (B, T, D)
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
     mask = _sdpa_mask(attention_mask, t)
+    params = [p for layer in base.layers for p in _layer_tensors(layer)]
+    if _one_node(x, params):
+        fast = isinstance(base.layers[0].self_attn.q_proj, kernels.FastLinear) and kernels.onednn_linear_available()
+        eps = tuple(_eps(norm) for layer in base.layers
+                    for norm in (layer.input_layernorm, layer.post_attention_layernorm))
+        shape = (b, t, heads, kv_heads, head_dim, base.layers[0].self_attn.scaling, eps, fast)
+        if mask is not None:  # the kernel takes an additive mask, as SDPA makes of a boolean one
+            mask = torch.zeros(mask.shape, dtype=x.dtype).masked_fill_(~mask, float("-inf"))
+        x = _Layers.apply(x.reshape(b * t, -1), cos, sin, mask, shape, *params).view(b, t, -1)
+        return rms_norm(base.norm, x)
     for layer in base.layers:
         attn, mlp = layer.self_attn, layer.mlp
         h = rms_norm(layer.input_layernorm, x)
@@ -201,3 +228,141 @@ def backbone(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, posit
         h = rms_norm(layer.post_attention_layernorm, x)
         x = x + mlp.down_proj(swiglu(mlp.gate_proj(h), mlp.up_proj(h)))
     return rms_norm(base.norm, x)
+
+
+# ---- The decoder layers as one autograd node (CPU, fp32) ----
+#
+# On the short rows of RLHF batches a layer's arithmetic is small beside what it costs to record
+# twenty-odd autograd nodes per layer and replay them. ``_Layers`` computes every decoder layer's
+# forward without recording anything and writes their backward out: the products, SDPA's own
+# backward kernel, and the closed forms above for the norms, the rotation and SwiGLU.
+
+_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+PER_LAYER = 2 + 2 * len(LINEARS)  # two norm weights, then each linear's weight and bias (or None)
+
+
+def _layer_tensors(layer) -> list:
+    """One layer's parameters in ``_Layers``' order: the two norms' weights, then (weight, bias)
+    of each of LINEARS."""
+    out = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+    for path in LINEARS:
+        module = layer.get_submodule(path)
+        out += [module.weight, module.bias]
+    return out
+
+
+def _linear(x, w, b, fast: bool):
+    return kernels.product(x, w, b) if fast else F.linear(x, w, b)
+
+
+def _input_grad(g, w, fast: bool):
+    return kernels.input_grad(g, w) if fast else g @ w
+
+
+def _weight_grad(g, x, fast: bool):
+    return kernels.weight_grad(g, x) if fast else g.t() @ x
+
+
+def _norm_backward(g, x_hat, r, weight):
+    """RMSNorm's backward (see _RMSNorm): (dx, dw)."""
+    gw = g * weight
+    return (gw - x_hat * (gw * x_hat).mean(-1, keepdim=True)).mul_(r), (g * x_hat).sum(0)
+
+
+class _Layers(torch.autograd.Function):
+    """Every decoder layer on the residual stream ``x`` (N = B T rows, H), one node.
+
+    ``shape`` = (B, T, heads, kv_heads, head_dim, scale, eps of each layer's two norms, fast);
+    ``params``: PER_LAYER tensors per layer (``_layer_tensors``). With ``r = 1/sqrt(mean(x^2)+eps)``:
+
+        h = w1 x r,  q, k, v = rope(h Wq^T + bq), rope(h Wk^T + bk), h Wv^T + bv
+        x' = x + attention(q, k, v) Wo^T + bo,  h' = w2 x' r'
+        out = x' + (silu(h' Wg^T + bg) * (h' Wu^T + bu)) Wd^T + bd
+    """
+
+    @staticmethod
+    def forward(ctx, x, cos, sin, mask, shape, *params):
+        b, t, heads, kv_heads, head_dim, scale, eps, fast = shape
+        causal, repeat = mask is None, heads // kv_heads
+        saved = []
+        for i in range(len(params) // PER_LAYER):
+            w1, w2, wq, bq, wk, bk, wv, bv, wo, bo, wg, bg, wu, bu, wd, bd = params[i * PER_LAYER:(i + 1) * PER_LAYER]
+            r1 = _inv_rms(x, eps[2 * i])
+            x_hat1 = x * r1
+            h1 = w1 * x_hat1
+            q = _linear(h1, wq, bq, fast).view(b, t, heads, head_dim)
+            k = _linear(h1, wk, bk, fast).view(b, t, kv_heads, head_dim)
+            q, k = _rotate(q, cos, sin, 1.0).transpose(1, 2), _rotate(k, cos, sin, 1.0).transpose(1, 2)
+            v = _linear(h1, wv, bv, fast).view(b, t, kv_heads, head_dim).transpose(1, 2)
+            if repeat > 1:  # grouped-query attention: each key/value head serves ``repeat`` query heads
+                k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+            out, lse = _FLASH(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)  # (B, heads, T, D)
+            a = out.transpose(1, 2).reshape(b * t, heads * head_dim)
+            x = x + _linear(a, wo, bo, fast)
+            r2 = _inv_rms(x, eps[2 * i + 1])
+            x_hat2 = x * r2
+            h2 = w2 * x_hat2
+            gate, up = _linear(h2, wg, bg, fast), _linear(h2, wu, bu, fast)
+            s = F.silu(gate).mul_(up)
+            x = x + _linear(s, wd, bd, fast)
+            saved += [x_hat1, r1, h1, q, k, v, out, lse, a, x_hat2, r2, h2, gate, up, s]
+        ctx.save_for_backward(cos, sin, mask, *saved, *params)
+        ctx.shape = shape
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        cos, sin, mask, *rest = ctx.saved_tensors
+        b, t, heads, kv_heads, head_dim, scale, eps, fast = ctx.shape
+        layers = len(eps) // 2
+        saved, params = rest[:15 * layers], rest[15 * layers:]
+        needs = ctx.needs_input_grad[5:]
+        grads = [None] * len(params)
+        causal, repeat = mask is None, heads // kv_heads
+        for i in reversed(range(layers)):
+            x_hat1, r1, h1, q, k, v, out, lse, a, x_hat2, r2, h2, gate, up, s = saved[15 * i:15 * (i + 1)]
+            w1, w2, wq, bq, wk, bk, wv, bv, wo, bo, wg, bg, wu, bu, wd, bd = params[i * PER_LAYER:(i + 1) * PER_LAYER]
+            need = needs[i * PER_LAYER:(i + 1) * PER_LAYER]
+            mine = [None] * PER_LAYER
+
+            def linear_grads(slot, g_out, x_in):  # the weight's and bias's gradients of LINEARS[slot]
+                if need[2 + 2 * slot]:
+                    mine[2 + 2 * slot] = _weight_grad(g_out, x_in, fast)
+                if need[3 + 2 * slot]:
+                    mine[3 + 2 * slot] = g_out.sum(0)
+
+            # MLP: out = x' + s Wd^T + bd, s = silu(gate) * up
+            linear_grads(6, g, s)
+            g_s = _input_grad(g, wd, fast)
+            g_up = g_s * F.silu(gate)
+            g_gate = torch.ops.aten.silu_backward(g_s * up, gate)
+            linear_grads(4, g_gate, h2)
+            linear_grads(5, g_up, h2)
+            g_h2 = _input_grad(g_gate, wg, fast).add_(_input_grad(g_up, wu, fast))
+            g_x, mine[1] = _norm_backward(g_h2, x_hat2, r2, w2)
+            g = g + g_x
+            # attention: x' = x + a Wo^T + bo
+            linear_grads(3, g, a)
+            g_out = _input_grad(g, wo, fast).view(b, t, heads, head_dim).transpose(1, 2)
+            g_q, g_k, g_v = _FLASH_BACKWARD(g_out, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale)
+            if repeat > 1:
+                g_k = g_k.unflatten(1, (kv_heads, repeat)).sum(2)
+                g_v = g_v.unflatten(1, (kv_heads, repeat)).sum(2)
+            g_q = _rotate(g_q.transpose(1, 2), cos, sin, -1.0).reshape(b * t, heads * head_dim)
+            g_k = _rotate(g_k.transpose(1, 2), cos, sin, -1.0).reshape(b * t, kv_heads * head_dim)
+            g_v = g_v.transpose(1, 2).reshape(b * t, kv_heads * head_dim)
+            # q, k and v read the same h: one product each way for the three (fewer, larger products
+            # are faster at these sizes: 1.6x for this pair on the reference model's 144 rows)
+            g_qkv, sizes = torch.cat((g_q, g_k, g_v), 1), (g_q.shape[1], g_k.shape[1], g_v.shape[1])
+            if need[2] or need[4] or need[6]:
+                mine[2:7:2] = _weight_grad(g_qkv, h1, fast).split(sizes)
+            if need[3] or need[5] or need[7]:
+                mine[3:8:2] = g_qkv.sum(0).split(sizes)
+            g_h1 = _input_grad(g_qkv, torch.cat((wq, wk, wv)), fast)
+            g_x, mine[0] = _norm_backward(g_h1, x_hat1, r1, w1)
+            g = g + g_x
+            grads[i * PER_LAYER:(i + 1) * PER_LAYER] = [gr if n else None for gr, n in zip(mine, need)]
+        return (g, None, None, None, None, *grads)

@@ -82,7 +82,7 @@ def _pad_rows(t2d: torch.Tensor, rows: int) -> torch.Tensor:
     return out
 
 
-def _rows_times(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def product(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``x2d @ weight^T + bias`` (M, N) with the rows padded to their bucket for oneDNN."""
     m = x2d.shape[0]
     out = _onednn(_pad_rows(x2d, bucket(m)), weight, bias)
@@ -90,8 +90,25 @@ def _rows_times(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 def _onednn_nd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``_rows_times`` for inputs of any rank: (..., in) -> (..., out)."""
-    return _rows_times(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
+    """``product`` for inputs of any rank: (..., in) -> (..., out)."""
+    return product(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+
+def input_grad(g2d: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``dL/dx = g W`` (M, in) for the gradient ``g2d`` (M, out) of ``x W^T``, through oneDNN."""
+    return product(g2d, weight.t(), None)
+
+
+def weight_grad(g2d: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor:
+    """``dL/dW = g^T x`` (out, in) for ``g2d`` (M, out) and the layer's input ``x2d`` (M, in), through oneDNN."""
+    rows = bucket(x2d.shape[0])  # the rows are the summed dimension here: padded alike
+    g_rows, x_rows = _pad_rows(g2d, rows), _pad_rows(x2d, rows)
+    # oneDNN copies its first operand to a contiguous one: with many rows, transposing the
+    # narrower of g and x (and the result back) pays; with few, the copy back costs more
+    # (measured on the reference model: 5-8% of an SFT step at 208 rows, 4-7% the other way at 1280)
+    if g2d.shape[1] >= 2 * x2d.shape[1] and x2d.shape[0] > 2 * x2d.shape[1]:
+        return _onednn(x_rows.t(), g_rows.t(), None).t().contiguous()  # ((in, out) = x^T g)^T
+    return _onednn(g_rows.t(), x_rows.t(), None)  # (out, in) = g^T x
 
 
 class _OneDNNLinear(torch.autograd.Function):
@@ -107,17 +124,9 @@ class _OneDNNLinear(torch.autograd.Function):
         g2d = grad.reshape(-1, grad.shape[-1])
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = _rows_times(g2d, weight.t(), None).view(*grad.shape[:-1], weight.shape[1])
+            grad_x = input_grad(g2d, weight).view(*grad.shape[:-1], weight.shape[1])
         if ctx.needs_input_grad[1]:
-            rows = bucket(x2d.shape[0])  # the rows are the summed dimension here: padded alike
-            g_rows, x_rows = _pad_rows(g2d, rows), _pad_rows(x2d, rows)
-            # oneDNN copies its first operand to a contiguous one: with many rows, transposing the
-            # narrower of g and x (and the result back) pays; with few, the copy back costs more
-            # (measured on the reference model: 5-8% of an SFT step at 208 rows, 4-7% the other way at 1280)
-            if g2d.shape[1] >= 2 * x2d.shape[1] and x2d.shape[0] > 2 * x2d.shape[1]:
-                grad_w = _onednn(x_rows.t(), g_rows.t(), None).t().contiguous()  # ((in, out) = x^T g)^T
-            else:
-                grad_w = _onednn(g_rows.t(), x_rows.t(), None)  # (out, in) = g^T x
+            grad_w = weight_grad(g2d, x2d)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g2d.sum(0)
         return grad_x, grad_w, grad_b

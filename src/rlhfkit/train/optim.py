@@ -65,15 +65,38 @@ def optimizer_step(model, optimizer, scheduler, max_grad_norm: float, info: Dist
     if not sharded:
         all_reduce_grads(model, info)
     limit = max_grad_norm if max_grad_norm > 0 else float("inf")
-    norms = [_norm_value(torch.nn.utils.clip_grad_norm_([p for p in m.parameters() if p.grad is not None], limit))
-             for m in (clip_apart or [model])]
+    grads = [[p for p in m.parameters() if p.grad is not None] for m in (clip_apart or [model])]
+    totals = [torch.nn.utils.get_total_norm([p.grad for p in part]) for part in grads]
+    norms = [_norm_value(total) for total in totals]
     for norm in norms:
         check_finite(norm, "gradient norm", step)
-    grad_norm = norms[0]
-    optimizer.step()
+    scale = None
+    for part, total, norm in zip(grads, totals, norms):
+        if sharded:  # as clip_grad_norm_ does (the norm is a DTensor over the shards)
+            torch.nn.utils.clip_grads_with_norm_(part, limit, total)
+        elif norm + 1e-6 > limit:  # clip_grad_norm_'s factor min(1, limit / (norm + 1e-6)); never x1.0
+            factor = torch.clamp(limit / (total + 1e-6), max=1.0)
+            if len(grads) == 1 and optimizer.defaults.get("fused"):
+                scale = factor.reciprocal()  # the fused step divides each gradient by it as it reads it
+            else:
+                torch._foreach_mul_([p.grad for p in part], factor.to(part[0].grad.device))
+    _step(optimizer, scale)
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return grad_norm
+    return norms[0]
+
+
+def _step(optimizer, grad_scale: torch.Tensor | None) -> None:
+    """``optimizer.step()``; a fused AdamW with ``grad_scale`` divides every gradient by it in its
+    kernel (the hook GradScaler uses): clipping then costs no pass of its own over the gradients."""
+    if grad_scale is None:
+        optimizer.step()
+        return
+    optimizer.grad_scale = grad_scale
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.grad_scale
 
 
 def _norm_value(norm) -> float:
