@@ -137,7 +137,7 @@ def _grads_both_ways(model, ids, mask, positions, monkeypatch):
 def test_layers_as_one_node_match_the_per_operation_graph(fast, monkeypatch):
     """The whole-layers node (``_Layers``, written-out backward) against the graph autograd records
     op by op, on a shared-prompt block mask whose first query sees no key; grouped-query attention,
-    biases, and the products as FastLinear runs them."""
+    biases, and the products as FastLinear runs them (18 rows: the node pads them to 24 once)."""
     from rlhfkit.models import kernels
 
     model = tiny("qwen2")
@@ -145,11 +145,12 @@ def test_layers_as_one_node_match_the_per_operation_graph(fast, monkeypatch):
         if not kernels.onednn_linear_available():
             pytest.skip("no oneDNN in this PyTorch build")
         kernels.use_fast_linear(model)
-    seq = torch.tensor([-1, 0, 0, 0, 1, 1, 2, 2])  # a pad, a prompt of 3, two answers of 2 that read it
+    seq = torch.tensor([-1, 0, 0, 0, 1, 1, 2, 2, 2])  # a pad, a prompt of 3, answers of 2 and 3 that read it
     sees = (seq[None, :] == seq[:, None]) | ((seq[None, :] == 0) & (seq[:, None] > 0))
-    block = (sees & (seq[None, :] >= 0) & torch.ones(8, 8, dtype=torch.bool).tril())[None, None].repeat(2, 1, 1, 1)
-    positions = torch.tensor([[0, 0, 1, 2, 3, 4, 3, 4]]).repeat(2, 1)
-    ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(4))
+    block = (sees & (seq[None, :] >= 0) & torch.ones(9, 9, dtype=torch.bool).tril())[None, None].repeat(2, 1, 1, 1)
+    positions = torch.tensor([[0, 0, 1, 2, 3, 4, 3, 4, 5]]).repeat(2, 1)
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(4))
+    assert kernels.bucket(18) > 18  # with oneDNN the node carries padding rows
     (ours, our_grads), (theirs, their_grads) = _grads_both_ways(model, ids, block, positions, monkeypatch)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
     assert our_grads.keys() == their_grads.keys()

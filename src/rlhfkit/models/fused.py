@@ -272,8 +272,20 @@ def _norm_backward(g, x_hat, r, weight):
     return (gw - x_hat * (gw * x_hat).mean(-1, keepdim=True)).mul_(r), (g * x_hat).sum(0)
 
 
+def _rows_like(x: torch.Tensor, width: int, n: int) -> torch.Tensor:
+    """An uninitialised (rows of ``x``, ``width``) tensor whose rows from ``n`` on are zero."""
+    out = x.new_empty(x.shape[0], width)
+    out[n:].zero_()
+    return out
+
+
 class _Layers(torch.autograd.Function):
     """Every decoder layer on the residual stream ``x`` (N = B T rows, H), one node.
+
+    With oneDNN's products the stream carries zero rows up to ``kernels.bucket(N)`` from the
+    start, rather than each product padding its operands (two copies per product otherwise); the
+    extra rows never reach the attention, and their gradient is zero, so they add nothing to any
+    weight's gradient.
 
     ``shape`` = (B, T, heads, kv_heads, head_dim, scale, eps of each layer's two norms, fast);
     ``params``: PER_LAYER tensors per layer (``_layer_tensors``). With ``r = 1/sqrt(mean(x^2)+eps)``:
@@ -287,20 +299,23 @@ class _Layers(torch.autograd.Function):
     def forward(ctx, x, cos, sin, mask, shape, *params):
         b, t, heads, kv_heads, head_dim, scale, eps, fast = shape
         causal, repeat = mask is None, heads // kv_heads
+        n = b * t
+        x = kernels.pad_rows(x, kernels.bucket(n) if fast else n)
         saved = []
         for i in range(len(params) // PER_LAYER):
             w1, w2, wq, bq, wk, bk, wv, bv, wo, bo, wg, bg, wu, bu, wd, bd = params[i * PER_LAYER:(i + 1) * PER_LAYER]
             r1 = _inv_rms(x, eps[2 * i])
             x_hat1 = x * r1
             h1 = w1 * x_hat1
-            q = _linear(h1, wq, bq, fast).view(b, t, heads, head_dim)
-            k = _linear(h1, wk, bk, fast).view(b, t, kv_heads, head_dim)
+            q = _linear(h1, wq, bq, fast)[:n].view(b, t, heads, head_dim)
+            k = _linear(h1, wk, bk, fast)[:n].view(b, t, kv_heads, head_dim)
             q, k = _rotate(q, cos, sin, 1.0).transpose(1, 2), _rotate(k, cos, sin, 1.0).transpose(1, 2)
-            v = _linear(h1, wv, bv, fast).view(b, t, kv_heads, head_dim).transpose(1, 2)
+            v = _linear(h1, wv, bv, fast)[:n].view(b, t, kv_heads, head_dim).transpose(1, 2)
             if repeat > 1:  # grouped-query attention: each key/value head serves ``repeat`` query heads
                 k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
             out, lse = _FLASH(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)  # (B, heads, T, D)
-            a = out.transpose(1, 2).reshape(b * t, heads * head_dim)
+            a = _rows_like(x, heads * head_dim, n)
+            a[:n].view(b, t, heads, head_dim).copy_(out.transpose(1, 2))
             x = x + _linear(a, wo, bo, fast)
             r2 = _inv_rms(x, eps[2 * i + 1])
             x_hat2 = x * r2
@@ -311,7 +326,7 @@ class _Layers(torch.autograd.Function):
             saved += [x_hat1, r1, h1, q, k, v, out, lse, a, x_hat2, r2, h2, gate, up, s]
         ctx.save_for_backward(cos, sin, mask, *saved, *params)
         ctx.shape = shape
-        return x
+        return x[:n]
 
     @staticmethod
     def backward(ctx, g):
@@ -322,6 +337,8 @@ class _Layers(torch.autograd.Function):
         needs = ctx.needs_input_grad[5:]
         grads = [None] * len(params)
         causal, repeat = mask is None, heads // kv_heads
+        n = b * t
+        g = kernels.pad_rows(g, saved[0].shape[0])  # the forward's rows (x_hat1's), zeros below N
         for i in reversed(range(layers)):
             x_hat1, r1, h1, q, k, v, out, lse, a, x_hat2, r2, h2, gate, up, s = saved[15 * i:15 * (i + 1)]
             w1, w2, wq, bq, wk, bk, wv, bv, wo, bo, wg, bg, wu, bu, wd, bd = params[i * PER_LAYER:(i + 1) * PER_LAYER]
@@ -346,17 +363,19 @@ class _Layers(torch.autograd.Function):
             g = g + g_x
             # attention: x' = x + a Wo^T + bo
             linear_grads(3, g, a)
-            g_out = _input_grad(g, wo, fast).view(b, t, heads, head_dim).transpose(1, 2)
+            g_out = _input_grad(g, wo, fast)[:n].view(b, t, heads, head_dim).transpose(1, 2)
             g_q, g_k, g_v = _FLASH_BACKWARD(g_out, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale)
             if repeat > 1:
                 g_k = g_k.unflatten(1, (kv_heads, repeat)).sum(2)
                 g_v = g_v.unflatten(1, (kv_heads, repeat)).sum(2)
-            g_q = _rotate(g_q.transpose(1, 2), cos, sin, -1.0).reshape(b * t, heads * head_dim)
-            g_k = _rotate(g_k.transpose(1, 2), cos, sin, -1.0).reshape(b * t, kv_heads * head_dim)
-            g_v = g_v.transpose(1, 2).reshape(b * t, kv_heads * head_dim)
             # q, k and v read the same h: one product each way for the three (fewer, larger products
             # are faster at these sizes: 1.6x for this pair on the reference model's 144 rows)
-            g_qkv, sizes = torch.cat((g_q, g_k, g_v), 1), (g_q.shape[1], g_k.shape[1], g_v.shape[1])
+            sizes = (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)
+            g_qkv = _rows_like(g, sum(sizes), n)
+            g_q_rows, g_k_rows, g_v_rows = g_qkv[:n].split(sizes, 1)
+            g_q_rows.view(b, t, heads, head_dim).copy_(_rotate(g_q.transpose(1, 2), cos, sin, -1.0))
+            g_k_rows.view(b, t, kv_heads, head_dim).copy_(_rotate(g_k.transpose(1, 2), cos, sin, -1.0))
+            g_v_rows.view(b, t, kv_heads, head_dim).copy_(g_v.transpose(1, 2))
             if need[2] or need[4] or need[6]:
                 mine[2:7:2] = _weight_grad(g_qkv, h1, fast).split(sizes)
             if need[3] or need[5] or need[7]:
@@ -365,4 +384,4 @@ class _Layers(torch.autograd.Function):
             g_x, mine[0] = _norm_backward(g_h1, x_hat1, r1, w1)
             g = g + g_x
             grads[i * PER_LAYER:(i + 1) * PER_LAYER] = [gr if n else None for gr, n in zip(mine, need)]
-        return (g, None, None, None, None, *grads)
+        return (g[:n], None, None, None, None, *grads)

@@ -72,7 +72,7 @@ def _bucketing() -> bool:
     return os.environ.get("RLHFKIT_BUCKET_ROWS", "1") != "0"
 
 
-def _pad_rows(t2d: torch.Tensor, rows: int) -> torch.Tensor:
+def pad_rows(t2d: torch.Tensor, rows: int) -> torch.Tensor:
     """``t2d`` with zero rows appended up to ``rows`` (only the new rows are zero-filled)."""
     if t2d.shape[0] == rows:
         return t2d
@@ -85,7 +85,7 @@ def _pad_rows(t2d: torch.Tensor, rows: int) -> torch.Tensor:
 def product(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``x2d @ weight^T + bias`` (M, N) with the rows padded to their bucket for oneDNN."""
     m = x2d.shape[0]
-    out = _onednn(_pad_rows(x2d, bucket(m)), weight, bias)
+    out = _onednn(pad_rows(x2d, bucket(m)), weight, bias)
     return out[:m]
 
 
@@ -102,7 +102,7 @@ def input_grad(g2d: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def weight_grad(g2d: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor:
     """``dL/dW = g^T x`` (out, in) for ``g2d`` (M, out) and the layer's input ``x2d`` (M, in), through oneDNN."""
     rows = bucket(x2d.shape[0])  # the rows are the summed dimension here: padded alike
-    g_rows, x_rows = _pad_rows(g2d, rows), _pad_rows(x2d, rows)
+    g_rows, x_rows = pad_rows(g2d, rows), pad_rows(x2d, rows)
     # oneDNN copies its first operand to a contiguous one: with many rows, transposing the
     # narrower of g and x (and the result back) pays; with few, the copy back costs more
     # (measured on the reference model: 5-8% of an SFT step at 208 rows, 4-7% the other way at 1280)
