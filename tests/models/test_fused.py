@@ -121,23 +121,28 @@ def test_refuses_what_it_does_not_compute(monkeypatch):
     assert not fused.applies(model)
 
 
-def _grads_both_ways(model, ids, mask, positions, monkeypatch):
+def _grads_both_ways(model, ids, mask, positions, monkeypatch, first=0):
     """(hidden, gradients) with the decoder layers as one node and as one node per operation."""
     results = []
     for node in ("1", "0"):
         monkeypatch.setenv("RLHFKIT_LAYERS_NODE", node)
         model.zero_grad(set_to_none=True)
-        hidden = fused.backbone(model, ids, mask, positions)
+        hidden = fused.backbone(model, ids, mask, positions, first)
+        assert hidden.shape[1] == ids.shape[1] - first
         (hidden * torch.linspace(-1, 1, hidden.shape[-1])).sum().backward()
         results.append((hidden.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     return results
 
 
+@pytest.mark.parametrize("first", [0, 3])
+@pytest.mark.parametrize("layout", ["block", "causal"])
 @pytest.mark.parametrize("fast", [False, True], ids=["F.linear", "oneDNN"])
-def test_layers_as_one_node_match_the_per_operation_graph(fast, monkeypatch):
+def test_layers_as_one_node_match_the_per_operation_graph(fast, layout, first, monkeypatch):
     """The whole-layers node (``_Layers``, written-out backward) against the graph autograd records
     op by op, on a shared-prompt block mask whose first query sees no key; grouped-query attention,
-    biases, and the products as FastLinear runs them (18 rows: the node pads them to 24 once)."""
+    biases, and the products as FastLinear runs them (18 rows: the node pads them to 24 once); also
+    unpadded rows (SDPA's causal path), and hidden states asked for from column 3 only (the node's
+    last layer then computes queries, MLP and output for those columns alone)."""
     from rlhfkit.models import kernels
 
     model = tiny("qwen2")
@@ -151,7 +156,9 @@ def test_layers_as_one_node_match_the_per_operation_graph(fast, monkeypatch):
     positions = torch.tensor([[0, 0, 1, 2, 3, 4, 3, 4, 5]]).repeat(2, 1)
     ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(4))
     assert kernels.bucket(18) > 18  # with oneDNN the node carries padding rows
-    (ours, our_grads), (theirs, their_grads) = _grads_both_ways(model, ids, block, positions, monkeypatch)
+    if layout == "causal":
+        block, positions = torch.ones_like(ids), position_ids_from_mask(torch.ones_like(ids))
+    (ours, our_grads), (theirs, their_grads) = _grads_both_ways(model, ids, block, positions, monkeypatch, first)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
     assert our_grads.keys() == their_grads.keys()
     for name, want in their_grads.items():
@@ -175,5 +182,6 @@ def test_layers_node_backward_passes_gradcheck():
     allowed = torch.ones(t, t, dtype=torch.bool).tril()[None, None] & keep[:, None, None, :]
     allowed[1, 0, 0, 0] = True  # no query without a key: finite differences need finite outputs
     mask = torch.zeros(allowed.shape, dtype=torch.float64).masked_fill_(~allowed, float("-inf"))
-    shape = (b, t, heads, kv, d, d ** -0.5, (1e-5,) * 4, False)
-    assert torch.autograd.gradcheck(lambda x, *p: fused._Layers.apply(x, cos, sin, mask, shape, *p), (x, *params))
+    for first in (0, 2):  # every query, and the last layer's from column 2 on
+        shape = (b, t, heads, kv, d, d ** -0.5, (1e-5,) * 4, False, first)
+        assert torch.autograd.gradcheck(lambda x, *p: fused._Layers.apply(x, cos, sin, mask, shape, *p), (x, *params))

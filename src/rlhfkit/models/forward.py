@@ -58,17 +58,25 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  position_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """The backbone's last hidden states (B, T, H), without computing any vocabulary logits.
-    ``attention_mask``: (B, T) padding, or a (B, 1, T, T) boolean mask of what each query attends
-    to (with its ``position_ids``), which only the SDPA attention reads as such."""
+                  position_ids: torch.Tensor | None = None, first: int = 0) -> torch.Tensor:
+    """The backbone's last hidden states at columns ``first``.. (B, T - first, H), without
+    computing any vocabulary logits. ``attention_mask``: (B, T) padding, or a (B, 1, T, T) boolean
+    mask of what each query attends to (with its ``position_ids``), which only the SDPA attention
+    reads as such. The columns before ``first`` are still read as context; where the lean forward
+    applies, the last layer does no other work for them."""
     if position_ids is None:
         position_ids = position_ids_from_mask(attention_mask)
     if fused.applies(model):
-        return fused.backbone(model, input_ids, attention_mask, position_ids)
+        return fused.backbone(model, input_ids, attention_mask, position_ids, first)
     backbone = getattr(model, model.base_model_prefix)
     out = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    return out.last_hidden_state
+    return out.last_hidden_state[:, first:]
+
+
+def first_column(wanted: torch.Tensor) -> int:
+    """The first column of a (B, T) boolean grid where any row is set (0 if none is)."""
+    columns = wanted.any(0).nonzero()
+    return int(columns[0]) if columns.numel() else 0
 
 
 # The final processing some causal LMs apply after the head, keyed by the config field that
@@ -135,10 +143,11 @@ def _token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     distribution at the same positions (a metric: computed without gradient). A packed batch
     passes its 4D mask, its ``position_ids`` and a ``target_mask``.
     """
-    hidden = hidden_states(model, input_ids, attention_mask, position_ids)[:, :-1]  # (B, T-1, H)
+    select = (target_mask[:, 1:] if target_mask is not None else attention_mask[:, 1:]).bool()  # (B, T-1)
+    first = first_column(select)  # no position before it predicts a target: the last layer skips them
+    hidden = hidden_states(model, input_ids, attention_mask, position_ids, first)[:, :-1]  # (B, T-1-first, H)
     targets = input_ids[:, 1:]  # (B, T-1)
-    select = (target_mask[:, 1:] if target_mask is not None else attention_mask[:, 1:]).bool()
-    logits = lm_logits(model, hidden[select]).float()  # (N, V)
+    logits = lm_logits(model, hidden[select[:, first:]]).float()  # (N, V)
     logp_all = logits.log_softmax(-1)
     picked = logp_all.gather(-1, targets[select].unsqueeze(-1)).squeeze(-1)  # (N,)
     logprobs = _unselect(picked, select)
@@ -155,8 +164,11 @@ def predecessor_logprobs(model, input_ids: torch.Tensor, attend: torch.Tensor, p
     shared-prompt layout (rows of a prompt once, then its continuations, under a block mask
     ``attend``): the logits of exactly those M positions. With ``with_entropy`` also their (M,)
     next-token entropy (no gradient). Called inside ``as_forward``."""
-    hidden = hidden_states(model, input_ids, attend, position_ids)  # (R, W, H)
-    logp_all = lm_logits(model, hidden.flatten(0, 1)[predecessor]).float().log_softmax(-1)  # (M, V)
+    width = input_ids.shape[1]
+    first = int((predecessor % width).min()) if predecessor.numel() else 0
+    hidden = hidden_states(model, input_ids, attend, position_ids, first)  # (R, W - first, H)
+    rows = predecessor // width * (width - first) + predecessor % width - first  # into the (R, W - first) grid
+    logp_all = lm_logits(model, hidden.flatten(0, 1)[rows]).float().log_softmax(-1)  # (M, V)
     picked = logp_all.gather(-1, targets[:, None]).squeeze(-1)  # (M,)
     if not with_entropy:
         return picked, None

@@ -193,8 +193,11 @@ def _one_node(x: torch.Tensor, params: list) -> bool:
             and (x.requires_grad or any(p.requires_grad for p in weights)))
 
 
-def backbone(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-    """The backbone's last hidden states (B, T, H): the model's forward, computed leanly."""
+def backbone(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+             first: int = 0) -> torch.Tensor:
+    """The backbone's last hidden states at columns ``first``.. (B, T - first, H): the model's
+    forward, computed leanly. The columns before ``first`` still serve as keys and values; in the
+    layers-as-one-node path the last layer computes no query, MLP or output for them."""
     base = getattr(model, model.base_model_prefix)
     cfg = model.config
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -209,10 +212,10 @@ def backbone(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, posit
         fast = isinstance(base.layers[0].self_attn.q_proj, kernels.FastLinear) and kernels.onednn_linear_available()
         eps = tuple(_eps(norm) for layer in base.layers
                     for norm in (layer.input_layernorm, layer.post_attention_layernorm))
-        shape = (b, t, heads, kv_heads, head_dim, base.layers[0].self_attn.scaling, eps, fast)
+        shape = (b, t, heads, kv_heads, head_dim, base.layers[0].self_attn.scaling, eps, fast, first)
         if mask is not None:  # the kernel takes an additive mask, as SDPA makes of a boolean one
             mask = torch.zeros(mask.shape, dtype=x.dtype).masked_fill_(~mask, float("-inf"))
-        x = _Layers.apply(x.reshape(b * t, -1), cos, sin, mask, shape, *params).view(b, t, -1)
+        x = _Layers.apply(x.reshape(b * t, -1), cos, sin, mask, shape, *params).view(b, t - first, -1)
         return rms_norm(base.norm, x)
     for layer in base.layers:
         attn, mlp = layer.self_attn, layer.mlp
@@ -227,7 +230,7 @@ def backbone(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, posit
         x = x + attn.o_proj(out.transpose(1, 2).reshape(b, t, heads * head_dim))
         h = rms_norm(layer.post_attention_layernorm, x)
         x = x + mlp.down_proj(swiglu(mlp.gate_proj(h), mlp.up_proj(h)))
-    return rms_norm(base.norm, x)
+    return rms_norm(base.norm, x[:, first:])
 
 
 # ---- The decoder layers as one autograd node (CPU, fp32) ----
@@ -272,6 +275,24 @@ def _norm_backward(g, x_hat, r, weight):
     return (gw - x_hat * (gw * x_hat).mean(-1, keepdim=True)).mul_(r), (g * x_hat).sum(0)
 
 
+SAVED = 17  # tensors saved per layer
+
+
+def _window(x2d: torch.Tensor, b: int, t: int, first: int, fast: bool) -> torch.Tensor:
+    """The rows of columns ``first``.. of the (B, T) grid that ``x2d``'s first B T rows hold, as
+    rows of their own (zero rows up to oneDNN's bucket)."""
+    rows = x2d[:b * t].view(b, t, -1)[:, first:].reshape(b * (t - first), -1)
+    return kernels.pad_rows(rows, kernels.bucket(rows.shape[0]) if fast else rows.shape[0])
+
+
+def _query_mask(mask: torch.Tensor | None, t: int, first: int, dtype: torch.dtype) -> torch.Tensor:
+    """The additive mask of the queries at columns ``first``.. over all T keys (causal if None)."""
+    if mask is not None:
+        return mask[:, :, first:]
+    allowed = torch.ones(t, t, dtype=torch.bool).tril_()[None, None, first:]
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+
+
 def _rows_like(x: torch.Tensor, width: int, n: int) -> torch.Tensor:
     """An uninitialised (rows of ``x``, ``width``) tensor whose rows from ``n`` on are zero."""
     out = x.new_empty(x.shape[0], width)
@@ -287,7 +308,9 @@ class _Layers(torch.autograd.Function):
     extra rows never reach the attention, and their gradient is zero, so they add nothing to any
     weight's gradient.
 
-    ``shape`` = (B, T, heads, kv_heads, head_dim, scale, eps of each layer's two norms, fast);
+    ``shape`` = (B, T, heads, kv_heads, head_dim, scale, eps of each layer's two norms, fast,
+    first); the output is the rows of columns ``first``.. only: the last layer's queries, output
+    projection and MLP run on those rows alone (the earlier columns are its keys and values);
     ``params``: PER_LAYER tensors per layer (``_layer_tensors``). With ``r = 1/sqrt(mean(x^2)+eps)``:
 
         h = w1 x r,  q, k, v = rope(h Wq^T + bq), rope(h Wk^T + bk), h Wv^T + bv
@@ -297,25 +320,30 @@ class _Layers(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, cos, sin, mask, shape, *params):
-        b, t, heads, kv_heads, head_dim, scale, eps, fast = shape
-        causal, repeat = mask is None, heads // kv_heads
+        b, t, heads, kv_heads, head_dim, scale, eps, fast, first = shape
+        causal, repeat, layers = mask is None, heads // kv_heads, len(eps) // 2
         n = b * t
         x = kernels.pad_rows(x, kernels.bucket(n) if fast else n)
         saved = []
-        for i in range(len(params) // PER_LAYER):
+        for i in range(layers):
             w1, w2, wq, bq, wk, bk, wv, bv, wo, bo, wg, bg, wu, bu, wd, bd = params[i * PER_LAYER:(i + 1) * PER_LAYER]
+            f = first if i == layers - 1 else 0  # the last layer's queries start at column ``first``
+            tq = t - f
             r1 = _inv_rms(x, eps[2 * i])
             x_hat1 = x * r1
             h1 = w1 * x_hat1
-            q = _linear(h1, wq, bq, fast)[:n].view(b, t, heads, head_dim)
-            k = _linear(h1, wk, bk, fast)[:n].view(b, t, kv_heads, head_dim)
-            q, k = _rotate(q, cos, sin, 1.0).transpose(1, 2), _rotate(k, cos, sin, 1.0).transpose(1, 2)
+            k = _rotate(_linear(h1, wk, bk, fast)[:n].view(b, t, kv_heads, head_dim), cos, sin, 1.0).transpose(1, 2)
             v = _linear(h1, wv, bv, fast)[:n].view(b, t, kv_heads, head_dim).transpose(1, 2)
+            h1_q, mask_q = h1, mask
+            if f:
+                x, h1_q, mask_q = _window(x, b, t, f, fast), _window(h1, b, t, f, fast), _query_mask(mask, t, f, x.dtype)
+            q = _linear(h1_q, wq, bq, fast)[:b * tq].view(b, tq, heads, head_dim)
+            q = _rotate(q, cos[:, f:], sin[:, f:], 1.0).transpose(1, 2)
             if repeat > 1:  # grouped-query attention: each key/value head serves ``repeat`` query heads
                 k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-            out, lse = _FLASH(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)  # (B, heads, T, D)
-            a = _rows_like(x, heads * head_dim, n)
-            a[:n].view(b, t, heads, head_dim).copy_(out.transpose(1, 2))
+            out, lse = _FLASH(q, k, v, 0.0, causal and not f, attn_mask=mask_q, scale=scale)  # (B, heads, Tq, D)
+            a = _rows_like(x, heads * head_dim, b * tq)
+            a[:b * tq].view(b, tq, heads, head_dim).copy_(out.transpose(1, 2))
             x = x + _linear(a, wo, bo, fast)
             r2 = _inv_rms(x, eps[2 * i + 1])
             x_hat2 = x * r2
@@ -323,27 +351,30 @@ class _Layers(torch.autograd.Function):
             gate, up = _linear(h2, wg, bg, fast), _linear(h2, wu, bu, fast)
             s = F.silu(gate).mul_(up)
             x = x + _linear(s, wd, bd, fast)
-            saved += [x_hat1, r1, h1, q, k, v, out, lse, a, x_hat2, r2, h2, gate, up, s]
+            saved += [x_hat1, r1, h1, h1_q, mask_q, q, k, v, out, lse, a, x_hat2, r2, h2, gate, up, s]
         ctx.save_for_backward(cos, sin, mask, *saved, *params)
         ctx.shape = shape
-        return x[:n]
+        return x[:b * (t - first)]
 
     @staticmethod
     def backward(ctx, g):
         cos, sin, mask, *rest = ctx.saved_tensors
-        b, t, heads, kv_heads, head_dim, scale, eps, fast = ctx.shape
+        b, t, heads, kv_heads, head_dim, scale, eps, fast, first = ctx.shape
         layers = len(eps) // 2
-        saved, params = rest[:15 * layers], rest[15 * layers:]
+        saved, params = rest[:SAVED * layers], rest[SAVED * layers:]
         needs = ctx.needs_input_grad[5:]
         grads = [None] * len(params)
         causal, repeat = mask is None, heads // kv_heads
         n = b * t
-        g = kernels.pad_rows(g, saved[0].shape[0])  # the forward's rows (x_hat1's), zeros below N
+        g = kernels.pad_rows(g, saved[-SAVED + 11].shape[0])  # the last layer's rows (x_hat2's), zeros below
         for i in reversed(range(layers)):
-            x_hat1, r1, h1, q, k, v, out, lse, a, x_hat2, r2, h2, gate, up, s = saved[15 * i:15 * (i + 1)]
+            x_hat1, r1, h1, h1_q, mask_q, q, k, v, out, lse, a, x_hat2, r2, h2, gate, up, s = \
+                saved[SAVED * i:SAVED * (i + 1)]
             w1, w2, wq, bq, wk, bk, wv, bv, wo, bo, wg, bg, wu, bu, wd, bd = params[i * PER_LAYER:(i + 1) * PER_LAYER]
             need = needs[i * PER_LAYER:(i + 1) * PER_LAYER]
             mine = [None] * PER_LAYER
+            tq = q.shape[2]
+            f, nq = t - tq, b * tq
 
             def linear_grads(slot, g_out, x_in):  # the weight's and bias's gradients of LINEARS[slot]
                 if need[2 + 2 * slot]:
@@ -363,25 +394,43 @@ class _Layers(torch.autograd.Function):
             g = g + g_x
             # attention: x' = x + a Wo^T + bo
             linear_grads(3, g, a)
-            g_out = _input_grad(g, wo, fast)[:n].view(b, t, heads, head_dim).transpose(1, 2)
-            g_q, g_k, g_v = _FLASH_BACKWARD(g_out, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale)
+            g_out = _input_grad(g, wo, fast)[:nq].view(b, tq, heads, head_dim).transpose(1, 2)
+            g_q, g_k, g_v = _FLASH_BACKWARD(g_out, q, k, v, out, lse, 0.0, causal and not f, attn_mask=mask_q,
+                                            scale=scale)
             if repeat > 1:
                 g_k = g_k.unflatten(1, (kv_heads, repeat)).sum(2)
                 g_v = g_v.unflatten(1, (kv_heads, repeat)).sum(2)
-            # q, k and v read the same h: one product each way for the three (fewer, larger products
-            # are faster at these sizes: 1.6x for this pair on the reference model's 144 rows)
-            sizes = (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)
-            g_qkv = _rows_like(g, sum(sizes), n)
-            g_q_rows, g_k_rows, g_v_rows = g_qkv[:n].split(sizes, 1)
-            g_q_rows.view(b, t, heads, head_dim).copy_(_rotate(g_q.transpose(1, 2), cos, sin, -1.0))
-            g_k_rows.view(b, t, kv_heads, head_dim).copy_(_rotate(g_k.transpose(1, 2), cos, sin, -1.0))
-            g_v_rows.view(b, t, kv_heads, head_dim).copy_(g_v.transpose(1, 2))
-            if need[2] or need[4] or need[6]:
-                mine[2:7:2] = _weight_grad(g_qkv, h1, fast).split(sizes)
-            if need[3] or need[5] or need[7]:
-                mine[3:8:2] = g_qkv.sum(0).split(sizes)
-            g_h1 = _input_grad(g_qkv, torch.cat((wq, wk, wv)), fast)
+            g_q = _rotate(g_q.transpose(1, 2), cos[:, f:], sin[:, f:], -1.0)
+            g_k = _rotate(g_k.transpose(1, 2), cos, sin, -1.0)
+            g_v = g_v.transpose(1, 2)
+            # the projections that read the same h take one product each way (fewer, larger products
+            # are faster at these sizes: 1.6x for q, k and v on the reference model's 144 rows)
+            slots = (0, 1, 2) if not f else (1, 2)  # with a window, q reads only its rows of h
+            if f:
+                g_q_rows = _rows_like(g, heads * head_dim, nq)
+                g_q_rows[:nq].view(b, tq, heads, head_dim).copy_(g_q)
+                linear_grads(0, g_q_rows, h1_q)
+                g_h1_q = _input_grad(g_q_rows, wq, fast)
+            parts = dict(zip((0, 1, 2), (g_q, g_k, g_v)))
+            sizes = [parts[j].shape[2] * head_dim for j in slots]
+            g_proj = _rows_like(h1, sum(sizes), n)
+            for column, j, size in zip(g_proj[:n].split(sizes, 1), slots, sizes):
+                column.view(b, t, -1, head_dim).copy_(parts[j])
+            weights = (wq, wk, wv)
+            if any(need[2 + 2 * j] for j in slots):
+                for j, grad in zip(slots, _weight_grad(g_proj, h1, fast).split(sizes)):
+                    mine[2 + 2 * j] = grad
+            if any(need[3 + 2 * j] for j in slots):
+                for j, grad in zip(slots, g_proj.sum(0).split(sizes)):
+                    mine[3 + 2 * j] = grad
+            g_h1 = _input_grad(g_proj, torch.cat([weights[j] for j in slots]), fast)
+            if f:
+                g_h1[:n].view(b, t, -1)[:, f:] += g_h1_q[:nq].view(b, tq, -1)
             g_x, mine[0] = _norm_backward(g_h1, x_hat1, r1, w1)
-            g = g + g_x
-            grads[i * PER_LAYER:(i + 1) * PER_LAYER] = [gr if n else None for gr, n in zip(mine, need)]
+            if f:  # the residual carried only the window's rows
+                g_x[:n].view(b, t, -1)[:, f:] += g[:nq].view(b, tq, -1)
+                g = g_x
+            else:
+                g = g + g_x
+            grads[i * PER_LAYER:(i + 1) * PER_LAYER] = [grad if wanted else None for grad, wanted in zip(mine, need)]
         return (g[:n], None, None, None, None, *grads)

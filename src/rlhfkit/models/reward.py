@@ -143,9 +143,10 @@ def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) 
 
 
 def _reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    hidden = hidden_states(model, input_ids, attention_mask)  # (B, T, H)
     index = score_index(input_ids, attention_mask, model.config.get_text_config().pad_token_id)
-    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), index]  # (B, H)
+    first = int(index.min()) if index.numel() else 0  # the columns before it are context only
+    hidden = hidden_states(model, input_ids, attention_mask, first=first)  # (B, T - first, H)
+    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), index - first]  # (B, H)
     return score_head(model)(last).squeeze(-1).float()
 
 
@@ -155,8 +156,11 @@ def shared_prompt_scores(model, batch) -> torch.Tensor:
 
 
 def _shared_prompt_scores(model, input_ids, position_ids, attend, last) -> torch.Tensor:
-    hidden = hidden_states(model, input_ids, attend, position_ids)  # (P, W, H)
-    return score_head(model)(hidden.flatten(0, 1)[last]).squeeze(-1).float()
+    width = input_ids.shape[1]
+    first = int((last % width).min()) if last.numel() else 0  # the columns before it are context only
+    hidden = hidden_states(model, input_ids, attend, position_ids, first)  # (P, W - first, H)
+    rows = last // width * (width - first) + last % width - first  # into the (P, W - first) grid
+    return score_head(model)(hidden.flatten(0, 1)[rows]).squeeze(-1).float()
 
 
 def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
