@@ -130,9 +130,9 @@ class Experience:
 
 def completion_values(critic, samples: Samples) -> torch.Tensor:
     """V(s) before each completion token: the critic read at the preceding position. (B, C)"""
-    values = token_values(critic, samples.input_ids, samples.attention_mask)  # (B, P + C)
     width = samples.prompt_ids.shape[1]
-    return values[:, width - 1: -1]
+    values = token_values(critic, samples.input_ids, samples.attention_mask, first=width - 1)  # (B, C + 1)
+    return values[:, :-1]
 
 
 def shape_scores(raw: torch.Tensor, finished: torch.Tensor, cfg: PPOConfig) -> torch.Tensor:

@@ -163,10 +163,11 @@ def _shared_prompt_scores(model, input_ids, position_ids, attend, last) -> torch
     return score_head(model)(hidden.flatten(0, 1)[rows]).squeeze(-1).float()
 
 
-def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """V(s_t) for every position: the score head on every hidden state (the PPO critic). (B, T)"""
-    return as_forward(model, lambda m, ids, mask: score_head(m)(hidden_states(m, ids, mask)).squeeze(-1).float(),
-                      input_ids, attention_mask)
+def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, first: int = 0) -> torch.Tensor:
+    """V(s_t) for every position from column ``first`` on: the score head on every hidden state
+    (the PPO critic). (B, T - first)"""
+    return as_forward(model, lambda m, ids, mask: score_head(m)(hidden_states(m, ids, mask, first=first))
+                      .squeeze(-1).float(), input_ids, attention_mask)
 
 
 STEP_READOUTS = ("head", "likelihood")
