@@ -164,6 +164,10 @@ def test_layers_as_one_node_match_the_per_operation_graph(fast, layout, first, m
     for name, want in their_grads.items():
         gap = (our_grads[name] - want).abs().max() / want.abs().max().clamp(min=1.0)
         assert gap < 1e-5, (name, gap.item())
+    with torch.no_grad():  # a scoring forward runs the same layers without keeping anything
+        monkeypatch.setenv("RLHFKIT_LAYERS_NODE", "1")
+        scored = fused.backbone(model, ids, block, positions, first)
+    torch.testing.assert_close(scored, theirs, atol=1e-5, rtol=1e-5)
 
 
 def test_layers_node_backward_passes_gradcheck():
