@@ -434,7 +434,7 @@ class _Layers(torch.autograd.Function):
             parts = dict(zip((0, 1, 2), (g_q, g_k, g_v)))
             sizes = [parts[j].shape[2] * head_dim for j in slots]
             g_proj = _rows_like(h1, sum(sizes), n)
-            for column, j, size in zip(g_proj[:n].split(sizes, 1), slots, sizes):
+            for column, j in zip(g_proj[:n].split(sizes, 1), slots):
                 column.view(b, t, -1, head_dim).copy_(parts[j])
             weights = (wq, wk, wv)
             if any(need[2 + 2 * j] for j in slots):

@@ -77,7 +77,8 @@ def optimizer_step(model, optimizer, scheduler, max_grad_norm: float, info: Dist
         elif norm + 1e-6 > limit:  # clip_grad_norm_'s factor min(1, limit / (norm + 1e-6)); never x1.0
             factor = torch.clamp(limit / (total + 1e-6), max=1.0)
             if len(grads) == 1 and optimizer.defaults.get("fused"):
-                scale = factor.reciprocal()  # the fused step divides each gradient by it as it reads it
+                # the fused step divides each gradient by it as it reads it (in fp32, as GradScaler's scale)
+                scale = factor.reciprocal().float()
             else:
                 torch._foreach_mul_([p.grad for p in part], factor.to(part[0].grad.device))
     _step(optimizer, scale)
