@@ -73,6 +73,13 @@ def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return out.last_hidden_state[:, first:]
 
 
+def flat_window(index: torch.Tensor, width: int) -> tuple[int, torch.Tensor]:
+    """For flat positions ``index`` into a (R, width) grid: the first column any of them is in, and
+    the same positions in the (R, width - first) grid of the columns from it on."""
+    first = int((index % width).min()) if index.numel() else 0
+    return first, index // width * (width - first) + index % width - first
+
+
 def first_column(wanted: torch.Tensor) -> int:
     """The first column of a (B, T) boolean grid where any row is set (0 if none is)."""
     columns = wanted.any(0).nonzero()
@@ -164,10 +171,8 @@ def predecessor_logprobs(model, input_ids: torch.Tensor, attend: torch.Tensor, p
     shared-prompt layout (rows of a prompt once, then its continuations, under a block mask
     ``attend``): the logits of exactly those M positions. With ``with_entropy`` also their (M,)
     next-token entropy (no gradient). Called inside ``as_forward``."""
-    width = input_ids.shape[1]
-    first = int((predecessor % width).min()) if predecessor.numel() else 0
+    first, rows = flat_window(predecessor, input_ids.shape[1])
     hidden = hidden_states(model, input_ids, attend, position_ids, first)  # (R, W - first, H)
-    rows = predecessor // width * (width - first) + predecessor % width - first  # into the (R, W - first) grid
     logp_all = lm_logits(model, hidden.flatten(0, 1)[rows]).float().log_softmax(-1)  # (M, V)
     picked = logp_all.gather(-1, targets[:, None]).squeeze(-1)  # (M,)
     if not with_entropy:

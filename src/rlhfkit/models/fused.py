@@ -17,7 +17,7 @@ On the CPU in fp32 (autocast off) every decoder layer runs as one autograd node 
 backward is written out (the products, SDPA's own backward kernel, the closed forms above), q, k
 and v take one product each way in the backward, the rows are padded to oneDNN's bucket once,
 and the last layer computes queries, the MLP and its output only for the columns a caller reads
-(``first``). 1.05-1.11x per training step on the reference shapes, in-process A/B;
+(``first``). 1.04-1.13x per training step on the reference shapes, in-process A/B;
 ``RLHFKIT_LAYERS_NODE=0`` turns it off.
 
 It applies to a model whose layers it can read as plain modules; anything else (LoRA adapters,

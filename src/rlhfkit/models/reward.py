@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..losses.prm import step_logit
-from .forward import as_forward, hidden_states, lm_logits
+from .forward import as_forward, flat_window, hidden_states, lm_logits
 from .kernels import use_fast_linear
 from .load import DTYPES, ModelLoadError, architectures, check_vocab, from_folder
 
@@ -156,10 +156,8 @@ def shared_prompt_scores(model, batch) -> torch.Tensor:
 
 
 def _shared_prompt_scores(model, input_ids, position_ids, attend, last) -> torch.Tensor:
-    width = input_ids.shape[1]
-    first = int((last % width).min()) if last.numel() else 0  # the columns before it are context only
+    first, rows = flat_window(last, input_ids.shape[1])  # the columns before ``first`` are context only
     hidden = hidden_states(model, input_ids, attend, position_ids, first)  # (P, W - first, H)
-    rows = last // width * (width - first) + last % width - first  # into the (P, W - first) grid
     return score_head(model)(hidden.flatten(0, 1)[rows]).squeeze(-1).float()
 
 
