@@ -2,7 +2,9 @@
 
     python benchmarks/inprocess.py VAR METHOD [--pairs 40] [RUN_PY_FLAGS...]
 
-VAR: an environment switch rlhfkit reads on every call (RLHFKIT_LAYERS_NODE, RLHFKIT_LEAN_FORWARD).
+VAR: an environment switch rlhfkit reads on every call (RLHFKIT_LAYERS_NODE, RLHFKIT_LEAN_FORWARD),
+or a module constant read on every call with its "on" and "off" values,
+``rlhfkit.models.fused:FEW_KEYS=80,0`` (the node's attention as products up to 80 keys, or never).
 After run.py's warm-up steps, ``--pairs`` pairs of steps run with VAR=1 and VAR=0 in an order that
 alternates pair by pair (on-off, off-on, ...), so that a slow spell of the host falls on both.
 Prints one JSON line: the median ms per step on and off and their ratio off / on (above 1: the
@@ -23,25 +25,39 @@ sys.path.insert(0, str(Path(__file__).parent))
 import run  # noqa: E402
 
 
+def switch(var: str):
+    """``set(value)`` for value "1" (on) or "0" (off): an environment variable, or a module constant."""
+    if ":" not in var:
+        return lambda value: os.environ.__setitem__(var, value)
+    import importlib
+
+    where, assignment = var.split(":", 1)
+    name, values = assignment.split("=", 1)
+    module, (on, off) = importlib.import_module(where), values.split(",")
+    kind = type(getattr(module, name))
+    return lambda value: setattr(module, name, kind(on if value == "1" else off))
+
+
 def alternating(var: str, pairs: int):
     """A ``timed_steps`` for run.py that alternates ``var`` between steps; prints the A/B line."""
+    set_to = switch(var)
 
     def timed_steps(step_fn, warmup: int, steps: int):
         times: dict[str, list[float]] = {"1": [], "0": []}
         outputs = []
         for i in range(warmup):
-            os.environ[var] = str(i % 2)
+            set_to(str(i % 2))
             step_fn(i)
         for k in range(2 * pairs):
             value = "1" if (k + k // 2) % 2 == 0 else "0"
-            os.environ[var] = value
+            set_to(value)
             start = time.perf_counter()
             outputs.append(step_fn(warmup + k))
             times[value].append(time.perf_counter() - start)
         on, off = statistics.median(times["1"]), statistics.median(times["0"])
         print(json.dumps({"var": var, "pairs": pairs, "on_ms": round(on * 1e3, 2), "off_ms": round(off * 1e3, 2),
                           "off_over_on": round(off / on, 3)}), file=sys.__stdout__)
-        os.environ[var] = "1"
+        set_to("1")
         return times["1"], outputs[-len(times["1"]):]
 
     return timed_steps

@@ -134,17 +134,23 @@ def _grads_both_ways(model, ids, mask, positions, monkeypatch, first=0):
     return results
 
 
+ATTENTION = {"products": fused.FEW_KEYS, "flash": 0}  # the node's attention: its own products, or SDPA's kernel
+
+
+@pytest.mark.parametrize("attention", sorted(ATTENTION))
 @pytest.mark.parametrize("first", [0, 3])
 @pytest.mark.parametrize("layout", ["block", "causal"])
 @pytest.mark.parametrize("fast", [False, True], ids=["F.linear", "oneDNN"])
-def test_layers_as_one_node_match_the_per_operation_graph(fast, layout, first, monkeypatch):
+def test_layers_as_one_node_match_the_per_operation_graph(fast, layout, first, attention, monkeypatch):
     """The whole-layers node (``_Layers``, written-out backward) against the graph autograd records
     op by op, on a shared-prompt block mask whose first query sees no key; grouped-query attention,
     biases, and the products as FastLinear runs them (18 rows: the node pads them to 24 once); also
     unpadded rows (SDPA's causal path), and hidden states asked for from column 3 only (the node's
-    last layer then computes queries, MLP and output for those columns alone)."""
+    last layer then computes queries, MLP and output for those columns alone); the node's attention
+    as its own products (short rows) and as SDPA's flash kernel (long rows)."""
     from rlhfkit.models import kernels
 
+    monkeypatch.setattr(fused, "FEW_KEYS", ATTENTION[attention])
     model = tiny("qwen2")
     if fast:
         if not kernels.onednn_linear_available():
@@ -170,9 +176,11 @@ def test_layers_as_one_node_match_the_per_operation_graph(fast, layout, first, m
     torch.testing.assert_close(scored, theirs, atol=1e-5, rtol=1e-5)
 
 
-def test_layers_node_backward_passes_gradcheck():
+@pytest.mark.parametrize("attention", sorted(ATTENTION))
+def test_layers_node_backward_passes_gradcheck(attention, monkeypatch):
     """``_Layers``' written-out backward against finite differences in float64: two layers,
-    grouped-query attention, biases, a padding mask."""
+    grouped-query attention, biases, a padding mask; attention by products and by SDPA's kernel."""
+    monkeypatch.setattr(fused, "FEW_KEYS", ATTENTION[attention])
     torch.manual_seed(5)
     b, t, heads, kv, d, hidden, inner = 2, 4, 4, 2, 4, 16, 12
     shapes = [(hidden,), (hidden,), (heads * d, hidden), (heads * d,), (kv * d, hidden), (kv * d,),
