@@ -87,13 +87,19 @@ def test_block_mask_of_two_packed_sequences_equals_each_alone():
 
 
 def test_rope_backward_is_the_transpose_of_its_forward():
-    """<rope(x), g> = <x, rope^T(g)>: the written-out backward against autograd's gradcheck."""
+    """<rope(x), g> = <x, rope^T(g)>: the written-out backward against autograd's gradcheck, and
+    the forward against its definition ``x cos + rot(x) sin``, ``rot([x1, x2]) = [-x2, x1]``; also
+    with tables whose halves differ (the transpose's table is not the forward's negated)."""
     torch.manual_seed(3)
     q = torch.randn(2, 3, 2, 4, dtype=torch.float64, requires_grad=True)
     k = torch.randn(2, 3, 1, 4, dtype=torch.float64, requires_grad=True)
     angles = torch.randn(2, 3, 1, 2, dtype=torch.float64)
-    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
-    assert torch.autograd.gradcheck(lambda q, k: fused._Rope.apply(q, k, cos, sin), (q, k))
+    for cos, sin in ((torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)),
+                     (torch.randn(2, 3, 1, 4, dtype=torch.float64), torch.randn(2, 3, 1, 4, dtype=torch.float64))):
+        tables = fused.rotation_tables(sin)
+        assert torch.autograd.gradcheck(lambda q, k: fused._Rope.apply(q, k, cos, tables), (q, k))
+        rot = torch.cat([-q[..., 2:], q[..., :2]], -1)
+        torch.testing.assert_close(fused.rope(q, k, cos, tables)[0], q * cos + rot * sin)
     x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
     w = torch.randn(6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, w: fused._RMSNorm.apply(x, w, 1e-5), (x, w))

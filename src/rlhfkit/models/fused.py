@@ -82,8 +82,9 @@ def _sharded(*modules) -> bool:
     return any(isinstance(m, FSDPModule) for m in modules)
 
 
-def _inv_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """``1 / sqrt(mean(x^2) + eps)`` over the last dimension, kept for broadcasting."""
+def inv_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``1 / sqrt(mean(x^2) + eps)`` over the last dimension, kept for broadcasting (the sampler's
+    TorchScript decoder, lean.py, runs it too)."""
     return x.square().mean(-1, keepdim=True).add_(eps).rsqrt_()
 
 
@@ -93,7 +94,7 @@ class _RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps):
-        r = _inv_rms(x, eps)
+        r = inv_rms(x, eps)
         x_hat = x * r
         ctx.save_for_backward(x_hat, r, weight)
         return weight * x_hat
@@ -122,31 +123,39 @@ class _SwiGLU(torch.autograd.Function):
 
 
 class _Rope(torch.autograd.Function):
-    """Rotate q (B, T, Hq, D) and k (B, T, Hk, D) by ``cos``/``sin`` (B, T, 1, D):
-    ``y = x cos + rot(x) sin``, and back: ``dx = g cos + rot^T(g sin)``."""
+    """Rotate q (B, T, Hq, D) and k (B, T, Hk, D) by ``cos`` and ``sin``'s ``rotation_tables``
+    (B, T, 1, D): ``y = x cos + rot(x) sin``, and back: ``dx = g cos + rot^T(g sin)``."""
 
     @staticmethod
-    def forward(ctx, q, k, cos, sin):
-        ctx.save_for_backward(cos, sin)
-        return _rotate(q, cos, sin, 1.0), _rotate(k, cos, sin, 1.0)
+    def forward(ctx, q, k, cos, tables):
+        ctx.save_for_backward(cos, tables[1])
+        return rotate(q, cos, tables[0]), rotate(k, cos, tables[0])
 
     @staticmethod
     def backward(ctx, g_q, g_k):
-        cos, sin = ctx.saved_tensors
-        return _rotate(g_q, cos, sin, -1.0), _rotate(g_k, cos, sin, -1.0), None, None
+        cos, back = ctx.saved_tensors
+        return rotate(g_q, cos, back), rotate(g_k, cos, back), None, None
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
-    """``x cos + rot(x) sin`` for ``sign`` 1 and its transpose ``x cos + rot^T(x sin)`` for -1,
-    with ``rot([x1, x2]) = [-x2, x1]`` (halves of a head) and ``rot^T([y1, y2]) = [y2, -y1]``."""
-    half = x.shape[-1] // 2
+def rotation_tables(sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tables ``rotate`` reads for the rotary embedding, ``[-sin1, sin2]``, and for its
+    transpose, ``[sin2, -sin1]`` (halves of the head dimension)."""
+    half = sin.shape[-1] // 2
+    first, second = sin[..., :half], sin[..., half:]
+    return torch.cat([-first, second], -1), torch.cat([second, -first], -1)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """``x cos + swap(x) table`` over the last dimension, ``swap([x1, x2]) = [x2, x1]`` (halves of
+    a head). With ``rotation_tables``' first table that is the rotary embedding
+    ``x cos + rot(x) sin``, ``rot([x1, x2]) = [-x2, x1]``; with the second, its transpose
+    ``x cos + rot^T(x sin)``, ``rot^T([y1, y2]) = [y2, -y1]`` (the backward). The sampler's
+    TorchScript decoder (lean.py) runs it too. (Swapping the halves with ``flip`` and one
+    ``addcmul_`` gives the same numbers bit for bit, but its copy made it up to 1.3x slower.)"""
+    half = x.size(-1) // 2
     out = x * cos
-    if sign > 0:
-        out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1.0)
-        out[..., half:].addcmul_(x[..., :half], sin[..., half:])
-    else:
-        out[..., :half].addcmul_(x[..., half:], sin[..., half:])
-        out[..., half:].addcmul_(x[..., :half], sin[..., :half], value=-1.0)
+    out[..., :half].addcmul_(x[..., half:], table[..., :half])
+    out[..., half:].addcmul_(x[..., :half], table[..., half:])
     return out
 
 
@@ -160,15 +169,15 @@ def rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     if x.dtype != torch.float32 or norm.weight.dtype != torch.float32:
         return norm(x)  # the module's own casts
     if not (torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad)):
-        return norm.weight * (x * _inv_rms(x, eps))
+        return norm.weight * (x * inv_rms(x, eps))
     return _RMSNorm.apply(x, norm.weight, eps)
 
 
-def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """q and k rotated by the rotary embedding (cos/sin broadcast against them)."""
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, tables: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k rotated by the rotary embedding (``cos`` and ``rotation_tables(sin)`` broadcast against them)."""
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
-        return _Rope.apply(q, k, cos, sin)
-    return _rotate(q, cos, sin, 1.0), _rotate(k, cos, sin, 1.0)
+        return _Rope.apply(q, k, cos, tables)
+    return rotate(q, cos, tables[0]), rotate(k, cos, tables[0])
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -228,12 +237,13 @@ def backbone(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, posit
             x = layers_forward(x.reshape(b * t, -1), cos, sin, mask, shape, params)
         x = x.view(b, t - first, -1)
         return rms_norm(base.norm, x)
+    tables = rotation_tables(sin)
     for layer in base.layers:
         attn, mlp = layer.self_attn, layer.mlp
         h = rms_norm(layer.input_layernorm, x)
         q = attn.q_proj(h).view(b, t, heads, head_dim)
         k = attn.k_proj(h).view(b, t, kv_heads, head_dim)
-        q, k = rope(q, k, cos, sin)
+        q, k = rope(q, k, cos, tables)
         v = attn.v_proj(h).view(b, t, kv_heads, head_dim)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              attn_mask=mask, is_causal=mask is None, scale=attn.scaling,
@@ -367,20 +377,21 @@ def layers_forward(x, cos, sin, mask, shape, params, saved: list | None = None) 
     causal, repeat, layers = mask is None, heads // kv_heads, len(eps) // 2
     n = b * t
     x = kernels.pad_rows(x, kernels.bucket(n) if fast else n)
+    table = rotation_tables(sin)[0]
     for i in range(layers):
         w1, w2, wq, bq, wk, bk, wv, bv, wo, bo, wg, bg, wu, bu, wd, bd = params[i * PER_LAYER:(i + 1) * PER_LAYER]
         f = first if i == layers - 1 else 0  # the last layer's queries start at column ``first``
         tq = t - f
-        r1 = _inv_rms(x, eps[2 * i])
+        r1 = inv_rms(x, eps[2 * i])
         x_hat1 = x * r1
         h1 = w1 * x_hat1
-        k = _rotate(_linear(h1, wk, bk, fast)[:n].view(b, t, kv_heads, head_dim), cos, sin, 1.0).transpose(1, 2)
+        k = rotate(_linear(h1, wk, bk, fast)[:n].view(b, t, kv_heads, head_dim), cos, table).transpose(1, 2)
         v = _linear(h1, wv, bv, fast)[:n].view(b, t, kv_heads, head_dim).transpose(1, 2)
         h1_q, mask_q = h1, mask
         if f:
             x, h1_q, mask_q = _window(x, b, t, f, fast), _window(h1, b, t, f, fast), _query_mask(mask, t, f, x.dtype)
         q = _linear(h1_q, wq, bq, fast)[:b * tq].view(b, tq, heads, head_dim)
-        q = _rotate(q, cos[:, f:], sin[:, f:], 1.0).transpose(1, 2)
+        q = rotate(q, cos[:, f:], table[:, f:]).transpose(1, 2)
         if repeat > 1:  # grouped-query attention: each key/value head serves ``repeat`` query heads
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         if _few_keys(t):  # (B, heads, T, D) as laid out for the batched products, here and in the backward
@@ -389,7 +400,7 @@ def layers_forward(x, cos, sin, mask, shape, params, saved: list | None = None) 
         a = _rows_like(x, heads * head_dim, b * tq)
         a[:b * tq].view(b, tq, heads, head_dim).copy_(out.transpose(1, 2))
         x = x + _linear(a, wo, bo, fast)
-        r2 = _inv_rms(x, eps[2 * i + 1])
+        r2 = inv_rms(x, eps[2 * i + 1])
         x_hat2 = x * r2
         h2 = w2 * x_hat2
         gate, up = _linear(h2, wg, bg, fast), _linear(h2, wu, bu, fast)
@@ -437,6 +448,7 @@ class _Layers(torch.autograd.Function):
         causal, repeat = mask is None, heads // kv_heads
         n = b * t
         g = kernels.pad_rows(g, saved[-SAVED + 11].shape[0])  # the last layer's rows (x_hat2's), zeros below
+        back = rotation_tables(sin)[1]
         for i in reversed(range(layers)):
             x_hat1, r1, h1, h1_q, mask_q, q, k, v, out, lse, a, x_hat2, r2, h2, gate, up, s = \
                 saved[SAVED * i:SAVED * (i + 1)]
@@ -469,8 +481,8 @@ class _Layers(torch.autograd.Function):
             if repeat > 1:
                 g_k = g_k.unflatten(1, (kv_heads, repeat)).sum(2)
                 g_v = g_v.unflatten(1, (kv_heads, repeat)).sum(2)
-            g_q = _rotate(g_q.transpose(1, 2), cos[:, f:], sin[:, f:], -1.0)
-            g_k = _rotate(g_k.transpose(1, 2), cos, sin, -1.0)
+            g_q = rotate(g_q.transpose(1, 2), cos[:, f:], back[:, f:])
+            g_k = rotate(g_k.transpose(1, 2), cos, back)
             g_v = g_v.transpose(1, 2)
             # the projections that read the same h take one product each way (fewer, larger products
             # are faster at these sizes: 1.6x for q, k and v on the reference model's 144 rows)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import List, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +38,9 @@ def onednn_linear_available() -> bool:
     return bool(torch.allclose(out, F.linear(x, w, b), atol=1e-5))
 
 
-def _onednn(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x2d, weight, bias, "none", [], "")
+def _onednn(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    scalars: List[Optional[Union[int, float, complex]]] = []  # typed for TorchScript (lean.py runs this)
+    return torch.ops.mkldnn._linear_pointwise(x2d, weight, bias, "none", scalars, "")
 
 
 def _applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -74,19 +76,24 @@ def _bucketing() -> bool:
 
 def pad_rows(t2d: torch.Tensor, rows: int) -> torch.Tensor:
     """``t2d`` with zero rows appended up to ``rows`` (only the new rows are zero-filled)."""
-    if t2d.shape[0] == rows:
+    m = t2d.size(0)
+    if m == rows:
         return t2d
-    out = t2d.new_empty(rows, t2d.shape[1])
-    out[: t2d.shape[0]] = t2d
-    out[t2d.shape[0]:].zero_()
+    out = t2d.new_empty([rows, t2d.size(1)])
+    out[:m] = t2d
+    out[m:].zero_()
     return out
+
+
+def padded_product(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], rows: int) -> torch.Tensor:
+    """``x2d @ weight^T + bias`` (M, N) through oneDNN, on the rows padded with zeros to ``rows``.
+    TorchScript runs it too (the sampler's decoder, lean.py)."""
+    return _onednn(pad_rows(x2d, rows), weight, bias)[: x2d.size(0)]
 
 
 def product(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``x2d @ weight^T + bias`` (M, N) with the rows padded to their bucket for oneDNN."""
-    m = x2d.shape[0]
-    out = _onednn(pad_rows(x2d, bucket(m)), weight, bias)
-    return out[:m]
+    return padded_product(x2d, weight, bias, bucket(x2d.shape[0]))
 
 
 def _onednn_nd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

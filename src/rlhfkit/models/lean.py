@@ -3,24 +3,24 @@
 It runs the model's own weights and rotary embedding but skips the generic forward's per-step
 work: no cache objects, no mask building from scratch, q/k/v and gate/up each computed by one
 fused matmul (their weights laid out in oneDNN's own format when the call decodes enough tokens
-to repay it), the norms and the rotation as fused.py computes them (fewer operations, same
-numbers), a preallocated KV cache written in place, and the layers run as one TorchScript
+to repay it), a preallocated KV cache written in place, and the layers run as one TorchScript
 function, so that the operations of a step are called from C++ rather than one by one from
-Python. The numbers are those of the Hugging Face forward (tests compare log-probs and greedy
+Python. The norm, the rotation and the row-padded product are the training forward's own
+functions (fused.inv_rms, fused.rotate, kernels.padded_product), compiled by TorchScript with it. The numbers are those of the Hugging Face forward (tests compare log-probs and greedy
 tokens); any other model type, sliding-window attention or unusual config falls back to the
 generic path.
 """
 
 import functools
 import weakref
-from typing import List, Optional, Union
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 
 from .forward import processes_logits
-from .fused import llama_like
-from .kernels import bucket, onednn_linear_available
+from .fused import inv_rms, llama_like, rotate, rotation_tables
+from .kernels import bucket, onednn_linear_available, padded_product
 from .lora import has_adapters
 from .script import scripted
 
@@ -54,8 +54,7 @@ class LeanDecoder:
         # the rotary embedding of every position the call can reach, computed once (applies() admits
         # only rotary types whose values at a position do not depend on the sequence's length)
         cos, sin = self.base.rotary_emb(self.embed[:1], torch.arange(max_len)[None])
-        half = sin.shape[-1] // 2
-        self.cos, self.signed_sin = cos[0], torch.cat([-sin[0, :, :half], sin[0, :, half:]], -1)  # (L, D); see _rotate
+        self.cos, self.signed_sin = cos[0], rotation_tables(sin[0])[0]  # (L, D); see fused.rotate
         shape = (batch, self.kv_heads, max_len, self.head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype) for _ in layers]
         self.values = [torch.zeros(shape, dtype=dtype) for _ in layers]
@@ -96,34 +95,19 @@ LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
 # from C++. It is compiled on first use (under a second), not at import.
 
 def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm as fused.rms_norm computes it in fp32, and in fp32 then cast back as the model's module does otherwise."""
+    """RMSNorm as fused.rms_norm computes it: in fp32, and in fp32 then cast back for other dtypes
+    (as the model's module does)."""
     if x.dtype == torch.float32 and weight.dtype == torch.float32:
-        return weight * (x * x.square().mean(-1, keepdim=True).add_(eps).rsqrt_())
+        return weight * (x * inv_rms(x, eps))
     h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """``x cos + rot(x) sin`` over the last dimension, rot([x1, x2]) = [-x2, x1], written as
-    ``x cos + [x2, x1] [-sin1, sin2]``: the products fused.py computes, with the sign in the table
-    (the same numbers bit for bit), in three operations on q and k together."""
-    half = x.size(-1) // 2
-    swapped = x.unflatten(-1, [2, half]).flip(-2).flatten(-2)
-    return (x * cos).addcmul_(swapped, signed_sin)
+    return weight * (h * inv_rms(h, eps)).to(x.dtype)
 
 
 def _product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], rows: int, onednn: bool) -> torch.Tensor:
-    """kernels.linear's no-grad path on x (M, in): oneDNN on the rows padded to ``rows`` (the
-    weight laid out by _packer or not), or F.linear."""
+    """kernels.product on x (M, in) padded to ``rows`` (the weight laid out by _packer or not), or F.linear."""
     if not onednn:
         return F.linear(x, weight, bias)
-    scalars: List[Optional[Union[int, float, complex]]] = []
-    m = x.size(0)
-    if rows == m:
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", scalars, "")
-    padded = torch.cat([x, x.new_zeros(rows - m, x.size(1))])
-    return torch.ops.mkldnn._linear_pointwise(padded, weight, bias, "none", scalars, "")[:m]
+    return padded_product(x, weight, bias, rows)
 
 
 def _layers(x: torch.Tensor, n: int, cos: torch.Tensor, signed_sin: torch.Tensor, attn_mask: torch.Tensor, start: int,
@@ -139,7 +123,7 @@ def _layers(x: torch.Tensor, n: int, cos: torch.Tensor, signed_sin: torch.Tensor
     for i in range(len(weights)):
         w, b = weights[i], biases[i]
         qkv = _product(_norm(x, w[0], eps), w[1], b[0], rows, onednn)
-        qk = _rotate(qkv[:, :qk_size].view(n, t, heads + kv_heads, head_dim), cos, signed_sin).transpose(1, 2)
+        qk = rotate(qkv[:, :qk_size].view(n, t, heads + kv_heads, head_dim), cos, signed_sin).transpose(1, 2)
         keys[i][:, :, start:end] = qk[:, heads:]
         values[i][:, :, start:end] = qkv[:, qk_size:].view(n, t, kv_heads, head_dim).transpose(1, 2)
         out = F.scaled_dot_product_attention(qk[:, :heads], keys[i][:, :, :end], values[i][:, :, :end],
