@@ -35,10 +35,11 @@ def own_forward(model, ids, mask, positions):
     return model.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
 
 
-def both(model, ids, mask, positions, read):
-    """(ours, theirs) for ``read`` of the hidden states, and both sets of parameter gradients."""
+def both(model, ids, mask, positions, read, first=0):
+    """(ours, theirs) for ``read`` of the hidden states (columns ``first``.. ), and both sets of
+    parameter gradients."""
     results = []
-    for forward in (fused.backbone, own_forward):
+    for forward in (lambda *a: fused.backbone(*a, first), lambda *a: own_forward(*a)[:, first:]):
         model.zero_grad(set_to_none=True)
         hidden = forward(model, ids, mask, positions)
         weights = torch.linspace(-1, 1, hidden.shape[-1])
@@ -48,9 +49,15 @@ def both(model, ids, mask, positions, read):
     return results
 
 
+@pytest.mark.parametrize("first", [0, 3])
+@pytest.mark.parametrize("node", ["1", "0"], ids=["one node", "per operation"])
 @pytest.mark.parametrize("arch", sorted(ARCHES))
 @pytest.mark.parametrize("padding", ["none", "left", "right"])
-def test_lean_backbone_matches_the_models_forward_and_gradients(arch, padding):
+def test_lean_backbone_matches_the_models_forward_and_gradients(arch, padding, node, first, monkeypatch):
+    """Both lean paths (the layers as one node, and one autograd node per operation, the path of
+    GPUs and other dtypes) against the model's own forward: every column, and from column 3 on (the
+    last layer then computes queries, output and MLP for those columns only)."""
+    monkeypatch.setenv("RLHFKIT_LAYERS_NODE", node)
     model = tiny(arch)
     assert fused.applies(model)
     torch.manual_seed(1)
@@ -62,7 +69,8 @@ def test_lean_backbone_matches_the_models_forward_and_gradients(arch, padding):
         mask[1, 6:], mask[2, 8:] = 0, 0
     positions = position_ids_from_mask(mask)
     # every position, padding included (a query that sees no key gets zeros in both)
-    (ours, our_grads), (theirs, their_grads) = both(model, ids, mask, positions, lambda h: h)
+    (ours, our_grads), (theirs, their_grads) = both(model, ids, mask, positions, lambda h: h, first)
+    assert ours.shape[1] == ids.shape[1] - first
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
     assert our_grads.keys() == their_grads.keys() and len(our_grads) == len(list(model.parameters())) - 1  # not lm_head
     for name, want in their_grads.items():  # to 1e-5 of each gradient's scale (fp32 sums in another order)
@@ -97,9 +105,12 @@ def test_rope_backward_is_the_transpose_of_its_forward():
     for cos, sin in ((torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)),
                      (torch.randn(2, 3, 1, 4, dtype=torch.float64), torch.randn(2, 3, 1, 4, dtype=torch.float64))):
         tables = fused.rotation_tables(sin)
-        assert torch.autograd.gradcheck(lambda q, k: fused._Rope.apply(q, k, cos, tables), (q, k))
+        assert torch.autograd.gradcheck(lambda q, k: fused._Rope.apply(q, k, cos, tables, 0), (q, k))
         rot = torch.cat([-q[..., 2:], q[..., :2]], -1)
         torch.testing.assert_close(fused.rope(q, k, cos, tables)[0], q * cos + rot * sin)
+        window = q[:, 1:].detach().requires_grad_()  # the queries of columns 1.. against every key
+        assert torch.autograd.gradcheck(lambda q, k: fused._Rope.apply(q, k, cos, tables, 1), (window, k))
+        torch.testing.assert_close(fused.rope(window, k, cos, tables, 1)[0], (q * cos + rot * sin)[:, 1:])
     x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
     w = torch.randn(6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, w: fused._RMSNorm.apply(x, w, 1e-5), (x, w))

@@ -123,18 +123,21 @@ class _SwiGLU(torch.autograd.Function):
 
 
 class _Rope(torch.autograd.Function):
-    """Rotate q (B, T, Hq, D) and k (B, T, Hk, D) by ``cos`` and ``sin``'s ``rotation_tables``
-    (B, T, 1, D): ``y = x cos + rot(x) sin``, and back: ``dx = g cos + rot^T(g sin)``."""
+    """Rotate q (B, T - first, Hq, D), the queries of columns ``first``.., and k (B, T, Hk, D) by
+    ``cos`` and ``sin``'s ``rotation_tables`` (B, T, 1, D): ``y = x cos + rot(x) sin``, and back:
+    ``dx = g cos + rot^T(g sin)``."""
 
     @staticmethod
-    def forward(ctx, q, k, cos, tables):
+    def forward(ctx, q, k, cos, tables, first):
         ctx.save_for_backward(cos, tables[1])
-        return rotate(q, cos, tables[0]), rotate(k, cos, tables[0])
+        ctx.first = first
+        return rotate(q, cos[:, first:], tables[0][:, first:]), rotate(k, cos, tables[0])
 
     @staticmethod
     def backward(ctx, g_q, g_k):
         cos, back = ctx.saved_tensors
-        return rotate(g_q, cos, back), rotate(g_k, cos, back), None, None
+        f = ctx.first
+        return rotate(g_q, cos[:, f:], back[:, f:]), rotate(g_k, cos, back), None, None, None
 
 
 def rotation_tables(sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,11 +176,13 @@ def rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return _RMSNorm.apply(x, norm.weight, eps)
 
 
-def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, tables: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-    """q and k rotated by the rotary embedding (``cos`` and ``rotation_tables(sin)`` broadcast against them)."""
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, tables: tuple,
+         first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (the queries of columns ``first``..) and k rotated by the rotary embedding (``cos`` and
+    ``rotation_tables(sin)`` of every column, broadcast against them)."""
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
-        return _Rope.apply(q, k, cos, tables)
-    return rotate(q, cos, tables[0]), rotate(k, cos, tables[0])
+        return _Rope.apply(q, k, cos, tables, first)
+    return rotate(q, cos[:, first:], tables[0][:, first:]), rotate(k, cos, tables[0])
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -211,8 +216,8 @@ def _one_node(x: torch.Tensor, params: list) -> bool:
 def backbone(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
              first: int = 0) -> torch.Tensor:
     """The backbone's last hidden states at columns ``first``.. (B, T - first, H): the model's
-    forward, computed leanly. The columns before ``first`` still serve as keys and values; in the
-    layers-as-one-node path the last layer computes no query, MLP or output for them."""
+    forward, computed leanly. The columns before ``first`` still serve as keys and values; the
+    last layer computes no query, MLP or output for them."""
     base = getattr(model, model.base_model_prefix)
     cfg = model.config
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -238,20 +243,25 @@ def backbone(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, posit
         x = x.view(b, t - first, -1)
         return rms_norm(base.norm, x)
     tables = rotation_tables(sin)
-    for layer in base.layers:
+    for i, layer in enumerate(base.layers):
         attn, mlp = layer.self_attn, layer.mlp
+        f = first if i == len(base.layers) - 1 else 0  # the last layer's queries start at column ``first``
         h = rms_norm(layer.input_layernorm, x)
-        q = attn.q_proj(h).view(b, t, heads, head_dim)
+        q = attn.q_proj(h[:, f:]).view(b, t - f, heads, head_dim)
         k = attn.k_proj(h).view(b, t, kv_heads, head_dim)
-        q, k = rope(q, k, cos, tables)
+        q, k = rope(q, k, cos, tables, f)
         v = attn.v_proj(h).view(b, t, kv_heads, head_dim)
+        mask_q = mask
+        if f:  # the window's queries over every key; SDPA's own causal flag would align them to the first key
+            full = mask if mask is not None else torch.ones(t, t, dtype=torch.bool, device=x.device).tril_()[None, None]
+            mask_q, x = full[:, :, f:], x[:, f:]
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             attn_mask=mask, is_causal=mask is None, scale=attn.scaling,
+                                             attn_mask=mask_q, is_causal=mask_q is None, scale=attn.scaling,
                                              enable_gqa=kv_heads != heads)
-        x = x + attn.o_proj(out.transpose(1, 2).reshape(b, t, heads * head_dim))
+        x = x + attn.o_proj(out.transpose(1, 2).reshape(b, t - f, heads * head_dim))
         h = rms_norm(layer.post_attention_layernorm, x)
         x = x + mlp.down_proj(swiglu(mlp.gate_proj(h), mlp.up_proj(h)))
-    return rms_norm(base.norm, x[:, first:])
+    return rms_norm(base.norm, x)
 
 
 # ---- The decoder layers as one autograd node (CPU, fp32) ----
