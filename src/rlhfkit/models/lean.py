@@ -6,9 +6,9 @@ fused matmul (their weights laid out in oneDNN's own format when the call decode
 to repay it), a preallocated KV cache written in place, and the layers run as one TorchScript
 function, so that the operations of a step are called from C++ rather than one by one from
 Python. The norm, the rotation and the row-padded product are the training forward's own
-functions (fused.inv_rms, fused.rotate, kernels.padded_product), compiled by TorchScript with it. The numbers are those of the Hugging Face forward (tests compare log-probs and greedy
-tokens); any other model type, sliding-window attention or unusual config falls back to the
-generic path.
+functions (fused.inv_rms, fused.rotate, kernels.padded_product), compiled by TorchScript with it.
+The numbers are those of the Hugging Face forward (tests compare log-probs and greedy tokens); any
+other model type, sliding-window attention or unusual config falls back to the generic path.
 """
 
 import functools
