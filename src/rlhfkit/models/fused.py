@@ -14,10 +14,12 @@ launching small operations and recording them for autograd, not arithmetic, so t
 
 On the CPU in fp32 (autocast off) every decoder layer runs as one autograd node instead
 (``_Layers``, ``layers_forward`` without gradients): nothing is recorded per operation, the
-backward is written out (the products, SDPA's own backward kernel, the closed forms above), q, k
-and v take one product each way in the backward, the rows are padded to oneDNN's bucket once,
-and the last layer computes queries, the MLP and its output only for the columns a caller reads
-(``first``). 1.04-1.13x per training step on the reference shapes, in-process A/B;
+backward is written out (the products, SDPA's own flash kernels or, on rows of up to
+``FEW_KEYS`` keys, attention as its own products, the closed forms above), q, k and v take one
+product each way in the backward, the rows are padded to oneDNN's bucket once, and the last layer
+computes queries, the MLP and its output only for the columns a caller reads (``first``; the
+per-operation path does the same). 1.04-1.13x per training step on the reference shapes,
+in-process A/B, and 1.04-1.06x more for SFT, RM and DPO from the attention as products;
 ``RLHFKIT_LAYERS_NODE=0`` turns it off.
 
 It applies to a model whose layers it can read as plain modules; anything else (LoRA adapters,
@@ -268,8 +270,9 @@ def backbone(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, posit
 #
 # On the short rows of RLHF batches a layer's arithmetic is small beside what it costs to record
 # twenty-odd autograd nodes per layer and replay them. ``_Layers`` computes every decoder layer's
-# forward without recording anything and writes their backward out: the products, SDPA's own
-# backward kernel, and the closed forms above for the norms, the rotation and SwiGLU.
+# forward without recording anything and writes their backward out: the products, the attention's
+# backward (``_attention_backward``), and the closed forms above for the norms, the rotation and
+# SwiGLU.
 
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
