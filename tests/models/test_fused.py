@@ -214,3 +214,28 @@ def test_layers_node_backward_passes_gradcheck(attention, monkeypatch):
     for first in (0, 2):  # every query, and the last layer's from column 2 on
         shape = (b, t, heads, kv, d, d ** -0.5, (1e-5,) * 4, False, first)
         assert torch.autograd.gradcheck(lambda x, *p: fused._Layers.apply(x, cos, sin, mask, shape, *p), (x, *params))
+
+
+@pytest.mark.parametrize("forward_keys, backward_keys", [(fused.FEW_KEYS, 0), (0, fused.FEW_KEYS)])
+def test_node_backward_follows_its_forwards_attention(forward_keys, backward_keys, monkeypatch):
+    """The backward takes the attention's path from what its forward kept (P or the log-sum-exp),
+    not from ``FEW_KEYS`` at backward time: switching it between the two (as inprocess.py's A/B
+    does between steps) leaves the gradients those of the per-operation graph."""
+    model = tiny("qwen2")
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    positions = position_ids_from_mask(mask)
+    monkeypatch.setenv("RLHFKIT_LAYERS_NODE", "0")
+    want = fused.backbone(model, ids, mask, positions)
+    (want * torch.linspace(-1, 1, want.shape[-1])).sum().backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    monkeypatch.setenv("RLHFKIT_LAYERS_NODE", "1")
+    monkeypatch.setattr(fused, "FEW_KEYS", forward_keys)
+    hidden = fused.backbone(model, ids, mask, positions)
+    monkeypatch.setattr(fused, "FEW_KEYS", backward_keys)
+    (hidden * torch.linspace(-1, 1, hidden.shape[-1])).sum().backward()
+    for name, grad in expected.items():
+        gap = (model.get_parameter(name).grad - grad).abs().max() / grad.abs().max().clamp(min=1.0)
+        assert gap < 1e-5, (name, gap.item())

@@ -343,12 +343,13 @@ def _attention(q, k, v, mask, causal: bool, scale: float):
 
 
 def _attention_backward(g, q, k, v, out, state, mask, causal: bool, scale: float):
-    """(dq, dk, dv) of ``_attention``. For ``_few_keys``, with S = scale q k^T + mask, P its
-    softmax and O = P v: dv = P^T dO, dP = dO v^T, dS = P (dP - rowsum(dP P)), dq = scale dS k,
-    dk = scale dS^T q."""
+    """(dq, dk, dv) of ``_attention``, the way its forward went (``state``: the flash kernel's
+    log-sum-exp, (B, heads, Tq), or the weights P, (B, heads, Tq, T)). With S = scale q k^T + mask,
+    P its softmax and O = P v: dv = P^T dO, dP = dO v^T, dS = P (dP - rowsum(dP P)),
+    dq = scale dS k, dk = scale dS^T q."""
     b, heads, tq, d = q.shape
     t = k.shape[2]
-    if not _few_keys(t):
+    if state.dim() == 3:
         return _FLASH_BACKWARD(g, q, k, v, out, state, 0.0, causal, attn_mask=mask, scale=scale)[:3]
     p = state.view(b * heads, tq, t)
     g = g.reshape(b * heads, tq, d)
