@@ -194,6 +194,11 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate).mul_(up)
 
 
+def _causal(t: int, device=None) -> torch.Tensor:
+    """(T, T) boolean: each query sees the keys up to its own column."""
+    return torch.ones(t, t, dtype=torch.bool, device=device).tril_()
+
+
 def _sdpa_mask(attention_mask: torch.Tensor, t: int) -> torch.Tensor | None:
     """None for unpadded (B, T) rows (SDPA's causal path), else a (B, 1, T, T) boolean mask:
     causal and padding for a (B, T) mask, as transformers builds it; a 4D one as given. (A query
@@ -202,7 +207,7 @@ def _sdpa_mask(attention_mask: torch.Tensor, t: int) -> torch.Tensor | None:
         return attention_mask.bool()
     if bool(attention_mask.all()):
         return None
-    causal = torch.ones(t, t, dtype=torch.bool, device=attention_mask.device).tril_()
+    causal = _causal(t, attention_mask.device)
     return causal[None, None] & attention_mask.bool()[:, None, None, :]
 
 
@@ -255,7 +260,7 @@ def backbone(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, posit
         v = attn.v_proj(h).view(b, t, kv_heads, head_dim)
         mask_q = mask
         if f:  # the window's queries over every key; SDPA's own causal flag would align them to the first key
-            full = mask if mask is not None else torch.ones(t, t, dtype=torch.bool, device=x.device).tril_()[None, None]
+            full = mask if mask is not None else _causal(t, x.device)[None, None]
             mask_q, x = full[:, :, f:], x[:, f:]
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              attn_mask=mask_q, is_causal=mask_q is None, scale=attn.scaling,
@@ -372,7 +377,7 @@ def _query_mask(mask: torch.Tensor | None, t: int, first: int, dtype: torch.dtyp
     """The additive mask of the queries at columns ``first``.. over all T keys (causal if None)."""
     if mask is not None:
         return mask[:, :, first:]
-    allowed = torch.ones(t, t, dtype=torch.bool).tril_()[None, None, first:]
+    allowed = _causal(t)[None, None, first:]
     return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
 
 
