@@ -239,3 +239,43 @@ def test_node_backward_follows_its_forwards_attention(forward_keys, backward_key
     for name, grad in expected.items():
         gap = (model.get_parameter(name).grad - grad).abs().max() / grad.abs().max().clamp(min=1.0)
         assert gap < 1e-5, (name, gap.item())
+
+
+@pytest.mark.parametrize("attention", sorted(ATTENTION))
+def test_node_keeps_no_tensor_its_backward_can_recompute(attention, monkeypatch):
+    """Per layer the node keeps x_hat of both norms, the attention's input to Wo, gate and up,
+    q, k, v and P (or the flash kernel's output and log-sum-exp), and nothing one elementwise
+    operation makes from those: not the norms' outputs w x_hat, not silu(gate) up, and not the
+    attention's output where its products' backward does not read it. Frozen weights (the
+    backward then recomputes less) leave the other gradients those of the per-operation graph."""
+    from collections import Counter
+
+    monkeypatch.setattr(fused, "FEW_KEYS", ATTENTION[attention])
+    monkeypatch.setenv("RLHFKIT_LAYERS_NODE", "1")
+    model = tiny("qwen2")
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    positions = position_ids_from_mask(mask)
+    shapes = Counter()
+
+    def pack(tensor):
+        shapes[tuple(tensor.shape)] += 1
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fused.backbone(model, ids, mask, positions)
+    layers, rows, hidden, inner = 2, 18, 32, 48  # hidden = heads x head_dim in this model
+    assert shapes[(rows, inner)] == 2 * layers  # gate and up
+    assert shapes[(rows, hidden)] == 3 * layers  # x_hat1, x_hat2, a
+    assert shapes[(2, 4, 9, 8)] == (3 if attention == "products" else 4) * layers  # q, k, v (and the output)
+    for name, p in model.named_parameters():  # the down, gate and q/k/v weights frozen in one layer
+        if name.startswith("model.layers.1.") and name.endswith(("down_proj.weight", "gate_proj.weight", "q_proj.weight",
+                                                                  "k_proj.weight", "v_proj.weight")):
+            p.requires_grad_(False)
+    (ours, our_grads), (theirs, their_grads) = _grads_both_ways(model, ids, mask, positions, monkeypatch)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    assert our_grads.keys() == their_grads.keys() and "model.layers.1.mlp.up_proj.weight" in our_grads
+    for name, want in their_grads.items():
+        gap = (our_grads[name] - want).abs().max() / want.abs().max().clamp(min=1.0)
+        assert gap < 1e-5, (name, gap.item())
