@@ -36,11 +36,13 @@ def run(model, monkeypatch, use_lean: bool, temperature: float, num_samples: int
 @pytest.mark.parametrize("arch", sorted(ARCHES))
 @pytest.mark.parametrize("temperature,num_samples", [(0.0, 1), (1.0, 3)])
 @pytest.mark.parametrize("layout", [False, True])
-def test_lean_decoder_matches_the_generic_cached_forward(arch, temperature, num_samples, layout, monkeypatch):
+@pytest.mark.parametrize("stacked", [True, False], ids=["qkv stacked", "qkv apart"])
+def test_lean_decoder_matches_the_generic_cached_forward(arch, temperature, num_samples, layout, stacked, monkeypatch):
     if layout and not onednn_linear_available():
         pytest.skip("no oneDNN linear in this build: nothing is laid out")
     # 7 new tokens: the weights stay as they are unless every call lays them out
     monkeypatch.setattr(lean, "LAYOUT_MIN_NEW_TOKENS", 0 if layout else 10**6)
+    monkeypatch.setattr(lean, "STACK_MAX_BYTES", 2**62 if stacked else 0)  # larger models keep q, k, v apart
     model = sharp(arch)
     ours = run(model, monkeypatch, True, temperature, num_samples)
     theirs = run(model, monkeypatch, False, temperature, num_samples)
@@ -69,6 +71,32 @@ def test_sampling_after_an_optimizer_step_sees_the_new_weights(monkeypatch):
     after, generic = run(model, monkeypatch, True, 0.0, 1), run(model, monkeypatch, False, 0.0, 1)
     assert torch.allclose(after.logprobs, generic.logprobs, atol=1e-5)  # the step was seen
     assert not torch.allclose(after.logprobs, before.logprobs, atol=1e-3)
+
+
+def test_a_fused_step_between_the_first_two_calls_is_seen(monkeypatch):
+    # as in a fresh process: no optimizer hook registered yet. The first sampling call registers
+    # it, so a fused AdamW step before the second call changes the versions, and the second call
+    # keeps no prepared copy of the weights (before, it took them as unchanged and kept one)
+    import importlib
+    from collections import OrderedDict
+
+    from rlhfkit.train.optim import build_optimizer
+
+    hooks = importlib.import_module("torch.optim.optimizer")
+    monkeypatch.setattr(hooks, "_global_optimizer_post_hooks", OrderedDict())
+    lean._watch_optimizers.cache_clear()
+    try:
+        model = sharp("qwen2")
+        optimizer = build_optimizer(model, lr=0.05)
+        first = run(model, monkeypatch, True, 0.0, 1)
+        model(torch.tensor(PROMPTS[0])[None]).logits.square().mean().backward()
+        optimizer.step()
+        second = run(model, monkeypatch, True, 0.0, 1)
+        assert lean._KEPT[model][1] is None
+        assert torch.allclose(second.logprobs, run(model, monkeypatch, False, 0.0, 1).logprobs, atol=1e-5)
+        assert not torch.allclose(second.logprobs, first.logprobs, atol=1e-3)
+    finally:
+        lean._watch_optimizers.cache_clear()  # its hook went into the registry the test replaced
 
 
 def test_kept_weights_follow_loaded_weights_and_an_rl_loop_keeps_none(monkeypatch):

@@ -27,6 +27,14 @@ from .script import scripted
 # the fewest new tokens for which a call lays its weights out for oneDNN (see _prepared_weights)
 LAYOUT_MIN_NEW_TOKENS = 32
 
+# The most bytes of a layer's q, k, v, gate and up weights that a call stacks into [q; k; v] and
+# [gate; up] (a copy, held while it samples) so that each group is one product; larger layers run
+# them apart and copy nothing. Whole 32 x 16 sampling calls, weights changed before each as in RL,
+# alternating in one process, same tokens and log-probs bit for bit, apart / stacked: 1.10x at
+# 2.9 MB a layer (the 4.7M model), 1.11x at 11.5 MB (30M), 1.01x at 46 MB (119M, where the stacked
+# copy is 369 MB).
+STACK_MAX_BYTES = 2**24
+
 
 class LeanDecoder:
     """Prefill once, then one token per ``forward``; attention masks are boolean (N, 1, 1 or T, L).
@@ -110,27 +118,42 @@ def _product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     return padded_product(x, weight, bias, rows)
 
 
+def _products(x: torch.Tensor, weights: List[torch.Tensor], biases: List[Optional[torch.Tensor]], rows: int,
+              onednn: bool) -> torch.Tensor:
+    """x times each of ``weights`` (one stacked matrix, or the separate ones), side by side."""
+    if len(weights) == 1:
+        return _product(x, weights[0], biases[0], rows, onednn)
+    return torch.cat([_product(x, weights[j], biases[j], rows, onednn) for j in range(len(weights))], 1)
+
+
 def _layers(x: torch.Tensor, n: int, cos: torch.Tensor, signed_sin: torch.Tensor, attn_mask: torch.Tensor, start: int,
             rows: int, onednn: bool, weights: List[List[torch.Tensor]], biases: List[List[Optional[torch.Tensor]]],
             keys: List[torch.Tensor], values: List[torch.Tensor], heads: int, kv_heads: int, head_dim: int,
             intermediate: int, eps: float) -> torch.Tensor:
     """Every layer on x (N * T, H), N rows of T tokens, at cache positions start .. start + T - 1.
-    Weights per layer: input norm, [q; k; v], o, post-attention norm, [gate; up], down; biases:
-    [q; k; v], o, [gate; up], down. The residual stream stays 2D, so that a product is one call."""
+    Weights per layer (see _prepared_weights): input norm, post-attention norm, o, down, then
+    [q; k; v] and [gate; up] stacked (6 in all) or q, k, v, gate, up apart (9); biases: o, down,
+    then those of the rest alike. The residual stream stays 2D, so that a product is one call."""
     t = x.size(0) // n
     end = start + t
     qk_size = (heads + kv_heads) * head_dim
     for i in range(len(weights)):
         w, b = weights[i], biases[i]
-        qkv = _product(_norm(x, w[0], eps), w[1], b[0], rows, onednn)
+        parts = 1 if len(w) == 6 else 3  # q, k, v stacked or not
+        qkv = _products(_norm(x, w[0], eps), w[4:4 + parts], b[2:2 + parts], rows, onednn)
         qk = rotate(qkv[:, :qk_size].view(n, t, heads + kv_heads, head_dim), cos, signed_sin).transpose(1, 2)
         keys[i][:, :, start:end] = qk[:, heads:]
         values[i][:, :, start:end] = qkv[:, qk_size:].view(n, t, kv_heads, head_dim).transpose(1, 2)
         out = F.scaled_dot_product_attention(qk[:, :heads], keys[i][:, :, :end], values[i][:, :, :end],
                                              attn_mask=attn_mask, enable_gqa=kv_heads != heads)
-        x.add_(_product(out.transpose(1, 2).reshape(n * t, heads * head_dim), w[2], b[1], rows, onednn))
-        gate_up = _product(_norm(x, w[3], eps), w[4], b[2], rows, onednn)
-        x.add_(_product(F.silu(gate_up[:, :intermediate]).mul_(gate_up[:, intermediate:]), w[5], b[3], rows, onednn))
+        x.add_(_product(out.transpose(1, 2).reshape(n * t, heads * head_dim), w[2], b[0], rows, onednn))
+        h = _norm(x, w[1], eps)
+        if parts == 1:
+            gate_up = _product(h, w[5], b[3], rows, onednn)
+            s = F.silu(gate_up[:, :intermediate]).mul_(gate_up[:, intermediate:])
+        else:
+            s = F.silu(_product(h, w[7], b[5], rows, onednn)).mul_(_product(h, w[8], b[6], rows, onednn))
+        x.add_(_product(s, w[3], b[1], rows, onednn))
     return x
 
 
@@ -154,8 +177,9 @@ def _onednn_applies(dtype: torch.dtype) -> bool:
 
 
 def _prepared_weights(model, layers, rows: int, dtype: torch.dtype, new_tokens: int):
-    """Each layer's projection weights as ``_layers`` reads them: [q; k; v] and [gate; up] stacked,
-    and laid out in oneDNN's blocked format where that pays (see ``_packer``).
+    """Each layer's projection weights as ``_layers`` reads them: [q; k; v] and [gate; up] stacked
+    where a layer's are at most ``STACK_MAX_BYTES`` (see there), and laid out in oneDNN's blocked
+    format where that pays (see ``_packer``).
 
     The layout costs 150-330 us a matrix, so it pays within one call only from
     ``LAYOUT_MIN_NEW_TOKENS`` new tokens. Across calls it pays whenever the weights have not changed
@@ -166,8 +190,12 @@ def _prepared_weights(model, layers, rows: int, dtype: torch.dtype, new_tokens: 
     A change is seen in the parameters' storage and version counters. Every in-place change through
     PyTorch bumps a tensor's version except the fused optimizer kernels (AdamW(fused=True) among
     them), so an optimizer step hook bumps the versions of every torch.optim optimizer's parameters
-    after its step (``_bump_versions``, registered with the first kept layout).
+    after its step (``_bump_versions``). It is registered by the first call: registered only once a
+    layout was kept, a fused step between the first two calls went unseen, and the second call of
+    every RL run laid out and kept a copy of the weights through the next update (about 500 MB of
+    the 119M model's GRPO peak).
     """
+    _watch_optimizers()
     sources = [p for layer in layers for module in (layer.self_attn, layer.mlp) for p in module.parameters()]
     fingerprint = tuple((p.data_ptr(), p._version) for p in sources)
     kept = _KEPT.get(model)
@@ -176,15 +204,17 @@ def _prepared_weights(model, layers, rows: int, dtype: torch.dtype, new_tokens: 
     unchanged = kept is not None and kept[0] == fingerprint  # the same weights as the previous call's
     layout = unchanged or new_tokens >= LAYOUT_MIN_NEW_TOKENS
     pack = _packer(rows, dtype, layout)
+    a, m = layers[0].self_attn, layers[0].mlp
+    stacked = sum(p.weight.nbytes for p in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj)) <= STACK_MAX_BYTES
     weights, biases = [], []
     for layer in layers:
         a, m = layer.self_attn, layer.mlp
-        (qkv, qkv_b), (o, o_b) = pack(*_fused(a.q_proj, a.k_proj, a.v_proj)), pack(a.o_proj.weight, a.o_proj.bias)
-        (gate_up, gate_up_b), (down, down_b) = pack(*_fused(m.gate_proj, m.up_proj)), pack(m.down_proj.weight, m.down_proj.bias)
-        weights.append([layer.input_layernorm.weight, qkv, o, layer.post_attention_layernorm.weight, gate_up, down])
-        biases.append([qkv_b, o_b, gate_up_b, down_b])
-    if unchanged:
-        _watch_optimizers()
+        groups = [(a.q_proj, a.k_proj, a.v_proj), (m.gate_proj, m.up_proj)] if stacked else \
+            [(a.q_proj,), (a.k_proj,), (a.v_proj,), (m.gate_proj,), (m.up_proj,)]
+        packed = [pack(a.o_proj.weight, a.o_proj.bias), pack(m.down_proj.weight, m.down_proj.bias)]
+        packed += [pack(*_fused(*group)) if len(group) > 1 else pack(group[0].weight, group[0].bias) for group in groups]
+        weights.append([layer.input_layernorm.weight, layer.post_attention_layernorm.weight, *(w for w, _ in packed)])
+        biases.append([b for _, b in packed])
     _KEPT[model] = (fingerprint, (weights, biases) if unchanged else None)
     return weights, biases
 
