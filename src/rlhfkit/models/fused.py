@@ -318,7 +318,7 @@ def _norm_backward(g, x_hat, r, weight):
 # makes from another saved tensor rather than keeping it: the norms' outputs h = w x_hat (and the
 # last layer's window of h), SwiGLU's s = silu(gate) up, and the attention's output where its
 # products' backward does not read it (the flash kernel's does); the same operations on the same
-# inputs, so the same numbers. On the 30M model's GRPO update that is 58 MB less at the peak.
+# inputs, so the same numbers. On the 30M model's GRPO update that is about 60 MB less at the peak.
 SAVED = 17
 
 # Up to this many keys a row's attention is computed as its products (scores, softmax, weights
