@@ -458,7 +458,7 @@ class _Layers(torch.autograd.Function):
     def forward(ctx, x, cos, sin, mask, shape, *params):
         saved = []
         out = layers_forward(x, cos, sin, mask, shape, params, saved)
-        ctx.save_for_backward(x, cos, sin, mask, *params)
+        ctx.save_for_backward(x, cos, sin, mask, *params)  # x: for a second backward (see there)
         # the activations, which nothing outside the node sees, on ctx itself: the backward lets
         # each layer's go once it is done with them (a saved tensor lives until the whole node's
         # backward returns: at 119M parameters, 47 MB more at SFT's peak than the per-operation graph)
@@ -511,6 +511,7 @@ class _Layers(torch.autograd.Function):
             del h2
             g_x, mine[1] = _norm_backward(g_h2, x_hat2, r2, w2)
             g = g + g_x
+            del gate, up, x_hat2, r2, g_s, g_up, g_gate, g_h2, g_x  # done with: let them go before the attention's
             # attention: x' = x + a Wo^T + bo
             linear_grads(3, g, a)
             g_out = _input_grad(g, wo, fast)[:nq].view(b, tq, heads, head_dim).transpose(1, 2)
@@ -521,6 +522,7 @@ class _Layers(torch.autograd.Function):
             g_q = rotate(g_q.transpose(1, 2), cos[:, f:], back[:, f:])
             g_k = rotate(g_k.transpose(1, 2), cos, back)
             g_v = g_v.transpose(1, 2)
+            del q, k, v, out, lse, a, g_out
             # the projections that read the same h take one product each way (fewer, larger products
             # are faster at these sizes: 1.6x for q, k and v on the reference model's 144 rows)
             slots = (0, 1, 2) if not f else (1, 2)  # with a window, q reads only its rows of h
@@ -544,9 +546,12 @@ class _Layers(torch.autograd.Function):
                 for j, grad in zip(slots, g_proj.sum(0).split(sizes)):
                     mine[3 + 2 * j] = grad
             g_h1 = _input_grad(g_proj, torch.cat([weights[j] for j in slots]), fast)
+            del h1, h1_q, g_proj, parts, g_q, g_k, g_v
             if f:
                 g_h1[:n].view(b, t, -1)[:, f:] += g_h1_q[:nq].view(b, tq, -1)
+                del g_q_rows, g_h1_q
             g_x, mine[0] = _norm_backward(g_h1, x_hat1, r1, w1)
+            del g_h1
             if f:  # the residual carried only the window's rows
                 g_x[:n].view(b, t, -1)[:, f:] += g[:nq].view(b, tq, -1)
                 g = g_x

@@ -2,8 +2,8 @@
 
 It runs the model's own weights and rotary embedding but skips the generic forward's per-step
 work: no cache objects, no mask building from scratch, q/k/v and gate/up each computed by one
-fused matmul on layers of up to STACK_MAX_BYTES (the weights laid out in oneDNN's own format when
-the call decodes enough tokens to repay it), a preallocated KV cache written in place, and the layers run as one TorchScript
+fused matmul on layers of up to STACK_MAX_BYTES (the weights laid out in oneDNN's own format
+when the call decodes enough tokens to repay it), a preallocated KV cache written in place, and the layers run as one TorchScript
 function, so that the operations of a step are called from C++ rather than one by one from
 Python. The norm, the rotation and the row-padded product are the training forward's own
 functions (fused.inv_rms, fused.rotate, kernels.padded_product), compiled by TorchScript with it.
@@ -29,10 +29,10 @@ LAYOUT_MIN_NEW_TOKENS = 32
 
 # The most bytes of a layer's q, k, v, gate and up weights that a call stacks into [q; k; v] and
 # [gate; up] (a copy, held while it samples) so that each group is one product; larger layers run
-# them apart and copy nothing. Whole 32 x 16 sampling calls, weights changed before each as in RL,
-# alternating in one process, same tokens and log-probs bit for bit, apart / stacked: 1.10x at
-# 2.9 MB a layer (the 4.7M model), 1.11x at 11.5 MB (30M), 1.01x at 46 MB (119M, where the stacked
-# copy is 369 MB).
+# them apart and copy nothing (unless laid out for oneDNN, a copy either way). Whole 32 x 16
+# sampling calls, weights changed before each as in RL, alternating in one process, same tokens
+# and log-probs bit for bit: apart took 1.10x the time of stacked at 2.9 MB a layer (the 4.7M
+# model), 1.11x at 11.5 MB (30M), 1.01x at 46 MB (119M, where the stacked copy is 369 MB).
 STACK_MAX_BYTES = 2**24
 
 
