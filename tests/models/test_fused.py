@@ -300,3 +300,45 @@ def test_node_lets_activations_go_in_its_backward_and_computes_them_again_for_a_
     assert len(once) == len(list(model.model.parameters()))  # the backbone's, every one
     for name, grad in once.items():
         assert torch.equal(model.get_parameter(name).grad, 2 * grad), name
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["F.linear", "oneDNN"])
+def test_node_in_torchscript_gives_the_numbers_python_gives(fast, monkeypatch):
+    """The node's forward runs compiled by TorchScript (not the fallback) and gives the hidden
+    states, and so the gradients, of the same function run in Python (``RLHFKIT_SCRIPTED_LAYERS=0``)
+    bit for bit: a padded batch, hidden states from column 3 (the last layer's window),
+    grouped-query attention, some weights frozen, both attention paths. The backward's halves
+    compile too (they run in Python: see fused.py)."""
+    from rlhfkit.models import kernels
+    from rlhfkit.models.script import LAYERS, scripted
+
+    assert isinstance(scripted(fused._layers_forward, LAYERS), torch.jit.ScriptFunction)
+    for function in (fused._mlp_backward, fused._attention_block_backward):
+        assert isinstance(scripted(function, LAYERS), torch.jit.ScriptFunction), function.__name__
+    model = tiny("qwen2")
+    if fast:
+        if not kernels.onednn_linear_available():
+            pytest.skip("no oneDNN in this PyTorch build")
+        kernels.use_fast_linear(model)
+    model.model.layers[1].mlp.gate_proj.weight.requires_grad_(False)
+    model.model.layers[0].self_attn.k_proj.weight.requires_grad_(False)
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(9))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    positions = position_ids_from_mask(mask)
+    monkeypatch.setenv("RLHFKIT_LAYERS_NODE", "1")
+    for keys in ATTENTION.values():
+        monkeypatch.setattr(fused, "FEW_KEYS", keys)
+        results = []
+        for script in ("1", "0"):
+            monkeypatch.setenv(LAYERS, script)
+            model.zero_grad(set_to_none=True)
+            hidden = fused.backbone(model, ids, mask, positions, 3)
+            (hidden * torch.linspace(-1, 1, hidden.shape[-1])).sum().backward()
+            results.append((hidden.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+        (scripted_hidden, scripted_grads), (python_hidden, python_grads) = results
+        assert torch.equal(scripted_hidden, python_hidden)
+        assert scripted_grads.keys() == python_grads.keys() and "model.layers.1.mlp.up_proj.weight" in python_grads
+        assert "model.layers.1.mlp.gate_proj.weight" not in python_grads
+        for name, grad in python_grads.items():
+            assert torch.equal(scripted_grads[name], grad), name

@@ -79,6 +79,23 @@ def test_row_buckets_add_at_most_an_eighth_and_are_few():
     assert bucket(BUCKET_MAX_ROWS + 3) == BUCKET_MAX_ROWS + 3  # large products: as they are
 
 
+def test_bucket_in_torchscript_is_the_same_and_off_leaves_rows_as_they_are(monkeypatch):
+    """``bucket_within``, which the TorchScript node calls with the limit as an argument, compiles
+    and gives ``bucket``'s sizes; with bucketing off (limit 0) every count stays as it is."""
+    import torch
+
+    from rlhfkit.models import kernels
+    from rlhfkit.models.script import LAYERS, scripted
+
+    compiled = scripted(kernels.bucket_within, LAYERS)
+    assert isinstance(compiled, torch.jit.ScriptFunction)
+    for m in range(0, kernels.BUCKET_MAX_ROWS + 40):
+        assert compiled(m, kernels.row_limit()) == kernels.bucket(m)
+        assert compiled(m, 0) == m or m == 0
+    monkeypatch.setattr(kernels, "_bucketing", lambda: False)
+    assert kernels.row_limit() == 0 and kernels.bucket(1) == 1 and kernels.bucket(130) == 130
+
+
 @needs_onednn
 def test_padded_rows_change_no_result_and_no_gradient():
     """201 rows go through oneDNN as 208: the same outputs and gradients as F.linear."""

@@ -63,9 +63,24 @@ def bucket(rows: int) -> int:
     beside it, while the padding copy would cost more (measured on the 30M model, 16 x 261 rows:
     padding took 15% of an SFT step). ``RLHFKIT_BUCKET_ROWS=0`` turns it off.
     """
-    if not _bucketing() or rows > BUCKET_MAX_ROWS:
+    return bucket_within(rows, row_limit())
+
+
+def row_limit() -> int:
+    """The most rows ``bucket`` pads: ``BUCKET_MAX_ROWS``, or 0 where bucketing is off."""
+    return BUCKET_MAX_ROWS if _bucketing() else 0
+
+
+def bucket_within(rows: int, limit: int) -> int:
+    """``bucket`` with its limit given (``row_limit()``), for TorchScript callers (which read no
+    module constants): ``rows`` if above ``limit``, else rounded up to a multiple of
+    ``max(8, 2^(bit_length(rows) - 4))``."""
+    if rows > limit:
         return rows
-    step = max(8, 1 << max(rows.bit_length() - 4, 0))
+    top = 1  # 2^bit_length(rows)
+    while top <= rows:
+        top *= 2
+    step = max(8, top // 16)
     return -(-rows // step) * step
 
 
@@ -108,12 +123,16 @@ def input_grad(g2d: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def weight_grad(g2d: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor:
     """``dL/dW = g^T x`` (out, in) for ``g2d`` (M, out) and the layer's input ``x2d`` (M, in), through oneDNN."""
-    rows = bucket(x2d.shape[0])  # the rows are the summed dimension here: padded alike
+    return padded_weight_grad(g2d, x2d, bucket(x2d.shape[0]))  # the rows are the summed dimension: padded alike
+
+
+def padded_weight_grad(g2d: torch.Tensor, x2d: torch.Tensor, rows: int) -> torch.Tensor:
+    """``weight_grad`` on the rows padded with zeros to ``rows`` (TorchScript runs it too: fused.py)."""
     g_rows, x_rows = pad_rows(g2d, rows), pad_rows(x2d, rows)
     # oneDNN copies its first operand to a contiguous one: with many rows, transposing the
     # narrower of g and x (and the result back) pays; with few, the copy back costs more
     # (measured on the reference model: 5-8% of an SFT step at 208 rows, 4-7% the other way at 1280)
-    if g2d.shape[1] >= 2 * x2d.shape[1] and x2d.shape[0] > 2 * x2d.shape[1]:
+    if g2d.size(1) >= 2 * x2d.size(1) and x2d.size(0) > 2 * x2d.size(1):
         return _onednn(x_rows.t(), g_rows.t(), None).t().contiguous()  # ((in, out) = x^T g)^T
     return _onednn(g_rows.t(), x_rows.t(), None)  # (out, in) = g^T x
 

@@ -1,10 +1,13 @@
-"""TorchScript for the few hot functions called once per sampled token.
+"""TorchScript for the few hot functions that run many small operations per call.
 
-A sampling step on a small model is a few hundred small operations, and calling each from Python
-costs more than many of them compute. TorchScript runs a whole function's operations from C++,
-with the same kernels and so the same numbers. It is deprecated in PyTorch, so everything here
-falls back to running the very same function in Python: where it cannot compile, or where
-``RLHFKIT_SCRIPTED_DECODE=0`` asks for it (the switch that benchmarks/onoff.py measures).
+A sampling step on a small model is a few hundred small operations, and so is the training
+forward and backward of the decoder layers on the short rows of RLHF batches; calling each from
+Python costs more than many of them compute. TorchScript runs a whole function's operations from
+C++, with the same kernels and so the same numbers. It is deprecated in PyTorch, so everything
+here falls back to running the very same function in Python: where it cannot compile, or where
+a switch asks for it, read on every call: ``RLHFKIT_SCRIPTED_DECODE=0`` for the sampler's
+functions, ``RLHFKIT_SCRIPTED_LAYERS=0`` for the training node's forward (models/fused.py); the switches
+that benchmarks/onoff.py and inprocess.py measure.
 """
 
 from __future__ import annotations
@@ -13,12 +16,19 @@ import functools
 import os
 import warnings
 
+DECODE, LAYERS = "RLHFKIT_SCRIPTED_DECODE", "RLHFKIT_SCRIPTED_LAYERS"
+
+
+def scripted(function, switch: str = DECODE):
+    """``function`` compiled by TorchScript (once per process, on first use), or ``function`` itself
+    where the environment variable ``switch`` is 0 or it cannot compile."""
+    if os.environ.get(switch, "1") == "0":
+        return function
+    return _compiled(function)
+
 
 @functools.lru_cache(maxsize=None)
-def scripted(function):
-    """``function`` compiled by TorchScript (once per process, on first use), or ``function`` itself."""
-    if os.environ.get("RLHFKIT_SCRIPTED_DECODE", "1") == "0":
-        return function
+def _compiled(function):
     import torch
 
     with warnings.catch_warnings():
