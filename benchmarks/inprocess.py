@@ -2,7 +2,8 @@
 
     python benchmarks/inprocess.py VAR METHOD [--pairs 40] [RUN_PY_FLAGS...]
 
-VAR: an environment switch rlhfkit reads on every call (RLHFKIT_LAYERS_NODE, RLHFKIT_LEAN_FORWARD),
+VAR: an environment switch rlhfkit reads on every call (RLHFKIT_LAYERS_NODE, RLHFKIT_LEAN_FORWARD,
+RLHFKIT_SCRIPTED_LAYERS),
 or a module constant read on every call with its "on" and "off" values,
 ``rlhfkit.models.fused:FEW_KEYS=80,0`` (the node's attention as products up to 80 keys, or never).
 After run.py's warm-up steps, ``--pairs`` pairs of steps run with VAR=1 and VAR=0 in an order that

@@ -3,7 +3,8 @@
     python benchmarks/onoff.py VAR METHOD [METHOD ...] [--rounds 5] [-- RUN_PY_FLAGS...]
 
 VAR: an environment switch of rlhfkit (RLHFKIT_LEAN_FORWARD, RLHFKIT_FAST_LINEAR,
-RLHFKIT_KEEP_FREED_MEMORY, RLHFKIT_SCRIPTED_DECODE, RLHFKIT_LAYERS_NODE). Each round runs `run.py METHOD` once with VAR=1 and once with VAR=0,
+RLHFKIT_KEEP_FREED_MEMORY, RLHFKIT_SCRIPTED_DECODE, RLHFKIT_SCRIPTED_LAYERS, RLHFKIT_LAYERS_NODE).
+Each round runs `run.py METHOD` once with VAR=1 and once with VAR=0,
 each in a fresh process, alternating which goes first. Prints each run's JSON line and one summary
 line per method: median seconds per step on and off, and the median (min-max) of the rounds'
 ratios off / on (above 1: the switch makes it faster), beside the first and last losses of both,

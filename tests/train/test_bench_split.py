@@ -1,5 +1,6 @@
 """benchmarks/run.py --split: time inside oneDNN products and optimizer steps is told apart from the rest."""
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,10 +22,14 @@ def test_split_attributes_time_to_products_optimizer_and_rest(monkeypatch):
     def optimizer_step(*a, **k):
         time.sleep(0.02)
 
+    monkeypatch.setenv("RLHFKIT_SCRIPTED_LAYERS", "1")
     monkeypatch.setattr(kernels, "_onednn", product)
     monkeypatch.setattr(train_run, "optimizer_step", optimizer_step)
 
+    seen = []
+
     def step(i):
+        seen.append(os.environ.get("RLHFKIT_SCRIPTED_LAYERS"))  # the node's forward in Python: its products timed
         kernels._onednn(None, None, None)  # looked up at call time, as kernels.py does
         train_run.optimizer_step()
         time.sleep(0.01)
@@ -34,3 +39,4 @@ def test_split_attributes_time_to_products_optimizer_and_rest(monkeypatch):
     assert split["rest"] == pytest.approx(10, abs=8)
     assert split["wall"] == pytest.approx(split["matmul"] + split["optimizer"] + split["rest"], abs=0.05)
     assert kernels._onednn is product and train_run.optimizer_step is optimizer_step  # put back
+    assert seen == ["0"] * 3 and os.environ["RLHFKIT_SCRIPTED_LAYERS"] == "1"
