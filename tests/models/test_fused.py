@@ -307,13 +307,14 @@ def test_node_in_torchscript_gives_the_numbers_python_gives(fast, monkeypatch):
     """The node's forward runs compiled by TorchScript (not the fallback) and gives the hidden
     states, and so the gradients, of the same function run in Python (``RLHFKIT_SCRIPTED_LAYERS=0``)
     bit for bit: a padded batch, hidden states from column 3 (the last layer's window),
-    grouped-query attention, some weights frozen, both attention paths. The backward's halves
+    grouped-query attention, some weights frozen, both attention paths. The backward's parts
     compile too (they run in Python: see fused.py)."""
     from rlhfkit.models import kernels
     from rlhfkit.models.script import LAYERS, scripted
 
     assert isinstance(scripted(fused._layers_forward, LAYERS), torch.jit.ScriptFunction)
-    for function in (fused._mlp_backward, fused._attention_block_backward):
+    for function in (fused._mlp_backward, fused._attention_core_backward, fused._projections_backward,
+                     fused._input_norm_backward):
         assert isinstance(scripted(function, LAYERS), torch.jit.ScriptFunction), function.__name__
     model = tiny("qwen2")
     if fast:

@@ -284,15 +284,17 @@ def backbone(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, posit
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 PER_LAYER = 2 + 2 * len(LINEARS)  # two norm weights, then each linear's weight and bias (or None)
+assert PER_LAYER == 16  # as the TorchScript functions below slice and index them
 
 # The node's forward runs as one TorchScript function (script.py; ``RLHFKIT_SCRIPTED_LAYERS=0``
 # runs the same function in Python): the reference model's 370 operations are called from C++, the
 # forward 1.13x faster on RM's 16 x 10 rows. TorchScript reads no module constants, so what it
 # needs of this module's and kernels' (``FEW_KEYS``, ``_limit``: whether the products are oneDNN's
 # and the most rows they pad to a bucket) comes in as arguments, read on every call. The backward's
-# two halves per layer are written so that TorchScript compiles them too, but they run in Python:
-# compiled, they gained 1.02-1.03x on the node's forward and backward but raised the 30M model's
-# peak by 45 MB (SFT rows of 16 x 24), where the Python halves match the code before them.
+# parts per layer are written so that TorchScript compiles them too, but they run in Python:
+# compiled (as two halves), they gained 1.02-1.03x on the node's forward and backward but raised
+# the 30M model's peak by 45 MB (SFT rows of 16 x 24). In Python, split where the code before
+# them let tensors go, each part holds what the old loop held.
 
 
 def _layer_tensors(layer) -> list:
@@ -525,16 +527,23 @@ class _Layers(torch.autograd.Function):
         for i in reversed(range(len(eps) // 2)):
             x_hat1, r1, _, _, mask_q, q, k, v, out, lse, a, x_hat2, r2, _, gate, up, _ = saved[SAVED * i:SAVED * (i + 1)]
             saved[SAVED * i:SAVED * (i + 1)] = [None] * SAVED  # this layer's go with the names below
-            mine = params[i * PER_LAYER:(i + 1) * PER_LAYER]
+            w = params[i * PER_LAYER:(i + 1) * PER_LAYER]
             need = list(needs[i * PER_LAYER:(i + 1) * PER_LAYER])
-            g, from_mlp = _mlp_backward(g, x_hat2, r2, gate, up, mine[1], mine[10], mine[12], mine[14], need, limit)
+            g, from_mlp = _mlp_backward(g, x_hat2, r2, gate, up, w[1], w[10], w[12], w[14], need, limit)
             del gate, up, x_hat2, r2  # done with: let them go before the attention's
-            g, from_attention = _attention_block_backward(
-                g, x_hat1, r1, mask_q, q, k, v, out, lse, a, mine[0], mine[2], mine[4], mine[6], mine[8], cos, back, b, t,
-                heads, kv_heads, head_dim, scale, mask is None, need, limit)
-            del x_hat1, r1, mask_q, q, k, v, out, lse, a
-            grads[i * PER_LAYER:(i + 1) * PER_LAYER] = [
-                (m if m is not None else o) if wanted else None for m, o, wanted in zip(from_mlp, from_attention, need)]
+            parts, from_o = _attention_core_backward(g, q, k, v, out, lse, a, mask_q, w[8], cos, back, b, t, heads,
+                                                     kv_heads, head_dim, scale, mask is None, need, limit)
+            tq = q.shape[2]
+            del mask_q, q, k, v, out, lse, a  # before the projections' products
+            g_h1, from_qkv = _projections_backward(g, parts, x_hat1, w[0], w[2], w[4], w[6], b, t, tq, heads, head_dim,
+                                                   need, limit)
+            del parts
+            g, grad_w1 = _input_norm_backward(g, g_h1, x_hat1, r1, w[0], b, t, tq)
+            del g_h1, x_hat1, r1
+            mine = [from_mlp[j] if from_mlp[j] is not None else from_o[j] if from_o[j] is not None else from_qkv[j]
+                    for j in range(PER_LAYER)]
+            mine[0] = grad_w1
+            grads[i * PER_LAYER:(i + 1) * PER_LAYER] = [grad if wanted else None for grad, wanted in zip(mine, need)]
         return (g[:n], None, None, None, None, *grads)
 
 
@@ -557,13 +566,10 @@ def _mlp_backward(g: torch.Tensor, x_hat2: torch.Tensor, r2: torch.Tensor, gate:
         mine[15] = g.sum(0)
     g_s = _input_grad(g, wd, limit)
     g_up = g_s * silu_gate
+    del silu_gate
     g_gate = torch.ops.aten.silu_backward(g_s * up, gate)
     if need[10] or need[12]:
-        h2 = w2 * x_hat2
-        if need[10]:
-            mine[10] = _weight_grad(g_gate, h2, limit)
-        if need[12]:
-            mine[12] = _weight_grad(g_up, h2, limit)
+        mine[10], mine[12] = _gate_up_weight_grads(g_gate, g_up, w2 * x_hat2, need[10], need[12], limit)
     if need[11]:
         mine[11] = g_gate.sum(0)
     if need[13]:
@@ -573,19 +579,24 @@ def _mlp_backward(g: torch.Tensor, x_hat2: torch.Tensor, r2: torch.Tensor, gate:
     return g + g_x, mine
 
 
-def _attention_block_backward(g: torch.Tensor, x_hat1: torch.Tensor, r1: torch.Tensor, mask_q: Optional[torch.Tensor],
-                              q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: Optional[torch.Tensor],
-                              lse: torch.Tensor, a: torch.Tensor, w1: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor,
-                              wv: torch.Tensor, wo: torch.Tensor, cos: torch.Tensor, back: torch.Tensor, b: int, t: int,
-                              heads: int, kv_heads: int, head_dim: int, scale: float, causal: bool, need: List[bool],
-                              limit: int) -> Tuple[torch.Tensor, List[Optional[torch.Tensor]]]:
-    """The backward of a layer's attention half, x' = x + attention(q, k, v) Wo^T + bo with
-    h = w1 x_hat1: the gradient of x, and the slots of w1 and of q, k, v and o's
-    weights and biases (computed where ``need`` asks, None elsewhere)."""
+def _gate_up_weight_grads(g_gate: torch.Tensor, g_up: torch.Tensor, h2: torch.Tensor, gate: bool, up: bool,
+                          limit: int) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The gate's and up's weight gradients (where asked) from their input h' (let go on return)."""
+    return (_weight_grad(g_gate, h2, limit) if gate else None), (_weight_grad(g_up, h2, limit) if up else None)
+
+
+def _attention_core_backward(g: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             out: Optional[torch.Tensor], lse: torch.Tensor, a: torch.Tensor,
+                             mask_q: Optional[torch.Tensor], wo: torch.Tensor, cos: torch.Tensor, back: torch.Tensor,
+                             b: int, t: int, heads: int, kv_heads: int, head_dim: int, scale: float, causal: bool,
+                             need: List[bool], limit: int) -> Tuple[List[torch.Tensor], List[Optional[torch.Tensor]]]:
+    """The backward of a layer's x' = x + attention(q, k, v) Wo^T + bo up to q, k and v: their
+    gradients before the rotation's, rotated back ((B, T, heads, D) each, q's at its Tq columns),
+    and the slots of o's weight and bias (where ``need`` asks, None elsewhere)."""
     mine = _slots()
     repeat = heads // kv_heads
     tq = q.size(2)
-    f, nq, n = t - tq, b * tq, b * t
+    f, nq = t - tq, b * tq
     if need[8]:
         mine[8] = _weight_grad(g, a, limit)
     if need[9]:
@@ -595,8 +606,19 @@ def _attention_block_backward(g: torch.Tensor, x_hat1: torch.Tensor, r1: torch.T
     if repeat > 1:
         g_k = g_k.unflatten(1, (kv_heads, repeat)).sum(2)
         g_v = g_v.unflatten(1, (kv_heads, repeat)).sum(2)
-    parts = [rotate(g_q.transpose(1, 2), cos[:, f:], back[:, f:]), rotate(g_k.transpose(1, 2), cos, back),
-             g_v.transpose(1, 2)]
+    return [rotate(g_q.transpose(1, 2), cos[:, f:], back[:, f:]), rotate(g_k.transpose(1, 2), cos, back),
+            g_v.transpose(1, 2)], mine
+
+
+def _projections_backward(g: torch.Tensor, parts: List[torch.Tensor], x_hat1: torch.Tensor, w1: torch.Tensor,
+                          wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, b: int, t: int, tq: int, heads: int,
+                          head_dim: int, need: List[bool],
+                          limit: int) -> Tuple[torch.Tensor, List[Optional[torch.Tensor]]]:
+    """The backward of q, k, v = h Wq^T + bq, h Wk^T + bk, h Wv^T + bv with h = w1 x_hat1 (q from
+    the columns Tq.. of a window): the gradient of h, and the slots of q, k and v's weights and
+    biases (where ``need`` asks, None elsewhere). ``g``: the residual's gradient (its rows)."""
+    mine = _slots()
+    f, nq, n = t - tq, b * tq, b * t
     # the projections that read the same h take one product each way (fewer, larger products
     # are faster at these sizes: 1.6x for q, k and v on the reference model's 144 rows)
     slots = [0, 1, 2] if f == 0 else [1, 2]  # with a window, q reads only its rows of h
@@ -629,8 +651,15 @@ def _attention_block_backward(g: torch.Tensor, x_hat1: torch.Tensor, r1: torch.T
     g_h1 = _input_grad(g_proj, torch.cat([weights[j] for j in slots]), limit)
     if g_h1_q is not None:
         g_h1[:n].view(b, t, -1)[:, f:] += g_h1_q[:nq].view(b, tq, -1)
-    g_x, mine[0] = _norm_backward(g_h1, x_hat1, r1, w1)
-    if f > 0:  # the residual carried only the window's rows
-        g_x[:n].view(b, t, -1)[:, f:] += g[:nq].view(b, tq, -1)
-        return g_x, mine
-    return g + g_x, mine
+    return g_h1, mine
+
+
+def _input_norm_backward(g: torch.Tensor, g_h1: torch.Tensor, x_hat1: torch.Tensor, r1: torch.Tensor, w1: torch.Tensor,
+                         b: int, t: int, tq: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The gradient of the layer's input x (h = w1 x_hat1 and the residual ``g``, which carried
+    only the window's rows where Tq < T), and w1's."""
+    g_x, grad_w1 = _norm_backward(g_h1, x_hat1, r1, w1)
+    if tq < t:  # the residual carried only the window's rows
+        g_x[:b * t].view(b, t, -1)[:, t - tq:] += g[:b * tq].view(b, tq, -1)
+        return g_x, grad_w1
+    return g + g_x, grad_w1
