@@ -394,11 +394,16 @@ def _attention_backward(g: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     return g_q.view(b, heads, tq, d), g_k.view(b, heads, t, d), g_v.view(b, heads, t, d)
 
 
+def _padded(x2d: torch.Tensor, limit: int) -> torch.Tensor:
+    """``x2d`` with zero rows up to its bucket for oneDNN's products (``limit`` >= 0), else as it is."""
+    return kernels.pad_rows(x2d, kernels.bucket_within(x2d.size(0), limit)) if limit >= 0 else x2d
+
+
 def _window(x2d: torch.Tensor, b: int, t: int, first: int, limit: int) -> torch.Tensor:
     """The rows of columns ``first``.. of the (B, T) grid that ``x2d``'s first B T rows hold, as
     rows of their own (zero rows up to oneDNN's bucket, ``limit`` >= 0)."""
     rows = x2d[:b * t].view(b, t, -1)[:, first:].reshape(b * (t - first), -1)
-    return kernels.pad_rows(rows, kernels.bucket_within(rows.size(0), limit) if limit >= 0 else rows.size(0))
+    return _padded(rows, limit)
 
 
 def _query_mask(mask: Optional[torch.Tensor], t: int, first: int, dtype: torch.dtype) -> torch.Tensor:
@@ -442,7 +447,7 @@ def _layers_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask:
     saved: List[Optional[torch.Tensor]] = []
     causal, repeat, layers = mask is None, heads // kv_heads, len(eps) // 2
     n = b * t
-    x = kernels.pad_rows(x, kernels.bucket_within(n, limit) if limit >= 0 else n)
+    x = _padded(x, limit)
     table = rotation_tables(sin)[0]
     for i in range(layers):
         w1, w2, wq, bq, wk, bk, wv, bv, wo, bo, wg, bg, wu, bu, wd, bd = params[i * 16:(i + 1) * 16]  # PER_LAYER
@@ -529,20 +534,17 @@ class _Layers(torch.autograd.Function):
             saved[SAVED * i:SAVED * (i + 1)] = [None] * SAVED  # this layer's go with the names below
             w = params[i * PER_LAYER:(i + 1) * PER_LAYER]
             need = list(needs[i * PER_LAYER:(i + 1) * PER_LAYER])
-            g, from_mlp = _mlp_backward(g, x_hat2, r2, gate, up, w[1], w[10], w[12], w[14], need, limit)
+            g, mine = _mlp_backward(g, x_hat2, r2, gate, up, w[1], w[10], w[12], w[14], need, limit, _slots())
             del gate, up, x_hat2, r2  # done with: let them go before the attention's
-            parts, from_o = _attention_core_backward(g, q, k, v, out, lse, a, mask_q, w[8], cos, back, b, t, heads,
-                                                     kv_heads, head_dim, scale, mask is None, need, limit)
+            parts, mine = _attention_core_backward(g, q, k, v, out, lse, a, mask_q, w[8], cos, back, b, t, heads,
+                                                   kv_heads, head_dim, scale, mask is None, need, limit, mine)
             tq = q.shape[2]
             del mask_q, q, k, v, out, lse, a  # before the projections' products
-            g_h1, from_qkv = _projections_backward(g, parts, x_hat1, w[0], w[2], w[4], w[6], b, t, tq, heads, head_dim,
-                                                   need, limit)
+            g_h1, mine = _projections_backward(g, parts, x_hat1, w[0], w[2], w[4], w[6], b, t, tq, heads, head_dim,
+                                               need, limit, mine)
             del parts
-            g, grad_w1 = _input_norm_backward(g, g_h1, x_hat1, r1, w[0], b, t, tq)
+            g, mine[0] = _input_norm_backward(g, g_h1, x_hat1, r1, w[0], b, t, tq)
             del g_h1, x_hat1, r1
-            mine = [from_mlp[j] if from_mlp[j] is not None else from_o[j] if from_o[j] is not None else from_qkv[j]
-                    for j in range(PER_LAYER)]
-            mine[0] = grad_w1
             grads[i * PER_LAYER:(i + 1) * PER_LAYER] = [grad if wanted else None for grad, wanted in zip(mine, need)]
         return (g[:n], None, None, None, None, *grads)
 
@@ -553,12 +555,11 @@ def _slots() -> List[Optional[torch.Tensor]]:
 
 
 def _mlp_backward(g: torch.Tensor, x_hat2: torch.Tensor, r2: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
-                  w2: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor, need: List[bool],
-                  limit: int) -> Tuple[torch.Tensor, List[Optional[torch.Tensor]]]:
+                  w2: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor, need: List[bool], limit: int,
+                  mine: List[Optional[torch.Tensor]]) -> Tuple[torch.Tensor, List[Optional[torch.Tensor]]]:
     """The backward of a layer's MLP half, out = x' + s Wd^T + bd with s = silu(gate) * up and
-    h' = w2 x_hat2: the gradient of x', and the slots of w2 and of the MLP's
-    weights and biases (computed where ``need`` asks, None elsewhere)."""
-    mine = _slots()
+    h' = w2 x_hat2: the gradient of x', and ``mine``, the layer's gradient slots, with those of w2
+    and of the MLP's weights and biases filled in (where ``need`` asks)."""
     silu_gate = F.silu(gate)
     if need[14]:
         mine[14] = _weight_grad(g, silu_gate * up, limit)
@@ -589,11 +590,11 @@ def _attention_core_backward(g: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
                              out: Optional[torch.Tensor], lse: torch.Tensor, a: torch.Tensor,
                              mask_q: Optional[torch.Tensor], wo: torch.Tensor, cos: torch.Tensor, back: torch.Tensor,
                              b: int, t: int, heads: int, kv_heads: int, head_dim: int, scale: float, causal: bool,
-                             need: List[bool], limit: int) -> Tuple[List[torch.Tensor], List[Optional[torch.Tensor]]]:
+                             need: List[bool], limit: int,
+                             mine: List[Optional[torch.Tensor]]) -> Tuple[List[torch.Tensor], List[Optional[torch.Tensor]]]:
     """The backward of a layer's x' = x + attention(q, k, v) Wo^T + bo up to q, k and v: their
     gradients before the rotation's, rotated back ((B, T, heads, D) each, q's at its Tq columns),
-    and the slots of o's weight and bias (where ``need`` asks, None elsewhere)."""
-    mine = _slots()
+    and ``mine`` with the slots of o's weight and bias filled in (where ``need`` asks)."""
     repeat = heads // kv_heads
     tq = q.size(2)
     f, nq = t - tq, b * tq
@@ -612,12 +613,11 @@ def _attention_core_backward(g: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
 
 def _projections_backward(g: torch.Tensor, parts: List[torch.Tensor], x_hat1: torch.Tensor, w1: torch.Tensor,
                           wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, b: int, t: int, tq: int, heads: int,
-                          head_dim: int, need: List[bool],
-                          limit: int) -> Tuple[torch.Tensor, List[Optional[torch.Tensor]]]:
+                          head_dim: int, need: List[bool], limit: int,
+                          mine: List[Optional[torch.Tensor]]) -> Tuple[torch.Tensor, List[Optional[torch.Tensor]]]:
     """The backward of q, k, v = h Wq^T + bq, h Wk^T + bk, h Wv^T + bv with h = w1 x_hat1 (q from
-    the columns Tq.. of a window): the gradient of h, and the slots of q, k and v's weights and
-    biases (where ``need`` asks, None elsewhere). ``g``: the residual's gradient (its rows)."""
-    mine = _slots()
+    the columns Tq.. of a window): the gradient of h, and ``mine`` with the slots of q, k and v's
+    weights and biases filled in (where ``need`` asks). ``g``: the residual's gradient (its rows)."""
     f, nq, n = t - tq, b * tq, b * t
     # the projections that read the same h take one product each way (fewer, larger products
     # are faster at these sizes: 1.6x for q, k and v on the reference model's 144 rows)
