@@ -194,11 +194,7 @@ def collate_shared_prompt(examples: list[RankingExample], pad_id: int) -> Shared
     k = max(len(e.completion_ids) for e in examples)
     width = max(len(e.prompt_ids) + sum(map(len, e.completion_ids)) for e in examples)
     n_rows = len(examples)
-    input_ids = torch.full((n_rows, width), pad_id, dtype=torch.long)
-    positions = torch.zeros((n_rows, width), dtype=torch.long)
-    segment = torch.full((n_rows, width), -1, dtype=torch.long)  # 0 prompt, j + 1 output j, -1 padding
-    ranks = torch.full((n_rows, k), k, dtype=torch.long)
-    mask = torch.zeros((n_rows, k), dtype=torch.long)
+    rows_ids, rows_pos, rows_seg, rows_ranks, rows_mask = [], [], [], [], []
     last, slot, lengths, places = [], [], [], []  # places: (predecessor, target, owner)
     for p, e in enumerate(examples):
         n_prompt = len(e.prompt_ids)
@@ -215,15 +211,19 @@ def collate_shared_prompt(examples: list[RankingExample], pad_id: int) -> Shared
             last.append(p * width + len(ids) - 1)
             slot.append(p * k + j)
             lengths.append(len(c))
-        input_ids[p, : len(ids)] = torch.tensor(ids)
-        positions[p, : len(ids)] = torch.tensor(pos)
-        segment[p, : len(ids)] = torch.tensor(seg)
-        ranks[p, : len(e.ranks)] = torch.tensor(e.ranks)
-        mask[p, : len(e.ranks)] = 1
-    predecessor, targets, owner = (torch.tensor(c, dtype=torch.long) for c in zip(*places)) if places else \
-        (torch.zeros(0, dtype=torch.long),) * 3
-    return SharedPromptBatch(input_ids, positions, block_causal_mask(segment)[:, None], torch.tensor(last),
-                             torch.tensor(slot), ranks, mask, predecessor, targets, owner, torch.tensor(lengths),
+        pad = width - len(ids)  # segments: 0 prompt, j + 1 output j, -1 padding (position 0, pad_id)
+        rows_ids.append(ids + [pad_id] * pad)
+        rows_pos.append(pos + [0] * pad)
+        rows_seg.append(seg + [-1] * pad)
+        rows_ranks.append(list(e.ranks) + [k] * (k - len(e.ranks)))
+        rows_mask.append([1] * len(e.ranks) + [0] * (k - len(e.ranks)))
+    input_ids, positions, segment, ranks, mask = (torch.tensor(rows, dtype=torch.long).view(n_rows, -1) for rows in
+                                                  (rows_ids, rows_pos, rows_seg, rows_ranks, rows_mask))
+    predecessor, targets, owner = (torch.tensor(places, dtype=torch.long).t().contiguous() if places else
+                                   torch.zeros((3, 0), dtype=torch.long))
+    last_t, slot_t, lengths_t = (torch.tensor(v, dtype=torch.long) for v in (last, slot, lengths))
+    return SharedPromptBatch(input_ids, positions, block_causal_mask(segment)[:, None], last_t, slot_t, ranks, mask,
+                             predecessor, targets, owner, lengths_t,
                              _reference_grid(examples, k))
 
 
@@ -231,10 +231,7 @@ def _reference_grid(examples: list[RankingExample], k: int) -> torch.Tensor | No
     """(P, K) precomputed reference log-probs when every example carries them, else None."""
     if not all(e.ref_logps is not None for e in examples):
         return None
-    ref = torch.zeros((len(examples), k))
-    for p, e in enumerate(examples):
-        ref[p, : len(e.ref_logps)] = torch.tensor(e.ref_logps)
-    return ref
+    return torch.tensor([list(e.ref_logps) + [0.0] * (k - len(e.ref_logps)) for e in examples]).view(len(examples), k)
 
 
 def block_causal_mask(segment: torch.Tensor) -> torch.Tensor:
