@@ -193,8 +193,7 @@ def collate_shared_prompt(examples: list[RankingExample], pad_id: int) -> Shared
     """The ``SharedPromptBatch`` layout of ``examples`` (outputs in the same order as ``collate_rankings``)."""
     k = max(len(e.completion_ids) for e in examples)
     width = max(len(e.prompt_ids) + sum(map(len, e.completion_ids)) for e in examples)
-    n_rows = len(examples)
-    rows_ids, rows_pos, rows_seg, rows_ranks, rows_mask = [], [], [], [], []
+    rows_ids, rows_pos, rows_seg = [], [], []
     last, slot, lengths, places = [], [], [], []  # places: (predecessor, target, owner)
     for p, e in enumerate(examples):
         n_prompt = len(e.prompt_ids)
@@ -211,14 +210,11 @@ def collate_shared_prompt(examples: list[RankingExample], pad_id: int) -> Shared
             last.append(p * width + len(ids) - 1)
             slot.append(p * k + j)
             lengths.append(len(c))
-        pad = width - len(ids)  # segments: 0 prompt, j + 1 output j, -1 padding (position 0, pad_id)
-        rows_ids.append(ids + [pad_id] * pad)
-        rows_pos.append(pos + [0] * pad)
-        rows_seg.append(seg + [-1] * pad)
-        rows_ranks.append(list(e.ranks) + [k] * (k - len(e.ranks)))
-        rows_mask.append([1] * len(e.ranks) + [0] * (k - len(e.ranks)))
-    input_ids, positions, segment, ranks, mask = (torch.tensor(rows, dtype=torch.long).view(n_rows, -1) for rows in
-                                                  (rows_ids, rows_pos, rows_seg, rows_ranks, rows_mask))
+        rows_ids.append(ids), rows_pos.append(pos), rows_seg.append(seg)
+    input_ids, positions = pad_right(rows_ids, pad_id, width), pad_right(rows_pos, 0, width)
+    segment = pad_right(rows_seg, -1, width)  # 0 prompt, j + 1 output j, -1 padding
+    ranks = pad_right([e.ranks for e in examples], k, k)  # outputs a prompt lacks: ranked K, masked out
+    mask = pad_right([[1] * len(e.ranks) for e in examples], 0, k)
     predecessor, targets, owner = (torch.tensor(places, dtype=torch.long).t().contiguous() if places else
                                    torch.zeros((3, 0), dtype=torch.long))
     last_t, slot_t, lengths_t = (torch.tensor(v, dtype=torch.long) for v in (last, slot, lengths))
@@ -231,7 +227,15 @@ def _reference_grid(examples: list[RankingExample], k: int) -> torch.Tensor | No
     """(P, K) precomputed reference log-probs when every example carries them, else None."""
     if not all(e.ref_logps is not None for e in examples):
         return None
-    return torch.tensor([list(e.ref_logps) + [0.0] * (k - len(e.ref_logps)) for e in examples]).view(len(examples), k)
+    return pad_right([e.ref_logps for e in examples], 0.0, k, dtype=None)  # a float tensor of the default dtype
+
+
+def pad_right(rows: list, fill, width: int, dtype: torch.dtype | None = torch.long,
+              device: torch.device | None = None) -> torch.Tensor:
+    """(len(rows), width): each row (a sequence of numbers) followed by ``fill`` up to ``width``, built
+    with one ``torch.tensor`` call (``dtype`` None: inferred, as ``torch.tensor`` does)."""
+    return torch.tensor([list(r) + [fill] * (width - len(r)) for r in rows], dtype=dtype,
+                        device=device).view(len(rows), width)
 
 
 def block_causal_mask(segment: torch.Tensor) -> torch.Tensor:

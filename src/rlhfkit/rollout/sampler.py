@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..data.prefs import block_causal_mask
+from ..data.prefs import block_causal_mask, pad_right
 from ..models.forward import (
     as_forward,
     forward_with_cache,
@@ -247,12 +247,10 @@ def shared_prompt_view(samples: Samples, group_size: int) -> SharedPromptView:
     width = max(map(len, rows_ids))
     device = samples.prompt_ids.device
 
-    def padded(rows: list[list[int]], fill: int) -> torch.Tensor:
-        return torch.tensor([r + [fill] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
-
     group, before, targets, rows, cols = (torch.tensor(c, dtype=torch.long, device=device) for c in zip(*places)) \
         if places else (torch.zeros(0, dtype=torch.long, device=device),) * 5
-    return SharedPromptView(padded(rows_ids, 0), padded(rows_pos, 0), block_causal_mask(padded(rows_seg, -1))[:, None],
+    return SharedPromptView(pad_right(rows_ids, 0, width, device=device), pad_right(rows_pos, 0, width, device=device),
+                            block_causal_mask(pad_right(rows_seg, -1, width, device=device))[:, None],
                             group * width + before, targets, rows, cols)
 
 
