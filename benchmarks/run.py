@@ -269,7 +269,16 @@ def report(method: str, times: list[float], losses: list[float], train_tokens: f
             "tokens_per_s": round(train_tokens / sec, 1), "model_gflops_per_s": round(flops / sec / 1e9, 2),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "first_loss": losses[0], "last_loss": losses[-1], "steps": len(times), **extra,
-            "settings": SETTINGS, **measured_split()}
+            "settings": SETTINGS, **kernel_choice(), **measured_split()}
+
+
+def kernel_choice() -> dict:
+    """The linear layers' kernel this process chose (models/kernels.py) and the timings it chose by."""
+    from rlhfkit.models.kernels import linear_kernel
+
+    kernel, onednn_s, blas_s = linear_kernel()
+    return {"linear_kernel": kernel, **({"kernel_ms": {"onednn": round(onednn_s * 1e3, 3), "blas": round(blas_s * 1e3, 3)}}
+                                        if onednn_s == onednn_s else {})}
 
 
 def measured_split() -> dict:
@@ -432,7 +441,7 @@ def bench_generate(args) -> dict:
             "gen_tokens_per_s": round(n_ours[0] / ours_s, 1), "hf_gen_tokens_per_s": round(n_theirs[0] / theirs_s, 1),
             "model_gflops_per_s": round(2 * params * n_ours[0] / ours_s / 1e9, 2),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "sequences": 32, "new_tokens": 16, "settings": SETTINGS, **measured_split()}
+            "sequences": 32, "new_tokens": 16, "settings": SETTINGS, **kernel_choice(), **measured_split()}
 
 
 def bench_grpo(args) -> dict:
@@ -531,8 +540,9 @@ def bench_ppo(args) -> dict:
 
 def bench_ceiling(args) -> dict:
     """fp32 matmul rate on the benchmark's threads for the reference model's shapes (2048 tokens of a
-    step): plain ``torch.mm`` (``mm_gflops_per_s``, the best shape) and the oneDNN kernel rlhfkit's
-    linear layers use (``onednn_gflops_per_s``), the ceilings the methods' model GFLOP/s compare with."""
+    step): plain ``torch.mm`` (``mm_gflops_per_s``, the best shape) and oneDNN's kernel
+    (``onednn_gflops_per_s``), the ceilings the methods' model GFLOP/s compare with; and which of the
+    two rlhfkit's linear layers chose on this host (``linear_kernel``, models/kernels.py)."""
     from rlhfkit.models.kernels import _onednn, onednn_linear_available
 
     h, inter, tokens = REFERENCE.hidden_size, REFERENCE.intermediate_size, 2048
@@ -555,6 +565,7 @@ def bench_ceiling(args) -> dict:
     result["mm_gflops_per_s"] = max(v for k, v in result.items() if k.endswith("_gflops_per_s") and "onednn" not in k)
     onednn = [v for k, v in result.items() if k.endswith("_onednn_gflops_per_s")]
     result["onednn_gflops_per_s"] = max(onednn) if onednn else None
+    result.update(kernel_choice())
     result["cpu_flags"] = sorted(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if _has_cpu_flag(f))
     return result
 

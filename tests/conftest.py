@@ -6,6 +6,9 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# oneDNN's products wherever they exist, whatever this host's timing would choose, so that every
+# run of the suite takes the same path (the choice itself: tests/models/test_kernels.py)
+os.environ.setdefault("RLHFKIT_FAST_LINEAR", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -112,3 +112,61 @@ def test_padded_rows_change_no_result_and_no_gradient():
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
     for got, exp in zip(grads, want):
         torch.testing.assert_close(got, exp, atol=1e-4, rtol=1e-5)
+
+
+@pytest.fixture
+def fresh_choice(monkeypatch):
+    """The kernel choice made again under the test's environment, and forgotten after it."""
+    from rlhfkit.models import kernels
+
+    kernels.linear_kernel.cache_clear()
+    kernels.onednn_linear_available.cache_clear()
+    yield kernels
+    monkeypatch.undo()
+    kernels.linear_kernel.cache_clear()
+    kernels.onednn_linear_available.cache_clear()
+
+
+def test_onednn_is_preferred_only_when_clearly_faster():
+    from rlhfkit.models.kernels import ONEDNN_MARGIN, prefer_onednn
+
+    assert prefer_onednn(0.5, 1.0) and prefer_onednn(0.89, 1.0)
+    assert not prefer_onednn(0.95, 1.0) and not prefer_onednn(1.3, 1.0) and not prefer_onednn(ONEDNN_MARGIN, 1.0)
+
+
+@needs_onednn
+@pytest.mark.parametrize("timings,kernel", [((1.0, 2.0), "onednn"), ((2.0, 1.0), "blas"), ((0.97, 1.0), "blas")])
+def test_auto_follows_this_hosts_timing_and_blas_leaves_layers_plain(fresh_choice, monkeypatch, timings, kernel):
+    kernels = fresh_choice
+    monkeypatch.setenv("RLHFKIT_FAST_LINEAR", "auto")
+    monkeypatch.setattr(kernels, "time_products", lambda: timings)
+    assert kernels.linear_kernel() == (kernel, *timings)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 2))
+    assert kernels.use_fast_linear(net) == (2 if kernel == "onednn" else 0)
+    assert isinstance(net[0], FastLinear) == (kernel == "onednn")
+
+
+@needs_onednn
+def test_the_switch_forces_either_kernel_without_timing(fresh_choice, monkeypatch):
+    kernels = fresh_choice
+    monkeypatch.setattr(kernels, "time_products", lambda: pytest.fail("timed although the switch decides"))
+    monkeypatch.setenv("RLHFKIT_FAST_LINEAR", "1")
+    assert kernels.onednn_linear_chosen()
+    kernels.linear_kernel.cache_clear()
+    monkeypatch.setenv("RLHFKIT_FAST_LINEAR", "0")
+    kernels.onednn_linear_available.cache_clear()
+    assert not kernels.onednn_linear_chosen() and not kernels.onednn_linear_available()
+    kernels.linear_kernel.cache_clear()
+    monkeypatch.setenv("RLHFKIT_FAST_LINEAR", "yes")
+    with pytest.raises(ValueError, match="RLHFKIT_FAST_LINEAR='yes'"):
+        kernels.linear_kernel()
+
+
+@needs_onednn
+def test_timing_the_kernels_leaves_the_random_state_alone():
+    from rlhfkit.models.kernels import time_products
+
+    state = torch.get_rng_state()
+    onednn_s, blas_s = time_products(rows=16, width=32, inter=64, reps=3)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert 0 < onednn_s < 1 and 0 < blas_s < 1

@@ -1,24 +1,29 @@
-"""A faster fp32 linear layer for CPUs: oneDNN's matmul instead of the default BLAS call.
+"""A faster fp32 linear layer for CPUs, where this host's oneDNN kernels beat its default BLAS.
 
-On the 2-thread CPU machines rlhfkit is measured on, ``F.linear`` in fp32 reaches about 200
+On some 2-thread CPU machines rlhfkit is measured on, ``F.linear`` in fp32 reaches about 200
 GFLOP/s on a transformer's shapes while oneDNN's kernels (shipped inside every PyTorch CPU
 wheel, reached through ``torch.ops.mkldnn._linear_pointwise``) reach 350-450: same fp32
-arithmetic (no reduced-precision math mode), only a better kernel. ``FastLinear`` runs the
-forward and both backward products through it:
+arithmetic (no reduced-precision math mode), only a better kernel. On others (AMX-capable
+Xeons among them) MKL's own ``sgemm`` behind ``F.linear`` is as fast in the forward and up to
+twice as fast in the weight gradient. So the kernel is chosen per host, by timing both on a
+transformer-like product once per process (``onednn_linear_chosen``; about 50 ms).
+``FastLinear`` runs the forward and both backward products through oneDNN:
 
     y = x W^T + b,   dL/dx = g W,   dL/dW = g^T x,   dL/db = sum_rows g
 
 It is used only where it applies (fp32 tensors on the CPU, autocast off); anything else goes
 through ``F.linear`` unchanged. ``use_fast_linear(model)`` switches a model's ``nn.Linear``
-layers to it in place (the class changes, the parameters and the saved folder do not);
-``RLHFKIT_FAST_LINEAR=0`` turns it off everywhere. The rows are padded to a few sizes
-(``bucket``), so that oneDNN builds few kernels.
+layers to it in place where oneDNN was chosen (the class changes, the parameters and the saved
+folder do not). ``RLHFKIT_FAST_LINEAR``: ``auto`` (the default) times the two, ``1`` uses
+oneDNN wherever it exists, ``0`` never. The rows are padded to a few sizes (``bucket``), so
+that oneDNN builds few kernels.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import time
 from typing import List, Optional, Union
 
 import torch
@@ -36,6 +41,56 @@ def onednn_linear_available() -> bool:
     except (RuntimeError, AttributeError):
         return False
     return bool(torch.allclose(out, F.linear(x, w, b), atol=1e-5))
+
+
+ONEDNN_MARGIN = 0.9  # oneDNN is chosen when its products take at most this share of BLAS's time
+
+
+@functools.lru_cache(maxsize=None)
+def linear_kernel() -> tuple[str, float, float]:
+    """("onednn" or "blas", oneDNN's seconds, BLAS's seconds) for this process: see ``onednn_linear_chosen``."""
+    mode = os.environ.get("RLHFKIT_FAST_LINEAR", "auto")
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"RLHFKIT_FAST_LINEAR={mode!r}: use auto, 1 (oneDNN wherever it exists) or 0 (never)")
+    if not onednn_linear_available():
+        return "blas", float("nan"), float("nan")
+    onednn_s, blas_s = time_products() if mode == "auto" else (float("nan"), float("nan"))
+    return ("onednn" if mode == "1" or prefer_onednn(onednn_s, blas_s) else "blas"), onednn_s, blas_s
+
+
+def onednn_linear_chosen() -> bool:
+    """Whether rlhfkit's linear layers use oneDNN's products in this process: where it exists and
+    (``RLHFKIT_FAST_LINEAR=auto``) its products ran faster than the default BLAS's on this host."""
+    return linear_kernel()[0] == "onednn"
+
+
+def prefer_onednn(onednn_s: float, blas_s: float) -> bool:
+    """oneDNN only when clearly faster: its row padding (``bucket``) costs copies BLAS does not make."""
+    return onednn_s < ONEDNN_MARGIN * blas_s
+
+
+def time_products(rows: int = 256, width: int = 512, inter: int = 1024, reps: int = 7) -> tuple[float, float]:
+    """Seconds of one forward, one input-gradient and one weight-gradient product of a (rows, width)
+    input through a (inter, width) weight, summed: (oneDNN's, the default BLAS's), each the median
+    of ``reps`` calls, the two kernels alternating. The inputs come from a generator of their own
+    (the global random state is left as it was)."""
+    gen = torch.Generator().manual_seed(0)
+    x, w, g = (torch.randn(*shape, generator=gen) for shape in ((rows, width), (inter, width), (rows, inter)))
+    kinds = [(lambda: _onednn(x, w, None), lambda: F.linear(x, w)),
+             (lambda: _onednn(g, w.t(), None), lambda: torch.mm(g, w)),
+             (lambda: _onednn(g.t(), x.t(), None), lambda: torch.mm(g.t(), x))]
+    totals = [0.0, 0.0]
+    for pair in kinds:
+        times: list[list[float]] = [[], []]
+        for rep in range(reps + 2):  # two warm-up calls each (oneDNN builds its kernel on the first)
+            for k, fn in enumerate(pair):
+                start = time.perf_counter()
+                fn()
+                if rep >= 2:
+                    times[k].append(time.perf_counter() - start)
+        for k in range(2):
+            totals[k] += sorted(times[k])[reps // 2]
+    return totals[0], totals[1]
 
 
 def _onednn(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -175,8 +230,9 @@ class FastLinear(torch.nn.Linear):
 
 
 def use_fast_linear(model: torch.nn.Module) -> int:
-    """Switch every plain ``nn.Linear`` of ``model`` to ``FastLinear`` in place; returns how many."""
-    if not onednn_linear_available():
+    """Switch every plain ``nn.Linear`` of ``model`` to ``FastLinear`` in place where oneDNN is
+    this process's kernel (``onednn_linear_chosen``); returns how many."""
+    if not onednn_linear_chosen():
         return 0
     count = 0
     for module in model.modules():

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .forward import processes_logits
 from .fused import inv_rms, llama_like, rotate, rotation_tables
-from .kernels import bucket, onednn_linear_available, padded_product
+from .kernels import bucket, onednn_linear_chosen, padded_product
 from .lora import has_adapters
 from .script import scripted
 
@@ -173,7 +173,7 @@ def _step(input_ids: torch.Tensor, position_ids: torch.Tensor, attn_mask: torch.
 
 
 def _onednn_applies(dtype: torch.dtype) -> bool:
-    return dtype == torch.float32 and onednn_linear_available()
+    return dtype == torch.float32 and onednn_linear_chosen()
 
 
 def _prepared_weights(model, layers, rows: int, dtype: torch.dtype, new_tokens: int):
