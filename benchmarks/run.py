@@ -179,30 +179,38 @@ def profile_steps(step_fn, first: int, n: int) -> dict:
 
 
 def split_steps(step_fn, first: int, n: int) -> dict:
-    """Milliseconds per step in oneDNN's products (every ``FastLinear`` forward and backward product
-    and the sampler's) and in the optimizer step (all-reduce, clip, AdamW, zero), each call timed
-    with ``perf_counter``, and the rest of the wall time. No profiler: under torch.profiler with
-    shapes recorded, a weight-gradient product of the SFT step took 2.06 ms against 0.28 ms timed
-    this way, so the profile's split overstates the products. The training node's forward runs in
-    Python for these steps (``RLHFKIT_SCRIPTED_LAYERS=0``): inside TorchScript its products would
-    not be timed. The sampler's are not (its products count as the rest)."""
+    """Milliseconds per step in the products (the training node's, whichever kernel this host chose,
+    and every other oneDNN product: ``FastLinear``'s and the sampler's) and in the optimizer step
+    (all-reduce, clip, AdamW, zero), each call timed with ``perf_counter``, and the rest of the wall
+    time. No profiler: under torch.profiler with shapes recorded, a weight-gradient product of the
+    SFT step took 2.06 ms against 0.28 ms timed this way, so the profile's split overstates the
+    products. The training node's forward runs in Python for these steps
+    (``RLHFKIT_SCRIPTED_LAYERS=0``): inside TorchScript its products would not be timed. The
+    sampler's are not (its products count as the rest), nor the output heads' where they are plain
+    ``nn.Linear`` layers (BLAS chosen)."""
     import rlhfkit.train.run as train_run
-    from rlhfkit.models import kernels
+    from rlhfkit.models import fused, kernels
 
     spent = {"matmul": 0.0, "optimizer": 0.0}
+    depth = [0]  # a product inside a timed product (the node's call of oneDNN) counts once
 
     def timing(kind: str, fn):
         def timed(*a, **kw):
+            depth[0] += 1
             start = time.perf_counter()
             try:
                 return fn(*a, **kw)
             finally:
-                spent[kind] += time.perf_counter() - start
+                depth[0] -= 1
+                if depth[0] == 0:
+                    spent[kind] += time.perf_counter() - start
         return timed
 
     here = sys.modules[__name__]
-    saved = kernels._onednn, train_run.optimizer_step, here.optimizer_step
-    kernels._onednn = timing("matmul", saved[0])
+    products = [(kernels, "_onednn"), (fused, "_linear"), (fused, "_input_grad"), (fused, "_weight_grad")]
+    saved = [getattr(m, name) for m, name in products], train_run.optimizer_step, here.optimizer_step
+    for m, name in products:
+        setattr(m, name, timing("matmul", getattr(m, name)))
     train_run.optimizer_step = here.optimizer_step = timing("optimizer", saved[1])
     scripted_layers = os.environ.get("RLHFKIT_SCRIPTED_LAYERS")
     os.environ["RLHFKIT_SCRIPTED_LAYERS"] = "0"
@@ -212,7 +220,9 @@ def split_steps(step_fn, first: int, n: int) -> dict:
             step_fn(i)
         wall = time.perf_counter() - start
     finally:
-        kernels._onednn, train_run.optimizer_step, here.optimizer_step = saved
+        for (m, name), fn in zip(products, saved[0]):
+            setattr(m, name, fn)
+        train_run.optimizer_step, here.optimizer_step = saved[1], saved[2]
         if scripted_layers is None:
             del os.environ["RLHFKIT_SCRIPTED_LAYERS"]
         else:
