@@ -76,3 +76,16 @@ def reward_model(tiny, sft_run, tmp_path_factory):
                     max_length=64, center_coef=0.0025,
                     train=quiet_train(out, max_steps=3000, batch_size=32, lr=2e-3, warmup_steps=20, log_every=50)))
     return out / "model"
+
+
+@pytest.fixture
+def fresh_choice(monkeypatch):
+    """The kernel choice made again under the test's environment, and forgotten after it."""
+    from rlhfkit.models import kernels
+
+    kernels.linear_kernel.cache_clear()
+    kernels.onednn_linear_available.cache_clear()
+    yield kernels
+    monkeypatch.undo()
+    kernels.linear_kernel.cache_clear()
+    kernels.onednn_linear_available.cache_clear()

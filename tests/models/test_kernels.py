@@ -114,19 +114,6 @@ def test_padded_rows_change_no_result_and_no_gradient():
         torch.testing.assert_close(got, exp, atol=1e-4, rtol=1e-5)
 
 
-@pytest.fixture
-def fresh_choice(monkeypatch):
-    """The kernel choice made again under the test's environment, and forgotten after it."""
-    from rlhfkit.models import kernels
-
-    kernels.linear_kernel.cache_clear()
-    kernels.onednn_linear_available.cache_clear()
-    yield kernels
-    monkeypatch.undo()
-    kernels.linear_kernel.cache_clear()
-    kernels.onednn_linear_available.cache_clear()
-
-
 def test_onednn_is_preferred_only_when_clearly_faster():
     from rlhfkit.models.kernels import ONEDNN_MARGIN, prefer_onednn
 

@@ -35,7 +35,7 @@ import torch
 import yaml
 
 from ..models.card import write_model_card
-from ..models.kernels import use_fast_linear
+from ..models.kernels import linear_kernel, use_fast_linear
 from ..models.load import is_sharded
 from ..models.lora import LoraSettings, apply_lora, enable_activation_checkpointing
 from .checkpoint import (
@@ -157,6 +157,8 @@ class Run:
 
     def __post_init__(self):
         keep_freed_memory()  # steps reuse their activations' memory instead of page-faulting it in (memory.py)
+        if self.device == "cpu":
+            self.say(kernel_line())
 
     def say(self, message: str) -> None:
         if self.info.is_main:
@@ -374,6 +376,14 @@ def release_signals(held: dict) -> None:
 
 def write_config(out: Path, config: dict) -> None:
     (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def kernel_line() -> str:
+    """Which kernel the fp32 linear products take in this process, and why (models/kernels.py)."""
+    kernel, onednn_s, blas_s = linear_kernel()
+    timed = f" (timed here: oneDNN {onednn_s * 1e3:.2f} ms, BLAS {blas_s * 1e3:.2f} ms)" if onednn_s == onednn_s else ""
+    return (f"fp32 linear products through {'oneDNN' if kernel == 'onednn' else 'BLAS'}{timed}; "
+            "RLHFKIT_FAST_LINEAR=1 or 0 forces oneDNN or BLAS")
 
 
 def start_run(cfg: TrainConfig, config, name: str, unit: str = "optimizer step",

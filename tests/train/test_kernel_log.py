@@ -1,0 +1,15 @@
+import pytest
+
+from rlhfkit.models.kernels import onednn_linear_available
+
+
+@pytest.mark.skipif(not onednn_linear_available(), reason="no oneDNN in this PyTorch build")
+def test_the_run_log_names_the_kernel_and_its_timings(fresh_choice, monkeypatch):
+    from rlhfkit.train.run import kernel_line
+
+    kernels = fresh_choice
+    assert kernel_line().startswith("fp32 linear products through oneDNN;")  # forced (conftest): not timed
+    kernels.linear_kernel.cache_clear()
+    monkeypatch.setenv("RLHFKIT_FAST_LINEAR", "auto")
+    monkeypatch.setattr(kernels, "time_products", lambda: (0.0031, 0.0024))
+    assert kernel_line().startswith("fp32 linear products through BLAS (timed here: oneDNN 3.10 ms, BLAS 2.40 ms)")
