@@ -15,8 +15,13 @@ after, so that the host can be told apart.
 
 Prints one JSON line per process run and one summary line per method: the median ratio
 TRL / rlhfkit of seconds per step, its min and max over the rounds, both libraries' median
-s/step, tokens/s and model GFLOP/s (TRL's from the same work per step), and peak RSS.
-A table for the README goes to stderr.
+s/step, tokens/s and model GFLOP/s (TRL's from the same work per step), and peak RSS, and
+``reach``: BENCHMARK.md's target for the method, the s/step it allows (TRL's over the target),
+how long rlhfkit's products alone would take at the host's ceiling (its model GFLOP per step over
+the fastest rate ``ceiling`` measured), and so how much time the target leaves for everything
+else (elementwise work, the optimizer, sampling's small products, Python) against what that
+takes now. A negative allowance means that the target cannot be met on this host without doing
+fewer products than rlhfkit does. Tables for the README go to stderr.
 """
 
 from __future__ import annotations
@@ -61,6 +66,24 @@ LABELS = {"rlhfkit_precompute": "dpo, rlhfkit's default (reference log-probs pre
           "rlhfkit_packing": "sft, padding-free batches (`packing=true`)"}
 
 
+# BENCHMARK.md's targets as ratios TRL / rlhfkit (generate: plain transformers ``generate`` / rlhfkit)
+TARGETS = {"sft": 1.5, "rm": 2.5, "dpo": 2.5, "grpo": 2.5, "ppo": 5.0, "generate": 2.5}
+
+
+def reach(summary: dict, ceiling_gflops: float) -> dict:
+    """What the method's target asks of this host, in seconds per step: the time it allows, the
+    time rlhfkit's products take at the ceiling (a lower bound: the model GFLOP count leaves the
+    attention's products out), and what is left of the allowance for everything else, beside what
+    everything else takes now."""
+    theirs = summary["hf_generate_sec_per_step" if summary["method"] == "generate" else "trl_sec_per_step"]["median"]
+    allowed = theirs / TARGETS[summary["method"]]
+    products = summary["rlhfkit_gflop_per_step"] / ceiling_gflops
+    return {"target": TARGETS[summary["method"]], "allowed_sec_per_step": round(allowed, 4),
+            "products_at_ceiling_sec": round(products, 4), "left_for_the_rest_sec": round(allowed - products, 4),
+            "the_rest_now_sec": round(summary["rlhfkit_sec_per_step"]["median"] - products, 4),
+            "ceiling_gflops_per_s": ceiling_gflops}
+
+
 def compare(method: str, args) -> dict:
     ours_cmd = [sys.executable, str(HERE / "run.py"), method, *flags(args)]
     trl_python = args.trl_ppo_python if method == "ppo" else args.trl_python
@@ -87,6 +110,7 @@ def summarise(method: str, results: dict[str, list[dict]]) -> dict:
     out = {"method": method, "summary": True, "rounds": len(ours), "rlhfkit_sec_per_step": spread(s_ours),
            "rlhfkit_tokens_per_s": round(statistics.median(x.get("tokens_per_s", 0) for x in ours), 1),
            "rlhfkit_gflops_per_s": round(statistics.median(x["model_gflops_per_s"] for x in ours), 1),
+           "rlhfkit_gflop_per_step": round(statistics.median(x["model_gflops_per_s"] * x["sec_per_step"] for x in ours), 3),
            "rlhfkit_peak_rss_mb": max(x["peak_rss_mb"] for x in ours)}
     if method == "generate":
         out["ratio"] = spread([x["speedup_vs_hf_generate"] for x in ours])
@@ -130,6 +154,14 @@ def table_row(s: dict) -> str:
     return row
 
 
+def reach_row(s: dict) -> str:
+    r = s["reach"]
+    ms = {k: round(r[k] * 1e3, 1) for k in ("allowed_sec_per_step", "products_at_ceiling_sec", "left_for_the_rest_sec",
+                                             "the_rest_now_sec")}
+    return (f"| {s['method']} | {r['target']}x | {ms['allowed_sec_per_step']} | {ms['products_at_ceiling_sec']} "
+            f"| {ms['left_for_the_rest_sec']} | {ms['the_rest_now_sec']} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("methods", nargs="+", choices=("sft", "rm", "dpo", "grpo", "ppo", "generate"))
@@ -153,7 +185,9 @@ def main() -> None:
     summaries = [compare(m, args) for m in args.methods]
     ceiling.append(run_json([sys.executable, str(HERE / "run.py"), "ceiling"], args.timeout))
     print(json.dumps(ceiling[1]), flush=True)
+    fastest = max(c[k] for c in ceiling for k in ("mm_gflops_per_s", "onednn_gflops_per_s") if k in c)
     for s in summaries:
+        s["reach"] = reach(s, fastest)
         print(json.dumps(s), flush=True)
     print(f"\n{args.shape} model, {args.seq} sequences, {args.rounds} rounds of {args.steps} timed steps; ceiling "
           f"{ceiling[0]['mm_gflops_per_s']} / {ceiling[1]['mm_gflops_per_s']} GFLOP/s before / after",
@@ -163,6 +197,11 @@ def main() -> None:
           file=sys.stderr)
     for s in summaries:
         print(table_row(s), file=sys.stderr)
+    print(f"\nWhat each target leaves, ms per step (products at the fastest ceiling measured, {fastest} GFLOP/s)\n"
+          "| method | target | allowed | rlhfkit's products at the ceiling | left for the rest | the rest now |\n"
+          "| --- | --- | --- | --- | --- | --- |", file=sys.stderr)
+    for s in summaries:
+        print(reach_row(s), file=sys.stderr)
 
 
 if __name__ == "__main__":

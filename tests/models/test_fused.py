@@ -193,6 +193,40 @@ def test_layers_as_one_node_match_the_per_operation_graph(fast, layout, first, a
     torch.testing.assert_close(scored, theirs, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("keys", [5, 12, 16, 21])
+def test_attention_products_with_the_softmax_widened_or_not_equal_the_closed_form(keys):
+    """The node's attention as products (``_attention``, ``_attention_backward``) against the
+    closed form in float64 through autograd, with the softmax widened to 16 columns of which the
+    extra are -inf (SOFTMAX_MIN_KEYS, on rows of fewer keys) and not widened (0): the same output
+    and gradients, the weights of the extra columns exactly 0. A padded key, causal rows, and a
+    query that sees no key (zeros out, zero gradients)."""
+    torch.manual_seed(11)
+    b, heads, d = 2, 3, 8
+    q, k, v = (torch.randn(b, heads, keys, d) for _ in range(3))
+    allowed = torch.ones(keys, keys, dtype=torch.bool).tril()[None, None].repeat(b, 1, 1, 1)
+    allowed[1, :, :, 0] = False  # a padded key; row 0 of batch 1 then sees no key at all
+    mask = torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf"))
+    g = torch.randn(b, heads, keys, d)
+    q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
+    scores = (0.3 * q64 @ k64.transpose(-1, -2)).masked_fill(~allowed, -1e30)  # exp: exactly 0
+    p64 = scores.softmax(-1) * allowed.any(-1, keepdim=True)  # the keyless query's row: 0
+    want = p64 @ v64
+    want.backward(g.double())
+    results = []
+    for softmax_keys in (fused.SOFTMAX_MIN_KEYS, 0):
+        out, p = fused._attention(q, k, v, mask, False, 0.3, fused.FEW_KEYS, softmax_keys)
+        assert p.shape[-1] == max(keys, softmax_keys)
+        assert torch.equal(p[..., keys:], torch.zeros_like(p[..., keys:]))
+        grads = fused._attention_backward(g, q, k, v, None, p, mask, False, 0.3)
+        torch.testing.assert_close(out, want.float(), atol=1e-5, rtol=1e-5)
+        for grad, x in zip(grads, (q64, k64, v64)):
+            torch.testing.assert_close(grad, x.grad.float(), atol=1e-5, rtol=1e-5)
+        assert torch.equal(out[1, :, 0], torch.zeros(heads, d))
+        results.append((out, *grads))
+    for widened, narrow in zip(*results):
+        torch.testing.assert_close(widened, narrow, atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("attention", sorted(ATTENTION))
 def test_layers_node_backward_passes_gradcheck(attention, monkeypatch):
     """``_Layers``' written-out backward against finite differences in float64: two layers,

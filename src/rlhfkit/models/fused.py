@@ -347,13 +347,22 @@ SAVED = 17
 # from 128 (where the weights, T^2 per head, also outgrow the flash kernel's T).
 FEW_KEYS = 80
 
+# PyTorch's CPU softmax (and its backward) over a last dimension shorter than one vector register
+# of floats takes a slow path: (32, 4, 12, 12) scores took 167 us against 16 us for the same rows
+# widened to 16 columns with -inf, 2 threads, AVX-512 (6 keys: 49 against 10; 15 keys: 252
+# against 20). So ``_attention`` widens rows of fewer keys to SOFTMAX_MIN_KEYS columns: the extra
+# columns get weight exactly 0 and change no sum, so the weights are those of the narrow softmax.
+# 0 widens nothing.
+SOFTMAX_MIN_KEYS = 16
+
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], causal: bool,
-               scale: float, few_keys: int) -> Tuple[torch.Tensor, torch.Tensor]:
+               scale: float, few_keys: int, softmax_keys: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """softmax(scale q k^T + mask) v over (B, heads, Tq, D) queries and (B, heads, T, D) keys and
     values, and what the backward reads besides them: the flash kernel's log-sum-exp, or, up to
-    ``few_keys`` keys, the attention weights P (B, heads, Tq, T) (q, k, v contiguous then). A query
-    that sees no key gets zeros, as from SDPA. ``causal`` (no mask): each query sees keys up to its own."""
+    ``few_keys`` keys, the attention weights P (B, heads, Tq, T), widened with zero weights to
+    ``softmax_keys`` columns on shorter rows (q, k, v contiguous then). A query that sees no key
+    gets zeros, as from SDPA. ``causal`` (no mask): each query sees keys up to its own."""
     b, heads, tq, d = q.shape
     t = k.size(2)
     if t > few_keys:
@@ -363,19 +372,26 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional
     if mask is None:
         mask = _query_mask(None, t, t - tq, q.dtype)
     scores = torch.bmm(q.view(b * heads, tq, d), k.view(b * heads, t, d).transpose(1, 2)).view(b, heads, tq, t)
-    p = torch.add(mask, scores, alpha=scale).softmax(-1)
+    width = max(t, softmax_keys)
+    if width > t:  # the extra columns -inf: weight 0
+        p = scores.new_full((b, heads, tq, width), float("-inf"))
+        p[:, :, :, :t] = torch.add(mask, scores, alpha=scale)
+        p = p.softmax(-1)
+    else:
+        p = torch.add(mask, scores, alpha=scale).softmax(-1)
     dead = mask.amax(-1, keepdim=True) == float("-inf")  # queries with no key: NaN rows of the softmax
     if bool(dead.any()):
         p.masked_fill_(dead, 0.0)
-    return torch.bmm(p.view(b * heads, tq, t), v.view(b * heads, t, d)).view(b, heads, tq, d), p
+    weights = p.view(b * heads, tq, p.size(-1))[:, :, :t]
+    return torch.bmm(weights, v.view(b * heads, t, d)).view(b, heads, tq, d), p
 
 
 def _attention_backward(g: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: Optional[torch.Tensor],
                         state: torch.Tensor, mask: Optional[torch.Tensor], causal: bool,
                         scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of ``_attention``, the way its forward went (``state``: the flash kernel's
-    log-sum-exp, (B, heads, Tq), or the weights P, (B, heads, Tq, T)). With S = scale q k^T + mask,
-    P its softmax and O = P v: dv = P^T dO, dP = dO v^T, dS = P (dP - rowsum(dP P)),
+    log-sum-exp, (B, heads, Tq), or the weights P, (B, heads, Tq, T or wider)). With
+    S = scale q k^T + mask, P its softmax and O = P v: dv = P^T dO, dP = dO v^T, dS = P (dP - rowsum(dP P)),
     dq = scale dS k, dk = scale dS^T q."""
     b, heads, tq, d = q.shape
     t = k.size(2)
@@ -384,10 +400,14 @@ def _attention_backward(g: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
         grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             g, q, k, v, out, state, 0.0, causal, attn_mask=mask, scale=scale)
         return grads[0], grads[1], grads[2]
-    p = state.view(b * heads, tq, t)
+    width = state.size(-1)  # T, or wider where the forward widened the softmax (SOFTMAX_MIN_KEYS)
+    p = state.view(b * heads, tq, width)
     g = g.reshape(b * heads, tq, d)
-    g_v = torch.bmm(p.transpose(1, 2), g)
-    g_s = torch._softmax_backward_data(torch.bmm(g, v.view(b * heads, t, d).transpose(1, 2)), p, -1, p.dtype)
+    g_v = torch.bmm(p[:, :, :t].transpose(1, 2), g)
+    g_p = torch.bmm(g, v.view(b * heads, t, d).transpose(1, 2))
+    if width > t:  # zero gradient at the extra columns, whose weights are 0: their g_s is 0 too
+        g_p = torch.cat([g_p, g_p.new_zeros(b * heads, tq, width - t)], -1)
+    g_s = torch._softmax_backward_data(g_p, p, -1, p.dtype)[:, :, :t]
     g_s.mul_(scale)
     g_q = torch.bmm(g_s, k.view(b * heads, t, d))
     g_k = torch.bmm(g_s.transpose(1, 2), q.view(b * heads, tq, d))
@@ -427,7 +447,8 @@ def layers_forward(x, cos, sin, mask, shape, params, saved: list | None = None) 
     forward without gradients, whose activations are then freed layer by layer)."""
     b, t, heads, kv_heads, head_dim, scale, eps, fast, first = shape
     out, kept = scripted(_layers_forward, LAYERS)(x, cos, sin, mask, b, t, heads, kv_heads, head_dim, scale, list(eps),
-                                                  _limit(fast), first, FEW_KEYS, list(params), saved is not None)
+                                                  _limit(fast), first, FEW_KEYS, SOFTMAX_MIN_KEYS, list(params),
+                                                  saved is not None)
     if saved is not None:
         saved += kept
     return out
@@ -441,7 +462,7 @@ def _limit(fast: bool) -> int:
 
 def _layers_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor], b: int,
                     t: int, heads: int, kv_heads: int, head_dim: int, scale: float, eps: List[float], limit: int,
-                    first: int, few_keys: int, params: List[Optional[torch.Tensor]],
+                    first: int, few_keys: int, softmax_keys: int, params: List[Optional[torch.Tensor]],
                     keep: bool) -> Tuple[torch.Tensor, List[Optional[torch.Tensor]]]:
     """``layers_forward`` (TorchScript): the output rows, and what the backward reads if ``keep``."""
     saved: List[Optional[torch.Tensor]] = []
@@ -469,7 +490,7 @@ def _layers_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask:
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         if t <= few_keys:  # (B, heads, T, D) as laid out for the batched products, here and in the backward
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        out, lse = _attention(q, k, v, mask_q, causal and f == 0, scale, few_keys)  # (B, heads, Tq, D)
+        out, lse = _attention(q, k, v, mask_q, causal and f == 0, scale, few_keys, softmax_keys)  # (B, heads, Tq, D)
         a = _rows_like(x, heads * head_dim, b * tq)
         a[:b * tq].view(b, tq, heads, head_dim).copy_(out.transpose(1, 2))
         x = x + _linear(a, wo, bo, limit)
