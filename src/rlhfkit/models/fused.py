@@ -372,13 +372,13 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional
     if mask is None:
         mask = _query_mask(None, t, t - tq, q.dtype)
     scores = torch.bmm(q.view(b * heads, tq, d), k.view(b * heads, t, d).transpose(1, 2)).view(b, heads, tq, t)
+    logits = torch.add(mask, scores, alpha=scale)
     width = max(t, softmax_keys)
     if width > t:  # the extra columns -inf: weight 0
-        p = scores.new_full((b, heads, tq, width), float("-inf"))
-        p[:, :, :, :t] = torch.add(mask, scores, alpha=scale)
-        p = p.softmax(-1)
-    else:
-        p = torch.add(mask, scores, alpha=scale).softmax(-1)
+        wide = logits.new_full((b, heads, tq, width), float("-inf"))
+        wide[:, :, :, :t] = logits
+        logits = wide
+    p = logits.softmax(-1)
     dead = mask.amax(-1, keepdim=True) == float("-inf")  # queries with no key: NaN rows of the softmax
     if bool(dead.any()):
         p.masked_fill_(dead, 0.0)
