@@ -36,6 +36,8 @@ def switch(var: str):
     name, values = assignment.split("=", 1)
     module, (on, off) = importlib.import_module(where), values.split(",")
     kind = type(getattr(module, name))
+    if kind is bool:  # bool("False") is True
+        kind = lambda text: text in ("1", "True", "true")  # noqa: E731
     return lambda value: setattr(module, name, kind(on if value == "1" else off))
 
 

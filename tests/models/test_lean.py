@@ -1,6 +1,7 @@
 """The sampler's lean KV-cache decoder (models/lean.py) against the generic cached forward: the same
 tokens and log-probs to 1e-5 for the three architectures it takes (grouped-query attention, biases,
-left padding, several samples per prompt), with and without the weights laid out for oneDNN; its
+left padding, several samples per prompt), through oneDNN with and without its weight layout and
+through BLAS with and without MKL's packed weights (whose products the decode steps do read); its
 TorchScript layers give the same numbers bit for bit as the same function run by Python; bf16
 models sample too; and it always samples from the model's current weights."""
 
@@ -9,7 +10,7 @@ import torch
 from test_fused import ARCHES, tiny
 
 from rlhfkit.models import lean
-from rlhfkit.models.kernels import onednn_linear_available
+from rlhfkit.models.kernels import mkl_packing_available, onednn_linear_available
 from rlhfkit.models.script import scripted
 from rlhfkit.rollout import sampler
 
@@ -35,13 +36,18 @@ def run(model, monkeypatch, use_lean: bool, temperature: float, num_samples: int
 
 @pytest.mark.parametrize("arch", sorted(ARCHES))
 @pytest.mark.parametrize("temperature,num_samples", [(0.0, 1), (1.0, 3)])
-@pytest.mark.parametrize("layout", [False, True])
+@pytest.mark.parametrize("kernel", ["onednn", "onednn laid out", "blas", "blas packed"])
 @pytest.mark.parametrize("stacked", [True, False], ids=["qkv stacked", "qkv apart"])
-def test_lean_decoder_matches_the_generic_cached_forward(arch, temperature, num_samples, layout, stacked, monkeypatch):
-    if layout and not onednn_linear_available():
-        pytest.skip("no oneDNN linear in this build: nothing is laid out")
+def test_lean_decoder_matches_the_generic_cached_forward(arch, temperature, num_samples, kernel, stacked, monkeypatch):
+    if kernel.startswith("onednn") and not onednn_linear_available():
+        pytest.skip("no oneDNN linear in this build")
+    if kernel == "blas packed" and not mkl_packing_available():
+        pytest.skip("no MKL packed product in this build")
     # 7 new tokens: the weights stay as they are unless every call lays them out
-    monkeypatch.setattr(lean, "LAYOUT_MIN_NEW_TOKENS", 0 if layout else 10**6)
+    monkeypatch.setattr(lean, "LAYOUT_MIN_NEW_TOKENS", 0 if kernel == "onednn laid out" else 10**6)
+    monkeypatch.setattr(lean, "MKL_PACKED", kernel == "blas packed")
+    if kernel.startswith("blas"):
+        monkeypatch.setattr(lean, "_onednn_applies", lambda dtype: False)
     monkeypatch.setattr(lean, "STACK_MAX_BYTES", 2**62 if stacked else 0)  # larger models keep q, k, v apart
     model = sharp(arch)
     ours = run(model, monkeypatch, True, temperature, num_samples)
@@ -52,7 +58,56 @@ def test_lean_decoder_matches_the_generic_cached_forward(arch, temperature, num_
     assert ours.logprobs.abs().sum() > 1  # not all zero: the comparison means something
 
 
-def test_sampling_after_an_optimizer_step_sees_the_new_weights(monkeypatch):
+def test_decode_steps_read_the_weights_mkl_packed(monkeypatch):
+    # MKL's packed product falls back to F.linear on the original weight when the rows differ from
+    # those packed for, silently: every decode step's products must have exactly the packed rows
+    if not mkl_packing_available():
+        pytest.skip("no MKL packed product in this build")
+    monkeypatch.setattr(lean, "_onednn_applies", lambda dtype: False)
+    monkeypatch.setattr(lean, "scripted", lambda function: function)  # Python: the calls can be seen
+    monkeypatch.setattr(lean, "STACK_MAX_BYTES", 0)  # q, k, v, gate and up apart: 7 products a layer
+    calls, packed_product = [], torch.ops.mkl._mkl_linear
+
+    def recorded(x, packed, weight, bias, rows):
+        calls.append((x.shape[0], rows, packed.is_mkldnn))
+        return packed_product(x, packed, weight, bias, rows)
+
+    monkeypatch.setattr(torch.ops.mkl, "_mkl_linear", recorded)
+    model = sharp("qwen2")
+    run(model, monkeypatch, True, 1.0, 3)  # 3 prompts x 3 samples: 9 rows, 7 new tokens
+    decode = [c for c in calls if c[0] == 9]
+    layers = len(model.model.layers)
+    assert len(decode) == 6 * (7 * layers + 1)  # the 6 steps after the first token, the head included
+    assert all(rows == 9 and is_packed for _, rows, is_packed in calls)
+    assert len(calls) == len(decode) + 7 * layers + 1  # the prefill's 3 rows x 6 tokens: F.linear within
+
+
+def test_mkl_packed_product_is_the_plain_product_at_the_packed_rows_only():
+    # what lean.py relies on: the packed copy at the rows it was packed for, the original weight otherwise
+    if not mkl_packing_available():
+        pytest.skip("no MKL packed product in this build")
+    gen = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(9, 24, generator=gen), torch.randn(40, 24, generator=gen), torch.randn(40, generator=gen)
+    packed = torch.ops.mkl._mkl_reorder_linear_weight(w, 9)
+    assert torch.allclose(torch.ops.mkl._mkl_linear(x, packed, w, b, 9), x @ w.t() + b, atol=1e-5)
+    zeros = torch.zeros_like(w)  # the original weight is not read at the packed rows ...
+    assert torch.allclose(torch.ops.mkl._mkl_linear(x, packed, zeros, b, 9), x @ w.t() + b, atol=1e-5)
+    assert torch.equal(torch.ops.mkl._mkl_linear(x[:5], packed, zeros, b, 9), b.expand(5, 40))  # ... and only it elsewhere
+
+
+@pytest.fixture(params=["onednn", "blas packed"])
+def kernel(request, monkeypatch):
+    """The kernel whose prepared weights (oneDNN's layout, MKL's packs) a test keeps across calls."""
+    if request.param == "onednn" and not onednn_linear_available():
+        pytest.skip("no oneDNN linear in this build")
+    if request.param == "blas packed":
+        if not mkl_packing_available():
+            pytest.skip("no MKL packed product in this build")
+        monkeypatch.setattr(lean, "_onednn_applies", lambda dtype: False)
+    return request.param
+
+
+def test_sampling_after_an_optimizer_step_sees_the_new_weights(kernel, monkeypatch):
     # fused AdamW changes weights in place without bumping their version counters: a decoder that
     # kept its prepared weights across calls keyed on them alone would sample from the old model
     from rlhfkit.train.optim import build_optimizer
@@ -99,7 +154,7 @@ def test_a_fused_step_between_the_first_two_calls_is_seen(monkeypatch):
         lean._watch_optimizers.cache_clear()  # its hook went into the registry the test replaced
 
 
-def test_kept_weights_follow_loaded_weights_and_an_rl_loop_keeps_none(monkeypatch):
+def test_kept_weights_follow_loaded_weights_and_an_rl_loop_keeps_none(kernel, monkeypatch):
     model, other = sharp("llama"), tiny("llama", kv_heads=2, seed=1)
     for _ in range(3):
         kept = run(model, monkeypatch, True, 0.0, 1)
@@ -113,6 +168,13 @@ def test_kept_weights_follow_loaded_weights_and_an_rl_loop_keeps_none(monkeypatc
             model.model.layers[0].mlp.down_proj.weight.mul_(1.01)
         run(model, monkeypatch, True, 0.0, 1)
         assert lean._KEPT[model][1] is None
+    for _ in range(2):  # unchanged again: kept; then only the output head changes, which is seen
+        run(model, monkeypatch, True, 0.0, 1)
+    assert lean._KEPT[model][1] is not None
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.5)
+    head_changed = run(model, monkeypatch, True, 0.0, 1)
+    assert torch.allclose(head_changed.logprobs, run(model, monkeypatch, False, 0.0, 1).logprobs, atol=1e-5)
 
 
 def test_torchscript_layers_give_the_numbers_python_gives(monkeypatch):

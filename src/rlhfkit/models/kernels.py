@@ -43,6 +43,22 @@ def onednn_linear_available() -> bool:
     return bool(torch.allclose(out, F.linear(x, w, b), atol=1e-5))
 
 
+@functools.lru_cache(maxsize=None)
+def mkl_packing_available() -> bool:
+    """MKL's packed fp32 product (``torch.ops.mkl._mkl_linear`` on a weight packed by
+    ``_mkl_reorder_linear_weight``) exists in this PyTorch build and agrees with ``F.linear`` on a
+    small case (the sampler's decoder uses it where BLAS runs the products: models/lean.py)."""
+    if not torch.backends.mkl.is_available():
+        return False
+    gen = torch.Generator().manual_seed(0)  # the global random state is left as it was
+    try:
+        x, w, b = (torch.randn(*shape, generator=gen) for shape in ((4, 8), (3, 8), (3,)))
+        out = torch.ops.mkl._mkl_linear(x, torch.ops.mkl._mkl_reorder_linear_weight(w, 4), w, b, 4)
+    except (RuntimeError, AttributeError):
+        return False
+    return bool(torch.allclose(out, F.linear(x, w, b), atol=1e-5))
+
+
 ONEDNN_MARGIN = 0.9  # oneDNN is chosen when its products take at most this share of BLAS's time
 
 

@@ -113,8 +113,8 @@ def sample(model, prompts: list[list[int]], *, eos_id: int, pad_id: int, max_new
     model.eval()
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = (t.to(device) for t in left_pad(prompts, pad_id))
-    lean = (LeanDecoder(model, prompt_ids.shape[0], prompt_ids.shape[1] + max_new_tokens, max_new_tokens)
-            if LeanDecoder.applies(model) else None)
+    lean = (LeanDecoder(model, prompt_ids.shape[0], prompt_ids.shape[1] + max_new_tokens, max_new_tokens,
+                        prompt_ids.shape[0] * num_samples) if LeanDecoder.applies(model) else None)
     if lean is not None:
         width = prompt_ids.shape[1]
         causal = torch.ones(width, width, dtype=torch.bool).tril()
