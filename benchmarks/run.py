@@ -410,8 +410,8 @@ def _prompts(paths, tokenizer) -> tuple[list, list]:
 
 
 def bench_generate(args) -> dict:
+    from rlhfkit.models.memory import keep_freed_memory
     from rlhfkit.rollout.sampler import left_pad, sample
-    from rlhfkit.train.memory import keep_freed_memory
 
     paths = assets(args)
     model, tokenizer = load_policy(paths["model"], paths["tokenizer"])
@@ -440,7 +440,7 @@ def bench_generate(args) -> dict:
     t_theirs, n_theirs = timed_steps(theirs, args.warmup, args.steps)
     PROFILE["steps"], SPLIT["steps"] = extra
     # each under its library's own malloc settings: transformers' generate under glibc's defaults,
-    # then rlhfkit's sampler as it runs inside an rlhfkit run, which keeps freed memory (train/memory.py)
+    # then rlhfkit's sampler as it runs inside an rlhfkit run, which keeps freed memory (models/memory.py)
     keep_freed_memory()
     t_ours, n_ours = timed_steps(ours, args.warmup, args.steps)
     ours_s, theirs_s = statistics.median(t_ours), statistics.median(t_theirs)

@@ -58,9 +58,11 @@ def test_lean_decoder_matches_the_generic_cached_forward(arch, temperature, num_
     assert ours.logprobs.abs().sum() > 1  # not all zero: the comparison means something
 
 
-def test_decode_steps_read_the_weights_mkl_packed(monkeypatch):
+@pytest.mark.parametrize("packed_layers", [None, 1, 0])
+def test_decode_steps_read_the_weights_mkl_packed(packed_layers, monkeypatch):
     # MKL's packed product falls back to F.linear on the original weight when the rows differ from
-    # those packed for, silently: every decode step's products must have exactly the packed rows
+    # those packed for, silently: every decode step's products must have exactly the packed rows.
+    # packed_layers: None, no limit; else MKL_PACK_MAX_BYTES fits the head and that many layers
     if not mkl_packing_available():
         pytest.skip("no MKL packed product in this build")
     monkeypatch.setattr(lean, "_onednn_applies", lambda dtype: False)
@@ -74,12 +76,20 @@ def test_decode_steps_read_the_weights_mkl_packed(monkeypatch):
 
     monkeypatch.setattr(torch.ops.mkl, "_mkl_linear", recorded)
     model = sharp("qwen2")
-    run(model, monkeypatch, True, 1.0, 3)  # 3 prompts x 3 samples: 9 rows, 7 new tokens
-    decode = [c for c in calls if c[0] == 9]
     layers = len(model.model.layers)
+    if packed_layers is not None:
+        attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+        layer_bytes = sum(p.nbytes for m in (attn, mlp) for p in m.parameters() if p.dim() == 2)
+        monkeypatch.setattr(lean, "MKL_PACK_MAX_BYTES", model.lm_head.weight.nbytes + packed_layers * layer_bytes)
+        layers = packed_layers
+    ours = run(model, monkeypatch, True, 1.0, 3)  # 3 prompts x 3 samples: 9 rows, 7 new tokens
+    decode = [c for c in calls if c[0] == 9]
     assert len(decode) == 6 * (7 * layers + 1)  # the 6 steps after the first token, the head included
     assert all(rows == 9 and is_packed for _, rows, is_packed in calls)
     assert len(calls) == len(decode) + 7 * layers + 1  # the prefill's 3 rows x 6 tokens: F.linear within
+    theirs = run(model, monkeypatch, False, 1.0, 3)
+    assert torch.equal(ours.completion_ids, theirs.completion_ids)
+    assert torch.allclose(ours.logprobs, theirs.logprobs, atol=1e-5)
 
 
 def test_mkl_packed_product_is_the_plain_product_at_the_packed_rows_only():

@@ -23,6 +23,7 @@ from .forward import processes_logits
 from .fused import inv_rms, llama_like, rotate, rotation_tables
 from .kernels import bucket, mkl_packing_available, onednn_linear_chosen, padded_product
 from .lora import has_adapters
+from .memory import large_allocations_mapped
 from .script import scripted
 
 # the fewest new tokens for which a call lays its weights out for oneDNN (see _prepared_weights)
@@ -33,6 +34,13 @@ LAYOUT_MIN_NEW_TOKENS = 32
 # new tokens (packing costs about what one decode step saves); False runs them as plain F.linear.
 MKL_PACKED = True
 MKL_PACK_MIN_NEW_TOKENS = 3
+# The most bytes of packed copies a call makes: the head, then whole layers in order while they fit.
+# MKL asks 7-12 MB a matrix and writes about the matrix's size; the packs are mapped for the call
+# (memory.large_allocations_mapped) and given back when it ends, so they raise a peak only where
+# sampling is it: GRPO's peak RSS rose by 16-20 MB with the reference model's 17 MB of packs and by
+# 172 MB with the 119M model's 516 MB (from glibc's heap: 65-73 and 500 MB, TRL's peak being 300 MB
+# above rlhfkit's there). The cap keeps a larger model from doubling its weights for a few percent.
+MKL_PACK_MAX_BYTES = 2**30
 
 # The most bytes of a layer's q, k, v, gate and up weights that a call stacks into [q; k; v] and
 # [gate; up] (a copy, held while it samples) so that each group is one product; larger layers run
@@ -95,8 +103,9 @@ class LeanDecoder:
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
         """Append ``input_ids`` (N, T) at the cache's end; returns the last position's logits (N, V), fp32."""
         n, t = input_ids.shape
-        # packed products take the rows MKL packed for (others run plain F.linear); oneDNN's, a bucket
-        rows, head_rows = (self.decode_rows, self.decode_rows) if self.head_pack is not None else (bucket(n * t), bucket(n))
+        # oneDNN's products pad the rows to a bucket; MKL's packed ones take the rows packed for (the
+        # rest run F.linear on the rows as they are)
+        rows, head_rows = (bucket(n * t), bucket(n)) if self.onednn else (self.decode_rows, self.decode_rows)
         logits = scripted(_step)(
             input_ids, position_ids, attn_mask, self.length, rows, head_rows, self.onednn, self.embed,
             self.cos, self.signed_sin, self.weights, self.biases, self.packs, self.keys, self.values, self.final_norm,
@@ -211,8 +220,9 @@ def _prepared_weights(model, layers, rows: int, decode_rows: int, dtype: torch.d
     """(weights, biases, packs, head_pack): each layer's projection weights as ``_layers`` reads
     them: [q; k; v] and [gate; up] stacked where a layer's are at most ``STACK_MAX_BYTES`` (see
     there), laid out in oneDNN's blocked format where that pays (see ``_packer``); and where BLAS
-    runs the products, MKL's packed copies of each layer's projections and of the head for
-    ``decode_rows`` rows (see ``_mkl_packer``), else empty lists and None.
+    runs the products, MKL's packed copies of the head's weight and of each layer's projections
+    for ``decode_rows`` rows (see ``_mkl_packer``) up to ``MKL_PACK_MAX_BYTES``, else None and
+    empty lists.
 
     The layout costs 150-330 us a matrix, so it pays within one call only from
     ``LAYOUT_MIN_NEW_TOKENS`` new tokens. Across calls it pays whenever the weights have not changed
@@ -230,6 +240,11 @@ def _prepared_weights(model, layers, rows: int, decode_rows: int, dtype: torch.d
     packs are made for them.
     """
     _watch_optimizers()
+    with large_allocations_mapped():  # MKL's packs are large and short-lived (see MKL_PACK_MAX_BYTES)
+        return _prepare(model, layers, rows, decode_rows, dtype, new_tokens)
+
+
+def _prepare(model, layers, rows: int, decode_rows: int, dtype: torch.dtype, new_tokens: int):
     head = model.get_output_embeddings()
     sources = [p for layer in layers for module in (layer.self_attn, layer.mlp) for p in module.parameters()]
     fingerprint = (decode_rows, tuple((p.data_ptr(), p._version) for p in [*sources, head.weight]))
@@ -243,6 +258,9 @@ def _prepared_weights(model, layers, rows: int, decode_rows: int, dtype: torch.d
     a, m = layers[0].self_attn, layers[0].mlp
     stacked = sum(p.weight.nbytes for p in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj)) <= STACK_MAX_BYTES
     weights, biases, packs = [], [], []
+    budget = MKL_PACK_MAX_BYTES  # the head's first: one product a step, as each layer's four
+    head_pack = mkl_pack(head.weight) if mkl_pack is not None and head.weight.nbytes <= budget else None
+    budget -= head.weight.nbytes if head_pack is not None else 0
     for layer in layers:
         a, m = layer.self_attn, layer.mlp
         groups = [(a.q_proj, a.k_proj, a.v_proj), (m.gate_proj, m.up_proj)] if stacked else \
@@ -251,8 +269,11 @@ def _prepared_weights(model, layers, rows: int, decode_rows: int, dtype: torch.d
         packed += [pack(*_fused(*group)) if len(group) > 1 else pack(group[0].weight, group[0].bias) for group in groups]
         weights.append([layer.input_layernorm.weight, layer.post_attention_layernorm.weight, *(w for w, _ in packed)])
         biases.append([b for _, b in packed])
-        packs.append([mkl_pack(w) for w, _ in packed] if mkl_pack else [])
-    prepared = (weights, biases, packs, mkl_pack(head.weight) if mkl_pack else None)
+        layer_bytes = sum(w.nbytes for w, _ in packed)
+        fits = mkl_pack is not None and layer_bytes <= budget
+        budget -= layer_bytes if fits else 0
+        packs.append([mkl_pack(w) for w, _ in packed] if fits else [])
+    prepared = (weights, biases, packs, head_pack)
     _KEPT[model] = (fingerprint, prepared if unchanged else None)
     return prepared
 

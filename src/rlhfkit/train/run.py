@@ -38,6 +38,7 @@ from ..models.card import write_model_card
 from ..models.kernels import linear_kernel, use_fast_linear
 from ..models.load import is_sharded
 from ..models.lora import LoraSettings, apply_lora, enable_activation_checkpointing
+from ..models.memory import keep_freed_memory
 from .checkpoint import (
     CheckpointError,
     checkpoint_dir,
@@ -49,7 +50,6 @@ from .checkpoint import (
 from .config import ConfigError, LoraConfig, TrainConfig, plain_dict
 from .dist import DistInfo, all_reduce_sum, barrier, broadcast_params, init_distributed
 from .logging import MetricsLogger, progress
-from .memory import keep_freed_memory
 from .optim import check_finite, optimizer_step
 from .plots import plot_runs
 from .shard import save_everywhere, shard
