@@ -46,6 +46,7 @@ def test_lean_decoder_matches_the_generic_cached_forward(arch, temperature, num_
     # 7 new tokens: the weights stay as they are unless every call lays them out
     monkeypatch.setattr(lean, "LAYOUT_MIN_NEW_TOKENS", 0 if kernel == "onednn laid out" else 10**6)
     monkeypatch.setattr(lean, "MKL_PACKED", kernel == "blas packed")
+    monkeypatch.setattr(lean, "MKL_PACK_MIN_NEW_TOKENS", 0)  # pack even these 7 new tokens
     if kernel.startswith("blas"):
         monkeypatch.setattr(lean, "_onednn_applies", lambda dtype: False)
     monkeypatch.setattr(lean, "STACK_MAX_BYTES", 2**62 if stacked else 0)  # larger models keep q, k, v apart
@@ -58,11 +59,12 @@ def test_lean_decoder_matches_the_generic_cached_forward(arch, temperature, num_
     assert ours.logprobs.abs().sum() > 1  # not all zero: the comparison means something
 
 
-@pytest.mark.parametrize("packed_layers", [None, 1, 0])
+@pytest.mark.parametrize("packed_layers", [None, 1, 0, "short call"])
 def test_decode_steps_read_the_weights_mkl_packed(packed_layers, monkeypatch):
     # MKL's packed product falls back to F.linear on the original weight when the rows differ from
     # those packed for, silently: every decode step's products must have exactly the packed rows.
-    # packed_layers: None, no limit; else MKL_PACK_MAX_BYTES fits the head and that many layers
+    # packed_layers: None, no limit; a number: MKL_PACK_MAX_BYTES fits the head and that many
+    # layers; "short call": 7 new tokens, under MKL_PACK_MIN_NEW_TOKENS, with new weights: no packs
     if not mkl_packing_available():
         pytest.skip("no MKL packed product in this build")
     monkeypatch.setattr(lean, "_onednn_applies", lambda dtype: False)
@@ -77,6 +79,12 @@ def test_decode_steps_read_the_weights_mkl_packed(packed_layers, monkeypatch):
     monkeypatch.setattr(torch.ops.mkl, "_mkl_linear", recorded)
     model = sharp("qwen2")
     layers = len(model.model.layers)
+    if packed_layers == "short call":
+        assert lean.MKL_PACK_MIN_NEW_TOKENS > 7
+        ours = run(model, monkeypatch, True, 1.0, 3)
+        assert calls == []
+        return
+    monkeypatch.setattr(lean, "MKL_PACK_MIN_NEW_TOKENS", 0)
     if packed_layers is not None:
         attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
         layer_bytes = sum(p.nbytes for m in (attn, mlp) for p in m.parameters() if p.dim() == 2)
@@ -114,6 +122,7 @@ def kernel(request, monkeypatch):
         if not mkl_packing_available():
             pytest.skip("no MKL packed product in this build")
         monkeypatch.setattr(lean, "_onednn_applies", lambda dtype: False)
+        monkeypatch.setattr(lean, "MKL_PACK_MIN_NEW_TOKENS", 0)  # packed in every call, kept where unchanged
     return request.param
 
 

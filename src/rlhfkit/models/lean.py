@@ -30,10 +30,14 @@ from .script import scripted
 LAYOUT_MIN_NEW_TOKENS = 32
 
 # Where BLAS runs the products (kernels.linear_kernel), each decode step's products read the weights
-# packed by MKL for the call's row count (see _mkl_packer), in calls of at least MKL_PACK_MIN_NEW_TOKENS
-# new tokens (packing costs about what one decode step saves); False runs them as plain F.linear.
+# packed by MKL for the call's row count (see _mkl_packer): in calls with the weights of the previous
+# call (the packs are then kept, as oneDNN's layout is), and in calls of at least
+# MKL_PACK_MIN_NEW_TOKENS new tokens. False runs them as plain F.linear. Packing anew, with its pages
+# faulted in (MKL_PACK_MAX_BYTES), costs about what 16 decode steps of 32 rows save on the reference
+# model: whole sampling calls, weights changed before each as in RL, packed / not, 16 new tokens,
+# in one process: 0.997x as fast on the reference model, 1.08x on the 30M one.
 MKL_PACKED = True
-MKL_PACK_MIN_NEW_TOKENS = 3
+MKL_PACK_MIN_NEW_TOKENS = 16
 # The most bytes of packed copies a call makes: the head, then whole layers in order while they fit.
 # MKL asks 7-12 MB a matrix and writes about the matrix's size; the packs are mapped for the call
 # (memory.large_allocations_mapped) and given back when it ends, so they raise a peak only where
@@ -319,9 +323,11 @@ def _mkl_packer(rows: int, dtype: torch.dtype):
     ``sgemm`` on the weight as it lies runs at about half the rate it reaches on a training
     step's hundreds of rows; on the weight packed once per call (``cblas_sgemm_pack``, through
     ``torch.ops.mkl._mkl_reorder_linear_weight``) the reference model's four shapes at 32 rows took
-    1.3-1.6x less time (gate and up 84 against 134 us), the same sums in the same order (equal
-    outputs, or within float rounding where the inner dimension is 1,024). Packing a matrix costs
-    about half of one such product (52 us for gate and up), so it pays from the first decode step.
+    1.3-1.6x less time (gate and up 84 against 134 us), and the 30M and 119M models' 1.7-2.3x
+    less; the outputs equal, or within float rounding where the inner dimension is 1,024. Packing
+    a matrix costs about one packed product (52 us for gate and up), plus the page faults of its
+    memory (see ``MKL_PACK_MAX_BYTES``). Whole 32 x 16 sampling calls with the weights unchanged
+    (packs kept): 1.2x as fast on the reference model.
     """
     if not (MKL_PACKED and dtype == torch.float32 and not _onednn_applies(dtype) and mkl_packing_available()):
         return None
