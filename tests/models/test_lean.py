@@ -216,3 +216,19 @@ def test_bf16_model_samples_as_the_generic_forward_does(monkeypatch):
     assert torch.equal(ours.completion_ids, theirs.completion_ids)
     assert torch.allclose(ours.logprobs, theirs.logprobs, atol=2e-2)
     assert ours.logprobs.abs().sum() > 1
+
+
+def test_a_model_in_training_mode_samples_as_in_eval_mode_and_stays_in_training_mode(monkeypatch):
+    # the lean decoder reads the weights alone (no dropout), without switching the modules' modes;
+    # the generic forward switches to eval mode for the call and back
+    model = sharp("qwen2")
+    model.config.attention_dropout = 0.5
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    model.train()
+    ours = run(model, monkeypatch, True, 1.0, 3)
+    assert model.training and all(m.training for m in model.modules())
+    theirs = run(model, monkeypatch, False, 1.0, 3)
+    assert model.training and all(m.training for m in model.modules())
+    assert torch.equal(ours.completion_ids, theirs.completion_ids)
+    assert torch.allclose(ours.logprobs, theirs.logprobs, atol=1e-5)
