@@ -5,9 +5,10 @@ work: no cache objects, no mask building from scratch, q/k/v and gate/up each co
 fused matmul on layers of up to STACK_MAX_BYTES (the weights laid out in oneDNN's own format
 when the call decodes enough tokens to repay it, or, where BLAS runs this process's products,
 packed by MKL for the decode steps' row count: 1.3-2.3x faster skinny products), a preallocated
-KV cache written in place, and the layers run as one TorchScript function, so that the operations of a step are called from C++ rather than one by one from
-Python. The norm, the rotation and the row-padded product are the training forward's own
-functions (fused.inv_rms, fused.rotate, kernels.padded_product), compiled by TorchScript with it.
+KV cache written in place, and the layers run as one TorchScript function, so that the
+operations of a step are called from C++ rather than one by one from Python. The norm, the
+rotation and the row-padded product are the training forward's own functions (fused.inv_rms,
+fused.rotate, kernels.padded_product), compiled by TorchScript with it.
 The numbers are those of the Hugging Face forward (tests compare log-probs and greedy tokens); any
 other model type, sliding-window attention or unusual config falls back to the generic path.
 """
