@@ -232,3 +232,18 @@ def test_a_model_in_training_mode_samples_as_in_eval_mode_and_stays_in_training_
     assert model.training and all(m.training for m in model.modules())
     assert torch.equal(ours.completion_ids, theirs.completion_ids)
     assert torch.allclose(ours.logprobs, theirs.logprobs, atol=1e-5)
+
+
+def test_a_larger_model_keeps_no_prepared_copies(kernel, monkeypatch):
+    # kept copies stay held through whatever runs before the next call (a training step after an
+    # evaluation): above KEEP_MAX_BYTES of projection weights they are made anew each call instead
+    small, large = sharp("qwen2"), sharp("qwen2")
+    for _ in range(3):  # unchanged weights
+        kept = run(small, monkeypatch, True, 0.0, 1)
+    assert lean._KEPT[small][1] is not None
+    monkeypatch.setattr(lean, "KEEP_MAX_BYTES", large.lm_head.weight.nbytes)  # less than the model's weights
+    for _ in range(3):
+        fresh = run(large, monkeypatch, True, 0.0, 1)
+        assert lean._KEPT[large][1] is None
+    assert torch.equal(fresh.completion_ids, kept.completion_ids)
+    assert torch.allclose(fresh.logprobs, kept.logprobs, atol=1e-6)

@@ -47,6 +47,12 @@ MKL_PACK_MIN_NEW_TOKENS = 16
 # above rlhfkit's there). The cap keeps a larger model from doubling its weights for a few percent.
 MKL_PACK_MAX_BYTES = 2**30
 
+# The most bytes of projection weights (the layers' and the head's) for which a model's prepared
+# copies (stacked, laid out for oneDNN, packed by MKL) are kept between calls with unchanged weights:
+# kept, they stay held through whatever runs before the next sampling call (a training step after an
+# evaluation whose batch had the rollout's rows), so a larger model's are made anew each call.
+KEEP_MAX_BYTES = 2**26
+
 # The most bytes of a layer's q, k, v, gate and up weights that a call stacks into [q; k; v] and
 # [gate; up] (a copy, held while it samples) so that each group is one product; larger layers run
 # them apart and copy nothing (unless laid out for oneDNN, a copy either way). Whole 32 x 16
@@ -232,8 +238,10 @@ def _prepared_weights(model, layers, rows: int, decode_rows: int, dtype: torch.d
     The layout costs 150-330 us a matrix, so it pays within one call only from
     ``LAYOUT_MIN_NEW_TOKENS`` new tokens. Across calls it pays whenever the weights have not changed
     since the previous call (evaluation, or any loop that samples repeatedly between updates):
-    then the weights are laid out once and kept for the model until they change. An RL loop changes
-    them before every call, so it never keeps a copy (no memory held during its updates).
+    then the weights are laid out once and kept for the model until they change, where the model's
+    projection weights are at most ``KEEP_MAX_BYTES`` (larger ones are prepared anew each call). An
+    RL loop changes them before every call, so it never keeps a copy (no memory held during its
+    updates).
 
     A change is seen in the parameters' storage and version counters. Every in-place change through
     PyTorch bumps a tensor's version except the fused optimizer kernels (AdamW(fused=True) among
@@ -257,6 +265,7 @@ def _prepare(model, layers, rows: int, decode_rows: int, dtype: torch.dtype, new
     if kept is not None and kept[0] == fingerprint and kept[1] is not None:
         return kept[1]
     unchanged = kept is not None and kept[0] == fingerprint  # the same weights as the previous call's
+    keep = unchanged and sum(p.nbytes for p in [*sources, head.weight] if p.dim() == 2) <= KEEP_MAX_BYTES
     layout = unchanged or new_tokens >= LAYOUT_MIN_NEW_TOKENS
     pack = _packer(rows, dtype, layout)
     mkl_pack = _mkl_packer(decode_rows, dtype) if unchanged or new_tokens >= MKL_PACK_MIN_NEW_TOKENS else None
@@ -279,7 +288,7 @@ def _prepare(model, layers, rows: int, decode_rows: int, dtype: torch.dtype, new
         budget -= layer_bytes if fits else 0
         packs.append([mkl_pack(w) for w, _ in packed] if fits else [])
     prepared = (weights, biases, packs, head_pack)
-    _KEPT[model] = (fingerprint, prepared if unchanged else None)
+    _KEPT[model] = (fingerprint, prepared if keep else None)
     return prepared
 
 
