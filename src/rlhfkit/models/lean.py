@@ -253,11 +253,6 @@ def _prepared_weights(model, layers, rows: int, decode_rows: int, dtype: torch.d
     packs are made for them.
     """
     _watch_optimizers()
-    with large_allocations_mapped():  # MKL's packs are large and short-lived (see MKL_PACK_MAX_BYTES)
-        return _prepare(model, layers, rows, decode_rows, dtype, new_tokens)
-
-
-def _prepare(model, layers, rows: int, decode_rows: int, dtype: torch.dtype, new_tokens: int):
     head = model.get_output_embeddings()
     sources = [p for layer in layers for module in (layer.self_attn, layer.mlp) for p in module.parameters()]
     fingerprint = (decode_rows, tuple((p.data_ptr(), p._version) for p in [*sources, head.weight]))
@@ -341,7 +336,12 @@ def _mkl_packer(rows: int, dtype: torch.dtype):
     """
     if not (MKL_PACKED and dtype == torch.float32 and not _onednn_applies(dtype) and mkl_packing_available()):
         return None
-    return lambda w: torch.ops.mkl._mkl_reorder_linear_weight(w.detach(), rows)
+
+    def pack(weight: torch.Tensor) -> torch.Tensor:
+        with large_allocations_mapped():  # large and short-lived: see MKL_PACK_MAX_BYTES
+            return torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), rows)
+
+    return pack
 
 
 def _fused(*projections) -> tuple[torch.Tensor, torch.Tensor | None]:
