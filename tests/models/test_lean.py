@@ -59,6 +59,26 @@ def test_lean_decoder_matches_the_generic_cached_forward(arch, temperature, num_
     assert ours.logprobs.abs().sum() > 1  # not all zero: the comparison means something
 
 
+@pytest.mark.parametrize("arch", sorted(ARCHES))
+def test_rows_that_end_early_sample_as_the_generic_forward_does(arch, monkeypatch):
+    # the decode loop's additive mask: a row that has emitted EOS stops attending to its later
+    # positions while the other rows go on
+    model = sharp(arch)
+    eos = run(model, monkeypatch, True, 1.0, 3).completion_ids[0, 2].item()  # row 0's third token: call it EOS
+
+    def with_eos(use_lean: bool):
+        monkeypatch.setattr(sampler.LeanDecoder, "applies", staticmethod(lambda m: use_lean))
+        return sampler.sample(model, PROMPTS, eos_id=eos, pad_id=0, max_new_tokens=7, temperature=1.0, num_samples=3,
+                              generator=torch.Generator().manual_seed(3))
+
+    ours, theirs = with_eos(True), with_eos(False)
+    lengths = ours.completion_mask.sum(-1)
+    assert bool(ours.finished[0]) and lengths[0] <= 3 and lengths.max() == 7  # row 0 ended; another went on
+    assert torch.equal(ours.completion_ids, theirs.completion_ids)
+    assert torch.equal(ours.completion_mask, theirs.completion_mask)
+    assert torch.allclose(ours.logprobs, theirs.logprobs, atol=1e-5)
+
+
 @pytest.mark.parametrize("packed_layers", [None, 1, 0, "short call"])
 def test_decode_steps_read_the_weights_mkl_packed(packed_layers, monkeypatch):
     # MKL's packed product falls back to F.linear on the original weight when the rows differ from
@@ -68,7 +88,8 @@ def test_decode_steps_read_the_weights_mkl_packed(packed_layers, monkeypatch):
     if not mkl_packing_available():
         pytest.skip("no MKL packed product in this build")
     monkeypatch.setattr(lean, "_onednn_applies", lambda dtype: False)
-    monkeypatch.setattr(lean, "scripted", lambda function: function)  # Python: the calls can be seen
+    for module in (lean, sampler):  # Python: the calls can be seen
+        monkeypatch.setattr(module, "scripted", lambda function: function)
     monkeypatch.setattr(lean, "STACK_MAX_BYTES", 0)  # q, k, v, gate and up apart: 7 products a layer
     calls, packed_product = [], torch.ops.mkl._mkl_linear
 
@@ -197,8 +218,8 @@ def test_kept_weights_follow_loaded_weights_and_an_rl_loop_keeps_none(kernel, mo
 
 
 def test_torchscript_layers_give_the_numbers_python_gives(monkeypatch):
-    assert isinstance(scripted(lean._step), torch.jit.ScriptFunction)  # compiled, not the fallback
-    assert isinstance(scripted(sampler._pick), torch.jit.ScriptFunction)
+    for function in (lean.step, sampler._decode, sampler._next):  # compiled, not the fallback
+        assert isinstance(scripted(function), torch.jit.ScriptFunction)
     model = sharp("qwen2")
     by_torchscript = run(model, monkeypatch, True, 1.0, 3)
     for module in (lean, sampler):

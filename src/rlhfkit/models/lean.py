@@ -63,7 +63,8 @@ STACK_MAX_BYTES = 2**24
 
 
 class LeanDecoder:
-    """Prefill once, then one token per ``forward``; attention masks are boolean (N, 1, 1 or T, L).
+    """Prefill once, then one token per ``forward`` (or per call of ``step`` with ``state()``, from a
+    loop of one's own); attention masks are boolean or additive float (N, 1, 1 or T, L).
 
     ``new_tokens``: how many tokens the call will decode; the weights are laid out for oneDNN only
     where that many products repay the layout's cost, or where they are kept from an earlier call
@@ -80,6 +81,7 @@ class LeanDecoder:
         layers = self.base.layers
         dtype = layers[0].self_attn.q_proj.weight.dtype
         self.decode_rows = decode_rows or batch
+        self.dtype = dtype
         self.weights, self.biases, self.packs, head_pack = _prepared_weights(
             model, layers, batch, self.decode_rows, dtype, new_tokens)  # per layer: see _layers
         self.intermediate = layers[0].mlp.gate_proj.weight.shape[0]
@@ -114,16 +116,19 @@ class LeanDecoder:
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
         """Append ``input_ids`` (N, T) at the cache's end; returns the last position's logits (N, V), fp32."""
         n, t = input_ids.shape
+        logits = scripted(step)(input_ids, position_ids, attn_mask, self.length, *self.state(n, t))
+        self.length += t
+        return logits
+
+    def state(self, n: int, t: int = 1) -> tuple:
+        """``step``'s arguments after ``start`` for N rows of T tokens: a loop that runs the decode
+        steps itself (the sampler's, in TorchScript) passes them to each step."""
         # oneDNN's products pad the rows to a bucket; MKL's packed ones take the rows packed for (the
         # rest run F.linear on the rows as they are)
         rows, head_rows = (bucket(n * t), bucket(n)) if self.onednn else (self.decode_rows, self.decode_rows)
-        logits = scripted(_step)(
-            input_ids, position_ids, attn_mask, self.length, rows, head_rows, self.onednn, self.embed,
-            self.cos, self.signed_sin, self.weights, self.biases, self.packs, self.keys, self.values, self.final_norm,
-            self.head, self.head_bias, self.head_pack, self.heads, self.kv_heads, self.head_dim, self.intermediate,
-            self.eps)
-        self.length += t
-        return logits
+        return (rows, head_rows, self.onednn, self.embed, self.cos, self.signed_sin, self.weights, self.biases,
+                self.packs, self.keys, self.values, self.final_norm, self.head, self.head_bias, self.head_pack,
+                self.heads, self.kv_heads, self.head_dim, self.intermediate, self.eps)
 
 
 # rotary types whose frequencies change with the length of the sequence (transformers'
@@ -134,7 +139,8 @@ LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
 # The decoder's step as one TorchScript function: a sampling call runs it once per token on a
 # few dozen rows, where the cost of calling each of some 300 small operations from Python was
 # most of the time outside the products; TorchScript calls the same operations (the same numbers)
-# from C++. It is compiled on first use (under a second), not at import.
+# from C++. It is compiled on first use (under a second), not at import. The sampler runs its
+# decode steps from a TorchScript loop of its own (rollout/sampler.py), which compiles it with it.
 
 def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm as fused.rms_norm computes it: in fp32, and in fp32 then cast back for other dtypes
@@ -207,13 +213,14 @@ def _layers(x: torch.Tensor, n: int, cos: torch.Tensor, signed_sin: torch.Tensor
     return x
 
 
-def _step(input_ids: torch.Tensor, position_ids: torch.Tensor, attn_mask: torch.Tensor, start: int, rows: int,
-          head_rows: int, onednn: bool, embed: torch.Tensor, cos_table: torch.Tensor, signed_sin_table: torch.Tensor,
-          weights: List[List[torch.Tensor]], biases: List[List[Optional[torch.Tensor]]], packs: List[List[torch.Tensor]],
-          keys: List[torch.Tensor], values: List[torch.Tensor], final_norm: torch.Tensor, head: torch.Tensor,
-          head_bias: Optional[torch.Tensor], head_pack: Optional[torch.Tensor], heads: int, kv_heads: int,
-          head_dim: int, intermediate: int, eps: float) -> torch.Tensor:
-    """The logits (N, V) after the last of ``input_ids`` (N, T) at ``position_ids``, appended to the cache at ``start``."""
+def step(input_ids: torch.Tensor, position_ids: torch.Tensor, attn_mask: torch.Tensor, start: int, rows: int,
+         head_rows: int, onednn: bool, embed: torch.Tensor, cos_table: torch.Tensor, signed_sin_table: torch.Tensor,
+         weights: List[List[torch.Tensor]], biases: List[List[Optional[torch.Tensor]]], packs: List[List[torch.Tensor]],
+         keys: List[torch.Tensor], values: List[torch.Tensor], final_norm: torch.Tensor, head: torch.Tensor,
+         head_bias: Optional[torch.Tensor], head_pack: Optional[torch.Tensor], heads: int, kv_heads: int,
+         head_dim: int, intermediate: int, eps: float) -> torch.Tensor:
+    """The logits (N, V) after the last of ``input_ids`` (N, T) at ``position_ids``, appended to the cache at ``start``.
+    ``attn_mask``: boolean (True: attend), or additive float (0 or -inf), (N, 1, 1 or T, start + T)."""
     n, t = input_ids.size(0), input_ids.size(1)
     x = F.embedding(input_ids.reshape(-1), embed)  # (N * T, H)
     cos, signed_sin = cos_table[position_ids].unsqueeze(2), signed_sin_table[position_ids].unsqueeze(2)  # (N, T, 1, D)
