@@ -196,16 +196,20 @@ def _layers(x: torch.Tensor, n: int, cos: torch.Tensor, signed_sin: torch.Tensor
         w, b, p = weights[i], biases[i], packs[i]
         parts = 1 if len(w) == 6 else 3  # q, k, v stacked or not
         qkv = _products(_norm(x, w[0], eps), w[4:4 + parts], p, 2, b[2:2 + parts], rows, onednn)
-        qk = rotate(qkv[:, :qk_size].view(n, t, heads + kv_heads, head_dim), cos, signed_sin).transpose(1, 2)
-        keys[i][:, :, start:end] = qk[:, heads:]
-        values[i][:, :, start:end] = qkv[:, qk_size:].view(n, t, kv_heads, head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(qk[:, :heads], keys[i][:, :, :end], values[i][:, :, :end],
-                                             attn_mask=attn_mask, enable_gqa=kv_heads != heads)
+        # narrow, not x[:, a:b]: TorchScript runs a slice for every dimension indexed, ":" included
+        # (about 60 of a step's 120 views on the reference model)
+        qk = rotate(qkv.narrow(1, 0, qk_size).view(n, t, heads + kv_heads, head_dim), cos, signed_sin).transpose(1, 2)
+        keys[i].narrow(2, start, t).copy_(qk.narrow(1, heads, kv_heads))
+        values[i].narrow(2, start, t).copy_(
+            qkv.narrow(1, qk_size, kv_heads * head_dim).view(n, t, kv_heads, head_dim).transpose(1, 2))
+        out = F.scaled_dot_product_attention(qk.narrow(1, 0, heads), keys[i].narrow(2, 0, end),
+                                             values[i].narrow(2, 0, end), attn_mask=attn_mask,
+                                             enable_gqa=kv_heads != heads)
         x.add_(_product(out.transpose(1, 2).reshape(n * t, heads * head_dim), w[2], _pack(p, 0), b[0], rows, onednn))
         h = _norm(x, w[1], eps)
         if parts == 1:
             gate_up = _product(h, w[5], _pack(p, 3), b[3], rows, onednn)
-            s = F.silu(gate_up[:, :intermediate]).mul_(gate_up[:, intermediate:])
+            s = F.silu(gate_up.narrow(1, 0, intermediate)).mul_(gate_up.narrow(1, intermediate, intermediate))
         else:
             s = F.silu(_product(h, w[7], _pack(p, 5), b[5], rows, onednn)).mul_(
                 _product(h, w[8], _pack(p, 6), b[6], rows, onednn))
@@ -226,7 +230,7 @@ def step(input_ids: torch.Tensor, position_ids: torch.Tensor, attn_mask: torch.T
     cos, signed_sin = cos_table[position_ids].unsqueeze(2), signed_sin_table[position_ids].unsqueeze(2)  # (N, T, 1, D)
     x = _layers(x, n, cos, signed_sin, attn_mask, start, rows, onednn, weights, biases, packs, keys, values, heads,
                 kv_heads, head_dim, intermediate, eps)
-    h = _norm(x.view(n, t, -1)[:, -1], final_norm, eps)
+    h = _norm(x.view(n, t, -1).select(1, t - 1), final_norm, eps)
     return _product(h, head, head_pack, head_bias, head_rows, onednn).float()
 
 

@@ -87,7 +87,7 @@ def _draw(probs: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Te
     faster than torch.multinomial for a (32, 1024) batch on a CPU.
     """
     cdf = probs.cumsum(-1)  # (N, V)
-    u = torch.rand([probs.size(0), 1], generator=generator, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
+    u = torch.rand([probs.size(0), 1], generator=generator, dtype=cdf.dtype, device=cdf.device) * cdf.narrow(1, cdf.size(1) - 1, 1)
     return torch.searchsorted(cdf, u, right=True).clamp(max=probs.size(-1) - 1).squeeze(-1)
 
 
@@ -101,7 +101,7 @@ def _pick(logits: torch.Tensor, alive: torch.Tensor, temperature: float, top_k: 
     else:
         token = logits.argmax(-1)
     token = torch.where(alive, token, torch.full_like(token, pad_id))
-    return token, torch.where(alive, logp.gather(-1, token[:, None]).squeeze(-1), 0.0)
+    return token, torch.where(alive, logp.gather(-1, token.unsqueeze(1)).squeeze(-1), 0.0)
 
 
 def _next(logits: torch.Tensor, alive: torch.Tensor, last: bool, stop_at_eos: bool, eos_id: int, temperature: float,
@@ -139,7 +139,7 @@ def _decode(logits: torch.Tensor, alive: torch.Tensor, bias: torch.Tensor, posit
         if done:
             break
         bias[:, 0, 0, width + t] = torch.where(alive, 0.0, float("-inf"))  # a row that ended no longer attends to it
-        logits = step(token[:, None], position, bias[:, :, :, : width + t + 1], start + t, rows, head_rows, onednn,
+        logits = step(token.unsqueeze(1), position, bias.narrow(3, 0, width + t + 1), start + t, rows, head_rows, onednn,
                       embed, cos, signed_sin, weights, biases, packs, keys, values, final_norm, head, head_bias,
                       head_pack, heads, kv_heads, head_dim, intermediate, eps)
         position = position + 1
