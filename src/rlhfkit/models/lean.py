@@ -96,8 +96,9 @@ class LeanDecoder:
         cos, sin = self.base.rotary_emb(self.embed[:1], torch.arange(max_len)[None])
         self.cos, self.signed_sin = cos[0], rotation_tables(sin[0])[0]  # (L, D); see fused.rotate
         shape = (batch, self.kv_heads, max_len, self.head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype) for _ in layers]
-        self.values = [torch.zeros(shape, dtype=dtype) for _ in layers]
+        # uninitialised: a position is written (prefill, or its decode step) before any step reads it
+        self.keys = [torch.empty(shape, dtype=dtype) for _ in layers]
+        self.values = [torch.empty(shape, dtype=dtype) for _ in layers]
         self.length = 0
 
     @staticmethod
