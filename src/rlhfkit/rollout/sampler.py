@@ -87,7 +87,8 @@ def _draw(probs: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Te
     faster than torch.multinomial for a (32, 1024) batch on a CPU.
     """
     cdf = probs.cumsum(-1)  # (N, V)
-    u = torch.rand([probs.size(0), 1], generator=generator, dtype=cdf.dtype, device=cdf.device) * cdf.narrow(1, cdf.size(1) - 1, 1)
+    total = cdf.narrow(1, cdf.size(1) - 1, 1)  # (N, 1)
+    u = torch.rand([probs.size(0), 1], generator=generator, dtype=cdf.dtype, device=cdf.device) * total
     return torch.searchsorted(cdf, u, right=True).clamp(max=probs.size(-1) - 1).squeeze(-1)
 
 
