@@ -346,10 +346,10 @@ def test_node_in_torchscript_gives_the_numbers_python_gives(fast, monkeypatch):
     from rlhfkit.models import kernels
     from rlhfkit.models.script import LAYERS, scripted
 
-    assert isinstance(scripted(fused._layers_forward, LAYERS), torch.jit.ScriptFunction)
+    assert isinstance(scripted(fused._layers_forward, LAYERS).script, torch.jit.ScriptFunction)
     for function in (fused._mlp_backward, fused._attention_core_backward, fused._projections_backward,
                      fused._input_norm_backward):
-        assert isinstance(scripted(function, LAYERS), torch.jit.ScriptFunction), function.__name__
+        assert isinstance(scripted(function, LAYERS).script, torch.jit.ScriptFunction), function.__name__
     model = tiny("qwen2")
     if fast:
         if not kernels.onednn_linear_available():

@@ -88,7 +88,7 @@ def test_bucket_in_torchscript_is_the_same_and_off_leaves_rows_as_they_are(monke
     from rlhfkit.models.script import LAYERS, scripted
 
     compiled = scripted(kernels.bucket_within, LAYERS)
-    assert isinstance(compiled, torch.jit.ScriptFunction)
+    assert isinstance(compiled.script, torch.jit.ScriptFunction)
     for m in range(0, kernels.BUCKET_MAX_ROWS + 40):
         assert compiled(m, kernels.row_limit()) == kernels.bucket(m)
         assert compiled(m, 0) == m or m == 0

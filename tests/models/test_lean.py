@@ -219,7 +219,7 @@ def test_kept_weights_follow_loaded_weights_and_an_rl_loop_keeps_none(kernel, mo
 
 def test_torchscript_layers_give_the_numbers_python_gives(monkeypatch):
     for function in (lean.step, sampler._decode, sampler._next):  # compiled, not the fallback
-        assert isinstance(scripted(function), torch.jit.ScriptFunction)
+        assert isinstance(scripted(function).script, torch.jit.ScriptFunction)
     model = sharp("qwen2")
     by_torchscript = run(model, monkeypatch, True, 1.0, 3)
     for module in (lean, sampler):
