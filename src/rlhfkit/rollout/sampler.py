@@ -155,59 +155,68 @@ def sample(model, prompts: list[list[int]], *, eos_id: int, pad_id: int, max_new
     """Sample ``num_samples`` completions for each prompt (token id lists); temperature 0 = greedy."""
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = (t.to(device) for t in left_pad(prompts, pad_id))
-    lean = (LeanDecoder(model, prompt_ids.shape[0], prompt_ids.shape[1] + max_new_tokens, max_new_tokens,
-                        prompt_ids.shape[0] * num_samples) if LeanDecoder.applies(model) else None)
-    # the generic forward runs the modules (dropout off in eval mode); the lean decoder reads the
-    # weights alone, and setting every module's mode twice took 1 ms of a 38 ms call
-    was_training = model.training
-    if lean is None:
-        model.eval()
-    if lean is not None:
-        width = prompt_ids.shape[1]
-        causal = torch.ones(width, width, dtype=torch.bool).tril()
-        # Pad positions attend to themselves only, so that no attention row is empty (NaN).
-        attend = (causal & prompt_mask.bool()[:, None, :]) | torch.eye(width, dtype=torch.bool)
-        logits, cache = lean.forward(prompt_ids, position_ids_from_mask(prompt_mask), attend[:, None]), None
-    else:
-        logits, cache = forward_with_cache(model, prompt_ids, prompt_mask, position_ids_from_mask(prompt_mask))  # (B, V)
+    rule = (stop_at_eos, eos_id, float(temperature), top_k, float(top_p), generator, pad_id)  # _next's arguments
+    tokens_of = _lean_tokens if LeanDecoder.applies(model) else _generic_tokens
+    tokens, logps = tokens_of(model, prompt_ids, prompt_mask, num_samples, max_new_tokens, rule)
+    prompt_ids, prompt_mask = prompt_ids.repeat_interleave(num_samples, 0), prompt_mask.repeat_interleave(num_samples, 0)
+    completion_ids = torch.stack(tokens, 1)
+    completion_mask = _mask_through_eos(completion_ids, pad_id, eos_id, stop_at_eos)
+    n = completion_ids.shape[0]
+    return Samples(prompt_ids, prompt_mask, completion_ids, completion_mask, torch.stack(logps, 1) * completion_mask,
+                   (completion_ids == eos_id).any(-1) if stop_at_eos else torch.zeros(n, dtype=torch.bool, device=device))
+
+
+def _lean_tokens(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, num_samples: int, max_new_tokens: int,
+                 rule: tuple) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """The lean decoder (models/lean.py): each prompt prefilled once, then the whole token loop as
+    one TorchScript call (``_decode``). It reads the weights alone and applies no dropout, so the
+    modules' modes are left as they are (setting every module's mode twice took 1 ms of a 38 ms call)."""
+    b, width = prompt_ids.shape
+    lean = LeanDecoder(model, b, width + max_new_tokens, max_new_tokens, b * num_samples)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    # Pad positions attend to themselves only, so that no attention row is empty (NaN).
+    attend = (causal & prompt_mask.bool()[:, None, :]) | torch.eye(width, dtype=torch.bool)
+    logits = lean.forward(prompt_ids, position_ids_from_mask(prompt_mask), attend[:, None])  # (B, V)
     if num_samples > 1:
-        if lean is not None:
-            lean.repeat_rows(num_samples)
-        else:
-            cache.batch_repeat_interleave(num_samples)
-        logits = logits.repeat_interleave(num_samples, 0)
-        prompt_ids = prompt_ids.repeat_interleave(num_samples, 0)
-        prompt_mask = prompt_mask.repeat_interleave(num_samples, 0)
-    n, width = prompt_ids.shape
+        lean.repeat_rows(num_samples)
+    logits, prompt_mask = logits.repeat_interleave(num_samples, 0), prompt_mask.repeat_interleave(num_samples, 0)
+    n = prompt_mask.shape[0]
+    bias = torch.full((n, 1, 1, width + max_new_tokens), float("-inf"), dtype=lean.dtype, device=logits.device)
+    bias[:, 0, 0, :width].masked_fill_(prompt_mask.bool(), 0.0)
+    alive = torch.ones(n, dtype=torch.bool, device=logits.device)
     position = prompt_mask.sum(-1, keepdim=True)  # (N, 1) next position id
-    alive = torch.ones(n, dtype=torch.bool, device=device)
-    temperature, top_p = float(temperature), float(top_p)
-    if lean is not None:
-        bias = torch.full((n, 1, 1, width + max_new_tokens), float("-inf"), dtype=lean.dtype, device=device)
-        bias[:, 0, 0, :width].masked_fill_(prompt_mask.bool(), 0.0)
-        tokens, logps = scripted(_decode)(logits, alive, bias, position, width, max_new_tokens, stop_at_eos, eos_id,
-                                          temperature, top_k, top_p, generator, pad_id, lean.length, *lean.state(n))
-        lean.length += len(tokens) - 1
-    else:
-        tokens, logps = [], []
+    return scripted(_decode)(logits, alive, bias, position, width, max_new_tokens, *rule, lean.length, *lean.state(n))
+
+
+def _generic_tokens(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, num_samples: int, max_new_tokens: int,
+                    rule: tuple) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """The model's own forward with its KV cache, a token at a time from Python, in eval mode (no
+    dropout) for the call: the same loop as ``_decode``'s."""
+    was_training = model.training
+    model.eval()
+    try:
+        logits, cache = forward_with_cache(model, prompt_ids, prompt_mask, position_ids_from_mask(prompt_mask))  # (B, V)
+        if num_samples > 1:
+            cache.batch_repeat_interleave(num_samples)
+        logits, prompt_mask = logits.repeat_interleave(num_samples, 0), prompt_mask.repeat_interleave(num_samples, 0)
+        n, width = prompt_mask.shape
         mask = torch.cat([prompt_mask, prompt_mask.new_zeros(n, max_new_tokens)], 1)  # filled as we go
-        next_token = scripted(_next)
+        alive = torch.ones(n, dtype=torch.bool, device=logits.device)
+        position = prompt_mask.sum(-1, keepdim=True)  # (N, 1) next position id
+        tokens, logps, next_token = [], [], scripted(_next)
         for t in range(max_new_tokens):
-            token, logp, now_alive, done = next_token(logits, alive, t == max_new_tokens - 1, stop_at_eos, eos_id,
-                                                      temperature, top_k, top_p, generator, pad_id)
+            token, logp, now_alive, done = next_token(logits, alive, t == max_new_tokens - 1, *rule)
             tokens.append(token)
             logps.append(logp)
             if done:
                 break
-            mask[:, width + t] = alive.long()
+            mask[:, width + t] = alive.long()  # a row that ended no longer attends to its later tokens
             logits, cache = forward_with_cache(model, token[:, None], mask[:, : width + t + 1], position, cache)
             position = position + 1
             alive = now_alive
+        return tokens, logps
+    finally:
         model.train(was_training)
-    completion_ids = torch.stack(tokens, 1)
-    completion_mask = _mask_through_eos(completion_ids, pad_id, eos_id, stop_at_eos)
-    return Samples(prompt_ids, prompt_mask, completion_ids, completion_mask, torch.stack(logps, 1) * completion_mask,
-                   (completion_ids == eos_id).any(-1) if stop_at_eos else torch.zeros(n, dtype=torch.bool, device=device))
 
 
 def _mask_through_eos(ids: torch.Tensor, pad_id: int, eos_id: int, stop_at_eos: bool) -> torch.Tensor:
