@@ -22,7 +22,7 @@ DECODE, LAYERS = "RLHFKIT_SCRIPTED_DECODE", "RLHFKIT_SCRIPTED_LAYERS"
 # every call); else its plain executor runs them. On a CPU it fuses nothing here, and neither is
 # faster (in one process: SFT 1.007x, GRPO 0.996x, whole sampling calls 1.00x), but their memory
 # differs. With the sampler's whole token loop compiled (rollout/sampler.py), GRPO on ~256-token
-# rows levelled off at 893 MB optimised against 845 plain, over 40 steps. For the training node's
+# rows levelled off at 893 MB optimised against 839-845 plain, over 40 steps. For the training node's
 # forward (models/fused.py) no difference showed (SFT on those rows: 889-921 MB optimised, 891-948
 # plain, three runs each), so it stays as it was.
 OPTIMIZED = {DECODE: False, LAYERS: True}
