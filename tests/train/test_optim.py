@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from rlhfkit.train.dist import DistInfo
-from rlhfkit.train.optim import NonFiniteError, build_optimizer, build_scheduler, optimizer_step
+from rlhfkit.train.optim import NonFiniteError, build_optimizer, build_scheduler, optimizer_step, total_norm
 
 
 def _model(seed: int = 0):
@@ -62,3 +62,16 @@ def test_steps_match_torchs_clip_then_step(limit, apart):
         assert norm == pytest.approx(want, rel=1e-6)
     for p, q in zip(ours.parameters(), theirs.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_total_norm_is_torchs_to_float32_rounding():
+    # one dot product per gradient (a transposed view, a scalar, a large one, bf16 by vector_norm) = get_total_norm
+    torch.manual_seed(0)
+    grads = [torch.randn(64, 48).t(), torch.randn(()), torch.randn(300_001) * 1e-3, torch.randn(7)]
+    want = torch.nn.utils.get_total_norm(grads)
+    assert total_norm(grads).dtype == torch.float32
+    assert float(total_norm(grads)) == pytest.approx(float(want), rel=1e-6)
+    assert float(total_norm([g.double() for g in grads])) == pytest.approx(float(want), rel=1e-6)
+    half = [g.bfloat16() for g in grads]
+    assert float(total_norm(half)) == pytest.approx(float(torch.nn.utils.get_total_norm([g.float() for g in half])), rel=1e-6)
+    assert float(total_norm([])) == 0.0

@@ -47,6 +47,28 @@ def build_scheduler(optimizer, total: int, warmup: int, schedule: str, min_ratio
         optimizer, lambda step: lr_factor(step, total, warmup, schedule, min_ratio))
 
 
+DOT_NORM = True  # False: torch's get_total_norm (benchmarks/inprocess.py measures the two)
+
+
+def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all ``grads`` together, sqrt(sum_i g_i . g_i), as ``get_total_norm`` gives it.
+
+    Each float32/float64 gradient's square sum is one BLAS dot product: on the CPU, where
+    ``get_total_norm`` runs ``linalg.vector_norm`` per tensor, that reads a gradient out of memory
+    about 2.5x faster (4 MB: 154 against 386 us on 2 threads), the same sum to float32 rounding."""
+    dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+    squares = []
+    for g in grads:
+        if g.dtype in (torch.float32, torch.float64) and g.layout == torch.strided:
+            flat = g.reshape(-1)
+            squares.append(torch.dot(flat, flat).to(dtype))
+        else:
+            squares.append(torch.linalg.vector_norm(g, dtype=dtype).square())
+    if not squares:
+        return torch.zeros((), dtype=dtype)
+    return torch.stack(squares).sum().sqrt()
+
+
 def check_finite(value: float, what: str, step: int) -> None:
     if not math.isfinite(value):
         raise NonFiniteError(
@@ -66,7 +88,8 @@ def optimizer_step(model, optimizer, scheduler, max_grad_norm: float, info: Dist
         all_reduce_grads(model, info)
     limit = max_grad_norm if max_grad_norm > 0 else float("inf")
     grads = [[p for p in m.parameters() if p.grad is not None] for m in (clip_apart or [model])]
-    totals = [torch.nn.utils.get_total_norm([p.grad for p in part]) for part in grads]
+    totals = [torch.nn.utils.get_total_norm([p.grad for p in part]) if sharded or not DOT_NORM
+              else total_norm([p.grad for p in part]) for part in grads]
     norms = [_norm_value(total) for total in totals]
     for norm in norms:
         check_finite(norm, "gradient norm", step)
