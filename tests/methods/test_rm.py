@@ -113,14 +113,17 @@ def test_rm_learns_rankings_and_saves_a_plain_classifier(tiny, sft_run, tmp_path
     data = tiny["data"]
     cfg = RMConfig(model=str(sft_run["out"] / "model"), train_data=str(data / "rankings_train.jsonl"),
                    eval_data=str(data / "rankings_eval.jsonl"), max_length=64, eval_limit=300,
-                   train=quiet_train(tmp_path / "rm", max_steps=500, batch_size=32, lr=2e-3, warmup_steps=20,
+                   train=quiet_train(tmp_path / "rm", max_steps=1200, batch_size=32, lr=2e-3, warmup_steps=20,
                                      log_every=10))
     tok = load_tokenizer(cfg.model)
     held_out, _ = encode_rankings(read_rows(data / "rankings_eval.jsonl")[:300], tok, 64)
     before = ranking_metrics(load_reward_model(cfg.model, tok), held_out, tok.pad_token_id)
     summary = run_rm(cfg)
-    # Stated bar for the suite (500 steps, ~20 s): >= 0.85 held-out pairwise accuracy (300 steps at
-    # lr 1e-3 gave 0.83-0.9 depending on the SFT model's numerics); the demo trains 3000 steps.
+    # Stated bar for the suite (1200 steps, ~30 s): >= 0.85 held-out pairwise accuracy; the demo
+    # trains 3000 steps. After 500 steps the bar sat inside the spread that rounding alone makes:
+    # with the gradient norm summed four ways, within 1.4e-6 of each other (the SFT model's and the
+    # RM's trajectories diverging from there), 0.84 (dot products), 0.92 (linalg.vector_norm), 0.93
+    # (dot products, reversed order) and 0.96 (float64); after 1200 the first of these reaches 0.94.
     assert summary["pairwise_accuracy"] >= 0.85 > before["pairwise_accuracy"] + 0.2
     assert summary["kendall_tau"] > 0.6
 
