@@ -5,7 +5,14 @@ import pytest
 import torch
 
 from rlhfkit.train.dist import DistInfo
-from rlhfkit.train.optim import NonFiniteError, build_optimizer, build_scheduler, optimizer_step, total_norm
+from rlhfkit.train.optim import (
+    NonFiniteError,
+    _dot_norm_applies,
+    build_optimizer,
+    build_scheduler,
+    optimizer_step,
+    total_norm,
+)
 
 
 def _model(seed: int = 0):
@@ -75,3 +82,14 @@ def test_total_norm_is_torchs_to_float32_rounding():
     half = [g.bfloat16() for g in grads]
     assert float(total_norm(half)) == pytest.approx(float(torch.nn.utils.get_total_norm([g.float() for g in half])), rel=1e-6)
     assert float(total_norm([])) == 0.0
+    # not finite where torch's is not: squares past float32's range, a NaN (optimizer_step then stops)
+    for bad in ([torch.full((3,), 3e19), torch.ones(2)], [torch.tensor([1.0, float("nan")])]):
+        assert not torch.isfinite(torch.nn.utils.get_total_norm(bad)) and not torch.isfinite(total_norm(bad))
+
+
+def test_dot_products_only_for_plain_cpu_gradients():
+    # elsewhere torch's own norm: its fused foreach kernels on an accelerator, DTensors under FSDP2
+    cpu = [torch.ones(3)]
+    assert _dot_norm_applies(cpu, sharded=False)
+    assert not _dot_norm_applies(cpu, sharded=True)
+    assert not _dot_norm_applies(cpu + [torch.empty(3, device="meta")], sharded=False)
