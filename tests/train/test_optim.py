@@ -7,7 +7,7 @@ import torch
 from rlhfkit.train.dist import DistInfo
 from rlhfkit.train.optim import (
     NonFiniteError,
-    _dot_norm_applies,
+    _grad_norm,
     build_optimizer,
     build_scheduler,
     optimizer_step,
@@ -87,9 +87,17 @@ def test_total_norm_is_torchs_to_float32_rounding():
         assert not torch.isfinite(torch.nn.utils.get_total_norm(bad)) and not torch.isfinite(total_norm(bad))
 
 
-def test_dot_products_only_for_plain_cpu_gradients():
+def test_dot_products_only_for_plain_cpu_gradients(monkeypatch):
     # elsewhere torch's own norm: its fused foreach kernels on an accelerator, DTensors under FSDP2
+    import rlhfkit.train.optim as optim
+
+    calls = []
+    monkeypatch.setattr(optim, "total_norm", lambda grads: calls.append("dot") or torch.tensor(1.0))
+    monkeypatch.setattr(torch.nn.utils, "get_total_norm", lambda grads: calls.append("torch") or torch.tensor(1.0))
     cpu = [torch.ones(3)]
-    assert _dot_norm_applies(cpu, sharded=False)
-    assert not _dot_norm_applies(cpu, sharded=True)
-    assert not _dot_norm_applies(cpu + [torch.empty(3, device="meta")], sharded=False)
+    _grad_norm(cpu, sharded=False)
+    _grad_norm(cpu, sharded=True)
+    _grad_norm(cpu + [torch.empty(3, device="meta")], sharded=False)
+    monkeypatch.setattr(optim, "DOT_NORM", False)
+    _grad_norm(cpu, sharded=False)
+    assert calls == ["dot", "torch", "torch", "torch"]

@@ -70,9 +70,12 @@ def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(squares).sum().sqrt()
 
 
-def _dot_norm_applies(grads: list[torch.Tensor], sharded: bool) -> bool:
-    """``total_norm`` for plain CPU gradients (elsewhere ``get_total_norm``'s fused foreach kernels)."""
-    return DOT_NORM and not sharded and all(g.device.type == "cpu" for g in grads)
+def _grad_norm(grads: list[torch.Tensor], sharded: bool) -> torch.Tensor:
+    """``total_norm`` for plain CPU gradients; elsewhere ``get_total_norm`` (its foreach kernels are
+    fused on an accelerator, and it takes FSDP2's DTensors)."""
+    if DOT_NORM and not sharded and all(g.device.type == "cpu" for g in grads):
+        return total_norm(grads)
+    return torch.nn.utils.get_total_norm(grads)
 
 
 def check_finite(value: float, what: str, step: int) -> None:
@@ -94,8 +97,7 @@ def optimizer_step(model, optimizer, scheduler, max_grad_norm: float, info: Dist
         all_reduce_grads(model, info)
     limit = max_grad_norm if max_grad_norm > 0 else float("inf")
     grads = [[p for p in m.parameters() if p.grad is not None] for m in (clip_apart or [model])]
-    totals = [total_norm(g) if _dot_norm_applies(g, sharded) else torch.nn.utils.get_total_norm(g)
-              for g in ([p.grad for p in part] for part in grads)]
+    totals = [_grad_norm([p.grad for p in part], sharded) for part in grads]
     norms = [_norm_value(total) for total in totals]
     for norm in norms:
         check_finite(norm, "gradient norm", step)
