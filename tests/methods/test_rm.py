@@ -2,7 +2,7 @@ import pytest
 import torch
 from helpers import quiet_train
 
-from rlhfkit.data.prefs import SharedPromptBatch, collate_rankings, collate_shared_prompt, encode_rankings
+from rlhfkit.data.prefs import SharedPromptBatch, collate_rankings, encode_rankings
 from rlhfkit.data.rows import read_rows
 from rlhfkit.methods.rm import RMConfig, batch_scores, ranking_collate, ranking_metrics, rm_objective, run_rm
 from rlhfkit.models.load import load_tokenizer
@@ -26,13 +26,24 @@ def test_each_output_is_forwarded_once(tiny):
     assert sum(ks) < sum(k * (k - 1) for k in ks)
 
 
-def test_shared_prompt_layout_gives_the_plain_scores_loss_and_gradients(tiny):
+@pytest.mark.parametrize("pad_is_eos", [False, True])
+def test_shared_prompt_layout_gives_the_plain_scores_loss_and_gradients(tiny, pad_is_eos):
+    """Also with pad = eos (a tokenizer without a pad token, GPT-2's set-up), where transformers
+    reads the score before the final EOS: training's layout must read where PPO and GRPO score."""
     tok = load_tokenizer(tiny["base"])
+    if pad_is_eos:
+        tok.pad_token = tok.eos_token
     model = load_reward_model(tiny["base"], tok)
+    assert model.config.pad_token_id == tok.pad_token_id
     torch.nn.init.normal_(model.score.weight, std=1.0)  # scores that differ by output (a fresh head is small)
     examples, _ = encode_rankings(read_rows(tiny["data"] / "rankings_train.jsonl")[:7], tok, 64)
     assert len({len(e.completion_ids) for e in examples}) > 1  # K differs: padded slots and padded rows
-    plain, shared = collate_rankings(examples, tok.pad_token_id), collate_shared_prompt(examples, tok.pad_token_id)
+    assert all(c[-1] == tok.eos_token_id for e in examples for c in e.completion_ids)
+    plain, shared = collate_rankings(examples, tok.pad_token_id), ranking_collate(model, tok.pad_token_id)(examples)
+    assert isinstance(shared, SharedPromptBatch)
+    with torch.no_grad():  # the plain layout's scores are plain transformers' own
+        own = model(input_ids=plain.input_ids, attention_mask=plain.attention_mask).logits.squeeze(-1)
+    assert torch.allclose(batch_scores(model, plain).flatten()[plain.slot], own, atol=1e-5)
     # Each prompt's tokens pass once: sum(P) + sum(C) positions (plus padding) instead of sum(K * P + C).
     assert shared.input_ids.shape[0] == len(examples) and shared.input_ids.numel() < 0.6 * plain.input_ids.numel()
     objective = rm_objective(center_coef=0.01)

@@ -189,8 +189,13 @@ def collate_rankings(examples: list[RankingExample], pad_id: int) -> RankingBatc
     return RankingBatch(input_ids, attention, completion, slot, ranks, mask, _reference_grid(examples, k))
 
 
-def collate_shared_prompt(examples: list[RankingExample], pad_id: int) -> SharedPromptBatch:
-    """The ``SharedPromptBatch`` layout of ``examples`` (outputs in the same order as ``collate_rankings``)."""
+def collate_shared_prompt(examples: list[RankingExample], pad_id: int, read_pad_id: int | None = -1) -> SharedPromptBatch:
+    """The ``SharedPromptBatch`` layout of ``examples`` (outputs in the same order as ``collate_rankings``).
+
+    ``last`` is where a sequence classifier reads the output's score in its own row (models/reward.py
+    ``score_index``): its rightmost token that is not ``read_pad_id`` (the model config's pad id;
+    -1: ``pad_id``; None: the last token). With pad = eos that is the token before the final EOS."""
+    read_pad_id = pad_id if read_pad_id == -1 else read_pad_id
     k = max(len(e.completion_ids) for e in examples)
     width = max(len(e.prompt_ids) + sum(map(len, e.completion_ids)) for e in examples)
     rows_ids, rows_pos, rows_seg = [], [], []
@@ -207,7 +212,7 @@ def collate_shared_prompt(examples: list[RankingExample], pad_id: int) -> Shared
                 ids.append(t)
             pos += range(n_prompt, n_prompt + len(c))
             seg += [j + 1] * len(c)
-            last.append(p * width + len(ids) - 1)
+            last.append(p * width + _score_position(ids, n_prompt, len(c), read_pad_id))
             slot.append(p * k + j)
             lengths.append(len(c))
         rows_ids.append(ids), rows_pos.append(pos), rows_seg.append(seg)
@@ -221,6 +226,16 @@ def collate_shared_prompt(examples: list[RankingExample], pad_id: int) -> Shared
     return SharedPromptBatch(input_ids, positions, block_causal_mask(segment)[:, None], last_t, slot_t, ranks, mask,
                              predecessor, targets, owner, lengths_t,
                              _reference_grid(examples, k))
+
+
+def _score_position(ids: list[int], n_prompt: int, n_output: int, read_pad_id: int | None) -> int:
+    """The position of the last output appended to ``ids`` (after its prompt's ``n_prompt`` tokens)
+    where its own row ``prompt + output`` would be read: the rightmost token that is not
+    ``read_pad_id``, in the output or else in the prompt (position 0 if none, as ``argmax`` gives)."""
+    row = list(range(n_prompt)) + list(range(len(ids) - n_output, len(ids)))
+    if read_pad_id is None:
+        return row[-1] if row else 0
+    return next((i for i in reversed(row) if ids[i] != read_pad_id), 0)
 
 
 def _reference_grid(examples: list[RankingExample], k: int) -> torch.Tensor | None:

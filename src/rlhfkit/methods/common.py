@@ -64,5 +64,6 @@ def refuse_offline_batch_fields(method: str, train: TrainConfig) -> None:
 def ranking_collate(model, pad_id: int, share_prompt: bool = True):
     """rows -> a batch: the shared-prompt layout when asked for and the model's attention reads it."""
     if share_prompt and reads_block_masks(model):
-        return lambda rows: collate_shared_prompt(rows, pad_id)
+        read_pad_id = model.config.get_text_config().pad_token_id  # where the score head is read, as transformers does
+        return lambda rows: collate_shared_prompt(rows, pad_id, read_pad_id)
     return lambda rows: collate_rankings(rows, pad_id)
