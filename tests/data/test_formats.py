@@ -175,3 +175,29 @@ def test_a_hub_name_says_it_needs_the_network(tmp_path):
         read_rows("trl-lib/ultrafeedback")
     with pytest.raises(DataError, match="file not found"):
         read_rows(tmp_path / "missing.jsonl")
+
+
+def test_a_chat_prompt_gets_one_bos_in_every_method(tok):
+    """A Llama-like tokenizer adds BOS to plain text and its template writes one too: a chat
+    prompt (in ``prompt``, TRL's conversational form, or in ``messages``) is encoded with the
+    template's BOS alone wherever it is read: SFT, RM/DPO, sampling and held-out eval, rewards."""
+    from tokenizers import processors
+
+    from rlhfkit.data.encode import encode_row_prompt
+    from rlhfkit.rollout.reward_models import encode_row_prompt as reward_prompt_ids
+
+    t = build_char_tokenizer()
+    t.add_special_tokens({"bos_token": "<s>"})
+    t._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", t.bos_token_id)])
+    t.chat_template = "{{ bos_token }}" + t.chat_template
+    assert t("hi")["input_ids"][0] == t.bos_token_id  # plain text: one BOS from the tokenizer
+    sft, pair, prompt_only, messages = _rows({"prompt": [USER], "completion": [ASSISTANT]},
+                                            {"prompt": [USER], "chosen": [ASSISTANT], "rejected": [ASSISTANT | {"content": " 4"}]},
+                                            {"prompt": [USER]}, {"messages": [USER]})
+    trained = encode_sft([sft], t, 128)[0][0]
+    expected = trained.input_ids[:trained.prompt_len]
+    assert expected.count(t.bos_token_id) == 1 and expected[0] == t.bos_token_id
+    assert encode_rankings([pair], t, 128)[0][0].prompt_ids == expected
+    assert row_prompt_ids(t, [prompt_only, messages]) == [expected, expected]  # GRPO, PPO, held-out eval
+    assert reward_prompt_ids(t, prompt_only) == expected  # rm:/prm: rewards
+    assert encode_row_prompt(t, Row("p.jsonl:1", {"prompt": "What is 1+2?"}))[0] == t.bos_token_id  # plain: one BOS

@@ -99,6 +99,12 @@ def is_chat_row(row: Row) -> bool:
     return chat_prompt(row) is not None
 
 
+def encode_row_prompt(tokenizer, row: Row) -> list[int]:
+    """Token ids of a row's prompt, plain or chat, as every method and reward encodes it (a chat
+    prompt in ``prompt`` or ``messages``: the template's own BOS, none added)."""
+    return encode_prompt(tokenizer, prompt_text(row, tokenizer), chat=is_chat_row(row))
+
+
 def completion_ids(tokenizer, row: Row, field: str, completion) -> list[int]:
     """Token ids of one answer (``completion``, ``chosen``, ...): plain text + EOS, or a chat
     turn as the template renders it after the row's prompt."""
@@ -123,7 +129,7 @@ def sft_pieces(row: Row, tokenizer) -> tuple[list[int], list[tuple[list[int], bo
                         "a prompt-only row is grpo and ppo data")
     fmt = require_format(row, "sft", SFT_FORMATS)
     if fmt == "prompt_completion":
-        prompt = encode_prompt(tokenizer, prompt_text(row, tokenizer), chat=is_chat_row(row))
+        prompt = encode_row_prompt(tokenizer, row)
         return prompt, [(completion_ids(tokenizer, row, "completion", d["completion"]), True)]
     if "text" in d:
         return encode_prompt(tokenizer, ""), [(completion_ids(tokenizer, row, "text", d["text"]), True)]

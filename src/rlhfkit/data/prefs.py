@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .encode import LengthReport, completion_ids, encode_prompt, fit_length, is_chat_row, prompt_text
+from .encode import LengthReport, completion_ids, encode_row_prompt, fit_length
 from .formats import is_chat, require_format, shared_prefix
 from .rows import DataError, Row, get_str_list
 
@@ -130,7 +130,7 @@ def encode_rankings(rows: list[Row], tokenizer, max_length: int, overlong: str =
     report, examples, encoded = LengthReport(rows=len(rows)), [], {}
     for row in rows:
         completions, ranks = ranking_completions(row, method)
-        prompt_ids = encode_prompt(tokenizer, prompt_text(row, tokenizer), chat=is_chat_row(row))
+        prompt_ids = encode_row_prompt(tokenizer, row)
         names = ["chosen", "rejected"] if len(completions) == 2 and "completions" not in row.data else \
             [f"completions[{i}]" for i in range(len(completions))]
         ids = [_cached(encoded, c, lambda: completion_ids(tokenizer, row, name, c)) for name, c in zip(names, completions)]

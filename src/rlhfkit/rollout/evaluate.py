@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..data.encode import check_prompt_row, encode_prompt, prompt_text
+from ..data.encode import check_prompt_row, encode_row_prompt
 from ..data.rows import Row
 from ..tasks import resolve_task
 from .backend import SamplerBackend, SamplingParams
@@ -11,7 +11,7 @@ from .sampler import Samples, decode
 
 def row_prompt_ids(tokenizer, rows: list[Row]) -> list[list[int]]:
     """Token ids of each row's prompt, plain or chat, as the model sees it."""
-    return [encode_prompt(tokenizer, prompt_text(r, tokenizer), chat="messages" in r.data) for r in rows]
+    return [encode_row_prompt(tokenizer, r) for r in rows]
 
 
 def greedy_samples(backend, tokenizer, rows: list[Row], max_new_tokens: int, batch_size: int = 256) -> list[Samples]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.encode import encode_prompt, prompt_text, to_device
+from ..data.encode import encode_row_prompt, to_device
 from ..data.rows import Row
 from ..data.steps import (
     StepExample,
@@ -39,10 +39,6 @@ def own_tokenizer(path: str, policy_tokenizer):
     if any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
         return load_tokenizer(path)
     return policy_tokenizer
-
-
-def _prompt_ids(tokenizer, row: Row) -> list[int]:
-    return encode_prompt(tokenizer, prompt_text(row, tokenizer), chat="messages" in row.data)
 
 
 class RewardModelReward:
@@ -66,7 +62,7 @@ class RewardModelReward:
         if not self.retokenise:
             return reward_scores(self.model, samples.input_ids, samples.attention_mask).tolist()
         tok = self.tokenizer
-        seqs = [_prompt_ids(tok, row) + tok(text, add_special_tokens=False)["input_ids"]
+        seqs = [encode_row_prompt(tok, row) + tok(text, add_special_tokens=False)["input_ids"]
                 + ([tok.eos_token_id] if finished else [])
                 for row, text, finished in zip(rows, completions, samples.finished.tolist())]
         ids, mask = left_pad(seqs, tok.pad_token_id)
@@ -100,7 +96,7 @@ class ProcessRewardModelReward:
         examples, ends = [], []
         for row, text, ids in zip(rows, completions, completion_ids):
             steps = split_steps(text, self.separator) or [(text, len(text))]  # no step written: one, scored
-            input_ids, positions, spans = encode_steps(self.tokenizer, _prompt_ids(self.tokenizer, row),
+            input_ids, positions, spans = encode_steps(self.tokenizer, encode_row_prompt(self.tokenizer, row),
                                                 [s for s, _ in steps], self.sep_ids)
             examples.append(StepExample(input_ids, positions, (), spans))
             ends.append([char_to_token_index(policy_tokenizer, ids, end) for _, end in steps])
