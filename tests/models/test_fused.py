@@ -138,6 +138,55 @@ def test_refuses_what_it_does_not_compute(monkeypatch):
     assert not fused.applies(model)
 
 
+def test_lora_on_a_later_layer_only_keeps_the_models_own_forward():
+    """``lora.target_modules`` may adapt some layers only: the node reads plain weights, so an
+    adapter in any layer (not only the first) sends the model to its own forward."""
+    from rlhfkit.models.forward import token_logprobs
+    from rlhfkit.models.lora import LoraSettings, apply_lora
+
+    model = apply_lora(tiny("llama"), LoraSettings(r=4, alpha=8, dropout=0.0,
+                                                   target_modules="layers.1.self_attn.q_proj,layers.1.mlp.down_proj"),
+                       base=None)
+    with torch.no_grad():  # a trained adapter: B away from its zero start
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    assert not fused.applies(model)
+    ids = torch.randint(3, 97, (2, 9))
+    mask = torch.ones_like(ids)
+    ours = token_logprobs(model, ids, mask)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].log_softmax(-1)
+    theirs = logits.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    assert torch.allclose(ours[:, 1:], theirs, atol=1e-5)
+    ours.sum().backward()  # the adapters get gradients (the node would have left none: an error)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+
+
+def test_a_sliding_window_model_reads_no_block_masks():
+    """A block mask replaces the model's own (which holds the window): shared-prompt and packed
+    layouts are refused where a layer attends within a sliding window, and GRPO's shared-prompt
+    log-probs then equal each row's own forward."""
+    from rlhfkit.models.forward import reads_block_masks
+    from rlhfkit.rollout.sampler import completion_logprobs, sample
+
+    model = tiny("mistral")
+    assert reads_block_masks(model)
+    model.config.sliding_window = 4
+    assert not reads_block_masks(model)
+    with torch.no_grad():  # sharp attention, so that the window changes the numbers
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(4.0)
+    samples = sample(model.eval(), [[5, 17, 3, 44, 9, 12, 33, 21], [8, 20, 30, 40, 50, 60, 70]], eos_id=1, pad_id=0,
+                     max_new_tokens=6, num_samples=3, stop_at_eos=False, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        shared, alone = completion_logprobs(model, samples, group_size=3), completion_logprobs(model, samples)
+        logits = model(input_ids=samples.input_ids, attention_mask=samples.attention_mask).logits[:, :-1]
+    own = logits.log_softmax(-1).gather(-1, samples.input_ids[:, 1:, None]).squeeze(-1)[:, samples.prompt_ids.shape[1] - 1:]
+    assert torch.allclose(shared, own, atol=1e-5) and torch.allclose(alone, own, atol=1e-5)
+
+
 def _grads_both_ways(model, ids, mask, positions, monkeypatch, first=0):
     """(hidden, gradients) with the decoder layers as one node and as one node per operation."""
     results = []

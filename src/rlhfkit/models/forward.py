@@ -116,9 +116,12 @@ def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def reads_block_masks(model) -> bool:
-    """Whether ``model`` takes a 4D boolean attention mask as given: transformers' SDPA attention
-    does; eager attention would add the booleans to its scores."""
-    return getattr(model.config, "_attn_implementation", None) == "sdpa"
+    """Whether ``model`` takes a 4D boolean attention mask as given and computes nothing else into
+    it: transformers' SDPA attention does; eager attention would add the booleans to its scores, and
+    a sliding window (Mistral, Qwen2, Gemma 3) would be dropped, since the mask given replaces it."""
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(config, "_attn_implementation", None) == "sdpa" and not fused.sliding_window_in_use(text)
 
 
 def head_gap(model) -> float:

@@ -42,13 +42,18 @@ from .script import LAYERS, scripted
 SUPPORTED = {"llama", "qwen2", "mistral"}
 
 
+def sliding_window_in_use(config) -> bool:
+    """Whether some layer attends within a sliding window (Mistral's ``sliding_window``, Qwen2's
+    ``use_sliding_window``, ``layer_types`` holding anything but full attention)."""
+    return (bool(getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True))
+            or any(t != "full_attention" for t in getattr(config, "layer_types", None) or ()))
+
+
 def llama_like(config) -> bool:
     """A decoder that this module and the sampler's lean decoder (lean.py) compute as the model
     does: llama, qwen2 or mistral, a SiLU MLP, full attention in every layer."""
     return (config.model_type in SUPPORTED and getattr(config, "hidden_act", None) == "silu"
-            and getattr(config, "pretraining_tp", 1) == 1
-            and not (getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True))
-            and all(t == "full_attention" for t in getattr(config, "layer_types", None) or ()))
+            and getattr(config, "pretraining_tp", 1) == 1 and not sliding_window_in_use(config))
 
 
 def applies(model) -> bool:
@@ -64,14 +69,14 @@ def applies(model) -> bool:
             or (model.training and getattr(cfg, "attention_dropout", 0.0))):
         return False
     plain = (torch.nn.Linear, torch.nn.Embedding)
-    layer = layers[0]
-    modules = (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
-               layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj, base.embed_tokens)
-    if _sharded(model, layer):
+    if _sharded(model, layers[0]):
         return False
-    # peft wraps the linears in its own classes
-    return all(isinstance(m, plain) and type(m).__module__.startswith(("torch.nn", "rlhfkit"))
-               for m in modules) and type(layer).__module__.startswith("transformers")
+    # peft wraps the linears in its own classes, in every layer or only in some (lora.target_modules)
+    modules = [base.embed_tokens] + [m for layer in layers for m in (
+        layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+        layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)]
+    return (all(isinstance(m, plain) and type(m).__module__.startswith(("torch.nn", "rlhfkit")) for m in modules)
+            and all(type(layer).__module__.startswith("transformers") for layer in layers))
 
 
 def _sharded(*modules) -> bool:
