@@ -177,6 +177,30 @@ def test_a_hub_name_says_it_needs_the_network(tmp_path):
         read_rows(tmp_path / "missing.jsonl")
 
 
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "What is 1+2?", "completion": [ASSISTANT]},
+     "d.jsonl:1: field 'completion' holds chat messages but the prompt is plain text"),
+    ({"prompt": "What is 1+2?", "chosen": [ASSISTANT], "rejected": [ASSISTANT | {"content": " 4"}]},
+     "d.jsonl:1: field 'chosen' holds chat messages but the prompt is plain text"),
+    ({"chosen": [{"role": "system", "content": "Be brief."}, USER, ASSISTANT],
+      "rejected": [{"role": "system", "content": "Be kind."}, USER, ASSISTANT | {"content": " 4"}]},
+     "d.jsonl:1: fields 'chosen' and 'rejected' share no leading message"),
+    ({"prompt": "Q", "completions": ["a", "b"], "ranks": [False, True]}, "d.jsonl:1: field 'ranks' must be"),
+])
+def test_mixed_or_promptless_chat_rows_fail_with_the_row_and_field(tok, row, message):
+    with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        if "completion" in row:
+            encode_sft(_rows(row), tok, 128)
+        else:
+            encode_rankings(_rows(row), tok, 128)
+
+
+def test_ranks_none_from_a_table_column_means_no_ties(tok):
+    """parquet and datasets give every row every column: a row without ties holds ``ranks: None``."""
+    [example], _ = encode_rankings(_rows({"prompt": "Q", "completions": ["a", "b", "c"], "ranks": None}), tok, 128)
+    assert example.ranks == [0, 1, 2]
+
+
 def test_a_chat_prompt_gets_one_bos_in_every_method(tok):
     """A Llama-like tokenizer adds BOS to plain text and its template writes one too: a chat
     prompt (in ``prompt``, TRL's conversational form, or in ``messages``) is encoded with the

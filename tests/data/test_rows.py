@@ -67,6 +67,33 @@ def test_parquet_dataset_and_chat_rows(tmp_path, tok):
     assert tok.decode(example.input_ids[example.prompt_len:]) == " 4<eos>"
 
 
+def test_json_arrays_csv_and_table_nulls(tmp_path):
+    """What ``datasets.load_dataset`` reads: a JSON array (pretty-printed or on one line) and a csv
+    with a header; a table's null (or a csv's empty cell) is a field the row does not have."""
+    rows = [{"prompt": "What is 1+1?", "completion": " 2"}, {"prompt": "What is 2+2?", "completion": " 4", "answer": 4}]
+    (tmp_path / "pretty.json").write_text(json.dumps(rows, indent=2))
+    (tmp_path / "one.json").write_text(json.dumps(rows))
+    for name in ("pretty.json", "one.json"):
+        read = read_rows(tmp_path / name)
+        assert [r.data for r in read] == rows and read[1].where == f"{tmp_path / name}:row 1"
+    _jsonl(tmp_path / "lines.json", rows)  # JSON lines under a .json name, as before
+    assert [r.data for r in read_rows(tmp_path / "lines.json")] == rows
+    (tmp_path / "bad.json").write_text('[\n  {"prompt": "a"},\n  {"prompt": \n]')
+    with pytest.raises(DataError, match=r"bad.json:4: not valid JSON"):
+        read_rows(tmp_path / "bad.json")
+    (tmp_path / "d.csv").write_text('prompt,completion,answer\n"What is 1+1?", 2,\n"What is 2+2?", 4,4\n')
+    read = read_rows(tmp_path / "d.csv")
+    assert [r.data for r in read] == [{"prompt": "What is 1+1?", "completion": " 2"},
+                                      {"prompt": "What is 2+2?", "completion": " 4", "answer": "4"}]
+    assert read[1].where == f"{tmp_path / 'd.csv'}:3"
+    (tmp_path / "wide.csv").write_text("prompt,completion\na,b,c\n")
+    with pytest.raises(DataError, match=r"wide.csv:2: more values than the header's 2 columns"):
+        read_rows(tmp_path / "wide.csv")
+    table = datasets.Dataset.from_list([{**rows[0], "answer": None}, rows[1]])  # row 0's answer: null in the table
+    table.to_parquet(str(tmp_path / "d.parquet"))
+    assert [r.data for r in read_rows(tmp_path / "d.parquet")] == rows
+
+
 def test_chat_row_needs_an_assistant_turn(tok):
     bad = [{"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}]}]
     with pytest.raises(DataError, match=r"row 0: field 'messages' has no assistant turn after the first message"):

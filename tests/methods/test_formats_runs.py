@@ -40,12 +40,14 @@ def test_sft_cli_on_multi_turn_messages_from_a_saved_dataset_dict(tiny, tmp_path
     assert out.returncode == 2 and "trl-lib/Capybara: a Hub dataset name needs the network" in out.stderr
 
 
-def test_rm_on_conversational_implicit_preference_dataset(tiny, tmp_path):
+def test_rm_on_conversational_implicit_preference_dataset(tiny, tmp_path, capsys):
     rows = [{"chosen": _chat(f"{a}+1", a + 1), "rejected": _chat(f"{a}+1", a + 2)} for a in range(16)]
+    too_long = {"chosen": _chat("1+1", "2" * 80), "rejected": _chat("1+1", 3)}  # a held-out row is skipped, and said so
     summary = run_rm(RMConfig(model=str(tiny["base"]), train_data=datasets.Dataset.from_list(rows), max_length=64,
-                              eval_data=datasets.Dataset.from_list(rows[:4]),
+                              eval_data=datasets.Dataset.from_list(rows[:4] + [too_long]),
                               train=quiet_train(tmp_path / "rm", max_steps=2, batch_size=8)))
     assert summary["steps"] == 2 and 0 <= summary["pairwise_accuracy"] <= 1
+    assert "(held out, over-long rows skipped): 5 rows, 0 truncated, 1 skipped" in capsys.readouterr().err
 
 
 def test_dpo_on_conversational_pairs_with_rpo_alpha(tiny, tmp_path):
@@ -87,3 +89,24 @@ def test_grpo_on_conversational_prompts_rewards_see_the_prompt_as_written(tiny, 
                         train=quiet_train(tmp_path / "grpo", max_steps=1)), reward_fns=[record])
     assert len(seen) == 8 and all(p in [r["prompt"] for r in rows] for p in seen)
     assert seen[0] == [{"role": "user", "content": seen[0][0]["content"]}]
+
+
+def test_sft_held_out_conversational_answers_and_text_rows(tiny, tmp_path):
+    """TRL's conversational prompt-completion rows as eval data give the accuracy (the reference is
+    the assistant message's content) and the loss; language-modeling ``text`` rows give the loss
+    alone, the held-out NLL of the final model."""
+    from rlhfkit.data.encode import encode_sft
+    from rlhfkit.methods.sft import SFTConfig, heldout_loss, run_sft
+
+    chat = [{"prompt": _chat(f"{a}+1"), "completion": _chat("", a + 1)[1:]} for a in range(16)]
+    text = [{"text": f"What is {a}+1? {a + 1}"} for a in range(4)]
+    base = dict(model=str(tiny["base"]), train_data=datasets.Dataset.from_list(chat), max_length=64,
+                eval_max_new_tokens=4)
+    summary = run_sft(SFTConfig(**base, eval_data=datasets.Dataset.from_list(chat[:4]),
+                                train=quiet_train(tmp_path / "chat", max_steps=2, batch_size=8)))
+    assert summary["accuracy"] == 0.0 and summary["eval_loss"] > 0  # 2 steps from random weights: no right answer
+    summary = run_sft(SFTConfig(**base, eval_data=datasets.Dataset.from_list(text),
+                                train=quiet_train(tmp_path / "text", max_steps=2, batch_size=8)))
+    model, tok = load_policy(str(tmp_path / "text" / "model"), None)
+    examples, _ = encode_sft(read_rows(text), tok, 64)
+    assert summary["accuracy"] is None and abs(summary["eval_loss"] - heldout_loss(model, examples, tok.pad_token_id)) < 1e-5

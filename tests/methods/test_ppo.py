@@ -32,7 +32,7 @@ def _untrained(tiny, **kw):
 
 
 def test_ptx_adds_exactly_coef_times_the_sft_loss(tiny):
-    cfg, models, tok, _ = _untrained(tiny, ptx_coef=0.5)
+    cfg, models, tok, _ = _untrained(tiny, ptx_coef=0.5, ptx_data=str(tiny["data"] / "sft_train.jsonl"))
     ptx_batch = collate_sft(encode_sft(read_rows(tiny["data"] / "sft_train.jsonl")[:8], tok, 64)[0], tok.pad_token_id)
     tokens = ptx_batch.completion_mask[:, 1:].sum().item()
     scaled, plain = ptx_loss(models["actor"], ptx_batch, cfg, tokens)

@@ -75,7 +75,11 @@ def chat_prompt(row: Row) -> list[dict] | None:
     """The messages a chat row's answer follows (None for plain text rows)."""
     d = row.data
     if row_format(row) == "implicit_preference" and is_chat(d.get("chosen")):
-        return shared_prefix(d["chosen"], d["rejected"])[0]
+        prompt = shared_prefix(d["chosen"], d["rejected"])[0]
+        if not prompt:
+            raise DataError(f"{row.where}: fields 'chosen' and 'rejected' share no leading message, so the pair has "
+                            "no prompt; put the prompt's messages in a 'prompt' field")
+        return prompt
     if is_chat(d.get("prompt")):
         return check_messages(row, "prompt", d["prompt"])
     if "messages" in d and "prompt" not in d:
@@ -113,7 +117,11 @@ def completion_ids(tokenizer, row: Row, field: str, completion) -> list[int]:
             raise DataError(f"{row.where}: field '{field}' is empty")
         return encode_completion(tokenizer, completion)
     turn = check_messages(row, field, completion)
-    text, eos = assistant_text(tokenizer, chat_prompt(row) or [], turn, row, field)
+    context = chat_prompt(row)
+    if context is None:
+        raise DataError(f"{row.where}: field '{field}' holds chat messages but the prompt is plain text; "
+                        "write both as chat messages or both as text")
+    text, eos = assistant_text(tokenizer, context, turn, row, field)
     return tokenizer(text, add_special_tokens=False)["input_ids"] + ([tokenizer.eos_token_id] if eos else [])
 
 

@@ -73,6 +73,16 @@ def is_chat(value) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m for m in value)
 
 
+def answer_text(value) -> str | None:
+    """An answer as text: a string, or the content of a chat list's final assistant message
+    (TRL's conversational ``completion``); None for anything else."""
+    if isinstance(value, str):
+        return value
+    if is_chat(value) and value[-1].get("role") == "assistant" and isinstance(value[-1].get("content"), str):
+        return value[-1]["content"]
+    return None
+
+
 def check_messages(row: Row, field: str, messages, min_len: int = 1) -> list[dict]:
     if not isinstance(messages, list) or len(messages) < min_len:
         raise DataError(f"{row.where}: field '{field}' must be a list of at least {min_len} message(s)")

@@ -106,9 +106,10 @@ def ranking_completions(row: Row, method: str = "rm and dpo") -> tuple[list, lis
         completions = get_str_list(row, "completions", min_len=2)
         if len(completions) > 9:
             raise DataError(f"{row.where}: field 'completions' has {len(completions)} entries; at most 9")
-        ranks = row.data.get("ranks", list(range(len(completions))))
+        ranks = row.data.get("ranks")  # None: a parquet or datasets column where this row has no ties
+        ranks = list(range(len(completions))) if ranks is None else ranks
         if (not isinstance(ranks, list) or len(ranks) != len(completions)
-                or not all(isinstance(r, int) for r in ranks) or ranks != sorted(ranks)):
+                or not all(isinstance(r, int) and not isinstance(r, bool) for r in ranks) or ranks != sorted(ranks)):
             raise DataError(f"{row.where}: field 'ranks' must be non-decreasing integers, one per completion")
         if ranks[0] == ranks[-1]:
             raise DataError(f"{row.where}: field 'ranks' ranks every completion equal: no preference to learn")

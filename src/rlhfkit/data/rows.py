@@ -1,8 +1,10 @@
-"""Reading rows from jsonl, parquet, a saved dataset folder or a ``datasets.Dataset``, with
-errors that name the place.
+"""Reading rows from jsonl, a JSON array, csv, parquet, a saved dataset folder or a
+``datasets.Dataset``, with errors that name the place.
 
-Every row carries ``where`` ("path:line" for jsonl, "path:row N" otherwise) so a validation
-error can say exactly which line and which field is wrong. Nothing is skipped silently.
+Every row carries ``where`` ("path:line" for jsonl and csv, "path:row N" otherwise) so a
+validation error can say exactly which line and which field is wrong. Nothing is skipped
+silently. A table (parquet, csv, a dataset) gives every row every column: a null there is a
+field the row does not have, as if a jsonl line left it out.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ class Row:
     data: dict[str, Any]
 
 
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 
 def read_rows(source) -> list[Row]:
@@ -46,7 +48,8 @@ def read_rows(source) -> list[Row]:
                 raise DataError(f"{source}: a Hub dataset name needs the network; pass a local file or a saved "
                                 "dataset folder (datasets.load_dataset(...).save_to_disk(FOLDER) where there is one)")
             raise DataError(f"{path}: file not found")
-        rows = _read_parquet(path) if path.suffix == ".parquet" else _read_jsonl(path)
+        readers = {".parquet": _read_parquet, ".csv": _read_csv, ".json": _read_json}
+        rows = readers.get(path.suffix, _read_jsonl)(path)
         if not rows:
             raise DataError(f"{path}: the file holds no rows")
         return rows
@@ -60,6 +63,13 @@ def read_rows(source) -> list[Row]:
     if not rows:
         raise DataError("the dataset holds no rows")
     return rows
+
+
+def source_name(source) -> str:
+    """A data source as a message names it: its path, or the kind of object it is."""
+    if isinstance(source, (str, Path)):
+        return str(source)
+    return f"<list of {len(source)} rows>" if isinstance(source, list) else f"<{type(source).__name__}>"
 
 
 def _looks_like_hub_name(text: str) -> bool:
@@ -98,10 +108,15 @@ def _read_saved(folder: Path, split: str | None) -> list[Row]:
 
 
 def _from_dataset(ds, name: str) -> list[Row]:
-    rows = [Row(f"{name}:row {i}", _as_dict(r, f"{name}:row {i}")) for i, r in enumerate(ds)]
+    rows = [Row(f"{name}:row {i}", _present(_as_dict(r, f"{name}:row {i}"))) for i, r in enumerate(ds)]
     if not rows:
         raise DataError(f"{name}: the dataset holds no rows")
     return rows
+
+
+def _present(fields: dict) -> dict:
+    """A table row's fields without its nulls (columns other rows fill)."""
+    return {k: v for k, v in fields.items() if v is not None}
 
 
 def _as_dict(obj, where: str) -> dict:
@@ -129,11 +144,47 @@ def _read_jsonl(path: Path) -> list[Row]:
     return rows
 
 
+def _read_json(path: Path) -> list[Row]:
+    """A ``.json`` file: one JSON array of row objects (as ``datasets.load_dataset("json")`` reads
+    it, pretty-printed or not), else JSON lines."""
+    with path.open("rb") as f:
+        head = f.read(4096).lstrip()
+    if not head.startswith(b"["):
+        return _read_jsonl(path)
+    try:
+        items = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    return [Row(f"{path}:row {i}", _as_dict(item, f"{path}:row {i}")) for i, item in enumerate(items)]
+
+
+def _read_csv(path: Path) -> list[Row]:
+    """A ``.csv`` file with a header line; every field a string (chat messages need jsonl or parquet)."""
+    import csv
+
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            rows = []
+            for fields in reader:
+                where = f"{path}:{reader.line_num}"
+                if None in fields:
+                    raise DataError(f"{where}: more values than the header's {len(reader.fieldnames)} columns")
+                rows.append(Row(where, {k: v for k, v in fields.items() if v not in (None, "")}))  # empty: absent
+            return rows
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    except csv.Error as e:
+        raise DataError(f"{path}: not valid CSV ({e})") from None
+
+
 def _read_parquet(path: Path) -> list[Row]:
     import datasets
 
     ds = datasets.Dataset.from_parquet(str(path))
-    return [Row(f"{path}:row {i}", dict(r)) for i, r in enumerate(ds)]
+    return [Row(f"{path}:row {i}", _present(dict(r))) for i, r in enumerate(ds)]
 
 
 def _require(row: Row, field: str):

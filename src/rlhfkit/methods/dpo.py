@@ -17,7 +17,7 @@ import torch
 
 from ..data.encode import OVERLONG_POLICIES, SFTExample, collate_sft, to_device
 from ..data.prefs import RankingBatch, SharedPromptBatch, collate_rankings, count_pairs, encode_rankings
-from ..data.rows import DataError, Row, read_rows
+from ..data.rows import DataError, Row, read_rows, source_name
 from ..losses.dpo import chosen_nll, dpo_loss, plackett_luce_loss
 from ..models.forward import as_forward, eval_mode, predecessor_logprobs, token_logprobs
 from ..models.load import load_causal_lm, load_tokenizer
@@ -176,9 +176,12 @@ def run_dpo(cfg: DPOConfig) -> dict:
     pad = tokenizer.pad_token_id
     examples, report = encode_rankings(refuse_ties(read_rows(cfg.train_data)), tokenizer, cfg.max_length, cfg.overlong,
                                        method="dpo")
-    run.say(f"{cfg.train_data}: {report.summary()}")
+    run.say(f"{source_name(cfg.train_data)}: {report.summary()}")
     pref_rows = refuse_ties(head(read_rows(cfg.eval_data), cfg.eval_limit)) if cfg.eval_data else []
-    pref_examples = encode_rankings(pref_rows, tokenizer, cfg.max_length, "skip")[0] if pref_rows else []
+    pref_examples = []
+    if pref_rows:
+        pref_examples, eval_report = encode_rankings(pref_rows, tokenizer, cfg.max_length, "skip")
+        run.say(f"{source_name(cfg.eval_data)} (held out, over-long rows skipped): {eval_report.summary()}")
     prompts = held_out(cfg.eval_prompts, cfg.eval_limit, cfg.eval_task)
     model = run.prepare(load_causal_lm(cfg.model, tokenizer, device=run.device), cfg.lora, base=cfg.model)
     backend = SamplerBackend(tokenizer, model, copy=run.shards_models)  # a copy is made before sharding

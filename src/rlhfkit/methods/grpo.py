@@ -15,7 +15,7 @@ import torch
 
 from ..data.encode import check_prompts
 from ..data.formats import user_prompt
-from ..data.rows import read_rows
+from ..data.rows import read_rows, source_name
 from ..losses.grpo import REDUCTIONS, group_advantages, grpo_loss, process_advantages
 from ..models.load import load_causal_lm, load_tokenizer
 from ..models.reward import is_likelihood_prm, is_sequence_classifier, is_token_classifier
@@ -296,7 +296,7 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
     rows, eval_rows = read_rows(cfg.train_data), held_out(cfg.eval_data, cfg.eval_limit, cfg.eval_task)
     needed = sorted({f for fn in [*rewards.functions, rewards.process] if fn is not None for f in reward_fields(fn)})
     report = check_prompts(rows, tokenizer, needed, RESERVED)  # every row, before any model loads
-    run.say(f"{cfg.train_data}: {report.summary()}")
+    run.say(f"{source_name(cfg.train_data)}: {report.summary()}")
     policy = run.prepare(load_causal_lm(cfg.model, tokenizer, device=run.device), cfg.lora, base=cfg.model)
     rewards = load_model_rewards(cfg, rewards, tokenizer, run.device)
     learned = [f for f in rewards.functions if isinstance(f, RewardModelReward)]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..data.encode import check_prompts, collate_sft, encode_sft, to_device
-from ..data.rows import read_rows
+from ..data.rows import read_rows, source_name
 from ..losses.ppo import AdaptiveKL, explained_variance, gae, kl_penalty_rewards, policy_loss, value_loss
 from ..losses.reduce import masked_mean, masked_whiten
 from ..losses.sft import sft_loss
@@ -94,6 +94,9 @@ class PPOConfig:
             positive(key, getattr(self, key))
         if self.target_kl is not None and not self.target_kl > 0:
             raise ConfigError(f"config key 'target_kl' must be > 0 (or unset for a fixed kl_coef); got {self.target_kl}")
+        if bool(self.ptx_data) != (self.ptx_coef > 0):  # one without the other would be silently unused
+            raise ConfigError("PPO-ptx needs both ptx_data and ptx_coef > 0; got "
+                              f"ptx_data={self.ptx_data!r}, ptx_coef={self.ptx_coef}")
         if self.prompts_per_step % self.minibatch_size:
             raise ConfigError(f"prompts_per_step ({self.prompts_per_step}) must be a multiple of minibatch_size "
                               f"({self.minibatch_size})")
@@ -336,8 +339,10 @@ def run_ppo(cfg: PPOConfig, backend=None) -> dict:
         raise ConfigError(f"minibatch_size={cfg.minibatch_size} must divide over {run.info.world_size} ranks")
     rows, eval_rows = read_rows(cfg.train_data), held_out(cfg.eval_data, cfg.eval_limit, cfg.eval_task)
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
-    run.say(f"{cfg.train_data}: {check_prompts(rows, tokenizer).summary()}")  # every row, before any model loads
+    run.say(f"{source_name(cfg.train_data)}: {check_prompts(rows, tokenizer).summary()}")  # every row, before any model loads
     ptx = load_ptx(cfg, tokenizer)
+    if ptx is not None:
+        run.say(f"{source_name(cfg.ptx_data)} (ptx, over-long rows truncated to ptx_max_length): {ptx[2].summary()}")
     models, tokenizer = load_models(cfg, run.device, run)
     run.say("parameter memory " + ", ".join(f"{k.split('/')[1]} {v} MB" for k, v in model_memory_mb(models).items()))
     backend = backend or make_backend(cfg.rollout, tokenizer, models["actor"], copy=run.shards_models,  # before sharding

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..data.encode import OVERLONG_POLICIES, to_device
-from ..data.rows import read_rows
+from ..data.rows import read_rows, source_name
 from ..data.steps import collate_steps, encode_step_rows
 from ..losses.prm import step_bce_loss
 from ..models.forward import eval_mode
@@ -125,11 +125,12 @@ def run_prm(cfg: PRMConfig) -> dict:
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
     examples, report = encode_step_rows(read_rows(cfg.train_data), tokenizer, cfg.step_separator, cfg.max_length,
                                         cfg.overlong)
-    run.say(f"{cfg.train_data}: {report.summary()}")
+    run.say(f"{source_name(cfg.train_data)}: {report.summary()}")
     held_out = []
     if cfg.eval_data:
-        held_out, _ = encode_step_rows(head(read_rows(cfg.eval_data), cfg.eval_limit), tokenizer, cfg.step_separator,
-                                       cfg.max_length, "skip")
+        held_out, eval_report = encode_step_rows(head(read_rows(cfg.eval_data), cfg.eval_limit), tokenizer,
+                                                 cfg.step_separator, cfg.max_length, "skip")
+        run.say(f"{source_name(cfg.eval_data)} (held out, over-long rows skipped): {eval_report.summary()}")
     model = load_process_reward_model(cfg.model, tokenizer, cfg.num_labels, seed=cfg.train.seed, device=run.device,
                                       readout=cfg.readout)
     model.config.step_separator = cfg.step_separator  # saved in config.json: where GRPO reads the steps

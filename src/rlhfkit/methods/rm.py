@@ -18,7 +18,7 @@ from ..data.prefs import (
     count_pairs,
     encode_rankings,
 )
-from ..data.rows import read_rows
+from ..data.rows import read_rows, source_name
 from ..losses.rm import ranking_loss
 from ..models.forward import eval_mode
 from ..models.load import load_tokenizer
@@ -111,10 +111,12 @@ def run_rm(cfg: RMConfig) -> dict:
     run = start_run(cfg.train, cfg, "rm")
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
     examples, report = encode_rankings(read_rows(cfg.train_data), tokenizer, cfg.max_length, cfg.overlong, method="rm")
-    run.say(f"{cfg.train_data}: {report.summary()}")
+    run.say(f"{source_name(cfg.train_data)}: {report.summary()}")
     held_out = []
     if cfg.eval_data:
-        held_out, _ = encode_rankings(head(read_rows(cfg.eval_data), cfg.eval_limit), tokenizer, cfg.max_length, "skip")
+        held_out, eval_report = encode_rankings(head(read_rows(cfg.eval_data), cfg.eval_limit), tokenizer,
+                                                cfg.max_length, "skip")
+        run.say(f"{source_name(cfg.eval_data)} (held out, over-long rows skipped): {eval_report.summary()}")
     model = load_reward_model(cfg.model, tokenizer, seed=cfg.train.seed, device=run.device)
     model = run.shard(run.prepare(model, cfg.lora, head=score_name(model), base=cfg.model))
     evaluate = (lambda m: ranking_metrics(m, held_out, tokenizer.pad_token_id, share_prompt=cfg.share_prompt)) \

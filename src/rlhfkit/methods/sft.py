@@ -12,16 +12,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data.encode import OVERLONG_POLICIES, collate_sft, collate_sft_packed, encode_sft, to_device
-from ..data.rows import read_rows
+from ..data.formats import row_format
+from ..data.rows import DataError, read_rows, source_name
 from ..losses.sft import sft_loss
 from ..models.forward import eval_mode, reads_block_masks, token_logprobs
 from ..models.load import load_causal_lm, load_tokenizer
 from ..rollout.backend import SamplerBackend
+from ..rollout.evaluate import HeldOut
 from ..tasks import TASK_CHOICES
 from ..train.config import ConfigError, LoraConfig, TrainConfig, at_least, choice, within
 from ..train.loop import Objective, train_offline
 from ..train.run import start_run
-from .common import accuracy_eval, held_out
+from .common import accuracy_eval, head
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,9 @@ class SFTConfig:
         at_least("eval_limit", self.eval_limit, 0)
         within("stop_at_accuracy", self.stop_at_accuracy, 0, 1)
         within("snapshot_at_accuracy", self.snapshot_at_accuracy, 0, 1)
+        for key in ("stop_at_accuracy", "snapshot_at_accuracy"):
+            if getattr(self, key) is not None and not self.eval_data:
+                raise ConfigError(f"{key} needs eval_data (held-out prompts whose greedy answers give the accuracy)")
 
 
 def sft_objective() -> Objective:
@@ -76,14 +81,35 @@ def heldout_loss(model, examples: list, pad_id: int, batch_size: int = 64) -> fl
     return nll / max(tokens, 1.0)
 
 
+def held_out_sft(cfg: SFTConfig, tokenizer, say) -> tuple[HeldOut | None, list]:
+    """The held-out prompts whose greedy answers give the accuracy (None for language-modeling
+    ``text`` rows, which have no prompt: their loss alone), and the examples the held-out loss is
+    computed on (every row with an answer), encoded under the training's length policy."""
+    if not cfg.eval_data:
+        return None, []
+    rows = head(read_rows(cfg.eval_data), cfg.eval_limit)
+    text = [r for r in rows if "text" in r.data and row_format(r) == "language_modeling"]
+    if text and len(text) < len(rows):
+        raise DataError(f"{text[0].where}: a 'text' row among held-out prompts; eval_data holds either text rows "
+                        "(the held-out loss alone) or prompts with their answers")
+    if text and (cfg.stop_at_accuracy is not None or cfg.snapshot_at_accuracy is not None):
+        raise ConfigError("eval_data holds 'text' rows, which have no prompt to answer: there is no accuracy "
+                          "for stop_at_accuracy or snapshot_at_accuracy")
+    prompts = None if text else HeldOut(rows, cfg.eval_task)
+    with_answers = [r for r in rows if "text" in r.data or "completion" in r.data or "messages" in r.data]
+    if not with_answers:
+        return prompts, []
+    examples, report = encode_sft(with_answers, tokenizer, cfg.max_length, cfg.overlong)
+    say(f"{source_name(cfg.eval_data)} (held out, for the loss): {report.summary()}")
+    return prompts, examples
+
+
 def run_sft(cfg: SFTConfig) -> dict:
     run = start_run(cfg.train, cfg, "sft")
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
     examples, report = encode_sft(read_rows(cfg.train_data), tokenizer, cfg.max_length, cfg.overlong)
-    run.say(f"{cfg.train_data}: {report.summary()}")
-    rows = held_out(cfg.eval_data, cfg.eval_limit, cfg.eval_task)  # checked now, not after training
-    with_completions = rows is not None and all("completion" in r.data or "messages" in r.data for r in rows.rows)
-    eval_examples = encode_sft(rows.rows, tokenizer, cfg.max_length, cfg.overlong)[0] if with_completions else []
+    run.say(f"{source_name(cfg.train_data)}: {report.summary()}")
+    rows, eval_examples = held_out_sft(cfg, tokenizer, run.say)  # checked now, not after training
     model = run.prepare(load_causal_lm(cfg.model, tokenizer, device=run.device), cfg.lora, base=cfg.model)
     backend = SamplerBackend(tokenizer, model, copy=run.shards_models)  # a copy is made before sharding
     run.shard(model)
@@ -105,15 +131,17 @@ def run_sft(cfg: SFTConfig) -> dict:
 
     def evaluate(model) -> dict:
         loss = {"loss": heldout_loss(model, eval_examples, tokenizer.pad_token_id)} if eval_examples else {}
-        return {**loss, **accuracy()}
+        return {**loss, **(accuracy() if accuracy else {})}
 
     if cfg.packing and not reads_block_masks(model):
-        raise ConfigError(f"packing=true needs SDPA attention (a block-diagonal mask); this model uses "
-                          f"{getattr(model.config, '_attn_implementation', None)!r}: set packing=false")
+        raise ConfigError("packing=true needs SDPA attention and no sliding window (its block-diagonal mask replaces "
+                          f"the model's own); this model has attention "
+                          f"{getattr(model.config, '_attn_implementation', None)!r}, sliding_window "
+                          f"{getattr(model.config, 'sliding_window', None)!r}: set packing=false")
     collate = ((lambda b: collate_sft_packed(b, tokenizer.pad_token_id, cfg.max_length)) if cfg.packing else
                (lambda b: collate_sft(b, tokenizer.pad_token_id)))
-    train_offline(run, model, examples, collate, sft_objective(), evaluate if rows else None)
+    train_offline(run, model, examples, collate, sft_objective(), evaluate if rows or eval_examples else None)
     summary = {"loss": run.metrics.get("loss"), "length_report": report.summary(), "snapshot": snapshot or None}
     if run.evals:
-        summary.update(accuracy=run.evals[-1]["accuracy"], eval_loss=run.evals[-1].get("loss"))
+        summary.update(accuracy=run.evals[-1].get("accuracy"), eval_loss=run.evals[-1].get("loss"))
     return run.finish(model, tokenizer, summary)

@@ -12,19 +12,18 @@ Adding a task: a class with ``name``, ``targets`` and ``score``, registered in `
 
 from __future__ import annotations
 
+from ..data.formats import answer_text
 from ..data.rows import DataError, Row
 from .arithmetic import ArithmeticTask, arithmetic_steps, contains_answer, exact_answer
 
 
 def reference_completion(row: Row) -> str:
-    """The row's reference answer text: ``completion``, ``chosen`` or the last assistant message."""
-    for field in ("completion", "chosen"):
-        if isinstance(row.data.get(field), str) and row.data[field].strip():
-            return row.data[field]
-    messages = row.data.get("messages")
-    if isinstance(messages, list) and messages and isinstance(messages[-1], dict):
-        if messages[-1].get("role") == "assistant" and isinstance(messages[-1].get("content"), str):
-            return messages[-1]["content"]
+    """The row's reference answer text: ``completion``, ``chosen`` or the last assistant message
+    (each plain text or, as TRL's conversational rows hold them, chat messages)."""
+    for field in ("completion", "chosen", "messages"):
+        text = answer_text(row.data.get(field))
+        if text is not None and text.strip():
+            return text
     raise DataError(f"{row.where}: no reference to check an answer against (a 'completion', 'chosen' or final "
                     "assistant message); pass eval data that has one, or no eval data")
 

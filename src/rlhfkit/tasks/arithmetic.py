@@ -16,6 +16,7 @@ import random
 import re
 from dataclasses import dataclass
 
+from ..data.formats import answer_text
 from ..data.rows import DataError, Row, reads
 from ..data.steps import char_to_token_index
 
@@ -219,11 +220,11 @@ def reference_answer(row: Row) -> int:
             return int(row.data["answer"])
         except (TypeError, ValueError):
             raise DataError(f"{row.where}: field 'answer' must be an integer, got {row.data['answer']!r}") from None
-    for field in ("completion", "chosen"):
-        if isinstance(row.data.get(field), str):
-            value = extract_answer(row.data[field])
-            if value is not None:
-                return value
+    for field in ("completion", "chosen", "messages"):
+        text = answer_text(row.data.get(field))
+        value = extract_answer(text) if text is not None else None
+        if value is not None:
+            return value
     raise DataError(f"{row.where}: no integer 'answer' field and no reference completion that ends in a number")
 
 
