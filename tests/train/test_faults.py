@@ -163,6 +163,100 @@ def test_dpo_killed_in_its_sft_phase_resumes_that_phase_and_matches_the_straight
     _same_weights(tmp_path / "full" / "model", tmp_path / "cut" / "model")
 
 
+def test_a_resumed_or_relaunched_run_ends_with_the_straight_runs_summary(tiny, tmp_path, monkeypatch):
+    """Evals and the last metrics are in the checkpoint: result.json after a resume lists every
+    eval, and a finished run relaunched with resume=auto writes the same summary again."""
+    def cfg(out, resume=False):
+        return replace(method_config("sft", tiny, out, 4, eval_every=1, save_every=2, resume=resume),
+                       eval_data=small(tiny, "sft_eval.jsonl", 8), eval_max_new_tokens=4)
+
+    straight = run_sft(cfg(tmp_path / "full"))
+    original = _kill_when(monkeypatch, "sft", 3)
+    with pytest.raises(Killed):
+        run_sft(cfg(tmp_path / "cut"))
+    monkeypatch.setattr(run_module.Run, "step_done", original)
+    resumed = run_sft(cfg(tmp_path / "cut", resume=True))
+    assert [e["step"] for e in straight["evals"]] == [1, 2, 3, 4] and resumed["evals"] == straight["evals"]
+    assert resumed["loss"] == straight["loss"] is not None
+    relaunched = run_sft(cfg(tmp_path / "full", resume="auto"))
+    assert relaunched == straight == json.loads((tmp_path / "full" / "result.json").read_text())
+
+
+def test_an_early_stop_is_kept_on_resume_and_its_step_logged(tiny, tmp_path):
+    """A run that an eval stopped (stop_at_accuracy) stays stopped when relaunched with resume:
+    no further step, the same model; its last step's training metrics are in the log."""
+    def cfg(resume=False):
+        return replace(method_config("sft", tiny, tmp_path / "run", 4, eval_every=2, log_every=5, resume=resume),
+                       eval_data=small(tiny, "sft_eval.jsonl", 8), eval_max_new_tokens=4, stop_at_accuracy=0.0)
+
+    first = run_sft(cfg())
+    assert first["steps"] == 2
+    assert [m["step"] for m in read_metrics(tmp_path / "run") if "train/loss" in m] == [2]
+    weights = _weights(tmp_path / "run" / "model")
+    again = run_sft(cfg(resume=True))
+    assert again["steps"] == 2 and again["evals"] == first["evals"]
+    assert [p.name for p in complete_checkpoints(tmp_path / "run")] == ["step-0000002"]
+    assert all(torch.equal(v, _weights(tmp_path / "run" / "model")[k]) for k, v in weights.items())
+
+
+def test_an_eval_that_fails_keeps_its_steps_training_in_a_checkpoint(tiny, tmp_path, monkeypatch):
+    import rlhfkit.methods.sft as sft_module
+
+    def fails(*args, **kwargs):
+        raise MemoryError("out of memory in the eval")
+
+    monkeypatch.setattr(sft_module, "heldout_loss", fails)
+    cfg = replace(method_config("sft", tiny, tmp_path / "run", 3, eval_every=3, save_every=100),
+                  eval_data=small(tiny, "sft_eval.jsonl", 8))
+    with pytest.raises(MemoryError):
+        run_sft(cfg)
+    assert latest_checkpoint(tmp_path / "run").name == "step-0000003"
+
+
+def test_the_logged_lr_is_the_rate_each_step_took(tiny, tmp_path):
+    """Linear schedule, 2 warm-up steps of 4, lr 1e-3: the steps take 5e-4, 1e-3, 1e-3, 5e-4."""
+    run_sft(replace(method_config("sft", tiny, tmp_path / "run", 4, warmup_steps=2), train__schedule="linear"))
+    logged = [m["train/lr"] for m in read_metrics(tmp_path / "run") if "train/lr" in m]
+    assert logged == pytest.approx([5e-4, 1e-3, 1e-3, 5e-4], abs=1e-12)
+
+
+def test_tensorboard_shows_each_step_once_after_a_resume(tiny, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def cfg(resume=False):
+        return method_config("sft", tiny, tmp_path / "run", 4, save_every=2, report_to="tensorboard", resume=resume)
+
+    original = _kill_when(monkeypatch, "sft", 3, after=True)  # step 3 logged, its checkpoint never written
+    with pytest.raises(Killed):
+        run_sft(cfg())
+    monkeypatch.setattr(run_module.Run, "step_done", original)
+    run_sft(cfg(resume=True))
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
+
+
+def test_dpo_resumed_after_its_sft_phase_reports_the_same_start(tiny, tmp_path, monkeypatch):
+    """The start model's metrics (the SFT-on-chosen model against itself as reference: preference
+    accuracy 0.5) are kept in the checkpoints; a resumed run's model object is the untuned one."""
+    def cfg(out, resume=False):
+        return replace(method_config("dpo", tiny, out, 4, save_every=2, resume=resume), sft_first_steps=2,
+                       eval_data=small(tiny, "prefs_eval.jsonl", 16))
+
+    straight = run_dpo(cfg(tmp_path / "full"))
+    original = _kill_when(monkeypatch, "dpo", 3)
+    with pytest.raises(Killed):
+        run_dpo(cfg(tmp_path / "cut"))
+    monkeypatch.setattr(run_module.Run, "step_done", original)
+    resumed = run_dpo(cfg(tmp_path / "cut", resume=True))
+    assert straight["preference_accuracy_before"] == 0.5 and resumed == straight
+    from transformers import AutoTokenizer
+
+    ppo = tmp_path / "ppo"  # PPO's critic folder: a tokenizer beside it, as its model card says
+    RUNS["ppo"](method_config("ppo", tiny, ppo, 1))
+    assert AutoTokenizer.from_pretrained(str(ppo / "critic")).get_vocab() == load_tokenizer(tiny["base"]).get_vocab()
+
+
 # --- 6. a save that fails --------------------------------------------------------------------
 
 def test_a_failed_save_removes_its_folder_keeps_the_last_checkpoint_and_says_why(tiny, tmp_path, monkeypatch):

@@ -195,8 +195,11 @@ def run_dpo(cfg: DPOConfig) -> dict:
     with reference() as ref_model:
         pref_eval = precompute_reference(ref_model, pref_examples, pad) if pref_examples else []
     accuracy = accuracy_eval(backend, model, tokenizer, prompts, cfg.eval_max_new_tokens)
-    before = {"accuracy_before": accuracy()["accuracy"] if prompts else None,  # 0.5 below: policy == reference
-              "preference_accuracy_before": preference_accuracy(model, pref_eval, pad) if pref_eval else None}
+    # the start model's, kept in the checkpoints: a run resumed after the SFT phase holds the untuned model here
+    before = run.state.get("before") or {
+        "accuracy_before": accuracy()["accuracy"] if prompts else None,  # 0.5 below: policy == reference
+        "preference_accuracy_before": preference_accuracy(model, pref_eval, pad) if pref_eval else None}
+    run.keep["before"] = before
     if cfg.reference == "precompute":
         with reference() as ref_model:
             examples = precompute_reference(ref_model, examples, pad)

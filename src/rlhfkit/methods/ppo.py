@@ -357,7 +357,7 @@ def run_ppo(cfg: PPOConfig, backend=None) -> dict:
     total = run.plan(len(rows), cfg.prompts_per_step) * updates  # optimizer steps
     run.attach(trained, optimizer, build_scheduler(optimizer, total, tc.warmup_steps, tc.schedule, tc.min_lr_ratio))
     kl_ctl = AdaptiveKL(run.state.get("kl_coef", cfg.kl_coef), cfg.target_kl or 1.0, cfg.kl_horizon)
-    order, kls = BatchOrder(len(rows), cfg.prompts_per_step, tc.seed), []
+    order, kls = BatchOrder(len(rows), cfg.prompts_per_step, tc.seed), list(run.state.get("kls", []))
     for step in run.steps():
         sync = time.time()
         backend.load_weights(models["actor"])  # a sharded actor: the gathered full weights into the backend's copy
@@ -372,9 +372,9 @@ def run_ppo(cfg: PPOConfig, backend=None) -> dict:
             kl_ctl.update(kls[-1], cfg.prompts_per_step)
         metrics.update(experience_metrics(exp), time_update_s=time.time() - t0, kl_coef=kl_ctl.beta,
                        time_weight_sync_s=sync)
-        run.step_done(means=metrics, state={"kl_coef": kl_ctl.beta},
+        run.step_done(means=metrics, state={"kl_coef": kl_ctl.beta, "kls": kls},
                       evaluate=(lambda: evaluate(models, backend, tokenizer, eval_rows, cfg)) if eval_rows else None)
-    run.save_model(models["critic"], None, f"{tc.out_dir}/critic", what="critic")
+    run.save_model(models["critic"], tokenizer, f"{tc.out_dir}/critic", what="critic")
     return run.finish(models["actor"], tokenizer, ppo_summary(run, kls, kl_ctl.beta, before, models))
 
 

@@ -12,10 +12,11 @@ from pathlib import Path
 
 
 class MetricsLogger:
-    """Append-only jsonl of metric dicts; rank 0 only (pass ``enabled=False`` elsewhere)."""
+    """Append-only jsonl of metric dicts; rank 0 only (pass ``enabled=False`` elsewhere).
+    ``resume_step``: the checkpoint's step a resumed run continues from."""
 
     def __init__(self, out_dir: str | Path, enabled: bool = True, report_to: str = "tensorboard",
-                 name: str = "", config: dict | None = None):
+                 name: str = "", config: dict | None = None, resume_step: int | None = None):
         self.enabled = enabled
         self.path = Path(out_dir) / "metrics.jsonl"
         self.writer = self.wandb = None
@@ -27,7 +28,9 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(Path(out_dir) / "tensorboard"))
+                # resuming from step N: events a killed run wrote after N are dropped, as metrics.jsonl's are
+                purge = None if resume_step is None else resume_step + 1
+                self.writer = SummaryWriter(str(Path(out_dir) / "tensorboard"), purge_step=purge)
             except ImportError:
                 self.writer = None
         elif report_to == "wandb":  # WANDB_MODE=offline writes <out>/wandb/offline-run-* for `wandb sync`
@@ -40,7 +43,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {"step": step, "time_s": round(time.time() - self.start, 3)}
-        record.update({f"{prefix}/{k}": _plain(v) for k, v in metrics.items()})
+        record.update({f"{prefix}/{k}": plain(v) for k, v in metrics.items()})
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.writer is not None:
@@ -58,7 +61,8 @@ class MetricsLogger:
             self.wandb = None
 
 
-def _plain(value):
+def plain(value):
+    """A metric as JSON holds it: a number (a tensor's item), NaN and infinities as null."""
     if hasattr(value, "item"):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):

@@ -49,7 +49,7 @@ from .checkpoint import (
 )
 from .config import ConfigError, LoraConfig, TrainConfig, plain_dict
 from .dist import DistInfo, all_reduce_sum, barrier, broadcast_params, init_distributed
-from .logging import MetricsLogger, progress
+from .logging import MetricsLogger, plain, progress
 from .optim import check_finite, optimizer_step
 from .plots import plot_runs
 from .shard import save_everywhere, shard
@@ -74,6 +74,7 @@ def prepare_out_dir(cfg: TrainConfig, info: DistInfo) -> bool:
     if info.is_main and not found and (cfg.resume or (out / "metrics.jsonl").exists()):
         print(f"{out}: no complete checkpoint to resume from; starting afresh", file=sys.stderr)
         (out / "metrics.jsonl").unlink(missing_ok=True)
+        shutil.rmtree(out / "tensorboard", ignore_errors=True)  # its events too: no step is shown twice
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         for stale in sorted(checkpoint_dir(out).glob("step-*.tmp*")):  # a save that never completed
@@ -145,6 +146,7 @@ class Run:
     done: int = 0
     optimizer_steps: int = 0
     state: dict = field(default_factory=dict)  # the trainer state of the checkpoint resumed from
+    keep: dict = field(default_factory=dict)  # a method's values saved with every checkpoint (back in ``state``)
     evals: list[dict] = field(default_factory=list)
     metrics: dict = field(default_factory=dict)  # the last step's, reduced over ranks
     stopped_early: bool = False
@@ -152,11 +154,14 @@ class Run:
     logger: MetricsLogger | None = None
     bar: object = None
     merge: bool = False  # LoRA: save the merged model beside the adapter (lora.merge)
+    lr: float | None = None  # the learning rate of the last optimizer step
     signal: int | None = None  # SIGTERM / SIGINT received during the steps: stop after this step
     held: dict = field(default_factory=dict)  # the signal handlers steps() replaced
 
     def __post_init__(self):
         keep_freed_memory()  # steps reuse their activations' memory instead of page-faulting it in (memory.py)
+        if self.resuming:  # readable before the modules are (``attach`` loads them)
+            self.state = json.loads((latest_checkpoint(self.cfg.out_dir) / "trainer_state.json").read_text())
         if self.device == "cpu":
             self.say(kernel_line())
 
@@ -240,11 +245,16 @@ class Run:
             self.state = load_checkpoint(path, trained, optimizer, scheduler, self.info)
             self.start = self.done = self.state["step"]
             self.optimizer_steps = self.state.get("optimizer_steps", 0)
-            self.say(f"resuming from {path} ({self.unit} {self.start} of {self.max_steps})")
+            self.evals, self.metrics = self.state.get("evals", []), self.state.get("metrics", {})
+            self.stopped_early = bool(self.state.get("stopped_early"))
+            self.say(f"resuming from {path} ({self.unit} {self.start} of {self.max_steps})"
+                     + ("; the run had stopped there (an eval asked to): no step left to run" if self.stopped_early
+                        else ""))
             if self.info.is_main:
                 truncate_metrics(self.cfg.out_dir, self.start)
         self.logger = MetricsLogger(self.cfg.out_dir, enabled=self.info.is_main, report_to=self.cfg.report_to,
-                                    name=f"{self.name} {Path(self.cfg.out_dir).name}", config=self.config)
+                                    name=f"{self.name} {Path(self.cfg.out_dir).name}", config=self.config,
+                                    resume_step=self.start if self.resuming else None)
         self.bar = progress(self.max_steps, self.start, desc=f"{self.name} ({self.unit}s)",
                             enabled=self.info.is_main and self.cfg.progress)
 
@@ -255,7 +265,7 @@ class Run:
         written and ``Preempted`` is raised (a second signal exits at once)."""
         self.held = hold_signals(self._on_signal)
         try:
-            for step in range(self.start, self.max_steps):
+            for step in range(self.start, self.start if self.stopped_early else self.max_steps):
                 yield step
                 if self.stopped_early:
                     break
@@ -282,6 +292,7 @@ class Run:
         trained, optimizer, scheduler = self.modules
         total = all_reduce_sum(loss.detach().double().reshape(1).clone(), self.info).item()
         check_finite(total, "loss", self.done + 1)
+        self.lr = scheduler.get_last_lr()[0]  # the rate this step takes (the scheduler then moves on)
         grad_norm = optimizer_step(trained, optimizer, scheduler, self.cfg.max_grad_norm, self.info, self.done + 1,
                                    clip_apart, sharded=is_sharded(trained))
         self.optimizer_steps += 1
@@ -295,28 +306,43 @@ class Run:
         last = done == self.max_steps
         trained, optimizer, scheduler = self.modules
         self.metrics = reduce_metrics(means or {}, shares or {}, self.info)
-        self.metrics.update(lr=scheduler.get_last_lr()[0], optimizer_steps=self.optimizer_steps)
+        self.metrics.update(lr=self.lr if self.lr is not None else scheduler.get_last_lr()[0],
+                            optimizer_steps=self.optimizer_steps)
         self.bar.update(1)
         self.bar.set_postfix({k: f"{self.metrics[k]:.4f}" for k in self.show if k in self.metrics}, refresh=False)
-        if done % cfg.log_every == 0 or last:
-            self.logger.log(done, self.metrics)
         evaluated = None
         if evaluate is not None and ((cfg.eval_every and done % cfg.eval_every == 0) or last):
-            evaluated = self.evaluate(evaluate, done)
+            try:
+                evaluated = self.evaluate(evaluate, done)
+            except BaseException:  # the step's training is not lost with its eval: checkpointed, then raised
+                self.logger.log(done, self.metrics)
+                self.save(done, state)
+                raise
         flags = torch.tensor([float(bool(evaluated and evaluated.get("stop"))), float(self.signal is not None)],
                              dtype=torch.float64)
         stop, preempted = (all_reduce_sum(flags, self.info) > 0).tolist()  # every rank stops together
         self.stopped_early = stop
+        if done % cfg.log_every == 0 or last or stop or preempted:  # a run's last step is always logged
+            self.logger.log(done, self.metrics)
         if (cfg.save_every and done % cfg.save_every == 0) or last or stop or preempted:
-            extra = {"optimizer_steps": self.optimizer_steps, **(state or {})}
-            path = save_checkpoint(cfg.out_dir, done, trained, optimizer, scheduler, self.config, extra=extra,
-                                   keep=cfg.keep_checkpoints, info=self.info, sharded=self.sharded)
-            barrier(self.info)
+            path = self.save(done, state)
             if preempted and not (last or stop):
                 self.close()
                 signum = self.signal or signal.SIGTERM  # a rank that got none stops with the others
                 raise Preempted(f"stopped by {signal.Signals(signum).name} after {self.unit} {done} of {self.max_steps}; "
                                 f"checkpoint {path} is complete: rerun with train.resume=true to continue", signum)
+
+    def save(self, done: int, state: dict | None) -> Path:
+        """A complete checkpoint of step ``done``: the modules, and what the run's summary is made
+        of (evals, the last metrics, an early stop) so that a resumed run ends as this one would."""
+        trained, optimizer, scheduler = self.modules
+        extra = {"optimizer_steps": self.optimizer_steps, "metrics": {k: plain(v) for k, v in self.metrics.items()},
+                 "evals": [{k: plain(v) for k, v in e.items()} for e in self.evals],
+                 "stopped_early": self.stopped_early, **self.keep, **(state or {})}
+        path = save_checkpoint(self.cfg.out_dir, done, trained, optimizer, scheduler, self.config, extra=extra,
+                               keep=self.cfg.keep_checkpoints, info=self.info, sharded=self.sharded)
+        barrier(self.info)
+        return path
 
     def evaluate(self, evaluate: Callable, done: int) -> dict:
         evaluated = evaluate()
