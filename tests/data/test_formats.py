@@ -225,3 +225,31 @@ def test_a_chat_prompt_gets_one_bos_in_every_method(tok):
     assert row_prompt_ids(t, [prompt_only, messages]) == [expected, expected]  # GRPO, PPO, held-out eval
     assert reward_prompt_ids(t, prompt_only) == expected  # rm:/prm: rewards
     assert encode_row_prompt(t, Row("p.jsonl:1", {"prompt": "What is 1+2?"}))[0] == t.bos_token_id  # plain: one BOS
+
+
+TOOLS_TEMPLATE = ("{% if tools %}{{ '<|system|>tools:' }}{% for t in tools %}{{ t['function']['name'] }}{% endfor %}"
+                  "{% endif %}{% for m in messages %}{{ '<|' + m['role'] + '|>' }}{% if m.get('tool_calls') %}"
+                  "{{ 'call ' + m['tool_calls'][0]['function']['name'] }}{% else %}{{ m['content'] }}{% endif %}"
+                  "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+                  "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+
+
+def test_tool_calling_rows_render_their_tools_and_train_the_calls(tok):
+    """TRL's tool-calling form: the row's ``tools`` go to the chat template (as a list or a JSON
+    string), an assistant turn may be a ``tool_calls`` message with no content, and both
+    assistant turns (the call and the answer) are trained, the tool's reply is context."""
+    import json as json_module
+
+    t = build_char_tokenizer()
+    t.chat_template = TOOLS_TEMPLATE
+    tools = [{"type": "function", "function": {"name": "clock", "parameters": {"type": "object", "properties": {}}}}]
+    call = {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "clock", "arguments": {}}}]}
+    messages = [{"role": "user", "content": "time?"}, call, {"role": "tool", "content": "12:00"},
+                {"role": "assistant", "content": "noon"}]
+    for given in (tools, json_module.dumps(tools)):
+        (example,), _ = encode_sft(_rows({"messages": messages, "tools": given}), t, 256)
+        assert t.decode(example.input_ids) == ("<|system|>tools:clock<|user|>time?<|assistant|>call clock<eos>"
+                                                "<|tool|>12:00<|assistant|>noon<eos>")
+        assert _trained(t, example) == "call clock<eos>noon<eos>"
+    with pytest.raises(DataError, match="d.jsonl:1: field 'tools' must be a list of function schemas"):
+        encode_sft(_rows({"messages": messages, "tools": 3}), t, 256)

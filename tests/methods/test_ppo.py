@@ -120,3 +120,31 @@ def test_adaptive_kl_moves_beta(tiny, tmp_path):
     summary = run_ppo(cfg)
     # The sampled KL (< 1 nat) is far below the target: each step lowers beta by the capped 20% * 32/100.
     assert summary["kl_coef"] == pytest.approx(0.05 * (1 - 0.2 * 32 / 100) ** 3)
+
+
+def test_a_model_with_dropout_is_one_distribution_in_train_and_eval_mode(tiny, tmp_path):
+    """A policy saved with attention dropout (and a critic): PPO switches every dropout off, so
+    that pi_old (eval mode) and pi_theta (train mode) agree at the same weights; the folder's
+    config is left as it was."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(tiny["base"]))
+    config.attention_dropout = 0.5
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_pretrained(str(tiny["base"]), config=config).save_pretrained(str(tmp_path / "drop"))
+    (tmp_path / "drop").joinpath("tokenizer.json").write_bytes((tiny["base"] / "tokenizer.json").read_bytes())
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny["base"] / name).is_file():
+            (tmp_path / "drop" / name).write_bytes((tiny["base"] / name).read_bytes())
+    cfg = PPOConfig(model=str(tmp_path / "drop"), reward_model=reward_folder(tiny), critic=str(tmp_path / "drop"))
+    models, tok = load_models(cfg)
+    ids = torch.tensor([tok("What is 12+34? 46")["input_ids"]] * 2)
+    mask = torch.ones_like(ids)
+    actor = models["actor"]
+    with torch.no_grad():
+        trained = token_logprobs(actor.train(), ids, mask)
+        evaluated = token_logprobs(actor.eval(), ids, mask)
+        plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "drop")).train()  # as saved: dropout on
+        noisy = token_logprobs(plain, ids, mask)
+    assert torch.allclose(trained, evaluated, atol=1e-5) and (noisy - evaluated).abs().max() > 1e-3
+    assert actor.config.attention_dropout == 0.5

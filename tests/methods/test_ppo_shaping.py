@@ -42,6 +42,24 @@ def test_whitening():
     assert abs(got.mean().item()) < 1e-6 and got.std().item() == pytest.approx(1.0, abs=1e-6)
 
 
+def test_whitening_over_ranks_uses_every_ranks_scores():
+    """Two ranks holding two scores each whiten as one process holding all four: rank 0's half,
+    with ``total`` adding rank 1's partial sums (its sum and count, then its squared deviations)."""
+    other = shaped(whiten_scores=False)[2:]
+    mean = {}
+
+    def total(sums):  # what the all-reduce gives rank 0
+        if sums.numel() == 2:
+            out = sums + torch.stack([other.sum(), torch.tensor(2.0)])
+            mean["value"] = out[0] / out[1]
+            return out
+        return sums + ((other - mean["value"]) ** 2).sum()
+
+    half = shape_scores(RAW[:2], FINISHED[:2], PPOConfig(whiten_scores=True), total=total)
+    assert torch.allclose(half, shaped(whiten_scores=True)[:2], atol=1e-6, rtol=0)
+    assert not torch.allclose(half, shape_scores(RAW[:2], FINISHED[:2], PPOConfig(whiten_scores=True)), atol=1e-2)
+
+
 def test_whitening_skips_a_single_score():
     assert torch.equal(shape_scores(torch.tensor([3.0]), torch.tensor([True]), PPOConfig(whiten_scores=True)),
                        torch.tensor([3.0]))

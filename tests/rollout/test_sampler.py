@@ -31,6 +31,28 @@ def test_sampler_logprobs_equal_a_fresh_forward(policy):
     assert samples.logprobs[samples.completion_mask.bool()].abs().sum() > 0
 
 
+@pytest.mark.parametrize("top_k", [0, 5])
+def test_at_another_temperature_the_forwards_score_the_sampling_distribution(policy, top_k):
+    """Sampled at T = 0.7 (and top-k): the sampler's log-probs are of softmax(logits / T) before
+    truncation, and so are the trainers' forwards (plain and shared-prompt), pi_old = pi_theta
+    on the samples; at T = 1 the same forward gives other numbers."""
+    from rlhfkit.rollout.backend import SamplerBackend, SamplingParams
+
+    model, tok = policy
+    prompts = _prompts(tok, ["What is 12+34?", "What is 99-9?"])
+    torch.manual_seed(0)
+    samples = sample(model, prompts, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=8,
+                     temperature=0.7, top_k=top_k, num_samples=3)
+    mask = samples.completion_mask
+    with torch.no_grad():
+        for group in (1, 3):
+            fresh = completion_logprobs(model, samples, group_size=group, temperature=0.7)
+            assert torch.allclose(samples.logprobs, fresh * mask, atol=1e-4), group
+        plain = completion_logprobs(model, samples)
+    assert ((plain - fresh) * mask).abs().max() > 1e-2
+    assert SamplerBackend(tok, model).logprobs_exact(SamplingParams(8, temperature=0.7, top_k=top_k))
+
+
 def test_temperature_zero_is_greedy_decoding(policy):
     model, tok = policy
     texts = ["What is 12+34?", "What is 99-9?"]

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .formats import check_messages, is_chat, require_format, row_format, shared_prefix
+from .formats import check_messages, is_chat, require_format, row_format, row_tools, shared_prefix
 from .rows import DataError, Row, get_str
 
 OVERLONG_POLICIES = ("error", "truncate", "skip")
@@ -49,7 +49,9 @@ def render_chat(tokenizer, messages: list[dict], row: Row, field: str, generatio
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{row.where}: field '{field}' holds chat messages but the tokenizer has no chat template; "
                         "pass a tokenizer that has one (tokenizer=PATH) or plain-text rows")
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    tools = row_tools(row)  # the row's tool schemas, written where the template writes them
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
+                                         **({"tools": tools} if tools is not None else {}))
 
 
 def assistant_text(tokenizer, context: list[dict], turn: list[dict], row: Row, field: str) -> tuple[str, bool]:
@@ -154,7 +156,7 @@ def sft_pieces(row: Row, tokenizer) -> tuple[list[int], list[tuple[list[int], bo
                             "so the assistant turns cannot be told apart")
         if len(context) > len(done):  # the turns between two assistant turns: context, not trained
             pieces.append((tokenizer(context[len(done):], add_special_tokens=False)["input_ids"], False))
-        if not messages[i]["content"].strip():
+        if not (messages[i].get("content") or "").strip() and not messages[i].get("tool_calls"):
             raise DataError(f"{row.where}: field 'messages[{i}].content' is empty")
         text, eos = assistant_text(tokenizer, messages[:i], [messages[i]], row, "messages")
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]

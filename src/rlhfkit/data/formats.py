@@ -20,6 +20,8 @@ rows would be read as a ranking.
 
 from __future__ import annotations
 
+import json
+
 from .rows import DataError, Row
 
 FORMAT_NAMES = {
@@ -87,9 +89,26 @@ def check_messages(row: Row, field: str, messages, min_len: int = 1) -> list[dic
     if not isinstance(messages, list) or len(messages) < min_len:
         raise DataError(f"{row.where}: field '{field}' must be a list of at least {min_len} message(s)")
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise DataError(f"{row.where}: field '{field}[{i}]' must have string 'role' and 'content'")
+        calls = isinstance(m, dict) and m.get("role") == "assistant" and isinstance(m.get("tool_calls"), list)
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not (
+                isinstance(m.get("content"), str) or (calls and m.get("content") is None)):
+            raise DataError(f"{row.where}: field '{field}[{i}]' must have string 'role' and 'content' "
+                            "(an assistant message with 'tool_calls' may leave 'content' out)")
     return messages
+
+
+def row_tools(row: Row) -> list | None:
+    """The row's ``tools`` (TRL's tool-calling form: function schemas the chat template renders),
+    a list of objects or a JSON string of one; None without them."""
+    tools = row.data.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{row.where}: field 'tools' is a string but not valid JSON ({e.msg})") from None
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise DataError(f"{row.where}: field 'tools' must be a list of function schemas (objects)")
+    return tools
 
 
 def user_prompt(row: Row):

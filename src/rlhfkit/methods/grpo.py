@@ -17,7 +17,7 @@ from ..data.encode import check_prompts
 from ..data.formats import user_prompt
 from ..data.rows import read_rows, source_name
 from ..losses.grpo import REDUCTIONS, group_advantages, grpo_loss, process_advantages
-from ..models.load import load_causal_lm, load_tokenizer
+from ..models.load import disable_dropout, load_causal_lm, load_tokenizer
 from ..models.reward import is_likelihood_prm, is_sequence_classifier, is_token_classifier
 from ..rollout.backend import SamplingParams, make_backend
 from ..rollout.evaluate import row_prompt_ids
@@ -44,7 +44,7 @@ class GRPOConfig:
     group_size: int = 8  # G
     prompts_per_step: int = 16  # over all ranks
     max_new_tokens: int = 16
-    temperature: float = 1.0
+    temperature: float = 1.0  # sampling; pi_theta, pi_old and pi_ref are all of logits / temperature
     top_k: int = 0
     top_p: float = 1.0
     beta: float = 0.04  # KL weight; 0 loads no reference model
@@ -216,10 +216,12 @@ def keep_informative_groups(samples: Samples, advantages: torch.Tensor, group_si
 
 
 @torch.no_grad()
-def chunked_logprobs(model, samples: Samples, chunks: list[torch.Tensor], group: int = 1) -> torch.Tensor:
-    """Completion log-probs (B, C) of ``model``, one forward per micro-batch."""
+def chunked_logprobs(model, samples: Samples, chunks: list[torch.Tensor], group: int = 1,
+                     temperature: float = 1.0) -> torch.Tensor:
+    """Completion log-probs (B, C) of ``model`` at the sampling ``temperature``, one forward per micro-batch."""
     model.eval()
-    return torch.cat([completion_logprobs(model, samples.rows(i), group_size=group) for i in chunks])
+    return torch.cat([completion_logprobs(model, samples.rows(i), group_size=group, temperature=temperature)
+                      for i in chunks])
 
 
 def update(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: bool) -> dict:
@@ -241,16 +243,17 @@ def update(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: 
     ref_logprobs = None
     if reference is not None:
         with reference() as ref_model:
-            ref_logprobs = chunked_logprobs(ref_model, samples, chunks, group)
+            ref_logprobs = chunked_logprobs(ref_model, samples, chunks, group, cfg.temperature)
     old_logprobs = None
     if cfg.mu > 1:
-        old_logprobs = samples.logprobs if exact else chunked_logprobs(policy, samples, chunks, group)
+        old_logprobs = samples.logprobs if exact else chunked_logprobs(policy, samples, chunks, group, cfg.temperature)
     for _ in range(cfg.mu):
         policy.train()
         loss, sums = torch.zeros(()), {}
         for index in chunks:
             with autocast(cfg.train.dtype, run.device):
-                logprobs, entropy = completion_logprobs(policy, samples.rows(index), with_entropy=True, group_size=group)
+                logprobs, entropy = completion_logprobs(policy, samples.rows(index), with_entropy=True, group_size=group,
+                                                        temperature=cfg.temperature)
             old = old_logprobs[index] if old_logprobs is not None else logprobs.detach()
             part, stats = grpo_loss(logprobs, old, advantages[index], mask[index],
                                     None if ref_logprobs is None else ref_logprobs[index], cfg.beta, cfg.eps_low,
@@ -297,7 +300,8 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
     needed = sorted({f for fn in [*rewards.functions, rewards.process] if fn is not None for f in reward_fields(fn)})
     report = check_prompts(rows, tokenizer, needed, RESERVED)  # every row, before any model loads
     run.say(f"{source_name(cfg.train_data)}: {report.summary()}")
-    policy = run.prepare(load_causal_lm(cfg.model, tokenizer, device=run.device), cfg.lora, base=cfg.model)
+    policy = run.prepare(disable_dropout(load_causal_lm(cfg.model, tokenizer, device=run.device)), cfg.lora,
+                         base=cfg.model)
     rewards = load_model_rewards(cfg, rewards, tokenizer, run.device)
     learned = [f for f in rewards.functions if isinstance(f, RewardModelReward)]
     retokenised = {f"reward/{f.__name__}_retokenised": float(f.retokenise) for f in learned}

@@ -20,7 +20,7 @@ from ..losses.ppo import AdaptiveKL, explained_variance, gae, kl_penalty_rewards
 from ..losses.reduce import masked_mean, masked_whiten
 from ..losses.sft import sft_loss
 from ..models.forward import token_logprobs
-from ..models.load import ModelLoadError, load_causal_lm, load_tokenizer
+from ..models.load import ModelLoadError, disable_dropout, load_causal_lm, load_tokenizer
 from ..models.lora import Reference
 from ..models.reward import load_reward_model, require_reward_model, reward_scores, score_name, token_values
 from ..rollout.backend import SamplingParams, make_backend
@@ -60,7 +60,7 @@ class PPOConfig:
     minibatch_size: int = 16  # rows per optimizer step, over all ranks
     ppo_epochs: int = 2
     max_new_tokens: int = 16
-    temperature: float = 1.0  # != 1: pi_old is recomputed with a forward pass
+    temperature: float = 1.0  # sampling; pi_theta, pi_old and pi_ref are all of logits / temperature
     kl_coef: float = 0.05  # beta; the starting value when target_kl is set
     target_kl: float | None = None  # adaptive KL controller (Ziegler et al.) when set
     kl_horizon: int = 10000
@@ -138,12 +138,15 @@ def completion_values(critic, samples: Samples) -> torch.Tensor:
     return values[:, :-1]
 
 
-def shape_scores(raw: torch.Tensor, finished: torch.Tensor, cfg: PPOConfig) -> torch.Tensor:
+def shape_scores(raw: torch.Tensor, finished: torch.Tensor, cfg: PPOConfig, total=None) -> torch.Tensor:
+    """Scale, missing-EOS penalty, whitening and clipping of the reward model's scores. (B,)
+    ``total``: partial sums -> the whole's (an all-reduce): every rank whitens with the statistics
+    of all ranks' scores, as one process holding the whole batch would."""
     scores = raw * cfg.score_scale
     if cfg.missing_eos_penalty is not None:
         scores = scores - cfg.missing_eos_penalty * (~finished).to(scores.dtype)
-    if cfg.whiten_scores and scores.numel() > 1:
-        scores = (scores - scores.mean()) / (scores.std() + 1e-8)
+    if cfg.whiten_scores and (scores.numel() > 1 or total is not None):
+        scores = masked_whiten(scores, torch.ones_like(scores), total=total)
     if cfg.score_clip is not None:
         scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
     return scores
@@ -178,17 +181,17 @@ def make_experience(models: dict, backend, prompt_ids: list, cfg: PPOConfig, bet
     t1 = time.time()
     raw = reward_scores(models["reward"], samples.input_ids, samples.attention_mask)  # (B,)
     with models["reference"]() as reference:  # a frozen copy, or the actor with its adapters off
-        ref_logprobs = completion_logprobs(reference, samples).float()
+        ref_logprobs = completion_logprobs(reference, samples, temperature=cfg.temperature).float()
     size = cfg.minibatch_size // info.world_size  # this rank's rows of a minibatch
     micro = min(cfg.train.micro_batch_size or size, size)
     old_values, first_values = critic_values(models["critic"], samples, first_order[:micro])
     mask = samples.completion_mask
     old_logprobs, gap = samples.logprobs, 0.0
     if not exact:  # the backend's log-probs are not the actor's: pi_old from a forward pass
-        old_logprobs = completion_logprobs(models["actor"].eval(), samples).float()
+        old_logprobs = completion_logprobs(models["actor"].eval(), samples, temperature=cfg.temperature).float()
         gap = float(((samples.logprobs - old_logprobs).abs() * mask).sum() / mask.sum().clamp(min=1))
     t2 = time.time()
-    scores = shape_scores(raw, samples.finished, cfg)
+    scores = shape_scores(raw, samples.finished, cfg, total=lambda sums: all_reduce_sum(sums, info))
     rewards, kl = kl_penalty_rewards(old_logprobs, ref_logprobs, scores, mask, beta)
     advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
     advantages = masked_whiten(advantages, mask, total=lambda sums: all_reduce_sum(sums, info)) * mask
@@ -206,7 +209,7 @@ def minibatch_loss(actor, critic, exp: Experience, index: torch.Tensor, cfg: PPO
     part = exp.samples.rows(index)
     mask = exp.mask[index]
     with autocast(cfg.train.dtype, str(exp.mask.device)):
-        logprobs, entropy = completion_logprobs(actor, part, with_entropy=True)
+        logprobs, entropy = completion_logprobs(actor, part, with_entropy=True, temperature=cfg.temperature)
         values = completion_values(critic, part) if values is None else values
     pol, pol_stats = policy_loss(logprobs, exp.old_logprobs[index], exp.advantages[index], mask, cfg.eps_clip,
                                  counts["tokens"])
@@ -273,13 +276,14 @@ def load_models(cfg: PPOConfig, device: str = "cpu", run: Run | None = None):
     trained ones (LoRA adapters, activation checkpointing) and shards the frozen copy."""
     require_reward_model(cfg.reward_model)  # before anything loads: a causal LM would score with a random head
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
-    actor = load_causal_lm(cfg.model, tokenizer, device=device)
+    actor = disable_dropout(load_causal_lm(cfg.model, tokenizer, device=device))
     reward_tok = load_tokenizer(cfg.reward_model, cfg.tokenizer or cfg.model)
     if reward_tok.get_vocab() != tokenizer.get_vocab():
         raise ModelLoadError(f"the reward model at {cfg.reward_model} uses another tokenizer than the actor; "
                          "rlhfkit's PPO needs one shared tokenizer")
     reward = load_reward_model(cfg.reward_model, tokenizer, cfg.frozen_dtype, device=device).eval().requires_grad_(False)
-    critic = load_reward_model(cfg.critic or cfg.reward_model, tokenizer, seed=cfg.train.seed, device=device)
+    critic = disable_dropout(load_reward_model(cfg.critic or cfg.reward_model, tokenizer, seed=cfg.train.seed,
+                                               device=device))
     if run is not None:
         actor = run.prepare(actor, cfg.lora, base=cfg.model)
         critic = run.prepare(critic, cfg.lora, head=score_name(critic), base=cfg.critic or cfg.reward_model)

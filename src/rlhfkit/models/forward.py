@@ -139,25 +139,32 @@ def head_gap(model) -> float:
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    target_mask: torch.Tensor | None = None, with_entropy: bool = False,
-                   position_ids: torch.Tensor | None = None):
-    return as_forward(model, _token_logprobs, input_ids, attention_mask, target_mask, with_entropy, position_ids)
+                   position_ids: torch.Tensor | None = None, temperature: float = 1.0):
+    return as_forward(model, _token_logprobs, input_ids, attention_mask, target_mask, with_entropy, position_ids,
+                      temperature)
+
+
+def scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The logits of the distribution sampled at ``temperature`` (0, greedy, and 1: as they are)."""
+    return logits / temperature if temperature not in (0.0, 1.0) else logits
 
 
 def _token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     target_mask: torch.Tensor | None = None, with_entropy: bool = False,
-                    position_ids: torch.Tensor | None = None):
+                    position_ids: torch.Tensor | None = None, temperature: float = 1.0):
     """(B, T) log-probs of each token given its prefix; logits only where ``target_mask`` is set.
 
     Skipping the prompt positions' logits is the main saving for short answers after long
     prompts. With ``with_entropy`` also returns the (B, T) entropy of the next-token
     distribution at the same positions (a metric: computed without gradient). A packed batch
-    passes its 4D mask, its ``position_ids`` and a ``target_mask``.
+    passes its 4D mask, its ``position_ids`` and a ``target_mask``. ``temperature``: of
+    softmax(logits / T), the distribution RL samples were drawn from.
     """
     select = (target_mask[:, 1:] if target_mask is not None else attention_mask[:, 1:]).bool()  # (B, T-1)
     first = first_column(select)  # no position before it predicts a target: the last layer skips them
     hidden = hidden_states(model, input_ids, attention_mask, position_ids, first)[:, :-1]  # (B, T-1-first, H)
     targets = input_ids[:, 1:]  # (B, T-1)
-    logits = lm_logits(model, hidden[select[:, first:]]).float()  # (N, V)
+    logits = scaled(lm_logits(model, hidden[select[:, first:]]).float(), temperature)  # (N, V)
     logp_all = logits.log_softmax(-1)
     picked = logp_all.gather(-1, targets[select].unsqueeze(-1)).squeeze(-1)  # (N,)
     logprobs = _unselect(picked, select)
@@ -169,14 +176,15 @@ def _token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
 
 def predecessor_logprobs(model, input_ids: torch.Tensor, attend: torch.Tensor, position_ids: torch.Tensor,
-                         predecessor: torch.Tensor, targets: torch.Tensor, with_entropy: bool = False):
+                         predecessor: torch.Tensor, targets: torch.Tensor, with_entropy: bool = False,
+                         temperature: float = 1.0):
     """(M,) log-probs of ``targets``, each predicted at the flat position ``predecessor`` of a
     shared-prompt layout (rows of a prompt once, then its continuations, under a block mask
     ``attend``): the logits of exactly those M positions. With ``with_entropy`` also their (M,)
-    next-token entropy (no gradient). Called inside ``as_forward``."""
+    next-token entropy (no gradient). ``temperature`` as ``token_logprobs``'. Called inside ``as_forward``."""
     first, rows = flat_window(predecessor, input_ids.shape[1])
     hidden = hidden_states(model, input_ids, attend, position_ids, first)  # (R, W - first, H)
-    logp_all = lm_logits(model, hidden.flatten(0, 1)[rows]).float().log_softmax(-1)  # (M, V)
+    logp_all = scaled(lm_logits(model, hidden.flatten(0, 1)[rows]).float(), temperature).log_softmax(-1)  # (M, V)
     picked = logp_all.gather(-1, targets[:, None]).squeeze(-1)  # (M,)
     if not with_entropy:
         return picked, None

@@ -145,6 +145,19 @@ def load_causal_lm(path, tokenizer=None, dtype: str = "fp32", device: str = "cpu
     return model.to(device)
 
 
+def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Every dropout of ``model`` set to 0 (``nn.Dropout`` modules and the attention's own rate), in
+    place, the saved config untouched. The RL trainers take pi_old with the model in eval mode
+    and pi_theta in train mode: at the same weights they must be one distribution (the first
+    ratio 1), as TRL's PPO makes them."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    return model
+
+
 def from_folder(auto_class, path, **kwargs):
     """``auto_class`` from a model folder, with one-line errors; a LoRA adapter folder loads its
     base with the adapter merged in. A reward or value model given as a causal LM is refused."""

@@ -5,12 +5,13 @@ A backend is a small object with three methods:
     load_weights(model)            take the policy's current weights (once per rollout step)
     generate(prompts, params)      token-id prompts -> ``Samples`` (completions, masks, log-probs)
     logprobs_exact(params) -> bool whether ``Samples.logprobs`` are the policy's own log-probs
-                                   (temperature 1, no truncation of the distribution) to
+                                   (of logits / temperature, before any top-k / top-p
+                                   truncation, as the trainers' forwards compute them) to
                                    rounding; when not, the trainers recompute pi_old with a
                                    forward pass and log the gap
 
 Three ship: ``sampler`` (rlhfkit's KV-cache sampler on the live policy: nothing to copy, exact at
-temperature 1) and ``generate`` (transformers' ``model.generate`` on the backend's own copy of
+any temperature above 0) and ``generate`` (transformers' ``model.generate`` on the backend's own copy of
 the policy, into which ``load_weights`` copies the current weights: the hand-over a sharded
 policy or an inference engine needs), and ``vllm`` (rollout/vllm.py: a colocated vLLM engine on
 the GPU, its weights refreshed from the policy). Adding one: a class with these three methods, an entry
@@ -68,7 +69,7 @@ class SamplerBackend:
                       top_p=params.top_p, num_samples=params.num_samples)
 
     def logprobs_exact(self, params: SamplingParams) -> bool:
-        return params.temperature == 1.0  # the sampler returns log-probs before top-k / top-p
+        return params.temperature > 0  # the sampler's log-probs: of logits / temperature, before top-k / top-p
 
 
 class GenerateBackend:

@@ -243,8 +243,11 @@ def completion_view(samples: Samples) -> tuple[torch.Tensor, torch.Tensor, torch
     return samples.input_ids, samples.attention_mask, torch.cat([prompt_zeros, samples.completion_mask], 1)
 
 
-def completion_logprobs(model, samples: Samples, with_entropy: bool = False, group_size: int = 1):
-    """Per-token log-probs (and entropy) of the completion tokens. (B, C)
+def completion_logprobs(model, samples: Samples, with_entropy: bool = False, group_size: int = 1,
+                        temperature: float = 1.0):
+    """Per-token log-probs (and entropy) of the completion tokens under softmax(logits /
+    ``temperature``), the distribution they were sampled from (as TRL, OpenRLHF and verl score
+    them): pi_old, pi_theta and pi_ref alike. (B, C)
 
     ``group_size`` > 1: consecutive rows in groups of that size were sampled from one prompt
     (GRPO's G samples); where they do and the model's attention reads block masks, each prompt
@@ -252,9 +255,9 @@ def completion_logprobs(model, samples: Samples, with_entropy: bool = False, gro
     """
     if group_size > 1 and reads_block_masks(model) and _groups_share_prompts(samples, group_size):
         view = shared_prompt_view(samples, group_size)
-        return as_forward(model, _shared_logprobs, view, samples.completion_ids.shape, with_entropy)
+        return as_forward(model, _shared_logprobs, view, samples.completion_ids.shape, with_entropy, temperature)
     ids, attn, target = completion_view(samples)
-    out = token_logprobs(model, ids, attn, target, with_entropy=with_entropy)
+    out = token_logprobs(model, ids, attn, target, with_entropy=with_entropy, temperature=temperature)
     width = samples.prompt_ids.shape[1]
     if with_entropy:
         return out[0][:, width:], out[1][:, width:]
@@ -314,9 +317,9 @@ def shared_prompt_view(samples: Samples, group_size: int) -> SharedPromptView:
                             group * width + before, targets, rows, cols)
 
 
-def _shared_logprobs(model, view: SharedPromptView, shape, with_entropy: bool):
+def _shared_logprobs(model, view: SharedPromptView, shape, with_entropy: bool, temperature: float = 1.0):
     picked, entropy = predecessor_logprobs(model, view.input_ids, view.attend, view.position_ids, view.predecessor,
-                                           view.targets, with_entropy)
+                                           view.targets, with_entropy, temperature)
     logprobs = picked.new_zeros(shape).index_put((view.rows, view.cols), picked)
     if not with_entropy:
         return logprobs
