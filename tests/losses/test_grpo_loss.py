@@ -124,3 +124,12 @@ def test_clip_higher_by_hand():
     assert m["clip_frac_high"].item() == pytest.approx(1 / 3) and m["clip_frac_low"].item() == pytest.approx(1 / 3)
     symmetric, _ = grpo_loss(lp, old, adv, torch.ones(1, 3), eps_low=0.2)
     assert symmetric.item() == pytest.approx(-(1.2 + 1.2 - 0.8) / 3, abs=1e-6)
+
+
+def test_dapo_overlong_penalty_by_hand():
+    """L_max = 10, L_cache = 4: no penalty up to 6 tokens, then -(|y| - 6) / 4, -1 at 10 and past it."""
+    from rlhfkit.losses.grpo import overlong_penalty
+
+    lengths = torch.tensor([3, 6, 7, 8, 10, 12])
+    assert torch.allclose(overlong_penalty(lengths, 10, 4), torch.tensor([0.0, 0.0, -0.25, -0.5, -1.0, -1.0]))
+    assert torch.allclose(overlong_penalty(lengths, 10, 4, factor=0.5), torch.tensor([0.0, 0, -0.125, -0.25, -0.5, -0.5]))

@@ -95,6 +95,22 @@ def test_options_mu2_dapo_dynamic_sampling(tiny, tmp_path):
     assert logged[-1]["train/ratio_mean"] != 1.0 and logged[-1]["train/update_skipped"] == 0.0
 
 
+def test_dapo_overlong_penalty_is_added_to_the_outcome_reward(tiny, tmp_path):
+    """A buffer as long as max_new_tokens: every completion loses |y| / 6 of reward, logged as
+    ``reward/overlong_mean`` and summed into ``reward_mean``."""
+    from methods_setup import digits
+
+    from rlhfkit.train.config import replace
+
+    cfg = replace(_cfg(tiny, tiny["base"], tmp_path / "g", steps=1, eval_data=None, group_size=4, prompts_per_step=4,
+                       max_new_tokens=6, overlong_buffer=6), train__log_every=1)
+    run_grpo(cfg, reward_fns=[digits])
+    (logged,) = [m for m in read_metrics(tmp_path / "g") if "train/loss" in m]
+    assert logged["train/reward/overlong_mean"] == pytest.approx(-logged["train/completion_len_mean"] / 6, abs=1e-6)
+    assert logged["train/reward_mean"] == pytest.approx(
+        logged["train/reward/digits_mean"] + logged["train/reward/overlong_mean"], abs=1e-6)
+
+
 def test_a_failing_reward_stops_the_run_with_its_name(tiny, tmp_path):
     def flaky(prompts, completions, **_):
         return [float("nan")] * len(completions)

@@ -326,6 +326,9 @@ def test_a_full_tmpfs_stops_the_run_in_one_line_and_leaves_no_partial_folder(tin
     (GRPOConfig, "reward_errors=ignore", "'reward_errors' must be one of raise, zero; got 'ignore'"),
     (GRPOConfig, "reward_timeout_s=-1", "'reward_timeout_s' must be >= 0; got -1.0"),
     (GRPOConfig, "eps_low=0", "eps_low > 0"),
+    (GRPOConfig, "overlong_buffer=17", "'overlong_buffer' must be in [0, 16]; got 17"),
+    (GRPOConfig, "overlong_penalty=-1", "'overlong_penalty' must be >= 0; got -1.0"),
+    (GRPOConfig, "overlong_buffer=4 process_reward=arithmetic_steps", "overlong_buffer shapes the outcome reward"),
     (PPOConfig, "minibatch_size=0", "'minibatch_size' must be >= 1; got 0"),
     (PPOConfig, "kl_coef=-0.1", "'kl_coef' must be >= 0; got -0.1"),
     (PPOConfig, "target_kl=0", "'target_kl' must be > 0"),
@@ -336,7 +339,7 @@ def test_a_full_tmpfs_stops_the_run_in_one_line_and_leaves_no_partial_folder(tin
 ])
 def test_nonsense_values_fail_in_one_line_when_read(cls, override, message):
     with pytest.raises(ConfigError) as e:
-        load_config(cls, None, [override])
+        load_config(cls, None, override.split())
     assert message in str(e.value) and "\n" not in str(e.value)
 
 

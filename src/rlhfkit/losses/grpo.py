@@ -12,7 +12,8 @@ A_it = sum of the normalised step rewards of output i whose step ends at or afte
 
 Options, never replacing the paper's form: ``token_mean`` (DAPO: one mean over all tokens of
 the batch), ``seq_mean_token_sum_norm`` (Dr. GRPO: constant per-length normaliser), no std
-scaling (Dr. GRPO), and clip-higher (DAPO: eps_high > eps_low).
+scaling (Dr. GRPO), clip-higher (DAPO: eps_high > eps_low) and DAPO's soft overlong punishment
+(``overlong_penalty``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,19 @@ import torch
 
 from .policy import clipped_surrogate
 from .reduce import seq_mean_token_mean, seq_mean_token_sum_norm, token_mean
+
+
+def overlong_penalty(lengths: torch.Tensor, max_length: int, buffer: int, factor: float = 1.0) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), added to the outcome reward:
+
+        R_length(y) = 0                                   |y| <= L_max - L_cache
+                    = ((L_max - L_cache) - |y|) / L_cache  L_max - L_cache < |y| <= L_max
+                    = -1                                   L_max < |y|
+
+    ``lengths`` (B,) completion tokens, L_max = ``max_length``, L_cache = ``buffer``; times
+    ``factor`` (verl's ``penalty_factor``; 1 in the paper). (B,)"""
+    over = (lengths.float() - (max_length - buffer)).clamp(min=0)
+    return -(over / buffer).clamp(max=1.0) * factor
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale_std: bool = True, eps: float = 1e-4) -> torch.Tensor:

@@ -9,14 +9,14 @@ loss of losses/grpo.py. The run skeleton (train/run.py) does set-up, checks and 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from ..data.encode import check_prompts
 from ..data.formats import user_prompt
 from ..data.rows import read_rows, source_name
-from ..losses.grpo import REDUCTIONS, group_advantages, grpo_loss, process_advantages
+from ..losses.grpo import REDUCTIONS, group_advantages, grpo_loss, overlong_penalty, process_advantages
 from ..models.load import disable_dropout, load_causal_lm, load_tokenizer
 from ..models.reward import is_likelihood_prm, is_sequence_classifier, is_token_classifier
 from ..rollout.backend import SamplingParams, make_backend
@@ -25,7 +25,7 @@ from ..rollout.reward_models import ProcessRewardModelReward, RewardModelReward
 from ..rollout.rewards import RESERVED, call_with_timeout, load_callable, reward_fields, score_outcomes
 from ..rollout.sampler import Samples, completion_logprobs, decode
 from ..tasks import OUTCOME_REWARDS, PROCESS_REWARDS, TASK_CHOICES
-from ..train.config import ConfigError, LoraConfig, RolloutConfig, TrainConfig, at_least, choice
+from ..train.config import ConfigError, LoraConfig, RolloutConfig, TrainConfig, at_least, choice, within
 from ..train.loop import BatchOrder, autocast, reduce_dict, row_chunks
 from ..train.optim import build_optimizer, build_scheduler
 from ..train.run import Run, start_run
@@ -55,6 +55,8 @@ class GRPOConfig:
     loss_type: str = "grpo"  # grpo (paper) | dapo (token mean) | dr_grpo (constant normaliser)
     scale_std: bool = True  # divide advantages by the group std (Dr. GRPO: false)
     dynamic_sampling: bool = False  # DAPO: drop groups whose advantages are all zero
+    overlong_buffer: int = 0  # DAPO: reward ramps to -overlong_penalty over the last N of max_new_tokens; 0 = off
+    overlong_penalty: float = 1.0  # the punishment at max_new_tokens (DAPO: 1)
     reward_errors: str = "raise"  # raise | zero (score 0 and count)
     reward_timeout_s: float = 0.0  # > 0: a reward call that takes longer is an error (named); 0 = no limit
     eval_limit: int = 500  # held-out prompts used; 0 = all
@@ -79,6 +81,10 @@ class GRPOConfig:
             at_least(key, getattr(self, key), 1)
         for key in ("temperature", "beta", "top_k", "eval_limit", "reward_timeout_s"):
             at_least(key, getattr(self, key), 0)
+        at_least("overlong_penalty", self.overlong_penalty, 0)
+        within("overlong_buffer", self.overlong_buffer, 0, self.max_new_tokens)
+        if self.overlong_buffer and self.process_reward is not None:
+            raise ConfigError("overlong_buffer shapes the outcome reward, which process_reward replaces; set one")
         if not 0 < self.top_p <= 1 or not self.eps_low > 0 or (self.eps_high is not None and self.eps_high < self.eps_low):
             raise ConfigError("config keys: top_p must be in (0, 1], eps_low > 0 and eps_high >= eps_low")
 
@@ -197,6 +203,11 @@ def rollout(backend, tokenizer, rows, cfg: GRPOConfig, rewards: Rewards) -> Roll
     functions = [bind(f, samples, per_sample) for f in rewards.functions]  # learned rewards see the samples
     outcome = score_outcomes(functions, rewards.weights, prompts, texts, fields, cfg.reward_errors,
                              cfg.reward_timeout_s)
+    if cfg.overlong_buffer:  # DAPO: long answers lose reward over the buffer before max_new_tokens
+        penalty = overlong_penalty(samples.completion_mask.sum(-1).cpu(), cfg.max_new_tokens, cfg.overlong_buffer,
+                                   cfg.overlong_penalty)
+        outcome = replace(outcome, rewards=outcome.rewards + penalty,
+                          per_function={**outcome.per_function, "overlong": penalty})
     advantages = advantages_for(cfg, samples, texts, prompts, fields, tokenizer,
                                 bind(rewards.process, samples, per_sample), outcome)
     advantages = advantages.to(samples.completion_ids.device)
