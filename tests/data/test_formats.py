@@ -207,8 +207,8 @@ def test_a_chat_prompt_gets_one_bos_in_every_method(tok):
     template's BOS alone wherever it is read: SFT, RM/DPO, sampling and held-out eval, rewards."""
     from tokenizers import processors
 
+    import rlhfkit.rollout.reward_models as reward_models
     from rlhfkit.data.encode import encode_row_prompt
-    from rlhfkit.rollout.reward_models import encode_row_prompt as reward_prompt_ids
 
     t = build_char_tokenizer()
     t.add_special_tokens({"bos_token": "<s>"})
@@ -223,7 +223,7 @@ def test_a_chat_prompt_gets_one_bos_in_every_method(tok):
     assert expected.count(t.bos_token_id) == 1 and expected[0] == t.bos_token_id
     assert encode_rankings([pair], t, 128)[0][0].prompt_ids == expected
     assert row_prompt_ids(t, [prompt_only, messages]) == [expected, expected]  # GRPO, PPO, held-out eval
-    assert reward_prompt_ids(t, prompt_only) == expected  # rm:/prm: rewards
+    assert reward_models.encode_row_prompt is encode_row_prompt  # rm:/prm: rewards read prompts through it
     assert encode_row_prompt(t, Row("p.jsonl:1", {"prompt": "What is 1+2?"}))[0] == t.bos_token_id  # plain: one BOS
 
 

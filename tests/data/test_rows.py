@@ -92,6 +92,7 @@ def test_json_arrays_csv_and_table_nulls(tmp_path):
     table = datasets.Dataset.from_list([{**rows[0], "answer": None}, rows[1]])  # row 0's answer: null in the table
     table.to_parquet(str(tmp_path / "d.parquet"))
     assert [r.data for r in read_rows(tmp_path / "d.parquet")] == rows
+    assert [r.data for r in read_rows(table)] == rows  # a Dataset passed in Python: the same table
 
 
 def test_chat_row_needs_an_assistant_turn(tok):

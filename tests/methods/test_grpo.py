@@ -111,6 +111,18 @@ def test_dapo_overlong_penalty_is_added_to_the_outcome_reward(tiny, tmp_path):
         logged["train/reward/digits_mean"] + logged["train/reward/overlong_mean"], abs=1e-6)
 
 
+def test_a_reward_named_like_the_overlong_penalty_is_refused():
+    from rlhfkit.methods.grpo import GRPOConfig, resolve_rewards
+    from rlhfkit.train.config import ConfigError
+
+    def overlong(prompts, completions, **_):
+        return [0.0] * len(completions)
+
+    resolve_rewards(GRPOConfig(), [overlong])  # without the penalty the name is free
+    with pytest.raises(ConfigError, match="a reward named 'overlong'"):
+        resolve_rewards(GRPOConfig(overlong_buffer=4), [overlong])
+
+
 def test_a_failing_reward_stops_the_run_with_its_name(tiny, tmp_path):
     def flaky(prompts, completions, **_):
         return [float("nan")] * len(completions)

@@ -148,3 +148,19 @@ def test_a_model_with_dropout_is_one_distribution_in_train_and_eval_mode(tiny, t
         noisy = token_logprobs(plain, ids, mask)
     assert torch.allclose(trained, evaluated, atol=1e-5) and (noisy - evaluated).abs().max() > 1e-3
     assert actor.config.attention_dropout == 0.5
+
+
+def test_dropout_rates_read_as_numbers_are_switched_off_too():
+    """OPT reads its dropout and layerdrop rates as numbers in its forward, not through nn.Dropout."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from rlhfkit.models.load import disable_dropout
+
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                                     num_attention_heads=4, max_position_embeddings=32, word_embed_proj_dim=32,
+                                     dropout=0.5, attention_dropout=0.5, activation_dropout=0.5, layerdrop=0.0)).train()
+    ids = torch.randint(3, 50, (2, 8))
+    assert not torch.allclose(model(ids).logits, model(ids).logits)
+    disable_dropout(model)
+    assert torch.equal(model(ids).logits, model(ids).logits)

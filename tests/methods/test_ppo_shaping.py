@@ -44,11 +44,14 @@ def test_whitening():
 
 def test_whitening_over_ranks_uses_every_ranks_scores():
     """Two ranks holding two scores each whiten as one process holding all four: rank 0's half,
-    with ``total`` adding rank 1's partial sums (its sum and count, then its squared deviations)."""
+    with ``total`` adding rank 1's partial sums (its count; its sum and count, then its squared
+    deviations)."""
     other = shaped(whiten_scores=False)[2:]
     mean = {}
 
     def total(sums):  # what the all-reduce gives rank 0
+        if sums.dtype == torch.float64:  # the number of scores
+            return sums + 2
         if sums.numel() == 2:
             out = sums + torch.stack([other.sum(), torch.tensor(2.0)])
             mean["value"] = out[0] / out[1]
@@ -61,8 +64,9 @@ def test_whitening_over_ranks_uses_every_ranks_scores():
 
 
 def test_whitening_skips_a_single_score():
-    assert torch.equal(shape_scores(torch.tensor([3.0]), torch.tensor([True]), PPOConfig(whiten_scores=True)),
-                       torch.tensor([3.0]))
+    one = torch.tensor([3.0]), torch.tensor([True])
+    assert torch.equal(shape_scores(*one, PPOConfig(whiten_scores=True)), torch.tensor([3.0]))
+    assert torch.equal(shape_scores(*one, PPOConfig(whiten_scores=True), total=lambda sums: sums), torch.tensor([3.0]))
 
 
 def test_clipping():

@@ -197,6 +197,8 @@ def test_an_early_stop_is_kept_on_resume_and_its_step_logged(tiny, tmp_path):
     assert again["steps"] == 2 and again["evals"] == first["evals"]
     assert [p.name for p in complete_checkpoints(tmp_path / "run")] == ["step-0000002"]
     assert all(torch.equal(v, _weights(tmp_path / "run" / "model")[k]) for k, v in weights.items())
+    on = run_sft(replace(cfg(resume=True), stop_at_accuracy=None))  # no stop criterion now: it trains on
+    assert on["steps"] == 4 and [e["step"] for e in on["evals"]] == [2, 4]
 
 
 def test_an_eval_that_fails_keeps_its_steps_training_in_a_checkpoint(tiny, tmp_path, monkeypatch):
@@ -211,6 +213,10 @@ def test_an_eval_that_fails_keeps_its_steps_training_in_a_checkpoint(tiny, tmp_p
     with pytest.raises(MemoryError):
         run_sft(cfg)
     assert latest_checkpoint(tmp_path / "run").name == "step-0000003"
+    monkeypatch.undo()  # the resumed run runs the eval the failure interrupted, then ends as a straight run
+    resumed = run_sft(replace(cfg, train__resume=True))
+    straight = run_sft(replace(cfg, train__out_dir=str(tmp_path / "straight")))
+    assert [e["step"] for e in resumed["evals"]] == [3] and resumed == straight
 
 
 def test_the_logged_lr_is_the_rate_each_step_took(tiny, tmp_path):

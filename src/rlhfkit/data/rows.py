@@ -57,9 +57,9 @@ def read_rows(source) -> list[Row]:
         return _one_split(source, None, "<DatasetDict>")
     if isinstance(source, list):
         rows = [Row(f"<list>:row {i}", _as_dict(r, f"<list>:row {i}")) for i, r in enumerate(source)]
-    else:  # a datasets.Dataset, or anything iterable of dicts
+    else:  # a datasets.Dataset (a table: its nulls are absent fields), or anything iterable of dicts
         name = getattr(source, "info", None) and getattr(source.info, "dataset_name", None) or "<dataset>"
-        rows = [Row(f"{name}:row {i}", _as_dict(r, f"{name}:row {i}")) for i, r in enumerate(source)]
+        rows = [Row(f"{name}:row {i}", _present(_as_dict(r, f"{name}:row {i}"))) for i, r in enumerate(source)]
     if not rows:
         raise DataError("the dataset holds no rows")
     return rows

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .encode import LengthReport, encode_prompt
+from .encode import LengthReport, encode_prompt, encode_row_prompt
 from .rows import DataError, Row, get_str
 
 
@@ -48,8 +48,7 @@ def step_prompt(row: Row, tokenizer) -> list[int]:
                 raise DataError(f"{row.where}: field 'prompt[{i}]' must have string 'role' and 'content'")
         if not prompt:
             raise DataError(f"{row.where}: field 'prompt' is an empty list of messages")
-        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        return encode_prompt(tokenizer, text, chat=True)
+        return encode_row_prompt(tokenizer, row)  # as every other reader encodes it (tools, BOS)
     return encode_prompt(tokenizer, get_str(row, "prompt"))
 
 

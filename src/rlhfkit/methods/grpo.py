@@ -146,6 +146,10 @@ def resolve_rewards(cfg: GRPOConfig, functions=None, weights=None, process=None)
         raise ConfigError(f"{len(functions)} reward functions but {len(weights)} weights")
     if process is None and cfg.process_reward and not cfg.process_reward.startswith("prm:"):
         process = PROCESS_REWARDS[cfg.process_reward]
+    named = [getattr(f, "name", None) or getattr(f, "__name__", type(f).__name__) for f in functions]
+    if cfg.overlong_buffer and "overlong" in named:
+        raise ConfigError("a reward named 'overlong' would be logged under the name of overlong_buffer's "
+                          "penalty (reward/overlong_mean); rename it")
     return Rewards(list(functions), list(weights), process)
 
 
@@ -329,7 +333,7 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
     total = run.plan(len(rows), cfg.prompts_per_step) * cfg.mu  # optimizer steps
     run.attach(policy, optimizer, build_scheduler(optimizer, total, tc.warmup_steps, tc.schedule, tc.min_lr_ratio))
     order = BatchOrder(len(rows), cfg.prompts_per_step, tc.seed)
-    for step in run.steps():
+    for step in run.steps(evaluate):
         sync = time.time()
         backend.load_weights(policy)  # a sharded policy: the gathered full weights into the backend's copy
         sync = time.time() - sync

@@ -145,8 +145,10 @@ def shape_scores(raw: torch.Tensor, finished: torch.Tensor, cfg: PPOConfig, tota
     scores = raw * cfg.score_scale
     if cfg.missing_eos_penalty is not None:
         scores = scores - cfg.missing_eos_penalty * (~finished).to(scores.dtype)
-    if cfg.whiten_scores and (scores.numel() > 1 or total is not None):
-        scores = masked_whiten(scores, torch.ones_like(scores), total=total)
+    if cfg.whiten_scores:
+        count = (total or (lambda sums: sums))(torch.tensor([float(scores.numel())], dtype=torch.float64))
+        if count.item() > 1:  # one score in all has no spread to divide by: left as it is
+            scores = masked_whiten(scores, torch.ones_like(scores), total=total)
     if cfg.score_clip is not None:
         scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
     return scores
@@ -362,7 +364,8 @@ def run_ppo(cfg: PPOConfig, backend=None) -> dict:
     run.attach(trained, optimizer, build_scheduler(optimizer, total, tc.warmup_steps, tc.schedule, tc.min_lr_ratio))
     kl_ctl = AdaptiveKL(run.state.get("kl_coef", cfg.kl_coef), cfg.target_kl or 1.0, cfg.kl_horizon)
     order, kls = BatchOrder(len(rows), cfg.prompts_per_step, tc.seed), list(run.state.get("kls", []))
-    for step in run.steps():
+    evaluate_now = (lambda: evaluate(models, backend, tokenizer, eval_rows, cfg)) if eval_rows else None
+    for step in run.steps(evaluate_now):
         sync = time.time()
         backend.load_weights(models["actor"])  # a sharded actor: the gathered full weights into the backend's copy
         sync = time.time() - sync
@@ -376,8 +379,7 @@ def run_ppo(cfg: PPOConfig, backend=None) -> dict:
             kl_ctl.update(kls[-1], cfg.prompts_per_step)
         metrics.update(experience_metrics(exp), time_update_s=time.time() - t0, kl_coef=kl_ctl.beta,
                        time_weight_sync_s=sync)
-        run.step_done(means=metrics, state={"kl_coef": kl_ctl.beta, "kls": kls},
-                      evaluate=(lambda: evaluate(models, backend, tokenizer, eval_rows, cfg)) if eval_rows else None)
+        run.step_done(means=metrics, state={"kl_coef": kl_ctl.beta, "kls": kls}, evaluate=evaluate_now)
     run.save_model(models["critic"], tokenizer, f"{tc.out_dir}/critic", what="critic")
     return run.finish(models["actor"], tokenizer, ppo_summary(run, kls, kl_ctl.beta, before, models))
 

@@ -68,15 +68,25 @@ def applies(model) -> bool:
             or getattr(layers[0], "gradient_checkpointing", False)
             or (model.training and getattr(cfg, "attention_dropout", 0.0))):
         return False
-    plain = (torch.nn.Linear, torch.nn.Embedding)
     if _sharded(model, layers[0]):
         return False
     # peft wraps the linears in its own classes, in every layer or only in some (lora.target_modules)
     modules = [base.embed_tokens] + [m for layer in layers for m in (
         layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
         layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)]
-    return (all(isinstance(m, plain) and type(m).__module__.startswith(("torch.nn", "rlhfkit")) for m in modules)
-            and all(type(layer).__module__.startswith("transformers") for layer in layers))
+    return all(_plain(type(m)) for m in modules) and all(_plain(type(layer)) for layer in layers)
+
+
+_PLAIN: dict = {}  # module class -> whether it is one this module reads the weights of as they are
+
+
+def _plain(cls: type) -> bool:
+    """torch's own Linear and Embedding (or rlhfkit's kernels of them), a transformers decoder
+    layer; not peft's or another library's wrapper. Checked per forward, so cached per class."""
+    if cls not in _PLAIN:
+        weights = issubclass(cls, (torch.nn.Linear, torch.nn.Embedding)) and cls.__module__.startswith(("torch.nn", "rlhfkit"))
+        _PLAIN[cls] = weights or (cls.__module__.startswith("transformers") and cls.__name__.endswith("DecoderLayer"))
+    return _PLAIN[cls]
 
 
 def _sharded(*modules) -> bool:

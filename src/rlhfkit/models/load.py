@@ -153,8 +153,9 @@ def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0
+        for name, value in vars(module).items():  # rates a forward reads as numbers (OPT's dropout, layerdrop)
+            if isinstance(value, float) and ("dropout" in name or "pdrop" in name or name == "layerdrop"):
+                setattr(module, name, 0.0)
     return model
 
 

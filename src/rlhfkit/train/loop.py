@@ -94,7 +94,7 @@ def train_offline(run: Run, model, examples: list, collate: Callable, objective:
     run.attach(model, optimizer, scheduler)
     order = BatchOrder(len(examples), cfg.batch_size, cfg.seed)
     evaluate = (lambda: eval_fn(model)) if eval_fn is not None else None
-    for step in run.steps():
+    for step in run.steps(evaluate):
         rows = order.indices(step)[info.rank::info.world_size]
         batches = [to_device(collate([examples[i] for i in rows[j: j + micro]]), run.device)
                    for j in range(0, per_rank, micro)]

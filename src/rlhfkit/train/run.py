@@ -5,7 +5,7 @@ A method's loop reads::
     run = start_run(cfg.train, cfg, "grpo", unit="rollout step")   # before any model loads
     ... load models, build the optimizer ...
     run.attach(trained, optimizer, scheduler)                     # broadcast, seed, resume
-    for step in run.steps():
+    for step in run.steps(eval_fn):                                # a resumed run settles its eval first
         ... loss.backward() ...
         loss_value, grad_norm = run.optimizer_step(loss)          # NaN/inf checks, then the step
         run.step_done(means={...}, shares={...}, evaluate=eval_fn)
@@ -132,6 +132,9 @@ def truncate_metrics(out_dir: str | Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
+RUN_STATE = {"step", "world_size", "optimizer_steps", "metrics", "evals", "stopped_early", "pending_eval"}  # Run's own
+
+
 @dataclass
 class Run:
     cfg: TrainConfig
@@ -248,8 +251,7 @@ class Run:
             self.evals, self.metrics = self.state.get("evals", []), self.state.get("metrics", {})
             self.stopped_early = bool(self.state.get("stopped_early"))
             self.say(f"resuming from {path} ({self.unit} {self.start} of {self.max_steps})"
-                     + ("; the run had stopped there (an eval asked to): no step left to run" if self.stopped_early
-                        else ""))
+                     + ("; an eval had stopped the run there" if self.stopped_early else ""))
             if self.info.is_main:
                 truncate_metrics(self.cfg.out_dir, self.start)
         self.logger = MetricsLogger(self.cfg.out_dir, enabled=self.info.is_main, report_to=self.cfg.report_to,
@@ -258,19 +260,36 @@ class Run:
         self.bar = progress(self.max_steps, self.start, desc=f"{self.name} ({self.unit}s)",
                             enabled=self.info.is_main and self.cfg.progress)
 
-    def steps(self):
-        """The step indices still to run (0-based); stops early when an eval asks to.
+    def steps(self, evaluate: Callable | None = None):
+        """The step indices still to run (0-based); stops early when an eval asks to. ``evaluate``:
+        the eval ``step_done`` is given, for what a resumed run must settle first (``_settle_resume``).
 
         While they run, SIGTERM and SIGINT are held: the step finishes, a complete checkpoint is
         written and ``Preempted`` is raised (a second signal exits at once)."""
         self.held = hold_signals(self._on_signal)
         try:
+            self._settle_resume(evaluate)
             for step in range(self.start, self.start if self.stopped_early else self.max_steps):
                 yield step
                 if self.stopped_early:
                     break
         finally:
             self.release()
+
+    def _settle_resume(self, evaluate: Callable | None) -> None:
+        """Before a resumed run's first step: the eval a failure interrupted runs again (and is
+        checkpointed), and a run an eval stopped stays stopped only if the eval still says stop
+        under the current config (a raised ``stop_at_accuracy``, none, a larger ``max_steps``)."""
+        if not self.resuming:
+            return
+        if self.state.get("pending_eval") and evaluate is not None:  # one process only (see step_done)
+            self.stopped_early = bool(self.evaluate(evaluate, self.done).get("stop"))
+            self.save(self.done, {k: v for k, v in self.state.items() if k not in RUN_STATE})
+        elif self.stopped_early:
+            stop = torch.tensor([float(evaluate is not None and bool(evaluate().get("stop")))], dtype=torch.float64)
+            self.stopped_early = bool(all_reduce_sum(stop, self.info).item() > 0)
+            if not self.stopped_early:
+                self.say("under this config the eval no longer stops the run: training on")
 
     def release(self) -> None:
         """Give SIGTERM and SIGINT back their previous handlers."""
@@ -314,9 +333,10 @@ class Run:
         if evaluate is not None and ((cfg.eval_every and done % cfg.eval_every == 0) or last):
             try:
                 evaluated = self.evaluate(evaluate, done)
-            except BaseException:  # the step's training is not lost with its eval: checkpointed, then raised
-                self.logger.log(done, self.metrics)
-                self.save(done, state)
+            except BaseException:
+                if not self.info.enabled:  # one process: the step's training kept, its eval run again on resume
+                    self.logger.log(done, self.metrics)  # (across ranks a save would wait on ranks whose eval ran)
+                    self.save(done, state, pending_eval=True)
                 raise
         flags = torch.tensor([float(bool(evaluated and evaluated.get("stop"))), float(self.signal is not None)],
                              dtype=torch.float64)
@@ -332,13 +352,14 @@ class Run:
                 raise Preempted(f"stopped by {signal.Signals(signum).name} after {self.unit} {done} of {self.max_steps}; "
                                 f"checkpoint {path} is complete: rerun with train.resume=true to continue", signum)
 
-    def save(self, done: int, state: dict | None) -> Path:
+    def save(self, done: int, state: dict | None, pending_eval: bool = False) -> Path:
         """A complete checkpoint of step ``done``: the modules, and what the run's summary is made
-        of (evals, the last metrics, an early stop) so that a resumed run ends as this one would."""
+        of (evals, the last metrics, an early stop, an eval still to run) so that a resumed run
+        ends as this one would."""
         trained, optimizer, scheduler = self.modules
         extra = {"optimizer_steps": self.optimizer_steps, "metrics": {k: plain(v) for k, v in self.metrics.items()},
                  "evals": [{k: plain(v) for k, v in e.items()} for e in self.evals],
-                 "stopped_early": self.stopped_early, **self.keep, **(state or {})}
+                 "stopped_early": self.stopped_early, "pending_eval": pending_eval, **self.keep, **(state or {})}
         path = save_checkpoint(self.cfg.out_dir, done, trained, optimizer, scheduler, self.config, extra=extra,
                                keep=self.cfg.keep_checkpoints, info=self.info, sharded=self.sharded)
         barrier(self.info)
