@@ -110,3 +110,26 @@ def test_report_to_is_checked_when_the_config_is_read():
     with pytest.raises(ConfigError, match="train.report_to' must be one of tensorboard, wandb, none; got 'mlflow'"):
         TrainConfig(report_to="mlflow")
     assert os.environ.get("WANDB_MODE") != "online"  # the suite never reaches the network
+
+
+def test_the_shipped_configs_chain():
+    """Each shipped config starts from a folder an earlier one writes: DPO, GRPO and PPO from the
+    SFT snapshot (so sft_tiny must take one), PPO's reward model from rm_tiny's output."""
+    from rlhfkit.cli.main import resolve_config
+    from rlhfkit.methods.dpo import DPOConfig
+    from rlhfkit.methods.grpo import GRPOConfig
+    from rlhfkit.methods.ppo import PPOConfig
+    from rlhfkit.methods.rm import RMConfig
+    from rlhfkit.methods.sft import SFTConfig
+    from rlhfkit.train.config import load_config
+
+    sft, rm = (load_config(cls, resolve_config(name)) for cls, name in ((SFTConfig, "sft_tiny"), (RMConfig, "rm_tiny")))
+    written = {f"{sft.train.out_dir}/model", f"{rm.train.out_dir}/model"}
+    if sft.snapshot_at_accuracy is not None:
+        written.add(f"{sft.train.out_dir}/snapshot")
+    assert rm.model in written
+    for cls, name in ((DPOConfig, "dpo_tiny"), (GRPOConfig, "grpo_tiny"), (PPOConfig, "ppo_tiny")):
+        cfg = load_config(cls, resolve_config(name))
+        assert cfg.model in written, name
+    ppo = load_config(PPOConfig, resolve_config("ppo_tiny"))
+    assert {ppo.critic, ppo.reward_model} <= written
