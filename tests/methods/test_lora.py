@@ -3,6 +3,7 @@ adapters-off reference is the frozen copy, and the saved adapter and merged fold
 the trained model's numbers in peft and plain transformers."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -12,9 +13,10 @@ from safetensors.torch import load_file
 
 import rlhfkit.train.run as run_module
 from rlhfkit.data.encode import collate_sft, encode_sft
+from rlhfkit.data.prefs import encode_rankings
 from rlhfkit.data.rows import read_rows
 from rlhfkit.methods.common import load_policy
-from rlhfkit.methods.rm import RMConfig, run_rm
+from rlhfkit.methods.rm import RMConfig, ranking_metrics, run_rm
 from rlhfkit.methods.sft import SFTConfig, run_sft
 from rlhfkit.models.forward import token_logprobs
 from rlhfkit.models.load import load_causal_lm, load_tokenizer
@@ -141,6 +143,14 @@ def test_reward_model_lora_trains_its_head_in_full_and_reloads(tiny, tmp_path):
         ours = load_reward_model(str(tmp_path / "rm" / "model"), tok).eval()
         torch.testing.assert_close(reward_scores(ours, batch.input_ids, batch.attention_mask), trained,
                                    atol=1e-5, rtol=0)
+    # `rlhfkit eval` reads the adapter folder as the reward model it is (not as a policy)
+    from rlhfkit.cli.main import main
+
+    assert main(["eval", "--model", str(tmp_path / "rm" / "model"), "--data", str(tiny["data"] / "rankings_eval.jsonl"),
+                 "--limit", "8", "--out", str(tmp_path / "eval")]) == 0
+    result = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    examples, _ = encode_rankings(read_rows(tiny["data"] / "rankings_eval.jsonl")[:8], tok, 512)
+    assert result["pairwise_accuracy"] == ranking_metrics(ours, examples, tok.pad_token_id)["pairwise_accuracy"]
 
 
 @pytest.mark.parametrize("method", METHODS)

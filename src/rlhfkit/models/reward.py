@@ -28,7 +28,15 @@ def is_token_classifier(path: str | Path) -> bool:
     return _has_architecture(path, "ForTokenClassification")
 
 
+ADAPTER_TASKS = {"ForSequenceClassification": "SEQ_CLS", "ForTokenClassification": "TOKEN_CLS"}
+
+
 def _has_architecture(path: str | Path, suffix: str) -> bool:
+    """Whether the folder holds a ``...{suffix}`` model, or a LoRA adapter of one (its task type)."""
+    from .lora import adapter_task, is_adapter_folder
+
+    if is_adapter_folder(path):
+        return adapter_task(path) == ADAPTER_TASKS.get(suffix)
     config = Path(path) / "config.json"
     if not config.is_file():
         return False
@@ -83,6 +91,8 @@ def load_process_reward_model(path: str | Path, tokenizer, num_labels: int = 1, 
     With ``readout="likelihood"``, or a folder saved with it, the causal LM itself (no head)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification
 
+    from .lora import adapter_base, is_adapter_folder, load_merged
+
     if not Path(path).is_dir():
         raise ModelLoadError(f"model folder not found: {path}")
     if readout == "likelihood" or is_likelihood_prm(path):
@@ -92,12 +102,16 @@ def load_process_reward_model(path: str | Path, tokenizer, num_labels: int = 1, 
         check_vocab(model, tokenizer, str(path))
         use_fast_linear(model)
         return model.to(device)
-    labels = {} if is_token_classifier(path) else {"num_labels": num_labels}
-    config = AutoConfig.from_pretrained(str(path), pad_token_id=tokenizer.pad_token_id, **labels)
+    adapter = is_adapter_folder(path)  # a PRM trained with LoRA: its base, the adapter and head merged in
+    base = adapter_base(path) if adapter else path
+    labels = {} if is_token_classifier(base) else {"num_labels": num_labels}
+    config = AutoConfig.from_pretrained(str(base), pad_token_id=tokenizer.pad_token_id, **labels)
     config.classifier_dropout = 0.0
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = AutoModelForTokenClassification.from_pretrained(str(path), config=config, dtype=DTYPES[dtype])
+        model = AutoModelForTokenClassification.from_pretrained(str(base), config=config, dtype=DTYPES[dtype])
+    if adapter:
+        model = load_merged(model, path)
     if model.config.num_labels not in (1, 2):
         raise ModelLoadError(f"{path}: a process reward model has 1 or 2 labels, the folder has {model.config.num_labels}")
     check_vocab(model, tokenizer, str(path))
