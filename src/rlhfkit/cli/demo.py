@@ -32,7 +32,7 @@ from ..methods.sft import SFTConfig, run_sft
 from ..models.tiny import write_tiny_default
 from ..rollout.evaluate import exact_match
 from ..tasks.arithmetic import STEP_SEPARATOR
-from ..train.config import TrainConfig
+from ..train.config import ConfigError, TrainConfig
 
 
 def _train(ctx: dict, name: str, **fields) -> TrainConfig:
@@ -222,16 +222,21 @@ def run_demo(out_dir: str | Path = "demo_out", quick: bool = False, seed: int = 
     time (each with cpus / jobs threads, at most 4); ``jobs=1`` runs them in order in this process."""
     unknown = [name for name in stages or [] if name not in STAGES]
     if unknown:
-        raise SystemExit(f"unknown demo stage(s) {', '.join(unknown)}; the stages: {', '.join(STAGES)}")
+        raise ConfigError(f"unknown demo stage(s) {', '.join(unknown)}; the stages: {', '.join(STAGES)}")
+    for name in stages or []:  # each stage starts from others' outputs: they run too, and first
+        lacking = [d for d in NEEDS.get(name, ()) if d not in stages]
+        if lacking:
+            raise ConfigError(f"demo stage {name} starts from {', '.join(lacking)}: list it too "
+                             f"(--stages {','.join(sorted({*stages, *lacking}, key=list(STAGES).index))})")
     jobs = max(1, jobs)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = max(1, min(cpus // jobs, 4))
     out = Path(out_dir)
     if (out / "summary.json").exists():
-        raise SystemExit(f"{out} already holds a demo run; remove it or pass --out elsewhere")
+        raise ConfigError(f"{out} already holds a demo run; remove it or pass --out elsewhere")
     out.mkdir(parents=True, exist_ok=True)
     assets = write_tiny_default(out / "assets", seed=seed)
-    names = stages or [s for s in STAGES if s not in OPTIONAL]
+    names = sorted(stages, key=list(STAGES).index) if stages else [s for s in STAGES if s not in OPTIONAL]
     ctx = {"out": out, "assets": assets, "quick": quick, "seed": seed, "progress": jobs == 1,
            "eval_rows": read_rows(assets["data"] / "sft_eval.jsonl")}
     results: dict = {}

@@ -37,6 +37,18 @@ METHOD_HELP = {
 }
 
 
+def at_least(low: int):
+    """An argparse type: an integer >= ``low`` (argparse's own one-line error otherwise)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
 def resolve_config(name: str) -> Path:
     """A path, or the name of a config shipped with rlhfkit (``sft_tiny``)."""
     path = Path(name)
@@ -46,7 +58,11 @@ def resolve_config(name: str) -> Path:
     if shipped.is_file():
         return Path(str(shipped))
     available = sorted(p.name for p in (resources.files("rlhfkit") / "configs").iterdir())
-    raise SystemExit(f"config not found: {name} (shipped configs: {', '.join(available)})")
+    raise ConfigNotFound(f"config not found: {name} (shipped configs: {', '.join(available)})")
+
+
+class ConfigNotFound(ValueError):
+    """``--config`` names neither a file nor a shipped config."""
 
 
 def cmd_method(args) -> int:
@@ -95,7 +111,11 @@ def cmd_plot(args) -> int:
 
 def cmd_tiny(args) -> int:
     from ..models.tiny import TinySpec, write_tiny_default
+    from ..train.config import ConfigError
 
+    if args.hidden % 8:
+        raise ConfigError(f"--hidden {args.hidden}: a multiple of 8 (4 attention heads of an even width, as the "
+                          "rotary embedding needs)")
     spec = TinySpec(hidden_size=args.hidden, num_layers=args.layers, intermediate_size=4 * args.hidden)
     paths = write_tiny_default(args.out, spec, seed=args.seed)
     for name, path in paths.items():
@@ -176,8 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tiny", help="build the embedded tiny default: tokenizer, base model, data files")
     p.add_argument("--out", default="tiny")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--hidden", type=at_least(8), default=64, help="width: a multiple of 8 (4 heads of an even width)")
+    p.add_argument("--layers", type=at_least(1), default=2)
     p.set_defaults(func=cmd_tiny)
     p = sub.add_parser("eval", help="held-out metrics -> eval.json: exact-match accuracy of a policy, "
                        "pairwise accuracy and Kendall tau of a reward model, or step accuracy of a PRM")
@@ -185,9 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer")
     p.add_argument("--data", required=True, help="jsonl/parquet rows with prompt and answer (or a completion)")
     p.add_argument("--out", help="folder for eval.json (default: the model folder)")
-    p.add_argument("--limit", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--max-length", type=int, default=512, help="for preference data: longest prompt+completion")
+    p.add_argument("--limit", type=at_least(0), default=0, help="the first N rows (0: all)")
+    p.add_argument("--max-new-tokens", type=at_least(1), default=64,
+                   help="longest greedy answer (default 64; the multi-step task's answers need up to 34)")
+    p.add_argument("--max-length", type=at_least(2), default=512,
+                   help="for preference and step data: longest prompt+completion")
     p.add_argument("--ref", help="reference model folder: report a DPO policy's preference accuracy on pairs/rankings")
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("configs", help="list the configs shipped with rlhfkit (for --config NAME)")
@@ -202,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a shorter run (for smoke tests)")
     p.add_argument("--stages", help="comma-separated stages to run, in order (default: all); a stage needs the "
                    "ones it starts from, e.g. sft_multistep,prm,grpo_prm_learned")
-    p.add_argument("--jobs", type=int, default=2, help="stages run side by side, each with cpus/jobs threads "
+    p.add_argument("--jobs", type=at_least(1), default=2, help="stages run side by side, each with cpus/jobs threads "
                    "(default 2; 1: one after another in this process)")
     p.set_defaults(func=cmd_demo)
     return parser
@@ -222,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (DataError, ModelLoadError, CheckpointError, ConfigError, NonFiniteError, RewardError) as e:
+    except (DataError, ModelLoadError, CheckpointError, ConfigError, NonFiniteError, RewardError, ConfigNotFound) as e:
         print(f"rlhfkit {args.command}: error: {e}", file=sys.stderr)
         return 2
     except Preempted as e:

@@ -72,18 +72,25 @@ def rm_objective(center_coef: float = 0.0) -> Objective:
 
 
 def ranking_stats(rewards: torch.Tensor, ranks: torch.Tensor, mask: torch.Tensor) -> dict:
-    """Sums over a batch of (P, K) scored rankings: concordant pairs, pairs, per-row Kendall tau, top-1 hits."""
+    """Sums over a batch of (P, K) scored rankings: concordant pairs, pairs, per-row Kendall tau,
+    top-1 hits.
+
+    Tau is (concordant - discordant) / the pairs the ranking orders (tau-a over those pairs: a
+    tie in rank makes no pair, a tie in score counts neither way). Top-1 with tied highest
+    scores counts the share of them that are best-ranked (a uniform tie-break's expected hit),
+    so a constant score is not a hit."""
     m = mask.bool()
     better = (ranks[:, :, None] < ranks[:, None, :]) & m[:, :, None] & m[:, None, :]
     diff = rewards[:, :, None] - rewards[:, None, :]
     n = better.sum((1, 2)).float()
     concordant = ((diff > 0) & better).sum((1, 2)).float()
     discordant = ((diff < 0) & better).sum((1, 2)).float()
-    top = rewards.masked_fill(~m, float("-inf")).argmax(-1)  # (P,)
-    best = ranks.masked_fill(~m, torch.iinfo(ranks.dtype).max).min(-1).values
+    scores = rewards.masked_fill(~m, float("-inf"))
+    at_max = (scores == scores.amax(-1, keepdim=True)) & m  # (P, K) the highest score, ties included
+    best = ranks.masked_fill(~m, torch.iinfo(ranks.dtype).max).min(-1, keepdim=True).values
+    hits = (at_max & (ranks == best)).sum(-1).float() / at_max.sum(-1).clamp(min=1)  # (P,)
     return {"correct": int(concordant.sum()), "pairs": int(n.sum()),
-            "taus": ((concordant - discordant) / n.clamp(min=1)).tolist(),
-            "top1": int((ranks.gather(1, top[:, None]).squeeze(1) == best).sum())}
+            "taus": ((concordant - discordant) / n.clamp(min=1)).tolist(), "top1": float(hits.sum())}
 
 
 def ranking_metrics(model, examples, pad_id: int, batch_size: int = 64, share_prompt: bool = True) -> dict:

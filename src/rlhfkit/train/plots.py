@@ -10,6 +10,7 @@ on its headless Agg backend, imported only here.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 # figure name -> (title, does a metric key belong to it); keys are "train/..." or "eval/...".
@@ -28,16 +29,25 @@ def read_curves(run_dir: str | Path) -> dict[str, tuple[list[int], list[float]]]
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (a run's train.out_dir holds one)")
     curves: dict[str, tuple[list[int], list[float]]] = {}
-    for line in path.read_text().splitlines():
+    unread = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
-        record = json.loads(line)
+        try:
+            record = json.loads(line)
+            int(record["step"])
+        except (ValueError, KeyError, TypeError):  # a line cut short by a kill, or not a metrics record
+            unread.append(number)
+            continue
         for key, value in record.items():
             if key in ("step", "time_s") or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
             steps, values = curves.setdefault(key, ([], []))
             steps.append(record["step"])
             values.append(float(value))
+    if unread:
+        print(f"{path}: line(s) {', '.join(map(str, unread))} are not metrics records (no JSON object with a "
+              "step); left out of the plots", file=sys.stderr)
     return curves
 
 
@@ -46,6 +56,7 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, labels: list[str]
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.lines
     import matplotlib.pyplot as plt
 
     runs = [read_curves(d) for d in run_dirs]
@@ -62,20 +73,23 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, labels: list[str]
         rows = -(-len(keys) // cols)
         fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
         for ax, key in zip(axes.flat, keys):
-            for curves, label in zip(runs, labels):
-                if key in curves:
+            for i, (curves, label) in enumerate(zip(runs, labels)):
+                if key in curves:  # a run keeps its colour in every panel, whichever runs a panel holds
                     steps, values = curves[key]
-                    ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=label)
+                    ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=label,
+                            color=f"C{i % 10}")
             ax.set_title(key, fontsize=9)
             ax.set_xlabel("step", fontsize=8)
             ax.tick_params(labelsize=7)
             ax.grid(alpha=0.3)
         for ax in list(axes.flat)[len(keys):]:
             ax.axis("off")
-        if len(runs) > 1:
-            axes.flat[0].legend(fontsize=7)
+        if len(runs) > 1:  # one legend for the figure, naming every run that has a curve in it
+            shown = [i for i, curves in enumerate(runs) if any(k in curves for k in keys)]
+            handles = [matplotlib.lines.Line2D([], [], color=f"C{i % 10}", marker="o", markersize=3) for i in shown]
+            fig.legend(handles, [labels[i] for i in shown], fontsize=7, loc="lower center", ncol=min(len(shown), 4))
         fig.suptitle(title, fontsize=10)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0.06 if len(runs) > 1 else 0, 1, 1))
         path = out / f"{name}.png"
         fig.savefig(path, dpi=90)
         plt.close(fig)
