@@ -77,7 +77,8 @@ def test_short_cli_run_writes_plots_and_a_model_card(tiny, tmp_path):
     assert not (run / "plots" / "kl.png").exists()  # SFT logs no KL
     card = (run / "model" / "README.md").read_text()
     final_loss = json.loads((run / "result.json").read_text())["loss"]
-    assert f"base_model: {tiny['base']}" in card and f"| loss | {final_loss:.4g} |" in card
+    assert f"- base model: `{tiny['base']}`" in card and f"| loss | {final_loss:.4g} |" in card
+    assert "base_model:" not in card  # a local folder: no Hub id to link
     assert "supervised fine-tuning" in card and "sft_train.jsonl" in card and "max_steps: 6" in card
     assert not (run / "tensorboard").exists()
 

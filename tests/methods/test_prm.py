@@ -139,6 +139,10 @@ def test_likelihood_prm_trains_saves_and_scores_in_grpo(tiny, tmp_path):
     (scored,) = ProcessRewardModelReward(str(folder), tok).bind(None, read_rows([{"prompt": prompt}]))(
         [prompt], [text], completion_ids=[ids], tokenizer=tok)
     assert [end for end, _ in scored] == [8, 16, 27] and all(0 < p < 1 for _, p in scored)
+    card = (folder / "README.md").read_text()  # the model card loads it as the causal LM it is
+    assert "AutoModelForCausalLM.from_pretrained" in card and "method: a process reward model" in card
+    run_prm(method_config("prm", tiny, tmp_path / "head", 1))  # the head read-out: a token classifier
+    assert "AutoModelForTokenClassification.from_pretrained" in (tmp_path / "head" / "model" / "README.md").read_text()
 
 
 @pytest.mark.slow

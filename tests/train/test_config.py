@@ -18,8 +18,11 @@ class Cfg:
 
 def test_parse_overrides_values_and_types():
     out = parse_overrides(["a.b=1", "c=x", "d=1e-3", "e=true", "f.g.h=2.5", "a.k=", "m=a=b"])
-    assert out == {"a": {"b": 1, "k": ""}, "c": "x", "d": "1e-3", "e": True, "f": {"g": {"h": 2.5}}, "m": "a=b"}
-    assert type(out["a"]["b"]) is int and type(out["e"]) is bool and type(out["f"]["g"]["h"]) is float
+    parsed = {"a": {"b": out["a"]["b"].parsed, "k": out["a"]["k"].parsed}, "c": out["c"].parsed, "d": out["d"].parsed,
+              "e": out["e"].parsed, "f": {"g": {"h": out["f"]["g"]["h"].parsed}}, "m": out["m"].parsed}
+    assert parsed == {"a": {"b": 1, "k": ""}, "c": "x", "d": "1e-3", "e": True, "f": {"g": {"h": 2.5}}, "m": "a=b"}
+    assert type(parsed["a"]["b"]) is int and type(parsed["e"]) is bool and type(parsed["f"]["g"]["h"]) is float
+    assert out["a"]["b"].text == "1" and out["m"].text == "a=b"
     # PyYAML reads YAML 1.1: "1e-3" (no dot) stays a string; the typed conversion below makes it a float
     assert load_config(Cfg, overrides=["ratio=1e-3"]).ratio == 0.001
     with pytest.raises(ConfigError, match="key=value"):
@@ -45,12 +48,19 @@ def test_unknown_key_is_named_with_its_prefix():
 
 
 @pytest.mark.parametrize("override, key", [
-    ("train.lr=fast", "train.lr"), ("steps=1.5", "steps"), ("flag=maybe", "flag"), ("name=3", "name"),
-    ("train=5", "train"),
+    ("train.lr=fast", "train.lr"), ("steps=1.5", "steps"), ("flag=maybe", "flag"), ("train=5", "train"),
 ])
 def test_wrong_type_is_named(override, key):
     with pytest.raises(ConfigError, match=f"config key '{key}'"):
         load_config(Cfg, overrides=[override])
+
+
+def test_a_text_field_takes_the_text_as_typed():
+    """YAML would make 3 a number and strip '; ' to ';': a text field keeps what was typed; null is None."""
+    assert load_config(Cfg, overrides=["name=3"]).name == "3"
+    assert load_config(Cfg, overrides=["name=; "]).name == "; "
+    assert load_config(Cfg, overrides=["train.out_dir=2024", "train.resume=auto"]).train.out_dir == "2024"
+    assert load_config(Cfg, overrides=["train.resume=true"]).train.resume is True  # bool | str: the YAML value
 
 
 def test_numbers_are_converted():

@@ -16,6 +16,7 @@ import rlhfkit.train.run as run_module
 from rlhfkit.methods.dpo import DPOConfig, run_dpo
 from rlhfkit.methods.grpo import GRPOConfig, run_grpo
 from rlhfkit.methods.ppo import PPOConfig, run_ppo
+from rlhfkit.methods.prm import PRMConfig
 from rlhfkit.methods.rm import RMConfig
 from rlhfkit.methods.sft import SFTConfig, run_sft
 from rlhfkit.models.load import ModelLoadError, load_tokenizer
@@ -332,6 +333,11 @@ def test_a_full_tmpfs_stops_the_run_in_one_line_and_leaves_no_partial_folder(tin
     (GRPOConfig, "reward_errors=ignore", "'reward_errors' must be one of raise, zero; got 'ignore'"),
     (GRPOConfig, "reward_timeout_s=-1", "'reward_timeout_s' must be >= 0; got -1.0"),
     (GRPOConfig, "eps_low=0", "eps_low > 0"),
+    (GRPOConfig, "eps_high=.nan", "eps_high >= eps_low"),
+    (PRMConfig, "step_logprob_floor=.nan", "'step_logprob_floor' must be in (-inf, 0.0]; got nan"),
+    (PRMConfig, "step_logprob_floor=.inf", "'step_logprob_floor' must be in (-inf, 0.0]; got inf"),
+    (PRMConfig, "eval_limit=-1", "'eval_limit' must be >= 0; got -1"),
+    (PPOConfig, "critic_lr=0", "'critic_lr' must be > 0; got 0.0"),
     (GRPOConfig, "overlong_buffer=17", "'overlong_buffer' must be in [0, 16]; got 17"),
     (GRPOConfig, "overlong_penalty=-1", "'overlong_penalty' must be >= 0; got -1.0"),
     (GRPOConfig, "overlong_buffer=4 process_reward=arithmetic_steps", "overlong_buffer shapes the outcome reward"),

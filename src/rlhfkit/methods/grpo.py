@@ -85,7 +85,8 @@ class GRPOConfig:
         within("overlong_buffer", self.overlong_buffer, 0, self.max_new_tokens)
         if self.overlong_buffer and self.process_reward is not None:
             raise ConfigError("overlong_buffer shapes the outcome reward, which process_reward replaces; set one")
-        if not 0 < self.top_p <= 1 or not self.eps_low > 0 or (self.eps_high is not None and self.eps_high < self.eps_low):
+        if not 0 < self.top_p <= 1 or not self.eps_low > 0 or (self.eps_high is not None
+                                                                and not self.eps_high >= self.eps_low):  # NaN too
             raise ConfigError("config keys: top_p must be in (0, 1], eps_low > 0 and eps_high >= eps_low")
 
 

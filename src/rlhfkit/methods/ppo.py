@@ -86,8 +86,9 @@ class PPOConfig:
         for key in ("prompts_per_step", "minibatch_size", "ppo_epochs", "max_new_tokens", "kl_horizon",
                     "eval_max_new_tokens", "ptx_max_length"):
             at_least(key, getattr(self, key), 1)
-        for key in ("ptx_coef", "kl_coef", "temperature", "eps_value", "critic_lr", "eval_limit", "missing_eos_penalty"):
+        for key in ("ptx_coef", "kl_coef", "temperature", "eps_value", "eval_limit", "missing_eos_penalty"):
             at_least(key, getattr(self, key), 0)
+        positive("critic_lr", self.critic_lr)  # 0 would train a critic that never moves
         for key in ("gamma", "lam"):
             within(key, getattr(self, key), 0, 1)
         for key in ("eps_clip", "score_scale", "score_clip"):

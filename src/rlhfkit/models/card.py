@@ -14,7 +14,7 @@ import yaml
 
 METHOD_NAMES = {"sft": "supervised fine-tuning (SFT)", "rm": "a reward model (Bradley-Terry / K-way rankings)",
                 "dpo": "DPO (direct preference optimization)", "grpo": "GRPO (group relative policy optimization)",
-                "ppo": "PPO (InstructGPT stage 3)"}
+                "ppo": "PPO (InstructGPT stage 3)", "prm": "a process reward model (per-step binary cross-entropy)"}
 
 
 def _data_files(config: dict) -> dict[str, str]:
@@ -24,8 +24,10 @@ def _data_files(config: dict) -> dict[str, str]:
 def model_card(method: str, config: dict, metrics: dict, what: str = "model") -> str:
     """The card's text: front matter, a summary, the final metrics and the resolved config."""
     base = config.get("model") or "?"
-    front = {"library_name": "transformers", "tags": ["rlhfkit", method], "base_model": str(base)}
-    loader = "AutoModelForSequenceClassification" if what in ("reward model", "critic") else "AutoModelForCausalLM"
+    front = {"library_name": "transformers", "tags": ["rlhfkit", method]}
+    if not Path(str(base)).exists():  # a Hub id; a local folder is no base_model the Hub can link (TRL omits it too)
+        front["base_model"] = str(base)
+    loader = _loader(what, config)
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
              f"# {Path(str(config.get('train', {}).get('out_dir', what))).name}: {what} trained with rlhfkit", "",
              f"- method: {METHOD_NAMES.get(method, method)}",
@@ -38,6 +40,15 @@ def model_card(method: str, config: dict, metrics: dict, what: str = "model") ->
               'tokenizer = AutoTokenizer.from_pretrained("PATH_TO_THIS_FOLDER")', "```", "",
               "## Resolved config", "", "```yaml", yaml.safe_dump(config, sort_keys=False).strip(), "```", ""]
     return "\n".join(lines)
+
+
+def _loader(what: str, config: dict) -> str:
+    """The transformers class that loads the folder: a score head's, or the causal LM's."""
+    if what in ("reward model", "critic"):
+        return "AutoModelForSequenceClassification"
+    if what == "process reward model" and config.get("readout") != "likelihood":
+        return "AutoModelForTokenClassification"
+    return "AutoModelForCausalLM"
 
 
 def _number(value) -> str:

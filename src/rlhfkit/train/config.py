@@ -149,7 +149,20 @@ class RolloutConfig:
                 raise ConfigError(f"config key 'rollout.backend' is vllm but {reason}; use sampler or generate")
 
 
+@dataclasses.dataclass(frozen=True)
+class Override:
+    """A command-line value: its text, and the YAML scalar it parses to. A text field takes the
+    text as typed (``step_separator='; '`` keeps its space, ``out_dir=2024`` is a name)."""
+
+    text: str
+    parsed: object
+
+
 def _convert(value, typ, key: str, default=None):
+    if isinstance(value, Override):
+        text_field = typ is str or (typing.get_origin(typ) in (typing.Union, types.UnionType)
+                                    and {a for a in typing.get_args(typ) if a is not type(None)} == {str})
+        value = value.text if text_field and value.parsed is not None else value.parsed
     origin = typing.get_origin(typ)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(typ) if a is not type(None)]
@@ -208,14 +221,15 @@ def _default(f: dataclasses.Field):
 
 
 def parse_overrides(overrides: list[str]) -> dict:
-    """["a.b=1", "c=x"] -> {"a": {"b": 1}, "c": "x"} (values parsed as YAML scalars)."""
+    """["a.b=1", "c=x"] -> {"a": {"b": Override("1", 1)}, "c": Override("x", "x")}: each value's
+    text and its YAML scalar, for ``_convert`` to take the one its field's type wants."""
     out: dict = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw else ""
+            value = Override(raw, yaml.safe_load(raw) if raw else "")
         except yaml.YAMLError:
             value = raw  # not a YAML scalar: kept as text, for the typed conversion to judge
         node = out

@@ -392,7 +392,7 @@ class Run:
             final = {**{k: v for k, v in summary.items() if k != "evals"}, **last,
                      **{f"eval/{k}": v for k, v in (self.evals[-1] if self.evals else {}).items() if k != "step"}}
             self.save_model(model, tokenizer, out / "model", metrics=final,
-                            what="reward model" if self.name == "rm" else "model")
+                            what={"rm": "reward model", "prm": "process reward model"}.get(self.name, "model"))
             if self.info.is_main:
                 write_config(out, self.config)
                 (out / "result.json").write_text(json.dumps(summary, indent=1))
