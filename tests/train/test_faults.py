@@ -48,6 +48,16 @@ def _kill_when(monkeypatch, name: str, done: int, after: bool = False):
     return original
 
 
+def _straight_and_resumed(monkeypatch, run, cfg, tmp_path, name: str, killed_at: int):
+    """(the summary of a straight run, that of a run killed in step ``killed_at`` and resumed)."""
+    straight = run(cfg(tmp_path / "full"))
+    original = _kill_when(monkeypatch, name, killed_at)
+    with pytest.raises(Killed):
+        run(cfg(tmp_path / "cut"))
+    monkeypatch.setattr(run_module.Run, "step_done", original)
+    return straight, run(cfg(tmp_path / "cut", resume=True))
+
+
 def _weights(folder):
     from safetensors.torch import load_file
 
@@ -171,12 +181,7 @@ def test_a_resumed_or_relaunched_run_ends_with_the_straight_runs_summary(tiny, t
         return replace(method_config("sft", tiny, out, 4, eval_every=1, save_every=2, resume=resume),
                        eval_data=small(tiny, "sft_eval.jsonl", 8), eval_max_new_tokens=4)
 
-    straight = run_sft(cfg(tmp_path / "full"))
-    original = _kill_when(monkeypatch, "sft", 3)
-    with pytest.raises(Killed):
-        run_sft(cfg(tmp_path / "cut"))
-    monkeypatch.setattr(run_module.Run, "step_done", original)
-    resumed = run_sft(cfg(tmp_path / "cut", resume=True))
+    straight, resumed = _straight_and_resumed(monkeypatch, run_sft, cfg, tmp_path, "sft", 3)
     assert [e["step"] for e in straight["evals"]] == [1, 2, 3, 4] and resumed["evals"] == straight["evals"]
     assert resumed["loss"] == straight["loss"] is not None
     relaunched = run_sft(cfg(tmp_path / "full", resume="auto"))
@@ -250,12 +255,7 @@ def test_dpo_resumed_after_its_sft_phase_reports_the_same_start(tiny, tmp_path, 
         return replace(method_config("dpo", tiny, out, 4, save_every=2, resume=resume), sft_first_steps=2,
                        eval_data=small(tiny, "prefs_eval.jsonl", 16))
 
-    straight = run_dpo(cfg(tmp_path / "full"))
-    original = _kill_when(monkeypatch, "dpo", 3)
-    with pytest.raises(Killed):
-        run_dpo(cfg(tmp_path / "cut"))
-    monkeypatch.setattr(run_module.Run, "step_done", original)
-    resumed = run_dpo(cfg(tmp_path / "cut", resume=True))
+    straight, resumed = _straight_and_resumed(monkeypatch, run_dpo, cfg, tmp_path, "dpo", 3)
     assert straight["preference_accuracy_before"] == 0.5 and resumed == straight
     from transformers import AutoTokenizer
 

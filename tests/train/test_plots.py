@@ -18,6 +18,14 @@ def test_lines_that_are_not_records_are_left_out_and_named(tmp_path, capsys):
     assert "line(s) 2, 4 are not metrics records" in capsys.readouterr().err
 
 
+def test_plot_of_runs_without_numbers_is_a_one_line_error(tmp_path, capsys):
+    from rlhfkit.cli.main import main
+
+    run = _metrics(tmp_path / "empty", [])
+    assert main(["plot", str(run), "--out", str(tmp_path / "out")]) == 2
+    assert "no metrics to plot" in capsys.readouterr().err
+
+
 def test_a_run_keeps_its_colour_in_every_panel_and_the_legend_names_every_run(tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
 

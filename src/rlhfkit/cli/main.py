@@ -102,9 +102,13 @@ def cmd_configs(args) -> int:
 
 
 def cmd_plot(args) -> int:
+    from ..data.rows import DataError
     from ..train.plots import plot_runs
 
-    for path in plot_runs(args.runs, args.out):
+    paths = plot_runs(args.runs, args.out)
+    if not paths:
+        raise DataError(f"{', '.join(map(str, args.runs))}: no metrics to plot (their metrics.jsonl hold no numbers)")
+    for path in paths:
         print(path)
     return 0
 
