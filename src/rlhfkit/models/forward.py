@@ -120,8 +120,9 @@ def reads_block_masks(model) -> bool:
     it: transformers' SDPA attention does; eager attention would add the booleans to its scores, and
     a sliding window (Mistral, Qwen2, Gemma 3) would be dropped, since the mask given replaces it."""
     config = model.config
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return getattr(config, "_attn_implementation", None) == "sdpa" and not fused.sliding_window_in_use(text)
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    return not fused.sliding_window_in_use(getattr(config, "text_config", None) or config)
 
 
 def head_gap(model) -> float:

@@ -68,13 +68,12 @@ def applies(model) -> bool:
             or getattr(layers[0], "gradient_checkpointing", False)
             or (model.training and getattr(cfg, "attention_dropout", 0.0))):
         return False
-    if _sharded(model, layers[0]):
-        return False
-    # peft wraps the linears in its own classes, in every layer or only in some (lora.target_modules)
-    modules = [base.embed_tokens] + [m for layer in layers for m in (
-        layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
-        layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)]
-    return all(_plain(type(m)) for m in modules) and all(_plain(type(layer)) for layer in layers)
+    layer = layers[0]
+    if _sharded(model, layer) or getattr(model, "peft_config", None):
+        return False  # peft's adapters, in every layer or only in some (lora.target_modules): its own forward
+    modules = (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+               layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj, base.embed_tokens, layer)
+    return all(_plain(type(m)) for m in modules)  # another library's wrappers
 
 
 _PLAIN: dict = {}  # module class -> whether it is one this module reads the weights of as they are
