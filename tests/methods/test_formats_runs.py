@@ -1,11 +1,13 @@
 """Each method runs on TRL's conversational formats end to end, from the inputs a user has:
 a saved DatasetDict folder (CLI), datasets.Dataset objects (API); RPO's NLL term in DPO."""
 
+import math
 import os
 import subprocess
 import sys
 
 import datasets
+import pytest
 import torch
 from helpers import quiet_train
 
@@ -15,6 +17,7 @@ from rlhfkit.methods.common import load_policy
 from rlhfkit.methods.dpo import DPOConfig, dpo_objective, precompute_reference, run_dpo
 from rlhfkit.methods.grpo import GRPOConfig, run_grpo
 from rlhfkit.methods.rm import RMConfig, run_rm
+from rlhfkit.train.logging import read_metrics
 
 
 def rlhfkit(*args):
@@ -46,8 +49,19 @@ def test_rm_on_conversational_implicit_preference_dataset(tiny, tmp_path, capsys
     summary = run_rm(RMConfig(model=str(tiny["base"]), train_data=datasets.Dataset.from_list(rows), max_length=64,
                               eval_data=datasets.Dataset.from_list(rows[:4] + [too_long]),
                               train=quiet_train(tmp_path / "rm", max_steps=2, batch_size=8)))
-    assert summary["steps"] == 2 and 0 <= summary["pairwise_accuracy"] <= 1
     assert "(held out, over-long rows skipped): 5 rows, 0 truncated, 1 skipped" in capsys.readouterr().err
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = str(tmp_path / "rm" / "model")  # plain transformers on the whole conversations: the same accuracy
+    plain, tok = AutoModelForSequenceClassification.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+
+    def score(messages) -> float:
+        ids = tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False, return_tensors="pt")
+        with torch.no_grad():
+            return plain(**ids).logits.item()
+
+    right = [score(r["chosen"]) > score(r["rejected"]) for r in rows[:4]]
+    assert summary["steps"] == 2 and summary["pairwise_accuracy"] == sum(right) / 4
 
 
 def test_dpo_on_conversational_pairs_with_rpo_alpha(tiny, tmp_path):
@@ -55,7 +69,9 @@ def test_dpo_on_conversational_pairs_with_rpo_alpha(tiny, tmp_path):
             for a in range(16)]
     summary = run_dpo(DPOConfig(model=str(tiny["base"]), train_data=datasets.Dataset.from_list(rows), max_length=64,
                                 rpo_alpha=1.0, train=quiet_train(tmp_path / "dpo", max_steps=2, batch_size=8)))
-    assert summary["steps"] == 2
+    first = read_metrics(tmp_path / "dpo")[0]  # step 1: the policy is its reference, so DPO's part is ln 2
+    assert summary["steps"] == 2 and first["train/nll_chosen"] > 0.5
+    assert first["train/loss"] == pytest.approx(math.log(2) + 1.0 * first["train/nll_chosen"], abs=1e-5)
 
 
 def test_rpo_adds_alpha_times_the_chosen_tokens_nll(tiny):
@@ -88,15 +104,14 @@ def test_grpo_on_conversational_prompts_rewards_see_the_prompt_as_written(tiny, 
                         prompts_per_step=4, max_new_tokens=4, beta=0.0,
                         train=quiet_train(tmp_path / "grpo", max_steps=1)), reward_fns=[record])
     assert len(seen) == 8 and all(p in [r["prompt"] for r in rows] for p in seen)
-    assert seen[0] == [{"role": "user", "content": seen[0][0]["content"]}]
+    assert all(p == [{"role": "user", "content": p[0]["content"]}] for p in seen)  # the messages, as written
 
 
 def test_sft_held_out_conversational_answers_and_text_rows(tiny, tmp_path):
     """TRL's conversational prompt-completion rows as eval data give the accuracy (the reference is
     the assistant message's content) and the loss; language-modeling ``text`` rows give the loss
     alone, the held-out NLL of the final model."""
-    from rlhfkit.data.encode import encode_sft
-    from rlhfkit.methods.sft import SFTConfig, heldout_loss, run_sft
+    from rlhfkit.methods.sft import SFTConfig, run_sft
 
     chat = [{"prompt": _chat(f"{a}+1"), "completion": _chat("", a + 1)[1:]} for a in range(16)]
     text = [{"text": f"What is {a}+1? {a + 1}"} for a in range(4)]
@@ -107,6 +122,14 @@ def test_sft_held_out_conversational_answers_and_text_rows(tiny, tmp_path):
     assert summary["accuracy"] == 0.0 and summary["eval_loss"] > 0  # 2 steps from random weights: no right answer
     summary = run_sft(SFTConfig(**base, eval_data=datasets.Dataset.from_list(text),
                                 train=quiet_train(tmp_path / "text", max_steps=2, batch_size=8)))
-    model, tok = load_policy(str(tmp_path / "text" / "model"), None)
-    examples, _ = encode_sft(read_rows(text), tok, 64)
-    assert summary["accuracy"] is None and abs(summary["eval_loss"] - heldout_loss(model, examples, tok.pad_token_id)) < 1e-5
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    plain, tok = (cls.from_pretrained(str(tmp_path / "text" / "model")) for cls in (AutoModelForCausalLM, AutoTokenizer))
+    nll = tokens = 0.0
+    for row in text:  # plain transformers: each text and its EOS, every token after the first predicted
+        ids = torch.tensor([tok(row["text"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]])
+        with torch.no_grad():
+            logits = plain(input_ids=ids).logits[0, :-1]
+        nll += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+        tokens += ids.shape[1] - 1
+    assert summary["accuracy"] is None and abs(summary["eval_loss"] - nll / tokens) < 1e-5
