@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -37,9 +38,10 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 
-def run_json(cmd: list[str], timeout: float) -> dict:
+def run_json(cmd: list[str], timeout: float, env: dict | None = None) -> dict:
     """The last JSON line a benchmark process prints; its stderr's tail if it fails."""
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                         env={**os.environ, **env} if env else None)
     lines = [line for line in out.stdout.splitlines() if line.startswith('{"')]
     if out.returncode != 0 or not lines:
         tail = "\n".join(out.stderr.splitlines()[-15:])
@@ -64,6 +66,9 @@ VARIANTS = {
 }
 LABELS = {"rlhfkit_precompute": "dpo, rlhfkit's default (reference log-probs precomputed once)",
           "rlhfkit_packing": "sft, padding-free batches (`packing=true`)"}
+# --trl-malloc: TRL run a second time with the glibc settings every rlhfkit process makes for itself
+# (models/memory.py keep_freed_memory), so that the allocator's share of the ratio can be told apart
+TRL_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**30)}
 
 
 # BENCHMARK.md's targets as ratios TRL / rlhfkit (generate: plain transformers ``generate`` / rlhfkit)
@@ -94,11 +99,13 @@ def compare(method: str, args) -> dict:
     variants = {name: ours_cmd + extra for name, extra in own.items()}
     if method != "generate":
         variants["trl"] = theirs_cmd
+        if getattr(args, "trl_malloc", False):
+            variants["trl_malloc"] = theirs_cmd
     results: dict[str, list[dict]] = {k: [] for k in variants}
     for r in range(args.rounds):
         order = list(variants) if r % 2 == 0 else list(reversed(variants))
         for name in order:
-            line = run_json(variants[name], args.timeout)
+            line = run_json(variants[name], args.timeout, TRL_MALLOC if name == "trl_malloc" else None)
             results[name].append(line)
             print(json.dumps({"round": r, "variant": name, **line}), flush=True)
     return summarise(method, results)
@@ -128,12 +135,18 @@ def summarise(method: str, results: dict[str, list[dict]]) -> dict:
     out["trl_gflops_per_s"] = round(out["rlhfkit_gflops_per_s"] * scale, 1)
     out["trl_peak_rss_mb"] = max(x["peak_rss_mb"] for x in theirs)
     out["trl_version"] = theirs[0]["library"]
-    for name in set(results) - {"rlhfkit", "trl"}:
+    if "trl_malloc" in results:  # TRL under rlhfkit's malloc settings, against the same rlhfkit runs
+        times = [x["sec_per_step"] for x in results["trl_malloc"]]
+        out["trl_malloc"] = {"sec_per_step": spread(times), "ratio": spread([t / o for t, o in zip(times, s_ours)]),
+                             "peak_rss_mb": max(x["peak_rss_mb"] for x in results["trl_malloc"])}
+    for name in set(results) - {"rlhfkit", "trl", "trl_malloc"}:
         times = [x["sec_per_step"] for x in results[name]]
         out[name] = {"sec_per_step": spread(times), "ratio": spread([t / o for t, o in zip(s_theirs, times)]),
                      "gflops_per_s": round(statistics.median(x["model_gflops_per_s"] for x in results[name]), 1)}
-        if name == "rlhfkit_precompute":
+        if name == "rlhfkit_precompute":  # the one-off pass, also spread over the run's steps (warm-up and timed)
             out[name]["one_off_s"] = round(statistics.median(x["reference_precompute_s"] for x in results[name]), 3)
+            with_it = [x["sec_per_step_including_reference"] for x in results[name]]
+            out[name]["ratio_with_one_off"] = spread([t / o for t, o in zip(s_theirs, with_it)])
     return out
 
 
@@ -146,9 +159,15 @@ def table_row(s: dict) -> str:
            f"| **{s['ratio']['median']}x** ({s['ratio']['min']}-{s['ratio']['max']}) "
            f"| {s['rlhfkit_tokens_per_s']} / {s['trl_tokens_per_s']} | {s['rlhfkit_gflops_per_s']} / "
            f"{s['trl_gflops_per_s']} | {s['rlhfkit_peak_rss_mb']} / {s['trl_peak_rss_mb']} |")
+    if "trl_malloc" in s:
+        v = s["trl_malloc"]
+        row += (f"\n| {s['method']}, TRL with rlhfkit's malloc settings | {s['rlhfkit_sec_per_step']['median']} | "
+                f"{v['sec_per_step']['median']} | **{v['ratio']['median']}x** ({v['ratio']['min']}-{v['ratio']['max']}) "
+                f"| | | {s['rlhfkit_peak_rss_mb']} / {v['peak_rss_mb']} |")
     for name in sorted(set(s) & set(LABELS)):
         v = s[name]
-        one_off = f"one-off {v['one_off_s']} s" if "one_off_s" in v else ""
+        one_off = (f"one-off {v['one_off_s']} s; with it spread over the run's steps "
+                   f"{v['ratio_with_one_off']['median']}x" if "one_off_s" in v else "")
         row += (f"\n| {LABELS[name]} | {v['sec_per_step']['median']} | {s['trl_sec_per_step']['median']} | "
                 f"**{v['ratio']['median']}x** ({v['ratio']['min']}-{v['ratio']['max']}) | | {v['gflops_per_s']} / | {one_off} |")
     return row
@@ -174,6 +193,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--max-length", type=int, help="default 128, or 320 with --seq long")
+    p.add_argument("--trl-malloc", action="store_true",
+                   help="also run TRL with the malloc settings rlhfkit's processes make for themselves")
     p.add_argument("--no-variants", dest="variants", action="store_false",
                    help="only the like-for-like rlhfkit run (no precomputed DPO reference, no padding-free SFT)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per benchmark process")

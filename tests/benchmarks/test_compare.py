@@ -40,3 +40,17 @@ def test_the_summary_counts_model_gflop_per_step_from_each_run():
     trl = [{"sec_per_step": 0.04, "peak_rss_mb": 500.0, "library": "trl"}] * 3
     out = compare.summarise("sft", {"rlhfkit": runs, "trl": trl})
     assert out["rlhfkit_gflop_per_step"] == pytest.approx(3.0)  # median of 3.0, 3.0, 3.25
+
+
+def test_trl_under_rlhfkits_malloc_settings_and_the_precomputed_reference_with_its_one_off_pass():
+    runs = [{"sec_per_step": 0.02, "model_gflops_per_s": 100.0, "peak_rss_mb": 400.0, "tokens_per_s": 1.0}] * 2
+    trl = [{"sec_per_step": 0.06, "peak_rss_mb": 500.0, "library": "trl"}] * 2
+    trl_malloc = [{"sec_per_step": 0.05, "peak_rss_mb": 520.0, "library": "trl"}] * 2
+    pre = [{"sec_per_step": 0.015, "sec_per_step_including_reference": 0.025, "reference_precompute_s": 0.22,
+            "model_gflops_per_s": 90.0}] * 2
+    out = compare.summarise("dpo", {"rlhfkit": runs, "trl": trl, "trl_malloc": trl_malloc, "rlhfkit_precompute": pre})
+    assert out["ratio"]["median"] == pytest.approx(3.0) and out["trl_malloc"]["ratio"]["median"] == pytest.approx(2.5)
+    assert out["rlhfkit_precompute"]["ratio"]["median"] == pytest.approx(4.0)  # 0.06 / 0.015
+    assert out["rlhfkit_precompute"]["ratio_with_one_off"]["median"] == pytest.approx(2.4)  # 0.06 / 0.025
+    row = compare.table_row(out)
+    assert "TRL with rlhfkit's malloc settings | 0.02 | 0.05 | **2.5x**" in row and "spread over the run's steps 2.4x" in row
