@@ -92,7 +92,8 @@ def test_options_mu2_dapo_dynamic_sampling(tiny, tmp_path):
     logged = [m for m in read_metrics(tmp_path / "g") if "train/loss" in m]
     assert summary["optimizer_steps"] == 4 and [m["train/optimizer_steps"] for m in logged] == [2, 4]
     # pi_old is fixed across the mu = 2 updates: the second sees a moved policy, so its ratio is not 1
-    assert logged[-1]["train/ratio_mean"] != 1.0 and logged[-1]["train/update_skipped"] == 0.0
+    # (1.4e-3 to 2.8e-3 from 1 when measured: a pi_old from another kernel path would be 1e-7 off)
+    assert abs(logged[-1]["train/ratio_mean"] - 1.0) > 1e-4 and logged[-1]["train/update_skipped"] == 0.0
 
 
 def test_dapo_overlong_penalty_is_added_to_the_outcome_reward(tiny, tmp_path):
