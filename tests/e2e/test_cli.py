@@ -25,7 +25,7 @@ def test_help_lists_the_commands():
         assert command in out.stdout
 
 
-def test_sft_then_eval_then_plain_transformers(tiny, tmp_path):
+def test_sft_then_eval_then_plain_transformers(tiny, sft_run, tmp_path):
     data = tiny["data"]
     run = tmp_path / "run"
     out = rlhfkit("sft", "--config", "sft_tiny", f"model={tiny['base']}", f"train_data={data / 'sft_train.jsonl'}",
@@ -38,16 +38,19 @@ def test_sft_then_eval_then_plain_transformers(tiny, tmp_path):
     assert (run / "checkpoints" / "step-0000030" / "COMPLETE").is_file()
     assert json.loads((run / "result.json").read_text())["steps"] == 30
 
-    ev = rlhfkit("eval", "--model", run / "model", "--data", data / "prompts_eval.jsonl", "--limit", 20)
+    # the CLI reports what the API does, on a model that answers some right (the SFT snapshot)
+    snapshot = sft_run["out"] / "snapshot"
+    ev = rlhfkit("eval", "--model", snapshot, "--data", data / "prompts_eval.jsonl", "--limit", 40,
+                 "--max-new-tokens", 8, "--out", tmp_path / "ev")
     assert ev.returncode == 0, ev.stderr
-    result = json.loads((run / "model" / "eval.json").read_text())
+    result = json.loads((tmp_path / "ev" / "eval.json").read_text())
     from rlhfkit.data.rows import read_rows
     from rlhfkit.methods.common import load_policy
     from rlhfkit.rollout.evaluate import exact_match
 
-    trained, tok = load_policy(str(run / "model"), None)
-    in_process = exact_match(trained, tok, read_rows(data / "prompts_eval.jsonl")[:20], 32)
-    assert result["n"] == 20 and result["accuracy"] == in_process["accuracy"]  # the CLI reports what the API does
+    trained, tok = load_policy(str(snapshot), None)
+    in_process = exact_match(trained, tok, read_rows(data / "prompts_eval.jsonl")[:40], 8)
+    assert result["n"] == 40 and 0 < result["accuracy"] == in_process["accuracy"] < 1
 
     # The output folder is an ordinary transformers folder.
     from transformers import AutoModelForCausalLM, AutoTokenizer
