@@ -9,6 +9,8 @@ from rlhfkit.losses.sft import sft_loss
 from rlhfkit.methods.ppo import PPOConfig, load_models, make_experience, minibatch_loss, ptx_loss, run_ppo
 from rlhfkit.models.forward import token_logprobs
 from rlhfkit.rollout.backend import SamplerBackend
+from rlhfkit.train.config import replace
+from rlhfkit.train.logging import read_metrics
 
 
 def _cfg(tiny, sft_run, reward_model, out, steps, **kw):
@@ -120,6 +122,15 @@ def test_adaptive_kl_moves_beta(tiny, tmp_path):
     summary = run_ppo(cfg)
     # The sampled KL (< 1 nat) is far below the target: each step lowers beta by the capped 20% * 32/100.
     assert summary["kl_coef"] == pytest.approx(0.05 * (1 - 0.2 * 32 / 100) ** 3)
+    # A target far below it: beta is recomputed by hand from each step's logged KL (the controller
+    # reads the measured KL: a zero or sign-flipped one would lower beta where it rises here)
+    run_ppo(replace(cfg, target_kl=1e-9, train__out_dir=str(tmp_path / "b"), train__lr=1e-4))
+    logged = [m for m in read_metrics(tmp_path / "b") if "train/kl_coef" in m]
+    beta = 0.05
+    for m in logged:
+        beta *= 1 + min(max(m["train/kl"] / 1e-9 - 1, -0.2), 0.2) * 32 / 100
+        assert m["train/kl_coef"] == pytest.approx(beta, rel=1e-9)
+    assert len(logged) == 3 and any(m["train/kl"] > 1e-6 for m in logged) and beta > 0.05
 
 
 def test_a_model_with_dropout_is_one_distribution_in_train_and_eval_mode(tiny, tmp_path):

@@ -139,6 +139,21 @@ def test_likelihood_prm_trains_saves_and_scores_in_grpo(tiny, tmp_path):
     (scored,) = ProcessRewardModelReward(str(folder), tok).bind(None, read_rows([{"prompt": prompt}]))(
         [prompt], [text], completion_ids=[ids], tokenizer=tok)
     assert [end for end, _ in scored] == [8, 16, 27] and all(0 < p < 1 for _, p in scored)
+    # each probability by hand from plain transformers: sigmoid(lowest log p of the step's tokens - floor)
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    separator, floor = config["step_separator"], config["step_logprob_floor"]
+    ids, spans = tok(prompt)["input_ids"], []
+    for step in text.split(separator):
+        step_ids = tok(step, add_special_tokens=False)["input_ids"]
+        spans.append((len(ids), len(ids) + len(step_ids)))
+        ids += step_ids + tok(separator, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logp = plain(input_ids=torch.tensor([ids])).logits[0].log_softmax(-1)
+    token_logp = [logp[t - 1, ids[t]].item() for t in range(1, len(ids))]  # token t predicted at t - 1
+    expected = [torch.sigmoid(torch.tensor(min(token_logp[s - 1: e - 1]) - floor)).item() for s, e in spans]
+    assert [p for _, p in scored] == pytest.approx(expected, abs=1e-5)
     card = (folder / "README.md").read_text()  # the model card loads it as the causal LM it is
     assert "AutoModelForCausalLM.from_pretrained" in card and "method: a process reward model" in card
     run_prm(method_config("prm", tiny, tmp_path / "head", 1))  # the head read-out: a token classifier
