@@ -283,12 +283,17 @@ def report(method: str, times: list[float], losses: list[float], train_tokens: f
 
 
 def kernel_choice() -> dict:
-    """The linear layers' kernel this process chose (models/kernels.py) and the timings it chose by."""
-    from rlhfkit.models.kernels import linear_kernel
+    """The kernels this process chose (models/kernels.py), for the linear layers (``linear_kernel``,
+    ``kernel_ms``) and the sampler's decoder (``decode_kernel``, ``decode_ms``), and the timings."""
+    from rlhfkit.models.kernels import decode_kernel, linear_kernel
 
-    kernel, onednn_s, blas_s = linear_kernel()
-    return {"linear_kernel": kernel, **({"kernel_ms": {"onednn": round(onednn_s * 1e3, 3), "blas": round(blas_s * 1e3, 3)}}
-                                        if onednn_s == onednn_s else {})}
+    out = {}
+    for name, timings, (kernel, onednn_s, blas_s) in (("linear_kernel", "kernel_ms", linear_kernel()),
+                                                      ("decode_kernel", "decode_ms", decode_kernel())):
+        out[name] = kernel
+        if onednn_s == onednn_s:  # timed (auto), not forced
+            out[timings] = {"onednn": round(onednn_s * 1e3, 3), "blas": round(blas_s * 1e3, 3)}
+    return out
 
 
 def measured_split() -> dict:

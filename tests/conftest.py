@@ -84,8 +84,10 @@ def fresh_choice(monkeypatch):
     from rlhfkit.models import kernels
 
     kernels.linear_kernel.cache_clear()
+    kernels.decode_kernel.cache_clear()
     kernels.onednn_linear_available.cache_clear()
     yield kernels
     monkeypatch.undo()
     kernels.linear_kernel.cache_clear()
+    kernels.decode_kernel.cache_clear()
     kernels.onednn_linear_available.cache_clear()

@@ -157,3 +157,48 @@ def test_timing_the_kernels_leaves_the_random_state_alone():
     onednn_s, blas_s = time_products(rows=16, width=32, inter=64, reps=3)
     assert torch.equal(torch.get_rng_state(), state)
     assert 0 < onednn_s < 1 and 0 < blas_s < 1
+
+
+@needs_onednn
+@pytest.mark.parametrize("timings,kernel", [((1.0, 2.0), "onednn"), ((2.0, 1.0), "blas"), ((0.97, 1.0), "onednn"),
+                                             ((1.0, 1.0), "blas")])
+def test_the_samplers_kernel_follows_its_own_timing(fresh_choice, monkeypatch, timings, kernel):
+    """The decoder's choice is timed on decode-shaped products, apart from the training layers', and
+    takes oneDNN wherever it is faster (no margin: the training layers' would keep BLAS at 0.97)."""
+    from rlhfkit.models import lean
+
+    kernels = fresh_choice
+    monkeypatch.setenv("RLHFKIT_FAST_LINEAR", "auto")
+    monkeypatch.setattr(kernels, "time_products", lambda: (2.0, 1.0))  # training: BLAS
+    monkeypatch.setattr(kernels, "time_decode_products", lambda: timings)
+    assert kernels.decode_kernel() == (kernel, *timings)
+    assert not kernels.onednn_linear_chosen()
+    assert lean._onednn_applies(torch.float32) == (kernel == "onednn")
+    assert not lean._onednn_applies(torch.bfloat16)
+    assert (lean._mkl_packer(32, torch.float32) is None) == (kernel == "onednn" or not kernels.mkl_packing_available())
+
+
+@needs_onednn
+def test_the_switch_forces_the_samplers_kernel_too(fresh_choice, monkeypatch):
+    kernels = fresh_choice
+    monkeypatch.setattr(kernels, "time_decode_products", lambda: pytest.fail("timed although the switch decides"))
+    monkeypatch.setenv("RLHFKIT_FAST_LINEAR", "1")
+    assert kernels.decode_onednn_chosen()
+    kernels.decode_kernel.cache_clear()
+    kernels.onednn_linear_available.cache_clear()
+    monkeypatch.setenv("RLHFKIT_FAST_LINEAR", "0")
+    assert not kernels.decode_onednn_chosen()
+    kernels.decode_kernel.cache_clear()
+    monkeypatch.setenv("RLHFKIT_FAST_LINEAR", "yes")
+    with pytest.raises(ValueError, match="RLHFKIT_FAST_LINEAR='yes'"):
+        kernels.decode_kernel()
+
+
+@needs_onednn
+def test_timing_the_decode_products_leaves_the_random_state_alone():
+    from rlhfkit.models.kernels import time_decode_products
+
+    state = torch.get_rng_state()
+    onednn_s, blas_s = time_decode_products(rows=8, width=32, inter=64, reps=3)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert 0 < onednn_s < 1 and 0 < blas_s < 1

@@ -8,8 +8,12 @@ def test_the_run_log_names_the_kernel_and_its_timings(fresh_choice, monkeypatch)
     from rlhfkit.train.run import kernel_line
 
     kernels = fresh_choice
-    assert kernel_line().startswith("fp32 linear products through oneDNN;")  # forced (conftest): not timed
+    # forced (conftest): not timed
+    assert kernel_line().startswith("fp32 linear products through oneDNN, the sampler's through oneDNN;")
     kernels.linear_kernel.cache_clear()
+    kernels.decode_kernel.cache_clear()
     monkeypatch.setenv("RLHFKIT_FAST_LINEAR", "auto")
     monkeypatch.setattr(kernels, "time_products", lambda: (0.0031, 0.0024))
-    assert kernel_line().startswith("fp32 linear products through BLAS (timed here: oneDNN 3.10 ms, BLAS 2.40 ms)")
+    monkeypatch.setattr(kernels, "time_decode_products", lambda: (0.0004, 0.0005))
+    assert kernel_line().startswith("fp32 linear products through BLAS (timed here: oneDNN 3.10 ms, BLAS 2.40 ms), "
+                                    "the sampler's through oneDNN (timed here: oneDNN 0.40 ms, BLAS 0.50 ms);")

@@ -6,7 +6,9 @@ wheel, reached through ``torch.ops.mkldnn._linear_pointwise``) reach 350-450: sa
 arithmetic (no reduced-precision math mode), only a better kernel. On others (AMX-capable
 Xeons among them) MKL's own ``sgemm`` behind ``F.linear`` is as fast in the forward and up to
 twice as fast in the weight gradient. So the kernel is chosen per host, by timing both on a
-transformer-like product once per process (``onednn_linear_chosen``; about 50 ms).
+transformer-like product once per process (``onednn_linear_chosen``; about 50 ms). The sampler's
+decode steps (models/lean.py) choose apart (``decode_onednn_chosen``): their products are skinny (a
+few dozen rows), where the kernels rank differently than on a training step's hundreds of rows.
 ``FastLinear`` runs the forward and both backward products through oneDNN:
 
     y = x W^T + b,   dL/dx = g W,   dL/dW = g^T x,   dL/db = sum_rows g
@@ -60,18 +62,53 @@ def mkl_packing_available() -> bool:
 
 
 ONEDNN_MARGIN = 0.9  # oneDNN is chosen when its products take at most this share of BLAS's time
+DECODE_ONEDNN_MARGIN = 1.0  # the sampler's decoder: whichever is faster (see decode_kernel)
 
 
 @functools.lru_cache(maxsize=None)
 def linear_kernel() -> tuple[str, float, float]:
     """("onednn" or "blas", oneDNN's seconds, BLAS's seconds) for this process: see ``onednn_linear_chosen``."""
-    mode = os.environ.get("RLHFKIT_FAST_LINEAR", "auto")
-    if mode not in ("auto", "0", "1"):
-        raise ValueError(f"RLHFKIT_FAST_LINEAR={mode!r}: use auto, 1 (oneDNN wherever it exists) or 0 (never)")
+    mode = _mode()
     if not onednn_linear_available():
         return "blas", float("nan"), float("nan")
     onednn_s, blas_s = time_products() if mode == "auto" else (float("nan"), float("nan"))
     return ("onednn" if mode == "1" or prefer_onednn(onednn_s, blas_s) else "blas"), onednn_s, blas_s
+
+
+def _mode() -> str:
+    mode = os.environ.get("RLHFKIT_FAST_LINEAR", "auto")
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"RLHFKIT_FAST_LINEAR={mode!r}: use auto, 1 (oneDNN wherever it exists) or 0 (never)")
+    return mode
+
+
+@functools.lru_cache(maxsize=None)
+def decode_kernel() -> tuple[str, float, float]:
+    """The sampler's kernel for this process, ("onednn" or "blas", oneDNN's seconds, BLAS's seconds):
+    chosen as ``linear_kernel`` is (the same switch), by ``time_decode_products``, whichever is
+    faster (``DECODE_ONEDNN_MARGIN``: the decode rows, 32 here, are their own bucket, so no padding
+    copies; under the training margin the choice flipped between processes where oneDNN was
+    0.73-0.84 of BLAS's time, and ``run.py generate`` with it between 0.053-0.061 and 0.072 s).
+
+    Measured 2026-12-05 on an AVX-512 host (AMD EPYC, 2 threads), 32 rows through the reference
+    model's shapes: oneDNN 211-378 us against BLAS's 227-490 (MKL's packed product no faster there
+    than ``F.linear``), while a training step's 256-row products were a tie (oneDNN 4-12% faster,
+    BLAS chosen). Whole 32 x 16 sampling calls there, one process, the two paths alternating (60
+    pairs): 1.44x as fast through oneDNN with the weights unchanged (53.1 against 76.4 ms), 1.32x
+    with the weights changed before each call as in RL (64.9 against 85.7). On the AMX Xeon of sessions 15-20, BLAS was the faster at these rows (``F.linear``
+    took 0.33-0.99 of oneDNN's time at 8-128 rows, MKL's packed product 1.3-1.6x less than
+    ``F.linear`` at 32: models/lean.py), so the timing should keep BLAS there (not timed there
+    since this choice was split off)."""
+    mode = _mode()
+    if not onednn_linear_available():
+        return "blas", float("nan"), float("nan")
+    onednn_s, blas_s = time_decode_products() if mode == "auto" else (float("nan"), float("nan"))
+    return ("onednn" if mode == "1" or prefer_onednn(onednn_s, blas_s, DECODE_ONEDNN_MARGIN) else "blas"), onednn_s, blas_s
+
+
+def decode_onednn_chosen() -> bool:
+    """Whether the sampler's decoder runs its products through oneDNN in this process."""
+    return decode_kernel()[0] == "onednn"
 
 
 def onednn_linear_chosen() -> bool:
@@ -80,9 +117,9 @@ def onednn_linear_chosen() -> bool:
     return linear_kernel()[0] == "onednn"
 
 
-def prefer_onednn(onednn_s: float, blas_s: float) -> bool:
+def prefer_onednn(onednn_s: float, blas_s: float, margin: float = ONEDNN_MARGIN) -> bool:
     """oneDNN only when clearly faster: its row padding (``bucket``) costs copies BLAS does not make."""
-    return onednn_s < ONEDNN_MARGIN * blas_s
+    return onednn_s < margin * blas_s
 
 
 def time_products(rows: int = 256, width: int = 512, inter: int = 1024, reps: int = 7) -> tuple[float, float]:
@@ -92,9 +129,31 @@ def time_products(rows: int = 256, width: int = 512, inter: int = 1024, reps: in
     (the global random state is left as it was)."""
     gen = torch.Generator().manual_seed(0)
     x, w, g = (torch.randn(*shape, generator=gen) for shape in ((rows, width), (inter, width), (rows, inter)))
-    kinds = [(lambda: _onednn(x, w, None), lambda: F.linear(x, w)),
-             (lambda: _onednn(g, w.t(), None), lambda: torch.mm(g, w)),
-             (lambda: _onednn(g.t(), x.t(), None), lambda: torch.mm(g.t(), x))]
+    return _time_pairs([(lambda: _onednn(x, w, None), lambda: F.linear(x, w)),
+                        (lambda: _onednn(g, w.t(), None), lambda: torch.mm(g, w)),
+                        (lambda: _onednn(g.t(), x.t(), None), lambda: torch.mm(g.t(), x))], reps)
+
+
+def time_decode_products(rows: int = 32, width: int = 512, inter: int = 1024, reps: int = 21) -> tuple[float, float]:
+    """Seconds of a decode step's two kinds of product, (rows, width) through an (inter, width)
+    weight and (rows, inter) through an (width, inter) one, summed: (oneDNN's on the weights as
+    they lie, as an RL loop's sampler runs them; BLAS's as the sampler runs them: MKL's packed
+    product where it exists, else ``F.linear``), each the median of ``reps`` calls, alternating.
+    The inputs come from a generator of their own (the global random state is left as it was)."""
+    gen = torch.Generator().manual_seed(0)
+    x, w, h, v = (torch.randn(*shape, generator=gen)
+                  for shape in ((rows, width), (inter, width), (rows, inter), (width, inter)))
+    if mkl_packing_available():
+        packs = [torch.ops.mkl._mkl_reorder_linear_weight(m, rows) for m in (w, v)]
+        blas = [lambda: torch.ops.mkl._mkl_linear(x, packs[0], w, None, rows),
+                lambda: torch.ops.mkl._mkl_linear(h, packs[1], v, None, rows)]
+    else:
+        blas = [lambda: F.linear(x, w), lambda: F.linear(h, v)]
+    return _time_pairs([(lambda: _onednn(x, w, None), blas[0]), (lambda: _onednn(h, v, None), blas[1])], reps)
+
+
+def _time_pairs(kinds, reps: int) -> tuple[float, float]:
+    """For pairs of calls (oneDNN's, BLAS's): the sums over pairs of each one's median time."""
     totals = [0.0, 0.0]
     for pair in kinds:
         times: list[list[float]] = [[], []]

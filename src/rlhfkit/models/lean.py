@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .forward import processes_logits
 from .fused import inv_rms, llama_like, rotate, rotation_tables
-from .kernels import bucket, mkl_packing_available, onednn_linear_chosen, padded_product
+from .kernels import bucket, decode_onednn_chosen, mkl_packing_available, padded_product
 from .lora import has_adapters
 from .memory import large_allocations_mapped
 from .script import scripted
@@ -30,7 +30,7 @@ from .script import scripted
 # the fewest new tokens for which a call lays its weights out for oneDNN (see _prepared_weights)
 LAYOUT_MIN_NEW_TOKENS = 32
 
-# Where BLAS runs the products (kernels.linear_kernel), each decode step's products read the weights
+# Where BLAS runs the decoder's products (kernels.decode_kernel), each decode step's products read the weights
 # packed by MKL for the call's row count (see _mkl_packer): in calls with the weights of the previous
 # call (the packs are then kept, as oneDNN's layout is), and in calls of at least
 # MKL_PACK_MIN_NEW_TOKENS new tokens. False runs them as plain F.linear. Packing anew, with its pages
@@ -236,7 +236,7 @@ def step(input_ids: torch.Tensor, position_ids: torch.Tensor, attn_mask: torch.T
 
 
 def _onednn_applies(dtype: torch.dtype) -> bool:
-    return dtype == torch.float32 and onednn_linear_chosen()
+    return dtype == torch.float32 and decode_onednn_chosen()
 
 
 def _prepared_weights(model, layers, rows: int, decode_rows: int, dtype: torch.dtype, new_tokens: int):

@@ -35,7 +35,7 @@ import torch
 import yaml
 
 from ..models.card import write_model_card
-from ..models.kernels import linear_kernel, use_fast_linear
+from ..models.kernels import decode_kernel, linear_kernel, use_fast_linear
 from ..models.load import is_sharded
 from ..models.lora import LoraSettings, apply_lora, enable_activation_checkpointing
 from ..models.memory import keep_freed_memory
@@ -427,9 +427,12 @@ def write_config(out: Path, config: dict) -> None:
 
 def kernel_line() -> str:
     """Which kernel the fp32 linear products take in this process, and why (models/kernels.py)."""
-    kernel, onednn_s, blas_s = linear_kernel()
-    timed = f" (timed here: oneDNN {onednn_s * 1e3:.2f} ms, BLAS {blas_s * 1e3:.2f} ms)" if onednn_s == onednn_s else ""
-    return (f"fp32 linear products through {'oneDNN' if kernel == 'onednn' else 'BLAS'}{timed}; "
+    def said(choice: tuple[str, float, float]) -> str:
+        kernel, onednn_s, blas_s = choice
+        timed = f" (timed here: oneDNN {onednn_s * 1e3:.2f} ms, BLAS {blas_s * 1e3:.2f} ms)" if onednn_s == onednn_s else ""
+        return f"{'oneDNN' if kernel == 'onednn' else 'BLAS'}{timed}"
+
+    return (f"fp32 linear products through {said(linear_kernel())}, the sampler's through {said(decode_kernel())}; "
             "RLHFKIT_FAST_LINEAR=1 or 0 forces oneDNN or BLAS")
 
 
