@@ -133,28 +133,36 @@ def test_auto_follows_this_hosts_timing_and_blas_leaves_layers_plain(fresh_choic
     assert isinstance(net[0], FastLinear) == (kernel == "onednn")
 
 
+BOTH_CHOICES = pytest.mark.parametrize("choice,timer,chosen", [
+    ("linear_kernel", "time_products", "onednn_linear_chosen"),  # the training layers'
+    ("decode_kernel", "time_decode_products", "decode_onednn_chosen"),  # the sampler's decoder's
+])
+
+
 @needs_onednn
-def test_the_switch_forces_either_kernel_without_timing(fresh_choice, monkeypatch):
+@BOTH_CHOICES
+def test_the_switch_forces_either_kernel_without_timing(fresh_choice, monkeypatch, choice, timer, chosen):
     kernels = fresh_choice
-    monkeypatch.setattr(kernels, "time_products", lambda: pytest.fail("timed although the switch decides"))
+    monkeypatch.setattr(kernels, timer, lambda: pytest.fail("timed although the switch decides"))
     monkeypatch.setenv("RLHFKIT_FAST_LINEAR", "1")
-    assert kernels.onednn_linear_chosen()
-    kernels.linear_kernel.cache_clear()
+    assert getattr(kernels, chosen)()
+    getattr(kernels, choice).cache_clear()
     monkeypatch.setenv("RLHFKIT_FAST_LINEAR", "0")
     kernels.onednn_linear_available.cache_clear()
-    assert not kernels.onednn_linear_chosen() and not kernels.onednn_linear_available()
-    kernels.linear_kernel.cache_clear()
+    assert not getattr(kernels, chosen)() and not kernels.onednn_linear_available()
+    getattr(kernels, choice).cache_clear()
     monkeypatch.setenv("RLHFKIT_FAST_LINEAR", "yes")
     with pytest.raises(ValueError, match="RLHFKIT_FAST_LINEAR='yes'"):
-        kernels.linear_kernel()
+        getattr(kernels, choice)()
 
 
 @needs_onednn
-def test_timing_the_kernels_leaves_the_random_state_alone():
-    from rlhfkit.models.kernels import time_products
+@BOTH_CHOICES
+def test_timing_the_kernels_leaves_the_random_state_alone(choice, timer, chosen):
+    from rlhfkit.models import kernels
 
     state = torch.get_rng_state()
-    onednn_s, blas_s = time_products(rows=16, width=32, inter=64, reps=3)
+    onednn_s, blas_s = getattr(kernels, timer)(rows=16, width=32, inter=64, reps=3)
     assert torch.equal(torch.get_rng_state(), state)
     assert 0 < onednn_s < 1 and 0 < blas_s < 1
 
@@ -176,29 +184,3 @@ def test_the_samplers_kernel_follows_its_own_timing(fresh_choice, monkeypatch, t
     assert lean._onednn_applies(torch.float32) == (kernel == "onednn")
     assert not lean._onednn_applies(torch.bfloat16)
     assert (lean._mkl_packer(32, torch.float32) is None) == (kernel == "onednn" or not kernels.mkl_packing_available())
-
-
-@needs_onednn
-def test_the_switch_forces_the_samplers_kernel_too(fresh_choice, monkeypatch):
-    kernels = fresh_choice
-    monkeypatch.setattr(kernels, "time_decode_products", lambda: pytest.fail("timed although the switch decides"))
-    monkeypatch.setenv("RLHFKIT_FAST_LINEAR", "1")
-    assert kernels.decode_onednn_chosen()
-    kernels.decode_kernel.cache_clear()
-    kernels.onednn_linear_available.cache_clear()
-    monkeypatch.setenv("RLHFKIT_FAST_LINEAR", "0")
-    assert not kernels.decode_onednn_chosen()
-    kernels.decode_kernel.cache_clear()
-    monkeypatch.setenv("RLHFKIT_FAST_LINEAR", "yes")
-    with pytest.raises(ValueError, match="RLHFKIT_FAST_LINEAR='yes'"):
-        kernels.decode_kernel()
-
-
-@needs_onednn
-def test_timing_the_decode_products_leaves_the_random_state_alone():
-    from rlhfkit.models.kernels import time_decode_products
-
-    state = torch.get_rng_state()
-    onednn_s, blas_s = time_decode_products(rows=8, width=32, inter=64, reps=3)
-    assert torch.equal(torch.get_rng_state(), state)
-    assert 0 < onednn_s < 1 and 0 < blas_s < 1

@@ -92,7 +92,7 @@ def decode_kernel() -> tuple[str, float, float]:
 
     Measured 2026-12-05 on an AVX-512 host (AMD EPYC, 2 threads), 32 rows through the reference
     model's shapes: oneDNN 211-378 us against BLAS's 227-490 (MKL's packed product no faster there
-    than ``F.linear``), while a training step's 256-row products were a tie (oneDNN 4-12% faster,
+    than ``F.linear``), while a training step's 256-row products were a tie (oneDNN 3-12% faster,
     BLAS chosen). Whole 32 x 16 sampling calls there, one process, the two paths alternating (60
     pairs): 1.44x as fast through oneDNN with the weights unchanged (53.1 against 76.4 ms), 1.32x
     with the weights changed before each call as in RL (64.9 against 85.7). On the AMX Xeon of sessions 15-20, BLAS was the faster at these rows (``F.linear``

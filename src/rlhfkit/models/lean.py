@@ -3,8 +3,9 @@
 It runs the model's own weights and rotary embedding but skips the generic forward's per-step
 work: no cache objects, no mask building from scratch, q/k/v and gate/up each computed by one
 fused matmul on layers of up to STACK_MAX_BYTES (the weights laid out in oneDNN's own format
-when the call decodes enough tokens to repay it, or, where BLAS runs this process's products,
-packed by MKL for the decode steps' row count: 1.3-2.3x faster skinny products), a preallocated
+when the call decodes enough tokens to repay it, or, where BLAS runs the decoder's products
+(kernels.decode_kernel), packed by MKL for the decode steps' row count: 1.3-2.3x faster skinny
+products on the AMX host), a preallocated
 KV cache written in place, and the layers run as one TorchScript function, so that the
 operations of a step are called from C++ rather than one by one from Python. The norm, the
 rotation and the row-padded product are the training forward's own functions (fused.inv_rms,
@@ -332,9 +333,9 @@ def _packer(rows: int, dtype: torch.dtype, layout: bool):
 
 
 def _mkl_packer(rows: int, dtype: torch.dtype):
-    """weight -> MKL's packed copy of it for products of exactly ``rows`` rows, where BLAS runs this
-    process's products (not oneDNN), the weights are fp32, MKL's packed product exists and
-    ``MKL_PACKED`` is on; else None.
+    """weight -> MKL's packed copy of it for products of exactly ``rows`` rows, where BLAS runs the
+    decoder's products (``kernels.decode_kernel``), the weights are fp32, MKL's packed product
+    exists and ``MKL_PACKED`` is on; else None.
 
     A decode step's products are skinny (a few dozen rows through each weight), where MKL's
     ``sgemm`` on the weight as it lies runs at about half the rate it reaches on a training
