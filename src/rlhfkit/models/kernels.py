@@ -95,10 +95,10 @@ def decode_kernel() -> tuple[str, float, float]:
     than ``F.linear``), while a training step's 256-row products were a tie (oneDNN 3-12% faster,
     BLAS chosen). Whole 32 x 16 sampling calls there, one process, the two paths alternating (60
     pairs): 1.44x as fast through oneDNN with the weights unchanged (53.1 against 76.4 ms), 1.32x
-    with the weights changed before each call as in RL (64.9 against 85.7). On the AMX Xeon of sessions 15-20, BLAS was the faster at these rows (``F.linear``
-    took 0.33-0.99 of oneDNN's time at 8-128 rows, MKL's packed product 1.3-1.6x less than
-    ``F.linear`` at 32: models/lean.py), so the timing should keep BLAS there (not timed there
-    since this choice was split off)."""
+    with the weights changed before each call as in RL (64.9 against 85.7). On the AMX Xeon of
+    sessions 15-20, BLAS was the faster at these rows (``F.linear`` took 0.33-0.99 of oneDNN's time
+    at 8-128 rows, MKL's packed product 1.3-1.6x less than ``F.linear`` at 32: models/lean.py), so
+    the timing should keep BLAS there (not timed there since this choice was split off)."""
     mode = _mode()
     if not onednn_linear_available():
         return "blas", float("nan"), float("nan")
