@@ -68,8 +68,10 @@ def test_grpo_prm_learns_the_multistep_prompts_it_trains_on(tiny, multistep_sft,
     AVX-512 one (0.555 -> 0.565). There, on 300 held-out prompts from 0.537, nine runs of 150-300
     steps ended between 0.49 and 0.58 at lr 1e-4 and 2e-4 (PRM; ORM; 32 prompts a step; no std scaling;
     beta 0; temperature 0.7) and lower at lr 3e-4 and 1e-3 (0.44, 0.40 with ORM, 0.00).
-    What GRPO learns on the held-out multi-step prompts at this size is an open question
-    (the demo's figures are in the README), not something this suite can assert."""
+    From another multi-step SFT model the same GRPO does generalise: the demo on that host took its
+    own (0.557 on 300 held-out prompts) to 0.687 in 200 steps with the rule PRM and to 0.677 with
+    the learned one. Whether it does from a given start is a matter of the start, not something
+    this suite can assert at this size (the demo's figures are in the README)."""
     from rlhfkit.train.config import replace
 
     rows = (tiny["data"] / "multistep_prompts_train.jsonl").read_text().splitlines()[:64]
