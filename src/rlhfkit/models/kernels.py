@@ -68,18 +68,18 @@ DECODE_ONEDNN_MARGIN = 1.0  # the sampler's decoder: whichever is faster (see de
 @functools.lru_cache(maxsize=None)
 def linear_kernel() -> tuple[str, float, float]:
     """("onednn" or "blas", oneDNN's seconds, BLAS's seconds) for this process: see ``onednn_linear_chosen``."""
-    mode = _mode()
-    if not onednn_linear_available():
-        return "blas", float("nan"), float("nan")
-    onednn_s, blas_s = time_products() if mode == "auto" else (float("nan"), float("nan"))
-    return ("onednn" if mode == "1" or prefer_onednn(onednn_s, blas_s) else "blas"), onednn_s, blas_s
+    return _choose(lambda: time_products(), ONEDNN_MARGIN)  # the timer looked up when called (tests replace it)
 
 
-def _mode() -> str:
+def _choose(timed, margin: float) -> tuple[str, float, float]:
+    """The switch's kernel, or (``auto``) oneDNN where ``timed()`` finds it within ``margin`` of BLAS's time."""
     mode = os.environ.get("RLHFKIT_FAST_LINEAR", "auto")
     if mode not in ("auto", "0", "1"):
         raise ValueError(f"RLHFKIT_FAST_LINEAR={mode!r}: use auto, 1 (oneDNN wherever it exists) or 0 (never)")
-    return mode
+    if not onednn_linear_available():
+        return "blas", float("nan"), float("nan")
+    onednn_s, blas_s = timed() if mode == "auto" else (float("nan"), float("nan"))
+    return ("onednn" if mode == "1" or prefer_onednn(onednn_s, blas_s, margin) else "blas"), onednn_s, blas_s
 
 
 @functools.lru_cache(maxsize=None)
@@ -99,11 +99,7 @@ def decode_kernel() -> tuple[str, float, float]:
     sessions 15-20, BLAS was the faster at these rows (``F.linear`` took 0.33-0.99 of oneDNN's time
     at 8-128 rows, MKL's packed product 1.3-1.6x less than ``F.linear`` at 32: models/lean.py), so
     the timing should keep BLAS there (not timed there since this choice was split off)."""
-    mode = _mode()
-    if not onednn_linear_available():
-        return "blas", float("nan"), float("nan")
-    onednn_s, blas_s = time_decode_products() if mode == "auto" else (float("nan"), float("nan"))
-    return ("onednn" if mode == "1" or prefer_onednn(onednn_s, blas_s, DECODE_ONEDNN_MARGIN) else "blas"), onednn_s, blas_s
+    return _choose(lambda: time_decode_products(), DECODE_ONEDNN_MARGIN)
 
 
 def decode_onednn_chosen() -> bool:
