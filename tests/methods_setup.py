@@ -15,6 +15,20 @@ def digits(prompts, completions, **_):
     return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
 
 
+def even_answer_digits(prompts, completions, answer, **_):
+    """``digits`` where the row's answer is even, 0 elsewhere: odd answers' groups carry no signal."""
+    return [digits([p], [c])[0] if int(a) % 2 == 0 else 0.0 for p, c, a in zip(prompts, completions, answer)]
+
+
+def dynamic_sampling_config(tiny, out, steps: int, **train):
+    """GRPO with DAPO's dynamic sampling, for ``even_answer_digits``: about 4 prompts in 10 give a
+    signal, so 12 rounds fill a share of 2 or 4 groups but for odds of about 1e-4 a step."""
+    from rlhfkit.train.config import replace
+
+    return replace(method_config("grpo", tiny, out, steps, **train), dynamic_sampling=True, loss_type="dapo",
+                   rewards="exact_answer", max_sampling_rounds=12)
+
+
 RUNS = {"sft": run_sft, "rm": run_rm, "dpo": run_dpo, "grpo": lambda cfg: run_grpo(cfg, reward_fns=[digits]),
         "ppo": run_ppo, "prm": run_prm}
 METHODS = tuple(RUNS)

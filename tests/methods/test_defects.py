@@ -62,6 +62,8 @@ def test_dapo_dropping_every_group_skips_the_update_without_crashing(tiny, tmp_p
     logged = [m for m in read_metrics(tmp_path / "g") if "train/reward_mean" in m]
     assert [m["train/update_skipped"] for m in logged] == [1.0, 1.0]
     assert [m["train/zero_advantage_groups"] for m in logged] == [1.0, 1.0]
+    # every round allowed was sampled in search of a signal, and none was found
+    assert [(m["train/sampling_rounds"], m["train/informative_fill"]) for m in logged] == [(4.0, 0.0)] * 2
     assert summary["optimizer_steps"] == 0
 
 

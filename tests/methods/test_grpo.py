@@ -172,6 +172,114 @@ def test_zero_advantage_groups_counts_groups_not_samples(tiny):
     assert metrics["zero_advantage_groups"] == pytest.approx(2 / 3)
 
 
+def _rounds_of_groups(signals: list[list[bool]], group_size: int = 2):
+    """A draw(r) whose round r has one group per entry of signals[r]: a signal gives advantages
+    +1/-1, none gives zeros. Each group's prompt token is its number over all rounds; round r's
+    completions are r + 1 tokens wide (so joining them pads)."""
+    import torch
+
+    from rlhfkit.methods.grpo import Rollout
+    from rlhfkit.rollout.rewards import OutcomeScores
+    from rlhfkit.rollout.sampler import Samples
+
+    def draw(r: int) -> Rollout:
+        first = sum(len(s) for s in signals[:r])
+        ids = torch.arange(first, first + len(signals[r])).repeat_interleave(group_size)[:, None]
+        width = r + 1
+        adv = torch.tensor([[(1.0 if i % 2 == 0 else -1.0) * s] * width for s in signals[r] for i in range(group_size)])
+        completion = torch.ones(len(ids), width, dtype=torch.long)
+        samples = Samples(ids, torch.ones_like(ids), completion, completion, torch.zeros(len(ids), width),
+                          torch.ones(len(ids), dtype=torch.bool))
+        return Rollout(samples, OutcomeScores(adv[:, 0].clone(), {}), adv, 1.0)
+
+    return draw
+
+
+@pytest.mark.parametrize("rounds", [4, 2])
+def test_dynamic_sampling_samples_more_prompts_until_the_batch_has_a_signal(rounds):
+    """DAPO's Algorithm 1: groups without a signal are dropped and more prompts are sampled until
+    prompts_per_step groups have one. With 4 rounds allowed, the third fills the batch; with 2 the
+    batch is short by one group, filled with a group without a signal that the loss masks out."""
+    from types import SimpleNamespace
+
+    from rlhfkit.methods.grpo import dynamic_batch, keep_informative_groups
+    from rlhfkit.train.dist import DistInfo
+
+    signals = [[True, False, True, False], [False, False, True, False], [True, True, False, True],
+               [True, True, True, True]]
+    drawn = []
+    draw = _rounds_of_groups(signals)
+    cfg = GRPOConfig(group_size=2, prompts_per_step=4, dynamic_sampling=True, max_sampling_rounds=rounds)
+    pool, batch, fill = dynamic_batch(SimpleNamespace(info=DistInfo()), lambda r: drawn.append(r) or draw(r), cfg, 0)
+    groups = batch.samples.prompt_ids[::2, 0].tolist()
+    if rounds == 4:
+        assert drawn == [0, 1, 2] and fill == {"sampling_rounds": 3.0, "informative_fill": 1.0}
+        assert groups == [0, 2, 6, 8]  # the first four groups with a signal, in the order sampled
+    else:
+        assert drawn == [0, 1] and fill == {"sampling_rounds": 2.0, "informative_fill": 0.75}
+        assert groups == [0, 2, 6, 1]  # three with a signal, then the first without
+    assert pool.samples.prompt_ids.shape[0] == 2 * 4 * len(drawn)  # the step's metrics see every sampled group
+    assert pool.advantages.shape[1] == len(drawn) and batch.advantages.shape == (8, len(drawn))
+    assert batch.samples.completion_mask[0, 1:].sum() == 0  # round 0's one-token completions padded, masked
+    kept = keep_informative_groups(batch.samples, batch.advantages, 2)
+    assert (kept.completion_mask.sum(-1) > 0).tolist() == [True] * 6 + [rounds == 4] * 2
+
+
+def test_dynamic_sampling_fills_every_step_and_resumes_exactly(tiny, tmp_path, monkeypatch):
+    """A reward with a signal only for prompts whose answer is even: a round of 4 prompts has about
+    two groups with one, so each step samples more rounds, and every step still trains on 4 groups
+    with a signal. The further rounds' prompts are a function of the step: a run killed after its
+    second step and resumed logs the straight run's losses and rounds."""
+    from methods_setup import dynamic_sampling_config
+    from methods_setup import even_answer_digits as even_answers
+
+    import rlhfkit.train.run as run_module
+
+    def cfg(out, **train):
+        return dynamic_sampling_config(tiny, out, 4, log_every=1, save_every=2, **train)
+
+    def logged(out):
+        return [(m["train/loss"], m["train/sampling_rounds"], m["train/informative_fill"])
+                for m in read_metrics(out) if "train/loss" in m]
+
+    run_grpo(cfg(tmp_path / "full"), reward_fns=[even_answers])
+    full = logged(tmp_path / "full")
+    assert [fill for _, _, fill in full] == [1.0] * 4 and max(rounds for _, rounds, _ in full) > 1
+
+    original = run_module.Run.step_done
+
+    def dies_in_step_3(self, *args, **kwargs):
+        if self.done == 2:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(run_module.Run, "step_done", dies_in_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_grpo(cfg(tmp_path / "cut"), reward_fns=[even_answers])
+    monkeypatch.setattr(run_module.Run, "step_done", original)
+    run_grpo(cfg(tmp_path / "cut", resume=True), reward_fns=[even_answers])
+    assert logged(tmp_path / "cut") == full
+
+
+def test_a_micro_batch_whose_completions_are_all_masked_gives_the_whole_batchs_loss(tiny, tmp_path):
+    """One round only: the groups without a signal stay in the batch, masked. With one group per
+    micro-batch, some micro-batches have no unmasked token (the output layer then gets no rows,
+    which oneDNN's kernel refused); the losses equal those of one micro-batch of all 16 rows."""
+    from methods_setup import dynamic_sampling_config, even_answer_digits
+
+    from rlhfkit.train.config import replace
+
+    losses = {}
+    for micro in (4, 16):
+        cfg = replace(dynamic_sampling_config(tiny, tmp_path / str(micro), 2, log_every=1, micro_batch_size=micro),
+                      max_sampling_rounds=1, mu=1)
+        run_grpo(cfg, reward_fns=[even_answer_digits])
+        logged = [m for m in read_metrics(tmp_path / str(micro)) if "train/loss" in m]
+        assert min(m["train/informative_fill"] for m in logged) < 1.0  # some groups were masked
+        losses[micro] = [m["train/loss"] for m in logged]
+    assert losses[4] == pytest.approx(losses[16], abs=1e-5)
+
+
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
 def test_dynamic_sampling_masks_groups_to_the_loss_of_dropping_them(loss_type):
     import torch

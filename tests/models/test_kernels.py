@@ -9,7 +9,8 @@ needs_onednn = pytest.mark.skipif(not onednn_linear_available(), reason="no oneD
 
 @needs_onednn
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("shape", [(7, 16), (3, 5, 16), (2, 3, 4, 16), (5, 8, 16)])
+# no rows: a micro-batch whose completions are all masked out (a rank's dropped DAPO groups)
+@pytest.mark.parametrize("shape", [(7, 16), (3, 5, 16), (2, 3, 4, 16), (5, 8, 16), (0, 16), (2, 0, 16)])
 @pytest.mark.parametrize("out_features", [24, 40])  # 40 rows > 2 x 16 and 40 >= 2 x 16: the transposed weight-gradient path
 def test_fast_linear_matches_f_linear_forward_and_all_gradients(shape, bias, out_features):
     torch.manual_seed(0)

@@ -174,3 +174,18 @@ def test_shared_prompt_forward_gives_the_plain_logprobs_entropy_loss_and_gradien
     # Each prompt's tokens pass once for its 4 samples: fewer positions than 12 full rows.
     assert shared_prompt_view(samples, 4).input_ids.numel() < 0.7 * samples.input_ids.numel()
     assert not _groups_share_prompts(samples, 3)  # groups of 3 would mix prompts: the plain forward
+
+
+def test_joined_samples_pad_prompts_on_the_left_and_completions_on_the_right():
+    from rlhfkit.rollout.sampler import Samples, join_samples
+
+    def samples(prompt: list[int], completion: list[int], finished: bool) -> Samples:
+        p, c = torch.tensor([prompt]), torch.tensor([completion])
+        return Samples(p, torch.ones_like(p), c, torch.ones_like(c), c.float() / 10, torch.tensor([finished]))
+
+    joined = join_samples([samples([5, 6], [7], True), samples([8], [9, 3, 4], False)], pad_id=0)
+    assert joined.prompt_ids.tolist() == [[5, 6], [0, 8]] and joined.prompt_mask.tolist() == [[1, 1], [0, 1]]
+    assert joined.completion_ids.tolist() == [[7, 0, 0], [9, 3, 4]]
+    assert joined.completion_mask.tolist() == [[1, 0, 0], [1, 1, 1]]
+    assert torch.allclose(joined.logprobs, torch.tensor([[0.7, 0.0, 0.0], [0.9, 0.3, 0.4]]))
+    assert joined.finished.tolist() == [True, False]

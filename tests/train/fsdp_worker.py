@@ -16,9 +16,10 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from methods_setup import RUNS, method_config  # noqa: E402
+from methods_setup import RUNS, dynamic_sampling_config, even_answer_digits, method_config  # noqa: E402
 
 import rlhfkit.train.run as run_module  # noqa: E402
+from rlhfkit.methods.grpo import run_grpo  # noqa: E402
 from rlhfkit.train.config import replace  # noqa: E402
 
 METHODS = ("sft", "rm", "dpo", "grpo", "ppo")
@@ -75,6 +76,9 @@ def _jobs(rank: int, out: Path, assets: dict) -> dict:
             pass
         run_module.Run.step_done = measuring
         RUNS[method](replace(online(f"{method}-cut"), train__resume=True))
+    # DAPO's dynamic sampling: each rank fills its share of the batch, and they sample as many rounds
+    run_grpo(dynamic_sampling_config(assets["tiny"], out / "grpo-dynamic", 3, log_every=1, strategy="fsdp"),
+             reward_fns=[even_answer_digits])
     return {"bytes": seen}
 
 

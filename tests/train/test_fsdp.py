@@ -121,6 +121,15 @@ def test_online_methods_sharded_equal_replicated_on_the_same_samples(method, mod
     _assert_same_weights(sharded, replicated)
 
 
+def test_dynamic_sampling_fills_both_ranks_shares_on_two_sharded_ranks(two_ranks):
+    """Only even answers give a signal: the ranks sample more rounds (as many on both: none hangs)
+    until each holds its 2 of the 4 groups with a signal."""
+    out, _ = two_ranks
+    fills = _losses(out / "grpo-dynamic", "train/informative_fill")
+    rounds = _losses(out / "grpo-dynamic", "train/sampling_rounds")
+    assert fills == [1.0] * 3 and max(rounds) > 1 and all(r == int(r) for r in rounds)
+
+
 def test_sharded_checkpoints_resume_2_to_2_exactly_and_2_to_1_and_1_to_2(two_ranks, tiny, tmp_path):
     out, _ = two_ranks
     full = _losses(out / "full")

@@ -22,8 +22,15 @@ from ..models.reward import is_likelihood_prm, is_sequence_classifier, is_token_
 from ..rollout.backend import SamplingParams, make_backend
 from ..rollout.evaluate import row_prompt_ids
 from ..rollout.reward_models import ProcessRewardModelReward, RewardModelReward
-from ..rollout.rewards import RESERVED, call_with_timeout, load_callable, reward_fields, score_outcomes
-from ..rollout.sampler import Samples, completion_logprobs, decode
+from ..rollout.rewards import (
+    RESERVED,
+    OutcomeScores,
+    call_with_timeout,
+    load_callable,
+    reward_fields,
+    score_outcomes,
+)
+from ..rollout.sampler import Samples, completion_logprobs, decode, join_samples
 from ..tasks import OUTCOME_REWARDS, PROCESS_REWARDS, TASK_CHOICES
 from ..train.config import ConfigError, LoraConfig, RolloutConfig, TrainConfig, at_least, choice, within
 from ..train.loop import BatchOrder, autocast, reduce_dict, row_chunks
@@ -54,7 +61,8 @@ class GRPOConfig:
     share_prompt: bool = True  # forward each prompt once for its G samples (block mask; SDPA attention only)
     loss_type: str = "grpo"  # grpo (paper) | dapo (token mean) | dr_grpo (constant normaliser)
     scale_std: bool = True  # divide advantages by the group std (Dr. GRPO: false)
-    dynamic_sampling: bool = False  # DAPO: drop groups whose advantages are all zero
+    dynamic_sampling: bool = False  # DAPO: groups with all-zero advantages are replaced by groups of more prompts
+    max_sampling_rounds: int = 4  # dynamic_sampling: rounds of prompts_per_step prompts a step at most; then masked
     overlong_buffer: int = 0  # DAPO: reward ramps to -overlong_penalty over the last N of max_new_tokens; 0 = off
     overlong_penalty: float = 1.0  # the punishment at max_new_tokens (DAPO: 1)
     reward_errors: str = "raise"  # raise | zero (score 0 and count)
@@ -77,7 +85,7 @@ class GRPOConfig:
                          "ForTokenClassification (or likelihood-read PRM)")
         parse_rewards(self.rewards)
         at_least("group_size", self.group_size, 2, " (a group of one has no baseline)")
-        for key in ("prompts_per_step", "max_new_tokens", "mu", "eval_max_new_tokens"):
+        for key in ("prompts_per_step", "max_new_tokens", "mu", "eval_max_new_tokens", "max_sampling_rounds"):
             at_least(key, getattr(self, key), 1)
         for key in ("temperature", "beta", "top_k", "eval_limit", "reward_timeout_s"):
             at_least(key, getattr(self, key), 0)
@@ -219,12 +227,61 @@ def rollout(backend, tokenizer, rows, cfg: GRPOConfig, rewards: Rewards) -> Roll
     return Rollout(samples, outcome, advantages, generation_s)
 
 
+def informative(advantages: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(groups,) True where some sample of the group has a non-zero advantage (a learning signal)."""
+    return (advantages.abs().sum(-1) > 0).view(-1, group_size).any(-1)
+
+
+def join_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
+    """Several sampling rounds' rollouts as one batch (completions padded to the longest)."""
+    if len(parts) == 1:
+        return parts[0]
+    width = max(p.advantages.shape[1] for p in parts)
+    advantages = torch.cat([torch.nn.functional.pad(p.advantages, (0, width - p.advantages.shape[1])) for p in parts])
+    outcomes = [p.outcome for p in parts]
+    errors = {k: sum(o.errors.get(k, 0) for o in outcomes) for o in outcomes for k in o.errors}
+    outcome = OutcomeScores(torch.cat([o.rewards for o in outcomes]),
+                            {k: torch.cat([o.per_function[k] for o in outcomes]) for k in outcomes[0].per_function},
+                            errors)
+    return Rollout(join_samples([p.samples for p in parts], pad_id), outcome, advantages,
+                   sum(p.generation_s for p in parts))
+
+
+def dynamic_batch(run: Run, draw, cfg: GRPOConfig, pad_id: int) -> tuple[Rollout, Rollout, dict]:
+    """DAPO's dynamic sampling (Yu et al. 2025, Algorithm 1): sample, drop the groups whose
+    advantages are all zero, and sample more prompts until the batch holds prompts_per_step
+    groups with a signal.
+
+    ``draw(r)`` samples round r's share of prompts on this rank (round 0 is the step's own batch).
+    Every rank fills its share, prompts_per_step / world_size groups, and the ranks sample the same
+    number of rounds (the check is summed over them). After ``max_sampling_rounds`` a short batch
+    is filled up with groups without a signal, which ``keep_informative_groups`` masks out of the
+    loss. Returns every sampled group (for the step's metrics), the batch and its fill metrics."""
+    quota = cfg.prompts_per_step // run.info.world_size
+    parts = [draw(0)]
+    while len(parts) < cfg.max_sampling_rounds:
+        kept = sum(int(informative(p.advantages, cfg.group_size).sum()) for p in parts)
+        if reduce_dict({"short": float(kept < quota)}, run.info)["short"] == 0:
+            break
+        parts.append(draw(len(parts)))
+    pool = join_rollouts(parts, pad_id)
+    signal = informative(pool.advantages, cfg.group_size)
+    groups = torch.cat([signal.nonzero().flatten()[:quota], (~signal).nonzero().flatten()])[:quota]
+    rows = (groups[:, None] * cfg.group_size + torch.arange(cfg.group_size, device=groups.device)).flatten()
+    outcome = OutcomeScores(pool.outcome.rewards[rows], {k: v[rows] for k, v in pool.outcome.per_function.items()})
+    batch = Rollout(pool.samples.rows(rows), outcome, pool.advantages[rows], pool.generation_s)
+    filled = reduce_dict({"informative": float(signal[groups].sum()), "rounds": float(len(parts))}, run.info)
+    return pool, batch, {"sampling_rounds": filled["rounds"] / run.info.world_size,
+                         "informative_fill": filled["informative"] / cfg.prompts_per_step}
+
+
 def keep_informative_groups(samples: Samples, advantages: torch.Tensor, group_size: int) -> Samples:
-    """DAPO's dynamic sampling (filter form): groups whose advantages are all zero leave the loss.
+    """Groups whose advantages are all zero leave the loss (DAPO's dynamic sampling when its rounds
+    ran out, or a filter).
 
     They are masked out rather than removed, so that every rank keeps its rows and runs the same
     forwards (a rank left with no rows while the others run a sharded forward would hang them)."""
-    per_group = (advantages.abs().sum(-1) > 0).view(-1, group_size).any(-1)  # (groups,)
+    per_group = informative(advantages, group_size)  # (groups,)
     keep = per_group.repeat_interleave(group_size)[:, None]  # (B, 1)
     masked = samples.rows(torch.arange(advantages.shape[0]))
     masked.completion_mask = samples.completion_mask * keep
@@ -334,14 +391,23 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
     total = run.plan(len(rows), cfg.prompts_per_step) * cfg.mu  # optimizer steps
     run.attach(policy, optimizer, build_scheduler(optimizer, total, tc.warmup_steps, tc.schedule, tc.min_lr_ratio))
     order = BatchOrder(len(rows), cfg.prompts_per_step, tc.seed)
+    more = BatchOrder(len(rows), cfg.prompts_per_step, tc.seed + 1)  # dynamic sampling's further rounds
+
+    def draw(step: int, r: int) -> Rollout:  # this rank's share of the step's prompts (round 0) or of more
+        indices = order.indices(step) if r == 0 else more.indices(step * cfg.max_sampling_rounds + r)
+        return rollout(backend, tokenizer, [rows[i] for i in indices[run.info.rank::run.info.world_size]], cfg, rewards)
+
     for step in run.steps(evaluate):
         sync = time.time()
         backend.load_weights(policy)  # a sharded policy: the gathered full weights into the backend's copy
         sync = time.time() - sync
-        batch = rollout(backend, tokenizer, [rows[i] for i in order.indices(step)[run.info.rank::run.info.world_size]],
-                        cfg, rewards)
+        if cfg.dynamic_sampling:
+            pool, batch, fill = dynamic_batch(run, lambda r: draw(step, r), cfg, tokenizer.pad_token_id)
+        else:
+            pool = batch = draw(step, 0)
+            fill = {}
         metrics = update(run, policy, reference, batch, cfg, exact)
-        run.step_done(means={**step_metrics(batch, cfg.group_size), **metrics, **retokenised,
+        run.step_done(means={**step_metrics(pool, cfg.group_size), **metrics, **retokenised, **fill,
                              "time_weight_sync_s": sync},
                       evaluate=evaluate)
     summary = {"accuracy_before": before.get("accuracy"), "reward_mean": run.metrics.get("reward_mean")}

@@ -171,6 +171,7 @@ def _onednn(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
 
 def _applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and x.numel() > 0  # oneDNN builds no primitive for zero rows: a micro-batch with nothing unmasked
             and not torch.is_autocast_enabled("cpu") and onednn_linear_available())
 
 

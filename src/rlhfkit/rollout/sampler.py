@@ -56,6 +56,21 @@ class Samples:
                        self.completion_mask[index], self.logprobs[index], self.finished[index])
 
 
+def join_samples(parts: list[Samples], pad_id: int) -> Samples:
+    """Batches of samples as one: prompts left-padded and completions right-padded to the widest."""
+    if len(parts) == 1:
+        return parts[0]
+    p, c = max(s.prompt_ids.shape[1] for s in parts), max(s.completion_ids.shape[1] for s in parts)
+
+    def joined(name: str, width: int, left: bool, value) -> torch.Tensor:
+        return torch.cat([torch.nn.functional.pad(t, (width - t.shape[1], 0) if left else (0, width - t.shape[1]),
+                                                  value=value) for t in (getattr(s, name) for s in parts)])
+
+    return Samples(joined("prompt_ids", p, True, pad_id), joined("prompt_mask", p, True, 0),
+                   joined("completion_ids", c, False, pad_id), joined("completion_mask", c, False, 0),
+                   joined("logprobs", c, False, 0.0), torch.cat([s.finished for s in parts]))
+
+
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)

@@ -43,6 +43,8 @@ class BatchOrder:
         if epoch not in self._perms:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._perms[epoch] = torch.randperm(self.n, generator=g).tolist()
+            for old in [e for e in self._perms if e < epoch - 1]:  # steps only move forward: keep two epochs
+                del self._perms[old]
         return self._perms[epoch]
 
     def indices(self, step: int) -> list[int]:
