@@ -341,6 +341,8 @@ def test_a_full_tmpfs_stops_the_run_in_one_line_and_leaves_no_partial_folder(tin
     (GRPOConfig, "overlong_buffer=17", "'overlong_buffer' must be in [0, 16]; got 17"),
     (GRPOConfig, "overlong_penalty=-1", "'overlong_penalty' must be >= 0; got -1.0"),
     (GRPOConfig, "overlong_buffer=4 process_reward=arithmetic_steps", "overlong_buffer shapes the outcome reward"),
+    (GRPOConfig, "max_sampling_rounds=0 dynamic_sampling=true", "'max_sampling_rounds' must be >= 1; got 0"),
+    (GRPOConfig, "max_sampling_rounds=8", "max_sampling_rounds=8 is used by dynamic_sampling only, which is off"),
     (PPOConfig, "minibatch_size=0", "'minibatch_size' must be >= 1; got 0"),
     (PPOConfig, "kl_coef=-0.1", "'kl_coef' must be >= 0; got -0.1"),
     (PPOConfig, "target_kl=0", "'target_kl' must be > 0"),

@@ -91,6 +91,9 @@ class GRPOConfig:
             at_least(key, getattr(self, key), 0)
         at_least("overlong_penalty", self.overlong_penalty, 0)
         within("overlong_buffer", self.overlong_buffer, 0, self.max_new_tokens)
+        if not self.dynamic_sampling and self.max_sampling_rounds != GRPOConfig.max_sampling_rounds:
+            raise ConfigError(f"max_sampling_rounds={self.max_sampling_rounds} is used by dynamic_sampling only, "
+                              "which is off; set dynamic_sampling=true or leave it out")
         if self.overlong_buffer and self.process_reward is not None:
             raise ConfigError("overlong_buffer shapes the outcome reward, which process_reward replaces; set one")
         if not 0 < self.top_p <= 1 or not self.eps_low > 0 or (self.eps_high is not None
