@@ -152,6 +152,15 @@ def test_rm_cli_then_eval_reports_pairwise_accuracy(tiny, tmp_path):
     assert result["pairs"] == in_process["pairs"] > 40 * 6
     assert (result["pairwise_accuracy"], result["kendall_tau"]) == (in_process["pairwise_accuracy"],
                                                                     in_process["kendall_tau"])
+    # over-long rows: the error names the row and eval's own flag; --overlong skip says what it dropped
+    ev = rlhfkit("eval", "--model", tmp_path / "rm" / "model", "--data", data / "rankings_eval.jsonl", "--limit", 40,
+                 "--max-length", 18)
+    assert ev.returncode != 0 and "rankings_eval.jsonl" in ev.stderr and "--overlong" in ev.stderr
+    ev = rlhfkit("eval", "--model", tmp_path / "rm" / "model", "--data", data / "rankings_eval.jsonl", "--limit", 40,
+                 "--max-length", 18, "--overlong", "skip", "--out", tmp_path / "short")
+    assert ev.returncode == 0, ev.stderr
+    short = json.loads((tmp_path / "short" / "eval.json").read_text())
+    assert short["lengths"] == "40 rows, 0 truncated, 20 skipped" and 0 < short["pairs"] < result["pairs"]
 
 
 def test_dpo_cli_then_eval_reports_preference_accuracy(tiny, tmp_path):

@@ -134,6 +134,7 @@ def cmd_eval(args) -> int:
     rows = read_rows(args.data)
     if args.limit:
         rows = rows[: args.limit]
+    report = None  # what --overlong did to preference and step rows
     if is_token_classifier(args.model) or is_likelihood_prm(args.model):  # a PRM: step accuracy, F1, first error
         from ..data.steps import encode_step_rows
         from ..methods.prm import step_metrics
@@ -143,7 +144,7 @@ def cmd_eval(args) -> int:
         tokenizer = load_tokenizer(args.model, args.tokenizer)
         model = load_process_reward_model(args.model, tokenizer)
         separator = getattr(model.config, "step_separator", None) or "\n"
-        examples, _ = encode_step_rows(rows, tokenizer, separator, args.max_length, "error")
+        examples, report = encode_step_rows(rows, tokenizer, separator, args.max_length, args.overlong)
         metrics = step_metrics(model, examples, tokenizer.pad_token_id)
     elif is_sequence_classifier(args.model):  # a reward model: pairwise accuracy on rankings or pairs
         from ..data.prefs import encode_rankings
@@ -152,7 +153,7 @@ def cmd_eval(args) -> int:
         from ..models.reward import load_reward_model
 
         tokenizer = load_tokenizer(args.model, args.tokenizer)
-        examples, _ = encode_rankings(rows, tokenizer, args.max_length, "error")
+        examples, report = encode_rankings(rows, tokenizer, args.max_length, args.overlong)
         metrics = ranking_metrics(load_reward_model(args.model, tokenizer), examples, tokenizer.pad_token_id)
     elif args.ref:  # a DPO policy against its reference: held-out preference accuracy
         from ..data.prefs import encode_rankings
@@ -161,7 +162,7 @@ def cmd_eval(args) -> int:
 
         model, tokenizer = load_policy(args.model, args.tokenizer)
         reference, _ = load_policy(args.ref, args.tokenizer or args.model)
-        examples, _ = encode_rankings(rows, tokenizer, args.max_length, "error")
+        examples, report = encode_rankings(rows, tokenizer, args.max_length, args.overlong)
         examples = precompute_reference(reference, examples, tokenizer.pad_token_id)
         metrics = {"preference_accuracy": preference_accuracy(model, examples, tokenizer.pad_token_id),
                    "n": len(examples)}
@@ -172,6 +173,8 @@ def cmd_eval(args) -> int:
         model, tokenizer = load_policy(args.model, args.tokenizer)
         metrics = exact_match(model, tokenizer, rows, args.max_new_tokens)
     result = {"model": str(args.model), "data": str(args.data), **metrics}
+    if report is not None:
+        result["lengths"] = report.summary()
     out = Path(args.out or args.model)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(result, indent=1))
@@ -214,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest greedy answer (default 64; the multi-step task's answers need up to 34)")
     p.add_argument("--max-length", type=at_least(2), default=512,
                    help="for preference and step data: longest prompt+completion")
+    p.add_argument("--overlong", choices=("error", "truncate", "skip"), default="error",  # data/encode.py's policies
+                   help="preference and step rows longer than --max-length: error (default), truncate or skip; "
+                        "eval.json says how many")
     p.add_argument("--ref", help="reference model folder: report a DPO policy's preference accuracy on pairs/rankings")
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("configs", help="list the configs shipped with rlhfkit (for --config NAME)")

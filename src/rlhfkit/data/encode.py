@@ -17,6 +17,8 @@ from .formats import check_messages, is_chat, require_format, row_format, row_to
 from .rows import DataError, Row, get_str
 
 OVERLONG_POLICIES = ("error", "truncate", "skip")
+# the way out of an over-long row, for a config (overlong=...) and for ``rlhfkit eval`` (--overlong ...)
+OVERLONG_HINT = "raise max_length, or set overlong=truncate or overlong=skip (rlhfkit eval: --overlong)"
 
 
 @dataclass
@@ -183,7 +185,7 @@ def fit_length(prompt_ids: list[int], completion_ids: list[int], max_length: int
     if policy == "error":
         raise DataError(
             f"{where}: {total} tokens (prompt {len(prompt_ids)} + completion {len(completion_ids)}) "
-            f"exceed max_length={max_length}; raise max_length or set overlong=truncate or overlong=skip"
+            f"exceed max_length={max_length}; {OVERLONG_HINT}"
         )
     if policy == "skip" or len(prompt_ids) >= max_length:
         if not report.skipped or report.skipped[-1] != where:  # one count per row

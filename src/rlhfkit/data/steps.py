@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .encode import LengthReport, encode_prompt, encode_row_prompt
+from .encode import OVERLONG_HINT, LengthReport, encode_prompt, encode_row_prompt
 from .rows import DataError, Row, get_str
 
 
@@ -107,8 +107,7 @@ def encode_step_rows(rows: list[Row], tokenizer, separator: str, max_length: int
         ids, positions, spans = encode_steps(tokenizer, step_prompt(row, tokenizer), steps, sep_ids)
         if len(ids) > max_length:
             if overlong == "error":
-                raise DataError(f"{row.where}: {len(ids)} tokens exceed max_length={max_length}; raise max_length "
-                                "or set overlong=truncate or overlong=skip")
+                raise DataError(f"{row.where}: {len(ids)} tokens exceed max_length={max_length}; {OVERLONG_HINT}")
             fits = sum(p < max_length for p in positions) if overlong == "truncate" else 0
             if fits == 0:
                 report.skipped.append(row.where)
