@@ -81,3 +81,20 @@ def test_nested_replace():
     assert new.train.lr == 0.5 and new.steps == 9
     assert new.train.seed == 3 and new.train.max_steps == 100  # other nested fields kept
     assert cfg.train.lr == 1e-4 and cfg.steps == 3  # the original is untouched
+
+
+def test_lora_target_modules_may_be_a_yaml_list(tmp_path):
+    """A YAML list (in a file or an override) is the comma-separated text; anything but names is refused."""
+    from rlhfkit.methods.sft import SFTConfig
+
+    path = tmp_path / "c.yaml"
+    path.write_text("lora:\n  r: 4\n  target_modules:\n    - q_proj\n    - v_proj\n")
+    assert load_config(SFTConfig, path).lora.target_modules == "q_proj,v_proj"
+    assert load_config(SFTConfig, overrides=["lora.target_modules=[q_proj, o_proj]"]).lora.target_modules == \
+        "q_proj,o_proj"
+    assert load_config(SFTConfig, overrides=["lora.target_modules=q_proj,k_proj"]).lora.target_modules == \
+        "q_proj,k_proj"
+    with pytest.raises(ConfigError, match="'lora.target_modules' must list module names; got \\[1, 2\\]"):
+        load_config(SFTConfig, overrides=["lora.target_modules=[1, 2]"])
+    with pytest.raises(ConfigError, match="'lora.target_modules' is empty"):
+        load_config(SFTConfig, overrides=["lora.target_modules=[]"])

@@ -106,7 +106,8 @@ class LoraConfig:
     r: int = 0  # adapter rank; 0 = no adapters (full fine-tuning)
     alpha: float = 16.0  # the update is scaled by alpha / r
     dropout: float = 0.0  # dropout on the adapters' input
-    target_modules: str = "all-linear"  # every linear layer of the decoder (not the output head), or "q_proj,v_proj"
+    # every linear layer of the decoder (not the output head), or "q_proj,v_proj" (in YAML also a list)
+    target_modules: str | list[str] = "all-linear"
     merge: bool = False  # also save the merged model: <out>/model merged, the adapter in <out>/model/adapter
 
     def __post_init__(self):
@@ -115,6 +116,10 @@ class LoraConfig:
             raise ConfigError(f"config key 'lora.alpha' must be > 0; got {self.alpha!r}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"config key 'lora.dropout' must be in [0, 1); got {self.dropout!r}")
+        if isinstance(self.target_modules, (list, tuple)):  # a YAML list: kept as the one text form
+            if not all(isinstance(t, str) for t in self.target_modules):
+                raise ConfigError(f"config key 'lora.target_modules' must list module names; got {self.target_modules!r}")
+            object.__setattr__(self, "target_modules", ",".join(t.strip() for t in self.target_modules))
         if not self.target_modules.strip():
             raise ConfigError("config key 'lora.target_modules' is empty; use all-linear or a comma-separated list")
 
