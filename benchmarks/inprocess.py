@@ -5,7 +5,8 @@
 VAR: an environment switch rlhfkit reads on every call (RLHFKIT_LAYERS_NODE, RLHFKIT_LEAN_FORWARD,
 RLHFKIT_SCRIPTED_LAYERS),
 or a module constant read on every call with its "on" and "off" values,
-``rlhfkit.models.fused:FEW_KEYS=80,0`` (the node's attention as products up to 80 keys, or never).
+``rlhfkit.models.fused:FEW_KEYS=80,0`` (the node's attention as products up to 80 keys, or never;
+``None`` for a constant whose None means "timed": ``rlhfkit.models.lean:LAYOUT_MIN_NEW_TOKENS=None,32``).
 After run.py's warm-up steps, ``--pairs`` pairs of steps run with VAR=1 and VAR=0 in an order that
 alternates pair by pair (on-off, off-on, ...), so that a slow spell of the host falls on both.
 Prints one JSON line: the median ms per step on and off and their ratio off / on (above 1: the
@@ -38,6 +39,8 @@ def switch(var: str):
     kind = type(getattr(module, name))
     if kind is bool:  # bool("False") is True
         kind = lambda text: text in ("1", "True", "true")  # noqa: E731
+    if getattr(module, name) is None:  # an optional number: None (the module's own rule) or a value
+        kind = lambda text: None if text == "None" else json.loads(text)  # noqa: E731
     return lambda value: setattr(module, name, kind(on if value == "1" else off))
 
 

@@ -284,8 +284,10 @@ def report(method: str, times: list[float], losses: list[float], train_tokens: f
 
 def kernel_choice() -> dict:
     """The kernels this process chose (models/kernels.py), for the linear layers (``linear_kernel``,
-    ``kernel_ms``) and the sampler's decoder (``decode_kernel``, ``decode_ms``), and the timings."""
-    from rlhfkit.models.kernels import decode_kernel, linear_kernel
+    ``kernel_ms``) and the sampler's decoder (``decode_kernel``, ``decode_ms``), and the timings;
+    on oneDNN, the fewest new tokens for which a sampling call lays its weights out
+    (``layout_min_new_tokens``, timed; null: never)."""
+    from rlhfkit.models.kernels import NEVER, decode_kernel, layout_min_new_tokens, linear_kernel
 
     out = {}
     for name, timings, (kernel, onednn_s, blas_s) in (("linear_kernel", "kernel_ms", linear_kernel()),
@@ -293,6 +295,9 @@ def kernel_choice() -> dict:
         out[name] = kernel
         if onednn_s == onednn_s:  # timed (auto), not forced
             out[timings] = {"onednn": round(onednn_s * 1e3, 3), "blas": round(blas_s * 1e3, 3)}
+    if out["decode_kernel"] == "onednn":
+        tokens = layout_min_new_tokens()
+        out["layout_min_new_tokens"] = tokens if tokens < NEVER else None
     return out
 
 

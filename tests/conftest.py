@@ -85,9 +85,11 @@ def fresh_choice(monkeypatch):
 
     kernels.linear_kernel.cache_clear()
     kernels.decode_kernel.cache_clear()
+    kernels.layout_min_new_tokens.cache_clear()
     kernels.onednn_linear_available.cache_clear()
     yield kernels
     monkeypatch.undo()
     kernels.linear_kernel.cache_clear()
     kernels.decode_kernel.cache_clear()
+    kernels.layout_min_new_tokens.cache_clear()
     kernels.onednn_linear_available.cache_clear()

@@ -185,3 +185,47 @@ def test_the_samplers_kernel_follows_its_own_timing(fresh_choice, monkeypatch, t
     assert lean._onednn_applies(torch.float32) == (kernel == "onednn")
     assert not lean._onednn_applies(torch.bfloat16)
     assert (lean._mkl_packer(32, torch.float32) is None) == (kernel == "onednn" or not kernels.mkl_packing_available())
+
+
+@needs_onednn
+@pytest.mark.parametrize("timings,tokens", [((6e-4, 8e-5), 8), ((6e-4, 7.9e-5), 8), ((6.4e-4, 8e-5), 8),
+                                           ((6.5e-4, 8e-5), 9), ((1e-6, 1e-3), 1), ((6e-4, 0.0), None),
+                                           ((6e-4, -1e-5), None)])
+def test_the_layout_threshold_is_its_cost_over_what_it_saves_a_decode_step(fresh_choice, monkeypatch, timings,
+                                                                           tokens):
+    kernels = fresh_choice
+    monkeypatch.setattr(kernels, "time_layout", lambda: timings)
+    assert kernels.layout_min_new_tokens() == (kernels.NEVER if tokens is None else tokens)
+
+
+@needs_onednn
+def test_timing_the_layout_leaves_the_random_state_alone_and_measures_both():
+    from rlhfkit.models import kernels
+
+    state = torch.get_rng_state()
+    layout_s, saved_s = kernels.time_layout(rows=16, width=32, inter=64, reps=3)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert 0 < layout_s < 1 and abs(saved_s) < 1
+
+
+@needs_onednn
+@pytest.mark.parametrize("new_tokens", [7, 8, 9])
+def test_a_sampling_call_lays_its_weights_out_from_the_timed_threshold(fresh_choice, monkeypatch, new_tokens):
+    """Weights changed before each call (as in RL): laid out where the call decodes at least the
+    timed threshold's tokens (8 here), else read as they lie; the first call too."""
+    from test_lean import sharp
+
+    from rlhfkit.models import lean
+    from rlhfkit.rollout import sampler
+
+    kernels = fresh_choice
+    monkeypatch.setattr(kernels, "time_layout", lambda: (6e-4, 8e-5))
+    asked = []
+    packer = lean._packer
+    monkeypatch.setattr(lean, "_packer", lambda rows, dtype, layout: asked.append(layout) or packer(rows, dtype, layout))
+    model = sharp("qwen2")
+    for _ in range(2):
+        with torch.no_grad():
+            model.lm_head.weight.add_(0.0)  # a new version: not the previous call's weights
+        sampler.sample(model, [[5, 17, 3]], eos_id=-1, pad_id=0, max_new_tokens=new_tokens, temperature=1.0)
+    assert asked == [new_tokens >= 8] * 2

@@ -24,6 +24,7 @@ that oneDNN builds few kernels.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import time
 from typing import List, Optional, Union
@@ -100,6 +101,46 @@ def decode_kernel() -> tuple[str, float, float]:
     at 8-128 rows, MKL's packed product 1.3-1.6x less than ``F.linear`` at 32: models/lean.py), so
     the timing should keep BLAS there (not timed there since this choice was split off)."""
     return _choose(lambda: time_decode_products(), DECODE_ONEDNN_MARGIN)
+
+
+NEVER = 2**31 - 1  # a layout threshold no call reaches
+
+
+@functools.lru_cache(maxsize=None)
+def layout_min_new_tokens() -> int:
+    """The fewest new tokens for which a sampling call whose decoder runs on oneDNN lays its
+    weights out in oneDNN's blocked format (models/lean.py, ``_packer``): the layout's cost over what
+    it saves a decode step (``time_layout``), rounded up; ``NEVER`` where it saves nothing.
+
+    A property of the host, as the kernel is. Measured 2026-12-05/06 on an AMD EPYC (Zen 4, 2
+    threads): this timing gave 7-9 tokens, and whole 32-row sampling calls on the reference model
+    (weights changed before each, 40 alternating pairs) broke even between 4 and 8 new tokens
+    (laid out 0.91x as fast at 4, 1.03x at 8, 1.11x at 16, 1.18x at 32). On the earliest host
+    whole calls broke even near 24 tokens, which was this threshold's fixed value (32) before."""
+    layout_s, saved_s = time_layout()
+    return NEVER if not saved_s > 0 else max(1, math.ceil(layout_s / saved_s))
+
+
+def time_layout(rows: int = 32, width: int = 512, inter: int = 1024, reps: int = 21) -> tuple[float, float]:
+    """(seconds to lay out a decode step's two weights of ``time_decode_products`` for ``rows`` rows,
+    seconds the layout saves that step's two oneDNN products), each the median of ``reps`` calls.
+    The inputs come from a generator of their own (the global random state is left as it was)."""
+    gen = torch.Generator().manual_seed(0)
+    x, w, h, v = (torch.randn(*shape, generator=gen)
+                  for shape in ((rows, width), (inter, width), (rows, inter), (width, inter)))
+
+    def lay_out(m: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._reorder_linear_weight(m, rows)
+
+    laid_w, laid_v = lay_out(w), lay_out(v)
+    laid_s, plain_s = _time_pairs([(lambda: _onednn(x, laid_w, None), lambda: _onednn(x, w, None)),
+                                   (lambda: _onednn(h, laid_v, None), lambda: _onednn(h, v, None))], reps)
+    times = []
+    for _ in range(reps + 2):  # two warm-up calls
+        start = time.perf_counter()
+        lay_out(w), lay_out(v)
+        times.append(time.perf_counter() - start)
+    return sorted(times[2:])[reps // 2], plain_s - laid_s
 
 
 def decode_onednn_chosen() -> bool:

@@ -23,13 +23,20 @@ import torch.nn.functional as F
 
 from .forward import processes_logits
 from .fused import inv_rms, llama_like, rotate, rotation_tables
-from .kernels import bucket, decode_onednn_chosen, mkl_packing_available, padded_product
+from .kernels import (
+    bucket,
+    decode_onednn_chosen,
+    layout_min_new_tokens,
+    mkl_packing_available,
+    padded_product,
+)
 from .lora import has_adapters
 from .memory import large_allocations_mapped
 from .script import scripted
 
-# the fewest new tokens for which a call lays its weights out for oneDNN (see _prepared_weights)
-LAYOUT_MIN_NEW_TOKENS = 32
+# the fewest new tokens for which a call lays its weights out for oneDNN (see _prepared_weights):
+# None times it on this host (kernels.layout_min_new_tokens); a number fixes it
+LAYOUT_MIN_NEW_TOKENS: int | None = None
 
 # Where BLAS runs the decoder's products (kernels.decode_kernel), each decode step's products read the weights
 # packed by MKL for the call's row count (see _mkl_packer): in calls with the weights of the previous
@@ -73,8 +80,7 @@ class LeanDecoder:
     (``batch`` times the samples per prompt; 0: ``batch``), for which MKL packs the weights.
     """
 
-    def __init__(self, model, batch: int, max_len: int, new_tokens: int = LAYOUT_MIN_NEW_TOKENS,
-                 decode_rows: int = 0):
+    def __init__(self, model, batch: int, max_len: int, new_tokens: int, decode_rows: int = 0):
         self.model, self.base = model, getattr(model, model.base_model_prefix)
         cfg = model.config
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -248,8 +254,10 @@ def _prepared_weights(model, layers, rows: int, decode_rows: int, dtype: torch.d
     for ``decode_rows`` rows (see ``_mkl_packer``) up to ``MKL_PACK_MAX_BYTES``, else None and
     empty lists.
 
-    The layout costs 150-330 us a matrix, so it pays within one call only from
-    ``LAYOUT_MIN_NEW_TOKENS`` new tokens. Across calls it pays whenever the weights have not changed
+    The layout costs 150-600 us a matrix, so it pays within one call only from some number of new
+    tokens, a property of the host timed once (``kernels.layout_min_new_tokens``; whole calls broke
+    even at 4-8 tokens on an AMD EPYC, near 24 on the earliest host) unless
+    ``LAYOUT_MIN_NEW_TOKENS`` fixes it. Across calls it pays whenever the weights have not changed
     since the previous call (evaluation, or any loop that samples repeatedly between updates):
     then the weights are laid out once and kept for the model until they change, where the model's
     projection weights are at most ``KEEP_MAX_BYTES`` (larger ones are prepared anew each call). An
@@ -274,7 +282,7 @@ def _prepared_weights(model, layers, rows: int, decode_rows: int, dtype: torch.d
         return kept[1]
     unchanged = kept is not None and kept[0] == fingerprint  # the same weights as the previous call's
     keep = unchanged and sum(p.nbytes for p in [*sources, head.weight] if p.dim() == 2) <= KEEP_MAX_BYTES
-    layout = unchanged or new_tokens >= LAYOUT_MIN_NEW_TOKENS
+    layout = unchanged or (_onednn_applies(dtype) and new_tokens >= _layout_threshold())
     pack = _packer(rows, dtype, layout)
     mkl_pack = _mkl_packer(decode_rows, dtype) if unchanged or new_tokens >= MKL_PACK_MIN_NEW_TOKENS else None
     a, m = layers[0].self_attn, layers[0].mlp
@@ -315,6 +323,10 @@ def _watch_optimizers() -> None:
 def _bump_versions(optimizer, args, kwargs) -> None:
     """After any torch.optim step: mark its parameters changed in place, as a non-fused step would."""
     torch.autograd.graph.increment_version([p for group in optimizer.param_groups for p in group["params"]])
+
+
+def _layout_threshold() -> int:
+    return LAYOUT_MIN_NEW_TOKENS if LAYOUT_MIN_NEW_TOKENS is not None else layout_min_new_tokens()
 
 
 def _packer(rows: int, dtype: torch.dtype, layout: bool):

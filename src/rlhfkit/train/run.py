@@ -35,7 +35,7 @@ import torch
 import yaml
 
 from ..models.card import write_model_card
-from ..models.kernels import decode_kernel, linear_kernel, use_fast_linear
+from ..models.kernels import NEVER, decode_kernel, layout_min_new_tokens, linear_kernel, use_fast_linear
 from ..models.load import is_sharded
 from ..models.lora import LoraSettings, apply_lora, enable_activation_checkpointing
 from ..models.memory import keep_freed_memory
@@ -432,8 +432,12 @@ def kernel_line() -> str:
         timed = f" (timed here: oneDNN {onednn_s * 1e3:.2f} ms, BLAS {blas_s * 1e3:.2f} ms)" if onednn_s == onednn_s else ""
         return f"{'oneDNN' if kernel == 'onednn' else 'BLAS'}{timed}"
 
-    return (f"fp32 linear products through {said(linear_kernel())}, the sampler's through {said(decode_kernel())}; "
-            "RLHFKIT_FAST_LINEAR=1 or 0 forces oneDNN or BLAS")
+    line = f"fp32 linear products through {said(linear_kernel())}, the sampler's through {said(decode_kernel())}"
+    if decode_kernel()[0] == "onednn":
+        tokens = layout_min_new_tokens()
+        line += (f" on weights laid out from {tokens} new tokens a call" if tokens < NEVER
+                 else " on weights as they lie (a layout saved nothing here)")
+    return line + "; RLHFKIT_FAST_LINEAR=1 or 0 forces oneDNN or BLAS"
 
 
 def start_run(cfg: TrainConfig, config, name: str, unit: str = "optimizer step",
