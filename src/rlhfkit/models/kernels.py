@@ -113,10 +113,11 @@ def layout_min_new_tokens() -> int:
     it saves a decode step (``time_layout``), rounded up; ``NEVER`` where it saves nothing.
 
     A property of the host, as the kernel is. Measured 2026-12-05/06 on an AMD EPYC (Zen 4, 2
-    threads): this timing gave 7-9 tokens, and whole 32-row sampling calls on the reference model
-    (weights changed before each, 40 alternating pairs) broke even between 4 and 8 new tokens
-    (laid out 0.91x as fast at 4, 1.03x at 8, 1.11x at 16, 1.18x at 32). On the earliest host
-    whole calls broke even near 24 tokens, which was this threshold's fixed value (32) before."""
+    threads): this timing gave 5-13 tokens in the processes of one sitting, and whole 32-row
+    sampling calls on the reference model (weights changed before each, 40 alternating pairs)
+    broke even between 4 and 8 new tokens (laid out 0.91x as fast at 4, 1.03x at 8, 1.11x at 16,
+    1.18x at 32). On the earliest host whole calls broke even near 24 tokens; the threshold was
+    fixed at 32 before, so RL's 16-token calls never laid their weights out."""
     layout_s, saved_s = time_layout()
     return NEVER if not saved_s > 0 else max(1, math.ceil(layout_s / saved_s))
 

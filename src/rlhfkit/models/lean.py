@@ -254,7 +254,7 @@ def _prepared_weights(model, layers, rows: int, decode_rows: int, dtype: torch.d
     for ``decode_rows`` rows (see ``_mkl_packer``) up to ``MKL_PACK_MAX_BYTES``, else None and
     empty lists.
 
-    The layout costs 150-600 us a matrix, so it pays within one call only from some number of new
+    The layout costs 150-390 us a matrix, so it pays within one call only from some number of new
     tokens, a property of the host timed once (``kernels.layout_min_new_tokens``; whole calls broke
     even at 4-8 tokens on an AMD EPYC, near 24 on the earliest host) unless
     ``LAYOUT_MIN_NEW_TOKENS`` fixes it. Across calls it pays whenever the weights have not changed
