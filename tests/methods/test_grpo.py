@@ -1,4 +1,5 @@
 import pytest
+import torch
 from helpers import quiet_train
 
 from rlhfkit.methods.grpo import GRPOConfig, run_grpo
@@ -278,6 +279,45 @@ def test_a_micro_batch_whose_completions_are_all_masked_gives_the_whole_batchs_l
         assert min(m["train/informative_fill"] for m in logged) < 1.0  # some groups were masked
         losses[micro] = [m["train/loss"] for m in logged]
     assert losses[4] == pytest.approx(losses[16], abs=1e-5)
+
+
+@pytest.mark.parametrize("loss_type,micro", [("grpo", 0), ("dapo", 4), ("dr_grpo", 0)])
+def test_beta_zero_updates_alike_without_forwarding_the_groups_without_a_signal(tiny, tmp_path, loss_type, micro):
+    """With beta 0 a group whose advantages are all zero adds nothing to the loss or its gradient,
+    so the update leaves it out (``skip_zero_advantage``, the default): the losses, gradient norms
+    and trained weights equal those of forwarding every row, over mu = 2 updates a step."""
+    from methods_setup import even_answer_digits, method_config
+    from safetensors.torch import load_file
+
+    from rlhfkit.train.config import replace
+
+    logged, weights = {}, {}
+    for skip in (True, False):
+        out = tmp_path / str(skip)
+        cfg = replace(method_config("grpo", tiny, out, 3, log_every=1, micro_batch_size=micro), beta=0.0,
+                      loss_type=loss_type, skip_zero_advantage=skip)
+        run_grpo(cfg, reward_fns=[even_answer_digits])
+        logged[skip] = [m for m in read_metrics(out) if "train/loss" in m]
+        weights[skip] = load_file(str(out / "model" / "model.safetensors"))
+    assert [m["train/update_rows_forwarded"] for m in logged[False]] == [1.0] * 3
+    assert max(m["train/update_rows_forwarded"] for m in logged[True]) < 1.0  # groups were left out
+    for key in ("train/loss", "train/grad_norm"):
+        assert [m[key] for m in logged[True]] == pytest.approx([m[key] for m in logged[False]], rel=1e-5, abs=1e-7)
+    moved = 0.0
+    for name, w in weights[False].items():
+        torch.testing.assert_close(weights[True][name], w, atol=1e-6, rtol=0)
+        moved = max(moved, (w - load_file(str(tiny["base"] / "model.safetensors"))[name]).abs().max().item())
+    assert moved > 1e-5  # the runs trained: equal unmoved weights would prove nothing
+
+
+def test_with_a_kl_term_every_row_is_forwarded(tiny, tmp_path):
+    from methods_setup import even_answer_digits, method_config
+
+    from rlhfkit.train.config import replace
+
+    cfg = replace(method_config("grpo", tiny, tmp_path / "g", 2, log_every=1), beta=0.04)
+    run_grpo(cfg, reward_fns=[even_answer_digits])
+    assert [m["train/update_rows_forwarded"] for m in read_metrics(tmp_path / "g") if "train/loss" in m] == [1.0] * 2
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])

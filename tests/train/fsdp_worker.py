@@ -79,6 +79,10 @@ def _jobs(rank: int, out: Path, assets: dict) -> dict:
     # DAPO's dynamic sampling: each rank fills its share of the batch, and they sample as many rounds
     run_grpo(dynamic_sampling_config(assets["tiny"], out / "grpo-dynamic", 3, log_every=1, strategy="fsdp"),
              reward_fns=[even_answer_digits])
+    # beta 0 on 2 replicated ranks: groups without a signal left out of the update, or not
+    for skip in (True, False):
+        cfg = method_config("grpo", assets["tiny"], out / f"grpo-skip-{skip}", 3, log_every=1, strategy="replicate")
+        run_grpo(replace(cfg, beta=0.0, skip_zero_advantage=skip), reward_fns=[even_answer_digits])
     return {"bytes": seen}
 
 

@@ -130,6 +130,17 @@ def test_dynamic_sampling_fills_both_ranks_shares_on_two_sharded_ranks(two_ranks
     assert fills == [1.0] * 3 and max(rounds) > 1 and all(r == int(r) for r in rounds)
 
 
+def test_beta_zero_leaves_groups_without_a_signal_out_on_two_replicated_ranks_alike(two_ranks):
+    """Each rank leaves out its own groups without a signal (a rank with none forwards one): the
+    summed gradients, and so the losses and norms, equal those of forwarding every row."""
+    out, _ = two_ranks
+    skip, every = out / "grpo-skip-True", out / "grpo-skip-False"
+    assert min(_losses(skip, "train/update_rows_forwarded")) < 1.0
+    assert _losses(every, "train/update_rows_forwarded") == [1.0] * 3
+    for key in ("train/loss", "train/grad_norm"):
+        assert _losses(skip, key) == pytest.approx(_losses(every, key), rel=1e-5, abs=1e-7)
+
+
 def test_sharded_checkpoints_resume_2_to_2_exactly_and_2_to_1_and_1_to_2(two_ranks, tiny, tmp_path):
     out, _ = two_ranks
     full = _losses(out / "full")

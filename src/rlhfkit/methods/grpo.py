@@ -61,6 +61,8 @@ class GRPOConfig:
     share_prompt: bool = True  # forward each prompt once for its G samples (block mask; SDPA attention only)
     loss_type: str = "grpo"  # grpo (paper) | dapo (token mean) | dr_grpo (constant normaliser)
     scale_std: bool = True  # divide advantages by the group std (Dr. GRPO: false)
+    # beta 0: groups whose advantages are all zero are not forwarded (their loss and gradient are zero; not sharded)
+    skip_zero_advantage: bool = True
     dynamic_sampling: bool = False  # DAPO: groups with all-zero advantages are replaced by groups of more prompts
     max_sampling_rounds: int = 4  # dynamic_sampling: rounds of prompts_per_step prompts a step at most; then masked
     overlong_buffer: int = 0  # DAPO: reward ramps to -overlong_penalty over the last N of max_new_tokens; 0 = off
@@ -294,10 +296,30 @@ def keep_informative_groups(samples: Samples, advantages: torch.Tensor, group_si
 @torch.no_grad()
 def chunked_logprobs(model, samples: Samples, chunks: list[torch.Tensor], group: int = 1,
                      temperature: float = 1.0) -> torch.Tensor:
-    """Completion log-probs (B, C) of ``model`` at the sampling ``temperature``, one forward per micro-batch."""
+    """Completion log-probs (B, C) of ``model`` at the sampling ``temperature``, one forward per
+    micro-batch; 0 in the rows no chunk holds."""
     model.eval()
-    return torch.cat([completion_logprobs(model, samples.rows(i), group_size=group, temperature=temperature)
-                      for i in chunks])
+    out = torch.zeros_like(samples.logprobs)
+    for index in chunks:
+        out[index] = completion_logprobs(model, samples.rows(index), group_size=group, temperature=temperature)
+    return out
+
+
+def forwarded_rows(run: Run, advantages: torch.Tensor, mask: torch.Tensor, cfg: GRPOConfig) -> torch.Tensor:
+    """The rows the update forwards: all of them, or, with beta 0 (``skip_zero_advantage``), the
+    groups where some advantage is non-zero. A row whose advantages are all zero adds nothing to the
+    loss or its gradient when there is no KL term: -min(r A, clip(r) A) is 0 with A = 0 whatever r
+    is, and the loss's normalisers count every row, so the update is the same but for float
+    rounding. Whole groups, so that a micro-batch still forwards each prompt once for its G samples.
+    Where no group has a signal the first is forwarded (its gradient is zero), so that every rank
+    logs the same metrics. A sharded policy forwards every row: its ranks must run the same forwards."""
+    rows = torch.arange(mask.shape[0], device=mask.device)
+    if cfg.beta != 0 or not cfg.skip_zero_advantage or run.shards_models:
+        return rows
+    live = informative(advantages, cfg.group_size).repeat_interleave(cfg.group_size)
+    if not live.any():
+        live[: cfg.group_size] = True
+    return rows[live]
 
 
 def update(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: bool) -> dict:
@@ -313,7 +335,9 @@ def update(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: 
     counts = reduce_dict({"sequences": (mask.sum(-1) > 0).sum().item(), "tokens": mask.sum().item()}, run.info)
     if counts["sequences"] == 0:  # every group of every rank dropped: no update, on every rank alike
         return {"update_skipped": 1.0}
-    chunks = row_chunks(mask.shape[0], cfg.train.micro_batch_size)
+    rows = forwarded_rows(run, advantages, mask, cfg)
+    chunks = [rows[i] for i in row_chunks(len(rows), cfg.train.micro_batch_size)]
+    forwarded = mask[rows].sum().clamp(min=1)  # the tokens the logged means are over
     # a micro-batch of whole groups forwards each prompt once for its G samples
     group = cfg.group_size if cfg.share_prompt and all(len(i) % cfg.group_size == 0 for i in chunks) else 1
     ref_logprobs = None
@@ -337,13 +361,18 @@ def update(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: 
                                     cfg.max_new_tokens)
             part.backward()
             loss = loss + part.detach()
-            share = mask[index].sum() / mask.sum().clamp(min=1)  # micro-batch stats weighted by tokens
+            share = mask[index].sum() / forwarded  # micro-batch stats weighted by tokens
             for k, v in {**stats, "entropy": (entropy * mask[index]).sum() / mask[index].sum().clamp(min=1),
                          "logprob_gap": ((samples.logprobs[index] - logprobs.detach()).abs() * mask[index]).sum()
                          / mask[index].sum().clamp(min=1)}.items():
                 sums[k] = sums.get(k, 0.0) + float(v * share)
+        if len(rows) < mask.shape[0]:  # the skipped rows' gradients are zero: AdamW steps on them as on the rest
+            for p in policy.parameters():
+                if p.requires_grad and p.grad is None:
+                    p.grad = torch.zeros_like(p)
         loss_value, grad_norm = run.optimizer_step(loss)
-    return {**sums, "loss": loss_value, "grad_norm": grad_norm, "update_skipped": 0.0}
+    return {**sums, "loss": loss_value, "grad_norm": grad_norm, "update_skipped": 0.0,
+            "update_rows_forwarded": len(rows) / max(mask.shape[0], 1)}
 
 
 def step_metrics(batch: Rollout, group_size: int) -> dict:
