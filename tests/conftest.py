@@ -83,13 +83,13 @@ def fresh_choice(monkeypatch):
     """The kernel choice made again under the test's environment, and forgotten after it."""
     from rlhfkit.models import kernels
 
-    kernels.linear_kernel.cache_clear()
-    kernels.decode_kernel.cache_clear()
-    kernels.layout_min_new_tokens.cache_clear()
-    kernels.onednn_linear_available.cache_clear()
+    def forget():
+        for cached in (kernels.linear_kernel, kernels.decode_kernel, kernels.layout_min_new_tokens,
+                       kernels.onednn_linear_available):
+            cached.cache_clear()
+        kernels._PINNED.clear()
+
+    forget()
     yield kernels
     monkeypatch.undo()
-    kernels.linear_kernel.cache_clear()
-    kernels.decode_kernel.cache_clear()
-    kernels.layout_min_new_tokens.cache_clear()
-    kernels.onednn_linear_available.cache_clear()
+    forget()

@@ -83,7 +83,16 @@ def _jobs(rank: int, out: Path, assets: dict) -> dict:
     for skip in (True, False):
         cfg = method_config("grpo", assets["tiny"], out / f"grpo-skip-{skip}", 3, log_every=1, strategy="replicate")
         run_grpo(replace(cfg, beta=0.0, skip_zero_advantage=skip), reward_fns=[even_answer_digits])
-    return {"bytes": seen}
+    # the kernels under auto: the ranks' own timings disagree here, and every rank takes rank 0's choice
+    from rlhfkit.models import kernels
+
+    os.environ["RLHFKIT_FAST_LINEAR"] = "auto"
+    kernels.pin_kernels({})
+    kernels.time_products = (lambda: (0.5, 1.0)) if rank == 0 else (lambda: (2.0, 1.0))
+    RUNS["sft"](method_config("sft", assets["tiny"], out / "sft-auto", 1))
+    chosen = kernels.linear_kernel()[0]
+    os.environ["RLHFKIT_FAST_LINEAR"] = "1"
+    return {"bytes": seen, "linear_kernel": chosen}
 
 
 def _rank(rank: int, out: str, tiny: str, qwen: str) -> None:

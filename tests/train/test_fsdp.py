@@ -16,6 +16,7 @@ import yaml
 from methods_setup import METHODS, RUNS, method_config
 
 from rlhfkit.methods.common import load_policy
+from rlhfkit.models.kernels import onednn_linear_available
 from rlhfkit.models.load import load_tokenizer
 from rlhfkit.train.config import replace
 from rlhfkit.train.logging import read_metrics
@@ -139,6 +140,14 @@ def test_beta_zero_leaves_groups_without_a_signal_out_on_two_replicated_ranks_al
     assert _losses(every, "train/update_rows_forwarded") == [1.0] * 3
     for key in ("train/loss", "train/grad_norm"):
         assert _losses(skip, key) == pytest.approx(_losses(every, key), rel=1e-5, abs=1e-7)
+
+
+def test_every_rank_takes_rank_0s_kernel_choice(two_ranks):
+    """Rank 0's timing chose oneDNN, rank 1's would have chosen BLAS: both compute alike."""
+    _, ranks = two_ranks
+    if not onednn_linear_available():
+        pytest.skip("no oneDNN in this PyTorch build")
+    assert [r["linear_kernel"] for r in ranks] == ["onednn", "onednn"]
 
 
 def test_sharded_checkpoints_resume_2_to_2_exactly_and_2_to_1_and_1_to_2(two_ranks, tiny, tmp_path):

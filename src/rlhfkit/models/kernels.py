@@ -69,16 +69,45 @@ DECODE_ONEDNN_MARGIN = 1.0  # the sampler's decoder: whichever is faster (see de
 @functools.lru_cache(maxsize=None)
 def linear_kernel() -> tuple[str, float, float]:
     """("onednn" or "blas", oneDNN's seconds, BLAS's seconds) for this process: see ``onednn_linear_chosen``."""
-    return _choose(lambda: time_products(), ONEDNN_MARGIN)  # the timer looked up when called (tests replace it)
+    # the timer looked up when called (tests replace it)
+    return _choose(lambda: time_products(), ONEDNN_MARGIN, _PINNED.get("linear"))
 
 
-def _choose(timed, margin: float) -> tuple[str, float, float]:
-    """The switch's kernel, or (``auto``) oneDNN where ``timed()`` finds it within ``margin`` of BLAS's time."""
+# Choices fixed for this process instead of timed (``pin_kernels``): "linear", "decode", "layout_min_new_tokens"
+_PINNED: dict = {}
+
+
+def pin_kernels(choices: dict) -> None:
+    """Make this process take ``choices`` (``kernel_choices``'s form) instead of timing them under
+    ``RLHFKIT_FAST_LINEAR=auto``: a resumed run takes the choices of the run it resumes (timing
+    can choose the other kernel where the two are near its margin, and the two kernels' results
+    differ in float rounding), and ranks take rank 0's. A forced switch still wins; oneDNN where it
+    does not exist is still BLAS."""
+    _PINNED.clear()
+    _PINNED.update(choices)
+    linear_kernel.cache_clear()
+    decode_kernel.cache_clear()
+    layout_min_new_tokens.cache_clear()
+
+
+def kernel_choices() -> dict:
+    """This process's choices, as ``pin_kernels`` takes them (and a checkpoint keeps them)."""
+    out = {"linear": linear_kernel()[0], "decode": decode_kernel()[0]}
+    if out["decode"] == "onednn":
+        out["layout_min_new_tokens"] = layout_min_new_tokens()
+    return out
+
+
+def _choose(timed, margin: float, pinned: str | None = None) -> tuple[str, float, float]:
+    """The switch's kernel, or (``auto``) ``pinned``, else oneDNN where ``timed()`` finds it within
+    ``margin`` of BLAS's time."""
     mode = os.environ.get("RLHFKIT_FAST_LINEAR", "auto")
     if mode not in ("auto", "0", "1"):
         raise ValueError(f"RLHFKIT_FAST_LINEAR={mode!r}: use auto, 1 (oneDNN wherever it exists) or 0 (never)")
     if not onednn_linear_available():
         return "blas", float("nan"), float("nan")
+    if mode == "auto" and pinned in ("onednn", "blas"):
+        return pinned, float("nan"), float("nan")
     onednn_s, blas_s = timed() if mode == "auto" else (float("nan"), float("nan"))
     return ("onednn" if mode == "1" or prefer_onednn(onednn_s, blas_s, margin) else "blas"), onednn_s, blas_s
 
@@ -100,7 +129,7 @@ def decode_kernel() -> tuple[str, float, float]:
     sessions 15-20, BLAS was the faster at these rows (``F.linear`` took 0.33-0.99 of oneDNN's time
     at 8-128 rows, MKL's packed product 1.3-1.6x less than ``F.linear`` at 32: models/lean.py), so
     the timing should keep BLAS there (not timed there since this choice was split off)."""
-    return _choose(lambda: time_decode_products(), DECODE_ONEDNN_MARGIN)
+    return _choose(lambda: time_decode_products(), DECODE_ONEDNN_MARGIN, _PINNED.get("decode"))
 
 
 NEVER = 2**31 - 1  # a layout threshold no call reaches
@@ -118,6 +147,8 @@ def layout_min_new_tokens() -> int:
     broke even between 4 and 8 new tokens (laid out 0.91x as fast at 4, 1.03x at 8, 1.11x at 16,
     1.18x at 32). On the earliest host whole calls broke even near 24 tokens; the threshold was
     fixed at 32 before, so RL's 16-token calls never laid their weights out."""
+    if "layout_min_new_tokens" in _PINNED:
+        return int(_PINNED["layout_min_new_tokens"])
     layout_s, saved_s = time_layout()
     return NEVER if not saved_s > 0 else max(1, math.ceil(layout_s / saved_s))
 

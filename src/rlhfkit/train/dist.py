@@ -94,6 +94,15 @@ def broadcast_params(model: torch.nn.Module, info: DistInfo) -> None:
             dist.broadcast(p, src=0)
 
 
+def broadcast_object(value, info: DistInfo):
+    """Rank 0's ``value`` on every rank (any picklable object)."""
+    if not info.enabled:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

@@ -35,7 +35,15 @@ import torch
 import yaml
 
 from ..models.card import write_model_card
-from ..models.kernels import NEVER, decode_kernel, layout_min_new_tokens, linear_kernel, use_fast_linear
+from ..models.kernels import (
+    NEVER,
+    decode_kernel,
+    kernel_choices,
+    layout_min_new_tokens,
+    linear_kernel,
+    pin_kernels,
+    use_fast_linear,
+)
 from ..models.load import is_sharded
 from ..models.lora import LoraSettings, apply_lora, enable_activation_checkpointing
 from ..models.memory import keep_freed_memory
@@ -48,7 +56,7 @@ from .checkpoint import (
     write_failure,
 )
 from .config import ConfigError, LoraConfig, TrainConfig, plain_dict
-from .dist import DistInfo, all_reduce_sum, barrier, broadcast_params, init_distributed
+from .dist import DistInfo, all_reduce_sum, barrier, broadcast_object, broadcast_params, init_distributed
 from .logging import MetricsLogger, plain, progress
 from .optim import check_finite, optimizer_step
 from .plots import plot_runs
@@ -166,7 +174,19 @@ class Run:
         if self.resuming:  # readable before the modules are (``attach`` loads them)
             self.state = json.loads((latest_checkpoint(self.cfg.out_dir) / "trainer_state.json").read_text())
         if self.device == "cpu":
-            self.say(kernel_line())
+            self.say(kernel_line(self.pin_kernels()))
+
+    def pin_kernels(self) -> str:
+        """The kernels this run takes on a CPU: on resume those of the run it resumes (in its
+        checkpoint), else rank 0's timing on every rank, so that a resumed run computes as the
+        straight one and the ranks alike. Returns how they were chosen, for the log."""
+        if self.resuming and self.state.get("kernels"):
+            pin_kernels(self.state["kernels"])
+            return "as the run resumed chose"
+        if self.info.enabled:
+            pin_kernels(broadcast_object(kernel_choices(), self.info))
+            return "as rank 0 timed"
+        return ""
 
     def say(self, message: str) -> None:
         if self.info.is_main:
@@ -358,6 +378,7 @@ class Run:
         ends as this one would."""
         trained, optimizer, scheduler = self.modules
         extra = {"optimizer_steps": self.optimizer_steps, "metrics": {k: plain(v) for k, v in self.metrics.items()},
+                 "kernels": kernel_choices() if self.device == "cpu" else None,
                  "evals": [{k: plain(v) for k, v in e.items()} for e in self.evals],
                  "stopped_early": self.stopped_early, "pending_eval": pending_eval, **self.keep, **(state or {})}
         path = save_checkpoint(self.cfg.out_dir, done, trained, optimizer, scheduler, self.config, extra=extra,
@@ -425,11 +446,13 @@ def write_config(out: Path, config: dict) -> None:
     (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
 
-def kernel_line() -> str:
-    """Which kernel the fp32 linear products take in this process, and why (models/kernels.py)."""
+def kernel_line(pinned: str = "") -> str:
+    """Which kernel the fp32 linear products take in this process, and why (models/kernels.py);
+    ``pinned``: how the choices were fixed instead of timed here (``Run.pin_kernels``)."""
     def said(choice: tuple[str, float, float]) -> str:
         kernel, onednn_s, blas_s = choice
-        timed = f" (timed here: oneDNN {onednn_s * 1e3:.2f} ms, BLAS {blas_s * 1e3:.2f} ms)" if onednn_s == onednn_s else ""
+        timed = f" (timed here: oneDNN {onednn_s * 1e3:.2f} ms, BLAS {blas_s * 1e3:.2f} ms)" if onednn_s == onednn_s \
+            else f" ({pinned})" if pinned else ""
         return f"{'oneDNN' if kernel == 'onednn' else 'BLAS'}{timed}"
 
     line = f"fp32 linear products through {said(linear_kernel())}, the sampler's through {said(decode_kernel())}"
