@@ -320,6 +320,21 @@ def test_with_a_kl_term_every_row_is_forwarded(tiny, tmp_path):
     assert [m["train/update_rows_forwarded"] for m in read_metrics(tmp_path / "g") if "train/loss" in m] == [1.0] * 2
 
 
+def test_further_rounds_draw_prompts_the_step_has_not_drawn():
+    """No prompt twice in a step while the data has rows left (DAPO takes further batches from the
+    data), the same rows for the same step (resume), and repeats only once the rows run out."""
+    from rlhfkit.methods.grpo import more_prompts
+
+    taken = [3, 7, 1, 9]
+    rounds = [more_prompts(20, taken, 5, 0, r, 4) for r in (1, 2, 3, 4)]
+    drawn = taken + [i for r in rounds for i in r]
+    assert len(set(drawn)) == len(drawn) == 20
+    assert rounds[0] == more_prompts(20, list(taken), 5, 0, 1, 4) and rounds[0] != more_prompts(20, taken, 6, 0, 1, 4)
+    few = more_prompts(6, [3, 1, 2, 0], 5, 0, 1, 4)  # 2 rows left: they repeat
+    assert sorted(few) == [4, 4, 5, 5]
+    assert sorted(more_prompts(4, [3, 1, 2, 0], 5, 0, 1, 4)) == [0, 1, 2, 3]  # none left: the step's own again
+
+
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
 def test_dynamic_sampling_masks_groups_to_the_loss_of_dropping_them(loss_type):
     import torch

@@ -98,3 +98,6 @@ def test_lora_target_modules_may_be_a_yaml_list(tmp_path):
         load_config(SFTConfig, overrides=["lora.target_modules=[1, 2]"])
     with pytest.raises(ConfigError, match="'lora.target_modules' is empty"):
         load_config(SFTConfig, overrides=["lora.target_modules=[]"])
+    for bad in ("5", "null"):
+        with pytest.raises(ConfigError, match="'lora.target_modules' must be all-linear or module names"):
+            load_config(SFTConfig, overrides=[f"lora.target_modules={bad}"])

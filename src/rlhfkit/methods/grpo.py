@@ -8,6 +8,7 @@ loss of losses/grpo.py. The run skeleton (train/run.py) does set-up, checks and 
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field, replace
 
@@ -61,7 +62,8 @@ class GRPOConfig:
     share_prompt: bool = True  # forward each prompt once for its G samples (block mask; SDPA attention only)
     loss_type: str = "grpo"  # grpo (paper) | dapo (token mean) | dr_grpo (constant normaliser)
     scale_std: bool = True  # divide advantages by the group std (Dr. GRPO: false)
-    # beta 0: groups whose advantages are all zero are not forwarded (their loss and gradient are zero; not sharded)
+    # beta 0: groups whose advantages are all zero are not forwarded (their loss and gradient are zero; not
+    # under fsdp); the update's logged means (entropy, clip fractions, ratio) are then over the forwarded groups
     skip_zero_advantage: bool = True
     dynamic_sampling: bool = False  # DAPO: groups with all-zero advantages are replaced by groups of more prompts
     max_sampling_rounds: int = 4  # dynamic_sampling: rounds of prompts_per_step prompts a step at most; then masked
@@ -252,6 +254,23 @@ def join_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
                    sum(p.generation_s for p in parts))
 
 
+@functools.lru_cache(maxsize=1)
+def _others(n_rows: int, taken: tuple, step: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed((seed + 1) * 7_919_993 + step)  # apart from BatchOrder's epochs
+    excluded = set(taken)
+    return [i for i in torch.randperm(n_rows, generator=g).tolist() if i not in excluded]
+
+
+def more_prompts(n_rows: int, taken: list[int], step: int, seed: int, r: int, size: int) -> list[int]:
+    """Dynamic sampling's round ``r`` (>= 1) of step ``step``: ``size`` prompt rows from a
+    permutation of the rows of this step's own, without the step's own prompts (``taken``), each
+    round the next ones, so that no prompt is drawn twice in a step while the data has rows left
+    (then they repeat); a function of the step, which keeps resume exact."""
+    others = _others(n_rows, tuple(taken), step, seed) or list(taken)
+    start = (r - 1) * size
+    return [others[(start + k) % len(others)] for k in range(size)]
+
+
 def dynamic_batch(run: Run, draw, cfg: GRPOConfig, pad_id: int) -> tuple[Rollout, Rollout, dict]:
     """DAPO's dynamic sampling (Yu et al. 2025, Algorithm 1): sample, drop the groups whose
     advantages are all zero, and sample more prompts until the batch holds prompts_per_step
@@ -273,7 +292,8 @@ def dynamic_batch(run: Run, draw, cfg: GRPOConfig, pad_id: int) -> tuple[Rollout
     signal = informative(pool.advantages, cfg.group_size)
     groups = torch.cat([signal.nonzero().flatten()[:quota], (~signal).nonzero().flatten()])[:quota]
     rows = (groups[:, None] * cfg.group_size + torch.arange(cfg.group_size, device=groups.device)).flatten()
-    outcome = OutcomeScores(pool.outcome.rewards[rows], {k: v[rows] for k, v in pool.outcome.per_function.items()})
+    on_cpu = rows.cpu()  # the rewards stay on the CPU where the samples are on a GPU
+    outcome = OutcomeScores(pool.outcome.rewards[on_cpu], {k: v[on_cpu] for k, v in pool.outcome.per_function.items()})
     batch = Rollout(pool.samples.rows(rows), outcome, pool.advantages[rows], pool.generation_s)
     filled = reduce_dict({"informative": float(signal[groups].sum()), "rounds": float(len(parts))}, run.info)
     return pool, batch, {"sampling_rounds": filled["rounds"] / run.info.world_size,
@@ -366,8 +386,8 @@ def update(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: 
                          "logprob_gap": ((samples.logprobs[index] - logprobs.detach()).abs() * mask[index]).sum()
                          / mask[index].sum().clamp(min=1)}.items():
                 sums[k] = sums.get(k, 0.0) + float(v * share)
-        if len(rows) < mask.shape[0]:  # the skipped rows' gradients are zero: AdamW steps on them as on the rest
-            for p in policy.parameters():
+        if len(rows) < mask.shape[0]:  # a parameter only skipped rows reached has a zero gradient, not None:
+            for p in policy.parameters():  # AdamW then steps it (momentum, decay) as the full update would
                 if p.requires_grad and p.grad is None:
                     p.grad = torch.zeros_like(p)
         loss_value, grad_norm = run.optimizer_step(loss)
@@ -423,10 +443,11 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
     total = run.plan(len(rows), cfg.prompts_per_step) * cfg.mu  # optimizer steps
     run.attach(policy, optimizer, build_scheduler(optimizer, total, tc.warmup_steps, tc.schedule, tc.min_lr_ratio))
     order = BatchOrder(len(rows), cfg.prompts_per_step, tc.seed)
-    more = BatchOrder(len(rows), cfg.prompts_per_step, tc.seed + 1)  # dynamic sampling's further rounds
 
     def draw(step: int, r: int) -> Rollout:  # this rank's share of the step's prompts (round 0) or of more
-        indices = order.indices(step) if r == 0 else more.indices(step * cfg.max_sampling_rounds + r)
+        indices = order.indices(step)
+        if r > 0:
+            indices = more_prompts(len(rows), indices, step, tc.seed, r, cfg.prompts_per_step)
         return rollout(backend, tokenizer, [rows[i] for i in indices[run.info.rank::run.info.world_size]], cfg, rewards)
 
     for step in run.steps(evaluate):

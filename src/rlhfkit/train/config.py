@@ -120,6 +120,9 @@ class LoraConfig:
             if not all(isinstance(t, str) for t in self.target_modules):
                 raise ConfigError(f"config key 'lora.target_modules' must list module names; got {self.target_modules!r}")
             object.__setattr__(self, "target_modules", ",".join(t.strip() for t in self.target_modules))
+        if not isinstance(self.target_modules, str):
+            raise ConfigError(f"config key 'lora.target_modules' must be all-linear or module names; "
+                              f"got {self.target_modules!r}")
         if not self.target_modules.strip():
             raise ConfigError("config key 'lora.target_modules' is empty; use all-linear or a comma-separated list")
 

@@ -41,6 +41,7 @@ from ..models.kernels import (
     kernel_choices,
     layout_min_new_tokens,
     linear_kernel,
+    onednn_linear_available,
     pin_kernels,
     use_fast_linear,
 )
@@ -184,7 +185,7 @@ class Run:
             pin_kernels(self.state["kernels"])
             return "as the run resumed chose"
         if self.info.enabled:
-            pin_kernels(broadcast_object(kernel_choices(), self.info))
+            pin_kernels(broadcast_object(kernel_choices() if self.info.is_main else None, self.info))
             return "as rank 0 timed"
         return ""
 
@@ -449,10 +450,12 @@ def write_config(out: Path, config: dict) -> None:
 def kernel_line(pinned: str = "") -> str:
     """Which kernel the fp32 linear products take in this process, and why (models/kernels.py);
     ``pinned``: how the choices were fixed instead of timed here (``Run.pin_kernels``)."""
+    auto = os.environ.get("RLHFKIT_FAST_LINEAR", "auto") == "auto" and onednn_linear_available()  # pins apply
+
     def said(choice: tuple[str, float, float]) -> str:
         kernel, onednn_s, blas_s = choice
         timed = f" (timed here: oneDNN {onednn_s * 1e3:.2f} ms, BLAS {blas_s * 1e3:.2f} ms)" if onednn_s == onednn_s \
-            else f" ({pinned})" if pinned else ""
+            else f" ({pinned})" if pinned and auto else ""
         return f"{'oneDNN' if kernel == 'onednn' else 'BLAS'}{timed}"
 
     line = f"fp32 linear products through {said(linear_kernel())}, the sampler's through {said(decode_kernel())}"
