@@ -11,3 +11,29 @@ def quiet_train(out_dir, **kw) -> TrainConfig:
     base = dict(out_dir=str(out_dir), progress=False, report_to="none", plots=False, log_every=1)
     base.update(kw)
     return TrainConfig(**base)
+
+
+class Killed(BaseException):
+    """A process dying mid-run (not an Exception: nothing in the run may catch it)."""
+
+
+def run_killed_in_step(monkeypatch, step: int, run) -> None:
+    """``run()`` as a process that dies in step ``step``: after its optimizer step(s), before the
+    step is logged or checkpointed (the steps before it were, on their cadence)."""
+    import pytest
+
+    import rlhfkit.train.run as run_module
+
+    original = run_module.Run.step_done
+
+    def dies(self, *args, **kwargs):
+        if self.done == step - 1:
+            raise Killed
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(run_module.Run, "step_done", dies)
+    try:
+        with pytest.raises(Killed):
+            run()
+    finally:
+        monkeypatch.setattr(run_module.Run, "step_done", original)

@@ -231,10 +231,9 @@ def test_dynamic_sampling_fills_every_step_and_resumes_exactly(tiny, tmp_path, m
     two groups with one, so each step samples more rounds, and every step still trains on 4 groups
     with a signal. The further rounds' prompts are a function of the step: a run killed after its
     second step and resumed logs the straight run's losses and rounds."""
+    from helpers import run_killed_in_step
     from methods_setup import dynamic_sampling_config
     from methods_setup import even_answer_digits as even_answers
-
-    import rlhfkit.train.run as run_module
 
     def cfg(out, **train):
         return dynamic_sampling_config(tiny, out, 4, log_every=1, save_every=2, **train)
@@ -247,17 +246,7 @@ def test_dynamic_sampling_fills_every_step_and_resumes_exactly(tiny, tmp_path, m
     full = logged(tmp_path / "full")
     assert [fill for _, _, fill in full] == [1.0] * 4 and max(rounds for _, rounds, _ in full) > 1
 
-    original = run_module.Run.step_done
-
-    def dies_in_step_3(self, *args, **kwargs):
-        if self.done == 2:
-            raise KeyboardInterrupt
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(run_module.Run, "step_done", dies_in_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        run_grpo(cfg(tmp_path / "cut"), reward_fns=[even_answers])
-    monkeypatch.setattr(run_module.Run, "step_done", original)
+    run_killed_in_step(monkeypatch, 3, lambda: run_grpo(cfg(tmp_path / "cut"), reward_fns=[even_answers]))
     run_grpo(cfg(tmp_path / "cut", resume=True), reward_fns=[even_answers])
     assert logged(tmp_path / "cut") == full
 

@@ -7,11 +7,10 @@ import json
 
 import pytest
 import torch
-from helpers import quiet_train
+from helpers import quiet_train, run_killed_in_step
 from methods_setup import METHODS, RUNS, method_config
 from safetensors.torch import load_file
 
-import rlhfkit.train.run as run_module
 from rlhfkit.data.encode import collate_sft, encode_sft
 from rlhfkit.data.prefs import encode_rankings
 from rlhfkit.data.rows import read_rows
@@ -27,10 +26,6 @@ from rlhfkit.train.config import LoraConfig, replace
 from rlhfkit.train.logging import read_metrics
 
 LORA = LoraConfig(r=4, alpha=8)
-
-
-class Killed(BaseException):
-    pass
 
 
 def _batch(tiny, tok, n=6):
@@ -53,17 +48,7 @@ def test_lora_trains_only_adapters_and_resumes_exactly(method, tiny, tmp_path, m
 
     RUNS[method](cfg(tmp_path / "full"))
     full = [m["train/loss"] for m in read_metrics(tmp_path / "full") if "train/loss" in m]
-    original = run_module.Run.step_done
-
-    def dies_in_step_3(self, *args, **kwargs):
-        if self.done == 2:
-            raise Killed
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(run_module.Run, "step_done", dies_in_step_3)
-    with pytest.raises(Killed):
-        RUNS[method](cfg(tmp_path / "cut"))
-    monkeypatch.setattr(run_module.Run, "step_done", original)
+    run_killed_in_step(monkeypatch, 3, lambda: RUNS[method](cfg(tmp_path / "cut")))
     RUNS[method](replace(cfg(tmp_path / "cut"), train__resume=True))
     cut = [m["train/loss"] for m in read_metrics(tmp_path / "cut") if "train/loss" in m]
     assert len(full) == 4 and cut[2:] == full[2:] and full[3] != full[2]

@@ -31,9 +31,9 @@ def test_a_resumed_run_takes_the_kernels_of_the_run_it_resumes(fresh_choice, mon
     """The two kernels' results differ in float rounding, and where their times are near the
     margin the timing of a new process can choose the other one: a resumed run takes the choices
     its checkpoint holds, and so logs the straight run's losses bit for bit."""
+    from helpers import run_killed_in_step
     from methods_setup import RUNS, method_config
 
-    import rlhfkit.train.run as run_module
     from rlhfkit.train.config import replace
     from rlhfkit.train.logging import read_metrics
 
@@ -52,17 +52,7 @@ def test_a_resumed_run_takes_the_kernels_of_the_run_it_resumes(fresh_choice, mon
     RUNS["sft"](cfg(tmp_path / "full"))
     full = [m["train/loss"] for m in read_metrics(tmp_path / "full") if "train/loss" in m]
     new_process(0.5)
-    original = run_module.Run.step_done
-
-    def dies_in_step_3(self, *args, **kwargs):
-        if self.done == 2:
-            raise KeyboardInterrupt
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(run_module.Run, "step_done", dies_in_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        RUNS["sft"](cfg(tmp_path / "cut"))
-    monkeypatch.setattr(run_module.Run, "step_done", original)
+    run_killed_in_step(monkeypatch, 3, lambda: RUNS["sft"](cfg(tmp_path / "cut")))
     new_process(2.0)  # this process's timing would take BLAS
     capfd.readouterr()
     RUNS["sft"](cfg(tmp_path / "cut", resume=True))
