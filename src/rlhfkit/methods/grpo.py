@@ -397,7 +397,7 @@ def update(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: 
 
 def step_metrics(batch: Rollout, group_size: int) -> dict:
     outcome, lengths = batch.outcome, batch.samples.completion_mask.sum(-1).float()
-    zero_groups = (batch.advantages.abs().sum(-1) == 0).view(-1, group_size).all(-1)  # (groups,) no signal
+    zero_groups = ~informative(batch.advantages, group_size)  # (groups,) no signal
     out = {"reward_mean": outcome.rewards.mean().item(), "reward_std": outcome.rewards.std().item(),
            "completion_len_mean": lengths.mean().item(), "completion_len_max": lengths.max().item(),
            "tokens_sampled_per_s": lengths.sum().item() / max(batch.generation_s, 1e-9),

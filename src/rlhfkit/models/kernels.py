@@ -157,9 +157,7 @@ def time_layout(rows: int = 32, width: int = 512, inter: int = 1024, reps: int =
     """(seconds to lay out a decode step's two weights of ``time_decode_products`` for ``rows`` rows,
     seconds the layout saves that step's two oneDNN products), each the median of ``reps`` calls.
     The inputs come from a generator of their own (the global random state is left as it was)."""
-    gen = torch.Generator().manual_seed(0)
-    x, w, h, v = (torch.randn(*shape, generator=gen)
-                  for shape in ((rows, width), (inter, width), (rows, inter), (width, inter)))
+    x, w, h, v = _decode_operands(rows, width, inter)
 
     def lay_out(m: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._reorder_linear_weight(m, rows)
@@ -209,9 +207,7 @@ def time_decode_products(rows: int = 32, width: int = 512, inter: int = 1024, re
     they lie, as an RL loop's sampler runs them; BLAS's as the sampler runs them: MKL's packed
     product where it exists, else ``F.linear``), each the median of ``reps`` calls, alternating.
     The inputs come from a generator of their own (the global random state is left as it was)."""
-    gen = torch.Generator().manual_seed(0)
-    x, w, h, v = (torch.randn(*shape, generator=gen)
-                  for shape in ((rows, width), (inter, width), (rows, inter), (width, inter)))
+    x, w, h, v = _decode_operands(rows, width, inter)
     if mkl_packing_available():
         packs = [torch.ops.mkl._mkl_reorder_linear_weight(m, rows) for m in (w, v)]
         blas = [lambda: torch.ops.mkl._mkl_linear(x, packs[0], w, None, rows),
@@ -219,6 +215,14 @@ def time_decode_products(rows: int = 32, width: int = 512, inter: int = 1024, re
     else:
         blas = [lambda: F.linear(x, w), lambda: F.linear(h, v)]
     return _time_pairs([(lambda: _onednn(x, w, None), blas[0]), (lambda: _onednn(h, v, None), blas[1])], reps)
+
+
+def _decode_operands(rows: int, width: int, inter: int) -> tuple[torch.Tensor, ...]:
+    """A decode step's two products' operands: (rows, width) through (inter, width), and (rows, inter)
+    through (width, inter); from a generator of their own (the global random state is left alone)."""
+    gen = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(*shape, generator=gen)
+                 for shape in ((rows, width), (inter, width), (rows, inter), (width, inter)))
 
 
 def _time_pairs(kinds, reps: int) -> tuple[float, float]:
