@@ -1,5 +1,6 @@
 """The skeleton on 2 gloo ranks: metrics reduced before logging, a barrier after each save, a NaN
-on one rank stops every rank at the loss check, rank 0's weights everywhere."""
+on one rank stops every rank at the loss check, rank 0's weights everywhere, an eval that fails on
+one rank loses no step."""
 
 import json
 import os
@@ -12,12 +13,14 @@ from rlhfkit.train.logging import read_metrics
 WORKER = Path(__file__).with_name("skeleton_worker.py")
 
 
-def _spawn(out: Path) -> list[dict]:
+def _spawn(out: Path, mode: str = "") -> list[dict]:
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    results = [out / f"rank{r}{'-' + mode if mode else ''}.json" for r in range(2)]
     for attempt in range(2):  # gloo can abort at exit; the results are written before teardown
-        subprocess.run([sys.executable, str(WORKER), str(out)], env=env, timeout=120, capture_output=True)
-        if all((out / f"rank{r}.json").is_file() for r in range(2)):
-            return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+        subprocess.run([sys.executable, str(WORKER), str(out), *([mode] if mode else [])], env=env, timeout=120,
+                       capture_output=True)
+        if all(f.is_file() for f in results):
+            return [json.loads(f.read_text()) for f in results]
     raise AssertionError("the 2-rank worker wrote no results")
 
 
@@ -36,3 +39,27 @@ def test_two_ranks_through_the_skeleton(tmp_path):
     for r in nan:  # both ranks stop at the loss check of step 2 (rank 0 never saw a NaN itself)
         assert r["error"].startswith("step 2: the loss is nan"), r
         assert r["checkpoints"] == ["step-0000001"]
+
+
+def test_an_eval_that_fails_on_one_rank_keeps_its_steps_training_in_a_checkpoint(tmp_path):
+    """Rank 1's eval fails at step 2 while rank 0 waits inside the eval's collective: the step was
+    checkpointed before its eval, so a resumed run runs that eval again and ends as a straight run."""
+    failed = _spawn(tmp_path, "eval-fails")
+    assert failed[1]["error"].startswith("MemoryError") and "error" in failed[0]
+    checkpoint = tmp_path / "resumed" / "checkpoints" / "step-0000002"
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["pending_eval"] is True and state["evals"] == []  # save_every is 100: only the eval saved it
+    assert [m["step"] for m in read_metrics(tmp_path / "resumed") if "train/local" in m] == [1, 2]
+    ranks = _spawn(tmp_path, "eval-resumes")
+    for r in ranks:
+        resumed, straight = r["resumed"], r["straight"]
+        assert "error" not in resumed and "error" not in straight
+        assert [e["step"] for e in resumed["evals"]] == [2, 4] and resumed["evals"] == straight["evals"]
+        assert resumed["weight"] == straight["weight"]
+    untimed = [[{k: v for k, v in m.items() if k != "time_s"} for m in read_metrics(tmp_path / run)]
+               for run in ("resumed", "straight")]
+    assert untimed[0] == untimed[1]  # every step and eval logged once, in the same order
+    for run in ("resumed", "straight"):  # each eval's checkpoint, completed after it ran
+        for step, evals in ((2, [2]), (4, [2, 4])):
+            state = json.loads((tmp_path / run / "checkpoints" / f"step-{step:07d}" / "trainer_state.json").read_text())
+            assert state["pending_eval"] is False and [e["step"] for e in state["evals"]] == evals

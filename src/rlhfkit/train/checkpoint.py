@@ -121,6 +121,37 @@ def save_checkpoint(out_dir: str | Path, step: int, model, optimizer, scheduler,
     return final
 
 
+def amend_checkpoint(path: Path, extra: dict, info: DistInfo | None = None) -> Path:
+    """Rewrite a complete checkpoint's RNG states (every rank its own) and then its trainer state
+    (rank 0) with ``extra``, each file written beside and renamed over the old, so that the folder
+    stays complete throughout: one the amend does not reach keeps what it said before. For a step
+    whose checkpoint was written before its eval ran (see ``Run.step_done``). A write that fails
+    on any rank fails on every rank alike with a one-line CheckpointError."""
+    info = info or DistInfo()
+
+    def replace_with(target: Path, write) -> None:
+        tmp = target.with_name(target.name + ".tmp")
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+
+    def rank_parts():
+        replace_with(path / f"rng-{info.rank}.pt", lambda f: torch.save(rng_state(), f))
+
+    def main_parts():
+        state = {**json.loads((path / "trainer_state.json").read_text()), **extra}
+        replace_with(path / "trainer_state.json", lambda f: f.write_text(json.dumps(state, indent=1)))
+
+    for part, everyone in ((rank_parts, True), (main_parts, False)):
+        failure = _attempt(part) if everyone or info.is_main else None
+        if _any_rank(failure is not None, info):
+            cause = _cause(failure, path) if failure is not None else "it failed on another rank"
+            raise CheckpointError(f"cannot update checkpoint {path}: {cause}; it is complete as it was written "
+                                  "before the eval, which a resumed run runs again")
+    return path
+
+
 def _attempt(part) -> Exception | None:
     try:
         part()

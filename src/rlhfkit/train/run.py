@@ -50,6 +50,7 @@ from ..models.lora import LoraSettings, apply_lora, enable_activation_checkpoint
 from ..models.memory import keep_freed_memory
 from .checkpoint import (
     CheckpointError,
+    amend_checkpoint,
     checkpoint_dir,
     latest_checkpoint,
     load_checkpoint,
@@ -126,17 +127,20 @@ class Preempted(RuntimeError):
         self.signum = signum
 
 
-def truncate_metrics(out_dir: str | Path, step: int) -> None:
-    """Drop the metrics a killed run logged after the checkpoint it resumes from (and a line cut short)."""
+def truncate_metrics(out_dir: str | Path, step: int, pending_eval: bool = False) -> None:
+    """Drop the metrics a killed run logged after the checkpoint it resumes from (and a line cut
+    short); with ``pending_eval``, also the eval that checkpoint's step logs again on resume."""
     path = Path(out_dir) / "metrics.jsonl"
     if not path.is_file():
         return
     kept = []
     for line in path.read_text().splitlines():
         try:
-            if json.loads(line)["step"] <= step:
+            row = json.loads(line)
+            rerun = pending_eval and row["step"] == step and any(k.startswith("eval/") for k in row)
+            if row["step"] <= step and not rerun:
                 kept.append(line)
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             continue
     path.write_text("".join(line + "\n" for line in kept))
 
@@ -274,7 +278,7 @@ class Run:
             self.say(f"resuming from {path} ({self.unit} {self.start} of {self.max_steps})"
                      + ("; an eval had stopped the run there" if self.stopped_early else ""))
             if self.info.is_main:
-                truncate_metrics(self.cfg.out_dir, self.start)
+                truncate_metrics(self.cfg.out_dir, self.start, bool(self.state.get("pending_eval")))
         self.logger = MetricsLogger(self.cfg.out_dir, enabled=self.info.is_main, report_to=self.cfg.report_to,
                                     name=f"{self.name} {Path(self.cfg.out_dir).name}", config=self.config,
                                     resume_step=self.start if self.resuming else None)
@@ -303,7 +307,7 @@ class Run:
         under the current config (a raised ``stop_at_accuracy``, none, a larger ``max_steps``)."""
         if not self.resuming:
             return
-        if self.state.get("pending_eval") and evaluate is not None:  # one process only (see step_done)
+        if self.state.get("pending_eval") and evaluate is not None:  # see step_done
             self.stopped_early = bool(self.evaluate(evaluate, self.done).get("stop"))
             self.save(self.done, {k: v for k, v in self.state.items() if k not in RUN_STATE})
         elif self.stopped_early:
@@ -350,40 +354,49 @@ class Run:
                             optimizer_steps=self.optimizer_steps)
         self.bar.update(1)
         self.bar.set_postfix({k: f"{self.metrics[k]:.4f}" for k in self.show if k in self.metrics}, refresh=False)
-        evaluated = None
+        evaluated, written, logged = None, None, False
         if evaluate is not None and ((cfg.eval_every and done % cfg.eval_every == 0) or last):
+            if self.info.enabled:  # across ranks, an eval that fails on one leaves the others waiting inside its
+                if done % cfg.log_every == 0 or last:  # collectives, unable to save: the step is saved first
+                    self.logger.log(done, self.metrics)
+                    logged = True
+                written = self.save(done, state, pending_eval=True)
             try:
                 evaluated = self.evaluate(evaluate, done)
             except BaseException:
                 if not self.info.enabled:  # one process: the step's training kept, its eval run again on resume
-                    self.logger.log(done, self.metrics)  # (across ranks a save would wait on ranks whose eval ran)
+                    self.logger.log(done, self.metrics)
                     self.save(done, state, pending_eval=True)
                 raise
         flags = torch.tensor([float(bool(evaluated and evaluated.get("stop"))), float(self.signal is not None)],
                              dtype=torch.float64)
         stop, preempted = (all_reduce_sum(flags, self.info) > 0).tolist()  # every rank stops together
         self.stopped_early = stop
-        if done % cfg.log_every == 0 or last or stop or preempted:  # a run's last step is always logged
+        if (done % cfg.log_every == 0 or last or stop or preempted) and not logged:  # a run's last step is logged
             self.logger.log(done, self.metrics)
-        if (cfg.save_every and done % cfg.save_every == 0) or last or stop or preempted:
-            path = self.save(done, state)
+        if written is not None or (cfg.save_every and done % cfg.save_every == 0) or last or stop or preempted:
+            path = self.save(done, state, into=written)  # the step's checkpoint: its eval done, wherever it ran
             if preempted and not (last or stop):
                 self.close()
                 signum = self.signal or signal.SIGTERM  # a rank that got none stops with the others
                 raise Preempted(f"stopped by {signal.Signals(signum).name} after {self.unit} {done} of {self.max_steps}; "
                                 f"checkpoint {path} is complete: rerun with train.resume=true to continue", signum)
 
-    def save(self, done: int, state: dict | None, pending_eval: bool = False) -> Path:
+    def save(self, done: int, state: dict | None, pending_eval: bool = False, into: Path | None = None) -> Path:
         """A complete checkpoint of step ``done``: the modules, and what the run's summary is made
         of (evals, the last metrics, an early stop, an eval still to run) so that a resumed run
-        ends as this one would."""
+        ends as this one would. ``into``: the checkpoint of this step written before its eval,
+        whose modules stand: only the RNG states and the run's summary are written again."""
         trained, optimizer, scheduler = self.modules
         extra = {"optimizer_steps": self.optimizer_steps, "metrics": {k: plain(v) for k, v in self.metrics.items()},
                  "kernels": kernel_choices() if self.device == "cpu" else None,
                  "evals": [{k: plain(v) for k, v in e.items()} for e in self.evals],
                  "stopped_early": self.stopped_early, "pending_eval": pending_eval, **self.keep, **(state or {})}
-        path = save_checkpoint(self.cfg.out_dir, done, trained, optimizer, scheduler, self.config, extra=extra,
-                               keep=self.cfg.keep_checkpoints, info=self.info, sharded=self.sharded)
+        if into is not None:
+            path = amend_checkpoint(into, extra, self.info)
+        else:
+            path = save_checkpoint(self.cfg.out_dir, done, trained, optimizer, scheduler, self.config, extra=extra,
+                                   keep=self.cfg.keep_checkpoints, info=self.info, sharded=self.sharded)
         barrier(self.info)
         return path
 
