@@ -7,6 +7,7 @@ Each rank writes what it saw to OUT_DIR/rank{R}.json (or rank{R}-{MODE}.json) be
 import datetime
 import json
 import os
+import shutil
 import sys
 
 import torch
@@ -85,6 +86,11 @@ def _rank(rank: int, out: str, mode: str) -> None:
     elif mode == "eval-resumes":
         result = {"resumed": _with_eval(rank, f"{out}/resumed", True, None),
                   "straight": _with_eval(rank, f"{out}/straight", False, None)}
+        if rank == 0:  # the straight run cut back to its step-2 checkpoint, the one completed after its eval
+            shutil.copytree(f"{out}/straight", f"{out}/amended")
+            shutil.rmtree(f"{out}/amended/checkpoints/step-0000004")
+        dist.barrier()
+        result["amended"] = _with_eval(rank, f"{out}/amended", True, None)
     else:
         result = {"plain": _run(rank, f"{out}/plain", None), "nan": _run(rank, f"{out}/nan", 2)}
     with open(f"{out}/rank{rank}{'-' + mode if mode else ''}.json", "w") as f:

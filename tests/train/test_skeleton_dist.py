@@ -51,14 +51,15 @@ def test_an_eval_that_fails_on_one_rank_keeps_its_steps_training_in_a_checkpoint
     assert state["pending_eval"] is True and state["evals"] == []  # save_every is 100: only the eval saved it
     assert [m["step"] for m in read_metrics(tmp_path / "resumed") if "train/local" in m] == [1, 2]
     ranks = _spawn(tmp_path, "eval-resumes")
-    for r in ranks:
-        resumed, straight = r["resumed"], r["straight"]
-        assert "error" not in resumed and "error" not in straight
-        assert [e["step"] for e in resumed["evals"]] == [2, 4] and resumed["evals"] == straight["evals"]
-        assert resumed["weight"] == straight["weight"]
+    for r in ranks:  # "amended": the straight run resumed from its step-2 checkpoint (its eval not run again)
+        straight = r["straight"]
+        for resumed in (r["resumed"], r["amended"]):
+            assert "error" not in resumed and "error" not in straight
+            assert [e["step"] for e in resumed["evals"]] == [2, 4] and resumed["evals"] == straight["evals"]
+            assert resumed["weight"] == straight["weight"]
     untimed = [[{k: v for k, v in m.items() if k != "time_s"} for m in read_metrics(tmp_path / run)]
-               for run in ("resumed", "straight")]
-    assert untimed[0] == untimed[1]  # every step and eval logged once, in the same order
+               for run in ("resumed", "straight", "amended")]
+    assert untimed[0] == untimed[1] == untimed[2]  # every step and eval logged once, in the same order
     for run in ("resumed", "straight"):  # each eval's checkpoint, completed after it ran
         for step, evals in ((2, [2]), (4, [2, 4])):
             state = json.loads((tmp_path / run / "checkpoints" / f"step-{step:07d}" / "trainer_state.json").read_text())
