@@ -17,8 +17,9 @@ def _spawn(out: Path, mode: str = "") -> list[dict]:
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
     results = [out / f"rank{r}{'-' + mode if mode else ''}.json" for r in range(2)]
     for attempt in range(2):  # gloo can abort at exit; the results are written before teardown
-        subprocess.run([sys.executable, str(WORKER), str(out), *([mode] if mode else [])], env=env, timeout=120,
-                       capture_output=True)
+        done = subprocess.run([sys.executable, str(WORKER), str(out), *([mode] if mode else [])], env=env,
+                              timeout=120, capture_output=True, text=True)
+        (out / f"stderr{'-' + mode if mode else ''}.txt").write_text(done.stderr)
         if all(f.is_file() for f in results):
             return [json.loads(f.read_text()) for f in results]
     raise AssertionError("the 2-rank worker wrote no results")
@@ -46,6 +47,8 @@ def test_an_eval_that_fails_on_one_rank_keeps_its_steps_training_in_a_checkpoint
     checkpointed before its eval, so a resumed run runs that eval again and ends as a straight run."""
     failed = _spawn(tmp_path, "eval-fails")
     assert failed[1]["error"].startswith("MemoryError") and "error" in failed[0]
+    said = (tmp_path / "stderr-eval-fails.txt").read_text()  # rank 0 says once that eval steps are saved
+    assert said.count("every eval step (eval_every=2) is also checkpointed, before its eval") == 1
     checkpoint = tmp_path / "resumed" / "checkpoints" / "step-0000002"
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     assert state["pending_eval"] is True and state["evals"] == []  # save_every is 100: only the eval saved it

@@ -291,6 +291,11 @@ class Run:
 
         While they run, SIGTERM and SIGINT are held: the step finishes, a complete checkpoint is
         written and ``Preempted`` is raised (a second signal exits at once)."""
+        cfg = self.cfg
+        if self.info.enabled and evaluate is not None and cfg.eval_every and (
+                not cfg.save_every or cfg.eval_every % cfg.save_every):
+            self.say(f"every eval step (eval_every={cfg.eval_every}) is also checkpointed, before its eval: "
+                     "across ranks, an eval that fails could not save after it")
         self.held = hold_signals(self._on_signal)
         try:
             self._settle_resume(evaluate)
