@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from methods_setup import RUNS, dynamic_sampling_config, even_answer_digits, method_config  # noqa: E402
+from methods_setup import RUNS, dynamic_sampling_config, even_answer_digits, method_config, small  # noqa: E402
 
 import rlhfkit.train.run as run_module  # noqa: E402
 from rlhfkit.methods.grpo import run_grpo  # noqa: E402
@@ -50,6 +50,11 @@ def _jobs(rank: int, out: Path, assets: dict) -> dict:
         return method_config("sft", assets["tiny"], out / name, 4, log_every=1, strategy="fsdp", save_every=2)
 
     RUNS["sft"](cfg("full"))
+    # the same run with an eval every 2 steps and no save cadence: each eval step's sharded checkpoint
+    # is written before its eval and completed after it
+    RUNS["sft"](replace(method_config("sft", assets["tiny"], out / "evals", 4, log_every=1, strategy="fsdp",
+                                      save_every=100, eval_every=2),
+                        eval_data=small(assets["tiny"], "sft_eval.jsonl", 8), eval_max_new_tokens=4))
 
     def dies(self, *args, **kwargs):
         if self.done == 2:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from methods_setup import METHODS, RUNS, method_config
+from methods_setup import METHODS, RUNS, method_config, small
 
 from rlhfkit.methods.common import load_policy
 from rlhfkit.models.kernels import onednn_linear_available
@@ -68,6 +68,7 @@ def _cut_in_one_process(tiny, out: Path) -> None:
 def two_ranks(tiny, qwen, tmp_path_factory):
     for method in METHODS:  # write the small data files once, before the ranks read them
         method_config(method, tiny, "unused", 1)
+    small(tiny, "sft_eval.jsonl", 8)
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
     for attempt in range(2):  # gloo can abort at exit; the results are written before teardown
         out = tmp_path_factory.mktemp(f"fsdp{attempt}")
@@ -165,6 +166,26 @@ def test_sharded_checkpoints_resume_2_to_2_exactly_and_2_to_1_and_1_to_2(two_ran
     cfg = method_config("sft", tiny, one, 4, log_every=1, strategy="fsdp", save_every=2)
     RUNS["sft"](replace(cfg, train__resume=True))  # one process, the 2-rank shards
     assert _losses(one)[2:] == pytest.approx(full[2:], abs=1e-6)
+
+
+def test_eval_steps_of_a_sharded_run_are_checkpointed_and_resume_as_the_straight_run(two_ranks, tiny, tmp_path):
+    """Each eval step's checkpoint was written before its eval and completed after it; resumed in one
+    process from step 2's, the run ends with the straight run's losses and evals."""
+    out, _ = two_ranks
+    full, evals = _losses(out / "full"), [m for m in read_metrics(out / "evals") if "eval/loss" in m]
+    assert _losses(out / "evals") == full and [m["step"] for m in evals] == [2, 4]  # evals leave training alone
+    for step in (2, 4):
+        state = json.loads((out / "evals" / "checkpoints" / f"step-{step:07d}" / "trainer_state.json").read_text())
+        assert state["pending_eval"] is False and [e["step"] for e in state["evals"]] == list(range(2, step + 1, 2))
+    one = tmp_path / "evals"
+    shutil.copytree(out / "evals", one)
+    shutil.rmtree(one / "checkpoints" / "step-0000004")
+    cfg = method_config("sft", tiny, one, 4, log_every=1, strategy="fsdp", save_every=100, eval_every=2)
+    resumed = RUNS["sft"](replace(cfg, train__resume=True, eval_data=small(tiny, "sft_eval.jsonl", 8),
+                                  eval_max_new_tokens=4))
+    assert _losses(one)[2:] == pytest.approx(full[2:], abs=1e-6)
+    assert [e["step"] for e in resumed["evals"]] == [2, 4]
+    assert resumed["evals"][1]["loss"] == pytest.approx(evals[1]["eval/loss"], abs=1e-5)
 
 
 def test_the_saved_folder_of_a_sharded_run_is_plain_and_holds_the_trained_weights(two_ranks, tiny):
