@@ -50,11 +50,6 @@ def _jobs(rank: int, out: Path, assets: dict) -> dict:
         return method_config("sft", assets["tiny"], out / name, 4, log_every=1, strategy="fsdp", save_every=2)
 
     RUNS["sft"](cfg("full"))
-    # the same run with an eval every 2 steps and no save cadence: each eval step's sharded checkpoint
-    # is written before its eval and completed after it
-    RUNS["sft"](replace(method_config("sft", assets["tiny"], out / "evals", 4, log_every=1, strategy="fsdp",
-                                      save_every=100, eval_every=2),
-                        eval_data=small(assets["tiny"], "sft_eval.jsonl", 8), eval_max_new_tokens=4))
 
     def dies(self, *args, **kwargs):
         if self.done == 2:
@@ -67,7 +62,19 @@ def _jobs(rank: int, out: Path, assets: dict) -> dict:
             RUNS["sft"](cfg(name))
         except Killed:
             pass
+    # the same run with an eval every 2 steps and no save cadence: each eval step's sharded checkpoint
+    # is written before its eval and completed after it; once straight, once killed in step 3
+    def with_evals(name):
+        return replace(method_config("sft", assets["tiny"], out / name, 4, log_every=1, strategy="fsdp",
+                                     save_every=100, eval_every=2),
+                       eval_data=small(assets["tiny"], "sft_eval.jsonl", 8), eval_max_new_tokens=4)
+
+    try:
+        RUNS["sft"](with_evals("evals-cut"))
+    except Killed:
+        pass
     run_module.Run.step_done = measuring
+    RUNS["sft"](with_evals("evals"))
     RUNS["sft"](replace(cfg("cut22"), train__resume=True))
     RUNS["sft"](replace(cfg("cut12"), train__resume=True))  # cut in one process by the test: 1 -> 2
     # GRPO and PPO on 2 replicated ranks: each rank's sampling RNG must come back on resume

@@ -7,7 +7,6 @@ Each rank writes what it saw to OUT_DIR/rank{R}.json (or rank{R}-{MODE}.json) be
 import datetime
 import json
 import os
-import shutil
 import sys
 
 import torch
@@ -44,10 +43,16 @@ def _run(rank: int, out: str, nan_at: int | None) -> dict:
     return seen
 
 
-def _with_eval(rank: int, out: str, resume: bool, fail_at: int | None) -> dict:
+class Killed(Exception):
+    pass
+
+
+def _with_eval(rank: int, out: str, resume: bool, fail_at: int | None = None, killed_in: int | None = None,
+               failing: tuple = (1,), stop_on: int | None = None, log_every: int = 1) -> dict:
     """4 steps, an eval every 2 that all-reduces (as a distributed eval does), checkpoints only at
-    the end; the eval of step ``fail_at`` fails on rank 1 before its collective."""
-    cfg = TrainConfig(out_dir=out, max_steps=4, save_every=100, eval_every=2, log_every=1, progress=False,
+    the end; the eval of step ``fail_at`` fails on the ``failing`` ranks before its collective; both
+    ranks are killed at the start of step ``killed_in``; rank ``stop_on``'s eval says stop."""
+    cfg = TrainConfig(out_dir=out, max_steps=4, save_every=100, eval_every=2, log_every=log_every, progress=False,
                       report_to="none", lr=0.1, schedule="constant", resume=resume)
     run = start_run(cfg, {"test": True}, "t")
     torch.manual_seed(0)  # the same start in every run of the process
@@ -56,15 +61,17 @@ def _with_eval(rank: int, out: str, resume: bool, fail_at: int | None) -> dict:
     run.attach(model, optimizer, build_scheduler(optimizer, cfg.max_steps, 0, "constant"))
 
     def evaluate() -> dict:
-        if fail_at == run.done and rank == 1:
+        if fail_at == run.done and rank in failing:
             raise MemoryError("out of memory in the eval")
         score = model(torch.ones(1, 3)).detach().double().reshape(1) + torch.rand(1, dtype=torch.float64)
         dist.all_reduce(score)  # the eval's random draw: a resumed run must draw what the straight run drew
-        return {"score": score.item()}
+        return {"score": score.item(), **({"stop": True} if rank == stop_on else {})}
 
     seen = {}
     try:
         for step in run.steps(evaluate):
+            if killed_in == step + 1:
+                raise Killed
             loss = (model(torch.full((1, 3), float(rank + 1))) - torch.rand(1)).pow(2).sum()
             loss.backward()
             run.optimizer_step(loss)
@@ -83,14 +90,16 @@ def _rank(rank: int, out: str, mode: str) -> None:
                             timeout=datetime.timedelta(seconds=20))
     if mode == "eval-fails":
         result = _with_eval(rank, f"{out}/resumed", False, 2)
-    elif mode == "eval-resumes":
-        result = {"resumed": _with_eval(rank, f"{out}/resumed", True, None),
-                  "straight": _with_eval(rank, f"{out}/straight", False, None)}
-        if rank == 0:  # the straight run cut back to its step-2 checkpoint, the one completed after its eval
-            shutil.copytree(f"{out}/straight", f"{out}/amended")
-            shutil.rmtree(f"{out}/amended/checkpoints/step-0000004")
-        dist.barrier()
-        result["amended"] = _with_eval(rank, f"{out}/amended", True, None)
+    elif mode == "eval-resumes":  # OUT/resumed: what eval-fails left
+        result = {"resumed": _with_eval(rank, f"{out}/resumed", True),
+                  "straight": _with_eval(rank, f"{out}/straight", False),
+                  "killed": _with_eval(rank, f"{out}/amended", False, killed_in=3)}
+        with open(f"{out}/amended/checkpoints/step-0000002/trainer_state.json") as f:
+            result["killed"]["state"] = json.load(f)  # step 2's, completed after its eval
+        result["amended"] = _with_eval(rank, f"{out}/amended", True)
+        # an eval failing on both ranks at step 2, off log_every; run again on resume it says stop on rank 0 only
+        result["stop-failed"] = _with_eval(rank, f"{out}/stop", False, fail_at=2, failing=(0, 1), log_every=3)
+        result["stopped"] = _with_eval(rank, f"{out}/stop", True, stop_on=0, log_every=3)
     else:
         result = {"plain": _run(rank, f"{out}/plain", None), "nan": _run(rank, f"{out}/nan", 2)}
     with open(f"{out}/rank{rank}{'-' + mode if mode else ''}.json", "w") as f:

@@ -6,6 +6,7 @@ import errno
 import json
 import math
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +27,7 @@ from rlhfkit.rollout.sampler import decode
 from rlhfkit.train.checkpoint import CheckpointError, complete_checkpoints, latest_checkpoint
 from rlhfkit.train.config import ConfigError, load_config, replace
 from rlhfkit.train.logging import MetricsLogger, read_metrics
+from rlhfkit.train.optim import build_optimizer, build_scheduler
 
 
 class Killed(BaseException):
@@ -223,6 +225,60 @@ def test_an_eval_that_fails_keeps_its_steps_training_in_a_checkpoint(tiny, tmp_p
     resumed = run_sft(replace(cfg, train__resume=True))
     straight = run_sft(replace(cfg, train__out_dir=str(tmp_path / "straight")))
     assert [e["step"] for e in resumed["evals"]] == [3] and resumed == straight
+
+
+def _linear_checkpoint(out, step: int, **kwargs):
+    model = torch.nn.Linear(2, 1)
+    optimizer = build_optimizer(model, 0.1)
+    scheduler = build_scheduler(optimizer, 8, 0, "constant")
+    path = checkpoint_module.save_checkpoint(out, step, model, optimizer, scheduler, {}, **kwargs)
+    return path, (model, optimizer, scheduler)
+
+
+def test_an_amend_that_fails_leaves_the_checkpoint_as_written_before_its_eval(tmp_path, monkeypatch):
+    path, modules = _linear_checkpoint(tmp_path, 2, extra={"pending_eval": True})
+    before_eval = torch.rand(3)  # what a resumed run draws first from the RNG as saved
+    replace = checkpoint_module.os.replace
+
+    def full_disk(src, dst):
+        if Path(dst).name == "trainer_state.json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return replace(src, dst)
+
+    monkeypatch.setattr(checkpoint_module.os, "replace", full_disk)
+    with pytest.raises(CheckpointError, match="No space left on device.*stays as written before the eval"):
+        checkpoint_module.amend_checkpoint(path, {"pending_eval": False})
+    monkeypatch.undo()
+    assert not list(path.glob("*.tmp"))  # nothing half-written left in the folder
+    state = checkpoint_module.load_checkpoint(path, *modules)  # the after-eval RNG file is there, but not read
+    assert state["pending_eval"] is True and "rng_after_eval" not in state
+    assert torch.equal(torch.rand(3), before_eval)
+    checkpoint_module.amend_checkpoint(path, {"pending_eval": False})
+    after_eval = torch.rand(3)
+    state = checkpoint_module.load_checkpoint(path, *modules)
+    assert state["pending_eval"] is False and state["rng_after_eval"] and torch.equal(torch.rand(3), after_eval)
+
+
+def test_a_checkpoint_written_for_an_eval_is_kept_until_a_later_one_and_not_counted_in_keep(tmp_path):
+    def names():
+        return [int(p.name.split("-")[1]) for p in complete_checkpoints(tmp_path)]
+
+    for step, transient in ((2, False), (4, False), (5, True)):
+        _linear_checkpoint(tmp_path, step, keep=2, transient=transient)
+    assert names() == [2, 4, 5]  # keep=2 counts 2 and 4
+    _linear_checkpoint(tmp_path, 6, keep=2, transient=True)
+    assert names() == [2, 4, 6]
+    _linear_checkpoint(tmp_path, 8, keep=2)
+    assert names() == [4, 8]
+
+
+def test_resuming_from_a_pending_eval_drops_only_that_steps_eval_line(tmp_path):
+    lines = [{"step": 1, "train/loss": 1.0}, {"step": 2, "train/loss": 2.0}, {"step": 2, "eval/accuracy": 0.5},
+             {"step": 3, "train/loss": 3.0}]
+    for pending, kept in ((False, lines[:3]), (True, lines[:2])):
+        (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+        run_module.truncate_metrics(tmp_path, 2, pending_eval=pending)
+        assert read_metrics(tmp_path) == kept
 
 
 def test_the_logged_lr_is_the_rate_each_step_took(tiny, tmp_path):

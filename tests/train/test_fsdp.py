@@ -18,6 +18,7 @@ from methods_setup import METHODS, RUNS, method_config, small
 from rlhfkit.methods.common import load_policy
 from rlhfkit.models.kernels import onednn_linear_available
 from rlhfkit.models.load import load_tokenizer
+from rlhfkit.train.checkpoint import complete_checkpoints
 from rlhfkit.train.config import replace
 from rlhfkit.train.logging import read_metrics
 
@@ -169,23 +170,25 @@ def test_sharded_checkpoints_resume_2_to_2_exactly_and_2_to_1_and_1_to_2(two_ran
 
 
 def test_eval_steps_of_a_sharded_run_are_checkpointed_and_resume_as_the_straight_run(two_ranks, tiny, tmp_path):
-    """Each eval step's checkpoint was written before its eval and completed after it; resumed in one
-    process from step 2's, the run ends with the straight run's losses and evals."""
+    """save_every=100, an eval every 2 steps: step 2's checkpoint, written before its eval and
+    completed after it, is kept until step 4's is complete; resumed from it in one process (the run
+    killed in step 3), the run ends with the straight run's losses and evals."""
     out, _ = two_ranks
     full, evals = _losses(out / "full"), [m for m in read_metrics(out / "evals") if "eval/loss" in m]
     assert _losses(out / "evals") == full and [m["step"] for m in evals] == [2, 4]  # evals leave training alone
-    for step in (2, 4):
-        state = json.loads((out / "evals" / "checkpoints" / f"step-{step:07d}" / "trainer_state.json").read_text())
-        assert state["pending_eval"] is False and [e["step"] for e in state["evals"]] == list(range(2, step + 1, 2))
-    one = tmp_path / "evals"
-    shutil.copytree(out / "evals", one)
-    shutil.rmtree(one / "checkpoints" / "step-0000004")
+    assert [p.name for p in complete_checkpoints(out / "evals")] == ["step-0000004"]
+    assert [p.name for p in complete_checkpoints(out / "evals-cut")] == ["step-0000002"]
+    state = json.loads((out / "evals-cut" / "checkpoints" / "step-0000002" / "trainer_state.json").read_text())
+    assert state["pending_eval"] is False and state["rng_after_eval"] and [e["step"] for e in state["evals"]] == [2]
+    one = tmp_path / "evals-cut"
+    shutil.copytree(out / "evals-cut", one)
     cfg = method_config("sft", tiny, one, 4, log_every=1, strategy="fsdp", save_every=100, eval_every=2)
     resumed = RUNS["sft"](replace(cfg, train__resume=True, eval_data=small(tiny, "sft_eval.jsonl", 8),
                                   eval_max_new_tokens=4))
     assert _losses(one)[2:] == pytest.approx(full[2:], abs=1e-6)
     assert [e["step"] for e in resumed["evals"]] == [2, 4]
     assert resumed["evals"][1]["loss"] == pytest.approx(evals[1]["eval/loss"], abs=1e-5)
+    assert [p.name for p in complete_checkpoints(one)] == ["step-0000004"]
 
 
 def test_the_saved_folder_of_a_sharded_run_is_plain_and_holds_the_trained_weights(two_ranks, tiny):

@@ -4,7 +4,9 @@ A checkpoint is a folder ``step-000010`` holding the model weights (safetensors)
 and scheduler state, every RNG state, the trainer state (step, data position, extras) and the
 resolved config. It is written into a temporary folder, the ``COMPLETE`` marker is written
 last, and only then is the folder renamed into place; resume only ever picks a folder with
-the marker, and old checkpoints are removed only after the new one is complete. The plain
+the marker, and old checkpoints are removed only after the new one is complete. A checkpoint
+written for an eval off the save cadence (see ``Run.step_done``) is marked ``TRANSIENT``: it is not
+counted against ``keep`` and goes once a later checkpoint is complete. The plain
 format is read back with ``weights_only=True`` (no arbitrary unpickling); a sharded (DCP)
 checkpoint's metadata is a pickle that torch.distributed.checkpoint reads.
 """
@@ -24,6 +26,7 @@ from safetensors.torch import load_model, save_file, save_model
 from .dist import DistInfo
 
 MARKER = "COMPLETE"
+TRANSIENT = "TRANSIENT"
 
 
 class CheckpointError(RuntimeError):
@@ -65,10 +68,11 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(out_dir: str | Path, step: int, model, optimizer, scheduler, config: dict,
                     extra: dict | None = None, keep: int = 2, info: DistInfo | None = None,
-                    sharded: bool = False) -> Path:
+                    sharded: bool = False, transient: bool = False) -> Path:
     """Every rank calls this. Rank 0 prepares the temporary folder; every rank writes its RNG
     state (and, ``sharded``, its shards of the model and optimizer via torch.distributed.checkpoint);
-    then rank 0 writes the rest, the ``COMPLETE`` marker last, and renames.
+    then rank 0 writes the rest, the ``COMPLETE`` marker last, and renames. Then the checkpoints
+    past ``keep`` go, the ``transient`` ones (kept only until a later one) not counted.
 
     A write that fails on any rank (a full disk, no permission) fails on every rank alike: the
     partial folder is removed, the last complete checkpoint is kept, and a one-line
@@ -101,55 +105,69 @@ def save_checkpoint(out_dir: str | Path, step: int, model, optimizer, scheduler,
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "world_size": info.world_size,
                                                             **(extra or {})}, indent=1))
         (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        if transient:
+            (tmp / TRANSIENT).write_text("written for an eval; removed once a later checkpoint is complete\n")
         _fsync_dir(tmp)
         (tmp / MARKER).write_text("ok\n")
         if final.exists():  # a complete checkpoint of the same step from an earlier attempt
             shutil.rmtree(final)
         tmp.rename(final)
 
-    for part, everyone in ((prepare, False), (rank_parts, True), (main_parts, False)):
-        failure = _attempt(part) if everyone or info.is_main else None
-        if _any_rank(failure is not None, info):
-            cause = _cause(failure, root) if failure is not None else "it failed on another rank"  # before freeing
-            if info.is_main:
-                shutil.rmtree(tmp, ignore_errors=True)
-            kept = f"the last complete checkpoint {previous} is kept" if previous else "no earlier checkpoint"
-            raise CheckpointError(f"cannot write checkpoint {final}: {cause}; the partial folder was removed, {kept}")
+    cause = _on_ranks(((prepare, False), (rank_parts, True), (main_parts, False)), root, info)
+    if cause is not None:
+        if info.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        kept = f"the last complete checkpoint {previous} is kept" if previous else "no earlier checkpoint"
+        raise CheckpointError(f"cannot write checkpoint {final}: {cause}; the partial folder was removed, {kept}")
     if info.is_main:
-        for old in complete_checkpoints(out_dir)[:-keep] if keep > 0 else []:
+        done = complete_checkpoints(out_dir)
+        lasting = [p for p in done if not (p / TRANSIENT).is_file()]
+        for old in [p for p in done if p != final and (p / TRANSIENT).is_file()] + (lasting[:-keep] if keep > 0 else []):
             shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def amend_checkpoint(path: Path, extra: dict, info: DistInfo | None = None) -> Path:
-    """Rewrite a complete checkpoint's RNG states (every rank its own) and then its trainer state
-    (rank 0) with ``extra``, each file written beside and renamed over the old, so that the folder
-    stays complete throughout: one the amend does not reach keeps what it said before. For a step
-    whose checkpoint was written before its eval ran (see ``Run.step_done``). A write that fails
-    on any rank fails on every rank alike with a one-line CheckpointError."""
+    """Complete a checkpoint written before its step's eval, once the eval has run: every rank
+    writes its RNG state as ``after-eval-rng-{rank}.pt``, then rank 0 replaces ``trainer_state.json``
+    by one updated with ``extra`` and ``rng_after_eval`` (written beside and renamed over). That
+    rename is the one commit point: until it, the checkpoint is the one written before the eval,
+    read with its own RNG states, and an amend that fails on any rank leaves it so (a one-line
+    CheckpointError; a resumed run runs the eval again)."""
     info = info or DistInfo()
 
     def replace_with(target: Path, write) -> None:
         tmp = target.with_name(target.name + ".tmp")
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
+        try:
+            write(tmp)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def rank_parts():
-        replace_with(path / f"rng-{info.rank}.pt", lambda f: torch.save(rng_state(), f))
+        replace_with(path / f"after-eval-rng-{info.rank}.pt", lambda f: torch.save(rng_state(), f))
 
     def main_parts():
-        state = {**json.loads((path / "trainer_state.json").read_text()), **extra}
+        state = {**json.loads((path / "trainer_state.json").read_text()), **extra, "rng_after_eval": True}
         replace_with(path / "trainer_state.json", lambda f: f.write_text(json.dumps(state, indent=1)))
 
-    for part, everyone in ((rank_parts, True), (main_parts, False)):
+    cause = _on_ranks(((rank_parts, True), (main_parts, False)), path, info)
+    if cause is not None:
+        raise CheckpointError(f"cannot complete checkpoint {path} after its eval: {cause}; it stays as written "
+                              "before the eval, which a resumed run runs again")
+    return path
+
+
+def _on_ranks(parts, folder: Path, info: DistInfo) -> str | None:
+    """Run each (part, on every rank or rank 0 only) in turn; after the first that fails on any rank,
+    the cause (this rank's, or that another rank failed), else None. Every rank gets the same answer."""
+    for part, everyone in parts:
         failure = _attempt(part) if everyone or info.is_main else None
         if _any_rank(failure is not None, info):
-            cause = _cause(failure, path) if failure is not None else "it failed on another rank"
-            raise CheckpointError(f"cannot update checkpoint {path}: {cause}; it is complete as it was written "
-                                  "before the eval, which a resumed run runs again")
-    return path
+            return _cause(failure, folder) if failure is not None else "it failed on another rank"
+    return None
 
 
 def _attempt(part) -> Exception | None:
@@ -204,9 +222,11 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, info: DistInfo | No
     else:
         raise CheckpointError(f"{path} holds neither model.safetensors nor a dcp/ folder")
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    rng = path / f"rng-{info.rank}.pt"  # a rank the checkpoint did not have takes rank 0's state
-    set_rng_state(torch.load(rng if rng.is_file() else path / "rng-0.pt", weights_only=True))
-    return json.loads((path / "trainer_state.json").read_text())
+    state = json.loads((path / "trainer_state.json").read_text())
+    name = "after-eval-rng" if state.get("rng_after_eval") else "rng"  # see amend_checkpoint
+    rng = path / f"{name}-{info.rank}.pt"  # a rank the checkpoint did not have takes rank 0's state
+    set_rng_state(torch.load(rng if rng.is_file() else path / f"{name}-0.pt", weights_only=True))
+    return state
 
 
 def _load_sharded(folder: Path, model, optimizer, info: DistInfo) -> None:

@@ -140,12 +140,13 @@ def truncate_metrics(out_dir: str | Path, step: int, pending_eval: bool = False)
             rerun = pending_eval and row["step"] == step and any(k.startswith("eval/") for k in row)
             if row["step"] <= step and not rerun:
                 kept.append(line)
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError):
             continue
     path.write_text("".join(line + "\n" for line in kept))
 
 
-RUN_STATE = {"step", "world_size", "optimizer_steps", "metrics", "evals", "stopped_early", "pending_eval"}  # Run's own
+RUN_STATE = {"step", "world_size", "optimizer_steps", "metrics", "evals", "stopped_early", "pending_eval",  # Run's own
+             "step_logged", "rng_after_eval"}
 
 
 @dataclass
@@ -162,6 +163,7 @@ class Run:
     done: int = 0
     optimizer_steps: int = 0
     state: dict = field(default_factory=dict)  # the trainer state of the checkpoint resumed from
+    resumed_from: Path | None = None  # that checkpoint's folder
     keep: dict = field(default_factory=dict)  # a method's values saved with every checkpoint (back in ``state``)
     evals: list[dict] = field(default_factory=list)
     metrics: dict = field(default_factory=dict)  # the last step's, reduced over ranks
@@ -269,7 +271,7 @@ class Run:
             broadcast_params(trained, self.info)
         seed_everything(self.cfg.seed + self.info.rank)  # ranks sample (and drop out) differently
         if self.resuming:
-            path = latest_checkpoint(self.cfg.out_dir)
+            path = self.resumed_from = latest_checkpoint(self.cfg.out_dir)
             self.state = load_checkpoint(path, trained, optimizer, scheduler, self.info)
             self.start = self.done = self.state["step"]
             self.optimizer_steps = self.state.get("optimizer_steps", 0)
@@ -294,8 +296,9 @@ class Run:
         cfg = self.cfg
         if self.info.enabled and evaluate is not None and cfg.eval_every and (
                 not cfg.save_every or cfg.eval_every % cfg.save_every):
-            self.say(f"every eval step (eval_every={cfg.eval_every}) is also checkpointed, before its eval: "
-                     "across ranks, an eval that fails could not save after it")
+            self.say(f"every eval step (eval_every={cfg.eval_every}) is also checkpointed, before its eval (across "
+                     "ranks, an eval that fails could not save after it); off save_every such a checkpoint is kept "
+                     "only until the next one and not counted in keep_checkpoints")
         self.held = hold_signals(self._on_signal)
         try:
             self._settle_resume(evaluate)
@@ -313,8 +316,11 @@ class Run:
         if not self.resuming:
             return
         if self.state.get("pending_eval") and evaluate is not None:  # see step_done
-            self.stopped_early = bool(self.evaluate(evaluate, self.done).get("stop"))
-            self.save(self.done, {k: v for k, v in self.state.items() if k not in RUN_STATE})
+            stop = torch.tensor([float(bool(self.evaluate(evaluate, self.done).get("stop")))], dtype=torch.float64)
+            self.stopped_early = bool(all_reduce_sum(stop, self.info).item() > 0)  # every rank stops together
+            if self.stopped_early and not self.state.get("step_logged", True):  # as an early stop's last step is
+                self.logger.log(self.done, self.metrics)
+            self.save(self.done, {k: v for k, v in self.state.items() if k not in RUN_STATE}, into=self.resumed_from)
         elif self.stopped_early:
             stop = torch.tensor([float(evaluate is not None and bool(evaluate().get("stop")))], dtype=torch.float64)
             self.stopped_early = bool(all_reduce_sum(stop, self.info).item() > 0)
@@ -349,7 +355,12 @@ class Run:
 
     def step_done(self, means: dict | None = None, shares: dict | None = None, evaluate: Callable | None = None,
                   state: dict | None = None) -> None:
-        """End of one step: log (metrics reduced over ranks), evaluate, checkpoint on cadence."""
+        """End of one step: log (metrics reduced over ranks), evaluate, checkpoint on cadence.
+
+        An eval step's training is never lost to a failing eval. In one process the failure saves
+        the step. Across ranks the others would be waiting inside the eval's collectives, unable to
+        save, so the step is saved before its eval and that checkpoint completed after it
+        (``amend_checkpoint``); off the save cadence it is kept only until a later one."""
         cfg, done = self.cfg, self.done + 1
         self.done = done
         last = done == self.max_steps
@@ -360,18 +371,19 @@ class Run:
         self.bar.update(1)
         self.bar.set_postfix({k: f"{self.metrics[k]:.4f}" for k in self.show if k in self.metrics}, refresh=False)
         evaluated, written, logged = None, None, False
+        on_cadence = bool(cfg.save_every and done % cfg.save_every == 0) or last
         if evaluate is not None and ((cfg.eval_every and done % cfg.eval_every == 0) or last):
-            if self.info.enabled:  # across ranks, an eval that fails on one leaves the others waiting inside its
-                if done % cfg.log_every == 0 or last:  # collectives, unable to save: the step is saved first
+            if self.info.enabled:
+                logged = done % cfg.log_every == 0 or last
+                if logged:
                     self.logger.log(done, self.metrics)
-                    logged = True
-                written = self.save(done, state, pending_eval=True)
+                written = self.save(done, state, pending_eval=True, step_logged=logged, transient=not on_cadence)
             try:
                 evaluated = self.evaluate(evaluate, done)
             except BaseException:
-                if not self.info.enabled:  # one process: the step's training kept, its eval run again on resume
+                if not self.info.enabled:
                     self.logger.log(done, self.metrics)
-                    self.save(done, state, pending_eval=True)
+                    self.save(done, state, pending_eval=True, transient=not on_cadence)
                 raise
         flags = torch.tensor([float(bool(evaluated and evaluated.get("stop"))), float(self.signal is not None)],
                              dtype=torch.float64)
@@ -379,29 +391,33 @@ class Run:
         self.stopped_early = stop
         if (done % cfg.log_every == 0 or last or stop or preempted) and not logged:  # a run's last step is logged
             self.logger.log(done, self.metrics)
-        if written is not None or (cfg.save_every and done % cfg.save_every == 0) or last or stop or preempted:
-            path = self.save(done, state, into=written)  # the step's checkpoint: its eval done, wherever it ran
+        if written is not None or on_cadence or stop or preempted:
+            path = self.save(done, state, into=written)
             if preempted and not (last or stop):
                 self.close()
                 signum = self.signal or signal.SIGTERM  # a rank that got none stops with the others
                 raise Preempted(f"stopped by {signal.Signals(signum).name} after {self.unit} {done} of {self.max_steps}; "
                                 f"checkpoint {path} is complete: rerun with train.resume=true to continue", signum)
 
-    def save(self, done: int, state: dict | None, pending_eval: bool = False, into: Path | None = None) -> Path:
+    def save(self, done: int, state: dict | None, pending_eval: bool = False, step_logged: bool = True,
+             transient: bool = False, into: Path | None = None) -> Path:
         """A complete checkpoint of step ``done``: the modules, and what the run's summary is made
-        of (evals, the last metrics, an early stop, an eval still to run) so that a resumed run
-        ends as this one would. ``into``: the checkpoint of this step written before its eval,
-        whose modules stand: only the RNG states and the run's summary are written again."""
+        of (evals, the last metrics, an early stop, an eval still to run and whether the step's
+        metrics are logged yet) so that a resumed run ends as this one would. ``into``: this step's
+        checkpoint written before its eval, whose modules stand: only the RNG states and the run's
+        summary are written again."""
         trained, optimizer, scheduler = self.modules
         extra = {"optimizer_steps": self.optimizer_steps, "metrics": {k: plain(v) for k, v in self.metrics.items()},
                  "kernels": kernel_choices() if self.device == "cpu" else None,
                  "evals": [{k: plain(v) for k, v in e.items()} for e in self.evals],
-                 "stopped_early": self.stopped_early, "pending_eval": pending_eval, **self.keep, **(state or {})}
+                 "stopped_early": self.stopped_early, "pending_eval": pending_eval, "step_logged": step_logged,
+                 **self.keep, **(state or {})}
         if into is not None:
             path = amend_checkpoint(into, extra, self.info)
         else:
             path = save_checkpoint(self.cfg.out_dir, done, trained, optimizer, scheduler, self.config, extra=extra,
-                                   keep=self.cfg.keep_checkpoints, info=self.info, sharded=self.sharded)
+                                   keep=self.cfg.keep_checkpoints, info=self.info, sharded=self.sharded,
+                                   transient=transient)
         barrier(self.info)
         return path
 
