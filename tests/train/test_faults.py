@@ -26,7 +26,7 @@ from rlhfkit.rollout.evaluate import greedy_samples
 from rlhfkit.rollout.sampler import decode
 from rlhfkit.train.checkpoint import CheckpointError, complete_checkpoints, latest_checkpoint
 from rlhfkit.train.config import ConfigError, load_config, replace
-from rlhfkit.train.logging import MetricsLogger, read_metrics
+from rlhfkit.train.logging import MetricsLogger, read_metrics, truncate_metrics
 from rlhfkit.train.optim import build_optimizer, build_scheduler
 
 
@@ -272,13 +272,38 @@ def test_a_checkpoint_written_for_an_eval_is_kept_until_a_later_one_and_not_coun
     assert names() == [4, 8]
 
 
-def test_resuming_from_a_pending_eval_drops_only_that_steps_eval_line(tmp_path):
-    lines = [{"step": 1, "train/loss": 1.0}, {"step": 2, "train/loss": 2.0}, {"step": 2, "eval/accuracy": 0.5},
+def test_resuming_from_a_pending_eval_drops_the_lines_its_step_logs_again(tmp_path):
+    """The eval line of the checkpoint's step, and its train line where the checkpoint had it unlogged
+    (an early stop, on several ranks, logs it after the eval)."""
+    lines = [{"step": 1, "train/loss": 1.0}, {"step": 2, "eval/accuracy": 0.5}, {"step": 2, "train/loss": 2.0},
              {"step": 3, "train/loss": 3.0}]
-    for pending, kept in ((False, lines[:3]), (True, lines[:2])):
+    for pending, logged, kept in ((False, True, lines[:3]), (True, True, [lines[0], lines[2]]),
+                                  (True, False, lines[:1])):
         (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
-        run_module.truncate_metrics(tmp_path, 2, pending_eval=pending)
+        truncate_metrics(tmp_path, 2, pending_eval=pending, step_logged=logged)
         assert read_metrics(tmp_path) == kept
+
+
+def test_a_checkpoint_an_eval_failure_wrote_off_save_every_goes_once_a_later_one_is_complete(tiny, tmp_path,
+                                                                                             monkeypatch):
+    import rlhfkit.methods.sft as sft_module
+
+    heldout_loss = sft_module.heldout_loss
+
+    def fails_at_step_2(model, *args, **kwargs):
+        if not (tmp_path / "run" / "checkpoints").is_dir():
+            raise MemoryError("out of memory in the eval")
+        return heldout_loss(model, *args, **kwargs)
+
+    monkeypatch.setattr(sft_module, "heldout_loss", fails_at_step_2)
+    cfg = replace(method_config("sft", tiny, tmp_path / "run", 4, eval_every=2, save_every=100, keep_checkpoints=0),
+                  eval_data=small(tiny, "sft_eval.jsonl", 8))
+    with pytest.raises(MemoryError):
+        run_sft(cfg)
+    assert (latest_checkpoint(tmp_path / "run") / checkpoint_module.TRANSIENT).is_file()
+    resumed = run_sft(replace(cfg, train__resume=True))
+    assert [e["step"] for e in resumed["evals"]] == [2, 4]
+    assert [p.name for p in complete_checkpoints(tmp_path / "run")] == ["step-0000004"]  # though keep_checkpoints=0
 
 
 def test_the_logged_lr_is_the_rate_each_step_took(tiny, tmp_path):

@@ -130,7 +130,8 @@ def save_checkpoint(out_dir: str | Path, step: int, model, optimizer, scheduler,
 def amend_checkpoint(path: Path, extra: dict, info: DistInfo | None = None) -> Path:
     """Complete a checkpoint written before its step's eval, once the eval has run: every rank
     writes its RNG state as ``after-eval-rng-{rank}.pt``, then rank 0 replaces ``trainer_state.json``
-    by one updated with ``extra`` and ``rng_after_eval`` (written beside and renamed over). That
+    by one updated with ``extra`` and ``rng_after_eval`` (the ranks that wrote theirs; written
+    beside and renamed over). That
     rename is the one commit point: until it, the checkpoint is the one written before the eval,
     read with its own RNG states, and an amend that fails on any rank leaves it so (a one-line
     CheckpointError; a resumed run runs the eval again)."""
@@ -150,8 +151,10 @@ def amend_checkpoint(path: Path, extra: dict, info: DistInfo | None = None) -> P
         replace_with(path / f"after-eval-rng-{info.rank}.pt", lambda f: torch.save(rng_state(), f))
 
     def main_parts():
-        state = {**json.loads((path / "trainer_state.json").read_text()), **extra, "rng_after_eval": True}
+        state = {**json.loads((path / "trainer_state.json").read_text()), **extra, "rng_after_eval": info.world_size}
+        _fsync_folder(path)  # every rank's RNG file is in place before the commit
         replace_with(path / "trainer_state.json", lambda f: f.write_text(json.dumps(state, indent=1)))
+        _fsync_folder(path)
 
     cause = _on_ranks(((rank_parts, True), (main_parts, False)), path, info)
     if cause is not None:
@@ -223,9 +226,10 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, info: DistInfo | No
         raise CheckpointError(f"{path} holds neither model.safetensors nor a dcp/ folder")
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     state = json.loads((path / "trainer_state.json").read_text())
-    name = "after-eval-rng" if state.get("rng_after_eval") else "rng"  # see amend_checkpoint
+    name, ranks = ("after-eval-rng", state["rng_after_eval"]) if state.get("rng_after_eval") else ("rng", None)
     rng = path / f"{name}-{info.rank}.pt"  # a rank the checkpoint did not have takes rank 0's state
-    set_rng_state(torch.load(rng if rng.is_file() else path / f"{name}-0.pt", weights_only=True))
+    own = rng.is_file() and (ranks is None or info.rank < ranks)  # (not an older amend's file: amend_checkpoint)
+    set_rng_state(torch.load(rng if own else path / f"{name}-0.pt", weights_only=True))
     return state
 
 
@@ -265,6 +269,15 @@ def _tied_keys(model) -> set[str]:
     for name, tensor in model.state_dict(keep_vars=True).items():
         names.setdefault(id(tensor), []).append(name)
     return {n for group in names.values() if len(group) > 1 for n in group}
+
+
+def _fsync_folder(path: Path) -> None:
+    """The folder's own entries (renames, new files) on disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -70,7 +70,7 @@ class TrainConfig:
     log_every: int = 10  # steps between lines of metrics.jsonl
     eval_every: int = 0  # 0 = only at the end
     save_every: int = 0  # 0 = only at the end
-    keep_checkpoints: int = 2  # 0 = keep all
+    keep_checkpoints: int = 2  # 0 = keep all (a transient one, written for an eval off save_every, still goes)
     resume: bool | str = False  # true | false | auto (resume when a complete checkpoint exists)
     progress: bool = True  # a progress bar with ETA on stderr
     report_to: str = "tensorboard"  # tensorboard | wandb (WANDB_MODE=offline works) | none; metrics.jsonl always

@@ -75,6 +75,25 @@ def read_metrics(out_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def truncate_metrics(out_dir: str | Path, step: int, pending_eval: bool = False, step_logged: bool = True) -> None:
+    """Drop the metrics a killed run logged after the checkpoint it resumes from (and a line cut
+    short). ``pending_eval``: that checkpoint's step has its eval run again on resume, so an eval
+    line already logged at it goes too, and its train line unless the checkpoint had it logged."""
+    path = Path(out_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+            again = pending_eval and row["step"] == step and (not step_logged or any(k.startswith("eval/") for k in row))
+            if row["step"] <= step and not again:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    path.write_text("".join(line + "\n" for line in kept))
+
+
 def progress(total: int, initial: int = 0, desc: str = "", enabled: bool = True):
     """A tqdm bar (steps, rate, ETA, latest loss via ``set_postfix``); a no-op when disabled."""
     from tqdm.auto import tqdm

@@ -59,7 +59,7 @@ from .checkpoint import (
 )
 from .config import ConfigError, LoraConfig, TrainConfig, plain_dict
 from .dist import DistInfo, all_reduce_sum, barrier, broadcast_object, broadcast_params, init_distributed
-from .logging import MetricsLogger, plain, progress
+from .logging import MetricsLogger, plain, progress, truncate_metrics
 from .optim import check_finite, optimizer_step
 from .plots import plot_runs
 from .shard import save_everywhere, shard
@@ -125,24 +125,6 @@ class Preempted(RuntimeError):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.signum = signum
-
-
-def truncate_metrics(out_dir: str | Path, step: int, pending_eval: bool = False) -> None:
-    """Drop the metrics a killed run logged after the checkpoint it resumes from (and a line cut
-    short); with ``pending_eval``, also the eval that checkpoint's step logs again on resume."""
-    path = Path(out_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-            rerun = pending_eval and row["step"] == step and any(k.startswith("eval/") for k in row)
-            if row["step"] <= step and not rerun:
-                kept.append(line)
-        except (ValueError, KeyError, TypeError):
-            continue
-    path.write_text("".join(line + "\n" for line in kept))
 
 
 RUN_STATE = {"step", "world_size", "optimizer_steps", "metrics", "evals", "stopped_early", "pending_eval",  # Run's own
@@ -280,7 +262,8 @@ class Run:
             self.say(f"resuming from {path} ({self.unit} {self.start} of {self.max_steps})"
                      + ("; an eval had stopped the run there" if self.stopped_early else ""))
             if self.info.is_main:
-                truncate_metrics(self.cfg.out_dir, self.start, bool(self.state.get("pending_eval")))
+                truncate_metrics(self.cfg.out_dir, self.start, bool(self.state.get("pending_eval")),
+                                 self.state.get("step_logged", True))
         self.logger = MetricsLogger(self.cfg.out_dir, enabled=self.info.is_main, report_to=self.cfg.report_to,
                                     name=f"{self.name} {Path(self.cfg.out_dir).name}", config=self.config,
                                     resume_step=self.start if self.resuming else None)
