@@ -130,11 +130,10 @@ def save_checkpoint(out_dir: str | Path, step: int, model, optimizer, scheduler,
 def amend_checkpoint(path: Path, extra: dict, info: DistInfo | None = None) -> Path:
     """Complete a checkpoint written before its step's eval, once the eval has run: every rank
     writes its RNG state as ``after-eval-rng-{rank}.pt``, then rank 0 replaces ``trainer_state.json``
-    by one updated with ``extra`` and ``rng_after_eval`` (the ranks that wrote theirs; written
-    beside and renamed over). That
-    rename is the one commit point: until it, the checkpoint is the one written before the eval,
-    read with its own RNG states, and an amend that fails on any rank leaves it so (a one-line
-    CheckpointError; a resumed run runs the eval again)."""
+    by one updated with ``extra`` and ``rng_after_eval`` (how many ranks wrote theirs), written
+    beside and renamed over. That rename is the one commit point: until it, the checkpoint is the
+    one written before the eval, read with its own RNG states, and an amend that fails on any rank
+    leaves it so (a one-line CheckpointError; a resumed run runs the eval again)."""
     info = info or DistInfo()
 
     def replace_with(target: Path, write) -> None:
