@@ -329,6 +329,28 @@ def test_tensorboard_shows_each_step_once_after_a_resume(tiny, tmp_path, monkeyp
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
 
 
+def test_tensorboard_shows_a_pending_steps_eval_once_after_a_resume(tmp_path):
+    """Step 2's checkpoint was written before its eval, and rank 0 had logged that eval before the
+    run died: resumed, the eval runs again; metrics.jsonl and TensorBoard each hold it once."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    first = MetricsLogger(tmp_path)
+    for step in (1, 2):
+        first.log(step, {"loss": float(step)})
+    first.log(2, {"accuracy": 0.5}, prefix="eval")
+    first.close()
+    truncate_metrics(tmp_path, 2, pending_eval=True)
+    again = MetricsLogger(tmp_path, resume_step=2, pending_eval=True)
+    again.log(2, {"accuracy": 0.5}, prefix="eval")
+    again.log(3, {"loss": 3.0})
+    again.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 2.0), (3, 3.0)]
+    assert [e.step for e in events.Scalars("eval/accuracy")] == [2]
+    assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2, 2, 3]
+
+
 def test_dpo_resumed_after_its_sft_phase_reports_the_same_start(tiny, tmp_path, monkeypatch):
     """The start model's metrics (the SFT-on-chosen model against itself as reference: preference
     accuracy 0.5) are kept in the checkpoints; a resumed run's model object is the untuned one."""

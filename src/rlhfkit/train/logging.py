@@ -13,10 +13,12 @@ from pathlib import Path
 
 class MetricsLogger:
     """Append-only jsonl of metric dicts; rank 0 only (pass ``enabled=False`` elsewhere).
-    ``resume_step``: the checkpoint's step a resumed run continues from."""
+    ``resume_step``: the checkpoint's step a resumed run continues from; ``pending_eval``: that
+    step's eval runs again (its TensorBoard events are written anew from what metrics.jsonl kept)."""
 
     def __init__(self, out_dir: str | Path, enabled: bool = True, report_to: str = "tensorboard",
-                 name: str = "", config: dict | None = None, resume_step: int | None = None):
+                 name: str = "", config: dict | None = None, resume_step: int | None = None,
+                 pending_eval: bool = False):
         self.enabled = enabled
         self.path = Path(out_dir) / "metrics.jsonl"
         self.writer = self.wandb = None
@@ -29,8 +31,12 @@ class MetricsLogger:
                 from torch.utils.tensorboard import SummaryWriter
 
                 # resuming from step N: events a killed run wrote after N are dropped, as metrics.jsonl's are
-                purge = None if resume_step is None else resume_step + 1
+                # (from N itself where N's eval runs again; N's kept lines are then written anew)
+                purge = None if resume_step is None else resume_step + (0 if pending_eval else 1)
                 self.writer = SummaryWriter(str(Path(out_dir) / "tensorboard"), purge_step=purge)
+                if pending_eval and self.path.is_file():
+                    for row in (r for r in read_metrics(out_dir) if r.get("step") == resume_step):
+                        self._scalars(row)
             except ImportError:
                 self.writer = None
         elif report_to == "wandb":  # WANDB_MODE=offline writes <out>/wandb/offline-run-* for `wandb sync`
@@ -47,11 +53,14 @@ class MetricsLogger:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.writer is not None:
-            for k, v in record.items():
-                if k not in ("step", "time_s") and isinstance(v, (int, float)):
-                    self.writer.add_scalar(k, v, step)
+            self._scalars(record)
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}, step=step)
+
+    def _scalars(self, record: dict) -> None:
+        for k, v in record.items():
+            if k not in ("step", "time_s") and isinstance(v, (int, float)):
+                self.writer.add_scalar(k, v, record["step"])
 
     def close(self) -> None:
         if self.writer is not None:

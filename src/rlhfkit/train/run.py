@@ -266,7 +266,8 @@ class Run:
                                  self.state.get("step_logged", True))
         self.logger = MetricsLogger(self.cfg.out_dir, enabled=self.info.is_main, report_to=self.cfg.report_to,
                                     name=f"{self.name} {Path(self.cfg.out_dir).name}", config=self.config,
-                                    resume_step=self.start if self.resuming else None)
+                                    resume_step=self.start if self.resuming else None,
+                                    pending_eval=bool(self.state.get("pending_eval")))
         self.bar = progress(self.max_steps, self.start, desc=f"{self.name} ({self.unit}s)",
                             enabled=self.info.is_main and self.cfg.progress)
 
