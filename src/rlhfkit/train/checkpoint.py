@@ -23,7 +23,7 @@ import torch
 import yaml
 from safetensors.torch import load_model, save_file, save_model
 
-from .dist import DistInfo
+from .dist import DistInfo, any_rank
 
 MARKER = "COMPLETE"
 TRANSIENT = "TRANSIENT"
@@ -167,7 +167,7 @@ def _on_ranks(parts, folder: Path, info: DistInfo) -> str | None:
     the cause (this rank's, or that another rank failed), else None. Every rank gets the same answer."""
     for part, everyone in parts:
         failure = _attempt(part) if everyone or info.is_main else None
-        if _any_rank(failure is not None, info):
+        if any_rank(failure is not None, info):  # also the barrier between parts
             return _cause(failure, folder) if failure is not None else "it failed on another rank"
     return None
 
@@ -179,15 +179,6 @@ def _attempt(part) -> Exception | None:
         e.__traceback__ = None  # its frames hold the half-written files open
         return e
     return None
-
-
-def _any_rank(flag: bool, info: DistInfo) -> bool:
-    """Whether ``flag`` holds on any rank (one all-reduce; doubles as the barrier between parts)."""
-    if not info.enabled:
-        return flag
-    from .dist import all_reduce_sum
-
-    return all_reduce_sum(torch.tensor([float(flag)], dtype=torch.float64), info).item() > 0
 
 
 def write_failure(error: Exception, folder: Path) -> str:

@@ -70,6 +70,13 @@ def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return tensor
 
 
+def any_rank(flag: bool, info: DistInfo) -> bool:
+    """Whether ``flag`` holds on any rank (one all-reduce, so also a barrier)."""
+    if not info.enabled:
+        return bool(flag)
+    return all_reduce_sum(torch.tensor([float(flag)], dtype=torch.float64), info).item() > 0
+
+
 def all_reduce_grads(model: torch.nn.Module, info: DistInfo) -> None:
     """Sum every gradient over ranks in one flat buffer (one collective per step)."""
     if not info.enabled:

@@ -58,7 +58,15 @@ from .checkpoint import (
     write_failure,
 )
 from .config import ConfigError, LoraConfig, TrainConfig, plain_dict
-from .dist import DistInfo, all_reduce_sum, barrier, broadcast_object, broadcast_params, init_distributed
+from .dist import (
+    DistInfo,
+    all_reduce_sum,
+    any_rank,
+    barrier,
+    broadcast_object,
+    broadcast_params,
+    init_distributed,
+)
 from .logging import MetricsLogger, plain, progress, truncate_metrics
 from .optim import check_finite, optimizer_step
 from .plots import plot_runs
@@ -300,14 +308,12 @@ class Run:
         if not self.resuming:
             return
         if self.state.get("pending_eval") and evaluate is not None:  # see step_done
-            stop = torch.tensor([float(bool(self.evaluate(evaluate, self.done).get("stop")))], dtype=torch.float64)
-            self.stopped_early = bool(all_reduce_sum(stop, self.info).item() > 0)  # every rank stops together
+            self.stopped_early = any_rank(bool(self.evaluate(evaluate, self.done).get("stop")), self.info)
             if self.stopped_early and not self.state.get("step_logged", True):  # as an early stop's last step is
                 self.logger.log(self.done, self.metrics)
             self.save(self.done, {k: v for k, v in self.state.items() if k not in RUN_STATE}, into=self.resumed_from)
         elif self.stopped_early:
-            stop = torch.tensor([float(evaluate is not None and bool(evaluate().get("stop")))], dtype=torch.float64)
-            self.stopped_early = bool(all_reduce_sum(stop, self.info).item() > 0)
+            self.stopped_early = any_rank(evaluate is not None and bool(evaluate().get("stop")), self.info)
             if not self.stopped_early:
                 self.say("under this config the eval no longer stops the run: training on")
 
