@@ -272,6 +272,29 @@ def test_a_checkpoint_written_for_an_eval_is_kept_until_a_later_one_and_not_coun
     assert names() == [4, 8]
 
 
+def test_a_checkpoint_is_on_disk_file_marker_rename_in_that_order_before_an_older_one_goes(tmp_path, monkeypatch):
+    root = checkpoint_module.checkpoint_dir(tmp_path)
+    for step in (2, 4):
+        _linear_checkpoint(tmp_path, step, keep=2)
+    events, fsync = [], checkpoint_module.os.fsync
+
+    def record(fd):  # what is on disk, and what the folder looks like when it is made so
+        path = Path(checkpoint_module.os.readlink(f"/proc/self/fd/{fd}"))
+        events.append((path, sorted(p.name for p in root.iterdir())))
+        return fsync(fd)
+
+    monkeypatch.setattr(checkpoint_module.os, "fsync", record)
+    _linear_checkpoint(tmp_path, 6, keep=2)
+    synced = [path for path, _ in events]
+    tmp, final = root / "step-0000006.tmp", root / "step-0000006"
+    marker = synced.index(tmp / checkpoint_module.MARKER)
+    assert {tmp / "model.safetensors", tmp / "optimizer.pt", tmp / "trainer_state.json", tmp} <= set(synced[:marker])
+    assert synced[marker + 1:] == [tmp, root]  # the marker's name, then the rename, each on disk
+    assert events[-1][1] == ["step-0000002", "step-0000004", "step-0000006"]  # renamed; nothing removed yet
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-0000004", "step-0000006"]
+    assert final.is_dir()
+
+
 def test_resuming_from_a_pending_eval_drops_the_lines_its_step_logs_again(tmp_path):
     """The eval line of the checkpoint's step, and its train line where the checkpoint had it unlogged
     (an early stop, on several ranks, logs it after the eval)."""

@@ -107,11 +107,13 @@ def save_checkpoint(out_dir: str | Path, step: int, model, optimizer, scheduler,
         (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         if transient:
             (tmp / TRANSIENT).write_text("written for an eval; removed once a later checkpoint is complete\n")
-        _fsync_dir(tmp)
+        _fsync_dir(tmp)  # every file and the folder's entries on disk before the marker says complete
         (tmp / MARKER).write_text("ok\n")
+        _fsync_dir(tmp, only=MARKER)
         if final.exists():  # a complete checkpoint of the same step from an earlier attempt
             shutil.rmtree(final)
         tmp.rename(final)
+        _fsync_folder(root)  # the rename on disk before rotation removes any older checkpoint
 
     cause = _on_ranks(((prepare, False), (rank_parts, True), (main_parts, False)), root, info)
     if cause is not None:
@@ -270,7 +272,12 @@ def _fsync_folder(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
-    for f in (p for p in path.rglob("*") if p.is_file()):
+def _fsync_dir(path: Path, only: str | None = None) -> None:
+    """Every file below ``path`` (or just its file ``only``) and the entries of the folders that
+    hold them on disk: a file's own fsync does not make its name in the folder durable."""
+    files = [path / only] if only else [p for p in path.rglob("*") if p.is_file()]
+    for f in files:
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
+    for folder in sorted({f.parent for f in files} | {path}):
+        _fsync_folder(folder)
