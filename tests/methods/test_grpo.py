@@ -345,3 +345,12 @@ def test_dynamic_sampling_masks_groups_to_the_loss_of_dropping_them(loss_type):
                           num_tokens=5, max_tokens=3)
     dropped, _ = grpo_loss(lp[:2], old[:2], adv[:2], mask[:2], reduction=reduction, max_tokens=3)
     assert masked.item() == pytest.approx(dropped.item(), abs=1e-7)
+
+
+def test_groups_are_dealt_largest_first_to_the_least_loaded_rank():
+    from rlhfkit.methods.grpo import deal_groups
+
+    # group 1 (9) -> rank 0; 4 (7) -> 1; 2 (6) -> 1, 7 < 9; 5 (5) -> 0, 9 < 13; 0 (2) -> 1, 13 < 14; 3 (2) -> 0
+    assert deal_groups([2, 9, 6, 2, 7, 5], 2) == [[1, 3, 5], [0, 2, 4]]  # 16 and 15
+    assert deal_groups([3, 3, 3], 2) == [[0, 2], [1]]  # ties: the rank with fewer groups, then the lower rank
+    assert deal_groups([4], 3) == [[0], [], []] and deal_groups([], 2) == [[], []]

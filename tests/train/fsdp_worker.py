@@ -91,10 +91,38 @@ def _jobs(rank: int, out: Path, assets: dict) -> dict:
     # DAPO's dynamic sampling: each rank fills its share of the batch, and they sample as many rounds
     run_grpo(dynamic_sampling_config(assets["tiny"], out / "grpo-dynamic", 3, log_every=1, strategy="fsdp"),
              reward_fns=[even_answer_digits])
-    # beta 0 on 2 replicated ranks: groups without a signal left out of the update, or not
-    for skip in (True, False):
-        cfg = method_config("grpo", assets["tiny"], out / f"grpo-skip-{skip}", 3, log_every=1, strategy="replicate")
+    # beta 0 on 2 replicated ranks: groups without a signal left out of the update, or not; left out
+    # and dealt out evenly over the ranks (the default), or each rank forwarding its own
+    import rlhfkit.methods.grpo as grpo_module
+
+    deal, forwarded_rows, gather = grpo_module.deal_groups, grpo_module.forwarded_rows, grpo_module.all_gather_object
+    deals, forwarded, held = [], [], []
+
+    def gathering(value, info):  # each rank's rows with a signal, before the deal
+        parts = gather(value, info)
+        held.append([len(advantages) for _, advantages in parts])
+        return parts
+
+    def dealing(loads, world_size):
+        shares = deal(loads, world_size)
+        deals.append({"loads": loads, "shares": shares, "held_rows": held[-1]})
+        return shares
+
+    def forwarding(run, advantages, mask, cfg):
+        rows = forwarded_rows(run, advantages, mask, cfg)
+        forwarded.append(len(rows))
+        return rows
+
+    grpo_module.deal_groups, grpo_module.forwarded_rows, grpo_module.all_gather_object = dealing, forwarding, gathering
+    for skip, balance in ((True, True), (False, True), (True, False)):
+        grpo_module.BALANCE_RANKS = balance
+        cfg = method_config("grpo", assets["tiny"], out / (f"grpo-skip-{skip}" + ("" if balance else "-own")), 3,
+                            log_every=1, strategy="replicate")
         run_grpo(replace(cfg, beta=0.0, skip_zero_advantage=skip), reward_fns=[even_answer_digits])
+        if (skip, balance) == (True, True):
+            balanced = {"deals": list(deals), "forwarded": list(forwarded)}
+    grpo_module.deal_groups, grpo_module.forwarded_rows, grpo_module.all_gather_object = deal, forwarded_rows, gather
+    grpo_module.BALANCE_RANKS = True
     # the kernels under auto: the ranks' own timings disagree here, and every rank takes rank 0's choice
     from rlhfkit.models import kernels
 
@@ -104,7 +132,7 @@ def _jobs(rank: int, out: Path, assets: dict) -> dict:
     RUNS["sft"](method_config("sft", assets["tiny"], out / "sft-auto", 1))
     chosen = kernels.linear_kernel()[0]
     os.environ["RLHFKIT_FAST_LINEAR"] = "1"
-    return {"bytes": seen, "linear_kernel": chosen}
+    return {"bytes": seen, "linear_kernel": chosen, "balanced": balanced}
 
 
 def _rank(rank: int, out: str, tiny: str, qwen: str) -> None:

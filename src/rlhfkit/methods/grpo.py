@@ -18,6 +18,7 @@ from ..data.encode import check_prompts
 from ..data.formats import user_prompt
 from ..data.rows import read_rows, source_name
 from ..losses.grpo import REDUCTIONS, group_advantages, grpo_loss, overlong_penalty, process_advantages
+from ..models.forward import first_column
 from ..models.load import disable_dropout, load_causal_lm, load_tokenizer
 from ..models.reward import is_likelihood_prm, is_sequence_classifier, is_token_classifier
 from ..rollout.backend import SamplingParams, make_backend
@@ -34,6 +35,7 @@ from ..rollout.rewards import (
 from ..rollout.sampler import Samples, completion_logprobs, decode, join_samples
 from ..tasks import OUTCOME_REWARDS, PROCESS_REWARDS, TASK_CHOICES
 from ..train.config import ConfigError, LoraConfig, RolloutConfig, TrainConfig, at_least, choice, within
+from ..train.dist import all_gather_object
 from ..train.loop import BatchOrder, autocast, reduce_dict, row_chunks
 from ..train.optim import build_optimizer, build_scheduler
 from ..train.run import Run, start_run
@@ -325,6 +327,11 @@ def chunked_logprobs(model, samples: Samples, chunks: list[torch.Tensor], group:
     return out
 
 
+def skips_rows(run: Run, cfg: GRPOConfig) -> bool:
+    """Whether the update leaves groups without a signal out (``forwarded_rows``)."""
+    return cfg.beta == 0 and cfg.skip_zero_advantage and not run.shards_models
+
+
 def forwarded_rows(run: Run, advantages: torch.Tensor, mask: torch.Tensor, cfg: GRPOConfig) -> torch.Tensor:
     """The rows the update forwards: all of them, or, with beta 0 (``skip_zero_advantage``), the
     groups where some advantage is non-zero. A row whose advantages are all zero adds nothing to the
@@ -334,7 +341,7 @@ def forwarded_rows(run: Run, advantages: torch.Tensor, mask: torch.Tensor, cfg: 
     Where no group has a signal the first is forwarded (its gradient is zero), so that every rank
     logs the same metrics. A sharded policy forwards every row: its ranks must run the same forwards."""
     rows = torch.arange(mask.shape[0], device=mask.device)
-    if cfg.beta != 0 or not cfg.skip_zero_advantage or run.shards_models:
+    if not skips_rows(run, cfg):
         return rows
     live = informative(advantages, cfg.group_size).repeat_interleave(cfg.group_size)
     if not live.any():
@@ -342,7 +349,58 @@ def forwarded_rows(run: Run, advantages: torch.Tensor, mask: torch.Tensor, cfg: 
     return rows[live]
 
 
-def update(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: bool) -> dict:
+BALANCE_RANKS = True  # False: each replicated rank forwards its own groups with a signal (benchmarks/onoff.py)
+
+
+def deal_groups(loads: list[float], world_size: int) -> list[list[int]]:
+    """Groups of these ``loads`` dealt to ``world_size`` ranks with near-equal sums: the largest
+    first, each to the rank with the least so far (the lower rank on a tie), so that every rank
+    computes the same deal. Each rank's groups in ascending order."""
+    totals, shares = [0.0] * world_size, [[] for _ in range(world_size)]
+    for g in sorted(range(len(loads)), key=lambda g: (-loads[g], g)):
+        r = min(range(world_size), key=lambda r: (totals[r], len(shares[r]), r))
+        shares[r].append(g)
+        totals[r] += loads[g]
+    return [sorted(share) for share in shares]
+
+
+def _trimmed(samples: Samples, advantages: torch.Tensor) -> tuple[Samples, torch.Tensor]:
+    """Without the prompt columns no row reads (left padding) and the completion columns after every
+    row's last token."""
+    p = first_column(samples.prompt_mask.bool())
+    c = int(samples.completion_mask.bool().any(0).nonzero().max()) + 1 if samples.completion_mask.any() else 1
+    cut = Samples(samples.prompt_ids[:, p:], samples.prompt_mask[:, p:], samples.completion_ids[:, :c],
+                  samples.completion_mask[:, :c], samples.logprobs[:, :c], samples.finished)
+    return cut, advantages[:, :c]
+
+
+def balanced_groups(run: Run, samples: Samples, advantages: torch.Tensor, group_size: int,
+                    pad_id: int) -> tuple[Samples, torch.Tensor]:
+    """Replicated ranks' groups with a signal, dealt out anew so that each rank forwards about as
+    many tokens (prompt once, then its G completions): with beta 0 the update forwards only these
+    (``forwarded_rows``), and how many a rank holds is chance, while the step waits for the
+    slowest rank. The gradients are summed over ranks and the loss's normalisers were summed
+    before, so where a group is forwarded changes the update by float rounding only. A rank dealt
+    none forwards its own first group with its advantages zeroed (a zero gradient), so that every
+    rank still runs a forward."""
+    rows = informative(advantages, group_size).repeat_interleave(group_size).nonzero().flatten()
+    parts = all_gather_object((samples.rows(rows).to("cpu"), advantages[rows].cpu()), run.info)
+    pool = join_samples([s for s, _ in parts], pad_id)
+    width = max(a.shape[1] for _, a in parts)
+    pool_advantages = torch.cat([torch.nn.functional.pad(a, (0, width - a.shape[1])) for _, a in parts])
+    groups = pool.completion_mask.shape[0] // group_size
+    loads = (pool.prompt_mask[::group_size].sum(-1)
+             + pool.completion_mask.reshape(groups, group_size * pool.completion_mask.shape[1]).sum(-1)).tolist()
+    share = deal_groups(loads, run.info.world_size)[run.info.rank]
+    if not share:
+        first = torch.arange(group_size, device=advantages.device)
+        return samples.rows(first), torch.zeros_like(advantages[first])
+    take = torch.cat([torch.arange(g * group_size, (g + 1) * group_size) for g in share])
+    dealt, dealt_advantages = _trimmed(pool.rows(take), pool_advantages[take])
+    return dealt.to(advantages.device), dealt_advantages.to(advantages.device)
+
+
+def update(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: bool, pad_id: int = 0) -> dict:
     """mu optimizer steps on one batch of samples; returns the last iteration's metrics (rank-local).
 
     pi_old: with mu = 1 the current policy (ratio 1 in value, not in gradient); with mu > 1 the
@@ -355,6 +413,10 @@ def update(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: 
     counts = reduce_dict({"sequences": (mask.sum(-1) > 0).sum().item(), "tokens": mask.sum().item()}, run.info)
     if counts["sequences"] == 0:  # every group of every rank dropped: no update, on every rank alike
         return {"update_skipped": 1.0}
+    local_rows = mask.shape[0]
+    if BALANCE_RANKS and skips_rows(run, cfg) and run.info.enabled:
+        samples, advantages = balanced_groups(run, samples, advantages, cfg.group_size, pad_id)
+        mask = samples.completion_mask
     rows = forwarded_rows(run, advantages, mask, cfg)
     chunks = [rows[i] for i in row_chunks(len(rows), cfg.train.micro_batch_size)]
     forwarded = mask[rows].sum().clamp(min=1)  # the tokens the logged means are over
@@ -386,13 +448,13 @@ def update(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: 
                          "logprob_gap": ((samples.logprobs[index] - logprobs.detach()).abs() * mask[index]).sum()
                          / mask[index].sum().clamp(min=1)}.items():
                 sums[k] = sums.get(k, 0.0) + float(v * share)
-        if len(rows) < mask.shape[0]:  # a parameter only skipped rows reached has a zero gradient, not None:
+        if len(rows) < local_rows:  # a parameter only skipped rows reached has a zero gradient, not None:
             for p in policy.parameters():  # AdamW then steps it (momentum, decay) as the full update would
                 if p.requires_grad and p.grad is None:
                     p.grad = torch.zeros_like(p)
         loss_value, grad_norm = run.optimizer_step(loss)
     return {**sums, "loss": loss_value, "grad_norm": grad_norm, "update_skipped": 0.0,
-            "update_rows_forwarded": len(rows) / max(mask.shape[0], 1)}
+            "update_rows_forwarded": len(rows) / max(local_rows, 1)}
 
 
 def step_metrics(batch: Rollout, group_size: int) -> dict:
@@ -459,7 +521,7 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
         else:
             pool = batch = draw(step, 0)
             fill = {}
-        metrics = update(run, policy, reference, batch, cfg, exact)
+        metrics = update(run, policy, reference, batch, cfg, exact, tokenizer.pad_token_id)
         run.step_done(means={**step_metrics(pool, cfg.group_size), **metrics, **retokenised, **fill,
                              "time_weight_sync_s": sync},
                       evaluate=evaluate)

@@ -15,7 +15,7 @@ backend, never this function by name.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import List, Optional, Tuple
 
 import torch
@@ -54,6 +54,10 @@ class Samples:
         """The samples at ``index`` (a minibatch), every field sliced alike."""
         return Samples(self.prompt_ids[index], self.prompt_mask[index], self.completion_ids[index],
                        self.completion_mask[index], self.logprobs[index], self.finished[index])
+
+    def to(self, device) -> "Samples":
+        """Every field on ``device``."""
+        return Samples(*(getattr(self, f.name).to(device) for f in fields(self)))
 
 
 def join_samples(parts: list[Samples], pad_id: int) -> Samples:

@@ -110,6 +110,15 @@ def broadcast_object(value, info: DistInfo):
     return box[0]
 
 
+def all_gather_object(value, info: DistInfo) -> list:
+    """Every rank's ``value`` (any picklable object), in rank order."""
+    if not info.enabled:
+        return [value]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, value)
+    return out
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
