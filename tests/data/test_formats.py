@@ -162,7 +162,7 @@ def test_datasets_objects_and_saved_folders(tmp_path, tok):
     both.save_to_disk(str(tmp_path / "both"))
     assert [r.data for r in read_rows(tmp_path / "one")] == list(train)
     rows = read_rows(f"{tmp_path / 'both'}:test")
-    assert [r.data for r in rows] == list(test) and rows[0].where == f"{tmp_path / 'both'}:test:row 0"
+    assert [r.data for r in rows] == list(test) and rows[0].where == f"{tmp_path / 'both'}:test:row 1"
     with pytest.raises(DataError, match="no split 'dev'; the splits are test, train"):
         read_rows(f"{tmp_path / 'both'}:dev")
     with pytest.raises(DataError, match="splits test, train; name one"):

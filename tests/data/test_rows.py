@@ -41,6 +41,9 @@ def test_empty_file_and_bad_json(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": \n')
     with pytest.raises(DataError, match=r"bad.jsonl:2: not valid JSON"):
         read_rows(tmp_path / "bad.jsonl")
+    (tmp_path / "brace.jsonl").write_text('{"prompt": "a", "completion": "b"\n')  # no closing brace
+    with pytest.raises(DataError, match=r"brace.jsonl:1: not valid JSON \(Expecting ',' delimiter at column 34\)"):
+        read_rows(tmp_path / "brace.jsonl")  # the line's end, not "column 1" of the line after it
 
 
 def test_overlong_policies(tmp_path, tok):
@@ -75,7 +78,7 @@ def test_json_arrays_csv_and_table_nulls(tmp_path):
     (tmp_path / "one.json").write_text(json.dumps(rows))
     for name in ("pretty.json", "one.json"):
         read = read_rows(tmp_path / name)
-        assert [r.data for r in read] == rows and read[1].where == f"{tmp_path / name}:row 1"
+        assert [r.data for r in read] == rows and read[1].where == f"{tmp_path / name}:row 2"
     _jsonl(tmp_path / "lines.json", rows)  # JSON lines under a .json name, as before
     assert [r.data for r in read_rows(tmp_path / "lines.json")] == rows
     (tmp_path / "bad.json").write_text('[\n  {"prompt": "a"},\n  {"prompt": \n]')
@@ -97,7 +100,7 @@ def test_json_arrays_csv_and_table_nulls(tmp_path):
 
 def test_chat_row_needs_an_assistant_turn(tok):
     bad = [{"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}]}]
-    with pytest.raises(DataError, match=r"row 0: field 'messages' has no assistant turn after the first message"):
+    with pytest.raises(DataError, match=r"row 1: field 'messages' has no assistant turn after the first message"):
         encode_sft(read_rows(bad), tok, 64)
 
 

@@ -47,6 +47,10 @@ def test_conversational_form_uses_the_chat_template(tok):
     ({"prompt": "Q", "completions": "a", "labels": [True]}, "field 'completions' must be a list"),
     ({"prompt": "Q", "completions": ["a"]}, "field 'labels' must be a list (one entry per step), got missing"),
     ({"completions": ["a"], "labels": [True]}, "missing field 'prompt'"),
+    ({"prompt": "Q", "completions": ["a", "b\nc"], "labels": [True, True]},
+     "field 'completions[1]' holds the step separator '\\n'"),
+    ({"prompt": "Q", "chosen": "a", "rejected": "b"}, "a preference (prompt, chosen, rejected) row is not PRM data; "
+                                                     "that format is for rm and dpo"),
 ])
 def test_bad_rows_name_file_line_and_field(tmp_path, tok, row, message):
     path = _jsonl(tmp_path / "prm.jsonl", [{"prompt": "Q", "completions": ["a"], "labels": [True]}, row])

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from rlhfkit.data.encode import check_prompts, encode_sft
-from rlhfkit.data.prefs import encode_rankings
+from rlhfkit.data.encode import check_prompts, completion_ids, encode_sft
+from rlhfkit.data.prefs import encode_rankings, ranking_completions
 from rlhfkit.data.rows import DataError, Row, read_rows, reads
 from rlhfkit.models.load import load_tokenizer
 from rlhfkit.rollout.rewards import RESERVED, reward_fields
@@ -56,18 +56,20 @@ def test_a_prompt_row_without_a_field_a_reward_reads_fails_with_file_line_field(
         check_prompts(rows, tok, ("answer",), RESERVED)
     with pytest.raises(DataError, match=r"p.jsonl:302: missing field 'answer'"):  # null counts as missing
         check_prompts(rows[:300] + rows[301:], tok, ("answer",), RESERVED)
-    with pytest.raises(DataError, match=r"<list>:row 0: missing field 'prompt'"):
+    with pytest.raises(DataError, match=r"<list>:row 1: missing field 'prompt'"):
         check_prompts(read_rows([{"answer": 1}]), tok)
 
 
 def test_row_fields_named_like_reward_arguments_are_refused_by_name(tiny, tok):
-    rankings = read_rows(tiny["data"] / "rankings_train.jsonl")[:3]  # a rankings file given as prompts
-    with pytest.raises(DataError, match=r"rankings_train.jsonl:1: field 'completions' has the name of an argument "
-                                        r"every reward takes"):
+    rankings = read_rows(tiny["data"] / "rankings_train.jsonl")[:3]  # a rankings file given as prompts: whose it is
+    with pytest.raises(DataError, match=r"rankings_train.jsonl:1: a ranking \(prompt, completions\) row is not grpo or "
+                                        r"ppo data; that format is for rm and dpo"):
         check_prompts(rankings, tok, (), RESERVED)
     for name in RESERVED:
-        with pytest.raises(DataError, match=f"field '{name}'"):
-            check_prompts([Row("x:1", {"prompt": "p", name: 1})], tok, (), RESERVED)
+        row = Row("x:1", {"prompt": "p", "answer": 2, name: 1})
+        with pytest.raises(DataError, match=f"field '{name}' has the name of an argument every reward takes"
+                           if name != "completions" else "a ranking"):  # prompt + completions: a ranking row
+            check_prompts([row], tok, (), RESERVED)
 
 
 def test_truncated_pairs_that_became_identical_are_skipped_and_counted_per_row(tok):
@@ -96,3 +98,20 @@ def test_text_the_tokenizer_cannot_encode_is_counted_with_a_warning(tok):
     assert "warning: 2 rows hold text the tokenizer maps to its unknown token (first: s:2)" in report.summary()
     assert "warning" not in encode_sft(rows[:1], tok, 64)[1].summary()
     assert check_prompts(rows, tok).unknown == ["s:2"]
+
+
+def test_an_answer_of_the_wrong_type_or_with_nothing_after_the_shared_prompt_says_so(tok):
+    with pytest.raises(DataError, match=r"d.jsonl:3: field 'completion' must be a string or a list of chat messages, "
+                                        r"got int"):
+        completion_ids(tok, Row("d.jsonl:3", {"prompt": "a", "completion": 2}), "completion", 2)
+    row = Row("p.jsonl:2", {"chosen": "What is 1+1? 2", "rejected": "What is 1+1? 2 3"})
+    with pytest.raises(DataError, match=r"p.jsonl:2: field 'chosen' has nothing after the prompt that 'chosen' and "
+                                        r"'rejected' share"):
+        ranking_completions(row, "rm")
+
+
+def test_another_methods_rows_given_as_prompts_say_whose_they_are(tok):
+    rows = read_rows([{"prompt": "Q", "completions": ["a"], "labels": [True]}])
+    with pytest.raises(DataError, match=r"<list>:row 1: a stepwise-supervision .* row is not grpo or ppo data; that "
+                                        r"format is for a process reward model"):
+        check_prompts(rows, tok, reserved=RESERVED)

@@ -25,6 +25,17 @@ def test_help_lists_the_commands():
         assert command in out.stdout
 
 
+def test_tiny_leaves_a_folder_that_holds_files_alone_unless_forced(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("edited by hand")
+    out = rlhfkit("tiny", "--out", tmp_path / "mine", "--hidden", 16, "--layers", 1)
+    assert out.returncode == 2 and "already holds files" in out.stderr and "--force" in out.stderr
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
+    out = rlhfkit("tiny", "--out", tmp_path / "mine", "--hidden", 16, "--layers", 1, "--force")
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "mine" / "base" / "config.json").is_file()
+
+
 def test_sft_then_eval_then_plain_transformers(tiny, sft_run, tmp_path):
     data = tiny["data"]
     run = tmp_path / "run"
@@ -115,16 +126,18 @@ def test_torchrun_two_ranks_match_one_process(tiny, tmp_path):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "rlhfkit.cli.main", "sft", *common, "train.micro_batch_size=4", f"train.out_dir={out}"]
         try:
-            subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=ENV)
-        except subprocess.TimeoutExpired:
-            pass  # gloo sometimes hangs at teardown on 2 cores; the metrics were written before it
+            stdout = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=ENV).stdout
+        except subprocess.TimeoutExpired as e:
+            stdout = e.stdout or ""  # gloo sometimes hangs at teardown on 2 cores; the metrics were written before it
+            stdout = stdout.decode() if isinstance(stdout, bytes) else stdout
         path = out / "metrics.jsonl"
-        return [m["train/loss"] for m in read_metrics(out)] if path.exists() else []
+        return ([m["train/loss"] for m in read_metrics(out)] if path.exists() else []), stdout
 
-    two = two_ranks(tmp_path / "two")
+    two, stdout = two_ranks(tmp_path / "two")
     if len(two) != 4:  # one retry, as multi-process gloo runs here sometimes abort
-        two = two_ranks(tmp_path / "two-retry")
+        two, stdout = two_ranks(tmp_path / "two-retry")
     assert len(two) == 4
+    assert stdout.count('"steps_unit"') == 1  # the summary, from rank 0 only
     assert torch.allclose(torch.tensor(one), torch.tensor(two), atol=1e-5), (one, two)
     assert one[-1] < one[0]
 
@@ -161,6 +174,10 @@ def test_rm_cli_then_eval_reports_pairwise_accuracy(tiny, tmp_path):
     assert ev.returncode == 0, ev.stderr
     short = json.loads((tmp_path / "short" / "eval.json").read_text())
     assert short["lengths"] == "40 rows, 0 truncated, 20 skipped" and 0 < short["pairs"] < result["pairs"]
+    # a DPO reference or a greedy answer's length would be ignored for a reward model: refused, not dropped
+    ev = rlhfkit("eval", "--model", tmp_path / "rm" / "model", "--data", data / "rankings_eval.jsonl", "--ref",
+                 tiny["base"], "--max-new-tokens", 8)
+    assert ev.returncode == 2 and "is a reward model, whose eval reads no --ref or --max-new-tokens" in ev.stderr
 
 
 def test_dpo_cli_then_eval_reports_preference_accuracy(tiny, tmp_path):

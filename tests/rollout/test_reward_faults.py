@@ -75,5 +75,6 @@ def test_grpo_checks_every_prompt_row_for_the_rewards_fields_before_any_model_lo
 def test_grpo_refuses_a_rankings_file_whose_fields_collide_with_reward_arguments(tiny, tmp_path, monkeypatch):
     _no_model_loads(monkeypatch)
     cfg = replace(method_config("grpo", tiny, tmp_path / "g", 1), train_data=str(tiny["data"] / "rankings_train.jsonl"))
-    with pytest.raises(DataError, match=r"rankings_train.jsonl:1: field 'completions' has the name of an argument"):
+    with pytest.raises(DataError, match=r"rankings_train.jsonl:1: a ranking \(prompt, completions\) row is not grpo or "
+                                        r"ppo data"):
         run_grpo(cfg)  # before: "got multiple values for argument 'completions'" in every reward call

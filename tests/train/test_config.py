@@ -101,3 +101,15 @@ def test_lora_target_modules_may_be_a_yaml_list(tmp_path):
     for bad in ("5", "null"):
         with pytest.raises(ConfigError, match="'lora.target_modules' must be all-linear or module names"):
             load_config(SFTConfig, overrides=[f"lora.target_modules={bad}"])
+
+
+def test_a_resume_may_change_cadence_length_and_engine_but_not_what_the_steps_compute():
+    from rlhfkit.train.config import resume_changes
+
+    saved = {"beta": 0.1, "eval_limit": 8, "train": {"lr": 1e-3, "max_steps": 4, "save_every": 2},
+             "rollout": {"backend": "sampler"}, "lora": {"r": 0}}
+    now = {"beta": 0.2, "eval_limit": 16, "train": {"lr": 1e-3, "max_steps": 8, "save_every": 2, "seed": 1},
+           "rollout": {"backend": "vllm"}, "lora": {"r": 8}}
+    allowed, refused = resume_changes(saved, now)
+    assert allowed == ["eval_limit: 8 -> 16", "train.max_steps: 4 -> 8", "rollout.backend: 'sampler' -> 'vllm'"]
+    assert refused == ["beta: 0.1 -> 0.2", "lora.r: 0 -> 8"]  # train.seed is not in the saved config: not compared

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from methods_setup import RUNS, method_config, reward_folder, small
 
 import rlhfkit.train.checkpoint as checkpoint_module
@@ -334,6 +335,25 @@ def test_the_logged_lr_is_the_rate_each_step_took(tiny, tmp_path):
     run_sft(replace(method_config("sft", tiny, tmp_path / "run", 4, warmup_steps=2), train__schedule="linear"))
     logged = [m["train/lr"] for m in read_metrics(tmp_path / "run") if "train/lr" in m]
     assert logged == pytest.approx([5e-4, 1e-3, 1e-3, 5e-4], abs=1e-12)
+
+
+def test_a_resume_that_changes_what_the_steps_were_trained_with_is_refused_before_any_model_loads(tiny, tmp_path,
+                                                                                                   capfd):
+    """The checkpoint's scheduler would keep its lr and its place in the data would be applied to
+    other rows: a changed lr or data is one line naming the keys; a longer run and another log
+    cadence go on, and say so."""
+    cfg = method_config("sft", tiny, tmp_path / "run", 2)
+    run_sft(cfg)
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(Path(cfg.train_data).read_text().splitlines(keepends=True)[:16]))
+    with pytest.raises(ConfigError, match=r"train_data: '.*' -> '.*other\.jsonl'; train\.lr: 0\.001 -> 0\.01\).*another train\.out_dir"):
+        run_sft(replace(cfg, train__resume=True, train__max_steps=4, train__lr=1e-2, train_data=str(other)))
+    assert [m["step"] for m in read_metrics(tmp_path / "run") if "train/loss" in m] == [1, 2]  # nothing ran
+    capfd.readouterr()
+    run_sft(replace(cfg, train__resume=True, train__max_steps=4, train__log_every=2))
+    assert "train.max_steps: 2 -> 4; train.log_every: 1 -> 2" in capfd.readouterr().err
+    assert [m["step"] for m in read_metrics(tmp_path / "run") if "train/loss" in m] == [1, 2, 4]
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]["max_steps"] == 4
 
 
 def test_tensorboard_shows_each_step_once_after_a_resume(tiny, tmp_path, monkeypatch):

@@ -71,7 +71,8 @@ def cmd_method(args) -> int:
     config_cls, run = _methods()[args.command]
     cfg = load_config(config_cls, resolve_config(args.config) if args.config else None, args.overrides)
     summary = run(cfg)
-    print(json.dumps({k: v for k, v in summary.items() if k != "evals"}, indent=1))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns it: rank 0 says it once
+        print(json.dumps({k: v for k, v in summary.items() if k != "evals"}, indent=1))
     return 0
 
 
@@ -120,6 +121,10 @@ def cmd_tiny(args) -> int:
     if args.hidden % 8:
         raise ConfigError(f"--hidden {args.hidden}: a multiple of 8 (4 attention heads of an even width, as the "
                           "rotary embedding needs)")
+    out = Path(args.out)
+    if out.is_dir() and any(out.iterdir()) and not args.force:
+        raise ConfigError(f"--out {out} already holds files (an earlier tiny default, perhaps edited): "
+                          "pass --force to write over them, or another --out")
     spec = TinySpec(hidden_size=args.hidden, num_layers=args.layers, intermediate_size=4 * args.hidden)
     paths = write_tiny_default(args.out, spec, seed=args.seed)
     for name, path in paths.items():
@@ -131,11 +136,15 @@ def cmd_eval(args) -> int:
     from ..data.rows import read_rows
     from ..models.reward import is_likelihood_prm, is_sequence_classifier, is_token_classifier
 
+    kind = ("a process reward model" if is_token_classifier(args.model) or is_likelihood_prm(args.model) else
+            "a reward model" if is_sequence_classifier(args.model) else
+            "a policy against its reference" if args.ref else "a policy")
+    _refuse_unread(args, kind)
     rows = read_rows(args.data)
     if args.limit:
         rows = rows[: args.limit]
     report = None  # what --overlong did to preference and step rows
-    if is_token_classifier(args.model) or is_likelihood_prm(args.model):  # a PRM: step accuracy, F1, first error
+    if kind == "a process reward model":  # step accuracy, F1, first error
         from ..data.steps import encode_step_rows
         from ..methods.prm import step_metrics
         from ..models.load import load_tokenizer
@@ -146,7 +155,7 @@ def cmd_eval(args) -> int:
         separator = getattr(model.config, "step_separator", None) or "\n"
         examples, report = encode_step_rows(rows, tokenizer, separator, args.max_length, args.overlong)
         metrics = step_metrics(model, examples, tokenizer.pad_token_id)
-    elif is_sequence_classifier(args.model):  # a reward model: pairwise accuracy on rankings or pairs
+    elif kind == "a reward model":  # pairwise accuracy on rankings or pairs
         from ..data.prefs import encode_rankings
         from ..methods.rm import ranking_metrics
         from ..models.load import load_tokenizer
@@ -182,6 +191,23 @@ def cmd_eval(args) -> int:
     return 0
 
 
+# The eval options each kind of model reads: the rest, given, would be ignored
+EVAL_READS = {"a process reward model": ("--max-length", "--overlong"), "a reward model": ("--max-length", "--overlong"),
+              "a policy against its reference": ("--max-length", "--overlong", "--ref"),
+              "a policy": ("--max-new-tokens",)}
+EVAL_DEFAULTS = {"--max-length": 512, "--overlong": "error", "--ref": None, "--max-new-tokens": 64}
+
+
+def _refuse_unread(args, kind: str) -> None:
+    given = [o for o, default in EVAL_DEFAULTS.items()
+             if o not in EVAL_READS[kind] and getattr(args, o[2:].replace("-", "_")) != default]
+    if given:
+        from ..train.config import ConfigError
+
+        raise ConfigError(f"{args.model} is {kind}, whose eval reads no {' or '.join(given)}: leave "
+                          f"{'it' if len(given) == 1 else 'them'} out")
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -205,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hidden", type=at_least(8), default=64, help="width: a multiple of 8 (4 heads of an even width)")
     p.add_argument("--layers", type=at_least(1), default=2)
+    p.add_argument("--force", action="store_true", help="write over the files of an --out folder that is not empty")
     p.set_defaults(func=cmd_tiny)
     p = sub.add_parser("eval", help="held-out metrics -> eval.json: exact-match accuracy of a policy, "
                        "pairwise accuracy and Kendall tau of a reward model, or step accuracy of a PRM")
@@ -213,11 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="jsonl/parquet rows with prompt and answer (or a completion)")
     p.add_argument("--out", help="folder for eval.json (default: the model folder)")
     p.add_argument("--limit", type=at_least(0), default=0, help="the first N rows (0: all)")
-    p.add_argument("--max-new-tokens", type=at_least(1), default=64,
+    p.add_argument("--max-new-tokens", type=at_least(1), default=EVAL_DEFAULTS["--max-new-tokens"],
                    help="longest greedy answer (default 64; the multi-step task's answers need up to 34)")
-    p.add_argument("--max-length", type=at_least(2), default=512,
+    p.add_argument("--max-length", type=at_least(2), default=EVAL_DEFAULTS["--max-length"],
                    help="for preference and step data: longest prompt+completion")
-    p.add_argument("--overlong", choices=("error", "truncate", "skip"), default="error",  # data/encode.py's policies
+    p.add_argument("--overlong", choices=("error", "truncate", "skip"), default=EVAL_DEFAULTS["--overlong"],  # data/encode.py's policies
                    help="preference and step rows longer than --max-length: error (default), truncate or skip; "
                         "eval.json says how many")
     p.add_argument("--ref", help="reference model folder: report a DPO policy's preference accuracy on pairs/rankings")
@@ -255,23 +282,29 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (DataError, ModelLoadError, CheckpointError, ConfigError, NonFiniteError, RewardError, ConfigNotFound) as e:
-        print(f"rlhfkit {args.command}: error: {e}", file=sys.stderr)
+        print(f"{_who(args)}: error: {e}", file=sys.stderr)
         return 2
     except Preempted as e:
-        print(f"rlhfkit {args.command}: {e}", file=sys.stderr)
+        print(f"{_who(args)}: {e}", file=sys.stderr)
         return 128 + e.signum
     except KeyboardInterrupt:  # SIGINT outside the training steps (loading, evaluating, saving the model)
-        print(f"rlhfkit {args.command}: interrupted; the last complete checkpoint, if any, is kept "
+        print(f"{_who(args)}: interrupted; the last complete checkpoint, if any, is kept "
               "(train.resume=true continues from it)", file=sys.stderr)
         return 130
     except OSError as e:  # a folder that cannot be written, a file that cannot be read
-        print(f"rlhfkit {args.command}: error: {e}", file=sys.stderr)
+        print(f"{_who(args)}: error: {e}", file=sys.stderr)
         return 2
     finally:
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _who(args) -> str:
+    """``rlhfkit METHOD``, and under torchrun the rank past 0 (each rank reports its own failure)."""
+    rank = os.environ.get("RANK", "0")
+    return f"rlhfkit {args.command}" + (f" (rank {rank})" if rank != "0" else "")
 
 
 if __name__ == "__main__":

@@ -120,6 +120,9 @@ def completion_ids(tokenizer, row: Row, field: str, completion) -> list[int]:
         if not completion.strip():
             raise DataError(f"{row.where}: field '{field}' is empty")
         return encode_completion(tokenizer, completion)
+    if not isinstance(completion, list):
+        raise DataError(f"{row.where}: field '{field}' must be a string or a list of chat messages, "
+                        f"got {type(completion).__name__}")
     turn = check_messages(row, field, completion)
     context = chat_prompt(row)
     if context is None:
@@ -292,6 +295,8 @@ def check_prompts(rows: list[Row], tokenizer, required=(), reserved=()) -> Lengt
     every field the rewards read (``required``) and none named like a reward argument (``reserved``)."""
     from .rows import check_fields
 
+    for row in rows:  # rows of another method's data: say so before their fields are read as a reward's
+        require_format(row, "grpo or ppo", ("prompt_only", "prompt_completion", "language_modeling"))
     check_fields(rows, required, reserved, why=" (a reward reads it)")
     for row in rows:
         check_prompt_row(row)

@@ -122,6 +122,11 @@ def ranking_completions(row: Row, method: str = "rm and dpo") -> tuple[list, lis
     chosen, rejected = row.data["chosen"], row.data["rejected"]
     if fmt == "implicit_preference":
         _, chosen, rejected = shared_prefix(chosen, rejected)
+        for name, rest in (("chosen", chosen), ("rejected", rejected)):
+            if not (rest.strip() if isinstance(rest, str) else rest) and row.data["chosen"] != row.data["rejected"]:
+                raise DataError(f"{row.where}: field '{name}' has nothing after the prompt that 'chosen' and "
+                                "'rejected' share (the whole of it is the start of the other): give the prompt in a "
+                                "'prompt' field, or answers that differ")
     if chosen == rejected:
         raise DataError(f"{row.where}: fields 'chosen' and 'rejected' are the same text")
     return [chosen, rejected], [0, 1]

@@ -1,7 +1,7 @@
 """Reading rows from jsonl, a JSON array, csv, parquet, a saved dataset folder or a
 ``datasets.Dataset``, with errors that name the place.
 
-Every row carries ``where`` ("path:line" for jsonl and csv, "path:row N" otherwise) so a
+Every row carries ``where`` ("path:line" for jsonl and csv, "path:row N" otherwise, N from 1) so a
 validation error can say exactly which line and which field is wrong. Nothing is skipped
 silently. A table (parquet, csv, a dataset) gives every row every column: a null there is a
 field the row does not have, as if a jsonl line left it out.
@@ -56,10 +56,11 @@ def read_rows(source) -> list[Row]:
     if _is_dataset_dict(source):
         return _one_split(source, None, "<DatasetDict>")
     if isinstance(source, list):
-        rows = [Row(f"<list>:row {i}", _as_dict(r, f"<list>:row {i}")) for i, r in enumerate(source)]
+        rows = [Row(f"<list>:row {i}", _as_dict(r, f"<list>:row {i}")) for i, r in enumerate(source, start=1)]
     else:  # a datasets.Dataset (a table: its nulls are absent fields), or anything iterable of dicts
         name = getattr(source, "info", None) and getattr(source.info, "dataset_name", None) or "<dataset>"
-        rows = [Row(f"{name}:row {i}", _present(_as_dict(r, f"{name}:row {i}"))) for i, r in enumerate(source)]
+        rows = [Row(f"{name}:row {i}", _present(_as_dict(r, f"{name}:row {i}")))
+                for i, r in enumerate(source, start=1)]
     if not rows:
         raise DataError("the dataset holds no rows")
     return rows
@@ -108,7 +109,7 @@ def _read_saved(folder: Path, split: str | None) -> list[Row]:
 
 
 def _from_dataset(ds, name: str) -> list[Row]:
-    rows = [Row(f"{name}:row {i}", _present(_as_dict(r, f"{name}:row {i}"))) for i, r in enumerate(ds)]
+    rows = [Row(f"{name}:row {i}", _present(_as_dict(r, f"{name}:row {i}"))) for i, r in enumerate(ds, start=1)]
     if not rows:
         raise DataError(f"{name}: the dataset holds no rows")
     return rows
@@ -137,7 +138,7 @@ def _read_jsonl(path: Path) -> list[Row]:
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(line.rstrip("\r\n"))  # a column past the line's end, not "column 1" of the next
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
             rows.append(Row(where, _as_dict(obj, where)))
@@ -157,7 +158,7 @@ def _read_json(path: Path) -> list[Row]:
         raise DataError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-    return [Row(f"{path}:row {i}", _as_dict(item, f"{path}:row {i}")) for i, item in enumerate(items)]
+    return [Row(f"{path}:row {i}", _as_dict(item, f"{path}:row {i}")) for i, item in enumerate(items, start=1)]
 
 
 def _read_csv(path: Path) -> list[Row]:
@@ -184,7 +185,7 @@ def _read_parquet(path: Path) -> list[Row]:
     import datasets
 
     ds = datasets.Dataset.from_parquet(str(path))
-    return [Row(f"{path}:row {i}", _present(dict(r))) for i, r in enumerate(ds)]
+    return [Row(f"{path}:row {i}", _present(dict(r))) for i, r in enumerate(ds, start=1)]
 
 
 def _require(row: Row, field: str):

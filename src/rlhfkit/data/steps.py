@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .encode import OVERLONG_HINT, LengthReport, encode_prompt, encode_row_prompt
+from .formats import require_format
 from .rows import DataError, Row, get_str
 
 
@@ -54,6 +55,8 @@ def step_prompt(row: Row, tokenizer) -> list[int]:
 
 def read_steps(row: Row) -> tuple[list[str], tuple[bool, ...]]:
     """(steps, labels) of a row, or a DataError naming the place and the field."""
+    if "completions" not in row.data:  # another method's data (pairs, prompts): say which
+        require_format(row, "PRM", ("stepwise",))
     steps, labels = row.data.get("completions"), row.data.get("labels")
     for name, value in (("completions", steps), ("labels", labels)):
         if not isinstance(value, list):
@@ -104,6 +107,11 @@ def encode_step_rows(rows: list[Row], tokenizer, separator: str, max_length: int
     sep_ids, report, examples = separator_ids(tokenizer, separator), LengthReport(rows=len(rows)), []
     for row in rows:
         steps, labels = read_steps(row)
+        inside = next((i for i, step in enumerate(steps) if separator in step), None)
+        if inside is not None:
+            raise DataError(f"{row.where}: field 'completions[{inside}]' holds the step separator {separator!r}; a "
+                            "policy's completion is split at it (GRPO's prm:), so the model would learn one step where "
+                            "it is later asked about several: split the step, or set another step_separator")
         ids, positions, spans = encode_steps(tokenizer, step_prompt(row, tokenizer), steps, sep_ids)
         if len(ids) > max_length:
             if overlong == "error":

@@ -279,6 +279,39 @@ def to_dict(config) -> dict:
     return dataclasses.asdict(config)
 
 
+# What a resumed run may set anew: where and how it runs (layouts that compute the same update),
+# how often it logs, evaluates and saves, how long it goes on, its evals, what stops it and its
+# rollout engine. Any other key would change what the steps after the checkpoint compute against
+# those before it, which the checkpoint's optimizer, schedule and place in the data would not follow
+# (its lr, data and batch size would win silently): refused.
+RESUMABLE = ("train.resume", "train.out_dir", "train.max_steps", "train.epochs", "train.micro_batch_size",
+             "train.strategy", "train.device", "train.log_every", "train.eval_every", "train.save_every",
+             "train.keep_checkpoints", "train.progress", "train.report_to", "train.plots",
+             "train.activation_checkpointing", "rollout.", "eval_", "stop_at_accuracy", "snapshot_at_accuracy",
+             "share_prompt", "packing", "skip_zero_advantage", "reward_timeout_s")
+
+
+def flat(config: dict, prefix: str = "") -> dict:
+    """A nested config dict as dotted keys: {"train": {"lr": 1}} -> {"train.lr": 1}."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def resume_changes(saved: dict, now: dict) -> tuple[list[str], list[str]]:
+    """The keys set in both configs whose values differ, as "key: saved -> now": those a resumed run
+    may change (``RESUMABLE``), and the rest."""
+    before, after = flat(saved), flat(now)
+    changed = [k for k in after if k in before and before[k] != after[k]]
+    said = [f"{k}: {before[k]!r} -> {after[k]!r}" for k in changed]
+    allowed = [k.startswith(RESUMABLE) for k in changed]
+    return [d for d, ok in zip(said, allowed) if ok], [d for d, ok in zip(said, allowed) if not ok]
+
+
 def plain_dict(config) -> dict:
     """The config as YAML-safe values; an object in a field (a ``datasets.Dataset`` passed as
     ``train_data``) is written as a short description instead of failing at the first save."""

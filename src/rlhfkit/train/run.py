@@ -57,7 +57,7 @@ from .checkpoint import (
     save_checkpoint,
     write_failure,
 )
-from .config import ConfigError, LoraConfig, TrainConfig, plain_dict
+from .config import ConfigError, LoraConfig, TrainConfig, plain_dict, resume_changes
 from .dist import (
     DistInfo,
     all_reduce_sum,
@@ -490,6 +490,19 @@ def kernel_line(pinned: str = "") -> str:
     return line + "; RLHFKIT_FAST_LINEAR=1 or 0 forces oneDNN or BLAS"
 
 
+def check_resumed_config(checkpoint: Path, now: dict, info: DistInfo) -> None:
+    """Refuse, before any model loads, a resumed run whose config changes what the checkpoint's
+    steps were trained with (``config.resume_changes``); say what else it changes."""
+    saved = yaml.safe_load((checkpoint / "config.yaml").read_text()) or {}
+    allowed, refused = resume_changes(saved, now)
+    if refused:
+        raise ConfigError(f"train.resume: {checkpoint} was trained with other settings ({'; '.join(refused)}); "
+                          "a resumed run goes on with the checkpoint's optimizer, schedule and place in the data, "
+                          "so give the values it had, or start a new run in another train.out_dir")
+    if allowed and info.is_main:
+        print(f"resuming {checkpoint} with {'; '.join(allowed)}", file=sys.stderr)
+
+
 def start_run(cfg: TrainConfig, config, name: str, unit: str = "optimizer step",
               show: tuple[str, ...] = ("loss",)) -> Run:
     """Distributed set-up and the out-dir check, before any model loads; writes config.yaml."""
@@ -498,6 +511,8 @@ def start_run(cfg: TrainConfig, config, name: str, unit: str = "optimizer step",
         split_batch(cfg, info)
     resuming = prepare_out_dir(cfg, info)
     resolved = plain_dict(config)
+    if resuming:
+        check_resumed_config(latest_checkpoint(cfg.out_dir), resolved, info)
     if info.is_main:
         write_config(Path(cfg.out_dir), resolved)  # a config that cannot be written fails here, not at the end
     return Run(cfg, resolved, info, name, unit, resuming, show, max_steps=cfg.max_steps)
