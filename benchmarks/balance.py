@@ -1,10 +1,10 @@
 """GRPO on 2 replicated gloo ranks with beta 0: the groups with a signal dealt out evenly over the
 ranks (methods/grpo.py ``BALANCE_RANKS``, the default) against each rank forwarding its own.
 
-    python benchmarks/balance.py [--rounds 3] [--steps 12] [--assets DIR]
+    python benchmarks/balance.py [--rounds 3] [--steps 12] [--assets DIR] [--shape reference|30m|120m]
 
-Outside BENCHMARK.md's contract (one process, every group forwarded). The reference model and
-prompts of ``run.py``; 16 prompts a step (8 a rank), 4 samples each, 16 new tokens, 1 thread a
+Outside BENCHMARK.md's contract (one process, every group forwarded). The reference model (or
+``--shape``'s) and prompts of ``run.py``; 16 prompts a step (8 a rank), 4 samples each, 16 new tokens, 1 thread a
 rank. The reward gives a signal to about a third of the groups, at random over the ranks: on 40%
 of the prompts (by answer) it is the parity of the completion's count of the digit 1, elsewhere 0.
 Each round runs both settings in fresh processes, alternating which goes first, and prints one
@@ -82,11 +82,12 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--assets", default=None)
+    p.add_argument("--shape", default="reference", choices=("reference", "30m", "120m"))
     p.add_argument("--model", default=None)
     p.add_argument("--data", default=None)
     args = p.parse_args()
     paths = assets(argparse.Namespace(assets=args.assets, model=args.model, data=args.data, tokenizer=None, rm=None,
-                                      shape="reference", seq="short"))
+                                      shape=args.shape, seq="short"))
     args.model, args.tokenizer, args.data = paths["model"], paths["tokenizer"], str(Path(paths["data"]) / "prompts.jsonl")
     ratios, runs = [], {True: [], False: []}
     for r in range(args.rounds):
@@ -99,7 +100,7 @@ def main() -> None:
     summary = {k: {"on": statistics.median(x[k] for x in runs[True]), "off": statistics.median(x[k] for x in runs[False]),
                    "ratio_off_on": statistics.median(x[k] for x in ratios),
                    "min": min(x[k] for x in ratios), "max": max(x[k] for x in ratios)} for k in ("sec_per_step", "update_s")}
-    print(json.dumps({"summary": summary, "rounds": args.rounds, "steps": args.steps}), flush=True)
+    print(json.dumps({"summary": summary, "shape": args.shape, "rounds": args.rounds, "steps": args.steps}), flush=True)
 
 
 if __name__ == "__main__":

@@ -347,10 +347,26 @@ def test_dynamic_sampling_masks_groups_to_the_loss_of_dropping_them(loss_type):
     assert masked.item() == pytest.approx(dropped.item(), abs=1e-7)
 
 
-def test_groups_are_dealt_largest_first_to_the_least_loaded_rank():
+def test_groups_move_from_the_most_to_the_least_loaded_rank_only_while_that_narrows_the_gap():
     from rlhfkit.methods.grpo import deal_groups
 
-    # group 1 (9) -> rank 0; 4 (7) -> 1; 2 (6) -> 1, 7 < 9; 5 (5) -> 0, 9 < 13; 0 (2) -> 1, 13 < 14; 3 (2) -> 0
-    assert deal_groups([2, 9, 6, 2, 7, 5], 2) == [[1, 3, 5], [0, 2, 4]]  # 16 and 15
-    assert deal_groups([3, 3, 3], 2) == [[0, 2], [1]]  # ties: the rank with fewer groups, then the lower rank
-    assert deal_groups([4], 3) == [[0], [], []] and deal_groups([], 2) == [[], []]
+    # rank 0 holds 2+9+6+2 = 19, rank 1 7+5 = 12: gap 7, group 0 (2) halves it best (group 3 ties, the lower
+    # goes); 17 / 14: group 3 (2); 15 / 16: rank 1 has no group under 1, so the deal stops
+    assert deal_groups([2, 9, 6, 2, 7, 5], [0, 0, 0, 0, 1, 1], 2) == [[1, 2], [0, 3, 4, 5]]
+    assert deal_groups([3, 3], [0, 1], 2) == [[0], [1]]  # balanced already: nothing moves
+    assert deal_groups([4, 4, 4, 4], [1, 1, 1, 1], 2) == [[0, 1], [2, 3]]
+    assert deal_groups([4], [1], 3) == [[], [0], []] and deal_groups([], [], 2) == [[], []]
+
+
+def test_rewards_passed_from_python_are_what_the_run_records_and_replace_the_configs_out_loud(tiny, tmp_path, capfd):
+    import yaml
+    from methods_setup import even_answer_digits, method_config
+
+    cfg = method_config("grpo", tiny, tmp_path / "g", 1)  # rewards="contains_answer"
+    capfd.readouterr()
+    run_grpo(cfg, reward_fns=[even_answer_digits], weights=[0.5])
+    assert "rewards='contains_answer' in the config is replaced by the reward functions passed to run_grpo" \
+        in capfd.readouterr().err
+    recorded = "even_answer_digits:0.5 (Python callables passed to run_grpo)"
+    assert yaml.safe_load((tmp_path / "g" / "config.yaml").read_text())["rewards"] == recorded
+    assert recorded in (tmp_path / "g" / "model" / "README.md").read_text()

@@ -95,17 +95,12 @@ def _jobs(rank: int, out: Path, assets: dict) -> dict:
     # and dealt out evenly over the ranks (the default), or each rank forwarding its own
     import rlhfkit.methods.grpo as grpo_module
 
-    deal, forwarded_rows, gather = grpo_module.deal_groups, grpo_module.forwarded_rows, grpo_module.all_gather_object
-    deals, forwarded, held = [], [], []
+    deal, forwarded_rows = grpo_module.deal_groups, grpo_module.forwarded_rows
+    deals, forwarded = [], []
 
-    def gathering(value, info):  # each rank's rows with a signal, before the deal
-        parts = gather(value, info)
-        held.append([len(advantages) for _, advantages in parts])
-        return parts
-
-    def dealing(loads, world_size):
-        shares = deal(loads, world_size)
-        deals.append({"loads": loads, "shares": shares, "held_rows": held[-1]})
+    def dealing(loads, owners, world_size):
+        shares = deal(loads, owners, world_size)
+        deals.append({"loads": loads, "owners": owners, "shares": shares})
         return shares
 
     def forwarding(run, advantages, mask, cfg):
@@ -113,7 +108,7 @@ def _jobs(rank: int, out: Path, assets: dict) -> dict:
         forwarded.append(len(rows))
         return rows
 
-    grpo_module.deal_groups, grpo_module.forwarded_rows, grpo_module.all_gather_object = dealing, forwarding, gathering
+    grpo_module.deal_groups, grpo_module.forwarded_rows = dealing, forwarding
     for skip, balance in ((True, True), (False, True), (True, False)):
         grpo_module.BALANCE_RANKS = balance
         cfg = method_config("grpo", assets["tiny"], out / (f"grpo-skip-{skip}" + ("" if balance else "-own")), 3,
@@ -121,7 +116,7 @@ def _jobs(rank: int, out: Path, assets: dict) -> dict:
         run_grpo(replace(cfg, beta=0.0, skip_zero_advantage=skip), reward_fns=[even_answer_digits])
         if (skip, balance) == (True, True):
             balanced = {"deals": list(deals), "forwarded": list(forwarded)}
-    grpo_module.deal_groups, grpo_module.forwarded_rows, grpo_module.all_gather_object = deal, forwarded_rows, gather
+    grpo_module.deal_groups, grpo_module.forwarded_rows = deal, forwarded_rows
     grpo_module.BALANCE_RANKS = True
     # the kernels under auto: the ranks' own timings disagree here, and every rank takes rank 0's choice
     from rlhfkit.models import kernels

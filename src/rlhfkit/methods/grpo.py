@@ -34,7 +34,16 @@ from ..rollout.rewards import (
 )
 from ..rollout.sampler import Samples, completion_logprobs, decode, join_samples
 from ..tasks import OUTCOME_REWARDS, PROCESS_REWARDS, TASK_CHOICES
-from ..train.config import ConfigError, LoraConfig, RolloutConfig, TrainConfig, at_least, choice, within
+from ..train.config import (
+    ConfigError,
+    LoraConfig,
+    RolloutConfig,
+    TrainConfig,
+    at_least,
+    choice,
+    plain_dict,
+    within,
+)
 from ..train.dist import all_gather_object
 from ..train.loop import BatchOrder, autocast, reduce_dict, row_chunks
 from ..train.optim import build_optimizer, build_scheduler
@@ -169,6 +178,32 @@ def resolve_rewards(cfg: GRPOConfig, functions=None, weights=None, process=None)
         raise ConfigError("a reward named 'overlong' would be logged under the name of overlong_buffer's "
                           "penalty (reward/overlong_mean); rename it")
     return Rewards(list(functions), list(weights), process)
+
+
+def recorded_config(cfg: GRPOConfig, rewards: Rewards, functions_passed: bool, process_passed: bool) -> dict:
+    """The config as config.yaml, the checkpoints and the model card record it: the rewards passed
+    from Python named in place of the config's own, which they replace (``replaced_rewards``)."""
+    def name(fn) -> str:
+        return getattr(fn, "name", None) or getattr(fn, "__name__", type(fn).__name__)
+
+    config = plain_dict(cfg)
+    if functions_passed:
+        config["rewards"] = ",".join(f"{name(f)}:{w:g}" for f, w in zip(rewards.functions, rewards.weights)) \
+            + " (Python callables passed to run_grpo)"
+    if process_passed:
+        config["process_reward"] = f"{name(rewards.process)} (a Python callable passed to run_grpo)"
+    return config
+
+
+def replaced_rewards(cfg: GRPOConfig, functions_passed: bool, process_passed: bool) -> list[str]:
+    """What the config set that the rewards passed from Python replace, to be said."""
+    said = []
+    if functions_passed and cfg.rewards != GRPOConfig.rewards:
+        said.append(f"rewards={cfg.rewards!r} in the config is replaced by the reward functions passed to run_grpo")
+    if process_passed and cfg.process_reward is not None:
+        said.append(f"process_reward={cfg.process_reward!r} in the config is replaced by the process reward passed "
+                    "to run_grpo")
+    return said
 
 
 def load_model_rewards(cfg: GRPOConfig, rewards: Rewards, tokenizer, device: str) -> Rewards:
@@ -349,19 +384,27 @@ def forwarded_rows(run: Run, advantages: torch.Tensor, mask: torch.Tensor, cfg: 
     return rows[live]
 
 
-BALANCE_RANKS = True  # False: each replicated rank forwards its own groups with a signal (benchmarks/onoff.py)
+BALANCE_RANKS = True  # False: each replicated rank forwards its own groups with a signal (benchmarks/balance.py)
 
 
-def deal_groups(loads: list[float], world_size: int) -> list[list[int]]:
-    """Groups of these ``loads`` dealt to ``world_size`` ranks with near-equal sums: the largest
-    first, each to the rank with the least so far (the lower rank on a tie), so that every rank
-    computes the same deal. Each rank's groups in ascending order."""
-    totals, shares = [0.0] * world_size, [[] for _ in range(world_size)]
-    for g in sorted(range(len(loads)), key=lambda g: (-loads[g], g)):
-        r = min(range(world_size), key=lambda r: (totals[r], len(shares[r]), r))
-        shares[r].append(g)
-        totals[r] += loads[g]
-    return [sorted(share) for share in shares]
+def deal_groups(loads: list[float], owners: list[int], world_size: int) -> list[list[int]]:
+    """Groups of these ``loads``, sampled on ranks ``owners``, dealt so that the ranks' sums come
+    near equal while few groups move: each group starts on its own rank, then the most loaded rank
+    gives the least loaded one the group that best halves their gap, while that lowers the larger
+    of the two (the lower rank first on ties, so that every rank computes the same deal). The ranks'
+    sums end apart by less than the heaviest group. Each rank's groups in ascending order."""
+    shares = [[g for g, owner in enumerate(owners) if owner == r] for r in range(world_size)]
+    while True:
+        totals = [sum(loads[g] for g in share) for share in shares]
+        high = max(range(world_size), key=lambda r: (totals[r], -r))
+        low = min(range(world_size), key=lambda r: (totals[r], r))
+        gap = totals[high] - totals[low]
+        movable = [g for g in shares[high] if 0 < loads[g] < gap]  # each move lowers the sum of squared totals
+        if not movable:
+            return [sorted(share) for share in shares]
+        g = min(movable, key=lambda g: (abs(gap - 2 * loads[g]), g))
+        shares[high].remove(g)
+        shares[low].append(g)
 
 
 def _trimmed(samples: Samples, advantages: torch.Tensor) -> tuple[Samples, torch.Tensor]:
@@ -374,30 +417,49 @@ def _trimmed(samples: Samples, advantages: torch.Tensor) -> tuple[Samples, torch
     return cut, advantages[:, :c]
 
 
+def _group_rows(groups, group_size: int) -> torch.Tensor:
+    return torch.tensor([g * group_size + i for g in groups for i in range(group_size)], dtype=torch.long)
+
+
 def balanced_groups(run: Run, samples: Samples, advantages: torch.Tensor, group_size: int,
                     pad_id: int) -> tuple[Samples, torch.Tensor]:
-    """Replicated ranks' groups with a signal, dealt out anew so that each rank forwards about as
-    many tokens (prompt once, then its G completions): with beta 0 the update forwards only these
-    (``forwarded_rows``), and how many a rank holds is chance, while the step waits for the
+    """Replicated ranks' groups with a signal, dealt so that each rank forwards about as many
+    tokens (prompt once, then its G completions; ``deal_groups``): with beta 0 the update forwards
+    only these (``forwarded_rows``), how many a rank holds is chance, and the step waits for the
     slowest rank. The gradients are summed over ranks and the loss's normalisers were summed
-    before, so where a group is forwarded changes the update by float rounding only. A rank dealt
-    none forwards its own first group with its advantages zeroed (a zero gradient), so that every
-    rank still runs a forward."""
-    rows = informative(advantages, group_size).repeat_interleave(group_size).nonzero().flatten()
-    parts = all_gather_object((samples.rows(rows).to("cpu"), advantages[rows].cpu()), run.info)
-    pool = join_samples([s for s, _ in parts], pad_id)
-    width = max(a.shape[1] for _, a in parts)
-    pool_advantages = torch.cat([torch.nn.functional.pad(a, (0, width - a.shape[1])) for _, a in parts])
-    groups = pool.completion_mask.shape[0] // group_size
-    loads = (pool.prompt_mask[::group_size].sum(-1)
-             + pool.completion_mask.reshape(groups, group_size * pool.completion_mask.shape[1]).sum(-1)).tolist()
-    share = deal_groups(loads, run.info.world_size)[run.info.rank]
-    if not share:
-        first = torch.arange(group_size, device=advantages.device)
+    before, so where a group is forwarded changes the update by float rounding only.
+
+    The ranks exchange their loads; only where a group moves do they exchange samples, and then a
+    rank's batch is its groups with a signal. A rank dealt none forwards its own first group with
+    its advantages zeroed (a zero gradient), so that every rank still runs a forward."""
+    info, device = run.info, advantages.device
+    live = informative(advantages, group_size).nonzero().flatten().tolist()  # this rank's groups with a signal
+    tokens = samples.prompt_mask[::group_size].sum(-1) + samples.completion_mask.reshape(
+        -1, group_size * samples.completion_mask.shape[1]).sum(-1)
+    everyone = all_gather_object([(g, float(tokens[g])) for g in live], info)  # (local group, load) per rank
+    groups = [(r, g, load) for r, part in enumerate(everyone) for g, load in part]
+    shares = deal_groups([load for _, _, load in groups], [r for r, _, _ in groups], info.world_size)
+    if all(groups[i][0] == r for r, share in enumerate(shares) for i in share):
+        return samples, advantages  # nothing moves: forwarded_rows takes this rank's own groups with a signal
+    dealt_to = {i: r for r, share in enumerate(shares) for i in share}
+    leaving = [(i, g) for i, (r, g, _) in enumerate(groups) if r == info.rank and dealt_to[i] != info.rank]
+    rows = _group_rows([g for _, g in leaving], group_size).to(device)
+    parts = all_gather_object(([i for i, _ in leaving], samples.rows(rows).to("cpu"), advantages[rows].cpu()), info)
+    staying = _group_rows([groups[i][1] for i in shares[info.rank] if groups[i][0] == info.rank], group_size)
+    mine = [(samples.rows(staying.to(device)).to("cpu"), advantages[staying.to(device)].cpu())]
+    for ids, part, part_advantages in parts:
+        take = [k for k, i in enumerate(ids) if dealt_to[i] == info.rank]
+        if take:
+            index = _group_rows(take, group_size)
+            mine.append((part.rows(index), part_advantages[index]))
+    mine = [(s, a) for s, a in mine if len(a)]
+    if not mine:
+        first = torch.arange(group_size, device=device)
         return samples.rows(first), torch.zeros_like(advantages[first])
-    take = torch.cat([torch.arange(g * group_size, (g + 1) * group_size) for g in share])
-    dealt, dealt_advantages = _trimmed(pool.rows(take), pool_advantages[take])
-    return dealt.to(advantages.device), dealt_advantages.to(advantages.device)
+    width = max(a.shape[1] for _, a in mine)
+    joined = torch.cat([torch.nn.functional.pad(a, (0, width - a.shape[1])) for _, a in mine])
+    dealt, dealt_advantages = _trimmed(join_samples([s for s, _ in mine], pad_id), joined)
+    return dealt.to(device), dealt_advantages.to(device)
 
 
 def update(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: bool, pad_id: int = 0) -> dict:
@@ -477,9 +539,12 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
     """Train with GRPO. Python callers may pass their own reward callables, and a rollout
     backend object of their own (rollout/backend.py) in place of ``rollout.backend``'s."""
     rewards = resolve_rewards(cfg, reward_fns, weights, process_fn)
+    config = recorded_config(cfg, rewards, reward_fns is not None, process_fn is not None)
     refuse_offline_batch_fields("grpo", cfg.train)
     tc = cfg.train
-    run = start_run(tc, cfg, "grpo", unit="rollout step", show=("reward_mean",))
+    run = start_run(tc, config, "grpo", unit="rollout step", show=("reward_mean",))
+    for line in replaced_rewards(cfg, reward_fns is not None, process_fn is not None):
+        run.say(line)
     if cfg.prompts_per_step % run.info.world_size:
         raise ConfigError(f"prompts_per_step={cfg.prompts_per_step} must divide over {run.info.world_size} ranks")
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
