@@ -6,7 +6,8 @@ ranks (methods/grpo.py ``BALANCE_RANKS``, the default) against each rank forward
 Outside BENCHMARK.md's contract (one process, every group forwarded). The reference model (or
 ``--shape``'s) and prompts of ``run.py``; 16 prompts a step (8 a rank), 4 samples each, 16 new tokens, 1 thread a
 rank. The reward gives a signal to about a third of the groups, at random over the ranks: on 40%
-of the prompts (by answer) it is the parity of the completion's count of the digit 1, elsewhere 0.
+of the prompts (by answer) it is the parity of the completion's count of the digit 1, elsewhere 0
+(``--reward rank0``: that parity on every prompt rank 0 samples, 0 on rank 1's: the worst case).
 Each round runs both settings in fresh processes, alternating which goes first, and prints one
 JSON line per run (median seconds per step and per update after 2 warm-up steps, the losses) and
 a summary: the median (min-max) over rounds of the ratios off / on (above 1: dealing is faster).
@@ -32,7 +33,16 @@ def third_signal(prompts, completions, answer, **_):
     return [float(c.count("1") % 2) if int(a) % 5 < 2 else 0.0 for c, a in zip(completions, answer)]
 
 
-def _rank(rank: int, out: str, model: str, tokenizer: str, data: str, steps: int, balance: bool) -> None:
+def rank0_signal(prompts, completions, answer, **_):
+    """``--reward rank0``, the worst case: the parity signal on every group rank 0 samples, none on rank 1's."""
+    return [float(c.count("1") % 2) if os.environ["RANK"] == "0" else 0.0 for c in completions]
+
+
+REWARDS = {"third": third_signal, "rank0": rank0_signal}
+
+
+def _rank(rank: int, out: str, model: str, tokenizer: str, data: str, steps: int, balance: bool,
+          reward: str) -> None:
     os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank))
     import torch
     import torch.distributed as dist
@@ -56,7 +66,7 @@ def _rank(rank: int, out: str, model: str, tokenizer: str, data: str, steps: int
                           max_new_tokens=16, beta=0.0, mu=1, rewards="contains_answer",
                           train=TrainConfig(out_dir=f"{out}/run", max_steps=steps, lr=1e-5, log_every=1,
                                             save_every=0, progress=False, strategy="replicate"))
-    grpo.run_grpo(cfg, reward_fns=[third_signal])
+    grpo.run_grpo(cfg, reward_fns=[REWARDS[reward]])
     if rank == 0:
         lines = [json.loads(line) for line in open(f"{out}/run/metrics.jsonl") if '"train/loss"' in line]
         times = [b["time_s"] - a["time_s"] for a, b in zip(lines, lines[1:])]
@@ -71,7 +81,8 @@ def run_once(args, balance: bool) -> dict:
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_rank, args=(out, args.model, args.tokenizer, args.data, args.steps, balance), nprocs=2, join=True)
+        mp.spawn(_rank, args=(out, args.model, args.tokenizer, args.data, args.steps, balance, args.reward), nprocs=2,
+                 join=True)
         return json.loads(Path(out, "result.json").read_text())
 
 
@@ -83,6 +94,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--assets", default=None)
     p.add_argument("--shape", default="reference", choices=("reference", "30m", "120m"))
+    p.add_argument("--reward", default="third", choices=tuple(REWARDS),
+                   help="third: a signal on about a third of the groups, at random; rank0: on all of rank 0's, none "
+                        "of rank 1's (the worst case)")
     p.add_argument("--model", default=None)
     p.add_argument("--data", default=None)
     args = p.parse_args()
@@ -100,7 +114,7 @@ def main() -> None:
     summary = {k: {"on": statistics.median(x[k] for x in runs[True]), "off": statistics.median(x[k] for x in runs[False]),
                    "ratio_off_on": statistics.median(x[k] for x in ratios),
                    "min": min(x[k] for x in ratios), "max": max(x[k] for x in ratios)} for k in ("sec_per_step", "update_s")}
-    print(json.dumps({"summary": summary, "shape": args.shape, "rounds": args.rounds, "steps": args.steps}), flush=True)
+    print(json.dumps({"summary": summary, "shape": args.shape, "reward": args.reward, "rounds": args.rounds, "steps": args.steps}), flush=True)
 
 
 if __name__ == "__main__":
