@@ -113,3 +113,9 @@ def test_a_resume_may_change_cadence_length_and_engine_but_not_what_the_steps_co
     allowed, refused = resume_changes(saved, now)
     assert allowed == ["eval_limit: 8 -> 16", "train.max_steps: 4 -> 8", "rollout.backend: 'sampler' -> 'vllm'"]
     assert refused == ["beta: 0.1 -> 0.2", "lora.r: 0 -> 8"]  # train.seed is not in the saved config: not compared
+
+
+@pytest.mark.parametrize("override", ["=3", "train.=3", ".lr=3"])
+def test_an_override_without_a_key_is_refused_by_name(override):
+    with pytest.raises(ConfigError, match=f"override '{override}': a key before '=' is missing"):
+        parse_overrides([override])

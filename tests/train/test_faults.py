@@ -562,3 +562,15 @@ def test_a_folder_that_is_not_a_model_is_one_line(damage, message, tiny, tmp_pat
     with pytest.raises(ModelLoadError, match=message) as e:
         run_sft(replace(method_config("sft", tiny, tmp_path / "s", 1), model=str(folder)))
     assert "\n" not in str(e.value)
+
+
+def test_a_hub_id_given_as_a_model_says_that_models_load_from_folders(tmp_path, monkeypatch):
+    from rlhfkit.models.load import load_causal_lm, load_tokenizer
+
+    monkeypatch.chdir(tmp_path)
+    for load in (load_tokenizer, lambda path: load_causal_lm(path, None)):
+        with pytest.raises(ModelLoadError, match=r"not found: Qwen/Qwen2-0\.5B \(rlhfkit loads a model from a local "
+                                                 r"folder; .* huggingface-cli download Qwen/Qwen2-0\.5B --local-dir DIR"):
+            load("Qwen/Qwen2-0.5B")
+    with pytest.raises(ModelLoadError, match=r"not found: runs/nothing/here$"):  # a path, not an id: no hint
+        load_tokenizer("runs/nothing/here")

@@ -20,6 +20,15 @@ class ModelLoadError(ValueError):
     pass
 
 
+def hub_hint(path) -> str:
+    """For a missing folder named like a Hub id (``org/name``): that models load from folders."""
+    text = str(path)
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+        return (f" (rlhfkit loads a model from a local folder; for the Hub's {text} download it first, e.g. "
+                f"huggingface-cli download {text} --local-dir DIR, and pass DIR)")
+    return ""
+
+
 def load_tokenizer(model_path, tokenizer_path=None):
     """The tokenizer from ``tokenizer_path``, else from the model folder; pad falls back to eos.
 
@@ -35,7 +44,7 @@ def load_tokenizer(model_path, tokenizer_path=None):
         raise ModelLoadError("no model folder given (the model path is empty)")
     source = Path(tokenizer_path or model_path)
     if not source.is_dir():
-        raise ModelLoadError(f"folder not found: {source}")
+        raise ModelLoadError(f"folder not found: {source}{hub_hint(source)}")
     if not any((source / name).is_file() for name in TOKENIZER_FILES):
         hint = "" if tokenizer_path else " (a model folder without a tokenizer: pass tokenizer=PATH)"
         raise ModelLoadError(f"no tokenizer files in {source}{hint}")
@@ -100,7 +109,7 @@ def architectures(path: str | Path) -> list[str]:
     if not str(path).strip():
         raise ModelLoadError("no model folder given (the model path is empty)")
     if not folder.is_dir():
-        raise ModelLoadError(f"model folder not found: {path}")
+        raise ModelLoadError(f"model folder not found: {path}{hub_hint(path)}")
     config = folder / "config.json"
     if not config.is_file():
         raise ModelLoadError(f"{path} is not a model folder: it has no config.json")

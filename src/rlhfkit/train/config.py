@@ -236,6 +236,8 @@ def parse_overrides(overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value")
         key, raw = item.split("=", 1)
+        if not all(part.strip() for part in key.split(".")):
+            raise ConfigError(f"override {item!r}: a key before '=' is missing (key=value, e.g. train.lr=1e-4)")
         try:
             value = Override(raw, yaml.safe_load(raw) if raw else "")
         except yaml.YAMLError:
