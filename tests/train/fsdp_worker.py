@@ -94,8 +94,9 @@ def _jobs(rank: int, out: Path, assets: dict) -> dict:
     # beta 0 on 2 replicated ranks: groups without a signal left out of the update, or not; left out
     # and dealt out evenly over the ranks (the default), or each rank forwarding its own
     import rlhfkit.methods.grpo as grpo_module
+    import rlhfkit.train.balance as balance_module
 
-    deal, forwarded_rows = grpo_module.deal_groups, grpo_module.forwarded_rows
+    deal, forwarded_rows = balance_module.deal_groups, grpo_module.forwarded_rows
     deals, forwarded = [], []
 
     def dealing(loads, owners, world_size):
@@ -108,7 +109,7 @@ def _jobs(rank: int, out: Path, assets: dict) -> dict:
         forwarded.append(len(rows))
         return rows
 
-    grpo_module.deal_groups, grpo_module.forwarded_rows = dealing, forwarding
+    balance_module.deal_groups, grpo_module.forwarded_rows = dealing, forwarding
     for skip, balance in ((True, True), (False, True), (True, False)):
         grpo_module.BALANCE_RANKS = balance
         cfg = method_config("grpo", assets["tiny"], out / (f"grpo-skip-{skip}" + ("" if balance else "-own")), 3,
@@ -116,7 +117,7 @@ def _jobs(rank: int, out: Path, assets: dict) -> dict:
         run_grpo(replace(cfg, beta=0.0, skip_zero_advantage=skip), reward_fns=[even_answer_digits])
         if (skip, balance) == (True, True):
             balanced = {"deals": list(deals), "forwarded": list(forwarded)}
-    grpo_module.deal_groups, grpo_module.forwarded_rows = deal, forwarded_rows
+    balance_module.deal_groups, grpo_module.forwarded_rows = deal, forwarded_rows
     grpo_module.BALANCE_RANKS = True
     # the kernels under auto: the ranks' own timings disagree here, and every rank takes rank 0's choice
     from rlhfkit.models import kernels

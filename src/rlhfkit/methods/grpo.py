@@ -18,7 +18,6 @@ from ..data.encode import check_prompts
 from ..data.formats import user_prompt
 from ..data.rows import read_rows, source_name
 from ..losses.grpo import REDUCTIONS, group_advantages, grpo_loss, overlong_penalty, process_advantages
-from ..models.forward import first_column
 from ..models.load import disable_dropout, load_causal_lm, load_tokenizer
 from ..models.reward import is_likelihood_prm, is_sequence_classifier, is_token_classifier
 from ..rollout.backend import SamplingParams, make_backend
@@ -34,6 +33,7 @@ from ..rollout.rewards import (
 )
 from ..rollout.sampler import Samples, completion_logprobs, decode, join_samples
 from ..tasks import OUTCOME_REWARDS, PROCESS_REWARDS, TASK_CHOICES
+from ..train.balance import balanced_groups
 from ..train.config import (
     ConfigError,
     LoraConfig,
@@ -44,7 +44,6 @@ from ..train.config import (
     plain_dict,
     within,
 )
-from ..train.dist import all_gather_object
 from ..train.loop import BatchOrder, autocast, reduce_dict, row_chunks
 from ..train.optim import build_optimizer, build_scheduler
 from ..train.run import Run, start_run
@@ -387,81 +386,6 @@ def forwarded_rows(run: Run, advantages: torch.Tensor, mask: torch.Tensor, cfg: 
 BALANCE_RANKS = True  # False: each replicated rank forwards its own groups with a signal (benchmarks/balance.py)
 
 
-def deal_groups(loads: list[float], owners: list[int], world_size: int) -> list[list[int]]:
-    """Groups of these ``loads``, sampled on ranks ``owners``, dealt so that the ranks' sums come
-    near equal while few groups move: each group starts on its own rank, then the most loaded rank
-    gives the least loaded one the group that best halves their gap, while that lowers the larger
-    of the two (the lower rank first on ties, so that every rank computes the same deal). The ranks'
-    sums end apart by less than the heaviest group. Each rank's groups in ascending order."""
-    shares = [[g for g, owner in enumerate(owners) if owner == r] for r in range(world_size)]
-    while True:
-        totals = [sum(loads[g] for g in share) for share in shares]
-        high = max(range(world_size), key=lambda r: (totals[r], -r))
-        low = min(range(world_size), key=lambda r: (totals[r], r))
-        gap = totals[high] - totals[low]
-        movable = [g for g in shares[high] if 0 < loads[g] < gap]  # each move lowers the sum of squared totals
-        if not movable:
-            return [sorted(share) for share in shares]
-        g = min(movable, key=lambda g: (abs(gap - 2 * loads[g]), g))
-        shares[high].remove(g)
-        shares[low].append(g)
-
-
-def _trimmed(samples: Samples, advantages: torch.Tensor) -> tuple[Samples, torch.Tensor]:
-    """Without the prompt columns no row reads (left padding) and the completion columns after every
-    row's last token."""
-    p = first_column(samples.prompt_mask.bool())
-    c = int(samples.completion_mask.bool().any(0).nonzero().max()) + 1 if samples.completion_mask.any() else 1
-    cut = Samples(samples.prompt_ids[:, p:], samples.prompt_mask[:, p:], samples.completion_ids[:, :c],
-                  samples.completion_mask[:, :c], samples.logprobs[:, :c], samples.finished)
-    return cut, advantages[:, :c]
-
-
-def _group_rows(groups, group_size: int) -> torch.Tensor:
-    return torch.tensor([g * group_size + i for g in groups for i in range(group_size)], dtype=torch.long)
-
-
-def balanced_groups(run: Run, samples: Samples, advantages: torch.Tensor, group_size: int,
-                    pad_id: int) -> tuple[Samples, torch.Tensor]:
-    """Replicated ranks' groups with a signal, dealt so that each rank forwards about as many
-    tokens (prompt once, then its G completions; ``deal_groups``): with beta 0 the update forwards
-    only these (``forwarded_rows``), how many a rank holds is chance, and the step waits for the
-    slowest rank. The gradients are summed over ranks and the loss's normalisers were summed
-    before, so where a group is forwarded changes the update by float rounding only.
-
-    The ranks exchange their loads; only where a group moves do they exchange samples, and then a
-    rank's batch is its groups with a signal. A rank dealt none forwards its own first group with
-    its advantages zeroed (a zero gradient), so that every rank still runs a forward."""
-    info, device = run.info, advantages.device
-    live = informative(advantages, group_size).nonzero().flatten().tolist()  # this rank's groups with a signal
-    tokens = samples.prompt_mask[::group_size].sum(-1) + samples.completion_mask.reshape(
-        -1, group_size * samples.completion_mask.shape[1]).sum(-1)
-    everyone = all_gather_object([(g, float(tokens[g])) for g in live], info)  # (local group, load) per rank
-    groups = [(r, g, load) for r, part in enumerate(everyone) for g, load in part]
-    shares = deal_groups([load for _, _, load in groups], [r for r, _, _ in groups], info.world_size)
-    if all(groups[i][0] == r for r, share in enumerate(shares) for i in share):
-        return samples, advantages  # nothing moves: forwarded_rows takes this rank's own groups with a signal
-    dealt_to = {i: r for r, share in enumerate(shares) for i in share}
-    leaving = [(i, g) for i, (r, g, _) in enumerate(groups) if r == info.rank and dealt_to[i] != info.rank]
-    rows = _group_rows([g for _, g in leaving], group_size).to(device)
-    parts = all_gather_object(([i for i, _ in leaving], samples.rows(rows).to("cpu"), advantages[rows].cpu()), info)
-    staying = _group_rows([groups[i][1] for i in shares[info.rank] if groups[i][0] == info.rank], group_size)
-    mine = [(samples.rows(staying.to(device)).to("cpu"), advantages[staying.to(device)].cpu())]
-    for ids, part, part_advantages in parts:
-        take = [k for k, i in enumerate(ids) if dealt_to[i] == info.rank]
-        if take:
-            index = _group_rows(take, group_size)
-            mine.append((part.rows(index), part_advantages[index]))
-    mine = [(s, a) for s, a in mine if len(a)]
-    if not mine:
-        first = torch.arange(group_size, device=device)
-        return samples.rows(first), torch.zeros_like(advantages[first])
-    width = max(a.shape[1] for _, a in mine)
-    joined = torch.cat([torch.nn.functional.pad(a, (0, width - a.shape[1])) for _, a in mine])
-    dealt, dealt_advantages = _trimmed(join_samples([s for s, _ in mine], pad_id), joined)
-    return dealt.to(device), dealt_advantages.to(device)
-
-
 def update(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: bool, pad_id: int = 0) -> dict:
     """mu optimizer steps on one batch of samples; returns the last iteration's metrics (rank-local).
 
@@ -477,7 +401,8 @@ def update(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: 
         return {"update_skipped": 1.0}
     local_rows = mask.shape[0]
     if BALANCE_RANKS and skips_rows(run, cfg) and run.info.enabled:
-        samples, advantages = balanced_groups(run, samples, advantages, cfg.group_size, pad_id)
+        live = informative(advantages, cfg.group_size).nonzero().flatten().tolist()
+        samples, advantages = balanced_groups(run.info, samples, advantages, live, cfg.group_size, pad_id)
         mask = samples.completion_mask
     rows = forwarded_rows(run, advantages, mask, cfg)
     chunks = [rows[i] for i in row_chunks(len(rows), cfg.train.micro_batch_size)]
