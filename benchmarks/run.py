@@ -492,7 +492,8 @@ def bench_grpo(args) -> dict:
         answers = [rows[j % len(rows)].data["answer"] for j in chunk for _ in range(4)]
         scores = score_outcomes([contains_answer], [1.0], [""] * len(texts), texts, {"answer": answers})
         adv = group_advantages(scores.rewards, 4)[:, None].expand(-1, samples.completion_ids.shape[1])
-        metrics = update(run, model, None, Rollout(samples, scores, adv, 0.0), cfg, exact=True)
+        metrics = update(run, model, None, Rollout(samples, scores, adv, 0.0), cfg, exact=True,
+                         pad_id=tokenizer.pad_token_id)
         sampled.append(int(samples.completion_mask.sum()))
         trained.append(int(samples.attention_mask.sum()))
         return metrics["loss"]

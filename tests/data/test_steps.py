@@ -49,6 +49,8 @@ def test_conversational_form_uses_the_chat_template(tok):
     ({"completions": ["a"], "labels": [True]}, "missing field 'prompt'"),
     ({"prompt": "Q", "completions": ["a", "b\nc"], "labels": [True, True]},
      "field 'completions[1]' holds the step separator '\\n'"),
+    ({"prompt": "Q", "completions": ["a\n", "b\nc\n"], "labels": [True, True]},  # at a step's end it is no matter
+     "field 'completions[1]' holds the step separator '\\n'"),
     ({"prompt": "Q", "chosen": "a", "rejected": "b"}, "a preference (prompt, chosen, rejected) row is not PRM data; "
                                                      "that format is for rm and dpo"),
 ])

@@ -178,6 +178,9 @@ def test_rm_cli_then_eval_reports_pairwise_accuracy(tiny, tmp_path):
     ev = rlhfkit("eval", "--model", tmp_path / "rm" / "model", "--data", data / "rankings_eval.jsonl", "--ref",
                  tiny["base"], "--max-new-tokens", 8)
     assert ev.returncode == 2 and "is a reward model, whose eval reads no --ref or --max-new-tokens" in ev.stderr
+    ev = rlhfkit("eval", "--model", tmp_path / "nothing" / "rm", "--data", data / "rankings_eval.jsonl", "--max-length",
+                 256)
+    assert ev.returncode == 2 and "model folder not found" in ev.stderr and "whose eval" not in ev.stderr
 
 
 def test_dpo_cli_then_eval_reports_preference_accuracy(tiny, tmp_path):

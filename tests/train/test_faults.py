@@ -350,10 +350,15 @@ def test_a_resume_that_changes_what_the_steps_were_trained_with_is_refused_befor
         run_sft(replace(cfg, train__resume=True, train__max_steps=4, train__lr=1e-2, train_data=str(other)))
     assert [m["step"] for m in read_metrics(tmp_path / "run") if "train/loss" in m] == [1, 2]  # nothing ran
     capfd.readouterr()
-    run_sft(replace(cfg, train__resume=True, train__max_steps=4, train__log_every=2))
-    assert "train.max_steps: 2 -> 4; train.log_every: 1 -> 2" in capfd.readouterr().err
+    same_data = str(Path(cfg.train_data).parent / ".." / Path(cfg.train_data).parent.name / Path(cfg.train_data).name)
+    run_sft(replace(cfg, train__resume=True, train__max_steps=4, train__log_every=2, train_data=same_data))
+    err = capfd.readouterr().err  # the same file by another path is no change
+    assert "train.max_steps: 2 -> 4; train.log_every: 1 -> 2 (the lr schedule runs to the new length" in err
     assert [m["step"] for m in read_metrics(tmp_path / "run") if "train/loss" in m] == [1, 2, 4]
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]["max_steps"] == 4
+    run_sft(replace(cfg, train__resume="force", train__max_steps=5, train__log_every=2, train_data=str(other)))
+    assert "train_data: " in capfd.readouterr().err  # forced: said, not refused
+    assert [m["step"] for m in read_metrics(tmp_path / "run") if "train/loss" in m] == [1, 2, 4, 5]
 
 
 def test_tensorboard_shows_each_step_once_after_a_resume(tiny, tmp_path, monkeypatch):
@@ -569,8 +574,11 @@ def test_a_hub_id_given_as_a_model_says_that_models_load_from_folders(tmp_path, 
 
     monkeypatch.chdir(tmp_path)
     for load in (load_tokenizer, lambda path: load_causal_lm(path, None)):
-        with pytest.raises(ModelLoadError, match=r"not found: Qwen/Qwen2-0\.5B \(rlhfkit loads a model from a local "
-                                                 r"folder; .* huggingface-cli download Qwen/Qwen2-0\.5B --local-dir DIR"):
+        with pytest.raises(ModelLoadError, match=r"not found: Qwen/Qwen2-0\.5B \(if Qwen/Qwen2-0\.5B is a Hub id: "
+                                                 r"rlhfkit loads a model from a local folder; .* huggingface-cli "
+                                                 r"download Qwen/Qwen2-0\.5B --local-dir DIR"):
             load("Qwen/Qwen2-0.5B")
-    with pytest.raises(ModelLoadError, match=r"not found: runs/nothing/here$"):  # a path, not an id: no hint
-        load_tokenizer("runs/nothing/here")
+    (tmp_path / "runs").mkdir()
+    for path in ("runs/nothing/here", "runs/sft"):  # paths, not ids (runs/ is a folder here): no hint
+        with pytest.raises(ModelLoadError, match=f"not found: {path}$"):
+            load_tokenizer(path)

@@ -136,6 +136,10 @@ def cmd_eval(args) -> int:
     from ..data.rows import read_rows
     from ..models.reward import is_likelihood_prm, is_sequence_classifier, is_token_classifier
 
+    if not Path(args.model).is_dir():  # before its kind is judged from the folder
+        from ..models.load import ModelLoadError, hub_hint
+
+        raise ModelLoadError(f"model folder not found: {args.model}{hub_hint(args.model)}")
     kind = ("a process reward model" if is_token_classifier(args.model) or is_likelihood_prm(args.model) else
             "a reward model" if is_sequence_classifier(args.model) else
             "a policy against its reference" if args.ref else "a policy")

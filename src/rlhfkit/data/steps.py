@@ -100,6 +100,16 @@ def encode_steps(tokenizer, prompt_ids: list[int], steps: list[str],
     return ids, positions, tuple(spans)
 
 
+def _inner(step: str, separator: str) -> str:
+    """A step without separators at its ends: splitting a completion at one there gives a blank
+    piece, which is no step (``split_steps``), so only one inside the step is ambiguous."""
+    while separator and step.startswith(separator):
+        step = step[len(separator):]
+    while separator and step.endswith(separator):
+        step = step[: -len(separator)]
+    return step
+
+
 def encode_step_rows(rows: list[Row], tokenizer, separator: str, max_length: int,
                      overlong: str = "error") -> tuple[list[StepExample], LengthReport]:
     """Every row checked and encoded. Over-long rows: an error, skipped, or (``truncate``) cut
@@ -107,7 +117,7 @@ def encode_step_rows(rows: list[Row], tokenizer, separator: str, max_length: int
     sep_ids, report, examples = separator_ids(tokenizer, separator), LengthReport(rows=len(rows)), []
     for row in rows:
         steps, labels = read_steps(row)
-        inside = next((i for i, step in enumerate(steps) if separator in step), None)
+        inside = next((i for i, step in enumerate(steps) if separator in _inner(step, separator)), None)
         if inside is not None:
             raise DataError(f"{row.where}: field 'completions[{inside}]' holds the step separator {separator!r}; a "
                             "policy's completion is split at it (GRPO's prm:), so the model would learn one step where "

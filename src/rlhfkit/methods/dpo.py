@@ -162,7 +162,7 @@ def sft_on_chosen(model, tokenizer, examples, cfg: DPOConfig, resuming: bool) ->
             raise CheckpointError(f"resume=true with sft_first_steps > 0 but {folder}/model is missing")
         return f"{folder}/model"
     sft_cfg = replace(cfg.train, out_dir=folder, max_steps=cfg.sft_first_steps, epochs=0, eval_every=0,
-                      resume="auto" if cfg.train.resume else False)
+                      resume=("force" if cfg.train.resume == "force" else "auto") if cfg.train.resume else False)
     run = start_run(sft_cfg, cfg, "dpo-sft")
     chosen = [SFTExample(e.prompt_ids + e.completion_ids[0], len(e.prompt_ids)) for e in examples]
     train_offline(run, model, chosen, lambda rows: collate_sft(rows, tokenizer.pad_token_id), sft_objective())

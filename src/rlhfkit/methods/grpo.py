@@ -386,7 +386,7 @@ def forwarded_rows(run: Run, advantages: torch.Tensor, mask: torch.Tensor, cfg: 
 BALANCE_RANKS = True  # False: each replicated rank forwards its own groups with a signal (benchmarks/balance.py)
 
 
-def update(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: bool, pad_id: int = 0) -> dict:
+def update(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: bool, pad_id: int) -> dict:
     """mu optimizer steps on one batch of samples; returns the last iteration's metrics (rank-local).
 
     pi_old: with mu = 1 the current policy (ratio 1 in value, not in gradient); with mu > 1 the
@@ -405,7 +405,8 @@ def update(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: 
         samples, advantages = balanced_groups(run.info, samples, advantages, live, cfg.group_size, pad_id)
         mask = samples.completion_mask
     rows = forwarded_rows(run, advantages, mask, cfg)
-    chunks = [rows[i] for i in row_chunks(len(rows), cfg.train.micro_batch_size)]
+    # a rank dealt more rows than it sampled forwards them in forwards of at most its own batch's rows
+    chunks = [rows[i] for i in row_chunks(len(rows), cfg.train.micro_batch_size or local_rows)]
     forwarded = mask[rows].sum().clamp(min=1)  # the tokens the logged means are over
     # a micro-batch of whole groups forwards each prompt once for its G samples
     group = cfg.group_size if cfg.share_prompt and all(len(i) % cfg.group_size == 0 for i in chunks) else 1

@@ -21,10 +21,11 @@ class ModelLoadError(ValueError):
 
 
 def hub_hint(path) -> str:
-    """For a missing folder named like a Hub id (``org/name``): that models load from folders."""
+    """For a missing folder named like a Hub id (``org/name``, no ``org`` folder here): that models
+    load from folders."""
     text = str(path)
-    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
-        return (f" (rlhfkit loads a model from a local folder; for the Hub's {text} download it first, e.g. "
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")) and not Path(text.split("/")[0]).exists():
+        return (f" (if {text} is a Hub id: rlhfkit loads a model from a local folder; download it first, e.g. "
                 f"huggingface-cli download {text} --local-dir DIR, and pass DIR)")
     return ""
 

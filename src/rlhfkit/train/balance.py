@@ -15,7 +15,7 @@ def deal_groups(loads: list[float], owners: list[int], world_size: int) -> list[
     near equal while few groups move: each group starts on its own rank, then the most loaded rank
     gives the least loaded one the group that best halves their gap, while that lowers the larger
     of the two (the lower rank first on ties, so that every rank computes the same deal). The ranks'
-    sums end apart by less than the heaviest group. Each rank's groups in ascending order."""
+    sums end apart by at most the heaviest group. Each rank's groups in ascending order."""
     shares = [[g for g, owner in enumerate(owners) if owner == r] for r in range(world_size)]
     while True:
         totals = [sum(loads[g] for g in share) for share in shares]
@@ -53,12 +53,13 @@ def balanced_groups(info: DistInfo, samples: Samples, advantages: torch.Tensor, 
     before, so where a group is forwarded changes the update by float rounding only.
 
     The ranks exchange their loads; only where a group moves do they exchange samples, and then a
-    rank's batch is its groups with a signal. A rank dealt none forwards its own first group with
-    its advantages zeroed (a zero gradient), so that every rank still runs a forward."""
+    rank's batch is its groups with a signal. A rank dealt none keeps its batch with every
+    advantage zeroed, so that the caller's rule for a rank without a signal applies (GRPO forwards
+    one group, a zero gradient, so that every rank still runs a forward)."""
     device = advantages.device
     tokens = samples.prompt_mask[::group_size].sum(-1) + samples.completion_mask.reshape(
         -1, group_size * samples.completion_mask.shape[1]).sum(-1)
-    everyone = all_gather_object([(g, float(tokens[g])) for g in live], info)  # (local group, load) per rank
+    everyone = all_gather_object(list(zip(live, tokens[live].tolist())), info)  # (local group, load) per rank
     groups = [(r, g, load) for r, part in enumerate(everyone) for g, load in part]
     shares = deal_groups([load for _, _, load in groups], [r for r, _, _ in groups], info.world_size)
     if all(groups[i][0] == r for r, share in enumerate(shares) for i in share):
@@ -75,9 +76,8 @@ def balanced_groups(info: DistInfo, samples: Samples, advantages: torch.Tensor, 
             index = _group_rows(take, group_size)
             mine.append((part.rows(index), part_advantages[index]))
     mine = [(s, a) for s, a in mine if len(a)]
-    if not mine:
-        first = torch.arange(group_size, device=device)
-        return samples.rows(first), torch.zeros_like(advantages[first])
+    if not mine:  # dealt none: its own groups with no signal left (the caller forwards one, a zero gradient)
+        return samples, torch.zeros_like(advantages)
     width = max(a.shape[1] for _, a in mine)
     joined = torch.cat([torch.nn.functional.pad(a, (0, width - a.shape[1])) for _, a in mine])
     dealt, dealt_advantages = _trimmed(join_samples([s for s, _ in mine], pad_id), joined)

@@ -83,19 +83,27 @@ def save_checkpoint(out_dir: str | Path, step: int, model, optimizer, scheduler,
     previous = latest_checkpoint(out_dir)
 
     def prepare():
+        new = not root.is_dir()
         root.mkdir(parents=True, exist_ok=True)
+        if new:
+            _fsync_folder(root.parent)  # the checkpoints/ folder's own name on disk
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
 
     def rank_parts():
         torch.save(rng_state(), tmp / f"rng-{info.rank}.pt")
+        mine = [tmp / f"rng-{info.rank}.pt"]
         if sharded:
             import torch.distributed.checkpoint as dcp
             from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
             dcp.save({"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)},
                      checkpoint_id=str(tmp / "dcp"), no_dist=not info.enabled)
+            mine += sorted((tmp / "dcp").glob(f"__{info.rank}_*"))
+        for f in mine:  # each rank its own files (another node's writes are its to flush), before rank 0's marker
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
 
     def main_parts():
         if not sharded:

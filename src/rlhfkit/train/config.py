@@ -71,7 +71,7 @@ class TrainConfig:
     eval_every: int = 0  # 0 = only at the end
     save_every: int = 0  # 0 = only at the end
     keep_checkpoints: int = 2  # 0 = keep all (a transient one, written for an eval off save_every, still goes)
-    resume: bool | str = False  # true | false | auto (resume when a complete checkpoint exists)
+    resume: bool | str = False  # true | false | auto (when a complete checkpoint exists) | force (true; a refused change only said)
     progress: bool = True  # a progress bar with ETA on stderr
     report_to: str = "tensorboard"  # tensorboard | wandb (WANDB_MODE=offline works) | none; metrics.jsonl always
     plots: bool = True  # PNG curves of metrics.jsonl in <out>/plots at the end (train/plots.py)
@@ -86,8 +86,8 @@ class TrainConfig:
         if self.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
             raise ConfigError("config key 'train.report_to' is wandb but wandb is not installed (pip install wandb); "
                               "use tensorboard or none")
-        if not (isinstance(self.resume, bool) or self.resume == "auto"):
-            raise ConfigError(f"config key 'train.resume' must be one of true, false, auto; got {self.resume!r}")
+        if not (isinstance(self.resume, bool) or self.resume in ("auto", "force")):
+            raise ConfigError(f"config key 'train.resume' must be one of true, false, auto, force; got {self.resume!r}")
         for key in ("max_steps", "batch_size", "log_every"):  # max_steps=0 would save a copy of the start model
             at_least(f"train.{key}", getattr(self, key), 1)
         for key in ("epochs", "micro_batch_size", "warmup_steps", "eval_every", "save_every", "keep_checkpoints",
@@ -286,11 +286,15 @@ def to_dict(config) -> dict:
 # rollout engine. Any other key would change what the steps after the checkpoint compute against
 # those before it, which the checkpoint's optimizer, schedule and place in the data would not follow
 # (its lr, data and batch size would win silently): refused.
+# ``train.resume=force`` says a refused change instead, for a user who knows it is harmless (the
+# data moved to another mount).
 RESUMABLE = ("train.resume", "train.out_dir", "train.max_steps", "train.epochs", "train.micro_batch_size",
              "train.strategy", "train.device", "train.log_every", "train.eval_every", "train.save_every",
              "train.keep_checkpoints", "train.progress", "train.report_to", "train.plots",
              "train.activation_checkpointing", "rollout.", "eval_", "stop_at_accuracy", "snapshot_at_accuracy",
-             "share_prompt", "packing", "skip_zero_advantage", "reward_timeout_s")
+             "share_prompt", "packing", "skip_zero_advantage", "reward_timeout_s", "reward_errors", "lora.merge",
+             "reference")
+LENGTH_KEYS = ("train.max_steps", "train.epochs")  # a changed one stretches or shortens the lr schedule from here
 
 
 def flat(config: dict, prefix: str = "") -> dict:
@@ -304,11 +308,23 @@ def flat(config: dict, prefix: str = "") -> dict:
     return out
 
 
+def _same(a, b) -> bool:
+    """Equal values, or two spellings of one existing path (``./m``, ``m``, ``/abs/m``)."""
+    if a == b:
+        return True
+    if isinstance(a, str) and isinstance(b, str) and a and b:
+        try:
+            return Path(a).exists() and Path(a).resolve() == Path(b).resolve()
+        except OSError:
+            return False
+    return False
+
+
 def resume_changes(saved: dict, now: dict) -> tuple[list[str], list[str]]:
     """The keys set in both configs whose values differ, as "key: saved -> now": those a resumed run
     may change (``RESUMABLE``), and the rest."""
     before, after = flat(saved), flat(now)
-    changed = [k for k in after if k in before and before[k] != after[k]]
+    changed = [k for k in after if k in before and k != "train.resume" and not _same(before[k], after[k])]
     said = [f"{k}: {before[k]!r} -> {after[k]!r}" for k in changed]
     allowed = [k.startswith(RESUMABLE) for k in changed]
     return [d for d, ok in zip(said, allowed) if ok], [d for d, ok in zip(said, allowed) if not ok]

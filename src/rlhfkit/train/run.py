@@ -57,7 +57,7 @@ from .checkpoint import (
     save_checkpoint,
     write_failure,
 )
-from .config import ConfigError, LoraConfig, TrainConfig, plain_dict, resume_changes
+from .config import LENGTH_KEYS, ConfigError, LoraConfig, TrainConfig, plain_dict, resume_changes
 from .dist import (
     DistInfo,
     all_reduce_sum,
@@ -490,17 +490,22 @@ def kernel_line(pinned: str = "") -> str:
     return line + "; RLHFKIT_FAST_LINEAR=1 or 0 forces oneDNN or BLAS"
 
 
-def check_resumed_config(checkpoint: Path, now: dict, info: DistInfo) -> None:
+def check_resumed_config(checkpoint: Path, now: dict, info: DistInfo, force: bool = False) -> None:
     """Refuse, before any model loads, a resumed run whose config changes what the checkpoint's
-    steps were trained with (``config.resume_changes``); say what else it changes."""
+    steps were trained with (``config.resume_changes``; ``force``: say it instead); say what else
+    it changes."""
     saved = yaml.safe_load((checkpoint / "config.yaml").read_text()) or {}
     allowed, refused = resume_changes(saved, now)
-    if refused:
+    if refused and not force:
         raise ConfigError(f"train.resume: {checkpoint} was trained with other settings ({'; '.join(refused)}); "
                           "a resumed run goes on with the checkpoint's optimizer, schedule and place in the data, "
-                          "so give the values it had, or start a new run in another train.out_dir")
-    if allowed and info.is_main:
-        print(f"resuming {checkpoint} with {'; '.join(allowed)}", file=sys.stderr)
+                          "so give the values it had, start a new run in another train.out_dir, or, where the "
+                          "change is harmless (the same data at another path), pass train.resume=force")
+    said = allowed + refused
+    if said and info.is_main:
+        stretched = any(d.startswith(LENGTH_KEYS) for d in said)
+        print(f"resuming {checkpoint} with {'; '.join(said)}"
+              + (" (the lr schedule runs to the new length from here)" if stretched else ""), file=sys.stderr)
 
 
 def start_run(cfg: TrainConfig, config, name: str, unit: str = "optimizer step",
@@ -512,7 +517,7 @@ def start_run(cfg: TrainConfig, config, name: str, unit: str = "optimizer step",
     resuming = prepare_out_dir(cfg, info)
     resolved = plain_dict(config)
     if resuming:
-        check_resumed_config(latest_checkpoint(cfg.out_dir), resolved, info)
+        check_resumed_config(latest_checkpoint(cfg.out_dir), resolved, info, force=cfg.resume == "force")
     if info.is_main:
         write_config(Path(cfg.out_dir), resolved)  # a config that cannot be written fails here, not at the end
     return Run(cfg, resolved, info, name, unit, resuming, show, max_steps=cfg.max_steps)
