@@ -359,3 +359,16 @@ def test_rewards_passed_from_python_are_what_the_run_records_and_replace_the_con
     recorded = "even_answer_digits:0.5 (Python callables passed to run_grpo)"
     assert yaml.safe_load((tmp_path / "g" / "config.yaml").read_text())["rewards"] == recorded
     assert recorded in (tmp_path / "g" / "model" / "README.md").read_text()
+
+
+def test_rewards_that_abstain_on_every_sample_are_said_once(tiny, tmp_path, capfd):
+    from methods_setup import method_config
+
+    def abstains(prompts, completions, **_):
+        return [None] * len(completions)
+
+    capfd.readouterr()
+    run_grpo(method_config("grpo", tiny, tmp_path / "g", 2), reward_fns=[abstains])
+    err = capfd.readouterr().err
+    assert err.count("every outcome reward abstained (returned None) on every sample") == 1
+    assert "step 1: every outcome reward abstained" in err

@@ -31,7 +31,7 @@ from ..rollout.rewards import (
     reward_fields,
     score_outcomes,
 )
-from ..rollout.sampler import Samples, completion_logprobs, decode, join_samples
+from ..rollout.sampler import Samples, cat_padded, completion_logprobs, decode, join_samples
 from ..tasks import OUTCOME_REWARDS, PROCESS_REWARDS, TASK_CHOICES
 from ..train.balance import balanced_groups
 from ..train.config import (
@@ -279,8 +279,7 @@ def join_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
     """Several sampling rounds' rollouts as one batch (completions padded to the longest)."""
     if len(parts) == 1:
         return parts[0]
-    width = max(p.advantages.shape[1] for p in parts)
-    advantages = torch.cat([torch.nn.functional.pad(p.advantages, (0, width - p.advantages.shape[1])) for p in parts])
+    advantages = cat_padded([p.advantages for p in parts])
     outcomes = [p.outcome for p in parts]
     errors = {k: sum(o.errors.get(k, 0) for o in outcomes) for o in outcomes for k in o.errors}
     outcome = OutcomeScores(torch.cat([o.rewards for o in outcomes]),
@@ -445,6 +444,12 @@ def update(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: 
             "update_rows_forwarded": len(rows) / max(local_rows, 1)}
 
 
+def all_abstained(outcome: OutcomeScores) -> bool:
+    """Whether every reward function returned None for every sample (NaN in ``per_function``)."""
+    columns = [v for k, v in outcome.per_function.items() if k != "overlong"]
+    return bool(columns) and all(bool(torch.isnan(v).all()) for v in columns)
+
+
 def step_metrics(batch: Rollout, group_size: int) -> dict:
     outcome, lengths = batch.outcome, batch.samples.completion_mask.sum(-1).float()
     zero_groups = ~informative(batch.advantages, group_size)  # (groups,) no signal
@@ -503,6 +508,7 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
             indices = more_prompts(len(rows), indices, step, tc.seed, r, cfg.prompts_per_step)
         return rollout(backend, tokenizer, [rows[i] for i in indices[run.info.rank::run.info.world_size]], cfg, rewards)
 
+    abstained = False
     for step in run.steps(evaluate):
         sync = time.time()
         backend.load_weights(policy)  # a sharded policy: the gathered full weights into the backend's copy
@@ -512,6 +518,10 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
         else:
             pool = batch = draw(step, 0)
             fill = {}
+        if rewards.process is None and not abstained and all_abstained(pool.outcome):
+            abstained = True
+            run.say(f"step {step + 1}: every outcome reward abstained (returned None) on every sample, so the step's "
+                    "rewards are 0 and its groups carry no signal; said once a run")
         metrics = update(run, policy, reference, batch, cfg, exact, tokenizer.pad_token_id)
         run.step_done(means={**step_metrics(pool, cfg.group_size), **metrics, **retokenised, **fill,
                              "time_weight_sync_s": sync},

@@ -60,19 +60,24 @@ class Samples:
         return Samples(*(getattr(self, f.name).to(device) for f in fields(self)))
 
 
+def cat_padded(tensors: list[torch.Tensor], value=0, left: bool = False) -> torch.Tensor:
+    """(N_i, W_i) tensors as one (sum N_i, max W_i), each padded with ``value`` on the right (or left)."""
+    width = max(t.shape[1] for t in tensors)
+    return torch.cat([torch.nn.functional.pad(t, (width - t.shape[1], 0) if left else (0, width - t.shape[1]),
+                                              value=value) for t in tensors])
+
+
 def join_samples(parts: list[Samples], pad_id: int) -> Samples:
     """Batches of samples as one: prompts left-padded and completions right-padded to the widest."""
     if len(parts) == 1:
         return parts[0]
-    p, c = max(s.prompt_ids.shape[1] for s in parts), max(s.completion_ids.shape[1] for s in parts)
 
-    def joined(name: str, width: int, left: bool, value) -> torch.Tensor:
-        return torch.cat([torch.nn.functional.pad(t, (width - t.shape[1], 0) if left else (0, width - t.shape[1]),
-                                                  value=value) for t in (getattr(s, name) for s in parts)])
+    def joined(name: str, value, left: bool = False) -> torch.Tensor:
+        return cat_padded([getattr(s, name) for s in parts], value, left)
 
-    return Samples(joined("prompt_ids", p, True, pad_id), joined("prompt_mask", p, True, 0),
-                   joined("completion_ids", c, False, pad_id), joined("completion_mask", c, False, 0),
-                   joined("logprobs", c, False, 0.0), torch.cat([s.finished for s in parts]))
+    return Samples(joined("prompt_ids", pad_id, True), joined("prompt_mask", 0, True),
+                   joined("completion_ids", pad_id), joined("completion_mask", 0), joined("logprobs", 0.0),
+                   torch.cat([s.finished for s in parts]))
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..models.forward import first_column
-from ..rollout.sampler import Samples, join_samples
+from ..rollout.sampler import Samples, cat_padded, join_samples
 from .dist import DistInfo, all_gather_object
 
 
@@ -78,7 +78,5 @@ def balanced_groups(info: DistInfo, samples: Samples, advantages: torch.Tensor, 
     mine = [(s, a) for s, a in mine if len(a)]
     if not mine:  # dealt none: its own groups with no signal left (the caller forwards one, a zero gradient)
         return samples, torch.zeros_like(advantages)
-    width = max(a.shape[1] for _, a in mine)
-    joined = torch.cat([torch.nn.functional.pad(a, (0, width - a.shape[1])) for _, a in mine])
-    dealt, dealt_advantages = _trimmed(join_samples([s for s, _ in mine], pad_id), joined)
+    dealt, dealt_advantages = _trimmed(join_samples([s for s, _ in mine], pad_id), cat_padded([a for _, a in mine]))
     return dealt.to(device), dealt_advantages.to(device)
