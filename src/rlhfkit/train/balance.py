@@ -68,15 +68,14 @@ def balanced_groups(info: DistInfo, samples: Samples, advantages: torch.Tensor, 
     leaving = [(i, g) for i, (r, g, _) in enumerate(groups) if r == info.rank and dealt_to[i] != info.rank]
     rows = _group_rows([g for _, g in leaving], group_size).to(device)
     parts = all_gather_object(([i for i, _ in leaving], samples.rows(rows).to("cpu"), advantages[rows].cpu()), info)
-    staying = _group_rows([groups[i][1] for i in shares[info.rank] if groups[i][0] == info.rank], group_size)
-    mine = [(samples.rows(staying.to(device)).to("cpu"), advantages[staying.to(device)].cpu())]
+    staying = _group_rows([groups[i][1] for i in shares[info.rank] if groups[i][0] == info.rank], group_size).to(device)
+    mine = [(samples.rows(staying), advantages[staying])]  # the groups that stay never leave the device
     for ids, part, part_advantages in parts:
         take = [k for k, i in enumerate(ids) if dealt_to[i] == info.rank]
         if take:
             index = _group_rows(take, group_size)
-            mine.append((part.rows(index), part_advantages[index]))
+            mine.append((part.rows(index).to(device), part_advantages[index].to(device)))
     mine = [(s, a) for s, a in mine if len(a)]
     if not mine:  # dealt none: its own groups with no signal left (the caller forwards one, a zero gradient)
         return samples, torch.zeros_like(advantages)
-    dealt, dealt_advantages = _trimmed(join_samples([s for s, _ in mine], pad_id), cat_padded([a for _, a in mine]))
-    return dealt.to(device), dealt_advantages.to(device)
+    return _trimmed(join_samples([s for s, _ in mine], pad_id), cat_padded([a for _, a in mine]))

@@ -101,9 +101,7 @@ def save_checkpoint(out_dir: str | Path, step: int, model, optimizer, scheduler,
             dcp.save({"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)},
                      checkpoint_id=str(tmp / "dcp"), no_dist=not info.enabled)
             mine += sorted((tmp / "dcp").glob(f"__{info.rank}_*"))
-        for f in mine:  # each rank its own files (another node's writes are its to flush), before rank 0's marker
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        _fsync_files(mine)  # each rank its own files (another node's writes are its to flush), before rank 0's marker
 
     def main_parts():
         if not sharded:
@@ -150,8 +148,7 @@ def amend_checkpoint(path: Path, extra: dict, info: DistInfo | None = None) -> P
         tmp = target.with_name(target.name + ".tmp")
         try:
             write(tmp)
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
+            _fsync_files([tmp])
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)
@@ -280,12 +277,16 @@ def _fsync_folder(path: Path) -> None:
         os.close(fd)
 
 
+def _fsync_files(files: list[Path]) -> None:
+    for f in files:
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
 def _fsync_dir(path: Path, only: str | None = None) -> None:
     """Every file below ``path`` (or just its file ``only``) and the entries of the folders that
     hold them on disk: a file's own fsync does not make its name in the folder durable."""
     files = [path / only] if only else [p for p in path.rglob("*") if p.is_file()]
-    for f in files:
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    _fsync_files(files)
     for folder in sorted({f.parent for f in files} | {path}):
         _fsync_folder(folder)
