@@ -127,3 +127,49 @@ def test_ranking_rows_are_validated(tok):
             encode_rankings(read_rows([{"prompt": "ok", "chosen": "x", "rejected": "y"}, row]), tok, 64)
     (ex,), _ = encode_rankings(read_rows([{"prompt": "p", "completions": ["a", "b", "c"], "ranks": [0, 1, 1]}]), tok, 64)
     assert ex.ranks == [0, 1, 1] and len(ex.completion_ids) == 3
+
+
+def test_files_as_editors_and_tools_write_them_are_read_or_refused_by_name(tmp_path):
+    """A byte-order mark (Excel's CSV, Notepad's jsonl) is dropped; an upper-case suffix is the
+    same kind of file; a compressed, corrupt or unknown file is one line naming it; a byte that is
+    not UTF-8 is named by line and column in every text format."""
+    bom = tmp_path / "excel.csv"
+    bom.write_bytes(b"\xef\xbb\xbfprompt,completion\r\n1+1=,2\r\n")
+    assert [r.data for r in read_rows(bom)] == [{"prompt": "1+1=", "completion": "2"}]
+    notepad = tmp_path / "notepad.jsonl"
+    notepad.write_bytes(b'\xef\xbb\xbf{"prompt": "a", "completion": "b"}\n')
+    assert read_rows(notepad)[0].data == {"prompt": "a", "completion": "b"}
+    upper = tmp_path / "DATA.PARQUET"
+    datasets.Dataset.from_list([{"prompt": "a", "completion": "b"}]).to_parquet(str(upper))
+    assert read_rows(upper)[0].data == {"prompt": "a", "completion": "b"}
+    corrupt = tmp_path / "cut.parquet"
+    corrupt.write_bytes(upper.read_bytes()[:-20])
+    with pytest.raises(DataError, match=r"cut.parquet: not a readable parquet file \(Arrow"):
+        read_rows(corrupt)
+    import gzip
+
+    packed = tmp_path / "sft.jsonl.gz"
+    packed.write_bytes(gzip.compress(notepad.read_bytes()))
+    with pytest.raises(DataError, match=r"sft.jsonl.gz: a compressed file; decompress it first"):
+        read_rows(packed)
+    tsv = tmp_path / "rows.tsv"
+    tsv.write_text("prompt\tcompletion\na\tb\n")
+    with pytest.raises(DataError, match=r"rows.tsv: not a data file rlhfkit reads \(the suffix is .tsv"):
+        read_rows(tsv)
+    for name, text in (("bad.csv", b"prompt,completion\na,b\nc,\xff\n"),
+                       ("bad.json", b'[{"prompt": "a",\n "completion": "\xff"}]')):
+        (tmp_path / name).write_bytes(text)
+        line = 3 if name == "bad.csv" else 2
+        with pytest.raises(DataError, match=rf"{name}:{line}: not valid UTF-8 \(byte 0xff at column"):
+            read_rows(tmp_path / name)
+
+
+def test_a_dataframe_or_a_dict_of_columns_is_a_table(tmp_path):
+    import pandas as pd
+
+    frame = pd.DataFrame({"prompt": ["a", "b"], "completion": ["x", None]})
+    assert [r.data for r in read_rows(frame)] == [{"prompt": "a", "completion": "x"}, {"prompt": "b"}]
+    assert read_rows(frame)[1].where == "<DataFrame>:row 2"
+    assert [r.data for r in read_rows({"prompt": ["a"], "completion": ["x"]})] == [{"prompt": "a", "completion": "x"}]
+    with pytest.raises(DataError, match=r"<dict>: not a table of columns"):
+        read_rows({"prompt": ["a", "b"], "completion": ["x"]})

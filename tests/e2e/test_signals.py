@@ -96,17 +96,22 @@ def test_sigint_in_process_stops_after_the_step_with_a_checkpoint_and_resumes_ex
         [m["train/loss"] for m in read_metrics(tmp_path / "full")]
 
 
-def test_a_second_signal_exits_at_once(monkeypatch, capfd):
+def test_a_second_signal_exits_at_once_naming_the_checkpoint_kept(monkeypatch, capfd, tmp_path):
     import rlhfkit.train.run as run_module
+    from rlhfkit.train.checkpoint import MARKER
+    from rlhfkit.train.config import TrainConfig
 
     exits = []
     monkeypatch.setattr(run_module.os, "_exit", exits.append)
-    run = run_module.Run(None, {}, run_module.DistInfo(), "sft", "optimizer step")
+    kept = tmp_path / "checkpoints" / "step-0000003"
+    kept.mkdir(parents=True)
+    (kept / MARKER).write_text("ok\n")
+    run = run_module.Run(TrainConfig(out_dir=str(tmp_path)), {}, run_module.DistInfo(), "sft", "optimizer step")
     run._on_signal(signal.SIGTERM, None)
     assert run.signal == signal.SIGTERM and exits == []  # the first one waits for the step to end
     run._on_signal(signal.SIGTERM, None)
     assert exits == [128 + signal.SIGTERM]
-    assert "SIGTERM again: exiting now; the last complete checkpoint is kept" in capfd.readouterr().err
+    assert f"SIGTERM again: exiting now; the last complete checkpoint is kept: {kept}" in capfd.readouterr().err
 
 
 def test_user_errors_print_one_line_and_no_traceback(tiny, tmp_path):

@@ -107,6 +107,33 @@ def test_grpo_on_conversational_prompts_rewards_see_the_prompt_as_written(tiny, 
     assert all(p == [{"role": "user", "content": p[0]["content"]}] for p in seen)  # the messages, as written
 
 
+def test_grpo_calls_trl_style_rewards_by_name_with_ids_state_and_chat_completions(tiny, tmp_path):
+    """TRL's reward signature: every argument by name, the completions of chat prompts as one
+    assistant message each, ``completion_ids`` (decoding to the completion's text) and
+    ``trainer_state`` (optimizer steps done: 0, then mu = 2)."""
+    from rlhfkit.models.load import load_tokenizer
+
+    rows = [{"prompt": _chat(f"{a}+1"), "solution": str(a + 1)} for a in range(8)]
+    seen = []
+
+    def accuracy(completions, solution, **kwargs):  # as TRL's docs write one
+        seen.append((completions, solution, kwargs))
+        return [c[0]["content"].strip() == s for c, s in zip(completions, solution)]  # bools, as TRL allows
+
+    run_grpo(GRPOConfig(model=str(tiny["base"]), train_data=datasets.Dataset.from_list(rows), group_size=2,
+                        prompts_per_step=4, max_new_tokens=4, beta=0.0, mu=2,
+                        train=quiet_train(tmp_path / "grpo", max_steps=2)), reward_fns=[accuracy])
+    tok = load_tokenizer(str(tiny["base"]))
+    assert [kw["trainer_state"].global_step for _, _, kw in seen] == [0, 2]
+    assert all(kw["trainer_state"].max_steps == 4 for _, _, kw in seen)
+    for completions, solution, kw in seen:
+        assert len(completions) == len(solution) == 8 and set(kw) >= {"prompts", "completion_ids", "trainer_state"}
+        assert all(c == [{"role": "assistant", "content": c[0]["content"]}] for c in completions)
+        assert [tok.decode(ids, skip_special_tokens=True) for ids in kw["completion_ids"]] == [
+            c[0]["content"] for c in completions]
+        assert all(p in [r["prompt"] for r in rows] for p in kw["prompts"])
+
+
 def test_sft_held_out_conversational_answers_and_text_rows(tiny, tmp_path):
     """TRL's conversational prompt-completion rows as eval data give the accuracy (the reference is
     the assistant message's content) and the loss; language-modeling ``text`` rows give the loss

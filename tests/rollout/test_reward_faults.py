@@ -29,6 +29,45 @@ def test_weights_that_do_not_match_the_reward_functions_are_an_error(tiny, tmp_p
     assert not (tmp_path / "w").exists()
 
 
+def test_rewards_get_the_arguments_they_name_trl_style_by_name_and_rlhfkits_first_two_by_position():
+    from rlhfkit.rollout.rewards import reward_fields
+
+    got = {}
+
+    def trl(completions, solution, **kwargs):  # TRL's form: prompts come by name among the kwargs
+        got["trl"] = (completions, solution, sorted(kwargs))
+        return [1.0] * len(completions)
+
+    def positional(p, c, answer):  # no **kwargs: only what it names
+        got["positional"] = (p, c, answer)
+        return [True, False]  # booleans count 1 and 0, as TRL casts them
+
+    def length_only(completions, **kwargs):
+        return [float(len(c)) for c in completions]
+
+    assert reward_fields(trl) == ("solution",) and reward_fields(positional) == ("answer",)
+    assert reward_fields(length_only) == ()
+    scores = score_outcomes([trl, positional, length_only], [1.0, 1.0, 1.0], ["p1", "p2"], ["c1", "ccc2"],
+                            {"solution": ["1", "2"], "answer": [1, 2]}, completion_ids=[[5], [6, 7]],
+                            trainer_state="state")
+    assert got["trl"] == (["c1", "ccc2"], ["1", "2"], ["answer", "completion_ids", "prompts", "trainer_state"])
+    assert got["positional"] == (["p1", "p2"], ["c1", "ccc2"], [1, 2])
+    assert scores.rewards.tolist() == [1.0 + 1.0 + 2.0, 1.0 + 0.0 + 4.0]
+
+
+def test_a_reward_that_returns_no_list_or_takes_other_arguments_is_said_plainly():
+    with pytest.raises(RewardError, match="'nothing' failed .*returned NoneType, not a list of one number"):
+        def nothing(prompts, completions, **_):
+            return None
+        score_outcomes([nothing], [1.0], ["p"], ["c"], {})
+
+    def wants(prompts, completions, extra_thing):
+        return [1.0]
+
+    with pytest.raises(RewardError, match="missing 1 required positional argument.*gets every argument by name, as in TRL"):
+        score_outcomes([wants], [1.0], ["p"], ["c"], {})
+
+
 def test_numpy_and_zero_dim_torch_scalars_are_numbers():
     values = [np.float32(0.5), np.int64(2), np.float64(0.25), torch.tensor(1.5), np.array(3.0), None]
     scores = score_outcomes([lambda p, c, **_: values], [2.0], ["p"] * 6, ["c"] * 6, {})

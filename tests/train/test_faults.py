@@ -28,7 +28,7 @@ from rlhfkit.rollout.sampler import decode
 from rlhfkit.train.checkpoint import CheckpointError, complete_checkpoints, latest_checkpoint
 from rlhfkit.train.config import ConfigError, load_config, replace
 from rlhfkit.train.logging import MetricsLogger, read_metrics, truncate_metrics
-from rlhfkit.train.optim import build_optimizer, build_scheduler
+from rlhfkit.train.optim import build_optimizer, build_scheduler, hyperparameters, lr_factor, rebase_schedule
 
 
 class Killed(BaseException):
@@ -359,6 +359,78 @@ def test_a_resume_that_changes_what_the_steps_were_trained_with_is_refused_befor
     run_sft(replace(cfg, train__resume="force", train__max_steps=5, train__log_every=2, train_data=str(other)))
     assert "train_data: " in capfd.readouterr().err  # forced: said, not refused
     assert [m["step"] for m in read_metrics(tmp_path / "run") if "train/loss" in m] == [1, 2, 4, 5]
+
+
+def test_a_resumed_run_takes_its_configs_schedule_length_lr_and_clock_from_its_first_step(tiny, tmp_path):
+    """Two warm-up steps, then linear decay from lr 1e-3 over 4 steps: 5e-4, 1e-3, 1e-3, 5e-4.
+    Resumed to 6 steps, the schedule runs to the new length from the first resumed step (step 5:
+    1e-3 (1 - 2/4)), not from the second (the old schedule's step 5 was 0); forced to lr 1e-2 over
+    10, steps 7 to 10 take 1e-2 (1 - (s - 3)/8). time_s goes on from the last logged line instead
+    of restarting at 0."""
+    cfg = replace(method_config("sft", tiny, tmp_path / "run", 4, warmup_steps=2), train__schedule="linear")
+    run_sft(cfg)
+    run_sft(replace(cfg, train__resume=True, train__max_steps=6))
+    run_sft(replace(cfg, train__resume="force", train__max_steps=10, train__lr=1e-2))
+    lines = [m for m in read_metrics(tmp_path / "run") if "train/lr" in m]
+    assert [m["train/lr"] for m in lines] == pytest.approx([5e-4, 1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4, 5e-3, 3.75e-3,
+                                                             2.5e-3, 1.25e-3], rel=1e-9)
+    times = [m["time_s"] for m in lines]
+    assert times == sorted(times)
+
+
+def test_rebase_schedule_gives_the_configs_decay_and_keeps_an_unchanged_lr_to_the_bit():
+    model = torch.nn.Linear(3, 2)
+    opt = build_optimizer(model, 1e-3, 0.1)
+    sched = build_scheduler(opt, 10, 2, "cosine", 0.1)
+    for _ in range(4):
+        opt.step()
+        sched.step()
+    saved_opt, saved_sched, lr_then = opt.state_dict(), sched.state_dict(), opt.param_groups[0]["lr"]
+    for lr, decay, total in ((1e-3, 0.1, 10), (2e-3, 0.5, 20)):
+        again = build_optimizer(model, lr, decay)
+        schedule = build_scheduler(again, total, 2, "cosine", 0.1)
+        built = hyperparameters(again)
+        again.load_state_dict(saved_opt)
+        schedule.load_state_dict(saved_sched)
+        rebase_schedule(again, schedule, built)
+        want = lr_then if total == 10 else lr * lr_factor(4, total, 2, "cosine", 0.1)
+        assert [g["lr"] for g in again.param_groups] == [want, want] and schedule.get_last_lr() == [want, want]
+        assert [g["weight_decay"] for g in again.param_groups] == [decay, 0.0]  # biases never decay
+        schedule.step()
+        assert again.param_groups[0]["lr"] == pytest.approx(lr * lr_factor(5, total, 2, "cosine", 0.1), rel=1e-12)
+
+
+def test_a_resume_to_a_length_below_the_checkpoint_is_refused_before_any_model_loads(tiny, tmp_path, monkeypatch):
+    cfg = method_config("sft", tiny, tmp_path / "run", 3)
+    run_sft(cfg)
+    monkeypatch.setattr(run_module.Run, "attach", lambda *a: pytest.fail("a model was loaded"))
+    with pytest.raises(ConfigError, match=r"at optimizer step 3, past train\.max_steps=2; a resumed run cannot go back"):
+        run_sft(replace(cfg, train__resume=True, train__max_steps=2))
+
+
+def test_a_model_folder_appears_only_when_complete(tiny, tmp_path, monkeypatch):
+    """Killed while the final model is written, a run leaves no model folder (or the earlier one
+    whole), and the next save replaces it at once."""
+    cfg = method_config("sft", tiny, tmp_path / "run", 2)
+    original = run_module.write_model_card
+
+    def dies(*args, **kwargs):
+        raise Killed
+
+    monkeypatch.setattr(run_module, "write_model_card", dies)
+    with pytest.raises(Killed):
+        run_sft(cfg)
+    assert not (tmp_path / "run" / "model").exists() and (tmp_path / "run" / "model.tmp").is_dir()
+    monkeypatch.setattr(run_module, "write_model_card", original)
+    run_sft(replace(cfg, train__resume=True))
+    first = _weights(tmp_path / "run" / "model")
+    run_sft(replace(cfg, train__resume=True, train__max_steps=3))
+    monkeypatch.setattr(run_module, "write_model_card", dies)
+    with pytest.raises(Killed):
+        run_sft(replace(cfg, train__resume=True, train__max_steps=4))
+    kept = _weights(tmp_path / "run" / "model")  # step 3's folder, whole
+    assert (tmp_path / "run" / "model" / "README.md").is_file() and any(not torch.equal(kept[k], first[k]) for k in kept)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith("model")) == ["model", "model.tmp"]
 
 
 def test_tensorboard_shows_each_step_once_after_a_resume(tiny, tmp_path, monkeypatch):

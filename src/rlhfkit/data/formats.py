@@ -111,6 +111,14 @@ def row_tools(row: Row) -> list | None:
     return tools
 
 
+def completion_text(completion) -> str:
+    """A completion as reward functions get it, as text: the text itself, or the content of the
+    assistant message(s) it comes as where the prompts are chat messages."""
+    if isinstance(completion, str):
+        return completion
+    return "".join(str(m.get("content", "")) for m in completion)
+
+
 def user_prompt(row: Row):
     """The prompt as the user wrote it, for reward functions: the ``prompt`` field (text or
     messages), or a ``messages`` conversation without its final assistant answer."""

@@ -48,13 +48,25 @@ def read_rows(source) -> list[Row]:
                 raise DataError(f"{source}: a Hub dataset name needs the network; pass a local file or a saved "
                                 "dataset folder (datasets.load_dataset(...).save_to_disk(FOLDER) where there is one)")
             raise DataError(f"{path}: file not found")
-        readers = {".parquet": _read_parquet, ".csv": _read_csv, ".json": _read_json}
-        rows = readers.get(path.suffix, _read_jsonl)(path)
+        readers = {".parquet": _read_parquet, ".csv": _read_csv, ".json": _read_json, ".jsonl": _read_jsonl}
+        reader = readers.get(path.suffix.lower())
+        if reader is None:
+            reader = _unknown_kind(path)
+        rows = reader(path)
         if not rows:
             raise DataError(f"{path}: the file holds no rows")
         return rows
     if _is_dataset_dict(source):
         return _one_split(source, None, "<DatasetDict>")
+    if isinstance(source, dict) or type(source).__name__ == "DataFrame":  # columns: a table, as datasets reads one
+        import datasets
+
+        try:
+            table = (datasets.Dataset.from_dict(source) if isinstance(source, dict)
+                     else datasets.Dataset.from_pandas(source, preserve_index=False))
+        except Exception as e:  # columns of unequal length, values arrow cannot hold
+            raise DataError(f"<{type(source).__name__}>: not a table of columns ({type(e).__name__}: {e})") from None
+        return _from_dataset(table, f"<{type(source).__name__}>")
     if isinstance(source, list):
         rows = [Row(f"<list>:row {i}", _as_dict(r, f"<list>:row {i}")) for i, r in enumerate(source, start=1)]
     else:  # a datasets.Dataset (a table: its nulls are absent fields), or anything iterable of dicts
@@ -126,11 +138,39 @@ def _as_dict(obj, where: str) -> dict:
     return obj
 
 
+def _unknown_kind(path: Path):
+    """The reader of a file whose suffix is none of DATA_SUFFIXES: JSON lines where it starts like
+    them, else a DataError that says what the file seems to be."""
+    with path.open("rb") as f:
+        head = f.read(4096)
+    if head.startswith(b"\x1f\x8b") or head.startswith(b"PK\x03\x04") or head.startswith(b"(\xb5/\xfd"):
+        raise DataError(f"{path}: a compressed file; decompress it first (rlhfkit reads "
+                        f"{', '.join(DATA_SUFFIXES)} files and save_to_disk folders)")
+    if head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"{"):
+        return _read_jsonl
+    raise DataError(f"{path}: not a data file rlhfkit reads (the suffix is {path.suffix or 'none'}; give a "
+                    f"{', '.join(DATA_SUFFIXES)} file or a save_to_disk folder)")
+
+
+def _text(path: Path) -> str:
+    """The whole file as text (a UTF-8 byte-order mark dropped), or a DataError naming the line
+    and column of the first byte that is not UTF-8."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {column})") from None
+
+
 def _read_jsonl(path: Path) -> list[Row]:
     rows = []
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a byte-order mark (Windows editors write one)
+                raw = raw[3:]
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -149,13 +189,11 @@ def _read_json(path: Path) -> list[Row]:
     """A ``.json`` file: one JSON array of row objects (as ``datasets.load_dataset("json")`` reads
     it, pretty-printed or not), else JSON lines."""
     with path.open("rb") as f:
-        head = f.read(4096).lstrip()
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
     if not head.startswith(b"["):
         return _read_jsonl(path)
     try:
-        items = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        items = json.loads(_text(path))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
     return [Row(f"{path}:row {i}", _as_dict(item, f"{path}:row {i}")) for i, item in enumerate(items, start=1)]
@@ -164,19 +202,17 @@ def _read_json(path: Path) -> list[Row]:
 def _read_csv(path: Path) -> list[Row]:
     """A ``.csv`` file with a header line; every field a string (chat messages need jsonl or parquet)."""
     import csv
+    import io
 
     try:
-        with path.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            rows = []
-            for fields in reader:
-                where = f"{path}:{reader.line_num}"
-                if None in fields:
-                    raise DataError(f"{where}: more values than the header's {len(reader.fieldnames)} columns")
-                rows.append(Row(where, {k: v for k, v in fields.items() if v not in (None, "")}))  # empty: absent
-            return rows
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        reader = csv.DictReader(io.StringIO(_text(path), newline=""))
+        rows = []
+        for fields in reader:
+            where = f"{path}:{reader.line_num}"
+            if None in fields:
+                raise DataError(f"{where}: more values than the header's {len(reader.fieldnames)} columns")
+            rows.append(Row(where, {k: v for k, v in fields.items() if v not in (None, "")}))  # empty: absent
+        return rows
     except csv.Error as e:
         raise DataError(f"{path}: not valid CSV ({e})") from None
 
@@ -184,7 +220,11 @@ def _read_csv(path: Path) -> list[Row]:
 def _read_parquet(path: Path) -> list[Row]:
     import datasets
 
-    ds = datasets.Dataset.from_parquet(str(path))
+    try:
+        ds = datasets.Dataset.from_parquet(str(path))
+    except Exception as e:  # pyarrow's ArrowInvalid (a truncated or corrupt file) and its kin
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise DataError(f"{path}: not a readable parquet file ({type(e).__name__}: {first})") from None
     return [Row(f"{path}:row {i}", _present(dict(r))) for i, r in enumerate(ds, start=1)]
 
 

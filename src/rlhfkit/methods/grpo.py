@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import time
 from dataclasses import dataclass, field, replace
+from types import SimpleNamespace
 
 import torch
 
@@ -26,7 +27,8 @@ from ..rollout.reward_models import ProcessRewardModelReward, RewardModelReward
 from ..rollout.rewards import (
     RESERVED,
     OutcomeScores,
-    call_with_timeout,
+    as_completions,
+    call_reward,
     load_callable,
     reward_fields,
     score_outcomes,
@@ -225,14 +227,13 @@ class Rollout:
     generation_s: float
 
 
-def advantages_for(cfg: GRPOConfig, samples: Samples, texts, prompts, fields, tokenizer, process_fn, outcome):
+def advantages_for(cfg: GRPOConfig, samples: Samples, completions, prompts, passed, fields, tokenizer, process_fn,
+                   outcome):
     """(B, C) advantages: PRM from step rewards, or ORM broadcast over each output's tokens."""
     length = samples.completion_ids.shape[1]
     if process_fn is not None:
-        ids = [[t for t, m in zip(row, mask) if m and t != tokenizer.eos_token_id]
-               for row, mask in zip(samples.completion_ids.tolist(), samples.completion_mask.tolist())]
-        steps = call_with_timeout(process_fn, cfg.reward_timeout_s, prompts, texts, completion_ids=ids,
-                                  tokenizer=tokenizer, **fields)
+        steps = call_reward(process_fn, cfg.reward_timeout_s, prompts, completions, tokenizer=tokenizer, **passed,
+                            **fields)
         ends = [[e for e, _ in s] for s in steps]
         values = [[float(r) for _, r in s] for s in steps]
         return process_advantages(ends, values, cfg.group_size, length, cfg.scale_std)
@@ -245,26 +246,31 @@ def bind(fn, samples: Samples, rows: list):
     return fn.bind(samples, rows) if hasattr(fn, "bind") else fn
 
 
-def rollout(backend, tokenizer, rows, cfg: GRPOConfig, rewards: Rewards) -> Rollout:
-    """Sample, score and compute advantages for one batch of prompt rows."""
+def rollout(backend, tokenizer, rows, cfg: GRPOConfig, rewards: Rewards, trainer_state=None) -> Rollout:
+    """Sample, score and compute advantages for one batch of prompt rows. ``trainer_state``: what
+    rewards that take it get (``global_step``, ``max_steps``, as TRL's)."""
     start = time.time()
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.group_size)
     samples = backend.generate(row_prompt_ids(tokenizer, rows), params)
     generation_s = time.time() - start
     texts = decode(tokenizer, samples)
     prompts = [user_prompt(r) for r in rows for _ in range(cfg.group_size)]  # text, or chat messages
+    completions = as_completions(texts, prompts)  # text, or one assistant message each
     keys = sorted({k for r in rows for k in r.data} - {"prompt", "messages"})
     fields = {k: [r.data.get(k) for r in rows for _ in range(cfg.group_size)] for k in keys}
+    ids = [[t for t, m in zip(row, mask) if m and t != tokenizer.eos_token_id]
+           for row, mask in zip(samples.completion_ids.tolist(), samples.completion_mask.tolist())]
+    passed = {"completion_ids": ids, "trainer_state": trainer_state}
     per_sample = [r for r in rows for _ in range(cfg.group_size)]
     functions = [bind(f, samples, per_sample) for f in rewards.functions]  # learned rewards see the samples
-    outcome = score_outcomes(functions, rewards.weights, prompts, texts, fields, cfg.reward_errors,
-                             cfg.reward_timeout_s)
+    outcome = score_outcomes(functions, rewards.weights, prompts, completions, fields, cfg.reward_errors,
+                             cfg.reward_timeout_s, **passed)
     if cfg.overlong_buffer:  # DAPO: long answers lose reward over the buffer before max_new_tokens
         penalty = overlong_penalty(samples.completion_mask.sum(-1).cpu(), cfg.max_new_tokens, cfg.overlong_buffer,
                                    cfg.overlong_penalty)
         outcome = replace(outcome, rewards=outcome.rewards + penalty,
                           per_function={**outcome.per_function, "overlong": penalty})
-    advantages = advantages_for(cfg, samples, texts, prompts, fields, tokenizer,
+    advantages = advantages_for(cfg, samples, completions, prompts, passed, fields, tokenizer,
                                 bind(rewards.process, samples, per_sample), outcome)
     advantages = advantages.to(samples.completion_ids.device)
     return Rollout(samples, outcome, advantages, generation_s)
@@ -506,7 +512,9 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
         indices = order.indices(step)
         if r > 0:
             indices = more_prompts(len(rows), indices, step, tc.seed, r, cfg.prompts_per_step)
-        return rollout(backend, tokenizer, [rows[i] for i in indices[run.info.rank::run.info.world_size]], cfg, rewards)
+        state = SimpleNamespace(global_step=run.optimizer_steps, max_steps=total)  # TRL's names, optimizer steps
+        return rollout(backend, tokenizer, [rows[i] for i in indices[run.info.rank::run.info.world_size]], cfg, rewards,
+                       state)
 
     abstained = False
     for step in run.steps(evaluate):

@@ -122,9 +122,7 @@ def run_sft(cfg: SFTConfig) -> dict:
         if cfg.snapshot_at_accuracy is None or snapshot or accuracy < cfg.snapshot_at_accuracy:
             return
         snapshot.update(path=str(marker.parent), accuracy=accuracy)
-        run.save_model(model, tokenizer, marker.parent)
-        if run.info.is_main:
-            marker.write_text(json.dumps(snapshot))
+        run.save_model(model, tokenizer, marker.parent, files={marker.name: json.dumps(snapshot)})
 
     accuracy = accuracy_eval(backend, model, tokenizer, rows, cfg.eval_max_new_tokens,
                              cfg.stop_at_accuracy, on_accuracy)

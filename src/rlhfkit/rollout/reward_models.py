@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..data.encode import encode_row_prompt, to_device
+from ..data.formats import completion_text
 from ..data.rows import Row
 from ..data.steps import (
     StepExample,
@@ -52,7 +53,7 @@ class RewardModelReward:
 
     def bind(self, samples: Samples, rows: list[Row]):
         def score(prompts, completions, **_) -> list[float]:
-            return self.score(samples, rows, completions)
+            return self.score(samples, rows, [completion_text(c) for c in completions])
 
         score.__name__ = self.__name__
         return score
@@ -86,7 +87,7 @@ class ProcessRewardModelReward:
 
     def bind(self, samples: Samples, rows: list[Row]):
         def prm(prompts, completions, completion_ids=None, tokenizer=None, **_) -> list[list[tuple[int, float]]]:
-            return self.score(rows, completions, completion_ids, tokenizer)
+            return self.score(rows, [completion_text(c) for c in completions], completion_ids, tokenizer)
 
         return prm
 

@@ -5,14 +5,25 @@ completion (``None``: the function abstains for that sample). Several combine wi
 Process reward: ``f(prompts, completions, completion_ids=..., tokenizer=..., **row_fields)
 -> list[list[(step_end_token_index, step_reward)]]``.
 
+A function whose parameters name ``completions`` is called as TRL calls its reward functions,
+every argument by name, so TRL's ``def accuracy(completions, solution, **kwargs)`` works as it
+is; one that names neither ``prompts`` nor ``completions`` gets the two by position
+(``def f(p, c, **kw)``). Either way a function gets only the arguments it takes (all of them
+with ``**kwargs``): ``prompts``, ``completions``, ``completion_ids`` (each completion's token
+ids, without padding and EOS), ``trainer_state`` (``global_step``, ``max_steps``), the row's
+fields, and for a process reward ``tokenizer``. Where the prompts are chat messages the
+completions are too, one assistant message each (``[{"role": "assistant", "content": ...}]``),
+as in TRL; ``completion_text`` gives the text of either kind.
+
 A function that raises, returns the wrong number of values, returns NaN or something that is
 not a number (numpy and 0-d torch scalars are numbers), or does not return within
 ``timeout_s``, stops the run with a message naming the function and the sample, unless
 ``on_error="zero"``: then the sample scores 0 for that function and the error is counted.
 
 The row fields a reward reads are found before any model loads (``reward_fields``): declared
-with ``@reads("answer")`` (rlhfkit.data.rows), else the keyword parameters without a default.
-No row field may be named like a reward argument (``RESERVED``).
+with ``@reads("answer")`` (rlhfkit.data.rows), else the parameters without a default that are not
+``RESERVED`` (after the first two, for a function called by position). No row field may be
+named like a reward argument.
 """
 
 from __future__ import annotations
@@ -26,9 +37,10 @@ from typing import Callable
 
 import torch
 
+from ..data.formats import completion_text  # noqa: F401  (re-exported for reward authors)
 from ..data.rows import reads  # noqa: F401  (re-exported: reward authors declare their fields with it)
 
-RESERVED = ("prompts", "completions", "completion_ids", "tokenizer")  # the arguments rlhfkit passes itself
+RESERVED = ("prompts", "completions", "completion_ids", "tokenizer", "trainer_state")  # what rlhfkit passes itself
 
 
 class RewardError(RuntimeError):
@@ -46,26 +58,68 @@ def _name(fn) -> str:
     return getattr(fn, "__name__", type(fn).__name__)
 
 
+def _parameters(fn: Callable) -> list[inspect.Parameter] | None:
+    try:
+        return list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # a builtin or extension callable: no signature to read
+        return None
+
+
+def by_keyword(fn: Callable) -> bool:
+    """Whether ``fn`` is called as TRL calls rewards, every argument by name: its parameters name
+    ``prompts`` or ``completions`` (none of them positional-only)."""
+    params = _parameters(fn)
+    return (params is not None and any(p.name in ("prompts", "completions") for p in params)
+            and not any(p.kind == p.POSITIONAL_ONLY for p in params))
+
+
 def reward_fields(fn: Callable) -> tuple[str, ...]:
-    """The row fields ``fn`` needs: ``@reads(...)``, else its keyword parameters without a default."""
+    """The row fields ``fn`` needs: ``@reads(...)``, else its named parameters without a default
+    that rlhfkit does not pass itself (after the first two where it is called by position)."""
     declared = getattr(fn, "row_fields", None)
     if declared is not None:
         return tuple(declared)
-    try:
-        params = list(inspect.signature(fn).parameters.values())
-    except (TypeError, ValueError):
+    params = _parameters(fn)
+    if params is None:
         return ()
-    named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)][2:]  # after prompts, completions
+    named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if not by_keyword(fn):
+        named = named[2:]  # after prompts, completions
     return tuple(p.name for p in named if p.default is p.empty and p.name not in RESERVED)
 
 
+def call_reward(fn: Callable, timeout_s: float, prompts: list, completions: list, **named):
+    """``fn`` called with the arguments it takes: by name (``by_keyword``) or with prompts and
+    completions by position; of ``named`` (the row fields, ``completion_ids``, ...) the ones its
+    parameters name, or all of them where it takes ``**kwargs``."""
+    params = _parameters(fn)
+    if params is not None and not any(p.kind == p.VAR_KEYWORD for p in params):
+        names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        named = {k: v for k, v in named.items() if k in names}
+    if by_keyword(fn):
+        return call_with_timeout(fn, timeout_s, prompts=prompts, completions=completions, **named)
+    return call_with_timeout(fn, timeout_s, prompts, completions, **named)
+
+
+def _signature_hint(error: Exception) -> str:
+    if isinstance(error, TypeError) and "argument" in str(error):
+        return ("; a reward whose parameters name prompts or completions gets every argument by name, as in TRL "
+                "(prompts, completions, completion_ids, trainer_state and the row's fields), else the first two "
+                "by position")
+    return ""
+
+
+def as_completions(texts: list[str], prompts: list) -> list:
+    """What rewards get as ``completions``: the texts, or for a chat prompt one assistant message each."""
+    return [[{"role": "assistant", "content": t}] if isinstance(p, list) else t for t, p in zip(texts, prompts)]
+
+
 def as_number(value) -> float | None:
-    """A reward value as a float: Python, numpy and 0-d torch numbers; None when it is not one."""
-    if isinstance(value, bool):
-        return None
+    """A reward value as a float: Python, numpy and 0-d torch numbers, and booleans as 1.0 and 0.0
+    (as TRL casts them); None when it is not one."""
     if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # numpy scalars and 0-d arrays, 0-d tensors
         value = value.item()
-    return float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else None
+    return float(value) if isinstance(value, numbers.Real) else None
 
 
 def call_with_timeout(fn: Callable, timeout_s: float, *args, **kwargs):
@@ -91,21 +145,27 @@ def call_with_timeout(fn: Callable, timeout_s: float, *args, **kwargs):
     return box["value"]
 
 
-def score_outcomes(functions: list[Callable], weights: list[float], prompts: list[str], completions: list[str],
-                   row_fields: dict[str, list], on_error: str = "raise", timeout_s: float = 0.0) -> OutcomeScores:
+def score_outcomes(functions: list[Callable], weights: list[float], prompts: list, completions: list,
+                   row_fields: dict[str, list], on_error: str = "raise", timeout_s: float = 0.0,
+                   **passed) -> OutcomeScores:
+    """Every function on the batch (``call_reward``; ``passed``: ``completion_ids``, ``trainer_state``)."""
     total = torch.zeros(len(completions))
     per_function, errors = {}, {}
     for fn, weight in zip(functions, weights):
         name = _name(fn)
         try:
-            values = list(call_with_timeout(fn, timeout_s, prompts, completions, **row_fields))
+            values = call_reward(fn, timeout_s, prompts, completions, **passed, **row_fields)
+            if values is None or isinstance(values, (str, bytes, dict)) or not hasattr(values, "__iter__"):
+                raise RewardError(f"returned {type(values).__name__}, not a list of one number (or None) per "
+                                  "completion")
+            values = list(values)
             if len(values) != len(completions):
                 raise RewardError(f"reward function '{name}' returned {len(values)} values for "
                                   f"{len(completions)} completions")
         except Exception as e:
             if on_error != "zero":
                 raise RewardError(f"reward function '{name}' failed on the batch starting with prompt "
-                                  f"{prompts[0]!r}: {e}") from e
+                                  f"{prompts[0]!r}: {e}{_signature_hint(e)}") from e
             values, errors[name] = [0.0] * len(completions), len(completions)
         column = torch.full((len(completions),), float("nan"))
         for i, value in enumerate(values):

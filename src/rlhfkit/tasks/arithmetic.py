@@ -16,7 +16,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from ..data.formats import answer_text
+from ..data.formats import answer_text, completion_text
 from ..data.rows import DataError, Row, reads
 from ..data.steps import char_to_token_index
 
@@ -189,13 +189,14 @@ def verify_steps(prompt: str, completion: str) -> list[Step]:
 @reads("answer")
 def exact_answer(prompts, completions, answer=None, **_) -> list[float]:
     """1.0 when the completion's answer is exactly the row's ``answer``, else 0.0."""
-    return [1.0 if extract_answer(c) == int(a) else 0.0 for c, a in zip(completions, answer)]
+    return [1.0 if extract_answer(completion_text(c)) == int(a) else 0.0 for c, a in zip(completions, answer)]
 
 
 @reads("answer")
 def contains_answer(prompts, completions, answer=None, **_) -> list[float]:
     """1.0 if the right answer appears as a whole number anywhere in the completion (BENCHMARK.md)."""
-    return [1.0 if re.search(rf"(?<![\d-]){int(a)}(?!\d)", c) else 0.0 for c, a in zip(completions, answer)]
+    return [1.0 if re.search(rf"(?<![\d-]){int(a)}(?!\d)", completion_text(c)) else 0.0
+            for c, a in zip(completions, answer)]
 
 
 def arithmetic_steps(prompts, completions, completion_ids=None, tokenizer=None, **_) -> list[list[tuple[int, float]]]:
@@ -204,9 +205,9 @@ def arithmetic_steps(prompts, completions, completion_ids=None, tokenizer=None, 
     A completion with no recognisable step gets one 0.0 step on its last token.
     """
     out = []
-    for prompt, text, ids in zip(prompts, completions, completion_ids):
+    for prompt, completion, ids in zip(prompts, completions, completion_ids):
         steps = [(char_to_token_index(tokenizer, ids, s.char_end), 1.0 if s.correct else 0.0)
-                 for s in verify_steps(prompt, text)]
+                 for s in verify_steps(prompt, completion_text(completion))]
         out.append(steps or [(max(len(ids) - 1, 0), 0.0)])
     return out
 

@@ -268,6 +268,21 @@ def _tied_keys(model) -> set[str]:
     return {n for group in names.values() if len(group) > 1 for n in group}
 
 
+def publish_folder(tmp: Path, final: Path) -> None:
+    """Put the finished folder ``tmp`` in place of ``final`` (a model folder): its files on disk
+    first, then the renames, so that ``final`` is never a half-written folder. An earlier
+    ``final`` is renamed aside and removed once the new one is in place."""
+    _fsync_dir(tmp)
+    aside = final.with_name(final.name + ".old")
+    if aside.exists():
+        shutil.rmtree(aside)
+    if final.exists():
+        final.rename(aside)
+    tmp.rename(final)
+    _fsync_folder(final.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def _fsync_folder(path: Path) -> None:
     """The folder's own entries (renames, new files) on disk."""
     fd = os.open(path, os.O_RDONLY)

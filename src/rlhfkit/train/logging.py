@@ -26,6 +26,8 @@ class MetricsLogger:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.is_file():  # time_s goes on from the resumed run's last line
+            self.start -= max((r.get("time_s") or 0.0 for r in read_metrics(out_dir)), default=0.0)
         if report_to == "tensorboard":
             try:
                 from torch.utils.tensorboard import SummaryWriter

@@ -47,6 +47,26 @@ def build_scheduler(optimizer, total: int, warmup: int, schedule: str, min_ratio
         optimizer, lambda step: lr_factor(step, total, warmup, schedule, min_ratio))
 
 
+def hyperparameters(optimizer) -> list[tuple[float, float]]:
+    """Each param group's (base lr, weight_decay) as the config built them, before a checkpoint
+    loads (a scheduler already attached keeps the base lr as ``initial_lr``)."""
+    return [(group.get("initial_lr", group["lr"]), group["weight_decay"]) for group in optimizer.param_groups]
+
+
+def rebase_schedule(optimizer, scheduler, built: list[tuple[float, float]]) -> None:
+    """After a checkpoint's optimizer and scheduler states load: the config's base lrs and weight
+    decays (``hyperparameters`` of the freshly built optimizer), and the lr of the step the run
+    resumes at under the config's schedule, which a changed length, schedule or warm-up moves.
+    The state dicts restore the saved run's lrs, and a new schedule would otherwise take effect
+    only from the second resumed step. Unchanged, every value is the one the checkpoint holds,
+    computed as LambdaLR computes it."""
+    factors = [fn(scheduler.last_epoch) for fn in scheduler.lr_lambdas]
+    for group, (lr, decay), factor in zip(optimizer.param_groups, built, factors):
+        group["initial_lr"], group["weight_decay"], group["lr"] = lr, decay, lr * factor
+    scheduler.base_lrs = [lr for lr, _ in built]
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
 DOT_NORM = True  # False: torch's get_total_norm (benchmarks/inprocess.py measures the two)
 
 

@@ -54,6 +54,7 @@ from .checkpoint import (
     checkpoint_dir,
     latest_checkpoint,
     load_checkpoint,
+    publish_folder,
     save_checkpoint,
     write_failure,
 )
@@ -68,7 +69,7 @@ from .dist import (
     init_distributed,
 )
 from .logging import MetricsLogger, plain, progress, truncate_metrics
-from .optim import check_finite, optimizer_step
+from .optim import check_finite, hyperparameters, optimizer_step, rebase_schedule
 from .plots import plot_runs
 from .shard import save_everywhere, shard
 
@@ -220,15 +221,26 @@ class Run:
             enable_activation_checkpointing(model)
         return model
 
-    def save_model(self, model, tokenizer, out_dir, metrics: dict | None = None, what: str = "model") -> None:
+    def save_model(self, model, tokenizer, out_dir, metrics: dict | None = None, what: str = "model",
+                   files: dict[str, str] | None = None) -> None:
         """A ``save_pretrained`` folder (LoRA: the adapter, and the merged model with ``lora.merge``)
-        with a ``README.md`` model card: ``metrics``, by default the last eval's and step's."""
-        save_everywhere(model, tokenizer, out_dir, self.info, merge=self.merge)
+        with a ``README.md`` model card (``metrics``, by default the last eval's and step's) and
+        ``files`` (name: text). Written beside ``out_dir`` and renamed into place when complete
+        (``publish_folder``): a run killed while saving leaves the earlier folder or none."""
+        out_dir = Path(out_dir)
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        if self.info.is_main and tmp.exists():
+            shutil.rmtree(tmp)
+        save_everywhere(model, tokenizer, tmp, self.info, merge=self.merge)
         if self.info.is_main:
             if metrics is None:
                 metrics = {"step": self.done, **{f"train/{k}": v for k, v in self.metrics.items()},
                            **{f"eval/{k}": v for k, v in (self.evals[-1] if self.evals else {}).items() if k != "step"}}
-            write_model_card(out_dir, self.name, self.config, metrics, what)
+            write_model_card(tmp, self.name, self.config, metrics, what)
+            for name, text in (files or {}).items():
+                (tmp / name).write_text(text)
+            publish_folder(tmp, out_dir)
+        barrier(self.info)
 
     def shard(self, model: torch.nn.Module) -> torch.nn.Module:
         """Spread ``model`` over the ranks as ``train.strategy`` says (train/shard.py); copy it first."""
@@ -262,13 +274,21 @@ class Run:
         seed_everything(self.cfg.seed + self.info.rank)  # ranks sample (and drop out) differently
         if self.resuming:
             path = self.resumed_from = latest_checkpoint(self.cfg.out_dir)
+            built = hyperparameters(optimizer)
             self.state = load_checkpoint(path, trained, optimizer, scheduler, self.info)
+            rebase_schedule(optimizer, scheduler, built)  # this config's lr, decay and schedule from here
             self.start = self.done = self.state["step"]
+            if self.start > self.max_steps:
+                raise ConfigError(f"train.resume: {path} is at {self.unit} {self.start}, past this run's length "
+                                  f"({self.max_steps}); a resumed run cannot go back: raise train.max_steps (or "
+                                  "train.epochs), or start a new run in another train.out_dir")
             self.optimizer_steps = self.state.get("optimizer_steps", 0)
             self.evals, self.metrics = self.state.get("evals", []), self.state.get("metrics", {})
             self.stopped_early = bool(self.state.get("stopped_early"))
             self.say(f"resuming from {path} ({self.unit} {self.start} of {self.max_steps})"
-                     + ("; an eval had stopped the run there" if self.stopped_early else ""))
+                     + ("; an eval had stopped the run there" if self.stopped_early else "")
+                     + ("; the run is complete: its model folder and result.json are written again"
+                        if self.start == self.max_steps else ""))
             if self.info.is_main:
                 truncate_metrics(self.cfg.out_dir, self.start, bool(self.state.get("pending_eval")),
                                  self.state.get("step_logged", True))
@@ -325,7 +345,9 @@ class Run:
     def _on_signal(self, signum: int, frame) -> None:
         name = signal.Signals(signum).name
         if self.signal is not None:  # the second one: at once (a half-written checkpoint is never picked)
-            print(f"{self.name}: {name} again: exiting now; the last complete checkpoint is kept", file=sys.stderr)
+            kept = latest_checkpoint(self.cfg.out_dir)
+            print(f"{self.name}: {name} again: exiting now; the last complete checkpoint is kept"
+                  + (f": {kept}" if kept is not None else " (there is none yet)"), file=sys.stderr)
             os._exit(128 + signum)
         self.signal = signum
         self.say(f"{name}: finishing {self.unit} {self.done + 1}, then writing a checkpoint ({name} again exits at once)")
@@ -445,7 +467,7 @@ class Run:
         except Exception as e:  # a full disk, no permission: one line, and no half-written model left
             cause = write_failure(e, out)
             if self.info.is_main:
-                shutil.rmtree(out / "model", ignore_errors=True)
+                shutil.rmtree(out / "model.tmp", ignore_errors=True)
             raise CheckpointError(f"cannot write the final model {out / 'model'}: {cause}; the partial "
                                   f"folder was removed, the last complete checkpoint {latest_checkpoint(out)} is "
                                   "kept: rerun with train.resume=true to write it") from None
@@ -502,6 +524,9 @@ def check_resumed_config(checkpoint: Path, now: dict, info: DistInfo, force: boo
                           "so give the values it had, start a new run in another train.out_dir, or, where the "
                           "change is harmless (the same data at another path), pass train.resume=force")
     said = allowed + refused
+    if any(d.startswith("train.seed:") for d in refused):
+        said.append("the new seed reorders the data from here (this epoch's rows may repeat or be missed), while "
+                    "sampling and dropout go on from the checkpoint's random state")
     if said and info.is_main:
         stretched = any(d.startswith(LENGTH_KEYS) for d in said)
         print(f"resuming {checkpoint} with {'; '.join(said)}"
@@ -517,7 +542,13 @@ def start_run(cfg: TrainConfig, config, name: str, unit: str = "optimizer step",
     resuming = prepare_out_dir(cfg, info)
     resolved = plain_dict(config)
     if resuming:
-        check_resumed_config(latest_checkpoint(cfg.out_dir), resolved, info, force=cfg.resume == "force")
+        checkpoint = latest_checkpoint(cfg.out_dir)
+        check_resumed_config(checkpoint, resolved, info, force=cfg.resume == "force")
+        done = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
+        if not cfg.epochs and done > cfg.max_steps:  # with epochs the length is known once the data is read
+            raise ConfigError(f"train.resume: {checkpoint} is at {unit} {done}, past train.max_steps={cfg.max_steps}; "
+                              "a resumed run cannot go back: raise train.max_steps, or start a new run in another "
+                              "train.out_dir")
     if info.is_main:
         write_config(Path(cfg.out_dir), resolved)  # a config that cannot be written fails here, not at the end
     return Run(cfg, resolved, info, name, unit, resuming, show, max_steps=cfg.max_steps)
