@@ -111,19 +111,19 @@ def test_prompt_only_standard_and_conversational(tok):
 
 REFUSED = [
     ("sft", {"prompt": "p", "completion": " 4", "label": False},
-     "d.jsonl:1: a unpaired-preference (prompt, completion, label) row is not sft data; that format is for KTO"),
+     "d.jsonl:1: an unpaired-preference (prompt, completion, label) row is not sft data; that format is for KTO"),
     ("sft", {"prompt": "p", "chosen": "a", "rejected": "b"},
      "d.jsonl:1: a preference (prompt, chosen, rejected) row is not sft data; that format is for rm and dpo"),
     ("sft", {"prompt": "p", "answer": 4},
      "d.jsonl:1: missing field 'completion' (fields present: answer, prompt); a prompt-only row is grpo and ppo data"),
     ("rm", {"prompt": "p", "completions": ["a", "b"], "labels": [True, False]},
-     "a stepwise-supervision (prompt, completions, labels) row is not rm data; that format is for a process "
-     "reward model"),
+     "a stepwise-supervision (prompt, completions, labels) row is not rm data; that format is for prm (a "
+     "process reward model)"),
     ("dpo", {"prompt": "p", "completions": ["a", "b"], "labels": [True, False]},
-     "a stepwise-supervision (prompt, completions, labels) row is not dpo data; that format is for a process "
-     "reward model"),
+     "a stepwise-supervision (prompt, completions, labels) row is not dpo data; that format is for prm (a "
+     "process reward model)"),
     ("dpo", {"prompt": "p", "completion": "a", "label": True},
-     "a unpaired-preference (prompt, completion, label) row is not dpo data; that format is for KTO"),
+     "an unpaired-preference (prompt, completion, label) row is not dpo data; that format is for KTO"),
 ]
 
 
@@ -253,3 +253,14 @@ def test_tool_calling_rows_render_their_tools_and_train_the_calls(tok):
         assert _trained(t, example) == "call clock<eos>noon<eos>"
     with pytest.raises(DataError, match="d.jsonl:1: field 'tools' must be a list of function schemas"):
         encode_sft(_rows({"messages": messages, "tools": 3}), t, 256)
+
+
+def test_a_users_message_as_the_answer_and_a_templateless_implicit_chat_pair_are_named(tok, chatml):
+    with pytest.raises(DataError, match=r"d.jsonl:1: field 'completion' holds a 'user' message; an answer is the "
+                                        r"assistant's"):
+        encode_sft(_rows({"prompt": [USER], "completion": [{"role": "user", "content": "3"}]}), chatml, 64)
+    pair = {"chosen": [USER, ASSISTANT], "rejected": [USER, {"role": "assistant", "content": " 4"}]}
+    plain = build_char_tokenizer()
+    plain.chat_template = None
+    with pytest.raises(DataError, match=r"d.jsonl:1: field 'chosen' holds chat messages but the tokenizer has no chat"):
+        encode_rankings(_rows(pair), plain, 64)

@@ -173,3 +173,13 @@ def test_a_dataframe_or_a_dict_of_columns_is_a_table(tmp_path):
     assert [r.data for r in read_rows({"prompt": ["a"], "completion": ["x"]})] == [{"prompt": "a", "completion": "x"}]
     with pytest.raises(DataError, match=r"<dict>: not a table of columns"):
         read_rows({"prompt": ["a", "b"], "completion": ["x"]})
+
+
+def test_chat_messages_in_a_csv_cell_are_refused_not_trained_on_as_text(tmp_path):
+    path = tmp_path / "chat.csv"
+    path.write_text('prompt,completion\n"[{""role"": ""user"", ""content"": ""1+1""}]",'
+                    '"[{""role"": ""assistant"", ""content"": ""2""}]"\n')
+    with pytest.raises(DataError, match=r"chat.csv:2: field 'prompt' is chat messages written as JSON text"):
+        read_rows(path)
+    path.write_text('prompt,completion\n"[1, 2] is a list","[""role""] too"\n')  # text that only looks like it
+    assert read_rows(path)[0].data == {"prompt": "[1, 2] is a list", "completion": '["role"] too'}

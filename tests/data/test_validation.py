@@ -113,5 +113,5 @@ def test_an_answer_of_the_wrong_type_or_with_nothing_after_the_shared_prompt_say
 def test_another_methods_rows_given_as_prompts_say_whose_they_are(tok):
     rows = read_rows([{"prompt": "Q", "completions": ["a"], "labels": [True]}])
     with pytest.raises(DataError, match=r"<list>:row 1: a stepwise-supervision .* row is not grpo or ppo data; that "
-                                        r"format is for a process reward model"):
+                                        r"format is for prm \(a process reward model\)"):
         check_prompts(rows, tok, reserved=RESERVED)

@@ -26,6 +26,16 @@ def test_sft_help_lists_every_config_field_with_type_default_and_description():
     assert "train.epochs" in lines and "float" in lines["train.epochs"] and "= 0" in lines["train.epochs"]
 
 
+def test_grpo_and_ppo_help_say_train_batch_size_is_not_theirs():
+    from rlhfkit.cli.help import fields_help
+
+    for cls in (api.GRPOConfig, api.PPOConfig):
+        (line,) = [x for x in fields_help(cls).splitlines() if x.split()[0] == "train.batch_size"]
+        assert "not read by this method: prompts_per_step sizes its batches" in line
+    (line,) = [x for x in fields_help(api.SFTConfig).splitlines() if x.split()[0] == "train.batch_size"]
+    assert "not read" not in line
+
+
 @pytest.mark.parametrize("method", ["sft", "rm", "dpo", "grpo", "ppo"])
 def test_every_config_field_of_every_method_has_a_description(method):
     cls = {"sft": api.SFTConfig, "rm": api.RMConfig, "dpo": api.DPOConfig, "grpo": api.GRPOConfig,

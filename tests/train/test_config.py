@@ -119,3 +119,13 @@ def test_a_resume_may_change_cadence_length_and_engine_but_not_what_the_steps_co
 def test_an_override_without_a_key_is_refused_by_name(override):
     with pytest.raises(ConfigError, match=f"override '{override}': a key before '=' is missing"):
         parse_overrides([override])
+
+
+def test_trls_names_for_config_keys_are_answered_with_rlhfkits():
+    from rlhfkit.methods.grpo import GRPOConfig
+
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\): learning_rate, num_generations; TRL's names, "
+                                          r"rlhfkit's: learning_rate -> train\.lr; num_generations -> group_size; known: "):
+        load_config(GRPOConfig, None, ["learning_rate=1e-6", "num_generations=4"])
+    with pytest.raises(ConfigError, match=r"train\.num_train_epochs -> train\.epochs"):
+        load_config(GRPOConfig, None, ["train.num_train_epochs=3"])

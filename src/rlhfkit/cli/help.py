@@ -81,6 +81,9 @@ def field_rows(cls, prefix: str = "", default=None) -> list[tuple[str, str, str,
 def fields_help(cls) -> str:
     """The table ``rlhfkit METHOD --help`` prints below the usage."""
     rows = field_rows(cls)
+    if any(r[0] == "prompts_per_step" for r in rows):  # the online methods (refuse_offline_batch_fields)
+        rows = [(n, k, d, "not read by this method: prompts_per_step sizes its batches (a value is refused)")
+                if n == "train.batch_size" else (n, k, d, text) for n, k, d, text in rows]
     name_w = max(len(r[0]) for r in rows)
     kind_w = max(len(r[1]) for r in rows)
     lines = ["config fields (set in the YAML file or as key=value; nested ones with dots):"]

@@ -30,6 +30,11 @@ class LengthReport:
     skipped: list[str] = field(default_factory=list)  # where of each skipped row
     unknown: list[str] = field(default_factory=list)  # where of each row with text the tokenizer maps to <unk>
     identical: int = 0  # of the skipped: rows whose answers truncation made identical
+    longest: tuple[int, str] = (0, "")  # the longest sequence kept (tokens) and its row's where
+
+    def note_length(self, tokens: int, where: str) -> None:
+        if tokens > self.longest[0]:
+            self.longest = (tokens, where)
 
     def summary(self) -> str:
         text = f"{self.rows} rows, {self.truncated} truncated, {len(self.skipped)} skipped"
@@ -61,6 +66,10 @@ def assistant_text(tokenizer, context: list[dict], turn: list[dict], row: Row, f
     follow it. The turn's trained end is the template's own (``<|im_end|>``, ...): the text is
     cut just after the tokenizer's EOS token where the template writes it; a template that
     writes none gets the EOS id appended, so that the model still learns to stop."""
+    roles = sorted({str(m.get("role")) for m in turn} - {"assistant", "tool"})
+    if roles:
+        raise DataError(f"{row.where}: field '{field}' holds a {roles[0]!r} message; an answer is the assistant's "
+                        "(and its tools') messages; earlier turns belong in the prompt")
     before = render_chat(tokenizer, context, row, field, generation_prompt=True)
     full = render_chat(tokenizer, context + turn, row, field, generation_prompt=False)
     if not full.startswith(before):
@@ -97,7 +106,8 @@ def prompt_text(row: Row, tokenizer) -> str:
     template's generation prompt, so it needs no empty assistant turn)."""
     messages = chat_prompt(row)
     if messages is not None:
-        return render_chat(tokenizer, messages, row, "prompt" if "prompt" in row.data else "messages", True)
+        field = next(f for f in ("prompt", "messages", "chosen") if f in row.data)  # "chosen": an implicit pair's
+        return render_chat(tokenizer, messages, row, field, True)
     if row_format(row) == "implicit_preference":
         return shared_prefix(get_str(row, "chosen"), get_str(row, "rejected"))[0]
     return get_str(row, "prompt", allow_empty=row_format(row) == "language_modeling")
@@ -184,6 +194,7 @@ def fit_length(prompt_ids: list[int], completion_ids: list[int], max_length: int
     """Apply the over-long policy; None means the row is skipped (and counted)."""
     total = len(prompt_ids) + len(completion_ids)
     if total <= max_length:
+        report.note_length(total, where)
         return prompt_ids, completion_ids
     if policy == "error":
         raise DataError(
@@ -195,6 +206,7 @@ def fit_length(prompt_ids: list[int], completion_ids: list[int], max_length: int
             report.skipped.append(where)
         return None
     report.truncated += 1
+    report.note_length(max_length, where)
     return prompt_ids, completion_ids[: max_length - len(prompt_ids)]
 
 
@@ -301,9 +313,10 @@ def check_prompts(rows: list[Row], tokenizer, required=(), reserved=()) -> Lengt
     for row in rows:
         check_prompt_row(row)
     report = LengthReport(rows=len(rows))
-    texts = [prompt_text(r, tokenizer) for r in rows]
-    for row, ids in zip(rows, tokenizer(texts, add_special_tokens=False)["input_ids"]):
+    for row in rows:
+        ids = encode_row_prompt(tokenizer, row)
         report.note_unknown(tokenizer, ids, row.where)
+        report.note_length(len(ids), row.where)
     return report
 
 

@@ -39,7 +39,7 @@ TAKEN_BY = {
     "preference": "rm and dpo", "implicit_preference": "rm and dpo", "ranking": "rm and dpo",
     "unpaired_preference": "KTO (TRL's KTOTrainer), which rlhfkit does not have; for sft keep the rows whose "
                            "label is true and drop 'label'",
-    "stepwise": "a process reward model (PRM); for rm or dpo give rankings or pairs",
+    "stepwise": "prm (a process reward model)",
 }
 
 
@@ -65,7 +65,8 @@ def require_format(row: Row, method: str, accepted: tuple[str, ...]) -> str:
     """``row``'s format, or a DataError saying which method takes it."""
     fmt = row_format(row)
     if fmt not in accepted:
-        raise DataError(f"{row.where}: a {FORMAT_NAMES[fmt]} row is not {method} data; "
+        article = "an" if FORMAT_NAMES[fmt][0] in "aeiou" else "a"
+        raise DataError(f"{row.where}: {article} {FORMAT_NAMES[fmt]} row is not {method} data; "
                         f"that format is for {TAKEN_BY[fmt]}")
     return fmt
 

@@ -154,6 +154,7 @@ def encode_rankings(rows: list[Row], tokenizer, max_length: int, overlong: str =
             report.identical += 1
             continue
         report.truncated += row_report.truncated > 0  # counts are per row, not per completion
+        report.note_length(*row_report.longest)
         examples.append(RankingExample(prompt_ids, kept, ranks))
     if not examples:
         raise DataError(f"no usable rows left after the length policy ({report.summary()})")

@@ -211,10 +211,26 @@ def _read_csv(path: Path) -> list[Row]:
             where = f"{path}:{reader.line_num}"
             if None in fields:
                 raise DataError(f"{where}: more values than the header's {len(reader.fieldnames)} columns")
+            for name, value in fields.items():
+                if _chat_as_text(value):
+                    raise DataError(f"{where}: field '{name}' is chat messages written as JSON text, and a CSV cell is "
+                                    "read as text (it would be trained on as such): give chat rows as jsonl, json "
+                                    "or parquet")
             rows.append(Row(where, {k: v for k, v in fields.items() if v not in (None, "")}))  # empty: absent
         return rows
     except csv.Error as e:
         raise DataError(f"{path}: not valid CSV ({e})") from None
+
+
+def _chat_as_text(value) -> bool:
+    """Whether a CSV cell holds a JSON list of chat messages (``[{"role": ..., ...}]``)."""
+    if not isinstance(value, str) or not value.lstrip().startswith("[") or '"role"' not in value:
+        return False
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        return False
+    return isinstance(parsed, list) and bool(parsed) and all(isinstance(m, dict) and "role" in m for m in parsed)
 
 
 def _read_parquet(path: Path) -> list[Row]:

@@ -132,6 +132,7 @@ def encode_step_rows(rows: list[Row], tokenizer, separator: str, max_length: int
                 continue
             report.truncated += 1
             ids, positions, labels, spans = ids[: positions[fits - 1] + 1], positions[:fits], labels[:fits], spans[:fits]
+        report.note_length(len(ids), row.where)
         examples.append(StepExample(ids, positions, labels, spans))
     if not examples:
         raise DataError(f"no usable rows left after the length policy ({report.summary()})")

@@ -3,12 +3,37 @@
 from __future__ import annotations
 
 from ..data.prefs import collate_rankings, collate_shared_prompt
-from ..data.rows import read_rows
+from ..data.rows import DataError, read_rows
 from ..models.forward import reads_block_masks
-from ..models.load import load_causal_lm, load_tokenizer
+from ..models.load import load_causal_lm, load_tokenizer, position_limit
 from ..models.lora import Reference
 from ..rollout.evaluate import HeldOut
 from ..train.config import ConfigError, TrainConfig
+
+
+def check_positions(run, model, longest: tuple[int, str], new_tokens: int = 0) -> None:
+    """The longest sequence a run forwards (``longest``: tokens and the row's place, from the data's
+    ``LengthReport``; ``new_tokens`` sampled after a prompt) against the model's positions: a
+    DataError, before any training, where they are a learned table it would run past (an index
+    error inside the model, mid-run); a warning where they are rotary and would be extrapolated."""
+    limit = position_limit(model)
+    tokens, where = longest
+    if limit is None or tokens + new_tokens <= limit[0]:
+        return
+    n, field, learned = limit
+    what = f"{tokens} tokens" + (f" + {new_tokens} sampled" if new_tokens else "")
+    cure = "shorten the prompt or lower max_new_tokens" if new_tokens else \
+        "lower max_length (over-long rows: overlong=truncate or overlong=skip)"
+    if learned:
+        raise DataError(f"{where}: {what}, past the model's {n} positions ({field} in its config.json: a learned "
+                        f"position table with no row beyond it); {cure}")
+    run.say(f"warning: {where}: {what}, past the model's {n} positions ({field}); its positions are extrapolated "
+            f"beyond them, which it was not trained on ({cure} to stay within them)")
+
+
+def longest(*reports) -> tuple[int, str]:
+    """The longest sequence over several ``LengthReport``s (None: a data set not given)."""
+    return max((r.longest for r in reports if r is not None), default=(0, ""))
 
 
 def load_policy(model_path: str, tokenizer_path: str | None):

@@ -28,7 +28,7 @@ from ..train.checkpoint import CheckpointError
 from ..train.config import LoraConfig, TrainConfig, at_least, choice, positive, replace
 from ..train.loop import Objective, train_offline
 from ..train.run import start_run
-from .common import accuracy_eval, frozen_reference, head, held_out, ranking_collate
+from .common import accuracy_eval, check_positions, frozen_reference, head, held_out, longest, ranking_collate
 from .sft import sft_objective
 
 REFERENCE_MODES = ("precompute", "forward")
@@ -178,12 +178,13 @@ def run_dpo(cfg: DPOConfig) -> dict:
                                        method="dpo")
     run.say(f"{source_name(cfg.train_data)}: {report.summary()}")
     pref_rows = refuse_ties(head(read_rows(cfg.eval_data), cfg.eval_limit)) if cfg.eval_data else []
-    pref_examples = []
+    pref_examples, eval_report = [], None
     if pref_rows:
         pref_examples, eval_report = encode_rankings(pref_rows, tokenizer, cfg.max_length, "skip")
         run.say(f"{source_name(cfg.eval_data)} (held out, over-long rows skipped): {eval_report.summary()}")
     prompts = held_out(cfg.eval_prompts, cfg.eval_limit, cfg.eval_task)
     model = run.prepare(load_causal_lm(cfg.model, tokenizer, device=run.device), cfg.lora, base=cfg.model)
+    check_positions(run, model, longest(report, eval_report))
     backend = SamplerBackend(tokenizer, model, copy=run.shards_models)  # a copy is made before sharding
     # The frozen start: the policy with its adapters off (LoRA), else a copy made before sharding; after
     # an SFT phase on the chosen answers, the tuned model saved by that phase.

@@ -41,7 +41,7 @@ from ..train.dist import DistInfo, all_reduce_sum
 from ..train.loop import BatchOrder, autocast, reduce_dict, row_chunks
 from ..train.optim import build_optimizer, build_scheduler
 from ..train.run import Run, start_run
-from .common import held_out, refuse_offline_batch_fields
+from .common import check_positions, held_out, refuse_offline_batch_fields
 
 
 @dataclass(frozen=True)
@@ -346,11 +346,15 @@ def run_ppo(cfg: PPOConfig, backend=None) -> dict:
         raise ConfigError(f"minibatch_size={cfg.minibatch_size} must divide over {run.info.world_size} ranks")
     rows, eval_rows = read_rows(cfg.train_data), held_out(cfg.eval_data, cfg.eval_limit, cfg.eval_task)
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
-    run.say(f"{source_name(cfg.train_data)}: {check_prompts(rows, tokenizer).summary()}")  # every row, before any model loads
+    report = check_prompts(rows, tokenizer)  # every row, before any model loads
+    run.say(f"{source_name(cfg.train_data)}: {report.summary()}")
     ptx = load_ptx(cfg, tokenizer)
     if ptx is not None:
         run.say(f"{source_name(cfg.ptx_data)} (ptx, over-long rows truncated to ptx_max_length): {ptx[2].summary()}")
     models, tokenizer = load_models(cfg, run.device, run)
+    check_positions(run, models["actor"], report.longest, max(cfg.max_new_tokens, cfg.eval_max_new_tokens))
+    if ptx is not None:
+        check_positions(run, models["actor"], ptx[2].longest)
     run.say("parameter memory " + ", ".join(f"{k.split('/')[1]} {v} MB" for k, v in model_memory_mb(models).items()))
     backend = backend or make_backend(cfg.rollout, tokenizer, models["actor"], copy=run.shards_models,  # before sharding
                                       out_dir=tc.out_dir)

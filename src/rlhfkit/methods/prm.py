@@ -26,7 +26,7 @@ from ..models.reward import STEP_READOUTS, load_process_reward_model, score_name
 from ..train.config import ConfigError, LoraConfig, TrainConfig, at_least, choice, within
 from ..train.loop import Objective, train_offline
 from ..train.run import start_run
-from .common import head
+from .common import check_positions, head, longest
 
 
 @dataclass(frozen=True)
@@ -128,13 +128,14 @@ def run_prm(cfg: PRMConfig) -> dict:
     examples, report = encode_step_rows(read_rows(cfg.train_data), tokenizer, cfg.step_separator, cfg.max_length,
                                         cfg.overlong)
     run.say(f"{source_name(cfg.train_data)}: {report.summary()}")
-    held_out = []
+    held_out, eval_report = [], None
     if cfg.eval_data:
         held_out, eval_report = encode_step_rows(head(read_rows(cfg.eval_data), cfg.eval_limit), tokenizer,
                                                  cfg.step_separator, cfg.max_length, "skip")
         run.say(f"{source_name(cfg.eval_data)} (held out, over-long rows skipped): {eval_report.summary()}")
     model = load_process_reward_model(cfg.model, tokenizer, cfg.num_labels, seed=cfg.train.seed, device=run.device,
                                       readout=cfg.readout)
+    check_positions(run, model, longest(report, eval_report))
     model.config.step_separator = cfg.step_separator  # saved in config.json: where GRPO reads the steps
     if cfg.readout == "likelihood":  # saved too: GRPO's prm:PATH reads the steps the same way
         model.config.step_readout, model.config.step_logprob_floor = "likelihood", cfg.step_logprob_floor

@@ -26,7 +26,7 @@ from ..models.reward import load_reward_model, reward_scores, score_name, shared
 from ..train.config import LoraConfig, TrainConfig, at_least, choice
 from ..train.loop import Objective, train_offline
 from ..train.run import start_run
-from .common import head, ranking_collate
+from .common import check_positions, head, longest, ranking_collate
 
 
 @dataclass(frozen=True)
@@ -119,12 +119,13 @@ def run_rm(cfg: RMConfig) -> dict:
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
     examples, report = encode_rankings(read_rows(cfg.train_data), tokenizer, cfg.max_length, cfg.overlong, method="rm")
     run.say(f"{source_name(cfg.train_data)}: {report.summary()}")
-    held_out = []
+    held_out, eval_report = [], None
     if cfg.eval_data:
         held_out, eval_report = encode_rankings(head(read_rows(cfg.eval_data), cfg.eval_limit), tokenizer,
                                                 cfg.max_length, "skip")
         run.say(f"{source_name(cfg.eval_data)} (held out, over-long rows skipped): {eval_report.summary()}")
     model = load_reward_model(cfg.model, tokenizer, seed=cfg.train.seed, device=run.device)
+    check_positions(run, model, longest(report, eval_report))
     model = run.shard(run.prepare(model, cfg.lora, head=score_name(model), base=cfg.model))
     evaluate = (lambda m: ranking_metrics(m, held_out, tokenizer.pad_token_id, share_prompt=cfg.share_prompt)) \
         if held_out else None

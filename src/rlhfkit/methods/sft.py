@@ -23,7 +23,7 @@ from ..tasks import TASK_CHOICES
 from ..train.config import ConfigError, LoraConfig, TrainConfig, at_least, choice, within
 from ..train.loop import Objective, train_offline
 from ..train.run import start_run
-from .common import accuracy_eval, head
+from .common import accuracy_eval, check_positions, head
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,8 @@ def run_sft(cfg: SFTConfig) -> dict:
     run.say(f"{source_name(cfg.train_data)}: {report.summary()}")
     rows, eval_examples = held_out_sft(cfg, tokenizer, run.say)  # checked now, not after training
     model = run.prepare(load_causal_lm(cfg.model, tokenizer, device=run.device), cfg.lora, base=cfg.model)
+    held = max(((len(e.input_ids), f"{source_name(cfg.eval_data)} (held out)") for e in eval_examples), default=(0, ""))
+    check_positions(run, model, max(report.longest, held))
     backend = SamplerBackend(tokenizer, model, copy=run.shards_models)  # a copy is made before sharding
     run.shard(model)
     marker = Path(cfg.train.out_dir) / "snapshot" / "snapshot.json"

@@ -203,6 +203,24 @@ def full_state_dict(model: torch.nn.Module) -> dict:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
 
 
+POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def position_limit(model: torch.nn.Module) -> tuple[int, str, bool] | None:
+    """(the positions the model's config says it covers, the field that says so, whether they are
+    a learned table with no row past them, as GPT-2's ``wpe``), or None where the config names
+    none. Rotary and ALiBi models have no table: past the limit they extrapolate."""
+    config = getattr(model, "config", None)
+    written = config.to_dict() if hasattr(config, "to_dict") else {}  # GPT-2's n_positions, not its alias
+    found = next(((written[f], f) for f in POSITION_FIELDS if isinstance(written.get(f), int) and written[f] > 0), None)
+    if found is None:
+        return None
+    learned = any(isinstance(m, torch.nn.Embedding) and ("position" in name.rsplit(".", 1)[-1]
+                                                         or name.rsplit(".", 1)[-1] == "wpe")
+                  for name, m in model.named_modules())
+    return found[0], found[1], learned
+
+
 def unsharded_class(model: torch.nn.Module) -> type:
     """The model's own class (FSDP2 swaps in a subclass named FSDP<Class>)."""
     from torch.distributed.fsdp import FSDPModule

@@ -210,14 +210,36 @@ def _convert(value, typ, key: str, default=None):
         raise ConfigError(f"config key '{key}' expects {getattr(typ, '__name__', typ)}, got {value!r}") from None
 
 
+# TRL's (and transformers' TrainingArguments') names for what rlhfkit calls otherwise: said
+# beside an unknown key, for a config brought over from TRL
+TRL_NAMES = {"learning_rate": "train.lr", "num_train_epochs": "train.epochs", "max_steps": "train.max_steps",
+             "per_device_train_batch_size": "train.batch_size (the whole batch, split over ranks)",
+             "gradient_accumulation_steps": "train.micro_batch_size (rows per forward; the update is the same)",
+             "output_dir": "train.out_dir", "logging_steps": "train.log_every", "save_steps": "train.save_every",
+             "eval_steps": "train.eval_every", "save_total_limit": "train.keep_checkpoints",
+             "lr_scheduler_type": "train.schedule", "warmup_ratio": "train.warmup_steps (a number of steps)",
+             "gradient_checkpointing": "train.activation_checkpointing", "bf16": "train.dtype=bf16",
+             "num_generations": "group_size", "max_completion_length": "max_new_tokens", "num_iterations": "mu",
+             "epsilon": "eps_low", "epsilon_high": "eps_high", "scale_rewards": "scale_std",
+             "model_name_or_path": "model", "dataset_name": "train_data (a local file or save_to_disk folder)",
+             "cliprange": "eps_clip", "cliprange_value": "eps_value", "vf_coef": "critic_lr (the critic has its own optimizer group)", "num_ppo_epochs": "ppo_epochs",
+             "response_length": "max_new_tokens", "max_prompt_length": "max_length (prompt and answer together)",
+             "completion_only_loss": "nothing: SFT's loss is on the completion (or assistant turns) always"}
+for _name in ("max_grad_norm", "seed", "weight_decay", "warmup_steps", "report_to"):
+    TRL_NAMES[_name] = f"train.{_name}"
+
+
 def build(cls, values: dict, prefix: str = ""):
-    """Instantiate dataclass ``cls`` from a nested dict, rejecting unknown keys by name."""
+    """Instantiate dataclass ``cls`` from a nested dict, rejecting unknown keys by name (with
+    rlhfkit's name for a key TRL names so)."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
+        trl = [f"{prefix}{k} -> {TRL_NAMES[k]}" for k in unknown if k in TRL_NAMES and TRL_NAMES[k] != prefix + k]
         raise ConfigError(f"unknown config key(s): {', '.join(prefix + k for k in unknown)}; "
-                          f"known: {', '.join(sorted(names))}")
+                          + (f"TRL's names, rlhfkit's: {'; '.join(trl)}; " if trl else "")
+                          + f"known: {', '.join(sorted(names))}")
     defaults = {f.name: _default(f) for f in dataclasses.fields(cls)}
     return cls(**{k: _convert(v, hints[k], prefix + k, defaults[k]) for k, v in values.items()})
 
