@@ -37,3 +37,27 @@ def test_reference_grid_pads_missing_outputs_with_zero():
     grid = collate_shared_prompt(examples, 0).ref_logps
     assert grid.dtype == torch.float32 and grid.tolist() == [[-1.5, -2.25, 0.0], [-0.5, -3.0, -4.0]]
     assert collate_shared_prompt([RankingExample([5], [[7]], [0])], 0).ref_logps is None  # not all precomputed
+
+
+def test_an_rm_pairs_margin_reaches_both_layouts_and_is_checked():
+    import pytest
+
+    from rlhfkit.data.prefs import collate_rankings, encode_rankings
+    from rlhfkit.data.rows import DataError, Row
+    from rlhfkit.models.tokenizer import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    rows = [Row("p.jsonl:1", {"prompt": "1+1=", "chosen": "2", "rejected": "3", "margin": 2.5}),
+            Row("p.jsonl:2", {"prompt": "2+2=", "chosen": "4", "rejected": "5"})]
+    examples, _ = encode_rankings(rows, tok, 32, method="rm")
+    assert collate_rankings(examples, 0).margins.tolist() == [2.5, 0.0]
+    assert collate_shared_prompt(examples, 0).margins.tolist() == [2.5, 0.0]
+    assert collate_rankings(encode_rankings(rows[1:], tok, 32, method="rm")[0], 0).margins is None
+    assert collate_rankings(encode_rankings(rows, tok, 32, method="dpo")[0], 0).margins is None  # TRL's DPO reads none
+    for bad, message in (({"margin": -1}, "must be a finite number >= 0, got -1"),
+                         ({"completions": ["a", "b", "c"], "margin": 1.0}, "applies to .* pairs, not to a ranking of 3")):
+        row = {"prompt": "q", "chosen": "a", "rejected": "b", **bad}
+        if "completions" in bad:
+            row = {"prompt": "q", **bad}
+        with pytest.raises(DataError, match=rf"p.jsonl:1: field 'margin' {message}"):
+            encode_rankings([Row("p.jsonl:1", row)], tok, 32, method="rm")

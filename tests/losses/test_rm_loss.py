@@ -68,3 +68,14 @@ def test_center_coef_at_k3_uses_the_prompt_mean():
     plain, _ = ranking_loss(rewards, torch.ones(1, 3))
     centred, _ = ranking_loss(rewards, torch.ones(1, 3), center_coef=0.5)
     assert abs((centred - plain).item() - 0.5 * (2 * 1.0) ** 2) < 1e-6  # mean 1.0
+
+
+def test_a_pairs_margin_is_subtracted_inside_the_log_sigmoid_with_its_gradient():
+    """Llama 2's margin loss: -log sigma(r_w - r_l - m); prompt 2 has no margin (0)."""
+    r = torch.tensor([[2.0, 0.5], [0.0, 1.0]], requires_grad=True)
+    loss, _ = ranking_loss(r, torch.ones(2, 2), margins=torch.tensor([1.0, 0.0]))
+    expected = -(_log_sigmoid(2.0 - 0.5 - 1.0) + _log_sigmoid(0.0 - 1.0)) / 2
+    assert abs(loss.item() - expected) < 1e-6
+    loss.backward()
+    d = (1 - 1 / (1 + math.exp(-(2.0 - 0.5 - 1.0)))) / 2  # -d/dr_w of -log sigma(x)/2 = (1 - sigma(x))/2
+    assert torch.allclose(r.grad[0], torch.tensor([-d, d]), atol=1e-6)

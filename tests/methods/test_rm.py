@@ -167,3 +167,22 @@ def test_ranking_stats_by_hand():
                           torch.ones(2, 3, dtype=torch.long))
     assert (stats["correct"], stats["pairs"]) == (2, 5) and stats["top1"] == pytest.approx(1 / 3 + 1)
     assert stats["taus"] == pytest.approx([0.0, 1.0])
+
+
+def test_the_rm_objective_trains_each_pair_against_its_rows_margin(tiny):
+    from rlhfkit.data.rows import Row
+    from rlhfkit.losses.rm import ranking_loss
+
+    tok = load_tokenizer(str(tiny["base"]))
+    model = load_reward_model(str(tiny["base"]), tok, seed=0)
+    rows = [Row(f"p:{i}", {"prompt": f"{i}+1=", "chosen": f" {i + 1}", "rejected": " 0", "margin": float(i)})
+            for i in range(4)]
+    examples, _ = encode_rankings(rows, tok, 32, method="rm")
+    objective, collate = rm_objective(), ranking_collate(model, tok.pad_token_id)
+    batch = collate(examples)
+    totals = {k: float(v) for k, v in objective.counts(batch).items()}
+    loss, _ = objective.loss(model, batch, totals)
+    rewards = batch_scores(model, batch)
+    want = ranking_loss(rewards, batch.mask, batch.ranks, 4, margins=torch.tensor([0.0, 1.0, 2.0, 3.0]))[0]
+    without = ranking_loss(rewards, batch.mask, batch.ranks, 4)[0]
+    assert torch.allclose(loss, want, atol=1e-6) and not torch.allclose(loss, without, atol=1e-3)

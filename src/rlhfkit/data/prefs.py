@@ -7,6 +7,7 @@ A pair is a ranking of two. Each output of a ranking is tokenised once and carri
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,7 @@ class RankingExample:
     completion_ids: list[list[int]]  # best first
     ranks: list[int]
     ref_logps: tuple[float, ...] | None = None  # precomputed reference log-probs (DPO), one per completion
+    margin: float = 0.0  # a pair's ``margin`` field (the RM's margin loss); 0 where the row has none
 
 
 @dataclass
@@ -33,6 +35,7 @@ class RankingBatch:
     ranks: torch.Tensor  # (P, K) rank of each output; padding slots hold K
     mask: torch.Tensor  # (P, K) 1 where a slot holds an output
     ref_logps: torch.Tensor | None = None  # (P, K) precomputed reference log-probs, when the examples carry them
+    margins: torch.Tensor | None = None  # (P,) the pairs' margins, where some example has one
 
     @property
     def num_prompts(self) -> int:
@@ -74,6 +77,7 @@ class SharedPromptBatch:
     owner: torch.Tensor | None = None  # (M,) its output, 0..N-1 in slot order
     lengths: torch.Tensor | None = None  # (N,) tokens per output
     ref_logps: torch.Tensor | None = None  # (P, K) precomputed reference log-probs, when the examples carry them
+    margins: torch.Tensor | None = None  # (P,) as RankingBatch's
 
     @property
     def num_prompts(self) -> int:
@@ -155,7 +159,8 @@ def encode_rankings(rows: list[Row], tokenizer, max_length: int, overlong: str =
             continue
         report.truncated += row_report.truncated > 0  # counts are per row, not per completion
         report.note_length(*row_report.longest)
-        examples.append(RankingExample(prompt_ids, kept, ranks))
+        examples.append(RankingExample(prompt_ids, kept, ranks, margin=row_margin(row, len(kept)) if method == "rm"
+                                       else 0.0))
     if not examples:
         raise DataError(f"no usable rows left after the length policy ({report.summary()})")
     return examples, report
@@ -193,7 +198,8 @@ def collate_rankings(examples: list[RankingExample], pad_id: int) -> RankingBatc
             i += 1
         ranks[p, : len(e.ranks)] = torch.tensor(e.ranks)
         mask[p, : len(e.ranks)] = 1
-    return RankingBatch(input_ids, attention, completion, slot, ranks, mask, _reference_grid(examples, k))
+    return RankingBatch(input_ids, attention, completion, slot, ranks, mask, _reference_grid(examples, k),
+                        _margins(examples))
 
 
 def collate_shared_prompt(examples: list[RankingExample], pad_id: int, read_pad_id: int | None = -1) -> SharedPromptBatch:
@@ -232,7 +238,7 @@ def collate_shared_prompt(examples: list[RankingExample], pad_id: int, read_pad_
     last_t, slot_t, lengths_t = (torch.tensor(v, dtype=torch.long) for v in (last, slot, lengths))
     return SharedPromptBatch(input_ids, positions, block_causal_mask(segment)[:, None], last_t, slot_t, ranks, mask,
                              predecessor, targets, owner, lengths_t,
-                             _reference_grid(examples, k))
+                             _reference_grid(examples, k), _margins(examples))
 
 
 def _score_position(ids: list[int], n_prompt: int, n_output: int, read_pad_id: int | None) -> int:
@@ -250,6 +256,26 @@ def _reference_grid(examples: list[RankingExample], k: int) -> torch.Tensor | No
     if not all(e.ref_logps is not None for e in examples):
         return None
     return pad_right([e.ref_logps for e in examples], 0.0, k, dtype=None)  # a float tensor of the default dtype
+
+
+def _margins(examples: list[RankingExample]) -> torch.Tensor | None:
+    """(P,) the examples' margins where some has one, else None (the paper's loss)."""
+    if not any(e.margin for e in examples):
+        return None
+    return torch.tensor([e.margin for e in examples])
+
+
+def row_margin(row: Row, outputs: int) -> float:
+    """A pair row's ``margin`` (TRL's RewardTrainer column): a finite number >= 0, or 0 without one."""
+    value = row.data.get("margin")
+    if value is None:
+        return 0.0
+    if outputs != 2:
+        raise DataError(f"{row.where}: field 'margin' applies to (chosen, rejected) pairs, not to a ranking of "
+                        f"{outputs}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise DataError(f"{row.where}: field 'margin' must be a finite number >= 0, got {value!r}")
+    return float(value)
 
 
 def pad_right(rows: list, fill, width: int, dtype: torch.dtype | None = torch.long,

@@ -12,6 +12,10 @@ on 0 so that scores are comparable across prompts, which is what a PPO critic ne
 there so that a value copied from TRL means the same: TRL's ``center_rewards_coefficient`` adds
 coef * (r_chosen + r_rejected)^2 per pair, which at K = 2 is exactly this term. 0 (the default)
 is the paper's loss.
+
+``margins`` (TRL's ``margin`` column, Llama 2's margin loss, Touvron et al. 2023 eq. 2): a
+per-prompt m >= 0 by which the better output must win, -log sigma(r_w - r_l - m); None (or 0) is
+the paper's loss.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ import torch.nn.functional as F
 
 
 def ranking_loss(rewards: torch.Tensor, mask: torch.Tensor, ranks: torch.Tensor | None = None,
-                 num_prompts: float | None = None, center_coef: float = 0.0):
-    """rewards, mask, ranks: (P, K), outputs of each prompt in a row (rank 0 = best, lower is better).
+                 num_prompts: float | None = None, center_coef: float = 0.0, margins: torch.Tensor | None = None):
+    """rewards, mask, ranks: (P, K), outputs of each prompt in a row (rank 0 = best, lower is better);
+    margins: (P,) or None.
 
     Returns (loss, sums) where ``sums`` holds detached totals (pairs, correct pairs, margin) for
     the caller to divide by global counts. ``num_prompts`` is the global prompt count.
@@ -33,7 +38,8 @@ def ranking_loss(rewards: torch.Tensor, mask: torch.Tensor, ranks: torch.Tensor 
     better = (ranks[:, :, None] < ranks[:, None, :]) & valid[:, :, None] & valid[:, None, :]  # (P, K, K): i beats j
     margin = rewards[:, :, None] - rewards[:, None, :]  # (P, K, K) r_i - r_j
     pairs = better.sum((1, 2))  # (P,)
-    per_prompt = -(F.logsigmoid(margin) * better).sum((1, 2)) / pairs.clamp(min=1)  # (P,)
+    shifted = margin if margins is None else margin - margins.to(margin.dtype)[:, None, None]
+    per_prompt = -(F.logsigmoid(shifted) * better).sum((1, 2)) / pairs.clamp(min=1)  # (P,)
     if center_coef:
         prompt_mean = (rewards * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # (P,)
         per_prompt = per_prompt + center_coef * (2 * prompt_mean) ** 2

@@ -63,7 +63,7 @@ def rm_objective(center_coef: float = 0.0) -> Objective:
 
     def loss(model, batch, totals):
         rewards = batch_scores(model, batch)  # (P, K)
-        value, sums = ranking_loss(rewards, batch.mask, batch.ranks, totals["prompts"], center_coef)
+        value, sums = ranking_loss(rewards, batch.mask, batch.ranks, totals["prompts"], center_coef, batch.margins)
         pairs = max(totals["pairs"], 1.0)
         return value, {"pairwise_accuracy": sums["correct"] / pairs, "margin": sums["margin"] / pairs,
                        "reward_mean": (rewards * batch.mask).sum().detach() / totals["outputs"]}
