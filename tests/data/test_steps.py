@@ -41,7 +41,8 @@ def test_conversational_form_uses_the_chat_template(tok):
 
 @pytest.mark.parametrize("row, message", [
     ({"prompt": "Q", "completions": ["a", "b"], "labels": [True]}, "2 steps in 'completions' but 1 'labels'"),
-    ({"prompt": "Q", "completions": ["a", "b"], "labels": [True, 1]}, "field 'labels[1]' must be true or false, got 1"),
+    ({"prompt": "Q", "completions": ["a", "b"], "labels": [True, 2]},
+     "field 'labels[1]' must be true or false (or 1 or 0), got 2"),
     ({"prompt": "Q", "completions": ["a", " "], "labels": [True, True]}, "field 'completions[1]' must be a non-empty"),
     ({"prompt": "Q", "completions": [], "labels": []}, "field 'completions' holds no steps"),
     ({"prompt": "Q", "completions": "a", "labels": [True]}, "field 'completions' must be a list"),
@@ -76,3 +77,9 @@ def test_split_steps_gives_each_step_and_where_it_ends():
     assert split_steps(text, "\n") == [(" 12+34=46", 9), ("46-5=41", 17), ("Answer: 41", 28)]
     assert text[:9].endswith("46") and text[:17].endswith("41") and text[:28].endswith("41")
     assert split_steps("no separator", "\n") == [("no separator", 12)] and split_steps("", "\n") == []
+
+
+def test_labels_written_as_1_and_0_are_read_as_true_and_false(tmp_path, tok):
+    path = _jsonl(tmp_path / "prm.jsonl", [{"prompt": "Q", "completions": ["a", "b"], "labels": [1, 0]}])
+    (example,), _ = encode_step_rows(read_rows(path), tok, "\n", 64)
+    assert example.labels == (True, False)

@@ -73,10 +73,10 @@ def read_steps(row: Row) -> tuple[list[str], tuple[bool, ...]]:
         if not isinstance(step, str) or not step.strip():
             raise DataError(f"{row.where}: field 'completions[{i}]' must be a non-empty step (a string or an "
                             f"assistant message), got {step!r}")
-        if not isinstance(label, bool):
-            raise DataError(f"{row.where}: field 'labels[{i}]' must be true or false, got {label!r}")
+        if not isinstance(label, bool) and label not in (0, 1):  # 0 and 1: as TRL's datasets often write them
+            raise DataError(f"{row.where}: field 'labels[{i}]' must be true or false (or 1 or 0), got {label!r}")
         texts.append(step)
-    return texts, tuple(labels)
+    return texts, tuple(bool(label) for label in labels)
 
 
 def separator_ids(tokenizer, separator: str) -> list[int]:
