@@ -58,3 +58,16 @@ def test_rows_past_rotary_positions_are_said(tiny, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "warning: <dataset>:row 1: 322 tokens, past the model's 256 positions (max_position_embeddings); " \
            "its positions are extrapolated" in err
+
+
+def test_a_roberta_table_after_its_padding_row_holds_two_positions_fewer():
+    from rlhfkit.models.load import position_limit
+
+    roberta = transformers.RobertaForSequenceClassification(transformers.RobertaConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=50,
+        max_position_embeddings=66))
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=50,
+        max_position_embeddings=64))
+    assert position_limit(roberta) == (64, "max_position_embeddings", True)  # 65 tokens: an index error
+    assert position_limit(llama) == (64, "max_position_embeddings", False)

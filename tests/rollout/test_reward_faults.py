@@ -45,8 +45,25 @@ def test_rewards_get_the_arguments_they_name_trl_style_by_name_and_rlhfkits_firs
     def length_only(completions, **kwargs):
         return [float(len(c)) for c in completions]
 
+    def only_kwargs(**kwargs):  # TRL allows it: everything by name
+        got["only_kwargs"] = sorted(kwargs)
+        return [0.0, 0.0]
+
+    def no_prompts(completions, answer):  # no **kwargs: prompts are not forced on it
+        got["no_prompts"] = (completions, answer)
+        return [0.0, 0.0]
+
+    def renamed(prompts, responses, **kw):  # rlhfkit's earlier form, the first two by position
+        got["renamed"] = (prompts, responses, sorted(kw))
+        return [0.0, 0.0]
+
     assert reward_fields(trl) == ("solution",) and reward_fields(positional) == ("answer",)
-    assert reward_fields(length_only) == ()
+    assert reward_fields(length_only) == () and reward_fields(renamed) == () and reward_fields(no_prompts) == ("answer",)
+    score_outcomes([only_kwargs, no_prompts, renamed], [1.0] * 3, ["p1", "p2"], ["c1", "c2"], {"answer": [1, 2]},
+                   completion_ids=[[5], [6]])
+    assert got["only_kwargs"] == ["answer", "completion_ids", "completions", "prompts"]
+    assert got["no_prompts"] == (["c1", "c2"], [1, 2])
+    assert got["renamed"] == (["p1", "p2"], ["c1", "c2"], ["answer", "completion_ids"])
     scores = score_outcomes([trl, positional, length_only], [1.0, 1.0, 1.0], ["p1", "p2"], ["c1", "ccc2"],
                             {"solution": ["1", "2"], "answer": [1, 2]}, completion_ids=[[5], [6, 7]],
                             trainer_state="state")
@@ -66,6 +83,13 @@ def test_a_reward_that_returns_no_list_or_takes_other_arguments_is_said_plainly(
 
     with pytest.raises(RewardError, match="missing 1 required positional argument.*gets every argument by name, as in TRL"):
         score_outcomes([wants], [1.0], ["p"], ["c"], {})
+
+    def buggy(prompts, completions, **_):
+        return [int("x" * 0 or [])]  # a TypeError of its own, not of the call
+
+    with pytest.raises(RewardError) as err:
+        score_outcomes([buggy], [1.0], ["p"], ["c"], {})
+    assert "int() argument must be" in str(err.value) and "as in TRL" not in str(err.value)
 
 
 def test_numpy_and_zero_dim_torch_scalars_are_numbers():

@@ -129,3 +129,19 @@ def test_trls_names_for_config_keys_are_answered_with_rlhfkits():
         load_config(GRPOConfig, None, ["learning_rate=1e-6", "num_generations=4"])
     with pytest.raises(ConfigError, match=r"train\.num_train_epochs -> train\.epochs"):
         load_config(GRPOConfig, None, ["train.num_train_epochs=3"])
+
+
+def test_trl_hints_name_only_what_the_method_has_and_rows_given_in_python_are_described():
+    from rlhfkit.methods.dpo import DPOConfig
+    from rlhfkit.methods.grpo import GRPOConfig
+    from rlhfkit.methods.sft import SFTConfig
+    from rlhfkit.train.config import plain_dict
+
+    with pytest.raises(ConfigError, match=r"per_device_train_batch_size -> prompts_per_step"):
+        load_config(GRPOConfig, None, ["per_device_train_batch_size=8"])
+    with pytest.raises(ConfigError) as err:
+        load_config(DPOConfig, None, ["num_generations=4"])
+    assert "TRL's names" not in str(err.value)  # DPO has no group_size
+    config = plain_dict(SFTConfig(train_data={"prompt": ["a", "b"], "completion": ["c", "d"]},
+                                  eval_data=[{"prompt": "a", "completion": "c"}]))
+    assert config["train_data"] == "<dict of 2 columns, 2 rows>" and config["eval_data"] == "<list of 1 rows>"

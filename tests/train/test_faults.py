@@ -654,3 +654,20 @@ def test_a_hub_id_given_as_a_model_says_that_models_load_from_folders(tmp_path, 
     for path in ("runs/nothing/here", "runs/sft"):  # paths, not ids (runs/ is a folder here): no hint
         with pytest.raises(ModelLoadError, match=f"not found: {path}$"):
             load_tokenizer(path)
+
+
+def test_a_model_folder_set_aside_by_an_interrupted_save_is_put_back_and_never_taken_for_a_checkpoint(tiny, tmp_path,
+                                                                                                   capfd):
+    """Killed between publish_folder's two renames, a run leaves ``model.old`` (and a checkpoint
+    ``step-N.old``) whole and no ``model``: the next start puts them back."""
+    cfg = method_config("sft", tiny, tmp_path / "run", 2)
+    run_sft(cfg)
+    out = tmp_path / "run"
+    (out / "model").rename(out / "model.old")
+    last = latest_checkpoint(out)
+    last.rename(last.with_name(last.name + ".old"))
+    assert latest_checkpoint(out) is None or latest_checkpoint(out).name != last.name + ".old"
+    run_sft(replace(cfg, train__resume=True, train__max_steps=3))
+    assert "the model folder an interrupted save had set aside, put back" in capfd.readouterr().err
+    assert not list(out.glob("*.old")) and not list((out / "checkpoints").glob("*.old"))
+    assert [m["step"] for m in read_metrics(out) if "train/loss" in m] == [1, 2, 3]  # resumed from step 2

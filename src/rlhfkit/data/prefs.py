@@ -266,15 +266,16 @@ def _margins(examples: list[RankingExample]) -> torch.Tensor | None:
 
 
 def row_margin(row: Row, outputs: int) -> float:
-    """A pair row's ``margin`` (TRL's RewardTrainer column): a finite number >= 0, or 0 without one."""
+    """A pair row's ``margin`` (TRL's RewardTrainer column): a finite number (negative, as TRL
+    allows, asks for less than a win), or 0 without one."""
     value = row.data.get("margin")
     if value is None:
         return 0.0
     if outputs != 2:
         raise DataError(f"{row.where}: field 'margin' applies to (chosen, rejected) pairs, not to a ranking of "
                         f"{outputs}")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise DataError(f"{row.where}: field 'margin' must be a finite number >= 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise DataError(f"{row.where}: field 'margin' must be a finite number, got {value!r}")
     return float(value)
 
 

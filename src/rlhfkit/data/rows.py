@@ -26,6 +26,7 @@ class Row:
 
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark Windows editors and Excel write first
 
 
 def read_rows(source) -> list[Row]:
@@ -62,8 +63,12 @@ def read_rows(source) -> list[Row]:
         import datasets
 
         try:
-            table = (datasets.Dataset.from_dict(source) if isinstance(source, dict)
-                     else datasets.Dataset.from_pandas(source, preserve_index=False))
+            if isinstance(source, dict):
+                table = datasets.Dataset.from_dict(source)
+            elif type(source).__module__.startswith("polars"):
+                table = datasets.Dataset.from_polars(source)
+            else:
+                table = datasets.Dataset.from_pandas(source, preserve_index=False)
         except Exception as e:  # columns of unequal length, values arrow cannot hold
             raise DataError(f"<{type(source).__name__}>: not a table of columns ({type(e).__name__}: {e})") from None
         return _from_dataset(table, f"<{type(source).__name__}>")
@@ -146,7 +151,7 @@ def _unknown_kind(path: Path):
     if head.startswith(b"\x1f\x8b") or head.startswith(b"PK\x03\x04") or head.startswith(b"(\xb5/\xfd"):
         raise DataError(f"{path}: a compressed file; decompress it first (rlhfkit reads "
                         f"{', '.join(DATA_SUFFIXES)} files and save_to_disk folders)")
-    if head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"{"):
+    if head.removeprefix(BOM).lstrip().startswith(b"{"):
         return _read_jsonl
     raise DataError(f"{path}: not a data file rlhfkit reads (the suffix is {path.suffix or 'none'}; give a "
                     f"{', '.join(DATA_SUFFIXES)} file or a save_to_disk folder)")
@@ -169,8 +174,8 @@ def _read_jsonl(path: Path) -> list[Row]:
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
-            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a byte-order mark (Windows editors write one)
-                raw = raw[3:]
+            if lineno == 1:
+                raw = raw.removeprefix(BOM)
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -189,7 +194,7 @@ def _read_json(path: Path) -> list[Row]:
     """A ``.json`` file: one JSON array of row objects (as ``datasets.load_dataset("json")`` reads
     it, pretty-printed or not), else JSON lines."""
     with path.open("rb") as f:
-        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+        head = f.read(4096).removeprefix(BOM).lstrip()
     if not head.startswith(b"["):
         return _read_jsonl(path)
     try:

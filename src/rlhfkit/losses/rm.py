@@ -14,7 +14,7 @@ coef * (r_chosen + r_rejected)^2 per pair, which at K = 2 is exactly this term. 
 is the paper's loss.
 
 ``margins`` (TRL's ``margin`` column, Llama 2's margin loss, Touvron et al. 2023 eq. 2): a
-per-prompt m >= 0 by which the better output must win, -log sigma(r_w - r_l - m); None (or 0) is
+per-prompt m by which the better output must win, -log sigma(r_w - r_l - m); None (or 0) is
 the paper's loss.
 """
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..data.encode import encode_row_prompt
 from ..data.prefs import collate_rankings, collate_shared_prompt
 from ..data.rows import DataError, read_rows
 from ..models.forward import reads_block_masks
@@ -34,6 +35,12 @@ def check_positions(run, model, longest: tuple[int, str], new_tokens: int = 0) -
 def longest(*reports) -> tuple[int, str]:
     """The longest sequence over several ``LengthReport``s (None: a data set not given)."""
     return max((r.longest for r in reports if r is not None), default=(0, ""))
+
+
+def longest_prompt(held: HeldOut | None, tokenizer) -> tuple[int, str]:
+    """The longest prompt of held-out prompt rows (tokens, its row's place); (0, "") for none."""
+    rows = held.rows if held is not None else []
+    return max(((len(encode_row_prompt(tokenizer, r)), r.where) for r in rows), default=(0, ""))
 
 
 def load_policy(model_path: str, tokenizer_path: str | None):

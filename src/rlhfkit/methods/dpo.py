@@ -28,7 +28,16 @@ from ..train.checkpoint import CheckpointError
 from ..train.config import LoraConfig, TrainConfig, at_least, choice, positive, replace
 from ..train.loop import Objective, train_offline
 from ..train.run import start_run
-from .common import accuracy_eval, check_positions, frozen_reference, head, held_out, longest, ranking_collate
+from .common import (
+    accuracy_eval,
+    check_positions,
+    frozen_reference,
+    head,
+    held_out,
+    longest,
+    longest_prompt,
+    ranking_collate,
+)
 from .sft import sft_objective
 
 REFERENCE_MODES = ("precompute", "forward")
@@ -185,6 +194,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
     prompts = held_out(cfg.eval_prompts, cfg.eval_limit, cfg.eval_task)
     model = run.prepare(load_causal_lm(cfg.model, tokenizer, device=run.device), cfg.lora, base=cfg.model)
     check_positions(run, model, longest(report, eval_report))
+    check_positions(run, model, longest_prompt(prompts, tokenizer), cfg.eval_max_new_tokens)
     backend = SamplerBackend(tokenizer, model, copy=run.shards_models)  # a copy is made before sharding
     # The frozen start: the policy with its adapters off (LoRA), else a copy made before sharding; after
     # an SFT phase on the chosen answers, the tuned model saved by that phase.

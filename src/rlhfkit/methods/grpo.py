@@ -49,7 +49,14 @@ from ..train.config import (
 from ..train.loop import BatchOrder, autocast, reduce_dict, row_chunks
 from ..train.optim import build_optimizer, build_scheduler
 from ..train.run import Run, start_run
-from .common import accuracy_eval, check_positions, frozen_reference, held_out, refuse_offline_batch_fields
+from .common import (
+    accuracy_eval,
+    check_positions,
+    frozen_reference,
+    held_out,
+    longest_prompt,
+    refuse_offline_batch_fields,
+)
 
 
 @dataclass(frozen=True)
@@ -491,8 +498,11 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
     run.say(f"{source_name(cfg.train_data)}: {report.summary()}")
     policy = run.prepare(disable_dropout(load_causal_lm(cfg.model, tokenizer, device=run.device)), cfg.lora,
                          base=cfg.model)
-    check_positions(run, policy, report.longest, max(cfg.max_new_tokens, cfg.eval_max_new_tokens))
+    check_positions(run, policy, report.longest, cfg.max_new_tokens)
+    check_positions(run, policy, longest_prompt(eval_rows, tokenizer), cfg.eval_max_new_tokens)
     rewards = load_model_rewards(cfg, rewards, tokenizer, run.device)
+    for learned in [f for f in [*rewards.functions, rewards.process] if hasattr(f, "model")]:
+        check_positions(run, learned.model, report.longest, cfg.max_new_tokens)
     learned = [f for f in rewards.functions if isinstance(f, RewardModelReward)]
     retokenised = {f"reward/{f.__name__}_retokenised": float(f.retokenise) for f in learned}
     for f in filter(lambda f: f.retokenise, learned):

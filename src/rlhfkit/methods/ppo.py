@@ -41,7 +41,7 @@ from ..train.dist import DistInfo, all_reduce_sum
 from ..train.loop import BatchOrder, autocast, reduce_dict, row_chunks
 from ..train.optim import build_optimizer, build_scheduler
 from ..train.run import Run, start_run
-from .common import check_positions, held_out, refuse_offline_batch_fields
+from .common import check_positions, held_out, longest_prompt, refuse_offline_batch_fields
 
 
 @dataclass(frozen=True)
@@ -352,7 +352,9 @@ def run_ppo(cfg: PPOConfig, backend=None) -> dict:
     if ptx is not None:
         run.say(f"{source_name(cfg.ptx_data)} (ptx, over-long rows truncated to ptx_max_length): {ptx[2].summary()}")
     models, tokenizer = load_models(cfg, run.device, run)
-    check_positions(run, models["actor"], report.longest, max(cfg.max_new_tokens, cfg.eval_max_new_tokens))
+    for name in ("actor", "reward", "critic"):
+        check_positions(run, models[name], report.longest, cfg.max_new_tokens)
+    check_positions(run, models["actor"], longest_prompt(eval_rows, tokenizer), cfg.eval_max_new_tokens)
     if ptx is not None:
         check_positions(run, models["actor"], ptx[2].longest)
     run.say("parameter memory " + ", ".join(f"{k.split('/')[1]} {v} MB" for k, v in model_memory_mb(models).items()))

@@ -11,7 +11,14 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..data.encode import OVERLONG_POLICIES, collate_sft, collate_sft_packed, encode_sft, to_device
+from ..data.encode import (
+    OVERLONG_POLICIES,
+    LengthReport,
+    collate_sft,
+    collate_sft_packed,
+    encode_sft,
+    to_device,
+)
 from ..data.formats import row_format
 from ..data.rows import DataError, read_rows, source_name
 from ..losses.sft import sft_loss
@@ -23,7 +30,7 @@ from ..tasks import TASK_CHOICES
 from ..train.config import ConfigError, LoraConfig, TrainConfig, at_least, choice, within
 from ..train.loop import Objective, train_offline
 from ..train.run import start_run
-from .common import accuracy_eval, check_positions, head
+from .common import accuracy_eval, check_positions, head, longest, longest_prompt
 
 
 @dataclass(frozen=True)
@@ -81,12 +88,12 @@ def heldout_loss(model, examples: list, pad_id: int, batch_size: int = 64) -> fl
     return nll / max(tokens, 1.0)
 
 
-def held_out_sft(cfg: SFTConfig, tokenizer, say) -> tuple[HeldOut | None, list]:
+def held_out_sft(cfg: SFTConfig, tokenizer, say) -> tuple[HeldOut | None, list, LengthReport | None]:
     """The held-out prompts whose greedy answers give the accuracy (None for language-modeling
     ``text`` rows, which have no prompt: their loss alone), and the examples the held-out loss is
     computed on (every row with an answer), encoded under the training's length policy."""
     if not cfg.eval_data:
-        return None, []
+        return None, [], None
     rows = head(read_rows(cfg.eval_data), cfg.eval_limit)
     text = [r for r in rows if "text" in r.data and row_format(r) == "language_modeling"]
     if text and len(text) < len(rows):
@@ -98,10 +105,10 @@ def held_out_sft(cfg: SFTConfig, tokenizer, say) -> tuple[HeldOut | None, list]:
     prompts = None if text else HeldOut(rows, cfg.eval_task)
     with_answers = [r for r in rows if "text" in r.data or "completion" in r.data or "messages" in r.data]
     if not with_answers:
-        return prompts, []
+        return prompts, [], None
     examples, report = encode_sft(with_answers, tokenizer, cfg.max_length, cfg.overlong)
     say(f"{source_name(cfg.eval_data)} (held out, for the loss): {report.summary()}")
-    return prompts, examples
+    return prompts, examples, report
 
 
 def run_sft(cfg: SFTConfig) -> dict:
@@ -109,10 +116,10 @@ def run_sft(cfg: SFTConfig) -> dict:
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
     examples, report = encode_sft(read_rows(cfg.train_data), tokenizer, cfg.max_length, cfg.overlong)
     run.say(f"{source_name(cfg.train_data)}: {report.summary()}")
-    rows, eval_examples = held_out_sft(cfg, tokenizer, run.say)  # checked now, not after training
+    rows, eval_examples, eval_report = held_out_sft(cfg, tokenizer, run.say)  # checked now, not after training
     model = run.prepare(load_causal_lm(cfg.model, tokenizer, device=run.device), cfg.lora, base=cfg.model)
-    held = max(((len(e.input_ids), f"{source_name(cfg.eval_data)} (held out)") for e in eval_examples), default=(0, ""))
-    check_positions(run, model, max(report.longest, held))
+    check_positions(run, model, longest(report, eval_report))
+    check_positions(run, model, longest_prompt(rows, tokenizer), cfg.eval_max_new_tokens)
     backend = SamplerBackend(tokenizer, model, copy=run.shards_models)  # a copy is made before sharding
     run.shard(model)
     marker = Path(cfg.train.out_dir) / "snapshot" / "snapshot.json"

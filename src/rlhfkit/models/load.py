@@ -215,10 +215,11 @@ def position_limit(model: torch.nn.Module) -> tuple[int, str, bool] | None:
     found = next(((written[f], f) for f in POSITION_FIELDS if isinstance(written.get(f), int) and written[f] > 0), None)
     if found is None:
         return None
-    learned = any(isinstance(m, torch.nn.Embedding) and ("position" in name.rsplit(".", 1)[-1]
-                                                         or name.rsplit(".", 1)[-1] == "wpe")
-                  for name, m in model.named_modules())
-    return found[0], found[1], learned
+    tables = [m for name, m in model.named_modules() if isinstance(m, torch.nn.Embedding)
+              and ("position" in name.rsplit(".", 1)[-1] or name.rsplit(".", 1)[-1] == "wpe")]
+    # RoBERTa's table starts after its padding row: 514 rows hold 512 positions
+    rows = [t.num_embeddings - (t.padding_idx + 1 if t.padding_idx is not None else 0) for t in tables]
+    return min([found[0], *rows]), found[1], bool(tables)
 
 
 def unsharded_class(model: torch.nn.Module) -> type:

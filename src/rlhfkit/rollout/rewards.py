@@ -5,10 +5,10 @@ completion (``None``: the function abstains for that sample). Several combine wi
 Process reward: ``f(prompts, completions, completion_ids=..., tokenizer=..., **row_fields)
 -> list[list[(step_end_token_index, step_reward)]]``.
 
-A function whose parameters name ``completions`` is called as TRL calls its reward functions,
-every argument by name, so TRL's ``def accuracy(completions, solution, **kwargs)`` works as it
-is; one that names neither ``prompts`` nor ``completions`` gets the two by position
-(``def f(p, c, **kw)``). Either way a function gets only the arguments it takes (all of them
+A function whose parameters name ``completions``, or that takes fewer than two arguments by
+position (``def f(**kwargs)``), is called as TRL calls its reward functions, every argument by
+name, so TRL's ``def accuracy(completions, solution, **kwargs)`` works as it is; any other gets
+prompts and completions first, by position (``def f(p, c, **kw)``, rlhfkit's earlier form). Either way a function gets only the arguments it takes (all of them
 with ``**kwargs``): ``prompts``, ``completions``, ``completion_ids`` (each completion's token
 ids, without padding and EOS), ``trainer_state`` (``global_step``, ``max_steps``), the row's
 fields, and for a process reward ``tokenizer``. Where the prompts are chat messages the
@@ -67,10 +67,18 @@ def _parameters(fn: Callable) -> list[inspect.Parameter] | None:
 
 def by_keyword(fn: Callable) -> bool:
     """Whether ``fn`` is called as TRL calls rewards, every argument by name: its parameters name
-    ``prompts`` or ``completions`` (none of them positional-only)."""
+    ``completions``, or it takes fewer than two by position (``def f(**kwargs)``, ``def
+    f(prompts, **kwargs)``). Otherwise (``def f(p, c, **kw)``) prompts and completions go first,
+    by position."""
     params = _parameters(fn)
-    return (params is not None and any(p.name in ("prompts", "completions") for p in params)
-            and not any(p.kind == p.POSITIONAL_ONLY for p in params))
+    if params is None:
+        return False
+    if any(p.kind == p.VAR_POSITIONAL for p in params):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if any(p.kind == p.POSITIONAL_ONLY for p in positional[:2]):
+        return False
+    return any(p.name == "completions" for p in params) or len(positional) < 2
 
 
 def reward_fields(fn: Callable) -> tuple[str, ...]:
@@ -93,16 +101,23 @@ def call_reward(fn: Callable, timeout_s: float, prompts: list, completions: list
     completions by position; of ``named`` (the row fields, ``completion_ids``, ...) the ones its
     parameters name, or all of them where it takes ``**kwargs``."""
     params = _parameters(fn)
+    keyword = by_keyword(fn)
+    if keyword:
+        named = {"prompts": prompts, "completions": completions, **named}
     if params is not None and not any(p.kind == p.VAR_KEYWORD for p in params):
         names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if not keyword:
+            names -= {p.name for p in params[:2]}  # the two given by position
         named = {k: v for k, v in named.items() if k in names}
-    if by_keyword(fn):
-        return call_with_timeout(fn, timeout_s, prompts=prompts, completions=completions, **named)
+    if keyword:
+        return call_with_timeout(fn, timeout_s, **named)
     return call_with_timeout(fn, timeout_s, prompts, completions, **named)
 
 
 def _signature_hint(error: Exception) -> str:
-    if isinstance(error, TypeError) and "argument" in str(error):
+    """Advice on the calling convention where the call itself failed on its arguments."""
+    text = str(error)
+    if isinstance(error, TypeError) and any(k in text for k in ("positional argument", "keyword argument")):
         return ("; a reward whose parameters name prompts or completions gets every argument by name, as in TRL "
                 "(prompts, completions, completion_ids, trainer_state and the row's fields), else the first two "
                 "by position")

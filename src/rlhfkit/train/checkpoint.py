@@ -42,7 +42,7 @@ def complete_checkpoints(out_dir: str | Path) -> list[Path]:
     root = checkpoint_dir(out_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.glob("step-*") if p.is_dir() and (p / MARKER).is_file() and ".tmp" not in p.name]
+    found = [p for p in root.glob("step-*") if p.is_dir() and (p / MARKER).is_file() and "." not in p.name]  # not .tmp, .old
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
@@ -116,10 +116,9 @@ def save_checkpoint(out_dir: str | Path, step: int, model, optimizer, scheduler,
         _fsync_dir(tmp)  # every file and the folder's entries on disk before the marker says complete
         (tmp / MARKER).write_text("ok\n")
         _fsync_dir(tmp, only=MARKER)
-        if final.exists():  # a complete checkpoint of the same step from an earlier attempt
-            shutil.rmtree(final)
-        tmp.rename(final)
-        _fsync_folder(root)  # the rename on disk before rotation removes any older checkpoint
+        # over a complete checkpoint of the same step from an earlier attempt; the rename on disk
+        # before rotation removes any older checkpoint
+        publish_folder(tmp, final, synced=True)
 
     cause = _on_ranks(((prepare, False), (rank_parts, True), (main_parts, False)), root, info)
     if cause is not None:
@@ -268,11 +267,14 @@ def _tied_keys(model) -> set[str]:
     return {n for group in names.values() if len(group) > 1 for n in group}
 
 
-def publish_folder(tmp: Path, final: Path) -> None:
-    """Put the finished folder ``tmp`` in place of ``final`` (a model folder): its files on disk
-    first, then the renames, so that ``final`` is never a half-written folder. An earlier
-    ``final`` is renamed aside and removed once the new one is in place."""
-    _fsync_dir(tmp)
+def publish_folder(tmp: Path, final: Path, synced: bool = False) -> None:
+    """Put the finished folder ``tmp`` in place of ``final`` (a model folder, a checkpoint): its
+    files on disk first (``synced``: they are), then the renames, so that ``final`` is never a
+    half-written folder. An earlier ``final`` is renamed aside (``<final>.old``) and removed once
+    the new one is in place; a kill between the two renames leaves it there whole, and
+    ``restore_set_aside`` puts it back."""
+    if not synced:
+        _fsync_dir(tmp)
     aside = final.with_name(final.name + ".old")
     if aside.exists():
         shutil.rmtree(aside)
@@ -281,6 +283,20 @@ def publish_folder(tmp: Path, final: Path) -> None:
     tmp.rename(final)
     _fsync_folder(final.parent)
     shutil.rmtree(aside, ignore_errors=True)
+
+
+def restore_set_aside(folder: Path) -> list[Path]:
+    """Put back every ``X.old`` of ``folder`` (and of its checkpoints/) whose ``X`` is missing:
+    ``publish_folder`` was killed between its renames. Returns the folders put back."""
+    put_back = []
+    for aside in sorted([*folder.glob("*.old"), *checkpoint_dir(folder).glob("*.old")]):
+        final = aside.with_name(aside.name[: -len(".old")])
+        if aside.is_dir() and not final.exists():
+            aside.rename(final)
+            put_back.append(final)
+        elif aside.is_dir():  # the new one is in place: the rest of the earlier one
+            shutil.rmtree(aside, ignore_errors=True)
+    return put_back
 
 
 def _fsync_folder(path: Path) -> None:

@@ -214,7 +214,7 @@ def _convert(value, typ, key: str, default=None):
 # beside an unknown key, for a config brought over from TRL
 TRL_NAMES = {"learning_rate": "train.lr", "num_train_epochs": "train.epochs", "max_steps": "train.max_steps",
              "per_device_train_batch_size": "train.batch_size (the whole batch, split over ranks)",
-             "gradient_accumulation_steps": "train.micro_batch_size (rows per forward; the update is the same)",
+             "gradient_accumulation_steps": "train.micro_batch_size (rows per forward: the batch over the steps)",
              "output_dir": "train.out_dir", "logging_steps": "train.log_every", "save_steps": "train.save_every",
              "eval_steps": "train.eval_every", "save_total_limit": "train.keep_checkpoints",
              "lr_scheduler_type": "train.schedule", "warmup_ratio": "train.warmup_steps (a number of steps)",
@@ -229,6 +229,19 @@ for _name in ("max_grad_norm", "seed", "weight_decay", "warmup_steps", "report_t
     TRL_NAMES[_name] = f"train.{_name}"
 
 
+def _trl_hint(key: str, prefix: str, names: set[str]) -> str | None:
+    """rlhfkit's name for TRL's ``key``, where the config being read (its fields ``names``, under
+    ``prefix``) has it."""
+    hint = TRL_NAMES.get(key)
+    if key == "per_device_train_batch_size" and "prompts_per_step" in names:  # GRPO and PPO count prompts
+        hint = "prompts_per_step (prompts a step, over all ranks)"
+    if hint is None or hint.startswith("nothing"):
+        return hint
+    target = hint.split(" ")[0].split("=")[0]
+    here = target[len(prefix):] if target.startswith(prefix) else None
+    return hint if here is not None and here.split(".")[0] in names and target != prefix + key else None
+
+
 def build(cls, values: dict, prefix: str = ""):
     """Instantiate dataclass ``cls`` from a nested dict, rejecting unknown keys by name (with
     rlhfkit's name for a key TRL names so)."""
@@ -236,7 +249,7 @@ def build(cls, values: dict, prefix: str = ""):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        trl = [f"{prefix}{k} -> {TRL_NAMES[k]}" for k in unknown if k in TRL_NAMES and TRL_NAMES[k] != prefix + k]
+        trl = [f"{prefix}{k} -> {hint}" for k in unknown if (hint := _trl_hint(k, prefix, names)) is not None]
         raise ConfigError(f"unknown config key(s): {', '.join(prefix + k for k in unknown)}; "
                           + (f"TRL's names, rlhfkit's: {'; '.join(trl)}; " if trl else "")
                           + f"known: {', '.join(sorted(names))}")
@@ -360,7 +373,8 @@ def plain_dict(config) -> dict:
 
 def _plain(value):
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: _described(getattr(value, f.name)) if _is_data_field(f.name) else _plain(getattr(value, f.name))
+                for f in dataclasses.fields(value)}
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
     if isinstance(value, dict):
@@ -369,6 +383,23 @@ def _plain(value):
         return [_plain(v) for v in value]
     size = f", {len(value)} rows" if hasattr(value, "__len__") else ""
     return f"<{type(value).__module__}.{type(value).__name__}{size}>"
+
+
+def _is_data_field(name: str) -> bool:
+    return name.endswith("_data") or name == "eval_prompts"
+
+
+def _described(value):
+    """A data source as the record holds it: a path as it is, rows given in Python as a short
+    description (not every value they hold)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        rows = len(next(iter(value.values()), []))
+        return f"<dict of {len(value)} columns, {rows} rows>"
+    if isinstance(value, list):
+        return f"<list of {len(value)} rows>"
+    return _plain(value)
 
 
 def replace(config, **changes):

@@ -55,6 +55,7 @@ from .checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     publish_folder,
+    restore_set_aside,
     save_checkpoint,
     write_failure,
 )
@@ -99,6 +100,8 @@ def prepare_out_dir(cfg: TrainConfig, info: DistInfo) -> bool:
         for stale in sorted(checkpoint_dir(out).glob("step-*.tmp*")):  # a save that never completed
             print(f"removing {stale}: an incomplete checkpoint of an earlier run", file=sys.stderr)
             shutil.rmtree(stale, ignore_errors=True)
+        for aside in restore_set_aside(out):  # a run killed between a model folder's two renames
+            print(f"{aside}: the model folder an interrupted save had set aside, put back", file=sys.stderr)
     barrier(info)
     return bool(cfg.resume) and found
 
@@ -279,9 +282,7 @@ class Run:
             rebase_schedule(optimizer, scheduler, built)  # this config's lr, decay and schedule from here
             self.start = self.done = self.state["step"]
             if self.start > self.max_steps:
-                raise ConfigError(f"train.resume: {path} is at {self.unit} {self.start}, past this run's length "
-                                  f"({self.max_steps}); a resumed run cannot go back: raise train.max_steps (or "
-                                  "train.epochs), or start a new run in another train.out_dir")
+                raise going_back(path, self.unit, self.start, f"this run's length ({self.max_steps} {self.unit}s)")
             self.optimizer_steps = self.state.get("optimizer_steps", 0)
             self.evals, self.metrics = self.state.get("evals", []), self.state.get("metrics", {})
             self.stopped_early = bool(self.state.get("stopped_early"))
@@ -533,6 +534,12 @@ def check_resumed_config(checkpoint: Path, now: dict, info: DistInfo, force: boo
               + (" (the lr schedule runs to the new length from here)" if stretched else ""), file=sys.stderr)
 
 
+def going_back(checkpoint: Path, unit: str, done: int, length: str) -> ConfigError:
+    """The error of a resume whose length ends before its checkpoint's step."""
+    return ConfigError(f"train.resume: {checkpoint} is at {unit} {done}, past {length}; a resumed run cannot go "
+                       "back: raise train.max_steps (or train.epochs), or start a new run in another train.out_dir")
+
+
 def start_run(cfg: TrainConfig, config, name: str, unit: str = "optimizer step",
               show: tuple[str, ...] = ("loss",)) -> Run:
     """Distributed set-up and the out-dir check, before any model loads; writes config.yaml."""
@@ -546,9 +553,7 @@ def start_run(cfg: TrainConfig, config, name: str, unit: str = "optimizer step",
         check_resumed_config(checkpoint, resolved, info, force=cfg.resume == "force")
         done = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
         if not cfg.epochs and done > cfg.max_steps:  # with epochs the length is known once the data is read
-            raise ConfigError(f"train.resume: {checkpoint} is at {unit} {done}, past train.max_steps={cfg.max_steps}; "
-                              "a resumed run cannot go back: raise train.max_steps, or start a new run in another "
-                              "train.out_dir")
+            raise going_back(checkpoint, unit, done, f"train.max_steps={cfg.max_steps}")
     if info.is_main:
         write_config(Path(cfg.out_dir), resolved)  # a config that cannot be written fails here, not at the end
     return Run(cfg, resolved, info, name, unit, resuming, show, max_steps=cfg.max_steps)
