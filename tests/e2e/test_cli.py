@@ -284,3 +284,30 @@ def test_prm_cli_then_eval_reports_step_metrics(tiny, tmp_path):
     assert result["steps"] == in_process["steps"] > 30
     assert (result["step_accuracy"], result["wrong_step_f1"]) == (in_process["step_accuracy"],
                                                                   in_process["wrong_step_f1"])
+
+
+def test_eval_of_a_policy_gives_the_held_out_loss_on_text_and_answered_rows(tiny, tmp_path):
+    """TRL's eval_loss: the mean NLL per answer token, as SFT's held-out loss computes it, and its
+    perplexity; on text rows alone (no prompts to answer) there is no exact match."""
+    import math
+
+    from rlhfkit.data.encode import encode_sft
+    from rlhfkit.data.rows import read_rows
+    from rlhfkit.methods.common import load_policy
+    from rlhfkit.methods.sft import heldout_loss
+
+    text = tmp_path / "text.jsonl"
+    text.write_text("".join(json.dumps({"text": f"What is {a}+{a}? {2 * a}"}) + "\n" for a in range(6)))
+    ev = rlhfkit("eval", "--model", tiny["base"], "--data", text, "--out", tmp_path / "ev")
+    assert ev.returncode == 0, ev.stderr
+    result = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    model, tok = load_policy(str(tiny["base"]), None)
+    loss = heldout_loss(model, encode_sft(read_rows(text), tok, 512)[0], tok.pad_token_id)
+    assert "accuracy" not in result and result["loss_rows"] == 6
+    assert result["loss"] == pytest.approx(loss, rel=1e-6) and result["perplexity"] == pytest.approx(math.exp(loss))
+    sft_rows = tiny["data"] / "sft_eval.jsonl"
+    ev = rlhfkit("eval", "--model", tiny["base"], "--data", sft_rows, "--limit", 8, "--max-new-tokens", 4,
+                 "--out", tmp_path / "ev2")
+    assert ev.returncode == 0, ev.stderr
+    both = json.loads((tmp_path / "ev2" / "eval.json").read_text())
+    assert both["n"] == 8 and "accuracy" in both and both["loss_rows"] == 8 and both["loss"] > 0

@@ -179,12 +179,12 @@ def cmd_eval(args) -> int:
         examples = precompute_reference(reference, examples, tokenizer.pad_token_id)
         metrics = {"preference_accuracy": preference_accuracy(model, examples, tokenizer.pad_token_id),
                    "n": len(examples)}
-    else:  # a policy: greedy exact-match accuracy
+    else:  # a policy: greedy exact-match accuracy on prompts, the held-out loss on answers and text
         from ..methods.common import load_policy
-        from ..rollout.evaluate import exact_match
+        from ..methods.sft import policy_eval
 
         model, tokenizer = load_policy(args.model, args.tokenizer)
-        metrics = exact_match(model, tokenizer, rows, args.max_new_tokens)
+        metrics, report = policy_eval(model, tokenizer, rows, args.max_new_tokens, args.max_length, args.overlong)
     result = {"model": str(args.model), "data": str(args.data), **metrics}
     if report is not None:
         result["lengths"] = report.summary()
@@ -198,7 +198,7 @@ def cmd_eval(args) -> int:
 # The eval options each kind of model reads: the rest, given, would be ignored
 EVAL_READS = {"a process reward model": ("--max-length", "--overlong"), "a reward model": ("--max-length", "--overlong"),
               "a policy against its reference": ("--max-length", "--overlong", "--ref"),
-              "a policy": ("--max-new-tokens",)}
+              "a policy": ("--max-new-tokens", "--max-length", "--overlong")}
 EVAL_DEFAULTS = {"--max-length": 512, "--overlong": "error", "--ref": None, "--max-new-tokens": 64}
 
 

@@ -8,6 +8,7 @@ accuracy of greedy answers as the eval data's task checks them (tasks/).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from ..losses.sft import sft_loss
 from ..models.forward import eval_mode, reads_block_masks, token_logprobs
 from ..models.load import load_causal_lm, load_tokenizer
 from ..rollout.backend import SamplerBackend
-from ..rollout.evaluate import HeldOut
+from ..rollout.evaluate import HeldOut, exact_match
 from ..tasks import TASK_CHOICES
 from ..train.config import ConfigError, LoraConfig, TrainConfig, at_least, choice, within
 from ..train.loop import Objective, train_offline
@@ -86,6 +87,24 @@ def heldout_loss(model, examples: list, pad_id: int, batch_size: int = 64) -> fl
             nll -= float((logprobs * batch.completion_mask).sum())
             tokens += float(batch.completion_mask[:, 1:].sum())
     return nll / max(tokens, 1.0)
+
+
+def policy_eval(model, tokenizer, rows: list, max_new_tokens: int, max_length: int,
+                overlong: str = "error") -> tuple[dict, LengthReport | None]:
+    """``rlhfkit eval`` of a policy: the exact match of its greedy answers where the rows are
+    prompts, and the held-out loss (mean NLL per answer token) and its perplexity over the rows
+    that hold answers or are ``text`` (TRL's eval_loss); a language-modeling eval has the loss alone."""
+    text = [r for r in rows if "text" in r.data and row_format(r) == "language_modeling"]
+    if text and len(text) < len(rows):
+        raise DataError(f"{text[0].where}: a 'text' row among prompts; the eval data holds either text rows (the "
+                        "held-out loss alone) or prompts with their answers")
+    metrics = {} if text else exact_match(model, tokenizer, rows, max_new_tokens)
+    answered = [r for r in rows if "text" in r.data or "completion" in r.data or "messages" in r.data]
+    if not answered:
+        return metrics, None
+    examples, report = encode_sft(answered, tokenizer, max_length, overlong)
+    loss = heldout_loss(model, examples, tokenizer.pad_token_id)
+    return {**metrics, "loss": loss, "perplexity": math.exp(min(loss, 700.0)), "loss_rows": len(examples)}, report
 
 
 def held_out_sft(cfg: SFTConfig, tokenizer, say) -> tuple[HeldOut | None, list, LengthReport | None]:
