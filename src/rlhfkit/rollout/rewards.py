@@ -8,8 +8,8 @@ Process reward: ``f(prompts, completions, completion_ids=..., tokenizer=..., **r
 A function whose parameters name ``completions``, or that takes fewer than two arguments by
 position (``def f(**kwargs)``), is called as TRL calls its reward functions, every argument by
 name, so TRL's ``def accuracy(completions, solution, **kwargs)`` works as it is; any other gets
-prompts and completions first, by position (``def f(p, c, **kw)``, rlhfkit's earlier form). Either way a function gets only the arguments it takes (all of them
-with ``**kwargs``): ``prompts``, ``completions``, ``completion_ids`` (each completion's token
+prompts and completions first, by position (``def f(p, c, **kw)``, rlhfkit's earlier form).
+Either way a function gets only the arguments it takes (all of them with ``**kwargs``): ``prompts``, ``completions``, ``completion_ids`` (each completion's token
 ids, without padding and EOS), ``trainer_state`` (``global_step``, ``max_steps``), the row's
 fields, and for a process reward ``tokenizer``. Where the prompts are chat messages the
 completions are too, one assistant message each (``[{"role": "assistant", "content": ...}]``),
@@ -118,9 +118,9 @@ def _signature_hint(error: Exception) -> str:
     """Advice on the calling convention where the call itself failed on its arguments."""
     text = str(error)
     if isinstance(error, TypeError) and any(k in text for k in ("positional argument", "keyword argument")):
-        return ("; a reward whose parameters name prompts or completions gets every argument by name, as in TRL "
-                "(prompts, completions, completion_ids, trainer_state and the row's fields), else the first two "
-                "by position")
+        return ("; a reward whose parameters name completions (or that takes none by position) gets every "
+                "argument by name, as in TRL (prompts, completions, completion_ids, trainer_state and the row's "
+                "fields), else prompts and completions first, by position")
     return ""
 
 
