@@ -196,6 +196,7 @@ def test_dpo_cli_then_eval_reports_preference_accuracy(tiny, tmp_path):
     assert ev.returncode == 0, ev.stderr
     result = json.loads((tmp_path / "dpo" / "model" / "eval.json").read_text())
     assert result["n"] == 30 and result["preference_accuracy"] != 0.5  # 5 steps moved the policy off its reference
+    assert result["pairs"] == 30 and result["ref"] == str(tiny["base"])  # pairs: one ordered pair a row
 
 
 def test_grpo_rewards_from_a_module_and_a_file_on_the_command_line(tiny, tmp_path):
@@ -311,3 +312,7 @@ def test_eval_of_a_policy_gives_the_held_out_loss_on_text_and_answered_rows(tiny
     assert ev.returncode == 0, ev.stderr
     both = json.loads((tmp_path / "ev2" / "eval.json").read_text())
     assert both["n"] == 8 and "accuracy" in both and both["loss_rows"] == 8 and both["loss"] > 0
+    assert both["max_new_tokens"] == 4 and both["limit"] == 8 and "greedy" in both["measured"]
+    assert "answer tokens" in both["loss_measured"] and "every token" in result["loss_measured"]
+    ev = rlhfkit("eval", "--model", tiny["base"], "--data", tiny["data"] / "prompts_eval.jsonl", "--max-length", 10)
+    assert ev.returncode == 2 and "is a policy on prompt rows, whose eval reads no --max-length" in ev.stderr

@@ -4,6 +4,7 @@ the trained model's numbers in peft and plain transformers."""
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,6 +58,9 @@ def test_lora_trains_only_adapters_and_resumes_exactly(method, tiny, tmp_path, m
     assert keys and all(".lora_A." in k or ".lora_B." in k or "score." in k for k in keys)
     assert (tmp_path / "full" / "model" / "adapter_config.json").is_file()
     assert not (tmp_path / "full" / "model" / "model.safetensors").exists()
+    base = json.loads((tmp_path / "full" / "model" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert Path(base).is_absolute() and Path(base).is_dir()  # loadable from any working directory
+    assert "library_name: peft" in (tmp_path / "full" / "model" / "README.md").read_text()
 
 
 def test_the_adapters_off_reference_gives_the_frozen_copys_logprobs(tiny):

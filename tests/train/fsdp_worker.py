@@ -77,6 +77,7 @@ def _jobs(rank: int, out: Path, assets: dict) -> dict:
     RUNS["sft"](with_evals("evals"))
     RUNS["sft"](replace(cfg("cut22"), train__resume=True))
     RUNS["sft"](replace(cfg("cut12"), train__resume=True))  # cut in one process by the test: 1 -> 2
+    RUNS["sft"](replace(cfg("cut12-whole"), train__resume=True))  # cut there unsharded: into the shards
     # GRPO and PPO on 2 replicated ranks: each rank's sampling RNG must come back on resume
     for method in ("grpo", "ppo"):
         online = lambda name: method_config(method, assets["tiny"], out / name, 4, log_every=1, save_every=2)  # noqa: E731

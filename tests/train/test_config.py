@@ -90,10 +90,10 @@ def test_lora_target_modules_may_be_a_yaml_list(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("lora:\n  r: 4\n  target_modules:\n    - q_proj\n    - v_proj\n")
     assert load_config(SFTConfig, path).lora.target_modules == "q_proj,v_proj"
-    assert load_config(SFTConfig, overrides=["lora.target_modules=[q_proj, o_proj]"]).lora.target_modules == \
-        "q_proj,o_proj"
-    assert load_config(SFTConfig, overrides=["lora.target_modules=q_proj,k_proj"]).lora.target_modules == \
-        "q_proj,k_proj"
+    assert load_config(SFTConfig, overrides=["lora.r=4", "lora.target_modules=[q_proj, o_proj]"]).lora.target_modules \
+        == "q_proj,o_proj"
+    assert load_config(SFTConfig, overrides=["lora.r=4", "lora.target_modules=q_proj,k_proj"]).lora.target_modules \
+        == "q_proj,k_proj"
     with pytest.raises(ConfigError, match="'lora.target_modules' must list module names; got \\[1, 2\\]"):
         load_config(SFTConfig, overrides=["lora.target_modules=[1, 2]"])
     with pytest.raises(ConfigError, match="'lora.target_modules' is empty"):
@@ -145,3 +145,11 @@ def test_trl_hints_name_only_what_the_method_has_and_rows_given_in_python_are_de
     config = plain_dict(SFTConfig(train_data={"prompt": ["a", "b"], "completion": ["c", "d"]},
                                   eval_data=[{"prompt": "a", "completion": "c"}]))
     assert config["train_data"] == "<dict of 2 columns, 2 rows>" and config["eval_data"] == "<list of 1 rows>"
+
+
+def test_lora_settings_without_a_rank_are_refused_not_ignored():
+    from rlhfkit.train.config import LoraConfig
+
+    with pytest.raises(ConfigError, match=r"lora.alpha, lora.merge set but lora.r is 0 \(no adapters"):
+        LoraConfig(alpha=32.0, merge=True)
+    assert LoraConfig(r=8, alpha=32.0, merge=True).merge

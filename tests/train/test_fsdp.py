@@ -46,7 +46,8 @@ class Killed(BaseException):
 
 
 def _cut_in_one_process(tiny, out: Path) -> None:
-    """An fsdp run of one process killed in step 3, for the 2 ranks to resume (1 -> 2)."""
+    """An fsdp run of one process killed in step 3, for the 2 ranks to resume (1 -> 2); and a
+    replicated one (whole weights, no DCP), for the 2 ranks to resume under fsdp."""
     import rlhfkit.train.run as run_module
 
     original = run_module.Run.step_done
@@ -58,9 +59,11 @@ def _cut_in_one_process(tiny, out: Path) -> None:
 
     run_module.Run.step_done = dies
     try:
-        RUNS["sft"](method_config("sft", tiny, out / "cut12", 4, log_every=1, strategy="fsdp", save_every=2))
-    except Killed:
-        pass
+        for name, strategy in (("cut12", "fsdp"), ("cut12-whole", "replicate")):
+            try:
+                RUNS["sft"](method_config("sft", tiny, out / name, 4, log_every=1, strategy=strategy, save_every=2))
+            except Killed:
+                pass
     finally:
         run_module.Run.step_done = original
 
@@ -181,6 +184,8 @@ def test_sharded_checkpoints_resume_2_to_2_exactly_and_2_to_1_and_1_to_2(two_ran
     full = _losses(out / "full")
     assert len(full) == 4 and _losses(out / "cut22")[2:] == full[2:]  # bit for bit
     assert _losses(out / "cut12")[2:] == pytest.approx(full[2:], abs=1e-6)  # one process's shards on 2 ranks
+    assert not (out / "cut12-whole" / "checkpoints" / "step-0000002" / "dcp").exists()
+    assert _losses(out / "cut12-whole")[2:] == pytest.approx(full[2:], abs=1e-6)  # a replicated run's, under fsdp
     for method in ("grpo", "ppo"):  # 2 replicated ranks, each with its own sampling RNG (#17)
         online = _losses(out / f"{method}-full")
         assert len(online) == 4 and _losses(out / f"{method}-cut")[2:] == online[2:] and online[3] != online[2]

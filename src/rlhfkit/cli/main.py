@@ -177,15 +177,23 @@ def cmd_eval(args) -> int:
         reference, _ = load_policy(args.ref, args.tokenizer or args.model)
         examples, report = encode_rankings(rows, tokenizer, args.max_length, args.overlong)
         examples = precompute_reference(reference, examples, tokenizer.pad_token_id)
-        metrics = {"preference_accuracy": preference_accuracy(model, examples, tokenizer.pad_token_id),
-                   "n": len(examples)}
+        pairs = sum(a < b for e in examples for i, a in enumerate(e.ranks) for b in e.ranks[i + 1:])
+        metrics = {"measured": "preference accuracy: the policy's implicit reward beta log(pi / pi_ref) orders each "
+                               "ranked pair as the data does", "ref": str(args.ref),
+                   "preference_accuracy": preference_accuracy(model, examples, tokenizer.pad_token_id),
+                   "n": len(examples), "pairs": pairs}
     else:  # a policy: greedy exact-match accuracy on prompts, the held-out loss on answers and text
         from ..methods.common import load_policy
         from ..methods.sft import policy_eval
 
         model, tokenizer = load_policy(args.model, args.tokenizer)
         metrics, report = policy_eval(model, tokenizer, rows, args.max_new_tokens, args.max_length, args.overlong)
-    result = {"model": str(args.model), "data": str(args.data), **metrics}
+        if report is None:  # prompts alone: nothing for --max-length to measure
+            _refuse_unread(args, "a policy on prompt rows")
+        if "accuracy" in metrics:
+            metrics = {"measured": f"exact match of greedy answers of up to {args.max_new_tokens} new tokens",
+                       "max_new_tokens": args.max_new_tokens, **metrics}
+    result = {"model": str(args.model), "data": str(args.data), "limit": args.limit or None, **metrics}
     if report is not None:
         result["lengths"] = report.summary()
     out = Path(args.out or args.model)
@@ -198,7 +206,8 @@ def cmd_eval(args) -> int:
 # The eval options each kind of model reads: the rest, given, would be ignored
 EVAL_READS = {"a process reward model": ("--max-length", "--overlong"), "a reward model": ("--max-length", "--overlong"),
               "a policy against its reference": ("--max-length", "--overlong", "--ref"),
-              "a policy": ("--max-new-tokens", "--max-length", "--overlong")}
+              "a policy": ("--max-new-tokens", "--max-length", "--overlong"),
+              "a policy on prompt rows": ("--max-new-tokens",)}
 EVAL_DEFAULTS = {"--max-length": 512, "--overlong": "error", "--ref": None, "--max-new-tokens": 64}
 
 
@@ -247,9 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=at_least(1), default=EVAL_DEFAULTS["--max-new-tokens"],
                    help="longest greedy answer (default 64; the multi-step task's answers need up to 34)")
     p.add_argument("--max-length", type=at_least(2), default=EVAL_DEFAULTS["--max-length"],
-                   help="for preference and step data: longest prompt+completion")
+                   help="longest prompt+completion of preference, step and (a policy's loss) answered or text rows")
     p.add_argument("--overlong", choices=("error", "truncate", "skip"), default=EVAL_DEFAULTS["--overlong"],  # data/encode.py's policies
-                   help="preference and step rows longer than --max-length: error (default), truncate or skip; "
+                   help="rows longer than --max-length: error (default), truncate or skip; "
                         "eval.json says how many")
     p.add_argument("--ref", help="reference model folder: report a DPO policy's preference accuracy on pairs/rankings")
     p.set_defaults(func=cmd_eval)

@@ -104,7 +104,9 @@ def policy_eval(model, tokenizer, rows: list, max_new_tokens: int, max_length: i
         return metrics, None
     examples, report = encode_sft(answered, tokenizer, max_length, overlong)
     loss = heldout_loss(model, examples, tokenizer.pad_token_id)
-    return {**metrics, "loss": loss, "perplexity": math.exp(min(loss, 700.0)), "loss_rows": len(examples)}, report
+    scored = "every token of each text" if text else "the answer tokens (completion or assistant turns)"
+    return {**metrics, "loss": loss, "perplexity": math.exp(min(loss, 700.0)), "loss_rows": len(examples),
+            "loss_measured": f"mean negative log-likelihood per token over {scored}"}, report
 
 
 def held_out_sft(cfg: SFTConfig, tokenizer, say) -> tuple[HeldOut | None, list, LengthReport | None]:
@@ -150,7 +152,9 @@ def run_sft(cfg: SFTConfig) -> dict:
         if cfg.snapshot_at_accuracy is None or snapshot or accuracy < cfg.snapshot_at_accuracy:
             return
         snapshot.update(path=str(marker.parent), accuracy=accuracy)
-        run.save_model(model, tokenizer, marker.parent, files={marker.name: json.dumps(snapshot)})
+        metrics = {"step": run.done, **{f"train/{k}": v for k, v in run.metrics.items()}, "eval/accuracy": accuracy}
+        run.save_model(model, tokenizer, marker.parent, metrics=metrics,  # this eval's, not the last one logged
+                       files={marker.name: json.dumps(snapshot)})
 
     accuracy = accuracy_eval(backend, model, tokenizer, rows, cfg.eval_max_new_tokens,
                              cfg.stop_at_accuracy, on_accuracy)

@@ -24,7 +24,9 @@ def _data_files(config: dict) -> dict[str, str]:
 def model_card(method: str, config: dict, metrics: dict, what: str = "model") -> str:
     """The card's text: front matter, a summary, the final metrics and the resolved config."""
     base = config.get("model") or "?"
-    front = {"library_name": "transformers", "tags": ["rlhfkit", method]}
+    lora = config.get("lora") or {}
+    adapter = bool(lora.get("r")) and not lora.get("merge")  # the folder is a peft adapter
+    front = {"library_name": "peft" if adapter else "transformers", "tags": ["rlhfkit", method]}
     if not Path(str(base)).exists():  # a Hub id; a local folder is no base_model the Hub can link (TRL omits it too)
         front["base_model"] = str(base)
     loader = _loader(what, config)

@@ -23,6 +23,7 @@ import torch
 import yaml
 from safetensors.torch import load_model, save_file, save_model
 
+from ..models.load import is_sharded
 from .dist import DistInfo, any_rank
 
 MARKER = "COMPLETE"
@@ -213,6 +214,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, info: DistInfo | No
         raise CheckpointError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
     if (path / "dcp").is_dir():
         _load_sharded(path / "dcp", model, optimizer, info)
+    elif (path / "model.safetensors").is_file() and is_sharded(model):  # a replicated run's, resumed under FSDP2
+        _load_whole_into_shards(path, model, optimizer)
     elif (path / "model.safetensors").is_file():
         missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
         if unexpected or [k for k in missing if k not in _tied_keys(model) and k not in _frozen(model)]:
@@ -227,6 +230,34 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, info: DistInfo | No
     own = rng.is_file() and (ranks is None or info.rank < ranks)  # (not an older amend's file: amend_checkpoint)
     set_rng_state(torch.load(rng if own else path / f"{name}-0.pt", weights_only=True))
     return state
+
+
+def _load_whole_into_shards(path: Path, model, optimizer) -> None:
+    """A checkpoint written without sharding (whole weights, an optimizer state keyed by parameter
+    index) into a sharded model and its optimizer: every rank reads the whole files and keeps its
+    shards. The optimizer was built as the saved one was (``build_optimizer``: the same groups, the
+    same parameter order), so each saved index is the parameter at that place now, named by its FQN."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    whole = StateDictOptions(full_state_dict=True, strict=False)
+    weights = load_file(str(path / "model.safetensors"))
+    missing = set(model.state_dict()) - set(weights) - _tied_keys(model) - _frozen(model)
+    if missing:
+        raise CheckpointError(f"{path}: weights do not match the model (missing {sorted(missing)})")
+    set_model_state_dict(model, weights, options=whole)
+    saved = torch.load(path / "optimizer.pt", weights_only=True)
+    names = {id(p): name for name, p in model.named_parameters()}
+    fqn = {}
+    for then, now in zip(saved["param_groups"], optimizer.param_groups):
+        fqn.update({index: names[id(p)] for index, p in zip(then["params"], now["params"])})
+    state = {"state": {fqn[i]: s for i, s in saved["state"].items()},
+             "param_groups": [{**g, "params": [fqn[i] for i in g["params"]]} for g in saved["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, state, options=whole)
 
 
 def _load_sharded(folder: Path, model, optimizer, info: DistInfo) -> None:

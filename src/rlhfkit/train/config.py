@@ -125,6 +125,12 @@ class LoraConfig:
                               f"got {self.target_modules!r}")
         if not self.target_modules.strip():
             raise ConfigError("config key 'lora.target_modules' is empty; use all-linear or a comma-separated list")
+        if self.r == 0:  # LoRA off: its other settings would be silently unused
+            unused = [f"lora.{f.name}" for f in dataclasses.fields(self)
+                      if f.name != "r" and getattr(self, f.name) != f.default]
+            if unused:
+                raise ConfigError(f"{', '.join(unused)} set but lora.r is 0 (no adapters, every weight trained): set "
+                                  "lora.r (e.g. lora.r=16) to train LoRA adapters, or leave them out")
 
     @property
     def enabled(self) -> bool:

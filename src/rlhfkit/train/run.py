@@ -215,6 +215,8 @@ class Run:
         if lora is not None and lora.enabled:
             settings = LoraSettings(lora.r, lora.alpha, lora.dropout, lora.target_modules)
             base = str(base) if isinstance(base, (str, Path)) else getattr(model, "name_or_path", None)
+            if base and Path(base).is_dir():  # absolute: the adapter is loaded from other folders than this one
+                base = str(Path(base).resolve())
             with torch.random.fork_rng():
                 torch.manual_seed(self.cfg.seed)  # the adapters' random start (A) is the same in every run
                 model = apply_lora(model, settings, base, head)
