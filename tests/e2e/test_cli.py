@@ -148,6 +148,8 @@ def test_rm_cli_then_eval_reports_pairwise_accuracy(tiny, tmp_path):
                   f"eval_data={data / 'rankings_eval.jsonl'}", "eval_limit=50", f"train.out_dir={tmp_path / 'rm'}",
                   "train.max_steps=20", "train.batch_size=8", "train.progress=false")
     assert out.returncode == 0, out.stderr
+    # the fresh score head is the point of the run: no load report of its missing weights, no bars
+    assert "MISSING" not in out.stderr and "Loading weights" not in out.stderr, out.stderr
     config = json.loads((tmp_path / "rm" / "model" / "config.json").read_text())
     assert config["architectures"] == ["LlamaForSequenceClassification"] and len(config["id2label"]) == 1
     ev = rlhfkit("eval", "--model", tmp_path / "rm" / "model", "--data", data / "rankings_eval.jsonl", "--limit", 40)
@@ -299,9 +301,9 @@ def test_eval_of_a_policy_gives_the_held_out_loss_on_text_and_answered_rows(tiny
 
     text = tmp_path / "text.jsonl"
     text.write_text("".join(json.dumps({"text": f"What is {a}+{a}? {2 * a}"}) + "\n" for a in range(6)))
-    ev = rlhfkit("eval", "--model", tiny["base"], "--data", text, "--out", tmp_path / "ev")
+    ev = rlhfkit("eval", "--model", tiny["base"], "--data", text, "--out", tmp_path / "ev" / "text.json")
     assert ev.returncode == 0, ev.stderr
-    result = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    result = json.loads((tmp_path / "ev" / "text.json").read_text())  # --out a .json file: that file
     model, tok = load_policy(str(tiny["base"]), None)
     loss = heldout_loss(model, encode_sft(read_rows(text), tok, 512)[0], tok.pad_token_id)
     assert "accuracy" not in result and result["loss_rows"] == 6

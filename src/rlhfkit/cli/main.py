@@ -106,6 +106,8 @@ def cmd_plot(args) -> int:
     from ..data.rows import DataError
     from ..train.plots import plot_runs
 
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise DataError(f"--out {args.out} is a file; the plots go in a folder (give a new or existing folder)")
     paths = plot_runs(args.runs, args.out)
     if not paths:
         raise DataError(f"{', '.join(map(str, args.runs))}: no metrics to plot (their metrics.jsonl hold no numbers)")
@@ -197,8 +199,9 @@ def cmd_eval(args) -> int:
     if report is not None:
         result["lengths"] = report.summary()
     out = Path(args.out or args.model)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(result, indent=1))
+    path = out if out.suffix == ".json" else out / "eval.json"  # --out a file, or the folder it goes in
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
     return 0
 
@@ -251,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--tokenizer")
     p.add_argument("--data", required=True, help="jsonl/parquet rows with prompt and answer (or a completion)")
-    p.add_argument("--out", help="folder for eval.json (default: the model folder)")
+    p.add_argument("--out", help="folder for eval.json (default: the model folder), or a path ending in .json")
     p.add_argument("--limit", type=at_least(0), default=0, help="the first N rows (0: all)")
     p.add_argument("--max-new-tokens", type=at_least(1), default=EVAL_DEFAULTS["--max-new-tokens"],
                    help="longest greedy answer (default 64; the multi-step task's answers need up to 34)")

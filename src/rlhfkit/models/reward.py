@@ -9,6 +9,7 @@ that plain transformers loads them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -58,6 +59,28 @@ def require_reward_model(path: str | Path, key: str = "reward_model") -> None:
                              "(`rlhfkit rm` writes one)")
 
 
+@contextlib.contextmanager
+def fresh_head_quietly(path):
+    """transformers' load report (a table of the head's missing weights, "consider training on
+    your downstream task") left out where the head is meant to start fresh: a causal-LM folder
+    loaded as a classifier, which is what a reward model, critic or PRM trained here starts from."""
+    from transformers.utils import logging as hf_logging
+
+    try:
+        archs = architectures(path)
+    except ModelLoadError:  # no model folder (an adapter's, a missing one): from_folder says what it is
+        archs = ["?"]
+    if not archs or any(a.endswith(("ForSequenceClassification", "ForTokenClassification", "?")) for a in archs):
+        yield
+        return
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def load_reward_model(path: str | Path, tokenizer, dtype: str = "fp32", seed: int = 0, device: str = "cpu"):
     """A ``num_labels=1`` sequence classifier from ``path`` (a classifier folder or a causal LM)."""
     from transformers import AutoModelForSequenceClassification
@@ -65,7 +88,7 @@ def load_reward_model(path: str | Path, tokenizer, dtype: str = "fp32", seed: in
     if isinstance(path, torch.nn.Module):  # Python API: a classifier object, trained in place
         model = path
     else:
-        with torch.random.fork_rng():
+        with torch.random.fork_rng(), fresh_head_quietly(path):
             torch.manual_seed(seed)  # the fresh score head of a causal-LM start is seeded
             model = from_folder(AutoModelForSequenceClassification, path, num_labels=1, dtype=DTYPES[dtype],
                                 pad_token_id=tokenizer.pad_token_id)
@@ -107,7 +130,7 @@ def load_process_reward_model(path: str | Path, tokenizer, num_labels: int = 1, 
     labels = {} if is_token_classifier(base) else {"num_labels": num_labels}
     config = AutoConfig.from_pretrained(str(base), pad_token_id=tokenizer.pad_token_id, **labels)
     config.classifier_dropout = 0.0
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(), fresh_head_quietly(base):
         torch.manual_seed(seed)
         model = AutoModelForTokenClassification.from_pretrained(str(base), config=config, dtype=DTYPES[dtype])
     if adapter:

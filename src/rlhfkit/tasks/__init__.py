@@ -25,7 +25,7 @@ def reference_completion(row: Row) -> str:
         if text is not None and text.strip():
             return text
     raise DataError(f"{row.where}: no reference to check an answer against (a 'completion', 'chosen' or final "
-                    "assistant message); pass eval data that has one, or no eval data")
+                    "assistant message); give held-out rows that have one")
 
 
 class ReferenceMatch:

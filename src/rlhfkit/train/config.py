@@ -72,7 +72,7 @@ class TrainConfig:
     save_every: int = 0  # 0 = only at the end
     keep_checkpoints: int = 2  # 0 = keep all (a transient one, written for an eval off save_every, still goes)
     resume: bool | str = False  # true | false | auto (when a complete checkpoint exists) | force (true; a refused change only said)
-    progress: bool = True  # a progress bar with ETA on stderr
+    progress: bool = True  # a progress bar with ETA on stderr (false: transformers' loading bars off too)
     report_to: str = "tensorboard"  # tensorboard | wandb (WANDB_MODE=offline works) | none; metrics.jsonl always
     plots: bool = True  # PNG curves of metrics.jsonl in <out>/plots at the end (train/plots.py)
     activation_checkpointing: bool = False  # recompute the trained models' layer activations in the backward

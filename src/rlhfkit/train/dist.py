@@ -55,6 +55,11 @@ def init_distributed(device: str = "cpu") -> DistInfo:
         return DistInfo(device=where)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if where.startswith("cuda") else "gloo")
+    if dist.get_rank() != 0:  # transformers' loading bars and reports once, from rank 0, as rlhfkit's own lines
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, where)
 
 

@@ -546,6 +546,10 @@ def start_run(cfg: TrainConfig, config, name: str, unit: str = "optimizer step",
               show: tuple[str, ...] = ("loss",)) -> Run:
     """Distributed set-up and the out-dir check, before any model loads; writes config.yaml."""
     info = init_distributed(cfg.device)
+    if not cfg.progress:  # transformers' loading and writing bars too
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     if unit == "optimizer step":  # the offline methods split train.batch_size over ranks and micro-batches
         split_batch(cfg, info)
     resuming = prepare_out_dir(cfg, info)
