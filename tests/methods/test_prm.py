@@ -49,7 +49,7 @@ def test_step_stats_by_hand():
     assert stats["step_accuracy"] == pytest.approx(0.8, abs=1e-9)
     assert stats["wrong_step_precision"] == pytest.approx(2 / 3) and stats["wrong_step_recall"] == pytest.approx(2 / 3)
     assert stats["wrong_step_f1"] == pytest.approx(2 / 3, abs=1e-9)
-    assert stats["first_error_accuracy"] == 0.5 and stats["steps"] == 10
+    assert stats["first_error_accuracy"] == 0.5 and stats["scored_steps"] == 10
     # by index: 0 -> 4 right of 4; 1 -> 3 right, 1 wrong; 2 -> 2 wrong of 2: (4 + 3 + 2) / 10
     assert stats["position_only_accuracy"] == pytest.approx(0.9, abs=1e-9)
 

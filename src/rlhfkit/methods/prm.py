@@ -94,7 +94,7 @@ def step_stats(judged_right: list[list[bool]], labels: list[tuple[bool, ...]]) -
             "wrong_step_f1": 2 * precision * recall / max(precision + recall, 1e-12),
             "first_error_accuracy": sum(first_error(js) == first_error(ys) for js, ys in zip(judged_right, labels))
             / max(len(labels), 1),
-            "position_only_accuracy": position_only_accuracy(labels), "steps": len(pairs)}
+            "position_only_accuracy": position_only_accuracy(labels), "scored_steps": len(pairs)}
 
 
 def position_only_accuracy(labels: list[tuple[bool, ...]]) -> float:

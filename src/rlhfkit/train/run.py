@@ -439,7 +439,7 @@ class Run:
     def evaluate(self, evaluate: Callable, done: int) -> dict:
         evaluated = evaluate()
         self.evals.append({"step": done, **{k: v for k, v in evaluated.items() if k != "stop"}})
-        self.logger.log(done, self.evals[-1], prefix="eval")
+        self.logger.log(done, {k: v for k, v in self.evals[-1].items() if k != "step"}, prefix="eval")  # the line's own
         if self.info.is_main:  # tqdm.write prints even on a disabled bar
             self.bar.write(f"step {done}: " + ", ".join(f"{k}={v:.4f}" for k, v in evaluated.items()
                                                         if isinstance(v, float)))
