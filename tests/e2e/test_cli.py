@@ -284,7 +284,7 @@ def test_prm_cli_then_eval_reports_step_metrics(tiny, tmp_path):
     tok = load_tokenizer(tmp_path / "prm" / "model")
     examples, _ = encode_step_rows(read_rows(data / "prm_eval.jsonl")[:30], tok, "; ", 512)
     in_process = step_metrics(load_process_reward_model(tmp_path / "prm" / "model", tok), examples, tok.pad_token_id)
-    assert result["steps"] == in_process["steps"] > 30
+    assert result["scored_steps"] == in_process["scored_steps"] > 30
     assert (result["step_accuracy"], result["wrong_step_f1"]) == (in_process["step_accuracy"],
                                                                   in_process["wrong_step_f1"])
 
