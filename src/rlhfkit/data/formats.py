@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 
-from .rows import DataError, Row
+from .rows import DataError, Row, is_chat
 
 FORMAT_NAMES = {
     "language_modeling": "language-modeling (text / messages)",
@@ -69,11 +69,6 @@ def require_format(row: Row, method: str, accepted: tuple[str, ...]) -> str:
         raise DataError(f"{row.where}: {article} {FORMAT_NAMES[fmt]} row is not {method} data; "
                         f"that format is for {TAKEN_BY[fmt]}")
     return fmt
-
-
-def is_chat(value) -> bool:
-    """A list of ``{"role", "content"}`` messages (the conversational form of a field)."""
-    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m for m in value)
 
 
 def answer_text(value) -> str | None:

@@ -227,15 +227,19 @@ def _read_csv(path: Path) -> list[Row]:
         raise DataError(f"{path}: not valid CSV ({e})") from None
 
 
+def is_chat(value) -> bool:
+    """A list of ``{"role", "content"}`` messages (the conversational form of a field)."""
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m for m in value)
+
+
 def _chat_as_text(value) -> bool:
     """Whether a CSV cell holds a JSON list of chat messages (``[{"role": ..., ...}]``)."""
     if not isinstance(value, str) or not value.lstrip().startswith("[") or '"role"' not in value:
         return False
     try:
-        parsed = json.loads(value)
+        return is_chat(json.loads(value))
     except ValueError:
         return False
-    return isinstance(parsed, list) and bool(parsed) and all(isinstance(m, dict) and "role" in m for m in parsed)
 
 
 def _read_parquet(path: Path) -> list[Row]:

@@ -94,12 +94,8 @@ def policy_eval(model, tokenizer, rows: list, max_new_tokens: int, max_length: i
     """``rlhfkit eval`` of a policy: the exact match of its greedy answers where the rows are
     prompts, and the held-out loss (mean NLL per answer token) and its perplexity over the rows
     that hold answers or are ``text`` (TRL's eval_loss); a language-modeling eval has the loss alone."""
-    text = [r for r in rows if "text" in r.data and row_format(r) == "language_modeling"]
-    if text and len(text) < len(rows):
-        raise DataError(f"{text[0].where}: a 'text' row among prompts; the eval data holds either text rows (the "
-                        "held-out loss alone) or prompts with their answers")
+    text, answered = held_out_kinds(rows)
     metrics = {} if text else exact_match(model, tokenizer, rows, max_new_tokens)
-    answered = [r for r in rows if "text" in r.data or "completion" in r.data or "messages" in r.data]
     if not answered:
         return metrics, None
     examples, report = encode_sft(answered, tokenizer, max_length, overlong)
@@ -109,6 +105,17 @@ def policy_eval(model, tokenizer, rows: list, max_new_tokens: int, max_length: i
             "loss_measured": f"mean negative log-likelihood per token over {scored}"}, report
 
 
+def held_out_kinds(rows: list) -> tuple[bool, list]:
+    """(whether the rows are language-modeling ``text`` rows, which have no prompt to answer, the
+    rows the held-out loss is computed on: those with an answer, or text); text rows among prompts
+    are a DataError."""
+    text = [r for r in rows if "text" in r.data and row_format(r) == "language_modeling"]
+    if text and len(text) < len(rows):
+        raise DataError(f"{text[0].where}: a 'text' row among held-out prompts; held-out data holds either text rows "
+                        "(the held-out loss alone) or prompts with their answers")
+    return bool(text), [r for r in rows if "text" in r.data or "completion" in r.data or "messages" in r.data]
+
+
 def held_out_sft(cfg: SFTConfig, tokenizer, say) -> tuple[HeldOut | None, list, LengthReport | None]:
     """The held-out prompts whose greedy answers give the accuracy (None for language-modeling
     ``text`` rows, which have no prompt: their loss alone), and the examples the held-out loss is
@@ -116,15 +123,11 @@ def held_out_sft(cfg: SFTConfig, tokenizer, say) -> tuple[HeldOut | None, list, 
     if not cfg.eval_data:
         return None, [], None
     rows = head(read_rows(cfg.eval_data), cfg.eval_limit)
-    text = [r for r in rows if "text" in r.data and row_format(r) == "language_modeling"]
-    if text and len(text) < len(rows):
-        raise DataError(f"{text[0].where}: a 'text' row among held-out prompts; eval_data holds either text rows "
-                        "(the held-out loss alone) or prompts with their answers")
+    text, with_answers = held_out_kinds(rows)
     if text and (cfg.stop_at_accuracy is not None or cfg.snapshot_at_accuracy is not None):
         raise ConfigError("eval_data holds 'text' rows, which have no prompt to answer: there is no accuracy "
                           "for stop_at_accuracy or snapshot_at_accuracy")
     prompts = None if text else HeldOut(rows, cfg.eval_task)
-    with_answers = [r for r in rows if "text" in r.data or "completion" in r.data or "messages" in r.data]
     if not with_answers:
         return prompts, [], None
     examples, report = encode_sft(with_answers, tokenizer, cfg.max_length, cfg.overlong)
