@@ -91,6 +91,8 @@ def test_sft_snapshot_is_not_overwritten_by_a_later_model_after_resume(tiny, tmp
     _same_weights(tmp_path / "full" / "snapshot", tmp_path / "cut" / "snapshot")  # step 1's model, not step 3's
     _same_weights(tmp_path / "full" / "model", tmp_path / "cut" / "model")
     assert resumed["snapshot"]["accuracy"] == straight["snapshot"]["accuracy"]
+    evals = [m for m in read_metrics(tmp_path / "full") if any(k.startswith("eval/") for k in m)]
+    assert len(evals) == 4 and all("eval/step" not in m and "eval/accuracy" in m for m in evals)  # step once, its own
     card = (tmp_path / "full" / "snapshot" / "README.md").read_text()  # the snapshot's own eval, not the last one
     assert "| step | 1 |" in card and f"| eval/accuracy | {straight['snapshot']['accuracy']:.4g} |" in card
 

@@ -24,6 +24,9 @@ def test_plot_of_runs_without_numbers_is_a_one_line_error(tmp_path, capsys):
     run = _metrics(tmp_path / "empty", [])
     assert main(["plot", str(run), "--out", str(tmp_path / "out")]) == 2
     assert "no metrics to plot" in capsys.readouterr().err
+    full = _metrics(tmp_path / "full", [{"step": 1, "train/loss": 2.0}])
+    assert main(["plot", str(full), "--out", str(full / "metrics.jsonl")]) == 2  # a file where the folder goes
+    assert "metrics.jsonl is a file; the plots go in a folder" in capsys.readouterr().err
 
 
 def test_a_run_keeps_its_colour_in_every_panel_and_the_legend_names_every_run(tmp_path, monkeypatch):
