@@ -90,6 +90,9 @@ def test_short_cli_run_writes_plots_and_a_model_card(tiny, tmp_path):
     assert f"- base model: `{tiny['base']}`" in card and f"| loss | {final_loss:.4g} |" in card
     assert "base_model:" not in card  # a local folder: no Hub id to link
     assert "supervised fine-tuning" in card and "sft_train.jsonl" in card and "max_steps: 6" in card
+    # each final number once: the summary's loss, accuracy and eval_loss are not repeated as train/ or eval/
+    assert "| train/loss |" not in card and "| eval/accuracy |" not in card and "| eval/loss |" not in card
+    assert "| eval/n | 20 |" in card and "- `eval/`: the last eval's (optimizer step 6)" in card
     assert not (run / "tensorboard").exists()
 
     second = tmp_path / "run2"  # `rlhfkit plot` overlays two runs

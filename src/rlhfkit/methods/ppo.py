@@ -393,7 +393,8 @@ def run_ppo(cfg: PPOConfig, backend=None) -> dict:
 
 def ppo_summary(run: Run, kls: list[float], kl_coef: float, before: dict, models: dict) -> dict:
     tail = kls[-max(1, len(kls) // 10):]  # the last tenth of the run's steps
-    summary = {"kl": sum(tail) / len(tail) if tail else None, "kl_coef": kl_coef, **model_memory_mb(models),
+    summary = {"kl": sum(tail) / len(tail) if tail else None, "kl_over_last_steps": len(tail), "kl_coef": kl_coef,
+               **model_memory_mb(models),
                "accuracy_before": before.get("accuracy"), "rm_score_before": before.get("rm_score")}
     if run.evals:
         summary.update(accuracy=run.evals[-1]["accuracy"], rm_score=run.evals[-1]["rm_score"])

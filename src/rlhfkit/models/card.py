@@ -21,8 +21,9 @@ def _data_files(config: dict) -> dict[str, str]:
     return {k: v for k, v in config.items() if (k.endswith("_data") or k == "eval_prompts") and v}
 
 
-def model_card(method: str, config: dict, metrics: dict, what: str = "model") -> str:
-    """The card's text: front matter, a summary, the final metrics and the resolved config."""
+def model_card(method: str, config: dict, metrics: dict, what: str = "model", legend: list[str] = ()) -> str:
+    """The card's text: front matter, a summary, the final metrics (``legend``: a line each on
+    what their kinds are) and the resolved config."""
     base = config.get("model") or "?"
     lora = config.get("lora") or {}
     adapter = bool(lora.get("r")) and not lora.get("merge")  # the folder is a peft adapter
@@ -37,6 +38,8 @@ def model_card(method: str, config: dict, metrics: dict, what: str = "model") ->
     lines += [f"- {k}: `{v}`" for k, v in _data_files(config).items()]
     lines += ["", "## Final metrics", "", "| metric | value |", "| --- | --- |"]
     lines += [f"| {k} | {_number(v)} |" for k, v in metrics.items() if isinstance(v, (int, float, str)) and v != ""]
+    if legend:
+        lines += [""] + [f"- {line}" for line in legend]
     lines += ["", "## Use", "", "```python", f"from transformers import AutoTokenizer, {loader}", "",
               f'model = {loader}.from_pretrained("PATH_TO_THIS_FOLDER")',
               'tokenizer = AutoTokenizer.from_pretrained("PATH_TO_THIS_FOLDER")', "```", "",
@@ -57,7 +60,8 @@ def _number(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else json.dumps(value) if not isinstance(value, str) else value
 
 
-def write_model_card(folder: str | Path, method: str, config: dict, metrics: dict, what: str = "model") -> Path:
+def write_model_card(folder: str | Path, method: str, config: dict, metrics: dict, what: str = "model",
+                     legend: list[str] = ()) -> Path:
     path = Path(folder) / "README.md"
-    path.write_text(model_card(method, config, metrics, what))
+    path.write_text(model_card(method, config, metrics, what, legend))
     return path

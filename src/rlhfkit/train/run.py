@@ -227,7 +227,7 @@ class Run:
         return model
 
     def save_model(self, model, tokenizer, out_dir, metrics: dict | None = None, what: str = "model",
-                   files: dict[str, str] | None = None) -> None:
+                   files: dict[str, str] | None = None, legend: list[str] = ()) -> None:
         """A ``save_pretrained`` folder (LoRA: the adapter, and the merged model with ``lora.merge``)
         with a ``README.md`` model card (``metrics``, by default the last eval's and step's) and
         ``files`` (name: text). Written beside ``out_dir`` and renamed into place when complete
@@ -241,7 +241,7 @@ class Run:
             if metrics is None:
                 metrics = {"step": self.done, **{f"train/{k}": v for k, v in self.metrics.items()},
                            **{f"eval/{k}": v for k, v in (self.evals[-1] if self.evals else {}).items() if k != "step"}}
-            write_model_card(tmp, self.name, self.config, metrics, what)
+            write_model_card(tmp, self.name, self.config, metrics, what, legend)
             for name, text in (files or {}).items():
                 (tmp / name).write_text(text)
             publish_folder(tmp, out_dir)
@@ -459,10 +459,8 @@ class Run:
                    "evals": self.evals, **summary}
         out = Path(self.cfg.out_dir)
         try:
-            last = {f"train/{k}": v for k, v in self.metrics.items() if k in ("loss", "reward_mean", "rm_score", "kl")}
-            final = {**{k: v for k, v in summary.items() if k != "evals"}, **last,
-                     **{f"eval/{k}": v for k, v in (self.evals[-1] if self.evals else {}).items() if k != "step"}}
-            self.save_model(model, tokenizer, out / "model", metrics=final,
+            final, legend = card_metrics(summary, self.metrics, self.evals, self.done, self.unit)
+            self.save_model(model, tokenizer, out / "model", metrics=final, legend=legend,
                             what={"rm": "reward model", "prm": "process reward model"}.get(self.name, "model"))
             if self.info.is_main:
                 write_config(out, self.config)
@@ -478,6 +476,23 @@ class Run:
             plot_runs([out], out / "plots")
         barrier(self.info)
         return summary
+
+
+def card_metrics(summary: dict, last: dict, evals: list[dict], done: int, unit: str) -> tuple[dict, list[str]]:
+    """The final model card's metrics and what each kind is: the summary (``result.json``), then the
+    last step's logged means and the last eval's, each only where the summary does not already
+    give the same name (or ``eval_`` name) the same value: a final eval's accuracy is the summary's."""
+    final = {k: v for k, v in summary.items() if k != "evals"}
+    legend = ["without a prefix: the run's summary, as in `result.json`"]
+    trained = {f"train/{k}": v for k, v in last.items()
+               if k in ("loss", "reward_mean", "rm_score", "kl") and final.get(k) != v}
+    if trained:
+        legend.append(f"`train/`: the last {unit}'s logged means ({unit} {done})")
+    held = evals[-1] if evals else {}
+    shown = {f"eval/{k}": v for k, v in held.items() if k != "step" and v not in (final.get(k), final.get(f"eval_{k}"))}
+    if shown:
+        legend.append(f"`eval/`: the last eval's ({unit} {held.get('step')})")
+    return {**final, **trained, **shown}, legend
 
 
 def hold_signals(handler) -> dict:
