@@ -52,3 +52,39 @@ def test_gradient_is_the_closed_form():
     n = 2  # the loss is a mean over pairs
     assert torch.allclose(pc.grad, -beta * weight / n, atol=1e-7)
     assert torch.allclose(pr.grad, beta * weight / n, atol=1e-7)
+
+
+def test_other_pair_losses_by_hand():
+    # log ratios: chosen -1 - (-2) = 1, rejected -3 - (-2.5) = -0.5, so h = 1.5; beta 0.5: beta h = 0.75
+    args = (torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.5]), 0.5)
+    ipo, _ = dpo_loss(*args, loss_type="ipo")
+    assert abs(ipo.item() - (1.5 - 1 / (2 * 0.5)) ** 2) < 1e-7  # (h - 1/(2 tau))^2 = 0.25
+    hinge, _ = dpo_loss(*args, loss_type="hinge")
+    assert abs(hinge.item() - 0.25) < 1e-7  # max(0, 1 - 0.75)
+    smoothed, _ = dpo_loss(*args, label_smoothing=0.1)
+    expected = 0.9 * math.log(1 + math.exp(-0.75)) + 0.1 * math.log(1 + math.exp(0.75))
+    assert abs(smoothed.item() - expected) < 1e-7
+    plain, _ = dpo_loss(*args)
+    assert smoothed.item() > plain.item()  # the smoothed loss also pays for the pair being right
+    wide = (torch.tensor([-1.0]), torch.tensor([-9.0]), torch.tensor([-2.0]), torch.tensor([-2.5]), 0.5)
+    assert dpo_loss(*wide, loss_type="hinge")[0].item() == 0.0  # beta h = 3.75 >= 1: no loss past the margin
+
+
+def test_other_pair_losses_gradients_are_the_closed_forms():
+    beta, eps = 0.2, 0.1
+    rc, rr = torch.tensor([-1.2, -2.2]), torch.tensor([-1.0, -1.0])
+    for loss_type, smoothing in (("ipo", 0.0), ("hinge", 0.0), ("sigmoid", eps)):
+        pc = torch.tensor([-1.0, 6.0], requires_grad=True)
+        pr = torch.tensor([-1.5, -0.5], requires_grad=True)
+        loss, _ = dpo_loss(pc, pr, rc, rr, beta, loss_type=loss_type, label_smoothing=smoothing)
+        loss.backward()
+        h = ((pc - rc) - (pr - rr)).detach()  # [0.7, 7.7]
+        if loss_type == "ipo":  # d/dh (h - 1/(2 beta))^2 = 2 (h - 1/(2 beta))
+            dh = 2 * (h - 1 / (2 * beta))
+        elif loss_type == "hinge":  # -beta where beta h < 1, else 0: the second pair is past the margin
+            dh = torch.where(beta * h < 1, torch.full_like(h, -beta), torch.zeros_like(h))
+            assert dh[1] == 0 and dh[0] == -beta
+        else:  # d/dh of -(1-eps) log sig(beta h) - eps log sig(-beta h)
+            dh = beta * (-(1 - eps) * torch.sigmoid(-beta * h) + eps * torch.sigmoid(beta * h))
+        assert torch.allclose(pc.grad, dh / 2, atol=1e-6), loss_type  # a mean over the 2 pairs
+        assert torch.allclose(pr.grad, -dh / 2, atol=1e-6), loss_type

@@ -1,11 +1,12 @@
 import copy
+import math
 
 import pytest
 import torch
 from helpers import quiet_train
 
 from rlhfkit.data.prefs import collate_rankings, encode_rankings
-from rlhfkit.data.rows import read_rows
+from rlhfkit.data.rows import DataError, read_rows
 from rlhfkit.methods.common import load_policy
 from rlhfkit.methods.dpo import DPOConfig, dpo_objective, precompute_reference, run_dpo
 from rlhfkit.models.lora import Reference
@@ -90,3 +91,33 @@ def test_shared_prompt_layout_gives_the_plain_loss_and_gradients(tiny):
             assert abs(float(metrics_a[key]) - float(metrics_b[key])) < 1e-4, key
         for name, grad in grads_a.items():
             assert torch.allclose(grad, grads_b[name], atol=1e-5, rtol=1e-4), (data, name)
+
+
+@pytest.mark.parametrize("loss_type, smoothing", [("ipo", 0.0), ("hinge", 0.0), ("sigmoid", 0.2)])
+def test_ipo_hinge_and_smoothing_reach_their_margins_and_refuse_rankings(tiny, tmp_path, loss_type, smoothing):
+    data = tmp_path / "pairs.jsonl"  # one batch of 16 pairs, seen every step: the losses' own targets show
+    data.write_text("".join((tiny["data"] / "prefs_train.jsonl").read_text().splitlines(keepends=True)[:16]))
+    cfg = DPOConfig(model=str(tiny["base"]), train_data=str(data), max_length=64, beta=0.5, loss_type=loss_type,
+                    label_smoothing=smoothing, train=quiet_train(tmp_path / "dpo", max_steps=12, batch_size=16, lr=1e-3))
+    run_dpo(cfg)
+    from rlhfkit.train.logging import read_metrics
+
+    first, last = read_metrics(tmp_path / "dpo")[0], read_metrics(tmp_path / "dpo")[-1]
+    # policy == reference, h = 0: IPO's (0 - 1/(2 beta))^2 = 1, hinge's max(0, 1 - 0) = 1, smoothed ln 2
+    start = math.log(2) if smoothing else 1.0
+    assert abs(first["train/loss"] - start) < 1e-4 and last["train/preference_accuracy"] == 1.0
+    if loss_type == "ipo":  # IPO pulls h to 1/(2 beta), so the margin beta h to 0.5, and no further
+        assert last["train/loss"] < 0.05 and abs(last["train/margin"] - 0.5) < 0.05
+    elif loss_type == "hinge":  # the hinge stops pushing a pair once beta h >= 1
+        assert last["train/loss"] < 0.1 and last["train/margin"] > 0.9
+    else:  # eps 0.2: the loss is least, 0.8 ln(1 + 1/4) + 0.2 ln(1 + 4) = 0.5004, at beta h = ln 4
+        # (plain DPO's falls to 0.24 here, its margin to 1.36)
+        assert 0.5004 - 1e-3 < last["train/loss"] < 0.6 and last["train/margin"] > 0.5
+    rankings = DPOConfig(model=str(tiny["base"]), train_data=str(tiny["data"] / "rankings_train.jsonl"),
+                         max_length=64, loss_type=loss_type, label_smoothing=smoothing,
+                         train=quiet_train(tmp_path / "r", max_steps=1))
+    what = "label_smoothing" if smoothing else f"loss_type={loss_type}"
+    with pytest.raises(DataError, match=rf"rankings_train.jsonl:1: field 'completions' ranks 6 answers; "
+                                        rf"{what} is for pairs"):
+        run_dpo(rankings)
+    assert not (tmp_path / "r" / "checkpoints").exists()

@@ -19,6 +19,20 @@ TRL's ``rpo_alpha``) adds the chosen answers' negative log-likelihood:
 
 with the NLL here a mean over all chosen tokens of the global batch (as SFT's loss; the paper
 divides each answer by its own length).
+
+Other pairwise losses on the same log-ratio margin h = log(pi(y_w)/pi_ref(y_w)) -
+log(pi(y_l)/pi_ref(y_l)) (TRL's ``loss_type``):
+
+    conservative DPO, label smoothing eps (Mitchell 2023, "A note on DPO with noisy preferences"):
+        L = -(1 - eps) log sigma(beta h) - eps log sigma(-beta h)
+    IPO (Azar et al. 2023, eq. 17, tau = beta):
+        L = (h - 1 / (2 beta))^2
+    hinge (SLiC-HF, Zhao et al. 2023, its calibration loss on the log-ratio to the reference):
+        L = max(0, 1 - beta h)
+
+IPO's h is the paper's, of whole-sequence log-probs; TRL divides each answer's log-prob by its
+length for IPO. The three apply to pairs only: a ranking of more than two answers has the
+Plackett-Luce loss.
 """
 
 from __future__ import annotations
@@ -26,13 +40,26 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+PAIR_LOSSES = ("sigmoid", "ipo", "hinge")
+
 
 def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
-             ref_rejected_logps: torch.Tensor, beta: float, num_pairs: float | None = None):
-    """All inputs (B,) sequence log-probs. Returns (loss, metrics of detached sums over the B pairs)."""
+             ref_rejected_logps: torch.Tensor, beta: float, num_pairs: float | None = None,
+             loss_type: str = "sigmoid", label_smoothing: float = 0.0):
+    """All inputs (B,) sequence log-probs. Returns (loss, metrics of detached sums over the B pairs).
+    ``loss_type``: sigmoid (the paper's; ``label_smoothing`` eps > 0: conservative DPO), ipo or hinge."""
     chosen_rewards = beta * (chosen_logps - ref_chosen_logps)  # (B,)
     rejected_rewards = beta * (rejected_logps - ref_rejected_logps)  # (B,)
-    losses = -F.logsigmoid(chosen_rewards - rejected_rewards)
+    margin = chosen_rewards - rejected_rewards  # beta h
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
+    elif loss_type == "ipo":
+        h = (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)
+        losses = (h - 1 / (2 * beta)) ** 2
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - margin)
+    else:
+        raise ValueError(f"loss_type must be one of {PAIR_LOSSES}; got {loss_type!r}")
     denom = chosen_logps.shape[0] if num_pairs is None else max(float(num_pairs), 1.0)
     return losses.sum() / denom, _sums(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps)
 

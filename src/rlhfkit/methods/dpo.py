@@ -18,14 +18,14 @@ import torch
 from ..data.encode import OVERLONG_POLICIES, SFTExample, collate_sft, to_device
 from ..data.prefs import RankingBatch, SharedPromptBatch, collate_rankings, count_pairs, encode_rankings
 from ..data.rows import DataError, Row, read_rows, source_name
-from ..losses.dpo import chosen_nll, dpo_loss, plackett_luce_loss
+from ..losses.dpo import PAIR_LOSSES, chosen_nll, dpo_loss, plackett_luce_loss
 from ..models.forward import as_forward, eval_mode, predecessor_logprobs, token_logprobs
 from ..models.load import load_causal_lm, load_tokenizer
 from ..models.lora import Reference, is_adapter_folder
 from ..rollout.backend import SamplerBackend
 from ..tasks import TASK_CHOICES
 from ..train.checkpoint import CheckpointError
-from ..train.config import LoraConfig, TrainConfig, at_least, choice, positive, replace
+from ..train.config import ConfigError, LoraConfig, TrainConfig, at_least, choice, positive, replace, within
 from ..train.loop import Objective, train_offline
 from ..train.run import start_run
 from .common import (
@@ -55,6 +55,8 @@ class DPOConfig:
     max_length: int = 128
     overlong: str = "error"
     beta: float = 0.1
+    loss_type: str = "sigmoid"  # sigmoid (the paper's) | ipo | hinge; pairs only (losses/dpo.py)
+    label_smoothing: float = 0.0  # sigmoid's eps in [0, 0.5): conservative DPO, for noisy preference labels
     rpo_alpha: float = 0.0  # > 0: add rpo_alpha x the chosen answers' NLL per token (RPO; TRL's rpo_alpha)
     reference: str = "precompute"  # precompute (once, then no reference model) | forward (every step)
     sft_first_steps: int = 0  # > 0: no SFT model yet, first maximise the likelihood of the chosen answers
@@ -65,6 +67,14 @@ class DPOConfig:
 
     def __post_init__(self):
         choice("reference", self.reference, REFERENCE_MODES)
+        choice("loss_type", self.loss_type, PAIR_LOSSES)
+        within("label_smoothing", self.label_smoothing, 0.0, 0.5)
+        if self.label_smoothing >= 0.5:
+            raise ConfigError(f"config key 'label_smoothing' must be below 0.5 (0.5 ignores the labels); "
+                              f"got {self.label_smoothing}")
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise ConfigError(f"config key 'label_smoothing' is for loss_type=sigmoid; loss_type={self.loss_type} "
+                              "has no smoothed form")
         choice("overlong", self.overlong, OVERLONG_POLICIES)
         choice("eval_task", self.eval_task, TASK_CHOICES)
         at_least("sft_first_steps", self.sft_first_steps, 0)
@@ -100,10 +110,12 @@ def precompute_reference(reference, examples: list, pad_id: int, batch_size: int
     return out
 
 
-def dpo_objective(beta: float, reference: Reference | None = None, rpo_alpha: float = 0.0) -> Objective:
+def dpo_objective(beta: float, reference: Reference | None = None, rpo_alpha: float = 0.0,
+                  loss_type: str = "sigmoid", label_smoothing: float = 0.0) -> Objective:
     """``reference=None``: the batch carries precomputed reference log-probs; else the frozen
     reference (models/lora.py ``Reference``) is forwarded on every batch. ``rpo_alpha > 0``
-    adds RPO's NLL of the best answers (losses/dpo.py ``chosen_nll``)."""
+    adds RPO's NLL of the best answers (losses/dpo.py ``chosen_nll``). ``loss_type`` and
+    ``label_smoothing``: the pairwise loss's form (losses/dpo.py ``dpo_loss``)."""
 
     def counts(batch) -> dict:
         best = batch.slot % batch.mask.shape[1] == 0  # (N,) the chosen / best-ranked outputs
@@ -118,8 +130,9 @@ def dpo_objective(beta: float, reference: Reference | None = None, rpo_alpha: fl
             with torch.no_grad(), reference() as ref_model:
                 ref = batch.grid(sequence_logps(ref_model, batch))
         if batch.mask.shape[1] == 2:  # plain pairs: the paper's pairwise loss
-            value, sums = dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta, totals["prompts"])
-        else:
+            value, sums = dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta, totals["prompts"],
+                                   loss_type, label_smoothing)
+        else:  # rankings of more than two (run_dpo refuses them for the pairwise-only loss forms)
             value, sums = plackett_luce_loss(logps, ref, batch.mask, beta, totals["prompts"])
         prompts = max(totals["prompts"], 1.0)
         metrics = {k: sums[k] / prompts for k in ("rewards_chosen", "rewards_rejected", "margin",
@@ -149,12 +162,20 @@ def preference_accuracy(model, examples: list, pad_id: int, batch_size: int = 64
     return correct / max(pairs, 1)
 
 
-def refuse_ties(rows: list[Row]) -> list[Row]:
+def refuse_ties(rows: list[Row], cfg: DPOConfig | None = None) -> list[Row]:
+    """Rankings DPO can train on: a strict order, and with a pairwise-only loss form (``cfg``'s
+    ``loss_type`` or ``label_smoothing``) no more than two answers."""
+    pairwise_only = cfg is not None and (cfg.loss_type != "sigmoid" or cfg.label_smoothing > 0)
     for row in rows:
         ranks = row.data.get("ranks")
         if isinstance(ranks, list) and len(set(map(str, ranks))) != len(ranks):
             raise DataError(f"{row.where}: field 'ranks' has ties; DPO's Plackett-Luce loss needs a strict order "
                             "(the reward model, `rlhfkit rm`, accepts ties)")
+        answers = row.data.get("completions")
+        if pairwise_only and isinstance(answers, list) and len(answers) > 2:
+            what = f"loss_type={cfg.loss_type}" if cfg.loss_type != "sigmoid" else "label_smoothing"
+            raise DataError(f"{row.where}: field 'completions' ranks {len(answers)} answers; {what} is for pairs "
+                            "(rankings of more than two take the Plackett-Luce loss of loss_type=sigmoid)")
     return rows
 
 
@@ -183,7 +204,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
     run = start_run(cfg.train, cfg, "dpo")
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
     pad = tokenizer.pad_token_id
-    examples, report = encode_rankings(refuse_ties(read_rows(cfg.train_data)), tokenizer, cfg.max_length, cfg.overlong,
+    examples, report = encode_rankings(refuse_ties(read_rows(cfg.train_data), cfg), tokenizer, cfg.max_length, cfg.overlong,
                                        method="dpo")
     run.say(f"{source_name(cfg.train_data)}: {report.summary()}")
     pref_rows = refuse_ties(head(read_rows(cfg.eval_data), cfg.eval_limit)) if cfg.eval_data else []
@@ -222,7 +243,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
         return {**out, **(accuracy() if prompts else {})}
 
     train_offline(run, model, examples, ranking_collate(model, pad, cfg.share_prompt),
-                  dpo_objective(cfg.beta, reference, cfg.rpo_alpha), evaluate if (pref_eval or prompts) else None)
+                  dpo_objective(cfg.beta, reference, cfg.rpo_alpha, cfg.loss_type, cfg.label_smoothing), evaluate if (pref_eval or prompts) else None)
     summary = {"loss": run.metrics.get("loss"), "reference": cfg.reference, "length_report": report.summary(), **before}
     if run.evals:
         summary.update({k: v for k, v in run.evals[-1].items() if k != "step"})
