@@ -57,8 +57,11 @@ def test_gradient_is_the_closed_form():
 def test_other_pair_losses_by_hand():
     # log ratios: chosen -1 - (-2) = 1, rejected -3 - (-2.5) = -0.5, so h = 1.5; beta 0.5: beta h = 0.75
     args = (torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.5]), 0.5)
-    ipo, _ = dpo_loss(*args, loss_type="ipo")
+    one = (torch.tensor([1.0]), torch.tensor([1.0]))
+    ipo, _ = dpo_loss(*args, loss_type="ipo", lengths=one)
     assert abs(ipo.item() - (1.5 - 1 / (2 * 0.5)) ** 2) < 1e-7  # (h - 1/(2 tau))^2 = 0.25
+    ipo, _ = dpo_loss(*args, loss_type="ipo", lengths=(torch.tensor([2.0]), torch.tensor([4.0])))
+    assert abs(ipo.item() - (1 / 2 + 0.5 / 4 - 1) ** 2) < 1e-7  # per token: h = 1/2 - (-0.5)/4 = 0.625
     hinge, _ = dpo_loss(*args, loss_type="hinge")
     assert abs(hinge.item() - 0.25) < 1e-7  # max(0, 1 - 0.75)
     smoothed, _ = dpo_loss(*args, label_smoothing=0.1)
@@ -76,11 +79,16 @@ def test_other_pair_losses_gradients_are_the_closed_forms():
     for loss_type, smoothing in (("ipo", 0.0), ("hinge", 0.0), ("sigmoid", eps)):
         pc = torch.tensor([-1.0, 6.0], requires_grad=True)
         pr = torch.tensor([-1.5, -0.5], requires_grad=True)
-        loss, _ = dpo_loss(pc, pr, rc, rr, beta, loss_type=loss_type, label_smoothing=smoothing)
+        lengths = (torch.tensor([2.0, 1.0]), torch.tensor([3.0, 5.0]))
+        loss, _ = dpo_loss(pc, pr, rc, rr, beta, loss_type=loss_type, label_smoothing=smoothing, lengths=lengths)
         loss.backward()
         h = ((pc - rc) - (pr - rr)).detach()  # [0.7, 7.7]
-        if loss_type == "ipo":  # d/dh (h - 1/(2 beta))^2 = 2 (h - 1/(2 beta))
-            dh = 2 * (h - 1 / (2 * beta))
+        if loss_type == "ipo":  # per token: d/d logp_w (h_tok - 1/(2 beta))^2 = 2 (h_tok - 1/(2 beta)) / |y_w|
+            h_tok = ((pc - rc) / lengths[0] - (pr - rr) / lengths[1]).detach()
+            g = 2 * (h_tok - 1 / (2 * beta))
+            assert torch.allclose(pc.grad, g / lengths[0] / 2, atol=1e-6)
+            assert torch.allclose(pr.grad, -g / lengths[1] / 2, atol=1e-6)
+            continue
         elif loss_type == "hinge":  # -beta where beta h < 1, else 0: the second pair is past the margin
             dh = torch.where(beta * h < 1, torch.full_like(h, -beta), torch.zeros_like(h))
             assert dh[1] == 0 and dh[0] == -beta

@@ -98,7 +98,7 @@ def test_ipo_hinge_and_smoothing_reach_their_margins_and_refuse_rankings(tiny, t
     data = tmp_path / "pairs.jsonl"  # one batch of 16 pairs, seen every step: the losses' own targets show
     data.write_text("".join((tiny["data"] / "prefs_train.jsonl").read_text().splitlines(keepends=True)[:16]))
     cfg = DPOConfig(model=str(tiny["base"]), train_data=str(data), max_length=64, beta=0.5, loss_type=loss_type,
-                    label_smoothing=smoothing, train=quiet_train(tmp_path / "dpo", max_steps=12, batch_size=16, lr=1e-3))
+                    label_smoothing=smoothing, train=quiet_train(tmp_path / "dpo", max_steps=24, batch_size=16, lr=1e-3))
     run_dpo(cfg)
     from rlhfkit.train.logging import read_metrics
 
@@ -106,13 +106,13 @@ def test_ipo_hinge_and_smoothing_reach_their_margins_and_refuse_rankings(tiny, t
     # policy == reference, h = 0: IPO's (0 - 1/(2 beta))^2 = 1, hinge's max(0, 1 - 0) = 1, smoothed ln 2
     start = math.log(2) if smoothing else 1.0
     assert abs(first["train/loss"] - start) < 1e-4 and last["train/preference_accuracy"] == 1.0
-    if loss_type == "ipo":  # IPO pulls h to 1/(2 beta), so the margin beta h to 0.5, and no further
-        assert last["train/loss"] < 0.05 and abs(last["train/margin"] - 0.5) < 0.05
+    if loss_type == "ipo":  # IPO pulls the per-token h to 1/(2 beta) = 1, where its loss is 0
+        assert last["train/loss"] < 0.02
     elif loss_type == "hinge":  # the hinge stops pushing a pair once beta h >= 1
-        assert last["train/loss"] < 0.1 and last["train/margin"] > 0.9
-    else:  # eps 0.2: the loss is least, 0.8 ln(1 + 1/4) + 0.2 ln(1 + 4) = 0.5004, at beta h = ln 4
-        # (plain DPO's falls to 0.24 here, its margin to 1.36)
-        assert 0.5004 - 1e-3 < last["train/loss"] < 0.6 and last["train/margin"] > 0.5
+        assert last["train/loss"] < 0.05 and last["train/margin"] > 0.9
+    else:  # eps 0.2: the loss is least, 0.8 ln(1 + 1/4) + 0.2 ln(1 + 4) = 0.5004, at beta h = ln 4 = 1.386
+        # (measured 0.5011 and 1.375; plain DPO's loss falls to 0.08 here, its margin passes 2.5)
+        assert abs(last["train/loss"] - 0.5004) < 0.01 and abs(last["train/margin"] - math.log(4)) < 0.1
     rankings = DPOConfig(model=str(tiny["base"]), train_data=str(tiny["data"] / "rankings_train.jsonl"),
                          max_length=64, loss_type=loss_type, label_smoothing=smoothing,
                          train=quiet_train(tmp_path / "r", max_steps=1))

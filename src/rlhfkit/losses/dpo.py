@@ -25,14 +25,15 @@ log(pi(y_l)/pi_ref(y_l)) (TRL's ``loss_type``):
 
     conservative DPO, label smoothing eps (Mitchell 2023, "A note on DPO with noisy preferences"):
         L = -(1 - eps) log sigma(beta h) - eps log sigma(-beta h)
-    IPO (Azar et al. 2023, eq. 17, tau = beta):
-        L = (h - 1 / (2 beta))^2
+    IPO (Azar et al. 2023, eq. 17, tau = beta), with each answer's log-ratio per token:
+        L = (h_tok - 1 / (2 beta))^2,  h_tok = log-ratio(y_w) / |y_w| - log-ratio(y_l) / |y_l|
     hinge (SLiC-HF, Zhao et al. 2023, its calibration loss on the log-ratio to the reference):
         L = max(0, 1 - beta h)
 
-IPO's h is the paper's, of whole-sequence log-probs; TRL divides each answer's log-prob by its
-length for IPO. The three apply to pairs only: a ranking of more than two answers has the
-Plackett-Luce loss.
+Eq. 17 writes IPO's h over whole answers; the per-token form is what the paper's experiments
+used, as TRL (whose IPO is this one) confirmed with its authors, and it keeps 1/(2 beta)
+comparable across answer lengths. The three apply to pairs only: a ranking of more than two
+answers has the Plackett-Luce loss.
 """
 
 from __future__ import annotations
@@ -45,16 +46,20 @@ PAIR_LOSSES = ("sigmoid", "ipo", "hinge")
 
 def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
              ref_rejected_logps: torch.Tensor, beta: float, num_pairs: float | None = None,
-             loss_type: str = "sigmoid", label_smoothing: float = 0.0):
+             loss_type: str = "sigmoid", label_smoothing: float = 0.0, lengths: tuple | None = None):
     """All inputs (B,) sequence log-probs. Returns (loss, metrics of detached sums over the B pairs).
-    ``loss_type``: sigmoid (the paper's; ``label_smoothing`` eps > 0: conservative DPO), ipo or hinge."""
+    ``loss_type``: sigmoid (the paper's; ``label_smoothing`` eps > 0: conservative DPO), ipo or hinge.
+    ``lengths``: the (B,) token counts of the chosen and rejected answers, for IPO's per-token h."""
     chosen_rewards = beta * (chosen_logps - ref_chosen_logps)  # (B,)
     rejected_rewards = beta * (rejected_logps - ref_rejected_logps)  # (B,)
     margin = chosen_rewards - rejected_rewards  # beta h
     if loss_type == "sigmoid":
         losses = -(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
     elif loss_type == "ipo":
-        h = (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)
+        if lengths is None:
+            raise ValueError("loss_type='ipo' needs the answers' lengths (its log-ratios are per token)")
+        h = (chosen_logps - ref_chosen_logps) / lengths[0].clamp(min=1) \
+            - (rejected_logps - ref_rejected_logps) / lengths[1].clamp(min=1)
         losses = (h - 1 / (2 * beta)) ** 2
     elif loss_type == "hinge":
         losses = torch.relu(1 - margin)

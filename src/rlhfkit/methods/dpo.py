@@ -130,8 +130,9 @@ def dpo_objective(beta: float, reference: Reference | None = None, rpo_alpha: fl
             with torch.no_grad(), reference() as ref_model:
                 ref = batch.grid(sequence_logps(ref_model, batch))
         if batch.mask.shape[1] == 2:  # plain pairs: the paper's pairwise loss
+            lengths = batch.grid(batch.output_lengths().to(logps.dtype)).unbind(-1) if loss_type == "ipo" else None
             value, sums = dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta, totals["prompts"],
-                                   loss_type, label_smoothing)
+                                   loss_type, label_smoothing, lengths)
         else:  # rankings of more than two (run_dpo refuses them for the pairwise-only loss forms)
             value, sums = plackett_luce_loss(logps, ref, batch.mask, beta, totals["prompts"])
         prompts = max(totals["prompts"], 1.0)
