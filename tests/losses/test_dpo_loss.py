@@ -10,6 +10,10 @@ def test_loss_is_ln2_when_policy_equals_reference():
     loss, sums = dpo_loss(logps, logps - 2.0, logps, logps - 2.0, beta=0.1)
     assert abs(loss.item() - math.log(2)) < 1e-7
     assert sums["margin"].item() == 0.0
+    assert sums["correct"].item() == 1.5  # three ties, each half right
+    ties = torch.tensor([[0.0, 0.0, 1.0]])  # ranked best first: a tie (half), two wrong
+    _, pl = plackett_luce_loss(ties, torch.zeros(1, 3), torch.ones(1, 3), beta=1.0)
+    assert pl["correct"].item() == 0.5 and pl["pairs"].item() == 3
 
 
 def test_pairwise_loss_by_hand():

@@ -120,6 +120,9 @@ def test_options_mu2_dapo_dynamic_sampling(tiny, tmp_path):
     # pi_old is fixed across the mu = 2 updates: the second sees a moved policy, so its ratio is not 1
     # (1.4e-3 to 2.8e-3 from 1 when measured: a pi_old from another kernel path would be 1e-7 off)
     assert abs(logged[-1]["train/ratio_mean"] - 1.0) > 1e-4 and logged[-1]["train/update_skipped"] == 0.0
+    # the gap is the sampler's log-probs against the policy that sampled (the first update's forward):
+    # the exact sampler's is float noise, where the second update's moved policy was 1e-2 off
+    assert all(m["train/logprob_gap"] < 1e-5 for m in logged) and "train/kl" in logged[-1]
 
 
 def test_dapo_overlong_penalty_is_added_to_the_outcome_reward(tiny, tmp_path):
@@ -289,6 +292,7 @@ def test_beta_zero_updates_alike_without_forwarding_the_groups_without_a_signal(
         logged[skip] = [m for m in read_metrics(out) if "train/loss" in m]
         weights[skip] = load_file(str(out / "model" / "model.safetensors"))
     assert [m["train/update_rows_forwarded"] for m in logged[False]] == [1.0] * 3
+    assert not any("train/kl" in m for m in logged[True])  # beta 0: no reference, no KL measured or logged
     assert max(m["train/update_rows_forwarded"] for m in logged[True]) < 1.0  # groups were left out
     for key in ("train/loss", "train/grad_norm"):
         assert [m[key] for m in logged[True]] == pytest.approx([m[key] for m in logged[False]], rel=1e-5, abs=1e-7)

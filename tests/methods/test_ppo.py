@@ -127,9 +127,9 @@ def test_adaptive_kl_moves_beta(tiny, tmp_path):
     run_ppo(replace(cfg, target_kl=1e-9, train__out_dir=str(tmp_path / "b"), train__lr=1e-4))
     logged = [m for m in read_metrics(tmp_path / "b") if "train/kl_coef" in m]
     beta = 0.05
-    for m in logged:
-        beta *= 1 + min(max(m["train/kl"] / 1e-9 - 1, -0.2), 0.2) * 32 / 100
+    for m in logged:  # each step logs the coefficient its rewards used, then the controller moves it
         assert m["train/kl_coef"] == pytest.approx(beta, rel=1e-9)
+        beta *= 1 + min(max(m["train/kl"] / 1e-9 - 1, -0.2), 0.2) * 32 / 100
     assert len(logged) == 3 and any(m["train/kl"] > 1e-6 for m in logged) and beta > 0.05
 
 

@@ -104,7 +104,8 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
               num_sequences: float | None = None, num_tokens: float | None = None, max_tokens: int | None = None):
     """All tensors (B, T) over completion tokens; ``mask`` 1 on real completion tokens.
 
-    Returns (loss, metrics). The metrics are detached batch means (kl, clip fractions, ratio).
+    Returns (loss, metrics). The metrics are detached batch means (clip fractions, ratio, and kl
+    where there is a KL term: with beta 0 nothing is measured, so no kl is reported).
     """
     mask = mask.to(logprobs.dtype)
     surrogate = clipped_surrogate(logprobs, old_logprobs, advantages, eps_low, eps_high)
@@ -116,7 +117,9 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
     loss = reduce_loss(per_token, mask, reduction, num_sequences, num_tokens, max_tokens or logprobs.shape[1])
     n = mask.sum().clamp(min=1)
     with torch.no_grad():
-        metrics = {"kl": (kl * mask).sum() / n, "clip_frac_low": (surrogate.clipped_low * mask).sum() / n,
+        metrics = {"clip_frac_low": (surrogate.clipped_low * mask).sum() / n,
                    "clip_frac_high": (surrogate.clipped_high * mask).sum() / n,
                    "ratio_mean": (surrogate.ratio * mask).sum() / n}
+        if ref_logprobs is not None and beta != 0.0:
+            metrics["kl"] = (kl * mask).sum() / n
     return loss, metrics

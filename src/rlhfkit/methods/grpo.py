@@ -44,6 +44,8 @@ from ..train.config import (
     at_least,
     choice,
     plain_dict,
+    positive,
+    used_only_with,
     within,
 )
 from ..train.loop import BatchOrder, autocast, reduce_dict, row_chunks
@@ -110,13 +112,15 @@ class GRPOConfig:
         at_least("group_size", self.group_size, 2, " (a group of one has no baseline)")
         for key in ("prompts_per_step", "max_new_tokens", "mu", "eval_max_new_tokens", "max_sampling_rounds"):
             at_least(key, getattr(self, key), 1)
-        for key in ("temperature", "beta", "top_k", "eval_limit", "reward_timeout_s"):
+        for key in ("beta", "top_k", "eval_limit", "reward_timeout_s"):
             at_least(key, getattr(self, key), 0)
+        positive("temperature", self.temperature, " (greedy samples make a group G copies of one answer: no advantage)")
         at_least("overlong_penalty", self.overlong_penalty, 0)
         within("overlong_buffer", self.overlong_buffer, 0, self.max_new_tokens)
-        if not self.dynamic_sampling and self.max_sampling_rounds != GRPOConfig.max_sampling_rounds:
-            raise ConfigError(f"max_sampling_rounds={self.max_sampling_rounds} is used by dynamic_sampling only, "
-                              "which is off; set dynamic_sampling=true or leave it out")
+        used_only_with("max_sampling_rounds", self.max_sampling_rounds, GRPOConfig.max_sampling_rounds,
+                       self.dynamic_sampling, "dynamic_sampling=true")
+        used_only_with("overlong_penalty", self.overlong_penalty, GRPOConfig.overlong_penalty,
+                       self.overlong_buffer > 0, "overlong_buffer > 0")
         if self.overlong_buffer and self.process_reward is not None:
             raise ConfigError("overlong_buffer shapes the outcome reward, which process_reward replaces; set one")
         if not 0 < self.top_p <= 1 or not self.eps_low > 0 or (self.eps_high is not None
@@ -399,7 +403,9 @@ BALANCE_RANKS = True  # False: each replicated rank forwards its own groups with
 
 
 def update(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: bool, pad_id: int) -> dict:
-    """mu optimizer steps on one batch of samples; returns the last iteration's metrics (rank-local).
+    """mu optimizer steps on one batch of samples; returns the last iteration's metrics (rank-local),
+    but ``logprob_gap``, the first iteration's: the backend's log-probs against the policy that
+    sampled them, before any step has moved it.
 
     pi_old: with mu = 1 the current policy (ratio 1 in value, not in gradient); with mu > 1 the
     backend's log-probs when they are exact, else a forward pass before the first update.
@@ -429,7 +435,8 @@ def update(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: 
     old_logprobs = None
     if cfg.mu > 1:
         old_logprobs = samples.logprobs if exact else chunked_logprobs(policy, samples, chunks, group, cfg.temperature)
-    for _ in range(cfg.mu):
+    gap = 0.0
+    for iteration in range(cfg.mu):
         policy.train()
         loss, sums = torch.zeros(()), {}
         for index in chunks:
@@ -444,16 +451,16 @@ def update(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: 
             part.backward()
             loss = loss + part.detach()
             share = mask[index].sum() / forwarded  # micro-batch stats weighted by tokens
-            for k, v in {**stats, "entropy": (entropy * mask[index]).sum() / mask[index].sum().clamp(min=1),
-                         "logprob_gap": ((samples.logprobs[index] - logprobs.detach()).abs() * mask[index]).sum()
-                         / mask[index].sum().clamp(min=1)}.items():
+            for k, v in {**stats, "entropy": (entropy * mask[index]).sum() / mask[index].sum().clamp(min=1)}.items():
                 sums[k] = sums.get(k, 0.0) + float(v * share)
+            if iteration == 0:
+                gap += float(((samples.logprobs[index] - logprobs.detach()).abs() * mask[index]).sum() / forwarded)
         if len(rows) < local_rows:  # a parameter only skipped rows reached has a zero gradient, not None:
             for p in policy.parameters():  # AdamW then steps it (momentum, decay) as the full update would
                 if p.requires_grad and p.grad is None:
                     p.grad = torch.zeros_like(p)
         loss_value, grad_norm = run.optimizer_step(loss)
-    return {**sums, "loss": loss_value, "grad_norm": grad_norm, "update_skipped": 0.0,
+    return {**sums, "logprob_gap": gap, "loss": loss_value, "grad_norm": grad_norm, "update_skipped": 0.0,
             "update_rows_forwarded": len(rows) / max(local_rows, 1)}
 
 

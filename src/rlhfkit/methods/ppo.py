@@ -35,6 +35,7 @@ from ..train.config import (
     at_least,
     choice,
     positive,
+    used_only_with,
     within,
 )
 from ..train.dist import DistInfo, all_reduce_sum
@@ -86,8 +87,11 @@ class PPOConfig:
         for key in ("prompts_per_step", "minibatch_size", "ppo_epochs", "max_new_tokens", "kl_horizon",
                     "eval_max_new_tokens", "ptx_max_length"):
             at_least(key, getattr(self, key), 1)
-        for key in ("ptx_coef", "kl_coef", "temperature", "eps_value", "eval_limit", "missing_eos_penalty"):
+        for key in ("ptx_coef", "kl_coef", "eps_value", "eval_limit", "missing_eos_penalty"):
             at_least(key, getattr(self, key), 0)
+        positive("temperature", self.temperature, " (greedy samples are not drawn from the policy the ratio is of)")
+        used_only_with("kl_horizon", self.kl_horizon, PPOConfig.kl_horizon, self.target_kl is not None,
+                       "the adaptive KL controller (target_kl)")
         positive("critic_lr", self.critic_lr)  # 0 would train a critic that never moves
         for key in ("gamma", "lam"):
             within(key, getattr(self, key), 0, 1)
@@ -377,14 +381,15 @@ def run_ppo(cfg: PPOConfig, backend=None) -> dict:
         backend.load_weights(models["actor"])  # a sharded actor: the gathered full weights into the backend's copy
         sync = time.time() - sync
         prompt_ids = row_prompt_ids(tokenizer, [rows[i] for i in order.indices(step)[run.info.rank::run.info.world_size]])
-        exp, metrics = make_experience(models, backend, prompt_ids, cfg, kl_ctl.beta, exact, run.info)
+        kl_coef = kl_ctl.beta  # this step's rewards' coefficient, logged as such (the controller then moves it)
+        exp, metrics = make_experience(models, backend, prompt_ids, cfg, kl_coef, exact, run.info)
         t0 = time.time()
         metrics.update(ppo_update(run, models, exp, cfg, ptx_batches_for(ptx, step, updates, run.info,
                                                                          tokenizer.pad_token_id)))
         kls.append(reduce_dict({"kl": exp.kl.sum().item() / exp.kl.shape[0]}, run.info)["kl"] / run.info.world_size)
         if cfg.target_kl is not None:  # KL(pi || pi_ref) per completion, over all ranks
             kl_ctl.update(kls[-1], cfg.prompts_per_step)
-        metrics.update(experience_metrics(exp), time_update_s=time.time() - t0, kl_coef=kl_ctl.beta,
+        metrics.update(experience_metrics(exp), time_update_s=time.time() - t0, kl_coef=kl_coef,
                        time_weight_sync_s=sync)
         run.step_done(means=metrics, state={"kl_coef": kl_ctl.beta, "kls": kls}, evaluate=evaluate_now)
     run.save_model(models["critic"], tokenizer, f"{tc.out_dir}/critic", what="critic")

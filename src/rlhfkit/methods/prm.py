@@ -23,7 +23,7 @@ from ..losses.prm import step_bce_loss
 from ..models.forward import eval_mode
 from ..models.load import load_tokenizer
 from ..models.reward import STEP_READOUTS, load_process_reward_model, score_name, step_logits
-from ..train.config import ConfigError, LoraConfig, TrainConfig, at_least, choice, within
+from ..train.config import ConfigError, LoraConfig, TrainConfig, at_least, choice, used_only_with, within
 from ..train.loop import Objective, train_offline
 from ..train.run import start_run
 from .common import check_positions, head, longest
@@ -54,6 +54,9 @@ class PRMConfig:
         at_least("max_length", self.max_length, 2)
         at_least("eval_limit", self.eval_limit, 0)
         within("step_logprob_floor", self.step_logprob_floor, float("-inf"), 0.0, open_low=True)  # finite, <= 0
+        used_only_with("num_labels", self.num_labels, PRMConfig.num_labels, self.readout == "head", "readout=head")
+        used_only_with("step_logprob_floor", self.step_logprob_floor, PRMConfig.step_logprob_floor,
+                       self.readout == "likelihood", "readout=likelihood")
         if not self.step_separator:
             raise ConfigError("config key 'step_separator' must not be empty (the scores are read at its tokens)")
 

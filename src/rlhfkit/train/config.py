@@ -27,6 +27,13 @@ def at_least(key: str, value, low, what: str = "") -> None:
         raise ConfigError(f"config key '{key}' must be >= {low}{what}; got {value!r}")
 
 
+def used_only_with(key: str, value, default, used: bool, by: str) -> None:
+    """Refuse a setting changed from its default where nothing reads it (``used`` False), rather
+    than run without it: ``by`` says what would read it."""
+    if not used and value != default:
+        raise ConfigError(f"{key}={value} is used by {by} only, which is off; set it or leave {key} out")
+
+
 def within(key: str, value, low, high, open_low: bool = False) -> None:
     """``low <= value <= high`` (``low < value`` when ``open_low``); None passes (an unset option)."""
     if value is None:
@@ -36,9 +43,9 @@ def within(key: str, value, low, high, open_low: bool = False) -> None:
         raise ConfigError(f"config key '{key}' must be in {bracket}{low}, {high}]; got {value!r}")
 
 
-def positive(key: str, value) -> None:
+def positive(key: str, value, what: str = "") -> None:
     if value is not None and not value > 0:
-        raise ConfigError(f"config key '{key}' must be > 0; got {value!r}")
+        raise ConfigError(f"config key '{key}' must be > 0{what}; got {value!r}")
 
 
 SCHEDULES = ("cosine", "constant", "linear")
