@@ -9,12 +9,24 @@ from rlhfkit.methods.common import load_policy
 from rlhfkit.train.logging import read_metrics
 
 
-@pytest.mark.parametrize("method", ["grpo", "ppo"])
-def test_micro_batches_give_the_whole_batch_update(method, tiny, tmp_path):
+@pytest.mark.parametrize("method", ["grpo", "ppo", "ppo-ptx"])
+def test_micro_batches_give_the_whole_batch_update(method, tiny, tmp_path, monkeypatch):
+    import rlhfkit.methods.ppo as ppo
+    from rlhfkit.train.config import replace
+
+    ptx_rows, ptx_loss = [], ppo.ptx_loss
+    monkeypatch.setattr(ppo, "ptx_loss", lambda actor, batch, *a: ptx_rows.append(len(batch.input_ids))
+                        or ptx_loss(actor, batch, *a))
     results = {}
-    for micro in (0, 1, 2):  # PPO: 2 rows per minibatch; GRPO: 16 rows, micro-batches of 1 and 2
+    for micro in (0, 1, 2):  # PPO: 4 rows per minibatch (and 4 ptx rows); GRPO: 16 rows; micro-batches of 1 and 2
         out = tmp_path / f"m{micro}"
-        RUNS[method](method_config(method, tiny, out, 2, micro_batch_size=micro, log_every=1))
+        cfg = method_config(method.split("-")[0], tiny, out, 2, micro_batch_size=micro, log_every=1)
+        if method == "ppo-ptx":  # the ptx rows are micro-batched too
+            cfg = replace(cfg, ptx_data=str(tiny["data"] / "sft_train.jsonl"), ptx_coef=0.5)
+        ptx_rows.clear()
+        RUNS[method.split("-")[0]](cfg)
+        if method == "ppo-ptx":  # forwards of at most micro rows: 4 at once, or 4 of 1, or 2 of 2
+            assert ptx_rows and max(ptx_rows) == (micro or 4) and sum(ptx_rows) % 4 == 0
         model, _ = load_policy(str(out / "model"), None)
         results[micro] = ([m["train/loss"] for m in read_metrics(out)], [p.detach() for p in model.parameters()])
     whole_losses, whole_weights = results[0]
@@ -23,5 +35,8 @@ def test_micro_batches_give_the_whole_batch_update(method, tiny, tmp_path):
     for micro in (1, 2):
         losses, weights = results[micro]
         assert losses == pytest.approx(whole_losses, abs=1e-6)
+        if method == "ppo-ptx":
+            ptx = [m["train/ptx_loss"] for m in read_metrics(tmp_path / f"m{micro}")]
+            assert ptx == pytest.approx([m["train/ptx_loss"] for m in read_metrics(tmp_path / "m0")], abs=1e-6)
         for p, q in zip(weights, whole_weights):  # Adam moves each weight by ~lr = 1e-4 a step; summation
             torch.testing.assert_close(p, q, atol=1e-5, rtol=0)  # order alone flips a rare near-eps element

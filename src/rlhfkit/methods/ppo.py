@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..data.encode import check_prompts, collate_sft, encode_sft, to_device
+from ..data.encode import SFTBatch, check_prompts, collate_sft, encode_sft, to_device
 from ..data.rows import read_rows, source_name
 from ..losses.ppo import AdaptiveKL, explained_variance, gae, kl_penalty_rewards, policy_loss, value_loss
 from ..losses.reduce import masked_mean, masked_whiten
@@ -269,11 +269,15 @@ def minibatch_step(run: Run, models: dict, exp: Experience, rows: torch.Tensor, 
         share = exp.mask[rows[index]].sum() / tokens  # micro-batch stats weighted by their tokens
         for key, v in micro.items():
             stats[key] = stats.get(key, 0.0) + float(v * share)
-    if ptx is not None and cfg.ptx_coef > 0:
-        part, ptx_share = ptx_loss(models["actor"], ptx, cfg, counts["ptx_tokens"])
-        part.backward()
-        loss = loss + part.detach()
-        stats["ptx_loss"] = float(ptx_share) * counts["ptx_tokens"] / max(float(ptx.completion_mask[:, 1:].sum()), 1.0)
+    if ptx is not None and cfg.ptx_coef > 0:  # micro-batched as the rollout rows are
+        ptx_share = 0.0
+        for index in row_chunks(ptx.input_ids.shape[0], cfg.train.micro_batch_size):
+            width = int(ptx.attention_mask[index].sum(-1).max())  # right-padded: the chunk's own longest row
+            chunk = SFTBatch(*(t[index, :width] for t in (ptx.input_ids, ptx.attention_mask, ptx.completion_mask)))
+            part, share = ptx_loss(models["actor"], chunk, cfg, counts["ptx_tokens"])
+            part.backward()
+            loss, ptx_share = loss + part.detach(), ptx_share + float(share)
+        stats["ptx_loss"] = ptx_share * counts["ptx_tokens"] / max(float(ptx.completion_mask[:, 1:].sum()), 1.0)
     stats["loss"], stats["grad_norm"] = run.optimizer_step(loss, clip_apart=[models["actor"], models["critic"]])
     return stats
 
