@@ -83,3 +83,18 @@ def method_config(name: str, tiny, out, steps: int, **train):
     return PPOConfig(model=base, reward_model=reward_folder(tiny), critic=base, train_data=small(tiny, "prompts_train.jsonl"),
                      prompts_per_step=8, minibatch_size=4, ppo_epochs=1, max_new_tokens=6,
                      train=quiet_train(out, max_steps=steps, **online))
+
+
+def dropout_copy(tiny, folder, rate: float = 0.5):
+    """The tiny base saved with attention dropout ``rate`` (and its tokenizer) in ``folder``."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(tiny["base"]))
+    config.attention_dropout = rate
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_pretrained(str(tiny["base"]), config=config).save_pretrained(str(folder))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny["base"] / name).is_file():
+            (folder / name).write_bytes((tiny["base"] / name).read_bytes())
+    return folder

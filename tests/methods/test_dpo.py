@@ -121,3 +121,17 @@ def test_ipo_hinge_and_smoothing_reach_their_margins_and_refuse_rankings(tiny, t
                                         rf"{what} is for pairs"):
         run_dpo(rankings)
     assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_a_model_saved_with_dropout_starts_at_ln2(tiny, tmp_path):
+    """Dropout is off, as TRL's ``disable_dropout``: at step 1 the policy is its reference, so every
+    implicit reward is 0 and the loss ln 2 (with attention dropout 0.5 on it was noise)."""
+    from methods_setup import dropout_copy
+
+    from rlhfkit.train.logging import read_metrics
+
+    model = dropout_copy(tiny, tmp_path / "drop")
+    run_dpo(DPOConfig(model=str(model), train_data=str(tiny["data"] / "prefs_train.jsonl"), max_length=64,
+                      reference="forward", train=quiet_train(tmp_path / "dpo", max_steps=1, batch_size=16)))
+    first = read_metrics(tmp_path / "dpo")[0]
+    assert abs(first["train/loss"] - math.log(2)) < 1e-6

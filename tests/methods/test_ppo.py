@@ -1,7 +1,7 @@
 import pytest
 import torch
 from helpers import quiet_train
-from methods_setup import reward_folder
+from methods_setup import dropout_copy, reward_folder
 
 from rlhfkit.data.encode import collate_sft, encode_sft
 from rlhfkit.data.rows import read_rows
@@ -137,16 +137,9 @@ def test_a_model_with_dropout_is_one_distribution_in_train_and_eval_mode(tiny, t
     """A policy saved with attention dropout (and a critic): PPO switches every dropout off, so
     that pi_old (eval mode) and pi_theta (train mode) agree at the same weights; the folder's
     config is left as it was."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(str(tiny["base"]))
-    config.attention_dropout = 0.5
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_pretrained(str(tiny["base"]), config=config).save_pretrained(str(tmp_path / "drop"))
-    (tmp_path / "drop").joinpath("tokenizer.json").write_bytes((tiny["base"] / "tokenizer.json").read_bytes())
-    for name in ("tokenizer_config.json", "special_tokens_map.json"):
-        if (tiny["base"] / name).is_file():
-            (tmp_path / "drop" / name).write_bytes((tiny["base"] / name).read_bytes())
+    dropout_copy(tiny, tmp_path / "drop")
     cfg = PPOConfig(model=str(tmp_path / "drop"), reward_model=reward_folder(tiny), critic=str(tmp_path / "drop"))
     models, tok = load_models(cfg)
     ids = torch.tensor([tok("What is 12+34? 46")["input_ids"]] * 2)

@@ -186,3 +186,21 @@ def test_the_rm_objective_trains_each_pair_against_its_rows_margin(tiny):
     want = ranking_loss(rewards, batch.mask, batch.ranks, 4, margins=torch.tensor([0.0, 1.0, 2.0, 3.0]))[0]
     without = ranking_loss(rewards, batch.mask, batch.ranks, 4)[0]
     assert torch.allclose(loss, want, atol=1e-6) and not torch.allclose(loss, without, atol=1e-3)
+
+
+def test_a_model_saved_with_dropout_scores_one_function(tiny, tmp_path):
+    """Dropout is off, as TRL's ``disable_dropout``: one batch seen twice at (nearly) unchanged
+    weights gives one loss (with attention dropout 0.5 on, each forward drew its own masks)."""
+    from helpers import quiet_train
+    from methods_setup import dropout_copy
+
+    from rlhfkit.methods.rm import RMConfig, run_rm
+    from rlhfkit.train.logging import read_metrics
+
+    model = dropout_copy(tiny, tmp_path / "drop")
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join((tiny["data"] / "prefs_train.jsonl").read_text().splitlines(keepends=True)[:8]))
+    run_rm(RMConfig(model=str(model), train_data=str(data), max_length=64,
+                    train=quiet_train(tmp_path / "rm", max_steps=2, batch_size=8, lr=1e-12, log_every=1)))
+    losses = [m["train/loss"] for m in read_metrics(tmp_path / "rm")]
+    assert len(losses) == 2 and abs(losses[0] - losses[1]) < 1e-6

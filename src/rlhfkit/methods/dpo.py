@@ -20,7 +20,7 @@ from ..data.prefs import RankingBatch, SharedPromptBatch, collate_rankings, coun
 from ..data.rows import DataError, Row, read_rows, source_name
 from ..losses.dpo import PAIR_LOSSES, chosen_nll, dpo_loss, plackett_luce_loss
 from ..models.forward import as_forward, eval_mode, predecessor_logprobs, token_logprobs
-from ..models.load import load_causal_lm, load_tokenizer
+from ..models.load import disable_dropout, load_causal_lm, load_tokenizer
 from ..models.lora import Reference, is_adapter_folder
 from ..rollout.backend import SamplerBackend
 from ..tasks import TASK_CHOICES
@@ -214,7 +214,9 @@ def run_dpo(cfg: DPOConfig) -> dict:
         pref_examples, eval_report = encode_rankings(pref_rows, tokenizer, cfg.max_length, "skip")
         run.say(f"{source_name(cfg.eval_data)} (held out, over-long rows skipped): {eval_report.summary()}")
     prompts = held_out(cfg.eval_prompts, cfg.eval_limit, cfg.eval_task)
-    model = run.prepare(load_causal_lm(cfg.model, tokenizer, device=run.device), cfg.lora, base=cfg.model)
+    # dropout off (as TRL's disable_dropout): the implicit rewards compare the policy with its frozen copy
+    model = run.prepare(disable_dropout(load_causal_lm(cfg.model, tokenizer, device=run.device)), cfg.lora,
+                        base=cfg.model)
     check_positions(run, model, longest(report, eval_report))
     check_positions(run, model, longest_prompt(prompts, tokenizer), cfg.eval_max_new_tokens)
     backend = SamplerBackend(tokenizer, model, copy=run.shards_models)  # a copy is made before sharding

@@ -21,7 +21,7 @@ from ..data.prefs import (
 from ..data.rows import read_rows, source_name
 from ..losses.rm import ranking_loss
 from ..models.forward import eval_mode
-from ..models.load import load_tokenizer
+from ..models.load import disable_dropout, load_tokenizer
 from ..models.reward import load_reward_model, reward_scores, score_name, shared_prompt_scores
 from ..train.config import LoraConfig, TrainConfig, at_least, choice
 from ..train.loop import Objective, train_offline
@@ -124,7 +124,8 @@ def run_rm(cfg: RMConfig) -> dict:
         held_out, eval_report = encode_rankings(head(read_rows(cfg.eval_data), cfg.eval_limit), tokenizer,
                                                 cfg.max_length, "skip")
         run.say(f"{source_name(cfg.eval_data)} (held out, over-long rows skipped): {eval_report.summary()}")
-    model = load_reward_model(cfg.model, tokenizer, seed=cfg.train.seed, device=run.device)
+    # dropout off (as TRL's disable_dropout): the answers of a ranking are scored under one function
+    model = disable_dropout(load_reward_model(cfg.model, tokenizer, seed=cfg.train.seed, device=run.device))
     check_positions(run, model, longest(report, eval_report))
     model = run.shard(run.prepare(model, cfg.lora, head=score_name(model), base=cfg.model))
     evaluate = (lambda m: ranking_metrics(m, held_out, tokenizer.pad_token_id, share_prompt=cfg.share_prompt)) \
