@@ -206,7 +206,7 @@ def test_dynamic_sampling_samples_more_prompts_until_the_batch_has_a_signal(roun
     batch is short by one group, filled with a group without a signal that the loss masks out."""
     from types import SimpleNamespace
 
-    from rlhfkit.methods.grpo import dynamic_batch, keep_informative_groups
+    from rlhfkit.methods.grpo import dynamic_batch, informative, keep_informative_groups
     from rlhfkit.train.dist import DistInfo
 
     signals = [[True, False, True, False], [False, False, True, False], [True, True, False, True],
@@ -225,7 +225,7 @@ def test_dynamic_sampling_samples_more_prompts_until_the_batch_has_a_signal(roun
     assert pool.samples.prompt_ids.shape[0] == 2 * 4 * len(drawn)  # the step's metrics see every sampled group
     assert pool.advantages.shape[1] == len(drawn) and batch.advantages.shape == (8, len(drawn))
     assert batch.samples.completion_mask[0, 1:].sum() == 0  # round 0's one-token completions padded, masked
-    kept = keep_informative_groups(batch.samples, batch.advantages, 2)
+    kept = keep_informative_groups(batch.samples, informative(batch.advantages, 2), 2)
     assert (kept.completion_mask.sum(-1) > 0).tolist() == [True] * 6 + [rounds == 4] * 2
 
 
@@ -333,7 +333,7 @@ def test_dynamic_sampling_masks_groups_to_the_loss_of_dropping_them(loss_type):
     import torch
 
     from rlhfkit.losses.grpo import REDUCTIONS, grpo_loss
-    from rlhfkit.methods.grpo import keep_informative_groups
+    from rlhfkit.methods.grpo import informative, keep_informative_groups
     from rlhfkit.rollout.sampler import Samples
 
     torch.manual_seed(0)
@@ -342,7 +342,7 @@ def test_dynamic_sampling_masks_groups_to_the_loss_of_dropping_them(loss_type):
     lp, old = torch.randn(4, 3), torch.randn(4, 3)
     ids = torch.zeros(4, 3, dtype=torch.long)
     samples = Samples(ids, torch.ones_like(ids), ids, mask, lp, torch.ones(4, dtype=torch.bool))
-    kept = keep_informative_groups(samples, adv, group_size=2)
+    kept = keep_informative_groups(samples, informative(adv, 2), group_size=2)
     assert kept.completion_mask.tolist() == [[1, 1, 0], [1, 1, 1], [0, 0, 0], [0, 0, 0]]
     reduction = REDUCTIONS[loss_type]
     masked, _ = grpo_loss(lp, old, adv, kept.completion_mask, reduction=reduction, num_sequences=2,
@@ -376,3 +376,22 @@ def test_rewards_that_abstain_on_every_sample_are_said_once(tiny, tmp_path, capf
     err = capfd.readouterr().err
     assert err.count("every outcome reward abstained (returned None) on every sample") == 1
     assert "step 1: every outcome reward abstained" in err
+
+
+def test_with_overlong_shaping_dynamic_sampling_filters_on_the_outcome_not_the_length():
+    """DAPO's eq. 11 keeps a group when 0 < correct < G: answers all wrong (or all right) of
+    different lengths get advantages from the length penalty alone, and are still dropped."""
+    from rlhfkit.losses.grpo import group_advantages
+    from rlhfkit.methods.grpo import Rollout, has_signal, informative
+    from rlhfkit.rollout.rewards import OutcomeScores
+
+    task = torch.tensor([0.0, 0.0, 1.0, 0.0, 1.0, 1.0])  # groups of 2: all wrong, one right, all right
+    overlong = torch.tensor([0.0, -0.5, 0.0, 0.0, -0.25, 0.0])
+    rewards = task + overlong
+    advantages = group_advantages(rewards, 2, True)[:, None].expand(-1, 3)
+    batch = Rollout(None, OutcomeScores(rewards, {"exact_answer": task, "overlong": overlong}), advantages, 0.0)
+    cfg = GRPOConfig(group_size=2, prompts_per_step=3, dynamic_sampling=True, overlong_buffer=4)
+    assert informative(advantages, 2).tolist() == [True, True, True]  # every group has a length signal
+    assert has_signal(batch, cfg).tolist() == [False, True, False]
+    plain = GRPOConfig(group_size=2, prompts_per_step=3, dynamic_sampling=True)  # no shaping: the advantages
+    assert has_signal(batch, plain).tolist() == [True, True, True]

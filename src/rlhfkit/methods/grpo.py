@@ -292,6 +292,18 @@ def informative(advantages: torch.Tensor, group_size: int) -> torch.Tensor:
     return (advantages.abs().sum(-1) > 0).view(-1, group_size).any(-1)
 
 
+def has_signal(batch: Rollout, cfg: GRPOConfig) -> torch.Tensor:
+    """(groups,) the groups DAPO's dynamic sampling keeps (Yu et al. 2025, eq. 11: 0 < correct < G).
+    With overlong shaping, the outcome rewards before the length penalty must differ within the
+    group (by more than 1e-6): answers all wrong, or all right, are dropped even when their lengths
+    differ, as the paper filters on accuracy. Else (and for a process reward) some advantage is
+    non-zero."""
+    if not cfg.overlong_buffer:
+        return informative(batch.advantages, cfg.group_size)
+    task = (batch.outcome.rewards - batch.outcome.per_function["overlong"]).view(-1, cfg.group_size)
+    return ((task - task[:, :1]).abs() > 1e-6).any(-1).to(batch.advantages.device)
+
+
 def join_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
     """Several sampling rounds' rollouts as one batch (completions padded to the longest)."""
     if len(parts) == 1:
@@ -324,9 +336,9 @@ def more_prompts(n_rows: int, taken: list[int], step: int, seed: int, r: int, si
 
 
 def dynamic_batch(run: Run, draw, cfg: GRPOConfig, pad_id: int) -> tuple[Rollout, Rollout, dict]:
-    """DAPO's dynamic sampling (Yu et al. 2025, Algorithm 1): sample, drop the groups whose
-    advantages are all zero, and sample more prompts until the batch holds prompts_per_step
-    groups with a signal.
+    """DAPO's dynamic sampling (Yu et al. 2025, Algorithm 1): sample, drop the groups without a
+    signal (``has_signal``), and sample more prompts until the batch holds prompts_per_step
+    groups with one.
 
     ``draw(r)`` samples round r's share of prompts on this rank (round 0 is the step's own batch).
     Every rank fills its share, prompts_per_step / world_size groups, and the ranks sample the same
@@ -336,12 +348,12 @@ def dynamic_batch(run: Run, draw, cfg: GRPOConfig, pad_id: int) -> tuple[Rollout
     quota = cfg.prompts_per_step // run.info.world_size
     parts = [draw(0)]
     while len(parts) < cfg.max_sampling_rounds:
-        kept = sum(int(informative(p.advantages, cfg.group_size).sum()) for p in parts)
+        kept = sum(int(has_signal(p, cfg).sum()) for p in parts)
         if reduce_dict({"short": float(kept < quota)}, run.info)["short"] == 0:
             break
         parts.append(draw(len(parts)))
     pool = join_rollouts(parts, pad_id)
-    signal = informative(pool.advantages, cfg.group_size)
+    signal = has_signal(pool, cfg)
     groups = torch.cat([signal.nonzero().flatten()[:quota], (~signal).nonzero().flatten()])[:quota]
     rows = (groups[:, None] * cfg.group_size + torch.arange(cfg.group_size, device=groups.device)).flatten()
     on_cpu = rows.cpu()  # the rewards stay on the CPU where the samples are on a GPU
@@ -352,15 +364,14 @@ def dynamic_batch(run: Run, draw, cfg: GRPOConfig, pad_id: int) -> tuple[Rollout
                          "informative_fill": filled["informative"] / cfg.prompts_per_step}
 
 
-def keep_informative_groups(samples: Samples, advantages: torch.Tensor, group_size: int) -> Samples:
-    """Groups whose advantages are all zero leave the loss (DAPO's dynamic sampling when its rounds
-    ran out, or a filter).
+def keep_informative_groups(samples: Samples, signal: torch.Tensor, group_size: int) -> Samples:
+    """The groups without a signal (``signal``, (groups,) bool: ``has_signal``) leave the loss
+    (DAPO's dynamic sampling when its rounds ran out).
 
     They are masked out rather than removed, so that every rank keeps its rows and runs the same
     forwards (a rank left with no rows while the others run a sharded forward would hang them)."""
-    per_group = informative(advantages, group_size)  # (groups,)
-    keep = per_group.repeat_interleave(group_size)[:, None]  # (B, 1)
-    masked = samples.rows(torch.arange(advantages.shape[0]))
+    keep = signal.repeat_interleave(group_size)[:, None]  # (B, 1)
+    masked = samples.rows(torch.arange(samples.completion_mask.shape[0]))
     masked.completion_mask = samples.completion_mask * keep
     return masked
 
@@ -412,7 +423,7 @@ def update(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: 
     """
     samples, advantages = batch.samples, batch.advantages
     if cfg.dynamic_sampling:
-        samples = keep_informative_groups(samples, advantages, cfg.group_size)
+        samples = keep_informative_groups(samples, has_signal(batch, cfg), cfg.group_size)
     mask = samples.completion_mask
     counts = reduce_dict({"sequences": (mask.sum(-1) > 0).sum().item(), "tokens": mask.sum().item()}, run.info)
     if counts["sequences"] == 0:  # every group of every rank dropped: no update, on every rank alike
