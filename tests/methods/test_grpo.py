@@ -106,6 +106,24 @@ def test_learned_prm_gives_the_process_advantages(tiny, tmp_path):
     assert summary["steps"] == 1 and logged["train/zero_advantage_groups"] == 0.0
 
 
+def test_the_process_rewards_steps_are_logged_and_the_outcome_said_to_be_logged_only(tiny, tmp_path, capfd):
+    """With a process reward the update learns from the step rewards: they are logged
+    (reward/process_mean, each output's mean step, then the batch's mean), and the run says the
+    outcome rewards, still scored and logged as reward_mean, drive nothing."""
+    from rlhfkit.train.config import replace
+
+    def steps(prompts, completions, completion_ids, **_):  # output k: steps 0.25 and (k % 2); mean 0.375 + ...
+        return [[(0, 0.25), (max(len(ids) - 1, 0), float(k % 2))] for k, ids in enumerate(completion_ids)]
+
+    cfg = _cfg(tiny, tiny["base"], tmp_path / "g", prefix="multistep_", steps=1, eval_data=None, group_size=4,
+               prompts_per_step=2, max_new_tokens=6)
+    run_grpo(replace(cfg, train__log_every=1), process_fn=steps)
+    (logged,) = [m for m in read_metrics(tmp_path / "g") if "train/loss" in m]
+    assert logged["train/reward/process_mean"] == pytest.approx((0.125 + 0.625) / 2)  # half 0.125, half 0.625
+    assert logged["train/zero_advantage_groups"] == 0.0  # the steps' rewards differ in every group
+    assert "the process reward's steps drive the advantages" in capfd.readouterr().err
+
+
 def test_options_mu2_dapo_dynamic_sampling(tiny, tmp_path):
     from methods_setup import digits
 

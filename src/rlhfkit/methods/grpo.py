@@ -189,6 +189,9 @@ def resolve_rewards(cfg: GRPOConfig, functions=None, weights=None, process=None)
     if cfg.overlong_buffer and "overlong" in named:
         raise ConfigError("a reward named 'overlong' would be logged under the name of overlong_buffer's "
                           "penalty (reward/overlong_mean); rename it")
+    if (process or cfg.process_reward) and "process" in named:
+        raise ConfigError("a reward named 'process' would be logged under the name of the process reward's "
+                          "step rewards (reward/process_mean); rename it")
     return Rewards(list(functions), list(weights), process)
 
 
@@ -240,16 +243,18 @@ class Rollout:
 
 def advantages_for(cfg: GRPOConfig, samples: Samples, completions, prompts, passed, fields, tokenizer, process_fn,
                    outcome):
-    """(B, C) advantages: PRM from step rewards, or ORM broadcast over each output's tokens."""
+    """(B, C) advantages: PRM from step rewards, or ORM broadcast over each output's tokens; and,
+    for a process reward, each output's mean step reward (B,) (NaN where it has no step), else None."""
     length = samples.completion_ids.shape[1]
     if process_fn is not None:
         steps = call_reward(process_fn, cfg.reward_timeout_s, prompts, completions, tokenizer=tokenizer, **passed,
                             **fields)
         ends = [[e for e, _ in s] for s in steps]
         values = [[float(r) for _, r in s] for s in steps]
-        return process_advantages(ends, values, cfg.group_size, length, cfg.scale_std)
+        means = torch.tensor([sum(v) / len(v) if v else float("nan") for v in values])
+        return process_advantages(ends, values, cfg.group_size, length, cfg.scale_std), means
     adv = group_advantages(outcome.rewards, cfg.group_size, cfg.scale_std)  # (B,)
-    return adv[:, None].expand(-1, length).clone()
+    return adv[:, None].expand(-1, length).clone(), None
 
 
 def bind(fn, samples: Samples, rows: list):
@@ -281,8 +286,10 @@ def rollout(backend, tokenizer, rows, cfg: GRPOConfig, rewards: Rewards, trainer
                                    cfg.overlong_penalty)
         outcome = replace(outcome, rewards=outcome.rewards + penalty,
                           per_function={**outcome.per_function, "overlong": penalty})
-    advantages = advantages_for(cfg, samples, completions, prompts, passed, fields, tokenizer,
-                                bind(rewards.process, samples, per_sample), outcome)
+    advantages, steps = advantages_for(cfg, samples, completions, prompts, passed, fields, tokenizer,
+                                       bind(rewards.process, samples, per_sample), outcome)
+    if steps is not None:  # logged as reward/process_mean: what the update learns from (the outcome is not)
+        outcome = replace(outcome, per_function={**outcome.per_function, "process": steps})
     advantages = advantages.to(samples.completion_ids.device)
     return Rollout(samples, outcome, advantages, generation_s)
 
@@ -477,7 +484,7 @@ def update(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: 
 
 def all_abstained(outcome: OutcomeScores) -> bool:
     """Whether every reward function returned None for every sample (NaN in ``per_function``)."""
-    columns = [v for k, v in outcome.per_function.items() if k != "overlong"]
+    columns = [v for k, v in outcome.per_function.items() if k not in ("overlong", "process")]
     return bool(columns) and all(bool(torch.isnan(v).all()) for v in columns)
 
 
@@ -507,6 +514,10 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
     run = start_run(tc, config, "grpo", unit="rollout step", show=("reward_mean",))
     for line in replaced_rewards(cfg, reward_fns is not None, process_fn is not None):
         run.say(line)
+    if rewards.process is not None or cfg.process_reward:
+        run.say("the process reward's steps drive the advantages (logged as reward/process_mean); the outcome "
+                f"rewards ({config['rewards']}) "
+                "are scored and logged only (reward_mean, reward/NAME_mean)")
     if cfg.prompts_per_step % run.info.world_size:
         raise ConfigError(f"prompts_per_step={cfg.prompts_per_step} must divide over {run.info.world_size} ranks")
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
