@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -220,6 +221,12 @@ def test_grpo_rewards_from_a_module_and_a_file_on_the_command_line(tiny, tmp_pat
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "reward 'myrewards:nope' cannot be loaded: AttributeError" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "b").exists()  # before any model loads
+    # the installed `rlhfkit` command, run where the module is, without PYTHONPATH, finds it too
+    script = Path(sys.executable).with_name("rlhfkit")
+    here = subprocess.run([str(script), "grpo", f"model={tiny['base']}", "rewards=myrewards:nope",
+                           f"train.out_dir={tmp_path / 'c'}"], capture_output=True, text=True, timeout=120, env=ENV,
+                          cwd=tmp_path / "mods")
+    assert "reward 'myrewards:nope' cannot be loaded: AttributeError" in here.stderr, here.stderr
 
 
 def test_lora_from_the_command_line_and_vllm_refused_without_a_gpu(tiny, tmp_path):

@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 from helpers import quiet_train
@@ -47,13 +48,32 @@ def test_every_config_field_of_every_method_has_a_description(method):
 def test_configs_command_lists_the_shipped_configs():
     out = rlhfkit("configs")
     assert out.returncode == 0
-    for name in ("sft_tiny", "rm_tiny", "dpo_tiny", "grpo_tiny", "ppo_tiny"):
+    for name in ("sft_tiny", "rm_tiny", "dpo_tiny", "grpo_tiny", "ppo_tiny", "prm_tiny"):
         assert f"rlhfkit {name.split('_')[0]} --config {name}" in out.stdout
 
 
+def test_a_cards_base_model_is_a_hub_id_only():
+    from rlhfkit.models.card import model_card
+
+    front = lambda base: model_card("sft", {"model": base}, {}).split("---")[1]  # noqa: E731
+    assert "base_model: Qwen/Qwen2-0.5B" in front("Qwen/Qwen2-0.5B") and "base_model: gpt2" in front("gpt2")
+    # a model object passed from Python is recorded by its description: no Hub page to link
+    assert "base_model" not in front("<transformers.models.llama.modeling_llama.LlamaForCausalLM>")
+
+
+def test_every_shipped_config_saves_checkpoints_to_resume_from():
+    import yaml
+
+    folder = Path(api.__file__).parent / "configs"
+    for path in sorted(folder.glob("*.yaml")):
+        every = yaml.safe_load(path.read_text())["train"].get("save_every", 0)
+        assert 50 <= every <= 200, path.name  # as the README says: a kill loses at most that many steps
+
+
 def test_the_package_exports_every_method_config_and_the_loss_helpers():
-    for name in ("SFTConfig", "RMConfig", "DPOConfig", "GRPOConfig", "PPOConfig", "TrainConfig", "LoraConfig",
-                 "run_sft", "run_rm", "run_dpo", "run_grpo", "run_ppo", "dpo_loss", "grpo_loss", "gae",
+    for name in ("SFTConfig", "RMConfig", "DPOConfig", "GRPOConfig", "PPOConfig", "PRMConfig", "TrainConfig",
+                 "LoraConfig", "run_sft", "run_rm", "run_dpo", "run_grpo", "run_ppo", "run_prm", "dpo_loss",
+                 "grpo_loss", "gae", "step_bce_loss",
                  "ranking_loss", "sft_loss", "exact_answer", "plot_runs", "write_tiny_default"):
         assert name in api.__all__ and callable(getattr(api, name))
     from rlhfkit.methods.sft import run_sft

@@ -8,6 +8,7 @@ data files, the final metrics and the whole resolved config, under Hub-style YAM
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import yaml
@@ -15,6 +16,9 @@ import yaml
 METHOD_NAMES = {"sft": "supervised fine-tuning (SFT)", "rm": "a reward model (Bradley-Terry / K-way rankings)",
                 "dpo": "DPO (direct preference optimization)", "grpo": "GRPO (group relative policy optimization)",
                 "ppo": "PPO (InstructGPT stage 3)", "prm": "a process reward model (per-step binary cross-entropy)"}
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # "gpt2", "org/name"
 
 
 def _data_files(config: dict) -> dict[str, str]:
@@ -28,8 +32,8 @@ def model_card(method: str, config: dict, metrics: dict, what: str = "model", le
     lora = config.get("lora") or {}
     adapter = bool(lora.get("r")) and not lora.get("merge")  # the folder is a peft adapter
     front = {"library_name": "peft" if adapter else "transformers", "tags": ["rlhfkit", method]}
-    if not Path(str(base)).exists():  # a Hub id; a local folder is no base_model the Hub can link (TRL omits it too)
-        front["base_model"] = str(base)
+    if HUB_ID.fullmatch(str(base)) and not Path(str(base)).exists():  # a local folder (or a model object passed
+        front["base_model"] = str(base)  # from Python) is no base_model the Hub can link; TRL omits it too
     loader = _loader(what, config)
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
              f"# {Path(str(config.get('train', {}).get('out_dir', what))).name}: {what} trained with rlhfkit", "",

@@ -201,9 +201,13 @@ def score_outcomes(functions: list[Callable], weights: list[float], prompts: lis
 
 def load_callable(spec: str) -> Callable:
     """``package.module:function`` or ``path/to/file.py:function`` -> the function, or a RewardError
-    that names the spec (raised when the config is read, before any model loads)."""
+    that names the spec (raised when the config is read, before any model loads). A module is
+    found where Python finds it, then in the working directory (as ``python -m`` would find it:
+    the ``rlhfkit`` command's own path does not hold it)."""
     import importlib
     import importlib.util
+    import os
+    import sys
     from pathlib import Path
 
     target, _, name = spec.rpartition(":")
@@ -216,6 +220,8 @@ def load_callable(spec: str) -> Callable:
             module = importlib.util.module_from_spec(module_spec)
             module_spec.loader.exec_module(module)
         else:
+            if os.getcwd() not in sys.path and "" not in sys.path:
+                sys.path.append(os.getcwd())  # after the installed packages: they keep their precedence
             module = importlib.import_module(target)
         fn = getattr(module, name)
     except Exception as e:  # the user's module may raise anything while importing
