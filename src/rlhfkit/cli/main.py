@@ -31,7 +31,8 @@ METHOD_HELP = {
     "sft": "supervised fine-tuning on prompt/completion or chat rows",
     "rm": "reward model on K-way rankings (or pairs), saved as a ...ForSequenceClassification folder",
     "dpo": "direct preference optimization on pairs, Plackett-Luce on rankings",
-    "prm": "process reward model on step-labelled rows, saved as a ...ForTokenClassification folder",
+    "prm": "process reward model on step-labelled rows, saved as a ...ForTokenClassification folder "
+           "(readout=head) or as the causal LM it reads (readout=likelihood)",
     "grpo": "group relative policy optimization with outcome or process rewards (rules or learned models)",
     "ppo": "PPO with actor, critic, frozen reward and reference models (InstructGPT stage 3)",
 }
@@ -243,23 +244,28 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", help="key=value overrides")
         p.set_defaults(func=cmd_method)
     p = sub.add_parser("tiny", help="build the embedded tiny default: tokenizer, base model, data files")
-    p.add_argument("--out", default="tiny")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="tiny", help="folder to write (default: tiny)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data (default 0)")
     p.add_argument("--hidden", type=at_least(8), default=64, help="width: a multiple of 8 (4 heads of an even width)")
-    p.add_argument("--layers", type=at_least(1), default=2)
+    p.add_argument("--layers", type=at_least(1), default=2, help="decoder layers (default 2)")
     p.add_argument("--force", action="store_true", help="write over the files of an --out folder that is not empty")
     p.set_defaults(func=cmd_tiny)
-    p = sub.add_parser("eval", help="held-out metrics -> eval.json: exact-match accuracy of a policy, "
-                       "pairwise accuracy and Kendall tau of a reward model, or step accuracy of a PRM")
-    p.add_argument("--model", required=True)
-    p.add_argument("--tokenizer")
-    p.add_argument("--data", required=True, help="jsonl/parquet rows with prompt and answer (or a completion)")
+    p = sub.add_parser("eval", help="held-out metrics -> eval.json: a policy's exact-match accuracy and "
+                       "held-out loss (with --ref, DPO's preference accuracy), a reward model's pairwise accuracy "
+                       "and Kendall tau, or a PRM's step accuracy")
+    p.add_argument("--model", required=True, help="a model folder a run wrote (or any save_pretrained folder; "
+                   "a LoRA adapter folder too): its kind says what is measured")
+    p.add_argument("--tokenizer", help="tokenizer folder (default: the model's)")
+    p.add_argument("--data", required=True, help="rows as training reads them (jsonl, json, csv, parquet, a saved "
+                   "dataset folder): prompts with answers or completions, text or messages, pairs or rankings, "
+                   "step-labelled rows")
     p.add_argument("--out", help="folder for eval.json (default: the model folder), or a path ending in .json")
     p.add_argument("--limit", type=at_least(0), default=0, help="the first N rows (0: all)")
     p.add_argument("--max-new-tokens", type=at_least(1), default=EVAL_DEFAULTS["--max-new-tokens"],
                    help="longest greedy answer (default 64; the multi-step task's answers need up to 34)")
     p.add_argument("--max-length", type=at_least(2), default=EVAL_DEFAULTS["--max-length"],
-                   help="longest prompt+completion of preference, step and (a policy's loss) answered or text rows")
+                   help="longest prompt+completion of preference, step and (a policy's loss) answered or text rows "
+                        "(default 512)")
     p.add_argument("--overlong", choices=("error", "truncate", "skip"), default=EVAL_DEFAULTS["--overlong"],  # data/encode.py's policies
                    help="rows longer than --max-length: error (default), truncate or skip; "
                         "eval.json says how many")

@@ -58,11 +58,11 @@ class TrainConfig:
     """The optimisation loop every method shares."""
 
     out_dir: str = "runs/out"  # each method's config gives its own default (runs/sft, runs/dpo, ...)
-    # SFT, RM, DPO: optimizer steps. GRPO, PPO: rollout steps (each gives mu, or ppo_epochs x
+    # SFT, RM, DPO, PRM: optimizer steps. GRPO, PPO: rollout steps (each gives mu, or ppo_epochs x
     # minibatches, optimizer steps); the progress bar, the logs and result.json name the unit.
     max_steps: int = 100
     epochs: float = 0  # > 0: passes over the training data instead of max_steps (steps = ceil(epochs x rows / batch))
-    batch_size: int = 32  # rows per optimizer step, over all ranks (SFT, RM, DPO; GRPO/PPO: prompts_per_step)
+    batch_size: int = 32  # rows per optimizer step, over all ranks (SFT, RM, DPO, PRM; GRPO/PPO: prompts_per_step)
     micro_batch_size: int = 0  # rows per forward on one rank; 0 = the whole per-rank batch
     lr: float = 1e-4  # peak learning rate (AdamW)
     schedule: str = "cosine"  # cosine | constant | linear
