@@ -98,3 +98,18 @@ def dropout_copy(tiny, folder, rate: float = 0.5):
         if (tiny["base"] / name).is_file():
             (folder / name).write_bytes((tiny["base"] / name).read_bytes())
     return folder
+
+
+def gpt2_folder(tiny, folder, n_positions: int = 64):
+    """A GPT-2 folder (Conv1D layers, learned positions) with the tiny default's tokenizer."""
+    import transformers
+
+    from rlhfkit.models.load import load_tokenizer
+
+    tok = load_tokenizer(str(tiny["base"]))
+    config = transformers.GPT2Config(vocab_size=len(tok), n_positions=n_positions, n_embd=32, n_layer=1, n_head=2,
+                                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                     pad_token_id=tok.pad_token_id)
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)

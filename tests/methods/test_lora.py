@@ -109,6 +109,28 @@ def test_adapter_and_merged_folders_reload_to_the_trained_models_logprobs(tiny, 
         torch.testing.assert_close(_logprobs(reloaded, batch), trained, atol=1e-5, rtol=0)
 
 
+def test_a_merged_gpt2_folds_its_conv1d_adapters_transposed(tiny, tmp_path):
+    """GPT-2's Conv1D layers keep their weights (in, out) (peft's fan_in_fan_out): the merged
+    folder equals base + adapter in peft (B @ A folded in untransposed crashed on the non-square
+    layers, and silently changed the square ones)."""
+    from methods_setup import gpt2_folder
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = gpt2_folder(tiny, tmp_path / "gpt2")
+    tok = load_tokenizer(base)
+    run_sft(SFTConfig(model=base, train_data=str(tiny["data"] / "sft_train.jsonl"), max_length=32,
+                      lora=replace(LORA, merge=True),
+                      train=quiet_train(tmp_path / "sft", max_steps=3, batch_size=16, lr=5e-2)))
+    out = tmp_path / "sft" / "model"
+    batch = _batch(tiny, tok)
+    in_peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(out / "adapter"))
+    expected = _logprobs(in_peft.get_base_model(), batch)
+    assert (expected - _logprobs(AutoModelForCausalLM.from_pretrained(base), batch)).abs().max() > 1e-3  # trained
+    torch.testing.assert_close(_logprobs(AutoModelForCausalLM.from_pretrained(str(out)), batch), expected,
+                               atol=1e-5, rtol=0)
+
+
 def test_reward_model_lora_trains_its_head_in_full_and_reloads(tiny, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification

@@ -10,21 +10,15 @@ from helpers import quiet_train
 from rlhfkit.data.rows import DataError
 from rlhfkit.methods.grpo import GRPOConfig, run_grpo
 from rlhfkit.methods.sft import SFTConfig, run_sft
-from rlhfkit.models.load import load_tokenizer
 from rlhfkit.train.config import replace
 
 
 @pytest.fixture(scope="module")
 def gpt2_16(tiny, tmp_path_factory):
     """A GPT-2 folder of 16 learned positions with the tiny default's tokenizer."""
-    tok = load_tokenizer(str(tiny["base"]))
-    config = transformers.GPT2Config(vocab_size=len(tok), n_positions=16, n_embd=32, n_layer=1, n_head=2,
-                                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                     pad_token_id=tok.pad_token_id)
-    folder = tmp_path_factory.mktemp("gpt2")
-    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return str(folder)
+    from methods_setup import gpt2_folder
+
+    return gpt2_folder(tiny, tmp_path_factory.mktemp("gpt2"), n_positions=16)
 
 
 ROWS = [{"prompt": "What is 12+34? ", "completion": "The answer is 46."}, {"prompt": "1+1=", "completion": "2"}]

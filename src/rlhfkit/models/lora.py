@@ -138,7 +138,8 @@ def adapter_config(model: torch.nn.Module) -> dict:
 
 def merged_state(model: torch.nn.Module, state: dict) -> dict:
     """The full weights with every adapter folded in, ``W = W0 + scaling * B @ A``, under the
-    names of the model without adapters (``q_proj.base_layer.weight`` -> ``q_proj.weight``)."""
+    names of the model without adapters (``q_proj.base_layer.weight`` -> ``q_proj.weight``). A
+    layer stored (in, out), as GPT-2's Conv1D (peft's ``fan_in_fan_out``), takes ``(B @ A)^T``."""
     out = {}
     for name, value in state.items():
         if ".lora_A." in name or ".lora_B." in name:
@@ -150,7 +151,10 @@ def merged_state(model: torch.nn.Module, state: dict) -> dict:
         if param == "weight":
             layer = model.get_submodule(owner)
             a, b = state[f"{owner}.lora_A.{ADAPTER}.weight"], state[f"{owner}.lora_B.{ADAPTER}.weight"]
-            value = value + layer.scaling[ADAPTER] * (b.float() @ a.float()).to(value.dtype)
+            delta = b.float() @ a.float()  # (out, in)
+            if getattr(layer, "fan_in_fan_out", False):
+                delta = delta.T
+            value = value + layer.scaling[ADAPTER] * delta.to(value.dtype)
         out[f"{owner}.{param}"] = value
     return out
 
