@@ -205,3 +205,17 @@ def test_grpo_with_lora_raises_exact_match(tiny, sft_run, tmp_path):
     # measured: 0.547 -> 0.643 after 100 steps, 0.75 after 200 (lr 3e-3 collapsed); from the snapshot
     # of the lean forward's SFT run (0.613): 0.673 after 150 steps
     assert summary["accuracy"] >= summary["accuracy_before"] + 0.08, summary
+
+
+def test_merging_an_adapter_on_tied_embeddings_is_refused_before_training(tiny, tmp_path):
+    """The tiny default ties lm_head to the embeddings: a merged lm_head adapter would have to go
+    into the one shared tensor (saved once), changing the embeddings too, or be lost."""
+    from rlhfkit.train.config import ConfigError
+
+    cfg = SFTConfig(model=str(tiny["base"]), train_data=str(tiny["data"] / "sft_train.jsonl"), max_length=64,
+                    lora=replace(LORA, merge=True, target_modules="q_proj,lm_head"),
+                    train=quiet_train(tmp_path / "sft", max_steps=1))
+    with pytest.raises(ConfigError, match="adapts the embeddings, which this model ties to its output layer"):
+        run_sft(cfg)
+    assert not (tmp_path / "sft" / "checkpoints").exists()
+    run_sft(replace(cfg, lora=replace(cfg.lora, merge=False), train__out_dir=str(tmp_path / "kept")))  # unmerged: fine

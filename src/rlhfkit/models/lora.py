@@ -64,6 +64,17 @@ def apply_lora(model: torch.nn.Module, settings: LoraSettings, base: str | None,
     return model
 
 
+def adapts_tied_embeddings(model) -> bool:
+    """Whether an adapter sits on the input or output embedding of a model whose two are tied:
+    merged, its update would have to go into the one tensor both share (``save_pretrained`` keeps
+    one), changing the other too, or be lost."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return False
+    return any(isinstance(m, BaseTunerLayer) for m in (model.get_input_embeddings(), model.get_output_embeddings()))
+
+
 def _task_type(model, head: str | None) -> str:
     """peft's name for what the model is (PeftModel.from_pretrained picks its wrapper by it)."""
     if not head:
