@@ -426,3 +426,16 @@ def test_node_in_torchscript_gives_the_numbers_python_gives(fast, monkeypatch):
         assert "model.layers.1.mlp.gate_proj.weight" not in python_grads
         for name, grad in python_grads.items():
             assert torch.equal(scripted_grads[name], grad), name
+
+
+def test_alibi_models_read_no_block_masks():
+    """Falcon with ALiBi builds its position biases from a 2D padding mask: given a 4D block mask it
+    crashed (GRPO's and DPO's shared prompts, SFT's packing), so they take their per-row paths."""
+    import transformers
+
+    from rlhfkit.models.forward import reads_block_masks
+
+    kw = dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, attn_implementation="sdpa")
+    plain = transformers.FalconForCausalLM(transformers.FalconConfig(**kw))
+    alibi = transformers.FalconForCausalLM(transformers.FalconConfig(alibi=True, **kw))
+    assert reads_block_masks(plain) and not reads_block_masks(alibi)

@@ -117,12 +117,20 @@ def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
 
 def reads_block_masks(model) -> bool:
     """Whether ``model`` takes a 4D boolean attention mask as given and computes nothing else into
-    it: transformers' SDPA attention does; eager attention would add the booleans to its scores, and
-    a sliding window (Mistral, Qwen2, Gemma 3) would be dropped, since the mask given replaces it."""
+    it: transformers' SDPA attention does; eager attention would add the booleans to its scores, a
+    sliding window (Mistral, Qwen2, Gemma 3) would be dropped, since the mask given replaces it, and
+    ALiBi biases (Falcon's ``alibi``, BLOOM, MPT) are built from a 2D padding mask."""
     config = model.config
-    if getattr(config, "_attn_implementation", None) != "sdpa":
+    if getattr(config, "_attn_implementation", None) != "sdpa" or uses_alibi(config):
         return False
     return not fused.sliding_window_in_use(getattr(config, "text_config", None) or config)
+
+
+def uses_alibi(config) -> bool:
+    """Whether the model adds ALiBi position biases (Falcon with ``alibi``, BLOOM, MPT)."""
+    attention = getattr(config, "attn_config", None)
+    return bool(getattr(config, "alibi", False) or getattr(config, "model_type", None) == "bloom"
+                or getattr(attention, "alibi", False) or (isinstance(attention, dict) and attention.get("alibi")))
 
 
 def head_gap(model) -> float:
