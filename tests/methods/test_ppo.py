@@ -168,3 +168,23 @@ def test_dropout_rates_read_as_numbers_are_switched_off_too():
     assert not torch.allclose(model(ids).logits, model(ids).logits)
     disable_dropout(model)
     assert torch.equal(model(ids).logits, model(ids).logits)
+
+
+def test_a_reward_model_with_another_tokenizer_is_refused_before_training(tiny, tmp_path):
+    """The check read the actor's tokenizer for the reward model too, so it never fired and PPO
+    scored the actor's token ids with a reward model that reads other ids."""
+    import shutil
+
+    from rlhfkit.models.load import ModelLoadError, load_tokenizer
+
+    other = tmp_path / "rm"
+    shutil.copytree(reward_folder(tiny), other)
+    tok = load_tokenizer(str(other))
+    tok.add_tokens(["<extra>"])  # one more id: another vocabulary
+    tok.save_pretrained(str(other))
+    cfg = PPOConfig(model=str(tiny["base"]), reward_model=str(other), critic=str(tiny["base"]),
+                    train_data=str(tiny["data"] / "prompts_train.jsonl"), minibatch_size=8, prompts_per_step=8,
+                    train=quiet_train(tmp_path / "ppo", max_steps=1))
+    with pytest.raises(ModelLoadError, match=f"the reward model at {other} uses another tokenizer than the actor"):
+        run_ppo(cfg)
+    assert not (tmp_path / "ppo" / "checkpoints").exists()

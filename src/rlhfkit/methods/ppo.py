@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -20,7 +21,7 @@ from ..losses.ppo import AdaptiveKL, explained_variance, gae, kl_penalty_rewards
 from ..losses.reduce import masked_mean, masked_whiten
 from ..losses.sft import sft_loss
 from ..models.forward import token_logprobs
-from ..models.load import ModelLoadError, disable_dropout, load_causal_lm, load_tokenizer
+from ..models.load import TOKENIZER_FILES, ModelLoadError, disable_dropout, load_causal_lm, load_tokenizer
 from ..models.lora import Reference
 from ..models.reward import load_reward_model, require_reward_model, reward_scores, score_name, token_values
 from ..rollout.backend import SamplingParams, make_backend
@@ -288,10 +289,12 @@ def load_models(cfg: PPOConfig, device: str = "cpu", run: Run | None = None):
     require_reward_model(cfg.reward_model)  # before anything loads: a causal LM would score with a random head
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
     actor = disable_dropout(load_causal_lm(cfg.model, tokenizer, device=device))
-    reward_tok = load_tokenizer(cfg.reward_model, cfg.tokenizer or cfg.model)
-    if reward_tok.get_vocab() != tokenizer.get_vocab():
-        raise ModelLoadError(f"the reward model at {cfg.reward_model} uses another tokenizer than the actor; "
-                         "rlhfkit's PPO needs one shared tokenizer")
+    for role, folder in (("reward model", cfg.reward_model), ("critic", cfg.critic)):
+        # a folder's own tokenizer, where it has one (rlhfkit saves one in every model folder)
+        if isinstance(folder, (str, Path)) and any((Path(folder) / name).is_file() for name in TOKENIZER_FILES) \
+                and load_tokenizer(folder).get_vocab() != tokenizer.get_vocab():
+            raise ModelLoadError(f"the {role} at {folder} uses another tokenizer than the actor; "
+                                 "rlhfkit's PPO needs one shared tokenizer")
     reward = load_reward_model(cfg.reward_model, tokenizer, cfg.frozen_dtype, device=device).eval().requires_grad_(False)
     critic = disable_dropout(load_reward_model(cfg.critic or cfg.reward_model, tokenizer, seed=cfg.train.seed,
                                                device=device))
