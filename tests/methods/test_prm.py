@@ -174,3 +174,21 @@ def test_likelihood_prm_reaches_the_step_accuracy_bar(tiny, multistep_sft, tmp_p
     summary = run_prm(cfg)
     assert summary["step_accuracy"] >= 0.9 and summary["position_only_accuracy"] < 0.75, summary
     assert summary["wrong_step_f1"] >= 0.85, summary
+
+
+def test_an_architecture_without_a_token_classifier_is_one_line(tiny, tmp_path):
+    """OPT has no ...ForTokenClassification: a one-line ModelLoadError naming the folder, as the RM's
+    loader gives, not transformers' traceback."""
+    import transformers
+
+    from rlhfkit.models.load import ModelLoadError, load_tokenizer
+    from rlhfkit.models.reward import load_process_reward_model
+
+    tok = load_tokenizer(str(tiny["base"]))
+    config = transformers.OPTConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                    ffn_dim=64, word_embed_proj_dim=32, pad_token_id=tok.pad_token_id)
+    transformers.OPTForCausalLM(config).save_pretrained(tmp_path / "opt")
+    with pytest.raises(ModelLoadError, match=f"cannot load the model in {tmp_path / 'opt'}: ValueError: "
+                                             "Unrecognized configuration class") as e:
+        load_process_reward_model(tmp_path / "opt", tok)
+    assert "\n" not in str(e.value)

@@ -110,3 +110,17 @@ def test_reward_and_critic_read_the_classifiers_own_scores(name):
                                                            position_ids=forward.position_ids_from_mask(mask))
         values = model.score(backbone.last_hidden_state).squeeze(-1)
     assert torch.allclose(token_values(model, ids, mask), values, atol=1e-5)
+
+
+def test_a_recurrent_model_is_refused_by_name(tmp_path):
+    """RWKV reads no attention mask (left-padded rows' log-probs come out wrong) and keeps a state,
+    not a KV cache: refused when loaded, in one line, rather than wrong numbers or a traceback."""
+    import transformers
+
+    from rlhfkit.models.load import ModelLoadError, load_causal_lm
+
+    config = transformers.RwkvConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, attention_hidden_size=32,
+                                     intermediate_size=64, context_length=64)
+    transformers.RwkvForCausalLM(config).save_pretrained(tmp_path / "rwkv")
+    with pytest.raises(ModelLoadError, match=r"rwkv is a recurrent model \(rwkv\); rlhfkit trains attention decoders"):
+        load_causal_lm(str(tmp_path / "rwkv"))

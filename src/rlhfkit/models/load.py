@@ -133,6 +133,11 @@ def from_pretrained(auto_class, path: str | Path, **kwargs):
         raise ModelLoadError(f"cannot load the model in {path}: {type(e).__name__}: {first}") from None
 
 
+# State-space and RNN language models: RWKV reads no attention mask (a left-padded row's log-probs
+# come out wrong) and keeps a state, not a KV cache; Mamba's cache cannot be repeated per sample.
+RECURRENT = ("rwkv", "mamba", "mamba2", "falcon_mamba", "xlstm", "recurrent_gemma")
+
+
 def load_causal_lm(path, tokenizer=None, dtype: str = "fp32", device: str = "cpu", copy: bool = False):
     """A causal LM from an HF folder (a LoRA adapter folder loads its base with the adapter
     merged in), in ``dtype`` on ``device``; checks the tokenizer fits when given. A reward-model
@@ -147,6 +152,9 @@ def load_causal_lm(path, tokenizer=None, dtype: str = "fp32", device: str = "cpu
     else:
         model = from_folder(AutoModelForCausalLM, path, dtype=DTYPES[dtype])
     where = str(path) if isinstance(path, (str, Path)) else type(path).__name__
+    if getattr(model.config, "model_type", None) in RECURRENT:
+        raise ModelLoadError(f"{where} is a recurrent model ({model.config.model_type}); rlhfkit trains attention "
+                             "decoders: its padded batches and KV-cache sampling do not apply to a recurrent state")
     if tokenizer is not None:
         check_vocab(model, tokenizer, where)
         model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -18,7 +18,7 @@ import torch
 from ..losses.prm import step_logit
 from .forward import as_forward, flat_window, hidden_states, lm_logits
 from .kernels import use_fast_linear
-from .load import DTYPES, ModelLoadError, architectures, check_vocab, from_folder
+from .load import DTYPES, ModelLoadError, architectures, check_vocab, from_folder, from_pretrained
 
 
 def is_sequence_classifier(path: str | Path) -> bool:
@@ -132,7 +132,7 @@ def load_process_reward_model(path: str | Path, tokenizer, num_labels: int = 1, 
     config.classifier_dropout = 0.0
     with torch.random.fork_rng(), fresh_head_quietly(base):
         torch.manual_seed(seed)
-        model = AutoModelForTokenClassification.from_pretrained(str(base), config=config, dtype=DTYPES[dtype])
+        model = from_pretrained(AutoModelForTokenClassification, str(base), config=config, dtype=DTYPES[dtype])
     if adapter:
         model = load_merged(model, path)
     if model.config.num_labels not in (1, 2):
