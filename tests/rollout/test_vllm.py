@@ -123,3 +123,16 @@ def test_choosing_vllm_without_it_or_a_gpu_is_a_config_error():
             GRPOConfig(model="m", train_data="p.jsonl", rollout=RolloutConfig(backend="vllm"))
     with pytest.raises(ConfigError, match="gpu_memory_utilization"):
         RolloutConfig(gpu_memory_utilization=1.5)
+
+
+def test_vllm_refuses_merging_adapters_on_tied_embeddings(tiny, tmp_path):
+    """vLLM always gets the adapters merged (whatever lora.merge says): on the tiny default's tied
+    lm_head the update would be lost in the engine's copy, so the first weight load refuses."""
+    from rlhfkit.models.load import ModelLoadError
+
+    engines, make = _backend(tmp_path)
+    cfg = replace(method_config("grpo", tiny, tmp_path / "g", 1),
+                  lora=LoraConfig(r=4, alpha=8, target_modules="q_proj,lm_head"))
+    with pytest.raises(ModelLoadError, match="rollout.backend=vllm gets the policy's adapters merged"):
+        run_grpo(cfg, reward_fns=[digits], backend=make(load_tokenizer(str(tiny["base"]))))
+    assert not engines  # refused before the engine started
