@@ -219,3 +219,29 @@ def test_merging_an_adapter_on_tied_embeddings_is_refused_before_training(tiny, 
         run_sft(cfg)
     assert not (tmp_path / "sft" / "checkpoints").exists()
     run_sft(replace(cfg, lora=replace(cfg.lora, merge=False), train__out_dir=str(tmp_path / "kept")))  # unmerged: fine
+
+
+def test_merged_state_folds_embedding_adapters_in(tiny):
+    """peft keeps an embedding's adapter as lora_embedding_A (r, vocab) and _B (dim, r): merging
+    (the final lora.merge save, every vLLM sync) raised a KeyError on them at the end of training.
+    On an untied model, with random adapters, the merged weights give the adapted logits."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from rlhfkit.models.lora import LoraSettings, apply_lora, merged_state
+
+    config = AutoConfig.from_pretrained(str(tiny["base"]))
+    config.tie_word_embeddings = False
+    adapted = apply_lora(AutoModelForCausalLM.from_pretrained(str(tiny["base"]), config=config),
+                         LoraSettings(4, 8, 0.0, "embed_tokens,q_proj,lm_head"), None)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.1)  # B starts at 0: moved, so the adapters change the logits
+    ids = torch.tensor([[3, 5, 7, 9, 11]])
+    plain = AutoModelForCausalLM.from_pretrained(str(tiny["base"]), config=config)
+    before = plain(ids).logits
+    plain.load_state_dict(merged_state(adapted, adapted.state_dict()))
+    expected = adapted(ids).logits
+    assert (expected - before).abs().max() > 1e-2
+    torch.testing.assert_close(plain(ids).logits, expected, atol=1e-5, rtol=0)

@@ -150,10 +150,12 @@ def adapter_config(model: torch.nn.Module) -> dict:
 def merged_state(model: torch.nn.Module, state: dict) -> dict:
     """The full weights with every adapter folded in, ``W = W0 + scaling * B @ A``, under the
     names of the model without adapters (``q_proj.base_layer.weight`` -> ``q_proj.weight``). A
-    layer stored (in, out), as GPT-2's Conv1D (peft's ``fan_in_fan_out``), takes ``(B @ A)^T``."""
+    layer stored (in, out), as GPT-2's Conv1D (peft's ``fan_in_fan_out``), and an embedding
+    (peft's ``lora_embedding_A`` (r, vocab) and ``_B`` (dim, r)) take ``(B @ A)^T``."""
     out = {}
     for name, value in state.items():
-        if ".lora_A." in name or ".lora_B." in name:
+        if any(f".{kind}." in name or name.endswith(f".{kind}.{ADAPTER}")
+               for kind in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")):
             continue
         if ".base_layer." not in name:
             out[name] = value
@@ -161,9 +163,12 @@ def merged_state(model: torch.nn.Module, state: dict) -> dict:
         owner, param = name.split(".base_layer.")
         if param == "weight":
             layer = model.get_submodule(owner)
-            a, b = state[f"{owner}.lora_A.{ADAPTER}.weight"], state[f"{owner}.lora_B.{ADAPTER}.weight"]
-            delta = b.float() @ a.float()  # (out, in)
-            if getattr(layer, "fan_in_fan_out", False):
+            if f"{owner}.lora_embedding_A.{ADAPTER}" in state:
+                a, b = state[f"{owner}.lora_embedding_A.{ADAPTER}"], state[f"{owner}.lora_embedding_B.{ADAPTER}"]
+            else:
+                a, b = state[f"{owner}.lora_A.{ADAPTER}.weight"], state[f"{owner}.lora_B.{ADAPTER}.weight"]
+            delta = b.float() @ a.float()  # (out, in); an embedding's (dim, vocab)
+            if getattr(layer, "fan_in_fan_out", False) or f"{owner}.lora_embedding_A.{ADAPTER}" in state:
                 delta = delta.T
             value = value + layer.scaling[ADAPTER] * delta.to(value.dtype)
         out[f"{owner}.{param}"] = value
