@@ -36,8 +36,11 @@ def test_eval_limit_zero_means_all_rows():
     (PPOConfig, "frozen_dtype=fp8", "'frozen_dtype' must be one of fp32, bf16; got 'fp8'"),
     (DPOConfig, "reference=none", "'reference' must be one of precompute, forward; got 'none'"),
     (DPOConfig, "loss_type=kto", "'loss_type' must be one of sigmoid, ipo, hinge; got 'kto'"),
-    (DPOConfig, "label_smoothing=0.5", "'label_smoothing' must be below 0.5"),
-    (DPOConfig, "label_smoothing=-0.1", "'label_smoothing' must be in [0.0, 0.5]"),
+    (DPOConfig, "label_smoothing=0.5", "'label_smoothing' must be in [0, 0.5) (0.5 ignores the labels); got 0.5"),
+    (DPOConfig, "label_smoothing=-0.1", "'label_smoothing' must be in [0, 0.5)"),
+    (DPOConfig, "label_smoothing=null", "config key 'label_smoothing' expects float, got None"),
+    (DPOConfig, "label_smoothing=0.1 loss_type=ipo", "label_smoothing=0.1 is used by loss_type=sigmoid only"),
+    (PPOConfig, "ptx_max_length=64", "ptx_max_length=64 is used by PPO-ptx (ptx_data) only"),
     (SFTConfig, "train.dtype=fp8", "'train.dtype' must be one of fp32, bf16; got 'fp8'"),
     (GRPOConfig, "rollout.backend=vllm2", "'rollout.backend' must be one of sampler, generate, vllm; got 'vllm2'"),
     (SFTConfig, "eval_task=math", "'eval_task' must be one of auto, arithmetic, reference; got 'math'"),
@@ -45,7 +48,7 @@ def test_eval_limit_zero_means_all_rows():
 ])
 def test_enumerated_and_ranged_values_fail_in_one_line_when_read(cls, override, message):
     with pytest.raises(ConfigError) as e:
-        load_config(cls, None, [override])
+        load_config(cls, None, override.split())
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
@@ -55,3 +58,8 @@ def test_fields_grpo_and_ppo_would_ignore_are_refused(tmp_path):
                      (run_ppo, PPOConfig(train=load_config(SFTConfig, None, ["train.batch_size=64"]).train))):
         with pytest.raises(ConfigError, match="train.batch_size does not apply"):
             run(cfg)
+
+
+def test_a_label_smoothing_of_none_from_python_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"'label_smoothing' must be in \[0, 0.5\)"):
+        DPOConfig(label_smoothing=None)

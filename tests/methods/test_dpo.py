@@ -135,3 +135,12 @@ def test_a_model_saved_with_dropout_starts_at_ln2(tiny, tmp_path):
                       reference="forward", train=quiet_train(tmp_path / "dpo", max_steps=1, batch_size=16)))
     first = read_metrics(tmp_path / "dpo")[0]
     assert abs(first["train/loss"] - math.log(2)) < 1e-6
+
+
+def test_the_objective_refuses_a_ranking_for_a_pairwise_only_loss(tiny):
+    model, tok = load_policy(str(tiny["base"]), None)
+    examples, _ = encode_rankings(read_rows(tiny["data"] / "rankings_train.jsonl")[:2], tok, 64)
+    batch = collate_rankings(precompute_reference(model, examples, tok.pad_token_id), tok.pad_token_id)
+    objective = dpo_objective(0.5, loss_type="ipo")
+    with pytest.raises(ValueError, match="has the Plackett-Luce loss only; loss_type=ipo"):
+        objective.loss(model, batch, objective.counts(batch))

@@ -25,7 +25,16 @@ from ..models.lora import Reference, is_adapter_folder
 from ..rollout.backend import SamplerBackend
 from ..tasks import TASK_CHOICES
 from ..train.checkpoint import CheckpointError
-from ..train.config import ConfigError, LoraConfig, TrainConfig, at_least, choice, positive, replace, within
+from ..train.config import (
+    ConfigError,
+    LoraConfig,
+    TrainConfig,
+    at_least,
+    choice,
+    positive,
+    replace,
+    used_only_with,
+)
 from ..train.loop import Objective, train_offline
 from ..train.run import start_run
 from .common import (
@@ -68,13 +77,10 @@ class DPOConfig:
     def __post_init__(self):
         choice("reference", self.reference, REFERENCE_MODES)
         choice("loss_type", self.loss_type, PAIR_LOSSES)
-        within("label_smoothing", self.label_smoothing, 0.0, 0.5)
-        if self.label_smoothing >= 0.5:
-            raise ConfigError(f"config key 'label_smoothing' must be below 0.5 (0.5 ignores the labels); "
-                              f"got {self.label_smoothing}")
-        if self.label_smoothing and self.loss_type != "sigmoid":
-            raise ConfigError(f"config key 'label_smoothing' is for loss_type=sigmoid; loss_type={self.loss_type} "
-                              "has no smoothed form")
+        if not isinstance(self.label_smoothing, (int, float)) or not 0 <= self.label_smoothing < 0.5:  # NaN too
+            raise ConfigError(f"config key 'label_smoothing' must be in [0, 0.5) (0.5 ignores the labels); "
+                              f"got {self.label_smoothing!r}")
+        used_only_with("label_smoothing", self.label_smoothing, 0.0, self.loss_type == "sigmoid", "loss_type=sigmoid")
         choice("overlong", self.overlong, OVERLONG_POLICIES)
         choice("eval_task", self.eval_task, TASK_CHOICES)
         at_least("sft_first_steps", self.sft_first_steps, 0)
@@ -133,7 +139,10 @@ def dpo_objective(beta: float, reference: Reference | None = None, rpo_alpha: fl
             lengths = batch.grid(batch.output_lengths().to(logps.dtype)).unbind(-1) if loss_type == "ipo" else None
             value, sums = dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta, totals["prompts"],
                                    loss_type, label_smoothing, lengths)
-        else:  # rankings of more than two (run_dpo refuses them for the pairwise-only loss forms)
+        else:  # rankings of more than two (run_dpo refuses them with their rows for the pairwise-only forms)
+            if loss_type != "sigmoid" or label_smoothing:
+                raise ValueError(f"a ranking of {batch.mask.shape[1]} answers has the Plackett-Luce loss only; "
+                                 f"loss_type={loss_type}, label_smoothing={label_smoothing} are for pairs")
             value, sums = plackett_luce_loss(logps, ref, batch.mask, beta, totals["prompts"])
         prompts = max(totals["prompts"], 1.0)
         metrics = {k: sums[k] / prompts for k in ("rewards_chosen", "rewards_rejected", "margin",

@@ -430,7 +430,10 @@ def update(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: 
     """
     samples, advantages = batch.samples, batch.advantages
     if cfg.dynamic_sampling:
-        samples = keep_informative_groups(samples, has_signal(batch, cfg), cfg.group_size)
+        signal = has_signal(batch, cfg)
+        samples = keep_informative_groups(samples, signal, cfg.group_size)
+        # a dropped group's advantages are 0 too: the rows to forward are picked by them below
+        advantages = advantages * signal.repeat_interleave(cfg.group_size)[:, None].to(advantages.dtype)
     mask = samples.completion_mask
     counts = reduce_dict({"sequences": (mask.sum(-1) > 0).sum().item(), "tokens": mask.sum().item()}, run.info)
     if counts["sequences"] == 0:  # every group of every rank dropped: no update, on every rank alike

@@ -93,6 +93,8 @@ class PPOConfig:
         positive("temperature", self.temperature, " (greedy samples are not drawn from the policy the ratio is of)")
         used_only_with("kl_horizon", self.kl_horizon, PPOConfig.kl_horizon, self.target_kl is not None,
                        "the adaptive KL controller (target_kl)")
+        used_only_with("ptx_max_length", self.ptx_max_length, PPOConfig.ptx_max_length, bool(self.ptx_data),
+                       "PPO-ptx (ptx_data)")
         positive("critic_lr", self.critic_lr)  # 0 would train a critic that never moves
         for key in ("gamma", "lam"):
             within(key, getattr(self, key), 0, 1)
