@@ -79,3 +79,8 @@ def test_a_pairs_margin_is_subtracted_inside_the_log_sigmoid_with_its_gradient()
     loss.backward()
     d = (1 - 1 / (1 + math.exp(-(2.0 - 0.5 - 1.0)))) / 2  # -d/dr_w of -log sigma(x)/2 = (1 - sigma(x))/2
     assert torch.allclose(r.grad[0], torch.tensor([-d, d]), atol=1e-6)
+
+
+def test_a_pair_tied_in_score_counts_half_right():
+    _, sums = ranking_loss(torch.tensor([[1.0, 1.0, 0.0]]), torch.ones(1, 3))  # (0,1) tied, (0,2) and (1,2) right
+    assert sums["pairs"].item() == 3 and sums["correct"].item() == 2.5

@@ -161,11 +161,12 @@ def test_ranking_stats_by_hand():
     stats = ranking_stats(rewards, ranks, mask)
     assert (stats["correct"], stats["pairs"], stats["top1"]) == (2, 4, 1)
     assert stats["taus"] == pytest.approx([1 / 3, -1.0])
-    # ties: a constant score orders no pair right and hits top-1 a third of the time (1 of 3 tied);
+    # ties: a constant score puts each of its 3 pairs half right (a uniform tie-break's expected hit,
+    # as DPO's preference accuracy counts) and hits top-1 a third of the time (1 of 3 tied);
     # ranks [0, 0, 1] (two best) scored 5, 5, 1: both tied top scores are best-ranked, a full hit
     stats = ranking_stats(torch.tensor([[2.0, 2.0, 2.0], [5.0, 5.0, 1.0]]), torch.tensor([[0, 1, 2], [0, 0, 1]]),
                           torch.ones(2, 3, dtype=torch.long))
-    assert (stats["correct"], stats["pairs"]) == (2, 5) and stats["top1"] == pytest.approx(1 / 3 + 1)
+    assert (stats["correct"], stats["pairs"]) == (1.5 + 2, 5) and stats["top1"] == pytest.approx(1 / 3 + 1)
     assert stats["taus"] == pytest.approx([0.0, 1.0])
 
 

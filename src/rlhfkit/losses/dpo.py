@@ -41,6 +41,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .reduce import pairs_right
+
 PAIR_LOSSES = ("sigmoid", "ipo", "hinge")
 
 
@@ -93,16 +95,9 @@ def plackett_luce_loss(logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch
     # Preference accuracy over all ordered pairs of each ranking.
     better = torch.triu(torch.ones(valid.shape[1], valid.shape[1], dtype=torch.bool, device=valid.device), 1)
     pair_ok = better & valid[:, :, None] & valid[:, None, :]  # (P, K, K)
-    diff = rewards[:, :, None] - rewards[:, None, :]
-    sums["correct"] = (((diff > 0) & pair_ok).sum() + 0.5 * ((diff == 0) & pair_ok).sum()).float().detach()
+    sums["correct"] = pairs_right(rewards[:, :, None] - rewards[:, None, :], pair_ok)
     sums["pairs"] = pair_ok.sum().float().detach()
     return loss, sums
-
-
-def _right(margins: torch.Tensor) -> torch.Tensor:
-    """Pairs the implicit reward orders right, a tie counting half (as the held-out preference
-    accuracy counts it: a policy equal to its reference scores 0.5, not 0)."""
-    return ((margins > 0).sum() + 0.5 * (margins == 0).sum()).float().detach()
 
 
 def _sums(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps) -> dict:
@@ -110,7 +105,7 @@ def _sums(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps) -> dic
         "rewards_chosen": chosen_rewards.sum().detach(),
         "rewards_rejected": rejected_rewards.sum().detach(),
         "margin": (chosen_rewards - rejected_rewards).sum().detach(),
-        "correct": _right(chosen_rewards - rejected_rewards),
+        "correct": pairs_right(chosen_rewards - rejected_rewards, torch.ones_like(chosen_rewards, dtype=torch.bool)),
         "pairs": torch.tensor(float(chosen_rewards.shape[0])),
         "logps_chosen": chosen_logps.sum().detach(),
         "logps_rejected": rejected_logps.sum().detach(),

@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .reduce import pairs_right
+
 
 def ranking_loss(rewards: torch.Tensor, mask: torch.Tensor, ranks: torch.Tensor | None = None,
                  num_prompts: float | None = None, center_coef: float = 0.0, margins: torch.Tensor | None = None):
@@ -47,7 +49,7 @@ def ranking_loss(rewards: torch.Tensor, mask: torch.Tensor, ranks: torch.Tensor 
     loss = per_prompt.sum() / denom
     sums = {
         "pairs": pairs.sum().detach().float(),
-        "correct": ((margin > 0) & better).sum().detach().float(),
+        "correct": pairs_right(margin, better),
         "margin": (margin * better).sum().detach(),
     }
     return loss, sums

@@ -19,6 +19,7 @@ from ..data.encode import OVERLONG_POLICIES, SFTExample, collate_sft, to_device
 from ..data.prefs import RankingBatch, SharedPromptBatch, collate_rankings, count_pairs, encode_rankings
 from ..data.rows import DataError, Row, read_rows, source_name
 from ..losses.dpo import PAIR_LOSSES, chosen_nll, dpo_loss, plackett_luce_loss
+from ..losses.reduce import pairs_right
 from ..models.forward import as_forward, eval_mode, predecessor_logprobs, token_logprobs
 from ..models.load import disable_dropout, load_causal_lm, load_tokenizer
 from ..models.lora import Reference, is_adapter_folder
@@ -166,8 +167,7 @@ def preference_accuracy(model, examples: list, pad_id: int, batch_size: int = 64
             reward = batch.grid(sequence_logps(model, batch)) - batch.ref_logps  # (P, K)
             r, m = batch.ranks, batch.mask.bool()
             better = (r[:, :, None] < r[:, None, :]) & m[:, :, None] & m[:, None, :]
-            diff = reward[:, :, None] - reward[:, None, :]
-            correct += float(((diff > 0) & better).sum()) + 0.5 * float(((diff == 0) & better).sum())
+            correct += float(pairs_right(reward[:, :, None] - reward[:, None, :], better))
             pairs += int(better.sum())
     return correct / max(pairs, 1)
 

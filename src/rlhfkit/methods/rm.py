@@ -19,6 +19,7 @@ from ..data.prefs import (
     encode_rankings,
 )
 from ..data.rows import read_rows, source_name
+from ..losses.reduce import pairs_right
 from ..losses.rm import ranking_loss
 from ..models.forward import eval_mode
 from ..models.load import disable_dropout, load_tokenizer
@@ -76,9 +77,9 @@ def ranking_stats(rewards: torch.Tensor, ranks: torch.Tensor, mask: torch.Tensor
     top-1 hits.
 
     Tau is (concordant - discordant) / the pairs the ranking orders (tau-a over those pairs: a
-    tie in rank makes no pair, a tie in score counts neither way). Top-1 with tied highest
-    scores counts the share of them that are best-ranked (a uniform tie-break's expected hit),
-    so a constant score is not a hit."""
+    tie in rank makes no pair, a tie in score counts neither way). A pair tied in score counts
+    half right, and top-1 with tied highest scores the share of them that are best-ranked: each a
+    uniform tie-break's expected hit, so a constant score is right on half the pairs."""
     m = mask.bool()
     better = (ranks[:, :, None] < ranks[:, None, :]) & m[:, :, None] & m[:, None, :]
     diff = rewards[:, :, None] - rewards[:, None, :]
@@ -89,7 +90,7 @@ def ranking_stats(rewards: torch.Tensor, ranks: torch.Tensor, mask: torch.Tensor
     at_max = (scores == scores.amax(-1, keepdim=True)) & m  # (P, K) the highest score, ties included
     best = ranks.masked_fill(~m, torch.iinfo(ranks.dtype).max).min(-1, keepdim=True).values
     hits = (at_max & (ranks == best)).sum(-1).float() / at_max.sum(-1).clamp(min=1)  # (P,)
-    return {"correct": int(concordant.sum()), "pairs": int(n.sum()),
+    return {"correct": float(pairs_right(diff, better)), "pairs": int(n.sum()),
             "taus": ((concordant - discordant) / n.clamp(min=1)).tolist(), "top1": float(hits.sum())}
 
 
