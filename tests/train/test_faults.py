@@ -558,7 +558,6 @@ def test_a_full_tmpfs_stops_the_run_in_one_line_and_leaves_no_partial_folder(tin
     (GRPOConfig, "max_new_tokens=0", "'max_new_tokens' must be >= 1; got 0"),
     (GRPOConfig, "temperature=-1", "'temperature' must be > 0 (greedy samples make a group G copies"),
     (GRPOConfig, "temperature=0", "'temperature' must be > 0 (greedy samples make a group G copies"),
-    (PPOConfig, "temperature=0", "'temperature' must be > 0 (greedy samples are not drawn from the policy"),
     (GRPOConfig, "overlong_penalty=0.5", "overlong_penalty=0.5 is used by overlong_buffer > 0 only, which is off"),
     (PPOConfig, "kl_horizon=100", "kl_horizon=100 is used by the adaptive KL controller (target_kl) only"),
     (PRMConfig, "step_logprob_floor=-1", "step_logprob_floor=-1.0 is used by readout=likelihood only"),

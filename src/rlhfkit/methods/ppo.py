@@ -88,9 +88,8 @@ class PPOConfig:
         for key in ("prompts_per_step", "minibatch_size", "ppo_epochs", "max_new_tokens", "kl_horizon",
                     "eval_max_new_tokens", "ptx_max_length"):
             at_least(key, getattr(self, key), 1)
-        for key in ("ptx_coef", "kl_coef", "eps_value", "eval_limit", "missing_eos_penalty"):
+        for key in ("ptx_coef", "kl_coef", "temperature", "eps_value", "eval_limit", "missing_eos_penalty"):
             at_least(key, getattr(self, key), 0)
-        positive("temperature", self.temperature, " (greedy samples are not drawn from the policy the ratio is of)")
         used_only_with("kl_horizon", self.kl_horizon, PPOConfig.kl_horizon, self.target_kl is not None,
                        "the adaptive KL controller (target_kl)")
         used_only_with("ptx_max_length", self.ptx_max_length, PPOConfig.ptx_max_length, bool(self.ptx_data),
