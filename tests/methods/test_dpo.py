@@ -98,7 +98,8 @@ def test_ipo_hinge_and_smoothing_reach_their_margins_and_refuse_rankings(tiny, t
     data = tmp_path / "pairs.jsonl"  # one batch of 16 pairs, seen every step: the losses' own targets show
     data.write_text("".join((tiny["data"] / "prefs_train.jsonl").read_text().splitlines(keepends=True)[:16]))
     cfg = DPOConfig(model=str(tiny["base"]), train_data=str(data), max_length=64, beta=0.5, loss_type=loss_type,
-                    label_smoothing=smoothing, train=quiet_train(tmp_path / "dpo", max_steps=24, batch_size=16, lr=1e-3))
+                    label_smoothing=smoothing,
+                    train=quiet_train(tmp_path / "dpo", max_steps=24, batch_size=16, lr=1e-3))
     run_dpo(cfg)
     from rlhfkit.train.logging import read_metrics
 

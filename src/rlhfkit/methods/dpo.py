@@ -172,7 +172,7 @@ def preference_accuracy(model, examples: list, pad_id: int, batch_size: int = 64
     return correct / max(pairs, 1)
 
 
-def refuse_ties(rows: list[Row], cfg: DPOConfig | None = None) -> list[Row]:
+def trainable_rankings(rows: list[Row], cfg: DPOConfig | None = None) -> list[Row]:
     """Rankings DPO can train on: a strict order, and with a pairwise-only loss form (``cfg``'s
     ``loss_type`` or ``label_smoothing``) no more than two answers."""
     pairwise_only = cfg is not None and (cfg.loss_type != "sigmoid" or cfg.label_smoothing > 0)
@@ -214,10 +214,10 @@ def run_dpo(cfg: DPOConfig) -> dict:
     run = start_run(cfg.train, cfg, "dpo")
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
     pad = tokenizer.pad_token_id
-    examples, report = encode_rankings(refuse_ties(read_rows(cfg.train_data), cfg), tokenizer, cfg.max_length, cfg.overlong,
-                                       method="dpo")
+    examples, report = encode_rankings(trainable_rankings(read_rows(cfg.train_data), cfg), tokenizer, cfg.max_length,
+                                       cfg.overlong, method="dpo")
     run.say(f"{source_name(cfg.train_data)}: {report.summary()}")
-    pref_rows = refuse_ties(head(read_rows(cfg.eval_data), cfg.eval_limit)) if cfg.eval_data else []
+    pref_rows = trainable_rankings(head(read_rows(cfg.eval_data), cfg.eval_limit)) if cfg.eval_data else []
     pref_examples, eval_report = [], None
     if pref_rows:
         pref_examples, eval_report = encode_rankings(pref_rows, tokenizer, cfg.max_length, "skip")
@@ -255,7 +255,8 @@ def run_dpo(cfg: DPOConfig) -> dict:
         return {**out, **(accuracy() if prompts else {})}
 
     train_offline(run, model, examples, ranking_collate(model, pad, cfg.share_prompt),
-                  dpo_objective(cfg.beta, reference, cfg.rpo_alpha, cfg.loss_type, cfg.label_smoothing), evaluate if (pref_eval or prompts) else None)
+                  dpo_objective(cfg.beta, reference, cfg.rpo_alpha, cfg.loss_type, cfg.label_smoothing),
+                  evaluate if (pref_eval or prompts) else None)
     summary = {"loss": run.metrics.get("loss"), "reference": cfg.reference, "length_report": report.summary(), **before}
     if run.evals:
         summary.update({k: v for k, v in run.evals[-1].items() if k != "step"})

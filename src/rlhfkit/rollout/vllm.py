@@ -71,9 +71,10 @@ class VLLMBackend:
 
     def load_weights(self, model) -> None:
         if self.engine is None and has_adapters(model) and adapts_tied_embeddings(model):
-            raise ModelLoadError("rollout.backend=vllm gets the policy's adapters merged, and they adapt the embeddings "
-                                 "this model ties to its output layer, which a merged model cannot hold apart: leave "
-                                 "the embeddings out of lora.target_modules or use another rollout.backend")
+            raise ModelLoadError("rollout.backend=vllm gets the policy's adapters merged, and they adapt the "
+                                 "embeddings this model ties to its output layer, which a merged model cannot hold "
+                                 "apart: leave the embeddings out of lora.target_modules or use another "
+                                 "rollout.backend")
         state = full_state_dict(model)  # every rank of a sharded policy gathers
         if self.engine is None:  # the engine starts from a folder holding the current weights
             folder = self.folder / f"rank-{os.environ.get('RANK', '0')}"
