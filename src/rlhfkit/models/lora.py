@@ -154,8 +154,7 @@ def merged_state(model: torch.nn.Module, state: dict) -> dict:
     (peft's ``lora_embedding_A`` (r, vocab) and ``_B`` (dim, r)) take ``(B @ A)^T``."""
     out = {}
     for name, value in state.items():
-        if any(f".{kind}." in name or name.endswith(f".{kind}.{ADAPTER}")
-               for kind in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")):
+        if ".lora_" in name:  # lora_A/_B (linear layers), lora_embedding_A/_B: folded in below
             continue
         if ".base_layer." not in name:
             out[name] = value
@@ -163,12 +162,13 @@ def merged_state(model: torch.nn.Module, state: dict) -> dict:
         owner, param = name.split(".base_layer.")
         if param == "weight":
             layer = model.get_submodule(owner)
-            if f"{owner}.lora_embedding_A.{ADAPTER}" in state:
+            embedding = f"{owner}.lora_embedding_A.{ADAPTER}" in state
+            if embedding:
                 a, b = state[f"{owner}.lora_embedding_A.{ADAPTER}"], state[f"{owner}.lora_embedding_B.{ADAPTER}"]
             else:
                 a, b = state[f"{owner}.lora_A.{ADAPTER}.weight"], state[f"{owner}.lora_B.{ADAPTER}.weight"]
             delta = b.float() @ a.float()  # (out, in); an embedding's (dim, vocab)
-            if getattr(layer, "fan_in_fan_out", False) or f"{owner}.lora_embedding_A.{ADAPTER}" in state:
+            if embedding or getattr(layer, "fan_in_fan_out", False):
                 delta = delta.T
             value = value + layer.scaling[ADAPTER] * delta.to(value.dtype)
         out[f"{owner}.{param}"] = value
