@@ -18,7 +18,9 @@ def test_shared_prompt_layout_by_hand():
     assert b.mask.tolist() == [[1, 1, 0], [1, 1, 1], [1, 0, 0]]
     assert b.last.tolist() == [2, 4, width + 2, width + 3, width + 4, 2 * width + 1]
     assert b.slot.tolist() == [0, 1, 3, 4, 5, 6]
-    assert b.lengths.tolist() == [1, 2, 2, 1, 1, 2]
+    assert b.lengths.tolist() == [1, 2, 2, 1, 1, 1]  # tokens with a log-prob: not the empty prompt's first
+    from rlhfkit.data.prefs import collate_rankings
+    assert collate_rankings(examples, pad).output_lengths().tolist() == b.lengths.tolist()  # the same counts
     # each output token, the flat position that predicts it, and its output
     assert b.predecessor.tolist() == [1, 1, 3, width, width + 1, width, width, 2 * width]
     assert b.targets.tolist() == [7, 8, 3, 1, 2, 3, 6, 7]

@@ -50,8 +50,9 @@ class RankingBatch:
         return _grid(values, self.slot, self.mask)
 
     def output_lengths(self) -> torch.Tensor:
-        """(N,) completion tokens per output."""
-        return self.completion_mask.sum(-1)
+        """(N,) completion tokens per output that have a log-prob: all of them after a non-empty
+        prompt; after an empty one the first has no predecessor and is not counted."""
+        return self.completion_mask[:, 1:].sum(-1)
 
 
 @dataclass
@@ -75,7 +76,7 @@ class SharedPromptBatch:
     predecessor: torch.Tensor | None = None  # (M,) flat index into (P * W) of the position predicting it
     targets: torch.Tensor | None = None  # (M,) the token
     owner: torch.Tensor | None = None  # (M,) its output, 0..N-1 in slot order
-    lengths: torch.Tensor | None = None  # (N,) tokens per output
+    lengths: torch.Tensor | None = None  # (N,) tokens per output that have a log-prob (as RankingBatch's)
     ref_logps: torch.Tensor | None = None  # (P, K) precomputed reference log-probs, when the examples carry them
     margins: torch.Tensor | None = None  # (P,) as RankingBatch's
 
@@ -227,7 +228,7 @@ def collate_shared_prompt(examples: list[RankingExample], pad_id: int, read_pad_
             seg += [j + 1] * len(c)
             last.append(p * width + _score_position(ids, n_prompt, len(c), read_pad_id))
             slot.append(p * k + j)
-            lengths.append(len(c))
+            lengths.append(len(c) - (n_prompt == 0))
         rows_ids.append(ids), rows_pos.append(pos), rows_seg.append(seg)
     input_ids, positions = pad_right(rows_ids, pad_id, width), pad_right(rows_pos, 0, width)
     segment = pad_right(rows_seg, -1, width)  # 0 prompt, j + 1 output j, -1 padding
