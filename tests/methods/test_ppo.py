@@ -188,3 +188,32 @@ def test_a_reward_model_with_another_tokenizer_is_refused_before_training(tiny, 
     with pytest.raises(ModelLoadError, match=f"the reward model at {other} uses another tokenizer than the actor"):
         run_ppo(cfg)
     assert not (tmp_path / "ppo" / "checkpoints").exists()
+
+
+def test_a_reward_model_folder_without_tokenizer_files_is_named_in_a_warning(tiny, tmp_path):
+    """Such a folder cannot be checked against the actor's tokenizer; the run says so instead of
+    skipping the check in silence."""
+    import shutil
+
+    from rlhfkit.models.load import TOKENIZER_FILES
+
+    class Said:  # stands in for the run: what it is told to say, and preparation left out
+        def __init__(self):
+            self.lines = []
+
+        def say(self, line):
+            self.lines.append(line)
+
+        def prepare(self, model, *args, **kwargs):
+            return model
+
+    bare = tmp_path / "rm"
+    shutil.copytree(reward_folder(tiny), bare)
+    for name in TOKENIZER_FILES:
+        (bare / name).unlink(missing_ok=True)
+    told = Said()
+    cfg = PPOConfig(model=str(tiny["base"]), reward_model=str(bare), critic=str(tiny["base"]),
+                    train_data=str(tiny["data"] / "prompts_train.jsonl"))
+    load_models(cfg, "cpu", told)
+    assert told.lines == [f"warning: the reward model at {bare} has no tokenizer files, so whether it reads the "
+                          "actor's token ids cannot be checked; it is given them"]

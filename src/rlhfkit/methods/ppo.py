@@ -292,8 +292,13 @@ def load_models(cfg: PPOConfig, device: str = "cpu", run: Run | None = None):
     actor = disable_dropout(load_causal_lm(cfg.model, tokenizer, device=device))
     for role, folder in (("reward model", cfg.reward_model), ("critic", cfg.critic)):
         # a folder's own tokenizer, where it has one (rlhfkit saves one in every model folder)
-        if isinstance(folder, (str, Path)) and any((Path(folder) / name).is_file() for name in TOKENIZER_FILES) \
-                and load_tokenizer(folder).get_vocab() != tokenizer.get_vocab():
+        if not isinstance(folder, (str, Path)):
+            continue
+        if not any((Path(folder) / name).is_file() for name in TOKENIZER_FILES):
+            if run is not None:
+                run.say(f"warning: the {role} at {folder} has no tokenizer files, so whether it reads the "
+                        "actor's token ids cannot be checked; it is given them")
+        elif load_tokenizer(folder).get_vocab() != tokenizer.get_vocab():
             raise ModelLoadError(f"the {role} at {folder} uses another tokenizer than the actor; "
                                  "rlhfkit's PPO needs one shared tokenizer")
     reward = load_reward_model(cfg.reward_model, tokenizer, cfg.frozen_dtype, device=device).eval().requires_grad_(False)
