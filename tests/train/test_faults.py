@@ -142,8 +142,10 @@ def test_resume_truncates_the_metrics_log_and_removes_stale_temporary_folders(ti
     stale = tmp_path / "cut" / "checkpoints" / "step-0000004.tmp"
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"half")  # a save killed half-way
+    half_amended = tmp_path / "cut" / "checkpoints" / "step-0000002" / "trainer_state.json.tmp"
+    half_amended.write_text("{")  # an amend (checkpoint.amend) killed before its rename
     RUNS["sft"](replace(method_config("sft", tiny, tmp_path / "cut", 5, save_every=2), train__resume=True))
-    assert not stale.exists()
+    assert not stale.exists() and not half_amended.exists()
     logged = read_metrics(tmp_path / "cut")
     assert [m["step"] for m in logged] == [1, 2, 3, 4, 5]  # step 3 once, not twice
     assert [m["train/loss"] for m in logged] == [m["train/loss"] for m in read_metrics(tmp_path / "full")]

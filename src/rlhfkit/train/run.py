@@ -100,6 +100,9 @@ def prepare_out_dir(cfg: TrainConfig, info: DistInfo) -> bool:
         for stale in sorted(checkpoint_dir(out).glob("step-*.tmp*")):  # a save that never completed
             print(f"removing {stale}: an incomplete checkpoint of an earlier run", file=sys.stderr)
             shutil.rmtree(stale, ignore_errors=True)
+        for stale in sorted(checkpoint_dir(out).glob("step-*/*.tmp")):  # an amend killed before its rename
+            print(f"removing {stale}: a file an interrupted checkpoint amend left half-written", file=sys.stderr)
+            stale.unlink(missing_ok=True)
         for aside in restore_set_aside(out):  # a run killed between a model folder's two renames
             print(f"{aside}: the model folder an interrupted save had set aside, put back", file=sys.stderr)
     barrier(info)
