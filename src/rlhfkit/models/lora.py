@@ -193,6 +193,10 @@ def adapter_base(path) -> str:
 
 def load_merged(model: torch.nn.Module, path) -> torch.nn.Module:
     """``model`` (the base) with the adapter folder ``path`` loaded and merged: a plain model."""
+    import warnings
+
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    with warnings.catch_warnings():  # peft asks transformers a deprecated question; nothing for the user to do
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
+        return PeftModel.from_pretrained(model, str(path)).merge_and_unload()

@@ -63,14 +63,22 @@ def require_reward_model(path: str | Path, key: str = "reward_model") -> None:
 def fresh_head_quietly(path):
     """transformers' load report (a table of the head's missing weights, "consider training on
     your downstream task") left out where the head is meant to start fresh: a causal-LM folder
-    loaded as a classifier, which is what a reward model, critic or PRM trained here starts from."""
+    loaded as a classifier, which is what a reward model, critic or PRM trained here starts from;
+    and where the head comes next, from a classifier's LoRA adapter folder."""
     from transformers.utils import logging as hf_logging
 
-    try:
-        archs = architectures(path)
-    except ModelLoadError:  # no model folder (an adapter's, a missing one): from_folder says what it is
-        archs = ["?"]
-    if not archs or any(a.endswith(("ForSequenceClassification", "ForTokenClassification", "?")) for a in archs):
+    from .lora import adapter_task, is_adapter_folder
+
+    if is_adapter_folder(path):  # a classifier's adapter carries its head, loaded after the base
+        quiet = adapter_task(path) in ADAPTER_TASKS.values()
+    else:
+        try:
+            archs = architectures(path)
+        except ModelLoadError:  # no model folder (a missing one): from_folder says what it is
+            archs = ["?"]
+        quiet = bool(archs) and not any(a.endswith(("ForSequenceClassification", "ForTokenClassification", "?"))
+                                        for a in archs)
+    if not quiet:
         yield
         return
     level = hf_logging.get_verbosity()
