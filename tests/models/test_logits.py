@@ -27,6 +27,13 @@ CONFIGS = {
     "llama": lambda: tf.LlamaConfig(**SMALL),
     "qwen2": lambda: tf.Qwen2Config(**SMALL),
     "gpt2": lambda: tf.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, pad_token_id=0, eos_token_id=1),
+    # a mixture of experts that asks for its router logits (transformers adds the balancing loss)
+    "mixtral": lambda: tf.MixtralConfig(**SMALL, num_local_experts=4, num_experts_per_tok=2, output_router_logits=True),
+    # hybrids: a convolution layer and a Mamba layer keep a state beside the attention's keys and values
+    "lfm2": lambda: tf.Lfm2Config(**SMALL, layer_types=["conv", "full_attention"], conv_L_cache=3),
+    "jamba": lambda: tf.JambaConfig(**SMALL, num_experts=1, attn_layer_period=2, attn_layer_offset=1,
+                                    expert_layer_period=2, expert_layer_offset=1, mamba_d_state=8, mamba_expand=2,
+                                    mamba_dt_rank=8),
 }
 
 
@@ -85,8 +92,11 @@ def test_without_the_final_processing_the_sum_is_wrong_and_loading_refuses(name,
         load_causal_lm(model)
 
 
-@pytest.mark.parametrize("name", ["gemma2", "granite", "cohere", "llama", "gpt2"])
+@pytest.mark.parametrize("name", ["gemma2", "granite", "cohere", "llama", "gpt2", "mixtral", "lfm2", "jamba"])
 def test_sampler_logprobs_equal_the_models_own_forward(name):
+    """Two samples a prompt: a hybrid's state is prefilled per sample (repeating its cache's rows
+    left the state at one row: a crash), and a mixture of experts' balancing loss is not computed
+    on the one-token steps (a crash on the mask's length)."""
     model = _model(name)
     prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]  # different lengths: left padding
     samples = sample(model, prompts, eos_id=1, pad_id=0, max_new_tokens=6, temperature=1.0, num_samples=2,

@@ -208,6 +208,19 @@ def _unselect(values: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
+def keys_and_values_only(cache) -> bool:
+    """Whether every layer of a transformers cache holds keys and values alone, so that its rows can
+    be repeated (``batch_repeat_interleave``); a hybrid's linear-attention or Mamba layers keep a
+    state that is not repeated with them."""
+    import transformers.cache_utils as caches
+
+    layers = getattr(cache, "layers", None)
+    if layers is None:  # transformers 4's DynamicCache: keys and values per layer, no layer objects
+        return hasattr(cache, "batch_repeat_interleave") and type(cache).__name__ == "DynamicCache"
+    state = getattr(caches, "LinearAttentionCacheLayerMixin", ())
+    return all(isinstance(layer, caches.DynamicLayer) and not isinstance(layer, state) for layer in layers)
+
+
 def _cache_kwarg(model_class: type) -> str:
     """transformers 5 renamed ``past_key_values`` to ``cache``; support both."""
     import inspect
@@ -216,8 +229,12 @@ def _cache_kwarg(model_class: type) -> str:
 
 
 def forward_with_cache(model, input_ids, attention_mask, position_ids, cache=None, logits_to_keep: int = 1):
-    """One cached forward step: returns (last-position logits (B, V) in fp32, the updated cache)."""
+    """One cached forward step: returns (last-position logits (B, V) in fp32, the updated cache).
+    A mixture of experts' router logits are not asked for (its config's ``output_router_logits``
+    would have transformers compute the training-time balancing loss on one token each step)."""
     kwargs = {_cache_kwarg(type(model)): cache} if cache is not None else {}
+    if getattr(model.config, "output_router_logits", False):
+        kwargs["output_router_logits"] = False
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 use_cache=True, logits_to_keep=logits_to_keep, **kwargs)
     new_cache = out.cache if hasattr(out, "cache") else out.past_key_values

@@ -24,6 +24,7 @@ from ..data.prefs import block_causal_mask, pad_right
 from ..models.forward import (
     as_forward,
     forward_with_cache,
+    keys_and_values_only,
     position_ids_from_mask,
     predecessor_logprobs,
     reads_block_masks,
@@ -220,8 +221,13 @@ def _generic_tokens(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, 
     model.eval()
     try:
         logits, cache = forward_with_cache(model, prompt_ids, prompt_mask, position_ids_from_mask(prompt_mask))  # (B, V)
-        if num_samples > 1:
+        if num_samples > 1 and keys_and_values_only(cache):
             cache.batch_repeat_interleave(num_samples)
+        elif num_samples > 1:  # a hybrid's recurrent state (Jamba, Qwen3-Next, ...) is not repeated: each row prefilled
+            prompt_ids = prompt_ids.repeat_interleave(num_samples, 0)
+            logits, cache = forward_with_cache(model, prompt_ids, prompt_mask.repeat_interleave(num_samples, 0),
+                                               position_ids_from_mask(prompt_mask).repeat_interleave(num_samples, 0))
+            logits = logits[::num_samples]  # repeated again below, as the other branch's
         logits, prompt_mask = logits.repeat_interleave(num_samples, 0), prompt_mask.repeat_interleave(num_samples, 0)
         n, width = prompt_mask.shape
         mask = torch.cat([prompt_mask, prompt_mask.new_zeros(n, max_new_tokens)], 1)  # filled as we go
