@@ -56,3 +56,31 @@ def test_ppo_trains_the_same_on_either_backend_when_both_sample_greedily(tiny, t
     b, _ = load_policy(str(tmp_path / "generate" / "model"), None)
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, atol=1e-4, rtol=1e-3)
+
+
+def test_sampler_logprobs_are_not_called_exact_where_the_rotary_frequencies_follow_the_length():
+    """Dynamic NTK scaling recomputes its frequencies from the sequence's length, so a token's
+    log-prob from its decode step differs from a forward over the finished sequence; GRPO with
+    mu > 1 then recomputes pi_old instead of taking the sampler's as the first ratio's."""
+    import transformers as tf
+
+    from rlhfkit.rollout.sampler import completion_logprobs
+
+    small = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=64, pad_token_id=0, eos_token_id=1, max_position_embeddings=8)
+    made = {}
+    for kind in ("default", "dynamic"):
+        torch.manual_seed(0)
+        config = tf.LlamaConfig(**small, rope_parameters={"rope_type": kind, "rope_theta": 10000.0,
+                                                          **({"factor": 4.0} if kind == "dynamic" else {})})
+        made[kind] = tf.AutoModelForCausalLM.from_config(config).eval()
+    params = SamplingParams(max_new_tokens=12, temperature=1.0)  # past the 8 positions: the frequencies change
+    for kind, model in made.items():
+        backend = SamplerBackend(None, model)
+        backend.tokenizer = type("Ids", (), {"eos_token_id": 1, "pad_token_id": 0})()
+        torch.manual_seed(1)
+        samples = backend.generate([[5, 6, 7, 8, 9, 10]], params)
+        with torch.no_grad():
+            gap = (samples.logprobs - completion_logprobs(model, samples) * samples.completion_mask).abs().max()
+        assert backend.logprobs_exact(params) == (kind == "default")
+        assert (gap < 1e-5) == (kind == "default"), (kind, gap)

@@ -112,7 +112,7 @@ class LeanDecoder:
     def applies(model) -> bool:
         base = getattr(model, model.base_model_prefix, None)
         return (llama_like(model.config) and model.device.type == "cpu" and hasattr(base, "layers")
-                and getattr(getattr(base, "rotary_emb", None), "rope_type", None) not in LENGTH_DEPENDENT_ROPE
+                and not length_dependent_rope(model)
                 and isinstance(model.get_output_embeddings(), torch.nn.Linear) and not processes_logits(model.config)
                 and not has_adapters(model))  # it reads q/k/v weights directly: LoRA layers go the generic way
 
@@ -142,6 +142,14 @@ class LeanDecoder:
 # rotary types whose frequencies change with the length of the sequence (transformers'
 # dynamic_rope_update): their values cannot be tabled once per call
 LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+def length_dependent_rope(model) -> bool:
+    """Whether ``model``'s rotary frequencies change with the sequence's length: a token's
+    log-prob then depends on how long the sequence was when it was computed (a decode step's
+    against a forward over the finished sequence differ, by up to 1e-2 on Phi-3's longrope)."""
+    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    return getattr(getattr(base, "rotary_emb", None), "rope_type", None) in LENGTH_DEPENDENT_ROPE
 
 
 # The decoder's step as one TorchScript function: a sampling call runs it once per token on a

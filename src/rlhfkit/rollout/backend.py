@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..models.lean import length_dependent_rope
 from ..models.load import full_state_dict
 from .sampler import Samples, _mask_through_eos, left_pad, sample
 
@@ -69,7 +70,9 @@ class SamplerBackend:
                       top_p=params.top_p, num_samples=params.num_samples)
 
     def logprobs_exact(self, params: SamplingParams) -> bool:
-        return params.temperature > 0  # the sampler's log-probs: of logits / temperature, before top-k / top-p
+        # the sampler's log-probs: of logits / temperature, before top-k / top-p; not where the
+        # rotary frequencies follow the length (each step's differ from the finished sequence's)
+        return params.temperature > 0 and not length_dependent_rope(self.model)
 
 
 class GenerateBackend:
