@@ -217,3 +217,24 @@ def test_a_reward_model_folder_without_tokenizer_files_is_named_in_a_warning(tin
     load_models(cfg, "cpu", told)
     assert told.lines == [f"warning: the reward model at {bare} has no tokenizer files, so whether it reads the "
                           "actor's token ids cannot be checked; it is given them"]
+
+
+def test_a_routers_training_noise_is_switched_off_with_the_dropout():
+    """Mixtral multiplies its router's input by uniform noise in training (``router_jitter_noise``):
+    two forwards in train mode differed, and train mode differed from eval mode (pi_old)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from rlhfkit.models.load import disable_dropout
+
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(MixtralConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, intermediate_size=64,
+                                             num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                             num_experts_per_tok=2, router_jitter_noise=0.5))
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(8.0)  # routing that the noise can change
+    ids = torch.randint(3, 50, (2, 8))
+    assert not torch.allclose(model.train()(ids).logits, model.train()(ids).logits)
+    disable_dropout(model)
+    assert torch.equal(model.train()(ids).logits, model.train()(ids).logits)
+    torch.testing.assert_close(model.train()(ids).logits, model.eval()(ids).logits, atol=1e-5, rtol=0)
+    assert model.config.router_jitter_noise == 0.5  # the saved config keeps it

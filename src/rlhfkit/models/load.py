@@ -165,16 +165,22 @@ def load_causal_lm(path, tokenizer=None, dtype: str = "fp32", device: str = "cpu
 
 def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
     """Every dropout of ``model`` set to 0 (``nn.Dropout`` modules and the attention's own rate), in
-    place, the saved config untouched. The RL trainers take pi_old with the model in eval mode
-    and pi_theta in train mode: at the same weights they must be one distribution (the first
-    ratio 1), as TRL's PPO makes them."""
+    place, the saved config untouched; so is the noise a mixture of experts' router multiplies its
+    input by in training (Mixtral's ``jitter_noise``, ``TRAINING_NOISE``). The RL trainers take
+    pi_old with the model in eval mode and pi_theta in train mode: at the same weights they must
+    be one distribution (the first ratio 1), as TRL's PPO makes them."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
         for name, value in vars(module).items():  # rates a forward reads as numbers (OPT's dropout, layerdrop)
-            if isinstance(value, float) and ("dropout" in name or "pdrop" in name or name == "layerdrop"):
+            if isinstance(value, float) and ("dropout" in name or "pdrop" in name or name in TRAINING_NOISE):
                 setattr(module, name, 0.0)
     return model
+
+
+# Rates read in training only (PhiMoE's ``router_jitter_noise`` is not one: its routing reads it
+# in eval mode too, as a threshold)
+TRAINING_NOISE = ("layerdrop", "jitter_noise", "input_jitter_noise", "moe_jitter_eps")
 
 
 def from_folder(auto_class, path, **kwargs):
