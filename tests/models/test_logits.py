@@ -1,7 +1,7 @@
 """Every log-prob path equals the model's own forward, for heads that post-process their logits.
 
-Gemma-2 soft-caps its logits (tanh(l / cap) * cap), Granite divides them by ``logits_scaling``
-and Cohere multiplies them by ``logit_scale``; a forward that applies only the output embedding
+Gemma-2 soft-caps its logits (tanh(l / cap) * cap), Granite divides them by ``logits_scaling``,
+Cohere multiplies them by ``logit_scale`` and Falcon-H1 by ``lm_head_multiplier``; a forward that applies only the output embedding
 gets them wrong (on Gemma-2 by tens of nats per sequence). Tiny random configs, nothing downloaded.
 """
 
@@ -29,6 +29,8 @@ CONFIGS = {
     "gpt2": lambda: tf.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, pad_token_id=0, eos_token_id=1),
     # a mixture of experts that asks for its router logits (transformers adds the balancing loss)
     "mixtral": lambda: tf.MixtralConfig(**SMALL, num_local_experts=4, num_experts_per_tok=2, output_router_logits=True),
+    "falcon_h1": lambda: tf.FalconH1Config(**SMALL, mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=1, mamba_d_ssm=64,
+                                           mamba_d_state=8, mamba_chunk_size=16, lm_head_multiplier=0.5),
     # hybrids: a convolution layer and a Mamba layer keep a state beside the attention's keys and values
     "lfm2": lambda: tf.Lfm2Config(**SMALL, layer_types=["conv", "full_attention"], conv_L_cache=3),
     "jamba": lambda: tf.JambaConfig(**SMALL, num_experts=1, attn_layer_period=2, attn_layer_offset=1,
@@ -79,7 +81,7 @@ def test_token_logprobs_equal_the_models_own_forward(name):
     assert theirs.sum() < -10  # the sums compared are real, not zeros
 
 
-@pytest.mark.parametrize("name", ["gemma2", "granite", "cohere"])
+@pytest.mark.parametrize("name", ["gemma2", "granite", "cohere", "falcon_h1"])
 def test_without_the_final_processing_the_sum_is_wrong_and_loading_refuses(name, monkeypatch):
     model = _model(name)
     ids, mask, target = _batch()

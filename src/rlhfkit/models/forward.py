@@ -93,6 +93,7 @@ LOGIT_PROCESSING = {
     "final_logit_softcapping": lambda logits, cap: torch.tanh(logits / cap) * cap,  # Gemma-2, Gemma-3
     "logits_scaling": lambda logits, scale: logits / scale,  # Granite
     "logit_scale": lambda logits, scale: logits * scale,  # Cohere
+    "lm_head_multiplier": lambda logits, scale: logits * scale,  # Falcon-H1
 }
 
 
