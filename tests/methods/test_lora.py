@@ -230,7 +230,8 @@ def test_merging_an_adapter_on_tied_embeddings_is_refused_before_training(tiny, 
     cfg = SFTConfig(model=str(tiny["base"]), train_data=str(tiny["data"] / "sft_train.jsonl"), max_length=64,
                     lora=replace(LORA, merge=True, target_modules="q_proj,lm_head"),
                     train=quiet_train(tmp_path / "sft", max_steps=1))
-    with pytest.raises(ConfigError, match="adapts the embeddings, which this model ties to its output layer"):
+    with pytest.raises(ConfigError, match="cannot be merged: they adapt the embeddings, which this model ties to its "
+                                          "output layer"):
         run_sft(cfg)
     assert not (tmp_path / "sft" / "checkpoints").exists()
     run_sft(replace(cfg, lora=replace(cfg.lora, merge=False), train__out_dir=str(tmp_path / "kept")))  # unmerged: fine
@@ -260,3 +261,23 @@ def test_merged_state_folds_embedding_adapters_in(tiny):
     expected = adapted(ids).logits
     assert (expected - before).abs().max() > 1e-2
     torch.testing.assert_close(plain(ids).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_adapters_on_experts_stored_as_one_tensor_are_named_as_unmergeable():
+    """peft's all-linear adapts Mixtral's experts through ``target_parameters`` (one 3-D tensor
+    each); ``merged_state`` folds in linear layers and embeddings only, and the final save of a
+    merged model failed after training ("Cannot copy out of meta tensor")."""
+    import transformers as tf
+
+    from rlhfkit.models.lora import LoraSettings, apply_lora, unmergeable
+
+    small = dict(vocab_size=50, hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_attention_heads=4,
+                 num_key_value_heads=2)
+    mixtral = apply_lora(tf.MixtralForCausalLM(tf.MixtralConfig(**small, num_local_experts=4, num_experts_per_tok=2)),
+                         LoraSettings(4, 8.0, 0.0, "all-linear"), None, None)
+    assert unmergeable(mixtral) == ("they adapt parameters, not layers (model.layers.0.mlp.experts and others: "
+                                    "experts stored as one tensor), which rlhfkit does not merge")
+    attention_only = apply_lora(tf.MixtralForCausalLM(tf.MixtralConfig(**small, num_local_experts=4)),
+                                LoraSettings(4, 8.0, 0.0, "q_proj,v_proj"), None, None)
+    llama = apply_lora(tf.LlamaForCausalLM(tf.LlamaConfig(**small)), LoraSettings(4, 8.0, 0.0, "all-linear"), None, None)
+    assert unmergeable(attention_only) is None and unmergeable(llama) is None

@@ -64,15 +64,27 @@ def apply_lora(model: torch.nn.Module, settings: LoraSettings, base: str | None,
     return model
 
 
-def adapts_tied_embeddings(model) -> bool:
-    """Whether an adapter sits on the input or output embedding of a model whose two are tied:
-    merged, its update would have to go into the one tensor both share (``save_pretrained`` keeps
-    one), changing the other too, or be lost."""
+def unmergeable(model) -> str | None:
+    """Why the adapters of ``model`` cannot be merged into a plain model (None: they can).
+
+    - An adapter on the input or output embedding of a model whose two are tied: merged, its
+      update would have to go into the one tensor both share (``save_pretrained`` keeps one),
+      changing the other too, or be lost.
+    - An adapter on a parameter rather than a layer (peft's ``target_parameters``, which its
+      ``all-linear`` picks for experts stored as one 3-D tensor, as Mixtral's and Qwen3-MoE's
+      are): ``merged_state`` folds in ``B @ A`` of linear layers and embeddings only."""
+    from peft.tuners.lora.layer import ParamWrapper
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    if not getattr(model.config, "tie_word_embeddings", False):
-        return False
-    return any(isinstance(m, BaseTunerLayer) for m in (model.get_input_embeddings(), model.get_output_embeddings()))
+    if getattr(model.config, "tie_word_embeddings", False) and any(
+            isinstance(m, BaseTunerLayer) for m in (model.get_input_embeddings(), model.get_output_embeddings())):
+        return "they adapt the embeddings, which this model ties to its output layer, and a merged model cannot " \
+               "hold the two apart"
+    wrapped = sorted({name.split(".base_layer")[0] for name, m in model.named_modules() if isinstance(m, ParamWrapper)})
+    if wrapped:
+        return f"they adapt parameters, not layers ({wrapped[0]}{' and others' if len(wrapped) > 1 else ''}: " \
+               "experts stored as one tensor), which rlhfkit does not merge"
+    return None
 
 
 def _task_type(model, head: str | None) -> str:

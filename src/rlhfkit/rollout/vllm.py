@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ..models.load import ModelLoadError, full_state_dict, is_sharded, save_model
-from ..models.lora import adapts_tied_embeddings, has_adapters, merged_state
+from ..models.lora import has_adapters, merged_state, unmergeable
 from .backend import SamplingParams
 from .sampler import Samples, _mask_through_eos, left_pad
 
@@ -70,11 +70,10 @@ class VLLMBackend:
             self.load_weights(model)
 
     def load_weights(self, model) -> None:
-        if self.engine is None and has_adapters(model) and adapts_tied_embeddings(model):
-            raise ModelLoadError("rollout.backend=vllm gets the policy's adapters merged, and they adapt the "
-                                 "embeddings this model ties to its output layer, which a merged model cannot hold "
-                                 "apart: leave the embeddings out of lora.target_modules or use another "
-                                 "rollout.backend")
+        why = unmergeable(model) if self.engine is None and has_adapters(model) else None
+        if why:
+            raise ModelLoadError(f"rollout.backend=vllm gets the policy's adapters merged, and {why}: name other "
+                                 "lora.target_modules or use another rollout.backend")
         state = full_state_dict(model)  # every rank of a sharded policy gathers
         if self.engine is None:  # the engine starts from a folder holding the current weights
             folder = self.folder / f"rank-{os.environ.get('RANK', '0')}"

@@ -113,7 +113,8 @@ class LoraConfig:
     r: int = 0  # adapter rank; 0 = no adapters (full fine-tuning)
     alpha: float = 16.0  # the update is scaled by alpha / r
     dropout: float = 0.0  # dropout on the adapters' input
-    # every linear layer of the decoder (not the output head), or "q_proj,v_proj" (in YAML also a list)
+    # every linear layer of the decoder (not the output head; as peft's all-linear picks them), or
+    # "q_proj,v_proj" (in YAML also a list)
     target_modules: str | list[str] = "all-linear"
     merge: bool = False  # also save the merged model: <out>/model merged, the adapter in <out>/model/adapter
 

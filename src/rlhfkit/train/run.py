@@ -46,7 +46,7 @@ from ..models.kernels import (
     use_fast_linear,
 )
 from ..models.load import is_sharded
-from ..models.lora import LoraSettings, adapts_tied_embeddings, apply_lora, enable_activation_checkpointing
+from ..models.lora import LoraSettings, apply_lora, enable_activation_checkpointing, unmergeable
 from ..models.memory import keep_freed_memory
 from .checkpoint import (
     CheckpointError,
@@ -223,10 +223,11 @@ class Run:
             with torch.random.fork_rng():
                 torch.manual_seed(self.cfg.seed)  # the adapters' random start (A) is the same in every run
                 model = apply_lora(model, settings, base, head)
-            if lora.merge and adapts_tied_embeddings(model):
-                raise ConfigError(f"lora.target_modules={lora.target_modules!r} adapts the embeddings, which this "
-                                  "model ties to its output layer: a merged model cannot hold the two apart; set "
-                                  "lora.merge=false (the adapter folder keeps them) or leave them out of the targets")
+            why = unmergeable(model) if lora.merge else None
+            if why:
+                raise ConfigError(f"lora.merge=true, but the adapters of lora.target_modules={lora.target_modules!r} "
+                                  f"cannot be merged: {why}; set lora.merge=false (the adapter folder keeps them) "
+                                  "or name other lora.target_modules")
             use_fast_linear(model)  # the adapters' own linear layers
             self.merge = lora.merge
         if self.cfg.activation_checkpointing:
