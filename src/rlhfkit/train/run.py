@@ -214,7 +214,14 @@ class Run:
                 base=None) -> torch.nn.Module:
         """A model to train, made ready before it is copied or sharded: LoRA adapters when
         ``lora.r > 0`` (``head``: a scalar head trained in full; ``base``: the folder it came from)
-        and activation checkpointing when ``train.activation_checkpointing``."""
+        and activation checkpointing when ``train.activation_checkpointing``. A mixture of experts
+        whose config asks for its router's balancing loss is told that it is not added."""
+        coef = getattr(model.config, "router_aux_loss_coef", 0) if getattr(model.config, "output_router_logits",
+                                                                           False) else 0
+        if coef:
+            self.say(f"warning: the model is a mixture of experts with output_router_logits=true; rlhfkit's losses "
+                     f"do not add its router's load-balancing loss (router_aux_loss_coef={coef}), which transformers' "
+                     "own loss and TRL's SFT and DPO do: its experts' balance is not trained")
         if lora is not None and lora.enabled:
             settings = LoraSettings(lora.r, lora.alpha, lora.dropout, lora.target_modules)
             base = str(base) if isinstance(base, (str, Path)) else getattr(model, "name_or_path", None)
