@@ -85,6 +85,15 @@ def method_config(name: str, tiny, out, steps: int, **train):
                      train=quiet_train(out, max_steps=steps, **online))
 
 
+def greedy_ppo_with_ptx(tiny, out):
+    """PPO sampling greedily (the same samples on any number of ranks) with PPO-ptx, 2 steps; one
+    minibatch a step (the ranks shuffle their own rows into minibatches)."""
+    from rlhfkit.train.config import replace
+
+    return replace(method_config("ppo", tiny, out, 2, log_every=1), temperature=0.0, minibatch_size=8,
+                   ptx_data=small(tiny, "sft_train.jsonl"), ptx_coef=0.5)
+
+
 def dropout_copy(tiny, folder, rate: float = 0.5):
     """The tiny base saved with attention dropout ``rate`` (and its tokenizer) in ``folder``."""
     import torch

@@ -16,7 +16,14 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from methods_setup import RUNS, dynamic_sampling_config, even_answer_digits, method_config, small  # noqa: E402
+from methods_setup import (  # noqa: E402
+    RUNS,
+    dynamic_sampling_config,
+    even_answer_digits,
+    greedy_ppo_with_ptx,
+    method_config,
+    small,
+)
 
 import rlhfkit.train.run as run_module  # noqa: E402
 from rlhfkit.methods.grpo import run_grpo  # noqa: E402
@@ -44,6 +51,7 @@ def _jobs(rank: int, out: Path, assets: dict) -> dict:
         cfg = method_config(method, assets[model], out / f"{method}-{model}-{strategy}", 3, log_every=1,
                             strategy=strategy)
         RUNS[method](cfg)
+    RUNS["ppo"](greedy_ppo_with_ptx(assets["tiny"], out / "ppo-greedy"))  # replicated: the test runs it in one process
     # DCP resume: an uninterrupted 4-step run; one killed in step 3 (after the step-2 checkpoint)
     # and resumed here (2 -> 2); one killed alike and left for the test to resume in 1 process.
     def cfg(name):

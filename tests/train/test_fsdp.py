@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from methods_setup import METHODS, RUNS, method_config, small
+from methods_setup import METHODS, RUNS, greedy_ppo_with_ptx, method_config, small
 
 from rlhfkit.methods.common import load_policy
 from rlhfkit.models.kernels import onednn_linear_available
@@ -125,6 +125,19 @@ def test_online_methods_sharded_equal_replicated_on_the_same_samples(method, mod
     for key in ("train/loss", "train/grad_norm"):
         assert _losses(sharded, key) == pytest.approx(_losses(replicated, key), rel=1e-5, abs=1e-6)
     _assert_same_weights(sharded, replicated)
+
+
+def test_ppos_token_means_and_explained_variance_on_two_ranks_are_one_processs(two_ranks, tiny, tmp_path):
+    """Each rank had logged its own token means and explained variance, averaged over the ranks:
+    at step 1 a policy loss of -0.006 where one process has 0 (advantages whitened over all)."""
+    out, _ = two_ranks
+    RUNS["ppo"](greedy_ppo_with_ptx(tiny, tmp_path / "one"))
+    keys = ("loss", "grad_norm", "policy_loss", "value_loss", "entropy", "approx_kl", "policy_clip_frac",
+            "value_clip_frac", "explained_variance", "ptx_loss", "rm_score", "kl")
+    apart = {key: (_losses(out / "ppo-greedy", f"train/{key}"), _losses(tmp_path / "one", f"train/{key}"))
+             for key in keys}
+    assert {k: v for k, v in apart.items() if v[0] != pytest.approx(v[1], abs=1e-5)} == {}
+    assert abs(_losses(tmp_path / "one", "train/policy_loss")[0]) < 1e-6  # whitened over the whole batch
 
 
 def test_dynamic_sampling_fills_both_ranks_shares_on_two_sharded_ranks(two_ranks):

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from .policy import clipped_surrogate
-from .reduce import masked_mean, token_mean
+from .reduce import masked_mean, masked_sum, token_mean
 
 
 def kl_penalty_rewards(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor,
@@ -89,12 +89,17 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     return loss, metrics
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """1 - Var(R - V) / Var(R) over the masked tokens: 1 is a perfect critic, <= 0 a useless one."""
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, total=None) -> torch.Tensor:
+    """1 - Var(R - V) / Var(R) over the masked tokens: 1 is a perfect critic, <= 0 a useless one.
+    ``total``: how partial sums become the whole's (masked_whiten's), e.g. over all ranks' tokens."""
+    total = total or (lambda sums: sums)
     mask = mask.to(values.dtype)
-    var_r = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
     residual = returns - values
-    var_res = masked_mean((residual - masked_mean(residual, mask)) ** 2, mask)
+    count, sum_r, sum_res = total(torch.stack([mask.sum(), masked_sum(returns, mask), masked_sum(residual, mask)]))
+    count = count.clamp(min=1)
+    centred = torch.stack([masked_sum((returns - sum_r / count) ** 2, mask),
+                           masked_sum((residual - sum_res / count) ** 2, mask)])
+    var_r, var_res = total(centred) / count
     return 1 - var_res / var_r.clamp(min=1e-8)
 
 

@@ -48,6 +48,7 @@ from ..train.config import (
     used_only_with,
     within,
 )
+from ..train.dist import DistInfo, all_gather_object
 from ..train.loop import BatchOrder, autocast, reduce_dict, row_chunks
 from ..train.optim import build_optimizer, build_scheduler
 from ..train.run import Run, start_run
@@ -491,18 +492,27 @@ def all_abstained(outcome: OutcomeScores) -> bool:
     return bool(columns) and all(bool(torch.isnan(v).all()) for v in columns)
 
 
-def step_metrics(batch: Rollout, group_size: int) -> dict:
+def step_metrics(batch: Rollout, group_size: int, info: DistInfo | None = None) -> dict:
+    """The step's rollout metrics. The rewards' and lengths' statistics are the whole batch's,
+    gathered from every rank (an average of the ranks' maxima or standard deviations is neither);
+    the timings and the share of groups without a signal are this rank's, averaged over ranks."""
+    info = info or DistInfo()
     outcome, lengths = batch.outcome, batch.samples.completion_mask.sum(-1).float()
+    mine = {"rewards": outcome.rewards, "lengths": lengths, **outcome.per_function}
+    everyone = all_gather_object({k: v.cpu() for k, v in mine.items()}, info)
+    whole = {k: torch.cat([rank[k] for rank in everyone]) for k in mine}
     zero_groups = ~informative(batch.advantages, group_size)  # (groups,) no signal
-    out = {"reward_mean": outcome.rewards.mean().item(), "reward_std": outcome.rewards.std().item(),
-           "completion_len_mean": lengths.mean().item(), "completion_len_max": lengths.max().item(),
+    out = {"reward_mean": whole["rewards"].mean().item(), "reward_std": whole["rewards"].std().item(),
+           "completion_len_mean": whole["lengths"].mean().item(), "completion_len_max": whole["lengths"].max().item(),
            "tokens_sampled_per_s": lengths.sum().item() / max(batch.generation_s, 1e-9),
            "time_generation_s": batch.generation_s, "zero_advantage_groups": zero_groups.float().mean().item()}
-    for name, column in outcome.per_function.items():
+    errors = all_gather_object(outcome.errors, info)
+    for name in outcome.per_function:
+        column = whole[name]
         present = column[~column.isnan()]
         out[f"reward/{name}_mean"] = present.mean().item() if present.numel() else float("nan")  # all abstained
         out[f"reward/{name}_std"] = present.std().item() if present.numel() > 1 else 0.0
-        out[f"reward/{name}_errors"] = outcome.errors.get(name, 0)  # every rank logs the same keys
+        out[f"reward/{name}_errors"] = sum(e.get(name, 0) for e in errors)  # all ranks' (the same on each)
     return out
 
 
@@ -574,7 +584,7 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
             run.say(f"step {step + 1}: every outcome reward abstained (returned None) on every sample, so the step's "
                     "rewards are 0 and its groups carry no signal; said once a run")
         metrics = update(run, policy, reference, batch, cfg, exact, tokenizer.pad_token_id)
-        run.step_done(means={**step_metrics(pool, cfg.group_size), **metrics, **retokenised, **fill,
+        run.step_done(means={**step_metrics(pool, cfg.group_size, run.info), **metrics, **retokenised, **fill,
                              "time_weight_sync_s": sync},
                       evaluate=evaluate)
     summary = {"accuracy_before": before.get("accuracy"), "reward_mean": run.metrics.get("reward_mean")}

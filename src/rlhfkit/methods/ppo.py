@@ -258,17 +258,18 @@ def ppo_update(run: Run, models: dict, exp: Experience, cfg: PPOConfig, ptx_batc
 
 
 def minibatch_step(run: Run, models: dict, exp: Experience, rows: torch.Tensor, cfg: PPOConfig, ptx=None) -> dict:
-    """One optimizer step on this rank's ``rows`` of a minibatch, micro-batched, plus PPO-ptx."""
+    """One optimizer step on this rank's ``rows`` of a minibatch, micro-batched, plus PPO-ptx.
+    Returns the loss and gradient norm (``WHOLE``) and this rank's shares of the token means."""
     counts = reduce_dict({"tokens": exp.mask[rows].sum().item(),
                           "ptx_tokens": ptx.completion_mask[:, 1:].sum().item() if ptx is not None else 0.0}, run.info)
     loss, stats = torch.zeros(()), {}
-    tokens = exp.mask[rows].sum().clamp(min=1)
     for index in row_chunks(len(rows), cfg.train.micro_batch_size):
         values = exp.take_first_values()  # the first micro-batch of the first minibatch only; else None
         part, micro = minibatch_loss(models["actor"], models["critic"], exp, rows[index], cfg, counts, values)
         part.backward()
         loss = loss + part.detach()
-        share = exp.mask[rows[index]].sum() / tokens  # micro-batch stats weighted by their tokens
+        # each micro-batch's token means weighted by its part of all ranks' tokens: shares of the global means
+        share = exp.mask[rows[index]].sum() / max(counts["tokens"], 1.0)
         for key, v in micro.items():
             stats[key] = stats.get(key, 0.0) + float(v * share)
     if ptx is not None and cfg.ptx_coef > 0:  # micro-batched as the rollout rows are
@@ -279,9 +280,12 @@ def minibatch_step(run: Run, models: dict, exp: Experience, rows: torch.Tensor, 
             part, share = ptx_loss(models["actor"], chunk, cfg, counts["ptx_tokens"])
             part.backward()
             loss, ptx_share = loss + part.detach(), ptx_share + float(share)
-        stats["ptx_loss"] = ptx_share * counts["ptx_tokens"] / max(float(ptx.completion_mask[:, 1:].sum()), 1.0)
+        stats["ptx_loss"] = ptx_share  # this rank's share of the mean over all ranks' ptx tokens
     stats["loss"], stats["grad_norm"] = run.optimizer_step(loss, clip_apart=[models["actor"], models["critic"]])
     return stats
+
+
+WHOLE = ("loss", "grad_norm")  # minibatch_step's values that are the whole batch's on every rank; the rest are shares
 
 
 def load_models(cfg: PPOConfig, device: str = "cpu", run: Run | None = None):
@@ -397,14 +401,14 @@ def run_ppo(cfg: PPOConfig, backend=None) -> dict:
         kl_coef = kl_ctl.beta  # this step's rewards' coefficient, logged as such (the controller then moves it)
         exp, metrics = make_experience(models, backend, prompt_ids, cfg, kl_coef, exact, run.info)
         t0 = time.time()
-        metrics.update(ppo_update(run, models, exp, cfg, ptx_batches_for(ptx, step, updates, run.info,
-                                                                         tokenizer.pad_token_id)))
+        shares = ppo_update(run, models, exp, cfg, ptx_batches_for(ptx, step, updates, run.info, tokenizer.pad_token_id))
+        metrics.update({key: shares.pop(key) for key in WHOLE})
         kls.append(reduce_dict({"kl": exp.kl.sum().item() / exp.kl.shape[0]}, run.info)["kl"] / run.info.world_size)
         if cfg.target_kl is not None:  # KL(pi || pi_ref) per completion, over all ranks
             kl_ctl.update(kls[-1], cfg.prompts_per_step)
-        metrics.update(experience_metrics(exp), time_update_s=time.time() - t0, kl_coef=kl_coef,
+        metrics.update(experience_metrics(exp, run.info), time_update_s=time.time() - t0, kl_coef=kl_coef,
                        time_weight_sync_s=sync)
-        run.step_done(means=metrics, state={"kl_coef": kl_ctl.beta, "kls": kls}, evaluate=evaluate_now)
+        run.step_done(means=metrics, shares=shares, state={"kl_coef": kl_ctl.beta, "kls": kls}, evaluate=evaluate_now)
     run.save_model(models["critic"], tokenizer, f"{tc.out_dir}/critic", what="critic")
     return run.finish(models["actor"], tokenizer, ppo_summary(run, kls, kl_ctl.beta, before, models))
 
@@ -419,9 +423,12 @@ def ppo_summary(run: Run, kls: list[float], kl_coef: float, before: dict, models
     return summary
 
 
-def experience_metrics(exp: Experience) -> dict:
-    lengths = exp.mask.sum(-1).float()
+def experience_metrics(exp: Experience, info: DistInfo | None = None) -> dict:
+    """Means over this rank's rows (every rank holds as many), and the critic's explained variance
+    over all ranks' tokens."""
+    lengths, info = exp.mask.sum(-1).float(), info or DistInfo()
+    everywhere = explained_variance(exp.old_values, exp.returns, exp.mask, total=lambda s: all_reduce_sum(s, info))
     return {"rm_score": exp.raw_scores.mean().item(), "score": exp.scores.mean().item(),
             "kl": (exp.kl.sum() / exp.kl.shape[0]).item(), "logprob_gap": exp.logprob_gap,
-            "explained_variance": explained_variance(exp.old_values, exp.returns, exp.mask).item(),
+            "explained_variance": everywhere.item(),
             "completion_len_mean": lengths.mean().item(), "eos_frac": exp.samples.finished.float().mean().item()}
