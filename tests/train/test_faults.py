@@ -682,3 +682,34 @@ def test_a_model_folder_set_aside_by_an_interrupted_save_is_put_back_and_never_t
     assert "the model folder an interrupted save had set aside, put back" in capfd.readouterr().err
     assert not list(out.glob("*.old")) and not list((out / "checkpoints").glob("*.old"))
     assert [m["step"] for m in read_metrics(out) if "train/loss" in m] == [1, 2, 3]  # resumed from step 2
+
+
+def test_a_rank_the_checkpoint_did_not_have_keeps_its_own_random_stream(tmp_path):
+    """A one-process checkpoint resumed on 2 ranks: rank 1 took rank 0's saved state, so both
+    ranks sampled (and dropped out) alike; it keeps the stream it was seeded with."""
+    from rlhfkit.train.dist import DistInfo
+
+    torch.manual_seed(5)
+    path, modules = _linear_checkpoint(tmp_path, 2)
+    rank0_next = torch.rand(3)  # what rank 0 draws first after resuming
+    torch.manual_seed(6)  # rank 1's own seed (seed + rank), set before the checkpoint loads
+    own_next = torch.rand(3)
+    torch.manual_seed(6)
+    checkpoint_module.load_checkpoint(path, *modules, DistInfo(rank=1, world_size=2))
+    assert torch.equal(torch.rand(3), own_next) and not torch.equal(own_next, rank0_next)
+    checkpoint_module.load_checkpoint(path, *modules, DistInfo(rank=0, world_size=2))
+    assert torch.equal(torch.rand(3), rank0_next)
+
+
+@pytest.mark.parametrize("method", ["grpo", "sft"])
+def test_resuming_on_another_number_of_ranks_says_a_rollout_run_goes_on_with_other_samples(method, tiny, tmp_path,
+                                                                                          capfd):
+    cfg = method_config(method, tiny, tmp_path / method, 1, save_every=1)
+    RUNS[method](cfg)
+    state_file = checkpoint_module.latest_checkpoint(tmp_path / method) / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**state, "world_size": 2}))  # as 2 ranks wrote it
+    capfd.readouterr()
+    RUNS[method](replace(cfg, train__max_steps=2, train__resume=True))
+    said = "the checkpoint was written by 2 rank(s) and this run has 1" in capfd.readouterr().err
+    assert said == (method == "grpo")  # an offline method's steps do not depend on the ranks' random streams

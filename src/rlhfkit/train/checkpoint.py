@@ -226,9 +226,10 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, info: DistInfo | No
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     state = json.loads((path / "trainer_state.json").read_text())
     name, ranks = ("after-eval-rng", state["rng_after_eval"]) if state.get("rng_after_eval") else ("rng", None)
-    rng = path / f"{name}-{info.rank}.pt"  # a rank the checkpoint did not have takes rank 0's state
+    rng = path / f"{name}-{info.rank}.pt"  # a rank the checkpoint did not have keeps the stream it was seeded
     own = rng.is_file() and (ranks is None or info.rank < ranks)  # (not an older amend's file: amend_checkpoint)
-    set_rng_state(torch.load(rng if own else path / f"{name}-0.pt", weights_only=True))
+    if own:  # with (seed + rank): taking rank 0's state, it had sampled and dropped out as rank 0 did
+        set_rng_state(torch.load(rng, weights_only=True))
     return state
 
 

@@ -307,6 +307,11 @@ class Run:
                      + ("; an eval had stopped the run there" if self.stopped_early else "")
                      + ("; the run is complete: its model folder and result.json are written again"
                         if self.start == self.max_steps else ""))
+            saved_ranks = self.state.get("world_size", self.info.world_size)
+            if saved_ranks != self.info.world_size and self.unit == "rollout step":
+                self.say(f"note: the checkpoint was written by {saved_ranks} rank(s) and this run has "
+                         f"{self.info.world_size}; each rank samples from its own random stream, so the run goes on "
+                         "with other samples than an uninterrupted one would (as valid, not the same numbers)")
             if self.info.is_main:
                 truncate_metrics(self.cfg.out_dir, self.start, bool(self.state.get("pending_eval")),
                                  self.state.get("step_logged", True))
