@@ -183,3 +183,20 @@ def test_chat_messages_in_a_csv_cell_are_refused_not_trained_on_as_text(tmp_path
         read_rows(path)
     path.write_text('prompt,completion\n"[1, 2] is a list","[""role""] too"\n')  # text that only looks like it
     assert read_rows(path)[0].data == {"prompt": "[1, 2] is a list", "completion": '["role"] too'}
+
+
+def test_a_tables_nulls_inside_messages_and_tool_calls_are_keys_the_row_does_not_have(tmp_path):
+    """Arrow gives every message and tool call all the keys any row's has: a tool call's arguments
+    {"city": "Paris"} came back as {"city": "Paris", "tz": None}, and a template rendered the null."""
+    import datasets
+
+    rows = [{"messages": [{"role": "user", "content": "Weather?"},
+                          {"role": "assistant", "content": "", "tool_calls": [
+                              {"type": "function", "function": {"name": "w", "arguments": {"city": "Paris"}}}]}]},
+            {"messages": [{"role": "user", "content": "Time?"},
+                          {"role": "assistant", "content": "", "tool_calls": [
+                              {"type": "function", "function": {"name": "t", "arguments": {"tz": "UTC"}}}]}]},
+            {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "tools.parquet"))
+    assert [r.data for r in read_rows(tmp_path / "tools.parquet")] == rows
+    assert [r.data for r in read_rows(datasets.Dataset.from_list(rows))] == rows

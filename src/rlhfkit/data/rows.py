@@ -133,8 +133,18 @@ def _from_dataset(ds, name: str) -> list[Row]:
 
 
 def _present(fields: dict) -> dict:
-    """A table row's fields without its nulls (columns other rows fill)."""
-    return {k: v for k, v in fields.items() if v is not None}
+    """A table row's fields without its nulls (columns other rows fill), at every depth: a table
+    gives each message, tool call and tool schema every key that any row's has (Arrow merges
+    them into one type), as null where that one has none, and a chat template would render them."""
+    return {k: _without_nulls(v) for k, v in fields.items() if v is not None}
+
+
+def _without_nulls(value):
+    if isinstance(value, dict):
+        return _present(value)
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
 
 
 def _as_dict(obj, where: str) -> dict:
