@@ -264,3 +264,17 @@ def test_a_users_message_as_the_answer_and_a_templateless_implicit_chat_pair_are
     plain.chat_template = None
     with pytest.raises(DataError, match=r"d.jsonl:1: field 'chosen' holds chat messages but the tokenizer has no chat"):
         encode_rankings(_rows(pair), plain, 64)
+
+
+def test_a_text_prompt_beside_whole_conversations_is_their_shared_start_as_in_trl(chatml):
+    """UltraFeedback-binarized's layout: ``prompt`` as text, ``chosen`` and ``rejected`` as whole
+    conversations (and extra fields). TRL then takes the conversations' shared messages as the
+    prompt; it was refused ("holds chat messages but the prompt is plain text")."""
+    wrong = {"role": "assistant", "content": " 4"}
+    ufb = {"prompt": USER["content"], "chosen": [USER, ASSISTANT], "rejected": [USER, wrong],
+           "messages": [USER, ASSISTANT], "score_chosen": 9.0, "score_rejected": 2.0}
+    implicit = {"chosen": [USER, ASSISTANT], "rejected": [USER, wrong]}
+    assert encode_rankings(_rows(ufb), chatml, 64)[0] == encode_rankings(_rows(implicit), chatml, 64)[0]
+    with pytest.raises(DataError, match=r"d.jsonl:1: field 'prompt' is plain text beside 'chosen' and 'rejected' as "
+                                        r"whole conversations.*not the 'prompt' text"):
+        encode_rankings(_rows({**ufb, "prompt": "another question"}), chatml, 64)

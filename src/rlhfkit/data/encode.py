@@ -89,9 +89,18 @@ def chat_prompt(row: Row) -> list[dict] | None:
     d = row.data
     if row_format(row) == "implicit_preference" and is_chat(d.get("chosen")):
         prompt = shared_prefix(d["chosen"], d["rejected"])[0]
+        if not prompt and isinstance(d.get("prompt"), str):
+            raise DataError(f"{row.where}: field 'chosen' holds chat messages but the prompt is plain text; "
+                            "write both as chat messages or both as text")
         if not prompt:
             raise DataError(f"{row.where}: fields 'chosen' and 'rejected' share no leading message, so the pair has "
                             "no prompt; put the prompt's messages in a 'prompt' field")
+        last = prompt[-1] if isinstance(prompt[-1], dict) else {}
+        if isinstance(d.get("prompt"), str) and (last.get("role") != "user" or not isinstance(last.get("content"), str)
+                                                 or last["content"].strip() != d["prompt"].strip()):
+            raise DataError(f"{row.where}: field 'prompt' is plain text beside 'chosen' and 'rejected' as whole "
+                            "conversations, whose shared messages are then the prompt (as in TRL), but their last "
+                            "user message is not the 'prompt' text; write the prompt as chat messages")
         return prompt
     if is_chat(d.get("prompt")):
         return check_messages(row, "prompt", d["prompt"])

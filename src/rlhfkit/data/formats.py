@@ -50,8 +50,9 @@ def row_format(row: Row) -> str:
         return "stepwise"
     if "label" in d and "completion" in d:
         return "unpaired_preference"
-    if "chosen" in d or "rejected" in d:
-        return "preference" if "prompt" in d else "implicit_preference"
+    if "chosen" in d or "rejected" in d:  # a text prompt beside whole conversations: their shared start is it (TRL's)
+        explicit = "prompt" in d and not (isinstance(d["prompt"], str) and is_chat(d.get("chosen")))
+        return "preference" if explicit else "implicit_preference"
     if "completions" in d:
         return "ranking"
     if "completion" in d:
