@@ -278,3 +278,16 @@ def test_a_text_prompt_beside_whole_conversations_is_their_shared_start_as_in_tr
     with pytest.raises(DataError, match=r"d.jsonl:1: field 'prompt' is plain text beside 'chosen' and 'rejected' as "
                                         r"whole conversations.*not the 'prompt' text"):
         encode_rankings(_rows({**ufb, "prompt": "another question"}), chatml, 64)
+
+
+def test_a_chat_template_that_raises_names_the_row_and_field(tok):
+    """A template's own error (a Mistral-style "roles must alternate", or a key it reads that a
+    message lacks) was a bare Jinja traceback with no file or row."""
+    strict = build_char_tokenizer()
+    strict.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                            "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
+                            "{{ m['content'] }}{% endfor %}")
+    row = {"messages": [{"role": "system", "content": "Be brief."}, USER, ASSISTANT]}
+    with pytest.raises(DataError, match=r"d.jsonl:1: field 'messages': the tokenizer's chat template cannot render "
+                                        r"these messages \(TemplateError: Conversation roles must alternate"):
+        encode_sft(_rows(row), strict, 64)

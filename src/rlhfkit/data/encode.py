@@ -56,9 +56,16 @@ def render_chat(tokenizer, messages: list[dict], row: Row, field: str, generatio
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{row.where}: field '{field}' holds chat messages but the tokenizer has no chat template; "
                         "pass a tokenizer that has one (tokenizer=PATH) or plain-text rows")
+    import jinja2
+
     tools = row_tools(row)  # the row's tool schemas, written where the template writes them
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
-                                         **({"tools": tools} if tools is not None else {}))
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
+                                             **({"tools": tools} if tools is not None else {}))
+    except (jinja2.TemplateError, TypeError, KeyError, ValueError, AttributeError) as e:  # the template's own raise too
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise DataError(f"{row.where}: field '{field}': the tokenizer's chat template cannot render these messages "
+                        f"({type(e).__name__}: {first})") from None
 
 
 def assistant_text(tokenizer, context: list[dict], turn: list[dict], row: Row, field: str) -> tuple[str, bool]:
