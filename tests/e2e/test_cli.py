@@ -151,6 +151,10 @@ def test_rm_cli_then_eval_reports_pairwise_accuracy(tiny, tmp_path):
     assert out.returncode == 0, out.stderr
     # the fresh score head is the point of the run: no load report of its missing weights, no bars
     assert "MISSING" not in out.stderr and "Loading weights" not in out.stderr, out.stderr
+    from rlhfkit.data.rows import read_rows
+
+    n_eval = len(read_rows(data / "rankings_eval.jsonl"))  # eval_limit=50 of them: said, not silent
+    assert f"rankings_eval.jsonl: the first 50 of {n_eval} rows are used (eval_limit=50" in out.stderr, out.stderr
     config = json.loads((tmp_path / "rm" / "model" / "config.json").read_text())
     assert config["architectures"] == ["LlamaForSequenceClassification"] and len(config["id2label"]) == 1
     ev = rlhfkit("eval", "--model", tmp_path / "rm" / "model", "--data", data / "rankings_eval.jsonl", "--limit", 40)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..data.encode import encode_row_prompt
 from ..data.prefs import collate_rankings, collate_shared_prompt
-from ..data.rows import DataError, read_rows
+from ..data.rows import DataError, read_rows, source_name
 from ..models.forward import reads_block_masks
 from ..models.load import load_causal_lm, load_tokenizer, position_limit
 from ..models.lora import Reference
@@ -58,14 +58,18 @@ def frozen_reference(run, policy, source, tokenizer, from_adapters: bool, dtype:
     return Reference(module=run.shard(module))
 
 
-def head(rows: list, limit: int) -> list:
-    """The first ``limit`` rows; ``limit=0`` means all of them (in every method)."""
+def head(rows: list, limit: int, say=None, source=None) -> list:
+    """The first ``limit`` rows; ``limit=0`` means all of them (in every method). Rows left out
+    are told through ``say``, with the file ``source``."""
+    if 0 < limit < len(rows) and say is not None:
+        say(f"{source_name(source) if source is not None else 'held-out data'}: the first {limit} of {len(rows)} "
+            f"rows are used (eval_limit={limit}; eval_limit=0 uses all)")
     return rows[:limit] if limit > 0 else rows
 
 
-def held_out(path, limit: int, task: str) -> HeldOut | None:
+def held_out(path, limit: int, task: str, say=None) -> HeldOut | None:
     """Held-out prompts and their checker, read and validated now (None without a path)."""
-    return HeldOut(head(read_rows(path), limit), task) if path else None
+    return HeldOut(head(read_rows(path), limit, say, path), task) if path else None
 
 
 def accuracy_eval(backend, policy, tokenizer, rows: HeldOut | None, max_new_tokens: int,

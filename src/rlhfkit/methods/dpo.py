@@ -217,12 +217,12 @@ def run_dpo(cfg: DPOConfig) -> dict:
     examples, report = encode_rankings(trainable_rankings(read_rows(cfg.train_data), cfg), tokenizer, cfg.max_length,
                                        cfg.overlong, method="dpo")
     run.say(f"{source_name(cfg.train_data)}: {report.summary()}")
-    pref_rows = trainable_rankings(head(read_rows(cfg.eval_data), cfg.eval_limit)) if cfg.eval_data else []
+    pref_rows = trainable_rankings(head(read_rows(cfg.eval_data), cfg.eval_limit, run.say, cfg.eval_data)) if cfg.eval_data else []
     pref_examples, eval_report = [], None
     if pref_rows:
         pref_examples, eval_report = encode_rankings(pref_rows, tokenizer, cfg.max_length, "skip")
         run.say(f"{source_name(cfg.eval_data)} (held out, over-long rows skipped): {eval_report.summary()}")
-    prompts = held_out(cfg.eval_prompts, cfg.eval_limit, cfg.eval_task)
+    prompts = held_out(cfg.eval_prompts, cfg.eval_limit, cfg.eval_task, run.say)
     # dropout off (as TRL's disable_dropout): the implicit rewards compare the policy with its frozen copy
     model = run.prepare(disable_dropout(load_causal_lm(cfg.model, tokenizer, device=run.device)), cfg.lora,
                         base=cfg.model)

@@ -534,7 +534,7 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
     if cfg.prompts_per_step % run.info.world_size:
         raise ConfigError(f"prompts_per_step={cfg.prompts_per_step} must divide over {run.info.world_size} ranks")
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
-    rows, eval_rows = read_rows(cfg.train_data), held_out(cfg.eval_data, cfg.eval_limit, cfg.eval_task)
+    rows, eval_rows = read_rows(cfg.train_data), held_out(cfg.eval_data, cfg.eval_limit, cfg.eval_task, run.say)
     needed = sorted({f for fn in [*rewards.functions, rewards.process] if fn is not None for f in reward_fields(fn)})
     report = check_prompts(rows, tokenizer, needed, RESERVED)  # every row, before any model loads
     run.say(f"{source_name(cfg.train_data)}: {report.summary()}")

@@ -365,7 +365,7 @@ def run_ppo(cfg: PPOConfig, backend=None) -> dict:
     run = start_run(tc, cfg, "ppo", unit="rollout step", show=("rm_score", "kl"))
     if cfg.minibatch_size % run.info.world_size:
         raise ConfigError(f"minibatch_size={cfg.minibatch_size} must divide over {run.info.world_size} ranks")
-    rows, eval_rows = read_rows(cfg.train_data), held_out(cfg.eval_data, cfg.eval_limit, cfg.eval_task)
+    rows, eval_rows = read_rows(cfg.train_data), held_out(cfg.eval_data, cfg.eval_limit, cfg.eval_task, run.say)
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
     report = check_prompts(rows, tokenizer)  # every row, before any model loads
     run.say(f"{source_name(cfg.train_data)}: {report.summary()}")

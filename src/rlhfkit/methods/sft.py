@@ -122,7 +122,7 @@ def held_out_sft(cfg: SFTConfig, tokenizer, say) -> tuple[HeldOut | None, list, 
     computed on (every row with an answer), encoded under the training's length policy."""
     if not cfg.eval_data:
         return None, [], None
-    rows = head(read_rows(cfg.eval_data), cfg.eval_limit)
+    rows = head(read_rows(cfg.eval_data), cfg.eval_limit, say, cfg.eval_data)
     text, with_answers = held_out_kinds(rows)
     if text and (cfg.stop_at_accuracy is not None or cfg.snapshot_at_accuracy is not None):
         raise ConfigError("eval_data holds 'text' rows, which have no prompt to answer: there is no accuracy "
