@@ -115,3 +115,14 @@ def test_another_methods_rows_given_as_prompts_say_whose_they_are(tok):
     with pytest.raises(DataError, match=r"<list>:row 1: a stepwise-supervision .* row is not grpo or ppo data; that "
                                         r"format is for prm \(a process reward model\)"):
         check_prompts(rows, tok, reserved=RESERVED)
+
+
+def test_another_methods_rows_given_as_held_out_prompts_say_whose_they_are():
+    """An unpaired-preference row's ``label: false`` answer was taken as the reference the greedy
+    answers are checked against (GRPO's and PPO's eval_data, DPO's eval_prompts)."""
+    from rlhfkit.rollout.evaluate import HeldOut
+
+    kto = read_rows([{"prompt": "What is 1+1?", "completion": " 3", "label": False}])
+    with pytest.raises(DataError, match=r"<list>:row 1: an unpaired-preference .* row is not held-out prompt data"):
+        HeldOut(kto)
+    assert len(HeldOut(read_rows([{"prompt": "What is 1+1?", "completion": " 2"}]))) == 1

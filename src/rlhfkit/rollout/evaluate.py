@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..data.encode import check_prompt_row, encode_row_prompt
+from ..data.formats import require_format
 from ..data.rows import Row
 from ..tasks import resolve_task
 from .backend import SamplerBackend, SamplingParams
@@ -20,11 +21,15 @@ def greedy_samples(backend, tokenizer, rows: list[Row], max_new_tokens: int, bat
             for i in range(0, len(rows), batch_size)]
 
 
+HELD_OUT_FORMATS = ("prompt_only", "prompt_completion", "language_modeling")
+
+
 class HeldOut:
     """Held-out prompts and what their answers are checked against, resolved (and validated) up front."""
 
     def __init__(self, rows: list[Row], task: str = "auto"):
-        for row in rows:
+        for row in rows:  # another method's rows (an unpaired preference's label: false answer) are no reference
+            require_format(row, "held-out prompt", HELD_OUT_FORMATS)
             check_prompt_row(row)
         self.rows = rows
         self.task, self.targets = resolve_task(task, rows)
