@@ -54,7 +54,7 @@ def test_a_prompt_row_without_a_field_a_reward_reads_fails_with_file_line_field(
     check_prompts(rows[:300], tok, ("answer",), RESERVED)
     with pytest.raises(DataError, match=r"p.jsonl:301: missing field 'answer' \(a reward reads it\)"):
         check_prompts(rows, tok, ("answer",), RESERVED)
-    with pytest.raises(DataError, match=r"p.jsonl:302: missing field 'answer'"):  # null counts as missing
+    with pytest.raises(DataError, match=r"p.jsonl:302: field 'answer' \(a reward reads it\) is null"):
         check_prompts(rows[:300] + rows[301:], tok, ("answer",), RESERVED)
     with pytest.raises(DataError, match=r"<list>:row 1: missing field 'prompt'"):
         check_prompts(read_rows([{"answer": 1}]), tok)
@@ -126,3 +126,33 @@ def test_another_methods_rows_given_as_held_out_prompts_say_whose_they_are():
     with pytest.raises(DataError, match=r"<list>:row 1: an unpaired-preference .* row is not held-out prompt data"):
         HeldOut(kto)
     assert len(HeldOut(read_rows([{"prompt": "What is 1+1?", "completion": " 2"}]))) == 1
+
+
+
+@pytest.mark.parametrize("answer, message", [
+    ("three", "field 'answer' must be an integer, got 'three'"),
+    (3.7, "field 'answer' must be an integer, got 3.7"),
+    (True, "field 'answer' must be an integer, got True"),
+    (None, "field 'answer' \\(a reward reads it\\) is null"),
+])
+def test_an_answer_that_is_no_integer_is_refused_before_any_model_loads(answer, message, tiny, tmp_path):
+    """"three" passed the check and failed at the first rollout, naming no row; 3.7 was read as 3
+    and true as 1 without a word; a null answer was "missing" among the fields present."""
+    from helpers import quiet_train
+
+    from rlhfkit.methods.grpo import GRPOConfig, run_grpo
+
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"prompt": "What is 1+2?", "answer": 3}) + "\n"
+                    + json.dumps({"prompt": "What is 2+2?", "answer": answer}) + "\n")
+    cfg = GRPOConfig(model=str(tmp_path / "no-model-yet"), tokenizer=str(tiny["base"]), train_data=str(data),
+                     rewards="exact_answer", train=quiet_train(tmp_path / "g", max_steps=1))
+    with pytest.raises(DataError, match=f"p.jsonl:2: {message}"):
+        run_grpo(cfg)
+
+
+def test_integer_answers_as_json_csv_and_parquet_write_them():
+    from rlhfkit.tasks.arithmetic import as_integer, exact_answer
+
+    assert [as_integer(v) for v in (3, 3.0, "3", " -12 ", "+4")] == [3, 3, 3, -12, 4]
+    assert exact_answer(["q"] * 2, [" 3", " 4"], answer=["3", 4.0]) == [1.0, 1.0]

@@ -298,12 +298,15 @@ def get_str_list(row: Row, field: str, min_len: int = 2) -> list[str]:
     return value
 
 
-def reads(*fields: str):
+def reads(*fields: str, check=None):
     """Declare the row fields a reward function reads (``@reads("answer")``): every prompt row is
-    checked for them before any model loads, instead of the reward failing mid-run."""
+    checked for them before any model loads, instead of the reward failing mid-run; ``check``
+    (``check(row)``, raising a DataError) checks their values too."""
 
     def mark(fn):
         fn.row_fields = tuple(fields)
+        if check is not None:
+            fn.row_check = check
         return fn
 
     return mark
@@ -323,6 +326,8 @@ def check_fields(rows: list[Row], required=(), reserved=(), why: str = "") -> No
             raise DataError(f"{row.where}: field '{clash[0]}' has the name of an argument every reward takes "
                             f"({', '.join(reserved)}); rename or drop it")
         missing = missing_fields(row, required)
+        if missing and missing[0] in row.data:
+            raise DataError(f"{row.where}: field '{missing[0]}'{why} is null")
         if missing:
             have = ", ".join(sorted(row.data)) or "none"
             raise DataError(f"{row.where}: missing field '{missing[0]}'{why} (fields present: {have})")

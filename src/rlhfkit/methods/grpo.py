@@ -537,6 +537,9 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
     rows, eval_rows = read_rows(cfg.train_data), held_out(cfg.eval_data, cfg.eval_limit, cfg.eval_task, run.say)
     needed = sorted({f for fn in [*rewards.functions, rewards.process] if fn is not None for f in reward_fields(fn)})
     report = check_prompts(rows, tokenizer, needed, RESERVED)  # every row, before any model loads
+    for check in {getattr(fn, "row_check", None) for fn in [*rewards.functions, rewards.process]} - {None}:
+        for row in rows:
+            check(row)  # the values a reward reads (an integer answer, ...)
     run.say(f"{source_name(cfg.train_data)}: {report.summary()}")
     policy = run.prepare(disable_dropout(load_causal_lm(cfg.model, tokenizer, device=run.device)), cfg.lora,
                          base=cfg.model)

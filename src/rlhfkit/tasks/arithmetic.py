@@ -186,16 +186,38 @@ def verify_steps(prompt: str, completion: str) -> list[Step]:
 
 # --- rewards (the signatures of rollout/rewards.py) -------------------------------------------
 
-@reads("answer")
+def as_integer(value) -> int:
+    """An ``answer`` value as an integer: an int, a float with no fraction (JSON's 3.0) or a text
+    of digits (CSV's "3"); ValueError for anything else (3.7, true, "three")."""
+    if isinstance(value, bool):
+        raise ValueError(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+        return int(value)
+    raise ValueError(value)
+
+
+def integer_answer(row: Row) -> int:
+    """The row's ``answer`` field as an integer; a DataError naming the row otherwise."""
+    try:
+        return as_integer(row.data["answer"])
+    except ValueError:
+        raise DataError(f"{row.where}: field 'answer' must be an integer, got {row.data['answer']!r}") from None
+
+
+@reads("answer", check=integer_answer)
 def exact_answer(prompts, completions, answer=None, **_) -> list[float]:
     """1.0 when the completion's answer is exactly the row's ``answer``, else 0.0."""
-    return [1.0 if extract_answer(completion_text(c)) == int(a) else 0.0 for c, a in zip(completions, answer)]
+    return [1.0 if extract_answer(completion_text(c)) == as_integer(a) else 0.0 for c, a in zip(completions, answer)]
 
 
-@reads("answer")
+@reads("answer", check=integer_answer)
 def contains_answer(prompts, completions, answer=None, **_) -> list[float]:
     """1.0 if the right answer appears as a whole number anywhere in the completion (BENCHMARK.md)."""
-    return [1.0 if re.search(rf"(?<![\d-]){int(a)}(?!\d)", completion_text(c)) else 0.0
+    return [1.0 if re.search(rf"(?<![\d-]){as_integer(a)}(?!\d)", completion_text(c)) else 0.0
             for c, a in zip(completions, answer)]
 
 
@@ -217,10 +239,7 @@ def arithmetic_steps(prompts, completions, completion_ids=None, tokenizer=None, 
 def reference_answer(row: Row) -> int:
     """The expected answer: the row's ``answer`` field, else the one its reference completion gives."""
     if "answer" in row.data:
-        try:
-            return int(row.data["answer"])
-        except (TypeError, ValueError):
-            raise DataError(f"{row.where}: field 'answer' must be an integer, got {row.data['answer']!r}") from None
+        return integer_answer(row)
     for field in ("completion", "chosen", "messages"):
         text = answer_text(row.data.get(field))
         value = extract_answer(text) if text is not None else None
