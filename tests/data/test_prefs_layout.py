@@ -55,6 +55,8 @@ def test_an_rm_pairs_margin_reaches_both_layouts_and_is_checked():
     assert collate_rankings(examples, 0).margins.tolist() == [2.5, 0.0]
     assert collate_shared_prompt(examples, 0).margins.tolist() == [2.5, 0.0]
     assert collate_rankings(encode_rankings(rows[1:], tok, 32, method="rm")[0], 0).margins is None
+    as_csv = [Row("p.csv:2", {**rows[0].data, "margin": "2.5"})]  # a CSV cell is text
+    assert collate_rankings(encode_rankings(as_csv, tok, 32, method="rm")[0], 0).margins.tolist() == [2.5]
     assert collate_rankings(encode_rankings(rows, tok, 32, method="dpo")[0], 0).margins is None  # TRL's DPO reads none
     for bad, message in (({"margin": "high"}, "must be a finite number, got 'high'"),
                          ({"completions": ["a", "b", "c"], "margin": 1.0}, "applies to .* pairs, not to a ranking of 3")):

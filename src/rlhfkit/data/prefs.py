@@ -275,6 +275,11 @@ def row_margin(row: Row, outputs: int) -> float:
     if outputs != 2:
         raise DataError(f"{row.where}: field 'margin' applies to (chosen, rejected) pairs, not to a ranking of "
                         f"{outputs}")
+    if isinstance(value, str):  # a CSV cell ("1.5"): every value there is text
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise DataError(f"{row.where}: field 'margin' must be a finite number, got {value!r}")
     return float(value)
