@@ -200,3 +200,16 @@ def test_a_tables_nulls_inside_messages_and_tool_calls_are_keys_the_row_does_not
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "tools.parquet"))
     assert [r.data for r in read_rows(tmp_path / "tools.parquet")] == rows
     assert [r.data for r in read_rows(datasets.Dataset.from_list(rows))] == rows
+
+
+def test_a_json_file_of_one_object_holds_its_rows_under_its_key_or_is_one_row(tmp_path):
+    """{"data": [...]} (datasets' field="data") and a pretty-printed single row were "not valid
+    JSON" at their second line: they were read as JSON lines."""
+    rows = [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"}]
+    (tmp_path / "data.json").write_text(json.dumps({"data": rows}, indent=2))
+    read = read_rows(tmp_path / "data.json")
+    assert [r.data for r in read] == rows and read[1].where == f"{tmp_path / 'data.json'}:data[1]"
+    (tmp_path / "one.json").write_text(json.dumps(rows[0], indent=2))
+    assert [r.data for r in read_rows(tmp_path / "one.json")] == rows[:1]
+    (tmp_path / "lines.json").write_text("\n".join(json.dumps(r) for r in rows) + "\n")  # JSON lines still
+    assert [r.data for r in read_rows(tmp_path / "lines.json")] == rows

@@ -202,9 +202,20 @@ def _read_jsonl(path: Path) -> list[Row]:
 
 def _read_json(path: Path) -> list[Row]:
     """A ``.json`` file: one JSON array of row objects (as ``datasets.load_dataset("json")`` reads
-    it, pretty-printed or not), else JSON lines."""
+    it, pretty-printed or not), one object holding such an array under its one key (``{"data":
+    [...]}``), one row object over several lines, or JSON lines."""
     with path.open("rb") as f:
         head = f.read(4096).removeprefix(BOM).lstrip()
+    if head.startswith(b"{"):  # JSON lines, or one object over several lines: a row, or its rows under one key
+        try:
+            whole = json.loads(_text(path))
+        except json.JSONDecodeError:
+            return _read_jsonl(path)
+        inner = list(whole.values())[0] if isinstance(whole, dict) and len(whole) == 1 else None
+        if isinstance(inner, list) and inner and all(isinstance(item, dict) for item in inner):
+            key = next(iter(whole))  # {"data": [...]}, what datasets reads with field="data"
+            return [Row(f"{path}:{key}[{i}]", item) for i, item in enumerate(inner)]
+        return [Row(f"{path}:row 1", _as_dict(whole, f"{path}:row 1"))]
     if not head.startswith(b"["):
         return _read_jsonl(path)
     try:
