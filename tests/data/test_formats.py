@@ -291,3 +291,18 @@ def test_a_chat_template_that_raises_names_the_row_and_field(tok):
     with pytest.raises(DataError, match=r"d.jsonl:1: field 'messages': the tokenizer's chat template cannot render "
                                         r"these messages \(TemplateError: Conversation roles must alternate"):
         encode_sft(_rows(row), strict, 64)
+
+
+def test_a_prompt_ending_with_the_assistants_start_is_continued_by_the_answer(tok, chatml):
+    """A prefill ("The answer is") was closed and followed by a new assistant turn, so the model
+    sampled, and was trained, after "...The answer is<eos><|assistant|>"; it is continued, as TRL
+    renders a prompt whose last message is the assistant's (continue_final_message)."""
+    prefill = [USER, {"role": "assistant", "content": "The answer is"}]
+    row = _rows({"prompt": prefill, "completion": [{"role": "assistant", "content": " 3"}]})
+    assert prompt_text(row[0], tok) == "<|user|>What is 1+2?<|assistant|>The answer is"
+    example = encode_sft(row, tok, 64)[0][0]
+    assert tok.decode(example.input_ids) == "<|user|>What is 1+2?<|assistant|>The answer is 3<eos>"
+    assert _trained(tok, example) == " 3<eos>"
+    example = encode_sft(row, chatml, 64)[0][0]
+    assert chatml.decode(example.input_ids).endswith("<|im_start|>assistant\nThe answer is 3<|im_end|>")
+    assert prompt_text(_rows({"prompt": [USER]})[0], tok) == "<|user|>What is 1+2?<|assistant|>"  # no prefill

@@ -51,16 +51,20 @@ class LengthReport:
             self.unknown.append(where)
 
 
-def render_chat(tokenizer, messages: list[dict], row: Row, field: str, generation_prompt: bool) -> str:
-    """``messages`` as the tokenizer's chat template writes them; a one-line error without one."""
+def render_chat(tokenizer, messages: list[dict], row: Row, field: str, generation_prompt: bool | str) -> str:
+    """``messages`` as the tokenizer's chat template writes them; a one-line error without one.
+    ``generation_prompt``: True opens the assistant's turn; "continue" leaves the final
+    (assistant) message open, for the answer to continue it."""
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{row.where}: field '{field}' holds chat messages but the tokenizer has no chat template; "
                         "pass a tokenizer that has one (tokenizer=PATH) or plain-text rows")
     import jinja2
 
     tools = row_tools(row)  # the row's tool schemas, written where the template writes them
+    prefill = generation_prompt == "continue"
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt and not prefill,
+                                             continue_final_message=prefill,
                                              **({"tools": tools} if tools is not None else {}))
     except (jinja2.TemplateError, TypeError, KeyError, ValueError, AttributeError) as e:  # the template's own raise too
         first = (str(e).strip().splitlines() or [""])[0][:200]
@@ -123,7 +127,9 @@ def prompt_text(row: Row, tokenizer) -> str:
     messages = chat_prompt(row)
     if messages is not None:
         field = next(f for f in ("prompt", "messages", "chosen") if f in row.data)  # "chosen": an implicit pair's
-        return render_chat(tokenizer, messages, row, field, True)
+        # a prompt ending with the start of the assistant's answer (a prefill) is continued, as TRL renders it
+        prefill = field == "prompt" and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant"
+        return render_chat(tokenizer, messages, row, field, "continue" if prefill else True)
     if row_format(row) == "implicit_preference":
         return shared_prefix(get_str(row, "chosen"), get_str(row, "rejected"))[0]
     return get_str(row, "prompt", allow_empty=row_format(row) == "language_modeling")
