@@ -306,3 +306,24 @@ def test_a_prompt_ending_with_the_assistants_start_is_continued_by_the_answer(to
     example = encode_sft(row, chatml, 64)[0][0]
     assert chatml.decode(example.input_ids).endswith("<|im_start|>assistant\nThe answer is 3<|im_end|>")
     assert prompt_text(_rows({"prompt": [USER]})[0], tok) == "<|user|>What is 1+2?<|assistant|>"  # no prefill
+
+
+def test_a_generation_prompt_the_finished_turn_lacks_is_kept_before_the_answer():
+    """DeepSeek-R1's template opens the answer with "<think>\\n" but writes a finished turn
+    without it: refused before ("does not render the conversation as its prompt followed by the
+    answer"); the answer is now the text after the shared start, trained after the generation
+    prompt as it is sampled. A template that renders the context itself otherwise is still refused."""
+    r1 = build_char_tokenizer()
+    r1.chat_template = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] }}"
+                        "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+                        "{% if add_generation_prompt %}{{ '<|assistant|>think:' }}{% endif %}")
+    row = _rows({"prompt": [USER], "completion": [ASSISTANT]})
+    with pytest.warns(UserWarning, match="generation prompt ends with 'think:'"):
+        example = encode_sft(row, r1, 64)[0][0]
+    assert r1.decode(example.input_ids) == "<|user|>What is 1+2?<|assistant|>think: 3<eos>"
+    assert _trained(r1, example) == " 3<eos>"
+    odd = build_char_tokenizer()  # the prompt's own text differs once an answer follows
+    odd.chat_template = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' }}{% if loop.last %}{{ m['content'] }}"
+                         "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+    with pytest.raises(DataError, match="does not render the conversation as its prompt followed by the answer"):
+        encode_sft(row, odd, 64)

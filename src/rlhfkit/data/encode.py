@@ -9,6 +9,8 @@ Plain completions end with the EOS id, so the model learns to stop.
 from __future__ import annotations
 
 import dataclasses
+import os
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -83,10 +85,19 @@ def assistant_text(tokenizer, context: list[dict], turn: list[dict], row: Row, f
                         "(and its tools') messages; earlier turns belong in the prompt")
     before = render_chat(tokenizer, context, row, field, generation_prompt=True)
     full = render_chat(tokenizer, context + turn, row, field, generation_prompt=False)
+    start = len(before)
     if not full.startswith(before):
-        raise DataError(f"{row.where}: field '{field}': the chat template does not render the conversation as its "
-                        "prompt followed by the answer, so the answer's tokens cannot be told apart")
-    text, eos = full[len(before):], tokenizer.eos_token
+        # A generation prompt the finished turn lacks (DeepSeek-R1's "<think>\n"): the answer is what
+        # follows the two renderings' shared start, and is trained after the generation prompt, as it
+        # is sampled. Anything else (the context itself rendered otherwise) is refused.
+        start = len(os.path.commonprefix([before, full]))
+        if start < len(render_chat(tokenizer, context, row, field, generation_prompt=False)):
+            raise DataError(f"{row.where}: field '{field}': the chat template does not render the conversation as "
+                            "its prompt followed by the answer, so the answer's tokens cannot be told apart")
+        warnings.warn(f"rlhfkit: the chat template's generation prompt ends with {before[start:]!r}, which it does "
+                      "not write before a finished answer; answers are trained after it, as they are sampled",
+                      stacklevel=2)
+    text, eos = full[start:], tokenizer.eos_token
     end = text.rfind(eos) if eos else -1
     return (text[: end + len(eos)], False) if end >= 0 else (text.rstrip(), True)
 
