@@ -213,3 +213,21 @@ def test_a_json_file_of_one_object_holds_its_rows_under_its_key_or_is_one_row(tm
     assert [r.data for r in read_rows(tmp_path / "one.json")] == rows[:1]
     (tmp_path / "lines.json").write_text("\n".join(json.dumps(r) for r in rows) + "\n")  # JSON lines still
     assert [r.data for r in read_rows(tmp_path / "lines.json")] == rows
+
+
+def test_a_pattern_reads_every_shard_of_a_hub_snapshot_in_name_order(tmp_path):
+    """A Hub snapshot keeps a split in shards (data/train-00000-of-00002.parquet, ...): the folder
+    was refused and a pattern was "file not found", so one shard at a time lost the rest."""
+    import datasets
+
+    rows = [{"prompt": str(i), "completion": "x"} for i in range(6)]
+    (tmp_path / "snap" / "data").mkdir(parents=True)
+    for k in range(2):
+        datasets.Dataset.from_list(rows[3 * k: 3 * k + 3]).to_parquet(
+            str(tmp_path / "snap" / "data" / f"train-0000{k}-of-00002.parquet"))
+    read = read_rows(str(tmp_path / "snap" / "data" / "train-*.parquet"))
+    assert [r.data for r in read] == rows and read[3].where.endswith("train-00001-of-00002.parquet:row 1")
+    with pytest.raises(DataError, match=r"snap: is a directory.*give a pattern, such as .*snap/data/\*\.parquet"):
+        read_rows(tmp_path / "snap")
+    with pytest.raises(DataError, match=r"test-\*\.parquet: no file matches"):
+        read_rows(str(tmp_path / "snap" / "data" / "test-*.parquet"))

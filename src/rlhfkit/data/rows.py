@@ -30,19 +30,30 @@ BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark Windows editors and Excel wri
 
 
 def read_rows(source) -> list[Row]:
-    """Rows from a ``.jsonl``/``.json`` path, a ``.parquet`` path, a folder written by
+    """Rows from a ``.jsonl``/``.json`` path, a ``.parquet`` path, a pattern of such paths (a Hub
+    snapshot's ``data/train-*.parquet``: every file, in name order), a folder written by
     ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` (``FOLDER:split`` picks a split), a
     ``datasets.Dataset``, a ``DatasetDict`` of one split, or a list of dicts."""
     if isinstance(source, (str, Path)):
         if not str(source).strip():
             raise DataError("no data file given (the data path is empty)")
         path = Path(source)
+        if not path.exists() and any(c in str(source) for c in "*?["):  # a pattern: its files in name order
+            import glob
+
+            files = sorted(f for f in glob.glob(str(source), recursive=True) if Path(f).is_file())
+            if not files:
+                raise DataError(f"{source}: no file matches")
+            return [row for f in files for row in read_rows(f)]
         folder, _, split = str(source).rpartition(":") if ":" in str(source) else (str(source), "", "")
         if path.is_dir() or (split and Path(folder).is_dir()):
             saved = Path(folder if split else path)
             if not any((saved / name).is_file() for name in ("dataset_info.json", "dataset_dict.json", "state.json")):
+                shards = sorted(p.relative_to(saved) for p in saved.glob("**/*.parquet"))
+                hint = f"; for its parquet files give a pattern, such as {saved / shards[0].parent / '*.parquet'}" \
+                    if shards else ""
                 raise DataError(f"{saved}: is a directory, not a data file (give a .jsonl or .parquet file, "
-                                "or a folder written by save_to_disk)")
+                                f"or a folder written by save_to_disk){hint}")
             return _read_saved(saved, split or None)
         if not path.is_file():
             if _looks_like_hub_name(str(source)):
