@@ -327,3 +327,16 @@ def test_a_generation_prompt_the_finished_turn_lacks_is_kept_before_the_answer()
                          "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
     with pytest.raises(DataError, match="does not render the conversation as its prompt followed by the answer"):
         encode_sft(row, odd, 64)
+
+
+def test_images_and_tool_schemas_beside_plain_text_are_refused_not_dropped(tok):
+    """An ``images`` column was ignored and the text trained alone; ``tools`` beside a plain-text
+    prompt never reached a template. Both ran to rc 0."""
+    with pytest.raises(DataError, match=r"d.jsonl:1: field 'images': rlhfkit trains text models"):
+        encode_sft(_rows({"prompt": "Describe it.", "completion": " A cat.", "images": ["cat.png"]}), tok, 64)
+    assert encode_sft(_rows({"prompt": "Q", "completion": " A", "images": []}), tok, 64)[0]  # an empty list: none
+    tools = [{"type": "function", "function": {"name": "w", "parameters": {}}}]
+    with pytest.raises(DataError, match=r"d.jsonl:1: field 'tools' goes to a chat template, and this row's text is "
+                                        r"plain"):
+        encode_sft(_rows({"prompt": "Q", "completion": " A", "tools": tools}), tok, 64)
+    assert encode_sft(_rows({"prompt": [USER], "completion": [ASSISTANT], "tools": tools}), tok, 64)[0]

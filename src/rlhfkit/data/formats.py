@@ -62,13 +62,24 @@ def row_format(row: Row) -> str:
     return "prompt_only"
 
 
+MEDIA_FIELDS = ("images", "image", "videos", "video", "audio")  # TRL's vision-language columns, and kin
+
+
 def require_format(row: Row, method: str, accepted: tuple[str, ...]) -> str:
-    """``row``'s format, or a DataError saying which method takes it."""
+    """``row``'s format, or a DataError saying which method takes it; also for what the row holds
+    that its text would be trained or sampled without (images; tool schemas beside plain text)."""
     fmt = row_format(row)
     if fmt not in accepted:
         article = "an" if FORMAT_NAMES[fmt][0] in "aeiou" else "a"
         raise DataError(f"{row.where}: {article} {FORMAT_NAMES[fmt]} row is not {method} data; "
                         f"that format is for {TAKEN_BY[fmt]}")
+    media = [f for f in MEDIA_FIELDS if row.data.get(f) not in (None, [])]
+    if media:
+        raise DataError(f"{row.where}: field '{media[0]}': rlhfkit trains text models and has no image or audio "
+                        "processor; drop the column to train on the text alone")
+    if row.data.get("tools") is not None and not any(is_chat(v) for v in row.data.values()):
+        raise DataError(f"{row.where}: field 'tools' goes to a chat template, and this row's text is plain; write the "
+                        "row as chat messages or drop 'tools'")
     return fmt
 
 
