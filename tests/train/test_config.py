@@ -153,3 +153,13 @@ def test_lora_settings_without_a_rank_are_refused_not_ignored():
     with pytest.raises(ConfigError, match=r"lora.alpha, lora.merge set but lora.r is 0 \(no adapters"):
         LoraConfig(alpha=32.0, merge=True)
     assert LoraConfig(r=8, alpha=32.0, merge=True).merge
+
+
+def test_a_text_field_typed_as_a_newline_or_spaces_keeps_them():
+    """``step_separator=$'\\n'`` (a newline, from bash) was read by YAML as null: "expects str"."""
+    from rlhfkit.methods.prm import PRMConfig
+
+    for typed in ("\n", "  "):
+        cfg = load_config(PRMConfig, None, [f"step_separator={typed}", "model=m", "train_data=d.jsonl"])
+        assert cfg.step_separator == typed
+    assert load_config(PRMConfig, None, ["step_separator=; ", "model=m", "train_data=d.jsonl"]).step_separator == "; "

@@ -174,7 +174,8 @@ class RolloutConfig:
 @dataclasses.dataclass(frozen=True)
 class Override:
     """A command-line value: its text, and the YAML scalar it parses to. A text field takes the
-    text as typed (``step_separator='; '`` keeps its space, ``out_dir=2024`` is a name)."""
+    text as typed (``step_separator='; '`` keeps its space, ``step_separator=$'\\n'`` in bash is a
+    newline, ``out_dir=2024`` is a name)."""
 
     text: str
     parsed: object
@@ -184,7 +185,8 @@ def _convert(value, typ, key: str, default=None):
     if isinstance(value, Override):
         text_field = typ is str or (typing.get_origin(typ) in (typing.Union, types.UnionType)
                                     and {a for a in typing.get_args(typ) if a is not type(None)} == {str})
-        value = value.text if text_field and value.parsed is not None else value.parsed
+        typed_blank = bool(value.text) and not value.text.strip()  # a newline or spaces: YAML reads null
+        value = value.text if text_field and (value.parsed is not None or typed_blank) else value.parsed
     origin = typing.get_origin(typ)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(typ) if a is not type(None)]
