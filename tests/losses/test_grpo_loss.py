@@ -133,3 +133,19 @@ def test_dapo_overlong_penalty_by_hand():
     lengths = torch.tensor([3, 6, 7, 8, 10, 12])
     assert torch.allclose(overlong_penalty(lengths, 10, 4), torch.tensor([0.0, 0.0, -0.25, -0.5, -1.0, -1.0]))
     assert torch.allclose(overlong_penalty(lengths, 10, 4, factor=0.5), torch.tensor([0.0, 0, -0.125, -0.25, -0.5, -0.5]))
+
+
+def test_a_sample_every_reward_abstained_on_takes_no_part_in_its_group():
+    """TRL leaves a NaN reward out of its group's mean and std and gives it advantage 0; scored as
+    0 it had moved the baseline: [1, 1, None, 1] gave [0.5, 0.5, -1.5, 0.5], where no sample
+    differs from another."""
+    nan = float("nan")
+    assert group_advantages(torch.tensor([1.0, 1.0, nan, 1.0]), 4).tolist() == [0.0, 0.0, 0.0, 0.0]
+    third, std = 1 / 3, (1 / 3) ** 0.5  # present 1, 1, 0: mean 2/3, unbiased std sqrt(1/3)
+    expected = torch.tensor([third, third, 0.0, -2 * third]) / (std + 1e-4)
+    torch.testing.assert_close(group_advantages(torch.tensor([1.0, 1.0, nan, 0.0]), 4), expected)
+    assert group_advantages(torch.tensor([nan, 2.0, nan, nan]), 4).tolist() == [0.0] * 4  # one present: no baseline
+    rewards = torch.randn(6 * 5, generator=torch.Generator().manual_seed(0))  # no NaN: the plain formula
+    grouped = rewards.view(-1, 5)
+    plain = ((grouped - grouped.mean(-1, keepdim=True)) / (grouped.std(-1, keepdim=True) + 1e-4)).reshape(-1)
+    torch.testing.assert_close(group_advantages(rewards, 5), plain, atol=1e-6, rtol=0)

@@ -42,14 +42,21 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_std: bool = T
 
     A group whose rewards are all equal carries no signal and gets exactly 0 (in fp32 the mean
     of seven 0.7s is not 0.7, and the tiny difference divided by std + eps would not be 0).
+    A NaN reward (a sample every reward function abstained on) takes no part in its group's mean
+    and std, and its advantage is 0, as in TRL.
     """
     if group_size < 2:
         raise ValueError(f"group_size must be at least 2 (a group of one has no baseline), got {group_size}")
     grouped = rewards.view(-1, group_size)  # (groups, G)
-    centred = grouped - grouped.mean(-1, keepdim=True)
+    present = ~grouped.isnan()
+    n = present.sum(-1, keepdim=True)
+    values = grouped.nan_to_num(0.0)
+    centred = (values - values.sum(-1, keepdim=True) / n.clamp(min=1)) * present
     if scale_std:
-        centred = centred / (grouped.std(-1, keepdim=True) + eps)
-    equal = grouped.amax(-1, keepdim=True) == grouped.amin(-1, keepdim=True)  # (groups, 1)
+        std = ((centred**2).sum(-1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()  # unbiased, as torch.std
+        centred = centred / (std + eps)
+    highest = grouped.nan_to_num(float("-inf")).amax(-1, keepdim=True)
+    equal = highest <= grouped.nan_to_num(float("inf")).amin(-1, keepdim=True)  # (groups, 1); also fewer than 2 present
     return centred.masked_fill(equal, 0.0).reshape(-1)
 
 

@@ -309,7 +309,8 @@ def has_signal(batch: Rollout, cfg: GRPOConfig) -> torch.Tensor:
     if not cfg.overlong_buffer:
         return informative(batch.advantages, cfg.group_size)
     task = (batch.outcome.rewards - batch.outcome.per_function["overlong"]).view(-1, cfg.group_size)
-    return ((task - task[:, :1]).abs() > 1e-6).any(-1).to(batch.advantages.device)
+    spread = task.nan_to_num(float("-inf")).amax(-1) - task.nan_to_num(float("inf")).amin(-1)  # abstained: left out
+    return (spread > 1e-6).to(batch.advantages.device)
 
 
 def join_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
@@ -502,7 +503,9 @@ def step_metrics(batch: Rollout, group_size: int, info: DistInfo | None = None) 
     everyone = all_gather_object({k: v.cpu() for k, v in mine.items()}, info)
     whole = {k: torch.cat([rank[k] for rank in everyone]) for k in mine}
     zero_groups = ~informative(batch.advantages, group_size)  # (groups,) no signal
-    out = {"reward_mean": whole["rewards"].mean().item(), "reward_std": whole["rewards"].std().item(),
+    scored = whole["rewards"][~whole["rewards"].isnan()]  # not the samples every reward abstained on
+    out = {"reward_mean": scored.mean().item() if scored.numel() else float("nan"),
+           "reward_std": scored.std().item() if scored.numel() > 1 else 0.0,
            "completion_len_mean": whole["lengths"].mean().item(), "completion_len_max": whole["lengths"].max().item(),
            "tokens_sampled_per_s": lengths.sum().item() / max(batch.generation_s, 1e-9),
            "time_generation_s": batch.generation_s, "zero_advantage_groups": zero_groups.float().mean().item()}
@@ -585,7 +588,7 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
         if rewards.process is None and not abstained and all_abstained(pool.outcome):
             abstained = True
             run.say(f"step {step + 1}: every outcome reward abstained (returned None) on every sample, so the step's "
-                    "rewards are 0 and its groups carry no signal; said once a run")
+                    "samples have no reward and its groups carry no signal; said once a run")
         metrics = update(run, policy, reference, batch, cfg, exact, tokenizer.pad_token_id)
         run.step_done(means={**step_metrics(pool, cfg.group_size, run.info), **metrics, **retokenised, **fill,
                              "time_weight_sync_s": sync},

@@ -196,6 +196,8 @@ def score_outcomes(functions: list[Callable], weights: list[float], prompts: lis
             column[i] = float(v)
         per_function[name] = column
         total += weight * torch.nan_to_num(column, nan=0.0)
+    if per_function:  # a sample every function abstained on has no reward (NaN): group_advantages leaves it out
+        total[torch.stack(list(per_function.values())).isnan().all(0)] = float("nan")
     return OutcomeScores(total, per_function, errors)
 
 
