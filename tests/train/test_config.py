@@ -137,8 +137,15 @@ def test_trl_hints_name_only_what_the_method_has_and_rows_given_in_python_are_de
     from rlhfkit.methods.sft import SFTConfig
     from rlhfkit.train.config import plain_dict
 
-    with pytest.raises(ConfigError, match=r"per_device_train_batch_size -> prompts_per_step"):
+    with pytest.raises(ConfigError, match=r"per_device_train_batch_size -> prompts_per_step .*TRL's GRPO counts "
+                                          r"completions per device"):
         load_config(GRPOConfig, None, ["per_device_train_batch_size=8"])
+    for trl, ours in (("reward_weights=[1, 2]", "reward_weights -> rewards \\(name:weight"),
+                      ("scale_rewards=batch", "batch has no counterpart")):
+        with pytest.raises(ConfigError, match=ours):
+            load_config(GRPOConfig, None, [trl])
+    with pytest.raises(ConfigError, match=r"precompute_ref_log_probs -> reference \(precompute"):
+        load_config(DPOConfig, None, ["precompute_ref_log_probs=true"])
     with pytest.raises(ConfigError) as err:
         load_config(DPOConfig, None, ["num_generations=4"])
     assert "TRL's names" not in str(err.value)  # DPO has no group_size

@@ -13,7 +13,7 @@ gradient w.r.t. log pi(y_w) is -beta * sigma(r_hat_l - r_hat_w), the opposite on
 
 DPO can raise the margin while the chosen answers' own likelihood falls (likelihood
 displacement). RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization", eq. 2;
-TRL's ``rpo_alpha``) adds the chosen answers' negative log-likelihood:
+TRL's ``rpo_alpha``, later its ``sft`` loss term) adds the chosen answers' negative log-likelihood:
 
     L_RPO = L_DPO + alpha * NLL(y_w | x)
 

@@ -67,7 +67,7 @@ class DPOConfig:
     beta: float = 0.1
     loss_type: str = "sigmoid"  # sigmoid (the paper's) | ipo | hinge; pairs only (losses/dpo.py)
     label_smoothing: float = 0.0  # sigmoid's eps in [0, 0.5): conservative DPO, for noisy preference labels
-    rpo_alpha: float = 0.0  # > 0: add rpo_alpha x the chosen answers' NLL per token (RPO; TRL's rpo_alpha)
+    rpo_alpha: float = 0.0  # > 0: add rpo_alpha x the chosen answers' NLL per token (RPO; TRL's sft loss term)
     reference: str = "precompute"  # precompute (once, then no reference model) | forward (every step)
     sft_first_steps: int = 0  # > 0: no SFT model yet, first maximise the likelihood of the chosen answers
     eval_limit: int = 500  # held-out rows used, for both evals; 0 = all

@@ -234,9 +234,15 @@ TRL_NAMES = {"learning_rate": "train.lr", "num_train_epochs": "train.epochs", "m
              "output_dir": "train.out_dir", "logging_steps": "train.log_every", "save_steps": "train.save_every",
              "eval_steps": "train.eval_every", "save_total_limit": "train.keep_checkpoints",
              "lr_scheduler_type": "train.schedule", "warmup_ratio": "train.warmup_steps (a number of steps)",
-             "gradient_checkpointing": "train.activation_checkpointing", "bf16": "train.dtype=bf16",
+             "gradient_checkpointing": "train.activation_checkpointing", "bf16": "train.dtype (bf16 or fp32)",
              "num_generations": "group_size", "max_completion_length": "max_new_tokens", "num_iterations": "mu",
-             "epsilon": "eps_low", "epsilon_high": "eps_high", "scale_rewards": "scale_std",
+             "epsilon": "eps_low", "epsilon_high": "eps_high",
+             "scale_rewards": "scale_std (TRL's group: true, none: false; batch has no counterpart)",
+             "reward_funcs": "rewards (names or module:function, comma-separated)",
+             "reward_weights": "rewards (name:weight, comma-separated)",
+             "precompute_ref_log_probs": "reference (precompute, rlhfkit's default, or forward)",
+             "truncation_mode": "overlong (error, truncate or skip; truncate keeps the start)",
+             "loss_weights": "rpo_alpha (the weight of an sft term beside sigmoid; one loss_type, not a list)",
              "model_name_or_path": "model", "dataset_name": "train_data (a local file or save_to_disk folder)",
              "cliprange": "eps_clip", "cliprange_value": "eps_value", "vf_coef": "critic_lr (the critic has its own optimizer group)", "num_ppo_epochs": "ppo_epochs",
              "response_length": "max_new_tokens", "max_prompt_length": "max_length (prompt and answer together)",
@@ -250,7 +256,8 @@ def _trl_hint(key: str, prefix: str, names: set[str]) -> str | None:
     ``prefix``) has it."""
     hint = TRL_NAMES.get(key)
     if key == "per_device_train_batch_size" and "prompts_per_step" in names:  # GRPO and PPO count prompts
-        hint = "prompts_per_step (prompts a step, over all ranks)"
+        hint = ("prompts_per_step (prompts a step, over all ranks; TRL's GRPO counts completions per device: "
+                "prompts = per_device x ranks x steps_per_generation / num_generations)")
     if hint is None or hint.startswith("nothing"):
         return hint
     target = hint.split(" ")[0].split("=")[0]
