@@ -213,6 +213,10 @@ def test_a_json_file_of_one_object_holds_its_rows_under_its_key_or_is_one_row(tm
     assert [r.data for r in read_rows(tmp_path / "one.json")] == rows[:1]
     (tmp_path / "lines.json").write_text("\n".join(json.dumps(r) for r in rows) + "\n")  # JSON lines still
     assert [r.data for r in read_rows(tmp_path / "lines.json")] == rows
+    chat = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    for text in (json.dumps(chat), json.dumps(chat, indent=2)):  # one chat row, on one line or several
+        (tmp_path / "chat.json").write_text(text)
+        assert [r.data for r in read_rows(tmp_path / "chat.json")] == [chat]
 
 
 def test_a_pattern_reads_every_shard_of_a_hub_snapshot_in_name_order(tmp_path):

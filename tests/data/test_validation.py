@@ -126,6 +126,11 @@ def test_another_methods_rows_given_as_held_out_prompts_say_whose_they_are():
     with pytest.raises(DataError, match=r"<list>:row 1: an unpaired-preference .* row is not held-out prompt data"):
         HeldOut(kto)
     assert len(HeldOut(read_rows([{"prompt": "What is 1+1?", "completion": " 2"}]))) == 1
+    pair = HeldOut(read_rows([{"prompt": "What is 1+1?", "chosen": " 2", "rejected": " 3"}]))  # DPO's eval_prompts
+    assert pair.targets == [2]
+    steps = read_rows([{"prompt": "What is 1+1?", "completions": [" 2"], "labels": [True]}])
+    with pytest.raises(DataError, match=r"a stepwise-supervision .* row is not held-out prompt data"):
+        HeldOut(steps)
 
 
 
@@ -152,7 +157,9 @@ def test_an_answer_that_is_no_integer_is_refused_before_any_model_loads(answer, 
 
 
 def test_integer_answers_as_json_csv_and_parquet_write_them():
+    import numpy as np
+
     from rlhfkit.tasks.arithmetic import as_integer, exact_answer
 
-    assert [as_integer(v) for v in (3, 3.0, "3", " -12 ", "+4")] == [3, 3, 3, -12, 4]
+    assert [as_integer(v) for v in (3, 3.0, "3", " -12 ", "+4", np.int64(5), np.float32(6.0))] == [3, 3, 3, -12, 4, 5, 6]
     assert exact_answer(["q"] * 2, [" 3", " 4"], answer=["3", 4.0]) == [1.0, 1.0]

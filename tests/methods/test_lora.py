@@ -267,10 +267,13 @@ def test_adapters_on_experts_stored_as_one_tensor_are_named_as_unmergeable():
     """peft's all-linear adapts Mixtral's experts through ``target_parameters`` (one 3-D tensor
     each); ``merged_state`` folds in linear layers and embeddings only, and the final save of a
     merged model failed after training ("Cannot copy out of meta tensor")."""
+    import peft.tuners.lora.layer
     import transformers as tf
 
     from rlhfkit.models.lora import LoraSettings, apply_lora, unmergeable
 
+    if not hasattr(peft.tuners.lora.layer, "ParamWrapper") or int(tf.__version__.split(".")[0]) < 5:
+        pytest.skip("experts as one tensor are transformers 5's, and adapting parameters peft 0.17's")
     small = dict(vocab_size=50, hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_attention_heads=4,
                  num_key_value_heads=2)
     mixtral = apply_lora(tf.MixtralForCausalLM(tf.MixtralConfig(**small, num_local_experts=4, num_experts_per_tok=2)),

@@ -1,6 +1,7 @@
 """Reward functions under faults: weights that do not match, numpy and torch scalars, hung calls,
 and prompt rows checked against what the rewards read before any model loads (issue #17)."""
 
+import math
 import time
 
 import numpy as np
@@ -95,7 +96,8 @@ def test_a_reward_that_returns_no_list_or_takes_other_arguments_is_said_plainly(
 def test_numpy_and_zero_dim_torch_scalars_are_numbers():
     values = [np.float32(0.5), np.int64(2), np.float64(0.25), torch.tensor(1.5), np.array(3.0), None]
     scores = score_outcomes([lambda p, c, **_: values], [2.0], ["p"] * 6, ["c"] * 6, {})
-    assert scores.rewards.tolist() == [1.0, 4.0, 0.5, 3.0, 6.0, 0.0]  # 2 x each; None abstains
+    assert scores.rewards[:5].tolist() == [1.0, 4.0, 0.5, 3.0, 6.0]  # 2 x each
+    assert math.isnan(scores.rewards[5])  # None abstains: the only function did, so the sample has no reward
     with pytest.raises(RewardError, match=r"returned tensor\(\[1., 2.\]\) for sample 0"):
         score_outcomes([lambda p, c, **_: [torch.tensor([1.0, 2.0])]], [1.0], ["p"], ["c"], {})
     with pytest.raises(RewardError, match="returned 'high' for sample 0"):

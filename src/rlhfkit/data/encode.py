@@ -65,7 +65,8 @@ def render_chat(tokenizer, messages: list[dict], row: Row, field: str, generatio
     tools = row_tools(row)  # the row's tool schemas, written where the template writes them
     prefill = generation_prompt == "continue"
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt and not prefill,
+        return tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=generation_prompt and not prefill,
                                              continue_final_message=prefill,
                                              **({"tools": tools} if tools is not None else {}))
     except (jinja2.TemplateError, TypeError, KeyError, ValueError, AttributeError) as e:  # the template's own raise too
@@ -335,9 +336,10 @@ def check_prompt_row(row: Row) -> None:
 
 
 
-def check_prompts(rows: list[Row], tokenizer, required=(), reserved=()) -> LengthReport:
+def check_prompts(rows: list[Row], tokenizer, required=(), reserved=(), checks=()) -> LengthReport:
     """Validate prompt rows (GRPO, PPO) before any model loads: a ``prompt`` or ``messages`` each,
-    every field the rewards read (``required``) and none named like a reward argument (``reserved``)."""
+    every field the rewards read (``required``), none named like a reward argument (``reserved``),
+    and the values the rewards read (``checks``: each ``check(row)`` raises a DataError)."""
     from .rows import check_fields
 
     for row in rows:  # rows of another method's data: say so before their fields are read as a reward's
@@ -345,6 +347,8 @@ def check_prompts(rows: list[Row], tokenizer, required=(), reserved=()) -> Lengt
     check_fields(rows, required, reserved, why=" (a reward reads it)")
     for row in rows:
         check_prompt_row(row)
+        for check in checks:
+            check(row)
     report = LengthReport(rows=len(rows))
     for row in rows:
         ids = encode_row_prompt(tokenizer, row)

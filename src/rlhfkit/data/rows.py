@@ -223,7 +223,8 @@ def _read_json(path: Path) -> list[Row]:
         except json.JSONDecodeError:
             return _read_jsonl(path)
         inner = list(whole.values())[0] if isinstance(whole, dict) and len(whole) == 1 else None
-        if isinstance(inner, list) and inner and all(isinstance(item, dict) for item in inner):
+        rows_inside = isinstance(inner, list) and inner and all(isinstance(item, dict) for item in inner)
+        if rows_inside and not is_chat(inner):  # {"messages": [...]} is one chat row, not rows
             key = next(iter(whole))  # {"data": [...]}, what datasets reads with field="data"
             return [Row(f"{path}:{key}[{i}]", item) for i, item in enumerate(inner)]
         return [Row(f"{path}:row 1", _as_dict(whole, f"{path}:row 1"))]

@@ -217,7 +217,8 @@ def run_dpo(cfg: DPOConfig) -> dict:
     examples, report = encode_rankings(trainable_rankings(read_rows(cfg.train_data), cfg), tokenizer, cfg.max_length,
                                        cfg.overlong, method="dpo")
     run.say(f"{source_name(cfg.train_data)}: {report.summary()}")
-    pref_rows = trainable_rankings(head(read_rows(cfg.eval_data), cfg.eval_limit, run.say, cfg.eval_data)) if cfg.eval_data else []
+    pref_rows = (trainable_rankings(head(read_rows(cfg.eval_data), cfg.eval_limit, run.say, cfg.eval_data))
+                 if cfg.eval_data else [])
     pref_examples, eval_report = [], None
     if pref_rows:
         pref_examples, eval_report = encode_rankings(pref_rows, tokenizer, cfg.max_length, "skip")

@@ -538,11 +538,10 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
         raise ConfigError(f"prompts_per_step={cfg.prompts_per_step} must divide over {run.info.world_size} ranks")
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
     rows, eval_rows = read_rows(cfg.train_data), held_out(cfg.eval_data, cfg.eval_limit, cfg.eval_task, run.say)
-    needed = sorted({f for fn in [*rewards.functions, rewards.process] if fn is not None for f in reward_fields(fn)})
-    report = check_prompts(rows, tokenizer, needed, RESERVED)  # every row, before any model loads
-    for check in {getattr(fn, "row_check", None) for fn in [*rewards.functions, rewards.process]} - {None}:
-        for row in rows:
-            check(row)  # the values a reward reads (an integer answer, ...)
+    functions = [fn for fn in [*rewards.functions, rewards.process] if fn is not None]
+    needed = sorted({f for fn in functions for f in reward_fields(fn)})
+    checks = {fn.row_check for fn in functions if hasattr(fn, "row_check")}  # @reads(..., check=): their values
+    report = check_prompts(rows, tokenizer, needed, RESERVED, checks)  # every row, before any model loads
     run.say(f"{source_name(cfg.train_data)}: {report.summary()}")
     policy = run.prepare(disable_dropout(load_causal_lm(cfg.model, tokenizer, device=run.device)), cfg.lora,
                          base=cfg.model)

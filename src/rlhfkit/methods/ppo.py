@@ -213,8 +213,9 @@ def minibatch_loss(actor, critic, exp: Experience, index: torch.Tensor, cfg: PPO
                    values: torch.Tensor | None = None):
     """policy loss + value loss for the rows ``index``, token means over ``counts["tokens"]``
     (the minibatch's completion tokens on all ranks, so that the ranks' summed gradients are
-    those of one process holding the whole minibatch). ``values``: these rows' critic values
-    when already computed with their graph."""
+    those of one process holding the whole minibatch), and the statistics as these rows' shares
+    of such means (summed over micro-batches and ranks, they are the minibatch's). ``values``:
+    these rows' critic values when already computed with their graph."""
     part = exp.samples.rows(index)
     mask = exp.mask[index]
     with autocast(cfg.train.dtype, str(exp.mask.device)):
@@ -224,9 +225,12 @@ def minibatch_loss(actor, critic, exp: Experience, index: torch.Tensor, cfg: PPO
                                  counts["tokens"])
     val, val_stats = value_loss(values, exp.old_values[index], exp.returns[index], mask, cfg.eps_value,
                                 counts["tokens"])
-    local = counts["tokens"] / mask.sum().clamp(min=1)  # the losses are shares of the global mean: local means
-    stats = {"policy_loss": pol.detach() * local, "value_loss": val.detach() * local,
-             "entropy": masked_mean(entropy.detach(), mask), **pol_stats, **val_stats}
+    # every statistic as these rows' share of its mean over the minibatch's tokens on all ranks (the
+    # losses are such shares already; the other means are over these rows' tokens)
+    share = mask.sum() / max(float(counts["tokens"]), 1.0)
+    stats = {"policy_loss": pol.detach(), "value_loss": val.detach(),
+             **{k: v * share for k, v in {"entropy": masked_mean(entropy.detach(), mask), **pol_stats,
+                                           **val_stats}.items()}}
     return pol + val, stats
 
 
@@ -268,10 +272,8 @@ def minibatch_step(run: Run, models: dict, exp: Experience, rows: torch.Tensor, 
         part, micro = minibatch_loss(models["actor"], models["critic"], exp, rows[index], cfg, counts, values)
         part.backward()
         loss = loss + part.detach()
-        # each micro-batch's token means weighted by its part of all ranks' tokens: shares of the global means
-        share = exp.mask[rows[index]].sum() / max(counts["tokens"], 1.0)
-        for key, v in micro.items():
-            stats[key] = stats.get(key, 0.0) + float(v * share)
+        for key, v in micro.items():  # shares of the means over all ranks' tokens
+            stats[key] = stats.get(key, 0.0) + float(v)
     if ptx is not None and cfg.ptx_coef > 0:  # micro-batched as the rollout rows are
         ptx_share = 0.0
         for index in row_chunks(ptx.input_ids.shape[0], cfg.train.micro_batch_size):
@@ -401,7 +403,8 @@ def run_ppo(cfg: PPOConfig, backend=None) -> dict:
         kl_coef = kl_ctl.beta  # this step's rewards' coefficient, logged as such (the controller then moves it)
         exp, metrics = make_experience(models, backend, prompt_ids, cfg, kl_coef, exact, run.info)
         t0 = time.time()
-        shares = ppo_update(run, models, exp, cfg, ptx_batches_for(ptx, step, updates, run.info, tokenizer.pad_token_id))
+        ptx_now = ptx_batches_for(ptx, step, updates, run.info, tokenizer.pad_token_id)
+        shares = ppo_update(run, models, exp, cfg, ptx_now)
         metrics.update({key: shares.pop(key) for key in WHOLE})
         kls.append(reduce_dict({"kl": exp.kl.sum().item() / exp.kl.shape[0]}, run.info)["kl"] / run.info.world_size)
         if cfg.target_kl is not None:  # KL(pi || pi_ref) per completion, over all ranks

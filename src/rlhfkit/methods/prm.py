@@ -133,8 +133,8 @@ def run_prm(cfg: PRMConfig) -> dict:
     run.say(f"{source_name(cfg.train_data)}: {report.summary()}")
     held_out, eval_report = [], None
     if cfg.eval_data:
-        held_out, eval_report = encode_step_rows(head(read_rows(cfg.eval_data), cfg.eval_limit, run.say, cfg.eval_data), tokenizer,
-                                                 cfg.step_separator, cfg.max_length, "skip")
+        rows = head(read_rows(cfg.eval_data), cfg.eval_limit, run.say, cfg.eval_data)
+        held_out, eval_report = encode_step_rows(rows, tokenizer, cfg.step_separator, cfg.max_length, "skip")
         run.say(f"{source_name(cfg.eval_data)} (held out, over-long rows skipped): {eval_report.summary()}")
     model = load_process_reward_model(cfg.model, tokenizer, cfg.num_labels, seed=cfg.train.seed, device=run.device,
                                       readout=cfg.readout)

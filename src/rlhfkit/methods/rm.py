@@ -122,8 +122,8 @@ def run_rm(cfg: RMConfig) -> dict:
     run.say(f"{source_name(cfg.train_data)}: {report.summary()}")
     held_out, eval_report = [], None
     if cfg.eval_data:
-        held_out, eval_report = encode_rankings(head(read_rows(cfg.eval_data), cfg.eval_limit, run.say, cfg.eval_data), tokenizer,
-                                                cfg.max_length, "skip")
+        rows = head(read_rows(cfg.eval_data), cfg.eval_limit, run.say, cfg.eval_data)
+        held_out, eval_report = encode_rankings(rows, tokenizer, cfg.max_length, "skip")
         run.say(f"{source_name(cfg.eval_data)} (held out, over-long rows skipped): {eval_report.summary()}")
     # dropout off (as TRL's disable_dropout): the answers of a ranking are scored under one function
     model = disable_dropout(load_reward_model(cfg.model, tokenizer, seed=cfg.train.seed, device=run.device))

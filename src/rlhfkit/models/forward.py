@@ -208,7 +208,6 @@ def _unselect(values: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
     return F.pad(shifted, (1, 0))
 
 
-@functools.lru_cache(maxsize=None)
 def keys_and_values_only(cache) -> bool:
     """Whether every layer of a transformers cache holds keys and values alone, so that its rows can
     be repeated (``batch_repeat_interleave``); a hybrid's linear-attention or Mamba layers keep a
@@ -222,6 +221,7 @@ def keys_and_values_only(cache) -> bool:
     return all(isinstance(layer, caches.DynamicLayer) and not isinstance(layer, state) for layer in layers)
 
 
+@functools.lru_cache(maxsize=None)
 def _cache_kwarg(model_class: type) -> str:
     """transformers 5 renamed ``past_key_values`` to ``cache``; support both."""
     import inspect

@@ -73,14 +73,17 @@ def unmergeable(model) -> str | None:
     - An adapter on a parameter rather than a layer (peft's ``target_parameters``, which its
       ``all-linear`` picks for experts stored as one 3-D tensor, as Mixtral's and Qwen3-MoE's
       are): ``merged_state`` folds in ``B @ A`` of linear layers and embeddings only."""
-    from peft.tuners.lora.layer import ParamWrapper
+    from peft.tuners.lora import layer as lora_layers
     from peft.tuners.tuners_utils import BaseTunerLayer
+
+    wrapper = getattr(lora_layers, "ParamWrapper", None)  # peft >= 0.17 (before it, no parameter is adapted)
 
     if getattr(model.config, "tie_word_embeddings", False) and any(
             isinstance(m, BaseTunerLayer) for m in (model.get_input_embeddings(), model.get_output_embeddings())):
         return "they adapt the embeddings, which this model ties to its output layer, and a merged model cannot " \
                "hold the two apart"
-    wrapped = sorted({name.split(".base_layer")[0] for name, m in model.named_modules() if isinstance(m, ParamWrapper)})
+    wrapped = sorted({name.split(".base_layer")[0] for name, m in model.named_modules()
+                      if wrapper is not None and isinstance(m, wrapper)})
     if wrapped:
         return f"they adapt parameters, not layers ({wrapped[0]}{' and others' if len(wrapped) > 1 else ''}: " \
                "experts stored as one tensor), which rlhfkit does not merge"

@@ -21,7 +21,9 @@ def greedy_samples(backend, tokenizer, rows: list[Row], max_new_tokens: int, bat
             for i in range(0, len(rows), batch_size)]
 
 
-HELD_OUT_FORMATS = ("prompt_only", "prompt_completion", "language_modeling")
+# a prompt, and where there is one a reference answer (completion, chosen, messages' last turn,
+# or an ``answer`` field): not an unpaired preference's (maybe rejected) answer, nor a PRM's steps
+HELD_OUT_FORMATS = ("prompt_only", "prompt_completion", "language_modeling", "preference", "ranking")
 
 
 class HeldOut:

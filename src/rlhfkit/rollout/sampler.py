@@ -213,6 +213,10 @@ def _lean_tokens(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, num
     return scripted(_decode)(logits, alive, bias, position, width, max_new_tokens, *rule, lean.length, *lean.state(n))
 
 
+# (model class, its layer types) -> whether its cache's rows repeat (keys_and_values_only)
+REPEATABLE_CACHE: dict[tuple, bool] = {}
+
+
 def _generic_tokens(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, num_samples: int, max_new_tokens: int,
                     rule: tuple) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
     """The model's own forward with its KV cache, a token at a time from Python, in eval mode (no
@@ -220,15 +224,21 @@ def _generic_tokens(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, 
     was_training = model.training
     model.eval()
     try:
-        logits, cache = forward_with_cache(model, prompt_ids, prompt_mask, position_ids_from_mask(prompt_mask))  # (B, V)
-        if num_samples > 1 and keys_and_values_only(cache):
-            cache.batch_repeat_interleave(num_samples)
-        elif num_samples > 1:  # a hybrid's recurrent state (Jamba, Qwen3-Next, ...) is not repeated: each row prefilled
-            prompt_ids = prompt_ids.repeat_interleave(num_samples, 0)
-            logits, cache = forward_with_cache(model, prompt_ids, prompt_mask.repeat_interleave(num_samples, 0),
-                                               position_ids_from_mask(prompt_mask).repeat_interleave(num_samples, 0))
-            logits = logits[::num_samples]  # repeated again below, as the other branch's
-        logits, prompt_mask = logits.repeat_interleave(num_samples, 0), prompt_mask.repeat_interleave(num_samples, 0)
+        positions = position_ids_from_mask(prompt_mask)
+        kind = (type(model), repr(getattr(model.config, "layer_types", None)))
+        if num_samples > 1 and REPEATABLE_CACHE.get(kind) is False:
+            # a hybrid's recurrent state (Jamba, Qwen3-Next, ...) is not repeated with the cache: each sample prefilled
+            prompt_ids, prompt_mask, positions = (t.repeat_interleave(num_samples, 0)
+                                                  for t in (prompt_ids, prompt_mask, positions))
+            logits, cache = forward_with_cache(model, prompt_ids, prompt_mask, positions)  # (B * n, V)
+        else:
+            logits, cache = forward_with_cache(model, prompt_ids, prompt_mask, positions)  # (B, V)
+            if num_samples > 1:
+                REPEATABLE_CACHE[kind] = keys_and_values_only(cache)
+                if not REPEATABLE_CACHE[kind]:  # learnt now: this call too prefills each sample
+                    return _generic_tokens(model, prompt_ids, prompt_mask, num_samples, max_new_tokens, rule)
+                cache.batch_repeat_interleave(num_samples)
+            logits, prompt_mask = logits.repeat_interleave(num_samples, 0), prompt_mask.repeat_interleave(num_samples, 0)
         n, width = prompt_mask.shape
         mask = torch.cat([prompt_mask, prompt_mask.new_zeros(n, max_new_tokens)], 1)  # filled as we go
         alive = torch.ones(n, dtype=torch.bool, device=logits.device)

@@ -12,6 +12,7 @@ deterministically; nothing is downloaded.
 
 from __future__ import annotations
 
+import numbers
 import random
 import re
 from dataclasses import dataclass
@@ -191,9 +192,9 @@ def as_integer(value) -> int:
     of digits (CSV's "3"); ValueError for anything else (3.7, true, "three")."""
     if isinstance(value, bool):
         raise ValueError(value)
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
+    if isinstance(value, numbers.Integral):  # numpy's integers too (rows from a DataFrame)
+        return int(value)
+    if isinstance(value, numbers.Real) and float(value).is_integer():
         return int(value)
     if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
         return int(value)

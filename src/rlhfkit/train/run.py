@@ -219,7 +219,8 @@ class Run:
         coef = getattr(model.config, "router_aux_loss_coef", 0) if getattr(model.config, "output_router_logits",
                                                                            False) else 0
         if coef:
-            self.say(f"warning: the model is a mixture of experts with output_router_logits=true; rlhfkit's losses "
+            what = f"the model from {base}" if isinstance(base, (str, Path)) else f"the {type(model).__name__}"
+            self.say(f"warning: {what} is a mixture of experts with output_router_logits=true; rlhfkit's losses "
                      f"do not add its router's load-balancing loss (router_aux_loss_coef={coef}), which transformers' "
                      "own loss and TRL's SFT and DPO do: its experts' balance is not trained")
         if lora is not None and lora.enabled:
