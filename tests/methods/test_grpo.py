@@ -413,3 +413,31 @@ def test_with_overlong_shaping_dynamic_sampling_filters_on_the_outcome_not_the_l
     assert has_signal(batch, cfg).tolist() == [False, True, False]
     plain = GRPOConfig(group_size=2, prompts_per_step=3, dynamic_sampling=True)  # no shaping: the advantages
     assert has_signal(batch, plain).tolist() == [True, True, True]
+
+
+@pytest.mark.parametrize("mask, finished, moves", [(True, False, False), (True, True, True), (False, False, True)])
+def test_mask_truncated_completions_leaves_cut_off_answers_out_of_the_loss(mask, finished, moves, tiny, tmp_path):
+    """TRL's mask_truncated_completions (DAPO's overlong filtering): an answer that did not end
+    (no EOS within max_new_tokens) adds no loss. Here the backend's samples are marked all ended
+    or all cut off: with the option, cut-off answers leave nothing to learn from."""
+    from methods_setup import even_answer_digits, method_config
+    from safetensors.torch import load_file
+
+    from rlhfkit.models.load import load_tokenizer
+    from rlhfkit.rollout.backend import SamplerBackend
+    from rlhfkit.train.config import replace
+
+    class Marked(SamplerBackend):  # the sampler, with every sample's end set by the test
+        def generate(self, prompts, params):
+            samples = super().generate(prompts, params)
+            samples.finished = torch.full_like(samples.finished, finished)
+            return samples
+
+    out = tmp_path / "g"
+    cfg = replace(method_config("grpo", tiny, out, 2, log_every=1), mask_truncated_completions=mask, beta=0.0)
+    run_grpo(cfg, reward_fns=[even_answer_digits], backend=Marked(load_tokenizer(str(tiny["base"]))))
+    skipped = [m["train/update_skipped"] for m in read_metrics(out) if "train/update_skipped" in m]
+    assert skipped == ([0.0, 0.0] if moves else [1.0, 1.0])
+    base = load_file(str(tiny["base"] / "model.safetensors"))
+    moved = max((w - base[k]).abs().max().item() for k, w in load_file(str(out / "model" / "model.safetensors")).items())
+    assert (moved > 1e-6) == moves

@@ -89,6 +89,9 @@ class GRPOConfig:
     skip_zero_advantage: bool = True
     dynamic_sampling: bool = False  # DAPO: groups with all-zero advantages are replaced by groups of more prompts
     max_sampling_rounds: int = 4  # dynamic_sampling: rounds of prompts_per_step prompts a step at most; then masked
+    # DAPO's overlong filtering (TRL's name): an answer cut off at max_new_tokens adds no loss; it still counts
+    # in its group's advantages
+    mask_truncated_completions: bool = False
     overlong_buffer: int = 0  # DAPO: reward ramps to -overlong_penalty over the last N of max_new_tokens; 0 = off
     overlong_penalty: float = 1.0  # the punishment at max_new_tokens (DAPO: 1)
     reward_errors: str = "raise"  # raise | zero (score 0 and count)
@@ -375,13 +378,16 @@ def dynamic_batch(run: Run, draw, cfg: GRPOConfig, pad_id: int) -> tuple[Rollout
 
 def keep_informative_groups(samples: Samples, signal: torch.Tensor, group_size: int) -> Samples:
     """The groups without a signal (``signal``, (groups,) bool: ``has_signal``) leave the loss
-    (DAPO's dynamic sampling when its rounds ran out).
+    (DAPO's dynamic sampling when its rounds ran out)."""
+    return keep_rows(samples, signal.repeat_interleave(group_size))
 
-    They are masked out rather than removed, so that every rank keeps its rows and runs the same
-    forwards (a rank left with no rows while the others run a sharded forward would hang them)."""
-    keep = signal.repeat_interleave(group_size)[:, None]  # (B, 1)
+
+def keep_rows(samples: Samples, keep: torch.Tensor) -> Samples:
+    """The rows where ``keep`` (B,) is False leave the loss: masked out rather than removed, so that
+    every rank keeps its rows and runs the same forwards (a rank left with no rows while the others
+    run a sharded forward would hang them)."""
     masked = samples.rows(torch.arange(samples.completion_mask.shape[0]))
-    masked.completion_mask = samples.completion_mask * keep
+    masked.completion_mask = samples.completion_mask * keep[:, None].to(samples.completion_mask.device)
     return masked
 
 
@@ -436,6 +442,8 @@ def update(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: 
         samples = keep_informative_groups(samples, signal, cfg.group_size)
         # a dropped group's advantages are 0 too: the rows to forward are picked by them below
         advantages = advantages * signal.repeat_interleave(cfg.group_size)[:, None].to(advantages.dtype)
+    if cfg.mask_truncated_completions:  # their advantages were taken with them in their groups, as TRL's are
+        samples = keep_rows(samples, samples.finished)
     mask = samples.completion_mask
     counts = reduce_dict({"sequences": (mask.sum(-1) > 0).sum().item(), "tokens": mask.sum().item()}, run.info)
     if counts["sequences"] == 0:  # every group of every rank dropped: no update, on every rank alike
