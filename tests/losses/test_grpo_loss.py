@@ -149,3 +149,24 @@ def test_a_sample_every_reward_abstained_on_takes_no_part_in_its_group():
     grouped = rewards.view(-1, 5)
     plain = ((grouped - grouped.mean(-1, keepdim=True)) / (grouped.std(-1, keepdim=True) + 1e-4)).reshape(-1)
     torch.testing.assert_close(group_advantages(rewards, 5), plain, atol=1e-6, rtol=0)
+
+
+def test_gspo_gives_every_token_its_sequences_ratio_by_hand():
+    """GSPO (Zheng et al. 2025, eq. 5 and 7): s_i = exp(mean_t log rho_it), one ratio per answer;
+    under the per-sequence mean its loss is -min(s A, clip(s) A) per answer, and the gradient of
+    each of its tokens' log-probs is -A s / |o_i| (unclipped)."""
+    old = torch.zeros(2, 3)
+    delta = torch.tensor([[0.1, -0.3, 0.0], [0.05, 0.05, 0.05]])  # log rho; row 0 has 2 tokens
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    adv = torch.tensor([[1.0, 1.0, 1.0], [-2.0, -2.0, -2.0]])
+    logprobs = (old + delta).requires_grad_(True)
+    loss, metrics = grpo_loss(logprobs, old, adv, mask, eps_low=0.2, sequence_ratio=True)
+    s0, s1 = math.exp(-0.1), math.exp(0.05)  # mean log rho of each answer's own tokens
+    assert loss.item() == pytest.approx((-s0 * 1.0 + s1 * 2.0) / 2, abs=1e-6)  # mean over the 2 answers
+    loss.backward()
+    expected = torch.tensor([[-1.0 * s0 / 2] * 2 + [0.0], [2.0 * s1 / 3] * 3]) / 2
+    torch.testing.assert_close(logprobs.grad, expected, atol=1e-6, rtol=0)
+    assert metrics["ratio_mean"].item() == pytest.approx((2 * s0 + 3 * s1) / 5, abs=1e-6)
+    clipped, _ = grpo_loss(old + torch.tensor([[0.5, 0.5, 0.0], [0.0] * 3]), old, adv, mask, eps_low=0.2,
+                           sequence_ratio=True)  # s0 = e^0.5 > 1.2 with A > 0: clipped at 1.2
+    assert clipped.item() == pytest.approx((-1.2 * 1.0 + 1.0 * 2.0) / 2, abs=1e-6)

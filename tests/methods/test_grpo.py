@@ -441,3 +441,21 @@ def test_mask_truncated_completions_leaves_cut_off_answers_out_of_the_loss(mask,
     base = load_file(str(tiny["base"] / "model.safetensors"))
     moved = max((w - base[k]).abs().max().item() for k, w in load_file(str(out / "model" / "model.safetensors")).items())
     assert (moved > 1e-6) == moves
+
+
+def test_gspo_is_wired_to_the_update_and_asks_for_the_per_sequence_mean(tiny, tmp_path):
+    """With mu = 1 the sequence ratio's gradient equals the tokens' (every ratio is 1); the second
+    of mu = 2 updates sees ratios apart from 1, where GSPO's loss differs from GRPO's."""
+    from methods_setup import even_answer_digits, method_config
+
+    from rlhfkit.train.config import ConfigError, replace
+
+    losses = {}
+    for level in ("token", "sequence"):
+        out = tmp_path / level
+        run_grpo(replace(method_config("grpo", tiny, out, 1, log_every=1), importance_sampling_level=level, mu=2,
+                         beta=0.0), reward_fns=[even_answer_digits])
+        losses[level] = [m["train/loss"] for m in read_metrics(out) if "train/loss" in m][0]
+    assert abs(losses["token"] - losses["sequence"]) > 1e-7, losses
+    with pytest.raises(ConfigError, match="importance_sampling_level=sequence \\(GSPO\\) averages over sequences"):
+        GRPOConfig(model="m", train_data="d.jsonl", importance_sampling_level="sequence", loss_type="dapo")

@@ -12,8 +12,12 @@ A_it = sum of the normalised step rewards of output i whose step ends at or afte
 
 Options, never replacing the paper's form: ``token_mean`` (DAPO: one mean over all tokens of
 the batch), ``seq_mean_token_sum_norm`` (Dr. GRPO: constant per-length normaliser), no std
-scaling (Dr. GRPO), clip-higher (DAPO: eps_high > eps_low) and DAPO's soft overlong punishment
-(``overlong_penalty``).
+scaling (Dr. GRPO), clip-higher (DAPO: eps_high > eps_low), DAPO's soft overlong punishment
+(``overlong_penalty``), and GSPO's sequence-level ratio (Zheng et al. 2025, eq. 5 and 7):
+
+    J = E[ 1/G sum_i min( s_i A_i, clip(s_i, 1-eps, 1+eps) A_i ) ],   s_i = exp( 1/|o_i| sum_t log rho_it )
+
+which is the paper's form under ``seq_mean_token_mean`` (each token of o_i carries s_i).
 """
 
 from __future__ import annotations
@@ -108,14 +112,17 @@ def reduce_loss(per_token: torch.Tensor, mask: torch.Tensor, reduction: str, num
 def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
               ref_logprobs: torch.Tensor | None = None, beta: float = 0.0, eps_low: float = 0.2,
               eps_high: float | None = None, reduction: str = "seq_mean_token_mean",
-              num_sequences: float | None = None, num_tokens: float | None = None, max_tokens: int | None = None):
+              num_sequences: float | None = None, num_tokens: float | None = None, max_tokens: int | None = None,
+              sequence_ratio: bool = False):
     """All tensors (B, T) over completion tokens; ``mask`` 1 on real completion tokens.
+    ``sequence_ratio``: GSPO's one importance ratio per sequence (losses/policy.py).
 
     Returns (loss, metrics). The metrics are detached batch means (clip fractions, ratio, and kl
     where there is a KL term: with beta 0 nothing is measured, so no kl is reported).
     """
     mask = mask.to(logprobs.dtype)
-    surrogate = clipped_surrogate(logprobs, old_logprobs, advantages, eps_low, eps_high)
+    surrogate = clipped_surrogate(logprobs, old_logprobs, advantages, eps_low, eps_high,
+                                  mask if sequence_ratio else None)
     per_token = surrogate.loss  # (B, T)
     kl = torch.zeros_like(logprobs)
     if ref_logprobs is not None and beta != 0.0:

@@ -25,10 +25,18 @@ class Surrogate:
 
 
 def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                      eps_low: float = 0.2, eps_high: float | None = None) -> Surrogate:
-    """Per-token clipped surrogate loss and what the clip did; all tensors (B, T)."""
+                      eps_low: float = 0.2, eps_high: float | None = None,
+                      sequence_mask: torch.Tensor | None = None) -> Surrogate:
+    """Per-token clipped surrogate loss and what the clip did; all tensors (B, T).
+
+    ``sequence_mask`` (B, T): GSPO's sequence-level ratio (Zheng et al. 2025, eq. 7) instead of each
+    token's, s_i = (pi_theta(y_i|x) / pi_old(y_i|x))^(1/|y_i|) = exp(mean_t log rho_t) over the
+    masked tokens, given to every token of the sequence."""
     eps_high = eps_low if eps_high is None else eps_high
     log_ratio = logprobs - old_logprobs
+    if sequence_mask is not None:
+        m = sequence_mask.to(log_ratio.dtype)
+        log_ratio = ((log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)).expand_as(logprobs)
     ratio = torch.exp(log_ratio)
     clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
     loss = -torch.min(ratio * advantages, clipped * advantages)

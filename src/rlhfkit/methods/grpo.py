@@ -83,6 +83,7 @@ class GRPOConfig:
     mu: int = 1  # policy updates (optimizer steps) per batch of samples
     share_prompt: bool = True  # forward each prompt once for its G samples (block mask; SDPA attention only)
     loss_type: str = "grpo"  # grpo (paper) | dapo (token mean) | dr_grpo (constant normaliser)
+    importance_sampling_level: str = "token"  # token (the paper's) | sequence (GSPO; TRL's name), loss_type=grpo
     scale_std: bool = True  # divide advantages by the group std (Dr. GRPO: false)
     # beta 0: groups whose advantages are all zero are not forwarded (their loss and gradient are zero; not
     # under fsdp); the update's logged means (entropy, clip fractions, ratio) are then over the forwarded groups
@@ -104,6 +105,10 @@ class GRPOConfig:
 
     def __post_init__(self):
         choice("loss_type", self.loss_type, tuple(REDUCTIONS))
+        choice("importance_sampling_level", self.importance_sampling_level, ("token", "sequence"))
+        if self.importance_sampling_level == "sequence" and self.loss_type != "grpo":
+            raise ConfigError(f"importance_sampling_level=sequence (GSPO) averages over sequences (its eq. 5), which is "
+                              f"loss_type=grpo; loss_type={self.loss_type} would weigh them by their tokens")
         choice("reward_errors", self.reward_errors, ("raise", "zero"))
         choice("eval_task", self.eval_task, TASK_CHOICES)
         if self.process_reward is not None and not self.process_reward.startswith("prm:"):
@@ -478,7 +483,7 @@ def update(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: 
             part, stats = grpo_loss(logprobs, old, advantages[index], mask[index],
                                     None if ref_logprobs is None else ref_logprobs[index], cfg.beta, cfg.eps_low,
                                     cfg.eps_high, REDUCTIONS[cfg.loss_type], counts["sequences"], counts["tokens"],
-                                    cfg.max_new_tokens)
+                                    cfg.max_new_tokens, cfg.importance_sampling_level == "sequence")
             part.backward()
             loss = loss + part.detach()
             share = mask[index].sum() / forwarded  # micro-batch stats weighted by tokens
