@@ -340,3 +340,16 @@ def test_images_and_tool_schemas_beside_plain_text_are_refused_not_dropped(tok):
                                         r"plain"):
         encode_sft(_rows({"prompt": "Q", "completion": " A", "tools": tools}), tok, 64)
     assert encode_sft(_rows({"prompt": [USER], "completion": [ASSISTANT], "tools": tools}), tok, 64)[0]
+
+
+def test_sharegpt_rows_are_read_as_chatml(tok):
+    """ShareGPT's ``conversations`` of ``from``/``value`` messages (``human``, ``gpt``) were refused
+    with a misleading "prompt-only row is grpo and ppo data"; TRL converts them
+    (``maybe_convert_to_chatml``)."""
+    sharegpt = {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "What is 1+2?"},
+                                  {"from": "gpt", "value": " 3"}]}
+    chatml = {"messages": [{"role": "system", "content": "Be brief."}, USER, ASSISTANT]}
+    assert read_rows([sharegpt])[0].data == chatml
+    assert encode_sft(read_rows([sharegpt]), tok, 64)[0] == encode_sft(read_rows([chatml]), tok, 64)[0]
+    plain = {"prompt": "a", "completion": "b", "from": "somewhere"}  # a field named 'from' outside a chat: as it is
+    assert read_rows([plain])[0].data == plain

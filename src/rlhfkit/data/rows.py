@@ -33,7 +33,41 @@ def read_rows(source) -> list[Row]:
     """Rows from a ``.jsonl``/``.json`` path, a ``.parquet`` path, a pattern of such paths (a Hub
     snapshot's ``data/train-*.parquet``: every file, in name order), a folder written by
     ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` (``FOLDER:split`` picks a split), a
-    ``datasets.Dataset``, a ``DatasetDict`` of one split, or a list of dicts."""
+    ``datasets.Dataset``, a ``DatasetDict`` of one split, or a list of dicts. ShareGPT's chat form
+    is read as ChatML's (``sharegpt_as_chatml``)."""
+    return [Row(r.where, sharegpt_as_chatml(r.data)) for r in _read_rows(source)]
+
+
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}  # the rest (system, tool, ...) are ChatML's names already
+CHAT_FIELDS = ("prompt", "completion", "chosen", "rejected", "messages", "conversations")
+
+
+def sharegpt_as_chatml(data: dict) -> dict:
+    """A row in ShareGPT's form as TRL's ``maybe_convert_to_chatml`` reads it: ``conversations``
+    is ``messages``, and a message's ``from`` and ``value`` are its ``role`` and ``content``; and
+    ShareGPT's ``human`` and ``gpt`` are the ``user`` and the ``assistant`` (which TRL leaves to
+    the chat template). Any other row is returned as it is."""
+    if not any(isinstance(data.get(k), list) and any(isinstance(m, dict) and "from" in m for m in data[k])
+               for k in CHAT_FIELDS) and "conversations" not in data:
+        return data
+    out = dict(data)
+    for key in CHAT_FIELDS:
+        if isinstance(out.get(key), list):
+            out[key] = [_chatml_message(m) if isinstance(m, dict) and "from" in m else m for m in out[key]]
+    if "conversations" in out and "messages" not in out:
+        out["messages"] = out.pop("conversations")
+    return out
+
+
+def _chatml_message(message: dict) -> dict:
+    out = {k: v for k, v in message.items() if k not in ("from", "value")}
+    out["role"] = SHAREGPT_ROLES.get(message["from"], message["from"])
+    if "value" in message:
+        out["content"] = message["value"]
+    return out
+
+
+def _read_rows(source) -> list[Row]:
     if isinstance(source, (str, Path)):
         if not str(source).strip():
             raise DataError("no data file given (the data path is empty)")
@@ -44,7 +78,7 @@ def read_rows(source) -> list[Row]:
             files = sorted(f for f in glob.glob(str(source), recursive=True) if Path(f).is_file())
             if not files:
                 raise DataError(f"{source}: no file matches")
-            return [row for f in files for row in read_rows(f)]
+            return [row for f in files for row in _read_rows(f)]
         folder, _, split = str(source).rpartition(":") if ":" in str(source) else (str(source), "", "")
         if path.is_dir() or (split and Path(folder).is_dir()):
             saved = Path(folder if split else path)
