@@ -353,3 +353,16 @@ def test_sharegpt_rows_are_read_as_chatml(tok):
     assert encode_sft(read_rows([sharegpt]), tok, 64)[0] == encode_sft(read_rows([chatml]), tok, 64)[0]
     plain = {"prompt": "a", "completion": "b", "from": "somewhere"}  # a field named 'from' outside a chat: as it is
     assert read_rows([plain])[0].data == plain
+
+
+def test_sharegpt_in_one_json_object_and_chatml_messages_with_a_from_field(tmp_path):
+    """One ShareGPT conversation in a .json object was split into a row per message; a ChatML
+    message carrying its own 'from' field had its role overwritten."""
+    import json
+
+    sharegpt = {"conversations": [{"from": "human", "value": "What is 1+2?"}, {"from": "gpt", "value": " 3"}]}
+    (tmp_path / "one.json").write_text(json.dumps(sharegpt, indent=2))
+    assert [r.data for r in read_rows(tmp_path / "one.json")] == [{"messages": [USER, ASSISTANT]}]
+    tagged = {"messages": [USER, {**ASSISTANT, "from": "gpt-4"}]}
+    assert read_rows([tagged])[0].data == tagged
+    assert read_rows([{"prompt": "a", "completion": "b", "conversations": "notes"}])[0].data["conversations"] == "notes"

@@ -170,3 +170,19 @@ def test_gspo_gives_every_token_its_sequences_ratio_by_hand():
     clipped, _ = grpo_loss(old + torch.tensor([[0.5, 0.5, 0.0], [0.0] * 3]), old, adv, mask, eps_low=0.2,
                            sequence_ratio=True)  # s0 = e^0.5 > 1.2 with A > 0: clipped at 1.2
     assert clipped.item() == pytest.approx((-1.2 * 1.0 + 1.0 * 2.0) / 2, abs=1e-6)
+
+
+def test_gspo_token_form_keeps_a_process_rewards_per_token_credit():
+    """With one ratio per answer spread over its tokens, per-token advantages [1, 1, -2] gave the
+    whole answer a zero gradient; the GSPO-token form (eq. 13) keeps each token's own advantage:
+    at ratio 1 the gradient is the per-token one."""
+    old = torch.zeros(1, 3)
+    adv, mask = torch.tensor([[1.0, 1.0, -2.0]]), torch.ones(1, 3)
+    grads = []
+    for sequence in (True, False):
+        logprobs = old.clone().requires_grad_(True)
+        loss, _ = grpo_loss(logprobs, old, adv, mask, sequence_ratio=sequence)
+        loss.backward()
+        grads.append(logprobs.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+    torch.testing.assert_close(grads[0], torch.tensor([[-1.0, -1.0, 2.0]]) / 3)

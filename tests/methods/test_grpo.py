@@ -394,6 +394,12 @@ def test_rewards_that_abstain_on_every_sample_are_said_once(tiny, tmp_path, capf
     err = capfd.readouterr().err
     assert err.count("every outcome reward abstained (returned None) on every sample") == 1
     assert "step 1: every outcome reward abstained" in err
+    # no sample has a reward: reward_mean is none (not 0), written as JSON's null, not a bare NaN
+    import json
+
+    result = json.loads((tmp_path / "g" / "result.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert result["reward_mean"] is None
+    assert "nan" not in (tmp_path / "g" / "model" / "README.md").read_text().lower()
 
 
 def test_with_overlong_shaping_dynamic_sampling_filters_on_the_outcome_not_the_length():

@@ -47,22 +47,31 @@ def sharegpt_as_chatml(data: dict) -> dict:
     is ``messages``, and a message's ``from`` and ``value`` are its ``role`` and ``content``; and
     ShareGPT's ``human`` and ``gpt`` are the ``user`` and the ``assistant`` (which TRL leaves to
     the chat template). Any other row is returned as it is."""
-    if not any(isinstance(data.get(k), list) and any(isinstance(m, dict) and "from" in m for m in data[k])
-               for k in CHAT_FIELDS) and "conversations" not in data:
+    if not any(messages_like(data.get(k)) for k in CHAT_FIELDS):
         return data
     out = dict(data)
     for key in CHAT_FIELDS:
-        if isinstance(out.get(key), list):
-            out[key] = [_chatml_message(m) if isinstance(m, dict) and "from" in m else m for m in out[key]]
-    if "conversations" in out and "messages" not in out:
+        if messages_like(out.get(key)):
+            out[key] = [_chatml_message(m) for m in out[key]]
+    if messages_like(out.get("conversations")) and "messages" not in out:
         out["messages"] = out.pop("conversations")
     return out
 
 
+def messages_like(value) -> bool:
+    """A list of chat messages in ChatML's form (``role``) or ShareGPT's (``from``)."""
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and ("role" in m or "from" in m)
+                                                           for m in value)
+
+
 def _chatml_message(message: dict) -> dict:
+    """A ShareGPT message as ChatML's; one that has a ``role`` already is left as it is (a ``from``
+    beside it is the row's own field)."""
+    if "role" in message or "from" not in message:
+        return message
     out = {k: v for k, v in message.items() if k not in ("from", "value")}
     out["role"] = SHAREGPT_ROLES.get(message["from"], message["from"])
-    if "value" in message:
+    if "value" in message and "content" not in message:
         out["content"] = message["value"]
     return out
 
@@ -258,7 +267,7 @@ def _read_json(path: Path) -> list[Row]:
             return _read_jsonl(path)
         inner = list(whole.values())[0] if isinstance(whole, dict) and len(whole) == 1 else None
         rows_inside = isinstance(inner, list) and inner and all(isinstance(item, dict) for item in inner)
-        if rows_inside and not is_chat(inner):  # {"messages": [...]} is one chat row, not rows
+        if rows_inside and not messages_like(inner):  # {"messages": [...]} is one chat row, not rows
             key = next(iter(whole))  # {"data": [...]}, what datasets reads with field="data"
             return [Row(f"{path}:{key}[{i}]", item) for i, item in enumerate(inner)]
         return [Row(f"{path}:row 1", _as_dict(whole, f"{path}:row 1"))]

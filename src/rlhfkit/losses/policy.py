@@ -31,12 +31,15 @@ def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advant
 
     ``sequence_mask`` (B, T): GSPO's sequence-level ratio (Zheng et al. 2025, eq. 7) instead of each
     token's, s_i = (pi_theta(y_i|x) / pi_old(y_i|x))^(1/|y_i|) = exp(mean_t log rho_t) over the
-    masked tokens, given to every token of the sequence."""
+    masked tokens, in its GSPO-token form (eq. 13): token t carries sg[s_i] pi_t / sg[pi_t], whose
+    value is s_i and whose gradient is s_i grad log pi_t, so that a token's own advantage (a process
+    reward's) weighs its own gradient; with one advantage per answer it is GSPO's gradient."""
     eps_high = eps_low if eps_high is None else eps_high
     log_ratio = logprobs - old_logprobs
     if sequence_mask is not None:
         m = sequence_mask.to(log_ratio.dtype)
-        log_ratio = ((log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)).expand_as(logprobs)
+        mean = (log_ratio.detach() * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)
+        log_ratio = mean.expand_as(logprobs) + logprobs - logprobs.detach()
     ratio = torch.exp(log_ratio)
     clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
     loss = -torch.min(ratio * advantages, clipped * advantages)

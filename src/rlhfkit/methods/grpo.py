@@ -448,7 +448,10 @@ def update(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: 
         # a dropped group's advantages are 0 too: the rows to forward are picked by them below
         advantages = advantages * signal.repeat_interleave(cfg.group_size)[:, None].to(advantages.dtype)
     if cfg.mask_truncated_completions:  # their advantages were taken with them in their groups, as TRL's are
-        samples = keep_rows(samples, samples.finished)
+        # cut off: no EOS and the whole length (an engine may stop on an end id that is not the tokenizer's EOS)
+        ended = samples.finished | (samples.completion_mask.sum(-1) < cfg.max_new_tokens)
+        samples = keep_rows(samples, ended)
+        advantages = advantages * ended[:, None].to(advantages.dtype)  # not forwarded (beta 0), as dropped groups
     mask = samples.completion_mask
     counts = reduce_dict({"sequences": (mask.sum(-1) > 0).sum().item(), "tokens": mask.sum().item()}, run.info)
     if counts["sequences"] == 0:  # every group of every rank dropped: no update, on every rank alike

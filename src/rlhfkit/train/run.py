@@ -485,7 +485,7 @@ class Run:
                             what={"rm": "reward model", "prm": "process reward model"}.get(self.name, "model"))
             if self.info.is_main:
                 write_config(out, self.config)
-                (out / "result.json").write_text(json.dumps(summary, indent=1))
+                (out / "result.json").write_text(json.dumps(plain_summary(summary), indent=1))  # NaN as null
         except Exception as e:  # a full disk, no permission: one line, and no half-written model left
             cause = write_failure(e, out)
             if self.info.is_main:
@@ -499,17 +499,27 @@ class Run:
         return summary
 
 
+def plain_summary(value):
+    """A summary as JSON holds it, at every depth (``plain``: NaN and infinities as null)."""
+    if isinstance(value, dict):
+        return {k: plain_summary(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_summary(v) for v in value]
+    return plain(value)
+
+
 def card_metrics(summary: dict, last: dict, evals: list[dict], done: int, unit: str) -> tuple[dict, list[str]]:
     """The final model card's metrics and what each kind is: the summary (``result.json``), then the
     last step's logged means and the last eval's, each only where the summary does not already
     give the same name (or ``eval_`` name) the same value: a final eval's accuracy is the summary's."""
-    final = {k: v for k, v in summary.items() if k != "evals"}
+    final = {k: plain(v) for k, v in summary.items() if k != "evals"}  # NaN as None: one value, compared equal
+    last = {k: plain(v) for k, v in last.items()}
     legend = ["without a prefix: the run's summary, as in `result.json`"]
     trained = {f"train/{k}": v for k, v in last.items()
                if k in ("loss", "reward_mean", "rm_score", "kl") and final.get(k) != v}
     if trained:
         legend.append(f"`train/`: the last {unit}'s logged means ({unit} {done})")
-    held = evals[-1] if evals else {}
+    held = {k: plain(v) for k, v in (evals[-1] if evals else {}).items()}
     shown = {f"eval/{k}": v for k, v in held.items() if k != "step" and v not in (final.get(k), final.get(f"eval_{k}"))}
     if shown:
         legend.append(f"`eval/`: the last eval's ({unit} {held.get('step')})")
