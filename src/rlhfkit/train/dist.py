@@ -53,6 +53,8 @@ def init_distributed(device: str = "cpu") -> DistInfo:
     where = resolve_device(device, local_rank)
     if world <= 1:
         return DistInfo(device=where)
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker
+        die_with_launcher()
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if where.startswith("cuda") else "gloo")
     if dist.get_rank() != 0:  # transformers' loading bars and reports once, from rank 0, as rlhfkit's own lines
@@ -61,6 +63,19 @@ def init_distributed(device: str = "cpu") -> DistInfo:
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, where)
+
+
+def die_with_launcher() -> None:
+    """Have the kernel kill this process when its parent (torchrun's agent) dies (Linux's
+    PR_SET_PDEATHSIG): a launcher killed outright left its workers training on, writing the same
+    out_dir as a run resumed there. Checkpoints are renamed into place whole, so a kill mid-save
+    leaves the last complete one."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1: PR_SET_PDEATHSIG
 
 
 def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
