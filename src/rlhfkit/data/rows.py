@@ -261,10 +261,12 @@ def _read_json(path: Path) -> list[Row]:
     with path.open("rb") as f:
         head = f.read(4096).removeprefix(BOM).lstrip()
     if head.startswith(b"{"):  # JSON lines, or one object over several lines: a row, or its rows under one key
+        if _json_lines(path):
+            return _read_jsonl(path)
         try:
             whole = json.loads(_text(path))
         except json.JSONDecodeError:
-            return _read_jsonl(path)
+            return _read_jsonl(path)  # its error names the line
         inner = list(whole.values())[0] if isinstance(whole, dict) and len(whole) == 1 else None
         rows_inside = isinstance(inner, list) and inner and all(isinstance(item, dict) for item in inner)
         if rows_inside and not messages_like(inner):  # {"messages": [...]} is one chat row, not rows
@@ -278,6 +280,19 @@ def _read_json(path: Path) -> list[Row]:
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
     return [Row(f"{path}:row {i}", _as_dict(item, f"{path}:row {i}")) for i, item in enumerate(items, start=1)]
+
+
+def _json_lines(path: Path) -> bool:
+    """Whether a file's first line is a whole JSON value and more lines follow: JSON lines, read
+    line by line rather than parsed whole first."""
+    with path.open("rb") as f:
+        first = f.readline().removeprefix(BOM)
+        more = any(line.strip() for line in f)
+    try:
+        json.loads(first)
+    except ValueError:  # JSONDecodeError, and bytes that are not UTF-8
+        return False
+    return more
 
 
 def _read_csv(path: Path) -> list[Row]:

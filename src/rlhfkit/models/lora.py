@@ -83,7 +83,7 @@ def unmergeable(model) -> str | None:
         return "they adapt the embeddings, which this model ties to its output layer, and a merged model cannot " \
                "hold the two apart"
     wrapped = sorted({name.split(".base_layer")[0] for name, m in model.named_modules()
-                      if wrapper is not None and isinstance(m, wrapper)})
+                      if isinstance(m, wrapper)}) if wrapper is not None else []
     if wrapped:
         return f"they adapt parameters, not layers ({wrapped[0]}{' and others' if len(wrapped) > 1 else ''}: " \
                "experts stored as one tensor), which rlhfkit does not merge"

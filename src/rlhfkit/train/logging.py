@@ -81,6 +81,15 @@ def plain(value):
     return value
 
 
+def plain_tree(value):
+    """``plain`` at every depth of dicts and lists (a summary, a list of evals)."""
+    if isinstance(value, dict):
+        return {k: plain_tree(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_tree(v) for v in value]
+    return plain(value)
+
+
 def read_metrics(out_dir: str | Path) -> list[dict]:
     path = Path(out_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

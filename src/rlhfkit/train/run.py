@@ -69,7 +69,7 @@ from .dist import (
     broadcast_params,
     init_distributed,
 )
-from .logging import MetricsLogger, plain, progress, truncate_metrics
+from .logging import MetricsLogger, plain_tree, progress, truncate_metrics
 from .optim import check_finite, hyperparameters, optimizer_step, rebase_schedule
 from .plots import plot_runs
 from .shard import save_everywhere, shard
@@ -443,9 +443,9 @@ class Run:
         checkpoint written before its eval, whose modules stand: only the RNG states and the run's
         summary are written again."""
         trained, optimizer, scheduler = self.modules
-        extra = {"optimizer_steps": self.optimizer_steps, "metrics": {k: plain(v) for k, v in self.metrics.items()},
+        extra = {"optimizer_steps": self.optimizer_steps, "metrics": plain_tree(self.metrics),
                  "kernels": kernel_choices() if self.device == "cpu" else None,
-                 "evals": [{k: plain(v) for k, v in e.items()} for e in self.evals],
+                 "evals": plain_tree(self.evals),
                  "stopped_early": self.stopped_early, "pending_eval": pending_eval, "step_logged": step_logged,
                  **self.keep, **(state or {})}
         if into is not None:
@@ -485,7 +485,7 @@ class Run:
                             what={"rm": "reward model", "prm": "process reward model"}.get(self.name, "model"))
             if self.info.is_main:
                 write_config(out, self.config)
-                (out / "result.json").write_text(json.dumps(plain_summary(summary), indent=1))  # NaN as null
+                (out / "result.json").write_text(json.dumps(plain_tree(summary), indent=1))  # NaN as null
         except Exception as e:  # a full disk, no permission: one line, and no half-written model left
             cause = write_failure(e, out)
             if self.info.is_main:
@@ -499,27 +499,18 @@ class Run:
         return summary
 
 
-def plain_summary(value):
-    """A summary as JSON holds it, at every depth (``plain``: NaN and infinities as null)."""
-    if isinstance(value, dict):
-        return {k: plain_summary(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain_summary(v) for v in value]
-    return plain(value)
-
-
 def card_metrics(summary: dict, last: dict, evals: list[dict], done: int, unit: str) -> tuple[dict, list[str]]:
     """The final model card's metrics and what each kind is: the summary (``result.json``), then the
     last step's logged means and the last eval's, each only where the summary does not already
     give the same name (or ``eval_`` name) the same value: a final eval's accuracy is the summary's."""
-    final = {k: plain(v) for k, v in summary.items() if k != "evals"}  # NaN as None: one value, compared equal
-    last = {k: plain(v) for k, v in last.items()}
+    final = plain_tree({k: v for k, v in summary.items() if k != "evals"})  # NaN as None: compared equal
+    last = plain_tree(last)
     legend = ["without a prefix: the run's summary, as in `result.json`"]
     trained = {f"train/{k}": v for k, v in last.items()
                if k in ("loss", "reward_mean", "rm_score", "kl") and final.get(k) != v}
     if trained:
         legend.append(f"`train/`: the last {unit}'s logged means ({unit} {done})")
-    held = {k: plain(v) for k, v in (evals[-1] if evals else {}).items()}
+    held = plain_tree(evals[-1] if evals else {})
     shown = {f"eval/{k}": v for k, v in held.items() if k != "step" and v not in (final.get(k), final.get(f"eval_{k}"))}
     if shown:
         legend.append(f"`eval/`: the last eval's ({unit} {held.get('step')})")
