@@ -100,3 +100,62 @@ def test_other_pair_losses_gradients_are_the_closed_forms():
             dh = beta * (-(1 - eps) * torch.sigmoid(-beta * h) + eps * torch.sigmoid(beta * h))
         assert torch.allclose(pc.grad, dh / 2, atol=1e-6), loss_type  # a mean over the 2 pairs
         assert torch.allclose(pr.grad, -dh / 2, atol=1e-6), loss_type
+
+
+def _softplus(x: float) -> float:  # -log sigma(-x)
+    return math.log1p(math.exp(x))
+
+
+def _sig(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def test_trl_pair_forms_by_hand():
+    # log ratios w = -1 - (-2) = 1, l = -3 - (-2.5) = -0.5; beta 0.5: beta w = 0.5, beta l = -0.25, beta h = 0.75
+    args = (torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.5]), 0.5)
+    eps = 0.1
+    expected = {
+        "robust": (0.9 * _softplus(-0.75) - 0.1 * _softplus(0.75)) / 0.8,
+        "exo_pair": _sig(0.75) * (-_softplus(-0.75) - math.log(0.9)) + _sig(-0.75) * (-_softplus(0.75) - math.log(0.1)),
+        "nca_pair": _softplus(-0.5) + 0.5 * _softplus(0.5) + 0.5 * _softplus(-0.25),
+        "sppo_hard": (1 - 1) ** 2 + (-0.5 + 1) ** 2,  # 1/(2 beta) = 1
+        "apo_zero": 1 - _sig(0.5) + _sig(-0.25),
+        "apo_down": _sig(0.5) + 1 - _sig(0.75),
+        "discopop": (1 - _sig(0.75 / 0.05)) * _softplus(-0.75) + _sig(0.75 / 0.05) * math.exp(-0.75),
+        "sigmoid_norm": _softplus(-0.5 * (1 / 2 + 0.5 / 4)),  # per token: h = 1/2 - (-0.5)/4
+    }
+    lengths = (torch.tensor([2.0]), torch.tensor([4.0]))
+    for name, value in expected.items():
+        loss, _ = dpo_loss(*args, loss_type=name, label_smoothing=eps, lengths=lengths)
+        assert abs(loss.item() - value) < 1e-6, name
+    mixed, _ = dpo_loss(*args, loss_type=(("sigmoid", 0.8), ("nca_pair", 0.2)))
+    assert abs(mixed.item() - (0.8 * _softplus(-0.75) + 0.2 * expected["nca_pair"])) < 1e-6
+    # robust at eps 0 is plain DPO
+    assert abs(dpo_loss(*args, loss_type="robust")[0].item() - _softplus(-0.75)) < 1e-7
+
+
+def test_trl_pair_forms_gradients_are_the_closed_forms():
+    beta, eps = 0.5, 0.1
+    rc, rr = torch.tensor([-2.0, -1.0]), torch.tensor([-2.5, -1.0])
+    for name in ("robust", "sppo_hard", "apo_zero", "apo_down", "nca_pair"):
+        pc = torch.tensor([-1.0, -3.0], requires_grad=True)
+        pr = torch.tensor([-3.0, -0.5], requires_grad=True)
+        dpo_loss(pc, pr, rc, rr, beta, loss_type=name, label_smoothing=eps if name == "robust" else 0.0)[0].backward()
+        w, l = (pc - rc).detach(), (pr - rr).detach()  # noqa: E741
+        m = beta * (w - l)
+        s = torch.sigmoid
+        if name == "robust":  # dL/dh = -beta [(1 - eps) sig(-beta h) + eps sig(beta h)] / (1 - 2 eps)
+            gw = -beta * ((1 - eps) * s(-m) + eps * s(m)) / (1 - 2 * eps)
+            gl = -gw
+        elif name == "sppo_hard":
+            gw, gl = 2 * (w - 1 / (2 * beta)), 2 * (l + 1 / (2 * beta))
+        elif name == "apo_zero":  # chosen up, rejected down
+            gw, gl = -beta * s(beta * w) * s(-beta * w), beta * s(beta * l) * s(-beta * l)
+        elif name == "apo_down":
+            gw = beta * s(beta * w) * s(-beta * w) - beta * s(m) * s(-m)
+            gl = beta * s(m) * s(-m)
+        else:  # nca_pair
+            gw = -beta * s(-beta * w) + 0.5 * beta * s(beta * w)
+            gl = 0.5 * beta * s(beta * l)
+        assert torch.allclose(pc.grad, gw / 2, atol=1e-6), name  # a mean over the 2 pairs
+        assert torch.allclose(pr.grad, gl / 2, atol=1e-6), name

@@ -93,7 +93,8 @@ def test_shared_prompt_layout_gives_the_plain_loss_and_gradients(tiny):
             assert torch.allclose(grad, grads_b[name], atol=1e-5, rtol=1e-4), (data, name)
 
 
-@pytest.mark.parametrize("loss_type, smoothing", [("ipo", 0.0), ("hinge", 0.0), ("sigmoid", 0.2)])
+@pytest.mark.parametrize("loss_type, smoothing", [("ipo", 0.0), ("hinge", 0.0), ("sigmoid", 0.2), ("sppo_hard", 0.0),
+                                                  ("apo_zero:0.5,nca_pair:0.5", 0.0)])
 def test_ipo_hinge_and_smoothing_reach_their_margins_and_refuse_rankings(tiny, tmp_path, loss_type, smoothing):
     data = tmp_path / "pairs.jsonl"  # one batch of 16 pairs, seen every step: the losses' own targets show
     data.write_text("".join((tiny["data"] / "prefs_train.jsonl").read_text().splitlines(keepends=True)[:16]))
@@ -104,13 +105,19 @@ def test_ipo_hinge_and_smoothing_reach_their_margins_and_refuse_rankings(tiny, t
     from rlhfkit.train.logging import read_metrics
 
     first, last = read_metrics(tmp_path / "dpo")[0], read_metrics(tmp_path / "dpo")[-1]
-    # policy == reference, h = 0: IPO's (0 - 1/(2 beta))^2 = 1, hinge's max(0, 1 - 0) = 1, smoothed ln 2
-    start = math.log(2) if smoothing else 1.0
+    # policy == reference, h = 0: IPO's (0 - 1/(2 beta))^2 = 1, hinge's max(0, 1 - 0) = 1, smoothed ln 2,
+    # SPPO's (0 - 1)^2 + (0 + 1)^2 = 2, APO-zero's 1 - 1/2 + 1/2 = 1 and NCA's 2 ln 2 half each
+    start = {"ipo": 1.0, "hinge": 1.0, "sigmoid": math.log(2), "sppo_hard": 2.0}.get(loss_type, 0.5 + math.log(2))
     assert abs(first["train/loss"] - start) < 1e-4 and last["train/preference_accuracy"] == 1.0
     if loss_type == "ipo":  # IPO pulls the per-token h to 1/(2 beta) = 1, where its loss is 0
         assert last["train/loss"] < 0.02
     elif loss_type == "hinge":  # the hinge stops pushing a pair once beta h >= 1
         assert last["train/loss"] < 0.05 and last["train/margin"] > 0.9
+    elif loss_type == "sppo_hard":  # SPPO pulls each log-ratio to +-1/(2 beta): rewards beta w -> 0.5, beta l -> -0.5
+        assert last["train/loss"] < 0.1
+        assert abs(last["train/rewards_chosen"] - 0.5) < 0.1 and abs(last["train/rewards_rejected"] + 0.5) < 0.1
+    elif loss_type != "sigmoid":  # APO-zero and NCA: the chosen answers' likelihood rises (plain DPO lets it fall)
+        assert last["train/loss"] < start - 0.3 and last["train/rewards_chosen"] > 0
     else:  # eps 0.2: the loss is least, 0.8 ln(1 + 1/4) + 0.2 ln(1 + 4) = 0.5004, at beta h = ln 4 = 1.386
         # (measured 0.5011 and 1.375; plain DPO's loss falls to 0.08 here, its margin passes 2.5)
         assert abs(last["train/loss"] - 0.5004) < 0.01 and abs(last["train/margin"] - math.log(4)) < 0.1

@@ -20,53 +20,126 @@ TRL's ``rpo_alpha``, later its ``sft`` loss term) adds the chosen answers' negat
 with the NLL here a mean over all chosen tokens of the global batch (as SFT's loss; the paper
 divides each answer by its own length).
 
-Other pairwise losses on the same log-ratio margin h = log(pi(y_w)/pi_ref(y_w)) -
-log(pi(y_l)/pi_ref(y_l)) (TRL's ``loss_type``):
+Other pairwise losses (TRL's ``loss_type`` names), on the log-ratios to the reference
+w = log(pi(y_w)/pi_ref(y_w)), l = log(pi(y_l)/pi_ref(y_l)), the margin h = w - l, sigma the
+logistic function and eps the ``label_smoothing``:
 
-    conservative DPO, label smoothing eps (Mitchell 2023, "A note on DPO with noisy preferences"):
+    conservative DPO, sigmoid with eps > 0 (Mitchell 2023, "A note on DPO with noisy preferences"):
         L = -(1 - eps) log sigma(beta h) - eps log sigma(-beta h)
-    IPO (Azar et al. 2023, eq. 17, tau = beta), with each answer's log-ratio per token:
-        L = (h_tok - 1 / (2 beta))^2,  h_tok = log-ratio(y_w) / |y_w| - log-ratio(y_l) / |y_l|
-    hinge (SLiC-HF, Zhao et al. 2023, its calibration loss on the log-ratio to the reference):
+    robust, rDPO (Chowdhury et al. 2024, "Provably Robust DPO", its robust loss): unbiased when a
+    share eps of the labels is flipped:
+        L = [ -(1 - eps) log sigma(beta h) + eps log sigma(-beta h) ] / (1 - 2 eps)
+    exo_pair, EXO (Ji et al. 2024, "Towards Efficient Exact Optimization of LM Alignment", its
+    pairwise form, eq. 16): KL(q || p) between q = softmax(beta w, beta l) and the label
+    distribution p = (1 - eps, eps); eps > 0 (the paper's is 1e-3):
+        L = sigma(beta h) [log sigma(beta h) - log(1 - eps)] + sigma(-beta h) [log sigma(-beta h) - log eps]
+    ipo, IPO (Azar et al. 2023, eq. 17, tau = beta), with each answer's log-ratio per token:
+        L = (h_tok - 1 / (2 beta))^2,  h_tok = w / |y_w| - l / |y_l|
+    sigmoid_norm, length-normalised DPO (Lambert et al. 2024, the Tulu 3 report):
+        L = -log sigma(beta h_tok)
+    hinge, SLiC-HF (Zhao et al. 2023, its calibration loss on the log-ratio to the reference):
         L = max(0, 1 - beta h)
+    nca_pair, NCA (Chen et al. 2024, "Noise Contrastive Alignment", its pairwise loss):
+        L = -log sigma(beta w) - 1/2 log sigma(-beta w) - 1/2 log sigma(-beta l)
+    sppo_hard, SPPO (Wu et al. 2024, eq. 4.7) with the hard win probabilities 1 and 0, eta = 1/beta:
+        L = (w - 1 / (2 beta))^2 + (l + 1 / (2 beta))^2
+    apo_zero, APO-zero (D'Oosterlinck et al. 2024, "Anchored Preference Optimization", eq. 7),
+    the chosen answer up, the rejected one down (plus the constant 1, as TRL):
+        L = 1 - sigma(beta w) + sigma(beta l)
+    apo_down, APO-down (eq. 8), both down, the rejected one more (plus 1, as TRL):
+        L = sigma(beta w) + 1 - sigma(beta h)
+    discopop, DiscoPOP's log-ratio modulated loss (Lu et al. 2024, eq. 5), tau its temperature
+    (``discopop_tau``, the paper's 0.05):
+        L = (1 - sigma(beta h / tau)) (-log sigma(beta h)) + sigma(beta h / tau) exp(-beta h)
 
 Eq. 17 writes IPO's h over whole answers; the per-token form is what the paper's experiments
 used, as TRL (whose IPO is this one) confirmed with its authors, and it keeps 1/(2 beta)
-comparable across answer lengths. The three apply to pairs only: a ranking of more than two
-answers has the Plackett-Luce loss.
+comparable across answer lengths. Several forms may be weighed together (TRL's ``loss_type``
+list with ``loss_weights``): L = sum_k weight_k L_k. All apply to pairs only: a ranking of more
+than two answers has the Plackett-Luce loss.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .reduce import pairs_right
 
-PAIR_LOSSES = ("sigmoid", "ipo", "hinge")
+
+@dataclass(frozen=True)
+class Pairs:
+    """A batch of pairs as the loss forms read them: (B,) log-ratios to the reference and settings."""
+
+    w: torch.Tensor  # log pi(y_w) / pi_ref(y_w)
+    l: torch.Tensor  # log pi(y_l) / pi_ref(y_l)  # noqa: E741
+    beta: float
+    eps: float = 0.0  # label_smoothing
+    tau: float = 0.05  # discopop's temperature
+    lengths: tuple | None = None  # the (B,) token counts of y_w and y_l, for the per-token forms
+
+    @property
+    def margin(self) -> torch.Tensor:  # beta h
+        return self.beta * (self.w - self.l)
+
+    @property
+    def margin_per_token(self) -> torch.Tensor:  # h_tok
+        if self.lengths is None:
+            raise ValueError("a per-token loss form (ipo, sigmoid_norm) needs the answers' lengths")
+        return self.w / self.lengths[0].clamp(min=1) - self.l / self.lengths[1].clamp(min=1)
+
+
+def _exo(p: Pairs) -> torch.Tensor:
+    m = p.margin
+    return (torch.sigmoid(m) * (F.logsigmoid(m) - math.log1p(-p.eps))
+            + torch.sigmoid(-m) * (F.logsigmoid(-m) - math.log(p.eps)))
+
+
+def _discopop(p: Pairs) -> torch.Tensor:
+    mix = torch.sigmoid(p.margin / p.tau)
+    return (1 - mix) * -F.logsigmoid(p.margin) + mix * torch.exp(-p.margin)
+
+
+# loss_type -> per-pair loss (B,); the equations are in the module docstring
+PAIR_LOSSES = {
+    "sigmoid": lambda p: -(1 - p.eps) * F.logsigmoid(p.margin) - p.eps * F.logsigmoid(-p.margin),
+    "robust": lambda p: (-(1 - p.eps) * F.logsigmoid(p.margin) + p.eps * F.logsigmoid(-p.margin)) / (1 - 2 * p.eps),
+    "exo_pair": _exo,
+    "ipo": lambda p: (p.margin_per_token - 1 / (2 * p.beta)) ** 2,
+    "sigmoid_norm": lambda p: -F.logsigmoid(p.beta * p.margin_per_token),
+    "hinge": lambda p: torch.relu(1 - p.margin),
+    "nca_pair": lambda p: (-F.logsigmoid(p.beta * p.w) - 0.5 * F.logsigmoid(-p.beta * p.w)
+                           - 0.5 * F.logsigmoid(-p.beta * p.l)),
+    "sppo_hard": lambda p: (p.w - 1 / (2 * p.beta)) ** 2 + (p.l + 1 / (2 * p.beta)) ** 2,
+    "apo_zero": lambda p: 1 - torch.sigmoid(p.beta * p.w) + torch.sigmoid(p.beta * p.l),
+    "apo_down": lambda p: torch.sigmoid(p.beta * p.w) + 1 - torch.sigmoid(p.margin),
+    "discopop": _discopop,
+}
+SMOOTHED = ("sigmoid", "robust", "exo_pair")  # the forms that read label_smoothing
+PER_TOKEN = ("ipo", "sigmoid_norm")  # the forms that read the answers' lengths
 
 
 def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
              ref_rejected_logps: torch.Tensor, beta: float, num_pairs: float | None = None,
-             loss_type: str = "sigmoid", label_smoothing: float = 0.0, lengths: tuple | None = None):
+             loss_type: str | tuple = "sigmoid", label_smoothing: float = 0.0, lengths: tuple | None = None,
+             discopop_tau: float = 0.05):
     """All inputs (B,) sequence log-probs. Returns (loss, metrics of detached sums over the B pairs).
-    ``loss_type``: sigmoid (the paper's; ``label_smoothing`` eps > 0: conservative DPO), ipo or hinge.
-    ``lengths``: the (B,) token counts of the chosen and rejected answers, for IPO's per-token h."""
+    ``loss_type``: one name of PAIR_LOSSES, or ((name, weight), ...) for a weighted sum of forms.
+    ``label_smoothing``: eps of the SMOOTHED forms. ``lengths``: the (B,) token counts of the chosen
+    and rejected answers, for the PER_TOKEN forms."""
     chosen_rewards = beta * (chosen_logps - ref_chosen_logps)  # (B,)
     rejected_rewards = beta * (rejected_logps - ref_rejected_logps)  # (B,)
-    margin = chosen_rewards - rejected_rewards  # beta h
-    if loss_type == "sigmoid":
-        losses = -(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
-    elif loss_type == "ipo":
-        if lengths is None:
-            raise ValueError("loss_type='ipo' needs the answers' lengths (its log-ratios are per token)")
-        h = (chosen_logps - ref_chosen_logps) / lengths[0].clamp(min=1) \
-            - (rejected_logps - ref_rejected_logps) / lengths[1].clamp(min=1)
-        losses = (h - 1 / (2 * beta)) ** 2
-    elif loss_type == "hinge":
-        losses = torch.relu(1 - margin)
-    else:
-        raise ValueError(f"loss_type must be one of {PAIR_LOSSES}; got {loss_type!r}")
+    pairs = Pairs(chosen_logps - ref_chosen_logps, rejected_logps - ref_rejected_logps, beta, label_smoothing,
+                  discopop_tau, lengths)
+    weighted = ((loss_type, 1.0),) if isinstance(loss_type, str) else loss_type
+    losses = 0.0
+    for name, weight in weighted:
+        if name not in PAIR_LOSSES:
+            raise ValueError(f"loss_type must be one of {', '.join(PAIR_LOSSES)}; got {name!r}")
+        losses = losses + weight * PAIR_LOSSES[name](pairs)
     denom = chosen_logps.shape[0] if num_pairs is None else max(float(num_pairs), 1.0)
     return losses.sum() / denom, _sums(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps)
 

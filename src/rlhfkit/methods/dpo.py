@@ -18,7 +18,7 @@ import torch
 from ..data.encode import OVERLONG_POLICIES, SFTExample, collate_sft, to_device
 from ..data.prefs import RankingBatch, SharedPromptBatch, collate_rankings, count_pairs, encode_rankings
 from ..data.rows import DataError, Row, read_rows, source_name
-from ..losses.dpo import PAIR_LOSSES, chosen_nll, dpo_loss, plackett_luce_loss
+from ..losses.dpo import PAIR_LOSSES, PER_TOKEN, SMOOTHED, chosen_nll, dpo_loss, plackett_luce_loss
 from ..losses.reduce import pairs_right
 from ..models.forward import as_forward, eval_mode, predecessor_logprobs, token_logprobs
 from ..models.load import disable_dropout, load_causal_lm, load_tokenizer
@@ -65,8 +65,11 @@ class DPOConfig:
     max_length: int = 128
     overlong: str = "error"
     beta: float = 0.1
-    loss_type: str = "sigmoid"  # sigmoid (the paper's) | ipo | hinge; pairs only (losses/dpo.py)
-    label_smoothing: float = 0.0  # sigmoid's eps in [0, 0.5): conservative DPO, for noisy preference labels
+    # sigmoid (the paper's) or another form of losses/dpo.py (ipo, hinge, robust, apo_zero, ...: pairs only);
+    # several weighed together as "name:weight,name:weight" (TRL's loss_type list with loss_weights)
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0  # eps in [0, 0.5) of sigmoid (conservative DPO), robust and exo_pair
+    discopop_tau: float = 0.05  # loss_type=discopop: its temperature (the paper's)
     rpo_alpha: float = 0.0  # > 0: add rpo_alpha x the chosen answers' NLL per token (RPO; TRL's sft loss term)
     reference: str = "precompute"  # precompute (once, then no reference model) | forward (every step)
     sft_first_steps: int = 0  # > 0: no SFT model yet, first maximise the likelihood of the chosen answers
@@ -77,11 +80,18 @@ class DPOConfig:
 
     def __post_init__(self):
         choice("reference", self.reference, REFERENCE_MODES)
-        choice("loss_type", self.loss_type, PAIR_LOSSES)
+        forms = [name for name, _ in loss_forms(self.loss_type)]
         if not isinstance(self.label_smoothing, (int, float)) or not 0 <= self.label_smoothing < 0.5:  # NaN too
             raise ConfigError(f"config key 'label_smoothing' must be in [0, 0.5) (0.5 ignores the labels); "
                               f"got {self.label_smoothing!r}")
-        used_only_with("label_smoothing", self.label_smoothing, 0.0, self.loss_type == "sigmoid", "loss_type=sigmoid")
+        used_only_with("label_smoothing", self.label_smoothing, 0.0, any(f in SMOOTHED for f in forms),
+                       f"loss_type {' or '.join(SMOOTHED)}")
+        if "exo_pair" in forms and not self.label_smoothing > 0:
+            raise ConfigError("loss_type=exo_pair needs label_smoothing > 0 (its label distribution is "
+                              "(1 - eps, eps), and log 0 has no value; the EXO paper uses 1e-3)")
+        positive("discopop_tau", self.discopop_tau)
+        used_only_with("discopop_tau", self.discopop_tau, DPOConfig.discopop_tau, "discopop" in forms,
+                       "loss_type=discopop")
         choice("overlong", self.overlong, OVERLONG_POLICIES)
         choice("eval_task", self.eval_task, TASK_CHOICES)
         at_least("sft_first_steps", self.sft_first_steps, 0)
@@ -90,6 +100,38 @@ class DPOConfig:
         at_least("max_length", self.max_length, 2)
         at_least("eval_limit", self.eval_limit, 0)
         positive("beta", self.beta)
+
+
+# TRL's loss_type names that rlhfkit has no form for, and why
+NOT_HERE = {"sft": "the chosen answers' NLL is rpo_alpha=WEIGHT here",
+            "aot": "its sorting across the batch is not implemented", "aot_unpaired": "not implemented",
+            "bco_pair": "not implemented (TRL's form drops the paper's running reward shift)"}
+
+
+def loss_forms(spec: str) -> tuple[tuple[str, float], ...]:
+    """``loss_type`` as ((name, weight), ...): "sigmoid" is (("sigmoid", 1.0),), and
+    "sigmoid:0.8,nca_pair:0.2" weighs two forms (TRL's ``loss_type`` list and ``loss_weights``)."""
+    forms = []
+    for item in (s.strip() for s in str(spec).split(",")):
+        name, _, weight = item.partition(":")
+        if name in NOT_HERE:
+            raise ConfigError(f"config key 'loss_type': {name} is TRL's; {NOT_HERE[name]}")
+        choice("loss_type", name, tuple(PAIR_LOSSES))
+        try:
+            value = float(weight) if weight else 1.0
+        except ValueError:
+            value = float("nan")
+        if not value > 0 or value == float("inf") or name in dict(forms):
+            raise ConfigError(f"config key 'loss_type': {item!r} must be name[:weight] with a weight > 0, "
+                              "each name once (e.g. sigmoid:0.8,nca_pair:0.2)")
+        forms.append((name, value))
+    return tuple(forms)
+
+
+def pairwise_only(cfg: DPOConfig) -> bool:
+    """Whether ``cfg``'s loss is for pairs only: anything but the paper's sigmoid, unsmoothed (whose
+    Plackett-Luce form takes rankings of any length)."""
+    return loss_forms(cfg.loss_type) != (("sigmoid", 1.0),) or cfg.label_smoothing > 0
 
 
 def sequence_logps(model, batch: RankingBatch | SharedPromptBatch) -> torch.Tensor:
@@ -118,11 +160,13 @@ def precompute_reference(reference, examples: list, pad_id: int, batch_size: int
 
 
 def dpo_objective(beta: float, reference: Reference | None = None, rpo_alpha: float = 0.0,
-                  loss_type: str = "sigmoid", label_smoothing: float = 0.0) -> Objective:
+                  loss_type: str = "sigmoid", label_smoothing: float = 0.0, discopop_tau: float = 0.05) -> Objective:
     """``reference=None``: the batch carries precomputed reference log-probs; else the frozen
     reference (models/lora.py ``Reference``) is forwarded on every batch. ``rpo_alpha > 0``
-    adds RPO's NLL of the best answers (losses/dpo.py ``chosen_nll``). ``loss_type`` and
-    ``label_smoothing``: the pairwise loss's form (losses/dpo.py ``dpo_loss``)."""
+    adds RPO's NLL of the best answers (losses/dpo.py ``chosen_nll``). ``loss_type`` (as the
+    config's), ``label_smoothing`` and ``discopop_tau``: the pairwise loss's form (losses/dpo.py)."""
+    forms = loss_forms(loss_type)
+    plain = forms == (("sigmoid", 1.0),) and not label_smoothing
 
     def counts(batch) -> dict:
         best = batch.slot % batch.mask.shape[1] == 0  # (N,) the chosen / best-ranked outputs
@@ -137,11 +181,12 @@ def dpo_objective(beta: float, reference: Reference | None = None, rpo_alpha: fl
             with torch.no_grad(), reference() as ref_model:
                 ref = batch.grid(sequence_logps(ref_model, batch))
         if batch.mask.shape[1] == 2:  # plain pairs: the paper's pairwise loss
-            lengths = batch.grid(batch.output_lengths().to(logps.dtype)).unbind(-1) if loss_type == "ipo" else None
+            per_token = any(name in PER_TOKEN for name, _ in forms)
+            lengths = batch.grid(batch.output_lengths().to(logps.dtype)).unbind(-1) if per_token else None
             value, sums = dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta, totals["prompts"],
-                                   loss_type, label_smoothing, lengths)
+                                   forms, label_smoothing, lengths, discopop_tau)
         else:  # rankings of more than two (run_dpo refuses them with their rows for the pairwise-only forms)
-            if loss_type != "sigmoid" or label_smoothing:
+            if not plain:
                 raise ValueError(f"a ranking of {batch.mask.shape[1]} answers has the Plackett-Luce loss only; "
                                  f"loss_type={loss_type}, label_smoothing={label_smoothing} are for pairs")
             value, sums = plackett_luce_loss(logps, ref, batch.mask, beta, totals["prompts"])
@@ -175,14 +220,14 @@ def preference_accuracy(model, examples: list, pad_id: int, batch_size: int = 64
 def trainable_rankings(rows: list[Row], cfg: DPOConfig | None = None) -> list[Row]:
     """Rankings DPO can train on: a strict order, and with a pairwise-only loss form (``cfg``'s
     ``loss_type`` or ``label_smoothing``) no more than two answers."""
-    pairwise_only = cfg is not None and (cfg.loss_type != "sigmoid" or cfg.label_smoothing > 0)
+    pairs_only = cfg is not None and pairwise_only(cfg)
     for row in rows:
         ranks = row.data.get("ranks")
         if isinstance(ranks, list) and len(set(map(str, ranks))) != len(ranks):
             raise DataError(f"{row.where}: field 'ranks' has ties; DPO's Plackett-Luce loss needs a strict order "
                             "(the reward model, `rlhfkit rm`, accepts ties)")
         answers = row.data.get("completions")
-        if pairwise_only and isinstance(answers, list) and len(answers) > 2:
+        if pairs_only and isinstance(answers, list) and len(answers) > 2:
             what = f"loss_type={cfg.loss_type}" if cfg.loss_type != "sigmoid" else "label_smoothing"
             raise DataError(f"{row.where}: field 'completions' ranks {len(answers)} answers; {what} is for pairs "
                             "(rankings of more than two take the Plackett-Luce loss of loss_type=sigmoid)")
@@ -256,7 +301,8 @@ def run_dpo(cfg: DPOConfig) -> dict:
         return {**out, **(accuracy() if prompts else {})}
 
     train_offline(run, model, examples, ranking_collate(model, pad, cfg.share_prompt),
-                  dpo_objective(cfg.beta, reference, cfg.rpo_alpha, cfg.loss_type, cfg.label_smoothing),
+                  dpo_objective(cfg.beta, reference, cfg.rpo_alpha, cfg.loss_type, cfg.label_smoothing,
+                                cfg.discopop_tau),
                   evaluate if (pref_eval or prompts) else None)
     summary = {"loss": run.metrics.get("loss"), "reference": cfg.reference, "length_report": report.summary(), **before}
     if run.evals:

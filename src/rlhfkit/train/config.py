@@ -242,7 +242,7 @@ TRL_NAMES = {"learning_rate": "train.lr", "num_train_epochs": "train.epochs", "m
              "reward_weights": "rewards (name:weight, comma-separated)",
              "precompute_ref_log_probs": "reference (precompute, rlhfkit's default, or forward)",
              "truncation_mode": "overlong (error, truncate or skip; truncate keeps the start)",
-             "loss_weights": "rpo_alpha (the weight of an sft term beside sigmoid; one loss_type, not a list)",
+             "loss_weights": "loss_type (name:weight, comma-separated: sigmoid:0.8,nca_pair:0.2; an sft term is rpo_alpha)",
              "model_name_or_path": "model", "dataset_name": "train_data (a local file or save_to_disk folder)",
              "cliprange": "eps_clip", "cliprange_value": "eps_value", "vf_coef": "critic_lr (the critic has its own optimizer group)", "num_ppo_epochs": "ppo_epochs",
              "response_length": "max_new_tokens", "max_prompt_length": "max_length (prompt and answer together)",
