@@ -186,3 +186,24 @@ def test_gspo_token_form_keeps_a_process_rewards_per_token_credit():
         grads.append(logprobs.grad)
     torch.testing.assert_close(grads[0], grads[1])
     torch.testing.assert_close(grads[0], torch.tensor([[-1.0, -1.0, 2.0]]) / 3)
+
+
+def test_two_sided_clipping_caps_the_ratio_of_negative_advantages_only():
+    # log rho = 1 (rho = e) and log rho = ln 1.5 with A = -1, and rho = e with A = +1; eps 0.2, delta 2
+    old = torch.zeros(1, 3)
+    logprobs = torch.tensor([[1.0, math.log(1.5), 1.0]], requires_grad=True)
+    advantages = torch.tensor([[-1.0, -1.0, 1.0]])
+    mask = torch.ones(1, 3)
+    losses = []
+    for delta in (None, 2.0):
+        logprobs.grad = None
+        loss, _ = grpo_loss(logprobs, old, advantages, mask, reduction="token_mean", num_tokens=3, delta=delta)
+        loss.backward()
+        losses.append((loss.item(), logprobs.grad.clone()))
+    (plain, g_plain), (capped, g_capped) = losses
+    # plain: -min(-e, -1.2) = e, -min(-1.5, -1.2) = 1.5, -min(e, 1.2) = -1.2
+    assert abs(plain - (math.e + 1.5 - 1.2) / 3) < 1e-6
+    assert torch.allclose(g_plain, torch.tensor([[math.e, 1.5, 0.0]]) / 3, atol=1e-6)
+    # capped: -min(-2, -1.2) = 2, with no gradient past the cap; the others as before
+    assert abs(capped - (2.0 + 1.5 - 1.2) / 3) < 1e-6
+    assert torch.allclose(g_capped, torch.tensor([[0.0, 1.5, 0.0]]) / 3, atol=1e-6)

@@ -127,7 +127,7 @@ def test_the_process_rewards_steps_are_logged_and_the_outcome_said_to_be_logged_
 def test_options_mu2_dapo_dynamic_sampling(tiny, tmp_path):
     from methods_setup import digits
 
-    kw = dict(mu=2, loss_type="dapo", eps_high=0.28, dynamic_sampling=True, scale_std=False, eval_data=None,
+    kw = dict(mu=2, loss_type="dapo", eps_high=0.28, dynamic_sampling=True, scale_rewards="none", eval_data=None,
               group_size=4, prompts_per_step=4, max_new_tokens=6)
     from rlhfkit.train.config import replace
 
@@ -465,3 +465,35 @@ def test_gspo_is_wired_to_the_update_and_asks_for_the_per_sequence_mean(tiny, tm
     assert abs(losses["token"] - losses["sequence"]) > 1e-7, losses
     with pytest.raises(ConfigError, match="importance_sampling_level=sequence \\(GSPO\\) averages over sequences"):
         GRPOConfig(model="m", train_data="d.jsonl", importance_sampling_level="sequence", loss_type="dapo")
+
+
+def test_scale_rewards_batch_and_delta_reach_the_update(tiny, tmp_path, monkeypatch):
+    """The update's advantages are the group-centred rewards over the batch's std (scale_rewards=batch),
+    and its loss gets delta."""
+    from methods_setup import even_answer_digits, method_config
+
+    import rlhfkit.methods.grpo as grpo
+    from rlhfkit.train.config import replace
+
+    seen = {"rewards": [], "centred": [], "advantages": [], "delta": []}
+    group_advantages, grpo_loss = grpo.group_advantages, grpo.grpo_loss
+
+    def centring(rewards, group_size, scale_std):
+        seen["rewards"].append(rewards.clone())
+        seen["centred"].append(group_advantages(rewards, group_size, scale_std))
+        return seen["centred"][-1]
+
+    def loss(logprobs, old, advantages, *args):
+        seen["advantages"].append(advantages[:, 0].clone())
+        seen["delta"].append(args[-1])
+        return grpo_loss(logprobs, old, advantages, *args)
+
+    monkeypatch.setattr(grpo, "group_advantages", centring)
+    monkeypatch.setattr(grpo, "grpo_loss", loss)
+    run_grpo(replace(method_config("grpo", tiny, tmp_path / "g", 1), scale_rewards="batch", delta=1.5, mu=1),
+             reward_fns=[even_answer_digits])
+    rewards = seen["rewards"][0]
+    expected = seen["centred"][0] / (rewards[~rewards.isnan()].std() + 1e-4)
+    assert expected.abs().max() > 0.1  # some group has a signal
+    assert torch.allclose(torch.cat(seen["advantages"]).cpu(), expected, atol=1e-6)
+    assert set(seen["delta"]) == {1.5}

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from rlhfkit.losses.ppo import explained_variance
-from rlhfkit.methods.grpo import step_metrics
+from rlhfkit.methods.grpo import Rollout, scaled_by_batch, step_metrics
 from rlhfkit.train.dist import DistInfo, all_reduce_sum
 
 
@@ -23,12 +23,10 @@ def _batch(rows: slice):
     lengths = torch.tensor([3, 9, 4, 4, 2, 5, 7, 1])
     mask = (torch.arange(10)[None] < lengths[:, None]).float()
     rewards = torch.rand(8, generator=g)
-    shaped = rewards.clone()
-    shaped[2] = float("nan")  # an abstention
-    outcome = SimpleNamespace(rewards=rewards[rows], per_function={"f": shaped[rows]},
+    rewards[2] = float("nan")  # an abstention
+    outcome = SimpleNamespace(rewards=rewards[rows], per_function={"f": rewards[rows]},
                               errors={"f": 1} if rows.start == 0 else {})
-    return SimpleNamespace(outcome=outcome, samples=SimpleNamespace(completion_mask=mask[rows]),
-                           advantages=torch.randn(8, 10, generator=g)[rows], generation_s=1.0)
+    return Rollout(SimpleNamespace(completion_mask=mask[rows]), outcome, torch.randn(8, 10, generator=g)[rows], 1.0)
 
 
 def _values():
@@ -43,7 +41,8 @@ def _rank(rank: int, out: str, init: str) -> None:
     metrics = step_metrics(_batch(half), 4, info)
     values, returns, mask = (t[half] for t in _values())
     ev = explained_variance(values, returns, mask, total=lambda sums: all_reduce_sum(sums, info)).item()
-    torch.save({"metrics": metrics, "ev": ev}, os.path.join(out, f"rank{rank}.pt"))
+    scaled = scaled_by_batch(_batch(half), info).advantages
+    torch.save({"metrics": metrics, "ev": ev, "scaled": scaled}, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
@@ -61,3 +60,11 @@ def test_two_ranks_log_the_whole_batchs_statistics(tmp_path):
     assert abs(sum(halves) / 2 - whole) > 0.05  # the average of the ranks' own is another number
     for r in ranks:
         assert abs(r["ev"] - whole) < 1e-5
+    # scale_rewards=batch divides by the std of all 7 scored rewards of both ranks (unbiased, as torch's)
+    batch = _batch(slice(0, 8))
+    rewards = batch.outcome.rewards
+    expected = batch.advantages / (rewards[~rewards.isnan()].std() + 1e-4)
+    assert torch.allclose(scaled_by_batch(batch, DistInfo()).advantages, expected, atol=1e-6)
+    assert torch.allclose(torch.cat([r["scaled"] for r in ranks]), expected, atol=1e-6)
+    own = rewards[4:].std()  # a rank's own std would be another number
+    assert abs(float(own) - float(rewards[~rewards.isnan()].std())) > 0.01  # 0.249 vs 0.262

@@ -12,7 +12,9 @@ A_it = sum of the normalised step rewards of output i whose step ends at or afte
 
 Options, never replacing the paper's form: ``token_mean`` (DAPO: one mean over all tokens of
 the batch), ``seq_mean_token_sum_norm`` (Dr. GRPO: constant per-length normaliser), no std
-scaling (Dr. GRPO), clip-higher (DAPO: eps_high > eps_low), DAPO's soft overlong punishment
+scaling (Dr. GRPO) or the batch's std in place of the group's (Lite PPO, methods/grpo.py),
+clip-higher (DAPO: eps_high > eps_low), two-sided clipping (INTELLECT-2's delta,
+losses/policy.py), DAPO's soft overlong punishment
 (``overlong_penalty``), and GSPO's sequence-level ratio (Zheng et al. 2025, eq. 5 and 7):
 
     J = E[ 1/G sum_i min( s_i A_i, clip(s_i, 1-eps, 1+eps) A_i ) ],   s_i = exp( 1/|o_i| sum_t log rho_it )
@@ -113,16 +115,17 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
               ref_logprobs: torch.Tensor | None = None, beta: float = 0.0, eps_low: float = 0.2,
               eps_high: float | None = None, reduction: str = "seq_mean_token_mean",
               num_sequences: float | None = None, num_tokens: float | None = None, max_tokens: int | None = None,
-              sequence_ratio: bool = False):
+              sequence_ratio: bool = False, delta: float | None = None):
     """All tensors (B, T) over completion tokens; ``mask`` 1 on real completion tokens.
-    ``sequence_ratio``: GSPO's one importance ratio per sequence (losses/policy.py).
+    ``sequence_ratio``: GSPO's one importance ratio per sequence, ``delta``: two-sided clipping's
+    cap on the ratio where A < 0 (both in losses/policy.py).
 
     Returns (loss, metrics). The metrics are detached batch means (clip fractions, ratio, and kl
     where there is a KL term: with beta 0 nothing is measured, so no kl is reported).
     """
     mask = mask.to(logprobs.dtype)
     surrogate = clipped_surrogate(logprobs, old_logprobs, advantages, eps_low, eps_high,
-                                  mask if sequence_ratio else None)
+                                  mask if sequence_ratio else None, delta)
     per_token = surrogate.loss  # (B, T)
     kl = torch.zeros_like(logprobs)
     if ref_logprobs is not None and beta != 0.0:

@@ -6,6 +6,14 @@ With eps_high = eps_low it is the paper's symmetric clip; eps_high > eps_low is 
 clip-higher. The clip changes the gradient of a token only where the ratio has left the band
 in the direction the advantage pushes it: below 1 - eps_low with A < 0, above 1 + eps_high
 with A > 0; those are the clip fractions reported.
+
+Two-sided clipping (``delta``; the INTELLECT-2 report, Prime Intellect Team 2025; TRL's
+``delta``): where the advantage is negative the ratio term is capped too, so that one token far
+above pi_old cannot make an unbounded loss:
+
+    L_t = -min( min(rho_t, delta) A_t, clip(rho_t, 1 - eps_low, 1 + eps_high) A_t ),   delta > 1 + eps_high
+
+(with A_t > 0 the cap never binds there: the clipped term is the smaller already.)
 """
 
 from __future__ import annotations
@@ -26,14 +34,15 @@ class Surrogate:
 
 def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                       eps_low: float = 0.2, eps_high: float | None = None,
-                      sequence_mask: torch.Tensor | None = None) -> Surrogate:
+                      sequence_mask: torch.Tensor | None = None, delta: float | None = None) -> Surrogate:
     """Per-token clipped surrogate loss and what the clip did; all tensors (B, T).
 
     ``sequence_mask`` (B, T): GSPO's sequence-level ratio (Zheng et al. 2025, eq. 7) instead of each
     token's, s_i = (pi_theta(y_i|x) / pi_old(y_i|x))^(1/|y_i|) = exp(mean_t log rho_t) over the
     masked tokens, in its GSPO-token form (eq. 13): token t carries sg[s_i] pi_t / sg[pi_t], whose
     value is s_i and whose gradient is s_i grad log pi_t, so that a token's own advantage (a process
-    reward's) weighs its own gradient; with one advantage per answer it is GSPO's gradient."""
+    reward's) weighs its own gradient; with one advantage per answer it is GSPO's gradient.
+    ``delta``: two-sided clipping's cap (module docstring); None: none."""
     eps_high = eps_low if eps_high is None else eps_high
     log_ratio = logprobs - old_logprobs
     if sequence_mask is not None:
@@ -42,7 +51,8 @@ def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advant
         log_ratio = mean.expand_as(logprobs) + logprobs - logprobs.detach()
     ratio = torch.exp(log_ratio)
     clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
-    loss = -torch.min(ratio * advantages, clipped * advantages)
+    capped = ratio if delta is None else torch.clamp(ratio, max=delta)
+    loss = -torch.min(capped * advantages, clipped * advantages)
     with torch.no_grad():
         low = (ratio < 1 - eps_low) & (advantages < 0)
         high = (ratio > 1 + eps_high) & (advantages > 0)

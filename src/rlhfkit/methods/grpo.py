@@ -9,6 +9,7 @@ loss of losses/grpo.py. The run skeleton (train/run.py) does set-up, checks and 
 from __future__ import annotations
 
 import functools
+import math
 import time
 from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
@@ -80,11 +81,14 @@ class GRPOConfig:
     beta: float = 0.04  # KL weight; 0 loads no reference model
     eps_low: float = 0.2
     eps_high: float | None = None  # DAPO clip-higher; None = eps_low
+    delta: float | None = None  # two-sided clipping (INTELLECT-2; TRL's name): the ratio's cap where A < 0
     mu: int = 1  # policy updates (optimizer steps) per batch of samples
     share_prompt: bool = True  # forward each prompt once for its G samples (block mask; SDPA attention only)
     loss_type: str = "grpo"  # grpo (paper) | dapo (token mean) | dr_grpo (constant normaliser)
     importance_sampling_level: str = "token"  # token (the paper's) | sequence (GSPO; TRL's name), loss_type=grpo
-    scale_std: bool = True  # divide advantages by the group std (Dr. GRPO: false)
+    # divide advantages by the std of the group's rewards (the paper's), of the whole batch's (Lite PPO), or
+    # not at all (none: Dr. GRPO); TRL's name and values
+    scale_rewards: str = "group"
     # beta 0: groups whose advantages are all zero are not forwarded (their loss and gradient are zero; not
     # under fsdp); the update's logged means (entropy, clip fractions, ratio) are then over the forwarded groups
     skip_zero_advantage: bool = True
@@ -110,6 +114,10 @@ class GRPOConfig:
             raise ConfigError(f"importance_sampling_level=sequence (GSPO) averages over sequences (its eq. 5), which is "
                               f"loss_type=grpo; loss_type={self.loss_type} would weigh them by their tokens")
         choice("reward_errors", self.reward_errors, ("raise", "zero"))
+        choice("scale_rewards", self.scale_rewards, ("group", "batch", "none"))
+        if self.scale_rewards == "batch" and self.process_reward is not None:
+            raise ConfigError("scale_rewards=batch scales outcome advantages; a process reward's step rewards are "
+                              "normalised over their group (scale_rewards group or none)")
         choice("eval_task", self.eval_task, TASK_CHOICES)
         if self.process_reward is not None and not self.process_reward.startswith("prm:"):
             choice("process_reward", self.process_reward, (*PROCESS_REWARDS, "prm:PATH"))
@@ -135,6 +143,11 @@ class GRPOConfig:
         if not 0 < self.top_p <= 1 or not self.eps_low > 0 or (self.eps_high is not None
                                                                 and not self.eps_high >= self.eps_low):  # NaN too
             raise ConfigError("config keys: top_p must be in (0, 1], eps_low > 0 and eps_high >= eps_low")
+        high = 1 + (self.eps_low if self.eps_high is None else self.eps_high)
+        if self.delta is not None and not self.delta > high:
+            raise ConfigError(f"config key 'delta' must be > 1 + eps_high = {high:g} (the cap of the ratio where the "
+                              f"advantage is negative; at or below it, it would cap positive advantages too); "
+                              f"got {self.delta!r}")
 
 
 def model_folder(key: str, path: str, is_kind, kind: str) -> str:
@@ -261,8 +274,9 @@ def advantages_for(cfg: GRPOConfig, samples: Samples, completions, prompts, pass
         ends = [[e for e, _ in s] for s in steps]
         values = [[float(r) for _, r in s] for s in steps]
         means = torch.tensor([sum(v) / len(v) if v else float("nan") for v in values])
-        return process_advantages(ends, values, cfg.group_size, length, cfg.scale_std), means
-    adv = group_advantages(outcome.rewards, cfg.group_size, cfg.scale_std)  # (B,)
+        return process_advantages(ends, values, cfg.group_size, length, cfg.scale_rewards == "group"), means
+    # batch: centred here, scaled once the step's batch is whole (scaled_by_batch)
+    adv = group_advantages(outcome.rewards, cfg.group_size, cfg.scale_rewards == "group")  # (B,)
     return adv[:, None].expand(-1, length).clone(), None
 
 
@@ -319,6 +333,23 @@ def has_signal(batch: Rollout, cfg: GRPOConfig) -> torch.Tensor:
     task = (batch.outcome.rewards - batch.outcome.per_function["overlong"]).view(-1, cfg.group_size)
     spread = task.nan_to_num(float("-inf")).amax(-1) - task.nan_to_num(float("inf")).amin(-1)  # abstained: left out
     return (spread > 1e-6).to(batch.advantages.device)
+
+
+def scaled_by_batch(batch: Rollout, info: DistInfo, eps: float = 1e-4) -> Rollout:
+    """scale_rewards=batch (Liu et al. 2025, "Tricks or Traps? A Deep Dive into RL for LLM
+    Reasoning", Lite PPO; TRL's ``batch``): the group-centred advantages divided by the standard
+    deviation of every reward of the step's batch, over all ranks, rather than of each group's:
+
+        A_i = (r_i - mean(r of its group)) / (std(r of the batch) + eps)
+
+    A sample no reward scored (NaN) is left out of the std, as of its group's mean."""
+    rewards = batch.outcome.rewards
+    present = rewards[~rewards.isnan()].double()
+    total = reduce_dict({"n": present.numel(), "sum": present.sum()}, info)
+    mean = total["sum"] / max(total["n"], 1)
+    spread = reduce_dict({"squares": ((present - mean) ** 2).sum()}, info)["squares"]
+    std = math.sqrt(spread / (total["n"] - 1)) if total["n"] > 1 else 0.0  # unbiased, as the group's
+    return replace(batch, advantages=batch.advantages / (std + eps))
 
 
 def join_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
@@ -486,7 +517,7 @@ def update(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: 
             part, stats = grpo_loss(logprobs, old, advantages[index], mask[index],
                                     None if ref_logprobs is None else ref_logprobs[index], cfg.beta, cfg.eps_low,
                                     cfg.eps_high, REDUCTIONS[cfg.loss_type], counts["sequences"], counts["tokens"],
-                                    cfg.max_new_tokens, cfg.importance_sampling_level == "sequence")
+                                    cfg.max_new_tokens, cfg.importance_sampling_level == "sequence", cfg.delta)
             part.backward()
             loss = loss + part.detach()
             share = mask[index].sum() / forwarded  # micro-batch stats weighted by tokens
@@ -600,6 +631,8 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
         else:
             pool = batch = draw(step, 0)
             fill = {}
+        if cfg.scale_rewards == "batch":
+            batch = scaled_by_batch(batch, run.info)
         if rewards.process is None and not abstained and all_abstained(pool.outcome):
             abstained = True
             run.say(f"step {step + 1}: every outcome reward abstained (returned None) on every sample, so the step's "

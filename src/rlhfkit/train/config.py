@@ -237,7 +237,6 @@ TRL_NAMES = {"learning_rate": "train.lr", "num_train_epochs": "train.epochs", "m
              "gradient_checkpointing": "train.activation_checkpointing", "bf16": "train.dtype (bf16 or fp32)",
              "num_generations": "group_size", "max_completion_length": "max_new_tokens", "num_iterations": "mu",
              "epsilon": "eps_low", "epsilon_high": "eps_high",
-             "scale_rewards": "scale_std (TRL's group: true, none: false; batch has no counterpart)",
              "reward_funcs": "rewards (names or module:function, comma-separated)",
              "reward_weights": "rewards (name:weight, comma-separated)",
              "precompute_ref_log_probs": "reference (precompute, rlhfkit's default, or forward)",
@@ -249,6 +248,10 @@ TRL_NAMES = {"learning_rate": "train.lr", "num_train_epochs": "train.epochs", "m
              "completion_only_loss": "nothing: SFT's loss is on the completion (or assistant turns) always"}
 for _name in ("max_grad_norm", "seed", "weight_decay", "warmup_steps", "report_to"):
     TRL_NAMES[_name] = f"train.{_name}"
+
+
+# rlhfkit's own keys that were renamed: said beside an unknown key, for a config written before
+RENAMED = {"scale_std": "scale_rewards (scale_std=true is scale_rewards=group, false is none)"}
 
 
 def _trl_hint(key: str, prefix: str, names: set[str]) -> str | None:
@@ -273,7 +276,9 @@ def build(cls, values: dict, prefix: str = ""):
     unknown = sorted(set(values) - names)
     if unknown:
         trl = [f"{prefix}{k} -> {hint}" for k in unknown if (hint := _trl_hint(k, prefix, names)) is not None]
+        renamed = [f"{prefix}{k} -> {RENAMED[k]}" for k in unknown if k in RENAMED and RENAMED[k].split()[0] in names]
         raise ConfigError(f"unknown config key(s): {', '.join(prefix + k for k in unknown)}; "
+                          + (f"renamed: {'; '.join(renamed)}; " if renamed else "")
                           + (f"TRL's names, rlhfkit's: {'; '.join(trl)}; " if trl else "")
                           + f"known: {', '.join(sorted(names))}")
     defaults = {f.name: _default(f) for f in dataclasses.fields(cls)}
