@@ -122,3 +122,24 @@ def gpt2_folder(tiny, folder, n_positions: int = 64):
     transformers.GPT2LMHeadModel(config).save_pretrained(folder)
     tok.save_pretrained(folder)
     return str(folder)
+
+
+def tiny_moe(tiny, folder, **config) -> str:
+    """A Mixtral folder (4 experts, top 2) with the tiny default's tokenizer; ``config`` overrides."""
+    import json
+    from pathlib import Path
+
+    import transformers as tf
+
+    from rlhfkit.models.load import load_tokenizer
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        tok = load_tokenizer(str(tiny["base"]))
+        vocab = json.loads((Path(tiny["base"]) / "config.json").read_text())["vocab_size"]
+        settings = dict(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, intermediate_size=64,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                        router_aux_loss_coef=0.02, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        tf.MixtralForCausalLM(tf.MixtralConfig(**{**settings, **config})).save_pretrained(folder)
+        tok.save_pretrained(folder)
+    return str(folder)

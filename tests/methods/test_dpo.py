@@ -152,3 +152,30 @@ def test_the_objective_refuses_a_ranking_for_a_pairwise_only_loss(tiny):
     objective = dpo_objective(0.5, loss_type="ipo")
     with pytest.raises(ValueError, match="has the Plackett-Luce loss only; loss_type=ipo"):
         objective.loss(model, batch, objective.counts(batch))
+
+
+def test_a_mixture_of_experts_adds_its_router_balancing_loss_to_dpos(tiny, tmp_path):
+    """DPO adds router_aux_loss_coef x the policy's router balancing loss, as TRL's DPO does: at step 1
+    (policy = reference) the loss is ln 2 plus it, over the answers forwarded as TRL forwards them."""
+    import transformers as tf
+    from methods_setup import method_config, tiny_moe
+
+    from rlhfkit.models.load import load_tokenizer
+    from rlhfkit.train.config import replace
+    from rlhfkit.train.logging import read_metrics
+    from rlhfkit.train.loop import BatchOrder
+
+    folder = tiny_moe(tiny, tmp_path / "moe")
+    cfg = replace(method_config("dpo", tiny, tmp_path / "dpo", 1), model=folder, share_prompt=False,
+                  train__batch_size=4)
+    run_dpo(cfg)
+    first = read_metrics(tmp_path / "dpo")[0]
+    tok = load_tokenizer(folder)
+    examples, _ = encode_rankings(read_rows(cfg.train_data), tok, 64)
+    model = tf.MixtralForCausalLM.from_pretrained(folder)
+    rows = [examples[i] for i in BatchOrder(len(examples), 4, 0).indices(0)]  # the first step's rows
+    batch = collate_rankings(rows, tok.pad_token_id)
+    with torch.no_grad():
+        aux = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_router_logits=True).aux_loss
+    assert abs(first["train/router_aux_loss"] - float(aux)) < 1e-5
+    assert abs(first["train/loss"] - (math.log(2) + 0.02 * float(aux))) < 1e-5

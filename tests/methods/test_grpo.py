@@ -497,3 +497,25 @@ def test_scale_rewards_batch_and_delta_reach_the_update(tiny, tmp_path, monkeypa
     assert expected.abs().max() > 0.1  # some group has a signal
     assert torch.allclose(torch.cat(seen["advantages"]).cpu(), expected, atol=1e-6)
     assert set(seen["delta"]) == {1.5}
+
+
+def test_a_mixture_of_experts_adds_its_router_balancing_loss_to_grpos(tiny, tmp_path):
+    """GRPO adds router_aux_loss_coef x the policy's router balancing loss of its training forwards, as
+    TRL's GRPO does; with beta 0 the groups without a signal are then forwarded too (their balancing
+    loss has a gradient), and the loss is that term alone where no group has a signal."""
+    from methods_setup import method_config, tiny_moe
+
+    from rlhfkit.train.config import replace
+
+    folder = tiny_moe(tiny, tmp_path / "moe")
+    for coef in (None, 0.0):
+        out = tmp_path / f"g-{coef}"
+        cfg = replace(method_config("grpo", tiny, out, 1, router_aux_loss_coef=coef), model=folder, beta=0.0, mu=1)
+        run_grpo(cfg, reward_fns=[lambda prompts, completions, **_: [0.0] * len(completions)])  # no signal
+        first = [m for m in read_metrics(out) if "train/loss" in m][0]
+        if coef is None:
+            assert first["train/router_aux_loss"] > 1.0 and first["train/update_rows_forwarded"] == 1.0
+            assert abs(first["train/loss"] - 0.02 * first["train/router_aux_loss"]) < 1e-6
+        else:  # off: nothing to learn, the groups are not forwarded
+            assert "train/router_aux_loss" not in first and first["train/loss"] == 0.0
+            assert first["train/update_rows_forwarded"] < 1.0

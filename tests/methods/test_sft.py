@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from rlhfkit.data.rows import read_rows
 from rlhfkit.methods.common import load_policy
@@ -23,30 +24,56 @@ def test_sft_learns_the_task(tiny, sft_run):
     assert sft_run["snapshot"] is not None and 0.5 <= sft_run["snapshot"]["accuracy"] < after
 
 
-def test_a_mixture_of_experts_asking_for_its_balancing_loss_is_told_it_is_not_added(tiny, tmp_path, capfd):
-    """transformers' own loss adds router_aux_loss_coef x the router's load-balancing loss when
-    the config sets output_router_logits, and so do TRL's SFT and DPO; rlhfkit's losses do not,
-    and the run says so rather than leave it unsaid."""
-    import json
-
+def test_a_mixture_of_experts_adds_its_router_balancing_loss_as_transformers_does(tiny, tmp_path, capfd):
+    """SFT adds router_aux_loss_coef x the router's load-balancing loss, as TRL's SFT does (and
+    transformers' own loss where the config asks for router logits): the first step's loss is
+    transformers' loss with labels on the same rows, padded, to 1e-5, though rlhfkit packs them."""
     import transformers as tf
     from helpers import quiet_train
+    from methods_setup import small, tiny_moe
 
+    from rlhfkit.data.encode import collate_sft, encode_sft
+    from rlhfkit.data.rows import read_rows
     from rlhfkit.methods.sft import SFTConfig, run_sft
     from rlhfkit.models.load import load_tokenizer
+    from rlhfkit.train.config import ConfigError
 
-    tok = load_tokenizer(str(tiny["base"]))
-    vocab = json.loads((tiny["base"] / "config.json").read_text())["vocab_size"]
-    for asks in (True, False):
-        folder = tmp_path / f"moe-{asks}"
-        config = tf.MixtralConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=1, intermediate_size=64,
-                                  num_attention_heads=4, num_key_value_heads=2, num_local_experts=2,
-                                  num_experts_per_tok=1, output_router_logits=asks, router_aux_loss_coef=0.02,
-                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        tf.MixtralForCausalLM(config).save_pretrained(folder)
-        tok.save_pretrained(folder)
+    folder = tiny_moe(tiny, tmp_path / "moe")
+    data = small(tiny, "sft_train.jsonl", rows=6)
+    tok = load_tokenizer(folder)
+    batch = collate_sft(encode_sft(read_rows(data), tok, 64)[0], tok.pad_token_id)
+    model = tf.MixtralForCausalLM.from_pretrained(folder)
+    labels = batch.input_ids.masked_fill(~batch.completion_mask.bool(), -100)
+    with torch.no_grad():
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels,
+                    output_router_logits=True)
+    logged = {}
+    for coef, packing in ((None, False), (0.0, False), (None, True)):  # packed: 110 tokens in 2 rows of 64
         capfd.readouterr()
-        run_sft(SFTConfig(model=str(folder), train_data=str(tiny["data"] / "sft_train.jsonl"), max_length=64,
-                          train=quiet_train(tmp_path / f"sft-{asks}", max_steps=1, batch_size=4)))
-        said = "do not add its router's load-balancing loss (router_aux_loss_coef=0.02)" in capfd.readouterr().err
-        assert said == asks
+        out_dir = tmp_path / f"sft-{coef}-{packing}"
+        run_sft(SFTConfig(model=folder, train_data=data, max_length=64, packing=packing,
+                          train=quiet_train(out_dir, max_steps=1, batch_size=6, router_aux_loss_coef=coef)))
+        logged[coef, packing] = read_metrics(out_dir)[0]
+        said = "its router's load-balancing loss is added with coefficient 0.02" in capfd.readouterr().err
+        assert said == (coef is None)
+    for packing in (False, True):  # the packed rows' padding is no token of the balance (2.0017 with it, 2.0015)
+        assert abs(logged[None, packing]["train/router_aux_loss"] - float(out.aux_loss)) < 1e-5
+        assert abs(logged[None, packing]["train/loss"] - float(out.loss)) < 1e-5  # NLL + 0.02 x balancing loss
+    assert "train/router_aux_loss" not in logged[0.0, False]
+    assert abs(logged[0.0, False]["train/loss"] - (float(out.loss) - 0.02 * float(out.aux_loss))) < 1e-5
+    with pytest.raises(ConfigError, match="not a mixture of experts with transformers' router load-balancing loss"):
+        run_sft(SFTConfig(model=str(tiny["base"]), train_data=data, max_length=64,
+                          train=quiet_train(tmp_path / "dense", max_steps=1, router_aux_loss_coef=0.1)))
+
+
+def test_a_router_balancing_loss_asked_of_a_method_that_adds_none_is_refused(tiny, tmp_path):
+    """The RM, PRM and PPO add no router balancing loss (neither do TRL's): setting its weight there
+    is refused rather than ignored."""
+    from methods_setup import method_config
+
+    from rlhfkit.methods.rm import run_rm
+    from rlhfkit.train.config import ConfigError, replace
+
+    cfg = replace(method_config("rm", tiny, tmp_path / "rm", 1), train__router_aux_loss_coef=0.1)
+    with pytest.raises(ConfigError, match="train.router_aux_loss_coef=0.1: rm does not add a router balancing loss"):
+        run_rm(cfg)

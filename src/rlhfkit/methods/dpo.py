@@ -20,7 +20,7 @@ from ..data.prefs import RankingBatch, SharedPromptBatch, collate_rankings, coun
 from ..data.rows import DataError, Row, read_rows, source_name
 from ..losses.dpo import PAIR_LOSSES, PER_TOKEN, SMOOTHED, chosen_nll, dpo_loss, plackett_luce_loss
 from ..losses.reduce import pairs_right
-from ..models.forward import as_forward, eval_mode, predecessor_logprobs, token_logprobs
+from ..models.forward import as_forward, eval_mode, predecessor_logprobs, router_balance, token_logprobs
 from ..models.load import disable_dropout, load_causal_lm, load_tokenizer
 from ..models.lora import Reference, is_adapter_folder
 from ..rollout.backend import SamplerBackend
@@ -160,11 +160,13 @@ def precompute_reference(reference, examples: list, pad_id: int, batch_size: int
 
 
 def dpo_objective(beta: float, reference: Reference | None = None, rpo_alpha: float = 0.0,
-                  loss_type: str = "sigmoid", label_smoothing: float = 0.0, discopop_tau: float = 0.05) -> Objective:
+                  loss_type: str = "sigmoid", label_smoothing: float = 0.0, discopop_tau: float = 0.05,
+                  router_coef: float = 0.0) -> Objective:
     """``reference=None``: the batch carries precomputed reference log-probs; else the frozen
     reference (models/lora.py ``Reference``) is forwarded on every batch. ``rpo_alpha > 0``
     adds RPO's NLL of the best answers (losses/dpo.py ``chosen_nll``). ``loss_type`` (as the
-    config's), ``label_smoothing`` and ``discopop_tau``: the pairwise loss's form (losses/dpo.py)."""
+    config's), ``label_smoothing`` and ``discopop_tau``: the pairwise loss's form (losses/dpo.py).
+    ``router_coef`` > 0 adds a mixture of experts' router balancing loss of the policy's forward."""
     forms = loss_forms(loss_type)
     plain = forms == (("sigmoid", 1.0),) and not label_smoothing
 
@@ -174,7 +176,8 @@ def dpo_objective(beta: float, reference: Reference | None = None, rpo_alpha: fl
                 "chosen_tokens": batch.output_lengths()[best].sum().item()}
 
     def loss(model, batch, totals):
-        logps = batch.grid(sequence_logps(model, batch))  # (P, K)
+        with router_balance(model, router_coef) as balance:  # the policy's forward (a LoRA reference is the same model)
+            logps = batch.grid(sequence_logps(model, batch))  # (P, K)
         if reference is None:
             ref = batch.ref_logps
         else:
@@ -198,7 +201,7 @@ def dpo_objective(beta: float, reference: Reference | None = None, rpo_alpha: fl
             nll = chosen_nll(logps[:, 0], totals["chosen_tokens"])
             value = value + rpo_alpha * nll
             metrics["nll_chosen"] = nll.detach()
-        return value, metrics
+        return balance.add_to(value, metrics, batch.num_prompts / max(totals["prompts"], 1.0)), metrics
 
     return Objective(counts, loss)
 
@@ -234,7 +237,7 @@ def trainable_rankings(rows: list[Row], cfg: DPOConfig | None = None) -> list[Ro
     return rows
 
 
-def sft_on_chosen(model, tokenizer, examples, cfg: DPOConfig, resuming: bool) -> str:
+def sft_on_chosen(model, tokenizer, examples, cfg: DPOConfig, resuming: bool, router_coef: float = 0.0) -> str:
     """SPEC.md: with no SFT model, first maximise the likelihood of the preferred answers.
 
     The tuned model is saved to ``<out>/sft_chosen/model``: it is DPO's reference, and a resumed
@@ -250,7 +253,8 @@ def sft_on_chosen(model, tokenizer, examples, cfg: DPOConfig, resuming: bool) ->
                       resume=("force" if cfg.train.resume == "force" else "auto") if cfg.train.resume else False)
     run = start_run(sft_cfg, cfg, "dpo-sft")
     chosen = [SFTExample(e.prompt_ids + e.completion_ids[0], len(e.prompt_ids)) for e in examples]
-    train_offline(run, model, chosen, lambda rows: collate_sft(rows, tokenizer.pad_token_id), sft_objective())
+    train_offline(run, model, chosen, lambda rows: collate_sft(rows, tokenizer.pad_token_id),
+                  sft_objective(router_coef))
     run.finish(model, tokenizer, {})
     return f"{folder}/model"
 
@@ -271,7 +275,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
     prompts = held_out(cfg.eval_prompts, cfg.eval_limit, cfg.eval_task, run.say)
     # dropout off (as TRL's disable_dropout): the implicit rewards compare the policy with its frozen copy
     model = run.prepare(disable_dropout(load_causal_lm(cfg.model, tokenizer, device=run.device)), cfg.lora,
-                        base=cfg.model)
+                        base=cfg.model, router_loss=True)
     check_positions(run, model, longest(report, eval_report))
     check_positions(run, model, longest_prompt(prompts, tokenizer), cfg.eval_max_new_tokens)
     backend = SamplerBackend(tokenizer, model, copy=run.shards_models)  # a copy is made before sharding
@@ -280,7 +284,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
     reference = frozen_reference(run, model, cfg.model, tokenizer, cfg.lora.enabled) if not cfg.sft_first_steps else None
     run.shard(model)
     if cfg.sft_first_steps > 0:
-        start = sft_on_chosen(model, tokenizer, examples, cfg, run.resuming)
+        start = sft_on_chosen(model, tokenizer, examples, cfg, run.resuming, run.router_coef)
         reference = frozen_reference(run, model, start, tokenizer, from_adapters=False)
     with reference() as ref_model:
         pref_eval = precompute_reference(ref_model, pref_examples, pad) if pref_examples else []
@@ -302,7 +306,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
 
     train_offline(run, model, examples, ranking_collate(model, pad, cfg.share_prompt),
                   dpo_objective(cfg.beta, reference, cfg.rpo_alpha, cfg.loss_type, cfg.label_smoothing,
-                                cfg.discopop_tau),
+                                cfg.discopop_tau, run.router_coef),
                   evaluate if (pref_eval or prompts) else None)
     summary = {"loss": run.metrics.get("loss"), "reference": cfg.reference, "length_report": report.summary(), **before}
     if run.evals:

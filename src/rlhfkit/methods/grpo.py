@@ -20,6 +20,7 @@ from ..data.encode import check_prompts
 from ..data.formats import user_prompt
 from ..data.rows import read_rows, source_name
 from ..losses.grpo import REDUCTIONS, group_advantages, grpo_loss, overlong_penalty, process_advantages
+from ..models.forward import router_balance
 from ..models.load import disable_dropout, load_causal_lm, load_tokenizer
 from ..models.reward import is_likelihood_prm, is_sequence_classifier, is_token_classifier
 from ..rollout.backend import SamplingParams, make_backend
@@ -441,7 +442,7 @@ def chunked_logprobs(model, samples: Samples, chunks: list[torch.Tensor], group:
 
 def skips_rows(run: Run, cfg: GRPOConfig) -> bool:
     """Whether the update leaves groups without a signal out (``forwarded_rows``)."""
-    return cfg.beta == 0 and cfg.skip_zero_advantage and not run.shards_models
+    return cfg.beta == 0 and cfg.skip_zero_advantage and not run.shards_models and not run.router_coef
 
 
 def forwarded_rows(run: Run, advantages: torch.Tensor, mask: torch.Tensor, cfg: GRPOConfig) -> torch.Tensor:
@@ -510,7 +511,7 @@ def update(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: 
         policy.train()
         loss, sums = torch.zeros(()), {}
         for index in chunks:
-            with autocast(cfg.train.dtype, run.device):
+            with autocast(cfg.train.dtype, run.device), router_balance(policy, run.router_coef) as balance:
                 logprobs, entropy = completion_logprobs(policy, samples.rows(index), with_entropy=True, group_size=group,
                                                         temperature=cfg.temperature)
             old = old_logprobs[index] if old_logprobs is not None else logprobs.detach()
@@ -518,6 +519,10 @@ def update(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: 
                                     None if ref_logprobs is None else ref_logprobs[index], cfg.beta, cfg.eps_low,
                                     cfg.eps_high, REDUCTIONS[cfg.loss_type], counts["sequences"], counts["tokens"],
                                     cfg.max_new_tokens, cfg.importance_sampling_level == "sequence", cfg.delta)
+            aux = balance.mean()  # a mixture of experts' router balancing loss, weighed by the step's tokens
+            if aux is not None:
+                part = part + run.router_coef * aux * (float(mask[index].sum()) / max(counts["tokens"], 1.0))
+                stats["router_aux_loss"] = aux.detach()
             part.backward()
             loss = loss + part.detach()
             share = mask[index].sum() / forwarded  # micro-batch stats weighted by tokens
@@ -591,7 +596,7 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
     report = check_prompts(rows, tokenizer, needed, RESERVED, checks)  # every row, before any model loads
     run.say(f"{source_name(cfg.train_data)}: {report.summary()}")
     policy = run.prepare(disable_dropout(load_causal_lm(cfg.model, tokenizer, device=run.device)), cfg.lora,
-                         base=cfg.model)
+                         base=cfg.model, router_loss=True)
     check_positions(run, policy, report.longest, cfg.max_new_tokens)
     check_positions(run, policy, longest_prompt(eval_rows, tokenizer), cfg.eval_max_new_tokens)
     rewards = load_model_rewards(cfg, rewards, tokenizer, run.device)

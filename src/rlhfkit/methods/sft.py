@@ -23,7 +23,7 @@ from ..data.encode import (
 from ..data.formats import row_format
 from ..data.rows import DataError, read_rows, source_name
 from ..losses.sft import sft_loss
-from ..models.forward import eval_mode, reads_block_masks, token_logprobs
+from ..models.forward import eval_mode, reads_block_masks, router_balance, token_logprobs
 from ..models.load import load_causal_lm, load_tokenizer
 from ..rollout.backend import SamplerBackend
 from ..rollout.evaluate import HeldOut, exact_match
@@ -64,15 +64,20 @@ class SFTConfig:
                 raise ConfigError(f"{key} needs eval_data (held-out prompts whose greedy answers give the accuracy)")
 
 
-def sft_objective() -> Objective:
+def sft_objective(router_coef: float = 0.0) -> Objective:
+    """The NLL of the completion tokens; ``router_coef`` > 0 adds a mixture of experts' router
+    balancing loss (models/forward.py ``router_balance``)."""
     def counts(batch) -> dict:
         return {"tokens": batch.completion_mask[:, 1:].sum().item()}
 
     def loss(model, batch, totals):
-        logprobs = token_logprobs(model, batch.input_ids, batch.attention_mask, batch.completion_mask,
-                                  position_ids=batch.position_ids)  # (B, T)
+        with router_balance(model, router_coef) as balance:
+            logprobs = token_logprobs(model, batch.input_ids, batch.attention_mask, batch.completion_mask,
+                                      position_ids=batch.position_ids)  # (B, T)
         value, metrics = sft_loss(logprobs, batch.completion_mask, totals["tokens"])
-        return value, {"tokens": metrics["tokens"]}
+        metrics = {"tokens": metrics["tokens"]}
+        share = float(batch.completion_mask[:, 1:].sum()) / max(totals["tokens"], 1.0)
+        return balance.add_to(value, metrics, share), metrics
 
     return Objective(counts, loss)
 
@@ -141,7 +146,8 @@ def run_sft(cfg: SFTConfig) -> dict:
     examples, report = encode_sft(read_rows(cfg.train_data), tokenizer, cfg.max_length, cfg.overlong)
     run.say(f"{source_name(cfg.train_data)}: {report.summary()}")
     rows, eval_examples, eval_report = held_out_sft(cfg, tokenizer, run.say)  # checked now, not after training
-    model = run.prepare(load_causal_lm(cfg.model, tokenizer, device=run.device), cfg.lora, base=cfg.model)
+    model = run.prepare(load_causal_lm(cfg.model, tokenizer, device=run.device), cfg.lora, base=cfg.model,
+                        router_loss=True)
     check_positions(run, model, longest(report, eval_report))
     check_positions(run, model, longest_prompt(rows, tokenizer), cfg.eval_max_new_tokens)
     backend = SamplerBackend(tokenizer, model, copy=run.shards_models)  # a copy is made before sharding
@@ -173,7 +179,7 @@ def run_sft(cfg: SFTConfig) -> dict:
                           f"{getattr(model.config, 'sliding_window', None)!r}: set packing=false")
     collate = ((lambda b: collate_sft_packed(b, tokenizer.pad_token_id, cfg.max_length)) if cfg.packing else
                (lambda b: collate_sft(b, tokenizer.pad_token_id)))
-    train_offline(run, model, examples, collate, sft_objective(), evaluate if rows or eval_examples else None)
+    train_offline(run, model, examples, collate, sft_objective(run.router_coef), evaluate if rows or eval_examples else None)
     summary = {"loss": run.metrics.get("loss"), "length_report": report.summary(), "snapshot": snapshot or None}
     if run.evals:
         summary.update(accuracy=run.evals[-1].get("accuracy"), eval_loss=run.evals[-1].get("loss"))

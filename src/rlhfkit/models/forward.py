@@ -16,6 +16,7 @@ Each runs through ``as_forward``: on a model sharded with FSDP2 the root module'
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import types
 
@@ -69,8 +70,91 @@ def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     if fused.applies(model):
         return fused.backbone(model, input_ids, attention_mask, position_ids, first)
     backbone = getattr(model, model.base_model_prefix)
-    out = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    balance = getattr(model, ROUTER_BALANCE, None)
+    routed = {"output_router_logits": True} if balance is not None else {}
+    out = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                   **routed)
+    if balance is not None:
+        function, experts, top_k, _ = balancing_loss(model)
+        balance.losses.append(function(out.router_logits, experts, top_k, real_tokens(attention_mask)))
     return out.last_hidden_state[:, first:]
+
+
+def real_tokens(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T): 1 at the real tokens of a padding mask, or of a (B, 1, T, T) block mask, where a padding
+    position attends to itself only and nothing attends to it (data/prefs.py, data/encode.py)."""
+    if attention_mask.dim() == 2:
+        return attention_mask
+    others = attention_mask[:, 0] & ~torch.eye(attention_mask.shape[-1], dtype=torch.bool,
+                                                device=attention_mask.device)
+    return (others.any(-1) | others.any(-2)).long()
+
+
+ROUTER_BALANCE = "rlhfkit_router_balance"
+
+
+@functools.lru_cache(maxsize=None)
+def _balancing_function(model_class: type):
+    """The load-balancing loss of a mixture of experts' modeling file, where it has transformers'
+    usual one, ``load_balancing_loss_func(gate_logits, num_experts, top_k, attention_mask)``."""
+    import inspect
+    import sys
+
+    function = getattr(sys.modules.get(model_class.__module__), "load_balancing_loss_func", None)
+    if function is None:
+        return None
+    names = list(inspect.signature(function).parameters)
+    return function if names == ["gate_logits", "num_experts", "top_k", "attention_mask"] else None
+
+
+def balancing_loss(model):
+    """A mixture of experts' router load-balancing loss as its own forward computes it (the
+    Switch Transformer's, Fedus et al. 2021, eqs. 4-6, summed over layers): ``(function,
+    num_experts, top_k, its config's router_aux_loss_coef)``, or None for a model without one."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft's wrapper
+    function = _balancing_function(type(inner))
+    experts, top_k = getattr(inner, "num_experts", None), getattr(inner, "num_experts_per_tok", None)
+    if function is None or not isinstance(experts, int) or not isinstance(top_k, int):
+        return None
+    config = inner.config.get_text_config() if hasattr(inner.config, "get_text_config") else inner.config
+    return function, experts, top_k, float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
+
+
+@dataclasses.dataclass
+class RouterBalance:
+    """The balancing losses of the forwards made inside ``router_balance``."""
+
+    coef: float
+    losses: list = dataclasses.field(default_factory=list)
+
+    def mean(self) -> torch.Tensor | None:
+        """The forwards' mean balancing loss; None where none was made."""
+        return torch.stack([value.float() for value in self.losses]).mean() if self.losses else None
+
+    def add_to(self, loss: torch.Tensor, metrics: dict, share: float) -> torch.Tensor:
+        """``loss`` + coef x ``mean()`` x ``share`` (this micro-batch's part of the step's batch, so
+        that the step adds the coefficient times the batch's mean); that part is logged as
+        ``router_aux_loss``."""
+        aux = self.mean()
+        if aux is None:
+            return loss
+        metrics["router_aux_loss"] = (aux * share).detach()
+        return loss + self.coef * aux * share
+
+
+@contextlib.contextmanager
+def router_balance(model, coef: float):
+    """Inside, every backbone forward of ``model`` also returns its router logits and adds its
+    balancing loss to the yielded ``RouterBalance`` (with ``coef`` 0, or a model without one, nothing)."""
+    balance = RouterBalance(coef)
+    if not coef or balancing_loss(model) is None:
+        yield balance
+        return
+    setattr(model, ROUTER_BALANCE, balance)
+    try:
+        yield balance
+    finally:
+        delattr(model, ROUTER_BALANCE)
 
 
 def flat_window(index: torch.Tensor, width: int) -> tuple[int, torch.Tensor]:

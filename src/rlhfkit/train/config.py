@@ -83,6 +83,9 @@ class TrainConfig:
     report_to: str = "tensorboard"  # tensorboard | wandb (WANDB_MODE=offline works) | none; metrics.jsonl always
     plots: bool = True  # PNG curves of metrics.jsonl in <out>/plots at the end (train/plots.py)
     activation_checkpointing: bool = False  # recompute the trained models' layer activations in the backward
+    # a mixture of experts' router load-balancing loss, added by SFT, DPO and GRPO as TRL's (TRL's name):
+    # None = the model config's own coefficient, 0 = off
+    router_aux_loss_coef: float | None = None
 
     def __post_init__(self):
         choice("train.schedule", self.schedule, SCHEDULES)
@@ -98,7 +101,7 @@ class TrainConfig:
         for key in ("max_steps", "batch_size", "log_every"):  # max_steps=0 would save a copy of the start model
             at_least(f"train.{key}", getattr(self, key), 1)
         for key in ("epochs", "micro_batch_size", "warmup_steps", "eval_every", "save_every", "keep_checkpoints",
-                    "weight_decay", "max_grad_norm", "seed"):
+                    "weight_decay", "max_grad_norm", "seed", "router_aux_loss_coef"):
             at_least(f"train.{key}", getattr(self, key), 0)
         within("train.min_lr_ratio", self.min_lr_ratio, 0, 1)
         positive("train.lr", self.lr)

@@ -35,6 +35,7 @@ import torch
 import yaml
 
 from ..models.card import write_model_card
+from ..models.forward import balancing_loss
 from ..models.kernels import (
     NEVER,
     decode_kernel,
@@ -172,6 +173,7 @@ class Run:
     lr: float | None = None  # the learning rate of the last optimizer step
     signal: int | None = None  # SIGTERM / SIGINT received during the steps: stop after this step
     held: dict = field(default_factory=dict)  # the signal handlers steps() replaced
+    router_coef: float = 0.0  # the weight of a mixture of experts' balancing loss (``prepare``)
 
     def __post_init__(self):
         keep_freed_memory()  # steps reuse their activations' memory instead of page-faulting it in (memory.py)
@@ -210,19 +212,36 @@ class Run:
     def device(self) -> str:
         return self.info.device
 
+    def router_balance_coef(self, model, adds: bool, base=None) -> float:
+        """The weight of ``model``'s router load-balancing loss (models/forward.py ``balancing_loss``):
+        ``train.router_aux_loss_coef``, or where unset the model config's own, as TRL's SFT, DPO and
+        GRPO add it; 0 for a method that does not add it (``adds`` False), where an explicit setting is
+        refused and a config asking for it (``output_router_logits``) is told it is not added."""
+        spec, asked = balancing_loss(model), self.cfg.router_aux_loss_coef
+        what = f"the model from {base}" if isinstance(base, (str, Path)) else f"the {type(model).__name__}"
+        if asked and not adds:
+            raise ConfigError(f"train.router_aux_loss_coef={asked}: {self.name} does not add a router balancing loss "
+                              "(SFT, DPO and GRPO do, as TRL's); leave it out")
+        if asked and spec is None:
+            raise ConfigError(f"train.router_aux_loss_coef={asked} but {what} is not a mixture of experts with "
+                              "transformers' router load-balancing loss; leave it out")
+        coef = (spec[3] if asked is None else asked) if spec is not None else 0.0
+        if coef and adds:
+            self.say(f"{what} is a mixture of experts: its router's load-balancing loss is added with coefficient "
+                     f"{coef:g} (train.router_aux_loss_coef; 0 turns it off), logged as router_aux_loss")
+            return coef
+        if coef and getattr(model.config, "output_router_logits", False):
+            self.say(f"warning: {what} is a mixture of experts with output_router_logits=true; {self.name} does not "
+                     f"add its router's load-balancing loss (router_aux_loss_coef={coef}), as TRL's does not")
+        return 0.0
+
     def prepare(self, model: torch.nn.Module, lora: LoraConfig | None = None, head: str | None = None,
-                base=None) -> torch.nn.Module:
+                base=None, router_loss: bool = False) -> torch.nn.Module:
         """A model to train, made ready before it is copied or sharded: LoRA adapters when
         ``lora.r > 0`` (``head``: a scalar head trained in full; ``base``: the folder it came from)
-        and activation checkpointing when ``train.activation_checkpointing``. A mixture of experts
-        whose config asks for its router's balancing loss is told that it is not added."""
-        coef = getattr(model.config, "router_aux_loss_coef", 0) if getattr(model.config, "output_router_logits",
-                                                                           False) else 0
-        if coef:
-            what = f"the model from {base}" if isinstance(base, (str, Path)) else f"the {type(model).__name__}"
-            self.say(f"warning: {what} is a mixture of experts with output_router_logits=true; rlhfkit's losses "
-                     f"do not add its router's load-balancing loss (router_aux_loss_coef={coef}), which transformers' "
-                     "own loss and TRL's SFT and DPO do: its experts' balance is not trained")
+        and activation checkpointing when ``train.activation_checkpointing``. ``router_loss``: the
+        method adds a mixture of experts' balancing loss (``router_coef``, said here)."""
+        self.router_coef = self.router_balance_coef(model, router_loss, base)
         if lora is not None and lora.enabled:
             settings = LoraSettings(lora.r, lora.alpha, lora.dropout, lora.target_modules)
             base = str(base) if isinstance(base, (str, Path)) else getattr(model, "name_or_path", None)
