@@ -249,7 +249,7 @@ TRL_NAMES = {"learning_rate": "train.lr", "num_train_epochs": "train.epochs", "m
              "cliprange": "eps_clip", "cliprange_value": "eps_value", "vf_coef": "critic_lr (the critic has its own optimizer group)", "num_ppo_epochs": "ppo_epochs",
              "response_length": "max_new_tokens", "max_prompt_length": "max_length (prompt and answer together)",
              "completion_only_loss": "nothing: SFT's loss is on the completion (or assistant turns) always"}
-for _name in ("max_grad_norm", "seed", "weight_decay", "warmup_steps", "report_to"):
+for _name in ("max_grad_norm", "seed", "weight_decay", "warmup_steps", "report_to", "router_aux_loss_coef"):
     TRL_NAMES[_name] = f"train.{_name}"
 
 
