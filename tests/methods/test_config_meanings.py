@@ -36,6 +36,7 @@ def test_eval_limit_zero_means_all_rows():
     (GRPOConfig, "scale_rewards=true", "'scale_rewards' must be one of group, batch, none; got 'true'"),
     (GRPOConfig, "scale_std=false", "renamed: scale_std -> scale_rewards (scale_std=true is scale_rewards=group"),
     (GRPOConfig, "scale_rewards=batch process_reward=arithmetic_steps", "scale_rewards=batch scales outcome advantages"),
+    (GRPOConfig, "top_entropy_quantile=0", "config key 'top_entropy_quantile' must be in (0, 1]; got 0"),
     (PRMConfig, "num_labels=3", "'num_labels' must be one of 1, 2; got 3"),
     (PPOConfig, "frozen_dtype=fp8", "'frozen_dtype' must be one of fp32, bf16; got 'fp8'"),
     (DPOConfig, "reference=none", "'reference' must be one of precompute, forward; got 'none'"),

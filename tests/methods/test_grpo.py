@@ -519,3 +519,38 @@ def test_a_mixture_of_experts_adds_its_router_balancing_loss_to_grpos(tiny, tmp_
         else:  # off: nothing to learn, the groups are not forwarded
             assert "train/router_aux_loss" not in first and first["train/loss"] == 0.0
             assert first["train/update_rows_forwarded"] < 1.0
+
+
+def test_high_entropy_keeps_the_top_share_of_the_real_tokens():
+    from rlhfkit.methods.grpo import high_entropy
+    from rlhfkit.train.dist import DistInfo
+
+    entropy = torch.tensor([[0.1, 0.5, 0.9, 0.3], [0.7, 0.2, 5.0, 5.0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])  # the 5.0s are padding
+    # real values sorted [0.1, 0.2, 0.3, 0.5, 0.7, 0.9]: the 0.5 quantile is 0.3 + 0.5 (0.5 - 0.3) = 0.4
+    kept = high_entropy(entropy, mask, 0.5, DistInfo())
+    assert kept.tolist() == [[False, True, True, False], [True, False, False, False]]
+    assert high_entropy(entropy, mask, 1.0, DistInfo()).tolist() == mask.bool().tolist()
+
+
+def test_top_entropy_quantile_leaves_the_low_entropy_tokens_out_of_the_policy_loss(tiny, tmp_path, monkeypatch):
+    from methods_setup import even_answer_digits, method_config
+
+    import rlhfkit.methods.grpo as grpo
+    from rlhfkit.train.config import replace
+
+    seen = []
+    grpo_loss = grpo.grpo_loss
+
+    def loss(logprobs, old, advantages, mask, *args):
+        seen.append((advantages.clone(), mask.clone()))
+        return grpo_loss(logprobs, old, advantages, mask, *args)
+
+    monkeypatch.setattr(grpo, "grpo_loss", loss)
+    run_grpo(replace(method_config("grpo", tiny, tmp_path / "g", 1), top_entropy_quantile=0.2, mu=1, beta=0.0),
+             reward_fns=[even_answer_digits])
+    advantages, mask = (torch.cat(t) for t in zip(*seen))
+    signal = advantages.abs().sum(-1) > 0  # the rows kept some token: those of the groups with a signal
+    assert signal.any() and len(advantages) == 16  # beta 0, yet every row is forwarded: the threshold is the batch's
+    kept = (advantages != 0).sum().item()
+    assert 0 < kept <= 0.2 * mask.sum().item() + 1  # at most the top 20% of all tokens (but ties)

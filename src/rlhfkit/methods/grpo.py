@@ -98,6 +98,9 @@ class GRPOConfig:
     # DAPO's overlong filtering (TRL's name): an answer cut off at max_new_tokens adds no loss; it still counts
     # in its group's advantages
     mask_truncated_completions: bool = False
+    # < 1: the policy loss of the tokens whose entropy is among the top share of the batch's only (Wang et al.
+    # 2025, "Beyond the 80/20 Rule"; TRL's name; the paper's 0.2); the KL term keeps every token
+    top_entropy_quantile: float = 1.0
     overlong_buffer: int = 0  # DAPO: reward ramps to -overlong_penalty over the last N of max_new_tokens; 0 = off
     overlong_penalty: float = 1.0  # the punishment at max_new_tokens (DAPO: 1)
     reward_errors: str = "raise"  # raise | zero (score 0 and count)
@@ -116,6 +119,7 @@ class GRPOConfig:
                               f"loss_type=grpo; loss_type={self.loss_type} would weigh them by their tokens")
         choice("reward_errors", self.reward_errors, ("raise", "zero"))
         choice("scale_rewards", self.scale_rewards, ("group", "batch", "none"))
+        within("top_entropy_quantile", self.top_entropy_quantile, 0, 1, open_low=True)
         if self.scale_rewards == "batch" and self.process_reward is not None:
             raise ConfigError("scale_rewards=batch scales outcome advantages; a process reward's step rewards are "
                               "normalised over their group (scale_rewards group or none)")
@@ -442,7 +446,8 @@ def chunked_logprobs(model, samples: Samples, chunks: list[torch.Tensor], group:
 
 def skips_rows(run: Run, cfg: GRPOConfig) -> bool:
     """Whether the update leaves groups without a signal out (``forwarded_rows``)."""
-    return cfg.beta == 0 and cfg.skip_zero_advantage and not run.shards_models and not run.router_coef
+    return (cfg.beta == 0 and cfg.skip_zero_advantage and not run.shards_models and not run.router_coef
+            and cfg.top_entropy_quantile == 1)  # its threshold is over every token of the batch
 
 
 def forwarded_rows(run: Run, advantages: torch.Tensor, mask: torch.Tensor, cfg: GRPOConfig) -> torch.Tensor:
@@ -515,7 +520,10 @@ def update(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: 
                 logprobs, entropy = completion_logprobs(policy, samples.rows(index), with_entropy=True, group_size=group,
                                                         temperature=cfg.temperature)
             old = old_logprobs[index] if old_logprobs is not None else logprobs.detach()
-            part, stats = grpo_loss(logprobs, old, advantages[index], mask[index],
+            adv = advantages[index]
+            if cfg.top_entropy_quantile < 1:  # A = 0 elsewhere: -min(r A, clip(r) A) is 0 there, and so its gradient
+                adv = adv * high_entropy(entropy, mask[index], cfg.top_entropy_quantile, run.info).to(adv.dtype)
+            part, stats = grpo_loss(logprobs, old, adv, mask[index],
                                     None if ref_logprobs is None else ref_logprobs[index], cfg.beta, cfg.eps_low,
                                     cfg.eps_high, REDUCTIONS[cfg.loss_type], counts["sequences"], counts["tokens"],
                                     cfg.max_new_tokens, cfg.importance_sampling_level == "sequence", cfg.delta)
@@ -537,6 +545,21 @@ def update(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: 
         loss_value, grad_norm = run.optimizer_step(loss)
     return {**sums, "logprob_gap": gap, "loss": loss_value, "grad_norm": grad_norm, "update_skipped": 0.0,
             "update_rows_forwarded": len(rows) / max(local_rows, 1)}
+
+
+def high_entropy(entropy: torch.Tensor, mask: torch.Tensor, share: float, info: DistInfo) -> torch.Tensor:
+    """(b, C) bool: the real tokens (``mask``) whose entropy is among the top ``share`` of every
+    real token of this forward on every rank, at or above their (1 - share) quantile (Wang et al.
+    2025, "Beyond the 80/20 Rule": the policy gradient through the high-entropy tokens only; TRL's
+    ``top_entropy_quantile``, whose threshold is also per forward, gathered over ranks). With the
+    whole per-rank batch in one forward (``train.micro_batch_size`` 0) it is the batch's, as in the
+    paper."""
+    real = mask.bool()
+    everyone = torch.cat(all_gather_object(entropy[real].float().cpu(), info))
+    if everyone.numel() == 0:
+        return torch.zeros_like(real)
+    threshold = torch.quantile(everyone, 1 - share).to(entropy.device)
+    return (entropy >= threshold) & real
 
 
 def all_abstained(outcome: OutcomeScores) -> bool:
