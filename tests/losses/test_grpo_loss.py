@@ -207,3 +207,27 @@ def test_two_sided_clipping_caps_the_ratio_of_negative_advantages_only():
     # capped: -min(-2, -1.2) = 2, with no gradient past the cap; the others as before
     assert abs(capped - (2.0 + 1.5 - 1.2) / 3) < 1e-6
     assert torch.allclose(g_capped, torch.tensor([[0.0, 1.5, 0.0]]) / 3, atol=1e-6)
+
+
+def test_sampling_weights_by_hand():
+    from rlhfkit.losses.grpo import sampling_weights
+
+    old = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -1.0, 0.0]])
+    sampled = torch.tensor([[-1.5, -1.0, float("nan")], [-1.0, -2.0, -3.0]])  # row 0's last: no engine log-prob
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    # per token pi_old / pi_sampler: e^0.5, e^-1, 1 (NaN); 1, e^1, (padding) 1
+    token = sampling_weights(old, sampled, mask, "token_truncate", None, 2.0)
+    assert torch.allclose(token, torch.tensor([[math.exp(0.5), math.exp(-1), 1.0], [1.0, 2.0, 1.0]]))
+    masked = sampling_weights(old, sampled, mask, "token_mask", 0.5, 2.0)
+    assert torch.allclose(masked, torch.tensor([[math.exp(0.5), 0.0, 1.0], [1.0, 0.0, 1.0]]))
+    # per sequence: the product, e^-0.5 and e^1
+    seq = sampling_weights(old, sampled, mask, "sequence_mask", None, 2.0)
+    assert torch.allclose(seq, torch.tensor([[math.exp(-0.5)], [0.0]]))
+    assert torch.allclose(sampling_weights(old, sampled, mask, "sequence_truncate", 0.7, 2.0), torch.tensor([[0.7], [2.0]]))
+    # the weights scale the policy term, not the KL term
+    lp = torch.zeros(1, 2, requires_grad=True)
+    adv, m = torch.ones(1, 2), torch.ones(1, 2)
+    plain, _ = grpo_loss(lp, lp.detach(), adv, m, reduction="token_mean", num_tokens=2)
+    weighed, stats = grpo_loss(lp, lp.detach(), adv, m, reduction="token_mean", num_tokens=2,
+                               sample_weights=torch.tensor([[0.5]]))
+    assert abs(weighed.item() - 0.5 * plain.item()) < 1e-7 and abs(stats["sampling_weight_mean"].item() - 0.5) < 1e-7

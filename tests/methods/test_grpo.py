@@ -483,10 +483,10 @@ def test_scale_rewards_batch_and_delta_reach_the_update(tiny, tmp_path, monkeypa
         seen["centred"].append(group_advantages(rewards, group_size, scale_std))
         return seen["centred"][-1]
 
-    def loss(logprobs, old, advantages, *args):
+    def loss(logprobs, old, advantages, *args, **kw):
         seen["advantages"].append(advantages[:, 0].clone())
-        seen["delta"].append(args[-1])
-        return grpo_loss(logprobs, old, advantages, *args)
+        seen["delta"].append(kw["delta"])
+        return grpo_loss(logprobs, old, advantages, *args, **kw)
 
     monkeypatch.setattr(grpo, "group_advantages", centring)
     monkeypatch.setattr(grpo, "grpo_loss", loss)
@@ -542,9 +542,9 @@ def test_top_entropy_quantile_leaves_the_low_entropy_tokens_out_of_the_policy_lo
     seen = []
     grpo_loss = grpo.grpo_loss
 
-    def loss(logprobs, old, advantages, mask, *args):
+    def loss(logprobs, old, advantages, mask, *args, **kw):
         seen.append((advantages.clone(), mask.clone()))
-        return grpo_loss(logprobs, old, advantages, mask, *args)
+        return grpo_loss(logprobs, old, advantages, mask, *args, **kw)
 
     monkeypatch.setattr(grpo, "grpo_loss", loss)
     run_grpo(replace(method_config("grpo", tiny, tmp_path / "g", 1), top_entropy_quantile=0.2, mu=1, beta=0.0),
@@ -554,3 +554,37 @@ def test_top_entropy_quantile_leaves_the_low_entropy_tokens_out_of_the_policy_lo
     assert signal.any() and len(advantages) == 16  # beta 0, yet every row is forwarded: the threshold is the batch's
     kept = (advantages != 0).sum().item()
     assert 0 < kept <= 0.2 * mask.sum().item() + 1  # at most the top 20% of all tokens (but ties)
+
+
+def test_samples_from_an_inexact_engine_are_weighed_to_pi_old(tiny, tmp_path):
+    """An engine whose log-probs sit 0.1 below the trainer's on every token: token_truncate weighs each
+    token's policy loss by pi_old / pi_engine = e^0.1; the same samples unweighed (none) give a gradient
+    e^0.1 smaller."""
+    import math
+
+    from methods_setup import even_answer_digits, method_config
+
+    from rlhfkit.models.load import load_tokenizer
+    from rlhfkit.rollout.backend import SamplerBackend
+    from rlhfkit.train.config import replace
+
+    class Shifted(SamplerBackend):
+        def generate(self, prompts, params):
+            samples = super().generate(prompts, params)
+            samples.logprobs = (samples.logprobs - 0.1) * samples.completion_mask
+            return samples
+
+        def logprobs_exact(self, params):
+            return False
+
+    logged = {}
+    for mode in ("token_truncate", "none"):
+        out = tmp_path / mode
+        cfg = replace(method_config("grpo", tiny, out, 1), sampling_correction=mode, loss_type="dapo", mu=1, beta=0.0)
+        run_grpo(cfg, reward_fns=[even_answer_digits], backend=Shifted(load_tokenizer(cfg.model)))
+        logged[mode] = [m for m in read_metrics(out) if "train/loss" in m][0]
+    # the gradient (the loss is 0 here: all answers have the same length and the advantages sum to 0)
+    assert logged["none"]["train/grad_norm"] > 1e-3
+    assert abs(logged["token_truncate"]["train/grad_norm"] / logged["none"]["train/grad_norm"] - math.exp(0.1)) < 1e-5
+    assert abs(logged["token_truncate"]["train/sampling_weight_mean"] - math.exp(0.1)) < 1e-5
+    assert "train/sampling_weight_mean" not in logged["none"]

@@ -88,6 +88,28 @@ def process_advantages(step_ends: list[list[int]], step_rewards: list[list[float
     return advantages
 
 
+SAMPLING_CORRECTIONS = ("sequence_mask", "sequence_truncate", "token_mask", "token_truncate", "none")
+
+
+def sampling_weights(old_logprobs: torch.Tensor, sampled_logprobs: torch.Tensor, mask: torch.Tensor, mode: str,
+                     low: float | None = None, high: float | None = 3.0) -> torch.Tensor:
+    """Importance weights for samples another engine drew (vLLM's numerics, transformers'
+    processed scores): w = pi_old / pi_sampler, the trainer's log-probs of the tokens over the
+    engine's, per token or per sequence (the product over its tokens), then truncated to
+    [low, high] or masked to 0 outside it (TRL's ``vllm_importance_sampling_mode``; truncated IS,
+    Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy RL training").
+    (B, T) for the token modes, (B, 1) for the sequence modes; a token with no engine log-prob
+    (NaN) weighs 1."""
+    diff = ((old_logprobs - sampled_logprobs) * mask).nan_to_num(0.0)
+    if mode.startswith("sequence"):
+        diff = diff.sum(-1, keepdim=True)
+    ratio = torch.exp(diff)
+    if mode.endswith("truncate"):
+        return ratio.clamp(min=low, max=high)
+    outside = (ratio < (low if low is not None else float("-inf"))) | (ratio > (high if high is not None else float("inf")))
+    return ratio.masked_fill(outside, 0.0)
+
+
 def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """pi_ref/pi - log(pi_ref/pi) - 1 per token (Schulman's k3); >= 0, and 0 where pi == pi_ref."""
     log_ratio = ref_logprobs - logprobs
@@ -115,10 +137,11 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
               ref_logprobs: torch.Tensor | None = None, beta: float = 0.0, eps_low: float = 0.2,
               eps_high: float | None = None, reduction: str = "seq_mean_token_mean",
               num_sequences: float | None = None, num_tokens: float | None = None, max_tokens: int | None = None,
-              sequence_ratio: bool = False, delta: float | None = None):
+              sequence_ratio: bool = False, delta: float | None = None, sample_weights: torch.Tensor | None = None):
     """All tensors (B, T) over completion tokens; ``mask`` 1 on real completion tokens.
     ``sequence_ratio``: GSPO's one importance ratio per sequence, ``delta``: two-sided clipping's
-    cap on the ratio where A < 0 (both in losses/policy.py).
+    cap on the ratio where A < 0 (both in losses/policy.py). ``sample_weights`` (B, T) or (B, 1):
+    ``sampling_weights``' importance weights of the policy term (the KL term keeps every token's).
 
     Returns (loss, metrics). The metrics are detached batch means (clip fractions, ratio, and kl
     where there is a KL term: with beta 0 nothing is measured, so no kl is reported).
@@ -126,7 +149,7 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
     mask = mask.to(logprobs.dtype)
     surrogate = clipped_surrogate(logprobs, old_logprobs, advantages, eps_low, eps_high,
                                   mask if sequence_ratio else None, delta)
-    per_token = surrogate.loss  # (B, T)
+    per_token = surrogate.loss if sample_weights is None else surrogate.loss * sample_weights  # (B, T)
     kl = torch.zeros_like(logprobs)
     if ref_logprobs is not None and beta != 0.0:
         kl = k3_kl(logprobs, ref_logprobs)
@@ -139,4 +162,6 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
                    "ratio_mean": (surrogate.ratio * mask).sum() / n}
         if ref_logprobs is not None and beta != 0.0:
             metrics["kl"] = (kl * mask).sum() / n
+        if sample_weights is not None:
+            metrics["sampling_weight_mean"] = (sample_weights.expand_as(mask) * mask).sum() / n
     return loss, metrics

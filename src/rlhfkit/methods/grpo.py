@@ -19,7 +19,15 @@ import torch
 from ..data.encode import check_prompts
 from ..data.formats import user_prompt
 from ..data.rows import read_rows, source_name
-from ..losses.grpo import REDUCTIONS, group_advantages, grpo_loss, overlong_penalty, process_advantages
+from ..losses.grpo import (
+    REDUCTIONS,
+    SAMPLING_CORRECTIONS,
+    group_advantages,
+    grpo_loss,
+    overlong_penalty,
+    process_advantages,
+    sampling_weights,
+)
 from ..models.forward import router_balance
 from ..models.load import disable_dropout, load_causal_lm, load_tokenizer
 from ..models.reward import is_likelihood_prm, is_sequence_classifier, is_token_classifier
@@ -108,6 +116,11 @@ class GRPOConfig:
     eval_limit: int = 500  # held-out prompts used; 0 = all
     eval_max_new_tokens: int = 32
     rollout: RolloutConfig = field(default_factory=RolloutConfig)  # rollout.backend: sampler | generate | vllm
+    # a backend whose log-probs are not the trainer's (vllm, generate): the policy loss weighed by pi_old / pi_sampler,
+    # per sequence or token, masked or truncated outside [min, max] (TRL's vllm_importance_sampling_*; none: off)
+    sampling_correction: str = "sequence_mask"
+    sampling_correction_min: float | None = None
+    sampling_correction_max: float | None = 3.0
     lora: LoraConfig = field(default_factory=LoraConfig)  # with adapters the KL reference is the base (adapters off)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/grpo"))
 
@@ -120,6 +133,16 @@ class GRPOConfig:
         choice("reward_errors", self.reward_errors, ("raise", "zero"))
         choice("scale_rewards", self.scale_rewards, ("group", "batch", "none"))
         within("top_entropy_quantile", self.top_entropy_quantile, 0, 1, open_low=True)
+        choice("sampling_correction", self.sampling_correction, SAMPLING_CORRECTIONS)
+        at_least("sampling_correction_min", self.sampling_correction_min, 0)
+        if None not in (self.sampling_correction_min, self.sampling_correction_max) and \
+                not self.sampling_correction_max > self.sampling_correction_min:
+            raise ConfigError("config key 'sampling_correction_max' must be > sampling_correction_min")
+        if self.sampling_correction == "none":
+            used_only_with("sampling_correction_min", self.sampling_correction_min, None, False,
+                           "sampling_correction other than none")
+            used_only_with("sampling_correction_max", self.sampling_correction_max, 3.0, False,
+                           "sampling_correction other than none")
         if self.scale_rewards == "batch" and self.process_reward is not None:
             raise ConfigError("scale_rewards=batch scales outcome advantages; a process reward's step rewards are "
                               "normalised over their group (scale_rewards group or none)")
@@ -523,10 +546,15 @@ def update(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: 
             adv = advantages[index]
             if cfg.top_entropy_quantile < 1:  # A = 0 elsewhere: -min(r A, clip(r) A) is 0 there, and so its gradient
                 adv = adv * high_entropy(entropy, mask[index], cfg.top_entropy_quantile, run.info).to(adv.dtype)
+            weights = None  # the samples another engine drew, weighed to pi_old (old is the trainer's pi_old here)
+            if not exact and cfg.sampling_correction != "none":
+                weights = sampling_weights(old, samples.logprobs[index], mask[index], cfg.sampling_correction,
+                                           cfg.sampling_correction_min, cfg.sampling_correction_max)
             part, stats = grpo_loss(logprobs, old, adv, mask[index],
                                     None if ref_logprobs is None else ref_logprobs[index], cfg.beta, cfg.eps_low,
                                     cfg.eps_high, REDUCTIONS[cfg.loss_type], counts["sequences"], counts["tokens"],
-                                    cfg.max_new_tokens, cfg.importance_sampling_level == "sequence", cfg.delta)
+                                    cfg.max_new_tokens, sequence_ratio=cfg.importance_sampling_level == "sequence",
+                                    delta=cfg.delta, sample_weights=weights)
             aux = balance.mean()  # a mixture of experts' router balancing loss, weighed by the step's tokens
             if aux is not None:
                 part = part + run.router_coef * aux * (float(mask[index].sum()) / max(counts["tokens"], 1.0))
