@@ -231,3 +231,16 @@ def test_sampling_weights_by_hand():
     weighed, stats = grpo_loss(lp, lp.detach(), adv, m, reduction="token_mean", num_tokens=2,
                                sample_weights=torch.tensor([[0.5]]))
     assert abs(weighed.item() - 0.5 * plain.item()) < 1e-7 and abs(stats["sampling_weight_mean"].item() - 0.5) < 1e-7
+
+
+def test_cispo_clips_the_weight_and_keeps_every_tokens_gradient():
+    # log rho = 0.5 with A = +1 (rho = 1.65 past the cap 1.2) and log rho = -0.5 with A = -1 (no lower bound)
+    logprobs = torch.tensor([[0.5, -0.5]], requires_grad=True)
+    old, adv, mask = torch.zeros(1, 2), torch.tensor([[1.0, -1.0]]), torch.ones(1, 2)
+    loss, stats = grpo_loss(logprobs, old, adv, mask, eps_high=0.2, reduction="token_mean", num_tokens=2, cispo=True)
+    loss.backward()
+    w = math.exp(-0.5)
+    assert abs(loss.item() - (-1.2 * 0.5 - w * 0.5) / 2) < 1e-6  # -sg(min(rho, 1.2)) A log pi, a token mean
+    # the gradient is -sg(w) A: the clipped token keeps it (PPO's clip would zero it)
+    assert torch.allclose(logprobs.grad, torch.tensor([[-1.2, w]]) / 2, atol=1e-6)
+    assert stats["clip_frac_high"].item() == 0.5 and stats["clip_frac_low"].item() == 0.0

@@ -25,7 +25,7 @@ def test_eval_limit_zero_means_all_rows():
 
 
 @pytest.mark.parametrize("cls, override, message", [
-    (GRPOConfig, "loss_type=grpoo", "'loss_type' must be one of grpo, dapo, dr_grpo; got 'grpoo'"),
+    (GRPOConfig, "loss_type=grpoo", "'loss_type' must be one of grpo, dapo, dr_grpo, cispo; got 'grpoo'"),
     (SFTConfig, "train.schedule=cosin", "'train.schedule' must be one of cosine, constant, linear; got 'cosin'"),
     (SFTConfig, "overlong=cut", "'overlong' must be one of error, truncate, skip; got 'cut'"),
     (GRPOConfig, "rewards=exact", "'rewards' must be one of exact_answer, contains_answer; got 'exact'"),
@@ -37,6 +37,7 @@ def test_eval_limit_zero_means_all_rows():
     (GRPOConfig, "scale_std=false", "renamed: scale_std -> scale_rewards (scale_std=true is scale_rewards=group"),
     (GRPOConfig, "scale_rewards=batch process_reward=arithmetic_steps", "scale_rewards=batch scales outcome advantages"),
     (GRPOConfig, "top_entropy_quantile=0", "config key 'top_entropy_quantile' must be in (0, 1]; got 0"),
+    (GRPOConfig, "loss_type=cispo delta=2", "delta caps the clipped ratio of the other loss types"),
     (PRMConfig, "num_labels=3", "'num_labels' must be one of 1, 2; got 3"),
     (PPOConfig, "frozen_dtype=fp8", "'frozen_dtype' must be one of fp32, bf16; got 'fp8'"),
     (DPOConfig, "reference=none", "'reference' must be one of precompute, forward; got 'none'"),

@@ -588,3 +588,21 @@ def test_samples_from_an_inexact_engine_are_weighed_to_pi_old(tiny, tmp_path):
     assert abs(logged["token_truncate"]["train/grad_norm"] / logged["none"]["train/grad_norm"] - math.exp(0.1)) < 1e-5
     assert abs(logged["token_truncate"]["train/sampling_weight_mean"] - math.exp(0.1)) < 1e-5
     assert "train/sampling_weight_mean" not in logged["none"]
+
+
+def test_cispo_is_wired_and_has_dapos_gradient_at_the_first_update(tiny, tmp_path):
+    """At mu = 1 every ratio is 1: CISPO's gradient -A grad log pi is the clipped surrogate's, while
+    its loss value -A log pi is another number than DAPO's (0 here: equal lengths, centred advantages)."""
+    from methods_setup import even_answer_digits, method_config
+
+    from rlhfkit.train.config import replace
+
+    logged = {}
+    for loss_type in ("dapo", "cispo"):
+        out = tmp_path / loss_type
+        run_grpo(replace(method_config("grpo", tiny, out, 1), loss_type=loss_type, mu=1, beta=0.0),
+                 reward_fns=[even_answer_digits])
+        logged[loss_type] = [m for m in read_metrics(out) if "train/loss" in m][0]
+    assert logged["dapo"]["train/grad_norm"] > 1e-3
+    assert abs(logged["cispo"]["train/grad_norm"] / logged["dapo"]["train/grad_norm"] - 1) < 1e-5
+    assert abs(logged["cispo"]["train/loss"] - logged["dapo"]["train/loss"]) > 1e-3

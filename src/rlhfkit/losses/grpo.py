@@ -14,7 +14,8 @@ Options, never replacing the paper's form: ``token_mean`` (DAPO: one mean over a
 the batch), ``seq_mean_token_sum_norm`` (Dr. GRPO: constant per-length normaliser), no std
 scaling (Dr. GRPO) or the batch's std in place of the group's (Lite PPO, methods/grpo.py),
 clip-higher (DAPO: eps_high > eps_low), two-sided clipping (INTELLECT-2's delta,
-losses/policy.py), DAPO's soft overlong punishment
+losses/policy.py), CISPO's clipped importance weights (``cispo``, losses/policy.py), DAPO's soft
+overlong punishment
 (``overlong_penalty``), and GSPO's sequence-level ratio (Zheng et al. 2025, eq. 5 and 7):
 
     J = E[ 1/G sum_i min( s_i A_i, clip(s_i, 1-eps, 1+eps) A_i ) ],   s_i = exp( 1/|o_i| sum_t log rho_it )
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from .policy import clipped_surrogate
+from .policy import cispo_surrogate, clipped_surrogate
 from .reduce import seq_mean_token_mean, seq_mean_token_sum_norm, token_mean
 
 
@@ -116,7 +117,9 @@ def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     return torch.exp(log_ratio) - log_ratio - 1
 
 
-REDUCTIONS = {"grpo": "seq_mean_token_mean", "dapo": "token_mean", "dr_grpo": "seq_mean_token_sum_norm"}
+# loss_type -> its reduction; cispo also has its own surrogate (losses/policy.py), with DAPO's token mean
+REDUCTIONS = {"grpo": "seq_mean_token_mean", "dapo": "token_mean", "dr_grpo": "seq_mean_token_sum_norm",
+              "cispo": "token_mean"}
 
 # reduction name -> f(per_token, mask, num_sequences, num_tokens, max_tokens)
 _REDUCE = {
@@ -137,18 +140,23 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
               ref_logprobs: torch.Tensor | None = None, beta: float = 0.0, eps_low: float = 0.2,
               eps_high: float | None = None, reduction: str = "seq_mean_token_mean",
               num_sequences: float | None = None, num_tokens: float | None = None, max_tokens: int | None = None,
-              sequence_ratio: bool = False, delta: float | None = None, sample_weights: torch.Tensor | None = None):
+              sequence_ratio: bool = False, delta: float | None = None, sample_weights: torch.Tensor | None = None,
+              cispo: bool = False):
     """All tensors (B, T) over completion tokens; ``mask`` 1 on real completion tokens.
     ``sequence_ratio``: GSPO's one importance ratio per sequence, ``delta``: two-sided clipping's
     cap on the ratio where A < 0 (both in losses/policy.py). ``sample_weights`` (B, T) or (B, 1):
     ``sampling_weights``' importance weights of the policy term (the KL term keeps every token's).
+    ``cispo``: CISPO's clipped-weight surrogate in place of the clipped ratio (losses/policy.py).
 
     Returns (loss, metrics). The metrics are detached batch means (clip fractions, ratio, and kl
     where there is a KL term: with beta 0 nothing is measured, so no kl is reported).
     """
     mask = mask.to(logprobs.dtype)
-    surrogate = clipped_surrogate(logprobs, old_logprobs, advantages, eps_low, eps_high,
-                                  mask if sequence_ratio else None, delta)
+    if cispo:
+        surrogate = cispo_surrogate(logprobs, old_logprobs, advantages, eps_low if eps_high is None else eps_high)
+    else:
+        surrogate = clipped_surrogate(logprobs, old_logprobs, advantages, eps_low, eps_high,
+                                      mask if sequence_ratio else None, delta)
     per_token = surrogate.loss if sample_weights is None else surrogate.loss * sample_weights  # (B, T)
     kl = torch.zeros_like(logprobs)
     if ref_logprobs is not None and beta != 0.0:

@@ -14,6 +14,14 @@ above pi_old cannot make an unbounded loss:
     L_t = -min( min(rho_t, delta) A_t, clip(rho_t, 1 - eps_low, 1 + eps_high) A_t ),   delta > 1 + eps_high
 
 (with A_t > 0 the cap never binds there: the clipped term is the smaller already.)
+
+CISPO (the MiniMax-M1 report, MiniMax 2025) clips the importance weight instead, and keeps every
+token's gradient:
+
+    L_t = -sg( min(rho_t, 1 + eps_high) ) A_t log pi_theta(o_t)
+
+(sg: no gradient through it; the paper sets no lower bound, as ScaleRL and TRL, whose
+``epsilon_high`` is the cap itself, 1 + eps_high here.)
 """
 
 from __future__ import annotations
@@ -57,3 +65,15 @@ def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advant
         low = (ratio < 1 - eps_low) & (advantages < 0)
         high = (ratio > 1 + eps_high) & (advantages > 0)
     return Surrogate(loss, ratio.detach(), log_ratio.detach(), low, high)
+
+
+def cispo_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                    eps_high: float = 0.2) -> Surrogate:
+    """CISPO's per-token loss (module docstring); all tensors (B, T). ``clipped_high``: the tokens
+    whose weight the cap lowered and whose advantage is positive (TRL's ``cispo_clip_ratio``)."""
+    log_ratio = (logprobs - old_logprobs).detach()
+    ratio = torch.exp(log_ratio)
+    weight = ratio.clamp(max=1 + eps_high)
+    loss = -weight * advantages * logprobs
+    return Surrogate(loss, ratio, log_ratio, torch.zeros_like(ratio, dtype=torch.bool),
+                     (ratio > 1 + eps_high) & (advantages > 0))

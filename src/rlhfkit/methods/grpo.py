@@ -93,7 +93,7 @@ class GRPOConfig:
     delta: float | None = None  # two-sided clipping (INTELLECT-2; TRL's name): the ratio's cap where A < 0
     mu: int = 1  # policy updates (optimizer steps) per batch of samples
     share_prompt: bool = True  # forward each prompt once for its G samples (block mask; SDPA attention only)
-    loss_type: str = "grpo"  # grpo (paper) | dapo (token mean) | dr_grpo (constant normaliser)
+    loss_type: str = "grpo"  # grpo (paper) | dapo (token mean) | dr_grpo (constant normaliser) | cispo (MiniMax-M1)
     importance_sampling_level: str = "token"  # token (the paper's) | sequence (GSPO; TRL's name), loss_type=grpo
     # divide advantages by the std of the group's rewards (the paper's), of the whole batch's (Lite PPO), or
     # not at all (none: Dr. GRPO); TRL's name and values
@@ -172,6 +172,9 @@ class GRPOConfig:
                                                                 and not self.eps_high >= self.eps_low):  # NaN too
             raise ConfigError("config keys: top_p must be in (0, 1], eps_low > 0 and eps_high >= eps_low")
         high = 1 + (self.eps_low if self.eps_high is None else self.eps_high)
+        if self.delta is not None and self.loss_type == "cispo":
+            raise ConfigError("delta caps the clipped ratio of the other loss types; cispo clips its weight at "
+                              "1 + eps_high already")
         if self.delta is not None and not self.delta > high:
             raise ConfigError(f"config key 'delta' must be > 1 + eps_high = {high:g} (the cap of the ratio where the "
                               f"advantage is negative; at or below it, it would cap positive advantages too); "
@@ -554,7 +557,7 @@ def update(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: 
                                     None if ref_logprobs is None else ref_logprobs[index], cfg.beta, cfg.eps_low,
                                     cfg.eps_high, REDUCTIONS[cfg.loss_type], counts["sequences"], counts["tokens"],
                                     cfg.max_new_tokens, sequence_ratio=cfg.importance_sampling_level == "sequence",
-                                    delta=cfg.delta, sample_weights=weights)
+                                    delta=cfg.delta, sample_weights=weights, cispo=cfg.loss_type == "cispo")
             aux = balance.mean()  # a mixture of experts' router balancing loss, weighed by the step's tokens
             if aux is not None:
                 part = part + run.router_coef * aux * (float(mask[index].sum()) / max(counts["tokens"], 1.0))

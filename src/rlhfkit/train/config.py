@@ -239,7 +239,7 @@ TRL_NAMES = {"learning_rate": "train.lr", "num_train_epochs": "train.epochs", "m
              "lr_scheduler_type": "train.schedule", "warmup_ratio": "train.warmup_steps (a number of steps)",
              "gradient_checkpointing": "train.activation_checkpointing", "bf16": "train.dtype (bf16 or fp32)",
              "num_generations": "group_size", "max_completion_length": "max_new_tokens", "num_iterations": "mu",
-             "epsilon": "eps_low", "epsilon_high": "eps_high",
+             "epsilon": "eps_low", "epsilon_high": "eps_high (with loss_type=cispo TRL's is the cap itself, 1 + eps_high here)",
              "vllm_importance_sampling_correction": "sampling_correction (none: off; any inexact backend, not vllm only)",
              "vllm_importance_sampling_mode": "sampling_correction (the same four modes)",
              "vllm_importance_sampling_clip_max": "sampling_correction_max",
