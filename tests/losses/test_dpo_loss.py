@@ -159,3 +159,11 @@ def test_trl_pair_forms_gradients_are_the_closed_forms():
             gl = 0.5 * beta * s(beta * l)
         assert torch.allclose(pc.grad, gw / 2, atol=1e-6), name  # a mean over the 2 pairs
         assert torch.allclose(pr.grad, gl / 2, atol=1e-6), name
+
+
+def test_discopop_stays_finite_far_below_its_margin():
+    # beta h = -100: TRL's sigma(m / tau) exp(-m) is 0 x inf = NaN in fp32; the loss is -log sigma(m) = 100
+    pc = torch.tensor([-100.0], requires_grad=True)
+    loss, _ = dpo_loss(pc, torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([0.0]), 1.0, loss_type="discopop")
+    loss.backward()
+    assert abs(loss.item() - 100.0) < 1e-4 and abs(pc.grad.item() + 1.0) < 1e-4

@@ -531,6 +531,11 @@ def test_high_entropy_keeps_the_top_share_of_the_real_tokens():
     kept = high_entropy(entropy, mask, 0.5, DistInfo())
     assert kept.tolist() == [[False, True, True, False], [True, False, False, False]]
     assert high_entropy(entropy, mask, 1.0, DistInfo()).tolist() == mask.bool().tolist()
+    assert high_entropy(entropy, mask, 0.0, DistInfo()).tolist() == [[False, False, True, False], [False] * 4]
+    g = torch.Generator().manual_seed(0)
+    values, ones = torch.rand(1, 1001, generator=g), torch.ones(1, 1001)
+    for share in (0.2, 0.37, 0.9):  # torch.quantile's threshold, without its 2^24 limit
+        assert torch.equal(high_entropy(values, ones, share, DistInfo())[0], values[0] >= torch.quantile(values, 1 - share))
 
 
 def test_top_entropy_quantile_leaves_the_low_entropy_tokens_out_of_the_policy_loss(tiny, tmp_path, monkeypatch):

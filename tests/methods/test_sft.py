@@ -37,6 +37,7 @@ def test_a_mixture_of_experts_adds_its_router_balancing_loss_as_transformers_doe
     from rlhfkit.methods.sft import SFTConfig, run_sft
     from rlhfkit.models.load import load_tokenizer
     from rlhfkit.train.config import ConfigError
+    from rlhfkit.train.loop import BatchOrder
 
     folder = tiny_moe(tiny, tmp_path / "moe")
     data = small(tiny, "sft_train.jsonl", rows=6)
@@ -61,6 +62,22 @@ def test_a_mixture_of_experts_adds_its_router_balancing_loss_as_transformers_doe
         assert abs(logged[None, packing]["train/loss"] - float(out.loss)) < 1e-5  # NLL + 0.02 x balancing loss
     assert "train/router_aux_loss" not in logged[0.0, False]
     assert abs(logged[0.0, False]["train/loss"] - (float(out.loss) - 0.02 * float(out.aux_loss))) < 1e-5
+    # micro-batches of 2 rows: the step adds the mean of the 3 forwards' balancing losses (as TRL's accumulation)
+    out_dir = tmp_path / "sft-micro"
+    run_sft(SFTConfig(model=folder, train_data=data, max_length=64,
+                      train=quiet_train(out_dir, max_steps=1, batch_size=6, micro_batch_size=2)))
+    examples = encode_sft(read_rows(data), tok, 64)[0]
+    rows = BatchOrder(len(examples), 6, 0).indices(0)
+    parts = []
+    for i in range(0, 6, 2):
+        micro = collate_sft([examples[j] for j in rows[i: i + 2]], tok.pad_token_id)
+        with torch.no_grad():
+            parts.append(float(model(input_ids=micro.input_ids, attention_mask=micro.attention_mask,
+                                      output_router_logits=True).aux_loss))
+    micro_logged = read_metrics(out_dir)[0]
+    assert abs(sum(parts) / 3 - float(out.aux_loss)) > 1e-4  # the whole batch's is another number
+    assert abs(micro_logged["train/router_aux_loss"] - sum(parts) / 3) < 1e-5
+    assert abs(micro_logged["train/loss"] - (logged[0.0, False]["train/loss"] + 0.02 * sum(parts) / 3)) < 1e-5
     with pytest.raises(ConfigError, match="not a mixture of experts with transformers' router load-balancing loss"):
         run_sft(SFTConfig(model=str(tiny["base"]), train_data=data, max_length=64,
                           train=quiet_train(tmp_path / "dense", max_steps=1, router_aux_loss_coef=0.1)))
@@ -77,3 +94,18 @@ def test_a_router_balancing_loss_asked_of_a_method_that_adds_none_is_refused(tin
     cfg = replace(method_config("rm", tiny, tmp_path / "rm", 1), train__router_aux_loss_coef=0.1)
     with pytest.raises(ConfigError, match="train.router_aux_loss_coef=0.1: rm does not add a router balancing loss"):
         run_rm(cfg)
+
+
+def test_the_balancing_loss_is_found_for_a_subclass_made_elsewhere(tiny, tmp_path):
+    """FSDP2's fully_shard swaps the model's class for a subclass defined in torch: the balancing
+    loss is still the one of the model's own modeling file."""
+    import transformers as tf
+    from methods_setup import tiny_moe
+
+    from rlhfkit.models.forward import balancing_loss
+
+    model = tf.MixtralForCausalLM.from_pretrained(tiny_moe(tiny, tmp_path / "moe"))
+    model.__class__ = type("FSDPMixtralForCausalLM", (type(model),), {"__module__": "torch.distributed.fsdp"})
+    function, experts, top_k, coef = balancing_loss(model)
+    assert function is tf.models.mixtral.modeling_mixtral.load_balancing_loss_func
+    assert (experts, top_k, coef) == (4, 2, 0.02)

@@ -141,9 +141,13 @@ def test_trl_hints_name_only_what_the_method_has_and_rows_given_in_python_are_de
                                           r"completions per device"):
         load_config(GRPOConfig, None, ["per_device_train_batch_size=8"])
     for trl, ours in (("reward_weights=[1, 2]", "reward_weights -> rewards \\(name:weight"),
-                      ("scale_rewards=batch", "batch has no counterpart")):
+                      ("vllm_importance_sampling_mode=token_mask", "-> sampling_correction \\(the same four modes"),
+                      ("router_aux_loss_coef=0.1", "router_aux_loss_coef -> train.router_aux_loss_coef")):
         with pytest.raises(ConfigError, match=ours):
             load_config(GRPOConfig, None, [trl])
+    assert load_config(GRPOConfig, None, ["scale_rewards=batch"]).scale_rewards == "batch"  # TRL's name and values
+    with pytest.raises(ConfigError, match="loss_weights -> loss_type \\(name:weight"):
+        load_config(DPOConfig, None, ["loss_weights=[1, 0.5]"])
     with pytest.raises(ConfigError, match=r"precompute_ref_log_probs -> reference \(precompute"):
         load_config(DPOConfig, None, ["precompute_ref_log_probs=true"])
     with pytest.raises(ConfigError) as err:

@@ -99,8 +99,9 @@ def _exo(p: Pairs) -> torch.Tensor:
 
 
 def _discopop(p: Pairs) -> torch.Tensor:
-    mix = torch.sigmoid(p.margin / p.tau)
-    return (1 - mix) * -F.logsigmoid(p.margin) + mix * torch.exp(-p.margin)
+    # sigma(m / tau) exp(-m) as one exponent: TRL's product is 0 x inf = NaN below m = -88 in fp32
+    m = p.margin
+    return torch.sigmoid(-m / p.tau) * -F.logsigmoid(m) + torch.exp(F.logsigmoid(m / p.tau) - m)
 
 
 # loss_type -> per-pair loss (B,); the equations are in the module docstring

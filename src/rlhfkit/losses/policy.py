@@ -13,7 +13,8 @@ above pi_old cannot make an unbounded loss:
 
     L_t = -min( min(rho_t, delta) A_t, clip(rho_t, 1 - eps_low, 1 + eps_high) A_t ),   delta > 1 + eps_high
 
-(with A_t > 0 the cap never binds there: the clipped term is the smaller already.)
+(with A_t > 0 the cap never binds there: the clipped term is the smaller already; the tokens it
+caps lose their gradient and are not among the clip fractions.)
 
 CISPO (the MiniMax-M1 report, MiniMax 2025) clips the importance weight instead, and keeps every
 token's gradient:

@@ -113,7 +113,7 @@ def loss_forms(spec: str) -> tuple[tuple[str, float], ...]:
     "sigmoid:0.8,nca_pair:0.2" weighs two forms (TRL's ``loss_type`` list and ``loss_weights``)."""
     forms = []
     for item in (s.strip() for s in str(spec).split(",")):
-        name, _, weight = item.partition(":")
+        name, _, weight = (part.strip() for part in item.partition(":"))
         if name in NOT_HERE:
             raise ConfigError(f"config key 'loss_type': {name} is TRL's; {NOT_HERE[name]}")
         choice("loss_type", name, tuple(PAIR_LOSSES))
@@ -173,7 +173,7 @@ def dpo_objective(beta: float, reference: Reference | None = None, rpo_alpha: fl
     def counts(batch) -> dict:
         best = batch.slot % batch.mask.shape[1] == 0  # (N,) the chosen / best-ranked outputs
         return {"prompts": batch.num_prompts, "pairs": count_pairs(batch),
-                "chosen_tokens": batch.output_lengths()[best].sum().item()}
+                "chosen_tokens": batch.output_lengths()[best].sum().item(), "forwards": 1}
 
     def loss(model, batch, totals):
         with router_balance(model, router_coef) as balance:  # the policy's forward (a LoRA reference is the same model)
@@ -201,7 +201,7 @@ def dpo_objective(beta: float, reference: Reference | None = None, rpo_alpha: fl
             nll = chosen_nll(logps[:, 0], totals["chosen_tokens"])
             value = value + rpo_alpha * nll
             metrics["nll_chosen"] = nll.detach()
-        return balance.add_to(value, metrics, batch.num_prompts / max(totals["prompts"], 1.0)), metrics
+        return balance.add_to(value, metrics, 1 / totals["forwards"]), metrics
 
     return Objective(counts, loss)
 

@@ -58,7 +58,7 @@ from ..train.config import (
     used_only_with,
     within,
 )
-from ..train.dist import DistInfo, all_gather_object
+from ..train.dist import DistInfo, all_gather_object, all_gather_varying
 from ..train.loop import BatchOrder, autocast, reduce_dict, row_chunks
 from ..train.optim import build_optimizer, build_scheduler
 from ..train.run import Run, start_run
@@ -119,8 +119,8 @@ class GRPOConfig:
     # a backend whose log-probs are not the trainer's (vllm, generate): the policy loss weighed by pi_old / pi_sampler,
     # per sequence or token, masked or truncated outside [min, max] (TRL's vllm_importance_sampling_*; none: off)
     sampling_correction: str = "sequence_mask"
-    sampling_correction_min: float | None = None
-    sampling_correction_max: float | None = 3.0
+    sampling_correction_min: float | None = None  # the weights' lower bound (None: none)
+    sampling_correction_max: float | None = 3.0  # the weights' upper bound (TRL's clip_max; None: none)
     lora: LoraConfig = field(default_factory=LoraConfig)  # with adapters the KL reference is the base (adapters off)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/grpo"))
 
@@ -131,8 +131,15 @@ class GRPOConfig:
             raise ConfigError(f"importance_sampling_level=sequence (GSPO) averages over sequences (its eq. 5), which is "
                               f"loss_type=grpo; loss_type={self.loss_type} would weigh them by their tokens")
         choice("reward_errors", self.reward_errors, ("raise", "zero"))
+        if self.scale_rewards in ("true", "false"):
+            raise ConfigError(f"config key 'scale_rewards' takes group, batch or none; TRL's {self.scale_rewards} is "
+                              f"{'group' if self.scale_rewards == 'true' else 'none'}")
         choice("scale_rewards", self.scale_rewards, ("group", "batch", "none"))
-        within("top_entropy_quantile", self.top_entropy_quantile, 0, 1, open_low=True)
+        within("top_entropy_quantile", self.top_entropy_quantile, 0, 1)  # 0: the highest-entropy token alone
+        if self.top_entropy_quantile < 1 and self.importance_sampling_level == "sequence":
+            raise ConfigError("top_entropy_quantile is for token ratios: with GSPO's one ratio per answer "
+                              "(importance_sampling_level=sequence) TRL's masked losses still reach every token "
+                              "through it and rlhfkit's GSPO-token form would not; set one")
         choice("sampling_correction", self.sampling_correction, SAMPLING_CORRECTIONS)
         at_least("sampling_correction_min", self.sampling_correction_min, 0)
         if None not in (self.sampling_correction_min, self.sampling_correction_max) and \
@@ -530,6 +537,8 @@ def update(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: 
     forwarded = mask[rows].sum().clamp(min=1)  # the tokens the logged means are over
     # a micro-batch of whole groups forwards each prompt once for its G samples
     group = cfg.group_size if cfg.share_prompt and all(len(i) % cfg.group_size == 0 for i in chunks) else 1
+    # a mixture of experts' router balancing loss: a mean over the step's forwards on every rank
+    forwards = reduce_dict({"forwards": len(chunks)}, run.info)["forwards"] if run.router_coef else 1
     ref_logprobs = None
     if reference is not None:
         with reference() as ref_model:
@@ -558,10 +567,9 @@ def update(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: 
                                     cfg.eps_high, REDUCTIONS[cfg.loss_type], counts["sequences"], counts["tokens"],
                                     cfg.max_new_tokens, sequence_ratio=cfg.importance_sampling_level == "sequence",
                                     delta=cfg.delta, sample_weights=weights, cispo=cfg.loss_type == "cispo")
-            aux = balance.mean()  # a mixture of experts' router balancing loss, weighed by the step's tokens
-            if aux is not None:
-                part = part + run.router_coef * aux * (float(mask[index].sum()) / max(counts["tokens"], 1.0))
-                stats["router_aux_loss"] = aux.detach()
+            part = balance.add_to(part, routed := {}, 1 / forwards)
+            if routed:  # logged as the other statistics: the forwards' values weighed by their tokens
+                stats["router_aux_loss"] = balance.mean().detach()
             part.backward()
             loss = loss + part.detach()
             share = mask[index].sum() / forwarded  # micro-batch stats weighted by tokens
@@ -586,10 +594,13 @@ def high_entropy(entropy: torch.Tensor, mask: torch.Tensor, share: float, info: 
     whole per-rank batch in one forward (``train.micro_batch_size`` 0) it is the batch's, as in the
     paper."""
     real = mask.bool()
-    everyone = torch.cat(all_gather_object(entropy[real].float().cpu(), info))
+    everyone = all_gather_varying(entropy[real].float(), info).sort().values
     if everyone.numel() == 0:
         return torch.zeros_like(real)
-    threshold = torch.quantile(everyone, 1 - share).to(entropy.device)
+    at = (everyone.numel() - 1) * (1 - share)  # torch.quantile's linear interpolation, without its 2^24 limit
+    low = int(at)
+    high = min(low + 1, everyone.numel() - 1)
+    threshold = everyone[low] + (at - low) * (everyone[high] - everyone[low])
     return (entropy >= threshold) & real
 
 

@@ -68,7 +68,7 @@ def sft_objective(router_coef: float = 0.0) -> Objective:
     """The NLL of the completion tokens; ``router_coef`` > 0 adds a mixture of experts' router
     balancing loss (models/forward.py ``router_balance``)."""
     def counts(batch) -> dict:
-        return {"tokens": batch.completion_mask[:, 1:].sum().item()}
+        return {"tokens": batch.completion_mask[:, 1:].sum().item(), "forwards": 1}
 
     def loss(model, batch, totals):
         with router_balance(model, router_coef) as balance:
@@ -76,8 +76,7 @@ def sft_objective(router_coef: float = 0.0) -> Objective:
                                       position_ids=batch.position_ids)  # (B, T)
         value, metrics = sft_loss(logprobs, batch.completion_mask, totals["tokens"])
         metrics = {"tokens": metrics["tokens"]}
-        share = float(batch.completion_mask[:, 1:].sum()) / max(totals["tokens"], 1.0)
-        return balance.add_to(value, metrics, share), metrics
+        return balance.add_to(value, metrics, 1 / totals["forwards"]), metrics
 
     return Objective(counts, loss)
 

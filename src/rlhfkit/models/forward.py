@@ -96,21 +96,24 @@ ROUTER_BALANCE = "rlhfkit_router_balance"
 @functools.lru_cache(maxsize=None)
 def _balancing_function(model_class: type):
     """The load-balancing loss of a mixture of experts' modeling file, where it has transformers'
-    usual one, ``load_balancing_loss_func(gate_logits, num_experts, top_k, attention_mask)``."""
+    usual one, ``load_balancing_loss_func(gate_logits, num_experts, top_k, attention_mask)``; the
+    file of the first class up the hierarchy that has one (FSDP2 makes a subclass elsewhere)."""
     import inspect
     import sys
 
-    function = getattr(sys.modules.get(model_class.__module__), "load_balancing_loss_func", None)
-    if function is None:
-        return None
-    names = list(inspect.signature(function).parameters)
-    return function if names == ["gate_logits", "num_experts", "top_k", "attention_mask"] else None
+    for cls in model_class.__mro__:
+        function = getattr(sys.modules.get(cls.__module__), "load_balancing_loss_func", None)
+        if function is not None:
+            names = list(inspect.signature(function).parameters)
+            return function if names == ["gate_logits", "num_experts", "top_k", "attention_mask"] else None
+    return None
 
 
 def balancing_loss(model):
     """A mixture of experts' router load-balancing loss as its own forward computes it (the
-    Switch Transformer's, Fedus et al. 2021, eqs. 4-6, summed over layers): ``(function,
-    num_experts, top_k, its config's router_aux_loss_coef)``, or None for a model without one."""
+    Switch Transformer's, Fedus et al. 2021, eqs. 4-6, with every layer's tokens pooled into one
+    fraction routed and one mean probability per expert): ``(function, num_experts, top_k, its
+    config's router_aux_loss_coef)``, or None for a model without one of that form."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft's wrapper
     function = _balancing_function(type(inner))
     experts, top_k = getattr(inner, "num_experts", None), getattr(inner, "num_experts_per_tok", None)
@@ -132,9 +135,9 @@ class RouterBalance:
         return torch.stack([value.float() for value in self.losses]).mean() if self.losses else None
 
     def add_to(self, loss: torch.Tensor, metrics: dict, share: float) -> torch.Tensor:
-        """``loss`` + coef x ``mean()`` x ``share`` (this micro-batch's part of the step's batch, so
-        that the step adds the coefficient times the batch's mean); that part is logged as
-        ``router_aux_loss``."""
+        """``loss`` + coef x ``mean()`` x ``share``: 1 / the step's forwards over all ranks, so that
+        the step adds the coefficient times the mean over its forwards, as TRL's gradient
+        accumulation and data parallelism average it; that part is logged as ``router_aux_loss``."""
         aux = self.mean()
         if aux is None:
             return loss

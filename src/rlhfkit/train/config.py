@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -98,6 +99,8 @@ class TrainConfig:
                               "use tensorboard or none")
         if not (isinstance(self.resume, bool) or self.resume in ("auto", "force")):
             raise ConfigError(f"config key 'train.resume' must be one of true, false, auto, force; got {self.resume!r}")
+        if self.router_aux_loss_coef is not None and not math.isfinite(self.router_aux_loss_coef):
+            raise ConfigError(f"config key 'train.router_aux_loss_coef' must be finite; got {self.router_aux_loss_coef}")
         for key in ("max_steps", "batch_size", "log_every"):  # max_steps=0 would save a copy of the start model
             at_least(f"train.{key}", getattr(self, key), 1)
         for key in ("epochs", "micro_batch_size", "warmup_steps", "eval_every", "save_every", "keep_checkpoints",

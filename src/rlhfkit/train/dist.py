@@ -90,6 +90,20 @@ def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return tensor
 
 
+def all_gather_varying(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Every rank's 1-D ``values`` (of lengths that may differ), concatenated in rank order, where
+    they are (NCCL gathers device tensors; gloo CPU ones): each padded to the longest, then cut."""
+    if not info.enabled:
+        return values
+    sizes = [torch.zeros(1, dtype=torch.long, device=values.device) for _ in range(info.world_size)]
+    dist.all_gather(sizes, torch.tensor([values.numel()], device=values.device))
+    lengths = [int(s) for s in sizes]
+    padded = torch.nn.functional.pad(values, (0, max(lengths) - values.numel()))
+    parts = [torch.empty_like(padded) for _ in range(info.world_size)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, lengths)])
+
+
 def any_rank(flag: bool, info: DistInfo) -> bool:
     """Whether ``flag`` holds on any rank (one all-reduce, so also a barrier)."""
     if not info.enabled:

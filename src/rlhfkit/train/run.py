@@ -230,9 +230,13 @@ class Run:
             self.say(f"{what} is a mixture of experts: its router's load-balancing loss is added with coefficient "
                      f"{coef:g} (train.router_aux_loss_coef; 0 turns it off), logged as router_aux_loss")
             return coef
-        if coef and getattr(model.config, "output_router_logits", False):
-            self.say(f"warning: {what} is a mixture of experts with output_router_logits=true; {self.name} does not "
-                     f"add its router's load-balancing loss (router_aux_loss_coef={coef}), as TRL's does not")
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        wanted = getattr(config, "router_aux_loss_coef", 0) if getattr(config, "output_router_logits", False) else 0
+        if wanted and asked is None and (spec is None or not adds):
+            why = (f"{self.name} does not add it, as TRL's does not" if not adds else
+                   "its modeling file has no load-balancing loss of transformers' usual form, so it is not added")
+            self.say(f"warning: {what} is a mixture of experts with output_router_logits=true and "
+                     f"router_aux_loss_coef={wanted}; {why}")
         return 0.0
 
     def prepare(self, model: torch.nn.Module, lora: LoraConfig | None = None, head: str | None = None,
