@@ -75,3 +75,24 @@ def test_reward_model_scores_the_sampled_tokens_or_the_text_for_its_own_tokenize
     with torch.no_grad():
         expected = reward_scores(retok.model, ids, mask).tolist()
     assert retok.bind(samples, rows)(prompts, texts) == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("readout", ["head", "likelihood"])
+def test_an_answer_with_no_text_is_one_wrong_step_for_a_learned_prm(tiny, tmp_path, readout):
+    """A likelihood PRM's lowest log-prob over a step of no tokens was +inf: the empty answer got
+    probability 1, the best process reward, and GRPO pushed the policy to end at once."""
+    tok = load_tokenizer(tiny["base"])
+    prm = load_process_reward_model(tiny["base"], tok, readout=readout)
+    prm.config.step_separator, prm.config.step_readout, prm.config.step_logprob_floor = "\n", readout, -3.0
+    prm.save_pretrained(str(tmp_path / "prm"))
+    reward = ProcessRewardModelReward(str(tmp_path / "prm"), tok)
+    prompt, text = "What is 1+2?", " 1+2=3\nAnswer: 3"
+    rows = read_rows([{"prompt": prompt, "answer": 3}] * 3)
+    texts = ["", text, "  "]
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    empty, written, blank = reward.bind(None, rows)([prompt] * 3, texts, completion_ids=ids, tokenizer=tok)
+    assert empty == [(0, 0.0)] and blank == [(1, 0.0)]  # one wrong step on the last token, as arithmetic_steps
+    assert empty == arithmetic_steps([prompt], [""], completion_ids=[ids[0]], tokenizer=tok)[0]
+    (alone,) = reward.bind(None, rows[:1])([prompt], [text], completion_ids=ids[1:2], tokenizer=tok)
+    assert written == alone and len(written) == 2  # the written answer scored as on its own
+    assert reward.bind(None, rows[:1])([prompt], [""], completion_ids=[[]], tokenizer=tok) == [[(0, 0.0)]]

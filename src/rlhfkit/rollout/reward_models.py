@@ -76,7 +76,9 @@ class ProcessRewardModelReward:
     that each step is right, read at the separator after the step. Steps are the completion split
     at the separator stored in the folder's config (``step_separator``; "\\n", TRL's default,
     for a PRM trained elsewhere); each step ends, for the policy's advantages, at the token that
-    holds its last character."""
+    holds its last character. An answer with no text has one step, judged wrong (0.0), as
+    ``arithmetic_steps`` judges it: a step of no tokens has no score (a likelihood readout's lowest
+    log-prob over no token would be +inf, a probability of 1)."""
 
     def __init__(self, path: str, policy_tokenizer, device: str = "cpu"):
         self.tokenizer = own_tokenizer(path, policy_tokenizer)
@@ -94,18 +96,28 @@ class ProcessRewardModelReward:
     @torch.no_grad()
     def score(self, rows: list[Row], completions: list[str], completion_ids: list[list[int]],
               policy_tokenizer) -> list[list[tuple[int, float]]]:
-        examples, ends = [], []
+        examples, ends, blank = [], [], []
         for row, text, ids in zip(rows, completions, completion_ids):
+            blank.append(not text.strip())
+            if blank[-1]:
+                continue
             steps = split_steps(text, self.separator) or [(text, len(text))]  # no step written: one, scored
             input_ids, positions, spans = encode_steps(self.tokenizer, encode_row_prompt(self.tokenizer, row),
                                                 [s for s, _ in steps], self.sep_ids)
             examples.append(StepExample(input_ids, positions, (), spans))
             ends.append([char_to_token_index(policy_tokenizer, ids, end) for _, end in steps])
-        batch = to_device(collate_steps(examples, self.tokenizer.pad_token_id), next(self.model.parameters()).device)
-        probs = torch.sigmoid(step_logits(self.model, batch.input_ids, batch.attention_mask, batch.step_rows,
-                                          batch.step_cols, batch.step_spans)).tolist()
-        out = []
-        for step_ends in ends:
+        probs = []
+        if examples:
+            batch = to_device(collate_steps(examples, self.tokenizer.pad_token_id),
+                              next(self.model.parameters()).device)
+            probs = torch.sigmoid(step_logits(self.model, batch.input_ids, batch.attention_mask, batch.step_rows,
+                                              batch.step_cols, batch.step_spans)).tolist()
+        out, scored = [], iter(ends)
+        for empty, ids in zip(blank, completion_ids):
+            if empty:
+                out.append([(max(len(ids) - 1, 0), 0.0)])
+                continue
+            step_ends = next(scored)
             out.append(list(zip(step_ends, probs[: len(step_ends)])))
             probs = probs[len(step_ends):]
         return out
