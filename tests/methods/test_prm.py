@@ -133,6 +133,10 @@ def test_likelihood_prm_trains_saves_and_scores_in_grpo(tiny, tmp_path):
     config = json.loads((folder / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and config["step_readout"] == "likelihood"
     GRPOConfig(process_reward=f"prm:{folder}")  # accepted as a process reward model
+    from rlhfkit.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="is a PRM with the likelihood read-out .no score head.; readout=likelihood"):
+        PRMConfig(model=str(folder), train_data="steps.jsonl")  # readout=head would have failed after the data
     tok = load_tokenizer(tiny["base"])
     prompt, text = "What is 12+34-5?", " 12+34=46\n46-5=40\nAnswer: 40"
     ids = tok(text, add_special_tokens=False)["input_ids"]
@@ -192,3 +196,32 @@ def test_an_architecture_without_a_token_classifier_is_one_line(tiny, tmp_path):
                                              "Unrecognized configuration class") as e:
         load_process_reward_model(tmp_path / "opt", tok)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("readout", ["head", "likelihood"])
+def test_a_lora_prm_keeps_its_step_settings_beside_the_adapter(tiny, tmp_path, readout):
+    """A LoRA adapter folder has no config.json: the separator and read-out had been lost, so
+    `rlhfkit eval` and GRPO's prm:PATH split the steps at "\\n" (and refused a likelihood adapter)."""
+    from methods_setup import method_config
+
+    from rlhfkit.methods.grpo import GRPOConfig
+    from rlhfkit.methods.prm import step_metrics
+    from rlhfkit.models.reward import prm_settings
+    from rlhfkit.rollout.reward_models import ProcessRewardModelReward
+    from rlhfkit.train.config import LoraConfig
+
+    base = method_config("prm", tiny, tmp_path / "prm", 2)
+    cfg = PRMConfig(**{**base.__dict__, "readout": readout, "lora": LoraConfig(r=4, alpha=8), "step_separator": STEP_SEPARATOR,
+                       "eval_data": base.train_data, "eval_limit": 16})
+    result = run_prm(cfg)
+    folder = tmp_path / "prm" / "model"
+    assert not (folder / "config.json").exists() and STEP_SEPARATOR != "\n"
+    assert prm_settings(folder)["step_separator"] == STEP_SEPARATOR
+    assert (prm_settings(folder).get("step_readout") == "likelihood") == (readout == "likelihood")
+    GRPOConfig(process_reward=f"prm:{folder}")  # accepted as a process reward model
+    tok = load_tokenizer(tiny["base"])
+    assert ProcessRewardModelReward(str(folder), tok).separator == STEP_SEPARATOR
+    model = load_process_reward_model(folder, tok)  # as `rlhfkit eval` loads it: the run's own final eval
+    examples, _ = encode_step_rows(read_rows(base.train_data)[:16], tok, model.config.step_separator, 64)
+    assert step_metrics(model, examples, tok.pad_token_id)["step_accuracy"] == pytest.approx(
+        result["step_accuracy"], abs=1e-6)

@@ -15,6 +15,7 @@ gives the same logits at those positions.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..data.encode import OVERLONG_POLICIES, to_device
 from ..data.rows import read_rows, source_name
@@ -22,7 +23,14 @@ from ..data.steps import collate_steps, encode_step_rows
 from ..losses.prm import step_bce_loss
 from ..models.forward import eval_mode
 from ..models.load import load_tokenizer
-from ..models.reward import STEP_READOUTS, load_process_reward_model, score_name, step_logits
+from ..models.reward import (
+    STEP_READOUTS,
+    is_likelihood_prm,
+    load_process_reward_model,
+    save_prm_settings,
+    score_name,
+    step_logits,
+)
 from ..train.config import ConfigError, LoraConfig, TrainConfig, at_least, choice, used_only_with, within
 from ..train.loop import Objective, train_offline
 from ..train.run import start_run
@@ -59,6 +67,9 @@ class PRMConfig:
                        self.readout == "likelihood", "readout=likelihood")
         if not self.step_separator:
             raise ConfigError("config key 'step_separator' must not be empty (the scores are read at its tokens)")
+        if self.readout == "head" and self.model and Path(self.model).is_dir() and is_likelihood_prm(self.model):
+            raise ConfigError(f"{self.model} is a PRM with the likelihood read-out (no score head); readout=likelihood "
+                              "continues it")
 
 
 def prm_objective() -> Objective:
@@ -151,4 +162,7 @@ def run_prm(cfg: PRMConfig) -> dict:
     if run.evals:
         summary.update({k: run.evals[-1][k] for k in ("step_accuracy", "position_only_accuracy", "wrong_step_f1",
                                                        "first_error_accuracy")})
-    return run.finish(model, tokenizer, summary)
+    result = run.finish(model, tokenizer, summary)
+    if run.info.is_main:  # a LoRA adapter has no config.json: the steps' settings are saved beside it
+        save_prm_settings(Path(cfg.train.out_dir) / "model", model.config)
+    return result

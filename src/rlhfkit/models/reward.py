@@ -108,10 +108,34 @@ def load_reward_model(path: str | Path, tokenizer, dtype: str = "fp32", seed: in
     return model.to(device)
 
 
+PRM_SETTINGS = ("step_separator", "step_readout", "step_logprob_floor")  # how a PRM reads steps
+PRM_SETTINGS_FILE = "prm_settings.json"  # beside a LoRA adapter, which has no config.json to hold them
+
+
+def prm_settings(path: str | Path) -> dict:
+    """The PRM_SETTINGS a folder was saved with: in its config.json, or, for a LoRA adapter
+    folder, in its PRM_SETTINGS_FILE (``save_prm_settings``); {} for a PRM trained elsewhere."""
+    for name in ("config.json", PRM_SETTINGS_FILE):
+        file = Path(path) / name
+        if file.is_file():
+            saved = json.loads(file.read_text())
+            return {k: saved[k] for k in PRM_SETTINGS if saved.get(k) is not None}
+    return {}
+
+
+def save_prm_settings(folder: str | Path, config) -> None:
+    """Write ``config``'s PRM_SETTINGS beside a LoRA adapter saved in ``folder`` (a merged or full
+    folder holds them in its config.json already)."""
+    from .lora import is_adapter_folder
+
+    if is_adapter_folder(folder) and not (Path(folder) / "config.json").is_file():
+        settings = {k: getattr(config, k) for k in PRM_SETTINGS if getattr(config, k, None) is not None}
+        (Path(folder) / PRM_SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+
+
 def is_likelihood_prm(path: str | Path) -> bool:
-    """A causal-LM folder saved as a PRM with the likelihood read-out (``step_readout``)."""
-    config = Path(path) / "config.json"
-    return config.is_file() and json.loads(config.read_text()).get("step_readout") == "likelihood"
+    """A causal-LM folder (or its LoRA adapter) saved as a PRM with the likelihood read-out."""
+    return prm_settings(path).get("step_readout") == "likelihood"
 
 
 def load_process_reward_model(path: str | Path, tokenizer, num_labels: int = 1, dtype: str = "fp32", seed: int = 0,
@@ -132,7 +156,7 @@ def load_process_reward_model(path: str | Path, tokenizer, num_labels: int = 1, 
         model = from_folder(AutoModelForCausalLM, path, dtype=DTYPES[dtype], pad_token_id=tokenizer.pad_token_id)
         check_vocab(model, tokenizer, str(path))
         use_fast_linear(model)
-        return model.to(device)
+        return _with_settings(model, path).to(device)
     adapter = is_adapter_folder(path)  # a PRM trained with LoRA: its base, the adapter and head merged in
     base = adapter_base(path) if adapter else path
     labels = {} if is_token_classifier(base) else {"num_labels": num_labels}
@@ -147,7 +171,15 @@ def load_process_reward_model(path: str | Path, tokenizer, num_labels: int = 1, 
         raise ModelLoadError(f"{path}: a process reward model has 1 or 2 labels, the folder has {model.config.num_labels}")
     check_vocab(model, tokenizer, str(path))
     use_fast_linear(model)
-    return model.to(device)
+    return _with_settings(model, path).to(device)
+
+
+def _with_settings(model, path):
+    """``model`` with the PRM_SETTINGS its folder was saved with on its config (an adapter's base
+    config lacks them)."""
+    for key, value in prm_settings(path).items():
+        setattr(model.config, key, value)
+    return model
 
 
 def score_name(model) -> str:
