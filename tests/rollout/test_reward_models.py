@@ -96,3 +96,27 @@ def test_an_answer_with_no_text_is_one_wrong_step_for_a_learned_prm(tiny, tmp_pa
     (alone,) = reward.bind(None, rows[:1])([prompt], [text], completion_ids=ids[1:2], tokenizer=tok)
     assert written == alone and len(written) == 2  # the written answer scored as on its own
     assert reward.bind(None, rows[:1])([prompt], [""], completion_ids=[[]], tokenizer=tok) == [[(0, 0.0)]]
+
+
+def test_a_reward_folder_is_read_at_its_own_pad_id_whatever_pads_the_batch(tiny, tmp_path):
+    """A classifier folder whose config's pad id (eos, the GPT-2 recipe) is not the tokenizer's:
+    rlhfkit had put the tokenizer's pad id in its config, reading at the EOS where transformers
+    reads the token before it, and GRPO's rm: read the policy's padding as real tokens."""
+    from transformers import AutoModelForSequenceClassification
+
+    tok = load_tokenizer(tiny["base"])
+    assert tok.pad_token_id != tok.eos_token_id
+    rm = load_reward_model(tiny["base"], tok)
+    rm.config.pad_token_id = tok.eos_token_id  # saved so: the folder's own reading point
+    rm.save_pretrained(str(tmp_path / "rm"))
+    plain = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "rm")).eval()
+    assert load_reward_model(tmp_path / "rm", tok).config.pad_token_id == tok.eos_token_id
+    prompts, texts = ["What is 1+2?", "What is 10+20?"], [" 3", " 3100"]
+    rows = read_rows([{"prompt": p} for p in prompts])
+    samples = _samples(tok, prompts, texts)  # padded with the policy's pad id, each finished with EOS
+    with torch.no_grad():  # each sequence alone, as plain transformers reads it: before its final EOS
+        alone = [plain(input_ids=torch.tensor([tok(p)["input_ids"] + tok(t, add_special_tokens=False)["input_ids"]
+                                               + [tok.eos_token_id]])).logits.item() for p, t in zip(prompts, texts)]
+    scores = RewardModelReward(str(tmp_path / "rm"), tok).bind(samples, rows)(prompts, texts)
+    assert scores == pytest.approx(alone, abs=1e-5)
+    assert abs(alone[0] - alone[1]) > 1e-4

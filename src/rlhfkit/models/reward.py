@@ -90,16 +90,23 @@ def fresh_head_quietly(path):
 
 
 def load_reward_model(path: str | Path, tokenizer, dtype: str = "fp32", seed: int = 0, device: str = "cpu"):
-    """A ``num_labels=1`` sequence classifier from ``path`` (a classifier folder or a causal LM)."""
+    """A ``num_labels=1`` sequence classifier from ``path`` (a classifier folder or a causal LM).
+
+    A classifier folder keeps its config's pad id, which says where its score is read
+    (``score_index``), as in plain transformers; a causal-LM start (or its LoRA adapter) takes the
+    tokenizer's, so that the folder it is saved to reads where training read."""
     from transformers import AutoModelForSequenceClassification
+
+    from .lora import is_adapter_folder
 
     if isinstance(path, torch.nn.Module):  # Python API: a classifier object, trained in place
         model = path
     else:
+        own = is_sequence_classifier(path) and not is_adapter_folder(path)
+        pad = {} if own else {"pad_token_id": tokenizer.pad_token_id}
         with torch.random.fork_rng(), fresh_head_quietly(path):
             torch.manual_seed(seed)  # the fresh score head of a causal-LM start is seeded
-            model = from_folder(AutoModelForSequenceClassification, path, num_labels=1, dtype=DTYPES[dtype],
-                                pad_token_id=tokenizer.pad_token_id)
+            model = from_folder(AutoModelForSequenceClassification, path, num_labels=1, dtype=DTYPES[dtype], **pad)
     where = str(path) if isinstance(path, (str, Path)) else type(path).__name__
     if model.config.num_labels != 1:
         raise ModelLoadError(f"{where}: a reward model needs num_labels=1, the model has {model.config.num_labels}")
@@ -202,7 +209,9 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def score_index(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
     """Where transformers' ``...ForSequenceClassification`` reads its score: the rightmost token
-    that is not the pad id (transformers 5, left or right padding). (B,)
+    that is not the config's pad id (transformers 5), among the attended ones, so that a batch
+    padded with another id (the policy's, or a tokenizer whose pad is not the config's) reads where
+    the sequence alone is read. (B,)
 
     With pad = eos (GPT-2's tokenizer, or any tokenizer whose pad falls back to eos) that is the
     token before the final EOS, not the EOS itself; reading there keeps a saved reward model's
@@ -211,7 +220,7 @@ def score_index(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token
     """
     if pad_token_id is None:
         return last_token_index(attention_mask)
-    return last_token_index(input_ids != pad_token_id)
+    return last_token_index(attention_mask.bool() & (input_ids != pad_token_id))
 
 
 def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
