@@ -83,3 +83,16 @@ def test_labels_written_as_1_and_0_are_read_as_true_and_false(tmp_path, tok):
     path = _jsonl(tmp_path / "prm.jsonl", [{"prompt": "Q", "completions": ["a", "b"], "labels": [1, 0]}])
     (example,), _ = encode_step_rows(read_rows(path), tok, "\n", 64)
     assert example.labels == (True, False)
+
+
+def test_a_separator_at_a_steps_end_is_written_once(tok):
+    """Steps as some datasets store them, each ending with the separator: trained as a policy's
+    completion split at it holds them (once), not twice; a step of nothing but it is refused."""
+    plain = read_rows([{"prompt": "Q", "completions": ["a", "b"], "labels": [True, False]}])
+    ended = read_rows([{"prompt": "Q", "completions": ["a; ", "; b; "], "labels": [True, False]}])
+    (x,), _ = encode_step_rows(plain, tok, "; ", 64)
+    (y,), _ = encode_step_rows(ended, tok, "; ", 64)
+    assert y.input_ids == x.input_ids and y.positions == x.positions and y.spans == x.spans
+    bare = read_rows([{"prompt": "Q", "completions": ["a", "; ; "], "labels": [True, False]}])
+    with pytest.raises(DataError, match="'completions\\[1\\]' holds nothing but the step separator"):
+        encode_step_rows(bare, tok, "; ", 64)

@@ -117,7 +117,14 @@ def encode_step_rows(rows: list[Row], tokenizer, separator: str, max_length: int
     sep_ids, report, examples = separator_ids(tokenizer, separator), LengthReport(rows=len(rows)), []
     for row in rows:
         steps, labels = read_steps(row)
-        inside = next((i for i, step in enumerate(steps) if separator in _inner(step, separator)), None)
+        # a separator at a step's start or end is written once, after it (TRL's PRMTrainer writes it twice):
+        # the policy's completions that GRPO's prm: splits hold it once
+        steps = [_inner(step, separator) for step in steps]
+        blank = next((i for i, step in enumerate(steps) if not step.strip()), None)
+        if blank is not None:
+            raise DataError(f"{row.where}: field 'completions[{blank}]' holds nothing but the step separator "
+                            f"{separator!r}")
+        inside = next((i for i, step in enumerate(steps) if separator in step), None)
         if inside is not None:
             raise DataError(f"{row.where}: field 'completions[{inside}]' holds the step separator {separator!r}; a "
                             "policy's completion is split at it (GRPO's prm:), so the model would learn one step where "
