@@ -327,5 +327,6 @@ def test_eval_of_a_policy_gives_the_held_out_loss_on_text_and_answered_rows(tiny
     assert both["n"] == 8 and "accuracy" in both and both["loss_rows"] == 8 and both["loss"] > 0
     assert both["max_new_tokens"] == 4 and both["limit"] == 8 and "greedy" in both["measured"]
     assert "answer tokens" in both["loss_measured"] and "every token" in result["loss_measured"]
-    ev = rlhfkit("eval", "--model", tiny["base"], "--data", tiny["data"] / "prompts_eval.jsonl", "--max-length", 10)
+    ev = rlhfkit("eval", "--model", tiny["base"], "--data", tiny["data"] / "prompts_eval.jsonl", "--max-length", 10,
+                 "--tokenizer", tmp_path / "no-such-tokenizer")  # refused before anything loads or is sampled
     assert ev.returncode == 2 and "is a policy on prompt rows, whose eval reads no --max-length" in ev.stderr

@@ -83,13 +83,14 @@ def test_the_package_exports_every_method_config_and_the_loss_helpers():
         api.nope
 
 
-def test_epochs_replaces_max_steps(tiny, tmp_path):
+def test_epochs_replaces_max_steps(tiny, tmp_path, capfd):
     from rlhfkit.data.rows import read_rows
 
     rows = [r.data for r in read_rows(tiny["data"] / "sft_eval.jsonl")[:40]]
     summary = api.run_sft(api.SFTConfig(model=str(tiny["base"]), train_data=rows, max_length=64,
                                         train=quiet_train(tmp_path / "run", epochs=1.5, max_steps=1000, batch_size=16)))
     assert summary["steps"] == 4  # ceil(1.5 x 40 / 16)
+    assert "train.max_steps=1000 is not read: train.epochs sets the length" in capfd.readouterr().err
     with pytest.raises(ConfigError, match="train.epochs"):
         TrainConfig(epochs=-1)
 

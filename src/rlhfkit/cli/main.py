@@ -187,12 +187,12 @@ def cmd_eval(args) -> int:
                    "n": len(examples), "pairs": pairs}
     else:  # a policy: greedy exact-match accuracy on prompts, the held-out loss on answers and text
         from ..methods.common import load_policy
-        from ..methods.sft import policy_eval
+        from ..methods.sft import held_out_kinds, policy_eval
 
+        if not held_out_kinds(rows)[1]:  # prompts alone: nothing for --max-length to measure (said before the eval)
+            _refuse_unread(args, "a policy on prompt rows")
         model, tokenizer = load_policy(args.model, args.tokenizer)
         metrics, report = policy_eval(model, tokenizer, rows, args.max_new_tokens, args.max_length, args.overlong)
-        if report is None:  # prompts alone: nothing for --max-length to measure
-            _refuse_unread(args, "a policy on prompt rows")
         if "accuracy" in metrics:
             metrics = {"measured": f"exact match of greedy answers of up to {args.max_new_tokens} new tokens",
                        "max_new_tokens": args.max_new_tokens, **metrics}

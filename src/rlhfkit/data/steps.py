@@ -55,7 +55,7 @@ def step_prompt(row: Row, tokenizer) -> list[int]:
 
 def read_steps(row: Row) -> tuple[list[str], tuple[bool, ...]]:
     """(steps, labels) of a row, or a DataError naming the place and the field."""
-    if "completions" not in row.data:  # another method's data (pairs, prompts): say which
+    if "completions" not in row.data or "labels" not in row.data:  # another method's (pairs, rankings): say which
         require_format(row, "PRM", ("stepwise",))
     steps, labels = row.data.get("completions"), row.data.get("labels")
     for name, value in (("completions", steps), ("labels", labels)):

@@ -47,7 +47,8 @@ def load_tokenizer(model_path, tokenizer_path=None):
     if not source.is_dir():
         raise ModelLoadError(f"folder not found: {source}{hub_hint(source)}")
     if not any((source / name).is_file() for name in TOKENIZER_FILES):
-        hint = "" if tokenizer_path else " (a model folder without a tokenizer: pass tokenizer=PATH)"
+        hint = "" if tokenizer_path else (" (a model folder without a tokenizer: pass tokenizer=PATH, "
+                                          "or --tokenizer PATH to rlhfkit eval)")
         raise ModelLoadError(f"no tokenizer files in {source}{hint}")
     try:
         if _declares_plain_fast_tokenizer(source):

@@ -308,6 +308,9 @@ class Run:
         if self.cfg.epochs > 0:
             self.max_steps = max(1, math.ceil(self.cfg.epochs * rows / per_step))
             self.say(f"epochs={self.cfg.epochs:g} over {rows} rows, {per_step} a step: {self.max_steps} {self.unit}s")
+            if self.cfg.max_steps != TrainConfig.max_steps:  # TRL's max_steps would win over its epochs
+                self.say(f"warning: train.max_steps={self.cfg.max_steps} is not read: train.epochs sets the length "
+                         "(in TRL max_steps > 0 overrides num_train_epochs); leave one of them out")
         return self.max_steps
 
     def attach(self, trained: torch.nn.Module, optimizer, scheduler) -> None:
