@@ -30,7 +30,7 @@ def test_a_mixture_of_experts_adds_its_router_balancing_loss_as_transformers_doe
     transformers' loss with labels on the same rows, padded, to 1e-5, though rlhfkit packs them."""
     import transformers as tf
     from helpers import quiet_train
-    from methods_setup import small, tiny_moe
+    from methods_setup import tiny_moe
 
     from rlhfkit.data.encode import collate_sft, encode_sft
     from rlhfkit.data.rows import read_rows
@@ -40,7 +40,9 @@ def test_a_mixture_of_experts_adds_its_router_balancing_loss_as_transformers_doe
     from rlhfkit.train.loop import BatchOrder
 
     folder = tiny_moe(tiny, tmp_path / "moe")
-    data = small(tiny, "sft_train.jsonl", rows=6)
+    data = tmp_path / "six.jsonl"  # (small() keeps the first file of that name: 64 rows after another test)
+    data.write_text("".join((tiny["data"] / "sft_train.jsonl").read_text().splitlines(keepends=True)[:6]))
+    data = str(data)
     tok = load_tokenizer(folder)
     batch = collate_sft(encode_sft(read_rows(data), tok, 64)[0], tok.pad_token_id)
     model = tf.MixtralForCausalLM.from_pretrained(folder)
