@@ -12,7 +12,7 @@ A_it = sum of the normalised step rewards of output i whose step ends at or afte
 
 Options, never replacing the paper's form: ``token_mean`` (DAPO: one mean over all tokens of
 the batch), ``seq_mean_token_sum_norm`` (Dr. GRPO: constant per-length normaliser), no std
-scaling (Dr. GRPO) or the batch's std in place of the group's (Lite PPO, methods/grpo.py),
+scaling (Dr. GRPO) or the batch's std in place of the group's (Lite PPO, methods/grpo_batch.py),
 clip-higher (DAPO: eps_high > eps_low), two-sided clipping (INTELLECT-2's delta,
 losses/policy.py), CISPO's clipped importance weights (``cispo``, losses/policy.py), DAPO's soft
 overlong punishment

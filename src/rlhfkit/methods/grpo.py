@@ -3,13 +3,13 @@
 Reads top to bottom, one rollout step at a time: the rollout backend samples G completions
 per prompt from pi_old -> the rewards score them (outcome, or per step for process rewards)
 -> group advantages -> mu policy updates on the same samples with the clipped, k3-regularised
-loss of losses/grpo.py. The run skeleton (train/run.py) does set-up, checks and cadence.
+loss of losses/grpo.py. The run skeleton (train/run.py) does set-up, checks and cadence;
+grpo_rewards.py resolves the rewards the config names, grpo_batch.py holds the batch's filters
+and DAPO's dynamic sampling.
 """
 
 from __future__ import annotations
 
-import functools
-import math
 import time
 from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
@@ -30,21 +30,19 @@ from ..losses.grpo import (
 )
 from ..models.forward import router_balance
 from ..models.load import disable_dropout, load_causal_lm, load_tokenizer
-from ..models.reward import is_likelihood_prm, is_sequence_classifier, is_token_classifier
+from ..models.reward import is_likelihood_prm, is_token_classifier
 from ..rollout.backend import SamplingParams, make_backend
 from ..rollout.evaluate import row_prompt_ids
-from ..rollout.reward_models import ProcessRewardModelReward, RewardModelReward
+from ..rollout.reward_models import RewardModelReward
 from ..rollout.rewards import (
     RESERVED,
-    OutcomeScores,
     as_completions,
     call_reward,
-    load_callable,
     reward_fields,
     score_outcomes,
 )
-from ..rollout.sampler import Samples, cat_padded, completion_logprobs, decode, join_samples
-from ..tasks import OUTCOME_REWARDS, PROCESS_REWARDS, TASK_CHOICES
+from ..rollout.sampler import Samples, completion_logprobs, decode
+from ..tasks import PROCESS_REWARDS, TASK_CHOICES
 from ..train.balance import balanced_groups
 from ..train.config import (
     ConfigError,
@@ -53,12 +51,10 @@ from ..train.config import (
     TrainConfig,
     at_least,
     choice,
-    plain_dict,
     positive,
     used_only_with,
     within,
 )
-from ..train.dist import DistInfo, all_gather_object, all_gather_varying
 from ..train.loop import BatchOrder, autocast, reduce_dict, row_chunks
 from ..train.optim import build_optimizer, build_scheduler
 from ..train.run import Run, start_run
@@ -69,6 +65,28 @@ from .common import (
     held_out,
     longest_prompt,
     refuse_offline_batch_fields,
+)
+from .grpo_batch import (
+    Rollout,
+    all_abstained,
+    dynamic_batch,
+    has_signal,
+    high_entropy,
+    informative,
+    keep_informative_groups,
+    keep_rows,
+    more_prompts,
+    scaled_by_batch,
+    step_metrics,
+)
+from .grpo_rewards import (
+    Rewards,
+    load_model_rewards,
+    model_folder,
+    parse_rewards,
+    recorded_config,
+    replaced_rewards,
+    resolve_rewards,
 )
 
 
@@ -188,119 +206,6 @@ class GRPOConfig:
                               f"got {self.delta!r}")
 
 
-def model_folder(key: str, path: str, is_kind, kind: str) -> str:
-    """A learned reward's folder, checked when the config is read (before any model loads)."""
-    if not is_kind(path):
-        raise ConfigError(f"config key '{key}': {path!r} is not a ...{kind} model folder")
-    return path
-
-
-@dataclass(frozen=True)
-class ModelReward:
-    """``rm:PATH`` in ``rewards``: a reward model, loaded once the policy's tokenizer and device are known."""
-
-    path: str
-    name: str
-
-
-def parse_rewards(spec: str) -> tuple[list, list[float]]:
-    """``name[:weight],...``: a shipped reward (tasks/), ``rm:PATH[:weight]`` (a sequence-classifier
-    folder), ``package.module:function[:weight]`` or ``path/file.py:function[:weight]`` (signature
-    in rollout/rewards.py)."""
-    functions, weights = [], []
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        parts = item.split(":")
-        if parts[0] == "rm" and len(parts) > 1:
-            names = sum(isinstance(f, ModelReward) for f in functions)
-            fn = ModelReward(model_folder("rewards", parts[1], is_sequence_classifier, "ForSequenceClassification"),
-                             f"rm_{names + 1}" if names else "rm")
-            weight = parts[2:]
-        elif parts[0] in OUTCOME_REWARDS or len(parts) == 1:
-            choice("rewards", parts[0], tuple(OUTCOME_REWARDS))
-            fn, weight = OUTCOME_REWARDS[parts[0]], parts[1:]
-        else:
-            fn, weight = load_callable(":".join(parts[:2])), parts[2:]
-        try:
-            weights.append(float(weight[0]) if weight else 1.0)
-            if len(weight) > 1:
-                raise ValueError
-        except ValueError:
-            raise ConfigError(f"config key 'rewards': {item!r} must be name[:weight], module:function[:weight] "
-                              "or file.py:function[:weight] with a numeric weight") from None
-        functions.append(fn)
-    return functions, weights
-
-
-@dataclass(frozen=True)
-class Rewards:
-    functions: list
-    weights: list[float]
-    process: object = None  # a process reward callable: PRM advantages instead of ORM
-
-
-def resolve_rewards(cfg: GRPOConfig, functions=None, weights=None, process=None) -> Rewards:
-    functions, parsed = (functions, None) if functions is not None else parse_rewards(cfg.rewards)
-    weights = weights if weights is not None else parsed or [1.0] * len(functions)
-    if len(weights) != len(functions):
-        raise ConfigError(f"{len(functions)} reward functions but {len(weights)} weights")
-    if process is None and cfg.process_reward and not cfg.process_reward.startswith("prm:"):
-        process = PROCESS_REWARDS[cfg.process_reward]
-    named = [getattr(f, "name", None) or getattr(f, "__name__", type(f).__name__) for f in functions]
-    if cfg.overlong_buffer and "overlong" in named:
-        raise ConfigError("a reward named 'overlong' would be logged under the name of overlong_buffer's "
-                          "penalty (reward/overlong_mean); rename it")
-    if (process or cfg.process_reward) and "process" in named:
-        raise ConfigError("a reward named 'process' would be logged under the name of the process reward's "
-                          "step rewards (reward/process_mean); rename it")
-    return Rewards(list(functions), list(weights), process)
-
-
-def recorded_config(cfg: GRPOConfig, rewards: Rewards, functions_passed: bool, process_passed: bool) -> dict:
-    """The config as config.yaml, the checkpoints and the model card record it: the rewards passed
-    from Python named in place of the config's own, which they replace (``replaced_rewards``)."""
-    def name(fn) -> str:
-        return getattr(fn, "name", None) or getattr(fn, "__name__", type(fn).__name__)
-
-    config = plain_dict(cfg)
-    if functions_passed:
-        config["rewards"] = ",".join(f"{name(f)}:{w:g}" for f, w in zip(rewards.functions, rewards.weights)) \
-            + " (Python callables passed to run_grpo)"
-    if process_passed:
-        config["process_reward"] = f"{name(rewards.process)} (a Python callable passed to run_grpo)"
-    return config
-
-
-def replaced_rewards(cfg: GRPOConfig, functions_passed: bool, process_passed: bool) -> list[str]:
-    """What the config set that the rewards passed from Python replace, to be said."""
-    said = []
-    if functions_passed and cfg.rewards != GRPOConfig.rewards:
-        said.append(f"rewards={cfg.rewards!r} in the config is replaced by the reward functions passed to run_grpo")
-    if process_passed and cfg.process_reward is not None:
-        said.append(f"process_reward={cfg.process_reward!r} in the config is replaced by the process reward passed "
-                    "to run_grpo")
-    return said
-
-
-def load_model_rewards(cfg: GRPOConfig, rewards: Rewards, tokenizer, device: str) -> Rewards:
-    """The learned rewards' models loaded (frozen, on the policy's device); rule functions unchanged."""
-    functions = [RewardModelReward(f.path, tokenizer, device, f.name) if isinstance(f, ModelReward) else f
-                 for f in rewards.functions]
-    process = rewards.process
-    if process is None and cfg.process_reward and cfg.process_reward.startswith("prm:"):
-        process = ProcessRewardModelReward(cfg.process_reward[4:], tokenizer, device)
-    return Rewards(functions, rewards.weights, process)
-
-
-@dataclass
-class Rollout:
-    """One batch of scored samples; completion-aligned tensors are (B, C), B = prompts * G."""
-
-    samples: Samples
-    outcome: object  # rollout.rewards.OutcomeScores
-    advantages: torch.Tensor
-    generation_s: float
-
-
 def advantages_for(cfg: GRPOConfig, samples: Samples, completions, prompts, passed, fields, tokenizer, process_fn,
                    outcome):
     """(B, C) advantages: PRM from step rewards, or ORM broadcast over each output's tokens; and,
@@ -353,116 +258,6 @@ def rollout(backend, tokenizer, rows, cfg: GRPOConfig, rewards: Rewards, trainer
         outcome = replace(outcome, per_function={**outcome.per_function, "process": steps})
     advantages = advantages.to(samples.completion_ids.device)
     return Rollout(samples, outcome, advantages, generation_s)
-
-
-def informative(advantages: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(groups,) True where some sample of the group has a non-zero advantage (a learning signal)."""
-    return (advantages.abs().sum(-1) > 0).view(-1, group_size).any(-1)
-
-
-def has_signal(batch: Rollout, cfg: GRPOConfig) -> torch.Tensor:
-    """(groups,) the groups DAPO's dynamic sampling keeps (Yu et al. 2025, eq. 11: 0 < correct < G).
-    With overlong shaping, the outcome rewards before the length penalty must differ within the
-    group (by more than 1e-6): answers all wrong, or all right, are dropped even when their lengths
-    differ, as the paper filters on accuracy. Else (and for a process reward) some advantage is
-    non-zero."""
-    if not cfg.overlong_buffer:
-        return informative(batch.advantages, cfg.group_size)
-    task = (batch.outcome.rewards - batch.outcome.per_function["overlong"]).view(-1, cfg.group_size)
-    spread = task.nan_to_num(float("-inf")).amax(-1) - task.nan_to_num(float("inf")).amin(-1)  # abstained: left out
-    return (spread > 1e-6).to(batch.advantages.device)
-
-
-def scaled_by_batch(batch: Rollout, info: DistInfo, eps: float = 1e-4) -> Rollout:
-    """scale_rewards=batch (Liu et al. 2025, "Tricks or Traps? A Deep Dive into RL for LLM
-    Reasoning", Lite PPO; TRL's ``batch``): the group-centred advantages divided by the standard
-    deviation of every reward of the step's batch, over all ranks, rather than of each group's:
-
-        A_i = (r_i - mean(r of its group)) / (std(r of the batch) + eps)
-
-    A sample no reward scored (NaN) is left out of the std, as of its group's mean."""
-    rewards = batch.outcome.rewards
-    present = rewards[~rewards.isnan()].double()
-    total = reduce_dict({"n": present.numel(), "sum": present.sum()}, info)
-    mean = total["sum"] / max(total["n"], 1)
-    spread = reduce_dict({"squares": ((present - mean) ** 2).sum()}, info)["squares"]
-    std = math.sqrt(spread / (total["n"] - 1)) if total["n"] > 1 else 0.0  # unbiased, as the group's
-    return replace(batch, advantages=batch.advantages / (std + eps))
-
-
-def join_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
-    """Several sampling rounds' rollouts as one batch (completions padded to the longest)."""
-    if len(parts) == 1:
-        return parts[0]
-    advantages = cat_padded([p.advantages for p in parts])
-    outcomes = [p.outcome for p in parts]
-    errors = {k: sum(o.errors.get(k, 0) for o in outcomes) for o in outcomes for k in o.errors}
-    outcome = OutcomeScores(torch.cat([o.rewards for o in outcomes]),
-                            {k: torch.cat([o.per_function[k] for o in outcomes]) for k in outcomes[0].per_function},
-                            errors)
-    return Rollout(join_samples([p.samples for p in parts], pad_id), outcome, advantages,
-                   sum(p.generation_s for p in parts))
-
-
-@functools.lru_cache(maxsize=1)
-def _others(n_rows: int, taken: tuple, step: int, seed: int) -> list[int]:
-    g = torch.Generator().manual_seed((seed + 1) * 7_919_993 + step)  # apart from BatchOrder's epochs
-    excluded = set(taken)
-    return [i for i in torch.randperm(n_rows, generator=g).tolist() if i not in excluded]
-
-
-def more_prompts(n_rows: int, taken: list[int], step: int, seed: int, r: int, size: int) -> list[int]:
-    """Dynamic sampling's round ``r`` (>= 1) of step ``step``: ``size`` prompt rows from a
-    permutation of the rows of this step's own, without the step's own prompts (``taken``), each
-    round the next ones, so that no prompt is drawn twice in a step while the data has rows left
-    (then they repeat); a function of the step, which keeps resume exact."""
-    others = _others(n_rows, tuple(taken), step, seed) or list(taken)
-    start = (r - 1) * size
-    return [others[(start + k) % len(others)] for k in range(size)]
-
-
-def dynamic_batch(run: Run, draw, cfg: GRPOConfig, pad_id: int) -> tuple[Rollout, Rollout, dict]:
-    """DAPO's dynamic sampling (Yu et al. 2025, Algorithm 1): sample, drop the groups without a
-    signal (``has_signal``), and sample more prompts until the batch holds prompts_per_step
-    groups with one.
-
-    ``draw(r)`` samples round r's share of prompts on this rank (round 0 is the step's own batch).
-    Every rank fills its share, prompts_per_step / world_size groups, and the ranks sample the same
-    number of rounds (the check is summed over them). After ``max_sampling_rounds`` a short batch
-    is filled up with groups without a signal, which ``keep_informative_groups`` masks out of the
-    loss. Returns every sampled group (for the step's metrics), the batch and its fill metrics."""
-    quota = cfg.prompts_per_step // run.info.world_size
-    parts = [draw(0)]
-    while len(parts) < cfg.max_sampling_rounds:
-        kept = sum(int(has_signal(p, cfg).sum()) for p in parts)
-        if reduce_dict({"short": float(kept < quota)}, run.info)["short"] == 0:
-            break
-        parts.append(draw(len(parts)))
-    pool = join_rollouts(parts, pad_id)
-    signal = has_signal(pool, cfg)
-    groups = torch.cat([signal.nonzero().flatten()[:quota], (~signal).nonzero().flatten()])[:quota]
-    rows = (groups[:, None] * cfg.group_size + torch.arange(cfg.group_size, device=groups.device)).flatten()
-    on_cpu = rows.cpu()  # the rewards stay on the CPU where the samples are on a GPU
-    outcome = OutcomeScores(pool.outcome.rewards[on_cpu], {k: v[on_cpu] for k, v in pool.outcome.per_function.items()})
-    batch = Rollout(pool.samples.rows(rows), outcome, pool.advantages[rows], pool.generation_s)
-    filled = reduce_dict({"informative": float(signal[groups].sum()), "rounds": float(len(parts))}, run.info)
-    return pool, batch, {"sampling_rounds": filled["rounds"] / run.info.world_size,
-                         "informative_fill": filled["informative"] / cfg.prompts_per_step}
-
-
-def keep_informative_groups(samples: Samples, signal: torch.Tensor, group_size: int) -> Samples:
-    """The groups without a signal (``signal``, (groups,) bool: ``has_signal``) leave the loss
-    (DAPO's dynamic sampling when its rounds ran out)."""
-    return keep_rows(samples, signal.repeat_interleave(group_size))
-
-
-def keep_rows(samples: Samples, keep: torch.Tensor) -> Samples:
-    """The rows where ``keep`` (B,) is False leave the loss: masked out rather than removed, so that
-    every rank keeps its rows and runs the same forwards (a rank left with no rows while the others
-    run a sharded forward would hang them)."""
-    masked = samples.rows(torch.arange(samples.completion_mask.shape[0]))
-    masked.completion_mask = samples.completion_mask * keep[:, None].to(samples.completion_mask.device)
-    return masked
 
 
 @torch.no_grad()
@@ -584,56 +379,6 @@ def update(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: 
         loss_value, grad_norm = run.optimizer_step(loss)
     return {**sums, "logprob_gap": gap, "loss": loss_value, "grad_norm": grad_norm, "update_skipped": 0.0,
             "update_rows_forwarded": len(rows) / max(local_rows, 1)}
-
-
-def high_entropy(entropy: torch.Tensor, mask: torch.Tensor, share: float, info: DistInfo) -> torch.Tensor:
-    """(b, C) bool: the real tokens (``mask``) whose entropy is among the top ``share`` of every
-    real token of this forward on every rank, at or above their (1 - share) quantile (Wang et al.
-    2025, "Beyond the 80/20 Rule": the policy gradient through the high-entropy tokens only; TRL's
-    ``top_entropy_quantile``, whose threshold is also per forward, gathered over ranks). With the
-    whole per-rank batch in one forward (``train.micro_batch_size`` 0) it is the batch's, as in the
-    paper."""
-    real = mask.bool()
-    everyone = all_gather_varying(entropy[real].float(), info).sort().values
-    if everyone.numel() == 0:
-        return torch.zeros_like(real)
-    at = (everyone.numel() - 1) * (1 - share)  # torch.quantile's linear interpolation, without its 2^24 limit
-    low = int(at)
-    high = min(low + 1, everyone.numel() - 1)
-    threshold = everyone[low] + (at - low) * (everyone[high] - everyone[low])
-    return (entropy >= threshold) & real
-
-
-def all_abstained(outcome: OutcomeScores) -> bool:
-    """Whether every reward function returned None for every sample (NaN in ``per_function``)."""
-    columns = [v for k, v in outcome.per_function.items() if k not in ("overlong", "process")]
-    return bool(columns) and all(bool(torch.isnan(v).all()) for v in columns)
-
-
-def step_metrics(batch: Rollout, group_size: int, info: DistInfo | None = None) -> dict:
-    """The step's rollout metrics. The rewards' and lengths' statistics are the whole batch's,
-    gathered from every rank (an average of the ranks' maxima or standard deviations is neither);
-    the timings and the share of groups without a signal are this rank's, averaged over ranks."""
-    info = info or DistInfo()
-    outcome, lengths = batch.outcome, batch.samples.completion_mask.sum(-1).float()
-    mine = {"rewards": outcome.rewards, "lengths": lengths, **outcome.per_function}
-    everyone = all_gather_object({k: v.cpu() for k, v in mine.items()}, info)
-    whole = {k: torch.cat([rank[k] for rank in everyone]) for k in mine}
-    zero_groups = ~informative(batch.advantages, group_size)  # (groups,) no signal
-    scored = whole["rewards"][~whole["rewards"].isnan()]  # not the samples every reward abstained on
-    out = {"reward_mean": scored.mean().item() if scored.numel() else float("nan"),
-           "reward_std": scored.std().item() if scored.numel() > 1 else 0.0,
-           "completion_len_mean": whole["lengths"].mean().item(), "completion_len_max": whole["lengths"].max().item(),
-           "tokens_sampled_per_s": lengths.sum().item() / max(batch.generation_s, 1e-9),
-           "time_generation_s": batch.generation_s, "zero_advantage_groups": zero_groups.float().mean().item()}
-    errors = all_gather_object(outcome.errors, info)
-    for name in outcome.per_function:
-        column = whole[name]
-        present = column[~column.isnan()]
-        out[f"reward/{name}_mean"] = present.mean().item() if present.numel() else float("nan")  # all abstained
-        out[f"reward/{name}_std"] = present.std().item() if present.numel() > 1 else 0.0
-        out[f"reward/{name}_errors"] = sum(e.get(name, 0) for e in errors)  # all ranks' (the same on each)
-    return out
 
 
 def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[float] | None = None,
