@@ -90,7 +90,7 @@ def test_epochs_replaces_max_steps(tiny, tmp_path, capfd):
     summary = api.run_sft(api.SFTConfig(model=str(tiny["base"]), train_data=rows, max_length=64,
                                         train=quiet_train(tmp_path / "run", epochs=1.5, max_steps=1000, batch_size=16)))
     assert summary["steps"] == 4  # ceil(1.5 x 40 / 16)
-    assert "train.max_steps=1000 is not read: train.epochs sets the length" in capfd.readouterr().err
+    assert "train.epochs wins over train.max_steps=1000, which is not read" in capfd.readouterr().err
     with pytest.raises(ConfigError, match="train.epochs"):
         TrainConfig(epochs=-1)
 

@@ -198,8 +198,8 @@ def test_an_architecture_without_a_token_classifier_is_one_line(tiny, tmp_path):
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("readout", ["head", "likelihood"])
-def test_a_lora_prm_keeps_its_step_settings_beside_the_adapter(tiny, tmp_path, readout):
+@pytest.mark.parametrize("readout, merge", [("head", False), ("likelihood", False), ("likelihood", True)])
+def test_a_lora_prm_keeps_its_step_settings_beside_the_adapter(tiny, tmp_path, readout, merge):
     """A LoRA adapter folder has no config.json: the separator and read-out had been lost, so
     `rlhfkit eval` and GRPO's prm:PATH split the steps at "\\n" (and refused a likelihood adapter)."""
     from methods_setup import method_config
@@ -211,10 +211,10 @@ def test_a_lora_prm_keeps_its_step_settings_beside_the_adapter(tiny, tmp_path, r
     from rlhfkit.train.config import LoraConfig
 
     base = method_config("prm", tiny, tmp_path / "prm", 2)
-    cfg = PRMConfig(**{**base.__dict__, "readout": readout, "lora": LoraConfig(r=4, alpha=8), "step_separator": STEP_SEPARATOR,
-                       "eval_data": base.train_data, "eval_limit": 16})
+    cfg = PRMConfig(**{**base.__dict__, "readout": readout, "lora": LoraConfig(r=4, alpha=8, merge=merge),
+                       "step_separator": STEP_SEPARATOR, "eval_data": base.train_data, "eval_limit": 16})
     result = run_prm(cfg)
-    folder = tmp_path / "prm" / "model"
+    folder = tmp_path / "prm" / "model" / ("adapter" if merge else "")  # merged: the model, its adapter beside
     assert not (folder / "config.json").exists() and STEP_SEPARATOR != "\n"
     assert prm_settings(folder)["step_separator"] == STEP_SEPARATOR
     assert (prm_settings(folder).get("step_readout") == "likelihood") == (readout == "likelihood")

@@ -205,3 +205,23 @@ def test_a_model_saved_with_dropout_scores_one_function(tiny, tmp_path):
                     train=quiet_train(tmp_path / "rm", max_steps=2, batch_size=8, lr=1e-12, log_every=1)))
     losses = [m["train/loss"] for m in read_metrics(tmp_path / "rm")]
     assert len(losses) == 2 and abs(losses[0] - losses[1]) < 1e-6
+
+
+def test_a_lora_adapter_on_a_reward_folder_reads_where_its_base_did(tiny, tmp_path):
+    """An adapter trained on a classifier folder whose config has no pad id (read at the last token)
+    was reloaded with the tokenizer's pad id, so it read at another token than in training."""
+    from methods_setup import method_config
+
+    from rlhfkit.models.lora import is_adapter_folder
+    from rlhfkit.train.config import LoraConfig, replace
+
+    tok = load_tokenizer(tiny["base"])
+    rm = load_reward_model(tiny["base"], tok)
+    rm.config.pad_token_id = None
+    rm.save_pretrained(str(tmp_path / "rm"))
+    tok.save_pretrained(str(tmp_path / "rm"))
+    assert load_reward_model(tmp_path / "rm", tok).config.pad_token_id is None  # kept, not the tokenizer's
+    run_rm(replace(method_config("rm", tiny, tmp_path / "lora", 1), model=str(tmp_path / "rm"),
+                   lora=LoraConfig(r=4, alpha=8)))
+    adapter = tmp_path / "lora" / "model"
+    assert is_adapter_folder(adapter) and load_reward_model(adapter, tok).config.pad_token_id is None

@@ -78,20 +78,23 @@ def test_reward_model_scores_the_sampled_tokens_or_the_text_for_its_own_tokenize
 
 
 @pytest.mark.parametrize("readout", ["head", "likelihood"])
-def test_an_answer_with_no_text_is_one_wrong_step_for_a_learned_prm(tiny, tmp_path, readout):
+def test_an_answer_with_no_step_is_one_wrong_step_for_a_learned_prm(tiny, tmp_path, readout):
     """A likelihood PRM's lowest log-prob over a step of no tokens was +inf: the empty answer got
-    probability 1, the best process reward, and GRPO pushed the policy to end at once."""
+    probability 1, the best process reward, and GRPO pushed the policy to end at once. An answer
+    of nothing but separators had been scored as one step holding the separator."""
     tok = load_tokenizer(tiny["base"])
     prm = load_process_reward_model(tiny["base"], tok, readout=readout)
-    prm.config.step_separator, prm.config.step_readout, prm.config.step_logprob_floor = "\n", readout, -3.0
+    prm.config.step_separator, prm.config.step_readout, prm.config.step_logprob_floor = "; ", readout, -3.0
     prm.save_pretrained(str(tmp_path / "prm"))
     reward = ProcessRewardModelReward(str(tmp_path / "prm"), tok)
-    prompt, text = "What is 1+2?", " 1+2=3\nAnswer: 3"
-    rows = read_rows([{"prompt": prompt, "answer": 3}] * 3)
-    texts = ["", text, "  "]
+    prompt, text = "What is 1+2?", " 1+2=3; Answer: 3"
+    rows = read_rows([{"prompt": prompt, "answer": 3}] * 4)
+    texts = ["", text, "  ", "; ; "]
     ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-    empty, written, blank = reward.bind(None, rows)([prompt] * 3, texts, completion_ids=ids, tokenizer=tok)
-    assert empty == [(0, 0.0)] and blank == [(1, 0.0)]  # one wrong step on the last token, as arithmetic_steps
+    empty, written, blank, separators = reward.bind(None, rows)([prompt] * 4, texts, completion_ids=ids,
+                                                                 tokenizer=tok)
+    # one wrong step on the last token, as arithmetic_steps
+    assert empty == [(0, 0.0)] and blank == [(1, 0.0)] and separators == [(3, 0.0)]
     assert empty == arithmetic_steps([prompt], [""], completion_ids=[ids[0]], tokenizer=tok)[0]
     (alone,) = reward.bind(None, rows[:1])([prompt], [text], completion_ids=ids[1:2], tokenizer=tok)
     assert written == alone and len(written) == 2  # the written answer scored as on its own

@@ -24,10 +24,11 @@ from ..losses.prm import step_bce_loss
 from ..models.forward import eval_mode
 from ..models.load import load_tokenizer
 from ..models.reward import (
+    PRM_SETTINGS_FILE,
     STEP_READOUTS,
     is_likelihood_prm,
     load_process_reward_model,
-    save_prm_settings,
+    prm_settings_file,
     score_name,
     step_logits,
 )
@@ -162,7 +163,8 @@ def run_prm(cfg: PRMConfig) -> dict:
     if run.evals:
         summary.update({k: run.evals[-1][k] for k in ("step_accuracy", "position_only_accuracy", "wrong_step_f1",
                                                        "first_error_accuracy")})
-    result = run.finish(model, tokenizer, summary)
-    if run.info.is_main:  # a LoRA adapter has no config.json: the steps' settings are saved beside it
-        save_prm_settings(Path(cfg.train.out_dir) / "model", model.config)
-    return result
+    # a LoRA adapter has no config.json: the steps' settings are saved beside it (in the folder, or in
+    # its adapter/ when the merged model is the folder), written with it before it is published
+    adapter = f"{'adapter/' if run.merge else ''}{PRM_SETTINGS_FILE}"
+    files = {adapter: prm_settings_file(model.config)} if cfg.lora.enabled else None
+    return run.finish(model, tokenizer, summary, files)

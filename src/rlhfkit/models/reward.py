@@ -93,17 +93,17 @@ def load_reward_model(path: str | Path, tokenizer, dtype: str = "fp32", seed: in
     """A ``num_labels=1`` sequence classifier from ``path`` (a classifier folder or a causal LM).
 
     A classifier folder keeps its config's pad id, which says where its score is read
-    (``score_index``), as in plain transformers; a causal-LM start (or its LoRA adapter) takes the
-    tokenizer's, so that the folder it is saved to reads where training read."""
+    (``score_index``), as in plain transformers; a causal-LM start takes the tokenizer's, so that
+    the folder it is saved to reads where training read. A LoRA adapter reads as its base did."""
     from transformers import AutoModelForSequenceClassification
 
-    from .lora import is_adapter_folder
+    from .lora import adapter_base, is_adapter_folder
 
     if isinstance(path, torch.nn.Module):  # Python API: a classifier object, trained in place
         model = path
     else:
-        own = is_sequence_classifier(path) and not is_adapter_folder(path)
-        pad = {} if own else {"pad_token_id": tokenizer.pad_token_id}
+        base = adapter_base(path) if is_adapter_folder(path) else path  # an adapter reads as its base did
+        pad = {} if is_sequence_classifier(base) else {"pad_token_id": tokenizer.pad_token_id}
         with torch.random.fork_rng(), fresh_head_quietly(path):
             torch.manual_seed(seed)  # the fresh score head of a causal-LM start is seeded
             model = from_folder(AutoModelForSequenceClassification, path, num_labels=1, dtype=DTYPES[dtype], **pad)
@@ -130,14 +130,11 @@ def prm_settings(path: str | Path) -> dict:
     return {}
 
 
-def save_prm_settings(folder: str | Path, config) -> None:
-    """Write ``config``'s PRM_SETTINGS beside a LoRA adapter saved in ``folder`` (a merged or full
-    folder holds them in its config.json already)."""
-    from .lora import is_adapter_folder
-
-    if is_adapter_folder(folder) and not (Path(folder) / "config.json").is_file():
-        settings = {k: getattr(config, k) for k in PRM_SETTINGS if getattr(config, k, None) is not None}
-        (Path(folder) / PRM_SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+def prm_settings_file(config) -> str:
+    """``config``'s PRM_SETTINGS as the text of a PRM_SETTINGS_FILE, to be saved beside a LoRA
+    adapter (a merged or full folder holds them in its config.json already)."""
+    settings = {k: getattr(config, k) for k in PRM_SETTINGS if getattr(config, k, None) is not None}
+    return json.dumps(settings, indent=2) + "\n"
 
 
 def is_likelihood_prm(path: str | Path) -> bool:

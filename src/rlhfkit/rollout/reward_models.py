@@ -74,11 +74,12 @@ class RewardModelReward:
 class ProcessRewardModelReward:
     """A process reward: the probability a ``...ForTokenClassification`` PRM (``rlhfkit prm``) gives
     that each step is right, read at the separator after the step. Steps are the completion split
-    at the separator stored in the folder's config (``step_separator``; "\\n", TRL's default,
-    for a PRM trained elsewhere); each step ends, for the policy's advantages, at the token that
-    holds its last character. An answer with no text has one step, judged wrong (0.0), as
-    ``arithmetic_steps`` judges it: a step of no tokens has no score (a likelihood readout's lowest
-    log-prob over no token would be +inf, a probability of 1)."""
+    at the separator stored in the folder's config (``step_separator``; beside a LoRA adapter, in
+    its prm_settings.json; "\\n", TRL's default, for a PRM trained elsewhere); each step ends,
+    for the policy's advantages, at the token that holds its last character. An answer with no
+    step (no text, or nothing but separators) has one step, judged wrong (0.0), as
+    ``arithmetic_steps`` judges it: it has no tokens of a step to score (a likelihood readout's
+    lowest log-prob over none would be +inf, a probability of 1)."""
 
     def __init__(self, path: str, policy_tokenizer, device: str = "cpu"):
         self.tokenizer = own_tokenizer(path, policy_tokenizer)
@@ -98,10 +99,10 @@ class ProcessRewardModelReward:
               policy_tokenizer) -> list[list[tuple[int, float]]]:
         examples, ends, blank = [], [], []
         for row, text, ids in zip(rows, completions, completion_ids):
-            blank.append(not text.strip())
+            steps = split_steps(text, self.separator)  # a text without the separator is one step
+            blank.append(not steps)
             if blank[-1]:
                 continue
-            steps = split_steps(text, self.separator) or [(text, len(text))]  # no step written: one, scored
             input_ids, positions, spans = encode_steps(self.tokenizer, encode_row_prompt(self.tokenizer, row),
                                                 [s for s, _ in steps], self.sep_ids)
             examples.append(StepExample(input_ids, positions, (), spans))

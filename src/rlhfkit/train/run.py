@@ -309,8 +309,8 @@ class Run:
             self.max_steps = max(1, math.ceil(self.cfg.epochs * rows / per_step))
             self.say(f"epochs={self.cfg.epochs:g} over {rows} rows, {per_step} a step: {self.max_steps} {self.unit}s")
             if self.cfg.max_steps != TrainConfig.max_steps:  # TRL's max_steps would win over its epochs
-                self.say(f"warning: train.max_steps={self.cfg.max_steps} is not read: train.epochs sets the length "
-                         "(in TRL max_steps > 0 overrides num_train_epochs); leave one of them out")
+                self.say(f"warning: train.epochs wins over train.max_steps={self.cfg.max_steps}, which is not read "
+                         "(in TRL max_steps > 0 overrides num_train_epochs)")
         return self.max_steps
 
     def attach(self, trained: torch.nn.Module, optimizer, scheduler) -> None:
@@ -499,15 +499,16 @@ class Run:
         if self.logger is not None:
             self.logger.close()
 
-    def finish(self, model, tokenizer, summary: dict) -> dict:
-        """Save the trained model to ``<out>/model`` and the summary to ``<out>/result.json`` (rank 0)."""
+    def finish(self, model, tokenizer, summary: dict, files: dict[str, str] | None = None) -> dict:
+        """Save the trained model to ``<out>/model`` (with ``files``, name: text, as ``save_model``'s)
+        and the summary to ``<out>/result.json`` (rank 0)."""
         self.close()
         summary = {"steps": self.done, "steps_unit": self.unit, "optimizer_steps": self.optimizer_steps,
                    "evals": self.evals, **summary}
         out = Path(self.cfg.out_dir)
         try:
             final, legend = card_metrics(summary, self.metrics, self.evals, self.done, self.unit)
-            self.save_model(model, tokenizer, out / "model", metrics=final, legend=legend,
+            self.save_model(model, tokenizer, out / "model", metrics=final, legend=legend, files=files,
                             what={"rm": "reward model", "prm": "process reward model"}.get(self.name, "model"))
             if self.info.is_main:
                 write_config(out, self.config)
