@@ -87,19 +87,3 @@ def test_sampler_logprobs_are_not_called_exact_where_the_rotary_frequencies_foll
             gap = (samples.logprobs - completion_logprobs(model, samples) * samples.completion_mask).abs().max()
         assert backend.logprobs_exact(params) == (kind == "default")
         assert (gap < 1e-5) == (kind == "default"), (kind, gap)
-
-
-def test_the_generate_backends_logprobs_are_the_raw_distributions_as_the_trainers(tiny):
-    """At temperature 0.7 with top-k 5 its log-probs are of softmax(logits / 0.7), before top-k, as
-    the sampler's, vLLM's raw ones and the trainer's forward (they had been the top-k distribution's
-    renormalised scores, which GRPO's sampling_correction would have weighed as a mismatch)."""
-    from rlhfkit.rollout.sampler import completion_logprobs
-
-    model, tok = load_policy(str(tiny["base"]), None)
-    params = SamplingParams(max_new_tokens=8, temperature=0.7, top_k=5, num_samples=2)
-    torch.manual_seed(0)
-    samples = GenerateBackend(tok, model).generate(_prompts(tiny, tok, 3), params)
-    with torch.no_grad():
-        forward = completion_logprobs(model.eval(), samples, temperature=0.7) * samples.completion_mask
-    torch.testing.assert_close(samples.logprobs, forward, atol=1e-5, rtol=0)
-    assert (samples.logprobs * samples.completion_mask).sum() < 0

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models.forward import scaled
 from ..models.lean import length_dependent_rope
 from ..models.load import full_state_dict
 from .sampler import Samples, _mask_through_eos, left_pad, sample
@@ -79,10 +78,8 @@ class SamplerBackend:
 class GenerateBackend:
     """``transformers``' ``generate`` on a copy of the policy that ``load_weights`` refreshes.
 
-    Its log-probs are of the raw logits ``generate`` returns, at the sampling temperature and before
-    top-k / top-p, as the sampler's and vLLM's raw log-probs are: what the trainer computes, so that
-    GRPO's ``sampling_correction`` weighs only the gap between two code paths, not the truncation.
-    They come from another path (the generic cache), so they are not treated as exact.
+    Its log-probs come from the processed scores ``generate`` returns (after temperature and
+    top-k / top-p), so they are not treated as exact.
     """
 
     name = "generate"
@@ -111,12 +108,12 @@ class GenerateBackend:
         out = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=not greedy,
                                   max_new_tokens=params.max_new_tokens,
                                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                                  output_logits=True, return_dict_in_generate=True, **sampling)
+                                  output_scores=True, return_dict_in_generate=True, **sampling)
         width = prompt_ids.shape[1]
         completion_ids = out.sequences[:, width:]
         mask = _mask_through_eos(completion_ids, tok.pad_token_id, tok.eos_token_id, True)
-        logits = scaled(torch.stack(out.logits, 1).float(), params.temperature).log_softmax(-1)  # (N, C, V)
-        logprobs = logits.gather(-1, completion_ids[..., None]).squeeze(-1) * mask
+        scores = torch.stack(out.scores, 1).float().log_softmax(-1)  # (N, C, V)
+        logprobs = scores.gather(-1, completion_ids[..., None]).squeeze(-1).nan_to_num(0.0, neginf=0.0) * mask
         return Samples(prompt_ids, prompt_mask, completion_ids, mask, logprobs,
                        (completion_ids == tok.eos_token_id).any(-1))
 
