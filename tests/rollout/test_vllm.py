@@ -137,3 +137,28 @@ def test_vllm_refuses_merging_adapters_on_tied_embeddings(tiny, tmp_path):
     with pytest.raises(ModelLoadError, match="rollout.backend=vllm gets the policy's adapters merged"):
         run_grpo(cfg, reward_fns=[digits], backend=make(load_tokenizer(str(tiny["base"]))))
     assert not engines  # refused before the engine started
+
+
+@pytest.mark.parametrize("has_mode", [True, False])
+def test_the_engine_is_asked_for_the_sampled_distributions_logprobs(monkeypatch, has_mode):
+    """GRPO's sampling_correction divides pi_old (at the sampling temperature) by the engine's
+    log-probs: vLLM's default ones are before temperature, so the engine is made with
+    logprobs_mode=processed_logprobs (as TRL makes it), and a vLLM without that option is warned about."""
+    import dataclasses
+    import sys
+    import types
+
+    from rlhfkit.rollout.vllm import make_engine
+
+    made = {}
+    fields = {"model": str, **({"logprobs_mode": str} if has_mode else {})}
+    fake = types.ModuleType("vllm")
+    fake.EngineArgs = dataclasses.make_dataclass("EngineArgs", list(fields.items()))
+    fake.LLM = lambda **kwargs: made.update(kwargs) or "engine"
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    if has_mode:
+        assert make_engine("folder", RolloutConfig()) == "engine" and made["logprobs_mode"] == "processed_logprobs"
+    else:
+        with pytest.warns(UserWarning, match="no logprobs_mode .vLLM < 0.10.2.: its log-probs are before temperature"):
+            make_engine("folder", RolloutConfig())
+        assert "logprobs_mode" not in made

@@ -6,9 +6,12 @@
   first call, from a ``save_pretrained`` folder of the policy written under the run's out_dir.
 - ``generate(prompts, params)``: token-id prompts in; token ids and the engine's log-probs of
   the sampled tokens out, as ``Samples``.
-- ``logprobs_exact`` is always False: another engine's numerics (and vLLM's log-probs come
-  before temperature and top-k / top-p), so GRPO and PPO recompute pi_old with a forward pass
-  of the policy and log the mean absolute gap (``logprob_gap``).
+- ``logprobs_exact`` is always False: another engine's numerics, and its log-probs are those of
+  the distribution the samples were drawn from (vLLM's ``processed_logprobs``: after temperature
+  and top-k / top-p, as TRL asks for them; a vLLM without ``logprobs_mode`` gives them before
+  temperature, and is warned about), so GRPO and PPO recompute pi_old with a forward pass of the
+  policy and log the mean absolute gap (``logprob_gap``); GRPO's ``sampling_correction`` divides
+  by them.
 - ``rollout.sleep``: when the installed vLLM has sleep mode, the engine releases its GPU memory
   (weights offloaded, KV cache dropped) after generating and takes it back before the next
   ``load_weights``, so that training has the memory while it runs.
@@ -44,11 +47,21 @@ def vllm_unavailable() -> str | None:
 def make_engine(folder: str, rollout) -> object:
     """A colocated ``vllm.LLM`` on ``folder``, in this process (so its model can take weights in place)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    import dataclasses
+    import warnings
+
     import vllm
 
+    processed = {}
+    if "logprobs_mode" in {f.name for f in dataclasses.fields(vllm.EngineArgs)}:
+        processed["logprobs_mode"] = "processed_logprobs"  # the sampled distribution's: what IS weights divide by
+    else:
+        warnings.warn("this vLLM has no logprobs_mode (vLLM < 0.10.2): its log-probs are before temperature, so "
+                      "GRPO's sampling_correction is biased at a temperature other than 1; set sampling_correction="
+                      "none there, or upgrade vLLM", stacklevel=2)
     return vllm.LLM(model=folder, tensor_parallel_size=rollout.tensor_parallel_size,
                     gpu_memory_utilization=rollout.gpu_memory_utilization, enable_sleep_mode=rollout.sleep,
-                    dtype="auto", seed=0)
+                    dtype="auto", seed=0, **processed)
 
 
 def sampling_kwargs(params: SamplingParams) -> dict:
