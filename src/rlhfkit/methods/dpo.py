@@ -128,10 +128,10 @@ def loss_forms(spec: str) -> tuple[tuple[str, float], ...]:
     return tuple(forms)
 
 
-def pairwise_only(cfg: DPOConfig) -> bool:
-    """Whether ``cfg``'s loss is for pairs only: anything but the paper's sigmoid, unsmoothed (whose
+def pairwise_only(loss_type: str, label_smoothing: float) -> bool:
+    """Whether the loss is for pairs only: anything but the paper's sigmoid, unsmoothed (whose
     Plackett-Luce form takes rankings of any length)."""
-    return loss_forms(cfg.loss_type) != (("sigmoid", 1.0),) or cfg.label_smoothing > 0
+    return loss_forms(loss_type) != (("sigmoid", 1.0),) or label_smoothing > 0
 
 
 def sequence_logps(model, batch: RankingBatch | SharedPromptBatch) -> torch.Tensor:
@@ -168,7 +168,7 @@ def dpo_objective(beta: float, reference: Reference | None = None, rpo_alpha: fl
     config's), ``label_smoothing`` and ``discopop_tau``: the pairwise loss's form (losses/dpo.py).
     ``router_coef`` > 0 adds a mixture of experts' router balancing loss of the policy's forward."""
     forms = loss_forms(loss_type)
-    plain = forms == (("sigmoid", 1.0),) and not label_smoothing
+    pairs_only = pairwise_only(loss_type, label_smoothing)
 
     def counts(batch) -> dict:
         best = batch.slot % batch.mask.shape[1] == 0  # (N,) the chosen / best-ranked outputs
@@ -189,7 +189,7 @@ def dpo_objective(beta: float, reference: Reference | None = None, rpo_alpha: fl
             value, sums = dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta, totals["prompts"],
                                    forms, label_smoothing, lengths, discopop_tau)
         else:  # rankings of more than two (run_dpo refuses them with their rows for the pairwise-only forms)
-            if not plain:
+            if pairs_only:
                 raise ValueError(f"a ranking of {batch.mask.shape[1]} answers has the Plackett-Luce loss only; "
                                  f"loss_type={loss_type}, label_smoothing={label_smoothing} are for pairs")
             value, sums = plackett_luce_loss(logps, ref, batch.mask, beta, totals["prompts"])
@@ -223,7 +223,7 @@ def preference_accuracy(model, examples: list, pad_id: int, batch_size: int = 64
 def trainable_rankings(rows: list[Row], cfg: DPOConfig | None = None) -> list[Row]:
     """Rankings DPO can train on: a strict order, and with a pairwise-only loss form (``cfg``'s
     ``loss_type`` or ``label_smoothing``) no more than two answers."""
-    pairs_only = cfg is not None and pairwise_only(cfg)
+    pairs_only = cfg is not None and pairwise_only(cfg.loss_type, cfg.label_smoothing)
     for row in rows:
         ranks = row.data.get("ranks")
         if isinstance(ranks, list) and len(set(map(str, ranks))) != len(ranks):

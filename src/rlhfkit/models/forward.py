@@ -75,7 +75,7 @@ def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     out = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
                    **routed)
     if balance is not None:
-        function, experts, top_k, _ = balancing_loss(model)
+        function, experts, top_k, _ = balance.spec
         balance.losses.append(function(out.router_logits, experts, top_k, real_tokens(attention_mask)))
     return out.last_hidden_state[:, first:]
 
@@ -119,8 +119,8 @@ def balancing_loss(model):
     experts, top_k = getattr(inner, "num_experts", None), getattr(inner, "num_experts_per_tok", None)
     if function is None or not isinstance(experts, int) or not isinstance(top_k, int):
         return None
-    config = inner.config.get_text_config() if hasattr(inner.config, "get_text_config") else inner.config
-    return function, experts, top_k, float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
+    coef = getattr(inner.config.get_text_config(), "router_aux_loss_coef", 0.0)
+    return function, experts, top_k, float(coef or 0.0)
 
 
 @dataclasses.dataclass
@@ -128,6 +128,7 @@ class RouterBalance:
     """The balancing losses of the forwards made inside ``router_balance``."""
 
     coef: float
+    spec: tuple | None = None  # ``balancing_loss(model)``, resolved once for the forwards inside
     losses: list = dataclasses.field(default_factory=list)
 
     def mean(self) -> torch.Tensor | None:
@@ -149,8 +150,8 @@ class RouterBalance:
 def router_balance(model, coef: float):
     """Inside, every backbone forward of ``model`` also returns its router logits and adds its
     balancing loss to the yielded ``RouterBalance`` (with ``coef`` 0, or a model without one, nothing)."""
-    balance = RouterBalance(coef)
-    if not coef or balancing_loss(model) is None:
+    balance = RouterBalance(coef, balancing_loss(model) if coef else None)
+    if balance.spec is None:
         yield balance
         return
     setattr(model, ROUTER_BALANCE, balance)

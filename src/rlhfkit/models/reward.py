@@ -121,7 +121,8 @@ PRM_SETTINGS_FILE = "prm_settings.json"  # beside a LoRA adapter, which has no c
 
 def prm_settings(path: str | Path) -> dict:
     """The PRM_SETTINGS a folder was saved with: in its config.json, or, for a LoRA adapter
-    folder, in its PRM_SETTINGS_FILE (``save_prm_settings``); {} for a PRM trained elsewhere."""
+    folder, in its PRM_SETTINGS_FILE (``prm_settings_file``, which methods/prm.py saves beside the
+    adapter); {} for a PRM trained elsewhere."""
     for name in ("config.json", PRM_SETTINGS_FILE):
         file = Path(path) / name
         if file.is_file():

@@ -230,7 +230,7 @@ class Run:
             self.say(f"{what} is a mixture of experts: its router's load-balancing loss is added with coefficient "
                      f"{coef:g} (train.router_aux_loss_coef; 0 turns it off), logged as router_aux_loss")
             return coef
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        config = model.config.get_text_config()
         wanted = getattr(config, "router_aux_loss_coef", 0) if getattr(config, "output_router_logits", False) else 0
         if wanted and asked is None and (spec is None or not adds):
             why = (f"{self.name} does not add it, as TRL's does not" if not adds else
