@@ -69,7 +69,8 @@ def test_dapo_dropping_every_group_skips_the_update_without_crashing(tiny, tmp_p
 
 def test_ppo_eval_scores_the_generated_tokens_as_they_are(tiny):
     base = str(tiny["base"])
-    cfg = PPOConfig(model=base, reward_model=reward_folder(tiny), critic=base, eval_max_new_tokens=5)
+    cfg = PPOConfig(model=base, reward_model=reward_folder(tiny), critic=base, eval_max_new_tokens=5,
+                    eval_data=str(tiny["data"] / "prompts_eval.jsonl"))
     models, tok = load_models(cfg)
     rows = HeldOut(read_rows(tiny["data"] / "prompts_eval.jsonl")[:6])
     result = evaluate(models, SamplerBackend(tok, models["actor"]), tok, rows, cfg)

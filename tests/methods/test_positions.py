@@ -36,7 +36,7 @@ def test_rows_past_a_learned_position_table_are_refused_by_row_before_any_step(g
 def test_prompts_and_new_tokens_past_a_learned_table_are_refused_and_within_it_train(gpt2_16, tmp_path):
     rows = [{"prompt": "1+1=", "answer": 2}] * 4
     cfg = GRPOConfig(model=gpt2_16, train_data=datasets.Dataset.from_list(rows), group_size=2, prompts_per_step=2,
-                     max_new_tokens=20, eval_max_new_tokens=4, rewards="contains_answer", beta=0.0,
+                     max_new_tokens=20, rewards="contains_answer", beta=0.0,
                      train=quiet_train(tmp_path / "grpo", max_steps=1))
     with pytest.raises(DataError, match=r"<dataset>:row 1: \d+ tokens \+ 20 sampled, past the model's 16 positions"
                                         r".*lower max_new_tokens"):

@@ -583,7 +583,15 @@ def test_a_full_tmpfs_stops_the_run_in_one_line_and_leaves_no_partial_folder(tin
     (PPOConfig, "gamma=1.5", "'gamma' must be in [0, 1]; got 1.5"),
     (PPOConfig, "eps_clip=0", "'eps_clip' must be > 0; got 0.0"),
     (PPOConfig, "score_clip=0", "'score_clip' must be > 0; got 0.0"),
-    (PPOConfig, "missing_eos_penalty=-1", "'missing_eos_penalty' must be >= 0; got -1.0"),
+    (PPOConfig, "missing_eos_penalty=-1", "'missing_eos_penalty' must be >= 0; got -1.0"),    (SFTConfig, "eval_limit=50", "eval_limit=50 is used by held-out evaluation (eval_data) only, which is off"),
+    (SFTConfig, "eval_max_new_tokens=4", "eval_max_new_tokens=4 is used by held-out evaluation (eval_data) only"),
+    (RMConfig, "eval_limit=50", "eval_limit=50 is used by held-out evaluation (eval_data) only"),
+    (PRMConfig, "eval_limit=50", "eval_limit=50 is used by held-out evaluation (eval_data) only"),
+    (DPOConfig, "eval_limit=50", "eval_limit=50 is used by held-out evaluation (eval_data, eval_prompts) only"),
+    (DPOConfig, "eval_max_new_tokens=4 eval_data=x.jsonl",
+     "eval_max_new_tokens=4 is used by the held-out accuracy (eval_prompts) only"),
+    (GRPOConfig, "eval_max_new_tokens=4", "eval_max_new_tokens=4 is used by held-out evaluation (eval_data) only"),
+    (PPOConfig, "eval_limit=50", "eval_limit=50 is used by held-out evaluation (eval_data) only"),
 ])
 def test_nonsense_values_fail_in_one_line_when_read(cls, override, message):
     with pytest.raises(ConfigError) as e:

@@ -19,7 +19,7 @@ def check_positions(run, model, longest: tuple[int, str], new_tokens: int = 0) -
     error inside the model, mid-run); a warning where they are rotary and would be extrapolated."""
     limit = position_limit(model)
     tokens, where = longest
-    if limit is None or tokens + new_tokens <= limit[0]:
+    if limit is None or not where or tokens + new_tokens <= limit[0]:  # no where: no rows (no eval set)
         return
     n, field, learned = limit
     what = f"{tokens} tokens" + (f" + {new_tokens} sampled" if new_tokens else "")

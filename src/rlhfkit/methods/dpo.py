@@ -99,6 +99,10 @@ class DPOConfig:
         at_least("eval_max_new_tokens", self.eval_max_new_tokens, 1)
         at_least("max_length", self.max_length, 2)
         at_least("eval_limit", self.eval_limit, 0)
+        used_only_with("eval_limit", self.eval_limit, DPOConfig.eval_limit, bool(self.eval_data or self.eval_prompts),
+                       "held-out evaluation (eval_data, eval_prompts)")
+        used_only_with("eval_max_new_tokens", self.eval_max_new_tokens, DPOConfig.eval_max_new_tokens,
+                       bool(self.eval_prompts), "the held-out accuracy (eval_prompts)")
         positive("beta", self.beta)
 
 
