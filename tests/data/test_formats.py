@@ -366,3 +366,29 @@ def test_sharegpt_in_one_json_object_and_chatml_messages_with_a_from_field(tmp_p
     tagged = {"messages": [USER, {**ASSISTANT, "from": "gpt-4"}]}
     assert read_rows([tagged])[0].data == tagged
     assert read_rows([{"prompt": "a", "completion": "b", "conversations": "notes"}])[0].data["conversations"] == "notes"
+
+
+def test_content_given_as_text_parts_is_read_as_its_text(tok, tmp_path):
+    """A message's content as a list of parts (OpenAI's form; TRL's vision datasets) was refused
+    ("must have string 'role' and 'content'"); its text parts are one string, joined as the chat
+    templates that take parts render them. A part of another kind is refused with its place."""
+    import json
+
+    def parts(*texts):
+        return [{"type": "text", "text": t} for t in texts]
+
+    as_parts = {"prompt": [{"role": "user", "content": parts("What is ", "1+2?")}],
+                "completion": [{"role": "assistant", "content": parts(" 3")}]}
+    plain = {"prompt": [USER], "completion": [ASSISTANT]}
+    assert read_rows([as_parts])[0].data == plain
+    assert encode_sft(read_rows([as_parts]), tok, 64)[0] == encode_sft(read_rows([plain]), tok, 64)[0]
+    table = datasets.Dataset.from_list([as_parts, {"prompt": [{"role": "user", "content": parts("Hi")}],
+                                                   "completion": [{"role": "assistant", "content": parts(" 3")}]}])
+    assert read_rows(table)[0].data == plain  # a table's parts, with the null fields Arrow gives them
+    image = {"messages": [{"role": "user", "content": [{"type": "image"}, *parts("What is it?")]}, ASSISTANT]}
+    (tmp_path / "vl.jsonl").write_text(json.dumps(plain) + "\n" + json.dumps(image) + "\n")
+    with pytest.raises(DataError, match=r"vl.jsonl:2: field 'messages\[0\]'.content\[0\] is a part of type 'image'; "
+                                        r"rlhfkit trains text models"):
+        read_rows(tmp_path / "vl.jsonl")
+    with pytest.raises(DataError, match=r"<list>:row 1: field 'prompt\[0\]'.content\[0\] is not a part"):
+        read_rows([{"prompt": [{"role": "user", "content": ["What is 1+2?"]}]}])

@@ -34,25 +34,28 @@ def read_rows(source) -> list[Row]:
     snapshot's ``data/train-*.parquet``: every file, in name order), a folder written by
     ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` (``FOLDER:split`` picks a split), a
     ``datasets.Dataset``, a ``DatasetDict`` of one split, or a list of dicts. ShareGPT's chat form
-    is read as ChatML's (``sharegpt_as_chatml``)."""
-    return [Row(r.where, sharegpt_as_chatml(r.data)) for r in _read_rows(source)]
+    is read as ChatML's, and a message's content given as parts as its text (``as_chatml``)."""
+    return [Row(r.where, as_chatml(r.data, r.where)) for r in _read_rows(source)]
 
 
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}  # the rest (system, tool, ...) are ChatML's names already
 CHAT_FIELDS = ("prompt", "completion", "chosen", "rejected", "messages", "conversations")
 
 
-def sharegpt_as_chatml(data: dict) -> dict:
-    """A row in ShareGPT's form as TRL's ``maybe_convert_to_chatml`` reads it: ``conversations``
-    is ``messages``, and a message's ``from`` and ``value`` are its ``role`` and ``content``; and
-    ShareGPT's ``human`` and ``gpt`` are the ``user`` and the ``assistant`` (which TRL leaves to
-    the chat template). Any other row is returned as it is."""
+def as_chatml(data: dict, where: str) -> dict:
+    """A row's chat messages in ChatML's form with string content. A row in ShareGPT's form is
+    read as TRL's ``maybe_convert_to_chatml`` reads it: ``conversations`` is ``messages``, and a
+    message's ``from`` and ``value`` are its ``role`` and ``content``; and ShareGPT's ``human``
+    and ``gpt`` are the ``user`` and the ``assistant`` (which TRL leaves to the chat template).
+    Content given as a list of parts (OpenAI's form, TRL's vision datasets') is its text parts
+    joined (``_text_content``). Any other row is returned as it is."""
     if not any(messages_like(data.get(k)) for k in CHAT_FIELDS):
         return data
     out = dict(data)
     for key in CHAT_FIELDS:
         if messages_like(out.get(key)):
-            out[key] = [_chatml_message(m) for m in out[key]]
+            out[key] = [_text_content(_chatml_message(m), f"{where}: field '{key}[{i}]'")
+                        for i, m in enumerate(out[key])]
     if messages_like(out.get("conversations")) and "messages" not in out:
         out["messages"] = out.pop("conversations")
     return out
@@ -74,6 +77,25 @@ def _chatml_message(message: dict) -> dict:
     if "value" in message and "content" not in message:
         out["content"] = message["value"]
     return out
+
+
+def _text_content(message: dict, place: str) -> dict:
+    """A message whose ``content`` is a list of parts (``[{"type": "text", "text": ...}, ...]``)
+    with its text parts joined into one string, as the chat templates that take parts render
+    them (one after another); a part of another kind (an image, audio) is refused: rlhfkit trains
+    text models, and the text without it would not be what the row says."""
+    parts = message.get("content")
+    if not isinstance(parts, list):
+        return message
+    texts = []
+    for j, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text" or not isinstance(part.get("text"), str):
+            what = f"a part of type {kind!r}" if kind else f"not a part ({{'type': 'text', 'text': ...}}): {part!r:.60}"
+            raise DataError(f"{place}.content[{j}] is {what}; rlhfkit trains text models and reads a message's "
+                            "content parts of type 'text' only")
+        texts.append(part["text"])
+    return {**message, "content": "".join(texts)}
 
 
 def _read_rows(source) -> list[Row]:
