@@ -38,6 +38,23 @@ def test_both_backends_decode_the_same_greedy_tokens_and_follow_weight_updates(t
     assert not theirs.logprobs_exact(SamplingParams(8))
 
 
+def test_the_generate_backend_samples_the_policy_whatever_its_generation_config_says(tiny):
+    """A folder's generation_config.json (Qwen2.5-Instruct's repetition_penalty 1.05, ...) was
+    applied by ``generate`` on top of the sampling parameters: PPO's samples were not pi_old's
+    (a gap of 0.24 nats a token with a penalty of 1.5), with no warning."""
+    model, tok = load_policy(str(tiny["base"]), None)
+    prompts = _prompts(tiny, tok)
+    model.generation_config.repetition_penalty, model.generation_config.no_repeat_ngram_size = 1.5, 1
+    model.generation_config.min_p = 0.5
+    params = SamplingParams(max_new_tokens=8, temperature=0.0, num_samples=1)
+    a, b = SamplerBackend(tok, model).generate(prompts, params), GenerateBackend(tok, model).generate(prompts, params)
+    assert torch.equal(a.completion_ids, b.completion_ids)
+    torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
+    penalised = model.generate(input_ids=torch.tensor([prompts[0]]), max_new_tokens=8, do_sample=False)
+    assert penalised[0, len(prompts[0]):].tolist() != a.completion_ids[0].tolist()  # the settings do bite
+    assert model.generation_config.repetition_penalty == 1.5  # the policy's own config is left as it is
+
+
 def test_ppo_trains_the_same_on_either_backend_when_both_sample_greedily(tiny, tmp_path):
     base = str(tiny["base"])
     losses = {}

@@ -79,7 +79,10 @@ class GenerateBackend:
     """``transformers``' ``generate`` on a copy of the policy that ``load_weights`` refreshes.
 
     Its log-probs come from the processed scores ``generate`` returns (after temperature and
-    top-k / top-p), so they are not treated as exact.
+    top-k / top-p), so they are not treated as exact. The copy's generation config is a plain one
+    (``neutral_generation_config``): ``generate`` would otherwise apply what the folder's
+    ``generation_config.json`` says (a repetition penalty, min-p, a no-repeat n-gram size) on top
+    of the sampling parameters, and the samples would not be the policy's.
     """
 
     name = "generate"
@@ -93,6 +96,7 @@ class GenerateBackend:
     def load_weights(self, model) -> None:
         if self.model is None:
             self.model = copy.deepcopy(model).eval().requires_grad_(False)  # before the policy is sharded
+            self.model.generation_config = neutral_generation_config(self.tokenizer)
         else:
             self.model.load_state_dict(full_state_dict(model))
 
@@ -119,6 +123,16 @@ class GenerateBackend:
 
     def logprobs_exact(self, params: SamplingParams) -> bool:
         return False
+
+
+def neutral_generation_config(tokenizer):
+    """A ``GenerationConfig`` that sets nothing but the tokenizer's special tokens: under it,
+    ``generate`` samples from the policy as the sampling parameters passed say and nothing else
+    (transformers fills every setting a call leaves unset from the model's generation config)."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                            bos_token_id=tokenizer.bos_token_id)
 
 
 BACKENDS = {"sampler": SamplerBackend, "generate": GenerateBackend}
