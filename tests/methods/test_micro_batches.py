@@ -17,14 +17,19 @@ def test_micro_batches_give_the_whole_batch_update(method, tiny, tmp_path, monke
     ptx_rows, ptx_loss = [], ppo.ptx_loss
     monkeypatch.setattr(ppo, "ptx_loss", lambda actor, batch, *a: ptx_rows.append(len(batch.input_ids))
                         or ptx_loss(actor, batch, *a))
+    scored, reward_scores = [], ppo.reward_scores  # PPO's scoring forwards are micro-batched too
+    monkeypatch.setattr(ppo, "reward_scores", lambda model, ids, *a: scored.append(len(ids))
+                        or reward_scores(model, ids, *a))
     results = {}
     for micro in (0, 1, 2):  # PPO: 4 rows per minibatch (and 4 ptx rows); GRPO: 16 rows; micro-batches of 1 and 2
         out = tmp_path / f"m{micro}"
         cfg = method_config(method.split("-")[0], tiny, out, 2, micro_batch_size=micro, log_every=1)
         if method == "ppo-ptx":  # the ptx rows are micro-batched too
             cfg = replace(cfg, ptx_data=str(tiny["data"] / "sft_train.jsonl"), ptx_coef=0.5)
-        ptx_rows.clear()
+        ptx_rows.clear(), scored.clear()
         RUNS[method.split("-")[0]](cfg)
+        if method != "grpo":  # the reward model scored 8 rows a step at once, or 1 or 2 at a time
+            assert scored and max(scored) == (micro or cfg.prompts_per_step) and sum(scored) == 2 * cfg.prompts_per_step
         if method == "ppo-ptx":  # forwards of at most micro rows: 4 at once, or 4 of 1, or 2 of 2
             assert ptx_rows and max(ptx_rows) == (micro or 4) and sum(ptx_rows) % 4 == 0
         model, _ = load_policy(str(out / "model"), None)

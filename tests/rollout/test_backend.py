@@ -55,7 +55,7 @@ def test_the_generate_backend_samples_the_policy_whatever_its_generation_config_
     assert model.generation_config.repetition_penalty == 1.5  # the policy's own config is left as it is
 
 
-def test_ppo_trains_the_same_on_either_backend_when_both_sample_greedily(tiny, tmp_path):
+def test_ppo_trains_the_same_on_either_backend_when_both_sample_greedily(tiny, tmp_path, capsys):
     base = str(tiny["base"])
     losses = {}
     for backend in ("sampler", "generate"):
@@ -67,6 +67,7 @@ def test_ppo_trains_the_same_on_either_backend_when_both_sample_greedily(tiny, t
         run_ppo(cfg)
         losses[backend] = [(m["train/loss"], m["train/rm_score"]) for m in read_metrics(tmp_path / backend)]
     assert len(losses["sampler"]) == 3
+    assert capsys.readouterr().err.count("warning: temperature=0 rolls out the greedy answers") == 2  # said, not silent
     for (la, ra), (lb, rb) in zip(losses["sampler"], losses["generate"]):
         assert abs(la - lb) < 1e-4 and abs(ra - rb) < 1e-4
     assert losses["sampler"][0] != losses["sampler"][2]  # lr 1e-2: the policy (and its greedy answers) move

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from ..data.encode import encode_row_prompt
 from ..data.prefs import collate_rankings, collate_shared_prompt
 from ..data.rows import DataError, read_rows, source_name
@@ -9,6 +11,7 @@ from ..models.forward import reads_block_masks
 from ..models.load import load_causal_lm, load_tokenizer, position_limit
 from ..models.lora import Reference
 from ..rollout.evaluate import HeldOut
+from ..rollout.sampler import Samples, completion_logprobs
 from ..train.config import ConfigError, TrainConfig
 
 
@@ -103,3 +106,15 @@ def ranking_collate(model, pad_id: int, share_prompt: bool = True):
         read_pad_id = model.config.get_text_config().pad_token_id  # where the score head is read, as transformers does
         return lambda rows: collate_shared_prompt(rows, pad_id, read_pad_id)
     return lambda rows: collate_rankings(rows, pad_id)
+
+
+@torch.no_grad()
+def chunked_logprobs(model, samples: Samples, chunks: list[torch.Tensor], group: int = 1,
+                     temperature: float = 1.0) -> torch.Tensor:
+    """Completion log-probs (B, C) of ``model`` at the sampling ``temperature``, one forward per
+    micro-batch; 0 in the rows no chunk holds."""
+    model.eval()
+    out = torch.zeros_like(samples.logprobs)
+    for index in chunks:
+        out[index] = completion_logprobs(model, samples.rows(index), group_size=group, temperature=temperature)
+    return out

@@ -61,6 +61,7 @@ from ..train.run import Run, start_run
 from .common import (
     accuracy_eval,
     check_positions,
+    chunked_logprobs,
     frozen_reference,
     held_out,
     longest_prompt,
@@ -260,18 +261,6 @@ def rollout(backend, tokenizer, rows, cfg: GRPOConfig, rewards: Rewards, trainer
         outcome = replace(outcome, per_function={**outcome.per_function, "process": steps})
     advantages = advantages.to(samples.completion_ids.device)
     return Rollout(samples, outcome, advantages, generation_s)
-
-
-@torch.no_grad()
-def chunked_logprobs(model, samples: Samples, chunks: list[torch.Tensor], group: int = 1,
-                     temperature: float = 1.0) -> torch.Tensor:
-    """Completion log-probs (B, C) of ``model`` at the sampling ``temperature``, one forward per
-    micro-batch; 0 in the rows no chunk holds."""
-    model.eval()
-    out = torch.zeros_like(samples.logprobs)
-    for index in chunks:
-        out[index] = completion_logprobs(model, samples.rows(index), group_size=group, temperature=temperature)
-    return out
 
 
 def skips_rows(run: Run, cfg: GRPOConfig) -> bool:

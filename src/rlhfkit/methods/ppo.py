@@ -43,7 +43,7 @@ from ..train.dist import DistInfo, all_reduce_sum
 from ..train.loop import BatchOrder, autocast, reduce_dict, row_chunks
 from ..train.optim import build_optimizer, build_scheduler
 from ..train.run import Run, start_run
-from .common import check_positions, held_out, longest_prompt, refuse_offline_batch_fields
+from .common import check_positions, chunked_logprobs, held_out, longest_prompt, refuse_offline_batch_fields
 
 
 @dataclass(frozen=True)
@@ -163,8 +163,9 @@ def shape_scores(raw: torch.Tensor, finished: torch.Tensor, cfg: PPOConfig, tota
     return scores
 
 
-def critic_values(critic, samples: Samples, first_rows: torch.Tensor):
-    """V_old for every row (B, C), and the ``first_rows``' values with their graph."""
+def critic_values(critic, samples: Samples, first_rows: torch.Tensor, chunk: int = 0):
+    """V_old for every row (B, C), and the ``first_rows``' values with their graph; the other rows
+    ``chunk`` at a time (0: in one forward)."""
     critic.train()
     with torch.enable_grad():
         first = completion_values(critic, samples.rows(first_rows))
@@ -172,9 +173,15 @@ def critic_values(critic, samples: Samples, first_rows: torch.Tensor):
     values[first_rows] = first.detach()
     rest = torch.ones(values.shape[0], dtype=torch.bool, device=values.device)
     rest[first_rows] = False
-    if rest.any():
-        values[rest] = completion_values(critic, samples.rows(rest.nonzero().squeeze(-1)))
+    rest = rest.nonzero().squeeze(-1)
+    for part in row_chunks(len(rest), chunk):
+        values[rest[part]] = completion_values(critic, samples.rows(rest[part]))
     return values, first
+
+
+def chunked_scores(reward_model, samples: Samples, chunks: list[torch.Tensor]) -> torch.Tensor:
+    """The reward model's score of every row (B,), one forward per micro-batch."""
+    return torch.cat([reward_scores(reward_model, samples.input_ids[i], samples.attention_mask[i]) for i in chunks])
 
 
 @torch.no_grad()
@@ -190,16 +197,18 @@ def make_experience(models: dict, backend, prompt_ids: list, cfg: PPOConfig, bet
     t0 = time.time()
     samples = backend.generate(prompt_ids, SamplingParams(cfg.max_new_tokens, cfg.temperature))
     t1 = time.time()
-    raw = reward_scores(models["reward"], samples.input_ids, samples.attention_mask)  # (B,)
+    chunk = cfg.train.micro_batch_size  # rows per scoring forward too (0: the whole batch in one)
+    chunks = row_chunks(len(prompt_ids), chunk)
+    raw = chunked_scores(models["reward"], samples, chunks)  # (B,)
     with models["reference"]() as reference:  # a frozen copy, or the actor with its adapters off
-        ref_logprobs = completion_logprobs(reference, samples, temperature=cfg.temperature).float()
+        ref_logprobs = chunked_logprobs(reference, samples, chunks, temperature=cfg.temperature).float()
     size = cfg.minibatch_size // info.world_size  # this rank's rows of a minibatch
     micro = min(cfg.train.micro_batch_size or size, size)
-    old_values, first_values = critic_values(models["critic"], samples, first_order[:micro])
+    old_values, first_values = critic_values(models["critic"], samples, first_order[:micro], chunk)
     mask = samples.completion_mask
     old_logprobs, gap = samples.logprobs, 0.0
     if not exact:  # the backend's log-probs are not the actor's: pi_old from a forward pass
-        old_logprobs = completion_logprobs(models["actor"].eval(), samples, temperature=cfg.temperature).float()
+        old_logprobs = chunked_logprobs(models["actor"], samples, chunks, temperature=cfg.temperature).float()
         gap = float(((samples.logprobs - old_logprobs).abs() * mask).sum() / mask.sum().clamp(min=1))
     t2 = time.time()
     scores = shape_scores(raw, samples.finished, cfg, total=lambda sums: all_reduce_sum(sums, info))
@@ -369,6 +378,10 @@ def run_ppo(cfg: PPOConfig, backend=None) -> dict:
     run = start_run(tc, cfg, "ppo", unit="rollout step", show=("rm_score", "kl"))
     if cfg.minibatch_size % run.info.world_size:
         raise ConfigError(f"minibatch_size={cfg.minibatch_size} must divide over {run.info.world_size} ranks")
+    if cfg.temperature == 0:
+        run.say("warning: temperature=0 rolls out the greedy answers, which are not samples of the policy whose "
+                "log-probs (at temperature 1) the ratios and the KL read: the update is not PPO's (for checks "
+                "only: two backends then decode the same tokens); train with temperature > 0")
     rows, eval_rows = read_rows(cfg.train_data), held_out(cfg.eval_data, cfg.eval_limit, cfg.eval_task, run.say)
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
     report = check_prompts(rows, tokenizer)  # every row, before any model loads
