@@ -123,3 +123,35 @@ def test_a_reward_folder_is_read_at_its_own_pad_id_whatever_pads_the_batch(tiny,
     scores = RewardModelReward(str(tmp_path / "rm"), tok).bind(samples, rows)(prompts, texts)
     assert scores == pytest.approx(alone, abs=1e-5)
     assert abs(alone[0] - alone[1]) > 1e-4
+
+
+def test_learned_rewards_score_micro_batch_by_micro_batch_as_in_one_forward(tiny, tmp_path, monkeypatch):
+    """train.micro_batch_size bounds the learned rewards' forwards too (they scored a GRPO step's
+    every sample in one): the same scores, in forwards of at most that many rows."""
+    import rlhfkit.rollout.reward_models as rm_module
+
+    tok = load_tokenizer(tiny["base"])
+    load_reward_model(tiny["base"], tok).save_pretrained(str(tmp_path / "rm"))
+    prm = load_process_reward_model(tiny["base"], tok)
+    prm.config.step_separator = "\n"
+    prm.save_pretrained(str(tmp_path / "prm"))
+    prompts = ["What is 1+2?", "What is 10+20?", "What is 12+34-5?", "What is 7+8?", "What is 2+2?"]
+    texts = [" 3", " 31\n30", " 12+34=46\n46-5=40\nAnswer: 40", "", " 15\n\n15"]
+    rows, samples = read_rows([{"prompt": p} for p in prompts]), _samples(tok, prompts, texts)
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    seen = []
+    for name in ("reward_scores", "step_logits"):
+        real = getattr(rm_module, name)
+        monkeypatch.setattr(rm_module, name, lambda model, input_ids, *a, _real=real, **k:
+                            seen.append(len(input_ids)) or _real(model, input_ids, *a, **k))
+    scores, steps = {}, {}
+    for chunk in (0, 2):
+        seen.clear()
+        scores[chunk] = RewardModelReward(str(tmp_path / "rm"), tok, rows_per_forward=chunk).bind(samples, rows)(
+            prompts, texts)
+        reward = ProcessRewardModelReward(str(tmp_path / "prm"), tok, rows_per_forward=chunk)
+        steps[chunk] = reward.bind(None, rows)(prompts, texts, completion_ids=ids, tokenizer=tok)
+        assert seen == ([5, 4] if chunk == 0 else [2, 2, 1, 2, 2])  # the PRM: one answer has no step
+    assert scores[2] == pytest.approx(scores[0], abs=1e-6)
+    assert [e for s in steps[2] for e, _ in s] == [e for s in steps[0] for e, _ in s]
+    assert [p for s in steps[2] for _, p in s] == pytest.approx([p for s in steps[0] for _, p in s], abs=1e-6)

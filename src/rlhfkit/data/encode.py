@@ -380,3 +380,9 @@ def collate_sft(examples: list[SFTExample], pad_id: int) -> SFTBatch:
         else:
             completion[i, :n] = torch.tensor(e.loss_mask)
     return SFTBatch(input_ids, attention, completion)
+
+
+def row_chunks(n_rows: int, size: int) -> list[torch.Tensor]:
+    """Index tensors of consecutive micro-batches of at most ``size`` rows (none for 0 rows)."""
+    size = size or n_rows
+    return [torch.arange(i, min(i + size, n_rows)) for i in range(0, n_rows, max(size, 1))]

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import torch
 
-from ..data.encode import check_prompts
+from ..data.encode import check_prompts, row_chunks
 from ..data.formats import user_prompt
 from ..data.rows import read_rows, source_name
 from ..losses.grpo import (
@@ -55,7 +55,7 @@ from ..train.config import (
     used_only_with,
     within,
 )
-from ..train.loop import BatchOrder, autocast, reduce_dict, row_chunks
+from ..train.loop import BatchOrder, autocast, reduce_dict
 from ..train.optim import build_optimizer, build_scheduler
 from ..train.run import Run, start_run
 from .common import (

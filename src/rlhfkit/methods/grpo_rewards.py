@@ -114,9 +114,10 @@ def replaced_rewards(cfg: GRPOConfig, functions_passed: bool, process_passed: bo
 
 def load_model_rewards(cfg: GRPOConfig, rewards: Rewards, tokenizer, device: str) -> Rewards:
     """The learned rewards' models loaded (frozen, on the policy's device); rule functions unchanged."""
-    functions = [RewardModelReward(f.path, tokenizer, device, f.name) if isinstance(f, ModelReward) else f
+    chunk = cfg.train.micro_batch_size  # rows per forward (0: the whole batch in one)
+    functions = [RewardModelReward(f.path, tokenizer, device, f.name, chunk) if isinstance(f, ModelReward) else f
                  for f in rewards.functions]
     process = rewards.process
     if process is None and cfg.process_reward and cfg.process_reward.startswith("prm:"):
-        process = ProcessRewardModelReward(cfg.process_reward[4:], tokenizer, device)
+        process = ProcessRewardModelReward(cfg.process_reward[4:], tokenizer, device, chunk)
     return Rewards(functions, rewards.weights, process)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.encode import SFTBatch, check_prompts, collate_sft, encode_sft, to_device
+from ..data.encode import SFTBatch, check_prompts, collate_sft, encode_sft, row_chunks, to_device
 from ..data.rows import read_rows, source_name
 from ..losses.ppo import AdaptiveKL, explained_variance, gae, kl_penalty_rewards, policy_loss, value_loss
 from ..losses.reduce import masked_mean, masked_whiten
@@ -40,7 +40,7 @@ from ..train.config import (
     within,
 )
 from ..train.dist import DistInfo, all_reduce_sum
-from ..train.loop import BatchOrder, autocast, reduce_dict, row_chunks
+from ..train.loop import BatchOrder, autocast, reduce_dict
 from ..train.optim import build_optimizer, build_scheduler
 from ..train.run import Run, start_run
 from .common import check_positions, chunked_logprobs, held_out, longest_prompt, refuse_offline_batch_fields

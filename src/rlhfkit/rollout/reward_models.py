@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.encode import encode_row_prompt, to_device
+from ..data.encode import encode_row_prompt, row_chunks, to_device
 from ..data.formats import completion_text
 from ..data.rows import Row
 from ..data.steps import (
@@ -45,8 +45,8 @@ def own_tokenizer(path: str, policy_tokenizer):
 class RewardModelReward:
     """An outcome reward: r(x, y) of a ``...ForSequenceClassification`` folder (e.g. ``rlhfkit rm``)."""
 
-    def __init__(self, path: str, policy_tokenizer, device: str = "cpu", name: str = "rm"):
-        self.tokenizer = own_tokenizer(path, policy_tokenizer)
+    def __init__(self, path: str, policy_tokenizer, device: str = "cpu", name: str = "rm", rows_per_forward: int = 0):
+        self.tokenizer, self.rows_per_forward = own_tokenizer(path, policy_tokenizer), rows_per_forward
         self.retokenise = self.tokenizer.get_vocab() != policy_tokenizer.get_vocab()
         self.model = load_reward_model(path, self.tokenizer, device=device).eval().requires_grad_(False)
         self.__name__ = name
@@ -61,14 +61,19 @@ class RewardModelReward:
     @torch.no_grad()
     def score(self, samples: Samples, rows: list[Row], completions: list[str]) -> list[float]:
         if not self.retokenise:
-            return reward_scores(self.model, samples.input_ids, samples.attention_mask).tolist()
+            return self._scores(samples.input_ids, samples.attention_mask)
         tok = self.tokenizer
         seqs = [encode_row_prompt(tok, row) + tok(text, add_special_tokens=False)["input_ids"]
                 + ([tok.eos_token_id] if finished else [])
                 for row, text, finished in zip(rows, completions, samples.finished.tolist())]
         ids, mask = left_pad(seqs, tok.pad_token_id)
         device = next(self.model.parameters()).device
-        return reward_scores(self.model, ids.to(device), mask.to(device)).tolist()
+        return self._scores(ids.to(device), mask.to(device))
+
+    def _scores(self, ids: torch.Tensor, mask: torch.Tensor) -> list[float]:
+        """r of every row, ``rows_per_forward`` at a time (0: all in one forward)."""
+        return [s for i in row_chunks(len(ids), self.rows_per_forward)
+                for s in reward_scores(self.model, ids[i], mask[i]).tolist()]
 
 
 class ProcessRewardModelReward:
@@ -81,8 +86,8 @@ class ProcessRewardModelReward:
     ``arithmetic_steps`` judges it: it has no tokens of a step to score (a likelihood readout's
     lowest log-prob over none would be +inf, a probability of 1)."""
 
-    def __init__(self, path: str, policy_tokenizer, device: str = "cpu"):
-        self.tokenizer = own_tokenizer(path, policy_tokenizer)
+    def __init__(self, path: str, policy_tokenizer, device: str = "cpu", rows_per_forward: int = 0):
+        self.tokenizer, self.rows_per_forward = own_tokenizer(path, policy_tokenizer), rows_per_forward
         self.model = load_process_reward_model(path, self.tokenizer, device=device).eval().requires_grad_(False)
         self.separator = getattr(self.model.config, "step_separator", None) or "\n"
         self.sep_ids = separator_ids(self.tokenizer, self.separator)
@@ -108,11 +113,11 @@ class ProcessRewardModelReward:
             examples.append(StepExample(input_ids, positions, (), spans))
             ends.append([char_to_token_index(policy_tokenizer, ids, end) for _, end in steps])
         probs = []
-        if examples:
-            batch = to_device(collate_steps(examples, self.tokenizer.pad_token_id),
+        for chunk in row_chunks(len(examples), self.rows_per_forward):  # rows_per_forward at a time (0: all)
+            batch = to_device(collate_steps([examples[i] for i in chunk.tolist()], self.tokenizer.pad_token_id),
                               next(self.model.parameters()).device)
-            probs = torch.sigmoid(step_logits(self.model, batch.input_ids, batch.attention_mask, batch.step_rows,
-                                              batch.step_cols, batch.step_spans)).tolist()
+            probs += torch.sigmoid(step_logits(self.model, batch.input_ids, batch.attention_mask, batch.step_rows,
+                                               batch.step_cols, batch.step_spans)).tolist()
         out, scored = [], iter(ends)
         for empty, ids in zip(blank, completion_ids):
             if empty:

@@ -116,7 +116,3 @@ def _sum_dicts(dicts) -> dict[str, float]:
     return out
 
 
-def row_chunks(n_rows: int, size: int) -> list[torch.Tensor]:
-    """Index tensors of consecutive micro-batches of at most ``size`` rows (none for 0 rows)."""
-    size = size or n_rows
-    return [torch.arange(i, min(i + size, n_rows)) for i in range(0, n_rows, max(size, 1))]
