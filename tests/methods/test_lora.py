@@ -169,6 +169,13 @@ def test_reward_model_lora_trains_its_head_in_full_and_reloads(tiny, tmp_path):
         assert not [w for w in caught if "checkpointing" in str(w.message)]
         torch.testing.assert_close(reward_scores(ours, batch.input_ids, batch.attention_mask), trained,
                                    atol=1e-5, rtol=0)
+        card = (tmp_path / "rm" / "model" / "README.md").read_text()  # its "Use" code, run as it stands
+        use = card.split("```python\n")[1].split("```")[0].replace("PATH_TO_THIS_FOLDER", str(tmp_path / "rm" / "model"))
+        assert "num_labels=1" in use  # without it the base's default 2-way head does not fit the saved one
+        scope = {}
+        exec(use, scope)
+        torch.testing.assert_close(reward_scores(scope["model"].eval(), batch.input_ids, batch.attention_mask),
+                                   trained, atol=1e-5, rtol=0)
     # `rlhfkit eval` reads the adapter folder as the reward model it is (not as a policy)
     from rlhfkit.cli.main import main
 

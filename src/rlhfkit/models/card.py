@@ -35,6 +35,8 @@ def model_card(method: str, config: dict, metrics: dict, what: str = "model", le
     if HUB_ID.fullmatch(str(base)) and not Path(str(base)).exists():  # a local folder (or a model object passed
         front["base_model"] = str(base)  # from Python) is no base_model the Hub can link; TRL omits it too
     loader = _loader(what, config)
+    # an adapter's base is loaded from its own config, whose head size is transformers' default (2)
+    head = f", num_labels={config.get('num_labels', 1)}" if adapter and "Classification" in loader else ""
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
              f"# {Path(str(config.get('train', {}).get('out_dir', what))).name}: {what} trained with rlhfkit", "",
              f"- method: {METHOD_NAMES.get(method, method)}",
@@ -45,7 +47,7 @@ def model_card(method: str, config: dict, metrics: dict, what: str = "model", le
     if legend:
         lines += [""] + [f"- {line}" for line in legend]
     lines += ["", "## Use", "", "```python", f"from transformers import AutoTokenizer, {loader}", "",
-              f'model = {loader}.from_pretrained("PATH_TO_THIS_FOLDER")',
+              f'model = {loader}.from_pretrained("PATH_TO_THIS_FOLDER"{head})',
               'tokenizer = AutoTokenizer.from_pretrained("PATH_TO_THIS_FOLDER")', "```", "",
               "## Resolved config", "", "```yaml", yaml.safe_dump(config, sort_keys=False).strip(), "```", ""]
     return "\n".join(lines)
