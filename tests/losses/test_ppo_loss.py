@@ -63,6 +63,20 @@ def test_kl_reward_and_score_land_where_the_spec_says():
     assert kl[0, 3] == 0 and kl[1, 2] == 0
 
 
+def test_the_k3_kl_penalty_by_hand():
+    """kl_estimator=k3 (TRL's option): pi_ref/pi - log(pi_ref/pi) - 1 per token, >= 0 where k1 is
+    negative, equal to 0 only where pi == pi_ref; the score still lands on the last real token."""
+    import math
+
+    logprobs = torch.tensor([[-1.0, -2.0, -0.5, 0.0]])
+    ref = torch.tensor([[-1.5, -1.0, -0.5, -9.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    rewards, kl = kl_penalty_rewards(logprobs, ref, torch.tensor([2.0]), mask, beta=0.1, estimator="k3")
+    k3 = [math.exp(-0.5) + 0.5 - 1, math.exp(1.0) - 1.0 - 1, 0.0, 0.0]  # log(pi_ref/pi): -0.5, +1, 0
+    assert kl[0].tolist() == pytest.approx(k3, abs=1e-6) and kl.min() >= 0
+    assert rewards[0].tolist() == pytest.approx([-0.1 * k3[0], -0.1 * k3[1], 2.0, 0.0], abs=1e-6)
+
+
 def test_clipped_policy_loss_by_hand_each_branch():
     old = torch.zeros(1, 4)
     logprobs = torch.log(torch.tensor([[1.5, 0.5, 1.1, 1.5]]))  # ratios

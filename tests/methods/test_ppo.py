@@ -66,6 +66,28 @@ def test_first_minibatch_reuses_the_critic_forward_exactly(tiny):
         torch.testing.assert_close(g, h, atol=1e-6, rtol=1e-5)
 
 
+def test_kl_estimator_k3_penalises_what_k1_measures_as_k3(tiny):
+    """kl_estimator=k3 (TRL's option): each token's penalty is exp(-k1) + k1 - 1 of the same
+    samples' k1 = log pi_old - log pi_ref, so the rewards, advantages and the logged KL change."""
+    from rlhfkit.train.config import replace
+
+    cfg, models, tok, prompts = _untrained(tiny)
+    with torch.no_grad():  # the actor moves away from its frozen reference
+        for p in models["actor"].parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    exps = {}
+    for estimator in ("k1", "k3"):
+        torch.manual_seed(0)
+        exps[estimator], _ = make_experience(models, SamplerBackend(tok, models["actor"]), prompts,
+                                             replace(cfg, kl_estimator=estimator), beta=0.05)
+    k1, k3 = exps["k1"], exps["k3"]
+    assert torch.equal(k1.samples.completion_ids, k3.samples.completion_ids)
+    mask = k1.mask.bool()
+    assert k1.kl[mask].min() < 0 < k1.kl[mask].abs().max()  # k1 is negative on some tokens
+    torch.testing.assert_close(k3.kl, (torch.exp(-k1.kl) + k1.kl - 1) * k1.mask, atol=1e-6, rtol=1e-5)
+    assert k3.kl.min() >= 0 and not torch.allclose(k3.advantages, k1.advantages)
+
+
 class _ShiftedBackend(SamplerBackend):
     """The sampler's tokens with log-probs off by 0.5: a stand-in for an engine whose numbers differ."""
 

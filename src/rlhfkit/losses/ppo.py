@@ -5,6 +5,9 @@ Reward of a sampled completion y, per token (SPEC.md stage 3):
     r_t = -beta * (log pi_theta(y_t|.) - log pi_ref(y_t|.))      for every completion token t
     r_T += r_phi(x, y)                                          on the last token
 
+The KL term is the sampled token's log-ratio k1 (the papers'); ``estimator="k3"`` takes Schulman's
+k3 instead, pi_ref/pi - log(pi_ref/pi) - 1 (>= 0 on every token, as TRL's ``kl_estimator="k3"``).
+
 GAE (Schulman et al. 2016) over the critic's values, with V = 0 past the last token:
 
     delta_t = r_t + gamma V_{t+1} - V_t,   A_t = delta_t + gamma lambda A_{t+1},   R_t = A_t + V_t
@@ -24,19 +27,21 @@ from dataclasses import dataclass
 
 import torch
 
+from .grpo import k3_kl
 from .policy import clipped_surrogate
 from .reduce import masked_mean, masked_sum, token_mean
 
 
 def kl_penalty_rewards(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor,
-                       beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+                       beta: float, estimator: str = "k1") -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T) per-token rewards: -beta * KL on every completion token, plus the score on the last one.
 
     ``mask`` marks each completion as a prefix of its row (right padding). Returns (rewards, kl)
-    where kl = logprobs - ref_logprobs on completion tokens (0 elsewhere).
+    where kl = logprobs - ref_logprobs (k1) or k3_kl(logprobs, ref_logprobs) (``estimator="k3"``)
+    on completion tokens (0 elsewhere).
     """
     mask = mask.to(logprobs.dtype)
-    kl = (logprobs - ref_logprobs) * mask  # (B, T)
+    kl = (k3_kl(logprobs, ref_logprobs) if estimator == "k3" else logprobs - ref_logprobs) * mask  # (B, T)
     last = (mask.sum(-1).long() - 1).clamp(min=0)  # (B,) index of each completion's last token
     rewards = (-beta * kl).scatter_add(1, last[:, None], scores[:, None].to(kl.dtype))
     return rewards, kl

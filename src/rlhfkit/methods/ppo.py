@@ -66,6 +66,7 @@ class PPOConfig:
     kl_coef: float = 0.05  # beta; the starting value when target_kl is set
     target_kl: float | None = None  # adaptive KL controller (Ziegler et al.) when set
     kl_horizon: int = 10000
+    kl_estimator: str = "k1"  # the per-token KL penalty: k1 log(pi/pi_ref) (the papers'), k3 pi_ref/pi - log(pi_ref/pi) - 1
     gamma: float = 1.0
     lam: float = 0.95
     eps_clip: float = 0.2
@@ -85,6 +86,7 @@ class PPOConfig:
     def __post_init__(self):
         choice("frozen_dtype", self.frozen_dtype, ("fp32", "bf16"))
         choice("eval_task", self.eval_task, TASK_CHOICES)
+        choice("kl_estimator", self.kl_estimator, ("k1", "k3"))
         for key in ("prompts_per_step", "minibatch_size", "ppo_epochs", "max_new_tokens", "kl_horizon",
                     "eval_max_new_tokens", "ptx_max_length"):
             at_least(key, getattr(self, key), 1)
@@ -212,7 +214,7 @@ def make_experience(models: dict, backend, prompt_ids: list, cfg: PPOConfig, bet
         gap = float(((samples.logprobs - old_logprobs).abs() * mask).sum() / mask.sum().clamp(min=1))
     t2 = time.time()
     scores = shape_scores(raw, samples.finished, cfg, total=lambda sums: all_reduce_sum(sums, info))
-    rewards, kl = kl_penalty_rewards(old_logprobs, ref_logprobs, scores, mask, beta)
+    rewards, kl = kl_penalty_rewards(old_logprobs, ref_logprobs, scores, mask, beta, cfg.kl_estimator)
     advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
     advantages = masked_whiten(advantages, mask, total=lambda sums: all_reduce_sum(sums, info)) * mask
     exp = Experience(samples, old_logprobs, old_values, advantages, returns, mask, scores, raw, kl, first_order,

@@ -253,7 +253,14 @@ TRL_NAMES = {"learning_rate": "train.lr", "num_train_epochs": "train.epochs", "m
              "truncation_mode": "overlong (error, truncate or skip; truncate keeps the start)",
              "loss_weights": "loss_type (name:weight, comma-separated: sigmoid:0.8,nca_pair:0.2; an sft term is rpo_alpha)",
              "model_name_or_path": "model", "dataset_name": "train_data (a local file or save_to_disk folder)",
-             "cliprange": "eps_clip", "cliprange_value": "eps_value", "vf_coef": "critic_lr (the critic has its own optimizer group)", "num_ppo_epochs": "ppo_epochs",
+             "cliprange": "eps_clip", "cliprange_value": "eps_value", "vf_coef": "critic_lr (the value loss has weight 1 and the critic its own learning rate; under Adam a loss weight hardly changes the step)",
+             "num_ppo_epochs": "ppo_epochs",
+             "num_mini_batches": "minibatch_size (rows per optimizer step: prompts_per_step / num_mini_batches)",
+             "total_episodes": "train.max_steps (rollout steps: total_episodes / prompts_per_step)",
+             "whiten_rewards": "whiten_scores (the reward model's scores, before the KL term, mean removed; TRL's whitens the per-token rewards, KL included, keeping their mean)",
+             "reward_model_path": "reward_model", "sft_model_path": "model",
+             "stop_token": "nothing: rollouts always stop at the tokenizer's EOS (TRL's stop_token='eos')",
+             "stop_token_id": "nothing: rollouts stop at the tokenizer's EOS (set the tokenizer's eos_token to the one to stop at)",
              "response_length": "max_new_tokens", "max_prompt_length": "max_length (prompt and answer together)",
              "completion_only_loss": "nothing: SFT's loss is on the completion (or assistant turns) always"}
 for _name in ("max_grad_norm", "seed", "weight_decay", "warmup_steps", "report_to", "router_aux_loss_coef"):
