@@ -34,7 +34,7 @@ SHARED = {
     "eps_value": "value clip range around V_old",
     "score_scale": "reward-model scores are multiplied by this",
     "whiten_scores": "whiten reward-model scores over the batch",
-    "score_clip": "clip reward-model scores to [-score_clip, score_clip]; unset = no clip",
+    "score_clip": "clip the scores to [-score_clip, score_clip] after score_scale, missing_eos_penalty and whiten_scores; unset = no clip",
     "critic_lr": "the critic's learning rate",
     "ppo_epochs": "passes of minibatch updates over each batch of rollouts",
 }
