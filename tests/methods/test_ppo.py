@@ -88,6 +88,31 @@ def test_kl_estimator_k3_penalises_what_k1_measures_as_k3(tiny):
     assert k3.kl.min() >= 0 and not torch.allclose(k3.advantages, k1.advantages)
 
 
+def test_under_bf16_pi_old_is_the_trained_forwards_not_the_fp32_samplers(tiny):
+    """The sampler's fp32 log-probs were pi_old under train.dtype=bf16: the first update's ratios
+    were up to 0.026 from 1 in log (the helper's measure). pi_old is now a forward under the
+    trainer's autocast, equal to the update's own forward at the same weights."""
+    from rlhfkit.methods.common import trainer_logprobs
+    from rlhfkit.rollout.backend import SamplingParams
+    from rlhfkit.rollout.sampler import completion_logprobs
+    from rlhfkit.train.loop import autocast
+
+    cfg, models, tok, prompts = _untrained(tiny)
+    cfg = replace(cfg, train__dtype="bf16")
+    backend = SamplerBackend(tok, models["actor"])
+    params = SamplingParams(cfg.max_new_tokens, cfg.temperature)
+    assert trainer_logprobs(backend, params, "fp32") and not trainer_logprobs(backend, params, "bf16")
+    torch.manual_seed(0)
+    exp, _ = make_experience(models, backend, prompts, cfg, 0.05, exact=trainer_logprobs(backend, params, "bf16"))
+    models["actor"].train()
+    with torch.no_grad(), autocast("bf16"):
+        trained = completion_logprobs(models["actor"], exp.samples, temperature=cfg.temperature).float()
+    mask = exp.mask.bool()
+    assert (exp.old_logprobs - trained)[mask].abs().max() < 1e-6  # the first ratios are 1
+    assert (exp.samples.logprobs - trained)[mask].abs().max() > 1e-3  # as the sampler's would not have been
+    assert exp.logprob_gap > 1e-4
+
+
 class _ShiftedBackend(SamplerBackend):
     """The sampler's tokens with log-probs off by 0.5: a stand-in for an engine whose numbers differ."""
 

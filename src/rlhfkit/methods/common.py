@@ -13,6 +13,7 @@ from ..models.lora import Reference
 from ..rollout.evaluate import HeldOut
 from ..rollout.sampler import Samples, completion_logprobs
 from ..train.config import ConfigError, TrainConfig
+from ..train.loop import autocast
 
 
 def check_positions(run, model, longest: tuple[int, str], new_tokens: int = 0) -> None:
@@ -110,11 +111,19 @@ def ranking_collate(model, pad_id: int, share_prompt: bool = True):
 
 @torch.no_grad()
 def chunked_logprobs(model, samples: Samples, chunks: list[torch.Tensor], group: int = 1,
-                     temperature: float = 1.0) -> torch.Tensor:
+                     temperature: float = 1.0, dtype: str = "fp32") -> torch.Tensor:
     """Completion log-probs (B, C) of ``model`` at the sampling ``temperature``, one forward per
-    micro-batch; 0 in the rows no chunk holds."""
+    micro-batch (under ``dtype``'s autocast, as the trained forward); 0 in the rows no chunk holds."""
     model.eval()
     out = torch.zeros_like(samples.logprobs)
     for index in chunks:
-        out[index] = completion_logprobs(model, samples.rows(index), group_size=group, temperature=temperature)
+        with autocast(dtype, str(out.device)):
+            out[index] = completion_logprobs(model, samples.rows(index), group_size=group, temperature=temperature)
     return out
+
+
+def trainer_logprobs(backend, params, dtype: str) -> bool:
+    """Whether the backend's log-probs serve as pi_old: they are the policy's own (``logprobs_exact``)
+    and the trained forward computes them as the sampler does, in fp32 (a bf16 autocast forward is
+    up to a few 1e-2 apart: the first update's ratios would not be 1)."""
+    return dtype == "fp32" and backend.logprobs_exact(params)

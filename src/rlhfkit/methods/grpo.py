@@ -66,6 +66,7 @@ from .common import (
     held_out,
     longest_prompt,
     refuse_offline_batch_fields,
+    trainer_logprobs,
 )
 from .grpo_batch import (
     Rollout,
@@ -331,7 +332,8 @@ def update(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: 
             ref_logprobs = chunked_logprobs(ref_model, samples, chunks, group, cfg.temperature)
     old_logprobs = None
     if cfg.mu > 1:
-        old_logprobs = samples.logprobs if exact else chunked_logprobs(policy, samples, chunks, group, cfg.temperature)
+        old_logprobs = samples.logprobs if exact else chunked_logprobs(policy, samples, chunks, group, cfg.temperature,
+                                                                       cfg.train.dtype)
     gap = 0.0
     for iteration in range(cfg.mu):
         policy.train()
@@ -411,7 +413,8 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
     backend = backend or make_backend(cfg.rollout, tokenizer, policy, copy=run.shards_models,  # before sharding
                                       out_dir=tc.out_dir)
     run.shard(policy)
-    exact = backend.logprobs_exact(SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p))
+    exact = trainer_logprobs(backend, SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p),
+                             cfg.train.dtype)
     evaluate = accuracy_eval(backend, policy, tokenizer, eval_rows, cfg.eval_max_new_tokens)
     before = evaluate() if evaluate else {}  # the start model's, also on resume
     optimizer = build_optimizer(policy, tc.lr, tc.weight_decay)

@@ -43,7 +43,14 @@ from ..train.dist import DistInfo, all_reduce_sum
 from ..train.loop import BatchOrder, autocast, reduce_dict
 from ..train.optim import build_optimizer, build_scheduler
 from ..train.run import Run, start_run
-from .common import check_positions, chunked_logprobs, held_out, longest_prompt, refuse_offline_batch_fields
+from .common import (
+    check_positions,
+    chunked_logprobs,
+    held_out,
+    longest_prompt,
+    refuse_offline_batch_fields,
+    trainer_logprobs,
+)
 
 
 @dataclass(frozen=True)
@@ -210,7 +217,8 @@ def make_experience(models: dict, backend, prompt_ids: list, cfg: PPOConfig, bet
     mask = samples.completion_mask
     old_logprobs, gap = samples.logprobs, 0.0
     if not exact:  # the backend's log-probs are not the actor's: pi_old from a forward pass
-        old_logprobs = chunked_logprobs(models["actor"], samples, chunks, temperature=cfg.temperature).float()
+        old_logprobs = chunked_logprobs(models["actor"], samples, chunks, temperature=cfg.temperature,
+                                        dtype=cfg.train.dtype).float()
         gap = float(((samples.logprobs - old_logprobs).abs() * mask).sum() / mask.sum().clamp(min=1))
     t2 = time.time()
     scores = shape_scores(raw, samples.finished, cfg, total=lambda sums: all_reduce_sum(sums, info))
@@ -402,7 +410,7 @@ def run_ppo(cfg: PPOConfig, backend=None) -> dict:
                                       out_dir=tc.out_dir)
     for model in modules(models).values():
         run.shard(model)
-    exact = backend.logprobs_exact(SamplingParams(cfg.max_new_tokens, cfg.temperature))
+    exact = trainer_logprobs(backend, SamplingParams(cfg.max_new_tokens, cfg.temperature), tc.dtype)
     updates = cfg.ppo_epochs * (cfg.prompts_per_step // cfg.minibatch_size)  # optimizer steps per rollout step
     trained = torch.nn.ModuleDict({"actor": models["actor"], "critic": models["critic"]})
     optimizer = build_optimizer(trained, tc.lr, tc.weight_decay, {"actor": tc.lr, "critic": cfg.critic_lr})
