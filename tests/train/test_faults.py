@@ -193,6 +193,14 @@ def test_a_resumed_or_relaunched_run_ends_with_the_straight_runs_summary(tiny, t
     straight, resumed = _straight_and_resumed(monkeypatch, run_sft, cfg, tmp_path, "sft", 3)
     assert [e["step"] for e in straight["evals"]] == [1, 2, 3, 4] and resumed["evals"] == straight["evals"]
     assert resumed["loss"] == straight["loss"] is not None
+    shown = {run: [json.loads(line) for line in (tmp_path / run / "eval_samples.jsonl").read_text().splitlines()]
+             for run in ("full", "cut")}  # 8 held-out answers an eval, each eval's once after the resume too
+    assert shown["cut"] == shown["full"] and [r["step"] for r in shown["full"]] == [1] * 8 + [2] * 8 + [3] * 8 + [4] * 8
+    from rlhfkit.data.rows import read_rows
+
+    eval_rows = read_rows(small(tiny, "sft_eval.jsonl", 8))
+    assert [r["prompt"] for r in shown["full"][:8]] == [row.data["prompt"] for row in eval_rows]
+    assert {type(r["completion"]) for r in shown["full"]} == {str} and "target" in shown["full"][0]
     relaunched = run_sft(cfg(tmp_path / "full", resume="auto"))
     assert relaunched == straight == json.loads((tmp_path / "full" / "result.json").read_text())
 

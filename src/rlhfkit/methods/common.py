@@ -84,12 +84,12 @@ def accuracy_eval(backend, policy, tokenizer, rows: HeldOut | None, max_new_toke
 
     def evaluate() -> dict:
         backend.load_weights(policy)
-        result, _ = rows.accuracy(backend, tokenizer, max_new_tokens)
+        result, _, shown = rows.accuracy(backend, tokenizer, max_new_tokens)
         if on_accuracy is not None:
             on_accuracy(result["accuracy"])
         if stop_at is not None and result["accuracy"] >= stop_at:
             result["stop"] = True
-        return result
+        return {**result, "samples": shown}
 
     return evaluate
 

@@ -359,9 +359,10 @@ def model_memory_mb(models: dict) -> dict:
 def evaluate(models: dict, backend, tokenizer, rows: HeldOut, cfg: PPOConfig) -> dict:
     """Greedy accuracy and the reward model's mean score of those same greedy samples."""
     backend.load_weights(models["actor"])
-    out, samples = rows.accuracy(backend, tokenizer, cfg.eval_max_new_tokens)
-    scores = [reward_scores(models["reward"], s.input_ids, s.attention_mask) for s in samples]
-    return {**out, "rm_score": torch.cat(scores).mean().item()}
+    out, samples, shown = rows.accuracy(backend, tokenizer, cfg.eval_max_new_tokens)
+    scores = torch.cat([reward_scores(models["reward"], s.input_ids, s.attention_mask) for s in samples])
+    shown = [{**s, "rm_score": score} for s, score in zip(shown, scores.tolist())]
+    return {**out, "rm_score": scores.mean().item(), "samples": shown}
 
 
 def load_ptx(cfg: PPOConfig, tokenizer):

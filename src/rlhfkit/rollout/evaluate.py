@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..data.encode import check_prompt_row, encode_row_prompt
-from ..data.formats import require_format
+from ..data.formats import require_format, user_prompt
 from ..data.rows import Row
 from ..tasks import resolve_task
 from .backend import SamplerBackend, SamplingParams
@@ -39,11 +39,17 @@ class HeldOut:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def accuracy(self, backend, tokenizer, max_new_tokens: int) -> tuple[dict, list[Samples]]:
-        """The task's metrics on greedy answers, and the samples (for scoring them further)."""
+    def accuracy(self, backend, tokenizer, max_new_tokens: int) -> tuple[dict, list[Samples], list[dict]]:
+        """The task's metrics on greedy answers, the samples (for scoring them further) and the
+        first ``SHOWN`` rows' prompts, answers and targets (written beside the metrics)."""
         samples = greedy_samples(backend, tokenizer, self.rows, max_new_tokens)
         texts = [t for s in samples for t in decode(tokenizer, s)]
-        return self.task.score(texts, self.targets), samples
+        shown = [{"prompt": user_prompt(row), "completion": text, "target": target}
+                 for row, text, target in zip(self.rows[:SHOWN], texts, self.targets)]
+        return self.task.score(texts, self.targets), samples, shown
+
+
+SHOWN = 8  # held-out answers written at each eval (eval_samples.jsonl), as TRL logs a few completions
 
 
 def exact_match(model, tokenizer, rows: list[Row], max_new_tokens: int = 32, task: str = "auto") -> dict:

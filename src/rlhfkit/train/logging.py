@@ -95,11 +95,17 @@ def read_metrics(out_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def truncate_metrics(out_dir: str | Path, step: int, pending_eval: bool = False, step_logged: bool = True) -> None:
+EVAL_SAMPLES = "eval_samples.jsonl"  # a few held-out prompts and answers at each eval (train/run.py)
+
+
+def truncate_metrics(out_dir: str | Path, step: int, pending_eval: bool = False, step_logged: bool = True,
+                     name: str = "metrics.jsonl") -> None:
     """Drop the metrics a killed run logged after the checkpoint it resumes from (and a line cut
     short). ``pending_eval``: that checkpoint's step has its eval run again on resume, so an eval
-    line already logged at it goes too, and its train line unless the checkpoint had it logged."""
-    path = Path(out_dir) / "metrics.jsonl"
+    line already logged at it goes too, and its train line unless the checkpoint had it logged.
+    ``name``: another jsonl of step-stamped lines (``EVAL_SAMPLES``, every line an eval's)."""
+    path = Path(out_dir) / name
+    step_logged = step_logged and name == "metrics.jsonl"
     if not path.is_file():
         return
     kept = []

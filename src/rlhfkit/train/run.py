@@ -70,7 +70,7 @@ from .dist import (
     broadcast_params,
     init_distributed,
 )
-from .logging import MetricsLogger, plain_tree, progress, truncate_metrics
+from .logging import EVAL_SAMPLES, MetricsLogger, plain_tree, progress, truncate_metrics
 from .optim import check_finite, hyperparameters, optimizer_step, rebase_schedule
 from .plots import plot_runs
 from .shard import save_everywhere, shard
@@ -342,6 +342,7 @@ class Run:
             if self.info.is_main:
                 truncate_metrics(self.cfg.out_dir, self.start, bool(self.state.get("pending_eval")),
                                  self.state.get("step_logged", True))
+                truncate_metrics(self.cfg.out_dir, self.start, bool(self.state.get("pending_eval")), name=EVAL_SAMPLES)
         self.logger = MetricsLogger(self.cfg.out_dir, enabled=self.info.is_main, report_to=self.cfg.report_to,
                                     name=f"{self.name} {Path(self.cfg.out_dir).name}", config=self.config,
                                     resume_step=self.start if self.resuming else None,
@@ -485,6 +486,10 @@ class Run:
 
     def evaluate(self, evaluate: Callable, done: int) -> dict:
         evaluated = evaluate()
+        shown = evaluated.pop("samples", None)  # a few held-out answers: a line each in eval_samples.jsonl
+        if shown and self.info.is_main:
+            with open(Path(self.cfg.out_dir) / EVAL_SAMPLES, "a") as f:
+                f.writelines(json.dumps(plain_tree({"step": done, **row})) + "\n" for row in shown)
         self.evals.append({"step": done, **{k: v for k, v in evaluated.items() if k != "stop"}})
         self.logger.log(done, {k: v for k, v in self.evals[-1].items() if k != "step"}, prefix="eval")  # the line's own
         if self.info.is_main:  # tqdm.write prints even on a disabled bar
