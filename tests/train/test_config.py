@@ -174,3 +174,28 @@ def test_a_text_field_typed_as_a_newline_or_spaces_keeps_them():
         cfg = load_config(PRMConfig, None, [f"step_separator={typed}", "model=m", "train_data=d.jsonl"])
         assert cfg.step_separator == typed
     assert load_config(PRMConfig, None, ["step_separator=; ", "model=m", "train_data=d.jsonl"]).step_separator == "; "
+
+
+def test_every_trl_hint_names_a_key_some_method_has():
+    """A hint that named a key no config has would send a user from one unknown key to another."""
+    import dataclasses
+
+    from rlhfkit.methods.dpo import DPOConfig
+    from rlhfkit.methods.grpo import GRPOConfig
+    from rlhfkit.methods.ppo import PPOConfig
+    from rlhfkit.methods.prm import PRMConfig
+    from rlhfkit.methods.rm import RMConfig
+    from rlhfkit.methods.sft import SFTConfig
+    from rlhfkit.train.config import TRL_NAMES
+
+    def paths(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            yield prefix + f.name
+            inner = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+            if dataclasses.is_dataclass(inner):  # train., lora., rollout.
+                yield from paths(type(inner), prefix + f.name + ".")
+
+    known = {p for cls in (SFTConfig, RMConfig, DPOConfig, GRPOConfig, PPOConfig, PRMConfig) for p in paths(cls)}
+    targets = {trl: hint.split(" ")[0].split("=")[0] for trl, hint in TRL_NAMES.items() if not hint.startswith("nothing")}
+    assert {trl: t for trl, t in targets.items() if t not in known} == {}
+    assert targets["use_vllm"] == "rollout.backend" and targets["whiten_rewards"] == "whiten_scores"

@@ -262,7 +262,15 @@ TRL_NAMES = {"learning_rate": "train.lr", "num_train_epochs": "train.epochs", "m
              "stop_token": "nothing: rollouts always stop at the tokenizer's EOS (TRL's stop_token='eos')",
              "stop_token_id": "nothing: rollouts stop at the tokenizer's EOS (set the tokenizer's eos_token to the one to stop at)",
              "response_length": "max_new_tokens", "max_prompt_length": "max_length (prompt and answer together)",
-             "completion_only_loss": "nothing: SFT's loss is on the completion (or assistant turns) always"}
+             "completion_only_loss": "nothing: SFT's loss is on the completion (or assistant turns) always",
+             "use_vllm": "rollout.backend=vllm (a colocated engine; TRL's server mode is not here)",
+             "vllm_gpu_memory_utilization": "rollout.gpu_memory_utilization",
+             "vllm_tensor_parallel_size": "rollout.tensor_parallel_size",
+             "vllm_enable_sleep_mode": "rollout.sleep",
+             "repetition_penalty": "nothing: samples are the policy's (logits / temperature, top_k, top_p), which the losses read",
+             "min_p": "nothing: the sampler has top_k and top_p",
+             "generation_kwargs": "nothing: the sampler takes temperature, top_k and top_p",
+             "log_completions": "nothing: every eval writes eval_samples.jsonl (8 held-out prompts and answers)"}
 for _name in ("max_grad_norm", "seed", "weight_decay", "warmup_steps", "report_to", "router_aux_loss_coef"):
     TRL_NAMES[_name] = f"train.{_name}"
 
