@@ -101,6 +101,17 @@ def test_bad_data_fails_clearly(tiny, tmp_path):
     assert out.returncode == 2 and "holds no rows" in out.stderr
     out = rlhfkit("sft", f"model={tiny['base']}", f"train_data={empty}", "train.lr=fast")
     assert out.returncode == 2 and "train.lr" in out.stderr
+    corrupt = tmp_path / "bad.parquet"  # the datasets library logged its own line before rlhfkit's
+    corrupt.write_bytes(b"PAR1garbage")
+    out = rlhfkit("sft", f"model={tiny['base']}", f"train_data={corrupt}", f"train.out_dir={tmp_path / 'o'}")
+    assert out.returncode == 2 and "Failed to read schema" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith(f"rlhfkit sft: error: {corrupt}: not a readable parquet file")
+    good = tmp_path / "good.jsonl"  # a bad kernel switch: one line too, not a traceback
+    good.write_text('{"prompt": "What is 1+1?", "completion": " 2"}\n')
+    out = rlhfkit("sft", f"model={tiny['base']}", f"train_data={good}", f"train.out_dir={tmp_path / 'k'}",
+                  "train.max_steps=1", env={**ENV, "RLHFKIT_FAST_LINEAR": "yes"})
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "rlhfkit sft: error: RLHFKIT_FAST_LINEAR='yes': use auto, 1" in out.stderr
 
 
 def test_tokenizer_too_big_for_the_embedding_is_refused(tiny, tmp_path):

@@ -294,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     from ..data.rows import DataError
+    from ..models.kernels import KernelSettingError
     from ..models.load import ModelLoadError
     from ..rollout.rewards import RewardError
     from ..train.checkpoint import CheckpointError
@@ -303,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (DataError, ModelLoadError, CheckpointError, ConfigError, NonFiniteError, RewardError, ConfigNotFound) as e:
+    except (DataError, ModelLoadError, CheckpointError, ConfigError, NonFiniteError, RewardError, ConfigNotFound,
+            KernelSettingError) as e:
         print(f"{_who(args)}: error: {e}", file=sys.stderr)
         return 2
     except Preempted as e:

@@ -356,13 +356,20 @@ def _chat_as_text(value) -> bool:
 
 
 def _read_parquet(path: Path) -> list[Row]:
+    import logging
+
     import datasets
 
+    quiet = logging.getLogger("datasets.packaged_modules.parquet.parquet")  # it logs the error we raise, first
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
     try:
         ds = datasets.Dataset.from_parquet(str(path))
     except Exception as e:  # pyarrow's ArrowInvalid (a truncated or corrupt file) and its kin
         first = (str(e).strip().splitlines() or [""])[0]
         raise DataError(f"{path}: not a readable parquet file ({type(e).__name__}: {first})") from None
+    finally:
+        quiet.setLevel(level)
     return [Row(f"{path}:row {i}", _present(dict(r))) for i, r in enumerate(ds, start=1)]
 
 

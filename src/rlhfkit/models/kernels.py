@@ -98,12 +98,16 @@ def kernel_choices() -> dict:
     return out
 
 
+class KernelSettingError(ValueError):
+    """A ``RLHFKIT_FAST_LINEAR`` value that is none of the switch's (the CLI prints it in one line)."""
+
+
 def _choose(timed, margin: float, pinned: str | None = None) -> tuple[str, float, float]:
     """The switch's kernel, or (``auto``) ``pinned``, else oneDNN where ``timed()`` finds it within
     ``margin`` of BLAS's time."""
     mode = os.environ.get("RLHFKIT_FAST_LINEAR", "auto")
     if mode not in ("auto", "0", "1"):
-        raise ValueError(f"RLHFKIT_FAST_LINEAR={mode!r}: use auto, 1 (oneDNN wherever it exists) or 0 (never)")
+        raise KernelSettingError(f"RLHFKIT_FAST_LINEAR={mode!r}: use auto, 1 (oneDNN wherever it exists) or 0 (never)")
     if not onednn_linear_available():
         return "blas", float("nan"), float("nan")
     if mode == "auto" and pinned in ("onednn", "blas"):
