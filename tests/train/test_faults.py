@@ -414,12 +414,15 @@ def test_rebase_schedule_gives_the_configs_decay_and_keeps_an_unchanged_lr_to_th
         assert again.param_groups[0]["lr"] == pytest.approx(lr * lr_factor(5, total, 2, "cosine", 0.1), rel=1e-12)
 
 
-def test_a_resume_to_a_length_below_the_checkpoint_is_refused_before_any_model_loads(tiny, tmp_path, monkeypatch):
+def test_a_resume_to_a_length_below_the_checkpoint_is_refused_before_any_model_loads(tiny, tmp_path, monkeypatch,
+                                                                                      capsys):
     cfg = method_config("sft", tiny, tmp_path / "run", 3)
     run_sft(cfg)
+    capsys.readouterr()
     monkeypatch.setattr(run_module.Run, "attach", lambda *a: pytest.fail("a model was loaded"))
     with pytest.raises(ConfigError, match=r"at optimizer step 3, past train\.max_steps=2; a resumed run cannot go back"):
         run_sft(replace(cfg, train__resume=True, train__max_steps=2))
+    assert "resuming" not in capsys.readouterr().err  # no "resuming ... with train.max_steps: 3 -> 2" before it
 
 
 def test_a_model_folder_appears_only_when_complete(tiny, tmp_path, monkeypatch):

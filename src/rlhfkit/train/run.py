@@ -625,10 +625,10 @@ def start_run(cfg: TrainConfig, config, name: str, unit: str = "optimizer step",
     resolved = plain_dict(config)
     if resuming:
         checkpoint = latest_checkpoint(cfg.out_dir)
-        check_resumed_config(checkpoint, resolved, info, force=cfg.resume == "force")
         done = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
         if not cfg.epochs and done > cfg.max_steps:  # with epochs the length is known once the data is read
             raise going_back(checkpoint, unit, done, f"train.max_steps={cfg.max_steps}")
+        check_resumed_config(checkpoint, resolved, info, force=cfg.resume == "force")  # says what changes
     if info.is_main:
         write_config(Path(cfg.out_dir), resolved)  # a config that cannot be written fails here, not at the end
     return Run(cfg, resolved, info, name, unit, resuming, show, max_steps=cfg.max_steps)
