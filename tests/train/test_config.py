@@ -153,6 +153,9 @@ def test_trl_hints_name_only_what_the_method_has_and_rows_given_in_python_are_de
     with pytest.raises(ConfigError) as err:
         load_config(DPOConfig, None, ["num_generations=4"])
     assert "TRL's names" not in str(err.value)  # DPO has no group_size
+    with pytest.raises(ConfigError) as err:
+        load_config(GRPOConfig, None, ["loss_weights=1"])
+    assert "TRL's names" not in str(err.value)  # GRPO's loss_type takes no weights
     config = plain_dict(SFTConfig(train_data={"prompt": ["a", "b"], "completion": ["c", "d"]},
                                   eval_data=[{"prompt": "a", "completion": "c"}]))
     assert config["train_data"] == "<dict of 2 columns, 2 rows>" and config["eval_data"] == "<list of 1 rows>"

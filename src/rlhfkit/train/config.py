@@ -286,6 +286,8 @@ def _trl_hint(key: str, prefix: str, names: set[str]) -> str | None:
     if key == "per_device_train_batch_size" and "prompts_per_step" in names:  # GRPO and PPO count prompts
         hint = ("prompts_per_step (prompts a step, over all ranks; TRL's GRPO counts completions per device: "
                 "prompts = per_device x ranks x steps_per_generation / num_generations)")
+    if key == "loss_weights" and "rpo_alpha" not in names:  # DPO's weighted loss forms; GRPO's loss_type has none
+        return None
     if hint is None or hint.startswith("nothing"):
         return hint
     target = hint.split(" ")[0].split("=")[0]
