@@ -561,7 +561,11 @@ def test_a_full_tmpfs_stops_the_run_in_one_line_and_leaves_no_partial_folder(tin
     (SFTConfig, "train.seed=-1", "'train.seed' must be >= 0; got -1"),
     (SFTConfig, "eval_limit=-1", "'eval_limit' must be >= 0; got -1"),
     (SFTConfig, "stop_at_accuracy=1.5", "'stop_at_accuracy' must be in [0, 1]; got 1.5"),
-    (SFTConfig, "snapshot_at_accuracy=0.5", "snapshot_at_accuracy needs eval_data"),
+    (SFTConfig, "snapshot_at_accuracy=0.5", "snapshot_at_accuracy=0.5 is used by held-out evaluation (eval_data) only"),
+    (SFTConfig, "eval_max_new_tokens=8 stop_at_accuracy=0.9 snapshot_at_accuracy=0.5",  # at once, with the way out
+     "eval_max_new_tokens=8, stop_at_accuracy=0.9, snapshot_at_accuracy=0.5 are used by held-out evaluation (eval_data) "
+     "only, which is off; turn it on, or leave them out (eval_max_new_tokens=16 stop_at_accuracy=null "
+     "snapshot_at_accuracy=null)"),
     (PPOConfig, "ptx_coef=0.5", "PPO-ptx needs both ptx_data and ptx_coef > 0; got ptx_data=None, ptx_coef=0.5"),
     (PPOConfig, "ptx_data=x.jsonl", "PPO-ptx needs both ptx_data and ptx_coef > 0; got ptx_data='x.jsonl', ptx_coef=0.0"),
     (RMConfig, "max_length=1", "'max_length' must be >= 2; got 1"),

@@ -49,6 +49,7 @@ from ..train.config import (
     LoraConfig,
     RolloutConfig,
     TrainConfig,
+    all_used_only_with,
     at_least,
     choice,
     positive,
@@ -186,8 +187,7 @@ class GRPOConfig:
             at_least(key, getattr(self, key), 1)
         for key in ("beta", "top_k", "eval_limit", "reward_timeout_s"):
             at_least(key, getattr(self, key), 0)
-        for key in ("eval_limit", "eval_max_new_tokens"):
-            used_only_with(key, getattr(self, key), getattr(GRPOConfig, key), bool(self.eval_data), "held-out evaluation (eval_data)")
+        all_used_only_with(self, ("eval_limit", "eval_max_new_tokens"), bool(self.eval_data), "held-out evaluation (eval_data)")
         positive("temperature", self.temperature, " (greedy samples make a group G copies of one answer: no advantage)")
         at_least("overlong_penalty", self.overlong_penalty, 0)
         within("overlong_buffer", self.overlong_buffer, 0, self.max_new_tokens)

@@ -28,7 +28,7 @@ from ..models.load import load_causal_lm, load_tokenizer
 from ..rollout.backend import SamplerBackend
 from ..rollout.evaluate import HeldOut, exact_match
 from ..tasks import TASK_CHOICES
-from ..train.config import ConfigError, LoraConfig, TrainConfig, at_least, choice, used_only_with, within
+from ..train.config import ConfigError, LoraConfig, TrainConfig, all_used_only_with, at_least, choice, within
 from ..train.loop import Objective, train_offline
 from ..train.run import start_run
 from .common import accuracy_eval, check_positions, head, longest, longest_prompt
@@ -57,13 +57,10 @@ class SFTConfig:
         at_least("max_length", self.max_length, 2)
         at_least("eval_max_new_tokens", self.eval_max_new_tokens, 1)
         at_least("eval_limit", self.eval_limit, 0)
-        for key in ("eval_limit", "eval_max_new_tokens"):
-            used_only_with(key, getattr(self, key), getattr(SFTConfig, key), bool(self.eval_data), "held-out evaluation (eval_data)")
         within("stop_at_accuracy", self.stop_at_accuracy, 0, 1)
         within("snapshot_at_accuracy", self.snapshot_at_accuracy, 0, 1)
-        for key in ("stop_at_accuracy", "snapshot_at_accuracy"):
-            if getattr(self, key) is not None and not self.eval_data:
-                raise ConfigError(f"{key} needs eval_data (held-out prompts whose greedy answers give the accuracy)")
+        all_used_only_with(self, ("eval_limit", "eval_max_new_tokens", "stop_at_accuracy", "snapshot_at_accuracy"),
+                           bool(self.eval_data), "held-out evaluation (eval_data)")
 
 
 def sft_objective(router_coef: float = 0.0) -> Objective:

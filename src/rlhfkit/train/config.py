@@ -35,6 +35,19 @@ def used_only_with(key: str, value, default, used: bool, by: str) -> None:
         raise ConfigError(f"{key}={value} is used by {by} only, which is off; set it or leave {key} out")
 
 
+def all_used_only_with(cfg, keys: tuple[str, ...], used: bool, by: str) -> None:
+    """``used_only_with`` for several keys at once: every one of ``keys`` that ``cfg`` sets away from
+    its default, in one error with the defaults that leave them out (a shipped YAML's values are
+    overridden so, e.g. to turn its eval off)."""
+    changed = [k for k in keys if getattr(cfg, k) != getattr(type(cfg), k)]
+    if used or not changed:
+        return
+    values = ", ".join(f"{k}={getattr(cfg, k)}" for k in changed)
+    defaults = " ".join(f"{k}={'null' if getattr(type(cfg), k) is None else getattr(type(cfg), k)}" for k in changed)
+    raise ConfigError(f"{values} {'is' if len(changed) == 1 else 'are'} used by {by} only, which is off; turn it on, or "
+                      f"leave {'it' if len(changed) == 1 else 'them'} out ({defaults})")
+
+
 def within(key: str, value, low, high, open_low: bool = False) -> None:
     """``low <= value <= high`` (``low < value`` when ``open_low``); None passes (an unset option)."""
     if value is None:
