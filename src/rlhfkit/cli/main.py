@@ -278,8 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="plots", help="folder for the PNGs (default: plots)")
     p.set_defaults(func=cmd_plot)
     p = sub.add_parser("demo", help="the whole pipeline on the tiny default, on a CPU, in minutes")
-    p.add_argument("--out", default="demo_out")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="demo_out", help="folder for every stage's run and summary.json (default: demo_out)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the tiny default and of every stage (default 0)")
     p.add_argument("--quick", action="store_true", help="a shorter run (for smoke tests)")
     p.add_argument("--stages", help="comma-separated stages to run, in order (default: all); a stage needs the "
                    "ones it starts from, e.g. sft_multistep,prm,grpo_prm_learned")

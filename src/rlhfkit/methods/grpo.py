@@ -197,9 +197,10 @@ class GRPOConfig:
                        self.overlong_buffer > 0, "overlong_buffer > 0")
         if self.overlong_buffer and self.process_reward is not None:
             raise ConfigError("overlong_buffer shapes the outcome reward, which process_reward replaces; set one")
-        if not 0 < self.top_p <= 1 or not self.eps_low > 0 or (self.eps_high is not None
-                                                                and not self.eps_high >= self.eps_low):  # NaN too
-            raise ConfigError("config keys: top_p must be in (0, 1], eps_low > 0 and eps_high >= eps_low")
+        within("top_p", self.top_p, 0, 1, open_low=True)
+        positive("eps_low", self.eps_low)
+        if self.eps_high is not None and not self.eps_high >= self.eps_low:  # NaN too
+            raise ConfigError(f"config key 'eps_high' must be >= eps_low ({self.eps_low}); got {self.eps_high}")
         high = 1 + (self.eps_low if self.eps_high is None else self.eps_high)
         if self.delta is not None and self.loss_type == "cispo":
             raise ConfigError("delta caps the clipped ratio of the other loss types; cispo clips its weight at "
