@@ -247,7 +247,8 @@ def test_grpo_rewards_from_a_module_and_a_file_on_the_command_line(tiny, tmp_pat
 def test_lora_from_the_command_line_and_vllm_refused_without_a_gpu(tiny, tmp_path):
     data, run = tiny["data"], tmp_path / "lora"
     out = rlhfkit("sft", "--config", "sft_tiny", f"model={tiny['base']}", f"train_data={data / 'sft_train.jsonl'}",
-                  "eval_data=null", "stop_at_accuracy=null", "snapshot_at_accuracy=null", f"train.out_dir={run}",
+                  "eval_data=null", "stop_at_accuracy=null", "snapshot_at_accuracy=null", "eval_max_new_tokens=16",
+                  f"train.out_dir={run}",
                   "train.max_steps=5", "train.batch_size=16",
                   "train.progress=false", "lora.r=4", "lora.alpha=8", "lora.merge=true",
                   "train.activation_checkpointing=true")

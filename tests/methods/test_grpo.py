@@ -14,6 +14,8 @@ def _cfg(tiny, model, out, prefix="", steps=300, **kw):
                 prompts_per_step=16, beta=0.04, max_new_tokens=16, eval_max_new_tokens=16,
                 train=quiet_train(out, max_steps=steps, lr=1e-4, schedule="constant", log_every=10))
     base.update(kw)
+    if base["eval_data"] is None:  # no eval: its own keys are refused unless left out
+        base.update(eval_limit=GRPOConfig.eval_limit, eval_max_new_tokens=GRPOConfig.eval_max_new_tokens)
     return GRPOConfig(**base)
 
 

@@ -17,9 +17,11 @@ def test_micro_batches_give_the_whole_batch_update(method, tiny, tmp_path, monke
     ptx_rows, ptx_loss = [], ppo.ptx_loss
     monkeypatch.setattr(ppo, "ptx_loss", lambda actor, batch, *a: ptx_rows.append(len(batch.input_ids))
                         or ptx_loss(actor, batch, *a))
-    scored, reward_scores = [], ppo.reward_scores  # PPO's scoring forwards are micro-batched too
-    monkeypatch.setattr(ppo, "reward_scores", lambda model, ids, *a: scored.append(len(ids))
-                        or reward_scores(model, ids, *a))
+    import rlhfkit.models.reward as reward_module
+
+    scored, forward = [], reward_module._reward_scores  # PPO's scoring forwards are micro-batched too
+    monkeypatch.setattr(reward_module, "_reward_scores", lambda model, ids, *a: scored.append(len(ids))
+                        or forward(model, ids, *a))
     results = {}
     for micro in (0, 1, 2):  # PPO: 4 rows per minibatch (and 4 ptx rows); GRPO: 16 rows; micro-batches of 1 and 2
         out = tmp_path / f"m{micro}"

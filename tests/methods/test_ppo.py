@@ -111,6 +111,7 @@ def test_under_bf16_pi_old_is_the_trained_forwards_not_the_fp32_samplers(tiny):
     assert (exp.old_logprobs - trained)[mask].abs().max() < 1e-6  # the first ratios are 1
     assert (exp.samples.logprobs - trained)[mask].abs().max() > 1e-3  # as the sampler's would not have been
     assert exp.logprob_gap > 1e-4
+    assert exp.kl.abs().max() < 1e-6  # the reference (the same weights) under the same autocast: no KL from bf16
 
 
 class _ShiftedBackend(SamplerBackend):

@@ -128,6 +128,7 @@ def test_a_reward_folder_is_read_at_its_own_pad_id_whatever_pads_the_batch(tiny,
 def test_learned_rewards_score_micro_batch_by_micro_batch_as_in_one_forward(tiny, tmp_path, monkeypatch):
     """train.micro_batch_size bounds the learned rewards' forwards too (they scored a GRPO step's
     every sample in one): the same scores, in forwards of at most that many rows."""
+    import rlhfkit.models.reward as reward_module
     import rlhfkit.rollout.reward_models as rm_module
 
     tok = load_tokenizer(tiny["base"])
@@ -140,9 +141,9 @@ def test_learned_rewards_score_micro_batch_by_micro_batch_as_in_one_forward(tiny
     rows, samples = read_rows([{"prompt": p} for p in prompts]), _samples(tok, prompts, texts)
     ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     seen = []
-    for name in ("reward_scores", "step_logits"):
-        real = getattr(rm_module, name)
-        monkeypatch.setattr(rm_module, name, lambda model, input_ids, *a, _real=real, **k:
+    for module, name in ((reward_module, "_reward_scores"), (rm_module, "step_logits")):  # each forward's rows
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda model, input_ids, *a, _real=real, **k:
                             seen.append(len(input_ids)) or _real(model, input_ids, *a, **k))
     scores, steps = {}, {}
     for chunk in (0, 2):

@@ -153,14 +153,21 @@ def test_resume_truncates_the_metrics_log_and_removes_stale_temporary_folders(ti
 
 @pytest.mark.parametrize("resume", [True, False, "auto"])
 def test_a_run_killed_before_its_first_checkpoint_starts_afresh(resume, tiny, tmp_path, monkeypatch, capfd):
+    def cfg(**kw):  # saves only at the end; evaluates every step
+        return replace(method_config("sft", tiny, tmp_path / "k", 3, eval_every=1, **kw),
+                       eval_data=small(tiny, "sft_eval.jsonl", 8), eval_max_new_tokens=4)
+
     original = _kill_when(monkeypatch, "sft", 1, after=True)
     with pytest.raises(Killed):
-        RUNS["sft"](method_config("sft", tiny, tmp_path / "k", 3))  # saves only at the end
+        RUNS["sft"](cfg())
     monkeypatch.setattr(run_module.Run, "step_done", original)
     assert latest_checkpoint(tmp_path / "k") is None and (tmp_path / "k" / "metrics.jsonl").exists()
+    assert (tmp_path / "k" / "eval_samples.jsonl").exists()
     capfd.readouterr()
-    summary = RUNS["sft"](replace(method_config("sft", tiny, tmp_path / "k", 3), train__resume=resume))
-    assert summary["steps"] == 3 and [m["step"] for m in read_metrics(tmp_path / "k")] == [1, 2, 3]
+    summary = RUNS["sft"](cfg(resume=resume))
+    assert summary["steps"] == 3 and [m["step"] for m in read_metrics(tmp_path / "k") if "train/loss" in m] == [1, 2, 3]
+    shown = (tmp_path / "k" / "eval_samples.jsonl").read_text().splitlines()  # the killed run's step 1 went too
+    assert [json.loads(line)["step"] for line in shown] == [1] * 8 + [2] * 8 + [3] * 8
     said = [line for line in capfd.readouterr().err.splitlines() if "afresh" in line]
     assert said == [f"{tmp_path / 'k'}: no complete checkpoint to resume from; starting afresh"]
     with pytest.raises(CheckpointError, match="already holds a run"):  # now it has one: not overwritten

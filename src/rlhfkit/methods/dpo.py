@@ -30,6 +30,7 @@ from ..train.config import (
     ConfigError,
     LoraConfig,
     TrainConfig,
+    all_used_only_with,
     at_least,
     choice,
     positive,
@@ -99,10 +100,9 @@ class DPOConfig:
         at_least("eval_max_new_tokens", self.eval_max_new_tokens, 1)
         at_least("max_length", self.max_length, 2)
         at_least("eval_limit", self.eval_limit, 0)
-        used_only_with("eval_limit", self.eval_limit, DPOConfig.eval_limit, bool(self.eval_data or self.eval_prompts),
-                       "held-out evaluation (eval_data, eval_prompts)")
-        used_only_with("eval_max_new_tokens", self.eval_max_new_tokens, DPOConfig.eval_max_new_tokens,
-                       bool(self.eval_prompts), "the held-out accuracy (eval_prompts)")
+        all_used_only_with(self, ("eval_limit", "eval_max_new_tokens"), bool(self.eval_data or self.eval_prompts),
+                           "held-out evaluation (eval_data, eval_prompts)")
+        all_used_only_with(self, ("eval_max_new_tokens",), bool(self.eval_prompts), "the held-out accuracy (eval_prompts)")
         positive("beta", self.beta)
 
 

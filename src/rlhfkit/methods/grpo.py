@@ -330,7 +330,7 @@ def update(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: 
     ref_logprobs = None
     if reference is not None:
         with reference() as ref_model:
-            ref_logprobs = chunked_logprobs(ref_model, samples, chunks, group, cfg.temperature)
+            ref_logprobs = chunked_logprobs(ref_model, samples, chunks, group, cfg.temperature, cfg.train.dtype)
     old_logprobs = None
     if cfg.mu > 1:
         old_logprobs = samples.logprobs if exact else chunked_logprobs(policy, samples, chunks, group, cfg.temperature,

@@ -188,11 +188,6 @@ def critic_values(critic, samples: Samples, first_rows: torch.Tensor, chunk: int
     return values, first
 
 
-def chunked_scores(reward_model, samples: Samples, chunks: list[torch.Tensor]) -> torch.Tensor:
-    """The reward model's score of every row (B,), one forward per micro-batch."""
-    return torch.cat([reward_scores(reward_model, samples.input_ids[i], samples.attention_mask[i]) for i in chunks])
-
-
 @torch.no_grad()
 def make_experience(models: dict, backend, prompt_ids: list, cfg: PPOConfig, beta: float, exact: bool = True,
                     info: DistInfo | None = None) -> tuple[Experience, dict]:
@@ -208,9 +203,10 @@ def make_experience(models: dict, backend, prompt_ids: list, cfg: PPOConfig, bet
     t1 = time.time()
     chunk = cfg.train.micro_batch_size  # rows per scoring forward too (0: the whole batch in one)
     chunks = row_chunks(len(prompt_ids), chunk)
-    raw = chunked_scores(models["reward"], samples, chunks)  # (B,)
+    raw = reward_scores(models["reward"], samples.input_ids, samples.attention_mask, chunk)  # (B,)
     with models["reference"]() as reference:  # a frozen copy, or the actor with its adapters off
-        ref_logprobs = chunked_logprobs(reference, samples, chunks, temperature=cfg.temperature).float()
+        ref_logprobs = chunked_logprobs(reference, samples, chunks, temperature=cfg.temperature,
+                                        dtype=cfg.train.dtype).float()  # as pi_old: a KL of 0 at the start
     size = cfg.minibatch_size // info.world_size  # this rank's rows of a minibatch
     micro = min(cfg.train.micro_batch_size or size, size)
     old_values, first_values = critic_values(models["critic"], samples, first_order[:micro], chunk)

@@ -24,7 +24,7 @@ from ..losses.rm import ranking_loss
 from ..models.forward import eval_mode
 from ..models.load import disable_dropout, load_tokenizer
 from ..models.reward import load_reward_model, reward_scores, score_name, shared_prompt_scores
-from ..train.config import LoraConfig, TrainConfig, at_least, choice, used_only_with
+from ..train.config import LoraConfig, TrainConfig, all_used_only_with, at_least, choice
 from ..train.loop import Objective, train_offline
 from ..train.run import start_run
 from .common import check_positions, head, longest, ranking_collate
@@ -49,7 +49,7 @@ class RMConfig:
         at_least("center_coef", self.center_coef, 0.0)
         at_least("max_length", self.max_length, 2)
         at_least("eval_limit", self.eval_limit, 0)
-        used_only_with("eval_limit", self.eval_limit, RMConfig.eval_limit, bool(self.eval_data), "held-out evaluation (eval_data)")
+        all_used_only_with(self, ("eval_limit",), bool(self.eval_data), "held-out evaluation (eval_data)")
 
 
 def batch_scores(model, batch) -> torch.Tensor:

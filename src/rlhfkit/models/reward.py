@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ..data.encode import row_chunks
 from ..losses.prm import step_logit
 from .forward import as_forward, flat_window, hidden_states, lm_logits
 from .kernels import use_fast_linear
@@ -221,9 +222,14 @@ def score_index(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token
     return last_token_index(attention_mask.bool() & (input_ids != pad_token_id))
 
 
-def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """r(x, y): the score head read where transformers reads it (``score_index``). (B,)"""
-    return as_forward(model, _reward_scores, input_ids, attention_mask)
+def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  rows_per_forward: int = 0) -> torch.Tensor:
+    """r(x, y): the score head read where transformers reads it (``score_index``), in forwards of
+    at most ``rows_per_forward`` rows (0: one forward). (B,)"""
+    if not 0 < rows_per_forward < len(input_ids):
+        return as_forward(model, _reward_scores, input_ids, attention_mask)
+    return torch.cat([as_forward(model, _reward_scores, input_ids[i], attention_mask[i])
+                      for i in row_chunks(len(input_ids), rows_per_forward)])
 
 
 def _reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

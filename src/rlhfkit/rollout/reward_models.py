@@ -71,9 +71,7 @@ class RewardModelReward:
         return self._scores(ids.to(device), mask.to(device))
 
     def _scores(self, ids: torch.Tensor, mask: torch.Tensor) -> list[float]:
-        """r of every row, ``rows_per_forward`` at a time (0: all in one forward)."""
-        return [s for i in row_chunks(len(ids), self.rows_per_forward)
-                for s in reward_scores(self.model, ids[i], mask[i]).tolist()]
+        return reward_scores(self.model, ids, mask, self.rows_per_forward).tolist()
 
 
 class ProcessRewardModelReward:

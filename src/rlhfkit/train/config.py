@@ -283,7 +283,8 @@ TRL_NAMES = {"learning_rate": "train.lr", "num_train_epochs": "train.epochs", "m
              "repetition_penalty": "nothing: samples are the policy's (logits / temperature, top_k, top_p), which the losses read",
              "min_p": "nothing: the sampler has top_k and top_p",
              "generation_kwargs": "nothing: the sampler takes temperature, top_k and top_p",
-             "log_completions": "nothing: every eval writes eval_samples.jsonl (8 held-out prompts and answers)"}
+             "log_completions": "nothing: SFT's, DPO's (eval_prompts), GRPO's and PPO's evals write eval_samples.jsonl "
+                                "(8 held-out prompts and their answers)"}
 for _name in ("max_grad_norm", "seed", "weight_decay", "warmup_steps", "report_to", "router_aux_loss_coef"):
     TRL_NAMES[_name] = f"train.{_name}"
 

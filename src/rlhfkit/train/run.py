@@ -95,6 +95,7 @@ def prepare_out_dir(cfg: TrainConfig, info: DistInfo) -> bool:
     if info.is_main and not found and (cfg.resume or (out / "metrics.jsonl").exists()):
         print(f"{out}: no complete checkpoint to resume from; starting afresh", file=sys.stderr)
         (out / "metrics.jsonl").unlink(missing_ok=True)
+        (out / EVAL_SAMPLES).unlink(missing_ok=True)
         shutil.rmtree(out / "tensorboard", ignore_errors=True)  # its events too: no step is shown twice
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
