@@ -146,6 +146,30 @@ def test_pi_old_is_recomputed_when_the_backend_is_not_exact(tiny):
             assert exp.logprob_gap == pytest.approx(0.5, abs=1e-5)
 
 
+def test_another_engines_samples_are_weighed_to_pi_old(tiny):
+    """sampling_correction, as GRPO's (TRL's vllm_importance_sampling_*): an engine whose
+    log-probs are 0.5 nats above the trainer's on every token drew tokens pi_old gives e^-0.5 of
+    that probability each: with token_truncate the policy loss is e^-0.5 of the unweighed one,
+    with none it is unweighed; an exact backend's samples are never weighed."""
+    import math
+
+    cfg, models, tok, prompts = _untrained(tiny)
+    losses = {}
+    for exact, mode in ((False, "token_truncate"), (False, "none"), (True, "token_truncate")):
+        torch.manual_seed(0)
+        exp, _ = make_experience(models, _ShiftedBackend(tok, models["actor"], exact), prompts, cfg, 0.05, exact)
+        exp.advantages = torch.ones_like(exp.advantages) * exp.mask  # a loss that is not 0 at ratio 1
+        rows = torch.arange(exp.mask.shape[0])
+        _, stats = minibatch_loss(models["actor"], models["critic"], exp, rows, replace(cfg, sampling_correction=mode),
+                                  {"tokens": exp.mask.sum().item()})
+        losses[exact, mode] = stats
+    weighed, plain, exact = losses[False, "token_truncate"], losses[False, "none"], losses[True, "token_truncate"]
+    assert weighed["policy_loss"].item() == pytest.approx(math.exp(-0.5) * plain["policy_loss"].item(), rel=1e-5)
+    assert weighed["sampling_weight_mean"].item() == pytest.approx(math.exp(-0.5), rel=1e-5)
+    assert "sampling_weight_mean" not in plain and "sampling_weight_mean" not in exact
+    assert plain["policy_loss"].item() == pytest.approx(-1.0, abs=1e-5)  # pi_old recomputed: ratio 1, A = 1
+
+
 @pytest.mark.slow
 def test_ppo_raises_rm_score_and_accuracy_with_bounded_kl(tiny, sft_run, reward_model, tmp_path):
     summary = run_ppo(_cfg(tiny, sft_run, reward_model, tmp_path / "ppo", steps=600))

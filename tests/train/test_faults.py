@@ -615,6 +615,11 @@ def test_a_full_tmpfs_stops_the_run_in_one_line_and_leaves_no_partial_folder(tin
      "eval_max_new_tokens=4 is used by the held-out accuracy (eval_prompts) only"),
     (GRPOConfig, "eval_max_new_tokens=4", "eval_max_new_tokens=4 is used by held-out evaluation (eval_data) only"),
     (PPOConfig, "eval_limit=50", "eval_limit=50 is used by held-out evaluation (eval_data) only"),
+    (PPOConfig, "sampling_correction=always", "'sampling_correction' must be one of sequence_mask, sequence_truncate"),
+    (PPOConfig, "sampling_correction=none sampling_correction_max=2",
+     "sampling_correction_max=2.0 is used by sampling_correction other than none only"),
+    (GRPOConfig, "sampling_correction_min=2 sampling_correction_max=2",
+     "'sampling_correction_max' must be > sampling_correction_min"),
 ])
 def test_nonsense_values_fail_in_one_line_when_read(cls, override, message):
     with pytest.raises(ConfigError) as e:

@@ -69,15 +69,20 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                eps: float = 0.2, num_tokens: float | None = None):
-    """Clipped surrogate (losses/policy.py), token mean. Returns (loss, metrics)."""
+                eps: float = 0.2, num_tokens: float | None = None, sample_weights: torch.Tensor | None = None):
+    """Clipped surrogate (losses/policy.py), token mean; each token's term times ``sample_weights``
+    ((B, T) or (B, 1): pi_old / pi_sampler where another engine drew the samples, losses/grpo.py
+    ``sampling_weights``) when given. Returns (loss, metrics)."""
     mask = mask.to(logprobs.dtype)
     surrogate = clipped_surrogate(logprobs, old_logprobs, advantages, eps)
-    loss = token_mean(surrogate.loss, mask, num_tokens)
+    per_token = surrogate.loss if sample_weights is None else surrogate.loss * sample_weights
+    loss = token_mean(per_token, mask, num_tokens)
     with torch.no_grad():
         clipped = (surrogate.clipped_low | surrogate.clipped_high).to(mask.dtype)  # the clip changed the gradient
         metrics = {"policy_clip_frac": masked_mean(clipped, mask),
                    "approx_kl": masked_mean((surrogate.ratio - 1) - surrogate.log_ratio, mask)}
+        if sample_weights is not None:
+            metrics["sampling_weight_mean"] = masked_mean(sample_weights.expand_as(mask), mask)
     return loss, metrics
 
 

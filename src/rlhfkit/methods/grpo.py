@@ -51,6 +51,7 @@ from ..train.config import (
     TrainConfig,
     all_used_only_with,
     at_least,
+    check_sampling_correction,
     choice,
     positive,
     used_only_with,
@@ -161,16 +162,7 @@ class GRPOConfig:
             raise ConfigError("top_entropy_quantile is for token ratios: with GSPO's one ratio per answer "
                               "(importance_sampling_level=sequence) TRL's masked losses still reach every token "
                               "through it and rlhfkit's GSPO-token form would not; set one")
-        choice("sampling_correction", self.sampling_correction, SAMPLING_CORRECTIONS)
-        at_least("sampling_correction_min", self.sampling_correction_min, 0)
-        if None not in (self.sampling_correction_min, self.sampling_correction_max) and \
-                not self.sampling_correction_max > self.sampling_correction_min:
-            raise ConfigError("config key 'sampling_correction_max' must be > sampling_correction_min")
-        if self.sampling_correction == "none":
-            used_only_with("sampling_correction_min", self.sampling_correction_min, None, False,
-                           "sampling_correction other than none")
-            used_only_with("sampling_correction_max", self.sampling_correction_max, 3.0, False,
-                           "sampling_correction other than none")
+        check_sampling_correction(self, SAMPLING_CORRECTIONS)
         if self.scale_rewards == "batch" and self.process_reward is not None:
             raise ConfigError("scale_rewards=batch scales outcome advantages; a process reward's step rewards are "
                               "normalised over their group (scale_rewards group or none)")

@@ -17,6 +17,7 @@ import torch
 
 from ..data.encode import SFTBatch, check_prompts, collate_sft, encode_sft, row_chunks, to_device
 from ..data.rows import read_rows, source_name
+from ..losses.grpo import SAMPLING_CORRECTIONS, sampling_weights
 from ..losses.ppo import AdaptiveKL, explained_variance, gae, kl_penalty_rewards, policy_loss, value_loss
 from ..losses.reduce import masked_mean, masked_whiten
 from ..losses.sft import sft_loss
@@ -35,6 +36,7 @@ from ..train.config import (
     TrainConfig,
     all_used_only_with,
     at_least,
+    check_sampling_correction,
     choice,
     positive,
     used_only_with,
@@ -88,6 +90,11 @@ class PPOConfig:
     eval_limit: int = 500  # held-out prompts used; 0 = all
     eval_max_new_tokens: int = 16
     rollout: RolloutConfig = field(default_factory=RolloutConfig)  # rollout.backend: sampler | generate | vllm
+    # a backend whose log-probs are not pi_old (vllm, generate, bf16 training): the policy loss weighed by
+    # pi_old / pi_sampler, per sequence or token, masked or truncated outside [min, max], as GRPO's (none: off)
+    sampling_correction: str = "sequence_mask"
+    sampling_correction_min: float | None = None  # the weights' lower bound (None: none)
+    sampling_correction_max: float | None = 3.0  # the weights' upper bound (None: none)
     lora: LoraConfig = field(default_factory=LoraConfig)  # actor and critic adapters; the reference is the base
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/ppo"))
 
@@ -95,6 +102,7 @@ class PPOConfig:
         choice("frozen_dtype", self.frozen_dtype, ("fp32", "bf16"))
         choice("eval_task", self.eval_task, TASK_CHOICES)
         choice("kl_estimator", self.kl_estimator, ("k1", "k3"))
+        check_sampling_correction(self, SAMPLING_CORRECTIONS)
         for key in ("prompts_per_step", "minibatch_size", "ppo_epochs", "max_new_tokens", "kl_horizon",
                     "eval_max_new_tokens", "ptx_max_length"):
             at_least(key, getattr(self, key), 1)
@@ -138,10 +146,11 @@ class Experience:
     mask: torch.Tensor
     scores: torch.Tensor  # (B,) after scaling, penalty, whitening and clipping
     raw_scores: torch.Tensor  # (B,) the reward model's
-    kl: torch.Tensor  # (B, C) log pi_old - log pi_ref
+    kl: torch.Tensor  # (B, C) the per-token KL penalty's estimate (kl_estimator) of pi_old against pi_ref
     first_order: torch.Tensor  # (B,) the first epoch's row order
     first_values: torch.Tensor | None = None  # critic values of first_order[:micro], with their graph
     logprob_gap: float = 0.0  # mean |backend log-prob - forward log-prob| when pi_old was recomputed
+    recomputed: bool = False  # pi_old is a forward's, not the backend's: its samples are weighed (sampling_correction)
 
     def take_first_values(self) -> torch.Tensor | None:
         """The first micro-batch's values with their graph, once (stale after an optimizer step)."""
@@ -222,7 +231,7 @@ def make_experience(models: dict, backend, prompt_ids: list, cfg: PPOConfig, bet
     advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
     advantages = masked_whiten(advantages, mask, total=lambda sums: all_reduce_sum(sums, info)) * mask
     exp = Experience(samples, old_logprobs, old_values, advantages, returns, mask, scores, raw, kl, first_order,
-                     first_values, gap)
+                     first_values, gap, recomputed=not exact)
     return exp, {"time_generation_s": t1 - t0, "time_scoring_s": t2 - t1}
 
 
@@ -238,8 +247,12 @@ def minibatch_loss(actor, critic, exp: Experience, index: torch.Tensor, cfg: PPO
     with autocast(cfg.train.dtype, str(exp.mask.device)):
         logprobs, entropy = completion_logprobs(actor, part, with_entropy=True, temperature=cfg.temperature)
         values = completion_values(critic, part) if values is None else values
+    weights = None  # the samples another engine drew (vLLM, generate, a bf16 trainer), weighed to pi_old
+    if exp.recomputed and cfg.sampling_correction != "none":
+        weights = sampling_weights(exp.old_logprobs[index], exp.samples.logprobs[index], mask, cfg.sampling_correction,
+                                   cfg.sampling_correction_min, cfg.sampling_correction_max)
     pol, pol_stats = policy_loss(logprobs, exp.old_logprobs[index], exp.advantages[index], mask, cfg.eps_clip,
-                                 counts["tokens"])
+                                 counts["tokens"], weights)
     val, val_stats = value_loss(values, exp.old_values[index], exp.returns[index], mask, cfg.eps_value,
                                 counts["tokens"])
     # every statistic as these rows' share of its mean over the minibatch's tokens on all ranks (the

@@ -48,6 +48,19 @@ def all_used_only_with(cfg, keys: tuple[str, ...], used: bool, by: str) -> None:
                       f"leave {'it' if len(changed) == 1 else 'them'} out ({defaults})")
 
 
+def check_sampling_correction(cfg, modes: tuple[str, ...]) -> None:
+    """GRPO's and PPO's ``sampling_correction`` (one of ``modes``) and its bounds
+    ``sampling_correction_min`` / ``_max`` (defaults None and 3.0)."""
+    choice("sampling_correction", cfg.sampling_correction, modes)
+    at_least("sampling_correction_min", cfg.sampling_correction_min, 0)
+    low, high = cfg.sampling_correction_min, cfg.sampling_correction_max
+    if None not in (low, high) and not high > low:
+        raise ConfigError("config key 'sampling_correction_max' must be > sampling_correction_min")
+    if cfg.sampling_correction == "none":
+        used_only_with("sampling_correction_min", low, None, False, "sampling_correction other than none")
+        used_only_with("sampling_correction_max", high, 3.0, False, "sampling_correction other than none")
+
+
 def within(key: str, value, low, high, open_low: bool = False) -> None:
     """``low <= value <= high`` (``low < value`` when ``open_low``); None passes (an unset option)."""
     if value is None:
