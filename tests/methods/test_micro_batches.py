@@ -47,3 +47,26 @@ def test_micro_batches_give_the_whole_batch_update(method, tiny, tmp_path, monke
             assert ptx == pytest.approx([m["train/ptx_loss"] for m in read_metrics(tmp_path / "m0")], abs=1e-6)
         for p, q in zip(weights, whole_weights):  # Adam moves each weight by ~lr = 1e-4 a step; summation
             torch.testing.assert_close(p, q, atol=1e-5, rtol=0)  # order alone flips a rare near-eps element
+
+
+def test_grpo_learned_rewards_and_bf16_pi_old_in_a_run(tiny, tmp_path, monkeypatch):
+    """Through run_grpo: an rm: reward scores train.micro_batch_size rows per forward, and under
+    train.dtype=bf16 with mu = 2 pi_old is a forward (the sampler's fp32 log-probs are logged
+    apart from it) whose samples sampling_correction weighs."""
+    import rlhfkit.models.reward as reward_module
+    from methods_setup import reward_folder
+
+    from rlhfkit.methods.grpo import run_grpo
+    from rlhfkit.train.config import replace
+
+    scored, forward = [], reward_module._reward_scores
+    monkeypatch.setattr(reward_module, "_reward_scores", lambda model, ids, *a: scored.append(len(ids))
+                        or forward(model, ids, *a))
+    cfg = replace(method_config("grpo", tiny, tmp_path / "g", 1, micro_batch_size=4, log_every=1),
+                  rewards=f"rm:{reward_folder(tiny)}")
+    run_grpo(cfg)
+    assert scored == [4, 4, 4, 4]  # 4 prompts x 4 samples, 4 rows a forward
+    run_grpo(replace(cfg, train__out_dir=str(tmp_path / "bf16"), train__dtype="bf16"))
+    logged = read_metrics(tmp_path / "bf16")[0]
+    assert logged["train/logprob_gap"] > 1e-4 and "train/sampling_weight_mean" in logged
+    assert "train/sampling_weight_mean" not in read_metrics(tmp_path / "g")[0]  # fp32: the sampler's are pi_old

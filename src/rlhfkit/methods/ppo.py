@@ -369,7 +369,8 @@ def evaluate(models: dict, backend, tokenizer, rows: HeldOut, cfg: PPOConfig) ->
     """Greedy accuracy and the reward model's mean score of those same greedy samples."""
     backend.load_weights(models["actor"])
     out, samples, shown = rows.accuracy(backend, tokenizer, cfg.eval_max_new_tokens)
-    scores = torch.cat([reward_scores(models["reward"], s.input_ids, s.attention_mask) for s in samples])
+    scores = torch.cat([reward_scores(models["reward"], s.input_ids, s.attention_mask, cfg.train.micro_batch_size)
+                        for s in samples])
     shown = [{**s, "rm_score": score} for s, score in zip(shown, scores.tolist())]
     return {**out, "rm_score": scores.mean().item(), "samples": shown}
 
