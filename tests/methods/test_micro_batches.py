@@ -53,9 +53,9 @@ def test_grpo_learned_rewards_and_bf16_pi_old_in_a_run(tiny, tmp_path, monkeypat
     """Through run_grpo: an rm: reward scores train.micro_batch_size rows per forward, and under
     train.dtype=bf16 with mu = 2 pi_old is a forward (the sampler's fp32 log-probs are logged
     apart from it) whose samples sampling_correction weighs."""
-    import rlhfkit.models.reward as reward_module
     from methods_setup import reward_folder
 
+    import rlhfkit.models.reward as reward_module
     from rlhfkit.methods.grpo import run_grpo
     from rlhfkit.train.config import replace
 
