@@ -297,7 +297,22 @@ TRL_NAMES = {"learning_rate": "train.lr", "num_train_epochs": "train.epochs", "m
              "min_p": "nothing: the sampler has top_k and top_p",
              "generation_kwargs": "nothing: the sampler takes temperature, top_k and top_p",
              "log_completions": "nothing: SFT's, DPO's (eval_prompts), GRPO's and PPO's evals write eval_samples.jsonl "
-                                "(8 held-out prompts and their answers)"}
+                                "(8 held-out prompts and their answers)",
+             "num_completions_to_print": "nothing: eval_samples.jsonl holds 8 held-out answers at each eval",
+             "center_rewards_coefficient": "center_coef (the same scale)",
+             "padding_free": "packing (padding-free packed rows, per-sequence positions)",
+             "assistant_only_loss": "nothing: SFT on messages trains the assistant turns always",
+             "dataset_text_field": "nothing: a row's 'text' (or 'messages') field is read by its name",
+             "steps_per_generation": "prompts_per_step (the generation batch; one optimizer step per generation, as "
+                                     "TRL's default steps_per_generation = gradient_accumulation_steps)",
+             "generation_batch_size": "prompts_per_step (prompts per generation, over all ranks; times group_size "
+                                      "completions)",
+             "sync_ref_model": "nothing: the reference stays the start model (TR-DPO's sync is not implemented)",
+             "ref_model_sync_steps": "nothing: the reference stays the start model (TR-DPO's sync is not implemented)",
+             "ref_model_mixup_alpha": "nothing: the reference stays the start model (TR-DPO's sync is not implemented)",
+             "vllm_mode": "rollout.backend=vllm (an engine colocated with the trainer; TRL's server mode is not here)",
+             "disable_dropout": "nothing: RM, DPO, GRPO and PPO train with dropout off, as TRL's default",
+             "shuffle_dataset": "nothing: the rows are shuffled each epoch, by train.seed"}
 for _name in ("max_grad_norm", "seed", "weight_decay", "warmup_steps", "report_to", "router_aux_loss_coef"):
     TRL_NAMES[_name] = f"train.{_name}"
 
