@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from rlhfkit.losses.reduce import token_mean
@@ -51,3 +52,18 @@ def test_all_masked_batch_gives_connected_zero():
     assert loss.item() == 0.0 and loss.requires_grad
     loss.backward()
     assert torch.all(logprobs.grad == 0)
+
+
+def test_dft_weighs_each_tokens_nll_by_its_probability_held_constant():
+    """DFT (Wu et al. 2025; TRL's loss_type="dft"): -1/N sum sg(p) log p; its gradient with
+    respect to log p is -sg(p) / N, not the NLL's -1 / N."""
+    logprobs = torch.tensor([[0.0, -0.5, -1.0, -2.0], [0.0, -0.25, -3.0, -4.0]], requires_grad=True)
+    mask = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 0]])
+    loss, metrics = sft_loss(logprobs, mask, form="dft")
+    p = [math.exp(-1.0), math.exp(-2.0), math.exp(-3.0)]
+    assert loss.item() == pytest.approx((p[0] * 1.0 + p[1] * 2.0 + p[2] * 3.0) / 3, abs=1e-7)
+    assert metrics["nll_sum"].item() == pytest.approx(6.0)  # the plain NLL, as with nll
+    loss.backward()
+    expected = torch.zeros(2, 4)
+    expected[0, 2], expected[0, 3], expected[1, 2] = -p[0] / 3, -p[1] / 3, -p[2] / 3
+    torch.testing.assert_close(logprobs.grad, expected, atol=1e-7, rtol=0)

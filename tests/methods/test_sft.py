@@ -111,3 +111,30 @@ def test_the_balancing_loss_is_found_for_a_subclass_made_elsewhere(tiny, tmp_pat
     function, experts, top_k, coef = balancing_loss(model)
     assert function is tf.models.mixtral.modeling_mixtral.load_balancing_loss_func
     assert (experts, top_k, coef) == (4, 2, 0.02)
+
+
+def test_dft_trains_and_its_first_loss_is_the_probability_weighted_nll(tiny, tmp_path):
+    """loss_type=dft (TRL's): the first step's loss is -1/N sum p log p of the start model on the
+    step's rows, by hand from its forward; 40 steps lower the held-out NLL (eval/loss stays the NLL)."""
+    from methods_setup import method_config, small
+
+    from rlhfkit.data.encode import collate_sft, encode_sft
+    from rlhfkit.methods.sft import heldout_loss, run_sft
+    from rlhfkit.models.forward import token_logprobs
+    from rlhfkit.train.config import replace
+    from rlhfkit.train.loop import BatchOrder
+
+    cfg = replace(method_config("sft", tiny, tmp_path / "dft", 40, eval_every=40, log_every=1), loss_type="dft",
+                  eval_data=small(tiny, "sft_eval.jsonl", 32), eval_max_new_tokens=4)
+    model, tok = load_policy(str(tiny["base"]), None)
+    examples, _ = encode_sft(read_rows(cfg.train_data), tok, cfg.max_length)
+    first = collate_sft([examples[i] for i in BatchOrder(len(examples), 8, cfg.train.seed).indices(0)], tok.pad_token_id)
+    with torch.no_grad():
+        lp = token_logprobs(model, first.input_ids, first.attention_mask, first.completion_mask)
+    by_hand = float((-lp * lp.exp() * first.completion_mask).sum() / first.completion_mask[:, 1:].sum())
+    held, _ = encode_sft(read_rows(cfg.eval_data), tok, cfg.max_length)
+    before = heldout_loss(model, held, tok.pad_token_id)
+    summary = run_sft(cfg)
+    logged = read_metrics(tmp_path / "dft")
+    assert logged[0]["train/loss"] == pytest.approx(by_hand, rel=1e-4)
+    assert summary["evals"][-1]["loss"] < before - 0.3, (before, summary["evals"])

@@ -22,7 +22,7 @@ from ..data.encode import (
 )
 from ..data.formats import row_format
 from ..data.rows import DataError, read_rows, source_name
-from ..losses.sft import sft_loss
+from ..losses.sft import SFT_LOSSES, sft_loss
 from ..models.forward import eval_mode, reads_block_masks, router_balance, token_logprobs
 from ..models.load import load_causal_lm, load_tokenizer
 from ..rollout.backend import SamplerBackend
@@ -44,6 +44,7 @@ class SFTConfig:
     max_length: int = 128
     overlong: str = "error"  # error | truncate | skip
     packing: bool = False  # padding-free: a micro-batch's sequences end to end in rows of max_length (SDPA only)
+    loss_type: str = "nll"  # nll, or dft: Dynamic Fine-Tuning, each token's NLL times its probability (no gradient)
     eval_limit: int = 500  # held-out rows used; 0 = all
     eval_max_new_tokens: int = 16
     stop_at_accuracy: float | None = None  # end training once held-out accuracy reaches this
@@ -54,6 +55,7 @@ class SFTConfig:
     def __post_init__(self):
         choice("overlong", self.overlong, OVERLONG_POLICIES)
         choice("eval_task", self.eval_task, TASK_CHOICES)
+        choice("loss_type", self.loss_type, SFT_LOSSES)
         at_least("max_length", self.max_length, 2)
         at_least("eval_max_new_tokens", self.eval_max_new_tokens, 1)
         at_least("eval_limit", self.eval_limit, 0)
@@ -63,9 +65,9 @@ class SFTConfig:
                            bool(self.eval_data), "held-out evaluation (eval_data)")
 
 
-def sft_objective(router_coef: float = 0.0) -> Objective:
-    """The NLL of the completion tokens; ``router_coef`` > 0 adds a mixture of experts' router
-    balancing loss (models/forward.py ``router_balance``)."""
+def sft_objective(router_coef: float = 0.0, form: str = "nll") -> Objective:
+    """The NLL of the completion tokens (``form="dft"``: DFT's, losses/sft.py); ``router_coef`` > 0
+    adds a mixture of experts' router balancing loss (models/forward.py ``router_balance``)."""
     def counts(batch) -> dict:
         return {"tokens": batch.completion_mask[:, 1:].sum().item(), "forwards": 1}
 
@@ -73,7 +75,7 @@ def sft_objective(router_coef: float = 0.0) -> Objective:
         with router_balance(model, router_coef) as balance:
             logprobs = token_logprobs(model, batch.input_ids, batch.attention_mask, batch.completion_mask,
                                       position_ids=batch.position_ids)  # (B, T)
-        value, metrics = sft_loss(logprobs, batch.completion_mask, totals["tokens"])
+        value, metrics = sft_loss(logprobs, batch.completion_mask, totals["tokens"], form)
         metrics = {"tokens": metrics["tokens"]}
         return balance.add_to(value, metrics, 1 / totals["forwards"]), metrics
 
@@ -177,7 +179,7 @@ def run_sft(cfg: SFTConfig) -> dict:
                           f"{getattr(model.config, 'sliding_window', None)!r}: set packing=false")
     collate = ((lambda b: collate_sft_packed(b, tokenizer.pad_token_id, cfg.max_length)) if cfg.packing else
                (lambda b: collate_sft(b, tokenizer.pad_token_id)))
-    train_offline(run, model, examples, collate, sft_objective(run.router_coef), evaluate if rows or eval_examples else None)
+    train_offline(run, model, examples, collate, sft_objective(run.router_coef, cfg.loss_type), evaluate if rows or eval_examples else None)
     summary = {"loss": run.metrics.get("loss"), "length_report": report.summary(), "snapshot": snapshot or None}
     if run.evals:
         summary.update(accuracy=run.evals[-1].get("accuracy"), eval_loss=run.evals[-1].get("loss"))
