@@ -7,7 +7,7 @@ answers are not under-weighted and gradient accumulation or several ranks give t
 update as one big batch when the caller passes the global N as ``num_tokens``.
 
 Dynamic Fine-Tuning (Wu et al. 2025, "On the Generalization of SFT: A Reinforcement Learning
-Perspective with Reward Rectification", eq. 9; TRL's ``loss_type="dft"``) weighs each token's
+Perspective with Reward Rectification", arXiv 2508.05629; TRL's ``loss_type="dft"``) weighs each token's
 term by its own probability, held constant (sg: no gradient through it):
 
     L_DFT = - 1/N * sum_{b, t in completion} sg(pi_theta(y_{b,t} | .)) * log pi_theta(y_{b,t} | .)
