@@ -114,6 +114,28 @@ def test_under_bf16_pi_old_is_the_trained_forwards_not_the_fp32_samplers(tiny):
     assert exp.kl.abs().max() < 1e-6  # the reference (the same weights) under the same autocast: no KL from bf16
 
 
+def test_ppo_eval_scores_its_answers_micro_batch_by_micro_batch(tiny, monkeypatch):
+    """train.micro_batch_size bounds PPO's eval scoring too (it scored up to 256 answers a forward)."""
+    import rlhfkit.models.reward as reward_module
+    from rlhfkit.methods.ppo import evaluate
+    from rlhfkit.rollout.evaluate import HeldOut
+
+    cfg, models, tok, _ = _untrained(tiny, eval_max_new_tokens=4, eval_data=str(tiny["data"] / "prompts_eval.jsonl"))
+    rows = HeldOut(read_rows(tiny["data"] / "prompts_eval.jsonl")[:5])
+    seen, forward = [], reward_module._reward_scores
+    monkeypatch.setattr(reward_module, "_reward_scores", lambda model, ids, *a: seen.append(len(ids))
+                        or forward(model, ids, *a))
+    results = {}
+    for micro in (0, 2):
+        seen.clear()
+        results[micro] = evaluate(models, SamplerBackend(tok, models["actor"]), tok, rows,
+                                  replace(cfg, train__micro_batch_size=micro))
+        assert seen == ([5] if micro == 0 else [2, 2, 1])
+    assert results[2]["rm_score"] == pytest.approx(results[0]["rm_score"], abs=1e-6)
+    assert [r["rm_score"] for r in results[2]["samples"]] == pytest.approx([r["rm_score"] for r in results[0]["samples"]],
+                                                                          abs=1e-6)
+
+
 class _ShiftedBackend(SamplerBackend):
     """The sampler's tokens with log-probs off by 0.5: a stand-in for an engine whose numbers differ."""
 

@@ -620,6 +620,10 @@ def test_a_full_tmpfs_stops_the_run_in_one_line_and_leaves_no_partial_folder(tin
      "sampling_correction_max=2.0 is used by sampling_correction other than none only"),
     (GRPOConfig, "sampling_correction_min=2 sampling_correction_max=2",
      "'sampling_correction_max' must be > sampling_correction_min"),
+    (PPOConfig, "sampling_correction=token_truncate sampling_correction_max=null",  # torch.clamp(None, None) mid-run
+     "sampling_correction=token_truncate truncates the weights to [sampling_correction_min, sampling_correction_max]; "
+     "give at least one bound"),
+    (GRPOConfig, "sampling_correction_max=0", "'sampling_correction_max' must be > 0; got 0.0"),
 ])
 def test_nonsense_values_fail_in_one_line_when_read(cls, override, message):
     with pytest.raises(ConfigError) as e:

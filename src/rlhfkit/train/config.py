@@ -54,8 +54,12 @@ def check_sampling_correction(cfg, modes: tuple[str, ...]) -> None:
     choice("sampling_correction", cfg.sampling_correction, modes)
     at_least("sampling_correction_min", cfg.sampling_correction_min, 0)
     low, high = cfg.sampling_correction_min, cfg.sampling_correction_max
+    positive("sampling_correction_max", high)  # 0 or below would weigh every sample 0
     if None not in (low, high) and not high > low:
         raise ConfigError("config key 'sampling_correction_max' must be > sampling_correction_min")
+    if cfg.sampling_correction.endswith("truncate") and low is None and high is None:
+        raise ConfigError(f"sampling_correction={cfg.sampling_correction} truncates the weights to "
+                          "[sampling_correction_min, sampling_correction_max]; give at least one bound")
     if cfg.sampling_correction == "none":
         used_only_with("sampling_correction_min", low, None, False, "sampling_correction other than none")
         used_only_with("sampling_correction_max", high, 3.0, False, "sampling_correction other than none")
@@ -303,15 +307,17 @@ TRL_NAMES = {"learning_rate": "train.lr", "num_train_epochs": "train.epochs", "m
              "padding_free": "packing (padding-free packed rows, per-sequence positions)",
              "assistant_only_loss": "nothing: SFT on messages trains the assistant turns always",
              "dataset_text_field": "nothing: a row's 'text' (or 'messages') field is read by its name",
-             "steps_per_generation": "prompts_per_step (the generation batch; one optimizer step per generation, as "
-                                     "TRL's default steps_per_generation = gradient_accumulation_steps)",
-             "generation_batch_size": "prompts_per_step (prompts per generation, over all ranks; times group_size "
-                                      "completions)",
+             "steps_per_generation": "nothing: one optimizer step per generation, on the whole batch (TRL's default, "
+                                     "steps_per_generation = gradient_accumulation_steps); mu steps repeat the whole "
+                                     "batch (TRL's num_iterations); steps on slices of one generation are not here",
+             "generation_batch_size": "prompts_per_step (= generation_batch_size / num_generations: TRL counts "
+                                      "completions, rlhfkit prompts)",
              "sync_ref_model": "nothing: the reference stays the start model (TR-DPO's sync is not implemented)",
              "ref_model_sync_steps": "nothing: the reference stays the start model (TR-DPO's sync is not implemented)",
              "ref_model_mixup_alpha": "nothing: the reference stays the start model (TR-DPO's sync is not implemented)",
              "vllm_mode": "rollout.backend=vllm (an engine colocated with the trainer; TRL's server mode is not here)",
-             "disable_dropout": "nothing: RM, DPO, GRPO and PPO train with dropout off, as TRL's default",
+             "disable_dropout": "nothing: RM, DPO, GRPO and PPO always train with dropout off (TRL's default for "
+                                "RM and DPO; TRL's GRPO keeps dropout unless disable_dropout=true)",
              "shuffle_dataset": "nothing: the rows are shuffled each epoch, by train.seed"}
 for _name in ("max_grad_norm", "seed", "weight_decay", "warmup_steps", "report_to", "router_aux_loss_coef"):
     TRL_NAMES[_name] = f"train.{_name}"
@@ -329,6 +335,8 @@ def _trl_hint(key: str, prefix: str, names: set[str]) -> str | None:
         hint = ("prompts_per_step (prompts a step, over all ranks; TRL's GRPO counts completions per device: "
                 "prompts = per_device x ranks x steps_per_generation / num_generations)")
     if key == "loss_weights" and "rpo_alpha" not in names:  # DPO's weighted loss forms; GRPO's loss_type has none
+        return None
+    if key in ("steps_per_generation", "generation_batch_size") and "group_size" not in names:  # GRPO's
         return None
     if hint is None or hint.startswith("nothing"):
         return hint
