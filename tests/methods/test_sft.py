@@ -116,7 +116,7 @@ def test_the_balancing_loss_is_found_for_a_subclass_made_elsewhere(tiny, tmp_pat
 def test_dft_trains_and_its_first_loss_is_the_probability_weighted_nll(tiny, tmp_path):
     """loss_type=dft (TRL's): the first step's loss is -1/N sum p log p of the start model on the
     step's rows, by hand from its forward; 40 steps lower the held-out NLL (eval/loss stays the NLL)."""
-    from methods_setup import method_config, small
+    from methods_setup import method_config
 
     from rlhfkit.data.encode import collate_sft, encode_sft
     from rlhfkit.methods.sft import heldout_loss, run_sft
@@ -124,8 +124,10 @@ def test_dft_trains_and_its_first_loss_is_the_probability_weighted_nll(tiny, tmp
     from rlhfkit.train.config import replace
     from rlhfkit.train.loop import BatchOrder
 
+    held_out = tmp_path / "eval32.jsonl"  # its own file: small() keeps the first row count asked of a name
+    held_out.write_text("\n".join((tiny["data"] / "sft_eval.jsonl").read_text().splitlines()[:32]) + "\n")
     cfg = replace(method_config("sft", tiny, tmp_path / "dft", 40, eval_every=40, log_every=1), loss_type="dft",
-                  eval_data=small(tiny, "sft_eval.jsonl", 32), eval_max_new_tokens=4)
+                  eval_data=str(held_out), eval_max_new_tokens=4)
     model, tok = load_policy(str(tiny["base"]), None)
     examples, _ = encode_sft(read_rows(cfg.train_data), tok, cfg.max_length)
     first = collate_sft([examples[i] for i in BatchOrder(len(examples), 8, cfg.train.seed).indices(0)], tok.pad_token_id)

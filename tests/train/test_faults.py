@@ -206,7 +206,7 @@ def test_a_resumed_or_relaunched_run_ends_with_the_straight_runs_summary(tiny, t
     from rlhfkit.data.rows import read_rows
 
     eval_rows = read_rows(small(tiny, "sft_eval.jsonl", 8))
-    assert [r["prompt"] for r in shown["full"][:8]] == [row.data["prompt"] for row in eval_rows]
+    assert [r["prompt"] for r in shown["full"][:8]] == [row.data["prompt"] for row in eval_rows[:8]]
     assert {type(r["completion"]) for r in shown["full"]} == {str} and "target" in shown["full"][0]
     relaunched = run_sft(cfg(tmp_path / "full", resume="auto"))
     assert relaunched == straight == json.loads((tmp_path / "full" / "result.json").read_text())
