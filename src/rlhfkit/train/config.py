@@ -327,6 +327,11 @@ for _name in ("max_grad_norm", "seed", "weight_decay", "warmup_steps", "report_t
 RENAMED = {"scale_std": "scale_rewards (scale_std=true is scale_rewards=group, false is none)"}
 
 
+# TRL's names whose hint holds only for the method that has this field (DPO's weighted loss forms, GRPO's groups)
+HINT_ONLY_WITH = {"loss_weights": "rpo_alpha", "steps_per_generation": "group_size",
+                  "generation_batch_size": "group_size"}
+
+
 def _trl_hint(key: str, prefix: str, names: set[str]) -> str | None:
     """rlhfkit's name for TRL's ``key``, where the config being read (its fields ``names``, under
     ``prefix``) has it."""
@@ -334,9 +339,7 @@ def _trl_hint(key: str, prefix: str, names: set[str]) -> str | None:
     if key == "per_device_train_batch_size" and "prompts_per_step" in names:  # GRPO and PPO count prompts
         hint = ("prompts_per_step (prompts a step, over all ranks; TRL's GRPO counts completions per device: "
                 "prompts = per_device x ranks x steps_per_generation / num_generations)")
-    if key == "loss_weights" and "rpo_alpha" not in names:  # DPO's weighted loss forms; GRPO's loss_type has none
-        return None
-    if key in ("steps_per_generation", "generation_batch_size") and "group_size" not in names:  # GRPO's
+    if key in HINT_ONLY_WITH and HINT_ONLY_WITH[key] not in names:
         return None
     if hint is None or hint.startswith("nothing"):
         return hint

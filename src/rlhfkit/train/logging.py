@@ -103,9 +103,9 @@ def truncate_metrics(out_dir: str | Path, step: int, pending_eval: bool = False,
     """Drop the metrics a killed run logged after the checkpoint it resumes from (and a line cut
     short). ``pending_eval``: that checkpoint's step has its eval run again on resume, so an eval
     line already logged at it goes too, and its train line unless the checkpoint had it logged.
-    ``name``: another jsonl of step-stamped lines (``EVAL_SAMPLES``, every line an eval's)."""
+    ``name``: another jsonl of step-stamped lines (``EVAL_SAMPLES``, every line an eval's: pass
+    ``step_logged=False``)."""
     path = Path(out_dir) / name
-    step_logged = step_logged and name == "metrics.jsonl"
     if not path.is_file():
         return
     kept = []

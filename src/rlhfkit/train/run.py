@@ -343,7 +343,8 @@ class Run:
             if self.info.is_main:
                 truncate_metrics(self.cfg.out_dir, self.start, bool(self.state.get("pending_eval")),
                                  self.state.get("step_logged", True))
-                truncate_metrics(self.cfg.out_dir, self.start, bool(self.state.get("pending_eval")), name=EVAL_SAMPLES)
+                truncate_metrics(self.cfg.out_dir, self.start, bool(self.state.get("pending_eval")), False,
+                                 EVAL_SAMPLES)
         self.logger = MetricsLogger(self.cfg.out_dir, enabled=self.info.is_main, report_to=self.cfg.report_to,
                                     name=f"{self.name} {Path(self.cfg.out_dir).name}", config=self.config,
                                     resume_step=self.start if self.resuming else None,
