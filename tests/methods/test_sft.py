@@ -140,3 +140,53 @@ def test_dft_trains_and_its_first_loss_is_the_probability_weighted_nll(tiny, tmp
     logged = read_metrics(tmp_path / "dft")
     assert logged[0]["train/loss"] == pytest.approx(by_hand, rel=1e-4)
     assert summary["evals"][-1]["loss"] < before - 0.3, (before, summary["evals"])
+
+
+@pytest.mark.parametrize("kind", ["prompt_completion", "messages"])
+def test_completion_only_loss_false_trains_every_token_as_transformers_labels_do(tiny, tmp_path, kind):
+    """completion_only_loss=false (TRL's; its default for messages): the first step's loss is
+    transformers' loss with labels = input_ids on every real token, padded or packed; the default's
+    is the completion's (assistant turns') alone, a different number; the held-out loss is over the
+    same tokens as the training's."""
+    import json
+
+    import transformers as tf
+    from helpers import quiet_train
+
+    from rlhfkit.data.encode import collate_sft, encode_sft
+    from rlhfkit.methods.sft import SFTConfig, heldout_loss, run_sft
+    from rlhfkit.models.load import load_tokenizer
+
+    data = tmp_path / "six.jsonl"
+    if kind == "messages":
+        def chat(q, a):
+            return [{"role": "user", "content": f"What is {q}?"}, {"role": "assistant", "content": f" {a}"}]
+        rows = [{"messages": chat("1+2", 3) + chat("2+2", 4)}, {"messages": chat("5-1", 4)}] * 3
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        data.write_text("".join((tiny["data"] / "sft_train.jsonl").read_text().splitlines(keepends=True)[:6]))
+    tok = load_tokenizer(str(tiny["base"]))
+    examples, _ = encode_sft(read_rows(str(data)), tok, 64, completion_only=False)
+    batch = collate_sft(examples, tok.pad_token_id)
+    labels = batch.input_ids.masked_fill(~batch.attention_mask.bool(), -100)
+    model = tf.AutoModelForCausalLM.from_pretrained(str(tiny["base"]))
+    with torch.no_grad():
+        everything = float(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels).loss)
+    assert abs(heldout_loss(model, examples, tok.pad_token_id) - everything) < 1e-5
+    logged = {}
+    for only, packing in ((False, False), (False, True), (True, False)):
+        out = tmp_path / f"run-{only}-{packing}"
+        result = run_sft(SFTConfig(model=str(tiny["base"]), train_data=str(data), eval_data=str(data), max_length=64,
+                                   completion_only_loss=only, packing=packing,
+                                   train=quiet_train(out, max_steps=1, batch_size=6, eval_every=1)))
+        logged[only, packing] = (next(m["train/loss"] for m in read_metrics(out) if "train/loss" in m), result)
+    for packing in (False, True):
+        assert abs(logged[False, packing][0] - everything) < 1e-5
+    answers = collate_sft(encode_sft(read_rows(str(data)), tok, 64)[0], tok.pad_token_id)  # the default's targets
+    with torch.no_grad():
+        completion = float(model(input_ids=answers.input_ids, attention_mask=answers.attention_mask,
+                                 labels=answers.input_ids.masked_fill(~answers.completion_mask.bool(), -100)).loss)
+    assert abs(logged[True, False][0] - completion) < 1e-5 and abs(completion - everything) > 1e-3
+    # the held-out loss after the step: over every token (the same rows, one step later), not the answers'
+    trained, _ = load_policy(str(tmp_path / "run-False-False" / "model"), None)
+    assert abs(logged[False, False][1]["eval_loss"] - heldout_loss(trained, examples, tok.pad_token_id)) < 1e-5

@@ -304,7 +304,11 @@ def collate_sft_packed(examples: list[SFTExample], pad_id: int, width: int) -> S
     return SFTBatch(input_ids, attend[:, None], completion, positions)
 
 
-def encode_sft(rows: list[Row], tokenizer, max_length: int, overlong: str = "error") -> tuple[list[SFTExample], LengthReport]:
+def encode_sft(rows: list[Row], tokenizer, max_length: int, overlong: str = "error",
+               completion_only: bool = True) -> tuple[list[SFTExample], LengthReport]:
+    """SFT examples of the rows under the length policy. ``completion_only``: the loss is on the
+    completion (in ``messages``, the assistant turns); False: on every token but the first (TRL's
+    ``completion_only_loss=False``, and its default for ``messages``, ``assistant_only_loss=False``)."""
     if overlong not in OVERLONG_POLICIES:
         raise ValueError(f"overlong must be one of {OVERLONG_POLICIES}, got {overlong!r}")
     report, examples = LengthReport(rows=len(rows)), []
@@ -316,6 +320,9 @@ def encode_sft(rows: list[Row], tokenizer, max_length: int, overlong: str = "err
         if fitted is not None:
             p, c = fitted
             mask = None
+            if not completion_only:  # every token a target but the first, which nothing predicts
+                examples.append(SFTExample(p + c, 1))
+                continue
             if not all(trained for _, trained in pieces):  # multi-turn: only the assistant turns
                 mask = tuple([0] * len(p) + [int(trained) for ids, trained in pieces for _ in ids][: len(c)])
             examples.append(SFTExample(p + c, len(p), mask))

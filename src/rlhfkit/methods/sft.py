@@ -1,4 +1,4 @@
-"""Supervised fine-tuning (InstructGPT stage 1): cross-entropy on completion tokens only.
+"""Supervised fine-tuning (InstructGPT stage 1): cross-entropy on the completion tokens (or every token).
 
 Reads top to bottom: config -> data and held-out checks -> model -> objective -> the shared
 loop -> save. Held-out evaluation reports the loss on the eval rows' completions and the
@@ -44,6 +44,9 @@ class SFTConfig:
     max_length: int = 128
     overlong: str = "error"  # error | truncate | skip
     packing: bool = False  # padding-free: a micro-batch's sequences end to end in rows of max_length (SDPA only)
+    # the loss on the completion (in messages, the assistant turns) alone; false: on every token, the prompt's
+    # and the other turns' too (TRL's completion_only_loss=false, and its default for messages rows)
+    completion_only_loss: bool = True
     loss_type: str = "nll"  # nll, or dft: Dynamic Fine-Tuning, each token's NLL times its probability (no gradient)
     eval_limit: int = 500  # held-out rows used; 0 = all
     eval_max_new_tokens: int = 16
@@ -83,7 +86,8 @@ def sft_objective(router_coef: float = 0.0, form: str = "nll") -> Objective:
 
 
 def heldout_loss(model, examples: list, pad_id: int, batch_size: int = 64) -> float:
-    """Mean negative log-likelihood per completion token over the held-out examples."""
+    """Mean negative log-likelihood per target token (the completion's, or with
+    ``completion_only_loss=false`` every token but the first) over the held-out examples."""
     with eval_mode(model):
         nll = tokens = 0.0
         for i in range(0, len(examples), batch_size):
@@ -135,7 +139,7 @@ def held_out_sft(cfg: SFTConfig, tokenizer, say) -> tuple[HeldOut | None, list, 
     prompts = None if text else HeldOut(rows, cfg.eval_task)
     if not with_answers:
         return prompts, [], None
-    examples, report = encode_sft(with_answers, tokenizer, cfg.max_length, cfg.overlong)
+    examples, report = encode_sft(with_answers, tokenizer, cfg.max_length, cfg.overlong, cfg.completion_only_loss)
     say(f"{source_name(cfg.eval_data)} (held out, for the loss): {report.summary()}")
     return prompts, examples, report
 
@@ -143,7 +147,8 @@ def held_out_sft(cfg: SFTConfig, tokenizer, say) -> tuple[HeldOut | None, list, 
 def run_sft(cfg: SFTConfig) -> dict:
     run = start_run(cfg.train, cfg, "sft")
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
-    examples, report = encode_sft(read_rows(cfg.train_data), tokenizer, cfg.max_length, cfg.overlong)
+    examples, report = encode_sft(read_rows(cfg.train_data), tokenizer, cfg.max_length, cfg.overlong,
+                                  cfg.completion_only_loss)
     run.say(f"{source_name(cfg.train_data)}: {report.summary()}")
     rows, eval_examples, eval_report = held_out_sft(cfg, tokenizer, run.say)  # checked now, not after training
     model = run.prepare(load_causal_lm(cfg.model, tokenizer, device=run.device), cfg.lora, base=cfg.model,

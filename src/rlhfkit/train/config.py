@@ -292,7 +292,6 @@ TRL_NAMES = {"learning_rate": "train.lr", "num_train_epochs": "train.epochs", "m
              "stop_token": "nothing: rollouts always stop at the tokenizer's EOS (TRL's stop_token='eos')",
              "stop_token_id": "nothing: rollouts stop at the tokenizer's EOS (set the tokenizer's eos_token to the one to stop at)",
              "response_length": "max_new_tokens", "max_prompt_length": "max_length (prompt and answer together)",
-             "completion_only_loss": "nothing: SFT's loss is on the completion (or assistant turns) always",
              "use_vllm": "rollout.backend=vllm (a colocated engine; TRL's server mode is not here)",
              "vllm_gpu_memory_utilization": "rollout.gpu_memory_utilization",
              "vllm_tensor_parallel_size": "rollout.tensor_parallel_size",
@@ -305,7 +304,8 @@ TRL_NAMES = {"learning_rate": "train.lr", "num_train_epochs": "train.epochs", "m
              "num_completions_to_print": "nothing: eval_samples.jsonl holds 8 held-out answers at each eval",
              "center_rewards_coefficient": "center_coef (the same scale)",
              "padding_free": "packing (padding-free packed rows, per-sequence positions)",
-             "assistant_only_loss": "nothing: SFT on messages trains the assistant turns always",
+             "assistant_only_loss": "completion_only_loss (true, the default here: the assistant turns alone; false: every "
+                                   "token, TRL's default for messages)",
              "dataset_text_field": "nothing: a row's 'text' (or 'messages') field is read by its name",
              "steps_per_generation": "nothing: one optimizer step per generation, on the whole batch (TRL's default, "
                                      "steps_per_generation = gradient_accumulation_steps); mu steps repeat the whole "
