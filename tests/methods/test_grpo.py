@@ -613,3 +613,51 @@ def test_cispo_is_wired_and_has_dapos_gradient_at_the_first_update(tiny, tmp_pat
     assert logged["dapo"]["train/grad_norm"] > 1e-3
     assert abs(logged["cispo"]["train/grad_norm"] / logged["dapo"]["train/grad_norm"] - 1) < 1e-5
     assert abs(logged["cispo"]["train/loss"] - logged["dapo"]["train/loss"]) > 1e-3
+
+
+def test_minibatches_take_one_optimizer_step_each_against_pi_old_of_the_whole_batch(tiny, tmp_path, monkeypatch):
+    """minibatch_size = prompts_per_step / 2: two optimizer steps per pass over each batch (rewards
+    see TRL's global_step and max_steps in optimizer steps). A minibatch's loss is normalised over
+    its own sequences, so with a negligible step the whole batch's gradient is the mean of the two
+    steps' (the same samples: the same seed and start; GRPO's loss at ratio 1 is 0, its gradient is
+    not). The second step's ratios are against pi_old of the whole batch, from before the first
+    step: with a large step they move off 1 and clip, where one step a batch (mu = 1) has ratio 1."""
+    from methods_setup import digits, method_config
+
+    import rlhfkit.train.run as run_module
+    from rlhfkit.train.config import replace
+
+    seen, grads = {}, []
+    original = run_module.Run.optimizer_step
+
+    def recording(self, loss, *args, **kwargs):
+        grads.append(torch.cat([p.grad.flatten() for p in self.modules[0].parameters() if p.grad is not None]))
+        return original(self, loss, *args, **kwargs)
+
+    monkeypatch.setattr(run_module.Run, "optimizer_step", recording)
+
+    def reward(prompts, completions, trainer_state, **kw):
+        seen.setdefault(trainer_state.max_steps, []).append(trainer_state.global_step)
+        return digits(prompts, completions, **kw)
+
+    logged, steps = {}, {}
+    for size, lr in ((None, 1e-12), (2, 1e-12), (None, 3e-3), (2, 3e-3)):
+        out = tmp_path / f"{size}-{lr}"
+        cfg = method_config("grpo", tiny, out, 2, log_every=1)
+        cfg = replace(cfg, beta=0.0, mu=1, minibatch_size=size, train=replace(cfg.train, lr=lr))
+        grads.clear()
+        run_grpo(cfg, reward_fns=[reward])
+        logged[size, lr], steps[size, lr] = [m for m in read_metrics(out) if "train/loss" in m], list(grads)
+    assert seen == {2: [0, 1, 0, 1], 4: [0, 2, 0, 2]}  # two runs each: steps before each rollout
+    whole, halves = steps[None, 1e-12], steps[2, 1e-12]
+    assert len(whole) == 2 and len(halves) == 4
+    for step in range(2):
+        torch.testing.assert_close((halves[2 * step] + halves[2 * step + 1]) / 2, whole[step], atol=1e-7, rtol=1e-5)
+        assert whole[step].abs().max() > 1e-4 and (halves[2 * step] - halves[2 * step + 1]).abs().max() > 1e-4
+    assert [m["train/ratio_mean"] for m in logged[None, 1e-12] + logged[2, 1e-12]] == pytest.approx([1.0] * 4, abs=1e-6)
+    assert [m["train/clip_frac_low"] + m["train/clip_frac_high"] for m in logged[None, 3e-3]] == [0.0, 0.0]
+    moved = logged[2, 3e-3]
+    assert max(abs(m["train/ratio_mean"] - 1) for m in moved) > 1e-3
+    assert max(m["train/clip_frac_low"] + m["train/clip_frac_high"] for m in moved) > 0.0
+    with pytest.raises(Exception, match="prompts_per_step \\(4\\) must be a multiple of minibatch_size \\(3\\)"):
+        replace(cfg, minibatch_size=3)

@@ -128,6 +128,22 @@ def _jobs(rank: int, out: Path, assets: dict) -> dict:
             balanced = {"deals": list(deals), "forwarded": list(forwarded)}
     balance_module.deal_groups, grpo_module.forwarded_rows = deal, forwarded_rows
     grpo_module.BALANCE_RANKS = True
+    # minibatches of 2 of the 4 prompts (1 a rank), a negligible step: each rank's gradients before
+    # they are summed, for the test to compare with the whole batch's
+    stepping, grads = run_module.Run.optimizer_step, {}
+
+    def recording(self, loss, *args, **kwargs):
+        grads.setdefault(self.cfg.out_dir, []).append(
+            torch.cat([p.grad.flatten() for p in self.modules[0].parameters() if p.grad is not None]))
+        return stepping(self, loss, *args, **kwargs)
+
+    run_module.Run.optimizer_step = recording
+    for size in (None, 2):
+        cfg = method_config("grpo", assets["tiny"], out / f"grpo-minibatch-{size}", 2, log_every=1,
+                            strategy="replicate")
+        run_grpo(replace(cfg, beta=0.0, mu=1, minibatch_size=size, train__lr=1e-12), reward_fns=[even_answer_digits])
+    run_module.Run.optimizer_step = stepping
+    torch.save({Path(k).name: v for k, v in grads.items()}, out / f"grads-rank{rank}.pt")
     # the kernels under auto: the ranks' own timings disagree here, and every rank takes rank 0's choice
     from rlhfkit.models import kernels
 

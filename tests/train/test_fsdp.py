@@ -184,6 +184,21 @@ def test_the_groups_with_a_signal_are_dealt_evenly_over_two_replicated_ranks(two
     _assert_same_weights(balanced, own, atol=1e-6)
 
 
+def test_grpo_minibatches_on_two_ranks_are_normalised_over_both_ranks_rows(two_ranks):
+    """minibatch_size=2 of 4 prompts on 2 ranks: each step holds one prompt of each rank, and its
+    loss's normaliser counts both ranks' sequences: with a negligible step the whole batch's
+    gradient (the ranks' summed; beta 0 deals groups between them) is the mean of its two steps'
+    (the same samples: the same seeds)."""
+    out, _ = two_ranks
+    ranks = [torch.load(out / f"grads-rank{rank}.pt") for rank in range(2)]
+    whole, halves = ([sum(step) for step in zip(*(r[name] for r in ranks))]
+                     for name in ("grpo-minibatch-None", "grpo-minibatch-2"))
+    assert len(whole) == 2 and len(halves) == 4
+    for step in range(2):
+        torch.testing.assert_close((halves[2 * step] + halves[2 * step + 1]) / 2, whole[step], atol=1e-7, rtol=1e-5)
+    assert max(float(g.abs().max()) for g in whole) > 1e-4
+
+
 def test_every_rank_takes_rank_0s_kernel_choice(two_ranks):
     """Rank 0's timing chose oneDNN, rank 1's would have chosen BLAS: both compute alike."""
     _, ranks = two_ranks

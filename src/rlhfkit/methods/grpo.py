@@ -113,7 +113,10 @@ class GRPOConfig:
     eps_low: float = 0.2
     eps_high: float | None = None  # DAPO clip-higher; None = eps_low
     delta: float | None = None  # two-sided clipping (INTELLECT-2; TRL's name): the ratio's cap where A < 0
-    mu: int = 1  # policy updates (optimizer steps) per batch of samples
+    mu: int = 1  # passes over each batch of samples (TRL's num_iterations)
+    # prompts (each with its G answers) per optimizer step, over all ranks; None: the whole batch, one step
+    # per pass (TRL's default). Fewer: prompts_per_step / minibatch_size steps per pass, each on its share
+    minibatch_size: int | None = None
     share_prompt: bool = True  # forward each prompt once for its G samples (block mask; SDPA attention only)
     loss_type: str = "grpo"  # grpo (paper) | dapo (token mean) | dr_grpo (constant normaliser) | cispo (MiniMax-M1)
     importance_sampling_level: str = "token"  # token (the paper's) | sequence (GSPO; TRL's name), loss_type=grpo
@@ -177,6 +180,11 @@ class GRPOConfig:
         at_least("group_size", self.group_size, 2, " (a group of one has no baseline)")
         for key in ("prompts_per_step", "max_new_tokens", "mu", "eval_max_new_tokens", "max_sampling_rounds"):
             at_least(key, getattr(self, key), 1)
+        if self.minibatch_size is not None:
+            at_least("minibatch_size", self.minibatch_size, 1)
+            if self.prompts_per_step % self.minibatch_size:
+                raise ConfigError(f"prompts_per_step ({self.prompts_per_step}) must be a multiple of minibatch_size "
+                                  f"({self.minibatch_size})")
         for key in ("beta", "top_k", "eval_limit", "reward_timeout_s"):
             at_least(key, getattr(self, key), 0)
         all_used_only_with(self, ("eval_limit", "eval_max_new_tokens"), bool(self.eval_data), "held-out evaluation (eval_data)")
@@ -283,13 +291,117 @@ def forwarded_rows(run: Run, advantages: torch.Tensor, mask: torch.Tensor, cfg: 
 BALANCE_RANKS = True  # False: each replicated rank forwards its own groups with a signal (benchmarks/balance.py)
 
 
-def update(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: bool, pad_id: int) -> dict:
-    """mu optimizer steps on one batch of samples; returns the last iteration's metrics (rank-local),
-    but ``logprob_gap``, the first iteration's: the backend's log-probs against the policy that
-    sampled them, before any step has moved it.
+@dataclass
+class UpdateRows:
+    """One optimizer step's share of a batch on this rank, with what its steps read: the samples and
+    advantages, the loss's normalisers over all ranks (``counts``), the rows forwarded and their
+    micro-batches (``chunks``), and pi_ref's and pi_old's log-probs (None where not needed)."""
+    samples: Samples
+    advantages: torch.Tensor
+    counts: dict
+    rows: torch.Tensor
+    chunks: list
+    group: int
+    forwards: float
+    ref_logprobs: torch.Tensor | None
+    old_logprobs: torch.Tensor | None
+    local_rows: int  # this rank's rows before the balance: the forwarded rows' share is of these
 
-    pi_old: with mu = 1 the current policy (ratio 1 in value, not in gradient); with mu > 1 the
-    backend's log-probs when they are exact, else a forward pass before the first update.
+    @property
+    def forwarded(self) -> torch.Tensor:  # the tokens the logged means are over
+        return self.samples.completion_mask[self.rows].sum().clamp(min=1)
+
+
+def update_rows(run: Run, policy, reference, samples: Samples, advantages: torch.Tensor, cfg: GRPOConfig,
+                exact: bool, pad_id: int, off_policy: bool) -> UpdateRows | None:
+    """These rows made ready for their optimizer steps (None where every rank's are masked out):
+    balanced over ranks and chosen (``forwarded_rows``), and pi_ref's and, ``off_policy`` (mu > 1
+    or more than one minibatch: a step after the first meets a policy that has moved), pi_old's
+    log-probs: the backend's when they are exact, else a forward now, before any step."""
+    mask = samples.completion_mask
+    counts = reduce_dict({"sequences": (mask.sum(-1) > 0).sum().item(), "tokens": mask.sum().item()}, run.info)
+    if counts["sequences"] == 0:  # every group of every rank dropped: no update, on every rank alike
+        return None
+    local_rows = mask.shape[0]
+    if BALANCE_RANKS and skips_rows(run, cfg) and run.info.enabled:
+        live = informative(advantages, cfg.group_size).nonzero().flatten().tolist()
+        samples, advantages = balanced_groups(run.info, samples, advantages, live, cfg.group_size, pad_id)
+        mask = samples.completion_mask
+    rows = forwarded_rows(run, advantages, mask, cfg)
+    # a rank dealt more rows than it sampled forwards them in forwards of at most its own batch's rows
+    chunks = [rows[i] for i in row_chunks(len(rows), cfg.train.micro_batch_size or local_rows)]
+    # a micro-batch of whole groups forwards each prompt once for its G samples
+    group = cfg.group_size if cfg.share_prompt and all(len(i) % cfg.group_size == 0 for i in chunks) else 1
+    # a mixture of experts' router balancing loss: a mean over the step's forwards on every rank
+    forwards = reduce_dict({"forwards": len(chunks)}, run.info)["forwards"] if run.router_coef else 1
+    ref_logprobs = old_logprobs = None
+    if reference is not None:
+        with reference() as ref_model:
+            ref_logprobs = chunked_logprobs(ref_model, samples, chunks, group, cfg.temperature, cfg.train.dtype)
+    if off_policy:
+        old_logprobs = samples.logprobs if exact else chunked_logprobs(policy, samples, chunks, group, cfg.temperature,
+                                                                       cfg.train.dtype)
+    return UpdateRows(samples, advantages, counts, rows, chunks, group, forwards, ref_logprobs, old_logprobs,
+                      local_rows)
+
+
+def optimizer_step(run: Run, policy, part: UpdateRows, cfg: GRPOConfig, exact: bool) -> tuple[dict, float, float, float]:
+    """One optimizer step on ``part``'s rows, micro-batched: (its statistics, each a mean over its
+    forwarded tokens, the backend's log-prob gap from the policy before the step, loss, grad norm)."""
+    samples, mask, forwarded = part.samples, part.samples.completion_mask, part.forwarded
+    policy.train()
+    loss, sums, gap = torch.zeros(()), {}, 0.0
+    for index in part.chunks:
+        with autocast(cfg.train.dtype, run.device), router_balance(policy, run.router_coef) as balance:
+            logprobs, entropy = completion_logprobs(policy, samples.rows(index), with_entropy=True,
+                                                    group_size=part.group, temperature=cfg.temperature)
+        old = part.old_logprobs[index] if part.old_logprobs is not None else logprobs.detach()
+        adv = part.advantages[index]
+        if cfg.top_entropy_quantile < 1:  # A = 0 elsewhere: -min(r A, clip(r) A) is 0 there, and so its gradient
+            adv = adv * high_entropy(entropy, mask[index], cfg.top_entropy_quantile, run.info).to(adv.dtype)
+        weights = None  # the samples another engine drew, weighed to pi_old (old is the trainer's pi_old here)
+        if not exact and cfg.sampling_correction != "none":
+            weights = sampling_weights(old, samples.logprobs[index], mask[index], cfg.sampling_correction,
+                                       cfg.sampling_correction_min, cfg.sampling_correction_max)
+        value, stats = grpo_loss(logprobs, old, adv, mask[index],
+                                 None if part.ref_logprobs is None else part.ref_logprobs[index], cfg.beta,
+                                 cfg.eps_low, cfg.eps_high, REDUCTIONS[cfg.loss_type], part.counts["sequences"],
+                                 part.counts["tokens"], cfg.max_new_tokens,
+                                 sequence_ratio=cfg.importance_sampling_level == "sequence", delta=cfg.delta,
+                                 sample_weights=weights, cispo=cfg.loss_type == "cispo")
+        value = balance.add_to(value, routed := {}, 1 / part.forwards)
+        if routed:  # logged as the other statistics: the forwards' values weighed by their tokens
+            stats["router_aux_loss"] = balance.mean().detach()
+        value.backward()
+        loss = loss + value.detach()
+        share = mask[index].sum() / forwarded  # micro-batch stats weighted by tokens
+        for k, v in {**stats, "entropy": (entropy * mask[index]).sum() / mask[index].sum().clamp(min=1)}.items():
+            sums[k] = sums.get(k, 0.0) + float(v * share)
+        gap += float(((samples.logprobs[index] - logprobs.detach()).abs() * mask[index]).sum() / forwarded)
+    if len(part.rows) < part.local_rows:  # a parameter only skipped rows reached has a zero gradient, not None:
+        for p in policy.parameters():  # AdamW then steps it (momentum, decay) as the full update would
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+    loss_value, grad_norm = run.optimizer_step(loss)
+    return sums, gap, loss_value, grad_norm
+
+
+def minibatches(samples: Samples, advantages: torch.Tensor, cfg: GRPOConfig, world_size: int) -> list:
+    """This rank's batch as its minibatches, ``minibatch_size`` prompts each over all ranks (whole
+    groups, in the order drawn; the step's prompts were drawn at random): [(samples, advantages)]."""
+    per_rank = (cfg.minibatch_size or cfg.prompts_per_step) // world_size * cfg.group_size
+    return [(samples.rows(i), advantages[i]) for i in row_chunks(samples.completion_mask.shape[0], per_rank)]
+
+
+def update(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: bool, pad_id: int) -> dict:
+    """mu passes over one batch of samples, one optimizer step per minibatch (``minibatch_size``
+    prompts; the whole batch by default). Returns the last pass's metrics (rank-local): each the
+    mean over its steps' forwarded tokens, ``loss`` and ``grad_norm`` the mean of its steps'; but
+    ``logprob_gap``, the first pass's: the backend's log-probs against the policy that sampled them,
+    measured at each minibatch before its first step.
+
+    pi_old: with one step per batch the current policy (ratio 1 in value, not in gradient);
+    otherwise the backend's log-probs when they are exact, else a forward pass before the first step.
     """
     samples, advantages = batch.samples, batch.advantages
     if cfg.dynamic_sampling:
@@ -302,69 +414,22 @@ def update(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: 
         ended = samples.finished | (samples.completion_mask.sum(-1) < cfg.max_new_tokens)
         samples = keep_rows(samples, ended)
         advantages = advantages * ended[:, None].to(advantages.dtype)  # not forwarded (beta 0), as dropped groups
-    mask = samples.completion_mask
-    counts = reduce_dict({"sequences": (mask.sum(-1) > 0).sum().item(), "tokens": mask.sum().item()}, run.info)
-    if counts["sequences"] == 0:  # every group of every rank dropped: no update, on every rank alike
+    split = minibatches(samples, advantages, cfg, run.info.world_size)
+    off_policy = cfg.mu > 1 or len(split) > 1
+    parts = [p for p in (update_rows(run, policy, reference, s, a, cfg, exact, pad_id, off_policy) for s, a in split)
+             if p is not None]  # the counts are every rank's: the ranks keep the same parts
+    if not parts:
         return {"update_skipped": 1.0}
-    local_rows = mask.shape[0]
-    if BALANCE_RANKS and skips_rows(run, cfg) and run.info.enabled:
-        live = informative(advantages, cfg.group_size).nonzero().flatten().tolist()
-        samples, advantages = balanced_groups(run.info, samples, advantages, live, cfg.group_size, pad_id)
-        mask = samples.completion_mask
-    rows = forwarded_rows(run, advantages, mask, cfg)
-    # a rank dealt more rows than it sampled forwards them in forwards of at most its own batch's rows
-    chunks = [rows[i] for i in row_chunks(len(rows), cfg.train.micro_batch_size or local_rows)]
-    forwarded = mask[rows].sum().clamp(min=1)  # the tokens the logged means are over
-    # a micro-batch of whole groups forwards each prompt once for its G samples
-    group = cfg.group_size if cfg.share_prompt and all(len(i) % cfg.group_size == 0 for i in chunks) else 1
-    # a mixture of experts' router balancing loss: a mean over the step's forwards on every rank
-    forwards = reduce_dict({"forwards": len(chunks)}, run.info)["forwards"] if run.router_coef else 1
-    ref_logprobs = None
-    if reference is not None:
-        with reference() as ref_model:
-            ref_logprobs = chunked_logprobs(ref_model, samples, chunks, group, cfg.temperature, cfg.train.dtype)
-    old_logprobs = None
-    if cfg.mu > 1:
-        old_logprobs = samples.logprobs if exact else chunked_logprobs(policy, samples, chunks, group, cfg.temperature,
-                                                                       cfg.train.dtype)
+    tokens = [float(p.forwarded) for p in parts]
     gap = 0.0
     for iteration in range(cfg.mu):
-        policy.train()
-        loss, sums = torch.zeros(()), {}
-        for index in chunks:
-            with autocast(cfg.train.dtype, run.device), router_balance(policy, run.router_coef) as balance:
-                logprobs, entropy = completion_logprobs(policy, samples.rows(index), with_entropy=True, group_size=group,
-                                                        temperature=cfg.temperature)
-            old = old_logprobs[index] if old_logprobs is not None else logprobs.detach()
-            adv = advantages[index]
-            if cfg.top_entropy_quantile < 1:  # A = 0 elsewhere: -min(r A, clip(r) A) is 0 there, and so its gradient
-                adv = adv * high_entropy(entropy, mask[index], cfg.top_entropy_quantile, run.info).to(adv.dtype)
-            weights = None  # the samples another engine drew, weighed to pi_old (old is the trainer's pi_old here)
-            if not exact and cfg.sampling_correction != "none":
-                weights = sampling_weights(old, samples.logprobs[index], mask[index], cfg.sampling_correction,
-                                           cfg.sampling_correction_min, cfg.sampling_correction_max)
-            part, stats = grpo_loss(logprobs, old, adv, mask[index],
-                                    None if ref_logprobs is None else ref_logprobs[index], cfg.beta, cfg.eps_low,
-                                    cfg.eps_high, REDUCTIONS[cfg.loss_type], counts["sequences"], counts["tokens"],
-                                    cfg.max_new_tokens, sequence_ratio=cfg.importance_sampling_level == "sequence",
-                                    delta=cfg.delta, sample_weights=weights, cispo=cfg.loss_type == "cispo")
-            part = balance.add_to(part, routed := {}, 1 / forwards)
-            if routed:  # logged as the other statistics: the forwards' values weighed by their tokens
-                stats["router_aux_loss"] = balance.mean().detach()
-            part.backward()
-            loss = loss + part.detach()
-            share = mask[index].sum() / forwarded  # micro-batch stats weighted by tokens
-            for k, v in {**stats, "entropy": (entropy * mask[index]).sum() / mask[index].sum().clamp(min=1)}.items():
-                sums[k] = sums.get(k, 0.0) + float(v * share)
-            if iteration == 0:
-                gap += float(((samples.logprobs[index] - logprobs.detach()).abs() * mask[index]).sum() / forwarded)
-        if len(rows) < local_rows:  # a parameter only skipped rows reached has a zero gradient, not None:
-            for p in policy.parameters():  # AdamW then steps it (momentum, decay) as the full update would
-                if p.requires_grad and p.grad is None:
-                    p.grad = torch.zeros_like(p)
-        loss_value, grad_norm = run.optimizer_step(loss)
-    return {**sums, "logprob_gap": gap, "loss": loss_value, "grad_norm": grad_norm, "update_skipped": 0.0,
-            "update_rows_forwarded": len(rows) / max(local_rows, 1)}
+        steps = [optimizer_step(run, policy, part, cfg, exact) for part in parts]
+        if iteration == 0:
+            gap = sum(g * t for (_, g, _, _), t in zip(steps, tokens)) / sum(tokens)
+    sums = {k: sum(s[k] * t for (s, _, _, _), t in zip(steps, tokens)) / sum(tokens) for k in steps[0][0]}
+    return {**sums, "logprob_gap": gap, "loss": sum(s[2] for s in steps) / len(steps),
+            "grad_norm": sum(s[3] for s in steps) / len(steps), "update_skipped": 0.0,
+            "update_rows_forwarded": sum(len(p.rows) for p in parts) / max(sum(p.local_rows for p in parts), 1)}
 
 
 def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[float] | None = None,
@@ -382,8 +447,9 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
         run.say("the process reward's steps drive the advantages (logged as reward/process_mean); the outcome "
                 f"rewards ({config['rewards']}) "
                 "are scored and logged only (reward_mean, reward/NAME_mean)")
-    if cfg.prompts_per_step % run.info.world_size:
-        raise ConfigError(f"prompts_per_step={cfg.prompts_per_step} must divide over {run.info.world_size} ranks")
+    for key in ("prompts_per_step", "minibatch_size"):
+        if (getattr(cfg, key) or 0) % run.info.world_size:
+            raise ConfigError(f"{key}={getattr(cfg, key)} must divide over {run.info.world_size} ranks")
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
     rows, eval_rows = read_rows(cfg.train_data), held_out(cfg.eval_data, cfg.eval_limit, cfg.eval_task, run.say)
     functions = [fn for fn in [*rewards.functions, rewards.process] if fn is not None]
@@ -411,7 +477,8 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
     evaluate = accuracy_eval(backend, policy, tokenizer, eval_rows, cfg.eval_max_new_tokens)
     before = evaluate() if evaluate else {}  # the start model's, also on resume
     optimizer = build_optimizer(policy, tc.lr, tc.weight_decay)
-    total = run.plan(len(rows), cfg.prompts_per_step) * cfg.mu  # optimizer steps
+    updates = cfg.mu * (cfg.prompts_per_step // (cfg.minibatch_size or cfg.prompts_per_step))  # per rollout step
+    total = run.plan(len(rows), cfg.prompts_per_step) * updates  # optimizer steps
     run.attach(policy, optimizer, build_scheduler(optimizer, total, tc.warmup_steps, tc.schedule, tc.min_lr_ratio))
     order = BatchOrder(len(rows), cfg.prompts_per_step, tc.seed)
 

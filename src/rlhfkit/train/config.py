@@ -307,9 +307,9 @@ TRL_NAMES = {"learning_rate": "train.lr", "num_train_epochs": "train.epochs", "m
              "assistant_only_loss": "completion_only_loss (true, the default here: the assistant turns alone; false: every "
                                    "token, TRL's default for messages)",
              "dataset_text_field": "nothing: a row's 'text' (or 'messages') field is read by its name",
-             "steps_per_generation": "nothing: one optimizer step per generation, on the whole batch (TRL's default, "
-                                     "steps_per_generation = gradient_accumulation_steps); mu steps repeat the whole "
-                                     "batch (TRL's num_iterations); steps on slices of one generation are not here",
+             "steps_per_generation": "minibatch_size (prompts per optimizer step: prompts_per_step x "
+                                     "gradient_accumulation_steps / steps_per_generation; unset, one step a batch, "
+                                     "TRL's default)",
              "generation_batch_size": "prompts_per_step (= generation_batch_size / num_generations: TRL counts "
                                       "completions, rlhfkit prompts)",
              "sync_ref_model": "nothing: the reference stays the start model (TR-DPO's sync is not implemented)",
