@@ -112,6 +112,18 @@ def test_under_bf16_pi_old_is_the_trained_forwards_not_the_fp32_samplers(tiny):
     assert (exp.samples.logprobs - trained)[mask].abs().max() > 1e-3  # as the sampler's would not have been
     assert exp.logprob_gap > 1e-4
     assert exp.kl.abs().max() < 1e-6  # the reference (the same weights) under the same autocast: no KL from bf16
+    # V_old and the first micro-batch's values (the update's own, graph kept) under the same autocast too
+    from rlhfkit.methods.ppo import completion_values
+
+    models["critic"].train()
+    with torch.no_grad():
+        with autocast("bf16"):
+            values = completion_values(models["critic"], exp.samples).float()
+        plain = completion_values(models["critic"], exp.samples)
+    assert (exp.old_values - values)[mask].abs().max() < 1e-6 and exp.old_values.dtype == torch.float32
+    first = exp.first_order[: exp.first_values.shape[0]]
+    assert (exp.first_values.float() - values[first])[mask[first]].abs().max() < 1e-6
+    assert (plain - values)[mask].abs().max() > 1e-4  # fp32 values, as the scoring had, are another number
 
 
 def test_ppo_eval_scores_its_answers_micro_batch_by_micro_batch(tiny, monkeypatch):

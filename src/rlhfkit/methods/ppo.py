@@ -218,7 +218,9 @@ def make_experience(models: dict, backend, prompt_ids: list, cfg: PPOConfig, bet
                                         dtype=cfg.train.dtype).float()  # as pi_old: a KL of 0 at the start
     size = cfg.minibatch_size // info.world_size  # this rank's rows of a minibatch
     micro = min(cfg.train.micro_batch_size or size, size)
-    old_values, first_values = critic_values(models["critic"], samples, first_order[:micro], chunk)
+    with autocast(cfg.train.dtype, str(samples.completion_ids.device)):  # as the update's forwards
+        old_values, first_values = critic_values(models["critic"], samples, first_order[:micro], chunk)
+    old_values = old_values.float()
     mask = samples.completion_mask
     old_logprobs, gap = samples.logprobs, 0.0
     if not exact:  # the backend's log-probs are not the actor's: pi_old from a forward pass
