@@ -143,7 +143,8 @@ def test_vllm_refuses_merging_adapters_on_tied_embeddings(tiny, tmp_path):
 def test_the_engine_is_asked_for_the_sampled_distributions_logprobs(monkeypatch, has_mode):
     """GRPO's sampling_correction divides pi_old (at the sampling temperature) by the engine's
     log-probs: vLLM's default ones are before temperature, so the engine is made with
-    logprobs_mode=processed_logprobs (as TRL makes it), and a vLLM without that option is warned about."""
+    logprobs_mode=processed_logprobs (as TRL makes it), and a vLLM without that option is warned about.
+    vLLM's sampling defaults, not the folder's, where the vLLM has the option."""
     import dataclasses
     import sys
     import types
@@ -151,14 +152,33 @@ def test_the_engine_is_asked_for_the_sampled_distributions_logprobs(monkeypatch,
     from rlhfkit.rollout.vllm import make_engine
 
     made = {}
-    fields = {"model": str, **({"logprobs_mode": str} if has_mode else {})}
+    fields = {"model": str, **({"logprobs_mode": str, "generation_config": str} if has_mode else {})}
     fake = types.ModuleType("vllm")
     fake.EngineArgs = dataclasses.make_dataclass("EngineArgs", list(fields.items()))
     fake.LLM = lambda **kwargs: made.update(kwargs) or "engine"
     monkeypatch.setitem(sys.modules, "vllm", fake)
     if has_mode:
         assert make_engine("folder", RolloutConfig()) == "engine" and made["logprobs_mode"] == "processed_logprobs"
+        assert made["generation_config"] == "vllm"
     else:
         with pytest.warns(UserWarning, match="no logprobs_mode .vLLM < 0.10.2.: its log-probs are before temperature"):
             make_engine("folder", RolloutConfig())
-        assert "logprobs_mode" not in made
+        assert "logprobs_mode" not in made and "generation_config" not in made
+
+
+def test_the_engines_folder_names_the_tokenizers_eos_alone(tiny, tmp_path):
+    """vLLM stops at every end id of the folder's generation_config.json; a policy whose own names
+    another (Qwen2.5-Instruct: <|im_end|> and <|endoftext|>) would have answers stopped there that
+    rlhfkit reads as unfinished, and its repetition_penalty is no part of the policy: the engine's
+    folder has the tokenizer's EOS and nothing else."""
+    import json
+
+    tok = load_tokenizer(str(tiny["base"]))
+    model = load_causal_lm(str(tiny["base"]), tok)
+    model.generation_config.eos_token_id = [tok.eos_token_id, 5]
+    model.generation_config.repetition_penalty = 1.05
+    engines, make = _backend(tmp_path)
+    make(tok).load_weights(model)
+    written = json.loads((tmp_path / "engine" / "rollout_engine" / "rank-0" / "generation_config.json").read_text())
+    assert written["eos_token_id"] == tok.eos_token_id and "repetition_penalty" not in written
+    assert len(engines) == 1 and model.generation_config.eos_token_id == [tok.eos_token_id, 5]  # the policy's own

@@ -4,6 +4,10 @@
   policy's gathered ones; a LoRA policy's merged ones, ``W0 + (alpha / r) B A``) are handed to
   the engine's model by their Hugging Face names, in place. The engine itself is created on the
   first call, from a ``save_pretrained`` folder of the policy written under the run's out_dir.
+  Its ``generation_config.json`` names the tokenizer's EOS and nothing else: vLLM stops answers
+  at every end id the file names (the policy's may add others, as Qwen2.5's ``<|endoftext|>``),
+  and an answer is finished at the tokenizer's EOS alone, as the other backends sample and the
+  losses read it; ``generation_config="vllm"`` keeps vLLM's sampling defaults.
 - ``generate(prompts, params)``: token-id prompts in; token ids and the engine's log-probs of
   the sampled tokens out, as ``Samples``.
 - ``logprobs_exact`` is always False: another engine's numerics, and its log-probs are those of
@@ -29,7 +33,7 @@ import torch
 
 from ..models.load import ModelLoadError, full_state_dict, is_sharded, save_model
 from ..models.lora import has_adapters, merged_state, unmergeable
-from .backend import SamplingParams
+from .backend import SamplingParams, neutral_generation_config
 from .sampler import Samples, _mask_through_eos, left_pad
 
 
@@ -52,8 +56,10 @@ def make_engine(folder: str, rollout) -> object:
 
     import vllm
 
-    processed = {}
-    if "logprobs_mode" in {f.name for f in dataclasses.fields(vllm.EngineArgs)}:
+    options, processed = {f.name for f in dataclasses.fields(vllm.EngineArgs)}, {}
+    if "generation_config" in options:  # vLLM's sampling defaults, not the folder's (its end ids: VLLMBackend)
+        processed["generation_config"] = "vllm"
+    if "logprobs_mode" in options:
         processed["logprobs_mode"] = "processed_logprobs"  # the sampled distribution's: what IS weights divide by
     else:
         warnings.warn("this vLLM has no logprobs_mode (vLLM < 0.10.2): its log-probs are before temperature, so "
@@ -91,6 +97,7 @@ class VLLMBackend:
         if self.engine is None:  # the engine starts from a folder holding the current weights
             folder = self.folder / f"rank-{os.environ.get('RANK', '0')}"
             save_model(model, self.tokenizer, folder, state if is_sharded(model) else None, merge=True)
+            neutral_generation_config(self.tokenizer).save_pretrained(str(folder))  # the tokenizer's EOS alone
             self.engine = self.engine_factory(str(folder), self.rollout)
             return
         weights = merged_state(model, state) if has_adapters(model) else state
