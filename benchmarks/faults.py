@@ -39,7 +39,7 @@ def assets(out: Path) -> dict:
     from rlhfkit.models.reward import load_reward_model
     from rlhfkit.models.tiny import write_tiny_default
 
-    paths = write_tiny_default(out / "tiny")
+    paths = write_tiny_default(out / "tiny", overwrite=True)  # a rerun in the same --out writes them alike
     for name in ("sft_train", "rankings_train", "prefs_train", "prompts_train"):
         lines = (paths["data"] / f"{name}.jsonl").read_text().splitlines()[:64]
         (paths["data"] / f"small_{name}.jsonl").write_text("\n".join(lines) + "\n")

@@ -35,6 +35,18 @@ def test_tiny_leaves_a_folder_that_holds_files_alone_unless_forced(tmp_path):
     out = rlhfkit("tiny", "--out", tmp_path / "mine", "--hidden", 16, "--layers", 1, "--force")
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "mine" / "base" / "config.json").is_file()
+    # the Python API alike: write_tiny_default leaves a folder with files alone unless asked to overwrite
+    import pytest
+
+    from rlhfkit.models.tiny import TinySpec, write_tiny_default
+
+    (tmp_path / "mine" / "notes.txt").write_text("edited again")
+    with pytest.raises(FileExistsError, match="already holds files"):
+        write_tiny_default(tmp_path / "mine", TinySpec(hidden_size=16, num_layers=1, intermediate_size=64))
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "edited again"
+    paths = write_tiny_default(tmp_path / "mine", TinySpec(hidden_size=16, num_layers=1, intermediate_size=64),
+                               overwrite=True)
+    assert (paths["base"] / "config.json").is_file()
 
 
 def test_sft_then_eval_then_plain_transformers(tiny, sft_run, tmp_path):

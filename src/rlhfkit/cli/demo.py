@@ -235,7 +235,7 @@ def run_demo(out_dir: str | Path = "demo_out", quick: bool = False, seed: int = 
     if (out / "summary.json").exists():
         raise ConfigError(f"{out} already holds a demo run; remove it or pass --out elsewhere")
     out.mkdir(parents=True, exist_ok=True)
-    assets = write_tiny_default(out / "assets", seed=seed)
+    assets = write_tiny_default(out / "assets", seed=seed, overwrite=True)  # a stopped demo's: written alike again
     names = sorted(stages, key=list(STAGES).index) if stages else [s for s in STAGES if s not in OPTIONAL]
     ctx = {"out": out, "assets": assets, "quick": quick, "seed": seed, "progress": jobs == 1,
            "eval_rows": read_rows(assets["data"] / "sft_eval.jsonl")}

@@ -129,7 +129,7 @@ def cmd_tiny(args) -> int:
         raise ConfigError(f"--out {out} already holds files (an earlier tiny default, perhaps edited): "
                           "pass --force to write over them, or another --out")
     spec = TinySpec(hidden_size=args.hidden, num_layers=args.layers, intermediate_size=4 * args.hidden)
-    paths = write_tiny_default(args.out, spec, seed=args.seed)
+    paths = write_tiny_default(args.out, spec, seed=args.seed, overwrite=args.force)
     for name, path in paths.items():
         print(f"{name:10s} {path}")
     return 0

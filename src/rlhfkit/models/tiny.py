@@ -60,15 +60,20 @@ def build_tiny_model(tokenizer, spec: TinySpec = TinySpec(), seed: int = 0):
     return model
 
 
-def write_tiny_default(out_dir: str | Path, spec: TinySpec = TinySpec(), seed: int = 0) -> dict[str, Path]:
+def write_tiny_default(out_dir: str | Path, spec: TinySpec = TinySpec(), seed: int = 0,
+                       overwrite: bool = False) -> dict[str, Path]:
     """Build the tiny default's tokenizer, base model and data files under ``out_dir``.
 
-    Layout: ``tokenizer/``, ``base/`` (model and a copy of the tokenizer), ``data/*.jsonl``.
+    Layout: ``tokenizer/``, ``base/`` (model and a copy of the tokenizer), ``data/*.jsonl``. A
+    folder that already holds files is a FileExistsError unless ``overwrite`` (``rlhfkit tiny --force``).
     """
     from ..tasks.arithmetic_files import write_task_files
     from .tokenizer import save_char_tokenizer
 
     out = Path(out_dir)
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} already holds files (an earlier tiny default, perhaps edited): "
+                              "overwrite=True writes over them")
     tokenizer = save_char_tokenizer(out / "tokenizer")
     model = build_tiny_model(tokenizer, spec, seed)
     model.save_pretrained(str(out / "base"))
