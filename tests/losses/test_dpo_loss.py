@@ -167,3 +167,40 @@ def test_discopop_stays_finite_far_below_its_margin():
     loss, _ = dpo_loss(pc, torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([0.0]), 1.0, loss_type="discopop")
     loss.backward()
     assert abs(loss.item() - 100.0) < 1e-4 and abs(pc.grad.item() + 1.0) < 1e-4
+
+
+def test_f_divergence_scores_by_hand_and_in_the_loss():
+    """f-DPO: w = f'(pi / pi_ref) at u = log 2 (pi / pi_ref = 2) and u = -log 2, by hand; the
+    sigmoid loss on them, and its gradient: d/du_w of -log sig(beta (f(u_w) - f(u_l))) is
+    -beta sig(-beta h_f) f''(e^u) e^u."""
+    from rlhfkit.losses.dpo import f_divergence_scores
+
+    u = torch.tensor([math.log(2), -math.log(2)])
+    expected = {"reverse_kl": [math.log(2), -math.log(2)], "forward_kl": [1 - 1 / 2, 1 - 2],
+                "js_divergence": [math.log(4 / 3), math.log(2 / 3)],  # log(2t / (1 + t)) at t = 2, 1/2
+                "alpha_divergence": [(2 ** -0.5 - 1) / -0.5, (2 ** 0.5 - 1) / -0.5]}
+    for kind, values in expected.items():
+        assert torch.allclose(f_divergence_scores(u, kind, 0.5), torch.tensor(values), atol=1e-6), kind
+    assert torch.equal(f_divergence_scores(u, "alpha_divergence", 1.0), u)  # a -> 1: reverse KL
+    # f'(t) t: d f'(e^u) / du for forward_kl is e^-u; beta 0.5, u_w = log 2, u_l = -log 2
+    pc = torch.tensor([math.log(2)], requires_grad=True)
+    loss, sums = dpo_loss(pc, torch.tensor([-math.log(2)]), torch.tensor([0.0]), torch.tensor([0.0]), 0.5,
+                          f_divergence="forward_kl")
+    h = 0.5 * (0.5 - (-1.0))
+    assert abs(loss.item() - _softplus(-h)) < 1e-6
+    loss.backward()
+    assert abs(pc.grad.item() - (-0.5 * _sig(-h) * 0.5)) < 1e-6
+    assert abs(sums["rewards_chosen"].item() - 0.5 * math.log(2)) < 1e-6  # the logged reward: beta log(pi / pi_ref)
+    try:
+        dpo_loss(pc, pc, pc, pc, 0.5, loss_type="nca_pair", f_divergence="js_divergence")
+        raise AssertionError("nca_pair has no f-divergence form")
+    except ValueError as e:
+        assert "forms on the margin" in str(e)
+
+
+def test_ld_weights_count_the_shorter_answers_length_whole_and_the_rest_by_alpha():
+    from rlhfkit.losses.dpo import ld_weights
+
+    place = torch.tensor([[0, 1, 2, 3, 4], [0, 1, 2, 3, 4]])
+    shared = torch.tensor([[3], [5]])
+    assert ld_weights(place, shared, 0.25).tolist() == [[1, 1, 1, 0.25, 0.25], [1, 1, 1, 1, 1]]

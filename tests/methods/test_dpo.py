@@ -124,7 +124,7 @@ def test_ipo_hinge_and_smoothing_reach_their_margins_and_refuse_rankings(tiny, t
     rankings = DPOConfig(model=str(tiny["base"]), train_data=str(tiny["data"] / "rankings_train.jsonl"),
                          max_length=64, loss_type=loss_type, label_smoothing=smoothing,
                          train=quiet_train(tmp_path / "r", max_steps=1))
-    what = "label_smoothing" if smoothing else f"loss_type={loss_type}"
+    what = f"label_smoothing={smoothing}" if smoothing else f"loss_type={loss_type}"
     with pytest.raises(DataError, match=rf"rankings_train.jsonl:1: field 'completions' ranks 6 answers; "
                                         rf"{what} is for pairs"):
         run_dpo(rankings)
@@ -179,3 +179,72 @@ def test_a_mixture_of_experts_adds_its_router_balancing_loss_to_dpos(tiny, tmp_p
         aux = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_router_logits=True).aux_loss
     assert abs(first["train/router_aux_loss"] - float(aux)) < 1e-5
     assert abs(first["train/loss"] - (math.log(2) + 0.02 * float(aux))) < 1e-5
+
+
+def test_ld_alpha_and_f_divergence_reach_the_loss_as_their_papers_write_it(tiny, tmp_path):
+    """LD-DPO's sums (the shorter answer's length whole, the rest times ld_alpha) on both batch
+    layouts, against the token log-probs summed by hand; the objective's loss with js_divergence
+    on them, against -log sig(beta (f(w) - f(l))) by hand; a run with ld_alpha gives the same
+    losses with the reference precomputed (its sums LD's too) and forwarded."""
+    from rlhfkit.data.prefs import collate_shared_prompt
+    from rlhfkit.methods.dpo import sequence_logps
+    from rlhfkit.models.forward import token_logprobs
+    from rlhfkit.train.config import ConfigError
+    from rlhfkit.train.logging import read_metrics
+
+    model, tok = load_policy(str(tiny["base"]), None)
+    reference = copy.deepcopy(model).eval().requires_grad_(False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    examples, _ = encode_rankings(read_rows(tiny["data"] / "prefs_train.jsonl")[:6], tok, 64)
+    plain = collate_rankings(examples, tok.pad_token_id)
+    alpha = 0.3
+
+    def by_hand(m):
+        with torch.no_grad():
+            logprobs = token_logprobs(m, plain.input_ids, plain.attention_mask, plain.completion_mask)
+        sums = []
+        for p, e in enumerate(examples):
+            shared = min(len(c) for c in e.completion_ids)
+            for j, c in enumerate(e.completion_ids):
+                row = logprobs[plain.slot.tolist().index(p * 2 + j)]
+                tokens = row[len(e.prompt_ids): len(e.prompt_ids) + len(c)]
+                sums.append(float(tokens[:shared].sum() + alpha * tokens[shared:].sum()))
+        return torch.tensor(sums).view(-1, 2)
+
+    lengths = {len(c) for e in examples for c in e.completion_ids}
+    assert len(lengths) > 1  # answers of different lengths: LD's weights are not all 1
+    expected = by_hand(model)
+    for batch in (plain, collate_shared_prompt(examples, tok.pad_token_id)):
+        with torch.no_grad():
+            got = batch.grid(sequence_logps(model, batch, alpha))
+            whole = batch.grid(sequence_logps(model, batch))
+        assert torch.allclose(got, expected, atol=1e-4)
+        assert (got - whole).abs().max() > 1e-2
+    u = expected - by_hand(reference)  # the LD log-ratios
+    f = math.log(2) + torch.nn.functional.logsigmoid(u)  # js_divergence's f'
+    loss_by_hand = float(torch.nn.functional.softplus(-0.5 * (f[:, 0] - f[:, 1])).mean())
+    objective = dpo_objective(0.5, Reference(module=reference), f_divergence="js_divergence", ld_alpha=alpha)
+    with torch.no_grad():
+        loss, _ = objective.loss(model, plain, objective.counts(plain))
+    assert abs(loss.item() - loss_by_hand) < 1e-5 and abs(loss_by_hand - math.log(2)) > 1e-3
+    losses = {}
+    for mode in ("precompute", "forward"):
+        run_dpo(DPOConfig(model=str(tiny["base"]), train_data=str(tiny["data"] / "prefs_train.jsonl"), max_length=64,
+                          beta=0.5, reference=mode, ld_alpha=alpha, f_divergence_type="alpha_divergence",
+                          f_alpha_divergence_coef=0.3,
+                          train=quiet_train(tmp_path / mode, max_steps=3, batch_size=8, lr=1e-3)))
+        losses[mode] = [m["train/loss"] for m in read_metrics(tmp_path / mode) if "train/loss" in m]
+    assert losses["precompute"] == pytest.approx(losses["forward"], abs=1e-5)
+    assert abs(losses["forward"][0] - math.log(2)) < 1e-6 and abs(losses["forward"][2] - math.log(2)) > 1e-3
+    with pytest.raises(ConfigError, match="f_divergence_type=forward_kl replaces the log-ratios .* loss_type nca_pair"):
+        DPOConfig(model="m", train_data="d", f_divergence_type="forward_kl", loss_type="sigmoid:0.5,nca_pair:0.5")
+    with pytest.raises(ConfigError, match="f_alpha_divergence_coef"):
+        DPOConfig(model="m", train_data="d", f_alpha_divergence_coef=0.3)
+    with pytest.raises(ConfigError, match="ld_alpha' must be in \\[0, 1\\]"):
+        DPOConfig(model="m", train_data="d", ld_alpha=1.5)
+    rankings = DPOConfig(model=str(tiny["base"]), train_data=str(tiny["data"] / "rankings_train.jsonl"),
+                         max_length=64, ld_alpha=alpha, train=quiet_train(tmp_path / "r", max_steps=1))
+    with pytest.raises(DataError, match="ranks 6 answers; ld_alpha=0.3 is for pairs"):
+        run_dpo(rankings)

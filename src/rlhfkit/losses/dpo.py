@@ -52,6 +52,18 @@ logistic function and eps the ``label_smoothing``:
     (``discopop_tau``, the paper's 0.05):
         L = (1 - sigma(beta h / tau)) (-log sigma(beta h)) + sigma(beta h / tau) exp(-beta h)
 
+f-DPO (Wang et al. 2023, "Beyond Reverse KL: Generalizing Direct Preference Optimization with
+Diverse Divergence Constraints"; TRL's ``f_divergence_type``): under an f-divergence
+constraint the implicit reward is beta f'(pi / pi_ref) in place of beta log(pi / pi_ref), so the
+forms built on the margin (sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop) read
+w = f'(e^u_w), l = f'(e^u_l) of the log-ratios u:
+
+    reverse_kl   f'(t) = log t                          (DPO: w = u_w)
+    forward_kl   f'(t) = 1 - 1/t                        w = 1 - exp(-u_w)
+    js_divergence f'(t) = log(2t / (1 + t))             w = log 2 + log sigma(u_w)
+    alpha_divergence f'(t) = (t^(a-1) - 1) / (a - 1)    w = (exp((a - 1) u_w) - 1) / (a - 1), a != 1
+                                                        (a -> 1: reverse_kl; (a - 1) u capped at 80, as TRL)
+
 Eq. 17 writes IPO's h over whole answers; the per-token form is what the paper's experiments
 used, as TRL (whose IPO is this one) confirmed with its authors, and it keeps 1/(2 beta)
 comparable across answer lengths. Several forms may be weighed together (TRL's ``loss_type``
@@ -121,25 +133,46 @@ PAIR_LOSSES = {
 }
 SMOOTHED = ("sigmoid", "robust", "exo_pair")  # the forms that read label_smoothing
 PER_TOKEN = ("ipo", "sigmoid_norm")  # the forms that read the answers' lengths
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+F_DIVERGENCE_FORMS = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop")  # on the margin
+
+
+def f_divergence_scores(logratios: torch.Tensor, kind: str = "reverse_kl", alpha: float = 0.5) -> torch.Tensor:
+    """f'(pi / pi_ref) of f-DPO for log-ratios u = log(pi / pi_ref) (the module docstring's table)."""
+    if kind == "reverse_kl" or (kind == "alpha_divergence" and abs(alpha - 1) < 1e-6):
+        return logratios
+    if kind == "forward_kl":
+        return 1 - torch.exp(-logratios)
+    if kind == "js_divergence":
+        return math.log(2) + F.logsigmoid(logratios)
+    if kind == "alpha_divergence":
+        return torch.expm1(((alpha - 1) * logratios).clamp(max=80.0)) / (alpha - 1)
+    raise ValueError(f"f_divergence_type must be one of {', '.join(F_DIVERGENCES)}; got {kind!r}")
 
 
 def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
              ref_rejected_logps: torch.Tensor, beta: float, num_pairs: float | None = None,
              loss_type: str | tuple = "sigmoid", label_smoothing: float = 0.0, lengths: tuple | None = None,
-             discopop_tau: float = 0.05):
+             discopop_tau: float = 0.05, f_divergence: str = "reverse_kl", f_alpha: float = 0.5):
     """All inputs (B,) sequence log-probs. Returns (loss, metrics of detached sums over the B pairs).
     ``loss_type``: one name of PAIR_LOSSES, or ((name, weight), ...) for a weighted sum of forms.
     ``label_smoothing``: eps of the SMOOTHED forms. ``lengths``: the (B,) token counts of the chosen
-    and rejected answers, for the PER_TOKEN forms."""
+    and rejected answers, for the PER_TOKEN forms. ``f_divergence``, ``f_alpha``: f-DPO's f'
+    applied to the log-ratios (the F_DIVERGENCE_FORMS only). The metrics' rewards are
+    beta log(pi / pi_ref) whatever the f."""
     chosen_rewards = beta * (chosen_logps - ref_chosen_logps)  # (B,)
     rejected_rewards = beta * (rejected_logps - ref_rejected_logps)  # (B,)
-    pairs = Pairs(chosen_logps - ref_chosen_logps, rejected_logps - ref_rejected_logps, beta, label_smoothing,
-                  discopop_tau, lengths)
+    pairs = Pairs(f_divergence_scores(chosen_logps - ref_chosen_logps, f_divergence, f_alpha),
+                  f_divergence_scores(rejected_logps - ref_rejected_logps, f_divergence, f_alpha), beta,
+                  label_smoothing, discopop_tau, lengths)
     weighted = ((loss_type, 1.0),) if isinstance(loss_type, str) else loss_type
     losses = 0.0
     for name, weight in weighted:
         if name not in PAIR_LOSSES:
             raise ValueError(f"loss_type must be one of {', '.join(PAIR_LOSSES)}; got {name!r}")
+        if f_divergence != "reverse_kl" and name not in F_DIVERGENCE_FORMS:
+            raise ValueError(f"f_divergence_type={f_divergence} is for the forms on the margin "
+                             f"({', '.join(F_DIVERGENCE_FORMS)}); got {name!r}")
         losses = losses + weight * PAIR_LOSSES[name](pairs)
     denom = chosen_logps.shape[0] if num_pairs is None else max(float(num_pairs), 1.0)
     return losses.sum() / denom, _sums(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps)
@@ -184,3 +217,14 @@ def _sums(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps) -> dic
         "logps_chosen": chosen_logps.sum().detach(),
         "logps_rejected": rejected_logps.sum().detach(),
     }
+
+
+def ld_weights(place: torch.Tensor, shared: torch.Tensor, ld_alpha: float) -> torch.Tensor:
+    """LD-DPO (Liu et al. 2024, "Length Desensitization in Directed Preference Optimization";
+    TRL's ``ld_alpha``): an answer's log-likelihood counts its first l_p
+    tokens whole and the rest times alpha, l_p = min(|y_w|, |y_l|) the shorter answer's length,
+
+        log p_hat(y|x) = sum_{i <= l_p} log pi(y_i | x, y_<i) + alpha sum_{i > l_p} log pi(y_i | x, y_<i)
+
+    for the policy and the reference alike. ``place``: each token's index in its answer from 0."""
+    return torch.where(place < shared, 1.0, ld_alpha)

@@ -10,15 +10,28 @@ has no ties, so a tied ranking is refused (the reward model accepts ties).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
 
 from ..data.encode import OVERLONG_POLICIES, SFTExample, collate_sft, to_device
 from ..data.prefs import RankingBatch, SharedPromptBatch, collate_rankings, count_pairs, encode_rankings
 from ..data.rows import DataError, Row, read_rows, source_name
-from ..losses.dpo import PAIR_LOSSES, PER_TOKEN, SMOOTHED, chosen_nll, dpo_loss, plackett_luce_loss
+from ..losses.dpo import (
+    F_DIVERGENCE_FORMS,
+    F_DIVERGENCES,
+    PAIR_LOSSES,
+    PER_TOKEN,
+    SMOOTHED,
+    chosen_nll,
+    dpo_loss,
+    ld_weights,
+    plackett_luce_loss,
+)
 from ..losses.reduce import pairs_right
 from ..models.forward import as_forward, eval_mode, predecessor_logprobs, router_balance, token_logprobs
 from ..models.load import disable_dropout, load_causal_lm, load_tokenizer
@@ -36,6 +49,7 @@ from ..train.config import (
     positive,
     replace,
     used_only_with,
+    within,
 )
 from ..train.loop import Objective, train_offline
 from ..train.run import start_run
@@ -72,6 +86,12 @@ class DPOConfig:
     label_smoothing: float = 0.0  # eps in [0, 0.5) of sigmoid (conservative DPO), robust and exo_pair
     discopop_tau: float = 0.05  # loss_type=discopop: its temperature (the paper's)
     rpo_alpha: float = 0.0  # > 0: add rpo_alpha x the chosen answers' NLL per token (RPO; TRL's sft loss term)
+    # f-DPO: the implicit reward's f-divergence, reverse_kl (DPO's) | forward_kl | js_divergence | alpha_divergence
+    # (pairs, the forms on the margin; TRL's names)
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5  # f_divergence_type=alpha_divergence: its alpha
+    # LD-DPO: in [0, 1], the weight of an answer's tokens past the shorter answer's length (pairs; None: 1, DPO's)
+    ld_alpha: float | None = None
     reference: str = "precompute"  # precompute (once, then no reference model) | forward (every step)
     sft_first_steps: int = 0  # > 0: no SFT model yet, first maximise the likelihood of the chosen answers
     eval_limit: int = 500  # held-out rows used, for both evals; 0 = all
@@ -104,6 +124,16 @@ class DPOConfig:
                            "held-out evaluation (eval_data, eval_prompts)")
         all_used_only_with(self, ("eval_max_new_tokens",), bool(self.eval_prompts), "the held-out accuracy (eval_prompts)")
         positive("beta", self.beta)
+        choice("f_divergence_type", self.f_divergence_type, F_DIVERGENCES)
+        other = [f for f in forms if f not in F_DIVERGENCE_FORMS]
+        if self.f_divergence_type != "reverse_kl" and other:
+            raise ConfigError(f"f_divergence_type={self.f_divergence_type} replaces the log-ratios of the forms on the "
+                              f"margin ({', '.join(F_DIVERGENCE_FORMS)}); loss_type {', '.join(other)} has none")
+        if not math.isfinite(self.f_alpha_divergence_coef):
+            raise ConfigError(f"config key 'f_alpha_divergence_coef' must be a number; got {self.f_alpha_divergence_coef!r}")
+        used_only_with("f_alpha_divergence_coef", self.f_alpha_divergence_coef, DPOConfig.f_alpha_divergence_coef,
+                       self.f_divergence_type == "alpha_divergence", "f_divergence_type=alpha_divergence")
+        within("ld_alpha", self.ld_alpha, 0, 1)
 
 
 # TRL's loss_type names that rlhfkit has no form for, and why
@@ -132,47 +162,74 @@ def loss_forms(spec: str) -> tuple[tuple[str, float], ...]:
     return tuple(forms)
 
 
-def pairwise_only(loss_type: str, label_smoothing: float) -> bool:
-    """Whether the loss is for pairs only: anything but the paper's sigmoid, unsmoothed (whose
-    Plackett-Luce form takes rankings of any length)."""
-    return loss_forms(loss_type) != (("sigmoid", 1.0),) or label_smoothing > 0
+def pairwise_only(cfg: DPOConfig) -> str | None:
+    """The setting that makes the loss one for pairs, or None: anything but the paper's sigmoid,
+    unsmoothed, on plain log-ratios (whose Plackett-Luce form takes rankings of any length)."""
+    for key, plain in (("loss_type", "sigmoid"), ("label_smoothing", 0.0), ("f_divergence_type", "reverse_kl"),
+                       ("ld_alpha", None)):
+        value = getattr(cfg, key)
+        if (loss_forms(value) != (("sigmoid", 1.0),)) if key == "loss_type" else value != plain:
+            return f"{key}={value}"
+    return None
 
 
-def sequence_logps(model, batch: RankingBatch | SharedPromptBatch) -> torch.Tensor:
+def sequence_logps(model, batch: RankingBatch | SharedPromptBatch, ld_alpha: float | None = None) -> torch.Tensor:
     """log pi(y|x) summed over completion tokens, one per output of the batch, in slot order. (N,)
 
     A ``SharedPromptBatch`` forwards each prompt once for all its answers: the same sums with
-    the prompt's tokens computed once instead of K times (data/prefs.py)."""
+    the prompt's tokens computed once instead of K times (data/prefs.py). ``ld_alpha``: LD-DPO's
+    sums (``ld_weights``)."""
     if isinstance(batch, SharedPromptBatch):
         picked, _ = as_forward(model, predecessor_logprobs, batch.input_ids, batch.attend, batch.position_ids,
                                batch.predecessor, batch.targets)  # (M,)
+        if ld_alpha is not None:
+            starts = batch.lengths.cumsum(0) - batch.lengths  # each output's first token among the M
+            place = torch.arange(len(batch.owner), device=picked.device) - starts[batch.owner]
+            picked = picked * ld_weights(place, shared_lengths(batch)[batch.owner], ld_alpha).to(picked.dtype)
         return picked.new_zeros(batch.num_outputs).index_add(0, batch.owner, picked)
     logprobs = token_logprobs(model, batch.input_ids, batch.attention_mask, batch.completion_mask)  # (N, T)
-    return (logprobs * batch.completion_mask).sum(-1)
+    weights = batch.completion_mask.to(logprobs.dtype)
+    if ld_alpha is not None:  # the tokens with a log-prob, counted from 0 (a first token after no prompt has none)
+        scored = F.pad(batch.completion_mask[:, 1:], (1, 0))
+        place = scored.cumsum(-1) - 1
+        weights = weights * ld_weights(place, shared_lengths(batch)[:, None], ld_alpha).to(logprobs.dtype)
+    return (logprobs * weights).sum(-1)
 
 
-def precompute_reference(reference, examples: list, pad_id: int, batch_size: int = 64) -> list:
-    """The examples with ``ref_logps`` filled in by one pass of the reference model."""
+def shared_lengths(batch: RankingBatch | SharedPromptBatch) -> torch.Tensor:
+    """(N,) the token count an output shares with the other of its pair: the shorter's."""
+    grid = batch.grid(batch.output_lengths()).masked_fill(~batch.mask.bool(), torch.iinfo(torch.long).max)
+    return grid.min(-1).values[batch.slot // batch.mask.shape[1]]
+
+
+def precompute_reference(reference, examples: list, pad_id: int, batch_size: int = 64,
+                         ld_alpha: float | None = None) -> list:
+    """The examples with ``ref_logps`` filled in by one pass of the reference model (``ld_alpha``:
+    LD-DPO's sums, as the loss reads them)."""
     with eval_mode(reference):
         out = []
         for i in range(0, len(examples), batch_size):
             chunk = examples[i: i + batch_size]
             batch = to_device(collate_rankings(chunk, pad_id), next(reference.parameters()).device)
-            grid = batch.grid(sequence_logps(reference, batch))
+            grid = batch.grid(sequence_logps(reference, batch, ld_alpha))
             out.extend(dataclasses.replace(e, ref_logps=tuple(grid[p, : len(e.ranks)].tolist())) for p, e in enumerate(chunk))
     return out
 
 
 def dpo_objective(beta: float, reference: Reference | None = None, rpo_alpha: float = 0.0,
                   loss_type: str = "sigmoid", label_smoothing: float = 0.0, discopop_tau: float = 0.05,
-                  router_coef: float = 0.0) -> Objective:
+                  router_coef: float = 0.0, f_divergence: str = "reverse_kl", f_alpha: float = 0.5,
+                  ld_alpha: float | None = None) -> Objective:
     """``reference=None``: the batch carries precomputed reference log-probs; else the frozen
     reference (models/lora.py ``Reference``) is forwarded on every batch. ``rpo_alpha > 0``
     adds RPO's NLL of the best answers (losses/dpo.py ``chosen_nll``). ``loss_type`` (as the
-    config's), ``label_smoothing`` and ``discopop_tau``: the pairwise loss's form (losses/dpo.py).
-    ``router_coef`` > 0 adds a mixture of experts' router balancing loss of the policy's forward."""
+    config's), ``label_smoothing``, ``discopop_tau``, ``f_divergence`` and ``f_alpha``: the
+    pairwise loss's form (losses/dpo.py); ``ld_alpha``: LD-DPO's sums of the answers' log-probs
+    (``ld_weights``; precomputed reference log-probs must be its sums too). ``router_coef`` > 0
+    adds a mixture of experts' router balancing loss of the policy's forward."""
     forms = loss_forms(loss_type)
-    pairs_only = pairwise_only(loss_type, label_smoothing)
+    pairs_only = pairwise_only(SimpleNamespace(loss_type=loss_type, label_smoothing=label_smoothing,
+                                               f_divergence_type=f_divergence, ld_alpha=ld_alpha))
 
     def counts(batch) -> dict:
         best = batch.slot % batch.mask.shape[1] == 0  # (N,) the chosen / best-ranked outputs
@@ -181,21 +238,21 @@ def dpo_objective(beta: float, reference: Reference | None = None, rpo_alpha: fl
 
     def loss(model, batch, totals):
         with router_balance(model, router_coef) as balance:  # the policy's forward (a LoRA reference is the same model)
-            logps = batch.grid(sequence_logps(model, batch))  # (P, K)
+            logps = batch.grid(sequence_logps(model, batch, ld_alpha))  # (P, K)
         if reference is None:
             ref = batch.ref_logps
         else:
             with torch.no_grad(), reference() as ref_model:
-                ref = batch.grid(sequence_logps(ref_model, batch))
+                ref = batch.grid(sequence_logps(ref_model, batch, ld_alpha))
         if batch.mask.shape[1] == 2:  # plain pairs: the paper's pairwise loss
             per_token = any(name in PER_TOKEN for name, _ in forms)
             lengths = batch.grid(batch.output_lengths().to(logps.dtype)).unbind(-1) if per_token else None
             value, sums = dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta, totals["prompts"],
-                                   forms, label_smoothing, lengths, discopop_tau)
+                                   forms, label_smoothing, lengths, discopop_tau, f_divergence, f_alpha)
         else:  # rankings of more than two (run_dpo refuses them with their rows for the pairwise-only forms)
             if pairs_only:
                 raise ValueError(f"a ranking of {batch.mask.shape[1]} answers has the Plackett-Luce loss only; "
-                                 f"loss_type={loss_type}, label_smoothing={label_smoothing} are for pairs")
+                                 f"{pairs_only} is for pairs")
             value, sums = plackett_luce_loss(logps, ref, batch.mask, beta, totals["prompts"])
         prompts = max(totals["prompts"], 1.0)
         metrics = {k: sums[k] / prompts for k in ("rewards_chosen", "rewards_rejected", "margin",
@@ -225,9 +282,9 @@ def preference_accuracy(model, examples: list, pad_id: int, batch_size: int = 64
 
 
 def trainable_rankings(rows: list[Row], cfg: DPOConfig | None = None) -> list[Row]:
-    """Rankings DPO can train on: a strict order, and with a pairwise-only loss form (``cfg``'s
-    ``loss_type`` or ``label_smoothing``) no more than two answers."""
-    pairs_only = cfg is not None and pairwise_only(cfg.loss_type, cfg.label_smoothing)
+    """Rankings DPO can train on: a strict order, and with a pairwise-only loss (``cfg``'s
+    ``pairwise_only``) no more than two answers."""
+    pairs_only = cfg is not None and pairwise_only(cfg)
     for row in rows:
         ranks = row.data.get("ranks")
         if isinstance(ranks, list) and len(set(map(str, ranks))) != len(ranks):
@@ -235,9 +292,8 @@ def trainable_rankings(rows: list[Row], cfg: DPOConfig | None = None) -> list[Ro
                             "(the reward model, `rlhfkit rm`, accepts ties)")
         answers = row.data.get("completions")
         if pairs_only and isinstance(answers, list) and len(answers) > 2:
-            what = f"loss_type={cfg.loss_type}" if cfg.loss_type != "sigmoid" else "label_smoothing"
-            raise DataError(f"{row.where}: field 'completions' ranks {len(answers)} answers; {what} is for pairs "
-                            "(rankings of more than two take the Plackett-Luce loss of loss_type=sigmoid)")
+            raise DataError(f"{row.where}: field 'completions' ranks {len(answers)} answers; {pairs_only} is for "
+                            "pairs (rankings of more than two take the Plackett-Luce loss of plain DPO)")
     return rows
 
 
@@ -300,7 +356,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
     run.keep["before"] = before
     if cfg.reference == "precompute":
         with reference() as ref_model:
-            examples = precompute_reference(ref_model, examples, pad)
+            examples = precompute_reference(ref_model, examples, pad, ld_alpha=cfg.ld_alpha)
         reference = None  # no reference model in memory
         run.say("reference log-probs precomputed once; the reference model is released")
 
@@ -310,7 +366,8 @@ def run_dpo(cfg: DPOConfig) -> dict:
 
     train_offline(run, model, examples, ranking_collate(model, pad, cfg.share_prompt),
                   dpo_objective(cfg.beta, reference, cfg.rpo_alpha, cfg.loss_type, cfg.label_smoothing,
-                                cfg.discopop_tau, run.router_coef),
+                                cfg.discopop_tau, run.router_coef, cfg.f_divergence_type, cfg.f_alpha_divergence_coef,
+                                cfg.ld_alpha),
                   evaluate if (pref_eval or prompts) else None)
     summary = {"loss": run.metrics.get("loss"), "reference": cfg.reference, "length_report": report.summary(), **before}
     if run.evals:
