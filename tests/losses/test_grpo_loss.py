@@ -244,3 +244,56 @@ def test_cispo_clips_the_weight_and_keeps_every_tokens_gradient():
     # the gradient is -sg(w) A: the clipped token keeps it (PPO's clip would zero it)
     assert torch.allclose(logprobs.grad, torch.tensor([[-1.2, w]]) / 2, atol=1e-6)
     assert stats["clip_frac_high"].item() == 0.5 and stats["clip_frac_low"].item() == 0.0
+
+
+def test_sapo_gates_the_ratio_smoothly_by_hand():
+    """L = -sigma(tau (r - 1)) 4 / tau A per token, tau 1 where A > 0 and 1.05 elsewhere, a
+    per-answer mean: value and gradient d/dlog pi = -sigma'(tau (r - 1)) 4 r A by hand; at r = 1
+    the gradient is the plain policy gradient's, -A."""
+    old = torch.tensor([[-1.0, -2.0]])
+    lp = torch.tensor([[-1.0 + math.log(1.5), -2.0 + math.log(0.5)]], requires_grad=True)
+    adv = torch.tensor([[2.0, -1.0]])
+    loss, metrics = grpo_loss(lp, old, adv, torch.ones(1, 2), sapo=(1.0, 1.05))
+    loss.backward()
+
+    def sig(x):
+        return 1 / (1 + math.exp(-x))
+
+    terms = [-sig(1.0 * 0.5) * 4 / 1.0 * 2.0, -sig(1.05 * -0.5) * 4 / 1.05 * -1.0]
+    assert abs(loss.item() - sum(terms) / 2) < 1e-6
+    grads = [-sig(0.5) * (1 - sig(0.5)) * 4 * 1.5 * 2.0, -sig(-0.525) * (1 - sig(-0.525)) * 4 * 0.5 * -1.0]
+    assert torch.allclose(lp.grad, torch.tensor([grads]) / 2, atol=1e-6)
+    assert metrics["clip_frac_low"] == 0 and metrics["clip_frac_high"] == 0
+    at_one = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    grpo_loss(at_one, old, adv, torch.ones(1, 2), sapo=(1.0, 1.05))[0].backward()
+    assert torch.allclose(at_one.grad, -adv / 2, atol=1e-6)
+
+
+def test_the_unbiased_kl_weighs_k3_by_the_ratio_and_keeps_its_gradient():
+    """use_bias_correction_kl: beta r k3 per token; at r = 1 (old = pi, detached) its value is k3's
+    and its gradient is k3's plus k3 d log pi: d/dl [e^(l - l_old) k3(l)] = k3 + dk3/dl at l = l_old,
+    with dk3/dl = 1 - e^(l_ref - l)."""
+    lp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    ref = torch.tensor([[-1.5, -1.0]])
+    loss, metrics = grpo_loss(lp, lp.detach(), torch.zeros(1, 2), torch.ones(1, 2), ref, beta=0.5, kl_ratio=True)
+    loss.backward()
+    k3 = k3_kl(lp.detach(), ref)
+    assert abs(loss.item() - 0.5 * k3.mean().item()) < 1e-6 and abs(metrics["kl"] - k3.mean()) < 1e-6
+    expected = 0.5 * (k3 + 1 - torch.exp(ref - lp.detach())) / 2
+    assert torch.allclose(lp.grad, expected, atol=1e-6)
+    plain = lp.detach().clone().requires_grad_(True)
+    grpo_loss(plain, plain.detach(), torch.zeros(1, 2), torch.ones(1, 2), ref, beta=0.5)[0].backward()
+    assert (plain.grad - lp.grad).abs().max() > 1e-2  # the paper's k3 alone: another gradient
+
+
+def test_off_policy_sequence_masking_by_hand():
+    """M = 0 for an answer with A < 0 whose mean log(pi_sampler / pi_theta) over its tokens exceeds
+    delta; the others, and answers with A >= 0 however far, keep theirs."""
+    from rlhfkit.losses.grpo import off_policy_keep
+
+    logprobs = torch.zeros(4, 3)
+    sampled = torch.tensor([[0.6, 0.6, 0.0], [0.6, 0.6, 0.0], [0.1, 0.2, 0.0], [0.9, 0.9, 9.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0], [1, 1, 0], [1, 1, 0]]).float()  # the third token is padding
+    adv = torch.tensor([-1.0, 1.0, -1.0, 0.0])[:, None].expand(4, 3)
+    keep = off_policy_keep(adv, logprobs, sampled, mask, 0.5)  # drifts 0.6, 0.6, 0.15, 0.9
+    assert keep[:, 0].tolist() == [0.0, 1.0, 1.0, 1.0]

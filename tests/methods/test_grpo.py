@@ -661,3 +661,53 @@ def test_minibatches_take_one_optimizer_step_each_against_pi_old_of_the_whole_ba
     assert max(m["train/clip_frac_low"] + m["train/clip_frac_high"] for m in moved) > 0.0
     with pytest.raises(Exception, match="prompts_per_step \\(4\\) must be a multiple of minibatch_size \\(3\\)"):
         replace(cfg, minibatch_size=3)
+
+
+def test_sapo_off_policy_masking_and_the_unbiased_kl_are_wired(tiny, tmp_path):
+    """loss_type=sapo at mu = 1: every ratio is 1, where SAPO's gradient is the plain policy
+    gradient, GRPO's (the same per-answer mean): the first step's gradient norms agree, their loss
+    values not. off_policy_mask_threshold, with an engine 0.5 nats above the trainer on every token:
+    at delta 0.3 the answers with A < 0 lose their policy term, at 1.0 none. use_bias_correction_kl:
+    at step 1 the policy is its reference (k3 = 0, the same update); at step 2 the same KL in value
+    (the ratio is 1), another gradient."""
+    from methods_setup import even_answer_digits, method_config
+
+    from rlhfkit.models.load import load_tokenizer
+    from rlhfkit.rollout.backend import SamplerBackend
+    from rlhfkit.train.config import ConfigError, replace
+
+    class Above(SamplerBackend):
+        def generate(self, prompts, params):
+            samples = super().generate(prompts, params)
+            samples.logprobs = (samples.logprobs + 0.5) * samples.completion_mask
+            return samples
+
+        def logprobs_exact(self, params):
+            return False
+
+    def first(out, cfg, steps=1, **kw):
+        run_grpo(replace(method_config("grpo", tiny, out, steps), mu=1, **cfg), reward_fns=[even_answer_digits], **kw)
+        return [m for m in read_metrics(out) if "train/loss" in m]
+
+    grpo, sapo = (first(tmp_path / name, dict(loss_type=name, beta=0.0))[0] for name in ("grpo", "sapo"))
+    assert grpo["train/grad_norm"] > 1e-3
+    assert abs(sapo["train/grad_norm"] / grpo["train/grad_norm"] - 1) < 1e-5
+    assert abs(sapo["train/loss"] - grpo["train/loss"]) > 1e-3  # -2 A / tau against GRPO's -A
+    masked = {}
+    for delta in (0.3, 1.0):
+        out = tmp_path / f"opsm-{delta}"
+        logged = first(out, dict(beta=0.0, sampling_correction="none", off_policy_mask_threshold=delta),
+                       backend=Above(load_tokenizer(str(tiny["base"]))))[0]
+        masked[delta] = (logged["train/off_policy_masked"], logged["train/grad_norm"])
+    assert 0 < masked[0.3][0] < 1 and masked[1.0][0] == 0.0 and abs(masked[0.3][1] - masked[1.0][1]) > 1e-4
+    plain, unbiased = (first(tmp_path / f"kl-{flag}", dict(beta=0.5, use_bias_correction_kl=flag), steps=2)
+                       for flag in (False, True))
+    assert unbiased[0]["train/grad_norm"] == pytest.approx(plain[0]["train/grad_norm"], rel=1e-6)
+    assert unbiased[1]["train/kl"] == pytest.approx(plain[1]["train/kl"], rel=1e-5) and plain[1]["train/kl"] > 1e-6
+    assert abs(unbiased[1]["train/grad_norm"] - plain[1]["train/grad_norm"]) > 1e-6
+    with pytest.raises(ConfigError, match="use_bias_correction_kl"):
+        replace(method_config("grpo", tiny, tmp_path / "x", 1), beta=0.0, use_bias_correction_kl=True)
+    with pytest.raises(ConfigError, match="sapo_temperature_neg"):
+        replace(method_config("grpo", tiny, tmp_path / "x", 1), sapo_temperature_neg=2.0)
+    with pytest.raises(ConfigError, match="sapo has no clip"):
+        replace(method_config("grpo", tiny, tmp_path / "x", 1), loss_type="sapo", delta=2.0)

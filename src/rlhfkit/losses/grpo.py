@@ -21,13 +21,27 @@ overlong punishment
     J = E[ 1/G sum_i min( s_i A_i, clip(s_i, 1-eps, 1+eps) A_i ) ],   s_i = exp( 1/|o_i| sum_t log rho_it )
 
 which is the paper's form under ``seq_mean_token_mean`` (each token of o_i carries s_i).
+
+From DeepSeek-V3.2 (DeepSeek-AI 2025, section 3.1), under TRL's names: the unbiased KL estimate
+(``use_bias_correction_kl``) weighs each token's k3 by its importance ratio, so that on samples
+of pi_old its gradient is that of KL(pi_theta || pi_ref),
+
+    KL_it = rho_it ( pi_ref/pi_theta - log(pi_ref/pi_theta) - 1 )     (rho with its gradient)
+
+and off-policy sequence masking (``off_policy_mask_threshold`` delta, eq. 9) drops the policy
+term of an answer with a negative advantage that the policy has moved far from:
+
+    M_it = 0  if A_it < 0 and 1/|o_i| sum_t log( pi_sampler(o_it) / pi_theta(o_it) ) > delta,  else 1
+
+(pi_sampler: the policy as the rollout engine sampled it; pi_theta without gradient.) SAPO's
+smooth gate in place of the clip is losses/policy.py's ``sapo_surrogate``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .policy import cispo_surrogate, clipped_surrogate
+from .policy import cispo_surrogate, clipped_surrogate, sapo_surrogate
 from .reduce import seq_mean_token_mean, seq_mean_token_sum_norm, token_mean
 
 
@@ -117,9 +131,18 @@ def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     return torch.exp(log_ratio) - log_ratio - 1
 
 
-# loss_type -> its reduction; cispo also has its own surrogate (losses/policy.py), with DAPO's token mean
+def off_policy_keep(advantages: torch.Tensor, logprobs: torch.Tensor, sampled_logprobs: torch.Tensor,
+                    mask: torch.Tensor, delta: float) -> torch.Tensor:
+    """Off-policy sequence masking's M (module docstring): (B, T), 1 where the policy term stays."""
+    drift = ((sampled_logprobs - logprobs.detach()) * mask).nan_to_num(0.0).sum(-1, keepdim=True)
+    far = drift / mask.sum(-1, keepdim=True).clamp(min=1) > delta  # (B, 1)
+    return (~((advantages < 0) & far)).to(advantages.dtype)
+
+
+# loss_type -> its reduction; cispo and sapo also have their own surrogates (losses/policy.py): cispo with
+# DAPO's token mean, sapo with the paper's per-answer mean (as TRL's)
 REDUCTIONS = {"grpo": "seq_mean_token_mean", "dapo": "token_mean", "dr_grpo": "seq_mean_token_sum_norm",
-              "cispo": "token_mean"}
+              "cispo": "token_mean", "sapo": "seq_mean_token_mean"}
 
 # reduction name -> f(per_token, mask, num_sequences, num_tokens, max_tokens)
 _REDUCE = {
@@ -141,12 +164,15 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
               eps_high: float | None = None, reduction: str = "seq_mean_token_mean",
               num_sequences: float | None = None, num_tokens: float | None = None, max_tokens: int | None = None,
               sequence_ratio: bool = False, delta: float | None = None, sample_weights: torch.Tensor | None = None,
-              cispo: bool = False):
+              cispo: bool = False, sapo: tuple[float, float] | None = None, kl_ratio: bool = False):
     """All tensors (B, T) over completion tokens; ``mask`` 1 on real completion tokens.
     ``sequence_ratio``: GSPO's one importance ratio per sequence, ``delta``: two-sided clipping's
     cap on the ratio where A < 0 (both in losses/policy.py). ``sample_weights`` (B, T) or (B, 1):
     ``sampling_weights``' importance weights of the policy term (the KL term keeps every token's).
-    ``cispo``: CISPO's clipped-weight surrogate in place of the clipped ratio (losses/policy.py).
+    ``cispo``: CISPO's clipped-weight surrogate in place of the clipped ratio (losses/policy.py);
+    ``sapo`` (tau_pos, tau_neg): SAPO's gate in its place. ``kl_ratio``: the KL term weighed by
+    the importance ratio (the unbiased estimate, module docstring; GSPO's per-sequence ratio with
+    ``sequence_ratio``).
 
     Returns (loss, metrics). The metrics are detached batch means (clip fractions, ratio, and kl
     where there is a KL term: with beta 0 nothing is measured, so no kl is reported).
@@ -154,6 +180,8 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
     mask = mask.to(logprobs.dtype)
     if cispo:
         surrogate = cispo_surrogate(logprobs, old_logprobs, advantages, eps_low if eps_high is None else eps_high)
+    elif sapo is not None:
+        surrogate = sapo_surrogate(logprobs, old_logprobs, advantages, *sapo)
     else:
         surrogate = clipped_surrogate(logprobs, old_logprobs, advantages, eps_low, eps_high,
                                       mask if sequence_ratio else None, delta)
@@ -161,6 +189,11 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
     kl = torch.zeros_like(logprobs)
     if ref_logprobs is not None and beta != 0.0:
         kl = k3_kl(logprobs, ref_logprobs)
+        if kl_ratio:
+            log_ratio = logprobs - old_logprobs
+            if sequence_ratio:
+                log_ratio = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+            kl = torch.exp(log_ratio) * kl
         per_token = per_token + beta * kl
     loss = reduce_loss(per_token, mask, reduction, num_sequences, num_tokens, max_tokens or logprobs.shape[1])
     n = mask.sum().clamp(min=1)

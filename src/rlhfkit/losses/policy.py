@@ -23,6 +23,14 @@ token's gradient:
 
 (sg: no gradient through it; the paper sets no lower bound, as ScaleRL and TRL, whose
 ``epsilon_high`` is the cap itself, 1 + eps_high here.)
+
+SAPO (Gao et al. 2025, "Soft Adaptive Policy Optimization"; TRL's ``sapo``) replaces the hard
+clip by a smooth gate of the ratio, with a temperature for positive and one for other advantages:
+
+    L_t = -f(rho_t) A_t,   f(rho) = sigma(tau (rho - 1)) 4 / tau,   tau = tau_pos if A_t > 0 else tau_neg
+
+At rho = 1 its gradient is the plain policy gradient's (sigma'(0) 4 = 1); away from 1 it fades
+as sigma' does, faster for the larger tau (the paper's tau_neg > tau_pos damps negative updates more).
 """
 
 from __future__ import annotations
@@ -78,3 +86,15 @@ def cispo_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
     loss = -weight * advantages * logprobs
     return Surrogate(loss, ratio, log_ratio, torch.zeros_like(ratio, dtype=torch.bool),
                      (ratio > 1 + eps_high) & (advantages > 0))
+
+
+def sapo_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                   tau_pos: float = 1.0, tau_neg: float = 1.05) -> Surrogate:
+    """SAPO's per-token loss (module docstring); all tensors (B, T). Nothing is clipped: the clip
+    fractions are 0."""
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    tau = torch.where(advantages > 0, tau_pos, tau_neg).to(ratio.dtype)
+    loss = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * advantages
+    none = torch.zeros_like(ratio, dtype=torch.bool)
+    return Surrogate(loss, ratio.detach(), log_ratio.detach(), none, none)

@@ -24,6 +24,7 @@ from ..losses.grpo import (
     SAMPLING_CORRECTIONS,
     group_advantages,
     grpo_loss,
+    off_policy_keep,
     overlong_penalty,
     process_advantages,
     sampling_weights,
@@ -118,7 +119,16 @@ class GRPOConfig:
     # per pass (TRL's default). Fewer: prompts_per_step / minibatch_size steps per pass, each on its share
     minibatch_size: int | None = None
     share_prompt: bool = True  # forward each prompt once for its G samples (block mask; SDPA attention only)
-    loss_type: str = "grpo"  # grpo (paper) | dapo (token mean) | dr_grpo (constant normaliser) | cispo (MiniMax-M1)
+    # grpo (paper) | dapo (token mean) | dr_grpo (constant normaliser) | cispo (MiniMax-M1) | sapo (soft gate)
+    loss_type: str = "grpo"
+    sapo_temperature_pos: float = 1.0  # loss_type=sapo: the gate's tau where A > 0 (TRL's name and default)
+    sapo_temperature_neg: float = 1.05  # loss_type=sapo: the gate's tau elsewhere
+    # DeepSeek-V3.2's off-policy sequence masking: an answer with A < 0 whose mean log(pi_sampler / pi_theta)
+    # exceeds this adds no policy loss (TRL's name; None: off)
+    off_policy_mask_threshold: float | None = None
+    # the KL term times the importance ratio: DeepSeek-V3.2's unbiased estimate (TRL's name; on by default
+    # there; off here: the paper's k3)
+    use_bias_correction_kl: bool = False
     importance_sampling_level: str = "token"  # token (the paper's) | sequence (GSPO; TRL's name), loss_type=grpo
     # divide advantages by the std of the group's rewards (the paper's), of the whole batch's (Lite PPO), or
     # not at all (none: Dr. GRPO); TRL's name and values
@@ -202,9 +212,17 @@ class GRPOConfig:
         if self.eps_high is not None and not self.eps_high >= self.eps_low:  # NaN too
             raise ConfigError(f"config key 'eps_high' must be >= eps_low ({self.eps_low}); got {self.eps_high}")
         high = 1 + (self.eps_low if self.eps_high is None else self.eps_high)
-        if self.delta is not None and self.loss_type == "cispo":
-            raise ConfigError("delta caps the clipped ratio of the other loss types; cispo clips its weight at "
-                              "1 + eps_high already")
+        if self.delta is not None and self.loss_type in ("cispo", "sapo"):
+            raise ConfigError(f"delta caps the clipped ratio of the other loss types; {self.loss_type} has no clip "
+                              "to cap (cispo clips its weight at 1 + eps_high, sapo gates the ratio smoothly)")
+        for key in ("sapo_temperature_pos", "sapo_temperature_neg"):
+            positive(key, getattr(self, key))
+            used_only_with(key, getattr(self, key), getattr(GRPOConfig, key), self.loss_type == "sapo",
+                           "loss_type=sapo")
+        if self.off_policy_mask_threshold is not None:
+            positive("off_policy_mask_threshold", self.off_policy_mask_threshold)
+        used_only_with("use_bias_correction_kl", self.use_bias_correction_kl, False, self.beta != 0,
+                       "a KL term (beta != 0)")
         if self.delta is not None and not self.delta > high:
             raise ConfigError(f"config key 'delta' must be > 1 + eps_high = {high:g} (the cap of the ratio where the "
                               f"advantage is negative; at or below it, it would cap positive advantages too); "
@@ -359,6 +377,11 @@ def optimizer_step(run: Run, policy, part: UpdateRows, cfg: GRPOConfig, exact: b
         adv = part.advantages[index]
         if cfg.top_entropy_quantile < 1:  # A = 0 elsewhere: -min(r A, clip(r) A) is 0 there, and so its gradient
             adv = adv * high_entropy(entropy, mask[index], cfg.top_entropy_quantile, run.info).to(adv.dtype)
+        masked = None
+        if cfg.off_policy_mask_threshold is not None:  # A = 0 too: no policy term, the KL term stays
+            keep = off_policy_keep(adv, logprobs, samples.logprobs[index], mask[index], cfg.off_policy_mask_threshold)
+            masked = ((1 - keep) * mask[index]).sum() / mask[index].sum().clamp(min=1)
+            adv = adv * keep
         weights = None  # the samples another engine drew, weighed to pi_old (old is the trainer's pi_old here)
         if not exact and cfg.sampling_correction != "none":
             weights = sampling_weights(old, samples.logprobs[index], mask[index], cfg.sampling_correction,
@@ -368,7 +391,12 @@ def optimizer_step(run: Run, policy, part: UpdateRows, cfg: GRPOConfig, exact: b
                                  cfg.eps_low, cfg.eps_high, REDUCTIONS[cfg.loss_type], part.counts["sequences"],
                                  part.counts["tokens"], cfg.max_new_tokens,
                                  sequence_ratio=cfg.importance_sampling_level == "sequence", delta=cfg.delta,
-                                 sample_weights=weights, cispo=cfg.loss_type == "cispo")
+                                 sample_weights=weights, cispo=cfg.loss_type == "cispo",
+                                 sapo=((cfg.sapo_temperature_pos, cfg.sapo_temperature_neg)
+                                       if cfg.loss_type == "sapo" else None),
+                                 kl_ratio=cfg.use_bias_correction_kl)
+        if masked is not None:  # the share of tokens whose policy term the mask dropped
+            stats["off_policy_masked"] = masked
         value = balance.add_to(value, routed := {}, 1 / part.forwards)
         if routed:  # logged as the other statistics: the forwards' values weighed by their tokens
             stats["router_aux_loss"] = balance.mean().detach()
