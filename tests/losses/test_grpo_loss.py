@@ -297,3 +297,30 @@ def test_off_policy_sequence_masking_by_hand():
     adv = torch.tensor([-1.0, 1.0, -1.0, 0.0])[:, None].expand(4, 3)
     keep = off_policy_keep(adv, logprobs, sampled, mask, 0.5)  # drifts 0.6, 0.6, 0.15, 0.9
     assert keep[:, 0].tolist() == [0.0, 1.0, 1.0, 1.0]
+
+
+def test_gdpo_normalises_each_reward_in_its_group_before_the_sum():
+    """normalize_then_sum: each function's rewards centred and scaled within the group, then summed
+    with the weights; a function on a wide scale (0..100) weighs no more than one on 0..1 then.
+    NaN (an abstention) stays out of its function's group statistics; every function abstaining
+    leaves NaN."""
+    import statistics
+
+    from rlhfkit.losses.grpo import decoupled_advantages
+
+    nan = float("nan")
+    per_function = torch.tensor([[0.0, 0.0], [1.0, 100.0], [0.0, 50.0], [1.0, 20.0], [nan, nan], [0.0, 10.0]])
+    got = decoupled_advantages(per_function, [1.0, 0.5], group_size=3)
+
+    def normalised(values):
+        present = [v for v in values if not math.isnan(v)]
+        mean, std = statistics.mean(present), statistics.stdev(present)
+        return [0.0 if math.isnan(v) else (v - mean) / (std + 1e-4) for v in values]
+
+    first = [a + 0.5 * b for a, b in zip(normalised([0, 1, 0]), normalised([0, 100, 50]))]
+    second = [a + 0.5 * b for a, b in zip(normalised([1, nan, 0]), normalised([20, nan, 10]))]
+    assert torch.allclose(got[:3], torch.tensor(first), atol=1e-5)
+    assert got[3].item() == pytest.approx(second[0], abs=1e-5) and math.isnan(got[4].item())
+    assert got[5].item() == pytest.approx(second[2], abs=1e-5)
+    summed_first = group_advantages(per_function[:3, 0] + 0.5 * per_function[:3, 1], 3)  # TRL's default order
+    assert (summed_first - got[:3]).abs().max() > 0.1

@@ -711,3 +711,47 @@ def test_sapo_off_policy_masking_and_the_unbiased_kl_are_wired(tiny, tmp_path):
         replace(method_config("grpo", tiny, tmp_path / "x", 1), sapo_temperature_neg=2.0)
     with pytest.raises(ConfigError, match="sapo has no clip"):
         replace(method_config("grpo", tiny, tmp_path / "x", 1), loss_type="sapo", delta=2.0)
+
+
+def test_normalize_then_sum_gives_the_update_gdpos_advantages(tiny, tmp_path, monkeypatch):
+    """multi_objective_aggregation=normalize_then_sum (GDPO): the update receives each reward
+    normalised in its group, summed with its weight, then normalised over the batch, as computed
+    here by hand from the logged per-function rewards; the default sums first (another number)."""
+    import statistics
+
+    from methods_setup import even_answer_digits, method_config
+
+    import rlhfkit.methods.grpo as grpo_module
+    from rlhfkit.train.config import ConfigError, replace
+
+    seen = []
+    original = grpo_module.update
+    monkeypatch.setattr(grpo_module, "update", lambda run, policy, ref, batch, *a: seen.append(batch) or
+                        original(run, policy, ref, batch, *a))
+
+    def length(completions, **_):  # a second objective on another scale: the answer's length in characters
+        return [float(len(c)) for c in completions]
+
+    for how in ("normalize_then_sum", "sum_then_normalize"):
+        cfg = replace(method_config("grpo", tiny, tmp_path / how, 1), beta=0.0, multi_objective_aggregation=how)
+        run_grpo(cfg, reward_fns=[even_answer_digits, length], weights=[1.0, 0.1])
+    gdpo, plain = seen
+    rewards = gdpo.outcome.per_function
+    columns = [rewards["even_answer_digits"].tolist(), rewards["length"].tolist()]
+
+    def in_groups(values):
+        out = []
+        for g in range(0, len(values), 4):
+            group = values[g: g + 4]
+            mean, std = statistics.mean(group), statistics.stdev(group)
+            out += [0.0 if max(group) == min(group) else (v - mean) / (std + 1e-4) for v in group]
+        return out
+
+    summed = [a + 0.1 * b for a, b in zip(in_groups(columns[0]), in_groups(columns[1]))]
+    mean, std = statistics.mean(summed), statistics.stdev(summed)
+    expected = torch.tensor([(v - mean) / (std + 1e-4) for v in summed])
+    assert torch.allclose(gdpo.advantages[:, 0], expected, atol=1e-4)
+    assert (gdpo.advantages - gdpo.advantages[:, :1]).abs().max() == 0  # one value over each answer's tokens
+    assert (plain.advantages[:, 0] - expected).abs().max() > 0.1
+    with pytest.raises(ConfigError, match="normalize_then_sum .GDPO. .*scale_rewards=none"):
+        replace(cfg, multi_objective_aggregation="normalize_then_sum", scale_rewards="none")

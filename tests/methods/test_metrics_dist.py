@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from rlhfkit.losses.ppo import explained_variance
-from rlhfkit.methods.grpo import Rollout, high_entropy, scaled_by_batch, step_metrics
+from rlhfkit.methods.grpo import Rollout, high_entropy, normalised_over_batch, scaled_by_batch, step_metrics
 from rlhfkit.train.dist import DistInfo, all_reduce_sum
 
 
@@ -42,9 +42,10 @@ def _rank(rank: int, out: str, init: str) -> None:
     values, returns, mask = (t[half] for t in _values())
     ev = explained_variance(values, returns, mask, total=lambda sums: all_reduce_sum(sums, info)).item()
     scaled = scaled_by_batch(_batch(half), info).advantages
+    gdpo = normalised_over_batch(_batch(half), info).advantages
     entropy, mask = _values()[0].abs()[half], _values()[2][half]
     kept = high_entropy(entropy, mask, 0.3, info)
-    torch.save({"metrics": metrics, "ev": ev, "scaled": scaled, "kept": kept}, os.path.join(out, f"rank{rank}.pt"))
+    torch.save({"metrics": metrics, "ev": ev, "scaled": scaled, "kept": kept, "gdpo": gdpo}, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
@@ -68,6 +69,12 @@ def test_two_ranks_log_the_whole_batchs_statistics(tmp_path):
     expected = batch.advantages / (rewards[~rewards.isnan()].std() + 1e-4)
     assert torch.allclose(scaled_by_batch(batch, DistInfo()).advantages, expected, atol=1e-6)
     assert torch.allclose(torch.cat([r["scaled"] for r in ranks]), expected, atol=1e-6)
+    # GDPO's batch normalisation of the summed values: over both ranks' samples, an abstained one left out at 0
+    present = ~rewards.isnan()
+    summed = batch.advantages[:, 0]
+    gdpo = torch.where(present, (summed - summed[present].mean()) / (summed[present].std() + 1e-4), 0.0)
+    assert torch.allclose(normalised_over_batch(batch, DistInfo()).advantages, gdpo[:, None].expand(8, 10), atol=1e-6)
+    assert torch.allclose(torch.cat([r["gdpo"] for r in ranks]), gdpo[:, None].expand(8, 10), atol=1e-6)
     # top_entropy_quantile's threshold is over both ranks' tokens
     kept = high_entropy(_values()[0].abs(), _values()[2], 0.3, DistInfo())
     assert torch.equal(torch.cat([r["kept"] for r in ranks]), kept)

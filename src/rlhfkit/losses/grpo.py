@@ -81,6 +81,22 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_std: bool = T
     return centred.masked_fill(equal, 0.0).reshape(-1)
 
 
+def decoupled_advantages(per_function: torch.Tensor, weights: list[float], group_size: int,
+                         eps: float = 1e-4) -> torch.Tensor:
+    """GDPO's first half (Liu et al. 2026, "GDPO: Group reward-Decoupled Normalization Policy
+    Optimization for Multi-reward RL Optimization"; TRL's ``normalize_then_sum``): each of the K
+    reward functions normalised within the group on its own, then summed with its weight,
+
+        s_i = sum_k w_k (r_ik - mean_group(r_k)) / (std_group(r_k) + eps)
+
+    so that a function with a wide range cannot drown the others before the group sees them. The
+    second half normalises s over the whole batch (methods/grpo_batch.py ``normalised_over_batch``).
+    ``per_function`` (B, K), NaN where a function abstained (left out of its group's statistics and
+    0 in the sum); s is NaN where every function abstained. (B,)"""
+    total = sum(w * group_advantages(per_function[:, k], group_size, True, eps) for k, w in enumerate(weights))
+    return total.masked_fill(per_function.isnan().all(-1), float("nan"))
+
+
 def process_advantages(step_ends: list[list[int]], step_rewards: list[list[float]], group_size: int,
                        length: int, scale_std: bool = True, eps: float = 1e-4) -> torch.Tensor:
     """PRM: per output, its steps' end token indices and rewards -> (B, length) advantages.

@@ -22,6 +22,7 @@ from ..data.rows import read_rows, source_name
 from ..losses.grpo import (
     REDUCTIONS,
     SAMPLING_CORRECTIONS,
+    decoupled_advantages,
     group_advantages,
     grpo_loss,
     off_policy_keep,
@@ -81,6 +82,7 @@ from .grpo_batch import (
     keep_informative_groups,
     keep_rows,
     more_prompts,
+    normalised_over_batch,
     scaled_by_batch,
     step_metrics,
 )
@@ -133,6 +135,9 @@ class GRPOConfig:
     # divide advantages by the std of the group's rewards (the paper's), of the whole batch's (Lite PPO), or
     # not at all (none: Dr. GRPO); TRL's name and values
     scale_rewards: str = "group"
+    # several rewards: sum_then_normalize (their weighted sum, then the advantages above) or normalize_then_sum
+    # (GDPO: each normalised in its group, summed, then normalised over the batch); TRL's name and values
+    multi_objective_aggregation: str = "sum_then_normalize"
     # beta 0: groups whose advantages are all zero are not forwarded (their loss and gradient are zero; not
     # under fsdp); the update's logged means (entropy, clip fractions, ratio) are then over the forwarded groups
     skip_zero_advantage: bool = True
@@ -170,6 +175,16 @@ class GRPOConfig:
             raise ConfigError(f"config key 'scale_rewards' takes group, batch or none; TRL's {self.scale_rewards} is "
                               f"{'group' if self.scale_rewards == 'true' else 'none'}")
         choice("scale_rewards", self.scale_rewards, ("group", "batch", "none"))
+        choice("multi_objective_aggregation", self.multi_objective_aggregation,
+               ("sum_then_normalize", "normalize_then_sum"))
+        if self.multi_objective_aggregation == "normalize_then_sum":
+            clash = [f"{k}={v}" for k, v in (("scale_rewards", self.scale_rewards), ("dynamic_sampling",
+                     self.dynamic_sampling), ("process_reward", self.process_reward))
+                     if v != getattr(GRPOConfig, k)]
+            if clash:
+                raise ConfigError(f"multi_objective_aggregation=normalize_then_sum (GDPO) scales each outcome reward in "
+                                  f"its group and the sum over the batch; {', '.join(clash)} would change that: "
+                                  "leave it at its default")
         within("top_entropy_quantile", self.top_entropy_quantile, 0, 1)  # 0: the highest-entropy token alone
         if self.top_entropy_quantile < 1 and self.importance_sampling_level == "sequence":
             raise ConfigError("top_entropy_quantile is for token ratios: with GSPO's one ratio per answer "
@@ -230,9 +245,11 @@ class GRPOConfig:
 
 
 def advantages_for(cfg: GRPOConfig, samples: Samples, completions, prompts, passed, fields, tokenizer, process_fn,
-                   outcome):
+                   outcome, weights: list[float]):
     """(B, C) advantages: PRM from step rewards, or ORM broadcast over each output's tokens; and,
-    for a process reward, each output's mean step reward (B,) (NaN where it has no step), else None."""
+    for a process reward, each output's mean step reward (B,) (NaN where it has no step), else None.
+    ``weights``: the outcome functions' (``outcome.per_function`` in order; a DAPO overlong penalty
+    after them weighs 1)."""
     length = samples.completion_ids.shape[1]
     if process_fn is not None:
         steps = call_reward(process_fn, cfg.reward_timeout_s, prompts, completions, tokenizer=tokenizer, **passed,
@@ -241,6 +258,10 @@ def advantages_for(cfg: GRPOConfig, samples: Samples, completions, prompts, pass
         values = [[float(r) for _, r in s] for s in steps]
         means = torch.tensor([sum(v) / len(v) if v else float("nan") for v in values])
         return process_advantages(ends, values, cfg.group_size, length, cfg.scale_rewards == "group"), means
+    if cfg.multi_objective_aggregation == "normalize_then_sum":  # GDPO: normalised over the batch once it is whole
+        columns = torch.stack(list(outcome.per_function.values()), -1)  # (B, K)
+        adv = decoupled_advantages(columns, [*weights, 1.0][: columns.shape[1]], cfg.group_size).nan_to_num(0.0)
+        return adv[:, None].expand(-1, length).clone(), None
     # batch: centred here, scaled once the step's batch is whole (scaled_by_batch)
     adv = group_advantages(outcome.rewards, cfg.group_size, cfg.scale_rewards == "group")  # (B,)
     return adv[:, None].expand(-1, length).clone(), None
@@ -276,7 +297,7 @@ def rollout(backend, tokenizer, rows, cfg: GRPOConfig, rewards: Rewards, trainer
         outcome = replace(outcome, rewards=outcome.rewards + penalty,
                           per_function={**outcome.per_function, "overlong": penalty})
     advantages, steps = advantages_for(cfg, samples, completions, prompts, passed, fields, tokenizer,
-                                       bind(rewards.process, samples, per_sample), outcome)
+                                       bind(rewards.process, samples, per_sample), outcome, rewards.weights)
     if steps is not None:  # logged as reward/process_mean: what the update learns from (the outcome is not)
         outcome = replace(outcome, per_function={**outcome.per_function, "process": steps})
     advantages = advantages.to(samples.completion_ids.device)
@@ -530,6 +551,8 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
             fill = {}
         if cfg.scale_rewards == "batch":
             batch = scaled_by_batch(batch, run.info)
+        if cfg.multi_objective_aggregation == "normalize_then_sum":
+            batch = normalised_over_batch(batch, run.info)
         if rewards.process is None and not abstained and all_abstained(pool.outcome):
             abstained = True
             run.say(f"step {step + 1}: every outcome reward abstained (returned None) on every sample, so the step's "

@@ -59,12 +59,29 @@ def scaled_by_batch(batch: Rollout, info: DistInfo, eps: float = 1e-4) -> Rollou
 
     A sample no reward scored (NaN) is left out of the std, as of its group's mean."""
     rewards = batch.outcome.rewards
-    present = rewards[~rewards.isnan()].double()
-    total = reduce_dict({"n": present.numel(), "sum": present.sum()}, info)
-    mean = total["sum"] / max(total["n"], 1)
-    spread = reduce_dict({"squares": ((present - mean) ** 2).sum()}, info)["squares"]
-    std = math.sqrt(spread / (total["n"] - 1)) if total["n"] > 1 else 0.0  # unbiased, as the group's
+    _, std = moments(rewards[~rewards.isnan()], info)
     return replace(batch, advantages=batch.advantages / (std + eps))
+
+
+def moments(values: torch.Tensor, info: DistInfo) -> tuple[float, float]:
+    """The mean and the unbiased standard deviation (as a group's) of ``values`` on every rank."""
+    values = values.double()
+    total = reduce_dict({"n": values.numel(), "sum": values.sum()}, info)
+    mean = total["sum"] / max(total["n"], 1)
+    spread = reduce_dict({"squares": ((values - mean) ** 2).sum()}, info)["squares"]
+    return mean, (math.sqrt(spread / (total["n"] - 1)) if total["n"] > 1 else 0.0)
+
+
+def normalised_over_batch(batch: Rollout, info: DistInfo, eps: float = 1e-4) -> Rollout:
+    """GDPO's second half (losses/grpo.py ``decoupled_advantages``; TRL's ``normalize_then_sum``):
+    the summed, group-normalised rewards s centred and scaled over every sample of the step's batch
+    on all ranks, A_i = (s_i - mean(s)) / (std(s) + eps); a sample no reward scored keeps A = 0 and
+    stays out of the statistics."""
+    present = ~batch.outcome.rewards.isnan().to(batch.advantages.device)
+    values = batch.advantages[:, 0]  # an outcome advantage is one value over the answer's tokens
+    mean, std = moments(values[present], info)
+    scaled = torch.where(present, (values - mean) / (std + eps), torch.zeros_like(values))
+    return replace(batch, advantages=scaled[:, None].expand_as(batch.advantages).clone())
 
 
 def join_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
