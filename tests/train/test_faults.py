@@ -212,6 +212,22 @@ def test_a_resumed_or_relaunched_run_ends_with_the_straight_runs_summary(tiny, t
     assert relaunched == straight == json.loads((tmp_path / "full" / "result.json").read_text())
 
 
+def test_the_start_models_answers_are_step_0_of_eval_samples_once_across_a_resume(tiny, tmp_path, monkeypatch):
+    """GRPO's eval of the start model ("before") writes its 8 answers as step 0: once, though the
+    resumed run evaluates the start model again; then each eval's as SFT's."""
+    from rlhfkit.methods.grpo import run_grpo
+
+    def cfg(out, resume=False):
+        return replace(method_config("grpo", tiny, out, 4, eval_every=2, save_every=2, resume=resume),
+                       eval_data=small(tiny, "prompts_eval.jsonl", 8), eval_max_new_tokens=4)
+
+    _straight_and_resumed(monkeypatch, run_grpo, cfg, tmp_path, "grpo", 3)
+    shown = {run: [json.loads(line) for line in (tmp_path / run / "eval_samples.jsonl").read_text().splitlines()]
+             for run in ("full", "cut")}
+    assert [r["step"] for r in shown["full"]] == [0] * 8 + [2] * 8 + [4] * 8
+    assert shown["cut"] == shown["full"]
+
+
 def test_an_early_stop_is_kept_on_resume_and_its_step_logged(tiny, tmp_path):
     """A run that an eval stopped (stop_at_accuracy) stays stopped when relaunched with resume:
     no further step, the same model; its last step's training metrics are in the log."""

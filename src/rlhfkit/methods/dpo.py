@@ -351,7 +351,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
     accuracy = accuracy_eval(backend, model, tokenizer, prompts, cfg.eval_max_new_tokens)
     # the start model's, kept in the checkpoints: a run resumed after the SFT phase holds the untuned model here
     before = run.state.get("before") or {
-        "accuracy_before": accuracy()["accuracy"] if prompts else None,  # 0.5 below: policy == reference
+        "accuracy_before": run.start_eval(accuracy())["accuracy"] if prompts else None,  # 0.5 below: policy == ref
         "preference_accuracy_before": preference_accuracy(model, pref_eval, pad) if pref_eval else None}
     run.keep["before"] = before
     if cfg.reference == "precompute":

@@ -524,7 +524,7 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
     exact = trainer_logprobs(backend, SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p),
                              cfg.train.dtype)
     evaluate = accuracy_eval(backend, policy, tokenizer, eval_rows, cfg.eval_max_new_tokens)
-    before = evaluate() if evaluate else {}  # the start model's, also on resume
+    before = run.start_eval(evaluate()) if evaluate else {}  # the start model's, also on resume
     optimizer = build_optimizer(policy, tc.lr, tc.weight_decay)
     updates = cfg.mu * (cfg.prompts_per_step // (cfg.minibatch_size or cfg.prompts_per_step))  # per rollout step
     total = run.plan(len(rows), cfg.prompts_per_step) * updates  # optimizer steps

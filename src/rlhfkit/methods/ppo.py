@@ -427,7 +427,7 @@ def run_ppo(cfg: PPOConfig, backend=None) -> dict:
     updates = cfg.ppo_epochs * (cfg.prompts_per_step // cfg.minibatch_size)  # optimizer steps per rollout step
     trained = torch.nn.ModuleDict({"actor": models["actor"], "critic": models["critic"]})
     optimizer = build_optimizer(trained, tc.lr, tc.weight_decay, {"actor": tc.lr, "critic": cfg.critic_lr})
-    before = evaluate(models, backend, tokenizer, eval_rows, cfg) if eval_rows else {}  # the start model's
+    before = run.start_eval(evaluate(models, backend, tokenizer, eval_rows, cfg)) if eval_rows else {}  # the start's
     total = run.plan(len(rows), cfg.prompts_per_step) * updates  # optimizer steps
     run.attach(trained, optimizer, build_scheduler(optimizer, total, tc.warmup_steps, tc.schedule, tc.min_lr_ratio))
     kl_ctl = AdaptiveKL(run.state.get("kl_coef", cfg.kl_coef), cfg.target_kl or 1.0, cfg.kl_horizon)

@@ -487,17 +487,29 @@ class Run:
         return path
 
     def evaluate(self, evaluate: Callable, done: int) -> dict:
-        evaluated = evaluate()
-        shown = evaluated.pop("samples", None)  # a few held-out answers: a line each in eval_samples.jsonl
-        if shown and self.info.is_main:
-            with open(Path(self.cfg.out_dir) / EVAL_SAMPLES, "a") as f:
-                f.writelines(json.dumps(plain_tree({"step": done, **row})) + "\n" for row in shown)
+        evaluated = self.show_samples(evaluate(), done)
         self.evals.append({"step": done, **{k: v for k, v in evaluated.items() if k != "stop"}})
         self.logger.log(done, {k: v for k, v in self.evals[-1].items() if k != "step"}, prefix="eval")  # the line's own
         if self.info.is_main:  # tqdm.write prints even on a disabled bar
             self.bar.write(f"step {done}: " + ", ".join(f"{k}={v:.4f}" for k, v in evaluated.items()
                                                         if isinstance(v, float)))
         return evaluated
+
+    def show_samples(self, evaluated: dict, step: int) -> dict:
+        """An eval's metrics without its ``samples`` (a few held-out answers), written a line each in
+        eval_samples.jsonl with ``step``."""
+        evaluated = dict(evaluated)
+        shown = evaluated.pop("samples", None)
+        if shown and self.info.is_main:
+            with open(Path(self.cfg.out_dir) / EVAL_SAMPLES, "a") as f:
+                f.writelines(json.dumps(plain_tree({"step": step, **row})) + "\n" for row in shown)
+        return evaluated
+
+    def start_eval(self, evaluated: dict) -> dict:
+        """The start model's eval (GRPO's, PPO's, DPO's metrics "before"): its answers are written as
+        step 0, once: a resumed run wrote them when it started."""
+        return self.show_samples(evaluated, 0) if not self.resuming else {k: v for k, v in evaluated.items()
+                                                                          if k != "samples"}
 
     def close(self) -> None:
         self.release()
