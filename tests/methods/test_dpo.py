@@ -248,3 +248,54 @@ def test_ld_alpha_and_f_divergence_reach_the_loss_as_their_papers_write_it(tiny,
                          max_length=64, ld_alpha=alpha, train=quiet_train(tmp_path / "r", max_steps=1))
     with pytest.raises(DataError, match="ranks 6 answers; ld_alpha=0.3 is for pairs"):
         run_dpo(rankings)
+
+
+def test_use_weighting_weighs_each_pair_by_wpos_weights_computed_by_hand(tiny):
+    """WPO: each pair's loss times w(y_w) w(y_l), w = exp(mean over the answer's tokens of
+    log pi(y_t) - log sum_v pi(v)^2), here from the model's full logits by hand, on both batch
+    layouts; without gradient through w (the loss's gradient is the weighted losses')."""
+    from rlhfkit.data.prefs import collate_shared_prompt
+    from rlhfkit.methods.dpo import output_logps
+
+    model, tok = load_policy(str(tiny["base"]), None)
+    reference = copy.deepcopy(model).eval().requires_grad_(False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    examples, _ = encode_rankings(read_rows(tiny["data"] / "prefs_train.jsonl")[:5], tok, 64)
+    aligned = []
+    with torch.no_grad():
+        for e in examples:
+            for c in e.completion_ids:
+                ids = torch.tensor([e.prompt_ids + c])
+                logp = model(input_ids=ids).logits[0, len(e.prompt_ids) - 1: -1].float().log_softmax(-1)
+                per_token = logp.gather(-1, torch.tensor(c)[:, None])[:, 0] - torch.logsumexp(2 * logp, -1)
+                aligned.append(float(per_token.mean()))
+    aligned = torch.tensor(aligned).view(-1, 2)
+    plain = collate_rankings(examples, tok.pad_token_id)
+    for batch in (plain, collate_shared_prompt(examples, tok.pad_token_id)):
+        with torch.no_grad():
+            _, means = output_logps(model, batch, aligned=True)
+        assert torch.allclose(batch.grid(means), aligned, atol=1e-4)
+    weights = aligned.exp().prod(-1)
+    assert (weights - 1).abs().max() > 0.05 and (weights.max() - weights.min()) > 0.05  # off 1, not all alike
+    with torch.no_grad():
+        logps = plain.grid(output_logps(model, plain)[0])
+        ref = plain.grid(output_logps(reference, plain)[0])
+    per_pair = torch.nn.functional.softplus(-0.5 * ((logps - ref)[:, 0] - (logps - ref)[:, 1]))
+    objective = dpo_objective(0.5, Reference(module=reference), use_weighting=True)
+    loss, metrics = objective.loss(model, plain, objective.counts(plain))
+    assert abs(loss.item() - float((weights * per_pair).mean())) < 1e-5
+    assert abs(float(metrics["pair_weight"]) - float(weights.mean())) < 1e-5
+    loss.backward()  # the weights hold no graph: the gradient is that of the weighted per-pair losses
+    grad = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    logps = plain.grid(output_logps(model, plain)[0])
+    (weights * torch.nn.functional.softplus(-0.5 * ((logps - ref)[:, 0] - (logps - ref)[:, 1]))).mean().backward()
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grad[name], p.grad, atol=1e-6, rtol=1e-4)
+    from rlhfkit.methods.dpo import pairwise_only
+
+    assert pairwise_only(DPOConfig(model="m", train_data="d", use_weighting=True)) == "use_weighting=True"
+    assert pairwise_only(DPOConfig(model="m", train_data="d")) is None  # plain DPO: rankings take Plackett-Luce

@@ -64,6 +64,12 @@ w = f'(e^u_w), l = f'(e^u_l) of the log-ratios u:
     alpha_divergence f'(t) = (t^(a-1) - 1) / (a - 1)    w = (exp((a - 1) u_w) - 1) / (a - 1), a != 1
                                                         (a -> 1: reverse_kl; (a - 1) u capped at 80, as TRL)
 
+WPO (Zhou et al. 2024, "WPO: Enhancing RLHF with Weighted Preference Optimization"; TRL's
+``use_weighting``, its form) weighs each pair's loss by how likely the policy now finds both
+answers, per token and relative to how peaked its next-token distributions are, without gradient:
+
+    L = w(x, y_w) w(x, y_l) L_pair,   w(x, y) = exp( 1/|y| sum_t [ log pi(y_t | x, y_<t) - log sum_v pi(v | x, y_<t)^2 ] )
+
 Eq. 17 writes IPO's h over whole answers; the per-token form is what the paper's experiments
 used, as TRL (whose IPO is this one) confirmed with its authors, and it keeps 1/(2 beta)
 comparable across answer lengths. Several forms may be weighed together (TRL's ``loss_type``
@@ -153,12 +159,14 @@ def f_divergence_scores(logratios: torch.Tensor, kind: str = "reverse_kl", alpha
 def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
              ref_rejected_logps: torch.Tensor, beta: float, num_pairs: float | None = None,
              loss_type: str | tuple = "sigmoid", label_smoothing: float = 0.0, lengths: tuple | None = None,
-             discopop_tau: float = 0.05, f_divergence: str = "reverse_kl", f_alpha: float = 0.5):
+             discopop_tau: float = 0.05, f_divergence: str = "reverse_kl", f_alpha: float = 0.5,
+             pair_weights: torch.Tensor | None = None):
     """All inputs (B,) sequence log-probs. Returns (loss, metrics of detached sums over the B pairs).
     ``loss_type``: one name of PAIR_LOSSES, or ((name, weight), ...) for a weighted sum of forms.
     ``label_smoothing``: eps of the SMOOTHED forms. ``lengths``: the (B,) token counts of the chosen
     and rejected answers, for the PER_TOKEN forms. ``f_divergence``, ``f_alpha``: f-DPO's f'
-    applied to the log-ratios (the F_DIVERGENCE_FORMS only). The metrics' rewards are
+    applied to the log-ratios (the F_DIVERGENCE_FORMS only). ``pair_weights`` (B,): each pair's
+    loss weight, WPO's w(x, y_w) w(x, y_l) (``wpo_weights``). The metrics' rewards are
     beta log(pi / pi_ref) whatever the f."""
     chosen_rewards = beta * (chosen_logps - ref_chosen_logps)  # (B,)
     rejected_rewards = beta * (rejected_logps - ref_rejected_logps)  # (B,)
@@ -174,6 +182,8 @@ def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chose
             raise ValueError(f"f_divergence_type={f_divergence} is for the forms on the margin "
                              f"({', '.join(F_DIVERGENCE_FORMS)}); got {name!r}")
         losses = losses + weight * PAIR_LOSSES[name](pairs)
+    if pair_weights is not None:
+        losses = losses * pair_weights
     denom = chosen_logps.shape[0] if num_pairs is None else max(float(num_pairs), 1.0)
     return losses.sum() / denom, _sums(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps)
 
@@ -228,3 +238,9 @@ def ld_weights(place: torch.Tensor, shared: torch.Tensor, ld_alpha: float) -> to
 
     for the policy and the reference alike. ``place``: each token's index in its answer from 0."""
     return torch.where(place < shared, 1.0, ld_alpha)
+
+
+def wpo_weights(aligned: torch.Tensor) -> torch.Tensor:
+    """WPO's w(x, y) (module docstring) from each answer's ``aligned`` mean over its tokens of
+    log pi(y_t | .) - log sum_v pi(v | .)^2, kept out of the gradient."""
+    return torch.exp(aligned.detach())

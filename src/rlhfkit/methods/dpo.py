@@ -31,9 +31,17 @@ from ..losses.dpo import (
     dpo_loss,
     ld_weights,
     plackett_luce_loss,
+    wpo_weights,
 )
 from ..losses.reduce import pairs_right
-from ..models.forward import as_forward, eval_mode, predecessor_logprobs, router_balance, token_logprobs
+from ..models.forward import (
+    as_forward,
+    eval_mode,
+    log_square_mass,
+    predecessor_logprobs,
+    router_balance,
+    token_logprobs,
+)
 from ..models.load import disable_dropout, load_causal_lm, load_tokenizer
 from ..models.lora import Reference, is_adapter_folder
 from ..rollout.backend import SamplerBackend
@@ -92,6 +100,8 @@ class DPOConfig:
     f_alpha_divergence_coef: float = 0.5  # f_divergence_type=alpha_divergence: its alpha
     # LD-DPO: in [0, 1], the weight of an answer's tokens past the shorter answer's length (pairs; None: 1, DPO's)
     ld_alpha: float | None = None
+    # WPO: each pair's loss times w(y_w) w(y_l), how likely the policy finds each answer per token (pairs; TRL's name)
+    use_weighting: bool = False
     reference: str = "precompute"  # precompute (once, then no reference model) | forward (every step)
     sft_first_steps: int = 0  # > 0: no SFT model yet, first maximise the likelihood of the chosen answers
     eval_limit: int = 500  # held-out rows used, for both evals; 0 = all
@@ -166,7 +176,7 @@ def pairwise_only(cfg: DPOConfig) -> str | None:
     """The setting that makes the loss one for pairs, or None: anything but the paper's sigmoid,
     unsmoothed, on plain log-ratios (whose Plackett-Luce form takes rankings of any length)."""
     for key, plain in (("loss_type", "sigmoid"), ("label_smoothing", 0.0), ("f_divergence_type", "reverse_kl"),
-                       ("ld_alpha", None)):
+                       ("ld_alpha", None), ("use_weighting", False)):
         value = getattr(cfg, key)
         if (loss_forms(value) != (("sigmoid", 1.0),)) if key == "loss_type" else value != plain:
             return f"{key}={value}"
@@ -179,21 +189,37 @@ def sequence_logps(model, batch: RankingBatch | SharedPromptBatch, ld_alpha: flo
     A ``SharedPromptBatch`` forwards each prompt once for all its answers: the same sums with
     the prompt's tokens computed once instead of K times (data/prefs.py). ``ld_alpha``: LD-DPO's
     sums (``ld_weights``)."""
+    return output_logps(model, batch, ld_alpha)[0]
+
+
+def output_logps(model, batch: RankingBatch | SharedPromptBatch, ld_alpha: float | None = None,
+                 aligned: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(``sequence_logps``' sums, and with ``aligned`` each output's mean over its tokens of
+    log pi(y_t | .) - log sum_v pi(v | .)^2, WPO's, without gradient; else None). (N,), (N,)"""
+    stat = log_square_mass if aligned else None
     if isinstance(batch, SharedPromptBatch):
-        picked, _ = as_forward(model, predecessor_logprobs, batch.input_ids, batch.attend, batch.position_ids,
-                               batch.predecessor, batch.targets)  # (M,)
+        picked, square = as_forward(model, predecessor_logprobs, batch.input_ids, batch.attend, batch.position_ids,
+                                    batch.predecessor, batch.targets, stat)  # (M,)
+        means = None
+        if aligned:
+            means = (picked.detach() - square).new_zeros(batch.num_outputs).index_add(
+                0, batch.owner, picked.detach() - square) / batch.lengths.clamp(min=1)
         if ld_alpha is not None:
             starts = batch.lengths.cumsum(0) - batch.lengths  # each output's first token among the M
             place = torch.arange(len(batch.owner), device=picked.device) - starts[batch.owner]
             picked = picked * ld_weights(place, shared_lengths(batch)[batch.owner], ld_alpha).to(picked.dtype)
-        return picked.new_zeros(batch.num_outputs).index_add(0, batch.owner, picked)
-    logprobs = token_logprobs(model, batch.input_ids, batch.attention_mask, batch.completion_mask)  # (N, T)
+        return picked.new_zeros(batch.num_outputs).index_add(0, batch.owner, picked), means
+    out = token_logprobs(model, batch.input_ids, batch.attention_mask, batch.completion_mask, stat)  # (N, T)
+    logprobs, square = out if aligned else (out, None)
     weights = batch.completion_mask.to(logprobs.dtype)
-    if ld_alpha is not None:  # the tokens with a log-prob, counted from 0 (a first token after no prompt has none)
-        scored = F.pad(batch.completion_mask[:, 1:], (1, 0))
+    scored = F.pad(batch.completion_mask[:, 1:], (1, 0))  # the tokens with a log-prob (not one after no prompt)
+    means = None
+    if aligned:
+        means = ((logprobs.detach() - square) * scored).sum(-1) / scored.sum(-1).clamp(min=1)
+    if ld_alpha is not None:  # each token's place among its answer's tokens with a log-prob, from 0
         place = scored.cumsum(-1) - 1
         weights = weights * ld_weights(place, shared_lengths(batch)[:, None], ld_alpha).to(logprobs.dtype)
-    return (logprobs * weights).sum(-1)
+    return (logprobs * weights).sum(-1), means
 
 
 def shared_lengths(batch: RankingBatch | SharedPromptBatch) -> torch.Tensor:
@@ -219,17 +245,19 @@ def precompute_reference(reference, examples: list, pad_id: int, batch_size: int
 def dpo_objective(beta: float, reference: Reference | None = None, rpo_alpha: float = 0.0,
                   loss_type: str = "sigmoid", label_smoothing: float = 0.0, discopop_tau: float = 0.05,
                   router_coef: float = 0.0, f_divergence: str = "reverse_kl", f_alpha: float = 0.5,
-                  ld_alpha: float | None = None) -> Objective:
+                  ld_alpha: float | None = None, use_weighting: bool = False) -> Objective:
     """``reference=None``: the batch carries precomputed reference log-probs; else the frozen
     reference (models/lora.py ``Reference``) is forwarded on every batch. ``rpo_alpha > 0``
     adds RPO's NLL of the best answers (losses/dpo.py ``chosen_nll``). ``loss_type`` (as the
     config's), ``label_smoothing``, ``discopop_tau``, ``f_divergence`` and ``f_alpha``: the
     pairwise loss's form (losses/dpo.py); ``ld_alpha``: LD-DPO's sums of the answers' log-probs
-    (``ld_weights``; precomputed reference log-probs must be its sums too). ``router_coef`` > 0
-    adds a mixture of experts' router balancing loss of the policy's forward."""
+    (``ld_weights``; precomputed reference log-probs must be its sums too); ``use_weighting``:
+    WPO's pair weights (losses/dpo.py). ``router_coef`` > 0 adds a mixture of experts' router
+    balancing loss of the policy's forward."""
     forms = loss_forms(loss_type)
     pairs_only = pairwise_only(SimpleNamespace(loss_type=loss_type, label_smoothing=label_smoothing,
-                                               f_divergence_type=f_divergence, ld_alpha=ld_alpha))
+                                               f_divergence_type=f_divergence, ld_alpha=ld_alpha,
+                                               use_weighting=use_weighting))
 
     def counts(batch) -> dict:
         best = batch.slot % batch.mask.shape[1] == 0  # (N,) the chosen / best-ranked outputs
@@ -238,7 +266,8 @@ def dpo_objective(beta: float, reference: Reference | None = None, rpo_alpha: fl
 
     def loss(model, batch, totals):
         with router_balance(model, router_coef) as balance:  # the policy's forward (a LoRA reference is the same model)
-            logps = batch.grid(sequence_logps(model, batch, ld_alpha))  # (P, K)
+            sums, aligned = output_logps(model, batch, ld_alpha, aligned=use_weighting)
+            logps = batch.grid(sums)  # (P, K)
         if reference is None:
             ref = batch.ref_logps
         else:
@@ -247,8 +276,9 @@ def dpo_objective(beta: float, reference: Reference | None = None, rpo_alpha: fl
         if batch.mask.shape[1] == 2:  # plain pairs: the paper's pairwise loss
             per_token = any(name in PER_TOKEN for name, _ in forms)
             lengths = batch.grid(batch.output_lengths().to(logps.dtype)).unbind(-1) if per_token else None
+            weights = wpo_weights(batch.grid(aligned)).prod(-1) if use_weighting else None  # (P,) w(y_w) w(y_l)
             value, sums = dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta, totals["prompts"],
-                                   forms, label_smoothing, lengths, discopop_tau, f_divergence, f_alpha)
+                                   forms, label_smoothing, lengths, discopop_tau, f_divergence, f_alpha, weights)
         else:  # rankings of more than two (run_dpo refuses them with their rows for the pairwise-only forms)
             if pairs_only:
                 raise ValueError(f"a ranking of {batch.mask.shape[1]} answers has the Plackett-Luce loss only; "
@@ -258,6 +288,8 @@ def dpo_objective(beta: float, reference: Reference | None = None, rpo_alpha: fl
         metrics = {k: sums[k] / prompts for k in ("rewards_chosen", "rewards_rejected", "margin",
                                                     "logps_chosen", "logps_rejected")}
         metrics["preference_accuracy"] = sums["correct"] / max(totals["pairs"], 1.0)
+        if use_weighting:  # the pairs' WPO weights, a mean over all ranks' pairs
+            metrics["pair_weight"] = weights.sum() / max(totals["prompts"], 1.0)
         if rpo_alpha > 0:
             nll = chosen_nll(logps[:, 0], totals["chosen_tokens"])
             value = value + rpo_alpha * nll
@@ -367,7 +399,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
     train_offline(run, model, examples, ranking_collate(model, pad, cfg.share_prompt),
                   dpo_objective(cfg.beta, reference, cfg.rpo_alpha, cfg.loss_type, cfg.label_smoothing,
                                 cfg.discopop_tau, run.router_coef, cfg.f_divergence_type, cfg.f_alpha_divergence_coef,
-                                cfg.ld_alpha),
+                                cfg.ld_alpha, cfg.use_weighting),
                   evaluate if (pref_eval or prompts) else None)
     summary = {"loss": run.metrics.get("loss"), "reference": cfg.reference, "length_report": report.summary(), **before}
     if run.evals:

@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import functools
 import types
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -236,10 +237,20 @@ def head_gap(model) -> float:
 
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   target_mask: torch.Tensor | None = None, with_entropy: bool = False,
+                   target_mask: torch.Tensor | None = None, stat: Callable | None = None,
                    position_ids: torch.Tensor | None = None, temperature: float = 1.0):
-    return as_forward(model, _token_logprobs, input_ids, attention_mask, target_mask, with_entropy, position_ids,
+    return as_forward(model, _token_logprobs, input_ids, attention_mask, target_mask, stat, position_ids,
                       temperature)
+
+
+def entropy(logp_all: torch.Tensor) -> torch.Tensor:
+    """-sum_v p_v log p_v of each row of log-probabilities over the vocabulary. (N,)"""
+    return -(logp_all.exp() * logp_all).sum(-1)
+
+
+def log_square_mass(logp_all: torch.Tensor) -> torch.Tensor:
+    """log sum_v p_v^2 of each row of log-probabilities over the vocabulary (WPO's weights). (N,)"""
+    return torch.logsumexp(2 * logp_all, -1)
 
 
 def scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -248,13 +259,14 @@ def scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def _token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    target_mask: torch.Tensor | None = None, with_entropy: bool = False,
+                    target_mask: torch.Tensor | None = None, stat: Callable | None = None,
                     position_ids: torch.Tensor | None = None, temperature: float = 1.0):
     """(B, T) log-probs of each token given its prefix; logits only where ``target_mask`` is set.
 
     Skipping the prompt positions' logits is the main saving for short answers after long
-    prompts. With ``with_entropy`` also returns the (B, T) entropy of the next-token
-    distribution at the same positions (a metric: computed without gradient). A packed batch
+    prompts. With ``stat`` (``entropy``, ``log_square_mass``: of the next-token log-probs over
+    the vocabulary) also returns its (B, T) values at the same positions, computed without
+    gradient. A packed batch
     passes its 4D mask, its ``position_ids`` and a ``target_mask``. ``temperature``: of
     softmax(logits / T), the distribution RL samples were drawn from.
     """
@@ -266,28 +278,28 @@ def _token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     logp_all = logits.log_softmax(-1)
     picked = logp_all.gather(-1, targets[select].unsqueeze(-1)).squeeze(-1)  # (N,)
     logprobs = _unselect(picked, select)
-    if not with_entropy:
+    if stat is None:
         return logprobs
     with torch.no_grad():
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logprobs, _unselect(entropy, select)
+        return logprobs, _unselect(stat(logp_all), select)
 
 
 def predecessor_logprobs(model, input_ids: torch.Tensor, attend: torch.Tensor, position_ids: torch.Tensor,
-                         predecessor: torch.Tensor, targets: torch.Tensor, with_entropy: bool = False,
+                         predecessor: torch.Tensor, targets: torch.Tensor, stat: Callable | None = None,
                          temperature: float = 1.0):
     """(M,) log-probs of ``targets``, each predicted at the flat position ``predecessor`` of a
     shared-prompt layout (rows of a prompt once, then its continuations, under a block mask
-    ``attend``): the logits of exactly those M positions. With ``with_entropy`` also their (M,)
-    next-token entropy (no gradient). ``temperature`` as ``token_logprobs``'. Called inside ``as_forward``."""
+    ``attend``): the logits of exactly those M positions, and ``stat``'s (M,) values there (as
+    ``token_logprobs``'; None without one). ``temperature`` as ``token_logprobs``'. Called inside
+    ``as_forward``."""
     first, rows = flat_window(predecessor, input_ids.shape[1])
     hidden = hidden_states(model, input_ids, attend, position_ids, first)  # (R, W - first, H)
     logp_all = scaled(lm_logits(model, hidden.flatten(0, 1)[rows]).float(), temperature).log_softmax(-1)  # (M, V)
     picked = logp_all.gather(-1, targets[:, None]).squeeze(-1)  # (M,)
-    if not with_entropy:
+    if stat is None:
         return picked, None
     with torch.no_grad():
-        return picked, -(logp_all.exp() * logp_all).sum(-1)
+        return picked, stat(logp_all)
 
 
 def _unselect(values: torch.Tensor, select: torch.Tensor) -> torch.Tensor:

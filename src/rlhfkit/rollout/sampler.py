@@ -23,6 +23,7 @@ import torch
 from ..data.prefs import block_causal_mask, pad_right
 from ..models.forward import (
     as_forward,
+    entropy,
     forward_with_cache,
     keys_and_values_only,
     position_ids_from_mask,
@@ -297,7 +298,7 @@ def completion_logprobs(model, samples: Samples, with_entropy: bool = False, gro
         view = shared_prompt_view(samples, group_size)
         return as_forward(model, _shared_logprobs, view, samples.completion_ids.shape, with_entropy, temperature)
     ids, attn, target = completion_view(samples)
-    out = token_logprobs(model, ids, attn, target, with_entropy=with_entropy, temperature=temperature)
+    out = token_logprobs(model, ids, attn, target, stat=entropy if with_entropy else None, temperature=temperature)
     width = samples.prompt_ids.shape[1]
     if with_entropy:
         return out[0][:, width:], out[1][:, width:]
@@ -358,9 +359,9 @@ def shared_prompt_view(samples: Samples, group_size: int) -> SharedPromptView:
 
 
 def _shared_logprobs(model, view: SharedPromptView, shape, with_entropy: bool, temperature: float = 1.0):
-    picked, entropy = predecessor_logprobs(model, view.input_ids, view.attend, view.position_ids, view.predecessor,
-                                           view.targets, with_entropy, temperature)
+    picked, entropies = predecessor_logprobs(model, view.input_ids, view.attend, view.position_ids, view.predecessor,
+                                             view.targets, entropy if with_entropy else None, temperature)
     logprobs = picked.new_zeros(shape).index_put((view.rows, view.cols), picked)
     if not with_entropy:
         return logprobs
-    return logprobs, entropy.new_zeros(shape).index_put((view.rows, view.cols), entropy)
+    return logprobs, entropies.new_zeros(shape).index_put((view.rows, view.cols), entropies)

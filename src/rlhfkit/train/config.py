@@ -313,7 +313,6 @@ TRL_NAMES = {"learning_rate": "train.lr", "num_train_epochs": "train.epochs", "m
              "generation_batch_size": "prompts_per_step (= generation_batch_size / num_generations: TRL counts "
                                       "completions, rlhfkit prompts)",
              "entropy_coef": "nothing: no entropy bonus (top_entropy_quantile keeps the high-entropy tokens' policy loss)",
-             "use_weighting": "nothing: WPO's weighting of the pairs is not implemented",
              "sync_ref_model": "nothing: the reference stays the start model (TR-DPO's sync is not implemented)",
              "ref_model_sync_steps": "nothing: the reference stays the start model (TR-DPO's sync is not implemented)",
              "ref_model_mixup_alpha": "nothing: the reference stays the start model (TR-DPO's sync is not implemented)",
@@ -330,7 +329,7 @@ RENAMED = {"scale_std": "scale_rewards (scale_std=true is scale_rewards=group, f
 
 
 # TRL's names whose hint holds only for the method that has this field (DPO's weighted loss forms, GRPO's groups)
-HINT_ONLY_WITH = {"loss_weights": "rpo_alpha", "use_weighting": "rpo_alpha", "steps_per_generation": "group_size",
+HINT_ONLY_WITH = {"loss_weights": "rpo_alpha", "steps_per_generation": "group_size",
                   "generation_batch_size": "group_size", "entropy_coef": "group_size"}
 
 
