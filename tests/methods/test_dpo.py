@@ -229,6 +229,13 @@ def test_ld_alpha_and_f_divergence_reach_the_loss_as_their_papers_write_it(tiny,
     with torch.no_grad():
         loss, _ = objective.loss(model, plain, objective.counts(plain))
     assert abs(loss.item() - loss_by_hand) < 1e-5 and abs(loss_by_hand - math.log(2)) > 1e-3
+    # RPO's NLL beside LD-DPO: of every chosen token, as without it (it was the LD sum over all tokens)
+    nll = {}
+    for ld in (None, alpha):
+        rpo = dpo_objective(0.5, Reference(module=reference), rpo_alpha=1.0, ld_alpha=ld)
+        with torch.no_grad():
+            nll[ld] = float(rpo.loss(model, plain, rpo.counts(plain))[1]["nll_chosen"])
+    assert nll[alpha] == pytest.approx(nll[None], rel=1e-6)
     losses = {}
     for mode in ("precompute", "forward"):
         run_dpo(DPOConfig(model=str(tiny["base"]), train_data=str(tiny["data"] / "prefs_train.jsonl"), max_length=64,
@@ -275,13 +282,13 @@ def test_use_weighting_weighs_each_pair_by_wpos_weights_computed_by_hand(tiny):
     plain = collate_rankings(examples, tok.pad_token_id)
     for batch in (plain, collate_shared_prompt(examples, tok.pad_token_id)):
         with torch.no_grad():
-            _, means = output_logps(model, batch, aligned=True)
+            means = output_logps(model, batch, aligned=True).aligned
         assert torch.allclose(batch.grid(means), aligned, atol=1e-4)
     weights = aligned.exp().prod(-1)
     assert (weights - 1).abs().max() > 0.05 and (weights.max() - weights.min()) > 0.05  # off 1, not all alike
     with torch.no_grad():
-        logps = plain.grid(output_logps(model, plain)[0])
-        ref = plain.grid(output_logps(reference, plain)[0])
+        logps = plain.grid(output_logps(model, plain).sums)
+        ref = plain.grid(output_logps(reference, plain).sums)
     per_pair = torch.nn.functional.softplus(-0.5 * ((logps - ref)[:, 0] - (logps - ref)[:, 1]))
     objective = dpo_objective(0.5, Reference(module=reference), use_weighting=True)
     loss, metrics = objective.loss(model, plain, objective.counts(plain))
@@ -290,7 +297,7 @@ def test_use_weighting_weighs_each_pair_by_wpos_weights_computed_by_hand(tiny):
     loss.backward()  # the weights hold no graph: the gradient is that of the weighted per-pair losses
     grad = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    logps = plain.grid(output_logps(model, plain)[0])
+    logps = plain.grid(output_logps(model, plain).sums)
     (weights * torch.nn.functional.softplus(-0.5 * ((logps - ref)[:, 0] - (logps - ref)[:, 1]))).mean().backward()
     for name, p in model.named_parameters():
         if p.grad is not None:
@@ -299,3 +306,6 @@ def test_use_weighting_weighs_each_pair_by_wpos_weights_computed_by_hand(tiny):
 
     assert pairwise_only(DPOConfig(model="m", train_data="d", use_weighting=True)) == "use_weighting=True"
     assert pairwise_only(DPOConfig(model="m", train_data="d")) is None  # plain DPO: rankings take Plackett-Luce
+    for plain in (dict(ld_alpha=1.0), dict(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=1.0)):
+        assert pairwise_only(DPOConfig(model="m", train_data="d", **plain)) is None  # DPO's own sums and f'
+    assert pairwise_only(DPOConfig(model="m", train_data="d", ld_alpha=0.5)) == "ld_alpha=0.5"

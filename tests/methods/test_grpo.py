@@ -711,6 +711,9 @@ def test_sapo_off_policy_masking_and_the_unbiased_kl_are_wired(tiny, tmp_path):
         replace(method_config("grpo", tiny, tmp_path / "x", 1), sapo_temperature_neg=2.0)
     with pytest.raises(ConfigError, match="sapo has no clip"):
         replace(method_config("grpo", tiny, tmp_path / "x", 1), loss_type="sapo", delta=2.0)
+    with pytest.raises(ConfigError, match="eps_high.*a clipped loss_type .not sapo."):
+        replace(method_config("grpo", tiny, tmp_path / "x", 1), loss_type="sapo", eps_high=0.28)
+    assert replace(method_config("grpo", tiny, tmp_path / "x", 1), off_policy_mask_threshold=0.0)  # TRL takes 0 too
 
 
 def test_normalize_then_sum_gives_the_update_gdpos_advantages(tiny, tmp_path, monkeypatch):
@@ -755,3 +758,35 @@ def test_normalize_then_sum_gives_the_update_gdpos_advantages(tiny, tmp_path, mo
     assert (plain.advantages[:, 0] - expected).abs().max() > 0.1
     with pytest.raises(ConfigError, match="normalize_then_sum .GDPO. .*scale_rewards=none"):
         replace(cfg, multi_objective_aggregation="normalize_then_sum", scale_rewards="none")
+
+
+def test_logprob_gap_with_minibatches_is_the_backends_not_the_steps_drift(tiny, tmp_path):
+    """With two minibatches the second's forward follows a step: logprob_gap is measured before
+    any step (the first minibatch's forward, pi_old's forward for the rest), so the exact sampler
+    shows float noise and an engine 0.1 nats off shows 0.1, however far a large step moves the
+    policy (it was 0.06 with the exact sampler, the step's drift)."""
+    from methods_setup import even_answer_digits, method_config
+
+    from rlhfkit.models.load import load_tokenizer
+    from rlhfkit.rollout.backend import SamplerBackend
+    from rlhfkit.train.config import replace
+
+    class Shifted(SamplerBackend):
+        def generate(self, prompts, params):
+            samples = super().generate(prompts, params)
+            samples.logprobs = (samples.logprobs - 0.1) * samples.completion_mask
+            return samples
+
+        def logprobs_exact(self, params):
+            return False
+
+    gaps = {}
+    for name, backend in (("exact", None), ("shifted", Shifted(load_tokenizer(str(tiny["base"]))))):
+        cfg = method_config("grpo", tiny, tmp_path / name, 2, log_every=1)
+        cfg = replace(cfg, beta=0.0, mu=1, minibatch_size=2, sampling_correction="none", train=replace(cfg.train, lr=3e-3))
+        run_grpo(cfg, reward_fns=[even_answer_digits], backend=backend)
+        logged = [m for m in read_metrics(tmp_path / name) if "train/loss" in m]
+        gaps[name] = [m["train/logprob_gap"] for m in logged]
+        assert max(abs(m["train/ratio_mean"] - 1) for m in logged) > 1e-3  # the steps moved the policy
+    assert max(gaps["exact"]) < 1e-5
+    assert gaps["shifted"] == pytest.approx([0.1, 0.1], abs=1e-5)

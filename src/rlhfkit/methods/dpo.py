@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -175,11 +176,13 @@ def loss_forms(spec: str) -> tuple[tuple[str, float], ...]:
 def pairwise_only(cfg: DPOConfig) -> str | None:
     """The setting that makes the loss one for pairs, or None: anything but the paper's sigmoid,
     unsmoothed, on plain log-ratios (whose Plackett-Luce form takes rankings of any length)."""
-    for key, plain in (("loss_type", "sigmoid"), ("label_smoothing", 0.0), ("f_divergence_type", "reverse_kl"),
-                       ("ld_alpha", None), ("use_weighting", False)):
-        value = getattr(cfg, key)
-        if (loss_forms(value) != (("sigmoid", 1.0),)) if key == "loss_type" else value != plain:
-            return f"{key}={value}"
+    kl = cfg.f_divergence_type == "reverse_kl" or (cfg.f_divergence_type == "alpha_divergence"
+                                                   and abs(cfg.f_alpha_divergence_coef - 1) < 1e-6)  # its limit
+    for key, plain in (("loss_type", loss_forms(cfg.loss_type) == (("sigmoid", 1.0),)),
+                       ("label_smoothing", cfg.label_smoothing == 0), ("f_divergence_type", kl),
+                       ("ld_alpha", cfg.ld_alpha in (None, 1.0)), ("use_weighting", not cfg.use_weighting)):
+        if not plain:
+            return f"{key}={getattr(cfg, key)}"
     return None
 
 
@@ -189,37 +192,43 @@ def sequence_logps(model, batch: RankingBatch | SharedPromptBatch, ld_alpha: flo
     A ``SharedPromptBatch`` forwards each prompt once for all its answers: the same sums with
     the prompt's tokens computed once instead of K times (data/prefs.py). ``ld_alpha``: LD-DPO's
     sums (``ld_weights``)."""
-    return output_logps(model, batch, ld_alpha)[0]
+    return output_logps(model, batch, ld_alpha).sums
+
+
+class OutputLogps(NamedTuple):
+    sums: torch.Tensor  # (N,) log pi(y|x) over each output's tokens; LD-DPO's sums with ld_alpha
+    plain: torch.Tensor  # (N,) the plain sums (RPO's NLL reads these), ``sums`` itself without ld_alpha
+    aligned: torch.Tensor | None  # (N,) WPO's mean of log pi(y_t | .) - log sum_v pi(v | .)^2; None unless asked
 
 
 def output_logps(model, batch: RankingBatch | SharedPromptBatch, ld_alpha: float | None = None,
-                 aligned: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(``sequence_logps``' sums, and with ``aligned`` each output's mean over its tokens of
-    log pi(y_t | .) - log sum_v pi(v | .)^2, WPO's, without gradient; else None). (N,), (N,)"""
+                 aligned: bool = False) -> OutputLogps:
+    """Each output's log-probs from one forward (``OutputLogps``); ``aligned``: with WPO's
+    means, without gradient."""
     stat = log_square_mass if aligned else None
     if isinstance(batch, SharedPromptBatch):
         picked, square = as_forward(model, predecessor_logprobs, batch.input_ids, batch.attend, batch.position_ids,
                                     batch.predecessor, batch.targets, stat)  # (M,)
-        means = None
-        if aligned:
-            means = (picked.detach() - square).new_zeros(batch.num_outputs).index_add(
-                0, batch.owner, picked.detach() - square) / batch.lengths.clamp(min=1)
+
+        def per_output(values):
+            return values.new_zeros(batch.num_outputs).index_add(0, batch.owner, values)
+
+        means = per_output(picked.detach() - square) / batch.lengths.clamp(min=1) if aligned else None
+        plain = sums = per_output(picked)
         if ld_alpha is not None:
             starts = batch.lengths.cumsum(0) - batch.lengths  # each output's first token among the M
             place = torch.arange(len(batch.owner), device=picked.device) - starts[batch.owner]
-            picked = picked * ld_weights(place, shared_lengths(batch)[batch.owner], ld_alpha).to(picked.dtype)
-        return picked.new_zeros(batch.num_outputs).index_add(0, batch.owner, picked), means
+            sums = per_output(picked * ld_weights(place, shared_lengths(batch)[batch.owner], ld_alpha).to(picked.dtype))
+        return OutputLogps(sums, plain, means)
     out = token_logprobs(model, batch.input_ids, batch.attention_mask, batch.completion_mask, stat)  # (N, T)
     logprobs, square = out if aligned else (out, None)
-    weights = batch.completion_mask.to(logprobs.dtype)
     scored = F.pad(batch.completion_mask[:, 1:], (1, 0))  # the tokens with a log-prob (not one after no prompt)
-    means = None
-    if aligned:
-        means = ((logprobs.detach() - square) * scored).sum(-1) / scored.sum(-1).clamp(min=1)
+    means = ((logprobs.detach() - square) * scored).sum(-1) / scored.sum(-1).clamp(min=1) if aligned else None
+    plain = sums = (logprobs * batch.completion_mask.to(logprobs.dtype)).sum(-1)
     if ld_alpha is not None:  # each token's place among its answer's tokens with a log-prob, from 0
-        place = scored.cumsum(-1) - 1
-        weights = weights * ld_weights(place, shared_lengths(batch)[:, None], ld_alpha).to(logprobs.dtype)
-    return (logprobs * weights).sum(-1), means
+        weights = ld_weights(scored.cumsum(-1) - 1, shared_lengths(batch)[:, None], ld_alpha).to(logprobs.dtype)
+        sums = (logprobs * batch.completion_mask.to(logprobs.dtype) * weights).sum(-1)
+    return OutputLogps(sums, plain, means)
 
 
 def shared_lengths(batch: RankingBatch | SharedPromptBatch) -> torch.Tensor:
@@ -256,8 +265,8 @@ def dpo_objective(beta: float, reference: Reference | None = None, rpo_alpha: fl
     balancing loss of the policy's forward."""
     forms = loss_forms(loss_type)
     pairs_only = pairwise_only(SimpleNamespace(loss_type=loss_type, label_smoothing=label_smoothing,
-                                               f_divergence_type=f_divergence, ld_alpha=ld_alpha,
-                                               use_weighting=use_weighting))
+                                               f_divergence_type=f_divergence, f_alpha_divergence_coef=f_alpha,
+                                               ld_alpha=ld_alpha, use_weighting=use_weighting))
 
     def counts(batch) -> dict:
         best = batch.slot % batch.mask.shape[1] == 0  # (N,) the chosen / best-ranked outputs
@@ -266,8 +275,8 @@ def dpo_objective(beta: float, reference: Reference | None = None, rpo_alpha: fl
 
     def loss(model, batch, totals):
         with router_balance(model, router_coef) as balance:  # the policy's forward (a LoRA reference is the same model)
-            sums, aligned = output_logps(model, batch, ld_alpha, aligned=use_weighting)
-            logps = batch.grid(sums)  # (P, K)
+            out = output_logps(model, batch, ld_alpha, aligned=use_weighting)
+            logps = batch.grid(out.sums)  # (P, K)
         if reference is None:
             ref = batch.ref_logps
         else:
@@ -276,7 +285,7 @@ def dpo_objective(beta: float, reference: Reference | None = None, rpo_alpha: fl
         if batch.mask.shape[1] == 2:  # plain pairs: the paper's pairwise loss
             per_token = any(name in PER_TOKEN for name, _ in forms)
             lengths = batch.grid(batch.output_lengths().to(logps.dtype)).unbind(-1) if per_token else None
-            weights = wpo_weights(batch.grid(aligned)).prod(-1) if use_weighting else None  # (P,) w(y_w) w(y_l)
+            weights = wpo_weights(batch.grid(out.aligned)).prod(-1) if use_weighting else None  # (P,) w(y_w) w(y_l)
             value, sums = dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta, totals["prompts"],
                                    forms, label_smoothing, lengths, discopop_tau, f_divergence, f_alpha, weights)
         else:  # rankings of more than two (run_dpo refuses them with their rows for the pairwise-only forms)
@@ -291,7 +300,7 @@ def dpo_objective(beta: float, reference: Reference | None = None, rpo_alpha: fl
         if use_weighting:  # the pairs' WPO weights, a mean over all ranks' pairs
             metrics["pair_weight"] = weights.sum() / max(totals["prompts"], 1.0)
         if rpo_alpha > 0:
-            nll = chosen_nll(logps[:, 0], totals["chosen_tokens"])
+            nll = chosen_nll(batch.grid(out.plain)[:, 0], totals["chosen_tokens"])  # every token's, LD-DPO or not
             value = value + rpo_alpha * nll
             metrics["nll_chosen"] = nll.detach()
         return balance.add_to(value, metrics, 1 / totals["forwards"]), metrics

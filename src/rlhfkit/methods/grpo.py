@@ -234,8 +234,10 @@ class GRPOConfig:
             positive(key, getattr(self, key))
             used_only_with(key, getattr(self, key), getattr(GRPOConfig, key), self.loss_type == "sapo",
                            "loss_type=sapo")
-        if self.off_policy_mask_threshold is not None:
-            positive("off_policy_mask_threshold", self.off_policy_mask_threshold)
+        at_least("off_policy_mask_threshold", self.off_policy_mask_threshold, 0.0)  # 0: any drift at all
+        if self.loss_type == "sapo":  # no clip to read them
+            used_only_with("eps_low", self.eps_low, GRPOConfig.eps_low, False, "a clipped loss_type (not sapo)")
+            used_only_with("eps_high", self.eps_high, GRPOConfig.eps_high, False, "a clipped loss_type (not sapo)")
         used_only_with("use_bias_correction_kl", self.use_bias_correction_kl, False, self.beta != 0,
                        "a KL term (beta != 0)")
         if self.delta is not None and not self.delta > high:
@@ -435,19 +437,34 @@ def optimizer_step(run: Run, policy, part: UpdateRows, cfg: GRPOConfig, exact: b
     return sums, gap, loss_value, grad_norm
 
 
-def minibatches(samples: Samples, advantages: torch.Tensor, cfg: GRPOConfig, world_size: int) -> list:
-    """This rank's batch as its minibatches, ``minibatch_size`` prompts each over all ranks (whole
-    groups, in the order drawn; the step's prompts were drawn at random): [(samples, advantages)]."""
+def minibatches(samples: Samples, advantages: torch.Tensor, cfg: GRPOConfig, world_size: int, seed: int) -> list:
+    """This rank's batch as its minibatches, ``minibatch_size`` prompts each over all ranks:
+    [(samples, advantages)]. Several: whole groups in an order drawn from ``seed``, as TRL
+    shuffles a generation before it splits it (DAPO's dynamic sampling puts its filler groups
+    last, and they would fill the last minibatches)."""
+    n = samples.completion_mask.shape[0]
     per_rank = (cfg.minibatch_size or cfg.prompts_per_step) // world_size * cfg.group_size
-    return [(samples.rows(i), advantages[i]) for i in row_chunks(samples.completion_mask.shape[0], per_rank)]
+    if per_rank >= n:
+        return [(samples, advantages)]
+    groups = torch.randperm(n // cfg.group_size, generator=torch.Generator().manual_seed(seed)).to(advantages.device)
+    order = (groups[:, None] * cfg.group_size + torch.arange(cfg.group_size, device=groups.device)).flatten()
+    return [(samples.rows(order[i]), advantages[order[i]]) for i in row_chunks(n, per_rank)]
+
+
+def pi_old_gap(part: UpdateRows) -> float:
+    """The backend's log-probs against pi_old (a forward before the batch's first step), as a mean
+    over the part's forwarded tokens."""
+    rows, mask = part.rows, part.samples.completion_mask[part.rows]
+    return float(((part.samples.logprobs[rows] - part.old_logprobs[rows]).abs() * mask).sum() / part.forwarded)
 
 
 def update(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: bool, pad_id: int) -> dict:
     """mu passes over one batch of samples, one optimizer step per minibatch (``minibatch_size``
     prompts; the whole batch by default). Returns the last pass's metrics (rank-local): each the
-    mean over its steps' forwarded tokens, ``loss`` and ``grad_norm`` the mean of its steps'; but
-    ``logprob_gap``, the first pass's: the backend's log-probs against the policy that sampled them,
-    measured at each minibatch before its first step.
+    mean over its steps' forwarded tokens, ``loss`` and ``grad_norm`` the mean of its steps';
+    ``logprob_gap``: the backend's log-probs against the policy that sampled them, before any step
+    (the first minibatch's forward, and pi_old's where it was a forward); ``update_skipped``: the
+    share of minibatches with no answer left in the loss on any rank (they take no step).
 
     pi_old: with one step per batch the current policy (ratio 1 in value, not in gradient);
     otherwise the backend's log-probs when they are exact, else a forward pass before the first step.
@@ -463,7 +480,9 @@ def update(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: 
         ended = samples.finished | (samples.completion_mask.sum(-1) < cfg.max_new_tokens)
         samples = keep_rows(samples, ended)
         advantages = advantages * ended[:, None].to(advantages.dtype)  # not forwarded (beta 0), as dropped groups
-    split = minibatches(samples, advantages, cfg, run.info.world_size)
+    # the order of the groups: a function of the run's seed, the step and the rank (a resume draws it alike)
+    seed = (cfg.train.seed * 1_000_003 + run.optimizer_steps) * 1_009 + run.info.rank
+    split = minibatches(samples, advantages, cfg, run.info.world_size, seed)
     off_policy = cfg.mu > 1 or len(split) > 1
     parts = [p for p in (update_rows(run, policy, reference, s, a, cfg, exact, pad_id, off_policy) for s, a in split)
              if p is not None]  # the counts are every rank's: the ranks keep the same parts
@@ -473,11 +492,13 @@ def update(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: 
     gap = 0.0
     for iteration in range(cfg.mu):
         steps = [optimizer_step(run, policy, part, cfg, exact) for part in parts]
-        if iteration == 0:
-            gap = sum(g * t for (_, g, _, _), t in zip(steps, tokens)) / sum(tokens)
+        if iteration == 0:  # later minibatches' forwards follow a step: their pi_old where it is a forward
+            gaps = [(steps[0][1], tokens[0])] + ([] if exact else [(pi_old_gap(p), t) for p, t in
+                                                                    zip(parts[1:], tokens[1:])])
+            gap = sum(g * t for g, t in gaps) / sum(t for _, t in gaps)
     sums = {k: sum(s[k] * t for (s, _, _, _), t in zip(steps, tokens)) / sum(tokens) for k in steps[0][0]}
     return {**sums, "logprob_gap": gap, "loss": sum(s[2] for s in steps) / len(steps),
-            "grad_norm": sum(s[3] for s in steps) / len(steps), "update_skipped": 0.0,
+            "grad_norm": sum(s[3] for s in steps) / len(steps), "update_skipped": 1 - len(parts) / len(split),
             "update_rows_forwarded": sum(len(p.rows) for p in parts) / max(sum(p.local_rows for p in parts), 1)}
 
 
@@ -527,6 +548,9 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
     before = run.start_eval(evaluate()) if evaluate else {}  # the start model's, also on resume
     optimizer = build_optimizer(policy, tc.lr, tc.weight_decay)
     updates = cfg.mu * (cfg.prompts_per_step // (cfg.minibatch_size or cfg.prompts_per_step))  # per rollout step
+    if cfg.off_policy_mask_threshold is not None and exact and updates == 1:
+        run.say("off_policy_mask_threshold: the sampler's log-probs are the policy's and each batch takes one step "
+                "(mu 1, one minibatch), so no answer drifts and nothing is masked")
     total = run.plan(len(rows), cfg.prompts_per_step) * updates  # optimizer steps
     run.attach(policy, optimizer, build_scheduler(optimizer, total, tc.warmup_steps, tc.schedule, tc.min_lr_ratio))
     order = BatchOrder(len(rows), cfg.prompts_per_step, tc.seed)
