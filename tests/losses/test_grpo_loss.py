@@ -324,3 +324,19 @@ def test_gdpo_normalises_each_reward_in_its_group_before_the_sum():
     assert got[5].item() == pytest.approx(second[2], abs=1e-5)
     summed_first = group_advantages(per_function[:3, 0] + 0.5 * per_function[:3, 1], 3)  # TRL's default order
     assert (summed_first - got[:3]).abs().max() > 0.1
+
+
+def test_luspo_is_gspo_with_each_answers_term_times_its_length():
+    """LUSPO: the sequence ratio s_i = exp(mean_t log rho), clipped as GSPO's, each answer's term
+    summed over its tokens and averaged over answers: 1/G sum_i |o_i| L_i, by hand."""
+    old = torch.zeros(2, 3)
+    lp = torch.tensor([[0.1, 0.3, 0.0], [-0.2, -0.1, 0.0]], requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    adv = torch.tensor([[1.0], [-2.0]]).expand(2, 3)
+    loss, _ = grpo_loss(lp, old, adv, mask, reduction="seq_mean_token_sum", sequence_ratio=True, eps_low=0.2)
+    s1, s2 = math.exp(0.2), math.exp(-0.1)  # mean log-ratios 0.4/2 and -0.3/3
+    l1 = -min(s1 * 1.0, min(max(s1, 0.8), 1.2) * 1.0)
+    l2 = -min(s2 * -2.0, min(max(s2, 0.8), 1.2) * -2.0)
+    assert abs(loss.item() - (2 * l1 + 3 * l2) / 2) < 1e-6
+    dr, _ = grpo_loss(lp, old, adv, mask, reduction="seq_mean_token_sum_norm", sequence_ratio=True, max_tokens=3)
+    assert abs(loss.item() - 3 * dr.item()) < 1e-6  # Dr. GRPO's sum over G x max length, times the max length

@@ -790,3 +790,23 @@ def test_logprob_gap_with_minibatches_is_the_backends_not_the_steps_drift(tiny, 
         assert max(abs(m["train/ratio_mean"] - 1) for m in logged) > 1e-3  # the steps moved the policy
     assert max(gaps["exact"]) < 1e-5
     assert gaps["shifted"] == pytest.approx([0.1, 0.1], abs=1e-5)
+
+
+def test_luspo_reaches_the_loss_as_gspos_ratio_with_its_length_weighted_sum(tiny, tmp_path, monkeypatch):
+    from methods_setup import even_answer_digits, method_config
+
+    import rlhfkit.methods.grpo as grpo_module
+    from rlhfkit.train.config import ConfigError, replace
+
+    seen, original = [], grpo_module.grpo_loss
+
+    def recording(*args, **kwargs):
+        seen.append((args[8], kwargs["sequence_ratio"]))  # the reduction, GSPO's ratio
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(grpo_module, "grpo_loss", recording)
+    cfg = replace(method_config("grpo", tiny, tmp_path / "l", 1), loss_type="luspo", importance_sampling_level="sequence")
+    run_grpo(cfg, reward_fns=[even_answer_digits])
+    assert seen and set(seen) == {("seq_mean_token_sum", True)}
+    with pytest.raises(ConfigError, match="luspo .* set importance_sampling_level=sequence"):
+        replace(cfg, importance_sampling_level="token")

@@ -20,7 +20,9 @@ overlong punishment
 
     J = E[ 1/G sum_i min( s_i A_i, clip(s_i, 1-eps, 1+eps) A_i ) ],   s_i = exp( 1/|o_i| sum_t log rho_it )
 
-which is the paper's form under ``seq_mean_token_mean`` (each token of o_i carries s_i).
+which is the paper's form under ``seq_mean_token_mean`` (each token of o_i carries s_i). LUSPO
+(TRL's ``luspo``: GSPO's loss with each answer's term times its length, so that long answers are
+not under-weighted) is the same sequence ratio under ``seq_mean_token_sum``, 1/G sum_i sum_t.
 
 From DeepSeek-V3.2 (DeepSeek-AI 2025, section 3.1), under TRL's names: the unbiased KL estimate
 (``use_bias_correction_kl``) weighs each token's k3 by its importance ratio, so that on samples
@@ -156,15 +158,16 @@ def off_policy_keep(advantages: torch.Tensor, logprobs: torch.Tensor, sampled_lo
 
 
 # loss_type -> its reduction; cispo and sapo also have their own surrogates (losses/policy.py): cispo with
-# DAPO's token mean, sapo with the paper's per-answer mean (as TRL's)
+# DAPO's token mean, sapo with the paper's per-answer mean (as TRL's); luspo takes GSPO's sequence ratio
 REDUCTIONS = {"grpo": "seq_mean_token_mean", "dapo": "token_mean", "dr_grpo": "seq_mean_token_sum_norm",
-              "cispo": "token_mean", "sapo": "seq_mean_token_mean"}
+              "cispo": "token_mean", "sapo": "seq_mean_token_mean", "luspo": "seq_mean_token_sum"}
 
 # reduction name -> f(per_token, mask, num_sequences, num_tokens, max_tokens)
 _REDUCE = {
     "seq_mean_token_mean": lambda v, m, seqs, toks, max_t: seq_mean_token_mean(v, m, seqs),
     "token_mean": lambda v, m, seqs, toks, max_t: token_mean(v, m, toks),
     "seq_mean_token_sum_norm": lambda v, m, seqs, toks, max_t: seq_mean_token_sum_norm(v, m, max_t, seqs),
+    "seq_mean_token_sum": lambda v, m, seqs, toks, max_t: seq_mean_token_sum_norm(v, m, 1, seqs),  # LUSPO
 }
 
 

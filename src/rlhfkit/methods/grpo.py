@@ -122,6 +122,7 @@ class GRPOConfig:
     minibatch_size: int | None = None
     share_prompt: bool = True  # forward each prompt once for its G samples (block mask; SDPA attention only)
     # grpo (paper) | dapo (token mean) | dr_grpo (constant normaliser) | cispo (MiniMax-M1) | sapo (soft gate)
+    # | luspo (GSPO weighted by length; importance_sampling_level=sequence)
     loss_type: str = "grpo"
     sapo_temperature_pos: float = 1.0  # loss_type=sapo: the gate's tau where A > 0 (TRL's name and default)
     sapo_temperature_neg: float = 1.05  # loss_type=sapo: the gate's tau elsewhere
@@ -167,9 +168,13 @@ class GRPOConfig:
     def __post_init__(self):
         choice("loss_type", self.loss_type, tuple(REDUCTIONS))
         choice("importance_sampling_level", self.importance_sampling_level, ("token", "sequence"))
-        if self.importance_sampling_level == "sequence" and self.loss_type != "grpo":
+        if self.importance_sampling_level == "sequence" and self.loss_type not in ("grpo", "luspo"):
             raise ConfigError(f"importance_sampling_level=sequence (GSPO) averages over sequences (its eq. 5), which is "
-                              f"loss_type=grpo; loss_type={self.loss_type} would weigh them by their tokens")
+                              f"loss_type=grpo (or luspo's length-weighted sum); loss_type={self.loss_type} would "
+                              "weigh them by their tokens")
+        if self.loss_type == "luspo" and self.importance_sampling_level != "sequence":
+            raise ConfigError("loss_type=luspo is GSPO's sequence-level loss weighted by length: set "
+                              "importance_sampling_level=sequence (TRL's requirement too)")
         choice("reward_errors", self.reward_errors, ("raise", "zero"))
         if self.scale_rewards in ("true", "false"):
             raise ConfigError(f"config key 'scale_rewards' takes group, batch or none; TRL's {self.scale_rewards} is "
