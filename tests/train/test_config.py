@@ -156,6 +156,14 @@ def test_trl_hints_name_only_what_the_method_has_and_rows_given_in_python_are_de
     with pytest.raises(ConfigError) as err:
         load_config(GRPOConfig, None, ["loss_weights=1"])
     assert "TRL's names" not in str(err.value)  # GRPO's loss_type takes no weights
+    # TRL 1.16's remaining SFT, DPO and GRPO fields are answered too, each only where it applies
+    with pytest.raises(ConfigError, match=r"chat_template_path -> tokenizer \(a folder whose tokenizer_config"):
+        load_config(SFTConfig, None, ["chat_template_path=t.jinja"])
+    with pytest.raises(ConfigError, match=r"vespo_lambda_neg -> nothing: VESPO's loss is not here"):
+        load_config(GRPOConfig, None, ["vespo_lambda_neg=2"])
+    with pytest.raises(ConfigError) as err:
+        load_config(DPOConfig, None, ["packing_strategy=bfd"])
+    assert "TRL's names" not in str(err.value)  # DPO has no packing
     config = plain_dict(SFTConfig(train_data={"prompt": ["a", "b"], "completion": ["c", "d"]},
                                   eval_data=[{"prompt": "a", "completion": "c"}]))
     assert config["train_data"] == "<dict of 2 columns, 2 rows>" and config["eval_data"] == "<list of 1 rows>"

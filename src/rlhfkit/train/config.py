@@ -313,6 +313,28 @@ TRL_NAMES = {"learning_rate": "train.lr", "num_train_epochs": "train.epochs", "m
              "generation_batch_size": "prompts_per_step (= generation_batch_size / num_generations: TRL counts "
                                       "completions, rlhfkit prompts)",
              "entropy_coef": "nothing: no entropy bonus (top_entropy_quantile keeps the high-entropy tokens' policy loss)",
+             "trust_remote_code": "nothing: models load with transformers' own classes, never a folder's code",
+             "model_init_kwargs": "nothing: a model folder loads as saved (train.dtype sets the trained precision)",
+             "dataset_num_proc": "nothing: rows are read and encoded in one process, before training",
+             "dataset_kwargs": "nothing: data is a local file or save_to_disk folder, read as it is",
+             "pad_to_multiple_of": "nothing: a batch is padded to its longest row (packing=true for none at all)",
+             "pad_token": "tokenizer (a folder whose tokenizer has the pad token; without one, pad is EOS)",
+             "eos_token": "tokenizer (a folder whose tokenizer has that EOS)",
+             "chat_template_path": "tokenizer (a folder whose tokenizer_config.json holds the chat template)",
+             "activation_offloading": "train.activation_checkpointing (recomputes, does not offload)",
+             "packing_strategy": "packing (first-fit decreasing, TRL's bfd, into rows of max_length)",
+             "eval_packing": "nothing: the held-out loss is computed on padded rows",
+             "precompute_ref_batch_size": "nothing: the reference is precomputed 64 rows a forward",
+             "num_generations_eval": "nothing: evals score one greedy answer per held-out prompt",
+             "cast_lm_head_to_fp32": "nothing: log-probs are computed from fp32 logits always",
+             "vllm_server_base_url": "nothing: TRL's vLLM server mode is not here (rollout.backend=vllm is colocated)",
+             "vllm_server_host": "nothing: TRL's vLLM server mode is not here (rollout.backend=vllm is colocated)",
+             "vllm_server_port": "nothing: TRL's vLLM server mode is not here (rollout.backend=vllm is colocated)",
+             "vllm_max_model_length": "nothing: the engine's length is the model's own (prompts and answers are "
+                                      "checked against it before training)",
+             "vespo_k_pos": "nothing: VESPO's loss is not here (loss_type grpo, dapo, dr_grpo, cispo, sapo, luspo)",
+             "use_adaptive_entropy": "nothing: no entropy bonus (top_entropy_quantile keeps the high-entropy "
+                                     "tokens' policy loss)",
              "sync_ref_model": "nothing: the reference stays the start model (TR-DPO's sync is not implemented)",
              "ref_model_sync_steps": "nothing: the reference stays the start model (TR-DPO's sync is not implemented)",
              "ref_model_mixup_alpha": "nothing: the reference stays the start model (TR-DPO's sync is not implemented)",
@@ -322,6 +344,12 @@ TRL_NAMES = {"learning_rate": "train.lr", "num_train_epochs": "train.epochs", "m
              "shuffle_dataset": "nothing: the rows are shuffled each epoch, by train.seed"}
 for _name in ("max_grad_norm", "seed", "weight_decay", "warmup_steps", "report_to", "router_aux_loss_coef"):
     TRL_NAMES[_name] = f"train.{_name}"
+for _family, _first in ((("vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"), "vespo_k_pos"),
+                        (("vllm_server_timeout", "vllm_group_port"), "vllm_server_host"),
+                        (("entropy_coef_min", "entropy_coef_max", "entropy_coef_delta", "entropy_target"),
+                         "use_adaptive_entropy")):
+    for _name in _family:
+        TRL_NAMES[_name] = TRL_NAMES[_first]
 
 
 # rlhfkit's own keys that were renamed: said beside an unknown key, for a config written before
@@ -330,7 +358,11 @@ RENAMED = {"scale_std": "scale_rewards (scale_std=true is scale_rewards=group, f
 
 # TRL's names whose hint holds only for the method that has this field (DPO's weighted loss forms, GRPO's groups)
 HINT_ONLY_WITH = {"loss_weights": "rpo_alpha", "steps_per_generation": "group_size",
-                  "generation_batch_size": "group_size", "entropy_coef": "group_size"}
+                  "generation_batch_size": "group_size", "entropy_coef": "group_size", "num_generations_eval": "group_size",
+                  "vespo_k_pos": "group_size", "use_adaptive_entropy": "group_size",
+                  **{k: "group_size" for k in ("vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg", "entropy_coef_min",
+                                               "entropy_coef_max", "entropy_coef_delta", "entropy_target")}, "packing_strategy": "packing",
+                  "eval_packing": "packing", "precompute_ref_batch_size": "rpo_alpha"}
 
 
 def _trl_hint(key: str, prefix: str, names: set[str]) -> str | None:
