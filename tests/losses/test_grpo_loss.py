@@ -340,3 +340,17 @@ def test_luspo_is_gspo_with_each_answers_term_times_its_length():
     assert abs(loss.item() - (2 * l1 + 3 * l2) / 2) < 1e-6
     dr, _ = grpo_loss(lp, old, adv, mask, reduction="seq_mean_token_sum_norm", sequence_ratio=True, max_tokens=3)
     assert abs(loss.item() - 3 * dr.item()) < 1e-6  # Dr. GRPO's sum over G x max length, times the max length
+
+
+def test_sapo_at_the_sequence_level_gates_gspos_ratio():
+    """importance_sampling_level=sequence with sapo (as TRL): every token carries the answer's
+    s = exp(mean_t log rho) in the gate; with GRPO's per-answer mean the loss is -f(s) A an answer."""
+    old = torch.zeros(1, 3)
+    lp = torch.tensor([[0.3, -0.1, 0.0]], requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    loss, _ = grpo_loss(lp, old, torch.full((1, 3), 1.5), mask, sapo=(1.0, 1.05), sequence_ratio=True)
+    s = math.exp(0.1)
+    assert abs(loss.item() - (-(1 / (1 + math.exp(-(s - 1)))) * 4 * 1.5)) < 1e-6
+    loss.backward()  # d/dl_t of -f(s) A with s = exp(mean l): -f'(s) s A / 2 on each real token
+    sig = 1 / (1 + math.exp(-(s - 1)))
+    assert torch.allclose(lp.grad, torch.tensor([[1.0, 1.0, 0.0]]) * -sig * (1 - sig) * 4 * s * 1.5 / 2, atol=1e-6)

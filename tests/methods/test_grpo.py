@@ -700,6 +700,11 @@ def test_sapo_off_policy_masking_and_the_unbiased_kl_are_wired(tiny, tmp_path):
                        backend=Above(load_tokenizer(str(tiny["base"]))))[0]
         masked[delta] = (logged["train/off_policy_masked"], logged["train/grad_norm"])
     assert 0 < masked[0.3][0] < 1 and masked[1.0][0] == 0.0 and abs(masked[0.3][1] - masked[1.0][1]) > 1e-4
+    # the exact sampler, one step a batch: no drift, so even a threshold of 0 masks nothing (its log-probs
+    # differ from the trainer's forward by float noise, which had masked about half the negative answers)
+    on_policy = first(tmp_path / "opsm-0", dict(beta=0.0, off_policy_mask_threshold=0.0))[0]
+    assert on_policy["train/off_policy_masked"] == 0.0
+    assert on_policy["train/grad_norm"] == pytest.approx(grpo["train/grad_norm"], rel=1e-6)
     plain, unbiased = (first(tmp_path / f"kl-{flag}", dict(beta=0.5, use_bias_correction_kl=flag), steps=2)
                        for flag in (False, True))
     assert unbiased[0]["train/grad_norm"] == pytest.approx(plain[0]["train/grad_norm"], rel=1e-6)
@@ -810,3 +815,20 @@ def test_luspo_reaches_the_loss_as_gspos_ratio_with_its_length_weighted_sum(tiny
     assert seen and set(seen) == {("seq_mean_token_sum", True)}
     with pytest.raises(ConfigError, match="luspo .* set importance_sampling_level=sequence"):
         replace(cfg, importance_sampling_level="token")
+
+
+def test_gdpo_batch_normalisation_leaves_a_group_without_a_signal_at_exactly_zero():
+    """GDPO's centring over the batch subtracts a mean that is 0 but for rounding: a group whose
+    summed values are all 0 keeps advantages of exactly 0 (it was -mean / std, 1e-8, and
+    skip_zero_advantage forwarded it); the others are scaled by the batch's std."""
+    from types import SimpleNamespace
+
+    from rlhfkit.methods.grpo import Rollout, normalised_over_batch
+    from rlhfkit.train.dist import DistInfo
+
+    summed = torch.tensor([1.0, -1.0, 0.5, -0.5, 0.0, 0.0, 0.0, 0.0]) + torch.tensor([1e-8] * 4 + [0.0] * 4)
+    batch = Rollout(SimpleNamespace(), SimpleNamespace(rewards=torch.zeros(8)), summed[:, None].expand(8, 3).clone(), 0.0)
+    got = normalised_over_batch(batch, DistInfo()).advantages
+    assert torch.equal(got[4:], torch.zeros(4, 3))
+    expected = (summed[:4] - summed.mean()) / (summed.std() + 1e-4)
+    assert torch.allclose(got[:4, 0], expected, atol=1e-6) and (got[:4] - got[:4, :1]).abs().max() == 0

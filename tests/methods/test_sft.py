@@ -190,3 +190,36 @@ def test_completion_only_loss_false_trains_every_token_as_transformers_labels_do
     # the held-out loss after the step: over every token (the same rows, one step later), not the answers'
     trained, _ = load_policy(str(tmp_path / "run-False-False" / "model"), None)
     assert abs(logged[False, False][1]["eval_loss"] - heldout_loss(trained, examples, tok.pad_token_id)) < 1e-5
+
+
+def test_every_token_training_cuts_a_prompt_that_fills_max_length_and_counts_targets_alone(tiny, tmp_path):
+    """completion_only_loss=false: a row whose prompt alone fills max_length still has targets, so
+    overlong=truncate cuts it (TRL trains it) where the default skips it; null reads as the default;
+    train/tokens counts the targets, a text row's first token not among them."""
+    import json
+
+    from helpers import quiet_train
+
+    from rlhfkit.data.encode import encode_sft
+    from rlhfkit.methods.sft import SFTConfig, run_sft
+    from rlhfkit.models.load import load_tokenizer
+    from rlhfkit.train.config import load_config
+
+    tok = load_tokenizer(str(tiny["base"]))
+    rows = read_rows(tiny["data"] / "sft_train.jsonl")[:4]
+    longest_prompt = max(len(tok(r.data["prompt"])["input_ids"]) for r in rows)
+    cut, report = encode_sft(rows, tok, longest_prompt - 2, "truncate", completion_only=False)
+    assert len(cut) == 4 and report.truncated == 4 and {len(e.input_ids) for e in cut} == {longest_prompt - 2}
+    with pytest.raises(Exception, match="no usable rows"):
+        encode_sft(rows, tok, 3, "truncate")  # the prompts alone fill 3 tokens: nothing to train on
+    assert load_config(SFTConfig, None, ["completion_only_loss=null"]).completion_only_loss is None
+    data = tmp_path / "text.jsonl"
+    data.write_text("".join(json.dumps({"text": f"{a}+{a}={2 * a}"}) + "\n" for a in range(10, 18)))
+    logged = {}
+    for only in (True, False):
+        out = tmp_path / f"text-{only}"
+        run_sft(SFTConfig(model=str(tiny["base"]), train_data=str(data), max_length=32, completion_only_loss=only,
+                          train=quiet_train(out, max_steps=1, batch_size=8)))
+        logged[only] = next(m for m in read_metrics(out) if "train/loss" in m)
+    assert logged[True]["train/tokens"] == logged[False]["train/tokens"]
+    assert logged[True]["train/loss"] == pytest.approx(logged[False]["train/loss"], abs=1e-6)

@@ -157,10 +157,18 @@ def test_trl_hints_name_only_what_the_method_has_and_rows_given_in_python_are_de
         load_config(GRPOConfig, None, ["loss_weights=1"])
     assert "TRL's names" not in str(err.value)  # GRPO's loss_type takes no weights
     # TRL 1.16's remaining SFT, DPO and GRPO fields are answered too, each only where it applies
-    with pytest.raises(ConfigError, match=r"chat_template_path -> tokenizer \(a folder whose tokenizer_config"):
+    with pytest.raises(ConfigError, match=r"chat_template_path -> tokenizer \(a folder whose tokenizer holds the chat template"):
         load_config(SFTConfig, None, ["chat_template_path=t.jinja"])
     with pytest.raises(ConfigError, match=r"vespo_lambda_neg -> nothing: VESPO's loss is not here"):
         load_config(GRPOConfig, None, ["vespo_lambda_neg=2"])
+    with pytest.raises(ConfigError, match=r"padding_free -> share_prompt \(each prompt once"):
+        load_config(DPOConfig, None, ["padding_free=true"])
+    with pytest.raises(ConfigError, match=r"padding_free -> packing"):
+        load_config(SFTConfig, None, ["padding_free=true"])
+    for key in ("remove_unused_columns=false", "max_tool_calling_iterations=2", "vllm_importance_sampling_cap=2"):
+        with pytest.raises(ConfigError, match=key.split("=")[0] + " -> "):
+            load_config(GRPOConfig, None, [key])
+    assert load_config(DPOConfig, None, ["loss_type=[sigmoid, nca_pair]"]).loss_type == "sigmoid,nca_pair"  # TRL's list
     with pytest.raises(ConfigError) as err:
         load_config(DPOConfig, None, ["packing_strategy=bfd"])
     assert "TRL's names" not in str(err.value)  # DPO has no packing

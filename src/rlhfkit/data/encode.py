@@ -224,8 +224,9 @@ def encode_completion(tokenizer, text: str) -> list[int]:
 
 
 def fit_length(prompt_ids: list[int], completion_ids: list[int], max_length: int, policy: str,
-               where: str, report: LengthReport) -> tuple[list[int], list[int]] | None:
-    """Apply the over-long policy; None means the row is skipped (and counted)."""
+               where: str, report: LengthReport, prompt_trained: bool = False) -> tuple[list[int], list[int]] | None:
+    """Apply the over-long policy; None means the row is skipped (and counted). ``prompt_trained``:
+    the prompt's tokens are targets too, so a prompt that fills ``max_length`` is cut, not skipped."""
     total = len(prompt_ids) + len(completion_ids)
     if total <= max_length:
         report.note_length(total, where)
@@ -235,13 +236,13 @@ def fit_length(prompt_ids: list[int], completion_ids: list[int], max_length: int
             f"{where}: {total} tokens (prompt {len(prompt_ids)} + completion {len(completion_ids)}) "
             f"exceed max_length={max_length}; {OVERLONG_HINT}"
         )
-    if policy == "skip" or len(prompt_ids) >= max_length:
+    if policy == "skip" or (len(prompt_ids) >= max_length and not prompt_trained):
         if not report.skipped or report.skipped[-1] != where:  # one count per row
             report.skipped.append(where)
         return None
     report.truncated += 1
     report.note_length(max_length, where)
-    return prompt_ids, completion_ids[: max_length - len(prompt_ids)]
+    return prompt_ids[:max_length], completion_ids[: max(max_length - len(prompt_ids), 0)]
 
 
 @dataclass(frozen=True)
@@ -316,7 +317,7 @@ def encode_sft(rows: list[Row], tokenizer, max_length: int, overlong: str = "err
         prompt, pieces = sft_pieces(row, tokenizer)
         rest = [t for ids, _ in pieces for t in ids]
         report.note_unknown(tokenizer, prompt + rest, row.where)
-        fitted = fit_length(prompt, rest, max_length, overlong, row.where, report)
+        fitted = fit_length(prompt, rest, max_length, overlong, row.where, report, prompt_trained=not completion_only)
         if fitted is not None:
             p, c = fitted
             mask = None

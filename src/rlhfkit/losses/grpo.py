@@ -200,7 +200,7 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
     if cispo:
         surrogate = cispo_surrogate(logprobs, old_logprobs, advantages, eps_low if eps_high is None else eps_high)
     elif sapo is not None:
-        surrogate = sapo_surrogate(logprobs, old_logprobs, advantages, *sapo)
+        surrogate = sapo_surrogate(logprobs, old_logprobs, advantages, *sapo, mask if sequence_ratio else None)
     else:
         surrogate = clipped_surrogate(logprobs, old_logprobs, advantages, eps_low, eps_high,
                                       mask if sequence_ratio else None, delta)

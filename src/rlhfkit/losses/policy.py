@@ -49,6 +49,18 @@ class Surrogate:
     clipped_high: torch.Tensor  # (B, T) bool: rho > 1 + eps_high and A > 0
 
 
+def sequence_log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
+                       sequence_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """log rho per token, or with ``sequence_mask`` (B, T) GSPO's in its GSPO-token form: the
+    value mean_t log rho of the answer, the gradient each token's own (``clipped_surrogate``)."""
+    log_ratio = logprobs - old_logprobs
+    if sequence_mask is None:
+        return log_ratio
+    m = sequence_mask.to(log_ratio.dtype)
+    mean = (log_ratio.detach() * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)
+    return mean.expand_as(logprobs) + logprobs - logprobs.detach()
+
+
 def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                       eps_low: float = 0.2, eps_high: float | None = None,
                       sequence_mask: torch.Tensor | None = None, delta: float | None = None) -> Surrogate:
@@ -61,11 +73,7 @@ def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advant
     reward's) weighs its own gradient; with one advantage per answer it is GSPO's gradient.
     ``delta``: two-sided clipping's cap (module docstring); None: none."""
     eps_high = eps_low if eps_high is None else eps_high
-    log_ratio = logprobs - old_logprobs
-    if sequence_mask is not None:
-        m = sequence_mask.to(log_ratio.dtype)
-        mean = (log_ratio.detach() * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)
-        log_ratio = mean.expand_as(logprobs) + logprobs - logprobs.detach()
+    log_ratio = sequence_log_ratio(logprobs, old_logprobs, sequence_mask)
     ratio = torch.exp(log_ratio)
     clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
     capped = ratio if delta is None else torch.clamp(ratio, max=delta)
@@ -89,10 +97,12 @@ def cispo_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
 
 
 def sapo_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                   tau_pos: float = 1.0, tau_neg: float = 1.05) -> Surrogate:
-    """SAPO's per-token loss (module docstring); all tensors (B, T). Nothing is clipped: the clip
-    fractions are 0."""
-    log_ratio = logprobs - old_logprobs
+                   tau_pos: float = 1.0, tau_neg: float = 1.05,
+                   sequence_mask: torch.Tensor | None = None) -> Surrogate:
+    """SAPO's per-token loss (module docstring); all tensors (B, T). ``sequence_mask``: GSPO's
+    sequence ratio in its GSPO-token form, as ``clipped_surrogate``'s. Nothing is clipped: the
+    clip fractions are 0."""
+    log_ratio = sequence_log_ratio(logprobs, old_logprobs, sequence_mask)
     ratio = torch.exp(log_ratio)
     tau = torch.where(advantages > 0, tau_pos, tau_neg).to(ratio.dtype)
     loss = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * advantages

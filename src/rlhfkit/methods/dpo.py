@@ -98,7 +98,7 @@ class DPOConfig:
     # f-DPO: the implicit reward's f-divergence, reverse_kl (DPO's) | forward_kl | js_divergence | alpha_divergence
     # (pairs, the forms on the margin; TRL's names)
     f_divergence_type: str = "reverse_kl"
-    f_alpha_divergence_coef: float = 0.5  # f_divergence_type=alpha_divergence: its alpha
+    f_alpha_divergence_coef: float = 0.5  # alpha_divergence: TRL's a in f'(t) = (t^(a-1) - 1) / (a - 1); the paper's 1 - a
     # LD-DPO: in [0, 1], the weight of an answer's tokens past the shorter answer's length (pairs; None: 1, DPO's)
     ld_alpha: float | None = None
     # WPO: each pair's loss times w(y_w) w(y_l), how likely the policy finds each answer per token (pairs; TRL's name)

@@ -117,8 +117,8 @@ class GRPOConfig:
     eps_high: float | None = None  # DAPO clip-higher; None = eps_low
     delta: float | None = None  # two-sided clipping (INTELLECT-2; TRL's name): the ratio's cap where A < 0
     mu: int = 1  # passes over each batch of samples (TRL's num_iterations)
-    # prompts (each with its G answers) per optimizer step, over all ranks; None: the whole batch, one step
-    # per pass (TRL's default). Fewer: prompts_per_step / minibatch_size steps per pass, each on its share
+    # prompts (each with its G answers) per optimizer step, over all ranks; None: the whole batch, one step a
+    # pass (TRL's default); fewer: prompts_per_step / minibatch_size steps a pass (TRL's steps_per_generation)
     minibatch_size: int | None = None
     share_prompt: bool = True  # forward each prompt once for its G samples (block mask; SDPA attention only)
     # grpo (paper) | dapo (token mean) | dr_grpo (constant normaliser) | cispo (MiniMax-M1) | sapo (soft gate)
@@ -132,7 +132,8 @@ class GRPOConfig:
     # the KL term times the importance ratio: DeepSeek-V3.2's unbiased estimate (TRL's name; on by default
     # there; off here: the paper's k3)
     use_bias_correction_kl: bool = False
-    importance_sampling_level: str = "token"  # token (the paper's) | sequence (GSPO; TRL's name), loss_type=grpo
+    # token (the paper's) | sequence (GSPO; TRL's name): with loss_type grpo, sapo or luspo (which needs it)
+    importance_sampling_level: str = "token"
     # divide advantages by the std of the group's rewards (the paper's), of the whole batch's (Lite PPO), or
     # not at all (none: Dr. GRPO); TRL's name and values
     scale_rewards: str = "group"
@@ -168,10 +169,10 @@ class GRPOConfig:
     def __post_init__(self):
         choice("loss_type", self.loss_type, tuple(REDUCTIONS))
         choice("importance_sampling_level", self.importance_sampling_level, ("token", "sequence"))
-        if self.importance_sampling_level == "sequence" and self.loss_type not in ("grpo", "luspo"):
+        if self.importance_sampling_level == "sequence" and self.loss_type not in ("grpo", "luspo", "sapo"):
             raise ConfigError(f"importance_sampling_level=sequence (GSPO) averages over sequences (its eq. 5), which is "
-                              f"loss_type=grpo (or luspo's length-weighted sum); loss_type={self.loss_type} would "
-                              "weigh them by their tokens")
+                              f"loss_type=grpo or sapo (or luspo's length-weighted sum); loss_type={self.loss_type} "
+                              "would weigh them by their tokens")
         if self.loss_type == "luspo" and self.importance_sampling_level != "sequence":
             raise ConfigError("loss_type=luspo is GSPO's sequence-level loss weighted by length: set "
                               "importance_sampling_level=sequence (TRL's requirement too)")
@@ -407,7 +408,10 @@ def optimizer_step(run: Run, policy, part: UpdateRows, cfg: GRPOConfig, exact: b
             adv = adv * high_entropy(entropy, mask[index], cfg.top_entropy_quantile, run.info).to(adv.dtype)
         masked = None
         if cfg.off_policy_mask_threshold is not None:  # A = 0 too: no policy term, the KL term stays
-            keep = off_policy_keep(adv, logprobs, samples.logprobs[index], mask[index], cfg.off_policy_mask_threshold)
+            # the sampling policy: the engine's log-probs, or the trainer's own pi_old for an exact backend (its
+            # sampler's log-probs differ from the trainer's forward by float noise, which a threshold of 0 would mask)
+            sampled = old if exact else samples.logprobs[index]
+            keep = off_policy_keep(adv, logprobs, sampled, mask[index], cfg.off_policy_mask_threshold)
             masked = ((1 - keep) * mask[index]).sum() / mask[index].sum().clamp(min=1)
             adv = adv * keep
         weights = None  # the samples another engine drew, weighed to pi_old (old is the trainer's pi_old here)

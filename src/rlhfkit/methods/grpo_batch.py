@@ -76,11 +76,13 @@ def normalised_over_batch(batch: Rollout, info: DistInfo, eps: float = 1e-4) -> 
     """GDPO's second half (losses/grpo.py ``decoupled_advantages``; TRL's ``normalize_then_sum``):
     the summed, group-normalised rewards s centred and scaled over every sample of the step's batch
     on all ranks, A_i = (s_i - mean(s)) / (std(s) + eps); a sample no reward scored keeps A = 0 and
-    stays out of the statistics."""
+    stays out of the statistics. Each group's s sums to 0, so mean(s) is 0 but for rounding: an s
+    of exactly 0 (a group without a signal) stays 0, not -mean / std, and skip_zero_advantage still
+    leaves its group out."""
     present = ~batch.outcome.rewards.isnan().to(batch.advantages.device)
     values = batch.advantages[:, 0]  # an outcome advantage is one value over the answer's tokens
     mean, std = moments(values[present], info)
-    scaled = torch.where(present, (values - mean) / (std + eps), torch.zeros_like(values))
+    scaled = torch.where(present & (values != 0), (values - mean) / (std + eps), torch.zeros_like(values))
     return replace(batch, advantages=scaled[:, None].expand_as(batch.advantages).clone())
 
 

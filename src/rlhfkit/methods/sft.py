@@ -45,8 +45,8 @@ class SFTConfig:
     overlong: str = "error"  # error | truncate | skip
     packing: bool = False  # padding-free: a micro-batch's sequences end to end in rows of max_length (SDPA only)
     # the loss on the completion (in messages, the assistant turns) alone; false: on every token, the prompt's
-    # and the other turns' too (TRL's completion_only_loss=false, and its default for messages rows)
-    completion_only_loss: bool = True
+    # and the other turns' too (TRL's completion_only_loss=false, and its default for messages rows); None: true
+    completion_only_loss: bool | None = True
     loss_type: str = "nll"  # nll, or dft: Dynamic Fine-Tuning, each token's NLL times its probability (no gradient)
     eval_limit: int = 500  # held-out rows used; 0 = all
     eval_max_new_tokens: int = 16
@@ -78,8 +78,8 @@ def sft_objective(router_coef: float = 0.0, form: str = "nll") -> Objective:
         with router_balance(model, router_coef) as balance:
             logprobs = token_logprobs(model, batch.input_ids, batch.attention_mask, batch.completion_mask,
                                       position_ids=batch.position_ids)  # (B, T)
-        value, metrics = sft_loss(logprobs, batch.completion_mask, totals["tokens"], form)
-        metrics = {"tokens": metrics["tokens"]}
+        value, _ = sft_loss(logprobs, batch.completion_mask, totals["tokens"], form)
+        metrics = {"tokens": batch.completion_mask[:, 1:].sum()}  # the targets (a row's first token is none)
         return balance.add_to(value, metrics, 1 / totals["forwards"]), metrics
 
     return Objective(counts, loss)
@@ -139,7 +139,7 @@ def held_out_sft(cfg: SFTConfig, tokenizer, say) -> tuple[HeldOut | None, list, 
     prompts = None if text else HeldOut(rows, cfg.eval_task)
     if not with_answers:
         return prompts, [], None
-    examples, report = encode_sft(with_answers, tokenizer, cfg.max_length, cfg.overlong, cfg.completion_only_loss)
+    examples, report = encode_sft(with_answers, tokenizer, cfg.max_length, cfg.overlong, cfg.completion_only_loss is not False)
     say(f"{source_name(cfg.eval_data)} (held out, for the loss): {report.summary()}")
     return prompts, examples, report
 
@@ -148,7 +148,7 @@ def run_sft(cfg: SFTConfig) -> dict:
     run = start_run(cfg.train, cfg, "sft")
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
     examples, report = encode_sft(read_rows(cfg.train_data), tokenizer, cfg.max_length, cfg.overlong,
-                                  cfg.completion_only_loss)
+                                  cfg.completion_only_loss is not False)
     run.say(f"{source_name(cfg.train_data)}: {report.summary()}")
     rows, eval_examples, eval_report = held_out_sft(cfg, tokenizer, run.say)  # checked now, not after training
     model = run.prepare(load_causal_lm(cfg.model, tokenizer, device=run.device), cfg.lora, base=cfg.model,

@@ -89,8 +89,8 @@ class TrainConfig:
     """The optimisation loop every method shares."""
 
     out_dir: str = "runs/out"  # each method's config gives its own default (runs/sft, runs/dpo, ...)
-    # SFT, RM, DPO, PRM: optimizer steps. GRPO, PPO: rollout steps (each gives mu, or ppo_epochs x
-    # minibatches, optimizer steps); the progress bar, the logs and result.json name the unit.
+    # SFT, RM, DPO, PRM: optimizer steps. GRPO, PPO: rollout steps (each gives mu, or ppo_epochs, x
+    # minibatches optimizer steps); the progress bar, the logs and result.json name the unit.
     max_steps: int = 100
     epochs: float = 0  # > 0: passes over the training data instead of max_steps (steps = ceil(epochs x rows / batch))
     batch_size: int = 32  # rows per optimizer step, over all ranks (SFT, RM, DPO, PRM; GRPO/PPO: prompts_per_step)
@@ -222,7 +222,8 @@ def _convert(value, typ, key: str, default=None):
         text_field = typ is str or (typing.get_origin(typ) in (typing.Union, types.UnionType)
                                     and {a for a in typing.get_args(typ) if a is not type(None)} == {str})
         typed_blank = bool(value.text) and not value.text.strip()  # a newline or spaces: YAML reads null
-        value = value.text if text_field and (value.parsed is not None or typed_blank) else value.parsed
+        listed = isinstance(value.parsed, list) and key.split(".")[-1] in COMMA_LISTS  # loss_type=[a, b]
+        value = value.text if text_field and not listed and (value.parsed is not None or typed_blank) else value.parsed
     origin = typing.get_origin(typ)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(typ) if a is not type(None)]
@@ -239,6 +240,9 @@ def _convert(value, typ, key: str, default=None):
             raise ConfigError(f"config key '{key}' must be a mapping")
         base = dataclasses.asdict(default) if dataclasses.is_dataclass(default) else {}
         return build(typ, {**base, **value}, prefix=f"{key}.")
+    if typ is str and isinstance(value, list) and key.split(".")[-1] in COMMA_LISTS and \
+            all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value):
+        return ",".join(map(str, value))  # TRL's list form ([sigmoid, nca_pair]) of a comma-separated key
     try:
         if typ is bool and isinstance(value, str):
             if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
@@ -260,6 +264,10 @@ def _convert(value, typ, key: str, default=None):
         return value
     except ValueError:
         raise ConfigError(f"config key '{key}' expects {getattr(typ, '__name__', typ)}, got {value!r}") from None
+
+
+# keys whose text is a comma-separated list: a YAML list is read as one (TRL writes them as lists)
+COMMA_LISTS = ("loss_type", "rewards")
 
 
 # TRL's (and transformers' TrainingArguments') names for what rlhfkit calls otherwise: said
@@ -320,7 +328,22 @@ TRL_NAMES = {"learning_rate": "train.lr", "num_train_epochs": "train.epochs", "m
              "pad_to_multiple_of": "nothing: a batch is padded to its longest row (packing=true for none at all)",
              "pad_token": "tokenizer (a folder whose tokenizer has the pad token; without one, pad is EOS)",
              "eos_token": "tokenizer (a folder whose tokenizer has that EOS)",
-             "chat_template_path": "tokenizer (a folder whose tokenizer_config.json holds the chat template)",
+             "chat_template_path": "tokenizer (a folder whose tokenizer holds the chat template: chat_template.jinja "
+                                   "or tokenizer_config.json)",
+             "remove_unused_columns": "nothing: a row's other fields are passed to the reward functions by name",
+             "chat_template_kwargs": "nothing: chat prompts are rendered with the template's own defaults",
+             "log_unique_prompts": "nothing: metrics.jsonl logs the step's rewards; eval_samples.jsonl 8 held-out "
+                                   "answers",
+             "max_tool_calling_iterations": "nothing: rollouts are one completion each (no tool calls executed)",
+             "vllm_importance_sampling_cap": "sampling_correction_max",
+             "use_transformers_paged": "rollout.backend (sampler: rlhfkit's KV-cache sampler; generate: transformers')",
+             "use_transformers_continuous_batching": "rollout.backend (sampler: rlhfkit's KV-cache sampler; generate: "
+                                                     "transformers')",
+             "cache_implementation": "nothing: the sampler keeps its own KV cache",
+             "vllm_model_impl": "nothing: the vllm engine loads the model with vLLM's own implementation",
+             "vllm_structured_outputs_regex": "nothing: samples are unconstrained (the losses read the policy's "
+                                              "distribution)",
+             "ds3_gather_for_generation": "nothing: under train.strategy=fsdp the sampler gets the gathered weights",
              "activation_offloading": "train.activation_checkpointing (recomputes, does not offload)",
              "packing_strategy": "packing (first-fit decreasing, TRL's bfd, into rows of max_length)",
              "eval_packing": "nothing: the held-out loss is computed on padded rows",
@@ -369,6 +392,8 @@ def _trl_hint(key: str, prefix: str, names: set[str]) -> str | None:
     """rlhfkit's name for TRL's ``key``, where the config being read (its fields ``names``, under
     ``prefix``) has it."""
     hint = TRL_NAMES.get(key)
+    if key == "padding_free" and "packing" not in names:  # DPO's and GRPO's own padding-free layout
+        hint = "share_prompt (each prompt once, then its answers, no padding between them; on by default)"
     if key == "per_device_train_batch_size" and "prompts_per_step" in names:  # GRPO and PPO count prompts
         hint = ("prompts_per_step (prompts a step, over all ranks; TRL's GRPO counts completions per device: "
                 "prompts = per_device x ranks x steps_per_generation / num_generations)")
