@@ -294,6 +294,11 @@ def test_use_weighting_weighs_each_pair_by_wpos_weights_computed_by_hand(tiny):
     loss, metrics = objective.loss(model, plain, objective.counts(plain))
     assert abs(loss.item() - float((weights * per_pair).mean())) < 1e-5
     assert abs(float(metrics["pair_weight"]) - float(weights.mean())) < 1e-5
+    rpo = dpo_objective(0.5, Reference(module=reference), rpo_alpha=1.0, use_weighting=True)
+    with torch.no_grad():
+        nll = float(rpo.loss(model, plain, rpo.counts(plain))[1]["nll_chosen"])
+    chosen_tokens = rpo.counts(plain)["chosen_tokens"]
+    assert nll == pytest.approx(float(-(weights * logps[:, 0]).sum()) / chosen_tokens, rel=1e-5)  # TRL weighs it too
     loss.backward()  # the weights hold no graph: the gradient is that of the weighted per-pair losses
     grad = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()

@@ -832,3 +832,56 @@ def test_gdpo_batch_normalisation_leaves_a_group_without_a_signal_at_exactly_zer
     assert torch.equal(got[4:], torch.zeros(4, 3))
     expected = (summed[:4] - summed.mean()) / (summed.std() + 1e-4)
     assert torch.allclose(got[:4, 0], expected, atol=1e-6) and (got[:4] - got[:4, :1]).abs().max() == 0
+
+
+def test_gdpo_keeps_every_reward_its_own_column_and_refuses_a_process_reward(tiny, tmp_path, monkeypatch):
+    """Two rewards of one name (two lambdas) had one column between them, and GDPO dropped the first
+    and shifted the weights: they are NAME and NAME_2 now, each normalised on its own. A process
+    reward passed in Python is refused with GDPO (its per-step advantages were flattened to one value);
+    a sample every reward abstained on has no GDPO value, its overlong penalty alone is none."""
+    from methods_setup import method_config
+
+    import rlhfkit.methods.grpo as grpo_module
+    from rlhfkit.train.config import ConfigError, replace
+
+    seen = []
+    original = grpo_module.update
+    monkeypatch.setattr(grpo_module, "update", lambda run, policy, ref, batch, *a: seen.append(batch) or
+                        original(run, policy, ref, batch, *a))
+    first = lambda completions, **_: [float(len(c)) for c in completions]  # noqa: E731
+    second = lambda completions, **_: [None if i % 4 == 0 else float(c.count("1")) for i, c in enumerate(completions)]  # noqa: E731
+    cfg = replace(method_config("grpo", tiny, tmp_path / "g", 1), beta=0.0, overlong_buffer=2,
+                  multi_objective_aggregation="normalize_then_sum")
+    run_grpo(cfg, reward_fns=[first, second], weights=[1.0, 0.5])
+    batch = seen[0]
+    assert list(batch.outcome.per_function) == ["<lambda>", "<lambda>_2", "overlong"]
+    lengths = torch.tensor([float(v) for v in batch.outcome.per_function["<lambda>"]])
+    assert not lengths.isnan().any() and (batch.outcome.per_function["<lambda>_2"].isnan().sum() > 0)
+    with pytest.raises(ConfigError, match="normalize_then_sum .GDPO. normalises outcome rewards; a process reward"):
+        run_grpo(replace(cfg, overlong_buffer=0, train__out_dir=str(tmp_path / "p")), reward_fns=[first],
+                 process_fn=lambda prompts, completions, **_: [[(0, 1.0)] for _ in completions])
+
+
+def test_gdpo_leaves_a_sample_every_reward_abstained_on_out_of_every_column():
+    """The overlong penalty has a value for every sample; a sample every reward abstained on has no
+    score, so it stays out of the penalty's group statistics too (it had shifted them), and its
+    advantage is 0."""
+    import statistics
+    from types import SimpleNamespace
+
+    from rlhfkit.methods.grpo import GRPOConfig, advantages_for
+    from rlhfkit.rollout.rewards import OutcomeScores
+
+    nan = float("nan")
+    task, penalty = torch.tensor([nan, 1.0, 0.0, 1.0]), torch.tensor([-1.0, 0.0, -0.5, -0.25])
+    outcome = OutcomeScores(task + penalty, {"task": task, "overlong": penalty}, {})
+    cfg = GRPOConfig(model="m", train_data="d", group_size=4, multi_objective_aggregation="normalize_then_sum")
+    adv, _ = advantages_for(cfg, SimpleNamespace(completion_ids=torch.zeros(4, 3)), None, None, None, None, None,
+                            None, outcome, [1.0])
+
+    def normalised(values):
+        mean, std = statistics.mean(values), statistics.stdev(values)
+        return [(v - mean) / (std + 1e-4) for v in values]
+
+    expected = [a + b for a, b in zip(normalised([1.0, 0.0, 1.0]), normalised([0.0, -0.5, -0.25]))]
+    assert adv[0].abs().max() == 0 and torch.allclose(adv[1:, 0], torch.tensor(expected), atol=1e-5)

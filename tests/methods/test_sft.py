@@ -194,7 +194,7 @@ def test_completion_only_loss_false_trains_every_token_as_transformers_labels_do
 
 def test_every_token_training_cuts_a_prompt_that_fills_max_length_and_counts_targets_alone(tiny, tmp_path):
     """completion_only_loss=false: a row whose prompt alone fills max_length still has targets, so
-    overlong=truncate cuts it (TRL trains it) where the default skips it; null reads as the default;
+    overlong=truncate cuts it (TRL trains it) where the default skips it; TRL's null is refused;
     train/tokens counts the targets, a text row's first token not among them."""
     import json
 
@@ -212,7 +212,8 @@ def test_every_token_training_cuts_a_prompt_that_fills_max_length_and_counts_tar
     assert len(cut) == 4 and report.truncated == 4 and {len(e.input_ids) for e in cut} == {longest_prompt - 2}
     with pytest.raises(Exception, match="no usable rows"):
         encode_sft(rows, tok, 3, "truncate")  # the prompts alone fill 3 tokens: nothing to train on
-    assert load_config(SFTConfig, None, ["completion_only_loss=null"]).completion_only_loss is None
+    with pytest.raises(Exception, match="completion_only_loss=null is TRL's default, which trains .* set true"):
+        load_config(SFTConfig, None, ["completion_only_loss=null"])  # TRL's null means two things: refused
     data = tmp_path / "text.jsonl"
     data.write_text("".join(json.dumps({"text": f"{a}+{a}={2 * a}"}) + "\n" for a in range(10, 18)))
     logged = {}

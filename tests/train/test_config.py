@@ -169,6 +169,7 @@ def test_trl_hints_name_only_what_the_method_has_and_rows_given_in_python_are_de
         with pytest.raises(ConfigError, match=key.split("=")[0] + " -> "):
             load_config(GRPOConfig, None, [key])
     assert load_config(DPOConfig, None, ["loss_type=[sigmoid, nca_pair]"]).loss_type == "sigmoid,nca_pair"  # TRL's list
+    assert load_config(GRPOConfig, None, ["rewards=[exact_answer, contains_answer]"]).rewards == "exact_answer,contains_answer"
     with pytest.raises(ConfigError) as err:
         load_config(DPOConfig, None, ["packing_strategy=bfd"])
     assert "TRL's names" not in str(err.value)  # DPO has no packing

@@ -226,6 +226,17 @@ def test_the_start_models_answers_are_step_0_of_eval_samples_once_across_a_resum
              for run in ("full", "cut")}
     assert [r["step"] for r in shown["full"]] == [0] * 8 + [2] * 8 + [4] * 8
     assert shown["cut"] == shown["full"]
+    # killed in its first step, before metrics.jsonl: the step-0 answers alone are there, and a
+    # relaunch (resume=false) starts afresh without them (it kept them and wrote them again)
+    original = _kill_when(monkeypatch, "grpo", 0)
+    with pytest.raises(Killed):
+        run_grpo(cfg(tmp_path / "first"))
+    monkeypatch.setattr(run_module.Run, "step_done", original)
+    assert not (tmp_path / "first" / "metrics.jsonl").exists()
+    assert len((tmp_path / "first" / "eval_samples.jsonl").read_text().splitlines()) == 8
+    run_grpo(cfg(tmp_path / "first"))
+    again = [json.loads(line) for line in (tmp_path / "first" / "eval_samples.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in again] == [0] * 8 + [2] * 8 + [4] * 8
 
 
 def test_an_early_stop_is_kept_on_resume_and_its_step_logged(tiny, tmp_path):

@@ -282,6 +282,7 @@ def dpo_objective(beta: float, reference: Reference | None = None, rpo_alpha: fl
         else:
             with torch.no_grad(), reference() as ref_model:
                 ref = batch.grid(sequence_logps(ref_model, batch, ld_alpha))
+        weights = None  # WPO's, pair by pair (pairs only)
         if batch.mask.shape[1] == 2:  # plain pairs: the paper's pairwise loss
             per_token = any(name in PER_TOKEN for name, _ in forms)
             lengths = batch.grid(batch.output_lengths().to(logps.dtype)).unbind(-1) if per_token else None
@@ -300,7 +301,10 @@ def dpo_objective(beta: float, reference: Reference | None = None, rpo_alpha: fl
         if use_weighting:  # the pairs' WPO weights, a mean over all ranks' pairs
             metrics["pair_weight"] = weights.sum() / max(totals["prompts"], 1.0)
         if rpo_alpha > 0:
-            nll = chosen_nll(batch.grid(out.plain)[:, 0], totals["chosen_tokens"])  # every token's, LD-DPO or not
+            chosen = batch.grid(out.plain)[:, 0]  # every token's, LD-DPO or not
+            if weights is not None:  # WPO weighs RPO's term too, pair by pair, as TRL weighs its sft term
+                chosen = chosen * weights
+            nll = chosen_nll(chosen, totals["chosen_tokens"])
             value = value + rpo_alpha * nll
             metrics["nll_chosen"] = nll.detach()
         return balance.add_to(value, metrics, 1 / totals["forwards"]), metrics

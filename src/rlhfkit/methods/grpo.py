@@ -268,6 +268,8 @@ def advantages_for(cfg: GRPOConfig, samples: Samples, completions, prompts, pass
         return process_advantages(ends, values, cfg.group_size, length, cfg.scale_rewards == "group"), means
     if cfg.multi_objective_aggregation == "normalize_then_sum":  # GDPO: normalised over the batch once it is whole
         columns = torch.stack(list(outcome.per_function.values()), -1)  # (B, K)
+        # a sample every reward abstained on has no score (its overlong penalty alone is none): out of every column
+        columns = columns.masked_fill(outcome.rewards.isnan()[:, None], float("nan"))
         adv = decoupled_advantages(columns, [*weights, 1.0][: columns.shape[1]], cfg.group_size).nan_to_num(0.0)
         return adv[:, None].expand(-1, length).clone(), None
     # batch: centred here, scaled once the step's batch is whole (scaled_by_batch)
@@ -522,6 +524,9 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
     run = start_run(tc, config, "grpo", unit="rollout step", show=("reward_mean",))
     for line in replaced_rewards(cfg, reward_fns is not None, process_fn is not None):
         run.say(line)
+    if rewards.process is not None and cfg.multi_objective_aggregation == "normalize_then_sum":
+        raise ConfigError("multi_objective_aggregation=normalize_then_sum (GDPO) normalises outcome rewards; a process "
+                          "reward's per-step advantages are normalised over their group: leave it at sum_then_normalize")
     if rewards.process is not None or cfg.process_reward:
         run.say("the process reward's steps drive the advantages (logged as reward/process_mean); the outcome "
                 f"rewards ({config['rewards']}) "

@@ -45,7 +45,7 @@ class SFTConfig:
     overlong: str = "error"  # error | truncate | skip
     packing: bool = False  # padding-free: a micro-batch's sequences end to end in rows of max_length (SDPA only)
     # the loss on the completion (in messages, the assistant turns) alone; false: on every token, the prompt's
-    # and the other turns' too (TRL's completion_only_loss=false, and its default for messages rows); None: true
+    # and the other turns' too (TRL's completion_only_loss=false, and its default for messages rows)
     completion_only_loss: bool | None = True
     loss_type: str = "nll"  # nll, or dft: Dynamic Fine-Tuning, each token's NLL times its probability (no gradient)
     eval_limit: int = 500  # held-out rows used; 0 = all
@@ -56,6 +56,10 @@ class SFTConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/sft"))
 
     def __post_init__(self):
+        if self.completion_only_loss is None:  # TRL's default, which means two things there
+            raise ConfigError("completion_only_loss=null is TRL's default, which trains the completion of prompt-"
+                              "completion rows but every token of messages rows (its assistant_only_loss=false); "
+                              "here set true (the completion, or the assistant turns) or false (every token)")
         choice("overlong", self.overlong, OVERLONG_POLICIES)
         choice("eval_task", self.eval_task, TASK_CHOICES)
         choice("loss_type", self.loss_type, SFT_LOSSES)
@@ -139,7 +143,7 @@ def held_out_sft(cfg: SFTConfig, tokenizer, say) -> tuple[HeldOut | None, list, 
     prompts = None if text else HeldOut(rows, cfg.eval_task)
     if not with_answers:
         return prompts, [], None
-    examples, report = encode_sft(with_answers, tokenizer, cfg.max_length, cfg.overlong, cfg.completion_only_loss is not False)
+    examples, report = encode_sft(with_answers, tokenizer, cfg.max_length, cfg.overlong, cfg.completion_only_loss)
     say(f"{source_name(cfg.eval_data)} (held out, for the loss): {report.summary()}")
     return prompts, examples, report
 
@@ -148,7 +152,7 @@ def run_sft(cfg: SFTConfig) -> dict:
     run = start_run(cfg.train, cfg, "sft")
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
     examples, report = encode_sft(read_rows(cfg.train_data), tokenizer, cfg.max_length, cfg.overlong,
-                                  cfg.completion_only_loss is not False)
+                                  cfg.completion_only_loss)
     run.say(f"{source_name(cfg.train_data)}: {report.summary()}")
     rows, eval_examples, eval_report = held_out_sft(cfg, tokenizer, run.say)  # checked now, not after training
     model = run.prepare(load_causal_lm(cfg.model, tokenizer, device=run.device), cfg.lora, base=cfg.model,

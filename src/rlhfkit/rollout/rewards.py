@@ -58,6 +58,17 @@ def _name(fn) -> str:
     return getattr(fn, "__name__", type(fn).__name__)
 
 
+def reward_names(functions: list[Callable]) -> list[str]:
+    """Each function's name, a second of the same name (two lambdas, two files' ``score``) as
+    NAME_2, and so on: its column, its metrics and GDPO's place for its weight are its own."""
+    names, seen = [], {}
+    for fn in functions:
+        base = _name(fn)
+        seen[base] = seen.get(base, 0) + 1
+        names.append(base if seen[base] == 1 else f"{base}_{seen[base]}")
+    return names
+
+
 def _parameters(fn: Callable) -> list[inspect.Parameter] | None:
     try:
         return list(inspect.signature(fn).parameters.values())
@@ -166,8 +177,7 @@ def score_outcomes(functions: list[Callable], weights: list[float], prompts: lis
     """Every function on the batch (``call_reward``; ``passed``: ``completion_ids``, ``trainer_state``)."""
     total = torch.zeros(len(completions))
     per_function, errors = {}, {}
-    for fn, weight in zip(functions, weights):
-        name = _name(fn)
+    for fn, weight, name in zip(functions, weights, reward_names(functions)):
         try:
             values = call_reward(fn, timeout_s, prompts, completions, **passed, **row_fields)
             if values is None or isinstance(values, (str, bytes, dict)) or not hasattr(values, "__iter__"):

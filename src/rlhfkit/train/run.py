@@ -92,7 +92,7 @@ def prepare_out_dir(cfg: TrainConfig, info: DistInfo) -> bool:
         raise CheckpointError(f"{out} already holds a run; pass train.resume=true to continue it or pick another "
                               "out_dir")
     barrier(info)
-    if info.is_main and not found and (cfg.resume or (out / "metrics.jsonl").exists()):
+    if info.is_main and not found and (cfg.resume or (out / "metrics.jsonl").exists() or (out / EVAL_SAMPLES).exists()):
         print(f"{out}: no complete checkpoint to resume from; starting afresh", file=sys.stderr)
         (out / "metrics.jsonl").unlink(missing_ok=True)
         (out / EVAL_SAMPLES).unlink(missing_ok=True)
