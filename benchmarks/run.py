@@ -387,7 +387,7 @@ def bench_rm(args) -> dict:
 
 def bench_dpo(args) -> dict:
     from rlhfkit.methods.common import ranking_collate
-    from rlhfkit.methods.dpo import dpo_objective, precompute_reference
+    from rlhfkit.methods.dpo import DPOLoss, dpo_objective, precompute_reference
 
     paths = assets(args)
     model, tokenizer = load_policy(paths["model"], paths["tokenizer"])
@@ -399,12 +399,12 @@ def bench_dpo(args) -> dict:
         from rlhfkit.methods.common import frozen_reference
 
         reference = frozen_reference(bench_run(args), model, paths["model"], tokenizer, bool(args.lora))
-        return offline_bench("dpo", args, model, examples, collate, dpo_objective(0.1, reference), 16,
+        return offline_bench("dpo", args, model, examples, collate, dpo_objective(DPOLoss(beta=0.1), reference), 16,
                              {**extra, "reference": "forwarded every step"}, nograd_passes=1)
     start = time.perf_counter()
     examples = precompute_reference(model, examples, tokenizer.pad_token_id)  # the policy at step 0 = the reference
     precompute_s = time.perf_counter() - start
-    result = offline_bench("dpo", args, model, examples, collate, dpo_objective(0.1), 16,
+    result = offline_bench("dpo", args, model, examples, collate, dpo_objective(DPOLoss(beta=0.1)), 16,
                            {**extra, "reference": "precomputed once before training",
                             "reference_precompute_s": round(precompute_s, 3)})
     per_step_ref = precompute_s / (args.steps + args.warmup)

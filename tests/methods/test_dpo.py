@@ -8,7 +8,7 @@ from helpers import quiet_train
 from rlhfkit.data.prefs import collate_rankings, encode_rankings
 from rlhfkit.data.rows import DataError, read_rows
 from rlhfkit.methods.common import load_policy
-from rlhfkit.methods.dpo import DPOConfig, dpo_objective, precompute_reference, run_dpo
+from rlhfkit.methods.dpo import DPOConfig, DPOLoss, dpo_objective, precompute_reference, run_dpo
 from rlhfkit.models.lora import Reference
 
 
@@ -23,7 +23,7 @@ def test_precomputed_and_per_step_reference_agree(tiny):
         with torch.no_grad():
             for p in policy.parameters():
                 p.add_(0.01 * torch.randn_like(p))
-        pre, fwd = dpo_objective(0.5), dpo_objective(0.5, Reference(module=reference))
+        pre, fwd = dpo_objective(DPOLoss(beta=0.5)), dpo_objective(DPOLoss(beta=0.5), Reference(module=reference))
         a, b = collate_rankings(with_ref, tok.pad_token_id), collate_rankings(examples, tok.pad_token_id)
         loss_pre, m_pre = pre.loss(policy, a, pre.counts(a))
         loss_fwd, m_fwd = fwd.loss(policy, b, fwd.counts(b))
@@ -76,7 +76,7 @@ def test_shared_prompt_layout_gives_the_plain_loss_and_gradients(tiny):
         examples, _ = encode_rankings(read_rows(tiny["data"] / f"{data}.jsonl")[:7], tok, 64)
         plain, shared = collate_rankings(examples, tok.pad_token_id), collate_shared_prompt(examples, tok.pad_token_id)
         assert shared.input_ids.numel() < 0.8 * plain.input_ids.numel()
-        objective = dpo_objective(0.5, reference, rpo_alpha=1.0)
+        objective = dpo_objective(DPOLoss(beta=0.5, rpo_alpha=1.0), reference)
         results = []
         for batch in (plain, shared):
             model.zero_grad()
@@ -149,7 +149,7 @@ def test_the_objective_refuses_a_ranking_for_a_pairwise_only_loss(tiny):
     model, tok = load_policy(str(tiny["base"]), None)
     examples, _ = encode_rankings(read_rows(tiny["data"] / "rankings_train.jsonl")[:2], tok, 64)
     batch = collate_rankings(precompute_reference(model, examples, tok.pad_token_id), tok.pad_token_id)
-    objective = dpo_objective(0.5, loss_type="ipo")
+    objective = dpo_objective(DPOLoss(beta=0.5, loss_type="ipo"))
     with pytest.raises(ValueError, match="has the Plackett-Luce loss only; loss_type=ipo"):
         objective.loss(model, batch, objective.counts(batch))
 
@@ -225,14 +225,15 @@ def test_ld_alpha_and_f_divergence_reach_the_loss_as_their_papers_write_it(tiny,
     u = expected - by_hand(reference)  # the LD log-ratios
     f = math.log(2) + torch.nn.functional.logsigmoid(u)  # js_divergence's f'
     loss_by_hand = float(torch.nn.functional.softplus(-0.5 * (f[:, 0] - f[:, 1])).mean())
-    objective = dpo_objective(0.5, Reference(module=reference), f_divergence="js_divergence", ld_alpha=alpha)
+    objective = dpo_objective(DPOLoss(beta=0.5, f_divergence_type="js_divergence", ld_alpha=alpha),
+                              Reference(module=reference))
     with torch.no_grad():
         loss, _ = objective.loss(model, plain, objective.counts(plain))
     assert abs(loss.item() - loss_by_hand) < 1e-5 and abs(loss_by_hand - math.log(2)) > 1e-3
     # RPO's NLL beside LD-DPO: of every chosen token, as without it (it was the LD sum over all tokens)
     nll = {}
     for ld in (None, alpha):
-        rpo = dpo_objective(0.5, Reference(module=reference), rpo_alpha=1.0, ld_alpha=ld)
+        rpo = dpo_objective(DPOLoss(beta=0.5, rpo_alpha=1.0, ld_alpha=ld), Reference(module=reference))
         with torch.no_grad():
             nll[ld] = float(rpo.loss(model, plain, rpo.counts(plain))[1]["nll_chosen"])
     assert nll[alpha] == pytest.approx(nll[None], rel=1e-6)
@@ -290,11 +291,11 @@ def test_use_weighting_weighs_each_pair_by_wpos_weights_computed_by_hand(tiny):
         logps = plain.grid(output_logps(model, plain).sums)
         ref = plain.grid(output_logps(reference, plain).sums)
     per_pair = torch.nn.functional.softplus(-0.5 * ((logps - ref)[:, 0] - (logps - ref)[:, 1]))
-    objective = dpo_objective(0.5, Reference(module=reference), use_weighting=True)
+    objective = dpo_objective(DPOLoss(beta=0.5, use_weighting=True), Reference(module=reference))
     loss, metrics = objective.loss(model, plain, objective.counts(plain))
     assert abs(loss.item() - float((weights * per_pair).mean())) < 1e-5
     assert abs(float(metrics["pair_weight"]) - float(weights.mean())) < 1e-5
-    rpo = dpo_objective(0.5, Reference(module=reference), rpo_alpha=1.0, use_weighting=True)
+    rpo = dpo_objective(DPOLoss(beta=0.5, rpo_alpha=1.0, use_weighting=True), Reference(module=reference))
     with torch.no_grad():
         nll = float(rpo.loss(model, plain, rpo.counts(plain))[1]["nll_chosen"])
     chosen_tokens = rpo.counts(plain)["chosen_tokens"]

@@ -14,7 +14,7 @@ from helpers import quiet_train
 from rlhfkit.data.prefs import collate_rankings, encode_rankings
 from rlhfkit.data.rows import read_rows
 from rlhfkit.methods.common import load_policy
-from rlhfkit.methods.dpo import DPOConfig, dpo_objective, precompute_reference, run_dpo
+from rlhfkit.methods.dpo import DPOConfig, DPOLoss, dpo_objective, precompute_reference, run_dpo
 from rlhfkit.methods.grpo import GRPOConfig, run_grpo
 from rlhfkit.methods.rm import RMConfig, run_rm
 from rlhfkit.train.logging import read_metrics
@@ -78,7 +78,7 @@ def test_rpo_adds_alpha_times_the_chosen_tokens_nll(tiny):
     model, tok = load_policy(str(tiny["base"]), None)
     examples, _ = encode_rankings(read_rows(tiny["data"] / "prefs_train.jsonl")[:4], tok, 64)
     batch = collate_rankings(precompute_reference(model, examples, tok.pad_token_id), tok.pad_token_id)
-    plain, rpo = dpo_objective(0.5), dpo_objective(0.5, rpo_alpha=0.3)
+    plain, rpo = dpo_objective(DPOLoss(beta=0.5)), dpo_objective(DPOLoss(beta=0.5, rpo_alpha=0.3))
     with torch.no_grad():
         base, _ = plain.loss(model, batch, plain.counts(batch))
         totals = rpo.counts(batch)

@@ -13,7 +13,6 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import NamedTuple
 
 import torch
@@ -251,22 +250,34 @@ def precompute_reference(reference, examples: list, pad_id: int, batch_size: int
     return out
 
 
-def dpo_objective(beta: float, reference: Reference | None = None, rpo_alpha: float = 0.0,
-                  loss_type: str = "sigmoid", label_smoothing: float = 0.0, discopop_tau: float = 0.05,
-                  router_coef: float = 0.0, f_divergence: str = "reverse_kl", f_alpha: float = 0.5,
-                  ld_alpha: float | None = None, use_weighting: bool = False) -> Objective:
+@dataclass(frozen=True)
+class DPOLoss:
+    """What DPO's objective reads of its config (``DPOConfig``'s fields of the same names, the
+    forms and their settings in losses/dpo.py): ``DPOLoss.of(cfg)``."""
+
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    discopop_tau: float = 0.05
+    rpo_alpha: float = 0.0  # > 0: RPO's NLL of the best answers (losses/dpo.py ``chosen_nll``)
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
+    ld_alpha: float | None = None  # LD-DPO's sums (``ld_weights``); precomputed reference log-probs must be too
+    use_weighting: bool = False  # WPO's pair weights
+
+    @classmethod
+    def of(cls, cfg) -> DPOLoss:
+        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
+
+
+def dpo_objective(settings: DPOLoss, reference: Reference | None = None, router_coef: float = 0.0) -> Objective:
     """``reference=None``: the batch carries precomputed reference log-probs; else the frozen
-    reference (models/lora.py ``Reference``) is forwarded on every batch. ``rpo_alpha > 0``
-    adds RPO's NLL of the best answers (losses/dpo.py ``chosen_nll``). ``loss_type`` (as the
-    config's), ``label_smoothing``, ``discopop_tau``, ``f_divergence`` and ``f_alpha``: the
-    pairwise loss's form (losses/dpo.py); ``ld_alpha``: LD-DPO's sums of the answers' log-probs
-    (``ld_weights``; precomputed reference log-probs must be its sums too); ``use_weighting``:
-    WPO's pair weights (losses/dpo.py). ``router_coef`` > 0 adds a mixture of experts' router
-    balancing loss of the policy's forward."""
-    forms = loss_forms(loss_type)
-    pairs_only = pairwise_only(SimpleNamespace(loss_type=loss_type, label_smoothing=label_smoothing,
-                                               f_divergence_type=f_divergence, f_alpha_divergence_coef=f_alpha,
-                                               ld_alpha=ld_alpha, use_weighting=use_weighting))
+    reference (models/lora.py ``Reference``) is forwarded on every batch. ``settings``: the loss
+    (``DPOLoss``). ``router_coef`` > 0 adds a mixture of experts' router balancing loss of the
+    policy's forward."""
+    beta, ld_alpha, use_weighting = settings.beta, settings.ld_alpha, settings.use_weighting
+    forms = loss_forms(settings.loss_type)
+    pairs_only = pairwise_only(settings)
 
     def counts(batch) -> dict:
         best = batch.slot % batch.mask.shape[1] == 0  # (N,) the chosen / best-ranked outputs
@@ -288,7 +299,8 @@ def dpo_objective(beta: float, reference: Reference | None = None, rpo_alpha: fl
             lengths = batch.grid(batch.output_lengths().to(logps.dtype)).unbind(-1) if per_token else None
             weights = wpo_weights(batch.grid(out.aligned)).prod(-1) if use_weighting else None  # (P,) w(y_w) w(y_l)
             value, sums = dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta, totals["prompts"],
-                                   forms, label_smoothing, lengths, discopop_tau, f_divergence, f_alpha, weights)
+                                   forms, settings.label_smoothing, lengths, settings.discopop_tau, settings.f_divergence_type,
+                                   settings.f_alpha_divergence_coef, weights)
         else:  # rankings of more than two (run_dpo refuses them with their rows for the pairwise-only forms)
             if pairs_only:
                 raise ValueError(f"a ranking of {batch.mask.shape[1]} answers has the Plackett-Luce loss only; "
@@ -300,12 +312,12 @@ def dpo_objective(beta: float, reference: Reference | None = None, rpo_alpha: fl
         metrics["preference_accuracy"] = sums["correct"] / max(totals["pairs"], 1.0)
         if use_weighting:  # the pairs' WPO weights, a mean over all ranks' pairs
             metrics["pair_weight"] = weights.sum() / max(totals["prompts"], 1.0)
-        if rpo_alpha > 0:
+        if settings.rpo_alpha > 0:
             chosen = batch.grid(out.plain)[:, 0]  # every token's, LD-DPO or not
             if weights is not None:  # WPO weighs RPO's term too, pair by pair, as TRL weighs its sft term
                 chosen = chosen * weights
             nll = chosen_nll(chosen, totals["chosen_tokens"])
-            value = value + rpo_alpha * nll
+            value = value + settings.rpo_alpha * nll
             metrics["nll_chosen"] = nll.detach()
         return balance.add_to(value, metrics, 1 / totals["forwards"]), metrics
 
@@ -410,9 +422,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
         return {**out, **(accuracy() if prompts else {})}
 
     train_offline(run, model, examples, ranking_collate(model, pad, cfg.share_prompt),
-                  dpo_objective(cfg.beta, reference, cfg.rpo_alpha, cfg.loss_type, cfg.label_smoothing,
-                                cfg.discopop_tau, run.router_coef, cfg.f_divergence_type, cfg.f_alpha_divergence_coef,
-                                cfg.ld_alpha, cfg.use_weighting),
+                  dpo_objective(DPOLoss.of(cfg), reference, run.router_coef),
                   evaluate if (pref_eval or prompts) else None)
     summary = {"loss": run.metrics.get("loss"), "reference": cfg.reference, "length_report": report.summary(), **before}
     if run.evals:
