@@ -354,3 +354,17 @@ def test_sapo_at_the_sequence_level_gates_gspos_ratio():
     loss.backward()  # d/dl_t of -f(s) A with s = exp(mean l): -f'(s) s A / 2 on each real token
     sig = 1 / (1 + math.exp(-(s - 1)))
     assert torch.allclose(lp.grad, torch.tensor([[1.0, 1.0, 0.0]]) * -sig * (1 - sig) * 4 * s * 1.5 / 2, atol=1e-6)
+
+
+def test_the_entropy_bonus_subtracts_the_token_mean_entropy_with_its_gradient():
+    """entropy_coef c: L - c 1/N sum H over the real tokens (N the step's tokens), whatever the
+    policy term's reduction; d/dH = -c / N on each real token."""
+    lp = torch.tensor([[-1.0, -2.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    adv = torch.tensor([[1.0, 1.0, 1.0]])
+    entropy = torch.tensor([[0.5, 1.5, 9.0]], requires_grad=True)
+    plain, _ = grpo_loss(lp, lp, adv, mask)
+    loss, _ = grpo_loss(lp, lp, adv, mask, num_tokens=4, entropy=entropy, entropy_coef=0.1)
+    assert abs(loss.item() - (plain.item() - 0.1 * (0.5 + 1.5) / 4)) < 1e-7
+    loss.backward()
+    assert torch.allclose(entropy.grad, torch.tensor([[-0.1 / 4, -0.1 / 4, 0.0]]))

@@ -885,3 +885,47 @@ def test_gdpo_leaves_a_sample_every_reward_abstained_on_out_of_every_column():
 
     expected = [a + b for a, b in zip(normalised([1.0, 0.0, 1.0]), normalised([0.0, -0.5, -0.25]))]
     assert adv[0].abs().max() == 0 and torch.allclose(adv[1:, 0], torch.tensor(expected), atol=1e-5)
+
+
+def test_the_entropy_bonus_reaches_the_loss_and_the_gradient_through_the_forward(tiny, tmp_path):
+    """entropy_coef: the first step's loss is the plain run's minus coef x the logged mean entropy
+    (the same samples), with beta 0 every row forwarded (a group without a signal still has an
+    entropy to raise), and the entropy's gradient reaches the weights on both forward paths
+    (finite differences of the entropy along the gradient direction)."""
+    from methods_setup import even_answer_digits, method_config
+
+    from rlhfkit.methods.common import load_policy
+    from rlhfkit.models.load import load_tokenizer
+    from rlhfkit.rollout.sampler import completion_logprobs, sample
+    from rlhfkit.train.config import ConfigError, replace
+
+    logged = {}
+    for coef in (0.0, 0.1):
+        out = tmp_path / str(coef)
+        run_grpo(replace(method_config("grpo", tiny, out, 1, log_every=1), beta=0.0, mu=1, entropy_coef=coef),
+                 reward_fns=[even_answer_digits])
+        logged[coef] = [m for m in read_metrics(out) if "train/loss" in m][0]
+    assert logged[0.1]["train/update_rows_forwarded"] == 1.0 and logged[0.0]["train/update_rows_forwarded"] < 1.0
+    expected = logged[0.0]["train/loss"] - 0.1 * logged[0.1]["train/entropy"]
+    assert logged[0.1]["train/loss"] == pytest.approx(expected, abs=1e-5)
+    model, _ = load_policy(str(tiny["base"]), None)
+    tok = load_tokenizer(str(tiny["base"]))
+    torch.manual_seed(0)
+    samples = sample(model, [tok("1+2=")["input_ids"]] * 2, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                     max_new_tokens=4, num_samples=2)
+    for group in (1, 4):  # one row a sample; each prompt once for its group
+        model.zero_grad()
+        _, h = completion_logprobs(model, samples, with_entropy=True, group_size=group, entropy_grad=True)
+        mean = (h * samples.completion_mask).sum() / samples.completion_mask.sum()
+        mean.backward()
+        direction = [p.grad.clone() for p in model.parameters()]
+        with torch.no_grad():
+            for p, d in zip(model.parameters(), direction):
+                p.add_(1e-3 * d)
+            _, moved = completion_logprobs(model, samples, with_entropy=True, group_size=group)
+            for p, d in zip(model.parameters(), direction):
+                p.sub_(1e-3 * d)
+        gained = float((moved * samples.completion_mask).sum() / samples.completion_mask.sum() - mean)
+        assert gained == pytest.approx(1e-3 * sum(float((d * d).sum()) for d in direction), rel=0.05)
+    with pytest.raises(ConfigError, match="entropy_coef's bonus is over every answer token"):
+        replace(method_config("grpo", tiny, tmp_path / "x", 1), entropy_coef=0.1, top_entropy_quantile=0.2)

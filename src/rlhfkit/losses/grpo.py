@@ -37,6 +37,12 @@ term of an answer with a negative advantage that the policy has moved far from:
 
 (pi_sampler: the policy as the rollout engine sampled it; pi_theta without gradient.) SAPO's
 smooth gate in place of the clip is losses/policy.py's ``sapo_surrogate``.
+
+An entropy bonus (TRL's ``entropy_coef``, c; an exploration term of the policy-gradient
+literature, Williams and Peng 1991) subtracts the mean entropy of the answers' next-token
+distributions over the step's tokens, whatever the policy term's reduction:
+
+    L' = L - c 1/N sum_{i,t} H( pi_theta( . | q, o_i,<t) )
 """
 
 from __future__ import annotations
@@ -183,7 +189,8 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
               eps_high: float | None = None, reduction: str = "seq_mean_token_mean",
               num_sequences: float | None = None, num_tokens: float | None = None, max_tokens: int | None = None,
               sequence_ratio: bool = False, delta: float | None = None, sample_weights: torch.Tensor | None = None,
-              cispo: bool = False, sapo: tuple[float, float] | None = None, kl_ratio: bool = False):
+              cispo: bool = False, sapo: tuple[float, float] | None = None, kl_ratio: bool = False,
+              entropy: torch.Tensor | None = None, entropy_coef: float = 0.0):
     """All tensors (B, T) over completion tokens; ``mask`` 1 on real completion tokens.
     ``sequence_ratio``: GSPO's one importance ratio per sequence, ``delta``: two-sided clipping's
     cap on the ratio where A < 0 (both in losses/policy.py). ``sample_weights`` (B, T) or (B, 1):
@@ -191,7 +198,8 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
     ``cispo``: CISPO's clipped-weight surrogate in place of the clipped ratio (losses/policy.py);
     ``sapo`` (tau_pos, tau_neg): SAPO's gate in its place. ``kl_ratio``: the KL term weighed by
     the importance ratio (the unbiased estimate, module docstring; GSPO's per-sequence ratio with
-    ``sequence_ratio``).
+    ``sequence_ratio``). ``entropy`` (B, T), with its gradient, and ``entropy_coef``: the entropy
+    bonus (module docstring), a mean over ``num_tokens``.
 
     Returns (loss, metrics). The metrics are detached batch means (clip fractions, ratio, and kl
     where there is a KL term: with beta 0 nothing is measured, so no kl is reported).
@@ -215,6 +223,8 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
             kl = torch.exp(log_ratio) * kl
         per_token = per_token + beta * kl
     loss = reduce_loss(per_token, mask, reduction, num_sequences, num_tokens, max_tokens or logprobs.shape[1])
+    if entropy is not None and entropy_coef:
+        loss = loss - entropy_coef * token_mean(entropy, mask, num_tokens)
     n = mask.sum().clamp(min=1)
     with torch.no_grad():
         metrics = {"clip_frac_low": (surrogate.clipped_low * mask).sum() / n,

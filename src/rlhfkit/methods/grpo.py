@@ -132,6 +132,7 @@ class GRPOConfig:
     # the KL term times the importance ratio: DeepSeek-V3.2's unbiased estimate (TRL's name; on by default
     # there; off here: the paper's k3)
     use_bias_correction_kl: bool = False
+    entropy_coef: float = 0.0  # > 0: the loss minus this x the answers' mean token entropy (TRL's name; no adaptive control)
     # token (the paper's) | sequence (GSPO; TRL's name): with loss_type grpo, sapo or luspo (which needs it)
     importance_sampling_level: str = "token"
     # divide advantages by the std of the group's rewards (the paper's), of the whole batch's (Lite PPO), or
@@ -246,6 +247,10 @@ class GRPOConfig:
             used_only_with("eps_high", self.eps_high, GRPOConfig.eps_high, False, "a clipped loss_type (not sapo)")
         used_only_with("use_bias_correction_kl", self.use_bias_correction_kl, False, self.beta != 0,
                        "a KL term (beta != 0)")
+        at_least("entropy_coef", self.entropy_coef, 0.0)
+        if self.entropy_coef and self.top_entropy_quantile < 1:
+            raise ConfigError("entropy_coef's bonus is over every answer token; with top_entropy_quantile < 1 TRL takes "
+                              "it over the kept tokens alone: not implemented here, set one")
         if self.delta is not None and not self.delta > high:
             raise ConfigError(f"config key 'delta' must be > 1 + eps_high = {high:g} (the cap of the ratio where the "
                               f"advantage is negative; at or below it, it would cap positive advantages too); "
@@ -317,7 +322,8 @@ def rollout(backend, tokenizer, rows, cfg: GRPOConfig, rewards: Rewards, trainer
 def skips_rows(run: Run, cfg: GRPOConfig) -> bool:
     """Whether the update leaves groups without a signal out (``forwarded_rows``)."""
     return (cfg.beta == 0 and cfg.skip_zero_advantage and not run.shards_models and not run.router_coef
-            and cfg.top_entropy_quantile == 1)  # its threshold is over every token of the batch
+            and cfg.top_entropy_quantile == 1  # its threshold is over every token of the batch
+            and not cfg.entropy_coef)  # the entropy bonus reads every answer, whatever its advantage
 
 
 def forwarded_rows(run: Run, advantages: torch.Tensor, mask: torch.Tensor, cfg: GRPOConfig) -> torch.Tensor:
@@ -403,7 +409,8 @@ def optimizer_step(run: Run, policy, part: UpdateRows, cfg: GRPOConfig, exact: b
     for index in part.chunks:
         with autocast(cfg.train.dtype, run.device), router_balance(policy, run.router_coef) as balance:
             logprobs, entropy = completion_logprobs(policy, samples.rows(index), with_entropy=True,
-                                                    group_size=part.group, temperature=cfg.temperature)
+                                                    group_size=part.group, temperature=cfg.temperature,
+                                                    entropy_grad=cfg.entropy_coef > 0)
         old = part.old_logprobs[index] if part.old_logprobs is not None else logprobs.detach()
         adv = part.advantages[index]
         if cfg.top_entropy_quantile < 1:  # A = 0 elsewhere: -min(r A, clip(r) A) is 0 there, and so its gradient
@@ -428,7 +435,8 @@ def optimizer_step(run: Run, policy, part: UpdateRows, cfg: GRPOConfig, exact: b
                                  sample_weights=weights, cispo=cfg.loss_type == "cispo",
                                  sapo=((cfg.sapo_temperature_pos, cfg.sapo_temperature_neg)
                                        if cfg.loss_type == "sapo" else None),
-                                 kl_ratio=cfg.use_bias_correction_kl)
+                                 kl_ratio=cfg.use_bias_correction_kl, entropy=entropy,
+                                 entropy_coef=cfg.entropy_coef)
         if masked is not None:  # the share of tokens whose policy term the mask dropped
             stats["off_policy_masked"] = masked
         value = balance.add_to(value, routed := {}, 1 / part.forwards)

@@ -238,9 +238,9 @@ def head_gap(model) -> float:
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    target_mask: torch.Tensor | None = None, stat: Callable | None = None,
-                   position_ids: torch.Tensor | None = None, temperature: float = 1.0):
+                   position_ids: torch.Tensor | None = None, temperature: float = 1.0, stat_grad: bool = False):
     return as_forward(model, _token_logprobs, input_ids, attention_mask, target_mask, stat, position_ids,
-                      temperature)
+                      temperature, stat_grad)
 
 
 def entropy(logp_all: torch.Tensor) -> torch.Tensor:
@@ -260,13 +260,13 @@ def scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 def _token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     target_mask: torch.Tensor | None = None, stat: Callable | None = None,
-                    position_ids: torch.Tensor | None = None, temperature: float = 1.0):
+                    position_ids: torch.Tensor | None = None, temperature: float = 1.0, stat_grad: bool = False):
     """(B, T) log-probs of each token given its prefix; logits only where ``target_mask`` is set.
 
     Skipping the prompt positions' logits is the main saving for short answers after long
     prompts. With ``stat`` (``entropy``, ``log_square_mass``: of the next-token log-probs over
     the vocabulary) also returns its (B, T) values at the same positions, computed without
-    gradient. A packed batch
+    gradient unless ``stat_grad`` (an entropy bonus's). A packed batch
     passes its 4D mask, its ``position_ids`` and a ``target_mask``. ``temperature``: of
     softmax(logits / T), the distribution RL samples were drawn from.
     """
@@ -280,13 +280,13 @@ def _token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     logprobs = _unselect(picked, select)
     if stat is None:
         return logprobs
-    with torch.no_grad():
+    with contextlib.nullcontext() if stat_grad else torch.no_grad():
         return logprobs, _unselect(stat(logp_all), select)
 
 
 def predecessor_logprobs(model, input_ids: torch.Tensor, attend: torch.Tensor, position_ids: torch.Tensor,
                          predecessor: torch.Tensor, targets: torch.Tensor, stat: Callable | None = None,
-                         temperature: float = 1.0):
+                         temperature: float = 1.0, stat_grad: bool = False):
     """(M,) log-probs of ``targets``, each predicted at the flat position ``predecessor`` of a
     shared-prompt layout (rows of a prompt once, then its continuations, under a block mask
     ``attend``): the logits of exactly those M positions, and ``stat``'s (M,) values there (as
@@ -298,7 +298,7 @@ def predecessor_logprobs(model, input_ids: torch.Tensor, attend: torch.Tensor, p
     picked = logp_all.gather(-1, targets[:, None]).squeeze(-1)  # (M,)
     if stat is None:
         return picked, None
-    with torch.no_grad():
+    with contextlib.nullcontext() if stat_grad else torch.no_grad():
         return picked, stat(logp_all)
 
 

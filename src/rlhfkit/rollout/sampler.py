@@ -285,7 +285,7 @@ def completion_view(samples: Samples) -> tuple[torch.Tensor, torch.Tensor, torch
 
 
 def completion_logprobs(model, samples: Samples, with_entropy: bool = False, group_size: int = 1,
-                        temperature: float = 1.0):
+                        temperature: float = 1.0, entropy_grad: bool = False):
     """Per-token log-probs (and entropy) of the completion tokens under softmax(logits /
     ``temperature``), the distribution they were sampled from (as TRL, OpenRLHF and verl score
     them): pi_old, pi_theta and pi_ref alike. (B, C)
@@ -296,9 +296,11 @@ def completion_logprobs(model, samples: Samples, with_entropy: bool = False, gro
     """
     if group_size > 1 and reads_block_masks(model) and _groups_share_prompts(samples, group_size):
         view = shared_prompt_view(samples, group_size)
-        return as_forward(model, _shared_logprobs, view, samples.completion_ids.shape, with_entropy, temperature)
+        return as_forward(model, _shared_logprobs, view, samples.completion_ids.shape, with_entropy, temperature,
+                          entropy_grad)
     ids, attn, target = completion_view(samples)
-    out = token_logprobs(model, ids, attn, target, stat=entropy if with_entropy else None, temperature=temperature)
+    out = token_logprobs(model, ids, attn, target, stat=entropy if with_entropy else None, temperature=temperature,
+                         stat_grad=entropy_grad)
     width = samples.prompt_ids.shape[1]
     if with_entropy:
         return out[0][:, width:], out[1][:, width:]
@@ -358,9 +360,11 @@ def shared_prompt_view(samples: Samples, group_size: int) -> SharedPromptView:
                             group * width + before, targets, rows, cols)
 
 
-def _shared_logprobs(model, view: SharedPromptView, shape, with_entropy: bool, temperature: float = 1.0):
+def _shared_logprobs(model, view: SharedPromptView, shape, with_entropy: bool, temperature: float = 1.0,
+                     entropy_grad: bool = False):
     picked, entropies = predecessor_logprobs(model, view.input_ids, view.attend, view.position_ids, view.predecessor,
-                                             view.targets, entropy if with_entropy else None, temperature)
+                                             view.targets, entropy if with_entropy else None, temperature,
+                                             entropy_grad)
     logprobs = picked.new_zeros(shape).index_put((view.rows, view.cols), picked)
     if not with_entropy:
         return logprobs

@@ -320,7 +320,6 @@ TRL_NAMES = {"learning_rate": "train.lr", "num_train_epochs": "train.epochs", "m
                                      "TRL's default)",
              "generation_batch_size": "prompts_per_step (= generation_batch_size / num_generations: TRL counts "
                                       "completions, rlhfkit prompts)",
-             "entropy_coef": "nothing: no entropy bonus (top_entropy_quantile keeps the high-entropy tokens' policy loss)",
              "trust_remote_code": "nothing: models load with transformers' own classes, never a folder's code",
              "model_init_kwargs": "nothing: a model folder loads as saved (train.dtype sets the trained precision)",
              "dataset_num_proc": "nothing: rows are read and encoded in one process, before training",
@@ -356,8 +355,7 @@ TRL_NAMES = {"learning_rate": "train.lr", "num_train_epochs": "train.epochs", "m
              "vllm_max_model_length": "nothing: the engine's length is the model's own (prompts and answers are "
                                       "checked against it before training)",
              "vespo_k_pos": "nothing: VESPO's loss is not here (loss_type grpo, dapo, dr_grpo, cispo, sapo, luspo)",
-             "use_adaptive_entropy": "nothing: no entropy bonus (top_entropy_quantile keeps the high-entropy "
-                                     "tokens' policy loss)",
+             "use_adaptive_entropy": "entropy_coef (a fixed weight: TRL's adaptive control is not here)",
              "sync_ref_model": "nothing: the reference stays the start model (TR-DPO's sync is not implemented)",
              "ref_model_sync_steps": "nothing: the reference stays the start model (TR-DPO's sync is not implemented)",
              "ref_model_mixup_alpha": "nothing: the reference stays the start model (TR-DPO's sync is not implemented)",
@@ -381,7 +379,7 @@ RENAMED = {"scale_std": "scale_rewards (scale_std=true is scale_rewards=group, f
 
 # TRL's names whose hint holds only for the method that has this field (DPO's weighted loss forms, GRPO's groups)
 HINT_ONLY_WITH = {"loss_weights": "rpo_alpha", "steps_per_generation": "group_size",
-                  "generation_batch_size": "group_size", "entropy_coef": "group_size", "num_generations_eval": "group_size",
+                  "generation_batch_size": "group_size", "num_generations_eval": "group_size",
                   "vespo_k_pos": "group_size", "use_adaptive_entropy": "group_size",
                   **{k: "group_size" for k in ("vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg", "entropy_coef_min",
                                                "entropy_coef_max", "entropy_coef_delta", "entropy_target")}, "packing_strategy": "packing",
