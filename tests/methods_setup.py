@@ -20,6 +20,24 @@ def even_answer_digits(prompts, completions, answer, **_):
     return [digits([p], [c])[0] if int(a) % 2 == 0 else 0.0 for p, c, a in zip(prompts, completions, answer)]
 
 
+def shifted_backend(tiny, offset: float):
+    """The sampler, reporting log-probs ``offset`` nats off the trainer's on every token: another
+    engine's numerics, not exact (a stand-in for vLLM in tests)."""
+    from rlhfkit.models.load import load_tokenizer
+    from rlhfkit.rollout.backend import SamplerBackend
+
+    class Shifted(SamplerBackend):
+        def generate(self, prompts, params):
+            samples = super().generate(prompts, params)
+            samples.logprobs = (samples.logprobs + offset) * samples.completion_mask
+            return samples
+
+        def logprobs_exact(self, params):
+            return False
+
+    return Shifted(load_tokenizer(str(tiny["base"])))
+
+
 def dynamic_sampling_config(tiny, out, steps: int, **train):
     """GRPO with DAPO's dynamic sampling, for ``even_answer_digits``: about 4 prompts in 10 give a
     signal, so 12 rounds fill a share of 2 or 4 groups but for odds of about 1e-4 a step."""

@@ -569,26 +569,15 @@ def test_samples_from_an_inexact_engine_are_weighed_to_pi_old(tiny, tmp_path):
     e^0.1 smaller."""
     import math
 
-    from methods_setup import even_answer_digits, method_config
+    from methods_setup import even_answer_digits, method_config, shifted_backend
 
-    from rlhfkit.models.load import load_tokenizer
-    from rlhfkit.rollout.backend import SamplerBackend
     from rlhfkit.train.config import replace
-
-    class Shifted(SamplerBackend):
-        def generate(self, prompts, params):
-            samples = super().generate(prompts, params)
-            samples.logprobs = (samples.logprobs - 0.1) * samples.completion_mask
-            return samples
-
-        def logprobs_exact(self, params):
-            return False
 
     logged = {}
     for mode in ("token_truncate", "none"):
         out = tmp_path / mode
         cfg = replace(method_config("grpo", tiny, out, 1), sampling_correction=mode, loss_type="dapo", mu=1, beta=0.0)
-        run_grpo(cfg, reward_fns=[even_answer_digits], backend=Shifted(load_tokenizer(cfg.model)))
+        run_grpo(cfg, reward_fns=[even_answer_digits], backend=shifted_backend(tiny, -0.1))
         logged[mode] = [m for m in read_metrics(out) if "train/loss" in m][0]
     # the gradient (the loss is 0 here: all answers have the same length and the advantages sum to 0)
     assert logged["none"]["train/grad_norm"] > 1e-3
@@ -670,20 +659,9 @@ def test_sapo_off_policy_masking_and_the_unbiased_kl_are_wired(tiny, tmp_path):
     at delta 0.3 the answers with A < 0 lose their policy term, at 1.0 none. use_bias_correction_kl:
     at step 1 the policy is its reference (k3 = 0, the same update); at step 2 the same KL in value
     (the ratio is 1), another gradient."""
-    from methods_setup import even_answer_digits, method_config
+    from methods_setup import even_answer_digits, method_config, shifted_backend
 
-    from rlhfkit.models.load import load_tokenizer
-    from rlhfkit.rollout.backend import SamplerBackend
     from rlhfkit.train.config import ConfigError, replace
-
-    class Above(SamplerBackend):
-        def generate(self, prompts, params):
-            samples = super().generate(prompts, params)
-            samples.logprobs = (samples.logprobs + 0.5) * samples.completion_mask
-            return samples
-
-        def logprobs_exact(self, params):
-            return False
 
     def first(out, cfg, steps=1, **kw):
         run_grpo(replace(method_config("grpo", tiny, out, steps), mu=1, **cfg), reward_fns=[even_answer_digits], **kw)
@@ -697,7 +675,7 @@ def test_sapo_off_policy_masking_and_the_unbiased_kl_are_wired(tiny, tmp_path):
     for delta in (0.3, 1.0):
         out = tmp_path / f"opsm-{delta}"
         logged = first(out, dict(beta=0.0, sampling_correction="none", off_policy_mask_threshold=delta),
-                       backend=Above(load_tokenizer(str(tiny["base"]))))[0]
+                       backend=shifted_backend(tiny, 0.5))[0]
         masked[delta] = (logged["train/off_policy_masked"], logged["train/grad_norm"])
     assert 0 < masked[0.3][0] < 1 and masked[1.0][0] == 0.0 and abs(masked[0.3][1] - masked[1.0][1]) > 1e-4
     # the exact sampler, one step a batch: no drift, so even a threshold of 0 masks nothing (its log-probs
@@ -770,23 +748,12 @@ def test_logprob_gap_with_minibatches_is_the_backends_not_the_steps_drift(tiny, 
     any step (the first minibatch's forward, pi_old's forward for the rest), so the exact sampler
     shows float noise and an engine 0.1 nats off shows 0.1, however far a large step moves the
     policy (it was 0.06 with the exact sampler, the step's drift)."""
-    from methods_setup import even_answer_digits, method_config
+    from methods_setup import even_answer_digits, method_config, shifted_backend
 
-    from rlhfkit.models.load import load_tokenizer
-    from rlhfkit.rollout.backend import SamplerBackend
     from rlhfkit.train.config import replace
 
-    class Shifted(SamplerBackend):
-        def generate(self, prompts, params):
-            samples = super().generate(prompts, params)
-            samples.logprobs = (samples.logprobs - 0.1) * samples.completion_mask
-            return samples
-
-        def logprobs_exact(self, params):
-            return False
-
     gaps = {}
-    for name, backend in (("exact", None), ("shifted", Shifted(load_tokenizer(str(tiny["base"]))))):
+    for name, backend in (("exact", None), ("shifted", shifted_backend(tiny, -0.1))):
         cfg = method_config("grpo", tiny, tmp_path / name, 2, log_every=1)
         cfg = replace(cfg, beta=0.0, mu=1, minibatch_size=2, sampling_correction="none", train=replace(cfg.train, lr=3e-3))
         run_grpo(cfg, reward_fns=[even_answer_digits], backend=backend)
