@@ -387,6 +387,7 @@ def collate_sft(examples: list[SFTExample], pad_id: int) -> SFTBatch:
             completion[i, e.prompt_len:n] = 1
         else:
             completion[i, :n] = torch.tensor(e.loss_mask)
+    completion[:, 0] = 0  # a row's first token is never a target: nothing predicts it (as the packed rows')
     return SFTBatch(input_ids, attention, completion)
 
 

@@ -400,9 +400,11 @@ def update_rows(run: Run, policy, reference, samples: Samples, advantages: torch
                       local_rows)
 
 
-def optimizer_step(run: Run, policy, part: UpdateRows, cfg: GRPOConfig, exact: bool) -> tuple[dict, float, float, float]:
+def optimizer_step(run: Run, policy, part: UpdateRows, cfg: GRPOConfig, exact: bool,
+                   measure_gap: bool = False) -> tuple[dict, float, float, float]:
     """One optimizer step on ``part``'s rows, micro-batched: (its statistics, each a mean over its
-    forwarded tokens, the backend's log-prob gap from the policy before the step, loss, grad norm)."""
+    forwarded tokens, with ``measure_gap`` the backend's log-prob gap from the policy before the
+    step (else 0), loss, grad norm)."""
     samples, mask, forwarded = part.samples, part.samples.completion_mask, part.forwarded
     policy.train()
     loss, sums, gap = torch.zeros(()), {}, 0.0
@@ -447,7 +449,8 @@ def optimizer_step(run: Run, policy, part: UpdateRows, cfg: GRPOConfig, exact: b
         share = mask[index].sum() / forwarded  # micro-batch stats weighted by tokens
         for k, v in {**stats, "entropy": (entropy * mask[index]).sum() / mask[index].sum().clamp(min=1)}.items():
             sums[k] = sums.get(k, 0.0) + float(v * share)
-        gap += float(((samples.logprobs[index] - logprobs.detach()).abs() * mask[index]).sum() / forwarded)
+        if measure_gap:
+            gap += float(((samples.logprobs[index] - logprobs.detach()).abs() * mask[index]).sum() / forwarded)
     if len(part.rows) < part.local_rows:  # a parameter only skipped rows reached has a zero gradient, not None:
         for p in policy.parameters():  # AdamW then steps it (momentum, decay) as the full update would
             if p.requires_grad and p.grad is None:
@@ -510,7 +513,8 @@ def update(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: 
     tokens = [float(p.forwarded) for p in parts]
     gap = 0.0
     for iteration in range(cfg.mu):
-        steps = [optimizer_step(run, policy, part, cfg, exact) for part in parts]
+        steps = [optimizer_step(run, policy, part, cfg, exact, measure_gap=iteration == 0 and k == 0)
+                 for k, part in enumerate(parts)]
         if iteration == 0:  # later minibatches' forwards follow a step: their pi_old where it is a forward
             gaps = [(steps[0][1], tokens[0])] + ([] if exact else [(pi_old_gap(p), t) for p, t in
                                                                     zip(parts[1:], tokens[1:])])

@@ -82,8 +82,8 @@ def sft_objective(router_coef: float = 0.0, form: str = "nll") -> Objective:
         with router_balance(model, router_coef) as balance:
             logprobs = token_logprobs(model, batch.input_ids, batch.attention_mask, batch.completion_mask,
                                       position_ids=batch.position_ids)  # (B, T)
-        value, _ = sft_loss(logprobs, batch.completion_mask, totals["tokens"], form)
-        metrics = {"tokens": batch.completion_mask[:, 1:].sum()}  # the targets (a row's first token is none)
+        value, metrics = sft_loss(logprobs, batch.completion_mask, totals["tokens"], form)
+        metrics = {"tokens": metrics["tokens"]}
         return balance.add_to(value, metrics, 1 / totals["forwards"]), metrics
 
     return Objective(counts, loss)
