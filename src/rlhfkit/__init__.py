@@ -1,4 +1,4 @@
-"""rlhfkit: align language models with human feedback (SFT, reward models, PPO, DPO, GRPO, PRMs).
+"""rlhfkit: align language models with human feedback (SFT, reward models, PPO, DPO, KTO, GRPO, RLOO, PRMs).
 
     from rlhfkit import SFTConfig, TrainConfig, run_sft
     run_sft(SFTConfig(model="tiny/base", train_data="sft.jsonl", train=TrainConfig(epochs=1)))
@@ -14,7 +14,7 @@ Layers, each importing only the ones above it in this list:
     models   loading and saving Hugging Face folders, the tiny default, model cards
     rollout  sampling and scoring
     train    the shared machinery: run skeleton, optimizer step, checkpoints, logging, plots
-    methods  one file per method (sft, rm, dpo, grpo, ppo, prm)
+    methods  one file per method (sft, rm, dpo, kto, grpo, rloo, ppo, prm)
     cli      the `rlhfkit` command
 """
 
@@ -28,7 +28,9 @@ _EXPORTS = {
     "rlhfkit.methods.sft": ("SFTConfig", "run_sft"),
     "rlhfkit.methods.rm": ("RMConfig", "run_rm"),
     "rlhfkit.methods.dpo": ("DPOConfig", "run_dpo"),
+    "rlhfkit.methods.kto": ("KTOConfig", "run_kto"),
     "rlhfkit.methods.grpo": ("GRPOConfig", "run_grpo"),
+    "rlhfkit.methods.rloo": ("RLOOConfig", "run_rloo"),
     "rlhfkit.methods.ppo": ("PPOConfig", "run_ppo"),
     "rlhfkit.methods.prm": ("PRMConfig", "run_prm"),
     "rlhfkit.train.config": ("TrainConfig", "LoraConfig", "RolloutConfig", "ConfigError", "load_config"),
@@ -37,7 +39,9 @@ _EXPORTS = {
     "rlhfkit.losses.sft": ("sft_loss",),
     "rlhfkit.losses.rm": ("ranking_loss",),
     "rlhfkit.losses.dpo": ("dpo_loss", "plackett_luce_loss"),
-    "rlhfkit.losses.grpo": ("grpo_loss", "group_advantages", "process_advantages", "k3_kl"),
+    "rlhfkit.losses.kto": ("kto_loss",),
+    "rlhfkit.losses.grpo": ("grpo_loss", "group_advantages", "loo_advantages", "process_advantages",
+                           "k3_kl"),
     "rlhfkit.losses.prm": ("step_bce_loss", "step_logit"),
     "rlhfkit.losses.ppo": ("gae", "policy_loss", "value_loss", "kl_penalty_rewards", "AdaptiveKL"),
     "rlhfkit.tasks.arithmetic": ("exact_answer", "contains_answer", "arithmetic_steps"),

@@ -111,9 +111,10 @@ def test_prompt_only_standard_and_conversational(tok):
 
 REFUSED = [
     ("sft", {"prompt": "p", "completion": " 4", "label": False},
-     "d.jsonl:1: an unpaired-preference (prompt, completion, label) row is not sft data; that format is for KTO"),
+     "d.jsonl:1: an unpaired-preference (prompt, completion, label) row is not sft data; that format is for kto (for sft keep "
+     "the rows whose label is true and drop 'label')"),
     ("sft", {"prompt": "p", "chosen": "a", "rejected": "b"},
-     "d.jsonl:1: a preference (prompt, chosen, rejected) row is not sft data; that format is for rm and dpo"),
+     "d.jsonl:1: a preference (prompt, chosen, rejected) row is not sft data; that format is for rm, dpo and kto"),
     ("sft", {"prompt": "p", "answer": 4},
      "d.jsonl:1: missing field 'completion' (fields present: answer, prompt); a prompt-only row is grpo and ppo data"),
     ("rm", {"prompt": "p", "completions": ["a", "b"], "labels": [True, False]},
@@ -123,7 +124,7 @@ REFUSED = [
      "a stepwise-supervision (prompt, completions, labels) row is not dpo data; that format is for prm (a "
      "process reward model)"),
     ("dpo", {"prompt": "p", "completion": "a", "label": True},
-     "an unpaired-preference (prompt, completion, label) row is not dpo data; that format is for KTO"),
+     "an unpaired-preference (prompt, completion, label) row is not dpo data; that format is for kto"),
 ]
 
 

@@ -37,10 +37,10 @@ def test_grpo_and_ppo_help_say_train_batch_size_is_not_theirs():
     assert "not read" not in line
 
 
-@pytest.mark.parametrize("method", ["sft", "rm", "dpo", "grpo", "ppo"])
+@pytest.mark.parametrize("method", ["sft", "rm", "dpo", "kto", "grpo", "rloo", "ppo"])
 def test_every_config_field_of_every_method_has_a_description(method):
-    cls = {"sft": api.SFTConfig, "rm": api.RMConfig, "dpo": api.DPOConfig, "grpo": api.GRPOConfig,
-           "ppo": api.PPOConfig}[method]
+    cls = {"sft": api.SFTConfig, "rm": api.RMConfig, "dpo": api.DPOConfig, "kto": api.KTOConfig,
+           "grpo": api.GRPOConfig, "rloo": api.RLOOConfig, "ppo": api.PPOConfig}[method]
     missing = [name for name, _, _, description in field_rows(cls) if not description]
     assert missing == []
 
@@ -48,7 +48,7 @@ def test_every_config_field_of_every_method_has_a_description(method):
 def test_configs_command_lists_the_shipped_configs():
     out = rlhfkit("configs")
     assert out.returncode == 0
-    for name in ("sft_tiny", "rm_tiny", "dpo_tiny", "grpo_tiny", "ppo_tiny", "prm_tiny"):
+    for name in ("sft_tiny", "rm_tiny", "dpo_tiny", "kto_tiny", "grpo_tiny", "rloo_tiny", "ppo_tiny", "prm_tiny"):
         assert f"rlhfkit {name.split('_')[0]} --config {name}" in out.stdout
 
 
@@ -71,7 +71,8 @@ def test_every_shipped_config_saves_checkpoints_to_resume_from():
 
 
 def test_the_package_exports_every_method_config_and_the_loss_helpers():
-    for name in ("SFTConfig", "RMConfig", "DPOConfig", "GRPOConfig", "PPOConfig", "PRMConfig", "TrainConfig",
+    for name in ("SFTConfig", "RMConfig", "DPOConfig", "KTOConfig", "GRPOConfig", "RLOOConfig", "PPOConfig", "PRMConfig",
+                 "TrainConfig", "run_kto", "run_rloo", "kto_loss", "loo_advantages",
                  "LoraConfig", "run_sft", "run_rm", "run_dpo", "run_grpo", "run_ppo", "run_prm", "dpo_loss",
                  "grpo_loss", "gae", "step_bce_loss",
                  "ranking_loss", "sft_loss", "exact_answer", "plot_runs", "write_tiny_default"):
@@ -153,7 +154,9 @@ def test_the_shipped_configs_chain():
     from rlhfkit.cli.main import resolve_config
     from rlhfkit.methods.dpo import DPOConfig
     from rlhfkit.methods.grpo import GRPOConfig
+    from rlhfkit.methods.kto import KTOConfig
     from rlhfkit.methods.ppo import PPOConfig
+    from rlhfkit.methods.rloo import RLOOConfig
     from rlhfkit.methods.rm import RMConfig
     from rlhfkit.methods.sft import SFTConfig
     from rlhfkit.train.config import load_config
@@ -163,7 +166,8 @@ def test_the_shipped_configs_chain():
     if sft.snapshot_at_accuracy is not None:
         written.add(f"{sft.train.out_dir}/snapshot")
     assert rm.model in written
-    for cls, name in ((DPOConfig, "dpo_tiny"), (GRPOConfig, "grpo_tiny"), (PPOConfig, "ppo_tiny")):
+    for cls, name in ((DPOConfig, "dpo_tiny"), (KTOConfig, "kto_tiny"), (GRPOConfig, "grpo_tiny"), (RLOOConfig, "rloo_tiny"),
+                      (PPOConfig, "ppo_tiny")):
         cfg = load_config(cls, resolve_config(name))
         assert cfg.model in written, name
     ppo = load_config(PPOConfig, resolve_config("ppo_tiny"))

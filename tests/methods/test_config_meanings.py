@@ -25,7 +25,7 @@ def test_eval_limit_zero_means_all_rows():
 
 
 @pytest.mark.parametrize("cls, override, message", [
-    (GRPOConfig, "loss_type=grpoo", "'loss_type' must be one of grpo, dapo, dr_grpo, cispo, sapo, luspo; got 'grpoo'"),
+    (GRPOConfig, "loss_type=grpoo", "'loss_type' must be one of grpo, dapo, dr_grpo, cispo, sapo, luspo, rloo; got 'grpoo'"),
     (SFTConfig, "train.schedule=cosin", "'train.schedule' must be one of cosine, constant, linear; got 'cosin'"),
     (SFTConfig, "overlong=cut", "'overlong' must be one of error, truncate, skip; got 'cut'"),
     (GRPOConfig, "rewards=exact", "'rewards' must be one of exact_answer, contains_answer; got 'exact'"),

@@ -43,8 +43,10 @@ _FIELD = re.compile(r"^\s+(\w+)\s*:\s*[^#]*?(?:#\s*(.*))?$")
 
 
 def _comments(cls) -> dict[str, str]:
-    """The source comment of each field of ``cls``: trailing, else the comment lines above."""
-    out, above = {}, []
+    """The source comment of each field of ``cls``: trailing, else the comment lines above; a field
+    ``cls`` gives a new default without a comment keeps its base class's (RLOOConfig's)."""
+    out = {k: v for base in cls.__bases__ if dataclasses.is_dataclass(base) for k, v in _comments(base).items()}
+    above = []
     for line in inspect.getsource(cls).splitlines():
         stripped = line.strip()
         if stripped.startswith("#"):
@@ -52,7 +54,7 @@ def _comments(cls) -> dict[str, str]:
             continue
         match = _FIELD.match(line)
         if match and not stripped.startswith(("def ", "@", "class ", '"')):
-            out[match.group(1)] = (match.group(2) or " ".join(above)).strip()
+            out[match.group(1)] = (match.group(2) or " ".join(above)).strip() or out.get(match.group(1), "")
         above = []
     return out
 

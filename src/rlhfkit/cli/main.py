@@ -18,22 +18,28 @@ def _methods() -> dict:
     # Imported lazily so `rlhfkit --help` stays fast.
     from ..methods.dpo import DPOConfig, run_dpo
     from ..methods.grpo import GRPOConfig, run_grpo
+    from ..methods.kto import KTOConfig, run_kto
     from ..methods.ppo import PPOConfig, run_ppo
     from ..methods.prm import PRMConfig, run_prm
+    from ..methods.rloo import RLOOConfig, run_rloo
     from ..methods.rm import RMConfig, run_rm
     from ..methods.sft import SFTConfig, run_sft
 
     return {"sft": (SFTConfig, run_sft), "rm": (RMConfig, run_rm), "dpo": (DPOConfig, run_dpo),
-            "grpo": (GRPOConfig, run_grpo), "ppo": (PPOConfig, run_ppo), "prm": (PRMConfig, run_prm)}
+            "kto": (KTOConfig, run_kto),            "grpo": (GRPOConfig, run_grpo), "rloo": (RLOOConfig, run_rloo), "ppo": (PPOConfig, run_ppo),
+            "prm": (PRMConfig, run_prm)}
 
 
 METHOD_HELP = {
     "sft": "supervised fine-tuning on prompt/completion or chat rows",
     "rm": "reward model on K-way rankings (or pairs), saved as a ...ForSequenceClassification folder",
     "dpo": "direct preference optimization on pairs, Plackett-Luce on rankings",
+    "kto": "KTO on unpaired answers labelled desirable or not (or pairs, read as two such answers)",
     "prm": "process reward model on step-labelled rows, saved as a ...ForTokenClassification folder "
            "(readout=head) or as the causal LM it reads (readout=likelihood)",
     "grpo": "group relative policy optimization with outcome or process rewards (rules or learned models)",
+    "rloo": "RLOO: REINFORCE with a leave-one-out baseline and the KL in the reward (TRL's RLOOTrainer); GRPO's "
+            "keys, other defaults",
     "ppo": "PPO with actor, critic, frozen reward and reference models (InstructGPT stage 3)",
 }
 

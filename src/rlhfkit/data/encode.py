@@ -366,11 +366,13 @@ def check_prompts(rows: list[Row], tokenizer, required=(), reserved=(), checks=(
 
 
 def to_device(batch, device):
-    """``batch`` (a dataclass) with every tensor field on ``device``; the same object on the CPU."""
+    """``batch`` (a dataclass) with every tensor field on ``device``, also those of a batch inside
+    it (KTO's); the same object on the CPU."""
     if str(device) == "cpu":
         return batch
-    moved = {f.name: getattr(batch, f.name).to(device) for f in dataclasses.fields(batch)
-             if torch.is_tensor(getattr(batch, f.name))}
+    moved = {f.name: (value.to(device) if torch.is_tensor(value) else to_device(value, device))
+             for f in dataclasses.fields(batch) if torch.is_tensor(value := getattr(batch, f.name))
+             or (dataclasses.is_dataclass(value) and not isinstance(value, type))}
     return dataclasses.replace(batch, **moved)
 
 

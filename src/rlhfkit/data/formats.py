@@ -7,10 +7,10 @@ template:
     language modeling     text  |  messages                         SFT
     prompt-only           prompt (+ fields rewards read)            GRPO, PPO
     prompt-completion     prompt, completion                        SFT
-    preference            prompt, chosen, rejected                  RM, DPO
-    implicit preference   chosen, rejected (shared prefix = prompt) RM, DPO
+    preference            prompt, chosen, rejected                  RM, DPO, KTO (two unpaired answers)
+    implicit preference   chosen, rejected (shared prefix = prompt) RM, DPO, KTO
     ranking (rlhfkit)     prompt, completions best first [, ranks]  RM, DPO
-    unpaired preference   prompt, completion, label                 none here (TRL's KTO)
+    unpaired preference   prompt, completion, label                 KTO
     stepwise supervision  prompt, completions, labels               a process reward model (PRM)
 
 A method given a format it does not take refuses it, naming the method that does: an unpaired
@@ -36,9 +36,8 @@ FORMAT_NAMES = {
 }
 TAKEN_BY = {
     "language_modeling": "sft", "prompt_completion": "sft", "prompt_only": "grpo and ppo",
-    "preference": "rm and dpo", "implicit_preference": "rm and dpo", "ranking": "rm and dpo",
-    "unpaired_preference": "KTO (TRL's KTOTrainer), which rlhfkit does not have; for sft keep the rows whose "
-                           "label is true and drop 'label'",
+    "preference": "rm, dpo and kto", "implicit_preference": "rm, dpo and kto", "ranking": "rm and dpo",
+    "unpaired_preference": "kto (for sft keep the rows whose label is true and drop 'label')",
     "stepwise": "prm (a process reward model)",
 }
 

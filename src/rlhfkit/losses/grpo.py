@@ -38,6 +38,20 @@ term of an answer with a negative advantage that the policy has moved far from:
 (pi_sampler: the policy as the rollout engine sampled it; pi_theta without gradient.) SAPO's
 smooth gate in place of the clip is losses/policy.py's ``sapo_surrogate``.
 
+RLOO (Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization for
+Learning from Human Feedback in LLMs", eq. 6 and section 3.2; TRL's RLOOTrainer): the KL to the
+reference is part of each answer's reward, the sequence's k1 under pi_old, and each answer's
+baseline is the mean reward of the group's other k - 1 answers,
+
+    R_i = r_i - beta sum_t ( log pi_old(o_it) - log pi_ref(o_it) )
+    A_i = R_i - 1/(k-1) sum_{j != i} R_j  =  k/(k-1) ( R_i - mean_group(R) )
+
+and the loss carries no KL term. TRL's loss for it (``rloo``) takes the answer's whole ratio
+s_i = pi_theta(o_i|q) / pi_old(o_i|q) = exp(sum_t log rho_it), clipped, a mean over answers not
+divided by their lengths (at s_i = 1 REINFORCE's -A_i grad log pi(o_i|q), the paper's estimator):
+
+    L = 1/G sum_i -min( s_i A_i, clip(s_i, 1-eps, 1+eps) A_i )
+
 An entropy bonus (TRL's ``entropy_coef``, c; an exploration term of the policy-gradient
 literature, Williams and Peng 1991) subtracts the mean entropy of the answers' next-token
 distributions over the step's tokens, whatever the policy term's reduction:
@@ -87,6 +101,31 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_std: bool = T
     highest = grouped.nan_to_num(float("-inf")).amax(-1, keepdim=True)
     equal = highest <= grouped.nan_to_num(float("inf")).amin(-1, keepdim=True)  # (groups, 1); also fewer than 2 present
     return centred.masked_fill(equal, 0.0).reshape(-1)
+
+
+def loo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO's advantages (module docstring): (B,) rewards, B = groups * G in group order -> (B,).
+
+    A NaN reward (a sample every reward function abstained on) is left out of its group's
+    baselines and its advantage is 0, as a group with fewer than two rewards (TRL's); a group whose
+    rewards are all equal gets exactly 0 (its float mean is not)."""
+    if group_size < 2:
+        raise ValueError(f"group_size must be at least 2 (a group of one has no baseline), got {group_size}")
+    grouped = rewards.view(-1, group_size).double()  # (groups, G): the others' sum minus one's own, in float64
+    present = ~grouped.isnan()
+    n = present.sum(-1, keepdim=True)
+    values = grouped.nan_to_num(0.0)
+    others = (values.sum(-1, keepdim=True) - values) / (n - 1).clamp(min=1)
+    highest = grouped.nan_to_num(float("-inf")).amax(-1, keepdim=True)
+    equal = highest <= grouped.nan_to_num(float("inf")).amin(-1, keepdim=True)  # also fewer than 2 present
+    advantages = ((values - others) * present).masked_fill(equal | (n < 2), 0.0)
+    return advantages.reshape(-1).to(rewards.dtype)
+
+
+def sequence_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """sum_t ( log pi(o_t) - log pi_ref(o_t) ) over each answer's tokens: the k1 estimate of the
+    sequence's KL(pi || pi_ref) on a sample of pi, as RLOO's reward takes it. (B, T) -> (B,)."""
+    return ((logprobs - ref_logprobs) * mask).sum(-1)
 
 
 def decoupled_advantages(per_function: torch.Tensor, weights: list[float], group_size: int,
@@ -164,9 +203,11 @@ def off_policy_keep(advantages: torch.Tensor, logprobs: torch.Tensor, sampled_lo
 
 
 # loss_type -> its reduction; cispo and sapo also have their own surrogates (losses/policy.py): cispo with
-# DAPO's token mean, sapo with the paper's per-answer mean (as TRL's); luspo takes GSPO's sequence ratio
+# DAPO's token mean, sapo with the paper's per-answer mean (as TRL's); luspo takes GSPO's sequence ratio,
+# rloo the answer's whole ratio (``grpo_loss``'s sequence_ratio="total")
 REDUCTIONS = {"grpo": "seq_mean_token_mean", "dapo": "token_mean", "dr_grpo": "seq_mean_token_sum_norm",
-              "cispo": "token_mean", "sapo": "seq_mean_token_mean", "luspo": "seq_mean_token_sum"}
+              "cispo": "token_mean", "sapo": "seq_mean_token_mean", "luspo": "seq_mean_token_sum",
+              "rloo": "seq_mean_token_mean"}
 
 # reduction name -> f(per_token, mask, num_sequences, num_tokens, max_tokens)
 _REDUCE = {
@@ -188,11 +229,13 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
               ref_logprobs: torch.Tensor | None = None, beta: float = 0.0, eps_low: float = 0.2,
               eps_high: float | None = None, reduction: str = "seq_mean_token_mean",
               num_sequences: float | None = None, num_tokens: float | None = None, max_tokens: int | None = None,
-              sequence_ratio: bool = False, delta: float | None = None, sample_weights: torch.Tensor | None = None,
+              sequence_ratio: bool | str = False, delta: float | None = None, sample_weights: torch.Tensor | None = None,
               cispo: bool = False, sapo: tuple[float, float] | None = None, kl_ratio: bool = False,
               entropy: torch.Tensor | None = None, entropy_coef: float = 0.0):
     """All tensors (B, T) over completion tokens; ``mask`` 1 on real completion tokens.
-    ``sequence_ratio``: GSPO's one importance ratio per sequence, ``delta``: two-sided clipping's
+    ``sequence_ratio``: GSPO's one importance ratio per sequence ("total": the answer's whole
+    ratio, TRL's RLOO, under ``seq_mean_token_mean``: losses/policy.py ``sequence_log_ratio``),
+    ``delta``: two-sided clipping's
     cap on the ratio where A < 0 (both in losses/policy.py). ``sample_weights`` (B, T) or (B, 1):
     ``sampling_weights``' importance weights of the policy term (the KL term keeps every token's).
     ``cispo``: CISPO's clipped-weight surrogate in place of the clipped ratio (losses/policy.py);
@@ -211,7 +254,7 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
         surrogate = sapo_surrogate(logprobs, old_logprobs, advantages, *sapo, mask if sequence_ratio else None)
     else:
         surrogate = clipped_surrogate(logprobs, old_logprobs, advantages, eps_low, eps_high,
-                                      mask if sequence_ratio else None, delta)
+                                      mask if sequence_ratio else None, delta, sequence_ratio == "total")
     per_token = surrogate.loss if sample_weights is None else surrogate.loss * sample_weights  # (B, T)
     kl = torch.zeros_like(logprobs)
     if ref_logprobs is not None and beta != 0.0:

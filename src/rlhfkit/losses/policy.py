@@ -50,20 +50,26 @@ class Surrogate:
 
 
 def sequence_log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
-                       sequence_mask: torch.Tensor | None = None) -> torch.Tensor:
+                       sequence_mask: torch.Tensor | None = None, total: bool = False) -> torch.Tensor:
     """log rho per token, or with ``sequence_mask`` (B, T) GSPO's in its GSPO-token form: the
-    value mean_t log rho of the answer, the gradient each token's own (``clipped_surrogate``)."""
+    value mean_t log rho of the answer, the gradient each token's own (``clipped_surrogate``).
+    ``total``: the value sum_t log rho, the log of the answer's whole ratio pi_theta(y|x) /
+    pi_old(y|x) (TRL's RLOO), and each token's gradient |y| times its own, so that a mean over the
+    answer's tokens has the value of its one term and the gradient of the whole ratio."""
     log_ratio = logprobs - old_logprobs
     if sequence_mask is None:
         return log_ratio
     m = sequence_mask.to(log_ratio.dtype)
-    mean = (log_ratio.detach() * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)
-    return mean.expand_as(logprobs) + logprobs - logprobs.detach()
+    value, count = (log_ratio.detach() * m).sum(-1, keepdim=True), m.sum(-1, keepdim=True).clamp(min=1)
+    if total:
+        return value.expand_as(logprobs) + count * (logprobs - logprobs.detach())
+    return (value / count).expand_as(logprobs) + logprobs - logprobs.detach()
 
 
 def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                       eps_low: float = 0.2, eps_high: float | None = None,
-                      sequence_mask: torch.Tensor | None = None, delta: float | None = None) -> Surrogate:
+                      sequence_mask: torch.Tensor | None = None, delta: float | None = None,
+                      sequence_total: bool = False) -> Surrogate:
     """Per-token clipped surrogate loss and what the clip did; all tensors (B, T).
 
     ``sequence_mask`` (B, T): GSPO's sequence-level ratio (Zheng et al. 2025, eq. 7) instead of each
@@ -71,9 +77,11 @@ def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advant
     masked tokens, in its GSPO-token form (eq. 13): token t carries sg[s_i] pi_t / sg[pi_t], whose
     value is s_i and whose gradient is s_i grad log pi_t, so that a token's own advantage (a process
     reward's) weighs its own gradient; with one advantage per answer it is GSPO's gradient.
-    ``delta``: two-sided clipping's cap (module docstring); None: none."""
+    ``delta``: two-sided clipping's cap (module docstring); None: none. ``sequence_total``: the
+    answer's whole ratio pi_theta(y_i|x) / pi_old(y_i|x) = exp(sum_t log rho_t) in place of GSPO's
+    geometric mean (TRL's RLOO), in the same token form."""
     eps_high = eps_low if eps_high is None else eps_high
-    log_ratio = sequence_log_ratio(logprobs, old_logprobs, sequence_mask)
+    log_ratio = sequence_log_ratio(logprobs, old_logprobs, sequence_mask, sequence_total)
     ratio = torch.exp(log_ratio)
     clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
     capped = ratio if delta is None else torch.clamp(ratio, max=delta)

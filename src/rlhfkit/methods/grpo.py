@@ -25,10 +25,12 @@ from ..losses.grpo import (
     decoupled_advantages,
     group_advantages,
     grpo_loss,
+    loo_advantages,
     off_policy_keep,
     overlong_penalty,
     process_advantages,
     sampling_weights,
+    sequence_k1,
 )
 from ..models.forward import router_balance
 from ..models.load import disable_dropout, load_causal_lm, load_tokenizer
@@ -112,7 +114,7 @@ class GRPOConfig:
     temperature: float = 1.0  # sampling; pi_theta, pi_old and pi_ref are all of logits / temperature
     top_k: int = 0
     top_p: float = 1.0
-    beta: float = 0.04  # KL weight; 0 loads no reference model
+    beta: float = 0.04  # KL weight (in the loss; with advantage_estimator=rloo in the reward); 0 loads no reference
     eps_low: float = 0.2
     eps_high: float | None = None  # DAPO clip-higher; None = eps_low
     delta: float | None = None  # two-sided clipping (INTELLECT-2; TRL's name): the ratio's cap where A < 0
@@ -122,7 +124,8 @@ class GRPOConfig:
     minibatch_size: int | None = None
     share_prompt: bool = True  # forward each prompt once for its G samples (block mask; SDPA attention only)
     # grpo (paper) | dapo (token mean) | dr_grpo (constant normaliser) | cispo (MiniMax-M1) | sapo (soft gate)
-    # | luspo (GSPO weighted by length; importance_sampling_level=sequence)
+    # | luspo (GSPO weighted by length; importance_sampling_level=sequence) | rloo (TRL's RLOO: each answer's
+    # whole ratio, clipped, a mean over answers; importance_sampling_level=sequence)
     loss_type: str = "grpo"
     sapo_temperature_pos: float = 1.0  # loss_type=sapo: the gate's tau where A > 0 (TRL's name and default)
     sapo_temperature_neg: float = 1.05  # loss_type=sapo: the gate's tau elsewhere
@@ -133,11 +136,18 @@ class GRPOConfig:
     # there; off here: the paper's k3)
     use_bias_correction_kl: bool = False
     entropy_coef: float = 0.0  # > 0: the loss minus this x the answers' mean token entropy (TRL's name; no adaptive control)
-    # token (the paper's) | sequence (GSPO; TRL's name): with loss_type grpo, sapo or luspo (which needs it)
+    # token (the paper's) | sequence (GSPO; TRL's name): with loss_type grpo, sapo, luspo or rloo (which need it)
     importance_sampling_level: str = "token"
     # divide advantages by the std of the group's rewards (the paper's), of the whole batch's (Lite PPO), or
     # not at all (none: Dr. GRPO); TRL's name and values
     scale_rewards: str = "group"
+    # grpo: the group's mean as the baseline, scale_rewards' std (the paper's) | rloo: RLOO's, the mean of the
+    # group's other answers, with the KL to the reference in the reward (beta x each answer's summed k1 under
+    # pi_old) in place of the loss (Ahmadian et al. 2024; TRL's RLOOTrainer, `rlhfkit rloo`; veRL's name)
+    advantage_estimator: str = "grpo"
+    normalize_advantages: bool = False  # rloo: the advantages centred and scaled over the step's batch (TRL's name)
+    # (low, high): the weighted outcome reward clamped to it before the advantages (TRL's RLOO name); None: not
+    reward_clip_range: tuple[float, float] | None = None
     # several rewards: sum_then_normalize (their weighted sum, then the advantages above) or normalize_then_sum
     # (GDPO: each normalised in its group, summed, then normalised over the batch); TRL's name and values
     multi_objective_aggregation: str = "sum_then_normalize"
@@ -170,13 +180,17 @@ class GRPOConfig:
     def __post_init__(self):
         choice("loss_type", self.loss_type, tuple(REDUCTIONS))
         choice("importance_sampling_level", self.importance_sampling_level, ("token", "sequence"))
-        if self.importance_sampling_level == "sequence" and self.loss_type not in ("grpo", "luspo", "sapo"):
+        if self.importance_sampling_level == "sequence" and self.loss_type not in ("grpo", "luspo", "sapo", "rloo"):
             raise ConfigError(f"importance_sampling_level=sequence (GSPO) averages over sequences (its eq. 5), which is "
-                              f"loss_type=grpo or sapo (or luspo's length-weighted sum); loss_type={self.loss_type} "
+                              f"loss_type=grpo or sapo (or luspo's length-weighted sum, rloo's whole ratio); "
+                              f"loss_type={self.loss_type} "
                               "would weigh them by their tokens")
         if self.loss_type == "luspo" and self.importance_sampling_level != "sequence":
             raise ConfigError("loss_type=luspo is GSPO's sequence-level loss weighted by length: set "
                               "importance_sampling_level=sequence (TRL's requirement too)")
+        if self.loss_type == "rloo" and self.importance_sampling_level != "sequence":
+            raise ConfigError("loss_type=rloo clips each answer's whole ratio pi_theta(y|x) / pi_old(y|x) (TRL's "
+                              "RLOOTrainer): set importance_sampling_level=sequence")
         choice("reward_errors", self.reward_errors, ("raise", "zero"))
         if self.scale_rewards in ("true", "false"):
             raise ConfigError(f"config key 'scale_rewards' takes group, batch or none; TRL's {self.scale_rewards} is "
@@ -198,6 +212,24 @@ class GRPOConfig:
                               "(importance_sampling_level=sequence) TRL's masked losses still reach every token "
                               "through it and rlhfkit's GSPO-token form would not; set one")
         check_sampling_correction(self, SAMPLING_CORRECTIONS)
+        choice("advantage_estimator", self.advantage_estimator, ("grpo", "rloo"))
+        if self.advantage_estimator == "rloo":
+            clash = [f"{k}={v}" for k, v in (("scale_rewards", self.scale_rewards), ("multi_objective_aggregation",
+                     self.multi_objective_aggregation), ("dynamic_sampling", self.dynamic_sampling),
+                     ("process_reward", self.process_reward), ("use_bias_correction_kl", self.use_bias_correction_kl))
+                     if v != {"scale_rewards": "none"}.get(k, getattr(GRPOConfig, k))]
+            if clash:
+                raise ConfigError(f"advantage_estimator=rloo takes each answer's outcome reward less the mean of its "
+                                  f"group's others, the KL in the reward; {', '.join(clash)} would change that (set "
+                                  "scale_rewards=none; TRL's normalize_advantages is normalize_advantages)")
+        used_only_with("normalize_advantages", self.normalize_advantages, False, self.advantage_estimator == "rloo",
+                       "advantage_estimator=rloo (for grpo: scale_rewards)")
+        if self.reward_clip_range is not None:
+            if not self.reward_clip_range[0] < self.reward_clip_range[1]:
+                raise ConfigError(f"config key 'reward_clip_range' must be [low, high] with low < high; got "
+                                  f"{list(self.reward_clip_range)}")
+            if self.process_reward is not None:
+                raise ConfigError("reward_clip_range clamps the outcome reward, which process_reward replaces; set one")
         if self.scale_rewards == "batch" and self.process_reward is not None:
             raise ConfigError("scale_rewards=batch scales outcome advantages; a process reward's step rewards are "
                               "normalised over their group (scale_rewards group or none)")
@@ -277,9 +309,41 @@ def advantages_for(cfg: GRPOConfig, samples: Samples, completions, prompts, pass
         columns = columns.masked_fill(outcome.rewards.isnan()[:, None], float("nan"))
         adv = decoupled_advantages(columns, [*weights, 1.0][: columns.shape[1]], cfg.group_size).nan_to_num(0.0)
         return adv[:, None].expand(-1, length).clone(), None
+    rewards = clipped_rewards(outcome.rewards, cfg)
+    if cfg.advantage_estimator == "rloo":  # without the KL: rloo_advantages adds it once pi_old and pi_ref are known
+        return loo_advantages(rewards, cfg.group_size)[:, None].expand(-1, length).clone(), None
     # batch: centred here, scaled once the step's batch is whole (scaled_by_batch)
-    adv = group_advantages(outcome.rewards, cfg.group_size, cfg.scale_rewards == "group")  # (B,)
+    adv = group_advantages(rewards, cfg.group_size, cfg.scale_rewards == "group")  # (B,)
     return adv[:, None].expand(-1, length).clone(), None
+
+
+def clipped_rewards(rewards: torch.Tensor, cfg: GRPOConfig) -> torch.Tensor:
+    """The weighted outcome rewards clamped to ``reward_clip_range`` (NaN stays NaN); as they are without."""
+    return rewards if cfg.reward_clip_range is None else rewards.clamp(*cfg.reward_clip_range)
+
+
+def rloo_advantages(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: bool) -> tuple[Rollout, dict]:
+    """RLOO's advantages of the step's batch (losses/grpo.py): with a reference (beta > 0), each
+    answer's reward less beta x its summed k1 between pi_old (the backend's log-probs when exact,
+    else a forward) and pi_ref, then the leave-one-out baseline, then with ``normalize_advantages``
+    centred and scaled over the batch on all ranks. Also ``kl``: the mean k1 per token, all ranks."""
+    samples, mask = batch.samples, batch.samples.completion_mask
+    rewards, metrics = clipped_rewards(batch.outcome.rewards, cfg).to(mask.device), {}
+    if reference is not None:
+        n = mask.shape[0]
+        chunks = [torch.arange(n, device=mask.device)[i] for i in row_chunks(n, cfg.train.micro_batch_size or n)]
+        group = cfg.group_size if cfg.share_prompt and all(len(i) % cfg.group_size == 0 for i in chunks) else 1
+        with reference() as ref_model:
+            ref = chunked_logprobs(ref_model, samples, chunks, group, cfg.temperature, cfg.train.dtype)
+        old = samples.logprobs if exact else chunked_logprobs(policy, samples, chunks, group, cfg.temperature,
+                                                              cfg.train.dtype)
+        kl = sequence_k1(old, ref, mask.to(old.dtype))  # (B,)
+        rewards = rewards - cfg.beta * kl.to(rewards.dtype)
+        totals = reduce_dict({"kl": kl.sum(), "tokens": mask.sum()}, run.info)
+        metrics["kl"] = totals["kl"] / max(totals["tokens"], 1.0)
+    advantages = loo_advantages(rewards, cfg.group_size)
+    batch = replace(batch, advantages=advantages[:, None].expand_as(batch.advantages).clone())
+    return (normalised_over_batch(batch, run.info) if cfg.normalize_advantages else batch), metrics
 
 
 def bind(fn, samples: Samples, rows: list):
@@ -433,7 +497,8 @@ def optimizer_step(run: Run, policy, part: UpdateRows, cfg: GRPOConfig, exact: b
                                  None if part.ref_logprobs is None else part.ref_logprobs[index], cfg.beta,
                                  cfg.eps_low, cfg.eps_high, REDUCTIONS[cfg.loss_type], part.counts["sequences"],
                                  part.counts["tokens"], cfg.max_new_tokens,
-                                 sequence_ratio=cfg.importance_sampling_level == "sequence", delta=cfg.delta,
+                                 sequence_ratio=("total" if cfg.loss_type == "rloo" else
+                                                 cfg.importance_sampling_level == "sequence"), delta=cfg.delta,
                                  sample_weights=weights, cispo=cfg.loss_type == "cispo",
                                  sapo=((cfg.sapo_temperature_pos, cfg.sapo_temperature_neg)
                                        if cfg.loss_type == "sapo" else None),
@@ -533,7 +598,7 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
     config = recorded_config(cfg, rewards, reward_fns is not None, process_fn is not None)
     refuse_offline_batch_fields("grpo", cfg.train)
     tc = cfg.train
-    run = start_run(tc, config, "grpo", unit="rollout step", show=("reward_mean",))
+    run = start_run(tc, config, cfg.advantage_estimator, unit="rollout step", show=("reward_mean",))
     for line in replaced_rewards(cfg, reward_fns is not None, process_fn is not None):
         run.say(line)
     if rewards.process is not None and cfg.multi_objective_aggregation == "normalize_then_sum":
@@ -603,12 +668,17 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
             batch = scaled_by_batch(batch, run.info)
         if cfg.multi_objective_aggregation == "normalize_then_sum":
             batch = normalised_over_batch(batch, run.info)
+        reward_kl = {}
+        if cfg.advantage_estimator == "rloo":  # the KL is in the reward: the loss takes no reference
+            batch, reward_kl = rloo_advantages(run, policy, reference, batch, cfg, exact)
         if rewards.process is None and not abstained and all_abstained(pool.outcome):
             abstained = True
             run.say(f"step {step + 1}: every outcome reward abstained (returned None) on every sample, so the step's "
                     "samples have no reward and its groups carry no signal; said once a run")
-        metrics = update(run, policy, reference, batch, cfg, exact, tokenizer.pad_token_id)
-        run.step_done(means={**step_metrics(pool, cfg.group_size, run.info), **metrics, **retokenised, **fill,
+        metrics = update(run, policy, reference if cfg.advantage_estimator == "grpo" else None, batch, cfg, exact,
+                         tokenizer.pad_token_id)
+        run.step_done(means={**step_metrics(pool, cfg.group_size, run.info), **metrics, **reward_kl, **retokenised,
+                             **fill,
                              "time_weight_sync_s": sync},
                       evaluate=evaluate)
     summary = {"accuracy_before": before.get("accuracy"), "reward_mean": run.metrics.get("reward_mean")}

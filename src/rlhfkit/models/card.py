@@ -15,6 +15,8 @@ import yaml
 
 METHOD_NAMES = {"sft": "supervised fine-tuning (SFT)", "rm": "a reward model (Bradley-Terry / K-way rankings)",
                 "dpo": "DPO (direct preference optimization)", "grpo": "GRPO (group relative policy optimization)",
+                "rloo": "RLOO (REINFORCE with a leave-one-out baseline)",
+                "kto": "KTO (Kahneman-Tversky optimization on unpaired answers)",
                 "ppo": "PPO (InstructGPT stage 3)", "prm": "a process reward model (per-step binary cross-entropy)"}
 
 

@@ -240,6 +240,12 @@ def _convert(value, typ, key: str, default=None):
             raise ConfigError(f"config key '{key}' must be a mapping")
         base = dataclasses.asdict(default) if dataclasses.is_dataclass(default) else {}
         return build(typ, {**base, **value}, prefix=f"{key}.")
+    if origin is tuple:  # a fixed number of items (a YAML list): tuple[float, float]
+        items = typing.get_args(typ)
+        if not isinstance(value, (list, tuple)) or len(value) != len(items):
+            raise ConfigError(f"config key '{key}' expects a list of {len(items)} "
+                              f"({', '.join(getattr(t, '__name__', str(t)) for t in items)}), got {value!r}")
+        return tuple(_convert(v, t, f"{key}[{i}]") for i, (v, t) in enumerate(zip(value, items)))
     if typ is str and isinstance(value, list) and key.split(".")[-1] in COMMA_LISTS and \
             all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value):
         return ",".join(map(str, value))  # TRL's list form ([sigmoid, nca_pair]) of a comma-separated key
@@ -354,7 +360,7 @@ TRL_NAMES = {"learning_rate": "train.lr", "num_train_epochs": "train.epochs", "m
              "vllm_server_port": "nothing: TRL's vLLM server mode is not here (rollout.backend=vllm is colocated)",
              "vllm_max_model_length": "nothing: the engine's length is the model's own (prompts and answers are "
                                       "checked against it before training)",
-             "vespo_k_pos": "nothing: VESPO's loss is not here (loss_type grpo, dapo, dr_grpo, cispo, sapo, luspo)",
+             "vespo_k_pos": "nothing: VESPO's loss is not here (loss_type grpo, dapo, dr_grpo, cispo, sapo, luspo, rloo)",
              "use_adaptive_entropy": "entropy_coef (a fixed weight: TRL's adaptive control is not here)",
              "sync_ref_model": "nothing: the reference stays the start model (TR-DPO's sync is not implemented)",
              "ref_model_sync_steps": "nothing: the reference stays the start model (TR-DPO's sync is not implemented)",
