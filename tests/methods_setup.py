@@ -4,8 +4,10 @@ from helpers import quiet_train
 
 from rlhfkit.methods.dpo import DPOConfig, run_dpo
 from rlhfkit.methods.grpo import GRPOConfig, run_grpo
+from rlhfkit.methods.kto import KTOConfig, run_kto
 from rlhfkit.methods.ppo import PPOConfig, run_ppo
 from rlhfkit.methods.prm import PRMConfig, run_prm
+from rlhfkit.methods.rloo import RLOOConfig, run_rloo
 from rlhfkit.methods.rm import RMConfig, run_rm
 from rlhfkit.methods.sft import SFTConfig, run_sft
 
@@ -48,7 +50,7 @@ def dynamic_sampling_config(tiny, out, steps: int, **train):
 
 
 RUNS = {"sft": run_sft, "rm": run_rm, "dpo": run_dpo, "grpo": lambda cfg: run_grpo(cfg, reward_fns=[digits]),
-        "ppo": run_ppo, "prm": run_prm}
+        "ppo": run_ppo, "prm": run_prm, "kto": run_kto, "rloo": lambda cfg: run_rloo(cfg, reward_fns=[digits])}
 METHODS = tuple(RUNS)
 
 
@@ -94,10 +96,13 @@ def method_config(name: str, tiny, out, steps: int, **train):
     if name == "prm":
         return PRMConfig(model=base, train_data=small(tiny, "prm_train.jsonl"), max_length=64,
                          train=quiet_train(out, max_steps=steps, **offline))
-    if name == "grpo":
-        return GRPOConfig(model=base, train_data=small(tiny, "prompts_train.jsonl"), group_size=4,
-                          prompts_per_step=4, max_new_tokens=6, rewards="contains_answer", mu=2,
-                          train=quiet_train(out, max_steps=steps, **online))
+    if name == "kto":
+        return KTOConfig(model=base, train_data=small(tiny, "prefs_train.jsonl"), max_length=64, beta=0.5,
+                         train=quiet_train(out, max_steps=steps, **offline))
+    if name in ("grpo", "rloo"):
+        return (GRPOConfig if name == "grpo" else RLOOConfig)(
+            model=base, train_data=small(tiny, "prompts_train.jsonl"), group_size=4, prompts_per_step=4,
+            max_new_tokens=6, rewards="contains_answer", mu=2, train=quiet_train(out, max_steps=steps, **online))
     return PPOConfig(model=base, reward_model=reward_folder(tiny), critic=base, train_data=small(tiny, "prompts_train.jsonl"),
                      prompts_per_step=8, minibatch_size=4, ppo_epochs=1, max_new_tokens=6,
                      train=quiet_train(out, max_steps=steps, **online))

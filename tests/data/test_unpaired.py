@@ -5,7 +5,7 @@ import pytest
 
 from rlhfkit.data.encode import encode_completion, encode_prompt
 from rlhfkit.data.rows import DataError, read_rows
-from rlhfkit.data.unpaired import collate_unpaired, encode_unpaired
+from rlhfkit.data.unpaired import collate_unpaired, encode_unpaired, with_mismatched
 from rlhfkit.models.tokenizer import build_char_tokenizer
 
 
@@ -48,23 +48,33 @@ def test_over_long_answers_follow_the_policy_one_answer_at_a_time(tok):
     assert len(examples[1].prompt_ids) + len(examples[1].completion_ids) == 20 and report.truncated == 1
 
 
-def test_each_prompt_meets_the_previous_rows_answer_cut_to_fit(tok):
+def test_each_example_meets_another_examples_answer_cut_to_fit(tok):
     rows = read_rows([{"prompt": "a", "completion": " 1111111111", "label": True},
                       {"prompt": "bb", "completion": " 2", "label": False},
-                      {"prompt": "ccc", "completion": " 33", "label": True}])
+                      {"prompt": "ccc", "completion": " 33", "label": True},
+                      {"prompt": "dddd", "completion": " 444", "label": False}])
     examples, _ = encode_unpaired(rows, tok, max_length=13)
-    batch = collate_unpaired(examples, tok.pad_token_id, max_length=13)
-    assert batch.desirable.tolist() == [True, False, True]
-
-    def text(b, i):
-        ids = b.input_ids[i][b.attention_mask[i].bool()].tolist()
-        answer = b.input_ids[i][b.completion_mask[i].bool()].tolist()
-        return tok.decode(ids[: len(ids) - len(answer)]), answer
-
-    for i, (prompt, answer_of) in enumerate([(0, 2), (1, 0), (2, 1)]):
-        shown, answer = text(batch.mismatched, i)
-        assert shown == tok.decode(examples[prompt].prompt_ids)
-        room = 13 - len(examples[prompt].prompt_ids)
-        assert answer == examples[answer_of].completion_ids[:room]
-    assert batch.mismatched.attention_mask.sum(-1).tolist()[1] == 13  # row 0's answer, cut after "bb"
+    paired = with_mismatched(examples, max_length=13, seed=0)
+    answers = [e.completion_ids for e in examples]
+    partners = []
+    for e in paired:
+        room = 13 - len(e.prompt_ids)
+        partners.append([j for j, a in enumerate(answers) if a[:room] == e.mismatched_ids])
+        assert len(e.prompt_ids) + len(e.mismatched_ids) <= 13
+    partner = [p[0] for p in partners]
+    assert all(len(p) == 1 for p in partners) and sorted(partner) == [0, 1, 2, 3]  # each answer used once
+    assert all(partner[i] != i for i in range(4))  # never its own
+    i = 0  # one cycle through all four
+    for _ in range(4):
+        i = partner[i]
+    assert i == 0 and len({partner[0], partner[partner[0]], partner[partner[partner[0]]]}) == 3
+    assert [e.mismatched_ids for e in with_mismatched(examples, 13, seed=0)] == [e.mismatched_ids for e in paired]
+    others = [[e.mismatched_ids for e in with_mismatched(examples, 13, seed=s)] for s in range(1, 6)]
+    assert any(o != [e.mismatched_ids for e in paired] for o in others)  # 6 cycles of 4: another seed, another
+    batch = collate_unpaired(paired, tok.pad_token_id)
+    assert batch.desirable.tolist() == [True, False, True, False]
+    for k, e in enumerate(paired):
+        assert batch.mismatched.input_ids[k][batch.mismatched.completion_mask[k].bool()].tolist() == e.mismatched_ids
     assert collate_unpaired(examples, tok.pad_token_id).mismatched is None  # apo_zero_unpaired: none
+    with pytest.raises(DataError, match="pairs each prompt with another example's answer"):
+        with_mismatched(examples[:1], 13, 0)

@@ -6,11 +6,10 @@ import torch
 from helpers import quiet_train
 
 from rlhfkit.data.rows import read_rows
-from rlhfkit.data.unpaired import collate_unpaired, encode_unpaired
+from rlhfkit.data.unpaired import collate_unpaired, encode_unpaired, with_mismatched
 from rlhfkit.methods.kto import KTOConfig, kto_objective, run_kto
 from rlhfkit.models.load import load_causal_lm, load_tokenizer
 from rlhfkit.models.lora import Reference
-from rlhfkit.train.config import ConfigError
 from rlhfkit.train.logging import read_metrics
 
 
@@ -34,10 +33,10 @@ def test_the_loss_reads_one_reference_point_over_the_steps_micro_batches(tiny):
         for p in ref_module.parameters():
             p.add_(0.05 * torch.randn_like(p))
     rows = read_rows(str(tiny["data"] / "prefs_train.jsonl"))[:4]
-    examples, _ = encode_unpaired(rows, tokenizer, max_length=64)
+    examples = with_mismatched(encode_unpaired(rows, tokenizer, max_length=64)[0], 64, seed=0)
     cfg = KTOConfig(model=str(tiny["base"]), train_data="x", beta=0.5, desirable_weight=1.3, undesirable_weight=0.7)
     objective = kto_objective(cfg, policy, Reference(module=ref_module), "cpu")
-    batches = [collate_unpaired(examples[i: i + 4], tokenizer.pad_token_id, 64) for i in (0, 4)]
+    batches = [collate_unpaired(examples[i: i + 4], tokenizer.pad_token_id) for i in (0, 4)]
     totals = {}
     for b in batches:
         for k, v in objective.counts(b).items():
@@ -58,12 +57,27 @@ def test_the_loss_reads_one_reference_point_over_the_steps_micro_batches(tiny):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.parameters())
 
 
-def test_kto_needs_two_rows_a_micro_batch(tiny, tmp_path):
-    data = tiny["data"]
-    cfg = KTOConfig(model=str(tiny["base"]), train_data=str(data / "prefs_train.jsonl"), max_length=64,
-                    train=quiet_train(tmp_path / "kto", max_steps=1, batch_size=4, micro_batch_size=1))
-    with pytest.raises(ConfigError, match="micro-batches of 1 row"):
+def test_the_steps_do_not_depend_on_the_micro_batches(tiny, tmp_path):
+    """The mismatched pairs and z_0 are the step's: one micro-batch of 8 rows, or 8 of one row,
+    train to the same losses (a micro-batch of one row has a pair too). Desirable answers only,
+    whose likelihood the steps raise, so that z_0 is soon above its clamp at 0."""
+    import json
+
+    rows = [json.loads(line) for line in (tiny["data"] / "prefs_train.jsonl").read_text().splitlines()[:64]]
+    data = tmp_path / "desirable.jsonl"
+    data.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r["chosen"], "label": True}) + "\n"
+                            for r in rows))
+
+    def losses(name, micro):
+        cfg = KTOConfig(model=str(tiny["base"]), train_data=str(data), max_length=64, beta=0.5,
+                        train=quiet_train(tmp_path / name, max_steps=3, batch_size=8, micro_batch_size=micro, lr=1e-3,
+                                          log_every=1))
         run_kto(cfg)
+        return [v for m in read_metrics(tmp_path / name) if "train/loss" in m for v in (m["train/loss"], m["train/kl"])]
+
+    whole, single = losses("whole", 8), losses("single", 1)
+    assert len(whole) == 6 and whole[-1] > 1e-3  # step 3: the policy has moved, z_0 is not 0
+    assert single == pytest.approx(whole, abs=1e-5)
 
 
 @pytest.mark.slow

@@ -66,13 +66,18 @@ def test_the_kl_is_in_the_reward_before_the_leave_one_out_baseline(tiny, tmp_pat
     samples, mask = batch.samples, batch.samples.completion_mask
     start = load_causal_lm(str(tiny["base"]), load_tokenizer(str(tiny["base"])))
     ref_logprobs = chunked_logprobs(start, samples, [torch.arange(mask.shape[0])], group=4)
-    kl = ((samples.logprobs - ref_logprobs) * mask).sum(-1)
+    kl = ((samples.logprobs - ref_logprobs) * mask).sum(-1)  # pi_old: the sampler's, equal to 1e-6
     assert kl.abs().max() > 1e-3  # it has moved
     expected = loo_advantages(batch.outcome.rewards - 0.5 * kl, 4)
     assert torch.allclose(batch.advantages[:, 0], expected, atol=1e-5)
     assert torch.allclose(batch.advantages, batch.advantages[:, :1].expand_as(batch.advantages))
     logged = [m for m in read_metrics(out) if "train/loss" in m]
     assert logged[1]["train/kl"] == pytest.approx(float(kl.sum() / mask.sum()), rel=1e-4)
+    # step 1, the policy its reference: pi_old and pi_ref are one forward of equal weights, so the KL is exactly
+    # 0 (the sampler's log-probs are 1e-8 apart a token, which would have reached every advantage)
+    assert logged[0]["train/kl"] == 0.0
+    _, first = seen[0]
+    assert torch.equal(first.advantages[:, 0], loo_advantages(first.outcome.rewards, 4))
 
 
 def test_normalize_advantages_and_reward_clip_range_reach_the_update(tiny, tmp_path, monkeypatch):

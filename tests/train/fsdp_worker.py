@@ -29,9 +29,9 @@ import rlhfkit.train.run as run_module  # noqa: E402
 from rlhfkit.methods.grpo import run_grpo  # noqa: E402
 from rlhfkit.train.config import replace  # noqa: E402
 
-METHODS = ("sft", "rm", "dpo", "grpo", "ppo")
+METHODS = ("sft", "rm", "dpo", "kto", "grpo", "rloo", "ppo")
 JOBS = [(m, model, "fsdp") for model in ("tiny", "qwen") for m in METHODS] + \
-       [(m, model, "replicate") for model in ("tiny", "qwen") for m in ("grpo", "ppo")]
+       [(m, model, "replicate") for model in ("tiny", "qwen") for m in ("grpo", "rloo", "ppo")]
 
 
 class Killed(BaseException):

@@ -2,15 +2,17 @@
 ``label``, true where the answer is desirable. A pair (prompt, chosen, rejected; or implicit)
 is read as two such rows, chosen desirable and rejected not, as TRL's KTOTrainer unpairs it.
 
-A batch holds each row's answer after its own prompt, and for KTO's reference point the same
-prompts each with another row's answer (``mismatched``): row i's prompt with row i-1's answer,
-the last row's with the first's (TRL's rotation), so that the pairs are drawn afresh in every
-batch of every epoch, whatever the order (HALOs', the paper's code, draws them so too).
+For KTO's reference point each example also carries another example's answer after its own
+prompt (``mismatched``): the examples in an order drawn from a seed, each paired with the next
+one's answer, the last with the first's (a cycle: no example meets its own answer). The pairs
+are fixed once, as TRL fixes its (TRL rotates the answers within each batch of its unshuffled
+data; HALOs, the paper's code, within each micro-batch), so that a step's pairs are the same
+whatever its micro-batches and ranks.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -27,6 +29,7 @@ class UnpairedExample:
     prompt_ids: list[int]
     completion_ids: list[int]
     desirable: bool
+    mismatched_ids: list[int] | None = None  # another example's answer, cut to fit after this prompt
 
 
 @dataclass
@@ -86,15 +89,26 @@ def encode_unpaired(rows: list[Row], tokenizer, max_length: int, overlong: str =
     return examples, report
 
 
-def collate_unpaired(examples: list[UnpairedExample], pad_id: int, max_length: int | None = None) -> UnpairedBatch:
-    """A batch of ``examples``: the matched answers and, given ``max_length``, the KL pairs (the
-    module docstring's rotation), each answer cut to fit after its new prompt, as TRL cuts them."""
+def with_mismatched(examples: list[UnpairedExample], max_length: int, seed: int) -> list[UnpairedExample]:
+    """``examples``, each with another's answer (the module docstring's cycle), cut at its end to
+    fit ``max_length`` after this example's prompt, as TRL cuts its pairs."""
+    if len(examples) < 2:
+        raise DataError("KTO's reference point pairs each prompt with another example's answer; the data has one "
+                        "answer (loss_type=apo_zero_unpaired needs no pairs)")
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    partner = {i: order[(k + 1) % len(order)] for k, i in enumerate(order)}
+    return [replace(e, mismatched_ids=examples[partner[i]].completion_ids[: max(max_length - len(e.prompt_ids), 1)])
+            for i, e in enumerate(examples)]
+
+
+def collate_unpaired(examples: list[UnpairedExample], pad_id: int) -> UnpairedBatch:
+    """A batch of ``examples``: the matched answers and, where the examples carry them
+    (``with_mismatched``), the mismatched ones."""
     def padded(pairs):
         return collate_rankings([RankingExample(p, [c], [0]) for p, c in pairs], pad_id)
 
     matched = padded([(e.prompt_ids, e.completion_ids) for e in examples])
     others = None
-    if max_length is not None:
-        others = padded([(e.prompt_ids, examples[i - 1].completion_ids[: max(max_length - len(e.prompt_ids), 1)])
-                         for i, e in enumerate(examples)])
+    if all(e.mismatched_ids is not None for e in examples):
+        others = padded([(e.prompt_ids, e.mismatched_ids) for e in examples])
     return UnpairedBatch(matched, torch.tensor([e.desirable for e in examples]), others)

@@ -322,11 +322,14 @@ def clipped_rewards(rewards: torch.Tensor, cfg: GRPOConfig) -> torch.Tensor:
     return rewards if cfg.reward_clip_range is None else rewards.clamp(*cfg.reward_clip_range)
 
 
-def rloo_advantages(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: bool) -> tuple[Rollout, dict]:
+def rloo_advantages(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig) -> tuple[Rollout, dict]:
     """RLOO's advantages of the step's batch (losses/grpo.py): with a reference (beta > 0), each
-    answer's reward less beta x its summed k1 between pi_old (the backend's log-probs when exact,
-    else a forward) and pi_ref, then the leave-one-out baseline, then with ``normalize_advantages``
-    centred and scaled over the batch on all ranks. Also ``kl``: the mean k1 per token, all ranks."""
+    answer's reward less beta x its summed k1 between pi_old and pi_ref, then the leave-one-out
+    baseline, then with ``normalize_advantages`` centred and scaled over the batch on all ranks.
+    Also ``kl``: the mean k1 per token, all ranks. pi_old is the trainer's forward, as TRL's, even
+    where the backend's log-probs are exact: the same forward as the reference's, so that where the
+    policy is its reference the KL is exactly 0 (the sampler's log-probs differ by float noise, 1e-8
+    a token, which would reach every advantage, those of groups without a signal too)."""
     samples, mask = batch.samples, batch.samples.completion_mask
     rewards, metrics = clipped_rewards(batch.outcome.rewards, cfg).to(mask.device), {}
     if reference is not None:
@@ -335,8 +338,7 @@ def rloo_advantages(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig
         group = cfg.group_size if cfg.share_prompt and all(len(i) % cfg.group_size == 0 for i in chunks) else 1
         with reference() as ref_model:
             ref = chunked_logprobs(ref_model, samples, chunks, group, cfg.temperature, cfg.train.dtype)
-        old = samples.logprobs if exact else chunked_logprobs(policy, samples, chunks, group, cfg.temperature,
-                                                              cfg.train.dtype)
+        old = chunked_logprobs(policy, samples, chunks, group, cfg.temperature, cfg.train.dtype)
         kl = sequence_k1(old, ref, mask.to(old.dtype))  # (B,)
         rewards = rewards - cfg.beta * kl.to(rewards.dtype)
         totals = reduce_dict({"kl": kl.sum(), "tokens": mask.sum()}, run.info)
@@ -670,7 +672,7 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
             batch = normalised_over_batch(batch, run.info)
         reward_kl = {}
         if cfg.advantage_estimator == "rloo":  # the KL is in the reward: the loss takes no reference
-            batch, reward_kl = rloo_advantages(run, policy, reference, batch, cfg, exact)
+            batch, reward_kl = rloo_advantages(run, policy, reference, batch, cfg)
         if rewards.process is None and not abstained and all_abstained(pool.outcome):
             abstained = True
             run.say(f"step {step + 1}: every outcome reward abstained (returned None) on every sample, so the step's "

@@ -2,11 +2,11 @@
 
 Reads top to bottom: config -> data (unpaired rows, or pairs read as two such rows) -> policy and
 its frozen reference -> objective -> the shared loop -> save. A step's reference point z_0 is the
-policy's log-ratio to the reference on mismatched pairs, each prompt of a micro-batch with another
-row's answer (data/unpaired.py), averaged over every micro-batch of the step on every rank and
-clamped at 0, with no gradient (losses/kto.py); TRL's is each device's micro-batch's, the same
-where the step is one micro-batch on one process. The reference is forwarded every step (TRL's
-default): the mismatched pairs are new in every batch.
+policy's log-ratio to the reference on mismatched pairs, each example's prompt with another
+example's answer (data/unpaired.py), averaged over every micro-batch of the step on every rank and
+clamped at 0, with no gradient (losses/kto.py): the same whatever the micro-batches and ranks.
+TRL's is each device's micro-batch's, the same where the step is one micro-batch on one process.
+The reference is forwarded every step (TRL's default), for the mismatched pairs too.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from ..data.encode import OVERLONG_POLICIES, to_device
 from ..data.formats import row_format
 from ..data.prefs import encode_rankings
 from ..data.rows import read_rows, source_name
-from ..data.unpaired import UnpairedBatch, collate_unpaired, encode_unpaired
+from ..data.unpaired import UnpairedBatch, collate_unpaired, encode_unpaired, with_mismatched
 from ..losses.kto import KTO_LOSSES, kto_loss, reference_point, weights_advice
 from ..models.forward import eval_mode, router_balance
 from ..models.load import disable_dropout, load_causal_lm, load_tokenizer
@@ -27,7 +27,6 @@ from ..models.lora import Reference
 from ..rollout.backend import SamplerBackend
 from ..tasks import TASK_CHOICES
 from ..train.config import (
-    ConfigError,
     LoraConfig,
     TrainConfig,
     all_used_only_with,
@@ -36,7 +35,7 @@ from ..train.config import (
     positive,
 )
 from ..train.loop import Objective, autocast, train_offline
-from ..train.run import split_batch, start_run
+from ..train.run import start_run
 from .common import accuracy_eval, check_positions, frozen_reference, head, held_out, longest_prompt
 from .dpo import precompute_reference, preference_accuracy, sequence_logps
 
@@ -132,14 +131,11 @@ def implicit_rewards(model, reference: Reference, examples: list, pad_id: int, b
 
 def run_kto(cfg: KTOConfig) -> dict:
     run = start_run(cfg.train, cfg, "kto")
-    _, micro = split_batch(cfg.train, run.info)
-    if cfg.loss_type == "kto" and micro < 2:
-        raise ConfigError(f"loss_type=kto pairs each prompt of a micro-batch with another row's answer for its reference "
-                          f"point; micro-batches of {micro} row have none (raise train.batch_size or "
-                          "train.micro_batch_size, as TRL asks per_device_train_batch_size > 1)")
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
     pad = tokenizer.pad_token_id
     examples, report = encode_unpaired(read_rows(cfg.train_data), tokenizer, cfg.max_length, cfg.overlong)
+    if cfg.loss_type == "kto":
+        examples = with_mismatched(examples, cfg.max_length, cfg.train.seed)
     n_good = sum(e.desirable for e in examples)
     run.say(f"{source_name(cfg.train_data)}: {report.summary()}; {n_good} desirable and {len(examples) - n_good} "
             "undesirable answers")
@@ -158,8 +154,8 @@ def run_kto(cfg: KTOConfig) -> dict:
     # dropout off (as TRL's disable_dropout): the implicit rewards compare the policy with its frozen copy
     model = run.prepare(disable_dropout(load_causal_lm(cfg.model, tokenizer, device=run.device)), cfg.lora,
                         base=cfg.model, router_loss=True)
-    # the longest forward: an answer after another row's prompt too, cut at max_length
-    widest = min(cfg.max_length, max(len(e.prompt_ids) for e in examples) + max(len(e.completion_ids) for e in examples))
+    # the longest forward: an answer after another example's prompt too (cut at max_length)
+    widest = max(len(e.prompt_ids) + len(e.mismatched_ids or ()) for e in examples)
     check_positions(run, model, max(report.longest, (widest, report.longest[1]),
                                     eval_report.longest if eval_report else (0, "")))
     check_positions(run, model, longest_prompt(prompts, tokenizer), cfg.eval_max_new_tokens)
@@ -180,8 +176,7 @@ def run_kto(cfg: KTOConfig) -> dict:
             out["preference_accuracy"] = preference_accuracy(model, pairs, pad)
         return {**out, **(accuracy() if prompts else {})}
 
-    train_offline(run, model, examples,
-                  lambda rows: collate_unpaired(rows, pad, cfg.max_length if cfg.loss_type == "kto" else None),
+    train_offline(run, model, examples, lambda rows: collate_unpaired(rows, pad),
                   kto_objective(cfg, model, reference, run.device, run.router_coef),
                   evaluate if (held or prompts) else None)
     summary = {"loss": run.metrics.get("loss"), "length_report": report.summary(), **before}
