@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from rlhfkit.train.logging import read_metrics
 
@@ -227,6 +228,36 @@ def test_dpo_cli_then_eval_reports_preference_accuracy(tiny, tmp_path):
     result = json.loads((tmp_path / "dpo" / "model" / "eval.json").read_text())
     assert result["n"] == 30 and result["preference_accuracy"] != 0.5  # 5 steps moved the policy off its reference
     assert result["pairs"] == 30 and result["ref"] == str(tiny["base"])  # pairs: one ordered pair a row
+
+
+def test_kto_cli_on_unpaired_rows_and_rloo_cli_with_trls_defaults(tiny, tmp_path):
+    """`rlhfkit kto` on TRL's unpaired rows: at step 1 the policy is its reference (r = 0, z_0 = 0),
+    so each answer's loss is its weight x (1 - sigma(0)): the first loss is (1.5 n_D + n_U) / 2 / N.
+    `rlhfkit rloo` records TRL's RLOO settings as its defaults and starts from a KL of exactly 0."""
+    rows = [json.loads(line) for line in (tiny["data"] / "prefs_train.jsonl").read_text().splitlines()[:24]]
+    unpaired = tmp_path / "unpaired.jsonl"
+    unpaired.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r[k], "label": k == "chosen"}) + "\n"
+                                for i, r in enumerate(rows) for k in (("chosen", "rejected") if i % 3 else ("chosen",))))
+    n_good, n = 24, 24 + 16
+    out = rlhfkit("kto", "--config", "kto_tiny", f"model={tiny['base']}", f"train_data={unpaired}", "eval_data=null",
+                  "eval_prompts=null", "desirable_weight=1.5", f"train.out_dir={tmp_path / 'kto'}", "train.max_steps=2",
+                  "train.batch_size=40", "train.progress=false", "train.log_every=1")
+    assert out.returncode == 0, out.stderr
+    assert f"{n_good} desirable and {n - n_good} undesirable answers" in out.stderr
+    assert "the KTO paper advises 1 to 4/3" in out.stderr  # 1.5 x 24 / 16 = 2.25
+    first = [m for m in read_metrics(tmp_path / "kto") if "train/loss" in m][0]
+    assert first["train/loss"] == pytest.approx((1.5 * n_good + (n - n_good)) * 0.5 / n, abs=1e-6)
+    assert first["train/kl"] == 0.0
+    out = rlhfkit("rloo", "--config", "rloo_tiny", f"model={tiny['base']}", f"train_data={tiny['data'] / 'prompts_train.jsonl'}",
+                  "eval_data=null", "rewards=contains_answer", "group_size=4", "prompts_per_step=4", "max_new_tokens=4",
+                  f"train.out_dir={tmp_path / 'rloo'}", "train.max_steps=2", "train.progress=false", "train.log_every=1")
+    assert out.returncode == 0, out.stderr
+    recorded = yaml.safe_load((tmp_path / "rloo" / "config.yaml").read_text())
+    assert (recorded["advantage_estimator"], recorded["loss_type"], recorded["scale_rewards"], recorded["beta"]) == \
+        ("rloo", "rloo", "none", 0.05)
+    assert [m["train/kl"] for m in read_metrics(tmp_path / "rloo") if "train/loss" in m][0] == 0.0
+    bad = rlhfkit("rloo", f"model={tiny['base']}", "scale_rewards=group", f"train.out_dir={tmp_path / 'x'}")
+    assert bad.returncode == 2 and "set scale_rewards=none" in bad.stderr
 
 
 def test_grpo_rewards_from_a_module_and_a_file_on_the_command_line(tiny, tmp_path):

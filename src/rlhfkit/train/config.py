@@ -398,6 +398,8 @@ def _trl_hint(key: str, prefix: str, names: set[str]) -> str | None:
     hint = TRL_NAMES.get(key)
     if key == "padding_free" and "packing" not in names:  # DPO's and GRPO's own padding-free layout
         hint = "share_prompt (each prompt once, then its answers, no padding between them; on by default)"
+    if key in ("precompute_ref_log_probs", "precompute_ref_batch_size") and "desirable_weight" in names:  # KTO
+        return "nothing: KTO forwards its reference every step, for the mismatched pairs too (TRL's default)"
     if key == "per_device_train_batch_size" and "prompts_per_step" in names:  # GRPO and PPO count prompts
         hint = ("prompts_per_step (prompts a step, over all ranks; TRL's GRPO counts completions per device: "
                 "prompts = per_device x ranks x steps_per_generation / num_generations)")
