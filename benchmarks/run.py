@@ -3,7 +3,8 @@
     python benchmarks/run.py METHOD [--model DIR] [--tokenizer DIR] [--rm DIR] [--data DIR] [--steps N] [--warmup N]
                                    [--lora R] [--activation-checkpointing] [--reference-copy]
 
-METHOD: ceiling, sft, rm, dpo, grpo, ppo, generate. Without --model/--data the benchmark builds
+METHOD: ceiling, sft, rm, dpo, grpo, ppo, generate; and kto, rloo (outside BENCHMARK.md's table: on
+DPO's and GRPO's work, with TRL's defaults for the method). Without --model/--data the benchmark builds
 assets like the reference ones of BENCHMARK.md: the tiny default's arithmetic data, a byte-level
 BPE tokenizer of vocab 1024 trained on it, and a Qwen2 model of hidden 256, 4 layers, 4 heads,
 intermediate 1024, untied embeddings (a model folder without a tokenizer, as the contract allows).
@@ -309,9 +310,13 @@ def measured_split() -> dict:
 
 def example_tokens(example, shared: bool = False) -> tuple[int, int]:
     """(tokens through the forward, tokens of the plain one-row-per-sequence layout) of one example:
-    an SFT sequence, or a ranking whose prompt a shared-prompt batch forwards once."""
+    an SFT sequence, an unpaired answer (KTO's), or a ranking whose prompt a shared-prompt batch
+    forwards once."""
     if hasattr(example, "input_ids"):
         return len(example.input_ids), len(example.input_ids)
+    if hasattr(example, "desirable"):
+        n = len(example.prompt_ids) + len(example.completion_ids)
+        return n, n
     plain = sum(len(example.prompt_ids) + len(c) for c in example.completion_ids)
     return (len(example.prompt_ids) + sum(map(len, example.completion_ids)) if shared else plain), plain
 
@@ -412,6 +417,28 @@ def bench_dpo(args) -> dict:
     return result
 
 
+def bench_kto(args) -> dict:
+    """Outside BENCHMARK.md's table (KTO is not in it), on DPO's data: its first 16 pairs a step read as
+    32 unpaired answers (chosen desirable, rejected not), beta 0.1, the reference a frozen copy forwarded
+    every step; z_0 from one mismatched pair per answer (policy and reference, no gradient), as TRL's."""
+    from rlhfkit.data.unpaired import collate_unpaired, encode_unpaired, with_mismatched
+    from rlhfkit.methods.common import frozen_reference
+    from rlhfkit.methods.kto import KTOConfig, kto_objective
+
+    paths = assets(args)
+    model, tokenizer = load_policy(paths["model"], paths["tokenizer"])
+    model = prepared(model, args, base=paths["model"])
+    rows = read_rows(paths["data"] / "prefs.jsonl")[: 16 * (args.steps + args.warmup)]
+    examples, _ = encode_unpaired(rows, tokenizer, args.max_length, overlong="skip")
+    examples = with_mismatched(examples, args.max_length, seed=0)
+    reference = frozen_reference(bench_run(args), model, paths["model"], tokenizer, bool(args.lora))
+    cfg = KTOConfig(beta=0.1, max_length=args.max_length)
+    return offline_bench("kto", args, model, examples, lambda rows: collate_unpaired(rows, tokenizer.pad_token_id),
+                         kto_objective(cfg, model, reference, "cpu"), 32,
+                         {"answers_per_step": 32, "beta": 0.1, "reference": "forwarded every step",
+                          **memory_extra(args, model)}, nograd_passes=3)
+
+
 def _prompts(paths, tokenizer) -> tuple[list, list]:
     from rlhfkit.data.encode import encode_prompt
 
@@ -503,6 +530,54 @@ def bench_grpo(args) -> dict:
     result = report("grpo", times, losses, statistics.mean(trained[args.warmup:]), gen, model,
                     {"prompts": 8, "group_size": 4, "max_new_tokens": 16, "beta": 0.0,
                      "skip_zero_advantage": args.skip_zero_advantage, **memory_extra(args, model)})
+    result["gen_tokens_per_s"] = round(gen / result["sec_per_step"], 1)
+    return result
+
+
+def bench_rloo(args) -> dict:
+    """Outside BENCHMARK.md's table (RLOO is not in it), on GRPO's work (8 prompts x 4 samples of at
+    most 16 new tokens, temperature 1, the contains-answer reward, one update a batch) with TRL's RLOO
+    defaults: beta 0.05, the KL in the reward (pi_old and the frozen reference forwarded, no gradient),
+    the leave-one-out baseline, the loss on each answer's whole ratio."""
+    from rlhfkit.losses.grpo import loo_advantages
+    from rlhfkit.methods.common import frozen_reference
+    from rlhfkit.methods.grpo import Rollout, rloo_advantages, update
+    from rlhfkit.methods.rloo import RLOOConfig
+    from rlhfkit.rollout.rewards import score_outcomes
+    from rlhfkit.rollout.sampler import decode, sample
+    from rlhfkit.tasks.arithmetic import contains_answer
+    paths = assets(args)
+    model, tokenizer = load_policy(paths["model"], paths["tokenizer"])
+    run = bench_run(args)
+    model = run.prepare(model, lora_config(args), base=paths["model"])
+    reference = frozen_reference(run, model, paths["model"], tokenizer, bool(args.lora))
+    rows, prompts = _prompts(paths, tokenizer)
+    cfg = RLOOConfig(group_size=4, prompts_per_step=8, max_new_tokens=16, mu=1)
+    optimizer = build_optimizer(model, SETTINGS["lr"])
+    scheduler = build_scheduler(optimizer, 10**9, 0, "constant")
+    run.modules = (model, optimizer, scheduler)
+    sampled, trained = [], []
+
+    def step(i: int) -> float:
+        chunk = list(range(i * 8, i * 8 + 8))
+        samples = sample(model, [prompts[j % len(prompts)] for j in chunk], eos_id=tokenizer.eos_token_id,
+                         pad_id=tokenizer.pad_token_id, max_new_tokens=16, temperature=1.0, num_samples=4)
+        texts = decode(tokenizer, samples)
+        answers = [rows[j % len(rows)].data["answer"] for j in chunk for _ in range(4)]
+        scores = score_outcomes([contains_answer], [1.0], [""] * len(texts), texts, {"answer": answers})
+        adv = loo_advantages(scores.rewards, 4)[:, None].expand(-1, samples.completion_ids.shape[1])
+        batch, _ = rloo_advantages(run, model, reference, Rollout(samples, scores, adv, 0.0), cfg)
+        metrics = update(run, model, None, batch, cfg, exact=True, pad_id=tokenizer.pad_token_id)
+        sampled.append(int(samples.completion_mask.sum()))
+        trained.append(int(samples.attention_mask.sum()))
+        return metrics["loss"]
+
+    times, losses = timed_steps(step, args.warmup, args.steps)
+    gen = statistics.mean(sampled[args.warmup:])
+    # no-grad forwards: sampling, then pi_old and pi_ref over the same sequences
+    result = report("rloo", times, losses, statistics.mean(trained[args.warmup:]),
+                    gen + 2 * statistics.mean(trained[args.warmup:]), model,
+                    {"prompts": 8, "group_size": 4, "max_new_tokens": 16, "beta": 0.05, **memory_extra(args, model)})
     result["gen_tokens_per_s"] = round(gen / result["sec_per_step"], 1)
     return result
 
@@ -603,7 +678,7 @@ def _has_cpu_flag(flag: str) -> bool:
 
 
 BENCHES = {"sft": bench_sft, "rm": bench_rm, "dpo": bench_dpo, "grpo": bench_grpo, "ppo": bench_ppo,
-           "generate": bench_generate, "ceiling": bench_ceiling}
+           "generate": bench_generate, "ceiling": bench_ceiling, "kto": bench_kto, "rloo": bench_rloo}
 
 
 def parser() -> argparse.ArgumentParser:
