@@ -71,3 +71,19 @@ def test_at_ratio_one_the_rloo_loss_has_reinforces_gradient():
     loss.backward()
     assert abs(loss.item() + adv.mean().item()) < 1e-7  # -mean(A): 0 for a whole group's LOO advantages
     assert torch.allclose(lp.grad, -adv[:, None] / 2 * mask, atol=1e-7)
+
+
+def test_the_unbiased_kl_takes_the_policy_terms_ratio():
+    """use_bias_correction_kl with the whole-answer ratio: each token's k3 times exp(sum_t log rho),
+    the ratio the policy term reads (GSPO's geometric mean for importance_sampling_level=sequence)."""
+    from rlhfkit.losses.grpo import k3_kl
+
+    lp = torch.tensor([[-1.0, -1.2, -0.8]])
+    old = torch.tensor([[-1.1, -1.25, -0.85]])  # sum of log rho = 0.2
+    ref = torch.tensor([[-0.9, -1.5, -0.7]])
+    mask = torch.ones(1, 3)
+    adv = torch.zeros(1, 3)  # the policy term is 0: the loss is the KL term alone
+    for ratio, form in ((math.exp(0.2), "total"), (math.exp(0.2 / 3), True)):
+        loss, _ = grpo_loss(lp, old, adv, mask, ref, beta=1.0, reduction="seq_mean_token_mean",
+                            sequence_ratio=form, kl_ratio=True)
+        assert abs(loss.item() - ratio * k3_kl(lp, ref).mean().item()) < 1e-6

@@ -76,6 +76,9 @@ def test_the_steps_do_not_depend_on_the_micro_batches(tiny, tmp_path):
         return [v for m in read_metrics(tmp_path / name) if "train/loss" in m for v in (m["train/loss"], m["train/kl"])]
 
     whole, single = losses("whole", 8), losses("single", 1)
+    logged = [m for m in read_metrics(tmp_path / "whole") if "train/loss" in m]
+    assert "train/rewards_chosen" in logged[0]  # no undesirable answer: their means and the margin are left out
+    assert not {"train/rewards_rejected", "train/logps_rejected", "train/margin"} & set(logged[0])
     assert len(whole) == 6 and whole[-1] > 1e-3  # step 3: the policy has moved, z_0 is not 0
     assert single == pytest.approx(whole, abs=1e-5)
 

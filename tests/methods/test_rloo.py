@@ -129,3 +129,34 @@ def test_rloo_raises_accuracy(tiny, sft_run, tmp_path):
     assert after >= before + 0.2 * (1 - before), (before, after)
     logged = [m for m in read_metrics(tmp_path / "rloo") if "train/kl" in m]
     assert logged[-1]["train/kl"] > 0
+
+
+def test_normalize_advantages_leaves_a_group_with_one_scored_answer_out_of_the_statistics():
+    """Two groups of 4: in the second every reward but one abstained (NaN), so no answer of it has a
+    baseline: A = 0 there, and the batch's mean and std are the first group's alone (TRL's NaN)."""
+    from types import SimpleNamespace
+
+    from rlhfkit.methods.grpo import rloo_advantages
+    from rlhfkit.methods.grpo_batch import Rollout
+    from rlhfkit.rollout.rewards import OutcomeScores
+    from rlhfkit.train.dist import DistInfo
+
+    nan = float("nan")
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.0, nan, 2.0, nan, nan])
+    batch = Rollout(SimpleNamespace(completion_mask=torch.ones(8, 3)), OutcomeScores(rewards, {}, {}),
+                    torch.zeros(8, 3), 0.0)
+    cfg = RLOOConfig(group_size=4, beta=0.0, normalize_advantages=True)
+    out, metrics = rloo_advantages(SimpleNamespace(info=DistInfo()), None, None, batch, cfg)
+    first = loo_advantages(rewards[:4], 4).double()
+    expected = torch.cat([(first - first.mean()) / (first.std() + 1e-4), torch.zeros(4, dtype=torch.double)])
+    assert torch.allclose(out.advantages[:, 0].double(), expected, atol=1e-6) and metrics == {}
+    assert torch.equal(out.advantages[:, 1], out.advantages[:, 0])
+
+
+def test_what_rloo_cannot_read_is_refused(tiny, tmp_path):
+    with pytest.raises(ConfigError, match="normalize_then_sum .GDPO. never forms"):
+        replace(method_config("grpo", tiny, tmp_path, 1), reward_clip_range=(0.0, 1.0),
+                multi_objective_aggregation="normalize_then_sum", rewards="contains_answer,exact_answer")
+    with pytest.raises(ConfigError, match="a process reward's per-step advantages are GRPO's"):
+        run_rloo(rloo_config(tiny, tmp_path / "p", 1), reward_fns=[even_answer_digits],
+                 process_fn=lambda prompts, completions, **_: [[] for _ in completions])

@@ -261,8 +261,10 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
         kl = k3_kl(logprobs, ref_logprobs)
         if kl_ratio:
             log_ratio = logprobs - old_logprobs
-            if sequence_ratio:
-                log_ratio = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+            if sequence_ratio:  # the policy term's ratio: GSPO's geometric mean, or (rloo) the whole answer's
+                log_ratio = (log_ratio * mask).sum(-1, keepdim=True)
+                if sequence_ratio != "total":
+                    log_ratio = log_ratio / mask.sum(-1, keepdim=True).clamp(min=1)
             kl = torch.exp(log_ratio) * kl
         per_token = per_token + beta * kl
     loss = reduce_loss(per_token, mask, reduction, num_sequences, num_tokens, max_tokens or logprobs.shape[1])

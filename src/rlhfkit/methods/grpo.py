@@ -230,6 +230,9 @@ class GRPOConfig:
                                   f"{list(self.reward_clip_range)}")
             if self.process_reward is not None:
                 raise ConfigError("reward_clip_range clamps the outcome reward, which process_reward replaces; set one")
+            if self.multi_objective_aggregation == "normalize_then_sum":
+                raise ConfigError("reward_clip_range clamps the weighted sum of the rewards, which "
+                                  "multi_objective_aggregation=normalize_then_sum (GDPO) never forms: set one")
         if self.scale_rewards == "batch" and self.process_reward is not None:
             raise ConfigError("scale_rewards=batch scales outcome advantages; a process reward's step rewards are "
                               "normalised over their group (scale_rewards group or none)")
@@ -345,7 +348,12 @@ def rloo_advantages(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig
         metrics["kl"] = totals["kl"] / max(totals["tokens"], 1.0)
     advantages = loo_advantages(rewards, cfg.group_size)
     batch = replace(batch, advantages=advantages[:, None].expand_as(batch.advantages).clone())
-    return (normalised_over_batch(batch, run.info) if cfg.normalize_advantages else batch), metrics
+    if not cfg.normalize_advantages:
+        return batch, metrics
+    # a sample in a group with one scored answer has no baseline: out of the statistics, as TRL's NaN is
+    present = ~rewards.isnan()
+    scored = present & (present.view(-1, cfg.group_size).sum(-1, keepdim=True) > 1).expand(-1, cfg.group_size).flatten()
+    return normalised_over_batch(batch, run.info, scored=scored), metrics
 
 
 def bind(fn, samples: Samples, rows: list):
@@ -606,6 +614,9 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
     if rewards.process is not None and cfg.multi_objective_aggregation == "normalize_then_sum":
         raise ConfigError("multi_objective_aggregation=normalize_then_sum (GDPO) normalises outcome rewards; a process "
                           "reward's per-step advantages are normalised over their group: leave it at sum_then_normalize")
+    if rewards.process is not None and cfg.advantage_estimator == "rloo":
+        raise ConfigError("advantage_estimator=rloo takes each answer's outcome reward less the mean of its group's "
+                          "others; a process reward's per-step advantages are GRPO's (advantage_estimator=grpo)")
     if rewards.process is not None or cfg.process_reward:
         run.say("the process reward's steps drive the advantages (logged as reward/process_mean); the outcome "
                 f"rewards ({config['rewards']}) "

@@ -72,14 +72,16 @@ def moments(values: torch.Tensor, info: DistInfo) -> tuple[float, float]:
     return mean, (math.sqrt(spread / (total["n"] - 1)) if total["n"] > 1 else 0.0)
 
 
-def normalised_over_batch(batch: Rollout, info: DistInfo, eps: float = 1e-4) -> Rollout:
+def normalised_over_batch(batch: Rollout, info: DistInfo, eps: float = 1e-4,
+                          scored: torch.Tensor | None = None) -> Rollout:
     """GDPO's second half (losses/grpo.py ``decoupled_advantages``; TRL's ``normalize_then_sum``):
     the summed, group-normalised rewards s centred and scaled over every sample of the step's batch
     on all ranks, A_i = (s_i - mean(s)) / (std(s) + eps); a sample no reward scored keeps A = 0 and
     stays out of the statistics. Each group's s sums to 0, so mean(s) is 0 but for rounding: an s
     of exactly 0 (a group without a signal) stays 0, not -mean / std, and skip_zero_advantage still
-    leaves its group out."""
-    present = ~batch.outcome.rewards.isnan().to(batch.advantages.device)
+    leaves its group out. ``scored`` (B,) bool: the samples with an advantage to count, where not
+    every sample a reward scored has one (RLOO's: none in a group with one scored answer)."""
+    present = ~batch.outcome.rewards.isnan().to(batch.advantages.device) if scored is None else scored
     values = batch.advantages[:, 0]  # an outcome advantage is one value over the answer's tokens
     mean, std = moments(values[present], info)
     scaled = torch.where(present & (values != 0), (values - mean) / (std + eps), torch.zeros_like(values))

@@ -5,7 +5,7 @@ its frozen reference -> objective -> the shared loop -> save. A step's reference
 policy's log-ratio to the reference on mismatched pairs, each example's prompt with another
 example's answer (data/unpaired.py), averaged over every micro-batch of the step on every rank and
 clamped at 0, with no gradient (losses/kto.py): the same whatever the micro-batches and ranks.
-TRL's is each device's micro-batch's, the same where the step is one micro-batch on one process.
+TRL's is each micro-batch's, averaged over processes: the same where the step is one micro-batch.
 The reference is forwarded every step (TRL's default), for the mismatched pairs too.
 """
 
@@ -99,10 +99,14 @@ def kto_objective(cfg: KTOConfig, policy, reference: Reference, device: str, rou
         point = reference_point(totals["kl_sum"], totals["kl_pairs"]) if with_point else 0.0
         value, sums = kto_loss(logps, ref, batch.desirable, point, cfg.beta, cfg.desirable_weight,
                                cfg.undesirable_weight, cfg.loss_type, totals["examples"])
-        good, bad = max(totals["desirable"], 1.0), max(totals["examples"] - totals["desirable"], 1.0)
-        metrics = {"rewards_chosen": sums["rewards_chosen"] / good, "rewards_rejected": sums["rewards_rejected"] / bad,
-                   "logps_chosen": sums["logps_chosen"] / good, "logps_rejected": sums["logps_rejected"] / bad}
-        metrics["margin"] = metrics["rewards_chosen"] - metrics["rewards_rejected"]
+        good, bad = totals["desirable"], totals["examples"] - totals["desirable"]
+        metrics = {}  # a kind the step has none of has no mean (and the margin none), as TRL leaves them out
+        if good:
+            metrics.update(rewards_chosen=sums["rewards_chosen"] / good, logps_chosen=sums["logps_chosen"] / good)
+        if bad:
+            metrics.update(rewards_rejected=sums["rewards_rejected"] / bad, logps_rejected=sums["logps_rejected"] / bad)
+        if good and bad:
+            metrics["margin"] = metrics["rewards_chosen"] - metrics["rewards_rejected"]
         if with_point:  # the same on every micro-batch: each carries its share of it
             metrics["kl"] = torch.tensor(point * batch.num_prompts / max(totals["examples"], 1.0))
         return balance.add_to(value, metrics, 1 / totals["forwards"]), metrics
@@ -125,8 +129,11 @@ def implicit_rewards(model, reference: Reference, examples: list, pad_id: int, b
             for value, good in zip(rewards.tolist(), batch.desirable.tolist()):
                 totals[good][0] += value
                 totals[good][1] += 1
-    chosen, rejected = (totals[k][0] / max(totals[k][1], 1) for k in (True, False))
-    return {"rewards_chosen": chosen, "rewards_rejected": rejected, "margin": chosen - rejected}
+    out = {name: totals[k][0] / totals[k][1] for name, k in (("rewards_chosen", True), ("rewards_rejected", False))
+           if totals[k][1]}
+    if len(out) == 2:
+        out["margin"] = out["rewards_chosen"] - out["rewards_rejected"]
+    return out
 
 
 def run_kto(cfg: KTOConfig) -> dict:
