@@ -27,9 +27,19 @@ def test_unpaired_rows_and_pairs_become_labelled_answers(tok):
     assert report.rows == 4 and not report.skipped
 
 
+def test_labels_as_tables_write_them(tok, tmp_path):
+    (tmp_path / "u.csv").write_text("prompt,completion,label\n1+1=, 2,True\n2+2=, 5,false\n3+3=, 6,1\n")
+    rows = read_rows(str(tmp_path / "u.csv")) + read_rows([{"prompt": "4+4=", "completion": " 9", "label": 0}])
+    examples, _ = encode_unpaired(rows, tok, max_length=64)
+    assert [e.desirable for e in examples] == [True, False, True, False]
+
+
 @pytest.mark.parametrize("row,message", [
     ({"prompt": "p", "completion": " a", "label": "yes"}, "<list>:row 1: field 'label' must be true or false"),
-    ({"prompt": "p", "completion": " a", "label": 1}, "<list>:row 1: field 'label' must be true or false"),
+    ({"prompt": "p", "completion": " a", "label": 2}, "<list>:row 1: field 'label' must be true or false"),
+    ({"prompt": "p", "completion": " a", "label": 1.0}, "<list>:row 1: field 'label' must be true or false"),
+    ({"prompt": "p", "completion": " a"}, r"<list>:row 1: missing field 'label' \(true where"),
+    ({"prompt": "p", "completion": " a", "labels": False}, r"missing field 'label' .*fields present: completion, labels"),
     ({"prompt": "p", "completions": [" a", " b"]}, "a ranking .* row is not kto data; that format is for rm and dpo"),
     ({"prompt": "p"}, "a prompt-only .* row is not kto data"),
 ])

@@ -248,6 +248,11 @@ def test_kto_cli_on_unpaired_rows_and_rloo_cli_with_trls_defaults(tiny, tmp_path
     first = [m for m in read_metrics(tmp_path / "kto") if "train/loss" in m][0]
     assert first["train/loss"] == pytest.approx((1.5 * n_good + (n - n_good)) * 0.5 / n, abs=1e-6)
     assert first["train/kl"] == 0.0
+    ev = rlhfkit("eval", "--model", tmp_path / "kto" / "model", "--ref", tiny["base"], "--data", unpaired)
+    assert ev.returncode == 0, ev.stderr
+    result = json.loads((tmp_path / "kto" / "model" / "eval.json").read_text())
+    assert result["n"] == n and result["rewards_chosen"] != 0  # two steps moved the policy off its reference
+    assert result["margin"] == pytest.approx(result["rewards_chosen"] - result["rewards_rejected"])
     out = rlhfkit("rloo", "--config", "rloo_tiny", f"model={tiny['base']}", f"train_data={tiny['data'] / 'prompts_train.jsonl'}",
                   "eval_data=null", "rewards=contains_answer", "group_size=4", "prompts_per_step=4", "max_new_tokens=4",
                   f"train.out_dir={tmp_path / 'rloo'}", "train.max_steps=2", "train.progress=false", "train.log_every=1")

@@ -131,13 +131,36 @@ def test_trls_names_for_config_keys_are_answered_with_rlhfkits():
         load_config(GRPOConfig, None, ["train.num_train_epochs=3"])
 
 
+def test_trls_rloo_and_kto_names_are_answered_as_those_methods_read_them(tmp_path):
+    from rlhfkit.methods.kto import KTOConfig
+    from rlhfkit.methods.rloo import RLOOConfig
+    from rlhfkit.models.load import ModelLoadError, load_tokenizer
+
+    # TRL's RLOOTrainer before 0.20 (PPO-like names) and today's, where another method reads them otherwise
+    for trl, ours in (("rloo_k=4", "rloo_k -> group_size"), ("kl_coef=0.05", "kl_coef -> beta"),
+                      ("cliprange=0.2", "cliprange -> eps_low"), ("num_ppo_epochs=2", "num_ppo_epochs -> mu"),
+                      ("reward_model_path=rm", "reward_model_path -> rewards \\(rm:PATH"),
+                      ("max_prompt_length=64", "max_prompt_length -> nothing: GRPO's and RLOO's prompts are not cut")):
+        with pytest.raises(ConfigError, match=ours):
+            load_config(RLOOConfig, None, [trl])
+    for trl in ("max_completion_length=8", "max_prompt_length=8"):
+        with pytest.raises(ConfigError, match=trl.split("=")[0] + r" -> max_length \(prompt and answer together"):
+            load_config(KTOConfig, None, [trl])
+    with pytest.raises(ConfigError, match="precompute_ref_log_probs -> nothing: KTO forwards its reference"):
+        load_config(KTOConfig, None, ["precompute_ref_log_probs=true"])
+    # a shipped config after an SFT run that never wrote its snapshot: the final model is named
+    (tmp_path / "runs" / "sft" / "model").mkdir(parents=True)
+    with pytest.raises(ModelLoadError, match=r"never did; start from its final model: model=.*runs/sft/model"):
+        load_tokenizer(str(tmp_path / "runs" / "sft" / "snapshot"))
+
+
 def test_trl_hints_name_only_what_the_method_has_and_rows_given_in_python_are_described():
     from rlhfkit.methods.dpo import DPOConfig
     from rlhfkit.methods.grpo import GRPOConfig
     from rlhfkit.methods.sft import SFTConfig
     from rlhfkit.train.config import plain_dict
 
-    with pytest.raises(ConfigError, match=r"per_device_train_batch_size -> prompts_per_step .*TRL's GRPO counts "
+    with pytest.raises(ConfigError, match=r"per_device_train_batch_size -> prompts_per_step .*TRL's GRPO and RLOO count "
                                           r"completions per device"):
         load_config(GRPOConfig, None, ["per_device_train_batch_size=8"])
     for trl, ours in (("reward_weights=[1, 2]", "reward_weights -> rewards \\(name:weight"),

@@ -142,6 +142,7 @@ def cmd_tiny(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from ..data.formats import row_format
     from ..data.rows import read_rows
     from ..models.reward import is_likelihood_prm, is_sequence_classifier, is_token_classifier
 
@@ -177,6 +178,19 @@ def cmd_eval(args) -> int:
         tokenizer = load_tokenizer(args.model, args.tokenizer)
         examples, report = encode_rankings(rows, tokenizer, args.max_length, args.overlong)
         metrics = ranking_metrics(load_reward_model(args.model, tokenizer), examples, tokenizer.pad_token_id)
+    elif args.ref and row_format(rows[0]) == "unpaired_preference":  # a KTO policy on unpaired rows
+        from ..data.unpaired import encode_unpaired
+        from ..methods.common import load_policy
+        from ..methods.kto import implicit_rewards
+        from ..models.lora import Reference
+
+        model, tokenizer = load_policy(args.model, args.tokenizer)
+        reference, _ = load_policy(args.ref, args.tokenizer or args.model)
+        examples, report = encode_unpaired(rows, tokenizer, args.max_length, args.overlong)
+        metrics = {"measured": "the mean log(pi / pi_ref) of the desirable answers and of the undesirable ones "
+                               "(KTO's implicit reward over beta), and their gap", "ref": str(args.ref),
+                   **implicit_rewards(model, Reference(module=reference), examples, tokenizer.pad_token_id, 1.0),
+                   "n": len(examples)}
     elif args.ref:  # a DPO policy against its reference: held-out preference accuracy
         from ..data.prefs import encode_rankings
         from ..methods.common import load_policy
@@ -275,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlong", choices=("error", "truncate", "skip"), default=EVAL_DEFAULTS["--overlong"],  # data/encode.py's policies
                    help="rows longer than --max-length: error (default), truncate or skip; "
                         "eval.json says how many")
-    p.add_argument("--ref", help="reference model folder: report a DPO policy's preference accuracy on pairs/rankings")
+    p.add_argument("--ref", help="reference model folder: report a DPO policy's preference accuracy on pairs/rankings, "
+                                 "a KTO policy's implicit rewards on unpaired rows (prompt, completion, label)")
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("configs", help="list the configs shipped with rlhfkit (for --config NAME)")
     p.set_defaults(func=cmd_configs)

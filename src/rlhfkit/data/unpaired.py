@@ -43,16 +43,31 @@ class UnpairedBatch:
         return self.matched.num_prompts
 
 
-def unpaired_answers(row: Row, method: str = "kto") -> list[tuple[str, object, bool]]:
-    """(field, answer, desirable) of a row: its completion and label, or a pair's two answers."""
-    from .formats import require_format
+def label_value(value) -> bool | None:
+    """A label as a boolean: true / false, 1 / 0, or a csv cell of either; None for anything else."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+        return value.strip().lower() in ("true", "1")
+    return None
 
+
+def unpaired_answers(row: Row, method: str = "kto") -> list[tuple[str, object, bool]]:
+    """(field, answer, desirable) of a row: its completion and label, or a pair's two answers. A
+    label is a boolean, or as a table writes one: 1 / 0, "True" / "False" (a csv cell)."""
+    from .formats import require_format, row_format
+
+    if row_format(row) == "prompt_completion":  # an unpaired row without its label (or a misspelt one)
+        raise DataError(f"{row.where}: missing field 'label' (true where the completion is desirable; fields present: "
+                        f"{', '.join(sorted(row.data))})")
     fmt = require_format(row, method, UNPAIRED_FORMATS)
     if fmt == "unpaired_preference":
-        label = row.data["label"]
-        if not isinstance(label, bool):
-            raise DataError(f"{row.where}: field 'label' must be true or false (the answer is desirable or not); "
-                            f"got {label!r}")
+        label = label_value(row.data["label"])
+        if label is None:
+            raise DataError(f"{row.where}: field 'label' must be true or false (the answer is desirable or not; "
+                            f"1 / 0 and a table's \"True\" / \"False\" too); got {row.data['label']!r}")
         return [("completion", row.data["completion"], label)]
     for name in ("chosen", "rejected"):
         if name not in row.data:

@@ -181,9 +181,9 @@ class GRPOConfig:
         choice("loss_type", self.loss_type, tuple(REDUCTIONS))
         choice("importance_sampling_level", self.importance_sampling_level, ("token", "sequence"))
         if self.importance_sampling_level == "sequence" and self.loss_type not in ("grpo", "luspo", "sapo", "rloo"):
-            raise ConfigError(f"importance_sampling_level=sequence (GSPO) averages over sequences (its eq. 5), which is "
-                              f"loss_type=grpo or sapo (or luspo's length-weighted sum, rloo's whole ratio); "
-                              f"loss_type={self.loss_type} "
+            raise ConfigError(f"importance_sampling_level=sequence (GSPO; RLOO's default) averages over sequences (its "
+                              f"eq. 5), which is loss_type=grpo or sapo (or luspo's length-weighted sum, rloo's whole "
+                              f"ratio); for loss_type={self.loss_type} set importance_sampling_level=token: it "
                               "would weigh them by their tokens")
         if self.loss_type == "luspo" and self.importance_sampling_level != "sequence":
             raise ConfigError("loss_type=luspo is GSPO's sequence-level loss weighted by length: set "
@@ -219,9 +219,10 @@ class GRPOConfig:
                      ("process_reward", self.process_reward), ("use_bias_correction_kl", self.use_bias_correction_kl))
                      if v != {"scale_rewards": "none"}.get(k, getattr(GRPOConfig, k))]
             if clash:
+                advice = (" (set scale_rewards=none; normalize_advantages=true scales over the batch, TRL's name)"
+                          if self.scale_rewards != "none" else "; leave it at its default")
                 raise ConfigError(f"advantage_estimator=rloo takes each answer's outcome reward less the mean of its "
-                                  f"group's others, the KL in the reward; {', '.join(clash)} would change that (set "
-                                  "scale_rewards=none; TRL's normalize_advantages is normalize_advantages)")
+                                  f"group's others, the KL in the reward; {', '.join(clash)} would change that{advice}")
         used_only_with("normalize_advantages", self.normalize_advantages, False, self.advantage_estimator == "rloo",
                        "advantage_estimator=rloo (for grpo: scale_rewards)")
         if self.reward_clip_range is not None:

@@ -24,6 +24,9 @@ def hub_hint(path) -> str:
     """For a missing folder named like a Hub id (``org/name``, no ``org`` folder here): that models
     load from folders."""
     text = str(path)
+    if Path(text).name == "snapshot" and (Path(text).parent / "model").is_dir():  # a shipped config after a short SFT
+        return (f" (SFT writes its snapshot when held-out accuracy first reaches snapshot_at_accuracy, and this run "
+                f"never did; start from its final model: model={Path(text).parent / 'model'})")
     if text.count("/") == 1 and not text.startswith((".", "/", "~")) and not Path(text.split("/")[0]).exists():
         return (f" (if {text} is a Hub id: rlhfkit loads a model from a local folder; download it first, e.g. "
                 f"huggingface-cli download {text} --local-dir DIR, and pass DIR)")

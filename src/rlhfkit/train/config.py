@@ -89,11 +89,11 @@ class TrainConfig:
     """The optimisation loop every method shares."""
 
     out_dir: str = "runs/out"  # each method's config gives its own default (runs/sft, runs/dpo, ...)
-    # SFT, RM, DPO, PRM: optimizer steps. GRPO, PPO: rollout steps (each gives mu, or ppo_epochs, x
+    # SFT, RM, DPO, KTO, PRM: optimizer steps. GRPO, RLOO, PPO: rollout steps (each gives mu, or ppo_epochs, x
     # minibatches optimizer steps); the progress bar, the logs and result.json name the unit.
     max_steps: int = 100
     epochs: float = 0  # > 0: passes over the training data instead of max_steps (steps = ceil(epochs x rows / batch))
-    batch_size: int = 32  # rows per optimizer step, over all ranks (SFT, RM, DPO, PRM; GRPO/PPO: prompts_per_step)
+    batch_size: int = 32  # rows per optimizer step, over all ranks (SFT, RM, DPO, KTO, PRM; GRPO/RLOO/PPO: prompts_per_step)
     micro_batch_size: int = 0  # rows per forward on one rank; 0 = the whole per-rank batch
     lr: float = 1e-4  # peak learning rate (AdamW)
     schedule: str = "cosine"  # cosine | constant | linear
@@ -379,6 +379,18 @@ for _family, _first in ((("vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg")
         TRL_NAMES[_name] = TRL_NAMES[_first]
 
 
+# TRL's names as GRPO and RLOO read them, where other methods read them otherwise; the old RLOOTrainer's
+# (TRL before 0.20, PPO-like) among them
+ONLINE_NAMES = {"max_prompt_length": "nothing: GRPO's and RLOO's prompts are not cut (one longer than the model's "
+                                     "positions is refused before training, with its row)",
+                "rloo_k": "group_size", "kl_coef": "beta (with advantage_estimator=rloo in the reward)",
+                "cliprange": "eps_low", "num_ppo_epochs": "mu",
+                "reward_model_path": "rewards (rm:PATH, a reward model as a reward)",
+                "token_level_kl": "nothing: RLOO's KL is the answer's, in its reward (TRL's RLOO since 0.20)",
+                "normalize_reward": "nothing: rewards are used as scored (normalize_advantages for the advantages)",
+                "whiten_rewards": "normalize_advantages (with advantage_estimator=rloo)"}
+
+
 # rlhfkit's own keys that were renamed: said beside an unknown key, for a config written before
 RENAMED = {"scale_std": "scale_rewards (scale_std=true is scale_rewards=group, false is none)"}
 
@@ -400,8 +412,12 @@ def _trl_hint(key: str, prefix: str, names: set[str]) -> str | None:
         hint = "share_prompt (each prompt once, then its answers, no padding between them; on by default)"
     if key in ("precompute_ref_log_probs", "precompute_ref_batch_size") and "desirable_weight" in names:  # KTO
         return "nothing: KTO forwards its reference every step, for the mismatched pairs too (TRL's default)"
+    if key in ONLINE_NAMES and "group_size" in names:  # GRPO and RLOO, also TRL's RLOO of before 0.20
+        hint = ONLINE_NAMES[key]
+    if key in ("max_completion_length", "max_prompt_length") and "max_length" in names and "group_size" not in names:
+        hint = "max_length (prompt and answer together)"
     if key == "per_device_train_batch_size" and "prompts_per_step" in names:  # GRPO and PPO count prompts
-        hint = ("prompts_per_step (prompts a step, over all ranks; TRL's GRPO counts completions per device: "
+        hint = ("prompts_per_step (prompts a step, over all ranks; TRL's GRPO and RLOO count completions per device: "
                 "prompts = per_device x ranks x steps_per_generation / num_generations)")
     if key in HINT_ONLY_WITH and HINT_ONLY_WITH[key] not in names:
         return None
