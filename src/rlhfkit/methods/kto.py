@@ -188,7 +188,7 @@ def run_kto(cfg: KTOConfig) -> dict:
 
     train_offline(run, model, examples, lambda rows: collate_unpaired(rows, pad),
                   kto_objective(cfg, model, reference, run.device, run.router_coef),
-                  evaluate if (held or prompts) else None)
+                  evaluate if (held or prompts) else None, what="answers")
     summary = {"loss": run.metrics.get("loss"), "length_report": report.summary(), **before}
     if run.evals:
         summary.update({k: v for k, v in run.evals[-1].items() if k != "step"})

@@ -83,16 +83,17 @@ def accumulate(model, batches: list, objective: Objective, totals: dict, dtype: 
 
 
 def train_offline(run: Run, model, examples: list, collate: Callable, objective: Objective,
-                  eval_fn: Callable | None = None) -> Run:
+                  eval_fn: Callable | None = None, what: str = "rows") -> Run:
     """Train ``model`` on ``examples`` for ``max_steps`` optimizer steps of ``batch_size`` rows.
 
     ``eval_fn(model) -> dict`` runs every ``eval_every`` steps and at the end; a returned
-    ``stop: True`` ends training there (after a checkpoint).
+    ``stop: True`` ends training there (after a checkpoint). ``what`` the examples are, as said
+    with ``train.epochs`` (KTO's are answers: a pair gives two).
     """
     cfg, info = run.cfg, run.info
     per_rank, micro = split_batch(cfg, info)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
-    scheduler = build_scheduler(optimizer, run.plan(len(examples), cfg.batch_size), cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio)
+    scheduler = build_scheduler(optimizer, run.plan(len(examples), cfg.batch_size, what), cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio)
     run.attach(model, optimizer, scheduler)
     order = BatchOrder(len(examples), cfg.batch_size, cfg.seed)
     evaluate = (lambda: eval_fn(model)) if eval_fn is not None else None

@@ -303,12 +303,12 @@ class Run:
         state = sum(local(v) for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim())
         return 2 * sum(local(p) for p in trained.parameters() if p.requires_grad) + state
 
-    def plan(self, rows: int, per_step: int) -> int:
-        """The number of steps to run: ``train.epochs`` passes over ``rows`` training rows,
-        ``per_step`` of them a step, when epochs is set; else ``train.max_steps``."""
+    def plan(self, rows: int, per_step: int, what: str = "rows") -> int:
+        """The number of steps to run: ``train.epochs`` passes over ``rows`` training rows (or
+        ``what``: KTO's answers), ``per_step`` of them a step, when epochs is set; else ``train.max_steps``."""
         if self.cfg.epochs > 0:
             self.max_steps = max(1, math.ceil(self.cfg.epochs * rows / per_step))
-            self.say(f"epochs={self.cfg.epochs:g} over {rows} rows, {per_step} a step: {self.max_steps} {self.unit}s")
+            self.say(f"epochs={self.cfg.epochs:g} over {rows} {what}, {per_step} a step: {self.max_steps} {self.unit}s")
             if self.cfg.max_steps != TrainConfig.max_steps:  # TRL's max_steps would win over its epochs
                 self.say(f"warning: train.epochs wins over train.max_steps={self.cfg.max_steps}, which is not read "
                          "(in TRL max_steps > 0 overrides num_train_epochs)")
