@@ -25,8 +25,10 @@ from ..data.rows import read_rows
 from ..methods.common import load_policy
 from ..methods.dpo import DPOConfig, run_dpo
 from ..methods.grpo import GRPOConfig, run_grpo
+from ..methods.kto import KTOConfig, run_kto
 from ..methods.ppo import PPOConfig, run_ppo
 from ..methods.prm import PRMConfig, run_prm
+from ..methods.rloo import RLOOConfig, run_rloo
 from ..methods.rm import RMConfig, run_rm
 from ..methods.sft import SFTConfig, run_sft
 from ..models.tiny import write_tiny_default
@@ -91,6 +93,30 @@ def _stage_dpo(ctx: dict) -> dict:
     result = run_dpo(cfg)
     return {k: result[k] for k in ("preference_accuracy", "preference_accuracy_before", "accuracy",
                                    "accuracy_before", "reference", "steps")}
+
+
+def _stage_kto(ctx: dict) -> dict:
+    """KTO on DPO's pairs read as unpaired answers (chosen desirable, rejected not), from the SFT snapshot."""
+    data = ctx["assets"]["data"]
+    cfg = KTOConfig(model=ctx["start_model"], train_data=str(data / "prefs_train.jsonl"),
+                    eval_data=str(data / "prefs_eval.jsonl"), eval_prompts=str(data / "sft_eval.jsonl"),
+                    max_length=64, eval_limit=500, beta=0.5,
+                    train=_train(ctx, "kto", max_steps=100 if ctx["quick"] else 200, batch_size=32, lr=3e-4,
+                                 warmup_steps=10, eval_every=50))
+    result = run_kto(cfg)
+    return {k: result[k] for k in ("preference_accuracy", "accuracy", "accuracy_before", "margin", "steps")}
+
+
+def _stage_rloo(ctx: dict) -> dict:
+    """RLOO with TRL's defaults (the KL in the reward, beta 0.05) on GRPO's task and start."""
+    data = ctx["assets"]["data"]
+    cfg = RLOOConfig(model=ctx["start_model"], train_data=str(data / "prompts_train.jsonl"),
+                     eval_data=str(data / "prompts_eval.jsonl"), eval_limit=500, group_size=8, prompts_per_step=16,
+                     max_new_tokens=16, eval_max_new_tokens=16,
+                     train=_train(ctx, "rloo", max_steps=200 // 3 if ctx["quick"] else 200, lr=1e-4,
+                                  schedule="constant", eval_every=50))
+    result = run_rloo(cfg)
+    return {"accuracy": result["accuracy"], "accuracy_before": result["accuracy_before"], "steps": result["steps"]}
 
 
 def _grpo(ctx: dict, name: str, model: str, prefix: str, steps: int, **options) -> dict:
@@ -166,13 +192,14 @@ def _stage_ppo(ctx: dict) -> dict:
     return {k: result[k] for k in ("rm_score", "rm_score_before", "accuracy", "accuracy_before", "kl", "steps")}
 
 
-STAGES = {"base": _stage_base, "sft": _stage_sft, "rm": _stage_rm, "dpo": _stage_dpo, "grpo": _stage_grpo,
-          "ppo": _stage_ppo, "sft_multistep": _stage_sft_multistep, "grpo_prm": _stage_grpo_prm, "prm": _stage_prm,
-          "grpo_prm_learned": _stage_grpo_prm_learned}
+STAGES = {"base": _stage_base, "sft": _stage_sft, "rm": _stage_rm, "dpo": _stage_dpo, "kto": _stage_kto,
+          "grpo": _stage_grpo, "rloo": _stage_rloo, "ppo": _stage_ppo, "sft_multistep": _stage_sft_multistep,
+          "grpo_prm": _stage_grpo_prm, "prm": _stage_prm, "grpo_prm_learned": _stage_grpo_prm_learned}
 # Run only when named (--stages); none today: every stage, the learned PRM's included, helps.
 OPTIONAL: tuple[str, ...] = ()
 # The stages whose outputs (the ctx keys they set) each stage reads.
-NEEDS = {"rm": ("sft",), "dpo": ("sft",), "grpo": ("sft",), "ppo": ("sft", "rm"), "grpo_prm": ("sft_multistep",),
+NEEDS = {"rm": ("sft",), "dpo": ("sft",), "kto": ("sft",), "grpo": ("sft",), "rloo": ("sft",), "ppo": ("sft", "rm"),
+         "grpo_prm": ("sft_multistep",),
          "prm": ("sft_multistep",), "grpo_prm_learned": ("sft_multistep", "prm")}
 
 
