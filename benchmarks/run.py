@@ -424,7 +424,6 @@ def bench_kto(args) -> dict:
     from rlhfkit.data.unpaired import collate_unpaired, encode_unpaired, with_mismatched
     from rlhfkit.methods.common import frozen_reference
     from rlhfkit.methods.kto import KTOConfig, kto_objective
-    from rlhfkit.models.forward import reads_block_masks
 
     paths = assets(args)
     model, tokenizer = load_policy(paths["model"], paths["tokenizer"])
@@ -434,12 +433,10 @@ def bench_kto(args) -> dict:
     examples = with_mismatched(examples, args.max_length, seed=0)
     reference = frozen_reference(bench_run(args), model, paths["model"], tokenizer, bool(args.lora))
     cfg = KTOConfig(beta=0.1, max_length=args.max_length)
-    share = not args.no_share_prompt and reads_block_masks(model)
-    return offline_bench("kto", args, model, examples,
-                         lambda rows: collate_unpaired(rows, tokenizer.pad_token_id, share),
+    return offline_bench("kto", args, model, examples, lambda rows: collate_unpaired(rows, tokenizer.pad_token_id),
                          kto_objective(cfg, model, reference, "cpu"), 32,
                          {"answers_per_step": 32, "beta": 0.1, "reference": "forwarded every step",
-                          "share_prompt": share, **memory_extra(args, model)}, nograd_passes=3)
+                          **memory_extra(args, model)}, nograd_passes=3)
 
 
 def _prompts(paths, tokenizer) -> tuple[list, list]:
@@ -711,7 +708,7 @@ def main() -> None:
     p.add_argument("--lora", type=int, default=0, help="LoRA rank (0: train every weight)")
     p.add_argument("--packing", action="store_true", help="sft: padding-free batches (SFTConfig.packing)")
     p.add_argument("--no-share-prompt", action="store_true",
-                   help="rm/dpo/kto: one row per answer instead of each prompt once for its answers")
+                   help="rm/dpo: one row per answer instead of each prompt once for its answers")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--skip-zero-advantage", action="store_true",
                    help="grpo: rlhfkit's default with beta 0, not BENCHMARK.md's work: groups whose advantages are "

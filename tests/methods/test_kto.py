@@ -21,13 +21,10 @@ def answer_logps(model, batch) -> torch.Tensor:
     return (picked * batch.completion_mask[:, 1:]).sum(-1)
 
 
-@pytest.mark.parametrize("share", [False, True])
-def test_the_loss_reads_one_reference_point_over_the_steps_micro_batches(tiny, share):
+def test_the_loss_reads_one_reference_point_over_the_steps_micro_batches(tiny):
     """Two micro-batches of 4: the step's z_0 is the mean log(pi / pi_ref) of all 8 mismatched
     pairs (clamped at 0), and the two losses sum to the paper's mean over the 8 examples, computed
-    here from transformers' forwards of the policy and of a reference with noised weights. The
-    reference forwards both answers of a prompt at once, in padded rows or (``share``) after one copy
-    of the prompt: the same numbers."""
+    here from transformers' forwards of the policy and of a reference with noised weights."""
     tokenizer = load_tokenizer(str(tiny["base"]))
     policy = load_causal_lm(str(tiny["base"]), tokenizer)
     ref_module = load_causal_lm(str(tiny["base"]), tokenizer)
@@ -39,7 +36,7 @@ def test_the_loss_reads_one_reference_point_over_the_steps_micro_batches(tiny, s
     examples = with_mismatched(encode_unpaired(rows, tokenizer, max_length=64)[0], 64, seed=0)
     cfg = KTOConfig(model=str(tiny["base"]), train_data="x", beta=0.5, desirable_weight=1.3, undesirable_weight=0.7)
     objective = kto_objective(cfg, policy, Reference(module=ref_module), "cpu")
-    batches = [collate_unpaired(examples[i: i + 4], tokenizer.pad_token_id, share) for i in (0, 4)]
+    batches = [collate_unpaired(examples[i: i + 4], tokenizer.pad_token_id) for i in (0, 4)]
     totals = {}
     for b in batches:
         for k, v in objective.counts(b).items():

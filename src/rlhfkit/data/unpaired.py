@@ -18,7 +18,7 @@ import torch
 
 from .encode import LengthReport, completion_ids, encode_row_prompt, fit_length
 from .formats import shared_prefix
-from .prefs import RankingBatch, RankingExample, SharedPromptBatch, collate_rankings, collate_shared_prompt
+from .prefs import RankingBatch, RankingExample, collate_rankings
 from .rows import DataError, Row
 
 UNPAIRED_FORMATS = ("unpaired_preference", "preference", "implicit_preference")
@@ -36,11 +36,7 @@ class UnpairedExample:
 class UnpairedBatch:
     matched: RankingBatch  # each prompt with its own answer, one output per prompt
     desirable: torch.Tensor  # (P,) bool
-    mismatched: RankingBatch | None = None  # each prompt with another example's answer (KTO's KL pairs)
-    # both answers after each prompt, best-first slots (matched, mismatched): the reference's one forward of
-    # both, the prompt once where the layout shares it (a SharedPromptBatch)
-    both: RankingBatch | SharedPromptBatch | None = None
-    ref_logps: torch.Tensor | None = None  # (P,) the reference's matched log-probs, once a forward has set them
+    mismatched: RankingBatch | None = None  # each prompt with another row's answer (KTO's KL pairs)
 
     @property
     def num_prompts(self) -> int:
@@ -120,17 +116,14 @@ def with_mismatched(examples: list[UnpairedExample], max_length: int, seed: int)
             for i, e in enumerate(examples)]
 
 
-def collate_unpaired(examples: list[UnpairedExample], pad_id: int, share_prompt: bool = False) -> UnpairedBatch:
+def collate_unpaired(examples: list[UnpairedExample], pad_id: int) -> UnpairedBatch:
     """A batch of ``examples``: the matched answers and, where the examples carry them
-    (``with_mismatched``), the mismatched ones, alone and beside the matched ones after one copy of
-    the prompt (``share_prompt``: the block-masked layout, for a model whose attention reads it)."""
+    (``with_mismatched``), the mismatched ones."""
     def padded(pairs):
         return collate_rankings([RankingExample(p, [c], [0]) for p, c in pairs], pad_id)
 
     matched = padded([(e.prompt_ids, e.completion_ids) for e in examples])
-    others = both = None
+    others = None
     if all(e.mismatched_ids is not None for e in examples):
         others = padded([(e.prompt_ids, e.mismatched_ids) for e in examples])
-        pairs = [RankingExample(e.prompt_ids, [e.completion_ids, e.mismatched_ids], [0, 1]) for e in examples]
-        both = collate_shared_prompt(pairs, pad_id) if share_prompt else collate_rankings(pairs, pad_id)
-    return UnpairedBatch(matched, torch.tensor([e.desirable for e in examples]), others, both)
+    return UnpairedBatch(matched, torch.tensor([e.desirable for e in examples]), others)

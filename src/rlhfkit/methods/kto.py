@@ -21,7 +21,7 @@ from ..data.prefs import encode_rankings
 from ..data.rows import read_rows, source_name
 from ..data.unpaired import UnpairedBatch, collate_unpaired, encode_unpaired, with_mismatched
 from ..losses.kto import KTO_LOSSES, kto_loss, reference_point, weights_advice
-from ..models.forward import eval_mode, reads_block_masks, router_balance
+from ..models.forward import eval_mode, router_balance
 from ..models.load import disable_dropout, load_causal_lm, load_tokenizer
 from ..models.lora import Reference
 from ..rollout.backend import SamplerBackend
@@ -58,8 +58,6 @@ class KTOConfig:
     undesirable_weight: float = 1.0  # lambda_U (TRL's name)
     loss_type: str = "kto"  # kto (the paper's) | apo_zero_unpaired (APO's anchor at 0, no reference point)
     eval_limit: int = 500  # held-out rows used, for both evals; 0 = all
-    # the reference forwards each prompt once for its answer and its mismatched one (block mask; SDPA attention only)
-    share_prompt: bool = True
     lora: LoraConfig = field(default_factory=LoraConfig)  # with adapters the reference is the base (adapters off)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/kto"))
 
@@ -88,19 +86,16 @@ def kto_objective(cfg: KTOConfig, policy, reference: Reference, device: str, rou
         if with_point:
             with eval_mode(policy), autocast(cfg.train.dtype, device):
                 mine = sequence_logps(policy, batch.mismatched)
-                with reference() as ref_model:  # matched and mismatched in one forward; the loss reads the matched
-                    theirs = batch.both.grid(sequence_logps(ref_model, batch.both))  # (P, 2)
-            batch.ref_logps = theirs[:, 0]
-            out.update(kl_sum=float((mine - theirs[:, 1]).sum()), kl_pairs=batch.num_prompts)
+                with reference() as ref_model:
+                    theirs = sequence_logps(ref_model, batch.mismatched)
+            out.update(kl_sum=float((mine - theirs).sum()), kl_pairs=batch.num_prompts)
         return out
 
     def loss(model, batch: UnpairedBatch, totals: dict):
         with router_balance(model, router_coef) as balance:
             logps = sequence_logps(model, batch.matched)  # (P,)
-        ref = batch.ref_logps
-        if ref is None:  # apo_zero_unpaired: no forward before the loss
-            with torch.no_grad(), reference() as ref_model:
-                ref = sequence_logps(ref_model, batch.matched)
+        with torch.no_grad(), reference() as ref_model:
+            ref = sequence_logps(ref_model, batch.matched)
         point = reference_point(totals["kl_sum"], totals["kl_pairs"]) if with_point else 0.0
         value, sums = kto_loss(logps, ref, batch.desirable, point, cfg.beta, cfg.desirable_weight,
                                cfg.undesirable_weight, cfg.loss_type, totals["examples"])
@@ -191,8 +186,7 @@ def run_kto(cfg: KTOConfig) -> dict:
             out["preference_accuracy"] = preference_accuracy(model, pairs, pad)
         return {**out, **(accuracy() if prompts else {})}
 
-    share = cfg.share_prompt and reads_block_masks(model)
-    train_offline(run, model, examples, lambda rows: collate_unpaired(rows, pad, share),
+    train_offline(run, model, examples, lambda rows: collate_unpaired(rows, pad),
                   kto_objective(cfg, model, reference, run.device, run.router_coef),
                   evaluate if (held or prompts) else None, what="answers")
     summary = {"loss": run.metrics.get("loss"), "length_report": report.summary(), **before}
