@@ -465,7 +465,8 @@ def test_gspo_is_wired_to_the_update_and_asks_for_the_per_sequence_mean(tiny, tm
                          beta=0.0), reward_fns=[even_answer_digits])
         losses[level] = [m["train/loss"] for m in read_metrics(out) if "train/loss" in m][0]
     assert abs(losses["token"] - losses["sequence"]) > 1e-7, losses
-    with pytest.raises(ConfigError, match="importance_sampling_level=sequence \\(GSPO\\) averages over sequences"):
+    with pytest.raises(ConfigError, match="importance_sampling_level=sequence \\(GSPO; RLOO's default\\) averages over "
+                                          "sequences.*for loss_type=dapo set importance_sampling_level=token"):
         GRPOConfig(model="m", train_data="d.jsonl", importance_sampling_level="sequence", loss_type="dapo")
 
 

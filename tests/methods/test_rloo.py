@@ -52,7 +52,7 @@ def test_rloos_defaults_are_trls_and_its_settings_are_checked(tiny, tmp_path):
 
 def test_the_kl_is_in_the_reward_before_the_leave_one_out_baseline(tiny, tmp_path, monkeypatch):
     """Step 2 (the policy has moved from its reference): the update receives, for every answer,
-    A_i = R_i - mean_{j != i} R_j with R_i = r_i - beta sum_t (log pi_old - log pi_ref), as computed
+    A_i = R_i - mean_{j != i} R_j with R_i = clip(r_i) - beta sum_t (log pi_old - log pi_ref), as computed
     here from the start model's own log-probs; its loss takes no reference; the logged kl is the
     step's mean k1 per token."""
     from rlhfkit.methods.common import chunked_logprobs
@@ -60,7 +60,7 @@ def test_the_kl_is_in_the_reward_before_the_leave_one_out_baseline(tiny, tmp_pat
 
     seen = capture_updates(monkeypatch)
     out = tmp_path / "rloo"
-    run_rloo(rloo_config(tiny, out, 2, beta=0.5, mu=1), reward_fns=[even_answer_digits])
+    run_rloo(rloo_config(tiny, out, 2, beta=0.5, mu=1, reward_clip_range=(0.0, 0.2)), reward_fns=[even_answer_digits])
     ref, batch = seen[1]
     assert ref is None
     samples, mask = batch.samples, batch.samples.completion_mask
@@ -68,7 +68,8 @@ def test_the_kl_is_in_the_reward_before_the_leave_one_out_baseline(tiny, tmp_pat
     ref_logprobs = chunked_logprobs(start, samples, [torch.arange(mask.shape[0])], group=4)
     kl = ((samples.logprobs - ref_logprobs) * mask).sum(-1)  # pi_old: the sampler's, equal to 1e-6
     assert kl.abs().max() > 1e-3  # it has moved
-    expected = loo_advantages(batch.outcome.rewards - 0.5 * kl, 4)
+    assert (batch.outcome.rewards > 0.2).any()  # the clip bites, before the KL is taken off
+    expected = loo_advantages(batch.outcome.rewards.clamp(0.0, 0.2) - 0.5 * kl, 4)
     assert torch.allclose(batch.advantages[:, 0], expected, atol=1e-5)
     assert torch.allclose(batch.advantages, batch.advantages[:, :1].expand_as(batch.advantages))
     logged = [m for m in read_metrics(out) if "train/loss" in m]
@@ -77,7 +78,7 @@ def test_the_kl_is_in_the_reward_before_the_leave_one_out_baseline(tiny, tmp_pat
     # 0 (the sampler's log-probs are 1e-8 apart a token, which would have reached every advantage)
     assert logged[0]["train/kl"] == 0.0
     _, first = seen[0]
-    assert torch.equal(first.advantages[:, 0], loo_advantages(first.outcome.rewards, 4))
+    assert torch.equal(first.advantages[:, 0], loo_advantages(first.outcome.rewards.clamp(0.0, 0.2), 4))
 
 
 def test_normalize_advantages_and_reward_clip_range_reach_the_update(tiny, tmp_path, monkeypatch):
@@ -154,9 +155,8 @@ def test_normalize_advantages_leaves_a_group_with_one_scored_answer_out_of_the_s
 
 
 def test_what_rloo_cannot_read_is_refused(tiny, tmp_path):
-    with pytest.raises(ConfigError, match="normalize_then_sum .GDPO. never forms"):
-        replace(method_config("grpo", tiny, tmp_path, 1), reward_clip_range=(0.0, 1.0),
-                multi_objective_aggregation="normalize_then_sum", rewards="contains_answer,exact_answer")
+    with pytest.raises(ConfigError, match=r"reward_clip_range=\(0.0, 1.0\) is used by advantage_estimator=rloo"):
+        replace(method_config("grpo", tiny, tmp_path, 1), reward_clip_range=(0.0, 1.0))  # TRL's GRPO has none
     with pytest.raises(ConfigError, match="a process reward's per-step advantages are GRPO's"):
         run_rloo(rloo_config(tiny, tmp_path / "p", 1), reward_fns=[even_answer_digits],
                  process_fn=lambda prompts, completions, **_: [[] for _ in completions])

@@ -26,8 +26,8 @@ def _methods() -> dict:
     from ..methods.sft import SFTConfig, run_sft
 
     return {"sft": (SFTConfig, run_sft), "rm": (RMConfig, run_rm), "dpo": (DPOConfig, run_dpo),
-            "kto": (KTOConfig, run_kto),            "grpo": (GRPOConfig, run_grpo), "rloo": (RLOOConfig, run_rloo), "ppo": (PPOConfig, run_ppo),
-            "prm": (PRMConfig, run_prm)}
+            "kto": (KTOConfig, run_kto), "grpo": (GRPOConfig, run_grpo), "rloo": (RLOOConfig, run_rloo),
+            "ppo": (PPOConfig, run_ppo), "prm": (PRMConfig, run_prm)}
 
 
 METHOD_HELP = {

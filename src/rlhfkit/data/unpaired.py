@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .encode import LengthReport, completion_ids, encode_row_prompt, fit_length
-from .formats import shared_prefix
+from .formats import require_format, row_format, shared_prefix
 from .prefs import RankingBatch, RankingExample, collate_rankings
 from .rows import DataError, Row
 
@@ -57,8 +57,6 @@ def label_value(value) -> bool | None:
 def unpaired_answers(row: Row, method: str = "kto") -> list[tuple[str, object, bool]]:
     """(field, answer, desirable) of a row: its completion and label, or a pair's two answers. A
     label is a boolean, or as a table writes one: 1 / 0, "True" / "False" (a csv cell)."""
-    from .formats import require_format, row_format
-
     if row_format(row) == "prompt_completion":  # an unpaired row without its label (or a misspelt one)
         raise DataError(f"{row.where}: missing field 'label' (true where the completion is desirable; fields present: "
                         f"{', '.join(sorted(row.data))})")

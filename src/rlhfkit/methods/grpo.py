@@ -2,8 +2,9 @@
 
 Reads top to bottom, one rollout step at a time: the rollout backend samples G completions
 per prompt from pi_old -> the rewards score them (outcome, or per step for process rewards)
--> group advantages -> mu policy updates on the same samples with the clipped, k3-regularised
-loss of losses/grpo.py. The run skeleton (train/run.py) does set-up, checks and cadence;
+-> group advantages (RLOO's: the KL in the reward, then leave-one-out, ``rloo_advantages``) ->
+mu policy updates on the same samples with the clipped, k3-regularised loss of losses/grpo.py
+(RLOO's: no KL term). methods/rloo.py is this loop with RLOO's defaults. The run skeleton (train/run.py) does set-up, checks and cadence;
 grpo_rewards.py resolves the rewards the config names, grpo_batch.py holds the batch's filters
 and DAPO's dynamic sampling.
 """
@@ -146,7 +147,7 @@ class GRPOConfig:
     # pi_old) in place of the loss (Ahmadian et al. 2024; TRL's RLOOTrainer, `rlhfkit rloo`; veRL's name)
     advantage_estimator: str = "grpo"
     normalize_advantages: bool = False  # rloo: the advantages centred and scaled over the step's batch (TRL's name)
-    # (low, high): the weighted outcome reward clamped to it before the advantages (TRL's RLOO name); None: not
+    # rloo: (low, high), the weighted outcome reward clamped to it before the KL (TRL's RLOO name); None: not
     reward_clip_range: tuple[float, float] | None = None
     # several rewards: sum_then_normalize (their weighted sum, then the advantages above) or normalize_then_sum
     # (GDPO: each normalised in its group, summed, then normalised over the batch); TRL's name and values
@@ -225,15 +226,12 @@ class GRPOConfig:
                                   f"group's others, the KL in the reward; {', '.join(clash)} would change that{advice}")
         used_only_with("normalize_advantages", self.normalize_advantages, False, self.advantage_estimator == "rloo",
                        "advantage_estimator=rloo (for grpo: scale_rewards)")
-        if self.reward_clip_range is not None:
+        if self.reward_clip_range is not None:  # TRL's RLOO option (its GRPO has none)
             if not self.reward_clip_range[0] < self.reward_clip_range[1]:
                 raise ConfigError(f"config key 'reward_clip_range' must be [low, high] with low < high; got "
                                   f"{list(self.reward_clip_range)}")
-            if self.process_reward is not None:
-                raise ConfigError("reward_clip_range clamps the outcome reward, which process_reward replaces; set one")
-            if self.multi_objective_aggregation == "normalize_then_sum":
-                raise ConfigError("reward_clip_range clamps the weighted sum of the rewards, which "
-                                  "multi_objective_aggregation=normalize_then_sum (GDPO) never forms: set one")
+            used_only_with("reward_clip_range", self.reward_clip_range, None, self.advantage_estimator == "rloo",
+                           "advantage_estimator=rloo (TRL's RLOO option)")
         if self.scale_rewards == "batch" and self.process_reward is not None:
             raise ConfigError("scale_rewards=batch scales outcome advantages; a process reward's step rewards are "
                               "normalised over their group (scale_rewards group or none)")
@@ -313,11 +311,10 @@ def advantages_for(cfg: GRPOConfig, samples: Samples, completions, prompts, pass
         columns = columns.masked_fill(outcome.rewards.isnan()[:, None], float("nan"))
         adv = decoupled_advantages(columns, [*weights, 1.0][: columns.shape[1]], cfg.group_size).nan_to_num(0.0)
         return adv[:, None].expand(-1, length).clone(), None
-    rewards = clipped_rewards(outcome.rewards, cfg)
     if cfg.advantage_estimator == "rloo":  # without the KL: rloo_advantages adds it once pi_old and pi_ref are known
-        return loo_advantages(rewards, cfg.group_size)[:, None].expand(-1, length).clone(), None
+        return loo_advantages(clipped_rewards(outcome.rewards, cfg), cfg.group_size)[:, None].expand(-1, length).clone(), None
     # batch: centred here, scaled once the step's batch is whole (scaled_by_batch)
-    adv = group_advantages(rewards, cfg.group_size, cfg.scale_rewards == "group")  # (B,)
+    adv = group_advantages(outcome.rewards, cfg.group_size, cfg.scale_rewards == "group")  # (B,)
     return adv[:, None].expand(-1, length).clone(), None
 
 
@@ -337,9 +334,7 @@ def rloo_advantages(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig
     samples, mask = batch.samples, batch.samples.completion_mask
     rewards, metrics = clipped_rewards(batch.outcome.rewards, cfg).to(mask.device), {}
     if reference is not None:
-        n = mask.shape[0]
-        chunks = [torch.arange(n, device=mask.device)[i] for i in row_chunks(n, cfg.train.micro_batch_size or n)]
-        group = cfg.group_size if cfg.share_prompt and all(len(i) % cfg.group_size == 0 for i in chunks) else 1
+        chunks, group = micro_batches(torch.arange(mask.shape[0], device=mask.device), mask.shape[0], cfg)
         with reference() as ref_model:
             ref = chunked_logprobs(ref_model, samples, chunks, group, cfg.temperature, cfg.train.dtype)
         old = chunked_logprobs(policy, samples, chunks, group, cfg.temperature, cfg.train.dtype)
@@ -418,6 +413,13 @@ def forwarded_rows(run: Run, advantages: torch.Tensor, mask: torch.Tensor, cfg: 
     return rows[live]
 
 
+def micro_batches(rows: torch.Tensor, whole: int, cfg: GRPOConfig) -> tuple[list, int]:
+    """``rows`` in forwards of ``train.micro_batch_size`` rows (else ``whole``), and the group size
+    each forward shares a prompt over: G where every micro-batch holds whole groups, else 1."""
+    chunks = [rows[i] for i in row_chunks(len(rows), cfg.train.micro_batch_size or whole)]
+    return chunks, cfg.group_size if cfg.share_prompt and all(len(i) % cfg.group_size == 0 for i in chunks) else 1
+
+
 BALANCE_RANKS = True  # False: each replicated rank forwards its own groups with a signal (benchmarks/balance.py)
 
 
@@ -459,9 +461,7 @@ def update_rows(run: Run, policy, reference, samples: Samples, advantages: torch
         mask = samples.completion_mask
     rows = forwarded_rows(run, advantages, mask, cfg)
     # a rank dealt more rows than it sampled forwards them in forwards of at most its own batch's rows
-    chunks = [rows[i] for i in row_chunks(len(rows), cfg.train.micro_batch_size or local_rows)]
-    # a micro-batch of whole groups forwards each prompt once for its G samples
-    group = cfg.group_size if cfg.share_prompt and all(len(i) % cfg.group_size == 0 for i in chunks) else 1
+    chunks, group = micro_batches(rows, local_rows, cfg)
     # a mixture of experts' router balancing loss: a mean over the step's forwards on every rank
     forwards = reduce_dict({"forwards": len(chunks)}, run.info)["forwards"] if run.router_coef else 1
     ref_logprobs = old_logprobs = None

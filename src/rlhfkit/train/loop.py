@@ -1,9 +1,10 @@
-"""The loop the offline methods (SFT, RM, DPO) share: batches -> loss -> optimizer step.
+"""The loop the offline methods (SFT, RM, PRM, DPO, KTO) share: batches -> loss -> optimizer step.
 
 It runs inside the run skeleton (run.py): set-up, checks, cadence and checkpoints are there.
 
 A method hands in an ``Objective``: how to count a micro-batch's denominators (tokens,
-pairs, prompts) and how to compute its loss given the *global* totals. The loop sums the
+pairs, prompts; KTO's also the sums its reference point is the mean of, from forwards without
+gradient) and how to compute its loss given the *global* totals. The loop sums the
 counts over micro-batches and ranks first, so gradient accumulation and multi-process
 training give the same update as one big batch.
 """
