@@ -491,12 +491,24 @@ def bench_generate(args) -> dict:
             "sequences": 32, "new_tokens": 16, "settings": SETTINGS, **kernel_choice(), **measured_split()}
 
 
-def bench_grpo(args) -> dict:
-    from rlhfkit.losses.grpo import group_advantages
-    from rlhfkit.methods.grpo import GRPOConfig, Rollout, update
+def sampled_and_scored(model, tokenizer, rows, prompts, i: int):
+    """Step ``i``'s rollout of GRPO's and RLOO's work: 8 prompts x 4 samples of at most 16 new tokens,
+    temperature 1, scored by the contains-answer reward. (samples, OutcomeScores)"""
     from rlhfkit.rollout.rewards import score_outcomes
     from rlhfkit.rollout.sampler import decode, sample
     from rlhfkit.tasks.arithmetic import contains_answer
+
+    chunk = list(range(i * 8, i * 8 + 8))
+    samples = sample(model, [prompts[j % len(prompts)] for j in chunk], eos_id=tokenizer.eos_token_id,
+                     pad_id=tokenizer.pad_token_id, max_new_tokens=16, temperature=1.0, num_samples=4)
+    texts = decode(tokenizer, samples)
+    answers = [rows[j % len(rows)].data["answer"] for j in chunk for _ in range(4)]
+    return samples, score_outcomes([contains_answer], [1.0], [""] * len(texts), texts, {"answer": answers})
+
+
+def bench_grpo(args) -> dict:
+    from rlhfkit.losses.grpo import group_advantages
+    from rlhfkit.methods.grpo import GRPOConfig, Rollout, update
     paths = assets(args)
     model, tokenizer = load_policy(paths["model"], paths["tokenizer"])
     run = bench_run(args)
@@ -512,12 +524,7 @@ def bench_grpo(args) -> dict:
     sampled, trained = [], []
 
     def step(i: int) -> float:
-        chunk = list(range(i * 8, i * 8 + 8))
-        samples = sample(model, [prompts[j % len(prompts)] for j in chunk], eos_id=tokenizer.eos_token_id,
-                         pad_id=tokenizer.pad_token_id, max_new_tokens=16, temperature=1.0, num_samples=4)
-        texts = decode(tokenizer, samples)
-        answers = [rows[j % len(rows)].data["answer"] for j in chunk for _ in range(4)]
-        scores = score_outcomes([contains_answer], [1.0], [""] * len(texts), texts, {"answer": answers})
+        samples, scores = sampled_and_scored(model, tokenizer, rows, prompts, i)
         adv = group_advantages(scores.rewards, 4)[:, None].expand(-1, samples.completion_ids.shape[1])
         metrics = update(run, model, None, Rollout(samples, scores, adv, 0.0), cfg, exact=True,
                          pad_id=tokenizer.pad_token_id)
@@ -543,9 +550,6 @@ def bench_rloo(args) -> dict:
     from rlhfkit.methods.common import frozen_reference
     from rlhfkit.methods.grpo import Rollout, rloo_advantages, update
     from rlhfkit.methods.rloo import RLOOConfig
-    from rlhfkit.rollout.rewards import score_outcomes
-    from rlhfkit.rollout.sampler import decode, sample
-    from rlhfkit.tasks.arithmetic import contains_answer
     paths = assets(args)
     model, tokenizer = load_policy(paths["model"], paths["tokenizer"])
     run = bench_run(args)
@@ -559,12 +563,7 @@ def bench_rloo(args) -> dict:
     sampled, trained = [], []
 
     def step(i: int) -> float:
-        chunk = list(range(i * 8, i * 8 + 8))
-        samples = sample(model, [prompts[j % len(prompts)] for j in chunk], eos_id=tokenizer.eos_token_id,
-                         pad_id=tokenizer.pad_token_id, max_new_tokens=16, temperature=1.0, num_samples=4)
-        texts = decode(tokenizer, samples)
-        answers = [rows[j % len(rows)].data["answer"] for j in chunk for _ in range(4)]
-        scores = score_outcomes([contains_answer], [1.0], [""] * len(texts), texts, {"answer": answers})
+        samples, scores = sampled_and_scored(model, tokenizer, rows, prompts, i)
         adv = loo_advantages(scores.rewards, 4)[:, None].expand(-1, samples.completion_ids.shape[1])
         batch, _ = rloo_advantages(run, model, reference, Rollout(samples, scores, adv, 0.0), cfg)
         metrics = update(run, model, None, batch, cfg, exact=True, pad_id=tokenizer.pad_token_id)
