@@ -149,7 +149,7 @@ def run_kto(cfg: KTOConfig) -> dict:
     advice = weights_advice(n_good, len(examples) - n_good, cfg.desirable_weight, cfg.undesirable_weight)
     if advice:
         run.say(f"warning: {advice}")
-    if n_good in (0, len(examples)):  # KTO trains on one kind too (the paper's section 4.3); TRL warns here
+    if n_good in (0, len(examples)):  # the loss is defined for either kind alone; TRL warns here
         run.say(f"note: every answer is {'desirable' if n_good else 'undesirable'}: the loss only "
                 f"{'raises' if n_good else 'lowers'} their likelihood against the reference point")
     held, pairs, eval_report = [], [], None
