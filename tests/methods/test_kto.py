@@ -89,6 +89,20 @@ def test_the_steps_do_not_depend_on_the_micro_batches(tiny, tmp_path):
     assert single == pytest.approx(whole, abs=1e-5)
 
 
+def test_under_bf16_the_start_is_exactly_its_reference(tiny, tmp_path):
+    """train.dtype=bf16: the policy's and the reference's forwards run under the same autocast in the
+    same layout, so at step 1 every r is 0 and so is z_0 (each answer's loss w (1 - sigma(0))), and
+    the steps after train (z_0 moves off 0, the loss off 0.5)."""
+    cfg = KTOConfig(model=str(tiny["base"]), train_data=str(tiny["data"] / "prefs_train.jsonl"), max_length=64,
+                    beta=0.5, train=quiet_train(tmp_path / "bf16", max_steps=3, batch_size=8, lr=1e-3, log_every=1,
+                                                dtype="bf16"))
+    run_kto(cfg)
+    logged = [m for m in read_metrics(tmp_path / "bf16") if "train/loss" in m]
+    assert logged[0]["train/kl"] == 0.0 and logged[0]["train/loss"] == 0.5
+    assert logged[0]["train/rewards_chosen"] == 0.0 and logged[0]["train/rewards_rejected"] == 0.0
+    assert logged[-1]["train/loss"] != 0.5
+
+
 @pytest.mark.slow
 def test_kto_raises_preference_accuracy_without_collapse(tiny, sft_run, tmp_path):
     """DPO's test set-up (the SFT snapshot, the same pairs read as unpaired answers, 150 steps of 32

@@ -81,6 +81,19 @@ def test_the_kl_is_in_the_reward_before_the_leave_one_out_baseline(tiny, tmp_pat
     assert torch.equal(first.advantages[:, 0], loo_advantages(first.outcome.rewards.clamp(0.0, 0.2), 4))
 
 
+def test_under_bf16_the_kl_starts_at_exactly_0(tiny, tmp_path, monkeypatch):
+    """train.dtype=bf16: pi_old and pi_ref are forwards under the same autocast, so at step 1 the
+    KL in the reward is exactly 0 and the advantages are the rewards' leave-one-out alone."""
+    seen = capture_updates(monkeypatch)
+    out = tmp_path / "bf16"
+    cfg = rloo_config(tiny, out, 2, beta=0.5, mu=1)
+    run_rloo(replace(cfg, train__dtype="bf16"), reward_fns=[even_answer_digits])
+    logged = [m for m in read_metrics(out) if "train/loss" in m]
+    assert logged[0]["train/kl"] == 0.0 and logged[1]["train/kl"] != 0.0
+    _, first = seen[0]
+    assert torch.equal(first.advantages[:, 0], loo_advantages(first.outcome.rewards, 4))
+
+
 def test_normalize_advantages_and_reward_clip_range_reach_the_update(tiny, tmp_path, monkeypatch):
     seen = capture_updates(monkeypatch)
     run_rloo(rloo_config(tiny, tmp_path / "clip", 1, beta=0.0, reward_clip_range=(0.0, 0.2)),

@@ -19,7 +19,7 @@ from methods_setup import RUNS, method_config  # noqa: E402
 
 from rlhfkit.train.config import LoraConfig, replace  # noqa: E402
 
-METHODS = ("sft", "rm", "grpo", "ppo")
+METHODS = ("sft", "rm", "kto", "grpo", "rloo", "ppo")
 
 
 def _rank(rank: int, out: str, tiny: str) -> None:
@@ -27,7 +27,7 @@ def _rank(rank: int, out: str, tiny: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{out}/pg", rank=rank, world_size=2)
     torch.set_num_threads(1)
     assets = {"base": Path(tiny) / "base", "data": Path(tiny) / "data"}
-    jobs = [(m, "fsdp") for m in METHODS] + [(m, "replicate") for m in ("grpo", "ppo")]
+    jobs = [(m, "fsdp") for m in METHODS] + [(m, "replicate") for m in ("grpo", "rloo", "ppo")]
     for method, strategy in jobs:
         cfg = method_config(method, assets, Path(out) / f"{method}-{strategy}", 3, log_every=1, strategy=strategy)
         RUNS[method](replace(cfg, lora=LoraConfig(r=4, alpha=8)))
