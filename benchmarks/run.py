@@ -491,19 +491,40 @@ def bench_generate(args) -> dict:
             "sequences": 32, "new_tokens": 16, "settings": SETTINGS, **kernel_choice(), **measured_split()}
 
 
-def sampled_and_scored(model, tokenizer, rows, prompts, i: int):
-    """Step ``i``'s rollout of GRPO's and RLOO's work: 8 prompts x 4 samples of at most 16 new tokens,
-    temperature 1, scored by the contains-answer reward. (samples, OutcomeScores)"""
+def rollout_bench(method: str, args, run, model, tokenizer, paths, update_fn, extra: dict,
+                  nograd_passes: int = 0) -> dict:
+    """GRPO's and RLOO's step: 8 prompts x 4 samples of at most 16 new tokens, temperature 1,
+    scored by the contains-answer reward, then ``update_fn(samples, scores) -> loss`` (advantages
+    and the optimizer step). ``nograd_passes``: forwards without gradient of the sampled sequences
+    besides sampling (RLOO's pi_old and pi_ref)."""
     from rlhfkit.rollout.rewards import score_outcomes
     from rlhfkit.rollout.sampler import decode, sample
     from rlhfkit.tasks.arithmetic import contains_answer
 
-    chunk = list(range(i * 8, i * 8 + 8))
-    samples = sample(model, [prompts[j % len(prompts)] for j in chunk], eos_id=tokenizer.eos_token_id,
-                     pad_id=tokenizer.pad_token_id, max_new_tokens=16, temperature=1.0, num_samples=4)
-    texts = decode(tokenizer, samples)
-    answers = [rows[j % len(rows)].data["answer"] for j in chunk for _ in range(4)]
-    return samples, score_outcomes([contains_answer], [1.0], [""] * len(texts), texts, {"answer": answers})
+    rows, prompts = _prompts(paths, tokenizer)
+    optimizer = build_optimizer(model, SETTINGS["lr"])
+    scheduler = build_scheduler(optimizer, 10**9, 0, "constant")
+    run.modules = (model, optimizer, scheduler)
+    sampled, trained = [], []
+
+    def step(i: int) -> float:
+        chunk = list(range(i * 8, i * 8 + 8))
+        samples = sample(model, [prompts[j % len(prompts)] for j in chunk], eos_id=tokenizer.eos_token_id,
+                         pad_id=tokenizer.pad_token_id, max_new_tokens=16, temperature=1.0, num_samples=4)
+        texts = decode(tokenizer, samples)
+        answers = [rows[j % len(rows)].data["answer"] for j in chunk for _ in range(4)]
+        scores = score_outcomes([contains_answer], [1.0], [""] * len(texts), texts, {"answer": answers})
+        loss = update_fn(samples, scores)
+        sampled.append(int(samples.completion_mask.sum()))
+        trained.append(int(samples.attention_mask.sum()))
+        return loss
+
+    times, losses = timed_steps(step, args.warmup, args.steps)
+    gen, train = statistics.mean(sampled[args.warmup:]), statistics.mean(trained[args.warmup:])
+    result = report(method, times, losses, train, gen + nograd_passes * train, model,
+                    {"prompts": 8, "group_size": 4, "max_new_tokens": 16, **extra, **memory_extra(args, model)})
+    result["gen_tokens_per_s"] = round(gen / result["sec_per_step"], 1)
+    return result
 
 
 def bench_grpo(args) -> dict:
@@ -513,32 +534,18 @@ def bench_grpo(args) -> dict:
     model, tokenizer = load_policy(paths["model"], paths["tokenizer"])
     run = bench_run(args)
     model = run.prepare(model, lora_config(args), base=paths["model"])
-    rows, prompts = _prompts(paths, tokenizer)
     # BENCHMARK.md: groups whose advantages are all zero are forwarded like the rest (--skip-zero-advantage:
     # rlhfkit's default with beta 0, outside the contract)
     cfg = GRPOConfig(group_size=4, prompts_per_step=8, max_new_tokens=16, beta=0.0, mu=1,
                      skip_zero_advantage=args.skip_zero_advantage)
-    optimizer = build_optimizer(model, SETTINGS["lr"])
-    scheduler = build_scheduler(optimizer, 10**9, 0, "constant")
-    run.modules = (model, optimizer, scheduler)
-    sampled, trained = [], []
 
-    def step(i: int) -> float:
-        samples, scores = sampled_and_scored(model, tokenizer, rows, prompts, i)
+    def update_fn(samples, scores) -> float:
         adv = group_advantages(scores.rewards, 4)[:, None].expand(-1, samples.completion_ids.shape[1])
-        metrics = update(run, model, None, Rollout(samples, scores, adv, 0.0), cfg, exact=True,
-                         pad_id=tokenizer.pad_token_id)
-        sampled.append(int(samples.completion_mask.sum()))
-        trained.append(int(samples.attention_mask.sum()))
-        return metrics["loss"]
+        return update(run, model, None, Rollout(samples, scores, adv, 0.0), cfg, exact=True,
+                      pad_id=tokenizer.pad_token_id)["loss"]
 
-    times, losses = timed_steps(step, args.warmup, args.steps)
-    gen = statistics.mean(sampled[args.warmup:])
-    result = report("grpo", times, losses, statistics.mean(trained[args.warmup:]), gen, model,
-                    {"prompts": 8, "group_size": 4, "max_new_tokens": 16, "beta": 0.0,
-                     "skip_zero_advantage": args.skip_zero_advantage, **memory_extra(args, model)})
-    result["gen_tokens_per_s"] = round(gen / result["sec_per_step"], 1)
-    return result
+    return rollout_bench("grpo", args, run, model, tokenizer, paths, update_fn,
+                         {"beta": 0.0, "skip_zero_advantage": args.skip_zero_advantage})
 
 
 def bench_rloo(args) -> dict:
@@ -555,30 +562,14 @@ def bench_rloo(args) -> dict:
     run = bench_run(args)
     model = run.prepare(model, lora_config(args), base=paths["model"])
     reference = frozen_reference(run, model, paths["model"], tokenizer, bool(args.lora))
-    rows, prompts = _prompts(paths, tokenizer)
     cfg = RLOOConfig(group_size=4, prompts_per_step=8, max_new_tokens=16, mu=1)
-    optimizer = build_optimizer(model, SETTINGS["lr"])
-    scheduler = build_scheduler(optimizer, 10**9, 0, "constant")
-    run.modules = (model, optimizer, scheduler)
-    sampled, trained = [], []
 
-    def step(i: int) -> float:
-        samples, scores = sampled_and_scored(model, tokenizer, rows, prompts, i)
+    def update_fn(samples, scores) -> float:
         adv = loo_advantages(scores.rewards, 4)[:, None].expand(-1, samples.completion_ids.shape[1])
         batch, _ = rloo_advantages(run, model, reference, Rollout(samples, scores, adv, 0.0), cfg)
-        metrics = update(run, model, None, batch, cfg, exact=True, pad_id=tokenizer.pad_token_id)
-        sampled.append(int(samples.completion_mask.sum()))
-        trained.append(int(samples.attention_mask.sum()))
-        return metrics["loss"]
+        return update(run, model, None, batch, cfg, exact=True, pad_id=tokenizer.pad_token_id)["loss"]
 
-    times, losses = timed_steps(step, args.warmup, args.steps)
-    gen = statistics.mean(sampled[args.warmup:])
-    # no-grad forwards: sampling, then pi_old and pi_ref over the same sequences
-    result = report("rloo", times, losses, statistics.mean(trained[args.warmup:]),
-                    gen + 2 * statistics.mean(trained[args.warmup:]), model,
-                    {"prompts": 8, "group_size": 4, "max_new_tokens": 16, "beta": 0.05, **memory_extra(args, model)})
-    result["gen_tokens_per_s"] = round(gen / result["sec_per_step"], 1)
-    return result
+    return rollout_bench("rloo", args, run, model, tokenizer, paths, update_fn, {"beta": 0.05}, nograd_passes=2)
 
 
 def bench_ppo(args) -> dict:

@@ -404,23 +404,29 @@ HINT_ONLY_WITH = {"loss_weights": "rpo_alpha", "steps_per_generation": "group_si
                   "eval_packing": "packing", "precompute_ref_batch_size": "rpo_alpha"}
 
 
+# TRL's names whose answer depends on the method reading them, each winning over TRL_NAMES where it
+# applies (the first that does): (names, a field the method has or None, a field it lacks or None, answer)
+BY_METHOD = [
+    (("padding_free",), None, "packing",  # DPO's and GRPO's own padding-free layout
+     "share_prompt (each prompt once, then its answers, no padding between them; on by default)"),
+    (("precompute_ref_log_probs", "precompute_ref_batch_size"), "desirable_weight", None,  # KTO
+     "nothing: KTO forwards its reference every step, for the mismatched pairs too (TRL's default)"),
+    *(((k,), "group_size", None, v) for k, v in ONLINE_NAMES.items()),  # GRPO and RLOO, and TRL's RLOO before 0.20
+    (("max_completion_length", "max_prompt_length"), "max_length", "group_size", "max_length (prompt and answer together)"),
+    (("per_device_train_batch_size",), "prompts_per_step", None,  # GRPO, RLOO and PPO count prompts
+     "prompts_per_step (prompts a step, over all ranks; TRL's GRPO and RLOO count completions per device: "
+     "prompts = per_device x ranks x steps_per_generation / num_generations)"),
+]
+
+
 def _trl_hint(key: str, prefix: str, names: set[str]) -> str | None:
     """rlhfkit's name for TRL's ``key``, where the config being read (its fields ``names``, under
     ``prefix``) has it."""
-    hint = TRL_NAMES.get(key)
-    if key == "padding_free" and "packing" not in names:  # DPO's and GRPO's own padding-free layout
-        hint = "share_prompt (each prompt once, then its answers, no padding between them; on by default)"
-    if key in ("precompute_ref_log_probs", "precompute_ref_batch_size") and "desirable_weight" in names:  # KTO
-        return "nothing: KTO forwards its reference every step, for the mismatched pairs too (TRL's default)"
-    if key in ONLINE_NAMES and "group_size" in names:  # GRPO and RLOO, also TRL's RLOO of before 0.20
-        hint = ONLINE_NAMES[key]
-    if key in ("max_completion_length", "max_prompt_length") and "max_length" in names and "group_size" not in names:
-        hint = "max_length (prompt and answer together)"
-    if key == "per_device_train_batch_size" and "prompts_per_step" in names:  # GRPO and PPO count prompts
-        hint = ("prompts_per_step (prompts a step, over all ranks; TRL's GRPO and RLOO count completions per device: "
-                "prompts = per_device x ranks x steps_per_generation / num_generations)")
-    if key in HINT_ONLY_WITH and HINT_ONLY_WITH[key] not in names:
+    own = next((answer for keys, has, lacks, answer in BY_METHOD
+                if key in keys and (has is None or has in names) and lacks not in names), None)
+    if own is None and key in HINT_ONLY_WITH and HINT_ONLY_WITH[key] not in names:
         return None
+    hint = own or TRL_NAMES.get(key)
     if hint is None or hint.startswith("nothing"):
         return hint
     target = hint.split(" ")[0].split("=")[0]
