@@ -825,9 +825,18 @@ def test_gdpo_keeps_every_reward_its_own_column_and_refuses_a_process_reward(tin
     assert list(batch.outcome.per_function) == ["<lambda>", "<lambda>_2", "overlong"]
     lengths = torch.tensor([float(v) for v in batch.outcome.per_function["<lambda>"]])
     assert not lengths.isnan().any() and (batch.outcome.per_function["<lambda>_2"].isnan().sum() > 0)
-    with pytest.raises(ConfigError, match="normalize_then_sum .GDPO. normalises outcome rewards; a process reward"):
-        run_grpo(replace(cfg, overlong_buffer=0, train__out_dir=str(tmp_path / "p")), reward_fns=[first],
-                 process_fn=lambda prompts, completions, **_: [[(0, 1.0)] for _ in completions])
+    steps = lambda prompts, completions, **_: [[(0, 1.0)] for _ in completions]  # noqa: E731
+    with pytest.raises(ConfigError, match="a process reward passed to run_grpo .*normalize_then_sum .GDPO."):
+        run_grpo(replace(cfg, overlong_buffer=0, train__out_dir=str(tmp_path / "p")), reward_fns=[first], process_fn=steps)
+    # one passed in Python meets every check the config key does, before the run starts: scale_rewards=batch
+    # (it had scaled the step advantages by the outcome rewards' std) and overlong_buffer (ignored) too
+    for bad, said in ((dict(scale_rewards="batch"), "scale_rewards=batch scales outcome advantages"),
+                      (dict(overlong_buffer=2), "overlong_buffer shapes the outcome reward")):
+        out = tmp_path / f"p-{said[:8]}"
+        with pytest.raises(ConfigError, match=f"a process reward passed to run_grpo .*{said}"):
+            run_grpo(replace(cfg, multi_objective_aggregation="sum_then_normalize", train__out_dir=str(out),
+                             **{"overlong_buffer": 0, **bad}), reward_fns=[first], process_fn=steps)
+        assert not out.exists()
 
 
 def test_gdpo_leaves_a_sample_every_reward_abstained_on_out_of_every_column():

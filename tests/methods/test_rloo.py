@@ -170,6 +170,6 @@ def test_normalize_advantages_leaves_a_group_with_one_scored_answer_out_of_the_s
 def test_what_rloo_cannot_read_is_refused(tiny, tmp_path):
     with pytest.raises(ConfigError, match=r"reward_clip_range=\(0.0, 1.0\) is used by advantage_estimator=rloo"):
         replace(method_config("grpo", tiny, tmp_path, 1), reward_clip_range=(0.0, 1.0))  # TRL's GRPO has none
-    with pytest.raises(ConfigError, match="a process reward's per-step advantages are GRPO's"):
+    with pytest.raises(ConfigError, match="a process reward passed to run_grpo .*advantage_estimator=rloo takes"):
         run_rloo(rloo_config(tiny, tmp_path / "p", 1), reward_fns=[even_answer_digits],
                  process_fn=lambda prompts, completions, **_: [[] for _ in completions])

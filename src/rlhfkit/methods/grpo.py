@@ -605,6 +605,13 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
              process_fn=None, backend=None) -> dict:
     """Train with GRPO. Python callers may pass their own reward callables, and a rollout
     backend object of their own (rollout/backend.py) in place of ``rollout.backend``'s."""
+    if process_fn is not None and not cfg.process_reward:  # the config's checks, as for the key, before any run
+        shipped = next(iter(PROCESS_REWARDS))
+        try:
+            replace(cfg, process_reward=shipped)
+        except ConfigError as e:
+            raise ConfigError(f"a process reward passed to run_grpo (checked as process_reward={shipped} would "
+                              f"be): {e}") from None
     rewards = resolve_rewards(cfg, reward_fns, weights, process_fn)
     config = recorded_config(cfg, rewards, reward_fns is not None, process_fn is not None)
     refuse_offline_batch_fields("grpo", cfg.train)
@@ -612,12 +619,6 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
     run = start_run(tc, config, cfg.advantage_estimator, unit="rollout step", show=("reward_mean",))
     for line in replaced_rewards(cfg, reward_fns is not None, process_fn is not None):
         run.say(line)
-    if rewards.process is not None and cfg.multi_objective_aggregation == "normalize_then_sum":
-        raise ConfigError("multi_objective_aggregation=normalize_then_sum (GDPO) normalises outcome rewards; a process "
-                          "reward's per-step advantages are normalised over their group: leave it at sum_then_normalize")
-    if rewards.process is not None and cfg.advantage_estimator == "rloo":
-        raise ConfigError("advantage_estimator=rloo takes each answer's outcome reward less the mean of its group's "
-                          "others; a process reward's per-step advantages are GRPO's (advantage_estimator=grpo)")
     if rewards.process is not None or cfg.process_reward:
         run.say("the process reward's steps drive the advantages (logged as reward/process_mean); the outcome "
                 f"rewards ({config['rewards']}) "
