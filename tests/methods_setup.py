@@ -2,6 +2,7 @@
 
 from helpers import quiet_train
 
+from rlhfkit.methods.distill import DistillConfig, run_distill
 from rlhfkit.methods.dpo import DPOConfig, run_dpo
 from rlhfkit.methods.grpo import GRPOConfig, run_grpo
 from rlhfkit.methods.kto import KTOConfig, run_kto
@@ -50,7 +51,8 @@ def dynamic_sampling_config(tiny, out, steps: int, **train):
 
 
 RUNS = {"sft": run_sft, "rm": run_rm, "dpo": run_dpo, "grpo": lambda cfg: run_grpo(cfg, reward_fns=[digits]),
-        "ppo": run_ppo, "prm": run_prm, "kto": run_kto, "rloo": lambda cfg: run_rloo(cfg, reward_fns=[digits])}
+        "ppo": run_ppo, "prm": run_prm, "kto": run_kto, "rloo": lambda cfg: run_rloo(cfg, reward_fns=[digits]),
+        "distill": run_distill}
 METHODS = tuple(RUNS)
 
 
@@ -67,6 +69,29 @@ def reward_folder(assets) -> str:
     if not (folder / "config.json").is_file():
         tokenizer = load_tokenizer(base)
         load_reward_model(base, tokenizer).save_pretrained(str(folder))
+        tokenizer.save_pretrained(str(folder))
+    return str(folder)
+
+
+def teacher_folder(tiny, scale: float = 1.0) -> str:
+    """A teacher for distillation: the tiny base with seeded noise of ``scale`` x each weight's std
+    added (and its tokenizer), beside it."""
+    from pathlib import Path
+
+    import torch
+
+    from rlhfkit.models.load import load_causal_lm, load_tokenizer
+
+    base = Path(tiny["base"])
+    folder = base.parent / f"{base.name}-teacher-{scale}"
+    if not (folder / "config.json").is_file():
+        tokenizer = load_tokenizer(base)
+        model = load_causal_lm(str(base), tokenizer)
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=generator) * p.std().nan_to_num(0.0) * scale)
+        model.save_pretrained(str(folder))
         tokenizer.save_pretrained(str(folder))
     return str(folder)
 
@@ -103,6 +128,10 @@ def method_config(name: str, tiny, out, steps: int, **train):
         return (GRPOConfig if name == "grpo" else RLOOConfig)(
             model=base, train_data=small(tiny, "prompts_train.jsonl"), group_size=4, prompts_per_step=4,
             max_new_tokens=6, rewards="contains_answer", mu=2, train=quiet_train(out, max_steps=steps, **online))
+    if name == "distill":
+        return DistillConfig(model=base, teacher=teacher_folder(tiny), train_data=small(tiny, "prompts_train.jsonl"),
+                             prompts_per_step=4, max_new_tokens=6, beta=0.5,
+                             train=quiet_train(out, max_steps=steps, **online))
     return PPOConfig(model=base, reward_model=reward_folder(tiny), critic=base, train_data=small(tiny, "prompts_train.jsonl"),
                      prompts_per_step=8, minibatch_size=4, ppo_epochs=1, max_new_tokens=6,
                      train=quiet_train(out, max_steps=steps, **online))

@@ -1,4 +1,5 @@
-"""rlhfkit: align language models with human feedback (SFT, reward models, PPO, DPO, KTO, GRPO, RLOO, PRMs).
+"""rlhfkit: align language models with human feedback (SFT, reward models, PPO, DPO, KTO, GRPO, RLOO, PRMs,
+on-policy distillation).
 
     from rlhfkit import SFTConfig, TrainConfig, run_sft
     run_sft(SFTConfig(model="tiny/base", train_data="sft.jsonl", train=TrainConfig(epochs=1)))
@@ -14,7 +15,7 @@ Layers, each importing only the ones above it in this list:
     models   loading and saving Hugging Face folders, the tiny default, model cards
     rollout  sampling and scoring
     train    the shared machinery: run skeleton, optimizer step, checkpoints, logging, plots
-    methods  one file per method (sft, rm, dpo, kto, grpo, rloo, ppo, prm)
+    methods  one file per method (sft, rm, dpo, kto, grpo, rloo, ppo, prm, distill)
     cli      the `rlhfkit` command
 """
 
@@ -33,6 +34,7 @@ _EXPORTS = {
     "rlhfkit.methods.rloo": ("RLOOConfig", "run_rloo"),
     "rlhfkit.methods.ppo": ("PPOConfig", "run_ppo"),
     "rlhfkit.methods.prm": ("PRMConfig", "run_prm"),
+    "rlhfkit.methods.distill": ("DistillConfig", "run_distill"),
     "rlhfkit.train.config": ("TrainConfig", "LoraConfig", "RolloutConfig", "ConfigError", "load_config"),
     "rlhfkit.train.plots": ("plot_runs",),
     "rlhfkit.models.tiny": ("write_tiny_default",),
@@ -40,6 +42,7 @@ _EXPORTS = {
     "rlhfkit.losses.rm": ("ranking_loss",),
     "rlhfkit.losses.dpo": ("dpo_loss", "plackett_luce_loss"),
     "rlhfkit.losses.kto": ("kto_loss",),
+    "rlhfkit.losses.distill": ("generalized_jsd", "distill_loss"),
     "rlhfkit.losses.grpo": ("grpo_loss", "group_advantages", "loo_advantages", "process_advantages",
                            "k3_kl"),
     "rlhfkit.losses.prm": ("step_bce_loss", "step_logit"),

@@ -265,6 +265,28 @@ def test_kto_cli_on_unpaired_rows_and_rloo_cli_with_trls_defaults(tiny, tmp_path
     assert bad.returncode == 2 and "set scale_rewards=none" in bad.stderr
 
 
+def test_distill_cli_writes_a_plain_transformers_folder_and_answers_trls_names(tiny, tmp_path):
+    """`rlhfkit distill --config distill_tiny` with the tiny base as its student: the first loss is
+    the divergence to another model (positive), the folder loads in plain transformers and differs
+    from the start; TRL's teacher key gets rlhfkit's name."""
+    from methods_setup import teacher_folder
+    from transformers import AutoModelForCausalLM
+
+    out = rlhfkit("distill", "--config", "distill_tiny", f"model={tiny['base']}", f"teacher={teacher_folder(tiny)}",
+                  f"train_data={tiny['data'] / 'prompts_train.jsonl'}", "eval_data=null", "prompts_per_step=4",
+                  "max_new_tokens=4", f"train.out_dir={tmp_path / 'd'}", "train.max_steps=2", "train.progress=false",
+                  "train.log_every=1")
+    assert out.returncode == 0, out.stderr
+    logged = [m for m in read_metrics(tmp_path / "d") if "train/loss" in m]
+    assert len(logged) == 2 and logged[0]["train/loss"] > 1e-3
+    assert yaml.safe_load((tmp_path / "d" / "config.yaml").read_text())["beta"] == 0.5
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "d" / "model")
+    base = AutoModelForCausalLM.from_pretrained(tiny["base"])
+    assert any(not torch.equal(a, b) for a, b in zip(trained.parameters(), base.parameters()))
+    bad = rlhfkit("distill", f"model={tiny['base']}", "teacher_model_name_or_path=x", f"train.out_dir={tmp_path / 'x'}")
+    assert bad.returncode == 2 and "teacher_model_name_or_path -> teacher" in bad.stderr
+
+
 def test_grpo_rewards_from_a_module_and_a_file_on_the_command_line(tiny, tmp_path):
     (tmp_path / "mods").mkdir()
     (tmp_path / "mods" / "myrewards.py").write_text(

@@ -30,17 +30,17 @@ def test_sft_help_lists_every_config_field_with_type_default_and_description():
 def test_grpo_and_ppo_help_say_train_batch_size_is_not_theirs():
     from rlhfkit.cli.help import fields_help
 
-    for cls in (api.GRPOConfig, api.PPOConfig):
+    for cls in (api.GRPOConfig, api.PPOConfig, api.DistillConfig):
         (line,) = [x for x in fields_help(cls).splitlines() if x.split()[0] == "train.batch_size"]
         assert "not read by this method: prompts_per_step sizes its batches" in line
     (line,) = [x for x in fields_help(api.SFTConfig).splitlines() if x.split()[0] == "train.batch_size"]
     assert "not read" not in line
 
 
-@pytest.mark.parametrize("method", ["sft", "rm", "dpo", "kto", "grpo", "rloo", "ppo"])
+@pytest.mark.parametrize("method", ["sft", "rm", "dpo", "kto", "grpo", "rloo", "ppo", "distill"])
 def test_every_config_field_of_every_method_has_a_description(method):
     cls = {"sft": api.SFTConfig, "rm": api.RMConfig, "dpo": api.DPOConfig, "kto": api.KTOConfig,
-           "grpo": api.GRPOConfig, "rloo": api.RLOOConfig, "ppo": api.PPOConfig}[method]
+           "grpo": api.GRPOConfig, "rloo": api.RLOOConfig, "ppo": api.PPOConfig, "distill": api.DistillConfig}[method]
     missing = [name for name, _, _, description in field_rows(cls) if not description]
     assert missing == []
 
@@ -48,7 +48,8 @@ def test_every_config_field_of_every_method_has_a_description(method):
 def test_configs_command_lists_the_shipped_configs():
     out = rlhfkit("configs")
     assert out.returncode == 0
-    for name in ("sft_tiny", "rm_tiny", "dpo_tiny", "kto_tiny", "grpo_tiny", "rloo_tiny", "ppo_tiny", "prm_tiny"):
+    for name in ("sft_tiny", "rm_tiny", "dpo_tiny", "kto_tiny", "grpo_tiny", "rloo_tiny", "ppo_tiny", "prm_tiny",
+                 "distill_tiny"):
         assert f"rlhfkit {name.split('_')[0]} --config {name}" in out.stdout
 
 
@@ -172,3 +173,7 @@ def test_the_shipped_configs_chain():
         assert cfg.model in written, name
     ppo = load_config(PPOConfig, resolve_config("ppo_tiny"))
     assert {ppo.critic, ppo.reward_model} <= written
+    from rlhfkit.methods.distill import DistillConfig
+
+    distill = load_config(DistillConfig, resolve_config("distill_tiny"))
+    assert {distill.model, distill.teacher} <= written and distill.model != distill.teacher

@@ -23,15 +23,16 @@ from methods_setup import (  # noqa: E402
     greedy_ppo_with_ptx,
     method_config,
     small,
+    teacher_folder,
 )
 
 import rlhfkit.train.run as run_module  # noqa: E402
 from rlhfkit.methods.grpo import run_grpo  # noqa: E402
 from rlhfkit.train.config import replace  # noqa: E402
 
-METHODS = ("sft", "rm", "dpo", "kto", "grpo", "rloo", "ppo")
+METHODS = ("sft", "rm", "dpo", "kto", "grpo", "rloo", "ppo", "distill")
 JOBS = [(m, model, "fsdp") for model in ("tiny", "qwen") for m in METHODS] + \
-       [(m, model, "replicate") for model in ("tiny", "qwen") for m in ("grpo", "rloo", "ppo")]
+       [(m, model, "replicate") for model in ("tiny", "qwen") for m in ("grpo", "rloo", "ppo", "distill")]
 
 
 class Killed(BaseException):
@@ -169,4 +170,6 @@ def _rank(rank: int, out: str, tiny: str, qwen: str) -> None:
 
 
 if __name__ == "__main__":
+    for base in (Path(sys.argv[2]) / "base", Path(sys.argv[3])):  # distillation's teachers, before the ranks start
+        teacher_folder({"base": base})
     mp.spawn(_rank, args=tuple(sys.argv[1:4]), nprocs=2, join=True)

@@ -15,11 +15,11 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from methods_setup import RUNS, method_config  # noqa: E402
+from methods_setup import RUNS, method_config, teacher_folder  # noqa: E402
 
 from rlhfkit.train.config import LoraConfig, replace  # noqa: E402
 
-METHODS = ("sft", "rm", "kto", "grpo", "rloo", "ppo")
+METHODS = ("sft", "rm", "kto", "grpo", "rloo", "ppo", "distill")
 
 
 def _rank(rank: int, out: str, tiny: str) -> None:
@@ -27,7 +27,7 @@ def _rank(rank: int, out: str, tiny: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{out}/pg", rank=rank, world_size=2)
     torch.set_num_threads(1)
     assets = {"base": Path(tiny) / "base", "data": Path(tiny) / "data"}
-    jobs = [(m, "fsdp") for m in METHODS] + [(m, "replicate") for m in ("grpo", "rloo", "ppo")]
+    jobs = [(m, "fsdp") for m in METHODS] + [(m, "replicate") for m in ("grpo", "rloo", "ppo", "distill")]
     for method, strategy in jobs:
         cfg = method_config(method, assets, Path(out) / f"{method}-{strategy}", 3, log_every=1, strategy=strategy)
         RUNS[method](replace(cfg, lora=LoraConfig(r=4, alpha=8)))
@@ -37,4 +37,5 @@ def _rank(rank: int, out: str, tiny: str) -> None:
 
 
 if __name__ == "__main__":
+    teacher_folder({"base": Path(sys.argv[2]) / "base"})  # distillation's teacher, before the ranks start
     mp.spawn(_rank, args=tuple(sys.argv[1:3]), nprocs=2, join=True)

@@ -223,6 +223,7 @@ def test_every_trl_hint_names_a_key_some_method_has():
     """A hint that named a key no config has would send a user from one unknown key to another."""
     import dataclasses
 
+    from rlhfkit.methods.distill import DistillConfig
     from rlhfkit.methods.dpo import DPOConfig
     from rlhfkit.methods.grpo import GRPOConfig
     from rlhfkit.methods.ppo import PPOConfig
@@ -238,7 +239,8 @@ def test_every_trl_hint_names_a_key_some_method_has():
             if dataclasses.is_dataclass(inner):  # train., lora., rollout.
                 yield from paths(type(inner), prefix + f.name + ".")
 
-    known = {p for cls in (SFTConfig, RMConfig, DPOConfig, GRPOConfig, PPOConfig, PRMConfig) for p in paths(cls)}
+    known = {p for cls in (SFTConfig, RMConfig, DPOConfig, GRPOConfig, PPOConfig, PRMConfig, DistillConfig)
+             for p in paths(cls)}
     targets = {trl: hint.split(" ")[0].split("=")[0] for trl, hint in TRL_NAMES.items() if not hint.startswith("nothing")}
     assert {trl: t for trl, t in targets.items() if t not in known} == {}
     assert targets["use_vllm"] == "rollout.backend" and targets["whiten_rewards"] == "whiten_scores"

@@ -121,7 +121,7 @@ def test_offline_methods_on_two_sharded_ranks_equal_one_process(method, model, t
 
 
 @pytest.mark.parametrize("model", ["tiny", "qwen"])
-@pytest.mark.parametrize("method", ["grpo", "rloo", "ppo"])
+@pytest.mark.parametrize("method", ["grpo", "rloo", "ppo", "distill"])
 def test_online_methods_sharded_equal_replicated_on_the_same_samples(method, model, two_ranks):
     # Each rank samples with its own seed, so 2 ranks cannot draw one process's samples; with the
     # same ranks and seeds, fsdp and replicate (tested equal to one process) sample alike.

@@ -1,6 +1,6 @@
 """LoRA with FSDP2 on 2 spawned gloo ranks: SFT, RM and KTO (its reference the adapters-off base)
-give the one-process LoRA run's losses, GRPO, RLOO and PPO (whose ranks sample differently) the
-2-rank replicated LoRA run's."""
+give the one-process LoRA run's losses, GRPO, RLOO, PPO and distillation (whose ranks sample
+differently) the 2-rank replicated LoRA run's."""
 
 import os
 import subprocess
@@ -14,7 +14,7 @@ from rlhfkit.train.config import LoraConfig, replace
 from rlhfkit.train.logging import read_metrics
 
 WORKER = Path(__file__).with_name("lora_fsdp_worker.py")
-METHODS = ("sft", "rm", "kto", "grpo", "rloo", "ppo")
+METHODS = ("sft", "rm", "kto", "grpo", "rloo", "ppo", "distill")
 
 
 def _losses(out: Path) -> list[float]:
@@ -37,7 +37,7 @@ def test_lora_under_fsdp_on_two_ranks_matches_one_process(tiny, tmp_path):
     else:
         pytest.fail("the 2-rank LoRA/FSDP job did not finish")
     for method in METHODS:
-        if method in ("grpo", "rloo", "ppo"):
+        if method in ("grpo", "rloo", "ppo", "distill"):
             expected = out / f"{method}-replicate"
         else:
             expected = tmp_path / "one" / method

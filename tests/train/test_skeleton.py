@@ -1,4 +1,4 @@
-"""The run skeleton's behaviours, the same in all eight methods: exact resume, the NaN stop,
+"""The run skeleton's behaviours, the same in every method: exact resume, the NaN stop,
 metrics and the unit of max_steps in the logs."""
 
 import pytest
@@ -66,7 +66,7 @@ def test_a_nan_loss_stops_every_method_before_its_optimizer_step(method, tiny, t
 @pytest.mark.parametrize("method", METHODS)
 def test_logs_name_the_unit_of_max_steps(method, tiny, tmp_path):
     summary = RUNS[method](method_config(method, tiny, tmp_path / "u", 2))
-    online = method in ("grpo", "rloo", "ppo")
+    online = method in ("grpo", "rloo", "ppo", "distill")
     assert summary["steps_unit"] == ("rollout step" if online else "optimizer step")
     per_step = {"grpo": 2, "rloo": 2, "ppo": 2}.get(method, 1)  # GRPO, RLOO: mu = 2; PPO: 1 epoch x 8 / 4 minibatches
     assert summary["optimizer_steps"] == 2 * per_step

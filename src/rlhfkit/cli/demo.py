@@ -23,6 +23,7 @@ import torch
 
 from ..data.rows import read_rows
 from ..methods.common import load_policy
+from ..methods.distill import DistillConfig, run_distill
 from ..methods.dpo import DPOConfig, run_dpo
 from ..methods.grpo import GRPOConfig, run_grpo
 from ..methods.kto import KTOConfig, run_kto
@@ -119,6 +120,19 @@ def _stage_rloo(ctx: dict) -> dict:
     return {"accuracy": result["accuracy"], "accuracy_before": result["accuracy_before"], "steps": result["steps"]}
 
 
+def _stage_distill(ctx: dict) -> dict:
+    """On-policy distillation: the demonstration-budget snapshot learns the final SFT model's
+    distributions on its own answers (beta 0.5: the generalized JSD)."""
+    data = ctx["assets"]["data"]
+    cfg = DistillConfig(model=ctx["start_model"], teacher=ctx["sft_model"], train_data=str(data / "prompts_train.jsonl"),
+                        eval_data=str(data / "prompts_eval.jsonl"), eval_limit=500, prompts_per_step=16,
+                        max_new_tokens=16, eval_max_new_tokens=16, beta=0.5,
+                        train=_train(ctx, "distill", max_steps=200 // 3 if ctx["quick"] else 200, lr=1e-4,
+                                     schedule="constant", eval_every=50))
+    result = run_distill(cfg)
+    return {k: result[k] for k in ("accuracy", "accuracy_before", "teacher_accuracy", "steps")}
+
+
 def _grpo(ctx: dict, name: str, model: str, prefix: str, steps: int, **options) -> dict:
     data = ctx["assets"]["data"]
     cfg = GRPOConfig(model=model, train_data=str(data / f"{prefix}prompts_train.jsonl"),
@@ -193,12 +207,13 @@ def _stage_ppo(ctx: dict) -> dict:
 
 
 STAGES = {"base": _stage_base, "sft": _stage_sft, "rm": _stage_rm, "dpo": _stage_dpo, "kto": _stage_kto,
-          "grpo": _stage_grpo, "rloo": _stage_rloo, "ppo": _stage_ppo, "sft_multistep": _stage_sft_multistep,
+          "grpo": _stage_grpo, "rloo": _stage_rloo, "distill": _stage_distill, "ppo": _stage_ppo, "sft_multistep": _stage_sft_multistep,
           "grpo_prm": _stage_grpo_prm, "prm": _stage_prm, "grpo_prm_learned": _stage_grpo_prm_learned}
 # Run only when named (--stages); none today: every stage, the learned PRM's included, helps.
 OPTIONAL: tuple[str, ...] = ()
 # The stages whose outputs (the ctx keys they set) each stage reads.
-NEEDS = {"rm": ("sft",), "dpo": ("sft",), "kto": ("sft",), "grpo": ("sft",), "rloo": ("sft",), "ppo": ("sft", "rm"),
+NEEDS = {"rm": ("sft",), "dpo": ("sft",), "kto": ("sft",), "grpo": ("sft",), "rloo": ("sft",), "distill": ("sft",),
+         "ppo": ("sft", "rm"),
          "grpo_prm": ("sft_multistep",),
          "prm": ("sft_multistep",), "grpo_prm_learned": ("sft_multistep", "prm")}
 
@@ -296,7 +311,7 @@ def write_report(out: Path, summary: dict) -> Path:
 
 
 def format_table(summary: dict) -> str:
-    keys = ["accuracy", "accuracy_before", "pairwise_accuracy", "preference_accuracy", "step_accuracy",
+    keys = ["accuracy", "accuracy_before", "teacher_accuracy", "pairwise_accuracy", "preference_accuracy", "step_accuracy",
             "rm_score", "rm_score_before", "kl", "seconds", "cpu_seconds"]
     shown = [k for k in keys if any(k in v for s, v in summary.items() if not s.startswith("_"))]
     lines = ["stage          " + "".join(f"{k:>20s}" for k in shown)]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 def _methods() -> dict:
     # Imported lazily so `rlhfkit --help` stays fast.
+    from ..methods.distill import DistillConfig, run_distill
     from ..methods.dpo import DPOConfig, run_dpo
     from ..methods.grpo import GRPOConfig, run_grpo
     from ..methods.kto import KTOConfig, run_kto
@@ -27,7 +28,7 @@ def _methods() -> dict:
 
     return {"sft": (SFTConfig, run_sft), "rm": (RMConfig, run_rm), "dpo": (DPOConfig, run_dpo),
             "kto": (KTOConfig, run_kto), "grpo": (GRPOConfig, run_grpo), "rloo": (RLOOConfig, run_rloo),
-            "ppo": (PPOConfig, run_ppo), "prm": (PRMConfig, run_prm)}
+            "ppo": (PPOConfig, run_ppo), "prm": (PRMConfig, run_prm), "distill": (DistillConfig, run_distill)}
 
 
 METHOD_HELP = {
@@ -41,6 +42,8 @@ METHOD_HELP = {
     "rloo": "RLOO: REINFORCE with a leave-one-out baseline and the KL in the reward (TRL's RLOOTrainer); GRPO's "
             "keys, other defaults",
     "ppo": "PPO with actor, critic, frozen reward and reference models (InstructGPT stage 3)",
+    "distill": "on-policy distillation: a student matches a teacher's next-token distributions on its own answers "
+               "(GKD; TRL's DistillationTrainer)",
 }
 
 

@@ -344,14 +344,16 @@ def check_prompt_row(row: Row) -> None:
 
 
 
-def check_prompts(rows: list[Row], tokenizer, required=(), reserved=(), checks=()) -> LengthReport:
-    """Validate prompt rows (GRPO, PPO) before any model loads: a ``prompt`` or ``messages`` each,
-    every field the rewards read (``required``), none named like a reward argument (``reserved``),
-    and the values the rewards read (``checks``: each ``check(row)`` raises a DataError)."""
+def check_prompts(rows: list[Row], tokenizer, required=(), reserved=(), checks=(),
+                  method: str = "grpo or ppo") -> LengthReport:
+    """Validate prompt rows (GRPO, PPO, distillation: ``method``) before any model loads: a ``prompt``
+    or ``messages`` each, every field the rewards read (``required``), none named like a reward
+    argument (``reserved``), and the values the rewards read (``checks``: each ``check(row)`` raises
+    a DataError)."""
     from .rows import check_fields
 
     for row in rows:  # rows of another method's data: say so before their fields are read as a reward's
-        require_format(row, "grpo or ppo", ("prompt_only", "prompt_completion", "language_modeling"))
+        require_format(row, method, ("prompt_only", "prompt_completion", "language_modeling"))
     check_fields(rows, required, reserved, why=" (a reward reads it)")
     for row in rows:
         check_prompt_row(row)

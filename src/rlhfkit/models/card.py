@@ -17,7 +17,9 @@ METHOD_NAMES = {"sft": "supervised fine-tuning (SFT)", "rm": "a reward model (Br
                 "dpo": "DPO (direct preference optimization)", "grpo": "GRPO (group relative policy optimization)",
                 "rloo": "RLOO (REINFORCE with a leave-one-out baseline)",
                 "kto": "KTO (Kahneman-Tversky optimization on unpaired answers)",
-                "ppo": "PPO (InstructGPT stage 3)", "prm": "a process reward model (per-step binary cross-entropy)"}
+                "ppo": "PPO (InstructGPT stage 3)",
+                "distill": "on-policy distillation (GKD: the generalized JSD to a teacher on the model's own answers)",
+                "prm": "a process reward model (per-step binary cross-entropy)"}
 
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # "gpt2", "org/name"

@@ -271,17 +271,31 @@ def _token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     softmax(logits / T), the distribution RL samples were drawn from.
     """
     select = (target_mask[:, 1:] if target_mask is not None else attention_mask[:, 1:]).bool()  # (B, T-1)
-    first = first_column(select)  # no position before it predicts a target: the last layer skips them
-    hidden = hidden_states(model, input_ids, attention_mask, position_ids, first)[:, :-1]  # (B, T-1-first, H)
     targets = input_ids[:, 1:]  # (B, T-1)
-    logits = scaled(lm_logits(model, hidden[select[:, first:]]).float(), temperature)  # (N, V)
-    logp_all = logits.log_softmax(-1)
+    logp_all = _selected_logits(model, input_ids, attention_mask, select, position_ids, temperature).log_softmax(-1)
     picked = logp_all.gather(-1, targets[select].unsqueeze(-1)).squeeze(-1)  # (N,)
     logprobs = _unselect(picked, select)
     if stat is None:
         return logprobs
     with contextlib.nullcontext() if stat_grad else torch.no_grad():
         return logprobs, _unselect(stat(logp_all), select)
+
+
+def _selected_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, select: torch.Tensor,
+                     position_ids: torch.Tensor | None = None, temperature: float = 1.0) -> torch.Tensor:
+    """(N, V) fp32 logits / ``temperature`` at the N positions ``select`` (B, T-1) marks, each the
+    position before a target token (the one that predicts it); no other position's logits are made."""
+    first = first_column(select)  # no position before it predicts a target: the last layer skips them
+    hidden = hidden_states(model, input_ids, attention_mask, position_ids, first)[:, :-1]  # (B, T-1-first, H)
+    return scaled(lm_logits(model, hidden[select[:, first:]]).float(), temperature)
+
+
+def target_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  target_mask: torch.Tensor) -> torch.Tensor:
+    """(N, V) fp32 next-token logits (the model's own, temperature 1) predicting each of the N tokens
+    ``target_mask`` (B, T) sets, in row-major order: what a divergence over the whole vocabulary
+    reads (distillation)."""
+    return as_forward(model, _selected_logits, input_ids, attention_mask, target_mask[:, 1:].bool())
 
 
 def predecessor_logprobs(model, input_ids: torch.Tensor, attend: torch.Tensor, position_ids: torch.Tensor,

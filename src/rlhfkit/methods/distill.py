@@ -1,0 +1,181 @@
+"""On-policy distillation (Agarwal et al. 2024, GKD; TRL's DistillationTrainer): a student learns a
+teacher's next-token distributions on answers the student writes itself.
+
+Reads top to bottom, one step at a time: the rollout backend samples one answer per prompt from
+the student -> the student (with gradient) and the frozen teacher (without) give their whole
+next-token distributions at every answer token -> the generalized JSD between them
+(losses/distill.py: beta 0 forward KL, 1 reverse KL), a mean over the step's answer tokens on
+every rank -> one optimizer step. The teacher is any causal LM with the student's vocabulary (a
+larger model, or a policy trained further). Sampled at ``temperature``; both distributions are of
+logits / temperature, as TRL's. Every answer is the student's own (TRL's DistillationTrainer):
+GKD's ``lmbda`` mix with the data set's answers is not here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..data.encode import check_prompts, row_chunks
+from ..data.rows import read_rows, source_name
+from ..losses.distill import distill_loss
+from ..models.forward import eval_mode, router_balance, target_logits
+from ..models.load import disable_dropout, load_causal_lm, load_tokenizer
+from ..models.lora import Reference
+from ..rollout.backend import SamplerBackend, SamplingParams, make_backend
+from ..rollout.evaluate import row_prompt_ids
+from ..rollout.sampler import Samples, completion_view
+from ..tasks import TASK_CHOICES
+from ..train.config import (
+    ConfigError,
+    LoraConfig,
+    RolloutConfig,
+    TrainConfig,
+    all_used_only_with,
+    at_least,
+    choice,
+    positive,
+    within,
+)
+from ..train.dist import all_reduce_sum
+from ..train.loop import BatchOrder, autocast
+from ..train.optim import build_optimizer, build_scheduler
+from ..train.run import Run, start_run
+from .common import accuracy_eval, check_positions, held_out, longest_prompt, refuse_offline_batch_fields
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    model: str = ""  # the student: the causal LM trained
+    tokenizer: str | None = None
+    teacher: str = ""  # a causal LM folder with the student's vocabulary (TRL's teacher_model_name_or_path)
+    train_data: str = ""  # prompts (an answer a row has is not read: the student writes its own)
+    eval_data: str | None = None  # held-out prompts: the accuracy of the student's greedy answers (and the teacher's)
+    eval_task: str = "auto"  # auto | arithmetic | reference (tasks/)
+    prompts_per_step: int = 16  # over all ranks, one answer each
+    max_new_tokens: int = 16  # TRL's max_completion_length
+    temperature: float = 1.0  # of the sampling and of both distributions in the loss (TRL's)
+    top_k: int = 0  # of the sampling only
+    top_p: float = 1.0  # of the sampling only
+    beta: float = 1.0  # 0: forward KL(teacher || student); 1: reverse KL (TRL's default); between: generalized JSD
+    eval_limit: int = 500  # held-out prompts used; 0 = all
+    eval_max_new_tokens: int = 32
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)  # rollout.backend: sampler | generate | vllm
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/distill"))
+
+    def __post_init__(self):
+        within("beta", self.beta, 0, 1)
+        positive("temperature", self.temperature, " (the loss compares the distributions of logits / temperature)")
+        within("top_p", self.top_p, 0, 1, open_low=True)
+        choice("eval_task", self.eval_task, TASK_CHOICES)
+        for key in ("prompts_per_step", "max_new_tokens", "eval_max_new_tokens"):
+            at_least(key, getattr(self, key), 1)
+        for key in ("top_k", "eval_limit"):
+            at_least(key, getattr(self, key), 0)
+        all_used_only_with(self, ("eval_limit", "eval_max_new_tokens"), bool(self.eval_data),
+                           "held-out evaluation (eval_data)")
+
+
+def load_teacher(run: Run, cfg: DistillConfig, student, tokenizer):
+    """The frozen teacher, in eval mode, unsharded (the caller shards it). Refused before any
+    training where its distributions could not be compared with the student's: another vocabulary
+    size, or (where its folder has a tokenizer) other tokens."""
+    teacher = load_causal_lm(cfg.teacher, tokenizer, cfg.train.dtype, device=run.device, copy=True)
+    teacher = teacher.eval().requires_grad_(False)
+    widths = {name: m.get_output_embeddings().weight.shape[0] for name, m in (("student", student), ("teacher", teacher))}
+    if widths["student"] != widths["teacher"]:
+        raise ConfigError(f"teacher {cfg.teacher}: its head has {widths['teacher']} vocabulary entries and the "
+                          f"student's ({cfg.model}) {widths['student']}; distillation compares the two next-token "
+                          "distributions entry by entry, so they need one vocabulary")
+    try:
+        theirs = load_tokenizer(cfg.teacher, None)
+    except (OSError, ValueError):  # a folder without a tokenizer: the student's is taken
+        return teacher
+    if theirs.get_vocab() != tokenizer.get_vocab():
+        differ = sorted(set(theirs.get_vocab().items()) ^ set(tokenizer.get_vocab().items()))[:3]
+        raise ConfigError(f"teacher {cfg.teacher}: its tokenizer's vocabulary differs from the student's "
+                          f"(e.g. {differ}); the same id would be another token to each model")
+    return teacher
+
+
+def distill_step(run: Run, student, teacher: Reference, samples: Samples, cfg: DistillConfig) -> dict:
+    """One optimizer step on this rank's answers, ``train.micro_batch_size`` rows a forward: the
+    loss is each token's divergence summed over the step's answer tokens on every rank. Returns
+    the step's metrics (rank-local shares of the global means, and the loss and grad norm)."""
+    ids, attn, target = completion_view(samples)
+    chunks = row_chunks(ids.shape[0], cfg.train.micro_batch_size)
+    counts = all_reduce_sum(torch.tensor([float(samples.completion_mask.sum()), float(len(chunks))],
+                                         dtype=torch.float64), run.info)
+    tokens, forwards = max(float(counts[0]), 1.0), float(counts[1])
+    student.train()
+    loss, shares = torch.zeros(()), {}
+    for index in chunks:
+        with torch.no_grad(), teacher() as model, autocast(cfg.train.dtype, run.device):
+            theirs = target_logits(model, ids[index], attn[index], target[index])  # (N, V)
+        with autocast(cfg.train.dtype, run.device), router_balance(student, run.router_coef) as balance:
+            mine = target_logits(student, ids[index], attn[index], target[index])
+        value, sums = distill_loss(mine, theirs, cfg.beta, cfg.temperature, tokens)
+        value = balance.add_to(value, routed := {}, 1 / forwards)  # routed: its share of the forwards' mean
+        value.backward()
+        loss = loss + value.detach()
+        for k, v in {**{k: v / tokens for k, v in sums.items()}, **routed}.items():
+            shares[k] = shares.get(k, 0.0) + float(v)
+    total, grad_norm = run.optimizer_step(loss)
+    return {"shares": shares, "loss": total, "grad_norm": grad_norm}
+
+
+def run_distill(cfg: DistillConfig, backend=None) -> dict:
+    """Distil ``teacher`` into ``model``. Python callers may pass a rollout backend object of their
+    own (rollout/backend.py) in place of ``rollout.backend``'s."""
+    for key in ("model", "teacher", "train_data"):
+        if not getattr(cfg, key):
+            raise ConfigError(f"config key '{key}' is required")
+    refuse_offline_batch_fields("distill", cfg.train)
+    tc = cfg.train
+    run = start_run(tc, cfg, "distill", unit="rollout step", show=("loss",))
+    if cfg.prompts_per_step % run.info.world_size:
+        raise ConfigError(f"prompts_per_step={cfg.prompts_per_step} must divide over {run.info.world_size} ranks")
+    tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
+    rows, eval_rows = read_rows(cfg.train_data), held_out(cfg.eval_data, cfg.eval_limit, cfg.eval_task, run.say)
+    report = check_prompts(rows, tokenizer, method="distill")  # every row, before any model loads
+    run.say(f"{source_name(cfg.train_data)}: {report.summary()}")
+    student = run.prepare(disable_dropout(load_causal_lm(cfg.model, tokenizer, device=run.device)), cfg.lora,
+                          base=cfg.model, router_loss=True)
+    teacher = load_teacher(run, cfg, student, tokenizer)
+    for model in (student, teacher):
+        check_positions(run, model, report.longest, cfg.max_new_tokens)
+        check_positions(run, model, longest_prompt(eval_rows, tokenizer), cfg.eval_max_new_tokens)
+    before = run.state.get("before", {})  # a resumed run keeps the start's figures
+    if eval_rows is not None and not run.resuming:  # the teacher's, for comparison (on its unsharded copy)
+        with eval_mode(teacher):
+            result, _, _ = eval_rows.accuracy(SamplerBackend(tokenizer, teacher), tokenizer, cfg.eval_max_new_tokens)
+        before = {"teacher_accuracy": result["accuracy"]}
+        run.say(f"the teacher's held-out accuracy: {result['accuracy']:.4f}")
+    teacher = Reference(module=run.shard(teacher))
+    backend = backend or make_backend(cfg.rollout, tokenizer, student, copy=run.shards_models,  # before sharding
+                                      out_dir=tc.out_dir)
+    run.shard(student)
+    evaluate = accuracy_eval(backend, student, tokenizer, eval_rows, cfg.eval_max_new_tokens)
+    if evaluate and not run.resuming:
+        before["accuracy_before"] = run.start_eval(evaluate())["accuracy"]
+    run.keep["before"] = before
+    optimizer = build_optimizer(student, tc.lr, tc.weight_decay)
+    total = run.plan(len(rows), cfg.prompts_per_step, what="prompts")
+    run.attach(student, optimizer, build_scheduler(optimizer, total, tc.warmup_steps, tc.schedule, tc.min_lr_ratio))
+    order = BatchOrder(len(rows), cfg.prompts_per_step, tc.seed)
+    params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+    for step in run.steps(evaluate):
+        backend.load_weights(student)  # a sharded student: the gathered full weights into the backend's copy
+        mine = [rows[i] for i in order.indices(step)[run.info.rank::run.info.world_size]]
+        samples = backend.generate(row_prompt_ids(tokenizer, mine), params)
+        lengths = samples.completion_mask.sum(-1).double()
+        out = distill_step(run, student, teacher, samples, cfg)
+        run.step_done(means={"loss": out["loss"], "grad_norm": out["grad_norm"],
+                             "completion_length": float(lengths.mean())},
+                      shares=out["shares"], evaluate=evaluate)
+    summary = {"loss": run.metrics.get("loss"), "divergence": run.metrics.get("divergence"), **before}
+    if run.evals:
+        summary.update({k: v for k, v in run.evals[-1].items() if k != "step"})
+    return run.finish(student, tokenizer, summary)

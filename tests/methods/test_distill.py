@@ -1,0 +1,139 @@
+"""On-policy distillation (methods/distill.py): the student's own answers, the generalized JSD to
+the teacher's distributions at each of their tokens, one step a batch."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from helpers import quiet_train
+from methods_setup import method_config, small, teacher_folder, tiny_moe
+
+from rlhfkit.methods.distill import DistillConfig, run_distill
+from rlhfkit.models.load import load_causal_lm, load_tokenizer
+from rlhfkit.rollout.backend import SamplerBackend
+from rlhfkit.train.config import ConfigError, replace
+from rlhfkit.train.logging import read_metrics
+
+
+class Recording(SamplerBackend):
+    """The sampler, keeping each step's samples."""
+
+    def __init__(self, tokenizer):
+        super().__init__(tokenizer)
+        self.seen = []
+
+    def generate(self, prompts, params):
+        samples = super().generate(prompts, params)
+        self.seen.append(samples)
+        return samples
+
+
+def losses(out) -> list:
+    return [m["train/loss"] for m in read_metrics(out) if "train/loss" in m]
+
+
+def test_a_student_that_is_its_own_teacher_starts_at_a_loss_of_zero(tiny, tmp_path):
+    """Zero up to float noise: the student's forward keeps its graph for the backward, the teacher's
+    does not, and the two may take other kernels (oneDNN's products here: about 1e-9)."""
+    cfg = replace(method_config("distill", tiny, tmp_path, 2, log_every=1), teacher=str(tiny["base"]))
+    run_distill(cfg)
+    first = read_metrics(tmp_path)[0]
+    assert abs(first["train/loss"]) < 1e-7 and first["train/loss"] == first["train/divergence"]
+    assert first["train/entropy"] == pytest.approx(first["train/teacher_entropy"], abs=1e-6)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_the_first_loss_is_the_divergence_over_the_answers_tokens_by_hand(beta, tiny, tmp_path):
+    """transformers' own forwards of both models on the samples the student drew; each token's
+    divergence by the formula, at temperature 2, a mean over the step's answer tokens."""
+    temperature = 2.0
+    tokenizer = load_tokenizer(str(tiny["base"]))
+    backend = Recording(tokenizer)
+    cfg = replace(method_config("distill", tiny, tmp_path, 1, log_every=1), beta=beta, temperature=temperature)
+    run_distill(cfg, backend=backend)
+    (samples,) = backend.seen
+    ids, attn = samples.input_ids, samples.attention_mask
+    position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
+    logits = {}
+    for name, path in (("s", str(tiny["base"])), ("t", cfg.teacher)):
+        model = load_causal_lm(path, tokenizer).eval()
+        with torch.no_grad():
+            logits[name] = model(input_ids=ids, attention_mask=attn, position_ids=position_ids).logits.double()
+    width = samples.prompt_ids.shape[1]
+    total, count = 0.0, 0
+    for row in range(ids.shape[0]):
+        for col in range(samples.completion_ids.shape[1]):
+            if not samples.completion_mask[row, col]:
+                continue
+            at = width + col - 1  # the position that predicts this answer token
+            ps = (logits["s"][row, at] / temperature).softmax(-1)
+            pt = (logits["t"][row, at] / temperature).softmax(-1)
+            if beta == 0.0:
+                d = (pt * (pt / ps).log()).sum()
+            elif beta == 1.0:
+                d = (ps * (ps / pt).log()).sum()
+            else:
+                m = (1 - beta) * ps + beta * pt
+                d = beta * (pt * (pt / m).log()).sum() + (1 - beta) * (ps * (ps / m).log()).sum()
+            total, count = total + float(d), count + 1
+    assert count == int(samples.completion_mask.sum()) > 0
+    assert losses(tmp_path)[0] == pytest.approx(total / count, rel=1e-4)
+    assert losses(tmp_path)[0] > 1e-3  # the teacher is another model
+
+
+def test_micro_batches_give_the_whole_batch_step(tiny, tmp_path):
+    """Each micro-batch's loss is its tokens' divergence over the step's tokens: forwards of one
+    row give the whole batch's loss and the same step."""
+    result = {}
+    for micro in (0, 1):
+        out = tmp_path / f"m{micro}"
+        run_distill(method_config("distill", tiny, out, 1, micro_batch_size=micro, log_every=1))
+        model = load_causal_lm(str(out / "model"), load_tokenizer(str(tiny["base"])))
+        result[micro] = (losses(out)[0], torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert result[1][0] == pytest.approx(result[0][0], rel=1e-5)
+    assert torch.allclose(result[1][1], result[0][1], atol=1e-6)
+    base = load_causal_lm(str(tiny["base"]), load_tokenizer(str(tiny["base"])))
+    assert not torch.allclose(result[0][1], torch.cat([p.detach().flatten() for p in base.parameters()]), atol=1e-6)
+
+
+def test_a_teacher_with_another_vocabulary_is_refused_before_training(tiny, tmp_path):
+    tokenizer = load_tokenizer(str(tiny["base"]))
+    vocab = json.loads((tiny["base"] / "config.json").read_text())["vocab_size"]
+    wider = tiny_moe(tiny, tmp_path / "wider", vocab_size=vocab + 8)
+    cfg = method_config("distill", tiny, tmp_path / "a", 2)
+    with pytest.raises(ConfigError, match=f"teacher {wider}: its head has {vocab + 8} vocabulary entries and the "
+                                          f"student's .* {vocab}"):
+        run_distill(replace(cfg, teacher=wider))
+    assert not (tmp_path / "a" / "checkpoints").exists()
+    other = tmp_path / "other-tokens"  # the same model, its tokenizer with one token more
+    shutil.copytree(teacher_folder(tiny), other)
+    tokenizer.add_tokens(["<an-extra-token>"])
+    tokenizer.save_pretrained(str(other))
+    with pytest.raises(ConfigError, match="its tokenizer's vocabulary differs from the student's.*an-extra-token"):
+        run_distill(replace(cfg, teacher=str(other), train__out_dir=str(tmp_path / "b")))
+    with pytest.raises(ConfigError, match="config key 'teacher' is required"):
+        run_distill(replace(cfg, teacher=""))
+    with pytest.raises(ConfigError, match="'beta' must be in"):
+        replace(cfg, beta=1.5)
+    with pytest.raises(Exception, match="distill"):  # preference rows are not prompts: the method is named
+        run_distill(replace(cfg, train_data=small(tiny, "prefs_train.jsonl"), train__out_dir=str(tmp_path / "c")))
+
+
+@pytest.mark.slow
+def test_the_student_learns_the_teachers_answers(tiny, sft_run, tmp_path):
+    """The SFT snapshot (about 0.5 held-out exact match) distilled from the final SFT model (about
+    0.9): its accuracy rises by at least a third of the gap in 150 steps of one answer per prompt."""
+    out = sft_run["out"]
+    cfg = DistillConfig(model=str(out / "snapshot"), teacher=str(out / "model"),
+                        train_data=str(tiny["data"] / "prompts_train.jsonl"),
+                        eval_data=str(tiny["data"] / "prompts_eval.jsonl"), eval_limit=200, eval_max_new_tokens=8,
+                        prompts_per_step=16, max_new_tokens=8, beta=0.5,
+                        train=quiet_train(tmp_path, max_steps=150, lr=1e-4, schedule="constant", eval_every=150,
+                                          log_every=10))
+    summary = run_distill(cfg)
+    before, after, teacher = summary["accuracy_before"], summary["accuracy"], summary["teacher_accuracy"]
+    assert teacher > before + 0.2
+    assert after >= before + (teacher - before) / 3, summary
+    logged = losses(tmp_path)
+    assert sum(logged[-5:]) / 5 < sum(logged[:2]) / 2, logged
