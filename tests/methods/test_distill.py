@@ -97,6 +97,17 @@ def test_micro_batches_give_the_whole_batch_step(tiny, tmp_path):
     assert not torch.allclose(result[0][1], torch.cat([p.detach().flatten() for p in base.parameters()]), atol=1e-6)
 
 
+def test_under_bf16_the_first_loss_is_the_fp32_ones(tiny, tmp_path):
+    """The teacher loads in bf16 (its logits one bf16 rounding step from transformers' own, which the
+    load's check allows) and the student's forward autocasts: the same samples (the sampler is fp32)
+    give the fp32 run's first loss to bf16's precision."""
+    first = {}
+    for dtype in ("fp32", "bf16"):
+        run_distill(method_config("distill", tiny, tmp_path / dtype, 1, log_every=1, dtype=dtype))
+        first[dtype] = losses(tmp_path / dtype)[0]
+    assert first["bf16"] == pytest.approx(first["fp32"], rel=0.05) and first["fp32"] > 1e-3
+
+
 def test_a_teacher_with_another_vocabulary_is_refused_before_training(tiny, tmp_path):
     tokenizer = load_tokenizer(str(tiny["base"]))
     vocab = json.loads((tiny["base"] / "config.json").read_text())["vocab_size"]
