@@ -3,8 +3,9 @@
     python benchmarks/run.py METHOD [--model DIR] [--tokenizer DIR] [--rm DIR] [--data DIR] [--steps N] [--warmup N]
                                    [--lora R] [--activation-checkpointing] [--reference-copy]
 
-METHOD: ceiling, sft, rm, dpo, grpo, ppo, generate; and kto, rloo (outside BENCHMARK.md's table: on
-DPO's and GRPO's work, with TRL's defaults for the method). Without --model/--data the benchmark builds
+METHOD: ceiling, sft, rm, dpo, grpo, ppo, generate; and kto, rloo, distill (outside BENCHMARK.md's
+table: on DPO's and GRPO's work, and 32 prompts of one answer each to a teacher, with TRL's
+defaults for the method). Without --model/--data the benchmark builds
 assets like the reference ones of BENCHMARK.md: the tiny default's arithmetic data, a byte-level
 BPE tokenizer of vocab 1024 trained on it, and a Qwen2 model of hidden 256, 4 layers, 4 heads,
 intermediate 1024, untied embeddings (a model folder without a tokenizer, as the contract allows).
@@ -572,6 +573,55 @@ def bench_rloo(args) -> dict:
     return rollout_bench("rloo", args, run, model, tokenizer, paths, update_fn, {"beta": 0.05}, nograd_passes=2)
 
 
+def teacher_folder(paths) -> str:
+    """Distillation's teacher: the model's architecture initialised from another seed (1), saved
+    beside it once (run.py distill and trl_distill.py read the same folder)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(f"{paths['model']}-teacher")
+    if not (folder / "config.json").is_file():
+        torch.manual_seed(1)
+        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(paths["model"])).save_pretrained(str(folder))
+    return str(folder)
+
+
+def bench_distill(args) -> dict:
+    """Outside BENCHMARK.md's table (distillation is not in it): 32 prompts, one answer each of at
+    most 16 new tokens (temperature 1, no top-k/top-p), then the step of TRL's DistillationTrainer
+    defaults: the reverse KL (beta 1) to a frozen teacher of the same size over every answer token,
+    the teacher forwarded without gradient."""
+    from rlhfkit.methods.distill import DistillConfig, distill_step
+    from rlhfkit.models.load import load_causal_lm
+    from rlhfkit.models.lora import Reference
+    from rlhfkit.rollout.sampler import sample
+
+    paths = assets(args)
+    model, tokenizer = load_policy(paths["model"], paths["tokenizer"])
+    run = bench_run(args)
+    model = run.prepare(model, lora_config(args), base=paths["model"])
+    teacher = Reference(module=load_causal_lm(teacher_folder(paths), tokenizer, copy=True).eval().requires_grad_(False))
+    cfg = DistillConfig(prompts_per_step=32, max_new_tokens=16, beta=1.0)
+    _, prompts = _prompts(paths, tokenizer)
+    optimizer = build_optimizer(model, SETTINGS["lr"])
+    run.modules = (model, optimizer, build_scheduler(optimizer, 10**9, 0, "constant"))
+    sampled, trained = [], []
+
+    def step(i: int) -> float:
+        samples = sample(model, [prompts[j % len(prompts)] for j in range(i * 32, i * 32 + 32)],
+                         eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, max_new_tokens=16,
+                         temperature=1.0)
+        sampled.append(int(samples.completion_mask.sum()))
+        trained.append(int(samples.attention_mask.sum()))
+        return distill_step(run, model, teacher, samples, cfg)["loss"]
+
+    times, losses = timed_steps(step, args.warmup, args.steps)
+    gen, train = statistics.mean(sampled[args.warmup:]), statistics.mean(trained[args.warmup:])
+    result = report("distill", times, losses, train, gen + train, model,
+                    {"prompts": 32, "max_new_tokens": 16, "beta": 1.0, **memory_extra(args, model)})
+    result["gen_tokens_per_s"] = round(gen / result["sec_per_step"], 1)
+    return result
+
+
 def bench_ppo(args) -> dict:
     from rlhfkit.methods.ppo import PPOConfig, load_models, make_experience, minibatch_loss
     from rlhfkit.models.load import load_tokenizer
@@ -668,7 +718,8 @@ def _has_cpu_flag(flag: str) -> bool:
 
 
 BENCHES = {"sft": bench_sft, "rm": bench_rm, "dpo": bench_dpo, "grpo": bench_grpo, "ppo": bench_ppo,
-           "generate": bench_generate, "ceiling": bench_ceiling, "kto": bench_kto, "rloo": bench_rloo}
+           "generate": bench_generate, "ceiling": bench_ceiling, "kto": bench_kto, "rloo": bench_rloo,
+           "distill": bench_distill}
 
 
 def parser() -> argparse.ArgumentParser:
