@@ -10,7 +10,7 @@ from helpers import quiet_train
 from methods_setup import method_config, small, teacher_folder, tiny_moe
 
 from rlhfkit.methods.distill import DistillConfig, run_distill
-from rlhfkit.models.load import load_causal_lm, load_tokenizer
+from rlhfkit.models.load import ModelLoadError, load_causal_lm, load_tokenizer
 from rlhfkit.rollout.backend import SamplerBackend
 from rlhfkit.train.config import ConfigError, replace
 from rlhfkit.train.logging import read_metrics
@@ -123,6 +123,14 @@ def test_a_teacher_with_another_vocabulary_is_refused_before_training(tiny, tmp_
     tokenizer.save_pretrained(str(other))
     with pytest.raises(ConfigError, match="its tokenizer's vocabulary differs from the student's.*an-extra-token"):
         run_distill(replace(cfg, teacher=str(other), train__out_dir=str(tmp_path / "b")))
+    broken = tmp_path / "broken-tokenizer"  # a tokenizer that does not load is an error, not a check skipped
+    shutil.copytree(teacher_folder(tiny), broken)
+    (broken / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="broken-tokenizer"):
+        run_distill(replace(cfg, teacher=str(broken), train__out_dir=str(tmp_path / "d")))
+    bare = tmp_path / "no-tokenizer"  # a folder without one: the student's is taken
+    shutil.copytree(teacher_folder(tiny), bare, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*"))
+    assert run_distill(replace(cfg, teacher=str(bare), train__out_dir=str(tmp_path / "e")))["steps"] == 2
     with pytest.raises(ConfigError, match="config key 'teacher' is required"):
         run_distill(replace(cfg, teacher=""))
     with pytest.raises(ConfigError, match="'beta' must be in"):

@@ -61,15 +61,65 @@ def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return beta * _kl(log_t, log_m) + (1 - beta) * _kl(log_s, log_m)
 
 
+def _chunk_rows(vocab: int) -> int:
+    """Rows of (rows, V) fp32 temporaries of about 2^23 elements (32 MB) at a time."""
+    return max(1, 2**23 // max(vocab, 1))
+
+
+class _ChunkedDivergence(torch.autograd.Function):
+    """``generalized_jsd`` of (N, V) fp32 logits and the two entropies, ``rows`` rows at a time:
+    it keeps the two logits tensors for the backward and no (N, V) temporaries, where autograd
+    through ``generalized_jsd`` keeps about 6 of them (the JSD; 3 for the reverse KL); the
+    backward computes the docstring's closed-form gradients chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, beta: float, temperature: float, rows: int):
+        ctx.save_for_backward(student_logits, teacher_logits)
+        ctx.beta, ctx.temperature, ctx.rows = beta, temperature, rows
+        n = student_logits.shape[0]
+        divergence, entropy, teacher_entropy = (student_logits.new_empty(n, dtype=torch.float32) for _ in range(3))
+        for i in range(0, n, rows):
+            s, t = student_logits[i: i + rows], teacher_logits[i: i + rows]
+            divergence[i: i + rows] = generalized_jsd(s, t, beta, temperature)
+            for out, logits in ((entropy, s), (teacher_entropy, t)):
+                log_p = _log_probs(logits, temperature)
+                out[i: i + rows] = -_kl(log_p, torch.zeros_like(log_p))
+        ctx.mark_non_differentiable(entropy, teacher_entropy)
+        return divergence, entropy, teacher_entropy
+
+    @staticmethod
+    def backward(ctx, grad_divergence, *_):
+        student_logits, teacher_logits = ctx.saved_tensors
+        beta, temperature = ctx.beta, ctx.temperature
+        grad = torch.empty_like(student_logits)
+        for i in range(0, student_logits.shape[0], ctx.rows):
+            log_s = _log_probs(student_logits[i: i + ctx.rows], temperature)
+            log_t = _log_probs(teacher_logits[i: i + ctx.rows], temperature)
+            p_s = log_s.exp()
+            if beta == 0.0:
+                g = p_s - log_t.exp()
+            else:
+                other = log_t if beta == 1.0 else torch.logaddexp(log_s + math.log(1 - beta), log_t + math.log(beta))
+                gap = torch.where(p_s > 0, log_s - other, torch.zeros_like(p_s))  # log p_s - log (p_t or m)
+                scale = 1.0 if beta == 1.0 else 1 - beta  # the reverse KL's, or the JSD's (1 - beta)
+                g = scale * p_s * (gap - (p_s * gap).sum(-1, keepdim=True))
+            grad[i: i + ctx.rows] = g * (grad_divergence[i: i + ctx.rows, None] / temperature)
+        return grad, None, None, None, None
+
+
 def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float, temperature: float,
-                 num_tokens: float) -> tuple[torch.Tensor, dict]:
-    """(N, V) logits at N answer tokens (the positions that predict them). Returns (loss, sums):
-    the loss is the tokens' divergences summed over ``num_tokens`` (the step's answer tokens on
-    every rank: its micro-batches' losses add up to the step's mean); ``sums`` holds detached sums
-    over the N tokens of the divergence, the student's entropy and the teacher's."""
-    divergence = generalized_jsd(student_logits, teacher_logits, beta, temperature)  # (N,)
-    with torch.no_grad():
-        log_s, log_t = _log_probs(student_logits, temperature), _log_probs(teacher_logits, temperature)
-        sums = {"divergence": divergence.detach().sum(), "entropy": -_kl(log_s, torch.zeros_like(log_s)).sum(),
-                "teacher_entropy": -_kl(log_t, torch.zeros_like(log_t)).sum()}
+                 num_tokens: float, rows: int | None = None) -> tuple[torch.Tensor, dict]:
+    """(N, V) logits at N answer tokens (the positions that predict them; the teacher's without
+    gradient). Returns (loss, sums): the loss is the tokens' divergences summed over ``num_tokens``
+    (the step's answer tokens on every rank: its micro-batches' losses add up to the step's mean);
+    ``sums`` holds detached sums over the N tokens of the divergence, the student's entropy and
+    the teacher's. Computed ``rows`` tokens at a time (default: about 32 MB of fp32 a temporary),
+    with the closed-form gradient (``_ChunkedDivergence``): the same values and gradients as
+    autograd through ``generalized_jsd``, in a fraction of its memory."""
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1]; got {beta}")
+    student, teacher = (x.to(torch.promote_types(x.dtype, torch.float32)) for x in (student_logits, teacher_logits))
+    divergence, entropy, teacher_entropy = _ChunkedDivergence.apply(
+        student, teacher.detach(), beta, temperature, rows or _chunk_rows(student.shape[-1]))
+    sums = {"divergence": divergence.detach().sum(), "entropy": entropy.sum(), "teacher_entropy": teacher_entropy.sum()}
     return divergence.sum() / num_tokens, sums

@@ -14,14 +14,15 @@ GKD's ``lmbda`` mix with the data set's answers is not here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from ..data.encode import check_prompts, row_chunks
 from ..data.rows import read_rows, source_name
 from ..losses.distill import distill_loss
-from ..models.forward import eval_mode, router_balance, target_logits
-from ..models.load import disable_dropout, load_causal_lm, load_tokenizer
+from ..models.forward import eval_mode, target_logits
+from ..models.load import TOKENIZER_FILES, disable_dropout, load_causal_lm, load_tokenizer
 from ..models.lora import Reference
 from ..rollout.backend import SamplerBackend, SamplingParams, make_backend
 from ..rollout.evaluate import row_prompt_ids
@@ -89,10 +90,10 @@ def load_teacher(run: Run, cfg: DistillConfig, student, tokenizer):
         raise ConfigError(f"teacher {cfg.teacher}: its head has {widths['teacher']} vocabulary entries and the "
                           f"student's ({cfg.model}) {widths['student']}; distillation compares the two next-token "
                           "distributions entry by entry, so they need one vocabulary")
-    try:
-        theirs = load_tokenizer(cfg.teacher, None)
-    except (OSError, ValueError):  # a folder without a tokenizer: the student's is taken
-        return teacher
+    if isinstance(cfg.teacher, torch.nn.Module) or not any((Path(cfg.teacher) / name).is_file()
+                                                           for name in TOKENIZER_FILES):
+        return teacher  # a model object, or a folder without a tokenizer: the student's is taken
+    theirs = load_tokenizer(cfg.teacher, None)  # a broken one is an error, not a check skipped
     if theirs.get_vocab() != tokenizer.get_vocab():
         differ = sorted(set(theirs.get_vocab().items()) ^ set(tokenizer.get_vocab().items()))[:3]
         raise ConfigError(f"teacher {cfg.teacher}: its tokenizer's vocabulary differs from the student's "
@@ -105,23 +106,19 @@ def distill_step(run: Run, student, teacher: Reference, samples: Samples, cfg: D
     loss is each token's divergence summed over the step's answer tokens on every rank. Returns
     the step's metrics (rank-local shares of the global means, and the loss and grad norm)."""
     ids, attn, target = completion_view(samples)
-    chunks = row_chunks(ids.shape[0], cfg.train.micro_batch_size)
-    counts = all_reduce_sum(torch.tensor([float(samples.completion_mask.sum()), float(len(chunks))],
-                                         dtype=torch.float64), run.info)
-    tokens, forwards = max(float(counts[0]), 1.0), float(counts[1])
+    tokens = float(all_reduce_sum(samples.completion_mask.sum().double().reshape(1), run.info)[0])
     student.train()
     loss, shares = torch.zeros(()), {}
-    for index in chunks:
+    for index in row_chunks(ids.shape[0], cfg.train.micro_batch_size):
         with torch.no_grad(), teacher() as model, autocast(cfg.train.dtype, run.device):
             theirs = target_logits(model, ids[index], attn[index], target[index])  # (N, V)
-        with autocast(cfg.train.dtype, run.device), router_balance(student, run.router_coef) as balance:
+        with autocast(cfg.train.dtype, run.device):
             mine = target_logits(student, ids[index], attn[index], target[index])
-        value, sums = distill_loss(mine, theirs, cfg.beta, cfg.temperature, tokens)
-        value = balance.add_to(value, routed := {}, 1 / forwards)  # routed: its share of the forwards' mean
+        value, sums = distill_loss(mine, theirs, cfg.beta, cfg.temperature, max(tokens, 1.0))
         value.backward()
         loss = loss + value.detach()
-        for k, v in {**{k: v / tokens for k, v in sums.items()}, **routed}.items():
-            shares[k] = shares.get(k, 0.0) + float(v)
+        for k, v in sums.items():
+            shares[k] = shares.get(k, 0.0) + float(v) / max(tokens, 1.0)
     total, grad_norm = run.optimizer_step(loss)
     return {"shares": shares, "loss": total, "grad_norm": grad_norm}
 
@@ -130,7 +127,7 @@ def run_distill(cfg: DistillConfig, backend=None) -> dict:
     """Distil ``teacher`` into ``model``. Python callers may pass a rollout backend object of their
     own (rollout/backend.py) in place of ``rollout.backend``'s."""
     for key in ("model", "teacher", "train_data"):
-        if not getattr(cfg, key):
+        if getattr(cfg, key) is None or (isinstance(getattr(cfg, key), str) and not getattr(cfg, key).strip()):
             raise ConfigError(f"config key '{key}' is required")
     refuse_offline_batch_fields("distill", cfg.train)
     tc = cfg.train
@@ -141,8 +138,9 @@ def run_distill(cfg: DistillConfig, backend=None) -> dict:
     rows, eval_rows = read_rows(cfg.train_data), held_out(cfg.eval_data, cfg.eval_limit, cfg.eval_task, run.say)
     report = check_prompts(rows, tokenizer, method="distill")  # every row, before any model loads
     run.say(f"{source_name(cfg.train_data)}: {report.summary()}")
+    # no router balancing loss for a mixture of experts: TRL's DistillationTrainer adds none
     student = run.prepare(disable_dropout(load_causal_lm(cfg.model, tokenizer, device=run.device)), cfg.lora,
-                          base=cfg.model, router_loss=True)
+                          base=cfg.model)
     teacher = load_teacher(run, cfg, student, tokenizer)
     for model in (student, teacher):
         check_positions(run, model, report.longest, cfg.max_new_tokens)
@@ -173,7 +171,9 @@ def run_distill(cfg: DistillConfig, backend=None) -> dict:
         lengths = samples.completion_mask.sum(-1).double()
         out = distill_step(run, student, teacher, samples, cfg)
         run.step_done(means={"loss": out["loss"], "grad_norm": out["grad_norm"],
-                             "completion_length": float(lengths.mean())},
+                             "completion_len_mean": float(lengths.mean()),
+                             # cut off at max_new_tokens without an EOS (TRL's completions/clipped_ratio)
+                             "completion_clipped": float((~samples.finished).double().mean())},
                       shares=out["shares"], evaluate=evaluate)
     summary = {"loss": run.metrics.get("loss"), "divergence": run.metrics.get("divergence"), **before}
     if run.evals:

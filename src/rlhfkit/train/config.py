@@ -366,8 +366,9 @@ TRL_NAMES = {"learning_rate": "train.lr", "num_train_epochs": "train.epochs", "m
              "ref_model_sync_steps": "nothing: the reference stays the start model (TR-DPO's sync is not implemented)",
              "ref_model_mixup_alpha": "nothing: the reference stays the start model (TR-DPO's sync is not implemented)",
              "vllm_mode": "rollout.backend=vllm (an engine colocated with the trainer; TRL's server mode is not here)",
-             "disable_dropout": "nothing: RM, DPO, GRPO and PPO always train with dropout off (TRL's default for "
-                                "RM and DPO; TRL's GRPO keeps dropout unless disable_dropout=true)",
+             "disable_dropout": "nothing: RM, DPO, GRPO, PPO and distillation always train with dropout off (TRL's "
+                                "default for RM and DPO; TRL's GRPO and distillation keep dropout unless "
+                                "disable_dropout=true)",
              "shuffle_dataset": "nothing: the rows are shuffled each epoch, by train.seed",
              "teacher_model_name_or_path": "teacher",
              "lmbda": "nothing: every answer is the student's own (TRL's DistillationTrainer; GKD's mix with the "
@@ -419,6 +420,9 @@ BY_METHOD = [
      "nothing: KTO forwards its reference every step, for the mismatched pairs too (TRL's default)"),
     *(((k,), "group_size", None, v) for k, v in ONLINE_NAMES.items()),  # GRPO and RLOO, and TRL's RLOO before 0.20
     (("max_completion_length", "max_prompt_length"), "max_length", "group_size", "max_length (prompt and answer together)"),
+    (("per_device_train_batch_size",), "teacher", None,  # distillation: one answer a prompt
+     "prompts_per_step (prompts a step, over all ranks, one answer each; TRL's distillation batch is "
+     "per_device x ranks x gradient_accumulation_steps prompts)"),
     (("per_device_train_batch_size",), "prompts_per_step", None,  # GRPO, RLOO and PPO count prompts
      "prompts_per_step (prompts a step, over all ranks; TRL's GRPO and RLOO count completions per device: "
      "prompts = per_device x ranks x steps_per_generation / num_generations)"),
