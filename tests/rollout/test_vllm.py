@@ -108,6 +108,30 @@ def test_grpo_on_vllm_syncs_merged_lora_weights_and_trains_as_the_exact_sampler(
     assert (tmp_path / "engine" / "rollout_engine" / "rank-0" / "config.json").is_file()
 
 
+def test_distillation_on_vllm_trains_as_on_the_sampler_and_gets_its_samples_on_the_policys_device(tiny, tmp_path):
+    """Distillation reads no log-probs of the engine: on its samples (the sampler's, through the
+    fake engine) the losses are the sampler's. The engine's outputs, built on the CPU, come back on
+    the device of the policy it was loaded from (the meta device stands in for a GPU here)."""
+    from rlhfkit.rollout.backend import SamplingParams
+
+    engines, make = _backend(tmp_path, RolloutConfig(sleep=False))
+    tok = load_tokenizer(str(tiny["base"]))
+    losses = {}
+    for name in ("sampler", "vllm"):
+        from rlhfkit.methods.distill import run_distill
+
+        run_distill(method_config("distill", tiny, tmp_path / name, 3, log_every=1),
+                    backend=make(tok) if name == "vllm" else None)
+        losses[name] = [m["train/loss"] for m in read_metrics(tmp_path / name) if "train/loss" in m]
+    assert len(losses["vllm"]) == 3 and losses["vllm"] == pytest.approx(losses["sampler"], rel=1e-5)
+    assert len(engines[0].loads) == 2  # the engine followed the student's updates
+    backend = make(tok)
+    backend.load_weights(load_causal_lm(str(tiny["base"]), tok))
+    backend.device = torch.device("meta")
+    samples = backend.generate([[5, 6, 7]], SamplingParams(4, 1.0))
+    assert samples.completion_ids.device.type == "meta" and samples.logprobs.device.type == "meta"
+
+
 def test_ppo_on_vllm_recomputes_pi_old_and_logs_the_gap(tiny, tmp_path):
     engines, make = _backend(tmp_path, RolloutConfig(sleep=False))
     cfg = method_config("ppo", tiny, tmp_path / "ppo", 2)

@@ -84,7 +84,7 @@ class VLLMBackend:
                  engine_factory=make_engine, params_class=None):
         self.tokenizer, self.rollout, self.folder = tokenizer, rollout, Path(out_dir) / "rollout_engine"
         self.engine_factory, self.params_class = engine_factory, params_class
-        self.engine, self.asleep, self.weight_loads = None, False, 0
+        self.engine, self.asleep, self.weight_loads, self.device = None, False, 0, torch.device("cpu")
         if model is not None:
             self.load_weights(model)
 
@@ -93,6 +93,7 @@ class VLLMBackend:
         if why:
             raise ModelLoadError(f"rollout.backend=vllm gets the policy's adapters merged, and {why}: name other "
                                  "lora.target_modules or use another rollout.backend")
+        self.device = next(model.parameters()).device  # where the trainer reads the samples
         state = full_state_dict(model)  # every rank of a sharded policy gathers
         if self.engine is None:  # the engine starts from a folder holding the current weights
             folder = self.folder / f"rank-{os.environ.get('RANK', '0')}"
@@ -115,7 +116,7 @@ class VLLMBackend:
                                        self.params_class(**sampling_kwargs(params)), use_tqdm=False)
         samples = self._samples(prompts, outputs, params.num_samples)
         self._sleep()
-        return samples
+        return samples.to(self.device)  # built on the CPU from the engine's lists
 
     def logprobs_exact(self, params: SamplingParams) -> bool:
         return False
