@@ -107,6 +107,12 @@ def test_adapter_and_merged_folders_reload_to_the_trained_models_logprobs(tiny, 
     ours = load_causal_lm(str(out / "adapter"), tok)  # rlhfkit loads an adapter folder merged
     for reloaded in (in_peft.get_base_model(), merged, ours):
         torch.testing.assert_close(_logprobs(reloaded, batch), trained, atol=1e-5, rtol=0)
+    # a later stage starts from the adapter folder: every merged weight trains (peft had frozen them all)
+    assert all(p.requires_grad for p in ours.parameters())
+    after = run_sft(replace(cfg, model=str(out / "adapter"), tokenizer=str(tiny["base"]), lora=LoraConfig(),
+                            train__out_dir=str(tmp_path / "from-adapter"), train__max_steps=2))
+    moved = load_causal_lm(str(tmp_path / "from-adapter" / "model"), tok)
+    assert after["steps"] == 2 and any(not torch.equal(a, b) for a, b in zip(moved.parameters(), ours.parameters()))
 
 
 def test_a_merged_gpt2_folds_its_conv1d_adapters_transposed(tiny, tmp_path):

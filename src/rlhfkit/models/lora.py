@@ -207,11 +207,13 @@ def adapter_base(path) -> str:
 
 
 def load_merged(model: torch.nn.Module, path) -> torch.nn.Module:
-    """``model`` (the base) with the adapter folder ``path`` loaded and merged: a plain model."""
+    """``model`` (the base) with the adapter folder ``path`` loaded and merged: a plain model, every
+    weight trainable as a freshly loaded one's (peft freezes the base's, and merging keeps that: a
+    later stage that started from an adapter folder had nothing to train)."""
     import warnings
 
     from peft import PeftModel
 
     with warnings.catch_warnings():  # peft asks transformers a deprecated question; nothing for the user to do
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
-        return PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+        return PeftModel.from_pretrained(model, str(path)).merge_and_unload().requires_grad_(True)
