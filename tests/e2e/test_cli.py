@@ -279,6 +279,7 @@ def test_distill_cli_writes_a_plain_transformers_folder_and_answers_trls_names(t
     assert out.returncode == 0, out.stderr
     logged = [m for m in read_metrics(tmp_path / "d") if "train/loss" in m]
     assert len(logged) == 2 and logged[0]["train/loss"] > 1e-3
+    assert (tmp_path / "d" / "plots" / "teacher.png").is_file()  # the divergence and the teacher's entropy
     assert yaml.safe_load((tmp_path / "d" / "config.yaml").read_text())["beta"] == 0.5
     trained = AutoModelForCausalLM.from_pretrained(tmp_path / "d" / "model")
     base = AutoModelForCausalLM.from_pretrained(tiny["base"])

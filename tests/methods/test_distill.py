@@ -156,3 +156,13 @@ def test_the_student_learns_the_teachers_answers(tiny, sft_run, tmp_path):
     assert after >= before + (teacher - before) / 3, summary
     logged = losses(tmp_path)
     assert sum(logged[-5:]) / 5 < sum(logged[:2]) / 2, logged
+
+
+def test_answers_the_data_carries_and_a_teacher_that_is_the_student_are_said(tiny, tmp_path, capsys):
+    cfg = replace(method_config("distill", tiny, tmp_path / "a", 1), train_data=small(tiny, "sft_train.jsonl", 8),
+                  teacher=str(tiny["base"]))
+    run_distill(cfg)
+    err = capsys.readouterr().err
+    assert "note: 8 rows carry an answer" in err and "the teacher is the student's own start model" in err
+    with pytest.raises(ModelLoadError, match="config key 'teacher': .*not found"):
+        run_distill(replace(cfg, teacher=str(tmp_path / "nowhere"), train__out_dir=str(tmp_path / "b")))

@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 
 from ..data.encode import check_prompts, row_chunks
+from ..data.formats import row_format
 from ..data.rows import read_rows, source_name
 from ..losses.distill import distill_loss
 from ..models.forward import eval_mode, target_logits
-from ..models.load import TOKENIZER_FILES, disable_dropout, load_causal_lm, load_tokenizer
+from ..models.load import TOKENIZER_FILES, ModelLoadError, disable_dropout, load_causal_lm, load_tokenizer
 from ..models.lora import Reference
 from ..rollout.backend import SamplerBackend, SamplingParams, make_backend
 from ..rollout.evaluate import row_prompt_ids
@@ -83,7 +84,10 @@ def load_teacher(run: Run, cfg: DistillConfig, student, tokenizer):
     """The frozen teacher, in eval mode, unsharded (the caller shards it). Refused before any
     training where its distributions could not be compared with the student's: another vocabulary
     size, or (where its folder has a tokenizer) other tokens."""
-    teacher = load_causal_lm(cfg.teacher, tokenizer, cfg.train.dtype, device=run.device, copy=True)
+    try:
+        teacher = load_causal_lm(cfg.teacher, tokenizer, cfg.train.dtype, device=run.device, copy=True)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"config key 'teacher': {e}") from None
     teacher = teacher.eval().requires_grad_(False)
     widths = {name: m.get_output_embeddings().weight.shape[0] for name, m in (("student", student), ("teacher", teacher))}
     if widths["student"] != widths["teacher"]:
@@ -138,6 +142,15 @@ def run_distill(cfg: DistillConfig, backend=None) -> dict:
     rows, eval_rows = read_rows(cfg.train_data), held_out(cfg.eval_data, cfg.eval_limit, cfg.eval_task, run.say)
     report = check_prompts(rows, tokenizer, method="distill")  # every row, before any model loads
     run.say(f"{source_name(cfg.train_data)}: {report.summary()}")
+    answered = sum(row_format(r) == "prompt_completion" or (row_format(r) == "language_modeling"
+                                                              and "text" not in r.data) for r in rows)
+    if answered:  # TRL's trainer reads the prompt alone too
+        run.say(f"note: {answered} rows carry an answer (a completion, or assistant turns), which distillation does "
+                "not read: the student writes its own")
+    if isinstance(cfg.model, (str, Path)) and isinstance(cfg.teacher, (str, Path)) and \
+            Path(cfg.model).resolve() == Path(cfg.teacher).resolve():
+        run.say("warning: the teacher is the student's own start model: the divergence starts at 0 and the first "
+                "steps have nothing to learn")
     # no router balancing loss for a mixture of experts: TRL's DistillationTrainer adds none
     student = run.prepare(disable_dropout(load_causal_lm(cfg.model, tokenizer, device=run.device)), cfg.lora,
                           base=cfg.model)

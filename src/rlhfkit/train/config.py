@@ -420,6 +420,9 @@ BY_METHOD = [
      "nothing: KTO forwards its reference every step, for the mismatched pairs too (TRL's default)"),
     *(((k,), "group_size", None, v) for k, v in ONLINE_NAMES.items()),  # GRPO and RLOO, and TRL's RLOO before 0.20
     (("max_completion_length", "max_prompt_length"), "max_length", "group_size", "max_length (prompt and answer together)"),
+    (("num_generations",), "teacher", None,  # distillation
+     "nothing: one answer per prompt, as TRL's DistillationTrainer samples (prompts_per_step sets how many)"),
+    (("teacher_model_init_kwargs",), "teacher", None, "nothing: the teacher loads in train.dtype"),
     (("per_device_train_batch_size",), "teacher", None,  # distillation: one answer a prompt
      "prompts_per_step (prompts a step, over all ranks, one answer each; TRL's distillation batch is "
      "per_device x ranks x gradient_accumulation_steps prompts)"),

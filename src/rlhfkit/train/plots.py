@@ -2,7 +2,8 @@
 
 One figure per concern, one panel per metric, one line per run (``plot_runs`` overlays several
 runs, ``rlhfkit plot RUN_DIR ...``): the training losses, the reward (GRPO's reward, PPO's
-reward-model score, the RM's and DPO's margins), the KL to the reference, and every held-out
+reward-model score, the RM's and DPO's margins), the KL to the reference, distillation's divergence
+to its teacher, and every held-out
 metric at each eval. A figure whose metrics a run does not log is not written. matplotlib runs
 on its headless Agg backend, imported only here.
 """
@@ -19,6 +20,8 @@ FIGURES = {
     "reward": ("reward", lambda k: k.startswith("train/") and any(
         w in k for w in ("reward_mean", "rm_score", "margin", "pairwise_accuracy", "preference_accuracy"))),
     "kl": ("KL to the reference", lambda k: k.startswith("train/") and k.split("/")[1] in ("kl", "kl_coef")),
+    "teacher": ("distillation: the divergence to the teacher and the teacher's entropy",
+                lambda k: k in ("train/divergence", "train/teacher_entropy")),
     "eval": ("held-out metrics at each eval", lambda k: k.startswith("eval/") and not k.endswith(("/n", "/step", "_s"))),
 }
 
