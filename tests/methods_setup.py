@@ -41,6 +41,28 @@ def shifted_backend(tiny, offset: float):
     return Shifted(load_tokenizer(str(tiny["base"])))
 
 
+def seeded_backend(tiny):
+    """The sampler, each prompt's answers drawn from a generator seeded by the prompt's tokens: the
+    same answers wherever (on whichever rank, in whatever batch) the prompt is sampled, so that 2
+    ranks and one process train on the same samples."""
+    import torch
+
+    from rlhfkit.models.load import load_tokenizer
+    from rlhfkit.rollout.backend import SamplerBackend
+    from rlhfkit.rollout.sampler import join_samples, sample
+
+    class Seeded(SamplerBackend):
+        def generate(self, prompts, params):
+            tok = self.tokenizer
+            return join_samples([sample(self.model, [p], eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                                        max_new_tokens=params.max_new_tokens, temperature=params.temperature,
+                                        num_samples=params.num_samples,
+                                        generator=torch.Generator().manual_seed(sum(p) * 7919 + len(p)))
+                                 for p in prompts], tok.pad_token_id)
+
+    return Seeded(load_tokenizer(str(tiny["base"])))
+
+
 def dynamic_sampling_config(tiny, out, steps: int, **train):
     """GRPO with DAPO's dynamic sampling, for ``even_answer_digits``: about 4 prompts in 10 give a
     signal, so 12 rounds fill a share of 2 or 4 groups but for odds of about 1e-4 a step."""

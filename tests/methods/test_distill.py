@@ -105,24 +105,24 @@ def test_under_bf16_the_first_loss_is_the_fp32_ones(tiny, tmp_path):
     for dtype in ("fp32", "bf16"):
         run_distill(method_config("distill", tiny, tmp_path / dtype, 1, log_every=1, dtype=dtype))
         first[dtype] = losses(tmp_path / dtype)[0]
-    assert first["bf16"] == pytest.approx(first["fp32"], rel=0.05) and first["fp32"] > 1e-3
+    assert first["bf16"] == pytest.approx(first["fp32"], rel=5e-3) and first["fp32"] > 1e-3  # 2.4e-4 apart here
 
 
-def test_a_teacher_with_another_vocabulary_is_refused_before_training(tiny, tmp_path):
+def test_a_teacher_with_other_tokens_is_refused_and_one_with_a_wider_head_compared_over_the_shared_entries(
+        tiny, tmp_path, capsys):
     tokenizer = load_tokenizer(str(tiny["base"]))
     vocab = json.loads((tiny["base"] / "config.json").read_text())["vocab_size"]
-    wider = tiny_moe(tiny, tmp_path / "wider", vocab_size=vocab + 8)
     cfg = method_config("distill", tiny, tmp_path / "a", 2)
-    with pytest.raises(ConfigError, match=f"teacher {wider}: its head has {vocab + 8} vocabulary entries and the "
-                                          f"student's .* {vocab}"):
-        run_distill(replace(cfg, teacher=wider))
-    assert not (tmp_path / "a" / "checkpoints").exists()
     other = tmp_path / "other-tokens"  # the same model, its tokenizer with one token more
     shutil.copytree(teacher_folder(tiny), other)
     tokenizer.add_tokens(["<an-extra-token>"])
     tokenizer.save_pretrained(str(other))
-    with pytest.raises(ConfigError, match="its tokenizer's vocabulary differs from the student's.*an-extra-token"):
-        run_distill(replace(cfg, teacher=str(other), train__out_dir=str(tmp_path / "b")))
+    with pytest.raises(ModelLoadError, match="the teacher at .* uses another tokenizer than the student.*an-extra-token"):
+        run_distill(replace(cfg, teacher=str(other)))
+    assert not (tmp_path / "a" / "checkpoints").exists()
+    wider = tiny_moe(tiny, tmp_path / "wider", vocab_size=vocab + 8)  # padding rows past the student's (Qwen2.5's)
+    assert run_distill(replace(cfg, teacher=wider, train__out_dir=str(tmp_path / "b")))["steps"] == 2
+    assert f"the student's head has {vocab} vocabulary entries and the teacher's {vocab + 8}" in capsys.readouterr().err
     broken = tmp_path / "broken-tokenizer"  # a tokenizer that does not load is an error, not a check skipped
     shutil.copytree(teacher_folder(tiny), broken)
     (broken / "tokenizer.json").write_text("{not json")

@@ -126,7 +126,9 @@ def test_distillation_on_vllm_trains_as_on_the_sampler_and_gets_its_samples_on_t
     assert len(losses["vllm"]) == 3 and losses["vllm"] == pytest.approx(losses["sampler"], rel=1e-5)
     assert len(engines[0].loads) == 2  # the engine followed the student's updates
     backend = make(tok)
-    backend.load_weights(load_causal_lm(str(tiny["base"]), tok))
+    policy = load_causal_lm(str(tiny["base"]), tok)
+    backend.load_weights(policy)
+    assert backend.device == next(policy.parameters()).device  # recorded from the policy it was loaded from
     backend.device = torch.device("meta")
     samples = backend.generate([[5, 6, 7]], SamplingParams(4, 1.0))
     assert samples.completion_ids.device.type == "meta" and samples.logprobs.device.type == "meta"

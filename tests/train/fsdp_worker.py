@@ -22,6 +22,7 @@ from methods_setup import (  # noqa: E402
     even_answer_digits,
     greedy_ppo_with_ptx,
     method_config,
+    seeded_backend,
     small,
     teacher_folder,
 )
@@ -53,6 +54,9 @@ def _jobs(rank: int, out: Path, assets: dict) -> dict:
                             strategy=strategy)
         RUNS[method](cfg)
     RUNS["ppo"](greedy_ppo_with_ptx(assets["tiny"], out / "ppo-greedy"))  # replicated: the test runs it in one process
+    # distillation on answers each prompt draws alike wherever it is sampled: the test runs it in one process
+    RUNS["distill"](method_config("distill", assets["tiny"], out / "distill-seeded", 3, log_every=1,
+                                  strategy="replicate"), backend=seeded_backend(assets["tiny"]))
     # DCP resume: an uninterrupted 4-step run; one killed in step 3 (after the step-2 checkpoint)
     # and resumed here (2 -> 2); one killed alike and left for the test to resume in 1 process.
     def cfg(name):

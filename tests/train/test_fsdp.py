@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from methods_setup import METHODS, RUNS, greedy_ppo_with_ptx, method_config, small
+from methods_setup import METHODS, RUNS, greedy_ppo_with_ptx, method_config, seeded_backend, small
 
 from rlhfkit.methods.common import load_policy
 from rlhfkit.models.kernels import onednn_linear_available
@@ -130,6 +130,17 @@ def test_online_methods_sharded_equal_replicated_on_the_same_samples(method, mod
     for key in ("train/loss", "train/grad_norm"):
         assert _losses(sharded, key) == pytest.approx(_losses(replicated, key), rel=1e-5, abs=1e-6)
     _assert_same_weights(sharded, replicated)
+
+
+def test_distillations_token_mean_over_two_ranks_is_one_processs(two_ranks, tiny, tmp_path):
+    """Each rank's loss is its tokens' divergences over the step's tokens on both ranks: on the same
+    answers (seeded per prompt), 2 ranks give one process's losses, gradient norms and weights."""
+    out, _ = two_ranks
+    RUNS["distill"](method_config("distill", tiny, tmp_path / "one", 3, log_every=1), backend=seeded_backend(tiny))
+    for key in ("train/loss", "train/grad_norm", "train/entropy"):
+        assert _losses(out / "distill-seeded", key) == pytest.approx(_losses(tmp_path / "one", key), rel=1e-5)
+    assert len(_losses(out / "distill-seeded")) == 3
+    _assert_same_weights(out / "distill-seeded", tmp_path / "one")
 
 
 def test_ppos_token_means_and_explained_variance_on_two_ranks_are_one_processs(two_ranks, tiny, tmp_path):

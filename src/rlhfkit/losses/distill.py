@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.autograd.function import once_differentiable
 
 
 def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -77,7 +78,7 @@ class _ChunkedDivergence(torch.autograd.Function):
         ctx.save_for_backward(student_logits, teacher_logits)
         ctx.beta, ctx.temperature, ctx.rows = beta, temperature, rows
         n = student_logits.shape[0]
-        divergence, entropy, teacher_entropy = (student_logits.new_empty(n, dtype=torch.float32) for _ in range(3))
+        divergence, entropy, teacher_entropy = (student_logits.new_empty(n) for _ in range(3))  # fp32, or fp64
         for i in range(0, n, rows):
             s, t = student_logits[i: i + rows], teacher_logits[i: i + rows]
             divergence[i: i + rows] = generalized_jsd(s, t, beta, temperature)
@@ -88,6 +89,7 @@ class _ChunkedDivergence(torch.autograd.Function):
         return divergence, entropy, teacher_entropy
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_divergence, *_):
         student_logits, teacher_logits = ctx.saved_tensors
         beta, temperature = ctx.beta, ctx.temperature

@@ -95,7 +95,8 @@ def accuracy_eval(backend, policy, tokenizer, rows: HeldOut | None, max_new_toke
 
 
 def refuse_offline_batch_fields(method: str, train: TrainConfig) -> None:
-    """GRPO and PPO size their batches in prompts; ``train.batch_size`` would be silently unused."""
+    """GRPO, RLOO, PPO and distillation size their batches in prompts; ``train.batch_size`` would be
+    silently unused."""
     if train.batch_size != TrainConfig.batch_size:
         raise ConfigError(f"{method}: train.batch_size does not apply (it counts rows of offline data); "
                           "set prompts_per_step (and for PPO minibatch_size) instead")

@@ -23,7 +23,13 @@ from ..data.formats import row_format
 from ..data.rows import read_rows, source_name
 from ..losses.distill import distill_loss
 from ..models.forward import eval_mode, target_logits
-from ..models.load import TOKENIZER_FILES, ModelLoadError, disable_dropout, load_causal_lm, load_tokenizer
+from ..models.load import (
+    ModelLoadError,
+    check_shared_tokenizer,
+    disable_dropout,
+    load_causal_lm,
+    load_tokenizer,
+)
 from ..models.lora import Reference
 from ..rollout.backend import SamplerBackend, SamplingParams, make_backend
 from ..rollout.evaluate import row_prompt_ids
@@ -40,8 +46,7 @@ from ..train.config import (
     positive,
     within,
 )
-from ..train.dist import all_reduce_sum
-from ..train.loop import BatchOrder, autocast
+from ..train.loop import BatchOrder, Objective, accumulate, reduce_dict
 from ..train.optim import build_optimizer, build_scheduler
 from ..train.run import Run, start_run
 from .common import accuracy_eval, check_positions, held_out, longest_prompt, refuse_offline_batch_fields
@@ -80,49 +85,50 @@ class DistillConfig:
                            "held-out evaluation (eval_data)")
 
 
-def load_teacher(run: Run, cfg: DistillConfig, student, tokenizer):
-    """The frozen teacher, in eval mode, unsharded (the caller shards it). Refused before any
-    training where its distributions could not be compared with the student's: another vocabulary
-    size, or (where its folder has a tokenizer) other tokens."""
+def load_teacher(run: Run, cfg: DistillConfig, student, tokenizer) -> tuple[torch.nn.Module, int]:
+    """The frozen teacher, in eval mode, unsharded (the caller shards it), and the vocabulary
+    entries the two distributions are compared over. A teacher whose folder has a tokenizer must
+    have the student's, token for token (refused before any training otherwise). Heads of another
+    width (Qwen2.5-7B's 152064 rows against 0.5B's 151936, both past their 151665 tokens) are
+    compared over the entries both have: every token id is among them, the rest are padding rows."""
     try:
         teacher = load_causal_lm(cfg.teacher, tokenizer, cfg.train.dtype, device=run.device, copy=True)
     except ModelLoadError as e:
         raise ModelLoadError(f"config key 'teacher': {e}") from None
     teacher = teacher.eval().requires_grad_(False)
-    widths = {name: m.get_output_embeddings().weight.shape[0] for name, m in (("student", student), ("teacher", teacher))}
-    if widths["student"] != widths["teacher"]:
-        raise ConfigError(f"teacher {cfg.teacher}: its head has {widths['teacher']} vocabulary entries and the "
-                          f"student's ({cfg.model}) {widths['student']}; distillation compares the two next-token "
-                          "distributions entry by entry, so they need one vocabulary")
-    if isinstance(cfg.teacher, torch.nn.Module) or not any((Path(cfg.teacher) / name).is_file()
-                                                           for name in TOKENIZER_FILES):
-        return teacher  # a model object, or a folder without a tokenizer: the student's is taken
-    theirs = load_tokenizer(cfg.teacher, None)  # a broken one is an error, not a check skipped
-    if theirs.get_vocab() != tokenizer.get_vocab():
-        differ = sorted(set(theirs.get_vocab().items()) ^ set(tokenizer.get_vocab().items()))[:3]
-        raise ConfigError(f"teacher {cfg.teacher}: its tokenizer's vocabulary differs from the student's "
-                          f"(e.g. {differ}); the same id would be another token to each model")
-    return teacher
+    check_shared_tokenizer(cfg.teacher, tokenizer, "teacher", "student", run.say)
+    widths = [m.get_output_embeddings().weight.shape[0] for m in (student, teacher)]
+    if widths[0] != widths[1]:  # both hold every token (load_causal_lm checks the tokenizer fits each)
+        run.say(f"the student's head has {widths[0]} vocabulary entries and the teacher's {widths[1]}, for "
+                f"{len(tokenizer)} tokens: the distributions are compared over the first {min(widths)}")
+    return teacher, min(widths)
 
 
-def distill_step(run: Run, student, teacher: Reference, samples: Samples, cfg: DistillConfig) -> dict:
-    """One optimizer step on this rank's answers, ``train.micro_batch_size`` rows a forward: the
-    loss is each token's divergence summed over the step's answer tokens on every rank. Returns
-    the step's metrics (rank-local shares of the global means, and the loss and grad norm)."""
+def distill_objective(cfg: DistillConfig, teacher: Reference, samples: Samples, vocab: int) -> Objective:
+    """A micro-batch (row indices into ``samples``) -> its tokens' divergences summed over the
+    step's answer tokens on every rank (``totals["tokens"]``), and the metrics' shares of their means."""
     ids, attn, target = completion_view(samples)
-    tokens = float(all_reduce_sum(samples.completion_mask.sum().double().reshape(1), run.info)[0])
-    student.train()
-    loss, shares = torch.zeros(()), {}
-    for index in row_chunks(ids.shape[0], cfg.train.micro_batch_size):
-        with torch.no_grad(), teacher() as model, autocast(cfg.train.dtype, run.device):
-            theirs = target_logits(model, ids[index], attn[index], target[index])  # (N, V)
-        with autocast(cfg.train.dtype, run.device):
-            mine = target_logits(student, ids[index], attn[index], target[index])
-        value, sums = distill_loss(mine, theirs, cfg.beta, cfg.temperature, max(tokens, 1.0))
-        value.backward()
-        loss = loss + value.detach()
-        for k, v in sums.items():
-            shares[k] = shares.get(k, 0.0) + float(v) / max(tokens, 1.0)
+
+    def loss(student, index, totals: dict):
+        with torch.no_grad(), teacher() as model:
+            theirs = target_logits(model, ids[index], attn[index], target[index])[:, :vocab]  # (N, V)
+        mine = target_logits(student, ids[index], attn[index], target[index])[:, :vocab]
+        value, sums = distill_loss(mine, theirs, cfg.beta, cfg.temperature, totals["tokens"])
+        return value, {k: v / totals["tokens"] for k, v in sums.items()}
+
+    return Objective(lambda index: {"tokens": float(samples.completion_mask[index].sum())}, loss)
+
+
+def distill_step(run: Run, student, teacher: Reference, samples: Samples, cfg: DistillConfig,
+                 vocab: int | None = None) -> dict:
+    """One optimizer step on this rank's answers, ``train.micro_batch_size`` rows a forward (the
+    offline methods' ``accumulate``). Returns the loss and grad norm (over all ranks) and the
+    metrics' shares of their global means. ``vocab``: the entries compared (``load_teacher``)."""
+    objective = distill_objective(cfg, teacher, samples, vocab or student.get_output_embeddings().weight.shape[0])
+    chunks = row_chunks(samples.completion_ids.shape[0], cfg.train.micro_batch_size)
+    totals = reduce_dict({"tokens": sum(objective.counts(index)["tokens"] for index in chunks)}, run.info)
+    totals["tokens"] = max(totals["tokens"], 1.0)
+    loss, shares = accumulate(student, chunks, objective, totals, cfg.train.dtype, run.device)
     total, grad_norm = run.optimizer_step(loss)
     return {"shares": shares, "loss": total, "grad_norm": grad_norm}
 
@@ -154,7 +160,7 @@ def run_distill(cfg: DistillConfig, backend=None) -> dict:
     # no router balancing loss for a mixture of experts: TRL's DistillationTrainer adds none
     student = run.prepare(disable_dropout(load_causal_lm(cfg.model, tokenizer, device=run.device)), cfg.lora,
                           base=cfg.model)
-    teacher = load_teacher(run, cfg, student, tokenizer)
+    teacher, vocab = load_teacher(run, cfg, student, tokenizer)
     for model in (student, teacher):
         check_positions(run, model, report.longest, cfg.max_new_tokens)
         check_positions(run, model, longest_prompt(eval_rows, tokenizer), cfg.eval_max_new_tokens)
@@ -182,7 +188,7 @@ def run_distill(cfg: DistillConfig, backend=None) -> dict:
         mine = [rows[i] for i in order.indices(step)[run.info.rank::run.info.world_size]]
         samples = backend.generate(row_prompt_ids(tokenizer, mine), params)
         lengths = samples.completion_mask.sum(-1).double()
-        out = distill_step(run, student, teacher, samples, cfg)
+        out = distill_step(run, student, teacher, samples, cfg, vocab)
         run.step_done(means={"loss": out["loss"], "grad_norm": out["grad_norm"],
                              "completion_len_mean": float(lengths.mean()),
                              # cut off at max_new_tokens without an EOS (TRL's completions/clipped_ratio)

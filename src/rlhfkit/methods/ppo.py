@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -22,7 +21,7 @@ from ..losses.ppo import AdaptiveKL, explained_variance, gae, kl_penalty_rewards
 from ..losses.reduce import masked_mean, masked_whiten
 from ..losses.sft import sft_loss
 from ..models.forward import token_logprobs
-from ..models.load import TOKENIZER_FILES, ModelLoadError, disable_dropout, load_causal_lm, load_tokenizer
+from ..models.load import check_shared_tokenizer, disable_dropout, load_causal_lm, load_tokenizer
 from ..models.lora import Reference
 from ..models.reward import load_reward_model, require_reward_model, reward_scores, score_name, token_values
 from ..rollout.backend import SamplingParams, make_backend
@@ -329,16 +328,7 @@ def load_models(cfg: PPOConfig, device: str = "cpu", run: Run | None = None):
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
     actor = disable_dropout(load_causal_lm(cfg.model, tokenizer, device=device))
     for role, folder in (("reward model", cfg.reward_model), ("critic", cfg.critic)):
-        # a folder's own tokenizer, where it has one (rlhfkit saves one in every model folder)
-        if not isinstance(folder, (str, Path)):
-            continue
-        if not any((Path(folder) / name).is_file() for name in TOKENIZER_FILES):
-            if run is not None:
-                run.say(f"warning: the {role} at {folder} has no tokenizer files, so whether it reads the "
-                        "actor's token ids cannot be checked; it is given them")
-        elif load_tokenizer(folder).get_vocab() != tokenizer.get_vocab():
-            raise ModelLoadError(f"the {role} at {folder} uses another tokenizer than the actor; "
-                                 "rlhfkit's PPO needs one shared tokenizer")
+        check_shared_tokenizer(folder, tokenizer, role, "actor", run.say if run is not None else None)
     reward = load_reward_model(cfg.reward_model, tokenizer, cfg.frozen_dtype, device=device).eval().requires_grad_(False)
     critic = disable_dropout(load_reward_model(cfg.critic or cfg.reward_model, tokenizer, seed=cfg.train.seed,
                                                device=device))

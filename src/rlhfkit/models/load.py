@@ -96,12 +96,32 @@ def check_vocab(model, tokenizer, where: str) -> None:
         )
 
 
+def check_shared_tokenizer(folder, tokenizer, role: str, trained: str, say=None) -> None:
+    """A second model that must read ``tokenizer``'s ids (PPO's reward model and critic, a
+    distillation teacher): its folder's own tokenizer, where it has one, must have the same
+    vocabulary, token for token; a folder without one is said (``say``) and given the ids as they are."""
+    if not isinstance(folder, (str, Path)):  # a model object (Python API): nothing to read
+        return
+    if not any((Path(folder) / name).is_file() for name in TOKENIZER_FILES):
+        if say is not None:
+            say(f"warning: the {role} at {folder} has no tokenizer files, so whether it reads the {trained}'s "
+                "token ids cannot be checked; it is given them")
+        return
+    theirs = load_tokenizer(folder)  # a broken one is an error, not a check skipped
+    if theirs.get_vocab() != tokenizer.get_vocab():
+        differ = sorted(set(theirs.get_vocab().items()) ^ set(tokenizer.get_vocab().items()))[:3]
+        raise ModelLoadError(f"the {role} at {folder} uses another tokenizer than the {trained} (e.g. {differ}); "
+                             "the same id would be another token to each model")
+
+
 def check_head(model, where: str) -> None:
     """Refuse a causal LM whose logits rlhfkit's forwards would not reproduce (models/forward.py):
-    a gap above 1e-3, or in a 16-bit model two of its rounding steps (bf16: 1.6e-2; its logits
-    round to 2^-8 of their size, which an unknown final step, a soft-cap or a scaling, exceeds by far)."""
+    a gap above 1e-3 of the largest logit, or with a 16-bit head two of its rounding steps (bf16:
+    1.6e-2; its logits round to 2^-8 of their size). Gemma-2's soft-cap, Granite's or Cohere's
+    scaling leave far larger gaps (tested in bf16 too); a final step that moved the logits by less
+    than 1.6% would pass a bf16 load unseen, and is caught by an fp32 load of the same folder."""
     gap = head_gap(model)
-    tolerance = max(1e-3, 2 * torch.finfo(next(model.parameters()).dtype).eps)
+    tolerance = max(1e-3, 2 * torch.finfo(model.get_output_embeddings().weight.dtype).eps)
     if not gap <= tolerance:
         raise ModelLoadError(f"{where}: rlhfkit's logits differ from the model's own forward by {gap:.3g} "
                              f"({type(model).__name__} applies a final step that models/forward.py "

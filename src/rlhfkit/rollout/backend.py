@@ -1,9 +1,10 @@
-"""The rollout-backend seam: what GRPO, PPO and evaluation call to generate.
+"""The rollout-backend seam: what GRPO, RLOO, PPO, distillation and evaluation call to generate.
 
 A backend is a small object with three methods:
 
     load_weights(model)            take the policy's current weights (once per rollout step)
-    generate(prompts, params)      token-id prompts -> ``Samples`` (completions, masks, log-probs)
+    generate(prompts, params)      token-id prompts -> ``Samples`` (completions, masks, log-probs), on the
+                                   device of the policy it was loaded from
     logprobs_exact(params) -> bool whether ``Samples.logprobs`` are the policy's own log-probs
                                    (of logits / temperature, before any top-k / top-p
                                    truncation, as the trainers' forwards compute them) to

@@ -89,11 +89,11 @@ class TrainConfig:
     """The optimisation loop every method shares."""
 
     out_dir: str = "runs/out"  # each method's config gives its own default (runs/sft, runs/dpo, ...)
-    # SFT, RM, DPO, KTO, PRM: optimizer steps. GRPO, RLOO, PPO: rollout steps (each gives mu, or ppo_epochs, x
-    # minibatches optimizer steps); the progress bar, the logs and result.json name the unit.
+    # SFT, RM, DPO, KTO, PRM: optimizer steps. GRPO, RLOO, PPO, distill: rollout steps (each gives mu, or
+    # ppo_epochs, x minibatches optimizer steps; distill one); the progress bar, the logs and result.json name the unit.
     max_steps: int = 100
     epochs: float = 0  # > 0: passes over the training data instead of max_steps (steps = ceil(epochs x rows / batch))
-    batch_size: int = 32  # rows per optimizer step, over all ranks (SFT, RM, DPO, KTO, PRM; GRPO/RLOO/PPO: prompts_per_step)
+    batch_size: int = 32  # rows per optimizer step, over all ranks (SFT, RM, DPO, KTO, PRM; GRPO/RLOO/PPO/distill: prompts_per_step)
     micro_batch_size: int = 0  # rows per forward on one rank; 0 = the whole per-rank batch
     lr: float = 1e-4  # peak learning rate (AdamW)
     schedule: str = "cosine"  # cosine | constant | linear
