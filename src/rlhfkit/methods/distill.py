@@ -56,7 +56,8 @@ from .common import accuracy_eval, check_positions, held_out, longest_prompt, re
 class DistillConfig:
     model: str = ""  # the student: the causal LM trained
     tokenizer: str | None = None
-    teacher: str = ""  # a causal LM folder with the student's vocabulary (TRL's teacher_model_name_or_path)
+    # a causal LM folder with the student's tokenizer (TRL's teacher_model_name_or_path); from Python a model too
+    teacher: str = ""
     train_data: str = ""  # prompts (an answer a row has is not read: the student writes its own)
     eval_data: str | None = None  # held-out prompts: the accuracy of the student's greedy answers (and the teacher's)
     eval_task: str = "auto"  # auto | arithmetic | reference (tasks/)
