@@ -12,7 +12,7 @@ from rlhfkit.methods.ppo import run_ppo
 from rlhfkit.models.load import load_causal_lm, load_tokenizer
 from rlhfkit.rollout.sampler import sample
 from rlhfkit.rollout.vllm import VLLMBackend, sampling_kwargs
-from rlhfkit.train.config import ConfigError, LoraConfig, RolloutConfig, replace
+from rlhfkit.train.config import ConfigError, LoraConfig, RolloutConfig, load_config, replace
 from rlhfkit.train.logging import read_metrics
 
 OFFSET = 0.5  # the fake engine's log-probs are off by this much: another engine's numerics
@@ -86,7 +86,7 @@ def test_grpo_on_vllm_syncs_merged_lora_weights_and_trains_as_the_exact_sampler(
     is recomputed with a forward pass: the losses agree (without the importance weights of the
     engine's offset, tested in tests/methods/test_grpo.py), and the gap is the engine's offset."""
     losses = {}
-    engines, make = _backend(tmp_path, RolloutConfig(sleep=True))
+    engines, make = _backend(tmp_path, SimpleNamespace(sleep=True))  # the engine's knobs, without vLLM installed
     for name in ("sampler", "vllm"):
         cfg = replace(method_config("grpo", tiny, tmp_path / name, 3), lora=LoraConfig(r=4, alpha=8),
                       train__lr=1e-2, sampling_correction="none")  # the fake engine's offset is not to be weighed
@@ -114,7 +114,7 @@ def test_distillation_on_vllm_trains_as_on_the_sampler_and_gets_its_samples_on_t
     the device of the policy it was loaded from (the meta device stands in for a GPU here)."""
     from rlhfkit.rollout.backend import SamplingParams
 
-    engines, make = _backend(tmp_path, RolloutConfig(sleep=False))
+    engines, make = _backend(tmp_path, SimpleNamespace(sleep=False))
     tok = load_tokenizer(str(tiny["base"]))
     losses = {}
     for name in ("sampler", "vllm"):
@@ -135,7 +135,7 @@ def test_distillation_on_vllm_trains_as_on_the_sampler_and_gets_its_samples_on_t
 
 
 def test_ppo_on_vllm_recomputes_pi_old_and_logs_the_gap(tiny, tmp_path):
-    engines, make = _backend(tmp_path, RolloutConfig(sleep=False))
+    engines, make = _backend(tmp_path, SimpleNamespace(sleep=False))
     cfg = method_config("ppo", tiny, tmp_path / "ppo", 2)
     summary = run_ppo(cfg, backend=make(load_tokenizer(str(tiny["base"]))))
     logs = [m for m in read_metrics(tmp_path / "ppo") if "train/logprob_gap" in m]
@@ -150,6 +150,12 @@ def test_choosing_vllm_without_it_or_a_gpu_is_a_config_error():
             GRPOConfig(model="m", train_data="p.jsonl", rollout=RolloutConfig(backend="vllm"))
     with pytest.raises(ConfigError, match="gpu_memory_utilization"):
         RolloutConfig(gpu_memory_utilization=1.5)
+    # the engine's knobs with another backend would be silently unused: refused, by their keys
+    with pytest.raises(ConfigError, match=r"rollout.tensor_parallel_size=2, rollout.sleep=False are read by "
+                                          r"rollout.backend=vllm only, and rollout.backend is generate"):
+        RolloutConfig(backend="generate", sleep=False, tensor_parallel_size=2)
+    with pytest.raises(ConfigError, match=r"rollout.gpu_memory_utilization=0.5 is read by rollout.backend=vllm"):
+        load_config(GRPOConfig, None, ["rollout.gpu_memory_utilization=0.5"])
 
 
 def test_vllm_refuses_merging_adapters_on_tied_embeddings(tiny, tmp_path):

@@ -199,6 +199,13 @@ class RolloutConfig:
             raise ConfigError(f"config key 'rollout.gpu_memory_utilization' must be in (0, 1]; "
                               f"got {self.gpu_memory_utilization!r}")
         at_least("rollout.tensor_parallel_size", self.tensor_parallel_size, 1)
+        changed = [k for k in ("gpu_memory_utilization", "tensor_parallel_size", "sleep")
+                   if getattr(self, k) != getattr(RolloutConfig, k)]
+        if self.backend != "vllm" and changed:  # the engine's knobs: another backend would run without them
+            raise ConfigError(f"{', '.join(f'rollout.{k}={getattr(self, k)}' for k in changed)} "
+                              f"{'is' if len(changed) == 1 else 'are'} read by rollout.backend=vllm only, and "
+                              f"rollout.backend is {self.backend}: set rollout.backend=vllm, or leave "
+                              f"{'it' if len(changed) == 1 else 'them'} out")
         if self.backend == "vllm":
             from ..rollout.vllm import vllm_unavailable
 
