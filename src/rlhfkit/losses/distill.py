@@ -35,8 +35,9 @@ import torch
 from torch.autograd.function import once_differentiable
 
 
-def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) of each row, 0 where p_v is 0 (a token the model rules out: -inf logits). (...,)"""
+def _kl(log_p: torch.Tensor, log_q) -> torch.Tensor:
+    """KL(p || q) of each row, 0 where p_v is 0 (a token the model rules out: -inf logits). (...,)
+    ``log_q`` 0: minus the entropy of p."""
     p = log_p.exp()
     return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
 
@@ -53,12 +54,21 @@ def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     beta 0: forward KL(p_t || p_s); 1: reverse KL(p_s || p_t); between: the generalized JSD."""
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1]; got {beta}")
-    log_s, log_t = _log_probs(student_logits, temperature), _log_probs(teacher_logits, temperature)
+    return _divergence(_log_probs(student_logits, temperature), _log_probs(teacher_logits, temperature), beta)
+
+
+def _log_mixture(log_s: torch.Tensor, log_t: torch.Tensor, beta: float) -> torch.Tensor:
+    """log m, m = (1 - beta) p_s + beta p_t (0 < beta < 1)."""
+    return torch.logaddexp(log_s + math.log(1 - beta), log_t + math.log(beta))
+
+
+def _divergence(log_s: torch.Tensor, log_t: torch.Tensor, beta: float) -> torch.Tensor:
+    """``generalized_jsd`` of the two distributions' log-probs."""
     if beta == 0.0:
         return _kl(log_t, log_s)
     if beta == 1.0:
         return _kl(log_s, log_t)
-    log_m = torch.logaddexp(log_s + math.log(1 - beta), log_t + math.log(beta))
+    log_m = _log_mixture(log_s, log_t, beta)
     return beta * _kl(log_t, log_m) + (1 - beta) * _kl(log_s, log_m)
 
 
@@ -79,12 +89,11 @@ class _ChunkedDivergence(torch.autograd.Function):
         ctx.beta, ctx.temperature, ctx.rows = beta, temperature, rows
         n = student_logits.shape[0]
         divergence, entropy, teacher_entropy = (student_logits.new_empty(n) for _ in range(3))  # fp32, or fp64
-        for i in range(0, n, rows):
-            s, t = student_logits[i: i + rows], teacher_logits[i: i + rows]
-            divergence[i: i + rows] = generalized_jsd(s, t, beta, temperature)
-            for out, logits in ((entropy, s), (teacher_entropy, t)):
-                log_p = _log_probs(logits, temperature)
-                out[i: i + rows] = -_kl(log_p, torch.zeros_like(log_p))
+        for i in range(0, n, rows):  # each chunk's log-probs once, for the divergence and the entropies
+            log_s = _log_probs(student_logits[i: i + rows], temperature)
+            log_t = _log_probs(teacher_logits[i: i + rows], temperature)
+            divergence[i: i + rows] = _divergence(log_s, log_t, beta)
+            entropy[i: i + rows], teacher_entropy[i: i + rows] = -_kl(log_s, 0.0), -_kl(log_t, 0.0)
         ctx.mark_non_differentiable(entropy, teacher_entropy)
         return divergence, entropy, teacher_entropy
 
@@ -101,7 +110,7 @@ class _ChunkedDivergence(torch.autograd.Function):
             if beta == 0.0:
                 g = p_s - log_t.exp()
             else:
-                other = log_t if beta == 1.0 else torch.logaddexp(log_s + math.log(1 - beta), log_t + math.log(beta))
+                other = log_t if beta == 1.0 else _log_mixture(log_s, log_t, beta)
                 gap = torch.where(p_s > 0, log_s - other, torch.zeros_like(p_s))  # log p_s - log (p_t or m)
                 scale = 1.0 if beta == 1.0 else 1 - beta  # the reverse KL's, or the JSD's (1 - beta)
                 g = scale * p_s * (gap - (p_s * gap).sum(-1, keepdim=True))
