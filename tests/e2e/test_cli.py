@@ -217,7 +217,8 @@ def test_rm_cli_then_eval_reports_pairwise_accuracy(tiny, tmp_path):
 def test_dpo_cli_then_eval_reports_preference_accuracy(tiny, tmp_path):
     data = tiny["data"]
     out = rlhfkit("dpo", "--config", "dpo_tiny", f"model={tiny['base']}", f"train_data={data / 'prefs_train.jsonl'}",
-                  "eval_data=null", "eval_prompts=null", f"train.out_dir={tmp_path / 'dpo'}", "train.max_steps=5",
+                  "eval_data=null", "train.eval_every=0",
+                  "eval_prompts=null", f"train.out_dir={tmp_path / 'dpo'}", "train.max_steps=5",
                   "train.batch_size=8", "train.lr=1e-3", "train.progress=false", "train.log_every=1")
     assert out.returncode == 0, out.stderr
     losses = [m["train/loss"] for m in read_metrics(tmp_path / "dpo")]
@@ -240,7 +241,8 @@ def test_kto_cli_on_unpaired_rows_and_rloo_cli_with_trls_defaults(tiny, tmp_path
                                 for i, r in enumerate(rows) for k in (("chosen", "rejected") if i % 3 else ("chosen",))))
     n_good, n = 24, 24 + 16
     out = rlhfkit("kto", "--config", "kto_tiny", f"model={tiny['base']}", f"train_data={unpaired}", "eval_data=null",
-                  "eval_prompts=null", "desirable_weight=1.5", f"train.out_dir={tmp_path / 'kto'}", "train.max_steps=2",
+                  "eval_prompts=null", "train.eval_every=0",
+                  "desirable_weight=1.5", f"train.out_dir={tmp_path / 'kto'}", "train.max_steps=2",
                   "train.batch_size=40", "train.progress=false", "train.log_every=1")
     assert out.returncode == 0, out.stderr
     assert f"{n_good} desirable and {n - n_good} undesirable answers" in out.stderr
@@ -254,7 +256,8 @@ def test_kto_cli_on_unpaired_rows_and_rloo_cli_with_trls_defaults(tiny, tmp_path
     assert result["n"] == n and result["rewards_chosen"] != 0  # two steps moved the policy off its reference
     assert result["margin"] == pytest.approx(result["rewards_chosen"] - result["rewards_rejected"])
     out = rlhfkit("rloo", "--config", "rloo_tiny", f"model={tiny['base']}", f"train_data={tiny['data'] / 'prompts_train.jsonl'}",
-                  "eval_data=null", "rewards=contains_answer", "group_size=4", "prompts_per_step=4", "max_new_tokens=4",
+                  "eval_data=null", "train.eval_every=0",
+                  "rewards=contains_answer", "group_size=4", "prompts_per_step=4", "max_new_tokens=4",
                   f"train.out_dir={tmp_path / 'rloo'}", "train.max_steps=2", "train.progress=false", "train.log_every=1")
     assert out.returncode == 0, out.stderr
     recorded = yaml.safe_load((tmp_path / "rloo" / "config.yaml").read_text())
@@ -273,7 +276,8 @@ def test_distill_cli_writes_a_plain_transformers_folder_and_answers_trls_names(t
     from transformers import AutoModelForCausalLM
 
     out = rlhfkit("distill", "--config", "distill_tiny", f"model={tiny['base']}", f"teacher={teacher_folder(tiny)}",
-                  f"train_data={tiny['data'] / 'prompts_train.jsonl'}", "eval_data=null", "prompts_per_step=4",
+                  f"train_data={tiny['data'] / 'prompts_train.jsonl'}", "eval_data=null", "train.eval_every=0",
+                  "prompts_per_step=4",
                   "max_new_tokens=4", f"train.out_dir={tmp_path / 'd'}", "train.max_steps=2", "train.progress=false",
                   "train.log_every=1")
     assert out.returncode == 0, out.stderr
@@ -318,7 +322,8 @@ def test_grpo_rewards_from_a_module_and_a_file_on_the_command_line(tiny, tmp_pat
 def test_lora_from_the_command_line_and_vllm_refused_without_a_gpu(tiny, tmp_path):
     data, run = tiny["data"], tmp_path / "lora"
     out = rlhfkit("sft", "--config", "sft_tiny", f"model={tiny['base']}", f"train_data={data / 'sft_train.jsonl'}",
-                  "eval_data=null", "stop_at_accuracy=null", "snapshot_at_accuracy=null", "eval_max_new_tokens=16",
+                  "eval_data=null", "train.eval_every=0",
+                  "stop_at_accuracy=null", "snapshot_at_accuracy=null", "eval_max_new_tokens=16",
                   f"train.out_dir={run}",
                   "train.max_steps=5", "train.batch_size=16",
                   "train.progress=false", "lora.r=4", "lora.alpha=8", "lora.merge=true",
@@ -359,7 +364,8 @@ def test_prm_cli_then_eval_reports_step_metrics(tiny, tmp_path):
     rows = tmp_path / "prm_rows.jsonl"  # a few rows: encoding all 16000 costs seconds
     rows.write_text("".join((data / "prm_train.jsonl").read_text().splitlines(keepends=True)[:64]))
     out = rlhfkit("prm", "--config", "prm_tiny", f"model={tiny['base']}", f"train_data={rows}",
-                  "eval_data=null", f"train.out_dir={tmp_path / 'prm'}", "train.max_steps=3", "train.batch_size=8",
+                  "eval_data=null", "train.eval_every=0",
+                  f"train.out_dir={tmp_path / 'prm'}", "train.max_steps=3", "train.batch_size=8",
                   "train.progress=false")
     assert out.returncode == 0, out.stderr
     config = json.loads((tmp_path / "prm" / "model" / "config.json").read_text())

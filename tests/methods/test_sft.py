@@ -126,7 +126,7 @@ def test_dft_trains_and_its_first_loss_is_the_probability_weighted_nll(tiny, tmp
 
     held_out = tmp_path / "eval32.jsonl"  # its own file: small() keeps the first row count asked of a name
     held_out.write_text("\n".join((tiny["data"] / "sft_eval.jsonl").read_text().splitlines()[:32]) + "\n")
-    cfg = replace(method_config("sft", tiny, tmp_path / "dft", 40, eval_every=40, log_every=1), loss_type="dft",
+    cfg = replace(method_config("sft", tiny, tmp_path / "dft", 40, log_every=1), loss_type="dft", train__eval_every=40,
                   eval_data=str(held_out), eval_max_new_tokens=4)
     model, tok = load_policy(str(tiny["base"]), None)
     examples, _ = encode_sft(read_rows(cfg.train_data), tok, cfg.max_length)

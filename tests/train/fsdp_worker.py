@@ -79,7 +79,7 @@ def _jobs(rank: int, out: Path, assets: dict) -> dict:
     # is written before its eval and completed after it; once straight, once killed in step 3
     def with_evals(name):
         return replace(method_config("sft", assets["tiny"], out / name, 4, log_every=1, strategy="fsdp",
-                                     save_every=100, eval_every=2),
+                                     save_every=100), train__eval_every=2,
                        eval_data=small(assets["tiny"], "sft_eval.jsonl", 8), eval_max_new_tokens=4)
 
     try:

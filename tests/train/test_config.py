@@ -1,5 +1,6 @@
 """Value tests of the config layer: overrides, YAML + override merging, type checks, replace."""
 
+import re
 from dataclasses import dataclass, field
 
 import pytest
@@ -45,6 +46,34 @@ def test_unknown_key_is_named_with_its_prefix():
         load_config(Cfg, overrides=["train.lrr=1"])
     with pytest.raises(ConfigError, match=r"unknown config key\(s\): bogus;"):
         load_config(Cfg, overrides=["bogus=1"])
+
+
+def test_unknown_keys_of_every_level_are_named_in_one_error():
+    """One run names them all (it named one nesting level a run), each level with its known keys."""
+    with pytest.raises(ConfigError) as e:
+        load_config(Cfg, overrides=["bogus=1", "train.lrr=1", "train.learning_rate=1"])
+    said = str(e.value)
+    assert said.startswith("unknown config key(s): bogus, train.learning_rate, train.lrr; ")
+    assert "; TRL's names, rlhfkit's: train.learning_rate -> train.lr; " in said  # each level's hints too
+    assert "; known: flag, name, ratio, steps, train; known under train: activation_checkpointing, " in said
+    assert e.value.keys == ("bogus", "train.learning_rate", "train.lrr")
+
+
+def test_an_error_about_a_key_the_file_sets_names_the_file_and_line(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("name: x\ntrain:\n  seed: 2\n  lr: fast\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}:4: config key 'train.lr' expects float, got 'fast'$"):
+        load_config(Cfg, path)
+    # a value given by an override is the override's: no line of the file is named
+    with pytest.raises(ConfigError, match=r"^config key 'train.lr' expects float, got 'slow'$"):
+        load_config(Cfg, path, ["train.lr=slow"])
+    path.write_text("name: x\ntrain:\n  seed: 2\n  lol: 1\nbogus: 1\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))} \(lines 4, 5\): unknown config key\(s\): bogus, train.lol;"):
+        load_config(Cfg, path)
+    # a check after the types (the value's range) points at the file's line too
+    path.write_text("name: x\ntrain:\n  seed: -1\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}:3: config key 'train.seed' must be >= 0; got -1$"):
+        load_config(Cfg, path)
 
 
 @pytest.mark.parametrize("override, key", [

@@ -15,8 +15,10 @@ from methods_setup import RUNS, method_config, reward_folder, small
 
 import rlhfkit.train.checkpoint as checkpoint_module
 import rlhfkit.train.run as run_module
+from rlhfkit.methods.distill import DistillConfig
 from rlhfkit.methods.dpo import DPOConfig, run_dpo
 from rlhfkit.methods.grpo import GRPOConfig, run_grpo
+from rlhfkit.methods.kto import KTOConfig
 from rlhfkit.methods.ppo import PPOConfig, run_ppo
 from rlhfkit.methods.prm import PRMConfig
 from rlhfkit.methods.rm import RMConfig
@@ -80,7 +82,7 @@ def test_sft_snapshot_is_not_overwritten_by_a_later_model_after_resume(tiny, tmp
     def cfg(out):  # the snapshot is taken at step 1's eval; the checkpoint is step 2's
         return SFTConfig(model=str(tiny["base"]), train_data=small(tiny, "sft_train.jsonl"), max_length=64,
                          eval_data=small(tiny, "sft_eval.jsonl", 8), eval_max_new_tokens=4, snapshot_at_accuracy=0.0,
-                         train=method_config("sft", tiny, out, 4, eval_every=1, save_every=2).train)
+                         train=replace(method_config("sft", tiny, out, 4, save_every=2).train, eval_every=1))
 
     straight = run_sft(cfg(tmp_path / "full"))
     original = _kill_when(monkeypatch, "sft", 2)
@@ -154,7 +156,7 @@ def test_resume_truncates_the_metrics_log_and_removes_stale_temporary_folders(ti
 @pytest.mark.parametrize("resume", [True, False, "auto"])
 def test_a_run_killed_before_its_first_checkpoint_starts_afresh(resume, tiny, tmp_path, monkeypatch, capfd):
     def cfg(**kw):  # saves only at the end; evaluates every step
-        return replace(method_config("sft", tiny, tmp_path / "k", 3, eval_every=1, **kw),
+        return replace(method_config("sft", tiny, tmp_path / "k", 3, **kw), train__eval_every=1,
                        eval_data=small(tiny, "sft_eval.jsonl", 8), eval_max_new_tokens=4)
 
     original = _kill_when(monkeypatch, "sft", 1, after=True)
@@ -194,7 +196,7 @@ def test_a_resumed_or_relaunched_run_ends_with_the_straight_runs_summary(tiny, t
     """Evals and the last metrics are in the checkpoint: result.json after a resume lists every
     eval, and a finished run relaunched with resume=auto writes the same summary again."""
     def cfg(out, resume=False):
-        return replace(method_config("sft", tiny, out, 4, eval_every=1, save_every=2, resume=resume),
+        return replace(method_config("sft", tiny, out, 4, save_every=2, resume=resume), train__eval_every=1,
                        eval_data=small(tiny, "sft_eval.jsonl", 8), eval_max_new_tokens=4)
 
     straight, resumed = _straight_and_resumed(monkeypatch, run_sft, cfg, tmp_path, "sft", 3)
@@ -218,7 +220,7 @@ def test_the_start_models_answers_are_step_0_of_eval_samples_once_across_a_resum
     from rlhfkit.methods.grpo import run_grpo
 
     def cfg(out, resume=False):
-        return replace(method_config("grpo", tiny, out, 4, eval_every=2, save_every=2, resume=resume),
+        return replace(method_config("grpo", tiny, out, 4, save_every=2, resume=resume), train__eval_every=2,
                        eval_data=small(tiny, "prompts_eval.jsonl", 8), eval_max_new_tokens=4)
 
     _straight_and_resumed(monkeypatch, run_grpo, cfg, tmp_path, "grpo", 3)
@@ -243,7 +245,7 @@ def test_an_early_stop_is_kept_on_resume_and_its_step_logged(tiny, tmp_path):
     """A run that an eval stopped (stop_at_accuracy) stays stopped when relaunched with resume:
     no further step, the same model; its last step's training metrics are in the log."""
     def cfg(resume=False):
-        return replace(method_config("sft", tiny, tmp_path / "run", 4, eval_every=2, log_every=5, resume=resume),
+        return replace(method_config("sft", tiny, tmp_path / "run", 4, log_every=5, resume=resume), train__eval_every=2,
                        eval_data=small(tiny, "sft_eval.jsonl", 8), eval_max_new_tokens=4, stop_at_accuracy=0.0)
 
     first = run_sft(cfg())
@@ -265,7 +267,7 @@ def test_an_eval_that_fails_keeps_its_steps_training_in_a_checkpoint(tiny, tmp_p
         raise MemoryError("out of memory in the eval")
 
     monkeypatch.setattr(sft_module, "heldout_loss", fails)
-    cfg = replace(method_config("sft", tiny, tmp_path / "run", 3, eval_every=3, save_every=100),
+    cfg = replace(method_config("sft", tiny, tmp_path / "run", 3, save_every=100), train__eval_every=3,
                   eval_data=small(tiny, "sft_eval.jsonl", 8))
     with pytest.raises(MemoryError):
         run_sft(cfg)
@@ -368,7 +370,7 @@ def test_a_checkpoint_an_eval_failure_wrote_off_save_every_goes_once_a_later_one
         return heldout_loss(model, *args, **kwargs)
 
     monkeypatch.setattr(sft_module, "heldout_loss", fails_at_step_2)
-    cfg = replace(method_config("sft", tiny, tmp_path / "run", 4, eval_every=2, save_every=100, keep_checkpoints=0),
+    cfg = replace(method_config("sft", tiny, tmp_path / "run", 4, save_every=100, keep_checkpoints=0), train__eval_every=2,
                   eval_data=small(tiny, "sft_eval.jsonl", 8))
     with pytest.raises(MemoryError):
         run_sft(cfg)
@@ -651,6 +653,19 @@ def test_a_full_tmpfs_stops_the_run_in_one_line_and_leaves_no_partial_folder(tin
      "sampling_correction=token_truncate truncates the weights to [sampling_correction_min, sampling_correction_max]; "
      "give at least one bound"),
     (GRPOConfig, "sampling_correction_max=0", "'sampling_correction_max' must be > 0; got 0.0"),
+    # without held-out data, how often to evaluate and how to check answers are refused, not unused (TRL refuses
+    # eval_strategy=steps without an eval_dataset)
+    (SFTConfig, "train.eval_every=5", "train.eval_every=5 is used by held-out evaluation (eval_data) only, which is "
+                                      "off; turn it on, or leave it out (train.eval_every=0)"),
+    (GRPOConfig, "eval_task=arithmetic", "eval_task=arithmetic is used by held-out evaluation (eval_data) only"),
+    (PPOConfig, "train.eval_every=5", "train.eval_every=5 is used by held-out evaluation (eval_data) only"),
+    (RMConfig, "train.eval_every=5", "train.eval_every=5 is used by held-out evaluation (eval_data) only"),
+    (PRMConfig, "train.eval_every=5", "train.eval_every=5 is used by held-out evaluation (eval_data) only"),
+    (DPOConfig, "train.eval_every=5", "train.eval_every=5 is used by held-out evaluation (eval_data, eval_prompts)"),
+    (DPOConfig, "eval_task=reference eval_data=x.jsonl",
+     "eval_task=reference is used by the held-out accuracy (eval_prompts) only"),
+    (KTOConfig, "eval_task=reference", "eval_task=reference is used by the held-out accuracy (eval_prompts) only"),
+    (DistillConfig, "train.eval_every=5 teacher=t", "train.eval_every=5 is used by held-out evaluation (eval_data)"),
 ])
 def test_nonsense_values_fail_in_one_line_when_read(cls, override, message):
     with pytest.raises(ConfigError) as e:

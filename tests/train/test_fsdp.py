@@ -255,8 +255,8 @@ def test_eval_steps_of_a_sharded_run_are_checkpointed_and_resume_as_the_straight
     assert state["pending_eval"] is False and state["rng_after_eval"] and [e["step"] for e in state["evals"]] == [2]
     one = tmp_path / "evals-cut"
     shutil.copytree(out / "evals-cut", one)
-    cfg = method_config("sft", tiny, one, 4, log_every=1, strategy="fsdp", save_every=100, eval_every=2)
-    resumed = RUNS["sft"](replace(cfg, train__resume=True, eval_data=small(tiny, "sft_eval.jsonl", 8),
+    cfg = method_config("sft", tiny, one, 4, log_every=1, strategy="fsdp", save_every=100)
+    resumed = RUNS["sft"](replace(cfg, train__resume=True, train__eval_every=2, eval_data=small(tiny, "sft_eval.jsonl", 8),
                                   eval_max_new_tokens=4))
     assert _losses(one)[2:] == pytest.approx(full[2:], abs=1e-6)
     assert [e["step"] for e in resumed["evals"]] == [2, 4]

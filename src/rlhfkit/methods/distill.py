@@ -82,7 +82,7 @@ class DistillConfig:
             at_least(key, getattr(self, key), 1)
         for key in ("top_k", "eval_limit"):
             at_least(key, getattr(self, key), 0)
-        all_used_only_with(self, ("eval_limit", "eval_max_new_tokens"), bool(self.eval_data),
+        all_used_only_with(self, ("eval_limit", "eval_max_new_tokens", "eval_task", "train.eval_every"), bool(self.eval_data),
                            "held-out evaluation (eval_data)")
 
 

@@ -130,9 +130,10 @@ class DPOConfig:
         at_least("eval_max_new_tokens", self.eval_max_new_tokens, 1)
         at_least("max_length", self.max_length, 2)
         at_least("eval_limit", self.eval_limit, 0)
-        all_used_only_with(self, ("eval_limit", "eval_max_new_tokens"), bool(self.eval_data or self.eval_prompts),
+        all_used_only_with(self, ("eval_limit", "eval_max_new_tokens", "train.eval_every"),
+                           bool(self.eval_data or self.eval_prompts),
                            "held-out evaluation (eval_data, eval_prompts)")
-        all_used_only_with(self, ("eval_max_new_tokens",), bool(self.eval_prompts), "the held-out accuracy (eval_prompts)")
+        all_used_only_with(self, ("eval_max_new_tokens", "eval_task"), bool(self.eval_prompts), "the held-out accuracy (eval_prompts)")
         positive("beta", self.beta)
         choice("f_divergence_type", self.f_divergence_type, F_DIVERGENCES)
         other = [f for f in forms if f not in F_DIVERGENCE_FORMS]

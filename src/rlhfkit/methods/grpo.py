@@ -253,7 +253,8 @@ class GRPOConfig:
                                   f"({self.minibatch_size})")
         for key in ("beta", "top_k", "eval_limit", "reward_timeout_s"):
             at_least(key, getattr(self, key), 0)
-        all_used_only_with(self, ("eval_limit", "eval_max_new_tokens"), bool(self.eval_data), "held-out evaluation (eval_data)")
+        all_used_only_with(self, ("eval_limit", "eval_max_new_tokens", "eval_task", "train.eval_every"),
+                           bool(self.eval_data), "held-out evaluation (eval_data)")
         positive("temperature", self.temperature, " (greedy samples make a group G copies of one answer: no advantage)")
         at_least("overlong_penalty", self.overlong_penalty, 0)
         within("overlong_buffer", self.overlong_buffer, 0, self.max_new_tokens)

@@ -70,9 +70,10 @@ class KTOConfig:
         at_least("max_length", self.max_length, 2)
         at_least("eval_max_new_tokens", self.eval_max_new_tokens, 1)
         at_least("eval_limit", self.eval_limit, 0)
-        all_used_only_with(self, ("eval_limit", "eval_max_new_tokens"), bool(self.eval_data or self.eval_prompts),
+        all_used_only_with(self, ("eval_limit", "eval_max_new_tokens", "train.eval_every"),
+                           bool(self.eval_data or self.eval_prompts),
                            "held-out evaluation (eval_data, eval_prompts)")
-        all_used_only_with(self, ("eval_max_new_tokens",), bool(self.eval_prompts), "the held-out accuracy (eval_prompts)")
+        all_used_only_with(self, ("eval_max_new_tokens", "eval_task"), bool(self.eval_prompts), "the held-out accuracy (eval_prompts)")
 
 
 def kto_objective(cfg: KTOConfig, policy, reference: Reference, device: str, router_coef: float = 0.0) -> Objective:

@@ -112,7 +112,8 @@ class PPOConfig:
         used_only_with("ptx_max_length", self.ptx_max_length, PPOConfig.ptx_max_length, bool(self.ptx_data),
                        "PPO-ptx (ptx_data)")
         positive("critic_lr", self.critic_lr)  # 0 would train a critic that never moves
-        all_used_only_with(self, ("eval_limit", "eval_max_new_tokens"), bool(self.eval_data), "held-out evaluation (eval_data)")
+        all_used_only_with(self, ("eval_limit", "eval_max_new_tokens", "eval_task", "train.eval_every"),
+                           bool(self.eval_data), "held-out evaluation (eval_data)")
         for key in ("gamma", "lam"):
             within(key, getattr(self, key), 0, 1)
         for key in ("eps_clip", "score_scale", "score_clip"):

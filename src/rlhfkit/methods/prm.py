@@ -71,7 +71,7 @@ class PRMConfig:
         choice("readout", self.readout, STEP_READOUTS)
         at_least("max_length", self.max_length, 2)
         at_least("eval_limit", self.eval_limit, 0)
-        all_used_only_with(self, ("eval_limit",), bool(self.eval_data), "held-out evaluation (eval_data)")
+        all_used_only_with(self, ("eval_limit", "train.eval_every"), bool(self.eval_data), "held-out evaluation (eval_data)")
         within("step_logprob_floor", self.step_logprob_floor, float("-inf"), 0.0, open_low=True)  # finite, <= 0
         used_only_with("num_labels", self.num_labels, PRMConfig.num_labels, self.readout == "head", "readout=head")
         used_only_with("step_logprob_floor", self.step_logprob_floor, PRMConfig.step_logprob_floor,

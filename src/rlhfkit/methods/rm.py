@@ -49,7 +49,7 @@ class RMConfig:
         at_least("center_coef", self.center_coef, 0.0)
         at_least("max_length", self.max_length, 2)
         at_least("eval_limit", self.eval_limit, 0)
-        all_used_only_with(self, ("eval_limit",), bool(self.eval_data), "held-out evaluation (eval_data)")
+        all_used_only_with(self, ("eval_limit", "train.eval_every"), bool(self.eval_data), "held-out evaluation (eval_data)")
 
 
 def batch_scores(model, batch) -> torch.Tensor:

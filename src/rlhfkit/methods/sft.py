@@ -68,7 +68,8 @@ class SFTConfig:
         at_least("eval_limit", self.eval_limit, 0)
         within("stop_at_accuracy", self.stop_at_accuracy, 0, 1)
         within("snapshot_at_accuracy", self.snapshot_at_accuracy, 0, 1)
-        all_used_only_with(self, ("eval_limit", "eval_max_new_tokens", "stop_at_accuracy", "snapshot_at_accuracy"),
+        all_used_only_with(self, ("eval_limit", "eval_max_new_tokens", "stop_at_accuracy", "snapshot_at_accuracy",
+                                  "eval_task", "train.eval_every"),
                            bool(self.eval_data), "held-out evaluation (eval_data)")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -14,7 +15,12 @@ import yaml
 
 
 class ConfigError(ValueError):
-    pass
+    """A config the run refuses. ``keys``: the dotted keys it names, where the message does not say
+    them as ``config key 'a.b'`` (for ``load_config`` to point at their lines)."""
+
+    def __init__(self, message: str, keys: list[str] | tuple[str, ...] = ()):
+        super().__init__(message)
+        self.keys = tuple(keys) or tuple(re.findall(r"config key '([^']+)'", message))
 
 
 def choice(key: str, value, choices) -> None:
@@ -32,20 +38,28 @@ def used_only_with(key: str, value, default, used: bool, by: str) -> None:
     """Refuse a setting changed from its default where nothing reads it (``used`` False), rather
     than run without it: ``by`` says what would read it."""
     if not used and value != default:
-        raise ConfigError(f"{key}={value} is used by {by} only, which is off; set it or leave {key} out")
+        raise ConfigError(f"{key}={value} is used by {by} only, which is off; set it or leave {key} out", keys=[key])
 
 
 def all_used_only_with(cfg, keys: tuple[str, ...], used: bool, by: str) -> None:
     """``used_only_with`` for several keys at once: every one of ``keys`` that ``cfg`` sets away from
     its default, in one error with the defaults that leave them out (a shipped YAML's values are
-    overridden so, e.g. to turn its eval off)."""
-    changed = [k for k in keys if getattr(cfg, k) != getattr(type(cfg), k)]
+    overridden so, e.g. to turn its eval off). A key may be dotted (``train.eval_every``)."""
+    def value_and_default(key: str):
+        *path, name = key.split(".")
+        node = cfg
+        for part in path:
+            node = getattr(node, part)
+        return getattr(node, name), getattr(type(node), name)
+
+    found = {k: value_and_default(k) for k in keys}
+    changed = [k for k, (value, default) in found.items() if value != default]
     if used or not changed:
         return
-    values = ", ".join(f"{k}={getattr(cfg, k)}" for k in changed)
-    defaults = " ".join(f"{k}={'null' if getattr(type(cfg), k) is None else getattr(type(cfg), k)}" for k in changed)
+    values = ", ".join(f"{k}={found[k][0]}" for k in changed)
+    defaults = " ".join(f"{k}={'null' if found[k][1] is None else found[k][1]}" for k in changed)
     raise ConfigError(f"{values} {'is' if len(changed) == 1 else 'are'} used by {by} only, which is off; turn it on, or "
-                      f"leave {'it' if len(changed) == 1 else 'them'} out ({defaults})")
+                      f"leave {'it' if len(changed) == 1 else 'them'} out ({defaults})", keys=changed)
 
 
 def check_sampling_correction(cfg, modes: tuple[str, ...]) -> None:
@@ -174,7 +188,7 @@ class LoraConfig:
                       if f.name != "r" and getattr(self, f.name) != f.default]
             if unused:
                 raise ConfigError(f"{', '.join(unused)} set but lora.r is 0 (no adapters, every weight trained): set "
-                                  "lora.r (e.g. lora.r=16) to train LoRA adapters, or leave them out")
+                                  "lora.r (e.g. lora.r=16) to train LoRA adapters, or leave them out", keys=unused)
 
     @property
     def enabled(self) -> bool:
@@ -205,7 +219,7 @@ class RolloutConfig:
             raise ConfigError(f"{', '.join(f'rollout.{k}={getattr(self, k)}' for k in changed)} "
                               f"{'is' if len(changed) == 1 else 'are'} read by rollout.backend=vllm only, and "
                               f"rollout.backend is {self.backend}: set rollout.backend=vllm, or leave "
-                              f"{'it' if len(changed) == 1 else 'them'} out")
+                              f"{'it' if len(changed) == 1 else 'them'} out", keys=[f"rollout.{k}" for k in changed])
         if self.backend == "vllm":
             from ..rollout.vllm import vllm_unavailable
 
@@ -454,19 +468,35 @@ def _trl_hint(key: str, prefix: str, names: set[str]) -> str | None:
     return hint if here is not None and here.split(".")[0] in names and target != prefix + key else None
 
 
-def build(cls, values: dict, prefix: str = ""):
-    """Instantiate dataclass ``cls`` from a nested dict, rejecting unknown keys by name (with
-    rlhfkit's name for a key TRL names so)."""
+def _unknown(cls, values: dict, prefix: str) -> list[tuple[str, list[str], set[str]]]:
+    """(prefix, its unknown keys, its known names) for each level of the nested dict ``values``
+    that has keys ``cls`` lacks: every level at once, so one run names them all."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
-    if unknown:
-        trl = [f"{prefix}{k} -> {hint}" for k in unknown if (hint := _trl_hint(k, prefix, names)) is not None]
-        renamed = [f"{prefix}{k} -> {RENAMED[k]}" for k in unknown if k in RENAMED and RENAMED[k].split()[0] in names]
-        raise ConfigError(f"unknown config key(s): {', '.join(prefix + k for k in unknown)}; "
+    out = [(prefix, unknown, names)] if unknown else []
+    for key in sorted(set(values) & names):
+        if isinstance(values[key], dict) and dataclasses.is_dataclass(hints[key]):
+            out += _unknown(hints[key], values[key], f"{prefix}{key}.")
+    return out
+
+
+def build(cls, values: dict, prefix: str = ""):
+    """Instantiate dataclass ``cls`` from a nested dict, rejecting unknown keys by name, those of
+    every nesting level in one error (with rlhfkit's name for a key TRL names so)."""
+    levels = _unknown(cls, values, prefix)
+    if levels:
+        found, renamed, trl, known = [], [], [], []
+        for at, unknown, names in levels:
+            found += [at + k for k in unknown]
+            renamed += [f"{at}{k} -> {RENAMED[k]}" for k in unknown if k in RENAMED and RENAMED[k].split()[0] in names]
+            trl += [f"{at}{k} -> {hint}" for k in unknown if (hint := _trl_hint(k, at, names)) is not None]
+            known.append(f"known{f' under {at[:-1]}' if at else ''}: {', '.join(sorted(names))}")
+        raise ConfigError(f"unknown config key(s): {', '.join(found)}; "
                           + (f"renamed: {'; '.join(renamed)}; " if renamed else "")
                           + (f"TRL's names, rlhfkit's: {'; '.join(trl)}; " if trl else "")
-                          + f"known: {', '.join(sorted(names))}")
+                          + "; ".join(known), keys=found)
+    hints = typing.get_type_hints(cls)
     defaults = {f.name: _default(f) for f in dataclasses.fields(cls)}
     return cls(**{k: _convert(v, hints[k], prefix + k, defaults[k]) for k, v in values.items()})
 
@@ -509,11 +539,17 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def load_config(cls, path: str | Path | None = None, overrides: list[str] | dict | None = None):
+    """The config ``cls`` from the YAML file ``path`` and ``overrides`` (``key=value`` texts, or a
+    nested dict) over it. An error about a key the file sets (and no override replaces) starts with
+    the file and that key's line: ``run.yaml:7: config key 'train.lr' expects float, got 'abc'``."""
     values: dict = {}
+    lines: dict[str, int] = {}
     if path is not None:
         try:
             with open(path) as f:
-                values = yaml.safe_load(f) or {}
+                text = f.read()
+            values = yaml.safe_load(text) or {}
+            lines = _key_lines(yaml.compose(text))
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             place = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
@@ -523,7 +559,26 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | dict
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: the config must be a YAML mapping")
     extra = parse_overrides(overrides) if isinstance(overrides, list) else (overrides or {})
-    return build(cls, _merge(values, extra))
+    try:
+        return build(cls, _merge(values, extra))
+    except ConfigError as e:
+        from_file = set(lines) - set(flat(extra))
+        where = sorted({lines[k] for k in e.keys if k in from_file})
+        if not where:
+            raise
+        place = f":{where[0]}" if len(where) == 1 else f" (lines {', '.join(map(str, where))})"
+        raise ConfigError(f"{path}{place}: {e}", keys=e.keys) from None
+
+
+def _key_lines(node, prefix: str = "") -> dict[str, int]:
+    """The line (1-based) of each dotted key in a composed YAML mapping, nested ones too."""
+    out: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            name = f"{prefix}{key.value}"
+            out[name] = key.start_mark.line + 1
+            out.update(_key_lines(value, f"{name}."))
+    return out
 
 
 def to_dict(config) -> dict:
