@@ -95,6 +95,18 @@ def reward_folder(assets) -> str:
     return str(folder)
 
 
+def gkd_config(tiny, out, data: bool = False, **train):
+    """Distillation on GKD's mix (lmbda=0.5), every answer greedy (top_k=1) so that it is the same in
+    any layout: at seed 0 step 1 on the teacher's answers (seq_kd; ``data``: the rows' own, each a
+    prompt-completion row), steps 2 and 3 on the student's; a teacher far enough from the student
+    (5x noise) that their greedy answers differ."""
+    from rlhfkit.train.config import replace
+
+    cfg = replace(method_config("distill", tiny, out, 3, log_every=1, **train), teacher=teacher_folder(tiny, 5.0),
+                  lmbda=0.5, top_k=1)
+    return replace(cfg, train_data=small(tiny, "sft_train.jsonl")) if data else replace(cfg, seq_kd=True)
+
+
 def teacher_folder(tiny, scale: float = 1.0) -> str:
     """A teacher for distillation: the tiny base with seeded noise of ``scale`` x each weight's std
     added (and its tokenizer), beside it."""

@@ -4,7 +4,7 @@ that takes them; datasets objects, saved folders and Hub names as inputs (issue 
 import datasets
 import pytest
 
-from rlhfkit.data.encode import collate_sft, encode_sft, prompt_text
+from rlhfkit.data.encode import answer_ids, collate_sft, encode_row_prompt, encode_sft, prompt_text
 from rlhfkit.data.formats import user_prompt
 from rlhfkit.data.prefs import encode_rankings
 from rlhfkit.data.rows import DataError, Row, read_rows
@@ -393,3 +393,21 @@ def test_content_given_as_text_parts_is_read_as_its_text(tok, tmp_path):
         read_rows(tmp_path / "vl.jsonl")
     with pytest.raises(DataError, match=r"<list>:row 1: field 'prompt\[0\]'.content\[0\] is not a part"):
         read_rows([{"prompt": [{"role": "user", "content": ["What is 1+2?"]}]}])
+
+
+def test_a_rows_own_answer_follows_its_prompt_as_sft_trains_it(tok, chatml):
+    """Distillation's off-policy steps (GKD's lmbda < 1) read each row's answer: the tokens SFT
+    trains after the same prompt, in every form that has one; a row without one is named."""
+    rows = _rows({"prompt": "What is 1+2?", "completion": " 3"},
+                 {"prompt": [USER], "completion": [ASSISTANT]},
+                 {"messages": [{"role": "system", "content": "Be brief."}, USER, ASSISTANT]})
+    for row, t in zip(rows, (tok, chatml, chatml)):
+        (example,), _ = encode_sft([row], t, 128)
+        prompt, answer = encode_row_prompt(t, row), answer_ids(t, row)
+        assert prompt + answer == example.input_ids and len(prompt) == example.prompt_len
+    assert chatml.decode(answer_ids(chatml, rows[2])) == " 3<|im_end|>"
+    assert tok.decode(answer_ids(tok, rows[0])) == " 3" + tok.eos_token
+    for row in _rows({"prompt": "What is 1+2?", "answer": 3}, {"messages": [USER]},
+                     {"messages": [USER, ASSISTANT, {"role": "user", "content": "and 2+2?"}]}):
+        with pytest.raises(DataError, match=rf"^{row.where}: no answer to read \(fields present: "):
+            answer_ids(chatml, row)

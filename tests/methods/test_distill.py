@@ -9,11 +9,15 @@ import torch
 from helpers import quiet_train
 from methods_setup import method_config, small, teacher_folder, tiny_moe
 
-from rlhfkit.methods.distill import DistillConfig, run_distill
+from rlhfkit.data.rows import DataError, read_rows
+from rlhfkit.methods.distill import DistillConfig, answer_source, run_distill
 from rlhfkit.models.load import ModelLoadError, load_causal_lm, load_tokenizer
-from rlhfkit.rollout.backend import SamplerBackend
+from rlhfkit.rollout.backend import SamplerBackend, SamplingParams
+from rlhfkit.rollout.evaluate import row_prompt_ids
+from rlhfkit.rollout.sampler import given_samples
 from rlhfkit.train.config import ConfigError, replace
 from rlhfkit.train.logging import read_metrics
+from rlhfkit.train.loop import BatchOrder
 
 
 class Recording(SamplerBackend):
@@ -33,26 +37,11 @@ def losses(out) -> list:
     return [m["train/loss"] for m in read_metrics(out) if "train/loss" in m]
 
 
-def test_a_student_that_is_its_own_teacher_starts_at_a_loss_of_zero(tiny, tmp_path):
-    """Zero up to float noise: the student's forward keeps its graph for the backward, the teacher's
-    does not, and the two may take other kernels (oneDNN's products here: about 1e-9)."""
-    cfg = replace(method_config("distill", tiny, tmp_path, 2, log_every=1), teacher=str(tiny["base"]))
-    run_distill(cfg)
-    first = read_metrics(tmp_path)[0]
-    assert abs(first["train/loss"]) < 1e-7 and first["train/loss"] == first["train/divergence"]
-    assert first["train/entropy"] == pytest.approx(first["train/teacher_entropy"], abs=1e-6)
-
-
-@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
-def test_the_first_loss_is_the_divergence_over_the_answers_tokens_by_hand(beta, tiny, tmp_path):
-    """transformers' own forwards of both models on the samples the student drew; each token's
-    divergence by the formula, at temperature 2, a mean over the step's answer tokens."""
-    temperature = 2.0
+def by_hand(samples, tiny, cfg) -> float:
+    """transformers' own forwards of the student's start model and the teacher on ``samples``; each
+    answer token's divergence by the formula, at ``cfg``'s beta and temperature, their mean."""
+    beta, temperature = cfg.beta, cfg.temperature
     tokenizer = load_tokenizer(str(tiny["base"]))
-    backend = Recording(tokenizer)
-    cfg = replace(method_config("distill", tiny, tmp_path, 1, log_every=1), beta=beta, temperature=temperature)
-    run_distill(cfg, backend=backend)
-    (samples,) = backend.seen
     ids, attn = samples.input_ids, samples.attention_mask
     position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
     logits = {}
@@ -78,7 +67,30 @@ def test_the_first_loss_is_the_divergence_over_the_answers_tokens_by_hand(beta, 
                 d = beta * (pt * (pt / m).log()).sum() + (1 - beta) * (ps * (ps / m).log()).sum()
             total, count = total + float(d), count + 1
     assert count == int(samples.completion_mask.sum()) > 0
-    assert losses(tmp_path)[0] == pytest.approx(total / count, rel=1e-4)
+    return total / count
+
+
+def test_a_student_that_is_its_own_teacher_starts_at_a_loss_of_zero(tiny, tmp_path):
+    """Zero up to float noise: the student's forward keeps its graph for the backward, the teacher's
+    does not, and the two may take other kernels (oneDNN's products here: about 1e-9)."""
+    cfg = replace(method_config("distill", tiny, tmp_path, 2, log_every=1), teacher=str(tiny["base"]))
+    run_distill(cfg)
+    first = read_metrics(tmp_path)[0]
+    assert abs(first["train/loss"]) < 1e-7 and first["train/loss"] == first["train/divergence"]
+    assert first["train/entropy"] == pytest.approx(first["train/teacher_entropy"], abs=1e-6)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_the_first_loss_is_the_divergence_over_the_answers_tokens_by_hand(beta, tiny, tmp_path):
+    """transformers' own forwards of both models on the samples the student drew; each token's
+    divergence by the formula, at temperature 2, a mean over the step's answer tokens."""
+    temperature = 2.0
+    tokenizer = load_tokenizer(str(tiny["base"]))
+    backend = Recording(tokenizer)
+    cfg = replace(method_config("distill", tiny, tmp_path, 1, log_every=1), beta=beta, temperature=temperature)
+    run_distill(cfg, backend=backend)
+    (samples,) = backend.seen
+    assert losses(tmp_path)[0] == pytest.approx(by_hand(samples, tiny, cfg), rel=1e-4)
     assert losses(tmp_path)[0] > 1e-3  # the teacher is another model
 
 
@@ -167,3 +179,92 @@ def test_answers_the_data_carries_and_a_teacher_that_is_the_student_are_said(tin
     assert f"note: {n} rows carry an answer" in err and "the teacher is the student's own start model" in err
     with pytest.raises(ModelLoadError, match="config key 'teacher': .*not found"):
         run_distill(replace(cfg, teacher=str(tmp_path / "nowhere"), train__out_dir=str(tmp_path / "b")))
+
+
+# --- GKD's mix (lmbda < 1): steps on the rows' own answers, or on the teacher's (seq_kd) ---------
+
+def test_whose_answers_a_step_learns_on_is_drawn_per_step_with_probability_lmbda():
+    cfg = DistillConfig(lmbda=0.3)
+    drawn = [answer_source(step, cfg) for step in range(1000)]
+    assert set(drawn) == {"student", "data"} and 0.26 < drawn.count("student") / 1000 < 0.34
+    assert drawn == [answer_source(step, cfg) for step in range(1000)]  # the step and seed alone: every rank, resume
+    assert drawn != [answer_source(step, replace(cfg, train__seed=1)) for step in range(1000)]
+    assert {answer_source(step, replace(cfg, seq_kd=True)) for step in range(100)} == {"student", "teacher"}
+    assert {answer_source(step, replace(cfg, lmbda=1.0)) for step in range(100)} == {"student"}
+    assert {answer_source(step, replace(cfg, lmbda=0.0)) for step in range(100)} == {"data"}
+
+
+def _picked(cfg, step: int = 0) -> list:
+    rows = read_rows(cfg.train_data)
+    return [rows[i] for i in BatchOrder(len(rows), cfg.prompts_per_step, cfg.train.seed).indices(step)]
+
+
+def test_off_policy_steps_learn_on_the_rows_own_answers_by_hand(tiny, tmp_path):
+    """lmbda=0 (GKD's supervised KD): nothing is sampled, and the first loss is the divergence over
+    the step's rows' answers: each prompt, then its completion and EOS, as the tokenizer itself
+    encodes them, through transformers' forwards."""
+    tokenizer = load_tokenizer(str(tiny["base"]))
+    backend = Recording(tokenizer)
+    cfg = replace(method_config("distill", tiny, tmp_path, 2, log_every=1), train_data=small(tiny, "sft_train.jsonl"),
+                  lmbda=0.0)
+    run_distill(cfg, backend=backend)
+    assert backend.seen == []
+    picked = [row.data for row in _picked(cfg)]
+    answers = [tokenizer(r["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+               for r in picked]
+    samples = given_samples([tokenizer(r["prompt"])["input_ids"] for r in picked], answers, tokenizer.pad_token_id,
+                            tokenizer.eos_token_id)
+    logged = read_metrics(tmp_path)
+    assert logged[0]["train/loss"] == pytest.approx(by_hand(samples, tiny, cfg), rel=1e-4)
+    assert logged[0]["train/completion_len_mean"] == pytest.approx(sum(map(len, answers)) / len(answers))
+    assert [m["train/student_answers"] for m in logged] == [0.0, 0.0]
+    assert not any("train/completion_clipped" in m for m in logged)  # no answer here was cut off by sampling
+
+
+def test_seq_kd_steps_learn_on_answers_the_teacher_samples(tiny, tmp_path):
+    """lmbda=0 with seq_kd (sequence-level KD): top_k=1 makes the teacher's samples its greedy
+    answers, and the first loss is the divergence over those (not over the student's own). A
+    teacher far from the student (noise of 5x each weight's spread): nearer, both repeat one token."""
+    tokenizer = load_tokenizer(str(tiny["base"]))
+    backend = Recording(tokenizer)
+    cfg = replace(method_config("distill", tiny, tmp_path, 1, log_every=1), teacher=teacher_folder(tiny, 5.0),
+                  lmbda=0.0, seq_kd=True, top_k=1)
+    run_distill(cfg, backend=backend)
+    assert backend.seen == []
+    prompts = row_prompt_ids(tokenizer, _picked(cfg))
+    greedy = SamplingParams(cfg.max_new_tokens, temperature=0.0)
+    theirs, mine = (SamplerBackend(tokenizer, load_causal_lm(path, tokenizer).eval()).generate(prompts, greedy)
+                    for path in (cfg.teacher, cfg.model))
+    assert not torch.equal(theirs.completion_ids, mine.completion_ids)
+    assert losses(tmp_path)[0] == pytest.approx(by_hand(theirs, tiny, cfg), rel=1e-4)
+    assert losses(tmp_path)[0] != pytest.approx(by_hand(mine, tiny, cfg), rel=1e-2)
+
+
+def test_a_mixed_run_resumes_exactly(tiny, tmp_path):
+    """lmbda=0.5 on the rows' answers: 4 steps straight, and 2 then 2 more after a resume, give the
+    same losses on the same kinds of steps (each step's draw is its own, not the RNG's)."""
+    def cfg(out, steps, **kw):
+        return replace(method_config("distill", tiny, tmp_path / out, steps, log_every=1, save_every=2, **kw),
+                       train_data=small(tiny, "sft_train.jsonl"), lmbda=0.5)
+
+    run_distill(cfg("full", 4))
+    run_distill(cfg("cut", 2))
+    run_distill(cfg("cut", 4, resume=True))
+    kinds = {run: [m["train/student_answers"] for m in read_metrics(tmp_path / run)] for run in ("full", "cut")}
+    assert kinds["cut"] == kinds["full"] and set(kinds["full"]) == {0.0, 1.0}
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+
+
+def test_gkd_data_and_settings_are_refused_before_any_model_loads(tiny, tmp_path):
+    cfg = replace(method_config("distill", tiny, tmp_path / "a", 2), lmbda=0.5)  # prompts with an 'answer' number
+    with pytest.raises(DataError, match=r"small_prompts_train.jsonl:1: no answer to read \(fields present: answer, "):
+        run_distill(cfg)
+    with pytest.raises(DataError, match=r"small_sft_train.jsonl:\d+: its answer is \d+ tokens, more than "
+                                        r"max_new_tokens=2 .*; \d+ of \d+ rows' answers are longer\)"):
+        run_distill(replace(cfg, train_data=small(tiny, "sft_train.jsonl"), max_new_tokens=2))
+    assert not (tmp_path / "a" / "checkpoints").exists()
+    with pytest.raises(ConfigError, match=r"seq_kd=True is used by lmbda < 1 \(the steps off the student's answers\) "
+                                          "only"):
+        replace(cfg, lmbda=1.0, seq_kd=True)
+    with pytest.raises(ConfigError, match="'lmbda' must be in"):
+        replace(cfg, lmbda=1.5)

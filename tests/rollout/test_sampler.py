@@ -5,7 +5,7 @@ import torch
 
 from rlhfkit.methods.common import load_policy
 from rlhfkit.rollout.rewards import RewardError, score_outcomes
-from rlhfkit.rollout.sampler import completion_logprobs, sample
+from rlhfkit.rollout.sampler import completion_logprobs, given_samples, sample
 from rlhfkit.tasks.arithmetic import arithmetic_steps, contains_answer, exact_answer
 
 
@@ -189,3 +189,15 @@ def test_joined_samples_pad_prompts_on_the_left_and_completions_on_the_right():
     assert joined.completion_mask.tolist() == [[1, 0, 0], [1, 1, 1]]
     assert torch.allclose(joined.logprobs, torch.tensor([[0.7, 0.0, 0.0], [0.9, 0.3, 0.4]]))
     assert joined.finished.tolist() == [True, False]
+
+
+def test_given_answers_take_the_samplers_layout():
+    """A data set's answers (distillation's off-policy steps): prompts left-padded, answers
+    right-padded, every answer token in the mask, finished where one ends with EOS."""
+    pad, eos = 0, 9
+    s = given_samples([[5, 6, 7], [8]], [[1, 9], [2, 3, 4]], pad, eos)
+    assert s.prompt_ids.tolist() == [[5, 6, 7], [0, 0, 8]] and s.prompt_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert s.completion_ids.tolist() == [[1, 9, 0], [2, 3, 4]]
+    assert s.completion_mask.tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert s.finished.tolist() == [True, False] and not s.logprobs.any()
+    assert s.input_ids.tolist() == [[5, 6, 7, 1, 9, 0], [0, 0, 8, 2, 3, 4]]

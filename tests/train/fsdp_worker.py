@@ -20,6 +20,7 @@ from methods_setup import (  # noqa: E402
     RUNS,
     dynamic_sampling_config,
     even_answer_digits,
+    gkd_config,
     greedy_ppo_with_ptx,
     method_config,
     seeded_backend,
@@ -57,6 +58,9 @@ def _jobs(rank: int, out: Path, assets: dict) -> dict:
     # distillation on answers each prompt draws alike wherever it is sampled: the test runs it in one process
     RUNS["distill"](method_config("distill", assets["tiny"], out / "distill-seeded", 3, log_every=1,
                                   strategy="replicate"), backend=seeded_backend(assets["tiny"]))
+    # GKD's mix, sharded: the teacher samples (seq_kd) on its unsharded copy; the test runs it in one process
+    for data in (False, True):  # and on the rows' own answers, each rank its share of the step's rows
+        RUNS["distill"](gkd_config(assets["tiny"], out / f"distill-gkd-{data}", data, strategy="fsdp"))
     # DCP resume: an uninterrupted 4-step run; one killed in step 3 (after the step-2 checkpoint)
     # and resumed here (2 -> 2); one killed alike and left for the test to resume in 1 process.
     def cfg(name):
@@ -176,4 +180,5 @@ def _rank(rank: int, out: str, tiny: str, qwen: str) -> None:
 if __name__ == "__main__":
     for base in (Path(sys.argv[2]) / "base", Path(sys.argv[3])):  # distillation's teachers, before the ranks start
         teacher_folder({"base": base})
+    teacher_folder({"base": Path(sys.argv[2]) / "base"}, 5.0)
     mp.spawn(_rank, args=tuple(sys.argv[1:4]), nprocs=2, join=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from methods_setup import METHODS, RUNS, greedy_ppo_with_ptx, method_config, seeded_backend, small
+from methods_setup import METHODS, RUNS, gkd_config, greedy_ppo_with_ptx, method_config, seeded_backend, small
 
 from rlhfkit.methods.common import load_policy
 from rlhfkit.models.kernels import onednn_linear_available
@@ -141,6 +141,20 @@ def test_distillations_token_mean_over_two_ranks_is_one_processs(two_ranks, tiny
         assert _losses(out / "distill-seeded", key) == pytest.approx(_losses(tmp_path / "one", key), rel=1e-5)
     assert len(_losses(out / "distill-seeded")) == 3
     _assert_same_weights(out / "distill-seeded", tmp_path / "one")
+
+
+@pytest.mark.parametrize("data", [False, True])
+def test_gkds_mix_sharded_is_one_processs(data, two_ranks, tiny, tmp_path):
+    """lmbda=0.5 under FSDP2, every answer greedy: with seq_kd the teacher samples on an unsharded copy
+    of its own (a sharded module would gather its weights inside the sampling loop); without it each
+    rank reads its rows' answers. The same steps on the same answers as one process."""
+    out, _ = two_ranks
+    RUNS["distill"](gkd_config(tiny, tmp_path / "one", data))
+    sharded = out / f"distill-gkd-{data}"
+    for key in ("train/loss", "train/grad_norm", "train/completion_len_mean"):
+        assert _losses(sharded, key) == pytest.approx(_losses(tmp_path / "one", key), rel=1e-5)
+    assert _losses(sharded, "train/student_answers") == [0.0, 1.0, 1.0]
+    _assert_same_weights(sharded, tmp_path / "one")
 
 
 def test_ppos_token_means_and_explained_variance_on_two_ranks_are_one_processs(two_ranks, tiny, tmp_path):

@@ -1,14 +1,18 @@
-"""On-policy distillation (Agarwal et al. 2024, GKD; TRL's DistillationTrainer): a student learns a
-teacher's next-token distributions on answers the student writes itself.
+"""On-policy distillation (Agarwal et al. 2024, GKD; TRL's DistillationTrainer and GKDTrainer): a
+student learns a teacher's next-token distributions on answers it writes itself (and, with GKD's
+``lmbda`` < 1, on the data set's or the teacher's).
 
-Reads top to bottom, one step at a time: the rollout backend samples one answer per prompt from
-the student -> the student (with gradient) and the frozen teacher (without) give their whole
-next-token distributions at every answer token -> the generalized JSD between them
-(losses/distill.py: beta 0 forward KL, 1 reverse KL), a mean over the step's answer tokens on
-every rank -> one optimizer step. The teacher is any causal LM with the student's vocabulary (a
-larger model, or a policy trained further). Sampled at ``temperature``; both distributions are of
-logits / temperature, as TRL's. Every answer is the student's own (TRL's DistillationTrainer):
-GKD's ``lmbda`` mix with the data set's answers is not here.
+Reads top to bottom, one step at a time: whose answers the step learns on is drawn (GKD's
+Algorithm 1: the student's own with probability ``lmbda``, else the data set's, or with ``seq_kd``
+the teacher's own samples) -> the rollout backend samples one answer per prompt from the student
+(or the teacher; or the rows' answers are read) -> the student (with gradient) and the frozen
+teacher (without) give their whole next-token distributions at every answer token -> the
+generalized JSD between them (losses/distill.py: beta 0 forward KL, 1 reverse KL), a mean over the
+step's answer tokens on every rank -> one optimizer step. The teacher is any causal LM with the
+student's vocabulary (a larger model, or a policy trained further). Sampled at ``temperature``;
+both distributions are of logits / temperature, as TRL's DistillationTrainer's (its GKDTrainer
+compares them at temperature 1 whatever it samples at). ``lmbda=1`` (the default) is TRL's
+DistillationTrainer, every answer the student's; TRL's GKDTrainer defaults to ``lmbda=0.5``.
 """
 
 from __future__ import annotations
@@ -18,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from ..data.encode import check_prompts, row_chunks
+from ..data.encode import answer_ids, check_prompts, row_chunks
 from ..data.formats import row_format
-from ..data.rows import read_rows, source_name
+from ..data.rows import DataError, read_rows, source_name
 from ..losses.distill import distill_loss
 from ..models.forward import eval_mode, target_logits
 from ..models.load import (
@@ -33,7 +37,7 @@ from ..models.load import (
 from ..models.lora import Reference
 from ..rollout.backend import SamplerBackend, SamplingParams, make_backend
 from ..rollout.evaluate import row_prompt_ids
-from ..rollout.sampler import Samples, completion_view
+from ..rollout.sampler import Samples, completion_view, given_samples
 from ..tasks import TASK_CHOICES
 from ..train.config import (
     ConfigError,
@@ -44,6 +48,7 @@ from ..train.config import (
     at_least,
     choice,
     positive,
+    used_only_with,
     within,
 )
 from ..train.loop import BatchOrder, Objective, accumulate, reduce_dict
@@ -58,7 +63,7 @@ class DistillConfig:
     tokenizer: str | None = None
     # a causal LM folder with the student's tokenizer (TRL's teacher_model_name_or_path); from Python a model too
     teacher: str = ""
-    train_data: str = ""  # prompts (an answer a row has is not read: the student writes its own)
+    train_data: str = ""  # prompts; with lmbda < 1 (seq_kd off) each with its answer (completion, or messages)
     eval_data: str | None = None  # held-out prompts: the accuracy of the student's greedy answers (and the teacher's)
     eval_task: str = "auto"  # auto | arithmetic | reference (tasks/)
     prompts_per_step: int = 16  # over all ranks, one answer each
@@ -67,6 +72,10 @@ class DistillConfig:
     top_k: int = 0  # of the sampling only
     top_p: float = 1.0  # of the sampling only
     beta: float = 1.0  # 0: forward KL(teacher || student); 1: reverse KL (TRL's default); between: generalized JSD
+    # GKD's share of steps on the student's own answers; the others learn on the rows' answers (or the teacher's,
+    # seq_kd). 1: TRL's DistillationTrainer (every answer the student's); TRL's GKDTrainer: 0.5
+    lmbda: float = 1.0
+    seq_kd: bool = False  # the steps off the student's answers use answers the teacher samples (sequence-level KD)
     eval_limit: int = 500  # held-out prompts used; 0 = all
     eval_max_new_tokens: int = 32
     rollout: RolloutConfig = field(default_factory=RolloutConfig)  # rollout.backend: sampler | generate | vllm
@@ -75,6 +84,8 @@ class DistillConfig:
 
     def __post_init__(self):
         within("beta", self.beta, 0, 1)
+        within("lmbda", self.lmbda, 0, 1)
+        used_only_with("seq_kd", self.seq_kd, False, self.lmbda < 1, "lmbda < 1 (the steps off the student's answers)")
         positive("temperature", self.temperature, " (the loss compares the distributions of logits / temperature)")
         within("top_p", self.top_p, 0, 1, open_low=True)
         choice("eval_task", self.eval_task, TASK_CHOICES)
@@ -103,6 +114,41 @@ def load_teacher(run: Run, cfg: DistillConfig, student, tokenizer) -> tuple[torc
         run.say(f"the student's head has {widths[0]} vocabulary entries and the teacher's {widths[1]}, for "
                 f"{len(tokenizer)} tokens: the distributions are compared over the first {min(widths)}")
     return teacher, min(widths)
+
+
+# GKD's draws apart from the generators BatchOrder seeds (seed x 1000003 + epoch); the CPU generator
+# reads a seed's low 32 bits, which this moves by half their range
+DRAW_SALT = 1 << 31
+
+
+def answer_source(step: int, cfg: DistillConfig) -> str:
+    """Whose answers step ``step`` (0-based) learns on: "student" where GKD's u ~ U(0, 1) falls
+    below ``lmbda``, else "teacher" (``seq_kd``) or "data" (the rows' own). u is drawn from the step
+    and ``train.seed`` alone: the same on every rank, and again on a resumed run (a stream of its
+    own, apart from the data order's)."""
+    if cfg.lmbda >= 1:
+        return "student"
+    u = torch.rand((), generator=torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step + DRAW_SALT)).item()
+    if u < cfg.lmbda:
+        return "student"
+    return "teacher" if cfg.seq_kd else "data"
+
+
+def read_answers(rows, tokenizer, cfg: DistillConfig) -> list[list[int]] | None:
+    """Each row's own answer as token ids, where some steps learn on them (``lmbda`` < 1, ``seq_kd``
+    off): every row must have one, no longer than ``max_new_tokens`` (a DataError naming the
+    row, before any model loads)."""
+    if cfg.lmbda >= 1 or cfg.seq_kd:
+        return None
+    answers = [answer_ids(tokenizer, row) for row in rows]
+    over = [i for i, a in enumerate(answers) if len(a) > cfg.max_new_tokens]
+    if over:
+        longest = max(over, key=lambda i: len(answers[i]))
+        raise DataError(f"{rows[longest].where}: its answer is {len(answers[longest])} tokens, more than "
+                        f"max_new_tokens={cfg.max_new_tokens} (the longest answer a step learns on, sampled or read; "
+                        f"{len(over)} of {len(rows)} rows' answers are longer): raise max_new_tokens, or leave those "
+                        "rows out")
+    return answers
 
 
 def distill_objective(cfg: DistillConfig, teacher: Reference, samples: Samples, vocab: int) -> Objective:
@@ -149,11 +195,12 @@ def run_distill(cfg: DistillConfig, backend=None) -> dict:
     rows, eval_rows = read_rows(cfg.train_data), held_out(cfg.eval_data, cfg.eval_limit, cfg.eval_task, run.say)
     report = check_prompts(rows, tokenizer, method="distill")  # every row, before any model loads
     run.say(f"{source_name(cfg.train_data)}: {report.summary()}")
+    answers = read_answers(rows, tokenizer, cfg)
     answered = sum(row_format(r) == "prompt_completion" or (row_format(r) == "language_modeling"
                                                               and "text" not in r.data) for r in rows)
-    if answered:  # TRL's trainer reads the prompt alone too
+    if answered and answers is None:  # TRL's DistillationTrainer reads the prompt alone too
         run.say(f"note: {answered} rows carry an answer (a completion, or assistant turns), which distillation does "
-                "not read: the student writes its own")
+                f"not read with {'seq_kd' if cfg.seq_kd else 'lmbda=1'}: every answer is sampled")
     if isinstance(cfg.model, (str, Path)) and isinstance(cfg.teacher, (str, Path)) and \
             Path(cfg.model).resolve() == Path(cfg.teacher).resolve():
         run.say("warning: the teacher is the student's own start model: the divergence starts at 0 and the first "
@@ -171,6 +218,12 @@ def run_distill(cfg: DistillConfig, backend=None) -> dict:
             result, _, _ = eval_rows.accuracy(SamplerBackend(tokenizer, teacher), tokenizer, cfg.eval_max_new_tokens)
         before = {"teacher_accuracy": result["accuracy"]}
         run.say(f"the teacher's held-out accuracy: {result['accuracy']:.4f}")
+    teacher_backend = None
+    if cfg.seq_kd:  # the teacher's own sampler (not a second vLLM engine), on its unsharded copy where it is sharded
+        name = "sampler" if cfg.rollout.backend == "vllm" else cfg.rollout.backend
+        teacher_backend = make_backend(name, tokenizer, teacher, copy=run.shards_models)
+        if name != cfg.rollout.backend:
+            run.say("seq_kd: the teacher samples with rlhfkit's sampler (the vLLM engine holds the student)")
     teacher = Reference(module=run.shard(teacher))
     backend = backend or make_backend(cfg.rollout, tokenizer, student, copy=run.shards_models,  # before sharding
                                       out_dir=tc.out_dir)
@@ -185,16 +238,24 @@ def run_distill(cfg: DistillConfig, backend=None) -> dict:
     order = BatchOrder(len(rows), cfg.prompts_per_step, tc.seed)
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
     for step in run.steps(evaluate):
-        backend.load_weights(student)  # a sharded student: the gathered full weights into the backend's copy
-        mine = [rows[i] for i in order.indices(step)[run.info.rank::run.info.world_size]]
-        samples = backend.generate(row_prompt_ids(tokenizer, mine), params)
+        source = answer_source(step, cfg)
+        picked = order.indices(step)[run.info.rank::run.info.world_size]
+        prompts = row_prompt_ids(tokenizer, [rows[i] for i in picked])
+        if source == "data":
+            samples = given_samples(prompts, [answers[i] for i in picked], tokenizer.pad_token_id,
+                                    tokenizer.eos_token_id).to(run.device)
+        elif source == "teacher":
+            samples = teacher_backend.generate(prompts, params)
+        else:
+            backend.load_weights(student)  # a sharded student: the gathered full weights into the backend's copy
+            samples = backend.generate(prompts, params)
         lengths = samples.completion_mask.sum(-1).double()
         out = distill_step(run, student, teacher, samples, cfg, vocab)
-        run.step_done(means={"loss": out["loss"], "grad_norm": out["grad_norm"],
-                             "completion_len_mean": float(lengths.mean()),
-                             # cut off at max_new_tokens without an EOS (TRL's completions/clipped_ratio)
-                             "completion_clipped": float((~samples.finished).double().mean())},
-                      shares=out["shares"], evaluate=evaluate)
+        means = {"loss": out["loss"], "grad_norm": out["grad_norm"], "completion_len_mean": float(lengths.mean()),
+                 "student_answers": float(source == "student")}  # 1 on the student's own answers, 0 off them
+        if source != "data":  # cut off at max_new_tokens without an EOS (TRL's completions/clipped_ratio)
+            means["completion_clipped"] = float((~samples.finished).double().mean())
+        run.step_done(means=means, shares=out["shares"], evaluate=evaluate)
     summary = {"loss": run.metrics.get("loss"), "divergence": run.metrics.get("divergence"), **before}
     if run.evals:
         summary.update({k: v for k, v in run.evals[-1].items() if k != "step"})

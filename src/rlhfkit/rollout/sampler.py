@@ -93,6 +93,21 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
     return ids, mask
 
 
+def given_samples(prompts: list[list[int]], answers: list[list[int]], pad_id: int, eos_id: int) -> Samples:
+    """Answers that were not sampled (a data set's) in the sampler's layout: prompts left-padded,
+    answers right-padded, every answer token in the mask, log-probs 0 (none were drawn),
+    ``finished`` where an answer ends with EOS."""
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id)
+    width = max(1, max(len(a) for a in answers))
+    ids = torch.full((len(answers), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(answers), width), dtype=torch.long)
+    for i, answer in enumerate(answers):
+        ids[i, : len(answer)] = torch.tensor(answer, dtype=torch.long)
+        mask[i, : len(answer)] = 1
+    finished = torch.tensor([bool(a) and a[-1] == eos_id for a in answers])
+    return Samples(prompt_ids, prompt_mask, ids, mask, torch.zeros(ids.shape), finished)
+
+
 def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     if top_k > 0 and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]

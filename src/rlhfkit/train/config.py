@@ -391,11 +391,7 @@ TRL_NAMES = {"learning_rate": "train.lr", "num_train_epochs": "train.epochs", "m
                                 "default for RM and DPO; TRL's GRPO and distillation keep dropout unless "
                                 "disable_dropout=true)",
              "shuffle_dataset": "nothing: the rows are shuffled each epoch, by train.seed",
-             "teacher_model_name_or_path": "teacher",
-             "lmbda": "nothing: every answer is the student's own (TRL's DistillationTrainer; GKD's mix with the "
-                      "data set's answers is not here)",
-             "seq_kd": "nothing: every answer is the student's own (sequence-level KD on the teacher's answers is "
-                       "not here)"}
+             "teacher_model_name_or_path": "teacher"}
 for _name in ("max_grad_norm", "seed", "weight_decay", "warmup_steps", "report_to", "router_aux_loss_coef"):
     TRL_NAMES[_name] = f"train.{_name}"
 for _family, _first in ((("vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"), "vespo_k_pos"),
@@ -428,8 +424,7 @@ HINT_ONLY_WITH = {"loss_weights": "rpo_alpha", "steps_per_generation": "group_si
                   "vespo_k_pos": "group_size", "use_adaptive_entropy": "group_size",
                   **{k: "group_size" for k in ("vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg", "entropy_coef_min",
                                                "entropy_coef_max", "entropy_coef_delta", "entropy_target")}, "packing_strategy": "packing",
-                  "eval_packing": "packing", "precompute_ref_batch_size": "rpo_alpha", "lmbda": "teacher",
-                  "seq_kd": "teacher"}
+                  "eval_packing": "packing", "precompute_ref_batch_size": "rpo_alpha"}
 
 
 # TRL's names whose answer depends on the method reading them, each winning over TRL_NAMES where it
