@@ -107,6 +107,15 @@ def gkd_config(tiny, out, data: bool = False, **train):
     return replace(cfg, train_data=small(tiny, "sft_train.jsonl")) if data else replace(cfg, seq_kd=True)
 
 
+def tr_dpo_config(tiny, out, steps: int, sync: bool = True, sync_steps: int = 2, **train):
+    """DPO with its reference forwarded every step and, ``sync``, TR-DPO's moves of it toward the
+    policy every ``sync_steps`` steps (TRL's alpha 0.6)."""
+    from rlhfkit.train.config import replace
+
+    cfg = replace(method_config("dpo", tiny, out, steps, log_every=1, **train), reference="forward")
+    return replace(cfg, sync_ref_model=True, ref_model_sync_steps=sync_steps) if sync else cfg
+
+
 def teacher_folder(tiny, scale: float = 1.0) -> str:
     """A teacher for distillation: the tiny base with seeded noise of ``scale`` x each weight's std
     added (and its tokenizer), beside it."""

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 from helpers import quiet_train
+from methods_setup import tr_dpo_config
 
 from rlhfkit.data.prefs import collate_rankings, encode_rankings
 from rlhfkit.data.rows import DataError, read_rows
@@ -315,3 +316,61 @@ def test_use_weighting_weighs_each_pair_by_wpos_weights_computed_by_hand(tiny):
     for plain in (dict(ld_alpha=1.0), dict(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=1.0)):
         assert pairwise_only(DPOConfig(model="m", train_data="d", **plain)) is None  # DPO's own sums and f'
     assert pairwise_only(DPOConfig(model="m", train_data="d", ld_alpha=0.5)) == "ld_alpha=0.5"
+
+
+# --- TR-DPO: the reference moved toward the policy every ref_model_sync_steps steps ----------------
+
+def _losses(out) -> list:
+    from rlhfkit.train.logging import read_metrics
+
+    return [m["train/loss"] for m in read_metrics(out) if "train/loss" in m]
+
+
+def test_tr_dpo_mixes_the_reference_toward_the_policy_every_tau_steps(tiny, tmp_path):
+    """ref <- alpha x policy + (1 - alpha) x ref after steps 2 and 4 (tau 2, TRL's alpha 0.6), read from
+    each step's checkpoint; the steps after a sync compare with the moved reference, those before
+    with the start model (the same losses as a run without TR-DPO)."""
+    from safetensors.torch import load_file
+
+    from rlhfkit.train.checkpoint import complete_checkpoints
+
+    run_dpo(tr_dpo_config(tiny, tmp_path / "tr", 4, save_every=1, keep_checkpoints=0))
+    run_dpo(tr_dpo_config(tiny, tmp_path / "plain", 4, sync=False))
+    saved = complete_checkpoints(tmp_path / "tr")
+    assert len(saved) == 4
+    policy = [load_file(str(c / "model.safetensors")) for c in saved]
+    ref = [load_file(str(c / "reference.safetensors")) for c in saved]
+    start = load_file(str(tiny["base"] / "model.safetensors"))
+    names = set(ref[0]) & set(start)  # one name of each tied tensor is saved
+    assert names and names == set(policy[0]) & set(start)
+    for name in names:
+        torch.testing.assert_close(ref[0][name], start[name], rtol=0, atol=0)  # step 1: no sync yet
+        torch.testing.assert_close(ref[1][name], 0.6 * policy[1][name] + 0.4 * start[name], rtol=0, atol=1e-6)  # float rounding of the two orders
+        torch.testing.assert_close(ref[2][name], ref[1][name], rtol=0, atol=0)
+        torch.testing.assert_close(ref[3][name], 0.6 * policy[3][name] + 0.4 * ref[1][name], rtol=0, atol=1e-6)  # float rounding of the two orders
+    assert any(not torch.equal(policy[1][name], start[name]) for name in names)  # the policy moved
+    tr, plain = _losses(tmp_path / "tr"), _losses(tmp_path / "plain")
+    assert tr[:2] == plain[:2] and abs(tr[2] - plain[2]) > 1e-6
+
+
+def test_tr_dpo_resumes_with_the_moved_reference(tiny, tmp_path):
+    """4 steps straight, and 2 then 2 more after a resume, give the same losses: the checkpoint
+    holds the reference as synced after step 2 (reloading the start model would change step 3)."""
+    run_dpo(tr_dpo_config(tiny, tmp_path / "full", 4, save_every=2))
+    run_dpo(tr_dpo_config(tiny, tmp_path / "cut", 2, save_every=2))
+    run_dpo(tr_dpo_config(tiny, tmp_path / "cut", 4, save_every=2, resume=True))
+    assert _losses(tmp_path / "cut") == _losses(tmp_path / "full") and len(_losses(tmp_path / "full")) == 4
+
+
+def test_tr_dpo_settings_are_refused_where_they_cannot_apply(tiny, tmp_path):
+    from rlhfkit.train.config import ConfigError, LoraConfig, replace
+
+    cfg = tr_dpo_config(tiny, tmp_path, 2)
+    with pytest.raises(ConfigError, match="sync_ref_model=true moves the reference .* set reference=forward"):
+        replace(cfg, reference="precompute")
+    with pytest.raises(ConfigError, match="sync_ref_model=true with LoRA"):
+        replace(cfg, lora=LoraConfig(r=4))
+    with pytest.raises(ConfigError, match=r"'ref_model_mixup_alpha' must be in \(0, 1\]"):
+        replace(cfg, ref_model_mixup_alpha=0.0)
+    with pytest.raises(ConfigError, match=r"ref_model_sync_steps=8 is used by TR-DPO \(sync_ref_model=true\) only"):
+        replace(cfg, sync_ref_model=False, ref_model_sync_steps=8)

@@ -26,6 +26,7 @@ from methods_setup import (  # noqa: E402
     seeded_backend,
     small,
     teacher_folder,
+    tr_dpo_config,
 )
 
 import rlhfkit.train.run as run_module  # noqa: E402
@@ -59,6 +60,8 @@ def _jobs(rank: int, out: Path, assets: dict) -> dict:
     RUNS["distill"](method_config("distill", assets["tiny"], out / "distill-seeded", 3, log_every=1,
                                   strategy="replicate"), backend=seeded_backend(assets["tiny"]))
     # GKD's mix, sharded: the teacher samples (seq_kd) on its unsharded copy; the test runs it in one process
+    # TR-DPO, sharded: each rank mixes its shards of the reference; the last step's checkpoint holds them
+    RUNS["dpo"](tr_dpo_config(assets["tiny"], out / "dpo-tr", 3, sync_steps=1, strategy="fsdp"))
     for data in (False, True):  # and on the rows' own answers, each rank its share of the step's rows
         RUNS["distill"](gkd_config(assets["tiny"], out / f"distill-gkd-{data}", data, strategy="fsdp"))
     # DCP resume: an uninterrupted 4-step run; one killed in step 3 (after the step-2 checkpoint)

@@ -273,3 +273,14 @@ def test_every_trl_hint_names_a_key_some_method_has():
     targets = {trl: hint.split(" ")[0].split("=")[0] for trl, hint in TRL_NAMES.items() if not hint.startswith("nothing")}
     assert {trl: t for trl, t in targets.items() if t not in known} == {}
     assert targets["use_vllm"] == "rollout.backend" and targets["whiten_rewards"] == "whiten_scores"
+
+
+def test_trls_reference_sync_names_are_dpos_own_and_answered_for_grpo():
+    from rlhfkit.methods.dpo import DPOConfig
+    from rlhfkit.methods.grpo import GRPOConfig
+
+    cfg = load_config(DPOConfig, overrides=["sync_ref_model=true", "reference=forward", "ref_model_sync_steps=64"])
+    assert cfg.sync_ref_model is True and cfg.ref_model_sync_steps == 64 and cfg.ref_model_mixup_alpha == 0.6
+    with pytest.raises(ConfigError, match="sync_ref_model -> nothing: GRPO's and RLOO's reference stays the start "
+                                          r"model \(TR-DPO's sync is DPO's here\)"):
+        load_config(GRPOConfig, overrides=["sync_ref_model=true"])

@@ -13,7 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from methods_setup import METHODS, RUNS, gkd_config, greedy_ppo_with_ptx, method_config, seeded_backend, small
+from methods_setup import (
+    METHODS,
+    RUNS,
+    gkd_config,
+    greedy_ppo_with_ptx,
+    method_config,
+    seeded_backend,
+    small,
+    tr_dpo_config,
+)
 
 from rlhfkit.methods.common import load_policy
 from rlhfkit.models.kernels import onednn_linear_available
@@ -141,6 +150,22 @@ def test_distillations_token_mean_over_two_ranks_is_one_processs(two_ranks, tiny
         assert _losses(out / "distill-seeded", key) == pytest.approx(_losses(tmp_path / "one", key), rel=1e-5)
     assert len(_losses(out / "distill-seeded")) == 3
     _assert_same_weights(out / "distill-seeded", tmp_path / "one")
+
+
+def test_tr_dpo_sharded_is_one_processs_and_its_reference_resumes_from_the_shards(two_ranks, tiny, tmp_path):
+    """TR-DPO under FSDP2, the reference moved every step: each rank mixes its shards, giving one
+    process's losses and weights; the sharded checkpoint holds the moved reference, so one process
+    resuming it for a 4th step gives the 4th step of a straight one-process run."""
+    out, _ = two_ranks
+    RUNS["dpo"](tr_dpo_config(tiny, tmp_path / "one", 4, sync_steps=1))
+    sharded = out / "dpo-tr"
+    for key in ("train/loss", "train/grad_norm"):
+        assert _losses(sharded, key) == pytest.approx(_losses(tmp_path / "one", key)[:3], rel=1e-5)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(sharded, resumed)
+    RUNS["dpo"](tr_dpo_config(tiny, resumed, 4, sync_steps=1, strategy="fsdp", resume=True))
+    assert _losses(resumed)[3] == pytest.approx(_losses(tmp_path / "one")[3], rel=1e-5)
+    _assert_same_weights(resumed, tmp_path / "one")
 
 
 @pytest.mark.parametrize("data", [False, True])

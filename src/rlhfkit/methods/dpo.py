@@ -1,10 +1,11 @@
 """DPO on pairs, and its Plackett-Luce form on n-way rankings (Rafailov et al. 2023).
 
 Reads top to bottom: config -> data -> policy (optionally SFT on the chosen answers first) ->
-reference log-probs (precomputed once, the default, or a frozen copy forwarded every step)
--> objective -> the shared loop -> save. All answers of a prompt go through the policy in
-one concatenated forward. Rankings must be strict (no tied ranks): the Plackett-Luce model
-has no ties, so a tied ranking is refused (the reward model accepts ties).
+reference log-probs (precomputed once, the default, or a frozen copy forwarded every step, which
+TR-DPO moves toward the policy every few steps) -> objective -> the shared loop -> save. All
+answers of a prompt go through the policy in one concatenated forward. Rankings must be strict
+(no tied ranks): the Plackett-Luce model has no ties, so a tied ranking is refused (the reward
+model accepts ties).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ from ..train.config import (
 )
 from ..train.loop import Objective, train_offline
 from ..train.run import start_run
+from ..train.shard import reshard
 from .common import (
     accuracy_eval,
     check_positions,
@@ -103,6 +105,11 @@ class DPOConfig:
     # WPO: each pair's loss times w(y_w) w(y_l), how likely the policy finds each answer per token (pairs; TRL's name)
     use_weighting: bool = False
     reference: str = "precompute"  # precompute (once, then no reference model) | forward (every step)
+    # TR-DPO (Gorbatovski et al. 2024; TRL's names): every ref_model_sync_steps optimizer steps the reference
+    # becomes ref_model_mixup_alpha x the policy + (1 - alpha) x itself (alpha 1: a copy); needs reference=forward
+    sync_ref_model: bool = False
+    ref_model_mixup_alpha: float = 0.6
+    ref_model_sync_steps: int = 512
     sft_first_steps: int = 0  # > 0: no SFT model yet, first maximise the likelihood of the chosen answers
     eval_limit: int = 500  # held-out rows used, for both evals; 0 = all
     share_prompt: bool = True  # forward each prompt once for all its answers (block mask; SDPA attention only)
@@ -145,6 +152,16 @@ class DPOConfig:
         used_only_with("f_alpha_divergence_coef", self.f_alpha_divergence_coef, DPOConfig.f_alpha_divergence_coef,
                        self.f_divergence_type == "alpha_divergence", "f_divergence_type=alpha_divergence")
         within("ld_alpha", self.ld_alpha, 0, 1)
+        within("ref_model_mixup_alpha", self.ref_model_mixup_alpha, 0, 1, open_low=True)
+        at_least("ref_model_sync_steps", self.ref_model_sync_steps, 1)
+        all_used_only_with(self, ("ref_model_mixup_alpha", "ref_model_sync_steps"), self.sync_ref_model,
+                           "TR-DPO (sync_ref_model=true)")
+        if self.sync_ref_model and self.reference != "forward":
+            raise ConfigError("sync_ref_model=true moves the reference during training, so its log-probs cannot be "
+                              "precomputed: set reference=forward (TRL refuses precompute_ref_log_probs with it too)")
+        if self.sync_ref_model and self.lora.enabled:
+            raise ConfigError("sync_ref_model=true with LoRA: the reference is the base model with the adapters off, "
+                              "no copy of its own to move (TRL refuses it with PEFT too); set lora.r=0")
 
 
 # TRL's loss_type names that rlhfkit has no form for, and why
@@ -377,6 +394,18 @@ def sft_on_chosen(model, tokenizer, examples, cfg: DPOConfig, resuming: bool, ro
     return f"{folder}/model"
 
 
+@torch.no_grad()
+def mix_toward(target: torch.nn.Module, source: torch.nn.Module, alpha: float) -> None:
+    """TR-DPO's soft update, in place: each parameter of ``target`` becomes alpha x ``source``'s +
+    (1 - alpha) x its own (the two built alike: under FSDP2 sharded alike, each rank mixing its shards)."""
+    mine, theirs = dict(reshard(target).named_parameters()), dict(reshard(source).named_parameters())
+    if mine.keys() != theirs.keys():
+        differ = sorted(mine.keys() ^ theirs.keys())[:4]
+        raise RuntimeError(f"TR-DPO: the reference's parameters are not the policy's ({', '.join(differ)})")
+    for name, weight in mine.items():
+        weight.mul_(1 - alpha).add_(theirs[name].detach(), alpha=alpha)
+
+
 def run_dpo(cfg: DPOConfig) -> dict:
     run = start_run(cfg.train, cfg, "dpo")
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
@@ -422,9 +451,16 @@ def run_dpo(cfg: DPOConfig) -> dict:
         out = {"preference_accuracy": preference_accuracy(model, pref_eval, pad)} if pref_eval else {}
         return {**out, **(accuracy() if prompts else {})}
 
+    sync = None
+    if cfg.sync_ref_model:  # TR-DPO: the reference a checkpoint holds is the one its next steps compare with
+        def sync(done: int) -> None:
+            if done % cfg.ref_model_sync_steps == 0:
+                mix_toward(reference.module, model, cfg.ref_model_mixup_alpha)
+
     train_offline(run, model, examples, ranking_collate(model, pad, cfg.share_prompt),
                   dpo_objective(DPOLoss.of(cfg), reference, run.router_coef),
-                  evaluate if (pref_eval or prompts) else None)
+                  evaluate if (pref_eval or prompts) else None, after_step=sync,
+                  kept={"reference": reference.module} if cfg.sync_ref_model else None)
     summary = {"loss": run.metrics.get("loss"), "reference": cfg.reference, "length_report": report.summary(), **before}
     if run.evals:
         summary.update({k: v for k, v in run.evals[-1].items() if k != "step"})

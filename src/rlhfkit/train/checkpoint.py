@@ -69,11 +69,14 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(out_dir: str | Path, step: int, model, optimizer, scheduler, config: dict,
                     extra: dict | None = None, keep: int = 2, info: DistInfo | None = None,
-                    sharded: bool = False, transient: bool = False) -> Path:
+                    sharded: bool = False, transient: bool = False, kept: dict | None = None) -> Path:
     """Every rank calls this. Rank 0 prepares the temporary folder; every rank writes its RNG
     state (and, ``sharded``, its shards of the model and optimizer via torch.distributed.checkpoint);
     then rank 0 writes the rest, the ``COMPLETE`` marker last, and renames. Then the checkpoints
     past ``keep`` go, the ``transient`` ones (kept only until a later one) not counted.
+
+    ``kept``: untrained modules whose weights change as the run goes (TR-DPO's reference), by
+    name: each beside the model, as ``<name>.safetensors`` or in the sharded ``dcp/`` folder.
 
     A write that fails on any rank (a full disk, no permission) fails on every rank alike: the
     partial folder is removed, the last complete checkpoint is kept, and a one-line
@@ -99,7 +102,8 @@ def save_checkpoint(out_dir: str | Path, step: int, model, optimizer, scheduler,
             import torch.distributed.checkpoint as dcp
             from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-            dcp.save({"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)},
+            dcp.save({"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer),
+                      **{f"kept.{name}": get_model_state_dict(module) for name, module in (kept or {}).items()}},
                      checkpoint_id=str(tmp / "dcp"), no_dist=not info.enabled)
             mine += sorted((tmp / "dcp").glob(f"__{info.rank}_*"))
         _fsync_files(mine)  # each rank its own files (another node's writes are its to flush), before rank 0's marker
@@ -108,6 +112,8 @@ def save_checkpoint(out_dir: str | Path, step: int, model, optimizer, scheduler,
         if not sharded:
             _save_weights(model, tmp / "model.safetensors")
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            for name, module in (kept or {}).items():
+                save_model(module, str(tmp / f"{name}.safetensors"))
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "world_size": info.world_size,
                                                             **(extra or {})}, indent=1))
@@ -206,21 +212,31 @@ def _cause(error: Exception, folder: Path) -> str:
     return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, info: DistInfo | None = None) -> dict:
-    """Restore weights, optimizer, scheduler and this rank's RNG from a complete checkpoint;
-    returns the trainer state. A sharded (DCP) checkpoint loads on any number of ranks."""
+def load_checkpoint(path: Path, model, optimizer, scheduler, info: DistInfo | None = None,
+                    kept: dict | None = None) -> dict:
+    """Restore weights, optimizer, scheduler, this rank's RNG and the ``kept`` modules (as
+    ``save_checkpoint`` took them) from a complete checkpoint; returns the trainer state. A sharded
+    (DCP) checkpoint loads on any number of ranks."""
     info = info or DistInfo()
+    kept = kept or {}
     if not (path / MARKER).is_file():
         raise CheckpointError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
     if (path / "dcp").is_dir():
-        _load_sharded(path / "dcp", model, optimizer, info)
-    elif (path / "model.safetensors").is_file() and is_sharded(model):  # a replicated run's, resumed under FSDP2
-        _load_whole_into_shards(path, model, optimizer)
+        _load_sharded(path / "dcp", model, optimizer, info, kept)
     elif (path / "model.safetensors").is_file():
-        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
-        if unexpected or [k for k in missing if k not in _tied_keys(model) and k not in _frozen(model)]:
-            raise CheckpointError(f"{path}: weights do not match the model (missing {missing}, unexpected {unexpected})")
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        absent = [f"{name}.safetensors" for name in kept if not (path / f"{name}.safetensors").is_file()]
+        if absent:
+            raise CheckpointError(f"{path} lacks {', '.join(absent)}: it was written by a run that did not keep them")
+        if is_sharded(model):  # a replicated run's, resumed under FSDP2
+            _load_whole_into_shards(path, model, optimizer, kept)
+        else:
+            missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+            if unexpected or [k for k in missing if k not in _tied_keys(model) and k not in _frozen(model)]:
+                raise CheckpointError(f"{path}: weights do not match the model (missing {missing}, "
+                                      f"unexpected {unexpected})")
+            optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+            for name, module in kept.items():
+                load_model(module, str(path / f"{name}.safetensors"))
     else:
         raise CheckpointError(f"{path} holds neither model.safetensors nor a dcp/ folder")
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
@@ -233,7 +249,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, info: DistInfo | No
     return state
 
 
-def _load_whole_into_shards(path: Path, model, optimizer) -> None:
+def _load_whole_into_shards(path: Path, model, optimizer, kept: dict) -> None:
     """A checkpoint written without sharding (whole weights, an optimizer state keyed by parameter
     index) into a sharded model and its optimizer: every rank reads the whole files and keeps its
     shards. The optimizer was built as the saved one was (``build_optimizer``: the same groups, the
@@ -259,9 +275,11 @@ def _load_whole_into_shards(path: Path, model, optimizer) -> None:
     state = {"state": {fqn[i]: s for i, s in saved["state"].items()},
              "param_groups": [{**g, "params": [fqn[i] for i in g["params"]]} for g in saved["param_groups"]]}
     set_optimizer_state_dict(model, optimizer, state, options=whole)
+    for name, module in kept.items():
+        set_model_state_dict(module, load_file(str(path / f"{name}.safetensors")), options=whole)
 
 
-def _load_sharded(folder: Path, model, optimizer, info: DistInfo) -> None:
+def _load_sharded(folder: Path, model, optimizer, info: DistInfo, kept: dict) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
@@ -270,10 +288,13 @@ def _load_sharded(folder: Path, model, optimizer, info: DistInfo) -> None:
         set_optimizer_state_dict,
     )
 
-    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer),
+             **{f"kept.{name}": get_model_state_dict(module) for name, module in kept.items()}}
     dcp.load(state, checkpoint_id=str(folder), no_dist=not info.enabled)
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    for name, module in kept.items():
+        set_model_state_dict(module, state[f"kept.{name}"])
 
 
 def _frozen(model) -> set[str]:

@@ -383,9 +383,6 @@ TRL_NAMES = {"learning_rate": "train.lr", "num_train_epochs": "train.epochs", "m
                                       "checked against it before training)",
              "vespo_k_pos": "nothing: VESPO's loss is not here (loss_type grpo, dapo, dr_grpo, cispo, sapo, luspo, rloo)",
              "use_adaptive_entropy": "entropy_coef (a fixed weight: TRL's adaptive control is not here)",
-             "sync_ref_model": "nothing: the reference stays the start model (TR-DPO's sync is not implemented)",
-             "ref_model_sync_steps": "nothing: the reference stays the start model (TR-DPO's sync is not implemented)",
-             "ref_model_mixup_alpha": "nothing: the reference stays the start model (TR-DPO's sync is not implemented)",
              "vllm_mode": "rollout.backend=vllm (an engine colocated with the trainer; TRL's server mode is not here)",
              "disable_dropout": "nothing: RM, DPO, GRPO, PPO and distillation always train with dropout off (TRL's "
                                 "default for RM and DPO; TRL's GRPO and distillation keep dropout unless "
@@ -435,6 +432,8 @@ BY_METHOD = [
     (("precompute_ref_log_probs", "precompute_ref_batch_size"), "desirable_weight", None,  # KTO
      "nothing: KTO forwards its reference every step, for the mismatched pairs too (TRL's default)"),
     *(((k,), "group_size", None, v) for k, v in ONLINE_NAMES.items()),  # GRPO and RLOO, and TRL's RLOO before 0.20
+    (("sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps"), "group_size", None,  # TRL's GRPO has them
+     "nothing: GRPO's and RLOO's reference stays the start model (TR-DPO's sync is DPO's here)"),
     (("max_completion_length", "max_prompt_length"), "max_length", "group_size", "max_length (prompt and answer together)"),
     (("num_generations",), "teacher", None,  # distillation
      "nothing: one answer per prompt, as TRL's DistillationTrainer samples (prompts_per_step sets how many)"),

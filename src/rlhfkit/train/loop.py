@@ -84,18 +84,21 @@ def accumulate(model, batches: list, objective: Objective, totals: dict, dtype: 
 
 
 def train_offline(run: Run, model, examples: list, collate: Callable, objective: Objective,
-                  eval_fn: Callable | None = None, what: str = "rows") -> Run:
+                  eval_fn: Callable | None = None, what: str = "rows", after_step: Callable | None = None,
+                  kept: dict | None = None) -> Run:
     """Train ``model`` on ``examples`` for ``max_steps`` optimizer steps of ``batch_size`` rows.
 
     ``eval_fn(model) -> dict`` runs every ``eval_every`` steps and at the end; a returned
     ``stop: True`` ends training there (after a checkpoint). ``what`` the examples are, as said
-    with ``train.epochs`` (KTO's are answers: a pair gives two).
+    with ``train.epochs`` (KTO's are answers: a pair gives two). ``after_step(done)`` runs after
+    each optimizer step (``done``: the steps taken), before its checkpoint; ``kept``: untrained
+    modules it changes, which the checkpoints hold (``Run.attach``).
     """
     cfg, info = run.cfg, run.info
     per_rank, micro = split_batch(cfg, info)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
     scheduler = build_scheduler(optimizer, run.plan(len(examples), cfg.batch_size, what), cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio)
-    run.attach(model, optimizer, scheduler)
+    run.attach(model, optimizer, scheduler, kept)
     order = BatchOrder(len(examples), cfg.batch_size, cfg.seed)
     evaluate = (lambda: eval_fn(model)) if eval_fn is not None else None
     for step in run.steps(evaluate):
@@ -105,6 +108,8 @@ def train_offline(run: Run, model, examples: list, collate: Callable, objective:
         totals = reduce_dict(_sum_dicts(objective.counts(b) for b in batches), info)
         loss, shares = accumulate(model, batches, objective, totals, cfg.dtype, run.device)
         _, grad_norm = run.optimizer_step(loss)
+        if after_step is not None:
+            after_step(run.done + 1)
         run.step_done(means={"grad_norm": grad_norm}, shares={"loss": loss, **shares}, evaluate=evaluate,
                       state={"samples_seen": run.done * cfg.batch_size + cfg.batch_size})
     return run

@@ -168,6 +168,7 @@ class Run:
     metrics: dict = field(default_factory=dict)  # the last step's, reduced over ranks
     stopped_early: bool = False
     modules: tuple = ()  # (trained module, optimizer, scheduler) once attached
+    kept: dict = field(default_factory=dict)  # untrained modules the checkpoints hold too (TR-DPO's reference)
     logger: MetricsLogger | None = None
     bar: object = None
     merge: bool = False  # LoRA: save the merged model beside the adapter (lora.merge)
@@ -314,16 +315,17 @@ class Run:
                          "(in TRL max_steps > 0 overrides num_train_epochs)")
         return self.max_steps
 
-    def attach(self, trained: torch.nn.Module, optimizer, scheduler) -> None:
-        """Start every rank from rank 0's weights, seed, and restore the last checkpoint on resume."""
-        self.modules = (trained, optimizer, scheduler)
+    def attach(self, trained: torch.nn.Module, optimizer, scheduler, kept: dict | None = None) -> None:
+        """Start every rank from rank 0's weights, seed, and restore the last checkpoint on resume.
+        ``kept``: untrained modules the checkpoints hold too (``save_checkpoint``), by name."""
+        self.modules, self.kept = (trained, optimizer, scheduler), kept or {}
         if not is_sharded(trained):  # sharded weights were loaded alike on every rank before sharding
             broadcast_params(trained, self.info)
         seed_everything(self.cfg.seed + self.info.rank)  # ranks sample (and drop out) differently
         if self.resuming:
             path = self.resumed_from = latest_checkpoint(self.cfg.out_dir)
             built = hyperparameters(optimizer)
-            self.state = load_checkpoint(path, trained, optimizer, scheduler, self.info)
+            self.state = load_checkpoint(path, trained, optimizer, scheduler, self.info, self.kept)
             rebase_schedule(optimizer, scheduler, built)  # this config's lr, decay and schedule from here
             self.start = self.done = self.state["step"]
             if self.start > self.max_steps:
@@ -482,7 +484,7 @@ class Run:
         else:
             path = save_checkpoint(self.cfg.out_dir, done, trained, optimizer, scheduler, self.config, extra=extra,
                                    keep=self.cfg.keep_checkpoints, info=self.info, sharded=self.sharded,
-                                   transient=transient)
+                                   transient=transient, kept=self.kept)
         barrier(self.info)
         return path
 

@@ -62,6 +62,18 @@ def shard(model: torch.nn.Module, info: DistInfo, strategy: str, dtype: str = "f
     return model
 
 
+def reshard(model: torch.nn.Module) -> torch.nn.Module:
+    """Put a sharded model's parameters back as their shards: a frozen model keeps its root's
+    gathered after a forward with no backward (FSDP2 frees them in the backward), so that its
+    ``named_parameters`` are whole tensors on some modules and shards on others. No-op unsharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    return model
+
+
 def save_everywhere(model, tokenizer, out_dir, info: DistInfo, merge: bool = False) -> None:
     """Save a ``save_pretrained`` folder from rank 0 (models/load.py ``save_model``: a LoRA model
     as its adapter, and merged with ``merge``); every rank joins the gather of a sharded model."""
