@@ -372,5 +372,5 @@ def test_tr_dpo_settings_are_refused_where_they_cannot_apply(tiny, tmp_path):
         replace(cfg, lora=LoraConfig(r=4))
     with pytest.raises(ConfigError, match=r"'ref_model_mixup_alpha' must be in \(0, 1\]"):
         replace(cfg, ref_model_mixup_alpha=0.0)
-    with pytest.raises(ConfigError, match=r"ref_model_sync_steps=8 is used by TR-DPO \(sync_ref_model=true\) only"):
+    with pytest.raises(ConfigError, match=r"ref_model_sync_steps=8 is used by TR-DPO's reference sync \(sync_ref_model=true\) only"):
         replace(cfg, sync_ref_model=False, ref_model_sync_steps=8)

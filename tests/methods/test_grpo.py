@@ -906,3 +906,61 @@ def test_the_entropy_bonus_reaches_the_loss_and_the_gradient_through_the_forward
         assert gained == pytest.approx(1e-3 * sum(float((d * d).sum()) for d in direction), rel=0.05)
     with pytest.raises(ConfigError, match="entropy_coef's bonus is over every answer token"):
         replace(method_config("grpo", tiny, tmp_path / "x", 1), entropy_coef=0.1, top_entropy_quantile=0.2)
+
+
+# --- TR-DPO's reference sync in GRPO (TRL's GRPO options) ------------------------------------------
+
+def digits(prompts, completions, **_):  # a reward the untrained model's answers differ in: groups with a signal
+    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+
+
+def _synced(tiny, out, steps, **train):
+    from methods_setup import method_config
+
+    from rlhfkit.train.config import replace
+
+    return replace(method_config("grpo", tiny, out, steps, log_every=1, **train), sync_ref_model=True,
+                   ref_model_sync_steps=4)  # mu=2: two optimizer steps a rollout step, a sync after the 2nd step
+
+
+def test_grpos_reference_moves_toward_the_policy_every_tau_optimizer_steps(tiny, tmp_path):
+    """tau counts optimizer steps (TRL's global_step), two a rollout step here (mu=2): the reference
+    is the start model after rollout step 1 and alpha x the policy + (1 - alpha) x the start after
+    step 2, read from each step's checkpoint."""
+    from safetensors.torch import load_file
+
+    from rlhfkit.train.checkpoint import complete_checkpoints
+
+    run_grpo(_synced(tiny, tmp_path, 3, save_every=1, keep_checkpoints=0), reward_fns=[digits])
+    saved = complete_checkpoints(tmp_path)
+    policy = [load_file(str(c / "model.safetensors")) for c in saved]
+    ref = [load_file(str(c / "reference.safetensors")) for c in saved]
+    start = load_file(str(tiny["base"] / "model.safetensors"))
+    names = set(ref[0]) & set(start)
+    assert len(saved) == 3 and names
+    for name in names:
+        torch.testing.assert_close(ref[0][name], start[name], rtol=0, atol=0)
+        torch.testing.assert_close(ref[1][name], 0.6 * policy[1][name] + 0.4 * start[name], rtol=0, atol=1e-6)
+        torch.testing.assert_close(ref[2][name], ref[1][name], rtol=0, atol=0)
+    assert any(not torch.equal(policy[1][name], start[name]) for name in names)
+
+
+def test_grpos_synced_reference_resumes(tiny, tmp_path):
+    """4 rollout steps straight, and 2 then 2 more after a resume, give the same losses and KLs: the
+    checkpoint holds the reference as moved after step 2."""
+    run_grpo(_synced(tiny, tmp_path / "full", 4, save_every=2), reward_fns=[digits])
+    run_grpo(_synced(tiny, tmp_path / "cut", 2, save_every=2), reward_fns=[digits])
+    run_grpo(_synced(tiny, tmp_path / "cut", 4, save_every=2, resume=True), reward_fns=[digits])
+    for key in ("train/loss", "train/kl"):
+        full, cut = ([m[key] for m in read_metrics(tmp_path / run)] for run in ("full", "cut"))
+        assert cut == full and len(full) == 4
+
+
+def test_grpos_reference_sync_is_refused_without_a_reference(tiny, tmp_path):
+    from rlhfkit.train.config import ConfigError, LoraConfig, replace
+
+    cfg = _synced(tiny, tmp_path, 1)
+    with pytest.raises(ConfigError, match="sync_ref_model=true moves the KL's reference, and beta=0 has no KL"):
+        replace(cfg, beta=0.0)
+    with pytest.raises(ConfigError, match="sync_ref_model=true with LoRA"):
+        replace(cfg, lora=LoraConfig(r=4))

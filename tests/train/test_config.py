@@ -275,12 +275,16 @@ def test_every_trl_hint_names_a_key_some_method_has():
     assert targets["use_vllm"] == "rollout.backend" and targets["whiten_rewards"] == "whiten_scores"
 
 
-def test_trls_reference_sync_names_are_dpos_own_and_answered_for_grpo():
+def test_trls_reference_sync_names_are_dpos_and_grpos_own():
     from rlhfkit.methods.dpo import DPOConfig
     from rlhfkit.methods.grpo import GRPOConfig
+    from rlhfkit.methods.kto import KTOConfig
 
     cfg = load_config(DPOConfig, overrides=["sync_ref_model=true", "reference=forward", "ref_model_sync_steps=64"])
     assert cfg.sync_ref_model is True and cfg.ref_model_sync_steps == 64 and cfg.ref_model_mixup_alpha == 0.6
-    with pytest.raises(ConfigError, match="sync_ref_model -> nothing: GRPO's and RLOO's reference stays the start "
-                                          r"model \(TR-DPO's sync is DPO's here\)"):
-        load_config(GRPOConfig, overrides=["sync_ref_model=true"])
+    assert load_config(GRPOConfig, overrides=["sync_ref_model=true"]).ref_model_sync_steps == 512  # TRL's default
+    with pytest.raises(ConfigError, match=r"ref_model_mixup_alpha=0.5 is used by TR-DPO's reference sync "
+                                          r"\(sync_ref_model=true\) only"):
+        load_config(GRPOConfig, overrides=["ref_model_mixup_alpha=0.5"])
+    with pytest.raises(ConfigError, match="unknown config key"):  # KTO's reference stays its start model
+        load_config(KTOConfig, overrides=["sync_ref_model=true"])

@@ -14,6 +14,7 @@ from ..rollout.evaluate import HeldOut
 from ..rollout.sampler import Samples, completion_logprobs
 from ..train.config import ConfigError, TrainConfig
 from ..train.loop import autocast
+from ..train.shard import mix_toward
 
 
 def check_positions(run, model, longest: tuple[int, str], new_tokens: int = 0) -> None:
@@ -60,6 +61,20 @@ def frozen_reference(run, policy, source, tokenizer, from_adapters: bool, dtype:
         return Reference(adapted=policy)
     module = load_causal_lm(source, tokenizer, dtype, device=run.device, copy=True).eval().requires_grad_(False)
     return Reference(module=run.shard(module))
+
+
+def reference_sync(cfg, reference: Reference | None, policy):
+    """TR-DPO's hook (``sync_ref_model``, DPO and GRPO): ``sync(done)`` after each optimizer step
+    moves the reference toward the policy after every ``ref_model_sync_steps``-th (TRL's
+    SyncRefModelCallback); None when it is off."""
+    if not cfg.sync_ref_model:
+        return None
+
+    def sync(done: int) -> None:
+        if done % cfg.ref_model_sync_steps == 0:
+            mix_toward(reference.module, policy, cfg.ref_model_mixup_alpha)
+
+    return sync
 
 
 def head(rows: list, limit: int, say=None, source=None) -> list:

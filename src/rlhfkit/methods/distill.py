@@ -93,8 +93,8 @@ class DistillConfig:
             at_least(key, getattr(self, key), 1)
         for key in ("top_k", "eval_limit"):
             at_least(key, getattr(self, key), 0)
-        all_used_only_with(self, ("eval_limit", "eval_max_new_tokens", "eval_task", "train.eval_every"), bool(self.eval_data),
-                           "held-out evaluation (eval_data)")
+        all_used_only_with(self, ("eval_limit", "eval_max_new_tokens", "eval_task", "train.eval_every"),
+                           bool(self.eval_data), "held-out evaluation (eval_data)")
 
 
 def load_teacher(run: Run, cfg: DistillConfig, student, tokenizer) -> tuple[torch.nn.Module, int]:

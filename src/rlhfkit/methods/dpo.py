@@ -54,6 +54,7 @@ from ..train.config import (
     TrainConfig,
     all_used_only_with,
     at_least,
+    check_reference_sync,
     choice,
     positive,
     replace,
@@ -62,7 +63,6 @@ from ..train.config import (
 )
 from ..train.loop import Objective, train_offline
 from ..train.run import start_run
-from ..train.shard import reshard
 from .common import (
     accuracy_eval,
     check_positions,
@@ -72,6 +72,7 @@ from .common import (
     longest,
     longest_prompt,
     ranking_collate,
+    reference_sync,
 )
 from .sft import sft_objective
 
@@ -140,7 +141,8 @@ class DPOConfig:
         all_used_only_with(self, ("eval_limit", "eval_max_new_tokens", "train.eval_every"),
                            bool(self.eval_data or self.eval_prompts),
                            "held-out evaluation (eval_data, eval_prompts)")
-        all_used_only_with(self, ("eval_max_new_tokens", "eval_task"), bool(self.eval_prompts), "the held-out accuracy (eval_prompts)")
+        all_used_only_with(self, ("eval_max_new_tokens", "eval_task"), bool(self.eval_prompts),
+                           "the held-out accuracy (eval_prompts)")
         positive("beta", self.beta)
         choice("f_divergence_type", self.f_divergence_type, F_DIVERGENCES)
         other = [f for f in forms if f not in F_DIVERGENCE_FORMS]
@@ -152,16 +154,10 @@ class DPOConfig:
         used_only_with("f_alpha_divergence_coef", self.f_alpha_divergence_coef, DPOConfig.f_alpha_divergence_coef,
                        self.f_divergence_type == "alpha_divergence", "f_divergence_type=alpha_divergence")
         within("ld_alpha", self.ld_alpha, 0, 1)
-        within("ref_model_mixup_alpha", self.ref_model_mixup_alpha, 0, 1, open_low=True)
-        at_least("ref_model_sync_steps", self.ref_model_sync_steps, 1)
-        all_used_only_with(self, ("ref_model_mixup_alpha", "ref_model_sync_steps"), self.sync_ref_model,
-                           "TR-DPO (sync_ref_model=true)")
+        check_reference_sync(self)
         if self.sync_ref_model and self.reference != "forward":
             raise ConfigError("sync_ref_model=true moves the reference during training, so its log-probs cannot be "
                               "precomputed: set reference=forward (TRL refuses precompute_ref_log_probs with it too)")
-        if self.sync_ref_model and self.lora.enabled:
-            raise ConfigError("sync_ref_model=true with LoRA: the reference is the base model with the adapters off, "
-                              "no copy of its own to move (TRL refuses it with PEFT too); set lora.r=0")
 
 
 # TRL's loss_type names that rlhfkit has no form for, and why
@@ -394,18 +390,6 @@ def sft_on_chosen(model, tokenizer, examples, cfg: DPOConfig, resuming: bool, ro
     return f"{folder}/model"
 
 
-@torch.no_grad()
-def mix_toward(target: torch.nn.Module, source: torch.nn.Module, alpha: float) -> None:
-    """TR-DPO's soft update, in place: each parameter of ``target`` becomes alpha x ``source``'s +
-    (1 - alpha) x its own (the two built alike: under FSDP2 sharded alike, each rank mixing its shards)."""
-    mine, theirs = dict(reshard(target).named_parameters()), dict(reshard(source).named_parameters())
-    if mine.keys() != theirs.keys():
-        differ = sorted(mine.keys() ^ theirs.keys())[:4]
-        raise RuntimeError(f"TR-DPO: the reference's parameters are not the policy's ({', '.join(differ)})")
-    for name, weight in mine.items():
-        weight.mul_(1 - alpha).add_(theirs[name].detach(), alpha=alpha)
-
-
 def run_dpo(cfg: DPOConfig) -> dict:
     run = start_run(cfg.train, cfg, "dpo")
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
@@ -451,16 +435,11 @@ def run_dpo(cfg: DPOConfig) -> dict:
         out = {"preference_accuracy": preference_accuracy(model, pref_eval, pad)} if pref_eval else {}
         return {**out, **(accuracy() if prompts else {})}
 
-    sync = None
-    if cfg.sync_ref_model:  # TR-DPO: the reference a checkpoint holds is the one its next steps compare with
-        def sync(done: int) -> None:
-            if done % cfg.ref_model_sync_steps == 0:
-                mix_toward(reference.module, model, cfg.ref_model_mixup_alpha)
-
+    sync = reference_sync(cfg, reference, model)  # TR-DPO; the checkpoints then hold the moved reference
     train_offline(run, model, examples, ranking_collate(model, pad, cfg.share_prompt),
                   dpo_objective(DPOLoss.of(cfg), reference, run.router_coef),
                   evaluate if (pref_eval or prompts) else None, after_step=sync,
-                  kept={"reference": reference.module} if cfg.sync_ref_model else None)
+                  kept={"reference": reference.module} if sync else None)
     summary = {"loss": run.metrics.get("loss"), "reference": cfg.reference, "length_report": report.summary(), **before}
     if run.evals:
         summary.update({k: v for k, v in run.evals[-1].items() if k != "step"})

@@ -56,6 +56,7 @@ from ..train.config import (
     TrainConfig,
     all_used_only_with,
     at_least,
+    check_reference_sync,
     check_sampling_correction,
     choice,
     positive,
@@ -72,6 +73,7 @@ from .common import (
     frozen_reference,
     held_out,
     longest_prompt,
+    reference_sync,
     refuse_offline_batch_fields,
     trainer_logprobs,
 )
@@ -116,6 +118,11 @@ class GRPOConfig:
     top_k: int = 0
     top_p: float = 1.0
     beta: float = 0.04  # KL weight (in the loss; with advantage_estimator=rloo in the reward); 0 loads no reference
+    # TR-DPO's reference sync (TRL's GRPO names): after every ref_model_sync_steps-th optimizer step the KL's
+    # reference becomes ref_model_mixup_alpha x the policy + (1 - alpha) x itself
+    sync_ref_model: bool = False
+    ref_model_mixup_alpha: float = 0.6
+    ref_model_sync_steps: int = 512
     eps_low: float = 0.2
     eps_high: float | None = None  # DAPO clip-higher; None = eps_low
     delta: float | None = None  # two-sided clipping (INTELLECT-2; TRL's name): the ratio's cap where A < 0
@@ -253,6 +260,10 @@ class GRPOConfig:
                                   f"({self.minibatch_size})")
         for key in ("beta", "top_k", "eval_limit", "reward_timeout_s"):
             at_least(key, getattr(self, key), 0)
+        check_reference_sync(self)
+        if self.sync_ref_model and self.beta == 0:
+            raise ConfigError("sync_ref_model=true moves the KL's reference, and beta=0 has no KL (no reference is "
+                              "loaded): set beta > 0, or leave sync_ref_model out")
         all_used_only_with(self, ("eval_limit", "eval_max_new_tokens", "eval_task", "train.eval_every"),
                            bool(self.eval_data), "held-out evaluation (eval_data)")
         positive("temperature", self.temperature, " (greedy samples make a group G copies of one answer: no advantage)")
@@ -477,10 +488,11 @@ def update_rows(run: Run, policy, reference, samples: Samples, advantages: torch
 
 
 def optimizer_step(run: Run, policy, part: UpdateRows, cfg: GRPOConfig, exact: bool,
-                   measure_gap: bool = False) -> tuple[dict, float, float, float]:
+                   measure_gap: bool = False, after_step=None) -> tuple[dict, float, float, float]:
     """One optimizer step on ``part``'s rows, micro-batched: (its statistics, each a mean over its
     forwarded tokens, with ``measure_gap`` the backend's log-prob gap from the policy before the
-    step (else 0), loss, grad norm)."""
+    step (else 0), loss, grad norm). ``after_step(optimizer steps so far)`` runs after it (TR-DPO's
+    reference sync)."""
     samples, mask, forwarded = part.samples, part.samples.completion_mask, part.forwarded
     policy.train()
     loss, sums, gap = torch.zeros(()), {}, 0.0
@@ -533,6 +545,8 @@ def optimizer_step(run: Run, policy, part: UpdateRows, cfg: GRPOConfig, exact: b
             if p.requires_grad and p.grad is None:
                 p.grad = torch.zeros_like(p)
     loss_value, grad_norm = run.optimizer_step(loss)
+    if after_step is not None:
+        after_step(run.optimizer_steps)
     return sums, gap, loss_value, grad_norm
 
 
@@ -557,7 +571,8 @@ def pi_old_gap(part: UpdateRows) -> float:
     return float(((part.samples.logprobs[rows] - part.old_logprobs[rows]).abs() * mask).sum() / part.forwarded)
 
 
-def update(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: bool, pad_id: int) -> dict:
+def update(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: bool, pad_id: int,
+           after_step=None) -> dict:
     """mu passes over one batch of samples, one optimizer step per minibatch (``minibatch_size``
     prompts; the whole batch by default). Returns the last pass's metrics (rank-local): each the
     mean over its steps' forwarded tokens, ``loss`` and ``grad_norm`` the mean of its steps';
@@ -590,8 +605,8 @@ def update(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: 
     tokens = [float(p.forwarded) for p in parts]
     gap = 0.0
     for iteration in range(cfg.mu):
-        steps = [optimizer_step(run, policy, part, cfg, exact, measure_gap=iteration == 0 and k == 0)
-                 for k, part in enumerate(parts)]
+        steps = [optimizer_step(run, policy, part, cfg, exact, measure_gap=iteration == 0 and k == 0,
+                                after_step=after_step) for k, part in enumerate(parts)]
         if iteration == 0:  # later minibatches' forwards follow a step: their pi_old where it is a forward
             gaps = [(steps[0][1], tokens[0])] + ([] if exact else [(pi_old_gap(p), t) for p, t in
                                                                     zip(parts[1:], tokens[1:])])
@@ -659,7 +674,9 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
         run.say("off_policy_mask_threshold: the sampler's log-probs are the policy's and each batch takes one step "
                 "(mu 1, one minibatch), so no answer drifts and nothing is masked")
     total = run.plan(len(rows), cfg.prompts_per_step) * updates  # optimizer steps
-    run.attach(policy, optimizer, build_scheduler(optimizer, total, tc.warmup_steps, tc.schedule, tc.min_lr_ratio))
+    reference_moves = reference_sync(cfg, reference, policy)  # TR-DPO's; the checkpoints hold the moved reference
+    run.attach(policy, optimizer, build_scheduler(optimizer, total, tc.warmup_steps, tc.schedule, tc.min_lr_ratio),
+               kept={"reference": reference.module} if reference_moves else None)
     order = BatchOrder(len(rows), cfg.prompts_per_step, tc.seed)
 
     def draw(step: int, r: int) -> Rollout:  # this rank's share of the step's prompts (round 0) or of more
@@ -692,7 +709,7 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
             run.say(f"step {step + 1}: every outcome reward abstained (returned None) on every sample, so the step's "
                     "samples have no reward and its groups carry no signal; said once a run")
         metrics = update(run, policy, reference if cfg.advantage_estimator == "grpo" else None, batch, cfg, exact,
-                         tokenizer.pad_token_id)
+                         tokenizer.pad_token_id, reference_moves)
         run.step_done(means={**step_metrics(pool, cfg.group_size, run.info), **metrics, **reward_kl, **retokenised,
                              **fill,
                              "time_weight_sync_s": sync},

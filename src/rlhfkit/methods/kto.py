@@ -73,7 +73,8 @@ class KTOConfig:
         all_used_only_with(self, ("eval_limit", "eval_max_new_tokens", "train.eval_every"),
                            bool(self.eval_data or self.eval_prompts),
                            "held-out evaluation (eval_data, eval_prompts)")
-        all_used_only_with(self, ("eval_max_new_tokens", "eval_task"), bool(self.eval_prompts), "the held-out accuracy (eval_prompts)")
+        all_used_only_with(self, ("eval_max_new_tokens", "eval_task"), bool(self.eval_prompts),
+                           "the held-out accuracy (eval_prompts)")
 
 
 def kto_objective(cfg: KTOConfig, policy, reference: Reference, device: str, router_coef: float = 0.0) -> Objective:

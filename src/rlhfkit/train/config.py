@@ -79,6 +79,19 @@ def check_sampling_correction(cfg, modes: tuple[str, ...]) -> None:
         used_only_with("sampling_correction_max", high, 3.0, False, "sampling_correction other than none")
 
 
+def check_reference_sync(cfg) -> None:
+    """TR-DPO's keys (TRL's names), in DPO and GRPO: ``sync_ref_model``, ``ref_model_mixup_alpha``
+    in (0, 1] and ``ref_model_sync_steps`` >= 1, the last two only with the first; not with LoRA,
+    whose reference is the base model with the adapters off (TRL refuses PEFT with it too)."""
+    within("ref_model_mixup_alpha", cfg.ref_model_mixup_alpha, 0, 1, open_low=True)
+    at_least("ref_model_sync_steps", cfg.ref_model_sync_steps, 1)
+    all_used_only_with(cfg, ("ref_model_mixup_alpha", "ref_model_sync_steps"), cfg.sync_ref_model,
+                       "TR-DPO's reference sync (sync_ref_model=true)")
+    if cfg.sync_ref_model and cfg.lora.enabled:
+        raise ConfigError("sync_ref_model=true with LoRA: the reference is the base model with the adapters off, "
+                          "no copy of its own to move (TRL refuses it with PEFT too); set lora.r=0")
+
+
 def within(key: str, value, low, high, open_low: bool = False) -> None:
     """``low <= value <= high`` (``low < value`` when ``open_low``); None passes (an unset option)."""
     if value is None:
@@ -432,8 +445,6 @@ BY_METHOD = [
     (("precompute_ref_log_probs", "precompute_ref_batch_size"), "desirable_weight", None,  # KTO
      "nothing: KTO forwards its reference every step, for the mismatched pairs too (TRL's default)"),
     *(((k,), "group_size", None, v) for k, v in ONLINE_NAMES.items()),  # GRPO and RLOO, and TRL's RLOO before 0.20
-    (("sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps"), "group_size", None,  # TRL's GRPO has them
-     "nothing: GRPO's and RLOO's reference stays the start model (TR-DPO's sync is DPO's here)"),
     (("max_completion_length", "max_prompt_length"), "max_length", "group_size", "max_length (prompt and answer together)"),
     (("num_generations",), "teacher", None,  # distillation
      "nothing: one answer per prompt, as TRL's DistillationTrainer samples (prompts_per_step sets how many)"),

@@ -74,6 +74,18 @@ def reshard(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+@torch.no_grad()
+def mix_toward(target: torch.nn.Module, source: torch.nn.Module, alpha: float) -> None:
+    """TR-DPO's soft update, in place: each parameter of ``target`` becomes alpha x ``source``'s +
+    (1 - alpha) x its own (the two built alike: under FSDP2 sharded alike, each rank mixing its shards)."""
+    mine, theirs = dict(reshard(target).named_parameters()), dict(reshard(source).named_parameters())
+    if mine.keys() != theirs.keys():
+        differ = sorted(mine.keys() ^ theirs.keys())[:4]
+        raise RuntimeError(f"TR-DPO: the reference's parameters are not the policy's ({', '.join(differ)})")
+    for name, weight in mine.items():
+        weight.mul_(1 - alpha).add_(theirs[name].detach(), alpha=alpha)
+
+
 def save_everywhere(model, tokenizer, out_dir, info: DistInfo, merge: bool = False) -> None:
     """Save a ``save_pretrained`` folder from rank 0 (models/load.py ``save_model``: a LoRA model
     as its adapter, and merged with ``merge``); every rank joins the gather of a sharded model."""
