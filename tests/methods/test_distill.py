@@ -252,19 +252,23 @@ def test_a_mixed_run_resumes_exactly(tiny, tmp_path):
     run_distill(cfg("cut", 4, resume=True))
     kinds = {run: [m["train/student_answers"] for m in read_metrics(tmp_path / run)] for run in ("full", "cut")}
     assert kinds["cut"] == kinds["full"] and set(kinds["full"]) == {0.0, 1.0}
+    shares = [m["train/student_answers_share"] for m in read_metrics(tmp_path / "cut")]
+    assert shares == [sum(kinds["full"][: i + 1]) / (i + 1) for i in range(4)]  # of the steps so far
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")
 
 
 def test_gkd_data_and_settings_are_refused_before_any_model_loads(tiny, tmp_path):
     cfg = replace(method_config("distill", tiny, tmp_path / "a", 2), lmbda=0.5)  # prompts with an 'answer' number
-    with pytest.raises(DataError, match=r"small_prompts_train.jsonl:1: no answer to read \(fields present: answer, "):
+    with pytest.raises(DataError, match=r"small_prompts_train.jsonl:1: no answer to read \(fields present: answer, .*; "
+                                        r"lmbda=0.5 learns some steps on the rows' own answers: .*seq_kd=true"):
         run_distill(cfg)
-    with pytest.raises(DataError, match=r"small_sft_train.jsonl:\d+: its answer is \d+ tokens, more than "
+    with pytest.raises(DataError, match=r"small_sft_train.jsonl:\d+: its answer is \d+ tokens \(its end token "
+                                        r"included\), more than "
                                         r"max_new_tokens=2 .*; \d+ of \d+ rows' answers are longer\)"):
         run_distill(replace(cfg, train_data=small(tiny, "sft_train.jsonl"), max_new_tokens=2))
     assert not (tmp_path / "a" / "checkpoints").exists()
-    with pytest.raises(ConfigError, match=r"seq_kd=True is used by lmbda < 1 \(the steps off the student's answers\) "
-                                          "only"):
+    with pytest.raises(ConfigError, match=r"seq_kd=true sets whose answers .* lmbda=1 \(rlhfkit's default, TRL's "
+                                          r"DistillationTrainer\) takes none: set lmbda < 1"):
         replace(cfg, lmbda=1.0, seq_kd=True)
     with pytest.raises(ConfigError, match="'lmbda' must be in"):
         replace(cfg, lmbda=1.5)

@@ -326,7 +326,7 @@ def _losses(out) -> list:
     return [m["train/loss"] for m in read_metrics(out) if "train/loss" in m]
 
 
-def test_tr_dpo_mixes_the_reference_toward_the_policy_every_tau_steps(tiny, tmp_path):
+def test_tr_dpo_mixes_the_reference_toward_the_policy_every_tau_steps(tiny, tmp_path, capsys):
     """ref <- alpha x policy + (1 - alpha) x ref after steps 2 and 4 (tau 2, TRL's alpha 0.6), read from
     each step's checkpoint; the steps after a sync compare with the moved reference, those before
     with the start model (the same losses as a run without TR-DPO)."""
@@ -335,6 +335,9 @@ def test_tr_dpo_mixes_the_reference_toward_the_policy_every_tau_steps(tiny, tmp_
     from rlhfkit.train.checkpoint import complete_checkpoints
 
     run_dpo(tr_dpo_config(tiny, tmp_path / "tr", 4, save_every=1, keep_checkpoints=0))
+    said = capsys.readouterr().err
+    assert "optimizer step 2: the reference moved toward the policy" in said and "optimizer step 4: the" in said
+    assert "never moves" not in said and "optimizer step 3: the" not in said
     run_dpo(tr_dpo_config(tiny, tmp_path / "plain", 4, sync=False))
     saved = complete_checkpoints(tmp_path / "tr")
     assert len(saved) == 4
@@ -360,6 +363,12 @@ def test_tr_dpo_resumes_with_the_moved_reference(tiny, tmp_path):
     run_dpo(tr_dpo_config(tiny, tmp_path / "cut", 2, save_every=2))
     run_dpo(tr_dpo_config(tiny, tmp_path / "cut", 4, save_every=2, resume=True))
     assert _losses(tmp_path / "cut") == _losses(tmp_path / "full") and len(_losses(tmp_path / "full")) == 4
+
+
+def test_tr_dpo_past_the_runs_steps_is_said(tiny, tmp_path, capsys):
+    run_dpo(tr_dpo_config(tiny, tmp_path, 2, sync_steps=512))  # TRL's default, on a short run
+    assert "ref_model_sync_steps=512 is past this run's 2 optimizer steps, so the reference never moves" in \
+        capsys.readouterr().err
 
 
 def test_tr_dpo_settings_are_refused_where_they_cannot_apply(tiny, tmp_path):

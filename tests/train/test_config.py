@@ -76,6 +76,17 @@ def test_an_error_about_a_key_the_file_sets_names_the_file_and_line(tmp_path):
         load_config(Cfg, path)
 
 
+def test_every_wrong_type_of_a_level_is_named_in_one_error(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("steps: five\nflag: maybe\ntrain:\n  lr: fast\n  seed: x\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(Cfg, path)
+    said = str(e.value)
+    for key in ("steps", "flag", "train.lr", "train.seed"):
+        assert f"config key '{key}' expects" in said
+    assert said.startswith(f"{path} (lines 1, 2, 4, 5): ")
+
+
 @pytest.mark.parametrize("override, key", [
     ("train.lr=fast", "train.lr"), ("steps=1.5", "steps"), ("flag=maybe", "flag"), ("train=5", "train"),
 ])

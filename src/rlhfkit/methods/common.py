@@ -63,16 +63,25 @@ def frozen_reference(run, policy, source, tokenizer, from_adapters: bool, dtype:
     return Reference(module=run.shard(module))
 
 
-def reference_sync(cfg, reference: Reference | None, policy):
+def reference_sync(cfg, reference: Reference | None, policy, run, per_step: int = 1):
     """TR-DPO's hook (``sync_ref_model``, DPO and GRPO): ``sync(done)`` after each optimizer step
     moves the reference toward the policy after every ``ref_model_sync_steps``-th (TRL's
-    SyncRefModelCallback); None when it is off."""
+    SyncRefModelCallback), and says so; at its first call it warns where the run's optimizer
+    steps (``run.max_steps`` x ``per_step``) end before the first sync. None when it is off."""
     if not cfg.sync_ref_model:
         return None
+    first = [True]
 
     def sync(done: int) -> None:
+        total = run.max_steps * per_step
+        if first[0] and cfg.ref_model_sync_steps > total:
+            run.say(f"warning: sync_ref_model: ref_model_sync_steps={cfg.ref_model_sync_steps} is past this run's "
+                    f"{total} optimizer steps, so the reference never moves (TRL's default is 512)")
+        first[0] = False
         if done % cfg.ref_model_sync_steps == 0:
             mix_toward(reference.module, policy, cfg.ref_model_mixup_alpha)
+            run.say(f"optimizer step {done}: the reference moved toward the policy (sync_ref_model, alpha "
+                    f"{cfg.ref_model_mixup_alpha})")
 
     return sync
 

@@ -17,6 +17,7 @@ DistillationTrainer, every answer the student's; TRL's GKDTrainer defaults to ``
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,7 +49,6 @@ from ..train.config import (
     at_least,
     choice,
     positive,
-    used_only_with,
     within,
 )
 from ..train.loop import BatchOrder, Objective, accumulate, reduce_dict
@@ -85,7 +85,10 @@ class DistillConfig:
     def __post_init__(self):
         within("beta", self.beta, 0, 1)
         within("lmbda", self.lmbda, 0, 1)
-        used_only_with("seq_kd", self.seq_kd, False, self.lmbda < 1, "lmbda < 1 (the steps off the student's answers)")
+        if self.seq_kd and self.lmbda >= 1:
+            raise ConfigError("seq_kd=true sets whose answers the steps off the student's own learn on, and lmbda=1 "
+                              "(rlhfkit's default, TRL's DistillationTrainer) takes none: set lmbda < 1 (TRL's "
+                              "GKDTrainer: 0.5), or leave seq_kd out")
         positive("temperature", self.temperature, " (the loss compares the distributions of logits / temperature)")
         within("top_p", self.top_p, 0, 1, open_low=True)
         choice("eval_task", self.eval_task, TASK_CHOICES)
@@ -140,11 +143,16 @@ def read_answers(rows, tokenizer, cfg: DistillConfig) -> list[list[int]] | None:
     row, before any model loads)."""
     if cfg.lmbda >= 1 or cfg.seq_kd:
         return None
-    answers = [answer_ids(tokenizer, row) for row in rows]
+    try:
+        answers = [answer_ids(tokenizer, row) for row in rows]
+    except DataError as e:
+        raise DataError(f"{e}; lmbda={cfg.lmbda} learns some steps on the rows' own answers: give rows with "
+                        "answers, or set seq_kd=true (the teacher's samples) or lmbda=1 (the student's)") from None
     over = [i for i, a in enumerate(answers) if len(a) > cfg.max_new_tokens]
     if over:
         longest = max(over, key=lambda i: len(answers[i]))
-        raise DataError(f"{rows[longest].where}: its answer is {len(answers[longest])} tokens, more than "
+        raise DataError(f"{rows[longest].where}: its answer is {len(answers[longest])} tokens (its end token "
+                        f"included), more than "
                         f"max_new_tokens={cfg.max_new_tokens} (the longest answer a step learns on, sampled or read; "
                         f"{len(over)} of {len(rows)} rows' answers are longer): raise max_new_tokens, or leave those "
                         "rows out")
@@ -237,8 +245,10 @@ def run_distill(cfg: DistillConfig, backend=None) -> dict:
     run.attach(student, optimizer, build_scheduler(optimizer, total, tc.warmup_steps, tc.schedule, tc.min_lr_ratio))
     order = BatchOrder(len(rows), cfg.prompts_per_step, tc.seed)
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+    sources = [answer_source(step, cfg) for step in range(run.max_steps)]  # GKD's draws, the run's at once
+    student_steps = list(itertools.accumulate(source == "student" for source in sources))
     for step in run.steps(evaluate):
-        source = answer_source(step, cfg)
+        source = sources[step]
         picked = order.indices(step)[run.info.rank::run.info.world_size]
         prompts = row_prompt_ids(tokenizer, [rows[i] for i in picked])
         if source == "data":
@@ -252,11 +262,13 @@ def run_distill(cfg: DistillConfig, backend=None) -> dict:
         lengths = samples.completion_mask.sum(-1).double()
         out = distill_step(run, student, teacher, samples, cfg, vocab)
         means = {"loss": out["loss"], "grad_norm": out["grad_norm"], "completion_len_mean": float(lengths.mean()),
-                 "student_answers": float(source == "student")}  # 1 on the student's own answers, 0 off them
+                 "student_answers": float(source == "student"),  # 1 on the student's own answers, 0 off them
+                 "student_answers_share": student_steps[step] / (step + 1)}  # of the run's steps so far
         if source != "data":  # cut off at max_new_tokens without an EOS (TRL's completions/clipped_ratio)
             means["completion_clipped"] = float((~samples.finished).double().mean())
         run.step_done(means=means, shares=out["shares"], evaluate=evaluate)
-    summary = {"loss": run.metrics.get("loss"), "divergence": run.metrics.get("divergence"), **before}
+    summary = {"loss": run.metrics.get("loss"), "divergence": run.metrics.get("divergence"), **before,
+               "student_answers_share": run.metrics.get("student_answers_share")}
     if run.evals:
         summary.update({k: v for k, v in run.evals[-1].items() if k != "step"})
     return run.finish(student, tokenizer, summary)

@@ -108,9 +108,9 @@ class DPOConfig:
     reference: str = "precompute"  # precompute (once, then no reference model) | forward (every step)
     # TR-DPO (Gorbatovski et al. 2024; TRL's names): every ref_model_sync_steps optimizer steps the reference
     # becomes ref_model_mixup_alpha x the policy + (1 - alpha) x itself (alpha 1: a copy); needs reference=forward
-    sync_ref_model: bool = False
-    ref_model_mixup_alpha: float = 0.6
-    ref_model_sync_steps: int = 512
+    sync_ref_model: bool = False  # TR-DPO's reference sync (reference=forward, no LoRA)
+    ref_model_mixup_alpha: float = 0.6  # alpha in (0, 1]: the policy's share of the new reference (1: a copy)
+    ref_model_sync_steps: int = 512  # tau: a sync after every tau-th optimizer step (TRL's global_step)
     sft_first_steps: int = 0  # > 0: no SFT model yet, first maximise the likelihood of the chosen answers
     eval_limit: int = 500  # held-out rows used, for both evals; 0 = all
     share_prompt: bool = True  # forward each prompt once for all its answers (block mask; SDPA attention only)
@@ -435,7 +435,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
         out = {"preference_accuracy": preference_accuracy(model, pref_eval, pad)} if pref_eval else {}
         return {**out, **(accuracy() if prompts else {})}
 
-    sync = reference_sync(cfg, reference, model)  # TR-DPO; the checkpoints then hold the moved reference
+    sync = reference_sync(cfg, reference, model, run)  # TR-DPO; the checkpoints then hold the moved reference
     train_offline(run, model, examples, ranking_collate(model, pad, cfg.share_prompt),
                   dpo_objective(DPOLoss.of(cfg), reference, run.router_coef),
                   evaluate if (pref_eval or prompts) else None, after_step=sync,

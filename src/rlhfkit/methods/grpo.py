@@ -120,9 +120,9 @@ class GRPOConfig:
     beta: float = 0.04  # KL weight (in the loss; with advantage_estimator=rloo in the reward); 0 loads no reference
     # TR-DPO's reference sync (TRL's GRPO names): after every ref_model_sync_steps-th optimizer step the KL's
     # reference becomes ref_model_mixup_alpha x the policy + (1 - alpha) x itself
-    sync_ref_model: bool = False
-    ref_model_mixup_alpha: float = 0.6
-    ref_model_sync_steps: int = 512
+    sync_ref_model: bool = False  # TR-DPO's reference sync of the KL's reference (beta > 0, no LoRA)
+    ref_model_mixup_alpha: float = 0.6  # alpha in (0, 1]: the policy's share of the new reference (1: a copy)
+    ref_model_sync_steps: int = 512  # tau: a sync after every tau-th optimizer step (TRL's global_step)
     eps_low: float = 0.2
     eps_high: float | None = None  # DAPO clip-higher; None = eps_low
     delta: float | None = None  # two-sided clipping (INTELLECT-2; TRL's name): the ratio's cap where A < 0
@@ -674,7 +674,7 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
         run.say("off_policy_mask_threshold: the sampler's log-probs are the policy's and each batch takes one step "
                 "(mu 1, one minibatch), so no answer drifts and nothing is masked")
     total = run.plan(len(rows), cfg.prompts_per_step) * updates  # optimizer steps
-    reference_moves = reference_sync(cfg, reference, policy)  # TR-DPO's; the checkpoints hold the moved reference
+    reference_moves = reference_sync(cfg, reference, policy, run, updates)  # TR-DPO's; the checkpoints hold the moved reference
     run.attach(policy, optimizer, build_scheduler(optimizer, total, tc.warmup_steps, tc.schedule, tc.min_lr_ratio),
                kept={"reference": reference.module} if reference_moves else None)
     order = BatchOrder(len(rows), cfg.prompts_per_step, tc.seed)

@@ -449,6 +449,8 @@ BY_METHOD = [
     (("num_generations",), "teacher", None,  # distillation
      "nothing: one answer per prompt, as TRL's DistillationTrainer samples (prompts_per_step sets how many)"),
     (("teacher_model_init_kwargs",), "teacher", None, "nothing: the teacher loads in train.dtype"),
+    (("max_length",), "teacher", None,  # GKDTrainer's (an SFTConfig's): distillation's length is the answers'
+     "max_new_tokens (each answer's, sampled or read; prompts are not cut, one past the model's positions is refused)"),
     (("per_device_train_batch_size",), "teacher", None,  # distillation: one answer a prompt
      "prompts_per_step (prompts a step, over all ranks, one answer each; TRL's distillation batch is "
      "per_device x ranks x gradient_accumulation_steps prompts)"),
@@ -503,7 +505,15 @@ def build(cls, values: dict, prefix: str = ""):
                           + "; ".join(known), keys=found)
     hints = typing.get_type_hints(cls)
     defaults = {f.name: _default(f) for f in dataclasses.fields(cls)}
-    return cls(**{k: _convert(v, hints[k], prefix + k, defaults[k]) for k, v in values.items()})
+    converted, errors = {}, []
+    for k, v in values.items():  # every value's type error at once, as the unknown keys are
+        try:
+            converted[k] = _convert(v, hints[k], prefix + k, defaults[k])
+        except ConfigError as e:
+            errors.append(e)
+    if errors:
+        raise ConfigError("; ".join(map(str, errors)), keys=[k for e in errors for k in e.keys])
+    return cls(**converted)
 
 
 def _default(f: dataclasses.Field):
