@@ -135,6 +135,15 @@ def test_a_teacher_with_other_tokens_is_refused_and_one_with_a_wider_head_compar
     wider = tiny_moe(tiny, tmp_path / "wider", vocab_size=vocab + 8)  # padding rows past the student's (Qwen2.5's)
     assert run_distill(replace(cfg, teacher=wider, train__out_dir=str(tmp_path / "b")))["steps"] == 2
     assert f"the student's head has {vocab} vocabulary entries and the teacher's {vocab + 8}" in capsys.readouterr().err
+    # sampling from it (seq_kd), its random padding rows would be drawn (8 of about 100 entries), ids the student's
+    # embedding lacks: its head is cut to the student's width
+    assert run_distill(replace(cfg, teacher=wider, lmbda=0.0, seq_kd=True, max_new_tokens=16,
+                               train__out_dir=str(tmp_path / "b2")))["steps"] == 2
+    # the other way round the student would sample its padding rows, which the teacher cannot read: said, by step
+    with pytest.raises(RuntimeError, match=r"step \d+: the student sampled token id \d+, a padding row of its head "
+                                           rf"past the teacher's {vocab} entries"):
+        run_distill(replace(cfg, model=wider, teacher=str(tiny["base"]), max_new_tokens=16,
+                            train__out_dir=str(tmp_path / "b3")))
     broken = tmp_path / "broken-tokenizer"  # a tokenizer that does not load is an error, not a check skipped
     shutil.copytree(teacher_folder(tiny), broken)
     (broken / "tokenizer.json").write_text("{not json")

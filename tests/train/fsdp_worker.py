@@ -59,9 +59,9 @@ def _jobs(rank: int, out: Path, assets: dict) -> dict:
     # distillation on answers each prompt draws alike wherever it is sampled: the test runs it in one process
     RUNS["distill"](method_config("distill", assets["tiny"], out / "distill-seeded", 3, log_every=1,
                                   strategy="replicate"), backend=seeded_backend(assets["tiny"]))
-    # GKD's mix, sharded: the teacher samples (seq_kd) on its unsharded copy; the test runs it in one process
     # TR-DPO, sharded: each rank mixes its shards of the reference; the last step's checkpoint holds them
     RUNS["dpo"](tr_dpo_config(assets["tiny"], out / "dpo-tr", 3, sync_steps=1, strategy="fsdp"))
+    # GKD's mix, sharded: the teacher samples (seq_kd) on its unsharded copy; the test runs it in one process
     for data in (False, True):  # and on the rows' own answers, each rank its share of the step's rows
         RUNS["distill"](gkd_config(assets["tiny"], out / f"distill-gkd-{data}", data, strategy="fsdp"))
     # DCP resume: an uninterrupted 4-step run; one killed in step 3 (after the step-2 checkpoint)

@@ -27,7 +27,7 @@ from methods_setup import (
 from rlhfkit.methods.common import load_policy
 from rlhfkit.models.kernels import onednn_linear_available
 from rlhfkit.models.load import load_tokenizer
-from rlhfkit.train.checkpoint import complete_checkpoints
+from rlhfkit.train.checkpoint import CheckpointError, complete_checkpoints
 from rlhfkit.train.config import replace
 from rlhfkit.train.logging import read_metrics
 
@@ -166,6 +166,11 @@ def test_tr_dpo_sharded_is_one_processs_and_its_reference_resumes_from_the_shard
     RUNS["dpo"](tr_dpo_config(tiny, resumed, 4, sync_steps=1, strategy="fsdp", resume=True))
     assert _losses(resumed)[3] == pytest.approx(_losses(tmp_path / "one")[3], rel=1e-5)
     _assert_same_weights(resumed, tmp_path / "one")
+    plain = tmp_path / "plain"  # a sharded DPO run without the sync, forced on: its checkpoint has no reference
+    shutil.copytree(out / "dpo-tiny-fsdp", plain)
+    with pytest.raises(CheckpointError, match=r"step-0000003 holds no reference: it was written by a run that did not "
+                                              "keep it"):
+        RUNS["dpo"](tr_dpo_config(tiny, plain, 4, sync_steps=1, strategy="fsdp", resume="force"))
 
 
 @pytest.mark.parametrize("data", [False, True])

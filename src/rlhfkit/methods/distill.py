@@ -116,6 +116,8 @@ def load_teacher(run: Run, cfg: DistillConfig, student, tokenizer) -> tuple[torc
     if widths[0] != widths[1]:  # both hold every token (load_causal_lm checks the tokenizer fits each)
         run.say(f"the student's head has {widths[0]} vocabulary entries and the teacher's {widths[1]}, for "
                 f"{len(tokenizer)} tokens: the distributions are compared over the first {min(widths)}")
+    if widths[1] > widths[0]:  # its rows past the student's are padding: cut, so that it never samples one (seq_kd)
+        teacher.resize_token_embeddings(widths[0])
     return teacher, min(widths)
 
 
@@ -146,6 +148,8 @@ def read_answers(rows, tokenizer, cfg: DistillConfig) -> list[list[int]] | None:
     try:
         answers = [answer_ids(tokenizer, row) for row in rows]
     except DataError as e:
+        if "no answer to read" not in str(e):
+            raise
         raise DataError(f"{e}; lmbda={cfg.lmbda} learns some steps on the rows' own answers: give rows with "
                         "answers, or set seq_kd=true (the teacher's samples) or lmbda=1 (the student's)") from None
     over = [i for i, a in enumerate(answers) if len(a) > cfg.max_new_tokens]
@@ -259,6 +263,10 @@ def run_distill(cfg: DistillConfig, backend=None) -> dict:
         else:
             backend.load_weights(student)  # a sharded student: the gathered full weights into the backend's copy
             samples = backend.generate(prompts, params)
+            if int(samples.completion_ids.max()) >= vocab:  # a padding row of a wider head than the teacher's
+                raise RuntimeError(f"step {step + 1}: the student sampled token id {int(samples.completion_ids.max())}, "
+                                   f"a padding row of its head past the teacher's {vocab} entries, which the teacher "
+                                   "cannot read; give the student a head no wider than the teacher's")
         lengths = samples.completion_mask.sum(-1).double()
         out = distill_step(run, student, teacher, samples, cfg, vocab)
         means = {"loss": out["loss"], "grad_norm": out["grad_norm"], "completion_len_mean": float(lengths.mean()),

@@ -157,7 +157,8 @@ class DPOConfig:
         check_reference_sync(self)
         if self.sync_ref_model and self.reference != "forward":
             raise ConfigError("sync_ref_model=true moves the reference during training, so its log-probs cannot be "
-                              "precomputed: set reference=forward (TRL refuses precompute_ref_log_probs with it too)")
+                              "precomputed: set reference=forward (TRL refuses precompute_ref_log_probs with it too)",
+                              keys=["sync_ref_model", "reference"])
 
 
 # TRL's loss_type names that rlhfkit has no form for, and why

@@ -263,7 +263,7 @@ class GRPOConfig:
         check_reference_sync(self)
         if self.sync_ref_model and self.beta == 0:
             raise ConfigError("sync_ref_model=true moves the KL's reference, and beta=0 has no KL (no reference is "
-                              "loaded): set beta > 0, or leave sync_ref_model out")
+                              "loaded): set beta > 0, or leave sync_ref_model out", keys=["sync_ref_model", "beta"])
         all_used_only_with(self, ("eval_limit", "eval_max_new_tokens", "eval_task", "train.eval_every"),
                            bool(self.eval_data), "held-out evaluation (eval_data)")
         positive("temperature", self.temperature, " (greedy samples make a group G copies of one answer: no advantage)")

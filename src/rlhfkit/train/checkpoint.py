@@ -131,8 +131,8 @@ def save_checkpoint(out_dir: str | Path, step: int, model, optimizer, scheduler,
     if cause is not None:
         if info.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-        kept = f"the last complete checkpoint {previous} is kept" if previous else "no earlier checkpoint"
-        raise CheckpointError(f"cannot write checkpoint {final}: {cause}; the partial folder was removed, {kept}")
+        left = f"the last complete checkpoint {previous} is kept" if previous else "no earlier checkpoint"
+        raise CheckpointError(f"cannot write checkpoint {final}: {cause}; the partial folder was removed, {left}")
     if info.is_main:
         done = complete_checkpoints(out_dir)
         lasting = [p for p in done if not (p / TRANSIENT).is_file()]
@@ -276,7 +276,11 @@ def _load_whole_into_shards(path: Path, model, optimizer, kept: dict) -> None:
              "param_groups": [{**g, "params": [fqn[i] for i in g["params"]]} for g in saved["param_groups"]]}
     set_optimizer_state_dict(model, optimizer, state, options=whole)
     for name, module in kept.items():
-        set_model_state_dict(module, load_file(str(path / f"{name}.safetensors")), options=whole)
+        saved = load_file(str(path / f"{name}.safetensors"))
+        missing = set(module.state_dict()) - set(saved) - _tied_keys(module)
+        if missing:
+            raise CheckpointError(f"{path}/{name}.safetensors: weights do not match the {name} (missing {sorted(missing)})")
+        set_model_state_dict(module, saved, options=whole)
 
 
 def _load_sharded(folder: Path, model, optimizer, info: DistInfo, kept: dict) -> None:
@@ -288,6 +292,11 @@ def _load_sharded(folder: Path, model, optimizer, info: DistInfo, kept: dict) ->
         set_optimizer_state_dict,
     )
 
+    saved = set(dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata)
+    absent = [name for name in kept if not any(key.startswith(f"kept.{name}.") for key in saved)]
+    if absent:
+        raise CheckpointError(f"{folder.parent} holds no {', '.join(absent)}: it was written by a run that did not keep "
+                              f"{'it' if len(absent) == 1 else 'them'}")
     state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer),
              **{f"kept.{name}": get_model_state_dict(module) for name, module in kept.items()}}
     dcp.load(state, checkpoint_id=str(folder), no_dist=not info.enabled)

@@ -89,7 +89,8 @@ def check_reference_sync(cfg) -> None:
                        "TR-DPO's reference sync (sync_ref_model=true)")
     if cfg.sync_ref_model and cfg.lora.enabled:
         raise ConfigError("sync_ref_model=true with LoRA: the reference is the base model with the adapters off, "
-                          "no copy of its own to move (TRL refuses it with PEFT too); set lora.r=0")
+                          "no copy of its own to move (TRL refuses it with PEFT too); set lora.r=0",
+                          keys=["sync_ref_model", "lora.r"])
 
 
 def within(key: str, value, low, high, open_low: bool = False) -> None:
@@ -449,6 +450,8 @@ BY_METHOD = [
     (("num_generations",), "teacher", None,  # distillation
      "nothing: one answer per prompt, as TRL's DistillationTrainer samples (prompts_per_step sets how many)"),
     (("teacher_model_init_kwargs",), "teacher", None, "nothing: the teacher loads in train.dtype"),
+    (("sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps"), "desirable_weight", None,  # TRL's KTO has them
+     "nothing: KTO's reference stays the start model (TR-DPO's sync is DPO's and GRPO's here)"),
     (("max_length",), "teacher", None,  # GKDTrainer's (an SFTConfig's): distillation's length is the answers'
      "max_new_tokens (each answer's, sampled or read; prompts are not cut, one past the model's positions is refused)"),
     (("per_device_train_batch_size",), "teacher", None,  # distillation: one answer a prompt
