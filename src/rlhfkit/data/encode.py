@@ -176,17 +176,18 @@ def completion_ids(tokenizer, row: Row, field: str, completion) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"] + ([tokenizer.eos_token_id] if eos else [])
 
 
-def answer_ids(tokenizer, row: Row) -> list[int]:
+def answer_ids(tokenizer, row: Row, why: str = "") -> list[int]:
     """Token ids of a prompt row's own answer, the one that follows ``encode_row_prompt``'s
     prompt: a ``completion`` (plain text + EOS, or a chat turn), or the last assistant turn of a
-    ``messages`` row. A DataError naming the row where it has none."""
+    ``messages`` row. A DataError naming the row where it has none (``why``: the caller's reason
+    for needing one, added to it)."""
     d = row.data
     if row_format(row) == "prompt_completion":
         return completion_ids(tokenizer, row, "completion", d["completion"])
     messages = _conversation(row) if "messages" in d and "prompt" not in d else None
     if not messages or len(messages) < 2 or messages[-1]["role"] != "assistant":
         raise DataError(f"{row.where}: no answer to read (fields present: {', '.join(sorted(d))}): a 'completion', "
-                        "or 'messages' ending with an assistant turn after the prompt's")
+                        f"or 'messages' ending with an assistant turn after the prompt's{'; ' + why if why else ''}")
     return completion_ids(tokenizer, row, "messages", messages[-1:])
 
 

@@ -145,13 +145,9 @@ def read_answers(rows, tokenizer, cfg: DistillConfig) -> list[list[int]] | None:
     row, before any model loads)."""
     if cfg.lmbda >= 1 or cfg.seq_kd:
         return None
-    try:
-        answers = [answer_ids(tokenizer, row) for row in rows]
-    except DataError as e:
-        if "no answer to read" not in str(e):
-            raise
-        raise DataError(f"{e}; lmbda={cfg.lmbda} learns some steps on the rows' own answers: give rows with "
-                        "answers, or set seq_kd=true (the teacher's samples) or lmbda=1 (the student's)") from None
+    why = (f"lmbda={cfg.lmbda} learns some steps on the rows' own answers: give rows with answers, or set "
+           "seq_kd=true (the teacher's samples) or lmbda=1 (the student's)")
+    answers = [answer_ids(tokenizer, row, why) for row in rows]
     over = [i for i, a in enumerate(answers) if len(a) > cfg.max_new_tokens]
     if over:
         longest = max(over, key=lambda i: len(answers[i]))
@@ -221,6 +217,7 @@ def run_distill(cfg: DistillConfig, backend=None) -> dict:
     student = run.prepare(disable_dropout(load_causal_lm(cfg.model, tokenizer, device=run.device)), cfg.lora,
                           base=cfg.model)
     teacher, vocab = load_teacher(run, cfg, student, tokenizer)
+    student_wider = student.get_output_embeddings().weight.shape[0] > vocab  # its samples may be rows the teacher lacks
     for model in (student, teacher):
         check_positions(run, model, report.longest, cfg.max_new_tokens)
         check_positions(run, model, longest_prompt(eval_rows, tokenizer), cfg.eval_max_new_tokens)
@@ -263,7 +260,7 @@ def run_distill(cfg: DistillConfig, backend=None) -> dict:
         else:
             backend.load_weights(student)  # a sharded student: the gathered full weights into the backend's copy
             samples = backend.generate(prompts, params)
-            if int(samples.completion_ids.max()) >= vocab:  # a padding row of a wider head than the teacher's
+            if student_wider and int(samples.completion_ids.max()) >= vocab:  # a padding row past the teacher's
                 raise RuntimeError(f"step {step + 1}: the student sampled token id {int(samples.completion_ids.max())}, "
                                    f"a padding row of its head past the teacher's {vocab} entries, which the teacher "
                                    "cannot read; give the student a head no wider than the teacher's")
