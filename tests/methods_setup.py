@@ -6,6 +6,7 @@ from rlhfkit.methods.distill import DistillConfig, run_distill
 from rlhfkit.methods.dpo import DPOConfig, run_dpo
 from rlhfkit.methods.grpo import GRPOConfig, run_grpo
 from rlhfkit.methods.kto import KTOConfig, run_kto
+from rlhfkit.methods.orpo import ORPOConfig
 from rlhfkit.methods.ppo import PPOConfig, run_ppo
 from rlhfkit.methods.prm import PRMConfig, run_prm
 from rlhfkit.methods.rloo import RLOOConfig, run_rloo
@@ -72,7 +73,7 @@ def dynamic_sampling_config(tiny, out, steps: int, **train):
                    rewards="exact_answer", max_sampling_rounds=12)
 
 
-RUNS = {"sft": run_sft, "rm": run_rm, "dpo": run_dpo, "grpo": lambda cfg: run_grpo(cfg, reward_fns=[digits]),
+RUNS = {"sft": run_sft, "rm": run_rm, "dpo": run_dpo, "orpo": run_dpo, "grpo": lambda cfg: run_grpo(cfg, reward_fns=[digits]),
         "ppo": run_ppo, "prm": run_prm, "kto": run_kto, "rloo": lambda cfg: run_rloo(cfg, reward_fns=[digits]),
         "distill": run_distill}
 METHODS = tuple(RUNS)
@@ -161,6 +162,9 @@ def method_config(name: str, tiny, out, steps: int, **train):
     if name == "dpo":
         return DPOConfig(model=base, train_data=small(tiny, "prefs_train.jsonl"), max_length=64, beta=0.5,
                          train=quiet_train(out, max_steps=steps, **offline))
+    if name == "orpo":  # no reference model: ORPO's NLL and odds-ratio terms
+        return ORPOConfig(model=base, train_data=small(tiny, "prefs_train.jsonl"), max_length=64,
+                          train=quiet_train(out, max_steps=steps, **offline))
     if name == "prm":
         return PRMConfig(model=base, train_data=small(tiny, "prm_train.jsonl"), max_length=64,
                          train=quiet_train(out, max_steps=steps, **offline))

@@ -268,6 +268,33 @@ def test_kto_cli_on_unpaired_rows_and_rloo_cli_with_trls_defaults(tiny, tmp_path
     assert bad.returncode == 2 and "set scale_rewards=none" in bad.stderr
 
 
+def test_orpo_and_cpo_clis_train_with_no_reference_and_resume(tiny, tmp_path):
+    """`rlhfkit orpo --config orpo_tiny` from the tiny base records TRL's ORPO defaults, keeps no
+    reference in its checkpoints, resumes to the straight run's losses and writes a folder plain
+    transformers loads; `rlhfkit cpo` answers TRL's CPO names."""
+    from transformers import AutoModelForCausalLM
+
+    common = ("--config", "orpo_tiny", f"model={tiny['base']}", f"train_data={tiny['data'] / 'prefs_train.jsonl'}",
+              "eval_data=null", "eval_prompts=null", "train.eval_every=0", "train.batch_size=8", "train.save_every=2",
+              "train.progress=false", "train.log_every=1")
+    straight = rlhfkit("orpo", *common, f"train.out_dir={tmp_path / 'straight'}", "train.max_steps=4")
+    assert straight.returncode == 0, straight.stderr
+    recorded = yaml.safe_load((tmp_path / "straight" / "config.yaml").read_text())
+    assert (recorded["reference"], recorded["loss_type"], recorded["beta"], recorded["rpo_alpha"]) == \
+        ("none", "orpo", 0.1, 1.0)
+    assert not any("reference" in p.name for p in (tmp_path / "straight" / "checkpoints").rglob("*"))
+    first = rlhfkit("orpo", *common, f"train.out_dir={tmp_path / 'resumed'}", "train.max_steps=2")
+    again = rlhfkit("orpo", *common, f"train.out_dir={tmp_path / 'resumed'}", "train.max_steps=4", "train.resume=true")
+    assert first.returncode == 0 and again.returncode == 0, again.stderr
+    losses = lambda d: [m["train/loss"] for m in read_metrics(tmp_path / d) if "train/loss" in m]  # noqa: E731
+    assert losses("resumed") == losses("straight") and len(losses("straight")) == 4
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "straight" / "model")
+    base = AutoModelForCausalLM.from_pretrained(tiny["base"])
+    assert not torch.equal(model.lm_head.weight, base.lm_head.weight)
+    bad = rlhfkit("cpo", f"model={tiny['base']}", "cpo_alpha=0", "loss_type=alphapo", f"train.out_dir={tmp_path / 'x'}")
+    assert bad.returncode == 2 and "cpo_alpha -> rpo_alpha" in bad.stderr
+
+
 def test_distill_cli_writes_a_plain_transformers_folder_and_answers_trls_names(tiny, tmp_path):
     """`rlhfkit distill --config distill_tiny` with the tiny base as its student: the first loss is
     the divergence to another model (positive), the folder loads in plain transformers and differs

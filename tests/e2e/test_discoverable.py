@@ -37,9 +37,10 @@ def test_grpo_and_ppo_help_say_train_batch_size_is_not_theirs():
     assert "not read" not in line
 
 
-@pytest.mark.parametrize("method", ["sft", "rm", "dpo", "kto", "grpo", "rloo", "ppo", "distill"])
+@pytest.mark.parametrize("method", ["sft", "rm", "dpo", "cpo", "orpo", "kto", "grpo", "rloo", "ppo", "distill"])
 def test_every_config_field_of_every_method_has_a_description(method):
-    cls = {"sft": api.SFTConfig, "rm": api.RMConfig, "dpo": api.DPOConfig, "kto": api.KTOConfig,
+    cls = {"sft": api.SFTConfig, "rm": api.RMConfig, "dpo": api.DPOConfig, "cpo": api.CPOConfig,
+           "orpo": api.ORPOConfig, "kto": api.KTOConfig,
            "grpo": api.GRPOConfig, "rloo": api.RLOOConfig, "ppo": api.PPOConfig, "distill": api.DistillConfig}[method]
     missing = [name for name, _, _, description in field_rows(cls) if not description]
     assert missing == []
@@ -48,8 +49,8 @@ def test_every_config_field_of_every_method_has_a_description(method):
 def test_configs_command_lists_the_shipped_configs():
     out = rlhfkit("configs")
     assert out.returncode == 0
-    for name in ("sft_tiny", "rm_tiny", "dpo_tiny", "kto_tiny", "grpo_tiny", "rloo_tiny", "ppo_tiny", "prm_tiny",
-                 "distill_tiny"):
+    for name in ("sft_tiny", "rm_tiny", "dpo_tiny", "cpo_tiny", "orpo_tiny", "kto_tiny", "grpo_tiny", "rloo_tiny",
+                 "ppo_tiny", "prm_tiny", "distill_tiny"):
         assert f"rlhfkit {name.split('_')[0]} --config {name}" in out.stdout
 
 
@@ -153,9 +154,11 @@ def test_the_shipped_configs_chain():
     """Each shipped config starts from a folder an earlier one writes: DPO, GRPO and PPO from the
     SFT snapshot (so sft_tiny must take one), PPO's reward model from rm_tiny's output."""
     from rlhfkit.cli.main import resolve_config
+    from rlhfkit.methods.cpo import CPOConfig
     from rlhfkit.methods.dpo import DPOConfig
     from rlhfkit.methods.grpo import GRPOConfig
     from rlhfkit.methods.kto import KTOConfig
+    from rlhfkit.methods.orpo import ORPOConfig
     from rlhfkit.methods.ppo import PPOConfig
     from rlhfkit.methods.rloo import RLOOConfig
     from rlhfkit.methods.rm import RMConfig
@@ -167,7 +170,8 @@ def test_the_shipped_configs_chain():
     if sft.snapshot_at_accuracy is not None:
         written.add(f"{sft.train.out_dir}/snapshot")
     assert rm.model in written
-    for cls, name in ((DPOConfig, "dpo_tiny"), (KTOConfig, "kto_tiny"), (GRPOConfig, "grpo_tiny"), (RLOOConfig, "rloo_tiny"),
+    for cls, name in ((DPOConfig, "dpo_tiny"), (CPOConfig, "cpo_tiny"), (ORPOConfig, "orpo_tiny"), (KTOConfig, "kto_tiny"),
+                      (GRPOConfig, "grpo_tiny"), (RLOOConfig, "rloo_tiny"),
                       (PPOConfig, "ppo_tiny")):
         cfg = load_config(cls, resolve_config(name))
         assert cfg.model in written, name

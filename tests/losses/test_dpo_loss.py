@@ -204,3 +204,49 @@ def test_ld_weights_count_the_shorter_answers_length_whole_and_the_rest_by_alpha
     place = torch.tensor([[0, 1, 2, 3, 4], [0, 1, 2, 3, 4]])
     shared = torch.tensor([[3], [5]])
     assert ld_weights(place, shared, 0.25).tolist() == [[1, 1, 1, 0.25, 0.25], [1, 1, 1, 1, 1]]
+
+
+def odds_of(a: float) -> float:  # log(P / (1 - P)), P = e^a
+    return a - math.log(-math.expm1(a))
+
+
+def test_reference_free_forms_by_hand():
+    """SimPO and ORPO's odds-ratio term on log-probs (reference zeros): chosen -2 over 2 tokens
+    (mean -1), rejected -6 over 4 (mean -1.5), beta 2; SimPO gamma 0.5, eps 0.1."""
+    args = (torch.tensor([-2.0]), torch.tensor([-6.0]), torch.zeros(1), torch.zeros(1), 2.0)
+    lengths = (torch.tensor([2.0]), torch.tensor([4.0]))
+    m = 2.0 * (-1.0 + 1.5) - 0.5
+    loss, _ = dpo_loss(*args, loss_type="simpo", label_smoothing=0.1, lengths=lengths, simpo_gamma=0.5)
+    assert abs(loss.item() - (0.9 * _softplus(-m) + 0.1 * _softplus(m))) < 1e-6
+    # gamma 0 and eps 0: length-normalised DPO (sigmoid_norm)
+    plain, _ = dpo_loss(*args, loss_type="simpo", lengths=lengths, simpo_gamma=0.0)
+    assert abs(plain.item() - dpo_loss(*args, loss_type="sigmoid_norm", lengths=lengths)[0].item()) < 1e-7
+
+    d = math.log(math.exp(-1.0) / (1 - math.exp(-1.0))) - math.log(math.exp(-1.5) / (1 - math.exp(-1.5)))
+    loss, _ = dpo_loss(*args, loss_type="orpo", lengths=lengths)
+    assert abs(loss.item() - 2.0 * _softplus(-d)) < 1e-6
+
+
+def test_orpo_gradient_is_the_closed_form_and_finite_at_certainty():
+    """d/d log pi(y_w) of -beta log sigma(LO_w - LO_l) is -beta sigma(-(LO_w - LO_l)) / (1 - P_w) / |y_w|
+    (d log odds / da = 1 / (1 - e^a)); an answer of probability 1 (a = 0 in fp32) gives finite values."""
+    from rlhfkit.losses.dpo import ODDS_CAP, log_odds
+
+    beta = 0.1
+    pc = torch.tensor([-0.3, -2.0], requires_grad=True)
+    pr = torch.tensor([-1.2, -0.8], requires_grad=True)
+    lengths = (torch.tensor([3.0, 2.0]), torch.tensor([1.0, 4.0]))
+    dpo_loss(pc, pr, torch.zeros(2), torch.zeros(2), beta, loss_type="orpo", lengths=lengths)[0].backward()
+    aw, al = pc.detach() / lengths[0], pr.detach() / lengths[1]
+    d = log_odds(aw) - log_odds(al)
+    gw = -beta * torch.sigmoid(-d) / (1 - aw.exp()) / lengths[0]
+    gl = beta * torch.sigmoid(-d) / (1 - al.exp()) / lengths[1]
+    assert torch.allclose(pc.grad, gw / 2, atol=1e-6) and torch.allclose(pr.grad, gl / 2, atol=1e-6)
+    # near 0 the expm1 branch keeps its digits (log1p(-e^a) would lose them at a = -1e-4)
+    assert abs(log_odds(torch.tensor([-1e-4])).item() - odds_of(-1e-4)) < 1e-4
+    certain = torch.tensor([0.0], requires_grad=True)
+    loss, _ = dpo_loss(torch.tensor([-1.0]), certain, torch.zeros(1), torch.zeros(1), beta, loss_type="orpo",
+                       lengths=(torch.tensor([1.0]), torch.tensor([1.0])))
+    loss.backward()
+    expected = -beta * math.log(_sig(odds_of(-1.0) - odds_of(ODDS_CAP)))
+    assert math.isfinite(certain.grad.item()) and abs(loss.item() - expected) < 1e-5

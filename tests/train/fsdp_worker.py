@@ -59,6 +59,8 @@ def _jobs(rank: int, out: Path, assets: dict) -> dict:
     # distillation on answers each prompt draws alike wherever it is sampled: the test runs it in one process
     RUNS["distill"](method_config("distill", assets["tiny"], out / "distill-seeded", 3, log_every=1,
                                   strategy="replicate"), backend=seeded_backend(assets["tiny"]))
+    # ORPO, sharded: no reference model; the test runs it in one process
+    RUNS["orpo"](method_config("orpo", assets["tiny"], out / "orpo-tiny-fsdp", 3, log_every=1, strategy="fsdp"))
     # TR-DPO, sharded: each rank mixes its shards of the reference; the last step's checkpoint holds them
     RUNS["dpo"](tr_dpo_config(assets["tiny"], out / "dpo-tr", 3, sync_steps=1, strategy="fsdp"))
     # GKD's mix, sharded: the teacher samples (seq_kd) on its unsharded copy; the test runs it in one process

@@ -108,8 +108,8 @@ def _assert_same_weights(a, b, atol=1e-5):
     assert moved > 1e-5  # the runs trained (Adam moves a weight by about lr a step): unmoved equal weights prove nothing
 
 
-@pytest.mark.parametrize("model", ["tiny", "qwen"])  # tied (Llama) and untied (Qwen2) embeddings
-@pytest.mark.parametrize("method", ["sft", "rm", "dpo", "kto"])
+@pytest.mark.parametrize("model, method", [(model, method) for model in ("tiny", "qwen")  # tied and untied embeddings
+                                           for method in ("sft", "rm", "dpo", "kto")] + [("tiny", "orpo")])
 def test_offline_methods_on_two_sharded_ranks_equal_one_process(method, model, two_ranks, tiny, qwen, tmp_path):
     out, _ = two_ranks
     assets = {"tiny": tiny, "qwen": qwen}[model]

@@ -16,10 +16,12 @@ from pathlib import Path
 
 def _methods() -> dict:
     # Imported lazily so `rlhfkit --help` stays fast.
+    from ..methods.cpo import CPOConfig, run_cpo
     from ..methods.distill import DistillConfig, run_distill
     from ..methods.dpo import DPOConfig, run_dpo
     from ..methods.grpo import GRPOConfig, run_grpo
     from ..methods.kto import KTOConfig, run_kto
+    from ..methods.orpo import ORPOConfig, run_orpo
     from ..methods.ppo import PPOConfig, run_ppo
     from ..methods.prm import PRMConfig, run_prm
     from ..methods.rloo import RLOOConfig, run_rloo
@@ -27,7 +29,7 @@ def _methods() -> dict:
     from ..methods.sft import SFTConfig, run_sft
 
     return {"sft": (SFTConfig, run_sft), "rm": (RMConfig, run_rm), "dpo": (DPOConfig, run_dpo),
-            "kto": (KTOConfig, run_kto), "grpo": (GRPOConfig, run_grpo), "rloo": (RLOOConfig, run_rloo),
+            "cpo": (CPOConfig, run_cpo), "orpo": (ORPOConfig, run_orpo), "kto": (KTOConfig, run_kto), "grpo": (GRPOConfig, run_grpo), "rloo": (RLOOConfig, run_rloo),
             "ppo": (PPOConfig, run_ppo), "prm": (PRMConfig, run_prm), "distill": (DistillConfig, run_distill)}
 
 
@@ -35,6 +37,10 @@ METHOD_HELP = {
     "sft": "supervised fine-tuning on prompt/completion or chat rows",
     "rm": "reward model on K-way rankings (or pairs), saved as a ...ForSequenceClassification folder",
     "dpo": "direct preference optimization on pairs, Plackett-Luce on rankings",
+    "cpo": "CPO and SimPO (loss_type=simpo): preference optimization with no reference model (TRL's CPOTrainer); "
+           "DPO's keys, other defaults",
+    "orpo": "ORPO: SFT and an odds-ratio preference term in one loss, no reference model (TRL's ORPOTrainer); "
+            "DPO's keys, other defaults",
     "kto": "KTO on unpaired answers labelled desirable or not (or pairs, read as two such answers)",
     "prm": "process reward model on step-labelled rows, saved as a ...ForTokenClassification folder "
            "(readout=head) or as the causal LM it reads (readout=likelihood)",

@@ -52,6 +52,19 @@ logistic function and eps the ``label_smoothing``:
     (``discopop_tau``, the paper's 0.05):
         L = (1 - sigma(beta h / tau)) (-log sigma(beta h)) + sigma(beta h / tau) exp(-beta h)
 
+Two forms are for preference optimization without a reference (``reference=none`` in
+methods/dpo.py, where w and l are the answers' log-probs log pi(y|x) themselves; TRL's
+CPOTrainer and ORPOTrainer):
+
+    simpo, SimPO (Meng et al. 2024, eq. 6), the per-token margin minus a target margin gamma
+    (``gamma``), with label smoothing as TRL's CPOTrainer:
+        L = -(1 - eps) log sigma(beta h_tok - gamma) - eps log sigma(-(beta h_tok - gamma))
+    orpo, ORPO's odds-ratio term (Hong et al. 2024, eqs. 4 and 7; lambda = beta), on the answers'
+    per-token mean log-probs a = log pi(y|x) / |y|, the odds of P = e^a being P / (1 - P):
+        L = -beta log sigma( log odds(y_w) - log odds(y_l) ),   log odds(y) = a - log(1 - e^a)
+    with a capped at ODDS_CAP (P = 1 has infinite odds: NaN gradients, as TRL's form has there).
+    ORPO's whole loss adds the chosen answers' NLL (RPO's term above, weight 1).
+
 f-DPO (Wang et al. 2023, "Beyond Reverse KL: Generalizing Direct Preference Optimization with
 Diverse Divergence Constraints"; TRL's ``f_divergence_type``): under an f-divergence
 constraint the implicit reward is beta f'(pi / pi_ref) in place of beta log(pi / pi_ref), so the
@@ -98,16 +111,22 @@ class Pairs:
     eps: float = 0.0  # label_smoothing
     tau: float = 0.05  # discopop's temperature
     lengths: tuple | None = None  # the (B,) token counts of y_w and y_l, for the per-token forms
+    gamma: float = 0.5  # simpo's target margin
 
     @property
     def margin(self) -> torch.Tensor:  # beta h
         return self.beta * (self.w - self.l)
 
     @property
-    def margin_per_token(self) -> torch.Tensor:  # h_tok
+    def per_token(self) -> tuple[torch.Tensor, torch.Tensor]:  # w / |y_w|, l / |y_l|
         if self.lengths is None:
-            raise ValueError("a per-token loss form (ipo, sigmoid_norm) needs the answers' lengths")
-        return self.w / self.lengths[0].clamp(min=1) - self.l / self.lengths[1].clamp(min=1)
+            raise ValueError(f"a per-token loss form ({', '.join(PER_TOKEN)}) needs the answers' lengths")
+        return self.w / self.lengths[0].clamp(min=1), self.l / self.lengths[1].clamp(min=1)
+
+    @property
+    def margin_per_token(self) -> torch.Tensor:  # h_tok
+        w, l = self.per_token  # noqa: E741
+        return w - l
 
 
 def _exo(p: Pairs) -> torch.Tensor:
@@ -120,6 +139,26 @@ def _discopop(p: Pairs) -> torch.Tensor:
     # sigma(m / tau) exp(-m) as one exponent: TRL's product is 0 x inf = NaN below m = -88 in fp32
     m = p.margin
     return torch.sigmoid(-m / p.tau) * -F.logsigmoid(m) + torch.exp(F.logsigmoid(m / p.tau) - m)
+
+
+def _simpo(p: Pairs) -> torch.Tensor:
+    m = p.beta * p.margin_per_token - p.gamma
+    return -(1 - p.eps) * F.logsigmoid(m) - p.eps * F.logsigmoid(-m)
+
+
+ODDS_CAP = -1e-6  # ORPO: a mean log-prob above it is read as it (P <= 1 - 1e-6: log odds <= 13.8)
+
+
+def log_odds(mean_logps: torch.Tensor) -> torch.Tensor:
+    """log(P / (1 - P)) of P = exp(a), a the (B,) mean log-probs, capped at ODDS_CAP; log(1 - e^a)
+    as log(-expm1(a)) near 0 and log1p(-e^a) below -log 2 (each where it keeps its digits)."""
+    a = mean_logps.clamp(max=ODDS_CAP)
+    return a - torch.where(a < -math.log(2), torch.log1p(-torch.exp(a)), torch.log(-torch.expm1(a)))
+
+
+def _orpo(p: Pairs) -> torch.Tensor:
+    w, l = p.per_token  # noqa: E741
+    return -p.beta * F.logsigmoid(log_odds(w) - log_odds(l))
 
 
 # loss_type -> per-pair loss (B,); the equations are in the module docstring
@@ -136,9 +175,12 @@ PAIR_LOSSES = {
     "apo_zero": lambda p: 1 - torch.sigmoid(p.beta * p.w) + torch.sigmoid(p.beta * p.l),
     "apo_down": lambda p: torch.sigmoid(p.beta * p.w) + 1 - torch.sigmoid(p.margin),
     "discopop": _discopop,
+    "simpo": _simpo,
+    "orpo": _orpo,
 }
-SMOOTHED = ("sigmoid", "robust", "exo_pair")  # the forms that read label_smoothing
-PER_TOKEN = ("ipo", "sigmoid_norm")  # the forms that read the answers' lengths
+SMOOTHED = ("sigmoid", "robust", "exo_pair", "simpo")  # the forms that read label_smoothing
+PER_TOKEN = ("ipo", "sigmoid_norm", "simpo", "orpo")  # the forms that read the answers' lengths
+REFERENCE_FREE = ("orpo",)  # forms of log-probs alone (reference=none): the odds of a log-ratio mean nothing
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 F_DIVERGENCE_FORMS = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop")  # on the margin
 
@@ -160,19 +202,24 @@ def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chose
              ref_rejected_logps: torch.Tensor, beta: float, num_pairs: float | None = None,
              loss_type: str | tuple = "sigmoid", label_smoothing: float = 0.0, lengths: tuple | None = None,
              discopop_tau: float = 0.05, f_divergence: str = "reverse_kl", f_alpha: float = 0.5,
-             pair_weights: torch.Tensor | None = None):
+             pair_weights: torch.Tensor | None = None, simpo_gamma: float = 0.5, per_token_rewards: bool = False):
     """All inputs (B,) sequence log-probs. Returns (loss, metrics of detached sums over the B pairs).
     ``loss_type``: one name of PAIR_LOSSES, or ((name, weight), ...) for a weighted sum of forms.
     ``label_smoothing``: eps of the SMOOTHED forms. ``lengths``: the (B,) token counts of the chosen
     and rejected answers, for the PER_TOKEN forms. ``f_divergence``, ``f_alpha``: f-DPO's f'
     applied to the log-ratios (the F_DIVERGENCE_FORMS only). ``pair_weights`` (B,): each pair's
-    loss weight, WPO's w(x, y_w) w(x, y_l) (``wpo_weights``). The metrics' rewards are
-    beta log(pi / pi_ref) whatever the f."""
+    loss weight, WPO's w(x, y_w) w(x, y_l) (``wpo_weights``). ``simpo_gamma``: simpo's target
+    margin. Without a reference (CPO, SimPO, ORPO) its log-probs are zeros. The metrics' rewards
+    are beta log(pi / pi_ref) whatever the f, and with ``per_token_rewards`` beta times each answer's
+    log-ratio per token (as TRL's CPOTrainer and ORPOTrainer log their per-token forms)."""
     chosen_rewards = beta * (chosen_logps - ref_chosen_logps)  # (B,)
     rejected_rewards = beta * (rejected_logps - ref_rejected_logps)  # (B,)
+    if per_token_rewards:
+        chosen_rewards, rejected_rewards = (chosen_rewards / lengths[0].clamp(min=1),
+                                            rejected_rewards / lengths[1].clamp(min=1))
     pairs = Pairs(f_divergence_scores(chosen_logps - ref_chosen_logps, f_divergence, f_alpha),
                   f_divergence_scores(rejected_logps - ref_rejected_logps, f_divergence, f_alpha), beta,
-                  label_smoothing, discopop_tau, lengths)
+                  label_smoothing, discopop_tau, lengths, simpo_gamma)
     weighted = ((loss_type, 1.0),) if isinstance(loss_type, str) else loss_type
     losses = 0.0
     for name, weight in weighted:

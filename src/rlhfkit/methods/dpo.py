@@ -2,7 +2,8 @@
 
 Reads top to bottom: config -> data -> policy (optionally SFT on the chosen answers first) ->
 reference log-probs (precomputed once, the default, or a frozen copy forwarded every step, which
-TR-DPO moves toward the policy every few steps) -> objective -> the shared loop -> save. All
+TR-DPO moves toward the policy every few steps, or none: CPO, SimPO and ORPO compare the policy's
+own log-probs, methods/cpo.py and methods/orpo.py) -> objective -> the shared loop -> save. All
 answers of a prompt go through the policy in one concatenated forward. Rankings must be strict
 (no tied ranks): the Plackett-Luce model has no ties, so a tied ranking is refused (the reward
 model accepts ties).
@@ -27,6 +28,7 @@ from ..losses.dpo import (
     F_DIVERGENCES,
     PAIR_LOSSES,
     PER_TOKEN,
+    REFERENCE_FREE,
     SMOOTHED,
     chosen_nll,
     dpo_loss,
@@ -76,7 +78,7 @@ from .common import (
 )
 from .sft import sft_objective
 
-REFERENCE_MODES = ("precompute", "forward")
+REFERENCE_MODES = ("precompute", "forward", "none")
 
 
 @dataclass(frozen=True)
@@ -94,8 +96,9 @@ class DPOConfig:
     # sigmoid (the paper's) or another form of losses/dpo.py (ipo, hinge, robust, apo_zero, ...: pairs only);
     # several weighed together as "name:weight,name:weight" (TRL's loss_type list with loss_weights)
     loss_type: str = "sigmoid"
-    label_smoothing: float = 0.0  # eps in [0, 0.5) of sigmoid (conservative DPO), robust and exo_pair
+    label_smoothing: float = 0.0  # eps in [0, 0.5) of sigmoid (conservative DPO), robust, exo_pair and simpo
     discopop_tau: float = 0.05  # loss_type=discopop: its temperature (the paper's)
+    simpo_gamma: float = 0.5  # loss_type=simpo: SimPO's target margin gamma (TRL's name and default)
     rpo_alpha: float = 0.0  # > 0: add rpo_alpha x the chosen answers' NLL per token (RPO; TRL's sft loss term)
     # f-DPO: the implicit reward's f-divergence, reverse_kl (DPO's) | forward_kl | js_divergence | alpha_divergence
     # (pairs, the forms on the margin; TRL's names)
@@ -105,7 +108,9 @@ class DPOConfig:
     ld_alpha: float | None = None
     # WPO: each pair's loss times w(y_w) w(y_l), how likely the policy finds each answer per token (pairs; TRL's name)
     use_weighting: bool = False
-    reference: str = "precompute"  # precompute (once, then no reference model) | forward (every step)
+    # precompute (once, then no reference model) | forward (every step) | none (no reference: the forms read
+    # log pi itself; CPO, SimPO and ORPO, `rlhfkit cpo` and `rlhfkit orpo`)
+    reference: str = "precompute"
     # TR-DPO (Gorbatovski et al. 2024; TRL's names): every ref_model_sync_steps optimizer steps the reference
     # becomes ref_model_mixup_alpha x the policy + (1 - alpha) x itself (alpha 1: a copy); needs reference=forward
     sync_ref_model: bool = False  # TR-DPO's reference sync (reference=forward, no LoRA)
@@ -129,6 +134,16 @@ class DPOConfig:
             raise ConfigError("loss_type=exo_pair needs label_smoothing > 0 (its label distribution is "
                               "(1 - eps, eps), and log 0 has no value; the EXO paper uses 1e-3)")
         positive("discopop_tau", self.discopop_tau)
+        at_least("simpo_gamma", self.simpo_gamma, 0.0)
+        used_only_with("simpo_gamma", self.simpo_gamma, DPOConfig.simpo_gamma, "simpo" in forms, "loss_type=simpo")
+        if self.reference != "none" and (free := [f for f in forms if f in REFERENCE_FREE]):
+            raise ConfigError(f"loss_type={','.join(free)} reads the answers' own probabilities (their odds), not "
+                              f"ratios to a reference: set reference=none (`rlhfkit orpo` does)",
+                              keys=["loss_type", "reference"])
+        if self.reference == "none" and self.f_divergence_type != "reverse_kl":
+            raise ConfigError("f_divergence_type reads the ratio to a reference, and reference=none has none "
+                              "(TRL's CPO alpha, AlphaPO's reward shape, is not here)",
+                              keys=["f_divergence_type", "reference"])
         used_only_with("discopop_tau", self.discopop_tau, DPOConfig.discopop_tau, "discopop" in forms,
                        "loss_type=discopop")
         choice("overlong", self.overlong, OVERLONG_POLICIES)
@@ -156,15 +171,18 @@ class DPOConfig:
         within("ld_alpha", self.ld_alpha, 0, 1)
         check_reference_sync(self)
         if self.sync_ref_model and self.reference != "forward":
-            raise ConfigError("sync_ref_model=true moves the reference during training, so its log-probs cannot be "
-                              "precomputed: set reference=forward (TRL refuses precompute_ref_log_probs with it too)",
+            why = ("there is no reference to move" if self.reference == "none" else
+                   "its log-probs cannot be precomputed (TRL refuses precompute_ref_log_probs with it too)")
+            raise ConfigError(f"sync_ref_model=true moves the reference during training, and with "
+                              f"reference={self.reference} {why}: set reference=forward",
                               keys=["sync_ref_model", "reference"])
 
 
 # TRL's loss_type names that rlhfkit has no form for, and why
 NOT_HERE = {"sft": "the chosen answers' NLL is rpo_alpha=WEIGHT here",
             "aot": "its sorting across the batch is not implemented", "aot_unpaired": "not implemented",
-            "bco_pair": "not implemented (TRL's form drops the paper's running reward shift)"}
+            "bco_pair": "not implemented (TRL's form drops the paper's running reward shift)",
+            "alphapo": "AlphaPO's reward shape is not implemented (loss_type=simpo is SimPO's)"}
 
 
 def loss_forms(spec: str) -> tuple[tuple[str, float], ...]:
@@ -265,6 +283,12 @@ def precompute_reference(reference, examples: list, pad_id: int, batch_size: int
     return out
 
 
+def no_reference(examples: list) -> list:
+    """The examples with zeros as their reference log-probs: the loss forms then read log pi(y|x)
+    itself (``reference=none``)."""
+    return [dataclasses.replace(e, ref_logps=(0.0,) * len(e.ranks)) for e in examples]
+
+
 @dataclass(frozen=True)
 class DPOLoss:
     """What DPO's objective reads of its config (``DPOConfig``'s fields of the same names, the
@@ -274,11 +298,13 @@ class DPOLoss:
     loss_type: str = "sigmoid"
     label_smoothing: float = 0.0
     discopop_tau: float = 0.05
+    simpo_gamma: float = 0.5
     rpo_alpha: float = 0.0  # > 0: RPO's NLL of the best answers (losses/dpo.py ``chosen_nll``)
     f_divergence_type: str = "reverse_kl"
     f_alpha_divergence_coef: float = 0.5
     ld_alpha: float | None = None  # LD-DPO's sums (``ld_weights``); precomputed reference log-probs must be too
     use_weighting: bool = False  # WPO's pair weights
+    reference: str = "precompute"  # none: the rewards of per-token forms are per token (``per_token_rewards``)
 
     @classmethod
     def of(cls, cfg) -> DPOLoss:
@@ -293,6 +319,7 @@ def dpo_objective(settings: DPOLoss, reference: Reference | None = None, router_
     beta, ld_alpha, use_weighting = settings.beta, settings.ld_alpha, settings.use_weighting
     forms = loss_forms(settings.loss_type)
     pairs_only = pairwise_only(settings)
+    per_token_rewards = per_token_reward(settings)
 
     def counts(batch) -> dict:
         best = batch.slot % batch.mask.shape[1] == 0  # (N,) the chosen / best-ranked outputs
@@ -310,12 +337,12 @@ def dpo_objective(settings: DPOLoss, reference: Reference | None = None, router_
                 ref = batch.grid(sequence_logps(ref_model, batch, ld_alpha))
         weights = None  # WPO's, pair by pair (pairs only)
         if batch.mask.shape[1] == 2:  # plain pairs: the paper's pairwise loss
-            per_token = any(name in PER_TOKEN for name, _ in forms)
+            per_token = per_token_rewards or any(name in PER_TOKEN for name, _ in forms)
             lengths = batch.grid(batch.output_lengths().to(logps.dtype)).unbind(-1) if per_token else None
             weights = wpo_weights(batch.grid(out.aligned)).prod(-1) if use_weighting else None  # (P,) w(y_w) w(y_l)
             value, sums = dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta, totals["prompts"],
                                    forms, settings.label_smoothing, lengths, settings.discopop_tau, settings.f_divergence_type,
-                                   settings.f_alpha_divergence_coef, weights)
+                                   settings.f_alpha_divergence_coef, weights, settings.simpo_gamma, per_token_rewards)
         else:  # rankings of more than two (run_dpo refuses them with their rows for the pairwise-only forms)
             if pairs_only:
                 raise ValueError(f"a ranking of {batch.mask.shape[1]} answers has the Plackett-Luce loss only; "
@@ -339,13 +366,23 @@ def dpo_objective(settings: DPOLoss, reference: Reference | None = None, router_
     return Objective(counts, loss)
 
 
-def preference_accuracy(model, examples: list, pad_id: int, batch_size: int = 64) -> float:
-    """Fraction of ordered pairs whose implicit reward log(pi/pi_ref) ranks them right (ties count half)."""
+def per_token_reward(cfg) -> bool:
+    """Whether the implicit reward is per token: without a reference and with per-token forms only
+    (SimPO's and ORPO's reward is the answer's mean log-prob, as TRL's CPOTrainer and ORPOTrainer
+    log it)."""
+    return cfg.reference == "none" and all(name in PER_TOKEN for name, _ in loss_forms(cfg.loss_type))
+
+
+def preference_accuracy(model, examples: list, pad_id: int, batch_size: int = 64, per_token: bool = False) -> float:
+    """Fraction of ordered pairs whose implicit reward log(pi/pi_ref) ranks them right (ties count half);
+    ``per_token``: the reward over each answer's token count (``per_token_reward``)."""
     with eval_mode(model):
         correct = pairs = 0
         for i in range(0, len(examples), batch_size):
             batch = to_device(collate_rankings(examples[i: i + batch_size], pad_id), next(model.parameters()).device)
             reward = batch.grid(sequence_logps(model, batch)) - batch.ref_logps  # (P, K)
+            if per_token:
+                reward = reward / batch.grid(batch.output_lengths()).clamp(min=1)
             r, m = batch.ranks, batch.mask.bool()
             better = (r[:, :, None] < r[:, None, :]) & m[:, :, None] & m[:, None, :]
             correct += float(pairs_right(reward[:, :, None] - reward[:, None, :], better))
@@ -392,7 +429,7 @@ def sft_on_chosen(model, tokenizer, examples, cfg: DPOConfig, resuming: bool, ro
 
 
 def run_dpo(cfg: DPOConfig) -> dict:
-    run = start_run(cfg.train, cfg, "dpo")
+    run = start_run(cfg.train, cfg, type(cfg).__name__.removesuffix("Config").lower())  # dpo, cpo or orpo
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
     pad = tokenizer.pad_token_id
     examples, report = encode_rankings(trainable_rankings(read_rows(cfg.train_data), cfg), tokenizer, cfg.max_length,
@@ -413,18 +450,24 @@ def run_dpo(cfg: DPOConfig) -> dict:
     backend = SamplerBackend(tokenizer, model, copy=run.shards_models)  # a copy is made before sharding
     # The frozen start: the policy with its adapters off (LoRA), else a copy made before sharding; after
     # an SFT phase on the chosen answers, the tuned model saved by that phase.
-    reference = frozen_reference(run, model, cfg.model, tokenizer, cfg.lora.enabled) if not cfg.sft_first_steps else None
+    free = cfg.reference == "none"  # no reference model at all (CPO, SimPO, ORPO)
+    reference = (frozen_reference(run, model, cfg.model, tokenizer, cfg.lora.enabled)
+                 if not (cfg.sft_first_steps or free) else None)
     run.shard(model)
     if cfg.sft_first_steps > 0:
         start = sft_on_chosen(model, tokenizer, examples, cfg, run.resuming, run.router_coef)
-        reference = frozen_reference(run, model, start, tokenizer, from_adapters=False)
-    with reference() as ref_model:
-        pref_eval = precompute_reference(ref_model, pref_examples, pad) if pref_examples else []
+        reference = None if free else frozen_reference(run, model, start, tokenizer, from_adapters=False)
+    if free:
+        examples, pref_eval = no_reference(examples), no_reference(pref_examples)
+    else:
+        with reference() as ref_model:
+            pref_eval = precompute_reference(ref_model, pref_examples, pad) if pref_examples else []
     accuracy = accuracy_eval(backend, model, tokenizer, prompts, cfg.eval_max_new_tokens)
+    per_token = per_token_reward(cfg)  # SimPO's and ORPO's reward: the mean log-prob
     # the start model's, kept in the checkpoints: a run resumed after the SFT phase holds the untuned model here
     before = run.state.get("before") or {
         "accuracy_before": run.start_eval(accuracy())["accuracy"] if prompts else None,  # 0.5 below: policy == ref
-        "preference_accuracy_before": preference_accuracy(model, pref_eval, pad) if pref_eval else None}
+        "preference_accuracy_before": preference_accuracy(model, pref_eval, pad, per_token=per_token) if pref_eval else None}
     run.keep["before"] = before
     if cfg.reference == "precompute":
         with reference() as ref_model:
@@ -433,7 +476,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
         run.say("reference log-probs precomputed once; the reference model is released")
 
     def evaluate(model) -> dict:
-        out = {"preference_accuracy": preference_accuracy(model, pref_eval, pad)} if pref_eval else {}
+        out = {"preference_accuracy": preference_accuracy(model, pref_eval, pad, per_token=per_token)} if pref_eval else {}
         return {**out, **(accuracy() if prompts else {})}
 
     sync = reference_sync(cfg, reference, model, run)  # TR-DPO; the checkpoints then hold the moved reference

@@ -402,7 +402,9 @@ TRL_NAMES = {"learning_rate": "train.lr", "num_train_epochs": "train.epochs", "m
                                 "default for RM and DPO; TRL's GRPO and distillation keep dropout unless "
                                 "disable_dropout=true)",
              "shuffle_dataset": "nothing: the rows are shuffled each epoch, by train.seed",
-             "teacher_model_name_or_path": "teacher"}
+             "teacher_model_name_or_path": "teacher",
+             "cpo_alpha": "rpo_alpha (the chosen answers' NLL per token; `rlhfkit cpo` and `rlhfkit orpo` weigh it 1)",
+             "reference_free": "reference=none (`rlhfkit cpo` and `rlhfkit orpo` set it)"}
 for _name in ("max_grad_norm", "seed", "weight_decay", "warmup_steps", "report_to", "router_aux_loss_coef"):
     TRL_NAMES[_name] = f"train.{_name}"
 for _family, _first in ((("vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"), "vespo_k_pos"),
@@ -450,6 +452,8 @@ BY_METHOD = [
     (("num_generations",), "teacher", None,  # distillation
      "nothing: one answer per prompt, as TRL's DistillationTrainer samples (prompts_per_step sets how many)"),
     (("teacher_model_init_kwargs",), "teacher", None, "nothing: the teacher loads in train.dtype"),
+    (("alpha",), "simpo_gamma", None,  # TRL's CPOConfig
+     "nothing: AlphaPO's reward shape (TRL's CPO alpha) is not implemented; loss_type=simpo is SimPO's"),
     (("sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps"), "desirable_weight", None,  # TRL's KTO has them
      "nothing: KTO's reference stays the start model (TR-DPO's sync is DPO's and GRPO's here)"),
     (("max_length",), "teacher", None,  # GKDTrainer's (an SFTConfig's): distillation's length is the answers'
