@@ -293,6 +293,20 @@ def test_orpo_and_cpo_clis_train_with_no_reference_and_resume(tiny, tmp_path):
     assert not torch.equal(model.lm_head.weight, base.lm_head.weight)
     bad = rlhfkit("cpo", f"model={tiny['base']}", "cpo_alpha=0", "loss_type=alphapo", f"train.out_dir={tmp_path / 'x'}")
     assert bad.returncode == 2 and "cpo_alpha -> rpo_alpha" in bad.stderr
+    # `rlhfkit eval --ref none`: the preference accuracy of log pi alone, by sums and per token
+    from rlhfkit.data.prefs import encode_rankings
+    from rlhfkit.data.rows import read_rows
+    from rlhfkit.methods.common import load_policy
+    from rlhfkit.methods.dpo import no_reference, preference_accuracy
+
+    ev = rlhfkit("eval", "--model", tmp_path / "straight" / "model", "--ref", "none", "--data",
+                 tiny["data"] / "prefs_eval.jsonl", "--limit", "40")
+    assert ev.returncode == 0, ev.stderr
+    result = json.loads((tmp_path / "straight" / "model" / "eval.json").read_text())
+    policy, tok = load_policy(str(tmp_path / "straight" / "model"), None)
+    examples = no_reference(encode_rankings(read_rows(tiny["data"] / "prefs_eval.jsonl")[:40], tok, 512)[0])
+    by_sum, by_token = (preference_accuracy(policy, examples, tok.pad_token_id, per_token=p) for p in (False, True))
+    assert (result["preference_accuracy"], result["preference_accuracy_per_token"]) == (by_sum, by_token)
 
 
 def test_distill_cli_writes_a_plain_transformers_folder_and_answers_trls_names(tiny, tmp_path):

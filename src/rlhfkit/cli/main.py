@@ -190,6 +190,11 @@ def cmd_eval(args) -> int:
     elif args.ref and row_format(rows[0]) == "unpaired_preference":  # a KTO policy on unpaired rows
         from ..data.unpaired import encode_unpaired
         from ..methods.common import load_policy
+        from ..train.config import ConfigError
+
+        if args.ref == NO_REFERENCE:
+            raise ConfigError("--ref none reads pairs or rankings; KTO's implicit reward on unpaired rows is "
+                              "log(pi / pi_ref): give the reference's folder")
         from ..methods.kto import implicit_rewards
         from ..models.lora import Reference
 
@@ -200,20 +205,29 @@ def cmd_eval(args) -> int:
                                "(KTO's implicit reward over beta), and their gap", "ref": str(args.ref),
                    **implicit_rewards(model, Reference(module=reference), examples, tokenizer.pad_token_id, 1.0),
                    "n": len(examples)}
-    elif args.ref:  # a DPO policy against its reference: held-out preference accuracy
+    elif args.ref:  # a DPO policy against its reference (--ref none: a CPO, SimPO or ORPO policy alone)
         from ..data.prefs import encode_rankings
         from ..methods.common import load_policy
-        from ..methods.dpo import precompute_reference, preference_accuracy
+        from ..methods.dpo import no_reference, precompute_reference, preference_accuracy
 
+        free = args.ref == NO_REFERENCE
         model, tokenizer = load_policy(args.model, args.tokenizer)
-        reference, _ = load_policy(args.ref, args.tokenizer or args.model)
         examples, report = encode_rankings(rows, tokenizer, args.max_length, args.overlong)
-        examples = precompute_reference(reference, examples, tokenizer.pad_token_id)
+        if free:
+            examples = no_reference(examples)
+        else:
+            reference, _ = load_policy(args.ref, args.tokenizer or args.model)
+            examples = precompute_reference(reference, examples, tokenizer.pad_token_id)
         pairs = sum(a < b for e in examples for i, a in enumerate(e.ranks) for b in e.ranks[i + 1:])
+        pad = tokenizer.pad_token_id
         metrics = {"measured": "preference accuracy: the policy's implicit reward beta log(pi / pi_ref) orders each "
                                "ranked pair as the data does", "ref": str(args.ref),
-                   "preference_accuracy": preference_accuracy(model, examples, tokenizer.pad_token_id),
-                   "n": len(examples), "pairs": pairs}
+                   "preference_accuracy": preference_accuracy(model, examples, pad), "n": len(examples), "pairs": pairs}
+        if free:
+            metrics["measured"] = ("preference accuracy with no reference: the answers' log pi (preference_accuracy) "
+                                   "and their mean log-prob per token (preference_accuracy_per_token, SimPO's and "
+                                   "ORPO's reward) order each ranked pair as the data does")
+            metrics["preference_accuracy_per_token"] = preference_accuracy(model, examples, pad, per_token=True)
     else:  # a policy: greedy exact-match accuracy on prompts, the held-out loss on answers and text
         from ..methods.common import load_policy
         from ..methods.sft import held_out_kinds, policy_eval
@@ -242,6 +256,7 @@ EVAL_READS = {"a process reward model": ("--max-length", "--overlong"), "a rewar
               "a policy": ("--max-new-tokens", "--max-length", "--overlong"),
               "a policy on prompt rows": ("--max-new-tokens",)}
 EVAL_DEFAULTS = {"--max-length": 512, "--overlong": "error", "--ref": None, "--max-new-tokens": 64}
+NO_REFERENCE = "none"  # --ref none: a policy trained with no reference model (CPO, SimPO, ORPO)
 
 
 def _refuse_unread(args, kind: str) -> None:
@@ -299,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rows longer than --max-length: error (default), truncate or skip; "
                         "eval.json says how many")
     p.add_argument("--ref", help="reference model folder: report a DPO policy's preference accuracy on pairs/rankings, "
-                                 "a KTO policy's implicit rewards on unpaired rows (prompt, completion, label)")
+                                 "a KTO policy's implicit rewards on unpaired rows (prompt, completion, label); "
+                                 "none: the preference accuracy of log pi alone (CPO, SimPO, ORPO)")
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("configs", help="list the configs shipped with rlhfkit (for --config NAME)")
     p.set_defaults(func=cmd_configs)
