@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from rlhfkit.losses.dpo import dpo_loss, plackett_luce_loss
@@ -248,5 +249,7 @@ def test_orpo_gradient_is_the_closed_form_and_finite_at_certainty():
     loss, _ = dpo_loss(torch.tensor([-1.0]), certain, torch.zeros(1), torch.zeros(1), beta, loss_type="orpo",
                        lengths=(torch.tensor([1.0]), torch.tensor([1.0])))
     loss.backward()
-    expected = -beta * math.log(_sig(odds_of(-1.0) - odds_of(ODDS_CAP)))
-    assert math.isfinite(certain.grad.item()) and abs(loss.item() - expected) < 1e-5
+    gap = odds_of(-1.0) - odds_of(ODDS_CAP)
+    assert abs(loss.item() - -beta * math.log(_sig(gap))) < 1e-5
+    # the cap's gradient, not 0: the certain rejected answer is pushed down (beta sigma(-gap) / (1 - e^cap))
+    assert certain.grad.item() == pytest.approx(beta * _sig(-gap) / -math.expm1(ODDS_CAP), rel=1e-3)

@@ -77,6 +77,12 @@ def test_first_loss_is_the_papers_by_hand_with_no_reference(tiny, tmp_path, meth
     assert summary["reference"] == "none"
     if method != "simpo":
         assert abs(first["train/nll_chosen"] - nll.item()) < 1e-5
+    if method == "orpo":  # TRL's ORPO metrics
+        gap = log_odds(sw / nw) - log_odds(sl / nl)
+        assert abs(first["train/log_odds_chosen"] - gap.mean().item()) < 1e-5
+        assert abs(first["train/log_odds_ratio"] - F.logsigmoid(gap).mean().item()) < 1e-5
+    else:
+        assert "train/log_odds_chosen" not in first
 
 
 def test_reference_free_settings_refused_by_name():
@@ -91,6 +97,13 @@ def test_reference_free_settings_refused_by_name():
         CPOConfig(simpo_gamma=1.0)
     with pytest.raises(ConfigError, match="alphapo is TRL's; AlphaPO"):
         CPOConfig(loss_type="alphapo")
+    for anchored in ("sppo_hard", "apo_zero", "apo_down", "nca_pair"):  # they pull log pi toward a fixed value
+        with pytest.raises(ConfigError, match=f"loss_type={anchored} pulls each answer's log-ratio toward a fixed "
+                                              "value, and with reference=none"):
+            CPOConfig(loss_type=anchored)
+    assert CPOConfig(loss_type="sigmoid:0.5,hinge:0.5").reference == "none"  # forms on the margin mix
+    with pytest.raises(ConfigError, match="ld_alpha weighs DPO's sums; loss_type=orpo reads each answer's mean"):
+        ORPOConfig(ld_alpha=0.5)
     cfg = replace(CPOConfig(), loss_type="simpo", rpo_alpha=0.0, simpo_gamma=1.0)
     assert (cfg.reference, cfg.simpo_gamma, cfg.train.out_dir) == ("none", 1.0, "runs/cpo")
     orpo = ORPOConfig()

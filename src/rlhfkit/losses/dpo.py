@@ -62,7 +62,8 @@ CPOTrainer and ORPOTrainer):
     orpo, ORPO's odds-ratio term (Hong et al. 2024, eqs. 4 and 7; lambda = beta), on the answers'
     per-token mean log-probs a = log pi(y|x) / |y|, the odds of P = e^a being P / (1 - P):
         L = -beta log sigma( log odds(y_w) - log odds(y_l) ),   log odds(y) = a - log(1 - e^a)
-    with a capped at ODDS_CAP (P = 1 has infinite odds: NaN gradients, as TRL's form has there).
+    with a's value capped at ODDS_CAP (P = 1 has infinite odds: NaN gradients, as TRL's form has
+    there) and its gradient that of the cap above it, so a near-certain rejected answer is still pushed down.
     ORPO's whole loss adds the chosen answers' NLL (RPO's term above, weight 1).
 
 f-DPO (Wang et al. 2023, "Beyond Reverse KL: Generalizing Direct Preference Optimization with
@@ -150,9 +151,10 @@ ODDS_CAP = -1e-6  # ORPO: a mean log-prob above it is read as it (P <= 1 - 1e-6:
 
 
 def log_odds(mean_logps: torch.Tensor) -> torch.Tensor:
-    """log(P / (1 - P)) of P = exp(a), a the (B,) mean log-probs, capped at ODDS_CAP; log(1 - e^a)
-    as log(-expm1(a)) near 0 and log1p(-e^a) below -log 2 (each where it keeps its digits)."""
-    a = mean_logps.clamp(max=ODDS_CAP)
+    """log(P / (1 - P)) of P = exp(a), a the (B,) mean log-probs, capped at ODDS_CAP (its value; the
+    gradient above the cap is the cap's, not 0); log(1 - e^a) as log(-expm1(a)) near 0 and
+    log1p(-e^a) below -log 2 (each where it keeps its digits)."""
+    a = mean_logps - (mean_logps - mean_logps.clamp(max=ODDS_CAP)).detach()
     return a - torch.where(a < -math.log(2), torch.log1p(-torch.exp(a)), torch.log(-torch.expm1(a)))
 
 
@@ -181,6 +183,9 @@ PAIR_LOSSES = {
 SMOOTHED = ("sigmoid", "robust", "exo_pair", "simpo")  # the forms that read label_smoothing
 PER_TOKEN = ("ipo", "sigmoid_norm", "simpo", "orpo")  # the forms that read the answers' lengths
 REFERENCE_FREE = ("orpo",)  # forms of log-probs alone (reference=none): the odds of a log-ratio mean nothing
+# the forms that read w and l only through their margin (and simpo, orpo): those that pull w or l toward a fixed
+# value (nca_pair, sppo_hard, apo_zero, apo_down) need log-ratios, as log pi of a whole answer is far below 0
+ON_THE_MARGIN = ("sigmoid", "robust", "exo_pair", "ipo", "sigmoid_norm", "hinge", "discopop", "simpo", "orpo")
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 F_DIVERGENCE_FORMS = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop")  # on the margin
 
@@ -232,7 +237,12 @@ def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chose
     if pair_weights is not None:
         losses = losses * pair_weights
     denom = chosen_logps.shape[0] if num_pairs is None else max(float(num_pairs), 1.0)
-    return losses.sum() / denom, _sums(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps)
+    sums = _sums(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps)
+    if "orpo" in dict(weighted):  # TRL's ORPO metrics: the log odds ratio and its log sigma
+        w, l = pairs.per_token  # noqa: E741
+        gap = (log_odds(w) - log_odds(l)).detach()
+        sums.update(log_odds_chosen=gap.sum(), log_odds_ratio=F.logsigmoid(gap).sum())
+    return losses.sum() / denom, sums
 
 
 def chosen_nll(chosen_logps: torch.Tensor, num_tokens: float):

@@ -12,7 +12,9 @@ without the NLL: ``rpo_alpha=0``). TRL's other CPO forms are DPO's on log-probs:
 
 It is DPO's loop (methods/dpo.py) with ``reference=none``: no reference is loaded, copied or
 precomputed, and every form of losses/dpo.py reads log pi(y|x) where DPO reads log(pi / pi_ref).
-CPOConfig only changes defaults, to those of TRL's CPOConfig; every DPO key can be set over them.
+CPOConfig only changes defaults, to TRL's CPOConfig's beta, loss_type, cpo_alpha and simpo_gamma (the
+learning rate and max_length stay rlhfkit's); every DPO key can be set over them. Without a reference
+only the forms on the margin are taken (losses/dpo.py ``ON_THE_MARGIN``).
 """
 
 from __future__ import annotations

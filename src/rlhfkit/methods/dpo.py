@@ -26,6 +26,7 @@ from ..data.rows import DataError, Row, read_rows, source_name
 from ..losses.dpo import (
     F_DIVERGENCE_FORMS,
     F_DIVERGENCES,
+    ON_THE_MARGIN,
     PAIR_LOSSES,
     PER_TOKEN,
     REFERENCE_FREE,
@@ -83,7 +84,7 @@ REFERENCE_MODES = ("precompute", "forward", "none")
 
 @dataclass(frozen=True)
 class DPOConfig:
-    model: str = ""  # the SFT model (the reference is a frozen copy of it)
+    model: str = ""  # the SFT model (the reference is a frozen copy of it, but with reference=none)
     tokenizer: str | None = None
     train_data: str = ""  # pairs (prompt, chosen, rejected) or rankings (prompt, completions best first)
     eval_data: str | None = None  # held-out pairs or rankings: preference accuracy
@@ -140,6 +141,15 @@ class DPOConfig:
             raise ConfigError(f"loss_type={','.join(free)} reads the answers' own probabilities (their odds), not "
                               f"ratios to a reference: set reference=none (`rlhfkit orpo` does)",
                               keys=["loss_type", "reference"])
+        if self.reference == "none" and (anchored := [f for f in forms if f not in ON_THE_MARGIN]):
+            raise ConfigError(f"loss_type={','.join(anchored)} pulls each answer's log-ratio toward a fixed value, and "
+                              f"with reference=none that is log pi of a whole answer, far below 0: it needs a "
+                              f"reference (the forms on the margin take none: {', '.join(ON_THE_MARGIN)})",
+                              keys=["loss_type", "reference"])
+        if self.ld_alpha is not None and (means := [f for f in forms if f in ("simpo", "orpo")]):
+            raise ConfigError(f"ld_alpha weighs DPO's sums; loss_type={','.join(means)} reads each answer's mean "
+                              "log-prob over all its tokens (SimPO's and ORPO's), which LD-DPO's weights would bias",
+                              keys=["ld_alpha", "loss_type"])
         if self.reference == "none" and self.f_divergence_type != "reverse_kl":
             raise ConfigError("f_divergence_type reads the ratio to a reference, and reference=none has none "
                               "(TRL's CPO alpha, AlphaPO's reward shape, is not here)",
@@ -352,6 +362,7 @@ def dpo_objective(settings: DPOLoss, reference: Reference | None = None, router_
         metrics = {k: sums[k] / prompts for k in ("rewards_chosen", "rewards_rejected", "margin",
                                                     "logps_chosen", "logps_rejected")}
         metrics["preference_accuracy"] = sums["correct"] / max(totals["pairs"], 1.0)
+        metrics.update({k: sums[k] / prompts for k in ("log_odds_chosen", "log_odds_ratio") if k in sums})  # ORPO's
         if use_weighting:  # the pairs' WPO weights, a mean over all ranks' pairs
             metrics["pair_weight"] = weights.sum() / max(totals["prompts"], 1.0)
         if settings.rpo_alpha > 0:
@@ -466,7 +477,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
     per_token = per_token_reward(cfg)  # SimPO's and ORPO's reward: the mean log-prob
     # the start model's, kept in the checkpoints: a run resumed after the SFT phase holds the untuned model here
     before = run.state.get("before") or {
-        "accuracy_before": run.start_eval(accuracy())["accuracy"] if prompts else None,  # 0.5 below: policy == ref
+        "accuracy_before": run.start_eval(accuracy())["accuracy"] if prompts else None,  # 0.5 below, policy == ref (none: log pi)
         "preference_accuracy_before": preference_accuracy(model, pref_eval, pad, per_token=per_token) if pref_eval else None}
     run.keep["before"] = before
     if cfg.reference == "precompute":

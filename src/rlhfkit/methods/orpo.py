@@ -6,13 +6,15 @@ eqs. 4-7): supervised fine-tuning and preference alignment in one loss, with no 
     odds(y|x) = P(y|x) / (1 - P(y|x)),   P(y|x) = exp( 1/|y| sum_t log pi(y_t | x, y_<t) )
 
 lambda is ``beta`` (TRL's name, its default 0.1), L_OR is losses/dpo.py's ``orpo`` form, and the
-NLL is ``rpo_alpha`` x the chosen answers' NLL per token over the batch (weight 1, the paper's).
+NLL is ``rpo_alpha`` x the chosen answers' NLL per token over the batch (weight 1, the paper's;
+the mean over the batch's tokens is TRL's and the paper's code's, the paper writes one per answer).
 The NLL is over the answers' tokens, the paper's L_SFT of y_w given x; TRL's ORPOTrainer and the
 paper's code (by default) count the prompt's tokens too.
 
 It is DPO's loop (methods/dpo.py) with ``reference=none``; ORPOConfig only changes defaults, to
-those of TRL's ORPOConfig. The rewards it logs (and the held-out preference accuracy) are beta
-times each answer's mean log-prob, as TRL logs them.
+TRL's ORPOConfig's beta (the learning rate and max_length stay rlhfkit's). The rewards it logs
+(and the held-out preference accuracy) are beta times each answer's mean log-prob, as TRL logs
+them, beside TRL's ``log_odds_chosen`` and ``log_odds_ratio``.
 """
 
 from __future__ import annotations

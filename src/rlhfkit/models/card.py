@@ -14,7 +14,10 @@ from pathlib import Path
 import yaml
 
 METHOD_NAMES = {"sft": "supervised fine-tuning (SFT)", "rm": "a reward model (Bradley-Terry / K-way rankings)",
-                "dpo": "DPO (direct preference optimization)", "grpo": "GRPO (group relative policy optimization)",
+                "dpo": "DPO (direct preference optimization)",
+                "cpo": "CPO / SimPO (preference optimization with no reference model)",
+                "orpo": "ORPO (odds-ratio preference optimization: SFT and preferences in one loss, no reference model)",
+                "grpo": "GRPO (group relative policy optimization)",
                 "rloo": "RLOO (REINFORCE with a leave-one-out baseline)",
                 "kto": "KTO (Kahneman-Tversky optimization on unpaired answers)",
                 "ppo": "PPO (InstructGPT stage 3)",
