@@ -59,6 +59,10 @@ def _jobs(rank: int, out: Path, assets: dict) -> dict:
     # distillation on answers each prompt draws alike wherever it is sampled: the test runs it in one process
     RUNS["distill"](method_config("distill", assets["tiny"], out / "distill-seeded", 3, log_every=1,
                                   strategy="replicate"), backend=seeded_backend(assets["tiny"]))
+    # TR-DPO's sync in GRPO, every optimizer step, sharded and replicated (the same samples): the test compares them
+    for strategy in ("fsdp", "replicate"):
+        RUNS["grpo"](replace(method_config("grpo", assets["tiny"], out / f"grpo-tr-{strategy}", 3, log_every=1,
+                                           strategy=strategy), sync_ref_model=True, ref_model_sync_steps=1))
     # ORPO, sharded: no reference model; the test runs it in one process
     RUNS["orpo"](method_config("orpo", assets["tiny"], out / "orpo-tiny-fsdp", 3, log_every=1, strategy="fsdp"))
     # TR-DPO, sharded: each rank mixes its shards of the reference; the last step's checkpoint holds them

@@ -152,6 +152,20 @@ def test_distillations_token_mean_over_two_ranks_is_one_processs(two_ranks, tiny
     _assert_same_weights(out / "distill-seeded", tmp_path / "one")
 
 
+def test_grpos_reference_sync_sharded_equals_replicated(two_ranks):
+    """GRPO with TR-DPO's sync after every optimizer step (mu=2: two a rollout step), each rank mixing
+    its shards of the reference: the KL's reference moves as the replicated run's does (the same
+    samples), so the losses, KL and weights agree; the KL is not 0 after the first moves."""
+    out, _ = two_ranks
+    sharded, replicated = out / "grpo-tr-fsdp", out / "grpo-tr-replicate"
+    for key in ("train/loss", "train/grad_norm", "train/kl"):
+        assert _losses(sharded, key) == pytest.approx(_losses(replicated, key), rel=1e-5, abs=1e-6)
+    assert len(_losses(sharded)) == 3
+    plain = _losses(out / "grpo-tiny-fsdp", "train/kl")  # the same run without the sync
+    assert _losses(sharded, "train/kl")[1:] != pytest.approx(plain[1:], rel=1e-3)  # the reference moved
+    _assert_same_weights(sharded, replicated)
+
+
 def test_tr_dpo_sharded_is_one_processs_and_its_reference_resumes_from_the_shards(two_ranks, tiny, tmp_path):
     """TR-DPO under FSDP2, the reference moved every step: each rank mixes its shards, giving one
     process's losses and weights; the sharded checkpoint holds the moved reference, so one process
