@@ -104,6 +104,8 @@ def _jobs(rank: int, out: Path, assets: dict) -> dict:
     RUNS["sft"](replace(cfg("cut22"), train__resume=True))
     RUNS["sft"](replace(cfg("cut12"), train__resume=True))  # cut in one process by the test: 1 -> 2
     RUNS["sft"](replace(cfg("cut12-whole"), train__resume=True))  # cut there unsharded: into the shards
+    RUNS["dpo"](tr_dpo_config(assets["tiny"], out / "dpo-tr-whole", 4, sync_steps=1, strategy="fsdp", save_every=2,
+                              resume=True))  # TR-DPO cut there unsharded: its whole reference into the shards
     # GRPO and PPO on 2 replicated ranks: each rank's sampling RNG must come back on resume
     for method in ("grpo", "ppo"):
         online = lambda name: method_config(method, assets["tiny"], out / name, 4, log_every=1, save_every=2)  # noqa: E731

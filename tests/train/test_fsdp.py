@@ -73,6 +73,10 @@ def _cut_in_one_process(tiny, out: Path) -> None:
                 RUNS["sft"](method_config("sft", tiny, out / name, 4, log_every=1, strategy=strategy, save_every=2))
             except Killed:
                 pass
+        try:  # TR-DPO, its moved reference in reference.safetensors: the 2 ranks resume it into shards
+            RUNS["dpo"](tr_dpo_config(tiny, out / "dpo-tr-whole", 4, sync_steps=1, strategy="replicate", save_every=2))
+        except Killed:
+            pass
     finally:
         run_module.Run.step_done = original
 
@@ -169,9 +173,13 @@ def test_grpos_reference_sync_sharded_equals_replicated(two_ranks):
 def test_tr_dpo_sharded_is_one_processs_and_its_reference_resumes_from_the_shards(two_ranks, tiny, tmp_path):
     """TR-DPO under FSDP2, the reference moved every step: each rank mixes its shards, giving one
     process's losses and weights; the sharded checkpoint holds the moved reference, so one process
-    resuming it for a 4th step gives the 4th step of a straight one-process run."""
+    resuming it for a 4th step gives the 4th step of a straight one-process run; and the 2 ranks
+    resume a replicated run's checkpoint (the reference whole) into shards, to the same steps."""
     out, _ = two_ranks
     RUNS["dpo"](tr_dpo_config(tiny, tmp_path / "one", 4, sync_steps=1))
+    # a replicated run's checkpoint (the reference whole) resumed by the 2 ranks into shards: the same steps 3, 4
+    assert not (out / "dpo-tr-whole" / "checkpoints" / "step-0000002" / "dcp").exists()
+    assert _losses(out / "dpo-tr-whole")[2:] == pytest.approx(_losses(tmp_path / "one")[2:], rel=1e-5)
     sharded = out / "dpo-tr"
     for key in ("train/loss", "train/grad_norm"):
         assert _losses(sharded, key) == pytest.approx(_losses(tmp_path / "one", key)[:3], rel=1e-5)
