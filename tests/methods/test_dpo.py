@@ -298,9 +298,12 @@ def test_use_weighting_weighs_each_pair_by_wpos_weights_computed_by_hand(tiny):
     assert abs(float(metrics["pair_weight"]) - float(weights.mean())) < 1e-5
     rpo = dpo_objective(DPOLoss(beta=0.5, rpo_alpha=1.0, use_weighting=True), Reference(module=reference))
     with torch.no_grad():
-        nll = float(rpo.loss(model, plain, rpo.counts(plain))[1]["nll_chosen"])
+        rpo_loss, rpo_metrics = rpo.loss(model, plain, rpo.counts(plain))
     chosen_tokens = rpo.counts(plain)["chosen_tokens"]
-    assert nll == pytest.approx(float(-(weights * logps[:, 0]).sum()) / chosen_tokens, rel=1e-5)  # TRL weighs it too
+    weighted = float(-(weights * logps[:, 0]).sum()) / chosen_tokens  # TRL weighs the NLL term too
+    assert float(rpo_loss) == pytest.approx(float((weights * per_pair).mean()) + weighted, rel=1e-5)
+    # the logged nll_chosen is the plain NLL, as its name says
+    assert float(rpo_metrics["nll_chosen"]) == pytest.approx(float(-logps[:, 0].sum()) / chosen_tokens, rel=1e-5)
     loss.backward()  # the weights hold no graph: the gradient is that of the weighted per-pair losses
     grad = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()

@@ -90,8 +90,8 @@ def test_reference_free_settings_refused_by_name():
         DPOConfig(loss_type="orpo")
     with pytest.raises(ConfigError, match="f_divergence_type reads the ratio to a reference, and reference=none"):
         ORPOConfig(f_divergence_type="forward_kl")
-    with pytest.raises(ConfigError, match="sync_ref_model=true moves the reference .* with reference=none there is "
-                                          "no reference to move: set reference=forward"):
+    with pytest.raises(ConfigError, match="sync_ref_model=true moves the reference during training, and "
+                                          "reference=none has none to move .*: leave it out"):
         CPOConfig(sync_ref_model=True)
     with pytest.raises(ConfigError, match="simpo_gamma=1.0 is used by loss_type=simpo only"):
         CPOConfig(simpo_gamma=1.0)

@@ -27,6 +27,7 @@ from .dpo import DPOConfig, run_dpo
 
 @dataclass(frozen=True)
 class CPOConfig(DPOConfig):
+    model: str = ""  # the model to align, an SFT model as a rule (there is no reference model)
     reference: str = "none"  # no reference model: the forms read log pi itself
     rpo_alpha: float = 1.0  # CPO's alpha (TRL's cpo_alpha): the chosen answers' NLL per token; SimPO's paper uses 0
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/cpo"))

@@ -151,8 +151,7 @@ class DPOConfig:
                               "log-prob over all its tokens (SimPO's and ORPO's), which LD-DPO's weights would bias",
                               keys=["ld_alpha", "loss_type"])
         if self.reference == "none" and self.f_divergence_type != "reverse_kl":
-            raise ConfigError("f_divergence_type reads the ratio to a reference, and reference=none has none "
-                              "(TRL's CPO alpha, AlphaPO's reward shape, is not here)",
+            raise ConfigError("f_divergence_type reads the ratio to a reference, and reference=none has none",
                               keys=["f_divergence_type", "reference"])
         used_only_with("discopop_tau", self.discopop_tau, DPOConfig.discopop_tau, "discopop" in forms,
                        "loss_type=discopop")
@@ -180,11 +179,13 @@ class DPOConfig:
                        self.f_divergence_type == "alpha_divergence", "f_divergence_type=alpha_divergence")
         within("ld_alpha", self.ld_alpha, 0, 1)
         check_reference_sync(self)
+        if self.sync_ref_model and self.reference == "none":
+            raise ConfigError("sync_ref_model=true moves the reference during training, and reference=none has "
+                              "none to move (CPO, SimPO and ORPO compare the policy with itself): leave it out",
+                              keys=["sync_ref_model", "reference"])
         if self.sync_ref_model and self.reference != "forward":
-            why = ("there is no reference to move" if self.reference == "none" else
-                   "its log-probs cannot be precomputed (TRL refuses precompute_ref_log_probs with it too)")
-            raise ConfigError(f"sync_ref_model=true moves the reference during training, and with "
-                              f"reference={self.reference} {why}: set reference=forward",
+            raise ConfigError("sync_ref_model=true moves the reference during training, so its log-probs cannot be "
+                              "precomputed: set reference=forward (TRL refuses precompute_ref_log_probs with it too)",
                               keys=["sync_ref_model", "reference"])
 
 
@@ -371,7 +372,9 @@ def dpo_objective(settings: DPOLoss, reference: Reference | None = None, router_
                 chosen = chosen * weights
             nll = chosen_nll(chosen, totals["chosen_tokens"])
             value = value + settings.rpo_alpha * nll
-            metrics["nll_chosen"] = nll.detach()
+            # the plain NLL (with use_weighting the loss's term is weighed pair by pair)
+            plain = nll if weights is None else chosen_nll(batch.grid(out.plain)[:, 0], totals["chosen_tokens"])
+            metrics["nll_chosen"] = plain.detach()
         return balance.add_to(value, metrics, 1 / totals["forwards"]), metrics
 
     return Objective(counts, loss)

@@ -398,9 +398,10 @@ TRL_NAMES = {"learning_rate": "train.lr", "num_train_epochs": "train.epochs", "m
              "vespo_k_pos": "nothing: VESPO's loss is not here (loss_type grpo, dapo, dr_grpo, cispo, sapo, luspo, rloo)",
              "use_adaptive_entropy": "entropy_coef (a fixed weight: TRL's adaptive control is not here)",
              "vllm_mode": "rollout.backend=vllm (an engine colocated with the trainer; TRL's server mode is not here)",
-             "disable_dropout": "nothing: RM, DPO, GRPO, PPO and distillation always train with dropout off (TRL's "
-                                "default for RM and DPO; TRL's GRPO and distillation keep dropout unless "
-                                "disable_dropout=true)",
+             "disable_dropout": "nothing: every method but SFT and the PRM trains with dropout off (RM, DPO, CPO, "
+                                "ORPO, KTO, GRPO, RLOO, PPO, distillation; TRL turns it off by default in RM, DPO, "
+                                "CPO and ORPO, and in GRPO and distillation only with disable_dropout=true)",
+             "is_encoder_decoder": "nothing: rlhfkit trains decoder-only causal LMs",
              "shuffle_dataset": "nothing: the rows are shuffled each epoch, by train.seed",
              "teacher_model_name_or_path": "teacher",
              "cpo_alpha": "rpo_alpha (the chosen answers' NLL per token; `rlhfkit cpo` and `rlhfkit orpo` weigh it 1)",
