@@ -6,6 +6,7 @@ from rlhfkit.methods.distill import DistillConfig, run_distill
 from rlhfkit.methods.dpo import DPOConfig, run_dpo
 from rlhfkit.methods.grpo import GRPOConfig, run_grpo
 from rlhfkit.methods.kto import KTOConfig, run_kto
+from rlhfkit.methods.online_dpo import OnlineDPOConfig, run_online_dpo
 from rlhfkit.methods.orpo import ORPOConfig
 from rlhfkit.methods.ppo import PPOConfig, run_ppo
 from rlhfkit.methods.prm import PRMConfig, run_prm
@@ -17,6 +18,14 @@ from rlhfkit.methods.sft import SFTConfig, run_sft
 def digits(prompts, completions, **_):
     """A reward that an untrained model's samples vary on: the share of digits in the completion."""
     return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+
+
+def first_of_rank0(prompts, completions, **_):
+    """A judge that prefers only rank 0's first answer (1, all else 0): one untied pair over all ranks."""
+    import os
+
+    first = os.environ.get("RANK", "0") == "0"
+    return [1.0 if first and i == 0 else 0.0 for i in range(len(completions))]
 
 
 def even_answer_digits(prompts, completions, answer, **_):
@@ -73,7 +82,8 @@ def dynamic_sampling_config(tiny, out, steps: int, **train):
                    rewards="exact_answer", max_sampling_rounds=12)
 
 
-RUNS = {"sft": run_sft, "rm": run_rm, "dpo": run_dpo, "orpo": run_dpo, "grpo": lambda cfg: run_grpo(cfg, reward_fns=[digits]),
+RUNS = {"sft": run_sft, "rm": run_rm, "dpo": run_dpo, "orpo": run_dpo,
+        "online_dpo": lambda cfg, **kw: run_online_dpo(cfg, **{"reward_fns": [digits], **kw}), "grpo": lambda cfg: run_grpo(cfg, reward_fns=[digits]),
         "ppo": run_ppo, "prm": run_prm, "kto": run_kto, "rloo": lambda cfg: run_rloo(cfg, reward_fns=[digits]),
         "distill": run_distill}
 METHODS = tuple(RUNS)
@@ -175,6 +185,10 @@ def method_config(name: str, tiny, out, steps: int, **train):
         return (GRPOConfig if name == "grpo" else RLOOConfig)(
             model=base, train_data=small(tiny, "prompts_train.jsonl"), group_size=4, prompts_per_step=4,
             max_new_tokens=6, rewards="contains_answer", mu=2, train=quiet_train(out, max_steps=steps, **online))
+    if name == "online_dpo":
+        return OnlineDPOConfig(model=base, train_data=small(tiny, "prompts_train.jsonl"), prompts_per_step=4,
+                               max_new_tokens=6, beta=0.5, temperature=1.0,
+                               train=quiet_train(out, max_steps=steps, **online))
     if name == "distill":
         return DistillConfig(model=base, teacher=teacher_folder(tiny), train_data=small(tiny, "prompts_train.jsonl"),
                              prompts_per_step=4, max_new_tokens=6, beta=0.5,

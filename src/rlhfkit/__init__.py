@@ -1,5 +1,5 @@
 """rlhfkit: align language models with human feedback (SFT, reward models, PPO, DPO, CPO, SimPO,
-ORPO, KTO, GRPO, RLOO, PRMs, on-policy distillation).
+ORPO, online DPO, KTO, GRPO, RLOO, PRMs, on-policy distillation).
 
     from rlhfkit import SFTConfig, TrainConfig, run_sft
     run_sft(SFTConfig(model="tiny/base", train_data="sft.jsonl", train=TrainConfig(epochs=1)))
@@ -15,7 +15,7 @@ Layers, each importing only the ones above it in this list:
     models   loading and saving Hugging Face folders, the tiny default, model cards
     rollout  sampling and scoring
     train    the shared machinery: run skeleton, optimizer step, checkpoints, logging, plots
-    methods  one file per method (sft, rm, dpo, cpo, orpo, kto, grpo, rloo, ppo, prm, distill)
+    methods  one file per method (sft, rm, dpo, cpo, orpo, online_dpo, kto, grpo, rloo, ppo, prm, distill)
     cli      the `rlhfkit` command
 """
 
@@ -31,6 +31,7 @@ _EXPORTS = {
     "rlhfkit.methods.dpo": ("DPOConfig", "run_dpo"),
     "rlhfkit.methods.cpo": ("CPOConfig", "run_cpo"),
     "rlhfkit.methods.orpo": ("ORPOConfig", "run_orpo"),
+    "rlhfkit.methods.online_dpo": ("OnlineDPOConfig", "run_online_dpo"),
     "rlhfkit.methods.kto": ("KTOConfig", "run_kto"),
     "rlhfkit.methods.grpo": ("GRPOConfig", "run_grpo"),
     "rlhfkit.methods.rloo": ("RLOOConfig", "run_rloo"),

@@ -309,6 +309,31 @@ def test_orpo_and_cpo_clis_train_with_no_reference_and_resume(tiny, tmp_path):
     assert (result["preference_accuracy"], result["preference_accuracy_per_token"]) == (by_sum, by_token)
 
 
+def test_online_dpo_cli_judged_by_a_reward_model(tiny, tmp_path):
+    """`rlhfkit online_dpo --config online_dpo_tiny` from the tiny base, each pair judged by a reward
+    model (rm:PATH): the run records its settings, logs the model's scores and ties, moves the
+    weights, and answers TRL's OnlineDPO names."""
+    from methods_setup import reward_folder
+    from transformers import AutoModelForCausalLM
+
+    common = ("--config", "online_dpo_tiny", f"model={tiny['base']}", f"train_data={tiny['data'] / 'prompts_train.jsonl'}",
+              "eval_data=null", "train.eval_every=0", "eval_max_new_tokens=32", "prompts_per_step=8", "train.progress=false",
+              "train.log_every=1")
+    out = rlhfkit("online_dpo", *common, f"rewards=rm:{reward_folder(tiny)}", f"train.out_dir={tmp_path / 'odpo'}",
+                  "train.max_steps=2", "train.lr=1e-2")
+    assert out.returncode == 0, out.stderr
+    recorded = yaml.safe_load((tmp_path / "odpo" / "config.yaml").read_text())
+    assert (recorded["ties"], recorded["temperature"], recorded["rewards"]) == ("skip", 0.9, f"rm:{reward_folder(tiny)}")
+    logged = [m for m in read_metrics(tmp_path / "odpo") if "train/reward_mean" in m]
+    assert len(logged) == 2 and all("train/reward/rm_mean" in m and m["train/tied_pairs"] < 1 for m in logged)
+    assert logged[0]["train/loss"] == pytest.approx(0.6931, abs=1e-4)  # the policy is its reference at step 1
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "odpo" / "model")
+    base = AutoModelForCausalLM.from_pretrained(tiny["base"])
+    assert not torch.equal(model.lm_head.weight, base.lm_head.weight)
+    bad = rlhfkit("online_dpo", *common, "reward_model_path=x", f"train.out_dir={tmp_path / 'x'}")
+    assert bad.returncode == 2 and "reward_model_path -> rewards (rm:PATH" in bad.stderr
+
+
 def test_distill_cli_writes_a_plain_transformers_folder_and_answers_trls_names(tiny, tmp_path):
     """`rlhfkit distill --config distill_tiny` with the tiny base as its student: the first loss is
     the divergence to another model (positive), the folder loads in plain transformers and differs

@@ -37,10 +37,11 @@ def test_grpo_and_ppo_help_say_train_batch_size_is_not_theirs():
     assert "not read" not in line
 
 
-@pytest.mark.parametrize("method", ["sft", "rm", "dpo", "cpo", "orpo", "kto", "grpo", "rloo", "ppo", "distill"])
+@pytest.mark.parametrize("method", ["sft", "rm", "dpo", "cpo", "orpo", "online_dpo", "kto", "grpo", "rloo", "ppo",
+                                    "distill"])
 def test_every_config_field_of_every_method_has_a_description(method):
     cls = {"sft": api.SFTConfig, "rm": api.RMConfig, "dpo": api.DPOConfig, "cpo": api.CPOConfig,
-           "orpo": api.ORPOConfig, "kto": api.KTOConfig,
+           "orpo": api.ORPOConfig, "online_dpo": api.OnlineDPOConfig, "kto": api.KTOConfig,
            "grpo": api.GRPOConfig, "rloo": api.RLOOConfig, "ppo": api.PPOConfig, "distill": api.DistillConfig}[method]
     missing = [name for name, _, _, description in field_rows(cls) if not description]
     assert missing == []
@@ -49,9 +50,9 @@ def test_every_config_field_of_every_method_has_a_description(method):
 def test_configs_command_lists_the_shipped_configs():
     out = rlhfkit("configs")
     assert out.returncode == 0
-    for name in ("sft_tiny", "rm_tiny", "dpo_tiny", "cpo_tiny", "orpo_tiny", "kto_tiny", "grpo_tiny", "rloo_tiny",
-                 "ppo_tiny", "prm_tiny", "distill_tiny"):
-        assert f"rlhfkit {name.split('_')[0]} --config {name}" in out.stdout
+    for name in ("sft_tiny", "rm_tiny", "dpo_tiny", "cpo_tiny", "orpo_tiny", "online_dpo_tiny", "kto_tiny",
+                 "grpo_tiny", "rloo_tiny", "ppo_tiny", "prm_tiny", "distill_tiny"):
+        assert f"rlhfkit {name.rsplit('_', 1)[0]} --config {name}" in out.stdout
 
 
 def test_a_cards_base_model_is_a_hub_id_only():
@@ -158,6 +159,7 @@ def test_the_shipped_configs_chain():
     from rlhfkit.methods.dpo import DPOConfig
     from rlhfkit.methods.grpo import GRPOConfig
     from rlhfkit.methods.kto import KTOConfig
+    from rlhfkit.methods.online_dpo import OnlineDPOConfig
     from rlhfkit.methods.orpo import ORPOConfig
     from rlhfkit.methods.ppo import PPOConfig
     from rlhfkit.methods.rloo import RLOOConfig
@@ -171,6 +173,7 @@ def test_the_shipped_configs_chain():
         written.add(f"{sft.train.out_dir}/snapshot")
     assert rm.model in written
     for cls, name in ((DPOConfig, "dpo_tiny"), (CPOConfig, "cpo_tiny"), (ORPOConfig, "orpo_tiny"), (KTOConfig, "kto_tiny"),
+                      (OnlineDPOConfig, "online_dpo_tiny"),
                       (GRPOConfig, "grpo_tiny"), (RLOOConfig, "rloo_tiny"),
                       (PPOConfig, "ppo_tiny")):
         cfg = load_config(cls, resolve_config(name))

@@ -20,6 +20,7 @@ from methods_setup import (  # noqa: E402
     RUNS,
     dynamic_sampling_config,
     even_answer_digits,
+    first_of_rank0,
     gkd_config,
     greedy_ppo_with_ptx,
     method_config,
@@ -35,7 +36,8 @@ from rlhfkit.train.config import replace  # noqa: E402
 
 METHODS = ("sft", "rm", "dpo", "kto", "grpo", "rloo", "ppo", "distill")
 JOBS = [(m, model, "fsdp") for model in ("tiny", "qwen") for m in METHODS] + \
-       [(m, model, "replicate") for model in ("tiny", "qwen") for m in ("grpo", "rloo", "ppo", "distill")]
+       [(m, model, "replicate") for model in ("tiny", "qwen") for m in ("grpo", "rloo", "ppo", "distill")] + \
+       [("online_dpo", model, strategy) for model in ("tiny", "qwen") for strategy in ("fsdp", "replicate")]
 
 
 class Killed(BaseException):
@@ -63,6 +65,11 @@ def _jobs(rank: int, out: Path, assets: dict) -> dict:
     for strategy in ("fsdp", "replicate"):
         RUNS["grpo"](replace(method_config("grpo", assets["tiny"], out / f"grpo-tr-{strategy}", 3, log_every=1,
                                            strategy=strategy), sync_ref_model=True, ref_model_sync_steps=1))
+    # online DPO with one untied pair in all (rank 0's first prompt): rank 1 is dealt none and forwards one at
+    # zero weight; sharded and replicated, the test compares them
+    for strategy in ("fsdp", "replicate"):
+        RUNS["online_dpo"](method_config("online_dpo", assets["tiny"], out / f"online_dpo-one-pair-{strategy}", 3,
+                                         log_every=1, strategy=strategy), reward_fns=[first_of_rank0])
     # ORPO, sharded: no reference model; the test runs it in one process
     RUNS["orpo"](method_config("orpo", assets["tiny"], out / "orpo-tiny-fsdp", 3, log_every=1, strategy="fsdp"))
     # TR-DPO, sharded: each rank mixes its shards of the reference; the last step's checkpoint holds them

@@ -134,7 +134,7 @@ def test_offline_methods_on_two_sharded_ranks_equal_one_process(method, model, t
 
 
 @pytest.mark.parametrize("model", ["tiny", "qwen"])
-@pytest.mark.parametrize("method", ["grpo", "rloo", "ppo", "distill"])
+@pytest.mark.parametrize("method", ["grpo", "rloo", "ppo", "distill", "online_dpo"])
 def test_online_methods_sharded_equal_replicated_on_the_same_samples(method, model, two_ranks):
     # Each rank samples with its own seed, so 2 ranks cannot draw one process's samples; with the
     # same ranks and seeds, fsdp and replicate (tested equal to one process) sample alike.
@@ -154,6 +154,18 @@ def test_distillations_token_mean_over_two_ranks_is_one_processs(two_ranks, tiny
         assert _losses(out / "distill-seeded", key) == pytest.approx(_losses(tmp_path / "one", key), rel=1e-5)
     assert len(_losses(out / "distill-seeded")) == 3
     _assert_same_weights(out / "distill-seeded", tmp_path / "one")
+
+
+def test_online_dpo_with_a_rank_dealt_no_pair_sharded_equals_replicated(two_ranks):
+    """One untied pair in all: rank 1 forwards one at zero weight (joining the backward's collectives);
+    the step is that pair's alone, sharded or replicated, and it is taken (the loss moves off ln 2)."""
+    out, _ = two_ranks
+    sharded, replicated = out / "online_dpo-one-pair-fsdp", out / "online_dpo-one-pair-replicate"
+    for key in ("train/loss", "train/grad_norm", "train/tied_pairs"):
+        assert _losses(sharded, key) == pytest.approx(_losses(replicated, key), rel=1e-5, abs=1e-7)
+    assert _losses(sharded, "train/tied_pairs") == [0.75] * 3  # 3 of the 4 prompts tied
+    assert _losses(sharded, "train/update_skipped") == [0.0] * 3 and abs(_losses(sharded)[-1] - 0.6931) > 1e-3
+    _assert_same_weights(sharded, replicated)
 
 
 def test_grpos_reference_sync_sharded_equals_replicated(two_ranks):

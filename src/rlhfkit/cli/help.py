@@ -105,5 +105,5 @@ def shipped_configs() -> list[tuple[str, str, str]]:
         values = yaml.safe_load(path.read_text()) or {}
         name = path.name.removesuffix(".yaml")
         line = f"{values.get('model', '?')} on {values.get('train_data', '?')}"
-        out.append((name, name.split("_")[0], line))
+        out.append((name, name.rsplit("_", 1)[0], line))
     return out

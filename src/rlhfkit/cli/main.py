@@ -21,6 +21,7 @@ def _methods() -> dict:
     from ..methods.dpo import DPOConfig, run_dpo
     from ..methods.grpo import GRPOConfig, run_grpo
     from ..methods.kto import KTOConfig, run_kto
+    from ..methods.online_dpo import OnlineDPOConfig, run_online_dpo
     from ..methods.orpo import ORPOConfig, run_orpo
     from ..methods.ppo import PPOConfig, run_ppo
     from ..methods.prm import PRMConfig, run_prm
@@ -29,7 +30,8 @@ def _methods() -> dict:
     from ..methods.sft import SFTConfig, run_sft
 
     return {"sft": (SFTConfig, run_sft), "rm": (RMConfig, run_rm), "dpo": (DPOConfig, run_dpo),
-            "cpo": (CPOConfig, run_cpo), "orpo": (ORPOConfig, run_orpo), "kto": (KTOConfig, run_kto), "grpo": (GRPOConfig, run_grpo), "rloo": (RLOOConfig, run_rloo),
+            "cpo": (CPOConfig, run_cpo), "orpo": (ORPOConfig, run_orpo), "kto": (KTOConfig, run_kto),
+            "online_dpo": (OnlineDPOConfig, run_online_dpo), "grpo": (GRPOConfig, run_grpo), "rloo": (RLOOConfig, run_rloo),
             "ppo": (PPOConfig, run_ppo), "prm": (PRMConfig, run_prm), "distill": (DistillConfig, run_distill)}
 
 
@@ -41,6 +43,8 @@ METHOD_HELP = {
            "DPO's keys, other defaults",
     "orpo": "ORPO: SFT and an odds-ratio preference term in one loss, no reference model (TRL's ORPOTrainer); "
             "DPO's keys, other defaults",
+    "online_dpo": "online DPO: DPO on pairs the policy samples as it trains, judged by rewards or a reward model "
+                  "(TRL's OnlineDPOTrainer)",
     "kto": "KTO on unpaired answers labelled desirable or not (or pairs, read as two such answers)",
     "prm": "process reward model on step-labelled rows, saved as a ...ForTokenClassification folder "
            "(readout=head) or as the causal LM it reads (readout=likelihood)",

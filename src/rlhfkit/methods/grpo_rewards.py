@@ -118,6 +118,7 @@ def load_model_rewards(cfg: GRPOConfig, rewards: Rewards, tokenizer, device: str
     functions = [RewardModelReward(f.path, tokenizer, device, f.name, chunk) if isinstance(f, ModelReward) else f
                  for f in rewards.functions]
     process = rewards.process
-    if process is None and cfg.process_reward and cfg.process_reward.startswith("prm:"):
-        process = ProcessRewardModelReward(cfg.process_reward[4:], tokenizer, device, chunk)
+    spec = getattr(cfg, "process_reward", None)  # GRPO's; online DPO has outcome rewards only
+    if process is None and spec and spec.startswith("prm:"):
+        process = ProcessRewardModelReward(spec[4:], tokenizer, device, chunk)
     return Rewards(functions, rewards.weights, process)

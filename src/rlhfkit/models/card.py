@@ -17,6 +17,7 @@ METHOD_NAMES = {"sft": "supervised fine-tuning (SFT)", "rm": "a reward model (Br
                 "dpo": "DPO (direct preference optimization)",
                 "cpo": "CPO / SimPO (preference optimization with no reference model)",
                 "orpo": "ORPO (odds-ratio preference optimization: SFT and preferences in one loss, no reference model)",
+                "online_dpo": "online DPO (DPO on pairs the model samples, judged as they are drawn)",
                 "grpo": "GRPO (group relative policy optimization)",
                 "rloo": "RLOO (REINFORCE with a leave-one-out baseline)",
                 "kto": "KTO (Kahneman-Tversky optimization on unpaired answers)",

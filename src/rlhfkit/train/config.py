@@ -444,6 +444,14 @@ HINT_ONLY_WITH = {"loss_weights": "rpo_alpha", "steps_per_generation": "group_si
 # TRL's names whose answer depends on the method reading them, each winning over TRL_NAMES where it
 # applies (the first that does): (names, a field the method has or None, a field it lacks or None, answer)
 BY_METHOD = [
+    *(((k,), "ties", None, v) for k, v in {  # online DPO (TRL's OnlineDPOTrainer)
+        "reward_model_path": "rewards (rm:PATH, a reward model as the judge of each pair)",
+        "reward_funcs": "rewards (name[:weight],...; from Python: run_online_dpo(cfg, reward_fns=[...]))",
+        "judge": "nothing: each pair is judged by its rewards (functions or rm:PATH); an LLM judge can be a reward "
+                 "function of yours",
+        "num_generations": "nothing: online DPO samples two answers a prompt, a pair, as TRL's",
+        "max_length": "nothing: prompts are not cut (one longer than the model's positions with max_new_tokens is "
+                      "refused before training, with its row)"}.items()),
     (("padding_free",), None, "packing",  # DPO's and GRPO's own padding-free layout
      "share_prompt (each prompt once, then its answers, no padding between them; on by default)"),
     (("precompute_ref_log_probs", "precompute_ref_batch_size"), "desirable_weight", None,  # KTO
