@@ -28,6 +28,14 @@ def first_of_rank0(prompts, completions, **_):
     return [1.0 if first and i == 0 else 0.0 for i in range(len(completions))]
 
 
+def three_pairs(prompts, completions, **_):
+    """A judge with three untied pairs over 2 ranks of 2 prompts each: both of rank 0's, rank 1's first."""
+    import os
+
+    untied = 2 if os.environ.get("RANK", "0") == "0" else 1
+    return [1.0 if i % 2 == 0 and i // 2 < untied else 0.0 for i in range(len(completions))]
+
+
 def even_answer_digits(prompts, completions, answer, **_):
     """``digits`` where the row's answer is even, 0 elsewhere: odd answers' groups carry no signal."""
     return [digits([p], [c])[0] if int(a) % 2 == 0 else 0.0 for p, c, a in zip(prompts, completions, answer)]

@@ -27,6 +27,7 @@ from methods_setup import (  # noqa: E402
     seeded_backend,
     small,
     teacher_folder,
+    three_pairs,
     tr_dpo_config,
 )
 
@@ -70,6 +71,9 @@ def _jobs(rank: int, out: Path, assets: dict) -> dict:
     for strategy in ("fsdp", "replicate"):
         RUNS["online_dpo"](method_config("online_dpo", assets["tiny"], out / f"online_dpo-one-pair-{strategy}", 3,
                                          log_every=1, strategy=strategy), reward_fns=[first_of_rank0])
+        # three pairs, one a forward: dealt 2 and 1, so rank 1 adds a forward at zero weight (FSDP2's collectives)
+        RUNS["online_dpo"](method_config("online_dpo", assets["tiny"], out / f"online_dpo-three-{strategy}", 3,
+                                         log_every=1, strategy=strategy, micro_batch_size=1), reward_fns=[three_pairs])
     # ORPO, sharded: no reference model; the test runs it in one process
     RUNS["orpo"](method_config("orpo", assets["tiny"], out / "orpo-tiny-fsdp", 3, log_every=1, strategy="fsdp"))
     # TR-DPO, sharded: each rank mixes its shards of the reference; the last step's checkpoint holds them

@@ -156,14 +156,16 @@ def test_distillations_token_mean_over_two_ranks_is_one_processs(two_ranks, tiny
     _assert_same_weights(out / "distill-seeded", tmp_path / "one")
 
 
-def test_online_dpo_with_a_rank_dealt_no_pair_sharded_equals_replicated(two_ranks):
-    """One untied pair in all: rank 1 forwards one at zero weight (joining the backward's collectives);
-    the step is that pair's alone, sharded or replicated, and it is taken (the loss moves off ln 2)."""
+@pytest.mark.parametrize("job, tied", [("one-pair", 0.75), ("three", 0.25)])
+def test_online_dpo_with_uneven_ranks_sharded_equals_replicated(two_ranks, job, tied):
+    """One untied pair in all (rank 1 is dealt none), or three forwarded one a forward (dealt 2 and 1):
+    the rank with fewer forwards adds some at zero weight, joining FSDP2's collectives; the steps are
+    the pairs' alone, sharded or replicated, and they are taken (the loss moves off ln 2)."""
     out, _ = two_ranks
-    sharded, replicated = out / "online_dpo-one-pair-fsdp", out / "online_dpo-one-pair-replicate"
+    sharded, replicated = out / f"online_dpo-{job}-fsdp", out / f"online_dpo-{job}-replicate"
     for key in ("train/loss", "train/grad_norm", "train/tied_pairs"):
         assert _losses(sharded, key) == pytest.approx(_losses(replicated, key), rel=1e-5, abs=1e-7)
-    assert _losses(sharded, "train/tied_pairs") == [0.75] * 3  # 3 of the 4 prompts tied
+    assert _losses(sharded, "train/tied_pairs") == [tied] * 3
     assert _losses(sharded, "train/update_skipped") == [0.0] * 3 and abs(_losses(sharded)[-1] - 0.6931) > 1e-3
     _assert_same_weights(sharded, replicated)
 

@@ -18,7 +18,6 @@ from types import SimpleNamespace
 import torch
 
 from ..data.encode import check_prompts, row_chunks
-from ..data.formats import user_prompt
 from ..data.rows import read_rows, source_name
 from ..losses.grpo import (
     REDUCTIONS,
@@ -38,15 +37,12 @@ from ..models.load import disable_dropout, load_causal_lm, load_tokenizer
 from ..models.reward import is_likelihood_prm, is_token_classifier
 from ..rollout.backend import SamplingParams, make_backend
 from ..rollout.evaluate import row_prompt_ids
-from ..rollout.reward_models import RewardModelReward
 from ..rollout.rewards import (
     RESERVED,
-    as_completions,
     call_reward,
     reward_fields,
-    score_outcomes,
 )
-from ..rollout.sampler import Samples, completion_logprobs, decode
+from ..rollout.sampler import Samples, completion_logprobs
 from ..tasks import PROCESS_REWARDS, TASK_CHOICES
 from ..train.balance import balanced_groups
 from ..train.config import (
@@ -93,12 +89,15 @@ from .grpo_batch import (
 )
 from .grpo_rewards import (
     Rewards,
+    bind,
+    check_learned_rewards,
     load_model_rewards,
     model_folder,
     parse_rewards,
     recorded_config,
     replaced_rewards,
     resolve_rewards,
+    score_samples,
 )
 
 
@@ -364,11 +363,6 @@ def rloo_advantages(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig
     return normalised_over_batch(batch, run.info, scored=scored), metrics
 
 
-def bind(fn, samples: Samples, rows: list):
-    """A learned reward (rollout/reward_models.py) bound to this step's samples; a function as it is."""
-    return fn.bind(samples, rows) if hasattr(fn, "bind") else fn
-
-
 def rollout(backend, tokenizer, rows, cfg: GRPOConfig, rewards: Rewards, trainer_state=None) -> Rollout:
     """Sample, score and compute advantages for one batch of prompt rows. ``trainer_state``: what
     rewards that take it get (``global_step``, ``max_steps``, as TRL's)."""
@@ -376,25 +370,17 @@ def rollout(backend, tokenizer, rows, cfg: GRPOConfig, rewards: Rewards, trainer
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.group_size)
     samples = backend.generate(row_prompt_ids(tokenizer, rows), params)
     generation_s = time.time() - start
-    texts = decode(tokenizer, samples)
-    prompts = [user_prompt(r) for r in rows for _ in range(cfg.group_size)]  # text, or chat messages
-    completions = as_completions(texts, prompts)  # text, or one assistant message each
-    keys = sorted({k for r in rows for k in r.data} - {"prompt", "messages"})
-    fields = {k: [r.data.get(k) for r in rows for _ in range(cfg.group_size)] for k in keys}
-    ids = [[t for t, m in zip(row, mask) if m and t != tokenizer.eos_token_id]
-           for row, mask in zip(samples.completion_ids.tolist(), samples.completion_mask.tolist())]
-    passed = {"completion_ids": ids, "trainer_state": trainer_state}
-    per_sample = [r for r in rows for _ in range(cfg.group_size)]
-    functions = [bind(f, samples, per_sample) for f in rewards.functions]  # learned rewards see the samples
-    outcome = score_outcomes(functions, rewards.weights, prompts, completions, fields, cfg.reward_errors,
-                             cfg.reward_timeout_s, **passed)
+    scored = score_samples(tokenizer, samples, rows, cfg.group_size, rewards, cfg.reward_errors, cfg.reward_timeout_s,
+                           trainer_state)
+    outcome, prompts, completions, fields, passed = (scored.outcome, scored.prompts, scored.completions,
+                                                     scored.fields, scored.passed)
     if cfg.overlong_buffer:  # DAPO: long answers lose reward over the buffer before max_new_tokens
         penalty = overlong_penalty(samples.completion_mask.sum(-1).cpu(), cfg.max_new_tokens, cfg.overlong_buffer,
                                    cfg.overlong_penalty)
         outcome = replace(outcome, rewards=outcome.rewards + penalty,
                           per_function={**outcome.per_function, "overlong": penalty})
     advantages, steps = advantages_for(cfg, samples, completions, prompts, passed, fields, tokenizer,
-                                       bind(rewards.process, samples, per_sample), outcome, rewards.weights)
+                                       bind(rewards.process, samples, scored.rows), outcome, rewards.weights)
     if steps is not None:  # logged as reward/process_mean: what the update learns from (the outcome is not)
         outcome = replace(outcome, per_function={**outcome.per_function, "process": steps})
     advantages = advantages.to(samples.completion_ids.device)
@@ -654,12 +640,7 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
     check_positions(run, policy, report.longest, cfg.max_new_tokens)
     check_positions(run, policy, longest_prompt(eval_rows, tokenizer), cfg.eval_max_new_tokens)
     rewards = load_model_rewards(cfg, rewards, tokenizer, run.device)
-    for learned in [f for f in [*rewards.functions, rewards.process] if hasattr(f, "model")]:
-        check_positions(run, learned.model, report.longest, cfg.max_new_tokens)
-    learned = [f for f in rewards.functions if isinstance(f, RewardModelReward)]
-    retokenised = {f"reward/{f.__name__}_retokenised": float(f.retokenise) for f in learned}
-    for f in filter(lambda f: f.retokenise, learned):
-        run.say(f"reward {f.__name__}: its tokenizer differs from the policy's; prompts and completions are re-tokenised")
+    retokenised = check_learned_rewards(run, rewards, report.longest, cfg.max_new_tokens)
     reference = frozen_reference(run, policy, cfg.model, tokenizer, cfg.lora.enabled) if cfg.beta != 0 else None
     backend = backend or make_backend(cfg.rollout, tokenizer, policy, copy=run.shards_models,  # before sharding
                                       out_dir=tc.out_dir)

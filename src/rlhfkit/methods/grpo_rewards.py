@@ -1,7 +1,8 @@
 """GRPO's rewards as its config names them: shipped rule rewards, reward-model folders (``rm:PATH``),
 Python callables (``module:function``, ``file.py:function``), their weights, and a process
-reward (a shipped rule or ``prm:PATH``); resolved once, and recorded as the run used them.
-methods/grpo.py calls these.
+reward (a shipped rule or ``prm:PATH``); resolved once, recorded as the run used them, and
+scored on a batch of samples (``score_samples``). methods/grpo.py and methods/online_dpo.py
+(outcome rewards only: its config has no ``process_reward`` or ``overlong_buffer``) call these.
 """
 
 from __future__ import annotations
@@ -9,11 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ..data.formats import user_prompt
 from ..models.reward import is_sequence_classifier
 from ..rollout.reward_models import ProcessRewardModelReward, RewardModelReward
-from ..rollout.rewards import load_callable
+from ..rollout.rewards import OutcomeScores, as_completions, load_callable, score_outcomes
+from ..rollout.sampler import Samples, decode
 from ..tasks import OUTCOME_REWARDS, PROCESS_REWARDS
 from ..train.config import ConfigError, choice, plain_dict
+from .common import check_positions
 
 if TYPE_CHECKING:
     from .grpo import GRPOConfig
@@ -74,19 +78,21 @@ def resolve_rewards(cfg: GRPOConfig, functions=None, weights=None, process=None)
     weights = weights if weights is not None else parsed or [1.0] * len(functions)
     if len(weights) != len(functions):
         raise ConfigError(f"{len(functions)} reward functions but {len(weights)} weights")
-    if process is None and cfg.process_reward and not cfg.process_reward.startswith("prm:"):
-        process = PROCESS_REWARDS[cfg.process_reward]
+    spec = getattr(cfg, "process_reward", None)
+    if process is None and spec and not spec.startswith("prm:"):
+        process = PROCESS_REWARDS[spec]
     named = [getattr(f, "name", None) or getattr(f, "__name__", type(f).__name__) for f in functions]
-    if cfg.overlong_buffer and "overlong" in named:
+    if getattr(cfg, "overlong_buffer", 0) and "overlong" in named:
         raise ConfigError("a reward named 'overlong' would be logged under the name of overlong_buffer's "
                           "penalty (reward/overlong_mean); rename it")
-    if (process or cfg.process_reward) and "process" in named:
+    if (process or spec) and "process" in named:
         raise ConfigError("a reward named 'process' would be logged under the name of the process reward's "
                           "step rewards (reward/process_mean); rename it")
     return Rewards(list(functions), list(weights), process)
 
 
-def recorded_config(cfg: GRPOConfig, rewards: Rewards, functions_passed: bool, process_passed: bool) -> dict:
+def recorded_config(cfg: GRPOConfig, rewards: Rewards, functions_passed: bool, process_passed: bool = False,
+                    caller: str = "run_grpo") -> dict:
     """The config as config.yaml, the checkpoints and the model card record it: the rewards passed
     from Python named in place of the config's own, which they replace (``replaced_rewards``)."""
     def name(fn) -> str:
@@ -95,18 +101,19 @@ def recorded_config(cfg: GRPOConfig, rewards: Rewards, functions_passed: bool, p
     config = plain_dict(cfg)
     if functions_passed:
         config["rewards"] = ",".join(f"{name(f)}:{w:g}" for f, w in zip(rewards.functions, rewards.weights)) \
-            + " (Python callables passed to run_grpo)"
+            + f" (Python callables passed to {caller})"
     if process_passed:
         config["process_reward"] = f"{name(rewards.process)} (a Python callable passed to run_grpo)"
     return config
 
 
-def replaced_rewards(cfg: GRPOConfig, functions_passed: bool, process_passed: bool) -> list[str]:
+def replaced_rewards(cfg: GRPOConfig, functions_passed: bool, process_passed: bool = False,
+                     caller: str = "run_grpo") -> list[str]:
     """What the config set that the rewards passed from Python replace, to be said."""
     said = []
     if functions_passed and cfg.rewards != type(cfg).rewards:  # its default
-        said.append(f"rewards={cfg.rewards!r} in the config is replaced by the reward functions passed to run_grpo")
-    if process_passed and cfg.process_reward is not None:
+        said.append(f"rewards={cfg.rewards!r} in the config is replaced by the reward functions passed to {caller}")
+    if process_passed and getattr(cfg, "process_reward", None) is not None:
         said.append(f"process_reward={cfg.process_reward!r} in the config is replaced by the process reward passed "
                     "to run_grpo")
     return said
@@ -122,3 +129,50 @@ def load_model_rewards(cfg: GRPOConfig, rewards: Rewards, tokenizer, device: str
     if process is None and spec and spec.startswith("prm:"):
         process = ProcessRewardModelReward(spec[4:], tokenizer, device, chunk)
     return Rewards(functions, rewards.weights, process)
+
+
+def check_learned_rewards(run, rewards: Rewards, longest: tuple[int, str], new_tokens: int) -> dict:
+    """Every learned reward's model checked against the longest prompt with ``new_tokens`` (its
+    positions), and a reward model with another tokenizer said; returns the metrics that record the
+    latter (``reward/NAME_retokenised``)."""
+    for learned in [f for f in [*rewards.functions, rewards.process] if hasattr(f, "model")]:
+        check_positions(run, learned.model, longest, new_tokens)
+    models = [f for f in rewards.functions if isinstance(f, RewardModelReward)]
+    for f in filter(lambda f: f.retokenise, models):
+        run.say(f"reward {f.__name__}: its tokenizer differs from the policy's; prompts and completions are re-tokenised")
+    return {f"reward/{f.__name__}_retokenised": float(f.retokenise) for f in models}
+
+
+def bind(fn, samples: Samples, rows: list):
+    """A learned reward (rollout/reward_models.py) bound to this step's samples; a function as it is."""
+    return fn.bind(samples, rows) if hasattr(fn, "bind") else fn
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A batch of samples as the rewards read them, and their outcome scores."""
+
+    outcome: OutcomeScores
+    prompts: list  # one per sample: text, or chat messages
+    completions: list  # text, or one assistant message each
+    fields: dict  # the rows' other fields, one value per sample
+    passed: dict  # completion_ids, trainer_state
+    rows: list  # the row of each sample
+
+
+def score_samples(tokenizer, samples: Samples, rows: list, group: int, rewards: Rewards, on_error: str,
+                  timeout_s: float, trainer_state) -> Scored:
+    """Every outcome reward on ``samples``, ``group`` consecutive samples per row of ``rows``
+    (learned rewards bound to them), with what TRL passes a reward function: the prompts, the
+    completions, the rows' other fields, ``completion_ids`` (without EOS) and ``trainer_state``."""
+    prompts = [user_prompt(r) for r in rows for _ in range(group)]
+    completions = as_completions(decode(tokenizer, samples), prompts)
+    keys = sorted({k for r in rows for k in r.data} - {"prompt", "messages"})
+    fields = {k: [r.data.get(k) for r in rows for _ in range(group)] for k in keys}
+    ids = [[t for t, m in zip(row, mask) if m and t != tokenizer.eos_token_id]
+           for row, mask in zip(samples.completion_ids.tolist(), samples.completion_mask.tolist())]
+    passed = {"completion_ids": ids, "trainer_state": trainer_state}
+    per_sample = [r for r in rows for _ in range(group)]
+    functions = [bind(f, samples, per_sample) for f in rewards.functions]
+    outcome = score_outcomes(functions, rewards.weights, prompts, completions, fields, on_error, timeout_s, **passed)
+    return Scored(outcome, prompts, completions, fields, passed, per_sample)

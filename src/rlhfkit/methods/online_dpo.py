@@ -26,15 +26,13 @@ from types import SimpleNamespace
 
 import torch
 
-from ..data.encode import check_prompts
-from ..data.formats import user_prompt
+from ..data.encode import check_prompts, to_device
 from ..data.prefs import RankingExample
 from ..data.rows import read_rows, source_name
 from ..models.load import disable_dropout, load_causal_lm, load_tokenizer
 from ..rollout.backend import SamplingParams, make_backend
 from ..rollout.evaluate import row_prompt_ids
-from ..rollout.rewards import RESERVED, as_completions, reward_fields, score_outcomes
-from ..rollout.sampler import decode
+from ..rollout.rewards import RESERVED, reward_fields
 from ..tasks import TASK_CHOICES
 from ..train.config import (
     ConfigError,
@@ -48,7 +46,7 @@ from ..train.config import (
     within,
 )
 from ..train.dist import all_gather_object
-from ..train.loop import BatchOrder, Objective, _sum_dicts, accumulate, reduce_dict
+from ..train.loop import BatchOrder, reduce_dict, step_on
 from ..train.optim import build_optimizer, build_scheduler
 from ..train.run import start_run
 from .common import (
@@ -61,7 +59,15 @@ from .common import (
     refuse_offline_batch_fields,
 )
 from .dpo import DPOLoss, dpo_objective, loss_forms
-from .grpo_rewards import Rewards, load_model_rewards, parse_rewards
+from .grpo_rewards import (
+    check_learned_rewards,
+    load_model_rewards,
+    parse_rewards,
+    recorded_config,
+    replaced_rewards,
+    resolve_rewards,
+    score_samples,
+)
 
 TIES = ("skip", "first")
 
@@ -98,10 +104,11 @@ class OnlineDPOConfig:
         choice("reward_errors", self.reward_errors, ("raise", "zero"))
         choice("eval_task", self.eval_task, TASK_CHOICES)
         names = [name for name, _ in loss_forms(self.loss_type)]
-        if refused := [n for n in names if n in ("orpo", "exo_pair")]:
+        if refused := [n for n in names if n in ("orpo", "simpo", "exo_pair")]:
             raise ConfigError(f"loss_type={','.join(refused)}: online DPO takes DPO's forms against its reference "
-                              "that need no other setting (orpo reads no reference; exo_pair needs label_smoothing)",
+                              "(orpo and simpo read no reference; exo_pair needs a label_smoothing, not a key here)",
                               keys=["loss_type"])
+        parse_rewards(self.rewards)  # names and rm: folders checked now, before any model loads
         positive("beta", self.beta)
         positive("temperature", self.temperature, " (online DPO samples its pairs: greedy answers would be alike)")
         for key in ("prompts_per_step", "max_new_tokens", "eval_max_new_tokens"):
@@ -118,8 +125,8 @@ class OnlineDPOConfig:
 def judged_pairs(samples, prompt_ids: list, scores: torch.Tensor, ties: str) -> tuple[list, list[bool]]:
     """The two answers of each prompt (consecutive rows of ``samples``) as a ``RankingExample``
     pair, the better-scored first; with ``ties=skip`` a pair scored alike is left out, and a pair
-    with an answer every reward abstained on (a NaN score) is left out whatever ``ties`` says: it
-    is not judged. Returns the pairs and, per prompt, whether it was tied or unjudged."""
+    with a NaN score (not judged: see ``pair_scores``) is left out whatever ``ties`` says. Returns
+    the pairs and, per prompt, whether it was tied or not judged."""
     ids, mask = samples.completion_ids.tolist(), samples.completion_mask.tolist()
     answers = [[t for t, m in zip(row, keep) if m] for row, keep in zip(ids, mask)]
     pairs, tied = [], []
@@ -135,111 +142,108 @@ def judged_pairs(samples, prompt_ids: list, scores: torch.Tensor, ties: str) -> 
     return pairs, tied
 
 
-def judge(backend, tokenizer, rows: list, cfg: OnlineDPOConfig, rewards: Rewards, trainer_state) -> dict:
-    """Sample two answers per prompt row and score them: the pairs (``judged_pairs``) and the step's
-    statistics (sums over this rank's answers, to be summed over ranks)."""
+def pair_scores(outcome, finished: torch.Tensor, missing_eos_penalty: float | None) -> torch.Tensor:
+    """Each answer's score for judging its pair: the rewards' weighted sum, less TRL's
+    ``missing_eos_penalty`` where the answer did not end; NaN for both answers of a pair that
+    a reward abstained on (returned None) for one answer only (their sums would be over other
+    rewards) or for both of them with no reward left."""
+    scores = outcome.rewards.clone()
+    for values in outcome.per_function.values():
+        gone = torch.as_tensor(values).isnan()
+        mixed = gone[0::2] != gone[1::2]
+        scores[0::2][mixed] = scores[1::2][mixed] = float("nan")
+    if missing_eos_penalty is not None:
+        scores[~finished.cpu()] -= missing_eos_penalty
+    return scores
+
+
+def judge(backend, tokenizer, rows: list, cfg: OnlineDPOConfig, rewards, trainer_state) -> dict:
+    """Sample two answers per prompt row and score them: the pairs (``judged_pairs``), every
+    answer's score, and the step's counts (sums over this rank's answers, to be summed over ranks)."""
     start = time.time()
     prompt_ids = row_prompt_ids(tokenizer, rows)
     samples = backend.generate(prompt_ids, SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k,
                                                           cfg.top_p, num_samples=2))
     generation_s = time.time() - start
-    prompts = [user_prompt(r) for r in rows for _ in range(2)]
-    keys = sorted({k for r in rows for k in r.data} - {"prompt", "messages"})
-    fields = {k: [r.data.get(k) for r in rows for _ in range(2)] for k in keys}
-    eos, mask = tokenizer.eos_token_id, samples.completion_mask.bool()
-    ended = ((samples.completion_ids == eos) & mask).any(-1).cpu()
-    ids = [[t for t, m in zip(row, keep) if m and t != eos]
-           for row, keep in zip(samples.completion_ids.tolist(), mask.tolist())]
-    per_sample = [r for r in rows for _ in range(2)]
-    bound = [f.bind(samples, per_sample) if hasattr(f, "bind") else f for f in rewards.functions]
-    outcome = score_outcomes(bound, rewards.weights, prompts, as_completions(decode(tokenizer, samples), prompts),
-                             fields, cfg.reward_errors, cfg.reward_timeout_s, completion_ids=ids,
-                             trainer_state=trainer_state)
-    scores = outcome.rewards.clone()
-    if cfg.missing_eos_penalty is not None:  # TRL's: an answer cut at max_new_tokens scores less
-        scores[~ended] -= cfg.missing_eos_penalty
+    outcome = score_samples(tokenizer, samples, rows, 2, rewards, cfg.reward_errors, cfg.reward_timeout_s,
+                            trainer_state).outcome
+    scores = pair_scores(outcome, samples.finished, cfg.missing_eos_penalty)
     pairs, tied = judged_pairs(samples, prompt_ids, scores, cfg.ties)
-    scored, gaps = scores[~scores.isnan()], (scores[0::2] - scores[1::2]).abs()
-    sums = {"answers": len(scores), "scored": len(scored), "score": float(scored.sum()),
-            "score_sq": float((scored ** 2).sum()), "prompts": len(tied), "tied": sum(tied), "pairs": len(pairs),
-            "gap": float(gaps.nansum()), "judged": float((~gaps.isnan()).sum()), "clipped": float((~ended).sum()),
-            "tokens": float(mask.sum())}
-    for name, values in outcome.per_function.items():  # NaN where the reward abstained (returned None)
-        present = torch.as_tensor(values, dtype=torch.float64)
-        present = present[~present.isnan()]
-        sums.update({f"reward/{name}": float(present.sum()), f"reward/{name}#n": len(present),
-                     f"reward/{name}_errors": outcome.errors.get(name, 0)})
-    return {"pairs": pairs, "sums": sums, "time_generation_s": generation_s}
+    gaps = (scores[0::2] - scores[1::2]).abs()
+    counts = {"answers": len(scores), "prompts": len(tied), "tied": sum(tied), "pairs": len(pairs),
+              "gap": float(gaps.nansum()), "judged": float((~gaps.isnan()).sum()),
+              "clipped": float((~samples.finished).sum()), "tokens": float(samples.completion_mask.sum())}
+    for name, values in outcome.per_function.items():
+        counts[f"{name}_errors"] = outcome.errors.get(name, 0)
+    return {"pairs": pairs, "scores": scores, "per_function": outcome.per_function, "counts": counts,
+            "time_generation_s": generation_s}
 
 
-def judged_metrics(sums: dict) -> dict:
-    """The step's statistics over all ranks' answers and prompts (``judge``'s sums, summed over ranks)."""
-    n, scored, prompts = max(sums["answers"], 1.0), sums["scored"], max(sums["prompts"], 1.0)
-    mean = sums["score"] / scored if scored else float("nan")  # every reward abstained on every answer: NaN
-    var = max(sums["score_sq"] / max(scored, 1.0) - mean ** 2, 0.0) * scored / max(scored - 1, 1.0)  # torch's std
-    out = {"reward_mean": mean, "reward_std": var ** 0.5 if scored > 1 else 0.0, "tied_pairs": sums["tied"] / prompts,
-           "score_gap": sums["gap"] / max(sums["judged"], 1.0), "completion_clipped": sums["clipped"] / n,
-           "completion_len_mean": sums["tokens"] / n}
-    for key in [k for k in sums if k.startswith("reward/") and "#" not in k and not k.endswith("_errors")]:
-        count = sums[f"{key}#n"]
-        out[f"{key}_mean"] = sums[key] / count if count else float("nan")
-        out[f"{key}_errors"] = sums[f"{key}_errors"]
+def judged_metrics(judged: dict, info) -> dict:
+    """The step's statistics over every rank's answers: the scores' mean and std gathered whole
+    (NaN: not judged, left out), the shares of tied prompts and cut answers, and per reward its
+    mean (where it did not abstain) and errors."""
+    counts = reduce_dict(judged["counts"], info)
+    everyone = all_gather_object({"scores": judged["scores"].cpu(), **{
+        k: torch.as_tensor(v).cpu() for k, v in judged["per_function"].items()}}, info)
+    whole = {k: torch.cat([rank[k] for rank in everyone]) for k in everyone[0]}
+    n, prompts = max(counts["answers"], 1.0), max(counts["prompts"], 1.0)
+    out = {"tied_pairs": counts["tied"] / prompts, "score_gap": counts["gap"] / max(counts["judged"], 1.0),
+           "completion_clipped": counts["clipped"] / n, "completion_len_mean": counts["tokens"] / n,
+           "pairs": counts["pairs"]}
+    for key, values in whole.items():
+        present = values[~values.isnan()].double()
+        name = "reward" if key == "scores" else f"reward/{key}"
+        out[f"{name}_mean"] = present.mean().item() if present.numel() else float("nan")
+        out[f"{name}_std"] = present.std().item() if present.numel() > 1 else 0.0
+        if key != "scores":
+            out[f"{name}_errors"] = counts[f"{key}_errors"]
     return out
 
 
-def dpo_step(run, policy, pairs: list, objective, collate, micro_batch_size: int, dtype: str) -> tuple[dict, float]:
+def dpo_step(run, policy, pairs: list, objective, collate) -> tuple[dict, float]:
     """One optimizer step of DPO's loss on the step's pairs of every rank, dealt out afresh so that
-    each rank forwards about as many (a rank dealt none forwards one pair at zero weight: every rank
-    joins the backward's collectives). Returns the step's metric shares, with ``loss``."""
+    each rank forwards about as many, ``train.micro_batch_size`` pairs a forward. A rank dealt fewer
+    micro-batches than another (or none) forwards one pair more times at zero weight: under FSDP2
+    every forward and backward is a collective, so every rank runs as many. Returns the step's
+    metric shares (with ``loss``) and the gradient norm."""
     everyone = [p for part in all_gather_object(pairs, run.info) for p in part]
     mine = everyone[run.info.rank::run.info.world_size]
-    micro = micro_batch_size or max(len(mine), 1)  # pairs a forward (0: all of this rank's)
-    batches = [collate(mine[j: j + micro]) for j in range(0, len(mine), micro)] or [collate(everyone[:1])]
-    counted = _sum_dicts(objective.counts(b) for b in batches) if mine else {k: 0.0 for k in
-                                                                              objective.counts(batches[0])}
-    totals = reduce_dict(counted, run.info)
-    weight = 1.0 if mine else 0.0
-    loss, sums = accumulate(policy, batches, scaled(objective, weight), totals, dtype, run.device)
-    _, grad_norm = run.optimizer_step(loss)
-    return {"loss": loss, **sums}, grad_norm
-
-
-def scaled(objective: Objective, weight: float) -> Objective:
-    """``objective`` with its loss and metrics times ``weight`` (0: a forward that counts for nothing)."""
-    if weight == 1.0:
-        return objective
-
-    def loss(model, batch, totals):
-        value, metrics = objective.loss(model, batch, totals)
-        return value * weight, {k: v * weight for k, v in metrics.items()}
-
-    return Objective(objective.counts, loss)
+    per_rank = -(-len(everyone) // run.info.world_size)  # the most pairs a rank is dealt
+    micro = run.cfg.micro_batch_size or per_rank
+    batches = [to_device(collate(mine[j: j + micro]), run.device) for j in range(0, len(mine), micro)]
+    filler = to_device(collate(everyone[:1]), run.device)
+    most = -(-per_rank // micro)  # the busiest rank's forwards
+    idle = [filler] * (most - len(batches) if run.shards_models else int(not batches))
+    loss, shares, grad_norm = step_on(run, policy, batches, objective, idle)
+    return {"loss": loss, **shares}, grad_norm
 
 
 def run_online_dpo(cfg: OnlineDPOConfig, reward_fns: list | None = None, weights: list[float] | None = None,
                    backend=None) -> dict:
     """Train with online DPO. Python callers may pass their own reward callables (with ``weights``)
     and a rollout backend object (rollout/backend.py) in place of ``rollout.backend``'s."""
-    functions, parsed = (reward_fns, None) if reward_fns is not None else parse_rewards(cfg.rewards)
-    weights = weights if weights is not None else parsed or [1.0] * len(functions)
-    if len(weights) != len(functions):
-        raise ConfigError(f"{len(functions)} reward functions but {len(weights)} weights")
+    rewards = resolve_rewards(cfg, reward_fns, weights)
     refuse_offline_batch_fields("online_dpo", cfg.train)
     tc = cfg.train
-    run = start_run(tc, cfg, "online_dpo", unit="rollout step", show=("reward_mean",))
+    run = start_run(tc, recorded_config(cfg, rewards, reward_fns is not None, caller="run_online_dpo"), "online_dpo",
+                    unit="rollout step", show=("reward_mean",))
+    for line in replaced_rewards(cfg, reward_fns is not None, caller="run_online_dpo"):
+        run.say(line)
     if cfg.prompts_per_step % run.info.world_size:
         raise ConfigError(f"prompts_per_step={cfg.prompts_per_step} must divide over {run.info.world_size} ranks")
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
     rows, eval_rows = read_rows(cfg.train_data), held_out(cfg.eval_data, cfg.eval_limit, cfg.eval_task, run.say)
-    needed = sorted({f for fn in functions for f in reward_fields(fn)})
-    checks = {fn.row_check for fn in functions if hasattr(fn, "row_check")}
+    needed = sorted({f for fn in rewards.functions for f in reward_fields(fn)})
+    checks = {fn.row_check for fn in rewards.functions if hasattr(fn, "row_check")}
     report = check_prompts(rows, tokenizer, needed, RESERVED, checks)  # every row, before any model loads
     run.say(f"{source_name(cfg.train_data)}: {report.summary()}")
     policy = run.prepare(disable_dropout(load_causal_lm(cfg.model, tokenizer, device=run.device)), cfg.lora,
                          base=cfg.model, router_loss=True)
     check_positions(run, policy, report.longest, cfg.max_new_tokens)
     check_positions(run, policy, longest_prompt(eval_rows, tokenizer), cfg.eval_max_new_tokens)
-    rewards = load_model_rewards(cfg, Rewards(list(functions), list(weights)), tokenizer, run.device)
+    rewards = load_model_rewards(cfg, rewards, tokenizer, run.device)
+    retokenised = check_learned_rewards(run, rewards, report.longest, cfg.max_new_tokens)
     reference = frozen_reference(run, policy, cfg.model, tokenizer, cfg.lora.enabled)
     backend = backend or make_backend(cfg.rollout, tokenizer, policy, copy=run.shards_models, out_dir=tc.out_dir)
     run.shard(policy)
@@ -259,16 +263,13 @@ def run_online_dpo(cfg: OnlineDPOConfig, reward_fns: list | None = None, weights
         mine = [rows[i] for i in order.indices(step)[run.info.rank::run.info.world_size]]
         judged = judge(backend, tokenizer, mine, cfg, rewards,
                        SimpleNamespace(global_step=run.optimizer_steps, max_steps=total))  # TRL's names
-        sums = reduce_dict(judged["sums"], run.info)
-        means = {"time_generation_s": judged["time_generation_s"], "time_weight_sync_s": sync}
+        means = {**judged_metrics(judged, run.info), **retokenised, "time_generation_s": judged["time_generation_s"],
+                 "time_weight_sync_s": sync}
         shares = {}
-        if sums["pairs"] > 0:
-            shares, means["grad_norm"] = dpo_step(run, policy, judged["pairs"], objective, collate,
-                                                  tc.micro_batch_size, tc.dtype)
-        else:  # every pair of every rank tied (or unjudged): nothing to learn from, no optimizer step
-            means["update_skipped"] = 1.0
-        means.setdefault("update_skipped", 0.0)
-        run.step_done(means={**judged_metrics(sums), **means}, shares=shares, evaluate=evaluate)
+        if means["pairs"] > 0:
+            shares, means["grad_norm"] = dpo_step(run, policy, judged["pairs"], objective, collate)
+        means["update_skipped"] = float(means.pop("pairs") == 0)  # every pair tied or unjudged: no step
+        run.step_done(means=means, shares=shares, evaluate=evaluate)
     summary = {"accuracy_before": before.get("accuracy"), "reward_mean": run.metrics.get("reward_mean")}
     if run.evals:
         summary["accuracy"] = run.evals[-1]["accuracy"]

@@ -399,7 +399,7 @@ TRL_NAMES = {"learning_rate": "train.lr", "num_train_epochs": "train.epochs", "m
              "use_adaptive_entropy": "entropy_coef (a fixed weight: TRL's adaptive control is not here)",
              "vllm_mode": "rollout.backend=vllm (an engine colocated with the trainer; TRL's server mode is not here)",
              "disable_dropout": "nothing: every method but SFT and the PRM trains with dropout off (RM, DPO, CPO, "
-                                "ORPO, KTO, GRPO, RLOO, PPO, distillation; TRL turns it off by default in RM, DPO, "
+                                "ORPO, online DPO, KTO, GRPO, RLOO, PPO, distillation; TRL turns it off by default in RM, DPO, "
                                 "CPO and ORPO, and in GRPO and distillation only with disable_dropout=true)",
              "is_encoder_decoder": "nothing: rlhfkit trains decoder-only causal LMs",
              "shuffle_dataset": "nothing: the rows are shuffled each epoch, by train.seed",
@@ -450,6 +450,8 @@ BY_METHOD = [
         "judge": "nothing: each pair is judged by its rewards (functions or rm:PATH); an LLM judge can be a reward "
                  "function of yours",
         "num_generations": "nothing: online DPO samples two answers a prompt, a pair, as TRL's",
+        "per_device_train_batch_size": "prompts_per_step (prompts a step, over all ranks, two answers each; TRL's "
+                                       "OnlineDPO batch is per_device x ranks x gradient_accumulation_steps prompts)",
         "max_length": "nothing: prompts are not cut (one longer than the model's positions with max_new_tokens is "
                       "refused before training, with its row)"}.items()),
     (("padding_free",), None, "packing",  # DPO's and GRPO's own padding-free layout

@@ -83,6 +83,27 @@ def accumulate(model, batches: list, objective: Objective, totals: dict, dtype: 
     return loss_sum, sums
 
 
+def step_on(run: Run, model, batches: list, objective: Objective, idle: list = ()) -> tuple[torch.Tensor, dict, float]:
+    """One optimizer step on ``batches`` (this rank's micro-batches, on its device): the loss's
+    normalisers summed over every rank's batches first (``objective.counts``), then each
+    micro-batch's forward and backward, then the step. ``idle``: batches forwarded at zero weight,
+    counted nowhere, so that a rank with fewer (or no) batches of its own runs as many forwards as
+    the others (a sharded model's forwards are collectives). Returns (loss, metric shares, grad norm)."""
+    counts = _sum_dicts(objective.counts(b) for b in batches) if batches else \
+        {k: 0.0 for k in objective.counts(idle[0])}
+    totals = reduce_dict(counts, run.info)
+    loss, shares = accumulate(model, batches, objective, totals, run.cfg.dtype, run.device)
+    if idle:
+        def nothing(m, batch, totals):
+            value, metrics = objective.loss(m, batch, totals)
+            return value * 0.0, {k: v * 0.0 for k, v in metrics.items()}
+
+        _, zeros = accumulate(model, idle, Objective(objective.counts, nothing), totals, run.cfg.dtype, run.device)
+        shares = {**zeros, **shares}  # the same metrics on every rank (a rank without batches: 0 each)
+    _, grad_norm = run.optimizer_step(loss)
+    return loss, shares, grad_norm
+
+
 def train_offline(run: Run, model, examples: list, collate: Callable, objective: Objective,
                   eval_fn: Callable | None = None, what: str = "rows", after_step: Callable | None = None,
                   kept: dict | None = None) -> Run:
@@ -105,9 +126,7 @@ def train_offline(run: Run, model, examples: list, collate: Callable, objective:
         rows = order.indices(step)[info.rank::info.world_size]
         batches = [to_device(collate([examples[i] for i in rows[j: j + micro]]), run.device)
                    for j in range(0, per_rank, micro)]
-        totals = reduce_dict(_sum_dicts(objective.counts(b) for b in batches), info)
-        loss, shares = accumulate(model, batches, objective, totals, cfg.dtype, run.device)
-        _, grad_norm = run.optimizer_step(loss)
+        loss, shares, grad_norm = step_on(run, model, batches, objective)
         if after_step is not None:
             after_step(run.done + 1)
         run.step_done(means={"grad_norm": grad_norm}, shares={"loss": loss, **shares}, evaluate=evaluate,
