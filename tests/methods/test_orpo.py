@@ -113,8 +113,8 @@ def test_reference_free_settings_refused_by_name():
 @pytest.mark.slow
 def test_orpo_raises_exact_match_and_preference_accuracy(tiny, sft_run, tmp_path):
     """ORPO from the SFT snapshot (its SFT term and its odds-ratio term at once): greedy exact match
-    rises (measured 0.54 -> 0.77 in 150 steps) and so does the held-out preference accuracy by mean
-    log-prob (0.96 -> 0.99)."""
+    rises (measured 0.60 -> 0.77 in 150 steps) and so does the held-out preference accuracy by mean
+    log-prob (0.97 -> 0.99)."""
     data = tiny["data"]
     cfg = ORPOConfig(model=str(sft_run["out"] / "snapshot"), train_data=str(data / "prefs_train.jsonl"),
                      eval_data=str(data / "prefs_eval.jsonl"), eval_prompts=str(data / "prompts_eval.jsonl"),
