@@ -17,8 +17,7 @@ from types import SimpleNamespace
 
 import torch
 
-from ..data.encode import check_prompts, row_chunks
-from ..data.rows import read_rows, source_name
+from ..data.encode import row_chunks
 from ..losses.grpo import (
     REDUCTIONS,
     SAMPLING_CORRECTIONS,
@@ -38,9 +37,7 @@ from ..models.reward import is_likelihood_prm, is_token_classifier
 from ..rollout.backend import SamplingParams, make_backend
 from ..rollout.evaluate import row_prompt_ids
 from ..rollout.rewards import (
-    RESERVED,
     call_reward,
-    reward_fields,
 )
 from ..rollout.sampler import Samples, completion_logprobs
 from ..tasks import PROCESS_REWARDS, TASK_CHOICES
@@ -67,7 +64,6 @@ from .common import (
     check_positions,
     chunked_logprobs,
     frozen_reference,
-    held_out,
     longest_prompt,
     reference_sync,
     refuse_offline_batch_fields,
@@ -94,6 +90,7 @@ from .grpo_rewards import (
     load_model_rewards,
     model_folder,
     parse_rewards,
+    prompt_rows,
     recorded_config,
     replaced_rewards,
     resolve_rewards,
@@ -629,12 +626,7 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
         if (getattr(cfg, key) or 0) % run.info.world_size:
             raise ConfigError(f"{key}={getattr(cfg, key)} must divide over {run.info.world_size} ranks")
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
-    rows, eval_rows = read_rows(cfg.train_data), held_out(cfg.eval_data, cfg.eval_limit, cfg.eval_task, run.say)
-    functions = [fn for fn in [*rewards.functions, rewards.process] if fn is not None]
-    needed = sorted({f for fn in functions for f in reward_fields(fn)})
-    checks = {fn.row_check for fn in functions if hasattr(fn, "row_check")}  # @reads(..., check=): their values
-    report = check_prompts(rows, tokenizer, needed, RESERVED, checks)  # every row, before any model loads
-    run.say(f"{source_name(cfg.train_data)}: {report.summary()}")
+    rows, eval_rows, report = prompt_rows(run, cfg, tokenizer, [f for f in [*rewards.functions, rewards.process] if f])
     policy = run.prepare(disable_dropout(load_causal_lm(cfg.model, tokenizer, device=run.device)), cfg.lora,
                          base=cfg.model, router_loss=True)
     check_positions(run, policy, report.longest, cfg.max_new_tokens)

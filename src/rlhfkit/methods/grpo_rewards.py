@@ -10,14 +10,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ..data.encode import LengthReport, check_prompts
 from ..data.formats import user_prompt
+from ..data.rows import read_rows, source_name
 from ..models.reward import is_sequence_classifier
+from ..rollout.evaluate import HeldOut
 from ..rollout.reward_models import ProcessRewardModelReward, RewardModelReward
-from ..rollout.rewards import OutcomeScores, as_completions, load_callable, score_outcomes
+from ..rollout.rewards import (
+    RESERVED,
+    OutcomeScores,
+    as_completions,
+    load_callable,
+    reward_fields,
+    score_outcomes,
+)
 from ..rollout.sampler import Samples, decode
 from ..tasks import OUTCOME_REWARDS, PROCESS_REWARDS
 from ..train.config import ConfigError, choice, plain_dict
-from .common import check_positions
+from .common import check_positions, held_out
 
 if TYPE_CHECKING:
     from .grpo import GRPOConfig
@@ -129,6 +139,18 @@ def load_model_rewards(cfg: GRPOConfig, rewards: Rewards, tokenizer, device: str
     if process is None and spec and spec.startswith("prm:"):
         process = ProcessRewardModelReward(spec[4:], tokenizer, device, chunk)
     return Rewards(functions, rewards.weights, process)
+
+
+def prompt_rows(run, cfg, tokenizer, functions: list) -> tuple[list, HeldOut | None, LengthReport]:
+    """``cfg.train_data``'s prompt rows, every one checked before any model loads for the fields
+    ``functions`` read (and the values their ``@reads(..., check=)`` checks), said with their
+    lengths; and ``cfg.eval_data``'s held-out prompts. Returns (rows, held-out, length report)."""
+    rows, eval_rows = read_rows(cfg.train_data), held_out(cfg.eval_data, cfg.eval_limit, cfg.eval_task, run.say)
+    needed = sorted({f for fn in functions for f in reward_fields(fn)})
+    checks = {fn.row_check for fn in functions if hasattr(fn, "row_check")}
+    report = check_prompts(rows, tokenizer, needed, RESERVED, checks)
+    run.say(f"{source_name(cfg.train_data)}: {report.summary()}")
+    return rows, eval_rows, report
 
 
 def check_learned_rewards(run, rewards: Rewards, longest: tuple[int, str], new_tokens: int) -> dict:

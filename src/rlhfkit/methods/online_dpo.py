@@ -26,13 +26,11 @@ from types import SimpleNamespace
 
 import torch
 
-from ..data.encode import check_prompts, to_device
+from ..data.encode import to_device
 from ..data.prefs import RankingExample
-from ..data.rows import read_rows, source_name
 from ..models.load import disable_dropout, load_causal_lm, load_tokenizer
 from ..rollout.backend import SamplingParams, make_backend
 from ..rollout.evaluate import row_prompt_ids
-from ..rollout.rewards import RESERVED, reward_fields
 from ..tasks import TASK_CHOICES
 from ..train.config import (
     ConfigError,
@@ -53,7 +51,6 @@ from .common import (
     accuracy_eval,
     check_positions,
     frozen_reference,
-    held_out,
     longest_prompt,
     ranking_collate,
     refuse_offline_batch_fields,
@@ -63,6 +60,7 @@ from .grpo_rewards import (
     check_learned_rewards,
     load_model_rewards,
     parse_rewards,
+    prompt_rows,
     recorded_config,
     replaced_rewards,
     resolve_rewards,
@@ -233,11 +231,7 @@ def run_online_dpo(cfg: OnlineDPOConfig, reward_fns: list | None = None, weights
     if cfg.prompts_per_step % run.info.world_size:
         raise ConfigError(f"prompts_per_step={cfg.prompts_per_step} must divide over {run.info.world_size} ranks")
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
-    rows, eval_rows = read_rows(cfg.train_data), held_out(cfg.eval_data, cfg.eval_limit, cfg.eval_task, run.say)
-    needed = sorted({f for fn in rewards.functions for f in reward_fields(fn)})
-    checks = {fn.row_check for fn in rewards.functions if hasattr(fn, "row_check")}
-    report = check_prompts(rows, tokenizer, needed, RESERVED, checks)  # every row, before any model loads
-    run.say(f"{source_name(cfg.train_data)}: {report.summary()}")
+    rows, eval_rows, report = prompt_rows(run, cfg, tokenizer, rewards.functions)  # every row, before any model loads
     policy = run.prepare(disable_dropout(load_causal_lm(cfg.model, tokenizer, device=run.device)), cfg.lora,
                          base=cfg.model, router_loss=True)
     check_positions(run, policy, report.longest, cfg.max_new_tokens)
