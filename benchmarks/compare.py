@@ -3,7 +3,7 @@
     python benchmarks/compare.py METHOD [METHOD ...] [--rounds 3] [--trl-python PY] [--trl-ppo-python PY]
                                  [--shape reference|30m|120m] [--seq short|long] [--steps N] [--warmup N]
 
-METHOD: sft rm dpo grpo ppo generate, and kto rloo distill (outside BENCHMARK.md's table and its
+METHOD: sft rm dpo grpo ppo generate, and kto orpo rloo distill (outside BENCHMARK.md's table and its
 targets: on DPO's and GRPO's work, and 32 prompts of one answer each to a teacher, with TRL's
 defaults for the method). Each round runs `run.py METHOD` (this environment) and
 `trl_METHOD.py` (TRL's environment: --trl-python, default .venv-trl/bin/python, made by
@@ -185,8 +185,8 @@ def reach_row(s: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("methods", nargs="+", choices=("sft", "rm", "dpo", "grpo", "ppo", "generate", "kto", "rloo",
-                                                        "distill"))
+    p.add_argument("methods", nargs="+", choices=("sft", "rm", "dpo", "grpo", "ppo", "generate", "kto", "orpo",
+                                                        "rloo", "distill"))
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--trl-python", default=str(ROOT / ".venv-trl" / "bin" / "python"))
     p.add_argument("--trl-ppo-python", default=str(ROOT / ".venv-trl112" / "bin" / "python"))

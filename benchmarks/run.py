@@ -3,9 +3,9 @@
     python benchmarks/run.py METHOD [--model DIR] [--tokenizer DIR] [--rm DIR] [--data DIR] [--steps N] [--warmup N]
                                    [--lora R] [--activation-checkpointing] [--reference-copy]
 
-METHOD: ceiling, sft, rm, dpo, grpo, ppo, generate; and kto, rloo, distill (outside BENCHMARK.md's
-table: on DPO's and GRPO's work, and 32 prompts of one answer each to a teacher, with TRL's
-defaults for the method). Without --model/--data the benchmark builds
+METHOD: ceiling, sft, rm, dpo, grpo, ppo, generate; and kto, orpo, rloo, distill (outside
+BENCHMARK.md's table: on DPO's and GRPO's work, and 32 prompts of one answer each to a teacher,
+with TRL's defaults for the method). Without --model/--data the benchmark builds
 assets like the reference ones of BENCHMARK.md: the tiny default's arithmetic data, a byte-level
 BPE tokenizer of vocab 1024 trained on it, and a Qwen2 model of hidden 256, 4 layers, 4 heads,
 intermediate 1024, untied embeddings (a model folder without a tokenizer, as the contract allows).
@@ -418,6 +418,23 @@ def bench_dpo(args) -> dict:
     return result
 
 
+def bench_orpo(args) -> dict:
+    """Outside BENCHMARK.md's table (ORPO is not in it), on DPO's work: 16 pairs a step, no reference
+    model, ORPO's odds-ratio term (TRL's beta 0.1) plus the chosen answers' NLL, as TRL's ORPOTrainer
+    (whose NLL also reads the prompts' tokens: the same forwards)."""
+    from rlhfkit.methods.common import ranking_collate
+    from rlhfkit.methods.dpo import DPOLoss, dpo_objective, no_reference
+
+    paths = assets(args)
+    model, tokenizer = load_policy(paths["model"], paths["tokenizer"])
+    model = prepared(model, args, base=paths["model"])
+    examples = no_reference(_pairs(paths, tokenizer, args.max_length)[: 16 * (args.steps + args.warmup)])
+    collate = ranking_collate(model, tokenizer.pad_token_id, share_prompt=not args.no_share_prompt)
+    objective = dpo_objective(DPOLoss(beta=0.1, loss_type="orpo", rpo_alpha=1.0, reference="none"))
+    return offline_bench("orpo", args, model, examples, collate, objective, 16,
+                         {"pairs_per_step": 16, "beta": 0.1, "reference": "none", **memory_extra(args, model)})
+
+
 def bench_kto(args) -> dict:
     """Outside BENCHMARK.md's table (KTO is not in it), on DPO's data: its first 16 pairs a step read as
     32 unpaired answers (chosen desirable, rejected not), beta 0.1, the reference a frozen copy forwarded
@@ -718,7 +735,7 @@ def _has_cpu_flag(flag: str) -> bool:
 
 
 BENCHES = {"sft": bench_sft, "rm": bench_rm, "dpo": bench_dpo, "grpo": bench_grpo, "ppo": bench_ppo,
-           "generate": bench_generate, "ceiling": bench_ceiling, "kto": bench_kto, "rloo": bench_rloo,
+           "generate": bench_generate, "ceiling": bench_ceiling, "kto": bench_kto, "orpo": bench_orpo, "rloo": bench_rloo,
            "distill": bench_distill}
 
 
