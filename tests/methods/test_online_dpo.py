@@ -94,7 +94,7 @@ def test_a_step_is_dpo_on_the_pairs_it_sampled_better_first(tiny, tmp_path):
         assert gained[0] > gained[1], (prompt, chosen, rejected)
 
 
-def test_every_pair_tied_takes_no_step(tiny, tmp_path):
+def test_every_pair_tied_takes_no_step(tiny, tmp_path, capsys):
     """A judge that scores every answer alike: no preference anywhere, no optimizer step, the weights unchanged."""
     def constant(completions, **kwargs):
         return [1.0] * len(completions)
@@ -113,6 +113,16 @@ def test_every_pair_tied_takes_no_step(tiny, tmp_path):
     run_online_dpo(_cfg(tiny, tmp_path / "abstained", ties="first"), reward_fns=[abstains])
     logged = read_metrics(tmp_path / "abstained")[-1]
     assert logged["train/update_skipped"] == 1.0 and logged["train/tied_pairs"] == 1.0
+    said = capsys.readouterr().err
+    assert said.count("every pair of every rank tied or was not judged") == 2  # said once in each run
+    assert "warning: no step of this run changed the weights" in said
+
+    def every_third(completions, **kwargs):  # abstains on every third answer: those pairs are not judged
+        return [None if i % 3 == 0 else float(len(c)) for i, c in enumerate(completions)]
+
+    run_online_dpo(_cfg(tiny, tmp_path / "some"), reward_fns=[every_third])
+    logged = read_metrics(tmp_path / "some")[-1]  # reward_mean is every scored answer's, as its reward's own mean
+    assert logged["train/reward_mean"] == pytest.approx(logged["train/reward/every_third_mean"])
 
 
 def test_resume_gives_the_straight_runs_steps(tiny, tmp_path):
@@ -134,6 +144,10 @@ def test_settings_refused_by_name(tiny):
         OnlineDPOConfig(temperature=0.0)
     with pytest.raises(ConfigError, match="'ties' must be one of skip, first"):
         OnlineDPOConfig(ties="random")
+    with pytest.raises(ConfigError, match="loss_type=robust: .* robust without it is sigmoid"):
+        OnlineDPOConfig(loss_type="robust")
+    with pytest.raises(ConfigError, match="config key 'rewards' names no reward"):
+        OnlineDPOConfig(rewards="")
     with pytest.raises(ConfigError, match="online_dpo: train.batch_size does not apply"):
         run_online_dpo(replace(_cfg(tiny, "unused"), train__batch_size=8))
     cfg = OnlineDPOConfig()

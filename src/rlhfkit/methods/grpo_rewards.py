@@ -8,6 +8,7 @@ scored on a batch of samples (``score_samples``). methods/grpo.py and methods/on
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..data.encode import LengthReport, check_prompts
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
 
 def model_folder(key: str, path: str, is_kind, kind: str) -> str:
     """A learned reward's folder, checked when the config is read (before any model loads)."""
+    if not Path(path).is_dir():
+        raise ConfigError(f"config key '{key}': folder not found: {path}")
     if not is_kind(path):
         raise ConfigError(f"config key '{key}': {path!r} is not a ...{kind} model folder")
     return path

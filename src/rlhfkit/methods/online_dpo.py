@@ -86,7 +86,9 @@ class OnlineDPOConfig:
     ties: str = "skip"  # two answers scored alike: skip (no preference, left out) | first (TRL's: the first is chosen)
     missing_eos_penalty: float | None = None  # > 0: subtracted from the score of an answer cut at max_new_tokens
     beta: float = 0.1
-    loss_type: str = "sigmoid"  # sigmoid (the paper's) or another form of losses/dpo.py (ipo: TRL's other)
+    # sigmoid (the paper's) or another form of losses/dpo.py with a reference (ipo: TRL's other); several weighed
+    # together as "name:weight,name:weight", as DPO's
+    loss_type: str = "sigmoid"
     prompts_per_step: int = 16  # over all ranks; two answers each
     max_new_tokens: int = 16
     temperature: float = 0.9  # sampling only (TRL's default): the loss reads the policy's own log-probs
@@ -102,11 +104,13 @@ class OnlineDPOConfig:
         choice("reward_errors", self.reward_errors, ("raise", "zero"))
         choice("eval_task", self.eval_task, TASK_CHOICES)
         names = [name for name, _ in loss_forms(self.loss_type)]
-        if refused := [n for n in names if n in ("orpo", "simpo", "exo_pair")]:
+        if refused := [n for n in names if n in ("orpo", "simpo", "exo_pair", "robust")]:
             raise ConfigError(f"loss_type={','.join(refused)}: online DPO takes DPO's forms against its reference "
-                              "(orpo and simpo read no reference; exo_pair needs a label_smoothing, not a key here)",
-                              keys=["loss_type"])
-        parse_rewards(self.rewards)  # names and rm: folders checked now, before any model loads
+                              "(orpo and simpo read no reference; exo_pair and robust need a label_smoothing, which "
+                              "is not a key here: robust without it is sigmoid)", keys=["loss_type"])
+        if not parse_rewards(self.rewards)[0]:  # names and rm: folders checked now, before any model loads
+            raise ConfigError("config key 'rewards' names no reward: online DPO judges each pair by its rewards "
+                              "(e.g. exact_answer, rm:PATH, module:function)", keys=["rewards"])
         positive("beta", self.beta)
         positive("temperature", self.temperature, " (online DPO samples its pairs: greedy answers would be alike)")
         for key in ("prompts_per_step", "max_new_tokens", "eval_max_new_tokens"):
@@ -140,18 +144,23 @@ def judged_pairs(samples, prompt_ids: list, scores: torch.Tensor, ties: str) -> 
     return pairs, tied
 
 
-def pair_scores(outcome, finished: torch.Tensor, missing_eos_penalty: float | None) -> torch.Tensor:
-    """Each answer's score for judging its pair: the rewards' weighted sum, less TRL's
-    ``missing_eos_penalty`` where the answer did not end; NaN for both answers of a pair that
-    a reward abstained on (returned None) for one answer only (their sums would be over other
-    rewards) or for both of them with no reward left."""
+def answer_scores(outcome, finished: torch.Tensor, missing_eos_penalty: float | None) -> torch.Tensor:
+    """Each answer's score: the rewards' weighted sum (NaN where every reward abstained), less
+    TRL's ``missing_eos_penalty`` where the answer did not end."""
     scores = outcome.rewards.clone()
+    if missing_eos_penalty is not None:
+        scores[~finished.cpu()] -= missing_eos_penalty
+    return scores
+
+
+def pair_scores(scores: torch.Tensor, outcome) -> torch.Tensor:
+    """``scores`` for judging pairs: NaN for both answers of a pair that a reward abstained on
+    (returned None) for one answer only, whose sums would be over different rewards."""
+    scores = scores.clone()
     for values in outcome.per_function.values():
         gone = torch.as_tensor(values).isnan()
         mixed = gone[0::2] != gone[1::2]
         scores[0::2][mixed] = scores[1::2][mixed] = float("nan")
-    if missing_eos_penalty is not None:
-        scores[~finished.cpu()] -= missing_eos_penalty
     return scores
 
 
@@ -165,9 +174,10 @@ def judge(backend, tokenizer, rows: list, cfg: OnlineDPOConfig, rewards, trainer
     generation_s = time.time() - start
     outcome = score_samples(tokenizer, samples, rows, 2, rewards, cfg.reward_errors, cfg.reward_timeout_s,
                             trainer_state).outcome
-    scores = pair_scores(outcome, samples.finished, cfg.missing_eos_penalty)
-    pairs, tied = judged_pairs(samples, prompt_ids, scores, cfg.ties)
-    gaps = (scores[0::2] - scores[1::2]).abs()
+    scores = answer_scores(outcome, samples.finished, cfg.missing_eos_penalty)
+    judging = pair_scores(scores, outcome)
+    pairs, tied = judged_pairs(samples, prompt_ids, judging, cfg.ties)
+    gaps = (judging[0::2] - judging[1::2]).abs()
     counts = {"answers": len(scores), "prompts": len(tied), "tied": sum(tied), "pairs": len(pairs),
               "gap": float(gaps.nansum()), "judged": float((~gaps.isnan()).sum()),
               "clipped": float((~samples.finished).sum()), "tokens": float(samples.completion_mask.sum())}
@@ -250,6 +260,7 @@ def run_online_dpo(cfg: OnlineDPOConfig, reward_fns: list | None = None, weights
     objective = dpo_objective(DPOLoss(beta=cfg.beta, loss_type=cfg.loss_type, reference="forward"), reference,
                               run.router_coef)
     collate = ranking_collate(policy, tokenizer.pad_token_id, cfg.share_prompt)
+    said = False
     for step in run.steps(evaluate):
         sync = time.time()
         backend.load_weights(policy)  # a sharded policy: the gathered full weights into the backend's copy
@@ -262,8 +273,15 @@ def run_online_dpo(cfg: OnlineDPOConfig, reward_fns: list | None = None, weights
         shares = {}
         if means["pairs"] > 0:
             shares, means["grad_norm"] = dpo_step(run, policy, judged["pairs"], objective, collate)
+        elif not said:
+            said = True
+            run.say(f"rollout step {step + 1}: every pair of every rank tied or was not judged, so it takes no "
+                    "optimizer step (update_skipped; tied_pairs says how many tie); said once a run")
         means["update_skipped"] = float(means.pop("pairs") == 0)  # every pair tied or unjudged: no step
         run.step_done(means=means, shares=shares, evaluate=evaluate)
+    if run.optimizer_steps == 0 and run.done:
+        run.say(f"warning: no step of this run changed the weights: every pair of its {run.done} rollout steps tied "
+                "or was not judged (a reward that cannot tell two answers apart; see tied_pairs)")
     summary = {"accuracy_before": before.get("accuracy"), "reward_mean": run.metrics.get("reward_mean")}
     if run.evals:
         summary["accuracy"] = run.evals[-1]["accuracy"]

@@ -18,7 +18,8 @@ from pathlib import Path
 FIGURES = {
     "loss": ("training loss", lambda k: k.startswith("train/") and k.endswith("loss")),
     "reward": ("reward", lambda k: k.startswith("train/") and any(
-        w in k for w in ("reward_mean", "rm_score", "margin", "pairwise_accuracy", "preference_accuracy"))),
+        w in k for w in ("reward_mean", "rm_score", "margin", "pairwise_accuracy", "preference_accuracy", "tied_pairs",
+                         "score_gap"))),
     "kl": ("KL to the reference", lambda k: k.startswith("train/") and k.split("/")[1] in ("kl", "kl_coef")),
     "teacher": ("distillation: the divergence to the teacher and the teacher's entropy",
                 lambda k: k in ("train/divergence", "train/teacher_entropy")),
