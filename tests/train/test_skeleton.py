@@ -66,8 +66,12 @@ def test_a_nan_loss_stops_every_method_before_its_optimizer_step(method, tiny, t
 @pytest.mark.parametrize("method", METHODS)
 def test_logs_name_the_unit_of_max_steps(method, tiny, tmp_path):
     summary = RUNS[method](method_config(method, tiny, tmp_path / "u", 2))
-    online = method in ("grpo", "rloo", "ppo", "distill")
+    online = method in ("grpo", "rloo", "ppo", "distill", "online_dpo")
     assert summary["steps_unit"] == ("rollout step" if online else "optimizer step")
+    if method == "online_dpo":  # one optimizer step a rollout step, none where every pair tied
+        taken = [m["train/update_skipped"] == 0 for m in read_metrics(tmp_path / "u")]
+        assert len(taken) == 2 and summary["optimizer_steps"] == sum(taken)
+        return
     per_step = {"grpo": 2, "rloo": 2, "ppo": 2}.get(method, 1)  # GRPO, RLOO: mu = 2; PPO: 1 epoch x 8 / 4 minibatches
     assert summary["optimizer_steps"] == 2 * per_step
     logged = [m["train/optimizer_steps"] for m in read_metrics(tmp_path / "u") if "train/loss" in m]
