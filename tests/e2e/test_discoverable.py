@@ -74,7 +74,8 @@ def test_every_shipped_config_saves_checkpoints_to_resume_from():
 
 
 def test_the_package_exports_every_method_config_and_the_loss_helpers():
-    for name in ("SFTConfig", "RMConfig", "DPOConfig", "KTOConfig", "GRPOConfig", "RLOOConfig", "PPOConfig", "PRMConfig",
+    for name in ("SFTConfig", "RMConfig", "DPOConfig", "CPOConfig", "ORPOConfig", "OnlineDPOConfig", "KTOConfig",
+                 "GRPOConfig", "RLOOConfig", "PPOConfig", "PRMConfig", "run_cpo", "run_orpo", "run_online_dpo",
                  "TrainConfig", "run_kto", "run_rloo", "kto_loss", "loo_advantages",
                  "LoraConfig", "run_sft", "run_rm", "run_dpo", "run_grpo", "run_ppo", "run_prm", "dpo_loss",
                  "grpo_loss", "gae", "step_bce_loss",

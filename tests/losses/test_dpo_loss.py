@@ -228,6 +228,11 @@ def test_reference_free_forms_by_hand():
     assert abs(loss.item() - 2.0 * _softplus(-d)) < 1e-6
 
 
+def test_per_token_rewards_need_the_lengths():
+    with pytest.raises(ValueError, match="per_token_rewards needs the answers' lengths"):
+        dpo_loss(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1), 0.1, per_token_rewards=True)
+
+
 def test_orpo_gradient_is_the_closed_form_and_finite_at_certainty():
     """d/d log pi(y_w) of -beta log sigma(LO_w - LO_l) is -beta sigma(-(LO_w - LO_l)) / (1 - P_w) / |y_w|
     (d log odds / da = 1 / (1 - e^a)); an answer of probability 1 (a = 0 in fp32) gives finite values."""

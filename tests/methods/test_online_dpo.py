@@ -8,8 +8,15 @@ import torch.nn.functional as F
 from helpers import quiet_train
 
 from rlhfkit.methods.common import load_policy
-from rlhfkit.methods.online_dpo import OnlineDPOConfig, judged_pairs, run_online_dpo
+from rlhfkit.methods.online_dpo import (
+    OnlineDPOConfig,
+    answer_scores,
+    judged_pairs,
+    pair_scores,
+    run_online_dpo,
+)
 from rlhfkit.rollout.backend import SamplerBackend
+from rlhfkit.rollout.rewards import score_outcomes
 from rlhfkit.rollout.sampler import given_samples
 from rlhfkit.train.config import ConfigError, replace
 from rlhfkit.train.logging import read_metrics
@@ -55,6 +62,26 @@ def test_judged_pairs_put_the_better_answer_first_and_skip_or_keep_ties():
     # every reward abstained on an answer (NaN): its pair is not judged, whatever ties says
     pairs, tied = judged_pairs(samples, [[5, 6], [7]], torch.tensor([0.0, 1.0, float("nan"), 2.0]), "first")
     assert tied == [False, True] and [p.prompt_ids for p in pairs] == [[5, 6]]
+
+
+def test_scores_by_hand_two_rewards_abstentions_errors_and_the_eos_penalty():
+    """Three pairs, two rewards (weights 1 and 2): pair 0 scored by both; in pair 1 the second reward
+    abstains on one answer only (sums over different rewards: not judged); in pair 2 the first reward
+    gives one answer no number (zeroed under reward_errors=zero: not judged). The missing-EOS penalty
+    comes off the answers that did not end."""
+    def first(completions, **_):
+        return [1.0, 0.0, 3.0, 1.0, "oops", 2.0]
+
+    def second(completions, **_):
+        return [0.5, 1.0, None, 1.0, 0.0, 0.0]
+
+    outcome = score_outcomes([first, second], [1.0, 2.0], ["p"] * 6, ["c"] * 6, {}, on_error="zero")
+    finished = torch.tensor([True, False, True, True, True, True])
+    scores = answer_scores(outcome, finished, 0.25)
+    assert scores.tolist() == [2.0, 2.0 - 0.25, 3.0, 3.0, 0.0, 2.0]  # 1 + 2 x 0.5; 0 + 2 x 1 - 0.25; ...
+    judging = pair_scores(scores, outcome)
+    assert judging[:2].tolist() == [2.0, 1.75] and judging[2:].isnan().all()
+    assert outcome.errors == {"first": 1}
 
 
 def _sequence_logps(model, prompt, answer) -> float:
@@ -144,8 +171,11 @@ def test_settings_refused_by_name(tiny):
         OnlineDPOConfig(temperature=0.0)
     with pytest.raises(ConfigError, match="'ties' must be one of skip, first"):
         OnlineDPOConfig(ties="random")
-    with pytest.raises(ConfigError, match="loss_type=robust: .* robust without it is sigmoid"):
-        OnlineDPOConfig(loss_type="robust")
+    for form, setting in (("robust", "label_smoothing"), ("simpo", "simpo_gamma"), ("exo_pair", "label_smoothing")):
+        with pytest.raises(ConfigError, match=f"loss_type={form}: .*{form} needs {setting}"):
+            OnlineDPOConfig(loss_type=form)
+    with pytest.raises(ConfigError, match=r"reward_fns=\[\] passes no reward"):
+        run_online_dpo(_cfg(tiny, "unused"), reward_fns=[])
     with pytest.raises(ConfigError, match="config key 'rewards' names no reward"):
         OnlineDPOConfig(rewards="")
     with pytest.raises(ConfigError, match="online_dpo: train.batch_size does not apply"):

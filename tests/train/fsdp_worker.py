@@ -74,6 +74,10 @@ def _jobs(rank: int, out: Path, assets: dict) -> dict:
         # three pairs, one a forward: dealt 2 and 1, so rank 1 adds a forward at zero weight (FSDP2's collectives)
         RUNS["online_dpo"](method_config("online_dpo", assets["tiny"], out / f"online_dpo-three-{strategy}", 3,
                                          log_every=1, strategy=strategy, micro_batch_size=1), reward_fns=[three_pairs])
+    # online DPO on answers each prompt draws alike wherever it is sampled (every pair trained), replicated (the
+    # seeded sampler reads the live policy): the test runs it in one process
+    RUNS["online_dpo"](replace(method_config("online_dpo", assets["tiny"], out / "online_dpo-seeded", 3, log_every=1,
+                                             strategy="replicate"), ties="first"), backend=seeded_backend(assets["tiny"]))
     # ORPO, sharded: no reference model; the test runs it in one process
     RUNS["orpo"](method_config("orpo", assets["tiny"], out / "orpo-tiny-fsdp", 3, log_every=1, strategy="fsdp"))
     # TR-DPO, sharded: each rank mixes its shards of the reference; the last step's checkpoint holds them

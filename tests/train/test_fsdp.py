@@ -156,6 +156,19 @@ def test_distillations_token_mean_over_two_ranks_is_one_processs(two_ranks, tiny
     _assert_same_weights(out / "distill-seeded", tmp_path / "one")
 
 
+def test_online_dpo_on_two_ranks_is_one_processs(two_ranks, tiny, tmp_path):
+    """On answers seeded per prompt (the same on whichever rank), 2 ranks dealing the pairs out give
+    one process's losses, gradient norms and weights: the loss is normalised over every rank's pairs
+    (replicated; sharded equals replicated in the tests above)."""
+    out, _ = two_ranks
+    one = replace(method_config("online_dpo", tiny, tmp_path / "one", 3, log_every=1), ties="first")
+    RUNS["online_dpo"](one, backend=seeded_backend(tiny))
+    for key in ("train/loss", "train/grad_norm", "train/reward_mean"):
+        assert _losses(out / "online_dpo-seeded", key) == pytest.approx(_losses(tmp_path / "one", key), rel=1e-5)
+    assert len(_losses(tmp_path / "one")) == 3
+    _assert_same_weights(out / "online_dpo-seeded", tmp_path / "one")
+
+
 @pytest.mark.parametrize("job, tied", [("one-pair", 0.75), ("three", 0.25)])
 def test_online_dpo_with_uneven_ranks_sharded_equals_replicated(two_ranks, job, tied):
     """One untied pair in all (rank 1 is dealt none), or three forwarded one a forward (dealt 2 and 1):

@@ -154,6 +154,9 @@ def cmd_tiny(args) -> int:
     return 0
 
 
+NO_REFERENCE = "none"  # --ref none: a policy trained with no reference model (CPO, SimPO, ORPO)
+
+
 def cmd_eval(args) -> int:
     from ..data.formats import row_format
     from ..data.rows import read_rows
@@ -260,7 +263,6 @@ EVAL_READS = {"a process reward model": ("--max-length", "--overlong"), "a rewar
               "a policy": ("--max-new-tokens", "--max-length", "--overlong"),
               "a policy on prompt rows": ("--max-new-tokens",)}
 EVAL_DEFAULTS = {"--max-length": 512, "--overlong": "error", "--ref": None, "--max-new-tokens": 64}
-NO_REFERENCE = "none"  # --ref none: a policy trained with no reference model (CPO, SimPO, ORPO)
 
 
 def _refuse_unread(args, kind: str) -> None:

@@ -183,11 +183,12 @@ PAIR_LOSSES = {
 SMOOTHED = ("sigmoid", "robust", "exo_pair", "simpo")  # the forms that read label_smoothing
 PER_TOKEN = ("ipo", "sigmoid_norm", "simpo", "orpo")  # the forms that read the answers' lengths
 REFERENCE_FREE = ("orpo",)  # forms of log-probs alone (reference=none): the odds of a log-ratio mean nothing
-# the forms that read w and l only through their margin (and simpo, orpo): those that pull w or l toward a fixed
-# value (nca_pair, sppo_hard, apo_zero, apo_down) need log-ratios, as log pi of a whole answer is far below 0
-ON_THE_MARGIN = ("sigmoid", "robust", "exo_pair", "ipo", "sigmoid_norm", "hinge", "discopop", "simpo", "orpo")
+MEAN_LOGPROB = ("simpo", "orpo")  # forms of each answer's mean log-prob over all its tokens
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 F_DIVERGENCE_FORMS = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop")  # on the margin
+# the forms that read w and l only through their margin, and simpo and orpo: those that pull w or l toward a fixed
+# value (nca_pair, sppo_hard, apo_zero, apo_down) need log-ratios, as log pi of a whole answer is far below 0
+ON_THE_MARGIN = F_DIVERGENCE_FORMS + MEAN_LOGPROB
 
 
 def f_divergence_scores(logratios: torch.Tensor, kind: str = "reverse_kl", alpha: float = 0.5) -> torch.Tensor:
@@ -220,6 +221,8 @@ def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chose
     chosen_rewards = beta * (chosen_logps - ref_chosen_logps)  # (B,)
     rejected_rewards = beta * (rejected_logps - ref_rejected_logps)  # (B,)
     if per_token_rewards:
+        if lengths is None:
+            raise ValueError("per_token_rewards needs the answers' lengths")
         chosen_rewards, rejected_rewards = (chosen_rewards / lengths[0].clamp(min=1),
                                             rejected_rewards / lengths[1].clamp(min=1))
     pairs = Pairs(f_divergence_scores(chosen_logps - ref_chosen_logps, f_divergence, f_alpha),

@@ -26,6 +26,7 @@ from ..data.rows import DataError, Row, read_rows, source_name
 from ..losses.dpo import (
     F_DIVERGENCE_FORMS,
     F_DIVERGENCES,
+    MEAN_LOGPROB,
     ON_THE_MARGIN,
     PAIR_LOSSES,
     PER_TOKEN,
@@ -146,7 +147,7 @@ class DPOConfig:
                               f"with reference=none that is log pi of a whole answer, far below 0: it needs a "
                               f"reference (the forms on the margin take none: {', '.join(ON_THE_MARGIN)})",
                               keys=["loss_type", "reference"])
-        if self.ld_alpha is not None and (means := [f for f in forms if f in ("simpo", "orpo")]):
+        if self.ld_alpha is not None and (means := [f for f in forms if f in MEAN_LOGPROB]):
             raise ConfigError(f"ld_alpha weighs DPO's sums; loss_type={','.join(means)} reads each answer's mean "
                               "log-prob over all its tokens (SimPO's and ORPO's), which LD-DPO's weights would bias",
                               keys=["ld_alpha", "loss_type"])
@@ -179,21 +180,19 @@ class DPOConfig:
                        self.f_divergence_type == "alpha_divergence", "f_divergence_type=alpha_divergence")
         within("ld_alpha", self.ld_alpha, 0, 1)
         check_reference_sync(self)
-        if self.sync_ref_model and self.reference == "none":
-            raise ConfigError("sync_ref_model=true moves the reference during training, and reference=none has "
-                              "none to move (CPO, SimPO and ORPO compare the policy with itself): leave it out",
-                              keys=["sync_ref_model", "reference"])
         if self.sync_ref_model and self.reference != "forward":
-            raise ConfigError("sync_ref_model=true moves the reference during training, so its log-probs cannot be "
-                              "precomputed: set reference=forward (TRL refuses precompute_ref_log_probs with it too)",
+            why = (", and reference=none has none to move (CPO, SimPO and ORPO compare the policy with itself): leave "
+                   "it out" if self.reference == "none" else ", so its log-probs cannot be precomputed: set "
+                   "reference=forward (TRL refuses precompute_ref_log_probs with it too)")
+            raise ConfigError(f"sync_ref_model=true moves the reference during training{why}",
                               keys=["sync_ref_model", "reference"])
 
 
 # TRL's loss_type names that rlhfkit has no form for, and why
-NOT_HERE = {"sft": "the chosen answers' NLL is rpo_alpha=WEIGHT here",
-            "aot": "its sorting across the batch is not implemented", "aot_unpaired": "not implemented",
-            "bco_pair": "not implemented (TRL's form drops the paper's running reward shift)",
-            "alphapo": "AlphaPO's reward shape is not implemented (loss_type=simpo is SimPO's)"}
+NOT_HERE = {"sft": "the chosen answers' NLL is rpo_alpha=WEIGHT here", "aot_unpaired": "not implemented",
+            "aot": "its sorting across the batch is not implemented", "alphapo": "AlphaPO's reward shape is not "
+            "implemented (loss_type=simpo is SimPO's)", "bco_pair": "not implemented (TRL's form drops the paper's "
+            "running reward shift)"}
 
 
 def loss_forms(spec: str) -> tuple[tuple[str, float], ...]:
@@ -295,8 +294,7 @@ def precompute_reference(reference, examples: list, pad_id: int, batch_size: int
 
 
 def no_reference(examples: list) -> list:
-    """The examples with zeros as their reference log-probs: the loss forms then read log pi(y|x)
-    itself (``reference=none``)."""
+    """The examples with zeros as their reference log-probs: the forms read log pi(y|x) itself."""
     return [dataclasses.replace(e, ref_logps=(0.0,) * len(e.ranks)) for e in examples]
 
 
@@ -381,9 +379,8 @@ def dpo_objective(settings: DPOLoss, reference: Reference | None = None, router_
 
 
 def per_token_reward(cfg) -> bool:
-    """Whether the implicit reward is per token: without a reference and with per-token forms only
-    (SimPO's and ORPO's reward is the answer's mean log-prob, as TRL's CPOTrainer and ORPOTrainer
-    log it)."""
+    """Whether the implicit reward is per token: with no reference and per-token forms only (SimPO's
+    and ORPO's reward is the answer's mean log-prob, as TRL's CPOTrainer and ORPOTrainer log it)."""
     return cfg.reference == "none" and all(name in PER_TOKEN for name, _ in loss_forms(cfg.loss_type))
 
 
@@ -456,7 +453,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
         pref_examples, eval_report = encode_rankings(pref_rows, tokenizer, cfg.max_length, "skip")
         run.say(f"{source_name(cfg.eval_data)} (held out, over-long rows skipped): {eval_report.summary()}")
     prompts = held_out(cfg.eval_prompts, cfg.eval_limit, cfg.eval_task, run.say)
-    # dropout off (as TRL's disable_dropout): the implicit rewards compare the policy with its frozen copy
+    # dropout off (as TRL's disable_dropout): the implicit rewards compare the policy with its frozen copy (or itself)
     model = run.prepare(disable_dropout(load_causal_lm(cfg.model, tokenizer, device=run.device)), cfg.lora,
                         base=cfg.model, router_loss=True)
     check_positions(run, model, longest(report, eval_report))

@@ -5,7 +5,7 @@ per prompt from pi_old -> the rewards score them (outcome, or per step for proce
 -> group advantages (RLOO's: the KL in the reward, then leave-one-out, ``rloo_advantages``) ->
 mu policy updates on the same samples with the clipped, k3-regularised loss of losses/grpo.py
 (RLOO's: no KL term). methods/rloo.py is this loop with RLOO's defaults. The run skeleton (train/run.py) does set-up, checks and cadence;
-grpo_rewards.py resolves the rewards the config names, grpo_batch.py holds the batch's filters
+online_rewards.py resolves the rewards the config names, grpo_batch.py holds the batch's filters
 and DAPO's dynamic sampling.
 """
 
@@ -83,7 +83,8 @@ from .grpo_batch import (
     scaled_by_batch,
     step_metrics,
 )
-from .grpo_rewards import (
+from .online_rewards import (
+    RewardKeys,
     Rewards,
     bind,
     check_learned_rewards,
@@ -611,12 +612,14 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
         except ConfigError as e:
             raise ConfigError(f"a process reward passed to run_grpo (checked as process_reward={shipped} would "
                               f"be): {e}") from None
-    rewards = resolve_rewards(cfg, reward_fns, weights, process_fn)
+    keys = RewardKeys(cfg.rewards, type(cfg).rewards, cfg.process_reward, cfg.overlong_buffer,
+                      cfg.train.micro_batch_size)
+    rewards = resolve_rewards(keys, reward_fns, weights, process_fn)
     config = recorded_config(cfg, rewards, reward_fns is not None, process_fn is not None)
     refuse_offline_batch_fields("grpo", cfg.train)
     tc = cfg.train
     run = start_run(tc, config, cfg.advantage_estimator, unit="rollout step", show=("reward_mean",))
-    for line in replaced_rewards(cfg, reward_fns is not None, process_fn is not None):
+    for line in replaced_rewards(keys, reward_fns is not None, process_fn is not None):
         run.say(line)
     if rewards.process is not None or cfg.process_reward:
         run.say("the process reward's steps drive the advantages (logged as reward/process_mean); the outcome "
@@ -626,12 +629,13 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
         if (getattr(cfg, key) or 0) % run.info.world_size:
             raise ConfigError(f"{key}={getattr(cfg, key)} must divide over {run.info.world_size} ranks")
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
-    rows, eval_rows, report = prompt_rows(run, cfg, tokenizer, [f for f in [*rewards.functions, rewards.process] if f])
+    rows, eval_rows, report = prompt_rows(run, cfg, tokenizer,
+                                          [f for f in [*rewards.functions, rewards.process] if f is not None])
     policy = run.prepare(disable_dropout(load_causal_lm(cfg.model, tokenizer, device=run.device)), cfg.lora,
                          base=cfg.model, router_loss=True)
     check_positions(run, policy, report.longest, cfg.max_new_tokens)
     check_positions(run, policy, longest_prompt(eval_rows, tokenizer), cfg.eval_max_new_tokens)
-    rewards = load_model_rewards(cfg, rewards, tokenizer, run.device)
+    rewards = load_model_rewards(keys, rewards, tokenizer, run.device)
     retokenised = check_learned_rewards(run, rewards, report.longest, cfg.max_new_tokens)
     reference = frozen_reference(run, policy, cfg.model, tokenizer, cfg.lora.enabled) if cfg.beta != 0 else None
     backend = backend or make_backend(cfg.rollout, tokenizer, policy, copy=run.shards_models,  # before sharding

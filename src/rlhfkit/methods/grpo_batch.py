@@ -15,9 +15,10 @@ import torch
 
 from ..rollout.rewards import OutcomeScores
 from ..rollout.sampler import Samples, cat_padded, join_samples
-from ..train.dist import DistInfo, all_gather_object, all_gather_varying
+from ..train.dist import DistInfo, all_gather_varying
 from ..train.loop import reduce_dict
 from ..train.run import Run
+from .online_rewards import reward_stats
 
 if TYPE_CHECKING:
     from .grpo import GRPOConfig
@@ -192,21 +193,9 @@ def step_metrics(batch: Rollout, group_size: int, info: DistInfo | None = None) 
     the timings and the share of groups without a signal are this rank's, averaged over ranks."""
     info = info or DistInfo()
     outcome, lengths = batch.outcome, batch.samples.completion_mask.sum(-1).float()
-    mine = {"rewards": outcome.rewards, "lengths": lengths, **outcome.per_function}
-    everyone = all_gather_object({k: v.cpu() for k, v in mine.items()}, info)
-    whole = {k: torch.cat([rank[k] for rank in everyone]) for k in mine}
+    out, whole = reward_stats(outcome.rewards, outcome.per_function, outcome.errors, info, {"lengths": lengths})
     zero_groups = ~informative(batch.advantages, group_size)  # (groups,) no signal
-    scored = whole["rewards"][~whole["rewards"].isnan()]  # not the samples every reward abstained on
-    out = {"reward_mean": scored.mean().item() if scored.numel() else float("nan"),
-           "reward_std": scored.std().item() if scored.numel() > 1 else 0.0,
-           "completion_len_mean": whole["lengths"].mean().item(), "completion_len_max": whole["lengths"].max().item(),
-           "tokens_sampled_per_s": lengths.sum().item() / max(batch.generation_s, 1e-9),
-           "time_generation_s": batch.generation_s, "zero_advantage_groups": zero_groups.float().mean().item()}
-    errors = all_gather_object(outcome.errors, info)
-    for name in outcome.per_function:
-        column = whole[name]
-        present = column[~column.isnan()]
-        out[f"reward/{name}_mean"] = present.mean().item() if present.numel() else float("nan")  # all abstained
-        out[f"reward/{name}_std"] = present.std().item() if present.numel() > 1 else 0.0
-        out[f"reward/{name}_errors"] = sum(e.get(name, 0) for e in errors)  # all ranks' (the same on each)
+    out.update({"completion_len_mean": whole["lengths"].mean().item(), "completion_len_max": whole["lengths"].max().item(),
+                "tokens_sampled_per_s": lengths.sum().item() / max(batch.generation_s, 1e-9),
+                "time_generation_s": batch.generation_s, "zero_advantage_groups": zero_groups.float().mean().item()})
     return out

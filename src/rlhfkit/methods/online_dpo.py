@@ -14,8 +14,8 @@ prompt with both answers, micro-batched with ``train.micro_batch_size`` pairs a 
 Log-probs are of the policy itself (temperature 1), whatever the sampling temperature, as TRL's.
 A pair whose two answers score alike carries no preference: ``ties=skip`` (the default) leaves it
 out of the step and logs the share (``tied_pairs``); ``ties=first`` takes the first answer as the
-chosen one, as TRL does. A step with no untied pair on any rank takes no optimizer step
-(``update_skipped``).
+chosen one, as TRL does. A pair the rewards did not judge (``pair_scores``) is left out either way,
+and a step with no pair left on any rank takes no optimizer step (``update_skipped``).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import torch
 
 from ..data.encode import to_device
 from ..data.prefs import RankingExample
+from ..losses.dpo import REFERENCE_FREE
 from ..models.load import disable_dropout, load_causal_lm, load_tokenizer
 from ..rollout.backend import SamplingParams, make_backend
 from ..rollout.evaluate import row_prompt_ids
@@ -56,7 +57,8 @@ from .common import (
     refuse_offline_batch_fields,
 )
 from .dpo import DPOLoss, dpo_objective, loss_forms
-from .grpo_rewards import (
+from .online_rewards import (
+    RewardKeys,
     check_learned_rewards,
     load_model_rewards,
     parse_rewards,
@@ -64,10 +66,13 @@ from .grpo_rewards import (
     recorded_config,
     replaced_rewards,
     resolve_rewards,
+    reward_stats,
     score_samples,
 )
 
 TIES = ("skip", "first")
+# DPO's forms that read a setting online DPO does not take (robust without label_smoothing is sigmoid)
+NEEDS_A_SETTING = {"simpo": "simpo_gamma", "exo_pair": "label_smoothing", "robust": "label_smoothing"}
 
 
 @dataclass(frozen=True)
@@ -104,10 +109,11 @@ class OnlineDPOConfig:
         choice("reward_errors", self.reward_errors, ("raise", "zero"))
         choice("eval_task", self.eval_task, TASK_CHOICES)
         names = [name for name, _ in loss_forms(self.loss_type)]
-        if refused := [n for n in names if n in ("orpo", "simpo", "exo_pair", "robust")]:
+        if refused := [n for n in names if n in REFERENCE_FREE or n in NEEDS_A_SETTING]:
             raise ConfigError(f"loss_type={','.join(refused)}: online DPO takes DPO's forms against its reference "
-                              "(orpo and simpo read no reference; exo_pair and robust need a label_smoothing, which "
-                              "is not a key here: robust without it is sigmoid)", keys=["loss_type"])
+                              f"that need no setting of their own ({', '.join(REFERENCE_FREE)} reads no reference; "
+                              + "; ".join(f"{k} needs {v}" for k, v in NEEDS_A_SETTING.items())
+                              + ", not keys here)", keys=["loss_type"])
         if not parse_rewards(self.rewards)[0]:  # names and rm: folders checked now, before any model loads
             raise ConfigError("config key 'rewards' names no reward: online DPO judges each pair by its rewards "
                               "(e.g. exact_answer, rm:PATH, module:function)", keys=["rewards"])
@@ -155,12 +161,16 @@ def answer_scores(outcome, finished: torch.Tensor, missing_eos_penalty: float | 
 
 def pair_scores(scores: torch.Tensor, outcome) -> torch.Tensor:
     """``scores`` for judging pairs: NaN for both answers of a pair that a reward abstained on
-    (returned None) for one answer only, whose sums would be over different rewards."""
+    (returned None) for one answer only, whose sums would be over different rewards, or where a
+    reward gave one of them no number (``reward_errors=zero`` scores it 0: a preference of its own)."""
     scores = scores.clone()
+    unjudged = torch.zeros(len(scores) // 2, dtype=torch.bool)
     for values in outcome.per_function.values():
         gone = torch.as_tensor(values).isnan()
-        mixed = gone[0::2] != gone[1::2]
-        scores[0::2][mixed] = scores[1::2][mixed] = float("nan")
+        unjudged |= gone[0::2] != gone[1::2]
+    if outcome.errored is not None:
+        unjudged |= outcome.errored[0::2] | outcome.errored[1::2]
+    scores[0::2][unjudged] = scores[1::2][unjudged] = float("nan")
     return scores
 
 
@@ -181,32 +191,20 @@ def judge(backend, tokenizer, rows: list, cfg: OnlineDPOConfig, rewards, trainer
     counts = {"answers": len(scores), "prompts": len(tied), "tied": sum(tied), "pairs": len(pairs),
               "gap": float(gaps.nansum()), "judged": float((~gaps.isnan()).sum()),
               "clipped": float((~samples.finished).sum()), "tokens": float(samples.completion_mask.sum())}
-    for name, values in outcome.per_function.items():
-        counts[f"{name}_errors"] = outcome.errors.get(name, 0)
-    return {"pairs": pairs, "scores": scores, "per_function": outcome.per_function, "counts": counts,
-            "time_generation_s": generation_s}
+    return {"pairs": pairs, "scores": scores, "outcome": outcome, "counts": counts, "time_generation_s": generation_s}
 
 
 def judged_metrics(judged: dict, info) -> dict:
-    """The step's statistics over every rank's answers: the scores' mean and std gathered whole
-    (NaN: not judged, left out), the shares of tied prompts and cut answers, and per reward its
-    mean (where it did not abstain) and errors."""
+    """The step's statistics over every rank's answers: the rewards' (``reward_stats``: the scores
+    after ``missing_eos_penalty``), the shares of tied prompts and of answers cut off, the mean
+    score gap of the judged pairs, and how many pairs the step trains on (``pairs``)."""
     counts = reduce_dict(judged["counts"], info)
-    everyone = all_gather_object({"scores": judged["scores"].cpu(), **{
-        k: torch.as_tensor(v).cpu() for k, v in judged["per_function"].items()}}, info)
-    whole = {k: torch.cat([rank[k] for rank in everyone]) for k in everyone[0]}
+    outcome = judged["outcome"]
+    out, _ = reward_stats(judged["scores"], outcome.per_function, outcome.errors, info)
     n, prompts = max(counts["answers"], 1.0), max(counts["prompts"], 1.0)
-    out = {"tied_pairs": counts["tied"] / prompts, "score_gap": counts["gap"] / max(counts["judged"], 1.0),
-           "completion_clipped": counts["clipped"] / n, "completion_len_mean": counts["tokens"] / n,
-           "pairs": counts["pairs"]}
-    for key, values in whole.items():
-        present = values[~values.isnan()].double()
-        name = "reward" if key == "scores" else f"reward/{key}"
-        out[f"{name}_mean"] = present.mean().item() if present.numel() else float("nan")
-        out[f"{name}_std"] = present.std().item() if present.numel() > 1 else 0.0
-        if key != "scores":
-            out[f"{name}_errors"] = counts[f"{key}_errors"]
-    return out
+    return {**out, "tied_pairs": counts["tied"] / prompts, "score_gap": counts["gap"] / max(counts["judged"], 1.0),
+            "completion_clipped": counts["clipped"] / n, "completion_len_mean": counts["tokens"] / n,
+            "pairs": counts["pairs"]}
 
 
 def dpo_step(run, policy, pairs: list, objective, collate) -> tuple[dict, float]:
@@ -231,12 +229,15 @@ def run_online_dpo(cfg: OnlineDPOConfig, reward_fns: list | None = None, weights
                    backend=None) -> dict:
     """Train with online DPO. Python callers may pass their own reward callables (with ``weights``)
     and a rollout backend object (rollout/backend.py) in place of ``rollout.backend``'s."""
-    rewards = resolve_rewards(cfg, reward_fns, weights)
+    if reward_fns is not None and not reward_fns:
+        raise ConfigError("reward_fns=[] passes no reward: online DPO judges each pair by its rewards")
+    keys = RewardKeys(cfg.rewards, OnlineDPOConfig.rewards, micro_batch_size=cfg.train.micro_batch_size)
+    rewards = resolve_rewards(keys, reward_fns, weights)
     refuse_offline_batch_fields("online_dpo", cfg.train)
     tc = cfg.train
     run = start_run(tc, recorded_config(cfg, rewards, reward_fns is not None, caller="run_online_dpo"), "online_dpo",
                     unit="rollout step", show=("reward_mean",))
-    for line in replaced_rewards(cfg, reward_fns is not None, caller="run_online_dpo"):
+    for line in replaced_rewards(keys, reward_fns is not None, caller="run_online_dpo"):
         run.say(line)
     if cfg.prompts_per_step % run.info.world_size:
         raise ConfigError(f"prompts_per_step={cfg.prompts_per_step} must divide over {run.info.world_size} ranks")
@@ -246,7 +247,7 @@ def run_online_dpo(cfg: OnlineDPOConfig, reward_fns: list | None = None, weights
                          base=cfg.model, router_loss=True)
     check_positions(run, policy, report.longest, cfg.max_new_tokens)
     check_positions(run, policy, longest_prompt(eval_rows, tokenizer), cfg.eval_max_new_tokens)
-    rewards = load_model_rewards(cfg, rewards, tokenizer, run.device)
+    rewards = load_model_rewards(keys, rewards, tokenizer, run.device)
     retokenised = check_learned_rewards(run, rewards, report.longest, cfg.max_new_tokens)
     reference = frozen_reference(run, policy, cfg.model, tokenizer, cfg.lora.enabled)
     backend = backend or make_backend(cfg.rollout, tokenizer, policy, copy=run.shards_models, out_dir=tc.out_dir)

@@ -52,6 +52,7 @@ class OutcomeScores:
     rewards: torch.Tensor  # (B,) weighted sum over functions (abstentions add nothing)
     per_function: dict[str, torch.Tensor]  # name -> (B,) raw values, NaN where it abstained
     errors: dict[str, int] = field(default_factory=dict)
+    errored: torch.Tensor | None = None  # (B,) True where a reward returned no number for that sample (zeroed)
 
 
 def _name(fn) -> str:
@@ -177,6 +178,7 @@ def score_outcomes(functions: list[Callable], weights: list[float], prompts: lis
     """Every function on the batch (``call_reward``; ``passed``: ``completion_ids``, ``trainer_state``)."""
     total = torch.zeros(len(completions))
     per_function, errors = {}, {}
+    errored = torch.zeros(len(completions), dtype=torch.bool)
     for fn, weight, name in zip(functions, weights, reward_names(functions)):
         try:
             values = call_reward(fn, timeout_s, prompts, completions, **passed, **row_fields)
@@ -202,13 +204,14 @@ def score_outcomes(functions: list[Callable], weights: list[float], prompts: lis
                     raise RewardError(f"reward function '{name}' returned {value!r} for sample {i} "
                                       f"(prompt {prompts[i]!r}, completion {completions[i]!r})")
                 errors[name] = errors.get(name, 0) + 1
+                errored[i] = True
                 v = 0.0
             column[i] = float(v)
         per_function[name] = column
         total += weight * torch.nan_to_num(column, nan=0.0)
     if per_function:  # a sample every function abstained on has no reward (NaN): group_advantages leaves it out
         total[torch.stack(list(per_function.values())).isnan().all(0)] = float("nan")
-    return OutcomeScores(total, per_function, errors)
+    return OutcomeScores(total, per_function, errors, errored)
 
 
 def load_callable(spec: str) -> Callable:

@@ -1,4 +1,5 @@
-"""The loop the offline methods (SFT, RM, PRM, DPO, KTO) share: batches -> loss -> optimizer step.
+"""The loop the offline methods (SFT, RM, PRM, DPO and its kin, KTO) share: batches -> loss ->
+optimizer step; its step (``step_on``) is online DPO's too, on the pairs it sampled.
 
 It runs inside the run skeleton (run.py): set-up, checks, cadence and checkpoints are there.
 

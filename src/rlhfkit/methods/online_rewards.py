@@ -1,15 +1,16 @@
-"""GRPO's rewards as its config names them: shipped rule rewards, reward-model folders (``rm:PATH``),
-Python callables (``module:function``, ``file.py:function``), their weights, and a process
-reward (a shipped rule or ``prm:PATH``); resolved once, recorded as the run used them, and
-scored on a batch of samples (``score_samples``). methods/grpo.py and methods/online_dpo.py
-(outcome rewards only: its config has no ``process_reward`` or ``overlong_buffer``) call these.
+"""The online methods' rewards as their configs name them (``RewardKeys``): shipped rule rewards,
+reward-model folders (``rm:PATH``), Python callables (``module:function``, ``file.py:function``),
+their weights, and GRPO's process reward (a shipped rule or ``prm:PATH``); resolved once,
+recorded as the run used them, their prompt rows read and checked, and scored on a batch of
+samples (``score_samples``). methods/grpo.py (and RLOO) and methods/online_dpo.py call these.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+import torch
 
 from ..data.encode import LengthReport, check_prompts
 from ..data.formats import user_prompt
@@ -28,10 +29,8 @@ from ..rollout.rewards import (
 from ..rollout.sampler import Samples, decode
 from ..tasks import OUTCOME_REWARDS, PROCESS_REWARDS
 from ..train.config import ConfigError, choice, plain_dict
+from ..train.dist import all_gather_object
 from .common import check_positions, held_out
-
-if TYPE_CHECKING:
-    from .grpo import GRPOConfig
 
 
 def model_folder(key: str, path: str, is_kind, kind: str) -> str:
@@ -80,22 +79,36 @@ def parse_rewards(spec: str) -> tuple[list, list[float]]:
 
 
 @dataclass(frozen=True)
+class RewardKeys:
+    """What a method's config says of its rewards: ``rewards`` (and the config class's default,
+    to say where Python callables replace a set value), GRPO's ``process_reward`` and
+    ``overlong_buffer`` (online DPO has neither), and ``train.micro_batch_size`` (rows a learned
+    reward scores a forward)."""
+
+    rewards: str
+    default: str
+    process_reward: str | None = None
+    overlong_buffer: int = 0
+    micro_batch_size: int = 0
+
+
+@dataclass(frozen=True)
 class Rewards:
     functions: list
     weights: list[float]
     process: object = None  # a process reward callable: PRM advantages instead of ORM
 
 
-def resolve_rewards(cfg: GRPOConfig, functions=None, weights=None, process=None) -> Rewards:
-    functions, parsed = (functions, None) if functions is not None else parse_rewards(cfg.rewards)
+def resolve_rewards(keys: RewardKeys, functions=None, weights=None, process=None) -> Rewards:
+    functions, parsed = (functions, None) if functions is not None else parse_rewards(keys.rewards)
     weights = weights if weights is not None else parsed or [1.0] * len(functions)
     if len(weights) != len(functions):
         raise ConfigError(f"{len(functions)} reward functions but {len(weights)} weights")
-    spec = getattr(cfg, "process_reward", None)
+    spec = keys.process_reward
     if process is None and spec and not spec.startswith("prm:"):
         process = PROCESS_REWARDS[spec]
     named = [getattr(f, "name", None) or getattr(f, "__name__", type(f).__name__) for f in functions]
-    if getattr(cfg, "overlong_buffer", 0) and "overlong" in named:
+    if keys.overlong_buffer and "overlong" in named:
         raise ConfigError("a reward named 'overlong' would be logged under the name of overlong_buffer's "
                           "penalty (reward/overlong_mean); rename it")
     if (process or spec) and "process" in named:
@@ -104,7 +117,7 @@ def resolve_rewards(cfg: GRPOConfig, functions=None, weights=None, process=None)
     return Rewards(list(functions), list(weights), process)
 
 
-def recorded_config(cfg: GRPOConfig, rewards: Rewards, functions_passed: bool, process_passed: bool = False,
+def recorded_config(cfg, rewards: Rewards, functions_passed: bool, process_passed: bool = False,
                     caller: str = "run_grpo") -> dict:
     """The config as config.yaml, the checkpoints and the model card record it: the rewards passed
     from Python named in place of the config's own, which they replace (``replaced_rewards``)."""
@@ -120,25 +133,25 @@ def recorded_config(cfg: GRPOConfig, rewards: Rewards, functions_passed: bool, p
     return config
 
 
-def replaced_rewards(cfg: GRPOConfig, functions_passed: bool, process_passed: bool = False,
+def replaced_rewards(keys: RewardKeys, functions_passed: bool, process_passed: bool = False,
                      caller: str = "run_grpo") -> list[str]:
     """What the config set that the rewards passed from Python replace, to be said."""
     said = []
-    if functions_passed and cfg.rewards != type(cfg).rewards:  # its default
-        said.append(f"rewards={cfg.rewards!r} in the config is replaced by the reward functions passed to {caller}")
-    if process_passed and getattr(cfg, "process_reward", None) is not None:
-        said.append(f"process_reward={cfg.process_reward!r} in the config is replaced by the process reward passed "
+    if functions_passed and keys.rewards != keys.default:
+        said.append(f"rewards={keys.rewards!r} in the config is replaced by the reward functions passed to {caller}")
+    if process_passed and keys.process_reward is not None:
+        said.append(f"process_reward={keys.process_reward!r} in the config is replaced by the process reward passed "
                     "to run_grpo")
     return said
 
 
-def load_model_rewards(cfg: GRPOConfig, rewards: Rewards, tokenizer, device: str) -> Rewards:
+def load_model_rewards(keys: RewardKeys, rewards: Rewards, tokenizer, device: str) -> Rewards:
     """The learned rewards' models loaded (frozen, on the policy's device); rule functions unchanged."""
-    chunk = cfg.train.micro_batch_size  # rows per forward (0: the whole batch in one)
+    chunk = keys.micro_batch_size  # rows per forward (0: the whole batch in one)
     functions = [RewardModelReward(f.path, tokenizer, device, f.name, chunk) if isinstance(f, ModelReward) else f
                  for f in rewards.functions]
     process = rewards.process
-    spec = getattr(cfg, "process_reward", None)  # GRPO's; online DPO has outcome rewards only
+    spec = keys.process_reward
     if process is None and spec and spec.startswith("prm:"):
         process = ProcessRewardModelReward(spec[4:], tokenizer, device, chunk)
     return Rewards(functions, rewards.weights, process)
@@ -201,3 +214,27 @@ def score_samples(tokenizer, samples: Samples, rows: list, group: int, rewards: 
     functions = [bind(f, samples, per_sample) for f in rewards.functions]
     outcome = score_outcomes(functions, rewards.weights, prompts, completions, fields, on_error, timeout_s, **passed)
     return Scored(outcome, prompts, completions, fields, passed, per_sample)
+
+
+def reward_stats(scores: torch.Tensor, per_function: dict, errors: dict, info, more: dict | None = None):
+    """The step's reward statistics over every rank's samples, gathered whole (an average of the
+    ranks' standard deviations is none): ``reward_mean`` / ``_std`` of the scores (NaN ones, where
+    every reward abstained, left out), and each reward's ``reward/NAME_mean``, ``_std`` (where it
+    did not abstain) and ``_errors`` (summed over ranks). ``more``: other (B,) columns to gather.
+    Returns (the statistics, ``more``'s columns whole)."""
+    mine = {"scores": scores, **{f"fn/{k}": v for k, v in per_function.items()},
+            **{f"more/{k}": v for k, v in (more or {}).items()}}
+    everyone = all_gather_object({k: torch.as_tensor(v).cpu() for k, v in mine.items()}, info)
+    whole = {k: torch.cat([rank[k] for rank in everyone]) for k in mine}
+    counted = all_gather_object(errors, info)
+
+    def mean_std(values: torch.Tensor) -> tuple[float, float]:
+        present = values[~values.isnan()]
+        return (present.mean().item() if present.numel() else float("nan"),  # every one abstained
+                present.std().item() if present.numel() > 1 else 0.0)
+
+    out = dict(zip(("reward_mean", "reward_std"), mean_std(whole["scores"])))
+    for name in per_function:
+        out[f"reward/{name}_mean"], out[f"reward/{name}_std"] = mean_std(whole[f"fn/{name}"])
+        out[f"reward/{name}_errors"] = sum(e.get(name, 0) for e in counted)
+    return out, {k.removeprefix("more/"): v for k, v in whole.items() if k.startswith("more/")}
