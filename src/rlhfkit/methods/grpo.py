@@ -36,9 +36,7 @@ from ..models.load import disable_dropout, load_causal_lm, load_tokenizer
 from ..models.reward import is_likelihood_prm, is_token_classifier
 from ..rollout.backend import SamplingParams, make_backend
 from ..rollout.evaluate import row_prompt_ids
-from ..rollout.rewards import (
-    call_reward,
-)
+from ..rollout.rewards import call_reward
 from ..rollout.sampler import Samples, completion_logprobs
 from ..tasks import PROCESS_REWARDS, TASK_CHOICES
 from ..train.balance import balanced_groups

@@ -218,9 +218,9 @@ def dpo_step(run, policy, pairs: list, objective, collate) -> tuple[dict, float]
     per_rank = -(-len(everyone) // run.info.world_size)  # the most pairs a rank is dealt
     micro = run.cfg.micro_batch_size or per_rank
     batches = [to_device(collate(mine[j: j + micro]), run.device) for j in range(0, len(mine), micro)]
-    filler = to_device(collate(everyone[:1]), run.device)
     most = -(-per_rank // micro)  # the busiest rank's forwards
-    idle = [filler] * (most - len(batches) if run.shards_models else int(not batches))
+    fillers = most - len(batches) if run.shards_models else int(not batches)
+    idle = [to_device(collate(everyone[:1]), run.device)] * fillers if fillers else []
     loss, shares, grad_norm = step_on(run, policy, batches, objective, idle)
     return {"loss": loss, **shares}, grad_norm
 
