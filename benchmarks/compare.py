@@ -3,9 +3,9 @@
     python benchmarks/compare.py METHOD [METHOD ...] [--rounds 3] [--trl-python PY] [--trl-ppo-python PY]
                                  [--shape reference|30m|120m] [--seq short|long] [--steps N] [--warmup N]
 
-METHOD: sft rm dpo grpo ppo generate, and kto orpo rloo distill (outside BENCHMARK.md's table and its
-targets: on DPO's and GRPO's work, and 32 prompts of one answer each to a teacher, with TRL's
-defaults for the method). Each round runs `run.py METHOD` (this environment) and
+METHOD: sft rm dpo grpo ppo generate, and kto orpo cpo rloo distill online_dpo (outside BENCHMARK.md's
+table and its targets: on DPO's and GRPO's work, 32 prompts of one answer each to a teacher, and 16
+prompts of two answers each judged by a reward, with TRL's defaults for the method). Each round runs `run.py METHOD` (this environment) and
 `trl_METHOD.py` (TRL's environment: --trl-python, default .venv-trl/bin/python, made by
 `make trl-env`; PPO needs TRL 1.12, --trl-ppo-python, default .venv-trl112/bin/python), each in a
 fresh process, alternating which goes first. DPO runs rlhfkit twice per round: like for like
@@ -186,7 +186,7 @@ def reach_row(s: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("methods", nargs="+", choices=("sft", "rm", "dpo", "grpo", "ppo", "generate", "kto", "orpo",
-                                                        "rloo", "distill"))
+                                                        "cpo", "rloo", "distill", "online_dpo"))
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--trl-python", default=str(ROOT / ".venv-trl" / "bin" / "python"))
     p.add_argument("--trl-ppo-python", default=str(ROOT / ".venv-trl112" / "bin" / "python"))

@@ -3,9 +3,9 @@
     python benchmarks/run.py METHOD [--model DIR] [--tokenizer DIR] [--rm DIR] [--data DIR] [--steps N] [--warmup N]
                                    [--lora R] [--activation-checkpointing] [--reference-copy]
 
-METHOD: ceiling, sft, rm, dpo, grpo, ppo, generate; and kto, orpo, rloo, distill (outside
-BENCHMARK.md's table: on DPO's and GRPO's work, and 32 prompts of one answer each to a teacher,
-with TRL's defaults for the method). Without --model/--data the benchmark builds
+METHOD: ceiling, sft, rm, dpo, grpo, ppo, generate; and kto, orpo, cpo, rloo, distill, online_dpo
+(outside BENCHMARK.md's table: on DPO's and GRPO's work, 32 prompts of one answer each to a teacher,
+and 16 prompts of two answers each judged by a reward, with TRL's defaults for the method). Without --model/--data the benchmark builds
 assets like the reference ones of BENCHMARK.md: the tiny default's arithmetic data, a byte-level
 BPE tokenizer of vocab 1024 trained on it, and a Qwen2 model of hidden 256, 4 layers, 4 heads,
 intermediate 1024, untied embeddings (a model folder without a tokenizer, as the contract allows).
@@ -435,6 +435,23 @@ def bench_orpo(args) -> dict:
                          {"pairs_per_step": 16, "beta": 0.1, "reference": "none", **memory_extra(args, model)})
 
 
+def bench_cpo(args) -> dict:
+    """Outside BENCHMARK.md's table (CPO is not in it), on DPO's work: 16 pairs a step, no reference
+    model, TRL's CPOTrainer defaults: the sigmoid form on log pi (beta 0.1) plus the chosen answers'
+    NLL (cpo_alpha 1)."""
+    from rlhfkit.methods.common import ranking_collate
+    from rlhfkit.methods.dpo import DPOLoss, dpo_objective, no_reference
+
+    paths = assets(args)
+    model, tokenizer = load_policy(paths["model"], paths["tokenizer"])
+    model = prepared(model, args, base=paths["model"])
+    examples = no_reference(_pairs(paths, tokenizer, args.max_length)[: 16 * (args.steps + args.warmup)])
+    collate = ranking_collate(model, tokenizer.pad_token_id, share_prompt=not args.no_share_prompt)
+    objective = dpo_objective(DPOLoss(beta=0.1, loss_type="sigmoid", rpo_alpha=1.0, reference="none"))
+    return offline_bench("cpo", args, model, examples, collate, objective, 16,
+                         {"pairs_per_step": 16, "beta": 0.1, "reference": "none", **memory_extra(args, model)})
+
+
 def bench_kto(args) -> dict:
     """Outside BENCHMARK.md's table (KTO is not in it), on DPO's data: its first 16 pairs a step read as
     32 unpaired answers (chosen desirable, rejected not), beta 0.1, the reference a frozen copy forwarded
@@ -639,6 +656,61 @@ def bench_distill(args) -> dict:
     return result
 
 
+def bench_online_dpo(args) -> dict:
+    """Outside BENCHMARK.md's table (online DPO is not in it): 16 prompts a step, two answers each of
+    at most 16 new tokens (temperature 1, no top-k/top-p), judged by the contains-answer reward with
+    TRL's rule on ties (``ties=first``: every pair trained, as TRL's), then one optimizer step of
+    DPO's sigmoid loss (beta 0.1) against a frozen copy of the start model forwarded every step:
+    the method's own ``judge`` and ``dpo_step``."""
+    from types import SimpleNamespace
+
+    from rlhfkit.methods.common import frozen_reference, ranking_collate
+    from rlhfkit.methods.dpo import DPOLoss, dpo_objective
+    from rlhfkit.methods.online_dpo import OnlineDPOConfig, dpo_step, judge
+    from rlhfkit.methods.online_rewards import Rewards
+    from rlhfkit.rollout.backend import SamplerBackend
+    from rlhfkit.tasks.arithmetic import contains_answer
+
+    paths = assets(args)
+    model, tokenizer = load_policy(paths["model"], paths["tokenizer"])
+    run = bench_run(args)
+    model = run.prepare(model, lora_config(args), base=paths["model"])
+    reference = frozen_reference(run, model, paths["model"], tokenizer, bool(args.lora))
+    cfg = OnlineDPOConfig(rewards="contains_answer", ties="first", beta=0.1, prompts_per_step=16, max_new_tokens=16,
+                          temperature=1.0)
+    rewards = Rewards([contains_answer], [1.0], None)
+    rows = read_rows(paths["data"] / "prompts.jsonl")
+    backend = SamplerBackend(tokenizer, model)
+    objective = dpo_objective(DPOLoss(beta=0.1, reference="forward"), reference)
+    collate = ranking_collate(model, tokenizer.pad_token_id, share_prompt=not args.no_share_prompt)
+    optimizer = build_optimizer(model, SETTINGS["lr"])
+    run.modules = (model, optimizer, build_scheduler(optimizer, 10**9, 0, "constant"))
+    sampled, trained, pairs, split = [], [], [], []
+
+    def step(i: int) -> float:
+        mine = [rows[j % len(rows)] for j in range(i * 16, i * 16 + 16)]
+        start = time.perf_counter()
+        judged = judge(backend, tokenizer, mine, cfg, rewards, SimpleNamespace(global_step=i, max_steps=10**9))
+        judging = time.perf_counter() - start - judged["time_generation_s"]
+        shares, _ = dpo_step(run, model, judged["pairs"], objective, collate)
+        split.append({"time_generation_s": judged["time_generation_s"], "time_judging_s": judging,
+                      "time_update_s": time.perf_counter() - start - judged["time_generation_s"] - judging})
+        pairs.append(len(judged["pairs"]))
+        sampled.append(judged["counts"]["tokens"])
+        trained.append(sum(len(p.prompt_ids) + sum(map(len, p.completion_ids)) for p in judged["pairs"]))
+        return float(shares["loss"])
+
+    times, losses = timed_steps(step, args.warmup, args.steps)
+    gen, train = statistics.mean(sampled[args.warmup:]), statistics.mean(trained[args.warmup:])
+    result = report("online_dpo", times, losses, train, gen + train, model,
+                    {"prompts": 16, "answers_per_prompt": 2, "max_new_tokens": 16, "beta": 0.1, "ties": "first",
+                     "pairs_per_step": statistics.mean(pairs[args.warmup:]), "reference": "forwarded every step",
+                     **memory_extra(args, model)})
+    result["gen_tokens_per_s"] = round(gen / result["sec_per_step"], 1)
+    result["time_split_s"] = {k: round(statistics.median(s[k] for s in split[args.warmup:]), 4) for k in split[0]}
+    return result
+
+
 def bench_ppo(args) -> dict:
     from rlhfkit.methods.ppo import PPOConfig, load_models, make_experience, minibatch_loss
     from rlhfkit.models.load import load_tokenizer
@@ -735,8 +807,8 @@ def _has_cpu_flag(flag: str) -> bool:
 
 
 BENCHES = {"sft": bench_sft, "rm": bench_rm, "dpo": bench_dpo, "grpo": bench_grpo, "ppo": bench_ppo,
-           "generate": bench_generate, "ceiling": bench_ceiling, "kto": bench_kto, "orpo": bench_orpo, "rloo": bench_rloo,
-           "distill": bench_distill}
+           "generate": bench_generate, "ceiling": bench_ceiling, "kto": bench_kto, "orpo": bench_orpo, "cpo": bench_cpo, "rloo": bench_rloo,
+           "distill": bench_distill, "online_dpo": bench_online_dpo}
 
 
 def parser() -> argparse.ArgumentParser:
