@@ -181,6 +181,23 @@ def test_a_failing_reward_stops_the_run_with_its_name(tiny, tmp_path):
         run_grpo(_cfg(tiny, tiny["base"], tmp_path / "f", steps=1, eval_data=None), reward_fns=[flaky])
 
 
+def test_under_reward_errors_zero_a_failing_reward_is_counted_and_its_first_error_said_once(tiny, tmp_path, capsys):
+    def flaky(prompts, completions, **_):  # every other sample gets a NaN
+        return [float("nan") if i % 2 else 1.0 for i in range(len(completions))]
+
+    from rlhfkit.train.config import replace
+
+    run_grpo(replace(_cfg(tiny, tiny["base"], tmp_path / "z", steps=2, eval_data=None, reward_errors="zero"),
+                     train__log_every=1), reward_fns=[flaky])
+    logged = read_metrics(tmp_path / "z")
+    n = 16 * 8  # prompts x group size
+    assert [m["train/reward/flaky_errors"] for m in logged] == [n / 2, n / 2]
+    assert logged[-1]["train/reward/flaky_mean"] == pytest.approx(0.5)  # the zeroed ones count as 0
+    said = capsys.readouterr().err
+    assert said.count("reward function 'flaky' returned nan for sample 1 (prompt") == 1
+    assert said.count("scored 0 (reward_errors=zero)") == 1
+
+
 def test_zero_advantage_groups_counts_groups_not_samples(tiny):
     import torch
 

@@ -152,6 +152,25 @@ def test_every_pair_tied_takes_no_step(tiny, tmp_path, capsys):
     assert logged["train/reward_mean"] == pytest.approx(logged["train/reward/every_third_mean"])
 
 
+def test_a_reward_that_fails_under_reward_errors_zero_is_said_once_and_judges_nothing(tiny, tmp_path, capsys):
+    """A reward that raises on every call, beside one that would judge: under reward_errors=zero
+    the exception's text is said once a run, every call's errors are counted, and no pair is judged
+    on the remaining reward alone (with ties=first a constant 0 would otherwise prefer the first)."""
+    def broken(completions, **kwargs):
+        raise ValueError("the grader's service is down")
+
+    run_online_dpo(_cfg(tiny, tmp_path / "broken", steps=2, ties="first", reward_errors="zero"),
+                   reward_fns=[broken, by_length])
+    logged = read_metrics(tmp_path / "broken")
+    assert [m["train/reward/broken_errors"] for m in logged] == [16.0, 16.0]
+    assert [m["train/update_skipped"] for m in logged] == [1.0, 1.0]
+    said = capsys.readouterr().err
+    assert said.count("the grader's service is down") == 1
+    assert ("reward function 'broken' failed on the batch starting with prompt" in said
+            and "(ValueError): scored 0 (reward_errors=zero); later errors of 'broken' are counted in "
+                "reward/broken_errors, not said" in said)
+
+
 def test_resume_gives_the_straight_runs_steps(tiny, tmp_path):
     straight = _cfg(tiny, tmp_path / "straight", steps=4, ties="first",
                     train=quiet_train(tmp_path / "straight", max_steps=4, lr=1e-3, save_every=2,

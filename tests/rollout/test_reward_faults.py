@@ -119,6 +119,25 @@ def test_a_hung_reward_becomes_a_named_error_after_reward_timeout_s():
     assert fast.rewards.tolist() == [1.0]
 
 
+def test_errors_zeroed_keep_the_first_ones_text_and_mark_the_samples():
+    """Under on_error="zero": a call that raises zeroes (and marks) every sample, a value that is
+    no number zeroes (and marks) its own; each function's first error's text is kept."""
+    def raises(completions, **_):
+        raise KeyError("solution")
+
+    def two_bad(completions, **_):
+        return [1.0, float("nan"), "x", 2.0]
+
+    out = score_outcomes([raises, two_bad], [1.0, 1.0], ["p"] * 4, ["a", "b", "c", "d"], {}, on_error="zero")
+    assert out.rewards.tolist() == [1.0, 0.0, 0.0, 2.0] and out.errors == {"raises": 4, "two_bad": 2}
+    assert out.errored.tolist() == [True] * 4
+    assert out.messages["raises"] == ("reward function 'raises' failed on the batch starting with prompt 'p': "
+                                      "'solution' (KeyError)")
+    assert out.messages["two_bad"] == "reward function 'two_bad' returned nan for sample 1 (prompt 'p', completion 'b')"
+    alone = score_outcomes([two_bad], [1.0], ["p"] * 4, ["a", "b", "c", "d"], {}, on_error="zero")
+    assert alone.errored.tolist() == [False, True, True, False] and list(alone.messages) == ["two_bad"]
+
+
 def _no_model_loads(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the data was checked")

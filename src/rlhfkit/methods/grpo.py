@@ -93,6 +93,7 @@ from .online_rewards import (
     recorded_config,
     replaced_rewards,
     resolve_rewards,
+    say_reward_errors,
     score_samples,
 )
 
@@ -167,7 +168,7 @@ class GRPOConfig:
     top_entropy_quantile: float = 1.0
     overlong_buffer: int = 0  # DAPO: reward ramps to -overlong_penalty over the last N of max_new_tokens; 0 = off
     overlong_penalty: float = 1.0  # the punishment at max_new_tokens (DAPO: 1)
-    reward_errors: str = "raise"  # raise | zero (score 0 and count)
+    reward_errors: str = "raise"  # raise | zero (score 0, count, and say each reward's first error once)
     reward_timeout_s: float = 0.0  # > 0: a reward call that takes longer is an error (named); 0 = no limit
     eval_limit: int = 500  # held-out prompts used; 0 = all
     eval_max_new_tokens: int = 32
@@ -659,10 +660,12 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
         if r > 0:
             indices = more_prompts(len(rows), indices, step, tc.seed, r, cfg.prompts_per_step)
         state = SimpleNamespace(global_step=run.optimizer_steps, max_steps=total)  # TRL's names, optimizer steps
-        return rollout(backend, tokenizer, [rows[i] for i in indices[run.info.rank::run.info.world_size]], cfg, rewards,
-                       state)
+        drawn = rollout(backend, tokenizer, [rows[i] for i in indices[run.info.rank::run.info.world_size]], cfg,
+                        rewards, state)
+        say_reward_errors(run, drawn.outcome, said)
+        return drawn
 
-    abstained = False
+    abstained, said = False, set()
     for step in run.steps(evaluate):
         sync = time.time()
         backend.load_weights(policy)  # a sharded policy: the gathered full weights into the backend's copy

@@ -96,9 +96,11 @@ def join_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
     advantages = cat_padded([p.advantages for p in parts])
     outcomes = [p.outcome for p in parts]
     errors = {k: sum(o.errors.get(k, 0) for o in outcomes) for o in outcomes for k in o.errors}
+    errored = (None if any(o.errored is None for o in outcomes) else torch.cat([o.errored for o in outcomes]))
+    messages = {k: v for o in reversed(outcomes) for k, v in o.messages.items()}  # each reward's first
     outcome = OutcomeScores(torch.cat([o.rewards for o in outcomes]),
                             {k: torch.cat([o.per_function[k] for o in outcomes]) for k in outcomes[0].per_function},
-                            errors)
+                            errors, errored, messages)
     return Rollout(join_samples([p.samples for p in parts], pad_id), outcome, advantages,
                    sum(p.generation_s for p in parts))
 

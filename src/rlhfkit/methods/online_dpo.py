@@ -67,6 +67,7 @@ from .online_rewards import (
     replaced_rewards,
     resolve_rewards,
     reward_stats,
+    say_reward_errors,
     score_samples,
 )
 
@@ -86,7 +87,7 @@ class OnlineDPOConfig:
     eval_max_new_tokens: int = 32
     # how each pair is judged: "name[:weight],...", GRPO's syntax (shipped tasks/ rewards, rm:PATH, module:function)
     rewards: str = "exact_answer"
-    reward_errors: str = "raise"  # raise | zero (score 0 and count)
+    reward_errors: str = "raise"  # raise | zero (score 0, count, and say each reward's first error once)
     reward_timeout_s: float = 0.0  # > 0: a reward call that takes longer is an error (named); 0 = no limit
     ties: str = "skip"  # two answers scored alike: skip (no preference, left out) | first (TRL's: the first is chosen)
     missing_eos_penalty: float | None = None  # > 0: subtracted from the score of an answer cut at max_new_tokens
@@ -261,7 +262,7 @@ def run_online_dpo(cfg: OnlineDPOConfig, reward_fns: list | None = None, weights
     objective = dpo_objective(DPOLoss(beta=cfg.beta, loss_type=cfg.loss_type, reference="forward"), reference,
                               run.router_coef)
     collate = ranking_collate(policy, tokenizer.pad_token_id, cfg.share_prompt)
-    said = False
+    said, errors_said = False, set()
     for step in run.steps(evaluate):
         sync = time.time()
         backend.load_weights(policy)  # a sharded policy: the gathered full weights into the backend's copy
@@ -269,6 +270,7 @@ def run_online_dpo(cfg: OnlineDPOConfig, reward_fns: list | None = None, weights
         mine = [rows[i] for i in order.indices(step)[run.info.rank::run.info.world_size]]
         judged = judge(backend, tokenizer, mine, cfg, rewards,
                        SimpleNamespace(global_step=run.optimizer_steps, max_steps=total))  # TRL's names
+        say_reward_errors(run, judged["outcome"], errors_said)
         means = {**judged_metrics(judged, run.info), **retokenised, "time_generation_s": judged["time_generation_s"],
                  "time_weight_sync_s": sync}
         shares = {}

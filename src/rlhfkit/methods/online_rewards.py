@@ -216,6 +216,17 @@ def score_samples(tokenizer, samples: Samples, rows: list, group: int, rewards: 
     return Scored(outcome, prompts, completions, fields, passed, per_sample)
 
 
+def say_reward_errors(run, outcome: OutcomeScores, said: set) -> None:
+    """Under ``reward_errors=zero``: each reward's first error of the run, its text said once by the
+    rank it happened on (later ones are counted in ``reward/NAME_errors`` only). ``said``: the
+    names said so far, kept by the caller across steps."""
+    for name, text in outcome.messages.items():
+        if name not in said:
+            said.add(name)
+            run.say(f"{text}: scored 0 (reward_errors=zero); later errors of '{name}' are counted in "
+                    f"reward/{name}_errors, not said", every_rank=True)
+
+
 def reward_stats(scores: torch.Tensor, per_function: dict, errors: dict, info, more: dict | None = None):
     """The step's reward statistics over every rank's samples, gathered whole (an average of the
     ranks' standard deviations is none): ``reward_mean`` / ``_std`` of the scores (NaN ones, where

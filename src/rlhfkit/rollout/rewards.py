@@ -18,7 +18,8 @@ as in TRL; ``completion_text`` gives the text of either kind.
 A function that raises, returns the wrong number of values, returns NaN or something that is
 not a number (numpy and 0-d torch scalars are numbers), or does not return within
 ``timeout_s``, stops the run with a message naming the function and the sample, unless
-``on_error="zero"``: then the sample scores 0 for that function and the error is counted.
+``on_error="zero"``: then the sample scores 0 for that function, the error is counted, and the
+first one's text is kept (``OutcomeScores.messages``), so that a run can say what went wrong.
 
 The row fields a reward reads are found before any model loads (``reward_fields``): declared
 with ``@reads("answer")`` (rlhfkit.data.rows), else the parameters without a default that are not
@@ -53,6 +54,7 @@ class OutcomeScores:
     per_function: dict[str, torch.Tensor]  # name -> (B,) raw values, NaN where it abstained
     errors: dict[str, int] = field(default_factory=dict)
     errored: torch.Tensor | None = None  # (B,) True where a reward returned no number for that sample (zeroed)
+    messages: dict[str, str] = field(default_factory=dict)  # name -> what went wrong first, where errors were zeroed
 
 
 def _name(fn) -> str:
@@ -177,7 +179,7 @@ def score_outcomes(functions: list[Callable], weights: list[float], prompts: lis
                    **passed) -> OutcomeScores:
     """Every function on the batch (``call_reward``; ``passed``: ``completion_ids``, ``trainer_state``)."""
     total = torch.zeros(len(completions))
-    per_function, errors = {}, {}
+    per_function, errors, messages = {}, {}, {}
     errored = torch.zeros(len(completions), dtype=torch.bool)
     for fn, weight, name in zip(functions, weights, reward_names(functions)):
         try:
@@ -190,19 +192,23 @@ def score_outcomes(functions: list[Callable], weights: list[float], prompts: lis
                 raise RewardError(f"reward function '{name}' returned {len(values)} values for "
                                   f"{len(completions)} completions")
         except Exception as e:
+            failed = f"reward function '{name}' failed on the batch starting with prompt {prompts[0]!r}: {e}"
             if on_error != "zero":
-                raise RewardError(f"reward function '{name}' failed on the batch starting with prompt "
-                                  f"{prompts[0]!r}: {e}{_signature_hint(e)}") from e
+                raise RewardError(f"{failed}{_signature_hint(e)}") from e
             values, errors[name] = [0.0] * len(completions), len(completions)
+            errored[:] = True
+            messages[name] = f"{failed} ({type(e).__name__}){_signature_hint(e)}"
         column = torch.full((len(completions),), float("nan"))
         for i, value in enumerate(values):
             if value is None:
                 continue
             v = as_number(value)
             if v is None or math.isnan(v) or math.isinf(v):
+                wrong = (f"reward function '{name}' returned {value!r} for sample {i} "
+                         f"(prompt {prompts[i]!r}, completion {completions[i]!r})")
                 if on_error != "zero":
-                    raise RewardError(f"reward function '{name}' returned {value!r} for sample {i} "
-                                      f"(prompt {prompts[i]!r}, completion {completions[i]!r})")
+                    raise RewardError(wrong)
+                messages.setdefault(name, wrong)
                 errors[name] = errors.get(name, 0) + 1
                 errored[i] = True
                 v = 0.0
@@ -211,7 +217,7 @@ def score_outcomes(functions: list[Callable], weights: list[float], prompts: lis
         total += weight * torch.nan_to_num(column, nan=0.0)
     if per_function:  # a sample every function abstained on has no reward (NaN): group_advantages leaves it out
         total[torch.stack(list(per_function.values())).isnan().all(0)] = float("nan")
-    return OutcomeScores(total, per_function, errors, errored)
+    return OutcomeScores(total, per_function, errors, errored, messages)
 
 
 def load_callable(spec: str) -> Callable:

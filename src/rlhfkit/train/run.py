@@ -196,9 +196,12 @@ class Run:
             return "as rank 0 timed"
         return ""
 
-    def say(self, message: str) -> None:
-        if self.info.is_main:
-            print(f"{self.name}: {message}", file=sys.stderr)
+    def say(self, message: str, every_rank: bool = False) -> None:
+        """``message`` on stderr, from rank 0; ``every_rank``: from whichever rank says it (named
+        where there are several), for what one rank alone saw."""
+        if self.info.is_main or every_rank:
+            where = f" (rank {self.info.rank})" if every_rank and self.info.world_size > 1 else ""
+            print(f"{self.name}{where}: {message}", file=sys.stderr)
 
     @property
     def sharded(self) -> bool:
