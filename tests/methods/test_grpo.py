@@ -392,14 +392,29 @@ def test_rewards_passed_from_python_are_what_the_run_records_and_replace_the_con
     import yaml
     from methods_setup import even_answer_digits, method_config
 
+    from rlhfkit.methods.online_rewards import parse_rewards
+    from rlhfkit.train.config import ConfigError
+
     cfg = method_config("grpo", tiny, tmp_path / "g", 1)  # rewards="contains_answer"
     capfd.readouterr()
     run_grpo(cfg, reward_fns=[even_answer_digits], weights=[0.5])
     assert "rewards='contains_answer' in the config is replaced by the reward functions passed to run_grpo" \
         in capfd.readouterr().err
-    recorded = "even_answer_digits:0.5 (Python callables passed to run_grpo)"
+    recorded = "methods_setup:even_answer_digits:0.5"  # importable: the CLI can run the config again
     assert yaml.safe_load((tmp_path / "g" / "config.yaml").read_text())["rewards"] == recorded
     assert recorded in (tmp_path / "g" / "model" / "README.md").read_text()
+    assert parse_rewards(recorded) == ([even_answer_digits], [0.5])
+
+    def nested(prompts, completions, **_):  # no module:function finds it: recorded by name, marked
+        return [1.0] * len(completions)
+
+    run_grpo(method_config("grpo", tiny, tmp_path / "n", 1), reward_fns=[even_answer_digits, nested])
+    recorded = yaml.safe_load((tmp_path / "n" / "config.yaml").read_text())["rewards"]
+    assert recorded == ("methods_setup:even_answer_digits:1,nested:1 (a Python callable passed to run_grpo: "
+                        "not importable, so not re-runnable from the CLI)")
+    with pytest.raises(ConfigError, match="config key 'rewards': .* was recorded by a run whose reward was a Python "
+                                          "callable that cannot be imported"):
+        GRPOConfig(rewards=recorded)
 
 
 def test_rewards_that_abstain_on_every_sample_are_said_once(tiny, tmp_path, capfd):

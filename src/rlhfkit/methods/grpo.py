@@ -91,6 +91,7 @@ from .online_rewards import (
     parse_rewards,
     prompt_rows,
     recorded_config,
+    refuse_recorded_callable,
     replaced_rewards,
     resolve_rewards,
     say_reward_errors,
@@ -240,6 +241,7 @@ class GRPOConfig:
                               "normalised over their group (scale_rewards group or none)")
         choice("eval_task", self.eval_task, TASK_CHOICES)
         if self.process_reward is not None and not self.process_reward.startswith("prm:"):
+            refuse_recorded_callable("process_reward", self.process_reward)
             choice("process_reward", self.process_reward, (*PROCESS_REWARDS, "prm:PATH"))
         if self.process_reward is not None and self.process_reward.startswith("prm:"):
             model_folder("process_reward", self.process_reward[4:],

@@ -7,6 +7,7 @@ samples (``score_samples``). methods/grpo.py (and RLOO) and methods/online_dpo.p
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +55,7 @@ def parse_rewards(spec: str) -> tuple[list, list[float]]:
     """``name[:weight],...``: a shipped reward (tasks/), ``rm:PATH[:weight]`` (a sequence-classifier
     folder), ``package.module:function[:weight]`` or ``path/file.py:function[:weight]`` (signature
     in rollout/rewards.py)."""
+    refuse_recorded_callable("rewards", spec)
     functions, weights = [], []
     for item in filter(None, (s.strip() for s in spec.split(","))):
         parts = item.split(":")
@@ -117,20 +119,49 @@ def resolve_rewards(keys: RewardKeys, functions=None, weights=None, process=None
     return Rewards(list(functions), list(weights), process)
 
 
+# how config.yaml records a reward passed from Python that no module:function finds
+NOT_RERUNNABLE = "a Python callable passed to {caller}: not importable, so not re-runnable from the CLI"
+
+
+def importable_spec(fn) -> str | None:
+    """``module:function``, as ``rewards`` takes it, where ``fn`` is a module's top-level function
+    that the module holds under its name; None for a lambda, a nested function, a callable object,
+    or one defined in the script that runs (``__main__``: loading it would run the script)."""
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
+    if not module or module == "__main__" or not qualname.isidentifier():  # "<lambda>", "f.<locals>.g", "A.f"
+        return None
+    return f"{module}:{qualname}" if getattr(sys.modules.get(module), qualname, None) is fn else None
+
+
 def recorded_config(cfg, rewards: Rewards, functions_passed: bool, process_passed: bool = False,
                     caller: str = "run_grpo") -> dict:
     """The config as config.yaml, the checkpoints and the model card record it: the rewards passed
-    from Python named in place of the config's own, which they replace (``replaced_rewards``)."""
+    from Python in place of the config's own, which they replace (``replaced_rewards``), each as
+    ``module:function:weight`` where that finds it (``importable_spec``: the CLI can run the
+    recorded config again), else by name, marked as not re-runnable (``refuse_recorded_callable``)."""
     def name(fn) -> str:
         return getattr(fn, "name", None) or getattr(fn, "__name__", type(fn).__name__)
 
+    def spec(fn, weight: float) -> str:
+        found = importable_spec(fn)
+        return f"{found}:{weight:g}" if found else f"{name(fn)}:{weight:g} ({NOT_RERUNNABLE.format(caller=caller)})"
+
     config = plain_dict(cfg)
     if functions_passed:
-        config["rewards"] = ",".join(f"{name(f)}:{w:g}" for f, w in zip(rewards.functions, rewards.weights)) \
-            + f" (Python callables passed to {caller})"
+        config["rewards"] = ",".join(spec(f, w) for f, w in zip(rewards.functions, rewards.weights))
     if process_passed:
-        config["process_reward"] = f"{name(rewards.process)} (a Python callable passed to run_grpo)"
+        config["process_reward"] = f"{name(rewards.process)} ({NOT_RERUNNABLE.format(caller='run_grpo')})"
     return config
+
+
+def refuse_recorded_callable(key: str, value: str) -> None:
+    """A config.yaml value naming a reward passed from Python that no module:function finds: said
+    as such, not as an unknown reward or a module that cannot be imported."""
+    if "not re-runnable from the CLI" in value:
+        raise ConfigError(f"config key '{key}': {value!r} was recorded by a run whose reward was a Python callable "
+                          "that cannot be imported (a lambda, a nested function, or one defined in the script that "
+                          "ran); move it to a module and give it as module:function[:weight] or "
+                          "path/file.py:function[:weight]", keys=[key])
 
 
 def replaced_rewards(keys: RewardKeys, functions_passed: bool, process_passed: bool = False,
