@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import run_killed_in_step
 from methods_setup import RUNS, method_config, reward_folder, small
 
 import rlhfkit.train.checkpoint as checkpoint_module
@@ -151,6 +152,46 @@ def test_resume_truncates_the_metrics_log_and_removes_stale_temporary_folders(ti
     logged = read_metrics(tmp_path / "cut")
     assert [m["step"] for m in logged] == [1, 2, 3, 4, 5]  # step 3 once, not twice
     assert [m["train/loss"] for m in logged] == [m["train/loss"] for m in read_metrics(tmp_path / "full")]
+
+
+def test_a_line_averages_the_steps_since_the_last_and_a_resume_keeps_the_window(tiny, tmp_path, monkeypatch):
+    """log_every=3 over 7 steps: lines at 3, 6 and 7, each the mean of its steps' losses (the same
+    run logged every step), lr and optimizer_steps as at the line's step. Killed in step 6 after the
+    checkpoint of step 5 (mid-window: steps 4 and 5 in it), the resumed run writes the straight
+    run's lines exactly."""
+    def cfg(out, log_every, resume=False):
+        return replace(method_config("sft", tiny, out, 7, save_every=5, log_every=log_every, warmup_steps=2),
+                       train__resume=resume, train__schedule="linear")
+
+    RUNS["sft"](cfg(tmp_path / "each", 1))
+    each = read_metrics(tmp_path / "each")
+    RUNS["sft"](cfg(tmp_path / "three", 3))
+    three = read_metrics(tmp_path / "three")
+    assert [m["step"] for m in three] == [3, 6, 7]
+    for line, window in zip(three, ([1, 2, 3], [4, 5, 6], [7])):
+        steps = [each[i - 1] for i in window]
+        assert line["train/loss"] == pytest.approx(sum(m["train/loss"] for m in steps) / len(steps), rel=1e-12)
+        assert line["train/lr"] == steps[-1]["train/lr"] and line["train/optimizer_steps"] == window[-1]
+    assert three[0]["train/loss"] != each[2]["train/loss"]  # not the step's own value
+
+    run_killed_in_step(monkeypatch, 6, lambda: RUNS["sft"](cfg(tmp_path / "cut", 3)))
+    RUNS["sft"](cfg(tmp_path / "cut", 3, resume=True))
+    resumed = read_metrics(tmp_path / "cut")
+    assert [{k: v for k, v in m.items() if k != "time_s"} for m in resumed] == \
+        [{k: v for k, v in m.items() if k != "time_s"} for m in three]
+
+
+def test_window_means_by_hand():
+    nan = float("nan")
+    window = [{"loss": 1.0, "grad_norm": 3.0, "reward_mean": nan, "completion_len_max": 5.0, "lr": 1e-3,
+               "optimizer_steps": 1},
+              {"loss": 2.0, "reward_mean": 0.5, "completion_len_max": 9.0, "lr": 2e-3, "optimizer_steps": 1},
+              {"loss": 6.0, "reward_mean": 1.5, "completion_len_max": 7.0, "lr": 3e-3, "optimizer_steps": 2}]
+    line = run_module.window_means(window)
+    assert list(line) == ["loss", "reward_mean", "completion_len_max", "lr", "optimizer_steps", "grad_norm"]
+    assert line == {"loss": 3.0, "reward_mean": 1.0, "completion_len_max": 9.0, "lr": 3e-3, "optimizer_steps": 2,
+                    "grad_norm": 3.0}  # grad_norm: the one step that had it (a skipped update has none)
+    assert math.isnan(run_module.window_means([{"reward_mean": nan}, {"reward_mean": nan}])["reward_mean"])
 
 
 @pytest.mark.parametrize("resume", [True, False, "auto"])

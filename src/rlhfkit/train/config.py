@@ -133,7 +133,7 @@ class TrainConfig:
     strategy: str = "replicate"  # replicate (whole model on every rank) | fsdp (FSDP2 sharding, train/shard.py)
     device: str = "auto"  # auto (CUDA when present, else CPU) | cpu | cuda
     seed: int = 0  # weights' fresh parts, data order, sampling (each rank adds its rank)
-    log_every: int = 10  # steps between lines of metrics.jsonl
+    log_every: int = 10  # steps between lines of metrics.jsonl (each line: the means over those steps)
     eval_every: int = 0  # 0 = only at the end
     save_every: int = 0  # 0 = only at the end
     keep_checkpoints: int = 2  # 0 = keep all (a transient one, written for an eval off save_every, still goes)

@@ -145,7 +145,31 @@ class Preempted(RuntimeError):
 
 
 RUN_STATE = {"step", "world_size", "optimizer_steps", "metrics", "evals", "stopped_early", "pending_eval",  # Run's own
-             "step_logged", "rng_after_eval"}
+             "step_logged", "rng_after_eval", "log_window"}
+# metrics a logged line gives as they stand at its step, not averaged over the steps since the last line
+AS_THEY_STAND = ("lr", "optimizer_steps")
+
+
+def window_means(window: list[dict]) -> dict:
+    """One logged line for the steps since the last (TRL's ``logging_steps``): each metric's mean
+    over the steps that have it (NaN ones left out, as a step where every reward abstained), the
+    largest of a ``*_max`` and the smallest of a ``*_min``, and ``AS_THEY_STAND`` from the last
+    step. Keys in the last step's order, then any it lacks (a skipped update's grad_norm)."""
+    last = window[-1]
+    keys = list(last) + [k for k in dict.fromkeys(k for m in window for k in m) if k not in last]
+    line = {}
+    for k in keys:
+        values = [m[k] for m in window if k in m]
+        present = [v for v in values if v == v]
+        if k in AS_THEY_STAND or not present:
+            line[k] = values[-1]
+        elif k.endswith("_max"):
+            line[k] = max(present)
+        elif k.endswith("_min"):
+            line[k] = min(present)
+        else:
+            line[k] = sum(present) / len(present)
+    return line
 
 
 @dataclass
@@ -166,6 +190,7 @@ class Run:
     keep: dict = field(default_factory=dict)  # a method's values saved with every checkpoint (back in ``state``)
     evals: list[dict] = field(default_factory=list)
     metrics: dict = field(default_factory=dict)  # the last step's, reduced over ranks
+    window: list = field(default_factory=list)  # each step's metrics since the last logged line (``window_means``)
     stopped_early: bool = False
     modules: tuple = ()  # (trained module, optimizer, scheduler) once attached
     kept: dict = field(default_factory=dict)  # untrained modules the checkpoints hold too (TR-DPO's reference)
@@ -335,6 +360,9 @@ class Run:
                 raise going_back(path, self.unit, self.start, f"this run's length ({self.max_steps} {self.unit}s)")
             self.optimizer_steps = self.state.get("optimizer_steps", 0)
             self.evals, self.metrics = self.state.get("evals", []), self.state.get("metrics", {})
+            # the steps since the last line, which the next averages (non-finite values were saved as text)
+            self.window = [{k: float(v) if isinstance(v, str) else v for k, v in m.items()}
+                           for m in self.state.get("log_window", [])]
             self.stopped_early = bool(self.state.get("stopped_early"))
             self.say(f"resuming from {path} ({self.unit} {self.start} of {self.max_steps})"
                      + ("; an eval had stopped the run there" if self.stopped_early else "")
@@ -388,7 +416,7 @@ class Run:
         if self.state.get("pending_eval") and evaluate is not None:  # see step_done
             self.stopped_early = any_rank(bool(self.evaluate(evaluate, self.done).get("stop")), self.info)
             if self.stopped_early and not self.state.get("step_logged", True):  # as an early stop's last step is
-                self.logger.log(self.done, self.metrics)
+                self.log_window(self.done)
             self.save(self.done, {k: v for k, v in self.state.items() if k not in RUN_STATE}, into=self.resumed_from)
         elif self.stopped_early:
             self.stopped_early = any_rank(evaluate is not None and bool(evaluate().get("stop")), self.info)
@@ -438,6 +466,7 @@ class Run:
         self.metrics = reduce_metrics(means or {}, shares or {}, self.info)
         self.metrics.update(lr=self.lr if self.lr is not None else scheduler.get_last_lr()[0],
                             optimizer_steps=self.optimizer_steps)
+        self.window.append(dict(self.metrics))
         self.bar.update(1)
         self.bar.set_postfix({k: f"{self.metrics[k]:.4f}" for k in self.show if k in self.metrics}, refresh=False)
         evaluated, written, logged = None, None, False
@@ -446,13 +475,13 @@ class Run:
             if self.info.enabled:
                 logged = done % cfg.log_every == 0 or last
                 if logged:
-                    self.logger.log(done, self.metrics)
+                    self.log_window(done)
                 written = self.save(done, state, pending_eval=True, step_logged=logged, transient=not on_cadence)
             try:
                 evaluated = self.evaluate(evaluate, done)
             except BaseException:
                 if not self.info.enabled:
-                    self.logger.log(done, self.metrics)
+                    self.log_window(done)
                     self.save(done, state, pending_eval=True, transient=not on_cadence)
                 raise
         flags = torch.tensor([float(bool(evaluated and evaluated.get("stop"))), float(self.signal is not None)],
@@ -460,7 +489,7 @@ class Run:
         stop, preempted = (all_reduce_sum(flags, self.info) > 0).tolist()  # every rank stops together
         self.stopped_early = stop
         if (done % cfg.log_every == 0 or last or stop or preempted) and not logged:  # a run's last step is logged
-            self.logger.log(done, self.metrics)
+            self.log_window(done)
         if written is not None or on_cadence or stop or preempted:
             path = self.save(done, state, into=written)
             if preempted and not (last or stop):
@@ -468,6 +497,12 @@ class Run:
                 signum = self.signal or signal.SIGTERM  # a rank that got none stops with the others
                 raise Preempted(f"stopped by {signal.Signals(signum).name} after {self.unit} {done} of {self.max_steps}; "
                                 f"checkpoint {path} is complete: rerun with train.resume=true to continue", signum)
+
+    def log_window(self, done: int) -> None:
+        """The line of step ``done``: the means of the steps since the last line (``window_means``)."""
+        if self.window:
+            self.logger.log(done, window_means(self.window))
+        self.window = []
 
     def save(self, done: int, state: dict | None, pending_eval: bool = False, step_logged: bool = True,
              transient: bool = False, into: Path | None = None) -> Path:
@@ -481,6 +516,7 @@ class Run:
                  "kernels": kernel_choices() if self.device == "cpu" else None,
                  "evals": plain_tree(self.evals),
                  "stopped_early": self.stopped_early, "pending_eval": pending_eval, "step_logged": step_logged,
+                 "log_window": [{k: v if math.isfinite(v) else repr(v) for k, v in m.items()} for m in self.window],
                  **self.keep, **(state or {})}
         if into is not None:
             path = amend_checkpoint(into, extra, self.info)
