@@ -57,6 +57,15 @@ def test_unknown_keys_of_every_level_are_named_in_one_error():
     assert "; TRL's names, rlhfkit's: train.learning_rate -> train.lr; " in said  # each level's hints too
     assert "; known: flag, name, ratio, steps, train; known under train: activation_checkpointing, " in said
     assert e.value.keys == ("bogus", "train.learning_rate", "train.lrr")
+    # a near miss gets its likely key; one TRL names otherwise gets only TRL's hint; no guess for bogus
+    assert "; did you mean: train.lrr -> train.lr; known: " in said
+
+
+def test_a_misspelt_key_is_offered_the_known_key_it_is_closest_to():
+    with pytest.raises(ConfigError) as e:
+        load_config(Cfg, overrides=["ratoi=1", "train.max_step=3", "train.sead=1"])
+    said = str(e.value)
+    assert "did you mean: ratoi -> ratio; train.max_step -> train.max_steps; train.sead -> train.seed; " in said
 
 
 def test_an_error_about_a_key_the_file_sets_names_the_file_and_line(tmp_path):

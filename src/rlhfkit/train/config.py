@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.util
 import math
 import re
@@ -512,15 +513,19 @@ def build(cls, values: dict, prefix: str = ""):
     every nesting level in one error (with rlhfkit's name for a key TRL names so)."""
     levels = _unknown(cls, values, prefix)
     if levels:
-        found, renamed, trl, known = [], [], [], []
+        found, renamed, trl, close, known = [], [], [], [], []
         for at, unknown, names in levels:
             found += [at + k for k in unknown]
             renamed += [f"{at}{k} -> {RENAMED[k]}" for k in unknown if k in RENAMED and RENAMED[k].split()[0] in names]
             trl += [f"{at}{k} -> {hint}" for k in unknown if (hint := _trl_hint(k, at, names)) is not None]
+            told = {r.split(" -> ")[0] for r in renamed + trl}
+            close += [f"{at}{k} -> {at}{match[0]}" for k in unknown if at + k not in told
+                      and (match := difflib.get_close_matches(k, sorted(names), n=1, cutoff=0.75))]
             known.append(f"known{f' under {at[:-1]}' if at else ''}: {', '.join(sorted(names))}")
         raise ConfigError(f"unknown config key(s): {', '.join(found)}; "
                           + (f"renamed: {'; '.join(renamed)}; " if renamed else "")
                           + (f"TRL's names, rlhfkit's: {'; '.join(trl)}; " if trl else "")
+                          + (f"did you mean: {'; '.join(close)}; " if close else "")
                           + "; ".join(known), keys=found)
     hints = typing.get_type_hints(cls)
     defaults = {f.name: _default(f) for f in dataclasses.fields(cls)}
