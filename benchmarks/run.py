@@ -393,7 +393,8 @@ def bench_rm(args) -> dict:
 
 def bench_dpo(args) -> dict:
     from rlhfkit.methods.common import ranking_collate
-    from rlhfkit.methods.dpo import DPOLoss, dpo_objective, precompute_reference
+    from rlhfkit.methods.dpo import DPOLoss, dpo_objective
+    from rlhfkit.models.rankings import precompute_reference
 
     paths = assets(args)
     model, tokenizer = load_policy(paths["model"], paths["tokenizer"])
@@ -423,7 +424,8 @@ def bench_orpo(args) -> dict:
     model, ORPO's odds-ratio term (TRL's beta 0.1) plus the chosen answers' NLL, as TRL's ORPOTrainer
     (whose NLL also reads the prompts' tokens: the same forwards)."""
     from rlhfkit.methods.common import ranking_collate
-    from rlhfkit.methods.dpo import DPOLoss, dpo_objective, no_reference
+    from rlhfkit.methods.dpo import DPOLoss, dpo_objective
+    from rlhfkit.models.rankings import no_reference
 
     paths = assets(args)
     model, tokenizer = load_policy(paths["model"], paths["tokenizer"])
@@ -440,7 +442,8 @@ def bench_cpo(args) -> dict:
     model, TRL's CPOTrainer defaults: the sigmoid form on log pi (beta 0.1) plus the chosen answers'
     NLL (cpo_alpha 1)."""
     from rlhfkit.methods.common import ranking_collate
-    from rlhfkit.methods.dpo import DPOLoss, dpo_objective, no_reference
+    from rlhfkit.methods.dpo import DPOLoss, dpo_objective
+    from rlhfkit.models.rankings import no_reference
 
     paths = assets(args)
     model, tokenizer = load_policy(paths["model"], paths["tokenizer"])

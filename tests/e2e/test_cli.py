@@ -297,7 +297,7 @@ def test_orpo_and_cpo_clis_train_with_no_reference_and_resume(tiny, tmp_path):
     from rlhfkit.data.prefs import encode_rankings
     from rlhfkit.data.rows import read_rows
     from rlhfkit.methods.common import load_policy
-    from rlhfkit.methods.dpo import no_reference, preference_accuracy
+    from rlhfkit.models.rankings import no_reference, preference_accuracy
 
     ev = rlhfkit("eval", "--model", tmp_path / "straight" / "model", "--ref", "none", "--data",
                  tiny["data"] / "prefs_eval.jsonl", "--limit", "40")

@@ -9,8 +9,9 @@ from methods_setup import tr_dpo_config
 from rlhfkit.data.prefs import collate_rankings, encode_rankings
 from rlhfkit.data.rows import DataError, read_rows
 from rlhfkit.methods.common import load_policy
-from rlhfkit.methods.dpo import DPOConfig, DPOLoss, dpo_objective, precompute_reference, run_dpo
+from rlhfkit.methods.dpo import DPOConfig, DPOLoss, dpo_objective, run_dpo
 from rlhfkit.models.lora import Reference
+from rlhfkit.models.rankings import precompute_reference
 
 
 def test_precomputed_and_per_step_reference_agree(tiny):
@@ -188,8 +189,8 @@ def test_ld_alpha_and_f_divergence_reach_the_loss_as_their_papers_write_it(tiny,
     on them, against -log sig(beta (f(w) - f(l))) by hand; a run with ld_alpha gives the same
     losses with the reference precomputed (its sums LD's too) and forwarded."""
     from rlhfkit.data.prefs import collate_shared_prompt
-    from rlhfkit.methods.dpo import sequence_logps
     from rlhfkit.models.forward import token_logprobs
+    from rlhfkit.models.rankings import sequence_logps
     from rlhfkit.train.config import ConfigError
     from rlhfkit.train.logging import read_metrics
 
@@ -264,7 +265,7 @@ def test_use_weighting_weighs_each_pair_by_wpos_weights_computed_by_hand(tiny):
     log pi(y_t) - log sum_v pi(v)^2), here from the model's full logits by hand, on both batch
     layouts; without gradient through w (the loss's gradient is the weighted losses')."""
     from rlhfkit.data.prefs import collate_shared_prompt
-    from rlhfkit.methods.dpo import output_logps
+    from rlhfkit.models.rankings import output_logps
 
     model, tok = load_policy(str(tiny["base"]), None)
     reference = copy.deepcopy(model).eval().requires_grad_(False)

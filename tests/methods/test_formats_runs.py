@@ -14,9 +14,10 @@ from helpers import quiet_train
 from rlhfkit.data.prefs import collate_rankings, encode_rankings
 from rlhfkit.data.rows import read_rows
 from rlhfkit.methods.common import load_policy
-from rlhfkit.methods.dpo import DPOConfig, DPOLoss, dpo_objective, precompute_reference, run_dpo
+from rlhfkit.methods.dpo import DPOConfig, DPOLoss, dpo_objective, run_dpo
 from rlhfkit.methods.grpo import GRPOConfig, run_grpo
 from rlhfkit.methods.rm import RMConfig, run_rm
+from rlhfkit.models.rankings import precompute_reference
 from rlhfkit.train.logging import read_metrics
 
 

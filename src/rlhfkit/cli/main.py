@@ -215,7 +215,7 @@ def cmd_eval(args) -> int:
     elif args.ref:  # a DPO policy against its reference (--ref none: a CPO, SimPO or ORPO policy alone)
         from ..data.prefs import encode_rankings
         from ..methods.common import load_policy
-        from ..methods.dpo import no_reference, precompute_reference, preference_accuracy
+        from ..models.rankings import no_reference, precompute_reference, preference_accuracy
 
         free = args.ref == NO_REFERENCE
         model, tokenizer = load_policy(args.model, args.tokenizer)

@@ -24,6 +24,7 @@ from ..losses.kto import KTO_LOSSES, kto_loss, reference_point, weights_advice
 from ..models.forward import eval_mode, router_balance
 from ..models.load import disable_dropout, load_causal_lm, load_tokenizer
 from ..models.lora import Reference
+from ..models.rankings import precompute_reference, preference_accuracy, sequence_logps
 from ..rollout.backend import SamplerBackend
 from ..tasks import TASK_CHOICES
 from ..train.config import (
@@ -37,7 +38,6 @@ from ..train.config import (
 from ..train.loop import Objective, autocast, train_offline
 from ..train.run import start_run
 from .common import accuracy_eval, check_positions, frozen_reference, head, held_out, longest_prompt
-from .dpo import precompute_reference, preference_accuracy, sequence_logps
 
 
 @dataclass(frozen=True)
