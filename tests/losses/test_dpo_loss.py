@@ -228,6 +228,32 @@ def test_reference_free_forms_by_hand():
     assert abs(loss.item() - 2.0 * _softplus(-d)) < 1e-6
 
 
+def test_alphapo_by_hand_its_limit_and_gradient():
+    """AlphaPO on the same pair: simpo on r(a) = (1 - e^(-alpha a)) / alpha of the mean log-probs
+    (-1 and -1.5), alpha 0.25, beta 2, gamma 0.5; the logged rewards are beta r. The sigmoid form
+    shapes the sums. alpha -> 0 is SimPO. The gradient of the chosen sum is the closed form
+    -beta sigma(-m) e^(-alpha a_w) / |y_w|."""
+    lengths = (torch.tensor([2.0]), torch.tensor([4.0]))
+    alpha, beta = 0.25, 2.0
+    r = lambda a: (1 - math.exp(-alpha * a)) / alpha  # noqa: E731
+    m = beta * (r(-1.0) - r(-1.5)) - 0.5
+    chosen = torch.tensor([-2.0], requires_grad=True)
+    loss, sums = dpo_loss(chosen, torch.tensor([-6.0]), torch.zeros(1), torch.zeros(1), beta, loss_type="simpo",
+                          lengths=lengths, simpo_gamma=0.5, per_token_rewards=True, alphapo_alpha=alpha)
+    assert loss.item() == pytest.approx(_softplus(-m), abs=1e-6)
+    assert sums["rewards_chosen"].item() == pytest.approx(beta * r(-1.0), abs=1e-6)
+    assert sums["rewards_rejected"].item() == pytest.approx(beta * r(-1.5), abs=1e-6)
+    loss.backward()
+    sig = 1 / (1 + math.exp(m))  # sigma(-m)
+    assert chosen.grad.item() == pytest.approx(-beta * sig * math.exp(alpha * 1.0) / 2.0, abs=1e-6)
+    args = (torch.tensor([-2.0]), torch.tensor([-6.0]), torch.zeros(1), torch.zeros(1), beta)
+    summed, _ = dpo_loss(*args, loss_type="sigmoid", alphapo_alpha=alpha)
+    assert summed.item() == pytest.approx(_softplus(-beta * (r(-2.0) - r(-6.0))), abs=1e-6)
+    near, _ = dpo_loss(*args, loss_type="simpo", lengths=lengths, alphapo_alpha=1e-6)
+    simpo, _ = dpo_loss(*args, loss_type="simpo", lengths=lengths)
+    assert near.item() == pytest.approx(simpo.item(), abs=1e-5)
+
+
 def test_per_token_rewards_need_the_lengths():
     with pytest.raises(ValueError, match="per_token_rewards needs the answers' lengths"):
         dpo_loss(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1), 0.1, per_token_rewards=True)

@@ -36,7 +36,7 @@ def log_odds(a):
     return a - torch.log(-torch.expm1(a))
 
 
-@pytest.mark.parametrize("method", ["orpo", "cpo", "simpo"])
+@pytest.mark.parametrize("method", ["orpo", "cpo", "simpo", "alphapo"])
 def test_first_loss_is_the_papers_by_hand_with_no_reference(tiny, tmp_path, method, monkeypatch):
     """The first logged loss of `rlhfkit orpo` / `cpo` (and cpo with loss_type=simpo), on one batch
     of 16 pairs, against the paper's equation on transformers' forwards; no reference is loaded."""
@@ -62,6 +62,14 @@ def test_first_loss_is_the_papers_by_hand_with_no_reference(tiny, tmp_path, meth
         cfg, run = CPOConfig(model=str(tiny["base"]), train_data=str(data), max_length=64, beta=0.5, train=train), run_cpo
         expected = (-F.logsigmoid(0.5 * (sw - sl))).mean() + nll
         rewards = 0.5 * sw, 0.5 * sl
+    elif method == "alphapo":  # AlphaPO: SimPO on (1 - e^(-alpha a)) / alpha of the mean log-probs a, alpha 0.25
+        cfg = CPOConfig(model=str(tiny["base"]), train_data=str(data), max_length=64, beta=2.0, loss_type="simpo",
+                        simpo_gamma=0.3, alphapo_alpha=0.25, rpo_alpha=0.0, train=train)
+        run = run_cpo
+        shape = lambda a: -torch.expm1(-0.25 * a) / 0.25  # noqa: E731
+        m = 2.0 * (shape(sw / nw) - shape(sl / nl)) - 0.3
+        expected = (-F.logsigmoid(m)).mean()
+        rewards = 2.0 * shape(sw / nw), 2.0 * shape(sl / nl)
     else:  # SimPO: no NLL, gamma 0.3, label smoothing 0.1
         cfg = CPOConfig(model=str(tiny["base"]), train_data=str(data), max_length=64, beta=2.0, loss_type="simpo",
                         simpo_gamma=0.3, label_smoothing=0.1, rpo_alpha=0.0, train=train)
@@ -75,7 +83,7 @@ def test_first_loss_is_the_papers_by_hand_with_no_reference(tiny, tmp_path, meth
     assert abs(first["train/rewards_chosen"] - rewards[0].mean().item()) < 1e-5
     assert abs(first["train/rewards_rejected"] - rewards[1].mean().item()) < 1e-5
     assert summary["reference"] == "none"
-    if method != "simpo":
+    if method in ("orpo", "cpo"):
         assert abs(first["train/nll_chosen"] - nll.item()) < 1e-5
     if method == "orpo":  # TRL's ORPO metrics
         gap = log_odds(sw / nw) - log_odds(sl / nl)
@@ -95,8 +103,15 @@ def test_reference_free_settings_refused_by_name():
         CPOConfig(sync_ref_model=True)
     with pytest.raises(ConfigError, match="simpo_gamma=1.0 is used by loss_type=simpo only"):
         CPOConfig(simpo_gamma=1.0)
-    with pytest.raises(ConfigError, match="alphapo is TRL's; AlphaPO"):
+    with pytest.raises(ConfigError, match="alphapo is TRL's; AlphaPO is loss_type=simpo with alphapo_alpha=A and "
+                                          "rpo_alpha=0 here"):
         CPOConfig(loss_type="alphapo")
+    with pytest.raises(ConfigError, match=r"alphapo_alpha shapes the reward .* with a reference set reference=none"):
+        DPOConfig(alphapo_alpha=0.25)
+    with pytest.raises(ConfigError, match="alphapo_alpha shapes .* loss_type=orpo reads their odds instead"):
+        ORPOConfig(alphapo_alpha=0.25)
+    with pytest.raises(ConfigError, match="must be a number"):
+        CPOConfig(alphapo_alpha=float("nan"))
     for anchored in ("sppo_hard", "apo_zero", "apo_down", "nca_pair"):  # they pull log pi toward a fixed value
         with pytest.raises(ConfigError, match=f"loss_type={anchored} pulls each answer's log-ratio toward a fixed "
                                               "value, and with reference=none"):

@@ -66,6 +66,15 @@ CPOTrainer and ORPOTrainer):
     there) and its gradient that of the cap above it, so a near-certain rejected answer is still pushed down.
     ORPO's whole loss adds the chosen answers' NLL (RPO's term above, weight 1).
 
+AlphaPO (Gupta et al. 2025, "AlphaPO: Reward Shape Matters for LLM Alignment"; TRL's CPOTrainer
+``alpha``), without a reference: each answer's log-prob a (its mean over its tokens for the
+per-token forms, as SimPO's length-normalised reward, else its sum) is read through the reward
+shape r_alpha(a) = (1 - e^(-alpha a)) / alpha before the form, which tends to a as alpha -> 0.
+AlphaPO itself is simpo so shaped (no NLL):
+        L = -log sigma( beta r_alpha(w / |y_w|) - beta r_alpha(l / |y_l|) - gamma ),
+    r_alpha(w / |y_w|) = (1 - pi(y_w|x)^(-alpha / |y_w|)) / alpha
+(-alpha a capped at 80, as alpha_divergence's exponent below).
+
 f-DPO (Wang et al. 2023, "Beyond Reverse KL: Generalizing Direct Preference Optimization with
 Diverse Divergence Constraints"; TRL's ``f_divergence_type``): under an f-divergence
 constraint the implicit reward is beta f'(pi / pi_ref) in place of beta log(pi / pi_ref), so the
@@ -113,16 +122,23 @@ class Pairs:
     tau: float = 0.05  # discopop's temperature
     lengths: tuple | None = None  # the (B,) token counts of y_w and y_l, for the per-token forms
     gamma: float = 0.5  # simpo's target margin
+    alpha: float = 0.0  # AlphaPO's reward shape (``shaped``); 0: none
+
+    def shaped(self, a: torch.Tensor) -> torch.Tensor:
+        """r_alpha(a) = (1 - e^(-alpha a)) / alpha, AlphaPO's reward shape; a itself at alpha 0."""
+        if self.alpha == 0:
+            return a
+        return -torch.expm1((-self.alpha * a).clamp(max=80.0)) / self.alpha
 
     @property
     def margin(self) -> torch.Tensor:  # beta h
-        return self.beta * (self.w - self.l)
+        return self.beta * (self.shaped(self.w) - self.shaped(self.l))
 
     @property
     def per_token(self) -> tuple[torch.Tensor, torch.Tensor]:  # w / |y_w|, l / |y_l|
         if self.lengths is None:
             raise ValueError(f"a per-token loss form ({', '.join(PER_TOKEN)}) needs the answers' lengths")
-        return self.w / self.lengths[0].clamp(min=1), self.l / self.lengths[1].clamp(min=1)
+        return self.shaped(self.w / self.lengths[0].clamp(min=1)), self.shaped(self.l / self.lengths[1].clamp(min=1))
 
     @property
     def margin_per_token(self) -> torch.Tensor:  # h_tok
@@ -208,7 +224,8 @@ def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chose
              ref_rejected_logps: torch.Tensor, beta: float, num_pairs: float | None = None,
              loss_type: str | tuple = "sigmoid", label_smoothing: float = 0.0, lengths: tuple | None = None,
              discopop_tau: float = 0.05, f_divergence: str = "reverse_kl", f_alpha: float = 0.5,
-             pair_weights: torch.Tensor | None = None, simpo_gamma: float = 0.5, per_token_rewards: bool = False):
+             pair_weights: torch.Tensor | None = None, simpo_gamma: float = 0.5, per_token_rewards: bool = False,
+             alphapo_alpha: float = 0.0):
     """All inputs (B,) sequence log-probs. Returns (loss, metrics of detached sums over the B pairs).
     ``loss_type``: one name of PAIR_LOSSES, or ((name, weight), ...) for a weighted sum of forms.
     ``label_smoothing``: eps of the SMOOTHED forms. ``lengths``: the (B,) token counts of the chosen
@@ -217,7 +234,12 @@ def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chose
     loss weight, WPO's w(x, y_w) w(x, y_l) (``wpo_weights``). ``simpo_gamma``: simpo's target
     margin. Without a reference (CPO, SimPO, ORPO) its log-probs are zeros. The metrics' rewards
     are beta log(pi / pi_ref) whatever the f, and with ``per_token_rewards`` beta times each answer's
-    log-ratio per token (as TRL's CPOTrainer and ORPOTrainer log their per-token forms)."""
+    log-ratio per token (as TRL's CPOTrainer and ORPOTrainer log their per-token forms).
+    ``alphapo_alpha``: AlphaPO's reward shape of the answers' log-probs (no reference: its
+    log-probs are zeros), the rewards logged shaped too, as TRL's."""
+    pairs = Pairs(f_divergence_scores(chosen_logps - ref_chosen_logps, f_divergence, f_alpha),
+                  f_divergence_scores(rejected_logps - ref_rejected_logps, f_divergence, f_alpha), beta,
+                  label_smoothing, discopop_tau, lengths, simpo_gamma, alphapo_alpha)
     chosen_rewards = beta * (chosen_logps - ref_chosen_logps)  # (B,)
     rejected_rewards = beta * (rejected_logps - ref_rejected_logps)  # (B,)
     if per_token_rewards:
@@ -225,9 +247,10 @@ def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chose
             raise ValueError("per_token_rewards needs the answers' lengths")
         chosen_rewards, rejected_rewards = (chosen_rewards / lengths[0].clamp(min=1),
                                             rejected_rewards / lengths[1].clamp(min=1))
-    pairs = Pairs(f_divergence_scores(chosen_logps - ref_chosen_logps, f_divergence, f_alpha),
-                  f_divergence_scores(rejected_logps - ref_rejected_logps, f_divergence, f_alpha), beta,
-                  label_smoothing, discopop_tau, lengths, simpo_gamma)
+    if alphapo_alpha:  # beta times the shaped log-probs (per token where the rewards are), as TRL's
+        n_w, n_l = (lengths[0].clamp(min=1), lengths[1].clamp(min=1)) if per_token_rewards else (1.0, 1.0)
+        chosen_rewards = beta * pairs.shaped((chosen_logps - ref_chosen_logps) / n_w)
+        rejected_rewards = beta * pairs.shaped((rejected_logps - ref_rejected_logps) / n_l)
     weighted = ((loss_type, 1.0),) if isinstance(loss_type, str) else loss_type
     losses = 0.0
     for name, weight in weighted:

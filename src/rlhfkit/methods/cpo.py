@@ -7,7 +7,8 @@ optimization with no reference model, on the policy's own log-probs (TRL's CPOTr
 
 alpha is ``rpo_alpha`` (TRL's ``cpo_alpha``), the chosen answers' NLL per token over the batch as
 TRL's CPOTrainer takes it; SimPO is ``loss_type=simpo`` with ``simpo_gamma`` (SimPO's paper trains
-without the NLL: ``rpo_alpha=0``). TRL's other CPO forms are DPO's on log-probs: ``hinge``
+without the NLL: ``rpo_alpha=0``). AlphaPO (Gupta et al. 2025; TRL's ``alpha``) is SimPO with
+``alphapo_alpha``: each mean log-prob a read as (1 - e^(-alpha a)) / alpha (losses/dpo.py). TRL's other CPO forms are DPO's on log-probs: ``hinge``
 (max(0, 1 - beta h)) and ``ipo`` (per token, as TRL's).
 
 It is DPO's loop (methods/dpo.py) with ``reference=none``: no reference is loaded, copied or

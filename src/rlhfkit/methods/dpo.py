@@ -98,6 +98,9 @@ class DPOConfig:
     discopop_tau: float = 0.05  # loss_type=discopop: its temperature (the paper's)
     simpo_gamma: float = 0.5  # loss_type=simpo: SimPO's target margin gamma (TRL's name and default)
     rpo_alpha: float = 0.0  # > 0: add rpo_alpha x the chosen answers' NLL per token (RPO; TRL's sft loss term)
+    # AlphaPO (TRL's CPO alpha), reference=none: each answer's log-prob a (its mean for the per-token forms) read as
+    # (1 - e^(-alpha a)) / alpha; 0: a itself. AlphaPO is loss_type=simpo with it and rpo_alpha=0
+    alphapo_alpha: float = 0.0
     # f-DPO: the implicit reward's f-divergence, reverse_kl (DPO's) | forward_kl | js_divergence | alpha_divergence
     # (pairs, the forms on the margin; TRL's names)
     f_divergence_type: str = "reverse_kl"
@@ -147,6 +150,13 @@ class DPOConfig:
             raise ConfigError(f"ld_alpha weighs DPO's sums; loss_type={','.join(means)} reads each answer's mean "
                               "log-prob over all its tokens (SimPO's and ORPO's), which LD-DPO's weights would bias",
                               keys=["ld_alpha", "loss_type"])
+        if not math.isfinite(self.alphapo_alpha):
+            raise ConfigError(f"config key 'alphapo_alpha' must be a number; got {self.alphapo_alpha!r}")
+        if self.alphapo_alpha and (self.reference != "none" or "orpo" in forms):
+            raise ConfigError("alphapo_alpha shapes the reward of the answers' own log-probs (AlphaPO; TRL's CPO "
+                              + ("alpha): with a reference set reference=none (`rlhfkit cpo` does)"
+                                 if self.reference != "none" else "alpha); loss_type=orpo reads their odds instead"),
+                              keys=["alphapo_alpha", "reference" if self.reference != "none" else "loss_type"])
         if self.reference == "none" and self.f_divergence_type != "reverse_kl":
             raise ConfigError("f_divergence_type reads the ratio to a reference, and reference=none has none",
                               keys=["f_divergence_type", "reference"])
@@ -186,8 +196,8 @@ class DPOConfig:
 
 # TRL's loss_type names that rlhfkit has no form for, and why
 NOT_HERE = {"sft": "the chosen answers' NLL is rpo_alpha=WEIGHT here", "aot_unpaired": "not implemented",
-            "aot": "its sorting across the batch is not implemented", "alphapo": "AlphaPO's reward shape is not "
-            "implemented (loss_type=simpo is SimPO's)", "bco_pair": "not implemented (TRL's form drops the paper's "
+            "aot": "its sorting across the batch is not implemented", "alphapo": "AlphaPO is loss_type=simpo with "
+            "alphapo_alpha=A and rpo_alpha=0 here (TRL's alpha and cpo_alpha)", "bco_pair": "not implemented (TRL's form drops the paper's "
             "running reward shift)"}
 
 
@@ -235,6 +245,7 @@ class DPOLoss:
     discopop_tau: float = 0.05
     simpo_gamma: float = 0.5
     rpo_alpha: float = 0.0  # > 0: RPO's NLL of the best answers (losses/dpo.py ``chosen_nll``)
+    alphapo_alpha: float = 0.0  # AlphaPO's reward shape (losses/dpo.py ``Pairs.shaped``)
     f_divergence_type: str = "reverse_kl"
     f_alpha_divergence_coef: float = 0.5
     ld_alpha: float | None = None  # LD-DPO's sums (``ld_weights``); precomputed reference log-probs must be too
@@ -277,7 +288,8 @@ def dpo_objective(settings: DPOLoss, reference: Reference | None = None, router_
             weights = wpo_weights(batch.grid(out.aligned)).prod(-1) if use_weighting else None  # (P,) w(y_w) w(y_l)
             value, sums = dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta, totals["prompts"],
                                    forms, settings.label_smoothing, lengths, settings.discopop_tau, settings.f_divergence_type,
-                                   settings.f_alpha_divergence_coef, weights, settings.simpo_gamma, per_token_rewards)
+                                   settings.f_alpha_divergence_coef, weights, settings.simpo_gamma, per_token_rewards,
+                                   settings.alphapo_alpha)
         else:  # rankings of more than two (run_dpo refuses them with their rows for the pairwise-only forms)
             if pairs_only:
                 raise ValueError(f"a ranking of {batch.mask.shape[1]} answers has the Plackett-Luce loss only; "

@@ -465,7 +465,7 @@ BY_METHOD = [
      "nothing: one answer per prompt, as TRL's DistillationTrainer samples (prompts_per_step sets how many)"),
     (("teacher_model_init_kwargs",), "teacher", None, "nothing: the teacher loads in train.dtype"),
     (("alpha",), "simpo_gamma", None,  # TRL's CPOConfig
-     "nothing: AlphaPO's reward shape (TRL's CPO alpha) is not implemented (loss_type=simpo is SimPO's); "
+     "alphapo_alpha (AlphaPO's reward shape, TRL's CPO alpha; AlphaPO is loss_type=simpo with it and rpo_alpha=0); "
      "the ORPO paper's code calls its lambda alpha, which is beta here (TRL's ORPO name)"),
     (("sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps"), "desirable_weight", None,  # TRL's KTO has them
      "nothing: KTO's reference stays the start model (TR-DPO's sync is DPO's and GRPO's here)"),
