@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 from helpers import quiet_train
-from methods_setup import tr_dpo_config
+from methods_setup import small, tr_dpo_config
 
 from rlhfkit.data.prefs import collate_rankings, encode_rankings
 from rlhfkit.data.rows import DataError, read_rows
@@ -358,6 +358,30 @@ def test_tr_dpo_mixes_the_reference_toward_the_policy_every_tau_steps(tiny, tmp_
     assert any(not torch.equal(policy[1][name], start[name]) for name in names)  # the policy moved
     tr, plain = _losses(tmp_path / "tr"), _losses(tmp_path / "plain")
     assert tr[:2] == plain[:2] and abs(tr[2] - plain[2]) > 1e-6
+
+
+def test_tr_dpo_held_out_accuracy_compares_with_the_moved_reference(tiny, tmp_path):
+    """The last eval's preference accuracy is the policy's against the reference the run ends with
+    (the last checkpoint's), not against the start model, as TRL's eval reads its synced ref_model."""
+    from safetensors.torch import load_file
+
+    from rlhfkit.models.rankings import preference_accuracy
+    from rlhfkit.train.checkpoint import complete_checkpoints
+    from rlhfkit.train.config import replace
+
+    data = small(tiny, "prefs_eval.jsonl")
+    cfg = replace(tr_dpo_config(tiny, tmp_path / "tr", 4, sync_steps=1, save_every=4), eval_data=data,
+                  train__eval_every=4)
+    summary = run_dpo(cfg)
+    policy, tok = load_policy(str(tmp_path / "tr" / "model"), None)
+    moved, _ = load_policy(str(tiny["base"]), None)
+    moved.load_state_dict(load_file(str(complete_checkpoints(tmp_path / "tr")[-1] / "reference.safetensors")), strict=False)
+    start, _ = load_policy(str(tiny["base"]), None)
+    examples, _ = encode_rankings(read_rows(data), tok, 64, "skip")
+    against = {name: preference_accuracy(policy, precompute_reference(ref, examples, tok.pad_token_id),
+                                         tok.pad_token_id) for name, ref in (("moved", moved), ("start", start))}
+    assert summary["preference_accuracy"] == pytest.approx(against["moved"], abs=1e-12)
+    assert against["moved"] != against["start"]  # the test can tell the two apart
 
 
 def test_tr_dpo_resumes_with_the_moved_reference(tiny, tmp_path):

@@ -407,11 +407,16 @@ def run_dpo(cfg: DPOConfig) -> dict:
         reference = None  # no reference model in memory
         run.say("reference log-probs precomputed once; the reference model is released")
 
+    sync = reference_sync(cfg, reference, model, run)  # TR-DPO; the checkpoints then hold the moved reference
+
     def evaluate(model) -> dict:
-        out = {"preference_accuracy": preference_accuracy(model, pref_eval, pad, per_token=per_token)} if pref_eval else {}
+        held = pref_eval
+        if sync is not None and held:  # TR-DPO: the implicit reward against the reference as it now is (TRL's)
+            with reference() as ref_model:
+                held = precompute_reference(ref_model, pref_examples, pad)
+        out = {"preference_accuracy": preference_accuracy(model, held, pad, per_token=per_token)} if held else {}
         return {**out, **(accuracy() if prompts else {})}
 
-    sync = reference_sync(cfg, reference, model, run)  # TR-DPO; the checkpoints then hold the moved reference
     train_offline(run, model, examples, ranking_collate(model, pad, cfg.share_prompt),
                   dpo_objective(DPOLoss.of(cfg), reference, run.router_coef),
                   evaluate if (pref_eval or prompts) else None, after_step=sync,
