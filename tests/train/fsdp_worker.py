@@ -80,8 +80,10 @@ def _jobs(rank: int, out: Path, assets: dict) -> dict:
                                              strategy="replicate"), ties="first"), backend=seeded_backend(assets["tiny"]))
     # ORPO, sharded: no reference model; the test runs it in one process
     RUNS["orpo"](method_config("orpo", assets["tiny"], out / "orpo-tiny-fsdp", 3, log_every=1, strategy="fsdp"))
-    # TR-DPO, sharded: each rank mixes its shards of the reference; the last step's checkpoint holds them
-    RUNS["dpo"](tr_dpo_config(assets["tiny"], out / "dpo-tr", 3, sync_steps=1, strategy="fsdp"))
+    # TR-DPO, sharded: each rank mixes its shards of the reference; the last step's checkpoint holds them; its
+    # held-out accuracy at step 3 reads the moved, sharded reference on every rank
+    RUNS["dpo"](replace(tr_dpo_config(assets["tiny"], out / "dpo-tr", 3, sync_steps=1, strategy="fsdp"),
+                        eval_data=small(assets["tiny"], "prefs_eval.jsonl", 16), train__eval_every=3))
     # GKD's mix, sharded: the teacher samples (seq_kd) on its unsharded copy; the test runs it in one process
     for data in (False, True):  # and on the rows' own answers, each rank its share of the step's rows
         RUNS["distill"](gkd_config(assets["tiny"], out / f"distill-gkd-{data}", data, strategy="fsdp"))

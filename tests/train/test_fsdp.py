@@ -203,16 +203,20 @@ def test_tr_dpo_sharded_is_one_processs_and_its_reference_resumes_from_the_shard
     resuming it for a 4th step gives the 4th step of a straight one-process run; and the 2 ranks
     resume a replicated run's checkpoint (the reference whole) into shards, to the same steps."""
     out, _ = two_ranks
-    RUNS["dpo"](tr_dpo_config(tiny, tmp_path / "one", 4, sync_steps=1))
+    RUNS["dpo"](replace(tr_dpo_config(tiny, tmp_path / "one", 4, sync_steps=1), eval_data=small(tiny, "prefs_eval.jsonl", 16),
+                        train__eval_every=3))
     # a replicated run's checkpoint (the reference whole) resumed by the 2 ranks into shards: the same steps 3, 4
     assert not (out / "dpo-tr-whole" / "checkpoints" / "step-0000002" / "dcp").exists()
     assert _losses(out / "dpo-tr-whole")[2:] == pytest.approx(_losses(tmp_path / "one")[2:], rel=1e-5)
     sharded = out / "dpo-tr"
     for key in ("train/loss", "train/grad_norm"):
         assert _losses(sharded, key) == pytest.approx(_losses(tmp_path / "one", key)[:3], rel=1e-5)
+    # the held-out accuracy at step 3, against the moved reference: the sharded run's is one process's
+    assert _losses(sharded, "eval/preference_accuracy") == _losses(tmp_path / "one", "eval/preference_accuracy")[:1]
     resumed = tmp_path / "resumed"
     shutil.copytree(sharded, resumed)
-    RUNS["dpo"](tr_dpo_config(tiny, resumed, 4, sync_steps=1, strategy="fsdp", resume=True))
+    RUNS["dpo"](replace(tr_dpo_config(tiny, resumed, 4, sync_steps=1, strategy="fsdp", resume=True),
+                        eval_data=small(tiny, "prefs_eval.jsonl", 16), train__eval_every=3))
     assert _losses(resumed)[3] == pytest.approx(_losses(tmp_path / "one")[3], rel=1e-5)
     _assert_same_weights(resumed, tmp_path / "one")
     plain = tmp_path / "plain"  # a sharded DPO run without the sync, forced on: its checkpoint has no reference

@@ -29,9 +29,25 @@ from . import fused
 ENTRY = "rlhfkit_forward"
 
 
+def reshard(model: torch.nn.Module) -> torch.nn.Module:
+    """Put a sharded model's parameters back as their shards: FSDP2 keeps the root's gathered after
+    a forward with no backward (the backward frees them), so that its ``named_parameters`` are then
+    whole tensors on some modules and shards on others, and an optimizer built then, or a sharded
+    state dict taken then, reads the wrong tensors. No-op unsharded (or without a process group)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return model
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    return model
+
+
 @contextlib.contextmanager
 def eval_mode(model):
-    """``model`` in eval mode, without gradients, restored to its training flag afterwards."""
+    """``model`` in eval mode, without gradients, restored to its training flag afterwards (and
+    under FSDP2 its parameters back as shards: ``reshard``)."""
     was_training = model.training
     model.eval()
     try:
@@ -39,6 +55,7 @@ def eval_mode(model):
             yield model
     finally:
         model.train(was_training)
+        reshard(model)
 
 
 def install_entry(model) -> None:

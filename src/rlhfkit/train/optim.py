@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from ..models.forward import reshard
 from .dist import DistInfo, all_reduce_grads
 
 
@@ -15,7 +16,10 @@ class NonFiniteError(RuntimeError):
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0,
                     lr_by_child: dict[str, float] | None = None) -> torch.optim.AdamW:
-    """AdamW; ``lr_by_child`` gives named children (a ModuleDict's actor and critic) their own lr."""
+    """AdamW; ``lr_by_child`` gives named children (a ModuleDict's actor and critic) their own lr.
+    A sharded model's parameters are its shards first (``reshard``: an eval forward before training
+    leaves FSDP2's root gathered, and the optimizer would hold tensors the model then drops)."""
+    reshard(model)
     parts = [(getattr(model, name), child_lr) for name, child_lr in lr_by_child.items()] if lr_by_child else [(model, lr)]
     groups = []
     for module, group_lr in parts:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from ..models.forward import ENTRY, install_entry
+from ..models.forward import ENTRY, install_entry, reshard
 from ..models.load import full_state_dict, is_sharded, save_model
 from .dist import DistInfo, barrier
 
@@ -59,18 +59,6 @@ def shard(model: torch.nn.Module, info: DistInfo, strategy: str, dtype: str = "f
             module.set_gradient_divide_factor(1.0)
             if force_sum:
                 module.set_force_sum_reduction_for_comms(True)
-    return model
-
-
-def reshard(model: torch.nn.Module) -> torch.nn.Module:
-    """Put a sharded model's parameters back as their shards: a frozen model keeps its root's
-    gathered after a forward with no backward (FSDP2 frees them in the backward), so that its
-    ``named_parameters`` are whole tensors on some modules and shards on others. No-op unsharded."""
-    from torch.distributed.fsdp import FSDPModule
-
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
     return model
 
 
