@@ -410,11 +410,13 @@ def test_rewards_passed_from_python_are_what_the_run_records_and_replace_the_con
 
     run_grpo(method_config("grpo", tiny, tmp_path / "n", 1), reward_fns=[even_answer_digits, nested])
     recorded = yaml.safe_load((tmp_path / "n" / "config.yaml").read_text())["rewards"]
-    assert recorded == ("methods_setup:even_answer_digits:1,nested:1 (a Python callable passed to run_grpo: "
+    assert recorded == ("methods_setup:even_answer_digits:1.0,nested:1.0 (a Python callable passed to run_grpo: "
                         "not importable, so not re-runnable from the CLI)")
     with pytest.raises(ConfigError, match="config key 'rewards': .* was recorded by a run whose reward was a Python "
                                           "callable that cannot be imported"):
         GRPOConfig(rewards=recorded)
+    with pytest.raises(ConfigError, match="was recorded by a run whose reward was a Python callable"):  # older marker
+        GRPOConfig(rewards="even_answer_digits:0.5 (Python callables passed to run_grpo)")
 
 
 def test_rewards_that_abstain_on_every_sample_are_said_once(tiny, tmp_path, capfd):

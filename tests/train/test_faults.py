@@ -181,6 +181,36 @@ def test_a_line_averages_the_steps_since_the_last_and_a_resume_keeps_the_window(
         [{k: v for k, v in m.items() if k != "time_s"} for m in three]
 
 
+def test_a_preempted_step_off_the_log_cadence_is_logged_and_the_resumed_run_writes_the_straight_runs_lines(
+        tiny, tmp_path, monkeypatch):
+    """SIGTERM in step 4 of 7, log_every=3: the preempted run logs step 4 (an interim line, so that a
+    run never resumed loses no step), and its checkpoint keeps steps 4's window; the resumed run drops
+    that line and writes the straight run's lines, 3, 6 and 7, with the same values."""
+    def cfg(out, resume=False):
+        return replace(method_config("sft", tiny, out, 7, save_every=100, log_every=3), train__resume=resume)
+
+    RUNS["sft"](cfg(tmp_path / "straight"))
+    original = run_module.Run.step_done
+
+    def signalled(self, *args, **kwargs):
+        if self.done == 3:
+            self.signal = 15  # SIGTERM arrived during step 4
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(run_module.Run, "step_done", signalled)
+    with pytest.raises(run_module.Preempted):
+        RUNS["sft"](cfg(tmp_path / "cut"))
+    monkeypatch.setattr(run_module.Run, "step_done", original)
+    assert [m["step"] for m in read_metrics(tmp_path / "cut")] == [3, 4]
+    RUNS["sft"](cfg(tmp_path / "cut", resume=True))
+
+    def lines(out):
+        return [{k: v for k, v in m.items() if k != "time_s"} for m in read_metrics(out)]
+
+    assert [m["step"] for m in lines(tmp_path / "cut")] == [3, 6, 7]
+    assert lines(tmp_path / "cut") == lines(tmp_path / "straight")
+
+
 def test_window_means_by_hand():
     nan = float("nan")
     window = [{"loss": 1.0, "grad_norm": 3.0, "reward_mean": nan, "completion_len_max": 5.0, "lr": 1e-3,

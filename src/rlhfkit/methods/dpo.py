@@ -157,6 +157,11 @@ class DPOConfig:
                               + ("alpha): with a reference set reference=none (`rlhfkit cpo` does)"
                                  if self.reference != "none" else "alpha); loss_type=orpo reads their odds instead"),
                               keys=["alphapo_alpha", "reference" if self.reference != "none" else "loss_type"])
+        if self.alphapo_alpha and (summed := [f for f in forms if f not in PER_TOKEN]):
+            raise ConfigError(f"alphapo_alpha shapes each answer's mean log-prob (AlphaPO's length-normalised reward); "
+                              f"loss_type={','.join(summed)} reads whole answers' sums, where e^(-alpha a) overflows "
+                              f"for long answers (TRL's CPO takes it there): use {', '.join(p for p in PER_TOKEN if p != 'orpo')}",
+                              keys=["alphapo_alpha", "loss_type"])
         if self.reference == "none" and self.f_divergence_type != "reverse_kl":
             raise ConfigError("f_divergence_type reads the ratio to a reference, and reference=none has none",
                               keys=["f_divergence_type", "reference"])
@@ -228,7 +233,8 @@ def pairwise_only(cfg: DPOConfig) -> str | None:
                                                    and abs(cfg.f_alpha_divergence_coef - 1) < 1e-6)  # its limit
     for key, plain in (("loss_type", loss_forms(cfg.loss_type) == (("sigmoid", 1.0),)),
                        ("label_smoothing", cfg.label_smoothing == 0), ("f_divergence_type", kl),
-                       ("ld_alpha", cfg.ld_alpha in (None, 1.0)), ("use_weighting", not cfg.use_weighting)):
+                       ("ld_alpha", cfg.ld_alpha in (None, 1.0)), ("use_weighting", not cfg.use_weighting),
+                       ("alphapo_alpha", not cfg.alphapo_alpha)):
         if not plain:
             return f"{key}={getattr(cfg, key)}"
     return None

@@ -144,7 +144,8 @@ def recorded_config(cfg, rewards: Rewards, functions_passed: bool, process_passe
 
     def spec(fn, weight: float) -> str:
         found = importable_spec(fn)
-        return f"{found}:{weight:g}" if found else f"{name(fn)}:{weight:g} ({NOT_RERUNNABLE.format(caller=caller)})"
+        weight = repr(weight)  # every digit: the config runs again with the same weights
+        return f"{found}:{weight}" if found else f"{name(fn)}:{weight} ({NOT_RERUNNABLE.format(caller=caller)})"
 
     config = plain_dict(cfg)
     if functions_passed:
@@ -157,7 +158,8 @@ def recorded_config(cfg, rewards: Rewards, functions_passed: bool, process_passe
 def refuse_recorded_callable(key: str, value: str) -> None:
     """A config.yaml value naming a reward passed from Python that no module:function finds: said
     as such, not as an unknown reward or a module that cannot be imported."""
-    if "not re-runnable from the CLI" in value:
+    # the marker, and the one of configs recorded before rewards were recorded by module:function
+    if "not re-runnable from the CLI" in value or "(Python callables passed to " in value:
         raise ConfigError(f"config key '{key}': {value!r} was recorded by a run whose reward was a Python callable "
                           "that cannot be imported (a lambda, a nested function, or one defined in the script that "
                           "ran); move it to a module and give it as module:function[:weight] or "

@@ -14,7 +14,8 @@ from pathlib import Path
 class MetricsLogger:
     """Append-only jsonl of metric dicts; rank 0 only (pass ``enabled=False`` elsewhere).
     ``resume_step``: the checkpoint's step a resumed run continues from; ``pending_eval``: that
-    step's eval runs again (its TensorBoard events are written anew from what metrics.jsonl kept)."""
+    step's eval runs again, or its train line was an interim one (its TensorBoard events are
+    written anew from what metrics.jsonl kept)."""
 
     def __init__(self, out_dir: str | Path, enabled: bool = True, report_to: str = "tensorboard",
                  name: str = "", config: dict | None = None, resume_step: int | None = None,
@@ -99,10 +100,12 @@ EVAL_SAMPLES = "eval_samples.jsonl"  # a few held-out prompts and answers at eac
 
 
 def truncate_metrics(out_dir: str | Path, step: int, pending_eval: bool = False, step_logged: bool = True,
-                     name: str = "metrics.jsonl") -> None:
+                     name: str = "metrics.jsonl", interim: bool = False) -> None:
     """Drop the metrics a killed run logged after the checkpoint it resumes from (and a line cut
     short). ``pending_eval``: that checkpoint's step has its eval run again on resume, so an eval
     line already logged at it goes too, and its train line unless the checkpoint had it logged.
+    ``interim``: its train line at ``step`` was an interim one (a preempted step off the log
+    cadence), whose steps the resumed run's next line covers: it goes too.
     ``name``: another jsonl of step-stamped lines (``EVAL_SAMPLES``, every line an eval's: pass
     ``step_logged=False``)."""
     path = Path(out_dir) / name
@@ -112,7 +115,9 @@ def truncate_metrics(out_dir: str | Path, step: int, pending_eval: bool = False,
     for line in path.read_text().splitlines():
         try:
             row = json.loads(line)
-            again = pending_eval and row["step"] == step and (not step_logged or any(k.startswith("eval/") for k in row))
+            evaluated = any(k.startswith("eval/") for k in row)
+            again = row["step"] == step and ((pending_eval and (not step_logged or evaluated))
+                                             or (interim and not evaluated))
             if row["step"] <= step and not again:
                 kept.append(line)
         except (ValueError, KeyError, TypeError):

@@ -145,9 +145,9 @@ class Preempted(RuntimeError):
 
 
 RUN_STATE = {"step", "world_size", "optimizer_steps", "metrics", "evals", "stopped_early", "pending_eval",  # Run's own
-             "step_logged", "rng_after_eval", "log_window"}
+             "step_logged", "rng_after_eval", "log_window", "interim_line"}
 # metrics a logged line gives as they stand at its step, not averaged over the steps since the last line
-AS_THEY_STAND = ("lr", "optimizer_steps")
+AS_THEY_STAND = ("lr", "optimizer_steps", "kl_coef", "student_answers_share")  # the last two: PPO's, GKD's
 
 
 def window_means(window: list[dict]) -> dict:
@@ -360,9 +360,10 @@ class Run:
                 raise going_back(path, self.unit, self.start, f"this run's length ({self.max_steps} {self.unit}s)")
             self.optimizer_steps = self.state.get("optimizer_steps", 0)
             self.evals, self.metrics = self.state.get("evals", []), self.state.get("metrics", {})
-            # the steps since the last line, which the next averages (non-finite values were saved as text)
-            self.window = [{k: float(v) if isinstance(v, str) else v for k, v in m.items()}
-                           for m in self.state.get("log_window", [])]
+            # the steps since the last line, which the next averages (non-finite values were saved as text); a
+            # checkpoint from before windows has the last step's metrics alone
+            saved = self.state.get("log_window", [self.metrics] if self.metrics else [])
+            self.window = [{k: float(v) if isinstance(v, str) else v for k, v in m.items()} for m in saved]
             self.stopped_early = bool(self.state.get("stopped_early"))
             self.say(f"resuming from {path} ({self.unit} {self.start} of {self.max_steps})"
                      + ("; an eval had stopped the run there" if self.stopped_early else "")
@@ -375,13 +376,14 @@ class Run:
                          "with other samples than an uninterrupted one would (as valid, not the same numbers)")
             if self.info.is_main:
                 truncate_metrics(self.cfg.out_dir, self.start, bool(self.state.get("pending_eval")),
-                                 self.state.get("step_logged", True))
+                                 self.state.get("step_logged", True), interim=bool(self.state.get("interim_line")))
                 truncate_metrics(self.cfg.out_dir, self.start, bool(self.state.get("pending_eval")), False,
                                  EVAL_SAMPLES)
         self.logger = MetricsLogger(self.cfg.out_dir, enabled=self.info.is_main, report_to=self.cfg.report_to,
                                     name=f"{self.name} {Path(self.cfg.out_dir).name}", config=self.config,
                                     resume_step=self.start if self.resuming else None,
-                                    pending_eval=bool(self.state.get("pending_eval")))
+                                    # the step's own lines written anew: its eval runs again, or its line was interim
+                                    pending_eval=bool(self.state.get("pending_eval") or self.state.get("interim_line")))
         self.bar = progress(self.max_steps, self.start, desc=f"{self.name} ({self.unit}s)",
                             enabled=self.info.is_main and self.cfg.progress)
 
@@ -480,35 +482,43 @@ class Run:
             try:
                 evaluated = self.evaluate(evaluate, done)
             except BaseException:
-                if not self.info.enabled:
-                    self.log_window(done)
-                    self.save(done, state, pending_eval=True, transient=not on_cadence)
+                if not self.info.enabled:  # off the log cadence an interim line: a resumed run drops it (see below)
+                    interim = not (done % cfg.log_every == 0 or last)
+                    self.log_window(done, keep=interim)
+                    self.save(done, state, pending_eval=True, step_logged=not interim, transient=not on_cadence)
                 raise
         flags = torch.tensor([float(bool(evaluated and evaluated.get("stop"))), float(self.signal is not None)],
                              dtype=torch.float64)
         stop, preempted = (all_reduce_sum(flags, self.info) > 0).tolist()  # every rank stops together
         self.stopped_early = stop
-        if (done % cfg.log_every == 0 or last or stop or preempted) and not logged:  # a run's last step is logged
-            self.log_window(done)
+        on_log = done % cfg.log_every == 0 or last or stop  # a run's last step is logged
+        # a preempted step off the cadence is logged too, so that a run never resumed loses no step; its window
+        # stays in the checkpoint and a resumed run drops that interim line, so its lines are the straight run's
+        interim = preempted and not on_log and not logged
+        if (on_log or preempted) and not logged:
+            self.log_window(done, keep=interim)
         if written is not None or on_cadence or stop or preempted:
-            path = self.save(done, state, into=written)
+            path = self.save(done, state, into=written, interim=interim)
             if preempted and not (last or stop):
                 self.close()
                 signum = self.signal or signal.SIGTERM  # a rank that got none stops with the others
                 raise Preempted(f"stopped by {signal.Signals(signum).name} after {self.unit} {done} of {self.max_steps}; "
                                 f"checkpoint {path} is complete: rerun with train.resume=true to continue", signum)
 
-    def log_window(self, done: int) -> None:
-        """The line of step ``done``: the means of the steps since the last line (``window_means``)."""
+    def log_window(self, done: int, keep: bool = False) -> None:
+        """The line of step ``done``: the means of the steps since the last line (``window_means``).
+        ``keep``: an interim line, the steps kept for the next one (a resumed run drops it)."""
         if self.window:
             self.logger.log(done, window_means(self.window))
-        self.window = []
+        if not keep:
+            self.window = []
 
     def save(self, done: int, state: dict | None, pending_eval: bool = False, step_logged: bool = True,
-             transient: bool = False, into: Path | None = None) -> Path:
+             transient: bool = False, into: Path | None = None, interim: bool = False) -> Path:
         """A complete checkpoint of step ``done``: the modules, and what the run's summary is made
-        of (evals, the last metrics, an early stop, an eval still to run and whether the step's
-        metrics are logged yet) so that a resumed run ends as this one would. ``into``: this step's
+        of (evals, the last metrics, an early stop, an eval still to run, whether the step's
+        metrics are logged yet, and the steps since the last line: with ``interim`` its line is
+        one a resumed run drops) so that a resumed run ends as this one would. ``into``: this step's
         checkpoint written before its eval, whose modules stand: only the RNG states and the run's
         summary are written again."""
         trained, optimizer, scheduler = self.modules
@@ -517,6 +527,7 @@ class Run:
                  "evals": plain_tree(self.evals),
                  "stopped_early": self.stopped_early, "pending_eval": pending_eval, "step_logged": step_logged,
                  "log_window": [{k: v if math.isfinite(v) else repr(v) for k, v in m.items()} for m in self.window],
+                 "interim_line": interim,
                  **self.keep, **(state or {})}
         if into is not None:
             path = amend_checkpoint(into, extra, self.info)
