@@ -187,8 +187,8 @@ def test_under_reward_errors_zero_a_failing_reward_is_counted_and_its_first_erro
 
     from rlhfkit.train.config import replace
 
-    run_grpo(replace(_cfg(tiny, tiny["base"], tmp_path / "z", steps=2, eval_data=None, reward_errors="zero"),
-                     train__log_every=1), reward_fns=[flaky])
+    summary = run_grpo(replace(_cfg(tiny, tiny["base"], tmp_path / "z", steps=2, eval_data=None,
+                                    reward_errors="zero"), train__log_every=1), reward_fns=[flaky])
     logged = read_metrics(tmp_path / "z")
     n = 16 * 8  # prompts x group size
     assert [m["train/reward/flaky_errors"] for m in logged] == [n / 2, n / 2]
@@ -196,6 +196,8 @@ def test_under_reward_errors_zero_a_failing_reward_is_counted_and_its_first_erro
     said = capsys.readouterr().err
     assert said.count("reward function 'flaky' returned nan for sample 1 (prompt") == 1
     assert said.count("scored 0 (reward_errors=zero)") == 1
+    assert summary["reward_errors"] == {"flaky": n}  # the run's total, also in result.json, and said at the end
+    assert f"warning: reward_errors=zero scored 0 where rewards failed: 'flaky' on {n} answers over the run" in said
 
 
 def test_zero_advantage_groups_counts_groups_not_samples(tiny):

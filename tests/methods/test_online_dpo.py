@@ -167,8 +167,10 @@ def test_a_reward_that_fails_under_reward_errors_zero_is_said_once_and_judges_no
     said = capsys.readouterr().err
     assert said.count("the grader's service is down") == 1
     assert ("reward function 'broken' failed on the batch starting with prompt" in said
-            and "(ValueError): scored 0 (reward_errors=zero); later errors of 'broken' are counted in "
+            and "ValueError: the grader's service is down (" in said
+            and "in broken): scored 0 (reward_errors=zero); later errors of 'broken' are counted in "
                 "reward/broken_errors, not said" in said)
+    assert "warning: reward_errors=zero scored 0 where rewards failed: 'broken' on 32 answers over the run" in said
 
 
 def test_resume_gives_the_straight_runs_steps(tiny, tmp_path):

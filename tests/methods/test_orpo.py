@@ -103,8 +103,8 @@ def test_reference_free_settings_refused_by_name():
         CPOConfig(sync_ref_model=True)
     with pytest.raises(ConfigError, match="simpo_gamma=1.0 is used by loss_type=simpo only"):
         CPOConfig(simpo_gamma=1.0)
-    with pytest.raises(ConfigError, match="alphapo is TRL's; AlphaPO is loss_type=simpo with alphapo_alpha=A and "
-                                          "rpo_alpha=0 here"):
+    with pytest.raises(ConfigError, match="alphapo is TRL's; AlphaPO is `rlhfkit cpo loss_type=simpo "
+                                          "alphapo_alpha=A rpo_alpha=0` here"):
         CPOConfig(loss_type="alphapo")
     with pytest.raises(ConfigError, match=r"alphapo_alpha shapes the reward .* with a reference set reference=none"):
         DPOConfig(alphapo_alpha=0.25)

@@ -2,6 +2,7 @@
 and prompt rows checked against what the rewards read before any model loads (issue #17)."""
 
 import math
+import re
 import time
 
 import numpy as np
@@ -131,8 +132,11 @@ def test_errors_zeroed_keep_the_first_ones_text_and_mark_the_samples():
     out = score_outcomes([raises, two_bad], [1.0, 1.0], ["p"] * 4, ["a", "b", "c", "d"], {}, on_error="zero")
     assert out.rewards.tolist() == [1.0, 0.0, 0.0, 2.0] and out.errors == {"raises": 4, "two_bad": 2}
     assert out.errored.tolist() == [True] * 4
+    line = raises.__code__.co_firstlineno + 1  # the line that raised, in this file: where to look
     assert out.messages["raises"] == ("reward function 'raises' failed on the batch starting with prompt 'p': "
-                                      "'solution' (KeyError)")
+                                      f"KeyError: 'solution' ({__file__}:{line} in raises)")
+    with pytest.raises(RewardError, match=rf"KeyError: 'solution' \({re.escape(__file__)}:{line} in raises\)$"):
+        score_outcomes([raises], [1.0], ["p"], ["a"], {})  # the same text when it stops the run
     assert out.messages["two_bad"] == "reward function 'two_bad' returned nan for sample 1 (prompt 'p', completion 'b')"
     alone = score_outcomes([two_bad], [1.0], ["p"] * 4, ["a", "b", "c", "d"], {}, on_error="zero")
     assert alone.errored.tolist() == [False, True, True, False] and list(alone.messages) == ["two_bad"]

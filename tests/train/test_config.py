@@ -66,6 +66,9 @@ def test_a_misspelt_key_is_offered_the_known_key_it_is_closest_to():
         load_config(Cfg, overrides=["ratoi=1", "train.max_step=3", "train.sead=1"])
     said = str(e.value)
     assert "did you mean: ratoi -> ratio; train.max_step -> train.max_steps; train.sead -> train.seed; " in said
+    with pytest.raises(ConfigError) as e:  # a key at the wrong level: the level that has it
+        load_config(Cfg, overrides=["keep_checkpoints=1", "train.flag=true"])
+    assert "did you mean: keep_checkpoints -> train.keep_checkpoints; train.flag -> flag; " in str(e.value)
 
 
 def test_an_error_about_a_key_the_file_sets_names_the_file_and_line(tmp_path):

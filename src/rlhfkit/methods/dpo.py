@@ -201,8 +201,8 @@ class DPOConfig:
 
 # TRL's loss_type names that rlhfkit has no form for, and why
 NOT_HERE = {"sft": "the chosen answers' NLL is rpo_alpha=WEIGHT here", "aot_unpaired": "not implemented",
-            "aot": "its sorting across the batch is not implemented", "alphapo": "AlphaPO is loss_type=simpo with "
-            "alphapo_alpha=A and rpo_alpha=0 here (TRL's alpha and cpo_alpha)", "bco_pair": "not implemented (TRL's form drops the paper's "
+            "aot": "its sorting across the batch is not implemented", "alphapo": "AlphaPO is `rlhfkit cpo "
+            "loss_type=simpo alphapo_alpha=A rpo_alpha=0` here (no reference; TRL's alpha and cpo_alpha)", "bco_pair": "not implemented (TRL's form drops the paper's "
             "running reward shift)"}
 
 

@@ -82,6 +82,7 @@ from .grpo_batch import (
     step_metrics,
 )
 from .online_rewards import (
+    RewardErrors,
     RewardKeys,
     Rewards,
     bind,
@@ -94,7 +95,6 @@ from .online_rewards import (
     refuse_recorded_callable,
     replaced_rewards,
     resolve_rewards,
-    say_reward_errors,
     score_samples,
 )
 
@@ -664,10 +664,10 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
         state = SimpleNamespace(global_step=run.optimizer_steps, max_steps=total)  # TRL's names, optimizer steps
         drawn = rollout(backend, tokenizer, [rows[i] for i in indices[run.info.rank::run.info.world_size]], cfg,
                         rewards, state)
-        say_reward_errors(run, drawn.outcome, said)
+        errors.first(run, drawn.outcome)
         return drawn
 
-    abstained, said = False, set()
+    abstained, errors = False, RewardErrors(run)
     for step in run.steps(evaluate):
         sync = time.time()
         backend.load_weights(policy)  # a sharded policy: the gathered full weights into the backend's copy
@@ -694,7 +694,9 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
                              **fill,
                              "time_weight_sync_s": sync},
                       evaluate=evaluate)
-    summary = {"accuracy_before": before.get("accuracy"), "reward_mean": run.metrics.get("reward_mean")}
+        errors.count(run.metrics)
+    summary = {"accuracy_before": before.get("accuracy"), "reward_mean": run.metrics.get("reward_mean"),
+               **errors.summary(run)}
     if run.evals:
         summary["accuracy"] = run.evals[-1]["accuracy"]
     return run.finish(policy, tokenizer, summary)

@@ -58,6 +58,7 @@ from .common import (
 )
 from .dpo import DPOLoss, dpo_objective, loss_forms
 from .online_rewards import (
+    RewardErrors,
     RewardKeys,
     check_learned_rewards,
     load_model_rewards,
@@ -67,7 +68,6 @@ from .online_rewards import (
     replaced_rewards,
     resolve_rewards,
     reward_stats,
-    say_reward_errors,
     score_samples,
 )
 
@@ -262,7 +262,7 @@ def run_online_dpo(cfg: OnlineDPOConfig, reward_fns: list | None = None, weights
     objective = dpo_objective(DPOLoss(beta=cfg.beta, loss_type=cfg.loss_type, reference="forward"), reference,
                               run.router_coef)
     collate = ranking_collate(policy, tokenizer.pad_token_id, cfg.share_prompt)
-    said, errors_said = False, set()
+    said, errors = False, RewardErrors(run)
     for step in run.steps(evaluate):
         sync = time.time()
         backend.load_weights(policy)  # a sharded policy: the gathered full weights into the backend's copy
@@ -270,7 +270,7 @@ def run_online_dpo(cfg: OnlineDPOConfig, reward_fns: list | None = None, weights
         mine = [rows[i] for i in order.indices(step)[run.info.rank::run.info.world_size]]
         judged = judge(backend, tokenizer, mine, cfg, rewards,
                        SimpleNamespace(global_step=run.optimizer_steps, max_steps=total))  # TRL's names
-        say_reward_errors(run, judged["outcome"], errors_said)
+        errors.first(run, judged["outcome"])
         means = {**judged_metrics(judged, run.info), **retokenised, "time_generation_s": judged["time_generation_s"],
                  "time_weight_sync_s": sync}
         shares = {}
@@ -282,10 +282,12 @@ def run_online_dpo(cfg: OnlineDPOConfig, reward_fns: list | None = None, weights
                     "optimizer step (update_skipped; tied_pairs says how many tie); said once a run")
         means["update_skipped"] = float(means.pop("pairs") == 0)  # every pair tied or unjudged: no step
         run.step_done(means=means, shares=shares, evaluate=evaluate)
+        errors.count(run.metrics)
     if run.optimizer_steps == 0 and run.done:
         run.say(f"warning: no step of this run changed the weights: every pair of its {run.done} rollout steps tied "
                 "or was not judged (a reward that cannot tell two answers apart; see tied_pairs)")
-    summary = {"accuracy_before": before.get("accuracy"), "reward_mean": run.metrics.get("reward_mean")}
+    summary = {"accuracy_before": before.get("accuracy"), "reward_mean": run.metrics.get("reward_mean"),
+               **errors.summary(run)}
     if run.evals:
         summary["accuracy"] = run.evals[-1]["accuracy"]
     return run.finish(policy, tokenizer, summary)

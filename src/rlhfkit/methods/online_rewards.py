@@ -249,15 +249,37 @@ def score_samples(tokenizer, samples: Samples, rows: list, group: int, rewards: 
     return Scored(outcome, prompts, completions, fields, passed, per_sample)
 
 
-def say_reward_errors(run, outcome: OutcomeScores, said: set) -> None:
-    """Under ``reward_errors=zero``: each reward's first error of the run, its text said once by the
-    rank it happened on (later ones are counted in ``reward/NAME_errors`` only). ``said``: the
-    names said so far, kept by the caller across steps."""
-    for name, text in outcome.messages.items():
-        if name not in said:
-            said.add(name)
-            run.say(f"{text}: scored 0 (reward_errors=zero); later errors of '{name}' are counted in "
-                    f"reward/{name}_errors, not said", every_rank=True)
+class RewardErrors:
+    """Under ``reward_errors=zero``, what a run tells of its rewards' errors: each reward's first,
+    its text said once by the rank it happened on (``first``), and at the end the run's totals over
+    every rank, from each step's ``reward/NAME_errors`` (``count``), in a warning and the summary;
+    the checkpoints keep the totals, so a resumed run ends with the straight run's."""
+
+    def __init__(self, run):
+        self.said, self.totals = set(), dict(run.state.get("reward_errors", {}))
+        run.keep["reward_errors"] = self.totals
+
+    def first(self, run, outcome: OutcomeScores) -> None:
+        for name, text in outcome.messages.items():
+            if name not in self.said:
+                self.said.add(name)
+                run.say(f"{text}: scored 0 (reward_errors=zero); later errors of '{name}' are counted in "
+                        f"reward/{name}_errors, not said", every_rank=True)
+
+    def count(self, metrics: dict) -> None:
+        for key, value in metrics.items():
+            if key.startswith("reward/") and key.endswith("_errors"):
+                name = key[len("reward/"):-len("_errors")]
+                self.totals[name] = self.totals.get(name, 0) + int(value)
+
+    def summary(self, run) -> dict:
+        """The run's totals (``reward_errors`` in result.json), said as a warning where any is not 0."""
+        failed = {name: n for name, n in self.totals.items() if n}
+        if failed:
+            run.say("warning: reward_errors=zero scored 0 where rewards failed: "
+                    + ", ".join(f"'{name}' on {n} answers" for name, n in failed.items())
+                    + " over the run (reward/NAME_errors per step)")
+        return {"reward_errors": self.totals} if self.totals else {}
 
 
 def reward_stats(scores: torch.Tensor, per_function: dict, errors: dict, info, more: dict | None = None):

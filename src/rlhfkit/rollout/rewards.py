@@ -33,6 +33,7 @@ import inspect
 import math
 import numbers
 import threading
+import traceback
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -128,6 +129,15 @@ def call_reward(fn: Callable, timeout_s: float, prompts: list, completions: list
     return call_with_timeout(fn, timeout_s, prompts, completions, **named)
 
 
+def _raised(error: Exception) -> str:
+    """What a reward raised: its type and message, and where (the innermost frame: the reward's
+    own code, or the library it called), e.g. "KeyError: 'answer' (rewards.py:12 in flaky)"."""
+    text = f"{type(error).__name__}: {error}" if not isinstance(error, RewardError) else str(error)
+    frames = traceback.extract_tb(error.__traceback__)
+    inner = frames[-1] if frames and not isinstance(error, (RewardError, TimeoutError)) else None
+    return text + (f" ({inner.filename}:{inner.lineno} in {inner.name})" if inner is not None else "")
+
+
 def _signature_hint(error: Exception) -> str:
     """Advice on the calling convention where the call itself failed on its arguments."""
     text = str(error)
@@ -192,12 +202,13 @@ def score_outcomes(functions: list[Callable], weights: list[float], prompts: lis
                 raise RewardError(f"reward function '{name}' returned {len(values)} values for "
                                   f"{len(completions)} completions")
         except Exception as e:
-            failed = f"reward function '{name}' failed on the batch starting with prompt {prompts[0]!r}: {e}"
+            failed = (f"reward function '{name}' failed on the batch starting with prompt {prompts[0]!r}: "
+                      f"{_raised(e)}{_signature_hint(e)}")
             if on_error != "zero":
-                raise RewardError(f"{failed}{_signature_hint(e)}") from e
+                raise RewardError(failed) from e
             values, errors[name] = [0.0] * len(completions), len(completions)
             errored[:] = True
-            messages[name] = f"{failed} ({type(e).__name__}){_signature_hint(e)}"
+            messages[name] = failed
         column = torch.full((len(completions),), float("nan"))
         for i, value in enumerate(values):
             if value is None:

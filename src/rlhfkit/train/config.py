@@ -465,8 +465,8 @@ BY_METHOD = [
      "nothing: one answer per prompt, as TRL's DistillationTrainer samples (prompts_per_step sets how many)"),
     (("teacher_model_init_kwargs",), "teacher", None, "nothing: the teacher loads in train.dtype"),
     (("alpha",), "simpo_gamma", None,  # TRL's CPOConfig
-     "alphapo_alpha (AlphaPO's reward shape, TRL's CPO alpha; AlphaPO is loss_type=simpo with it and rpo_alpha=0); "
-     "the ORPO paper's code calls its lambda alpha, which is beta here (TRL's ORPO name)"),
+     "alphapo_alpha for TRL's CPO alpha (AlphaPO's reward shape: `rlhfkit cpo loss_type=simpo alphapo_alpha=A "
+     "rpo_alpha=0`); beta for the ORPO paper code's alpha (its lambda; TRL's ORPO beta)"),
     (("sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps"), "desirable_weight", None,  # TRL's KTO has them
      "nothing: KTO's reference stays the start model (TR-DPO's sync is DPO's and GRPO's here)"),
     (("max_length",), "teacher", None,  # GKDTrainer's (an SFTConfig's): distillation's length is the answers'
@@ -508,6 +508,26 @@ def _unknown(cls, values: dict, prefix: str) -> list[tuple[str, list[str], set[s
     return out
 
 
+def _key_paths(cls, prefix: str = "") -> list[str]:
+    """Every key of ``cls`` as config files name it, nested dataclasses' as ``train.lr``."""
+    hints, out = typing.get_type_hints(cls), []
+    for f in dataclasses.fields(cls):
+        out.append(prefix + f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += _key_paths(hints[f.name], f"{prefix}{f.name}.")
+    return out
+
+
+def _near_key(cls, key: str, at: str, names: set) -> str | None:
+    """The key an unknown ``at + key`` likely meant: the same name at another level (``lr`` ->
+    ``train.lr``), else a close spelling at its own (``bata`` -> ``beta``)."""
+    elsewhere = [p for p in _key_paths(cls) if p.rsplit(".", 1)[-1] == key and p != at + key]
+    if elsewhere:
+        return min(elsewhere, key=len)
+    match = difflib.get_close_matches(key, sorted(names), n=1, cutoff=0.6)
+    return at + match[0] if match else None
+
+
 def build(cls, values: dict, prefix: str = ""):
     """Instantiate dataclass ``cls`` from a nested dict, rejecting unknown keys by name, those of
     every nesting level in one error (with rlhfkit's name for a key TRL names so)."""
@@ -519,8 +539,8 @@ def build(cls, values: dict, prefix: str = ""):
             renamed += [f"{at}{k} -> {RENAMED[k]}" for k in unknown if k in RENAMED and RENAMED[k].split()[0] in names]
             trl += [f"{at}{k} -> {hint}" for k in unknown if (hint := _trl_hint(k, at, names)) is not None]
             told = {r.split(" -> ")[0] for r in renamed + trl}
-            close += [f"{at}{k} -> {at}{match[0]}" for k in unknown if at + k not in told
-                      and (match := difflib.get_close_matches(k, sorted(names), n=1, cutoff=0.75))]
+            close += [f"{at}{k} -> {guess}" for k in unknown if at + k not in told
+                      and (guess := _near_key(cls, k, at, names)) is not None]
             known.append(f"known{f' under {at[:-1]}' if at else ''}: {', '.join(sorted(names))}")
         raise ConfigError(f"unknown config key(s): {', '.join(found)}; "
                           + (f"renamed: {'; '.join(renamed)}; " if renamed else "")

@@ -226,7 +226,11 @@ class Run:
         where there are several), for what one rank alone saw."""
         if self.info.is_main or every_rank:
             where = f" (rank {self.info.rank})" if every_rank and self.info.world_size > 1 else ""
-            print(f"{self.name}{where}: {message}", file=sys.stderr)
+            text = f"{self.name}{where}: {message}"
+            if self.bar is not None:  # a line of its own, the progress bar redrawn below it
+                self.bar.write(text, file=sys.stderr)
+            else:
+                print(text, file=sys.stderr)
 
     @property
     def sharded(self) -> bool:
