@@ -198,6 +198,12 @@ def test_under_reward_errors_zero_a_failing_reward_is_counted_and_its_first_erro
     assert said.count("scored 0 (reward_errors=zero)") == 1
     assert summary["reward_errors"] == {"flaky": n}  # the run's total, also in result.json, and said at the end
     assert f"warning: reward_errors=zero scored 0 where rewards failed: 'flaky' on {n} answers over the run" in said
+    # the checkpoints keep the totals: a run of 1 step, then resumed to 2, ends with the same
+    cfg = replace(_cfg(tiny, tiny["base"], tmp_path / "r", steps=1, eval_data=None, reward_errors="zero"),
+                  train__save_every=1)
+    run_grpo(cfg, reward_fns=[flaky])
+    again = run_grpo(replace(cfg, train__max_steps=2, train__resume=True), reward_fns=[flaky])
+    assert again["reward_errors"] == {"flaky": n}
 
 
 def test_zero_advantage_groups_counts_groups_not_samples(tiny):

@@ -115,7 +115,7 @@ def test_reference_free_settings_refused_by_name():
     with pytest.raises(ConfigError, match="alphapo_alpha shapes each answer's mean log-prob .* loss_type=sigmoid reads "
                                           "whole answers' sums"):
         CPOConfig(alphapo_alpha=0.25)  # CPO's sigmoid
-    from rlhfkit.methods.dpo import pairwise_only  # Plackett-Luce has no reward shape: rankings are refused
+    from rlhfkit.methods.dpo import pairwise_only  # its per-token forms are for pairs: rankings are refused
 
     assert pairwise_only(CPOConfig(loss_type="sigmoid_norm", alphapo_alpha=0.25)) == "loss_type=sigmoid_norm"
     for anchored in ("sppo_hard", "apo_zero", "apo_down", "nca_pair"):  # they pull log pi toward a fixed value

@@ -5,6 +5,7 @@ before any model loads, each in one line."""
 import errno
 import json
 import math
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -209,6 +210,22 @@ def test_a_preempted_step_off_the_log_cadence_is_logged_and_the_resumed_run_writ
 
     assert [m["step"] for m in lines(tmp_path / "cut")] == [3, 6, 7]
     assert lines(tmp_path / "cut") == lines(tmp_path / "straight")
+
+
+def test_a_checkpoint_written_before_log_windows_resumes(tiny, tmp_path):
+    """A checkpoint of session 34's format (no log_window, NaN metrics saved as null) resumes: its
+    step was logged, so the next line averages the steps after it; a null is read as NaN."""
+    RUNS["sft"](method_config("sft", tiny, tmp_path / "run", 4, save_every=2, log_every=2))
+    kept, last = complete_checkpoints(tmp_path / "run")
+    shutil.rmtree(last)
+    state_file = kept / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    for key in ("log_window", "interim_line"):
+        state.pop(key)
+    state["metrics"]["grad_norm"] = None
+    state_file.write_text(json.dumps(state))
+    RUNS["sft"](replace(method_config("sft", tiny, tmp_path / "run", 4, save_every=2, log_every=2), train__resume=True))
+    assert [m["step"] for m in read_metrics(tmp_path / "run")] == [2, 4]
 
 
 def test_window_means_by_hand():

@@ -233,8 +233,7 @@ def pairwise_only(cfg: DPOConfig) -> str | None:
                                                    and abs(cfg.f_alpha_divergence_coef - 1) < 1e-6)  # its limit
     for key, plain in (("loss_type", loss_forms(cfg.loss_type) == (("sigmoid", 1.0),)),
                        ("label_smoothing", cfg.label_smoothing == 0), ("f_divergence_type", kl),
-                       ("ld_alpha", cfg.ld_alpha in (None, 1.0)), ("use_weighting", not cfg.use_weighting),
-                       ("alphapo_alpha", not cfg.alphapo_alpha)):
+                       ("ld_alpha", cfg.ld_alpha in (None, 1.0)), ("use_weighting", not cfg.use_weighting)):
         if not plain:
             return f"{key}={getattr(cfg, key)}"
     return None

@@ -690,11 +690,10 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
                     "samples have no reward and its groups carry no signal; said once a run")
         metrics = update(run, policy, reference if cfg.advantage_estimator == "grpo" else None, batch, cfg, exact,
                          tokenizer.pad_token_id, reference_moves)
-        run.step_done(means={**step_metrics(pool, cfg.group_size, run.info), **metrics, **reward_kl, **retokenised,
-                             **fill,
-                             "time_weight_sync_s": sync},
-                      evaluate=evaluate)
-        errors.count(run.metrics)
+        means = {**step_metrics(pool, cfg.group_size, run.info), **metrics, **reward_kl, **retokenised, **fill,
+                 "time_weight_sync_s": sync}
+        errors.count(means)  # before step_done: its checkpoint holds the totals with this step's
+        run.step_done(means=means, evaluate=evaluate)
     summary = {"accuracy_before": before.get("accuracy"), "reward_mean": run.metrics.get("reward_mean"),
                **errors.summary(run)}
     if run.evals:

@@ -86,7 +86,7 @@ def kto_objective(cfg: KTOConfig, policy, reference: Reference, device: str, rou
     def counts(batch: UnpairedBatch) -> dict:
         out = {"examples": batch.num_prompts, "desirable": int(batch.desirable.sum()), "forwards": 1}
         if with_point:
-            with eval_mode(policy), autocast(cfg.train.dtype, device):
+            with eval_mode(policy, reshard_after=False), autocast(cfg.train.dtype, device):
                 mine = sequence_logps(policy, batch.mismatched)
                 with reference() as ref_model:
                     theirs = sequence_logps(ref_model, batch.mismatched)

@@ -163,7 +163,8 @@ def answer_scores(outcome, finished: torch.Tensor, missing_eos_penalty: float | 
 def pair_scores(scores: torch.Tensor, outcome) -> torch.Tensor:
     """``scores`` for judging pairs: NaN for both answers of a pair that a reward abstained on
     (returned None) for one answer only, whose sums would be over different rewards, or where a
-    reward gave one of them no number (``reward_errors=zero`` scores it 0: a preference of its own)."""
+    reward gave one of them no number (``reward_errors=zero`` scores it 0: a preference of its own;
+    a reward that raised on the batch gave none to any, so no pair of the batch is judged)."""
     scores = scores.clone()
     unjudged = torch.zeros(len(scores) // 2, dtype=torch.bool)
     for values in outcome.per_function.values():
@@ -281,8 +282,8 @@ def run_online_dpo(cfg: OnlineDPOConfig, reward_fns: list | None = None, weights
             run.say(f"rollout step {step + 1}: every pair of every rank tied or was not judged, so it takes no "
                     "optimizer step (update_skipped; tied_pairs says how many tie); said once a run")
         means["update_skipped"] = float(means.pop("pairs") == 0)  # every pair tied or unjudged: no step
+        errors.count(means)  # before step_done: its checkpoint holds the totals with this step's
         run.step_done(means=means, shares=shares, evaluate=evaluate)
-        errors.count(run.metrics)
     if run.optimizer_steps == 0 and run.done:
         run.say(f"warning: no step of this run changed the weights: every pair of its {run.done} rollout steps tied "
                 "or was not judged (a reward that cannot tell two answers apart; see tied_pairs)")

@@ -144,7 +144,7 @@ def recorded_config(cfg, rewards: Rewards, functions_passed: bool, process_passe
 
     def spec(fn, weight: float) -> str:
         found = importable_spec(fn)
-        weight = repr(weight)  # every digit: the config runs again with the same weights
+        weight = repr(float(weight))  # every digit: the config runs again with the same weights (numpy's too)
         return f"{found}:{weight}" if found else f"{name(fn)}:{weight} ({NOT_RERUNNABLE.format(caller=caller)})"
 
     config = plain_dict(cfg)
@@ -266,20 +266,21 @@ class RewardErrors:
                 run.say(f"{text}: scored 0 (reward_errors=zero); later errors of '{name}' are counted in "
                         f"reward/{name}_errors, not said", every_rank=True)
 
-    def count(self, metrics: dict) -> None:
+    def count(self, metrics: dict) -> None:  # a step's means (summed over ranks), before its step_done saves
         for key, value in metrics.items():
             if key.startswith("reward/") and key.endswith("_errors"):
                 name = key[len("reward/"):-len("_errors")]
                 self.totals[name] = self.totals.get(name, 0) + int(value)
 
     def summary(self, run) -> dict:
-        """The run's totals (``reward_errors`` in result.json), said as a warning where any is not 0."""
+        """The run's totals (``reward_errors`` in result.json), said as a warning, where any is not 0
+        (under ``reward_errors=raise`` an error stops the run: they are all 0)."""
         failed = {name: n for name, n in self.totals.items() if n}
         if failed:
             run.say("warning: reward_errors=zero scored 0 where rewards failed: "
                     + ", ".join(f"'{name}' on {n} answers" for name, n in failed.items())
                     + " over the run (reward/NAME_errors per step)")
-        return {"reward_errors": self.totals} if self.totals else {}
+        return {"reward_errors": self.totals} if failed else {}
 
 
 def reward_stats(scores: torch.Tensor, per_function: dict, errors: dict, info, more: dict | None = None):

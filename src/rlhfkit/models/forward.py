@@ -45,9 +45,10 @@ def reshard(model: torch.nn.Module) -> torch.nn.Module:
 
 
 @contextlib.contextmanager
-def eval_mode(model):
-    """``model`` in eval mode, without gradients, restored to its training flag afterwards (and
-    under FSDP2 its parameters back as shards: ``reshard``)."""
+def eval_mode(model, reshard_after: bool = True):
+    """``model`` in eval mode, without gradients, restored to its training flag afterwards, and
+    under FSDP2 its parameters back as shards (``reshard``). ``reshard_after=False``: a forward
+    inside a training step, whose loss forward follows (its backward reshards)."""
     was_training = model.training
     model.eval()
     try:
@@ -55,7 +56,8 @@ def eval_mode(model):
             yield model
     finally:
         model.train(was_training)
-        reshard(model)
+        if reshard_after:
+            reshard(model)
 
 
 def install_entry(model) -> None:

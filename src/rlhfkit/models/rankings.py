@@ -89,8 +89,6 @@ def no_reference(examples: list) -> list:
     return [dataclasses.replace(e, ref_logps=(0.0,) * len(e.ranks)) for e in examples]
 
 
-
-
 def preference_accuracy(model, examples: list, pad_id: int, batch_size: int = 64, per_token: bool = False) -> float:
     """Fraction of ordered pairs whose implicit reward log(pi/pi_ref) ranks them right (ties count half);
     ``per_token``: the reward over each answer's token count (``per_token_reward``)."""

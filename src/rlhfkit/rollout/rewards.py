@@ -133,8 +133,8 @@ def _raised(error: Exception) -> str:
     """What a reward raised: its type and message, and where (the innermost frame: the reward's
     own code, or the library it called), e.g. "KeyError: 'answer' (rewards.py:12 in flaky)"."""
     text = f"{type(error).__name__}: {error}" if not isinstance(error, RewardError) else str(error)
-    frames = traceback.extract_tb(error.__traceback__)
-    inner = frames[-1] if frames and not isinstance(error, (RewardError, TimeoutError)) else None
+    theirs = [f for f in traceback.extract_tb(error.__traceback__) if f.filename != __file__]  # not rlhfkit's call
+    inner = theirs[-1] if theirs and not isinstance(error, (RewardError, TimeoutError)) else None
     return text + (f" ({inner.filename}:{inner.lineno} in {inner.name})" if inner is not None else "")
 
 

@@ -365,9 +365,12 @@ class Run:
             self.optimizer_steps = self.state.get("optimizer_steps", 0)
             self.evals, self.metrics = self.state.get("evals", []), self.state.get("metrics", {})
             # the steps since the last line, which the next averages (non-finite values were saved as text); a
-            # checkpoint from before windows has the last step's metrics alone
-            saved = self.state.get("log_window", [self.metrics] if self.metrics else [])
-            self.window = [{k: float(v) if isinstance(v, str) else v for k, v in m.items()} for m in saved]
+            # checkpoint from before windows has the last step's metrics alone (NaN as None), its window where
+            # that step's line was not written (an eval pending), else none
+            old = [self.metrics] if self.metrics and not self.state.get("step_logged", True) else []
+            saved = self.state.get("log_window", old)
+            self.window = [{k: float("nan") if v is None else float(v) if isinstance(v, str) else v
+                            for k, v in m.items()} for m in saved]
             self.stopped_early = bool(self.state.get("stopped_early"))
             self.say(f"resuming from {path} ({self.unit} {self.start} of {self.max_steps})"
                      + ("; an eval had stopped the run there" if self.stopped_early else "")
@@ -603,7 +606,8 @@ class Run:
 
 def card_metrics(summary: dict, last: dict, evals: list[dict], done: int, unit: str) -> tuple[dict, list[str]]:
     """The final model card's metrics and what each kind is: the summary (``result.json``), then the
-    last step's logged means and the last eval's, each only where the summary does not already
+    last step's own metrics (over its batch; not metrics.jsonl's last line, a mean over the steps
+    since the one before) and the last eval's, each only where the summary does not already
     give the same name (or ``eval_`` name) the same value: a final eval's accuracy is the summary's."""
     final = plain_tree({k: v for k, v in summary.items() if k != "evals"})  # NaN as None: compared equal
     last = plain_tree(last)
@@ -611,7 +615,7 @@ def card_metrics(summary: dict, last: dict, evals: list[dict], done: int, unit: 
     trained = {f"train/{k}": v for k, v in last.items()
                if k in ("loss", "reward_mean", "rm_score", "kl") and final.get(k) != v}
     if trained:
-        legend.append(f"`train/`: the last {unit}'s logged means ({unit} {done})")
+        legend.append(f"`train/`: the last {unit}'s own, over its batch ({unit} {done})")
     held = plain_tree(evals[-1] if evals else {})
     shown = {f"eval/{k}": v for k, v in held.items() if k != "step" and v not in (final.get(k), final.get(f"eval_{k}"))}
     if shown:
