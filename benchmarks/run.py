@@ -419,10 +419,10 @@ def bench_dpo(args) -> dict:
     return result
 
 
-def bench_orpo(args) -> dict:
-    """Outside BENCHMARK.md's table (ORPO is not in it), on DPO's work: 16 pairs a step, no reference
-    model, ORPO's odds-ratio term (TRL's beta 0.1) plus the chosen answers' NLL, as TRL's ORPOTrainer
-    (whose NLL also reads the prompts' tokens: the same forwards)."""
+def reference_free_bench(method: str, loss_type: str, args) -> dict:
+    """DPO's work with no reference model: 16 pairs a step, a form on log pi (TRL's beta 0.1) plus
+    the chosen answers' NLL (weight 1), as TRL's ORPOTrainer and CPOTrainer (ORPO's NLL there also
+    reads the prompts' tokens: the same forwards)."""
     from rlhfkit.methods.common import ranking_collate
     from rlhfkit.methods.dpo import DPOLoss, dpo_objective
     from rlhfkit.models.rankings import no_reference
@@ -432,27 +432,20 @@ def bench_orpo(args) -> dict:
     model = prepared(model, args, base=paths["model"])
     examples = no_reference(_pairs(paths, tokenizer, args.max_length)[: 16 * (args.steps + args.warmup)])
     collate = ranking_collate(model, tokenizer.pad_token_id, share_prompt=not args.no_share_prompt)
-    objective = dpo_objective(DPOLoss(beta=0.1, loss_type="orpo", rpo_alpha=1.0, reference="none"))
-    return offline_bench("orpo", args, model, examples, collate, objective, 16,
+    objective = dpo_objective(DPOLoss(beta=0.1, loss_type=loss_type, rpo_alpha=1.0, reference="none"))
+    return offline_bench(method, args, model, examples, collate, objective, 16,
                          {"pairs_per_step": 16, "beta": 0.1, "reference": "none", **memory_extra(args, model)})
+
+
+def bench_orpo(args) -> dict:
+    """Outside BENCHMARK.md's table (ORPO is not in it): ORPO's odds-ratio term plus the NLL."""
+    return reference_free_bench("orpo", "orpo", args)
 
 
 def bench_cpo(args) -> dict:
-    """Outside BENCHMARK.md's table (CPO is not in it), on DPO's work: 16 pairs a step, no reference
-    model, TRL's CPOTrainer defaults: the sigmoid form on log pi (beta 0.1) plus the chosen answers'
-    NLL (cpo_alpha 1)."""
-    from rlhfkit.methods.common import ranking_collate
-    from rlhfkit.methods.dpo import DPOLoss, dpo_objective
-    from rlhfkit.models.rankings import no_reference
-
-    paths = assets(args)
-    model, tokenizer = load_policy(paths["model"], paths["tokenizer"])
-    model = prepared(model, args, base=paths["model"])
-    examples = no_reference(_pairs(paths, tokenizer, args.max_length)[: 16 * (args.steps + args.warmup)])
-    collate = ranking_collate(model, tokenizer.pad_token_id, share_prompt=not args.no_share_prompt)
-    objective = dpo_objective(DPOLoss(beta=0.1, loss_type="sigmoid", rpo_alpha=1.0, reference="none"))
-    return offline_bench("cpo", args, model, examples, collate, objective, 16,
-                         {"pairs_per_step": 16, "beta": 0.1, "reference": "none", **memory_extra(args, model)})
+    """Outside BENCHMARK.md's table (CPO is not in it): TRL's CPOTrainer defaults, the sigmoid form
+    on log pi plus the NLL (cpo_alpha 1)."""
+    return reference_free_bench("cpo", "sigmoid", args)
 
 
 def bench_kto(args) -> dict:
