@@ -601,7 +601,7 @@ def test_tensorboard_shows_a_pending_steps_eval_once_after_a_resume(tmp_path):
     first.log(2, {"accuracy": 0.5}, prefix="eval")
     first.close()
     truncate_metrics(tmp_path, 2, pending_eval=True)
-    again = MetricsLogger(tmp_path, resume_step=2, pending_eval=True)
+    again = MetricsLogger(tmp_path, resume_step=2, rewrite_step=True)
     again.log(2, {"accuracy": 0.5}, prefix="eval")
     again.log(3, {"loss": 3.0})
     again.close()

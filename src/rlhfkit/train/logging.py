@@ -13,13 +13,13 @@ from pathlib import Path
 
 class MetricsLogger:
     """Append-only jsonl of metric dicts; rank 0 only (pass ``enabled=False`` elsewhere).
-    ``resume_step``: the checkpoint's step a resumed run continues from; ``pending_eval``: that
-    step's eval runs again, or its train line was an interim one (its TensorBoard events are
-    written anew from what metrics.jsonl kept)."""
+    ``resume_step``: the checkpoint's step a resumed run continues from; ``rewrite_step``: that
+    step's lines were cut back (its eval runs again, or its train line was an interim one), so its
+    TensorBoard events are written anew from what metrics.jsonl kept."""
 
     def __init__(self, out_dir: str | Path, enabled: bool = True, report_to: str = "tensorboard",
                  name: str = "", config: dict | None = None, resume_step: int | None = None,
-                 pending_eval: bool = False):
+                 rewrite_step: bool = False):
         self.enabled = enabled
         self.path = Path(out_dir) / "metrics.jsonl"
         self.writer = self.wandb = None
@@ -35,9 +35,9 @@ class MetricsLogger:
 
                 # resuming from step N: events a killed run wrote after N are dropped, as metrics.jsonl's are
                 # (from N itself where N's eval runs again; N's kept lines are then written anew)
-                purge = None if resume_step is None else resume_step + (0 if pending_eval else 1)
+                purge = None if resume_step is None else resume_step + (0 if rewrite_step else 1)
                 self.writer = SummaryWriter(str(Path(out_dir) / "tensorboard"), purge_step=purge)
-                if pending_eval and self.path.is_file():
+                if rewrite_step and self.path.is_file():
                     for row in (r for r in read_metrics(out_dir) if r.get("step") == resume_step):
                         self._scalars(row)
             except ImportError:

@@ -389,8 +389,7 @@ class Run:
         self.logger = MetricsLogger(self.cfg.out_dir, enabled=self.info.is_main, report_to=self.cfg.report_to,
                                     name=f"{self.name} {Path(self.cfg.out_dir).name}", config=self.config,
                                     resume_step=self.start if self.resuming else None,
-                                    # the step's own lines written anew: its eval runs again, or its line was interim
-                                    pending_eval=bool(self.state.get("pending_eval") or self.state.get("interim_line")))
+                                    rewrite_step=bool(self.state.get("pending_eval") or self.state.get("interim_line")))
         self.bar = progress(self.max_steps, self.start, desc=f"{self.name} ({self.unit}s)",
                             enabled=self.info.is_main and self.cfg.progress)
 
