@@ -162,6 +162,47 @@ def test_trl_pair_forms_gradients_are_the_closed_forms():
         assert torch.allclose(pr.grad, gl / 2, atol=1e-6), name
 
 
+def test_aot_forms_pair_the_sorted_columns_by_hand_with_their_gradients():
+    # three pairs, beta 0.5, eps 0.1: AOT pairs the i-th smallest of two columns, not pair with pair
+    beta, eps = 0.5, 0.1
+    pc = torch.tensor([-1.0, -4.0, -2.0], requires_grad=True)
+    pr = torch.tensor([-3.0, -1.0, -2.5], requires_grad=True)
+    rc, rr = torch.tensor([-2.0, -3.0, -1.0]), torch.tensor([-1.5, -2.0, -4.0])
+    # aot: g = pc - pr = (2, -3, 0.5) sorted (-3, 0.5, 2); g_ref = rc - rr = (-0.5, -1, 3) sorted (-1, -0.5, 3)
+    d = [-3 - -1, 0.5 - -0.5, 2 - 3]  # (-2, 1, -1)
+    loss, sums = dpo_loss(pc, pr, rc, rr, beta, loss_type="aot", label_smoothing=eps)
+    assert abs(loss.item() - sum(0.9 * _softplus(-beta * x) + 0.1 * _softplus(beta * x) for x in d) / 3) < 1e-6
+    assert sums["correct"].item() == 1  # the metrics stay the pairs' own: w - l = (2.5, -2, -2.5)
+    # dL/dd_i = beta [-(1 - eps) sig(-beta d_i) + eps sig(beta d_i)] / 3 goes to the pair whose g was sort_i(g)
+    loss.backward()
+    dd = [beta * (-0.9 * _sig(-beta * x) + 0.1 * _sig(beta * x)) / 3 for x in d]
+    by_pair = torch.tensor([dd[2], dd[0], dd[1]])  # pair 0 holds g's largest, pair 1 its smallest
+    assert torch.allclose(pc.grad, by_pair, atol=1e-6) and torch.allclose(pr.grad, -by_pair, atol=1e-6)
+    # aot_unpaired: w = (1, -1, -1) sorted (-1, -1, 1); l = (-1.5, 1, 1.5) sorted (-1.5, 1, 1.5)
+    d = [-1 - -1.5, -1 - 1, 1 - 1.5]
+    loss, _ = dpo_loss(pc, pr, rc, rr, beta, loss_type="aot_unpaired", label_smoothing=eps)
+    assert abs(loss.item() - sum(0.9 * _softplus(-beta * x) + 0.1 * _softplus(beta * x) for x in d) / 3) < 1e-6
+    # one pair: nothing to sort, and aot is DPO's sigmoid
+    one = [t[:1].detach() for t in (pc, pr, rc, rr)]
+    assert abs(dpo_loss(*one, beta, loss_type="aot")[0].item() - dpo_loss(*one, beta)[0].item()) < 1e-7
+    with pytest.raises(ValueError, match="sorts the batch: its terms belong to no pair"):
+        dpo_loss(pc, pr, rc, rr, beta, loss_type="aot", pair_weights=torch.ones(3))
+
+
+def test_aot_matches_trls_form_on_random_batches():
+    # TRL 1.16's DPOTrainer: sort(logps_w - logps_l) - sort(ref_w - ref_l) (aot), sort(w) - sort(l) (aot_unpaired),
+    # then -(1 - eps) logsigmoid(beta d) - eps logsigmoid(-beta d), averaged; written out here as TRL writes it
+    gen = torch.Generator().manual_seed(0)
+    c, r, rc, rr = (torch.randn(64, generator=gen, dtype=torch.float64) * 5 - 20 for _ in range(4))
+    beta, eps = 0.1, 0.05
+    for name, d in (("aot", torch.sort(c - r)[0] - torch.sort(rc - rr)[0]),
+                    ("aot_unpaired", torch.sort(c - rc)[0] - torch.sort(r - rr)[0])):
+        trl = (-torch.nn.functional.logsigmoid(beta * d) * (1 - eps)
+               - torch.nn.functional.logsigmoid(-beta * d) * eps).mean()
+        mine, _ = dpo_loss(c, r, rc, rr, beta, loss_type=name, label_smoothing=eps)
+        assert abs(mine.item() - trl.item()) < 1e-12, name
+
+
 def test_discopop_stays_finite_far_below_its_margin():
     # beta h = -100: TRL's sigma(m / tau) exp(-m) is 0 x inf = NaN in fp32; the loss is -log sigma(m) = 100
     pc = torch.tensor([-100.0], requires_grad=True)

@@ -411,3 +411,48 @@ def test_tr_dpo_settings_are_refused_where_they_cannot_apply(tiny, tmp_path):
         replace(cfg, ref_model_mixup_alpha=0.0)
     with pytest.raises(ConfigError, match=r"ref_model_sync_steps=8 is used by TR-DPO's reference sync \(sync_ref_model=true\) only"):
         replace(cfg, sync_ref_model=False, ref_model_sync_steps=8)
+
+
+def test_aot_sorts_each_forwards_pairs_and_raises_the_preference_accuracy(tiny, tmp_path):
+    """AOT (loss_type=aot, aot_unpaired) through the objective: the loss of one forward's pairs
+    equals the sorted columns' by hand, from the policy's and the reference's sums; a forward of
+    half the pairs sorts those alone (micro_batch_size changes the loss, as TRL's per-device
+    batch does); on 16 pairs seen every step it starts at ln 2 and learns them."""
+    from rlhfkit.models.rankings import output_logps
+    from rlhfkit.train.logging import read_metrics
+
+    model, tok = load_policy(str(tiny["base"]), None)
+    reference = copy.deepcopy(model).eval().requires_grad_(False)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    examples, _ = encode_rankings(read_rows(tiny["data"] / "prefs_train.jsonl")[:8], tok, 64)
+    plain = collate_rankings(examples, tok.pad_token_id)
+    with torch.no_grad():
+        logps = plain.grid(output_logps(model, plain).sums)
+        ref = plain.grid(output_logps(reference, plain).sums)
+    beta = 0.5
+
+    def by_hand(rows, name):
+        a, b = ((logps[rows, 0] - logps[rows, 1], ref[rows, 0] - ref[rows, 1]) if name == "aot"
+                else (logps[rows, 0] - ref[rows, 0], logps[rows, 1] - ref[rows, 1]))
+        return torch.nn.functional.softplus(-beta * (torch.sort(a)[0] - torch.sort(b)[0]))
+
+    for name in ("aot", "aot_unpaired"):
+        objective = dpo_objective(DPOLoss(beta=beta, loss_type=name), Reference(module=reference))
+        with torch.no_grad():
+            whole, _ = objective.loss(model, plain, objective.counts(plain))
+            half = collate_rankings(examples[:4], tok.pad_token_id)
+            part, _ = objective.loss(model, half, objective.counts(plain))  # a micro-batch: divided by all 8 pairs
+        assert abs(whole.item() - float(by_hand(slice(None), name).mean())) < 1e-5, name
+        assert abs(part.item() - float(by_hand(slice(0, 4), name).sum() / 8)) < 1e-5, name
+        assert abs(float(by_hand(slice(0, 4), name).sum() + by_hand(slice(4, 8), name).sum()) / 8
+                   - whole.item()) > 1e-4, name  # sorting in halves is another loss
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join((tiny["data"] / "prefs_train.jsonl").read_text().splitlines(keepends=True)[:16]))
+    run_dpo(DPOConfig(model=str(tiny["base"]), train_data=str(data), max_length=64, beta=0.5, loss_type="aot",
+                      train=quiet_train(tmp_path / "dpo", max_steps=24, batch_size=16, lr=1e-3)))
+    first, last = read_metrics(tmp_path / "dpo")[0], read_metrics(tmp_path / "dpo")[-1]
+    assert abs(first["train/loss"] - math.log(2)) < 1e-4  # policy == reference: every d_i is 0
+    assert last["train/loss"] < 0.3 and last["train/preference_accuracy"] == 1.0

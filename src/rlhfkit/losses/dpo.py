@@ -52,6 +52,21 @@ logistic function and eps the ``label_smoothing``:
     (``discopop_tau``, the paper's 0.05):
         L = (1 - sigma(beta h / tau)) (-log sigma(beta h)) + sigma(beta h / tau) exp(-beta h)
 
+Two forms of AOT (Melnyk et al. 2024, "Distributional Preference Alignment of LLMs via Optimal
+Transport"), which compare distributions over the batch rather than pair with pair: the
+(relaxed) first-order stochastic dominance of one distribution over another is, in one dimension,
+optimal transport solved by sorting, so each form sorts two (B,) columns apart and pairs their
+i-th smallest values (sort_i), with the logistic loss and label smoothing as the sigmoid form:
+
+    aot, paired: the policy's log-ratio of chosen to rejected, g = log pi(y_w) - log pi(y_l), is to
+    dominate the reference's, g_ref = log pi_ref(y_w) - log pi_ref(y_l):
+        L_i = -(1 - eps) log sigma(beta d_i) - eps log sigma(-beta d_i),  d_i = sort_i(g) - sort_i(g_ref)
+    aot_unpaired: the chosen answers' log-ratios are to dominate the rejected ones':
+        the same L_i with d_i = sort_i(w) - sort_i(l)
+
+The batch is what one loss call sees (one forward's pairs on one rank, as TRL sorts each device's
+batch), so ``micro_batch_size`` and the rank count change these two losses. L_i belongs to no pair.
+
 Two forms are for preference optimization without a reference (``reference=none`` in
 methods/dpo.py, where w and l are the answers' log-probs log pi(y|x) themselves; TRL's
 CPOTrainer and ORPOTrainer):
@@ -123,6 +138,8 @@ class Pairs:
     lengths: tuple | None = None  # the (B,) token counts of y_w and y_l, for the per-token forms
     gamma: float = 0.5  # simpo's target margin
     alpha: float = 0.0  # AlphaPO's reward shape (``shaped``); 0: none
+    gaps: tuple | None = None  # (B,) log pi(y_w) - log pi(y_l) and the reference's, for aot
+
 
     def shaped(self, a: torch.Tensor) -> torch.Tensor:
         """r_alpha(a) = (1 - e^(-alpha a)) / alpha, AlphaPO's reward shape; a itself at alpha 0."""
@@ -158,9 +175,21 @@ def _discopop(p: Pairs) -> torch.Tensor:
     return torch.sigmoid(-m / p.tau) * -F.logsigmoid(m) + torch.exp(F.logsigmoid(m / p.tau) - m)
 
 
+def _smoothed_sigmoid(m: torch.Tensor, eps: float) -> torch.Tensor:
+    return -(1 - eps) * F.logsigmoid(m) - eps * F.logsigmoid(-m)
+
+
+def _aot(p: Pairs) -> torch.Tensor:
+    policy, reference = (torch.sort(gap).values for gap in p.gaps)
+    return _smoothed_sigmoid(p.beta * (policy - reference), p.eps)
+
+
+def _aot_unpaired(p: Pairs) -> torch.Tensor:
+    return _smoothed_sigmoid(p.beta * (torch.sort(p.w).values - torch.sort(p.l).values), p.eps)
+
+
 def _simpo(p: Pairs) -> torch.Tensor:
-    m = p.beta * p.margin_per_token - p.gamma
-    return -(1 - p.eps) * F.logsigmoid(m) - p.eps * F.logsigmoid(-m)
+    return _smoothed_sigmoid(p.beta * p.margin_per_token - p.gamma, p.eps)
 
 
 ODDS_CAP = -1e-6  # ORPO: a mean log-prob above it is read as it (P <= 1 - 1e-6: log odds <= 13.8)
@@ -181,7 +210,7 @@ def _orpo(p: Pairs) -> torch.Tensor:
 
 # loss_type -> per-pair loss (B,); the equations are in the module docstring
 PAIR_LOSSES = {
-    "sigmoid": lambda p: -(1 - p.eps) * F.logsigmoid(p.margin) - p.eps * F.logsigmoid(-p.margin),
+    "sigmoid": lambda p: _smoothed_sigmoid(p.margin, p.eps),
     "robust": lambda p: (-(1 - p.eps) * F.logsigmoid(p.margin) + p.eps * F.logsigmoid(-p.margin)) / (1 - 2 * p.eps),
     "exo_pair": _exo,
     "ipo": lambda p: (p.margin_per_token - 1 / (2 * p.beta)) ** 2,
@@ -193,13 +222,16 @@ PAIR_LOSSES = {
     "apo_zero": lambda p: 1 - torch.sigmoid(p.beta * p.w) + torch.sigmoid(p.beta * p.l),
     "apo_down": lambda p: torch.sigmoid(p.beta * p.w) + 1 - torch.sigmoid(p.margin),
     "discopop": _discopop,
+    "aot": _aot,
+    "aot_unpaired": _aot_unpaired,
     "simpo": _simpo,
     "orpo": _orpo,
 }
-SMOOTHED = ("sigmoid", "robust", "exo_pair", "simpo")  # the forms that read label_smoothing
+SMOOTHED = ("sigmoid", "robust", "exo_pair", "simpo", "aot", "aot_unpaired")  # the forms that read label_smoothing
 PER_TOKEN = ("ipo", "sigmoid_norm", "simpo", "orpo")  # the forms that read the answers' lengths
 REFERENCE_FREE = ("orpo",)  # forms of log-probs alone (reference=none): the odds of a log-ratio mean nothing
 MEAN_LOGPROB = ("simpo", "orpo")  # forms of each answer's mean log-prob over all its tokens
+SORTED = ("aot", "aot_unpaired")  # forms over the batch's sorted columns: a loss term belongs to no pair
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 F_DIVERGENCE_FORMS = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop")  # on the margin
 # the forms that read w and l only through their margin, and simpo and orpo: those that pull w or l toward a fixed
@@ -239,7 +271,8 @@ def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chose
     log-probs are zeros), the rewards logged shaped too, as TRL's."""
     pairs = Pairs(f_divergence_scores(chosen_logps - ref_chosen_logps, f_divergence, f_alpha),
                   f_divergence_scores(rejected_logps - ref_rejected_logps, f_divergence, f_alpha), beta,
-                  label_smoothing, discopop_tau, lengths, simpo_gamma, alphapo_alpha)
+                  label_smoothing, discopop_tau, lengths, simpo_gamma, alphapo_alpha,
+                  (chosen_logps - rejected_logps, ref_chosen_logps - ref_rejected_logps))
     chosen_rewards = beta * (chosen_logps - ref_chosen_logps)  # (B,)
     rejected_rewards = beta * (rejected_logps - ref_rejected_logps)  # (B,)
     if per_token_rewards:
@@ -261,6 +294,8 @@ def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chose
                              f"({', '.join(F_DIVERGENCE_FORMS)}); got {name!r}")
         losses = losses + weight * PAIR_LOSSES[name](pairs)
     if pair_weights is not None:
+        if sorted_forms := [name for name, _ in weighted if name in SORTED]:
+            raise ValueError(f"loss_type={','.join(sorted_forms)} sorts the batch: its terms belong to no pair to weigh")
         losses = losses * pair_weights
     denom = chosen_logps.shape[0] if num_pairs is None else max(float(num_pairs), 1.0)
     sums = _sums(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps)

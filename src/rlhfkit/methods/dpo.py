@@ -30,6 +30,7 @@ from ..losses.dpo import (
     PER_TOKEN,
     REFERENCE_FREE,
     SMOOTHED,
+    SORTED,
     chosen_nll,
     dpo_loss,
     plackett_luce_loss,
@@ -141,6 +142,14 @@ class DPOConfig:
             raise ConfigError(f"loss_type={','.join(free)} reads the answers' own probabilities (their odds), not "
                               f"ratios to a reference: set reference=none (`rlhfkit orpo` does)",
                               keys=["loss_type", "reference"])
+        if self.reference == "none" and (ordered := [f for f in forms if f in SORTED]):
+            raise ConfigError(f"loss_type={','.join(ordered)} (AOT) sorts log-ratios to a reference, and "
+                              f"reference=none has none (the forms on the margin take none: {', '.join(ON_THE_MARGIN)})",
+                              keys=["loss_type", "reference"])
+        if self.use_weighting and (ordered := [f for f in forms if f in SORTED]):
+            raise ConfigError(f"use_weighting weighs each pair's loss, and loss_type={','.join(ordered)} (AOT) sorts the "
+                              "batch, so its terms belong to no pair (TRL refuses the two together too)",
+                              keys=["use_weighting", "loss_type"])
         if self.reference == "none" and (anchored := [f for f in forms if f not in ON_THE_MARGIN]):
             raise ConfigError(f"loss_type={','.join(anchored)} pulls each answer's log-ratio toward a fixed value, and "
                               f"with reference=none that is log pi of a whole answer, far below 0: it needs a "
@@ -200,8 +209,8 @@ class DPOConfig:
 
 
 # TRL's loss_type names that rlhfkit has no form for, and why
-NOT_HERE = {"sft": "the chosen answers' NLL is rpo_alpha=WEIGHT here", "aot_unpaired": "not implemented",
-            "aot": "its sorting across the batch is not implemented", "alphapo": "AlphaPO is `rlhfkit cpo "
+NOT_HERE = {"sft": "the chosen answers' NLL is rpo_alpha=WEIGHT here",
+            "aot_pair": "its form is loss_type=aot_unpaired (TRL's later name)", "alphapo": "AlphaPO is `rlhfkit cpo "
             "loss_type=simpo alphapo_alpha=A rpo_alpha=0` here (no reference; TRL's alpha and cpo_alpha)", "bco_pair": "not implemented (TRL's form drops the paper's "
             "running reward shift)"}
 
