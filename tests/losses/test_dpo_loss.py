@@ -203,6 +203,19 @@ def test_aot_matches_trls_form_on_random_batches():
         assert abs(mine.item() - trl.item()) < 1e-12, name
 
 
+def test_bco_pair_classifies_each_answer_against_the_reward_shift_by_hand():
+    # w = 1, l = -0.5, beta 0.5: beta w = 0.5, beta l = -0.25; delta 0.2
+    args = (torch.tensor([-1.0], requires_grad=True), torch.tensor([-3.0], requires_grad=True),
+            torch.tensor([-2.0]), torch.tensor([-2.5]), 0.5)
+    loss, _ = dpo_loss(*args, loss_type="bco_pair", reward_shift=0.2)
+    assert abs(loss.item() - (_softplus(-(0.5 - 0.2)) + _softplus(-0.25 - 0.2))) < 1e-6
+    loss.backward()  # dL/dw = -beta sig(-(beta w - delta)), dL/dl = beta sig(beta l - delta): each on its own
+    assert abs(args[0].grad.item() + 0.5 * _sig(-0.3)) < 1e-6 and abs(args[1].grad.item() - 0.5 * _sig(-0.45)) < 1e-6
+    # at delta 0 it is TRL 1.16's bco_pair: -logsigmoid(beta w) - logsigmoid(-beta l)
+    plain, _ = dpo_loss(*args, loss_type="bco_pair")
+    assert abs(plain.item() - (_softplus(-0.5) + _softplus(-0.25))) < 1e-6
+
+
 def test_discopop_stays_finite_far_below_its_margin():
     # beta h = -100: TRL's sigma(m / tau) exp(-m) is 0 x inf = NaN in fp32; the loss is -log sigma(m) = 100
     pc = torch.tensor([-100.0], requires_grad=True)

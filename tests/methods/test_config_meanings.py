@@ -5,6 +5,7 @@ import pytest
 from rlhfkit.methods.common import head
 from rlhfkit.methods.dpo import DPOConfig
 from rlhfkit.methods.grpo import GRPOConfig, run_grpo
+from rlhfkit.methods.online_dpo import OnlineDPOConfig
 from rlhfkit.methods.ppo import PPOConfig, run_ppo
 from rlhfkit.methods.prm import PRMConfig
 from rlhfkit.methods.rm import RMConfig
@@ -43,8 +44,10 @@ def test_eval_limit_zero_means_all_rows():
     (PRMConfig, "num_labels=3", "'num_labels' must be one of 1, 2; got 3"),
     (PPOConfig, "frozen_dtype=fp8", "'frozen_dtype' must be one of fp32, bf16; got 'fp8'"),
     (DPOConfig, "reference=nothing", "'reference' must be one of precompute, forward, none; got 'nothing'"),
-    (DPOConfig, "loss_type=kto", "'loss_type' must be one of sigmoid, robust, exo_pair, ipo, sigmoid_norm, hinge, nca_pair, sppo_hard, apo_zero, apo_down, discopop, aot, aot_unpaired, simpo, orpo; got 'kto'"),
+    (DPOConfig, "loss_type=kto", "'loss_type' must be one of sigmoid, robust, exo_pair, ipo, sigmoid_norm, hinge, nca_pair, sppo_hard, bco_pair, apo_zero, apo_down, discopop, aot, aot_unpaired, simpo, orpo; got 'kto'"),
     (DPOConfig, "loss_type=aot_pair", "'loss_type': aot_pair is TRL's; its form is loss_type=aot_unpaired (TRL's later name)"),
+    (DPOConfig, "loss_type=bco_pair reference=none", "loss_type=bco_pair (BCO) classifies each answer's reward"),
+    (OnlineDPOConfig, "loss_type=bco_pair", "loss_type=bco_pair keeps a running reward shift across the steps"),
     (DPOConfig, "loss_type=aot reference=none", "loss_type=aot (AOT) sorts log-ratios to a reference, and reference=none has none"),
     (DPOConfig, "loss_type=sigmoid,aot_unpaired use_weighting=true", "use_weighting weighs each pair's loss, and loss_type=aot_unpaired (AOT) sorts the batch"),
     (DPOConfig, "loss_type=sigmoid,sft", "'loss_type': sft is TRL's; the chosen answers' NLL is rpo_alpha=WEIGHT here"),

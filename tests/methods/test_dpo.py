@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 from helpers import quiet_train
-from methods_setup import small, tr_dpo_config
+from methods_setup import method_config, small, tr_dpo_config
 
 from rlhfkit.data.prefs import collate_rankings, encode_rankings
 from rlhfkit.data.rows import DataError, read_rows
@@ -456,3 +456,55 @@ def test_aot_sorts_each_forwards_pairs_and_raises_the_preference_accuracy(tiny, 
     first, last = read_metrics(tmp_path / "dpo")[0], read_metrics(tmp_path / "dpo")[-1]
     assert abs(first["train/loss"] - math.log(2)) < 1e-4  # policy == reference: every d_i is 0
     assert last["train/loss"] < 0.3 and last["train/preference_accuracy"] == 1.0
+
+
+def test_bco_pairs_reward_shift_is_the_running_mean_of_earlier_steps_rewards_and_resumes(tiny, tmp_path):
+    """bco_pair's delta at step t is the mean implicit reward of every answer of steps 1..t-1 (0 at
+    step 1), read from the logged rewards of those steps (each step has as many answers); a run
+    cut after step 2 and resumed gives the straight run's losses and deltas (the checkpoint holds
+    the running mean), and delta reaches the loss (another delta, another loss)."""
+    from rlhfkit.train.config import replace
+    from rlhfkit.train.logging import read_metrics
+
+    def config(out, steps, **train):
+        return replace(method_config("dpo", tiny, out, steps, log_every=1, save_every=2, **train), loss_type="bco_pair")
+
+    run_dpo(config(tmp_path / "full", 5))
+    lines = [m for m in read_metrics(tmp_path / "full") if "train/loss" in m]
+    step_means = [(m["train/rewards_chosen"] + m["train/rewards_rejected"]) / 2 for m in lines]
+    for t, m in enumerate(lines):
+        expected = sum(step_means[:t]) / t if t else 0.0
+        assert abs(m["train/reward_shift"] - expected) < 1e-6, t
+    assert abs(lines[-1]["train/reward_shift"]) > 1e-3  # it moved: the rewards are not 0 past step 1
+    run_dpo(config(tmp_path / "cut", 2))
+    run_dpo(config(tmp_path / "cut", 5, resume=True))
+    cut = [m for m in read_metrics(tmp_path / "cut") if "train/loss" in m]
+    assert [m["train/loss"] for m in cut] == [m["train/loss"] for m in lines]
+    assert [m["train/reward_shift"] for m in cut] == [m["train/reward_shift"] for m in lines]
+    # through the objective: delta as the shift holds it, each answer's reward against it
+    from types import SimpleNamespace
+
+    from rlhfkit.methods.dpo import RewardShift
+    from rlhfkit.models.rankings import output_logps
+    from rlhfkit.train.dist import DistInfo
+
+    model, tok = load_policy(str(tiny["base"]), None)
+    reference = copy.deepcopy(model).eval().requires_grad_(False)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    examples, _ = encode_rankings(read_rows(tiny["data"] / "prefs_train.jsonl")[:6], tok, 64)
+    batch = collate_rankings(examples, tok.pad_token_id)
+    with torch.no_grad():
+        r = 0.5 * (batch.grid(output_logps(model, batch).sums) - batch.grid(output_logps(reference, batch).sums))
+    run = SimpleNamespace(state={"reward_shift": [0.3, 10]}, keep={}, info=DistInfo())
+    shift = RewardShift(run)
+    objective = dpo_objective(DPOLoss(beta=0.5, loss_type="bco_pair"), Reference(module=reference), shift=shift)
+    with torch.no_grad():
+        loss, metrics = objective.loss(model, batch, objective.counts(batch))
+    by_hand = torch.nn.functional.softplus(-(r[:, 0] - 0.3)) + torch.nn.functional.softplus(r[:, 1] - 0.3)
+    assert abs(loss.item() - float(by_hand.mean())) < 1e-5 and abs(float(metrics["reward_shift"]) - 0.3) < 1e-7
+    shift.update(1)  # 10 earlier answers at 0.3, then these 12
+    assert run.keep["reward_shift"][1] == 22
+    assert abs(run.keep["reward_shift"][0] - (3.0 + float(r.sum())) / 22) < 1e-6

@@ -78,6 +78,9 @@ def _jobs(rank: int, out: Path, assets: dict) -> dict:
     # seeded sampler reads the live policy): the test runs it in one process
     RUNS["online_dpo"](replace(method_config("online_dpo", assets["tiny"], out / "online_dpo-seeded", 3, log_every=1,
                                              strategy="replicate"), ties="first"), backend=seeded_backend(assets["tiny"]))
+    # BCO's pairs, sharded: the reward shift is a running mean over both ranks' answers; the test runs it in one process
+    RUNS["dpo"](replace(method_config("dpo", assets["tiny"], out / "dpo-bco-fsdp", 3, log_every=1, strategy="fsdp"),
+                        loss_type="bco_pair"))
     # ORPO, sharded: no reference model; the test runs it in one process
     RUNS["orpo"](method_config("orpo", assets["tiny"], out / "orpo-tiny-fsdp", 3, log_every=1, strategy="fsdp"))
     # TR-DPO, sharded: each rank mixes its shards of the reference; the last step's checkpoint holds them; its

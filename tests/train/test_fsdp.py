@@ -133,6 +133,14 @@ def test_offline_methods_on_two_sharded_ranks_equal_one_process(method, model, t
         _assert_same_weights(sharded, tmp_path / "one", atol=5e-5 if method == "kto" else 1e-5)
 
 
+def test_bco_pairs_reward_shift_over_two_sharded_ranks_equals_one_process(two_ranks, tiny, tmp_path):
+    out, _ = two_ranks
+    RUNS["dpo"](replace(method_config("dpo", tiny, tmp_path / "one", 3, log_every=1), loss_type="bco_pair"))
+    for key in ("train/loss", "train/reward_shift"):
+        assert _losses(out / "dpo-bco-fsdp", key) == pytest.approx(_losses(tmp_path / "one", key), abs=1e-6), key
+    assert len(_losses(out / "dpo-bco-fsdp")) == 3 and abs(_losses(tmp_path / "one", "train/reward_shift")[-1]) > 1e-3
+
+
 @pytest.mark.parametrize("model", ["tiny", "qwen"])
 @pytest.mark.parametrize("method", ["grpo", "rloo", "ppo", "distill", "online_dpo"])
 def test_online_methods_sharded_equal_replicated_on_the_same_samples(method, model, two_ranks):

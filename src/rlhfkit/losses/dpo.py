@@ -43,6 +43,12 @@ logistic function and eps the ``label_smoothing``:
         L = -log sigma(beta w) - 1/2 log sigma(-beta w) - 1/2 log sigma(-beta l)
     sppo_hard, SPPO (Wu et al. 2024, eq. 4.7) with the hard win probabilities 1 and 0, eta = 1/beta:
         L = (w - 1 / (2 beta))^2 + (l + 1 / (2 beta))^2
+    bco_pair, BCO (Jung et al. 2024, "Binary Classifier Optimization for Large Language Model
+    Alignment") on pairs: each answer classified on its own, the chosen above and the rejected
+    below the reward shift delta, the running mean of the implicit rewards beta w, beta l of every
+    answer trained on before this step (methods/dpo.py ``RewardShift``; TRL's BCOTrainer's
+    RunningMoments, which also counts the batch at hand; TRL's DPO form drops delta):
+        L = -log sigma(beta w - delta) - log sigma(-(beta l - delta))
     apo_zero, APO-zero (D'Oosterlinck et al. 2024, "Anchored Preference Optimization", eq. 7),
     the chosen answer up, the rejected one down (plus the constant 1, as TRL):
         L = 1 - sigma(beta w) + sigma(beta l)
@@ -139,6 +145,7 @@ class Pairs:
     gamma: float = 0.5  # simpo's target margin
     alpha: float = 0.0  # AlphaPO's reward shape (``shaped``); 0: none
     gaps: tuple | None = None  # (B,) log pi(y_w) - log pi(y_l) and the reference's, for aot
+    shift: float = 0.0  # bco_pair's delta
 
 
     def shaped(self, a: torch.Tensor) -> torch.Tensor:
@@ -219,6 +226,7 @@ PAIR_LOSSES = {
     "nca_pair": lambda p: (-F.logsigmoid(p.beta * p.w) - 0.5 * F.logsigmoid(-p.beta * p.w)
                            - 0.5 * F.logsigmoid(-p.beta * p.l)),
     "sppo_hard": lambda p: (p.w - 1 / (2 * p.beta)) ** 2 + (p.l + 1 / (2 * p.beta)) ** 2,
+    "bco_pair": lambda p: -F.logsigmoid(p.beta * p.w - p.shift) - F.logsigmoid(p.shift - p.beta * p.l),
     "apo_zero": lambda p: 1 - torch.sigmoid(p.beta * p.w) + torch.sigmoid(p.beta * p.l),
     "apo_down": lambda p: torch.sigmoid(p.beta * p.w) + 1 - torch.sigmoid(p.margin),
     "discopop": _discopop,
@@ -257,7 +265,7 @@ def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chose
              loss_type: str | tuple = "sigmoid", label_smoothing: float = 0.0, lengths: tuple | None = None,
              discopop_tau: float = 0.05, f_divergence: str = "reverse_kl", f_alpha: float = 0.5,
              pair_weights: torch.Tensor | None = None, simpo_gamma: float = 0.5, per_token_rewards: bool = False,
-             alphapo_alpha: float = 0.0):
+             alphapo_alpha: float = 0.0, reward_shift: float = 0.0):
     """All inputs (B,) sequence log-probs. Returns (loss, metrics of detached sums over the B pairs).
     ``loss_type``: one name of PAIR_LOSSES, or ((name, weight), ...) for a weighted sum of forms.
     ``label_smoothing``: eps of the SMOOTHED forms. ``lengths``: the (B,) token counts of the chosen
@@ -268,11 +276,11 @@ def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chose
     are beta log(pi / pi_ref) whatever the f, and with ``per_token_rewards`` beta times each answer's
     log-ratio per token (as TRL's CPOTrainer and ORPOTrainer log their per-token forms).
     ``alphapo_alpha``: AlphaPO's reward shape of the answers' log-probs (no reference: its
-    log-probs are zeros), the rewards logged shaped too, as TRL's."""
+    log-probs are zeros), the rewards logged shaped too, as TRL's. ``reward_shift``: bco_pair's delta."""
     pairs = Pairs(f_divergence_scores(chosen_logps - ref_chosen_logps, f_divergence, f_alpha),
                   f_divergence_scores(rejected_logps - ref_rejected_logps, f_divergence, f_alpha), beta,
                   label_smoothing, discopop_tau, lengths, simpo_gamma, alphapo_alpha,
-                  (chosen_logps - rejected_logps, ref_chosen_logps - ref_rejected_logps))
+                  (chosen_logps - rejected_logps, ref_chosen_logps - ref_rejected_logps), reward_shift)
     chosen_rewards = beta * (chosen_logps - ref_chosen_logps)  # (B,)
     rejected_rewards = beta * (rejected_logps - ref_rejected_logps)  # (B,)
     if per_token_rewards:

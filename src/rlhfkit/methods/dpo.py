@@ -62,7 +62,7 @@ from ..train.config import (
     used_only_with,
     within,
 )
-from ..train.loop import Objective, train_offline
+from ..train.loop import Objective, reduce_dict, train_offline
 from ..train.run import start_run
 from .common import (
     accuracy_eval,
@@ -150,6 +150,10 @@ class DPOConfig:
             raise ConfigError(f"use_weighting weighs each pair's loss, and loss_type={','.join(ordered)} (AOT) sorts the "
                               "batch, so its terms belong to no pair (TRL refuses the two together too)",
                               keys=["use_weighting", "loss_type"])
+        if self.reference == "none" and "bco_pair" in forms:
+            raise ConfigError("loss_type=bco_pair (BCO) classifies each answer's reward beta log(pi / pi_ref) against "
+                              "their running mean, and with reference=none that is beta log pi of a whole answer, "
+                              "which a short answer wins: it needs a reference", keys=["loss_type", "reference"])
         if self.reference == "none" and (anchored := [f for f in forms if f not in ON_THE_MARGIN]):
             raise ConfigError(f"loss_type={','.join(anchored)} pulls each answer's log-ratio toward a fixed value, and "
                               f"with reference=none that is log pi of a whole answer, far below 0: it needs a "
@@ -211,8 +215,7 @@ class DPOConfig:
 # TRL's loss_type names that rlhfkit has no form for, and why
 NOT_HERE = {"sft": "the chosen answers' NLL is rpo_alpha=WEIGHT here",
             "aot_pair": "its form is loss_type=aot_unpaired (TRL's later name)", "alphapo": "AlphaPO is `rlhfkit cpo "
-            "loss_type=simpo alphapo_alpha=A rpo_alpha=0` here (no reference; TRL's alpha and cpo_alpha)", "bco_pair": "not implemented (TRL's form drops the paper's "
-            "running reward shift)"}
+            "loss_type=simpo alphapo_alpha=A rpo_alpha=0` here (no reference; TRL's alpha and cpo_alpha)"}
 
 
 def loss_forms(spec: str) -> tuple[tuple[str, float], ...]:
@@ -271,11 +274,39 @@ class DPOLoss:
         return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
 
 
-def dpo_objective(settings: DPOLoss, reference: Reference | None = None, router_coef: float = 0.0) -> Objective:
+class RewardShift:
+    """BCO's reward shift delta (losses/dpo.py ``bco_pair``): the running mean of the implicit
+    rewards beta log(pi / pi_ref) of every answer trained on in the steps before this one, over
+    every rank (0 before the first step). The loss reads ``mean`` and ``add``s its answers' rewards;
+    ``update`` after each optimizer step folds the step's in, over the ranks, and keeps the mean
+    and count in the run's checkpoints, so a resumed run goes on with the straight run's delta.
+    TRL's BCOTrainer counts the micro-batch at hand too (RunningMoments): here a step's delta is
+    of the steps before it, the same at every micro-batch and rank."""
+
+    def __init__(self, run):
+        self.run = run
+        self.mean, self.count = run.state.get("reward_shift", (0.0, 0))
+        self.step_sum, self.step_count = 0.0, 0
+
+    def add(self, rewards: torch.Tensor) -> None:
+        self.step_sum = self.step_sum + rewards.detach().float().sum()
+        self.step_count += rewards.numel()
+
+    def update(self, done: int) -> None:
+        step = reduce_dict({"sum": self.step_sum, "count": float(self.step_count)}, self.run.info)
+        self.count += int(step["count"])
+        if self.count:
+            self.mean += (step["sum"] - self.mean * step["count"]) / self.count
+        self.step_sum, self.step_count = 0.0, 0
+        self.run.keep["reward_shift"] = (self.mean, self.count)
+
+
+def dpo_objective(settings: DPOLoss, reference: Reference | None = None, router_coef: float = 0.0,
+                  shift: RewardShift | None = None) -> Objective:
     """``reference=None``: the batch carries precomputed reference log-probs; else the frozen
     reference (models/lora.py ``Reference``) is forwarded on every batch. ``settings``: the loss
     (``DPOLoss``). ``router_coef`` > 0 adds a mixture of experts' router balancing loss of the
-    policy's forward."""
+    policy's forward. ``shift``: bco_pair's delta (``RewardShift``), given the answers' rewards."""
     beta, ld_alpha, use_weighting = settings.beta, settings.ld_alpha, settings.use_weighting
     forms = loss_forms(settings.loss_type)
     pairs_only = pairwise_only(settings)
@@ -303,7 +334,9 @@ def dpo_objective(settings: DPOLoss, reference: Reference | None = None, router_
             value, sums = dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta, totals["prompts"],
                                    forms, settings.label_smoothing, lengths, settings.discopop_tau, settings.f_divergence_type,
                                    settings.f_alpha_divergence_coef, weights, settings.simpo_gamma, per_token_rewards,
-                                   settings.alphapo_alpha)
+                                   settings.alphapo_alpha, shift.mean if shift is not None else 0.0)
+            if shift is not None:
+                shift.add(beta * (logps - ref))
         else:  # rankings of more than two (run_dpo refuses them with their rows for the pairwise-only forms)
             if pairs_only:
                 raise ValueError(f"a ranking of {batch.mask.shape[1]} answers has the Plackett-Luce loss only; "
@@ -314,6 +347,8 @@ def dpo_objective(settings: DPOLoss, reference: Reference | None = None, router_
                                                     "logps_chosen", "logps_rejected")}
         metrics["preference_accuracy"] = sums["correct"] / max(totals["pairs"], 1.0)
         metrics.update({k: sums[k] / prompts for k in ("log_odds_chosen", "log_odds_ratio") if k in sums})  # ORPO's
+        if shift is not None:  # each micro-batch's share of the step's delta: the sum over ranks is delta
+            metrics["reward_shift"] = torch.tensor(shift.mean * batch.num_prompts / max(totals["prompts"], 1.0))
         if use_weighting:  # the pairs' WPO weights, a mean over all ranks' pairs
             metrics["pair_weight"] = weights.sum() / max(totals["prompts"], 1.0)
         if settings.rpo_alpha > 0:
@@ -422,6 +457,13 @@ def run_dpo(cfg: DPOConfig) -> dict:
         run.say("reference log-probs precomputed once; the reference model is released")
 
     sync = reference_sync(cfg, reference, model, run)  # TR-DPO; the checkpoints then hold the moved reference
+    shift = RewardShift(run) if "bco_pair" in dict(loss_forms(cfg.loss_type)) else None  # BCO's delta
+
+    def after_step(done: int) -> None:
+        if shift is not None:
+            shift.update(done)
+        if sync is not None:
+            sync(done)
 
     def evaluate(model) -> dict:
         held = pref_eval
@@ -432,8 +474,8 @@ def run_dpo(cfg: DPOConfig) -> dict:
         return {**out, **(accuracy() if prompts else {})}
 
     train_offline(run, model, examples, ranking_collate(model, pad, cfg.share_prompt),
-                  dpo_objective(DPOLoss.of(cfg), reference, run.router_coef),
-                  evaluate if (pref_eval or prompts) else None, after_step=sync,
+                  dpo_objective(DPOLoss.of(cfg), reference, run.router_coef, shift),
+                  evaluate if (pref_eval or prompts) else None, after_step=after_step,
                   kept={"reference": reference.module} if sync else None)
     summary = {"loss": run.metrics.get("loss"), "reference": cfg.reference, "length_report": report.summary(), **before}
     if run.evals:

@@ -115,6 +115,9 @@ class OnlineDPOConfig:
                               f"that need no setting of their own ({', '.join(REFERENCE_FREE)} reads no reference; "
                               + "; ".join(f"{k} needs {v}" for k, v in NEEDS_A_SETTING.items())
                               + ", not keys here)", keys=["loss_type"])
+        if "bco_pair" in names:
+            raise ConfigError("loss_type=bco_pair keeps a running reward shift across the steps of `rlhfkit dpo`'s "
+                              "loop; online DPO takes the forms that need no state of their own", keys=["loss_type"])
         if not parse_rewards(self.rewards)[0]:  # names and rm: folders checked now, before any model loads
             raise ConfigError("config key 'rewards' names no reward: online DPO judges each pair by its rewards "
                               "(e.g. exact_answer, rm:PATH, module:function)", keys=["rewards"])
