@@ -368,3 +368,60 @@ def test_the_entropy_bonus_subtracts_the_token_mean_entropy_with_its_gradient():
     assert abs(loss.item() - (plain.item() - 0.1 * (0.5 + 1.5) / 4)) < 1e-7
     loss.backward()
     assert torch.allclose(entropy.grad, torch.tensor([[-0.1 / 4, -0.1 / 4, 0.0]]))
+
+
+def test_vespo_weighs_each_answer_by_a_gamma_of_its_whole_ratio_by_hand():
+    """L = -sg(phi(w)) A log pi per token, phi(w) = e^lam w^k e^(-lam w) of the answer's whole ratio
+    w = exp(sum_t log rho_t), (k, lam) = (2, 3) where A >= 0 and (3, 2) where A < 0, DAPO's token
+    mean; the gradient is -phi A per token (phi without gradient); at w = 1 phi is 1 (the plain
+    policy gradient); sampling weights enter w token by token and do not multiply the loss."""
+    old = torch.tensor([[-1.0, -2.0, -0.5], [-1.5, -0.7, -3.0]])
+    lp = (old + torch.tensor([[0.2, -0.1, 0.0], [-0.3, 0.1, 0.0]])).requires_grad_(True)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])  # the first answer's third token is padding
+    adv = torch.tensor([[1.5], [-0.5]]).expand(2, 3)
+    loss, metrics = grpo_loss(lp, old, adv, mask, reduction="token_mean", num_tokens=5.0,
+                              vespo=((2.0, 3.0), (3.0, 2.0)))
+    loss.backward()
+
+    def phi(log_w, k, lam):
+        return math.exp(lam + k * log_w - lam * math.exp(log_w))
+
+    p = [phi(0.1, 2.0, 3.0), phi(-0.2, 3.0, 2.0)]  # log w: 0.2 - 0.1; -0.3 + 0.1 + 0
+    values = lp.detach()
+    expected = sum(-p[i] * adv[i, t].item() * values[i, t].item() * mask[i, t].item() for i in range(2) for t in range(3))
+    assert abs(loss.item() - expected / 5) < 1e-6
+    grads = torch.tensor([[-p[0] * 1.5] * 3, [p[1] * 0.5] * 3]) * mask / 5
+    assert torch.allclose(lp.grad, grads, atol=1e-6)
+    assert abs(metrics["vespo_phi_mean"].item() - (2 * p[0] + 3 * p[1]) / 5) < 1e-6
+    assert metrics["clip_frac_low"] == 0 and metrics["clip_frac_high"] == 0
+    on_policy = old.clone().requires_grad_(True)
+    grpo_loss(on_policy, old, adv, mask, reduction="token_mean", num_tokens=5.0,
+              vespo=((2.0, 3.0), (3.0, 2.0)))[0].backward()
+    assert torch.allclose(on_policy.grad, -adv * mask / 5, atol=1e-6)  # phi(1) = e^lam e^-lam = 1
+    # a token weight pi_old / pi_sampler of 2 on the second answer's last token: log w gains log 2
+    weights = torch.ones(2, 3)
+    weights[1, 2] = 2.0
+    weighted, _ = grpo_loss(lp.detach(), old, adv, mask, reduction="token_mean", num_tokens=5.0,
+                            vespo=((2.0, 3.0), (3.0, 2.0)), sample_weights=weights)
+    p2 = phi(-0.2 + math.log(2.0), 3.0, 2.0)
+    expected = sum(-(p[0] if i == 0 else p2) * adv[i, t].item() * values[i, t].item() * mask[i, t].item()
+                   for i in range(2) for t in range(3))
+    assert abs(weighted.item() - expected / 5) < 1e-6
+
+
+def test_vespo_matches_trls_gamma_weights_on_random_answers():
+    # TRL 1.16's get_gamma_weights, written out: log w = clamp(sum_t clamp(log rho, -20, 20) mask, log 1e-8, 20),
+    # (k, lam) by the advantage's sign (lam clamped at 1e-4), phi = exp(lam + k log w - lam w); the loss -phi A log pi
+    gen = torch.Generator().manual_seed(0)
+    old = -torch.rand(6, 5, generator=gen, dtype=torch.float64) * 3
+    lp = old + torch.randn(6, 5, generator=gen, dtype=torch.float64) * 0.3
+    mask = (torch.rand(6, 5, generator=gen) > 0.2).double()
+    adv = torch.randn(6, 1, generator=gen, dtype=torch.float64)
+    log_w = torch.clamp((torch.clamp(lp - old, -20, 20) * mask).sum(-1, keepdim=True), math.log(1e-8), 20)
+    k = torch.where(adv >= 0, 2.0, 3.0)
+    lam = torch.where(adv >= 0, 3.0, 2.0).clamp(min=1e-4)
+    trl_phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+    trl = (-trl_phi * adv * lp * mask).sum() / mask.sum()
+    mine, _ = grpo_loss(lp, old, adv.expand(6, 5), mask, reduction="token_mean", num_tokens=float(mask.sum()),
+                        vespo=((2.0, 3.0), (3.0, 2.0)))
+    assert abs(mine.item() - trl.item()) < 1e-12

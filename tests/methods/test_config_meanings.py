@@ -26,7 +26,7 @@ def test_eval_limit_zero_means_all_rows():
 
 
 @pytest.mark.parametrize("cls, override, message", [
-    (GRPOConfig, "loss_type=grpoo", "'loss_type' must be one of grpo, dapo, dr_grpo, cispo, sapo, luspo, rloo; got 'grpoo'"),
+    (GRPOConfig, "loss_type=grpoo", "'loss_type' must be one of grpo, dapo, dr_grpo, cispo, sapo, luspo, rloo, vespo; got 'grpoo'"),
     (SFTConfig, "train.schedule=cosin", "'train.schedule' must be one of cosine, constant, linear; got 'cosin'"),
     (SFTConfig, "overlong=cut", "'overlong' must be one of error, truncate, skip; got 'cut'"),
     (GRPOConfig, "rewards=exact", "'rewards' must be one of exact_answer, contains_answer; got 'exact'"),
@@ -38,6 +38,11 @@ def test_eval_limit_zero_means_all_rows():
     (GRPOConfig, "scale_rewards=batch process_reward=arithmetic_steps", "scale_rewards=batch scales outcome advantages"),
     (GRPOConfig, "top_entropy_quantile=-0.1", "config key 'top_entropy_quantile' must be in [0, 1]; got -0.1"),
     (GRPOConfig, "loss_type=cispo delta=2", "delta caps the clipped ratio of the other loss types"),
+    (GRPOConfig, "loss_type=vespo delta=2", "vespo has no clip to cap"),
+    (GRPOConfig, "vespo_k_neg=2", "vespo_k_neg=2.0 is used by loss_type=vespo only"),
+    (GRPOConfig, "loss_type=vespo vespo_lambda_pos=0", "config key 'vespo_lambda_pos' must be > 0; got 0"),
+    (GRPOConfig, "loss_type=vespo eps_high=0.3", "eps_high=0.3 is used by a clipped loss_type (not sapo or vespo) only"),
+    (GRPOConfig, "loss_type=vespo rollout.backend=generate", "loss_type=vespo puts the sampling weights pi_old / pi_sampler into each answer's ratio"),
     (GRPOConfig, "scale_rewards=false", "'scale_rewards' takes group, batch or none; TRL's false is none"),
     (GRPOConfig, "scale_rewards=grp", "'scale_rewards' must be one of group, batch, none; got 'grp'"),
     (SFTConfig, "train.router_aux_loss_coef=.inf", "'train.router_aux_loss_coef' must be finite"),

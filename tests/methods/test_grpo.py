@@ -629,22 +629,29 @@ def test_samples_from_an_inexact_engine_are_weighed_to_pi_old(tiny, tmp_path):
     assert "train/sampling_weight_mean" not in logged["none"]
 
 
-def test_cispo_is_wired_and_has_dapos_gradient_at_the_first_update(tiny, tmp_path):
-    """At mu = 1 every ratio is 1: CISPO's gradient -A grad log pi is the clipped surrogate's, while
-    its loss value -A log pi is another number than DAPO's (0 here: equal lengths, centred advantages)."""
+def test_cispo_and_vespo_are_wired_and_have_dapos_gradient_at_the_first_update(tiny, tmp_path):
+    """At mu = 1 every ratio is 1: CISPO's gradient -A grad log pi is the clipped surrogate's, and so
+    is VESPO's (phi(1) = 1), while their loss value -A log pi is another number than DAPO's (0 here:
+    equal lengths, centred advantages). VESPO's second pass (mu = 2) reads ratios off 1: phi moves."""
     from methods_setup import even_answer_digits, method_config
 
     from rlhfkit.train.config import replace
 
     logged = {}
-    for loss_type in ("dapo", "cispo"):
+    for loss_type in ("dapo", "cispo", "vespo"):
         out = tmp_path / loss_type
         run_grpo(replace(method_config("grpo", tiny, out, 1), loss_type=loss_type, mu=1, beta=0.0),
                  reward_fns=[even_answer_digits])
         logged[loss_type] = [m for m in read_metrics(out) if "train/loss" in m][0]
     assert logged["dapo"]["train/grad_norm"] > 1e-3
-    assert abs(logged["cispo"]["train/grad_norm"] / logged["dapo"]["train/grad_norm"] - 1) < 1e-5
-    assert abs(logged["cispo"]["train/loss"] - logged["dapo"]["train/loss"]) > 1e-3
+    for other in ("cispo", "vespo"):
+        assert abs(logged[other]["train/grad_norm"] / logged["dapo"]["train/grad_norm"] - 1) < 1e-5, other
+        assert abs(logged[other]["train/loss"] - logged["dapo"]["train/loss"]) > 1e-3, other
+    assert logged["vespo"]["train/vespo_phi_mean"] == 1.0
+    out = tmp_path / "vespo-mu2"
+    run_grpo(replace(method_config("grpo", tiny, out, 1), loss_type="vespo", mu=2, beta=0.0, train__lr=1e-2),
+             reward_fns=[even_answer_digits])
+    assert abs([m for m in read_metrics(out) if "train/loss" in m][0]["train/vespo_phi_mean"] - 1) > 1e-3
 
 
 def test_minibatches_take_one_optimizer_step_each_against_pi_old_of_the_whole_batch(tiny, tmp_path, monkeypatch):

@@ -36,7 +36,8 @@ term of an answer with a negative advantage that the policy has moved far from:
     M_it = 0  if A_it < 0 and 1/|o_i| sum_t log( pi_sampler(o_it) / pi_theta(o_it) ) > delta,  else 1
 
 (pi_sampler: the policy as the rollout engine sampled it; pi_theta without gradient.) SAPO's
-smooth gate in place of the clip is losses/policy.py's ``sapo_surrogate``.
+smooth gate in place of the clip is losses/policy.py's ``sapo_surrogate``, and VESPO's Gamma
+weight of each answer's whole ratio its ``vespo_surrogate`` (with DAPO's token mean, as TRL's).
 
 RLOO (Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization for
 Learning from Human Feedback in LLMs", eq. 6 and section 3.2; TRL's RLOOTrainer): the KL to the
@@ -63,7 +64,7 @@ from __future__ import annotations
 
 import torch
 
-from .policy import cispo_surrogate, clipped_surrogate, sapo_surrogate
+from .policy import cispo_surrogate, clipped_surrogate, sapo_surrogate, vespo_surrogate
 from .reduce import seq_mean_token_mean, seq_mean_token_sum_norm, token_mean
 
 
@@ -202,12 +203,12 @@ def off_policy_keep(advantages: torch.Tensor, logprobs: torch.Tensor, sampled_lo
     return (~((advantages < 0) & far)).to(advantages.dtype)
 
 
-# loss_type -> its reduction; cispo and sapo also have their own surrogates (losses/policy.py): cispo with
-# DAPO's token mean, sapo with the paper's per-answer mean (as TRL's); luspo takes GSPO's sequence ratio,
+# loss_type -> its reduction; cispo, sapo and vespo also have their own surrogates (losses/policy.py): cispo and
+# vespo with DAPO's token mean, sapo with the paper's per-answer mean (as TRL's); luspo takes GSPO's sequence ratio,
 # rloo the answer's whole ratio (``grpo_loss``'s sequence_ratio="total")
 REDUCTIONS = {"grpo": "seq_mean_token_mean", "dapo": "token_mean", "dr_grpo": "seq_mean_token_sum_norm",
               "cispo": "token_mean", "sapo": "seq_mean_token_mean", "luspo": "seq_mean_token_sum",
-              "rloo": "seq_mean_token_mean"}
+              "rloo": "seq_mean_token_mean", "vespo": "token_mean"}
 
 # reduction name -> f(per_token, mask, num_sequences, num_tokens, max_tokens)
 _REDUCE = {
@@ -231,7 +232,8 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
               num_sequences: float | None = None, num_tokens: float | None = None, max_tokens: int | None = None,
               sequence_ratio: bool | str = False, delta: float | None = None, sample_weights: torch.Tensor | None = None,
               cispo: bool = False, sapo: tuple[float, float] | None = None, kl_ratio: bool = False,
-              entropy: torch.Tensor | None = None, entropy_coef: float = 0.0):
+              entropy: torch.Tensor | None = None, entropy_coef: float = 0.0,
+              vespo: tuple[tuple[float, float], tuple[float, float]] | None = None):
     """All tensors (B, T) over completion tokens; ``mask`` 1 on real completion tokens.
     ``sequence_ratio``: GSPO's one importance ratio per sequence ("total": the answer's whole
     ratio, TRL's RLOO, under ``seq_mean_token_mean``: losses/policy.py ``sequence_log_ratio``),
@@ -242,20 +244,27 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
     ``sapo`` (tau_pos, tau_neg): SAPO's gate in its place. ``kl_ratio``: the KL term weighed by
     the importance ratio (the unbiased estimate, module docstring; GSPO's per-sequence ratio with
     ``sequence_ratio``). ``entropy`` (B, T), with its gradient, and ``entropy_coef``: the entropy
-    bonus (module docstring), a mean over ``num_tokens``.
+    bonus (module docstring), a mean over ``num_tokens``. ``vespo`` ((k, lambda) where A >= 0, where
+    A < 0): VESPO's weight of the whole ratio in place of a clip; ``sample_weights`` (token weights
+    pi_old / pi_sampler) then go into its ratio, as TRL's, not onto the loss.
 
     Returns (loss, metrics). The metrics are detached batch means (clip fractions, ratio, and kl
     where there is a KL term: with beta 0 nothing is measured, so no kl is reported).
     """
     mask = mask.to(logprobs.dtype)
-    if cispo:
+    phi = None
+    if vespo is not None:
+        log_weights = None if sample_weights is None else torch.log(sample_weights.expand_as(mask))
+        surrogate, phi = vespo_surrogate(logprobs, old_logprobs, advantages, mask, *vespo, log_weights)
+    elif cispo:
         surrogate = cispo_surrogate(logprobs, old_logprobs, advantages, eps_low if eps_high is None else eps_high)
     elif sapo is not None:
         surrogate = sapo_surrogate(logprobs, old_logprobs, advantages, *sapo, mask if sequence_ratio else None)
     else:
         surrogate = clipped_surrogate(logprobs, old_logprobs, advantages, eps_low, eps_high,
                                       mask if sequence_ratio else None, delta, sequence_ratio == "total")
-    per_token = surrogate.loss if sample_weights is None else surrogate.loss * sample_weights  # (B, T)
+    # (B, T); VESPO's sampling weights are in phi's ratio already
+    per_token = surrogate.loss if sample_weights is None or vespo else surrogate.loss * sample_weights
     kl = torch.zeros_like(logprobs)
     if ref_logprobs is not None and beta != 0.0:
         kl = k3_kl(logprobs, ref_logprobs)
@@ -277,6 +286,8 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
                    "ratio_mean": (surrogate.ratio * mask).sum() / n}
         if ref_logprobs is not None and beta != 0.0:
             metrics["kl"] = (kl * mask).sum() / n
+        if phi is not None:
+            metrics["vespo_phi_mean"] = (phi * mask).sum() / n
         if sample_weights is not None:
             metrics["sampling_weight_mean"] = (sample_weights.expand_as(mask) * mask).sum() / n
     return loss, metrics

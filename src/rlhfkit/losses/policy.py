@@ -31,10 +31,22 @@ clip by a smooth gate of the ratio, with a temperature for positive and one for 
 
 At rho = 1 its gradient is the plain policy gradient's (sigma'(0) 4 = 1); away from 1 it fades
 as sigma' does, faster for the larger tau (the paper's tau_neg > tau_pos damps negative updates more).
+
+VESPO ("Variational Sequence-Level Soft Policy Optimization", arXiv:2602.10693; TRL's ``vespo``,
+whose form this is) weighs each answer's policy gradient by a Gamma-shaped function of its whole
+importance ratio w = pi_theta(y|x) / pi_old(y|x) (times pi_old / pi_sampler, token by token,
+where another engine sampled), in place of a clip:
+
+    L_t = -sg( phi(w) ) A_t log pi_theta(o_t),   phi(w) = e^lambda w^k e^(-lambda w)
+
+with (k, lambda) one pair where A >= 0 and another where A < 0. phi(1) = 1, so on-policy it is the
+plain policy gradient; a ratio far below 1 is damped by w^k, one far above by e^(-lambda w). Each
+token's log-ratio is clamped to [-20, 20] before the sum, and log w to [log 1e-8, 20], as TRL's.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -116,3 +128,24 @@ def sapo_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantage
     loss = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * advantages
     none = torch.zeros_like(ratio, dtype=torch.bool)
     return Surrogate(loss, ratio.detach(), log_ratio.detach(), none, none)
+
+
+def vespo_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                    mask: torch.Tensor, gamma_pos: tuple[float, float] = (2.0, 3.0),
+                    gamma_neg: tuple[float, float] = (3.0, 2.0),
+                    sampling_log_weights: torch.Tensor | None = None) -> tuple[Surrogate, torch.Tensor]:
+    """VESPO's per-token loss (module docstring); all tensors (B, T), ``mask`` 1 on answer tokens.
+    ``gamma_pos``, ``gamma_neg``: (k, lambda) where A >= 0 and where A < 0. ``sampling_log_weights``
+    (B, T): log(pi_old / pi_sampler) of each token (0 elsewhere), in w. Nothing is clipped. Returns
+    (the surrogate, phi (B, T), detached)."""
+    log_ratio = (logprobs - old_logprobs).detach()
+    log_w = (log_ratio.clamp(-20.0, 20.0) * mask).sum(-1, keepdim=True)  # (B, 1)
+    if sampling_log_weights is not None:
+        log_w = log_w + (sampling_log_weights.clamp(math.log(1e-8), 20.0) * mask).sum(-1, keepdim=True)
+    log_w = log_w.clamp(math.log(1e-8), 20.0)
+    positive = advantages >= 0
+    k = torch.where(positive, gamma_pos[0], gamma_neg[0]).to(log_w.dtype)
+    lam = torch.where(positive, gamma_pos[1], gamma_neg[1]).to(log_w.dtype)
+    phi = torch.exp(lam + k * log_w - lam * log_w.exp()).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+    none = torch.zeros_like(log_ratio, dtype=torch.bool)
+    return Surrogate(-phi * advantages * logprobs, log_ratio.exp(), log_ratio, none, none), phi.expand_as(logprobs)

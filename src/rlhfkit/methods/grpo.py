@@ -130,10 +130,16 @@ class GRPOConfig:
     share_prompt: bool = True  # forward each prompt once for its G samples (block mask; SDPA attention only)
     # grpo (paper) | dapo (token mean) | dr_grpo (constant normaliser) | cispo (MiniMax-M1) | sapo (soft gate)
     # | luspo (GSPO weighted by length; importance_sampling_level=sequence) | rloo (TRL's RLOO: each answer's
-    # whole ratio, clipped, a mean over answers; importance_sampling_level=sequence)
+    # whole ratio, clipped, a mean over answers; importance_sampling_level=sequence) | vespo (a Gamma weight of
+    # each answer's whole ratio; losses/policy.py)
     loss_type: str = "grpo"
     sapo_temperature_pos: float = 1.0  # loss_type=sapo: the gate's tau where A > 0 (TRL's name and default)
     sapo_temperature_neg: float = 1.05  # loss_type=sapo: the gate's tau elsewhere
+    # loss_type=vespo: phi(w) = e^lambda w^k e^(-lambda w), (k, lambda) where A >= 0 and where A < 0 (TRL's names, defaults)
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
     # DeepSeek-V3.2's off-policy sequence masking: an answer with A < 0 whose mean log(pi_sampler / pi_theta)
     # exceeds this adds no policy loss (TRL's name; None: off)
     off_policy_mask_threshold: float | None = None
@@ -278,17 +284,31 @@ class GRPOConfig:
         if self.eps_high is not None and not self.eps_high >= self.eps_low:  # NaN too
             raise ConfigError(f"config key 'eps_high' must be >= eps_low ({self.eps_low}); got {self.eps_high}")
         high = 1 + (self.eps_low if self.eps_high is None else self.eps_high)
-        if self.delta is not None and self.loss_type in ("cispo", "sapo"):
+        if self.delta is not None and self.loss_type in ("cispo", "sapo", "vespo"):
             raise ConfigError(f"delta caps the clipped ratio of the other loss types; {self.loss_type} has no clip "
-                              "to cap (cispo clips its weight at 1 + eps_high, sapo gates the ratio smoothly)")
+                              "to cap (cispo clips its weight at 1 + eps_high, sapo gates the ratio smoothly, vespo "
+                              "weighs each answer by its whole ratio)")
+        at_least("vespo_k_pos", self.vespo_k_pos, 0.0)
+        at_least("vespo_k_neg", self.vespo_k_neg, 0.0)
+        positive("vespo_lambda_pos", self.vespo_lambda_pos)
+        positive("vespo_lambda_neg", self.vespo_lambda_neg)
+        for key in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"):
+            used_only_with(key, getattr(self, key), getattr(GRPOConfig, key), self.loss_type == "vespo",
+                           "loss_type=vespo")
+        if self.loss_type == "vespo" and self.sampling_correction.startswith("sequence") \
+                and self.rollout.backend != "sampler":
+            raise ConfigError(f"loss_type=vespo puts the sampling weights pi_old / pi_sampler into each answer's ratio "
+                              f"token by token (TRL's VESPO needs a token mode too); sampling_correction="
+                              f"{self.sampling_correction} weighs whole answers: set token_truncate or token_mask",
+                              keys=["loss_type", "sampling_correction"])
         for key in ("sapo_temperature_pos", "sapo_temperature_neg"):
             positive(key, getattr(self, key))
             used_only_with(key, getattr(self, key), getattr(GRPOConfig, key), self.loss_type == "sapo",
                            "loss_type=sapo")
         at_least("off_policy_mask_threshold", self.off_policy_mask_threshold, 0.0)  # 0: any drift at all
-        if self.loss_type == "sapo":  # no clip to read them
-            used_only_with("eps_low", self.eps_low, GRPOConfig.eps_low, False, "a clipped loss_type (not sapo)")
-            used_only_with("eps_high", self.eps_high, GRPOConfig.eps_high, False, "a clipped loss_type (not sapo)")
+        if self.loss_type in ("sapo", "vespo"):  # no clip to read them
+            used_only_with("eps_low", self.eps_low, GRPOConfig.eps_low, False, "a clipped loss_type (not sapo or vespo)")
+            used_only_with("eps_high", self.eps_high, GRPOConfig.eps_high, False, "a clipped loss_type (not sapo or vespo)")
         used_only_with("use_bias_correction_kl", self.use_bias_correction_kl, False, self.beta != 0,
                        "a KL term (beta != 0)")
         at_least("entropy_coef", self.entropy_coef, 0.0)
@@ -512,7 +532,9 @@ def optimizer_step(run: Run, policy, part: UpdateRows, cfg: GRPOConfig, exact: b
                                  sapo=((cfg.sapo_temperature_pos, cfg.sapo_temperature_neg)
                                        if cfg.loss_type == "sapo" else None),
                                  kl_ratio=cfg.use_bias_correction_kl, entropy=entropy,
-                                 entropy_coef=cfg.entropy_coef)
+                                 entropy_coef=cfg.entropy_coef,
+                                 vespo=(((cfg.vespo_k_pos, cfg.vespo_lambda_pos), (cfg.vespo_k_neg, cfg.vespo_lambda_neg))
+                                        if cfg.loss_type == "vespo" else None))
         if masked is not None:  # the share of tokens whose policy term the mask dropped
             stats["off_policy_masked"] = masked
         value = balance.add_to(value, routed := {}, 1 / part.forwards)
