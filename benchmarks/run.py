@@ -560,7 +560,7 @@ def rollout_bench(method: str, args, run, model, tokenizer, paths, update_fn, ex
 
 def bench_grpo(args) -> dict:
     from rlhfkit.losses.grpo import group_advantages
-    from rlhfkit.methods.grpo import GRPOConfig, Rollout, update
+    from rlhfkit.methods.grpo import EntropyBonus, GRPOConfig, Rollout, update
     paths = assets(args)
     model, tokenizer = load_policy(paths["model"], paths["tokenizer"])
     run = bench_run(args)
@@ -573,7 +573,7 @@ def bench_grpo(args) -> dict:
     def update_fn(samples, scores) -> float:
         adv = group_advantages(scores.rewards, 4)[:, None].expand(-1, samples.completion_ids.shape[1])
         return update(run, model, None, Rollout(samples, scores, adv, 0.0), cfg, exact=True,
-                      pad_id=tokenizer.pad_token_id)["loss"]
+                      pad_id=tokenizer.pad_token_id, bonus=EntropyBonus(run, cfg))["loss"]
 
     return rollout_bench("grpo", args, run, model, tokenizer, paths, update_fn,
                          {"beta": 0.0, "skip_zero_advantage": args.skip_zero_advantage})
@@ -586,7 +586,7 @@ def bench_rloo(args) -> dict:
     the leave-one-out baseline, the loss on each answer's whole ratio."""
     from rlhfkit.losses.grpo import loo_advantages
     from rlhfkit.methods.common import frozen_reference
-    from rlhfkit.methods.grpo import Rollout, rloo_advantages, update
+    from rlhfkit.methods.grpo import EntropyBonus, Rollout, rloo_advantages, update
     from rlhfkit.methods.rloo import RLOOConfig
     paths = assets(args)
     model, tokenizer = load_policy(paths["model"], paths["tokenizer"])
@@ -598,7 +598,8 @@ def bench_rloo(args) -> dict:
     def update_fn(samples, scores) -> float:
         adv = loo_advantages(scores.rewards, 4)[:, None].expand(-1, samples.completion_ids.shape[1])
         batch, _ = rloo_advantages(run, model, reference, Rollout(samples, scores, adv, 0.0), cfg)
-        return update(run, model, None, batch, cfg, exact=True, pad_id=tokenizer.pad_token_id)["loss"]
+        return update(run, model, None, batch, cfg, exact=True, pad_id=tokenizer.pad_token_id,
+                      bonus=EntropyBonus(run, cfg))["loss"]
 
     return rollout_bench("rloo", args, run, model, tokenizer, paths, update_fn, {"beta": 0.05}, nograd_passes=2)
 

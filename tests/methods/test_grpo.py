@@ -1013,3 +1013,51 @@ def test_grpos_reference_sync_is_refused_without_a_reference(tiny, tmp_path):
         replace(cfg, beta=0.0)
     with pytest.raises(ConfigError, match="sync_ref_model=true with LoRA"):
         replace(cfg, lora=LoraConfig(r=4))
+
+
+def test_adaptive_entropy_moves_its_coefficient_by_the_steps_entropy_and_resumes(tiny, tmp_path):
+    """Skywork-OR1's control (TRL's form): after each optimizer step c moves by delta, up where the
+    step's mean token entropy is at or below the target, down otherwise, within [min, max]; a step
+    applies c only where the entropy before it was at or below the target (none at the first). By
+    hand on a stand-in run, then wired: with a target above every entropy c climbs by delta a step
+    and is logged as it stands; step 1 applies none (the plain update's gradient), step 2 does; a run
+    cut after step 2 and resumed goes on with the kept c and entropy."""
+    from types import SimpleNamespace
+
+    from methods_setup import even_answer_digits, method_config
+
+    from rlhfkit.methods.grpo import EntropyBonus
+    from rlhfkit.train.config import replace
+    from rlhfkit.train.dist import DistInfo
+
+    cfg = GRPOConfig(use_adaptive_entropy=True, entropy_coef=0.01, entropy_target=0.5, entropy_coef_delta=0.005,
+                     entropy_coef_max=0.012)
+    run = SimpleNamespace(state={}, keep={}, info=DistInfo())
+    bonus = EntropyBonus(run, cfg)
+    assert bonus.applied == 0.0  # no entropy measured yet
+    bonus.observe(entropy_sum=4.0, tokens=10.0)  # H = 0.4 <= 0.5: up, capped at 0.012
+    assert bonus.coef == pytest.approx(0.012) and bonus.applied == pytest.approx(0.012)
+    bonus.observe(entropy_sum=6.0, tokens=10.0)  # H = 0.6: down by delta, and not applied
+    assert bonus.coef == pytest.approx(0.007) and bonus.applied == 0.0
+    assert run.keep["entropy_control"] == pytest.approx((0.007, 0.6))
+    assert EntropyBonus(SimpleNamespace(state={"entropy_control": [0.007, 0.6]}, keep={}, info=DistInfo()), cfg).coef \
+        == 0.007
+    fixed = EntropyBonus(run, GRPOConfig(entropy_coef=0.02))
+    fixed.observe(1.0, 1.0)
+    assert fixed.applied == 0.02
+
+    def config(out, steps, **more):
+        return replace(method_config("grpo", tiny, out, steps, log_every=1, save_every=2), mu=1, beta=0.0, **more)
+
+    adaptive = dict(use_adaptive_entropy=True, entropy_coef=0.01, entropy_target=50.0, entropy_coef_delta=0.02)
+    run_grpo(config(tmp_path / "full", 4, **adaptive), reward_fns=[even_answer_digits])
+    run_grpo(config(tmp_path / "plain", 2), reward_fns=[even_answer_digits])
+    lines = [m for m in read_metrics(tmp_path / "full") if "train/loss" in m]
+    plain = [m for m in read_metrics(tmp_path / "plain") if "train/loss" in m]
+    assert [m["train/entropy_coef"] for m in lines] == pytest.approx([0.03, 0.05, 0.07, 0.09])
+    assert lines[0]["train/grad_norm"] == pytest.approx(plain[0]["train/grad_norm"], rel=1e-6)  # step 1: no bonus
+    run_grpo(config(tmp_path / "cut", 2, **adaptive), reward_fns=[even_answer_digits])
+    run_grpo(config(tmp_path / "cut", 4, train__resume=True, **adaptive), reward_fns=[even_answer_digits])
+    cut = [m for m in read_metrics(tmp_path / "cut") if "train/loss" in m]
+    assert [m["train/loss"] for m in cut] == [m["train/loss"] for m in lines]
+    assert [m["train/entropy_coef"] for m in cut] == [m["train/entropy_coef"] for m in lines]

@@ -234,8 +234,8 @@ def test_trl_hints_name_only_what_the_method_has_and_rows_given_in_python_are_de
     # TRL 1.16's remaining SFT, DPO and GRPO fields are answered too, each only where it applies
     with pytest.raises(ConfigError, match=r"chat_template_path -> tokenizer \(a folder whose tokenizer holds the chat template"):
         load_config(SFTConfig, None, ["chat_template_path=t.jinja"])
-    with pytest.raises(ConfigError, match=r"entropy_target -> entropy_coef \(a fixed weight: TRL's adaptive control"):
-        load_config(GRPOConfig, None, ["entropy_target=0.2"])
+    with pytest.raises(ConfigError, match=r"vllm_group_port -> nothing: TRL's vLLM server mode is not here"):
+        load_config(GRPOConfig, None, ["vllm_group_port=51216"])
     with pytest.raises(ConfigError, match=r"padding_free -> share_prompt \(each prompt once"):
         load_config(DPOConfig, None, ["padding_free=true"])
     with pytest.raises(ConfigError, match=r"padding_free -> packing"):

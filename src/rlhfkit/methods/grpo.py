@@ -146,7 +146,15 @@ class GRPOConfig:
     # the KL term times the importance ratio: DeepSeek-V3.2's unbiased estimate (TRL's name; on by default
     # there; off here: the paper's k3)
     use_bias_correction_kl: bool = False
-    entropy_coef: float = 0.0  # > 0: the loss minus this x the answers' mean token entropy (TRL's name; no adaptive control)
+    entropy_coef: float = 0.0  # > 0: the loss minus this x the answers' mean token entropy (TRL's name)
+    # Skywork-OR1's adaptive control of entropy_coef (TRL's names and defaults): after each optimizer step the
+    # coefficient moves by entropy_coef_delta, up where the step's mean token entropy is at or below
+    # entropy_target and down otherwise, within [entropy_coef_min, entropy_coef_max]; applied only at or below it
+    use_adaptive_entropy: bool = False
+    entropy_coef_min: float = 0.0
+    entropy_coef_max: float = 1.0
+    entropy_coef_delta: float = 0.005
+    entropy_target: float = 0.2
     # token (the paper's) | sequence (GSPO; TRL's name): with loss_type grpo, sapo, luspo or rloo (which need it)
     importance_sampling_level: str = "token"
     # divide advantages by the std of the group's rewards (the paper's), of the whole batch's (Lite PPO), or
@@ -312,9 +320,16 @@ class GRPOConfig:
         used_only_with("use_bias_correction_kl", self.use_bias_correction_kl, False, self.beta != 0,
                        "a KL term (beta != 0)")
         at_least("entropy_coef", self.entropy_coef, 0.0)
-        if self.entropy_coef and self.top_entropy_quantile < 1:
+        if (self.entropy_coef or self.use_adaptive_entropy) and self.top_entropy_quantile < 1:
             raise ConfigError("entropy_coef's bonus is over every answer token; with top_entropy_quantile < 1 TRL takes "
                               "it over the kept tokens alone: not implemented here, set one")
+        for key in ("entropy_coef_min", "entropy_coef_max", "entropy_coef_delta", "entropy_target"):
+            at_least(key, getattr(self, key), 0.0)
+            used_only_with(key, getattr(self, key), getattr(GRPOConfig, key), self.use_adaptive_entropy,
+                           "use_adaptive_entropy=true")
+        if self.use_adaptive_entropy and not self.entropy_coef_min <= self.entropy_coef_max:
+            raise ConfigError(f"config key 'entropy_coef_min' ({self.entropy_coef_min}) must be <= entropy_coef_max "
+                              f"({self.entropy_coef_max})", keys=["entropy_coef_min", "entropy_coef_max"])
         if self.delta is not None and not self.delta > high:
             raise ConfigError(f"config key 'delta' must be > 1 + eps_high = {high:g} (the cap of the ratio where the "
                               f"advantage is negative; at or below it, it would cap positive advantages too); "
@@ -410,7 +425,7 @@ def skips_rows(run: Run, cfg: GRPOConfig) -> bool:
     """Whether the update leaves groups without a signal out (``forwarded_rows``)."""
     return (cfg.beta == 0 and cfg.skip_zero_advantage and not run.shards_models and not run.router_coef
             and cfg.top_entropy_quantile == 1  # its threshold is over every token of the batch
-            and not cfg.entropy_coef)  # the entropy bonus reads every answer, whatever its advantage
+            and not (cfg.entropy_coef or cfg.use_adaptive_entropy))  # the bonus reads every answer, whatever its A
 
 
 def forwarded_rows(run: Run, advantages: torch.Tensor, mask: torch.Tensor, cfg: GRPOConfig) -> torch.Tensor:
@@ -492,20 +507,50 @@ def update_rows(run: Run, policy, reference, samples: Samples, advantages: torch
                       local_rows)
 
 
-def optimizer_step(run: Run, policy, part: UpdateRows, cfg: GRPOConfig, exact: bool,
+class EntropyBonus:
+    """The entropy bonus's coefficient c (losses/grpo.py): ``entropy_coef`` as set, or with
+    ``use_adaptive_entropy`` Skywork-OR1's adaptive control (He et al. 2025; TRL's form): after each
+    optimizer step c moves by ``entropy_coef_delta`` toward more bonus where the step's mean token
+    entropy H over every rank's answers is at or below ``entropy_target`` and toward less otherwise,
+    within [``entropy_coef_min``, ``entropy_coef_max``]; a step applies c only where the H before
+    it was at or below the target (none at the first). c and that H are kept in the checkpoints."""
+
+    def __init__(self, run: Run, cfg: GRPOConfig):
+        self.run, self.cfg = run, cfg
+        self.coef, self.last = run.state.get("entropy_control", (cfg.entropy_coef, float("inf")))
+
+    @property
+    def applied(self) -> float:
+        adaptive = self.cfg.use_adaptive_entropy
+        return self.coef if not adaptive or self.last <= self.cfg.entropy_target else 0.0
+
+    def observe(self, entropy_sum: float, tokens: float) -> None:
+        """One optimizer step's entropy over this rank's forwarded answer tokens (summed over ranks here)."""
+        cfg = self.cfg
+        if not cfg.use_adaptive_entropy:
+            return
+        step = reduce_dict({"sum": entropy_sum, "tokens": tokens}, self.run.info)
+        self.last = step["sum"] / max(step["tokens"], 1.0)
+        moved = self.coef + cfg.entropy_coef_delta if self.last <= cfg.entropy_target else \
+            self.coef - cfg.entropy_coef_delta
+        self.coef = min(max(moved, cfg.entropy_coef_min), cfg.entropy_coef_max)
+        self.run.keep["entropy_control"] = (self.coef, self.last)
+
+
+def optimizer_step(run: Run, policy, part: UpdateRows, cfg: GRPOConfig, exact: bool, bonus: EntropyBonus,
                    measure_gap: bool = False, after_step=None) -> tuple[dict, float, float, float]:
     """One optimizer step on ``part``'s rows, micro-batched: (its statistics, each a mean over its
     forwarded tokens, with ``measure_gap`` the backend's log-prob gap from the policy before the
-    step (else 0), loss, grad norm). ``after_step(optimizer steps so far)`` runs after it (TR-DPO's
-    reference sync)."""
+    step (else 0), loss, grad norm). ``bonus``: the entropy bonus's coefficient, told the step's
+    entropy after it. ``after_step(optimizer steps so far)`` runs after it (TR-DPO's reference sync)."""
     samples, mask, forwarded = part.samples, part.samples.completion_mask, part.forwarded
     policy.train()
-    loss, sums, gap = torch.zeros(()), {}, 0.0
+    loss, sums, gap, entropy_sum, coef = torch.zeros(()), {}, 0.0, 0.0, bonus.applied
     for index in part.chunks:
         with autocast(cfg.train.dtype, run.device), router_balance(policy, run.router_coef) as balance:
             logprobs, entropy = completion_logprobs(policy, samples.rows(index), with_entropy=True,
                                                     group_size=part.group, temperature=cfg.temperature,
-                                                    entropy_grad=cfg.entropy_coef > 0)
+                                                    entropy_grad=coef > 0)
         old = part.old_logprobs[index] if part.old_logprobs is not None else logprobs.detach()
         adv = part.advantages[index]
         if cfg.top_entropy_quantile < 1:  # A = 0 elsewhere: -min(r A, clip(r) A) is 0 there, and so its gradient
@@ -532,7 +577,7 @@ def optimizer_step(run: Run, policy, part: UpdateRows, cfg: GRPOConfig, exact: b
                                  sapo=((cfg.sapo_temperature_pos, cfg.sapo_temperature_neg)
                                        if cfg.loss_type == "sapo" else None),
                                  kl_ratio=cfg.use_bias_correction_kl, entropy=entropy,
-                                 entropy_coef=cfg.entropy_coef,
+                                 entropy_coef=coef,
                                  vespo=(((cfg.vespo_k_pos, cfg.vespo_lambda_pos), (cfg.vespo_k_neg, cfg.vespo_lambda_neg))
                                         if cfg.loss_type == "vespo" else None))
         if masked is not None:  # the share of tokens whose policy term the mask dropped
@@ -543,6 +588,7 @@ def optimizer_step(run: Run, policy, part: UpdateRows, cfg: GRPOConfig, exact: b
         value.backward()
         loss = loss + value.detach()
         share = mask[index].sum() / forwarded  # micro-batch stats weighted by tokens
+        entropy_sum += float((entropy.detach() * mask[index]).sum())
         for k, v in {**stats, "entropy": (entropy * mask[index]).sum() / mask[index].sum().clamp(min=1)}.items():
             sums[k] = sums.get(k, 0.0) + float(v * share)
         if measure_gap:
@@ -552,6 +598,7 @@ def optimizer_step(run: Run, policy, part: UpdateRows, cfg: GRPOConfig, exact: b
             if p.requires_grad and p.grad is None:
                 p.grad = torch.zeros_like(p)
     loss_value, grad_norm = run.optimizer_step(loss)
+    bonus.observe(entropy_sum, float(forwarded))
     if after_step is not None:
         after_step(run.optimizer_steps)
     return sums, gap, loss_value, grad_norm
@@ -579,7 +626,7 @@ def pi_old_gap(part: UpdateRows) -> float:
 
 
 def update(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: bool, pad_id: int,
-           after_step=None) -> dict:
+           bonus: EntropyBonus, after_step=None) -> dict:
     """mu passes over one batch of samples, one optimizer step per minibatch (``minibatch_size``
     prompts; the whole batch by default). Returns the last pass's metrics (rank-local): each the
     mean over its steps' forwarded tokens, ``loss`` and ``grad_norm`` the mean of its steps';
@@ -612,13 +659,15 @@ def update(run: Run, policy, reference, batch: Rollout, cfg: GRPOConfig, exact: 
     tokens = [float(p.forwarded) for p in parts]
     gap = 0.0
     for iteration in range(cfg.mu):
-        steps = [optimizer_step(run, policy, part, cfg, exact, measure_gap=iteration == 0 and k == 0,
+        steps = [optimizer_step(run, policy, part, cfg, exact, bonus, measure_gap=iteration == 0 and k == 0,
                                 after_step=after_step) for k, part in enumerate(parts)]
         if iteration == 0:  # later minibatches' forwards follow a step: their pi_old where it is a forward
             gaps = [(steps[0][1], tokens[0])] + ([] if exact else [(pi_old_gap(p), t) for p, t in
                                                                     zip(parts[1:], tokens[1:])])
             gap = sum(g * t for g, t in gaps) / sum(t for _, t in gaps)
     sums = {k: sum(s[k] * t for (s, _, _, _), t in zip(steps, tokens)) / sum(tokens) for k in steps[0][0]}
+    if cfg.use_adaptive_entropy:  # as it stands after the step (AS_THEY_STAND), as TRL logs it
+        sums["entropy_coef"] = bonus.coef
     return {**sums, "logprob_gap": gap, "loss": sum(s[2] for s in steps) / len(steps),
             "grad_norm": sum(s[3] for s in steps) / len(steps), "update_skipped": 1 - len(parts) / len(split),
             "update_rows_forwarded": sum(len(p.rows) for p in parts) / max(sum(p.local_rows for p in parts), 1)}
@@ -677,6 +726,7 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
     reference_moves = reference_sync(cfg, reference, policy, run, updates)  # TR-DPO's; the checkpoints hold the moved reference
     run.attach(policy, optimizer, build_scheduler(optimizer, total, tc.warmup_steps, tc.schedule, tc.min_lr_ratio),
                kept={"reference": reference.module} if reference_moves else None)
+    bonus = EntropyBonus(run, cfg)  # after attach: a resumed run's coefficient is its checkpoint's
     order = BatchOrder(len(rows), cfg.prompts_per_step, tc.seed)
 
     def draw(step: int, r: int) -> Rollout:  # this rank's share of the step's prompts (round 0) or of more
@@ -711,7 +761,7 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
             run.say(f"step {step + 1}: every outcome reward abstained (returned None) on every sample, so the step's "
                     "samples have no reward and its groups carry no signal; said once a run")
         metrics = update(run, policy, reference if cfg.advantage_estimator == "grpo" else None, batch, cfg, exact,
-                         tokenizer.pad_token_id, reference_moves)
+                         tokenizer.pad_token_id, bonus, reference_moves)
         means = {**step_metrics(pool, cfg.group_size, run.info), **metrics, **reward_kl, **retokenised, **fill,
                  "time_weight_sync_s": sync}
         errors.count(means)  # before step_done: its checkpoint holds the totals with this step's

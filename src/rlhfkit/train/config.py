@@ -396,7 +396,6 @@ TRL_NAMES = {"learning_rate": "train.lr", "num_train_epochs": "train.epochs", "m
              "vllm_server_port": "nothing: TRL's vLLM server mode is not here (rollout.backend=vllm is colocated)",
              "vllm_max_model_length": "nothing: the engine's length is the model's own (prompts and answers are "
                                       "checked against it before training)",
-             "use_adaptive_entropy": "entropy_coef (a fixed weight: TRL's adaptive control is not here)",
              "vllm_mode": "rollout.backend=vllm (an engine colocated with the trainer; TRL's server mode is not here)",
              "disable_dropout": "nothing: every method but SFT and the PRM trains with dropout off (RM, DPO, CPO, "
                                 "ORPO, online DPO, KTO, GRPO, RLOO, PPO, distillation; TRL turns it off by default in RM, DPO, "
@@ -408,11 +407,8 @@ TRL_NAMES = {"learning_rate": "train.lr", "num_train_epochs": "train.epochs", "m
              "reference_free": "reference=none (`rlhfkit cpo` and `rlhfkit orpo` set it)"}
 for _name in ("max_grad_norm", "seed", "weight_decay", "warmup_steps", "report_to", "router_aux_loss_coef"):
     TRL_NAMES[_name] = f"train.{_name}"
-for _family, _first in ((("vllm_server_timeout", "vllm_group_port"), "vllm_server_host"),
-                        (("entropy_coef_min", "entropy_coef_max", "entropy_coef_delta", "entropy_target"),
-                         "use_adaptive_entropy")):
-    for _name in _family:
-        TRL_NAMES[_name] = TRL_NAMES[_first]
+for _name in ("vllm_server_timeout", "vllm_group_port"):
+    TRL_NAMES[_name] = TRL_NAMES["vllm_server_host"]
 
 
 # TRL's names as GRPO and RLOO read them, where other methods read them otherwise; the old RLOOTrainer's
@@ -434,9 +430,7 @@ RENAMED = {"scale_std": "scale_rewards (scale_std=true is scale_rewards=group, f
 # TRL's names whose hint holds only for the method that has this field (DPO's weighted loss forms, GRPO's groups)
 HINT_ONLY_WITH = {"loss_weights": "rpo_alpha", "steps_per_generation": "group_size",
                   "generation_batch_size": "group_size", "num_generations_eval": "group_size",
-                  "use_adaptive_entropy": "group_size",
-                  **{k: "group_size" for k in ("entropy_coef_min", "entropy_coef_max", "entropy_coef_delta",
-                                               "entropy_target")}, "packing_strategy": "packing",
+                  "packing_strategy": "packing",
                   "eval_packing": "packing", "precompute_ref_batch_size": "rpo_alpha"}
 
 

@@ -147,7 +147,8 @@ class Preempted(RuntimeError):
 RUN_STATE = {"step", "world_size", "optimizer_steps", "metrics", "evals", "stopped_early", "pending_eval",  # Run's own
              "step_logged", "rng_after_eval", "log_window", "interim_line"}
 # metrics a logged line gives as they stand at its step, not averaged over the steps since the last line
-AS_THEY_STAND = ("lr", "optimizer_steps", "kl_coef", "student_answers_share")  # the last two: PPO's, GKD's
+# kl_coef: PPO's; student_answers_share: GKD's; entropy_coef: GRPO's adaptive control
+AS_THEY_STAND = ("lr", "optimizer_steps", "kl_coef", "student_answers_share", "entropy_coef")
 
 
 def window_means(window: list[dict]) -> dict:
