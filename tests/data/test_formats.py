@@ -114,9 +114,9 @@ REFUSED = [
      "d.jsonl:1: an unpaired-preference (prompt, completion, label) row is not sft data; that format is for kto (for sft keep "
      "the rows whose label is true and drop 'label')"),
     ("sft", {"prompt": "p", "chosen": "a", "rejected": "b"},
-     "d.jsonl:1: a preference (prompt, chosen, rejected) row is not sft data; that format is for rm, dpo and kto"),
+     "d.jsonl:1: a preference (prompt, chosen, rejected) row is not sft data; that format is for rm, dpo (cpo, orpo) and kto"),
     ("sft", {"prompt": "p", "answer": 4},
-     "d.jsonl:1: missing field 'completion' (fields present: answer, prompt); a prompt-only row is grpo and ppo data"),
+     "d.jsonl:1: missing field 'completion' (fields present: answer, prompt); a prompt-only row is grpo, rloo, ppo, online_dpo and distill data"),
     ("rm", {"prompt": "p", "completions": ["a", "b"], "labels": [True, False]},
      "a stepwise-supervision (prompt, completions, labels) row is not rm data; that format is for prm (a "
      "process reward model)"),

@@ -54,7 +54,7 @@ def test_conversational_form_uses_the_chat_template(tok):
     ({"prompt": "Q", "completions": ["a\n", "b\nc\n"], "labels": [True, True]},  # at a step's end it is no matter
      "field 'completions[1]' holds the step separator '\\n'"),
     ({"prompt": "Q", "chosen": "a", "rejected": "b"}, "a preference (prompt, chosen, rejected) row is not PRM data; "
-                                                     "that format is for rm, dpo and kto"),
+                                                     "that format is for rm, dpo (cpo, orpo) and kto"),
 ])
 def test_bad_rows_name_file_line_and_field(tmp_path, tok, row, message):
     path = _jsonl(tmp_path / "prm.jsonl", [{"prompt": "Q", "completions": ["a"], "labels": [True]}, row])

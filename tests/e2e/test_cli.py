@@ -229,6 +229,10 @@ def test_dpo_cli_then_eval_reports_preference_accuracy(tiny, tmp_path):
     result = json.loads((tmp_path / "dpo" / "model" / "eval.json").read_text())
     assert result["n"] == 30 and result["preference_accuracy"] != 0.5  # 5 steps moved the policy off its reference
     assert result["pairs"] == 30 and result["ref"] == str(tiny["base"])  # pairs: one ordered pair a row
+    # --ref on prompts: refused with the row and what to do, before any model loads
+    ev = rlhfkit("eval", "--model", tmp_path / "dpo" / "model", "--ref", tiny["base"], "--data",
+                 data / "prompts_eval.jsonl")
+    assert ev.returncode == 2 and "prompts_eval.jsonl:1 is a prompt-only row: leave --ref out" in ev.stderr
 
 
 def test_kto_cli_on_unpaired_rows_and_rloo_cli_with_trls_defaults(tiny, tmp_path):

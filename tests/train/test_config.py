@@ -209,6 +209,7 @@ def test_trls_rloo_and_kto_names_are_answered_as_those_methods_read_them(tmp_pat
 def test_trl_hints_name_only_what_the_method_has_and_rows_given_in_python_are_described():
     from rlhfkit.methods.dpo import DPOConfig
     from rlhfkit.methods.grpo import GRPOConfig
+    from rlhfkit.methods.ppo import PPOConfig
     from rlhfkit.methods.sft import SFTConfig
     from rlhfkit.train.config import plain_dict
 
@@ -236,6 +237,13 @@ def test_trl_hints_name_only_what_the_method_has_and_rows_given_in_python_are_de
         load_config(SFTConfig, None, ["chat_template_path=t.jinja"])
     with pytest.raises(ConfigError, match=r"vllm_group_port -> nothing: TRL's vLLM server mode is not here"):
         load_config(GRPOConfig, None, ["vllm_group_port=51216"])
+    with pytest.raises(ConfigError, match=r"eval_strategy -> train.eval_every \(steps between evals"):
+        load_config(SFTConfig, None, ["eval_strategy=steps"])  # not "did you mean eval_task"
+    with pytest.raises(ConfigError, match=r"local_rollout_forward_batch_size -> train.micro_batch_size"):
+        load_config(PPOConfig, None, ["local_rollout_forward_batch_size=4"])
+    with pytest.raises(ConfigError, match=r"per_device_train_batch_size -> prompts_per_step \(prompts a step, over all "
+                                          r"ranks, one answer each; TRL's PPO batch"):
+        load_config(PPOConfig, None, ["per_device_train_batch_size=4"])
     with pytest.raises(ConfigError, match=r"padding_free -> share_prompt \(each prompt once"):
         load_config(DPOConfig, None, ["padding_free=true"])
     with pytest.raises(ConfigError, match=r"padding_free -> packing"):

@@ -216,7 +216,12 @@ def cmd_eval(args) -> int:
         from ..data.prefs import encode_rankings
         from ..methods.common import load_policy
         from ..models.rankings import no_reference, precompute_reference, preference_accuracy
+        from ..train.config import ConfigError
 
+        if (fmt := row_format(rows[0])) not in ("preference", "implicit_preference", "ranking"):
+            raise ConfigError(f"--ref compares a policy with its reference on pairs or rankings (DPO's preference "
+                              f"accuracy) or on unpaired rows (KTO's); {rows[0].where} is a {fmt.replace('_', '-')} "
+                              f"row: leave --ref out to evaluate the policy on it")
         free = args.ref == NO_REFERENCE
         model, tokenizer = load_policy(args.model, args.tokenizer)
         examples, report = encode_rankings(rows, tokenizer, args.max_length, args.overlong)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .formats import check_messages, is_chat, require_format, row_format, row_tools, shared_prefix
+from .formats import TAKEN_BY, check_messages, is_chat, require_format, row_format, row_tools, shared_prefix
 from .rows import DataError, Row, get_str
 
 OVERLONG_POLICIES = ("error", "truncate", "skip")
@@ -200,7 +200,7 @@ def sft_pieces(row: Row, tokenizer) -> tuple[list[int], list[tuple[list[int], bo
     d = row.data
     if row_format(row) == "prompt_only":  # most often a prompt-completion row missing its answer
         raise DataError(f"{row.where}: missing field 'completion' (fields present: {', '.join(sorted(d))}); "
-                        "a prompt-only row is grpo and ppo data")
+                        f"a prompt-only row is {TAKEN_BY['prompt_only']} data")
     fmt = require_format(row, "sft", SFT_FORMATS)
     if fmt == "prompt_completion":
         prompt = encode_row_prompt(tokenizer, row)

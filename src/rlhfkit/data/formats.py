@@ -35,8 +35,10 @@ FORMAT_NAMES = {
     "stepwise": "stepwise-supervision (prompt, completions, labels)",
 }
 TAKEN_BY = {
-    "language_modeling": "sft", "prompt_completion": "sft", "prompt_only": "grpo and ppo",
-    "preference": "rm, dpo and kto", "implicit_preference": "rm, dpo and kto", "ranking": "rm and dpo",
+    "language_modeling": "sft", "prompt_completion": "sft",
+    "prompt_only": "grpo, rloo, ppo, online_dpo and distill",
+    "preference": "rm, dpo (cpo, orpo) and kto", "implicit_preference": "rm, dpo (cpo, orpo) and kto",
+    "ranking": "rm and dpo",
     "unpaired_preference": "kto (for sft keep the rows whose label is true and drop 'label')",
     "stepwise": "prm (a process reward model)",
 }

@@ -319,6 +319,12 @@ TRL_NAMES = {"learning_rate": "train.lr", "num_train_epochs": "train.epochs", "m
              "gradient_accumulation_steps": "train.micro_batch_size (rows per forward: the batch over the steps)",
              "output_dir": "train.out_dir", "logging_steps": "train.log_every", "save_steps": "train.save_every",
              "eval_steps": "train.eval_every", "save_total_limit": "train.keep_checkpoints",
+             "eval_strategy": "train.eval_every (steps between evals; 0: at the end only)",
+             "save_strategy": "train.save_every (steps between checkpoints; 0: at the end only)",
+             "logging_strategy": "train.log_every (steps between metrics lines)",
+             "per_device_eval_batch_size": "nothing: held-out rows are forwarded 64 at a time (greedy answers 256)",
+             "local_rollout_forward_batch_size": "train.micro_batch_size (rows per forward; it bounds the update's "
+                                                 "forwards too)",
              "lr_scheduler_type": "train.schedule", "warmup_ratio": "train.warmup_steps (a number of steps)",
              "gradient_checkpointing": "train.activation_checkpointing", "bf16": "train.dtype (bf16 or fp32)",
              "num_generations": "group_size", "max_completion_length": "max_new_tokens", "num_iterations": "mu",
@@ -349,8 +355,9 @@ TRL_NAMES = {"learning_rate": "train.lr", "num_train_epochs": "train.epochs", "m
              "repetition_penalty": "nothing: samples are the policy's (logits / temperature, top_k, top_p), which the losses read",
              "min_p": "nothing: the sampler has top_k and top_p",
              "generation_kwargs": "nothing: the sampler takes temperature, top_k and top_p",
-             "log_completions": "nothing: SFT's, DPO's (eval_prompts), GRPO's and PPO's evals write eval_samples.jsonl "
-                                "(8 held-out prompts and their answers)",
+             "log_completions": "nothing: the evals of SFT, DPO, CPO, ORPO and KTO (eval_prompts), and of GRPO, RLOO, "
+                                "PPO, online DPO and distillation (eval_data) write eval_samples.jsonl (8 held-out "
+                                "prompts and their answers)",
              "num_completions_to_print": "nothing: eval_samples.jsonl holds 8 held-out answers at each eval",
              "center_rewards_coefficient": "center_coef (the same scale)",
              "padding_free": "packing (padding-free packed rows, per-sequence positions)",
@@ -466,9 +473,12 @@ BY_METHOD = [
     (("per_device_train_batch_size",), "teacher", None,  # distillation: one answer a prompt
      "prompts_per_step (prompts a step, over all ranks, one answer each; TRL's distillation batch is "
      "per_device x ranks x gradient_accumulation_steps prompts)"),
-    (("per_device_train_batch_size",), "prompts_per_step", None,  # GRPO, RLOO and PPO count prompts
+    (("per_device_train_batch_size",), "group_size", None,  # GRPO and RLOO count prompts
      "prompts_per_step (prompts a step, over all ranks; TRL's GRPO and RLOO count completions per device: "
      "prompts = per_device x ranks x steps_per_generation / num_generations)"),
+    (("per_device_train_batch_size",), "prompts_per_step", None,  # PPO counts prompts, one answer each
+     "prompts_per_step (prompts a step, over all ranks, one answer each; TRL's PPO batch is per_device x ranks x "
+     "gradient_accumulation_steps prompts)"),
 ]
 
 
