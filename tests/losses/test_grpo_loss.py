@@ -407,6 +407,9 @@ def test_vespo_weighs_each_answer_by_a_gamma_of_its_whole_ratio_by_hand():
     expected = sum(-(p[0] if i == 0 else p2) * adv[i, t].item() * values[i, t].item() * mask[i, t].item()
                    for i in range(2) for t in range(3))
     assert abs(weighted.item() - expected / 5) < 1e-6
+    with pytest.raises(ValueError, match="vespo takes the sampling weights token by token"):  # (B, 1): a sequence mode
+        grpo_loss(lp.detach(), old, adv, mask, reduction="token_mean", num_tokens=5.0, vespo=((2.0, 3.0), (3.0, 2.0)),
+                  sample_weights=torch.ones(2, 1))
 
 
 def test_vespo_matches_trls_gamma_weights_on_random_answers():

@@ -652,6 +652,12 @@ def test_cispo_and_vespo_are_wired_and_have_dapos_gradient_at_the_first_update(t
     run_grpo(replace(method_config("grpo", tiny, out, 1), loss_type="vespo", mu=2, beta=0.0, train__lr=1e-2),
              reward_fns=[even_answer_digits])
     assert abs([m for m in read_metrics(out) if "train/loss" in m][0]["train/vespo_phi_mean"] - 1) > 1e-3
+    # the sampler in bf16 is not exact: its whole-answer sampling weights (the default sequence_mask) are refused
+    from rlhfkit.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="loss_type=vespo puts the sampling weights .* set token_truncate, token_mask"):
+        run_grpo(replace(method_config("grpo", tiny, tmp_path / "bf16", 1), loss_type="vespo", train__dtype="bf16"),
+                 reward_fns=[even_answer_digits])
 
 
 def test_minibatches_take_one_optimizer_step_each_against_pi_old_of_the_whole_batch(tiny, tmp_path, monkeypatch):
@@ -1034,15 +1040,18 @@ def test_adaptive_entropy_moves_its_coefficient_by_the_steps_entropy_and_resumes
                      entropy_coef_max=0.012)
     run = SimpleNamespace(state={}, keep={}, info=DistInfo())
     bonus = EntropyBonus(run, cfg)
+    assert EntropyBonus(run, GRPOConfig(use_adaptive_entropy=True, entropy_coef=0.2, entropy_coef_min=0.1)).coef == 0.2
     assert bonus.applied == 0.0  # no entropy measured yet
     bonus.observe(entropy_sum=4.0, tokens=10.0)  # H = 0.4 <= 0.5: up, capped at 0.012
     assert bonus.coef == pytest.approx(0.012) and bonus.applied == pytest.approx(0.012)
     bonus.observe(entropy_sum=6.0, tokens=10.0)  # H = 0.6: down by delta, and not applied
     assert bonus.coef == pytest.approx(0.007) and bonus.applied == 0.0
     assert run.keep["entropy_control"] == pytest.approx((0.007, 0.6))
+    run.state = {"entropy_control": [0.3, 0.1]}
+    assert EntropyBonus(run, GRPOConfig(entropy_coef=0.02)).applied == 0.02  # not adaptive: the config's, as set
     assert EntropyBonus(SimpleNamespace(state={"entropy_control": [0.007, 0.6]}, keep={}, info=DistInfo()), cfg).coef \
         == 0.007
-    fixed = EntropyBonus(run, GRPOConfig(entropy_coef=0.02))
+    fixed = EntropyBonus(run, GRPOConfig(entropy_coef=0.02))  # run.state's saved coefficient is not its own
     fixed.observe(1.0, 1.0)
     assert fixed.applied == 0.02
 

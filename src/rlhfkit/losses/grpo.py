@@ -254,7 +254,10 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
     mask = mask.to(logprobs.dtype)
     phi = None
     if vespo is not None:
-        log_weights = None if sample_weights is None else torch.log(sample_weights.expand_as(mask))
+        if sample_weights is not None and sample_weights.shape[-1] != mask.shape[-1]:
+            raise ValueError("vespo takes the sampling weights token by token (a token mode): whole answers' weights "
+                             "would count once a token in its ratio")
+        log_weights = None if sample_weights is None else torch.log(sample_weights)
         surrogate, phi = vespo_surrogate(logprobs, old_logprobs, advantages, mask, *vespo, log_weights)
     elif cispo:
         surrogate = cispo_surrogate(logprobs, old_logprobs, advantages, eps_low if eps_high is None else eps_high)

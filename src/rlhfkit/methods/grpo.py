@@ -135,11 +135,11 @@ class GRPOConfig:
     loss_type: str = "grpo"
     sapo_temperature_pos: float = 1.0  # loss_type=sapo: the gate's tau where A > 0 (TRL's name and default)
     sapo_temperature_neg: float = 1.05  # loss_type=sapo: the gate's tau elsewhere
-    # loss_type=vespo: phi(w) = e^lambda w^k e^(-lambda w), (k, lambda) where A >= 0 and where A < 0 (TRL's names, defaults)
-    vespo_k_pos: float = 2.0
-    vespo_lambda_pos: float = 3.0
-    vespo_k_neg: float = 3.0
-    vespo_lambda_neg: float = 2.0
+    # loss_type=vespo: phi(w) = e^lambda w^k e^(-lambda w) of each answer's whole ratio w (TRL's names and defaults)
+    vespo_k_pos: float = 2.0  # k where A >= 0: damps answers whose ratio fell below 1
+    vespo_lambda_pos: float = 3.0  # lambda where A >= 0: damps answers whose ratio rose above 1
+    vespo_k_neg: float = 3.0  # k where A < 0
+    vespo_lambda_neg: float = 2.0  # lambda where A < 0
     # DeepSeek-V3.2's off-policy sequence masking: an answer with A < 0 whose mean log(pi_sampler / pi_theta)
     # exceeds this adds no policy loss (TRL's name; None: off)
     off_policy_mask_threshold: float | None = None
@@ -150,11 +150,11 @@ class GRPOConfig:
     # Skywork-OR1's adaptive control of entropy_coef (TRL's names and defaults): after each optimizer step the
     # coefficient moves by entropy_coef_delta, up where the step's mean token entropy is at or below
     # entropy_target and down otherwise, within [entropy_coef_min, entropy_coef_max]; applied only at or below it
-    use_adaptive_entropy: bool = False
-    entropy_coef_min: float = 0.0
-    entropy_coef_max: float = 1.0
-    entropy_coef_delta: float = 0.005
-    entropy_target: float = 0.2
+    use_adaptive_entropy: bool = False  # entropy_coef then starts the coefficient, moved after each optimizer step
+    entropy_coef_min: float = 0.0  # the coefficient's floor
+    entropy_coef_max: float = 1.0  # the coefficient's ceiling
+    entropy_coef_delta: float = 0.005  # its move a step
+    entropy_target: float = 0.2  # nats of mean token entropy at or below which the bonus applies and grows
     # token (the paper's) | sequence (GSPO; TRL's name): with loss_type grpo, sapo, luspo or rloo (which need it)
     importance_sampling_level: str = "token"
     # divide advantages by the std of the group's rewards (the paper's), of the whole batch's (Lite PPO), or
@@ -304,7 +304,7 @@ class GRPOConfig:
             used_only_with(key, getattr(self, key), getattr(GRPOConfig, key), self.loss_type == "vespo",
                            "loss_type=vespo")
         if self.loss_type == "vespo" and self.sampling_correction.startswith("sequence") \
-                and self.rollout.backend != "sampler":
+                and self.rollout.backend != "sampler":  # the sampler in bf16 and the like: refused once it is built
             raise ConfigError(f"loss_type=vespo puts the sampling weights pi_old / pi_sampler into each answer's ratio "
                               f"token by token (TRL's VESPO needs a token mode too); sampling_correction="
                               f"{self.sampling_correction} weighs whole answers: set token_truncate or token_mask",
@@ -327,9 +327,10 @@ class GRPOConfig:
             at_least(key, getattr(self, key), 0.0)
             used_only_with(key, getattr(self, key), getattr(GRPOConfig, key), self.use_adaptive_entropy,
                            "use_adaptive_entropy=true")
-        if self.use_adaptive_entropy and not self.entropy_coef_min <= self.entropy_coef_max:
-            raise ConfigError(f"config key 'entropy_coef_min' ({self.entropy_coef_min}) must be <= entropy_coef_max "
-                              f"({self.entropy_coef_max})", keys=["entropy_coef_min", "entropy_coef_max"])
+        if self.use_adaptive_entropy and not self.entropy_coef_min <= self.entropy_coef <= self.entropy_coef_max:
+            raise ConfigError(f"use_adaptive_entropy keeps entropy_coef, its starting value ({self.entropy_coef}), within "
+                              f"[entropy_coef_min, entropy_coef_max] = [{self.entropy_coef_min}, {self.entropy_coef_max}]",
+                              keys=["entropy_coef", "entropy_coef_min", "entropy_coef_max"])
         if self.delta is not None and not self.delta > high:
             raise ConfigError(f"config key 'delta' must be > 1 + eps_high = {high:g} (the cap of the ratio where the "
                               f"advantage is negative; at or below it, it would cap positive advantages too); "
@@ -517,7 +518,8 @@ class EntropyBonus:
 
     def __init__(self, run: Run, cfg: GRPOConfig):
         self.run, self.cfg = run, cfg
-        self.coef, self.last = run.state.get("entropy_control", (cfg.entropy_coef, float("inf")))
+        saved = run.state.get("entropy_control") if cfg.use_adaptive_entropy else None  # else as set
+        self.coef, self.last = saved or (cfg.entropy_coef, float("inf"))
 
     @property
     def applied(self) -> float:
@@ -531,9 +533,10 @@ class EntropyBonus:
             return
         step = reduce_dict({"sum": entropy_sum, "tokens": tokens}, self.run.info)
         self.last = step["sum"] / max(step["tokens"], 1.0)
-        moved = self.coef + cfg.entropy_coef_delta if self.last <= cfg.entropy_target else \
-            self.coef - cfg.entropy_coef_delta
-        self.coef = min(max(moved, cfg.entropy_coef_min), cfg.entropy_coef_max)
+        if self.last <= cfg.entropy_target:
+            self.coef = min(self.coef + cfg.entropy_coef_delta, cfg.entropy_coef_max)
+        else:
+            self.coef = max(self.coef - cfg.entropy_coef_delta, cfg.entropy_coef_min)
         self.run.keep["entropy_control"] = (self.coef, self.last)
 
 
@@ -715,6 +718,11 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
     run.shard(policy)
     exact = trainer_logprobs(backend, SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p),
                              cfg.train.dtype)
+    if cfg.loss_type == "vespo" and not exact and cfg.sampling_correction.startswith("sequence"):
+        raise ConfigError(f"loss_type=vespo puts the sampling weights pi_old / pi_sampler into each answer's ratio "
+                          f"token by token, and this backend's log-probs are not the trainer's ({cfg.train.dtype}, "
+                          f"{type(backend).__name__}); sampling_correction={cfg.sampling_correction} weighs whole "
+                          f"answers: set token_truncate, token_mask or none", keys=["loss_type", "sampling_correction"])
     evaluate = accuracy_eval(backend, policy, tokenizer, eval_rows, cfg.eval_max_new_tokens)
     before = run.start_eval(evaluate()) if evaluate else {}  # the start model's, also on resume
     optimizer = build_optimizer(policy, tc.lr, tc.weight_decay)

@@ -28,7 +28,7 @@ import torch
 
 from ..data.encode import to_device
 from ..data.prefs import RankingExample
-from ..losses.dpo import REFERENCE_FREE
+from ..losses.dpo import REFERENCE_FREE, SORTED
 from ..models.load import disable_dropout, load_causal_lm, load_tokenizer
 from ..rollout.backend import SamplingParams, make_backend
 from ..rollout.evaluate import row_prompt_ids
@@ -118,6 +118,11 @@ class OnlineDPOConfig:
         if "bco_pair" in names:
             raise ConfigError("loss_type=bco_pair keeps a running reward shift across the steps of `rlhfkit dpo`'s "
                               "loop; online DPO takes the forms that need no state of their own", keys=["loss_type"])
+        if sorted_forms := [n for n in names if n in SORTED]:
+            raise ConfigError(f"loss_type={','.join(sorted_forms)} (AOT) compares the distributions of a batch's pairs, "
+                              "and online DPO's judged pairs vary in number each step (ties left out), down to one, "
+                              "where it is the sigmoid: not offered (TRL's online DPO has sigmoid and ipo)",
+                              keys=["loss_type"])
         if not parse_rewards(self.rewards)[0]:  # names and rm: folders checked now, before any model loads
             raise ConfigError("config key 'rewards' names no reward: online DPO judges each pair by its rewards "
                               "(e.g. exact_answer, rm:PATH, module:function)", keys=["rewards"])
