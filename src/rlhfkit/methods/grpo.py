@@ -591,7 +591,8 @@ def optimizer_step(run: Run, policy, part: UpdateRows, cfg: GRPOConfig, exact: b
         value.backward()
         loss = loss + value.detach()
         share = mask[index].sum() / forwarded  # micro-batch stats weighted by tokens
-        entropy_sum += float((entropy.detach() * mask[index]).sum())
+        if cfg.use_adaptive_entropy:  # its controller's measure (a sync on a GPU: only where it is read)
+            entropy_sum += float((entropy.detach() * mask[index]).sum())
         for k, v in {**stats, "entropy": (entropy * mask[index]).sum() / mask[index].sum().clamp(min=1)}.items():
             sums[k] = sums.get(k, 0.0) + float(v * share)
         if measure_gap:
