@@ -24,9 +24,12 @@ import torch
 from ..data.rows import read_rows
 from ..methods.common import load_policy
 from ..methods.distill import DistillConfig, run_distill
+from ..methods.cpo import CPOConfig
 from ..methods.dpo import DPOConfig, run_dpo
 from ..methods.grpo import GRPOConfig, run_grpo
 from ..methods.kto import KTOConfig, run_kto
+from ..methods.online_dpo import OnlineDPOConfig, run_online_dpo
+from ..methods.orpo import ORPOConfig
 from ..methods.ppo import PPOConfig, run_ppo
 from ..methods.prm import PRMConfig, run_prm
 from ..methods.rloo import RLOOConfig, run_rloo
@@ -94,6 +97,42 @@ def _stage_dpo(ctx: dict) -> dict:
     result = run_dpo(cfg)
     return {k: result[k] for k in ("preference_accuracy", "preference_accuracy_before", "accuracy",
                                    "accuracy_before", "reference", "steps")}
+
+
+def _reference_free(ctx: dict, name: str, config, **fields) -> dict:
+    """DPO's pairs with no reference model (``rlhfkit orpo``, ``rlhfkit cpo``), as the shipped configs set them."""
+    data = ctx["assets"]["data"]
+    cfg = config(model=ctx["start_model"], train_data=str(data / "prefs_train.jsonl"),
+                 eval_data=str(data / "prefs_eval.jsonl"), eval_prompts=str(data / "sft_eval.jsonl"),
+                 max_length=64, eval_limit=ctx.get("eval_limit", 500), **fields,
+                 train=_train(ctx, name, max_steps=75 if ctx["quick"] else 150, batch_size=32,
+                              lr=3e-4 if config is ORPOConfig else 3e-5, warmup_steps=10, eval_every=50))
+    result = run_dpo(cfg)
+    return {k: result[k] for k in ("preference_accuracy", "preference_accuracy_before", "accuracy",
+                                   "accuracy_before", "steps")}
+
+
+def _stage_orpo(ctx: dict) -> dict:
+    """ORPO (orpo_tiny's settings): the odds-ratio term and the chosen answers' NLL, no reference."""
+    return _reference_free(ctx, "orpo", ORPOConfig)
+
+
+def _stage_simpo(ctx: dict) -> dict:
+    """SimPO (cpo_tiny's settings: beta 2, gamma 0.5, no NLL, lr 3e-5)."""
+    return _reference_free(ctx, "simpo", CPOConfig, loss_type="simpo", beta=2.0, simpo_gamma=0.5, rpo_alpha=0.0)
+
+
+def _stage_online_dpo(ctx: dict) -> dict:
+    """Online DPO (online_dpo_tiny's settings): two sampled answers a prompt, judged by exact_answer."""
+    data = ctx["assets"]["data"]
+    cfg = OnlineDPOConfig(model=ctx["start_model"], train_data=str(data / "prompts_train.jsonl"),
+                          eval_data=str(data / "prompts_eval.jsonl"), eval_limit=ctx.get("eval_limit", 500),
+                          rewards="exact_answer",
+                          max_new_tokens=8, eval_max_new_tokens=8, prompts_per_step=64, beta=0.1,
+                          train=_train(ctx, "online_dpo", max_steps=50 if ctx["quick"] else 100, lr=5e-5,
+                                       eval_every=25))
+    result = run_online_dpo(cfg)
+    return {k: result[k] for k in ("accuracy", "accuracy_before", "steps")}
 
 
 def _stage_kto(ctx: dict) -> dict:
@@ -206,13 +245,14 @@ def _stage_ppo(ctx: dict) -> dict:
     return {k: result[k] for k in ("rm_score", "rm_score_before", "accuracy", "accuracy_before", "kl", "steps")}
 
 
-STAGES = {"base": _stage_base, "sft": _stage_sft, "rm": _stage_rm, "dpo": _stage_dpo, "kto": _stage_kto,
+STAGES = {"base": _stage_base, "sft": _stage_sft, "rm": _stage_rm, "dpo": _stage_dpo, "orpo": _stage_orpo,
+          "simpo": _stage_simpo, "online_dpo": _stage_online_dpo, "kto": _stage_kto,
           "grpo": _stage_grpo, "rloo": _stage_rloo, "distill": _stage_distill, "ppo": _stage_ppo, "sft_multistep": _stage_sft_multistep,
           "grpo_prm": _stage_grpo_prm, "prm": _stage_prm, "grpo_prm_learned": _stage_grpo_prm_learned}
-# Run only when named (--stages); none today: every stage, the learned PRM's included, helps.
-OPTIONAL: tuple[str, ...] = ()
+# Run only when named (--stages): DPO's relatives, kept out of the default run's time (about 280 s of 300)
+OPTIONAL: tuple[str, ...] = ("orpo", "simpo", "online_dpo")
 # The stages whose outputs (the ctx keys they set) each stage reads.
-NEEDS = {"rm": ("sft",), "dpo": ("sft",), "kto": ("sft",), "grpo": ("sft",), "rloo": ("sft",), "distill": ("sft",),
+NEEDS = {"rm": ("sft",), "dpo": ("sft",), "orpo": ("sft",), "simpo": ("sft",), "online_dpo": ("sft",), "kto": ("sft",), "grpo": ("sft",), "rloo": ("sft",), "distill": ("sft",),
          "ppo": ("sft", "rm"),
          "grpo_prm": ("sft_multistep",),
          "prm": ("sft_multistep",), "grpo_prm_learned": ("sft_multistep", "prm")}
