@@ -23,8 +23,8 @@ import torch
 
 from ..data.rows import read_rows
 from ..methods.common import load_policy
-from ..methods.distill import DistillConfig, run_distill
 from ..methods.cpo import CPOConfig
+from ..methods.distill import DistillConfig, run_distill
 from ..methods.dpo import DPOConfig, run_dpo
 from ..methods.grpo import GRPOConfig, run_grpo
 from ..methods.kto import KTOConfig, run_kto
