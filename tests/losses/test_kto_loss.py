@@ -41,6 +41,18 @@ def test_apo_zero_unpaired_anchors_at_zero():
     assert abs(loss.item() - ((1 - sig(0.1)) + sig(-0.1)) / 2) < 1e-6  # z_0 is not read
 
 
+def test_bco_is_each_answers_cross_entropy_against_the_reward_shift_by_hand():
+    logps = torch.tensor([-1.0, -2.0], requires_grad=True)
+    ref = torch.tensor([-2.0, -1.0])  # r = 1 (desirable), -1 (undesirable); beta 0.5, delta 0.1
+    loss, _ = kto_loss(logps, ref, torch.tensor([True, False]), reference_point=0.1, beta=0.5,
+                       desirable_weight=1.5, loss_type="bco")
+    softplus = lambda x: math.log1p(math.exp(x))  # noqa: E731  -log sigma(x) = softplus(-x)
+    assert abs(loss.item() - (1.5 * softplus(-(0.5 - 0.1)) + softplus(-0.5 - 0.1)) / 2) < 1e-6
+    loss.backward()  # d/dr: -w beta sigma(-(beta r - delta)) for a desirable answer, +beta sigma(beta r - delta) else
+    expected = [-1.5 * 0.5 * sig(-0.4) / 2, 0.5 * sig(-0.6) / 2]
+    assert torch.allclose(logps.grad, torch.tensor(expected), atol=1e-6)
+
+
 def test_the_reference_point_is_the_mean_clamped_at_zero():
     assert reference_point(3.0, 4.0) == 0.75
     assert reference_point(-3.0, 4.0) == 0.0

@@ -120,3 +120,51 @@ def test_kto_raises_preference_accuracy_without_collapse(tiny, sft_run, tmp_path
     assert summary["accuracy"] >= summary["accuracy_before"] - 0.1, summary
     logged = [m for m in read_metrics(tmp_path / "kto") if "train/kl" in m]
     assert len(logged) > 10 and all(m["train/kl"] >= 0 for m in logged)
+
+
+def test_bco_reads_the_reward_shift_of_earlier_steps_and_resumes(tiny, tmp_path):
+    """loss_type=bco: the objective's loss is each answer's cross-entropy against the shift's delta
+    (from transformers' forwards), the shift gathers every answer's reward; a run logs delta 0 at
+    step 1 and a moved one later, and a run cut after step 2 and resumed gives the straight run's
+    losses and deltas (the checkpoint keeps the running mean)."""
+    from types import SimpleNamespace
+
+    from methods_setup import method_config
+
+    from rlhfkit.methods.common import RewardShift
+    from rlhfkit.train.config import replace
+    from rlhfkit.train.dist import DistInfo
+
+    tokenizer = load_tokenizer(str(tiny["base"]))
+    policy = load_causal_lm(str(tiny["base"]), tokenizer)
+    ref_module = load_causal_lm(str(tiny["base"]), tokenizer)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in ref_module.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    rows = read_rows(str(tiny["data"] / "prefs_train.jsonl"))[:4]
+    batch = collate_unpaired(encode_unpaired(rows, tokenizer, max_length=64)[0], tokenizer.pad_token_id)
+    cfg = KTOConfig(model=str(tiny["base"]), train_data="x", beta=0.5, loss_type="bco")
+    run = SimpleNamespace(state={"reward_shift": [0.2, 4]}, keep={}, info=DistInfo())
+    shift = RewardShift(run)
+    objective = kto_objective(cfg, policy, Reference(module=ref_module), "cpu", shift=shift)
+    with torch.no_grad():
+        loss, metrics = objective.loss(policy, batch, objective.counts(batch))
+    r = 0.5 * (answer_logps(policy, batch.matched) - answer_logps(ref_module, batch.matched))
+    good = batch.desirable.float()
+    by_hand = -(good * torch.nn.functional.logsigmoid(r - 0.2) + (1 - good) * torch.nn.functional.logsigmoid(0.2 - r))
+    assert abs(loss.item() - by_hand.mean().item()) < 1e-5 and abs(float(metrics["reward_shift"]) - 0.2) < 1e-7
+    shift.update(1)  # 4 earlier answers at 0.2, then these 8
+    assert run.keep["reward_shift"][1] == 12 and abs(run.keep["reward_shift"][0] - (0.8 + float(r.sum())) / 12) < 1e-5
+
+    def config(out, steps, **train):
+        return replace(method_config("kto", tiny, out, steps, log_every=1, save_every=2, **train), loss_type="bco")
+
+    run_kto(config(tmp_path / "full", 4))
+    lines = [m for m in read_metrics(tmp_path / "full") if "train/loss" in m]
+    assert lines[0]["train/reward_shift"] == 0.0 and abs(lines[-1]["train/reward_shift"]) > 1e-3
+    run_kto(config(tmp_path / "cut", 2))
+    run_kto(config(tmp_path / "cut", 4, resume=True))
+    cut = [m for m in read_metrics(tmp_path / "cut") if "train/loss" in m]
+    assert [m["train/loss"] for m in cut] == [m["train/loss"] for m in lines]
+    assert [m["train/reward_shift"] for m in cut] == [m["train/reward_shift"] for m in lines]

@@ -18,31 +18,48 @@ unpaired APO-zero; TRL's name) anchors at 0 in place of z_0, with no mismatched 
     L = mean over the batch of ( 1 - sigma(beta r) if desirable, sigma(beta r) if undesirable )
 
 (TRL's form: without lambda weights' effect on the anchor; the weights still multiply each term.)
+
+``bco``, BCO (Jung et al. 2024, "Binary Classifier Optimization for Large Language Model
+Alignment"; TRL's BCOTrainer, without its optional density-ratio weights): a binary classifier
+whose logit is the implicit reward, each answer's cross-entropy against a reward shift delta,
+the running mean of beta r over every answer of the steps before (methods/common.py
+``RewardShift``, the value passed as ``reference_point``):
+
+    L = mean over the batch of ( -lambda_D log sigma(beta r - delta) if desirable,
+                                 -lambda_U log sigma(-(beta r - delta)) if undesirable )
+
+(lambda 1 and 1 are BCO's own; other weights multiply each term, as KTO's.)
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-KTO_LOSSES = ("kto", "apo_zero_unpaired")
+KTO_LOSSES = ("kto", "apo_zero_unpaired", "bco")
 
 
 def kto_loss(logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor, reference_point: torch.Tensor | float,
              beta: float, desirable_weight: float = 1.0, undesirable_weight: float = 1.0, loss_type: str = "kto",
              num_examples: float | None = None) -> tuple[torch.Tensor, dict]:
     """(P,) summed log-probs of the policy and the reference, ``desirable`` (P,) bool,
-    ``reference_point`` z_0 (detached, already clamped; unused by apo_zero_unpaired).
+    ``reference_point`` z_0 (detached, already clamped; unused by apo_zero_unpaired; bco's delta,
+    on the scale of beta r).
     Returns (loss, sums): the loss is the per-example terms' sum over ``num_examples`` (default
     P: the mean); ``sums`` holds detached sums over the examples of each kind (``rewards_chosen``
     = beta r over the desirable ones, ``rewards_rejected``, ``logps_chosen``, ``logps_rejected``)."""
     if loss_type not in KTO_LOSSES:
         raise ValueError(f"unknown KTO loss {loss_type!r}; one of {', '.join(KTO_LOSSES)}")
     ratio = logps - ref_logps
-    anchor = 0.0 if loss_type == "apo_zero_unpaired" else reference_point
-    shifted = beta * (ratio - anchor)
     good = desirable.to(ratio.dtype)
-    terms = good * desirable_weight * (1 - torch.sigmoid(shifted)) + \
-        (1 - good) * undesirable_weight * (1 - torch.sigmoid(-shifted))
+    if loss_type == "bco":
+        logit = beta * ratio - reference_point
+        terms = -good * desirable_weight * F.logsigmoid(logit) - (1 - good) * undesirable_weight * F.logsigmoid(-logit)
+    else:
+        anchor = 0.0 if loss_type == "apo_zero_unpaired" else reference_point
+        shifted = beta * (ratio - anchor)
+        terms = good * desirable_weight * (1 - torch.sigmoid(shifted)) + \
+            (1 - good) * undesirable_weight * (1 - torch.sigmoid(-shifted))
     count = ratio.shape[0] if num_examples is None else max(float(num_examples), 1.0)
     rewards = beta * ratio.detach()
     sums = {"rewards_chosen": (rewards * good).sum(), "rewards_rejected": (rewards * (1 - good)).sum(),

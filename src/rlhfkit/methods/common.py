@@ -13,7 +13,7 @@ from ..models.lora import Reference
 from ..rollout.evaluate import HeldOut
 from ..rollout.sampler import Samples, completion_logprobs
 from ..train.config import ConfigError, TrainConfig
-from ..train.loop import autocast
+from ..train.loop import autocast, reduce_dict
 from ..train.shard import mix_toward
 
 
@@ -152,3 +152,30 @@ def trainer_logprobs(backend, params, dtype: str) -> bool:
     and the trained forward computes them as the sampler does, in fp32 (a bf16 autocast forward is
     up to a few 1e-2 apart: the first update's ratios would not be 1)."""
     return dtype == "fp32" and backend.logprobs_exact(params)
+
+
+class RewardShift:
+    """BCO's reward shift delta (losses/dpo.py ``bco_pair``, losses/kto.py ``bco``): the running
+    mean of the implicit rewards beta log(pi / pi_ref) of every answer trained on in the steps
+    before this one, over every rank (0 before the first step). The loss reads ``mean`` and ``add``s its answers' rewards;
+    ``update`` after each optimizer step folds the step's in, over the ranks, and keeps the mean
+    and count in the run's checkpoints, so a resumed run goes on with the straight run's delta.
+    TRL's BCOTrainer counts the micro-batch at hand too (RunningMoments): here a step's delta is
+    of the steps before it, the same at every micro-batch and rank."""
+
+    def __init__(self, run):
+        self.run = run
+        self.mean, self.count = run.state.get("reward_shift", (0.0, 0))
+        self.step_sum, self.step_count = 0.0, 0
+
+    def add(self, rewards: torch.Tensor) -> None:
+        self.step_sum = self.step_sum + rewards.detach().float().sum()
+        self.step_count += rewards.numel()
+
+    def update(self, done: int) -> None:
+        step = reduce_dict({"sum": self.step_sum, "count": float(self.step_count)}, self.run.info)
+        self.count += int(step["count"])
+        if self.count:
+            self.mean += (step["sum"] - self.mean * step["count"]) / self.count
+        self.step_sum, self.step_count = 0.0, 0
+        self.run.keep["reward_shift"] = (self.mean, self.count)

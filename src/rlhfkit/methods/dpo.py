@@ -62,9 +62,10 @@ from ..train.config import (
     used_only_with,
     within,
 )
-from ..train.loop import Objective, reduce_dict, train_offline
+from ..train.loop import Objective, train_offline
 from ..train.run import start_run
 from .common import (
+    RewardShift,
     accuracy_eval,
     check_positions,
     frozen_reference,
@@ -272,33 +273,6 @@ class DPOLoss:
     @classmethod
     def of(cls, cfg) -> DPOLoss:
         return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
-
-
-class RewardShift:
-    """BCO's reward shift delta (losses/dpo.py ``bco_pair``): the running mean of the implicit
-    rewards beta log(pi / pi_ref) of every answer trained on in the steps before this one, over
-    every rank (0 before the first step). The loss reads ``mean`` and ``add``s its answers' rewards;
-    ``update`` after each optimizer step folds the step's in, over the ranks, and keeps the mean
-    and count in the run's checkpoints, so a resumed run goes on with the straight run's delta.
-    TRL's BCOTrainer counts the micro-batch at hand too (RunningMoments): here a step's delta is
-    of the steps before it, the same at every micro-batch and rank."""
-
-    def __init__(self, run):
-        self.run = run
-        self.mean, self.count = run.state.get("reward_shift", (0.0, 0))
-        self.step_sum, self.step_count = 0.0, 0
-
-    def add(self, rewards: torch.Tensor) -> None:
-        self.step_sum = self.step_sum + rewards.detach().float().sum()
-        self.step_count += rewards.numel()
-
-    def update(self, done: int) -> None:
-        step = reduce_dict({"sum": self.step_sum, "count": float(self.step_count)}, self.run.info)
-        self.count += int(step["count"])
-        if self.count:
-            self.mean += (step["sum"] - self.mean * step["count"]) / self.count
-        self.step_sum, self.step_count = 0.0, 0
-        self.run.keep["reward_shift"] = (self.mean, self.count)
 
 
 def dpo_objective(settings: DPOLoss, reference: Reference | None = None, router_coef: float = 0.0,

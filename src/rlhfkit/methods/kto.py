@@ -37,7 +37,15 @@ from ..train.config import (
 )
 from ..train.loop import Objective, autocast, train_offline
 from ..train.run import start_run
-from .common import accuracy_eval, check_positions, frozen_reference, head, held_out, longest_prompt
+from .common import (
+    RewardShift,
+    accuracy_eval,
+    check_positions,
+    frozen_reference,
+    head,
+    held_out,
+    longest_prompt,
+)
 
 
 @dataclass(frozen=True)
@@ -56,7 +64,9 @@ class KTOConfig:
     beta: float = 0.1
     desirable_weight: float = 1.0  # lambda_D (TRL's name)
     undesirable_weight: float = 1.0  # lambda_U (TRL's name)
-    loss_type: str = "kto"  # kto (the paper's) | apo_zero_unpaired (APO's anchor at 0, no reference point)
+    # kto (the paper's) | apo_zero_unpaired (APO's anchor at 0, no reference point) | bco (BCO: each answer's
+    # cross-entropy against the running mean of the rewards; TRL's BCOTrainer without its density-ratio weights)
+    loss_type: str = "kto"
     eval_limit: int = 500  # held-out rows used, for both evals; 0 = all
     lora: LoraConfig = field(default_factory=LoraConfig)  # with adapters the reference is the base (adapters off)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/kto"))
@@ -77,10 +87,12 @@ class KTOConfig:
                            "the held-out accuracy (eval_prompts)")
 
 
-def kto_objective(cfg: KTOConfig, policy, reference: Reference, device: str, router_coef: float = 0.0) -> Objective:
+def kto_objective(cfg: KTOConfig, policy, reference: Reference, device: str, router_coef: float = 0.0,
+                  shift: RewardShift | None = None) -> Objective:
     """The step's counts carry z_0's parts: the policy's and the reference's log-ratio summed over
     the mismatched pairs of each micro-batch (forwards without gradient, before any loss), so that
-    every micro-batch's loss reads the whole step's reference point."""
+    every micro-batch's loss reads the whole step's reference point. ``shift``: bco's delta
+    (``RewardShift``), given every answer's reward."""
     with_point = cfg.loss_type == "kto"
 
     def counts(batch: UnpairedBatch) -> dict:
@@ -99,6 +111,9 @@ def kto_objective(cfg: KTOConfig, policy, reference: Reference, device: str, rou
         with torch.no_grad(), reference() as ref_model:
             ref = sequence_logps(ref_model, batch.matched)
         point = reference_point(totals["kl_sum"], totals["kl_pairs"]) if with_point else 0.0
+        if shift is not None:
+            point = shift.mean
+            shift.add(cfg.beta * (logps.detach() - ref))
         value, sums = kto_loss(logps, ref, batch.desirable, point, cfg.beta, cfg.desirable_weight,
                                cfg.undesirable_weight, cfg.loss_type, totals["examples"])
         good, bad = totals["desirable"], totals["examples"] - totals["desirable"]
@@ -109,8 +124,9 @@ def kto_objective(cfg: KTOConfig, policy, reference: Reference, device: str, rou
             metrics.update(rewards_rejected=sums["rewards_rejected"] / bad, logps_rejected=sums["logps_rejected"] / bad)
         if good and bad:
             metrics["margin"] = metrics["rewards_chosen"] - metrics["rewards_rejected"]
-        if with_point:  # the same on every micro-batch: each carries its share of it
-            metrics["kl"] = torch.tensor(point * batch.num_prompts / max(totals["examples"], 1.0))
+        if with_point or shift is not None:  # the same on every micro-batch: each carries its share of it
+            name = "kl" if with_point else "reward_shift"
+            metrics[name] = torch.tensor(point * batch.num_prompts / max(totals["examples"], 1.0))
         return balance.add_to(value, metrics, 1 / totals["forwards"]), metrics
 
     return Objective(counts, loss)
@@ -149,7 +165,7 @@ def run_kto(cfg: KTOConfig) -> dict:
     run.say(f"{source_name(cfg.train_data)}: {report.summary()}; {n_good} desirable and {len(examples) - n_good} "
             "undesirable answers")
     advice = weights_advice(n_good, len(examples) - n_good, cfg.desirable_weight, cfg.undesirable_weight)
-    if advice:
+    if advice and cfg.loss_type == "kto":  # the KTO paper's advice
         run.say(f"warning: {advice}")
     if n_good in (0, len(examples)):  # the loss is defined for either kind alone; TRL warns here
         run.say(f"note: every answer is {'desirable' if n_good else 'undesirable'}: the loss only "
@@ -188,9 +204,11 @@ def run_kto(cfg: KTOConfig) -> dict:
             out["preference_accuracy"] = preference_accuracy(model, pairs, pad)
         return {**out, **(accuracy() if prompts else {})}
 
+    shift = RewardShift(run) if cfg.loss_type == "bco" else None  # BCO's delta, kept in the checkpoints
     train_offline(run, model, examples, lambda rows: collate_unpaired(rows, pad),
-                  kto_objective(cfg, model, reference, run.device, run.router_coef),
-                  evaluate if (held or prompts) else None, what="answers")
+                  kto_objective(cfg, model, reference, run.device, run.router_coef, shift),
+                  evaluate if (held or prompts) else None, what="answers",
+                  after_step=shift.update if shift is not None else None)
     summary = {"loss": run.metrics.get("loss"), "length_report": report.summary(), **before}
     if run.evals:
         summary.update({k: v for k, v in run.evals[-1].items() if k != "step"})
