@@ -157,11 +157,12 @@ def trainer_logprobs(backend, params, dtype: str) -> bool:
 class RewardShift:
     """BCO's reward shift delta (losses/dpo.py ``bco_pair``, losses/kto.py ``bco``): the running
     mean of the implicit rewards beta log(pi / pi_ref) of every answer trained on in the steps
-    before this one, over every rank (0 before the first step). The loss reads ``mean`` and ``add``s its answers' rewards;
-    ``update`` after each optimizer step folds the step's in, over the ranks, and keeps the mean
-    and count in the run's checkpoints, so a resumed run goes on with the straight run's delta.
-    TRL's BCOTrainer counts the micro-batch at hand too (RunningMoments): here a step's delta is
-    of the steps before it, the same at every micro-batch and rank."""
+    before this one, over every rank (0 before the first step). The loss reads ``mean`` and
+    ``add``s its answers' rewards; ``update`` after each optimizer step folds the step's in, over
+    the ranks, and keeps the mean and count in the run's checkpoints, so a resumed run goes on
+    with the straight run's delta. TRL's BCOTrainer counts the micro-batch at hand too
+    (RunningMoments): here a step's delta is of the steps before it, the same at every
+    micro-batch and rank."""
 
     def __init__(self, run):
         self.run = run

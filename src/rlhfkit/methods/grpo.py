@@ -307,7 +307,7 @@ class GRPOConfig:
                 and self.rollout.backend != "sampler":  # the sampler in bf16 and the like: refused once it is built
             raise ConfigError(f"loss_type=vespo puts the sampling weights pi_old / pi_sampler into each answer's ratio "
                               f"token by token (TRL's VESPO needs a token mode too); sampling_correction="
-                              f"{self.sampling_correction} weighs whole answers: set token_truncate or token_mask",
+                              f"{self.sampling_correction} weighs whole answers: set token_truncate, token_mask or none",
                               keys=["loss_type", "sampling_correction"])
         for key in ("sapo_temperature_pos", "sapo_temperature_neg"):
             positive(key, getattr(self, key))
