@@ -413,6 +413,17 @@ def test_tr_dpo_settings_are_refused_where_they_cannot_apply(tiny, tmp_path):
         replace(cfg, sync_ref_model=False, ref_model_sync_steps=8)
 
 
+def _moved_policy(tiny):
+    """The tiny base as a policy moved off its frozen copy by seeded noise: (policy, tokenizer, reference)."""
+    model, tok = load_policy(str(tiny["base"]), None)
+    reference = copy.deepcopy(model).eval().requires_grad_(False)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return model, tok, reference
+
+
 def test_aot_sorts_each_forwards_pairs_and_raises_the_preference_accuracy(tiny, tmp_path):
     """AOT (loss_type=aot, aot_unpaired) through the objective: the loss of one forward's pairs
     equals the sorted columns' by hand, from the policy's and the reference's sums; a forward of
@@ -421,12 +432,7 @@ def test_aot_sorts_each_forwards_pairs_and_raises_the_preference_accuracy(tiny, 
     from rlhfkit.models.rankings import output_logps
     from rlhfkit.train.logging import read_metrics
 
-    model, tok = load_policy(str(tiny["base"]), None)
-    reference = copy.deepcopy(model).eval().requires_grad_(False)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    model, tok, reference = _moved_policy(tiny)
     examples, _ = encode_rankings(read_rows(tiny["data"] / "prefs_train.jsonl")[:8], tok, 64)
     plain = collate_rankings(examples, tok.pad_token_id)
     with torch.no_grad():
@@ -488,12 +494,7 @@ def test_bco_pairs_reward_shift_is_the_running_mean_of_earlier_steps_rewards_and
     from rlhfkit.models.rankings import output_logps
     from rlhfkit.train.dist import DistInfo
 
-    model, tok = load_policy(str(tiny["base"]), None)
-    reference = copy.deepcopy(model).eval().requires_grad_(False)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    model, tok, reference = _moved_policy(tiny)
     examples, _ = encode_rankings(read_rows(tiny["data"] / "prefs_train.jsonl")[:6], tok, 64)
     batch = collate_rankings(examples, tok.pad_token_id)
     with torch.no_grad():
