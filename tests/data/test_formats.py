@@ -411,3 +411,17 @@ def test_a_rows_own_answer_follows_its_prompt_as_sft_trains_it(tok, chatml):
                      {"messages": [USER, ASSISTANT, {"role": "user", "content": "and 2+2?"}]}):
         with pytest.raises(DataError, match=rf"^{row.where}: no answer to read \(fields present: "):
             answer_ids(chatml, row)
+
+
+def test_a_pair_missing_its_prompt_among_explicit_pairs_and_an_implicit_text_pair_sharing_nothing_are_refused(tok, tmp_path):
+    """A CSV's empty prompt cell (read as absent) in a file of explicit pairs had been read as an
+    implicit pair: " 126" / " 129" trained the prompt " 12" and the answers "6" / "9". An implicit
+    text pair sharing no leading text had trained with an empty prompt (its chat form is refused)."""
+    (tmp_path / "p.csv").write_text("prompt,chosen,rejected\nWhat is 1+1?, 2, 3\n, 126, 129\n")
+    with pytest.raises(DataError, match=r"p.csv:3: missing field 'prompt' \(fields present: chosen, rejected\), which "
+                                        r"other rows of this data have \(.*p.csv:2\)"):
+        encode_rankings(read_rows(tmp_path / "p.csv"), tok, 64)
+    with pytest.raises(DataError, match=r"<list>:row 2: fields 'chosen' and 'rejected' share no leading text, so the "
+                                        r"pair has no prompt"):
+        encode_rankings(read_rows([{"chosen": "What is 1+1? 2", "rejected": "What is 1+1? 3"},
+                                   {"chosen": "What is 7+5? 12", "rejected": "Something else 5"}]), tok, 64)

@@ -57,9 +57,14 @@ def test_overlong_policies(tmp_path, tok):
     assert [len(e.input_ids) for e in examples] == [12 + 3, 20] and report.truncated == 1
 
 
-def test_parquet_dataset_and_chat_rows(tmp_path, tok):
+def test_parquet_dataset_and_chat_rows(tmp_path, tok, monkeypatch):
     ds = datasets.Dataset.from_list([{"prompt": "What is 2+2?", "completion": " 4"}])
     ds.to_parquet(str(tmp_path / "d.parquet"))
+
+    def cached_copy(*args, **kwargs):  # datasets' reader writes an Arrow copy into its cache, with a progress bar
+        raise AssertionError("a parquet file is read in place, through pyarrow")
+
+    monkeypatch.setattr(datasets.Dataset, "from_parquet", cached_copy)
     from_parquet, _ = encode_sft(read_rows(tmp_path / "d.parquet"), tok, 64)
     from_dataset, _ = encode_sft(read_rows(ds), tok, 64)
     assert from_parquet == from_dataset
@@ -179,7 +184,15 @@ def test_chat_messages_in_a_csv_cell_are_refused_not_trained_on_as_text(tmp_path
     path = tmp_path / "chat.csv"
     path.write_text('prompt,completion\n"[{""role"": ""user"", ""content"": ""1+1""}]",'
                     '"[{""role"": ""assistant"", ""content"": ""2""}]"\n')
-    with pytest.raises(DataError, match=r"chat.csv:2: field 'prompt' is chat messages written as JSON text"):
+    with pytest.raises(DataError, match=r"chat.csv:2: field 'prompt' is chat messages written as text \(JSON, or"):
+        read_rows(path)
+    # pandas' to_csv of a list-of-dicts column writes Python's repr, single-quoted: refused too
+    import pandas as pd
+
+    pd.DataFrame([{"prompt": [{"role": "user", "content": "1+1"}], "completion": [{"role": "assistant", "content": "2"}]}]
+                 ).to_csv(path, index=False)
+    assert "[{'role': 'user'" in path.read_text()
+    with pytest.raises(DataError, match=r"chat.csv:2: field 'prompt' is chat messages written as text"):
         read_rows(path)
     path.write_text('prompt,completion\n"[1, 2] is a list","[""role""] too"\n')  # text that only looks like it
     assert read_rows(path)[0].data == {"prompt": "[1, 2] is a list", "completion": '["role"] too'}

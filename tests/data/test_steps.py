@@ -47,7 +47,7 @@ def test_conversational_form_uses_the_chat_template(tok):
     ({"prompt": "Q", "completions": [], "labels": []}, "field 'completions' holds no steps"),
     ({"prompt": "Q", "completions": "a", "labels": [True]}, "field 'completions' must be a list"),
     ({"prompt": "Q", "completions": ["a"], "labels": None}, "field 'labels' must be a list (one entry per step), got missing"),
-    ({"prompt": "Q", "completions": ["a", "b"], "ranks": [1, 2]}, "a ranking (prompt, completions) row is not PRM data"),
+    ({"prompt": "Q", "completions": ["a", "b"], "ranks": [1, 2]}, "a ranking (prompt, completions) row is not PRM data; that format is for rm and dpo; a stepwise row has 'labels' beside 'completions', one per step"),
     ({"completions": ["a"], "labels": [True]}, "missing field 'prompt'"),
     ({"prompt": "Q", "completions": ["a", "b\nc"], "labels": [True, True]},
      "field 'completions[1]' holds the step separator '\\n'"),

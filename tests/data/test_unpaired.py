@@ -17,14 +17,19 @@ def tok():
 def test_unpaired_rows_and_pairs_become_labelled_answers(tok):
     rows = read_rows([{"prompt": "1+1=", "completion": " 2", "label": True},
                       {"prompt": "2+2=", "completion": " 5", "label": False},
-                      {"prompt": "3+3=", "chosen": " 6", "rejected": " 7"},
-                      {"chosen": "4+4= 8", "rejected": "4+4= 9"}])  # implicit: the shared start is the prompt
+                      {"prompt": "3+3=", "chosen": " 6", "rejected": " 7"}])
     examples, report = encode_unpaired(rows, tok, max_length=64)
-    assert [e.desirable for e in examples] == [True, False, True, False, True, False]
+    assert [e.desirable for e in examples] == [True, False, True, False]
     assert examples[0].prompt_ids == encode_prompt(tok, "1+1=") and examples[0].completion_ids == encode_completion(tok, " 2")
     assert examples[3].completion_ids == encode_completion(tok, " 7")
-    assert examples[4].prompt_ids == examples[5].prompt_ids == encode_prompt(tok, "4+4=")
-    assert report.rows == 4 and not report.skipped
+    assert report.rows == 3 and not report.skipped
+    implicit, _ = encode_unpaired(read_rows([{"chosen": "4+4= 8", "rejected": "4+4= 9"}]), tok, max_length=64)
+    assert implicit[0].prompt_ids == implicit[1].prompt_ids == encode_prompt(tok, "4+4=")  # the shared start
+    # beside explicit pairs, a pair without its prompt is a row missing it (its split would cut " 126" to " 12" | "6")
+    with pytest.raises(DataError, match=r"<list>:row 2: missing field 'prompt' \(fields present: chosen, rejected\), "
+                                        r"which other rows of this data have \(<list>:row 1\)"):
+        encode_unpaired(read_rows([{"prompt": "3+3=", "chosen": " 6", "rejected": " 7"},
+                                   {"chosen": " 126", "rejected": " 129"}]), tok, max_length=64)
 
 
 def test_labels_as_tables_write_them(tok, tmp_path):

@@ -72,8 +72,10 @@ def require_format(row: Row, method: str, accepted: tuple[str, ...]) -> str:
     fmt = row_format(row)
     if fmt not in accepted:
         article = "an" if FORMAT_NAMES[fmt][0] in "aeiou" else "a"
+        hint = ("; a stepwise row has 'labels' beside 'completions', one per step (missing here)"
+                if fmt == "ranking" and "stepwise" in accepted else "")
         raise DataError(f"{row.where}: {article} {FORMAT_NAMES[fmt]} row is not {method} data; "
-                        f"that format is for {TAKEN_BY[fmt]}")
+                        f"that format is for {TAKEN_BY[fmt]}{hint}")
     media = [f for f in MEDIA_FIELDS if row.data.get(f) not in (None, [])]
     if media:
         raise DataError(f"{row.where}: field '{media[0]}': rlhfkit trains text models and has no image or audio "
@@ -137,6 +139,28 @@ def user_prompt(row: Row):
     if is_chat(messages):
         return messages[:-1] if messages[-1].get("role") == "assistant" and len(messages) > 1 else messages
     return ""
+
+
+def implicit_answers(row: Row) -> tuple:
+    """(chosen, rejected) after the prompt an implicit-preference pair's two fields share; a text
+    pair sharing no leading text has no prompt, and is refused as a chat pair sharing no message is."""
+    prompt, chosen, rejected = shared_prefix(row.data["chosen"], row.data["rejected"])
+    if not prompt and isinstance(row.data["chosen"], str):
+        raise DataError(f"{row.where}: fields 'chosen' and 'rejected' share no leading text, so the pair has no "
+                        "prompt; put the prompt in a 'prompt' field")
+    return chosen, rejected
+
+
+def check_prompt_fields(rows: list) -> None:
+    """A file of pairs reads a row without ``prompt`` as an implicit pair (the prompt the two answers'
+    shared start) only where no other row has one: in a file of explicit pairs it is a row missing its
+    prompt (a null or empty cell of a table too), whose split would train part of an answer as prompt."""
+    explicit = next((r for r in rows if row_format(r) == "preference"), None)
+    implicit = next((r for r in rows if row_format(r) == "implicit_preference"), None)
+    if explicit is not None and implicit is not None:
+        raise DataError(f"{implicit.where}: missing field 'prompt' (fields present: {', '.join(sorted(implicit.data))}), "
+                        f"which other rows of this data have ({explicit.where}); a pair without one is read as an "
+                        "implicit pair, its prompt the start both answers share, only where every pair is")
 
 
 def shared_prefix(chosen, rejected):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .encode import LengthReport, completion_ids, encode_row_prompt, fit_length
-from .formats import is_chat, require_format, shared_prefix
+from .formats import check_prompt_fields, implicit_answers, is_chat, require_format
 from .rows import DataError, Row, get_str_list
 
 
@@ -126,7 +126,7 @@ def ranking_completions(row: Row, method: str = "rm and dpo") -> tuple[list, lis
             raise DataError(f"{row.where}: field '{name}' must be a string or a list of chat messages")
     chosen, rejected = row.data["chosen"], row.data["rejected"]
     if fmt == "implicit_preference":
-        _, chosen, rejected = shared_prefix(chosen, rejected)
+        chosen, rejected = implicit_answers(row)
         for name, rest in (("chosen", chosen), ("rejected", rejected)):
             if not (rest.strip() if isinstance(rest, str) else rest) and row.data["chosen"] != row.data["rejected"]:
                 raise DataError(f"{row.where}: field '{name}' has nothing after the prompt that 'chosen' and "
@@ -138,6 +138,7 @@ def ranking_completions(row: Row, method: str = "rm and dpo") -> tuple[list, lis
 
 
 def encode_rankings(rows: list[Row], tokenizer, max_length: int, overlong: str = "error", method: str = "rm and dpo"):
+    check_prompt_fields(rows)
     report, examples, encoded = LengthReport(rows=len(rows)), [], {}
     for row in rows:
         completions, ranks = ranking_completions(row, method)

@@ -331,9 +331,9 @@ def _read_csv(path: Path) -> list[Row]:
                 raise DataError(f"{where}: more values than the header's {len(reader.fieldnames)} columns")
             for name, value in fields.items():
                 if _chat_as_text(value):
-                    raise DataError(f"{where}: field '{name}' is chat messages written as JSON text, and a CSV cell is "
-                                    "read as text (it would be trained on as such): give chat rows as jsonl, json "
-                                    "or parquet")
+                    raise DataError(f"{where}: field '{name}' is chat messages written as text (JSON, or a Python "
+                                    "list as pandas' to_csv writes it), and a CSV cell is read as text (it would be "
+                                    "trained on as such): give chat rows as jsonl, json or parquet")
             rows.append(Row(where, {k: v for k, v in fields.items() if v not in (None, "")}))  # empty: absent
         return rows
     except csv.Error as e:
@@ -346,31 +346,36 @@ def is_chat(value) -> bool:
 
 
 def _chat_as_text(value) -> bool:
-    """Whether a CSV cell holds a JSON list of chat messages (``[{"role": ..., ...}]``)."""
-    if not isinstance(value, str) or not value.lstrip().startswith("[") or '"role"' not in value:
+    """Whether a CSV cell holds a list of chat messages as text: JSON (``[{"role": ..., ...}]``) or
+    Python's repr of one (``[{'role': ...}]``, what pandas' ``to_csv`` writes for such a column)."""
+    import ast
+
+    if not isinstance(value, str) or not value.lstrip().startswith("["):
         return False
-    try:
-        return is_chat(json.loads(value))
-    except ValueError:
-        return False
+    if '"role"' in value:
+        try:
+            return is_chat(json.loads(value))
+        except ValueError:
+            pass
+    if "'role'" in value or '"role"' in value:
+        try:
+            return is_chat(ast.literal_eval(value.strip()))
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            return False
+    return False
 
 
 def _read_parquet(path: Path) -> list[Row]:
-    import logging
+    """A ``.parquet`` file through pyarrow (datasets' own reader): read in place, with no Arrow copy
+    in the datasets cache and no progress bar."""
+    import pyarrow.parquet as pq
 
-    import datasets
-
-    quiet = logging.getLogger("datasets.packaged_modules.parquet.parquet")  # it logs the error we raise, first
-    level = quiet.level
-    quiet.setLevel(logging.CRITICAL)
     try:
-        ds = datasets.Dataset.from_parquet(str(path))
+        table = pq.read_table(str(path))
     except Exception as e:  # pyarrow's ArrowInvalid (a truncated or corrupt file) and its kin
         first = (str(e).strip().splitlines() or [""])[0]
         raise DataError(f"{path}: not a readable parquet file ({type(e).__name__}: {first})") from None
-    finally:
-        quiet.setLevel(level)
-    return [Row(f"{path}:row {i}", _present(dict(r))) for i, r in enumerate(ds, start=1)]
+    return [Row(f"{path}:row {i}", _present(r)) for i, r in enumerate(table.to_pylist(), start=1)]
 
 
 def _require(row: Row, field: str):

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .encode import LengthReport, completion_ids, encode_row_prompt, fit_length
-from .formats import require_format, row_format, shared_prefix
+from .formats import check_prompt_fields, implicit_answers, require_format, row_format
 from .prefs import RankingBatch, RankingExample, collate_rankings
 from .rows import DataError, Row
 
@@ -72,7 +72,7 @@ def unpaired_answers(row: Row, method: str = "kto") -> list[tuple[str, object, b
             raise DataError(f"{row.where}: missing field '{name}' (fields present: {', '.join(sorted(row.data))})")
     chosen, rejected = row.data["chosen"], row.data["rejected"]
     if fmt == "implicit_preference":
-        _, chosen, rejected = shared_prefix(chosen, rejected)
+        chosen, rejected = implicit_answers(row)
     return [("chosen", chosen, True), ("rejected", rejected, False)]
 
 
@@ -80,6 +80,7 @@ def encode_unpaired(rows: list[Row], tokenizer, max_length: int, overlong: str =
                     method: str = "kto") -> tuple[list[UnpairedExample], LengthReport]:
     """Every answer after its row's prompt, cut or skipped by ``overlong`` (a pair's two answers
     each on its own: as two rows of TRL's)."""
+    check_prompt_fields(rows)
     report, examples = LengthReport(rows=len(rows)), []
     for row in rows:
         answers = unpaired_answers(row, method)
