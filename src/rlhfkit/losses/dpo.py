@@ -46,7 +46,7 @@ logistic function and eps the ``label_smoothing``:
     bco_pair, BCO (Jung et al. 2024, "Binary Classifier Optimization for Large Language Model
     Alignment") on pairs: each answer classified on its own, the chosen above and the rejected
     below the reward shift delta, the running mean of the implicit rewards beta w, beta l of every
-    answer trained on before this step (methods/dpo.py ``RewardShift``; TRL's BCOTrainer's
+    answer trained on before this step (methods/common.py ``RewardShift``; TRL's BCOTrainer's
     RunningMoments, which also counts the batch at hand; TRL's DPO form drops delta):
         L = -log sigma(beta w - delta) - log sigma(-(beta l - delta))
     apo_zero, APO-zero (D'Oosterlinck et al. 2024, "Anchored Preference Optimization", eq. 7),
