@@ -99,14 +99,14 @@ def _stage_dpo(ctx: dict) -> dict:
                                    "accuracy_before", "reference", "steps")}
 
 
-def _reference_free(ctx: dict, name: str, config, **fields) -> dict:
+def _reference_free(ctx: dict, name: str, config, lr: float, **fields) -> dict:
     """DPO's pairs with no reference model (``rlhfkit orpo``, ``rlhfkit cpo``), as the shipped configs set them."""
     data = ctx["assets"]["data"]
     cfg = config(model=ctx["start_model"], train_data=str(data / "prefs_train.jsonl"),
                  eval_data=str(data / "prefs_eval.jsonl"), eval_prompts=str(data / "sft_eval.jsonl"),
                  max_length=64, eval_limit=ctx.get("eval_limit", 500), **fields,
                  train=_train(ctx, name, max_steps=75 if ctx["quick"] else 150, batch_size=32,
-                              lr=3e-4 if config is ORPOConfig else 3e-5, warmup_steps=10, eval_every=50))
+                              lr=lr, warmup_steps=10, eval_every=50))
     result = run_dpo(cfg)
     return {k: result[k] for k in ("preference_accuracy", "preference_accuracy_before", "accuracy",
                                    "accuracy_before", "steps")}
@@ -114,12 +114,13 @@ def _reference_free(ctx: dict, name: str, config, **fields) -> dict:
 
 def _stage_orpo(ctx: dict) -> dict:
     """ORPO (orpo_tiny's settings): the odds-ratio term and the chosen answers' NLL, no reference."""
-    return _reference_free(ctx, "orpo", ORPOConfig)
+    return _reference_free(ctx, "orpo", ORPOConfig, lr=3e-4)
 
 
 def _stage_simpo(ctx: dict) -> dict:
     """SimPO (cpo_tiny's settings: beta 2, gamma 0.5, no NLL, lr 3e-5)."""
-    return _reference_free(ctx, "simpo", CPOConfig, loss_type="simpo", beta=2.0, simpo_gamma=0.5, rpo_alpha=0.0)
+    return _reference_free(ctx, "simpo", CPOConfig, lr=3e-5, loss_type="simpo", beta=2.0, simpo_gamma=0.5,
+                           rpo_alpha=0.0)
 
 
 def _stage_online_dpo(ctx: dict) -> dict:

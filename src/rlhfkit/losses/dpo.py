@@ -277,10 +277,13 @@ def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chose
     log-ratio per token (as TRL's CPOTrainer and ORPOTrainer log their per-token forms).
     ``alphapo_alpha``: AlphaPO's reward shape of the answers' log-probs (no reference: its
     log-probs are zeros), the rewards logged shaped too, as TRL's. ``reward_shift``: bco_pair's delta."""
+    weighted = ((loss_type, 1.0),) if isinstance(loss_type, str) else loss_type
+    gaps = ((chosen_logps - rejected_logps, ref_chosen_logps - ref_rejected_logps)  # aot's two columns
+            if "aot" in dict(weighted) else None)
     pairs = Pairs(f_divergence_scores(chosen_logps - ref_chosen_logps, f_divergence, f_alpha),
                   f_divergence_scores(rejected_logps - ref_rejected_logps, f_divergence, f_alpha), beta,
                   label_smoothing, discopop_tau, lengths, simpo_gamma, alphapo_alpha,
-                  (chosen_logps - rejected_logps, ref_chosen_logps - ref_rejected_logps), reward_shift)
+                  gaps, reward_shift)
     chosen_rewards = beta * (chosen_logps - ref_chosen_logps)  # (B,)
     rejected_rewards = beta * (rejected_logps - ref_rejected_logps)  # (B,)
     if per_token_rewards:
@@ -292,7 +295,6 @@ def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chose
         n_w, n_l = (lengths[0].clamp(min=1), lengths[1].clamp(min=1)) if per_token_rewards else (1.0, 1.0)
         chosen_rewards = beta * pairs.shaped((chosen_logps - ref_chosen_logps) / n_w)
         rejected_rewards = beta * pairs.shaped((rejected_logps - ref_rejected_logps) / n_l)
-    weighted = ((loss_type, 1.0),) if isinstance(loss_type, str) else loss_type
     losses = 0.0
     for name, weight in weighted:
         if name not in PAIR_LOSSES:
