@@ -4,7 +4,14 @@ that takes them; datasets objects, saved folders and Hub names as inputs (issue 
 import datasets
 import pytest
 
-from rlhfkit.data.encode import answer_ids, collate_sft, encode_row_prompt, encode_sft, prompt_text
+from rlhfkit.data.encode import (
+    answer_ids,
+    collate_sft,
+    encode_row_prompt,
+    encode_sft,
+    prompt_text,
+    sft_pieces,
+)
 from rlhfkit.data.formats import user_prompt
 from rlhfkit.data.prefs import encode_rankings
 from rlhfkit.data.rows import DataError, Row, read_rows
@@ -265,6 +272,15 @@ def test_a_users_message_as_the_answer_and_a_templateless_implicit_chat_pair_are
     plain.chat_template = None
     with pytest.raises(DataError, match=r"d.jsonl:1: field 'chosen' holds chat messages but the tokenizer has no chat"):
         encode_rankings(_rows(pair), plain, 64)
+
+
+def test_chat_messages_in_text_are_told_to_go_in_messages(chatml):
+    """A conversation under 'text' was refused as "holds chat messages but the prompt is plain
+    text", of a row that has no prompt."""
+    row = Row("t.jsonl:1", {"text": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+    with pytest.raises(DataError, match=r"t.jsonl:1: field 'text' must be a string; a conversation of chat messages "
+                                        r"goes in a field named 'messages'"):
+        sft_pieces(row, chatml)
 
 
 def test_a_text_prompt_beside_whole_conversations_is_their_shared_start_as_in_trl(chatml):

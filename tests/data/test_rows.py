@@ -1,4 +1,5 @@
 import json
+import re
 
 import datasets
 import pytest
@@ -230,6 +231,40 @@ def test_a_json_file_of_one_object_holds_its_rows_under_its_key_or_is_one_row(tm
     for text in (json.dumps(chat), json.dumps(chat, indent=2)):  # one chat row, on one line or several
         (tmp_path / "chat.json").write_text(text)
         assert [r.data for r in read_rows(tmp_path / "chat.json")] == [chat]
+
+
+def test_a_json_object_of_splits_names_one_and_a_table_written_by_columns_is_read_as_rows(tmp_path):
+    """{"train": [...], "test": [...]} and a table written column by column (datasets' dict of
+    lists, pandas' ``to_json()`` default) were read as one row, and refused field by field."""
+    import pandas as pd
+
+    rows = [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"}, {"prompt": "e", "completion": "f"}]
+    path = tmp_path / "splits.json"
+    path.write_text(json.dumps({"train": rows[:2], "test": rows[2:]}, indent=2))
+    with pytest.raises(DataError, match=rf"{re.escape(str(path))}: holds lists of rows under 'train', 'test'; "
+                                        rf"name the one to read \({re.escape(str(path))}:train"):
+        read_rows(path)
+    test = read_rows(f"{path}:test")
+    assert [r.data for r in test] == rows[2:] and test[0].where == f"{path}:test[0]"
+    with pytest.raises(DataError, match=r"no split 'dev'; the lists of rows are under 'train', 'test'"):
+        read_rows(f"{path}:dev")
+    (tmp_path / "one.json").write_text(json.dumps(rows[0]))
+    with pytest.raises(DataError, match=r"no split 'train' in it; pass the file alone"):
+        read_rows(f"{tmp_path / 'one.json'}:train")
+
+    (tmp_path / "columns.json").write_text(json.dumps({"prompt": ["a", "c", "e"], "completion": ["b", "d", "f"]}))
+    read = read_rows(tmp_path / "columns.json")
+    assert [r.data for r in read] == rows and read[2].where == f"{tmp_path / 'columns.json'}:row 3"
+    frame = pd.DataFrame(rows * 4)  # 12 rows: the index keys "10" and "11" sort after "9", not after "1"
+    frame.loc[11, "completion"] = None  # a missing cell is a field the row does not have
+    frame.to_json(tmp_path / "pandas.json")
+    read = read_rows(tmp_path / "pandas.json")
+    assert [r.data for r in read] == (rows * 4)[:11] + [{"prompt": "e"}]
+
+    chat = {"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "x"}],
+            "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "y"}]}
+    (tmp_path / "pair.json").write_text(json.dumps(chat, indent=2))  # one chat pair: lists of messages, not splits
+    assert [r.data for r in read_rows(tmp_path / "pair.json")] == [chat]
 
 
 def test_a_pattern_reads_every_shard_of_a_hub_snapshot_in_name_order(tmp_path):

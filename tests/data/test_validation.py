@@ -117,6 +117,15 @@ def test_another_methods_rows_given_as_prompts_say_whose_they_are(tok):
         check_prompts(rows, tok, reserved=RESERVED)
 
 
+def test_a_prompt_rows_field_named_completions_is_said_to_make_it_a_ranking(tok):
+    """A prompt row's own 'completions' column was refused as "a ranking row is not grpo or ppo
+    data", which does not say which field made it one."""
+    rows = read_rows([{"prompt": "Q", "completions": "a reference"}])
+    with pytest.raises(DataError, match=r"<list>:row 1: a ranking .* row is not grpo or ppo data; that format is for rm and dpo; a field named "
+                                        r"'completions' makes a row a ranking: in a prompt row rename it"):
+        check_prompts(rows, tok, reserved=RESERVED)
+
+
 def test_another_methods_rows_given_as_held_out_prompts_say_whose_they_are():
     """An unpaired-preference row's ``label: false`` answer was taken as the reference the greedy
     answers are checked against (GRPO's and PPO's eval_data, DPO's eval_prompts)."""

@@ -69,6 +69,11 @@ def test_a_misspelt_key_is_offered_the_known_key_it_is_closest_to():
     with pytest.raises(ConfigError) as e:  # a key at the wrong level: the level that has it
         load_config(Cfg, overrides=["keep_checkpoints=1", "train.flag=true"])
     assert "did you mean: keep_checkpoints -> train.keep_checkpoints; train.flag -> flag; " in str(e.value)
+    from rlhfkit.methods.sft import SFTConfig
+
+    with pytest.raises(ConfigError) as e:  # data: as close to eval_data in spelling, but meant train_data
+        load_config(SFTConfig, overrides=["data=rows.jsonl"])
+    assert "did you mean: data -> train_data; " in str(e.value)
 
 
 def test_an_error_about_a_key_the_file_sets_names_the_file_and_line(tmp_path):

@@ -206,6 +206,9 @@ def sft_pieces(row: Row, tokenizer) -> tuple[list[int], list[tuple[list[int], bo
         prompt = encode_row_prompt(tokenizer, row)
         return prompt, [(completion_ids(tokenizer, row, "completion", d["completion"]), True)]
     if "text" in d:
+        if isinstance(d["text"], list):  # TRL's conversational language modeling has the messages in 'messages'
+            raise DataError(f"{row.where}: field 'text' must be a string; a conversation of chat messages goes in "
+                            "a field named 'messages'")
         return encode_prompt(tokenizer, ""), [(completion_ids(tokenizer, row, "text", d["text"]), True)]
     messages = _conversation(row)
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i > 0]

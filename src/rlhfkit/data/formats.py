@@ -72,8 +72,12 @@ def require_format(row: Row, method: str, accepted: tuple[str, ...]) -> str:
     fmt = row_format(row)
     if fmt not in accepted:
         article = "an" if FORMAT_NAMES[fmt][0] in "aeiou" else "a"
-        hint = ("; a stepwise row has 'labels' beside 'completions', one per step (missing here)"
-                if fmt == "ranking" and "stepwise" in accepted else "")
+        hint = ""
+        if fmt == "ranking" and "stepwise" in accepted:
+            hint = "; a stepwise row has 'labels' beside 'completions', one per step (missing here)"
+        elif fmt == "ranking" and "prompt_only" in accepted:
+            hint = ("; a field named 'completions' makes a row a ranking: in a prompt row rename it (reward "
+                    "functions get the sampled answers under that name)")
         raise DataError(f"{row.where}: {article} {FORMAT_NAMES[fmt]} row is not {method} data; "
                         f"that format is for {TAKEN_BY[fmt]}{hint}")
     media = [f for f in MEDIA_FIELDS if row.data.get(f) not in (None, [])]

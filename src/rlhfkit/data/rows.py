@@ -32,7 +32,8 @@ BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark Windows editors and Excel wri
 def read_rows(source) -> list[Row]:
     """Rows from a ``.jsonl``/``.json`` path, a ``.parquet`` path, a pattern of such paths (a Hub
     snapshot's ``data/train-*.parquet``: every file, in name order), a folder written by
-    ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` (``FOLDER:split`` picks a split), a
+    ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` (``FOLDER:split`` picks a split, as
+    ``FILE.json:split`` picks one of a JSON object's lists of rows), a
     ``datasets.Dataset``, a ``DatasetDict`` of one split, or a list of dicts. ShareGPT's chat form
     is read as ChatML's, and a message's content given as parts as its text (``as_chatml``)."""
     return [Row(r.where, as_chatml(r.data, r.where)) for r in _read_rows(source)]
@@ -120,6 +121,8 @@ def _read_rows(source) -> list[Row]:
                 raise DataError(f"{saved}: is a directory, not a data file (give a .jsonl or .parquet file, "
                                 f"or a folder written by save_to_disk){hint}")
             return _read_saved(saved, split or None)
+        if split and Path(folder).is_file() and Path(folder).suffix.lower() == ".json":  # FILE.json:split
+            return _nonempty(Path(folder), _read_json(Path(folder), split))
         if not path.is_file():
             if _looks_like_hub_name(str(source)):
                 raise DataError(f"{source}: a Hub dataset name needs the network; pass a local file or a saved "
@@ -129,10 +132,7 @@ def _read_rows(source) -> list[Row]:
         reader = readers.get(path.suffix.lower())
         if reader is None:
             reader = _unknown_kind(path)
-        rows = reader(path)
-        if not rows:
-            raise DataError(f"{path}: the file holds no rows")
-        return rows
+        return _nonempty(path, reader(path))
     if _is_dataset_dict(source):
         return _one_split(source, None, "<DatasetDict>")
     if isinstance(source, dict) or type(source).__name__ == "DataFrame":  # columns: a table, as datasets reads one
@@ -156,6 +156,12 @@ def _read_rows(source) -> list[Row]:
                 for i, r in enumerate(source, start=1)]
     if not rows:
         raise DataError("the dataset holds no rows")
+    return rows
+
+
+def _nonempty(path: Path, rows: list[Row]) -> list[Row]:
+    if not rows:
+        raise DataError(f"{path}: the file holds no rows")
     return rows
 
 
@@ -276,25 +282,25 @@ def _read_jsonl(path: Path) -> list[Row]:
     return rows
 
 
-def _read_json(path: Path) -> list[Row]:
+def _read_json(path: Path, split: str | None = None) -> list[Row]:
     """A ``.json`` file: one JSON array of row objects (as ``datasets.load_dataset("json")`` reads
-    it, pretty-printed or not), one object holding such an array under its one key (``{"data":
-    [...]}``), one row object over several lines, or JSON lines."""
+    it, pretty-printed or not), one object holding its rows (``_object_rows``), one row object over
+    several lines, or JSON lines. ``split`` names the list of rows to read (``FILE.json:train``)."""
     with path.open("rb") as f:
         head = f.read(4096).removeprefix(BOM).lstrip()
-    if head.startswith(b"{"):  # JSON lines, or one object over several lines: a row, or its rows under one key
-        if _json_lines(path):
+    if head.startswith(b"{"):  # JSON lines, or one object over several lines: a row, or its rows
+        if _json_lines(path) and split is None:
             return _read_jsonl(path)
         try:
             whole = json.loads(_text(path))
         except json.JSONDecodeError:
+            if split is not None:
+                raise DataError(f"{path}: JSON lines hold no splits; pass the file alone") from None
             return _read_jsonl(path)  # its error names the line
-        inner = list(whole.values())[0] if isinstance(whole, dict) and len(whole) == 1 else None
-        rows_inside = isinstance(inner, list) and inner and all(isinstance(item, dict) for item in inner)
-        if rows_inside and not messages_like(inner):  # {"messages": [...]} is one chat row, not rows
-            key = next(iter(whole))  # {"data": [...]}, what datasets reads with field="data"
-            return [Row(f"{path}:{key}[{i}]", item) for i, item in enumerate(inner)]
-        return [Row(f"{path}:row 1", _as_dict(whole, f"{path}:row 1"))]
+        return _object_rows(path, _as_dict(whole, f"{path}:row 1"), split)
+    if split is not None:
+        raise DataError(f"{path}: not one object of lists of rows, so there is no split {split!r} in it; "
+                        "pass the file alone")
     if not head.startswith(b"["):
         return _read_jsonl(path)
     try:
@@ -302,6 +308,52 @@ def _read_json(path: Path) -> list[Row]:
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
     return [Row(f"{path}:row {i}", _as_dict(item, f"{path}:row {i}")) for i, item in enumerate(items, start=1)]
+
+
+def _object_rows(path: Path, whole: dict, split: str | None) -> list[Row]:
+    """The rows of a ``.json`` file that is one object, told apart by what its values are:
+
+    - lists of row objects: ``{"data": [...]}`` (what datasets reads with ``field="data"``), or
+      splits, ``{"train": [...], "test": [...]}``, of which ``split`` names one;
+    - columns, as datasets reads them: ``{"prompt": [...], "completion": [...]}``, or pandas'
+      ``DataFrame.to_json()`` layout ``{"prompt": {"0": ..., "1": ...}, ...}``;
+    - else one row, its fields the object's (``{"messages": [...]}`` is one chat row)."""
+    lists = [k for k, v in whole.items() if isinstance(v, list) and v and all(isinstance(i, dict) for i in v)
+             and not messages_like(v)]
+    if lists and len(lists) == len(whole):
+        if split is None and len(lists) > 1:
+            raise DataError(f"{path}: holds lists of rows under {', '.join(repr(k) for k in lists)}; name the one "
+                            f"to read ({path}:{lists[0]}, as datasets' field='{lists[0]}')")
+        key = split if split is not None else lists[0]
+        if key not in whole:
+            raise DataError(f"{path}: no split {key!r}; the lists of rows are under {', '.join(map(repr, lists))}")
+        return [Row(f"{path}:{key}[{i}]", item) for i, item in enumerate(whole[key])]
+    if split is not None:
+        raise DataError(f"{path}: not an object of lists of rows, so there is no split {split!r} in it; "
+                        "pass the file alone")
+    columns = _columns(whole)
+    if columns is None:
+        return [Row(f"{path}:row 1", whole)]
+    n = len(next(iter(columns.values())))
+    return [Row(f"{path}:row {i + 1}", _present({k: v[i] for k, v in columns.items()})) for i in range(n)]
+
+
+def _columns(whole: dict) -> dict | None:
+    """``whole``'s columns where it is a table written column by column (every value a list of one
+    length, none of them chat messages; or pandas' layout, every value an object keyed by the same
+    row numbers "0", "1", ...), else None."""
+    values = list(whole.values())
+    if not values:
+        return None
+    if all(isinstance(v, dict) and v for v in values):
+        keys = set(values[0])
+        if all(k.isdigit() for k in keys) and all(set(v) == keys for v in values):
+            order = sorted(keys, key=int)
+            return {name: [column[k] for k in order] for name, column in whole.items()}
+        return None
+    if all(isinstance(v, list) and v and not messages_like(v) for v in values) and len({len(v) for v in values}) == 1:
+        return whole
+    return None
 
 
 def _json_lines(path: Path) -> bool:

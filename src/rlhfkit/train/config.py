@@ -339,6 +339,7 @@ TRL_NAMES = {"learning_rate": "train.lr", "num_train_epochs": "train.epochs", "m
              "truncation_mode": "overlong (error, truncate or skip; truncate keeps the start)",
              "loss_weights": "loss_type (name:weight, comma-separated: sigmoid:0.8,nca_pair:0.2; an sft term is rpo_alpha)",
              "model_name_or_path": "model", "dataset_name": "train_data (a local file or save_to_disk folder)",
+             "train_dataset": "train_data (a local file or save_to_disk folder)", "eval_dataset": "eval_data",
              "cliprange": "eps_clip", "cliprange_value": "eps_value", "vf_coef": "critic_lr (the value loss has weight 1 and the critic its own learning rate; under Adam a loss weight hardly changes the step)",
              "num_ppo_epochs": "ppo_epochs",
              "num_mini_batches": "minibatch_size (rows per optimizer step: prompts_per_step / num_mini_batches)",
@@ -522,10 +523,12 @@ def _key_paths(cls, prefix: str = "") -> list[str]:
 
 def _near_key(cls, key: str, at: str, names: set) -> str | None:
     """The key an unknown ``at + key`` likely meant: the same name at another level (``lr`` ->
-    ``train.lr``), else a close spelling at its own (``bata`` -> ``beta``)."""
+    ``train.lr``), else a close spelling at its own (``bata`` -> ``beta``; ``data`` -> ``train_data``)."""
     elsewhere = [p for p in _key_paths(cls) if p.rsplit(".", 1)[-1] == key and p != at + key]
     if elsewhere:
         return min(elsewhere, key=len)
+    if "train_" + key in names:  # data -> train_data, not the as-close eval_data
+        return at + "train_" + key
     match = difflib.get_close_matches(key, sorted(names), n=1, cutoff=0.6)
     return at + match[0] if match else None
 
