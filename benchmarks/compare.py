@@ -209,7 +209,7 @@ def main() -> None:
     summaries = [compare(m, args) for m in args.methods]
     ceiling.append(run_json([sys.executable, str(HERE / "run.py"), "ceiling"], args.timeout))
     print(json.dumps(ceiling[1]), flush=True)
-    fastest = max(c[k] for c in ceiling for k in ("mm_gflops_per_s", "onednn_gflops_per_s") if k in c)
+    fastest = max(c[k] for c in ceiling for k in ("mm_gflops_per_s", "onednn_gflops_per_s") if c.get(k) is not None)
     for s in summaries:
         if s["method"] in TARGETS:  # KTO and RLOO are outside BENCHMARK.md's table: no target
             s["reach"] = reach(s, fastest)
