@@ -267,6 +267,20 @@ def test_a_json_object_of_splits_names_one_and_a_table_written_by_columns_is_rea
     assert [r.data for r in read_rows(tmp_path / "pair.json")] == [chat]
 
 
+def test_a_field_given_twice_is_refused_not_read_as_its_last_value(tmp_path):
+    """{"prompt": "a", "prompt": "b"} trained on "b" (Python's json keeps the last), and a CSV header
+    naming a column twice kept only its last cell."""
+    (tmp_path / "d.jsonl").write_text('{"prompt": "a", "completion": "x"}\n{"prompt": "a", "completion": "x", "prompt": "b"}\n')
+    with pytest.raises(DataError, match=rf"{re.escape(str(tmp_path / 'd.jsonl'))}:2: field 'prompt' is given twice"):
+        read_rows(tmp_path / "d.jsonl")
+    (tmp_path / "d.json").write_text('[{"messages": [{"role": "user", "role": "assistant", "content": "x"}]}]')
+    with pytest.raises(DataError, match=r"d.json: field 'role' is given twice in one object"):  # at any depth
+        read_rows(tmp_path / "d.json")
+    (tmp_path / "d.csv").write_text("prompt,completion,prompt\na,x,b\n")
+    with pytest.raises(DataError, match=r"d.csv:1: the header names column 'prompt' twice"):
+        read_rows(tmp_path / "d.csv")
+
+
 def test_a_pattern_reads_every_shard_of_a_hub_snapshot_in_name_order(tmp_path):
     """A Hub snapshot keeps a split in shards (data/train-00000-of-00002.parquet, ...): the folder
     was refused and a pattern was "file not found", so one shard at a time lost the rest."""

@@ -275,11 +275,26 @@ def _read_jsonl(path: Path) -> list[Row]:
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line.rstrip("\r\n"))  # a column past the line's end, not "column 1" of the next
+                obj = _loads(line.rstrip("\r\n"), where)  # a column past the line's end, not "column 1" of the next
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
             rows.append(Row(where, _as_dict(obj, where)))
     return rows
+
+
+def _loads(text: str, where: str):
+    """``json.loads``, refusing an object that gives a key twice (JSON would keep the last value
+    silently; datasets' Arrow reader refuses such a row too)."""
+    def unique(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise DataError(f"{where}: field '{key}' is given twice in one object (JSON would keep the last "
+                                "value); give it once")
+            seen.add(key)
+        return dict(pairs)
+
+    return json.loads(text, object_pairs_hook=unique)
 
 
 def _read_json(path: Path, split: str | None = None) -> list[Row]:
@@ -292,7 +307,7 @@ def _read_json(path: Path, split: str | None = None) -> list[Row]:
         if _json_lines(path) and split is None:
             return _read_jsonl(path)
         try:
-            whole = json.loads(_text(path))
+            whole = _loads(_text(path), str(path))
         except json.JSONDecodeError:
             if split is not None:
                 raise DataError(f"{path}: JSON lines hold no splits; pass the file alone") from None
@@ -304,7 +319,7 @@ def _read_json(path: Path, split: str | None = None) -> list[Row]:
     if not head.startswith(b"["):
         return _read_jsonl(path)
     try:
-        items = json.loads(_text(path))
+        items = _loads(_text(path), str(path))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
     return [Row(f"{path}:row {i}", _as_dict(item, f"{path}:row {i}")) for i, item in enumerate(items, start=1)]
@@ -376,6 +391,10 @@ def _read_csv(path: Path) -> list[Row]:
 
     try:
         reader = csv.DictReader(io.StringIO(_text(path), newline=""))
+        twice = sorted({name for name in reader.fieldnames or () if reader.fieldnames.count(name) > 1})
+        if twice:
+            raise DataError(f"{path}:1: the header names column '{twice[0]}' twice (a row would keep only the "
+                            "last of its values); name each column once")
         rows = []
         for fields in reader:
             where = f"{path}:{reader.line_num}"
