@@ -283,6 +283,24 @@ def test_chat_messages_in_text_are_told_to_go_in_messages(chatml):
         sft_pieces(row, chatml)
 
 
+def test_a_ranking_of_chat_answers_encodes_as_the_pairs_of_its_answers(chatml):
+    """The formats are "each standard or conversational", but a ranking's answers as chat turns were
+    refused ("field 'completions[0]' must be a string, got list")."""
+    turns = [[{"role": "assistant", "content": f" {n}"}] for n in (4, 5, 6)]
+    ranking = {"prompt": [USER], "completions": turns}
+    pair = {"prompt": [USER], "chosen": turns[0], "rejected": turns[2]}
+    (ranked,), _ = encode_rankings(_rows(ranking), chatml, 64)
+    (paired,), _ = encode_rankings(_rows(pair), chatml, 64)
+    assert ranked.prompt_ids == paired.prompt_ids and ranked.ranks == [0, 1, 2]
+    assert [ranked.completion_ids[0], ranked.completion_ids[2]] == paired.completion_ids
+    for bad, said in (({"completions": [turns[0], " 5"]}, r"field 'completions' mixes text and chat messages"),
+                      ({"completions": [turns[0], turns[0]]}, r"field 'completions' lists the answer of 'completions\[0\]' more than once"),
+                      ({"completions": [turns[0], [{"role": "assistant"}]]}, r"field 'completions\[1\]\[0\]' must have "
+                                                                             r"string 'role' and 'content'")):
+        with pytest.raises(DataError, match=r"d.jsonl:1: " + said):
+            encode_rankings(_rows({**ranking, **bad}), chatml, 64)
+
+
 def test_a_text_prompt_beside_whole_conversations_is_their_shared_start_as_in_trl(chatml):
     """UltraFeedback-binarized's layout: ``prompt`` as text, ``chosen`` and ``rejected`` as whole
     conversations (and extra fields). TRL then takes the conversations' shared messages as the

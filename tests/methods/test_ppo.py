@@ -323,6 +323,11 @@ def test_a_reward_model_folder_without_tokenizer_files_is_named_in_a_warning(tin
     load_models(cfg, "cpu", told)
     assert told.lines == [f"warning: the reward model at {bare} has no tokenizer files, so whether it reads the "
                           "actor's token ids cannot be checked; it is given them"]
+    told = Said()  # a critic folder that does not exist: not found, with no tokenizer warning first
+    with pytest.raises(Exception, match=r"not found"):
+        load_models(replace(cfg, critic=str(tmp_path / "nope")), "cpu", told)
+    assert told.lines == [f"warning: the reward model at {bare} has no tokenizer files, so whether it reads the "
+                          "actor's token ids cannot be checked; it is given them"]
 
 
 def test_a_routers_training_noise_is_switched_off_with_the_dropout():

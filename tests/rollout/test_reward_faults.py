@@ -166,3 +166,21 @@ def test_grpo_refuses_a_rankings_file_whose_fields_collide_with_reward_arguments
     with pytest.raises(DataError, match=r"rankings_train.jsonl:1: a ranking \(prompt, completions\) row is not grpo or "
                                         r"ppo data"):
         run_grpo(cfg)  # before: "got multiple values for argument 'completions'" in every reward call
+
+
+def test_a_reward_file_imports_the_modules_beside_it_and_an_import_error_names_its_line(tmp_path):
+    """``rewards=rw/rew.py:acc`` whose file imports ``helper`` beside it failed with "No module
+    named 'helper'" (the file's folder was not searched, as ``python rw/rew.py`` would), and an
+    error raised while importing named no file or line."""
+    from rlhfkit.rollout.rewards import load_callable
+
+    (tmp_path / "rw").mkdir()
+    (tmp_path / "rw" / "rlhfkit_test_helper_s37.py").write_text("def norm(s):\n    return s.strip()\n")
+    (tmp_path / "rw" / "rew.py").write_text(
+        "from rlhfkit_test_helper_s37 import norm\n\n\ndef acc(prompts, completions, **kw):\n"
+        "    return [float(norm(c) == '4') for c in completions]\n")
+    assert load_callable(f"{tmp_path / 'rw' / 'rew.py'}:acc")(["2+2="], [" 4 "]) == [1.0]
+    (tmp_path / "bad.py").write_text("import math\n\nVALUE = 1 / 0\n")
+    with pytest.raises(RewardError, match=rf"cannot be loaded: ZeroDivisionError: division by zero \(at "
+                                          rf"{re.escape(str(tmp_path / 'bad.py'))}:3\)"):
+        load_callable(f"{tmp_path / 'bad.py'}:acc")

@@ -1,13 +1,15 @@
 """Learned rewards in GRPO: what they read, and where a step ends."""
 
+import re
+
 import pytest
 import torch
 
-from rlhfkit.data.rows import read_rows
+from rlhfkit.data.rows import DataError, read_rows
 from rlhfkit.data.steps import collate_steps, encode_step_rows
 from rlhfkit.models.load import load_tokenizer
 from rlhfkit.models.reward import load_process_reward_model, load_reward_model, reward_scores, step_logits
-from rlhfkit.rollout.reward_models import ProcessRewardModelReward, RewardModelReward
+from rlhfkit.rollout.reward_models import ProcessRewardModelReward, RewardModelReward, check_renders
 from rlhfkit.rollout.sampler import Samples, left_pad
 from rlhfkit.tasks.arithmetic import arithmetic_steps
 
@@ -75,6 +77,20 @@ def test_reward_model_scores_the_sampled_tokens_or_the_text_for_its_own_tokenize
     with torch.no_grad():
         expected = reward_scores(retok.model, ids, mask).tolist()
     assert retok.bind(samples, rows)(prompts, texts) == pytest.approx(expected, abs=1e-6)
+
+    # chat prompts it cannot render (its tokenizer has no template): refused at set-up, naming its folder; it
+    # was the first step's reward error, which said to pass tokenizer=PATH (the policy's)
+    chat = read_rows([{"prompt": p} for p in prompts] + [{"prompt": [{"role": "user", "content": "What is 1+2?"}]}])
+    check_renders(same, chat)  # scores the sampled ids: it renders nothing
+    check_renders(retok, chat)
+    other.chat_template = None
+    other.save_pretrained(str(tmp_path / "rm2"))
+    (tmp_path / "rm2" / "chat_template.jinja").unlink(missing_ok=True)
+    plain = RewardModelReward(str(tmp_path / "rm2"), tok, name="rm_2")
+    check_renders(plain, rows)  # plain-text prompts need no template
+    with pytest.raises(DataError, match=rf"{re.escape(str(tmp_path / 'rm2'))}: this reward model reads the prompts with "
+                                        r"its own tokenizer, which has no chat template, .* \(<list>:row 3\)"):
+        check_renders(plain, chat)
 
 
 @pytest.mark.parametrize("readout", ["head", "likelihood"])

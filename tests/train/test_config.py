@@ -186,6 +186,12 @@ def test_trls_names_for_config_keys_are_answered_with_rlhfkits():
         load_config(GRPOConfig, None, ["learning_rate=1e-6", "num_generations=4"])
     with pytest.raises(ConfigError, match=r"train\.num_train_epochs -> train\.epochs"):
         load_config(GRPOConfig, None, ["train.num_train_epochs=3"])
+    with pytest.raises(ConfigError, match=r"loss_type=bnpo .* loss_type=dapo is the token mean over the whole batch"):
+        load_config(GRPOConfig, None, ["loss_type=bnpo"])  # TRL's value: was "must be one of ...; got 'bnpo'"
+    from rlhfkit.methods.rm import RMConfig
+
+    with pytest.raises(ConfigError, match=r"num_labels -> nothing: a reward model has one output, its score"):
+        load_config(RMConfig, None, ["num_labels=1"])
 
 
 def test_trls_rloo_and_kto_names_are_answered_as_those_methods_read_them(tmp_path):

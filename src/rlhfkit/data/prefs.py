@@ -7,13 +7,14 @@ A pair is a ranking of two. Each output of a ranking is tokenised once and carri
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
 import torch
 
 from .encode import LengthReport, completion_ids, encode_row_prompt, fit_length
-from .formats import check_prompt_fields, implicit_answers, is_chat, require_format
+from .formats import check_messages, check_prompt_fields, implicit_answers, is_chat, require_format
 from .rows import DataError, Row, get_str_list
 
 
@@ -108,7 +109,7 @@ def ranking_completions(row: Row, method: str = "rm and dpo") -> tuple[list, lis
     An implicit-preference pair's answers are what follows the shared prefix of chosen and rejected."""
     fmt = require_format(row, method, PREFERENCE_FORMATS)
     if fmt == "ranking":
-        completions = get_str_list(row, "completions", min_len=2)
+        completions = _ranking_answers(row)
         if len(completions) > 9:
             raise DataError(f"{row.where}: field 'completions' has {len(completions)} entries; at most 9")
         ranks = row.data.get("ranks")  # None: a parquet or datasets column where this row has no ties
@@ -135,6 +136,26 @@ def ranking_completions(row: Row, method: str = "rm and dpo") -> tuple[list, lis
     if chosen == rejected:
         raise DataError(f"{row.where}: fields 'chosen' and 'rejected' are the same text")
     return [chosen, rejected], [0, 1]
+
+
+def _ranking_answers(row: Row) -> list:
+    """A ranking's answers: distinct non-empty strings or, conversational, chat turns (each a list of
+    messages after a chat prompt, as a pair's ``chosen`` is), all of one kind."""
+    value = row.data.get("completions")
+    if not (isinstance(value, list) and any(isinstance(v, list) for v in value)):
+        return get_str_list(row, "completions", min_len=2)
+    if not all(isinstance(v, list) for v in value):
+        raise DataError(f"{row.where}: field 'completions' mixes text and chat messages; give every answer as text "
+                        "or every answer as a list of messages")
+    if len(value) < 2:
+        raise DataError(f"{row.where}: field 'completions' needs at least 2 entries, got {len(value)}")
+    for i, turn in enumerate(value):
+        check_messages(row, f"completions[{i}]", turn)
+    seen = [json.dumps(turn, sort_keys=True) for turn in value]
+    if len(set(seen)) != len(seen):
+        i = next(i for i, key in enumerate(seen) if seen.count(key) > 1)
+        raise DataError(f"{row.where}: field 'completions' lists the answer of 'completions[{i}]' more than once")
+    return value
 
 
 def encode_rankings(rows: list[Row], tokenizer, max_length: int, overlong: str = "error", method: str = "rm and dpo"):

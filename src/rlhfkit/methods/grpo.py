@@ -197,6 +197,10 @@ class GRPOConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/grpo"))
 
     def __post_init__(self):
+        if self.loss_type == "bnpo":
+            raise ConfigError("loss_type=bnpo (TRL's token mean over each device's micro-batch) is not here: "
+                              "loss_type=dapo is the token mean over the whole batch, which bnpo's is where one "
+                              "micro-batch on one device holds the step", keys=["loss_type"])
         choice("loss_type", self.loss_type, tuple(REDUCTIONS))
         choice("importance_sampling_level", self.importance_sampling_level, ("token", "sequence"))
         if self.importance_sampling_level == "sequence" and self.loss_type not in ("grpo", "luspo", "sapo", "rloo"):
@@ -712,7 +716,7 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
     check_positions(run, policy, report.longest, cfg.max_new_tokens)
     check_positions(run, policy, longest_prompt(eval_rows, tokenizer), cfg.eval_max_new_tokens)
     rewards = load_model_rewards(keys, rewards, tokenizer, run.device)
-    retokenised = check_learned_rewards(run, rewards, report.longest, cfg.max_new_tokens)
+    retokenised = check_learned_rewards(run, rewards, rows, report.longest, cfg.max_new_tokens)
     reference = frozen_reference(run, policy, cfg.model, tokenizer, cfg.lora.enabled) if cfg.beta != 0 else None
     backend = backend or make_backend(cfg.rollout, tokenizer, policy, copy=run.shards_models,  # before sharding
                                       out_dir=tc.out_dir)

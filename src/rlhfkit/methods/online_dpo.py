@@ -258,7 +258,7 @@ def run_online_dpo(cfg: OnlineDPOConfig, reward_fns: list | None = None, weights
     check_positions(run, policy, report.longest, cfg.max_new_tokens)
     check_positions(run, policy, longest_prompt(eval_rows, tokenizer), cfg.eval_max_new_tokens)
     rewards = load_model_rewards(keys, rewards, tokenizer, run.device)
-    retokenised = check_learned_rewards(run, rewards, report.longest, cfg.max_new_tokens)
+    retokenised = check_learned_rewards(run, rewards, rows, report.longest, cfg.max_new_tokens)
     reference = frozen_reference(run, policy, cfg.model, tokenizer, cfg.lora.enabled)
     backend = backend or make_backend(cfg.rollout, tokenizer, policy, copy=run.shards_models, out_dir=tc.out_dir)
     run.shard(policy)

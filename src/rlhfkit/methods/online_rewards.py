@@ -18,7 +18,7 @@ from ..data.formats import user_prompt
 from ..data.rows import read_rows, source_name
 from ..models.reward import is_sequence_classifier
 from ..rollout.evaluate import HeldOut
-from ..rollout.reward_models import ProcessRewardModelReward, RewardModelReward
+from ..rollout.reward_models import ProcessRewardModelReward, RewardModelReward, check_renders
 from ..rollout.rewards import (
     RESERVED,
     OutcomeScores,
@@ -202,11 +202,12 @@ def prompt_rows(run, cfg, tokenizer, functions: list) -> tuple[list, HeldOut | N
     return rows, eval_rows, report
 
 
-def check_learned_rewards(run, rewards: Rewards, longest: tuple[int, str], new_tokens: int) -> dict:
+def check_learned_rewards(run, rewards: Rewards, rows: list, longest: tuple[int, str], new_tokens: int) -> dict:
     """Every learned reward's model checked against the longest prompt with ``new_tokens`` (its
-    positions), and a reward model with another tokenizer said; returns the metrics that record the
-    latter (``reward/NAME_retokenised``)."""
+    positions) and its tokenizer against the prompts (``check_renders``), and a reward model with
+    another tokenizer said; returns the metrics that record the latter (``reward/NAME_retokenised``)."""
     for learned in [f for f in [*rewards.functions, rewards.process] if hasattr(f, "model")]:
+        check_renders(learned, rows)
         check_positions(run, learned.model, longest, new_tokens)
     models = [f for f in rewards.functions if isinstance(f, RewardModelReward)]
     for f in filter(lambda f: f.retokenise, models):

@@ -102,6 +102,8 @@ def check_shared_tokenizer(folder, tokenizer, role: str, trained: str, say=None)
     vocabulary, token for token; a folder without one is said (``say``) and given the ids as they are."""
     if not isinstance(folder, (str, Path)):  # a model object (Python API): nothing to read
         return
+    if not Path(folder).is_dir():  # said as the loader says it, not as a folder without tokenizer files
+        return
     if not any((Path(folder) / name).is_file() for name in TOKENIZER_FILES):
         if say is not None:
             say(f"warning: the {role} at {folder} has no tokenizer files, so whether it reads the {trained}'s "

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from ..data.encode import encode_row_prompt, row_chunks, to_device
+from ..data.encode import encode_row_prompt, is_chat_row, row_chunks, to_device
 from ..data.formats import completion_text
-from ..data.rows import Row
+from ..data.rows import DataError, Row
 from ..data.steps import (
     StepExample,
     char_to_token_index,
@@ -42,12 +42,30 @@ def own_tokenizer(path: str, policy_tokenizer):
     return policy_tokenizer
 
 
+def check_renders(learned, rows: list[Row]) -> None:
+    """A learned reward that reads the prompts as text (a PRM; a reward model with a tokenizer of
+    its own) renders a chat prompt with its own tokenizer: one it cannot render (no chat template)
+    is refused before training, naming the model's folder, not at the first step's scores."""
+    chat = next((row for row in rows if is_chat_row(row)), None)
+    if chat is None or not learned.reads_text:
+        return
+    if not getattr(learned.tokenizer, "chat_template", None):
+        raise DataError(f"{learned.path}: this reward model reads the prompts with its own tokenizer, which has no chat "
+                        f"template, and the prompts are chat messages ({chat.where}); save the tokenizer it was "
+                        "trained with (its chat template) into the folder")
+    try:
+        encode_row_prompt(learned.tokenizer, chat)
+    except DataError as e:
+        raise DataError(f"{learned.path}: this reward model's own tokenizer cannot render the prompts: {e}") from None
+
+
 class RewardModelReward:
     """An outcome reward: r(x, y) of a ``...ForSequenceClassification`` folder (e.g. ``rlhfkit rm``)."""
 
     def __init__(self, path: str, policy_tokenizer, device: str = "cpu", name: str = "rm", rows_per_forward: int = 0):
         self.tokenizer, self.rows_per_forward = own_tokenizer(path, policy_tokenizer), rows_per_forward
         self.retokenise = self.tokenizer.get_vocab() != policy_tokenizer.get_vocab()
+        self.path, self.reads_text = path, self.retokenise  # the same vocabulary: it scores the sampled ids
         self.model = load_reward_model(path, self.tokenizer, device=device).eval().requires_grad_(False)
         self.__name__ = name
 
@@ -86,6 +104,7 @@ class ProcessRewardModelReward:
 
     def __init__(self, path: str, policy_tokenizer, device: str = "cpu", rows_per_forward: int = 0):
         self.tokenizer, self.rows_per_forward = own_tokenizer(path, policy_tokenizer), rows_per_forward
+        self.path, self.reads_text = path, True
         self.model = load_process_reward_model(path, self.tokenizer, device=device).eval().requires_grad_(False)
         self.separator = getattr(self.model.config, "step_separator", None) or "\n"
         self.sep_ids = separator_ids(self.tokenizer, self.separator)

@@ -233,9 +233,11 @@ def score_outcomes(functions: list[Callable], weights: list[float], prompts: lis
 
 def load_callable(spec: str) -> Callable:
     """``package.module:function`` or ``path/to/file.py:function`` -> the function, or a RewardError
-    that names the spec (raised when the config is read, before any model loads). A module is
-    found where Python finds it, then in the working directory (as ``python -m`` would find it:
-    the ``rlhfkit`` command's own path does not hold it)."""
+    that names the spec and, for an error the user's code raised while importing, its file and
+    line (raised when the config is read, before any model loads). A module is found where Python
+    finds it, then in the working directory (as ``python -m`` would find it: the ``rlhfkit``
+    command's own path does not hold it); a file's own folder is searched too, so that it imports
+    the modules beside it, as ``python path/to/file.py`` would."""
     import importlib
     import importlib.util
     import os
@@ -248,6 +250,9 @@ def load_callable(spec: str) -> Callable:
             path = Path(target)
             if not path.is_file():
                 raise FileNotFoundError(f"no file {path}")
+            folder = str(path.resolve().parent)
+            if folder not in sys.path:
+                sys.path.append(folder)  # after the installed packages: they keep their precedence
             module_spec = importlib.util.spec_from_file_location(f"rlhfkit_user_{path.stem}", path)
             module = importlib.util.module_from_spec(module_spec)
             module_spec.loader.exec_module(module)
@@ -257,7 +262,12 @@ def load_callable(spec: str) -> Callable:
             module = importlib.import_module(target)
         fn = getattr(module, name)
     except Exception as e:  # the user's module may raise anything while importing
-        raise RewardError(f"reward {spec!r} cannot be loaded: {type(e).__name__}: {e}") from None
+        import traceback
+
+        frames = [f for f in traceback.extract_tb(e.__traceback__) if "importlib" not in f.filename
+                  and not f.filename.startswith("<") and Path(f.filename).resolve() != Path(__file__).resolve()]
+        at = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+        raise RewardError(f"reward {spec!r} cannot be loaded: {type(e).__name__}: {e}{at}") from None
     if not callable(fn):
         raise RewardError(f"reward {spec!r} is not callable")
     return fn

@@ -25,7 +25,9 @@ def reference_completion(row: Row) -> str:
         if text is not None and text.strip():
             return text
     raise DataError(f"{row.where}: no reference to check an answer against (a 'completion', 'chosen' or final "
-                    "assistant message); give held-out rows that have one")
+                    f"assistant message; fields present: {', '.join(sorted(row.data))}); held-out rows are checked by "
+                    "eval_task (arithmetic: an integer 'answer'; reference: that answer text), not by the reward "
+                    "functions: give held-out rows that have one, or eval_data=null")
 
 
 class ReferenceMatch:
