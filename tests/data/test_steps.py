@@ -30,6 +30,24 @@ def test_steps_are_read_at_the_separator_after_each_step(tok):
     assert batch.labels.tolist() == [1.0, 0.0, 1.0, 0.0] and batch.attention_mask.sum(-1).tolist() == [7, 13]
 
 
+def test_last_step_only_keeps_every_step_as_context_and_the_last_ones_label_alone(tok):
+    """TRL's train_on_last_step_only: the input is the whole solution, and only the last step's
+    label is trained (TRL sets the others to -100); a row cut short has lost that step."""
+    rows = read_rows([{"prompt": "Q?", "completions": ["a1", "b", "c"], "labels": [True, False, True]},
+                      {"prompt": "Q?", "completions": ["a1", "bbbbbbbb"], "labels": [True, False]}])
+    full, _ = encode_step_rows(rows, tok, "\n", 64)
+    last, _ = encode_step_rows(rows, tok, "\n", 64, last_step_only=True)
+    for whole, only in zip(full, last):
+        assert only.input_ids == whole.input_ids and only.positions == whole.positions[-1:]
+        assert only.labels == whole.labels[-1:] and only.spans == whole.spans[-1:] and len(whole.labels) > 1
+    batch = collate_steps(last, tok.pad_token_id)
+    assert batch.step_cols.tolist() == [8, 13] and batch.labels.tolist() == [1.0, 0.0]
+    cut, report = encode_step_rows(rows, tok, "\n", 9, "truncate")  # 9 tokens: the first row whole, the second cut
+    assert [e.labels for e in cut] == [(True, False, True), (True,)] and report.truncated == 1
+    cut, report = encode_step_rows(rows, tok, "\n", 9, "truncate", last_step_only=True)
+    assert [e.labels for e in cut] == [(True,)] and report.skipped == [rows[1].where] and report.truncated == 0
+
+
 def test_conversational_form_uses_the_chat_template(tok):
     plain = read_rows([{"prompt": "<|user|>Q?<|assistant|>", "completions": ["a", "b"], "labels": [True, True]}])
     chat = read_rows([{"prompt": [{"role": "user", "content": "Q?"}],

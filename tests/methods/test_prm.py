@@ -68,6 +68,32 @@ def test_micro_batches_give_the_whole_batch_loss(tiny, tmp_path):
     assert losses[0][-1] < losses[0][0]  # it trains
 
 
+def test_last_step_only_trains_the_last_steps_label_alone(tiny, tmp_path):
+    """``train_on_last_step_only`` (TRL's): the first step's loss is the BCE of the last steps'
+    scores alone, not of every step's."""
+    import torch.nn.functional as F
+
+    from rlhfkit.train.logging import read_metrics
+
+    row = {"prompt": "What is 12+34-5?", "completions": [" 12+34=46", "46-5=40", "Answer: 40"],
+           "labels": [True, True, False]}
+    (tmp_path / "prm.jsonl").write_text("".join(json.dumps(row) + "\n" for _ in range(8)))  # every batch is known
+    cfg = PRMConfig(model=str(tiny["base"]), train_data=str(tmp_path / "prm.jsonl"), max_length=64,
+                    train_on_last_step_only=True,
+                    train=quiet_train(tmp_path / "run", max_steps=1, batch_size=8, lr=1e-3, schedule="constant"))
+    run_prm(cfg)
+    logged = next(m["train/loss"] for m in read_metrics(tmp_path / "run") if "train/loss" in m)
+    tok = load_tokenizer(tiny["base"])
+    model = load_process_reward_model(tiny["base"], tok, 1, seed=cfg.train.seed).eval()
+    batch = collate_steps(encode_step_rows(read_rows(str(tmp_path / "prm.jsonl")), tok, "\n", 64)[0], tok.pad_token_id)
+    with torch.no_grad():
+        logits = step_logits(model, batch.input_ids, batch.attention_mask, batch.step_rows, batch.step_cols)
+    last = logits.view(8, 3)[:, -1]
+    assert logged == pytest.approx(F.binary_cross_entropy_with_logits(last, torch.zeros(8)).item(), abs=1e-5)
+    every = F.binary_cross_entropy_with_logits(logits, batch.labels).item()
+    assert abs(logged - every) > 1e-3  # the test can tell the two apart
+
+
 @pytest.mark.slow
 def test_head_prm_fits_its_training_rows_and_saves_a_token_classifier(tiny, multistep_sft, tmp_path):
     """The head read-out (TRL's form) trains and saves a token classifier. On held-out rows it does not

@@ -110,10 +110,12 @@ def _inner(step: str, separator: str) -> str:
     return step
 
 
-def encode_step_rows(rows: list[Row], tokenizer, separator: str, max_length: int,
-                     overlong: str = "error") -> tuple[list[StepExample], LengthReport]:
+def encode_step_rows(rows: list[Row], tokenizer, separator: str, max_length: int, overlong: str = "error",
+                     last_step_only: bool = False) -> tuple[list[StepExample], LengthReport]:
     """Every row checked and encoded. Over-long rows: an error, skipped, or (``truncate``) cut
-    after the last whole step that fits."""
+    after the last whole step that fits. ``last_step_only`` (TRL's ``train_on_last_step_only``):
+    each example keeps the last step's label (and place) alone, the steps before it its context; a
+    row cut short has lost its last step and is skipped."""
     sep_ids, report, examples = separator_ids(tokenizer, separator), LengthReport(rows=len(rows)), []
     for row in rows:
         steps, labels = read_steps(row)
@@ -133,13 +135,15 @@ def encode_step_rows(rows: list[Row], tokenizer, separator: str, max_length: int
         if len(ids) > max_length:
             if overlong == "error":
                 raise DataError(f"{row.where}: {len(ids)} tokens exceed max_length={max_length}; {OVERLONG_HINT}")
-            fits = sum(p < max_length for p in positions) if overlong == "truncate" else 0
+            fits = sum(p < max_length for p in positions) if overlong == "truncate" and not last_step_only else 0
             if fits == 0:
                 report.skipped.append(row.where)
                 continue
             report.truncated += 1
             ids, positions, labels, spans = ids[: positions[fits - 1] + 1], positions[:fits], labels[:fits], spans[:fits]
         report.note_length(len(ids), row.where)
+        if last_step_only:
+            positions, labels, spans = positions[-1:], labels[-1:], spans[-1:]
         examples.append(StepExample(ids, positions, labels, spans))
     if not examples:
         raise DataError(f"no usable rows left after the length policy ({report.summary()})")

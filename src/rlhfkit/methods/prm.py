@@ -61,6 +61,9 @@ class PRMConfig:
     step_logprob_floor: float = -3.0  # likelihood: a step whose every token has log p above it is judged right
     max_length: int = 128
     overlong: str = "error"  # error | truncate (after the last whole step that fits) | skip
+    # TRL's: train each row's last step's label alone (the steps before it are context; a row cut by overlong
+    # loses its last step and is skipped); the held-out metrics still judge every step
+    train_on_last_step_only: bool = False
     eval_limit: int = 500  # held-out rows used; 0 = all
     lora: LoraConfig = field(default_factory=LoraConfig)  # adapters on the backbone; the step head trains in full
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/prm"))
@@ -151,7 +154,7 @@ def run_prm(cfg: PRMConfig) -> dict:
     run = start_run(cfg.train, cfg, "prm")
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
     examples, report = encode_step_rows(read_rows(cfg.train_data), tokenizer, cfg.step_separator, cfg.max_length,
-                                        cfg.overlong)
+                                        cfg.overlong, last_step_only=cfg.train_on_last_step_only)
     run.say(f"{source_name(cfg.train_data)}: {report.summary()}")
     held_out, eval_report = [], None
     if cfg.eval_data:

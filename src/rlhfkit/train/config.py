@@ -411,8 +411,6 @@ TRL_NAMES = {"learning_rate": "train.lr", "num_train_epochs": "train.epochs", "m
              "is_encoder_decoder": "nothing: rlhfkit trains decoder-only causal LMs",
              "num_labels": "nothing: a reward model has one output, its score (TRL's RewardTrainer sets num_labels=1; "
                            "the PRM's num_labels picks its head)",
-             "train_on_last_step_only": "nothing: the PRM trains every step's label (TRL's option trains the last "
-                                        "step's alone)",
              "shuffle_dataset": "nothing: the rows are shuffled each epoch, by train.seed",
              "teacher_model_name_or_path": "teacher",
              "cpo_alpha": "rpo_alpha (the chosen answers' NLL per token; `rlhfkit cpo` and `rlhfkit orpo` weigh it 1)",
