@@ -192,6 +192,13 @@ def test_trls_names_for_config_keys_are_answered_with_rlhfkits():
 
     with pytest.raises(ConfigError, match=r"num_labels -> nothing: a reward model has one output, its score"):
         load_config(RMConfig, None, ["num_labels=1"])
+    from rlhfkit.methods.dpo import DPOConfig
+
+    with pytest.raises(ConfigError) as e:  # TRL's PEFT keys: lora_alpha was offered DPO's ld_alpha, LD-DPO's weight
+        load_config(DPOConfig, None, ["use_peft=true", "lora_r=8", "lora_alpha=16", "lora_target_modules=q_proj"])
+    assert ("TRL's names, rlhfkit's: lora_alpha -> lora.alpha; lora_r -> lora.r; lora_target_modules -> "
+            "lora.target_modules; use_peft -> lora.r (adapters are on where lora.r > 0); ") in str(e.value)
+    assert "ld_alpha" not in str(e.value).split("; known")[0]
 
 
 def test_trls_rloo_and_kto_names_are_answered_as_those_methods_read_them(tmp_path):

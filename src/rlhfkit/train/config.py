@@ -409,6 +409,8 @@ TRL_NAMES = {"learning_rate": "train.lr", "num_train_epochs": "train.epochs", "m
                                 "ORPO, online DPO, KTO, GRPO, RLOO, PPO, distillation; TRL turns it off by default in RM, DPO, "
                                 "CPO and ORPO, and in GRPO and distillation only with disable_dropout=true)",
              "is_encoder_decoder": "nothing: rlhfkit trains decoder-only causal LMs",
+             "use_peft": "lora.r (adapters are on where lora.r > 0)", "lora_r": "lora.r", "lora_alpha": "lora.alpha",
+             "lora_dropout": "lora.dropout", "lora_target_modules": "lora.target_modules",
              "num_labels": "nothing: a reward model has one output, its score (TRL's RewardTrainer sets num_labels=1; "
                            "the PRM's num_labels picks its head)",
              "shuffle_dataset": "nothing: the rows are shuffled each epoch, by train.seed",
