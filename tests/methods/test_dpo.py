@@ -509,3 +509,19 @@ def test_bco_pairs_reward_shift_is_the_running_mean_of_earlier_steps_rewards_and
     shift.update(1)  # 10 earlier answers at 0.3, then these 12
     assert run.keep["reward_shift"][1] == 22
     assert abs(run.keep["reward_shift"][0] - (3.0 + float(r.sum())) / 22) < 1e-6
+
+
+def test_in_bf16_the_precomputed_reference_is_computed_as_the_forwarded_one(tiny, tmp_path):
+    """With ``train.dtype=bf16`` the precomputed reference ran in fp32 while the policy's log-probs
+    were bf16 autocast's: at step 1, where the policy is its reference, the loss was ln 2 + 1.4e-4
+    here (a forwarded reference gives ln 2 exactly). Under the same autocast it is ln 2 + 1.5e-5:
+    the rest is bf16's sums over the precompute's other batch shapes."""
+    from rlhfkit.train.config import replace
+    from rlhfkit.train.logging import read_metrics
+
+    first = {}
+    for mode in ("precompute", "forward"):
+        run_dpo(replace(method_config("dpo", tiny, tmp_path / mode, 1, log_every=1, dtype="bf16"), reference=mode))
+        first[mode] = next(m for m in read_metrics(tmp_path / mode) if "train/loss" in m)
+    assert first["forward"]["train/loss"] == pytest.approx(math.log(2), abs=2e-6), first["forward"]
+    assert first["precompute"]["train/loss"] == pytest.approx(math.log(2), abs=5e-5), first["precompute"]

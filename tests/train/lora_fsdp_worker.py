@@ -31,6 +31,9 @@ def _rank(rank: int, out: str, tiny: str) -> None:
     for method, strategy in jobs:
         cfg = method_config(method, assets, Path(out) / f"{method}-{strategy}", 3, log_every=1, strategy=strategy)
         RUNS[method](replace(cfg, lora=LoraConfig(r=4, alpha=8)))
+    # DPO's reference precomputed through the adapters-off model before any trained forward, in bf16
+    cfg = method_config("dpo", assets, Path(out) / "dpo-bf16-fsdp", 3, log_every=1, strategy="fsdp", dtype="bf16")
+    RUNS["dpo"](replace(cfg, lora=LoraConfig(r=4, alpha=8)))
     with open(f"{out}/rank{rank}.json", "w") as f:
         json.dump({"done": True}, f)
     dist.destroy_process_group()

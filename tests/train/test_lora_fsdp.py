@@ -1,5 +1,5 @@
 """LoRA with FSDP2 on 2 spawned gloo ranks: SFT, RM and KTO (its reference the adapters-off base)
-give the one-process LoRA run's losses, GRPO, RLOO, PPO and distillation (whose ranks sample
+give the one-process LoRA run's losses, DPO in bf16 too (to bf16's precision), GRPO, RLOO, PPO and distillation (whose ranks sample
 differently) the 2-rank replicated LoRA run's."""
 
 import os
@@ -48,3 +48,12 @@ def test_lora_under_fsdp_on_two_ranks_matches_one_process(tiny, tmp_path):
         for x, y in zip(a, b):
             assert abs(x - y) < 1e-5, (method, a, b)
         assert (out / f"{method}-fsdp" / "model" / "adapter_config.json").is_file()
+    # DPO + LoRA + bf16: its precomputed reference (adapters off, peft freezing them) was the first forward FSDP2
+    # saw, which then took no gradient dtype for the adapters' groups: the first backward failed
+    one = tmp_path / "one" / "dpo-bf16"
+    RUNS["dpo"](replace(method_config("dpo", tiny, one, 3, log_every=1, strategy="fsdp", dtype="bf16"),
+                        lora=LoraConfig(r=4, alpha=8)))
+    a, b = _losses(one), _losses(out / "dpo-bf16-fsdp")
+    assert len(a) == len(b) == 3 and a[0] != a[2], (a, b)
+    for x, y in zip(a, b):  # bf16 products: FSDP2 casts the weights, one process the products' inputs
+        assert abs(x - y) < 2e-3, (a, b)

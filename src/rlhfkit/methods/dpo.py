@@ -62,7 +62,7 @@ from ..train.config import (
     used_only_with,
     within,
 )
-from ..train.loop import Objective, train_offline
+from ..train.loop import Objective, autocast, train_offline
 from ..train.run import start_run
 from .common import (
     RewardShift,
@@ -424,8 +424,8 @@ def run_dpo(cfg: DPOConfig) -> dict:
         "accuracy_before": run.start_eval(accuracy())["accuracy"] if prompts else None,  # 0.5 below, policy == ref (none: log pi)
         "preference_accuracy_before": preference_accuracy(model, pref_eval, pad, per_token=per_token) if pref_eval else None}
     run.keep["before"] = before
-    if cfg.reference == "precompute":
-        with reference() as ref_model:
+    if cfg.reference == "precompute":  # under the trained forward's autocast, as a forwarded reference is
+        with reference() as ref_model, autocast(cfg.train.dtype, run.device):
             examples = precompute_reference(ref_model, examples, pad, ld_alpha=cfg.ld_alpha)
         reference = None  # no reference model in memory
         run.say("reference log-probs precomputed once; the reference model is released")

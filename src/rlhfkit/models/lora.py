@@ -114,8 +114,11 @@ def _adapter_layers(model):
 def adapter_disabled(model: torch.nn.Module):
     """``model`` computing its base model's outputs: every adapter switched off, then back on."""
     layers = _adapter_layers(model)
+    trainable = [p for layer in layers for p in layer.parameters() if p.requires_grad]
     for layer in layers:
         layer.enable_adapters(False)
+    for p in trainable:  # peft froze them too: FSDP2 takes a group's gradient dtypes from its trainable parameters
+        p.requires_grad_(True)  # at its first forward, and with none it reduced bf16 gradients into fp32 ones
     try:
         yield model
     finally:
