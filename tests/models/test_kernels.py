@@ -1,3 +1,5 @@
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -229,3 +231,49 @@ def test_a_sampling_call_lays_its_weights_out_from_the_timed_threshold(fresh_cho
             model.lm_head.weight.add_(0.0)  # a new version: not the previous call's weights
         sampler.sample(model, [[5, 17, 3]], eos_id=-1, pad_id=0, max_new_tokens=new_tokens, temperature=1.0)
     assert asked == [new_tokens >= 8] * 2
+
+
+_SHAPES = """
+import ctypes, json, os
+import torch
+from rlhfkit.models.kernels import _onednn, onednn_linear_available
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                                                "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+def in_use_mb():
+    info = libc.mallinfo2()
+    return (info.uordblks + info.hblkhd) / 2**20
+assert onednn_linear_available()
+x, w = torch.randn(640, 64), torch.randn(64, 64)
+before = in_use_mb()
+for rows in range(1, 641):  # 640 shapes, each a kernel of its own
+    _onednn(x[:rows], w, None)
+print(json.dumps({"grew_mb": in_use_mb() - before, "caps": [os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY"),
+                                                            os.environ.get("LRU_CACHE_CAPACITY")]}))
+"""
+
+
+@needs_onednn
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallinfo2")
+def test_onednn_keeps_a_bounded_number_of_kernels_unless_the_environment_says_otherwise():
+    # oneDNN keeps every shape's kernel (about 570 KB of heap a shape on a Zen 5 EPYC); a run
+    # whose rows change every step met new shapes all along. rlhfkit caps both of its caches at
+    # 256 before its first product; a user's own setting wins.
+    import json
+    import os
+    import subprocess
+
+    caps = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
+
+    def run(**env):  # this process set both when it checked for oneDNN: the child starts without them
+        env = {**{k: v for k, v in os.environ.items() if k not in caps}, **env}
+        out = subprocess.run([sys.executable, "-c", _SHAPES], capture_output=True, text=True, timeout=120, check=True,
+                             env=env)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    capped, default = run(), run(**dict.fromkeys(caps, "1024"))
+    assert capped["caps"] == ["256", "256"] and default["caps"] == ["1024", "1024"]
+    # 640 shapes: all of them kept against 256 of them (2.5x); the rest of what grows is the same in both
+    assert capped["grew_mb"] < 0.6 * default["grew_mb"], (capped, default)
