@@ -32,7 +32,6 @@ from typing import List, Optional, Union
 import torch
 import torch.nn.functional as F
 
-
 KERNEL_CACHE_CAPACITY = 256
 
 
