@@ -172,6 +172,16 @@ def test_a_resume_may_change_cadence_length_and_engine_but_not_what_the_steps_co
     assert refused == ["beta: 0.1 -> 0.2", "lora.r: 0 -> 8"]  # train.seed is not in the saved config: not compared
 
 
+@pytest.mark.parametrize("before, after, allowed", [("precompute", "forward", True), ("forward", "precompute", True),
+                                                    ("precompute", "none", False), ("none", "forward", False)])
+def test_a_resume_may_change_how_the_reference_is_computed_but_not_drop_or_add_it(before, after, allowed):
+    # none leaves the reference out of the loss: a DPO run would go on reference-free, a CPO run as DPO
+    from rlhfkit.train.config import resume_changes
+
+    said = [f"reference: {before!r} -> {after!r}"]
+    assert resume_changes({"reference": before}, {"reference": after}) == ((said, []) if allowed else ([], said))
+
+
 @pytest.mark.parametrize("override", ["=3", "train.=3", ".lr=3"])
 def test_an_override_without_a_key_is_refused_by_name(override):
     with pytest.raises(ConfigError, match=f"override '{override}': a key before '=' is missing"):

@@ -664,8 +664,11 @@ RESUMABLE = ("train.resume", "train.out_dir", "train.max_steps", "train.epochs",
              "train.strategy", "train.device", "train.log_every", "train.eval_every", "train.save_every",
              "train.keep_checkpoints", "train.progress", "train.report_to", "train.plots",
              "train.activation_checkpointing", "rollout.", "eval_", "stop_at_accuracy", "snapshot_at_accuracy",
-             "share_prompt", "packing", "skip_zero_advantage", "reward_timeout_s", "reward_errors", "lora.merge",
-             "reference")
+             "share_prompt", "packing", "skip_zero_advantage", "reward_timeout_s", "reward_errors", "lora.merge")
+# Keys a resumed run may change only between values that compute the same update: DPO's reference
+# log-probs computed once or forwarded every step (not ``none``, which drops the reference from the
+# loss: DPO becomes reference-free, CPO becomes DPO)
+RESUMABLE_BETWEEN = {"reference": ("precompute", "forward")}
 LENGTH_KEYS = ("train.max_steps", "train.epochs")  # a changed one stretches or shortens the lr schedule from here
 
 
@@ -698,7 +701,8 @@ def resume_changes(saved: dict, now: dict) -> tuple[list[str], list[str]]:
     before, after = flat(saved), flat(now)
     changed = [k for k in after if k in before and k != "train.resume" and not _same(before[k], after[k])]
     said = [f"{k}: {before[k]!r} -> {after[k]!r}" for k in changed]
-    allowed = [k.startswith(RESUMABLE) for k in changed]
+    allowed = [k.startswith(RESUMABLE) or (k in RESUMABLE_BETWEEN and {before[k], after[k]} <= set(RESUMABLE_BETWEEN[k]))
+               for k in changed]
     return [d for d, ok in zip(said, allowed) if ok], [d for d, ok in zip(said, allowed) if not ok]
 
 
