@@ -233,6 +233,11 @@ def test_dpo_cli_then_eval_reports_preference_accuracy(tiny, tmp_path):
     ev = rlhfkit("eval", "--model", tmp_path / "dpo" / "model", "--ref", tiny["base"], "--data",
                  data / "prompts_eval.jsonl")
     assert ev.returncode == 2 and "prompts_eval.jsonl:1 is a prompt-only row: leave --ref out" in ev.stderr
+    # preference rows without --ref: told to give one, before any model loads
+    ev = rlhfkit("eval", "--model", tmp_path / "dpo" / "model", "--data", data / "prefs_eval.jsonl")
+    assert ev.returncode == 2 and ("prefs_eval.jsonl:1: a policy is measured on preference (prompt, chosen, rejected) "
+                                   "rows against its reference (the model it was trained from): give --ref REF, or "
+                                   "--ref none for a CPO, SimPO or ORPO policy") in ev.stderr
 
 
 def test_kto_cli_on_unpaired_rows_and_rloo_cli_with_trls_defaults(tiny, tmp_path):
@@ -259,6 +264,9 @@ def test_kto_cli_on_unpaired_rows_and_rloo_cli_with_trls_defaults(tiny, tmp_path
     result = json.loads((tmp_path / "kto" / "model" / "eval.json").read_text())
     assert result["n"] == n and result["rewards_chosen"] != 0  # two steps moved the policy off its reference
     assert result["margin"] == pytest.approx(result["rewards_chosen"] - result["rewards_rejected"])
+    ev = rlhfkit("eval", "--model", tmp_path / "kto" / "model", "--data", unpaired)  # no --ref: told to give one
+    assert ev.returncode == 2 and "(prompt, completion, label) rows against its reference (the model it was trained " \
+        "from): give --ref REF; without --ref" in ev.stderr
     out = rlhfkit("rloo", "--config", "rloo_tiny", f"model={tiny['base']}", f"train_data={tiny['data'] / 'prompts_train.jsonl'}",
                   "eval_data=null", "train.eval_every=0",
                   "rewards=contains_answer", "group_size=4", "prompts_per_step=4", "max_new_tokens=4",

@@ -48,6 +48,10 @@ def test_rloos_defaults_are_trls_and_its_settings_are_checked(tiny, tmp_path):
     assert load_config(RLOOConfig, None, ["reward_clip_range=[-0.5, 2]"]).reward_clip_range == (-0.5, 2.0)
     with pytest.raises(ConfigError, match="reward_clip_range' expects a list of 2"):
         load_config(RLOOConfig, None, ["reward_clip_range=0.5"])
+    # an offline batch size is refused by the method's own name (run_rloo is GRPO's loop)
+    batch = replace(rloo_config(tiny, tmp_path, 1), train=dataclasses.replace(RLOOConfig().train, batch_size=16))
+    with pytest.raises(ConfigError, match=r"^rloo: train.batch_size does not apply"):
+        run_rloo(batch)
 
 
 def test_the_kl_is_in_the_reward_before_the_leave_one_out_baseline(tiny, tmp_path, monkeypatch):

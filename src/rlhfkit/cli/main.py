@@ -158,7 +158,7 @@ NO_REFERENCE = "none"  # --ref none: a policy trained with no reference model (C
 
 
 def cmd_eval(args) -> int:
-    from ..data.formats import row_format
+    from ..data.formats import FORMAT_NAMES, row_format
     from ..data.rows import read_rows
     from ..models.reward import is_likelihood_prm, is_sequence_classifier, is_token_classifier
 
@@ -243,7 +243,13 @@ def cmd_eval(args) -> int:
     else:  # a policy: greedy exact-match accuracy on prompts, the held-out loss on answers and text
         from ..methods.common import load_policy
         from ..methods.sft import held_out_kinds, policy_eval
+        from ..train.config import ConfigError
 
+        if (fmt := row_format(rows[0])) in ("preference", "implicit_preference", "ranking", "unpaired_preference"):
+            raise ConfigError(f"{rows[0].where}: a policy is measured on {FORMAT_NAMES[fmt]} rows against its reference "
+                              f"(the model it was trained from): give --ref REF"
+                              + ("" if fmt == "unpaired_preference" else ", or --ref none for a CPO, SimPO or ORPO "
+                                 "policy") + "; without --ref a policy is measured on prompts, answers or text")
         if not held_out_kinds(rows)[1]:  # prompts alone: nothing for --max-length to measure (said before the eval)
             _refuse_unread(args, "a policy on prompt rows")
         model, tokenizer = load_policy(args.model, args.tokenizer)
