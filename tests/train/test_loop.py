@@ -132,3 +132,15 @@ def test_nan_loss_stops_before_the_optimizer_step(setup, tmp_path):
     load_model(saved, str(latest_checkpoint(tmp_path / "nan") / "model.safetensors"), strict=False)
     for (name, p), q in zip(model.named_parameters(), saved.parameters()):
         assert torch.equal(p.detach(), q.detach()), name
+
+
+@pytest.mark.parametrize("rows, warned", [(3, True), (8, False)])
+def test_a_step_larger_than_the_data_is_said(tmp_path, capsys, rows, warned):
+    # BatchOrder fills every step: 8 a step from 3 rows holds each of them two or three times
+    from rlhfkit.train.config import TrainConfig
+    from rlhfkit.train.run import DistInfo, Run
+
+    run = Run(TrainConfig(out_dir=str(tmp_path), batch_size=8), {}, DistInfo(), "dpo", "optimizer step")
+    run.plan(rows, 8)
+    said = "warning: train.batch_size=8 is more than the 3 rows of the training data: every step holds some of them"
+    assert (said in capsys.readouterr().err) is warned

@@ -242,7 +242,7 @@ def run_distill(cfg: DistillConfig, backend=None) -> dict:
         before["accuracy_before"] = run.start_eval(evaluate())["accuracy"]
     run.keep["before"] = before
     optimizer = build_optimizer(student, tc.lr, tc.weight_decay)
-    total = run.plan(len(rows), cfg.prompts_per_step, what="prompts")
+    total = run.plan(len(rows), cfg.prompts_per_step, "prompts", "prompts_per_step")
     run.attach(student, optimizer, build_scheduler(optimizer, total, tc.warmup_steps, tc.schedule, tc.min_lr_ratio))
     order = BatchOrder(len(rows), cfg.prompts_per_step, tc.seed)
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)

@@ -735,7 +735,7 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
     if cfg.off_policy_mask_threshold is not None and exact and updates == 1:
         run.say("off_policy_mask_threshold: the sampler's log-probs are the policy's and each batch takes one step "
                 "(mu 1, one minibatch), so no answer drifts and nothing is masked")
-    total = run.plan(len(rows), cfg.prompts_per_step) * updates  # optimizer steps
+    total = run.plan(len(rows), cfg.prompts_per_step, "prompts", "prompts_per_step") * updates  # optimizer steps
     reference_moves = reference_sync(cfg, reference, policy, run, updates)  # TR-DPO's; the checkpoints hold the moved reference
     run.attach(policy, optimizer, build_scheduler(optimizer, total, tc.warmup_steps, tc.schedule, tc.min_lr_ratio),
                kept={"reference": reference.module} if reference_moves else None)

@@ -265,7 +265,7 @@ def run_online_dpo(cfg: OnlineDPOConfig, reward_fns: list | None = None, weights
     evaluate = accuracy_eval(backend, policy, tokenizer, eval_rows, cfg.eval_max_new_tokens)
     before = run.start_eval(evaluate()) if evaluate else {}
     optimizer = build_optimizer(policy, tc.lr, tc.weight_decay)
-    total = run.plan(len(rows), cfg.prompts_per_step)
+    total = run.plan(len(rows), cfg.prompts_per_step, "prompts", "prompts_per_step")
     run.attach(policy, optimizer, build_scheduler(optimizer, total, tc.warmup_steps, tc.schedule, tc.min_lr_ratio))
     order = BatchOrder(len(rows), cfg.prompts_per_step, tc.seed)
     objective = dpo_objective(DPOLoss(beta=cfg.beta, loss_type=cfg.loss_type, reference="forward"), reference,

@@ -419,7 +419,7 @@ def run_ppo(cfg: PPOConfig, backend=None) -> dict:
     trained = torch.nn.ModuleDict({"actor": models["actor"], "critic": models["critic"]})
     optimizer = build_optimizer(trained, tc.lr, tc.weight_decay, {"actor": tc.lr, "critic": cfg.critic_lr})
     before = run.start_eval(evaluate(models, backend, tokenizer, eval_rows, cfg)) if eval_rows else {}  # the start's
-    total = run.plan(len(rows), cfg.prompts_per_step) * updates  # optimizer steps
+    total = run.plan(len(rows), cfg.prompts_per_step, "prompts", "prompts_per_step") * updates  # optimizer steps
     run.attach(trained, optimizer, build_scheduler(optimizer, total, tc.warmup_steps, tc.schedule, tc.min_lr_ratio))
     kl_ctl = AdaptiveKL(run.state.get("kl_coef", cfg.kl_coef), cfg.target_kl or 1.0, cfg.kl_horizon)
     order, kls = BatchOrder(len(rows), cfg.prompts_per_step, tc.seed), list(run.state.get("kls", []))

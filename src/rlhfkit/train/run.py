@@ -337,9 +337,14 @@ class Run:
         state = sum(local(v) for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim())
         return 2 * sum(local(p) for p in trained.parameters() if p.requires_grad) + state
 
-    def plan(self, rows: int, per_step: int, what: str = "rows") -> int:
+    def plan(self, rows: int, per_step: int, what: str = "rows", key: str = "train.batch_size") -> int:
         """The number of steps to run: ``train.epochs`` passes over ``rows`` training rows (or
-        ``what``: KTO's answers), ``per_step`` of them a step, when epochs is set; else ``train.max_steps``."""
+        ``what``: KTO's answers), ``per_step`` of them a step (the setting ``key``), when epochs is
+        set; else ``train.max_steps``. More a step than there are is said: every step then holds
+        some of them twice or more (no step is short of ``per_step``, where TRL's would be)."""
+        if per_step > rows:
+            self.say(f"warning: {key}={per_step} is more than the {rows} {what} of the training data: every step "
+                     f"holds some of them more than once")
         if self.cfg.epochs > 0:
             self.max_steps = max(1, math.ceil(self.cfg.epochs * rows / per_step))
             self.say(f"epochs={self.cfg.epochs:g} over {rows} {what}, {per_step} a step: {self.max_steps} {self.unit}s")
