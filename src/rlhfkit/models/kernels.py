@@ -44,8 +44,8 @@ def bound_kernel_caches() -> None:
     and the two entries of one shape hold about 570 KB of the heap (measured on a Zen 5 EPYC,
     the same from (M, 64) x (64, 256) to (M, 2048) x (2048, 2048)). A run whose rows change
     with every step (RL's, above ``BUCKET_MAX_ROWS``) meets new shapes all along, so its memory
-    grew by up to about 580 MB (the demo's multi-step GRPO: 221 shapes in 60 steps, 95 MB more
-    in use than on 60 shapes); at 256 entries the most is about 145 MB. A step needs far fewer:
+    grew by up to about 580 MB (the demo's multi-step GRPO met 395 shapes in 200 steps and ended
+    with 375 MB of heap in use, 265 MB at 256 entries); at 256 entries the most is about 145 MB. A step needs far fewer:
     the benchmarks' runs met 37 (SFT) to 104 (PPO) shapes in all. Both are read once, when
     oneDNN first builds a kernel in the process, so this runs before rlhfkit's first product."""
     for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
