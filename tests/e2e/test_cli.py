@@ -264,6 +264,11 @@ def test_kto_cli_on_unpaired_rows_and_rloo_cli_with_trls_defaults(tiny, tmp_path
     result = json.loads((tmp_path / "kto" / "model" / "eval.json").read_text())
     assert result["n"] == n and result["rewards_chosen"] != 0  # two steps moved the policy off its reference
     assert result["margin"] == pytest.approx(result["rewards_chosen"] - result["rewards_rejected"])
+    mixed = tmp_path / "mixed.jsonl"  # KTO trains on pairs among unpaired rows (two answers each): so does its eval
+    mixed.write_text(json.dumps(rows[0]) + "\n" + unpaired.read_text())
+    ev = rlhfkit("eval", "--model", tmp_path / "kto" / "model", "--ref", tiny["base"], "--data", mixed, "--out",
+                 tmp_path / "mixed.json")
+    assert ev.returncode == 0 and json.loads((tmp_path / "mixed.json").read_text())["n"] == n + 2, ev.stderr
     ev = rlhfkit("eval", "--model", tmp_path / "kto" / "model", "--data", unpaired)  # no --ref: told to give one
     assert ev.returncode == 2 and "(prompt, completion, label) rows against its reference (the model it was trained " \
         "from): give --ref REF; without --ref" in ev.stderr

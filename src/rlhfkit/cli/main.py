@@ -194,7 +194,7 @@ def cmd_eval(args) -> int:
         tokenizer = load_tokenizer(args.model, args.tokenizer)
         examples, report = encode_rankings(rows, tokenizer, args.max_length, args.overlong)
         metrics = ranking_metrics(load_reward_model(args.model, tokenizer), examples, tokenizer.pad_token_id)
-    elif args.ref and row_format(rows[0]) == "unpaired_preference":  # a KTO policy on unpaired rows
+    elif args.ref and any(row_format(r) == "unpaired_preference" for r in rows):  # a KTO policy (pairs may be among them)
         from ..data.unpaired import encode_unpaired
         from ..methods.common import load_policy
         from ..train.config import ConfigError
