@@ -276,4 +276,7 @@ def test_onednn_keeps_a_bounded_number_of_kernels_unless_the_environment_says_ot
     capped, default = run(), run(**dict.fromkeys(caps, "1024"))
     assert capped["caps"] == ["256", "256"] and default["caps"] == ["1024", "1024"]
     # 640 shapes: all of them kept against 256 of them (2.5x); the rest of what grows is the same in both
-    assert capped["grew_mb"] < 0.6 * default["grew_mb"], (capped, default)
+    # (Zen 5 EPYC: 106 MB against 321). Where oneDNN's kernels for these shapes are small (another
+    # implementation on another processor) the caps matter little, and growth within noise says nothing
+    if default["grew_mb"] > 32:
+        assert capped["grew_mb"] < 0.6 * default["grew_mb"], (capped, default)
