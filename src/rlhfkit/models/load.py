@@ -9,6 +9,7 @@ import torch
 
 from .forward import head_gap
 from .kernels import use_fast_linear
+from .tokenizer import save_tokenizer
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
@@ -299,7 +300,7 @@ def save_model(model, tokenizer, out_dir: str | Path, state_dict: dict | None = 
         model = plain
     model.save_pretrained(str(out_dir), safe_serialization=True)
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(out_dir))
+        save_tokenizer(tokenizer, out_dir)
 
 
 def _save_adapter(model, tokenizer, out_dir: Path, state: dict) -> None:
@@ -313,4 +314,4 @@ def _save_adapter(model, tokenizer, out_dir: Path, state: dict) -> None:
     save_file(adapter_state(model, state), str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
     (out_dir / ADAPTER_CONFIG).write_text(json.dumps(adapter_config(model), indent=2))
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(out_dir))
+        save_tokenizer(tokenizer, out_dir)

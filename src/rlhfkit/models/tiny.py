@@ -68,7 +68,7 @@ def write_tiny_default(out_dir: str | Path, spec: TinySpec = TinySpec(), seed: i
     folder that already holds files is a FileExistsError unless ``overwrite`` (``rlhfkit tiny --force``).
     """
     from ..tasks.arithmetic_files import write_task_files
-    from .tokenizer import save_char_tokenizer
+    from .tokenizer import save_char_tokenizer, save_tokenizer
 
     out = Path(out_dir)
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -77,6 +77,6 @@ def write_tiny_default(out_dir: str | Path, spec: TinySpec = TinySpec(), seed: i
     tokenizer = save_char_tokenizer(out / "tokenizer")
     model = build_tiny_model(tokenizer, spec, seed)
     model.save_pretrained(str(out / "base"))
-    tokenizer.save_pretrained(str(out / "base"))
+    save_tokenizer(tokenizer, out / "base")
     write_task_files(out / "data", seed)
     return {"tokenizer": out / "tokenizer", "base": out / "base", "data": out / "data"}

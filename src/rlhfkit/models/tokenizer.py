@@ -48,5 +48,27 @@ def build_char_tokenizer():
 
 def save_char_tokenizer(out_dir: str | Path):
     tokenizer = build_char_tokenizer()
-    tokenizer.save_pretrained(str(out_dir))
+    save_tokenizer(tokenizer, out_dir)
     return tokenizer
+
+
+# transformers 5 names the class of a tokenizer read from tokenizer.json alone "TokenizersBackend"
+# in the folders it saves; transformers 4 does not know that name, while both load a folder naming
+# it "PreTrainedTokenizerFast" (5: the same class, under its old name) to the same ids
+PORTABLE_CLASS = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+
+
+def save_tokenizer(tokenizer, out_dir: str | Path) -> None:
+    """``tokenizer.save_pretrained(out_dir)``, its class written by the name transformers 4 and 5
+    both load (``PORTABLE_CLASS``): a model trained under transformers 5 and served where 4 is
+    pinned (some vLLM releases) loads its tokenizer. Other class names are written as they are."""
+    import json
+
+    tokenizer.save_pretrained(str(out_dir))
+    path = Path(out_dir) / "tokenizer_config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    if config.get("tokenizer_class") in PORTABLE_CLASS:
+        config["tokenizer_class"] = PORTABLE_CLASS[config["tokenizer_class"]]
+        path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
