@@ -2,15 +2,18 @@
 PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
-# torch is pinned: on these machines pip finds a local CPU wheel for exactly this version.
+# torch is pinned: on these machines pip finds a local CPU wheel for exactly this version. Elsewhere
+# PyPI's Linux wheel is the CUDA build (several GB); TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# takes the CPU build from PyTorch's own index instead.
 TORCH  := torch==2.13.0
+TORCH_INDEX ?=
 
 .PHONY: demo test lint bench compare trl-env clean
 
 $(BIN)/rlhfkit: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q $(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $(BIN)/rlhfkit
 
