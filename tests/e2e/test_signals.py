@@ -114,6 +114,37 @@ def test_a_second_signal_exits_at_once_naming_the_checkpoint_kept(monkeypatch, c
     assert f"SIGTERM again: exiting now; the last complete checkpoint is kept: {kept}" in capfd.readouterr().err
 
 
+_FINISHING = """
+import os, signal, sys
+import rlhfkit.train.run as run_module
+from rlhfkit.methods.sft import SFTConfig, run_sft
+from rlhfkit.train.config import TrainConfig
+
+plot = run_module.plot_runs
+def signalled_plot(*args, **kwargs):  # SIGTERM while the final folder is written, before its plots
+    os.kill(os.getpid(), signal.SIGTERM)
+    return plot(*args, **kwargs)
+run_module.plot_runs = signalled_plot
+model, data, out = sys.argv[1:4]
+run_sft(SFTConfig(model=model, train_data=data, max_length=64,
+                  train=TrainConfig(out_dir=out, max_steps=2, batch_size=8, progress=False, report_to="none")))
+print("handler given back:", signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)
+"""
+
+
+def test_a_signal_while_the_final_folder_is_written_lets_it_complete(tiny, tmp_path):
+    # the steps are done: the model, result.json and plots (seconds) are written first, the run ends complete
+    # (before: the process ended at the signal, with no word and no plots)
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-c", _FINISHING, str(tiny["base"]), small(tiny, "sft_train.jsonl"), str(out)],
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"SIGTERM was received: the final model folder {out / 'model'} was written first, and the run is " \
+        "complete" in done.stderr
+    assert (out / "result.json").is_file() and (out / "model" / "model.safetensors").is_file()
+    assert any((out / "plots").glob("*.png")) and "handler given back: True" in done.stdout
+
+
 def test_user_errors_print_one_line_and_no_traceback(tiny, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [x,\n")

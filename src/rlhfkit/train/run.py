@@ -201,6 +201,7 @@ class Run:
     lr: float | None = None  # the learning rate of the last optimizer step
     signal: int | None = None  # SIGTERM / SIGINT received during the steps: stop after this step
     held: dict = field(default_factory=dict)  # the signal handlers steps() replaced
+    finishing: bool = False  # in ``finish``: a signal waits for the final model folder
     router_coef: float = 0.0  # the weight of a mixture of experts' balancing loss (``prepare``)
 
     def __post_init__(self):
@@ -450,7 +451,11 @@ class Run:
                   + (f": {kept}" if kept is not None else " (there is none yet)"), file=sys.stderr)
             os._exit(128 + signum)
         self.signal = signum
-        self.say(f"{name}: finishing {self.unit} {self.done + 1}, then writing a checkpoint ({name} again exits at once)")
+        if self.finishing:
+            self.say(f"{name}: the {self.unit}s are done; writing the final model folder first ({name} again exits "
+                     "at once)")
+        else:
+            self.say(f"{name}: finishing {self.unit} {self.done + 1}, then writing a checkpoint ({name} again exits at once)")
 
     def optimizer_step(self, loss: torch.Tensor, clip_apart: list | None = None) -> tuple[float, float]:
         """``loss``: this rank's share of the loss whose gradients were accumulated. Checks the
@@ -577,6 +582,9 @@ class Run:
 
     def close(self) -> None:
         self.release()
+        self._close_outputs()
+
+    def _close_outputs(self) -> None:
         if self.bar is not None:
             self.bar.close()
         if self.logger is not None:
@@ -584,8 +592,21 @@ class Run:
 
     def finish(self, model, tokenizer, summary: dict, files: dict[str, str] | None = None) -> dict:
         """Save the trained model to ``<out>/model`` (with ``files``, name: text, as ``save_model``'s)
-        and the summary to ``<out>/result.json`` (rank 0)."""
-        self.close()
+        and the summary to ``<out>/result.json`` (rank 0). SIGTERM and SIGINT are held meanwhile,
+        as during the steps: the folder (seconds) is written first, and the run ends complete; a
+        second signal exits at once, the last checkpoint kept (before, a signal here ended the
+        process with no word and no plots, and only a resume completed the folder)."""
+        self.finishing, self.held = True, hold_signals(self._on_signal)
+        try:
+            return self._finish(model, tokenizer, summary, files)
+        finally:
+            self.release()
+            if self.signal is not None:
+                self.say(f"{signal.Signals(self.signal).name} was received: the final model folder "
+                         f"{Path(self.cfg.out_dir) / 'model'} was written first, and the run is complete")
+
+    def _finish(self, model, tokenizer, summary: dict, files: dict[str, str] | None) -> dict:
+        self._close_outputs()
         summary = {"steps": self.done, "steps_unit": self.unit, "optimizer_steps": self.optimizer_steps,
                    "evals": self.evals, **summary}
         out = Path(self.cfg.out_dir)
