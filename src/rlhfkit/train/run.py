@@ -598,12 +598,13 @@ class Run:
         process with no word and no plots, and only a resume completed the folder)."""
         self.finishing, self.held = True, hold_signals(self._on_signal)
         try:
-            return self._finish(model, tokenizer, summary, files)
+            summary = self._finish(model, tokenizer, summary, files)
         finally:
             self.release()
-            if self.signal is not None:
-                self.say(f"{signal.Signals(self.signal).name} was received: the final model folder "
-                         f"{Path(self.cfg.out_dir) / 'model'} was written first, and the run is complete")
+        if self.signal is not None:
+            self.say(f"{signal.Signals(self.signal).name} was received: the final model folder "
+                     f"{Path(self.cfg.out_dir) / 'model'} was written first, and the run is complete")
+        return summary
 
     def _finish(self, model, tokenizer, summary: dict, files: dict[str, str] | None) -> dict:
         self._close_outputs()
