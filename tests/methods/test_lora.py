@@ -63,6 +63,41 @@ def test_lora_trains_only_adapters_and_resumes_exactly(method, tiny, tmp_path, m
     assert "library_name: peft" in (tmp_path / "full" / "model" / "README.md").read_text()
 
 
+def test_ppo_with_lora_resumes_exactly_from_a_sharded_checkpoint(tiny, tmp_path, monkeypatch):
+    # actor and critic adapters are all matrices: their optimizer's 1-D groups were empty, and
+    # torch.distributed.checkpoint loads at most one empty group ("There are param groups that have
+    # zero parameters"): no sharded PPO + LoRA run could resume
+    def cfg(out):
+        return replace(method_config("ppo", tiny, out, 4, save_every=2, keep_checkpoints=5, strategy="fsdp"), lora=LORA)
+
+    RUNS["ppo"](cfg(tmp_path / "full"))
+    full = [m["train/loss"] for m in read_metrics(tmp_path / "full") if "train/loss" in m]
+    run_killed_in_step(monkeypatch, 3, lambda: RUNS["ppo"](cfg(tmp_path / "cut")))
+    assert (latest_checkpoint(tmp_path / "cut") / "dcp").is_dir()  # the sharded format
+    RUNS["ppo"](replace(cfg(tmp_path / "cut"), train__resume=True))
+    cut = [m["train/loss"] for m in read_metrics(tmp_path / "cut") if "train/loss" in m]
+    assert len(full) == 4 and cut[2:] == full[2:] and full[3] != full[2]
+
+
+def test_an_optimizer_state_saved_with_empty_groups_still_loads():
+    # checkpoints written before build_optimizer left empty groups out
+    from rlhfkit.train.optim import build_optimizer, matching_groups
+
+    model = torch.nn.ModuleDict({"actor": torch.nn.Linear(3, 2, bias=False), "critic": torch.nn.Linear(3, 1, bias=False)})
+    optimizer = build_optimizer(model, 1e-3, 0.1, {"actor": 1e-3, "critic": 1e-2})
+    assert [len(g["params"]) for g in optimizer.param_groups] == [1, 1]  # no empty 1-D groups
+    for child in model.values():
+        child(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    old = optimizer.state_dict()
+    old["param_groups"] = [old["param_groups"][0], {**old["param_groups"][0], "params": []}, old["param_groups"][1],
+                           {**old["param_groups"][1], "params": []}]  # as the old build wrote it
+    fresh = build_optimizer(model, 1e-3, 0.1, {"actor": 1e-3, "critic": 1e-2})
+    fresh.load_state_dict(matching_groups(old, fresh))
+    assert torch.equal(fresh.state[model["critic"].weight]["exp_avg"], optimizer.state[model["critic"].weight]["exp_avg"])
+    assert [g["lr"] for g in fresh.param_groups] == [1e-3, 1e-2]
+
+
 def test_the_adapters_off_reference_gives_the_frozen_copys_logprobs(tiny):
     model, tok = load_policy(str(tiny["base"]), None)
     frozen = copy.deepcopy(model).eval()

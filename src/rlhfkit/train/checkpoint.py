@@ -25,6 +25,7 @@ from safetensors.torch import load_model, save_file, save_model
 
 from ..models.load import is_sharded
 from .dist import DistInfo, any_rank
+from .optim import matching_groups
 
 MARKER = "COMPLETE"
 TRANSIENT = "TRANSIENT"
@@ -234,7 +235,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, info: DistInfo | No
             if unexpected or [k for k in missing if k not in _tied_keys(model) and k not in _frozen(model)]:
                 raise CheckpointError(f"{path}: weights do not match the model (missing {missing}, "
                                       f"unexpected {unexpected})")
-            optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+            optimizer.load_state_dict(matching_groups(torch.load(path / "optimizer.pt", weights_only=True), optimizer))
             for name, module in kept.items():
                 load_model(module, str(path / f"{name}.safetensors"))
     else:
@@ -267,7 +268,7 @@ def _load_whole_into_shards(path: Path, model, optimizer, kept: dict) -> None:
     if missing:
         raise CheckpointError(f"{path}: weights do not match the model (missing {sorted(missing)})")
     set_model_state_dict(model, weights, options=whole)
-    saved = torch.load(path / "optimizer.pt", weights_only=True)
+    saved = matching_groups(torch.load(path / "optimizer.pt", weights_only=True), optimizer)
     names = {id(p): name for name, p in model.named_parameters()}
     fqn = {}
     for then, now in zip(saved["param_groups"], optimizer.param_groups):

@@ -24,10 +24,21 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0
     groups = []
     for module, group_lr in parts:
         params = [p for p in module.parameters() if p.requires_grad]
-        # Decay only matrices, never norms or biases (the usual practice for transformers).
-        groups.append({"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay, "lr": group_lr})
-        groups.append({"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr": group_lr})
+        # Decay only matrices, never norms or biases (the usual practice for transformers). A group
+        # with nothing in it is left out: torch.distributed.checkpoint loads at most one (PPO's LoRA
+        # actor and critic, all matrices, made two, and a sharded run could not resume)
+        for kept, decay in ([p for p in params if p.ndim >= 2], weight_decay), ([p for p in params if p.ndim < 2], 0.0):
+            if kept:
+                groups.append({"params": kept, "weight_decay": decay, "lr": group_lr})
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
+
+
+def matching_groups(saved: dict, optimizer) -> dict:
+    """A saved optimizer state dict as ``optimizer`` (``build_optimizer``'s) holds its groups: one
+    written before empty groups were left out has them dropped (they hold no state)."""
+    if len(saved["param_groups"]) != len(optimizer.param_groups):
+        saved = {**saved, "param_groups": [g for g in saved["param_groups"] if g["params"]]}
+    return saved
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float = 0.0) -> float:
