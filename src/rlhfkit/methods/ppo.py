@@ -215,7 +215,8 @@ def make_experience(models: dict, backend, prompt_ids: list, cfg: PPOConfig, bet
     raw = reward_scores(models["reward"], samples.input_ids, samples.attention_mask, chunk)  # (B,)
     with models["reference"]() as reference:  # a frozen copy, or the actor with its adapters off
         ref_logprobs = chunked_logprobs(reference, samples, chunks, temperature=cfg.temperature,
-                                        dtype=cfg.train.dtype).float()  # as pi_old: a KL of 0 at the start
+                                        dtype=cfg.train.dtype).float()  # in pi_old's dtype: the start's KL is float
+    # rounding (exactly 0 under bf16, where pi_old is a forward too; ~1e-7 in fp32, where it is the sampler's own)
     size = cfg.minibatch_size // info.world_size  # this rank's rows of a minibatch
     micro = min(cfg.train.micro_batch_size or size, size)
     with autocast(cfg.train.dtype, str(samples.completion_ids.device)):  # as the update's forwards
