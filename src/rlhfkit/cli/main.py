@@ -161,6 +161,7 @@ def cmd_eval(args) -> int:
     from ..data.formats import FORMAT_NAMES, row_format
     from ..data.rows import read_rows
     from ..models.reward import is_likelihood_prm, is_sequence_classifier, is_token_classifier
+    from ..train.config import ConfigError
 
     if not Path(args.model).is_dir():  # before its kind is judged from the folder
         from ..models.load import ModelLoadError, hub_hint
@@ -197,7 +198,6 @@ def cmd_eval(args) -> int:
     elif args.ref and any(row_format(r) == "unpaired_preference" for r in rows):  # a KTO policy (pairs may be among them)
         from ..data.unpaired import encode_unpaired
         from ..methods.common import load_policy
-        from ..train.config import ConfigError
 
         if args.ref == NO_REFERENCE:
             raise ConfigError("--ref none reads pairs or rankings; KTO's implicit reward on unpaired rows is "
@@ -216,7 +216,6 @@ def cmd_eval(args) -> int:
         from ..data.prefs import encode_rankings
         from ..methods.common import load_policy
         from ..models.rankings import no_reference, precompute_reference, preference_accuracy
-        from ..train.config import ConfigError
 
         if (fmt := row_format(rows[0])) not in ("preference", "implicit_preference", "ranking"):
             raise ConfigError(f"--ref compares a policy with its reference on pairs or rankings (DPO's preference "
@@ -243,7 +242,6 @@ def cmd_eval(args) -> int:
     else:  # a policy: greedy exact-match accuracy on prompts, the held-out loss on answers and text
         from ..methods.common import load_policy
         from ..methods.sft import held_out_kinds, policy_eval
-        from ..train.config import ConfigError
 
         if (fmt := row_format(rows[0])) in ("preference", "implicit_preference", "ranking", "unpaired_preference"):
             raise ConfigError(f"{rows[0].where}: a policy is measured on {FORMAT_NAMES[fmt]} rows against its reference "

@@ -696,7 +696,7 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
                       cfg.train.micro_batch_size)
     rewards = resolve_rewards(keys, reward_fns, weights, process_fn)
     config = recorded_config(cfg, rewards, reward_fns is not None, process_fn is not None)
-    refuse_offline_batch_fields(type(cfg).__name__.removesuffix("Config").lower(), cfg.train)  # grpo or rloo
+    refuse_offline_batch_fields(cfg.advantage_estimator, cfg.train)  # grpo or rloo: the run's name (start_run)
     tc = cfg.train
     run = start_run(tc, config, cfg.advantage_estimator, unit="rollout step", show=("reward_mean",))
     for line in replaced_rewards(keys, reward_fns is not None, process_fn is not None):
