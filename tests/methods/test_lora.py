@@ -332,3 +332,32 @@ def test_adapters_on_experts_stored_as_one_tensor_are_named_as_unmergeable():
                                 LoraSettings(4, 8.0, 0.0, "q_proj,v_proj"), None, None)
     llama = apply_lora(tf.LlamaForCausalLM(tf.LlamaConfig(**small)), LoraSettings(4, 8.0, 0.0, "all-linear"), None, None)
     assert unmergeable(attention_only) is None and unmergeable(llama) is None
+
+
+@pytest.mark.parametrize("dropout", [True, False])
+def test_methods_with_dropout_off_turn_the_adapters_dropout_off_too(tiny, dropout, capsys):
+    """TRL's disable_dropout runs over the peft model, so lora_dropout is off with the rest. With
+    ``dropout=False`` (every method but SFT and the PRM) two train-mode forwards of trained adapters
+    agree exactly, and a lora.dropout above 0 is said to be off; SFT keeps it."""
+    from rlhfkit.train.config import TrainConfig
+    from rlhfkit.train.dist import DistInfo
+    from rlhfkit.train.run import Run
+
+    tok = load_tokenizer(tiny["base"])
+    run = Run(TrainConfig(), {}, DistInfo(), "dpo", "step")
+    model = run.prepare(load_causal_lm(tiny["base"], tok), LoraConfig(r=4, alpha=8, dropout=0.5), dropout=dropout)
+    with torch.no_grad():  # trained adapters: B away from 0, so the adapters' input dropout shows
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    batch = _batch(tiny, tok, 2)
+    model.train()
+    with torch.no_grad():
+        first, second = (model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+                         for _ in range(2))
+    said = capsys.readouterr().err
+    if dropout:
+        assert (first - second).abs().max() > 1e-3 and "lora.dropout" not in said
+    else:
+        assert torch.equal(first, second)
+        assert "dpo: warning: lora.dropout=0.5 is not applied" in said

@@ -31,7 +31,6 @@ from ..models.forward import eval_mode, target_logits
 from ..models.load import (
     ModelLoadError,
     check_shared_tokenizer,
-    disable_dropout,
     load_causal_lm,
     load_tokenizer,
 )
@@ -214,8 +213,8 @@ def run_distill(cfg: DistillConfig, backend=None) -> dict:
         run.say("warning: the teacher is the student's own start model: the divergence starts at 0 and the first "
                 "steps have nothing to learn")
     # no router balancing loss for a mixture of experts: TRL's DistillationTrainer adds none
-    student = run.prepare(disable_dropout(load_causal_lm(cfg.model, tokenizer, device=run.device)), cfg.lora,
-                          base=cfg.model)
+    student = run.prepare(load_causal_lm(cfg.model, tokenizer, device=run.device), cfg.lora,
+                          base=cfg.model, dropout=False)
     teacher, vocab = load_teacher(run, cfg, student, tokenizer)
     student_wider = student.get_output_embeddings().weight.shape[0] > vocab  # its samples may be rows the teacher lacks
     for model in (student, teacher):

@@ -37,7 +37,7 @@ from ..losses.dpo import (
     wpo_weights,
 )
 from ..models.forward import router_balance
-from ..models.load import disable_dropout, load_causal_lm, load_tokenizer
+from ..models.load import load_causal_lm, load_tokenizer
 from ..models.lora import Reference, is_adapter_folder
 from ..models.rankings import (
     no_reference,
@@ -398,8 +398,8 @@ def run_dpo(cfg: DPOConfig) -> dict:
         run.say(f"{source_name(cfg.eval_data)} (held out, over-long rows skipped): {eval_report.summary()}")
     prompts = held_out(cfg.eval_prompts, cfg.eval_limit, cfg.eval_task, run.say)
     # dropout off (as TRL's disable_dropout): the implicit rewards compare the policy with its frozen copy (or itself)
-    model = run.prepare(disable_dropout(load_causal_lm(cfg.model, tokenizer, device=run.device)), cfg.lora,
-                        base=cfg.model, router_loss=True)
+    model = run.prepare(load_causal_lm(cfg.model, tokenizer, device=run.device), cfg.lora,
+                        base=cfg.model, router_loss=True, dropout=False)
     check_positions(run, model, longest(report, eval_report))
     check_positions(run, model, longest_prompt(prompts, tokenizer), cfg.eval_max_new_tokens)
     backend = SamplerBackend(tokenizer, model, copy=run.shards_models)  # a copy is made before sharding

@@ -32,7 +32,7 @@ from ..losses.grpo import (
     sequence_k1,
 )
 from ..models.forward import router_balance
-from ..models.load import disable_dropout, load_causal_lm, load_tokenizer
+from ..models.load import load_causal_lm, load_tokenizer
 from ..models.reward import is_likelihood_prm, is_token_classifier
 from ..rollout.backend import SamplingParams, make_backend
 from ..rollout.evaluate import row_prompt_ids
@@ -711,8 +711,8 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
     rows, eval_rows, report = prompt_rows(run, cfg, tokenizer,
                                           [f for f in [*rewards.functions, rewards.process] if f is not None])
-    policy = run.prepare(disable_dropout(load_causal_lm(cfg.model, tokenizer, device=run.device)), cfg.lora,
-                         base=cfg.model, router_loss=True)
+    policy = run.prepare(load_causal_lm(cfg.model, tokenizer, device=run.device), cfg.lora,
+                         base=cfg.model, router_loss=True, dropout=False)
     check_positions(run, policy, report.longest, cfg.max_new_tokens)
     check_positions(run, policy, longest_prompt(eval_rows, tokenizer), cfg.eval_max_new_tokens)
     rewards = load_model_rewards(keys, rewards, tokenizer, run.device)

@@ -22,7 +22,7 @@ from ..data.rows import read_rows, source_name
 from ..data.unpaired import UnpairedBatch, collate_unpaired, encode_unpaired, with_mismatched
 from ..losses.kto import KTO_LOSSES, kto_loss, reference_point, weights_advice
 from ..models.forward import eval_mode, router_balance
-from ..models.load import disable_dropout, load_causal_lm, load_tokenizer
+from ..models.load import load_causal_lm, load_tokenizer
 from ..models.lora import Reference
 from ..models.rankings import precompute_reference, preference_accuracy, sequence_logps
 from ..rollout.backend import SamplerBackend
@@ -180,8 +180,8 @@ def run_kto(cfg: KTOConfig) -> dict:
             pairs, _ = encode_rankings(paired, tokenizer, cfg.max_length, "skip", method="kto")
     prompts = held_out(cfg.eval_prompts, cfg.eval_limit, cfg.eval_task, run.say)
     # dropout off (as TRL's disable_dropout): the implicit rewards compare the policy with its frozen copy
-    model = run.prepare(disable_dropout(load_causal_lm(cfg.model, tokenizer, device=run.device)), cfg.lora,
-                        base=cfg.model, router_loss=True)
+    model = run.prepare(load_causal_lm(cfg.model, tokenizer, device=run.device), cfg.lora,
+                        base=cfg.model, router_loss=True, dropout=False)
     # the longest forward: an answer after another example's prompt too (cut at max_length)
     widest = max(len(e.prompt_ids) + len(e.mismatched_ids or ()) for e in examples)
     check_positions(run, model, max(report.longest, (widest, report.longest[1]),

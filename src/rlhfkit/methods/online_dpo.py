@@ -29,7 +29,7 @@ import torch
 from ..data.encode import to_device
 from ..data.prefs import RankingExample
 from ..losses.dpo import REFERENCE_FREE, SORTED
-from ..models.load import disable_dropout, load_causal_lm, load_tokenizer
+from ..models.load import load_causal_lm, load_tokenizer
 from ..rollout.backend import SamplingParams, make_backend
 from ..rollout.evaluate import row_prompt_ids
 from ..tasks import TASK_CHOICES
@@ -253,8 +253,8 @@ def run_online_dpo(cfg: OnlineDPOConfig, reward_fns: list | None = None, weights
         raise ConfigError(f"prompts_per_step={cfg.prompts_per_step} must divide over {run.info.world_size} ranks")
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
     rows, eval_rows, report = prompt_rows(run, cfg, tokenizer, rewards.functions)  # every row, before any model loads
-    policy = run.prepare(disable_dropout(load_causal_lm(cfg.model, tokenizer, device=run.device)), cfg.lora,
-                         base=cfg.model, router_loss=True)
+    policy = run.prepare(load_causal_lm(cfg.model, tokenizer, device=run.device), cfg.lora,
+                         base=cfg.model, router_loss=True, dropout=False)
     check_positions(run, policy, report.longest, cfg.max_new_tokens)
     check_positions(run, policy, longest_prompt(eval_rows, tokenizer), cfg.eval_max_new_tokens)
     rewards = load_model_rewards(keys, rewards, tokenizer, run.device)

@@ -335,8 +335,9 @@ def load_models(cfg: PPOConfig, device: str = "cpu", run: Run | None = None):
     critic = disable_dropout(load_reward_model(cfg.critic or cfg.reward_model, tokenizer, seed=cfg.train.seed,
                                                device=device))
     if run is not None:
-        actor = run.prepare(actor, cfg.lora, base=cfg.model)
-        critic = run.prepare(critic, cfg.lora, head=score_name(critic), base=cfg.critic or cfg.reward_model)
+        actor = run.prepare(actor, cfg.lora, base=cfg.model, dropout=False)
+        critic = run.prepare(critic, cfg.lora, head=score_name(critic), base=cfg.critic or cfg.reward_model,
+                             dropout=False)
     if cfg.lora.enabled and run is not None:
         reference = Reference(adapted=actor)
     else:

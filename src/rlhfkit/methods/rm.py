@@ -129,7 +129,7 @@ def run_rm(cfg: RMConfig) -> dict:
     # dropout off (as TRL's disable_dropout): the answers of a ranking are scored under one function
     model = disable_dropout(load_reward_model(cfg.model, tokenizer, seed=cfg.train.seed, device=run.device))
     check_positions(run, model, longest(report, eval_report))
-    model = run.shard(run.prepare(model, cfg.lora, head=score_name(model), base=cfg.model))
+    model = run.shard(run.prepare(model, cfg.lora, head=score_name(model), base=cfg.model, dropout=False))
     evaluate = (lambda m: ranking_metrics(m, held_out, tokenizer.pad_token_id, share_prompt=cfg.share_prompt)) \
         if held_out else None
     collate = ranking_collate(model, tokenizer.pad_token_id, cfg.share_prompt)

@@ -407,7 +407,8 @@ TRL_NAMES = {"learning_rate": "train.lr", "num_train_epochs": "train.epochs", "m
              "vllm_mode": "rollout.backend=vllm (an engine colocated with the trainer; TRL's server mode is not here)",
              "disable_dropout": "nothing: every method but SFT and the PRM trains with dropout off (RM, DPO, CPO, "
                                 "ORPO, online DPO, KTO, GRPO, RLOO, PPO, distillation; TRL turns it off by default in RM, DPO, "
-                                "CPO and ORPO, and in GRPO and distillation only with disable_dropout=true)",
+                                "CPO and ORPO, and in GRPO and distillation only with disable_dropout=true); LoRA's "
+                                "lora.dropout is off in those methods too",
              "is_encoder_decoder": "nothing: rlhfkit trains decoder-only causal LMs",
              "use_peft": "lora.r (adapters are on where lora.r > 0)", "lora_r": "lora.r", "lora_alpha": "lora.alpha",
              "lora_dropout": "lora.dropout", "lora_target_modules": "lora.target_modules",

@@ -46,7 +46,7 @@ from ..models.kernels import (
     pin_kernels,
     use_fast_linear,
 )
-from ..models.load import is_sharded
+from ..models.load import disable_dropout, is_sharded
 from ..models.lora import LoraSettings, apply_lora, enable_activation_checkpointing, unmergeable
 from ..models.memory import keep_freed_memory
 from .checkpoint import (
@@ -276,11 +276,19 @@ class Run:
         return 0.0
 
     def prepare(self, model: torch.nn.Module, lora: LoraConfig | None = None, head: str | None = None,
-                base=None, router_loss: bool = False) -> torch.nn.Module:
+                base=None, router_loss: bool = False, dropout: bool = True) -> torch.nn.Module:
         """A model to train, made ready before it is copied or sharded: LoRA adapters when
         ``lora.r > 0`` (``head``: a scalar head trained in full; ``base``: the folder it came from)
         and activation checkpointing when ``train.activation_checkpointing``. ``router_loss``: the
-        method adds a mixture of experts' balancing loss (``router_coef``, said here)."""
+        method adds a mixture of experts' balancing loss (``router_coef``, said here).
+        ``dropout=False``: the method trains with every dropout off (``disable_dropout``), the
+        adapters' ``lora.dropout`` too, as TRL's ``disable_dropout`` turns off peft's; a
+        ``lora.dropout`` above 0 is then said to be off, not kept silently."""
+        if not dropout:
+            model = disable_dropout(model)
+            if lora is not None and lora.enabled and lora.dropout > 0:
+                self.say(f"warning: lora.dropout={lora.dropout:g} is not applied: this method trains with every "
+                         "dropout off, the adapters' too (as TRL's disable_dropout)")
         self.router_coef = self.router_balance_coef(model, router_loss, base)
         if lora is not None and lora.enabled:
             settings = LoraSettings(lora.r, lora.alpha, lora.dropout, lora.target_modules)
@@ -297,6 +305,8 @@ class Run:
                                   "or name other lora.target_modules")
             use_fast_linear(model)  # the adapters' own linear layers
             self.merge = lora.merge
+            if not dropout:
+                disable_dropout(model)  # the adapters' own dropout layers
         if self.cfg.activation_checkpointing:
             enable_activation_checkpointing(model)
         return model
