@@ -59,6 +59,10 @@ def _jobs(rank: int, out: Path, assets: dict) -> dict:
                             strategy=strategy)
         RUNS[method](cfg)
     RUNS["ppo"](greedy_ppo_with_ptx(assets["tiny"], out / "ppo-greedy"))  # replicated: the test runs it in one process
+    # PPO under bf16, sharded and replicated: the frozen reward model scores in fp32 either way
+    for strategy in ("fsdp", "replicate"):
+        RUNS["ppo"](method_config("ppo", assets["tiny"], out / f"ppo-bf16-{strategy}", 1, log_every=1,
+                                  strategy=strategy, dtype="bf16"))
     # distillation on answers each prompt draws alike wherever it is sampled: the test runs it in one process
     RUNS["distill"](method_config("distill", assets["tiny"], out / "distill-seeded", 3, log_every=1,
                                   strategy="replicate"), backend=seeded_backend(assets["tiny"]))

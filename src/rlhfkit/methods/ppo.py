@@ -414,8 +414,8 @@ def run_ppo(cfg: PPOConfig, backend=None) -> dict:
     run.say("parameter memory " + ", ".join(f"{k.split('/')[1]} {v} MB" for k, v in model_memory_mb(models).items()))
     backend = backend or make_backend(cfg.rollout, tokenizer, models["actor"], copy=run.shards_models,  # before sharding
                                       out_dir=tc.out_dir)
-    for model in modules(models).values():
-        run.shard(model)
+    for name, model in modules(models).items():  # the reward model scores in its frozen_dtype, as replicated: only
+        run.shard(model, cast=name != "reward")  # the models a run compares with the actor take FSDP2's bf16 policy
     exact = trainer_logprobs(backend, SamplingParams(cfg.max_new_tokens, cfg.temperature), tc.dtype)
     updates = cfg.ppo_epochs * (cfg.prompts_per_step // cfg.minibatch_size)  # optimizer steps per rollout step
     trained = torch.nn.ModuleDict({"actor": models["actor"], "critic": models["critic"]})

@@ -332,9 +332,12 @@ class Run:
             publish_folder(tmp, out_dir)
         barrier(self.info)
 
-    def shard(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Spread ``model`` over the ranks as ``train.strategy`` says (train/shard.py); copy it first."""
-        return shard(model, self.info, self.cfg.strategy, self.cfg.dtype)
+    def shard(self, model: torch.nn.Module, cast: bool = True) -> torch.nn.Module:
+        """Spread ``model`` over the ranks as ``train.strategy`` says (train/shard.py); copy it first.
+        ``cast=False``: its parameters keep their own dtype under ``train.dtype=bf16`` (a frozen
+        scorer loaded in fp32 scores in fp32, as it does replicated), where FSDP2's bf16 policy
+        would run its whole forward in bf16."""
+        return shard(model, self.info, self.cfg.strategy, self.cfg.dtype if cast else "fp32")
 
     def resident_bytes(self) -> int:
         """Bytes of the trained parameters, room for their gradients, and optimizer state on this

@@ -30,7 +30,9 @@ STRATEGIES = ("replicate", "fsdp")
 
 
 def shard(model: torch.nn.Module, info: DistInfo, strategy: str, dtype: str = "fp32") -> torch.nn.Module:
-    """Shard ``model`` in place under ``fsdp`` with more than one rank; otherwise leave it as it is."""
+    """Shard ``model`` in place under ``fsdp`` with more than one rank; otherwise leave it as it is.
+    ``dtype`` bf16: FSDP2 gathers the parameters in bf16 and runs the forward in it (gradients
+    reduced in fp32); fp32: the parameters stay in the dtype they were loaded in."""
     if strategy != "fsdp" or not info.enabled:
         return model
     import torch.distributed as dist
