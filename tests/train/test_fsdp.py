@@ -376,6 +376,9 @@ def test_eval_steps_of_a_sharded_run_are_checkpointed_and_resume_as_the_straight
     assert [e["step"] for e in resumed["evals"]] == [2, 4]
     assert resumed["evals"][1]["loss"] == pytest.approx(evals[1]["eval/loss"], abs=1e-5)
     assert [p.name for p in complete_checkpoints(one)] == ["step-0000004"]
+    # an eval step's training line comes before its eval's, in one process (steps 3-4 here) as on 2 ranks
+    order = [[(m["step"], "eval/loss" in m) for m in read_metrics(folder)] for folder in (one, out / "evals")]
+    assert order[0] == order[1] == [(1, False), (2, False), (2, True), (3, False), (4, False), (4, True)]
 
 
 def test_the_saved_folder_of_a_sharded_run_is_plain_and_holds_the_trained_weights(two_ranks, tiny):

@@ -504,18 +504,18 @@ class Run:
         evaluated, written, logged = None, None, False
         on_cadence = bool(cfg.save_every and done % cfg.save_every == 0) or last
         if evaluate is not None and ((cfg.eval_every and done % cfg.eval_every == 0) or last):
+            logged = done % cfg.log_every == 0 or last  # the step's line before its eval's, on any number of ranks
+            if logged:
+                self.log_window(done)
             if self.info.enabled:
-                logged = done % cfg.log_every == 0 or last
-                if logged:
-                    self.log_window(done)
                 written = self.save(done, state, pending_eval=True, step_logged=logged, transient=not on_cadence)
             try:
                 evaluated = self.evaluate(evaluate, done)
             except BaseException:
                 if not self.info.enabled:  # off the log cadence an interim line: a resumed run drops it (see below)
-                    interim = not (done % cfg.log_every == 0 or last)
-                    self.log_window(done, keep=interim)
-                    self.save(done, state, pending_eval=True, step_logged=not interim, transient=not on_cadence)
+                    if not logged:
+                        self.log_window(done, keep=True)
+                    self.save(done, state, pending_eval=True, step_logged=logged, transient=not on_cadence)
                 raise
         flags = torch.tensor([float(bool(evaluated and evaluated.get("stop"))), float(self.signal is not None)],
                              dtype=torch.float64)
