@@ -89,6 +89,23 @@ def test_fields_grpo_and_ppo_would_ignore_are_refused(tmp_path):
             run(cfg)
 
 
+def test_an_online_methods_batch_size_set_in_a_file_or_override_is_refused_even_at_its_default(tmp_path):
+    """From Python an explicit 32 (the default) cannot be told apart; a file or override that sets it
+    can: every online method refuses it before anything loads, with the file's line."""
+    from rlhfkit.methods.distill import DistillConfig
+    from rlhfkit.methods.online_dpo import OnlineDPOConfig
+    from rlhfkit.methods.rloo import RLOOConfig
+
+    config = tmp_path / "run.yaml"
+    config.write_text("model: m\ntrain:\n  lr: 1.0e-5\n  batch_size: 32\n")
+    for cls in (GRPOConfig, RLOOConfig, PPOConfig, OnlineDPOConfig, DistillConfig):
+        with pytest.raises(ConfigError, match=r"^config key 'train.batch_size' does not apply here \(it counts rows"):
+            load_config(cls, None, ["train.batch_size=32"])
+        with pytest.raises(ConfigError, match=rf"^{config}:4: config key 'train.batch_size' does not apply"):
+            load_config(cls, config)
+    assert load_config(SFTConfig, config, ["train.batch_size=32"]).train.batch_size == 32
+
+
 def test_a_label_smoothing_of_none_from_python_is_a_config_error():
     with pytest.raises(ConfigError, match=r"'label_smoothing' must be in \[0, 0.5\)"):
         DPOConfig(label_smoothing=None)

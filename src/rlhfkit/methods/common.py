@@ -118,12 +118,17 @@ def accuracy_eval(backend, policy, tokenizer, rows: HeldOut | None, max_new_toke
     return evaluate
 
 
+# The keys an online method's config does not read (its ``UNREAD``): ``load_config`` refuses them
+# wherever a file or an override sets them, its default value too
+OFFLINE_BATCH = {"train.batch_size": "it counts rows of offline data; set prompts_per_step (and for PPO "
+                                     "minibatch_size) instead"}
+
+
 def refuse_offline_batch_fields(method: str, train: TrainConfig) -> None:
     """GRPO, RLOO, PPO and distillation size their batches in prompts; ``train.batch_size`` would be
-    silently unused."""
+    silently unused (a config built in Python: set to its default it cannot be told apart)."""
     if train.batch_size != TrainConfig.batch_size:
-        raise ConfigError(f"{method}: train.batch_size does not apply (it counts rows of offline data); "
-                          "set prompts_per_step (and for PPO minibatch_size) instead")
+        raise ConfigError(f"{method}: train.batch_size does not apply ({OFFLINE_BATCH['train.batch_size']})")
 
 
 def ranking_collate(model, pad_id: int, share_prompt: bool = True):

@@ -53,11 +53,19 @@ from ..train.config import (
 from ..train.loop import BatchOrder, Objective, accumulate, reduce_dict
 from ..train.optim import build_optimizer, build_scheduler
 from ..train.run import Run, start_run
-from .common import accuracy_eval, check_positions, held_out, longest_prompt, refuse_offline_batch_fields
+from .common import (
+    OFFLINE_BATCH,
+    accuracy_eval,
+    check_positions,
+    held_out,
+    longest_prompt,
+    refuse_offline_batch_fields,
+)
 
 
 @dataclass(frozen=True)
 class DistillConfig:
+    UNREAD = OFFLINE_BATCH  # not a field: keys a config file or override may not set
     model: str = ""  # the student: the causal LM trained
     tokenizer: str | None = None
     # a causal LM folder with the student's tokenizer (TRL's teacher_model_name_or_path); from Python a model too

@@ -58,6 +58,7 @@ from ..train.loop import BatchOrder, autocast, reduce_dict
 from ..train.optim import build_optimizer, build_scheduler
 from ..train.run import Run, start_run
 from .common import (
+    OFFLINE_BATCH,
     accuracy_eval,
     check_positions,
     chunked_logprobs,
@@ -101,6 +102,7 @@ from .online_rewards import (
 
 @dataclass(frozen=True)
 class GRPOConfig:
+    UNREAD = OFFLINE_BATCH  # not a field: keys a config file or override may not set
     model: str = ""  # the SFT model
     tokenizer: str | None = None
     train_data: str = ""  # prompts (prompt + fields the rewards read, e.g. answer)

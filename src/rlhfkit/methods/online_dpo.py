@@ -49,6 +49,7 @@ from ..train.loop import BatchOrder, reduce_dict, step_on
 from ..train.optim import build_optimizer, build_scheduler
 from ..train.run import start_run
 from .common import (
+    OFFLINE_BATCH,
     accuracy_eval,
     check_positions,
     frozen_reference,
@@ -78,6 +79,7 @@ NEEDS_A_SETTING = {"simpo": "simpo_gamma", "exo_pair": "label_smoothing", "robus
 
 @dataclass(frozen=True)
 class OnlineDPOConfig:
+    UNREAD = OFFLINE_BATCH  # not a field: keys a config file or override may not set
     model: str = ""  # the SFT model: the policy starts here, and its frozen copy is the reference
     tokenizer: str | None = None
     train_data: str = ""  # prompts (prompt or messages, and the fields the rewards read, e.g. answer)

@@ -46,6 +46,7 @@ from ..train.loop import BatchOrder, autocast, reduce_dict
 from ..train.optim import build_optimizer, build_scheduler
 from ..train.run import Run, start_run
 from .common import (
+    OFFLINE_BATCH,
     check_positions,
     chunked_logprobs,
     held_out,
@@ -57,6 +58,7 @@ from .common import (
 
 @dataclass(frozen=True)
 class PPOConfig:
+    UNREAD = OFFLINE_BATCH  # not a field: keys a config file or override may not set
     model: str = ""  # the actor's start: the SFT model (the reference is a frozen copy)
     tokenizer: str | None = None
     reward_model: str = ""  # a ...ForSequenceClassification folder (rlhfkit rm, or made elsewhere)

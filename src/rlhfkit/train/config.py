@@ -629,7 +629,14 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | dict
             raise ConfigError(f"{path}: the config must be a YAML mapping")
     extra = parse_overrides(overrides) if isinstance(overrides, list) else (overrides or {})
     try:
-        return build(cls, _merge(values, extra))
+        merged = _merge(values, extra)
+        cfg = build(cls, merged)
+        unread = getattr(cls, "UNREAD", {})  # keys of another kind of method: set to anything, even the default
+        given = [k for k in flat(merged) if k in unread]
+        if given:
+            raise ConfigError("; ".join(f"config key '{k}' does not apply here ({unread[k]})" for k in given),
+                              keys=given)
+        return cfg
     except ConfigError as e:
         from_file = set(lines) - set(flat(extra))
         where = sorted({lines[k] for k in e.keys if k in from_file})
