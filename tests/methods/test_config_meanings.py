@@ -1,6 +1,7 @@
 """One meaning per config field, checked when the config is read (before any model loads)."""
 
 import pytest
+import yaml
 
 from rlhfkit.methods.common import head
 from rlhfkit.methods.dpo import DPOConfig
@@ -10,7 +11,7 @@ from rlhfkit.methods.ppo import PPOConfig, run_ppo
 from rlhfkit.methods.prm import PRMConfig
 from rlhfkit.methods.rm import RMConfig
 from rlhfkit.methods.sft import SFTConfig
-from rlhfkit.train.config import ConfigError, load_config
+from rlhfkit.train.config import ConfigError, load_config, plain_dict
 
 
 def test_each_method_has_its_own_default_out_dir_even_with_train_overrides():
@@ -104,6 +105,10 @@ def test_an_online_methods_batch_size_set_in_a_file_or_override_is_refused_even_
         with pytest.raises(ConfigError, match=rf"^{config}:4: config key 'train.batch_size' does not apply"):
             load_config(cls, config)
     assert load_config(SFTConfig, config, ["train.batch_size=32"]).train.batch_size == 32
+    saved = tmp_path / "saved.yaml"  # a run's config.yaml leaves the key out: it loads back (--config runs/grpo/...)
+    saved.write_text(yaml.safe_dump(plain_dict(GRPOConfig(model="m", group_size=4))))
+    assert load_config(GRPOConfig, saved) == GRPOConfig(model="m", group_size=4)
+    assert "batch_size" in plain_dict(SFTConfig())["train"]
 
 
 def test_a_label_smoothing_of_none_from_python_is_a_config_error():

@@ -716,8 +716,17 @@ def resume_changes(saved: dict, now: dict) -> tuple[list[str], list[str]]:
 
 def plain_dict(config) -> dict:
     """The config as YAML-safe values; an object in a field (a ``datasets.Dataset`` passed as
-    ``train_data``) is written as a short description instead of failing at the first save."""
-    return _plain(config)
+    ``train_data``) is written as a short description instead of failing at the first save. The
+    keys its method does not read (``UNREAD``) are left out, so that the saved ``config.yaml``
+    loads back as a config."""
+    out = _plain(config)
+    for key in getattr(type(config), "UNREAD", ()):
+        *parents, last = key.split(".")
+        node = out
+        for part in parents:
+            node = node.get(part, {})
+        node.pop(last, None)
+    return out
 
 
 def _plain(value):
