@@ -493,6 +493,37 @@ def test_mask_truncated_completions_leaves_cut_off_answers_out_of_the_loss(mask,
     assert (moved > 1e-6) == moves
 
 
+def test_dr_grpos_normaliser_counts_the_cut_off_answers_it_masks(tiny, tmp_path, monkeypatch):
+    """Dr. GRPO divides by a constant, answers x max_new_tokens, so the answers that
+    mask_truncated_completions leaves out still count in it (as TRL's); grpo's mean over answers
+    is over the answers left (as verl's)."""
+    import rlhfkit.methods.grpo as grpo_module
+    from methods_setup import even_answer_digits, method_config
+
+    from rlhfkit.models.load import load_tokenizer
+    from rlhfkit.rollout.backend import SamplerBackend
+    from rlhfkit.train.config import replace
+
+    class HalfCut(SamplerBackend):  # every other answer marked as not ended (cut off where it is full length)
+        def generate(self, prompts, params):
+            samples = super().generate(prompts, params)
+            samples.finished = torch.arange(len(samples.finished)) % 2 == 0
+            return samples
+
+    seen, loss = [], grpo_module.grpo_loss
+    monkeypatch.setattr(grpo_module, "grpo_loss", lambda *a, **k: seen.append(a[9]) or loss(*a, **k))
+    for loss_type in ("dr_grpo", "grpo"):
+        seen.clear()
+        cfg = replace(method_config("grpo", tiny, tmp_path / loss_type, 1, log_every=1), loss_type=loss_type,
+                      mask_truncated_completions=True, beta=0.0, mu=1)
+        run_grpo(cfg, reward_fns=[even_answer_digits], backend=HalfCut(load_tokenizer(str(tiny["base"]))))
+        answers = cfg.prompts_per_step * cfg.group_size
+        if loss_type == "dr_grpo":
+            assert seen and set(seen) == {answers}
+        else:
+            assert seen and 0 < max(seen) < answers
+
+
 def test_gspo_is_wired_to_the_update_and_asks_for_the_per_sequence_mean(tiny, tmp_path):
     """With mu = 1 the sequence ratio's gradient equals the tokens' (every ratio is 1); the second
     of mu = 2 updates sees ratios apart from 1, where GSPO's loss differs from GRPO's."""

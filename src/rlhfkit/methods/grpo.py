@@ -490,7 +490,10 @@ def update_rows(run: Run, policy, reference, samples: Samples, advantages: torch
     or more than one minibatch: a step after the first meets a policy that has moved), pi_old's
     log-probs: the backend's when they are exact, else a forward now, before any step."""
     mask = samples.completion_mask
-    counts = reduce_dict({"sequences": (mask.sum(-1) > 0).sum().item(), "tokens": mask.sum().item()}, run.info)
+    # "answers": every answer of these groups, those masked out too (Dr. GRPO's constant normaliser, as TRL's);
+    # "sequences": those left in the loss (the other means over answers, as verl's)
+    counts = reduce_dict({"sequences": (mask.sum(-1) > 0).sum().item(), "tokens": mask.sum().item(),
+                          "answers": mask.shape[0]}, run.info)
     if counts["sequences"] == 0:  # every group of every rank dropped: no update, on every rank alike
         return None
     local_rows = mask.shape[0]
@@ -578,7 +581,8 @@ def optimizer_step(run: Run, policy, part: UpdateRows, cfg: GRPOConfig, exact: b
                                        cfg.sampling_correction_min, cfg.sampling_correction_max)
         value, stats = grpo_loss(logprobs, old, adv, mask[index],
                                  None if part.ref_logprobs is None else part.ref_logprobs[index], cfg.beta,
-                                 cfg.eps_low, cfg.eps_high, REDUCTIONS[cfg.loss_type], part.counts["sequences"],
+                                 cfg.eps_low, cfg.eps_high, REDUCTIONS[cfg.loss_type],
+                                 part.counts["answers" if cfg.loss_type == "dr_grpo" else "sequences"],
                                  part.counts["tokens"], cfg.max_new_tokens,
                                  sequence_ratio=("total" if cfg.loss_type == "rloo" else
                                                  cfg.importance_sampling_level == "sequence"), delta=cfg.delta,
