@@ -1,6 +1,8 @@
 """TRL's dataset formats, standard and conversational, per method; refused formats name the method
 that takes them; datasets objects, saved folders and Hub names as inputs (issue #15, items 2-4)."""
 
+import re
+
 import datasets
 import pytest
 
@@ -77,6 +79,39 @@ def test_a_template_that_writes_no_end_token_gets_eos(tok):
                       "{% if add_generation_prompt %}{{ 'assistant:' }}{% endif %}"
     (e,), _ = encode_sft(_rows({"messages": [USER, ASSISTANT]}), t, 64)
     assert _trained(t, e) == " 3<eos>"
+
+
+def test_a_template_whose_turns_end_without_eos_gets_one_eos_after_the_last_turn_only(tok):
+    """TRL renders the conversation and ends it with one EOS where the template writes none; an EOS
+    after every assistant turn would put in the middle what the template never writes there."""
+    t = build_char_tokenizer()
+    t.chat_template = "{% for m in messages %}{{ m['role'] + ':' + m['content'] + '\n' }}{% endfor %}" \
+                      "{% if add_generation_prompt %}{{ 'assistant:' }}{% endif %}"
+    messages = [USER, ASSISTANT, {"role": "user", "content": "And 2+2?"}, {"role": "assistant", "content": " 4"}]
+    (e,), _ = encode_sft(_rows({"messages": messages}), t, 128)
+    assert t.decode(e.input_ids) == t.apply_chat_template(messages, tokenize=False).rstrip("\n") + "<eos>"
+    assert _trained(t, e) == " 3 4<eos>"
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": [USER], "completion": [{"role": "assistant", "content": " "}]}, "field 'completion[0].content' is empty"),
+    ({"messages": [USER, ASSISTANT, {"role": "user", "content": "And?"}]},
+     "field 'messages[2]' (role 'user') comes after the last assistant turn (roles: 'user', 'assistant')"),
+    ({"messages": [USER, {"role": "assitant", "content": " 3"}]},
+     "field 'messages' has no assistant turn after the first message to train on (roles: 'user', 'assitant')"),
+    ({"text": "junk", "prompt": "What is 1+2?", "completion": " 3"},
+     "field 'text' beside 'prompt' and 'completion': a row holds one format"),
+    ({"text": "What is 1+2? 3", "messages": [USER, ASSISTANT]}, "field 'messages' beside 'text'"),
+])
+def test_sft_refuses_what_it_would_train_as_eos_alone_or_leave_unread(tok, row, message):
+    with pytest.raises(DataError, match="^d.jsonl:1: " + re.escape(message)):
+        encode_sft(_rows(row), tok, 64)
+
+
+def test_an_empty_chat_answer_is_refused_in_pairs_as_in_plain_text(tok):
+    row = {"prompt": [USER], "chosen": [ASSISTANT], "rejected": [{"role": "assistant", "content": ""}]}
+    with pytest.raises(DataError, match=r"^d.jsonl:1: field 'rejected\[0\].content' is empty"):
+        encode_rankings(_rows(row), tok, 64, method="dpo")
 
 
 # --- RM and DPO: preference (explicit, implicit), rankings, conversational -----------------------

@@ -168,6 +168,9 @@ def completion_ids(tokenizer, row: Row, field: str, completion) -> list[int]:
         raise DataError(f"{row.where}: field '{field}' must be a string or a list of chat messages, "
                         f"got {type(completion).__name__}")
     turn = check_messages(row, field, completion)
+    for i, m in enumerate(turn):  # as a plain answer's, an empty assistant message is refused, not trained as EOS
+        if m["role"] == "assistant" and not (m.get("content") or "").strip() and not m.get("tool_calls"):
+            raise DataError(f"{row.where}: field '{field}[{i}].content' is empty")
     context = chat_prompt(row)
     if context is None:
         raise DataError(f"{row.where}: field '{field}' holds chat messages but the prompt is plain text; "
@@ -202,6 +205,11 @@ def sft_pieces(row: Row, tokenizer) -> tuple[list[int], list[tuple[list[int], bo
         raise DataError(f"{row.where}: missing field 'completion' (fields present: {', '.join(sorted(d))}); "
                         f"a prompt-only row is {TAKEN_BY['prompt_only']} data")
     fmt = require_format(row, "sft", SFT_FORMATS)
+    kept = "'prompt' and 'completion'" if fmt == "prompt_completion" else "'text'" if "text" in d else None
+    stray = [f for f in ("text", "messages") if f in d and f"'{f}'" != kept] if kept else []
+    if stray:  # TRL reads one and ignores the other: refused rather than left unread
+        raise DataError(f"{row.where}: field '{stray[0]}' beside {kept}: a row holds one format, and SFT would train "
+                        f"{kept} and leave '{stray[0]}' unread; drop one of them")
     if fmt == "prompt_completion":
         prompt = encode_row_prompt(tokenizer, row)
         return prompt, [(completion_ids(tokenizer, row, "completion", d["completion"]), True)]
@@ -212,8 +220,15 @@ def sft_pieces(row: Row, tokenizer) -> tuple[list[int], list[tuple[list[int], bo
         return encode_prompt(tokenizer, ""), [(completion_ids(tokenizer, row, "text", d["text"]), True)]
     messages = _conversation(row)
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i > 0]
+    roles = ", ".join(dict.fromkeys(repr(m["role"]) for m in messages))
     if not turns:
-        raise DataError(f"{row.where}: field 'messages' has no assistant turn after the first message to train on")
+        raise DataError(f"{row.where}: field 'messages' has no assistant turn after the first message to train on "
+                        f"(roles: {roles})")
+    if turns[-1] < len(messages) - 1:  # TRL renders them, and trains them only without its assistant-only loss
+        after = messages[turns[-1] + 1]["role"]
+        raise DataError(f"{row.where}: field 'messages[{turns[-1] + 1}]' (role {after!r}) comes after the last "
+                        f"assistant turn (roles: {roles}); nothing would train on it: end the conversation with an "
+                        "assistant turn")
     first = render_chat(tokenizer, messages[: turns[0]], row, "messages", True)
     pieces, done = [], first  # done: the text encoded so far
     for i in turns:
@@ -227,7 +242,9 @@ def sft_pieces(row: Row, tokenizer) -> tuple[list[int], list[tuple[list[int], bo
             raise DataError(f"{row.where}: field 'messages[{i}].content' is empty")
         text, eos = assistant_text(tokenizer, messages[:i], [messages[i]], row, "messages")
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        pieces.append((ids + ([tokenizer.eos_token_id] if eos else []), True))
+        # a template that ends its turns without the EOS (Gemma's <end_of_turn>) gets one EOS, after the last turn:
+        # the conversation as the template writes it, then the end a sampler stops at (as TRL's)
+        pieces.append((ids + ([tokenizer.eos_token_id] if eos and i == turns[-1] else []), True))
         done = context + text
     return encode_prompt(tokenizer, first, chat=True), pieces
 
