@@ -108,6 +108,15 @@ def test_sft_refuses_what_it_would_train_as_eos_alone_or_leave_unread(tok, row, 
         encode_sft(_rows(row), tok, 64)
 
 
+def test_an_over_long_answer_and_a_text_prompt_beside_chat_answers_name_their_fields(tok):
+    row = {"prompt": "What is 1+2?", "chosen": " 3", "rejected": " 4" * 40}
+    with pytest.raises(DataError, match=r"^d.jsonl:1: \d+ tokens \(prompt \d+ \+ rejected 81\) exceed max_length=64"):
+        encode_rankings(_rows(row), tok, 64, method="dpo")
+    mixed = {"prompt": "What is 1+2?", "chosen": [USER, ASSISTANT], "rejected": " 4"}
+    with pytest.raises(DataError, match=r"^d.jsonl:2: field 'prompt' is plain text and 'chosen' holds chat messages"):
+        encode_rankings(_rows({"prompt": "What is 1+2?", "chosen": " 3", "rejected": " 4"}, mixed), tok, 64)
+
+
 def test_an_empty_chat_answer_is_refused_in_pairs_as_in_plain_text(tok):
     row = {"prompt": [USER], "chosen": [ASSISTANT], "rejected": [{"role": "assistant", "content": ""}]}
     with pytest.raises(DataError, match=r"^d.jsonl:1: field 'rejected\[0\].content' is empty"):

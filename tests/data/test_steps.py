@@ -83,7 +83,8 @@ def test_bad_rows_name_file_line_and_field(tmp_path, tok, row, message):
 
 def test_overlong_rows_keep_whole_steps_or_fail(tok):
     rows = read_rows([{"prompt": "Q?", "completions": ["aaa", "bbb"], "labels": [True, False]}])  # 2 + 4 + 4 tokens
-    with pytest.raises(DataError, match="10 tokens exceed max_length=8"):
+    with pytest.raises(DataError, match=r"10 tokens \(prompt 2 \+ 2 steps of 'completions' 8, 1 of them within it\) "
+                                        "exceed max_length=8"):
         encode_step_rows(rows, tok, "\n", 8)
     (cut,), report = encode_step_rows(rows, tok, "\n", 8, "truncate")
     assert cut.positions == [5] and cut.labels == (True,) and len(cut.input_ids) == 6 and report.truncated == 1

@@ -497,9 +497,9 @@ def test_dr_grpos_normaliser_counts_the_cut_off_answers_it_masks(tiny, tmp_path,
     """Dr. GRPO divides by a constant, answers x max_new_tokens, so the answers that
     mask_truncated_completions leaves out still count in it (as TRL's); grpo's mean over answers
     is over the answers left (as verl's)."""
-    import rlhfkit.methods.grpo as grpo_module
     from methods_setup import even_answer_digits, method_config
 
+    import rlhfkit.methods.grpo as grpo_module
     from rlhfkit.models.load import load_tokenizer
     from rlhfkit.rollout.backend import SamplerBackend
     from rlhfkit.train.config import replace

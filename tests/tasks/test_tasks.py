@@ -16,3 +16,12 @@ def test_held_out_prompts_without_a_reference_say_what_checks_them_and_what_they
     assert task.name == "arithmetic" and targets == [4]
     task, targets = resolve_task("auto", read_rows([{"prompt": "Say hi", "completion": " hi there"}]))
     assert task.name == "reference" and targets == ["hi there"]
+
+
+def test_an_empty_reference_answer_is_named_as_empty():
+    from rlhfkit.data.rows import Row
+    from rlhfkit.tasks import reference_completion
+
+    with pytest.raises(DataError, match=r"^e.jsonl:3: field 'completion' is empty, so there is no reference"):
+        reference_completion(Row("e.jsonl:3", {"prompt": "What is 1+2?", "completion": " "}))
+    assert reference_completion(Row("e.jsonl:4", {"prompt": "What is 1+2?", "completion": " 3"})) == " 3"

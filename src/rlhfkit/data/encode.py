@@ -259,16 +259,18 @@ def encode_completion(tokenizer, text: str) -> list[int]:
 
 
 def fit_length(prompt_ids: list[int], completion_ids: list[int], max_length: int, policy: str,
-               where: str, report: LengthReport, prompt_trained: bool = False) -> tuple[list[int], list[int]] | None:
+               where: str, report: LengthReport, prompt_trained: bool = False,
+               field: str = "completion") -> tuple[list[int], list[int]] | None:
     """Apply the over-long policy; None means the row is skipped (and counted). ``prompt_trained``:
-    the prompt's tokens are targets too, so a prompt that fills ``max_length`` is cut, not skipped."""
+    the prompt's tokens are targets too, so a prompt that fills ``max_length`` is cut, not skipped.
+    ``field``: the answer's field, named in the error."""
     total = len(prompt_ids) + len(completion_ids)
     if total <= max_length:
         report.note_length(total, where)
         return prompt_ids, completion_ids
     if policy == "error":
         raise DataError(
-            f"{where}: {total} tokens (prompt {len(prompt_ids)} + completion {len(completion_ids)}) "
+            f"{where}: {total} tokens (prompt {len(prompt_ids)} + {field} {len(completion_ids)}) "
             f"exceed max_length={max_length}; {OVERLONG_HINT}"
         )
     if policy == "skip" or (len(prompt_ids) >= max_length and not prompt_trained):

@@ -161,6 +161,11 @@ def check_prompt_fields(rows: list) -> None:
     prompt (a null or empty cell of a table too), whose split would train part of an answer as prompt."""
     explicit = next((r for r in rows if row_format(r) == "preference"), None)
     implicit = next((r for r in rows if row_format(r) == "implicit_preference"), None)
+    if explicit is not None and implicit is not None and "prompt" in implicit.data:  # a text prompt, chat answers
+        raise DataError(f"{implicit.where}: field 'prompt' is plain text and 'chosen' holds chat messages, which reads "
+                        "the pair as two whole conversations (TRL's form beside a text prompt), while other rows of "
+                        f"this data are pairs after their prompt ({explicit.where}); write the row's prompt and "
+                        "answers alike, all as chat messages or all as text")
     if explicit is not None and implicit is not None:
         raise DataError(f"{implicit.where}: missing field 'prompt' (fields present: {', '.join(sorted(implicit.data))}), "
                         f"which other rows of this data have ({explicit.where}); a pair without one is read as an "

@@ -169,7 +169,8 @@ def encode_rankings(rows: list[Row], tokenizer, max_length: int, overlong: str =
         ids = [_cached(encoded, c, lambda: completion_ids(tokenizer, row, name, c)) for name, c in zip(names, completions)]
         report.note_unknown(tokenizer, prompt_ids + [t for c in ids for t in c], row.where)
         row_report = LengthReport()
-        fitted = [fit_length(prompt_ids, c, max_length, overlong, row.where, row_report) for c in ids]
+        fitted = [fit_length(prompt_ids, c, max_length, overlong, row.where, row_report, field=name)
+                  for name, c in zip(names, ids)]
         if any(f is None for f in fitted):
             report.skipped.append(row.where)
             continue  # skipped (and counted) as a whole: a ranking with a hole would change its pairs

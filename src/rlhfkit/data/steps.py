@@ -131,10 +131,14 @@ def encode_step_rows(rows: list[Row], tokenizer, separator: str, max_length: int
             raise DataError(f"{row.where}: field 'completions[{inside}]' holds the step separator {separator!r}; a "
                             "policy's completion is split at it (GRPO's prm:), so the model would learn one step where "
                             "it is later asked about several: split the step, or set another step_separator")
-        ids, positions, spans = encode_steps(tokenizer, step_prompt(row, tokenizer), steps, sep_ids)
+        prompt_ids = step_prompt(row, tokenizer)
+        ids, positions, spans = encode_steps(tokenizer, prompt_ids, steps, sep_ids)
         if len(ids) > max_length:
             if overlong == "error":
-                raise DataError(f"{row.where}: {len(ids)} tokens exceed max_length={max_length}; {OVERLONG_HINT}")
+                fits = sum(p < max_length for p in positions)
+                raise DataError(f"{row.where}: {len(ids)} tokens (prompt {len(prompt_ids)} + {len(steps)} steps of "
+                                f"'completions' {len(ids) - len(prompt_ids)}, {fits} of them within it) exceed "
+                                f"max_length={max_length}; {OVERLONG_HINT}")
             fits = sum(p < max_length for p in positions) if overlong == "truncate" and not last_step_only else 0
             if fits == 0:
                 report.skipped.append(row.where)

@@ -90,7 +90,7 @@ def encode_unpaired(rows: list[Row], tokenizer, max_length: int, overlong: str =
             ids = completion_ids(tokenizer, row, name, answer)
             report.note_unknown(tokenizer, prompt_ids + ids, row.where)
             row_report = LengthReport()
-            fitted = fit_length(prompt_ids, ids, max_length, overlong, row.where, row_report)
+            fitted = fit_length(prompt_ids, ids, max_length, overlong, row.where, row_report, field=name)
             if fitted is None:
                 report.skipped.append(f"{row.where} ({name})" if len(answers) > 1 else row.where)
                 continue

@@ -388,7 +388,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
     pad = tokenizer.pad_token_id
     examples, report = encode_rankings(trainable_rankings(read_rows(cfg.train_data), cfg), tokenizer, cfg.max_length,
-                                       cfg.overlong, method="dpo")
+                                       cfg.overlong, method=run.name)
     run.say(f"{source_name(cfg.train_data)}: {report.summary()}")
     pref_rows = (trainable_rankings(head(read_rows(cfg.eval_data), cfg.eval_limit, run.say, cfg.eval_data))
                  if cfg.eval_data else [])

@@ -24,6 +24,9 @@ def reference_completion(row: Row) -> str:
         text = answer_text(row.data.get(field))
         if text is not None and text.strip():
             return text
+        if text is not None:
+            raise DataError(f"{row.where}: field '{field}' is empty, so there is no reference to check an answer "
+                            "against")
     raise DataError(f"{row.where}: no reference to check an answer against (a 'completion', 'chosen' or final "
                     f"assistant message; fields present: {', '.join(sorted(row.data))}); held-out rows are checked by "
                     "eval_task (arithmetic: an integer 'answer'; reference: that answer text), not by the reward "
