@@ -137,7 +137,9 @@ def test_errors_zeroed_keep_the_first_ones_text_and_mark_the_samples():
                                       f"KeyError: 'solution' ({__file__}:{line} in raises)")
     with pytest.raises(RewardError, match=rf"KeyError: 'solution' \({re.escape(__file__)}:{line} in raises\)$"):
         score_outcomes([raises], [1.0], ["p"], ["a"], {})  # the same text when it stops the run
-    assert out.messages["two_bad"] == "reward function 'two_bad' returned nan for sample 1 (prompt 'p', completion 'b')"
+    assert out.messages["two_bad"] == ("reward function 'two_bad' returned nan for sample 1 (prompt 'p', completion "
+                                       "'b'); to abstain on a sample return None (TRL also reads NaN so; rlhfkit takes "
+                                       "it for an error)")
     alone = score_outcomes([two_bad], [1.0], ["p"] * 4, ["a", "b", "c", "d"], {}, on_error="zero")
     assert alone.errored.tolist() == [False, True, True, False] and list(alone.messages) == ["two_bad"]
 

@@ -216,7 +216,9 @@ def score_outcomes(functions: list[Callable], weights: list[float], prompts: lis
             v = as_number(value)
             if v is None or math.isnan(v) or math.isinf(v):
                 wrong = (f"reward function '{name}' returned {value!r} for sample {i} "
-                         f"(prompt {prompts[i]!r}, completion {completions[i]!r})")
+                         f"(prompt {prompts[i]!r}, completion {completions[i]!r})"
+                         + ("; to abstain on a sample return None (TRL also reads NaN so; rlhfkit takes it for an "
+                            "error)" if v is not None and math.isnan(v) else ""))
                 if on_error != "zero":
                     raise RewardError(wrong)
                 messages.setdefault(name, wrong)
