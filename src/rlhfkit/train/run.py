@@ -198,6 +198,7 @@ class Run:
     logger: MetricsLogger | None = None
     bar: object = None
     merge: bool = False  # LoRA: save the merged model beside the adapter (lora.merge)
+    said: set = field(default_factory=set)  # warnings said once a run, though several models meet them
     lr: float | None = None  # the learning rate of the last optimizer step
     signal: int | None = None  # SIGTERM / SIGINT received during the steps: stop after this step
     held: dict = field(default_factory=dict)  # the signal handlers steps() replaced
@@ -286,7 +287,8 @@ class Run:
         ``lora.dropout`` above 0 is then said to be off, not kept silently."""
         if not dropout:
             model = disable_dropout(model)
-            if lora is not None and lora.enabled and lora.dropout > 0:
+            if lora is not None and lora.enabled and lora.dropout > 0 and "lora.dropout" not in self.said:
+                self.said.add("lora.dropout")  # PPO's actor and critic: one line
                 self.say(f"warning: lora.dropout={lora.dropout:g} is not applied: this method trains with every "
                          "dropout off, the adapters' too (as TRL's disable_dropout)")
         self.router_coef = self.router_balance_coef(model, router_loss, base)
