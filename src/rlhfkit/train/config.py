@@ -340,7 +340,8 @@ TRL_NAMES = {"learning_rate": "train.lr", "num_train_epochs": "train.epochs", "m
              "loss_weights": "loss_type (name:weight, comma-separated: sigmoid:0.8,nca_pair:0.2; an sft term is rpo_alpha)",
              "model_name_or_path": "model", "dataset_name": "train_data (a local file or save_to_disk folder)",
              "train_dataset": "train_data (a local file or save_to_disk folder)", "eval_dataset": "eval_data",
-             "cliprange": "eps_clip", "cliprange_value": "eps_value", "vf_coef": "critic_lr (the value loss has weight 1 and the critic its own learning rate; under Adam a loss weight hardly changes the step)",
+             "cliprange": "eps_clip", "cliprange_value": "eps_value", "vf_coef": "critic_lr (the value loss has weight 1 and the critic its own learning rate, its gradients clipped "
+                         "apart from the actor's: from TRL's vf_coef with one learning rate, set critic_lr to that lr)",
              "num_ppo_epochs": "ppo_epochs",
              "num_mini_batches": "minibatch_size (rows per optimizer step: prompts_per_step / num_mini_batches)",
              "total_episodes": "train.max_steps (rollout steps: total_episodes / prompts_per_step)",
