@@ -186,3 +186,22 @@ def test_a_reward_file_imports_the_modules_beside_it_and_an_import_error_names_i
     with pytest.raises(RewardError, match=rf"cannot be loaded: ZeroDivisionError: division by zero \(at "
                                           rf"{re.escape(str(tmp_path / 'bad.py'))}:3\)"):
         load_callable(f"{tmp_path / 'bad.py'}:acc")
+
+
+def test_an_async_reward_is_awaited_as_trl_awaits_it_in_a_notebooks_loop_and_under_a_timeout():
+    """TRL takes ``async def`` rewards (an LLM judge's calls); one returns its scores here too, also
+    where the caller already runs an event loop (a notebook) and under reward_timeout_s."""
+    import asyncio
+
+    async def judge(prompts, completions, answer, **_):
+        await asyncio.sleep(0)
+        return [float(c.strip() == str(a)) for c, a in zip(completions, answer)]
+
+    def scores(timeout_s=0.0):
+        return score_outcomes([judge], [1.0], ["p"] * 3, [" 3", " 4", "3"], {"answer": [3, 3, 3]},
+                              timeout_s=timeout_s).rewards.tolist()
+
+    async def in_a_loop():
+        return scores()
+
+    assert scores() == scores(timeout_s=5.0) == asyncio.run(in_a_loop()) == [1.0, 0.0, 1.0]

@@ -29,6 +29,7 @@ named like a reward argument.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import math
 import numbers
@@ -161,16 +162,43 @@ def as_number(value) -> float | None:
     return float(value) if isinstance(value, numbers.Real) else None
 
 
-def call_with_timeout(fn: Callable, timeout_s: float, *args, **kwargs):
-    """``fn(*args, **kwargs)``, or TimeoutError after ``timeout_s`` seconds (0: no limit). A call
-    that hangs is left in a daemon thread: Python cannot stop it, but the run no longer waits."""
-    if not timeout_s:
-        return fn(*args, **kwargs)
+def awaited(value):
+    """``value``, or where it is a coroutine (an ``async def`` reward, as TRL takes them) its
+    result: run to completion in an event loop of its own, in a thread of its own where this one
+    already runs a loop (a notebook's)."""
+    if not inspect.iscoroutine(value):
+        return value
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(value)
     box: dict = {}
 
     def target():
         try:
-            box["value"] = fn(*args, **kwargs)
+            box["value"] = asyncio.run(value)
+        except BaseException as e:
+            box["error"] = e
+
+    thread = threading.Thread(target=target, name="reward-async")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def call_with_timeout(fn: Callable, timeout_s: float, *args, **kwargs):
+    """``fn(*args, **kwargs)`` (awaited where it is ``async``), or TimeoutError after ``timeout_s``
+    seconds (0: no limit). A call that hangs is left in a daemon thread: Python cannot stop it, but
+    the run no longer waits."""
+    if not timeout_s:
+        return awaited(fn(*args, **kwargs))
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = awaited(fn(*args, **kwargs))
         except BaseException as e:  # handed to the caller's thread
             box["error"] = e
 
