@@ -34,6 +34,12 @@ def _batch(tiny, tok, n=6):
     return collate_sft(examples, tok.pad_token_id)
 
 
+def _logits(model, batch):
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits * batch.attention_mask[..., None]
+
+
 def _logprobs(model, batch):
     model.eval()
     with torch.no_grad():
@@ -361,3 +367,69 @@ def test_methods_with_dropout_off_turn_the_adapters_dropout_off_too(tiny, dropou
     else:
         assert torch.equal(first, second)
         assert "dpo: warning: lora.dropout=0.5 is not applied" in said
+
+
+def test_a_lora_stage_on_a_lora_stages_folder_saves_one_adapter_peft_loads_onto_the_plain_base(tiny, tmp_path):
+    """SFT with LoRA, then DPO with LoRA from its adapter folder: rlhfkit trains the second adapter
+    on the first merged in, and saves it stacked onto the plain base (rank r1 + r2), so that
+    ``PeftModel.from_pretrained(plain base, folder)`` gives the trained model's logits; named onto
+    the first adapter's folder, transformers loaded that as a same-named adapter (0.18 off)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from rlhfkit.models.load import save_model
+
+    tok = load_tokenizer(str(tiny["base"]))
+    batch = _batch(tiny, tok, 3)
+    start, ranks = str(tiny["base"]), []
+    base = _logits(AutoModelForCausalLM.from_pretrained(str(tiny["base"])), batch)
+    torch.manual_seed(0)
+    for stage, r in enumerate((4, 2, 3)):  # three stages: a chain of any depth ends on the plain base
+        model = apply_lora(load_causal_lm(start, tok), LoraSettings(r, 2.0 * r, 0.0, "all-linear"),
+                           str(Path(start).resolve()))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.3)
+        folder = tmp_path / f"stage{stage}"
+        save_model(model, tok, folder)
+        config = json.loads((folder / "adapter_config.json").read_text())
+        ranks.append(config["r"])
+        assert Path(config["base_model_name_or_path"]) == Path(tiny["base"]).resolve()
+        trained = _logits(model, batch)
+        plain = AutoModelForCausalLM.from_pretrained(str(tiny["base"]))
+        via_peft = _logits(PeftModel.from_pretrained(plain, str(folder)), batch)
+        torch.testing.assert_close(via_peft, trained, atol=1e-5, rtol=0)
+        torch.testing.assert_close(_logits(load_causal_lm(str(folder), tok), batch), trained, atol=1e-5, rtol=0)
+        assert (trained - base).abs().max() > 1e-2  # the adapters move the outputs: equality proves something
+        start = str(folder)
+    assert ranks == [4, 6, 9]
+
+
+def test_model_objects_with_adapters_or_peft_wrappers_are_refused_in_one_line(tiny):
+    from peft import LoraConfig as PeftLora
+    from peft import get_peft_model
+
+    from rlhfkit.models.load import ModelLoadError
+
+    tok = load_tokenizer(str(tiny["base"]))
+    wrapped = get_peft_model(load_causal_lm(str(tiny["base"]), tok), PeftLora(r=4, target_modules="all-linear"))
+    with pytest.raises(ModelLoadError, match="^a PeftModel object: rlhfkit adds LoRA itself"):
+        load_causal_lm(wrapped, tok)
+    adapted = apply_lora(load_causal_lm(str(tiny["base"]), tok), LoraSettings(4, 8.0, 0.0, "all-linear"), None)
+    with pytest.raises(ModelLoadError, match="holds the LoRA adapters of an earlier run; start from the folder"):
+        load_causal_lm(adapted, tok)
+
+
+def test_a_16_bit_folder_is_said_to_train_and_save_in_fp32(tiny, tmp_path, capsys):
+    from rlhfkit.train.config import TrainConfig
+    from rlhfkit.train.dist import DistInfo
+    from rlhfkit.train.run import Run
+
+    tok = load_tokenizer(str(tiny["base"]))
+    half = tmp_path / "bf16"
+    load_causal_lm(str(tiny["base"]), tok).to(torch.bfloat16).save_pretrained(half)
+    tok.save_pretrained(half)
+    for folder, said in ((tiny["base"], False), (half, True)):
+        Run(TrainConfig(), {}, DistInfo(), "sft", "step").prepare(load_causal_lm(str(folder), tok), base=str(folder))
+        assert ("stores bfloat16 weights: they train as fp32 master weights" in capsys.readouterr().err) == said

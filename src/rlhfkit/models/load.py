@@ -131,6 +131,21 @@ def check_head(model, where: str) -> None:
                              "LOGIT_PROCESSING does not know)")
 
 
+def stored_dtype(path) -> str | None:
+    """The dtype a model folder's config.json says its weights are stored in (``dtype``, or
+    transformers 4's ``torch_dtype``); None for anything else (an object, an adapter folder)."""
+    import json
+
+    config = Path(path) / "config.json" if isinstance(path, (str, Path)) else None
+    if config is None or not config.is_file():
+        return None
+    try:
+        values = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return None
+    return values.get("dtype") or values.get("torch_dtype")
+
+
 def architectures(path: str | Path) -> list[str]:
     """The ``architectures`` a model folder's config.json names; a one-line ModelLoadError when the
     folder is not a model folder (missing, no config.json, a config that does not parse)."""
@@ -178,6 +193,7 @@ def load_causal_lm(path, tokenizer=None, dtype: str = "fp32", device: str = "cpu
     from transformers import AutoModelForCausalLM
 
     if isinstance(path, torch.nn.Module):
+        check_model_object(path)
         model = (_copy.deepcopy(path) if copy else path).to(DTYPES[dtype])
     else:
         model = from_folder(AutoModelForCausalLM, path, dtype=DTYPES[dtype])
@@ -191,6 +207,20 @@ def load_causal_lm(path, tokenizer=None, dtype: str = "fp32", device: str = "cpu
     check_head(model, where)
     use_fast_linear(model)  # CPU fp32 only; elsewhere the layers run F.linear unchanged
     return model.to(device)
+
+
+def check_model_object(model: torch.nn.Module) -> None:
+    """A model object (Python API) rlhfkit can train in place: not peft's ``PeftModel`` wrapper, and
+    not one holding the adapters of an earlier LoRA run (a second run would start its adapters
+    afresh over them, or a full fine-tune train them alone, with no word of it)."""
+    from .lora import has_adapters
+
+    if type(model).__name__.startswith("PeftModel"):
+        raise ModelLoadError(f"a {type(model).__name__} object: rlhfkit adds LoRA itself; pass the base model with "
+                             "lora.r (and lora.target_modules), or model.merge_and_unload() to train the merged weights")
+    if has_adapters(model):
+        raise ModelLoadError("the model object holds the LoRA adapters of an earlier run; start from the folder that "
+                             "run saved (model=<out>/model: its adapter is merged in), or pass a fresh object")
 
 
 def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
@@ -308,10 +338,12 @@ def _save_adapter(model, tokenizer, out_dir: Path, state: dict) -> None:
 
     from safetensors.torch import save_file
 
-    from .lora import ADAPTER_CONFIG, adapter_config, adapter_state
+    from .lora import ADAPTER_CONFIG, adapter_config, adapter_state, stacked_on_start
 
+    config, tensors = adapter_config(model), adapter_state(model, state)
+    config, tensors = stacked_on_start(config, tensors) or (config, tensors)  # a LoRA stage after a LoRA stage
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(adapter_state(model, state), str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (out_dir / ADAPTER_CONFIG).write_text(json.dumps(adapter_config(model), indent=2))
+    save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (out_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
     if tokenizer is not None:
         save_tokenizer(tokenizer, out_dir)

@@ -193,6 +193,70 @@ def merged_state(model: torch.nn.Module, state: dict) -> dict:
     return out
 
 
+def stacked_on_start(config: dict, tensors: dict) -> tuple[dict, dict] | None:
+    """An adapter trained on a model that was itself an adapter folder merged into its base (a LoRA
+    stage after a LoRA stage), rewritten onto that plain base: one adapter of rank r1 + r2 whose
+    update is both, ``[B1 s1, B2 s2] @ [A1; A2] = s1 B1 A1 + s2 B2 A2``, scaling 1, on the union of
+    the two's layers (zero blocks where one has none). ``PeftModel.from_pretrained`` then loads it
+    onto a plain folder; the adapter as trained names the start adapter folder as its base, which
+    transformers loads as a second adapter of the same name (wrong outputs, no error). None where
+    the base is no adapter folder; an earlier chain is stacked first, so any depth ends on a plain
+    base. A start adapter that sets per-layer ranks or alphas, or another kind of update (DoRA), is
+    refused: its layers' scalings are not read here."""
+    start = config.get("base_model_name_or_path")
+    if not is_adapter_folder(start):
+        return None
+    first_config, first = start_adapter(start)
+
+    def scaling(cfg: dict, r: int) -> float:
+        return cfg["lora_alpha"] / (r ** 0.5 if cfg.get("use_rslora") else r)
+
+    def pairs(weights: dict) -> dict:  # layer -> (A, B, a-key suffix, b-key suffix) of one adapter
+        out = {}
+        for key, a in weights.items():
+            for a_part, b_part in ((".lora_A.weight", ".lora_B.weight"), (".lora_embedding_A", ".lora_embedding_B")):
+                if key.endswith(a_part):
+                    layer = key[: -len(a_part)]
+                    out[layer] = (a, weights[layer + b_part], a_part, b_part)
+        return out
+
+    old, new = pairs(first), pairs(tensors)
+    r1, r2 = first_config["r"], config["r"]
+    s1, s2 = scaling(first_config, r1), scaling(config, r2)
+    out = {k: v for k, v in tensors.items() if ".lora_" not in k}  # a head trained in full (modules_to_save)
+    for layer in sorted(set(old) | set(new)):
+        a_part, b_part = (new.get(layer) or old[layer])[2:]
+        blocks = []
+        for got, r, s in ((old.get(layer), r1, s1), (new.get(layer), r2, s2)):
+            other = (new.get(layer) or old.get(layer))
+            a = got[0] if got else other[0].new_zeros((r, other[0].shape[1]))
+            b = got[1] if got else other[1].new_zeros((other[1].shape[0], r))
+            blocks.append((a.float(), b.float() * s))
+        out[layer + a_part] = torch.cat([blocks[0][0], blocks[1][0]], 0).to(tensors[next(iter(tensors))].dtype)
+        out[layer + b_part] = torch.cat([blocks[0][1], blocks[1][1]], 1).to(tensors[next(iter(tensors))].dtype)
+    stacked = {**config, "r": r1 + r2, "lora_alpha": r1 + r2, "use_rslora": False,
+               "target_modules": sorted(layer.removeprefix(PEFT_PREFIX) for layer in set(old) | set(new)),
+               "base_model_name_or_path": first_config["base_model_name_or_path"]}
+    return stacked, out
+
+
+def start_adapter(path) -> tuple[dict, dict]:
+    """The config and tensors of the adapter folder ``path`` as one adapter on a plain base (a
+    chain stacked, ``stacked_on_start``); a ValueError for one whose update is not read here, said
+    before a LoRA stage on it trains (``Run.prepare``) rather than when it saves."""
+    from safetensors.torch import load_file
+
+    config = json.loads((Path(path) / ADAPTER_CONFIG).read_text())
+    unread = [k for k in ("rank_pattern", "alpha_pattern") if config.get(k)] + (["use_dora"] if config.get("use_dora")
+                                                                               else [])
+    if unread or config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{path}: the start adapter sets {', '.join(unread) or config.get('peft_type')}, so a LoRA "
+                         "stage on it cannot be saved onto its plain base; merge it into a plain folder first (or "
+                         "set lora.r=0)")
+    tensors = load_file(str(Path(path) / "adapter_model.safetensors"))
+    return stacked_on_start(config, tensors) or (config, tensors)
+
+
 def is_adapter_folder(path) -> bool:
     return isinstance(path, (str, Path)) and (Path(path) / ADAPTER_CONFIG).is_file()
 

@@ -19,7 +19,15 @@ from ..data.encode import row_chunks
 from ..losses.prm import step_logit
 from .forward import as_forward, flat_window, hidden_states, lm_logits
 from .kernels import use_fast_linear
-from .load import DTYPES, ModelLoadError, architectures, check_vocab, from_folder, from_pretrained
+from .load import (
+    DTYPES,
+    ModelLoadError,
+    architectures,
+    check_model_object,
+    check_vocab,
+    from_folder,
+    from_pretrained,
+)
 
 
 def is_sequence_classifier(path: str | Path) -> bool:
@@ -101,6 +109,7 @@ def load_reward_model(path: str | Path, tokenizer, dtype: str = "fp32", seed: in
     from .lora import adapter_base, is_adapter_folder
 
     if isinstance(path, torch.nn.Module):  # Python API: a classifier object, trained in place
+        check_model_object(path)
         model = path
     else:
         base = adapter_base(path) if is_adapter_folder(path) else path  # an adapter reads as its base did

@@ -46,8 +46,15 @@ from ..models.kernels import (
     pin_kernels,
     use_fast_linear,
 )
-from ..models.load import disable_dropout, is_sharded
-from ..models.lora import LoraSettings, apply_lora, enable_activation_checkpointing, unmergeable
+from ..models.load import disable_dropout, is_sharded, stored_dtype
+from ..models.lora import (
+    LoraSettings,
+    apply_lora,
+    enable_activation_checkpointing,
+    is_adapter_folder,
+    start_adapter,
+    unmergeable,
+)
 from ..models.memory import keep_freed_memory
 from .checkpoint import (
     CheckpointError,
@@ -292,11 +299,22 @@ class Run:
                 self.say(f"warning: lora.dropout={lora.dropout:g} is not applied: this method trains with every "
                          "dropout off, the adapters' too (as TRL's disable_dropout)")
         self.router_coef = self.router_balance_coef(model, router_loss, base)
+        stored = stored_dtype(base)
+        if stored in ("bfloat16", "float16") and "dtype" not in self.said and not (lora is not None and lora.enabled
+                                                                                 and not lora.merge):
+            self.said.add("dtype")  # TRL would train and save them in their own dtype where asked (dtype="auto")
+            self.say(f"{base} stores {stored} weights: they train as fp32 master weights (train.dtype=bf16 "
+                     "autocasts the forwards) and the model folder is saved in fp32, twice their size")
         if lora is not None and lora.enabled:
             settings = LoraSettings(lora.r, lora.alpha, lora.dropout, lora.target_modules)
             base = str(base) if isinstance(base, (str, Path)) else getattr(model, "name_or_path", None)
             if base and Path(base).is_dir():  # absolute: the adapter is loaded from other folders than this one
                 base = str(Path(base).resolve())
+            if is_adapter_folder(base):  # saved stacked onto the start adapter's own base (models/lora.py)
+                try:
+                    start_adapter(base)
+                except ValueError as e:
+                    raise ConfigError(str(e)) from None
             with torch.random.fork_rng():
                 torch.manual_seed(self.cfg.seed)  # the adapters' random start (A) is the same in every run
                 model = apply_lora(model, settings, base, head)
