@@ -302,7 +302,7 @@ class Run:
         stored = stored_dtype(base)
         if stored in ("bfloat16", "float16") and "dtype" not in self.said and not (lora is not None and lora.enabled
                                                                                  and not lora.merge):
-            self.said.add("dtype")  # TRL would train and save them in their own dtype where asked (dtype="auto")
+            self.said.add("dtype")  # as TRL's default (float32 unless model_init_kwargs asks for another dtype)
             self.say(f"{base} stores {stored} weights: they train as fp32 master weights (train.dtype=bf16 "
                      "autocasts the forwards) and the model folder is saved in fp32, twice their size")
         if lora is not None and lora.enabled:
