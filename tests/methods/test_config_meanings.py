@@ -111,6 +111,20 @@ def test_an_online_methods_batch_size_set_in_a_file_or_override_is_refused_even_
     assert "batch_size" in plain_dict(SFTConfig())["train"]
 
 
+def test_a_recorded_config_of_rows_passed_from_python_is_refused_when_read(tmp_path):
+    """A run given a datasets object records it as a description; --config on that config.yaml is
+    told so with its line, before any model loads (it failed later, as a file not found)."""
+    import datasets
+
+    saved = tmp_path / "config.yaml"
+    rows = datasets.Dataset.from_list([{"prompt": "What is 1+2?", "answer": 3}] * 4)
+    saved.write_text(yaml.safe_dump(plain_dict(GRPOConfig(model="m", train_data=rows))))
+    with pytest.raises(ConfigError, match=rf"^{saved}:\d+: config key 'train_data' is '<datasets.arrow_dataset.Dataset, "
+                                          "4 rows>', the record of rows passed from Python"):
+        load_config(GRPOConfig, saved)
+    assert load_config(GRPOConfig, saved, ["train_data=p.jsonl"]).train_data == "p.jsonl"
+
+
 def test_a_label_smoothing_of_none_from_python_is_a_config_error():
     with pytest.raises(ConfigError, match=r"'label_smoothing' must be in \[0, 0.5\)"):
         DPOConfig(label_smoothing=None)

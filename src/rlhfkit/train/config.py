@@ -637,6 +637,13 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | dict
         if given:
             raise ConfigError("; ".join(f"config key '{k}' does not apply here ({unread[k]})" for k in given),
                               keys=given)
+        texts = {k: v.text if isinstance(v, Override) else v for k, v in flat(merged).items()}
+        described = [k for k, v in texts.items() if _is_data_field(k.rsplit(".", 1)[-1]) and isinstance(v, str)
+                     and v.startswith("<") and v.endswith(">")]
+        if described:  # a run's config.yaml records rows given in Python so (plain_dict): no file to read again
+            raise ConfigError(f"config key '{described[0]}' is {texts[described[0]]!r}, the record of rows passed "
+                              "from Python, which a config cannot hold; give a file or folder of them",
+                              keys=described[:1])
         return cfg
     except ConfigError as e:
         from_file = set(lines) - set(flat(extra))
