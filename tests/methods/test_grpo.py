@@ -1101,3 +1101,29 @@ def test_adaptive_entropy_moves_its_coefficient_by_the_steps_entropy_and_resumes
     cut = [m for m in read_metrics(tmp_path / "cut") if "train/loss" in m]
     assert [m["train/loss"] for m in cut] == [m["train/loss"] for m in lines]
     assert [m["train/entropy_coef"] for m in cut] == [m["train/entropy_coef"] for m in lines]
+
+
+def test_sampled_ids_the_tokenizer_lacks_are_said_once_a_run(capsys):
+    """A head padded past the vocabulary (Qwen's) can be sampled into ids that decode to nothing:
+    counted over the answers' real tokens (not their padding) and said once, by the rank that saw them."""
+    from rlhfkit.methods.common import say_foreign_ids
+    from rlhfkit.models.tokenizer import build_char_tokenizer
+    from rlhfkit.rollout.sampler import Samples
+    from rlhfkit.train.config import TrainConfig
+    from rlhfkit.train.dist import DistInfo
+    from rlhfkit.train.run import Run
+
+    tok = build_char_tokenizer()
+    n = len(tok)
+    ids = torch.tensor([[5, n, n + 3], [n + 1, 6, n + 2]])  # the last one of row 1 is padding (mask 0)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    samples = Samples(ids, torch.ones_like(ids), ids, mask, torch.zeros(2, 3), torch.ones(2, dtype=torch.bool))
+    run = Run(TrainConfig(), {}, DistInfo(), "grpo", "rollout step")
+    say_foreign_ids(run, samples.rows(torch.tensor([0])), tok)
+    say_foreign_ids(run, samples, tok)
+    said = capsys.readouterr().err
+    assert said.count("sampled tokens") == 1 and f"grpo: warning: 2 sampled tokens of this batch are ids >= {n}" in said
+    quiet = Run(TrainConfig(), {}, DistInfo(), "grpo", "rollout step")
+    say_foreign_ids(quiet, Samples(ids, torch.ones_like(ids), ids % n, mask, torch.zeros(2, 3),
+                                   torch.ones(2, dtype=torch.bool)), tok)
+    assert "sampled tokens" not in capsys.readouterr().err

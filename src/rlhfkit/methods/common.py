@@ -124,6 +124,21 @@ OFFLINE_BATCH = {"train.batch_size": "it counts rows of offline data; set prompt
                                      "minibatch_size) instead"}
 
 
+def say_foreign_ids(run, samples: Samples, tokenizer) -> None:
+    """Said once a run, by the rank that saw it: sampled tokens whose ids are rows of the model's
+    output layer the tokenizer has no token for (a head padded past the vocabulary, as Qwen's);
+    they decode to nothing, so rewards read answers without them while the update trains them.
+    Distillation refuses them; here they are counted and said, not dropped."""
+    if "foreign ids" in run.said:
+        return
+    foreign = int(((samples.completion_ids >= len(tokenizer)) & samples.completion_mask.bool()).sum())
+    if foreign:
+        run.said.add("foreign ids")
+        run.say(f"warning: {foreign} sampled tokens of this batch are ids >= {len(tokenizer)}, output rows the "
+                "tokenizer has no token for: they decode to nothing, so rewards read the answers without them; "
+                "said once a run", every_rank=True)
+
+
 def refuse_offline_batch_fields(method: str, train: TrainConfig) -> None:
     """GRPO, RLOO, PPO and distillation size their batches in prompts; ``train.batch_size`` would be
     silently unused (a config built in Python: set to its default it cannot be told apart)."""

@@ -66,6 +66,7 @@ from .common import (
     longest_prompt,
     reference_sync,
     refuse_offline_batch_fields,
+    say_foreign_ids,
     trainer_logprobs,
 )
 from .grpo_batch import (
@@ -756,6 +757,7 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
         drawn = rollout(backend, tokenizer, [rows[i] for i in indices[run.info.rank::run.info.world_size]], cfg,
                         rewards, state)
         errors.first(run, drawn.outcome)
+        say_foreign_ids(run, drawn.samples, tokenizer)
         return drawn
 
     abstained, errors = False, RewardErrors(run)

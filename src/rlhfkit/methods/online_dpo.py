@@ -56,6 +56,7 @@ from .common import (
     longest_prompt,
     ranking_collate,
     refuse_offline_batch_fields,
+    say_foreign_ids,
 )
 from .dpo import DPOLoss, dpo_objective, loss_forms
 from .online_rewards import (
@@ -203,7 +204,8 @@ def judge(backend, tokenizer, rows: list, cfg: OnlineDPOConfig, rewards, trainer
     counts = {"answers": len(scores), "prompts": len(tied), "tied": sum(tied), "pairs": len(pairs),
               "gap": float(gaps.nansum()), "judged": float((~gaps.isnan()).sum()),
               "clipped": float((~samples.finished).sum()), "tokens": float(samples.completion_mask.sum())}
-    return {"pairs": pairs, "scores": scores, "outcome": outcome, "counts": counts, "time_generation_s": generation_s}
+    return {"pairs": pairs, "scores": scores, "outcome": outcome, "counts": counts, "time_generation_s": generation_s,
+            "samples": samples}
 
 
 def judged_metrics(judged: dict, info) -> dict:
@@ -282,6 +284,7 @@ def run_online_dpo(cfg: OnlineDPOConfig, reward_fns: list | None = None, weights
         judged = judge(backend, tokenizer, mine, cfg, rewards,
                        SimpleNamespace(global_step=run.optimizer_steps, max_steps=total))  # TRL's names
         errors.first(run, judged["outcome"])
+        say_foreign_ids(run, judged["samples"], tokenizer)
         means = {**judged_metrics(judged, run.info), **retokenised, "time_generation_s": judged["time_generation_s"],
                  "time_weight_sync_s": sync}
         shares = {}

@@ -52,6 +52,7 @@ from .common import (
     held_out,
     longest_prompt,
     refuse_offline_batch_fields,
+    say_foreign_ids,
     trainer_logprobs,
 )
 
@@ -435,6 +436,7 @@ def run_ppo(cfg: PPOConfig, backend=None) -> dict:
         prompt_ids = row_prompt_ids(tokenizer, [rows[i] for i in order.indices(step)[run.info.rank::run.info.world_size]])
         kl_coef = kl_ctl.beta  # this step's rewards' coefficient, logged as such (the controller then moves it)
         exp, metrics = make_experience(models, backend, prompt_ids, cfg, kl_coef, exact, run.info)
+        say_foreign_ids(run, exp.samples, tokenizer)
         t0 = time.time()
         ptx_now = ptx_batches_for(ptx, step, updates, run.info, tokenizer.pad_token_id)
         shares = ppo_update(run, models, exp, cfg, ptx_now)
