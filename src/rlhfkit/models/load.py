@@ -204,6 +204,8 @@ def load_causal_lm(path, tokenizer=None, dtype: str = "fp32", device: str = "cpu
     if tokenizer is not None:
         check_vocab(model, tokenizer, where)
         model.generation_config.pad_token_id = tokenizer.pad_token_id
+        if getattr(model.config, "pad_token_id", None) is None:  # a tokenizer padded with its EOS (as TRL pads):
+            model.config.pad_token_id = tokenizer.pad_token_id  # the saved config.json says so, as generation's does
     check_head(model, where)
     use_fast_linear(model)  # CPU fp32 only; elsewhere the layers run F.linear unchanged
     return model.to(device)
