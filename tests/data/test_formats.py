@@ -95,8 +95,6 @@ def test_a_template_whose_turns_end_without_eos_gets_one_eos_after_the_last_turn
 
 @pytest.mark.parametrize("row, message", [
     ({"prompt": [USER], "completion": [{"role": "assistant", "content": " "}]}, "field 'completion[0].content' is empty"),
-    ({"messages": [USER, ASSISTANT, {"role": "user", "content": "And?"}]},
-     "field 'messages[2]' (role 'user') comes after the last assistant turn (roles: 'user', 'assistant')"),
     ({"messages": [USER, {"role": "assitant", "content": " 3"}]},
      "field 'messages' has no assistant turn after the first message to train on (roles: 'user', 'assitant')"),
     ({"text": "junk", "prompt": "What is 1+2?", "completion": " 3"},
@@ -115,6 +113,17 @@ def test_an_over_long_answer_and_a_text_prompt_beside_chat_answers_name_their_fi
     mixed = {"prompt": "What is 1+2?", "chosen": [USER, ASSISTANT], "rejected": " 4"}
     with pytest.raises(DataError, match=r"^d.jsonl:2: field 'prompt' is plain text and 'chosen' holds chat messages"):
         encode_rankings(_rows({"prompt": "What is 1+2?", "chosen": " 3", "rejected": " 4"}, mixed), tok, 64)
+
+
+def test_turns_after_the_last_answer_are_context_not_dropped(tok):
+    """A conversation ending with a tool's reply or a user's turn: TRL renders it, and its
+    assistant-only loss leaves those turns untrained; they were dropped from the row."""
+    messages = [USER, ASSISTANT, {"role": "user", "content": "And?"}]
+    (e,), _ = encode_sft(_rows({"messages": messages}), tok, 128)
+    assert tok.decode(e.input_ids) == tok.apply_chat_template(messages, tokenize=False)
+    assert _trained(tok, e) == " 3<eos>"
+    (every,), _ = encode_sft(_rows({"messages": messages}), tok, 128, completion_only=False)
+    assert _trained(tok, every) == tok.decode(every.input_ids[1:])  # every token but the first, the trailing turn too
 
 
 def test_an_empty_chat_answer_is_refused_in_pairs_as_in_plain_text(tok):

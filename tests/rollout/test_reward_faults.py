@@ -190,11 +190,15 @@ def test_a_reward_file_imports_the_modules_beside_it_and_an_import_error_names_i
 
 def test_an_async_reward_is_awaited_as_trl_awaits_it_in_a_notebooks_loop_and_under_a_timeout():
     """TRL takes ``async def`` rewards (an LLM judge's calls); one returns its scores here too, also
-    where the caller already runs an event loop (a notebook) and under reward_timeout_s."""
+    where the caller already runs an event loop (a notebook) and under reward_timeout_s, and state it
+    binds to its loop lasts from call to call (one loop for the process, as TRL keeps one)."""
     import asyncio
 
+    gate = {}  # a rate limit an API judge keeps across calls: bound to the loop of its first use
+
     async def judge(prompts, completions, answer, **_):
-        await asyncio.sleep(0)
+        async with gate.setdefault("limit", asyncio.Semaphore(2)):
+            await asyncio.sleep(0)
         return [float(c.strip() == str(a)) for c, a in zip(completions, answer)]
 
     def scores(timeout_s=0.0):
@@ -205,3 +209,13 @@ def test_an_async_reward_is_awaited_as_trl_awaits_it_in_a_notebooks_loop_and_und
         return scores()
 
     assert scores() == scores(timeout_s=5.0) == asyncio.run(in_a_loop()) == [1.0, 0.0, 1.0]
+
+
+def test_an_async_reward_that_hangs_is_a_named_timeout():
+    import asyncio
+
+    async def hangs(completions, **_):
+        await asyncio.sleep(30)
+
+    with pytest.raises(RewardError, match=r"'hangs' failed .*no result within reward_timeout_s=0.2 s"):
+        score_outcomes([hangs], [1.0], ["p"], ["a"], {}, timeout_s=0.2)

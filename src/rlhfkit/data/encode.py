@@ -208,8 +208,8 @@ def sft_pieces(row: Row, tokenizer) -> tuple[list[int], list[tuple[list[int], bo
     kept = "'prompt' and 'completion'" if fmt == "prompt_completion" else "'text'" if "text" in d else None
     stray = [f for f in ("text", "messages") if f in d and f"'{f}'" != kept] if kept else []
     if stray:  # TRL reads one and ignores the other: refused rather than left unread
-        raise DataError(f"{row.where}: field '{stray[0]}' beside {kept}: a row holds one format, and SFT would train "
-                        f"{kept} and leave '{stray[0]}' unread; drop one of them")
+        raise DataError(f"{row.where}: field '{stray[0]}' beside {kept}: a row holds one format, and one of them "
+                        "would be left unread; drop one of them")
     if fmt == "prompt_completion":
         prompt = encode_row_prompt(tokenizer, row)
         return prompt, [(completion_ids(tokenizer, row, "completion", d["completion"]), True)]
@@ -224,13 +224,8 @@ def sft_pieces(row: Row, tokenizer) -> tuple[list[int], list[tuple[list[int], bo
     if not turns:
         raise DataError(f"{row.where}: field 'messages' has no assistant turn after the first message to train on "
                         f"(roles: {roles})")
-    if turns[-1] < len(messages) - 1:  # TRL renders them, and trains them only without its assistant-only loss
-        after = messages[turns[-1] + 1]["role"]
-        raise DataError(f"{row.where}: field 'messages[{turns[-1] + 1}]' (role {after!r}) comes after the last "
-                        f"assistant turn (roles: {roles}); nothing would train on it: end the conversation with an "
-                        "assistant turn")
     first = render_chat(tokenizer, messages[: turns[0]], row, "messages", True)
-    pieces, done = [], first  # done: the text encoded so far
+    pieces, done, eos = [], first, False  # done: the text encoded so far
     for i in turns:
         context = render_chat(tokenizer, messages[:i], row, "messages", True)
         if not context.startswith(done):
@@ -240,12 +235,20 @@ def sft_pieces(row: Row, tokenizer) -> tuple[list[int], list[tuple[list[int], bo
             pieces.append((tokenizer(context[len(done):], add_special_tokens=False)["input_ids"], False))
         if not (messages[i].get("content") or "").strip() and not messages[i].get("tool_calls"):
             raise DataError(f"{row.where}: field 'messages[{i}].content' is empty")
-        text, eos = assistant_text(tokenizer, messages[:i], [messages[i]], row, "messages")
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        # a template that ends its turns without the EOS (Gemma's <end_of_turn>) gets one EOS, after the last turn:
-        # the conversation as the template writes it, then the end a sampler stops at (as TRL's)
-        pieces.append((ids + ([tokenizer.eos_token_id] if eos and i == turns[-1] else []), True))
+        text, ends = assistant_text(tokenizer, messages[:i], [messages[i]], row, "messages")
+        eos = eos or ends
+        pieces.append((tokenizer(text, add_special_tokens=False)["input_ids"], True))
         done = context + text
+    if turns[-1] < len(messages) - 1:  # turns after the last answer (a tool's reply, a user's): context, as TRL's
+        rest = render_chat(tokenizer, messages, row, "messages", False)  # assistant-only loss keeps them untrained
+        if not rest.startswith(done):
+            raise DataError(f"{row.where}: field 'messages': the chat template rewrites earlier turns, "
+                            "so the assistant turns cannot be told apart")
+        if rest[len(done):].strip():
+            pieces.append((tokenizer(rest[len(done):].rstrip(), add_special_tokens=False)["input_ids"], False))
+    if eos:  # a template that ends its turns without the EOS (Gemma's <end_of_turn>): one EOS ends the conversation
+        ids, trained = pieces[-1]  # (as TRL ends the rendered text), not every turn
+        pieces[-1] = (ids + [tokenizer.eos_token_id], trained)
     return encode_prompt(tokenizer, first, chat=True), pieces
 
 

@@ -201,8 +201,9 @@ def stacked_on_start(config: dict, tensors: dict) -> tuple[dict, dict] | None:
     onto a plain folder; the adapter as trained names the start adapter folder as its base, which
     transformers loads as a second adapter of the same name (wrong outputs, no error). None where
     the base is no adapter folder; an earlier chain is stacked first, so any depth ends on a plain
-    base. A start adapter that sets per-layer ranks or alphas, or another kind of update (DoRA), is
-    refused: its layers' scalings are not read here."""
+    base. Modules the start adapter trained in full (``modules_to_save``) come along where the new
+    stage did not train them again. A start adapter that sets per-layer ranks or alphas, trained
+    biases or tokens, or another kind of update (DoRA), is refused: those are not read here."""
     start = config.get("base_model_name_or_path")
     if not is_adapter_folder(start):
         return None
@@ -223,7 +224,10 @@ def stacked_on_start(config: dict, tensors: dict) -> tuple[dict, dict] | None:
     old, new = pairs(first), pairs(tensors)
     r1, r2 = first_config["r"], config["r"]
     s1, s2 = scaling(first_config, r1), scaling(config, r2)
-    out = {k: v for k, v in tensors.items() if ".lora_" not in k}  # a head trained in full (modules_to_save)
+    # modules trained in full (modules_to_save: a score head, an lm_head): the new stage's, and the start's it
+    # did not train again (merged into the model it trained on, so unchanged)
+    out = {**{k: v for k, v in first.items() if ".lora_" not in k}, **{k: v for k, v in tensors.items()
+                                                                      if ".lora_" not in k}}
     for layer in sorted(set(old) | set(new)):
         a_part, b_part = (new.get(layer) or old[layer])[2:]
         blocks = []
@@ -234,7 +238,8 @@ def stacked_on_start(config: dict, tensors: dict) -> tuple[dict, dict] | None:
             blocks.append((a.float(), b.float() * s))
         out[layer + a_part] = torch.cat([blocks[0][0], blocks[1][0]], 0).to(tensors[next(iter(tensors))].dtype)
         out[layer + b_part] = torch.cat([blocks[0][1], blocks[1][1]], 1).to(tensors[next(iter(tensors))].dtype)
-    stacked = {**config, "r": r1 + r2, "lora_alpha": r1 + r2, "use_rslora": False,
+    saved = sorted(set(first_config.get("modules_to_save") or ()) | set(config.get("modules_to_save") or ()))
+    stacked = {**config, "r": r1 + r2, "lora_alpha": r1 + r2, "use_rslora": False, "modules_to_save": saved or None,
                "target_modules": sorted(layer.removeprefix(PEFT_PREFIX) for layer in set(old) | set(new)),
                "base_model_name_or_path": first_config["base_model_name_or_path"]}
     return stacked, out
@@ -247,8 +252,10 @@ def start_adapter(path) -> tuple[dict, dict]:
     from safetensors.torch import load_file
 
     config = json.loads((Path(path) / ADAPTER_CONFIG).read_text())
-    unread = [k for k in ("rank_pattern", "alpha_pattern") if config.get(k)] + (["use_dora"] if config.get("use_dora")
-                                                                               else [])
+    unread = [k for k in ("rank_pattern", "alpha_pattern", "use_dora", "lora_bias", "trainable_token_indices",
+                          "target_parameters") if config.get(k)]
+    if config.get("bias", "none") != "none":
+        unread.append(f"bias={config['bias']}")
     if unread or config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path}: the start adapter sets {', '.join(unread) or config.get('peft_type')}, so a LoRA "
                          "stage on it cannot be saved onto its plain base; merge it into a plain folder first (or "

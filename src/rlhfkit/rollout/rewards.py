@@ -30,6 +30,7 @@ named like a reward argument.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import inspect
 import math
 import numbers
@@ -162,38 +163,35 @@ def as_number(value) -> float | None:
     return float(value) if isinstance(value, numbers.Real) else None
 
 
-def awaited(value):
+_LOOP: dict = {}  # the one event loop async rewards run on, in a daemon thread of its own (``awaited``)
+
+
+def awaited(value, timeout_s: float = 0.0):
     """``value``, or where it is a coroutine (an ``async def`` reward, as TRL takes them) its
-    result: run to completion in an event loop of its own, in a thread of its own where this one
-    already runs a loop (a notebook's)."""
+    result, run on one event loop kept for the process in a thread of its own, as TRL keeps one:
+    state a reward binds to its loop (a semaphore, an async HTTP client) lasts from call to call,
+    and a caller's own running loop (a notebook's) is left alone. TimeoutError after ``timeout_s``
+    seconds (0: no limit)."""
     if not inspect.iscoroutine(value):
         return value
+    if "loop" not in _LOOP:
+        loop = asyncio.new_event_loop()
+        threading.Thread(target=loop.run_forever, daemon=True, name="reward-async").start()
+        _LOOP["loop"] = loop
+    future = asyncio.run_coroutine_threadsafe(value, _LOOP["loop"])
     try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(value)
-    box: dict = {}
-
-    def target():
-        try:
-            box["value"] = asyncio.run(value)
-        except BaseException as e:
-            box["error"] = e
-
-    thread = threading.Thread(target=target, name="reward-async")
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
+        return future.result(timeout_s or None)
+    except concurrent.futures.TimeoutError:
+        future.cancel()
+        raise TimeoutError(f"no result within reward_timeout_s={timeout_s:g} s") from None
 
 
 def call_with_timeout(fn: Callable, timeout_s: float, *args, **kwargs):
     """``fn(*args, **kwargs)`` (awaited where it is ``async``), or TimeoutError after ``timeout_s``
     seconds (0: no limit). A call that hangs is left in a daemon thread: Python cannot stop it, but
     the run no longer waits."""
-    if not timeout_s:
-        return awaited(fn(*args, **kwargs))
+    if not timeout_s or inspect.iscoroutinefunction(fn):  # a coroutine's limit is kept by its loop
+        return awaited(fn(*args, **kwargs), timeout_s)
     box: dict = {}
 
     def target():
