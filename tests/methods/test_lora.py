@@ -433,3 +433,51 @@ def test_a_16_bit_folder_is_said_to_train_and_save_in_fp32(tiny, tmp_path, capsy
     for folder, said in ((tiny["base"], False), (half, True)):
         Run(TrainConfig(), {}, DistInfo(), "sft", "step").prepare(load_causal_lm(str(folder), tok), base=str(folder))
         assert ("stores bfloat16 weights: they train as fp32 master weights" in capsys.readouterr().err) == said
+
+
+def test_a_peft_made_start_adapter_with_a_full_head_stacks_and_one_with_biases_is_refused(tmp_path):
+    """A first adapter made with peft elsewhere (rsLoRA, lm_head trained in full as modules_to_save,
+    GPT-2's Conv1D layers and an embedding adapter), then an rlhfkit LoRA stage on other layers: the
+    stacked folder keeps the full head (it loaded the plain base's, 10.3 off) and peft loads it onto
+    the plain base to the trained model's logits. Trained biases are refused before training."""
+    from peft import LoraConfig as PeftLora
+    from peft import PeftModel, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from rlhfkit.models.load import save_model
+    from rlhfkit.models.lora import start_adapter
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=64,
+                               tie_word_embeddings=False)).save_pretrained(tmp_path / "base")
+    x = torch.randint(0, 100, (2, 10))
+    for bias in ("none", "lora_only"):
+        first = get_peft_model(GPT2LMHeadModel.from_pretrained(tmp_path / "base"),
+                               PeftLora(r=4, lora_alpha=8, target_modules=["c_attn", "wte"], use_rslora=True,
+                                        modules_to_save=["lm_head"], bias=bias))
+        with torch.no_grad():
+            for name, p in first.named_parameters():
+                if "lora_" in name or "modules_to_save" in name:
+                    p.normal_(0, 0.3)
+        folder = tmp_path / f"first-{bias}"
+        first.save_pretrained(folder)
+        config = json.loads((folder / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = str((tmp_path / "base").resolve())
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+        if bias != "none":
+            with pytest.raises(ValueError, match="the start adapter sets bias=lora_only"):
+                start_adapter(folder)
+            continue
+        second = apply_lora(load_causal_lm(str(folder)), LoraSettings(2, 16.0, 0.0, "c_proj,c_fc,wte"),
+                            str(folder.resolve()))
+        with torch.no_grad():
+            for name, p in second.named_parameters():
+                if "lora_" in name:
+                    p.normal_(0, 0.3)
+            want = second.eval()(x).logits
+            save_model(second, None, tmp_path / "second")
+            got = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(tmp_path / "base"),
+                                            str(tmp_path / "second")).eval()(x).logits
+            plain = GPT2LMHeadModel.from_pretrained(tmp_path / "base").eval()(x).logits
+        assert (plain - want).abs().max() > 1.0
+        torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-4)
