@@ -349,3 +349,24 @@ def test_a_routers_training_noise_is_switched_off_with_the_dropout():
     assert torch.equal(model.train()(ids).logits, model.train()(ids).logits)
     torch.testing.assert_close(model.train()(ids).logits, model.eval()(ids).logits, atol=1e-5, rtol=0)
     assert model.config.router_jitter_noise == 0.5  # the saved config keeps it
+
+
+def test_a_reward_model_object_starts_a_critic_of_its_own(tiny):
+    """From Python, critic unset and the reward model an object: the critic starts from a copy,
+    trainable, while the reward model stays frozen; a causal-LM object is refused in one line (a
+    reward-model object had failed in pathlib)."""
+    from methods_setup import reward_folder
+
+    from rlhfkit.models.load import ModelLoadError, load_causal_lm, load_tokenizer
+    from rlhfkit.models.reward import load_reward_model
+
+    tok = load_tokenizer(str(tiny["base"]))
+    scorer = load_reward_model(reward_folder(tiny), tok)
+    models, _ = load_models(PPOConfig(model=str(tiny["base"]), reward_model=scorer))
+    assert models["reward"] is scorer and models["critic"] is not scorer
+    assert not any(p.requires_grad for p in models["reward"].parameters())
+    assert all(p.requires_grad for p in models["critic"].parameters())
+    for a, b in zip(models["critic"].parameters(), scorer.parameters()):
+        assert torch.equal(a, b)  # the same start
+    with pytest.raises(ModelLoadError, match="^reward_model: a LlamaForCausalLM object is not a reward model"):
+        load_models(PPOConfig(model=str(tiny["base"]), reward_model=load_causal_lm(str(tiny["base"]), tok)))

@@ -9,6 +9,7 @@ pi_old is the backend's log-probs when they are exact for the actor, else a forw
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 
@@ -334,9 +335,11 @@ def load_models(cfg: PPOConfig, device: str = "cpu", run: Run | None = None):
     actor = disable_dropout(load_causal_lm(cfg.model, tokenizer, device=device))
     for role, folder in (("reward model", cfg.reward_model), ("critic", cfg.critic)):
         check_shared_tokenizer(folder, tokenizer, role, "actor", run.say if run is not None else None)
+    start = cfg.critic or cfg.reward_model
+    if isinstance(start, torch.nn.Module) and start is cfg.reward_model:  # a reward-model object (Python API): the
+        start = copy.deepcopy(start)  # critic starts from it as a model of its own, not the frozen scorer itself
+    critic = disable_dropout(load_reward_model(start, tokenizer, seed=cfg.train.seed, device=device))
     reward = load_reward_model(cfg.reward_model, tokenizer, cfg.frozen_dtype, device=device).eval().requires_grad_(False)
-    critic = disable_dropout(load_reward_model(cfg.critic or cfg.reward_model, tokenizer, seed=cfg.train.seed,
-                                               device=device))
     if run is not None:
         actor = run.prepare(actor, cfg.lora, base=cfg.model, dropout=False)
         critic = run.prepare(critic, cfg.lora, head=score_name(critic), base=cfg.critic or cfg.reward_model,

@@ -59,6 +59,11 @@ def require_reward_model(path: str | Path, key: str = "reward_model") -> None:
     initialised score head (transformers only notes it), and its scores would be noise."""
     from .lora import adapter_task, is_adapter_folder
 
+    if isinstance(path, torch.nn.Module):  # Python API: a classifier object, taken as trained
+        if not type(path).__name__.endswith("ForSequenceClassification"):
+            raise ModelLoadError(f"{key}: a {type(path).__name__} object is not a reward model; it needs a "
+                                 "...ForSequenceClassification model with a trained score head")
+        return
     if is_adapter_folder(path) and adapter_task(path) == "SEQ_CLS":
         return  # a reward model's LoRA adapter (`rlhfkit rm lora.r=...`): its score head is in the adapter
     archs = architectures(path)
