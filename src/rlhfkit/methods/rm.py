@@ -22,7 +22,7 @@ from ..data.rows import read_rows, source_name
 from ..losses.reduce import pairs_right
 from ..losses.rm import ranking_loss
 from ..models.forward import eval_mode
-from ..models.load import disable_dropout, load_tokenizer
+from ..models.load import load_tokenizer
 from ..models.reward import load_reward_model, reward_scores, score_name, shared_prompt_scores
 from ..train.config import LoraConfig, TrainConfig, all_used_only_with, at_least, choice
 from ..train.loop import Objective, train_offline
@@ -127,7 +127,7 @@ def run_rm(cfg: RMConfig) -> dict:
         held_out, eval_report = encode_rankings(rows, tokenizer, cfg.max_length, "skip")
         run.say(f"{source_name(cfg.eval_data)} (held out, over-long rows skipped): {eval_report.summary()}")
     # dropout off (as TRL's disable_dropout): the answers of a ranking are scored under one function
-    model = disable_dropout(load_reward_model(cfg.model, tokenizer, seed=cfg.train.seed, device=run.device))
+    model = load_reward_model(cfg.model, tokenizer, seed=cfg.train.seed, device=run.device)
     check_positions(run, model, longest(report, eval_report))
     model = run.shard(run.prepare(model, cfg.lora, head=score_name(model), base=cfg.model, dropout=False))
     evaluate = (lambda m: ranking_metrics(m, held_out, tokenizer.pad_token_id, share_prompt=cfg.share_prompt)) \

@@ -226,18 +226,16 @@ def stacked_on_start(config: dict, tensors: dict) -> tuple[dict, dict] | None:
     s1, s2 = scaling(first_config, r1), scaling(config, r2)
     # modules trained in full (modules_to_save: a score head, an lm_head): the new stage's, and the start's it
     # did not train again (merged into the model it trained on, so unchanged)
-    out = {**{k: v for k, v in first.items() if ".lora_" not in k}, **{k: v for k, v in tensors.items()
-                                                                      if ".lora_" not in k}}
+    out = {k: v for k, v in {**first, **tensors}.items() if ".lora_" not in k}
     for layer in sorted(set(old) | set(new)):
-        a_part, b_part = (new.get(layer) or old[layer])[2:]
+        a_any, b_any, a_part, b_part = new.get(layer) or old[layer]
         blocks = []
         for got, r, s in ((old.get(layer), r1, s1), (new.get(layer), r2, s2)):
-            other = (new.get(layer) or old.get(layer))
-            a = got[0] if got else other[0].new_zeros((r, other[0].shape[1]))
-            b = got[1] if got else other[1].new_zeros((other[1].shape[0], r))
+            a = got[0] if got else a_any.new_zeros((r, a_any.shape[1]))  # a layer one adapter leaves alone
+            b = got[1] if got else b_any.new_zeros((b_any.shape[0], r))
             blocks.append((a.float(), b.float() * s))
-        out[layer + a_part] = torch.cat([blocks[0][0], blocks[1][0]], 0).to(tensors[next(iter(tensors))].dtype)
-        out[layer + b_part] = torch.cat([blocks[0][1], blocks[1][1]], 1).to(tensors[next(iter(tensors))].dtype)
+        out[layer + a_part] = torch.cat([blocks[0][0], blocks[1][0]], 0).to(a_any.dtype)
+        out[layer + b_part] = torch.cat([blocks[0][1], blocks[1][1]], 1).to(b_any.dtype)
     saved = sorted(set(first_config.get("modules_to_save") or ()) | set(config.get("modules_to_save") or ()))
     stacked = {**config, "r": r1 + r2, "lora_alpha": r1 + r2, "use_rslora": False, "modules_to_save": saved or None,
                "target_modules": sorted(layer.removeprefix(PEFT_PREFIX) for layer in set(old) | set(new)),

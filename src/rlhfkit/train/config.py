@@ -632,12 +632,12 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | dict
     try:
         merged = _merge(values, extra)
         cfg = build(cls, merged)
+        texts = {k: v.text if isinstance(v, Override) else v for k, v in flat(merged).items()}
         unread = getattr(cls, "UNREAD", {})  # keys of another kind of method: set to anything, even the default
-        given = [k for k in flat(merged) if k in unread]
+        given = [k for k in texts if k in unread]
         if given:
             raise ConfigError("; ".join(f"config key '{k}' does not apply here ({unread[k]})" for k in given),
                               keys=given)
-        texts = {k: v.text if isinstance(v, Override) else v for k, v in flat(merged).items()}
         described = [k for k, v in texts.items() if _is_data_field(k.rsplit(".", 1)[-1]) and isinstance(v, str)
                      and v.startswith("<") and v.endswith(">")]
         if described:  # a run's config.yaml records rows given in Python so (plain_dict): no file to read again

@@ -292,12 +292,10 @@ class Run:
         ``dropout=False``: the method trains with every dropout off (``disable_dropout``), the
         adapters' ``lora.dropout`` too, as TRL's ``disable_dropout`` turns off peft's; a
         ``lora.dropout`` above 0 is then said to be off, not kept silently."""
-        if not dropout:
-            model = disable_dropout(model)
-            if lora is not None and lora.enabled and lora.dropout > 0 and "lora.dropout" not in self.said:
-                self.said.add("lora.dropout")  # PPO's actor and critic: one line
-                self.say(f"warning: lora.dropout={lora.dropout:g} is not applied: this method trains with every "
-                         "dropout off, the adapters' too (as TRL's disable_dropout)")
+        if not dropout and lora is not None and lora.enabled and lora.dropout > 0 and "lora.dropout" not in self.said:
+            self.said.add("lora.dropout")  # PPO's actor and critic: one line
+            self.say(f"warning: lora.dropout={lora.dropout:g} is not applied: this method trains with every "
+                     "dropout off, the adapters' too (as TRL's disable_dropout)")
         self.router_coef = self.router_balance_coef(model, router_loss, base)
         stored = stored_dtype(base)
         if stored in ("bfloat16", "float16") and "dtype" not in self.said and not (lora is not None and lora.enabled
@@ -325,8 +323,8 @@ class Run:
                                   "or name other lora.target_modules")
             use_fast_linear(model)  # the adapters' own linear layers
             self.merge = lora.merge
-            if not dropout:
-                disable_dropout(model)  # the adapters' own dropout layers
+        if not dropout:  # after the adapters are in: their own dropout layers too
+            disable_dropout(model)
         if self.cfg.activation_checkpointing:
             enable_activation_checkpointing(model)
         return model
