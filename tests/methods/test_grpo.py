@@ -1127,3 +1127,35 @@ def test_sampled_ids_the_tokenizer_lacks_are_said_once_a_run(capsys):
     say_foreign_ids(quiet, Samples(ids, torch.ones_like(ids), ids % n, mask, torch.zeros(2, 3),
                                    torch.ones(2, dtype=torch.bool)), tok)
     assert "sampled tokens" not in capsys.readouterr().err
+
+
+def test_a_folders_generation_config_that_rollouts_do_not_follow_is_said_once(tiny, tmp_path, capsys):
+    """An instruct model's generation_config.json asks for its own sampling settings and end ids;
+    rollouts use the run's settings and stop at the tokenizer's EOS alone (as TRL's), and say so
+    once, naming what differs, before the first rollout."""
+    import shutil
+    from dataclasses import replace
+
+    from methods_setup import digits, method_config
+    from transformers import GenerationConfig
+
+    from rlhfkit.models.load import load_tokenizer
+
+    tok = load_tokenizer(str(tiny["base"]))
+    turn_end = 7  # any id but the EOS: a template's turn end
+    folder = tmp_path / "instruct"
+    shutil.copytree(tiny["base"], folder)
+    GenerationConfig(do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05,
+                     eos_token_id=[tok.eos_token_id, turn_end], pad_token_id=tok.pad_token_id).save_pretrained(folder)
+    cfg = replace(method_config("grpo", tiny, tmp_path / "out", 2, log_every=1), model=str(folder), top_k=20)
+    run_grpo(cfg, reward_fns=[digits])
+    said = capsys.readouterr().err
+    assert said.count("generation config asks for") == 1 and said.count("generation config also ends") == 1
+    # top_k 20 is the run's own too: not named; the others are, with the values rollouts use
+    assert (f"{folder}'s generation config asks for temperature=0.7, top_p=0.8, repetition_penalty=1.05; rollouts "
+            "sample with this run's temperature=1, top_p=1, repetition_penalty=1") in said
+    assert (f"{folder}'s generation config also ends answers at {tok.convert_ids_to_tokens(turn_end)!r}; rollouts "
+            f"stop at the tokenizer's EOS {tok.eos_token!r} alone") in said
+    run_grpo(replace(cfg, model=str(tiny["base"]), train=replace(cfg.train, out_dir=str(tmp_path / "plain"))),
+             reward_fns=[digits])
+    assert "generation config" not in capsys.readouterr().err  # the tiny default's asks for nothing else

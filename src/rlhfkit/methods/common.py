@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from ..data.encode import encode_row_prompt
@@ -137,6 +139,43 @@ def say_foreign_ids(run, samples: Samples, tokenizer) -> None:
         run.say(f"warning: {foreign} sampled tokens of this batch are ids >= {len(tokenizer)}, output rows the "
                 "tokenizer has no token for: they decode to nothing, so rewards read the answers without them; "
                 "said once a run", every_rank=True)
+
+
+# A generation config's sampling settings and the value under which each does nothing
+FOLDER_SAMPLING = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "typical_p": 1.0,
+                   "repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
+
+
+def say_generation_config(run, model, tokenizer, params, source) -> None:
+    """Said once, before the first rollout, where the policy's generation config (its folder's
+    ``generation_config.json``) asks for what rollouts do not do. Rollouts sample with the run's
+    own settings and stop at the tokenizer's EOS alone, as TRL's trainers do; an instruct model's
+    folder often asks for others (Qwen2.5's temperature 0.7, top_p 0.8, repetition_penalty 1.05)
+    and ends its answers at more ids than the tokenizer's EOS (Gemma's ``<end_of_turn>``, Llama
+    3's ``<|eom_id|>``), which a user reading the folder would otherwise expect to hold."""
+    config = getattr(model, "generation_config", None)
+    if config is None or "generation config" in run.said:
+        return
+    run.said.add("generation config")
+    source = source if isinstance(source, (str, Path)) and str(source) else "the policy"
+    asked = config.to_diff_dict()
+    ours = {**FOLDER_SAMPLING, "temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p}
+    differ = {k: asked[k] for k in FOLDER_SAMPLING if asked.get(k) is not None
+              and asked[k] != FOLDER_SAMPLING[k] and asked[k] != ours[k]}
+    if differ:
+        run.say(f"note: {source}'s generation config asks for {_settings(differ)}; rollouts sample with this run's "
+                f"{_settings({k: ours[k] for k in differ})} (as TRL's trainers use their own settings)")
+    ends = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+    extra = [i for i in ends if i is not None and i != tokenizer.eos_token_id]
+    if extra:
+        names = ", ".join(repr(tokenizer.convert_ids_to_tokens(int(i))) for i in extra)
+        run.say(f"warning: {source}'s generation config also ends answers at {names}; rollouts stop at the "
+                f"tokenizer's EOS {tokenizer.eos_token!r} alone (as TRL's), so an answer that ends there runs on to "
+                "max_new_tokens; a tokenizer whose eos_token is the turn's end stops at it")
+
+
+def _settings(values: dict) -> str:
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
 
 
 def refuse_offline_batch_fields(method: str, train: TrainConfig) -> None:

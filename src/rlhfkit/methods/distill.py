@@ -60,6 +60,7 @@ from .common import (
     held_out,
     longest_prompt,
     refuse_offline_batch_fields,
+    say_generation_config,
 )
 
 
@@ -255,6 +256,8 @@ def run_distill(cfg: DistillConfig, backend=None) -> dict:
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
     sources = [answer_source(step, cfg) for step in range(run.max_steps)]  # GKD's draws, the run's at once
     student_steps = list(itertools.accumulate(source == "student" for source in sources))
+    if student_steps and student_steps[-1]:  # the student samples
+        say_generation_config(run, student, tokenizer, params, cfg.model)
     for step in run.steps(evaluate):
         source = sources[step]
         picked = order.indices(step)[run.info.rank::run.info.world_size]

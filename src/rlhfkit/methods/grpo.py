@@ -67,6 +67,7 @@ from .common import (
     reference_sync,
     refuse_offline_batch_fields,
     say_foreign_ids,
+    say_generation_config,
     trainer_logprobs,
 )
 from .grpo_batch import (
@@ -728,8 +729,9 @@ def run_grpo(cfg: GRPOConfig, reward_fns: list | None = None, weights: list[floa
     backend = backend or make_backend(cfg.rollout, tokenizer, policy, copy=run.shards_models,  # before sharding
                                       out_dir=tc.out_dir)
     run.shard(policy)
-    exact = trainer_logprobs(backend, SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p),
-                             cfg.train.dtype)
+    params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+    say_generation_config(run, policy, tokenizer, params, cfg.model)
+    exact = trainer_logprobs(backend, params, cfg.train.dtype)
     if cfg.loss_type == "vespo" and not exact and cfg.sampling_correction.startswith("sequence"):
         raise ConfigError(f"loss_type=vespo puts the sampling weights pi_old / pi_sampler into each answer's ratio "
                           f"token by token, and this backend's log-probs are not the trainer's ({cfg.train.dtype}, "

@@ -57,6 +57,7 @@ from .common import (
     ranking_collate,
     refuse_offline_batch_fields,
     say_foreign_ids,
+    say_generation_config,
 )
 from .dpo import DPOLoss, dpo_objective, loss_forms
 from .online_rewards import (
@@ -266,6 +267,8 @@ def run_online_dpo(cfg: OnlineDPOConfig, reward_fns: list | None = None, weights
     reference = frozen_reference(run, policy, cfg.model, tokenizer, cfg.lora.enabled)
     backend = backend or make_backend(cfg.rollout, tokenizer, policy, copy=run.shards_models, out_dir=tc.out_dir)
     run.shard(policy)
+    say_generation_config(run, policy, tokenizer, SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k,
+                                                                 cfg.top_p), cfg.model)
     evaluate = accuracy_eval(backend, policy, tokenizer, eval_rows, cfg.eval_max_new_tokens)
     before = run.start_eval(evaluate()) if evaluate else {}
     optimizer = build_optimizer(policy, tc.lr, tc.weight_decay)

@@ -54,6 +54,7 @@ from .common import (
     longest_prompt,
     refuse_offline_batch_fields,
     say_foreign_ids,
+    say_generation_config,
     trainer_logprobs,
 )
 
@@ -422,7 +423,9 @@ def run_ppo(cfg: PPOConfig, backend=None) -> dict:
                                       out_dir=tc.out_dir)
     for name, model in modules(models).items():  # the reward model scores in its frozen_dtype, as replicated: only
         run.shard(model, cast=name != "reward")  # the models a run compares with the actor take FSDP2's bf16 policy
-    exact = trainer_logprobs(backend, SamplingParams(cfg.max_new_tokens, cfg.temperature), tc.dtype)
+    params = SamplingParams(cfg.max_new_tokens, cfg.temperature)
+    say_generation_config(run, models["actor"], tokenizer, params, cfg.model)
+    exact = trainer_logprobs(backend, params, tc.dtype)
     updates = cfg.ppo_epochs * (cfg.prompts_per_step // cfg.minibatch_size)  # optimizer steps per rollout step
     trained = torch.nn.ModuleDict({"actor": models["actor"], "critic": models["critic"]})
     optimizer = build_optimizer(trained, tc.lr, tc.weight_decay, {"actor": tc.lr, "critic": cfg.critic_lr})
