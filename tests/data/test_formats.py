@@ -406,7 +406,7 @@ def test_a_generation_prompt_the_finished_turn_lacks_is_kept_before_the_answer()
                         "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
                         "{% if add_generation_prompt %}{{ '<|assistant|>think:' }}{% endif %}")
     row = _rows({"prompt": [USER], "completion": [ASSISTANT]})
-    with pytest.warns(UserWarning, match="generation prompt ends with 'think:'"):
+    with pytest.warns(UserWarning, match="generation prompt '<.assistant.>think:' is no start"):
         example = encode_sft(row, r1, 64)[0][0]
     assert r1.decode(example.input_ids) == "<|user|>What is 1+2?<|assistant|>think: 3<eos>"
     assert _trained(r1, example) == " 3<eos>"
@@ -415,6 +415,86 @@ def test_a_generation_prompt_the_finished_turn_lacks_is_kept_before_the_answer()
                          "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
     with pytest.raises(DataError, match="does not render the conversation as its prompt followed by the answer"):
         encode_sft(row, odd, 64)
+
+
+def test_a_reasoning_template_that_drops_the_thinking_from_finished_turns_trains_it_as_sampled():
+    """DeepSeek-R1-Distill's template opens an answer with "<think>\\n" and writes a finished turn
+    without the reasoning before "</think>": the reasoning was dropped and the bare answer trained
+    right after "<think>\\n" (so the model learned never to close it), and an answer starting
+    with "<" lost its first character to a character-wise shared start with "<think>". The answer
+    is now the message as sampled after the generation prompt: its reasoning kept, "<think>\\n"
+    not doubled, nothing of the content lost."""
+    r1 = build_char_tokenizer()
+    r1.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ '<|user|>' + m['content'] }}"
+                        "{% else %}{% set c = m['content'] %}{% if '</think>' in c %}"
+                        "{% set c = c.split('</think>')[-1] %}{% endif %}{{ '<|assistant|>' + c + eos_token }}"
+                        "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|><think>\\n' }}"
+                        "{% endif %}")
+    for content, trained in (("<think>\nadd them\n</think>\n\n3", "add them\n</think>\n\n3<eos>"),
+                             ("<b>3</b>", "<b>3</b><eos>"), ("3", "3<eos>")):
+        row = _rows({"messages": [USER, {"role": "assistant", "content": content}]})
+        with pytest.warns(UserWarning, match="generation prompt '<.assistant.><think>.n' is no start"):
+            example = encode_sft(row, r1, 128)[0][0]
+        assert _trained(r1, example) == trained
+        assert r1.decode(example.input_ids[: example.prompt_len]) == "<|user|>What is 1+2?<|assistant|><think>\n"
+    rewritten = build_char_tokenizer()  # a finished turn that writes something else than the content: refused
+    rewritten.chat_template = r1.chat_template.replace("'<|assistant|>' + c", "'<|assistant|>' + c.upper()")
+    with pytest.raises(DataError, match="writes the finished answer otherwise than its content"):
+        encode_sft(_rows({"messages": [USER, {"role": "assistant", "content": "abc"}]}), rewritten, 128)
+
+
+def test_a_rows_chat_template_kwargs_reach_its_template_everywhere_it_is_rendered():
+    """TRL passes a row's ``chat_template_kwargs`` (Qwen3's ``enable_thinking``) to the template; they
+    were left unread, so the prompt lacked the empty think block a thinking-off Qwen3 writes. They
+    reach every rendering (SFT, pairs, a GRPO prompt); a malformed one, or one beside plain text,
+    is refused with its field."""
+    from rlhfkit.data.encode import prompt_text
+
+    think = build_char_tokenizer()
+    think.chat_template = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] }}"
+                           "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+                           "{% if add_generation_prompt %}{{ '<|assistant|>' }}"
+                           "{% if enable_thinking is defined and not enable_thinking %}{{ '[no]' }}{% endif %}"
+                           "{% endif %}")
+    off = {"chat_template_kwargs": {"enable_thinking": False}}
+    row = _rows({"prompt": [USER], "completion": [ASSISTANT], **off})[0]
+    assert prompt_text(row, think) == "<|user|>What is 1+2?<|assistant|>[no]"
+    assert prompt_text(_rows({"prompt": [USER]})[0], think) == "<|user|>What is 1+2?<|assistant|>"
+    assert prompt_text(_rows({"prompt": [USER], "chat_template_kwargs": '{"enable_thinking": false}'})[0],
+                       think).endswith("[no]")  # a JSON string, as a CSV column holds it
+    with pytest.warns(UserWarning, match="is no start of the finished answer"):  # '[no]' opens the answer
+        example = encode_sft([row], think, 64)[0][0]
+    assert think.decode(example.input_ids[: example.prompt_len]).endswith("<|assistant|>[no]")
+    assert _trained(think, example) == " 3<eos>"
+    pair = _rows({"prompt": [USER], "chosen": [ASSISTANT], "rejected": [{"role": "assistant", "content": " 4"}],
+                  **off})
+    with pytest.warns(UserWarning):
+        ranked = encode_rankings(pair, think, 64)[0][0]
+    assert think.decode(ranked.prompt_ids).endswith("[no]")
+    for bad, said in (({"chat_template_kwargs": [1]}, "must be an object of template variables"),
+                      ({"chat_template_kwargs": "{x"}, "is a string but not valid JSON"),
+                      ({"chat_template_kwargs": {"tools": []}}, "sets 'tools', which rlhfkit sets itself")):
+        with pytest.raises(DataError, match=f"d.jsonl:1: field 'chat_template_kwargs' {said}"):
+            prompt_text(_rows({"prompt": [USER], **bad})[0], think)
+    with pytest.raises(DataError, match="field 'chat_template_kwargs' goes to a chat template, and this row's text"):
+        encode_sft(_rows({"prompt": "Q", "completion": " A", **off}), think, 64)
+
+
+def test_a_conversation_whose_last_turn_writes_the_eos_gets_no_second_one():
+    """gpt-oss ends a tool-calling turn with <|call|> (no EOS) and the final answer with its EOS
+    (<|return|>): the EOS appended for the first turn's sake was added after the last turn's own,
+    training two."""
+    oss = build_char_tokenizer()
+    oss.chat_template = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] }}"
+                         "{% if m['role'] == 'assistant' %}{{ '<call>' if m['content'].startswith('call') "
+                         "else eos_token }}{% endif %}{% endfor %}"
+                         "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+    row = _rows({"messages": [USER, {"role": "assistant", "content": "call add"},
+                              {"role": "tool", "content": "3"}, ASSISTANT]})
+    example = encode_sft(row, oss, 128)[0][0]
+    assert oss.decode(example.input_ids).endswith("<|tool|>3<|assistant|> 3<eos>")
+    assert example.input_ids.count(oss.eos_token_id) == 1
+    assert _trained(oss, example) == "call add<call> 3<eos>"
 
 
 def test_images_and_tool_schemas_beside_plain_text_are_refused_not_dropped(tok):

@@ -15,7 +15,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .formats import TAKEN_BY, check_messages, is_chat, require_format, row_format, row_tools, shared_prefix
+from .formats import (
+    TAKEN_BY,
+    check_messages,
+    is_chat,
+    require_format,
+    row_format,
+    row_template_kwargs,
+    row_tools,
+    shared_prefix,
+)
 from .rows import DataError, Row, get_str
 
 OVERLONG_POLICIES = ("error", "truncate", "skip")
@@ -67,7 +76,7 @@ def render_chat(tokenizer, messages: list[dict], row: Row, field: str, generatio
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False,
                                              add_generation_prompt=generation_prompt and not prefill,
-                                             continue_final_message=prefill,
+                                             continue_final_message=prefill, **row_template_kwargs(row),
                                              **({"tools": tools} if tools is not None else {}))
     except (jinja2.TemplateError, TypeError, KeyError, ValueError, AttributeError) as e:  # the template's own raise too
         first = (str(e).strip().splitlines() or [""])[0][:200]
@@ -86,21 +95,39 @@ def assistant_text(tokenizer, context: list[dict], turn: list[dict], row: Row, f
                         "(and its tools') messages; earlier turns belong in the prompt")
     before = render_chat(tokenizer, context, row, field, generation_prompt=True)
     full = render_chat(tokenizer, context + turn, row, field, generation_prompt=False)
-    start = len(before)
-    if not full.startswith(before):
-        # A generation prompt the finished turn lacks (DeepSeek-R1's "<think>\n"): the answer is what
-        # follows the two renderings' shared start, and is trained after the generation prompt, as it
-        # is sampled. Anything else (the context itself rendered otherwise) is refused.
-        start = len(os.path.commonprefix([before, full]))
-        if start < len(render_chat(tokenizer, context, row, field, generation_prompt=False)):
-            raise DataError(f"{row.where}: field '{field}': the chat template does not render the conversation as "
-                            "its prompt followed by the answer, so the answer's tokens cannot be told apart")
-        warnings.warn(f"rlhfkit: the chat template's generation prompt ends with {before[start:]!r}, which it does "
-                      "not write before a finished answer; answers are trained after it, as they are sampled",
-                      stacklevel=2)
-    text, eos = full[start:], tokenizer.eos_token
+    text = full[len(before):] if full.startswith(before) else sampled_answer(tokenizer, context, turn, before, full,
+                                                                             row, field)
+    eos = tokenizer.eos_token
     end = text.rfind(eos) if eos else -1
     return (text[: end + len(eos)], False) if end >= 0 else (text.rstrip(), True)
+
+
+def sampled_answer(tokenizer, context: list[dict], turn: list[dict], before: str, full: str, row: Row,
+                   field: str) -> str:
+    """The answer's text where the generation prompt is no start of the finished turn: DeepSeek-R1's
+    template opens an answer with "<think>\n" but writes a finished turn without it, and without
+    the reasoning before "</think>". The answer is the message as it is sampled after the
+    generation prompt (its content, less what the generation prompt already holds of it: the
+    reasoning kept), then the turn's end as the template writes it. Anything else (the context
+    itself rendered otherwise, a content the finished turn does not write) is refused."""
+    context_text = render_chat(tokenizer, context, row, field, generation_prompt=False)
+    content = turn[0].get("content") if len(turn) == 1 and isinstance(turn[0], dict) else None
+    if not (isinstance(content, str) and before.startswith(context_text) and full.startswith(context_text)):
+        raise DataError(f"{row.where}: field '{field}': the chat template does not render the conversation as "
+                        "its prompt followed by the answer, so the answer's tokens cannot be told apart")
+    opened, written = before[len(context_text):], full[len(context_text):]  # the generation prompt; the turn
+    shown = content.rsplit("</think>", 1)[-1] if "</think>" in content else None  # what a reasoning turn shows
+    kept = next((k for k in (content, shown) if k and k in written), None)
+    if kept is None:
+        raise DataError(f"{row.where}: field '{field}': the chat template writes the finished answer otherwise than "
+                        "its content and its generation prompt is no start of it, so the answer's tokens cannot be "
+                        "told apart")
+    extra = opened[len(os.path.commonprefix([opened, written])):]  # what the generation prompt adds: "<think>\n"
+    held = extra if content.startswith(extra) else ""
+    warnings.warn(f"rlhfkit: the chat template's generation prompt {opened!r} is no start of the finished answer it "
+                  "writes; answers are trained after it, as they are sampled"
+                  + (f" (the content after {held!r}, which the prompt holds)" if held else ""), stacklevel=3)
+    return content[len(held):] + written[written.rfind(kept) + len(kept):]
 
 
 def _conversation(row: Row) -> list[dict]:
@@ -246,9 +273,9 @@ def sft_pieces(row: Row, tokenizer) -> tuple[list[int], list[tuple[list[int], bo
                             "so the assistant turns cannot be told apart")
         if rest[len(done):].strip():
             pieces.append((tokenizer(rest[len(done):].rstrip(), add_special_tokens=False)["input_ids"], False))
-    if eos:  # a template that ends its turns without the EOS (Gemma's <end_of_turn>): one EOS ends the conversation
-        ids, trained = pieces[-1]  # (as TRL ends the rendered text), not every turn
-        pieces[-1] = (ids + [tokenizer.eos_token_id], trained)
+    ids, trained = pieces[-1]
+    if eos and ids[-1:] != [tokenizer.eos_token_id]:  # a template that ends turns without the EOS (Gemma's
+        pieces[-1] = (ids + [tokenizer.eos_token_id], trained)  # <end_of_turn>): one EOS ends the conversation
     return encode_prompt(tokenizer, first, chat=True), pieces
 
 

@@ -84,9 +84,10 @@ def require_format(row: Row, method: str, accepted: tuple[str, ...]) -> str:
     if media:
         raise DataError(f"{row.where}: field '{media[0]}': rlhfkit trains text models and has no image or audio "
                         "processor; drop the column to train on the text alone")
-    if row.data.get("tools") is not None and not any(is_chat(v) for v in row.data.values()):
-        raise DataError(f"{row.where}: field 'tools' goes to a chat template, and this row's text is plain; write the "
-                        "row as chat messages or drop 'tools'")
+    for field in ("tools", "chat_template_kwargs"):
+        if row.data.get(field) is not None and not any(is_chat(v) for v in row.data.values()):
+            raise DataError(f"{row.where}: field '{field}' goes to a chat template, and this row's text is plain; "
+                            f"write the row as chat messages or drop '{field}'")
     return fmt
 
 
@@ -124,6 +125,27 @@ def row_tools(row: Row) -> list | None:
     if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
         raise DataError(f"{row.where}: field 'tools' must be a list of function schemas (objects)")
     return tools
+
+
+def row_template_kwargs(row: Row) -> dict:
+    """The row's ``chat_template_kwargs`` (TRL's per-row column: variables its chat template reads,
+    as Qwen3's ``enable_thinking``); {} without them."""
+    kwargs = row.data.get("chat_template_kwargs")
+    if kwargs is None:
+        return {}
+    if isinstance(kwargs, str):
+        try:
+            kwargs = json.loads(kwargs)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{row.where}: field 'chat_template_kwargs' is a string but not valid JSON ({e.msg})") \
+                from None
+    if not (isinstance(kwargs, dict) and all(isinstance(k, str) for k in kwargs)):
+        raise DataError(f"{row.where}: field 'chat_template_kwargs' must be an object of template variables "
+                        "(e.g. {\"enable_thinking\": false})")
+    taken = sorted(set(kwargs) & {"messages", "tools", "add_generation_prompt", "continue_final_message", "tokenize"})
+    if taken:
+        raise DataError(f"{row.where}: field 'chat_template_kwargs' sets {taken[0]!r}, which rlhfkit sets itself")
+    return {k: v for k, v in kwargs.items() if v is not None}  # parquet's struct columns fill absent keys with None
 
 
 def completion_text(completion) -> str:
