@@ -1131,8 +1131,8 @@ def test_sampled_ids_the_tokenizer_lacks_are_said_once_a_run(capsys):
 
 def test_a_folders_generation_config_that_rollouts_do_not_follow_is_said_once(tiny, tmp_path, capsys):
     """An instruct model's generation_config.json asks for its own sampling settings and end ids;
-    rollouts use the run's settings and stop at the tokenizer's EOS alone (as TRL's), and say so
-    once, naming what differs, before the first rollout."""
+    rollouts use the run's settings (as TRL's) and say so once, naming what differs, before the
+    first rollout; they stop at the other end ids too (as TRL's GRPO), and say that once."""
     import shutil
     from dataclasses import replace
 
@@ -1150,12 +1150,12 @@ def test_a_folders_generation_config_that_rollouts_do_not_follow_is_said_once(ti
     cfg = replace(method_config("grpo", tiny, tmp_path / "out", 2, log_every=1), model=str(folder), top_k=20)
     run_grpo(cfg, reward_fns=[digits])
     said = capsys.readouterr().err
-    assert said.count("generation config asks for") == 1 and said.count("generation config also ends") == 1
+    assert said.count("generation config asks for") == 1 and said.count("the other end ids") == 1
     # top_k 20 is the run's own too: not named; the others are, with the values rollouts use
     assert (f"{folder}'s generation config asks for temperature=0.7, top_p=0.8, repetition_penalty=1.05; rollouts "
             "sample with this run's temperature=1, top_p=1, repetition_penalty=1") in said
-    assert (f"{folder}'s generation config also ends answers at {tok.convert_ids_to_tokens(turn_end)!r}; rollouts "
-            f"stop at the tokenizer's EOS {tok.eos_token!r} alone") in said
+    assert (f"answers end at the tokenizer's EOS {tok.eos_token!r} and at {tok.convert_ids_to_tokens(turn_end)!r}, "
+            f"the other end ids of {folder}'s generation config") in said
     run_grpo(replace(cfg, model=str(tiny["base"]), train=replace(cfg.train, out_dir=str(tmp_path / "plain"))),
              reward_fns=[digits])
     assert "generation config" not in capsys.readouterr().err  # the tiny default's asks for nothing else

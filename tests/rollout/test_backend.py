@@ -55,6 +55,37 @@ def test_the_generate_backend_samples_the_policy_whatever_its_generation_config_
     assert model.generation_config.repetition_penalty == 1.5  # the policy's own config is left as it is
 
 
+@pytest.mark.parametrize("backend", ["sampler", "sampler, generic loop", "generate"])
+def test_answers_end_at_every_end_id_of_the_policys_generation_config(tiny, backend, monkeypatch):
+    """Gemma-it's generation config ends answers at <end_of_turn> beside the tokenizer's <eos>
+    (Llama 3's at <|eom_id|>): every backend stops there, as TRL 1.16's GRPO, RLOO and
+    distillation do; the answer is finished, masked through the end token, and its text and ids
+    for rewards are without it."""
+    from rlhfkit.models.lean import LeanDecoder
+    from rlhfkit.rollout.sampler import answer_ids, decode
+
+    if backend == "sampler, generic loop":  # the model's own forward a token at a time (non-lean architectures)
+        monkeypatch.setattr(LeanDecoder, "applies", staticmethod(lambda model: False))
+    model, tok = load_policy(str(tiny["base"]), None)
+    prompts = _prompts(tiny, tok, 4)
+    params = SamplingParams(max_new_tokens=8, temperature=0.0)
+    plain = SamplerBackend(tok, model).generate(prompts, params)
+    turn_end = plain.completion_ids[0, 2].item()  # the untrained model's 3rd token, called a turn's end
+    assert turn_end != tok.eos_token_id and not plain.finished.any()
+    model.generation_config.eos_token_id = [tok.eos_token_id, turn_end]
+    make = GenerateBackend if backend == "generate" else SamplerBackend
+    s = make(tok, model).generate(prompts, params)
+    for row in range(len(prompts)):
+        greedy = plain.completion_ids[row].tolist()
+        n = greedy.index(turn_end) + 1 if turn_end in greedy else len(greedy)
+        assert s.completion_ids[row, :n].tolist() == greedy[:n]
+        assert s.completion_mask[row].tolist() == [1] * n + [0] * (s.completion_ids.shape[1] - n)
+        assert bool(s.finished[row]) == (turn_end in greedy)
+        kept = greedy[: n - 1 if turn_end in greedy else n]
+        assert answer_ids(tok, s)[row] == kept and decode(tok, s)[row] == tok.decode(kept, skip_special_tokens=True)
+    assert s.finished.any() and s.completion_mask.sum() < plain.completion_mask.sum()
+
+
 def test_ppo_trains_the_same_on_either_backend_when_both_sample_greedily(tiny, tmp_path, capsys):
     base = str(tiny["base"])
     losses = {}

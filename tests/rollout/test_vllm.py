@@ -24,8 +24,14 @@ class FakeLLM:
     records every call."""
 
     def __init__(self, folder, rollout):
+        import json
+        from pathlib import Path
+
         self.tok = load_tokenizer(folder)
         self.model = load_causal_lm(folder, self.tok).eval()
+        named = json.loads((Path(folder) / "generation_config.json").read_text()).get("eos_token_id")
+        # as vLLM stops: at the tokenizer's EOS and every end id of the folder's generation config
+        self.ends = [self.tok.eos_token_id, *(named if isinstance(named, list) else [named])]
         self.folder, self.rollout, self.calls, self.loads = folder, rollout, ["start"], []
 
     def apply_model(self, fn):
@@ -41,7 +47,7 @@ class FakeLLM:
     def generate(self, prompts, params, use_tqdm=False):
         self.calls.append("generate")
         ids = [p["prompt_token_ids"] for p in prompts]
-        s = sample(self.model, ids, eos_id=self.tok.eos_token_id, pad_id=self.tok.pad_token_id,
+        s = sample(self.model, ids, eos_id=self.ends, pad_id=self.tok.pad_token_id,
                    max_new_tokens=params.max_tokens, temperature=params.temperature, top_k=max(params.top_k, 0),
                    top_p=params.top_p, num_samples=params.n)
         outs = []
@@ -198,19 +204,30 @@ def test_the_engine_is_asked_for_the_sampled_distributions_logprobs(monkeypatch,
         assert "logprobs_mode" not in made and "generation_config" not in made
 
 
-def test_the_engines_folder_names_the_tokenizers_eos_alone(tiny, tmp_path):
-    """vLLM stops at every end id of the folder's generation_config.json; a policy whose own names
-    another (Qwen2.5-Instruct: <|im_end|> and <|endoftext|>) would have answers stopped there that
-    rlhfkit reads as unfinished, and its repetition_penalty is no part of the policy: the engine's
-    folder has the tokenizer's EOS and nothing else."""
+def test_the_engines_folder_names_the_end_ids_alone_and_answers_end_at_each(tiny, tmp_path):
+    """vLLM stops at every end id of the folder's generation_config.json: the engine's folder names
+    the tokenizer's EOS and the policy's other end ids (Gemma's <end_of_turn>), where the other
+    backends stop too, and an answer stopped at one is finished; the policy's repetition_penalty is
+    no part of the policy and is not written."""
     import json
+
+    from rlhfkit.rollout.backend import SamplingParams
 
     tok = load_tokenizer(str(tiny["base"]))
     model = load_causal_lm(str(tiny["base"]), tok)
-    model.generation_config.eos_token_id = [tok.eos_token_id, 5]
+    prompts = [tok("What is 40+41?")["input_ids"], tok("What is 3+4?")["input_ids"]]
+    greedy = sample(model, prompts, eos_id=-1, pad_id=tok.pad_token_id, max_new_tokens=6, temperature=0.0)
+    turn_end = greedy.completion_ids[0, 2].item()  # the untrained model's 3rd token, called a turn's end
+    model.generation_config.eos_token_id = [tok.eos_token_id, turn_end]
     model.generation_config.repetition_penalty = 1.05
     engines, make = _backend(tmp_path)
-    make(tok).load_weights(model)
+    backend = make(tok)
+    backend.load_weights(model)
     written = json.loads((tmp_path / "engine" / "rollout_engine" / "rank-0" / "generation_config.json").read_text())
-    assert written["eos_token_id"] == tok.eos_token_id and "repetition_penalty" not in written
-    assert len(engines) == 1 and model.generation_config.eos_token_id == [tok.eos_token_id, 5]  # the policy's own
+    assert written["eos_token_id"] == [tok.eos_token_id, turn_end] and "repetition_penalty" not in written
+    assert len(engines) == 1 and model.generation_config.eos_token_id == [tok.eos_token_id, turn_end]
+    s = backend.generate(prompts, SamplingParams(6, temperature=0.0))
+    first = greedy.completion_ids[0].tolist().index(turn_end)
+    assert s.completion_ids[0, : first + 1].tolist() == greedy.completion_ids[0, : first + 1].tolist()
+    assert s.completion_mask[0].tolist() == [1] * (first + 1) + [0] * (s.completion_ids.shape[1] - first - 1)
+    assert bool(s.finished[0])

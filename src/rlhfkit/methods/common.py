@@ -12,6 +12,7 @@ from ..data.rows import DataError, read_rows, source_name
 from ..models.forward import reads_block_masks
 from ..models.load import load_causal_lm, load_tokenizer, position_limit
 from ..models.lora import Reference
+from ..rollout.backend import end_ids
 from ..rollout.evaluate import HeldOut
 from ..rollout.sampler import Samples, completion_logprobs
 from ..train.config import ConfigError, TrainConfig
@@ -148,11 +149,10 @@ FOLDER_SAMPLING = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "
 
 def say_generation_config(run, model, tokenizer, params, source) -> None:
     """Said once, before the first rollout, where the policy's generation config (its folder's
-    ``generation_config.json``) asks for what rollouts do not do. Rollouts sample with the run's
-    own settings and stop at the tokenizer's EOS alone, as TRL's trainers do; an instruct model's
-    folder often asks for others (Qwen2.5's temperature 0.7, top_p 0.8, repetition_penalty 1.05)
-    and ends its answers at more ids than the tokenizer's EOS (Gemma's ``<end_of_turn>``, Llama
-    3's ``<|eom_id|>``), which a user reading the folder would otherwise expect to hold."""
+    ``generation_config.json``) asks for sampling settings other than the run's (Qwen2.5-Instruct's
+    temperature 0.7, top_p 0.8, repetition_penalty 1.05): rollouts sample with the run's own, as
+    TRL's trainers do. Its end ids beside the tokenizer's EOS (Gemma's ``<end_of_turn>``), where
+    rollouts stop too (rollout/backend.py ``end_ids``), are named in a note."""
     config = getattr(model, "generation_config", None)
     if config is None or "generation config" in run.said:
         return
@@ -165,13 +165,11 @@ def say_generation_config(run, model, tokenizer, params, source) -> None:
     if differ:
         run.say(f"note: {source}'s generation config asks for {_settings(differ)}; rollouts sample with this run's "
                 f"{_settings({k: ours[k] for k in differ})} (as TRL's trainers use their own settings)")
-    ends = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
-    extra = [i for i in ends if i is not None and i != tokenizer.eos_token_id]
+    extra = end_ids(tokenizer, model)[1:]
     if extra:
-        names = ", ".join(repr(tokenizer.convert_ids_to_tokens(int(i))) for i in extra)
-        run.say(f"warning: {source}'s generation config also ends answers at {names}; rollouts stop at the "
-                f"tokenizer's EOS {tokenizer.eos_token!r} alone (as TRL's), so an answer that ends there runs on to "
-                "max_new_tokens; a tokenizer whose eos_token is the turn's end stops at it")
+        names = ", ".join(repr(tokenizer.convert_ids_to_tokens(i)) for i in extra)
+        run.say(f"note: answers end at the tokenizer's EOS {tokenizer.eos_token!r} and at {names}, the other end ids "
+                f"of {source}'s generation config (as TRL's GRPO stops)")
 
 
 def _settings(values: dict) -> str:

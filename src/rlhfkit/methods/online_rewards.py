@@ -27,7 +27,7 @@ from ..rollout.rewards import (
     reward_fields,
     score_outcomes,
 )
-from ..rollout.sampler import Samples, decode
+from ..rollout.sampler import Samples, answer_ids, decode
 from ..tasks import OUTCOME_REWARDS, PROCESS_REWARDS
 from ..train.config import ConfigError, choice, plain_dict
 from ..train.dist import all_gather_object
@@ -241,8 +241,7 @@ def score_samples(tokenizer, samples: Samples, rows: list, group: int, rewards: 
     completions = as_completions(decode(tokenizer, samples), prompts)
     keys = sorted({k for r in rows for k in r.data} - {"prompt", "messages"})
     fields = {k: [r.data.get(k) for r in rows for _ in range(group)] for k in keys}
-    ids = [[t for t, m in zip(row, mask) if m and t != tokenizer.eos_token_id]
-           for row, mask in zip(samples.completion_ids.tolist(), samples.completion_mask.tolist())]
+    ids = answer_ids(tokenizer, samples)
     passed = {"completion_ids": ids, "trainer_state": trainer_state}
     per_sample = [r for r in rows for _ in range(group)]
     functions = [bind(f, samples, per_sample) for f in rewards.functions]

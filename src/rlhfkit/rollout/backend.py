@@ -28,7 +28,7 @@ import torch
 
 from ..models.lean import length_dependent_rope
 from ..models.load import full_state_dict
-from .sampler import Samples, _mask_through_eos, left_pad, sample
+from .sampler import Samples, _mask_through_eos, end_tensor, left_pad, sample
 
 
 @dataclass(frozen=True)
@@ -53,11 +53,14 @@ class SamplerBackend:
 
     def __init__(self, tokenizer, model=None, copy: bool = False):
         self.tokenizer, self.copy, self.model = tokenizer, copy, None
+        self.ends = end_ids(tokenizer)
         if model is not None:
             self.load_weights(model)
 
     @torch.no_grad()
     def load_weights(self, model) -> None:
+        if self.model is None:
+            self.ends = end_ids(self.tokenizer, model)
         if not self.copy:
             self.model = model  # the live module: its weights are always the current ones
         elif self.model is None:
@@ -66,7 +69,7 @@ class SamplerBackend:
             self.model.load_state_dict(full_state_dict(model))
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> Samples:
-        return sample(self.model, prompts, eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id,
+        return sample(self.model, prompts, eos_id=self.ends, pad_id=self.tokenizer.pad_token_id,
                       max_new_tokens=params.max_new_tokens, temperature=params.temperature, top_k=params.top_k,
                       top_p=params.top_p, num_samples=params.num_samples)
 
@@ -90,14 +93,16 @@ class GenerateBackend:
 
     def __init__(self, tokenizer, model=None, copy: bool = True):  # it always keeps a copy
         self.tokenizer, self.model = tokenizer, None
+        self.ends = end_ids(tokenizer)
         if model is not None:
             self.load_weights(model)
 
     @torch.no_grad()
     def load_weights(self, model) -> None:
         if self.model is None:
+            self.ends = end_ids(self.tokenizer, model)
             self.model = copy.deepcopy(model).eval().requires_grad_(False)  # before the policy is sharded
-            self.model.generation_config = neutral_generation_config(self.tokenizer)
+            self.model.generation_config = neutral_generation_config(self.tokenizer, self.ends)
         else:
             self.model.load_state_dict(full_state_dict(model))
 
@@ -112,28 +117,41 @@ class GenerateBackend:
         sampling = {} if greedy else dict(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
         out = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=not greedy,
                                   max_new_tokens=params.max_new_tokens,
-                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                  eos_token_id=list(self.ends), pad_token_id=tok.pad_token_id,
                                   output_scores=True, return_dict_in_generate=True, **sampling)
         width = prompt_ids.shape[1]
         completion_ids = out.sequences[:, width:]
-        mask = _mask_through_eos(completion_ids, tok.pad_token_id, tok.eos_token_id, True)
+        mask = _mask_through_eos(completion_ids, tok.pad_token_id, self.ends, True)
         scores = torch.stack(out.scores, 1).float().log_softmax(-1)  # (N, C, V)
         logprobs = scores.gather(-1, completion_ids[..., None]).squeeze(-1).nan_to_num(0.0, neginf=0.0) * mask
         return Samples(prompt_ids, prompt_mask, completion_ids, mask, logprobs,
-                       (completion_ids == tok.eos_token_id).any(-1))
+                       (torch.isin(completion_ids, end_tensor(self.ends, completion_ids.device)) & mask.bool()).any(-1))
 
     def logprobs_exact(self, params: SamplingParams) -> bool:
         return False
 
 
-def neutral_generation_config(tokenizer):
-    """A ``GenerationConfig`` that sets nothing but the tokenizer's special tokens: under it,
-    ``generate`` samples from the policy as the sampling parameters passed say and nothing else
-    (transformers fills every setting a call leaves unset from the model's generation config)."""
+def neutral_generation_config(tokenizer, ends: tuple[int, ...] = ()):
+    """A ``GenerationConfig`` that sets nothing but the special tokens (``ends``: the end ids,
+    ``end_ids``'s): under it, ``generate`` samples from the policy as the sampling parameters
+    passed say and nothing else (transformers fills every setting a call leaves unset from the
+    model's generation config)."""
     from transformers import GenerationConfig
 
-    return GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ends = list(ends) or [tokenizer.eos_token_id]
+    return GenerationConfig(eos_token_id=ends if len(ends) > 1 else ends[0], pad_token_id=tokenizer.pad_token_id,
                             bos_token_id=tokenizer.bos_token_id)
+
+
+def end_ids(tokenizer, model=None) -> tuple[int, ...]:
+    """The ids an answer ends at: the tokenizer's EOS, then every other end id the policy's
+    generation config names (Gemma's ``<end_of_turn>``, Llama 3's ``<|eom_id|>``, ...), as TRL
+    1.16's GRPO, RLOO and distillation trainers stop."""
+    config = getattr(model, "generation_config", None)
+    named = getattr(config, "eos_token_id", None)
+    named = named if isinstance(named, (list, tuple)) else [named]
+    ends = [int(i) for i in [getattr(tokenizer, "eos_token_id", None), *named] if i is not None]
+    return tuple(dict.fromkeys(ends))
 
 
 BACKENDS = {"sampler": SamplerBackend, "generate": GenerateBackend}

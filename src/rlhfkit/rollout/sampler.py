@@ -3,8 +3,10 @@
 Prompts are left-padded (right padding breaks batched generation), position ids come from
 the attention mask, and a prompt shared by a group of ``num_samples`` completions is
 prefilled once and its cache copied, which is where most of the saving over a generic
-``generate`` comes from on short answers. Each sequence stops at EOS (which is kept and
-masked in) or at ``max_new_tokens``; everything after EOS is padding with mask 0. Where the lean
+``generate`` comes from on short answers. Each sequence stops at an end id (the tokenizer's EOS,
+and where the backend passes them the generation config's others, as TRL's trainers stop: the
+end token is kept and masked in) or at ``max_new_tokens``; everything after it is padding with
+mask 0. Where the lean
 decoder applies (models/lean.py), the whole token loop runs as one TorchScript call (``_decode``).
 
 The returned log-probs are those of the sampling distribution (logits / temperature, before
@@ -16,7 +18,7 @@ backend, never this function by name.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -40,9 +42,9 @@ class Samples:
     prompt_ids: torch.Tensor  # (N, P) left-padded, N = prompts * num_samples
     prompt_mask: torch.Tensor  # (N, P)
     completion_ids: torch.Tensor  # (N, C) right-padded
-    completion_mask: torch.Tensor  # (N, C) 1 on generated tokens, EOS included
+    completion_mask: torch.Tensor  # (N, C) 1 on generated tokens, the end token (EOS) included
     logprobs: torch.Tensor  # (N, C) sampling log-probs of the generated tokens, 0 on padding
-    finished: torch.Tensor  # (N,) True where the sequence emitted EOS
+    finished: torch.Tensor  # (N,) True where the sequence emitted an end token (EOS): its last masked token
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -146,7 +148,8 @@ def _pick(logits: torch.Tensor, alive: torch.Tensor, temperature: float, top_k: 
     return token, torch.where(alive, logp.gather(-1, token.unsqueeze(1)).squeeze(-1), 0.0)
 
 
-def _next(logits: torch.Tensor, alive: torch.Tensor, last: bool, stop_at_eos: bool, eos_id: int, temperature: float,
+def _next(logits: torch.Tensor, alive: torch.Tensor, last: bool, stop_at_eos: bool, ends: torch.Tensor,
+          temperature: float,
           top_k: int, top_p: float, generator: Optional[torch.Generator],
           pad_id: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
     """One token of the decode loop: ``_pick``'s token and log-prob, the rows still alive after it,
@@ -154,12 +157,12 @@ def _next(logits: torch.Tensor, alive: torch.Tensor, last: bool, stop_at_eos: bo
     generic one through TorchScript, models/script.py)."""
     token, logp = _pick(logits, alive, temperature, top_k, top_p, generator, pad_id)
     if stop_at_eos:
-        alive = alive & (token != eos_id)  # a new tensor: the caller's stays as it was
+        alive = alive & ~torch.isin(token, ends)  # a new tensor: the caller's stays as it was
     return token, logp, alive, last or not bool(alive.any())
 
 
 def _decode(logits: torch.Tensor, alive: torch.Tensor, bias: torch.Tensor, position: torch.Tensor, width: int,
-            max_new_tokens: int, stop_at_eos: bool, eos_id: int, temperature: float, top_k: int, top_p: float,
+            max_new_tokens: int, stop_at_eos: bool, ends: torch.Tensor, temperature: float, top_k: int, top_p: float,
             generator: Optional[torch.Generator], pad_id: int, start: int, rows: int, head_rows: int, onednn: bool,
             embed: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, weights: List[List[torch.Tensor]],
             biases: List[List[Optional[torch.Tensor]]], packs: List[List[torch.Tensor]], keys: List[torch.Tensor],
@@ -174,7 +177,7 @@ def _decode(logits: torch.Tensor, alive: torch.Tensor, bias: torch.Tensor, posit
     tokens: List[torch.Tensor] = []
     logps: List[torch.Tensor] = []
     for t in range(max_new_tokens):
-        token, logp, now_alive, done = _next(logits, alive, t == max_new_tokens - 1, stop_at_eos, eos_id,
+        token, logp, now_alive, done = _next(logits, alive, t == max_new_tokens - 1, stop_at_eos, ends,
                                              temperature, top_k, top_p, generator, pad_id)
         tokens.append(token)
         logps.append(logp)
@@ -190,21 +193,31 @@ def _decode(logits: torch.Tensor, alive: torch.Tensor, bias: torch.Tensor, posit
 
 
 @torch.no_grad()
-def sample(model, prompts: list[list[int]], *, eos_id: int, pad_id: int, max_new_tokens: int,
+def sample(model, prompts: list[list[int]], *, eos_id: int | Sequence[int], pad_id: int, max_new_tokens: int,
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, num_samples: int = 1,
            stop_at_eos: bool = True, generator: torch.Generator | None = None) -> Samples:
-    """Sample ``num_samples`` completions for each prompt (token id lists); temperature 0 = greedy."""
+    """Sample ``num_samples`` completions for each prompt (token id lists); temperature 0 = greedy.
+    ``eos_id``: the end id, or several (an answer ends at the first of any)."""
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = (t.to(device) for t in left_pad(prompts, pad_id))
-    rule = (stop_at_eos, eos_id, float(temperature), top_k, float(top_p), generator, pad_id)  # _next's arguments
+    ends = end_tensor(eos_id, device)
+    rule = (stop_at_eos, ends, float(temperature), top_k, float(top_p), generator, pad_id)  # _next's arguments
     tokens_of = _lean_tokens if LeanDecoder.applies(model) else _generic_tokens
     tokens, logps = tokens_of(model, prompt_ids, prompt_mask, num_samples, max_new_tokens, rule)
     prompt_ids, prompt_mask = prompt_ids.repeat_interleave(num_samples, 0), prompt_mask.repeat_interleave(num_samples, 0)
     completion_ids = torch.stack(tokens, 1)
-    completion_mask = _mask_through_eos(completion_ids, pad_id, eos_id, stop_at_eos)
+    completion_mask = _mask_through_eos(completion_ids, pad_id, ends, stop_at_eos)
     n = completion_ids.shape[0]
     return Samples(prompt_ids, prompt_mask, completion_ids, completion_mask, torch.stack(logps, 1) * completion_mask,
-                   (completion_ids == eos_id).any(-1) if stop_at_eos else torch.zeros(n, dtype=torch.bool, device=device))
+                   torch.isin(completion_ids, ends).any(-1) if stop_at_eos
+                   else torch.zeros(n, dtype=torch.bool, device=device))
+
+
+def end_tensor(ends: int | Sequence[int] | torch.Tensor, device=None) -> torch.Tensor:
+    """End ids as a 1-D long tensor (one id or several)."""
+    if isinstance(ends, torch.Tensor):
+        return ends.reshape(-1).to(device=device, dtype=torch.long)
+    return torch.tensor([ends] if isinstance(ends, int) else list(ends), dtype=torch.long, device=device)
 
 
 def _lean_tokens(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, num_samples: int, max_new_tokens: int,
@@ -275,22 +288,28 @@ def _generic_tokens(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, 
         model.train(was_training)
 
 
-def _mask_through_eos(ids: torch.Tensor, pad_id: int, eos_id: int, stop_at_eos: bool) -> torch.Tensor:
-    """1 up to and including the first EOS, 0 after it."""
+def _mask_through_eos(ids: torch.Tensor, pad_id: int, ends, stop_at_eos: bool) -> torch.Tensor:
+    """1 up to and including the first end id (``ends``: one or several), 0 after it."""
     if not stop_at_eos:
         return torch.ones_like(ids)
-    is_eos = (ids == eos_id).long()
+    is_eos = torch.isin(ids, end_tensor(ends, ids.device)).long()
     before_or_at = (is_eos.cumsum(-1) - is_eos) == 0  # no EOS strictly before this position
     return before_or_at.long()
 
 
+def answer_ids(tokenizer, samples: Samples) -> list[list[int]]:
+    """Each completion's token ids without its end token (a finished answer's last one) or EOS."""
+    out = []
+    for ids, mask, finished in zip(samples.completion_ids.tolist(), samples.completion_mask.tolist(),
+                                   samples.finished.tolist()):
+        kept = [i for i, m in zip(ids, mask) if m]
+        out.append([i for i in kept[: len(kept) - 1 if finished else None] if i != tokenizer.eos_token_id])
+    return out
+
+
 def decode(tokenizer, samples: Samples) -> list[str]:
-    """Completion texts, cut at EOS, special tokens dropped."""
-    texts = []
-    for ids, mask in zip(samples.completion_ids.tolist(), samples.completion_mask.tolist()):
-        kept = [i for i, m in zip(ids, mask) if m and i != tokenizer.eos_token_id]
-        texts.append(tokenizer.decode(kept, skip_special_tokens=True))
-    return texts
+    """Completion texts, cut at their end token (EOS), special tokens dropped."""
+    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in answer_ids(tokenizer, samples)]
 
 
 def completion_view(samples: Samples) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -4,10 +4,10 @@
   policy's gathered ones; a LoRA policy's merged ones, ``W0 + (alpha / r) B A``) are handed to
   the engine's model by their Hugging Face names, in place. The engine itself is created on the
   first call, from a ``save_pretrained`` folder of the policy written under the run's out_dir.
-  Its ``generation_config.json`` names the tokenizer's EOS and nothing else: vLLM stops answers
-  at every end id the file names (the policy's may add others, as Qwen2.5's ``<|endoftext|>``),
-  and an answer is finished at the tokenizer's EOS alone, as the other backends sample and the
-  losses read it; ``generation_config="vllm"`` keeps vLLM's sampling defaults.
+  Its ``generation_config.json`` names the end ids and nothing else (``end_ids``: the tokenizer's
+  EOS and the policy's generation config's others, where the other backends stop too): vLLM stops
+  answers at every end id the file names; ``generation_config="vllm"`` keeps vLLM's sampling
+  defaults, not the folder's.
 - ``generate(prompts, params)``: token-id prompts in; token ids and the engine's log-probs of
   the sampled tokens out, as ``Samples``.
 - ``logprobs_exact`` is always False: another engine's numerics, and its log-probs are those of
@@ -33,8 +33,8 @@ import torch
 
 from ..models.load import ModelLoadError, full_state_dict, is_sharded, save_model
 from ..models.lora import has_adapters, merged_state, unmergeable
-from .backend import SamplingParams, neutral_generation_config
-from .sampler import Samples, _mask_through_eos, left_pad
+from .backend import SamplingParams, end_ids, neutral_generation_config
+from .sampler import Samples, _mask_through_eos, end_tensor, left_pad
 
 
 def vllm_unavailable() -> str | None:
@@ -85,6 +85,7 @@ class VLLMBackend:
         self.tokenizer, self.rollout, self.folder = tokenizer, rollout, Path(out_dir) / "rollout_engine"
         self.engine_factory, self.params_class = engine_factory, params_class
         self.engine, self.asleep, self.weight_loads, self.device = None, False, 0, torch.device("cpu")
+        self.ends = end_ids(tokenizer)
         if model is not None:
             self.load_weights(model)
 
@@ -97,8 +98,9 @@ class VLLMBackend:
         state = full_state_dict(model)  # every rank of a sharded policy gathers
         if self.engine is None:  # the engine starts from a folder holding the current weights
             folder = self.folder / f"rank-{os.environ.get('RANK', '0')}"
+            self.ends = end_ids(self.tokenizer, model)
             save_model(model, self.tokenizer, folder, state if is_sharded(model) else None, merge=True)
-            neutral_generation_config(self.tokenizer).save_pretrained(str(folder))  # the tokenizer's EOS alone
+            neutral_generation_config(self.tokenizer, self.ends).save_pretrained(str(folder))  # the end ids alone
             self.engine = self.engine_factory(str(folder), self.rollout)
             return
         weights = merged_state(model, state) if has_adapters(model) else state
@@ -135,9 +137,9 @@ class VLLMBackend:
             for t, (token, per_token) in enumerate(zip(c.token_ids, c.logprobs or [])):
                 logprobs[i, t] = float(per_token[token].logprob)
         lengths = torch.tensor([len(c.token_ids) for c in completions])
-        mask = _mask_through_eos(ids, tok.pad_token_id, tok.eos_token_id, True)
+        mask = _mask_through_eos(ids, tok.pad_token_id, self.ends, True)
         mask = mask * (torch.arange(width)[None, :] < lengths[:, None]).long()
-        finished = ((ids == tok.eos_token_id) & mask.bool()).any(-1)
+        finished = (torch.isin(ids, end_tensor(self.ends)) & mask.bool()).any(-1)
         return Samples(prompt_ids, prompt_mask, ids, mask, logprobs * mask, finished)
 
     def _sleep(self) -> None:
