@@ -481,3 +481,37 @@ def test_a_peft_made_start_adapter_with_a_full_head_stacks_and_one_with_biases_i
             plain = GPT2LMHeadModel.from_pretrained(tmp_path / "base").eval()(x).logits
         assert (plain - want).abs().max() > 1.0
         torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("targets", ["q_proj,lm_head", "q_proj,embed_tokens"])
+def test_an_adapter_on_tied_embeddings_loads_as_the_model_trained_and_stacks(tiny, tmp_path, targets):
+    """The tiny default ties lm_head to the embeddings. Its adapter folder was loaded by merging
+    into the one shared tensor, changing the other layer too (logits 0.23 and 1.42 off): every later
+    stage, `rlhfkit eval` and a stacked adapter read another model than the one trained. It is
+    merged into an untied model now, and a stage stacked on it saves an adapter peft loads onto
+    the plain base to that stage's model."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from rlhfkit.models.load import save_model
+
+    tok = load_tokenizer(str(tiny["base"]))
+    batch = _batch(tiny, tok, 3)
+    start = str(tiny["base"])
+    torch.manual_seed(0)
+    for stage, settings in enumerate((LoraSettings(4, 8.0, 0.0, targets), LoraSettings(2, 4.0, 0.0, "q_proj,v_proj"))):
+        model = apply_lora(load_causal_lm(start, tok), settings, str(Path(start).resolve()))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name or "lora_embedding_B" in name:
+                    p.normal_(0, 0.3)
+        folder = tmp_path / f"stage{stage}"
+        save_model(model, tok, folder)
+        trained = _logits(model, batch)
+        via_peft = _logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny["base"])),
+                                                     str(folder)), batch)
+        torch.testing.assert_close(via_peft, trained, atol=1e-5, rtol=0)
+        loaded = load_causal_lm(str(folder), tok)
+        torch.testing.assert_close(_logits(loaded, batch), trained, atol=1e-5, rtol=0)
+        assert loaded.get_input_embeddings().weight is not loaded.get_output_embeddings().weight
+        start = str(folder)

@@ -281,11 +281,29 @@ def adapter_base(path) -> str:
 def load_merged(model: torch.nn.Module, path) -> torch.nn.Module:
     """``model`` (the base) with the adapter folder ``path`` loaded and merged: a plain model, every
     weight trainable as a freshly loaded one's (peft freezes the base's, and merging keeps that: a
-    later stage that started from an adapter folder had nothing to train)."""
+    later stage that started from an adapter folder had nothing to train). An adapter on the
+    embeddings of a model that ties them to its output layer (``unmergeable``'s first reason) is
+    merged into an untied model: merged into the one shared tensor, its update changed the other
+    layer too, and every later stage, ``rlhfkit eval`` and a stacked adapter read another model
+    than the one trained."""
     import warnings
 
     from peft import PeftModel
 
     with warnings.catch_warnings():  # peft asks transformers a deprecated question; nothing for the user to do
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
-        return PeftModel.from_pretrained(model, str(path)).merge_and_unload().requires_grad_(True)
+        adapted = PeftModel.from_pretrained(model, str(path))
+        if getattr(model.config, "tie_word_embeddings", False) and unmergeable(adapted.get_base_model()):
+            untie(adapted.get_base_model())
+        return adapted.merge_and_unload().requires_grad_(True)
+
+
+def untie(model: torch.nn.Module) -> None:
+    """Give the output layer a weight of its own, equal to the input embedding it shared, and say
+    in the config that the two are apart (its saved folders then hold both)."""
+    layers = [getattr(m, "base_layer", m) for m in (model.get_input_embeddings(), model.get_output_embeddings())]
+    if layers[0].weight is layers[1].weight:
+        layers[1].weight = torch.nn.Parameter(layers[0].weight.detach().clone(),
+                                              requires_grad=layers[1].weight.requires_grad)
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        config.tie_word_embeddings = False
