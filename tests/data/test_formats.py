@@ -497,6 +497,24 @@ def test_a_conversation_whose_last_turn_writes_the_eos_gets_no_second_one():
     assert _trained(oss, example) == "call add<call> 3<eos>"
 
 
+def test_a_template_that_rewrites_earlier_turns_is_refused_with_the_row_form_that_trains_the_last():
+    """Qwen3's template writes a think block in the last assistant turn alone, so a multi-turn
+    conversation's earlier turns render otherwise once a later one follows: refused (no turn can
+    be told apart), and the error names the form that trains the last turn, which does."""
+    qwen3 = build_char_tokenizer()
+    qwen3.chat_template = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' }}"
+                           "{% if m['role'] == 'assistant' and loop.last %}{{ '[t]' }}{% endif %}"
+                           "{{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+                           "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+    follow = {"role": "user", "content": "And 2+2?"}
+    last = {"role": "assistant", "content": " 4"}
+    with pytest.raises(DataError, match="rewrites earlier turns .as Qwen3's.*write the row as 'prompt' .the "
+                                        "messages before it. and 'completion' .that turn."):
+        encode_sft(_rows({"messages": [USER, ASSISTANT, follow, last]}), qwen3, 128)
+    example = encode_sft(_rows({"prompt": [USER, ASSISTANT, follow], "completion": [last]}), qwen3, 128)[0][0]
+    assert _trained(qwen3, example) == "[t] 4<eos>"
+
+
 def test_images_and_tool_schemas_beside_plain_text_are_refused_not_dropped(tok):
     """An ``images`` column was ignored and the text trained alone; ``tools`` beside a plain-text
     prompt never reached a template. Both ran to rc 0."""

@@ -256,8 +256,10 @@ def sft_pieces(row: Row, tokenizer) -> tuple[list[int], list[tuple[list[int], bo
     for i in turns:
         context = render_chat(tokenizer, messages[:i], row, "messages", True)
         if not context.startswith(done):
-            raise DataError(f"{row.where}: field 'messages': the chat template rewrites earlier turns, "
-                            "so the assistant turns cannot be told apart")
+            raise DataError(f"{row.where}: field 'messages': the chat template rewrites earlier turns (as "
+                            "Qwen3's drops their reasoning and writes a think block in the last turn alone), so the "
+                            "assistant turns cannot be told apart; to train the last turn, write the row as "
+                            "'prompt' (the messages before it) and 'completion' (that turn)")
         if len(context) > len(done):  # the turns between two assistant turns: context, not trained
             pieces.append((tokenizer(context[len(done):], add_special_tokens=False)["input_ids"], False))
         if not (messages[i].get("content") or "").strip() and not messages[i].get("tool_calls"):
@@ -269,8 +271,9 @@ def sft_pieces(row: Row, tokenizer) -> tuple[list[int], list[tuple[list[int], bo
     if turns[-1] < len(messages) - 1:  # turns after the last answer (a tool's reply, a user's): context, as TRL's
         rest = render_chat(tokenizer, messages, row, "messages", False)  # assistant-only loss keeps them untrained
         if not rest.startswith(done):
-            raise DataError(f"{row.where}: field 'messages': the chat template rewrites earlier turns, "
-                            "so the assistant turns cannot be told apart")
+            raise DataError(f"{row.where}: field 'messages': the chat template rewrites earlier turns once "
+                            "later ones follow, so the assistant turns cannot be told apart; write the row as "
+                            "'prompt' and 'completion' (the turns after the answer left out)")
         if rest[len(done):].strip():
             pieces.append((tokenizer(rest[len(done):].rstrip(), add_special_tokens=False)["input_ids"], False))
     ids, trained = pieces[-1]
