@@ -437,10 +437,26 @@ def test_a_reasoning_template_that_drops_the_thinking_from_finished_turns_trains
             example = encode_sft(row, r1, 128)[0][0]
         assert _trained(r1, example) == trained
         assert r1.decode(example.input_ids[: example.prompt_len]) == "<|user|>What is 1+2?<|assistant|><think>\n"
+    qwq = build_char_tokenizer()  # QwQ's strips the newlines after "</think>"; its turn ends with text holding 'e'
+    qwq.chat_template = r1.chat_template.replace("c.split('</think>')[-1]", "c.split('</think>')[-1].lstrip('\\n')"
+                                                 ).replace("+ eos_token", "+ '<end>' + eos_token")
+    for content, trained in (("<think>\nadd them\n</think>\n\n3", "add them\n</think>\n\n3<end><eos>"),
+                             ("e", "e<end><eos>"), ("d", "d<end><eos>")):
+        with pytest.warns(UserWarning, match="is no start"):
+            example = encode_sft(_rows({"messages": [USER, {"role": "assistant", "content": content}]}), qwq, 128)
+        assert _trained(qwq, example[0][0]) == trained
+    call = {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "add"}}]}
+    tools = build_char_tokenizer()  # a tool call (no text content): what follows the shared start, as before
+    tools.chat_template = r1.chat_template.replace("{% set c = m['content'] %}",
+                                                   "{% set c = m['content'] or 'CALL ' + m['tool_calls'][0]"
+                                                   "['function']['name'] %}")
+    with pytest.warns(UserWarning, match="is no start"):
+        example = encode_sft(_rows({"prompt": [USER], "completion": [call]}), tools, 128)[0][0]
+    assert _trained(tools, example) == "CALL add<eos>"
     rewritten = build_char_tokenizer()  # a finished turn that writes something else than the content: refused
-    rewritten.chat_template = r1.chat_template.replace("'<|assistant|>' + c", "'<|assistant|>' + c.upper()")
+    rewritten.chat_template = r1.chat_template.replace("'<|assistant|>' + c", "'<|assistant|>' + c.replace('x', 'y')")
     with pytest.raises(DataError, match="writes the finished answer otherwise than its content"):
-        encode_sft(_rows({"messages": [USER, {"role": "assistant", "content": "abc"}]}), rewritten, 128)
+        encode_sft(_rows({"messages": [USER, {"role": "assistant", "content": "abx"}]}), rewritten, 128)
 
 
 def test_a_rows_chat_template_kwargs_reach_its_template_everywhere_it_is_rendered():

@@ -515,3 +515,25 @@ def test_an_adapter_on_tied_embeddings_loads_as_the_model_trained_and_stacks(tin
         torch.testing.assert_close(_logits(loaded, batch), trained, atol=1e-5, rtol=0)
         assert loaded.get_input_embeddings().weight is not loaded.get_output_embeddings().weight
         start = str(folder)
+
+
+def test_a_reward_models_adapter_on_the_embeddings_of_a_tied_base_reloads(tiny, tmp_path):
+    """A classifier has no output layer, so a tied-config base's (the tiny default's) embeddings
+    share nothing in it: its embedding adapter merges like any other (the untying added for causal
+    LMs crashed on its missing output layer), and lora.merge is not refused."""
+    from rlhfkit.models.lora import unmergeable
+
+    tok = load_tokenizer(str(tiny["base"]))
+    model = load_reward_model(str(tiny["base"]), tok)
+    cfg = RMConfig(model=model, tokenizer=tok, train_data=str(tiny["data"] / "rankings_train.jsonl"), max_length=64,
+                   lora=replace(LORA, target_modules="q_proj,embed_tokens"),
+                   train=quiet_train(tmp_path / "rm", max_steps=2, batch_size=4, lr=1e-2))
+    run_rm(cfg)
+    assert unmergeable(model) is None
+    batch = _batch(tiny, tok)
+    model.eval()
+    with torch.no_grad():
+        trained = reward_scores(model, batch.input_ids, batch.attention_mask)
+        loaded = load_reward_model(str(tmp_path / "rm" / "model"), tok).eval()
+        torch.testing.assert_close(reward_scores(loaded, batch.input_ids, batch.attention_mask), trained,
+                                   atol=1e-5, rtol=0)

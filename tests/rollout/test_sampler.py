@@ -201,3 +201,24 @@ def test_given_answers_take_the_samplers_layout():
     assert s.completion_mask.tolist() == [[1, 1, 0], [1, 1, 1]]
     assert s.finished.tolist() == [True, False] and not s.logprobs.any()
     assert s.input_ids.tolist() == [[5, 6, 7, 1, 9, 0], [0, 0, 8, 2, 3, 4]]
+
+
+def test_a_reward_model_reads_an_answer_ended_at_another_end_id_with_the_eos_after_it(policy):
+    """rlhfkit's chat data ends a Gemma answer <end_of_turn><eos> (one EOS appended where the template
+    writes none), so its reward models learn to score at the EOS; rollouts end at <end_of_turn> (an
+    end id of the generation config), and were scored there, a token the RM never scored. They
+    get the EOS after it for the RM; an answer ended at the EOS, or cut off, is read as sampled."""
+    from rlhfkit.rollout.sampler import Samples, as_trained_on
+
+    _, tok = policy
+    eos, turn_end, pad = tok.eos_token_id, 7, tok.pad_token_id
+    prompt = torch.tensor([[pad, 5], [5, 6], [5, 6]])
+    ids = torch.tensor([[8, turn_end, pad], [8, eos, pad], [8, 9, 9]])  # ended at <end_of_turn>; at EOS; cut off
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0], [1, 1, 1]])
+    samples = Samples(prompt, torch.tensor([[0, 1], [1, 1], [1, 1]]), ids, mask, torch.zeros(3, 3),
+                      torch.tensor([True, True, False]))
+    seq, attn = as_trained_on(samples, eos)
+    assert seq.tolist() == [[pad, 5, 8, turn_end, eos, eos], [5, 6, 8, eos, pad, eos], [5, 6, 8, 9, 9, eos]]
+    assert attn.tolist() == [[0, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0]]
+    plain = Samples(prompt[1:], samples.prompt_mask[1:], ids[1:], mask[1:], torch.zeros(2, 3), torch.tensor([True, False]))
+    assert torch.equal(as_trained_on(plain, eos)[0], plain.input_ids)  # nothing to add: the sequences as sampled

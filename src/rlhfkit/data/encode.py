@@ -102,32 +102,45 @@ def assistant_text(tokenizer, context: list[dict], turn: list[dict], row: Row, f
     return (text[: end + len(eos)], False) if end >= 0 else (text.rstrip(), True)
 
 
+STAND_IN = "rlhfkit-answer-5e1f"  # a content no template rewrites: where it lands, the turn's own text lies
+
+
 def sampled_answer(tokenizer, context: list[dict], turn: list[dict], before: str, full: str, row: Row,
                    field: str) -> str:
     """The answer's text where the generation prompt is no start of the finished turn: DeepSeek-R1's
     template opens an answer with "<think>\n" but writes a finished turn without it, and without
-    the reasoning before "</think>". The answer is the message as it is sampled after the
-    generation prompt (its content, less what the generation prompt already holds of it: the
-    reasoning kept), then the turn's end as the template writes it. Anything else (the context
-    itself rendered otherwise, a content the finished turn does not write) is refused."""
+    the reasoning before "</think>" (QwQ's strips the newlines after it too). The answer is the
+    message as it is sampled after the generation prompt: its content, less what the generation
+    prompt already holds of it (the reasoning kept), then the turn's end as the template writes
+    it (read from the turn rendered around a stand-in content). A turn without one text content
+    (tool calls, several messages) is what follows the two renderings' shared start. Refused: the
+    context itself rendered otherwise, or a finished turn that writes something else than the
+    content's end."""
     context_text = render_chat(tokenizer, context, row, field, generation_prompt=False)
-    content = turn[0].get("content") if len(turn) == 1 and isinstance(turn[0], dict) else None
-    if not (isinstance(content, str) and before.startswith(context_text) and full.startswith(context_text)):
+    if not (before.startswith(context_text) and full.startswith(context_text)):
         raise DataError(f"{row.where}: field '{field}': the chat template does not render the conversation as "
                         "its prompt followed by the answer, so the answer's tokens cannot be told apart")
     opened, written = before[len(context_text):], full[len(context_text):]  # the generation prompt; the turn
-    shown = content.rsplit("</think>", 1)[-1] if "</think>" in content else None  # what a reasoning turn shows
-    kept = next((k for k in (content, shown) if k and k in written), None)
-    if kept is None:
+    content = turn[0].get("content") if len(turn) == 1 and isinstance(turn[0], dict) else None
+    frame = (render_chat(tokenizer, context + [{**turn[0], "content": STAND_IN}], row, field, False)[len(context_text):]
+             if isinstance(content, str) and content.strip() else "")
+    warning = f"rlhfkit: the chat template's generation prompt {opened!r} is no start of the finished answer it writes"
+    if frame.count(STAND_IN) != 1:
+        shared = len(os.path.commonprefix([opened, written]))
+        warnings.warn(f"{warning}; answers are trained after it, as they are sampled", stacklevel=3)
+        return written[shared:]
+    header, trailer = frame.split(STAND_IN)
+    shown = (written[len(header): len(written) - len(trailer)] if len(written) >= len(header) + len(trailer)
+             and written.startswith(header) and written.endswith(trailer) else None)
+    if shown is None or not content.strip().endswith(shown.strip()):
         raise DataError(f"{row.where}: field '{field}': the chat template writes the finished answer otherwise than "
                         "its content and its generation prompt is no start of it, so the answer's tokens cannot be "
                         "told apart")
-    extra = opened[len(os.path.commonprefix([opened, written])):]  # what the generation prompt adds: "<think>\n"
+    extra = opened[len(header):] if opened.startswith(header) else ""  # what the prompt adds: "<think>\n"
     held = extra if content.startswith(extra) else ""
-    warnings.warn(f"rlhfkit: the chat template's generation prompt {opened!r} is no start of the finished answer it "
-                  "writes; answers are trained after it, as they are sampled"
+    warnings.warn(f"{warning}; answers are trained after it, as they are sampled"
                   + (f" (the content after {held!r}, which the prompt holds)" if held else ""), stacklevel=3)
-    return content[len(held):] + written[written.rfind(kept) + len(kept):]
+    return content[len(held):] + trailer
 
 
 def _conversation(row: Row) -> list[dict]:

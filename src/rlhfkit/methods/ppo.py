@@ -27,7 +27,7 @@ from ..models.lora import Reference
 from ..models.reward import load_reward_model, require_reward_model, reward_scores, score_name, token_values
 from ..rollout.backend import SamplingParams, make_backend
 from ..rollout.evaluate import HeldOut, row_prompt_ids
-from ..rollout.sampler import Samples, completion_logprobs
+from ..rollout.sampler import Samples, as_trained_on, completion_logprobs
 from ..tasks import TASK_CHOICES
 from ..train.config import (
     ConfigError,
@@ -217,7 +217,7 @@ def make_experience(models: dict, backend, prompt_ids: list, cfg: PPOConfig, bet
     t1 = time.time()
     chunk = cfg.train.micro_batch_size  # rows per scoring forward too (0: the whole batch in one)
     chunks = row_chunks(len(prompt_ids), chunk)
-    raw = reward_scores(models["reward"], samples.input_ids, samples.attention_mask, chunk)  # (B,)
+    raw = reward_scores(models["reward"], *as_trained_on(samples, backend.tokenizer.eos_token_id), chunk)  # (B,)
     with models["reference"]() as reference:  # a frozen copy, or the actor with its adapters off
         ref_logprobs = chunked_logprobs(reference, samples, chunks, temperature=cfg.temperature,
                                         dtype=cfg.train.dtype).float()  # in pi_old's dtype: the start's KL is float

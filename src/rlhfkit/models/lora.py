@@ -78,8 +78,9 @@ def unmergeable(model) -> str | None:
 
     wrapper = getattr(lora_layers, "ParamWrapper", None)  # peft >= 0.17 (before it, no parameter is adapted)
 
-    if getattr(model.config, "tie_word_embeddings", False) and any(
-            isinstance(m, BaseTunerLayer) for m in (model.get_input_embeddings(), model.get_output_embeddings())):
+    output = model.get_output_embeddings()  # None in a classifier (RM, PRM, critic): nothing shares the embeddings
+    if getattr(model.config, "tie_word_embeddings", False) and output is not None and any(
+            isinstance(m, BaseTunerLayer) for m in (model.get_input_embeddings(), output)):
         return "they adapt the embeddings, which this model ties to its output layer, and a merged model cannot " \
                "hold the two apart"
     wrapped = sorted({name.split(".base_layer")[0] for name, m in model.named_modules()

@@ -32,7 +32,7 @@ from ..data.steps import (
 )
 from ..models.load import TOKENIZER_FILES, load_tokenizer
 from ..models.reward import load_process_reward_model, load_reward_model, reward_scores, step_logits
-from .sampler import Samples, left_pad
+from .sampler import Samples, as_trained_on, left_pad
 
 
 def own_tokenizer(path: str, policy_tokenizer):
@@ -79,7 +79,7 @@ class RewardModelReward:
     @torch.no_grad()
     def score(self, samples: Samples, rows: list[Row], completions: list[str]) -> list[float]:
         if not self.retokenise:
-            return self._scores(samples.input_ids, samples.attention_mask)
+            return self._scores(*as_trained_on(samples, self.tokenizer.eos_token_id))
         tok = self.tokenizer
         seqs = [encode_row_prompt(tok, row) + tok(text, add_special_tokens=False)["input_ids"]
                 + ([tok.eos_token_id] if finished else [])

@@ -10,7 +10,7 @@ position (``def f(**kwargs)``), is called as TRL calls its reward functions, eve
 name, so TRL's ``def accuracy(completions, solution, **kwargs)`` works as it is; any other gets
 prompts and completions first, by position (``def f(p, c, **kw)``, rlhfkit's earlier form).
 Either way a function gets only the arguments it takes (all of them with ``**kwargs``): ``prompts``, ``completions``, ``completion_ids`` (each completion's token
-ids, without padding and EOS), ``trainer_state`` (``global_step``, ``max_steps``), the row's
+ids, without padding and the end token), ``trainer_state`` (``global_step``, ``max_steps``), the row's
 fields, and for a process reward ``tokenizer``. Where the prompts are chat messages the
 completions are too, one assistant message each (``[{"role": "assistant", "content": ...}]``),
 as in TRL; ``completion_text`` gives the text of either kind.

@@ -297,6 +297,23 @@ def _mask_through_eos(ids: torch.Tensor, pad_id: int, ends, stop_at_eos: bool) -
     return before_or_at.long()
 
 
+def as_trained_on(samples: Samples, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of the sampled sequences as a reward model trained on rlhfkit's
+    data reads them: an answer that ended at an end id other than the EOS (Gemma's
+    ``<end_of_turn>``) gets the EOS after it, as its training answers have it (data/encode.py
+    appends one where the template writes none), so the score is read where it was trained."""
+    ids, mask = samples.input_ids, samples.attention_mask
+    lengths = samples.completion_mask.sum(-1)
+    last = samples.completion_ids.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)
+    rows = (samples.finished & (last != eos_id)).nonzero().squeeze(1)
+    if not len(rows):
+        return ids, mask
+    ids, mask = torch.nn.functional.pad(ids, (0, 1), value=eos_id), torch.nn.functional.pad(mask, (0, 1))
+    after = samples.prompt_ids.shape[1] + lengths[rows]  # the slot after each answer's end token
+    ids[rows, after], mask[rows, after] = eos_id, 1
+    return ids, mask
+
+
 def answer_ids(tokenizer, samples: Samples) -> list[list[int]]:
     """Each completion's token ids without its end token (a finished answer's last one) or EOS."""
     out = []
