@@ -483,13 +483,14 @@ def test_a_peft_made_start_adapter_with_a_full_head_stacks_and_one_with_biases_i
         torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-4)
 
 
-@pytest.mark.parametrize("targets", ["q_proj,lm_head", "q_proj,embed_tokens"])
+@pytest.mark.parametrize("targets", ["q_proj,lm_head", "q_proj,embed_tokens", "q_proj,embed_tokens,lm_head"])
 def test_an_adapter_on_tied_embeddings_loads_as_the_model_trained_and_stacks(tiny, tmp_path, targets):
     """The tiny default ties lm_head to the embeddings. Its adapter folder was loaded by merging
     into the one shared tensor, changing the other layer too (logits 0.23 and 1.42 off): every later
     stage, `rlhfkit eval` and a stacked adapter read another model than the one trained. It is
     merged into an untied model now, and a stage stacked on it saves an adapter peft loads onto
-    the plain base to that stage's model."""
+    the plain base to that stage's model. With both adapted, the save failed (safetensors refused
+    the two base weights peft saves, which share memory)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 

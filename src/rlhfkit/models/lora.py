@@ -158,7 +158,12 @@ def adapter_state(model: torch.nn.Module, state: dict) -> dict:
     out = {PEFT_PREFIX + k: v for k, v in get_peft_model_state_dict(model, state_dict=state, adapter_name=ADAPTER).items()}
     for head in model.peft_config[ADAPTER].modules_to_save or ():
         out.update({PEFT_PREFIX + k: v for k, v in state.items() if k.startswith(head + ".")})
-    return {k: v.detach().contiguous() for k, v in out.items()}
+    seen, kept = set(), {}
+    for k, v in out.items():  # a tied model's embedding and output layer, both adapted: peft saves each base weight
+        v = v.detach().contiguous()  # (save_embedding_layers), and safetensors refuses tensors that share memory
+        kept[k] = v.clone() if v.data_ptr() in seen else v
+        seen.add(v.data_ptr())
+    return kept
 
 
 def adapter_config(model: torch.nn.Module) -> dict:
