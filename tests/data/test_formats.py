@@ -614,6 +614,52 @@ def test_a_rows_own_answer_follows_its_prompt_as_sft_trains_it(tok, chatml):
             answer_ids(chatml, row)
 
 
+def test_an_implicit_text_pairs_prompt_ends_before_the_word_its_answers_part_in():
+    """Split at the first differing character, "...Assistant: Sure" / "...Sorry" trained the prompt
+    "...Assistant: S" and the answers "ure" / "orry": with a BPE tokenizer, tokens the model never
+    samples after "Assistant:" (in 109-213 of 600 sequences), and the telling " Sure" against
+    " Sorry" kept out of the answers. The prompt now ends before that word (a number too), its
+    space with the answers, as TRL's extract_prompt keeps it."""
+    from rlhfkit.data.formats import shared_prefix
+
+    assert shared_prefix("Human: hi\n\nAssistant: Sure, yes", "Human: hi\n\nAssistant: Sorry, no") == (
+        "Human: hi\n\nAssistant:", " Sure, yes", " Sorry, no")
+    assert shared_prefix("x = 123", "x = 145") == ("x =", " 123", " 145")
+    assert shared_prefix("A: yes.", "A: yes!") == ("A: yes", ".", "!")  # a split between words stays
+    assert shared_prefix("abc", "abd") == ("ab", "c", "d")  # nothing before the word: the split stays
+    chars = build_char_tokenizer()
+    pair = encode_rankings(_rows({"chosen": "Q: 1+1=? A: two", "rejected": "Q: 1+1=? A: three"}), chars, 64)[0][0]
+    assert chars.decode(pair.prompt_ids) == "Q: 1+1=? A:"
+    assert [chars.decode(a) for a in pair.completion_ids] == [" two<eos>", " three<eos>"]
+
+
+def test_a_template_writing_the_eos_at_the_conversations_end_alone_trains_multi_turn_rows():
+    """Phi-3.5's template writes its EOS once, after the last turn of a rendering without a
+    generation prompt: each earlier turn's text was cut after that EOS, which the next turn's
+    context does not hold, and every multi-turn row was refused. An earlier turn now ends before
+    it, and one EOS ends the conversation."""
+    phi = build_char_tokenizer()
+    phi.chat_template = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endfor %}"
+                         "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}")
+    follow, last = {"role": "user", "content": "And 2+2?"}, {"role": "assistant", "content": " 4"}
+    example = encode_sft(_rows({"messages": [USER, ASSISTANT, follow, last]}), phi, 128)[0][0]
+    assert phi.decode(example.input_ids) == ("<|user|>What is 1+2?<|end|><|assistant|> 3<|end|><|user|>And 2+2?<|end|>"
+                                             "<|assistant|> 4<|end|><eos>")
+    assert _trained(phi, example) == " 3<|end|> 4<|end|><eos>"
+    tail = encode_sft(_rows({"messages": [USER, ASSISTANT, follow]}), phi, 128)[0][0]  # a user's turn after the answer
+    assert phi.decode(tail.input_ids) == "<|user|>What is 1+2?<|end|><|assistant|> 3<|end|><|user|>And 2+2?<|end|><eos>"
+    assert _trained(phi, tail) == " 3<|end|>"
+
+
+def test_a_text_that_ends_with_the_eos_gets_no_second_one(tok):
+    """{"text": "hello world<eos>"} trained [..., EOS, EOS]: a target after the EOS. TRL adds the
+    EOS only where the text lacks it; so does rlhfkit now, in text and prompt-completion rows."""
+    for row in ({"text": "hello world<eos>"}, {"prompt": "Say:", "completion": " hello world<eos>"}):
+        example = encode_sft(_rows(row), tok, 64)[0][0]
+        assert example.input_ids[-2:] != [tok.eos_token_id] * 2 and example.input_ids[-1] == tok.eos_token_id
+        assert tok.decode(example.input_ids).endswith("hello world<eos>")
+
+
 def test_a_pair_missing_its_prompt_among_explicit_pairs_and_an_implicit_text_pair_sharing_nothing_are_refused(tok, tmp_path):
     """A CSV's empty prompt cell (read as absent) in a file of explicit pairs had been read as an
     implicit pair: " 126" / " 129" trained the prompt " 12" and the answers "6" / "9". An implicit

@@ -266,8 +266,21 @@ def sft_pieces(row: Row, tokenizer) -> tuple[list[int], list[tuple[list[int], bo
                         f"(roles: {roles})")
     first = render_chat(tokenizer, messages[: turns[0]], row, "messages", True)
     pieces, done, eos = [], first, False  # done: the text encoded so far
+    end, said = tokenizer.eos_token or "", ""  # said: the last assistant turn's text (the last piece)
+
+    def followed(later: str) -> str:
+        """``done``, less the EOS the last turn's text ends with where ``later`` (the rendering with the
+        turns that follow it) does not write it there: a template that writes the EOS at the
+        conversation's end alone (Phi-3.5's); one EOS ends the conversation instead."""
+        nonlocal eos
+        if later.startswith(done) or not (end and said.endswith(end) and later.startswith(done[:-len(end)])):
+            return done
+        pieces[-1], eos = (tokenizer(said[:-len(end)], add_special_tokens=False)["input_ids"], True), True
+        return done[:-len(end)]
+
     for i in turns:
         context = render_chat(tokenizer, messages[:i], row, "messages", True)
+        done = followed(context)
         if not context.startswith(done):
             raise DataError(f"{row.where}: field 'messages': the chat template rewrites earlier turns (as "
                             "Qwen3's drops their reasoning and writes a think block in the last turn alone), so the "
@@ -280,9 +293,11 @@ def sft_pieces(row: Row, tokenizer) -> tuple[list[int], list[tuple[list[int], bo
         text, ends = assistant_text(tokenizer, messages[:i], [messages[i]], row, "messages")
         eos = eos or ends
         pieces.append((tokenizer(text, add_special_tokens=False)["input_ids"], True))
+        said = text
         done = context + text
     if turns[-1] < len(messages) - 1:  # turns after the last answer (a tool's reply, a user's): context, as TRL's
         rest = render_chat(tokenizer, messages, row, "messages", False)  # assistant-only loss keeps them untrained
+        done = followed(rest)
         if not rest.startswith(done):
             raise DataError(f"{row.where}: field 'messages': the chat template rewrites earlier turns once "
                             "later ones follow, so the assistant turns cannot be told apart; write the row as "
@@ -301,7 +316,10 @@ def encode_prompt(tokenizer, text: str, chat: bool = False) -> list[int]:
 
 
 def encode_completion(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    """A plain-text answer's ids, ending with one EOS (a text that ends with the EOS already gets
+    no second one, as TRL adds it only where the text lacks it)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids if ids[-1:] == [tokenizer.eos_token_id] else ids + [tokenizer.eos_token_id]
 
 
 def fit_length(prompt_ids: list[int], completion_ids: list[int], max_length: int, policy: str,

@@ -196,11 +196,19 @@ def check_prompt_fields(rows: list) -> None:
 
 def shared_prefix(chosen, rejected):
     """(prompt, chosen rest, rejected rest) of an implicit-preference pair: the longest common
-    prefix (of characters, or of whole messages) is the prompt. For text, a space just before
-    the split stays with the answers, as TRL's ``extract_prompt`` does."""
+    prefix (of characters, or of whole messages) is the prompt. For text, a split inside a word
+    or number moves back to its start ("Assistant: S" + "ure" / "orry" would train tokens the
+    model never samples after "Assistant:", and keep the telling " Sure" against " Sorry" out of
+    the answers), and a space just before the split stays with the answers, as TRL's
+    ``extract_prompt`` keeps it; a pair that shares nothing but a word's start keeps that split."""
     n = 0
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
         n += 1
+    if isinstance(chosen, str) and n < min(len(chosen), len(rejected)):  # both go on: the split may be mid-word
+        start = n
+        while start > 0 and chosen[start - 1].isalnum() and (chosen[start].isalnum() or rejected[start].isalnum()):
+            start -= 1
+        n = start or n
     if isinstance(chosen, str) and 0 < n and chosen[n - 1] == " ":
         n -= 1
     return chosen[:n], chosen[n:], rejected[n:]
