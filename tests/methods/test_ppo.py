@@ -148,6 +148,32 @@ def test_ppo_eval_scores_its_answers_micro_batch_by_micro_batch(tiny, monkeypatc
                                                                           abs=1e-6)
 
 
+def test_ppo_eval_reads_the_reward_model_where_the_training_reward_does(tiny):
+    """An answer ended at an end id other than the EOS (Gemma's <end_of_turn>) is scored with the
+    EOS after it in training (as the RM's data wrote it); the held-out rm_score read it without
+    (0.43 logged where training scored 0.34): both now read it alike."""
+    from rlhfkit.methods.ppo import evaluate
+    from rlhfkit.models.reward import reward_scores
+    from rlhfkit.rollout.evaluate import HeldOut
+    from rlhfkit.rollout.sampler import as_trained_on
+
+    cfg, models, tok, _ = _untrained(tiny, eval_max_new_tokens=4, eval_data=str(tiny["data"] / "prompts_eval.jsonl"))
+    rows = HeldOut(read_rows(tiny["data"] / "prompts_eval.jsonl")[:4])
+    plain = evaluate(models, SamplerBackend(tok, models["actor"]), tok, rows, cfg)
+    turn_end = tok(plain["samples"][0]["completion"], add_special_tokens=False)["input_ids"][0]
+    models["actor"].generation_config.eos_token_id = [tok.eos_token_id, turn_end]  # its first greedy token ends it
+    backend = SamplerBackend(tok, models["actor"])
+    result = evaluate(models, backend, tok, rows, cfg)
+    _, samples, _ = rows.accuracy(backend, tok, cfg.eval_max_new_tokens)
+    ended = torch.cat([s.finished for s in samples])
+    assert ended.any()
+    with torch.no_grad():
+        read = torch.cat([reward_scores(models["reward"], *as_trained_on(s, tok.eos_token_id)) for s in samples])
+        bare = torch.cat([reward_scores(models["reward"], s.input_ids, s.attention_mask) for s in samples])
+    assert result["rm_score"] == pytest.approx(read.mean().item(), abs=1e-6)
+    assert (read - bare)[ended].abs().max() > 1e-4  # the EOS moves the score: the equality above proves something
+
+
 class _ShiftedBackend(SamplerBackend):
     """The sampler's tokens with log-probs off by 0.5: a stand-in for an engine whose numbers differ."""
 

@@ -93,6 +93,38 @@ def test_reward_model_scores_the_sampled_tokens_or_the_text_for_its_own_tokenize
         check_renders(plain, chat)
 
 
+def test_a_reward_model_with_its_own_tokenizer_reads_a_chat_answer_as_its_training_data_wrote_it(tiny, tmp_path):
+    """Its data wrote a chat answer as the template's assistant turn, its turn end and one EOS
+    after it (a template that writes none, as Gemma's <end_of_turn>); a finished answer was read
+    back as its text and the EOS alone (scores 0.003-0.056 off). It is now written as in training;
+    a cut-off answer stays its text."""
+    from rlhfkit.data.encode import encode_row_prompt
+    from rlhfkit.models.tiny import build_tiny_model
+    from rlhfkit.models.tokenizer import build_char_tokenizer
+
+    tok = load_tokenizer(tiny["base"])
+    other = build_char_tokenizer()
+    other.add_special_tokens({"additional_special_tokens": ["<|step|>"]})
+    other.chat_template = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] }}"
+                           "{% if m['role'] == 'assistant' %}{{ '!' }}{% endif %}{% endfor %}"
+                           "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+    build_tiny_model(other).save_pretrained(str(tmp_path / "lm2"))
+    load_reward_model(tmp_path / "lm2", other).save_pretrained(str(tmp_path / "rm2"))
+    other.save_pretrained(str(tmp_path / "rm2"))
+    rows = read_rows([{"prompt": [{"role": "user", "content": q}]} for q in ("What is 1+2?", "What is 10+20?")])
+    texts = [" 3", " 31"]
+    samples = _samples(tok, [r.data["prompt"][0]["content"] for r in rows], texts)
+    samples.finished = torch.tensor([True, False])
+    retok = RewardModelReward(str(tmp_path / "rm2"), tok, name="rm_2")
+    by_hand = [encode_row_prompt(other, rows[0]) + other(" 3!", add_special_tokens=False)["input_ids"]
+               + [other.eos_token_id], encode_row_prompt(other, rows[1]) + other(" 31", add_special_tokens=False)[
+                   "input_ids"]]
+    ids, mask = left_pad(by_hand, other.pad_token_id)
+    with torch.no_grad():
+        expected = reward_scores(retok.model, ids, mask).tolist()
+    assert retok.bind(samples, rows)(["", ""], texts) == pytest.approx(expected, abs=1e-6)
+
+
 @pytest.mark.parametrize("readout", ["head", "likelihood"])
 def test_an_answer_with_no_step_is_one_wrong_step_for_a_learned_prm(tiny, tmp_path, readout):
     """A likelihood PRM's lowest log-prob over a step of no tokens was +inf: the empty answer got

@@ -88,7 +88,7 @@ class PPOConfig:
     score_scale: float = 1.0
     whiten_scores: bool = False
     score_clip: float | None = None
-    missing_eos_penalty: float | None = None  # subtracted from the score of completions with no EOS
+    missing_eos_penalty: float | None = None  # subtracted from the score of completions with no end id (EOS)
     critic_lr: float = 1e-4
     frozen_dtype: str = "fp32"  # fp32 | bf16 for the reward and reference models
     eval_limit: int = 500  # held-out prompts used; 0 = all
@@ -371,8 +371,8 @@ def evaluate(models: dict, backend, tokenizer, rows: HeldOut, cfg: PPOConfig) ->
     """Greedy accuracy and the reward model's mean score of those same greedy samples."""
     backend.load_weights(models["actor"])
     out, samples, shown = rows.accuracy(backend, tokenizer, cfg.eval_max_new_tokens)
-    scores = torch.cat([reward_scores(models["reward"], s.input_ids, s.attention_mask, cfg.train.micro_batch_size)
-                        for s in samples])
+    scores = torch.cat([reward_scores(models["reward"], *as_trained_on(s, tokenizer.eos_token_id),
+                                      cfg.train.micro_batch_size) for s in samples])  # as the training reward reads
     shown = [{**s, "rm_score": score} for s, score in zip(shown, scores.tolist())]
     return {**out, "rm_score": scores.mean().item(), "samples": shown}
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.encode import encode_row_prompt, is_chat_row, row_chunks, to_device
+from ..data.encode import chat_prompt, completion_ids, encode_row_prompt, is_chat_row, row_chunks, to_device
 from ..data.formats import completion_text
 from ..data.rows import DataError, Row
 from ..data.steps import (
@@ -81,8 +81,7 @@ class RewardModelReward:
         if not self.retokenise:
             return self._scores(*as_trained_on(samples, self.tokenizer.eos_token_id))
         tok = self.tokenizer
-        seqs = [encode_row_prompt(tok, row) + tok(text, add_special_tokens=False)["input_ids"]
-                + ([tok.eos_token_id] if finished else [])
+        seqs = [encode_row_prompt(tok, row) + self._answer_ids(row, text, finished)
                 for row, text, finished in zip(rows, completions, samples.finished.tolist())]
         ids, mask = left_pad(seqs, tok.pad_token_id)
         device = next(self.model.parameters()).device
@@ -90,6 +89,21 @@ class RewardModelReward:
 
     def _scores(self, ids: torch.Tensor, mask: torch.Tensor) -> list[float]:
         return reward_scores(self.model, ids, mask, self.rows_per_forward).tolist()
+
+    def _answer_ids(self, row: Row, text: str, finished: bool) -> list[int]:
+        """A decoded answer in the reward model's own tokens, as its training data encoded answers: a
+        finished one to a chat prompt as its template writes the assistant's turn (its turn end, and
+        an EOS where the template writes none), a finished plain one with the EOS; a cut-off answer,
+        or one continuing a prefilled assistant message, is its text (with the EOS where finished)."""
+        tok = self.tokenizer
+        plain = tok(text, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if finished else [])
+        context = chat_prompt(row) if finished and text.strip() else None
+        if context is None or context[-1].get("role") == "assistant":
+            return plain
+        try:
+            return completion_ids(tok, row, "completion", [{"role": "assistant", "content": text}])
+        except DataError:  # a template that cannot write it as a turn: the text and the EOS
+            return plain
 
 
 class ProcessRewardModelReward:
