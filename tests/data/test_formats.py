@@ -513,10 +513,12 @@ def test_a_conversation_whose_last_turn_writes_the_eos_gets_no_second_one():
     assert _trained(oss, example) == "call add<call> 3<eos>"
 
 
-def test_a_template_that_rewrites_earlier_turns_is_refused_with_the_row_form_that_trains_the_last():
+def test_a_conversation_whose_template_rewrites_earlier_turns_trains_turn_by_turn():
     """Qwen3's template writes a think block in the last assistant turn alone, so a multi-turn
-    conversation's earlier turns render otherwise once a later one follows: refused (no turn can
-    be told apart), and the error names the form that trains the last turn, which does."""
+    conversation's earlier turns render otherwise once a later one follows: every such row was
+    refused. Each assistant turn is now its own example, after the turns before it as the model
+    reads them when it writes that turn, and the length report says how many rows were split;
+    with every token trained (completion_only_loss=false), the conversation as written whole, as TRL."""
     qwen3 = build_char_tokenizer()
     qwen3.chat_template = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' }}"
                            "{% if m['role'] == 'assistant' and loop.last %}{{ '[t]' }}{% endif %}"
@@ -524,11 +526,17 @@ def test_a_template_that_rewrites_earlier_turns_is_refused_with_the_row_form_tha
                            "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
     follow = {"role": "user", "content": "And 2+2?"}
     last = {"role": "assistant", "content": " 4"}
-    with pytest.raises(DataError, match="rewrites earlier turns .as Qwen3's.*write the row as 'prompt' .the "
-                                        "messages before it. and 'completion' .that turn."):
-        encode_sft(_rows({"messages": [USER, ASSISTANT, follow, last]}), qwen3, 128)
-    example = encode_sft(_rows({"prompt": [USER, ASSISTANT, follow], "completion": [last]}), qwen3, 128)[0][0]
-    assert _trained(qwen3, example) == "[t] 4<eos>"
+    rows = _rows({"messages": [USER, ASSISTANT, follow, last]}, {"messages": [USER, ASSISTANT]})
+    examples, report = encode_sft(rows, qwen3, 128)
+    assert [(qwen3.decode(e.input_ids[: e.prompt_len]), _trained(qwen3, e)) for e in examples] == [
+        ("<|user|>What is 1+2?<|assistant|>", "[t] 3<eos>"),
+        ("<|user|>What is 1+2?<|assistant|> 3<eos><|user|>And 2+2?<|assistant|>", "[t] 4<eos>"),
+        ("<|user|>What is 1+2?<|assistant|>", "[t] 3<eos>")]
+    assert report.by_turn == ["d.jsonl:1"] and "1 conversations trained turn by turn" in report.summary()
+    whole, _ = encode_sft(rows[:1], qwen3, 128, completion_only=False)
+    assert [qwen3.decode(e.input_ids) for e in whole] == [
+        "<|user|>What is 1+2?<|assistant|> 3<eos><|user|>And 2+2?<|assistant|>[t] 4<eos>"]
+    assert whole[0].prompt_len == 1
 
 
 def test_images_and_tool_schemas_beside_plain_text_are_refused_not_dropped(tok):
@@ -639,16 +647,25 @@ def test_a_template_writing_the_eos_at_the_conversations_end_alone_trains_multi_
     context does not hold, and every multi-turn row was refused. An earlier turn now ends before
     it, and one EOS ends the conversation."""
     phi = build_char_tokenizer()
-    phi.chat_template = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endfor %}"
-                         "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}")
+    phi.chat_template = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>\\n' }}"
+                         "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}"
+                         "{% endif %}")
     follow, last = {"role": "user", "content": "And 2+2?"}, {"role": "assistant", "content": " 4"}
-    example = encode_sft(_rows({"messages": [USER, ASSISTANT, follow, last]}), phi, 128)[0][0]
-    assert phi.decode(example.input_ids) == ("<|user|>What is 1+2?<|end|><|assistant|> 3<|end|><|user|>And 2+2?<|end|>"
-                                             "<|assistant|> 4<|end|><eos>")
-    assert _trained(phi, example) == " 3<|end|> 4<|end|><eos>"
+    examples, report = encode_sft(_rows({"messages": [USER, ASSISTANT, follow, last]}), phi, 128)
+    assert len(examples) == 1 and not report.by_turn  # one sequence, both turns trained
+    assert phi.decode(examples[0].input_ids) == ("<|user|>What is 1+2?<|end|>\n<|assistant|> 3<|end|>\n<|user|>And "
+                                                 "2+2?<|end|>\n<|assistant|> 4<|end|>\n<eos>")
+    assert _trained(phi, examples[0]) == " 3<|end|>\n 4<|end|>\n<eos>"
     tail = encode_sft(_rows({"messages": [USER, ASSISTANT, follow]}), phi, 128)[0][0]  # a user's turn after the answer
-    assert phi.decode(tail.input_ids) == "<|user|>What is 1+2?<|end|><|assistant|> 3<|end|><|user|>And 2+2?<|end|><eos>"
-    assert _trained(phi, tail) == " 3<|end|>"
+    assert phi.decode(tail.input_ids) == ("<|user|>What is 1+2?<|end|>\n<|assistant|> 3<|end|>\n<|user|>And 2+2?"
+                                          "<|end|>\n<eos>")
+    assert _trained(phi, tail) == " 3<|end|>\n"
+    oss = build_char_tokenizer()  # an EOS that is the last turn's own end, written otherwise once a turn follows
+    oss.chat_template = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] }}"
+                         "{% if m['role'] == 'assistant' %}{{ eos_token if loop.last else '<|end|>' }}{% endif %}"
+                         "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+    examples, report = encode_sft(_rows({"messages": [USER, ASSISTANT, follow, last]}), oss, 128)
+    assert [_trained(oss, e) for e in examples] == [" 3<eos>", " 4<eos>"] and report.by_turn  # turn by turn
 
 
 def test_a_text_that_ends_with_the_eos_gets_no_second_one(tok):

@@ -42,6 +42,7 @@ class LengthReport:
     unknown: list[str] = field(default_factory=list)  # where of each row with text the tokenizer maps to <unk>
     identical: int = 0  # of the skipped: rows whose answers truncation made identical
     longest: tuple[int, str] = (0, "")  # the longest sequence kept (tokens) and its row's where
+    by_turn: list[str] = field(default_factory=list)  # where of each conversation trained turn by turn (SFT)
 
     def note_length(self, tokens: int, where: str) -> None:
         if tokens > self.longest[0]:
@@ -54,6 +55,10 @@ class LengthReport:
         if self.unknown:
             text += (f"; warning: {len(self.unknown)} rows hold text the tokenizer maps to its unknown token "
                      f"(first: {self.unknown[0]})")
+        if self.by_turn:
+            text += (f"; {len(self.by_turn)} conversations trained turn by turn, one example per assistant turn after "
+                     f"the turns before it, as the model sees them (first: {self.by_turn[0]}): the chat template "
+                     "writes earlier turns otherwise once later ones follow (Qwen3's drops their think blocks)")
         return text
 
     def note_unknown(self, tokenizer, ids: list[int], where: str) -> None:
@@ -270,10 +275,14 @@ def sft_pieces(row: Row, tokenizer) -> tuple[list[int], list[tuple[list[int], bo
 
     def followed(later: str) -> str:
         """``done``, less the EOS the last turn's text ends with where ``later`` (the rendering with the
-        turns that follow it) does not write it there: a template that writes the EOS at the
-        conversation's end alone (Phi-3.5's); one EOS ends the conversation instead."""
+        turns that follow it) does not write it there and the turn has ended before it (a line
+        break): a template that writes the EOS at the conversation's end alone (Phi-3.5's
+        "<|end|>\n<|endoftext|>"); one EOS ends the conversation instead. An EOS that is the turn's
+        own end, written otherwise once a turn follows (gpt-oss's <|return|> for <|end|>), is not
+        dropped: such a conversation trains turn by turn."""
         nonlocal eos
-        if later.startswith(done) or not (end and said.endswith(end) and later.startswith(done[:-len(end)])):
+        if later.startswith(done) or not (end and said.endswith(end) and said[:-len(end)].endswith(("\n", " "))
+                                          and later.startswith(done[:-len(end)])):
             return done
         pieces[-1], eos = (tokenizer(said[:-len(end)], add_special_tokens=False)["input_ids"], True), True
         return done[:-len(end)]
@@ -282,10 +291,9 @@ def sft_pieces(row: Row, tokenizer) -> tuple[list[int], list[tuple[list[int], bo
         context = render_chat(tokenizer, messages[:i], row, "messages", True)
         done = followed(context)
         if not context.startswith(done):
-            raise DataError(f"{row.where}: field 'messages': the chat template rewrites earlier turns (as "
-                            "Qwen3's drops their reasoning and writes a think block in the last turn alone), so the "
-                            "assistant turns cannot be told apart; to train the last turn, write the row as "
-                            "'prompt' (the messages before it) and 'completion' (that turn)")
+            raise RewritesTurns(f"{row.where}: field 'messages': the chat template rewrites earlier turns (as "
+                                "Qwen3's drops their reasoning and writes a think block in the last turn alone), so "
+                                "the assistant turns cannot be told apart in one sequence")
         if len(context) > len(done):  # the turns between two assistant turns: context, not trained
             pieces.append((tokenizer(context[len(done):], add_special_tokens=False)["input_ids"], False))
         if not (messages[i].get("content") or "").strip() and not messages[i].get("tool_calls"):
@@ -299,15 +307,43 @@ def sft_pieces(row: Row, tokenizer) -> tuple[list[int], list[tuple[list[int], bo
         rest = render_chat(tokenizer, messages, row, "messages", False)  # assistant-only loss keeps them untrained
         done = followed(rest)
         if not rest.startswith(done):
-            raise DataError(f"{row.where}: field 'messages': the chat template rewrites earlier turns once "
-                            "later ones follow, so the assistant turns cannot be told apart; write the row as "
-                            "'prompt' and 'completion' (the turns after the answer left out)")
+            raise RewritesTurns(f"{row.where}: field 'messages': the chat template rewrites earlier turns once "
+                                "later ones follow, so the assistant turns cannot be told apart in one sequence")
         if rest[len(done):].strip():
             pieces.append((tokenizer(rest[len(done):].rstrip(), add_special_tokens=False)["input_ids"], False))
     ids, trained = pieces[-1]
     if eos and ids[-1:] != [tokenizer.eos_token_id]:  # a template that ends turns without the EOS (Gemma's
         pieces[-1] = (ids + [tokenizer.eos_token_id], trained)  # <end_of_turn>): one EOS ends the conversation
     return encode_prompt(tokenizer, first, chat=True), pieces
+
+
+class RewritesTurns(DataError):
+    """A conversation whose chat template writes its earlier turns otherwise once later ones follow."""
+
+
+def turn_by_turn(row: Row, tokenizer, completion_only: bool) -> list[tuple[list[int], list[tuple[list[int], bool]]]]:
+    """``sft_pieces`` of a ``messages`` row whose template rewrites earlier turns once later ones
+    follow (Qwen3's writes a think block in the turn after the last user message alone): one
+    (prompt, pieces) per assistant turn, the turns before it rendered as the model reads them when
+    it writes that turn. Where every token is trained (``completion_only`` False), the
+    conversation as the template writes it whole, as TRL trains it."""
+    messages = _conversation(row)
+    if not completion_only:
+        eos, whole = tokenizer.eos_token, render_chat(tokenizer, messages, row, "messages", False)
+        end = whole.rfind(eos) if eos else -1  # cut after the template's last EOS, or one appended
+        ids = tokenizer(whole[: end + len(eos)] if end >= 0 else whole.rstrip(), add_special_tokens=False)["input_ids"]
+        return [([], [(ids if end >= 0 else ids + [tokenizer.eos_token_id], True)])]
+    parts = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant" or i == 0:
+            continue
+        if not (m.get("content") or "").strip() and not m.get("tool_calls"):
+            raise DataError(f"{row.where}: field 'messages[{i}].content' is empty")
+        prompt = encode_prompt(tokenizer, render_chat(tokenizer, messages[:i], row, "messages", True), chat=True)
+        text, eos = assistant_text(tokenizer, messages[:i], [m], row, "messages")
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        parts.append((prompt, [(ids + [tokenizer.eos_token_id] if eos else ids, True)]))
+    return parts
 
 
 def encode_prompt(tokenizer, text: str, chat: bool = False) -> list[int]:
@@ -415,11 +451,18 @@ def encode_sft(rows: list[Row], tokenizer, max_length: int, overlong: str = "err
         raise ValueError(f"overlong must be one of {OVERLONG_POLICIES}, got {overlong!r}")
     report, examples = LengthReport(rows=len(rows)), []
     for row in rows:
-        prompt, pieces = sft_pieces(row, tokenizer)
-        rest = [t for ids, _ in pieces for t in ids]
-        report.note_unknown(tokenizer, prompt + rest, row.where)
-        fitted = fit_length(prompt, rest, max_length, overlong, row.where, report, prompt_trained=not completion_only)
-        if fitted is not None:
+        try:
+            parts = [sft_pieces(row, tokenizer)]
+        except RewritesTurns:
+            parts = turn_by_turn(row, tokenizer, completion_only)
+            report.by_turn.append(row.where)
+        for prompt, pieces in parts:
+            rest = [t for ids, _ in pieces for t in ids]
+            report.note_unknown(tokenizer, prompt + rest, row.where)
+            fitted = fit_length(prompt, rest, max_length, overlong, row.where, report,
+                                prompt_trained=not completion_only)
+            if fitted is None:
+                continue
             p, c = fitted
             mask = None
             if not completion_only:  # every token a target but the first, which nothing predicts
