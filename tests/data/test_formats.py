@@ -459,6 +459,36 @@ def test_a_reasoning_template_that_drops_the_thinking_from_finished_turns_trains
         encode_sft(_rows({"messages": [USER, {"role": "assistant", "content": "abx"}]}), rewritten, 128)
 
 
+def test_a_reasoning_templates_tool_turns_and_whole_conversations_keep_what_is_sampled():
+    """Under a template whose generation prompt ("<think>\\n") no finished turn starts with: a turn
+    of several messages was cut where the prompt and the turn part character by character (an
+    answer starting with "<" lost it); an empty content the template writes nothing for is
+    refused, not trained as a lone end; and with every token trained, a multi-turn conversation
+    ends with its last turn as sampled, its reasoning kept (the whole rendering dropped it)."""
+    r1 = build_char_tokenizer()
+    r1.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ '<|user|>' + m['content'] }}"
+                        "{% elif m['role'] == 'tool' %}{{ '<|tool|>' + m['content'] }}"
+                        "{% else %}{% set c = m['content'] %}{% if '</think>' in c %}"
+                        "{% set c = c.split('</think>')[-1] %}{% endif %}{{ '<|assistant|>' + c + eos_token }}"
+                        "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|><think>\\n' }}"
+                        "{% endif %}")
+    turn = [{"role": "assistant", "content": "<b>x</b>"}, {"role": "tool", "content": "sunny"},
+            {"role": "assistant", "content": "Sunny."}]
+    with pytest.warns(UserWarning, match="is no start"):
+        example = encode_sft(_rows({"prompt": [USER], "completion": turn}), r1, 128)[0][0]
+    assert _trained(r1, example) == "<b>x</b><eos><|tool|>sunny<|assistant|>Sunny.<eos>"
+    call = {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "add"}}]}
+    with pytest.raises(DataError, match="writes nothing of this answer but its end"):
+        encode_sft(_rows({"prompt": [USER], "completion": [call]}), r1, 128)
+    conversation = [USER, {"role": "assistant", "content": "<think>\nadd\n</think>\n\n3"},
+                    {"role": "user", "content": "And 2+2?"}, {"role": "assistant", "content": "<think>\nx\n</think>\n\n4"}]
+    with pytest.warns(UserWarning, match="is no start"):
+        whole, report = encode_sft(_rows({"messages": conversation}), r1, 128, completion_only=False)
+    assert [r1.decode(e.input_ids) for e in whole] == [
+        "<|user|>What is 1+2?<|assistant|>\n\n3<eos><|user|>And 2+2?<|assistant|><think>\nx\n</think>\n\n4<eos>"]
+    assert report.by_turn
+
+
 def test_a_rows_chat_template_kwargs_reach_its_template_everywhere_it_is_rendered():
     """TRL passes a row's ``chat_template_kwargs`` (Qwen3's ``enable_thinking``) to the template; they
     were left unread, so the prompt lacked the empty think block a thinking-off Qwen3 writes. They
@@ -533,6 +563,12 @@ def test_a_conversation_whose_template_rewrites_earlier_turns_trains_turn_by_tur
         ("<|user|>What is 1+2?<|assistant|> 3<eos><|user|>And 2+2?<|assistant|>", "[t] 4<eos>"),
         ("<|user|>What is 1+2?<|assistant|>", "[t] 3<eos>")]
     assert report.by_turn == ["d.jsonl:1"] and "1 conversations trained turn by turn" in report.summary()
+    _, cut = encode_sft(rows, qwen3, 25, overlong="skip")  # the second turn (33 tokens) does not fit: the row is kept
+    assert (len(cut.skipped), cut.turns_skipped) == (0, 1) and "1 of their turns skipped" in cut.summary()
+    _, cut = encode_sft(rows, qwen3, 30, overlong="truncate")  # its answer cut
+    assert cut.truncated == 1 and not cut.skipped  # one row truncated, not one per turn
+    with pytest.raises(DataError, match=r"no usable rows left .*2 rows, 0 truncated, 2 skipped"):  # every turn: rows
+        encode_sft(rows, qwen3, 15, overlong="skip")
     whole, _ = encode_sft(rows[:1], qwen3, 128, completion_only=False)
     assert [qwen3.decode(e.input_ids) for e in whole] == [
         "<|user|>What is 1+2?<|assistant|> 3<eos><|user|>And 2+2?<|assistant|>[t] 4<eos>"]
@@ -633,6 +669,8 @@ def test_an_implicit_text_pairs_prompt_ends_before_the_word_its_answers_part_in(
     assert shared_prefix("Human: hi\n\nAssistant: Sure, yes", "Human: hi\n\nAssistant: Sorry, no") == (
         "Human: hi\n\nAssistant:", " Sure, yes", " Sorry, no")
     assert shared_prefix("x = 123", "x = 145") == ("x =", " 123", " 145")
+    assert shared_prefix("A: 3.14", "A: 3.15") == ("A:", " 3.14", " 3.15")  # a decimal point is in its number
+    assert shared_prefix("Q: 问题答案是对", "Q: 问题答案是错") == ("Q: 问题答案是", "对", "错")  # no spaces: by character
     assert shared_prefix("A: yes.", "A: yes!") == ("A: yes", ".", "!")  # a split between words stays
     assert shared_prefix("abc", "abd") == ("ab", "c", "d")  # nothing before the word: the split stays
     chars = build_char_tokenizer()
@@ -666,6 +704,9 @@ def test_a_template_writing_the_eos_at_the_conversations_end_alone_trains_multi_
                          "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
     examples, report = encode_sft(_rows({"messages": [USER, ASSISTANT, follow, last]}), oss, 128)
     assert [_trained(oss, e) for e in examples] == [" 3<eos>", " 4<eos>"] and report.by_turn  # turn by turn
+    spaced = {"role": "assistant", "content": " 3\n"}  # the line break is the content's, not the template's
+    examples, report = encode_sft(_rows({"messages": [USER, spaced, follow, last]}), oss, 128)
+    assert [_trained(oss, e) for e in examples] == [" 3\n<eos>", " 4<eos>"] and report.by_turn
 
 
 def test_a_text_that_ends_with_the_eos_gets_no_second_one(tok):

@@ -9,7 +9,6 @@ Plain completions end with the EOS id, so the model learns to stop.
 from __future__ import annotations
 
 import dataclasses
-import os
 import warnings
 from dataclasses import dataclass, field
 
@@ -43,6 +42,7 @@ class LengthReport:
     identical: int = 0  # of the skipped: rows whose answers truncation made identical
     longest: tuple[int, str] = (0, "")  # the longest sequence kept (tokens) and its row's where
     by_turn: list[str] = field(default_factory=list)  # where of each conversation trained turn by turn (SFT)
+    turns_skipped: int = 0  # of those kept, the assistant turns the length policy skipped
 
     def note_length(self, tokens: int, where: str) -> None:
         if tokens > self.longest[0]:
@@ -59,6 +59,8 @@ class LengthReport:
             text += (f"; {len(self.by_turn)} conversations trained turn by turn, one example per assistant turn after "
                      f"the turns before it, as the model sees them (first: {self.by_turn[0]}): the chat template "
                      "writes earlier turns otherwise once later ones follow (Qwen3's drops their think blocks)")
+            if self.turns_skipped:
+                text += f", {self.turns_skipped} of their turns skipped by the length policy"
         return text
 
     def note_unknown(self, tokenizer, ids: list[int], where: str) -> None:
@@ -130,10 +132,18 @@ def sampled_answer(tokenizer, context: list[dict], turn: list[dict], before: str
     frame = (render_chat(tokenizer, context + [{**turn[0], "content": STAND_IN}], row, field, False)[len(context_text):]
              if isinstance(content, str) and content.strip() else "")
     warning = f"rlhfkit: the chat template's generation prompt {opened!r} is no start of the finished answer it writes"
-    if frame.count(STAND_IN) != 1:
-        shared = len(os.path.commonprefix([opened, written]))
+    if frame.count(STAND_IN) != 1:  # the turn's header, from a plain assistant message written around the stand-in
+        plain = render_chat(tokenizer, context + [{"role": "assistant", "content": STAND_IN}], row, field, False)
+        head = plain[len(context_text):].split(STAND_IN)[0] if plain.count(STAND_IN) == 1 else None
+        if head is None or not (written.startswith(head) and opened.startswith(head)):
+            raise DataError(f"{row.where}: field '{field}': the chat template does not render the conversation as "
+                            "its prompt followed by the answer, so the answer's tokens cannot be told apart")
+        answer = written[len(head):]
+        if not answer.replace(tokenizer.eos_token or "", "").strip():
+            raise DataError(f"{row.where}: field '{field}': the chat template writes nothing of this answer but its "
+                            "end (an empty content beside tool calls it does not render?)")
         warnings.warn(f"{warning}; answers are trained after it, as they are sampled", stacklevel=3)
-        return written[shared:]
+        return answer
     header, trailer = frame.split(STAND_IN)
     shown = (written[len(header): len(written) - len(trailer)] if len(written) >= len(header) + len(trailer)
              and written.startswith(header) and written.endswith(trailer) else None)
@@ -271,7 +281,7 @@ def sft_pieces(row: Row, tokenizer) -> tuple[list[int], list[tuple[list[int], bo
                         f"(roles: {roles})")
     first = render_chat(tokenizer, messages[: turns[0]], row, "messages", True)
     pieces, done, eos = [], first, False  # done: the text encoded so far
-    end, said = tokenizer.eos_token or "", ""  # said: the last assistant turn's text (the last piece)
+    end, said, content = tokenizer.eos_token or "", "", ""  # the last assistant turn's text (the last piece), content
 
     def followed(later: str) -> str:
         """``done``, less the EOS the last turn's text ends with where ``later`` (the rendering with the
@@ -282,6 +292,7 @@ def sft_pieces(row: Row, tokenizer) -> tuple[list[int], list[tuple[list[int], bo
         dropped: such a conversation trains turn by turn."""
         nonlocal eos
         if later.startswith(done) or not (end and said.endswith(end) and said[:-len(end)].endswith(("\n", " "))
+                                          and not (content and said[:-len(end)].endswith(content))  # the template's
                                           and later.startswith(done[:-len(end)])):
             return done
         pieces[-1], eos = (tokenizer(said[:-len(end)], add_special_tokens=False)["input_ids"], True), True
@@ -301,7 +312,7 @@ def sft_pieces(row: Row, tokenizer) -> tuple[list[int], list[tuple[list[int], bo
         text, ends = assistant_text(tokenizer, messages[:i], [messages[i]], row, "messages")
         eos = eos or ends
         pieces.append((tokenizer(text, add_special_tokens=False)["input_ids"], True))
-        said = text
+        said, content = text, messages[i].get("content") if isinstance(messages[i].get("content"), str) else ""
         done = context + text
     if turns[-1] < len(messages) - 1:  # turns after the last answer (a tool's reply, a user's): context, as TRL's
         rest = render_chat(tokenizer, messages, row, "messages", False)  # assistant-only loss keeps them untrained
@@ -325,17 +336,19 @@ def turn_by_turn(row: Row, tokenizer, completion_only: bool) -> list[tuple[list[
     """``sft_pieces`` of a ``messages`` row whose template rewrites earlier turns once later ones
     follow (Qwen3's writes a think block in the turn after the last user message alone): one
     (prompt, pieces) per assistant turn, the turns before it rendered as the model reads them when
-    it writes that turn. Where every token is trained (``completion_only`` False), the
-    conversation as the template writes it whole, as TRL trains it."""
+    it writes that turn. Where every token is trained (``completion_only`` False), one sequence:
+    the turns before the last assistant turn as the model reads them, then that turn as it writes
+    it (DeepSeek-R1's whole rendering drops the last turn's reasoning too); a conversation that
+    ends with another role's turn, as the template writes it whole (as TRL trains it)."""
     messages = _conversation(row)
-    if not completion_only:
+    if not completion_only and messages[-1]["role"] != "assistant":
         eos, whole = tokenizer.eos_token, render_chat(tokenizer, messages, row, "messages", False)
         end = whole.rfind(eos) if eos else -1  # cut after the template's last EOS, or one appended
         ids = tokenizer(whole[: end + len(eos)] if end >= 0 else whole.rstrip(), add_special_tokens=False)["input_ids"]
         return [([], [(ids if end >= 0 else ids + [tokenizer.eos_token_id], True)])]
     parts = []
     for i, m in enumerate(messages):
-        if m["role"] != "assistant" or i == 0:
+        if m["role"] != "assistant" or i == 0 or (not completion_only and i < len(messages) - 1):
             continue
         if not (m.get("content") or "").strip() and not m.get("tool_calls"):
             raise DataError(f"{row.where}: field 'messages[{i}].content' is empty")
@@ -343,7 +356,7 @@ def turn_by_turn(row: Row, tokenizer, completion_only: bool) -> list[tuple[list[
         text, eos = assistant_text(tokenizer, messages[:i], [m], row, "messages")
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         parts.append((prompt, [(ids + [tokenizer.eos_token_id] if eos else ids, True)]))
-    return parts
+    return parts if completion_only else [([], [(parts[0][0] + parts[0][1][0][0], True)])]
 
 
 def encode_prompt(tokenizer, text: str, chat: bool = False) -> list[int]:
@@ -456,12 +469,17 @@ def encode_sft(rows: list[Row], tokenizer, max_length: int, overlong: str = "err
         except RewritesTurns:
             parts = turn_by_turn(row, tokenizer, completion_only)
             report.by_turn.append(row.where)
+        # a row's turns (trained turn by turn) are counted once: truncated if any is cut, skipped if all are
+        row_report, skipped = (LengthReport() if len(parts) > 1 else report), 0
         for prompt, pieces in parts:
             rest = [t for ids, _ in pieces for t in ids]
             report.note_unknown(tokenizer, prompt + rest, row.where)
-            fitted = fit_length(prompt, rest, max_length, overlong, row.where, report,
+            fitted = fit_length(prompt, rest, max_length, overlong, row.where, row_report,
                                 prompt_trained=not completion_only)
+            if row_report is not report:
+                report.note_length(*row_report.longest)
             if fitted is None:
+                skipped += 1
                 continue
             p, c = fitted
             mask = None
@@ -471,6 +489,12 @@ def encode_sft(rows: list[Row], tokenizer, max_length: int, overlong: str = "err
             if not all(trained for _, trained in pieces):  # multi-turn: only the assistant turns
                 mask = tuple([0] * len(p) + [int(trained) for ids, trained in pieces for _ in ids][: len(c)])
             examples.append(SFTExample(p + c, len(p), mask))
+        if row_report is not report:
+            report.truncated += bool(row_report.truncated)
+            if skipped == len(parts):  # every turn: the row is skipped
+                report.skipped.append(row.where)
+            else:
+                report.turns_skipped += skipped
     if not examples:
         raise DataError(f"no usable rows left after the length policy ({report.summary()})")
     return examples, report

@@ -194,19 +194,30 @@ def check_prompt_fields(rows: list) -> None:
                         "implicit pair, its prompt the start both answers share, only where every pair is")
 
 
+def _in_word(text: str, i: int) -> bool:
+    """Whether ``text[i]`` belongs to an ASCII word or number ("3.14", "1,250": the separator between digits)."""
+    c = text[i]
+    if c.isascii() and c.isalnum():
+        return True
+    return c in ".," and 0 < i < len(text) - 1 and text[i - 1].isdigit() and text[i + 1].isdigit()
+
+
 def shared_prefix(chosen, rejected):
     """(prompt, chosen rest, rejected rest) of an implicit-preference pair: the longest common
-    prefix (of characters, or of whole messages) is the prompt. For text, a split inside a word
-    or number moves back to its start ("Assistant: S" + "ure" / "orry" would train tokens the
-    model never samples after "Assistant:", and keep the telling " Sure" against " Sorry" out of
-    the answers), and a space just before the split stays with the answers, as TRL's
-    ``extract_prompt`` keeps it; a pair that shares nothing but a word's start keeps that split."""
+    prefix (of characters, or of whole messages) is the prompt. For text, a split inside an ASCII
+    word or number (its "." and "," between digits included) moves back to its start
+    ("Assistant: S" + "ure" / "orry" would train tokens the model never samples after
+    "Assistant:", and keep the telling " Sure" against " Sorry" out of the answers; TRL's
+    ``extract_prompt`` splits there), and a space just before the split stays with the answers, as
+    TRL's keeps it. A pair that shares nothing before that word, and text without spaces between
+    words (Chinese, Japanese), keep the character split."""
     n = 0
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
         n += 1
-    if isinstance(chosen, str) and n < min(len(chosen), len(rejected)):  # both go on: the split may be mid-word
-        start = n
-        while start > 0 and chosen[start - 1].isalnum() and (chosen[start].isalnum() or rejected[start].isalnum()):
+    if isinstance(chosen, str) and n < min(len(chosen), len(rejected)) and (_in_word(chosen, n)
+                                                                           or _in_word(rejected, n)):
+        start = n  # both go on, and the split is inside a word: back to its start
+        while start > 0 and _in_word(chosen, start - 1):
             start -= 1
         n = start or n
     if isinstance(chosen, str) and 0 < n and chosen[n - 1] == " ":

@@ -189,7 +189,9 @@ def run_sft(cfg: SFTConfig) -> dict:
                           f"{getattr(model.config, 'sliding_window', None)!r}: set packing=false")
     collate = ((lambda b: collate_sft_packed(b, tokenizer.pad_token_id, cfg.max_length)) if cfg.packing else
                (lambda b: collate_sft(b, tokenizer.pad_token_id)))
-    train_offline(run, model, examples, collate, sft_objective(run.router_coef, cfg.loss_type), evaluate if rows or eval_examples else None)
+    train_offline(run, model, examples, collate, sft_objective(run.router_coef, cfg.loss_type),
+                  evaluate if rows or eval_examples else None,
+                  what="examples (a conversation trained turn by turn gives one a turn)" if report.by_turn else "rows")
     summary = {"loss": run.metrics.get("loss"), "length_report": report.summary(), "snapshot": snapshot or None}
     if run.evals:
         summary.update(accuracy=run.evals[-1].get("accuracy"), eval_loss=run.evals[-1].get("loss"))
