@@ -421,6 +421,28 @@ def test_model_objects_with_adapters_or_peft_wrappers_are_refused_in_one_line(ti
         load_causal_lm(adapted, tok)
 
 
+def test_a_model_object_with_no_trainable_weight_is_refused_by_name(tiny, tmp_path):
+    """peft's merge_and_unload leaves every weight frozen: a full fine-tune of the merged object failed
+    in torch with "optimizer got an empty parameter list"."""
+    from peft import LoraConfig as PeftLora
+    from peft import get_peft_model
+
+    from rlhfkit.train.config import ConfigError
+
+    tok = load_tokenizer(str(tiny["base"]))
+    merged = get_peft_model(load_causal_lm(str(tiny["base"]), tok),
+                            PeftLora(r=4, target_modules="all-linear")).merge_and_unload()
+    assert not any(p.requires_grad for p in merged.parameters())
+    cfg = SFTConfig(model=merged, tokenizer=tok, train_data=str(tiny["data"] / "sft_train.jsonl"), max_length=64,
+                    train=quiet_train(tmp_path / "sft", max_steps=1))
+    with pytest.raises(ConfigError, match="the model object has no trainable weight .* merge_and_unload"):
+        run_sft(cfg)
+    merged.requires_grad_(True)
+    before = merged.lm_head.weight.detach().clone()
+    run_sft(replace(cfg, train__out_dir=str(tmp_path / "again")))
+    assert not torch.equal(merged.lm_head.weight, before)  # trained in place
+
+
 def test_a_16_bit_folder_is_said_to_train_and_save_in_fp32(tiny, tmp_path, capsys):
     from rlhfkit.train.config import TrainConfig
     from rlhfkit.train.dist import DistInfo

@@ -168,6 +168,33 @@ def test_sampling_after_an_optimizer_step_sees_the_new_weights(kernel, monkeypat
     assert not torch.allclose(after.logprobs, before.logprobs, atol=1e-3)
 
 
+def test_a_run_starts_from_the_weights_a_caller_wrote_through_data(tmp_path, monkeypatch):
+    """Writes through ``.data`` (a notebook's ``p.data.copy_``, peft's ``merge_and_unload``) bump no
+    version counter: a later run in the same process sampled from the kept prepared weights of the
+    old ones (0.21 nats a token off). A run's start drops every kept copy."""
+    from rlhfkit.train.config import TrainConfig
+    from rlhfkit.train.run import start_run
+
+    model = sharp("qwen2")
+    for _ in range(2):
+        run(model, monkeypatch, True, 0.0, 1)
+    assert lean._KEPT[model][1] is not None
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data.mul_(0.5)  # no version bump
+    assert lean._KEPT[model][1] is not None
+    stale, generic = run(model, monkeypatch, True, 0.0, 1), run(model, monkeypatch, False, 0.0, 1)
+    assert not torch.allclose(stale.logprobs, generic.logprobs, atol=1e-3)  # what a kept copy did
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    started = start_run(TrainConfig(out_dir=str(tmp_path / "out"), report_to="none", progress=False), {}, "sft")
+    assert model not in lean._KEPT and not hf_logging.is_progress_bar_enabled()
+    assert torch.allclose(run(model, monkeypatch, True, 0.0, 1).logprobs, generic.logprobs, atol=1e-5)
+    started.close()  # transformers' progress bars as the caller had them (a run with progress=false left them off)
+    assert hf_logging.is_progress_bar_enabled() == bars
+
+
 def test_a_fused_step_between_the_first_two_calls_is_seen(monkeypatch):
     # as in a fresh process: no optimizer hook registered yet. The first sampling call registers
     # it, so a fused AdamW step before the second call changes the versions, and the second call

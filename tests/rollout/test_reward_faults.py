@@ -219,3 +219,24 @@ def test_an_async_reward_that_hangs_is_a_named_timeout():
 
     with pytest.raises(RewardError, match=r"'hangs' failed .*no result within reward_timeout_s=0.2 s"):
         score_outcomes([hangs], [1.0], ["p"], ["a"], {}, timeout_s=0.2)
+
+
+def test_an_async_reward_that_raises_keyboard_interrupt_leaves_the_loop_serving():
+    """asyncio lets a KeyboardInterrupt out of run_forever: it ended the reward loop's thread, its
+    caller waited for ever (SIGTERM did not end the process), and every later async reward in the
+    process timed out. It is raised in the caller's thread now, and the loop goes on."""
+    import threading
+
+    from rlhfkit.rollout.rewards import _LOOP, awaited
+
+    async def interrupted():
+        raise KeyboardInterrupt("from inside the reward")
+
+    async def fine():
+        return [1.0]
+
+    with pytest.raises(KeyboardInterrupt, match="from inside the reward"):
+        awaited(interrupted(), timeout_s=5)
+    assert _LOOP["loop"].is_running()
+    assert awaited(fine(), timeout_s=5) == [1.0]
+    assert sum(t.name == "reward-async" for t in threading.enumerate()) == 1

@@ -274,7 +274,8 @@ def _prepared_weights(model, layers, rows: int, decode_rows: int, dtype: torch.d
 
     A change is seen in the parameters' storage and version counters. Every in-place change through
     PyTorch bumps a tensor's version except the fused optimizer kernels (AdamW(fused=True) among
-    them), so an optimizer step hook bumps the versions of every torch.optim optimizer's parameters
+    them) and writes through ``.data`` (a caller's ``p.data.copy_``, peft's ``merge_and_unload``:
+    ``forget_prepared`` drops every kept copy when a run starts), so an optimizer step hook bumps the versions of every torch.optim optimizer's parameters
     after its step (``_bump_versions``). It is registered by the first call: registered only once a
     layout was kept, a fused step between the first two calls went unseen, and the second call of
     every RL run laid out and kept a copy of the weights through the next update (about 500 MB of
@@ -319,6 +320,14 @@ def _prepared_weights(model, layers, rows: int, decode_rows: int, dtype: torch.d
 # model -> (fingerprint of its projection weights at its last sampling call, the prepared weights
 # kept for it, or None until a call finds the weights unchanged)
 _KEPT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def forget_prepared() -> None:
+    """Drop every model's kept prepared weights: each run starts from the weights as they are. A
+    caller may have changed a model object between two runs in ways no version counter sees
+    (``p.data.copy_(...)``, peft's ``merge_and_unload``, which adds into ``weight.data``), and a
+    kept copy would then sample from the old projections (0.21 nats a token off the policy)."""
+    _KEPT.clear()
 
 
 @functools.lru_cache(maxsize=None)

@@ -219,7 +219,8 @@ def check_model_object(model: torch.nn.Module) -> None:
 
     if type(model).__name__.startswith("PeftModel"):
         raise ModelLoadError(f"a {type(model).__name__} object: rlhfkit adds LoRA itself; pass the base model with "
-                             "lora.r (and lora.target_modules), or model.merge_and_unload() to train the merged weights")
+                             "lora.r (and lora.target_modules), or model.merge_and_unload().requires_grad_(True) to train the "
+                             "merged weights")
     if has_adapters(model):
         raise ModelLoadError("the model object holds the LoRA adapters of an earlier run; start from the folder that "
                              "run saved (model=<out>/model: its adapter is merged in), or pass a fresh object")

@@ -174,16 +174,31 @@ def awaited(value, timeout_s: float = 0.0):
     seconds (0: no limit)."""
     if not inspect.iscoroutine(value):
         return value
-    if "loop" not in _LOOP:
+    if "loop" not in _LOOP or not _LOOP["loop"].is_running():  # a loop a reward's KeyboardInterrupt ended: anew
         loop = asyncio.new_event_loop()
         threading.Thread(target=loop.run_forever, daemon=True, name="reward-async").start()
         _LOOP["loop"] = loop
-    future = asyncio.run_coroutine_threadsafe(value, _LOOP["loop"])
+    future = asyncio.run_coroutine_threadsafe(_caught(value), _LOOP["loop"])
     try:
-        return future.result(timeout_s or None)
+        outcome, raised = future.result(timeout_s or None)
     except concurrent.futures.TimeoutError:
         future.cancel()
         raise TimeoutError(f"no result within reward_timeout_s={timeout_s:g} s") from None
+    if raised:
+        raise outcome
+    return outcome
+
+
+async def _caught(coroutine):
+    """(result, False), or (the exception, True) for any a reward raises: a KeyboardInterrupt or
+    SystemExit raised inside the loop would end the loop's thread and leave its caller waiting for
+    ever; handed back, it is raised in the caller's thread."""
+    try:
+        return await coroutine, False
+    except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+        if isinstance(e, asyncio.CancelledError):
+            raise
+        return e, True
 
 
 def call_with_timeout(fn: Callable, timeout_s: float, *args, **kwargs):

@@ -46,6 +46,7 @@ from ..models.kernels import (
     pin_kernels,
     use_fast_linear,
 )
+from ..models.lean import forget_prepared
 from ..models.load import disable_dropout, is_sharded, stored_dtype
 from ..models.lora import (
     LoraSettings,
@@ -296,6 +297,10 @@ class Run:
             self.said.add("lora.dropout")  # PPO's actor and critic: one line
             self.say(f"warning: lora.dropout={lora.dropout:g} is not applied: this method trains with every "
                      "dropout off, the adapters' too (as TRL's disable_dropout)")
+        if not (lora is not None and lora.enabled) and not any(p.requires_grad for p in model.parameters()):
+            raise ConfigError("the model object has no trainable weight (requires_grad is False on every one, as "
+                              "peft's merge_and_unload leaves them): call model.requires_grad_(True) first, or pass "
+                              "its saved folder")
         self.router_coef = self.router_balance_coef(model, router_loss, base)
         stored = stored_dtype(base)
         if stored in ("bfloat16", "float16") and "dtype" not in self.said and not (lora is not None and lora.enabled
@@ -614,12 +619,20 @@ class Run:
     def close(self) -> None:
         self.release()
         self._close_outputs()
+        self._bars_back()
 
     def _close_outputs(self) -> None:
         if self.bar is not None:
             self.bar.close()
         if self.logger is not None:
             self.logger.close()
+
+    def _bars_back(self) -> None:
+        """transformers' progress bars as they were before the run (``train.progress=false`` turns them off)."""
+        if getattr(self, "bars_were_on", False):
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.enable_progress_bar()
 
     def finish(self, model, tokenizer, summary: dict, files: dict[str, str] | None = None) -> dict:
         """Save the trained model to ``<out>/model`` (with ``files``, name: text, as ``save_model``'s)
@@ -632,6 +645,7 @@ class Run:
             summary = self._finish(model, tokenizer, summary, files)
         finally:
             self.release()
+            self._bars_back()
         if self.signal is not None:
             self.say(f"{signal.Signals(self.signal).name} was received: the final model folder "
                      f"{Path(self.cfg.out_dir) / 'model'} was written first, and the run is complete")
@@ -747,9 +761,11 @@ def start_run(cfg: TrainConfig, config, name: str, unit: str = "optimizer step",
               show: tuple[str, ...] = ("loss",)) -> Run:
     """Distributed set-up and the out-dir check, before any model loads; writes config.yaml."""
     info = init_distributed(cfg.device)
-    if not cfg.progress:  # transformers' loading and writing bars too
-        from transformers.utils import logging as hf_logging
+    forget_prepared()  # a model object may have been changed by the caller since a run in this process sampled it
+    from transformers.utils import logging as hf_logging
 
+    bars = hf_logging.is_progress_bar_enabled()
+    if not cfg.progress:  # transformers' loading and writing bars too (on again when the run ends)
         hf_logging.disable_progress_bar()
     if unit == "optimizer step":  # the offline methods split train.batch_size over ranks and micro-batches
         split_batch(cfg, info)
@@ -763,4 +779,6 @@ def start_run(cfg: TrainConfig, config, name: str, unit: str = "optimizer step",
         check_resumed_config(checkpoint, resolved, info, force=cfg.resume == "force")  # says what changes
     if info.is_main:
         write_config(Path(cfg.out_dir), resolved)  # a config that cannot be written fails here, not at the end
-    return Run(cfg, resolved, info, name, unit, resuming, show, max_steps=cfg.max_steps)
+    run = Run(cfg, resolved, info, name, unit, resuming, show, max_steps=cfg.max_steps)
+    run.bars_were_on = bars
+    return run
