@@ -671,6 +671,8 @@ def test_an_implicit_text_pairs_prompt_ends_before_the_word_its_answers_part_in(
     assert shared_prefix("x = 123", "x = 145") == ("x =", " 123", " 145")
     assert shared_prefix("A: 3.14", "A: 3.15") == ("A:", " 3.14", " 3.15")  # a decimal point is in its number
     assert shared_prefix("Q: 问题答案是对", "Q: 问题答案是错") == ("Q: 问题答案是", "对", "错")  # no spaces: by character
+    assert shared_prefix("Ответ: Да", "Ответ: Дом") == ("Ответ:", " Да", " Дом")  # letters beyond ASCII are words
+    assert shared_prefix("Antwort: Über", "Antwort: Übel") == ("Antwort:", " Über", " Übel")
     assert shared_prefix("A: yes.", "A: yes!") == ("A: yes", ".", "!")  # a split between words stays
     assert shared_prefix("abc", "abd") == ("ab", "c", "d")  # nothing before the word: the split stays
     chars = build_char_tokenizer()

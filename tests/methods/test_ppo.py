@@ -394,5 +394,7 @@ def test_a_reward_model_object_starts_a_critic_of_its_own(tiny):
     assert all(p.requires_grad for p in models["critic"].parameters())
     for a, b in zip(models["critic"].parameters(), scorer.parameters()):
         assert torch.equal(a, b)  # the same start
+    again, _ = load_models(PPOConfig(model=str(tiny["base"]), reward_model=scorer))  # the scorer now frozen
+    assert all(p.requires_grad for p in again["critic"].parameters())  # its critic still trains (it had none to)
     with pytest.raises(ModelLoadError, match="^reward_model: a LlamaForCausalLM object is not a reward model"):
         load_models(PPOConfig(model=str(tiny["base"]), reward_model=load_causal_lm(str(tiny["base"]), tok)))

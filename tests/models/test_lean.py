@@ -193,6 +193,14 @@ def test_a_run_starts_from_the_weights_a_caller_wrote_through_data(tmp_path, mon
     assert torch.allclose(run(model, monkeypatch, True, 0.0, 1).logprobs, generic.logprobs, atol=1e-5)
     started.close()  # transformers' progress bars as the caller had them (a run with progress=false left them off)
     assert hf_logging.is_progress_bar_enabled() == bars
+    if bars:  # a run that fails before its end: the bars are back once it is let go
+        import gc
+
+        failed = start_run(TrainConfig(out_dir=str(tmp_path / "failed"), report_to="none", progress=False), {}, "sft")
+        assert not hf_logging.is_progress_bar_enabled()
+        del failed
+        gc.collect()
+        assert hf_logging.is_progress_bar_enabled()
 
 
 def test_a_fused_step_between_the_first_two_calls_is_seen(monkeypatch):

@@ -21,6 +21,7 @@ rows would be read as a ranking.
 from __future__ import annotations
 
 import json
+import unicodedata
 
 from .rows import DataError, Row, is_chat
 
@@ -194,23 +195,28 @@ def check_prompt_fields(rows: list) -> None:
                         "implicit pair, its prompt the start both answers share, only where every pair is")
 
 
+# scripts written without spaces between words: a pair's split stays by character there
+UNSPACED = ("CJK", "HIRAGANA", "KATAKANA", "THAI", "LAO", "KHMER", "MYANMAR", "TIBETAN")
+
+
 def _in_word(text: str, i: int) -> bool:
-    """Whether ``text[i]`` belongs to an ASCII word or number ("3.14", "1,250": the separator between digits)."""
+    """Whether ``text[i]`` belongs to a word or number ("3.14", "1,250": the separator between
+    digits) of a script that spaces its words (not Chinese, Japanese, Thai, ...)."""
     c = text[i]
-    if c.isascii() and c.isalnum():
-        return True
+    if c.isalnum():
+        return c.isascii() or not unicodedata.name(c, "").startswith(UNSPACED)
     return c in ".," and 0 < i < len(text) - 1 and text[i - 1].isdigit() and text[i + 1].isdigit()
 
 
 def shared_prefix(chosen, rejected):
     """(prompt, chosen rest, rejected rest) of an implicit-preference pair: the longest common
-    prefix (of characters, or of whole messages) is the prompt. For text, a split inside an ASCII
-    word or number (its "." and "," between digits included) moves back to its start
+    prefix (of characters, or of whole messages) is the prompt. For text, a split inside a word or
+    number (its "." and "," between digits included) moves back to its start
     ("Assistant: S" + "ure" / "orry" would train tokens the model never samples after
     "Assistant:", and keep the telling " Sure" against " Sorry" out of the answers; TRL's
     ``extract_prompt`` splits there), and a space just before the split stays with the answers, as
     TRL's keeps it. A pair that shares nothing before that word, and text without spaces between
-    words (Chinese, Japanese), keep the character split."""
+    words (Chinese, Japanese, Thai), keep the character split."""
     n = 0
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
         n += 1

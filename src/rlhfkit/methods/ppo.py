@@ -338,7 +338,8 @@ def load_models(cfg: PPOConfig, device: str = "cpu", run: Run | None = None):
         check_shared_tokenizer(folder, tokenizer, role, "actor", run.say if run is not None else None)
     start = cfg.critic or cfg.reward_model
     if isinstance(start, torch.nn.Module) and start is cfg.reward_model:  # a reward-model object (Python API): the
-        start = copy.deepcopy(start)  # critic starts from it as a model of its own, not the frozen scorer itself
+        start = copy.deepcopy(start).requires_grad_(True)  # critic starts from it as a model of its own (trained:
+        # the scorer object is frozen, by the caller or by an earlier run_ppo), not the frozen scorer itself
     critic = disable_dropout(load_reward_model(start, tokenizer, seed=cfg.train.seed, device=device))
     reward = load_reward_model(cfg.reward_model, tokenizer, cfg.frozen_dtype, device=device).eval().requires_grad_(False)
     if run is not None:

@@ -27,6 +27,7 @@ import shutil
 import signal
 import sys
 import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -781,4 +782,6 @@ def start_run(cfg: TrainConfig, config, name: str, unit: str = "optimizer step",
         write_config(Path(cfg.out_dir), resolved)  # a config that cannot be written fails here, not at the end
     run = Run(cfg, resolved, info, name, unit, resuming, show, max_steps=cfg.max_steps)
     run.bars_were_on = bars
+    if bars and not cfg.progress:  # a run that fails before its end: on again once it is let go
+        weakref.finalize(run, hf_logging.enable_progress_bar)
     return run
