@@ -281,3 +281,22 @@ def test_gkd_data_and_settings_are_refused_before_any_model_loads(tiny, tmp_path
         replace(cfg, lmbda=1.0, seq_kd=True)
     with pytest.raises(ConfigError, match="'lmbda' must be in"):
         replace(cfg, lmbda=1.5)
+
+
+def test_a_sampling_teachers_generation_config_is_said_once_too(tiny, tmp_path, capsys):
+    """seq_kd with lmbda=0: only the teacher samples, and its folder's sampling settings and end ids
+    were not said (the student's are, where it samples)."""
+    from transformers import GenerationConfig
+
+    tok = load_tokenizer(str(tiny["base"]))
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny["base"], teacher)
+    GenerationConfig(do_sample=True, temperature=0.7, eos_token_id=[tok.eos_token_id, 7],
+                     pad_token_id=tok.pad_token_id).save_pretrained(teacher)
+    cfg = replace(method_config("distill", tiny, tmp_path / "out", 1, log_every=1), teacher=str(teacher), lmbda=0.0,
+                  seq_kd=True)
+    run_distill(cfg)
+    said = capsys.readouterr().err
+    assert said.count(f"{teacher}'s generation config asks for temperature=0.7; rollouts sample with this run's "
+                      "temperature=1") == 1
+    assert said.count(f"the other end ids of {teacher}'s generation config") == 1

@@ -147,16 +147,17 @@ FOLDER_SAMPLING = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "
                    "repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
 
 
-def say_generation_config(run, model, tokenizer, params, source) -> None:
+def say_generation_config(run, model, tokenizer, params, source, key: str = "generation config") -> None:
     """Said once, before the first rollout, where the policy's generation config (its folder's
     ``generation_config.json``) asks for sampling settings other than the run's (Qwen2.5-Instruct's
     temperature 0.7, top_p 0.8, repetition_penalty 1.05): rollouts sample with the run's own, as
     TRL's trainers do. Its end ids beside the tokenizer's EOS (Gemma's ``<end_of_turn>``), where
-    rollouts stop too (rollout/backend.py ``end_ids``), are named in a note."""
+    rollouts stop too (rollout/backend.py ``end_ids``), are named in a note. ``key``: said once a
+    run under it (distillation's teacher, which samples too, has its own)."""
     config = getattr(model, "generation_config", None)
-    if config is None or "generation config" in run.said:
+    if config is None or key in run.said:
         return
-    run.said.add("generation config")
+    run.said.add(key)
     source = source if isinstance(source, (str, Path)) and str(source) else "the policy"
     asked = config.to_diff_dict()
     ours = {**FOLDER_SAMPLING, "temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p}

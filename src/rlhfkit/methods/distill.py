@@ -258,6 +258,8 @@ def run_distill(cfg: DistillConfig, backend=None) -> dict:
     student_steps = list(itertools.accumulate(source == "student" for source in sources))
     if student_steps and student_steps[-1]:  # the student samples
         say_generation_config(run, student, tokenizer, params, cfg.model)
+    if "teacher" in sources:  # seq_kd: the teacher samples too, with the run's settings and its own end ids
+        say_generation_config(run, teacher_backend.model, tokenizer, params, cfg.teacher, key="teacher's config")
     for step in run.steps(evaluate):
         source = sources[step]
         picked = order.indices(step)[run.info.rank::run.info.world_size]
