@@ -62,7 +62,7 @@ def test_answers_end_at_every_end_id_of_the_policys_generation_config(tiny, back
     distillation do; the answer is finished, masked through the end token, and its text and ids
     for rewards are without it."""
     from rlhfkit.models.lean import LeanDecoder
-    from rlhfkit.rollout.sampler import answer_ids, decode
+    from rlhfkit.rollout.sampler import decode, ids_before_end
 
     if backend == "sampler, generic loop":  # the model's own forward a token at a time (non-lean architectures)
         monkeypatch.setattr(LeanDecoder, "applies", staticmethod(lambda model: False))
@@ -82,7 +82,7 @@ def test_answers_end_at_every_end_id_of_the_policys_generation_config(tiny, back
         assert s.completion_mask[row].tolist() == [1] * n + [0] * (s.completion_ids.shape[1] - n)
         assert bool(s.finished[row]) == (turn_end in greedy)
         kept = greedy[: n - 1 if turn_end in greedy else n]
-        assert answer_ids(tok, s)[row] == kept and decode(tok, s)[row] == tok.decode(kept, skip_special_tokens=True)
+        assert ids_before_end(tok, s)[row] == kept and decode(tok, s)[row] == tok.decode(kept, skip_special_tokens=True)
     assert s.finished.any() and s.completion_mask.sum() < plain.completion_mask.sum()
 
 

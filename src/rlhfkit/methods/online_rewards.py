@@ -27,7 +27,7 @@ from ..rollout.rewards import (
     reward_fields,
     score_outcomes,
 )
-from ..rollout.sampler import Samples, answer_ids, decode
+from ..rollout.sampler import Samples, decode, ids_before_end
 from ..tasks import OUTCOME_REWARDS, PROCESS_REWARDS
 from ..train.config import ConfigError, choice, plain_dict
 from ..train.dist import all_gather_object
@@ -241,7 +241,7 @@ def score_samples(tokenizer, samples: Samples, rows: list, group: int, rewards: 
     completions = as_completions(decode(tokenizer, samples), prompts)
     keys = sorted({k for r in rows for k in r.data} - {"prompt", "messages"})
     fields = {k: [r.data.get(k) for r in rows for _ in range(group)] for k in keys}
-    ids = answer_ids(tokenizer, samples)
+    ids = ids_before_end(tokenizer, samples)
     passed = {"completion_ids": ids, "trainer_state": trainer_state}
     per_sample = [r for r in rows for _ in range(group)]
     functions = [bind(f, samples, per_sample) for f in rewards.functions]

@@ -28,7 +28,7 @@ import torch
 
 from ..models.lean import length_dependent_rope
 from ..models.load import full_state_dict
-from .sampler import Samples, _mask_through_eos, end_tensor, left_pad, sample
+from .sampler import Samples, _mask_through_eos, finished_rows, left_pad, sample
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ class GenerateBackend:
         scores = torch.stack(out.scores, 1).float().log_softmax(-1)  # (N, C, V)
         logprobs = scores.gather(-1, completion_ids[..., None]).squeeze(-1).nan_to_num(0.0, neginf=0.0) * mask
         return Samples(prompt_ids, prompt_mask, completion_ids, mask, logprobs,
-                       (torch.isin(completion_ids, end_tensor(self.ends, completion_ids.device)) & mask.bool()).any(-1))
+                       finished_rows(completion_ids, mask, self.ends))
 
     def logprobs_exact(self, params: SamplingParams) -> bool:
         return False

@@ -209,7 +209,7 @@ def sample(model, prompts: list[list[int]], *, eos_id: int | Sequence[int], pad_
     completion_mask = _mask_through_eos(completion_ids, pad_id, ends, stop_at_eos)
     n = completion_ids.shape[0]
     return Samples(prompt_ids, prompt_mask, completion_ids, completion_mask, torch.stack(logps, 1) * completion_mask,
-                   torch.isin(completion_ids, ends).any(-1) if stop_at_eos
+                   finished_rows(completion_ids, completion_mask, ends) if stop_at_eos
                    else torch.zeros(n, dtype=torch.bool, device=device))
 
 
@@ -314,7 +314,7 @@ def as_trained_on(samples: Samples, eos_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
-def answer_ids(tokenizer, samples: Samples) -> list[list[int]]:
+def ids_before_end(tokenizer, samples: Samples) -> list[list[int]]:
     """Each completion's token ids without its end token (a finished answer's last one) or EOS."""
     out = []
     for ids, mask, finished in zip(samples.completion_ids.tolist(), samples.completion_mask.tolist(),
@@ -324,9 +324,14 @@ def answer_ids(tokenizer, samples: Samples) -> list[list[int]]:
     return out
 
 
+def finished_rows(ids: torch.Tensor, mask: torch.Tensor, ends) -> torch.Tensor:
+    """(N,) True where a row's masked tokens hold an end id (``ends``: one or several)."""
+    return (torch.isin(ids, end_tensor(ends, ids.device)) & mask.bool()).any(-1)
+
+
 def decode(tokenizer, samples: Samples) -> list[str]:
     """Completion texts, cut at their end token (EOS), special tokens dropped."""
-    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in answer_ids(tokenizer, samples)]
+    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in ids_before_end(tokenizer, samples)]
 
 
 def completion_view(samples: Samples) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

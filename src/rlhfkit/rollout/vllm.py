@@ -34,7 +34,7 @@ import torch
 from ..models.load import ModelLoadError, full_state_dict, is_sharded, save_model
 from ..models.lora import has_adapters, merged_state, unmergeable
 from .backend import SamplingParams, end_ids, neutral_generation_config
-from .sampler import Samples, _mask_through_eos, end_tensor, left_pad
+from .sampler import Samples, _mask_through_eos, finished_rows, left_pad
 
 
 def vllm_unavailable() -> str | None:
@@ -139,7 +139,7 @@ class VLLMBackend:
         lengths = torch.tensor([len(c.token_ids) for c in completions])
         mask = _mask_through_eos(ids, tok.pad_token_id, self.ends, True)
         mask = mask * (torch.arange(width)[None, :] < lengths[:, None]).long()
-        finished = (torch.isin(ids, end_tensor(self.ends)) & mask.bool()).any(-1)
+        finished = finished_rows(ids, mask, self.ends)
         return Samples(prompt_ids, prompt_mask, ids, mask, logprobs * mask, finished)
 
     def _sleep(self) -> None:
